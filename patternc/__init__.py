@@ -1,0 +1,40 @@
+"""patternc: a declarative attention-pattern compiler for PyTorch.
+
+Write which token groups attend to which in a pattern file, check it, and
+hand the compiled plan to the torch runtime (``patternc.nn``)::
+
+    import patternc
+    program = patternc.compile('''
+        groups surface_anchors surface_queries volume_anchors volume_queries
+        pattern self_anchor {
+            surface_* -> surface_anchors
+            volume_*  -> volume_anchors
+        }
+    ''')
+    plan = program.patterns["self_anchor"]
+    plan.attention_patterns   # seed-style AttentionPattern list
+
+Importing ``patternc`` never imports torch; ``patternc.nn`` does.
+"""
+
+from patternc.checks import check_patterns
+from patternc.compiler import compile  # noqa: A004 - the public name
+from patternc.diagnostics import Diagnostic, PatternError
+from patternc.plan import Layout, Plan, Program
+from patternc.schemas import AttentionConfig, AttentionPattern, TokenSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionConfig",
+    "AttentionPattern",
+    "Diagnostic",
+    "Layout",
+    "PatternError",
+    "Plan",
+    "Program",
+    "TokenSpec",
+    "__version__",
+    "check_patterns",
+    "compile",
+]

@@ -1,0 +1,158 @@
+"""``patternc.compile``: pattern-file text -> checked :class:`Program`.
+
+The pipeline, one stage per module: read (here) -> :mod:`patternc.syntax`
+-> :mod:`patternc.resolve` -> :mod:`patternc.checks` -> :mod:`patternc.plan`.
+Each stage adds diagnostics; if any exist the compile raises one
+:class:`PatternError` that lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from patternc.checks import check_declarations, check_rules
+from patternc.diagnostics import Code, Diagnostic, PatternError, Span
+from patternc.plan import Plan, Program
+from patternc.resolve import GroupResolver, ResolvedRule
+from patternc.syntax import PatternBlock, SourceFile, parse
+
+__all__ = ["MAX_SOURCE_BYTES", "compile", "read_source"]
+
+MAX_SOURCE_BYTES = 4 * 1024 * 1024
+"""Pattern files are small; anything larger is almost surely the wrong file."""
+
+DEFAULT_PATTERN = "default"
+
+
+def read_source(path: str | os.PathLike[str]) -> str:
+    """Read a pattern file as UTF-8 text, or raise a :class:`PatternError`
+    saying why it cannot be one (missing, a directory, binary, too large...)."""
+    name = os.fspath(path)
+
+    def fail(code: str, message: str, hint: str | None = None, span: Span | None = None) -> PatternError:
+        return PatternError([Diagnostic(code, message, span, hint, where=name)], filename=name)
+
+    p = Path(name)
+    try:
+        if p.is_dir():
+            raise fail(Code.UNREADABLE, f"`{name}` is a directory, not a pattern file", "pass a `.pc` file")
+        size = p.stat().st_size
+        if size > MAX_SOURCE_BYTES:
+            raise fail(
+                Code.TOO_LARGE,
+                f"`{name}` is {size:,} bytes; pattern files are limited to {MAX_SOURCE_BYTES:,}",
+                "is this the right file?",
+            )
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise fail(Code.UNREADABLE, f"cannot read `{name}`: no such file") from None
+    except PermissionError:
+        raise fail(Code.UNREADABLE, f"cannot read `{name}`: permission denied") from None
+    except OSError as error:
+        raise fail(Code.UNREADABLE, f"cannot read `{name}`: {error.strerror or error}") from None
+    if b"\x00" in data:
+        raise fail(
+            Code.NOT_TEXT, f"`{name}` looks like a binary file (it holds NUL bytes)", "pass a text `.pc` file"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise fail(
+            Code.NOT_TEXT,
+            f"`{name}` is not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, column {column})",
+            "save the file as UTF-8",
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def compile(source: str | os.PathLike[str], *, filename: str | None = None) -> Program:  # noqa: A001
+    """Compile pattern-file text, or the file at a path, into a :class:`Program`.
+
+    >>> program = compile('''
+    ... groups surface_anchors surface_queries
+    ... surface_* -> surface_anchors
+    ... ''')
+    >>> program.patterns["default"].attention_patterns[0].key_value_tokens
+    ('surface_anchors',)
+
+    Raises :class:`PatternError` listing every problem (``.diagnostics``).
+    """
+    if isinstance(source, os.PathLike):
+        filename = filename or os.fspath(source)
+        text = read_source(source)
+    else:
+        text = source
+    return compile_text(text, filename)
+
+
+def compile_text(text: str, filename: str | None) -> Program:
+    if not text.strip():
+        raise PatternError(
+            [
+                Diagnostic(
+                    Code.EMPTY_FILE,
+                    "the pattern file is empty",
+                    None,
+                    "start with `groups NAME ...` and add rules such as `* -> *`",
+                    where=filename or "<input>",
+                )
+            ],
+            filename=filename,
+            source=text,
+        )
+    try:
+        program, diagnostics = _lower(parse(text), filename)
+    except RecursionError:
+        raise PatternError(
+            [Diagnostic(Code.TOO_DEEP, "selectors are nested too deeply", None, where=filename or "<input>")],
+            filename=filename,
+        ) from None
+    if diagnostics:
+        raise PatternError(diagnostics, filename=filename, source=text)
+    assert program is not None
+    return program
+
+
+def _blocks(syntax: SourceFile) -> tuple[PatternBlock, ...]:
+    if syntax.patterns:
+        return syntax.patterns
+    if not syntax.top_level_rules:
+        return ()
+    first, last = syntax.top_level_rules[0].span, syntax.top_level_rules[-1].span
+    span = Span(first.line, first.column, last.end_line, last.end_column)
+    return (PatternBlock(DEFAULT_PATTERN, None, syntax.top_level_rules, span),)
+
+
+def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, list[Diagnostic]]:
+    diagnostics = list(syntax.diagnostics)
+    if any(d.code == Code.SYNTAX for d in diagnostics):
+        return None, diagnostics
+    diagnostics.extend(check_declarations(syntax))
+    groups = tuple(dict.fromkeys(g.name for g in syntax.groups))
+    group_spans = {g.name: g.span for g in reversed(syntax.groups)}
+    resolver = GroupResolver(groups)
+    plans: dict[str, Plan] = {}
+    for block in _blocks(syntax):
+        rules: list[ResolvedRule] = []
+        resolvable = True
+        for rule in block.rules:
+            resolved, problems = resolver.rule(rule)
+            diagnostics.extend(problems)
+            resolvable = resolvable and not problems
+            rules.append(resolved)
+        if block.rules and groups:
+            diagnostics.extend(
+                d
+                for d in check_rules(
+                    block.name, groups, rules, pattern_span=block.name_span, group_spans=group_spans
+                )
+                # a group missing only because a selector failed to resolve is
+                # reported once, at that selector
+                if resolvable or d.code != Code.NOT_EXHAUSTIVE
+            )
+        plans.setdefault(block.name, Plan(block.name, groups, tuple(rules)))
+    diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
+    return Program(filename, groups, plans), diagnostics

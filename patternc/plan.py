@@ -1,0 +1,376 @@
+"""Plans: what the compiler hands to the runtime.
+
+A :class:`Plan` is one checked pattern: its rules, the seed-style
+``AttentionPattern`` list (rules with the same key/value set merged into one
+attention call), and the token-group graph. Given group sizes it lays the
+tokens out (:class:`Layout`): offsets, each call's ``Nq x Nkv``, whether a
+call's tokens are one contiguous slice (a view) or need a gather, which calls
+share a shape and so stack into one attention launch, and what it all costs
+against dense attention. Executors read the layout; they never re-derive it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
+from patternc.resolve import ResolvedRule
+from patternc.schemas import AttentionPattern, TokenSpec
+
+if TYPE_CHECKING:
+    import networkx
+
+__all__ = ["Access", "CallShape", "GroupSlot", "Layout", "Plan", "Program", "Sizes"]
+
+JSON_SCHEMA_VERSION = 1
+
+Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
+"""Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
+A size of ``None`` marks a group whose keys/values come from a KV cache."""
+
+Access = Literal["view", "gather", "empty"]
+"""How a call reads its tokens: one contiguous slice (``view``, no copy),
+several slices copied together (``gather``), or no tokens at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSlot:
+    """Where a group sits: ``offset`` into the input (or into the cache when
+    ``size`` is None, in which case ``offset`` is -1)."""
+
+    name: str
+    offset: int
+    size: int | None
+
+    @property
+    def cached(self) -> bool:
+        return self.size is None
+
+
+@dataclass(frozen=True, slots=True)
+class CallShape:
+    """One attention call of a plan at given sizes. Counts cover input tokens;
+    cached groups add their cache length at run time."""
+
+    index: int
+    query_tokens: tuple[str, ...]
+    key_value_tokens: tuple[str, ...]
+    n_queries: int
+    n_keys_values: int
+    query_access: Access
+    key_value_access: Access
+
+    @property
+    def score_entries(self) -> int:
+        return self.n_queries * self.n_keys_values
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A plan laid out for concrete group sizes."""
+
+    slots: tuple[GroupSlot, ...]
+    calls: tuple[CallShape, ...]
+    launches: tuple[tuple[int, ...], ...]
+    """Indices of calls of equal ``(Nq, Nkv)``; each tuple is one stacked launch."""
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the input tensor (cached groups excluded)."""
+        return sum(s.size for s in self.slots if s.size is not None)
+
+    @property
+    def score_entries(self) -> int:
+        return sum(c.score_entries for c in self.calls)
+
+    @property
+    def dense_entries(self) -> int:
+        """Score entries of dense attention: every input token to every token."""
+        return self.n_tokens * self.n_tokens
+
+    @property
+    def density(self) -> float:
+        return self.score_entries / self.dense_entries if self.dense_entries else 0.0
+
+    def flops(self, dim: int) -> int:
+        """Attention FLOPs (``QK^T`` and ``PV``) at model width ``dim``."""
+        return 4 * self.score_entries * dim
+
+    def slot(self, name: str) -> GroupSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
+    present = [slots[n] for n in names if slots[n].cached or slots[n].size]
+    if not present:
+        return "empty"
+    if any(s.cached for s in present):
+        return "view" if len(present) == 1 else "gather"
+    ordered = sorted(present, key=lambda s: s.offset)
+    contiguous = all(a.offset + (a.size or 0) == b.offset for a, b in itertools.pairwise(ordered))
+    return "view" if contiguous else "gather"
+
+
+def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None]:
+    """Sizes as ``{group: size}`` for exactly the declared groups, or a
+    :class:`PatternError` naming unknown and missing groups."""
+    if isinstance(sizes, Mapping):
+        given: dict[str, int | None] = dict(sizes)
+    else:
+        given = {}
+        for spec in sizes:
+            given[spec.name] = spec.size
+    diagnostics = []
+    for name, size in given.items():
+        if name not in groups:
+            diagnostics.append(
+                Diagnostic(
+                    Code.UNKNOWN_GROUP,
+                    f"size given for unknown group `{name}`",
+                    where="sizes",
+                    hint=suggest(name, groups) or f"groups are: {', '.join(groups)}",
+                )
+            )
+        elif size is not None and (not isinstance(size, int) or size < 0):
+            diagnostics.append(
+                Diagnostic(
+                    Code.UNKNOWN_GROUP,
+                    f"size of `{name}` must be an integer >= 0, got {size!r}",
+                    where="sizes",
+                )
+            )
+    missing = [g for g in groups if g not in given]
+    if missing:
+        diagnostics.append(
+            Diagnostic(
+                Code.NOT_EXHAUSTIVE,
+                "no size given for " + ", ".join(f"`{g}`" for g in missing),
+                where="sizes",
+                hint="give every group a size (None for a group read from the KV cache)",
+            )
+        )
+    if diagnostics:
+        raise PatternError(diagnostics)
+    return {g: given[g] for g in groups}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One checked attention pattern.
+
+    >>> import patternc
+    >>> plan = patternc.compile("groups a b\\na, b -> a").patterns["default"]
+    >>> [p.query_tokens for p in plan.attention_patterns]
+    [('a', 'b')]
+    """
+
+    name: str
+    groups: tuple[str, ...]
+    rules: tuple[ResolvedRule, ...]
+
+    @functools.cached_property
+    def patterns(self) -> tuple[AttentionPattern, ...]:
+        """Rules merged by key/value set, in order of each set's first rule."""
+        merged: dict[tuple[str, ...], set[str]] = {}
+        for rule in self.rules:
+            merged.setdefault(rule.keys_values, set()).update(rule.queries)
+        index = {g: i for i, g in enumerate(self.groups)}
+        return tuple(
+            AttentionPattern(query_tokens=tuple(sorted(q, key=index.__getitem__)), key_value_tokens=kv)
+            for kv, q in merged.items()
+        )
+
+    @property
+    def attention_patterns(self) -> list[AttentionPattern]:
+        """The seed-style pattern list ``MixedAttention`` takes."""
+        return list(self.patterns)
+
+    @functools.cached_property
+    def edges(self) -> tuple[tuple[str, str], ...]:
+        """``(query group, key/value group)`` pairs, in group order."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        pairs = {(q, kv) for p in self.patterns for q in p.query_tokens for kv in p.key_value_tokens}
+        return tuple(sorted(pairs, key=lambda e: (index[e[0]], index[e[1]])))
+
+    @functools.cached_property
+    def graph(self) -> networkx.DiGraph[str]:
+        """Token-group graph: one node per group, an edge ``q -> kv`` when the
+        queries of ``q`` attend to the tokens of ``kv``. Edges carry the index
+        of the attention call (``call``) that computes them."""
+        import networkx
+
+        graph: networkx.DiGraph[str] = networkx.DiGraph(name=self.name)
+        for i, group in enumerate(self.groups):
+            graph.add_node(group, index=i)
+        for call, pattern in enumerate(self.patterns):
+            for q in pattern.query_tokens:
+                for kv in pattern.key_value_tokens:
+                    graph.add_edge(q, kv, call=call)
+        return graph
+
+    def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
+        """``TokenSpec`` list in the plan's group order, for ``MixedAttention``."""
+        return [TokenSpec(name=g, size=s) for g, s in normalize_sizes(self.groups, sizes).items()]
+
+    def layout(self, sizes: Sizes) -> Layout:
+        """Lay the plan out for concrete sizes (see :class:`Layout`)."""
+        return _layout(self, tuple(normalize_sizes(self.groups, sizes).items()))
+
+    # ------------------------------------------------------------ exports
+
+    def to_dict(self, sizes: Sizes | None = None, *, dim: int = 192) -> dict[str, Any]:
+        """The plan as JSON-ready data (schema in ``docs/plan-format.md``)."""
+        data: dict[str, Any] = {
+            "name": self.name,
+            "rules": [
+                {
+                    "text": r.text,
+                    "line": r.span.line if r.span else None,
+                    "column": r.span.column if r.span else None,
+                    "queries": list(r.queries),
+                    "keys_values": list(r.keys_values),
+                }
+                for r in self.rules
+            ],
+            "attention_patterns": [
+                {"query_tokens": list(p.query_tokens), "key_value_tokens": list(p.key_value_tokens)}
+                for p in self.patterns
+            ],
+            "edges": [list(e) for e in self.edges],
+            "layout": None,
+        }
+        if sizes is not None:
+            data["layout"] = _layout_dict(self.layout(sizes), dim)
+        return data
+
+    def to_json(self, sizes: Sizes | None = None, *, dim: int = 192) -> str:
+        return json.dumps(self.to_dict(sizes, dim=dim), indent=2) + "\n"
+
+    def to_dot(self) -> str:
+        """Graphviz source of the token-group graph."""
+        return _dot([self])
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(plan: Plan, sizes: tuple[tuple[str, int | None], ...]) -> Layout:
+    slots: dict[str, GroupSlot] = {}
+    offset = 0
+    for name, size in sizes:
+        if size is None:
+            slots[name] = GroupSlot(name, -1, None)
+        else:
+            slots[name] = GroupSlot(name, offset, size)
+            offset += size
+    calls = []
+    for i, pattern in enumerate(plan.patterns):
+        queries = tuple(q for q in pattern.query_tokens if not slots[q].cached)
+        calls.append(
+            CallShape(
+                index=i,
+                query_tokens=queries,
+                key_value_tokens=pattern.key_value_tokens,
+                n_queries=sum(slots[q].size or 0 for q in queries),
+                n_keys_values=sum(slots[k].size or 0 for k in pattern.key_value_tokens),
+                query_access=_access(queries, slots),
+                key_value_access=_access(pattern.key_value_tokens, slots),
+            )
+        )
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for call in calls:
+        if call.n_queries:
+            by_shape.setdefault((call.n_queries, call.n_keys_values), []).append(call.index)
+    return Layout(tuple(slots.values()), tuple(calls), tuple(tuple(v) for v in by_shape.values()))
+
+
+def _layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
+    return {
+        "tokens": layout.n_tokens,
+        "groups": [
+            {"name": s.name, "offset": s.offset if not s.cached else None, "size": s.size, "cached": s.cached}
+            for s in layout.slots
+        ],
+        "calls": [
+            {
+                "query_tokens": list(c.query_tokens),
+                "key_value_tokens": list(c.key_value_tokens),
+                "n_queries": c.n_queries,
+                "n_keys_values": c.n_keys_values,
+                "query_access": c.query_access,
+                "key_value_access": c.key_value_access,
+                "flops": 4 * c.score_entries * dim,
+            }
+            for c in layout.calls
+        ],
+        "launches": [list(group) for group in layout.launches],
+        "dim": dim,
+        "flops": layout.flops(dim),
+        "dense_flops": 4 * layout.dense_entries * dim,
+        "density": round(layout.density, 6),
+    }
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _dot(plans: Sequence[Plan]) -> str:
+    lines = ["digraph patternc {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];']
+    for i, plan in enumerate(plans):
+        prefix = f"p{i}_"
+        lines.append(f"  subgraph cluster_{i} {{")
+        lines.append(f"    label={_quote('pattern ' + plan.name)};")
+        for group in plan.groups:
+            lines.append(f"    {prefix}{group} [label={_quote(group)}];")
+        for call, pattern in enumerate(plan.patterns):
+            for q in pattern.query_tokens:
+                for kv in pattern.key_value_tokens:
+                    lines.append(f"    {prefix}{q} -> {prefix}{kv} [label={_quote(f'call {call}')}];")
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Program:
+    """A compiled pattern file: its groups and one :class:`Plan` per pattern."""
+
+    filename: str | None
+    groups: tuple[str, ...]
+    patterns: Mapping[str, Plan]
+
+    def __getitem__(self, name: str) -> Plan:
+        try:
+            return self.patterns[name]
+        except KeyError:
+            hint = suggest(name, self.patterns) or f"patterns are: {', '.join(self.patterns)}"
+            raise KeyError(f"no pattern `{name}`; {hint}") from None
+
+    def select(self, names: Sequence[str] | None) -> list[Plan]:
+        return [self[n] for n in names] if names else list(self.patterns.values())
+
+    def to_dict(
+        self, sizes: Sizes | None = None, *, dim: int = 192, patterns: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "schema": "patternc.plan",
+            "version": JSON_SCHEMA_VERSION,
+            "file": self.filename,
+            "groups": list(self.groups),
+            "patterns": [plan.to_dict(sizes, dim=dim) for plan in self.select(patterns)],
+        }
+
+    def to_json(
+        self, sizes: Sizes | None = None, *, dim: int = 192, patterns: Sequence[str] | None = None
+    ) -> str:
+        return json.dumps(self.to_dict(sizes, dim=dim, patterns=patterns), indent=2) + "\n"
+
+    def to_dot(self, patterns: Sequence[str] | None = None) -> str:
+        return _dot(self.select(patterns))

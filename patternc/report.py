@@ -1,0 +1,83 @@
+"""Human-readable text rendering of a compiled program (``--format text``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from patternc.plan import Layout, Plan, Program, Sizes
+
+__all__ = ["format_program"]
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _format_layout(layout: Layout) -> list[str]:
+    rows = [["group", "offset", "size"]]
+    for slot in layout.slots:
+        rows.append(
+            [
+                slot.name,
+                "cache" if slot.cached else str(slot.offset),
+                "-" if slot.size is None else str(slot.size),
+            ]
+        )
+    return [f"layout: {layout.n_tokens} input tokens", *_table(rows)]
+
+
+def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
+    patterns = plan.patterns
+    out = [f"pattern {plan.name}: {len(plan.rules)} rule(s) -> {len(patterns)} attention call(s)"]
+    if layout is None:
+        for i, p in enumerate(patterns):
+            out.append(f"  [{i}] {', '.join(p.query_tokens)} -> {', '.join(p.key_value_tokens)}")
+        return out
+    rows = [["call", "queries", "keys/values", "Nq x Nkv", "q", "kv"]]
+    for call in layout.calls:
+        rows.append(
+            [
+                str(call.index),
+                ", ".join(call.query_tokens) or "(cached only)",
+                ", ".join(call.key_value_tokens),
+                f"{call.n_queries} x {call.n_keys_values}",
+                call.query_access,
+                call.key_value_access,
+            ]
+        )
+    out.extend(_table(rows))
+    stacked = sum(1 for launch in layout.launches if len(launch) > 1)
+    out.append(
+        f"  batched: {len(layout.launches)} attention launch(es)"
+        + (f", {stacked} stacking calls of equal shape" if stacked else "")
+    )
+    out.append(
+        f"  attention: {_si(layout.flops(dim), 'FLOP')} vs "
+        f"{_si(4 * layout.dense_entries * dim, 'FLOP')} dense "
+        f"at dim {dim}; density {layout.density:.3f}"
+    )
+    return out
+
+
+def format_program(
+    program: Program, *, sizes: Sizes | None = None, patterns: Sequence[str] | None = None, dim: int = 192
+) -> str:
+    plans = program.select(patterns)
+    out = [
+        f"{program.filename or '<input>'}: {len(program.groups)} groups, {len(program.patterns)} pattern(s)",
+        "groups: " + " ".join(program.groups),
+    ]
+    if sizes is not None and plans:
+        out.extend(_format_layout(plans[0].layout(sizes)))
+    for plan in plans:
+        out.append("")
+        out.extend(_format_plan(plan, plan.layout(sizes) if sizes is not None else None, dim))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,138 @@
+"""Pydantic schemas shared by the compiler and the torch runtime.
+
+``TokenSpec``, ``AttentionPattern`` and ``AttentionConfig`` follow the seed
+API (``shared/seeds/001``). They never import torch, so the compiler and the
+command line stay light.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["AttentionConfig", "AttentionPattern", "InitWeightsMode", "TokenSpec"]
+
+InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
+"""Weight initialisation of attention projections.
+
+- ``"torch"``: PyTorch's defaults for ``nn.Linear``.
+- ``"truncnormal002"``: truncated normal, std 0.02, biases zero.
+- ``"xavier_uniform"``: Xavier-uniform weights, biases zero.
+- ``"zero"``: like ``"truncnormal002"`` but the output projection starts at zero,
+  so a residual branch starts as the identity.
+"""
+
+
+class _PositionalModel(BaseModel):
+    """Lets ``Model(a, b)`` fill the fields named in ``_positional`` in order,
+    as the seed's examples write ``TokenSpec("surface_anchors", 100)``."""
+
+    _positional: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, /, *args: Any, **data: Any) -> None:
+        if len(args) > len(self._positional):
+            raise TypeError(
+                f"{type(self).__name__} takes at most {len(self._positional)} positional "
+                f"arguments ({', '.join(self._positional)}), got {len(args)}"
+            )
+        for key, value in zip(self._positional, args):
+            if key in data:
+                raise TypeError(f"{type(self).__name__} got two values for `{key}`")
+            data[key] = value
+        super().__init__(**data)
+
+
+class TokenSpec(_PositionalModel):
+    """A token group in the input: its name and how many tokens it holds.
+
+    ``size=None`` means the group is not in the input tensor; its keys and
+    values come from a KV cache instead.
+
+    >>> TokenSpec("surface_anchors", 100).domain
+    'surface'
+    """
+
+    model_config = ConfigDict(frozen=True)
+    _positional: ClassVar[tuple[str, ...]] = ("name", "size")
+
+    name: str = Field(min_length=1)
+    size: int | None = Field(default=None, ge=0)
+
+    @classmethod
+    def from_dict(cls, token_dict: dict[str, int | None]) -> TokenSpec:
+        """``{"surface_anchors": 100}`` -> ``TokenSpec("surface_anchors", 100)``."""
+        if len(token_dict) != 1:
+            raise ValueError(
+                f"TokenSpec.from_dict expects one {{name: size}} pair, got {len(token_dict)}: {token_dict!r}"
+            )
+        ((name, size),) = token_dict.items()
+        return cls(name=name, size=size)
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {self.name: self.size}
+
+    @property
+    def domain(self) -> str:
+        """The part before the last ``_`` (``surface`` for ``surface_anchors``);
+        the whole name when it has no ``_``."""
+        return self.name.rsplit("_", 1)[0] if "_" in self.name else self.name
+
+    @property
+    def attn_type(self) -> str:
+        """The part after the last ``_`` (``anchors`` for ``surface_anchors``);
+        empty when the name has no ``_``."""
+        return self.name.rsplit("_", 1)[1] if "_" in self.name else ""
+
+
+class AttentionPattern(_PositionalModel):
+    """The tokens of ``query_tokens`` attend to those of ``key_value_tokens``."""
+
+    model_config = ConfigDict(frozen=True)
+    _positional: ClassVar[tuple[str, ...]] = ("query_tokens", "key_value_tokens")
+
+    query_tokens: tuple[str, ...]
+    key_value_tokens: tuple[str, ...]
+
+    @field_validator("query_tokens", "key_value_tokens", mode="before")
+    @classmethod
+    def _no_bare_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(f"expected a list of group names, got the string {value!r}; write [{value!r}]")
+        return value
+
+
+class AttentionConfig(BaseModel):
+    """Configuration of an attention module. Extra fields are allowed so one
+    schema serves every attention implementation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hidden_dim: int = Field(gt=0, description="Dimensionality of the hidden features.")
+    num_heads: int = Field(gt=0, description="Number of attention heads.")
+    use_rope: bool = Field(default=False, description="Apply rotary position embeddings.")
+    dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Dropout on attention weights and output."
+    )
+    init_weights: InitWeightsMode = Field(default="truncnormal002", description="Initialisation.")
+    bias: bool = Field(default=True, description="Bias terms in the linear layers.")
+    head_dim: int | None = Field(
+        default=None, gt=0, description="Per-head width; hidden_dim // num_heads when None."
+    )
+    qk_norm: bool = Field(default=False, description="LayerNorm on queries and keys per head.")
+
+    @model_validator(mode="after")
+    def validate_hidden_dim_and_num_heads(self) -> AttentionConfig:
+        if self.head_dim is None and self.hidden_dim % self.num_heads != 0:
+            lower = self.hidden_dim - self.hidden_dim % self.num_heads
+            raise ValueError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads}); "
+                f"use hidden_dim={lower} or {lower + self.num_heads}, a num_heads that divides "
+                f"{self.hidden_dim}, or set head_dim explicitly"
+            )
+        return self
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the concatenated heads (``num_heads * head_dim``)."""
+        return self.num_heads * (self.head_dim or self.hidden_dim // self.num_heads)

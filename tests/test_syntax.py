@@ -1,0 +1,134 @@
+"""The language: layout, selectors, syntax errors with locations."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import codes, diagnostics_of
+
+import patternc
+from patternc.syntax import Difference, SelectorUnion, Word, parse
+
+
+def patterns_of(source: str, name: str = "default") -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    plan = patternc.compile(source).patterns[name]
+    return [(p.query_tokens, p.key_value_tokens) for p in plan.attention_patterns]
+
+
+def test_comments_blank_lines_and_free_layout() -> None:
+    src = """
+    # leading comment
+
+       groups a b   c   # trailing comment
+
+
+    pattern p {   # comment after brace
+
+        a, b -> a      # rule comment
+        c -> c
+    }
+    """
+    assert patterns_of(src, "p") == [(("a", "b"), ("a",)), (("c",), ("c",))]
+
+
+def test_top_level_rules_form_default_pattern() -> None:
+    assert list(patternc.compile("groups a b\na -> b\nb -> a").patterns) == ["default"]
+
+
+def test_semicolons_and_one_line_blocks() -> None:
+    src = "groups a b; pattern p { a -> a; b -> b }; pattern q { * -> a }"
+    program = patternc.compile(src)
+    assert list(program.patterns) == ["p", "q"]
+    assert patterns_of(src, "q") == [(("a", "b"), ("a",))]
+
+
+def test_continuation_after_operators_and_backslash() -> None:
+    src = "groups a b c\na,\n  b ->\n  a, c\nc -> \\\n  c\n"
+    assert patterns_of(src) == [(("a", "b"), ("a", "c")), (("c",), ("c",))]
+
+
+def test_multiple_groups_statements_append() -> None:
+    assert patternc.compile("groups a b\ngroups c\n* -> *").groups == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("*", ("sa", "sq", "va", "vq")),
+        ("s*", ("sa", "sq")),
+        ("?a", ("sa", "va")),
+        ("*a", ("sa", "va")),
+        ("sa, vq", ("sa", "vq")),
+        ("vq, sa", ("sa", "vq")),  # declaration order, not selector order
+        ("* - vq", ("sa", "sq", "va")),
+        ("* - s*, vq", ("va",)),  # ',' binds tighter than '-'
+        ("* - s* - vq", ("va",)),  # '-' is left associative
+        ("(* - s*), sq", ("sq", "va", "vq")),
+        ("(sa, sq), sa", ("sa", "sq")),
+    ],
+)
+def test_selectors(selector: str, expected: tuple[str, ...]) -> None:
+    plan = patternc.compile(f"groups sa sq va vq\n* -> {selector}").patterns["default"]
+    assert plan.attention_patterns[0].key_value_tokens == expected
+
+
+def test_syntax_tree_keeps_spans() -> None:
+    tree = parse("groups a b\na, b -> * - b\n")
+    rule = tree.top_level_rules[0]
+    assert isinstance(rule.queries, SelectorUnion)
+    assert isinstance(rule.keys_values, Difference)
+    assert isinstance(rule.keys_values.left, Word) and rule.keys_values.left.is_glob
+    assert (rule.span.line, rule.span.column) == (2, 1)
+    assert rule.text == "a, b -> * - b"
+    assert [(g.name, g.span.column) for g in tree.groups] == [("a", 8), ("b", 10)]
+
+
+def test_syntax_error_reports_what_was_expected_and_where() -> None:
+    (diag,) = diagnostics_of("groups a b\na b -> a\n")
+    assert diag.code == "E010"
+    assert (diag.line, diag.column) == (2, 3)
+    assert "unexpected `b`" in diag.message and "`->`" in diag.message
+    assert diag.hint is not None and "QUERIES -> KEYS_VALUES" in diag.hint
+
+
+def test_every_syntax_error_is_reported() -> None:
+    diags = diagnostics_of("groups a b\na b -> a\nb -> -> a\na -> b\nb %% a\n")
+    assert codes(diags) == ["E010", "E010", "E010"]
+    assert [d.line for d in diags] == [2, 3, 5]
+
+
+def test_missing_closing_brace() -> None:
+    diags = diagnostics_of("groups a\npattern p {\n a -> a\n")
+    assert codes(diags) == ["E010"]
+    assert "end of file" in diags[0].message
+    assert diags[0].hint is not None and "closing `}`" in diags[0].hint
+
+
+def test_missing_selector_has_hint() -> None:
+    (diag,) = diagnostics_of("groups a\na ->;\n")
+    assert diag.code == "E010" and diag.line == 2
+    assert diag.hint is not None and "selector is missing" in diag.hint
+
+
+def test_unexpected_character() -> None:
+    (diag,) = diagnostics_of("groups a\na -> a.b\n")
+    assert diag.code == "E010"
+    assert "unexpected character `.`" in diag.message
+    assert (diag.line, diag.column) == (2, 7)
+
+
+def test_bad_names() -> None:
+    diags = diagnostics_of("groups 1abc a*\n* -> *\n")
+    assert codes(diags)[:2] == ["E011", "E011"]
+    assert "`1abc` is not a valid group name" in diags[0].message
+    assert diags[1].hint is not None and "globs belong in rules" in diags[1].hint
+
+
+def test_bad_name_in_rule() -> None:
+    diags = diagnostics_of("groups a\na -> 9a\n")
+    assert "E011" in codes(diags)
+
+
+def test_bad_pattern_name() -> None:
+    diags = diagnostics_of("groups a\npattern 2p { a -> a }\n")
+    assert codes(diags) == ["E011"]
+    assert "not a valid pattern name" in diags[0].message
