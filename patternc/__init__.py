@@ -21,7 +21,7 @@ from patternc.checks import check_patterns
 from patternc.compiler import compile  # noqa: A004 - the public name
 from patternc.diagnostics import Diagnostic, PatternError
 from patternc.plan import Layout, Plan, Program
-from patternc.schemas import AttentionConfig, AttentionPattern, TokenSpec
+from patternc.schemas import AttentionConfig, AttentionPattern, MixedAttentionConfig, TokenSpec
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "AttentionPattern",
     "Diagnostic",
     "Layout",
+    "MixedAttentionConfig",
     "PatternError",
     "Plan",
     "Program",

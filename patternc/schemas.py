@@ -11,7 +11,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AttentionConfig", "AttentionPattern", "InitWeightsMode", "TokenSpec"]
+__all__ = [
+    "AttentionConfig",
+    "AttentionPattern",
+    "Implementation",
+    "InitWeightsMode",
+    "MixedAttentionConfig",
+    "TokenSpec",
+]
 
 InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
 """Weight initialisation of attention projections.
@@ -136,3 +143,21 @@ class AttentionConfig(BaseModel):
     def inner_dim(self) -> int:
         """Width of the concatenated heads (``num_heads * head_dim``)."""
         return self.num_heads * (self.head_dim or self.hidden_dim // self.num_heads)
+
+
+Implementation = Literal["batched", "loop", "dense"]
+"""Executors of ``MixedAttention``:
+
+- ``"batched"``: one attention launch per set of equal-shaped calls, reading
+  contiguous groups as views (the fast default);
+- ``"loop"``: one attention call per pattern (the readable one);
+- ``"dense"``: one call over all tokens with a dense boolean mask (the reference).
+"""
+
+
+class MixedAttentionConfig(AttentionConfig):
+    """``AttentionConfig`` plus the executor that runs the patterns."""
+
+    implementation: Implementation = Field(
+        default="batched", description="Executor: 'batched' (fast), 'loop' (readable), 'dense' (reference)."
+    )

@@ -1,0 +1,271 @@
+"""Attention modules with the seed API: ``DotProductAttention``,
+``MixedAttention`` and ``PatternAttention`` (a module that holds a plan)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternc.nn.executors import get_executor
+from patternc.nn.rope import apply_rope
+from patternc.nn.schedule import Schedule, schedule_for
+from patternc.plan import Plan, Sizes
+from patternc.schemas import AttentionConfig, AttentionPattern, InitWeightsMode, MixedAttentionConfig, TokenSpec
+
+__all__ = ["DotProductAttention", "KVCache", "MixedAttention", "PatternAttention", "init_linear"]
+
+KVCache = dict[str, dict[str, Tensor]]
+"""``{group: {"k": keys, "v": values}}``, each ``[batch, num_heads, n_tokens, head_dim]``
+(the layout of ``scaled_dot_product_attention``); keys are stored after RoPE
+and ``qk_norm``."""
+
+TokenSpecs = Sequence[Union[TokenSpec, Mapping[str, Union[int, None]]]]
+
+
+def init_linear(layer: nn.Linear, mode: InitWeightsMode, *, zero: bool = False) -> None:
+    """Initialise a linear layer: ``torch`` keeps PyTorch's default,
+    ``truncnormal002`` / ``zero`` draw from a truncated normal (std 0.02),
+    ``xavier_uniform`` is Xavier; biases start at zero. ``zero=True`` (the
+    output projection under ``"zero"``) zeros the weight."""
+    if mode == "torch":
+        return
+    if zero:
+        nn.init.zeros_(layer.weight)
+    elif mode == "xavier_uniform":
+        nn.init.xavier_uniform_(layer.weight)
+    else:
+        nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+class DotProductAttention(nn.Module):
+    """Multi-head attention with a fused QKV projection.
+
+    Options from :class:`~patternc.AttentionConfig`: ``head_dim`` (defaults to
+    ``hidden_dim // num_heads``), ``bias``, ``dropout`` (on attention weights
+    and output, in training), ``qk_norm`` (LayerNorm over each head of Q and
+    K), ``use_rope`` (rotate Q and K by ``freqs``), ``init_weights``.
+
+    >>> attn = DotProductAttention(AttentionConfig(hidden_dim=32, num_heads=4))
+    >>> attn(torch.randn(2, 5, 32)).shape
+    torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim or config.hidden_dim // config.num_heads
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(config.hidden_dim, 3 * inner, bias=config.bias)
+        self.proj = nn.Linear(inner, config.hidden_dim, bias=config.bias)
+        self.q_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout
+        self.use_rope = config.use_rope
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear(self.qkv, self.config.init_weights)
+        init_linear(self.proj, self.config.init_weights, zero=self.config.init_weights == "zero")
+
+    def project_qkv(self, x: Tensor, freqs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, N, hidden]`` -> token-major Q, K, V, each ``[B, N, H, D]`` (views
+        of one fused projection), with qk_norm and RoPE applied."""
+        batch, n, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            if freqs is None:
+                raise ValueError("use_rope=True needs `freqs` (see patternc.nn.rope_frequencies)")
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        return q, k, v
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """``[B, N, H, D]`` -> ``[B, N, hidden]``."""
+        out = self.proj(out.reshape(out.shape[0], out.shape[1], -1))
+        return F.dropout(out, self.dropout, self.training)
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, freqs: Tensor | None = None) -> Tensor:
+        """Full attention over ``x`` (``attn_mask`` as in ``scaled_dot_product_attention``)."""
+        q, k, v = self.project_qkv(x, freqs)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+            dropout_p=self.attention_dropout,
+        )
+        return self.project_out(out.transpose(1, 2))
+
+
+def _as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
+    specs = []
+    for spec in token_specs:
+        if isinstance(spec, TokenSpec):
+            specs.append(spec)
+        elif isinstance(spec, Mapping):
+            specs.append(TokenSpec.from_dict(dict(spec)))
+        else:
+            raise TypeError(f"token_specs holds {type(spec).__name__}; expected TokenSpec or a {{name: size}} dict")
+    return specs
+
+
+def _read_cache(
+    kv_cache: KVCache | None, schedule: Schedule, q: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Check the cache entries the schedule reads; return them token-major."""
+    if not schedule.cached_groups:
+        return {}
+    if kv_cache is None:
+        raise ValueError(
+            f"groups {list(schedule.cached_groups)} have size=None, so their keys/values must come "
+            "from kv_cache, but kv_cache is None"
+        )
+    batch, _, heads, dim = q.shape
+    out = {}
+    for name in schedule.cached_groups:
+        entry = kv_cache.get(name)
+        if entry is None or "k" not in entry or "v" not in entry:
+            raise ValueError(
+                f"kv_cache has no entry {name!r} with 'k' and 'v' (it has {sorted(kv_cache)}); "
+                "pass the new_kv_cache returned by a call with that group in x"
+            )
+        k, v = entry["k"], entry["v"]
+        for key, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[0] != batch or t.shape[1] != heads or t.shape[3] != dim:
+                raise ValueError(
+                    f"kv_cache[{name!r}][{key!r}] has shape {tuple(t.shape)}; expected "
+                    f"[batch={batch}, heads={heads}, tokens, head_dim={dim}]"
+                )
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(
+                    f"kv_cache[{name!r}][{key!r}] is {t.dtype} on {t.device}; the queries are "
+                    f"{q.dtype} on {q.device}"
+                )
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"kv_cache[{name!r}] has {k.shape[2]} keys but {v.shape[2]} values")
+        out[name] = (k.transpose(1, 2), v.transpose(1, 2))
+    return out
+
+
+class MixedAttention(DotProductAttention):
+    """Attention in which token groups attend along given patterns.
+
+    ``x`` holds the groups of ``token_specs`` whose ``size`` is not None, in
+    that order. Each pattern says which groups' queries attend to which
+    groups' keys/values; the patterns must be exhaustive and non-overlapping
+    over the input groups (checked once per layout with
+    :func:`patternc.check_patterns`). ``attention_patterns`` may also be a
+    compiled :class:`patternc.Plan`.
+
+    The executor is ``config.implementation``: ``batched`` (default),
+    ``loop`` or ``dense`` (see :data:`patternc.schemas.Implementation`).
+
+    >>> from patternc import AttentionPattern as P, MixedAttentionConfig, TokenSpec as T
+    >>> attn = MixedAttention(MixedAttentionConfig(hidden_dim=16, num_heads=2))
+    >>> specs = [T("anchors", 4), T("queries", 3)]
+    >>> out, cache = attn(torch.randn(1, 7, 16), specs, [P(["anchors", "queries"], ["anchors"])])
+    >>> out.shape, sorted(cache)
+    (torch.Size([1, 7, 16]), ['anchors'])
+    """
+
+    config: MixedAttentionConfig
+
+    def __init__(self, config: MixedAttentionConfig | AttentionConfig) -> None:
+        if not isinstance(config, MixedAttentionConfig):
+            config = MixedAttentionConfig(**config.model_dump())
+        super().__init__(config)
+        self.executor = get_executor(config.implementation)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        token_specs: TokenSpecs,
+        attention_patterns: Plan | Sequence[AttentionPattern],
+        key_padding_mask: Tensor | None = None,
+        freqs: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache | None]:
+        """Returns ``(output, new_kv_cache)``: output like ``x``; the new cache
+        holds the K/V of every input group used as keys/values (views into
+        this call's tensors, layout of :data:`KVCache`), or is None when some
+        group was read from ``kv_cache``."""
+        schedule = schedule_for(_as_token_specs(token_specs), attention_patterns)
+        if x.dim() != 3 or x.shape[1] != schedule.n_tokens:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} but token_specs put {schedule.n_tokens} tokens in it "
+                f"({', '.join(f'{g}={n}' for g, n in zip(schedule.input_groups, schedule.input_sizes))}); "
+                "expected [batch, n_tokens, dim] with only the groups whose size is not None"
+            )
+        if key_padding_mask is not None:
+            if schedule.cached_groups or kv_cache is not None:
+                raise ValueError(
+                    "key_padding_mask cannot be combined with a KV cache (cached tokens are assumed real); "
+                    "drop the padding or run without the cache"
+                )
+            if key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
+                    f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
+                )
+        q, k, v = self.project_qkv(x, freqs)
+        cache = _read_cache(kv_cache, schedule, q)
+        out = self.executor(q, k, v, schedule, cache, key_padding_mask, self.attention_dropout, None)
+        new_cache = None
+        if not schedule.cached_groups:
+            new_cache = _new_cache(k, v, schedule)
+        return self.project_out(out), new_cache
+
+
+def _new_cache(k: Tensor, v: Tensor, schedule: Schedule) -> KVCache:
+    offsets = {}
+    start = 0
+    for name, size in zip(schedule.input_groups, schedule.input_sizes):
+        offsets[name] = (start, start + size)
+        start += size
+    return {
+        name: {
+            "k": k[:, offsets[name][0] : offsets[name][1]].transpose(1, 2),
+            "v": v[:, offsets[name][0] : offsets[name][1]].transpose(1, 2),
+        }
+        for name in schedule.key_value_groups
+    }
+
+
+class PatternAttention(MixedAttention):
+    """``MixedAttention`` bound to one compiled plan, so a model calls
+    ``attn(x, sizes)`` with ``sizes`` a ``{group: size}`` dict or a list of
+    ``TokenSpec``.
+
+    >>> import patternc
+    >>> plan = patternc.compile("groups a q\\n* -> a").patterns["default"]
+    >>> attn = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
+    >>> out, _ = attn(torch.randn(1, 5, 8), {"a": 2, "q": 3})
+    >>> out.shape
+    torch.Size([1, 5, 8])
+    """
+
+    def __init__(self, config: MixedAttentionConfig | AttentionConfig, plan: Plan) -> None:
+        super().__init__(config)
+        self.plan = plan
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        sizes: Sizes,
+        key_padding_mask: Tensor | None = None,
+        freqs: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache | None]:
+        return super().forward(x, self.plan.token_specs(sizes), self.plan, key_padding_mask, freqs, kv_cache)
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"
+

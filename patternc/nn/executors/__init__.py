@@ -1,0 +1,24 @@
+"""Executors: one interface, one module each. A new backend is a new module
+and one entry in :data:`EXECUTORS`."""
+
+from __future__ import annotations
+
+from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.common import Executor
+from patternc.nn.executors.dense import run_dense
+from patternc.nn.executors.loop import run_loop
+
+__all__ = ["EXECUTORS", "Executor", "get_executor"]
+
+EXECUTORS: dict[str, Executor] = {
+    "batched": run_batched,
+    "loop": run_loop,
+    "dense": run_dense,
+}
+
+
+def get_executor(name: str) -> Executor:
+    try:
+        return EXECUTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {sorted(EXECUTORS)}") from None

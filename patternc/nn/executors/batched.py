@@ -1,0 +1,74 @@
+"""The fast executor: calls of equal shape run as one stacked attention launch.
+
+Stacking reads each call's tokens through a strided view when the calls'
+segments sit at evenly spaced offsets (two equal branches, say): no copy of
+Q, K or V is made then. Otherwise the calls are stacked with one copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from patternc.nn.executors.common import assemble, attend, gather, gather_mask
+from patternc.nn.schedule import Schedule, Segment
+
+__all__ = ["run_batched", "stack_segments"]
+
+
+def stack_segments(t: Tensor, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]) -> Tensor:
+    """``[B, N, ...]`` -> ``[B * n, L, ...]`` holding each call's tokens (call
+    ``i`` of batch ``b`` at ``b * n + i``). All calls have ``L`` tokens."""
+    n = len(segment_lists)
+    if all(len(segs) == 1 and segs[0].cached is None for segs in segment_lists):
+        starts = [segs[0].start for segs in segment_lists]
+        length = segment_lists[0][0].length
+        step = starts[1] - starts[0]
+        if step > 0 and all(b - a == step for a, b in itertools.pairwise(starts)):
+            window = t.narrow(1, starts[0], step * (n - 1) + length)
+            view = window.unfold(1, length, step).movedim(-1, 2)  # [B, n, L, ...]
+            return view.flatten(0, 1)
+    return torch.stack([gather(t, segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
+
+
+def run_batched(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    schedule: Schedule,
+    cache: Mapping[str, tuple[Tensor, Tensor]],
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+) -> Tensor:
+    cached_k = {name: kv[0] for name, kv in cache.items()}
+    cached_v = {name: kv[1] for name, kv in cache.items()}
+    outputs: list[Tensor | None] = [None] * len(schedule.calls)
+    batch = q.shape[0]
+    for launch in schedule.launches:
+        calls = [schedule.calls[i] for i in launch]
+        if len(calls) == 1:
+            (call,) = calls
+            outputs[launch[0]] = attend(
+                gather(q, call.queries, {}),
+                gather(k, call.keys_values, cached_k),
+                gather(v, call.keys_values, cached_v),
+                gather_mask(key_padding_mask, call.keys_values),
+                dropout_p,
+                scale,
+            )
+            continue
+        queries = stack_segments(q, [c.queries for c in calls], {})
+        keys = stack_segments(k, [c.keys_values for c in calls], cached_k)
+        values = stack_segments(v, [c.keys_values for c in calls], cached_v)
+        mask = None
+        if key_padding_mask is not None:
+            mask = stack_segments(key_padding_mask, [[s for s in c.keys_values if s.cached is None] for c in calls], {})
+        out = attend(queries, keys, values, mask, dropout_p, scale)
+        out = out.unflatten(0, (batch, len(calls)))
+        for position, index in enumerate(launch):
+            outputs[index] = out[:, position]
+    return assemble(outputs, schedule, q)

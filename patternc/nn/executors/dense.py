@@ -1,0 +1,49 @@
+"""The reference executor: one attention call over all tokens with a dense
+``[N, N_keys]`` boolean mask built from the group table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from patternc.nn.schedule import Schedule
+
+__all__ = ["dense_mask", "run_dense"]
+
+
+def dense_mask(schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
+    """``[N, N + cached]`` bool: query token i may attend to key token j."""
+    allowed = torch.tensor(schedule.allowed, dtype=torch.bool, device=device)
+    sizes = torch.tensor(schedule.input_sizes, device=device)
+    query_ids = torch.repeat_interleave(torch.tensor(schedule.group_ids, device=device), sizes)
+    cached_ids = [schedule.all_groups.index(g) for g in schedule.cached_groups]
+    cached = [torch.full((cache_lengths[g],), i, device=device) for g, i in zip(schedule.cached_groups, cached_ids)]
+    key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
+    return allowed[query_ids][:, key_ids]
+
+
+def run_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    schedule: Schedule,
+    cache: Mapping[str, tuple[Tensor, Tensor]],
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+) -> Tensor:
+    keys = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
+    values = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
+    lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
+    mask = dense_mask(schedule, lengths, q.device)[None, None]  # [1, 1, N, Nk]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    keep = mask.any(dim=-1, keepdim=True)  # rows with no key at all give zeros
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask | ~keep, dropout_p=dropout_p, scale=scale,
+    )
+    return (out * keep.to(out.dtype)).transpose(1, 2)
