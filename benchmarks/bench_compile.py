@@ -56,7 +56,9 @@ def _median_ms(fn: object, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
 
@@ -71,17 +73,27 @@ def main() -> None:
     plan = program.patterns["big"]
 
     rows = [
-        ("compile 500 groups / 500 rules (total)", _median_ms(lambda: patternc.compile(source), args.repeat), 100.0),
+        (
+            "compile 500 groups / 500 rules (total)",
+            _median_ms(lambda: patternc.compile(source), args.repeat),
+            100.0,
+        ),
         ("  parse (Lark LALR + transformer)", _median_ms(lambda: parse(source), args.repeat), None),
         ("  resolve + check", _median_ms(lambda: _lower(tree, None), args.repeat), None),
-        ("  merge patterns (Plan.patterns)", _median_ms(lambda: patternc.plan.Plan(plan.name, plan.groups, plan.rules).patterns, args.repeat), None),
+        (
+            "  merge patterns (Plan.patterns)",
+            _median_ms(lambda: patternc.plan.Plan(plan.name, plan.groups, plan.rules).patterns, args.repeat),
+            None,
+        ),
     ]
     cli_repeat = max(3, args.repeat // 4)
 
     def run(cmd: list[str]) -> None:
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
-    check_ms = _median_ms(lambda: run([sys.executable, "-m", "patternc", "check", "examples/ab_upt.pc"]), cli_repeat)
+    check_ms = _median_ms(
+        lambda: run([sys.executable, "-m", "patternc", "check", "examples/ab_upt.pc"]), cli_repeat
+    )
     bare_ms = _median_ms(lambda: run([sys.executable, "-c", "pass"]), cli_repeat)
     import_ms = _median_ms(lambda: run([sys.executable, "-c", "import patternc"]), cli_repeat)
     rows += [
@@ -94,8 +106,10 @@ def main() -> None:
     for name, ms, target in rows:
         ok = "" if target is None else ("yes" if ms < target else "NO")
         print(f"{name:<46} {ms:>10.1f} {'' if target is None else f'{target:.0f}':>10} {ok:>4}")
-    print(f"(median of {args.repeat} runs in-process, {cli_repeat} for commands; "
-          f"{len(program.groups)} groups, {len(plan.rules)} rules -> {len(plan.patterns)} attention calls)")
+    print(
+        f"(median of {args.repeat} runs in-process, {cli_repeat} for commands; "
+        f"{len(program.groups)} groups, {len(plan.rules)} rules -> {len(plan.patterns)} attention calls)"
+    )
 
 
 if __name__ == "__main__":

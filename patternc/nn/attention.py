@@ -14,7 +14,13 @@ from patternc.nn.executors import get_executor
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import Schedule, schedule_for
 from patternc.plan import Plan, Sizes
-from patternc.schemas import AttentionConfig, AttentionPattern, InitWeightsMode, MixedAttentionConfig, TokenSpec
+from patternc.schemas import (
+    AttentionConfig,
+    AttentionPattern,
+    InitWeightsMode,
+    MixedAttentionConfig,
+    TokenSpec,
+)
 
 __all__ = ["DotProductAttention", "KVCache", "MixedAttention", "PatternAttention", "init_linear"]
 
@@ -99,7 +105,10 @@ class DotProductAttention(nn.Module):
         """Full attention over ``x`` (``attn_mask`` as in ``scaled_dot_product_attention``)."""
         q, k, v = self.project_qkv(x, freqs)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
             dropout_p=self.attention_dropout,
         )
         return self.project_out(out.transpose(1, 2))
@@ -113,13 +122,13 @@ def _as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
         elif isinstance(spec, Mapping):
             specs.append(TokenSpec.from_dict(dict(spec)))
         else:
-            raise TypeError(f"token_specs holds {type(spec).__name__}; expected TokenSpec or a {{name: size}} dict")
+            raise TypeError(
+                f"token_specs holds {type(spec).__name__}; expected TokenSpec or a {{name: size}} dict"
+            )
     return specs
 
 
-def _read_cache(
-    kv_cache: KVCache | None, schedule: Schedule, q: Tensor
-) -> dict[str, tuple[Tensor, Tensor]]:
+def _read_cache(kv_cache: KVCache | None, schedule: Schedule, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """Check the cache entries the schedule reads; return them token-major."""
     if not schedule.cached_groups:
         return {}
@@ -153,6 +162,13 @@ def _read_cache(
             raise ValueError(f"kv_cache[{name!r}] has {k.shape[2]} keys but {v.shape[2]} values")
         out[name] = (k.transpose(1, 2), v.transpose(1, 2))
     return out
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]
+def _schedule(token_specs: TokenSpecs, patterns: Plan | Sequence[AttentionPattern]) -> Schedule:
+    """Checks and layout are plain Python, cached per layout: keep them out of
+    ``torch.compile`` graphs (one graph break before the tensor work)."""
+    return schedule_for(_as_token_specs(token_specs), patterns)
 
 
 class MixedAttention(DotProductAttention):
@@ -197,7 +213,7 @@ class MixedAttention(DotProductAttention):
         holds the K/V of every input group used as keys/values (views into
         this call's tensors, layout of :data:`KVCache`), or is None when some
         group was read from ``kv_cache``."""
-        schedule = schedule_for(_as_token_specs(token_specs), attention_patterns)
+        schedule = _schedule(token_specs, attention_patterns)
         if x.dim() != 3 or x.shape[1] != schedule.n_tokens:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but token_specs put {schedule.n_tokens} tokens in it "
@@ -268,4 +284,3 @@ class PatternAttention(MixedAttention):
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"
-

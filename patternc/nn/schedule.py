@@ -91,14 +91,15 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
         return (*merged, *(s for s in out if s.cached is not None))
 
     calls = tuple(
-        CallSchedule(segments(c.query_tokens), segments(c.key_value_tokens), c.n_queries) for c in layout.calls
+        CallSchedule(segments(c.query_tokens), segments(c.key_value_tokens), c.n_queries)
+        for c in layout.calls
     )
     # Where each input group's outputs live: (call, offset within the call's queries).
     pieces: list[tuple[int, int, int, int]] = []  # (input start, call, start, stop)
-    for index, call in enumerate(calls):
+    for call_index, call in enumerate(calls):
         offset = 0
         for seg in call.queries:
-            pieces.append((seg.start, index, offset, offset + seg.length))
+            pieces.append((seg.start, call_index, offset, offset + seg.length))
             offset += seg.length
     pieces.sort()
     order = [p[1:] for p in pieces]
@@ -111,7 +112,9 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
                 allowed[index[q]][index[k]] = True
     used_as_keys = {k for p in plan.patterns for k in p.key_value_tokens}
     cached = tuple(
-        g for g in plan.groups if slots[g].cached and any(g in c.key_value_tokens and c.n_queries for c in layout.calls)
+        g
+        for g in plan.groups
+        if slots[g].cached and any(g in c.key_value_tokens and c.n_queries for c in layout.calls)
     )
     return Schedule(
         n_tokens=layout.n_tokens,
@@ -129,9 +132,7 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
 
 
 @functools.lru_cache(maxsize=512)
-def _plan_for_patterns(
-    groups: tuple[tuple[str, bool], ...], patterns: tuple[AttentionPattern, ...]
-) -> Plan:
+def _plan_for_patterns(groups: tuple[tuple[str, bool], ...], patterns: tuple[AttentionPattern, ...]) -> Plan:
     """Checked once per (group names, which are cached, patterns): sizes do not matter."""
     specs = [TokenSpec(name=name, size=None if cached else 0) for name, cached in groups]
     check_patterns(specs, patterns)
@@ -160,9 +161,7 @@ def _schedule_for_plan(plan: Plan, specs: tuple[TokenSpec, ...]) -> Schedule:
     return _schedule_from_layout(plan, plan.layout(specs))
 
 
-def schedule_for(
-    token_specs: Sequence[TokenSpec], patterns: Plan | Sequence[AttentionPattern]
-) -> Schedule:
+def schedule_for(token_specs: Sequence[TokenSpec], patterns: Plan | Sequence[AttentionPattern]) -> Schedule:
     """The schedule of a plan or a hand-written pattern list at these sizes.
 
     Hand-written lists are checked (``patternc.check_patterns``) the first time

@@ -21,4 +21,6 @@ def get_executor(name: str) -> Executor:
     try:
         return EXECUTORS[name]
     except KeyError:
-        raise ValueError(f"unknown attention implementation {name!r}; choose one of {sorted(EXECUTORS)}") from None
+        raise ValueError(
+            f"unknown attention implementation {name!r}; choose one of {sorted(EXECUTORS)}"
+        ) from None

@@ -19,7 +19,9 @@ from patternc.nn.schedule import Schedule, Segment
 __all__ = ["run_batched", "stack_segments"]
 
 
-def stack_segments(t: Tensor, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]) -> Tensor:
+def stack_segments(
+    t: Tensor, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]
+) -> Tensor:
     """``[B, N, ...]`` -> ``[B * n, L, ...]`` holding each call's tokens (call
     ``i`` of batch ``b`` at ``b * n + i``). All calls have ``L`` tokens."""
     n = len(segment_lists)
@@ -66,9 +68,11 @@ def run_batched(
         values = stack_segments(v, [c.keys_values for c in calls], cached_v)
         mask = None
         if key_padding_mask is not None:
-            mask = stack_segments(key_padding_mask, [[s for s in c.keys_values if s.cached is None] for c in calls], {})
+            mask = stack_segments(
+                key_padding_mask, [[s for s in c.keys_values if s.cached is None] for c in calls], {}
+            )
         out = attend(queries, keys, values, mask, dropout_p, scale)
-        out = out.unflatten(0, (batch, len(calls)))
+        out = out.reshape(batch, len(calls), *out.shape[1:])
         for position, index in enumerate(launch):
             outputs[index] = out[:, position]
     return assemble(outputs, schedule, q)

@@ -57,7 +57,9 @@ def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | No
     return gather(mask, [s for s in segments if s.cached is None], {})
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, scale: float | None) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, scale: float | None
+) -> Tensor:
     """Scaled dot-product attention on ``[b, L, H, D]`` tensors.
 
     ``kv_mask`` is ``[b, Lkv]`` (True = attend). A query whose keys are all
@@ -71,7 +73,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: f
         keep = kv_mask.any(dim=-1)  # [b]; no host sync
         attn_mask = (kv_mask | ~keep[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        scale=scale,
     ).transpose(1, 2)
     if keep is not None:
         out = out * keep[:, None, None, None].to(out.dtype)

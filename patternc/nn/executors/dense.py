@@ -20,7 +20,9 @@ def dense_mask(schedule: Schedule, cache_lengths: Mapping[str, int], device: tor
     sizes = torch.tensor(schedule.input_sizes, device=device)
     query_ids = torch.repeat_interleave(torch.tensor(schedule.group_ids, device=device), sizes)
     cached_ids = [schedule.all_groups.index(g) for g in schedule.cached_groups]
-    cached = [torch.full((cache_lengths[g],), i, device=device) for g, i in zip(schedule.cached_groups, cached_ids)]
+    cached = [
+        torch.full((cache_lengths[g],), i, device=device) for g, i in zip(schedule.cached_groups, cached_ids)
+    ]
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     return allowed[query_ids][:, key_ids]
 
@@ -43,7 +45,11 @@ def run_dense(
         mask = mask & key_padding_mask[:, None, None, :]
     keep = mask.any(dim=-1, keepdim=True)  # rows with no key at all give zeros
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask | ~keep, dropout_p=dropout_p, scale=scale,
+        q.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask | ~keep,
+        dropout_p=dropout_p,
+        scale=scale,
     )
     return (out * keep.to(out.dtype)).transpose(1, 2)

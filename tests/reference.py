@@ -1,0 +1,87 @@
+"""A float64 dense-mask reference for attention modules, written independently
+of patternc's schedules and executors: per-token group names, a mask built
+straight from the pattern list, and an explicit softmax."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from patternc import AttentionPattern, TokenSpec
+from patternc.nn import DotProductAttention
+
+
+def rotate(x: Tensor, freqs: Tensor) -> Tensor:
+    """RoPE via complex multiplication; x [B, N, H, D], freqs [N, D/2] or [B, N, D/2]."""
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    f = freqs.to(torch.complex128)
+    f = f[None, :, None, :] if f.dim() == 2 else f[:, :, None, :]
+    return torch.view_as_real(pairs * f).flatten(-2)
+
+
+def allowed_mask(
+    specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern], cache_lengths: dict[str, int]
+) -> Tensor:
+    query_names = [s.name for s in specs if s.size is not None for _ in range(s.size)]
+    key_names = query_names + [
+        s.name for s in specs if s.size is None for _ in range(cache_lengths.get(s.name, 0))
+    ]
+    mask = torch.zeros(len(query_names), len(key_names), dtype=torch.bool)
+    for pattern in patterns:
+        q = torch.tensor([n in pattern.query_tokens for n in query_names])
+        k = torch.tensor([n in pattern.key_value_tokens for n in key_names])
+        mask |= q[:, None] & k[None, :]
+    return mask
+
+
+def reference_attention(
+    module: DotProductAttention,
+    x: Tensor,
+    specs: Sequence[TokenSpec],
+    patterns: Sequence[AttentionPattern],
+    key_padding_mask: Tensor | None = None,
+    freqs: Tensor | None = None,
+    kv_cache: dict[str, dict[str, Tensor]] | None = None,
+) -> Tensor:
+    """Output of ``module`` (MixedAttention semantics) in float64."""
+    x = x.double()
+    heads, dim = module.num_heads, module.head_dim
+    weight, bias = module.qkv.weight.double(), module.qkv.bias
+    qkv = x @ weight.T + (bias.double() if bias is not None else 0)
+    b, n, _ = x.shape
+    q, k, v = qkv.view(b, n, 3, heads, dim).unbind(2)
+    if isinstance(module.q_norm, torch.nn.LayerNorm):
+        qn, kn = module.q_norm, module.k_norm
+        q = F.layer_norm(q, (dim,), qn.weight.double(), qn.bias.double(), qn.eps)
+        k = F.layer_norm(k, (dim,), kn.weight.double(), kn.bias.double(), kn.eps)  # type: ignore[arg-type]
+    if freqs is not None:
+        q, k = rotate(q, freqs), rotate(k, freqs)
+    lengths: dict[str, int] = {}
+    cached_k, cached_v = [], []
+    for spec in specs:
+        if spec.size is None and kv_cache is not None and spec.name in kv_cache:
+            entry = kv_cache[spec.name]
+            cached_k.append(entry["k"].double().transpose(1, 2))
+            cached_v.append(entry["v"].double().transpose(1, 2))
+            lengths[spec.name] = entry["k"].shape[2]
+    keys = torch.cat([k, *cached_k], dim=1)
+    values = torch.cat([v, *cached_v], dim=1)
+    mask = allowed_mask(specs, patterns, lengths)[None, None]  # [1, 1, N, Nk]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) / dim**0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(b, n, heads * dim)
+    proj_bias = module.proj.bias
+    return out @ module.proj.weight.double().T + (proj_bias.double() if proj_bias is not None else 0)
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (0 when both are zero)."""
+    denom = ref.double().norm()
+    diff = (out.double() - ref.double()).norm()
+    return float(diff / denom) if denom > 0 else float(diff)

@@ -1,0 +1,365 @@
+"""The torch runtime: every executor against a float64 dense-mask reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXAMPLES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import reference_attention, relative_error
+
+import patternc
+from patternc import AttentionPattern as P
+from patternc import MixedAttentionConfig, TokenSpec
+from patternc.nn import MixedAttention, PatternAttention, rope_frequencies
+from patternc.nn.executors.batched import stack_segments
+from patternc.nn.schedule import schedule_for
+
+IMPLEMENTATIONS = ["batched", "loop", "dense"]
+AB = patternc.compile(EXAMPLES / "ab_upt.pc")
+AB_GROUPS = AB.groups
+
+
+def make(impl: str, *, dim: int = 16, heads: int = 2, seed: int = 0, **kw: object) -> MixedAttention:
+    torch.manual_seed(seed)
+    module = MixedAttention(MixedAttentionConfig(hidden_dim=dim, num_heads=heads, implementation=impl, **kw))
+    for p in module.parameters():  # non-trivial biases and norms, so they are checked too
+        torch.nn.init.normal_(p, std=0.3)
+    return module
+
+
+def ab_specs(anchors: int, queries: int) -> list[TokenSpec]:
+    return [TokenSpec(g, anchors if g.endswith("anchors") else queries) for g in AB_GROUPS]
+
+
+# ---------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
+@pytest.mark.parametrize(
+    ("anchors", "queries", "batch"), [(1, 1, 1), (7, 1, 2), (1, 7, 3), (129, 7, 2), (7, 129, 1)]
+)
+def test_ab_upt_patterns_match_reference(
+    impl: str, pattern: str, anchors: int, queries: int, batch: int
+) -> None:
+    module = make(impl)
+    specs = ab_specs(anchors, queries)
+    patterns = AB.patterns[pattern].attention_patterns
+    x = torch.randn(batch, 2 * (anchors + queries), 16)
+    out, _ = module(x, specs, patterns)
+    ref = reference_attention(module, x, specs, patterns)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert relative_error(out, ref) < 1e-5
+
+
+@st.composite
+def pattern_sets(draw: st.DrawFn) -> tuple[list[TokenSpec], list[P]]:
+    """Random valid pattern sets: groups split into rules, each with random keys."""
+    n_groups = draw(st.integers(1, 5))
+    names = [f"g{i}" for i in range(n_groups)]
+    sizes = [draw(st.sampled_from([0, 1, 2, 3, 7, 9])) for _ in names]
+    if not any(sizes):
+        sizes[0] = 1
+    owner = [draw(st.integers(0, n_groups - 1)) for _ in names]
+    patterns = []
+    for rule in sorted(set(owner)):
+        queries = [g for g, o in zip(names, owner) if o == rule]
+        keys = draw(st.lists(st.sampled_from(names), min_size=1, max_size=n_groups, unique=True))
+        patterns.append(P(draw(st.permutations(queries)), keys))
+    return [TokenSpec(n, s) for n, s in zip(names, sizes)], patterns
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=pattern_sets(), batch=st.integers(1, 3), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_pattern_sets_match_reference(
+    case: tuple[list[TokenSpec], list[P]], batch: int, padded: bool, seed: int
+) -> None:
+    specs, patterns = case
+    n = sum(s.size or 0 for s in specs)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 16, generator=gen)
+    mask = torch.rand(batch, n, generator=gen) > 0.4 if padded else None
+    for impl in IMPLEMENTATIONS:
+        module = make(impl, seed=seed)
+        out, _ = module(x, specs, patterns, key_padding_mask=mask)
+        ref = reference_attention(module, x, specs, patterns, key_padding_mask=mask)
+        assert torch.isfinite(out).all()
+        assert relative_error(out, ref) < 1e-5, impl
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_float64_agrees_to_rounding(impl: str) -> None:
+    module = make(impl).double()
+    specs = ab_specs(7, 129)
+    patterns = AB.patterns["joint"].attention_patterns
+    x = torch.randn(2, 272, 16, dtype=torch.float64)
+    out, _ = module(x, specs, patterns)
+    assert relative_error(out, reference_attention(module, x, specs, patterns)) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_rope_and_qk_norm(impl: str) -> None:
+    module = make(impl, use_rope=True, qk_norm=True)
+    specs = ab_specs(7, 9)
+    x = torch.randn(2, 32, 16)
+    freqs = rope_frequencies(torch.randn(2, 32, 2) * 10, head_dim=8)  # 2-D point coordinates per batch
+    patterns = AB.patterns["cross_anchor"].attention_patterns
+    out, _ = module(x, specs, patterns, freqs=freqs)
+    ref = reference_attention(module, x, specs, patterns, freqs=freqs)
+    assert relative_error(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="use_rope=True needs `freqs`"):
+        module(x, specs, patterns)
+    with pytest.raises(ValueError, match=r"frequencies cover input tokens only"):
+        module(x, specs, patterns, freqs=rope_frequencies(torch.arange(40), head_dim=8))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_all_padded_keys_give_zeros_not_nan(impl: str) -> None:
+    module = make(impl)
+    specs = ab_specs(3, 4)
+    patterns = AB.patterns["self_anchor"].attention_patterns
+    x = torch.randn(2, 14, 16, requires_grad=True)
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[0, 0:3] = False  # batch 0: every surface anchor is padding
+    out, _ = module(x, specs, patterns, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    # the surface tokens of batch 0 attend to nothing: their attention output is
+    # zero, so the module's output there is the output projection's bias
+    assert torch.allclose(out[0, :7], module.proj.bias.expand(7, -1), atol=1e-6)
+    ref = reference_attention(module, x, specs, patterns, key_padding_mask=mask)
+    assert relative_error(out, ref) < 1e-5
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pattern", ["self_anchor", "joint"])
+def test_gradients_match_reference(impl: str, pattern: str) -> None:
+    module = make(impl)
+    specs = ab_specs(7, 5)
+    patterns = AB.patterns[pattern].attention_patterns
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    weight = torch.randn(2, 24, 16)
+    mask = torch.rand(2, 24) > 0.3
+    (module(x, specs, patterns, key_padding_mask=mask)[0] * weight).sum().backward()
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    module.zero_grad()
+    x_ref = x.detach().double().requires_grad_()
+    (
+        reference_attention(module, x_ref, specs, patterns, key_padding_mask=mask) * weight.double()
+    ).sum().backward()
+    ref_grads = [x_ref.grad] + [p.grad for p in module.parameters()]
+    for got, want in zip(grads, ref_grads):
+        assert got is not None and want is not None
+        assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_gradcheck_float64(impl: str) -> None:
+    module = make(impl, dim=8, heads=2).double()
+    specs = [TokenSpec("a", 2), TokenSpec("b", 1), TokenSpec("c", 3)]
+    patterns = [P(["a", "c"], ["a", "b"]), P(["b"], ["c", "b"])]
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: module(t, specs, patterns)[0], (x,))
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
+def test_kv_cache_round_trip(impl: str, pattern: str) -> None:
+    module = make(impl).double()
+    specs = ab_specs(7, 9)
+    patterns = AB.patterns[pattern].attention_patterns
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    full, cache = module(x, specs, patterns)
+    assert cache is not None and sorted(cache) == ["surface_anchors", "volume_anchors"]
+    assert cache["volume_anchors"]["k"].shape == (2, 2, 7, 8)  # [batch, heads, tokens, head_dim]
+    # second call: anchors come from the cache, x holds only the queries
+    cached_specs = [TokenSpec(s.name, None if s.name.endswith("anchors") else s.size) for s in specs]
+    queries = torch.cat([x[:, 7:16], x[:, 23:32]], dim=1)
+    out, new_cache = module(queries, cached_specs, patterns, kv_cache=cache)
+    assert new_cache is None
+    expected = torch.cat([full[:, 7:16], full[:, 23:32]], dim=1)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
+    ref = reference_attention(module, queries, cached_specs, patterns, kv_cache=cache)
+    assert relative_error(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_kv_cache_with_patterns_that_leave_cached_groups_out(impl: str) -> None:
+    module = make(impl)
+    specs = [TokenSpec("anchors", 5), TokenSpec("queries", 4)]
+    x = torch.randn(1, 9, 16)
+    full, cache = module(x, specs, [P(["anchors", "queries"], ["anchors"])])
+    out, _ = module(
+        x[:, 5:],
+        [TokenSpec("anchors", None), TokenSpec("queries", 4)],
+        [P(["queries"], ["anchors"])],
+        kv_cache=cache,
+    )
+    assert torch.allclose(out, full[:, 5:], atol=1e-6)
+
+
+def test_kv_cache_errors() -> None:
+    module = make("batched")
+    specs = [TokenSpec("anchors", None), TokenSpec("queries", 4)]
+    patterns = [P(["queries"], ["anchors"])]
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match=r"groups \['anchors'\] have size=None.*kv_cache is None"):
+        module(x, specs, patterns)
+    with pytest.raises(
+        ValueError, match=r"kv_cache has no entry 'anchors' with 'k' and 'v' \(it has \['other'\]\)"
+    ):
+        module(x, specs, patterns, kv_cache={"other": {}})
+    bad = {"anchors": {"k": torch.randn(2, 2, 5, 4), "v": torch.randn(2, 2, 5, 8)}}
+    with pytest.raises(
+        ValueError,
+        match=r"kv_cache\['anchors'\]\['k'\] has shape \(2, 2, 5, 4\); expected \[batch=2, heads=2, tokens, head_dim=8\]",
+    ):
+        module(x, specs, patterns, kv_cache=bad)
+    mismatched = {"anchors": {"k": torch.randn(2, 2, 5, 8), "v": torch.randn(2, 2, 6, 8)}}
+    with pytest.raises(ValueError, match="has 5 keys but 6 values"):
+        module(x, specs, patterns, kv_cache=mismatched)
+    wrong_dtype = {"anchors": {"k": torch.randn(2, 2, 5, 8).double(), "v": torch.randn(2, 2, 5, 8)}}
+    with pytest.raises(ValueError, match="is torch.float64 on cpu; the queries are torch.float32"):
+        module(x, specs, patterns, kv_cache=wrong_dtype)
+    good = {"anchors": {"k": torch.randn(2, 2, 5, 8), "v": torch.randn(2, 2, 5, 8)}}
+    with pytest.raises(ValueError, match="key_padding_mask cannot be combined with a KV cache"):
+        module(x, specs, patterns, kv_cache=good, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_invalid_patterns_raise_pattern_error_with_compiler_messages() -> None:
+    module = make("batched")
+    specs = [TokenSpec("anchors", 3), TokenSpec("queries", 4)]
+    with pytest.raises(patternc.PatternError) as info:
+        module(torch.randn(1, 7, 16), specs, [P(["anchors"], ["anchor"])])
+    assert isinstance(info.value, ValueError)
+    assert [d.code for d in info.value.diagnostics] == ["E201", "E301"]
+    assert "did you mean `anchors`?" in str(info.value)
+    assert "group `queries` is a query in no rule" in str(info.value)
+
+
+def test_input_shape_errors() -> None:
+    module = make("loop")
+    specs = [TokenSpec("a", 3), TokenSpec("b", 4)]
+    patterns = [P(["a", "b"], ["a"])]
+    with pytest.raises(
+        ValueError, match=r"x has shape \(1, 6, 16\) but token_specs put 7 tokens in it \(a=3, b=4\)"
+    ):
+        module(torch.randn(1, 6, 16), specs, patterns)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be bool \[batch, n_tokens\] = \[1, 7\]"):
+        module(torch.randn(1, 7, 16), specs, patterns, key_padding_mask=torch.ones(1, 7))
+    with pytest.raises(TypeError, match="expected TokenSpec or a {name: size} dict"):
+        module(torch.randn(1, 7, 16), ["a"], patterns)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
+        from patternc.nn.executors import get_executor
+
+        get_executor("fast")
+
+
+def test_config_validation_messages() -> None:
+    with pytest.raises(
+        ValueError, match=r"hidden_dim \(30\) must be divisible by num_heads \(4\); use hidden_dim=28 or 32"
+    ):
+        MixedAttentionConfig(hidden_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="implementation"):
+        MixedAttentionConfig(hidden_dim=32, num_heads=4, implementation="fast")  # type: ignore[arg-type]
+    assert MixedAttentionConfig(hidden_dim=30, num_heads=4, head_dim=8).inner_dim == 32
+
+
+def test_token_specs_as_dicts_and_positional() -> None:
+    module = make("batched")
+    x = torch.randn(1, 7, 16)
+    patterns = [P(["a", "b"], ["a"])]
+    out_specs, _ = module(x, [TokenSpec("a", 3), TokenSpec("b", 4)], patterns)
+    out_dicts, _ = module(x, [{"a": 3}, {"b": 4}], patterns)
+    assert torch.equal(out_specs, out_dicts)
+
+
+# ---------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_compiled_plan_in_place_of_patterns(impl: str) -> None:
+    module = make(impl)
+    plan = AB.patterns["joint"]
+    sizes = {"surface_anchors": 3, "surface_queries": 5, "volume_anchors": 2, "volume_queries": 7}
+    x = torch.randn(2, 17, 16)
+    out_plan, _ = module(x, plan.token_specs(sizes), plan)
+    out_list, _ = module(x, plan.token_specs(sizes), plan.attention_patterns)
+    assert torch.equal(out_plan, out_list)
+    attn = PatternAttention(module.config, plan)
+    attn.load_state_dict(module.state_dict())
+    out_dict, _ = attn(x, sizes)
+    out_tokens, _ = attn(x, plan.token_specs(sizes))
+    assert torch.equal(out_dict, out_plan) and torch.equal(out_tokens, out_plan)
+    assert "plan='joint'" in repr(attn)
+
+
+def test_plan_requires_its_group_order() -> None:
+    module = make("batched")
+    plan = AB.patterns["joint"]
+    specs = list(reversed(plan.token_specs(dict.fromkeys(AB_GROUPS, 2))))
+    with pytest.raises(patternc.PatternError, match="build token_specs with plan.token_specs"):
+        module(torch.randn(1, 8, 16), specs, plan)
+
+
+def test_batched_reads_evenly_spaced_groups_as_views() -> None:
+    specs = ab_specs(4, 12)
+    schedule = schedule_for(specs, AB.patterns["self_anchor"])
+    assert schedule.launches == ((0, 1),)
+    t = torch.randn(2, 32, 3, 5)
+    for segments in ([c.queries for c in schedule.calls], [c.keys_values for c in schedule.calls]):
+        stacked = stack_segments(t, segments, {})
+        assert stacked.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # no copy
+        expected = torch.stack([t[:, s[0].start : s[0].stop] for s in segments], dim=1).flatten(0, 1)
+        assert torch.equal(stacked, expected)
+
+
+def test_schedules_are_cached_per_layout() -> None:
+    specs = ab_specs(4, 12)
+    patterns = AB.patterns["joint"].attention_patterns
+    assert schedule_for(specs, patterns) is schedule_for(list(specs), list(patterns))
+
+
+def test_dot_product_attention_is_full_attention() -> None:
+    from patternc.nn import DotProductAttention
+
+    torch.manual_seed(0)
+    plain = DotProductAttention(patternc.AttentionConfig(hidden_dim=16, num_heads=2))
+    mixed = make("batched")
+    mixed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, 16)
+    out, _ = mixed(x, [TokenSpec("all", 9)], [P(["all"], ["all"])])
+    assert torch.allclose(plain(x), out, atol=1e-6)
+
+
+def test_init_modes() -> None:
+    zero = MixedAttention(MixedAttentionConfig(hidden_dim=16, num_heads=2, init_weights="zero"))
+    assert torch.count_nonzero(zero.proj.weight) == 0 and zero.qkv.weight.std() < 0.03
+    trunc = MixedAttention(MixedAttentionConfig(hidden_dim=64, num_heads=2, init_weights="truncnormal002"))
+    assert trunc.qkv.weight.abs().max() <= 0.04 and torch.count_nonzero(trunc.qkv.bias) == 0
+    torch_default = MixedAttention(MixedAttentionConfig(hidden_dim=64, num_heads=2, init_weights="torch"))
+    assert torch_default.qkv.weight.abs().max() > 0.04
+
+
+@pytest.mark.slow
+def test_torch_compile_fixed_layout() -> None:
+    module = make("batched")
+    specs = ab_specs(8, 16)
+    patterns = AB.patterns["self_anchor"].attention_patterns
+    x = torch.randn(2, 48, 16)
+    eager, _ = module(x, specs, patterns)
+    compiled = torch.compile(module)
+    out, _ = compiled(x, specs, patterns)
+    assert relative_error(out, eager) < 1e-5
