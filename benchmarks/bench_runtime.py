@@ -35,7 +35,9 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(pattern: str, impl: str, anchors: int, queries: int, dim: int, heads: int, repeat: int) -> dict[str, float]:
+def worker(
+    pattern: str, impl: str, anchors: int, queries: int, dim: int, heads: int, repeat: int
+) -> dict[str, float]:
     import torch
 
     import patternc
@@ -45,7 +47,9 @@ def worker(pattern: str, impl: str, anchors: int, queries: int, dim: int, heads:
     plan = patternc.compile(ROOT / "examples" / "ab_upt.pc").patterns[pattern]
     sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
     specs = plan.token_specs(sizes)
-    module = MixedAttention(patternc.MixedAttentionConfig(hidden_dim=dim, num_heads=heads, implementation=impl))
+    module = MixedAttention(
+        patternc.MixedAttentionConfig(hidden_dim=dim, num_heads=heads, implementation=impl)
+    )
     x = torch.randn(1, sum(sizes.values()), dim)
     base = _rss_kb("VmRSS")
 
@@ -73,9 +77,21 @@ def worker(pattern: str, impl: str, anchors: int, queries: int, dim: int, heads:
 
 def run_worker(args: argparse.Namespace, pattern: str, impl: str) -> dict[str, float]:
     cmd = [
-        sys.executable, __file__, "--worker", pattern, impl,
-        "--anchors", str(args.anchors), "--queries", str(args.queries),
-        "--dim", str(args.dim), "--heads", str(args.heads), "--repeat", str(args.repeat),
+        sys.executable,
+        __file__,
+        "--worker",
+        pattern,
+        impl,
+        "--anchors",
+        str(args.anchors),
+        "--queries",
+        str(args.queries),
+        "--dim",
+        str(args.dim),
+        "--heads",
+        str(args.heads),
+        "--repeat",
+        str(args.repeat),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -83,7 +99,9 @@ def run_worker(args: argparse.Namespace, pattern: str, impl: str) -> dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--anchors", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=192)
@@ -116,18 +134,19 @@ def main() -> None:
         results = {impl: run_worker(args, pattern, impl) for impl in args.implementations}
         dense = results.get("dense")
         for impl, r in results.items():
-
-            def ratio(key: str, *, speed: bool, r: dict[str, float] = r) -> str:
-                if dense is None or not dense[key] or not r[key]:
-                    return "-"
-                return f"{(dense[key] / r[key]) if speed else (r[key] / dense[key]):.2f}"
-
             print(
-                f"{pattern:<13} {impl:<8} {r['fwd_ms']:>9.1f} {ratio('fwd_ms', speed=True):>8} "
-                f"{r['fwd_bwd_ms']:>11.1f} {ratio('fwd_bwd_ms', speed=True):>8} "
-                f"{r['fwd_peak_mb']:>8.0f} {ratio('fwd_peak_mb', speed=False):>6} "
-                f"{r['fwd_bwd_peak_mb']:>11.0f} {ratio('fwd_bwd_peak_mb', speed=False):>6}"
+                f"{pattern:<13} {impl:<8} {r['fwd_ms']:>9.1f} {_ratio(r, dense, 'fwd_ms', True):>8} "
+                f"{r['fwd_bwd_ms']:>11.1f} {_ratio(r, dense, 'fwd_bwd_ms', True):>8} "
+                f"{r['fwd_peak_mb']:>8.0f} {_ratio(r, dense, 'fwd_peak_mb', False):>6} "
+                f"{r['fwd_bwd_peak_mb']:>11.0f} {_ratio(r, dense, 'fwd_bwd_peak_mb', False):>6}"
             )
+
+
+def _ratio(r: dict[str, float], dense: dict[str, float] | None, key: str, speed: bool) -> str:
+    """Speed-up (dense / r) for times, fraction (r / dense) for memory."""
+    if dense is None or not dense[key] or not r[key]:
+        return "-"
+    return f"{(dense[key] / r[key]) if speed else (r[key] / dense[key]):.2f}"
 
 
 if __name__ == "__main__":

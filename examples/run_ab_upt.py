@@ -24,7 +24,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--anchors", type=int, default=256, help="anchor tokens per branch")
     parser.add_argument("--queries", type=int, default=1024, help="query tokens per branch")
     parser.add_argument("--dim", type=int, default=192)
@@ -41,7 +43,9 @@ def main() -> None:
     print(f"runtime: batch 2, {n_tokens} tokens, dim {args.dim}, {args.heads} heads")
     print(f"{'pattern':<13} {'executor':<8} {'rel. error vs dense':>20} {'forward ms':>11}")
     for name, plan in program.patterns.items():
-        config = patternc.MixedAttentionConfig(hidden_dim=args.dim, num_heads=args.heads, implementation="dense")
+        config = patternc.MixedAttentionConfig(
+            hidden_dim=args.dim, num_heads=args.heads, implementation="dense"
+        )
         reference = PatternAttention(config, plan)
         with torch.no_grad():
             expected, _ = reference(x, sizes)

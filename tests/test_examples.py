@@ -12,7 +12,10 @@ from conftest import ROOT
 def test_run_ab_upt_example() -> None:
     result = subprocess.run(
         [sys.executable, "examples/run_ab_upt.py", "--anchors", "9", "--queries", "31", "--dim", "24"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
