@@ -173,22 +173,27 @@ def test_gradcheck_float64(impl: str) -> None:
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
-def test_kv_cache_round_trip(impl: str, pattern: str) -> None:
-    module = make(impl).double()
+@pytest.mark.parametrize("rope", [False, True])
+def test_kv_cache_round_trip(impl: str, pattern: str, rope: bool) -> None:
+    module = make(impl, use_rope=rope).double()
     specs = ab_specs(7, 9)
     patterns = AB.patterns[pattern].attention_patterns
     x = torch.randn(2, 32, 16, dtype=torch.float64)
-    full, cache = module(x, specs, patterns)
+    positions = torch.randn(32, 2, dtype=torch.float64) * 5
+    freqs = rope_frequencies(positions, head_dim=8) if rope else None
+    query_rows = torch.cat([torch.arange(7, 16), torch.arange(23, 32)])
+    query_freqs = freqs[query_rows] if freqs is not None else None
+    full, cache = module(x, specs, patterns, freqs=freqs)
     assert cache is not None and sorted(cache) == ["surface_anchors", "volume_anchors"]
     assert cache["volume_anchors"]["k"].shape == (2, 2, 7, 8)  # [batch, heads, tokens, head_dim]
     # second call: anchors come from the cache, x holds only the queries
     cached_specs = [TokenSpec(s.name, None if s.name.endswith("anchors") else s.size) for s in specs]
     queries = torch.cat([x[:, 7:16], x[:, 23:32]], dim=1)
-    out, new_cache = module(queries, cached_specs, patterns, kv_cache=cache)
+    out, new_cache = module(queries, cached_specs, patterns, kv_cache=cache, freqs=query_freqs)
     assert new_cache is None
     expected = torch.cat([full[:, 7:16], full[:, 23:32]], dim=1)
     assert torch.allclose(out, expected, rtol=0, atol=1e-12)
-    ref = reference_attention(module, queries, cached_specs, patterns, kv_cache=cache)
+    ref = reference_attention(module, queries, cached_specs, patterns, kv_cache=cache, freqs=query_freqs)
     assert relative_error(out, ref) < 1e-12
 
 
@@ -351,6 +356,23 @@ def test_init_modes() -> None:
     assert trunc.qkv.weight.abs().max() <= 0.04 and torch.count_nonzero(trunc.qkv.bias) == 0
     torch_default = MixedAttention(MixedAttentionConfig(hidden_dim=64, num_heads=2, init_weights="torch"))
     assert torch_default.qkv.weight.abs().max() > 0.04
+
+
+def test_dropout_only_in_training() -> None:
+    module = make("batched", dropout=0.5)
+    specs = ab_specs(5, 6)
+    patterns = AB.patterns["joint"].attention_patterns
+    x = torch.randn(2, 22, 16)
+    module.eval()
+    first, _ = module(x, specs, patterns)
+    assert torch.equal(first, module(x, specs, patterns)[0])
+    assert relative_error(first, reference_attention(module, x, specs, patterns)) < 1e-5
+    module.train()
+    torch.manual_seed(1)
+    a, _ = module(x, specs, patterns)
+    torch.manual_seed(2)
+    b, _ = module(x, specs, patterns)
+    assert not torch.allclose(a, b)
 
 
 @pytest.mark.slow
