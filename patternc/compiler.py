@@ -15,6 +15,7 @@ from patternc.checks import check_declarations, check_rules
 from patternc.diagnostics import Code, Diagnostic, PatternError, Span
 from patternc.plan import Plan, Program
 from patternc.resolve import GroupResolver, ResolvedRule
+from patternc.schemas import domain_of
 from patternc.syntax import PatternBlock, SourceFile, parse
 
 __all__ = ["MAX_SOURCE_BYTES", "compile", "read_source"]
@@ -134,6 +135,8 @@ def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, li
     groups = tuple(dict.fromkeys(g.name for g in syntax.groups))
     group_spans = {g.name: g.span for g in reversed(syntax.groups)}
     resolver = GroupResolver(groups)
+    group_types, problems = _resolve_types(syntax, resolver)
+    diagnostics.extend(problems)
     plans: dict[str, Plan] = {}
     for block in _blocks(syntax):
         rules: list[ResolvedRule] = []
@@ -153,6 +156,30 @@ def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, li
                 # reported once, at that selector
                 if resolvable or d.code != Code.NOT_EXHAUSTIVE
             )
-        plans.setdefault(block.name, Plan(block.name, groups, tuple(rules)))
+        plans.setdefault(block.name, Plan(block.name, groups, tuple(rules), group_types))
     diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
-    return Program(filename, groups, plans), diagnostics
+    return Program(filename, groups, plans, dict(zip(groups, group_types))), diagnostics
+
+
+def _resolve_types(syntax: SourceFile, resolver: GroupResolver) -> tuple[tuple[str, ...], list[Diagnostic]]:
+    """Type of every group: from the ``types`` block, else the group's domain."""
+    diagnostics: list[Diagnostic] = []
+    assigned: dict[str, tuple[str, int]] = {}
+    for rule in syntax.types:
+        selected, problems = resolver.select(rule.selector, f"type `{rule.type_name}`")
+        diagnostics.extend(problems)
+        for group in selected:
+            if group in assigned:
+                first, line = assigned[group]
+                diagnostics.append(
+                    Diagnostic(
+                        Code.DUPLICATE_TYPE,
+                        f"group `{group}` is given two types: `{first}` (line {line}) and `{rule.type_name}`",
+                        rule.span,
+                        "each group uses one weight bank; narrow one of the selectors",
+                    )
+                )
+            else:
+                assigned[group] = (rule.type_name, rule.span.line)
+    types = tuple(assigned[g][0] if g in assigned else domain_of(g) for g in resolver.groups)
+    return types, diagnostics

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.resolve import ResolvedRule
-from patternc.schemas import AttentionPattern, TokenSpec
+from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 
 if TYPE_CHECKING:
     import networkx
@@ -175,6 +175,21 @@ class Plan:
     name: str
     groups: tuple[str, ...]
     rules: tuple[ResolvedRule, ...]
+    group_types: tuple[str, ...] = ()
+    """Token type (weight bank) of each group, aligned with ``groups``; empty
+    means every group's type is its ``TokenSpec.domain``."""
+
+    @functools.cached_property
+    def types(self) -> dict[str, str]:
+        """``{group: type}``: the weight bank untied layers use for each group."""
+        if self.group_types:
+            return dict(zip(self.groups, self.group_types))
+        return {g: domain_of(g) for g in self.groups}
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """Distinct types in order of first appearance among the groups."""
+        return tuple(dict.fromkeys(self.types.values()))
 
     @functools.cached_property
     def patterns(self) -> tuple[AttentionPattern, ...]:
@@ -245,6 +260,7 @@ class Plan:
                 for p in self.patterns
             ],
             "edges": [list(e) for e in self.edges],
+            "types": self.types,
             "layout": None,
         }
         if sizes is not None:
@@ -318,7 +334,8 @@ def _layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def _dot(plans: Sequence[Plan]) -> str:
@@ -328,7 +345,8 @@ def _dot(plans: Sequence[Plan]) -> str:
         lines.append(f"  subgraph cluster_{i} {{")
         lines.append(f"    label={_quote('pattern ' + plan.name)};")
         for group in plan.groups:
-            lines.append(f"    {prefix}{group} [label={_quote(group)}];")
+            label = f"{group}\n({plan.types[group]})"
+            lines.append(f"    {prefix}{group} [label={_quote(label)}];")
         for call, pattern in enumerate(plan.patterns):
             for q in pattern.query_tokens:
                 for kv in pattern.key_value_tokens:
@@ -345,6 +363,14 @@ class Program:
     filename: str | None
     groups: tuple[str, ...]
     patterns: Mapping[str, Plan]
+    types: Mapping[str, str]
+    """``{group: type}`` (the ``types`` block, else each group's domain)."""
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """Distinct token types in order of first appearance among the groups:
+        the weight banks of untied layers, in bank order."""
+        return tuple(dict.fromkeys(self.types.values()))
 
     def __getitem__(self, name: str) -> Plan:
         try:
@@ -364,6 +390,7 @@ class Program:
             "version": JSON_SCHEMA_VERSION,
             "file": self.filename,
             "groups": list(self.groups),
+            "types": dict(self.types),
             "patterns": [plan.to_dict(sizes, dim=dim) for plan in self.select(patterns)],
         }
 

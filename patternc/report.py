@@ -74,6 +74,10 @@ def format_program(
     out = [
         f"{program.filename or '<input>'}: {len(program.groups)} groups, {len(program.patterns)} pattern(s)",
         "groups: " + " ".join(program.groups),
+        "types: "
+        + "; ".join(
+            f"{t} ({', '.join(g for g in program.groups if program.types[g] == t)})" for t in program.type_names
+        ),
     ]
     if sizes is not None and plans:
         out.extend(_format_layout(plans[0].layout(sizes)))

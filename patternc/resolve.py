@@ -49,23 +49,25 @@ class GroupResolver:
     def rule(self, rule: Rule) -> tuple[ResolvedRule, list[Diagnostic]]:
         """Resolve both sides of a rule. A side that resolves to nothing although
         each of its names is known (e.g. ``* - *``) is reported as empty."""
-        diagnostics: list[Diagnostic] = []
-        sides: list[tuple[str, ...]] = []
-        for node, side in ((rule.queries, "query"), (rule.keys_values, "key/value")):
-            problems: list[Diagnostic] = []
-            resolved = self._ordered(self._selector(node, problems))
-            if not resolved and not problems:
-                problems.append(
-                    Diagnostic(
-                        Code.EMPTY_SELECTOR,
-                        f"the {side} side of this rule selects no group",
-                        node.span,
-                        "an exclusion removed every group it started with",
-                    )
+        queries, diagnostics = self.select(rule.queries, "the query side of this rule")
+        keys_values, problems = self.select(rule.keys_values, "the key/value side of this rule")
+        return ResolvedRule(queries, keys_values, rule.span, rule.text), diagnostics + problems
+
+    def select(self, node: Selector, what: str) -> tuple[tuple[str, ...], list[Diagnostic]]:
+        """Groups ``node`` selects, in declaration order; ``what`` names the
+        selector in the message when it ends up selecting nothing."""
+        problems: list[Diagnostic] = []
+        resolved = self._ordered(self._selector(node, problems))
+        if not resolved and not problems:
+            problems.append(
+                Diagnostic(
+                    Code.EMPTY_SELECTOR,
+                    f"{what} selects no group",
+                    node.span,
+                    "an exclusion removed every group it started with",
                 )
-            diagnostics.extend(problems)
-            sides.append(resolved)
-        return ResolvedRule(sides[0], sides[1], rule.span, rule.text), diagnostics
+            )
+        return resolved, problems
 
     def _selector(self, node: Selector, problems: list[Diagnostic]) -> set[str]:
         if isinstance(node, Word):

@@ -31,6 +31,11 @@ InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
 """
 
 
+def domain_of(name: str) -> str:
+    """``surface`` for ``surface_anchors``: the name up to its last ``_``."""
+    return name.rsplit("_", 1)[0] if "_" in name else name
+
+
 class _PositionalModel(BaseModel):
     """Lets ``Model(a, b)`` fill the fields named in ``_positional`` in order,
     as the seed's examples write ``TokenSpec("surface_anchors", 100)``."""
@@ -83,7 +88,7 @@ class TokenSpec(_PositionalModel):
     def domain(self) -> str:
         """The part before the last ``_`` (``surface`` for ``surface_anchors``);
         the whole name when it has no ``_``."""
-        return self.name.rsplit("_", 1)[0] if "_" in self.name else self.name
+        return domain_of(self.name)
 
     @property
     def attn_type(self) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "Selector",
     "SelectorUnion",
     "SourceFile",
+    "TypeRule",
     "Word",
     "parse",
 ]
@@ -95,11 +96,23 @@ class PatternBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class TypeRule:
+    """``TYPE: selector`` inside ``types { ... }``: the selected groups use the
+    weight bank named ``TYPE``."""
+
+    type_name: str
+    name_span: Span
+    selector: Selector
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class SourceFile:
     groups: tuple[GroupDecl, ...]
     patterns: tuple[PatternBlock, ...]
     top_level_rules: tuple[Rule, ...]
     diagnostics: tuple[Diagnostic, ...] = field(default=())
+    types: tuple[TypeRule, ...] = field(default=())
 
 
 # ---------------------------------------------------------------- grammar
@@ -138,6 +151,8 @@ _TERMINAL_NAMES = {
     "_RPAR": "`)`",
     "_GROUPS": "`groups`",
     "_PATTERN": "`pattern`",
+    "_TYPES": "`types`",
+    "_COLON": "`:`",
     "$END": "end of file",
 }
 
@@ -252,18 +267,33 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         name = self._name(name_token, "pattern names")
         return PatternBlock(name, _token_span(name_token), rules, _span_of(meta))
 
+    @lark.v_args(meta=True)
+    def type_rule(self, meta: lark.tree.Meta, children: list[object]) -> TypeRule:
+        name_token, selector = children
+        assert isinstance(name_token, lark.Token)
+        name = self._name(name_token, "type names")
+        return TypeRule(name, _token_span(name_token), selector, _span_of(meta))  # type: ignore[arg-type]
+
+    def types_block(self, children: list[TypeRule]) -> list[TypeRule]:
+        return list(children)
+
     def start(self, children: list[object]) -> SourceFile:
         groups: list[GroupDecl] = []
         patterns: list[PatternBlock] = []
         top_rules: list[Rule] = []
+        types: list[TypeRule] = []
         for child in children:
-            if isinstance(child, tuple):
+            if isinstance(child, list):
+                types.extend(child)
+            elif isinstance(child, tuple):
                 groups.extend(child)
             elif isinstance(child, PatternBlock):
                 patterns.append(child)
             elif isinstance(child, Rule):
                 top_rules.append(child)
-        return SourceFile(tuple(groups), tuple(patterns), tuple(top_rules), tuple(self.diagnostics))
+        return SourceFile(
+            tuple(groups), tuple(patterns), tuple(top_rules), tuple(self.diagnostics), tuple(types)
+        )
 
 
 # ------------------------------------------------------------------ parse

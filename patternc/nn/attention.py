@@ -83,8 +83,12 @@ class DotProductAttention(nn.Module):
     def project_qkv(self, x: Tensor, freqs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, N, hidden]`` -> token-major Q, K, V, each ``[B, N, H, D]`` (views
         of one fused projection), with qk_norm and RoPE applied."""
-        batch, n, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        return self.split_heads(self.qkv(x), freqs)
+
+    def split_heads(self, qkv: Tensor, freqs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused ``[B, N, 3 * H * D]`` -> Q, K, V ``[B, N, H, D]``, normed and rotated."""
+        batch, n, _ = qkv.shape
+        q, k, v = qkv.view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             if freqs is None:
@@ -94,8 +98,7 @@ class DotProductAttention(nn.Module):
 
     def project_out(self, out: Tensor) -> Tensor:
         """``[B, N, H, D]`` -> ``[B, N, hidden]``."""
-        out = self.proj(out.reshape(out.shape[0], out.shape[1], -1))
-        return F.dropout(out, self.dropout, self.training)
+        return F.dropout(self.proj(merge_heads(out)), self.dropout, self.training)
 
     @property
     def attention_dropout(self) -> float:
@@ -112,6 +115,11 @@ class DotProductAttention(nn.Module):
             dropout_p=self.attention_dropout,
         )
         return self.project_out(out.transpose(1, 2))
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """``[B, N, H, D]`` -> ``[B, N, H * D]``."""
+    return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def _as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
@@ -165,10 +173,13 @@ def _read_cache(kv_cache: KVCache | None, schedule: Schedule, q: Tensor) -> dict
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]
-def _schedule(token_specs: TokenSpecs, patterns: Plan | Sequence[AttentionPattern]) -> Schedule:
+def _schedule(
+    token_specs: TokenSpecs, patterns: Plan | Sequence[AttentionPattern]
+) -> tuple[list[TokenSpec], Schedule]:
     """Checks and layout are plain Python, cached per layout: keep them out of
     ``torch.compile`` graphs (one graph break before the tensor work)."""
-    return schedule_for(_as_token_specs(token_specs), patterns)
+    specs = _as_token_specs(token_specs)
+    return specs, schedule_for(specs, patterns)
 
 
 class MixedAttention(DotProductAttention):
@@ -213,7 +224,7 @@ class MixedAttention(DotProductAttention):
         holds the K/V of every input group used as keys/values (views into
         this call's tensors, layout of :data:`KVCache`), or is None when some
         group was read from ``kv_cache``."""
-        schedule = _schedule(token_specs, attention_patterns)
+        specs, schedule = _schedule(token_specs, attention_patterns)
         if x.dim() != 3 or x.shape[1] != schedule.n_tokens:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but token_specs put {schedule.n_tokens} tokens in it "
@@ -231,13 +242,21 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
-        q, k, v = self.project_qkv(x, freqs)
+        q, k, v = self.split_heads(self._project_in(x, specs, attention_patterns), freqs)
         cache = _read_cache(kv_cache, schedule, q)
         out = self.executor(q, k, v, schedule, cache, key_padding_mask, self.attention_dropout, None)
         new_cache = None
         if not schedule.cached_groups:
             new_cache = _new_cache(k, v, schedule)
-        return self.project_out(out), new_cache
+        out = self._project_back(merge_heads(out), specs, attention_patterns)
+        return F.dropout(out, self.dropout, self.training), new_cache
+
+    def _project_in(self, x: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+        """The fused QKV projection (untied subclasses pick weights per token type)."""
+        return self.qkv(x)  # type: ignore[no-any-return]
+
+    def _project_back(self, out: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+        return self.proj(out)  # type: ignore[no-any-return]
 
 
 def _new_cache(k: Tensor, v: Tensor, schedule: Schedule) -> KVCache:

@@ -1,0 +1,230 @@
+"""Transformer and perceiver blocks, tied and untied, driven by compiled patterns.
+
+Both are pre-norm residual blocks::
+
+    x = x + drop_path(layer_scale(attention(norm(x), ...)))
+    x = x + drop_path(layer_scale(mlp(norm(x))))
+
+The untied blocks give each token type its own attention projections and MLP
+(norms stay shared); attention still runs across all tokens through the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternc.configs import (
+    LinearProjectionConfig,
+    PerceiverBlockConfig,
+    TransformerBlockConfig,
+    UntiedLinearConfig,
+    UntiedPerceiverBlockConfig,
+    UntiedTransformerBlockConfig,
+)
+from patternc.nn.attention import MixedAttention, TokenSpecs, _as_token_specs, init_linear, merge_heads
+from patternc.nn.layers import MLP, DropPath, LayerScale
+from patternc.nn.rope import apply_rope
+from patternc.nn.untied import (
+    UntiedLinear,
+    UntiedMixedAttention,
+    UntiedMLP,
+    UntiedPath,
+    check_types,
+    type_runs,
+)
+from patternc.plan import Plan
+from patternc.schemas import AttentionPattern
+
+__all__ = [
+    "PerceiverAttention",
+    "PerceiverBlock",
+    "TransformerBlock",
+    "UntiedPerceiverBlock",
+    "UntiedTransformerBlock",
+]
+
+Patterns = Union[Plan, Sequence[AttentionPattern]]
+
+
+def _branch(dim: int, config: TransformerBlockConfig) -> tuple[nn.Module, nn.Module]:
+    scale: nn.Module = (
+        LayerScale(dim, config.layer_scale) if config.layer_scale is not None else nn.Identity()
+    )
+    return scale, DropPath(config.drop_path)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``MixedAttention`` over the patterns, then an ``MLP``."""
+
+    def __init__(self, config: TransformerBlockConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
+        self.attention: MixedAttention = MixedAttention(config.attention())
+        self.scale1, self.drop1 = _branch(config.hidden_dim, config)
+        self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
+        self.mlp: nn.Module = MLP(config.mlp())
+        self.scale2, self.drop2 = _branch(config.hidden_dim, config)
+
+    def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
+        return self.mlp(x)  # type: ignore[no-any-return]
+
+    def forward(
+        self,
+        x: Tensor,
+        token_specs: TokenSpecs,
+        attention_patterns: Patterns,
+        key_padding_mask: Tensor | None = None,
+        freqs: Tensor | None = None,
+    ) -> Tensor:
+        attended, _ = self.attention(self.norm1(x), token_specs, attention_patterns, key_padding_mask, freqs)
+        x = x + self.drop1(self.scale1(attended))
+        out: Tensor = x + self.drop2(self.scale2(self._mlp(self.norm2(x), token_specs, attention_patterns)))
+        return out
+
+
+class UntiedTransformerBlock(TransformerBlock):
+    """``TransformerBlock`` with per-type attention projections and MLP.
+
+    ``types`` names the weight banks (``len == num_types``); group types come
+    from the plan, else ``group_types``, else each group's domain.
+    """
+
+    def __init__(
+        self,
+        config: UntiedTransformerBlockConfig,
+        types: Sequence[str] | None = None,
+        group_types: Mapping[str, str] | None = None,
+        path: UntiedPath = "auto",
+    ) -> None:
+        super().__init__(config.transformer_block)
+        self.untied_config = config
+        self.types = check_types(types, config.num_types)
+        self.group_types = dict(group_types or {})
+        self.attention = UntiedMixedAttention(config.attention_config(), types, group_types, path)
+        self.mlp = UntiedMLP(config.untied_mlp_config(), types, path)
+
+    def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
+        group_types = patterns.types if isinstance(patterns, Plan) else self.group_types
+        return self.mlp(x, type_runs(_as_token_specs(specs), group_types, self.types))  # type: ignore[no-any-return]
+
+
+class PerceiverAttention(nn.Module):
+    """Cross-attention: queries from ``x``, keys/values from ``kv`` (one shared
+    K/V projection of width ``kv_dim``). ``q_proj``/``out_proj`` may be untied."""
+
+    def __init__(
+        self, config: PerceiverBlockConfig, q_proj: nn.Module | None = None, out_proj: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_dim // config.num_heads
+        self.q_proj = q_proj or nn.Linear(config.hidden_dim, config.hidden_dim, bias=config.bias)
+        self.kv_proj = nn.Linear(config.kv_width, 2 * config.hidden_dim, bias=config.bias)
+        self.out_proj = out_proj or nn.Linear(config.hidden_dim, config.hidden_dim, bias=config.bias)
+        for layer in (self.q_proj, self.kv_proj, self.out_proj):
+            if isinstance(layer, nn.Linear):
+                init_linear(layer, config.init_weights)
+
+    def forward(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        key_padding_mask: Tensor | None = None,
+        q_freqs: Tensor | None = None,
+        kv_freqs: Tensor | None = None,
+        runs: object = None,
+    ) -> Tensor:
+        batch, n, _ = x.shape
+        q = (self.q_proj(x, runs) if runs is not None else self.q_proj(x)).view(
+            batch, n, self.num_heads, self.head_dim
+        )
+        k, v = self.kv_proj(kv).view(batch, kv.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
+        if q_freqs is not None:
+            q = apply_rope(q, q_freqs)
+        if kv_freqs is not None:
+            k = apply_rope(k, kv_freqs)
+        mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=self.config.dropout if self.training else 0.0,
+        ).transpose(1, 2)
+        out = merge_heads(out)
+        return self.out_proj(out, runs) if runs is not None else self.out_proj(out)  # type: ignore[no-any-return]
+
+
+class PerceiverBlock(nn.Module):
+    """Pre-norm perceiver block: ``x`` attends to ``kv``, then an MLP."""
+
+    def __init__(self, config: PerceiverBlockConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
+        self.norm_kv = nn.LayerNorm(config.kv_width, eps=config.eps)
+        self.attention = PerceiverAttention(config)
+        self.scale1, self.drop1 = _branch(config.hidden_dim, config)
+        self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
+        self.mlp: nn.Module = MLP(config.mlp())
+        self.scale2, self.drop2 = _branch(config.hidden_dim, config)
+
+    def _runs(self, token_specs: TokenSpecs | None) -> object:
+        return None
+
+    def forward(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        token_specs: TokenSpecs | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``x``: ``[B, N, hidden]`` queries; ``kv``: ``[B, M, kv_dim]``;
+        ``key_padding_mask``: ``[B, M]`` (True = real)."""
+        runs = self._runs(token_specs)
+        attended = self.attention(self.norm1(x), self.norm_kv(kv), key_padding_mask, runs=runs)
+        x = x + self.drop1(self.scale1(attended))
+        h = self.norm2(x)
+        out: Tensor = x + self.drop2(self.scale2(self.mlp(h, runs) if runs is not None else self.mlp(h)))
+        return out
+
+
+class UntiedPerceiverBlock(PerceiverBlock):
+    """``PerceiverBlock`` with per-type Q and output projections and MLP; the
+    K/V projection stays shared because it reads one geometry encoding.
+    ``token_specs`` (required in ``forward``) says which groups ``x`` holds."""
+
+    def __init__(
+        self,
+        config: UntiedPerceiverBlockConfig,
+        types: Sequence[str] | None = None,
+        group_types: Mapping[str, str] | None = None,
+        path: UntiedPath = "auto",
+    ) -> None:
+        block = config.perceiver_block_config
+        super().__init__(block)
+        self.untied_config = config
+        self.types = check_types(types, config.num_types)
+        self.group_types = dict(group_types or {})
+        square = LinearProjectionConfig(
+            input_dim=block.hidden_dim,
+            output_dim=block.hidden_dim,
+            bias=block.bias,
+            init_weights=block.init_weights,
+        )
+        untied = UntiedLinearConfig(linear_projection=square, num_types=config.num_types)
+        self.attention = PerceiverAttention(
+            block, q_proj=UntiedLinear(untied, types, path), out_proj=UntiedLinear(untied, types, path)
+        )
+        self.mlp = UntiedMLP(config.untied_mlp_config(), types, path)
+
+    def _runs(self, token_specs: TokenSpecs | None) -> object:
+        if token_specs is None:
+            raise ValueError("UntiedPerceiverBlock needs token_specs to pick each token's weights")
+        return type_runs(_as_token_specs(token_specs), self.group_types, self.types)

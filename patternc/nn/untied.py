@@ -1,0 +1,332 @@
+"""Untied (per-token-type) layers: each token type has its own weights.
+
+A group's type is its weight bank: from the plan's ``types`` (the pattern
+file's ``types`` block), from a ``group_types`` map, or by default the group's
+``TokenSpec.domain``. Banks are chosen by type *name*: the module is built
+with the list of type names (its banks, in order), so a call in which one type
+is absent gives the other types exactly the outputs they get when all are
+present. Groups of one type need not be adjacent in ``x``.
+
+Each type's weight is its own 2-D parameter (optimizers such as Muon reject
+3-D ones); they are stacked only inside the ``bmm`` path.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternc.configs import UntiedLinearConfig, UntiedMixedAttentionConfig, UntiedMLPConfig
+from patternc.nn.attention import MixedAttention, init_linear
+from patternc.nn.layers import activation_fn
+from patternc.plan import Plan
+from patternc.schemas import TokenSpec, domain_of
+
+__all__ = ["TypeRuns", "UntiedLinear", "UntiedMLP", "UntiedMixedAttention", "UntiedPath", "type_runs"]
+
+UntiedPath = Literal["auto", "segments", "per_type", "bmm"]
+"""How untied layers run:
+
+- ``segments``: one matmul per run of same-type tokens, outputs joined once;
+- ``per_type``: tokens of each type gathered, one matmul per type, scattered back;
+- ``bmm``: types of equal token counts stacked into one batched matmul;
+- ``auto``: ``segments`` when runs are few (at most two per type), else ``per_type``.
+"""
+
+GroupSizes = Union[Sequence[TokenSpec], Mapping[str, Union[int, None]]]
+
+
+@dataclass(frozen=True)
+class TypeRuns:
+    """Maximal runs of same-type tokens in ``x``: ``(bank, start, stop)``."""
+
+    runs: tuple[tuple[int, int, int], ...]
+    n_tokens: int
+
+    @functools.cached_property
+    def by_bank(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        """``bank -> ((start, stop), ...)`` for the banks present, in bank order."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for bank, start, stop in self.runs:
+            out.setdefault(bank, []).append((start, stop))
+        return {b: tuple(out[b]) for b in sorted(out)}
+
+
+def _sizes(groups: GroupSizes) -> tuple[tuple[str, int | None], ...]:
+    if isinstance(groups, Mapping):
+        return tuple(groups.items())
+    return tuple((s.name, s.size) for s in groups)
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_runs(
+    sizes: tuple[tuple[str, int | None], ...],
+    group_types: tuple[tuple[str, str], ...],
+    banks: tuple[str, ...] | None,
+) -> TypeRuns:
+    explicit = dict(group_types)
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for name, size in sizes:
+        if not size:
+            continue
+        type_name = explicit.get(name, domain_of(name))
+        if banks is None:
+            raise ValueError(
+                "this untied layer was built without type names, so it cannot tell which bank "
+                f"group `{name}` (type `{type_name}`) uses; build it with types=[...] "
+                "(e.g. program.type_names)"
+            )
+        if type_name not in banks:
+            raise ValueError(
+                f"group `{name}` has type `{type_name}`, which is not one of this layer's types "
+                f"{list(banks)}; build the layer with that type or map the group to a known type"
+            )
+        bank = banks.index(type_name)
+        if runs and runs[-1][0] == bank and runs[-1][2] == start:
+            runs[-1] = (bank, runs[-1][1], start + size)
+        else:
+            runs.append((bank, start, start + size))
+        start += size
+    return TypeRuns(tuple(runs), start)
+
+
+def type_runs(
+    groups: GroupSizes, group_types: Mapping[str, str] | None, banks: Sequence[str] | None
+) -> TypeRuns:
+    """Runs of same-type tokens for groups in ``x`` order (cached per layout).
+    ``group_types`` overrides the default type (the group's domain)."""
+    return _type_runs(
+        _sizes(groups),
+        tuple(sorted((group_types or {}).items())),
+        tuple(banks) if banks is not None else None,
+    )
+
+
+def check_types(types: Sequence[str] | None, num_types: int) -> tuple[str, ...] | None:
+    if types is None:
+        return None
+    names = tuple(types)
+    if len(names) != num_types:
+        raise ValueError(
+            f"num_types is {num_types} but {len(names)} type names were given ({list(names)}); "
+            "they must match (one weight bank per type)"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"type names must be unique, got {list(names)}")
+    return names
+
+
+def apply_per_type(
+    x: Tensor, runs: TypeRuns, fn: Callable[[int, Tensor], Tensor], path: UntiedPath = "auto"
+) -> Tensor:
+    """``fn(bank, tokens)`` on each type's tokens of ``x`` (``[B, N, ...]``),
+    results joined back in token order."""
+    if x.shape[1] != runs.n_tokens:
+        raise ValueError(f"x has {x.shape[1]} tokens but the groups add up to {runs.n_tokens}")
+    if not runs.runs:  # no tokens at all: shapes still flow through bank 0
+        return fn(0, x)
+    if path == "auto":
+        path = "segments" if len(runs.runs) <= 2 * len(runs.by_bank) else "per_type"
+    if path == "segments" or len(runs.by_bank) == len(runs.runs):
+        parts = [fn(bank, x[:, start:stop]) for bank, start, stop in runs.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    # per_type: gather each type's runs, one call per type, put pieces back in order
+    pieces: dict[int, Tensor] = {}
+    for bank, spans in runs.by_bank.items():
+        tokens = (
+            torch.cat([x[:, a:b] for a, b in spans], dim=1)
+            if len(spans) > 1
+            else x[:, spans[0][0] : spans[0][1]]
+        )
+        out = fn(bank, tokens)
+        offset = 0
+        for a, b in spans:
+            pieces[a] = out[:, offset : offset + b - a]
+            offset += b - a
+    return torch.cat([pieces[a] for a in sorted(pieces)], dim=1)
+
+
+class UntiedLinear(nn.Module):
+    """A linear layer with one weight bank per token type.
+
+    >>> from patternc.configs import LinearProjectionConfig, UntiedLinearConfig
+    >>> geometry = LinearProjectionConfig(input_dim=4, output_dim=6)
+    >>> cfg = UntiedLinearConfig(linear_projection=geometry, num_types=2)
+    >>> layer = UntiedLinear(cfg, types=["surface", "volume"])
+    >>> layer(torch.randn(1, 5, 4), {"surface_anchors": 2, "volume_anchors": 3}).shape
+    torch.Size([1, 5, 6])
+    """
+
+    def __init__(
+        self, config: UntiedLinearConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.types = check_types(types, config.num_types)
+        self.path: UntiedPath = path
+        geometry = config.linear_projection
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(geometry.output_dim, geometry.input_dim))
+            for _ in range(config.num_types)
+        )
+        self.biases = (
+            nn.ParameterList(nn.Parameter(torch.empty(geometry.output_dim)) for _ in range(config.num_types))
+            if geometry.bias
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self, *, zero: bool = False) -> None:
+        geometry = self.config.linear_projection
+        for bank in range(self.config.num_types):
+            # initialise each bank as a tied nn.Linear would be
+            template = nn.Linear(geometry.input_dim, geometry.output_dim, bias=geometry.bias)
+            init_linear(template, geometry.init_weights, zero=zero)
+            with torch.no_grad():
+                self.weights[bank].copy_(template.weight)
+                if self.biases is not None:
+                    self.biases[bank].copy_(template.bias)
+
+    def bias_of(self, bank: int) -> Tensor | None:
+        return self.biases[bank] if self.biases is not None else None
+
+    def linear(self, bank: int, x: Tensor) -> Tensor:
+        return F.linear(x, self.weights[bank], self.bias_of(bank))
+
+    def runs(self, groups: GroupSizes, group_types: Mapping[str, str] | None = None) -> TypeRuns:
+        return type_runs(groups, group_types, self.types)
+
+    def forward(
+        self, x: Tensor, groups: GroupSizes | TypeRuns, group_types: Mapping[str, str] | None = None
+    ) -> Tensor:
+        """``x``: ``[B, N, input_dim]`` holding ``groups`` (TokenSpecs or a
+        ``{group: size}`` dict) in order; ``group_types`` maps groups to types
+        (default: each group's domain)."""
+        runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
+        if self.path == "bmm":
+            return self._bmm(x, runs)
+        return apply_per_type(x, runs, self.linear, self.path)
+
+    def _bmm(self, x: Tensor, runs: TypeRuns) -> Tensor:
+        """Equal-sized types as one batched matmul with stacked weights."""
+        spans = runs.by_bank
+        counts = {sum(b - a for a, b in s) for s in spans.values()}
+        if len(counts) != 1:
+            return apply_per_type(x, runs, self.linear, "per_type")
+        banks = list(spans)
+        tokens = torch.stack(
+            [torch.cat([x[:, a:b] for a, b in spans[bank]], dim=1) for bank in banks]
+        )  # [T, B, n, in]
+        t, batch, n, _ = tokens.shape
+        weight = torch.stack([self.weights[bank] for bank in banks]).transpose(1, 2)  # [T, in, out]
+        out = torch.bmm(tokens.reshape(t, batch * n, -1), weight)
+        if self.biases is not None:
+            out = out + torch.stack([self.biases[bank] for bank in banks])[:, None, :]
+        out = out.reshape(t, batch, n, -1)
+        pieces: dict[int, Tensor] = {}
+        for i, bank in enumerate(banks):
+            offset = 0
+            for a, b in spans[bank]:
+                pieces[a] = out[i, :, offset : offset + b - a]
+                offset += b - a
+        ordered = [pieces[a] for a in sorted(pieces)]
+        return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
+
+    def extra_repr(self) -> str:
+        g = self.config.linear_projection
+        types = list(self.types or range(self.config.num_types))
+        return f"{g.input_dim} -> {g.output_dim}, types={types}, path={self.path}"
+
+
+class UntiedMLP(nn.Module):
+    """``MLP`` topology with an :class:`UntiedLinear` for every layer. Tokens are
+    split by type once; each type runs its whole MLP, results are joined once."""
+
+    def __init__(
+        self, config: UntiedMLPConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
+    ) -> None:
+        super().__init__()
+        from patternc.configs import LinearProjectionConfig
+
+        self.config = config
+        self.types = check_types(types, config.num_types)
+        self.path: UntiedPath = path
+        mlp = config.mlp
+        dims = [mlp.input_dim] + [mlp.hidden_dim] * (mlp.num_layers + 1) + [mlp.output_dim]
+        self.layers = nn.ModuleList(
+            UntiedLinear(
+                UntiedLinearConfig(
+                    linear_projection=LinearProjectionConfig(
+                        input_dim=a, output_dim=b, bias=mlp.bias, init_weights=mlp.init_weights
+                    ),
+                    num_types=config.num_types,
+                ),
+                types,
+            )
+            for a, b in itertools.pairwise(dims)
+        )
+        self.activation = activation_fn(mlp.activation)
+
+    def _mlp(self, bank: int, x: Tensor) -> Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, UntiedLinear)
+            x = layer.linear(bank, x)
+            if i < last:
+                x = self.activation(x)
+        return x
+
+    def forward(
+        self, x: Tensor, groups: GroupSizes | TypeRuns, group_types: Mapping[str, str] | None = None
+    ) -> Tensor:
+        runs = groups if isinstance(groups, TypeRuns) else type_runs(groups, group_types, self.types)
+        return apply_per_type(x, runs, self._mlp, "per_type" if self.path == "bmm" else self.path)
+
+
+class UntiedMixedAttention(MixedAttention):
+    """``MixedAttention`` with per-type QKV and output projections; attention
+    itself runs across all tokens through the plan.
+
+    Group types come from the plan (``Plan.types``) when ``attention_patterns``
+    is a compiled plan, else from ``group_types``, else each group's domain.
+    """
+
+    def __init__(
+        self,
+        config: UntiedMixedAttentionConfig,
+        types: Sequence[str] | None = None,
+        group_types: Mapping[str, str] | None = None,
+        path: UntiedPath = "auto",
+    ) -> None:
+        super().__init__(config)
+        projections = config.projection_config()
+        self.types = check_types(types, config.num_types)
+        self.group_types = dict(group_types or {})
+        proj = UntiedLinear(projections.out, types, path)
+        proj.reset_parameters(zero=config.init_weights == "zero")
+        self.qkv = UntiedLinear(projections.qkv, types, path)  # type: ignore[assignment]
+        self.proj = proj  # type: ignore[assignment]
+
+    def reset_parameters(self) -> None:
+        qkv, proj = self.qkv, self.proj
+        if isinstance(qkv, UntiedLinear) and isinstance(proj, UntiedLinear):
+            qkv.reset_parameters()
+            proj.reset_parameters(zero=self.config.init_weights == "zero")
+
+    def type_runs(self, specs: Sequence[TokenSpec], patterns: object) -> TypeRuns:
+        group_types = patterns.types if isinstance(patterns, Plan) else self.group_types
+        return type_runs(specs, group_types, self.types)
+
+    def _project_in(self, x: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+        return self.qkv(x, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
+
+    def _project_back(self, out: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+        return self.proj(out, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
