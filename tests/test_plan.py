@@ -122,11 +122,14 @@ def test_layout_accepts_token_specs(program: patternc.Program) -> None:
 
 def test_json_schema(program: patternc.Program) -> None:
     data = json.loads(program.to_json(AB_SIZES, dim=64))
-    assert set(data) == {"schema", "version", "file", "groups", "patterns"}
+    assert set(data) == {"schema", "version", "file", "groups", "types", "patterns"}
+    assert data["types"] == {
+        "surface_anchors": "surface", "surface_queries": "surface", "volume_anchors": "volume", "volume_queries": "volume"
+    }
     assert data["schema"] == "patternc.plan" and data["version"] == 1
     assert [p["name"] for p in data["patterns"]] == ["self_anchor", "cross_anchor", "joint"]
     pattern = data["patterns"][0]
-    assert set(pattern) == {"name", "rules", "attention_patterns", "edges", "layout"}
+    assert set(pattern) == {"name", "rules", "attention_patterns", "edges", "types", "layout"}
     assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values"}
     assert pattern["rules"][0]["line"] == 5
     layout = pattern["layout"]

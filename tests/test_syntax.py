@@ -132,3 +132,26 @@ def test_bad_pattern_name() -> None:
     diags = diagnostics_of("groups a\npattern 2p { a -> a }\n")
     assert codes(diags) == ["E011"]
     assert "not a valid pattern name" in diags[0].message
+
+
+def test_types_block() -> None:
+    program = patternc.compile(
+        "groups surface_anchors surface_queries volume_anchors wake_queries\n"
+        "types {\n  fluid: volume_*, wake_queries\n}\n* -> *_anchors\n"
+    )
+    assert program.types == {
+        "surface_anchors": "surface",  # default: the domain
+        "surface_queries": "surface",
+        "volume_anchors": "fluid",
+        "wake_queries": "fluid",
+    }
+    assert program.type_names == ("surface", "fluid")
+    assert program.patterns["default"].types == program.types
+
+
+def test_types_block_errors() -> None:
+    diags = diagnostics_of("groups a b\ntypes {\n  x: a\n  y: *\n  z: c\n  2w: b\n}\n* -> *\n")
+    assert codes(diags) == ["E107", "E201", "E011", "E107"]  # `*` gave `b` a type too
+    assert diags[0].message == "group `a` is given two types: `x` (line 3) and `y`"
+    assert diags[0].line == 4
+    assert "not a valid type name" in diags[2].message
