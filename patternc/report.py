@@ -76,7 +76,8 @@ def format_program(
         "groups: " + " ".join(program.groups),
         "types: "
         + "; ".join(
-            f"{t} ({', '.join(g for g in program.groups if program.types[g] == t)})" for t in program.type_names
+            f"{t} ({', '.join(g for g in program.groups if program.types[g] == t)})"
+            for t in program.type_names
         ),
     ]
     if sizes is not None and plans:

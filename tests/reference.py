@@ -4,7 +4,7 @@ straight from the pattern list, and an explicit softmax."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,18 @@ def reference_attention(
     key_padding_mask: Tensor | None = None,
     freqs: Tensor | None = None,
     kv_cache: dict[str, dict[str, Tensor]] | None = None,
+    qkv_fn: Callable[[Tensor], Tensor] | None = None,
+    out_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Output of ``module`` (MixedAttention semantics) in float64."""
+    """Output of ``module`` (MixedAttention semantics) in float64.
+    ``qkv_fn``/``out_fn`` replace the module's projections (untied layers)."""
     x = x.double()
     heads, dim = module.num_heads, module.head_dim
-    weight, bias = module.qkv.weight.double(), module.qkv.bias
-    qkv = x @ weight.T + (bias.double() if bias is not None else 0)
+    if qkv_fn is None:
+        weight, bias = module.qkv.weight.double(), module.qkv.bias
+        qkv = x @ weight.T + (bias.double() if bias is not None else 0)
+    else:
+        qkv = qkv_fn(x)
     b, n, _ = x.shape
     q, k, v = qkv.view(b, n, 3, heads, dim).unbind(2)
     if isinstance(module.q_norm, torch.nn.LayerNorm):
@@ -76,6 +82,8 @@ def reference_attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
     out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(b, n, heads * dim)
+    if out_fn is not None:
+        return out_fn(out)
     proj_bias = module.proj.bias
     return out @ module.proj.weight.double().T + (proj_bias.double() if proj_bias is not None else 0)
 

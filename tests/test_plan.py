@@ -124,7 +124,10 @@ def test_json_schema(program: patternc.Program) -> None:
     data = json.loads(program.to_json(AB_SIZES, dim=64))
     assert set(data) == {"schema", "version", "file", "groups", "types", "patterns"}
     assert data["types"] == {
-        "surface_anchors": "surface", "surface_queries": "surface", "volume_anchors": "volume", "volume_queries": "volume"
+        "surface_anchors": "surface",
+        "surface_queries": "surface",
+        "volume_anchors": "volume",
+        "volume_queries": "volume",
     }
     assert data["schema"] == "patternc.plan" and data["version"] == 1
     assert [p["name"] for p in data["patterns"]] == ["self_anchor", "cross_anchor", "joint"]

@@ -29,7 +29,8 @@ KVCache = dict[str, dict[str, Tensor]]
 (the layout of ``scaled_dot_product_attention``); keys are stored after RoPE
 and ``qk_norm``."""
 
-TokenSpecs = Sequence[Union[TokenSpec, Mapping[str, Union[int, None]]]]
+TokenSpecs = Union[Sequence[Union[TokenSpec, Mapping[str, Union[int, None]]]], Mapping[str, Union[int, None]]]
+"""Groups in ``x`` order: ``TokenSpec`` list, ``{name: size}`` dicts, or one ``{name: size, ...}`` dict."""
 
 
 def init_linear(layer: nn.Linear, mode: InitWeightsMode, *, zero: bool = False) -> None:
@@ -123,6 +124,8 @@ def merge_heads(out: Tensor) -> Tensor:
 
 
 def _as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
+    if isinstance(token_specs, Mapping):
+        return [TokenSpec(name=name, size=size) for name, size in token_specs.items()]
     specs = []
     for spec in token_specs:
         if isinstance(spec, TokenSpec):
