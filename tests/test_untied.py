@@ -432,3 +432,44 @@ def test_untied_perceiver_two_types_per_type_q_projection() -> None:
     assert not torch.allclose(block(x, kv, sizes), out)
     kv_params = [n for n, _ in block.named_parameters() if "kv_proj" in n]
     assert kv_params == ["attention.kv_proj.weight", "attention.kv_proj.bias"]  # shared
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_untied_linear_gradients(path: str, bias: bool) -> None:
+    layer = untied_linear(6, 5, TYPES, path, bias=bias).double()
+    sizes = {"surface_a": 2, "volume_a": 3, "surface_b": 1, "volume_b": 2}  # wake absent
+    x = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 8, 5, dtype=torch.float64)
+    (layer(x, sizes) * weight).sum().backward()
+    got = [x.grad, *(p.grad for p in layer.parameters())]
+    x_ref = x.detach().clone().requires_grad_()
+    layer.zero_grad()
+    biases = layer.biases if bias else [None] * 3
+    ref = per_type_reference(x_ref, sizes, TYPES, lambda b, t: F.linear(t, layer.weights[b], biases[b]))  # type: ignore[index]
+    (ref * weight).sum().backward()
+    want = [x_ref.grad, *(p.grad for p in layer.parameters())]
+    for g, w in zip(got, want):
+        if w is None:  # the absent type: no gradient at all
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            assert g is not None and relative_error(g, w) < 1e-13
+    assert torch.autograd.gradcheck(lambda t: layer(t, sizes), (x.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("path", ["auto", "segments", "per_type"])
+def test_untied_mlp_gradients_and_many_runs(path: str) -> None:
+    mlp = randomize(UntiedMLP(UntiedMLPConfig(mlp=mlp_config(0), num_types=3), TYPES, path)).double()  # type: ignore[arg-type]
+    sizes = {f"{TYPES[i % 3]}_{i}": 1 + i % 4 for i in range(12)}  # 12 interleaved runs
+    x = torch.randn(2, sum(sizes.values()), 8, dtype=torch.float64, requires_grad=True)
+
+    def one_type(bank: int, t: Tensor) -> Tensor:
+        h = F.gelu(F.linear(t, mlp.layers[0].weights[bank], mlp.layers[0].biases[bank]))  # type: ignore[index]
+        return F.linear(h, mlp.layers[1].weights[bank], mlp.layers[1].biases[bank])  # type: ignore[index]
+
+    out = mlp(x, sizes)
+    ref = per_type_reference(x, sizes, TYPES, one_type)
+    assert relative_error(out, ref) < 1e-14
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert relative_error(gx, gx_ref) < 1e-13

@@ -154,6 +154,72 @@ def apply_per_type(
     return torch.cat([pieces[a] for a in sorted(pieces)], dim=1)
 
 
+class _SegmentedLinear(torch.autograd.Function):
+    """``y[:, a:b] = x[:, a:b] @ W[bank].T + bias[bank]`` for each run, written
+    straight into one output (and, backward, one input gradient): no gather,
+    no concatenation. Weights of banks absent from the runs get no gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        runs: tuple[tuple[int, int, int], ...],
+        num_banks: int,
+        *params: Tensor,
+    ) -> Tensor:
+        weights, biases = params[:num_banks], params[num_banks:]
+        out = x.new_empty(*x.shape[:-1], weights[0].shape[0])
+        for bank, start, stop in runs:
+            for b in range(x.shape[0]):
+                if biases:
+                    torch.addmm(biases[bank], x[b, start:stop], weights[bank].t(), out=out[b, start:stop])
+                else:
+                    torch.mm(x[b, start:stop], weights[bank].t(), out=out[b, start:stop])
+        ctx.save_for_backward(x, *weights)
+        ctx.runs = runs  # type: ignore[attr-defined]
+        ctx.has_bias = bool(biases)  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        runs: tuple[tuple[int, int, int], ...] = ctx.runs  # type: ignore[attr-defined]
+        grad_out = grad_out.contiguous()
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        present = sorted({bank for bank, _, _ in runs})
+        grad_w: list[Tensor | None] = [None] * len(weights)
+        grad_b: list[Tensor | None] = [None] * len(weights)
+        for bank in present:
+            if ctx.needs_input_grad[3 + bank]:
+                grad_w[bank] = torch.zeros_like(weights[bank])
+            if ctx.has_bias and ctx.needs_input_grad[3 + len(weights) + bank]:  # type: ignore[attr-defined]
+                grad_b[bank] = weights[bank].new_zeros(weights[bank].shape[0])
+        for bank, start, stop in runs:
+            for b in range(x.shape[0]):
+                g = grad_out[b, start:stop]
+                if grad_x is not None:
+                    torch.mm(g, weights[bank], out=grad_x[b, start:stop])
+                gw = grad_w[bank]
+                if gw is not None:
+                    gw.addmm_(g.t(), x[b, start:stop])
+                gb = grad_b[bank]
+                if gb is not None:
+                    gb.add_(g.sum(0))
+        bias_grads = grad_b if ctx.has_bias else []  # type: ignore[attr-defined]
+        return (grad_x, None, None, *grad_w, *bias_grads)
+
+
+def segmented_linear(x: Tensor, runs: TypeRuns, weights: Sequence[Tensor], biases: Sequence[Tensor] | None) -> Tensor:
+    """Untied linear over ``x`` (``[B, N, in]``) by type runs, without copies."""
+    if x.shape[1] != runs.n_tokens:
+        raise ValueError(f"x has {x.shape[1]} tokens but the groups add up to {runs.n_tokens}")
+    params = [*weights, *(biases or [])]
+    out: Tensor = _SegmentedLinear.apply(x.contiguous(), runs.runs, len(weights), *params)
+    return out
+
+
 class UntiedLinear(nn.Module):
     """A linear layer with one weight bank per token type.
 
@@ -213,6 +279,10 @@ class UntiedLinear(nn.Module):
         runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
         if self.path == "bmm":
             return self._bmm(x, runs)
+        if self.path == "per_type" or (self.path == "auto" and len(runs.runs) > 2 * len(runs.by_bank)):
+            return apply_per_type(x, runs, self.linear, "per_type")
+        if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
+            return segmented_linear(x, runs, list(self.weights), list(self.biases) if self.biases is not None else None)
         return apply_per_type(x, runs, self.linear, self.path)
 
     def _bmm(self, x: Tensor, runs: TypeRuns) -> Tensor:
@@ -247,8 +317,10 @@ class UntiedLinear(nn.Module):
 
 
 class UntiedMLP(nn.Module):
-    """``MLP`` topology with an :class:`UntiedLinear` for every layer. Tokens are
-    split by type once; each type runs its whole MLP, results are joined once."""
+    """``MLP`` topology with an :class:`UntiedLinear` for every layer. With few
+    runs of each type every layer writes its runs into one output (no copies);
+    with many interleaved runs each type's tokens are gathered once and run
+    through the whole MLP."""
 
     def __init__(
         self, config: UntiedMLPConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
@@ -288,7 +360,16 @@ class UntiedMLP(nn.Module):
         self, x: Tensor, groups: GroupSizes | TypeRuns, group_types: Mapping[str, str] | None = None
     ) -> Tensor:
         runs = groups if isinstance(groups, TypeRuns) else type_runs(groups, group_types, self.types)
-        return apply_per_type(x, runs, self._mlp, "per_type" if self.path == "bmm" else self.path)
+        if self.path == "per_type" or (self.path == "auto" and len(runs.runs) > 2 * len(runs.by_bank)):
+            # interleaved types: gather each type once and run its whole MLP
+            return apply_per_type(x, runs, self._mlp, "per_type")
+        # few runs: each layer writes its runs in place; activations run on the whole tensor
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, runs)
+            if i < last:
+                x = self.activation(x)
+        return x
 
 
 class UntiedMixedAttention(MixedAttention):
