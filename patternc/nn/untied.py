@@ -17,7 +17,7 @@ import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -160,8 +160,8 @@ class _SegmentedLinear(torch.autograd.Function):
     no concatenation. Weights of banks absent from the runs get no gradient."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: Tensor,
         runs: tuple[tuple[int, int, int], ...],
         num_banks: int,
@@ -176,16 +176,14 @@ class _SegmentedLinear(torch.autograd.Function):
                 else:
                     torch.mm(x[b, start:stop], weights[bank].t(), out=out[b, start:stop])
         ctx.save_for_backward(x, *weights)
-        ctx.runs = runs  # type: ignore[attr-defined]
-        ctx.has_bias = bool(biases)  # type: ignore[attr-defined]
+        ctx.runs = runs
+        ctx.has_bias = bool(biases)
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x, *weights = ctx.saved_tensors  # type: ignore[attr-defined]
-        runs: tuple[tuple[int, int, int], ...] = ctx.runs  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        runs: tuple[tuple[int, int, int], ...] = ctx.runs
         grad_out = grad_out.contiguous()
         grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         present = sorted({bank for bank, _, _ in runs})
@@ -194,7 +192,7 @@ class _SegmentedLinear(torch.autograd.Function):
         for bank in present:
             if ctx.needs_input_grad[3 + bank]:
                 grad_w[bank] = torch.zeros_like(weights[bank])
-            if ctx.has_bias and ctx.needs_input_grad[3 + len(weights) + bank]:  # type: ignore[attr-defined]
+            if ctx.has_bias and ctx.needs_input_grad[3 + len(weights) + bank]:
                 grad_b[bank] = weights[bank].new_zeros(weights[bank].shape[0])
         for bank, start, stop in runs:
             for b in range(x.shape[0]):
@@ -207,16 +205,18 @@ class _SegmentedLinear(torch.autograd.Function):
                 gb = grad_b[bank]
                 if gb is not None:
                     gb.add_(g.sum(0))
-        bias_grads = grad_b if ctx.has_bias else []  # type: ignore[attr-defined]
+        bias_grads = grad_b if ctx.has_bias else []
         return (grad_x, None, None, *grad_w, *bias_grads)
 
 
-def segmented_linear(x: Tensor, runs: TypeRuns, weights: Sequence[Tensor], biases: Sequence[Tensor] | None) -> Tensor:
+def segmented_linear(
+    x: Tensor, runs: TypeRuns, weights: Sequence[Tensor], biases: Sequence[Tensor] | None
+) -> Tensor:
     """Untied linear over ``x`` (``[B, N, in]``) by type runs, without copies."""
     if x.shape[1] != runs.n_tokens:
         raise ValueError(f"x has {x.shape[1]} tokens but the groups add up to {runs.n_tokens}")
     params = [*weights, *(biases or [])]
-    out: Tensor = _SegmentedLinear.apply(x.contiguous(), runs.runs, len(weights), *params)
+    out: Tensor = _SegmentedLinear.apply(x.contiguous(), runs.runs, len(weights), *params)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -282,7 +282,9 @@ class UntiedLinear(nn.Module):
         if self.path == "per_type" or (self.path == "auto" and len(runs.runs) > 2 * len(runs.by_bank)):
             return apply_per_type(x, runs, self.linear, "per_type")
         if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
-            return segmented_linear(x, runs, list(self.weights), list(self.biases) if self.biases is not None else None)
+            return segmented_linear(
+                x, runs, list(self.weights), list(self.biases) if self.biases is not None else None
+            )
         return apply_per_type(x, runs, self.linear, self.path)
 
     def _bmm(self, x: Tensor, runs: TypeRuns) -> Tensor:
