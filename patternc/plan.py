@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
+from patternc.modifiers import Modifiers
 from patternc.resolve import ResolvedRule
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 
@@ -64,6 +65,7 @@ class CallShape:
     n_keys_values: int
     query_access: Access
     key_value_access: Access
+    modifiers: Modifiers = Modifiers()
 
     @property
     def score_entries(self) -> int:
@@ -192,20 +194,35 @@ class Plan:
         return tuple(dict.fromkeys(self.types.values()))
 
     @functools.cached_property
-    def patterns(self) -> tuple[AttentionPattern, ...]:
-        """Rules merged by key/value set, in order of each set's first rule."""
-        merged: dict[tuple[str, ...], set[str]] = {}
+    def calls(self) -> tuple[tuple[AttentionPattern, Modifiers], ...]:
+        """Attention calls: rules merged by (key/value set, modifiers), in order
+        of each call's first rule."""
+        merged: dict[tuple[tuple[str, ...], Modifiers], set[str]] = {}
         for rule in self.rules:
-            merged.setdefault(rule.keys_values, set()).update(rule.queries)
+            merged.setdefault((rule.keys_values, rule.modifiers), set()).update(rule.queries)
         index = {g: i for i, g in enumerate(self.groups)}
         return tuple(
-            AttentionPattern(query_tokens=tuple(sorted(q, key=index.__getitem__)), key_value_tokens=kv)
-            for kv, q in merged.items()
+            (AttentionPattern(query_tokens=tuple(sorted(q, key=index.__getitem__)), key_value_tokens=kv), mods)
+            for (kv, mods), q in merged.items()
         )
+
+    @functools.cached_property
+    def patterns(self) -> tuple[AttentionPattern, ...]:
+        """The calls' patterns (modifiers aside)."""
+        return tuple(pattern for pattern, _ in self.calls)
+
+    @property
+    def call_modifiers(self) -> tuple[Modifiers, ...]:
+        return tuple(mods for _, mods in self.calls)
+
+    @property
+    def has_modifiers(self) -> bool:
+        return any(self.call_modifiers)
 
     @property
     def attention_patterns(self) -> list[AttentionPattern]:
-        """The seed-style pattern list ``MixedAttention`` takes."""
+        """The seed-style pattern list ``MixedAttention`` takes. It cannot carry
+        modifiers (``[causal]``...): pass the plan itself to keep them."""
         return list(self.patterns)
 
     @functools.cached_property
@@ -252,12 +269,17 @@ class Plan:
                     "column": r.span.column if r.span else None,
                     "queries": list(r.queries),
                     "keys_values": list(r.keys_values),
+                    "modifiers": r.modifiers.to_dict(),
                 }
                 for r in self.rules
             ],
             "attention_patterns": [
-                {"query_tokens": list(p.query_tokens), "key_value_tokens": list(p.key_value_tokens)}
-                for p in self.patterns
+                {
+                    "query_tokens": list(p.query_tokens),
+                    "key_value_tokens": list(p.key_value_tokens),
+                    "modifiers": m.to_dict(),
+                }
+                for p, m in self.calls
             ],
             "edges": [list(e) for e in self.edges],
             "types": self.types,
@@ -286,7 +308,7 @@ def _layout(plan: Plan, sizes: tuple[tuple[str, int | None], ...]) -> Layout:
             slots[name] = GroupSlot(name, offset, size)
             offset += size
     calls = []
-    for i, pattern in enumerate(plan.patterns):
+    for i, (pattern, modifiers) in enumerate(plan.calls):
         queries = tuple(q for q in pattern.query_tokens if not slots[q].cached)
         calls.append(
             CallShape(
@@ -297,12 +319,13 @@ def _layout(plan: Plan, sizes: tuple[tuple[str, int | None], ...]) -> Layout:
                 n_keys_values=sum(slots[k].size or 0 for k in pattern.key_value_tokens),
                 query_access=_access(queries, slots),
                 key_value_access=_access(pattern.key_value_tokens, slots),
+                modifiers=modifiers,
             )
         )
-    by_shape: dict[tuple[int, int], list[int]] = {}
+    by_shape: dict[tuple[int, int, Modifiers], list[int]] = {}
     for call in calls:
         if call.n_queries:
-            by_shape.setdefault((call.n_queries, call.n_keys_values), []).append(call.index)
+            by_shape.setdefault((call.n_queries, call.n_keys_values, call.modifiers), []).append(call.index)
     return Layout(tuple(slots.values()), tuple(calls), tuple(tuple(v) for v in by_shape.values()))
 
 
@@ -321,6 +344,7 @@ def _layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
                 "n_keys_values": c.n_keys_values,
                 "query_access": c.query_access,
                 "key_value_access": c.key_value_access,
+                "modifiers": c.modifiers.to_dict(),
                 "flops": 4 * c.score_entries * dim,
             }
             for c in layout.calls
@@ -347,10 +371,11 @@ def _dot(plans: Sequence[Plan]) -> str:
         for group in plan.groups:
             label = f"{group}\n({plan.types[group]})"
             lines.append(f"    {prefix}{group} [label={_quote(label)}];")
-        for call, pattern in enumerate(plan.patterns):
+        for call, (pattern, mods) in enumerate(plan.calls):
+            label = f"call {call} {mods.text()}".rstrip()
             for q in pattern.query_tokens:
                 for kv in pattern.key_value_tokens:
-                    lines.append(f"    {prefix}{q} -> {prefix}{kv} [label={_quote(f'call {call}')}];")
+                    lines.append(f"    {prefix}{q} -> {prefix}{kv} [label={_quote(label)}];")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"

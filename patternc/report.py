@@ -38,10 +38,11 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
     patterns = plan.patterns
     out = [f"pattern {plan.name}: {len(plan.rules)} rule(s) -> {len(patterns)} attention call(s)"]
     if layout is None:
-        for i, p in enumerate(patterns):
-            out.append(f"  [{i}] {', '.join(p.query_tokens)} -> {', '.join(p.key_value_tokens)}")
+        for i, (p, mods) in enumerate(plan.calls):
+            suffix = f" {mods.text()}" if mods else ""
+            out.append(f"  [{i}] {', '.join(p.query_tokens)} -> {', '.join(p.key_value_tokens)}{suffix}")
         return out
-    rows = [["call", "queries", "keys/values", "Nq x Nkv", "q", "kv"]]
+    rows = [["call", "queries", "keys/values", "Nq x Nkv", "q", "kv", "modifiers"]]
     for call in layout.calls:
         rows.append(
             [
@@ -51,6 +52,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
                 f"{call.n_queries} x {call.n_keys_values}",
                 call.query_access,
                 call.key_value_access,
+                call.modifiers.text(),
             ]
         )
     out.extend(_table(rows))

@@ -18,7 +18,8 @@ from typing import Union
 
 import lark
 
-from patternc.diagnostics import Code, Diagnostic, Span
+from patternc.diagnostics import Code, Diagnostic, Span, suggest
+from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
     "Difference",
@@ -70,12 +71,13 @@ Selector = Union[Word, SelectorUnion, Difference]
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """``QUERIES -> KEYS_VALUES``."""
+    """``QUERIES -> KEYS_VALUES [modifiers]``."""
 
     queries: Selector
     keys_values: Selector
     span: Span
     text: str
+    modifiers: Modifiers = Modifiers()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,8 @@ _TERMINAL_NAMES = {
     "_LBRACE": "`{`",
     "_RBRACE": "`}`",
     "_LPAR": "`(`",
+    "_LBRACKET": "`[`",
+    "_RBRACKET": "`]`",
     "_RPAR": "`)`",
     "_GROUPS": "`groups`",
     "_PATTERN": "`pattern`",
@@ -246,15 +250,51 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         left, right = children
         return Difference(left, right, _span_of(meta))
 
+    def modifier(self, children: list[lark.Token]) -> tuple[str, int | None] | None:
+        name_token = children[0]
+        name = str(name_token)
+        arg = children[1] if len(children) > 1 else None
+        span = _token_span(name_token)
+        if name not in MODIFIER_NAMES:
+            self._error(Code.BAD_MODIFIER, f"unknown modifier `{name}`", span,
+                        suggest(name, MODIFIER_NAMES) or "modifiers: `causal`, `window N`")
+            return None
+        if name == "causal":
+            if arg is not None:
+                self._error(Code.BAD_MODIFIER, "`causal` takes no argument", _token_span(arg), "write `[causal]`")
+                return None
+            return ("causal", None)
+        if arg is None or not str(arg).isdigit() or int(str(arg)) < 1:
+            where = _token_span(arg) if arg is not None else span
+            self._error(Code.BAD_MODIFIER, "`window` needs a positive number of tokens", where, "e.g. `[window 256]`")
+            return None
+        return ("window", int(str(arg)))
+
+    def modifiers(self, children: list[tuple[str, int | None] | None]) -> Modifiers:
+        causal, window = False, None
+        for item in children:
+            if item is None:
+                continue
+            if item[0] == "causal":
+                causal = True
+            else:
+                window = item[1]
+        return Modifiers(causal, window)
+
+    def _error(self, code: str, message: str, span: Span, hint: str | None) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span, hint))
+
     @lark.v_args(meta=True)
-    def rule(self, meta: lark.tree.Meta, children: list[Selector]) -> Rule:
-        queries, keys_values = children
+    def rule(self, meta: lark.tree.Meta, children: list[object]) -> Rule:
+        queries, keys_values = children[0], children[1]
+        modifiers = children[2] if len(children) > 2 else Modifiers()
+        assert isinstance(modifiers, Modifiers)
         span = _span_of(meta)
         if span.line == span.end_line:
             text = self.source_lines[span.line - 1][span.column - 1 : span.end_column - 1]
         else:
             text = self.source_lines[span.line - 1][span.column - 1 :].rstrip() + " ..."
-        return Rule(queries, keys_values, span, text.strip())
+        return Rule(queries, keys_values, span, text.strip(), modifiers)  # type: ignore[arg-type]
 
     def groups_decl(self, children: list[lark.Token]) -> tuple[GroupDecl, ...]:
         return tuple(GroupDecl(self._name(tok, "group names"), _token_span(tok)) for tok in children)

@@ -133,7 +133,8 @@ def test_json_schema(program: patternc.Program) -> None:
     assert [p["name"] for p in data["patterns"]] == ["self_anchor", "cross_anchor", "joint"]
     pattern = data["patterns"][0]
     assert set(pattern) == {"name", "rules", "attention_patterns", "edges", "types", "layout"}
-    assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values"}
+    assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values", "modifiers"}
+    assert pattern["attention_patterns"][0]["modifiers"] == {"causal": False, "window": None}
     assert pattern["rules"][0]["line"] == 5
     layout = pattern["layout"]
     assert set(layout) == {"tokens", "groups", "calls", "launches", "dim", "flops", "dense_flops", "density"}
@@ -145,6 +146,7 @@ def test_json_schema(program: patternc.Program) -> None:
         "query_access",
         "key_value_access",
         "flops",
+        "modifiers",
     }
     assert layout["flops"] == sum(c["flops"] for c in layout["calls"])
     assert layout["dense_flops"] == 4 * 10240 * 10240 * 64

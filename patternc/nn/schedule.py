@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from patternc.checks import check_patterns
+from patternc.modifiers import Modifiers
 from patternc.plan import Layout, Plan
 from patternc.resolve import ResolvedRule
 from patternc.schemas import AttentionPattern, TokenSpec
@@ -41,6 +42,7 @@ class CallSchedule:
     queries: tuple[Segment, ...]
     keys_values: tuple[Segment, ...]
     n_queries: int
+    modifiers: Modifiers = Modifiers()
 
     @property
     def reads_cache(self) -> bool:
@@ -69,7 +71,12 @@ class Schedule:
     """Input groups other patterns can reuse from a KV cache (groups used as keys/values)."""
     allowed: tuple[tuple[bool, ...], ...]
     """``allowed[q][k]``: group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
+    group_modifiers: tuple[Modifiers, ...] = ()
+    """Modifiers of the rule each group is a query in (indexed like ``all_groups``)."""
 
+    @property
+    def has_modifiers(self) -> bool:
+        return any(self.group_modifiers)
 
 def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
     slots = {s.name: s for s in layout.slots}
@@ -91,7 +98,7 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
         return (*merged, *(s for s in out if s.cached is not None))
 
     calls = tuple(
-        CallSchedule(segments(c.query_tokens), segments(c.key_value_tokens), c.n_queries)
+        CallSchedule(segments(c.query_tokens), segments(c.key_value_tokens), c.n_queries, c.modifiers)
         for c in layout.calls
     )
     # Where each input group's outputs live: (call, offset within the call's queries).
@@ -106,8 +113,10 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
     inputs = [s for s in layout.slots if not s.cached]
     index = {g: i for i, g in enumerate(plan.groups)}
     allowed = [[False] * len(plan.groups) for _ in plan.groups]
-    for pattern in plan.patterns:
+    group_modifiers = [Modifiers()] * len(plan.groups)
+    for pattern, modifiers in plan.calls:
         for q in pattern.query_tokens:
+            group_modifiers[index[q]] = modifiers
             for k in pattern.key_value_tokens:
                 allowed[index[q]][index[k]] = True
     used_as_keys = {k for p in plan.patterns for k in p.key_value_tokens}
@@ -128,6 +137,7 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
         cached_groups=cached,
         key_value_groups=tuple(s.name for s in inputs if s.name in used_as_keys),
         allowed=tuple(tuple(row) for row in allowed),
+        group_modifiers=tuple(group_modifiers),
     )
 
 
