@@ -1,7 +1,8 @@
-"""The ``patternc`` command line: ``check`` and ``compile`` pattern files.
+"""The ``patternc`` command line: ``check``, ``compile`` and ``bench`` pattern files.
 
 Exit status: 0 ok, 1 the file has problems (diagnostics on stderr), 2 bad
-usage (unknown option, pattern or group in ``--sizes``). Never imports torch.
+usage (unknown option, pattern or group in ``--sizes``). ``check`` and
+``compile`` never import torch; ``bench`` does.
 """
 
 from __future__ import annotations
@@ -120,7 +121,98 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--format", choices=("text", "json", "dot"), default="text", help="output format")
     comp.add_argument("--dim", type=int, default=192, help="model width for FLOP counts (default 192)")
+    comp.add_argument(
+        "--mask", metavar="PATH", help="draw the block mask (needs --sizes): a .png file, or - for text"
+    )
+
+    bench = sub.add_parser(
+        "bench",
+        help="time a pattern file's plan on every backend (imports torch)",
+        epilog="example:\n  patternc bench examples/ab_upt.pc --pattern self_anchor --sizes \\\n"
+        "    surface_anchors=1024,surface_queries=4096,volume_anchors=1024,volume_queries=4096\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("file", metavar="FILE", help="pattern file (.pc)")
+    bench.add_argument(
+        "--sizes", action="append", default=[], required=True, metavar="G=N,...", help="group sizes"
+    )
+    bench.add_argument(
+        "--pattern", action="append", default=[], metavar="NAME", help="only this pattern (repeatable)"
+    )
+    bench.add_argument(
+        "--backend", action="append", default=[], choices=BACKENDS, help="backends to run (default: all)"
+    )
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    bench.add_argument("--repeat", type=int, default=10, help="timed runs per backend (median)")
+    bench.add_argument("--dim", type=int, default=192, help="model width (default 192)")
+    bench.add_argument("--heads", type=int, default=3, help="attention heads (default 3)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--backward", action="store_true", help="time forward+backward")
     return parser
+
+
+BACKENDS = ("dense", "loop", "batched", "flex")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        program = compile_program(Path(args.file))
+    except PatternError as error:
+        print(error, file=sys.stderr)
+        return EXIT_DIAGNOSTICS
+    _check_patterns(program, args.pattern)
+    sizes = _parse_sizes(args.sizes)
+    _check_sizes(program, sizes)
+    if args.repeat < 1 or args.dim % args.heads:
+        raise _UsageError("--repeat must be >= 1 and --dim divisible by --heads")
+    from patternc.benchmark import measure, measure_isolated
+
+    backends = list(dict.fromkeys(["dense", *args.backend])) if args.backend else list(BACKENDS)
+    source = Path(args.file).read_text(encoding="utf-8")
+    options = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "dim": args.dim,
+        "heads": args.heads,
+        "batch": args.batch,
+        "repeat": args.repeat,
+        "backward": args.backward,
+    }
+    mode = "forward+backward" if args.backward else "forward"
+    print(
+        f"{args.file}: {mode}, {args.device}, {args.dtype}, dim {args.dim}, {args.heads} heads, "
+        f"batch {args.batch}, median of {args.repeat}; ratios vs dense"
+    )
+    header = (
+        f"{'pattern':<16} {'backend':<8} {'ms':>10} {'speed-up':>9} {'peak MB':>9} {'mem':>6} {'TFLOP/s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    plans = program.select(args.pattern)
+    total, done = len(plans) * len(backends), 0
+    for plan in plans:
+        results = []
+        for backend in backends:
+            done += 1
+            print(f"\r[{done}/{total}] {plan.name} / {backend} ...", end="", file=sys.stderr, flush=True)
+            run = measure if args.device.startswith("cuda") else measure_isolated
+            results.append(run(source, plan.name, sizes, backend, **options))
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        dense = results[0]
+        for r in results:
+            if r.error:
+                print(f"{plan.name:<16} {r.backend:<8} failed: {r.error}")
+                continue
+            speed = f"{dense.ms / r.ms:.2f}" if dense.ms == dense.ms else "-"
+            mem = (
+                f"{r.peak_mb / dense.peak_mb:.2f}"
+                if dense.peak_mb and dense.peak_mb == dense.peak_mb
+                else "-"
+            )
+            numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3f}"
+            print(f"{plan.name:<16} {r.backend:<8} {numbers}")
+    return EXIT_OK
 
 
 def _run_check(files: Sequence[str]) -> int:
@@ -148,6 +240,10 @@ def _run_compile(args: argparse.Namespace) -> int:
         _check_sizes(program, sizes)
     if args.dim <= 0:
         raise _UsageError(f"--dim must be positive, got {args.dim}")
+    if args.mask is not None:
+        if sizes is None:
+            raise _UsageError("--mask needs --sizes")
+        return _draw_mask(program, sizes, args.pattern, args.mask)
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
     elif args.format == "dot":
@@ -159,12 +255,32 @@ def _run_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _draw_mask(program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str) -> int:
+    from patternc.blockmask import block_classes
+
+    masks = [(plan.name, block_classes(plan, plan.layout(sizes))) for plan in program.select(patterns)]
+    if target == "-":
+        for name, mask in masks:
+            sys.stdout.write(f"pattern {name}\n{mask.text()}\n")
+        return EXIT_OK
+    from patternc.maskplot import save_mask_picture
+
+    try:
+        save_mask_picture(Path(target), masks)
+    except (RuntimeError, OSError) as error:
+        raise _UsageError(f"--mask: {error}") from None
+    print(f"wrote {target}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             return _run_check(args.files)
+        if args.command == "bench":
+            return _run_bench(args)
         return _run_compile(args)
     except _UsageError as error:
         print(f"patternc: error: {error}", file=sys.stderr)

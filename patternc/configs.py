@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from patternc.schemas import InitWeightsMode, MixedAttentionConfig
+from patternc.schemas import Implementation, InitWeightsMode, MixedAttentionConfig
 
 __all__ = [
     "Activation",
@@ -88,7 +88,7 @@ class TransformerBlockConfig(BaseModel):
     qk_norm: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Activation = "gelu"
-    implementation: Literal["batched", "loop", "dense"] = "batched"
+    implementation: Implementation = "batched"
 
     @model_validator(mode="after")
     def _one_mlp_width(self) -> TransformerBlockConfig:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODIFIER_NAMES", "Modifiers"]
+__all__ = ["MODIFIER_NAMES", "NO_MODIFIERS", "Modifiers"]
 
 MODIFIER_NAMES = ("causal", "window")
 
@@ -37,8 +37,13 @@ class Modifiers:
         return self.window is None or abs(i - j) < self.window
 
     def text(self) -> str:
-        parts = (["causal"] if self.causal else []) + ([f"window {self.window}"] if self.window is not None else [])
+        parts = (["causal"] if self.causal else []) + (
+            [f"window {self.window}"] if self.window is not None else []
+        )
         return f"[{', '.join(parts)}]" if parts else ""
 
     def to_dict(self) -> dict[str, bool | int | None]:
         return {"causal": self.causal, "window": self.window}
+
+
+NO_MODIFIERS = Modifiers()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
-from patternc.modifiers import Modifiers
+from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.resolve import ResolvedRule
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 
@@ -65,7 +65,7 @@ class CallShape:
     n_keys_values: int
     query_access: Access
     key_value_access: Access
-    modifiers: Modifiers = Modifiers()
+    modifiers: Modifiers = NO_MODIFIERS
 
     @property
     def score_entries(self) -> int:
@@ -202,7 +202,10 @@ class Plan:
             merged.setdefault((rule.keys_values, rule.modifiers), set()).update(rule.queries)
         index = {g: i for i, g in enumerate(self.groups)}
         return tuple(
-            (AttentionPattern(query_tokens=tuple(sorted(q, key=index.__getitem__)), key_value_tokens=kv), mods)
+            (
+                AttentionPattern(query_tokens=tuple(sorted(q, key=index.__getitem__)), key_value_tokens=kv),
+                mods,
+            )
             for (kv, mods), q in merged.items()
         )
 

@@ -61,6 +61,14 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
         f"  batched: {len(layout.launches)} attention launch(es)"
         + (f", {stacked} stacking calls of equal shape" if stacked else "")
     )
+    from patternc.blockmask import block_classes
+
+    blocks = block_classes(plan, layout)
+    empty, partial, full = blocks.counts
+    out.append(
+        f"  blocks {blocks.block}x{blocks.block}: {full} full, {partial} partial, {empty} empty; "
+        f"block sparsity {blocks.sparsity:.3f}"
+    )
     out.append(
         f"  attention: {_si(layout.flops(dim), 'FLOP')} vs "
         f"{_si(4 * layout.dense_entries * dim, 'FLOP')} dense "

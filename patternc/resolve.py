@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from patternc.diagnostics import Code, Diagnostic, Span, suggest
-from patternc.modifiers import Modifiers
+from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Rule, Selector, SelectorUnion, Word
 
 __all__ = ["GroupResolver", "ResolvedRule"]
@@ -33,7 +33,7 @@ class ResolvedRule:
     span: Span | None = None
     text: str = ""
     where: str | None = None
-    modifiers: Modifiers = Modifiers()
+    modifiers: Modifiers = NO_MODIFIERS
 
     def location(self) -> str:
         if self.span is not None:
@@ -53,7 +53,9 @@ class GroupResolver:
         each of its names is known (e.g. ``* - *``) is reported as empty."""
         queries, diagnostics = self.select(rule.queries, "the query side of this rule")
         keys_values, problems = self.select(rule.keys_values, "the key/value side of this rule")
-        return ResolvedRule(queries, keys_values, rule.span, rule.text, modifiers=rule.modifiers), diagnostics + problems
+        return ResolvedRule(
+            queries, keys_values, rule.span, rule.text, modifiers=rule.modifiers
+        ), diagnostics + problems
 
     def select(self, node: Selector, what: str) -> tuple[tuple[str, ...], list[Diagnostic]]:
         """Groups ``node`` selects, in declaration order; ``what`` names the

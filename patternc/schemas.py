@@ -150,13 +150,14 @@ class AttentionConfig(BaseModel):
         return self.num_heads * (self.head_dim or self.hidden_dim // self.num_heads)
 
 
-Implementation = Literal["batched", "loop", "dense"]
+Implementation = Literal["batched", "loop", "dense", "flex"]
 """Executors of ``MixedAttention``:
 
 - ``"batched"``: one attention launch per set of equal-shaped calls, reading
   contiguous groups as views (the fast default);
 - ``"loop"``: one attention call per pattern (the readable one);
-- ``"dense"``: one call over all tokens with a dense boolean mask (the reference).
+- ``"dense"``: one call over all tokens with a dense boolean mask (the reference);
+- ``"flex"``: one FlexAttention call with a block mask built from the layout.
 """
 
 
@@ -164,5 +165,7 @@ class MixedAttentionConfig(AttentionConfig):
     """``AttentionConfig`` plus the executor that runs the patterns."""
 
     implementation: Implementation = Field(
-        default="batched", description="Executor: 'batched' (fast), 'loop' (readable), 'dense' (reference)."
+        default="batched",
+        description="Executor: 'batched' (fast), 'loop' (readable), 'dense' (reference), "
+        "'flex' (FlexAttention).",
     )

@@ -19,7 +19,7 @@ from typing import Union
 import lark
 
 from patternc.diagnostics import Code, Diagnostic, Span, suggest
-from patternc.modifiers import MODIFIER_NAMES, Modifiers
+from patternc.modifiers import MODIFIER_NAMES, NO_MODIFIERS, Modifiers
 
 __all__ = [
     "Difference",
@@ -77,7 +77,7 @@ class Rule:
     keys_values: Selector
     span: Span
     text: str
-    modifiers: Modifiers = Modifiers()
+    modifiers: Modifiers = NO_MODIFIERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,17 +256,25 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         arg = children[1] if len(children) > 1 else None
         span = _token_span(name_token)
         if name not in MODIFIER_NAMES:
-            self._error(Code.BAD_MODIFIER, f"unknown modifier `{name}`", span,
-                        suggest(name, MODIFIER_NAMES) or "modifiers: `causal`, `window N`")
+            self._error(
+                Code.BAD_MODIFIER,
+                f"unknown modifier `{name}`",
+                span,
+                suggest(name, MODIFIER_NAMES) or "modifiers: `causal`, `window N`",
+            )
             return None
         if name == "causal":
             if arg is not None:
-                self._error(Code.BAD_MODIFIER, "`causal` takes no argument", _token_span(arg), "write `[causal]`")
+                self._error(
+                    Code.BAD_MODIFIER, "`causal` takes no argument", _token_span(arg), "write `[causal]`"
+                )
                 return None
             return ("causal", None)
         if arg is None or not str(arg).isdigit() or int(str(arg)) < 1:
             where = _token_span(arg) if arg is not None else span
-            self._error(Code.BAD_MODIFIER, "`window` needs a positive number of tokens", where, "e.g. `[window 256]`")
+            self._error(
+                Code.BAD_MODIFIER, "`window` needs a positive number of tokens", where, "e.g. `[window 256]`"
+            )
             return None
         return ("window", int(str(arg)))
 

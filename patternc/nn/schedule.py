@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from patternc.checks import check_patterns
-from patternc.modifiers import Modifiers
+from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.plan import Layout, Plan
 from patternc.resolve import ResolvedRule
 from patternc.schemas import AttentionPattern, TokenSpec
@@ -42,7 +42,10 @@ class CallSchedule:
     queries: tuple[Segment, ...]
     keys_values: tuple[Segment, ...]
     n_queries: int
-    modifiers: Modifiers = Modifiers()
+    modifiers: Modifiers = NO_MODIFIERS
+    single_groups: bool = False
+    """One query group and one key/value group: positions within groups are
+    plain ``arange``s, so ``[causal]`` is SDPA's ``is_causal``."""
 
     @property
     def reads_cache(self) -> bool:
@@ -78,6 +81,7 @@ class Schedule:
     def has_modifiers(self) -> bool:
         return any(self.group_modifiers)
 
+
 def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
     slots = {s.name: s for s in layout.slots}
 
@@ -98,7 +102,14 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
         return (*merged, *(s for s in out if s.cached is not None))
 
     calls = tuple(
-        CallSchedule(segments(c.query_tokens), segments(c.key_value_tokens), c.n_queries, c.modifiers)
+        CallSchedule(
+            segments(c.query_tokens),
+            segments(c.key_value_tokens),
+            c.n_queries,
+            c.modifiers,
+            single_groups=sum(1 for g in c.query_tokens if slots[g].size) == 1
+            and sum(1 for g in c.key_value_tokens if slots[g].size or slots[g].cached) == 1,
+        )
         for c in layout.calls
     )
     # Where each input group's outputs live: (call, offset within the call's queries).

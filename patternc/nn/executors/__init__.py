@@ -6,6 +6,7 @@ from __future__ import annotations
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import Executor
 from patternc.nn.executors.dense import run_dense
+from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.loop import run_loop
 
 __all__ = ["EXECUTORS", "Executor", "get_executor"]
@@ -14,6 +15,7 @@ EXECUTORS: dict[str, Executor] = {
     "batched": run_batched,
     "loop": run_loop,
     "dense": run_dense,
+    "flex": run_flex,
 }
 
 

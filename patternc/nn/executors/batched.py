@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from patternc.nn.executors.common import assemble, attend, gather, gather_mask
+from patternc.nn.executors.common import (
+    assemble,
+    attend,
+    gather,
+    gather_mask,
+    modifier_args,
+    within_group_positions,
+)
 from patternc.nn.schedule import Schedule, Segment
 
 __all__ = ["run_batched", "stack_segments"]
@@ -50,8 +57,11 @@ def run_batched(
     cached_v = {name: kv[1] for name, kv in cache.items()}
     outputs: list[Tensor | None] = [None] * len(schedule.calls)
     batch = q.shape[0]
+    positions = within_group_positions(schedule, q.device) if schedule.has_modifiers else None
+    padded = key_padding_mask is not None
     for launch in schedule.launches:
         calls = [schedule.calls[i] for i in launch]
+        modifiers = [modifier_args(c, positions, cache, padded) for c in calls]
         if len(calls) == 1:
             (call,) = calls
             outputs[launch[0]] = attend(
@@ -61,6 +71,7 @@ def run_batched(
                 gather_mask(key_padding_mask, call.keys_values),
                 dropout_p,
                 scale,
+                *modifiers[0],
             )
             continue
         queries = stack_segments(q, [c.queries for c in calls], {})
@@ -71,7 +82,11 @@ def run_batched(
             mask = stack_segments(
                 key_padding_mask, [[s for s in c.keys_values if s.cached is None] for c in calls], {}
             )
-        out = attend(queries, keys, values, mask, dropout_p, scale)
+        pair_mask, is_causal = None, modifiers[0][1]  # calls of a launch share their modifiers
+        if modifiers[0][0] is not None:
+            stacked = torch.stack([m[0] for m in modifiers if m[0] is not None])  # [n, Lq, Lk]
+            pair_mask = stacked.expand(batch, *stacked.shape).flatten(0, 1)
+        out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal)
         out = out.reshape(batch, len(calls), *out.shape[1:])
         for position, index in enumerate(launch):
             outputs[index] = out[:, position]

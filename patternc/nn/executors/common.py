@@ -1,5 +1,5 @@
-"""Pieces every executor shares: gathering segments, one attention call, and
-putting call outputs back in input order.
+"""Pieces every executor shares: gathering segments, masks for rule
+modifiers, one attention call, and putting call outputs back in input order.
 
 Tensors are token-major, ``[B, N, H, D]``: a group's tokens are a slice along
 dim 1 whatever the head layout, and the fused QKV projection yields this
@@ -15,9 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.schedule import Schedule, Segment
+from patternc.modifiers import Modifiers
+from patternc.nn.schedule import CallSchedule, Schedule, Segment
 
-__all__ = ["Executor", "assemble", "attend", "gather", "gather_mask"]
+__all__ = [
+    "Executor",
+    "assemble",
+    "attend",
+    "call_pair_mask",
+    "gather",
+    "gather_mask",
+    "modifier_args",
+    "modifier_mask",
+    "within_group_positions",
+]
 
 
 class Executor(Protocol):
@@ -57,21 +68,78 @@ def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | No
     return gather(mask, [s for s in segments if s.cached is None], {})
 
 
+def within_group_positions(schedule: Schedule, device: torch.device) -> Tensor:
+    """``[N]``: each input token's index within its group."""
+    sizes = torch.tensor(schedule.input_sizes, device=device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    return torch.arange(schedule.n_tokens, device=device) - torch.repeat_interleave(starts, sizes)
+
+
+def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """``[Lq, Lk]`` bool: which pairs a rule's modifiers allow (positions within groups)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = torch.ones_like(diff, dtype=torch.bool)
+    if modifiers.causal:
+        allowed &= diff >= 0
+    if modifiers.window is not None:
+        allowed &= diff.abs() < modifiers.window
+    return allowed
+
+
+def call_pair_mask(
+    call: CallSchedule, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
+) -> Tensor | None:
+    """The per-pattern mask of a call with modifiers (None when it has none)."""
+    if not call.modifiers:
+        return None
+    q_pos = gather(positions[None], call.queries, {})[0]
+    cached = {name: torch.arange(kv[0].shape[1], device=positions.device)[None] for name, kv in cache.items()}
+    k_pos = gather(positions[None], call.keys_values, cached)[0]
+    return modifier_mask(call.modifiers, q_pos, k_pos)
+
+
+def modifier_args(
+    call: CallSchedule,
+    positions: Tensor | None,
+    cache: Mapping[str, tuple[Tensor, Tensor]],
+    padded: bool,
+) -> tuple[Tensor | None, bool]:
+    """``(pair_mask, is_causal)`` for a call: plain ``[causal]`` between single
+    groups is SDPA's ``is_causal`` (no mask built); other modifiers give a mask."""
+    if not call.modifiers:
+        return None, False
+    if call.single_groups and call.modifiers == Modifiers(causal=True) and not padded:
+        return None, True
+    assert positions is not None
+    return call_pair_mask(call, positions, cache), False
+
+
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, dropout_p: float, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+    pair_mask: Tensor | None = None,
+    is_causal: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention on ``[b, L, H, D]`` tensors.
 
-    ``kv_mask`` is ``[b, Lkv]`` (True = attend). A query whose keys are all
-    padding, or a call with no keys at all, yields zeros rather than NaN.
+    ``kv_mask`` is ``[b, Lkv]`` (True = attend); ``pair_mask`` is ``[Lq, Lkv]``
+    or ``[b, Lq, Lkv]`` (a rule's modifiers). A query with no key left, or a
+    call with no keys at all, yields zeros rather than NaN.
     """
     if k.shape[1] == 0:
         return torch.zeros_like(q)
-    attn_mask = None
+    attn_mask = kv_mask[:, None, None, :] if kv_mask is not None else None
+    if pair_mask is not None:
+        pairs = pair_mask[:, None] if pair_mask.dim() == 3 else pair_mask[None, None]
+        attn_mask = pairs if attn_mask is None else attn_mask & pairs
     keep = None
-    if kv_mask is not None:
-        keep = kv_mask.any(dim=-1)  # [b]; no host sync
-        attn_mask = (kv_mask | ~keep[:, None])[:, None, None, :]
+    if attn_mask is not None:
+        keep = attn_mask.any(dim=-1, keepdim=True)  # [b|1, 1, Lq|1, 1]; no host sync
+        attn_mask = attn_mask | ~keep
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -79,10 +147,11 @@ def attend(
         attn_mask=attn_mask,
         dropout_p=dropout_p,
         scale=scale,
-    ).transpose(1, 2)
+        is_causal=is_causal and attn_mask is None,
+    )
     if keep is not None:
-        out = out * keep[:, None, None, None].to(out.dtype)
-    return out
+        out = out * keep.to(out.dtype)
+    return out.transpose(1, 2)
 
 
 def assemble(outputs: Sequence[Tensor | None], schedule: Schedule, like: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.nn.executors.common import modifier_mask, within_group_positions
 from patternc.nn.schedule import Schedule
 
 __all__ = ["dense_mask", "run_dense"]
@@ -24,7 +25,17 @@ def dense_mask(schedule: Schedule, cache_lengths: Mapping[str, int], device: tor
         torch.full((cache_lengths[g],), i, device=device) for g, i in zip(schedule.cached_groups, cached_ids)
     ]
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
-    return allowed[query_ids][:, key_ids]
+    mask = allowed[query_ids][:, key_ids]
+    if schedule.has_modifiers:
+        q_pos = within_group_positions(schedule, device)
+        k_pos = torch.cat(
+            [q_pos, *(torch.arange(cache_lengths[g], device=device) for g in schedule.cached_groups)]
+        )
+        for gid, modifiers in enumerate(schedule.group_modifiers):
+            rows = query_ids == gid
+            if modifiers and bool(rows.any()):
+                mask[rows] &= modifier_mask(modifiers, q_pos[rows], k_pos)
+    return mask
 
 
 def run_dense(

@@ -1,0 +1,120 @@
+"""Measuring a plan on every backend: what ``patternc bench`` and
+``benchmarks/bench_runtime.py`` run.
+
+Each measurement builds a ``MixedAttention`` with the backend, runs it on
+random inputs (forward, or forward+backward), and reports the median time,
+the peak memory and the useful TFLOP/s (only allowed score entries count:
+``4 * sum(Nq * Nkv) * heads * head_dim`` per batch element forward, 3.5x that
+forward+backward). On CUDA, peak memory is ``torch.cuda.max_memory_allocated``;
+on CPU it is the process's resident-set high-water mark above its state before
+the first call, so each CPU measurement runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Measurement", "measure", "measure_isolated"]
+
+BACKWARD_FLOP_FACTOR = 3.5
+"""Forward+backward attention FLOPs relative to forward (backward ~2.5x forward)."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backend: str
+    ms: float
+    peak_mb: float
+    tflops: float
+    error: str | None = None
+
+
+def _rss_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(
+    source: str,
+    pattern: str,
+    sizes: dict[str, int | None],
+    backend: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    dim: int = 192,
+    heads: int = 3,
+    batch: int = 1,
+    repeat: int = 10,
+    backward: bool = False,
+) -> Measurement:
+    """Time one backend on one pattern of a pattern file's ``source`` text."""
+    import torch
+
+    import patternc
+    from patternc.nn import PatternAttention
+
+    plan = patternc.compile(source).patterns[pattern]
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig.model_validate(
+        {"hidden_dim": dim, "num_heads": heads, "implementation": backend}
+    )
+    ms = statistics.median(times) * 1e3
+    if on_cuda:
+        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    else:
+        peak = (_rss_kb("VmHWM") - base) / 1024
+    flops = 4 * plan.layout(sizes).score_entries * heads * (dim // heads) * batch
+    if backward:
+        flops = int(flops * BACKWARD_FLOP_FACTOR)
+    return Measurement(backend, ms, peak, flops / (ms * 1e-3) / 1e12)
+
+
+def measure_isolated(
+    source: str, pattern: str, sizes: dict[str, int | None], backend: str, **options: Any
+) -> Measurement:
+    """:func:`measure` in a fresh Python process (clean CPU memory high-water mark)."""
+    payload = json.dumps(
+        {"source": source, "pattern": pattern, "sizes": sizes, "backend": backend, **options}
+    )
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "patternc.benchmark"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return Measurement(backend, float("nan"), float("nan"), float("nan"), last)
+    return Measurement(**json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _main() -> None:
+    """Worker of :func:`measure_isolated`: arguments as JSON on stdin, result on stdout."""
+    args = json.loads(sys.stdin.read())
+    result = measure(args.pop("source"), args.pop("pattern"), args.pop("sizes"), args.pop("backend"), **args)
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,152 @@
+"""The FlexAttention executor: one fused call for the whole pattern set.
+
+Queries, keys and values are padded to a bucketed length (so changing sizes
+reuse a few compiled kernels), the block mask comes from the group layout
+(:mod:`patternc.nn.flexmask`) and is cached per (schedule, cache lengths,
+device, padding), and ``flex_attention`` is compiled once per process.
+
+Where torch cannot run it, ``flex`` falls back to ``batched`` with a one-time
+warning: gradients on CPU (torch has no FlexAttention backward there) and
+attention dropout (FlexAttention has none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from patternc.nn.executors.batched import run_batched
+from patternc.nn.flexmask import FlexTables
+from patternc.nn.schedule import Schedule
+
+__all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
+
+_CACHE_SIZE = 64
+_tables: OrderedDict[tuple[Any, ...], FlexTables] = OrderedDict()
+_masks: OrderedDict[tuple[Any, ...], object] = OrderedDict()
+_builds = 0
+_use_compiled = True
+_warned: set[str] = set()
+
+
+def block_mask_builds() -> int:
+    """How many block masks this process has built (a training loop with a
+    fixed layout builds one)."""
+    return _builds
+
+
+@contextlib.contextmanager
+def compiled(enabled: bool) -> Iterator[None]:
+    """Run FlexAttention compiled (the default) or eagerly (slow; for debugging)."""
+    global _use_compiled
+    previous, _use_compiled = _use_compiled, enabled
+    try:
+        yield
+    finally:
+        _use_compiled = previous
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex() -> Callable[..., Tensor]:
+    if _use_compiled:
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
+    cache[key] = value
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def flex_tables(schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device) -> FlexTables:
+    """The layout's device tables, cached per (schedule, cache lengths, device)."""
+    key = (schedule, tuple(sorted(cache_lengths.items())), device)
+    tables = _tables.get(key)
+    if tables is None:
+        tables = FlexTables.build(schedule, cache_lengths, device)
+        _remember(_tables, key, tables)
+    return tables
+
+
+def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]) -> object:
+    global _builds
+    if key_padding_mask is not None:  # the padding differs per batch: not cached
+        _builds += 1
+        return tables.block_mask(key_padding_mask)
+    mask = _masks.get(key)
+    if mask is None:
+        _builds += 1
+        mask = tables.block_mask()
+        _remember(_masks, key, mask)
+    return mask
+
+
+def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
+    if dropout_p > 0:
+        return "attention dropout (FlexAttention has none)"
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        return "gradients on CPU (torch's FlexAttention has no CPU backward)"
+    return None
+
+
+def _pad_heads_first(t: Tensor, length: int) -> Tensor:
+    """``[B, N, H, D]`` -> ``[B, H, length, D]`` zero-padded."""
+    if t.shape[1] != length:
+        t = F.pad(t, (0, 0, 0, 0, 0, length - t.shape[1]))
+    return t.transpose(1, 2)
+
+
+def run_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    schedule: Schedule,
+    cache: Mapping[str, tuple[Tensor, Tensor]],
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+) -> Tensor:
+    reason = _fallback_reason(q, dropout_p)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(
+                f"implementation='flex' runs as 'batched' for {reason}; use implementation='batched' "
+                "to silence this",
+                stacklevel=3,
+            )
+        return run_batched(q, k, v, schedule, cache, key_padding_mask, dropout_p, scale)
+    lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
+    tables = flex_tables(schedule, lengths, q.device)
+    if schedule.cached_groups:
+        k = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
+        v = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
+    padding = None
+    if key_padding_mask is not None:
+        padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
+    block_mask = _block_mask(tables, padding, (schedule, tuple(sorted(lengths.items())), q.device))
+    out = _flex()(
+        _pad_heads_first(q, tables.q_len),
+        _pad_heads_first(k, tables.kv_len),
+        _pad_heads_first(v, tables.kv_len),
+        block_mask=block_mask,
+        scale=scale,
+    )
+    return out.transpose(1, 2)[:, : q.shape[1]]
