@@ -74,6 +74,41 @@ def measure(
     config = patternc.MixedAttentionConfig.model_validate(
         {"hidden_dim": dim, "num_heads": heads, "implementation": backend}
     )
+    module = PatternAttention(config, plan).to(device=device, dtype=torch_dtype)
+    n_tokens = sum(s or 0 for s in sizes.values())
+    x = torch.randn(batch, n_tokens, dim, device=device, dtype=torch_dtype)
+    on_cuda = device.startswith("cuda")
+
+    def run() -> None:
+        if backward:
+            xg = x.detach().requires_grad_()
+            module(xg, sizes)[0].float().sum().backward()
+        else:
+            with torch.no_grad():
+                module(x, sizes)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    base = _rss_kb("VmRSS")
+    base_cuda = 0
+    try:
+        run()  # warm-up: checks, schedules, block masks, compilation
+        run()
+        sync()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+    except Exception as error:  # report, do not crash the table
+        nan = float("nan")
+        return Measurement(backend, nan, nan, nan, f"{type(error).__name__}: {error}")
     ms = statistics.median(times) * 1e3
     if on_cuda:
         peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
