@@ -154,3 +154,58 @@ def test_every_example_pattern_file_checks() -> None:
     assert files
     result = run("check", *files)
     assert result.returncode == 0, result.stderr
+
+
+def test_mask_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", AB, "--sizes", AB_SIZES, "--pattern", "self_anchor", "--mask", "-"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "pattern self_anchor"
+    assert lines[1].startswith("surface_anchors ####....")
+    assert "# full 640, + partial 0, . empty 5760 blocks (sparsity 0.900; 256 x 256 tokens per cell)" in out
+
+
+def test_mask_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "mask.png"
+    assert main(["compile", AB, "--sizes", AB_SIZES, "--mask", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == f"wrote {target}\n"
+
+
+def test_mask_needs_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", AB, "--mask", "-"]) == 2
+    assert "--mask needs --sizes" in capsys.readouterr().err
+
+
+def test_compile_reports_block_sparsity(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", AB, "--sizes", AB_SIZES, "--pattern", "joint"]) == 0
+    assert "blocks 128x128: 1280 full, 0 partial, 5120 empty; block sparsity 0.800" in capsys.readouterr().out
+
+
+def test_bench_command() -> None:
+    result = run(
+        "bench",
+        "examples/ab_upt.pc",
+        "--sizes",
+        "surface_anchors=8,surface_queries=24,volume_anchors=8,volume_queries=24",
+        "--pattern",
+        "self_anchor",
+        "--backend",
+        "batched",
+        "--backend",
+        "loop",
+        "--repeat",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("self_anchor")]
+    assert [r[1] for r in rows] == ["dense", "batched", "loop"]  # dense always runs: the baseline
+    assert rows[0][3] == "1.00"
+    assert all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)
+    assert "[3/3] self_anchor / loop" in result.stderr  # progress
+
+
+def test_bench_usage_errors() -> None:
+    result = run("bench", "examples/ab_upt.pc", "--sizes", "surface_anchors=8", "--pattern", "joint")
+    assert result.returncode == 2 and "no size for" in result.stderr

@@ -55,15 +55,19 @@ def compiled(enabled: bool) -> Iterator[None]:
 
 
 @functools.cache
-def _compiled_flex() -> Callable[..., Tensor]:
+def _compiled_flex(device_type: str) -> Callable[..., Tensor]:
+    """Compiled once per process and device type. On CUDA, shapes may become
+    dynamic after a first change; on CPU, torch's C++ code generation of
+    dynamic-shape FlexAttention fails, so shapes stay static there and the
+    bucketed lengths bound the number of kernels."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
-def _flex() -> Callable[..., Tensor]:
+def _flex(device_type: str) -> Callable[..., Tensor]:
     if _use_compiled:
-        return _compiled_flex()
+        return _compiled_flex(device_type)
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention
@@ -142,7 +146,7 @@ def run_flex(
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     block_mask = _block_mask(tables, padding, (schedule, tuple(sorted(lengths.items())), q.device))
-    out = _flex()(
+    out = _flex(q.device.type)(
         _pad_heads_first(q, tables.q_len),
         _pad_heads_first(k, tables.kv_len),
         _pad_heads_first(v, tables.kv_len),

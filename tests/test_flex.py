@@ -1,0 +1,284 @@
+"""FlexAttention lowering and rule modifiers: block masks, executors, caching."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import relative_error
+from torch import Tensor
+from torch.nn.attention.flex_attention import create_block_mask
+
+import patternc
+from patternc.blockmask import FULL, PARTIAL, block_classes
+from patternc.nn import PatternAttention
+from patternc.nn.executors import flex
+from patternc.nn.flexmask import FlexTables, bucket_length
+from patternc.nn.schedule import schedule_for
+
+IMPLEMENTATIONS = ["batched", "loop", "dense", "flex"]
+
+
+def reference_with_modifiers(
+    module: PatternAttention, x: Tensor, sizes: dict[str, int], key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """float64 reference written from the language's definition: a query of group
+    G (position i in G) attends to a key of group H (position j in H) iff G's rule
+    lists H, and j <= i under [causal], |i - j| < N under [window N]."""
+    plan = module.plan
+    rule_of = {q: rule for rule in plan.rules for q in rule.queries}
+    names, positions = [], []
+    for group, size in sizes.items():
+        names += [group] * size
+        positions += list(range(size))
+    n = len(names)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for a in range(n):
+        rule = rule_of[names[a]]
+        for b in range(n):
+            ok = names[b] in rule.keys_values
+            if rule.modifiers.causal:
+                ok = ok and positions[b] <= positions[a]
+            if rule.modifiers.window is not None:
+                ok = ok and abs(positions[a] - positions[b]) < rule.modifiers.window
+            allowed[a, b] = ok
+    x = x.double()
+    heads, dim = module.num_heads, module.head_dim
+    qkv = x @ module.qkv.weight.double().T + module.qkv.bias.double()
+    q, k, v = qkv.view(x.shape[0], n, 3, heads, dim).unbind(2)
+    mask = allowed[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / dim**0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[0], n, heads * dim)
+    return out @ module.proj.weight.double().T + module.proj.bias.double()
+
+
+def make(plan: patternc.Plan, impl: str, seed: int = 0) -> PatternAttention:
+    torch.manual_seed(seed)
+    module = PatternAttention(
+        patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2, implementation=impl), plan
+    )
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return module
+
+
+MODIFIED = patternc.compile("""
+groups doc0 doc1 image text
+doc0 -> doc0 [causal]
+doc1 -> doc1 [causal, window 5]
+image -> image
+text -> image, text [causal]
+""")
+
+
+# ---------------------------------------------------------------- modifiers everywhere
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_modifiers_match_reference(impl: str, padded: bool) -> None:
+    plan = MODIFIED.patterns["default"]
+    sizes = {"doc0": 9, "doc1": 13, "image": 7, "text": 11}
+    module = make(plan, impl)
+    x = torch.randn(2, 40, 16)
+    mask = torch.rand(2, 40) > 0.3 if padded else None
+    with flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is slow
+        with torch.no_grad():
+            out, _ = module(x, sizes, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference_with_modifiers(module, x, sizes, mask)) < 1e-5
+
+
+def test_causal_between_single_groups_uses_sdpa_is_causal(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = patternc.compile("groups a b\na -> a\nb -> a [causal]\n").patterns["default"]
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        seen.append((kwargs.get("is_causal"), kwargs.get("attn_mask") is None))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    module = make(plan, "loop")
+    sizes = {"a": 6, "b": 9}  # b's 9 queries see the first i + 1 of a's 6 keys
+    x = torch.randn(1, 15, 16)
+    out, _ = module(x, sizes)
+    assert seen == [(False, True), (True, True)]  # no mask tensor built for [causal]
+    assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+
+
+def test_window_rows_with_no_key_are_zero() -> None:
+    plan = patternc.compile("groups a q\na -> a\nq -> a [window 2]\n").patterns["default"]
+    module = make(plan, "batched")
+    sizes = {"a": 3, "q": 6}  # queries 4 and 5 of q are 2+ positions past a's last key
+    out, _ = module(torch.randn(1, 9, 16), sizes)
+    assert torch.allclose(out[0, 3 + 4 :], module.proj.bias.expand(2, -1), atol=1e-6)
+
+
+def test_modifier_errors_are_reported() -> None:
+    with pytest.raises(patternc.PatternError) as info:
+        patternc.compile("groups a b\na -> a [casual]\nb -> b [window 0]\n")
+    assert [d.code for d in info.value.diagnostics] == ["E012", "E012"]
+    assert info.value.diagnostics[0].hint == "did you mean `causal`?"
+    assert "`window` needs a positive number of tokens" in str(info.value)
+    with pytest.raises(patternc.PatternError, match="`causal` takes no argument"):
+        patternc.compile("groups a\na -> a [causal 3]\n")
+
+
+def test_rules_with_different_modifiers_do_not_merge() -> None:
+    plan = patternc.compile("groups a b\na -> a, b [causal]\nb -> a, b\n").patterns["default"]
+    assert len(plan.calls) == 2
+    assert [m.causal for m in plan.call_modifiers] == [True, False]
+    assert "[causal]" in patternc.compile("groups a\na -> a [causal]").to_dot()
+
+
+# ---------------------------------------------------------------- block masks
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[patternc.Plan, dict[str, int]]:
+    n = draw(st.integers(1, 5))
+    names = [f"g{i}" for i in range(n)]
+    lines = ["groups " + " ".join(names)]
+    for name in names:
+        keys = draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+        mods = []
+        if draw(st.booleans()):
+            mods.append("causal")
+        if draw(st.booleans()):
+            mods.append(f"window {draw(st.integers(1, 300))}")
+        lines.append(f"{name} -> {', '.join(keys)}" + (f" [{', '.join(mods)}]" if mods else ""))
+    sizes = {name: draw(st.integers(0, 300)) for name in names}
+    if not any(sizes.values()):
+        sizes[names[0]] = 1
+    return patternc.compile("\n".join(lines)).patterns["default"], sizes
+
+
+def dense_blocks(num: Tensor, indices: Tensor, n_kv: int) -> Tensor:
+    out = torch.zeros(num.shape[-1], n_kv, dtype=torch.bool)
+    for row in range(num.shape[-1]):
+        out[row, indices[0, 0, row, : num[0, 0, row]].long()] = True
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layouts())
+def test_analytic_block_mask_equals_create_block_mask(case: tuple[patternc.Plan, dict[str, int]]) -> None:
+    """The block classes from group intervals equal those torch finds by
+    evaluating the mask_mod on every element."""
+    plan, sizes = case
+    tables = FlexTables.build(schedule_for(plan.token_specs(sizes), plan), {}, "cpu")
+    ref = create_block_mask(tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu")
+    n_kv = tables.kv_len // 128
+    assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_kv), tables.partial)
+    assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_kv), tables.full)
+    # the pure-Python classes (what `patternc compile --mask` shows) agree too
+    python = block_classes(plan, plan.layout(sizes))
+    rows = len(python.classes)
+    for i in range(rows):
+        for j in range(rows):
+            assert (python.classes[i][j] == FULL) == bool(tables.full[i, j])
+            assert (python.classes[i][j] == PARTIAL) == bool(tables.partial[i, j])
+
+
+def test_block_mask_with_cached_keys() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    schedule = schedule_for(plan.token_specs({"a": None, "q": 300}), plan)
+    tables = FlexTables.build(schedule, {"a": 200}, "cpu")
+    assert (tables.q_len, tables.kv_len) == (384, 512)
+    ref = create_block_mask(tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu")
+    assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, 4), tables.full)
+    assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, 4), tables.partial)
+
+
+def test_bucket_lengths() -> None:
+    assert [bucket_length(n) for n in (1, 128, 129, 1024, 1025)] == [128, 128, 256, 1024, 1280]
+    lengths = {bucket_length(n) for n in range(1000, 20000, 7)}
+    assert len(lengths) < 25  # few kernels for many sizes
+    assert all(bucket_length(n) >= n and bucket_length(n) <= 1.26 * n + 128 for n in range(1, 50000, 97))
+
+
+# ---------------------------------------------------------------- executor
+
+
+@pytest.mark.parametrize("pattern", ["self_anchor", "joint"])
+@pytest.mark.parametrize(("anchors", "queries"), [(1, 7), (129, 7)])
+def test_flex_eager_matches_dense(pattern: str, anchors: int, queries: int) -> None:
+    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns[pattern]
+    sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
+    x = torch.randn(2, 2 * (anchors + queries), 16)
+    with flex.compiled(False), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out, _ = make(plan, "flex")(x, sizes)
+    expected, _ = make(plan, "dense")(x, sizes)
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_flex_with_kv_cache() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    module = make(plan, "flex")
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full, cache = module(x, {"a": 4, "q": 5})
+        assert cache is not None
+        out, _ = module(x[:, 4:], {"a": None, "q": 5}, kv_cache=cache)
+    assert torch.allclose(out, full[:, 4:], atol=1e-5)
+
+
+def test_block_masks_are_built_once_per_layout() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    module = make(plan, "flex")
+    x = torch.randn(1, 77, 16)
+    before = flex.block_mask_builds()
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            module(x, {"a": 7, "q": 70})
+        assert flex.block_mask_builds() == before + 1
+        module(x, {"a": 17, "q": 60})  # a new layout: one more
+    assert flex.block_mask_builds() == before + 2
+
+
+def test_cpu_gradients_fall_back_to_batched_with_one_warning() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    module = make(plan, "flex")
+    reference = make(plan, "batched")
+    x = torch.randn(1, 10, 16, requires_grad=True)
+    flex._warned.clear()
+    with pytest.warns(UserWarning, match="implementation='flex' runs as 'batched' for gradients on CPU"):
+        out, _ = module(x, {"a": 3, "q": 7})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        module(x, {"a": 3, "q": 7})
+    out.sum().backward()
+    assert torch.allclose(out, reference(x, {"a": 3, "q": 7})[0])
+
+
+@pytest.mark.slow
+def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
+    """torch.compile(flex_attention) on CPU (forward): correct at several sizes,
+    and changing sizes reuse a few kernels instead of recompiling each time."""
+    import torch._dynamo
+
+    plan = MODIFIED.patterns["default"]
+    module = make(plan, "flex")
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", category=UserWarning)  # e.g. hitting the recompile limit
+        for step, n in enumerate([40, 61, 90, 117, 150, 201, 260, 300]):
+            sizes = {"doc0": n // 4, "doc1": n // 4, "image": n // 4, "text": n - 3 * (n // 4)}
+            x = torch.randn(1, n, 16)
+            out, _ = module(x, sizes)
+            if step in (0, 3):
+                assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+    # 8 sizes, 3 bucketed lengths (128, 256, 384 tokens): 3 kernels
+    assert counters["stats"]["unique_graphs"] - graphs <= 3
