@@ -282,3 +282,79 @@ def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
                 assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
     # 8 sizes, 3 bucketed lengths (128, 256, 384 tokens): 3 kernels
     assert counters["stats"]["unique_graphs"] - graphs <= 3
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+AB_PC = open("examples/ab_upt.pc").read()
+
+
+def _gpu_case(plan: patternc.Plan, sizes: dict[str, int], padded: bool, seed: int) -> None:
+    """flex (compiled, on CUDA) forward and backward against the float64 CPU reference."""
+    module = make(plan, "flex", seed)
+    n = sum(sizes.values())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, 16, generator=gen)
+    weight = torch.randn(2, n, 16, generator=gen)
+    mask = torch.rand(2, n, generator=gen) > 0.3 if padded else None
+    x_ref = x.double().requires_grad_()
+    (reference_with_modifiers(module, x_ref, sizes, mask) * weight.double()).sum().backward()
+    ref_grads = [x_ref.grad] + [p.grad for p in module.parameters()]
+    expected = reference_with_modifiers(module, x, sizes, mask).detach()
+    module.zero_grad()
+    gpu = module.cuda()
+    xg = x.cuda().requires_grad_()
+    out, _ = gpu(xg, sizes, key_padding_mask=mask.cuda() if mask is not None else None)
+    (out * weight.cuda()).sum().backward()
+    assert torch.isfinite(out).all()
+    assert relative_error(out.cpu(), expected) < 1e-5
+    grads = [xg.grad] + [p.grad for p in gpu.parameters()]
+    for got, want in zip(grads, ref_grads):
+        assert got is not None and want is not None
+        assert relative_error(got.cpu(), want) < 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
+@pytest.mark.parametrize(("anchors", "queries"), [(1, 7), (7, 129), (129, 1)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_flex_forward_backward(pattern: str, anchors: int, queries: int, padded: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plan = patternc.compile(AB_PC).patterns[pattern]
+    sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
+    _gpu_case(plan, sizes, padded, seed=anchors * 1000 + queries)
+
+
+@cuda
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_flex_modifiers_forward_backward(padded: bool) -> None:
+    _gpu_case(MODIFIED.patterns["default"], {"doc0": 129, "doc1": 300, "image": 7, "text": 77}, padded, seed=7)
+
+
+@cuda
+def test_gpu_flex_kv_cache_and_bf16() -> None:
+    plan = patternc.compile(AB_PC).patterns["joint"]
+    module = make(plan, "flex").cuda()
+    sizes = {"surface_anchors": 100, "surface_queries": 300, "volume_anchors": 60, "volume_queries": 200}
+    x = torch.randn(2, 660, 16, device="cuda")
+    with torch.no_grad():
+        full, cache = module(x, sizes)
+        assert cache is not None
+        cached = {g: (None if g.endswith("anchors") else s) for g, s in sizes.items()}
+        queries = torch.cat([x[:, 100:400], x[:, 460:]], dim=1)
+        out, _ = module(queries, cached, kv_cache=cache)
+        assert relative_error(out, torch.cat([full[:, 100:400], full[:, 460:]], dim=1)) < 1e-5
+        dense = make(plan, "dense").cuda()
+        half, _ = module.to(torch.bfloat16)(x.bfloat16(), sizes)
+        ref, _ = dense(x, sizes)
+        assert relative_error(half.float(), ref) < 2e-2
+
+
+@cuda
+def test_gpu_block_mask_built_on_device_matches_cpu() -> None:
+    plan = MODIFIED.patterns["default"]
+    schedule = schedule_for(plan.token_specs({"doc0": 1000, "doc1": 3000, "image": 700, "text": 2100}), plan)
+    on_gpu = FlexTables.build(schedule, {}, "cuda")
+    on_cpu = FlexTables.build(schedule, {}, "cpu")
+    assert torch.equal(on_gpu.partial.cpu(), on_cpu.partial) and torch.equal(on_gpu.full.cpu(), on_cpu.full)

@@ -82,29 +82,84 @@ def _token_tables(
     return gids.to(device), pos.to(device)
 
 
-def _block_slots(
-    segments: list[tuple[int, int, int]], length: int, pad_group: int, block: int, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each block: the segments overlapping it (``[blocks, S]`` group ids,
-    validity, first and last position within the group)."""
-    segs = list(segments)
-    real = segs[-1][2] if segs else 0
-    if real < length:
-        segs.append((pad_group, real, length))
-    seg = torch.tensor(segs, dtype=torch.int64, device=device)  # [n_seg, 3]
-    gid, s_start, s_stop = (seg[:, i].contiguous() for i in range(3))
-    n_blocks = length // block
-    b_start = torch.arange(n_blocks, device=device) * block
-    b_last = b_start + block - 1
-    first = torch.searchsorted(s_stop, b_start, right=True)  # first segment ending after the block start
-    last = torch.searchsorted(s_start, b_last, right=True) - 1  # last segment starting inside the block
-    width = int((last - first).max().item()) + 1 if n_blocks else 1
-    slot = first[:, None] + torch.arange(width, device=device)[None, :]
-    valid = slot <= last[:, None]
-    slot = slot.clamp(max=len(segs) - 1)
-    lo = torch.maximum(b_start[:, None], s_start[slot]) - s_start[slot]
-    hi = torch.minimum(b_last[:, None], s_stop[slot] - 1) - s_start[slot]
-    return gid[slot], valid, lo, hi
+def _with_padding(
+    segments: list[tuple[int, int, int]], length: int, pad_group: int
+) -> list[tuple[int, int, int]]:
+    real = segments[-1][2] if segments else 0
+    return [*segments, (pad_group, real, length)] if real < length else list(segments)
+
+
+def _overlaps_per_block(
+    segments: list[tuple[int, int, int]], n_blocks: int, block: int, device: torch.device
+) -> Tensor:
+    """``[blocks]``: how many segments (padding included) overlap each block."""
+    bounds = torch.tensor(
+        [(start // block, (stop - 1) // block + 1) for _, start, stop in segments], device=device
+    )
+    diff = torch.zeros(n_blocks + 1, dtype=torch.int32, device=device)
+    ones = torch.ones(len(segments), dtype=torch.int32, device=device)
+    diff.index_put_((bounds[:, 0],), ones, accumulate=True)
+    diff.index_put_((bounds[:, 1],), -ones, accumulate=True)
+    return torch.cumsum(diff, 0, dtype=torch.int32)[:n_blocks]
+
+
+def _pair_counts(
+    q_segs: list[tuple[int, int, int]],
+    k_segs: list[tuple[int, int, int]],
+    allowed: Tensor,
+    causal: Tensor,
+    window: Tensor,
+    shape: tuple[int, int],
+    block: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Per block: how many of its (query segment, key segment) pairs are
+    non-empty, and how many are full.
+
+    Pairs without modifiers are allowed on their whole block rectangle: they
+    are added with a 2-D difference array. Pairs with modifiers are classified
+    block by block on their rectangle (one padded batch for all of them) by
+    interval arithmetic on positions within the groups.
+    """
+    q = torch.tensor(q_segs, dtype=torch.int64, device=device)  # [Sq, 3]
+    k = torch.tensor(k_segs, dtype=torch.int64, device=device)
+    pair_allowed = allowed[q[:, 0]][:, k[:, 0]]  # [Sq, Sk]
+    qi, ki = pair_allowed.nonzero(as_tuple=True)
+    gq = q[qi, 0]
+    r0, r1 = q[qi, 1] // block, (q[qi, 2] - 1) // block
+    c0, c1 = k[ki, 1] // block, (k[ki, 2] - 1) // block
+    modified = causal[gq] | (window[gq] > 0)
+    n_q, n_kv = shape
+    diff = torch.zeros(n_q + 1, n_kv + 1, dtype=torch.int32, device=device)
+    plain = ~modified
+    ones = torch.ones(int(plain.sum()), dtype=torch.int32, device=device)
+    for rows, cols, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)):
+        diff.index_put_((rows[plain], cols[plain]), sign * ones, accumulate=True)
+    plain_counts = diff.cumsum(0, dtype=torch.int32).cumsum(1, dtype=torch.int32)[:n_q, :n_kv]
+    nonempty, full = plain_counts.clone(), plain_counts
+    if bool(modified.any()):
+        m = modified.nonzero(as_tuple=True)[0]
+        height = int((r1[m] - r0[m]).max()) + 1
+        width = int((c1[m] - c0[m]).max()) + 1
+        rows = r0[m, None] + torch.arange(height, device=device)  # [P, R]
+        cols = c0[m, None] + torch.arange(width, device=device)  # [P, C]
+        q_start, q_stop = q[qi[m], 1, None], q[qi[m], 2, None]
+        k_start, k_stop = k[ki[m], 1, None], k[ki[m], 2, None]
+        qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
+        qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
+        klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
+        khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
+        is_causal = causal[gq[m]][:, None, None]
+        win = window[gq[m]].to(torch.int64)[:, None, None]
+        has_window = win > 0
+        pair_full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
+        pair_empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
+        inside = (rows <= r1[m, None])[:, :, None] & (cols <= c1[m, None])[:, None, :]
+        rr = rows[:, :, None].expand_as(inside)[inside]
+        cc = cols[:, None, :].expand_as(inside)[inside]
+        nonempty.index_put_((rr, cc), (~pair_empty)[inside].to(torch.int32), accumulate=True)
+        full.index_put_((rr, cc), pair_full[inside].to(torch.int32), accumulate=True)
+    return nonempty, full
 
 
 @dataclass(frozen=True)
@@ -155,22 +210,19 @@ class FlexTables:
         q_group, q_pos = _token_tables(queries, q_len, pad, device)
         kv_group, kv_pos = _token_tables(keys, kv_len, pad, device)
 
-        # block classes
-        qg, qv, qlo, qhi = (t[:, None, :, None] for t in _block_slots(queries, q_len, pad, block, device))
-        kg, kvv, klo, khi = (t[None, :, None, :] for t in _block_slots(keys, kv_len, pad, block, device))
-        valid = qv & kvv
-        pair_allowed = allowed[qg, kg] & valid
-        is_causal = causal[qg]
-        win = window[qg].to(torch.int64)
-        has_window = win > 0
-        full_causal = ~is_causal | (khi <= qlo)
-        empty_causal = is_causal & (klo > qhi)
-        full_window = ~has_window | (torch.maximum(qhi - klo, khi - qlo) < win)
-        empty_window = has_window & ((klo - qhi >= win) | (qlo - khi >= win))
-        pair_nonempty = pair_allowed & ~empty_causal & ~empty_window
-        pair_full = pair_allowed & full_causal & full_window
-        nonempty = pair_nonempty.any(dim=(2, 3))
-        full = (pair_full | ~valid).all(dim=(2, 3)) & nonempty
+        # block classes: a block is full when every (query segment, key segment)
+        # pair overlapping it is full, empty when none is non-empty
+        q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
+        shape = (q_len // block, kv_len // block)
+        nonempty_pairs, full_pairs = _pair_counts(
+            q_segs, k_segs, allowed, causal, window, shape, block, device
+        )
+        n_pairs = (
+            _overlaps_per_block(q_segs, shape[0], block, device)[:, None]
+            * _overlaps_per_block(k_segs, shape[1], block, device)[None, :]
+        )
+        nonempty = nonempty_pairs > 0
+        full = (full_pairs == n_pairs) & nonempty
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
