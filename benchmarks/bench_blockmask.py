@@ -81,7 +81,7 @@ def measure_layout(name: str, plan: patternc.Plan, sizes: dict[str, int], args: 
         rows.append(
             ("create_block_mask(_compile=True)", median_ms(lambda: created(True), args.repeat, args.device))
         )
-    except Exception as error:  # noqa: BLE001 - report and go on
+    except Exception as error:
         rows.append((f"create_block_mask(_compile=True): {type(error).__name__}", float("nan")))
     if tables.q_len <= args.eager_limit:
         eager_ms = median_ms(lambda: created(False), max(3, args.repeat // 4), args.device)
