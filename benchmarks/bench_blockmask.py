@@ -94,6 +94,22 @@ def measure_layout(name: str, plan: patternc.Plan, sizes: dict[str, int], args: 
     print(f"{'':<34} {'':>7} block sparsity {tables.sparsity:.3f}")
 
 
+def breakdown(args: argparse.Namespace) -> None:
+    """Where the analytic build spends its time (tables vs BlockMask), with a profile."""
+    plan, sizes = documents(64)
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    device = torch.device(args.device)
+    tables = FlexTables.build(schedule, {}, device)
+    print("tables   ms", median_ms(lambda: FlexTables.build(schedule, {}, device), args.repeat, args.device))
+    print("BlockMask ms", median_ms(tables.block_mask, args.repeat, args.device))
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        FlexTables.build(schedule, {}, device).block_mask()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,7 +119,13 @@ def main() -> None:
     parser.add_argument(
         "--eager-limit", type=int, default=20000, help="largest n for eager create_block_mask"
     )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="time the stages and profile the 64-doc build"
+    )
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args)
+        return
     print(f"block-mask construction on {args.device}, torch {torch.__version__}, median of {args.repeat}")
     header = f"{'layout':<34} {'tokens':>7} {'method':<32} {'ms':>9} {'vs analytic':>11}"
     print(header)

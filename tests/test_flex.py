@@ -58,10 +58,10 @@ def reference_with_modifiers(
     return out @ module.proj.weight.double().T + module.proj.bias.double()
 
 
-def make(plan: patternc.Plan, impl: str, seed: int = 0) -> PatternAttention:
+def make(plan: patternc.Plan, impl: str, seed: int = 0, dim: int = 16) -> PatternAttention:
     torch.manual_seed(seed)
     module = PatternAttention(
-        patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2, implementation=impl), plan
+        patternc.MixedAttentionConfig(hidden_dim=dim, num_heads=2, implementation=impl), plan
     )
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -188,6 +188,28 @@ def test_analytic_block_mask_equals_create_block_mask(case: tuple[patternc.Plan,
             assert (python.classes[i][j] == PARTIAL) == bool(tables.partial[i, j])
 
 
+@settings(max_examples=15, deadline=None)
+@given(case=layouts())
+def test_block_mask_structures_equal_from_kv_blocks(case: tuple[patternc.Plan, dict[str, int]]) -> None:
+    """The BlockMask assembled without sorting (kv- and q-major orders) equals the
+    one torch's ``from_kv_blocks`` derives from the same block classes."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from patternc.nn.flexmask import _ordered
+
+    plan, sizes = case
+    tables = FlexTables.build(schedule_for(plan.token_specs(sizes), plan), {}, "cpu")
+    ours = tables.block_mask()
+    theirs = BlockMask.from_kv_blocks(*_ordered(tables.partial), *_ordered(tables.full), BLOCK_SIZE=128)
+    for name in ("kv", "full_kv", "q", "full_q"):
+        num, idx = getattr(ours, f"{name}_num_blocks"), getattr(ours, f"{name}_indices")
+        want_num, want_idx = getattr(theirs, f"{name}_num_blocks"), getattr(theirs, f"{name}_indices")
+        assert torch.equal(num, want_num), name
+        for row in range(num.shape[-1]):
+            count = int(num[0, 0, row])
+            assert torch.equal(idx[0, 0, row, :count], want_idx[0, 0, row, :count]), (name, row)
+
+
 def test_block_mask_with_cached_keys() -> None:
     plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
     schedule = schedule_for(plan.token_specs({"a": None, "q": 300}), plan)
@@ -291,12 +313,13 @@ AB_PC = open("examples/ab_upt.pc").read()
 
 
 def _gpu_case(plan: patternc.Plan, sizes: dict[str, int], padded: bool, seed: int) -> None:
-    """flex (compiled, on CUDA) forward and backward against the float64 CPU reference."""
-    module = make(plan, "flex", seed)
+    """flex (compiled, on CUDA) forward and backward against the float64 CPU reference
+    (head_dim 16: FlexAttention's GPU kernels need at least 16)."""
+    module = make(plan, "flex", seed, dim=32)
     n = sum(sizes.values())
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, n, 16, generator=gen)
-    weight = torch.randn(2, n, 16, generator=gen)
+    x = torch.randn(2, n, 32, generator=gen)
+    weight = torch.randn(2, n, 32, generator=gen)
     mask = torch.rand(2, n, generator=gen) > 0.3 if padded else None
     x_ref = x.double().requires_grad_()
     (reference_with_modifiers(module, x_ref, sizes, mask) * weight.double()).sum().backward()
@@ -329,15 +352,17 @@ def test_gpu_flex_forward_backward(pattern: str, anchors: int, queries: int, pad
 @cuda
 @pytest.mark.parametrize("padded", [False, True])
 def test_gpu_flex_modifiers_forward_backward(padded: bool) -> None:
-    _gpu_case(MODIFIED.patterns["default"], {"doc0": 129, "doc1": 300, "image": 7, "text": 77}, padded, seed=7)
+    _gpu_case(
+        MODIFIED.patterns["default"], {"doc0": 129, "doc1": 300, "image": 7, "text": 77}, padded, seed=7
+    )
 
 
 @cuda
 def test_gpu_flex_kv_cache_and_bf16() -> None:
     plan = patternc.compile(AB_PC).patterns["joint"]
-    module = make(plan, "flex").cuda()
+    module = make(plan, "flex", dim=32).cuda()
     sizes = {"surface_anchors": 100, "surface_queries": 300, "volume_anchors": 60, "volume_queries": 200}
-    x = torch.randn(2, 660, 16, device="cuda")
+    x = torch.randn(2, 660, 32, device="cuda")
     with torch.no_grad():
         full, cache = module(x, sizes)
         assert cache is not None
@@ -345,10 +370,20 @@ def test_gpu_flex_kv_cache_and_bf16() -> None:
         queries = torch.cat([x[:, 100:400], x[:, 460:]], dim=1)
         out, _ = module(queries, cached, kv_cache=cache)
         assert relative_error(out, torch.cat([full[:, 100:400], full[:, 460:]], dim=1)) < 1e-5
-        dense = make(plan, "dense").cuda()
+        dense = make(plan, "dense", dim=32).cuda()
         half, _ = module.to(torch.bfloat16)(x.bfloat16(), sizes)
         ref, _ = dense(x, sizes)
         assert relative_error(half.float(), ref) < 2e-2
+
+
+@cuda
+def test_gpu_small_head_dim_falls_back_to_batched() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    module = make(plan, "flex").cuda()  # head_dim 8
+    flex._warned.clear()
+    with pytest.warns(UserWarning, match="head_dim 8 < 16"), torch.no_grad():
+        out, _ = module(torch.randn(1, 10, 16, device="cuda"), {"a": 3, "q": 7})
+    assert torch.isfinite(out).all()
 
 
 @cuda

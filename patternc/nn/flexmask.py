@@ -89,17 +89,12 @@ def _with_padding(
     return [*segments, (pad_group, real, length)] if real < length else list(segments)
 
 
-def _overlaps_per_block(
-    segments: list[tuple[int, int, int]], n_blocks: int, block: int, device: torch.device
-) -> Tensor:
-    """``[blocks]``: how many segments (padding included) overlap each block."""
-    bounds = torch.tensor(
-        [(start // block, (stop - 1) // block + 1) for _, start, stop in segments], device=device
-    )
-    diff = torch.zeros(n_blocks + 1, dtype=torch.int32, device=device)
-    ones = torch.ones(len(segments), dtype=torch.int32, device=device)
-    diff.index_put_((bounds[:, 0],), ones, accumulate=True)
-    diff.index_put_((bounds[:, 1],), -ones, accumulate=True)
+def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> Tensor:
+    """``[blocks]`` (host): how many segments (padding included) overlap each block."""
+    diff = torch.zeros(n_blocks + 1, dtype=torch.int32)
+    for _, start, stop in segments:
+        diff[start // block] += 1
+        diff[(stop - 1) // block + 1] -= 1
     return torch.cumsum(diff, 0, dtype=torch.int32)[:n_blocks]
 
 
@@ -119,30 +114,33 @@ def _pair_counts(
     Pairs without modifiers are allowed on their whole block rectangle: they
     are added with a 2-D difference array. Pairs with modifiers are classified
     block by block on their rectangle (one padded batch for all of them) by
-    interval arithmetic on positions within the groups.
+    interval arithmetic on positions within the groups. The small per-pair
+    work runs on the host (``allowed``, ``causal``, ``window`` are host
+    tensors); only the ``[blocks, blocks]`` sums run on ``device``, with no
+    synchronisation.
     """
-    q = torch.tensor(q_segs, dtype=torch.int64, device=device)  # [Sq, 3]
-    k = torch.tensor(k_segs, dtype=torch.int64, device=device)
-    pair_allowed = allowed[q[:, 0]][:, k[:, 0]]  # [Sq, Sk]
-    qi, ki = pair_allowed.nonzero(as_tuple=True)
+    q = torch.tensor(q_segs, dtype=torch.int64)  # [Sq, 3]
+    k = torch.tensor(k_segs, dtype=torch.int64)
+    qi, ki = allowed[q[:, 0]][:, k[:, 0]].nonzero(as_tuple=True)
     gq = q[qi, 0]
     r0, r1 = q[qi, 1] // block, (q[qi, 2] - 1) // block
     c0, c1 = k[ki, 1] // block, (k[ki, 2] - 1) // block
     modified = causal[gq] | (window[gq] > 0)
-    n_q, n_kv = shape
-    diff = torch.zeros(n_q + 1, n_kv + 1, dtype=torch.int32, device=device)
     plain = ~modified
-    ones = torch.ones(int(plain.sum()), dtype=torch.int32, device=device)
-    for rows, cols, sign in ((r0, c0, 1), (r0, c1 + 1, -1), (r1 + 1, c0, -1), (r1 + 1, c1 + 1, 1)):
-        diff.index_put_((rows[plain], cols[plain]), sign * ones, accumulate=True)
+    n_q, n_kv = shape
+    corners_r = torch.cat([r0[plain], r0[plain], r1[plain] + 1, r1[plain] + 1])
+    corners_c = torch.cat([c0[plain], c1[plain] + 1, c0[plain], c1[plain] + 1])
+    signs = torch.tensor([1, -1, -1, 1], dtype=torch.int32).repeat_interleave(int(plain.sum()))
+    diff = torch.zeros(n_q + 1, n_kv + 1, dtype=torch.int32, device=device)
+    diff.index_put_((corners_r.to(device), corners_c.to(device)), signs.to(device), accumulate=True)
     plain_counts = diff.cumsum(0, dtype=torch.int32).cumsum(1, dtype=torch.int32)[:n_q, :n_kv]
     nonempty, full = plain_counts.clone(), plain_counts
     if bool(modified.any()):
         m = modified.nonzero(as_tuple=True)[0]
         height = int((r1[m] - r0[m]).max()) + 1
         width = int((c1[m] - c0[m]).max()) + 1
-        rows = r0[m, None] + torch.arange(height, device=device)  # [P, R]
-        cols = c0[m, None] + torch.arange(width, device=device)  # [P, C]
+        rows = r0[m, None] + torch.arange(height)  # [P, R]
+        cols = c0[m, None] + torch.arange(width)  # [P, C]
         q_start, q_stop = q[qi[m], 1, None], q[qi[m], 2, None]
         k_start, k_stop = k[ki[m], 1, None], k[ki[m], 2, None]
         qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
@@ -155,10 +153,10 @@ def _pair_counts(
         pair_full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
         pair_empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
         inside = (rows <= r1[m, None])[:, :, None] & (cols <= c1[m, None])[:, None, :]
-        rr = rows[:, :, None].expand_as(inside)[inside]
-        cc = cols[:, None, :].expand_as(inside)[inside]
-        nonempty.index_put_((rr, cc), (~pair_empty)[inside].to(torch.int32), accumulate=True)
-        full.index_put_((rr, cc), pair_full[inside].to(torch.int32), accumulate=True)
+        rr = rows[:, :, None].expand_as(inside)[inside].to(device)
+        cc = cols[:, None, :].expand_as(inside)[inside].to(device)
+        nonempty.index_put_((rr, cc), (~pair_empty)[inside].to(torch.int32).to(device), accumulate=True)
+        full.index_put_((rr, cc), pair_full[inside].to(torch.int32).to(device), accumulate=True)
     return nonempty, full
 
 
@@ -206,7 +204,6 @@ class FlexTables:
         window = torch.tensor(
             [m.window or 0 for m in mods] + [0] * (n_groups + 1 - len(mods)), dtype=torch.int32
         )
-        allowed, causal, window = allowed.to(device), causal.to(device), window.to(device)
         q_group, q_pos = _token_tables(queries, q_len, pad, device)
         kv_group, kv_pos = _token_tables(keys, kv_len, pad, device)
 
@@ -218,11 +215,12 @@ class FlexTables:
             q_segs, k_segs, allowed, causal, window, shape, block, device
         )
         n_pairs = (
-            _overlaps_per_block(q_segs, shape[0], block, device)[:, None]
-            * _overlaps_per_block(k_segs, shape[1], block, device)[None, :]
-        )
+            _overlaps_per_block(q_segs, shape[0], block)[:, None]
+            * _overlaps_per_block(k_segs, shape[1], block)[None, :]
+        ).to(device)
         nonempty = nonempty_pairs > 0
         full = (full_pairs == n_pairs) & nonempty
+        allowed, causal, window = allowed.to(device), causal.to(device), window.to(device)
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
@@ -277,13 +275,36 @@ class FlexTables:
         partial, full = self.partial, self.full
         if key_padding_mask is not None:
             partial, full = partial | full, torch.zeros_like(full)
-        return BlockMask.from_kv_blocks(
-            *_ordered(partial),
-            *_ordered(full),
-            BLOCK_SIZE=(self.q_len // partial.shape[0], self.kv_len // partial.shape[1]),
-            mask_mod=self.mask_mod(key_padding_mask),
-            seq_lengths=(self.q_len, self.kv_len),
-        )
+        kv_num, kv_idx = _ordered(partial)
+        full_kv_num, full_kv_idx = _ordered(full)
+        block_size = (self.q_len // partial.shape[0], self.kv_len // partial.shape[1])
+        mask_mod = self.mask_mod(key_padding_mask)
+        try:  # the q-major copies (for the backward pass) from the same cheap ordering
+            q_num, q_idx = _ordered(partial.t())
+            full_q_num, full_q_idx = _ordered(full.t())
+            return BlockMask(
+                seq_lengths=(self.q_len, self.kv_len),
+                kv_num_blocks=kv_num,
+                kv_indices=kv_idx,
+                full_kv_num_blocks=full_kv_num,
+                full_kv_indices=full_kv_idx,
+                q_num_blocks=q_num,
+                q_indices=q_idx,
+                full_q_num_blocks=full_q_num,
+                full_q_indices=full_q_idx,
+                BLOCK_SIZE=block_size,
+                mask_mod=mask_mod,
+            )
+        except TypeError:  # a torch whose BlockMask takes other arguments
+            return BlockMask.from_kv_blocks(
+                kv_num,
+                kv_idx,
+                full_kv_num,
+                full_kv_idx,
+                BLOCK_SIZE=block_size,
+                mask_mod=mask_mod,
+                seq_lengths=(self.q_len, self.kv_len),
+            )
 
     @property
     def sparsity(self) -> float:
@@ -293,8 +314,14 @@ class FlexTables:
 
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``[Q_blocks, KV_blocks]`` bool -> (count per row, column indices
-    of the True entries first) as FlexAttention stores them."""
-    counts = blocks.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    """Dense ``[rows, cols]`` bool -> (count per row, column indices of the True
+    entries first, in order, then the others) as FlexAttention stores them.
+    A stable partition by prefix sums and one scatter: no sort."""
+    taken = blocks.to(torch.int32)
+    counts = taken.sum(dim=-1, dtype=torch.int32)
+    before_true = taken.cumsum(-1, dtype=torch.int32) - taken
+    before_false = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32) - before_true
+    slot = torch.where(blocks, before_true, counts[:, None] + before_false).to(torch.int64)
+    columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32).expand_as(taken)
+    indices = torch.empty_like(taken).scatter_(-1, slot, columns)
     return counts[None, None], indices[None, None]

@@ -6,8 +6,8 @@ reuse a few compiled kernels), the block mask comes from the group layout
 device, padding), and ``flex_attention`` is compiled once per process.
 
 Where torch cannot run it, ``flex`` falls back to ``batched`` with a one-time
-warning: gradients on CPU (torch has no FlexAttention backward there) and
-attention dropout (FlexAttention has none).
+warning: gradients on CPU (torch has no FlexAttention backward there),
+attention dropout (FlexAttention has none) and heads narrower than 16 on a GPU.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
         return "attention dropout (FlexAttention has none)"
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         return "gradients on CPU (torch's FlexAttention has no CPU backward)"
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
     return None
 
 
