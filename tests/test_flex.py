@@ -393,3 +393,22 @@ def test_gpu_block_mask_built_on_device_matches_cpu() -> None:
     on_gpu = FlexTables.build(schedule, {}, "cuda")
     on_cpu = FlexTables.build(schedule, {}, "cpu")
     assert torch.equal(on_gpu.partial.cpu(), on_cpu.partial) and torch.equal(on_gpu.full.cpu(), on_cpu.full)
+
+
+def test_block_mask_index_tensors_are_contiguous() -> None:
+    """FlexAttention's GPU kernels read block indices row by row; the q-major
+    copies come from a transposed matrix and must still be contiguous."""
+    plan = MODIFIED.patterns["default"]
+    tables = FlexTables.build(
+        schedule_for(plan.token_specs({"doc0": 300, "doc1": 500, "image": 129, "text": 77}), plan), {}, "cpu"
+    )
+    mask = tables.block_mask()
+    for name in (
+        "kv_indices",
+        "full_kv_indices",
+        "q_indices",
+        "full_q_indices",
+        "kv_num_blocks",
+        "q_num_blocks",
+    ):
+        assert getattr(mask, name).is_contiguous(), name

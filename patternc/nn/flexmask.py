@@ -317,11 +317,11 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``[rows, cols]`` bool -> (count per row, column indices of the True
     entries first, in order, then the others) as FlexAttention stores them.
     A stable partition by prefix sums and one scatter: no sort."""
-    taken = blocks.to(torch.int32)
+    taken = blocks.to(torch.int32).contiguous()  # kernels index rows with the last dim contiguous
     counts = taken.sum(dim=-1, dtype=torch.int32)
     before_true = taken.cumsum(-1, dtype=torch.int32) - taken
     before_false = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32) - before_true
-    slot = torch.where(blocks, before_true, counts[:, None] + before_false).to(torch.int64)
+    slot = torch.where(taken.bool(), before_true, counts[:, None] + before_false).to(torch.int64)
     columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32).expand_as(taken)
     indices = torch.empty_like(taken).scatter_(-1, slot, columns)
     return counts[None, None], indices[None, None]
