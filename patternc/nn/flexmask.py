@@ -73,12 +73,15 @@ def group_segments(
 def _token_tables(
     segments: list[tuple[int, int, int]], length: int, pad_group: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Per-token group id (``pad_group`` beyond the real tokens) and position within the group."""
-    gids = torch.full((length,), pad_group, dtype=torch.int32)
-    pos = torch.zeros(length, dtype=torch.int32)
-    for gid, start, stop in segments:
-        gids[start:stop] = gid
-        pos[start:stop] = torch.arange(stop - start, dtype=torch.int32)
+    """Per-token group id (``pad_group`` beyond the real tokens) and position
+    within the group; built on the host in a few vectorized steps, then moved once."""
+    real = segments[-1][2] if segments else 0
+    ids = torch.tensor([g for g, _, _ in segments] + [pad_group], dtype=torch.int32)
+    sizes = torch.tensor([stop - start for _, start, stop in segments] + [length - real])
+    starts = torch.tensor([start for _, start, _ in segments] + [real])
+    gids = torch.repeat_interleave(ids, sizes)
+    pos = (torch.arange(length) - torch.repeat_interleave(starts, sizes)).to(torch.int32)
+    pos[real:] = 0
     return gids.to(device), pos.to(device)
 
 
@@ -91,11 +94,11 @@ def _with_padding(
 
 def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> Tensor:
     """``[blocks]`` (host): how many segments (padding included) overlap each block."""
-    diff = torch.zeros(n_blocks + 1, dtype=torch.int32)
+    diff = [0] * (n_blocks + 1)
     for _, start, stop in segments:
         diff[start // block] += 1
         diff[(stop - 1) // block + 1] -= 1
-    return torch.cumsum(diff, 0, dtype=torch.int32)[:n_blocks]
+    return torch.cumsum(torch.tensor(diff, dtype=torch.int32), 0, dtype=torch.int32)[:n_blocks]
 
 
 def _pair_counts(
