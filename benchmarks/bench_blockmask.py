@@ -107,7 +107,18 @@ def breakdown(args: argparse.Namespace) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         FlexTables.build(schedule, {}, device).block_mask()
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        FlexTables.build(schedule, {}, device).block_mask()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 def main() -> None:
