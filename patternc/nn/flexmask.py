@@ -70,19 +70,32 @@ def group_segments(
     return queries, keys
 
 
-def _token_tables(
-    segments: list[tuple[int, int, int]], length: int, pad_group: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-token group id (``pad_group`` beyond the real tokens) and position
-    within the group; built on the host in a few vectorized steps, then moved once."""
-    real = segments[-1][2] if segments else 0
-    ids = torch.tensor([g for g, _, _ in segments] + [pad_group], dtype=torch.int32)
-    sizes = torch.tensor([stop - start for _, start, stop in segments] + [length - real])
-    starts = torch.tensor([start for _, start, _ in segments] + [real])
-    gids = torch.repeat_interleave(ids, sizes)
-    pos = (torch.arange(length) - torch.repeat_interleave(starts, sizes)).to(torch.int32)
-    pos[real:] = 0
-    return gids.to(device), pos.to(device)
+def _token_tables(ids: Tensor, sizes: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Per-token group id and position within the group, expanded on the
+    device from one row per segment (padding included)."""
+    gids = torch.repeat_interleave(ids, sizes, output_size=length).to(torch.int32)
+    offsets = torch.repeat_interleave(starts, sizes, output_size=length)
+    pos = (torch.arange(length, device=ids.device) - offsets).to(torch.int32)
+    return gids, pos
+
+
+class _Upload:
+    """Gathers small host tensors and moves them to the device in one copy."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[Tensor, torch.dtype, tuple[int, ...]]] = []
+
+    def add(self, t: Tensor) -> int:
+        self._parts.append((t.reshape(-1).to(torch.int64), t.dtype, tuple(t.shape)))
+        return len(self._parts) - 1
+
+    def send(self, device: torch.device) -> list[Tensor]:
+        flat = torch.cat([p for p, _, _ in self._parts]).to(device)
+        out, start = [], 0
+        for part, dtype, shape in self._parts:
+            out.append(flat[start : start + part.numel()].reshape(shape).to(dtype))
+            start += part.numel()
+        return out
 
 
 def _with_padding(
@@ -101,26 +114,21 @@ def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, blo
     return torch.cumsum(torch.tensor(diff, dtype=torch.int32), 0, dtype=torch.int32)[:n_blocks]
 
 
-def _pair_counts(
+def _pair_updates(
     q_segs: list[tuple[int, int, int]],
     k_segs: list[tuple[int, int, int]],
     allowed: Tensor,
     causal: Tensor,
     window: Tensor,
-    shape: tuple[int, int],
     block: int,
-    device: torch.device,
-) -> tuple[Tensor, Tensor]:
-    """Per block: how many of its (query segment, key segment) pairs are
-    non-empty, and how many are full.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Host side of the block classes, per allowed (query segment, key segment) pair.
 
     Pairs without modifiers are allowed on their whole block rectangle: they
-    are added with a 2-D difference array. Pairs with modifiers are classified
-    block by block on their rectangle (one padded batch for all of them) by
-    interval arithmetic on positions within the groups. The small per-pair
-    work runs on the host (``allowed``, ``causal``, ``window`` are host
-    tensors); only the ``[blocks, blocks]`` sums run on ``device``, with no
-    synchronisation.
+    become the four corners of a 2-D difference array (rows, cols, signs).
+    Pairs with modifiers are classified block by block on their rectangle (one
+    padded batch for all of them) by interval arithmetic on positions within
+    the groups: (rows, cols, non-empty, full) per block.
     """
     q = torch.tensor(q_segs, dtype=torch.int64)  # [Sq, 3]
     k = torch.tensor(k_segs, dtype=torch.int64)
@@ -130,37 +138,38 @@ def _pair_counts(
     c0, c1 = k[ki, 1] // block, (k[ki, 2] - 1) // block
     modified = causal[gq] | (window[gq] > 0)
     plain = ~modified
-    n_q, n_kv = shape
-    corners_r = torch.cat([r0[plain], r0[plain], r1[plain] + 1, r1[plain] + 1])
-    corners_c = torch.cat([c0[plain], c1[plain] + 1, c0[plain], c1[plain] + 1])
+    corner_rows = torch.cat([r0[plain], r0[plain], r1[plain] + 1, r1[plain] + 1])
+    corner_cols = torch.cat([c0[plain], c1[plain] + 1, c0[plain], c1[plain] + 1])
     signs = torch.tensor([1, -1, -1, 1], dtype=torch.int32).repeat_interleave(int(plain.sum()))
-    diff = torch.zeros(n_q + 1, n_kv + 1, dtype=torch.int32, device=device)
-    diff.index_put_((corners_r.to(device), corners_c.to(device)), signs.to(device), accumulate=True)
-    plain_counts = diff.cumsum(0, dtype=torch.int32).cumsum(1, dtype=torch.int32)[:n_q, :n_kv]
-    nonempty, full = plain_counts.clone(), plain_counts
-    if bool(modified.any()):
-        m = modified.nonzero(as_tuple=True)[0]
-        height = int((r1[m] - r0[m]).max()) + 1
-        width = int((c1[m] - c0[m]).max()) + 1
-        rows = r0[m, None] + torch.arange(height)  # [P, R]
-        cols = c0[m, None] + torch.arange(width)  # [P, C]
-        q_start, q_stop = q[qi[m], 1, None], q[qi[m], 2, None]
-        k_start, k_stop = k[ki[m], 1, None], k[ki[m], 2, None]
-        qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
-        qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
-        klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
-        khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
-        is_causal = causal[gq[m]][:, None, None]
-        win = window[gq[m]].to(torch.int64)[:, None, None]
-        has_window = win > 0
-        pair_full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
-        pair_empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
-        inside = (rows <= r1[m, None])[:, :, None] & (cols <= c1[m, None])[:, None, :]
-        rr = rows[:, :, None].expand_as(inside)[inside].to(device)
-        cc = cols[:, None, :].expand_as(inside)[inside].to(device)
-        nonempty.index_put_((rr, cc), (~pair_empty)[inside].to(torch.int32).to(device), accumulate=True)
-        full.index_put_((rr, cc), pair_full[inside].to(torch.int32).to(device), accumulate=True)
-    return nonempty, full
+    empty = torch.zeros(0, dtype=torch.int64)
+    if not bool(modified.any()):
+        return corner_rows, corner_cols, signs, empty, empty, empty, empty
+    m = modified.nonzero(as_tuple=True)[0]
+    height = int((r1[m] - r0[m]).max()) + 1
+    width = int((c1[m] - c0[m]).max()) + 1
+    rows = r0[m, None] + torch.arange(height)  # [P, R]
+    cols = c0[m, None] + torch.arange(width)  # [P, C]
+    q_start, q_stop = q[qi[m], 1, None], q[qi[m], 2, None]
+    k_start, k_stop = k[ki[m], 1, None], k[ki[m], 2, None]
+    qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
+    qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
+    klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
+    khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
+    is_causal = causal[gq[m]][:, None, None]
+    win = window[gq[m]].to(torch.int64)[:, None, None]
+    has_window = win > 0
+    pair_full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
+    pair_empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
+    inside = (rows <= r1[m, None])[:, :, None] & (cols <= c1[m, None])[:, None, :]
+    return (
+        corner_rows,
+        corner_cols,
+        signs,
+        rows[:, :, None].expand_as(inside)[inside],
+        cols[:, None, :].expand_as(inside)[inside],
+        (~pair_empty)[inside].to(torch.int32),
+        pair_full[inside].to(torch.int32),
+    )
 
 
 @dataclass(frozen=True)
@@ -207,23 +216,41 @@ class FlexTables:
         window = torch.tensor(
             [m.window or 0 for m in mods] + [0] * (n_groups + 1 - len(mods)), dtype=torch.int32
         )
-        q_group, q_pos = _token_tables(queries, q_len, pad, device)
-        kv_group, kv_pos = _token_tables(keys, kv_len, pad, device)
+        q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
+        shape = (q_len // block, kv_len // block)
+
+        # everything small is computed on the host and moved in one copy
+        upload = _Upload()
+        for t in (allowed, causal, window):
+            upload.add(t)
+        for segs in (q_segs, k_segs):
+            seg = torch.tensor(segs, dtype=torch.int64)
+            for t in (seg[:, 0], seg[:, 2] - seg[:, 1], seg[:, 1]):
+                upload.add(t)
+        upload.add(_overlaps_per_block(q_segs, shape[0], block))
+        upload.add(_overlaps_per_block(k_segs, shape[1], block))
+        for t in _pair_updates(q_segs, k_segs, allowed, causal, window, block):
+            upload.add(t)
+        (
+            allowed, causal, window,
+            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
+            q_overlaps, k_overlaps,
+            corner_rows, corner_cols, signs, mod_rows, mod_cols, mod_nonempty, mod_full,
+        ) = upload.send(device)  # fmt: skip
+        q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len)
+        kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
-        q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
-        shape = (q_len // block, kv_len // block)
-        nonempty_pairs, full_pairs = _pair_counts(
-            q_segs, k_segs, allowed, causal, window, shape, block, device
-        )
-        n_pairs = (
-            _overlaps_per_block(q_segs, shape[0], block)[:, None]
-            * _overlaps_per_block(k_segs, shape[1], block)[None, :]
-        ).to(device)
+        diff = torch.zeros(shape[0] + 1, shape[1] + 1, dtype=torch.int32, device=device)
+        diff.index_put_((corner_rows, corner_cols), signs, accumulate=True)
+        plain = diff.cumsum(0, dtype=torch.int32).cumsum(1, dtype=torch.int32)[: shape[0], : shape[1]]
+        nonempty_pairs, full_pairs = plain.clone(), plain
+        if mod_rows.numel():
+            nonempty_pairs.index_put_((mod_rows, mod_cols), mod_nonempty, accumulate=True)
+            full_pairs.index_put_((mod_rows, mod_cols), mod_full, accumulate=True)
         nonempty = nonempty_pairs > 0
-        full = (full_pairs == n_pairs) & nonempty
-        allowed, causal, window = allowed.to(device), causal.to(device), window.to(device)
+        full = (full_pairs == q_overlaps[:, None] * k_overlaps[None, :]) & nonempty
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
