@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patternc.modifiers import NO_MODIFIERS
 from patternc.nn.schedule import Schedule
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
@@ -80,22 +81,20 @@ def _token_tables(ids: Tensor, sizes: Tensor, starts: Tensor, length: int) -> tu
 
 
 class _Upload:
-    """Gathers small host tensors and moves them to the device in one copy."""
+    """Gathers small integer arrays on the host and moves them to the device
+    in one copy (a handful of tensor operations instead of dozens)."""
 
     def __init__(self) -> None:
-        self._parts: list[tuple[Tensor, torch.dtype, tuple[int, ...]]] = []
+        self._values: list[int] = []
+        self._lengths: list[int] = []
 
-    def add(self, t: Tensor) -> int:
-        self._parts.append((t.reshape(-1).to(torch.int64), t.dtype, tuple(t.shape)))
-        return len(self._parts) - 1
+    def add(self, values: list[int]) -> None:
+        self._values.extend(values)
+        self._lengths.append(len(values))
 
-    def send(self, device: torch.device) -> list[Tensor]:
-        flat = torch.cat([p for p, _, _ in self._parts]).to(device)
-        out, start = [], 0
-        for part, dtype, shape in self._parts:
-            out.append(flat[start : start + part.numel()].reshape(shape).to(dtype))
-            start += part.numel()
-        return out
+    def send(self, device: torch.device) -> tuple[Tensor, ...]:
+        flat = torch.tensor(self._values, dtype=torch.int64).to(device)
+        return torch.split(flat, self._lengths)
 
 
 def _with_padding(
@@ -105,70 +104,47 @@ def _with_padding(
     return [*segments, (pad_group, real, length)] if real < length else list(segments)
 
 
-def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> Tensor:
-    """``[blocks]`` (host): how many segments (padding included) overlap each block."""
-    diff = [0] * (n_blocks + 1)
+def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> list[int]:
+    """How many segments (padding included) overlap each block."""
+    counts = [0] * (n_blocks + 1)
     for _, start, stop in segments:
-        diff[start // block] += 1
-        diff[(stop - 1) // block + 1] -= 1
-    return torch.cumsum(torch.tensor(diff, dtype=torch.int32), 0, dtype=torch.int32)[:n_blocks]
+        counts[start // block] += 1
+        counts[(stop - 1) // block + 1] -= 1
+    running = 0
+    for b in range(n_blocks + 1):
+        running += counts[b]
+        counts[b] = running
+    return counts[:n_blocks]
 
 
-def _pair_updates(
-    q_segs: list[tuple[int, int, int]],
-    k_segs: list[tuple[int, int, int]],
-    allowed: Tensor,
-    causal: Tensor,
-    window: Tensor,
-    block: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Host side of the block classes, per allowed (query segment, key segment) pair.
-
-    Pairs without modifiers are allowed on their whole block rectangle: they
-    become the four corners of a 2-D difference array (rows, cols, signs).
-    Pairs with modifiers are classified block by block on their rectangle (one
-    padded batch for all of them) by interval arithmetic on positions within
-    the groups: (rows, cols, non-empty, full) per block.
-    """
-    q = torch.tensor(q_segs, dtype=torch.int64)  # [Sq, 3]
-    k = torch.tensor(k_segs, dtype=torch.int64)
-    qi, ki = allowed[q[:, 0]][:, k[:, 0]].nonzero(as_tuple=True)
-    gq = q[qi, 0]
-    r0, r1 = q[qi, 1] // block, (q[qi, 2] - 1) // block
-    c0, c1 = k[ki, 1] // block, (k[ki, 2] - 1) // block
-    modified = causal[gq] | (window[gq] > 0)
-    plain = ~modified
-    corner_rows = torch.cat([r0[plain], r0[plain], r1[plain] + 1, r1[plain] + 1])
-    corner_cols = torch.cat([c0[plain], c1[plain] + 1, c0[plain], c1[plain] + 1])
-    signs = torch.tensor([1, -1, -1, 1], dtype=torch.int32).repeat_interleave(int(plain.sum()))
-    empty = torch.zeros(0, dtype=torch.int64)
-    if not bool(modified.any()):
-        return corner_rows, corner_cols, signs, empty, empty, empty, empty
-    m = modified.nonzero(as_tuple=True)[0]
-    height = int((r1[m] - r0[m]).max()) + 1
-    width = int((c1[m] - c0[m]).max()) + 1
-    rows = r0[m, None] + torch.arange(height)  # [P, R]
-    cols = c0[m, None] + torch.arange(width)  # [P, C]
-    q_start, q_stop = q[qi[m], 1, None], q[qi[m], 2, None]
-    k_start, k_stop = k[ki[m], 1, None], k[ki[m], 2, None]
+def _modified_pair_blocks(pairs: list[tuple[int, int, int, int, bool, int]], block: int) -> Tensor:
+    """Blocks of the (query segment, key segment) pairs that carry modifiers,
+    classified one by one on each pair's block rectangle (one padded batch):
+    ``[4, n]`` rows (block row, block column, non-empty, full), from interval
+    arithmetic on positions within the groups."""
+    p = torch.tensor(pairs, dtype=torch.int64)  # q_start, q_stop, k_start, k_stop, causal, window
+    q_start, q_stop, k_start, k_stop = (p[:, i, None] for i in range(4))
+    r0, r1 = q_start // block, (q_stop - 1) // block
+    c0, c1 = k_start // block, (k_stop - 1) // block
+    rows = r0 + torch.arange(int((r1 - r0).max()) + 1)  # [P, R]
+    cols = c0 + torch.arange(int((c1 - c0).max()) + 1)  # [P, C]
     qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
     qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
     klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
     khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
-    is_causal = causal[gq[m]][:, None, None]
-    win = window[gq[m]].to(torch.int64)[:, None, None]
+    is_causal = p[:, 4, None, None].bool()
+    win = p[:, 5, None, None]
     has_window = win > 0
-    pair_full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
-    pair_empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
-    inside = (rows <= r1[m, None])[:, :, None] & (cols <= c1[m, None])[:, None, :]
-    return (
-        corner_rows,
-        corner_cols,
-        signs,
-        rows[:, :, None].expand_as(inside)[inside],
-        cols[:, None, :].expand_as(inside)[inside],
-        (~pair_empty)[inside].to(torch.int32),
-        pair_full[inside].to(torch.int32),
+    full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
+    empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
+    inside = (rows <= r1)[:, :, None] & (cols <= c1)[:, None, :]
+    return torch.stack(
+        [
+            rows[:, :, None].expand_as(inside)[inside],
+            cols[:, None, :].expand_as(inside)[inside],
+            (~empty)[inside].to(torch.int64),
+            full[inside].to(torch.int64),
+        ]
     )
 
 
@@ -205,50 +181,67 @@ class FlexTables:
         n_kv = n_q + sum(cache_lengths[g] for g in schedule.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        allowed = torch.zeros(n_groups + 1, n_groups + 1, dtype=torch.bool)
-        allowed[:n_groups, :n_groups] = torch.tensor(schedule.allowed, dtype=torch.bool).reshape(
-            n_groups, n_groups
-        )
-        mods = schedule.group_modifiers or ()
-        causal = torch.tensor(
-            [m.causal for m in mods] + [False] * (n_groups + 1 - len(mods)), dtype=torch.bool
-        )
-        window = torch.tensor(
-            [m.window or 0 for m in mods] + [0] * (n_groups + 1 - len(mods)), dtype=torch.int32
+        mods = list(schedule.group_modifiers or ()) + [NO_MODIFIERS] * (
+            n_groups + 1 - len(schedule.group_modifiers)
         )
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
-        # everything small is computed on the host and moved in one copy
+        # The host works on one row per group or segment; a single copy moves it all.
         upload = _Upload()
-        for t in (allowed, causal, window):
-            upload.add(t)
+        upload.add([int(v) for row in schedule.allowed for v in (*row, False)] + [0] * (n_groups + 1))
+        upload.add([int(m.causal) for m in mods])
+        upload.add([m.window or 0 for m in mods])
         for segs in (q_segs, k_segs):
-            seg = torch.tensor(segs, dtype=torch.int64)
-            for t in (seg[:, 0], seg[:, 2] - seg[:, 1], seg[:, 1]):
-                upload.add(t)
+            upload.add([g for g, _, _ in segs])
+            upload.add([stop - start for _, start, stop in segs])
+            upload.add([start for _, start, _ in segs])
         upload.add(_overlaps_per_block(q_segs, shape[0], block))
         upload.add(_overlaps_per_block(k_segs, shape[1], block))
-        for t in _pair_updates(q_segs, k_segs, allowed, causal, window, block):
-            upload.add(t)
+        # (query segment, key segment) pairs a rule allows: without modifiers a
+        # pair covers its whole block rectangle (four corners of a 2-D
+        # difference array); pairs with modifiers are classified block by block
+        key_segments: dict[int, list[tuple[int, int]]] = {}
+        for gid, start, stop in keys:
+            key_segments.setdefault(gid, []).append((start, stop))
+        corner_rows: list[int] = []
+        corner_cols: list[int] = []
+        signs: list[int] = []
+        modified: list[tuple[int, int, int, int, bool, int]] = []
+        for gid, q_start, q_stop in queries:
+            row, mod = schedule.allowed[gid], mods[gid]
+            for key_gid in (k for k, ok in enumerate(row) if ok):
+                for k_start, k_stop in key_segments.get(key_gid, ()):
+                    if mod:
+                        modified.append((q_start, q_stop, k_start, k_stop, mod.causal, mod.window or 0))
+                        continue
+                    r0, r1 = q_start // block, (q_stop - 1) // block + 1
+                    c0, c1 = k_start // block, (k_stop - 1) // block + 1
+                    corner_rows += (r0, r0, r1, r1)
+                    corner_cols += (c0, c1, c0, c1)
+                    signs += (1, -1, -1, 1)
+        upload.add(corner_rows)
+        upload.add(corner_cols)
+        upload.add(signs)
         (
-            allowed, causal, window,
-            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
-            q_overlaps, k_overlaps,
-            corner_rows, corner_cols, signs, mod_rows, mod_cols, mod_nonempty, mod_full,
+            allowed, causal, window, q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
+            q_overlaps, k_overlaps, corner_rows_t, corner_cols_t, signs_t,
         ) = upload.send(device)  # fmt: skip
+        allowed = allowed.reshape(n_groups + 1, n_groups + 1).bool()
+        causal = causal.bool()
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len)
         kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
-        diff = torch.zeros(shape[0] + 1, shape[1] + 1, dtype=torch.int32, device=device)
-        diff.index_put_((corner_rows, corner_cols), signs, accumulate=True)
-        plain = diff.cumsum(0, dtype=torch.int32).cumsum(1, dtype=torch.int32)[: shape[0], : shape[1]]
+        diff = torch.zeros(shape[0] + 1, shape[1] + 1, dtype=torch.int64, device=device)
+        diff.index_put_((corner_rows_t, corner_cols_t), signs_t, accumulate=True)
+        plain = diff.cumsum(0).cumsum(1)[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain.clone(), plain
-        if mod_rows.numel():
-            nonempty_pairs.index_put_((mod_rows, mod_cols), mod_nonempty, accumulate=True)
-            full_pairs.index_put_((mod_rows, mod_cols), mod_full, accumulate=True)
+        if modified:
+            rows, cols, pair_nonempty, pair_full = _modified_pair_blocks(modified, block).to(device)
+            nonempty_pairs.index_put_((rows, cols), pair_nonempty, accumulate=True)
+            full_pairs.index_put_((rows, cols), pair_full, accumulate=True)
         nonempty = nonempty_pairs > 0
         full = (full_pairs == q_overlaps[:, None] * k_overlaps[None, :]) & nonempty
         return FlexTables(
@@ -262,7 +255,7 @@ class FlexTables:
             allowed=allowed,
             causal=causal,
             window=window,
-            has_modifiers=bool(any(mods)),
+            has_modifiers=any(mods),
             partial=nonempty & ~full,
             full=full,
         )
