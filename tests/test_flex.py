@@ -200,7 +200,9 @@ def test_block_mask_structures_equal_from_kv_blocks(case: tuple[patternc.Plan, d
     plan, sizes = case
     tables = FlexTables.build(schedule_for(plan.token_specs(sizes), plan), {}, "cpu")
     ours = tables.block_mask()
-    theirs = BlockMask.from_kv_blocks(*_ordered(tables.partial), *_ordered(tables.full), BLOCK_SIZE=128)
+    theirs = BlockMask.from_kv_blocks(
+        *_ordered(tables.partial[None, None]), *_ordered(tables.full[None, None]), BLOCK_SIZE=128
+    )
     for name in ("kv", "full_kv", "q", "full_q"):
         num, idx = getattr(ours, f"{name}_num_blocks"), getattr(ours, f"{name}_indices")
         want_num, want_idx = getattr(theirs, f"{name}_num_blocks"), getattr(theirs, f"{name}_indices")

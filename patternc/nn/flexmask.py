@@ -21,6 +21,7 @@ group ids, so no ``[n, n]`` tensor exists anywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.modifiers import NO_MODIFIERS
+from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.nn.schedule import Schedule
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
@@ -148,6 +149,27 @@ def _modified_pair_blocks(pairs: list[tuple[int, int, int, int, bool, int]], blo
     )
 
 
+def _padded_modifiers(schedule: Schedule) -> tuple[Modifiers, ...]:
+    """Each group's modifiers, plus the padding group's (none)."""
+    mods = tuple(schedule.group_modifiers) or (NO_MODIFIERS,) * len(schedule.all_groups)
+    return (*mods, NO_MODIFIERS)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_tables(
+    allowed: tuple[tuple[bool, ...], ...], modifiers: tuple[Modifiers, ...], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...]]:
+    """Per-plan device tables (group x group ``allowed``, per-group ``causal`` and
+    ``window``) and each group's allowed key groups; shared by all sizes."""
+    n = len(allowed)
+    table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    table[:n, :n] = torch.tensor(allowed, dtype=torch.bool).reshape(n, n)
+    causal = torch.tensor([m.causal for m in modifiers], dtype=torch.bool)
+    window = torch.tensor([m.window or 0 for m in modifiers], dtype=torch.int64)
+    keys = (*(tuple(k for k, ok in enumerate(row) if ok) for row in allowed), ())
+    return table.to(device), causal.to(device), window.to(device), keys
+
+
 @dataclass(frozen=True)
 class FlexTables:
     """Device tables of one layout: what the ``mask_mod`` reads and the block classes."""
@@ -181,17 +203,13 @@ class FlexTables:
         n_kv = n_q + sum(cache_lengths[g] for g in schedule.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        mods = list(schedule.group_modifiers or ()) + [NO_MODIFIERS] * (
-            n_groups + 1 - len(schedule.group_modifiers)
-        )
+        mods = _padded_modifiers(schedule)
+        allowed, causal, window, allowed_keys = _group_tables(schedule.allowed, mods, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
         # The host works on one row per group or segment; a single copy moves it all.
         upload = _Upload()
-        upload.add([int(v) for row in schedule.allowed for v in (*row, False)] + [0] * (n_groups + 1))
-        upload.add([int(m.causal) for m in mods])
-        upload.add([m.window or 0 for m in mods])
         for segs in (q_segs, k_segs):
             upload.add([g for g, _, _ in segs])
             upload.add([stop - start for _, start, stop in segs])
@@ -209,8 +227,8 @@ class FlexTables:
         signs: list[int] = []
         modified: list[tuple[int, int, int, int, bool, int]] = []
         for gid, q_start, q_stop in queries:
-            row, mod = schedule.allowed[gid], mods[gid]
-            for key_gid in (k for k, ok in enumerate(row) if ok):
+            mod = mods[gid]
+            for key_gid in allowed_keys[gid]:
                 for k_start, k_stop in key_segments.get(key_gid, ()):
                     if mod:
                         modified.append((q_start, q_stop, k_start, k_stop, mod.causal, mod.window or 0))
@@ -224,11 +242,9 @@ class FlexTables:
         upload.add(corner_cols)
         upload.add(signs)
         (
-            allowed, causal, window, q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
+            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
             q_overlaps, k_overlaps, corner_rows_t, corner_cols_t, signs_t,
         ) = upload.send(device)  # fmt: skip
-        allowed = allowed.reshape(n_groups + 1, n_groups + 1).bool()
-        causal = causal.bool()
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len)
         kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
 
@@ -298,13 +314,15 @@ class FlexTables:
         partial, full = self.partial, self.full
         if key_padding_mask is not None:
             partial, full = partial | full, torch.zeros_like(full)
-        kv_num, kv_idx = _ordered(partial)
-        full_kv_num, full_kv_idx = _ordered(full)
+        kv_nums, kv_idxs = _ordered(torch.stack([partial, full])[:, None])  # [2, 1, rows, cols]
+        kv_num, full_kv_num = kv_nums[:, None]
+        kv_idx, full_kv_idx = kv_idxs[:, None]
         block_size = (self.q_len // partial.shape[0], self.kv_len // partial.shape[1])
         mask_mod = self.mask_mod(key_padding_mask)
         try:  # the q-major copies (for the backward pass) from the same cheap ordering
-            q_num, q_idx = _ordered(partial.t())
-            full_q_num, full_q_idx = _ordered(full.t())
+            q_nums, q_idxs = _ordered(torch.stack([partial.t(), full.t()])[:, None])
+            q_num, full_q_num = q_nums[:, None]
+            q_idx, full_q_idx = q_idxs[:, None]
             return BlockMask(
                 seq_lengths=(self.q_len, self.kv_len),
                 kv_num_blocks=kv_num,
@@ -337,14 +355,14 @@ class FlexTables:
 
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``[rows, cols]`` bool -> (count per row, column indices of the True
-    entries first, in order, then the others) as FlexAttention stores them.
-    A stable partition by prefix sums and one scatter: no sort."""
+    """Dense ``[..., rows, cols]`` bool -> (count per row, column indices of the
+    True entries first, in order, then the others) as FlexAttention stores them.
+    A stable partition by prefix sums and one scatter: no sort. Several
+    matrices stacked on the leading dims are ordered in the same few launches."""
     taken = blocks.to(torch.int32).contiguous()  # kernels index rows with the last dim contiguous
     counts = taken.sum(dim=-1, dtype=torch.int32)
+    columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32)
     before_true = taken.cumsum(-1, dtype=torch.int32) - taken
-    before_false = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32) - before_true
-    slot = torch.where(taken.bool(), before_true, counts[:, None] + before_false).to(torch.int64)
-    columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32).expand_as(taken)
-    indices = torch.empty_like(taken).scatter_(-1, slot, columns)
-    return counts[None, None], indices[None, None]
+    slot = torch.where(taken.bool(), before_true, counts[..., None] + columns - before_true)
+    indices = torch.empty_like(taken).scatter_(-1, slot.to(torch.int64), columns.expand_as(taken))
+    return counts, indices
