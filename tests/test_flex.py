@@ -414,3 +414,12 @@ def test_block_mask_index_tensors_are_contiguous() -> None:
         "q_num_blocks",
     ):
         assert getattr(mask, name).is_contiguous(), name
+
+
+def test_pattern_attention_backend_argument() -> None:
+    plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
+    assert PatternAttention(config, plan, backend="flex").config.implementation == "flex"
+    assert PatternAttention(config, plan).config.implementation == "batched"
+    with pytest.raises(ValueError, match="implementation"):
+        PatternAttention(config, plan, backend="fast")  # type: ignore[arg-type]

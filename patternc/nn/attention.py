@@ -280,7 +280,7 @@ def _new_cache(k: Tensor, v: Tensor, schedule: Schedule) -> KVCache:
 class PatternAttention(MixedAttention):
     """``MixedAttention`` bound to one compiled plan, so a model calls
     ``attn(x, sizes)`` with ``sizes`` a ``{group: size}`` dict or a list of
-    ``TokenSpec``.
+    ``TokenSpec``. ``backend`` overrides ``config.implementation``.
 
     >>> import patternc
     >>> plan = patternc.compile("groups a q\\n* -> a").patterns["default"]
@@ -290,7 +290,15 @@ class PatternAttention(MixedAttention):
     torch.Size([1, 5, 8])
     """
 
-    def __init__(self, config: MixedAttentionConfig | AttentionConfig, plan: Plan) -> None:
+    def __init__(
+        self,
+        config: MixedAttentionConfig | AttentionConfig,
+        plan: Plan,
+        backend: Implementation | None = None,
+    ) -> None:
+        if backend is not None:
+            fields = {**config.model_dump(), "implementation": backend}
+            config = MixedAttentionConfig(**fields)
         super().__init__(config)
         self.plan = plan
 
