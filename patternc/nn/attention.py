@@ -17,6 +17,7 @@ from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
     AttentionPattern,
+    Implementation,
     InitWeightsMode,
     MixedAttentionConfig,
     TokenSpec,
