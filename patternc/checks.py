@@ -9,11 +9,10 @@ lists (:func:`check_patterns`), so both report the same codes and messages.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, Span, suggest
 from patternc.resolve import ResolvedRule
-from patternc.schemas import AttentionPattern, TokenSpec
+from patternc.schemas import AttentionPattern, TokenSpec, as_token_specs
 from patternc.syntax import GroupDecl, PatternBlock, SourceFile
 
 __all__ = ["check_declarations", "check_patterns", "check_rules"]
@@ -148,18 +147,6 @@ def _duplicates(items: Iterable[GroupDecl | PatternBlock], what: str) -> list[Di
     return diagnostics
 
 
-def _coerce_specs(token_specs: Sequence[Any]) -> list[TokenSpec]:
-    specs = []
-    for spec in token_specs:
-        if isinstance(spec, TokenSpec):
-            specs.append(spec)
-        elif isinstance(spec, Mapping):
-            specs.append(TokenSpec.from_dict(dict(spec)))
-        else:
-            raise TypeError(f"expected TokenSpec or {{name: size}} dict, got {type(spec).__name__}")
-    return specs
-
-
 def check_patterns(token_specs: Sequence[TokenSpec], attention_patterns: Sequence[AttentionPattern]) -> None:
     """Validate a hand-written pattern list; raise :class:`PatternError` with
     every problem found.
@@ -171,7 +158,7 @@ def check_patterns(token_specs: Sequence[TokenSpec], attention_patterns: Sequenc
     >>> check_patterns([TokenSpec("a", 2), TokenSpec("b", 3)],
     ...                [AttentionPattern(["a", "b"], ["a"])])
     """
-    specs = _coerce_specs(token_specs)
+    specs = as_token_specs(token_specs)
     names = [s.name for s in specs]
     diagnostics: list[Diagnostic] = []
     seen: set[str] = set()

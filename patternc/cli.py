@@ -155,11 +155,18 @@ def _build_parser() -> argparse.ArgumentParser:
 BACKENDS = ("dense", "loop", "batched", "flex")
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def _load(file: str) -> Program | None:
+    """Compile a pattern file, or print its diagnostics and return None."""
     try:
-        program = compile_program(Path(args.file))
+        return compile_program(Path(file))
     except PatternError as error:
         print(error, file=sys.stderr)
+        return None
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    program = _load(args.file)
+    if program is None:
         return EXIT_DIAGNOSTICS
     _check_patterns(program, args.pattern)
     sizes = _parse_sizes(args.sizes)
@@ -218,10 +225,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_check(files: Sequence[str]) -> int:
     status = EXIT_OK
     for name in files:
-        try:
-            program = compile_program(Path(name))
-        except PatternError as error:
-            print(error, file=sys.stderr)
+        program = _load(name)
+        if program is None:
             status = EXIT_DIAGNOSTICS
             continue
         print(f"{name}: ok ({len(program.groups)} groups, {len(program.patterns)} pattern(s))")
@@ -229,10 +234,8 @@ def _run_check(files: Sequence[str]) -> int:
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    try:
-        program = compile_program(Path(args.file))
-    except PatternError as error:
-        print(error, file=sys.stderr)
+    program = _load(args.file)
+    if program is None:
         return EXIT_DIAGNOSTICS
     _check_patterns(program, args.pattern)
     sizes = _parse_sizes(args.sizes) if args.sizes else None

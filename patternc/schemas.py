@@ -7,7 +7,8 @@ command line stay light.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,6 +19,8 @@ __all__ = [
     "InitWeightsMode",
     "MixedAttentionConfig",
     "TokenSpec",
+    "TokenSpecs",
+    "as_token_specs",
 ]
 
 InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
@@ -95,6 +98,27 @@ class TokenSpec(_PositionalModel):
         """The part after the last ``_`` (``anchors`` for ``surface_anchors``);
         empty when the name has no ``_``."""
         return self.name.rsplit("_", 1)[1] if "_" in self.name else ""
+
+
+TokenSpecs = Union[Sequence[Union[TokenSpec, Mapping[str, Union[int, None]]]], Mapping[str, Union[int, None]]]
+"""Groups in input order: ``TokenSpec`` list, ``{name: size}`` dicts, or one ``{name: size, ...}`` dict."""
+
+
+def as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
+    """Normalise the accepted ways of listing groups to a ``TokenSpec`` list."""
+    if isinstance(token_specs, Mapping):
+        return [TokenSpec(name=name, size=size) for name, size in token_specs.items()]
+    specs = []
+    for spec in token_specs:
+        if isinstance(spec, TokenSpec):
+            specs.append(spec)
+        elif isinstance(spec, Mapping):
+            specs.append(TokenSpec.from_dict(dict(spec)))
+        else:
+            raise TypeError(
+                f"token_specs holds {type(spec).__name__}; expected TokenSpec or a {{name: size}} dict"
+            )
+    return specs
 
 
 class AttentionPattern(_PositionalModel):

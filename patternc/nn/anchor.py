@@ -22,9 +22,9 @@ from patternc.configs import (
     JointAnchorAttentionConfig,
     SelfAnchorAttentionConfig,
 )
-from patternc.nn.attention import MixedAttention, TokenSpecs, _as_token_specs
+from patternc.nn.attention import MixedAttention
 from patternc.plan import Plan
-from patternc.schemas import MixedAttentionConfig, TokenSpec
+from patternc.schemas import MixedAttentionConfig, TokenSpec, TokenSpecs, as_token_specs
 
 __all__ = [
     "CrossAnchorAttention",
@@ -77,7 +77,7 @@ class MultiBranchAnchorAttention(nn.Module):
     def pattern_source(self, token_specs: TokenSpecs) -> str:
         """The pattern-language source of the patterns for these groups; save it
         and run ``patternc compile`` on it to inspect the plan."""
-        specs = _as_token_specs(token_specs)
+        specs = as_token_specs(token_specs)
         lines = [
             f"# {type(self).__name__}: branches {', '.join(self.branches)}",
             "groups " + " ".join(s.name for s in specs),
@@ -92,7 +92,7 @@ class MultiBranchAnchorAttention(nn.Module):
         return _compile(self.pattern_source(token_specs), self.pattern_name)
 
     def forward(self, x: Tensor, token_specs: TokenSpecs, freqs: Tensor | None = None) -> Tensor:
-        specs = _as_token_specs(token_specs)
+        specs = as_token_specs(token_specs)
         out: tuple[Tensor, object] = self.mixed_attention(x, specs, self.plan(specs), freqs=freqs)
         return out[0]
 

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,8 @@ from patternc.schemas import (
     InitWeightsMode,
     MixedAttentionConfig,
     TokenSpec,
+    TokenSpecs,
+    as_token_specs,
 )
 
 __all__ = ["DotProductAttention", "KVCache", "MixedAttention", "PatternAttention", "init_linear"]
@@ -29,9 +30,6 @@ KVCache = dict[str, dict[str, Tensor]]
 """``{group: {"k": keys, "v": values}}``, each ``[batch, num_heads, n_tokens, head_dim]``
 (the layout of ``scaled_dot_product_attention``); keys are stored after RoPE
 and ``qk_norm``."""
-
-TokenSpecs = Union[Sequence[Union[TokenSpec, Mapping[str, Union[int, None]]]], Mapping[str, Union[int, None]]]
-"""Groups in ``x`` order: ``TokenSpec`` list, ``{name: size}`` dicts, or one ``{name: size, ...}`` dict."""
 
 
 def init_linear(layer: nn.Linear, mode: InitWeightsMode, *, zero: bool = False) -> None:
@@ -124,22 +122,6 @@ def merge_heads(out: Tensor) -> Tensor:
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
-def _as_token_specs(token_specs: TokenSpecs) -> list[TokenSpec]:
-    if isinstance(token_specs, Mapping):
-        return [TokenSpec(name=name, size=size) for name, size in token_specs.items()]
-    specs = []
-    for spec in token_specs:
-        if isinstance(spec, TokenSpec):
-            specs.append(spec)
-        elif isinstance(spec, Mapping):
-            specs.append(TokenSpec.from_dict(dict(spec)))
-        else:
-            raise TypeError(
-                f"token_specs holds {type(spec).__name__}; expected TokenSpec or a {{name: size}} dict"
-            )
-    return specs
-
-
 def _read_cache(kv_cache: KVCache | None, schedule: Schedule, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """Check the cache entries the schedule reads; return them token-major."""
     if not schedule.cached_groups:
@@ -182,7 +164,7 @@ def _schedule(
 ) -> tuple[list[TokenSpec], Schedule]:
     """Checks and layout are plain Python, cached per layout: keep them out of
     ``torch.compile`` graphs (one graph break before the tensor work)."""
-    specs = _as_token_specs(token_specs)
+    specs = as_token_specs(token_specs)
     return specs, schedule_for(specs, patterns)
 
 

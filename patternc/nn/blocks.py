@@ -25,7 +25,7 @@ from patternc.configs import (
     UntiedPerceiverBlockConfig,
     UntiedTransformerBlockConfig,
 )
-from patternc.nn.attention import MixedAttention, TokenSpecs, _as_token_specs, init_linear, merge_heads
+from patternc.nn.attention import MixedAttention, init_linear, merge_heads
 from patternc.nn.layers import MLP, DropPath, LayerScale
 from patternc.nn.rope import apply_rope
 from patternc.nn.untied import (
@@ -37,7 +37,7 @@ from patternc.nn.untied import (
     type_runs,
 )
 from patternc.plan import Plan
-from patternc.schemas import AttentionPattern
+from patternc.schemas import AttentionPattern, TokenSpecs, as_token_specs
 
 __all__ = [
     "PerceiverAttention",
@@ -110,7 +110,7 @@ class UntiedTransformerBlock(TransformerBlock):
 
     def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
         group_types = patterns.types if isinstance(patterns, Plan) else self.group_types
-        return self.mlp(x, type_runs(_as_token_specs(specs), group_types, self.types))  # type: ignore[no-any-return]
+        return self.mlp(x, type_runs(as_token_specs(specs), group_types, self.types))  # type: ignore[no-any-return]
 
 
 class PerceiverAttention(nn.Module):
@@ -227,4 +227,4 @@ class UntiedPerceiverBlock(PerceiverBlock):
     def _runs(self, token_specs: TokenSpecs | None) -> object:
         if token_specs is None:
             raise ValueError("UntiedPerceiverBlock needs token_specs to pick each token's weights")
-        return type_runs(_as_token_specs(token_specs), self.group_types, self.types)
+        return type_runs(as_token_specs(token_specs), self.group_types, self.types)

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patternc.configs import UntiedLinearConfig, UntiedMixedAttentionConfig, UntiedMLPConfig
+from patternc.configs import (
+    LinearProjectionConfig,
+    UntiedLinearConfig,
+    UntiedMixedAttentionConfig,
+    UntiedMLPConfig,
+)
 from patternc.nn.attention import MixedAttention, init_linear
 from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
@@ -49,6 +54,11 @@ class TypeRuns:
 
     runs: tuple[tuple[int, int, int], ...]
     n_tokens: int
+
+    @property
+    def interleaved(self) -> bool:
+        """Many runs per type (more than two on average): gather each type once."""
+        return len(self.runs) > 2 * len(self.by_bank)
 
     @functools.cached_property
     def by_bank(self) -> dict[int, tuple[tuple[int, int], ...]]:
@@ -134,7 +144,7 @@ def apply_per_type(
     if not runs.runs:  # no tokens at all: shapes still flow through bank 0
         return fn(0, x)
     if path == "auto":
-        path = "segments" if len(runs.runs) <= 2 * len(runs.by_bank) else "per_type"
+        path = "per_type" if runs.interleaved else "segments"
     if path == "segments" or len(runs.by_bank) == len(runs.runs):
         parts = [fn(bank, x[:, start:stop]) for bank, start, stop in runs.runs]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -279,7 +289,7 @@ class UntiedLinear(nn.Module):
         runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
         if self.path == "bmm":
             return self._bmm(x, runs)
-        if self.path == "per_type" or (self.path == "auto" and len(runs.runs) > 2 * len(runs.by_bank)):
+        if self.path == "per_type" or (self.path == "auto" and runs.interleaved):
             return apply_per_type(x, runs, self.linear, "per_type")
         if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
             return segmented_linear(
@@ -328,8 +338,6 @@ class UntiedMLP(nn.Module):
         self, config: UntiedMLPConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
     ) -> None:
         super().__init__()
-        from patternc.configs import LinearProjectionConfig
-
         self.config = config
         self.types = check_types(types, config.num_types)
         self.path: UntiedPath = path
@@ -362,7 +370,7 @@ class UntiedMLP(nn.Module):
         self, x: Tensor, groups: GroupSizes | TypeRuns, group_types: Mapping[str, str] | None = None
     ) -> Tensor:
         runs = groups if isinstance(groups, TypeRuns) else type_runs(groups, group_types, self.types)
-        if self.path == "per_type" or (self.path == "auto" and len(runs.runs) > 2 * len(runs.by_bank)):
+        if self.path == "per_type" or (self.path == "auto" and runs.interleaved):
             # interleaved types: gather each type once and run its whole MLP
             return apply_per_type(x, runs, self._mlp, "per_type")
         # few runs: each layer writes its runs in place; activations run on the whole tensor
