@@ -74,11 +74,10 @@ def group_segments(
 
 def _token_tables(ids: Tensor, sizes: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Per-token group id and position within the group, expanded on the
-    device from one row per segment (padding included)."""
-    gids = torch.repeat_interleave(ids, sizes, output_size=length).to(torch.int32)
-    offsets = torch.repeat_interleave(starts, sizes, output_size=length)
-    pos = (torch.arange(length, device=ids.device) - offsets).to(torch.int32)
-    return gids, pos
+    device from one row per segment (padding included) in one launch."""
+    rows = torch.repeat_interleave(torch.stack([ids, starts], dim=1), sizes, dim=0, output_size=length)
+    # the group ids get a buffer of their own: compiled kernels reject views of one buffer
+    return rows[:, 0].contiguous(), torch.arange(length, device=ids.device) - rows[:, 1]
 
 
 class _Upload:
@@ -94,7 +93,7 @@ class _Upload:
         self._lengths.append(len(values))
 
     def send(self, device: torch.device) -> tuple[Tensor, ...]:
-        flat = torch.tensor(self._values, dtype=torch.int64).to(device)
+        flat = torch.tensor(self._values, dtype=torch.int64, device=device)
         return torch.split(flat, self._lengths)
 
 
@@ -246,7 +245,10 @@ class FlexTables:
             q_overlaps, k_overlaps, corner_rows_t, corner_cols_t, signs_t,
         ) = upload.send(device)  # fmt: skip
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len)
-        kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
+        if k_segs == q_segs:  # no cached keys: the key tables are the query tables
+            kv_group, kv_pos = q_group, q_pos
+        else:
+            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
@@ -314,15 +316,21 @@ class FlexTables:
         partial, full = self.partial, self.full
         if key_padding_mask is not None:
             partial, full = partial | full, torch.zeros_like(full)
-        kv_nums, kv_idxs = _ordered(torch.stack([partial, full])[:, None])  # [2, 1, rows, cols]
+        # kv-major for the forward pass, q-major (transposed) for the backward;
+        # square masks order all four matrices in one batch
+        if partial.shape[0] == partial.shape[1]:
+            nums, idxs = _ordered(torch.stack([partial, full, partial.t(), full.t()])[:, None])
+            kv_nums, q_nums, kv_idxs, q_idxs = nums[:2], nums[2:], idxs[:2], idxs[2:]
+        else:
+            kv_nums, kv_idxs = _ordered(torch.stack([partial, full])[:, None])  # [2, 1, rows, cols]
+            q_nums, q_idxs = _ordered(torch.stack([partial.t(), full.t()])[:, None])
         kv_num, full_kv_num = kv_nums[:, None]
         kv_idx, full_kv_idx = kv_idxs[:, None]
+        q_num, full_q_num = q_nums[:, None]
+        q_idx, full_q_idx = q_idxs[:, None]
         block_size = (self.q_len // partial.shape[0], self.kv_len // partial.shape[1])
         mask_mod = self.mask_mod(key_padding_mask)
-        try:  # the q-major copies (for the backward pass) from the same cheap ordering
-            q_nums, q_idxs = _ordered(torch.stack([partial.t(), full.t()])[:, None])
-            q_num, full_q_num = q_nums[:, None]
-            q_idx, full_q_idx = q_idxs[:, None]
+        try:
             return BlockMask(
                 seq_lengths=(self.q_len, self.kv_len),
                 kv_num_blocks=kv_num,
