@@ -22,6 +22,7 @@ group ids, so no ``[n, n]`` tensor exists anywhere.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,15 +107,11 @@ def _with_padding(
 
 def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> list[int]:
     """How many segments (padding included) overlap each block."""
-    counts = [0] * (n_blocks + 1)
+    diff = [0] * (n_blocks + 1)
     for _, start, stop in segments:
-        counts[start // block] += 1
-        counts[(stop - 1) // block + 1] -= 1
-    running = 0
-    for b in range(n_blocks + 1):
-        running += counts[b]
-        counts[b] = running
-    return counts[:n_blocks]
+        diff[start // block] += 1
+        diff[(stop - 1) // block + 1] -= 1
+    return list(itertools.accumulate(diff[:n_blocks]))
 
 
 def _modified_pair_blocks(pairs: list[tuple[int, int, int, int, bool, int]], block: int) -> Tensor:
