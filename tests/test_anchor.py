@@ -162,3 +162,14 @@ def test_pattern_source_compiles_with_the_cli(tmp_path: Path) -> None:
         '"key_value_tokens": [\n            "surface_anchors",\n            "volume_anchors"\n          ]'
         in result.stdout
     )
+
+
+def test_base_class_says_which_classes_to_use() -> None:
+    from patternc.configs import AnchorAttentionConfig
+    from patternc.nn import MultiBranchAnchorAttention
+
+    base = MultiBranchAnchorAttention(AnchorAttentionConfig(**COMMON))
+    with pytest.raises(
+        TypeError, match="use SelfAnchorAttention, CrossAnchorAttention or JointAnchorAttention"
+    ):
+        base(torch.randn(1, 14, 16), SPECS)

@@ -72,7 +72,11 @@ class MultiBranchAnchorAttention(nn.Module):
             )
 
     def _rules(self, specs: Sequence[TokenSpec]) -> list[tuple[list[str], list[str]]]:
-        raise NotImplementedError(f"{type(self).__name__} must define _rules")
+        """``(query groups, key/value groups)`` of each rule; subclasses say which."""
+        raise TypeError(
+            f"{type(self).__name__} builds no patterns: use SelfAnchorAttention, CrossAnchorAttention "
+            "or JointAnchorAttention, or subclass it and define _rules"
+        )
 
     def pattern_source(self, token_specs: TokenSpecs) -> str:
         """The pattern-language source of the patterns for these groups; save it
