@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patternc.nn.executors import get_executor
+from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import Schedule, schedule_for
 from patternc.plan import Plan, Sizes
@@ -230,7 +230,8 @@ class MixedAttention(DotProductAttention):
                 )
         q, k, v = self.split_heads(self._project_in(x, specs, attention_patterns), freqs)
         cache = _read_cache(kv_cache, schedule, q)
-        out = self.executor(q, k, v, schedule, cache, key_padding_mask, self.attention_dropout, None)
+        inputs = AttentionInputs(q, k, v, schedule, cache, key_padding_mask, self.attention_dropout, None)
+        out = self.executor(inputs)
         new_cache = None
         if not schedule.cached_groups:
             new_cache = _new_cache(k, v, schedule)

@@ -4,12 +4,12 @@ and one entry in :data:`EXECUTORS`."""
 from __future__ import annotations
 
 from patternc.nn.executors.batched import run_batched
-from patternc.nn.executors.common import Executor
+from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.loop import run_loop
 
-__all__ = ["EXECUTORS", "Executor", "get_executor"]
+__all__ = ["EXECUTORS", "AttentionInputs", "Executor", "get_executor"]
 
 EXECUTORS: dict[str, Executor] = {
     "batched": run_batched,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from patternc.nn.executors.common import (
+    AttentionInputs,
     assemble,
     attend,
     gather,
@@ -21,7 +22,7 @@ from patternc.nn.executors.common import (
     modifier_args,
     within_group_positions,
 )
-from patternc.nn.schedule import Schedule, Segment
+from patternc.nn.schedule import Segment
 
 __all__ = ["run_batched", "stack_segments"]
 
@@ -43,18 +44,10 @@ def stack_segments(
     return torch.stack([gather(t, segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
-def run_batched(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    schedule: Schedule,
-    cache: Mapping[str, tuple[Tensor, Tensor]],
-    key_padding_mask: Tensor | None,
-    dropout_p: float,
-    scale: float | None,
-) -> Tensor:
-    cached_k = {name: kv[0] for name, kv in cache.items()}
-    cached_v = {name: kv[1] for name, kv in cache.items()}
+def run_batched(inputs: AttentionInputs) -> Tensor:
+    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
+    cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     outputs: list[Tensor | None] = [None] * len(schedule.calls)
     batch = q.shape[0]
     positions = within_group_positions(schedule, q.device) if schedule.has_modifiers else None

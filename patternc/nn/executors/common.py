@@ -8,8 +8,8 @@ layout without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from patternc.modifiers import Modifiers
 from patternc.nn.schedule import CallSchedule, Schedule, Segment
 
 __all__ = [
+    "AttentionInputs",
     "Executor",
     "assemble",
     "attend",
@@ -31,23 +32,32 @@ __all__ = [
 ]
 
 
-class Executor(Protocol):
-    """Runs a schedule: ``q``/``k``/``v`` are ``[B, N, H, D]`` for the input
-    tokens, ``cache`` maps cached groups to ``[B, n, H, D]`` keys and values,
-    ``key_padding_mask`` is ``[B, N]`` (True = real token) or None. Returns
-    ``[B, N, H, D]``."""
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every executor gets: ``q``/``k``/``v`` are ``[B, N, H, D]`` for the
+    input tokens, ``cache`` maps cached groups to ``[B, n, H, D]`` keys and
+    values, ``key_padding_mask`` is ``[B, N]`` (True = real token) or None."""
 
-    def __call__(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        schedule: Schedule,
-        cache: Mapping[str, tuple[Tensor, Tensor]],
-        key_padding_mask: Tensor | None,
-        dropout_p: float,
-        scale: float | None,
-    ) -> Tensor: ...
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    schedule: Schedule
+    cache: Mapping[str, tuple[Tensor, Tensor]]
+    key_padding_mask: Tensor | None
+    dropout_p: float
+    scale: float | None
+
+    @property
+    def cached_keys(self) -> dict[str, Tensor]:
+        return {name: kv[0] for name, kv in self.cache.items()}
+
+    @property
+    def cached_values(self) -> dict[str, Tensor]:
+        return {name: kv[1] for name, kv in self.cache.items()}
+
+
+Executor = Callable[[AttentionInputs], Tensor]
+"""An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
 
 
 def gather(t: Tensor, segments: Sequence[Segment], cache: Mapping[str, Tensor]) -> Tensor:

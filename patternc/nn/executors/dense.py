@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.executors.common import modifier_mask, within_group_positions
+from patternc.nn.executors.common import AttentionInputs, modifier_mask, within_group_positions
 from patternc.nn.schedule import Schedule
 
 __all__ = ["dense_mask", "run_dense"]
@@ -38,16 +38,9 @@ def dense_mask(schedule: Schedule, cache_lengths: Mapping[str, int], device: tor
     return mask
 
 
-def run_dense(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    schedule: Schedule,
-    cache: Mapping[str, tuple[Tensor, Tensor]],
-    key_padding_mask: Tensor | None,
-    dropout_p: float,
-    scale: float | None,
-) -> Tensor:
+def run_dense(inputs: AttentionInputs) -> Tensor:
+    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     keys = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
     values = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
     lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import FlexTables
 from patternc.nn.schedule import Schedule
 
@@ -119,16 +120,9 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
     return t.transpose(1, 2)
 
 
-def run_flex(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    schedule: Schedule,
-    cache: Mapping[str, tuple[Tensor, Tensor]],
-    key_padding_mask: Tensor | None,
-    dropout_p: float,
-    scale: float | None,
-) -> Tensor:
+def run_flex(inputs: AttentionInputs) -> Tensor:
+    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     reason = _fallback_reason(q, dropout_p)
     if reason is not None:
         if reason not in _warned:
@@ -138,7 +132,7 @@ def run_flex(
                 "to silence this",
                 stacklevel=3,
             )
-        return run_batched(q, k, v, schedule, cache, key_padding_mask, dropout_p, scale)
+        return run_batched(inputs)
     lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
     tables = flex_tables(schedule, lengths, q.device)
     if schedule.cached_groups:

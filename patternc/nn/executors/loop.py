@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
 from patternc.nn.executors.common import (
+    AttentionInputs,
     assemble,
     attend,
     gather,
@@ -14,23 +13,14 @@ from patternc.nn.executors.common import (
     modifier_args,
     within_group_positions,
 )
-from patternc.nn.schedule import Schedule
 
 __all__ = ["run_loop"]
 
 
-def run_loop(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    schedule: Schedule,
-    cache: Mapping[str, tuple[Tensor, Tensor]],
-    key_padding_mask: Tensor | None,
-    dropout_p: float,
-    scale: float | None,
-) -> Tensor:
-    cached_k = {name: kv[0] for name, kv in cache.items()}
-    cached_v = {name: kv[1] for name, kv in cache.items()}
+def run_loop(inputs: AttentionInputs) -> Tensor:
+    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
+    cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     positions = within_group_positions(schedule, q.device) if schedule.has_modifiers else None
     outputs: list[Tensor | None] = []
     for call in schedule.calls:
