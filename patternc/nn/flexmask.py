@@ -252,13 +252,14 @@ class FlexTables:
         diff = torch.zeros(shape[0] + 1, shape[1] + 1, dtype=torch.int64, device=device)
         diff.index_put_((corner_rows_t, corner_cols_t), signs_t, accumulate=True)
         plain = diff.cumsum(0).cumsum(1)[: shape[0], : shape[1]]
-        nonempty_pairs, full_pairs = plain.clone(), plain
+        nonempty_pairs, full_pairs = plain, plain
         if modified:
             rows, cols, pair_nonempty, pair_full = _modified_pair_blocks(modified, block).to(device)
-            nonempty_pairs.index_put_((rows, cols), pair_nonempty, accumulate=True)
-            full_pairs.index_put_((rows, cols), pair_full, accumulate=True)
+            nonempty_pairs = plain.index_put((rows, cols), pair_nonempty, accumulate=True)
+            full_pairs = plain.index_put((rows, cols), pair_full, accumulate=True)
         nonempty = nonempty_pairs > 0
-        full = (full_pairs == q_overlaps[:, None] * k_overlaps[None, :]) & nonempty
+        # a block with no allowed pair has full_pairs 0 < overlaps: full implies non-empty
+        full = full_pairs == q_overlaps[:, None] * k_overlaps[None, :]
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
@@ -361,13 +362,14 @@ class FlexTables:
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``[..., rows, cols]`` bool -> (count per row, column indices of the
-    True entries first, in order, then the others) as FlexAttention stores them.
-    A stable partition by prefix sums and one scatter: no sort. Several
-    matrices stacked on the leading dims are ordered in the same few launches."""
-    taken = blocks.to(torch.int32).contiguous()  # kernels index rows with the last dim contiguous
+    True entries first, in order, then the others) as FlexAttention stores them
+    (int32, contiguous). A stable partition by prefix sums and one scatter: no
+    sort. Several matrices stacked on the leading dims are ordered in the same
+    few launches."""
+    taken = blocks.to(torch.int32)  # a fresh contiguous copy: kernels read rows contiguously
     counts = taken.sum(dim=-1, dtype=torch.int32)
-    columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32)
     before_true = taken.cumsum(-1, dtype=torch.int32) - taken
-    slot = torch.where(taken.bool(), before_true, counts[..., None] + columns - before_true)
-    indices = torch.empty_like(taken).scatter_(-1, slot.to(torch.int64), columns.expand_as(taken))
+    columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32)
+    slot = torch.where(blocks, before_true, counts[..., None] + columns - before_true)
+    indices = torch.empty_like(taken).scatter_(-1, slot.to(torch.int64), columns.expand(blocks.shape))
     return counts, indices
