@@ -164,13 +164,25 @@ def _load(file: str) -> Program | None:
         return None
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def _load_checked(args: argparse.Namespace) -> tuple[Program, dict[str, int | None] | None] | None:
+    """The program of ``args.file`` with ``--pattern`` and ``--sizes`` checked
+    against it (sizes None when not given); None when the file has problems."""
     program = _load(args.file)
     if program is None:
-        return EXIT_DIAGNOSTICS
+        return None
     _check_patterns(program, args.pattern)
-    sizes = _parse_sizes(args.sizes)
-    _check_sizes(program, sizes)
+    sizes = _parse_sizes(args.sizes) if args.sizes else None
+    if sizes is not None:
+        _check_sizes(program, sizes)
+    return program, sizes
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    loaded = _load_checked(args)
+    if loaded is None:
+        return EXIT_DIAGNOSTICS
+    program, sizes = loaded
+    assert sizes is not None  # --sizes is required for bench
     if args.repeat < 1 or args.dim % args.heads:
         raise _UsageError("--repeat must be >= 1 and --dim divisible by --heads")
     from patternc.benchmark import measure, measure_isolated
@@ -234,13 +246,10 @@ def _run_check(files: Sequence[str]) -> int:
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    program = _load(args.file)
-    if program is None:
+    loaded = _load_checked(args)
+    if loaded is None:
         return EXIT_DIAGNOSTICS
-    _check_patterns(program, args.pattern)
-    sizes = _parse_sizes(args.sizes) if args.sizes else None
-    if sizes is not None:
-        _check_sizes(program, sizes)
+    program, sizes = loaded
     if args.dim <= 0:
         raise _UsageError(f"--dim must be positive, got {args.dim}")
     if args.mask is not None:

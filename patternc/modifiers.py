@@ -30,12 +30,6 @@ class Modifiers:
     def __bool__(self) -> bool:
         return self.causal or self.window is not None
 
-    def allows(self, i: int, j: int) -> bool:
-        """Query position ``i`` may attend to key position ``j`` (within their groups)."""
-        if self.causal and j > i:
-            return False
-        return self.window is None or abs(i - j) < self.window
-
     def text(self) -> str:
         parts = (["causal"] if self.causal else []) + (
             [f"window {self.window}"] if self.window is not None else []

@@ -47,14 +47,14 @@ class CallSchedule:
     """One query group and one key/value group: positions within groups are
     plain ``arange``s, so ``[causal]`` is SDPA's ``is_causal``."""
 
-    @property
-    def reads_cache(self) -> bool:
-        return any(s.cached is not None for s in self.keys_values)
 
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Schedule:
-    """Everything an executor needs, as integers."""
+    """Everything an executor needs, as integers.
+
+    Compared and hashed by identity: schedules are cached per layout, and the
+    executors' own caches (block masks) key on them on every call, where
+    hashing the group tables would cost more than the lookup saves."""
 
     n_tokens: int
     calls: tuple[CallSchedule, ...]
