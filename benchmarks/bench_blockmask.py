@@ -48,7 +48,8 @@ def median_ms(fn: Callable[[], object], repeat: int, device: str) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    fn()
+    for _ in range(max(3, repeat // 5)):  # warm-up: caches, allocator, clocks
+        fn()
     sync()
     times = []
     for _ in range(repeat):
@@ -102,12 +103,23 @@ def breakdown(args: argparse.Namespace) -> None:
     tables = FlexTables.build(schedule, {}, device)
     print("tables   ms", median_ms(lambda: FlexTables.build(schedule, {}, device), args.repeat, args.device))
     print("BlockMask ms", median_ms(tables.block_mask, args.repeat, args.device))
+    from patternc.nn.flexmask import _partition
+
+    stacked = torch.stack([tables.partial, tables.full, tables.partial.t(), tables.full.t()])[:, None]
+    counts = stacked.sum(dim=-1, dtype=torch.int32)
+    by_sort = median_ms(
+        lambda: torch.argsort((~stacked).to(torch.int8), dim=-1, stable=True).to(torch.int32),
+        args.repeat,
+        args.device,
+    )
+    by_scan = median_ms(lambda: _partition(stacked, counts), args.repeat, args.device)
+    print(f"ordering {tuple(stacked.shape)}: stable sort {by_sort:.3f} ms, prefix-sum partition {by_scan:.3f} ms")
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         FlexTables.build(schedule, {}, device).block_mask()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     import cProfile
     import pstats
 

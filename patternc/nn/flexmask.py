@@ -73,12 +73,16 @@ def group_segments(
     return queries, keys
 
 
-def _token_tables(ids: Tensor, sizes: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Per-token group id and position within the group, expanded on the
-    device from one row per segment (padding included) in one launch."""
-    rows = torch.repeat_interleave(torch.stack([ids, starts], dim=1), sizes, dim=0, output_size=length)
-    # the group ids get a buffer of their own: compiled kernels reject views of one buffer
-    return rows[:, 0].contiguous(), torch.arange(length, device=ids.device) - rows[:, 1]
+def _token_tables(
+    ids: Tensor, sizes: Tensor, starts: Tensor, length: int, positions: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token group id and (only where modifiers read it) position within
+    the group, expanded on the device from one row per segment (padding included)."""
+    group = torch.repeat_interleave(ids, sizes, output_size=length)
+    if not positions:
+        return group, None
+    first = torch.repeat_interleave(starts, sizes, output_size=length)
+    return group, torch.arange(length, device=ids.device) - first
 
 
 class _Upload:
@@ -114,10 +118,12 @@ def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, blo
     return list(itertools.accumulate(diff[:n_blocks]))
 
 
-def _modified_pair_blocks(pairs: list[tuple[int, int, int, int, bool, int]], block: int) -> Tensor:
+def _modified_pair_blocks(
+    pairs: list[tuple[int, int, int, int, bool, int]], block: int, n_cols: int
+) -> Tensor:
     """Blocks of the (query segment, key segment) pairs that carry modifiers,
     classified one by one on each pair's block rectangle (one padded batch):
-    ``[4, n]`` rows (block row, block column, non-empty, full), from interval
+    ``[3, n]`` rows (flat block index, non-empty, full), from interval
     arithmetic on positions within the groups."""
     p = torch.tensor(pairs, dtype=torch.int64)  # q_start, q_stop, k_start, k_stop, causal, window
     q_start, q_stop, k_start, k_stop = (p[:, i, None] for i in range(4))
@@ -135,10 +141,10 @@ def _modified_pair_blocks(pairs: list[tuple[int, int, int, int, bool, int]], blo
     full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
     empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
     inside = (rows <= r1)[:, :, None] & (cols <= c1)[:, None, :]
+    flat = rows[:, :, None] * n_cols + cols[:, None, :]
     return torch.stack(
         [
-            rows[:, :, None].expand_as(inside)[inside],
-            cols[:, None, :].expand_as(inside)[inside],
+            flat[inside],
             (~empty)[inside].to(torch.int64),
             full[inside].to(torch.int64),
         ]
@@ -153,17 +159,21 @@ def _padded_modifiers(schedule: Schedule) -> tuple[Modifiers, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _group_tables(
-    allowed: tuple[tuple[bool, ...], ...], modifiers: tuple[Modifiers, ...], device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...]]:
-    """Per-plan device tables (group x group ``allowed``, per-group ``causal`` and
-    ``window``) and each group's allowed key groups; shared by all sizes."""
+    schedule: Schedule, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], tuple[Modifiers, ...]]:
+    """Device tables of a layout's plan (group x group ``allowed``, per-group
+    ``causal`` and ``window``), each group's allowed key groups and modifiers.
+    Keyed on the schedule (hashed by identity): hashing the group tables
+    themselves would cost more than building the rest of the mask."""
+    allowed = schedule.allowed
+    modifiers = _padded_modifiers(schedule)
     n = len(allowed)
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     table[:n, :n] = torch.tensor(allowed, dtype=torch.bool).reshape(n, n)
     causal = torch.tensor([m.causal for m in modifiers], dtype=torch.bool)
     window = torch.tensor([m.window or 0 for m in modifiers], dtype=torch.int64)
     keys = (*(tuple(k for k, ok in enumerate(row) if ok) for row in allowed), ())
-    return table.to(device), causal.to(device), window.to(device), keys
+    return table.to(device), causal.to(device), window.to(device), keys, modifiers
 
 
 @dataclass(frozen=True)
@@ -175,8 +185,8 @@ class FlexTables:
     n_queries: int
     q_group: Tensor
     kv_group: Tensor
-    q_pos: Tensor
-    kv_pos: Tensor
+    q_pos: Tensor | None
+    kv_pos: Tensor | None
     allowed: Tensor
     causal: Tensor
     window: Tensor
@@ -199,8 +209,7 @@ class FlexTables:
         n_kv = n_q + sum(cache_lengths[g] for g in schedule.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        mods = _padded_modifiers(schedule)
-        allowed, causal, window, allowed_keys = _group_tables(schedule.allowed, mods, device)
+        allowed, causal, window, allowed_keys, mods = _group_tables(schedule, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -218,9 +227,9 @@ class FlexTables:
         key_segments: dict[int, list[tuple[int, int]]] = {}
         for gid, start, stop in keys:
             key_segments.setdefault(gid, []).append((start, stop))
-        corner_rows: list[int] = []
-        corner_cols: list[int] = []
+        corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
         signs: list[int] = []
+        width = shape[1] + 1
         modified: list[tuple[int, int, int, int, bool, int]] = []
         for gid, q_start, q_stop in queries:
             mod = mods[gid]
@@ -231,35 +240,39 @@ class FlexTables:
                         continue
                     r0, r1 = q_start // block, (q_stop - 1) // block + 1
                     c0, c1 = k_start // block, (k_stop - 1) // block + 1
-                    corner_rows += (r0, r0, r1, r1)
-                    corner_cols += (c0, c1, c0, c1)
+                    corners += (r0 * width + c0, r0 * width + c1, r1 * width + c0, r1 * width + c1)
                     signs += (1, -1, -1, 1)
-        upload.add(corner_rows)
-        upload.add(corner_cols)
+        upload.add(corners)
         upload.add(signs)
         (
             q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
-            q_overlaps, k_overlaps, corner_rows_t, corner_cols_t, signs_t,
+            q_overlaps, k_overlaps, corners_t, signs_t,
         ) = upload.send(device)  # fmt: skip
-        q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len)
+        has_modifiers = any(mods)
+        q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, has_modifiers)
         if k_segs == q_segs:  # no cached keys: the key tables are the query tables
             kv_group, kv_pos = q_group, q_pos
         else:
-            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len)
+            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, has_modifiers)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
-        diff = torch.zeros(shape[0] + 1, shape[1] + 1, dtype=torch.int64, device=device)
-        diff.index_put_((corner_rows_t, corner_cols_t), signs_t, accumulate=True)
-        plain = diff.cumsum(0).cumsum(1)[: shape[0], : shape[1]]
+        # (scatter_add: one atomic kernel where index_put_ would sort the indices)
+        diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int32, device=device)
+        diff.scatter_add_(0, corners_t, signs_t.to(torch.int32))
+        # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
+        # scan along the outer dim runs one thread per column (~4x slower here)
+        rows_done = diff.view(shape[0] + 1, width).cumsum(1, dtype=torch.int32)
+        plain = rows_done.t().contiguous().cumsum(1, dtype=torch.int32).t()[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain, plain
         if modified:
-            rows, cols, pair_nonempty, pair_full = _modified_pair_blocks(modified, block).to(device)
-            nonempty_pairs = plain.index_put((rows, cols), pair_nonempty, accumulate=True)
-            full_pairs = plain.index_put((rows, cols), pair_full, accumulate=True)
-        nonempty = nonempty_pairs > 0
+            flat, pair_nonempty, pair_full = _modified_pair_blocks(modified, block, shape[1]).to(device)
+            plain_flat = plain.flatten()
+            nonempty_pairs = plain_flat.scatter_add(0, flat, pair_nonempty.to(torch.int32)).view(shape)
+            full_pairs = plain_flat.scatter_add(0, flat, pair_full.to(torch.int32)).view(shape)
         # a block with no allowed pair has full_pairs 0 < overlaps: full implies non-empty
         full = full_pairs == q_overlaps[:, None] * k_overlaps[None, :]
+        partial = (nonempty_pairs > 0) ^ full
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
@@ -271,8 +284,8 @@ class FlexTables:
             allowed=allowed,
             causal=causal,
             window=window,
-            has_modifiers=any(mods),
-            partial=nonempty & ~full,
+            has_modifiers=has_modifiers,
+            partial=partial,
             full=full,
         )
 
@@ -287,6 +300,7 @@ class FlexTables:
         mask = groups
         if self.has_modifiers:
             q_pos, kv_pos, causal, window = self.q_pos, self.kv_pos, self.causal, self.window
+            assert q_pos is not None and kv_pos is not None
 
             def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
                 gq = q_group[q_idx]
@@ -363,13 +377,20 @@ class FlexTables:
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``[..., rows, cols]`` bool -> (count per row, column indices of the
     True entries first, in order, then the others) as FlexAttention stores them
-    (int32, contiguous). A stable partition by prefix sums and one scatter: no
-    sort. Several matrices stacked on the leading dims are ordered in the same
-    few launches."""
-    taken = blocks.to(torch.int32)  # a fresh contiguous copy: kernels read rows contiguously
-    counts = taken.sum(dim=-1, dtype=torch.int32)
+    (int32, contiguous). Several matrices stacked on the leading dims are
+    ordered in the same launches. On a GPU the cost is launches, so one stable
+    sort per row; on CPU a prefix-sum partition is faster than sorting."""
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    if blocks.is_cuda:
+        return counts, torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, _partition(blocks, counts)
+
+
+def _partition(blocks: Tensor, counts: Tensor) -> Tensor:
+    """Stable partition of each row's column indices (True first) by prefix
+    sums and one scatter."""
+    taken = blocks.to(torch.int32)
     before_true = taken.cumsum(-1, dtype=torch.int32) - taken
     columns = torch.arange(blocks.shape[-1], device=blocks.device, dtype=torch.int32)
     slot = torch.where(blocks, before_true, counts[..., None] + columns - before_true)
-    indices = torch.empty_like(taken).scatter_(-1, slot.to(torch.int64), columns.expand(blocks.shape))
-    return counts, indices
+    return torch.empty_like(taken).scatter_(-1, slot.to(torch.int64), columns.expand(blocks.shape))
