@@ -16,6 +16,7 @@ from patternc import __version__
 from patternc.compiler import compile as compile_program
 from patternc.diagnostics import PatternError, suggest
 from patternc.plan import Program
+from patternc.resolve import is_family
 
 __all__ = ["main"]
 
@@ -61,11 +62,12 @@ def _parse_sizes(specs: Sequence[str]) -> dict[str, int | None]:
 
 def _check_sizes(program: Program, sizes: dict[str, int | None]) -> None:
     problems = []
+    prefixes = tuple(g[:-1] for g in program.groups if is_family(g))
     for name in sizes:
-        if name not in program.groups:
+        if name not in program.groups and not name.startswith(prefixes):
             hint = suggest(name, program.groups)
             problems.append(f"--sizes: unknown group `{name}`" + (f"; {hint}" if hint else ""))
-    missing = [g for g in program.groups if g not in sizes]
+    missing = [g for g in program.groups if not is_family(g) and g not in sizes]
     if missing:
         problems.append("--sizes: no size for " + ", ".join(f"`{g}`" for g in missing))
     if problems:
@@ -270,7 +272,10 @@ def _run_compile(args: argparse.Namespace) -> int:
 def _draw_mask(program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str) -> int:
     from patternc.blockmask import block_classes
 
-    masks = [(plan.name, block_classes(plan, plan.layout(sizes))) for plan in program.select(patterns)]
+    names = list(sizes)
+    masks = [
+        (plan.name, block_classes(plan.bind(names), plan.layout(sizes))) for plan in program.select(patterns)
+    ]
     if target == "-":
         for name, mask in masks:
             sys.stdout.write(f"pattern {name}\n{mask.text()}\n")

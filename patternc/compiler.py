@@ -145,7 +145,7 @@ def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, li
             resolved, problems = resolver.rule(rule)
             diagnostics.extend(problems)
             resolvable = resolvable and not problems
-            rules.append(resolved)
+            rules.extend(resolved)
         if block.rules and groups:
             diagnostics.extend(
                 d
@@ -181,5 +181,5 @@ def _resolve_types(syntax: SourceFile, resolver: GroupResolver) -> tuple[tuple[s
                 )
             else:
                 assigned[group] = (rule.type_name, rule.span.line)
-    types = tuple(assigned[g][0] if g in assigned else domain_of(g) for g in resolver.groups)
+    types = tuple(assigned[g][0] if g in assigned else domain_of(g.rstrip("*")) for g in resolver.groups)
     return types, diagnostics

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.modifiers import NO_MODIFIERS, Modifiers
-from patternc.resolve import ResolvedRule
+from patternc.resolve import ResolvedRule, is_family
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class Plan:
         """``{group: type}``: the weight bank untied layers use for each group."""
         if self.group_types:
             return dict(zip(self.groups, self.group_types))
-        return {g: domain_of(g) for g in self.groups}
+        return {g: domain_of(g.rstrip("*")) for g in self.groups}
 
     @property
     def type_names(self) -> tuple[str, ...]:
@@ -251,13 +251,48 @@ class Plan:
                     graph.add_edge(q, kv, call=call)
         return graph
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Declared families (``doc*``): group names that stand for any number
+        of run-time groups."""
+        return tuple(g for g in self.groups if is_family(g))
+
+    @functools.cached_property
+    def _bindings(self) -> dict[tuple[str, ...], Plan]:
+        return {}
+
+    def bind(self, names: Sequence[str]) -> Plan:
+        """This plan for the run-time groups ``names``: each family replaced by
+        the names that start with its prefix (in the order given, at the
+        family's place), rules expanded over them, ``-> self`` rules made one
+        per member. Cached per tuple of names; a plan without families is its
+        own binding.
+
+        >>> import patternc
+        >>> plan = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+        >>> bound = plan.bind(["doc0", "doc1"])
+        >>> bound.groups, [(r.queries, r.keys_values) for r in bound.rules]
+        (('doc0', 'doc1'), [(('doc0',), ('doc0',)), (('doc1',), ('doc1',))])
+        """
+        if not self.families:
+            return self
+        key = tuple(names)
+        bound = self._bindings.get(key)
+        if bound is None:
+            bound = _bind(self, key)
+            if len(self._bindings) < 1024:
+                self._bindings[key] = bound
+        return bound
+
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
         """``TokenSpec`` list in the plan's group order, for ``MixedAttention``."""
-        return [TokenSpec(name=g, size=s) for g, s in normalize_sizes(self.groups, sizes).items()]
+        plan = self.bind(names_of(sizes))
+        return [TokenSpec(name=g, size=s) for g, s in normalize_sizes(plan.groups, sizes).items()]
 
     def layout(self, sizes: Sizes) -> Layout:
         """Lay the plan out for concrete sizes (see :class:`Layout`)."""
-        return _layout(self, tuple(normalize_sizes(self.groups, sizes).items()))
+        plan = self.bind(names_of(sizes))
+        return _layout(plan, tuple(normalize_sizes(plan.groups, sizes).items()))
 
     # ------------------------------------------------------------ exports
 
@@ -290,6 +325,8 @@ class Plan:
         }
         if sizes is not None:
             data["layout"] = _layout_dict(self.layout(sizes), dim)
+            if self.families:
+                data["bound_groups"] = list(self.bind(names_of(sizes)).groups)
         return data
 
     def to_json(self, sizes: Sizes | None = None, *, dim: int = 192) -> str:
@@ -298,6 +335,67 @@ class Plan:
     def to_dot(self) -> str:
         """Graphviz source of the token-group graph."""
         return _dot([self])
+
+
+def names_of(sizes: Sizes) -> tuple[str, ...]:
+    """Group names of a sizes dict or a TokenSpec list, in order."""
+    return tuple(sizes) if isinstance(sizes, Mapping) else tuple(spec.name for spec in sizes)
+
+
+def _bind(plan: Plan, names: tuple[str, ...]) -> Plan:
+    concrete = set(plan.groups) - set(plan.families)
+    # longest prefix first, so `doc_title*` wins over `doc*`
+    families = sorted(plan.families, key=len, reverse=True)
+    members: dict[str, list[str]] = {f: [] for f in plan.families}
+    problems = []
+    for name in dict.fromkeys(names):
+        if name in concrete:
+            continue
+        family = next((f for f in families if name.startswith(f[:-1])), None)
+        if family is None:
+            problems.append(
+                Diagnostic(
+                    Code.UNKNOWN_GROUP,
+                    f"group `{name}` is neither a declared group nor a member of a family",
+                    where="sizes",
+                    hint=suggest(name, sorted(concrete))
+                    or f"families: {', '.join(f'`{f}`' for f in plan.families)}",
+                )
+            )
+        else:
+            members[family].append(name)
+
+    def expand(groups: Sequence[str]) -> tuple[str, ...]:
+        return tuple(m for g in groups for m in (members[g] if g in members else [g]))
+
+    rules: list[ResolvedRule] = []
+    for rule in plan.rules:
+        queries = expand(rule.queries)
+        if rule.to_self:
+            rules.extend(
+                ResolvedRule((q,), (q,), rule.span, rule.text, rule.where, rule.modifiers, True)
+                for q in queries
+            )
+            continue
+        keys_values = expand(rule.keys_values)
+        if queries and not keys_values:
+            problems.append(
+                Diagnostic(
+                    Code.EMPTY_SIDE,
+                    f"rule `{rule.text}` ({rule.location()}) has queries but no keys: its families "
+                    "have no groups in this input",
+                    where="sizes",
+                    hint="give the family at least one group, or attend to a declared group too",
+                )
+            )
+        elif queries:
+            rules.append(ResolvedRule(queries, keys_values, rule.span, rule.text, rule.where, rule.modifiers))
+    if problems:
+        raise PatternError(problems)
+    groups = expand(plan.groups)
+    types = plan.types
+    group_types = tuple(types[g] for g in plan.groups for _ in (members[g] if g in members else [g]))
+    return Plan(plan.name, groups, tuple(rules), group_types)
 
 
 @functools.lru_cache(maxsize=256)

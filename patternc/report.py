@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from patternc.plan import Layout, Plan, Program, Sizes
+from patternc.plan import Layout, Plan, Program, Sizes, names_of
 
 __all__ = ["format_program"]
 
@@ -94,5 +94,8 @@ def format_program(
         out.extend(_format_layout(plans[0].layout(sizes)))
     for plan in plans:
         out.append("")
-        out.extend(_format_plan(plan, plan.layout(sizes) if sizes is not None else None, dim))
+        if sizes is not None:  # families expanded over the given groups
+            out.extend(_format_plan(plan.bind(names_of(sizes)), plan.layout(sizes), dim))
+        else:
+            out.extend(_format_plan(plan, None, dim))
     return "\n".join(out) + "\n"

@@ -17,7 +17,16 @@ from patternc.diagnostics import Code, Diagnostic, Span, suggest
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Rule, Selector, SelectorUnion, Word
 
-__all__ = ["GroupResolver", "ResolvedRule"]
+__all__ = ["SELF", "GroupResolver", "ResolvedRule", "is_family"]
+
+SELF = "self"
+"""The key side ``self``: each query group attends to itself (``doc* -> self``)."""
+
+
+def is_family(name: str) -> bool:
+    """A declared ``prefix*`` stands for every group whose name starts with
+    ``prefix``, however many there are at run time (see :meth:`Plan.bind`)."""
+    return name.endswith("*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,9 @@ class ResolvedRule:
     text: str = ""
     where: str | None = None
     modifiers: Modifiers = NO_MODIFIERS
+    to_self: bool = False
+    """From ``... -> self``: one rule per query group, whose keys are the group
+    itself (for a family: each member attends to itself, not to its siblings)."""
 
     def location(self) -> str:
         if self.span is not None:
@@ -48,14 +60,19 @@ class GroupResolver:
         self.groups = tuple(groups)
         self.index = {name: i for i, name in enumerate(self.groups)}
 
-    def rule(self, rule: Rule) -> tuple[ResolvedRule, list[Diagnostic]]:
+    def rule(self, rule: Rule) -> tuple[tuple[ResolvedRule, ...], list[Diagnostic]]:
         """Resolve both sides of a rule. A side that resolves to nothing although
-        each of its names is known (e.g. ``* - *``) is reported as empty."""
+        each of its names is known (e.g. ``* - *``) is reported as empty.
+        ``QUERIES -> self`` becomes one rule per query group."""
         queries, diagnostics = self.select(rule.queries, "the query side of this rule")
+        if isinstance(rule.keys_values, Word) and rule.keys_values.text == SELF:
+            return tuple(
+                ResolvedRule((q,), (q,), rule.span, rule.text, modifiers=rule.modifiers, to_self=True)
+                for q in queries
+            ), diagnostics
         keys_values, problems = self.select(rule.keys_values, "the key/value side of this rule")
-        return ResolvedRule(
-            queries, keys_values, rule.span, rule.text, modifiers=rule.modifiers
-        ), diagnostics + problems
+        resolved = ResolvedRule(queries, keys_values, rule.span, rule.text, modifiers=rule.modifiers)
+        return (resolved,), diagnostics + problems
 
     def select(self, node: Selector, what: str) -> tuple[tuple[str, ...], list[Diagnostic]]:
         """Groups ``node`` selects, in declaration order; ``what`` names the
@@ -98,6 +115,16 @@ class GroupResolver:
                     )
                 )
             return matched
+        if node.text == SELF:
+            problems.append(
+                Diagnostic(
+                    Code.UNKNOWN_GROUP,
+                    "`self` can only be the whole key side of a rule",
+                    node.span,
+                    "write `a, b -> self` (each query group attends to itself)",
+                )
+            )
+            return set()
         if node.text not in self.index:
             problems.append(
                 Diagnostic(

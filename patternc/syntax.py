@@ -218,6 +218,8 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         if not _IDENTIFIER.match(text):
             if "*" in text or "?" in text:
                 hint = f"{what} are plain names; globs belong in rules"
+                if what == "group names":
+                    hint += " (a family of groups is a name with one trailing `*`: `doc*`)"
             else:
                 hint = "names start with a letter or `_` and hold letters, digits and `_`"
             self.diagnostics.append(
@@ -305,7 +307,24 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         return Rule(queries, keys_values, span, text.strip(), modifiers)  # type: ignore[arg-type]
 
     def groups_decl(self, children: list[lark.Token]) -> tuple[GroupDecl, ...]:
-        return tuple(GroupDecl(self._name(tok, "group names"), _token_span(tok)) for tok in children)
+        return tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in children)
+
+    def _group_name(self, token: lark.Token) -> str:
+        """A group name, or a family ``prefix*`` (one trailing ``*``); ``self`` is reserved."""
+        text = str(token)
+        if text == "self":
+            self.diagnostics.append(
+                Diagnostic(
+                    Code.BAD_NAME,
+                    "`self` is reserved (`a -> self`: each group attends to itself)",
+                    _token_span(token),
+                    "pick another group name",
+                )
+            )
+            return text
+        if text.endswith("*") and _IDENTIFIER.match(text[:-1]):
+            return text
+        return self._name(token, "group names")
 
     @lark.v_args(meta=True)
     def pattern_block(self, meta: lark.tree.Meta, children: list[object]) -> PatternBlock:

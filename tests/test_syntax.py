@@ -119,10 +119,12 @@ def test_unexpected_character() -> None:
 
 
 def test_bad_names() -> None:
-    diags = diagnostics_of("groups 1abc a*\n* -> *\n")
-    assert codes(diags)[:2] == ["E011", "E011"]
+    diags = diagnostics_of("groups 1abc a*b self\n* -> *\n")
+    assert codes(diags)[:3] == ["E011", "E011", "E011"]
     assert "`1abc` is not a valid group name" in diags[0].message
     assert diags[1].hint is not None and "globs belong in rules" in diags[1].hint
+    assert "family" in diags[1].hint and "`doc*`" in diags[1].hint
+    assert "`self` is reserved" in diags[2].message
 
 
 def test_bad_name_in_rule() -> None:

@@ -34,6 +34,7 @@ from patternc.nn.untied import (
     UntiedMLP,
     UntiedPath,
     check_types,
+    plan_group_types,
     type_runs,
 )
 from patternc.plan import Plan
@@ -109,8 +110,9 @@ class UntiedTransformerBlock(TransformerBlock):
         self.mlp = UntiedMLP(config.untied_mlp_config(), types, path)
 
     def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
-        group_types = patterns.types if isinstance(patterns, Plan) else self.group_types
-        return self.mlp(x, type_runs(as_token_specs(specs), group_types, self.types))  # type: ignore[no-any-return]
+        token_specs = as_token_specs(specs)
+        group_types = plan_group_types(patterns, token_specs, self.group_types)
+        return self.mlp(x, type_runs(token_specs, group_types, self.types))  # type: ignore[no-any-return]
 
 
 class PerceiverAttention(nn.Module):

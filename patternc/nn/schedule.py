@@ -163,6 +163,7 @@ def _plan_for_patterns(groups: tuple[tuple[str, bool], ...], patterns: tuple[Att
 
 @functools.lru_cache(maxsize=512)
 def _schedule_for_plan(plan: Plan, specs: tuple[TokenSpec, ...]) -> Schedule:
+    plan = plan.bind([s.name for s in specs])  # families -> this input's groups
     if tuple(s.name for s in specs) != plan.groups:
         # A plan's groups must come in the plan's order; a reordered input would
         # silently attend the wrong tokens.

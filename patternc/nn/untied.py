@@ -120,6 +120,15 @@ def type_runs(
     )
 
 
+def plan_group_types(
+    patterns: object, specs: Sequence[TokenSpec], fallback: Mapping[str, str]
+) -> Mapping[str, str]:
+    """Group types from a plan bound to these groups (families expanded), else ``fallback``."""
+    if isinstance(patterns, Plan):
+        return patterns.bind([s.name for s in specs]).types
+    return fallback
+
+
 def check_types(types: Sequence[str] | None, num_types: int) -> tuple[str, ...] | None:
     if types is None:
         return None
@@ -413,8 +422,7 @@ class UntiedMixedAttention(MixedAttention):
             proj.reset_parameters(zero=self.config.init_weights == "zero")
 
     def type_runs(self, specs: Sequence[TokenSpec], patterns: object) -> TypeRuns:
-        group_types = patterns.types if isinstance(patterns, Plan) else self.group_types
-        return type_runs(specs, group_types, self.types)
+        return type_runs(specs, plan_group_types(patterns, specs, self.group_types), self.types)
 
     def _project_in(self, x: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
         return self.qkv(x, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
