@@ -22,6 +22,7 @@ from patternc.compiler import compile  # noqa: A004 - the public name
 from patternc.diagnostics import Diagnostic, PatternError
 from patternc.plan import Layout, Plan, Program
 from patternc.schemas import AttentionConfig, AttentionPattern, MixedAttentionConfig, TokenSpec
+from patternc.stack_config import TransformerConfig, VisionTransformerConfig
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "Plan",
     "Program",
     "TokenSpec",
+    "TransformerConfig",
+    "VisionTransformerConfig",
     "__version__",
     "check_patterns",
     "compile",

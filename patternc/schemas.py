@@ -174,14 +174,16 @@ class AttentionConfig(BaseModel):
         return self.num_heads * (self.head_dim or self.hidden_dim // self.num_heads)
 
 
-Implementation = Literal["batched", "loop", "dense", "flex"]
+Implementation = Literal["batched", "loop", "dense", "flex", "linear"]
 """Executors of ``MixedAttention``:
 
 - ``"batched"``: one attention launch per set of equal-shaped calls, reading
   contiguous groups as views (the fast default);
 - ``"loop"``: one attention call per pattern (the readable one);
 - ``"dense"``: one call over all tokens with a dense boolean mask (the reference);
-- ``"flex"``: one FlexAttention call with a block mask built from the layout.
+- ``"flex"``: one FlexAttention call with a block mask built from the layout;
+- ``"linear"``: chunked linear attention (``elu + 1`` features instead of
+  softmax: a different function, for the patterns it can express).
 """
 
 
@@ -191,5 +193,5 @@ class MixedAttentionConfig(AttentionConfig):
     implementation: Implementation = Field(
         default="batched",
         description="Executor: 'batched' (fast), 'loop' (readable), 'dense' (reference), "
-        "'flex' (FlexAttention).",
+        "'flex' (FlexAttention), 'linear' (linear attention, not softmax).",
     )

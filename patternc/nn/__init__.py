@@ -16,27 +16,47 @@ from patternc.nn.blocks import (
 )
 from patternc.nn.layers import MLP, LinearProjection
 from patternc.nn.rope import apply_rope, rope_frequencies
+from patternc.nn.transformer import Transformer, TransformerLayer, VisionTransformer
 from patternc.nn.untied import UntiedLinear, UntiedMixedAttention, UntiedMLP
+from patternc.stack_config import (
+    AttentionType,
+    FfActivation,
+    NormKind,
+    Pool,
+    PosEmbType,
+    TransformerConfig,
+    VisionTransformerConfig,
+)
 
 __all__ = [
     "MLP",
+    "AttentionType",
     "CrossAnchorAttention",
     "DotProductAttention",
+    "FfActivation",
     "JointAnchorAttention",
     "KVCache",
     "LinearProjection",
     "MixedAttention",
     "MultiBranchAnchorAttention",
+    "NormKind",
     "PatternAttention",
     "PerceiverAttention",
     "PerceiverBlock",
+    "Pool",
+    "PosEmbType",
     "SelfAnchorAttention",
+    "Transformer",
     "TransformerBlock",
+    "TransformerConfig",
+    "TransformerLayer",
     "UntiedLinear",
     "UntiedMLP",
     "UntiedMixedAttention",
     "UntiedPerceiverBlock",
     "UntiedTransformerBlock",
+    "VisionTransformer",
+    "VisionTransformerConfig",
     "apply_rope",
     "rope_frequencies",
 ]

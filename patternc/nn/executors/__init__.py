@@ -7,6 +7,7 @@ from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
+from patternc.nn.executors.linear import run_linear
 from patternc.nn.executors.loop import run_loop
 
 __all__ = ["EXECUTORS", "AttentionInputs", "Executor", "get_executor"]
@@ -16,6 +17,7 @@ EXECUTORS: dict[str, Executor] = {
     "loop": run_loop,
     "dense": run_dense,
     "flex": run_flex,
+    "linear": run_linear,
 }
 
 

@@ -17,6 +17,7 @@ from patternc.nn.executors.common import (
     AttentionInputs,
     assemble,
     attend,
+    call_bias,
     gather,
     gather_mask,
     modifier_args,
@@ -50,7 +51,9 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     outputs: list[Tensor | None] = [None] * len(schedule.calls)
     batch = q.shape[0]
-    positions = within_group_positions(schedule, q.device) if schedule.has_modifiers else None
+    slopes = inputs.alibi_slopes
+    needs_positions = schedule.has_modifiers or slopes is not None
+    positions = within_group_positions(schedule, q.device) if needs_positions else None
     padded = key_padding_mask is not None
     for launch in schedule.launches:
         calls = [schedule.calls[i] for i in launch]
@@ -65,6 +68,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
                 dropout_p,
                 scale,
                 *modifiers[0],
+                call_bias(call, positions, cache, slopes),
             )
             continue
         queries = stack_segments(q, [c.queries for c in calls], {})
@@ -79,7 +83,11 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         if modifiers[0][0] is not None:
             stacked = torch.stack([m[0] for m in modifiers if m[0] is not None])  # [n, Lq, Lk]
             pair_mask = stacked.expand(batch, *stacked.shape).flatten(0, 1)
-        out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal)
+        bias = None
+        if slopes is not None:
+            biases = torch.stack([call_bias(c, positions, cache, slopes) for c in calls])  # type: ignore[misc]
+            bias = biases.expand(batch, *biases.shape).flatten(0, 1)  # [B * n, H, Lq, Lk]
+        out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias)
         out = out.reshape(batch, len(calls), *out.shape[1:])
         for position, index in enumerate(launch):
             outputs[index] = out[:, position]

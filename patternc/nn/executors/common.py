@@ -21,8 +21,10 @@ from patternc.nn.schedule import CallSchedule, Schedule, Segment
 __all__ = [
     "AttentionInputs",
     "Executor",
+    "alibi_bias",
     "assemble",
     "attend",
+    "call_bias",
     "call_pair_mask",
     "gather",
     "gather_mask",
@@ -46,6 +48,9 @@ class AttentionInputs:
     key_padding_mask: Tensor | None
     dropout_p: float
     scale: float | None
+    alibi_slopes: Tensor | None = None
+    """``[H]``: ALiBi adds ``-slope * |i - j|`` to each score, ``i``/``j`` the
+    query's and key's positions within their groups (an additive bias)."""
 
     @property
     def cached_keys(self) -> dict[str, Tensor]:
@@ -96,16 +101,41 @@ def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return allowed
 
 
+def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """``[H, Lq, Lk]`` ALiBi bias ``-slope * |i - j|`` (positions within groups)."""
+    distance = (q_pos[:, None] - k_pos[None, :]).abs().to(slopes.dtype)
+    return -slopes[:, None, None] * distance
+
+
+def call_positions(
+    call: CallSchedule, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Within-group positions of a call's queries and keys (cached keys count from 0)."""
+    q_pos = gather(positions[None], call.queries, {})[0]
+    cached = {name: torch.arange(kv[0].shape[1], device=positions.device)[None] for name, kv in cache.items()}
+    return q_pos, gather(positions[None], call.keys_values, cached)[0]
+
+
+def call_bias(
+    call: CallSchedule,
+    positions: Tensor | None,
+    cache: Mapping[str, tuple[Tensor, Tensor]],
+    slopes: Tensor | None,
+) -> Tensor | None:
+    """A call's ALiBi bias ``[H, Lq, Lk]``, or None without ALiBi."""
+    if slopes is None:
+        return None
+    assert positions is not None
+    return alibi_bias(slopes, *call_positions(call, positions, cache))
+
+
 def call_pair_mask(
     call: CallSchedule, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
 ) -> Tensor | None:
     """The per-pattern mask of a call with modifiers (None when it has none)."""
     if not call.modifiers:
         return None
-    q_pos = gather(positions[None], call.queries, {})[0]
-    cached = {name: torch.arange(kv[0].shape[1], device=positions.device)[None] for name, kv in cache.items()}
-    k_pos = gather(positions[None], call.keys_values, cached)[0]
-    return modifier_mask(call.modifiers, q_pos, k_pos)
+    return modifier_mask(call.modifiers, *call_positions(call, positions, cache))
 
 
 def modifier_args(
@@ -133,12 +163,14 @@ def attend(
     scale: float | None,
     pair_mask: Tensor | None = None,
     is_causal: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention on ``[b, L, H, D]`` tensors.
 
     ``kv_mask`` is ``[b, Lkv]`` (True = attend); ``pair_mask`` is ``[Lq, Lkv]``
-    or ``[b, Lq, Lkv]`` (a rule's modifiers). A query with no key left, or a
-    call with no keys at all, yields zeros rather than NaN.
+    or ``[b, Lq, Lkv]`` (a rule's modifiers); ``bias`` is an additive
+    ``[H, Lq, Lkv]`` or ``[b, H, Lq, Lkv]`` score bias (ALiBi). A query with no
+    key left, or a call with no keys at all, yields zeros rather than NaN.
     """
     if k.shape[1] == 0:
         return torch.zeros_like(q)
@@ -150,6 +182,12 @@ def attend(
     if attn_mask is not None:
         keep = attn_mask.any(dim=-1, keepdim=True)  # [b|1, 1, Lq|1, 1]; no host sync
         attn_mask = attn_mask | ~keep
+    if bias is not None:
+        bias = (bias[None] if bias.dim() == 3 else bias).to(q.dtype)
+        if is_causal and attn_mask is None:
+            n_q, n_k = q.shape[1], k.shape[1]
+            attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+        attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

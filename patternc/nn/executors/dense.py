@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.executors.common import AttentionInputs, modifier_mask, within_group_positions
+from patternc.nn.executors.common import (
+    AttentionInputs,
+    alibi_bias,
+    modifier_mask,
+    within_group_positions,
+)
 from patternc.nn.schedule import Schedule
 
 __all__ = ["dense_mask", "run_dense"]
@@ -48,11 +53,19 @@ def run_dense(inputs: AttentionInputs) -> Tensor:
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
     keep = mask.any(dim=-1, keepdim=True)  # rows with no key at all give zeros
+    attn_mask: Tensor = mask | ~keep
+    if inputs.alibi_slopes is not None:
+        q_pos = within_group_positions(schedule, q.device)
+        k_pos = torch.cat(
+            [q_pos, *(torch.arange(lengths[g], device=q.device) for g in schedule.cached_groups)]
+        )
+        bias = alibi_bias(inputs.alibi_slopes, q_pos, k_pos)[None].to(q.dtype)
+        attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=mask | ~keep,
+        attn_mask=attn_mask,
         dropout_p=dropout_p,
         scale=scale,
     )

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.flexmask import FlexTables
+from patternc.nn.flexmask import BLOCK_SIZE, FlexTables
 from patternc.nn.schedule import Schedule
 
 __all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
@@ -80,12 +80,14 @@ def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], va
         cache.popitem(last=False)
 
 
-def flex_tables(schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device) -> FlexTables:
-    """The layout's device tables, cached per (schedule, cache lengths, device)."""
-    key = (schedule, tuple(sorted(cache_lengths.items())), device)
+def flex_tables(
+    schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device, block_size: int = BLOCK_SIZE
+) -> FlexTables:
+    """The layout's device tables, cached per (schedule, cache lengths, device, block size)."""
+    key = (schedule, tuple(sorted(cache_lengths.items())), device, block_size)
     tables = _tables.get(key)
     if tables is None:
-        tables = FlexTables.build(schedule, cache_lengths, device)
+        tables = FlexTables.build(schedule, cache_lengths, device, block_size)
         _remember(_tables, key, tables)
     return tables
 
@@ -103,7 +105,9 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
     return mask
 
 
-def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
+def _fallback_reason(q: Tensor, dropout_p: float, alibi: bool) -> str | None:
+    if alibi:
+        return "an ALiBi bias (not lowered to a score_mod yet)"
     if dropout_p > 0:
         return "attention dropout (FlexAttention has none)"
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
@@ -120,10 +124,10 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
     return t.transpose(1, 2)
 
 
-def run_flex(inputs: AttentionInputs) -> Tensor:
+def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
-    reason = _fallback_reason(q, dropout_p)
+    reason = _fallback_reason(q, dropout_p, inputs.alibi_slopes is not None)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
@@ -134,14 +138,15 @@ def run_flex(inputs: AttentionInputs) -> Tensor:
             )
         return run_batched(inputs)
     lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
-    tables = flex_tables(schedule, lengths, q.device)
+    tables = flex_tables(schedule, lengths, q.device, block_size)
     if schedule.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
         v = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
-    block_mask = _block_mask(tables, padding, (schedule, tuple(sorted(lengths.items())), q.device))
+    key = (schedule, tuple(sorted(lengths.items())), q.device, block_size)
+    block_mask = _block_mask(tables, padding, key)
     out = _flex(q.device.type)(
         _pad_heads_first(q, tables.q_len),
         _pad_heads_first(k, tables.kv_len),

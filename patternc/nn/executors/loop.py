@@ -8,6 +8,7 @@ from patternc.nn.executors.common import (
     AttentionInputs,
     assemble,
     attend,
+    call_bias,
     gather,
     gather_mask,
     modifier_args,
@@ -21,7 +22,9 @@ def run_loop(inputs: AttentionInputs) -> Tensor:
     q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
-    positions = within_group_positions(schedule, q.device) if schedule.has_modifiers else None
+    slopes = inputs.alibi_slopes
+    needs_positions = schedule.has_modifiers or slopes is not None
+    positions = within_group_positions(schedule, q.device) if needs_positions else None
     outputs: list[Tensor | None] = []
     for call in schedule.calls:
         if not call.n_queries:
@@ -32,5 +35,6 @@ def run_loop(inputs: AttentionInputs) -> Tensor:
         values = gather(v, call.keys_values, cached_v)
         mask = gather_mask(key_padding_mask, call.keys_values)
         pair_mask, is_causal = modifier_args(call, positions, cache, key_padding_mask is not None)
-        outputs.append(attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal))
+        bias = call_bias(call, positions, cache, slopes)
+        outputs.append(attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias))
     return assemble(outputs, schedule, q)

@@ -1,0 +1,476 @@
+"""The transformer stack: :class:`Transformer` and a small :class:`VisionTransformer`.
+
+Every layer's attention runs a compiled pattern. A model is built from a
+:class:`~patternc.TransformerConfig` and, optionally, a pattern program and a
+per-layer schedule of its patterns, e.g. ``["self_anchor", "cross_anchor"] * 2
++ ["joint"]``. Without a program the stack uses one group ``tokens`` that
+attends to itself. ``causal=True`` and ``attention_window`` add ``[causal]`` /
+``[causal, window N]`` to every rule; the executor comes from
+``attention_type`` (:data:`~patternc.stack_config.ATTENTION_TYPES`).
+
+>>> import torch
+>>> from patternc import TransformerConfig
+>>> config = TransformerConfig(vocab_size=50, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+...                            causal=True, pos_emb_type="rope", dropout_rate=0.0)
+>>> model = Transformer(config)
+>>> ids = torch.randint(1, 50, (2, 7))
+>>> model(ids).shape
+torch.Size([2, 7, 50])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternc.compiler import compile as compile_program
+from patternc.modifiers import Modifiers
+from patternc.nn.attention import merge_heads
+from patternc.nn.executors import AttentionInputs, get_executor
+from patternc.nn.executors.flex import run_flex
+from patternc.nn.executors.linear import run_linear
+from patternc.nn.rope import apply_rope, rope_frequencies
+from patternc.nn.schedule import Schedule, schedule_for
+from patternc.plan import Plan, Program, Sizes
+from patternc.resolve import ResolvedRule
+from patternc.stack_config import TransformerConfig, VisionTransformerConfig
+
+__all__ = ["Transformer", "TransformerLayer", "VisionTransformer", "alibi_slopes"]
+
+_DEFAULT_SOURCE = "groups tokens\ntokens -> tokens\n"
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's per-head slopes: a geometric sequence from ``2^(-8/n)`` (Press et
+    al.), extended by interleaving for head counts that are not powers of two."""
+
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return torch.tensor(powers(num_heads))
+    closest = 2 ** math.floor(math.log2(num_heads))
+    extra = powers(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(powers(closest) + extra)
+
+
+def with_modifiers(plan: Plan, extra: Modifiers) -> Plan:
+    """``plan`` with ``extra`` merged into every rule's modifiers (the stack's
+    ``causal`` / ``attention_window``); a rule's own window, if tighter, stays."""
+    if not extra:
+        return plan
+
+    def merged(own: Modifiers) -> Modifiers:
+        windows = [w for w in (own.window, extra.window) if w is not None]
+        return Modifiers(causal=own.causal or extra.causal, window=min(windows) if windows else None)
+
+    rules = tuple(
+        ResolvedRule(r.queries, r.keys_values, r.span, r.text, r.where, merged(r.modifiers), r.to_self)
+        for r in plan.rules
+    )
+    return Plan(plan.name, plan.groups, rules, plan.group_types)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * scale * self.weight
+
+
+def _norm(config: TransformerConfig) -> nn.Module:
+    return RMSNorm(config.d_model) if config.norm_type == "rms" else nn.LayerNorm(config.d_model)
+
+
+class _Banks(nn.Module):
+    """One ``nn.Linear`` per token type (one when tied); ``runs`` says which
+    tokens use which bank as ``(bank, start, stop)`` slices."""
+
+    def __init__(self, n_types: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for _ in range(n_types))
+
+    def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
+        if len(self.layers) == 1:
+            return self.layers[0](x)  # type: ignore[no-any-return]
+        parts = [self.layers[bank](x[:, start:stop]) for bank, start, stop in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, config: TransformerConfig, n_types: int) -> None:
+        super().__init__()
+        self.gated = config.ff_activation in ("swiglu", "geglu")
+        width = 2 * config.d_ff if self.gated else config.d_ff
+        self.up = _Banks(n_types, config.d_model, width)
+        self.down = _Banks(n_types, config.d_ff, config.d_model)
+        activations: dict[str, Callable[[Tensor], Tensor]] = {
+            "gelu": F.gelu,
+            "relu": F.relu,
+            "swiglu": F.silu,
+            "geglu": F.gelu,
+        }
+        self.act = activations[config.ff_activation]
+        self.dropout = config.dropout_rate
+
+    def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
+        h = self.up(x, runs)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.down(F.dropout(h, self.dropout, self.training), runs)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every layer of one forward pass shares (built once per pass)."""
+
+    schedules: Mapping[str, Schedule]
+    runs: tuple[tuple[int, int, int], ...]
+    freqs: Tensor | None
+    key_padding_mask: Tensor | None
+    alibi: Tensor | None
+
+
+class TransformerLayer(nn.Module):
+    """One block: attention over a pattern, then the feed-forward; pre- or post-norm."""
+
+    def __init__(self, config: TransformerConfig, pattern: str, n_types: int) -> None:
+        super().__init__()
+        self.config = config
+        self.pattern = pattern
+        heads, kv_heads, dim = config.num_heads, config.kv_heads, config.head_dim
+        self.q_proj = _Banks(n_types, config.d_model, heads * dim)
+        self.kv_proj = _Banks(n_types, config.d_model, 2 * kv_heads * dim)
+        self.out_proj = _Banks(n_types, heads * dim, config.d_model)
+        self.ff = _FeedForward(config, n_types)
+        self.norm1, self.norm2 = _norm(config), _norm(config)
+        executor = get_executor(config.implementation)
+        if config.implementation == "linear":
+            executor = functools.partial(run_linear, chunk_size=config.linear_attention_chunk_size)
+        elif config.implementation == "flex":
+            executor = functools.partial(run_flex, block_size=config.attention_block_size)
+        self.executor = executor
+
+    def qkv(self, x: Tensor, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
+        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, N, H_kv, D]`` (RoPE applied)."""
+        b, n, _ = x.shape
+        c = self.config
+        q = self.q_proj(x, step.runs).view(b, n, c.num_heads, c.head_dim)
+        k, v = self.kv_proj(x, step.runs).view(b, n, 2, c.kv_heads, c.head_dim).unbind(2)
+        if step.freqs is not None:
+            q, k = apply_rope(q, step.freqs), apply_rope(k, step.freqs)
+        return q, k, v
+
+    def attend(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = self.qkv(x, step)
+        repeat = self.config.num_heads // self.config.kv_heads
+        k_all, v_all = (
+            (k, v) if repeat == 1 else (k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2))
+        )
+        dropout = self.config.dropout_rate if self.training else 0.0
+        schedule = step.schedules[self.pattern]
+        inputs = AttentionInputs(
+            q, k_all, v_all, schedule, {}, step.key_padding_mask, dropout, None, step.alibi
+        )
+        out = self.out_proj(merge_heads(self.executor(inputs)), step.runs)
+        return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
+
+    def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if self.config.use_pre_norm:
+            attended, kv = self.attend(self.norm1(x), step)
+            x = x + attended
+            return x + self.ff(self.norm2(x), step.runs), kv
+        attended, kv = self.attend(x, step)
+        x = self.norm1(x + attended)
+        return self.norm2(x + self.ff(x, step.runs)), kv
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`TransformerLayer` s whose attention runs compiled patterns.
+
+    ``program``: a :class:`~patternc.Program`, a :class:`~patternc.Plan`, pattern
+    source text, or None (one group ``tokens``). ``layer_patterns``: the
+    pattern each layer runs (default: the program's first pattern everywhere).
+    ``forward(x, sizes)``: ``x`` is ``[B, N]`` token ids (``vocab_size`` set) or
+    ``[B, N, d_model]`` features; ``sizes`` maps groups to token counts in
+    ``x`` order (omit it for the single-group default). Ids equal to
+    ``pad_token_id`` are masked as keys. With ``config.untied``, each token
+    type (the pattern file's ``types``) has its own projections and
+    feed-forward weights. Token models return logits (tied to the embedding).
+    """
+
+    alibi: Tensor
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        program: Program | Plan | str | None = None,
+        layer_patterns: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        plans = _plans(program)
+        extra = Modifiers(causal=config.is_causal, window=config.attention_window)
+        self.plans = {name: with_modifiers(plan, extra) for name, plan in plans.items()}
+        first = next(iter(self.plans))
+        self.layer_patterns = list(layer_patterns or [first] * config.num_layers)
+        unknown = [p for p in self.layer_patterns if p not in self.plans]
+        if unknown or len(self.layer_patterns) != config.num_layers:
+            raise ValueError(
+                f"layer_patterns must name one of {sorted(self.plans)} for each of the "
+                f"{config.num_layers} layers; got {self.layer_patterns}"
+            )
+        self.type_names = tuple(dict.fromkeys(t for p in self.plans.values() for t in p.types.values()))
+        n_types = len(self.type_names) if config.untied else 1
+        if config.vocab_size is not None:
+            self.embed: nn.Module = nn.Embedding(config.vocab_size, config.d_model)
+        else:
+            self.embed = nn.Identity()
+        self.layers = nn.ModuleList(TransformerLayer(config, p, n_types) for p in self.layer_patterns)
+        self.final_norm: nn.Module = _norm(config) if config.use_pre_norm else nn.Identity()
+        self.register_buffer("alibi", alibi_slopes(config.num_heads), persistent=False)
+
+    # ------------------------------------------------------------- plumbing
+
+    def _default_sizes(self, n: int) -> dict[str, int]:
+        """One group holds every token: the only group, or one member of the only family."""
+        groups = next(iter(self.plans.values())).groups
+        if len(groups) != 1:
+            raise ValueError(f"pass sizes: the patterns have groups {list(groups)}")
+        name = groups[0]
+        return {name[:-1] + "0" if name.endswith("*") else name: n}
+
+    def _positions(self, sizes: Mapping[str, int], device: torch.device) -> Tensor:
+        """Each token's position within its group."""
+        counts = torch.tensor(list(sizes.values()), device=device)
+        starts = torch.cumsum(counts, 0) - counts
+        n = int(counts.sum())
+        positions = torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)
+        longest = max(sizes.values(), default=0)
+        if longest > self.config.max_len:
+            raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")
+        return positions
+
+    def _step(self, sizes: Mapping[str, int], positions: Tensor, padding: Tensor | None) -> _Step:
+        schedules = {}
+        runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(sizes.values())),)
+        for name in dict.fromkeys(self.layer_patterns):
+            plan = self.plans[name]
+            specs = plan.token_specs(sizes)
+            schedules[name] = schedule_for(specs, plan)
+        if self.config.untied:
+            runs = _type_runs(next(iter(self.plans.values())), tuple(sizes.items()), self.type_names)
+        c = self.config
+        freqs = None
+        if c.pos_emb_type == "rope":
+            if max(sizes.values(), default=0) > c.rope_positions:
+                raise ValueError(f"a group is longer than rope_max_positions={c.rope_positions}")
+            freqs = rope_frequencies(positions, c.head_dim, c.rope_base)
+        alibi = self.alibi if c.pos_emb_type == "alibi" else None
+        return _Step(schedules, runs, freqs, padding, alibi)
+
+    def embed_inputs(self, x: Tensor, positions: Tensor) -> Tensor:
+        h: Tensor = self.embed(x)
+        if self.config.vocab_size is not None:
+            h = h * math.sqrt(self.config.d_model)
+        if self.config.pos_emb_type == "sinusoidal":
+            h = h + sinusoidal(positions, self.config.d_model).to(h.dtype)
+        return F.dropout(h, self.config.dropout_rate, self.training)
+
+    def head(self, h: Tensor) -> Tensor:
+        h = self.final_norm(h)
+        if self.config.vocab_size is None:
+            return h
+        assert isinstance(self.embed, nn.Embedding)
+        return h @ self.embed.weight.T
+
+    # -------------------------------------------------------------- forward
+
+    def forward(
+        self, x: Tensor, sizes: Sizes | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        out, _ = self._run(x, sizes, key_padding_mask)
+        return out
+
+    def _run(
+        self, x: Tensor, sizes: Sizes | None, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        n = x.shape[1]
+        group_sizes = _int_sizes(sizes) if sizes is not None else self._default_sizes(n)
+        if sum(group_sizes.values()) != n:
+            raise ValueError(f"sizes add up to {sum(group_sizes.values())} tokens but x has {n}")
+        if key_padding_mask is None and self.config.vocab_size is not None:
+            real = x != self.config.pad_token_id
+            key_padding_mask = None if bool(real.all()) else real
+        positions = self._positions(group_sizes, x.device)
+        step = self._step(group_sizes, positions, key_padding_mask)
+        h = self.embed_inputs(x, positions)
+        caches = []
+        for layer in self.layers:
+            h, kv = layer(h, step)
+            caches.append(kv)
+        return self.head(h), caches
+
+    # ------------------------------------------------------------ decoding
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0) -> Tensor:
+        """Continue ``prompt`` (``[B, T]`` ids; one causal group) with a KV
+        cache of ``kv_cache_max_len`` positions: the prompt runs once through
+        the patterns, then each new token attends to the cache (within
+        ``attention_window``). ``temperature`` 0 is greedy."""
+        c = self.config
+        if c.vocab_size is None or not c.is_causal:
+            raise ValueError("generate needs a causal token model (vocab_size set, causal=True or a window)")
+        total = prompt.shape[1] + max_new_tokens
+        if total > c.cache_len:
+            raise ValueError(f"{total} tokens do not fit the KV cache of kv_cache_max_len={c.cache_len}")
+        logits, kvs = self._run(prompt, None, None)
+        b, t = prompt.shape
+        cache_k = prompt.new_zeros(
+            (len(self.layers), b, c.cache_len, c.kv_heads, c.head_dim), dtype=logits.dtype
+        )
+        cache_v = torch.zeros_like(cache_k)
+        for i, (k, v) in enumerate(kvs):
+            cache_k[i, :, :t], cache_v[i, :, :t] = k, v
+        out = [prompt]
+        token = _pick(logits[:, -1], temperature)
+        for position in range(t, total):
+            out.append(token[:, None])
+            if position == total - 1:
+                break
+            logits = self._decode_step(token, position, cache_k, cache_v)
+            token = _pick(logits, temperature)
+        return torch.cat(out, dim=1)
+
+    def _decode_step(self, token: Tensor, position: int, cache_k: Tensor, cache_v: Tensor) -> Tensor:
+        c = self.config
+        positions = torch.tensor([position], device=token.device)
+        freqs = rope_frequencies(positions, c.head_dim, c.rope_base) if c.pos_emb_type == "rope" else None
+        (group,) = self._default_sizes(1)
+        runs: tuple[tuple[int, int, int], ...] = ((0, 0, 1),)
+        if c.untied:
+            runs = _type_runs(next(iter(self.plans.values())), ((group, 1),), self.type_names)
+        h = self.embed_inputs(token[:, None], positions)
+        lo = 0 if c.attention_window is None else max(0, position - c.attention_window + 1)
+        keys_at = torch.arange(lo, position + 1, device=token.device)
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, TransformerLayer)
+            x = layer.norm1(h) if c.use_pre_norm else h
+            q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None))
+            cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
+            keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
+            repeat = c.num_heads // c.kv_heads
+            if repeat > 1:
+                keys, values = keys.repeat_interleave(repeat, 2), values.repeat_interleave(repeat, 2)
+            bias = None
+            if c.pos_emb_type == "alibi":
+                bias = (-self.alibi[:, None, None] * (position - keys_at).to(q.dtype))[None].to(q.dtype)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
+            ).transpose(1, 2)
+            attended = layer.out_proj(merge_heads(attended), runs)
+            if c.use_pre_norm:
+                h = h + attended
+                h = h + layer.ff(layer.norm2(h), runs)
+            else:
+                h = layer.norm1(h + attended)
+                h = layer.norm2(h + layer.ff(h, runs))
+        return self.head(h)[:, 0]
+
+
+def _pick(logits: Tensor, temperature: float) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+
+
+def sinusoidal(positions: Tensor, dim: int) -> Tensor:
+    """``[N, dim]`` fixed sinusoidal embeddings of ``positions``."""
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=positions.device) / dim)
+    angles = positions.float()[:, None] * inv[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def _int_sizes(sizes: Sizes) -> dict[str, int]:
+    pairs = sizes.items() if isinstance(sizes, Mapping) else ((s.name, s.size) for s in sizes)
+    out = {}
+    for name, size in pairs:
+        if size is None:
+            raise ValueError(f"group `{name}` has size None: the stack takes every group in x")
+        out[name] = size
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _type_runs(
+    plan: Plan, sizes: tuple[tuple[str, int], ...], type_names: tuple[str, ...]
+) -> tuple[tuple[int, int, int], ...]:
+    types = plan.bind([name for name, _ in sizes]).types
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for name, size in sizes:
+        bank = type_names.index(types[name])
+        if runs and runs[-1][0] == bank and runs[-1][2] == start:
+            runs[-1] = (bank, runs[-1][1], start + size)
+        elif size:
+            runs.append((bank, start, start + size))
+        start += size
+    return tuple(runs)
+
+
+def _plans(program: Program | Plan | str | None) -> dict[str, Plan]:
+    if program is None:
+        program = _DEFAULT_SOURCE
+    if isinstance(program, str):
+        program = compile_program(program)
+    if isinstance(program, Plan):
+        return {program.name: program}
+    return dict(program.patterns)
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding, a ``[CLS]`` token, the stack, and a linear head.
+
+    The groups are ``cls`` and ``patches`` (``* -> *``); ``pool`` picks the
+    ``[CLS]`` output or the mean over patches.
+
+    >>> from patternc import TransformerConfig, VisionTransformerConfig
+    >>> stack = TransformerConfig(d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=64)
+    >>> vit = VisionTransformer(VisionTransformerConfig(transformer=stack, image_size=16,
+    ...                                                 patch_size=4, num_classes=10))
+    >>> vit(torch.randn(2, 3, 16, 16)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, config: VisionTransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.transformer.d_model
+        self.patch = nn.Conv2d(config.in_channels, d, config.patch_size, stride=config.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.stack = Transformer(config.transformer, "groups cls patches\n* -> *\n")
+        self.classify = nn.Linear(d, config.num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        patches = self.patch(images).flatten(2).transpose(1, 2)  # [B, P, d]
+        x = torch.cat([self.cls.expand(patches.shape[0], -1, -1), patches], dim=1)
+        h = self.stack(x, {"cls": 1, "patches": patches.shape[1]})
+        pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)
+        return self.classify(pooled)  # type: ignore[no-any-return]

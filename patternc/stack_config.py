@@ -1,0 +1,186 @@
+"""Configs of the transformer stack (torch-free): :class:`TransformerConfig`
+and :class:`VisionTransformerConfig`, with the seed's string aliases.
+
+The stack's options follow the seed's ``TransformerConfig``; what it adds is
+that every layer's attention is a compiled pattern (see
+:class:`patternc.nn.Transformer`). The seed's attention backends map onto
+patternc's executors as :data:`ATTENTION_TYPES` says.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from patternc.schemas import Implementation
+
+__all__ = [
+    "ATTENTION_TYPES",
+    "AttentionType",
+    "FfActivation",
+    "NormKind",
+    "Pool",
+    "PosEmbType",
+    "TransformerConfig",
+    "VisionTransformerConfig",
+]
+
+PosEmbType = Literal["sinusoidal", "rope", "alibi", "none"]
+"""Positions: ``sinusoidal`` (fixed, added to the embeddings), ``rope``
+(rotary, on Q and K), ``alibi`` (a per-head additive bias ``-slope * |i - j|``),
+``none``. Positions count within each token group, so packed documents each
+start at 0."""
+
+NormKind = Literal["layer", "rms"]
+"""``layer`` (LayerNorm) or ``rms`` (RMSNorm)."""
+
+FfActivation = Literal["gelu", "relu", "swiglu", "geglu"]
+"""``gelu``/``relu``: two-layer MLP; ``swiglu``/``geglu``: ``act(gate(x)) * up(x)``, then down."""
+
+Pool = Literal["cls", "mean"]
+"""Vision transformer pooling: the ``[CLS]`` token, or the mean over patch tokens."""
+
+AttentionType = Literal["standard", "memory_efficient", "flash", "linear", "dense", "batched", "loop", "flex"]
+"""The seed's backend names and patternc's own (see :data:`ATTENTION_TYPES`)."""
+
+ATTENTION_TYPES: dict[str, Implementation] = {
+    "standard": "dense",
+    "memory_efficient": "batched",
+    "flash": "flex",
+    "linear": "linear",
+    "dense": "dense",
+    "batched": "batched",
+    "loop": "loop",
+    "flex": "flex",
+}
+"""Seed backend -> patternc executor. ``standard`` is one attention call with a
+dense mask; ``memory_efficient`` is ``batched`` (one fused SDPA call per group
+of same-shaped patterns, no ``[n, n]`` mask); ``flash`` is ``flex`` (one
+FlexAttention call with a block-sparse mask); ``linear`` is chunked linear
+attention (:mod:`patternc.nn.linear_attention`)."""
+
+
+class TransformerConfig(BaseModel):
+    """Transformer stack hyperparameters (the seed's ``TransformerConfig``).
+
+    >>> TransformerConfig(d_model=64, num_heads=4, num_kv_heads=2).head_dim
+    16
+    >>> TransformerConfig(d_model=64, num_heads=5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for TransformerConfig
+      Value error, d_model=64 is not divisible by num_heads=5; ...
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vocab_size: int | None = Field(
+        default=None, gt=0, description="Token model: embed ids. None: inputs are [B, N, d_model] features."
+    )
+    d_model: int = Field(default=512, gt=0)
+    num_heads: int = Field(default=8, gt=0)
+    num_layers: int = Field(default=6, ge=0)
+    d_ff: int = Field(default=2048, gt=0)
+    dropout_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_len: int = Field(default=512, gt=0, description="Longest group (positions count within groups).")
+    use_pre_norm: bool = True
+    pos_emb_type: PosEmbType = "sinusoidal"
+    ff_activation: FfActivation = "gelu"
+    norm_type: NormKind = "layer"
+    pad_token_id: int = 0
+    attention_type: AttentionType = "batched"
+    attention_block_size: int = Field(
+        default=128, gt=0, description="FlexAttention sparse block size (flash/flex): a multiple of 16."
+    )
+    linear_attention_chunk_size: int = Field(default=64, gt=0)
+    rope_base: float = Field(default=10000.0, gt=0)
+    rope_max_positions: int | None = Field(default=None, gt=0)
+    num_kv_heads: int | None = Field(default=None, gt=0, description="GQA/MQA; defaults to num_heads.")
+    attention_window: int | None = Field(
+        default=None, gt=0, description="Causal sliding window: every rule gets [causal, window N]."
+    )
+    kv_cache_max_len: int | None = Field(default=None, gt=0)
+    causal: bool = Field(default=False, description="Every rule gets [causal] (a decoder).")
+    untied: bool = Field(default=False, description="Per-token-type projections and MLPs.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def rope_positions(self) -> int:
+        return self.rope_max_positions or self.max_len
+
+    @property
+    def cache_len(self) -> int:
+        return self.kv_cache_max_len or self.max_len
+
+    @property
+    def implementation(self) -> Implementation:
+        return ATTENTION_TYPES[self.attention_type]
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal or self.attention_window is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> TransformerConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "pick num_heads that divides d_model"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}; "
+                "each K/V head serves a whole group of query heads"
+            )
+        if self.pos_emb_type == "rope" and self.head_dim % 2:
+            raise ValueError(f"pos_emb_type='rope' needs an even head_dim, got {self.head_dim}")
+        if self.pos_emb_type == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"pos_emb_type='sinusoidal' needs an even d_model, got {self.d_model}")
+        if self.attention_block_size % 16:
+            raise ValueError(
+                f"attention_block_size must be a multiple of 16, got {self.attention_block_size}"
+            )
+        if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        return self
+
+
+class VisionTransformerConfig(BaseModel):
+    """A small ViT: square images cut into patches, a ``[CLS]`` token, the stack, a head."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transformer: TransformerConfig
+    image_size: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    in_channels: int = Field(default=3, gt=0)
+    num_classes: int = Field(gt=0)
+    pool: Pool = "cls"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionTransformerConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.transformer.vocab_size is not None:
+            raise ValueError("a vision transformer embeds patches: set transformer.vocab_size=None")
+        if self.num_patches + 1 > self.transformer.max_len:
+            raise ValueError(
+                f"{self.num_patches} patches + [CLS] exceed transformer.max_len={self.transformer.max_len}"
+            )
+        return self
