@@ -170,8 +170,8 @@ class Plan:
 
     >>> import patternc
     >>> plan = patternc.compile("groups a b\\na, b -> a").patterns["default"]
-    >>> [p.query_tokens for p in plan.attention_patterns]
-    [('a', 'b')]
+    >>> plan.attention_patterns[0].query_tokens
+    ('a', 'b')
     """
 
     name: str

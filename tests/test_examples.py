@@ -25,3 +25,47 @@ def test_run_ab_upt_example() -> None:
     assert max(errors) < 1e-5
     diff = re.search(r"max \|difference\| = (\S+)", out)
     assert diff is not None and float(diff.group(1)) < 1e-5
+
+
+def _load_example(name: str) -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_upt_toy_trains_and_reports_both_models(capsys: object, monkeypatch: object) -> None:
+    import pytest
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.chdir(ROOT)
+    toy = _load_example("ab_upt_toy")
+    results = toy.main(["--steps", "30", "--anchors", "4", "--queries", "6", "--dim", "16", "--heads", "2"])  # type: ignore[attr-defined]
+    assert set(results) == {"transformer_cp", "transformer_u", "mlp_cp", "mlp_u"}
+    assert all(0 < v < 10 for v in results.values())
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "per-point MLP baseline" in out and "test error (relative L2)" in out
+
+
+def test_ab_upt_toy_field_is_exact() -> None:
+    """Anchors carry their measurements, queries none; Cp = 1 - 9/4 sin^2 lies in [-1.25, 1]."""
+    import torch
+
+    toy = _load_example("ab_upt_toy")
+    inputs, targets, kinds = toy.sample_flow(3, 4, 5, torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
+    assert inputs.shape == (3, 18, toy.FEATURES) and targets.shape == (3, 18, 4)  # type: ignore[attr-defined]
+    assert kinds.tolist() == [0] * 4 + [1] * 5 + [0] * 4 + [2] * 5
+    # queries carry no measurement; anchors carry their target
+    assert torch.equal(inputs[:, kinds == 1, 6:], torch.zeros_like(inputs[:, kinds == 1, 6:]))
+    assert torch.equal(inputs[:, kinds == 0, 6:], targets[:, kinds == 0])
+    assert float(targets[:, :9, 0].min()) >= -1.25 - 1e-6 and float(targets[:, :9, 0].max()) <= 1 + 1e-6
+
+
+def test_packed_lm_packing_matches_separate_and_generates() -> None:
+    lm = _load_example("packed_lm")
+    results = lm.main(["--steps", "20", "--dim", "32", "--layers", "1"])  # type: ignore[attr-defined]
+    assert abs(results["packed"] - results["separate"]) < 1e-4
+    assert 0.0 <= results["generation"] <= 1.0

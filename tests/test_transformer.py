@@ -213,7 +213,7 @@ def test_kv_cache_decoding_matches_full_forward(fields: dict[str, object]) -> No
 
 
 def test_generate_errors() -> None:
-    with pytest.raises(ValueError, match="generate needs a causal token model"):
+    with pytest.raises(ValueError, match="generate needs a causal stack over one group"):
         Transformer(config()).generate(torch.ones(1, 3, dtype=torch.long), 2)
     model = Transformer(config(causal=True, kv_cache_max_len=6))
     with pytest.raises(ValueError, match="8 tokens do not fit the KV cache of kv_cache_max_len=6"):

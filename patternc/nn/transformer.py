@@ -239,7 +239,10 @@ class Transformer(nn.Module):
         self.type_names = tuple(dict.fromkeys(t for p in self.plans.values() for t in p.types.values()))
         n_types = len(self.type_names) if config.untied else 1
         if config.vocab_size is not None:
+            # std d^-1/2: the sqrt(d)-scaled inputs have unit variance and the
+            # tied output logits start near unit scale
             self.embed: nn.Module = nn.Embedding(config.vocab_size, config.d_model)
+            nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
         else:
             self.embed = nn.Identity()
         self.layers = nn.ModuleList(TransformerLayer(config, p, n_types) for p in self.layer_patterns)
@@ -336,8 +339,9 @@ class Transformer(nn.Module):
         the patterns, then each new token attends to the cache (within
         ``attention_window``). ``temperature`` 0 is greedy."""
         c = self.config
-        if c.vocab_size is None or not c.is_causal:
-            raise ValueError("generate needs a causal token model (vocab_size set, causal=True or a window)")
+        self._decoder_window()  # raises unless the stack can decode
+        if c.vocab_size is None:
+            raise ValueError("generate needs a token model (vocab_size set)")
         total = prompt.shape[1] + max_new_tokens
         if total > c.cache_len:
             raise ValueError(f"{total} tokens do not fit the KV cache of kv_cache_max_len={c.cache_len}")
@@ -359,8 +363,23 @@ class Transformer(nn.Module):
             token = _pick(logits, temperature)
         return torch.cat(out, dim=1)
 
+    def _decoder_window(self) -> int | None:
+        """The window of a one-group causal stack (None: unbounded); anything else cannot decode."""
+        plans = list(self.plans.values())
+        rules = [r for plan in plans for r in plan.rules]
+        if len(plans[0].groups) != 1 or not rules or not all(r.modifiers.causal for r in rules):
+            raise ValueError(
+                "generate needs a causal stack over one group (causal=True, attention_window, or a "
+                "pattern such as `doc* -> self [causal]`)"
+            )
+        windows = {r.modifiers.window for r in rules}
+        if len(windows) != 1:
+            raise ValueError(f"generate needs one window for every layer, got {sorted(map(str, windows))}")
+        return windows.pop()
+
     def _decode_step(self, token: Tensor, position: int, cache_k: Tensor, cache_v: Tensor) -> Tensor:
         c = self.config
+        window = self._decoder_window()
         positions = torch.tensor([position], device=token.device)
         freqs = rope_frequencies(positions, c.head_dim, c.rope_base) if c.pos_emb_type == "rope" else None
         (group,) = self._default_sizes(1)
@@ -368,7 +387,7 @@ class Transformer(nn.Module):
         if c.untied:
             runs = _type_runs(next(iter(self.plans.values())), ((group, 1),), self.type_names)
         h = self.embed_inputs(token[:, None], positions)
-        lo = 0 if c.attention_window is None else max(0, position - c.attention_window + 1)
+        lo = 0 if window is None else max(0, position - window + 1)
         keys_at = torch.arange(lo, position + 1, device=token.device)
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, TransformerLayer)
