@@ -34,7 +34,9 @@ FEATURES = 10
 LAYERS = ["self_anchor", "cross_anchor", "self_anchor", "cross_anchor", "joint"]
 
 
-def sample_flow(batch: int, anchors: int, queries: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def sample_flow(
+    batch: int, anchors: int, queries: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(inputs [B, N, FEATURES], targets [B, N, 4], query_kind [N])``, tokens
     in the order of ``GROUPS``. Every token gets its direction from the
     sphere's centre and its distance; anchors also get the field measured
@@ -61,7 +63,9 @@ def sample_flow(batch: int, anchors: int, queries: int, generator: torch.Generat
     kinds = [0] * anchors + [1] * queries + [0] * anchors + [2] * queries
     query_kind = torch.tensor(kinds)
     is_anchor = (query_kind == 0).float()[None, :, None].expand(batch, -1, -1)
-    is_surface = torch.cat([torch.ones(n_surface), torch.zeros(n_surface)])[None, :, None].expand(batch, -1, -1)
+    is_surface = torch.cat([torch.ones(n_surface), torch.zeros(n_surface)])[None, :, None].expand(
+        batch, -1, -1
+    )
     observed = targets * is_anchor  # measurements at anchors only
     inputs = torch.cat([points / distance, distance, is_surface, is_anchor, observed], -1)
     return inputs, targets, query_kind
@@ -87,7 +91,9 @@ class Surrogate(nn.Module):
 
 def mlp_baseline(params: int) -> nn.Module:
     """A per-point MLP (3 hidden layers) sized to ``params`` parameters."""
-    width = int((-(FEATURES + 8) + math.sqrt((FEATURES + 8) ** 2 + 8 * (params - 4))) / 4)  # 2w^2 + (F + 8)w + 4
+    width = int(
+        (-(FEATURES + 8) + math.sqrt((FEATURES + 8) ** 2 + 8 * (params - 4))) / 4
+    )  # 2w^2 + (F + 8)w + 4
     return nn.Sequential(
         nn.Linear(FEATURES, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4),
@@ -130,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{sum(p.numel() for p in baseline.parameters()):,}")  # fmt: skip
     models = {"transformer": surrogate, "mlp": baseline}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
-    schedulers = {name: torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps) for name, o in optimizers.items()}
+    schedulers = {
+        name: torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps) for name, o in optimizers.items()
+    }
     train = torch.Generator().manual_seed(1)
     start = time.perf_counter()
     print(f"{'step':>6} {'transformer loss':>17} {'mlp loss':>10}")
@@ -176,8 +184,12 @@ def plot(predictions: dict[str, Tensor], targets: Tensor, query_kind: Tensor, pa
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for name, pred in predictions.items():
-        axes[0].scatter(targets[:4, query_kind == 1, 0].flatten(), pred[:4, query_kind == 1, 0].flatten(), s=3, label=name)
-        axes[1].scatter(targets[:4, query_kind == 2, 1].flatten(), pred[:4, query_kind == 2, 1].flatten(), s=3, label=name)
+        axes[0].scatter(
+            targets[:4, query_kind == 1, 0].flatten(), pred[:4, query_kind == 1, 0].flatten(), s=3, label=name
+        )
+        axes[1].scatter(
+            targets[:4, query_kind == 2, 1].flatten(), pred[:4, query_kind == 2, 1].flatten(), s=3, label=name
+        )
     for ax, title in zip(axes, ("surface Cp", "volume u_x")):
         ax.plot(*[[-1.5, 1.5]] * 2, "k--", lw=0.8)
         ax.set(title=title, xlabel="truth", ylabel="prediction")

@@ -61,7 +61,9 @@ def packed_loss(model: Transformer, ids: Tensor, sizes: dict[str, int]) -> Tenso
     losses = []
     start = 0
     for n in sizes.values():
-        losses.append(F.cross_entropy(logits[0, start : start + n - 1], ids[0, start + 1 : start + n], reduction="sum"))
+        losses.append(
+            F.cross_entropy(logits[0, start : start + n - 1], ids[0, start + 1 : start + n], reduction="sum")
+        )
         start += n
     return torch.stack(losses).sum() / sum(n - 1 for n in sizes.values())
 
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--attention", default="batched", help="attention_type (batched, dense, loop, flex, ...)")
+    parser.add_argument(
+        "--attention", default="batched", help="attention_type (batched, dense, loop, flex, ...)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     program = patternc.compile(PATTERNS)
