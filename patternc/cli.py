@@ -231,7 +231,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 if dense.peak_mb and dense.peak_mb == dense.peak_mb
                 else "-"
             )
-            numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3f}"
+            numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3g}"
             print(f"{plan.name:<16} {r.backend:<8} {numbers}")
     return EXIT_OK
 
