@@ -154,7 +154,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BACKENDS = ("dense", "loop", "batched", "flex")
+BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto")
 
 
 def _load(file: str) -> Program | None:

@@ -174,7 +174,7 @@ class AttentionConfig(BaseModel):
         return self.num_heads * (self.head_dim or self.hidden_dim // self.num_heads)
 
 
-Implementation = Literal["batched", "loop", "dense", "flex", "linear"]
+Implementation = Literal["batched", "loop", "dense", "flex", "varlen", "auto", "linear"]
 """Executors of ``MixedAttention``:
 
 - ``"batched"``: one attention launch per set of equal-shaped calls, reading
@@ -182,6 +182,9 @@ Implementation = Literal["batched", "loop", "dense", "flex", "linear"]
 - ``"loop"``: one attention call per pattern (the readable one);
 - ``"dense"``: one call over all tokens with a dense boolean mask (the reference);
 - ``"flex"``: one FlexAttention call with a block mask built from the layout;
+- ``"varlen"``: every call a segment of one variable-length attention launch
+  (CUDA, half precision; else it runs as ``batched``);
+- ``"auto"``: picks one of these per layout from a cost model;
 - ``"linear"``: chunked linear attention (``elu + 1`` features instead of
   softmax: a different function, for the patterns it can express).
 """

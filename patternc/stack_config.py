@@ -41,7 +41,9 @@ FfActivation = Literal["gelu", "relu", "swiglu", "geglu"]
 Pool = Literal["cls", "mean"]
 """Vision transformer pooling: the ``[CLS]`` token, or the mean over patch tokens."""
 
-AttentionType = Literal["standard", "memory_efficient", "flash", "linear", "dense", "batched", "loop", "flex"]
+AttentionType = Literal[
+    "standard", "memory_efficient", "flash", "linear", "dense", "batched", "loop", "flex", "varlen", "auto"
+]
 """The seed's backend names and patternc's own (see :data:`ATTENTION_TYPES`)."""
 
 ATTENTION_TYPES: dict[str, Implementation] = {
@@ -53,6 +55,8 @@ ATTENTION_TYPES: dict[str, Implementation] = {
     "batched": "batched",
     "loop": "loop",
     "flex": "flex",
+    "varlen": "varlen",
+    "auto": "auto",
 }
 """Seed backend -> patternc executor. ``standard`` is one attention call with a
 dense mask; ``memory_efficient`` is ``batched`` (one fused SDPA call per group

@@ -3,12 +3,14 @@ and one entry in :data:`EXECUTORS`."""
 
 from __future__ import annotations
 
+from patternc.nn.executors.auto import run_auto
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.executors.loop import run_loop
+from patternc.nn.executors.varlen import run_varlen
 
 __all__ = ["EXECUTORS", "AttentionInputs", "Executor", "get_executor"]
 
@@ -18,6 +20,8 @@ EXECUTORS: dict[str, Executor] = {
     "dense": run_dense,
     "flex": run_flex,
     "linear": run_linear,
+    "varlen": run_varlen,
+    "auto": run_auto,
 }
 
 

@@ -1,0 +1,250 @@
+"""GPU attention: every executor against the floor and the ceiling, in one run.
+
+Layouts (batch 1, 12 heads of 64): AB-UPT self-anchor and joint at
+2x(1k anchors + 4k queries) and 2x(8k + 24k), and 16 / 64 documents of
+256-2048 tokens each attending to itself. For each: the ceiling (dense SDPA
+over all tokens, no mask: the TFLOP/s the GPU reaches), the floor ("ideal":
+one SDPA call per pattern on ready contiguous tensors, copies made outside
+the timing), then ``batched``, ``varlen``, ``flex``, ``auto`` (and ``dense``
+with its mask where it fits) on ready Q/K/V (projections excluded everywhere).
+Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
+forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time.
+A second table sweeps FlexAttention ``kernel_options``.
+
+Run: ``python benchmarks/bench_gpu.py [--dtypes bf16 fp32] [--repeat 20] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import patternc
+from patternc.nn.executors import EXECUTORS
+from patternc.nn.executors.auto import choose
+from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.schedule import Schedule, schedule_for
+
+HEADS, DIM = 12, 64
+AB = patternc.compile(open("examples/ab_upt.pc").read())
+
+
+def documents(n_docs: int, seed: int) -> tuple[patternc.Plan, dict[str, int]]:
+    rng = random.Random(seed)
+    plan = patternc.compile("groups doc*\ndoc* -> self").patterns["default"]
+    return plan, {f"doc{i}": rng.randint(256, 2048) for i in range(n_docs)}
+
+
+def ab(pattern: str, anchors: int, queries: int) -> tuple[patternc.Plan, dict[str, int]]:
+    sizes = {
+        "surface_anchors": anchors,
+        "surface_queries": queries,
+        "volume_anchors": anchors,
+        "volume_queries": queries,
+    }
+    return AB[pattern], sizes
+
+
+LAYOUTS: dict[str, Callable[[], tuple[patternc.Plan, dict[str, int]]]] = {
+    "AB-UPT self-anchor 2x(1k+4k)": lambda: ab("self_anchor", 1024, 4096),
+    "AB-UPT joint 2x(1k+4k)": lambda: ab("joint", 1024, 4096),
+    "AB-UPT self-anchor 2x(8k+24k)": lambda: ab("self_anchor", 8192, 24576),
+    "AB-UPT joint 2x(8k+24k)": lambda: ab("joint", 8192, 24576),
+    "16 documents": lambda: documents(16, 1),
+    "64 documents": lambda: documents(64, 0),
+}
+
+
+def cuda_ms(fn: Callable[[], object], repeat: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def entries(schedule: Schedule) -> int:
+    return sum(c.n_queries * sum(s.length for s in c.keys_values) for c in schedule.calls)
+
+
+def ideal_fn(q: Tensor, k: Tensor, v: Tensor, schedule: Schedule, backward: bool) -> Callable[[], object]:
+    """One SDPA per call on contiguous ``[1, H, L, D]`` copies made here, untimed."""
+
+    def take(t: Tensor, segments: object) -> Tensor:
+        parts = [t[:, s.start : s.stop] for s in segments]  # type: ignore[attr-defined]
+        return torch.cat(parts, 1).transpose(1, 2).contiguous().detach().requires_grad_(backward)
+
+    calls = [
+        (take(q, c.queries), take(k, c.keys_values), take(v, c.keys_values))
+        for c in schedule.calls
+        if c.n_queries
+    ]
+
+    def run() -> None:
+        for cq, ck, cv in calls:
+            out = F.scaled_dot_product_attention(cq, ck, cv)
+            if backward:
+                out.backward(torch.ones_like(out))
+
+    return run
+
+
+def executor_fn(name: str, inputs: AttentionInputs, backward: bool) -> Callable[[], object]:
+    executor = EXECUTORS[name]
+
+    def run() -> None:
+        out = executor(inputs)
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    return run
+
+
+def ceiling_fn(q: Tensor, k: Tensor, v: Tensor, backward: bool) -> Callable[[], object]:
+    qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(backward) for t in (q, k, v))
+
+    def run() -> None:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    return run
+
+
+def measure(args: argparse.Namespace) -> None:
+    header = (
+        f"{'layout':<30} {'dtype':<5} {'pass':<8} {'variant':<9} {'ms':>9} {'TFLOP/s':>8} {'vs ideal':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for layout_name, make in LAYOUTS.items():
+        plan, sizes = make()
+        schedule = schedule_for(plan.token_specs(sizes), plan)
+        n, useful = schedule.n_tokens, entries(schedule)
+        for dtype_name in args.dtypes:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+            for backward in (False, True):
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                q, k, v = (
+                    torch.randn(1, n, HEADS, DIM, device="cuda", dtype=dtype, generator=gen).requires_grad_(
+                        backward
+                    )
+                    for _ in range(3)
+                )
+                inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+                flops = 4 * useful * HEADS * DIM * (3.5 if backward else 1.0)
+                rows: list[tuple[str, float, float]] = []
+                ideal = cuda_ms(ideal_fn(q, k, v, schedule, backward), args.repeat)
+                rows.append(("ideal", ideal, 4 * useful * HEADS * DIM * (3.5 if backward else 1.0)))
+                if n <= args.ceiling_limit:
+                    rows.append(
+                        (
+                            "ceiling",
+                            cuda_ms(ceiling_fn(q, k, v, backward), args.repeat),
+                            4 * n * n * HEADS * DIM * (3.5 if backward else 1.0),
+                        )
+                    )
+                variants = ["batched", "varlen", "flex", "auto"] + (
+                    ["dense"] if n <= args.dense_limit else []
+                )
+                for variant in variants:
+                    if variant == "varlen" and dtype == torch.float32:
+                        continue  # the kernel has no float32: it would run as batched
+                    label = variant if variant != "auto" else f"auto:{choose(inputs)}"
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            ms = cuda_ms(executor_fn(variant, inputs, backward), args.repeat)
+                    except Exception as error:  # report and go on: one table per run
+                        print(
+                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<9} failed: {type(error).__name__}: {error}"[
+                                :200
+                            ]
+                        )
+                        continue
+                    rows.append((label, ms, flops))
+                for label, ms, f in rows:
+                    tflops = f / (ms * 1e-3) / 1e12
+                    print(
+                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<9} "
+                        f"{ms:>9.3f} {tflops:>8.0f} {ms / ideal:>8.2f}",
+                        flush=True,
+                    )
+                del q, k, v, inputs
+                torch.cuda.empty_cache()
+
+
+def kernel_options_sweep(args: argparse.Namespace) -> None:
+    """FlexAttention kernel options on the AB-UPT layouts (bf16, forward)."""
+    from patternc.nn.executors.flex import _compiled_flex, _pad_heads_first, flex_tables
+
+    flex = _compiled_flex("cuda")
+    options: dict[str, dict[str, int] | None] = {
+        "default": None,
+        "M128 N64 w4 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        "M128 N128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+        "M64 N128 w4 s2": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    }
+    print(f"\n{'flex kernel_options':<30} {'options':<18} {'ms':>9} {'TFLOP/s':>8}")
+    for layout_name in list(LAYOUTS)[:4]:
+        plan, sizes = LAYOUTS[layout_name]()
+        schedule = schedule_for(plan.token_specs(sizes), plan)
+        tables = flex_tables(schedule, {}, torch.device("cuda"))
+        mask = tables.block_mask()
+        q, k, v = (
+            _pad_heads_first(
+                torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16),
+                tables.q_len,
+            )
+            for _ in range(3)
+        )
+        useful = 4 * entries(schedule) * HEADS * DIM
+        for label, opts in options.items():
+            try:
+                ms = cuda_ms(lambda o=opts: flex(q, k, v, block_mask=mask, kernel_options=o), args.repeat)
+            except Exception as error:
+                print(f"{layout_name:<30} {label:<18} failed: {type(error).__name__}"[:120])
+                continue
+            print(f"{layout_name:<30} {label:<18} {ms:>9.3f} {useful / (ms * 1e-3) / 1e12:>8.0f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--ceiling-limit", type=int, default=80000)
+    parser.add_argument(
+        "--dense-limit", type=int, default=20000, help="largest n for the dense-mask executor"
+    )
+    parser.add_argument("--quick", action="store_true", help="the two smallest layouts only")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        for name in list(LAYOUTS)[2:4]:
+            del LAYOUTS[name]
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {HEADS} heads x {DIM}, batch 1, median of {args.repeat}"
+    )
+    measure(args)
+    if not args.no_sweep:
+        kernel_options_sweep(args)
+
+
+if __name__ == "__main__":
+    main()

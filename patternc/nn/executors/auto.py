@@ -1,0 +1,149 @@
+"""``auto``: pick the executor per layout from a small cost model.
+
+The model predicts each candidate's time from what the schedule knows
+(tokens, calls, launches, allowed score entries, tokens that must be copied)
+and the device and dtype, with per-backend launch costs and attention
+throughputs measured on an H100 (``benchmarks/bench_gpu.py``; see
+``docs/performance.md``). Only executors that run the layout natively are
+candidates: ``varlen`` needs CUDA, half precision and no padding, dropout or
+ALiBi; ``flex`` needs CUDA. On CPU the answer is ``batched``. The choice is
+cached per (schedule, device, dtype, conditions) and reported by
+:func:`choose`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.common import AttentionInputs, Executor
+from patternc.nn.executors.dense import run_dense
+from patternc.nn.executors.flex import run_flex
+from patternc.nn.executors.varlen import _launches, varlen_available
+from patternc.nn.flexmask import BLOCK_SIZE
+from patternc.nn.schedule import Schedule
+
+__all__ = ["Estimate", "choose", "estimates", "run_auto"]
+
+
+@dataclass(frozen=True)
+class _Rates:
+    launch_s: float  # per kernel launch and its Python
+    flops_per_s: float  # attention FLOP/s on allowed entries (forward)
+
+
+# H100, bf16, head_dim 64 (benchmarks/bench_gpu.py); float32 runs SDPA's
+# math/efficient kernels and flex at a fraction of that.
+_HALF = {
+    "batched": _Rates(25e-6, 380e12),
+    "varlen": _Rates(40e-6, 290e12),
+    "flex": _Rates(60e-6, 250e12),
+    "dense": _Rates(25e-6, 420e12),
+}
+_FLOAT = {
+    "batched": _Rates(25e-6, 45e12),
+    "flex": _Rates(60e-6, 35e12),
+    "dense": _Rates(25e-6, 45e12),
+}
+_COPY_BYTES_PER_S = 1.5e12
+
+
+@dataclass(frozen=True)
+class Estimate:
+    backend: str
+    seconds: float
+
+
+def _entries(schedule: Schedule) -> tuple[int, int, int]:
+    """(allowed score entries, dense entries, tokens the batched executor copies)."""
+    allowed = 0
+    copied = 0
+    for call in schedule.calls:
+        n_kv = sum(s.length for s in call.keys_values if s.cached is None)
+        allowed += call.n_queries * n_kv
+        if len(call.queries) > 1:
+            copied += call.n_queries
+        if len(call.keys_values) > 1:
+            copied += 2 * n_kv
+    return allowed, schedule.n_tokens**2, copied
+
+
+@functools.lru_cache(maxsize=512)
+def _estimates(
+    schedule: Schedule,
+    batch: int,
+    heads: int,
+    dim: int,
+    device: torch.device,
+    half: bool,
+    native_varlen: bool,
+) -> tuple[Estimate, ...]:
+    allowed, dense, copied = _entries(schedule)
+    flop = 4 * batch * heads * dim
+    elem = 2 if half else 4
+    rates = _HALF if half else _FLOAT
+    out = []
+    for name, rate in rates.items():
+        if name == "varlen" and not native_varlen:
+            continue
+        if name == "batched":
+            launches = len(schedule.launches)
+            copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
+            seconds = launches * rate.launch_s + allowed * flop / rate.flops_per_s + copy
+        elif name == "varlen":
+            plan = _launches(schedule, batch, device)
+            assert not isinstance(plan, str)
+            gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
+            copy = gathered * heads * dim * elem / _COPY_BYTES_PER_S
+            seconds = len(plan) * rate.launch_s + allowed * flop / rate.flops_per_s + copy
+        elif name == "flex":
+            # computed entries: whole blocks around the allowed ones, at most 2x on small groups
+            blocks = min(dense, allowed + 2 * BLOCK_SIZE * schedule.n_tokens)
+            seconds = rate.launch_s + blocks * flop / rate.flops_per_s
+        else:  # dense: every entry, and an [n, n] mask
+            seconds = rate.launch_s + dense * flop / rate.flops_per_s + dense * batch / _COPY_BYTES_PER_S
+        out.append(Estimate(name, seconds))
+    return tuple(sorted(out, key=lambda e: e.seconds))
+
+
+def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
+    """Predicted times of the candidate executors for these inputs, fastest first."""
+    q = inputs.q
+    if q.device.type != "cuda":
+        return (Estimate("batched", 0.0),)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
+    native_varlen = (
+        half
+        and plain
+        and varlen_available(q.device)
+        and q.shape[-1] % 8 == 0
+        and not isinstance(_launches(inputs.schedule, q.shape[0], q.device), str)
+    )
+    candidates = _estimates(
+        inputs.schedule, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen
+    )
+    if not plain:  # flex falls back for dropout/ALiBi; dense builds a padded mask: keep batched
+        return tuple(e for e in candidates if e.backend == "batched")
+    return candidates
+
+
+def choose(inputs: AttentionInputs) -> str:
+    """The executor ``auto`` runs for these inputs."""
+    return estimates(inputs)[0].backend
+
+
+_RUN: dict[str, Executor] = {"batched": run_batched, "flex": run_flex, "dense": run_dense}
+
+
+def run_auto(inputs: AttentionInputs) -> Tensor:
+    backend = choose(inputs)
+    if backend == "varlen":
+        from patternc.nn.executors.varlen import run_varlen
+
+        return run_varlen(inputs)
+    return _RUN[backend](inputs)

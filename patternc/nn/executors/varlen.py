@@ -1,0 +1,198 @@
+"""One-launch variable-length attention: every call of a plan is a segment.
+
+``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's varlen kernel,
+torch >= 2.10 on CUDA) takes packed ``[T, H, D]`` queries and keys with
+separate cumulative lengths ``cu_seq_q`` / ``cu_seq_k``, so each (batch
+element, call) pair is one segment: its queries laid out call by call, its
+keys likewise. Queries of a plan already sit call by call in the input in
+the common case (each call's query groups contiguous and in order): then Q
+and the output are views, no copy. Keys that several calls read (anchors) are
+gathered once into the packed key tensor; when every call reads exactly its
+own queries' tokens as keys (documents attending to themselves) K and V are
+views too.
+
+Calls with different modifiers run as separate launches (the kernel takes
+one window for all segments). What the kernel cannot express falls back to
+``batched`` with a one-time warning: CPU tensors, a torch without
+``varlen_attn``, float32, key padding, dropout, ALiBi, KV-cached groups,
+calls without keys, and ``[causal]``/``[window N]`` on calls whose positions
+within groups are not their positions within the segment (several groups, or
+a different number of queries and keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from patternc.modifiers import Modifiers
+from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.schedule import CallSchedule, Schedule
+
+__all__ = ["run_varlen", "varlen_available"]
+
+_warned: set[str] = set()
+
+
+@functools.cache
+def _kernel() -> Callable[..., Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn  # type: ignore[return-value,unused-ignore]
+
+
+def varlen_available(device: torch.device) -> bool:
+    """``varlen_attn`` exists in this torch and ``device`` is a CUDA device."""
+    return device.type == "cuda" and _kernel() is not None
+
+
+def _window(call: CallSchedule) -> tuple[int, int] | None:
+    """The kernel's ``(left, right)`` window for a call's modifiers, or None
+    when it cannot express them on this call."""
+    mods = call.modifiers
+    if not mods:
+        return (-1, -1)
+    same_positions = call.single_groups and call.n_queries == sum(s.length for s in call.keys_values)
+    if not same_positions:
+        return None
+    left = -1 if mods.window is None else mods.window - 1
+    right = 0 if mods.causal else left
+    return (left, right)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch: packed indices and cumulative lengths on the device."""
+
+    window: tuple[int, int]
+    q_index: Tensor | None  # None: the packed queries are the input, in order
+    kv_index: Tensor | None  # None: the packed keys are the input, in order
+    cu_seq_q: Tensor
+    cu_seq_k: Tensor
+    max_q: int
+    max_k: int
+    n_queries: int
+
+
+@functools.lru_cache(maxsize=256)
+def _launches(schedule: Schedule, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
+    """The launches of a layout for ``batch`` elements, or why it cannot run."""
+    if schedule.cached_groups:
+        return "KV-cached groups"
+    by_modifiers: dict[Modifiers, list[CallSchedule]] = {}
+    for call in schedule.calls:
+        if not call.n_queries:
+            continue
+        if not call.keys_values:
+            return "a call with no keys"
+        if _window(call) is None:
+            return f"{call.modifiers.text()} across groups of different positions"
+        by_modifiers.setdefault(call.modifiers, []).append(call)
+    n = schedule.n_tokens
+    launches = []
+    for calls in by_modifiers.values():
+        q_rows: list[int] = []
+        kv_rows: list[int] = []
+        cu_q, cu_k = [0], [0]
+        for b in range(batch):
+            for call in calls:
+                for seg in call.queries:
+                    q_rows.extend(range(b * n + seg.start, b * n + seg.stop))
+                for seg in call.keys_values:
+                    kv_rows.extend(range(b * n + seg.start, b * n + seg.stop))
+                cu_q.append(len(q_rows))
+                cu_k.append(len(kv_rows))
+        identity_q = q_rows == list(range(batch * n))
+        identity_kv = kv_rows == list(range(batch * n))
+
+        def index(rows: list[int], identity: bool) -> Tensor | None:
+            return None if identity else torch.tensor(rows, dtype=torch.int64, device=device)
+
+        launches.append(
+            _Launch(
+                window=_window(calls[0]) or (-1, -1),
+                q_index=index(q_rows, identity_q),
+                kv_index=index(kv_rows, identity_kv),
+                cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+                cu_seq_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+                max_q=max(b - a for a, b in itertools.pairwise(cu_q)),
+                max_k=max(b - a for a, b in itertools.pairwise(cu_k)),
+                n_queries=len(q_rows),
+            )
+        )
+    return tuple(launches)
+
+
+def _fallback_reason(inputs: AttentionInputs) -> str | None:
+    q = inputs.q
+    if not varlen_available(q.device):
+        return "CPU tensors" if q.device.type != "cuda" else "a torch without varlen_attn (needs >= 2.10)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} (the varlen kernel takes float16/bfloat16)"
+    if inputs.key_padding_mask is not None:
+        return "key padding (the varlen kernel has no mask)"
+    if inputs.dropout_p > 0:
+        return "attention dropout"
+    if inputs.alibi_slopes is not None:
+        return "an ALiBi bias"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} (the kernel needs a multiple of 8, at most 256)"
+    return None
+
+
+def _fall_back(inputs: AttentionInputs, reason: str) -> Tensor:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"implementation='varlen' runs as 'batched' for {reason}; "
+            "use 'batched' or 'auto' to silence this",
+            stacklevel=3,
+        )
+    return run_batched(inputs)
+
+
+def run_varlen(inputs: AttentionInputs) -> Tensor:
+    reason = _fallback_reason(inputs)
+    if reason is not None:
+        return _fall_back(inputs, reason)
+    q, k, v = inputs.q, inputs.k, inputs.v
+    batch, n, heads, dim = q.shape
+    launches = _launches(inputs.schedule, batch, q.device)
+    if isinstance(launches, str):
+        return _fall_back(inputs, launches)
+    kernel = _kernel()
+    assert kernel is not None
+    q_flat, k_flat, v_flat = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    if len(launches) == 1 and launches[0].q_index is None:
+        (launch,) = launches
+        out = _run(kernel, launch, q_flat, k_flat, v_flat, inputs.scale)
+        return out.view(batch, n, heads, dim)
+    out_flat = q_flat.new_empty(batch * n, heads, dim)
+    for launch in launches:
+        queries = q_flat if launch.q_index is None else q_flat.index_select(0, launch.q_index)
+        result = _run(kernel, launch, queries, k_flat, v_flat, inputs.scale)
+        if launch.q_index is None:
+            out_flat = result
+        else:
+            out_flat = out_flat.index_copy(0, launch.q_index, result)
+    return out_flat.view(batch, n, heads, dim)
+
+
+def _run(
+    kernel: Callable[..., Tensor], launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None
+) -> Tensor:
+    keys = k if launch.kv_index is None else k.index_select(0, launch.kv_index)
+    values = v if launch.kv_index is None else v.index_select(0, launch.kv_index)
+    kwargs: dict[str, object] = {"scale": scale}
+    if launch.window != (-1, -1):
+        kwargs["window_size"] = launch.window
+    return kernel(q, keys, values, launch.cu_seq_q, launch.cu_seq_k, launch.max_q, launch.max_k, **kwargs)
