@@ -215,7 +215,10 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
         useful = 4 * entries(schedule) * HEADS * DIM
         for label, opts in options.items():
             try:
-                ms = cuda_ms(lambda o=opts: flex(q, k, v, block_mask=mask, kernel_options=o), args.repeat)
+                ms = cuda_ms(
+                    lambda o=opts, q=q, k=k, v=v, m=mask: flex(q, k, v, block_mask=m, kernel_options=o),  # type: ignore[misc]
+                    args.repeat,
+                )
             except Exception as error:
                 print(f"{layout_name:<30} {label:<18} failed: {type(error).__name__}"[:120])
                 continue
