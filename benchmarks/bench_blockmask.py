@@ -113,7 +113,9 @@ def breakdown(args: argparse.Namespace) -> None:
         args.device,
     )
     by_scan = median_ms(lambda: _partition(stacked, counts), args.repeat, args.device)
-    print(f"ordering {tuple(stacked.shape)}: stable sort {by_sort:.3f} ms, prefix-sum partition {by_scan:.3f} ms")
+    print(
+        f"ordering {tuple(stacked.shape)}: stable sort {by_sort:.3f} ms, prefix-sum partition {by_scan:.3f} ms"
+    )
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -200,7 +200,7 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
         "M64 N128 w4 s2": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
     }
     print(f"\n{'flex kernel_options':<30} {'options':<18} {'ms':>9} {'TFLOP/s':>8}")
-    for layout_name in list(LAYOUTS)[:4]:
+    for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT")]:
         plan, sizes = LAYOUTS[layout_name]()
         schedule = schedule_for(plan.token_specs(sizes), plan)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
@@ -237,14 +237,21 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="the two smallest layouts only")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="only the kernel_options table")
+    parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
     args = parser.parse_args()
     if args.quick:
         for name in list(LAYOUTS)[2:4]:
             del LAYOUTS[name]
+    if args.layouts:
+        for name in list(LAYOUTS):
+            if not any(part in name for part in args.layouts):
+                del LAYOUTS[name]
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {HEADS} heads x {DIM}, batch 1, median of {args.repeat}"
     )
-    measure(args)
+    if not args.sweep_only:
+        measure(args)
     if not args.no_sweep:
         kernel_options_sweep(args)
 

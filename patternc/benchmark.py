@@ -117,7 +117,22 @@ def measure(
     flops = 4 * plan.layout(sizes).score_entries * heads * (dim // heads) * batch
     if backward:
         flops = int(flops * BACKWARD_FLOP_FACTOR)
-    return Measurement(backend, ms, peak, flops / (ms * 1e-3) / 1e12)
+    label = backend if backend != "auto" else f"auto:{_auto_choice(plan, sizes, x, heads, backward)}"
+    return Measurement(label, ms, peak, flops / (ms * 1e-3) / 1e12)
+
+
+def _auto_choice(plan: Any, sizes: dict[str, int | None], x: Any, heads: int, backward: bool) -> str:
+    """The executor ``auto`` picked for this layout (what the table shows)."""
+    import torch
+
+    from patternc.nn.executors.auto import choose
+    from patternc.nn.executors.common import AttentionInputs
+    from patternc.nn.schedule import schedule_for
+
+    batch, n, dim = x.shape
+    q = torch.empty(batch, n, heads, dim // heads, device=x.device, dtype=x.dtype, requires_grad=backward)
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    return choose(AttentionInputs(q, q, q, schedule, {}, None, 0.0, None))
 
 
 def measure_isolated(

@@ -206,7 +206,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         f"batch {args.batch}, median of {args.repeat}; ratios vs dense"
     )
     header = (
-        f"{'pattern':<16} {'backend':<8} {'ms':>10} {'speed-up':>9} {'peak MB':>9} {'mem':>6} {'TFLOP/s':>8}"
+        f"{'pattern':<16} {'backend':<13} {'ms':>10} {'speed-up':>9} {'peak MB':>9} {'mem':>6} {'TFLOP/s':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -223,7 +223,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         dense = results[0]
         for r in results:
             if r.error:
-                print(f"{plan.name:<16} {r.backend:<8} failed: {r.error}")
+                print(f"{plan.name:<16} {r.backend:<13} failed: {r.error}")
                 continue
             speed = f"{dense.ms / r.ms:.2f}" if dense.ms == dense.ms else "-"
             mem = (
@@ -232,7 +232,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 else "-"
             )
             numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3g}"
-            print(f"{plan.name:<16} {r.backend:<8} {numbers}")
+            print(f"{plan.name:<16} {r.backend:<13} {numbers}")
     return EXIT_OK
 
 

@@ -195,15 +195,18 @@ def test_bench_command() -> None:
         "batched",
         "--backend",
         "loop",
+        "--backend",
+        "auto",
         "--repeat",
         "2",
     )
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("self_anchor")]
-    assert [r[1] for r in rows] == ["dense", "batched", "loop"]  # dense always runs: the baseline
+    # dense always runs (the baseline); auto shows what it picked (batched on CPU)
+    assert [r[1] for r in rows] == ["dense", "batched", "loop", "auto:batched"]
     assert rows[0][3] == "1.00"
     assert all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)
-    assert "[3/3] self_anchor / loop" in result.stderr  # progress
+    assert "[4/4] self_anchor / auto" in result.stderr  # progress
 
 
 def test_bench_usage_errors() -> None:

@@ -112,7 +112,7 @@ def test_cost_model_ranks_layouts_sensibly() -> None:
 
 def _gpu_reference_case(plan: patternc.Plan, sizes: dict[str, int], impl: str, seed: int) -> None:
     """bf16 on CUDA, forward and backward, against the float64 CPU reference."""
-    module = make(plan, impl, seed, dim=128)  # 2 heads of 64
+    module = make(plan.bind(list(sizes)), impl, seed, dim=128)  # 2 heads of 64
     n = sum(sizes.values())
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, n, 128, generator=gen)

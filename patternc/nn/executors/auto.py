@@ -132,9 +132,23 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     return candidates
 
 
+_choices: dict[tuple[object, ...], str] = {}
+
+
 def choose(inputs: AttentionInputs) -> str:
-    """The executor ``auto`` runs for these inputs."""
-    return estimates(inputs)[0].backend
+    """The executor ``auto`` runs for these inputs (memoised per layout, shape,
+    dtype, device and padding/dropout/ALiBi, so a training step pays a lookup)."""
+    q = inputs.q
+    key = (
+        inputs.schedule, q.shape, q.dtype, q.device,
+        inputs.key_padding_mask is None, inputs.dropout_p == 0, inputs.alibi_slopes is None,
+    )  # fmt: skip
+    backend = _choices.get(key)
+    if backend is None:
+        backend = estimates(inputs)[0].backend
+        if len(_choices) < 4096:
+            _choices[key] = backend
+    return backend
 
 
 _RUN: dict[str, Executor] = {"batched": run_batched, "flex": run_flex, "dense": run_dense}
