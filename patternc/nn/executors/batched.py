@@ -7,12 +7,15 @@ Q, K or V is made then. Otherwise the calls are stacked with one copy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.modifiers import Modifiers
 from patternc.nn.executors.common import (
     AttentionInputs,
     assemble,
@@ -23,7 +26,7 @@ from patternc.nn.executors.common import (
     modifier_args,
     within_group_positions,
 )
-from patternc.nn.schedule import Segment
+from patternc.nn.schedule import Schedule, Segment
 
 __all__ = ["run_batched", "stack_segments"]
 
@@ -45,6 +48,30 @@ def stack_segments(
     return torch.stack([gather(t, segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
+@functools.lru_cache(maxsize=512)
+def _direct_slices(schedule: Schedule) -> tuple[tuple[int, int, int, int, bool] | None, ...]:
+    """Per launch: ``(q_start, q_stop, kv_start, kv_stop, is_causal)`` when it is
+    one call reading one input slice of queries and one of keys with no
+    modifier but a plain ``[causal]`` (the common case: documents, anchors),
+    else None. Such launches skip the general path's per-call Python."""
+    out: list[tuple[int, int, int, int, bool] | None] = []
+    for launch in schedule.launches:
+        call = schedule.calls[launch[0]]
+        simple = (
+            len(launch) == 1
+            and len(call.queries) == 1
+            and len(call.keys_values) == 1
+            and call.keys_values[0].cached is None
+            and (not call.modifiers or (call.single_groups and call.modifiers == Modifiers(causal=True)))
+        )
+        if simple:
+            (qs,), (ks,) = call.queries, call.keys_values
+            out.append((qs.start, qs.stop, ks.start, ks.stop, bool(call.modifiers.causal)))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
 def run_batched(inputs: AttentionInputs) -> Tensor:
     q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
@@ -55,7 +82,18 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     needs_positions = schedule.has_modifiers or slopes is not None
     positions = within_group_positions(schedule, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    for launch in schedule.launches:
+    direct = _direct_slices(schedule) if not padded and slopes is None else (None,) * len(schedule.launches)
+    # head-major views, sliced per call below: no per-call transposes
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    for launch, slices in zip(schedule.launches, direct):
+        if slices is not None:
+            q0, q1, k0, k1, causal = slices
+            out = F.scaled_dot_product_attention(
+                qt[:, :, q0:q1], kt[:, :, k0:k1], vt[:, :, k0:k1],
+                dropout_p=dropout_p, scale=scale, is_causal=causal,
+            )  # fmt: skip
+            outputs[launch[0]] = out.transpose(1, 2)
+            continue
         calls = [schedule.calls[i] for i in launch]
         modifiers = [modifier_args(c, positions, cache, padded) for c in calls]
         if len(calls) == 1:

@@ -1,0 +1,74 @@
+"""Host overhead per attention call: executors against a bare SDPA loop.
+
+64 documents of 8..71 tokens (every one a different shape, so each is its own
+launch), 2 heads of 8, one CPU thread: the attention itself is tiny, so the
+time is mostly Python and dispatch, which on a GPU decides whether
+many-group layouts are host-bound. "bare" is one SDPA call per document on
+ready contiguous head-major tensors.
+
+Run: ``python benchmarks/bench_overhead.py [--repeat 200]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import patternc
+from patternc.nn.executors import EXECUTORS
+from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.schedule import schedule_for
+
+
+def median_us(fn: Callable[[], object], repeat: int) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    plan = patternc.compile("groups doc*\ndoc* -> self").patterns["default"]
+    sizes = {f"doc{i}": 8 + i for i in range(64)}
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    q, k, v = (torch.randn(1, schedule.n_tokens, 2, 8) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+    ready = [
+        tuple(t[:, c.queries[0].start : c.queries[0].stop].transpose(1, 2).contiguous() for t in (q, k, v))
+        for c in schedule.calls
+    ]
+
+    def bare() -> None:
+        for a, b, c in ready:
+            F.scaled_dot_product_attention(a, b, c)
+
+    rows = [("bare SDPA loop", median_us(bare, args.repeat))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("batched", "loop", "dense"):
+            rows.append((name, median_us(lambda n=name: EXECUTORS[n](inputs), args.repeat)))  # type: ignore[misc]
+    base = rows[0][1]
+    print(f"{len(schedule.calls)} calls, {schedule.n_tokens} tokens, CPU, 1 thread, median of {args.repeat}")
+    print(f"{'variant':<16} {'us':>9} {'us/call':>8} {'vs bare':>8}")
+    for name, us in rows:
+        print(f"{name:<16} {us:>9.0f} {us / len(schedule.calls):>8.1f} {us / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
