@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,7 +29,7 @@ from patternc.nn.executors.common import (
 )
 from patternc.nn.schedule import Schedule, Segment
 
-__all__ = ["run_batched", "stack_segments"]
+__all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
 
 def stack_segments(
@@ -130,3 +131,17 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         for position, index in enumerate(launch):
             outputs[index] = out[:, position]
     return assemble(outputs, schedule, q)
+
+
+def run_as_batched(inputs: AttentionInputs, implementation: str, reason: str, warned: set[str]) -> Tensor:
+    """Run ``inputs`` with this executor on behalf of ``implementation``, which
+    cannot take them for ``reason``; warn once per reason (``warned`` is the
+    caller's record of reasons already reported)."""
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(
+            f"implementation={implementation!r} runs as 'batched' for {reason}; use "
+            "implementation='batched' (or 'auto') to silence this",
+            stacklevel=4,
+        )
+    return run_batched(inputs)

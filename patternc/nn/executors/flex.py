@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables
 from patternc.nn.schedule import Schedule
@@ -160,14 +159,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     reason = _fallback_reason(q, dropout_p, inputs.alibi_slopes is not None)
     if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(
-                f"implementation='flex' runs as 'batched' for {reason}; use implementation='batched' "
-                "to silence this",
-                stacklevel=3,
-            )
-        return run_batched(inputs)
+        return run_as_batched(inputs, "flex", reason, _warned)
     lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
     tables = flex_tables(schedule, lengths, q.device, block_size)
     if schedule.cached_groups:

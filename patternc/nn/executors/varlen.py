@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from patternc.modifiers import Modifiers
-from patternc.nn.executors.batched import run_batched
+from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.schedule import CallSchedule, Schedule
 
@@ -150,14 +149,7 @@ def _fallback_reason(inputs: AttentionInputs) -> str | None:
 
 
 def _fall_back(inputs: AttentionInputs, reason: str) -> Tensor:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"implementation='varlen' runs as 'batched' for {reason}; "
-            "use 'batched' or 'auto' to silence this",
-            stacklevel=3,
-        )
-    return run_batched(inputs)
+    return run_as_batched(inputs, "varlen", reason, _warned)
 
 
 def run_varlen(inputs: AttentionInputs) -> Tensor:
