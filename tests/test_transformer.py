@@ -270,3 +270,12 @@ def test_vision_transformer_pools() -> None:
         )
         logits = vit(torch.randn(3, 3, 12, 12))
         assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+
+
+def test_stack_modifiers_merge_with_the_rules_own() -> None:
+    """The stack's window joins a rule's modifiers; a rule's own tighter window stays."""
+    source = "groups a b\na -> a [window 3]\nb -> b"
+    model = Transformer(config(vocab_size=None, attention_window=5), source)
+    rules = {r.queries: r.modifiers for r in model.plans["default"].rules}
+    assert rules[("a",)] == Modifiers(causal=True, window=3)
+    assert rules[("b",)] == Modifiers(causal=True, window=5)
