@@ -284,10 +284,30 @@ class Plan:
                 self._bindings[key] = bound
         return bound
 
+    def __hash__(self) -> int:
+        # structural, as equality is, but computed once: plans key the
+        # runtime's per-layout caches on every forward call
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.name, self.groups, self.rules, self.group_types))
+
+    @functools.cached_property
+    def _specs(self) -> dict[tuple[tuple[str, int | None], ...], tuple[TokenSpec, ...]]:
+        return {}
+
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
-        """``TokenSpec`` list in the plan's group order, for ``MixedAttention``."""
-        plan = self.bind(names_of(sizes))
-        return [TokenSpec(name=g, size=s) for g, s in normalize_sizes(plan.groups, sizes).items()]
+        """``TokenSpec`` list in the plan's group order, for ``MixedAttention``
+        (memoised per sizes: models call this on every forward)."""
+        key = tuple(sizes.items()) if isinstance(sizes, Mapping) else tuple((s.name, s.size) for s in sizes)
+        specs = self._specs.get(key)
+        if specs is None:
+            plan = self.bind(names_of(sizes))
+            specs = tuple(TokenSpec(name=g, size=s) for g, s in normalize_sizes(plan.groups, sizes).items())
+            if len(self._specs) < 4096:
+                self._specs[key] = specs
+        return list(specs)
 
     def layout(self, sizes: Sizes) -> Layout:
         """Lay the plan out for concrete sizes (see :class:`Layout`)."""
