@@ -37,6 +37,7 @@ from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
 from patternc.nn.schedule import Schedule, schedule_for
+from patternc.nn.untied import type_runs
 from patternc.plan import Plan, Program, Sizes
 from patternc.resolve import ResolvedRule
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
@@ -192,13 +193,23 @@ class TransformerLayer(nn.Module):
         return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
 
     def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return self.residual(x, lambda h: self.attend(h, step), step.runs)
+
+    def residual(
+        self,
+        x: Tensor,
+        attention: Callable[[Tensor], tuple[Tensor, tuple[Tensor, Tensor]]],
+        runs: Sequence[tuple[int, int, int]],
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The block around ``attention`` (pre- or post-norm residuals and the
+        feed-forward); decoding passes its cache attention here."""
         if self.config.use_pre_norm:
-            attended, kv = self.attend(self.norm1(x), step)
+            attended, kv = attention(self.norm1(x))
             x = x + attended
-            return x + self.ff(self.norm2(x), step.runs), kv
-        attended, kv = self.attend(x, step)
+            return x + self.ff(self.norm2(x), runs), kv
+        attended, kv = attention(x)
         x = self.norm1(x + attended)
-        return self.norm2(x + self.ff(x, step.runs)), kv
+        return self.norm2(x + self.ff(x, runs)), kv
 
 
 class Transformer(nn.Module):
@@ -278,7 +289,7 @@ class Transformer(nn.Module):
             specs = plan.token_specs(sizes)
             schedules[name] = schedule_for(specs, plan)
         if self.config.untied:
-            runs = _type_runs(next(iter(self.plans.values())), tuple(sizes.items()), self.type_names)
+            runs = _bank_runs(next(iter(self.plans.values())), sizes, self.type_names)
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
@@ -385,32 +396,31 @@ class Transformer(nn.Module):
         (group,) = self._default_sizes(1)
         runs: tuple[tuple[int, int, int], ...] = ((0, 0, 1),)
         if c.untied:
-            runs = _type_runs(next(iter(self.plans.values())), ((group, 1),), self.type_names)
+            runs = _bank_runs(next(iter(self.plans.values())), {group: 1}, self.type_names)
         h = self.embed_inputs(token[:, None], positions)
         lo = 0 if window is None else max(0, position - window + 1)
         keys_at = torch.arange(lo, position + 1, device=token.device)
+        repeat = c.num_heads // c.kv_heads
+        bias = None
+        if c.pos_emb_type == "alibi":
+            bias = (-self.alibi[:, None, None] * (position - keys_at).to(h.dtype))[None]
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, TransformerLayer)
-            x = layer.norm1(h) if c.use_pre_norm else h
-            q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None))
-            cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
-            keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
-            repeat = c.num_heads // c.kv_heads
-            if repeat > 1:
-                keys, values = keys.repeat_interleave(repeat, 2), values.repeat_interleave(repeat, 2)
-            bias = None
-            if c.pos_emb_type == "alibi":
-                bias = (-self.alibi[:, None, None] * (position - keys_at).to(q.dtype))[None].to(q.dtype)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
-            ).transpose(1, 2)
-            attended = layer.out_proj(merge_heads(attended), runs)
-            if c.use_pre_norm:
-                h = h + attended
-                h = h + layer.ff(layer.norm2(h), runs)
-            else:
-                h = layer.norm1(h + attended)
-                h = layer.norm2(h + layer.ff(h, runs))
+
+            def cached_attention(
+                x: Tensor, i: int = i, layer: TransformerLayer = layer
+            ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None))
+                cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
+                keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
+                if repeat > 1:
+                    keys, values = keys.repeat_interleave(repeat, 2), values.repeat_interleave(repeat, 2)
+                attended = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
+                ).transpose(1, 2)
+                return layer.out_proj(merge_heads(attended), runs), (k, v)
+
+            h, _ = layer.residual(h, cached_attention, runs)
         return self.head(h)[:, 0]
 
 
@@ -437,21 +447,12 @@ def _int_sizes(sizes: Sizes) -> dict[str, int]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def _type_runs(
-    plan: Plan, sizes: tuple[tuple[str, int], ...], type_names: tuple[str, ...]
+def _bank_runs(
+    plan: Plan, sizes: Mapping[str, int], type_names: tuple[str, ...]
 ) -> tuple[tuple[int, int, int], ...]:
-    types = plan.bind([name for name, _ in sizes]).types
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for name, size in sizes:
-        bank = type_names.index(types[name])
-        if runs and runs[-1][0] == bank and runs[-1][2] == start:
-            runs[-1] = (bank, runs[-1][1], start + size)
-        elif size:
-            runs.append((bank, start, start + size))
-        start += size
-    return tuple(runs)
+    """``(bank, start, stop)`` runs of same-type tokens (the untied layers' lookup)."""
+    types = plan.bind(list(sizes)).types
+    return type_runs(sizes, types, type_names).runs
 
 
 def _plans(program: Program | Plan | str | None) -> dict[str, Plan]:
