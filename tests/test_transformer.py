@@ -5,6 +5,7 @@ packed documents, layer schedules with untied weights, the vision model."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,25 @@ def test_stack_modifiers_merge_with_the_rules_own() -> None:
     rules = {r.queries: r.modifiers for r in model.plans["default"].rules}
     assert rules[("a",)] == Modifiers(causal=True, window=3)
     assert rules[("b",)] == Modifiers(causal=True, window=5)
+
+
+@pytest.mark.parametrize("pos_emb_type", ["alibi", "rope"])
+@pytest.mark.parametrize(("window", "n"), [(None, 9), (3, 17)])
+def test_flex_layer_attention_matches_reference(pos_emb_type: str, window: int | None, n: int) -> None:
+    """flex (eager here; forward only on CPU) with ALiBi as a score_mod, GQA and windows."""
+    from patternc.nn.executors import flex
+
+    torch.manual_seed(5)
+    c = config(
+        vocab_size=None, attention_type="flex", pos_emb_type=pos_emb_type,
+        num_kv_heads=2, causal=True, attention_window=window,
+    )  # fmt: skip
+    model = Transformer(c).double()
+    x = torch.randn(1, n, c.d_model, dtype=torch.float64)
+    positions = model._positions({"tokens": n}, x.device)
+    step = model._step({"tokens": n}, positions, None)
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to batched
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager flex says it is slow
+        out, _ = model.layers[0].attend(x, step)
+    assert relative_error(out, reference_attention(model, 0, x, window)) < 1e-6

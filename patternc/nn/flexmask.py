@@ -39,6 +39,7 @@ BLOCK_SIZE = 128
 """FlexAttention's sparse block size (queries and keys)."""
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
@@ -200,7 +201,10 @@ class FlexTables:
         cache_lengths: Mapping[str, int],
         device: torch.device | str,
         block: int = BLOCK_SIZE,
+        positions: bool = False,
     ) -> FlexTables:
+        """``positions``: build within-group positions even without modifiers
+        (an ALiBi ``score_mod`` reads them)."""
         device = torch.device(device)
         n_groups = len(schedule.all_groups)
         pad = n_groups  # the padding "group": allowed nowhere
@@ -249,11 +253,12 @@ class FlexTables:
             q_overlaps, k_overlaps, corners_t, signs_t,
         ) = upload.send(device)  # fmt: skip
         has_modifiers = any(mods)
-        q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, has_modifiers)
+        positions = positions or has_modifiers
+        q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
         if k_segs == q_segs:  # no cached keys: the key tables are the query tables
             kv_group, kv_pos = q_group, q_pos
         else:
-            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, has_modifiers)
+            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, positions)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
@@ -319,6 +324,18 @@ class FlexTables:
             return inner(b, h, q_idx, kv_idx) & padding[b, kv_idx]
 
         return with_padding
+
+    def alibi_score_mod(self, slopes: Tensor) -> ScoreMod:
+        """``score_mod`` adding ALiBi's ``-slope_h * |i - j|`` (positions within
+        groups; the tables must have been built with ``positions=True``)."""
+        q_pos, kv_pos = self.q_pos, self.kv_pos
+        if q_pos is None or kv_pos is None:
+            raise ValueError("these tables have no positions: build them with positions=True")
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score - slopes[h] * (q_pos[q_idx] - kv_pos[kv_idx]).abs()
+
+        return alibi
 
     def block_mask(self, key_padding_mask: Tensor | None = None) -> object:
         """The ``BlockMask``: full blocks skip the ``mask_mod``; with key padding

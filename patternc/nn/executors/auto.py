@@ -127,7 +127,7 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     candidates = _estimates(
         inputs.schedule, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen
     )
-    if not plain:  # flex falls back for dropout/ALiBi; dense builds a padded mask: keep batched
+    if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
     return candidates
 

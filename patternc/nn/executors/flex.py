@@ -24,7 +24,7 @@ from torch import Tensor
 
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.flexmask import BLOCK_SIZE, FlexTables
+from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.schedule import Schedule
 
 __all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
@@ -35,6 +35,7 @@ _masks: OrderedDict[tuple[Any, ...], object] = OrderedDict()
 _builds = 0
 _use_compiled = True
 _warned: set[str] = set()
+_score_mods: OrderedDict[tuple[Any, ...], tuple[FlexTables, ScoreMod]] = OrderedDict()
 
 
 def block_mask_builds() -> int:
@@ -111,13 +112,18 @@ def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], va
 
 
 def flex_tables(
-    schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device, block_size: int = BLOCK_SIZE
+    schedule: Schedule,
+    cache_lengths: Mapping[str, int],
+    device: torch.device,
+    block_size: int = BLOCK_SIZE,
+    positions: bool = False,
 ) -> FlexTables:
-    """The layout's device tables, cached per (schedule, cache lengths, device, block size)."""
-    key = (schedule, tuple(sorted(cache_lengths.items())), device, block_size)
+    """The layout's device tables, cached per (schedule, cache lengths, device,
+    block size, whether positions are built)."""
+    key = (schedule, tuple(sorted(cache_lengths.items())), device, block_size, positions)
     tables = _tables.get(key)
     if tables is None:
-        tables = FlexTables.build(schedule, cache_lengths, device, block_size)
+        tables = FlexTables.build(schedule, cache_lengths, device, block_size, positions)
         _remember(_tables, key, tables)
     return tables
 
@@ -135,9 +141,20 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
     return mask
 
 
-def _fallback_reason(q: Tensor, dropout_p: float, alibi: bool) -> str | None:
-    if alibi:
-        return "an ALiBi bias (not lowered to a score_mod yet)"
+def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
+    """ALiBi's ``score_mod``, one closure per (tables, slopes) so the compiled
+    kernel is reused across calls (a new closure would recompile)."""
+    if slopes is None:
+        return None
+    key = (id(tables), slopes.data_ptr(), slopes.device, tuple(slopes.shape))
+    entry = _score_mods.get(key)
+    if entry is None or entry[0] is not tables:
+        entry = (tables, tables.alibi_score_mod(slopes))
+        _remember(_score_mods, key, entry)
+    return entry[1]
+
+
+def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
     if dropout_p > 0:
         return "attention dropout (FlexAttention has none)"
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
@@ -157,24 +174,26 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
-    reason = _fallback_reason(q, dropout_p, inputs.alibi_slopes is not None)
+    reason = _fallback_reason(q, dropout_p)
     if reason is not None:
         return run_as_batched(inputs, "flex", reason, _warned)
     lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
-    tables = flex_tables(schedule, lengths, q.device, block_size)
+    slopes = inputs.alibi_slopes
+    tables = flex_tables(schedule, lengths, q.device, block_size, positions=slopes is not None)
     if schedule.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
         v = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
-    key = (schedule, tuple(sorted(lengths.items())), q.device, block_size)
+    key = (schedule, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
     block_mask = _block_mask(tables, padding, key)
     out = _flex(q.device.type)(
         _pad_heads_first(q, tables.q_len),
         _pad_heads_first(k, tables.kv_len),
         _pad_heads_first(v, tables.kv_len),
         block_mask=block_mask,
+        score_mod=_score_mod(tables, slopes),
         scale=scale,
         kernel_options=_kernel_options(q),
     )
