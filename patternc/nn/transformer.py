@@ -350,7 +350,7 @@ class Transformer(nn.Module):
         the patterns, then each new token attends to the cache (within
         ``attention_window``). ``temperature`` 0 is greedy."""
         c = self.config
-        self._decoder_window()  # raises unless the stack can decode
+        _ = self._decoder_window  # raises unless the stack can decode
         if c.vocab_size is None:
             raise ValueError("generate needs a token model (vocab_size set)")
         total = prompt.shape[1] + max_new_tokens
@@ -374,6 +374,7 @@ class Transformer(nn.Module):
             token = _pick(logits, temperature)
         return torch.cat(out, dim=1)
 
+    @functools.cached_property
     def _decoder_window(self) -> int | None:
         """The window of a one-group causal stack (None: unbounded); anything else cannot decode."""
         plans = list(self.plans.values())
@@ -390,7 +391,7 @@ class Transformer(nn.Module):
 
     def _decode_step(self, token: Tensor, position: int, cache_k: Tensor, cache_v: Tensor) -> Tensor:
         c = self.config
-        window = self._decoder_window()
+        window = self._decoder_window
         positions = torch.tensor([position], device=token.device)
         freqs = rope_frequencies(positions, c.head_dim, c.rope_base) if c.pos_emb_type == "rope" else None
         (group,) = self._default_sizes(1)

@@ -23,7 +23,7 @@ from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
-from patternc.nn.executors.varlen import _launches, varlen_available
+from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.schedule import Schedule
 
@@ -151,13 +151,13 @@ def choose(inputs: AttentionInputs) -> str:
     return backend
 
 
-_RUN: dict[str, Executor] = {"batched": run_batched, "flex": run_flex, "dense": run_dense}
+_RUN: dict[str, Executor] = {
+    "batched": run_batched,
+    "flex": run_flex,
+    "dense": run_dense,
+    "varlen": run_varlen,
+}
 
 
 def run_auto(inputs: AttentionInputs) -> Tensor:
-    backend = choose(inputs)
-    if backend == "varlen":
-        from patternc.nn.executors.varlen import run_varlen
-
-        return run_varlen(inputs)
-    return _RUN[backend](inputs)
+    return _RUN[choose(inputs)](inputs)

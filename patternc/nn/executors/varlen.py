@@ -168,14 +168,12 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
         (launch,) = launches
         out = _run(kernel, launch, q_flat, k_flat, v_flat, inputs.scale)
         return out.view(batch, n, heads, dim)
+    # several launches (one per modifier set): each gathers and scatters its queries
     out_flat = q_flat.new_empty(batch * n, heads, dim)
     for launch in launches:
-        queries = q_flat if launch.q_index is None else q_flat.index_select(0, launch.q_index)
-        result = _run(kernel, launch, queries, k_flat, v_flat, inputs.scale)
-        if launch.q_index is None:
-            out_flat = result
-        else:
-            out_flat = out_flat.index_copy(0, launch.q_index, result)
+        assert launch.q_index is not None  # only a launch holding every query is in order
+        result = _run(kernel, launch, q_flat.index_select(0, launch.q_index), k_flat, v_flat, inputs.scale)
+        out_flat = out_flat.index_copy(0, launch.q_index, result)
     return out_flat.view(batch, n, heads, dim)
 
 
