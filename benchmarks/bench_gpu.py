@@ -5,7 +5,9 @@ Layouts (batch 1, 12 heads of 64): AB-UPT self-anchor and joint at
 256-2048 tokens each attending to itself. For each: the ceiling (dense SDPA
 over all tokens, no mask: the TFLOP/s the GPU reaches), the floor ("ideal":
 one SDPA call per pattern on ready contiguous tensors, copies made outside
-the timing), then ``batched``, ``varlen``, ``flex``, ``auto`` (and ``dense``
+the timing), then ``batched``, ``batched+graph`` (the same executor captured in a CUDA
+graph and replayed: what is left once host time is gone), ``varlen``,
+``flex``, ``auto`` (and ``dense``
 with its mask where it fits) on ready Q/K/V (projections excluded everywhere).
 Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
 forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time.
@@ -114,6 +116,21 @@ def executor_fn(name: str, inputs: AttentionInputs, backward: bool) -> Callable[
     return run
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream):
+    the replay runs the same kernels with no host work between them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def ceiling_fn(q: Tensor, k: Tensor, v: Tensor, backward: bool) -> Callable[[], object]:
     qt, kt, vt = (t.transpose(1, 2).contiguous().detach().requires_grad_(backward) for t in (q, k, v))
 
@@ -127,7 +144,7 @@ def ceiling_fn(q: Tensor, k: Tensor, v: Tensor, backward: bool) -> Callable[[], 
 
 def measure(args: argparse.Namespace) -> None:
     header = (
-        f"{'layout':<30} {'dtype':<5} {'pass':<8} {'variant':<9} {'ms':>9} {'TFLOP/s':>8} {'vs ideal':>8}"
+        f"{'layout':<30} {'dtype':<5} {'pass':<8} {'variant':<13} {'ms':>9} {'TFLOP/s':>8} {'vs ideal':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -158,7 +175,7 @@ def measure(args: argparse.Namespace) -> None:
                             4 * n * n * HEADS * DIM * (3.5 if backward else 1.0),
                         )
                     )
-                variants = ["batched", "varlen", "flex", "auto"] + (
+                variants = ["batched", "batched+graph", "varlen", "flex", "auto"] + (
                     ["dense"] if n <= args.dense_limit else []
                 )
                 for variant in variants:
@@ -168,10 +185,14 @@ def measure(args: argparse.Namespace) -> None:
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            ms = cuda_ms(executor_fn(variant, inputs, backward), args.repeat)
+                            if variant.endswith("+graph"):
+                                fn = graphed(executor_fn(variant.removesuffix("+graph"), inputs, backward))
+                            else:
+                                fn = executor_fn(variant, inputs, backward)
+                            ms = cuda_ms(fn, args.repeat)
                     except Exception as error:  # report and go on: one table per run
                         print(
-                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<9} failed: {type(error).__name__}: {error}"[
+                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<13} failed: {type(error).__name__}: {error}"[
                                 :200
                             ]
                         )
@@ -180,7 +201,7 @@ def measure(args: argparse.Namespace) -> None:
                 for label, ms, f in rows:
                     tflops = f / (ms * 1e-3) / 1e12
                     print(
-                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<9} "
+                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<13} "
                         f"{ms:>9.3f} {tflops:>8.0f} {ms / ideal:>8.2f}",
                         flush=True,
                     )

@@ -76,10 +76,8 @@ class Schedule:
     """``allowed[q][k]``: group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
     group_modifiers: tuple[Modifiers, ...] = ()
     """Modifiers of the rule each group is a query in (indexed like ``all_groups``)."""
-
-    @property
-    def has_modifiers(self) -> bool:
-        return any(self.group_modifiers)
+    has_modifiers: bool = False
+    """Some group's rule has modifiers (read on every call: stored, not recomputed)."""
 
 
 def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
@@ -149,6 +147,7 @@ def _schedule_from_layout(plan: Plan, layout: Layout) -> Schedule:
         key_value_groups=tuple(s.name for s in inputs if s.name in used_as_keys),
         allowed=tuple(tuple(row) for row in allowed),
         group_modifiers=tuple(group_modifiers),
+        has_modifiers=any(group_modifiers),
     )
 
 

@@ -33,6 +33,7 @@ from patternc.compiler import compile as compile_program
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import merge_heads
 from patternc.nn.executors import AttentionInputs, get_executor
+from patternc.nn.executors.common import group_positions
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
@@ -272,10 +273,7 @@ class Transformer(nn.Module):
 
     def _positions(self, sizes: Mapping[str, int], device: torch.device) -> Tensor:
         """Each token's position within its group."""
-        counts = torch.tensor(list(sizes.values()), device=device)
-        starts = torch.cumsum(counts, 0) - counts
-        n = int(counts.sum())
-        positions = torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)
+        positions = group_positions(tuple(sizes.values()), device)
         longest = max(sizes.values(), default=0)
         if longest > self.config.max_len:
             raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")

@@ -90,7 +90,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         if slices is not None:
             q0, q1, k0, k1, causal = slices
             out = F.scaled_dot_product_attention(
-                qt[:, :, q0:q1], kt[:, :, k0:k1], vt[:, :, k0:k1],
+                qt.narrow(2, q0, q1 - q0), kt.narrow(2, k0, k1 - k0), vt.narrow(2, k0, k1 - k0),
                 dropout_p=dropout_p, scale=scale, is_causal=causal,
             )  # fmt: skip
             outputs[launch[0]] = out.transpose(1, 2)

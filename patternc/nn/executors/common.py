@@ -8,6 +8,7 @@ layout without a copy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ __all__ = [
     "call_pair_mask",
     "gather",
     "gather_mask",
+    "group_positions",
     "modifier_args",
     "modifier_mask",
     "within_group_positions",
@@ -83,11 +85,21 @@ def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | No
     return gather(mask, [s for s in segments if s.cached is None], {})
 
 
+@functools.lru_cache(maxsize=512)
+def group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """``[sum(sizes)]``: each token's index within its group, for groups of
+    ``sizes`` laid out in order. Built once per (sizes, device) with no host
+    synchronisation, so later calls are free and CUDA-graph capturable (warm
+    up before capturing: the first call copies ``sizes`` to the device)."""
+    counts = torch.tensor(sizes, dtype=torch.int64, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    n = sum(sizes)
+    return torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)
+
+
 def within_group_positions(schedule: Schedule, device: torch.device) -> Tensor:
     """``[N]``: each input token's index within its group."""
-    sizes = torch.tensor(schedule.input_sizes, device=device)
-    starts = torch.cumsum(sizes, 0) - sizes
-    return torch.arange(schedule.n_tokens, device=device) - torch.repeat_interleave(starts, sizes)
+    return group_positions(schedule.input_sizes, device)
 
 
 def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -202,13 +214,29 @@ def attend(
     return out.transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=512)
+def _output_pieces(schedule: Schedule) -> tuple[tuple[int, int, int] | int, ...]:
+    """``schedule.output_order`` with a piece that is a call's whole output
+    given as the bare call index: no slice to make for it on each call."""
+    return tuple(
+        call if (start, stop) == (0, schedule.calls[call].n_queries) else (call, start, stop)
+        for call, start, stop in schedule.output_order
+    )
+
+
 def assemble(outputs: Sequence[Tensor | None], schedule: Schedule, like: Tensor) -> Tensor:
     """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation)."""
     pieces = []
-    for call, start, stop in schedule.output_order:
+    for piece in _output_pieces(schedule):
+        if isinstance(piece, int):
+            out = outputs[piece]
+            assert out is not None
+            pieces.append(out)
+            continue
+        call, start, stop = piece
         out = outputs[call]
         assert out is not None
-        pieces.append(out[:, start:stop])
+        pieces.append(out.narrow(1, start, stop - start))
     if not pieces:
         return like[:, :0]
     if len(pieces) == 1:
