@@ -210,40 +210,70 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def kernel_options_sweep(args: argparse.Namespace) -> None:
-    """FlexAttention kernel options on the AB-UPT layouts (bf16, forward)."""
-    from patternc.nn.executors.flex import _compiled_flex, _pad_heads_first, flex_tables
+    """FlexAttention ``kernel_options`` on the AB-UPT layouts (bf16): forward
+    tiles (``fwd_`` keys) timed forward, backward tiles (``bwd_`` keys, with
+    the executor's forward tiles) timed forward+backward."""
+    from patternc.nn.executors.flex import _HALF_KERNEL_OPTIONS, _compiled_flex, _pad_heads_first, flex_tables
 
     flex = _compiled_flex("cuda")
-    options: dict[str, dict[str, int] | None] = {
+    forward: dict[str, dict[str, int] | None] = {
         "default": None,
-        "M128 N64 w4 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-        "M128 N128 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-        "M64 N128 w4 s2": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+        "M128 N64 w4 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+        "M128 N128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
+        "M64 N128 w4 s2": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 2},
     }
-    print(f"\n{'flex kernel_options':<30} {'options':<18} {'ms':>9} {'TFLOP/s':>8}")
+
+    def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
+        tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
+        tiles |= {"num_warps": warps, "num_stages": stages}
+        return {**_HALF_KERNEL_OPTIONS, **{f"bwd_{key}": value for key, value in tiles.items()}}
+
+    backward: dict[str, dict[str, int] | None] = {
+        "default": None,
+        "fwd tuned, bwd default": dict(_HALF_KERNEL_OPTIONS),
+        "bwd 64/128/128/64 w8 s3": bwd(64, 128, 128, 64, 8, 3),
+        "bwd 64/128/128/64 w4 s3": bwd(64, 128, 128, 64, 4, 3),
+        "bwd 32/128/128/32 w4 s3": bwd(32, 128, 128, 32, 4, 3),
+        "bwd 64/64/64/64 w4 s3": bwd(64, 64, 64, 64, 4, 3),
+        "bwd 128/128/128/128 w8 s2": bwd(128, 128, 128, 128, 8, 2),
+    }
+    print(f"\n{'flex kernel_options':<30} {'pass':<8} {'options':<26} {'ms':>9} {'TFLOP/s':>8}")
     for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT")]:
         plan, sizes = LAYOUTS[layout_name]()
         schedule = schedule_for(plan.token_specs(sizes), plan)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
         mask = tables.block_mask()
-        q, k, v = (
-            _pad_heads_first(
-                torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16),
-                tables.q_len,
-            )
-            for _ in range(3)
-        )
         useful = 4 * entries(schedule) * HEADS * DIM
-        for label, opts in options.items():
-            try:
-                ms = cuda_ms(
-                    lambda o=opts, q=q, k=k, v=v, m=mask: flex(q, k, v, block_mask=m, kernel_options=o),  # type: ignore[misc]
-                    args.repeat,
+        for backward_pass, options in ((False, forward), (True, backward)):
+            q, k, v = (
+                _pad_heads_first(
+                    torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16),
+                    tables.q_len,
+                ).requires_grad_(backward_pass)
+                for _ in range(3)
+            )
+
+            def step(
+                opts: dict[str, int] | None, q: Tensor = q, k: Tensor = k, v: Tensor = v, mask: object = mask
+            ) -> None:
+                out = flex(q, k, v, block_mask=mask, kernel_options=opts)
+                if q.requires_grad:
+                    out.backward(torch.ones_like(out))
+
+            flops = useful * (3.5 if backward_pass else 1.0)
+            label_pass = "fwd+bwd" if backward_pass else "fwd"
+            for label, opts in options.items():
+                try:
+                    ms = cuda_ms(lambda o=opts: step(o), args.repeat)  # type: ignore[misc]
+                except Exception as error:
+                    print(
+                        f"{layout_name:<30} {label_pass:<8} {label:<26} failed: {type(error).__name__}"[:140]
+                    )
+                    continue
+                print(
+                    f"{layout_name:<30} {label_pass:<8} {label:<26} {ms:>9.3f} {flops / (ms * 1e-3) / 1e12:>8.0f}",
+                    flush=True,
                 )
-            except Exception as error:
-                print(f"{layout_name:<30} {label:<18} failed: {type(error).__name__}"[:120])
-                continue
-            print(f"{layout_name:<30} {label:<18} {ms:>9.3f} {useful / (ms * 1e-3) / 1e12:>8.0f}", flush=True)
 
 
 def main() -> None:

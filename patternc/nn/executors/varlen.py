@@ -173,7 +173,7 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
     for launch in launches:
         assert launch.q_index is not None  # only a launch holding every query is in order
         result = _run(kernel, launch, q_flat.index_select(0, launch.q_index), k_flat, v_flat, inputs.scale)
-        out_flat = out_flat.index_copy(0, launch.q_index, result)
+        out_flat.index_copy_(0, launch.q_index, result)
     return out_flat.view(batch, n, heads, dim)
 
 
