@@ -276,6 +276,39 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
                 )
 
 
+def profile_layout(args: argparse.Namespace) -> None:
+    """Kernel and host tables (torch.profiler) of ideal and batched on one
+    layout, bf16: where a ratio to ideal comes from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name = next(n for n in LAYOUTS if args.profile in n)
+    plan, sizes = LAYOUTS[name]()
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    for backward in (False, True):
+        q, k, v = (
+            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_(
+                backward
+            )
+            for _ in range(3)
+        )
+        inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+        for label, fn in (
+            ("ideal", ideal_fn(q, k, v, schedule, backward)),
+            ("batched", executor_fn("batched", inputs, backward)),
+        ):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"\n== {name}, {label}, {'fwd+bwd' if backward else 'fwd'} (10 steps)")
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -290,6 +323,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the kernel_options table")
     parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
+    parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
     args = parser.parse_args()
     if args.quick:
         for name in list(LAYOUTS)[2:4]:
@@ -301,6 +335,9 @@ def main() -> None:
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {HEADS} heads x {DIM}, batch 1, median of {args.repeat}"
     )
+    if args.profile:
+        profile_layout(args)
+        return
     if not args.sweep_only:
         measure(args)
     if not args.no_sweep:

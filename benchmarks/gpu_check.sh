@@ -21,3 +21,4 @@ python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider 2>&1 | tee "$OUT/t
 python3 -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda_graphs.txt" | tail -5
 python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/blockmask_cuda.txt"
 python3 benchmarks/bench_gpu.py --repeat 15 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench.txt"
+python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
