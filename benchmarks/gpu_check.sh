@@ -3,7 +3,8 @@
 # backward against the float64 reference), CUDA-graph capture, block-mask construction and the
 # executor benchmark against ideal and ceiling. Run on the device machine from
 # the repository root; results go to $OUT (or ./gpu-out). Takes ~12 minutes on
-# an H100; split it across calls where a call is limited to 10.
+# an H100 without the back-to-back columns (bench_gpu --b2b 0), ~20 with
+# them: split it across calls (a call is limited to 10 minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
