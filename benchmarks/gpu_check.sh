@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The GPU executors on a CUDA GPU: flex and varlen/auto tests (forward and
-# backward against the float64 reference), CUDA-graph capture, block-mask construction and the
-# executor benchmark against ideal and ceiling. Run on the device machine from
-# the repository root; results go to $OUT (or ./gpu-out). Takes ~12 minutes on
-# an H100 without the back-to-back columns (bench_gpu --b2b 0), ~20 with
-# them: split it across calls (a call is limited to 10 minutes).
+# The GPU side of patternc, in stages that fit the device's 10-minute calls:
+#   tests      flex, varlen/auto and CUDA-graph tests (forward and backward
+#              against the float64 reference)                      ~4 min
+#   blockmask  block-mask construction against create_block_mask   ~1 min
+#   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
+#   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
+#   sweep      FlexAttention kernel_options, forward and backward   ~3 min
+#   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
+# Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
+# Run from the repository root on the device machine; results go to $OUT
+# (or ./gpu-out). Times are on an H100.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -17,9 +22,31 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
-python3 -m pytest tests/test_flex.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_flex.txt" | tail -5
-python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_varlen.txt" | tail -5
-python3 -m pytest tests/test_cuda_graphs.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda_graphs.txt" | tail -5
-python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/blockmask_cuda.txt"
-python3 benchmarks/bench_gpu.py --repeat 15 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench.txt"
-python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
+
+tests() {
+  for module in flex varlen cuda_graphs; do
+    python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_$module.txt" | tail -5
+  done
+}
+blockmask() {
+  python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/blockmask_cuda.txt"
+}
+small() {
+  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_small.txt"
+}
+large() {
+  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "8k+24k" 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_large.txt"
+}
+sweep() {
+  python3 benchmarks/bench_gpu.py --repeat 15 --sweep-only 2>&1 | grep -v "^W1" | tee "$OUT/flex_kernel_options.txt"
+}
+profile() {
+  python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile)
+for stage in "${stages[@]}"; do
+  echo "== $stage"
+  "$stage"
+done
