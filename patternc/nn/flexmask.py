@@ -186,6 +186,12 @@ def _group_tables(
     return table.to(device), causal.to(device), window.to(device), keys, modifiers
 
 
+@functools.lru_cache(maxsize=64)
+def _modified_groups(schedule: Schedule) -> frozenset[int]:
+    """Indices of the groups whose rule has modifiers."""
+    return frozenset(i for i, m in enumerate(schedule.group_modifiers) if m)
+
+
 @dataclass(frozen=True)
 class FlexTables:
     """Device tables of one layout: what the ``mask_mod`` reads and the block classes."""
@@ -223,6 +229,7 @@ class FlexTables:
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
         allowed, causal, window, allowed_keys, mods = _group_tables(schedule, device)
+        modified_groups = _modified_groups(schedule)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -240,28 +247,32 @@ class FlexTables:
         key_segments: dict[int, list[tuple[int, int]]] = {}
         for gid, start, stop in keys:
             key_segments.setdefault(gid, []).append((start, stop))
-        corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
-        signs: list[int] = []
         width = shape[1] + 1
-        modified: list[tuple[int, int, int, int, bool, int]] = []
-        for gid, q_start, q_stop in queries:
-            mod = mods[gid]
-            for key_gid in allowed_keys[gid]:
-                for k_start, k_stop in key_segments.get(key_gid, ()):
-                    if mod:
-                        modified.append((q_start, q_stop, k_start, k_stop, mod.causal, mod.window or 0))
-                        continue
-                    r0, r1 = q_start // block, (q_stop - 1) // block + 1
-                    c0, c1 = k_start // block, (k_stop - 1) // block + 1
-                    corners += (r0 * width + c0, r0 * width + c1, r1 * width + c0, r1 * width + c1)
-                    signs += (1, -1, -1, 1)
+        pairs = [
+            (q_start, q_stop, k_start, k_stop, gid)
+            for gid, q_start, q_stop in queries
+            for key_gid in allowed_keys[gid]
+            for k_start, k_stop in key_segments.get(key_gid, ())
+        ]
+        modified = [
+            (q_start, q_stop, k_start, k_stop, mods[gid].causal, mods[gid].window or 0)
+            for q_start, q_stop, k_start, k_stop, gid in pairs
+            if gid in modified_groups
+        ]
+        corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
+        for q_start, q_stop, k_start, k_stop, gid in pairs:
+            if gid not in modified_groups:
+                top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
+                left, right = k_start // block, (k_stop - 1) // block + 1
+                corners += (top + left, top + right, bottom + left, bottom + right)
+        signs = [1, -1, -1, 1] * (len(corners) // 4)
         upload.add(corners)
         upload.add(signs)
         (
             q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
             q_overlaps, k_overlaps, corners_t, signs_t,
         ) = upload.send(device)  # fmt: skip
-        has_modifiers = any(mods)
+        has_modifiers = schedule.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
         if k_segs == q_segs:  # no cached keys: the key tables are the query tables
