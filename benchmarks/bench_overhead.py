@@ -7,7 +7,10 @@ many-group layouts are host-bound. "bare" is one SDPA call per document on
 ready contiguous head-major tensors; "bare on views" slices the token-major
 input and concatenates the outputs, the floor for an executor that makes no
 copies (on CPU the strided views cost the kernel itself some time; a GPU
-kernel reads them natively).
+kernel reads them natively). "module forward" is a whole ``PatternAttention``
+(projections, schedule lookup, executor, KV-cache views); "flex block mask" is
+a cold block-mask build for the layout (tables + ``BlockMask``), whose tiny
+tensors make it mostly host time too.
 
 Run: ``python benchmarks/bench_overhead.py [--repeat 200]``
 """
@@ -24,12 +27,17 @@ import torch
 import torch.nn.functional as F
 
 import patternc
+from patternc.nn import PatternAttention
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.flexmask import FlexTables
 from patternc.nn.schedule import schedule_for
 
 
-def median_us(fn: Callable[[], object], repeat: int) -> float:
+def timings_us(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """(median, minimum) in us. On a shared 2-core VM the median swings by
+    +-30% between runs; the minimum is the cost with no interference and is
+    what to compare across commits."""
     for _ in range(10):
         fn()
     times = []
@@ -37,7 +45,7 @@ def median_us(fn: Callable[[], object], repeat: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6, min(times) * 1e6
 
 
 def main() -> None:
@@ -72,18 +80,28 @@ def main() -> None:
         return torch.cat([o.transpose(1, 2) for o in outs], 1)
 
     rows = [
-        ("bare SDPA loop", median_us(bare, args.repeat)),
-        ("bare on views", median_us(bare_views, args.repeat)),
+        ("bare SDPA loop", *timings_us(bare, args.repeat)),
+        ("bare on views", *timings_us(bare_views, args.repeat)),
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in ("batched", "loop", "dense"):
-            rows.append((name, median_us(lambda n=name: EXECUTORS[n](inputs), args.repeat)))  # type: ignore[misc]
+            rows.append((name, *timings_us(lambda n=name: EXECUTORS[n](inputs), args.repeat)))  # type: ignore[misc]
+    attention = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
+    x = torch.randn(1, schedule.n_tokens, 16)
+    with torch.no_grad():
+        rows.append(("module forward", *timings_us(lambda: attention(x, sizes), args.repeat)))
+    rows.append(
+        (
+            "flex block mask",
+            *timings_us(lambda: FlexTables.build(schedule, {}, "cpu").block_mask(), args.repeat),
+        )
+    )
     base = rows[0][1]
-    print(f"{len(schedule.calls)} calls, {schedule.n_tokens} tokens, CPU, 1 thread, median of {args.repeat}")
-    print(f"{'variant':<16} {'us':>9} {'us/call':>8} {'vs bare':>8}")
-    for name, us in rows:
-        print(f"{name:<16} {us:>9.0f} {us / len(schedule.calls):>8.1f} {us / base:>8.2f}")
+    print(f"{len(schedule.calls)} calls, {schedule.n_tokens} tokens, CPU, 1 thread, {args.repeat} samples")
+    print(f"{'variant':<16} {'median us':>9} {'min us':>8} {'us/call':>8} {'vs bare':>8}")
+    for name, us, low in rows:
+        print(f"{name:<16} {us:>9.0f} {low:>8.0f} {us / len(schedule.calls):>8.1f} {us / base:>8.2f}")
 
 
 if __name__ == "__main__":
