@@ -108,7 +108,7 @@ def breakdown(args: argparse.Namespace) -> None:
     stacked = torch.stack([tables.partial, tables.full, tables.partial.t(), tables.full.t()])[:, None]
     counts = stacked.sum(dim=-1, dtype=torch.int32)
     by_sort = median_ms(
-        lambda: torch.argsort((~stacked).to(torch.int8), dim=-1, stable=True).to(torch.int32),
+        lambda: torch.argsort(stacked, dim=-1, descending=True, stable=True).to(torch.int32),
         args.repeat,
         args.device,
     )

@@ -283,18 +283,19 @@ class FlexTables:
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
         # (scatter_add: one atomic kernel where index_put_ would sort the indices)
-        diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int32, device=device)
-        diff.scatter_add_(0, corners_t, signs_t.to(torch.int32))
+        # (int64 like the upload: no conversion kernel; the matrices are small)
+        diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
+        diff.scatter_add_(0, corners_t, signs_t)
         # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
         # scan along the outer dim runs one thread per column (~4x slower here)
-        rows_done = diff.view(shape[0] + 1, width).cumsum(1, dtype=torch.int32)
-        plain = rows_done.t().contiguous().cumsum(1, dtype=torch.int32).t()[: shape[0], : shape[1]]
+        rows_done = diff.view(shape[0] + 1, width).cumsum(1)
+        plain = rows_done.t().contiguous().cumsum(1).t()[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain, plain
         if modified:
             flat, pair_nonempty, pair_full = _modified_pair_blocks(modified, block, shape[1]).to(device)
             plain_flat = plain.flatten()
-            nonempty_pairs = plain_flat.scatter_add(0, flat, pair_nonempty.to(torch.int32)).view(shape)
-            full_pairs = plain_flat.scatter_add(0, flat, pair_full.to(torch.int32)).view(shape)
+            nonempty_pairs = plain_flat.scatter_add(0, flat, pair_nonempty).view(shape)
+            full_pairs = plain_flat.scatter_add(0, flat, pair_full).view(shape)
         # a block with no allowed pair has full_pairs 0 < overlaps: full implies non-empty
         full = full_pairs == q_overlaps[:, None] * k_overlaps[None, :]
         partial = (nonempty_pairs > 0) ^ full
@@ -419,7 +420,8 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     sort per row; on CPU a prefix-sum partition is faster than sorting."""
     counts = blocks.sum(dim=-1, dtype=torch.int32)
     if blocks.is_cuda:
-        return counts, torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        # bool keys sort directly (descending: True first; stable keeps column order)
+        return counts, torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
     return counts, _partition(blocks, counts)
 
 
