@@ -10,7 +10,8 @@ copies (on CPU the strided views cost the kernel itself some time; a GPU
 kernel reads them natively). "module forward" is a whole ``PatternAttention``
 (projections, schedule lookup, executor, KV-cache views); "flex block mask" is
 a cold block-mask build for the layout (tables + ``BlockMask``), whose tiny
-tensors make it mostly host time too.
+tensors make it mostly host time too. The fwd+bwd rows compare the
+executor's backward pass with SDPA's on ready leaf tensors.
 
 Run: ``python benchmarks/bench_overhead.py [--repeat 200]``
 """
@@ -87,6 +88,21 @@ def main() -> None:
         warnings.simplefilter("ignore")
         for name in ("batched", "loop", "dense"):
             rows.append((name, *timings_us(lambda n=name: EXECUTORS[n](inputs), args.repeat)))  # type: ignore[misc]
+    # forward+backward: the executor's backward against SDPA's on ready leaves
+    leaves = [tuple(t.detach().requires_grad_() for t in call) for call in ready]
+    q_grad, k_grad, v_grad = (t.detach().requires_grad_() for t in (q, k, v))
+    grad_inputs = AttentionInputs(q_grad, k_grad, v_grad, schedule, {}, None, 0.0, None)
+
+    def bare_backward() -> None:
+        outs = [F.scaled_dot_product_attention(a, b, c) for a, b, c in leaves]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    def batched_backward() -> None:
+        out = EXECUTORS["batched"](grad_inputs)
+        out.backward(torch.ones_like(out))
+
+    rows.append(("bare fwd+bwd", *timings_us(bare_backward, args.repeat)))
+    rows.append(("batched fwd+bwd", *timings_us(batched_backward, args.repeat)))
     attention = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
     x = torch.randn(1, schedule.n_tokens, 16)
     with torch.no_grad():

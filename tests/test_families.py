@@ -69,6 +69,26 @@ def test_packed_documents_match_reference(impl: str, doc_sizes: list[int]) -> No
     assert relative_error(out, reference) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["batched", "loop"])
+@pytest.mark.parametrize("doc_sizes", [[5], [3, 8, 1], [13, 2, 7, 4, 9]])
+def test_packed_documents_gradients_match_reference(impl: str, doc_sizes: list[int]) -> None:
+    sizes = {"prompt": 3, **{f"doc{i}": n for i, n in enumerate(doc_sizes)}}
+    module = make(PACKED, impl)
+    x = torch.randn(2, sum(sizes.values()), 16, requires_grad=True)
+    weight = torch.randn(2, sum(sizes.values()), 16)
+    (module(x, sizes)[0] * weight).sum().backward()
+    grads = [x.grad, *(p.grad for p in module.parameters())]
+    module.zero_grad()
+    x_ref = x.detach().double().requires_grad_()
+    reference_module = make(PACKED.bind(list(sizes)), impl)
+    reference_module.load_state_dict(module.state_dict())
+    (reference_with_modifiers(reference_module, x_ref, sizes) * weight.double()).sum().backward()
+    ref_grads = [x_ref.grad, *(p.grad for p in reference_module.parameters())]
+    for got, want in zip(grads, ref_grads):
+        assert got is not None and want is not None
+        assert relative_error(got, want) < 1e-5
+
+
 def test_one_module_serves_changing_document_sets() -> None:
     """Packing documents with the family mask gives each document exactly what
     it gets alone, whatever else is packed with it."""

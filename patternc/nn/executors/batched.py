@@ -1,8 +1,10 @@
 """The fast executor: calls of equal shape run as one stacked attention launch.
 
-Stacking reads each call's tokens through a strided view when the calls'
-segments sit at evenly spaced offsets (two equal branches, say): no copy of
-Q, K or V is made then. Otherwise the calls are stacked with one copy.
+Stacking reads each call's tokens through a view when the calls' segments sit
+at evenly spaced offsets (two equal branches, say): no copy of Q, K or V is
+made then. Otherwise the calls are stacked with one copy. Segments are read
+from one split of each tensor (``TokenSplit``), never as separate slices,
+so the backward pass stays one pass over the input however many groups.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from patternc.modifiers import Modifiers
 from patternc.nn.executors.common import (
     AttentionInputs,
+    TokenSplit,
     assemble,
     attend,
     call_bias,
@@ -27,35 +30,44 @@ from patternc.nn.executors.common import (
     modifier_args,
     within_group_positions,
 )
-from patternc.nn.schedule import Schedule, Segment
+from patternc.nn.schedule import CallSchedule, Schedule, Segment
 
 __all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
 
 def stack_segments(
-    t: Tensor, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]
+    t: Tensor | TokenSplit, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]
 ) -> Tensor:
     """``[B, N, ...]`` -> ``[B * n, L, ...]`` holding each call's tokens (call
-    ``i`` of batch ``b`` at ``b * n + i``). All calls have ``L`` tokens."""
+    ``i`` of batch ``b`` at ``b * n + i``). All calls have ``L`` tokens.
+
+    Calls reading one input segment each at evenly spaced offsets are read
+    through a view: a plain reshape when the segments tile the whole input
+    (free in the backward pass too), else strided windows. Other calls are
+    stacked with one copy, from ``t``'s pieces when it is a :class:`TokenSplit`."""
+    whole = t.tensor if isinstance(t, TokenSplit) else t
     n = len(segment_lists)
     if all(len(segs) == 1 and segs[0].cached is None for segs in segment_lists):
         starts = [segs[0].start for segs in segment_lists]
         length = segment_lists[0][0].length
         step = starts[1] - starts[0]
         if step > 0 and all(b - a == step for a, b in itertools.pairwise(starts)):
-            window = t.narrow(1, starts[0], step * (n - 1) + length)
+            if step == length and starts[0] == 0 and n * length == whole.shape[1]:
+                return whole.view(whole.shape[0], n, length, *whole.shape[2:]).flatten(0, 1)
+            window = whole.narrow(1, starts[0], step * (n - 1) + length)
             view = window.unfold(1, length, step).movedim(-1, 2)  # [B, n, L, ...]
             return view.flatten(0, 1)
-    return torch.stack([gather(t, segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
+    take = t.take if isinstance(t, TokenSplit) else functools.partial(gather, t)
+    return torch.stack([take(segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
 @functools.lru_cache(maxsize=512)
-def _direct_slices(schedule: Schedule) -> tuple[tuple[int, int, int, int, bool] | None, ...]:
-    """Per launch: ``(q_start, q_stop, kv_start, kv_stop, is_causal)`` when it is
-    one call reading one input slice of queries and one of keys with no
-    modifier but a plain ``[causal]`` (the common case: documents, anchors),
-    else None. Such launches skip the general path's per-call Python."""
-    out: list[tuple[int, int, int, int, bool] | None] = []
+def _direct_launches(schedule: Schedule) -> tuple[CallSchedule | None, ...]:
+    """Per launch: its call when it is one call reading one input segment of
+    queries and one of keys with no modifier but a plain ``[causal]`` (the
+    common case: documents, anchors), else None. Such launches skip the
+    general path's per-call Python."""
+    out: list[CallSchedule | None] = []
     for launch in schedule.launches:
         call = schedule.calls[launch[0]]
         simple = (
@@ -65,12 +77,26 @@ def _direct_slices(schedule: Schedule) -> tuple[tuple[int, int, int, int, bool] 
             and call.keys_values[0].cached is None
             and (not call.modifiers or (call.single_groups and call.modifiers == Modifiers(causal=True)))
         )
-        if simple:
-            (qs,), (ks,) = call.queries, call.keys_values
-            out.append((qs.start, qs.stop, ks.start, ks.stop, bool(call.modifiers.causal)))
-        else:
-            out.append(None)
+        out.append(call if simple else None)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=512)
+def _tiled_output(schedule: Schedule) -> bool:
+    """The schedule is one stacked launch whose calls' queries tile the input
+    in launch order: its ``[B * n, L, ...]`` output already is the input order."""
+    if len(schedule.launches) != 1 or len(schedule.launches[0]) < 2:
+        return False
+    launch = schedule.launches[0]
+    calls = [schedule.calls[i] for i in launch]
+    length = calls[0].n_queries
+    return (
+        all(
+            len(c.queries) == 1 and c.queries[0].start == i * length and c.queries[0].length == length
+            for i, c in enumerate(calls)
+        )
+        and length * len(calls) == schedule.n_tokens
+    )
 
 
 def run_batched(inputs: AttentionInputs) -> Tensor:
@@ -83,15 +109,18 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     needs_positions = schedule.has_modifiers or slopes is not None
     positions = within_group_positions(schedule, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    direct = _direct_slices(schedule) if not padded and slopes is None else (None,) * len(schedule.launches)
-    # head-major views, sliced per call below: no per-call transposes
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    for launch, slices in zip(schedule.launches, direct):
-        if slices is not None:
-            q0, q1, k0, k1, causal = slices
+    direct = _direct_launches(schedule) if not padded and slopes is None else (None,) * len(schedule.launches)
+    # one split per tensor, read as pieces below (see TokenSplit: slices would
+    # each cost a full-size pass in the backward)
+    qs = TokenSplit(q, schedule)
+    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
+    for launch, call in zip(schedule.launches, direct):
+        if call is not None:
             out = F.scaled_dot_product_attention(
-                qt.narrow(2, q0, q1 - q0), kt.narrow(2, k0, k1 - k0), vt.narrow(2, k0, k1 - k0),
-                dropout_p=dropout_p, scale=scale, is_causal=causal,
+                qs.take(call.queries, {}).transpose(1, 2),
+                ks.take(call.keys_values, {}).transpose(1, 2),
+                vs.take(call.keys_values, {}).transpose(1, 2),
+                dropout_p=dropout_p, scale=scale, is_causal=bool(call.modifiers.causal),
             )  # fmt: skip
             outputs[launch[0]] = out.transpose(1, 2)
             continue
@@ -100,9 +129,9 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         if len(calls) == 1:
             (call,) = calls
             outputs[launch[0]] = attend(
-                gather(q, call.queries, {}),
-                gather(k, call.keys_values, cached_k),
-                gather(v, call.keys_values, cached_v),
+                qs.take(call.queries, {}),
+                ks.take(call.keys_values, cached_k),
+                vs.take(call.keys_values, cached_v),
                 gather_mask(key_padding_mask, call.keys_values),
                 dropout_p,
                 scale,
@@ -110,9 +139,9 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
                 call_bias(call, positions, cache, slopes),
             )
             continue
-        queries = stack_segments(q, [c.queries for c in calls], {})
-        keys = stack_segments(k, [c.keys_values for c in calls], cached_k)
-        values = stack_segments(v, [c.keys_values for c in calls], cached_v)
+        queries = stack_segments(qs, [c.queries for c in calls], {})
+        keys = stack_segments(ks, [c.keys_values for c in calls], cached_k)
+        values = stack_segments(vs, [c.keys_values for c in calls], cached_v)
         mask = None
         if key_padding_mask is not None:
             mask = stack_segments(
@@ -127,9 +156,12 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             biases = torch.stack([call_bias(c, positions, cache, slopes) for c in calls])  # type: ignore[misc]
             bias = biases.expand(batch, *biases.shape).flatten(0, 1)  # [B * n, H, Lq, Lk]
         out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias)
-        out = out.reshape(batch, len(calls), *out.shape[1:])
-        for position, index in enumerate(launch):
-            outputs[index] = out[:, position]
+        if _tiled_output(schedule):
+            return out.reshape(batch, schedule.n_tokens, *out.shape[2:])
+        # unbind, not indexing: its backward is one stack, where each index
+        # would allocate and fill a gradient of the whole output
+        for index, piece in zip(launch, out.reshape(batch, len(calls), *out.shape[1:]).unbind(1)):
+            outputs[index] = piece
     return assemble(outputs, schedule, q)
 
 
