@@ -108,8 +108,11 @@ class _Banks(nn.Module):
     def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
         if len(self.layers) == 1:
             return self.layers[0](x)  # type: ignore[no-any-return]
-        parts = [self.layers[bank](x[:, start:stop]) for bank, start, stop in runs]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if len(runs) == 1:
+            return self.layers[runs[0][0]](x)  # type: ignore[no-any-return]
+        # one split (each slice's backward would fill a whole-size gradient)
+        pieces = x.split_with_sizes([stop - start for _, start, stop in runs], 1)
+        return torch.cat([self.layers[bank](piece) for (bank, _, _), piece in zip(runs, pieces)], dim=1)
 
 
 class _FeedForward(nn.Module):

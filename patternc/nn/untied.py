@@ -60,6 +60,13 @@ class TypeRuns:
         """Many runs per type (more than two on average): gather each type once."""
         return len(self.runs) > 2 * len(self.by_bank)
 
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``x``'s tokens cut into the runs (one split: slicing each run would
+        cost a whole-size gradient per run in the backward pass)."""
+        if len(self.runs) == 1:
+            return (x,)
+        return tuple(x.split_with_sizes([stop - start for _, start, stop in self.runs], 1))
+
     @functools.cached_property
     def by_bank(self) -> dict[int, tuple[tuple[int, int], ...]]:
         """``bank -> ((start, stop), ...)`` for the banks present, in bank order."""
@@ -154,22 +161,19 @@ def apply_per_type(
         return fn(0, x)
     if path == "auto":
         path = "per_type" if runs.interleaved else "segments"
+    run_tokens = dict(zip((start for _, start, _ in runs.runs), runs.split(x)))
     if path == "segments" or len(runs.by_bank) == len(runs.runs):
-        parts = [fn(bank, x[:, start:stop]) for bank, start, stop in runs.runs]
+        parts = [fn(bank, run_tokens[start]) for bank, start, _ in runs.runs]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     # per_type: gather each type's runs, one call per type, put pieces back in order
     pieces: dict[int, Tensor] = {}
     for bank, spans in runs.by_bank.items():
         tokens = (
-            torch.cat([x[:, a:b] for a, b in spans], dim=1)
-            if len(spans) > 1
-            else x[:, spans[0][0] : spans[0][1]]
+            torch.cat([run_tokens[a] for a, _ in spans], dim=1) if len(spans) > 1 else run_tokens[spans[0][0]]
         )
         out = fn(bank, tokens)
-        offset = 0
-        for a, b in spans:
-            pieces[a] = out[:, offset : offset + b - a]
-            offset += b - a
+        outs = out.split_with_sizes([b - a for a, b in spans], 1) if len(spans) > 1 else (out,)
+        pieces.update(zip((a for a, _ in spans), outs))
     return torch.cat([pieces[a] for a in sorted(pieces)], dim=1)
 
 
@@ -313,21 +317,19 @@ class UntiedLinear(nn.Module):
         if len(counts) != 1:
             return apply_per_type(x, runs, self.linear, "per_type")
         banks = list(spans)
+        run_tokens = dict(zip((start for _, start, _ in runs.runs), runs.split(x)))
         tokens = torch.stack(
-            [torch.cat([x[:, a:b] for a, b in spans[bank]], dim=1) for bank in banks]
+            [torch.cat([run_tokens[a] for a, _ in spans[bank]], dim=1) for bank in banks]
         )  # [T, B, n, in]
         t, batch, n, _ = tokens.shape
         weight = torch.stack([self.weights[bank] for bank in banks]).transpose(1, 2)  # [T, in, out]
         out = torch.bmm(tokens.reshape(t, batch * n, -1), weight)
         if self.biases is not None:
             out = out + torch.stack([self.biases[bank] for bank in banks])[:, None, :]
-        out = out.reshape(t, batch, n, -1)
         pieces: dict[int, Tensor] = {}
-        for i, bank in enumerate(banks):
-            offset = 0
-            for a, b in spans[bank]:
-                pieces[a] = out[i, :, offset : offset + b - a]
-                offset += b - a
+        for bank, bank_out in zip(banks, out.reshape(t, batch, n, -1).unbind(0)):
+            sizes = [b - a for a, b in spans[bank]]
+            pieces.update(zip((a for a, _ in spans[bank]), bank_out.split_with_sizes(sizes, 1)))
         ordered = [pieces[a] for a in sorted(pieces)]
         return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.executors.common import AttentionInputs, assemble, gather, gather_mask
+from patternc.nn.executors.common import AttentionInputs, TokenSplit, assemble, gather_mask
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "linear_attention", "run_linear"]
 
@@ -47,9 +47,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk_size: 
     state = q.new_zeros(b, heads, dim, v.shape[-1])
     norm = q.new_zeros(b, heads, dim)
     outputs = []
-    for start in range(0, n_q, chunk_size):
-        stop = min(start + chunk_size, n_q)
-        qc, kc, vc = q[:, start:stop], k[:, start:stop], v[:, start:stop]
+    # split, not sliced per chunk: each slice's backward fills a whole-size gradient
+    chunks = (torch.split(t, chunk_size, dim=1) for t in (q, k, v))
+    for qc, kc, vc in zip(*chunks):
         scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc).tril()  # within the chunk: j <= i
         numerator = torch.einsum("bqhd,bhde->bqhe", qc, state) + torch.einsum("bhqk,bkhe->bqhe", scores, vc)
         denominator = torch.einsum("bqhd,bhd->bqh", qc, norm) + scores.sum(-1).transpose(1, 2)
@@ -64,6 +64,8 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     if inputs.alibi_slopes is not None:
         raise ValueError("linear attention cannot add an ALiBi bias; use attention_type 'batched' or 'dense'")
     outputs: list[Tensor | None] = []
+    qs = TokenSplit(q, schedule)
+    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
     for call in schedule.calls:
         if not call.n_queries:
             outputs.append(None)
@@ -73,9 +75,9 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
                 f"linear attention cannot express [window {call.modifiers.window}]; "
                 "run this pattern with 'flex' or 'batched'"
             )
-        queries = _features(gather(q, call.queries, {}))
-        keys = _features(gather(k, call.keys_values, inputs.cached_keys))
-        values = gather(v, call.keys_values, inputs.cached_values)
+        queries = _features(qs.take(call.queries, {}))
+        keys = _features(ks.take(call.keys_values, inputs.cached_keys))
+        values = vs.take(call.keys_values, inputs.cached_values)
         padding = gather_mask(inputs.key_padding_mask, call.keys_values)
         if padding is not None:
             n_cached = keys.shape[1] - padding.shape[1]
