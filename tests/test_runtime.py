@@ -429,3 +429,19 @@ def test_batched_backward_touches_each_input_once(
         assert slices <= most_slices, f"{plan.name}: {slices} slices in the backward graph: {sorted(names)}"
         out.backward(torch.ones_like(out))
         assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
+def test_one_tensor_as_queries_keys_and_values(impl: str, pattern: str) -> None:
+    """Self-similarity (q is k is v, one object): key-side reads must not be
+    confused with query-side ones, on stacked and on per-call launches."""
+    plan = AB.patterns[pattern]
+    for sizes in (dict.fromkeys(AB_GROUPS, 4), dict(zip(AB_GROUPS, (3, 5, 4, 2)))):
+        schedule = schedule_for(plan.token_specs(sizes), plan)
+        x = torch.randn(2, schedule.n_tokens, 2, 4, dtype=torch.float64)
+        out = EXECUTORS[impl](AttentionInputs(x, x, x, schedule, {}, None, 0.0, None))
+        ref = EXECUTORS["dense"](
+            AttentionInputs(x.clone(), x.clone(), x.clone(), schedule, {}, None, 0.0, None)
+        )
+        assert relative_error(out, ref) < 1e-12

@@ -114,12 +114,20 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, schedule)
     ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
+    # direct launches read head-major pieces: no per-call transposes
+    head_major = None
+    if any(call is not None for call in direct):
+        qh = TokenSplit(q.transpose(1, 2), schedule, dim=2)
+        kh, vh = (TokenSplit(t.transpose(1, 2), schedule, keys=True, dim=2) for t in (k, v))
+        head_major = (qh, kh, vh)
     for launch, call in zip(schedule.launches, direct):
         if call is not None:
+            assert head_major is not None
+            qh, kh, vh = head_major
             out = F.scaled_dot_product_attention(
-                qs.take(call.queries, {}).transpose(1, 2),
-                ks.take(call.keys_values, {}).transpose(1, 2),
-                vs.take(call.keys_values, {}).transpose(1, 2),
+                qh.take(call.queries, {}),
+                kh.take(call.keys_values, {}),
+                vh.take(call.keys_values, {}),
                 dropout_p=dropout_p, scale=scale, is_causal=bool(call.modifiers.causal),
             )  # fmt: skip
             outputs[launch[0]] = out.transpose(1, 2)

@@ -113,11 +113,20 @@ class TokenSplit:
     CPU). One split's backward is one concatenation of the pieces' gradients.
     """
 
-    def __init__(self, t: Tensor, schedule: Schedule, keys: bool = False) -> None:
-        """``keys``: split at the key/value segments' boundaries (else the queries')."""
+    def __init__(self, t: Tensor, schedule: Schedule, keys: bool = False, dim: int = 1) -> None:
+        """``keys``: split at the key/value segments' boundaries (else the
+        queries'); ``dim``: the token dim (2 for head-major ``[B, H, N, D]``
+        views). The split happens on the first :meth:`take` (stacked views
+        never need it)."""
         self.tensor = t
-        sizes, self._ranges = _token_pieces(schedule, keys)
-        self._pieces = t.split_with_sizes(sizes, 1) if len(sizes) > 1 else (t,)
+        self._schedule, self._keys, self._dim = schedule, keys, dim
+        self._ranges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._pieces: tuple[Tensor, ...] = ()
+
+    def _split(self) -> None:
+        sizes, self._ranges = _token_pieces(self._schedule, self._keys)
+        t = self.tensor
+        self._pieces = tuple(t.split_with_sizes(sizes, self._dim)) if len(sizes) > 1 else (t,)
 
     def take(self, segments: Sequence[Segment], cache: Mapping[str, Tensor]) -> Tensor:
         """The tokens of ``segments``: a piece for one input segment, else one concatenation."""
@@ -126,13 +135,15 @@ class TokenSplit:
             if s.cached is not None:
                 parts.append(cache[s.cached])
                 continue
+            if not self._pieces:
+                self._split()
             first, stop = self._ranges[(s.start, s.stop)]
             parts.extend(self._pieces[first:stop])
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            return self.tensor[:, :0]
-        return torch.cat(parts, dim=1)
+            return self.tensor.narrow(self._dim, 0, 0)
+        return torch.cat(parts, dim=self._dim)
 
 
 def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | None:
