@@ -8,6 +8,7 @@ from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_attention, relative_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import patternc
 from patternc import AttentionPattern as P
@@ -445,3 +446,31 @@ def test_one_tensor_as_queries_keys_and_values(impl: str, pattern: str) -> None:
             AttentionInputs(x.clone(), x.clone(), x.clone(), schedule, {}, None, 0.0, None)
         )
         assert relative_error(out, ref) < 1e-12
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n_docs", [4, 16])
+def test_batched_dispatches_two_ops_per_document(n_docs: int) -> None:
+    """On a GPU each dispatched op is host time; documents of distinct lengths
+    are one launch each, and the executor adds one view per launch (the
+    output's transpose) plus a constant: one split per tensor, one concatenation."""
+    plan = patternc.compile("groups doc*\ndoc* -> self").patterns["default"]
+    sizes = {f"doc{i}": 3 + 2 * i for i in range(n_docs)}
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    q, k, v = (torch.randn(1, schedule.n_tokens, 2, 4) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+    EXECUTORS["batched"](inputs)  # the layout's caches fill on the first call
+    with _CountOps() as counter:
+        EXECUTORS["batched"](inputs)
+    attention_calls = sum("scaled_dot_product" in op for op in counter.ops)
+    assert attention_calls == n_docs
+    assert len(counter.ops) <= 2 * n_docs + 10, counter.ops  # 2n + 7 on torch 2.13
