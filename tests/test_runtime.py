@@ -408,6 +408,7 @@ def _backward_node_names(out: torch.Tensor) -> list[str]:
     [
         ("groups doc*\ndoc* -> self", {f"doc{i}": 3 + 2 * i for i in range(12)}, 0),
         (EXAMPLES / "ab_upt.pc", dict.fromkeys(AB_GROUPS, 6), 2),
+        ("groups a b c d\na, c -> a, c\nb, d -> b", {"a": 3, "b": 5, "c": 4, "d": 2}, 0),
     ],
 )
 def test_batched_backward_touches_each_input_once(

@@ -283,28 +283,33 @@ def attend(
 
 
 @functools.lru_cache(maxsize=512)
-def _output_pieces(schedule: Schedule) -> tuple[tuple[int, int, int] | int, ...]:
-    """``schedule.output_order`` with a piece that is a call's whole output
-    given as the bare call index: no slice to make for it on each call."""
-    return tuple(
-        call if (start, stop) == (0, schedule.calls[call].n_queries) else (call, start, stop)
-        for call, start, stop in schedule.output_order
-    )
+def _output_pieces(schedule: Schedule) -> tuple[tuple[int, int], ...]:
+    """``schedule.output_order`` as ``(call, index)`` into each call's output
+    split at its query segments (a call's output lists its segments in order)."""
+    offsets = {
+        (call, start): index
+        for call, c in enumerate(schedule.calls)
+        for index, start in enumerate(itertools.accumulate((s.length for s in c.queries), initial=0))
+    }
+    return tuple((call, offsets[(call, start)]) for call, start, _ in schedule.output_order)
 
 
 def assemble(outputs: Sequence[Tensor | None], schedule: Schedule, like: Tensor) -> Tensor:
-    """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation)."""
+    """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation).
+    A call with several query segments has its output split, not sliced: one
+    backward pass for it, not one whole-size gradient per segment."""
+    split: dict[int, tuple[Tensor, ...]] = {}
     pieces = []
-    for piece in _output_pieces(schedule):
-        if isinstance(piece, int):
-            out = outputs[piece]
-            assert out is not None
-            pieces.append(out)
-            continue
-        call, start, stop = piece
+    for call, index in _output_pieces(schedule):
         out = outputs[call]
         assert out is not None
-        pieces.append(out.narrow(1, start, stop - start))
+        queries = schedule.calls[call].queries
+        if len(queries) == 1:
+            pieces.append(out)
+            continue
+        if call not in split:
+            split[call] = tuple(out.split_with_sizes([s.length for s in queries], 1))
+        pieces.append(split[call][index])
     if not pieces:
         return like[:, :0]
     if len(pieces) == 1:
