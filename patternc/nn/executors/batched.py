@@ -28,9 +28,10 @@ from patternc.nn.executors.common import (
     gather,
     gather_mask,
     modifier_args,
+    token_pieces,
     within_group_positions,
 )
-from patternc.nn.schedule import CallSchedule, Schedule, Segment
+from patternc.nn.schedule import Schedule, Segment
 
 __all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
@@ -62,12 +63,15 @@ def stack_segments(
 
 
 @functools.lru_cache(maxsize=512)
-def _direct_launches(schedule: Schedule) -> tuple[CallSchedule | None, ...]:
-    """Per launch: its call when it is one call reading one input segment of
-    queries and one of keys with no modifier but a plain ``[causal]`` (the
-    common case: documents, anchors), else None. Such launches skip the
-    general path's per-call Python."""
-    out: list[CallSchedule | None] = []
+def _direct_launches(schedule: Schedule) -> tuple[tuple[int, int, bool] | None, ...]:
+    """Per launch: ``(query piece, key/value piece, is_causal)`` (indices into
+    the tensors' :class:`TokenSplit` pieces) when it is one call reading one
+    input segment of queries and one of keys, each a single piece, with no
+    modifier but a plain ``[causal]`` (the common case: documents, anchors),
+    else None. Such launches skip the general path's per-call Python."""
+    _, query_ranges = token_pieces(schedule, False)
+    _, key_ranges = token_pieces(schedule, True)
+    out: list[tuple[int, int, bool] | None] = []
     for launch in schedule.launches:
         call = schedule.calls[launch[0]]
         simple = (
@@ -77,7 +81,15 @@ def _direct_launches(schedule: Schedule) -> tuple[CallSchedule | None, ...]:
             and call.keys_values[0].cached is None
             and (not call.modifiers or (call.single_groups and call.modifiers == Modifiers(causal=True)))
         )
-        out.append(call if simple else None)
+        if not simple:
+            out.append(None)
+            continue
+        (q_first, q_stop), (k_first, k_stop) = (
+            ranges[(seg.start, seg.stop)]
+            for ranges, seg in ((query_ranges, call.queries[0]), (key_ranges, call.keys_values[0]))
+        )
+        one_piece = q_stop - q_first == 1 and k_stop - k_first == 1
+        out.append((q_first, k_first, bool(call.modifiers.causal)) if one_piece else None)
     return tuple(out)
 
 
@@ -116,19 +128,18 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
     # direct launches read head-major pieces: no per-call transposes
     head_major = None
-    if any(call is not None for call in direct):
+    if any(pieces is not None for pieces in direct):
         qh = TokenSplit(q.transpose(1, 2), schedule, dim=2)
         kh, vh = (TokenSplit(t.transpose(1, 2), schedule, keys=True, dim=2) for t in (k, v))
         head_major = (qh, kh, vh)
-    for launch, call in zip(schedule.launches, direct):
-        if call is not None:
+    for launch, pieces in zip(schedule.launches, direct):
+        if pieces is not None:
             assert head_major is not None
-            qh, kh, vh = head_major
+            q_piece, kv_piece, causal = pieces
+            q_pieces, k_pieces, v_pieces = (split.pieces for split in head_major)
             out = F.scaled_dot_product_attention(
-                qh.take(call.queries, {}),
-                kh.take(call.keys_values, {}),
-                vh.take(call.keys_values, {}),
-                dropout_p=dropout_p, scale=scale, is_causal=bool(call.modifiers.causal),
+                q_pieces[q_piece], k_pieces[kv_piece], v_pieces[kv_piece],
+                dropout_p=dropout_p, scale=scale, is_causal=causal,
             )  # fmt: skip
             outputs[launch[0]] = out.transpose(1, 2)
             continue

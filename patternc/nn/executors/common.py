@@ -34,6 +34,7 @@ __all__ = [
     "group_positions",
     "modifier_args",
     "modifier_mask",
+    "token_pieces",
     "within_group_positions",
 ]
 
@@ -81,7 +82,7 @@ def gather(t: Tensor, segments: Sequence[Segment], cache: Mapping[str, Tensor]) 
 
 
 @functools.lru_cache(maxsize=1024)
-def _token_pieces(
+def token_pieces(
     schedule: Schedule, keys: bool
 ) -> tuple[tuple[int, ...], dict[tuple[int, int], tuple[int, int]]]:
     """Split sizes along the tokens at every boundary of the calls' query
@@ -123,10 +124,14 @@ class TokenSplit:
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}
         self._pieces: tuple[Tensor, ...] = ()
 
-    def _split(self) -> None:
-        sizes, self._ranges = _token_pieces(self._schedule, self._keys)
-        t = self.tensor
-        self._pieces = tuple(t.split_with_sizes(sizes, self._dim)) if len(sizes) > 1 else (t,)
+    @property
+    def pieces(self) -> tuple[Tensor, ...]:
+        """The split (made on first use), indexed like ``token_pieces``' ranges."""
+        if not self._pieces:
+            sizes, self._ranges = token_pieces(self._schedule, self._keys)
+            t = self.tensor
+            self._pieces = tuple(t.split_with_sizes(sizes, self._dim)) if len(sizes) > 1 else (t,)
+        return self._pieces
 
     def take(self, segments: Sequence[Segment], cache: Mapping[str, Tensor]) -> Tensor:
         """The tokens of ``segments``: a piece for one input segment, else one concatenation."""
@@ -135,10 +140,9 @@ class TokenSplit:
             if s.cached is not None:
                 parts.append(cache[s.cached])
                 continue
-            if not self._pieces:
-                self._split()
+            pieces = self.pieces
             first, stop = self._ranges[(s.start, s.stop)]
-            parts.extend(self._pieces[first:stop])
+            parts.extend(pieces[first:stop])
         if len(parts) == 1:
             return parts[0]
         if not parts:
