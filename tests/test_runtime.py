@@ -411,12 +411,13 @@ def _backward_node_names(out: torch.Tensor) -> list[str]:
         ("groups a b c d\na, c -> a, c\nb, d -> b", {"a": 3, "b": 5, "c": 4, "d": 2}, 0),
     ],
 )
-def test_batched_backward_touches_each_input_once(
-    source: object, sizes: dict[str, int], most_slices: int
+@pytest.mark.parametrize("impl", ["batched", "loop"])
+def test_backward_touches_each_input_once(
+    impl: str, source: object, sizes: dict[str, int], most_slices: int
 ) -> None:
     """Each slice of an input in the graph costs a full-size zero-filled
-    gradient in the backward pass; the batched executor reads segments from
-    one split per tensor instead, so slices do not grow with the groups (the
+    gradient in the backward pass; the executors read segments from one split
+    per tensor instead, so slices do not grow with the groups (the
     self-anchor launch keeps one strided window for each of K and V)."""
     program = patternc.compile(source)  # type: ignore[arg-type]
     plans = (
@@ -425,7 +426,7 @@ def test_batched_backward_touches_each_input_once(
     for plan in plans:
         schedule = schedule_for(plan.token_specs(sizes), plan)
         q, k, v = (torch.randn(2, schedule.n_tokens, 2, 4, requires_grad=True) for _ in range(3))
-        out = EXECUTORS["batched"](AttentionInputs(q, k, v, schedule, {}, None, 0.0, None))
+        out = EXECUTORS[impl](AttentionInputs(q, k, v, schedule, {}, None, 0.0, None))
         names = _backward_node_names(out)
         slices = sum(name in ("SliceBackward0", "SelectBackward0") for name in names)
         assert slices <= most_slices, f"{plan.name}: {slices} slices in the backward graph: {sorted(names)}"

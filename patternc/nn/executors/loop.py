@@ -6,10 +6,10 @@ from torch import Tensor
 
 from patternc.nn.executors.common import (
     AttentionInputs,
+    TokenSplit,
     assemble,
     attend,
     call_bias,
-    gather,
     gather_mask,
     modifier_args,
     within_group_positions,
@@ -26,13 +26,15 @@ def run_loop(inputs: AttentionInputs) -> Tensor:
     needs_positions = schedule.has_modifiers or slopes is not None
     positions = within_group_positions(schedule, q.device) if needs_positions else None
     outputs: list[Tensor | None] = []
+    qs = TokenSplit(q, schedule)  # pieces of one split: see TokenSplit
+    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
     for call in schedule.calls:
         if not call.n_queries:
             outputs.append(None)
             continue
-        queries = gather(q, call.queries, {})
-        keys = gather(k, call.keys_values, cached_k)
-        values = gather(v, call.keys_values, cached_v)
+        queries = qs.take(call.queries, {})
+        keys = ks.take(call.keys_values, cached_k)
+        values = vs.take(call.keys_values, cached_v)
         mask = gather_mask(key_padding_mask, call.keys_values)
         pair_mask, is_causal = modifier_args(call, positions, cache, key_padding_mask is not None)
         bias = call_bias(call, positions, cache, slopes)
