@@ -38,7 +38,7 @@ from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
 from patternc.nn.schedule import Schedule, schedule_for
-from patternc.nn.untied import type_runs
+from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
 from patternc.plan import Plan, Program, Sizes
 from patternc.resolve import ResolvedRule
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
@@ -108,11 +108,10 @@ class _Banks(nn.Module):
     def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
         if len(self.layers) == 1:
             return self.layers[0](x)  # type: ignore[no-any-return]
-        if len(runs) == 1:
-            return self.layers[runs[0][0]](x)  # type: ignore[no-any-return]
-        # one split (each slice's backward would fill a whole-size gradient)
-        pieces = x.split_with_sizes([stop - start for _, start, stop in runs], 1)
-        return torch.cat([self.layers[bank](piece) for (bank, _, _), piece in zip(runs, pieces)], dim=1)
+        return apply_per_type(x, TypeRuns(tuple(runs), x.shape[1]), self._linear, "segments")
+
+    def _linear(self, bank: int, x: Tensor) -> Tensor:
+        return self.layers[bank](x)  # type: ignore[no-any-return]
 
 
 class _FeedForward(nn.Module):

@@ -34,7 +34,15 @@ from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
 from patternc.schemas import TokenSpec, domain_of
 
-__all__ = ["TypeRuns", "UntiedLinear", "UntiedMLP", "UntiedMixedAttention", "UntiedPath", "type_runs"]
+__all__ = [
+    "TypeRuns",
+    "UntiedLinear",
+    "UntiedMLP",
+    "UntiedMixedAttention",
+    "UntiedPath",
+    "apply_per_type",
+    "type_runs",
+]
 
 UntiedPath = Literal["auto", "segments", "per_type", "bmm"]
 """How untied layers run:
@@ -66,6 +74,25 @@ class TypeRuns:
         if len(self.runs) == 1:
             return (x,)
         return tuple(x.split_with_sizes([stop - start for _, start, stop in self.runs], 1))
+
+    def bank_tokens(self, x: Tensor) -> dict[int, Tensor]:
+        """Each bank's tokens of ``x``, its runs joined in order (bank order)."""
+        by_start = dict(zip((start for _, start, _ in self.runs), self.split(x)))
+        out = {}
+        for bank, spans in self.by_bank.items():
+            parts = [by_start[start] for start, _ in spans]
+            out[bank] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out
+
+    def join(self, outputs: Mapping[int, Tensor]) -> Tensor:
+        """Per-bank outputs (laid out as :meth:`bank_tokens`) back in token order."""
+        pieces: dict[int, Tensor] = {}
+        for bank, spans in self.by_bank.items():
+            out = outputs[bank]
+            parts = out.split_with_sizes([b - a for a, b in spans], 1) if len(spans) > 1 else (out,)
+            pieces.update(zip((start for start, _ in spans), parts))
+        ordered = [pieces[start] for start in sorted(pieces)]
+        return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
 
     @functools.cached_property
     def by_bank(self) -> dict[int, tuple[tuple[int, int], ...]]:
@@ -161,20 +188,11 @@ def apply_per_type(
         return fn(0, x)
     if path == "auto":
         path = "per_type" if runs.interleaved else "segments"
-    run_tokens = dict(zip((start for _, start, _ in runs.runs), runs.split(x)))
     if path == "segments" or len(runs.by_bank) == len(runs.runs):
-        parts = [fn(bank, run_tokens[start]) for bank, start, _ in runs.runs]
+        parts = [fn(bank, tokens) for (bank, _, _), tokens in zip(runs.runs, runs.split(x))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     # per_type: gather each type's runs, one call per type, put pieces back in order
-    pieces: dict[int, Tensor] = {}
-    for bank, spans in runs.by_bank.items():
-        tokens = (
-            torch.cat([run_tokens[a] for a, _ in spans], dim=1) if len(spans) > 1 else run_tokens[spans[0][0]]
-        )
-        out = fn(bank, tokens)
-        outs = out.split_with_sizes([b - a for a, b in spans], 1) if len(spans) > 1 else (out,)
-        pieces.update(zip((a for a, _ in spans), outs))
-    return torch.cat([pieces[a] for a in sorted(pieces)], dim=1)
+    return runs.join({bank: fn(bank, tokens) for bank, tokens in runs.bank_tokens(x).items()})
 
 
 class _SegmentedLinear(torch.autograd.Function):
@@ -316,22 +334,15 @@ class UntiedLinear(nn.Module):
         counts = {sum(b - a for a, b in s) for s in spans.values()}
         if len(counts) != 1:
             return apply_per_type(x, runs, self.linear, "per_type")
-        banks = list(spans)
-        run_tokens = dict(zip((start for _, start, _ in runs.runs), runs.split(x)))
-        tokens = torch.stack(
-            [torch.cat([run_tokens[a] for a, _ in spans[bank]], dim=1) for bank in banks]
-        )  # [T, B, n, in]
+        by_bank = runs.bank_tokens(x)
+        banks = list(by_bank)
+        tokens = torch.stack([by_bank[bank] for bank in banks])  # [T, B, n, in]
         t, batch, n, _ = tokens.shape
         weight = torch.stack([self.weights[bank] for bank in banks]).transpose(1, 2)  # [T, in, out]
         out = torch.bmm(tokens.reshape(t, batch * n, -1), weight)
         if self.biases is not None:
             out = out + torch.stack([self.biases[bank] for bank in banks])[:, None, :]
-        pieces: dict[int, Tensor] = {}
-        for bank, bank_out in zip(banks, out.reshape(t, batch, n, -1).unbind(0)):
-            sizes = [b - a for a, b in spans[bank]]
-            pieces.update(zip((a for a, _ in spans[bank]), bank_out.split_with_sizes(sizes, 1)))
-        ordered = [pieces[a] for a in sorted(pieces)]
-        return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
+        return runs.join(dict(zip(banks, out.reshape(t, batch, n, -1).unbind(0))))
 
     def extra_repr(self) -> str:
         g = self.config.linear_projection
