@@ -131,8 +131,8 @@ def _auto_choice(plan: Any, sizes: dict[str, int | None], x: Any, heads: int, ba
 
     batch, n, dim = x.shape
     q = torch.empty(batch, n, heads, dim // heads, device=x.device, dtype=x.dtype, requires_grad=backward)
-    schedule = schedule_for(plan.token_specs(sizes), plan)
-    return choose(AttentionInputs(q, q, q, schedule, {}, None, 0.0, None))
+    layout = schedule_for(plan.token_specs(sizes), plan)
+    return choose(AttentionInputs(q, q, q, layout, {}, None, 0.0, None))
 
 
 def measure_isolated(

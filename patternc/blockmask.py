@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from patternc.layout import Layout
 from patternc.modifiers import Modifiers
-from patternc.plan import Layout, Plan
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]
 
@@ -117,23 +117,28 @@ class BlockClasses:
         return "\n".join(lines) + "\n"
 
 
-def block_classes(plan: Plan, layout: Layout, block: int = 128) -> BlockClasses:
-    """Classify every block of ``plan`` at ``layout`` (cached groups excluded:
-    their length is only known at run time). Lengths are padded to whole blocks."""
+def block_classes(layout: Layout, block: int = 128) -> BlockClasses:
+    """Classify every block of a layout (cached groups excluded: their length
+    is only known at run time). Lengths are padded to whole blocks."""
     segments = _segments(layout)
     n_tokens = layout.n_tokens
     n_blocks = max(1, math.ceil(n_tokens / block))
     per_block = _block_groups(segments, n_blocks, block)
-    calls = {q: (set(p.key_value_tokens), mods) for p, mods in plan.calls for q in p.query_tokens}
+    keys = {
+        q: {k.name: k.modifiers for k in call.attention.keys}
+        for call in layout.calls
+        for q in call.query_tokens
+    }
     classes = []
     for q_parts in per_block:
         row = []
         for k_parts in per_block:
             nonempty, full = False, True
             for q_group, qlo, qhi in q_parts:
-                keys, mods = calls.get(q_group, (set(), Modifiers())) if q_group else (set(), Modifiers())
+                allowed = keys.get(q_group, {}) if q_group else {}
                 for k_group, klo, khi in k_parts:
-                    cls = _pair_class(mods, qlo, qhi, klo, khi) if k_group in keys else EMPTY
+                    mods = allowed.get(k_group) if k_group else None
+                    cls = EMPTY if mods is None else _pair_class(mods, qlo, qhi, klo, khi)
                     nonempty |= cls != EMPTY
                     full &= cls == FULL
             row.append(EMPTY if not nonempty else (FULL if full else PARTIAL))

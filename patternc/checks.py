@@ -8,10 +8,10 @@ lists (:func:`check_patterns`), so both report the same codes and messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, Span, suggest
-from patternc.resolve import ResolvedRule
+from patternc.ir import KeyGroup, ResolvedRule
 from patternc.schemas import AttentionPattern, TokenSpec, as_token_specs
 from patternc.syntax import GroupDecl, PatternBlock, SourceFile
 
@@ -26,11 +26,14 @@ def check_rules(
     pattern_span: Span | None = None,
     group_spans: Mapping[str, Span] | None = None,
     where: str | None = None,
+    already_reported: Collection[str] = (),
 ) -> list[Diagnostic]:
     """Every group of ``input_groups`` must be a query in exactly one rule.
 
     Groups that are not inputs (cached groups) may appear as queries; they are
-    skipped at run time.
+    skipped at run time. Groups that are a query in no rule are one
+    diagnostic listing them, except those in ``already_reported`` (what a
+    misspelt query selector was meant to name: its own error says so).
     """
     diagnostics: list[Diagnostic] = []
     inputs = set(input_groups)
@@ -54,16 +57,18 @@ def check_rules(
                         where=rule.where,
                     )
                 )
-    for group in input_groups:
-        if group in owner:
-            continue
-        span = pattern_span if pattern_span is not None else (group_spans or {}).get(group)
+    missing = [g for g in input_groups if g not in owner and g not in already_reported]
+    if missing:
+        span = pattern_span if pattern_span is not None else (group_spans or {}).get(missing[0])
+        names = ", ".join(f"`{g}`" for g in missing)
         diagnostics.append(
             Diagnostic(
                 Code.NOT_EXHAUSTIVE,
-                f"group `{group}` is a query in no rule of pattern `{pattern}`",
+                f"group {names} is a query in no rule of pattern `{pattern}`"
+                if len(missing) == 1
+                else f"{len(missing)} groups are a query in no rule of pattern `{pattern}`: {names}",
                 span,
-                f"every input group attends to something: add a rule such as `{group} -> ...`",
+                f"every input group attends to something: add a rule such as `{', '.join(missing)} -> ...`",
                 where=where,
             )
         )
@@ -79,11 +84,13 @@ def _overlap_hint(group: str, first: ResolvedRule, second: ResolvedRule) -> str:
     )
 
 
-def check_declarations(source: SourceFile) -> list[Diagnostic]:
-    """Duplicate or missing groups, duplicate or empty patterns, stray rules."""
+def check_declarations(source: SourceFile, *, complete: bool = True) -> list[Diagnostic]:
+    """Duplicate or missing groups, duplicate or empty patterns, stray rules.
+    ``complete`` False: statements were left out after syntax errors, so
+    nothing is reported missing (it may sit in a left-out line)."""
     diagnostics: list[Diagnostic] = []
     diagnostics.extend(_duplicates(source.groups, "group"))
-    if not source.groups:
+    if not source.groups and complete:
         diagnostics.append(
             Diagnostic(
                 Code.NO_GROUPS,
@@ -94,7 +101,7 @@ def check_declarations(source: SourceFile) -> list[Diagnostic]:
         )
     diagnostics.extend(_duplicates(source.patterns, "pattern"))
     for block in source.patterns:
-        if not block.rules:
+        if not block.rules and complete:
             diagnostics.append(
                 Diagnostic(
                     Code.EMPTY_PATTERN,
@@ -113,7 +120,7 @@ def check_declarations(source: SourceFile) -> list[Diagnostic]:
                 "put them in a block of their own, e.g. `pattern default { ... }`",
             )
         )
-    if not source.patterns and not source.top_level_rules and source.groups:
+    if not source.patterns and not source.top_level_rules and source.groups and complete:
         last = source.groups[-1].span
         diagnostics.append(
             Diagnostic(
@@ -193,7 +200,7 @@ def check_patterns(token_specs: Sequence[TokenSpec], attention_patterns: Sequenc
                 if token in tokens[:j]:
                     diagnostics.append(
                         Diagnostic(
-                            Code.OVERLAP,
+                            Code.REPEATED_IN_LIST,
                             f"group `{token}` is listed twice in {field}",
                             where=f"{where}[{j}]",
                             hint="list each group once",
@@ -210,7 +217,8 @@ def check_patterns(token_specs: Sequence[TokenSpec], attention_patterns: Sequenc
                         )
                     )
             sides.append(tuple(t for t in tokens if t in seen))
-        rules.append(ResolvedRule(sides[0], sides[1], where=f"attention_patterns[{i}]"))
+        keys = tuple(KeyGroup(name) for name in dict.fromkeys(sides[1]))
+        rules.append(ResolvedRule(tuple(dict.fromkeys(sides[0])), keys, where=f"attention_patterns[{i}]"))
     inputs = list(dict.fromkeys(s.name for s in specs if s.size is not None))
     diagnostics.extend(check_rules("attention_patterns", inputs, rules, where="attention_patterns"))
     if diagnostics:

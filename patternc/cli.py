@@ -1,26 +1,44 @@
-"""The ``patternc`` command line: ``check``, ``compile`` and ``bench`` pattern files.
+"""The ``patternc`` command line: ``check``, ``compile``, ``fmt`` and ``bench`` pattern files.
 
-Exit status: 0 ok, 1 the file has problems (diagnostics on stderr), 2 bad
-usage (unknown option, pattern or group in ``--sizes``). ``check`` and
-``compile`` never import torch; ``bench`` does.
+Exit status: 0 ok (warnings alone do not fail unless
+``--warnings-as-errors``), 1 the file has problems (diagnostics on stderr,
+or as JSON with ``--output-format json``) or ``fmt --check`` would change
+it, 2 bad usage (unknown option, pattern or group in ``--sizes``). ``check``,
+``compile`` and ``fmt`` never import torch; ``bench`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from patternc import __version__
 from patternc.compiler import compile as compile_program
-from patternc.diagnostics import PatternError, suggest
+from patternc.compiler import read_source
+from patternc.diagnostics import Diagnostic, PatternError, diagnostics_json, render, suggest
 from patternc.plan import Program
 from patternc.resolve import is_family
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
+
+_CHECK_EXAMPLES = """\
+examples:
+  patternc check examples/*.pc
+  patternc check model.pc --output-format json      # for editors and CI
+  patternc check model.pc --warnings-as-errors
+"""
+
+_FMT_EXAMPLES = """\
+examples:
+  patternc fmt examples/*.pc            # rewrite in place
+  patternc fmt --check examples/*.pc    # exit 1 if any file would change
+  patternc fmt - < model.pc             # stdin to stdout
+"""
 
 _EXAMPLES = """\
 examples:
@@ -92,18 +110,40 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    diagnostics = argparse.ArgumentParser(add_help=False)
+    diagnostics.add_argument(
+        "--output-format",
+        choices=("text", "json"),
+        default="text",
+        help="diagnostics as text (stderr) or JSON (check: stdout; compile: stderr)",
+    )
+    diagnostics.add_argument(
+        "--warnings-as-errors", action="store_true", help="exit 1 when there are warnings"
+    )
+
     check = sub.add_parser(
         "check",
         help="report every problem in pattern files",
-        epilog=_EXAMPLES,
+        epilog=_CHECK_EXAMPLES,
+        parents=[diagnostics],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="pattern files (.pc)")
+
+    fmt = sub.add_parser(
+        "fmt",
+        help="rewrite pattern files in the canonical layout",
+        epilog=_FMT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fmt.add_argument("files", nargs="+", metavar="FILE", help="pattern files (.pc), or - for stdin")
+    fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
 
     comp = sub.add_parser(
         "compile",
         help="print the plan of a pattern file",
         epilog=_EXAMPLES,
+        parents=[diagnostics],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     comp.add_argument("file", metavar="FILE", help="pattern file (.pc)")
@@ -157,19 +197,56 @@ def _build_parser() -> argparse.ArgumentParser:
 BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto")
 
 
-def _load(file: str) -> Program | None:
-    """Compile a pattern file, or print its diagnostics and return None."""
+class _Reporter:
+    """Prints diagnostics as text (stderr, as they come) or collects them for
+    one JSON list (``--output-format json``)."""
+
+    def __init__(self, args: argparse.Namespace, json_stream: object = None) -> None:
+        self.json = getattr(args, "output_format", "text") == "json"
+        self.strict = getattr(args, "warnings_as_errors", False)
+        self.stream = json_stream or sys.stderr
+        self.collected: list[dict[str, object]] = []
+
+    def load(self, file: str) -> Program | None:
+        """Compile a pattern file and report its diagnostics; None when it has
+        errors (or warnings, under ``--warnings-as-errors``)."""
+        try:
+            program = compile_program(Path(file))
+        except PatternError as error:
+            self.report(error.diagnostics, file, error.source)
+            return None
+        if program.warnings:
+            self.report(program.warnings, file, _source_or_none(file))
+            if self.strict:
+                return None
+        return program
+
+    def report(self, diagnostics: Sequence[Diagnostic], file: str, source: str | None) -> None:
+        if self.json:
+            self.collected.extend(diagnostics_json(diagnostics, file))
+        else:
+            print(render(diagnostics, filename=file, source=source), file=sys.stderr)
+
+    def flush(self) -> None:
+        if self.json:
+            stream = self.stream
+            assert hasattr(stream, "write")
+            stream.write(json.dumps(self.collected, indent=2) + "\n")
+
+
+def _source_or_none(file: str) -> str | None:
     try:
-        return compile_program(Path(file))
-    except PatternError as error:
-        print(error, file=sys.stderr)
+        return read_source(file)
+    except PatternError:
         return None
 
 
-def _load_checked(args: argparse.Namespace) -> tuple[Program, dict[str, int | None] | None] | None:
+def _load_checked(
+    args: argparse.Namespace, reporter: _Reporter
+) -> tuple[Program, dict[str, int | None] | None] | None:
     """The program of ``args.file`` with ``--pattern`` and ``--sizes`` checked
     against it (sizes None when not given); None when the file has problems."""
-    program = _load(args.file)
+    program = reporter.load(args.file)
     if program is None:
         return None
     _check_patterns(program, args.pattern)
@@ -180,7 +257,8 @@ def _load_checked(args: argparse.Namespace) -> tuple[Program, dict[str, int | No
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    loaded = _load_checked(args)
+    reporter = _Reporter(args)
+    loaded = _load_checked(args, reporter)
     if loaded is None:
         return EXIT_DIAGNOSTICS
     program, sizes = loaded
@@ -236,19 +314,49 @@ def _run_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_check(files: Sequence[str]) -> int:
+def _run_check(args: argparse.Namespace) -> int:
     status = EXIT_OK
-    for name in files:
-        program = _load(name)
+    reporter = _Reporter(args, sys.stdout)
+    for name in args.files:
+        program = reporter.load(name)
         if program is None:
             status = EXIT_DIAGNOSTICS
             continue
-        print(f"{name}: ok ({len(program.groups)} groups, {len(program.patterns)} pattern(s))")
+        if not reporter.json:
+            warned = f", {len(program.warnings)} warning(s)" if program.warnings else ""
+            print(f"{name}: ok ({len(program.groups)} groups, {len(program.patterns)} pattern(s){warned})")
+    reporter.flush()
+    return status
+
+
+def _run_fmt(args: argparse.Namespace) -> int:
+    from patternc.fmt import format_source
+
+    status = EXIT_OK
+    for name in args.files:
+        try:
+            text = sys.stdin.read() if name == "-" else read_source(name)
+            formatted = format_source(text, None if name == "-" else name)
+        except PatternError as error:
+            print(error, file=sys.stderr)
+            status = EXIT_DIAGNOSTICS
+            continue
+        if name == "-":
+            sys.stdout.write(formatted)
+        elif formatted != text:
+            if args.check:
+                print(f"would reformat {name}", file=sys.stderr)
+                status = EXIT_DIAGNOSTICS
+            else:
+                Path(name).write_text(formatted, encoding="utf-8")
+                print(f"reformatted {name}")
     return status
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    loaded = _load_checked(args)
+    reporter = _Reporter(args)
+    loaded = _load_checked(args, reporter)
+    reporter.flush()
     if loaded is None:
         return EXIT_DIAGNOSTICS
     program, sizes = loaded
@@ -261,7 +369,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
     elif args.format == "dot":
-        sys.stdout.write(program.to_dot(args.pattern))
+        sys.stdout.write(program.to_dot(args.pattern, sizes))
     else:
         from patternc.report import format_program
 
@@ -272,10 +380,7 @@ def _run_compile(args: argparse.Namespace) -> int:
 def _draw_mask(program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str) -> int:
     from patternc.blockmask import block_classes
 
-    names = list(sizes)
-    masks = [
-        (plan.name, block_classes(plan.bind(names), plan.layout(sizes))) for plan in program.select(patterns)
-    ]
+    masks = [(plan.name, block_classes(plan.layout(sizes))) for plan in program.select(patterns)]
     if target == "-":
         for name, mask in masks:
             sys.stdout.write(f"pattern {name}\n{mask.text()}\n")
@@ -295,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            return _run_check(args.files)
+            return _run_check(args)
+        if args.command == "fmt":
+            return _run_fmt(args)
         if args.command == "bench":
             return _run_bench(args)
         return _run_compile(args)

@@ -1,20 +1,24 @@
 """``patternc.compile``: pattern-file text -> checked :class:`Program`.
 
 The pipeline, one stage per module: read (here) -> :mod:`patternc.syntax`
--> :mod:`patternc.resolve` -> :mod:`patternc.checks` -> :mod:`patternc.plan`.
-Each stage adds diagnostics; if any exist the compile raises one
-:class:`PatternError` that lists them all.
+-> :mod:`patternc.resolve` -> :mod:`patternc.checks` and
+:mod:`patternc.lint` -> :mod:`patternc.plan` (-> :mod:`patternc.layout`
+at run time). Each stage adds diagnostics; if any is an error the compile
+raises one :class:`PatternError` that lists them all.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from patternc.checks import check_declarations, check_rules
-from patternc.diagnostics import Code, Diagnostic, PatternError, Span
+from patternc.diagnostics import Code, Diagnostic, PatternError, Span, errors_only
+from patternc.ir import ResolvedRule
+from patternc.lint import warn
 from patternc.plan import Plan, Program
-from patternc.resolve import GroupResolver, ResolvedRule
+from patternc.resolve import GroupResolver
 from patternc.schemas import domain_of
 from patternc.syntax import PatternBlock, SourceFile, parse
 
@@ -70,7 +74,7 @@ def read_source(path: str | os.PathLike[str]) -> str:
 
 
 def compile(source: str | os.PathLike[str], *, filename: str | None = None) -> Program:  # noqa: A001
-    """Compile pattern-file text, or the file at a path, into a :class:`Program`.
+    """Compile pattern-file text, or the file at a ``Path``, into a :class:`Program`.
 
     >>> program = compile('''
     ... groups surface_anchors surface_queries
@@ -79,17 +83,49 @@ def compile(source: str | os.PathLike[str], *, filename: str | None = None) -> P
     >>> program.patterns["default"].attention_patterns[0].key_value_tokens
     ('surface_anchors',)
 
-    Raises :class:`PatternError` listing every problem (``.diagnostics``).
+    A ``str`` is always pattern text: one that names a file (``"model.pc"``)
+    is refused (E006) with a hint to pass ``pathlib.Path("model.pc")``, since
+    reading it as text would report a confusing syntax error. Raises
+    :class:`PatternError` listing every problem (``.diagnostics``); warnings
+    are on the result (``program.warnings``).
     """
     if isinstance(source, os.PathLike):
         filename = filename or os.fspath(source)
         text = read_source(source)
     else:
+        _refuse_path_text(source)
         text = source
     return compile_text(text, filename)
 
 
+def _refuse_path_text(text: str) -> None:
+    candidate = text.strip()
+    if not candidate or "\n" in candidate or len(candidate) > 4096:
+        return
+    looks_like_file = candidate.endswith(".pc")
+    if not looks_like_file:
+        try:
+            looks_like_file = Path(candidate).is_file()
+        except (OSError, ValueError):
+            return
+    if looks_like_file:
+        raise PatternError(
+            [
+                Diagnostic(
+                    Code.PATH_AS_TEXT,
+                    f"patternc.compile got the str {candidate!r}, which names a file; a str is read as "
+                    "pattern text",
+                    None,
+                    f"pass a path: patternc.compile(pathlib.Path({candidate!r}))",
+                    where="<input>",
+                )
+            ]
+        )
+
+
 def compile_text(text: str, filename: str | None) -> Program:
+    """Compile pattern text; errors raise :class:`PatternError` (warnings
+    included in its diagnostics), warnings alone land on the program."""
     if not text.strip():
         raise PatternError(
             [
@@ -111,10 +147,12 @@ def compile_text(text: str, filename: str | None) -> Program:
             [Diagnostic(Code.TOO_DEEP, "selectors are nested too deeply", None, where=filename or "<input>")],
             filename=filename,
         ) from None
-    if diagnostics:
-        raise PatternError(diagnostics, filename=filename, source=text)
+    errors = errors_only(diagnostics)
+    if errors:
+        warnings = [d for d in diagnostics if not d.is_error]
+        raise PatternError(diagnostics, filename=filename, source=text, warnings=warnings)
     assert program is not None
-    return program
+    return replace(program, warnings=tuple(diagnostics))
 
 
 def _blocks(syntax: SourceFile) -> tuple[PatternBlock, ...]:
@@ -129,9 +167,10 @@ def _blocks(syntax: SourceFile) -> tuple[PatternBlock, ...]:
 
 def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, list[Diagnostic]]:
     diagnostics = list(syntax.diagnostics)
-    if any(d.code == Code.SYNTAX for d in diagnostics):
+    if 0 in syntax.skipped_lines:  # recovery gave up: the syntax errors are all we know
         return None, diagnostics
-    diagnostics.extend(check_declarations(syntax))
+    skipped = syntax.skipped_lines
+    diagnostics.extend(check_declarations(syntax, complete=not skipped))
     groups = tuple(dict.fromkeys(g.name for g in syntax.groups))
     group_spans = {g.name: g.span for g in reversed(syntax.groups)}
     resolver = GroupResolver(groups)
@@ -140,25 +179,42 @@ def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, li
     plans: dict[str, Plan] = {}
     for block in _blocks(syntax):
         rules: list[ResolvedRule] = []
-        resolvable = True
+        intended: set[str] = set()
         for rule in block.rules:
-            resolved, problems = resolver.rule(rule)
-            diagnostics.extend(problems)
-            resolvable = resolvable and not problems
-            rules.extend(resolved)
-        if block.rules and groups:
+            resolution = resolver.rule(rule)
+            diagnostics.extend(resolution.diagnostics)
+            intended |= resolution.intended_queries
+            rules.extend(resolution.rules)
+        # a rule left out after a syntax error may have been any group's rule
+        block_lost_rules = any(block.span.line <= line <= block.span.end_line for line in skipped)
+        if block.rules and groups and not block_lost_rules and not (skipped and block.name_span is None):
             diagnostics.extend(
-                d
-                for d in check_rules(
-                    block.name, groups, rules, pattern_span=block.name_span, group_spans=group_spans
+                check_rules(
+                    block.name,
+                    groups,
+                    rules,
+                    pattern_span=block.name_span,
+                    group_spans=group_spans,
+                    already_reported=intended,
                 )
-                # a group missing only because a selector failed to resolve is
-                # reported once, at that selector
-                if resolvable or d.code != Code.NOT_EXHAUSTIVE
             )
         plans.setdefault(block.name, Plan(block.name, groups, tuple(rules), group_types))
-    diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
+    if not any(d.is_error for d in diagnostics):
+        diagnostics.extend(_suppress(warn(syntax, plans), syntax))
+    diagnostics.sort(key=lambda d: ((d.span.line, d.span.column) if d.span else (0, 0), d.code))
     return Program(filename, groups, plans, dict(zip(groups, group_types))), diagnostics
+
+
+def _suppress(warnings: list[Diagnostic], syntax: SourceFile) -> list[Diagnostic]:
+    """Drop warnings silenced by a ``# noqa`` (or ``# noqa: W101``) on their line."""
+    silenced = dict(syntax.suppressed)
+    kept = []
+    for d in warnings:
+        codes = silenced.get(d.span.line) if d.span is not None else None
+        if codes is not None and (not codes or d.code in codes):
+            continue
+        kept.append(d)
+    return kept
 
 
 def _resolve_types(syntax: SourceFile, resolver: GroupResolver) -> tuple[tuple[str, ...], list[Diagnostic]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from patternc.plan import Layout, Plan, Program, Sizes, names_of
+from patternc.layout import Layout
+from patternc.plan import Plan, Program, Sizes, names_of
 
 __all__ = ["format_program"]
 
@@ -35,24 +36,23 @@ def _format_layout(layout: Layout) -> list[str]:
 
 
 def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
-    patterns = plan.patterns
-    out = [f"pattern {plan.name}: {len(plan.rules)} rule(s) -> {len(patterns)} attention call(s)"]
+    out = [f"pattern {plan.name}: {len(plan.rules)} rule(s) -> {len(plan.calls)} attention call(s)"]
     if layout is None:
-        for i, (p, mods) in enumerate(plan.calls):
-            suffix = f" {mods.text()}" if mods else ""
-            out.append(f"  [{i}] {', '.join(p.query_tokens)} -> {', '.join(p.key_value_tokens)}{suffix}")
+        for i, attention in enumerate(plan.calls):
+            out.append(f"  [{i}] {attention.text()}")
         return out
-    rows = [["call", "queries", "keys/values", "Nq x Nkv", "q", "kv", "modifiers"]]
+    rows = [["call", "queries", "keys/values", "Nq x Nkv", "allowed", "q", "kv"]]
     for call in layout.calls:
+        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in call.attention.keys)
         rows.append(
             [
                 str(call.index),
                 ", ".join(call.query_tokens) or "(cached only)",
-                ", ".join(call.key_value_tokens),
-                f"{call.n_queries} x {call.n_keys_values}",
+                keys,
+                f"{call.n_queries} x {call.n_keys}",
+                f"{call.allowed_entries / call.score_entries:.3f}" if call.score_entries else "-",
                 call.query_access,
-                call.key_value_access,
-                call.modifiers.text(),
+                call.key_access,
             ]
         )
     out.extend(_table(rows))
@@ -63,7 +63,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
     )
     from patternc.blockmask import block_classes
 
-    blocks = block_classes(plan, layout)
+    blocks = block_classes(layout)
     empty, partial, full = blocks.counts
     out.append(
         f"  blocks {blocks.block}x{blocks.block}: {full} full, {partial} partial, {empty} empty; "
@@ -72,7 +72,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
     out.append(
         f"  attention: {_si(layout.flops(dim), 'FLOP')} vs "
         f"{_si(4 * layout.dense_entries * dim, 'FLOP')} dense "
-        f"at dim {dim}; density {layout.density:.3f}"
+        f"at dim {dim}; density {layout.density:.3f} ({layout.allowed_entries:,} allowed pairs)"
     )
     return out
 

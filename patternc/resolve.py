@@ -1,9 +1,16 @@
 """Resolve selectors (names, globs, unions, exclusions) to sets of groups.
 
 Resolution turns each syntax-tree rule into a :class:`ResolvedRule` whose
-query and key/value sides are tuples of declared group names, in declaration
-order. Unknown names and globs that match nothing become diagnostics; the
-rest of the selector still resolves so every problem is reported in one run.
+query side is a tuple of declared group names and whose key side lists each
+key group with its modifiers, both in declaration order. Unknown names and
+globs that match nothing become diagnostics; the rest of the selector still
+resolves so every problem is reported in one run.
+
+A key group's modifiers come from the selector that names it
+(``text[causal]``), else from the rule (``a -> b [causal]``). A group named
+both plainly and with modifiers (``text -> *, text[causal]``) takes the
+modifiers: the more specific selection wins. Two different modifier lists
+for one group are an error (E023).
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patternc.diagnostics import Code, Diagnostic, Span, suggest
+from patternc.ir import KeyGroup, ResolvedRule
 from patternc.modifiers import NO_MODIFIERS, Modifiers
-from patternc.syntax import Rule, Selector, SelectorUnion, Word
+from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion, Word
 
-__all__ = ["SELF", "GroupResolver", "ResolvedRule", "is_family"]
+__all__ = ["SELF", "GroupResolver", "ResolvedRule", "RuleResolution", "is_family"]
 
 SELF = "self"
 """The key side ``self``: each query group attends to itself (``doc* -> self``)."""
@@ -25,32 +33,27 @@ SELF = "self"
 
 def is_family(name: str) -> bool:
     """A declared ``prefix*`` stands for every group whose name starts with
-    ``prefix``, however many there are at run time (see :meth:`Plan.bind`)."""
+    ``prefix``, however many there are at run time (see :func:`patternc.bind.bind`)."""
     return name.endswith("*")
 
 
+@dataclass
+class _Selection:
+    """What a selector picked: groups, and modifiers given to some of them."""
+
+    groups: set[str] = field(default_factory=set)
+    modifiers: dict[str, tuple[Modifiers, Span]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
-class ResolvedRule:
-    """One rule with both sides resolved to group names (declaration order).
+class RuleResolution:
+    """A rule resolved: its rules (several for ``-> self``), its problems, and
+    the groups its failing query selectors were probably meant to name (their
+    "never a query" errors would only repeat the selector's)."""
 
-    ``span``/``text`` point at the rule in a pattern file; ``where`` names it
-    when it came from a hand-written ``AttentionPattern`` list instead.
-    """
-
-    queries: tuple[str, ...]
-    keys_values: tuple[str, ...]
-    span: Span | None = None
-    text: str = ""
-    where: str | None = None
-    modifiers: Modifiers = NO_MODIFIERS
-    to_self: bool = False
-    """From ``... -> self``: one rule per query group, whose keys are the group
-    itself (for a family: each member attends to itself, not to its siblings)."""
-
-    def location(self) -> str:
-        if self.span is not None:
-            return f"line {self.span.line}"
-        return self.where or "?"
+    rules: tuple[ResolvedRule, ...]
+    diagnostics: tuple[Diagnostic, ...]
+    intended_queries: frozenset[str]
 
 
 class GroupResolver:
@@ -60,26 +63,55 @@ class GroupResolver:
         self.groups = tuple(groups)
         self.index = {name: i for i, name in enumerate(self.groups)}
 
-    def rule(self, rule: Rule) -> tuple[tuple[ResolvedRule, ...], list[Diagnostic]]:
+    def rule(self, rule: Rule) -> RuleResolution:
         """Resolve both sides of a rule. A side that resolves to nothing although
         each of its names is known (e.g. ``* - *``) is reported as empty.
         ``QUERIES -> self`` becomes one rule per query group."""
-        queries, diagnostics = self.select(rule.queries, "the query side of this rule")
+        problems: list[Diagnostic] = []
+        intended: set[str] = set()
+        queries = self._side(rule.queries, "the query side of this rule", problems, intended, keys=False)
+        rule_mods = rule.modifiers.modifiers if rule.modifiers is not None else NO_MODIFIERS
         if isinstance(rule.keys_values, Word) and rule.keys_values.text == SELF:
-            return tuple(
-                ResolvedRule((q,), (q,), rule.span, rule.text, modifiers=rule.modifiers, to_self=True)
-                for q in queries
-            ), diagnostics
-        keys_values, problems = self.select(rule.keys_values, "the key/value side of this rule")
-        resolved = ResolvedRule(queries, keys_values, rule.span, rule.text, modifiers=rule.modifiers)
-        return (resolved,), diagnostics + problems
+            resolved = tuple(
+                ResolvedRule((q,), (KeyGroup(q, rule_mods),), rule.span, rule.text, to_self=True)
+                for q in self._ordered(queries.groups)
+            )
+            return RuleResolution(resolved, tuple(problems), frozenset(intended))
+        keys = self._side(rule.keys_values, "the key/value side of this rule", problems, set(), keys=True)
+        key_groups = []
+        for name in self._ordered(keys.groups):
+            own = keys.modifiers.get(name)
+            if own is None:
+                key_groups.append(KeyGroup(name, rule_mods))
+                continue
+            mods, span = own
+            if rule_mods:
+                problems.append(
+                    Diagnostic(
+                        Code.CONFLICTING_MODIFIERS,
+                        f"`{name}` has modifiers {mods.text()} here and {rule_mods.text()} "
+                        "for the whole rule",
+                        span,
+                        "give the group's modifiers in one place: after the group or after the rule",
+                    )
+                )
+            key_groups.append(KeyGroup(name, mods))
+        resolved_rule = ResolvedRule(self._ordered(queries.groups), tuple(key_groups), rule.span, rule.text)
+        return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
 
     def select(self, node: Selector, what: str) -> tuple[tuple[str, ...], list[Diagnostic]]:
-        """Groups ``node`` selects, in declaration order; ``what`` names the
-        selector in the message when it ends up selecting nothing."""
+        """Groups ``node`` selects, in declaration order (no modifiers allowed:
+        ``types`` blocks); ``what`` names the selector when it selects nothing."""
         problems: list[Diagnostic] = []
-        resolved = self._ordered(self._selector(node, problems))
-        if not resolved and not problems:
+        selection = self._side(node, what, problems, set(), keys=False)
+        return self._ordered(selection.groups), problems
+
+    def _side(
+        self, node: Selector, what: str, problems: list[Diagnostic], intended: set[str], *, keys: bool
+    ) -> _Selection:
+        before = len(problems)
+        selection = self._selector(node, problems, intended, keys=keys, excluded=False)
+        if not selection.groups and len(problems) == before:
             problems.append(
                 Diagnostic(
                     Code.EMPTY_SELECTOR,
@@ -88,19 +120,64 @@ class GroupResolver:
                     "an exclusion removed every group it started with",
                 )
             )
-        return resolved, problems
+        return selection
 
-    def _selector(self, node: Selector, problems: list[Diagnostic]) -> set[str]:
+    def _selector(
+        self, node: Selector, problems: list[Diagnostic], intended: set[str], *, keys: bool, excluded: bool
+    ) -> _Selection:
         if isinstance(node, Word):
-            return self._word(node, problems)
+            return _Selection(self._word(node, problems, intended))
         if isinstance(node, SelectorUnion):
-            selected: set[str] = set()
+            out = _Selection()
             for item in node.items:
-                selected |= self._selector(item, problems)
-            return selected
-        return self._selector(node.left, problems) - self._selector(node.right, problems)
+                part = self._selector(item, problems, intended, keys=keys, excluded=excluded)
+                out.groups |= part.groups
+                self._merge_modifiers(out, part, problems)
+            return out
+        if isinstance(node, Modified):
+            inner = self._selector(node.inner, problems, intended, keys=keys, excluded=excluded)
+            if not keys or excluded:
+                where = "an exclusion" if excluded else "this side"
+                problems.append(
+                    Diagnostic(
+                        Code.MISPLACED_MODIFIER,
+                        f"modifiers {node.modifiers.modifiers.text()} mean nothing in {where}",
+                        node.modifiers.span,
+                        "modifiers belong to key groups: `queries -> keys[causal]`, or after the rule",
+                    )
+                )
+                return _Selection(inner.groups)
+            mods = node.modifiers.modifiers
+            for name in inner.groups:
+                own = inner.modifiers.get(name)
+                if own is not None and own[0] != mods:
+                    problems.append(self._conflict(name, own[0], mods, node.modifiers.span))
+                inner.modifiers[name] = (mods if own is None else own[0], node.modifiers.span)
+            return inner
+        assert isinstance(node, Difference)
+        left = self._selector(node.left, problems, intended, keys=keys, excluded=excluded)
+        right = self._selector(node.right, problems, intended, keys=keys, excluded=True)
+        kept = left.groups - right.groups
+        return _Selection(kept, {g: m for g, m in left.modifiers.items() if g in kept})
 
-    def _word(self, node: Word, problems: list[Diagnostic]) -> set[str]:
+    def _merge_modifiers(self, out: _Selection, part: _Selection, problems: list[Diagnostic]) -> None:
+        for name, (mods, span) in part.modifiers.items():
+            first = out.modifiers.get(name)
+            if first is not None and first[0] != mods:
+                problems.append(self._conflict(name, first[0], mods, span))
+                continue
+            out.modifiers.setdefault(name, (mods, span))
+
+    @staticmethod
+    def _conflict(name: str, first: Modifiers, second: Modifiers, span: Span) -> Diagnostic:
+        return Diagnostic(
+            Code.CONFLICTING_MODIFIERS,
+            f"`{name}` is given modifiers twice: {first.text() or '(none)'} and {second.text()}",
+            span,
+            "select each key group with one modifier list",
+        )
+
+    def _word(self, node: Word, problems: list[Diagnostic], intended: set[str]) -> set[str]:
         if node.is_glob:
             match = re.compile(fnmatch.translate(node.text)).match
             matched = {g for g in self.groups if match(g)}
@@ -118,7 +195,7 @@ class GroupResolver:
         if node.text == SELF:
             problems.append(
                 Diagnostic(
-                    Code.UNKNOWN_GROUP,
+                    Code.MISPLACED_SELF,
                     "`self` can only be the whole key side of a rule",
                     node.span,
                     "write `a, b -> self` (each query group attends to itself)",
@@ -126,12 +203,15 @@ class GroupResolver:
             )
             return set()
         if node.text not in self.index:
+            hint = suggest(node.text, self.groups)
+            if hint is not None:
+                intended.add(hint.split("`")[1])
             problems.append(
                 Diagnostic(
                     Code.UNKNOWN_GROUP,
                     f"unknown group `{node.text}`",
                     node.span,
-                    suggest(node.text, self.groups) or "declare it with `groups ...`",
+                    hint or "declare it with `groups ...`",
                 )
             )
             return set()

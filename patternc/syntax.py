@@ -18,20 +18,25 @@ from typing import Union
 
 import lark
 
-from patternc.diagnostics import Code, Diagnostic, Span, suggest
-from patternc.modifiers import MODIFIER_NAMES, NO_MODIFIERS, Modifiers
+from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Span, suggest
+from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
     "Difference",
     "GroupDecl",
+    "GroupsStatement",
+    "Modified",
+    "ModifierList",
     "PatternBlock",
     "Rule",
     "Selector",
     "SelectorUnion",
     "SourceFile",
     "TypeRule",
+    "TypesBlock",
     "Word",
     "parse",
+    "source_lines",
 ]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -66,24 +71,50 @@ class Difference:
     span: Span
 
 
-Selector = Union[Word, SelectorUnion, Difference]
+@dataclass(frozen=True, slots=True)
+class ModifierList:
+    """``[causal, window 8]`` as written, with its span."""
+
+    modifiers: Modifiers
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Modified:
+    """``text[causal]`` or ``(a, b)[window 4]``: the groups ``inner`` selects,
+    each with these modifiers (key side only)."""
+
+    inner: Selector
+    modifiers: ModifierList
+    span: Span
+
+
+Selector = Union[Word, SelectorUnion, Difference, Modified]
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """``QUERIES -> KEYS_VALUES [modifiers]``."""
+    """``QUERIES -> KEYS_VALUES [modifiers]``; ``modifiers`` are the rule-level
+    ones (after the rule), per-key ones sit in the key selector."""
 
     queries: Selector
     keys_values: Selector
     span: Span
     text: str
-    modifiers: Modifiers = NO_MODIFIERS
+    modifiers: ModifierList | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GroupDecl:
     name: str
     span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class GroupsStatement:
+    """``groups a b c``."""
+
+    groups: tuple[GroupDecl, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +140,24 @@ class TypeRule:
 
 
 @dataclass(frozen=True, slots=True)
+class TypesBlock:
+    """``types { ... }``."""
+
+    rules: tuple[TypeRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SourceFile:
     groups: tuple[GroupDecl, ...]
     patterns: tuple[PatternBlock, ...]
     top_level_rules: tuple[Rule, ...]
     diagnostics: tuple[Diagnostic, ...] = field(default=())
     types: tuple[TypeRule, ...] = field(default=())
+    skipped_lines: frozenset[int] = field(default=frozenset())
+    """Lines left out after a syntax error (the rest of the file is still
+    checked; checks that those lines could change are not reported)."""
+    suppressed: tuple[tuple[int, frozenset[str]], ...] = field(default=())
+    """``(line, codes)``: ``# noqa: W101`` comments (empty set: every warning)."""
 
 
 # ---------------------------------------------------------------- grammar
@@ -152,6 +195,8 @@ _TERMINAL_NAMES = {
     "_LPAR": "`(`",
     "_LBRACKET": "`[`",
     "_RBRACKET": "`]`",
+    "_KEY_LBRACKET": "`[`",
+    "NUMBER": "a number",
     "_RPAR": "`)`",
     "_GROUPS": "`groups`",
     "_PATTERN": "`pattern`",
@@ -204,6 +249,8 @@ def _token_span(token: lark.Token) -> Span:
 
 # ------------------------------------------------------------- transformer
 
+_Item = tuple[str, "int | None", Span]
+
 
 class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
     """Lark tree -> dataclasses; methods are named after grammar rules."""
@@ -213,33 +260,47 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         self.source_lines = source_lines
         self.diagnostics: list[Diagnostic] = []
 
+    def _error(self, code: str, message: str, span: Span, hint: str | None) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span, hint))
+
     def _name(self, token: lark.Token, what: str) -> str:
         text = str(token)
-        if not _IDENTIFIER.match(text):
+        if text in RESERVED_WORDS:
+            self._error(Code.RESERVED_NAME, f"`{text}` is a reserved word, not a {what[:-1]}",
+                        _token_span(token), "pick another name")  # fmt: skip
+        elif not _IDENTIFIER.match(text):
             if "*" in text or "?" in text:
                 hint = f"{what} are plain names; globs belong in rules"
                 if what == "group names":
                     hint += " (a family of groups is a name with one trailing `*`: `doc*`)"
             else:
                 hint = "names start with a letter or `_` and hold letters, digits and `_`"
-            self.diagnostics.append(
-                Diagnostic(Code.BAD_NAME, f"`{text}` is not a valid {what[:-1]}", _token_span(token), hint)
-            )
+            self._error(Code.BAD_NAME, f"`{text}` is not a valid {what[:-1]}", _token_span(token), hint)
         return text
 
     def word(self, children: list[lark.Token]) -> Word:
         token = children[0]
         text = str(token)
         if not ("*" in text or "?" in text) and not _IDENTIFIER.match(text):
-            self.diagnostics.append(
-                Diagnostic(
-                    Code.BAD_NAME,
-                    f"`{text}` is not a valid group name",
-                    _token_span(token),
-                    "names start with a letter or `_` and hold letters, digits and `_`",
-                )
+            self._error(
+                Code.BAD_NAME,
+                f"`{text}` is not a valid group name",
+                _token_span(token),
+                "names start with a letter or `_` and hold letters, digits and `_`",
             )
         return Word(text, _token_span(token))
+
+    @lark.v_args(meta=True)
+    def modified_word(self, meta: lark.tree.Meta, children: list[object]) -> Modified:
+        token, modifiers = children
+        assert isinstance(token, lark.Token) and isinstance(modifiers, ModifierList)
+        return Modified(self.word([token]), modifiers, _span_of(meta))
+
+    @lark.v_args(meta=True)
+    def modified_group(self, meta: lark.tree.Meta, children: list[object]) -> Modified:
+        inner, modifiers = children
+        assert isinstance(modifiers, ModifierList)
+        return Modified(inner, modifiers, _span_of(meta))  # type: ignore[arg-type]
 
     @lark.v_args(meta=True)
     def union(self, meta: lark.tree.Meta, children: list[Selector]) -> SelectorUnion:
@@ -252,14 +313,14 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         left, right = children
         return Difference(left, right, _span_of(meta))
 
-    def modifier(self, children: list[lark.Token]) -> tuple[str, int | None] | None:
+    def modifier(self, children: list[lark.Token]) -> _Item | None:
         name_token = children[0]
         name = str(name_token)
         arg = children[1] if len(children) > 1 else None
         span = _token_span(name_token)
         if name not in MODIFIER_NAMES:
             self._error(
-                Code.BAD_MODIFIER,
+                Code.UNKNOWN_MODIFIER,
                 f"unknown modifier `{name}`",
                 span,
                 suggest(name, MODIFIER_NAMES) or "modifiers: `causal`, `window N`",
@@ -267,38 +328,63 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             return None
         if name == "causal":
             if arg is not None:
-                self._error(
-                    Code.BAD_MODIFIER, "`causal` takes no argument", _token_span(arg), "write `[causal]`"
-                )
+                self._error(Code.BAD_MODIFIER_ARGUMENT, "`causal` takes no argument", _token_span(arg),
+                            "write `[causal]`")  # fmt: skip
                 return None
-            return ("causal", None)
-        if arg is None or not str(arg).isdigit() or int(str(arg)) < 1:
-            where = _token_span(arg) if arg is not None else span
-            self._error(
-                Code.BAD_MODIFIER, "`window` needs a positive number of tokens", where, "e.g. `[window 256]`"
-            )
+            return ("causal", None, span)
+        if arg is None:
+            self._error(Code.BAD_MODIFIER_ARGUMENT, "`window` needs a number of tokens", span,
+                        "e.g. `[window 256]`")  # fmt: skip
             return None
-        return ("window", int(str(arg)))
+        text = str(arg)
+        where = _token_span(arg)
+        if not re.fullmatch(r"[-+]?[0-9]+", text):
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`window` needs a whole number of tokens, got `{text}`",
+                        where, "e.g. `[window 256]`")  # fmt: skip
+            return None
+        if int(text) < 1:
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`window` must be at least 1, got {int(text)}", where,
+                        "a window of N lets each query see keys less than N positions away")  # fmt: skip
+            return None
+        return ("window", int(text), span)
 
-    def modifiers(self, children: list[tuple[str, int | None] | None]) -> Modifiers:
+    def _modifier_list(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
         causal, window = False, None
+        seen: dict[str, _Item] = {}
         for item in children:
             if item is None:
                 continue
-            if item[0] == "causal":
+            name, value, span = item
+            if name in seen:
+                first = seen[name]
+                same = first[1] == value
+                self._error(
+                    Code.DUPLICATE_MODIFIER,
+                    f"`{name}` given twice" if same else f"two windows ({first[1]} and {value})",
+                    span,
+                    "give each modifier once" if same else "keep one `window N`",
+                )
+                continue
+            seen[name] = item
+            if name == "causal":
                 causal = True
             else:
-                window = item[1]
-        return Modifiers(causal, window)
+                window = value
+        return ModifierList(Modifiers(causal, window), _span_of(meta))
 
-    def _error(self, code: str, message: str, span: Span, hint: str | None) -> None:
-        self.diagnostics.append(Diagnostic(code, message, span, hint))
+    @lark.v_args(meta=True)
+    def modifiers(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
+        return self._modifier_list(meta, children)
+
+    @lark.v_args(meta=True)
+    def key_modifiers(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
+        return self._modifier_list(meta, children)
 
     @lark.v_args(meta=True)
     def rule(self, meta: lark.tree.Meta, children: list[object]) -> Rule:
         queries, keys_values = children[0], children[1]
-        modifiers = children[2] if len(children) > 2 else Modifiers()
-        assert isinstance(modifiers, Modifiers)
+        modifiers = children[2] if len(children) > 2 else None
+        assert modifiers is None or isinstance(modifiers, ModifierList)
         span = _span_of(meta)
         if span.line == span.end_line:
             text = self.source_lines[span.line - 1][span.column - 1 : span.end_column - 1]
@@ -306,21 +392,15 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             text = self.source_lines[span.line - 1][span.column - 1 :].rstrip() + " ..."
         return Rule(queries, keys_values, span, text.strip(), modifiers)  # type: ignore[arg-type]
 
-    def groups_decl(self, children: list[lark.Token]) -> tuple[GroupDecl, ...]:
-        return tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in children)
+    def groups_decl(self, children: list[lark.Token]) -> GroupsStatement:
+        return GroupsStatement(tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in children))
 
     def _group_name(self, token: lark.Token) -> str:
-        """A group name, or a family ``prefix*`` (one trailing ``*``); ``self`` is reserved."""
+        """A group name, or a family ``prefix*`` (one trailing ``*``)."""
         text = str(token)
         if text == "self":
-            self.diagnostics.append(
-                Diagnostic(
-                    Code.BAD_NAME,
-                    "`self` is reserved (`a -> self`: each group attends to itself)",
-                    _token_span(token),
-                    "pick another group name",
-                )
-            )
+            self._error(Code.RESERVED_NAME, "`self` is reserved (`a -> self`: each group attends to itself)",
+                        _token_span(token), "pick another group name")  # fmt: skip
             return text
         if text.endswith("*") and _IDENTIFIER.match(text[:-1]):
             return text
@@ -341,8 +421,8 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         name = self._name(name_token, "type names")
         return TypeRule(name, _token_span(name_token), selector, _span_of(meta))  # type: ignore[arg-type]
 
-    def types_block(self, children: list[TypeRule]) -> list[TypeRule]:
-        return list(children)
+    def types_block(self, children: list[TypeRule]) -> TypesBlock:
+        return TypesBlock(tuple(children))
 
     def start(self, children: list[object]) -> SourceFile:
         groups: list[GroupDecl] = []
@@ -350,10 +430,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         top_rules: list[Rule] = []
         types: list[TypeRule] = []
         for child in children:
-            if isinstance(child, list):
-                types.extend(child)
-            elif isinstance(child, tuple):
-                groups.extend(child)
+            if isinstance(child, TypesBlock):
+                types.extend(child.rules)
+            elif isinstance(child, GroupsStatement):
+                groups.extend(child.groups)
             elif isinstance(child, PatternBlock):
                 patterns.append(child)
             elif isinstance(child, Rule):
@@ -365,20 +445,44 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
 # ------------------------------------------------------------------ parse
 
+_NOQA = re.compile(r"#\s*noqa(?::\s*([A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
+_MAX_RECOVERIES = 50
 
-def parse(text: str) -> SourceFile:
-    """Parse pattern-file text. Syntax problems come back as diagnostics on the
-    result (one per line at most, all lines reported), never as exceptions."""
+
+def source_lines(text: str) -> list[str]:
+    """Lines as the parser counts them: split at ``\\n`` only (``\\f``,
+    ``\\v`` and U+2028 are not line breaks in a pattern file)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _suppressions(lines: list[str]) -> tuple[tuple[int, frozenset[str]], ...]:
+    out = []
+    for number, line in enumerate(lines, 1):
+        if "noqa" not in line.lower():
+            continue
+        match = _NOQA.search(line)
+        if match:
+            codes = match.group(1)
+            out.append(
+                (number, frozenset(c.strip().upper() for c in codes.split(",")) if codes else frozenset())
+            )
+    return tuple(out)
+
+
+def _syntax_errors(text: str) -> tuple[lark.Tree[lark.Token] | None, list[Diagnostic]]:
+    """Parse once; the tree (None when recovery gave up) and every syntax error."""
     syntax_errors: list[Diagnostic] = []
     lines_with_errors: set[int] = set()
+    lines = source_lines(text)
 
     def on_error(error: lark.exceptions.UnexpectedInput) -> bool:
         line = error.line if isinstance(error.line, int) and error.line > 0 else 1
         if isinstance(error, lark.exceptions.UnexpectedToken):
             token = error.token
             if token.type == "$END":
-                line = max(1, len(text.splitlines()))
-                span = Span.point(line, len(text.splitlines()[-1]) + 1 if text.splitlines() else 1)
+                last = len(lines) if lines[-1:] != [""] else max(1, len(lines) - 1)
+                span = Span.point(last, len(lines[last - 1]) + 1 if lines else 1)
+                line = last
             else:
                 span = _token_span(token)
                 line = span.line
@@ -414,12 +518,64 @@ def parse(text: str) -> SourceFile:
     try:
         tree = _parser().parse(text, on_error=on_error)
     except lark.exceptions.UnexpectedInput as error:
-        # Recovery gave up; everything collected so far is still reported.
         if not syntax_errors:  # pragma: no cover - on_error records first
             syntax_errors.append(Diagnostic(Code.SYNTAX, str(error).splitlines()[0], None))
-        return SourceFile((), (), (), tuple(syntax_errors))
-    if syntax_errors:
-        return SourceFile((), (), (), tuple(syntax_errors))
-    result = _ToSyntaxTree(text.splitlines()).transform(tree)
+        return None, syntax_errors
+    return tree, syntax_errors
+
+
+def _blank_lines(lines: list[str], numbers: set[int]) -> str:
+    """The text with ``numbers`` (1-based) blanked, except their braces: a
+    statement with an error is left out, the blocks around it stay."""
+    out = list(lines)
+    for n in numbers:
+        if 0 < n <= len(out):
+            out[n - 1] = re.sub(r"[^{}\r]", " ", out[n - 1])
+    return "\n".join(out)
+
+
+def parse(text: str) -> SourceFile:
+    """Parse pattern-file text. Problems come back as diagnostics on the
+    result, never as exceptions. After a syntax error the statement's lines
+    are left out and the rest is parsed again, so one run reports the syntax
+    errors and the problems of every other statement."""
+    lines = source_lines(text)
+    tree, current = _syntax_errors(text)
+    syntax_errors = list(current)
+    reported = {d.span.line if d.span else 0 for d in current}
+    skipped: set[int] = set()
+    repaired = text
+    for _ in range(_MAX_RECOVERIES):
+        if not current:
+            break
+        new_lines = {d.span.line for d in current if d.span is not None} - skipped
+        if not new_lines:  # recovery cannot get past this (an unclosed block...)
+            tree = None
+            break
+        skipped |= new_lines
+        repaired = _blank_lines(lines, skipped)
+        tree, current = _syntax_errors(repaired)
+        syntax_errors += [d for d in current if (d.span.line if d.span else 0) not in reported]
+        reported |= {d.span.line if d.span else 0 for d in current}
+    else:
+        tree = None
+    suppressed = _suppressions(lines)
+    if tree is None:
+        return SourceFile((), (), (), tuple(syntax_errors), suppressed=suppressed,
+                          skipped_lines=frozenset(skipped) or frozenset({0}))  # fmt: skip
+    try:
+        result = _ToSyntaxTree(source_lines(repaired)).transform(tree)
+    except lark.exceptions.VisitError as error:
+        if isinstance(error.orig_exc, RecursionError):
+            raise error.orig_exc from None
+        raise
     assert isinstance(result, SourceFile)
-    return result
+    return SourceFile(
+        result.groups,
+        result.patterns,
+        result.top_level_rules,
+        (*syntax_errors, *result.diagnostics),
+        result.types,
+        frozenset(skipped),
+        suppressed,
+    )

@@ -119,13 +119,29 @@ def test_all_problems_reported_at_once_in_source_order() -> None:
         "}\n"
     )
     diags = diagnostics_of(src)
-    assert codes(diags) == ["E101", "E201", "E202", "E301", "E302"]
-    assert [d.line for d in diags] == [1, 3, 4, 6, 8]
+    # p's failing selectors are all on the key side: `c` is still missing from p
+    assert codes(diags) == ["E101", "E301", "E201", "E202", "E301", "E302"]
+    assert [d.line for d in diags] == [1, 2, 3, 4, 6, 8]
 
 
-def test_unresolved_selector_does_not_also_report_not_exhaustive() -> None:
+def test_misspelt_query_suppresses_only_the_group_it_meant() -> None:
+    # `volume_querie` meant `volume_queries`: that group's E301 would repeat the
+    # E201; the unrelated missing `surface_queries` is still reported
+    diags = diagnostics_of(AB + "surface_anchors -> surface_anchors\nvolume_anchors, volume_querie -> *\n")
+    assert codes(diags) == ["E301", "E201"]
+    assert "`surface_queries`" in diags[0].message and "volume_queries" not in diags[0].message
+
+
+def test_unknown_query_with_no_close_name_suppresses_nothing() -> None:
     diags = diagnostics_of("groups a b\nb -> a\nx -> a\n")
-    assert codes(diags) == ["E201"]
+    assert codes(diags) == ["E301", "E201"]
+
+
+def test_missing_groups_are_one_diagnostic() -> None:
+    (diag,) = diagnostics_of("groups a b c d\npattern p {\n  a -> a\n}\n")
+    assert diag.code == "E301"
+    assert diag.message == "3 groups are a query in no rule of pattern `p`: `b`, `c`, `d`"
+    assert diag.hint is not None and "`b, c, d -> ...`" in diag.hint
 
 
 def test_error_renders_with_file_line_caret_and_hint() -> None:
@@ -189,5 +205,5 @@ def test_check_patterns_empty_and_duplicates() -> None:
     assert codes(list(info.value.diagnostics)) == ["E101", "E303", "E301"]
     with pytest.raises(patternc.PatternError) as info:
         check_patterns([TokenSpec("a", 1)], [AttentionPattern(["a", "a"], [])])
-    assert codes(list(info.value.diagnostics)) == ["E302", "E304"]
+    assert codes(list(info.value.diagnostics)) == ["E305", "E304"]
     assert "listed twice" in info.value.diagnostics[0].message

@@ -32,7 +32,7 @@ def test_family_binds_to_the_groups_present() -> None:
         (("doc1",), ("doc1",)),
         (("doc2",), ("doc2",)),
     ]
-    assert all(r.modifiers.causal for r in bound.rules[1:])
+    assert all(k.modifiers.causal for r in bound.rules[1:] for k in r.keys)
     # members share the family's type (one weight bank for every document)
     assert bound.types == {"prompt": "prompt", "doc0": "doc", "doc1": "doc", "doc2": "doc"}
     # the plan is not rebuilt per batch: bindings are cached per set of names
@@ -112,7 +112,7 @@ def test_unknown_member_is_reported_with_families() -> None:
     with pytest.raises(PatternError) as error:
         PACKED.token_specs({"prompt": 1, "image": 3})
     (diag,) = error.value.diagnostics
-    assert diag.code == "E201"
+    assert diag.code == "E405"
     assert "`image` is neither a declared group nor a member of a family" in diag.message
     assert diag.hint is not None and "`doc*`" in diag.hint
 
@@ -128,7 +128,7 @@ def test_self_must_be_the_whole_key_side() -> None:
     with pytest.raises(PatternError) as error:
         patternc.compile("groups a b\na -> a, self\nb -> b")
     (diag,) = error.value.diagnostics
-    assert diag.code == "E201" and (diag.line, diag.column) == (2, 9)
+    assert diag.code == "E204" and (diag.line, diag.column) == (2, 9)
     assert "`self` can only be the whole key side" in diag.message
     assert diag.hint is not None and "a, b -> self" in diag.hint
 

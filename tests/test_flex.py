@@ -37,13 +37,14 @@ def reference_with_modifiers(
     n = len(names)
     allowed = torch.zeros(n, n, dtype=torch.bool)
     for a in range(n):
-        rule = rule_of[names[a]]
+        keys = {k.name: k.modifiers for k in rule_of[names[a]].keys}
         for b in range(n):
-            ok = names[b] in rule.keys_values
-            if rule.modifiers.causal:
-                ok = ok and positions[b] <= positions[a]
-            if rule.modifiers.window is not None:
-                ok = ok and abs(positions[a] - positions[b]) < rule.modifiers.window
+            mods = keys.get(names[b])
+            ok = mods is not None
+            if ok and mods.causal:
+                ok = positions[b] <= positions[a]
+            if ok and mods.window is not None:
+                ok = abs(positions[a] - positions[b]) < mods.window
             allowed[a, b] = ok
     x = x.double()
     heads, dim = module.num_heads, module.head_dim
@@ -125,9 +126,9 @@ def test_window_rows_with_no_key_are_zero() -> None:
 def test_modifier_errors_are_reported() -> None:
     with pytest.raises(patternc.PatternError) as info:
         patternc.compile("groups a b\na -> a [casual]\nb -> b [window 0]\n")
-    assert [d.code for d in info.value.diagnostics] == ["E012", "E012"]
+    assert [d.code for d in info.value.diagnostics] == ["E020", "E021"]
     assert info.value.diagnostics[0].hint == "did you mean `causal`?"
-    assert "`window` needs a positive number of tokens" in str(info.value)
+    assert "`window` must be at least 1, got 0" in str(info.value)
     with pytest.raises(patternc.PatternError, match="`causal` takes no argument"):
         patternc.compile("groups a\na -> a [causal 3]\n")
 
@@ -135,7 +136,7 @@ def test_modifier_errors_are_reported() -> None:
 def test_rules_with_different_modifiers_do_not_merge() -> None:
     plan = patternc.compile("groups a b\na -> a, b [causal]\nb -> a, b\n").patterns["default"]
     assert len(plan.calls) == 2
-    assert [m.causal for m in plan.call_modifiers] == [True, False]
+    assert [c.keys[0].modifiers.causal for c in plan.calls] == [True, False]
     assert "[causal]" in patternc.compile("groups a\na -> a [causal]").to_dot()
 
 
@@ -180,7 +181,7 @@ def test_analytic_block_mask_equals_create_block_mask(case: tuple[patternc.Plan,
     assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_kv), tables.partial)
     assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_kv), tables.full)
     # the pure-Python classes (what `patternc compile --mask` shows) agree too
-    python = block_classes(plan, plan.layout(sizes))
+    python = block_classes(plan.layout(sizes))
     rows = len(python.classes)
     for i in range(rows):
         for j in range(rows):

@@ -53,7 +53,7 @@ def test_rules_with_equal_keys_merge_in_first_rule_order() -> None:
 
 
 def test_graph(program: patternc.Program) -> None:
-    graph = program.patterns["cross_anchor"].graph
+    graph = program.patterns["cross_anchor"].graph()
     assert isinstance(graph, nx.DiGraph)
     assert list(graph.nodes) == list(program.groups)
     assert set(graph.edges) == {
@@ -93,12 +93,12 @@ def test_layout_costs_and_access(program: patternc.Program) -> None:
         ("volume_queries", 6144),
     ]
     assert layout.n_tokens == 10240
-    assert [(c.n_queries, c.n_keys_values) for c in layout.calls] == [(5120, 1024), (5120, 1024)]
+    assert [(c.n_queries, c.n_keys) for c in layout.calls] == [(5120, 1024), (5120, 1024)]
     assert layout.launches == ((0, 1),)
     assert layout.density == pytest.approx(2 * 5120 * 1024 / 10240**2)
     assert layout.flops(192) == 4 * 2 * 5120 * 1024 * 192
     joint = program.patterns["joint"].layout(AB_SIZES)
-    assert (joint.calls[0].query_access, joint.calls[0].key_value_access) == ("view", "gather")
+    assert (joint.calls[0].query_access, joint.calls[0].key_access) == ("view", "gather")
 
 
 def test_layout_with_cached_and_empty_groups() -> None:
@@ -106,12 +106,12 @@ def test_layout_with_cached_and_empty_groups() -> None:
     layout = plan.layout({"a": None, "q": 5, "b": 0})
     (call,) = layout.calls
     assert call.query_tokens == ("q", "b")
-    assert (call.n_queries, call.n_keys_values) == (5, 0)
-    assert call.key_value_access == "view"  # only the cached `a` holds tokens
+    assert (call.n_queries, call.n_keys) == (5, 0)
+    assert call.key_access == "view"  # only the cached `a` holds tokens
     assert layout.slot("a").cached and layout.slot("q").offset == 0
     gathered = plan.layout({"a": 2, "q": 3, "b": 4})
     assert gathered.calls[0].query_access == "view"  # all of a, q, b: one slice
-    assert gathered.calls[0].key_value_access == "gather"  # a and b, with q between them
+    assert gathered.calls[0].key_access == "gather"  # a and b, with q between them
 
 
 def test_layout_accepts_token_specs(program: patternc.Program) -> None:
@@ -129,24 +129,27 @@ def test_json_schema(program: patternc.Program) -> None:
         "volume_anchors": "volume",
         "volume_queries": "volume",
     }
-    assert data["schema"] == "patternc.plan" and data["version"] == 1
+    assert data["schema"] == "patternc.plan" and data["version"] == 2
     assert [p["name"] for p in data["patterns"]] == ["self_anchor", "cross_anchor", "joint"]
     pattern = data["patterns"][0]
     assert set(pattern) == {"name", "rules", "attention_patterns", "edges", "types", "layout"}
-    assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values", "modifiers"}
-    assert pattern["attention_patterns"][0]["modifiers"] == {"causal": False, "window": None}
+    assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values", "key_modifiers"}
+    assert pattern["attention_patterns"][0]["key_modifiers"] == [{"causal": False, "window": None}]
     assert pattern["rules"][0]["line"] == 5
     layout = pattern["layout"]
-    assert set(layout) == {"tokens", "groups", "calls", "launches", "dim", "flops", "dense_flops", "density"}
+    assert set(layout) == {
+        "tokens", "groups", "calls", "launches", "dim", "allowed_entries", "flops", "dense_flops", "density"
+    }  # fmt: skip
     assert set(layout["calls"][0]) == {
         "query_tokens",
         "key_value_tokens",
         "n_queries",
         "n_keys_values",
+        "allowed_entries",
         "query_access",
         "key_value_access",
         "flops",
-        "modifiers",
+        "key_modifiers",
     }
     assert layout["flops"] == sum(c["flops"] for c in layout["calls"])
     assert layout["dense_flops"] == 4 * 10240 * 10240 * 64

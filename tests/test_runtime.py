@@ -328,7 +328,7 @@ def test_batched_reads_evenly_spaced_groups_as_views() -> None:
     schedule = schedule_for(specs, AB.patterns["self_anchor"])
     assert schedule.launches == ((0, 1),)
     t = torch.randn(2, 32, 3, 5)
-    for segments in ([c.queries for c in schedule.calls], [c.keys_values for c in schedule.calls]):
+    for segments in ([c.queries for c in schedule.calls], [c.keys for c in schedule.calls]):
         stacked = stack_segments(t, segments, {})
         assert stacked.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # no copy
         expected = torch.stack([t[:, s[0].start : s[0].stop] for s in segments], dim=1).flatten(0, 1)

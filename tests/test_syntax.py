@@ -120,7 +120,7 @@ def test_unexpected_character() -> None:
 
 def test_bad_names() -> None:
     diags = diagnostics_of("groups 1abc a*b self\n* -> *\n")
-    assert codes(diags)[:3] == ["E011", "E011", "E011"]
+    assert codes(diags)[:3] == ["E011", "E011", "E012"]
     assert "`1abc` is not a valid group name" in diags[0].message
     assert diags[1].hint is not None and "globs belong in rules" in diags[1].hint
     assert "family" in diags[1].hint and "`doc*`" in diags[1].hint

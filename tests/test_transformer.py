@@ -73,7 +73,7 @@ def test_seed_attention_types_map_to_executors() -> None:
 def test_window_lowers_to_rule_modifiers() -> None:
     model = Transformer(config(attention_window=4))
     (rule,) = model.plans["default"].rules
-    assert rule.modifiers == Modifiers(causal=True, window=4)
+    assert [k.modifiers for k in rule.keys] == [Modifiers(causal=True, window=4)]
 
 
 # ------------------------------------------------------- attention vs float64
@@ -277,7 +277,7 @@ def test_stack_modifiers_merge_with_the_rules_own() -> None:
     """The stack's window joins a rule's modifiers; a rule's own tighter window stays."""
     source = "groups a b\na -> a [window 3]\nb -> b"
     model = Transformer(config(vocab_size=None, attention_window=5), source)
-    rules = {r.queries: r.modifiers for r in model.plans["default"].rules}
+    rules = {r.queries: r.keys[0].modifiers for r in model.plans["default"].rules}
     assert rules[("a",)] == Modifiers(causal=True, window=3)
     assert rules[("b",)] == Modifiers(causal=True, window=5)
 

@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patternc.layout import Layout
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.rope import apply_rope
-from patternc.nn.schedule import Schedule, schedule_for
+from patternc.nn.schedule import schedule_for
 from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
@@ -123,18 +123,18 @@ def merge_heads(out: Tensor) -> Tensor:
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
-def _read_cache(kv_cache: KVCache | None, schedule: Schedule, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Check the cache entries the schedule reads; return them token-major."""
-    if not schedule.cached_groups:
+def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Check the cache entries the layout reads; return them token-major."""
+    if not layout.cached_groups:
         return {}
     if kv_cache is None:
         raise ValueError(
-            f"groups {list(schedule.cached_groups)} have size=None, so their keys/values must come "
+            f"groups {list(layout.cached_groups)} have size=None, so their keys/values must come "
             "from kv_cache, but kv_cache is None"
         )
     batch, _, heads, dim = q.shape
     out = {}
-    for name in schedule.cached_groups:
+    for name in layout.cached_groups:
         entry = kv_cache.get(name)
         if entry is None or "k" not in entry or "v" not in entry:
             raise ValueError(
@@ -162,7 +162,7 @@ def _read_cache(kv_cache: KVCache | None, schedule: Schedule, q: Tensor) -> dict
 @torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]
 def _schedule(
     token_specs: TokenSpecs, patterns: Plan | Sequence[AttentionPattern]
-) -> tuple[list[TokenSpec], Schedule]:
+) -> tuple[list[TokenSpec], Layout]:
     """Checks and layout are plain Python, cached per layout: keep them out of
     ``torch.compile`` graphs (one graph break before the tensor work)."""
     specs = as_token_specs(token_specs)
@@ -211,15 +211,15 @@ class MixedAttention(DotProductAttention):
         holds the K/V of every input group used as keys/values (views into
         this call's tensors, layout of :data:`KVCache`), or is None when some
         group was read from ``kv_cache``."""
-        specs, schedule = _schedule(token_specs, attention_patterns)
-        if x.dim() != 3 or x.shape[1] != schedule.n_tokens:
+        specs, layout = _schedule(token_specs, attention_patterns)
+        if x.dim() != 3 or x.shape[1] != layout.n_tokens:
             raise ValueError(
-                f"x has shape {tuple(x.shape)} but token_specs put {schedule.n_tokens} tokens in it "
-                f"({', '.join(f'{g}={n}' for g, n in zip(schedule.input_groups, schedule.input_sizes))}); "
+                f"x has shape {tuple(x.shape)} but token_specs put {layout.n_tokens} tokens in it "
+                f"({', '.join(f'{g}={n}' for g, n in zip(layout.input_groups, layout.input_sizes))}); "
                 "expected [batch, n_tokens, dim] with only the groups whose size is not None"
             )
         if key_padding_mask is not None:
-            if schedule.cached_groups or kv_cache is not None:
+            if layout.cached_groups or kv_cache is not None:
                 raise ValueError(
                     "key_padding_mask cannot be combined with a KV cache (cached tokens are assumed real); "
                     "drop the padding or run without the cache"
@@ -230,12 +230,12 @@ class MixedAttention(DotProductAttention):
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
         q, k, v = self.split_heads(self._project_in(x, specs, attention_patterns), freqs)
-        cache = _read_cache(kv_cache, schedule, q)
-        inputs = AttentionInputs(q, k, v, schedule, cache, key_padding_mask, self.attention_dropout, None)
+        cache = _read_cache(kv_cache, layout, q)
+        inputs = AttentionInputs(q, k, v, layout, cache, key_padding_mask, self.attention_dropout, None)
         out = self.executor(inputs)
         new_cache = None
-        if not schedule.cached_groups:
-            new_cache = _new_cache(k, v, schedule)
+        if not layout.cached_groups:
+            new_cache = _new_cache(k, v, layout)
         out = self._project_back(merge_heads(out), specs, attention_patterns)
         return F.dropout(out, self.dropout, self.training), new_cache
 
@@ -247,21 +247,15 @@ class MixedAttention(DotProductAttention):
         return self.proj(out)  # type: ignore[no-any-return]
 
 
-def _new_cache(k: Tensor, v: Tensor, schedule: Schedule) -> KVCache:
+def _new_cache(k: Tensor, v: Tensor, layout: Layout) -> KVCache:
     """Views of each key/value group's K and V (one split per tensor: a
     64-group layout pays two calls, not 256 slices, on every forward)."""
-    keys = k.transpose(1, 2).split_with_sizes(schedule.input_sizes, dim=2)
-    values = v.transpose(1, 2).split_with_sizes(schedule.input_sizes, dim=2)
+    keys = k.transpose(1, 2).split_with_sizes(layout.input_sizes, dim=2)
+    values = v.transpose(1, 2).split_with_sizes(layout.input_sizes, dim=2)
     return {
         name: {"k": keys[index], "v": values[index]}
-        for name, index in zip(schedule.key_value_groups, _key_value_indices(schedule))
+        for name, index in zip(layout.key_value_groups, layout.key_value_indices)
     }
-
-
-@functools.lru_cache(maxsize=512)
-def _key_value_indices(schedule: Schedule) -> tuple[int, ...]:
-    """Input-order index of each of ``schedule.key_value_groups``."""
-    return tuple(schedule.input_groups.index(name) for name in schedule.key_value_groups)
 
 
 class PatternAttention(MixedAttention):

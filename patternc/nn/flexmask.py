@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.modifiers import NO_MODIFIERS, Modifiers
-from patternc.nn.schedule import Schedule
+from patternc.layout import Layout
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
 
@@ -56,21 +55,21 @@ def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
 
 
 def group_segments(
-    schedule: Schedule, cache_lengths: Mapping[str, int]
+    layout: Layout, cache_lengths: Mapping[str, int]
 ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
     """``(group, start, stop)`` of the query tokens (the input) and of the key
     tokens (the input, then each cached group), skipping empty groups."""
     queries = []
     start = 0
-    for gid, size in zip(schedule.group_ids, schedule.input_sizes):
+    for gid, size in zip(layout.group_ids, layout.input_sizes):
         if size:
             queries.append((gid, start, start + size))
         start += size
     keys = list(queries)
-    for name in schedule.cached_groups:
+    for name in layout.cached_groups:
         length = cache_lengths[name]
         if length:
-            keys.append((schedule.all_groups.index(name), start, start + length))
+            keys.append((layout.all_groups.index(name), start, start + length))
         start += length
     return queries, keys
 
@@ -161,35 +160,30 @@ def _modified_pair_blocks(
     )
 
 
-def _padded_modifiers(schedule: Schedule) -> tuple[Modifiers, ...]:
-    """Each group's modifiers, plus the padding group's (none)."""
-    mods = tuple(schedule.group_modifiers) or (NO_MODIFIERS,) * len(schedule.all_groups)
-    return (*mods, NO_MODIFIERS)
-
-
 @functools.lru_cache(maxsize=64)
 def _group_tables(
-    schedule: Schedule, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], tuple[Modifiers, ...]]:
-    """Device tables of a layout's plan (group x group ``allowed``, per-group
-    ``causal`` and ``window``), each group's allowed key groups and modifiers.
-    Keyed on the schedule (hashed by identity): hashing the group tables
-    themselves would cost more than building the rest of the mask."""
-    allowed = schedule.allowed
-    modifiers = _padded_modifiers(schedule)
+    layout: Layout, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], frozenset[tuple[int, int]]]:
+    """Device tables of a layout's plan: ``[G + 1, G + 1]`` ``allowed``,
+    ``causal`` and ``window`` of each (query group, key group) pair (the last
+    row and column: padding, allowed nowhere), each group's allowed key
+    groups, and the pairs that carry modifiers. Keyed on the layout (hashed by
+    identity): hashing the group tables would cost more than the lookup saves."""
+    allowed = layout.allowed
     n = len(allowed)
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     table[:n, :n] = torch.tensor(allowed, dtype=torch.bool).reshape(n, n)
-    causal = torch.tensor([m.causal for m in modifiers], dtype=torch.bool)
-    window = torch.tensor([m.window or 0 for m in modifiers], dtype=torch.int64)
+    causal = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    window = torch.zeros(n + 1, n + 1, dtype=torch.int64)
+    modified = set()
+    for q, row in enumerate(layout.pair_modifiers):
+        for k, mods in enumerate(row):
+            if mods and allowed[q][k]:
+                causal[q, k] = mods.causal
+                window[q, k] = mods.window or 0
+                modified.add((q, k))
     keys = (*(tuple(k for k, ok in enumerate(row) if ok) for row in allowed), ())
-    return table.to(device), causal.to(device), window.to(device), keys, modifiers
-
-
-@functools.lru_cache(maxsize=64)
-def _modified_groups(schedule: Schedule) -> frozenset[int]:
-    """Indices of the groups whose rule has modifiers."""
-    return frozenset(i for i, m in enumerate(schedule.group_modifiers) if m)
+    return table.to(device), causal.to(device), window.to(device), keys, frozenset(modified)
 
 
 @dataclass(frozen=True)
@@ -212,7 +206,7 @@ class FlexTables:
 
     @staticmethod
     def build(
-        schedule: Schedule,
+        layout: Layout,
         cache_lengths: Mapping[str, int],
         device: torch.device | str,
         block: int = BLOCK_SIZE,
@@ -221,15 +215,15 @@ class FlexTables:
         """``positions``: build within-group positions even without modifiers
         (an ALiBi ``score_mod`` reads them)."""
         device = torch.device(device)
-        n_groups = len(schedule.all_groups)
+        n_groups = len(layout.all_groups)
         pad = n_groups  # the padding "group": allowed nowhere
-        queries, keys = group_segments(schedule, cache_lengths)
-        n_q = schedule.n_tokens
-        n_kv = n_q + sum(cache_lengths[g] for g in schedule.cached_groups)
+        queries, keys = group_segments(layout, cache_lengths)
+        n_q = layout.n_tokens
+        n_kv = n_q + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        allowed, causal, window, allowed_keys, mods = _group_tables(schedule, device)
-        modified_groups = _modified_groups(schedule)
+        allowed, causal, window, allowed_keys, modified_pairs = _group_tables(layout, device)
+        pair_mods = layout.pair_modifiers
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -249,19 +243,19 @@ class FlexTables:
             key_segments.setdefault(gid, []).append((start, stop))
         width = shape[1] + 1
         pairs = [
-            (q_start, q_stop, k_start, k_stop, gid)
+            (q_start, q_stop, k_start, k_stop, (gid, key_gid) in modified_pairs, gid, key_gid)
             for gid, q_start, q_stop in queries
             for key_gid in allowed_keys[gid]
             for k_start, k_stop in key_segments.get(key_gid, ())
         ]
         modified = [
-            (q_start, q_stop, k_start, k_stop, mods[gid].causal, mods[gid].window or 0)
-            for q_start, q_stop, k_start, k_stop, gid in pairs
-            if gid in modified_groups
+            (q_start, q_stop, k_start, k_stop, pair_mods[q][k].causal, pair_mods[q][k].window or 0)
+            for q_start, q_stop, k_start, k_stop, has_mods, q, k in pairs
+            if has_mods
         ]
         corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
-        for q_start, q_stop, k_start, k_stop, gid in pairs:
-            if gid not in modified_groups:
+        for q_start, q_stop, k_start, k_stop, has_mods, _, _ in pairs:
+            if not has_mods:
                 top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
                 left, right = k_start // block, (k_stop - 1) // block + 1
                 corners += (top + left, top + right, bottom + left, bottom + right)
@@ -272,7 +266,7 @@ class FlexTables:
             q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
             q_overlaps, k_overlaps, corners_t, signs_t,
         ) = upload.send(device)  # fmt: skip
-        has_modifiers = schedule.has_modifiers
+        has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
         if k_segs == q_segs:  # no cached keys: the key tables are the query tables
@@ -329,10 +323,10 @@ class FlexTables:
             assert q_pos is not None and kv_pos is not None
 
             def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                gq = q_group[q_idx]
+                gq, gk = q_group[q_idx], kv_group[kv_idx]
                 qp, kp = q_pos[q_idx], kv_pos[kv_idx]
-                ok = allowed[gq, kv_group[kv_idx]] & (~causal[gq] | (kp <= qp))
-                w = window[gq]
+                ok = allowed[gq, gk] & (~causal[gq, gk] | (kp <= qp))
+                w = window[gq, gk]
                 return ok & ((w == 0) | ((qp - kp).abs() < w))
 
             mask = with_modifiers

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternc.compiler import compile as compile_program
+from patternc.ir import KeyGroup, ResolvedRule
+from patternc.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import merge_heads
 from patternc.nn.executors import AttentionInputs, get_executor
@@ -37,10 +39,9 @@ from patternc.nn.executors.common import group_positions
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
-from patternc.nn.schedule import Schedule, schedule_for
+from patternc.nn.schedule import schedule_for
 from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
 from patternc.plan import Plan, Program, Sizes
-from patternc.resolve import ResolvedRule
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
 
 __all__ = ["Transformer", "TransformerLayer", "VisionTransformer", "alibi_slopes"]
@@ -69,14 +70,13 @@ def with_modifiers(plan: Plan, extra: Modifiers) -> Plan:
     if not extra:
         return plan
 
-    def merged(own: Modifiers) -> Modifiers:
-        windows = [w for w in (own.window, extra.window) if w is not None]
-        return Modifiers(causal=own.causal or extra.causal, window=min(windows) if windows else None)
-
     rules = tuple(
-        ResolvedRule(r.queries, r.keys_values, r.span, r.text, r.where, merged(r.modifiers), r.to_self)
+        ResolvedRule(
+            r.queries, tuple(KeyGroup(k.name, k.modifiers.tighten(extra)) for k in r.keys), r.span, r.text,
+            r.where, r.to_self,
+        )
         for r in plan.rules
-    )
+    )  # fmt: skip
     return Plan(plan.name, plan.groups, rules, plan.group_types)
 
 
@@ -144,7 +144,7 @@ class _FeedForward(nn.Module):
 class _Step:
     """What every layer of one forward pass shares (built once per pass)."""
 
-    schedules: Mapping[str, Schedule]
+    layouts: Mapping[str, Layout]
     runs: tuple[tuple[int, int, int], ...]
     freqs: Tensor | None
     key_padding_mask: Tensor | None
@@ -188,9 +188,9 @@ class TransformerLayer(nn.Module):
             (k, v) if repeat == 1 else (k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2))
         )
         dropout = self.config.dropout_rate if self.training else 0.0
-        schedule = step.schedules[self.pattern]
+        layout = step.layouts[self.pattern]
         inputs = AttentionInputs(
-            q, k_all, v_all, schedule, {}, step.key_padding_mask, dropout, None, step.alibi
+            q, k_all, v_all, layout, {}, step.key_padding_mask, dropout, None, step.alibi
         )
         out = self.out_proj(merge_heads(self.executor(inputs)), step.runs)
         return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
@@ -282,12 +282,12 @@ class Transformer(nn.Module):
         return positions
 
     def _step(self, sizes: Mapping[str, int], positions: Tensor, padding: Tensor | None) -> _Step:
-        schedules = {}
+        layouts = {}
         runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(sizes.values())),)
         for name in dict.fromkeys(self.layer_patterns):
             plan = self.plans[name]
             specs = plan.token_specs(sizes)
-            schedules[name] = schedule_for(specs, plan)
+            layouts[name] = schedule_for(specs, plan)
         if self.config.untied:
             runs = _bank_runs(next(iter(self.plans.values())), sizes, self.type_names)
         c = self.config
@@ -297,7 +297,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"a group is longer than rope_max_positions={c.rope_positions}")
             freqs = rope_frequencies(positions, c.head_dim, c.rope_base)
         alibi = self.alibi if c.pos_emb_type == "alibi" else None
-        return _Step(schedules, runs, freqs, padding, alibi)
+        return _Step(layouts, runs, freqs, padding, alibi)
 
     def embed_inputs(self, x: Tensor, positions: Tensor) -> Tensor:
         h: Tensor = self.embed(x)
@@ -379,12 +379,13 @@ class Transformer(nn.Module):
         """The window of a one-group causal stack (None: unbounded); anything else cannot decode."""
         plans = list(self.plans.values())
         rules = [r for plan in plans for r in plan.rules]
-        if len(plans[0].groups) != 1 or not rules or not all(r.modifiers.causal for r in rules):
+        keys = [k for r in rules for k in r.keys]
+        if len(plans[0].groups) != 1 or not rules or not all(k.modifiers.causal for k in keys):
             raise ValueError(
                 "generate needs a causal stack over one group (causal=True, attention_window, or a "
                 "pattern such as `doc* -> self [causal]`)"
             )
-        windows = {r.modifiers.window for r in rules}
+        windows = {k.modifiers.window for k in keys}
         if len(windows) != 1:
             raise ValueError(f"generate needs one window for every layer, got {sorted(map(str, windows))}")
         return windows.pop()

@@ -1,13 +1,13 @@
 """``auto``: pick the executor per layout from a small cost model.
 
-The model predicts each candidate's time from what the schedule knows
+The model predicts each candidate's time from what the layout knows
 (tokens, calls, launches, allowed score entries, tokens that must be copied)
 and the device and dtype, with per-backend launch costs and attention
 throughputs measured on an H100 (``benchmarks/bench_gpu.py``; see
 ``docs/performance.md``). Only executors that run the layout natively are
 candidates: ``varlen`` needs CUDA, half precision and no padding, dropout or
 ALiBi; ``flex`` needs CUDA. On CPU the answer is ``batched``. The choice is
-cached per (schedule, device, dtype, conditions) and reported by
+cached per (layout, device, dtype, conditions) and reported by
 :func:`choose`.
 """
 
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available
 from patternc.nn.flexmask import BLOCK_SIZE
-from patternc.nn.schedule import Schedule
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
@@ -58,23 +58,27 @@ class Estimate:
     seconds: float
 
 
-def _entries(schedule: Schedule) -> tuple[int, int, int]:
-    """(allowed score entries, dense entries, tokens the batched executor copies)."""
+def _entries(layout: Layout) -> tuple[int, int, int, int]:
+    """(allowed score entries, entries SDPA computes under batched, dense
+    entries, tokens the batched executor copies)."""
     allowed = 0
+    masked = 0
     copied = 0
-    for call in schedule.calls:
-        n_kv = sum(s.length for s in call.keys_values if s.cached is None)
-        allowed += call.n_queries * n_kv
+    for call in layout.calls:
+        n_kv = sum(s.length for s in call.keys if s.cached is None)
+        allowed += call.allowed_entries
+        # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
+        masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
         if len(call.queries) > 1:
             copied += call.n_queries
-        if len(call.keys_values) > 1:
+        if len(call.keys) > 1:
             copied += 2 * n_kv
-    return allowed, schedule.n_tokens**2, copied
+    return allowed, masked, layout.n_tokens**2, copied
 
 
 @functools.lru_cache(maxsize=512)
 def _estimates(
-    schedule: Schedule,
+    layout: Layout,
     batch: int,
     heads: int,
     dim: int,
@@ -82,7 +86,7 @@ def _estimates(
     half: bool,
     native_varlen: bool,
 ) -> tuple[Estimate, ...]:
-    allowed, dense, copied = _entries(schedule)
+    allowed, masked, dense, copied = _entries(layout)
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
     rates = _HALF if half else _FLOAT
@@ -91,18 +95,18 @@ def _estimates(
         if name == "varlen" and not native_varlen:
             continue
         if name == "batched":
-            launches = len(schedule.launches)
+            launches = len(layout.launches)
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
-            seconds = launches * rate.launch_s + allowed * flop / rate.flops_per_s + copy
+            seconds = launches * rate.launch_s + masked * flop / rate.flops_per_s + copy
         elif name == "varlen":
-            plan = _launches(schedule, batch, device)
+            plan = _launches(layout, batch, device)
             assert not isinstance(plan, str)
             gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
             copy = gathered * heads * dim * elem / _COPY_BYTES_PER_S
             seconds = len(plan) * rate.launch_s + allowed * flop / rate.flops_per_s + copy
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups
-            blocks = min(dense, allowed + 2 * BLOCK_SIZE * schedule.n_tokens)
+            blocks = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
             seconds = rate.launch_s + blocks * flop / rate.flops_per_s
         else:  # dense: every entry, and an [n, n] mask
             seconds = rate.launch_s + dense * flop / rate.flops_per_s + dense * batch / _COPY_BYTES_PER_S
@@ -122,11 +126,9 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
         and plain
         and varlen_available(q.device)
         and q.shape[-1] % 8 == 0
-        and not isinstance(_launches(inputs.schedule, q.shape[0], q.device), str)
+        and not isinstance(_launches(inputs.layout, q.shape[0], q.device), str)
     )
-    candidates = _estimates(
-        inputs.schedule, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen
-    )
+    candidates = _estimates(inputs.layout, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen)
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
     return candidates
@@ -140,7 +142,7 @@ def choose(inputs: AttentionInputs) -> str:
     dtype, device and padding/dropout/ALiBi, so a training step pays a lookup)."""
     q = inputs.q
     key = (
-        inputs.schedule, q.shape, q.dtype, q.device,
+        inputs.layout, q.shape, q.dtype, q.device,
         inputs.key_padding_mask is None, inputs.dropout_p == 0, inputs.alibi_slopes is None,
     )  # fmt: skip
     backend = _choices.get(key)

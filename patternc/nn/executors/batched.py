@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.modifiers import Modifiers
+from patternc.layout import Layout, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -28,10 +28,8 @@ from patternc.nn.executors.common import (
     gather,
     gather_mask,
     modifier_args,
-    token_pieces,
     within_group_positions,
 )
-from patternc.nn.schedule import Schedule, Segment
 
 __all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
@@ -63,76 +61,76 @@ def stack_segments(
 
 
 @functools.lru_cache(maxsize=512)
-def _direct_launches(schedule: Schedule) -> tuple[tuple[int, int, bool] | None, ...]:
+def _direct_launches(layout: Layout) -> tuple[tuple[int, int, bool] | None, ...]:
     """Per launch: ``(query piece, key/value piece, is_causal)`` (indices into
     the tensors' :class:`TokenSplit` pieces) when it is one call reading one
     input segment of queries and one of keys, each a single piece, with no
     modifier but a plain ``[causal]`` (the common case: documents, anchors),
     else None. Such launches skip the general path's per-call Python."""
-    _, query_ranges = token_pieces(schedule, False)
-    _, key_ranges = token_pieces(schedule, True)
+    _, query_ranges = layout.query_pieces
+    _, key_ranges = layout.key_pieces
     out: list[tuple[int, int, bool] | None] = []
-    for launch in schedule.launches:
-        call = schedule.calls[launch[0]]
+    for launch in layout.launches:
+        call = layout.calls[launch[0]]
         simple = (
             len(launch) == 1
             and len(call.queries) == 1
-            and len(call.keys_values) == 1
-            and call.keys_values[0].cached is None
-            and (not call.modifiers or (call.single_groups and call.modifiers == Modifiers(causal=True)))
+            and len(call.keys) == 1
+            and call.keys[0].cached is None
+            and (not call.has_modifiers or call.is_causal)
         )
         if not simple:
             out.append(None)
             continue
         (q_first, q_stop), (k_first, k_stop) = (
             ranges[(seg.start, seg.stop)]
-            for ranges, seg in ((query_ranges, call.queries[0]), (key_ranges, call.keys_values[0]))
+            for ranges, seg in ((query_ranges, call.queries[0]), (key_ranges, call.keys[0]))
         )
         one_piece = q_stop - q_first == 1 and k_stop - k_first == 1
-        out.append((q_first, k_first, bool(call.modifiers.causal)) if one_piece else None)
+        out.append((q_first, k_first, call.is_causal) if one_piece else None)
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=512)
-def _tiled_output(schedule: Schedule) -> bool:
-    """The schedule is one stacked launch whose calls' queries tile the input
+def _tiled_output(layout: Layout) -> bool:
+    """The layout is one stacked launch whose calls' queries tile the input
     in launch order: its ``[B * n, L, ...]`` output already is the input order."""
-    if len(schedule.launches) != 1 or len(schedule.launches[0]) < 2:
+    if len(layout.launches) != 1 or len(layout.launches[0]) < 2:
         return False
-    launch = schedule.launches[0]
-    calls = [schedule.calls[i] for i in launch]
+    launch = layout.launches[0]
+    calls = [layout.calls[i] for i in launch]
     length = calls[0].n_queries
     return (
         all(
             len(c.queries) == 1 and c.queries[0].start == i * length and c.queries[0].length == length
             for i, c in enumerate(calls)
         )
-        and length * len(calls) == schedule.n_tokens
+        and length * len(calls) == layout.n_tokens
     )
 
 
 def run_batched(inputs: AttentionInputs) -> Tensor:
-    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
-    outputs: list[Tensor | None] = [None] * len(schedule.calls)
+    outputs: list[Tensor | None] = [None] * len(layout.calls)
     batch = q.shape[0]
     slopes = inputs.alibi_slopes
-    needs_positions = schedule.has_modifiers or slopes is not None
-    positions = within_group_positions(schedule, q.device) if needs_positions else None
+    needs_positions = layout.has_modifiers or slopes is not None
+    positions = within_group_positions(layout, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    direct = _direct_launches(schedule) if not padded and slopes is None else (None,) * len(schedule.launches)
+    direct = _direct_launches(layout) if not padded and slopes is None else (None,) * len(layout.launches)
     # one split per tensor, read as pieces below (see TokenSplit: slices would
     # each cost a full-size pass in the backward)
-    qs = TokenSplit(q, schedule)
-    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
+    qs = TokenSplit(q, layout)
+    ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
     # direct launches read head-major pieces: no per-call transposes
     head_major = None
     if any(pieces is not None for pieces in direct):
-        qh = TokenSplit(q.transpose(1, 2), schedule, dim=2)
-        kh, vh = (TokenSplit(t.transpose(1, 2), schedule, keys=True, dim=2) for t in (k, v))
+        qh = TokenSplit(q.transpose(1, 2), layout, dim=2)
+        kh, vh = (TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2) for t in (k, v))
         head_major = (qh, kh, vh)
-    for launch, pieces in zip(schedule.launches, direct):
+    for launch, pieces in zip(layout.launches, direct):
         if pieces is not None:
             assert head_major is not None
             q_piece, kv_piece, causal = pieces
@@ -143,15 +141,15 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             )  # fmt: skip
             outputs[launch[0]] = out.transpose(1, 2)
             continue
-        calls = [schedule.calls[i] for i in launch]
+        calls = [layout.calls[i] for i in launch]
         modifiers = [modifier_args(c, positions, cache, padded) for c in calls]
         if len(calls) == 1:
             (call,) = calls
             outputs[launch[0]] = attend(
                 qs.take(call.queries, {}),
-                ks.take(call.keys_values, cached_k),
-                vs.take(call.keys_values, cached_v),
-                gather_mask(key_padding_mask, call.keys_values),
+                ks.take(call.keys, cached_k),
+                vs.take(call.keys, cached_v),
+                gather_mask(key_padding_mask, call.keys),
                 dropout_p,
                 scale,
                 *modifiers[0],
@@ -159,12 +157,12 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             )
             continue
         queries = stack_segments(qs, [c.queries for c in calls], {})
-        keys = stack_segments(ks, [c.keys_values for c in calls], cached_k)
-        values = stack_segments(vs, [c.keys_values for c in calls], cached_v)
+        keys = stack_segments(ks, [c.keys for c in calls], cached_k)
+        values = stack_segments(vs, [c.keys for c in calls], cached_v)
         mask = None
         if key_padding_mask is not None:
             mask = stack_segments(
-                key_padding_mask, [[s for s in c.keys_values if s.cached is None] for c in calls], {}
+                key_padding_mask, [[s for s in c.keys if s.cached is None] for c in calls], {}
             )
         pair_mask, is_causal = None, modifiers[0][1]  # calls of a launch share their modifiers
         if modifiers[0][0] is not None:
@@ -175,13 +173,13 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             biases = torch.stack([call_bias(c, positions, cache, slopes) for c in calls])  # type: ignore[misc]
             bias = biases.expand(batch, *biases.shape).flatten(0, 1)  # [B * n, H, Lq, Lk]
         out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias)
-        if _tiled_output(schedule):
-            return out.reshape(batch, schedule.n_tokens, *out.shape[2:])
+        if _tiled_output(layout):
+            return out.reshape(batch, layout.n_tokens, *out.shape[2:])
         # unbind, not indexing: its backward is one stack, where each index
         # would allocate and fill a gradient of the whole output
         for index, piece in zip(launch, out.reshape(batch, len(calls), *out.shape[1:]).unbind(1)):
             outputs[index] = piece
-    return assemble(outputs, schedule, q)
+    return assemble(outputs, layout, q)
 
 
 def run_as_batched(inputs: AttentionInputs, implementation: str, reason: str, warned: set[str]) -> Tensor:

@@ -9,7 +9,6 @@ layout without a copy.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.layout import Call, Layout, Segment
 from patternc.modifiers import Modifiers
-from patternc.nn.schedule import CallSchedule, Schedule, Segment
 
 __all__ = [
     "AttentionInputs",
@@ -34,7 +33,6 @@ __all__ = [
     "group_positions",
     "modifier_args",
     "modifier_mask",
-    "token_pieces",
     "within_group_positions",
 ]
 
@@ -48,7 +46,7 @@ class AttentionInputs:
     q: Tensor
     k: Tensor
     v: Tensor
-    schedule: Schedule
+    layout: Layout
     cache: Mapping[str, tuple[Tensor, Tensor]]
     key_padding_mask: Tensor | None
     dropout_p: float
@@ -81,32 +79,9 @@ def gather(t: Tensor, segments: Sequence[Segment], cache: Mapping[str, Tensor]) 
     return torch.cat(parts, dim=1)
 
 
-@functools.lru_cache(maxsize=1024)
-def token_pieces(
-    schedule: Schedule, keys: bool
-) -> tuple[tuple[int, ...], dict[tuple[int, int], tuple[int, int]]]:
-    """Split sizes along the tokens at every boundary of the calls' query
-    segments (``keys`` False) or input key/value segments (True), and each such
-    segment's ``(first, stop)`` piece range. Query segments are disjoint, so
-    each is one piece; key segments are one piece unless they partly overlap."""
-    segments = {
-        (s.start, s.stop)
-        for call in schedule.calls
-        for s in (call.keys_values if keys else call.queries)
-        if s.cached is None
-    }
-    bounds = {0, schedule.n_tokens}
-    for start, stop in segments:
-        bounds.update((start, stop))
-    ordered = sorted(bounds)
-    index = {b: i for i, b in enumerate(ordered)}
-    sizes = tuple(b - a for a, b in itertools.pairwise(ordered))
-    return sizes, {(a, b): (index[a], index[b]) for a, b in segments}
-
-
 class TokenSplit:
     """A ``[B, N, ...]`` tensor split once along its tokens at every segment
-    boundary of a schedule; segments are read as pieces of that one split.
+    boundary of a layout; segments are read as pieces of that one split.
 
     Why not slices: autograd's backward of each slice allocates a zero tensor
     of the whole input and copies its gradient in, so ``n`` segments cost ``n``
@@ -114,21 +89,21 @@ class TokenSplit:
     CPU). One split's backward is one concatenation of the pieces' gradients.
     """
 
-    def __init__(self, t: Tensor, schedule: Schedule, keys: bool = False, dim: int = 1) -> None:
+    def __init__(self, t: Tensor, layout: Layout, keys: bool = False, dim: int = 1) -> None:
         """``keys``: split at the key/value segments' boundaries (else the
         queries'); ``dim``: the token dim (2 for head-major ``[B, H, N, D]``
         views). The split happens on the first :meth:`take` (stacked views
         never need it)."""
         self.tensor = t
-        self._schedule, self._keys, self._dim = schedule, keys, dim
-        self._ranges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._sizes, self._ranges = layout.key_pieces if keys else layout.query_pieces
+        self._dim = dim
         self._pieces: tuple[Tensor, ...] = ()
 
     @property
     def pieces(self) -> tuple[Tensor, ...]:
-        """The split (made on first use), indexed like ``token_pieces``' ranges."""
+        """The split (made on first use), indexed like the layout's piece ranges."""
         if not self._pieces:
-            sizes, self._ranges = token_pieces(self._schedule, self._keys)
+            sizes = self._sizes
             t = self.tensor
             self._pieces = tuple(t.split_with_sizes(sizes, self._dim)) if len(sizes) > 1 else (t,)
         return self._pieces
@@ -169,13 +144,13 @@ def group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)
 
 
-def within_group_positions(schedule: Schedule, device: torch.device) -> Tensor:
+def within_group_positions(layout: Layout, device: torch.device) -> Tensor:
     """``[N]``: each input token's index within its group."""
-    return group_positions(schedule.input_sizes, device)
+    return group_positions(layout.input_sizes, device)
 
 
 def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """``[Lq, Lk]`` bool: which pairs a rule's modifiers allow (positions within groups)."""
+    """``[Lq, Lk]`` bool: which pairs ``modifiers`` allow (positions within groups)."""
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = torch.ones_like(diff, dtype=torch.bool)
     if modifiers.causal:
@@ -191,17 +166,29 @@ def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     return -slopes[:, None, None] * distance
 
 
+def _segment_positions(
+    segments: Sequence[Segment], positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
+) -> list[Tensor]:
+    """Within-group positions of each segment (cached keys count from 0)."""
+    return [
+        positions[s.start : s.stop]
+        if s.cached is None
+        else torch.arange(cache[s.cached][0].shape[1], device=positions.device)
+        for s in segments
+    ]
+
+
 def call_positions(
-    call: CallSchedule, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
+    call: Call, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """Within-group positions of a call's queries and keys (cached keys count from 0)."""
-    q_pos = gather(positions[None], call.queries, {})[0]
-    cached = {name: torch.arange(kv[0].shape[1], device=positions.device)[None] for name, kv in cache.items()}
-    return q_pos, gather(positions[None], call.keys_values, cached)[0]
+    q_parts = _segment_positions(call.queries, positions, cache)
+    k_parts = _segment_positions(call.keys, positions, cache)
+    return torch.cat(q_parts), torch.cat(k_parts)
 
 
 def call_bias(
-    call: CallSchedule,
+    call: Call,
     positions: Tensor | None,
     cache: Mapping[str, tuple[Tensor, Tensor]],
     slopes: Tensor | None,
@@ -214,25 +201,36 @@ def call_bias(
 
 
 def call_pair_mask(
-    call: CallSchedule, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
+    call: Call, positions: Tensor, cache: Mapping[str, tuple[Tensor, Tensor]]
 ) -> Tensor | None:
-    """The per-pattern mask of a call with modifiers (None when it has none)."""
-    if not call.modifiers:
+    """``[Lq, Lk]``: the pairs a call's per-key modifiers allow (None when it
+    has none); each key segment is masked by its own modifiers."""
+    if not call.has_modifiers:
         return None
-    return modifier_mask(call.modifiers, *call_positions(call, positions, cache))
+    q_pos = torch.cat(_segment_positions(call.queries, positions, cache))
+    k_parts = _segment_positions(call.keys, positions, cache)
+    return torch.cat(
+        [
+            modifier_mask(seg.modifiers, q_pos, k_pos)
+            if seg.modifiers
+            else torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+            for seg, k_pos in zip(call.keys, k_parts)
+        ],
+        dim=1,
+    )
 
 
 def modifier_args(
-    call: CallSchedule,
+    call: Call,
     positions: Tensor | None,
     cache: Mapping[str, tuple[Tensor, Tensor]],
     padded: bool,
 ) -> tuple[Tensor | None, bool]:
     """``(pair_mask, is_causal)`` for a call: plain ``[causal]`` between single
     groups is SDPA's ``is_causal`` (no mask built); other modifiers give a mask."""
-    if not call.modifiers:
+    if not call.has_modifiers:
         return None, False
-    if call.single_groups and call.modifiers == Modifiers(causal=True) and not padded:
+    if call.is_causal and not padded:
         return None, True
     assert positions is not None
     return call_pair_mask(call, positions, cache), False
@@ -286,28 +284,16 @@ def attend(
     return out.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=512)
-def _output_pieces(schedule: Schedule) -> tuple[tuple[int, int], ...]:
-    """``schedule.output_order`` as ``(call, index)`` into each call's output
-    split at its query segments (a call's output lists its segments in order)."""
-    offsets = {
-        (call, start): index
-        for call, c in enumerate(schedule.calls)
-        for index, start in enumerate(itertools.accumulate((s.length for s in c.queries), initial=0))
-    }
-    return tuple((call, offsets[(call, start)]) for call, start, _ in schedule.output_order)
-
-
-def assemble(outputs: Sequence[Tensor | None], schedule: Schedule, like: Tensor) -> Tensor:
+def assemble(outputs: Sequence[Tensor | None], layout: Layout, like: Tensor) -> Tensor:
     """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation).
     A call with several query segments has its output split, not sliced: one
     backward pass for it, not one whole-size gradient per segment."""
     split: dict[int, tuple[Tensor, ...]] = {}
     pieces = []
-    for call, index in _output_pieces(schedule):
+    for call, index in layout.output_order:
         out = outputs[call]
         assert out is not None
-        queries = schedule.calls[call].queries
+        queries = layout.calls[call].queries
         if len(queries) == 1:
             pieces.append(out)
             continue

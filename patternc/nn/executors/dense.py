@@ -9,56 +9,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.layout import Layout
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
-    modifier_mask,
     within_group_positions,
 )
-from patternc.nn.schedule import Schedule
 
 __all__ = ["dense_mask", "run_dense"]
 
 
-def dense_mask(schedule: Schedule, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
-    """``[N, N + cached]`` bool: query token i may attend to key token j."""
-    allowed = torch.tensor(schedule.allowed, dtype=torch.bool, device=device)
-    sizes = torch.tensor(schedule.input_sizes, device=device)
-    query_ids = torch.repeat_interleave(torch.tensor(schedule.group_ids, device=device), sizes)
-    cached_ids = [schedule.all_groups.index(g) for g in schedule.cached_groups]
+def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
+    """``[N, N + cached]`` bool: query token i may attend to key token j (the
+    group table, then each group pair's modifiers on positions within groups)."""
+    allowed = torch.tensor(layout.allowed, dtype=torch.bool, device=device)
+    sizes = torch.tensor(layout.input_sizes, device=device)
+    query_ids = torch.repeat_interleave(torch.tensor(layout.group_ids, device=device), sizes)
+    cached_ids = [layout.all_groups.index(g) for g in layout.cached_groups]
     cached = [
-        torch.full((cache_lengths[g],), i, device=device) for g, i in zip(schedule.cached_groups, cached_ids)
+        torch.full((cache_lengths[g],), i, device=device) for g, i in zip(layout.cached_groups, cached_ids)
     ]
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     mask = allowed[query_ids][:, key_ids]
-    if schedule.has_modifiers:
-        q_pos = within_group_positions(schedule, device)
+    if layout.has_modifiers:
+        causal = torch.tensor([[m.causal for m in row] for row in layout.pair_modifiers], device=device)
+        window = torch.tensor([[m.window or 0 for m in row] for row in layout.pair_modifiers], device=device)
+        q_pos = within_group_positions(layout, device)
         k_pos = torch.cat(
-            [q_pos, *(torch.arange(cache_lengths[g], device=device) for g in schedule.cached_groups)]
+            [q_pos, *(torch.arange(cache_lengths[g], device=device) for g in layout.cached_groups)]
         )
-        for gid, modifiers in enumerate(schedule.group_modifiers):
-            rows = query_ids == gid
-            if modifiers and bool(rows.any()):
-                mask[rows] &= modifier_mask(modifiers, q_pos[rows], k_pos)
+        diff = q_pos[:, None] - k_pos[None, :]
+        pair_causal = causal[query_ids][:, key_ids]
+        pair_window = window[query_ids][:, key_ids]
+        mask &= ~pair_causal | (diff >= 0)
+        mask &= (pair_window == 0) | (diff.abs() < pair_window)
     return mask
 
 
 def run_dense(inputs: AttentionInputs) -> Tensor:
-    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
-    keys = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
-    values = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
-    lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
-    mask = dense_mask(schedule, lengths, q.device)[None, None]  # [1, 1, N, Nk]
+    keys = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
+    values = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
+    lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
+    mask = dense_mask(layout, lengths, q.device)[None, None]  # [1, 1, N, Nk]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
     keep = mask.any(dim=-1, keepdim=True)  # rows with no key at all give zeros
     attn_mask: Tensor = mask | ~keep
     if inputs.alibi_slopes is not None:
-        q_pos = within_group_positions(schedule, q.device)
-        k_pos = torch.cat(
-            [q_pos, *(torch.arange(lengths[g], device=q.device) for g in schedule.cached_groups)]
-        )
+        q_pos = within_group_positions(layout, q.device)
+        k_pos = torch.cat([q_pos, *(torch.arange(lengths[g], device=q.device) for g in layout.cached_groups)])
         bias = alibi_bias(inputs.alibi_slopes, q_pos, k_pos)[None].to(q.dtype)
         attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(

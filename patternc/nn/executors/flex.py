@@ -2,7 +2,7 @@
 
 Queries, keys and values are padded to a bucketed length (so changing sizes
 reuse a few compiled kernels), the block mask comes from the group layout
-(:mod:`patternc.nn.flexmask`) and is cached per (schedule, cache lengths,
+(:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
 device, padding), and ``flex_attention`` is compiled once per process.
 
 Where torch cannot run it, ``flex`` falls back to ``batched`` with a one-time
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.layout import Layout
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
-from patternc.nn.schedule import Schedule
 
 __all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
 
@@ -112,18 +112,18 @@ def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], va
 
 
 def flex_tables(
-    schedule: Schedule,
+    layout: Layout,
     cache_lengths: Mapping[str, int],
     device: torch.device,
     block_size: int = BLOCK_SIZE,
     positions: bool = False,
 ) -> FlexTables:
-    """The layout's device tables, cached per (schedule, cache lengths, device,
+    """The layout's device tables, cached per (layout, cache lengths, device,
     block size, whether positions are built)."""
-    key = (schedule, tuple(sorted(cache_lengths.items())), device, block_size, positions)
+    key = (layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
     tables = _tables.get(key)
     if tables is None:
-        tables = FlexTables.build(schedule, cache_lengths, device, block_size, positions)
+        tables = FlexTables.build(layout, cache_lengths, device, block_size, positions)
         _remember(_tables, key, tables)
     return tables
 
@@ -172,21 +172,21 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
 
 
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
-    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     reason = _fallback_reason(q, dropout_p)
     if reason is not None:
         return run_as_batched(inputs, "flex", reason, _warned)
-    lengths = {g: cache[g][0].shape[1] for g in schedule.cached_groups}
+    lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     slopes = inputs.alibi_slopes
-    tables = flex_tables(schedule, lengths, q.device, block_size, positions=slopes is not None)
-    if schedule.cached_groups:
-        k = torch.cat([k, *(cache[g][0] for g in schedule.cached_groups)], dim=1)
-        v = torch.cat([v, *(cache[g][1] for g in schedule.cached_groups)], dim=1)
+    tables = flex_tables(layout, lengths, q.device, block_size, positions=slopes is not None)
+    if layout.cached_groups:
+        k = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
+        v = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
-    key = (schedule, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
+    key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
     block_mask = _block_mask(tables, padding, key)
     out = _flex(q.device.type)(
         _pad_heads_first(q, tables.q_len),

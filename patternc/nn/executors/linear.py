@@ -60,25 +60,31 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk_size: 
 
 
 def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    q, k, v, schedule = inputs.q, inputs.k, inputs.v, inputs.schedule
+    q, k, v, layout = inputs.q, inputs.k, inputs.v, inputs.layout
     if inputs.alibi_slopes is not None:
         raise ValueError("linear attention cannot add an ALiBi bias; use attention_type 'batched' or 'dense'")
     outputs: list[Tensor | None] = []
-    qs = TokenSplit(q, schedule)
-    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
-    for call in schedule.calls:
+    qs = TokenSplit(q, layout)
+    ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
+    for call in layout.calls:
         if not call.n_queries:
             outputs.append(None)
             continue
-        if call.modifiers.window is not None:
+        mods = call.modifiers
+        if mods is None:
             raise ValueError(
-                f"linear attention cannot express [window {call.modifiers.window}]; "
+                f"linear attention needs one modifier list for all keys of a call; `{call.attention.text()}` "
+                "gives its key groups different ones: use attention_type 'batched' or 'flex'"
+            )
+        if mods.window is not None:
+            raise ValueError(
+                f"linear attention cannot express [window {mods.window}]; "
                 "run this pattern with 'flex' or 'batched'"
             )
         queries = _features(qs.take(call.queries, {}))
-        keys = _features(ks.take(call.keys_values, inputs.cached_keys))
-        values = vs.take(call.keys_values, inputs.cached_values)
-        padding = gather_mask(inputs.key_padding_mask, call.keys_values)
+        keys = _features(ks.take(call.keys, inputs.cached_keys))
+        values = vs.take(call.keys, inputs.cached_values)
+        padding = gather_mask(inputs.key_padding_mask, call.keys)
         if padding is not None:
             n_cached = keys.shape[1] - padding.shape[1]
             real = F.pad(padding, (0, n_cached), value=True) if n_cached else padding
@@ -86,5 +92,5 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
         if keys.shape[1] == 0:
             outputs.append(torch.zeros_like(queries))
             continue
-        outputs.append(linear_attention(queries, keys, values, call.modifiers.causal, chunk_size))
-    return assemble(outputs, schedule, q)
+        outputs.append(linear_attention(queries, keys, values, mods.causal, chunk_size))
+    return assemble(outputs, layout, q)

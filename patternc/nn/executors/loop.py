@@ -19,24 +19,24 @@ __all__ = ["run_loop"]
 
 
 def run_loop(inputs: AttentionInputs) -> Tensor:
-    q, k, v, schedule, cache = inputs.q, inputs.k, inputs.v, inputs.schedule, inputs.cache
+    q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     slopes = inputs.alibi_slopes
-    needs_positions = schedule.has_modifiers or slopes is not None
-    positions = within_group_positions(schedule, q.device) if needs_positions else None
+    needs_positions = layout.has_modifiers or slopes is not None
+    positions = within_group_positions(layout, q.device) if needs_positions else None
     outputs: list[Tensor | None] = []
-    qs = TokenSplit(q, schedule)  # pieces of one split: see TokenSplit
-    ks, vs = TokenSplit(k, schedule, keys=True), TokenSplit(v, schedule, keys=True)
-    for call in schedule.calls:
+    qs = TokenSplit(q, layout)  # pieces of one split: see TokenSplit
+    ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
+    for call in layout.calls:
         if not call.n_queries:
             outputs.append(None)
             continue
         queries = qs.take(call.queries, {})
-        keys = ks.take(call.keys_values, cached_k)
-        values = vs.take(call.keys_values, cached_v)
-        mask = gather_mask(key_padding_mask, call.keys_values)
+        keys = ks.take(call.keys, cached_k)
+        values = vs.take(call.keys, cached_v)
+        mask = gather_mask(key_padding_mask, call.keys)
         pair_mask, is_causal = modifier_args(call, positions, cache, key_padding_mask is not None)
         bias = call_bias(call, positions, cache, slopes)
         outputs.append(attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias))
-    return assemble(outputs, schedule, q)
+    return assemble(outputs, layout, q)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.modifiers import Modifiers
+from patternc.layout import Call, Layout
+from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.schedule import CallSchedule, Schedule
 
 __all__ = ["run_varlen", "varlen_available"]
 
@@ -54,13 +54,15 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and _kernel() is not None
 
 
-def _window(call: CallSchedule) -> tuple[int, int] | None:
+def _window(call: Call) -> tuple[int, int] | None:
     """The kernel's ``(left, right)`` window for a call's modifiers, or None
     when it cannot express them on this call."""
     mods = call.modifiers
+    if mods is None:  # key groups with different modifiers: one window cannot say it
+        return None
     if not mods:
         return (-1, -1)
-    same_positions = call.single_groups and call.n_queries == sum(s.length for s in call.keys_values)
+    same_positions = call.single_groups and call.n_queries == sum(s.length for s in call.keys)
     if not same_positions:
         return None
     left = -1 if mods.window is None else mods.window - 1
@@ -83,20 +85,22 @@ class _Launch:
 
 
 @functools.lru_cache(maxsize=256)
-def _launches(schedule: Schedule, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
+def _launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
     """The launches of a layout for ``batch`` elements, or why it cannot run."""
-    if schedule.cached_groups:
+    if layout.cached_groups:
         return "KV-cached groups"
-    by_modifiers: dict[Modifiers, list[CallSchedule]] = {}
-    for call in schedule.calls:
+    by_modifiers: dict[Modifiers, list[Call]] = {}
+    for call in layout.calls:
         if not call.n_queries:
             continue
-        if not call.keys_values:
+        if not call.keys:
             return "a call with no keys"
         if _window(call) is None:
+            if call.modifiers is None:
+                return f"per-key modifiers that differ within one call (`{call.attention.text()}`)"
             return f"{call.modifiers.text()} across groups of different positions"
-        by_modifiers.setdefault(call.modifiers, []).append(call)
-    n = schedule.n_tokens
+        by_modifiers.setdefault(call.modifiers or NO_MODIFIERS, []).append(call)
+    n = layout.n_tokens
     launches = []
     for calls in by_modifiers.values():
         q_rows: list[int] = []
@@ -106,7 +110,7 @@ def _launches(schedule: Schedule, batch: int, device: torch.device) -> tuple[_La
             for call in calls:
                 for seg in call.queries:
                     q_rows.extend(range(b * n + seg.start, b * n + seg.stop))
-                for seg in call.keys_values:
+                for seg in call.keys:
                     kv_rows.extend(range(b * n + seg.start, b * n + seg.stop))
                 cu_q.append(len(q_rows))
                 cu_k.append(len(kv_rows))
@@ -158,7 +162,7 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
         return _fall_back(inputs, reason)
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, n, heads, dim = q.shape
-    launches = _launches(inputs.schedule, batch, q.device)
+    launches = _launches(inputs.layout, batch, q.device)
     if isinstance(launches, str):
         return _fall_back(inputs, launches)
     kernel = _kernel()

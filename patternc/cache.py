@@ -1,0 +1,58 @@
+"""The compiler's caches: explicit objects with documented keys.
+
+A model calls the runtime with the same plan and sizes on every forward
+pass, so binding a plan to its run-time groups and laying it out at given
+sizes happen once per distinct input and are then looked up. Each cache is a
+bounded dict (oldest entry evicted first) owned by this module, never a
+hidden attribute of a frozen record.
+
+- :data:`BINDINGS`: key ``(plan, group names)`` -> the plan with its
+  families expanded over those names (:func:`patternc.bind.bind`).
+- :data:`CHECKED_PATTERNS`: see below.
+- :data:`LAYOUTS`: key ``(plan, ((group, size), ...))`` -> the
+  :class:`~patternc.layout.Layout` (sizes as given: a dict's items or a
+  ``TokenSpec`` list's ``(name, size)`` pairs, in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from patternc.layout import Layout
+    from patternc.plan import Plan
+
+__all__ = ["BINDINGS", "CHECKED_PATTERNS", "LAYOUTS", "BoundedCache"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """A dict of at most ``size`` entries; :meth:`get_or_build` builds on a miss."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+        self._entries: dict[K, V] = {}
+
+    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        found = self._entries.get(key)
+        if found is None:
+            found = build()
+            if len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = found
+        return found
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+BINDINGS: BoundedCache[tuple[Plan, tuple[str, ...]], Plan] = BoundedCache("bindings", 1024)
+LAYOUTS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], Layout] = BoundedCache("layouts", 4096)
+CHECKED_PATTERNS: BoundedCache[tuple[Hashable, ...], Plan] = BoundedCache("checked patterns", 512)
+"""Key ``(((group, cached), ...), patterns)`` -> the checked plan of a hand-written list."""

@@ -1,0 +1,128 @@
+"""Exports of plans: JSON-ready data (``docs/plan-format.md``) and Graphviz.
+
+Each export reads the plan's calls and layouts as the compiler built them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from patternc.ir import KeyGroup
+from patternc.layout import Layout, Sizes
+
+if TYPE_CHECKING:
+    from patternc.plan import Plan, Program
+
+__all__ = ["JSON_SCHEMA_VERSION", "dot", "layout_dict", "plan_dict", "program_dict"]
+
+JSON_SCHEMA_VERSION = 2
+"""2: modifiers are per key group (``key_modifiers``); FLOPs count allowed pairs."""
+
+
+def _key_modifiers(keys: Sequence[KeyGroup]) -> list[dict[str, bool | int | None]]:
+    return [k.modifiers.to_dict() for k in keys]
+
+
+def plan_dict(plan: Plan, sizes: Sizes | None, dim: int) -> dict[str, Any]:
+    from patternc.plan import names_of
+
+    data: dict[str, Any] = {
+        "name": plan.name,
+        "rules": [
+            {
+                "text": r.text,
+                "line": r.span.line if r.span else None,
+                "column": r.span.column if r.span else None,
+                "queries": list(r.queries),
+                "keys_values": list(r.keys_values),
+                "key_modifiers": _key_modifiers(r.keys),
+            }
+            for r in plan.rules
+        ],
+        "attention_patterns": [
+            {
+                "query_tokens": list(c.queries),
+                "key_value_tokens": list(c.key_names),
+                "key_modifiers": _key_modifiers(c.keys),
+            }
+            for c in plan.calls
+        ],
+        "edges": [list(e) for e in plan.edges],
+        "types": plan.types,
+        "layout": None,
+    }
+    if sizes is not None:
+        data["layout"] = layout_dict(plan.layout(sizes), dim)
+        if plan.families:
+            data["bound_groups"] = list(plan.bind(names_of(sizes)).groups)
+    return data
+
+
+def layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
+    return {
+        "tokens": layout.n_tokens,
+        "groups": [
+            {"name": s.name, "offset": s.offset if not s.cached else None, "size": s.size, "cached": s.cached}
+            for s in layout.slots
+        ],
+        "calls": [
+            {
+                "query_tokens": list(c.query_tokens),
+                "key_value_tokens": list(c.key_value_tokens),
+                "key_modifiers": _key_modifiers(c.attention.keys),
+                "n_queries": c.n_queries,
+                "n_keys_values": c.n_keys,
+                "allowed_entries": c.allowed_entries,
+                "query_access": c.query_access,
+                "key_value_access": c.key_access,
+                "flops": 4 * c.allowed_entries * dim,
+            }
+            for c in layout.calls
+        ],
+        "launches": [list(group) for group in layout.launches],
+        "dim": dim,
+        "allowed_entries": layout.allowed_entries,
+        "flops": layout.flops(dim),
+        "dense_flops": 4 * layout.dense_entries * dim,
+        "density": round(layout.density, 6),
+    }
+
+
+def program_dict(
+    program: Program, sizes: Sizes | None, dim: int, patterns: Sequence[str] | None
+) -> dict[str, Any]:
+    return {
+        "schema": "patternc.plan",
+        "version": JSON_SCHEMA_VERSION,
+        "file": program.filename,
+        "groups": list(program.groups),
+        "types": dict(program.types),
+        "patterns": [plan_dict(plan, sizes, dim) for plan in program.select(patterns)],
+    }
+
+
+def _quote(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def dot(plans: Sequence[Plan]) -> str:
+    """Graphviz source: one cluster per plan, an edge per (query, key) group
+    pair labelled with its call and modifiers."""
+    lines = ["digraph patternc {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];']
+    for i, plan in enumerate(plans):
+        prefix = f"p{i}_"
+        lines.append(f"  subgraph cluster_{i} {{")
+        lines.append(f"    label={_quote('pattern ' + plan.name)};")
+        types = plan.types
+        for group in plan.groups:
+            label = f"{group}\n({types[group]})"
+            lines.append(f"    {prefix}{group} [label={_quote(label)}];")
+        for index, call in enumerate(plan.calls):
+            for q in call.queries:
+                for k in call.keys:
+                    label = f"call {index} {k.modifiers.text()}".rstrip()
+                    lines.append(f"    {prefix}{q} -> {prefix}{k.name} [label={_quote(label)}];")
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

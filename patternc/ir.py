@@ -1,0 +1,85 @@
+"""The compiler's intermediate records, shared by every later stage.
+
+A pattern file becomes :class:`ResolvedRule` values (both sides resolved to
+group names, each key group with its modifiers); a plan merges rules with the
+same keys into :class:`AttentionCall` values, one per attention call. Laid
+out at concrete sizes (:mod:`patternc.layout`) each call becomes one
+:class:`~patternc.layout.Call` that every executor reads as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from patternc.diagnostics import Span
+from patternc.modifiers import NO_MODIFIERS, Modifiers
+
+__all__ = ["AttentionCall", "KeyGroup", "ResolvedRule"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGroup:
+    """A key/value group of a call and the modifiers of its pairs with the call's queries."""
+
+    name: str
+    modifiers: Modifiers = NO_MODIFIERS
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRule:
+    """One rule with both sides resolved to group names (declaration order).
+
+    ``span``/``text`` point at the rule in a pattern file; ``where`` names it
+    when it came from a hand-written ``AttentionPattern`` list instead.
+    """
+
+    queries: tuple[str, ...]
+    keys: tuple[KeyGroup, ...]
+    span: Span | None = None
+    text: str = ""
+    where: str | None = None
+    to_self: bool = False
+    """From ``... -> self``: one rule per query group, whose keys are the group
+    itself (for a family: each member attends to itself, not to its siblings)."""
+
+    @property
+    def keys_values(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.keys)
+
+    @property
+    def has_modifiers(self) -> bool:
+        return any(k.modifiers for k in self.keys)
+
+    def location(self) -> str:
+        if self.span is not None:
+            return f"line {self.span.line}"
+        return self.where or "?"
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionCall:
+    """One attention call of a plan: the query groups of every rule with these
+    exact keys (names and modifiers), in group order. One softmax per query
+    over all of ``keys``."""
+
+    queries: tuple[str, ...]
+    keys: tuple[KeyGroup, ...]
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.keys)
+
+    @property
+    def has_modifiers(self) -> bool:
+        return any(k.modifiers for k in self.keys)
+
+    @property
+    def uniform_modifiers(self) -> Modifiers | None:
+        """The modifiers every key group shares, or None when they differ."""
+        distinct = {k.modifiers for k in self.keys}
+        return distinct.pop() if len(distinct) == 1 else (NO_MODIFIERS if not distinct else None)
+
+    def text(self) -> str:
+        """``q1, q2 -> k1, k2[causal]``."""
+        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in self.keys)
+        return f"{', '.join(self.queries)} -> {keys}"

@@ -1,0 +1,351 @@
+"""Layouts: a plan at concrete group sizes, in tensor-index terms.
+
+:func:`build_layout` is the last stage of the compiler. It places every
+group in the input (offsets), turns each :class:`~patternc.ir.AttentionCall`
+into one :class:`Call` (its query and key segments, per-segment modifiers,
+shapes, exact allowed-pair count), stacks calls of equal shape into launches,
+and records how call outputs go back into input order. Every executor reads
+these records as they are; nothing downstream re-derives them from the plan.
+Layouts are built once per (plan, sizes) by :data:`patternc.cache.LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Union
+
+from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
+from patternc.ir import AttentionCall
+from patternc.modifiers import NO_MODIFIERS, Modifiers, allowed_pairs
+from patternc.schemas import TokenSpec
+
+if TYPE_CHECKING:
+    from patternc.plan import Plan
+
+__all__ = ["Access", "Call", "GroupSlot", "Layout", "Segment", "Sizes", "build_layout", "normalize_sizes"]
+
+Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
+"""Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
+A size of ``None`` marks a group whose keys/values come from a KV cache."""
+
+Access = Literal["view", "gather", "empty"]
+"""How a call reads its tokens: one contiguous slice (``view``, no copy),
+several slices copied together (``gather``), or no tokens at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSlot:
+    """Where a group sits: ``offset`` into the input (or into the cache when
+    ``size`` is None, in which case ``offset`` is -1)."""
+
+    name: str
+    offset: int
+    size: int | None
+
+    @property
+    def cached(self) -> bool:
+        return self.size is None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Tokens ``[start, stop)`` of the input (``cached`` None) or of a cached
+    group, and the modifiers of the call's queries with these keys (query
+    segments carry none)."""
+
+    start: int
+    stop: int
+    cached: str | None = None
+    modifiers: Modifiers = NO_MODIFIERS
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attention call at concrete sizes: the record every executor reads.
+
+    Counts cover input tokens; cached groups add their cache length at run time.
+    """
+
+    index: int
+    attention: AttentionCall
+    """What the call computes, at group level (from the plan)."""
+    query_tokens: tuple[str, ...]
+    """Input query groups (cached groups never query)."""
+    queries: tuple[Segment, ...]
+    keys: tuple[Segment, ...]
+    """Key segments: contiguous input runs of equal modifiers, then cached groups."""
+    n_queries: int
+    n_keys: int
+    query_access: Access
+    key_access: Access
+    allowed_entries: int
+    """Exactly how many (query, key) input pairs the call allows (modifiers counted)."""
+    single_groups: bool
+    """One query group and one key group: positions within groups are plain
+    ``arange``s, so ``[causal]`` is SDPA's ``is_causal``."""
+
+    @property
+    def key_value_tokens(self) -> tuple[str, ...]:
+        return self.attention.key_names
+
+    @property
+    def modifiers(self) -> Modifiers | None:
+        """The modifiers all key groups share, or None when they differ."""
+        return self.attention.uniform_modifiers
+
+    @property
+    def has_modifiers(self) -> bool:
+        return self.attention.has_modifiers
+
+    @property
+    def is_causal(self) -> bool:
+        """Plain ``[causal]`` between one query group and one key group."""
+        return self.single_groups and self.modifiers == Modifiers(causal=True)
+
+    @property
+    def score_entries(self) -> int:
+        return self.n_queries * self.n_keys
+
+
+PieceRanges = Mapping[tuple[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """A plan laid out for concrete sizes: everything an executor needs, as integers.
+
+    Compared and hashed by identity: layouts are built once per (plan, sizes)
+    and the executors' caches key on them on every call."""
+
+    plan_name: str
+    slots: tuple[GroupSlot, ...]
+    calls: tuple[Call, ...]
+    launches: tuple[tuple[int, ...], ...]
+    """Calls of equal shape and modifier kind; each tuple is one stacked launch."""
+    n_tokens: int
+    """Tokens in the input tensor (cached groups excluded)."""
+    output_order: tuple[tuple[int, int], ...]
+    """``(call, piece)`` in input order: piece ``i`` of a call's output split at its query segments."""
+    input_groups: tuple[str, ...]
+    """Groups in ``x``, in input order (empty ones included)."""
+    group_ids: tuple[int, ...]
+    """Index into ``all_groups`` of every input group, in input order."""
+    all_groups: tuple[str, ...]
+    input_sizes: tuple[int, ...]
+    cached_groups: tuple[str, ...]
+    """Cached groups some call reads, in group order."""
+    key_value_groups: tuple[str, ...]
+    """Input groups other patterns can reuse from a KV cache (groups used as keys/values)."""
+    key_value_indices: tuple[int, ...]
+    """Input-order index of each of ``key_value_groups``."""
+    allowed: tuple[tuple[bool, ...], ...]
+    """``allowed[q][k]``: group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
+    pair_modifiers: tuple[tuple[Modifiers, ...], ...]
+    """``pair_modifiers[q][k]``: the modifiers of that group pair."""
+    has_modifiers: bool
+    query_pieces: tuple[tuple[int, ...], PieceRanges]
+    """Split sizes along the tokens at every query-segment boundary, and each
+    segment's ``(first, stop)`` piece range (see the executors' ``TokenSplit``)."""
+    key_pieces: tuple[tuple[int, ...], PieceRanges]
+    """The same for input key segments (which may overlap)."""
+    token_specs: tuple[TokenSpec, ...]
+
+    @property
+    def score_entries(self) -> int:
+        return sum(c.score_entries for c in self.calls)
+
+    @property
+    def allowed_entries(self) -> int:
+        """Allowed (query, key) pairs over all calls: what attention computes."""
+        return sum(c.allowed_entries for c in self.calls)
+
+    @property
+    def dense_entries(self) -> int:
+        """Score entries of dense attention: every input token to every token."""
+        return self.n_tokens * self.n_tokens
+
+    @property
+    def density(self) -> float:
+        return self.allowed_entries / self.dense_entries if self.dense_entries else 0.0
+
+    def flops(self, dim: int) -> int:
+        """Attention FLOPs (``QK^T`` and ``PV``) at model width ``dim`` on allowed pairs."""
+        return 4 * self.allowed_entries * dim
+
+    def slot(self, name: str) -> GroupSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None]:
+    """Sizes as ``{group: size}`` for exactly the declared groups, or a
+    :class:`PatternError` naming unknown and missing groups."""
+    if isinstance(sizes, Mapping):
+        given: dict[str, int | None] = dict(sizes)
+    else:
+        given = {spec.name: spec.size for spec in sizes}
+    diagnostics = []
+    for name, size in given.items():
+        if name not in groups:
+            diagnostics.append(
+                Diagnostic(
+                    Code.SIZE_FOR_UNKNOWN_GROUP,
+                    f"size given for unknown group `{name}`",
+                    where="sizes",
+                    hint=suggest(name, groups) or f"groups are: {', '.join(groups)}",
+                )
+            )
+        elif size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            diagnostics.append(
+                Diagnostic(
+                    Code.BAD_SIZE, f"size of `{name}` must be an integer >= 0, got {size!r}", where="sizes"
+                )
+            )
+    missing = [g for g in groups if g not in given]
+    if missing:
+        diagnostics.append(
+            Diagnostic(
+                Code.MISSING_SIZE,
+                "no size given for " + ", ".join(f"`{g}`" for g in missing),
+                where="sizes",
+                hint="give every group a size (None for a group read from the KV cache)",
+            )
+        )
+    if diagnostics:
+        raise PatternError(diagnostics)
+    return {g: given[g] for g in groups}
+
+
+def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
+    present = [slots[n] for n in names if slots[n].cached or slots[n].size]
+    if not present:
+        return "empty"
+    if any(s.cached for s in present):
+        return "view" if len(present) == 1 else "gather"
+    ordered = sorted(present, key=lambda s: s.offset)
+    contiguous = all(a.offset + (a.size or 0) == b.offset for a, b in itertools.pairwise(ordered))
+    return "view" if contiguous else "gather"
+
+
+def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, GroupSlot]) -> tuple[Segment, ...]:
+    """Input runs (adjacent groups of equal modifiers merged), then cached groups."""
+    inputs, cached = [], []
+    for name, mods in groups:
+        slot = slots[name]
+        if slot.cached:
+            cached.append(Segment(0, -1, name, mods))  # length known at run time
+        elif slot.size:
+            inputs.append(Segment(slot.offset, slot.offset + slot.size, None, mods))
+    merged: list[Segment] = []
+    for seg in sorted(inputs, key=lambda s: s.start):
+        last = merged[-1] if merged else None
+        if last is not None and last.stop == seg.start and last.modifiers == seg.modifiers:
+            merged[-1] = Segment(last.start, seg.stop, None, seg.modifiers)
+        else:
+            merged.append(seg)
+    return (*merged, *cached)
+
+
+def _pieces(segments: set[tuple[int, int]], n_tokens: int) -> tuple[tuple[int, ...], PieceRanges]:
+    bounds = {0, n_tokens}
+    for start, stop in segments:
+        bounds.update((start, stop))
+    ordered = sorted(bounds)
+    index = {b: i for i, b in enumerate(ordered)}
+    sizes = tuple(b - a for a, b in itertools.pairwise(ordered))
+    return sizes, {(a, b): (index[a], index[b]) for a, b in segments}
+
+
+def _launch_key(call: Call) -> tuple[int, int, bool, bool]:
+    """Calls stack when their shapes match and their modifiers need the same
+    treatment: none, SDPA's ``is_causal``, or a per-call mask."""
+    return (call.n_queries, call.n_keys, call.has_modifiers, call.is_causal)
+
+
+def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
+    """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
+    (``{group: size}`` for every group of the plan, in the plan's order)."""
+    slots: dict[str, GroupSlot] = {}
+    offset = 0
+    for name in plan.groups:
+        size = sizes[name]
+        slots[name] = GroupSlot(name, -1, None) if size is None else GroupSlot(name, offset, size)
+        offset += size or 0
+    calls = []
+    for i, attention in enumerate(plan.calls):
+        queries = tuple(q for q in attention.queries if not slots[q].cached)
+        key_names = attention.key_names
+        present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
+        allowed = sum(
+            allowed_pairs(slots[q].size or 0, slots[k.name].size or 0, k.modifiers)
+            for q in queries
+            for k in attention.keys
+        )
+        calls.append(
+            Call(
+                index=i,
+                attention=attention,
+                query_tokens=queries,
+                queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
+                keys=_segments([(k.name, k.modifiers) for k in attention.keys], slots),
+                n_queries=sum(slots[q].size or 0 for q in queries),
+                n_keys=sum(slots[k].size or 0 for k in key_names),
+                query_access=_access(queries, slots),
+                key_access=_access(key_names, slots),
+                allowed_entries=allowed,
+                single_groups=sum(1 for g in queries if slots[g].size) == 1 and len(present_keys) == 1,
+            )
+        )
+    by_shape: dict[tuple[int, int, bool, bool], list[int]] = {}
+    for call in calls:
+        if call.n_queries:
+            by_shape.setdefault(_launch_key(call), []).append(call.index)
+    # where each input group's outputs live: (input start, call, piece of the call's output)
+    pieces = sorted((seg.start, c.index, p) for c in calls for p, seg in enumerate(c.queries))
+    inputs = [s for s in slots.values() if not s.cached]
+    index = {g: i for i, g in enumerate(plan.groups)}
+    n = len(plan.groups)
+    allowed_table = [[False] * n for _ in range(n)]
+    pair_mods = [[NO_MODIFIERS] * n for _ in range(n)]
+    for attention in plan.calls:
+        for q in attention.queries:
+            for k in attention.keys:
+                allowed_table[index[q]][index[k.name]] = True
+                pair_mods[index[q]][index[k.name]] = k.modifiers
+    used_as_keys = {k.name for a in plan.calls for k in a.keys}
+    cached = tuple(
+        g
+        for g in plan.groups
+        if slots[g].cached and any(g in c.key_value_tokens and c.n_queries for c in calls)
+    )
+    key_value_groups = tuple(s.name for s in inputs if s.name in used_as_keys)
+    input_names = [s.name for s in inputs]
+    return Layout(
+        plan_name=plan.name,
+        slots=tuple(slots.values()),
+        calls=tuple(calls),
+        launches=tuple(tuple(v) for v in by_shape.values()),
+        n_tokens=offset,
+        output_order=tuple((call, piece) for _, call, piece in pieces),
+        input_groups=tuple(input_names),
+        group_ids=tuple(index[s.name] for s in inputs),
+        all_groups=plan.groups,
+        input_sizes=tuple(s.size or 0 for s in inputs),
+        cached_groups=cached,
+        key_value_groups=key_value_groups,
+        key_value_indices=tuple(input_names.index(g) for g in key_value_groups),
+        allowed=tuple(tuple(row) for row in allowed_table),
+        pair_modifiers=tuple(tuple(row) for row in pair_mods),
+        has_modifiers=any(a.has_modifiers for a in plan.calls),
+        query_pieces=_pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset),
+        key_pieces=_pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset),
+        token_specs=tuple(TokenSpec(name=g, size=sizes[g]) for g in plan.groups),
+    )
