@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class Measurement:
     peak_mb: float
     tflops: float
     error: str | None = None
+    note: str | None = None
+    """Why the backend ran as another (its fallback warning), if it did."""
 
 
 def _rss_kb(field: str) -> int:
@@ -93,8 +96,14 @@ def measure(
 
     base = _rss_kb("VmRSS")
     base_cuda = 0
+    note = None
     try:
-        run()  # warm-up: checks, schedules, block masks, compilation
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()  # warm-up: checks, schedules, block masks, compilation
+        fallbacks = [str(w.message) for w in caught if "runs as 'batched'" in str(w.message)]
+        if fallbacks:
+            note = fallbacks[0].split(";")[0].removeprefix(f"implementation={backend!r} ")
         run()
         sync()
         if on_cuda:
@@ -118,7 +127,7 @@ def measure(
     if backward:
         flops = int(flops * BACKWARD_FLOP_FACTOR)
     label = backend if backend != "auto" else f"auto:{_auto_choice(plan, sizes, x, heads, backward)}"
-    return Measurement(label, ms, peak, flops / (ms * 1e-3) / 1e12)
+    return Measurement(label, ms, peak, flops / (ms * 1e-3) / 1e12, note=note)
 
 
 def _auto_choice(plan: Any, sizes: dict[str, int | None], x: Any, heads: int, backward: bool) -> str:

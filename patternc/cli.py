@@ -166,6 +166,13 @@ def _build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--mask", metavar="PATH", help="draw the block mask (needs --sizes): a .png file, or - for text"
     )
+    comp.add_argument(
+        "--block",
+        type=int,
+        default=128,
+        metavar="N",
+        help="block size of --mask and the block-sparsity line (default 128; 1 draws every token pair)",
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -310,7 +317,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                 else "-"
             )
             numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3g}"
-            print(f"{plan.name:<16} {r.backend:<13} {numbers}")
+            note = f"  ({r.note})" if r.note else ""
+            print(f"{plan.name:<16} {r.backend:<13} {numbers}{note}")
     return EXIT_OK
 
 
@@ -362,10 +370,12 @@ def _run_compile(args: argparse.Namespace) -> int:
     program, sizes = loaded
     if args.dim <= 0:
         raise _UsageError(f"--dim must be positive, got {args.dim}")
+    if args.block <= 0:
+        raise _UsageError(f"--block must be positive, got {args.block}")
     if args.mask is not None:
         if sizes is None:
             raise _UsageError("--mask needs --sizes")
-        return _draw_mask(program, sizes, args.pattern, args.mask)
+        return _draw_mask(program, sizes, args.pattern, args.mask, args.block)
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
     elif args.format == "dot":
@@ -373,14 +383,17 @@ def _run_compile(args: argparse.Namespace) -> int:
     else:
         from patternc.report import format_program
 
-        sys.stdout.write(format_program(program, sizes=sizes, patterns=args.pattern, dim=args.dim))
+        text = format_program(program, sizes=sizes, patterns=args.pattern, dim=args.dim, block=args.block)
+        sys.stdout.write(text)
     return EXIT_OK
 
 
-def _draw_mask(program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str) -> int:
+def _draw_mask(
+    program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str, block: int
+) -> int:
     from patternc.blockmask import block_classes
 
-    masks = [(plan.name, block_classes(plan.layout(sizes))) for plan in program.select(patterns)]
+    masks = [(plan.name, block_classes(plan.layout(sizes), block)) for plan in program.select(patterns)]
     if target == "-":
         for name, mask in masks:
             sys.stdout.write(f"pattern {name}\n{mask.text()}\n")

@@ -155,6 +155,13 @@ class Layout:
     key_pieces: tuple[tuple[int, ...], PieceRanges]
     """The same for input key segments (which may overlap)."""
     token_specs: tuple[TokenSpec, ...]
+    direct_launches: tuple[tuple[int, int, bool] | None, ...]
+    """Per launch: ``(query piece, key piece, is_causal)`` when it is one call
+    reading one piece of queries and one of keys with no modifier but a plain
+    ``[causal]`` (documents, anchors: SDPA on the pieces as they are), else None."""
+    tiled_output: bool
+    """One stacked launch whose calls' queries tile the input in launch order:
+    its ``[B * n, L, ...]`` output already is the input order."""
 
     @property
     def score_entries(self) -> int:
@@ -270,6 +277,43 @@ def _launch_key(call: Call) -> tuple[int, int, bool, bool]:
     return (call.n_queries, call.n_keys, call.has_modifiers, call.is_causal)
 
 
+def _direct_launches(
+    calls: Sequence[Call],
+    launches: Sequence[tuple[int, ...]],
+    query_ranges: PieceRanges,
+    key_ranges: PieceRanges,
+) -> tuple[tuple[int, int, bool] | None, ...]:
+    out: list[tuple[int, int, bool] | None] = []
+    for launch in launches:
+        call = calls[launch[0]]
+        simple = (
+            len(launch) == 1
+            and len(call.queries) == 1
+            and len(call.keys) == 1
+            and call.keys[0].cached is None
+            and (not call.has_modifiers or call.is_causal)
+        )
+        if not simple:
+            out.append(None)
+            continue
+        q_first, q_stop = query_ranges[(call.queries[0].start, call.queries[0].stop)]
+        k_first, k_stop = key_ranges[(call.keys[0].start, call.keys[0].stop)]
+        one_piece = q_stop - q_first == 1 and k_stop - k_first == 1
+        out.append((q_first, k_first, call.is_causal) if one_piece else None)
+    return tuple(out)
+
+
+def _tiled_output(calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int) -> bool:
+    if len(launches) != 1 or len(launches[0]) < 2:
+        return False
+    stacked = [calls[i] for i in launches[0]]
+    length = stacked[0].n_queries
+    return length * len(stacked) == n_tokens and all(
+        len(c.queries) == 1 and c.queries[0].start == i * length and c.queries[0].length == length
+        for i, c in enumerate(stacked)
+    )
+
+
 def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -328,11 +372,14 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
     )
     key_value_groups = tuple(s.name for s in inputs if s.name in used_as_keys)
     input_names = [s.name for s in inputs]
+    launches = tuple(tuple(v) for v in by_shape.values())
+    query_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset)
+    key_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset)
     return Layout(
         plan_name=plan.name,
         slots=tuple(slots.values()),
         calls=tuple(calls),
-        launches=tuple(tuple(v) for v in by_shape.values()),
+        launches=launches,
         n_tokens=offset,
         output_order=tuple((call, piece) for _, call, piece in pieces),
         input_groups=tuple(input_names),
@@ -345,7 +392,9 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         allowed=tuple(tuple(row) for row in allowed_table),
         pair_modifiers=tuple(tuple(row) for row in pair_mods),
         has_modifiers=any(a.has_modifiers for a in plan.calls),
-        query_pieces=_pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset),
-        key_pieces=_pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset),
+        query_pieces=query_pieces,
+        key_pieces=key_pieces,
         token_specs=tuple(TokenSpec(name=g, size=sizes[g]) for g in plan.groups),
+        direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
+        tiled_output=_tiled_output(calls, launches, offset),
     )

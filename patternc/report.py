@@ -35,7 +35,7 @@ def _format_layout(layout: Layout) -> list[str]:
     return [f"layout: {layout.n_tokens} input tokens", *_table(rows)]
 
 
-def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
+def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> list[str]:
     out = [f"pattern {plan.name}: {len(plan.rules)} rule(s) -> {len(plan.calls)} attention call(s)"]
     if layout is None:
         for i, attention in enumerate(plan.calls):
@@ -63,7 +63,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
     )
     from patternc.blockmask import block_classes
 
-    blocks = block_classes(layout)
+    blocks = block_classes(layout, block)
     empty, partial, full = blocks.counts
     out.append(
         f"  blocks {blocks.block}x{blocks.block}: {full} full, {partial} partial, {empty} empty; "
@@ -78,7 +78,12 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int) -> list[str]:
 
 
 def format_program(
-    program: Program, *, sizes: Sizes | None = None, patterns: Sequence[str] | None = None, dim: int = 192
+    program: Program,
+    *,
+    sizes: Sizes | None = None,
+    patterns: Sequence[str] | None = None,
+    dim: int = 192,
+    block: int = 128,
 ) -> str:
     plans = program.select(patterns)
     out = [
@@ -95,7 +100,7 @@ def format_program(
     for plan in plans:
         out.append("")
         if sizes is not None:  # families expanded over the given groups
-            out.extend(_format_plan(plan.bind(names_of(sizes)), plan.layout(sizes), dim))
+            out.extend(_format_plan(plan.bind(names_of(sizes)), plan.layout(sizes), dim, block))
         else:
-            out.extend(_format_plan(plan, None, dim))
+            out.extend(_format_plan(plan, None, dim, block))
     return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import patternc
 from patternc import AttentionPattern, TokenSpec
 from patternc.nn import DotProductAttention
 
@@ -93,3 +94,51 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     denom = ref.double().norm()
     diff = (out.double() - ref.double()).norm()
     return float(diff / denom) if denom > 0 else float(diff)
+
+
+def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
+    """``[N, N]`` bool from the language's definition, not from patternc's
+    layouts: query token ``i`` of group G sees key token ``j`` of group H iff
+    G's rule lists H, and, with that key group's modifiers, ``j <= i`` under
+    ``causal`` and ``|i - j| < N`` under ``window N`` (positions within groups)."""
+    bound = plan.bind(list(sizes))
+    keys_of = {q: {k.name: k.modifiers for k in rule.keys} for rule in bound.rules for q in rule.queries}
+    names = [g for g in bound.groups for _ in range(sizes[g])]
+    positions = [i for g in bound.groups for i in range(sizes[g])]
+    n = len(names)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for a in range(n):
+        keys = keys_of[names[a]]
+        for b in range(n):
+            mods = keys.get(names[b])
+            if mods is None:
+                continue
+            ok = True
+            if mods.causal:
+                ok = positions[b] <= positions[a]
+            if ok and mods.window is not None:
+                ok = abs(positions[a] - positions[b]) < mods.window
+            mask[a, b] = ok
+    return mask
+
+
+def reference_pattern_attention(
+    module: DotProductAttention,
+    x: Tensor,
+    plan: patternc.Plan,
+    sizes: dict[str, int],
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """float64 output of a ``PatternAttention``'s attention under ``plan``
+    (explicit softmax over :func:`language_mask`); differentiable in ``x``."""
+    heads, dim = module.num_heads, module.head_dim
+    b, n, _ = x.shape
+    qkv = x @ module.qkv.weight.double().T + module.qkv.bias.double()
+    q, k, v = qkv.view(b, n, 3, heads, dim).unbind(2)
+    mask = language_mask(plan, sizes)[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / dim**0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, heads * dim)
+    return out @ module.proj.weight.double().T + module.proj.bias.double()

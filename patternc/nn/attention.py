@@ -159,16 +159,6 @@ def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str
     return out
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]
-def _schedule(
-    token_specs: TokenSpecs, patterns: Plan | Sequence[AttentionPattern]
-) -> tuple[list[TokenSpec], Layout]:
-    """Checks and layout are plain Python, cached per layout: keep them out of
-    ``torch.compile`` graphs (one graph break before the tensor work)."""
-    specs = as_token_specs(token_specs)
-    return specs, schedule_for(specs, patterns)
-
-
 class MixedAttention(DotProductAttention):
     """Attention in which token groups attend along given patterns.
 
@@ -211,7 +201,23 @@ class MixedAttention(DotProductAttention):
         holds the K/V of every input group used as keys/values (views into
         this call's tensors, layout of :data:`KVCache`), or is None when some
         group was read from ``kv_cache``."""
-        specs, layout = _schedule(token_specs, attention_patterns)
+        specs = as_token_specs(token_specs)
+        layout = schedule_for(specs, attention_patterns)
+        return self._attend(x, layout, attention_patterns, key_padding_mask, freqs, kv_cache)
+
+    def _attend(
+        self,
+        x: Tensor,
+        layout: Layout,
+        attention_patterns: Plan | Sequence[AttentionPattern],
+        key_padding_mask: Tensor | None,
+        freqs: Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[Tensor, KVCache | None]:
+        """The forward pass once the layout is known (plain tensor work: the
+        layout is looked up, never rebuilt, so ``torch.compile`` traces this
+        without graph breaks)."""
+        specs = layout.token_specs
         if x.dim() != 3 or x.shape[1] != layout.n_tokens:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but token_specs put {layout.n_tokens} tokens in it "
@@ -239,11 +245,11 @@ class MixedAttention(DotProductAttention):
         out = self._project_back(merge_heads(out), specs, attention_patterns)
         return F.dropout(out, self.dropout, self.training), new_cache
 
-    def _project_in(self, x: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+    def _project_in(self, x: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
         """The fused QKV projection (untied subclasses pick weights per token type)."""
         return self.qkv(x)  # type: ignore[no-any-return]
 
-    def _project_back(self, out: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+    def _project_back(self, out: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
         return self.proj(out)  # type: ignore[no-any-return]
 
 
@@ -291,7 +297,7 @@ class PatternAttention(MixedAttention):
         freqs: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        return super().forward(x, self.plan.token_specs(sizes), self.plan, key_padding_mask, freqs, kv_cache)
+        return self._attend(x, self.plan.layout(sizes), self.plan, key_padding_mask, freqs, kv_cache)
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"

@@ -22,7 +22,6 @@ group ids, so no ``[n, n]`` tensor exists anywhere.
 from __future__ import annotations
 
 import array
-import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from patternc.layout import Layout
+from patternc.nn.tables import TABLES
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
 
@@ -160,15 +160,20 @@ def _modified_pair_blocks(
     )
 
 
-@functools.lru_cache(maxsize=64)
 def _group_tables(
+    layout: Layout, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], frozenset[tuple[int, int]]]:
+    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES` per (layout, device)."""
+    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, device))
+
+
+def _build_group_tables(
     layout: Layout, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], frozenset[tuple[int, int]]]:
     """Device tables of a layout's plan: ``[G + 1, G + 1]`` ``allowed``,
     ``causal`` and ``window`` of each (query group, key group) pair (the last
     row and column: padding, allowed nowhere), each group's allowed key
-    groups, and the pairs that carry modifiers. Keyed on the layout (hashed by
-    identity): hashing the group tables would cost more than the lookup saves."""
+    groups, and the pairs that carry modifiers."""
     allowed = layout.allowed
     n = len(allowed)
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)

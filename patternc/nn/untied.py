@@ -437,8 +437,8 @@ class UntiedMixedAttention(MixedAttention):
     def type_runs(self, specs: Sequence[TokenSpec], patterns: object) -> TypeRuns:
         return type_runs(specs, plan_group_types(patterns, specs, self.group_types), self.types)
 
-    def _project_in(self, x: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+    def _project_in(self, x: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
         return self.qkv(x, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
 
-    def _project_back(self, out: Tensor, specs: list[TokenSpec], patterns: object) -> Tensor:
+    def _project_back(self, out: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
         return self.proj(out, self.type_runs(specs, patterns))  # type: ignore[no-any-return]

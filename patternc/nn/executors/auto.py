@@ -13,7 +13,6 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available
 from patternc.nn.flexmask import BLOCK_SIZE
+from patternc.nn.tables import TABLES
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
@@ -76,8 +76,21 @@ def _entries(layout: Layout) -> tuple[int, int, int, int]:
     return allowed, masked, layout.n_tokens**2, copied
 
 
-@functools.lru_cache(maxsize=512)
 def _estimates(
+    layout: Layout,
+    batch: int,
+    heads: int,
+    dim: int,
+    device: torch.device,
+    half: bool,
+    native_varlen: bool,
+) -> tuple[Estimate, ...]:
+    """:func:`_predict`, kept in :data:`~patternc.nn.tables.TABLES` per its arguments."""
+    key = ("auto estimates", layout, batch, heads, dim, device, half, native_varlen)
+    return TABLES.get(key, lambda: _predict(layout, batch, heads, dim, device, half, native_varlen))
+
+
+def _predict(
     layout: Layout,
     batch: int,
     heads: int,
@@ -134,9 +147,6 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     return candidates
 
 
-_choices: dict[tuple[object, ...], str] = {}
-
-
 def choose(inputs: AttentionInputs) -> str:
     """The executor ``auto`` runs for these inputs (memoised per layout, shape,
     dtype, device and padding/dropout/ALiBi, so a training step pays a lookup)."""
@@ -145,12 +155,7 @@ def choose(inputs: AttentionInputs) -> str:
         inputs.layout, q.shape, q.dtype, q.device,
         inputs.key_padding_mask is None, inputs.dropout_p == 0, inputs.alibi_slopes is None,
     )  # fmt: skip
-    backend = _choices.get(key)
-    if backend is None:
-        backend = estimates(inputs)[0].backend
-        if len(_choices) < 4096:
-            _choices[key] = backend
-    return backend
+    return TABLES.get(("auto choice", *key), lambda: estimates(inputs)[0].backend)
 
 
 _RUN: dict[str, Executor] = {

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Layout, Segment
+from patternc.layout import Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -60,55 +60,6 @@ def stack_segments(
     return torch.stack([take(segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
-@functools.lru_cache(maxsize=512)
-def _direct_launches(layout: Layout) -> tuple[tuple[int, int, bool] | None, ...]:
-    """Per launch: ``(query piece, key/value piece, is_causal)`` (indices into
-    the tensors' :class:`TokenSplit` pieces) when it is one call reading one
-    input segment of queries and one of keys, each a single piece, with no
-    modifier but a plain ``[causal]`` (the common case: documents, anchors),
-    else None. Such launches skip the general path's per-call Python."""
-    _, query_ranges = layout.query_pieces
-    _, key_ranges = layout.key_pieces
-    out: list[tuple[int, int, bool] | None] = []
-    for launch in layout.launches:
-        call = layout.calls[launch[0]]
-        simple = (
-            len(launch) == 1
-            and len(call.queries) == 1
-            and len(call.keys) == 1
-            and call.keys[0].cached is None
-            and (not call.has_modifiers or call.is_causal)
-        )
-        if not simple:
-            out.append(None)
-            continue
-        (q_first, q_stop), (k_first, k_stop) = (
-            ranges[(seg.start, seg.stop)]
-            for ranges, seg in ((query_ranges, call.queries[0]), (key_ranges, call.keys[0]))
-        )
-        one_piece = q_stop - q_first == 1 and k_stop - k_first == 1
-        out.append((q_first, k_first, call.is_causal) if one_piece else None)
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=512)
-def _tiled_output(layout: Layout) -> bool:
-    """The layout is one stacked launch whose calls' queries tile the input
-    in launch order: its ``[B * n, L, ...]`` output already is the input order."""
-    if len(layout.launches) != 1 or len(layout.launches[0]) < 2:
-        return False
-    launch = layout.launches[0]
-    calls = [layout.calls[i] for i in launch]
-    length = calls[0].n_queries
-    return (
-        all(
-            len(c.queries) == 1 and c.queries[0].start == i * length and c.queries[0].length == length
-            for i, c in enumerate(calls)
-        )
-        and length * len(calls) == layout.n_tokens
-    )
-
-
 def run_batched(inputs: AttentionInputs) -> Tensor:
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
@@ -119,7 +70,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     needs_positions = layout.has_modifiers or slopes is not None
     positions = within_group_positions(layout, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    direct = _direct_launches(layout) if not padded and slopes is None else (None,) * len(layout.launches)
+    direct = layout.direct_launches if not padded and slopes is None else (None,) * len(layout.launches)
     # one split per tensor, read as pieces below (see TokenSplit: slices would
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, layout)
@@ -173,7 +124,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             biases = torch.stack([call_bias(c, positions, cache, slopes) for c in calls])  # type: ignore[misc]
             bias = biases.expand(batch, *biases.shape).flatten(0, 1)  # [B * n, H, Lq, Lk]
         out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias)
-        if _tiled_output(layout):
+        if layout.tiled_output:
             return out.reshape(batch, layout.n_tokens, *out.shape[2:])
         # unbind, not indexing: its backward is one stack, where each index
         # would allocate and fill a gradient of the whole output

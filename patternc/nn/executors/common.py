@@ -8,7 +8,6 @@ layout without a copy.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from patternc.layout import Call, Layout, Segment
 from patternc.modifiers import Modifiers
+from patternc.nn.tables import TABLES
 
 __all__ = [
     "AttentionInputs",
@@ -132,12 +132,16 @@ def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | No
     return gather(mask, [s for s in segments if s.cached is None], {})
 
 
-@functools.lru_cache(maxsize=512)
 def group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     """``[sum(sizes)]``: each token's index within its group, for groups of
     ``sizes`` laid out in order. Built once per (sizes, device) with no host
-    synchronisation, so later calls are free and CUDA-graph capturable (warm
-    up before capturing: the first call copies ``sizes`` to the device)."""
+    synchronisation (kept in :data:`~patternc.nn.tables.TABLES`), so later
+    calls are free and CUDA-graph capturable (warm up before capturing: the
+    first call copies ``sizes`` to the device)."""
+    return TABLES.get(("positions", sizes, device), lambda: _group_positions(sizes, device))
+
+
+def _group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
     counts = torch.tensor(sizes, dtype=torch.int64, device=device)
     starts = torch.cumsum(counts, 0) - counts
     n = sum(sizes)

@@ -34,6 +34,7 @@ from patternc.layout import Call, Layout
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.tables import TABLES
 
 __all__ = ["run_varlen", "varlen_available"]
 
@@ -84,9 +85,15 @@ class _Launch:
     n_queries: int
 
 
-@functools.lru_cache(maxsize=256)
 def _launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
-    """The launches of a layout for ``batch`` elements, or why it cannot run."""
+    """The launches of a layout for ``batch`` elements, or why it cannot run
+    (kept in :data:`~patternc.nn.tables.TABLES` per (layout, batch, device))."""
+    return TABLES.get(
+        ("varlen launches", layout, batch, device), lambda: _build_launches(layout, batch, device)
+    )
+
+
+def _build_launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
     if layout.cached_groups:
         return "KV-cached groups"
     by_modifiers: dict[Modifiers, list[Call]] = {}
