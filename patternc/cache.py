@@ -16,17 +16,25 @@ hidden attribute of a frozen record.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from patternc.layout import Layout
     from patternc.plan import Plan
+    from patternc.schemas import TokenSpec
 
-__all__ = ["BINDINGS", "CHECKED_PATTERNS", "LAYOUTS", "BoundedCache"]
+__all__ = ["BINDINGS", "CHECKED_PATTERNS", "LAYOUTS", "TOKEN_SPECS", "BoundedCache"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+def _compiling() -> bool:
+    """Inside a ``torch.compile`` trace (never imports torch: the compiler runs without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
 
 
 class BoundedCache(Generic[K, V]):
@@ -37,6 +45,8 @@ class BoundedCache(Generic[K, V]):
         self._entries: dict[K, V] = {}
 
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        if _compiling():  # traced by torch.compile: build, but change no state
+            return self._entries.get(key) or build()
         found = self._entries.get(key)
         if found is None:
             found = build()
@@ -56,3 +66,7 @@ BINDINGS: BoundedCache[tuple[Plan, tuple[str, ...]], Plan] = BoundedCache("bindi
 LAYOUTS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], Layout] = BoundedCache("layouts", 4096)
 CHECKED_PATTERNS: BoundedCache[tuple[Hashable, ...], Plan] = BoundedCache("checked patterns", 512)
 """Key ``(((group, cached), ...), patterns)`` -> the checked plan of a hand-written list."""
+TOKEN_SPECS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], tuple[TokenSpec, ...]] = (
+    BoundedCache("token specs", 4096)
+)
+"""Key as :data:`LAYOUTS` -> ``plan.token_specs(sizes)``."""

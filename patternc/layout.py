@@ -154,7 +154,8 @@ class Layout:
     segment's ``(first, stop)`` piece range (see the executors' ``TokenSplit``)."""
     key_pieces: tuple[tuple[int, ...], PieceRanges]
     """The same for input key segments (which may overlap)."""
-    token_specs: tuple[TokenSpec, ...]
+    sizes: tuple[tuple[str, int | None], ...]
+    """``(group, size)`` of every group in the plan's order (None: cached)."""
     direct_launches: tuple[tuple[int, int, bool] | None, ...]
     """Per launch: ``(query piece, key piece, is_causal)`` when it is one call
     reading one piece of queries and one of keys with no modifier but a plain
@@ -394,7 +395,7 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         has_modifiers=any(a.has_modifiers for a in plan.calls),
         query_pieces=query_pieces,
         key_pieces=key_pieces,
-        token_specs=tuple(TokenSpec(name=g, size=sizes[g]) for g in plan.groups),
+        sizes=tuple((g, sizes[g]) for g in plan.groups),
         direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
         tiled_output=_tiled_output(calls, launches, offset),
     )

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from patternc.cache import BINDINGS, LAYOUTS
+from patternc.cache import BINDINGS, LAYOUTS, TOKEN_SPECS
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall, ResolvedRule
 from patternc.layout import Layout, Sizes, build_layout, normalize_sizes
@@ -180,8 +180,13 @@ class Plan:
         return build_layout(plan, normalize_sizes(plan.groups, sizes))
 
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
-        """``TokenSpec`` list in the plan's group order, for ``MixedAttention``."""
-        return list(self.layout(sizes).token_specs)
+        """``TokenSpec`` list in the plan's group order, for ``MixedAttention``
+        (cached with the layout: models call this on every forward)."""
+        key = tuple(sizes.items()) if isinstance(sizes, Mapping) else tuple((s.name, s.size) for s in sizes)
+        specs = TOKEN_SPECS.get_or_build(
+            (self, key), lambda: tuple(TokenSpec(name=g, size=n) for g, n in self.layout(sizes).sizes)
+        )
+        return list(specs)
 
     # ------------------------------------------------------------ exports
 

@@ -135,7 +135,7 @@ def reference_pattern_attention(
     b, n, _ = x.shape
     qkv = x @ module.qkv.weight.double().T + module.qkv.bias.double()
     q, k, v = qkv.view(b, n, 3, heads, dim).unbind(2)
-    mask = language_mask(plan, sizes)[None, None]
+    mask = language_mask(plan, sizes).to(x.device)[None, None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / dim**0.5

@@ -103,3 +103,31 @@ def test_allowed_counts_equal_the_reference_mask(case: str) -> None:
     for sizes in size_list:
         layout = plan.layout(sizes)
         assert layout.allowed_entries == int(language_mask(plan, sizes).sum())
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["batched", "flex", "varlen", "auto"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_cookbook_mask_bf16(case: str, backend: str) -> None:
+    """bf16 on the GPU (varlen's kernel, flex compiled) against the float64 reference."""
+    plan, size_list = CASES[case]
+    module = make(plan, backend, dim=128).cuda()
+    for sizes in size_list:
+        sizes = {g: 37 * s for g, s in sizes.items()}  # hundreds of tokens: several flex blocks
+        n = sum(sizes.values())
+        x = torch.randn(1, n, 128, device="cuda", requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out, _ = module(x, sizes)
+        x64 = x.detach().double().requires_grad_(True)
+        ref = reference_pattern_attention(module, x64, plan, sizes)
+        assert relative_error(out, ref) < 2e-2, (case, backend, sizes)
+        grad = torch.randn_like(ref)
+        out.float().backward(grad.float())
+        ref.backward(grad)
+        assert x.grad is not None and x64.grad is not None
+        assert relative_error(x.grad, x64.grad) < 5e-2, (case, backend, sizes)

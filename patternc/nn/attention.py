@@ -20,7 +20,6 @@ from patternc.schemas import (
     Implementation,
     InitWeightsMode,
     MixedAttentionConfig,
-    TokenSpec,
     TokenSpecs,
     as_token_specs,
 )
@@ -217,7 +216,6 @@ class MixedAttention(DotProductAttention):
         """The forward pass once the layout is known (plain tensor work: the
         layout is looked up, never rebuilt, so ``torch.compile`` traces this
         without graph breaks)."""
-        specs = layout.token_specs
         if x.dim() != 3 or x.shape[1] != layout.n_tokens:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but token_specs put {layout.n_tokens} tokens in it "
@@ -235,21 +233,21 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
-        q, k, v = self.split_heads(self._project_in(x, specs, attention_patterns), freqs)
+        q, k, v = self.split_heads(self._project_in(x, layout, attention_patterns), freqs)
         cache = _read_cache(kv_cache, layout, q)
         inputs = AttentionInputs(q, k, v, layout, cache, key_padding_mask, self.attention_dropout, None)
         out = self.executor(inputs)
         new_cache = None
         if not layout.cached_groups:
             new_cache = _new_cache(k, v, layout)
-        out = self._project_back(merge_heads(out), specs, attention_patterns)
+        out = self._project_back(merge_heads(out), layout, attention_patterns)
         return F.dropout(out, self.dropout, self.training), new_cache
 
-    def _project_in(self, x: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
+    def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
         """The fused QKV projection (untied subclasses pick weights per token type)."""
         return self.qkv(x)  # type: ignore[no-any-return]
 
-    def _project_back(self, out: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
+    def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
         return self.proj(out)  # type: ignore[no-any-return]
 
 

@@ -29,6 +29,7 @@ from patternc.configs import (
     UntiedMixedAttentionConfig,
     UntiedMLPConfig,
 )
+from patternc.layout import Layout
 from patternc.nn.attention import MixedAttention, init_linear
 from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
@@ -154,12 +155,10 @@ def type_runs(
     )
 
 
-def plan_group_types(
-    patterns: object, specs: Sequence[TokenSpec], fallback: Mapping[str, str]
-) -> Mapping[str, str]:
+def plan_group_types(patterns: object, specs: GroupSizes, fallback: Mapping[str, str]) -> Mapping[str, str]:
     """Group types from a plan bound to these groups (families expanded), else ``fallback``."""
     if isinstance(patterns, Plan):
-        return patterns.bind([s.name for s in specs]).types
+        return patterns.bind([name for name, _ in _sizes(specs)]).types
     return fallback
 
 
@@ -434,11 +433,11 @@ class UntiedMixedAttention(MixedAttention):
             qkv.reset_parameters()
             proj.reset_parameters(zero=self.config.init_weights == "zero")
 
-    def type_runs(self, specs: Sequence[TokenSpec], patterns: object) -> TypeRuns:
+    def type_runs(self, specs: GroupSizes, patterns: object) -> TypeRuns:
         return type_runs(specs, plan_group_types(patterns, specs, self.group_types), self.types)
 
-    def _project_in(self, x: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
-        return self.qkv(x, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
+    def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
+        return self.qkv(x, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]
 
-    def _project_back(self, out: Tensor, specs: Sequence[TokenSpec], patterns: object) -> Tensor:
-        return self.proj(out, self.type_runs(specs, patterns))  # type: ignore[no-any-return]
+    def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
+        return self.proj(out, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]

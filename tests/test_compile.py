@@ -1,0 +1,64 @@
+"""``torch.compile(fullgraph=True)`` of a PatternAttention: no graph break and
+no Dynamo warning from patternc code, cold or after an eager warm-up."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import EXAMPLES
+
+import patternc
+from patternc.nn import PatternAttention
+
+PLANS = {
+    "vlm": (
+        patternc.compile(EXAMPLES / "cookbook" / "vlm.pc").patterns["default"],
+        {"registers": 2, "image": 5, "text": 4},
+    ),
+    "joint": (
+        patternc.compile(EXAMPLES / "ab_upt.pc").patterns["joint"],
+        {"surface_anchors": 3, "surface_queries": 5, "volume_anchors": 2, "volume_queries": 4},
+    ),
+    "documents": (
+        patternc.compile(EXAMPLES / "cookbook" / "packed_causal.pc").patterns["default"],
+        {"doc0": 3, "doc1": 6},
+    ),
+}
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_fullgraph_compile_has_no_warnings(name: str, warm: bool) -> None:
+    plan, sizes = PLANS[name]
+    torch.manual_seed(0)
+    module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
+    x = torch.randn(2, sum(sizes.values()), 16)
+    if warm:
+        module(x, sizes)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    handler = _Records()
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = compiled(x, sizes)
+    finally:
+        logger.removeHandler(handler)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in handler.records]
+    assert not [m for m in messages if "patternc" in m or "lru_cache" in m or "Dynamo" in m], messages
+    expected, _ = module(x, sizes)
+    assert torch.allclose(out, expected, atol=1e-6)
