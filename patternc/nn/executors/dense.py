@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.layout import Layout
+from patternc.nn.tables import TABLES
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
@@ -19,29 +20,40 @@ from patternc.nn.executors.common import (
 __all__ = ["dense_mask", "run_dense"]
 
 
+def _mask_tables(
+    layout: Layout, cache_lengths: tuple[tuple[str, int], ...], device: torch.device
+) -> tuple[Tensor, ...]:
+    """Device tables the dense mask is built from: group x group ``allowed``,
+    ``causal`` and ``window``, per-token group ids and positions within groups.
+    Built once per (layout, cache lengths, device), so a call copies nothing
+    from the host (CUDA-graph capturable after one warm-up call)."""
+    lengths = dict(cache_lengths)
+    allowed = torch.tensor(layout.allowed, dtype=torch.bool, device=device)
+    causal = torch.tensor([[m.causal for m in row] for row in layout.pair_modifiers], device=device)
+    window = torch.tensor([[m.window or 0 for m in row] for row in layout.pair_modifiers], device=device)
+    sizes = torch.tensor(layout.input_sizes, device=device)
+    query_ids = torch.repeat_interleave(torch.tensor(layout.group_ids, device=device), sizes)
+    cached = [
+        torch.full((lengths[g],), layout.all_groups.index(g), device=device) for g in layout.cached_groups
+    ]
+    key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
+    q_pos = within_group_positions(layout, device)
+    k_pos = torch.cat([q_pos, *(torch.arange(lengths[g], device=device) for g in layout.cached_groups)])
+    return allowed, causal, window, query_ids, key_ids, q_pos, k_pos
+
+
 def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
     """``[N, N + cached]`` bool: query token i may attend to key token j (the
     group table, then each group pair's modifiers on positions within groups)."""
-    allowed = torch.tensor(layout.allowed, dtype=torch.bool, device=device)
-    sizes = torch.tensor(layout.input_sizes, device=device)
-    query_ids = torch.repeat_interleave(torch.tensor(layout.group_ids, device=device), sizes)
-    cached_ids = [layout.all_groups.index(g) for g in layout.cached_groups]
-    cached = [
-        torch.full((cache_lengths[g],), i, device=device) for g, i in zip(layout.cached_groups, cached_ids)
-    ]
-    key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
+    lengths = tuple((g, cache_lengths[g]) for g in layout.cached_groups)
+    allowed, causal, window, query_ids, key_ids, q_pos, k_pos = TABLES.get(
+        ("dense mask", layout, lengths, device), lambda: _mask_tables(layout, lengths, device)
+    )
     mask = allowed[query_ids][:, key_ids]
     if layout.has_modifiers:
-        causal = torch.tensor([[m.causal for m in row] for row in layout.pair_modifiers], device=device)
-        window = torch.tensor([[m.window or 0 for m in row] for row in layout.pair_modifiers], device=device)
-        q_pos = within_group_positions(layout, device)
-        k_pos = torch.cat(
-            [q_pos, *(torch.arange(cache_lengths[g], device=device) for g in layout.cached_groups)]
-        )
         diff = q_pos[:, None] - k_pos[None, :]
-        pair_causal = causal[query_ids][:, key_ids]
         pair_window = window[query_ids][:, key_ids]
-        mask &= ~pair_causal | (diff >= 0)
+        mask &= ~causal[query_ids][:, key_ids] | (diff >= 0)
         mask &= (pair_window == 0) | (diff.abs() < pair_window)
     return mask
 
