@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.layout import Layout
-from patternc.nn.tables import TABLES
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
     within_group_positions,
 )
+from patternc.nn.tables import TABLES
 
 __all__ = ["dense_mask", "run_dense"]
 
