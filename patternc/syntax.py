@@ -469,59 +469,74 @@ def _suppressions(lines: list[str]) -> tuple[tuple[int, frozenset[str]], ...]:
     return tuple(out)
 
 
-def _syntax_errors(text: str) -> tuple[lark.Tree[lark.Token] | None, list[Diagnostic]]:
-    """Parse once; the tree (None when recovery gave up) and every syntax error."""
-    syntax_errors: list[Diagnostic] = []
-    lines_with_errors: set[int] = set()
+def _first_syntax_error(text: str) -> tuple[lark.Tree[lark.Token] | None, Diagnostic | None, int]:
+    """Parse once: the tree, or the first syntax error (the only one a parse
+    can report reliably: what follows it may be a consequence) and the line
+    where parsing stopped."""
     lines = source_lines(text)
+    found: list[Diagnostic] = []
+    stopped = [0]
 
     def on_error(error: lark.exceptions.UnexpectedInput) -> bool:
         line = error.line if isinstance(error.line, int) and error.line > 0 else 1
         if isinstance(error, lark.exceptions.UnexpectedToken):
             token = error.token
+            expected = set(error.accepts or error.expected)
             if token.type == "$END":
                 last = len(lines) if lines[-1:] != [""] else max(1, len(lines) - 1)
                 span = Span.point(last, len(lines[last - 1]) + 1 if lines else 1)
-                line = last
             else:
                 span = _token_span(token)
-                line = span.line
-            expected = set(error.accepts or error.expected)
-            if line not in lines_with_errors:
-                lines_with_errors.add(line)
-                syntax_errors.append(
+            stopped[0] = span.line
+            opened = _unclosed_paren(lines, span) if "_RPAR" in expected else None
+            if opened is not None:
+                found.append(
                     Diagnostic(
                         Code.SYNTAX,
-                        f"unexpected {_describe_token(token)}; expected {_describe_expected(expected)}",
-                        span,
-                        _syntax_hint(expected, token.type),
+                        "`(` is never closed",
+                        opened,
+                        f"close it before line {span.line}, or join the lines",
                     )
                 )
-            return bool(token.type != "$END")
-        if isinstance(error, lark.exceptions.UnexpectedCharacters):
+            else:
+                message = f"unexpected {_describe_token(token)}; expected {_describe_expected(expected)}"
+                found.append(Diagnostic(Code.SYNTAX, message, span, _syntax_hint(expected, token.type)))
+        elif isinstance(error, lark.exceptions.UnexpectedCharacters):
             column = error.column if isinstance(error.column, int) and error.column > 0 else 1
-            if line not in lines_with_errors:
-                lines_with_errors.add(line)
-                char = error.char
-                shown = repr(char) if not char.isprintable() or char.isspace() else f"`{char}`"
-                syntax_errors.append(
-                    Diagnostic(
-                        Code.SYNTAX,
-                        f"unexpected character {shown}",
-                        Span.point(line, column),
-                        "group names hold letters, digits and `_`; globs add `*` and `?`",
-                    )
+            char = error.char
+            shown = repr(char) if not char.isprintable() or char.isspace() else f"`{char}`"
+            stopped[0] = line
+            found.append(
+                Diagnostic(
+                    Code.SYNTAX,
+                    f"unexpected character {shown}",
+                    Span.point(line, column),
+                    "group names hold letters, digits and `_`; globs add `*` and `?`",
                 )
-            return True
+            )
         return False
 
     try:
-        tree = _parser().parse(text, on_error=on_error)
+        return _parser().parse(text, on_error=on_error), None, 0
     except lark.exceptions.UnexpectedInput as error:
-        if not syntax_errors:  # pragma: no cover - on_error records first
-            syntax_errors.append(Diagnostic(Code.SYNTAX, str(error).splitlines()[0], None))
-        return None, syntax_errors
-    return tree, syntax_errors
+        if not found:  # pragma: no cover - on_error records first
+            found.append(Diagnostic(Code.SYNTAX, str(error).splitlines()[0], None))
+        return None, found[0], stopped[0]
+
+
+def _unclosed_paren(lines: list[str], at: Span) -> Span | None:
+    """The ``(`` still open at ``at`` when it sits on an earlier line (the
+    error is then that statement's, not the line where parsing stopped)."""
+    stack: list[Span] = []
+    for number, line in enumerate(lines[: at.line], 1):
+        code = line.split("#", 1)[0]
+        end = at.column - 1 if number == at.line else len(code)
+        for column, char in enumerate(code[:end], 1):
+            if char == "(":
+                stack.append(Span.point(number, column))
+            elif char == ")" and stack:
+                stack.pop()
+    return stack[-1] if stack and stack[-1].line < at.line else None
 
 
 def _blank_lines(lines: list[str], numbers: set[int]) -> str:
@@ -540,23 +555,31 @@ def parse(text: str) -> SourceFile:
     are left out and the rest is parsed again, so one run reports the syntax
     errors and the problems of every other statement."""
     lines = source_lines(text)
-    tree, current = _syntax_errors(text)
-    syntax_errors = list(current)
-    reported = {d.span.line if d.span else 0 for d in current}
+    syntax_errors: list[Diagnostic] = []
     skipped: set[int] = set()
     repaired = text
+    tree: lark.Tree[lark.Token] | None = None
     for _ in range(_MAX_RECOVERIES):
-        if not current:
+        tree, error, stopped = _first_syntax_error(repaired)
+        if error is None:
             break
-        new_lines = {d.span.line for d in current if d.span is not None} - skipped
-        if not new_lines:  # recovery cannot get past this (an unclosed block...)
+        span = error.span
+        if span is None:
+            syntax_errors.append(error)
             tree = None
             break
-        skipped |= new_lines
+        # leave the statement out: the error's line, or an unclosed `(` up to
+        # the line where parsing stopped
+        stop = span.line
+        if error.message == "`(` is never closed":
+            stop = max(span.line, stopped - 1)
+        blank = set(range(span.line, stop + 1))
+        if blank <= skipped:  # no progress (an unclosed block...): the errors so far are all
+            tree = None
+            break
+        syntax_errors.append(error)
+        skipped |= blank
         repaired = _blank_lines(lines, skipped)
-        tree, current = _syntax_errors(repaired)
-        syntax_errors += [d for d in current if (d.span.line if d.span else 0) not in reported]
-        reported |= {d.span.line if d.span else 0 for d in current}
     else:
         tree = None
     suppressed = _suppressions(lines)

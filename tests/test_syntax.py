@@ -161,7 +161,10 @@ def test_types_block_errors() -> None:
     assert "not a valid type name" in diags[2].message
 
 
-TOKENS = [*"ab_*?,-()[]{};:#\\ \t\n19", "->", "groups ", "pattern ", "types ", "causal", "window "]
+TOKENS = [
+    *"ab_*?,-()[]{};:#\\ \t\n19.",
+    "->", "groups ", "pattern ", "types ", "causal", "window ", " [", "-3", "1.5", "self", "# noqa\n", "\x0c",
+]  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
@@ -178,5 +181,7 @@ def test_any_text_gives_a_program_or_diagnostics_never_a_crash(text: str) -> Non
         assert str(error)  # renders
     else:
         for plan in program.patterns.values():
-            covered = [g for p in plan.attention_patterns for g in p.query_tokens]
+            covered = [g for call in plan.calls for g in call.queries]
             assert sorted(covered) == sorted(program.groups)  # exhaustive, no overlap
+        for warning in program.warnings:
+            assert warning.code.startswith("W") and warning.span is not None
