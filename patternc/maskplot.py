@@ -33,11 +33,14 @@ def save_mask_picture(path: Path, masks: Sequence[tuple[str, BlockClasses]]) -> 
             ax.axhline(t - 0.5, color="#999999", lw=0.4)
             ax.axvline(t - 0.5, color="#999999", lw=0.4)
         empty, partial, full = mask.counts
-        ax.set_title(
-            f"{name}: {full} full, {partial} partial, {empty} empty\nsparsity {mask.sparsity:.3f}, "
-            f"{mask.block}x{mask.block} blocks (dark full, orange partial)",
-            fontsize=8,
-        )
+        if mask.block == 1:  # every cell one (query, key) pair
+            title = f"{name}: {full} of {full + empty} pairs allowed (dark)\ndensity {1 - mask.sparsity:.3f}"
+        else:
+            title = (
+                f"{name}: {full} full, {partial} partial, {empty} empty\nsparsity {mask.sparsity:.3f}, "
+                f"{mask.block}x{mask.block} blocks (dark full, orange partial)"
+            )
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("keys / values")
         ax.set_ylabel("queries")
     fig.tight_layout()
