@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import patternc
+from patternc.layout import Layout as Schedule
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.auto import choose
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.schedule import Schedule, schedule_for
+from patternc.nn.schedule import schedule_for
 
 HEADS, DIM = 12, 64
 AB = patternc.compile(open("examples/ab_upt.pc").read())
@@ -90,7 +91,7 @@ def cuda_ms(fn: Callable[[], object], repeat: int, calls: int = 1) -> float:
 
 
 def entries(schedule: Schedule) -> int:
-    return sum(c.n_queries * sum(s.length for s in c.keys_values) for c in schedule.calls)
+    return sum(c.n_queries * sum(s.length for s in c.keys) for c in schedule.calls)
 
 
 def ideal_fn(q: Tensor, k: Tensor, v: Tensor, schedule: Schedule, backward: bool) -> Callable[[], object]:
@@ -101,7 +102,7 @@ def ideal_fn(q: Tensor, k: Tensor, v: Tensor, schedule: Schedule, backward: bool
         return torch.cat(parts, 1).transpose(1, 2).contiguous().detach().requires_grad_(backward)
 
     calls = [
-        (take(q, c.queries), take(k, c.keys_values), take(v, c.keys_values))
+        (take(q, c.queries), take(k, c.keys), take(v, c.keys))
         for c in schedule.calls
         if c.n_queries
     ]
