@@ -10,6 +10,7 @@ raises one :class:`PatternError` that lists them all.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,10 +23,22 @@ from patternc.resolve import GroupResolver
 from patternc.schemas import domain_of
 from patternc.syntax import PatternBlock, SourceFile, parse
 
-__all__ = ["MAX_SOURCE_BYTES", "compile", "read_source"]
+__all__ = ["MAX_NAMES", "MAX_NESTING", "MAX_RULES", "MAX_SOURCE_BYTES", "compile", "read_source"]
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 """Pattern files are small; anything larger is almost surely the wrong file."""
+MAX_NESTING = 64
+"""Parentheses a selector may nest (lists and exclusion chains are flat)."""
+MAX_RULES = 5_000
+MAX_NAMES = 20_000
+"""Rules and names (groups, globs, modifier words) a file may hold: a model's
+patterns are tens of rules (families stand for any number of groups), and at
+these limits a file still compiles in well under a second. Each limit is
+found by one linear scan before parsing, so even a 4 MiB file is refused at
+once, at the place it is crossed."""
+
+_COMMENT = re.compile(r"#[^\n]*")
+_NAME = re.compile(r"[A-Za-z0-9_*?]+")
 
 DEFAULT_PATTERN = "default"
 
@@ -140,6 +153,9 @@ def compile_text(text: str, filename: str | None) -> Program:
             filename=filename,
             source=text,
         )
+    limit = _over_limits(text)
+    if limit is not None:
+        raise PatternError([limit], filename=filename, source=text)
     try:
         program, diagnostics = _lower(parse(text), filename)
     except RecursionError:
@@ -153,6 +169,47 @@ def compile_text(text: str, filename: str | None) -> Program:
         raise PatternError(diagnostics, filename=filename, source=text, warnings=warnings)
     assert program is not None
     return replace(program, warnings=tuple(diagnostics))
+
+
+def _position(text: str, offset: int) -> Span:
+    line = text.count("\n", 0, offset) + 1
+    return Span.point(line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+
+
+def _over_limits(text: str) -> Diagnostic | None:
+    """The first limit the text crosses (nesting, rules, names), found in
+    linear scans of the text without comments (blanked: offsets stay)."""
+    code = _COMMENT.sub(lambda m: " " * len(m.group()), text)
+    depth = 0
+    for offset, char in enumerate(code):
+        if char == "(":
+            depth += 1
+            if depth > MAX_NESTING:
+                return Diagnostic(
+                    Code.TOO_DEEP,
+                    f"selectors are nested more than {MAX_NESTING} parentheses deep",
+                    _position(text, offset),
+                    "flatten the selector: `a, b, c` and `a - b - c` need no parentheses",
+                )
+        elif char == ")":
+            depth = max(0, depth - 1)
+    arrows = [m.start() for m in re.finditer("->", code)]
+    if len(arrows) > MAX_RULES:
+        return Diagnostic(
+            Code.TOO_MANY_RULES,
+            f"the file has {len(arrows):,} rules; at most {MAX_RULES:,} are allowed",
+            _position(text, arrows[MAX_RULES]),
+            "a family (`groups doc*` with `doc* -> self`) stands for any number of groups",
+        )
+    for count, match in enumerate(_NAME.finditer(code), 1):
+        if count > MAX_NAMES:
+            return Diagnostic(
+                Code.TOO_MANY_NAMES,
+                f"the file holds more than {MAX_NAMES:,} names",
+                _position(text, match.start()),
+                "declare a family (`groups doc*`) instead of many groups, and select with globs",
+            )
+    return None
 
 
 def _blocks(syntax: SourceFile) -> tuple[PatternBlock, ...]:

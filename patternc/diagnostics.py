@@ -46,6 +46,8 @@ class Code:
     EMPTY_FILE = "E004"
     TOO_DEEP = "E005"
     PATH_AS_TEXT = "E006"
+    TOO_MANY_RULES = "E007"
+    TOO_MANY_NAMES = "E008"
     # syntax
     SYNTAX = "E010"
     BAD_NAME = "E011"
@@ -93,8 +95,10 @@ MEANINGS: dict[str, str] = {
     Code.NOT_TEXT: "the file is not UTF-8 text (binary or another encoding)",
     Code.TOO_LARGE: "the file is larger than 4 MiB",
     Code.EMPTY_FILE: "the file is empty",
-    Code.TOO_DEEP: "selectors nested too deeply",
+    Code.TOO_DEEP: "selectors nested too deeply (more than 64 parentheses)",
     Code.PATH_AS_TEXT: "`patternc.compile` got a `str` that names a file: pass a `Path`",
+    Code.TOO_MANY_RULES: "more rules than a file may hold (5,000)",
+    Code.TOO_MANY_NAMES: "more names (groups, globs, modifier words) than a file may hold (20,000)",
     Code.SYNTAX: "syntax error: what was found and what was expected",
     Code.BAD_NAME: "not a valid group, pattern or type name",
     Code.RESERVED_NAME: "a reserved word (`groups`, `pattern`, `types`, `self`) used as a name",

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 __all__ = ["JSON_SCHEMA_VERSION", "dot", "layout_dict", "plan_dict", "program_dict"]
 
 JSON_SCHEMA_VERSION = 2
-"""2: modifiers are per key group (``key_modifiers``); FLOPs count allowed pairs."""
+"""2: modifiers are per key group (``key_modifiers``); FLOPs count allowed pairs;
+no ``edges`` list (quadratic in groups: read the pairs off ``attention_patterns``)."""
 
 
 def _key_modifiers(keys: Sequence[KeyGroup]) -> list[dict[str, bool | int | None]]:
@@ -47,7 +48,6 @@ def plan_dict(plan: Plan, sizes: Sizes | None, dim: int) -> dict[str, Any]:
             }
             for c in plan.calls
         ],
-        "edges": [list(e) for e in plan.edges],
         "types": plan.types,
         "layout": None,
     }
@@ -107,8 +107,10 @@ def _quote(text: str) -> str:
 
 
 def dot(plans: Sequence[Plan]) -> str:
-    """Graphviz source: one cluster per plan, an edge per (query, key) group
-    pair labelled with its call and modifiers."""
+    """Graphviz source: one cluster per plan; each attention call is a node
+    between its query groups and its key groups (edges ``q -> call -> k``, the
+    key edges labelled with their modifiers), so the output stays linear in
+    groups and rules even for ``* -> *``."""
     lines = ["digraph patternc {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];']
     for i, plan in enumerate(plans):
         prefix = f"p{i}_"
@@ -119,10 +121,13 @@ def dot(plans: Sequence[Plan]) -> str:
             label = f"{group}\n({types[group]})"
             lines.append(f"    {prefix}{group} [label={_quote(label)}];")
         for index, call in enumerate(plan.calls):
+            node = f"{prefix}call{index}"
+            lines.append(f'    {node} [label="call {index}", shape=ellipse];')
             for q in call.queries:
-                for k in call.keys:
-                    label = f"call {index} {k.modifiers.text()}".rstrip()
-                    lines.append(f"    {prefix}{q} -> {prefix}{k.name} [label={_quote(label)}];")
+                lines.append(f"    {prefix}{q} -> {node};")
+            for k in call.keys:
+                label = f" [label={_quote(k.modifiers.text())}]" if k.modifiers else ""
+                lines.append(f"    {node} -> {prefix}{k.name}{label};")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -77,6 +77,13 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> lis
     return out
 
 
+def _groups_by_type(program: Program) -> dict[str, list[str]]:
+    by_type: dict[str, list[str]] = {}
+    for group in program.groups:
+        by_type.setdefault(program.types[group], []).append(group)
+    return by_type
+
+
 def format_program(
     program: Program,
     *,
@@ -89,11 +96,7 @@ def format_program(
     out = [
         f"{program.filename or '<input>'}: {len(program.groups)} groups, {len(program.patterns)} pattern(s)",
         "groups: " + " ".join(program.groups),
-        "types: "
-        + "; ".join(
-            f"{t} ({', '.join(g for g in program.groups if program.types[g] == t)})"
-            for t in program.type_names
-        ),
+        "types: " + "; ".join(f"{t} ({', '.join(groups)})" for t, groups in _groups_by_type(program).items()),
     ]
     if sizes is not None and plans:
         out.extend(_format_layout(plans[0].layout(sizes)))

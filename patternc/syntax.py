@@ -304,14 +304,17 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
     @lark.v_args(meta=True)
     def union(self, meta: lark.tree.Meta, children: list[Selector]) -> SelectorUnion:
-        left, right = children
-        items = left.items if isinstance(left, SelectorUnion) else (left,)
-        return SelectorUnion((*items, right), _span_of(meta))
+        return SelectorUnion(tuple(children), _span_of(meta))
 
     @lark.v_args(meta=True)
     def difference(self, meta: lark.tree.Meta, children: list[Selector]) -> Difference:
-        left, right = children
-        return Difference(left, right, _span_of(meta))
+        """``a - b - c`` is ``(a - b) - c``, i.e. ``a - (b, c)``: one node."""
+        left, *rights = children
+        if len(rights) == 1:
+            return Difference(left, rights[0], _span_of(meta))
+        first, last = rights[0].span, rights[-1].span
+        span = Span(first.line, first.column, last.end_line, last.end_column)
+        return Difference(left, SelectorUnion(tuple(rights), span), _span_of(meta))
 
     def modifier(self, children: list[lark.Token]) -> _Item | None:
         name_token = children[0]
@@ -447,6 +450,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
 _NOQA = re.compile(r"#\s*noqa(?::\s*([A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
 _MAX_RECOVERIES = 50
+_RECOVERY_CHARACTERS = 1_000_000
 
 
 def source_lines(text: str) -> list[str]:
@@ -559,7 +563,10 @@ def parse(text: str) -> SourceFile:
     skipped: set[int] = set()
     repaired = text
     tree: lark.Tree[lark.Token] | None = None
-    for _ in range(_MAX_RECOVERIES):
+    # each recovery parses the file again: a budget of ~1M characters keeps
+    # a file full of errors linear (its first errors are reported, then it stops)
+    passes = min(_MAX_RECOVERIES, max(2, _RECOVERY_CHARACTERS // max(1, len(text))))
+    for _ in range(passes):
         tree, error, stopped = _first_syntax_error(repaired)
         if error is None:
             break

@@ -132,7 +132,7 @@ def test_json_schema(program: patternc.Program) -> None:
     assert data["schema"] == "patternc.plan" and data["version"] == 2
     assert [p["name"] for p in data["patterns"]] == ["self_anchor", "cross_anchor", "joint"]
     pattern = data["patterns"][0]
-    assert set(pattern) == {"name", "rules", "attention_patterns", "edges", "types", "layout"}
+    assert set(pattern) == {"name", "rules", "attention_patterns", "types", "layout"}
     assert set(pattern["rules"][0]) == {"text", "line", "column", "queries", "keys_values", "key_modifiers"}
     assert pattern["attention_patterns"][0]["key_modifiers"] == [{"causal": False, "window": None}]
     assert pattern["rules"][0]["line"] == 5
@@ -170,5 +170,5 @@ def test_program_lookup_suggests(program: patternc.Program) -> None:
 def test_dot(program: patternc.Program) -> None:
     dot = program.patterns["self_anchor"].to_dot()
     assert dot.startswith("digraph patternc {")
-    assert 'p0_surface_queries -> p0_surface_anchors [label="call 0"];' in dot
-    assert dot.count("->") == 4
+    assert "p0_surface_queries -> p0_call0;" in dot and "p0_call0 -> p0_surface_anchors;" in dot
+    assert dot.count("->") == 6  # 4 query edges, 2 key edges: linear in groups, never q x k
