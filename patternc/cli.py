@@ -422,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as error:
         print(f"patternc: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except PatternError as error:  # e.g. --sizes that leave a family without keys
+        file = getattr(args, "file", None)
+        print(render(error.diagnostics, filename=file), file=sys.stderr)
+        return EXIT_DIAGNOSTICS
     except BrokenPipeError:  # `patternc compile ... | head`
         sys.stderr.close()
         return EXIT_OK

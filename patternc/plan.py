@@ -157,8 +157,7 @@ class Plan:
     def layout(self, sizes: Sizes) -> Layout:
         """The plan laid out at ``sizes`` (see :class:`~patternc.layout.Layout`),
         families bound to the groups ``sizes`` names; cached per (plan, sizes)."""
-        key = tuple(sizes.items()) if isinstance(sizes, Mapping) else tuple((s.name, s.size) for s in sizes)
-        return LAYOUTS.get_or_build((self, key), lambda: self._build_layout(sizes))
+        return LAYOUTS.get_or_build((self, sizes_key(sizes)), lambda: self._build_layout(sizes))
 
     def _build_layout(self, sizes: Sizes) -> Layout:
         names = names_of(sizes)
@@ -182,7 +181,7 @@ class Plan:
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
         """``TokenSpec`` list in the plan's group order, for ``MixedAttention``
         (cached with the layout: models call this on every forward)."""
-        key = tuple(sizes.items()) if isinstance(sizes, Mapping) else tuple((s.name, s.size) for s in sizes)
+        key = sizes_key(sizes)
         specs = TOKEN_SPECS.get_or_build(
             (self, key), lambda: tuple(TokenSpec(name=g, size=n) for g, n in self.layout(sizes).sizes)
         )
@@ -206,6 +205,21 @@ class Plan:
         from patternc.export import dot
 
         return dot([self if sizes is None else self.bind(names_of(sizes))])
+
+
+def sizes_key(sizes: Sizes) -> tuple[tuple[str, int | None], ...]:
+    """``((group, size), ...)`` of a sizes dict or a ``TokenSpec`` list (the
+    caches' key), or a ``TypeError`` that shows the two accepted forms."""
+    if isinstance(sizes, Mapping):
+        return tuple(sizes.items())
+    try:
+        return tuple((s.name, s.size) for s in sizes)
+    except (AttributeError, TypeError):
+        shown = repr(sizes) if len(repr(sizes)) < 60 else type(sizes).__name__
+        raise TypeError(
+            f"sizes must be a {{group: size}} dict or a list of TokenSpec, got {shown}; "
+            'e.g. {"anchors": 1024, "queries": 4096}'
+        ) from None
 
 
 def names_of(sizes: Sizes) -> tuple[str, ...]:

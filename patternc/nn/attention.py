@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from patternc.layout import Layout
 from patternc.nn.executors import AttentionInputs, get_executor
+from patternc.nn.executors.common import zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
 from patternc.plan import Plan, Sizes
@@ -117,9 +118,33 @@ class DotProductAttention(nn.Module):
         return self.project_out(out.transpose(1, 2))
 
 
+def _check_x(x: Tensor, layer: nn.Module) -> None:
+    """Hidden size, dtype and device of ``x`` against the layer's weights, with
+    the fix in the message (torch's own says ``mat1 and mat2 shapes ...``)."""
+    hidden = layer.config.hidden_dim  # type: ignore[union-attr]
+    if x.shape[-1] != hidden:
+        raise ValueError(
+            f"x has hidden size {x.shape[-1]} but this layer was built with hidden_dim={hidden}; "
+            "project x to that width or build the layer with the width of x"
+        )
+    weight = next(layer.parameters(), None)
+    if weight is None:
+        return
+    if x.device != weight.device:
+        raise ValueError(
+            f"x is on {x.device} but the layer's weights are on {weight.device}; move one of them "
+            f"(layer.to({str(x.device)!r}) or x.to({str(weight.device)!r}))"
+        )
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"x is {x.dtype} but the layer's weights are {weight.dtype}; convert one "
+            f"(layer.to({x.dtype}) or x.to({weight.dtype})), or run under torch.autocast"
+        )
+
+
 def merge_heads(out: Tensor) -> Tensor:
     """``[B, N, H, D]`` -> ``[B, N, H * D]``."""
-    return out.reshape(out.shape[0], out.shape[1], -1)
+    return out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])
 
 
 def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -222,6 +247,7 @@ class MixedAttention(DotProductAttention):
                 f"({', '.join(f'{g}={n}' for g, n in zip(layout.input_groups, layout.input_sizes))}); "
                 "expected [batch, n_tokens, dim] with only the groups whose size is not None"
             )
+        _check_x(x, self)
         if key_padding_mask is not None:
             if layout.cached_groups or kv_cache is not None:
                 raise ValueError(
@@ -235,7 +261,8 @@ class MixedAttention(DotProductAttention):
                 )
         q, k, v = self.split_heads(self._project_in(x, layout, attention_patterns), freqs)
         cache = _read_cache(kv_cache, layout, q)
-        inputs = AttentionInputs(q, k, v, layout, cache, key_padding_mask, self.attention_dropout, None)
+        k_in, v_in = zero_padding(k, v, key_padding_mask)
+        inputs = AttentionInputs(q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None)
         out = self.executor(inputs)
         new_cache = None
         if not layout.cached_groups:

@@ -35,7 +35,7 @@ from patternc.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import merge_heads
 from patternc.nn.executors import AttentionInputs, get_executor
-from patternc.nn.executors.common import group_positions
+from patternc.nn.executors.common import group_positions, zero_padding
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
@@ -189,6 +189,7 @@ class TransformerLayer(nn.Module):
         )
         dropout = self.config.dropout_rate if self.training else 0.0
         layout = step.layouts[self.pattern]
+        k_all, v_all = zero_padding(k_all, v_all, step.key_padding_mask)
         inputs = AttentionInputs(
             q, k_all, v_all, layout, {}, step.key_padding_mask, dropout, None, step.alibi
         )

@@ -34,6 +34,8 @@ __all__ = [
     "modifier_args",
     "modifier_mask",
     "within_group_positions",
+    "zero_padding",
+    "zeros_from",
 ]
 
 
@@ -240,6 +242,23 @@ def modifier_args(
     return call_pair_mask(call, positions, cache), False
 
 
+def zero_padding(k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """K and V with padded tokens zeroed: a masked key still enters the
+    matrix products with weight 0, and ``0 * inf`` is NaN, so garbage in a
+    padded token (a data loader's fill value) would poison every query."""
+    if key_padding_mask is None:
+        return k, v
+    pad = ~key_padding_mask[:, :, None, None]
+    return k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+
+
+def zeros_from(t: Tensor) -> Tensor:
+    """Zeros shaped like ``t`` that stay in its autograd graph: a call with no
+    keys still gives its queries' projections a (zero) gradient, not None
+    (DDP's unused-parameter check), and a NaN in ``t`` does not leak through."""
+    return t.masked_fill(torch.ones((), dtype=torch.bool, device=t.device), 0.0)
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -259,7 +278,7 @@ def attend(
     key left, or a call with no keys at all, yields zeros rather than NaN.
     """
     if k.shape[1] == 0:
-        return torch.zeros_like(q)
+        return zeros_from(q)
     attn_mask = kv_mask[:, None, None, :] if kv_mask is not None else None
     if pair_mask is not None:
         pairs = pair_mask[:, None] if pair_mask.dim() == 3 else pair_mask[None, None]

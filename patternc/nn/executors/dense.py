@@ -63,6 +63,11 @@ def run_dense(inputs: AttentionInputs) -> Tensor:
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     keys = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
     values = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
+    # one softmax over every key: a non-finite K or V would reach every query
+    # through its zero weights (0 * NaN), so such keys are zeroed here and the
+    # queries that do attend to one are set to NaN after (as separate calls give)
+    bad = ~(torch.isfinite(keys).all(-1) & torch.isfinite(values).all(-1))  # [B, Nk, H]
+    keys, values = keys.masked_fill(bad[..., None], 0.0), values.masked_fill(bad[..., None], 0.0)
     lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     mask = dense_mask(layout, lengths, q.device)[None, None]  # [1, 1, N, Nk]
     if key_padding_mask is not None:
@@ -82,4 +87,6 @@ def run_dense(inputs: AttentionInputs) -> Tensor:
         dropout_p=dropout_p,
         scale=scale,
     )
+    poisoned = (mask & bad.transpose(1, 2)[:, :, None, :]).any(-1, keepdim=True)  # [B, H, N, 1]
+    out = out.masked_fill(poisoned, float("nan"))
     return (out * keep.to(out.dtype)).transpose(1, 2)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.nn.executors.common import AttentionInputs, TokenSplit, assemble, gather_mask
+from patternc.nn.executors.common import AttentionInputs, TokenSplit, assemble, gather_mask, zeros_from
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "linear_attention", "run_linear"]
 
@@ -90,7 +90,7 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
             real = F.pad(padding, (0, n_cached), value=True) if n_cached else padding
             keys = keys * real[:, :, None, None].to(keys.dtype)
         if keys.shape[1] == 0:
-            outputs.append(torch.zeros_like(queries))
+            outputs.append(zeros_from(queries))
             continue
         outputs.append(linear_attention(queries, keys, values, mods.causal, chunk_size))
     return assemble(outputs, layout, q)
