@@ -272,10 +272,12 @@ def _pieces(segments: set[tuple[int, int]], n_tokens: int) -> tuple[tuple[int, .
     return sizes, {(a, b): (index[a], index[b]) for a, b in segments}
 
 
-def _launch_key(call: Call) -> tuple[int, int, bool, bool]:
-    """Calls stack when their shapes match and their modifiers need the same
-    treatment: none, SDPA's ``is_causal``, or a per-call mask."""
-    return (call.n_queries, call.n_keys, call.has_modifiers, call.is_causal)
+def _launch_key(call: Call) -> tuple[object, ...]:
+    """Calls stack when their shapes match (cached key groups add their cache
+    length at run time, so they must be the same groups) and their modifiers
+    need the same treatment: none, SDPA's ``is_causal``, or a per-call mask."""
+    cached = tuple(s.cached for s in call.keys if s.cached is not None)
+    return (call.n_queries, call.n_keys, cached, call.has_modifiers, call.is_causal)
 
 
 def _direct_launches(
@@ -349,7 +351,7 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
                 single_groups=sum(1 for g in queries if slots[g].size) == 1 and len(present_keys) == 1,
             )
         )
-    by_shape: dict[tuple[int, int, bool, bool], list[int]] = {}
+    by_shape: dict[tuple[object, ...], list[int]] = {}
     for call in calls:
         if call.n_queries:
             by_shape.setdefault(_launch_key(call), []).append(call.index)

@@ -190,7 +190,11 @@ def call_positions(
     """Within-group positions of a call's queries and keys (cached keys count from 0)."""
     q_parts = _segment_positions(call.queries, positions, cache)
     k_parts = _segment_positions(call.keys, positions, cache)
-    return torch.cat(q_parts), torch.cat(k_parts)
+    return _cat(q_parts, positions), _cat(k_parts, positions)
+
+
+def _cat(parts: list[Tensor], like: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else like[:0]
 
 
 def call_bias(
@@ -213,17 +217,17 @@ def call_pair_mask(
     has none); each key segment is masked by its own modifiers."""
     if not call.has_modifiers:
         return None
-    q_pos = torch.cat(_segment_positions(call.queries, positions, cache))
+    q_pos = _cat(_segment_positions(call.queries, positions, cache), positions)
     k_parts = _segment_positions(call.keys, positions, cache)
-    return torch.cat(
-        [
-            modifier_mask(seg.modifiers, q_pos, k_pos)
-            if seg.modifiers
-            else torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
-            for seg, k_pos in zip(call.keys, k_parts)
-        ],
-        dim=1,
-    )
+    masks = [
+        modifier_mask(seg.modifiers, q_pos, k_pos)
+        if seg.modifiers
+        else torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+        for seg, k_pos in zip(call.keys, k_parts)
+    ]
+    if not masks:  # every key group empty at these sizes
+        return torch.ones(q_pos.shape[0], 0, dtype=torch.bool, device=q_pos.device)
+    return torch.cat(masks, dim=1)
 
 
 def modifier_args(

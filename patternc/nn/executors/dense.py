@@ -31,10 +31,12 @@ def _mask_tables(
     allowed = torch.tensor(layout.allowed, dtype=torch.bool, device=device)
     causal = torch.tensor([[m.causal for m in row] for row in layout.pair_modifiers], device=device)
     window = torch.tensor([[m.window or 0 for m in row] for row in layout.pair_modifiers], device=device)
-    sizes = torch.tensor(layout.input_sizes, device=device)
-    query_ids = torch.repeat_interleave(torch.tensor(layout.group_ids, device=device), sizes)
+    sizes = torch.tensor(layout.input_sizes, dtype=torch.int64, device=device)
+    ids = torch.tensor(layout.group_ids, dtype=torch.int64, device=device)
+    query_ids = torch.repeat_interleave(ids, sizes)
     cached = [
-        torch.full((lengths[g],), layout.all_groups.index(g), device=device) for g in layout.cached_groups
+        torch.full((lengths[g],), layout.all_groups.index(g), dtype=torch.int64, device=device)
+        for g in layout.cached_groups
     ]
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     q_pos = within_group_positions(layout, device)
