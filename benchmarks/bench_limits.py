@@ -1,0 +1,74 @@
+"""Compiler limits and the cost of reaching them (issue: linear everywhere).
+
+Prints, for inputs at and past each documented limit and for 10,000 groups
+under `* -> *`, the time to compile (median of repeats) and the outcome.
+Every row should be well under a second; past a limit, the error is found
+by a linear scan before parsing.
+
+    python benchmarks/bench_limits.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import patternc
+from patternc.compiler import MAX_NAMES, MAX_NESTING, MAX_RULES
+
+
+def names(n: int) -> str:
+    return " ".join(f"g{i}" for i in range(n))
+
+
+CASES: dict[str, Callable[[], str]] = {
+    f"{MAX_RULES:,} rules (the limit)": lambda: f"groups {names(MAX_RULES)}\n"
+    + "\n".join(f"g{i} -> g{i}" for i in range(MAX_RULES)),
+    f"{MAX_RULES + 1:,} rules": lambda: "groups a\n" + "a -> a\n" * (MAX_RULES + 1),
+    f"{MAX_NAMES:,} names (the limit)": lambda: f"groups {names(MAX_NAMES - 3)}\n* -> *  # noqa\n",
+    f"{MAX_NAMES + 1:,} names": lambda: f"groups {names(MAX_NAMES + 1)}\n* -> *\n",
+    f"{MAX_NESTING} parentheses (the limit)": lambda: "groups a b\na, b -> "
+    + "(" * MAX_NESTING + "a" + ")" * MAX_NESTING,
+    "20,000 parentheses": lambda: "groups a b\na, b -> " + "(" * 20000 + "a" + ")" * 20000,
+    "4 MiB of rules": lambda: "groups a\n" + "a -> a\n" * 600_000,
+    "10,000 groups, * -> *": lambda: f"groups {names(10_000)}\n* -> *  # noqa\n",
+    "10,000 groups, * -> *, to_json": lambda: f"groups {names(10_000)}\n* -> *  # noqa\n",
+    "10,000 groups, * -> *, to_dot": lambda: f"groups {names(10_000)}\n* -> *  # noqa\n",
+    "2,000 syntax errors": lambda: f"groups {names(2000)}\n" + "\n".join(f"g{i} -> ," for i in range(2000)),
+}
+
+
+def outcome(label: str, text: str) -> str:
+    try:
+        program = patternc.compile(text)
+    except patternc.PatternError as error:
+        first = error.diagnostics[0]
+        return f"{first.code} at {first.line}:{first.column}" + (
+            f" (+{len(error.diagnostics) - 1})" if len(error.diagnostics) > 1 else ""
+        )
+    if label.endswith("to_json"):
+        program.to_json()
+    elif label.endswith("to_dot"):
+        program.to_dot()
+    return "ok"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{'input':<36} {'bytes':>10} {'median s':>9}  outcome")
+    for label, build in CASES.items():
+        text = build()
+        times, result = [], ""
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            result = outcome(label, text)
+            times.append(time.perf_counter() - start)
+        print(f"{label:<36} {len(text):>10,} {statistics.median(times):>9.3f}  {result}")
+
+
+if __name__ == "__main__":
+    main()
