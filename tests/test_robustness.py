@@ -82,7 +82,8 @@ def test_a_nan_reaches_only_the_queries_that_attend_to_it(backend: str) -> None:
     module = make(AB["self_anchor"], backend)
     x = torch.randn(2, 14, 8)
     x[0, 7 + 1] = float("nan")  # token 1 of volume_anchors, element 0 of the batch
-    out = run(module, x, AB_SIZES)
+    with torch.no_grad():  # flex runs its own kernel on CPU only without gradients
+        out = run(module, x, AB_SIZES)
     poisoned = torch.isnan(out).any(-1)
     assert poisoned[0, 7:].all(), "the volume groups attend to volume_anchors"
     assert not poisoned[0, :7].any(), "the surface groups never attend to it"
@@ -98,18 +99,21 @@ def test_padded_tokens_never_poison_anything(backend: str) -> None:
     mask = torch.ones(2, 14, dtype=torch.bool)
     mask[:, 5] = False
     mask[1, 13] = False
-    out = run(module, x, AB_SIZES, key_padding_mask=mask)
+    with torch.no_grad():
+        out = run(module, x, AB_SIZES, key_padding_mask=mask)
     real = out[mask]
     assert torch.isfinite(real).all()
 
 
-def test_dense_contains_a_nan_inside_one_softmax() -> None:
-    """dense runs one softmax over every key: the NaN must still stay in its group."""
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_one_launch_backends_contain_a_nan(backend: str) -> None:
+    """dense and flex run one softmax or kernel over every key: the NaN must still stay in its group."""
     plan = patternc.compile("groups a b\na -> a\nb -> b\n").patterns["default"]
-    module = make(plan, "dense")
+    module = make(plan, backend)
     x = torch.randn(1, 6, 8)
     x[0, 4] = float("nan")
-    poisoned = torch.isnan(run(module, x, {"a": 3, "b": 3})).any(-1)[0]
+    with torch.no_grad():
+        poisoned = torch.isnan(run(module, x, {"a": 3, "b": 3})).any(-1)[0]
     assert poisoned.tolist() == [False, False, False, True, True, True]
 
 
@@ -181,3 +185,28 @@ def test_cli_reports_binding_errors_as_diagnostics(tmp_path: Path) -> None:
         assert result.returncode == 1, extra
         assert "Traceback" not in result.stderr
         assert "error[E406]" in result.stderr
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["batched", "flex", "varlen", "auto"])
+def test_gpu_empty_inputs_and_nan_containment(backend: str) -> None:
+    """The GPU kernels (flex compiled, varlen's FlashAttention) in bf16."""
+    module = make(AB["self_anchor"], backend).cuda()
+    dtype = torch.bfloat16
+    for sizes, batch in ((AB_SIZES, 0), (dict.fromkeys(AB_SIZES, 0), 2)):
+        x = torch.randn(batch, sum(sizes.values()), 8, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = run(module, x, sizes)
+        out.float().sum().backward()
+        assert out.shape == x.shape and x.grad is not None
+    sizes = {g: 37 * s for g, s in AB_SIZES.items()}  # several blocks, none aligned
+    x = torch.randn(2, sum(sizes.values()), 8, device="cuda")
+    volume_start = sizes["surface_anchors"] + sizes["surface_queries"]
+    x[0, volume_start + 5] = float("nan")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        poisoned = torch.isnan(run(module, x, sizes)).any(-1)
+    assert poisoned[0, volume_start:].all() and not poisoned[0, :volume_start].any()
+    assert not poisoned[1].any()

@@ -183,6 +183,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if layout.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
         v = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
+    k, v, bad = _finite_keys(k, v)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
@@ -197,4 +198,25 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         scale=scale,
         kernel_options=_kernel_options(q),
     )
-    return out.transpose(1, 2)[:, : q.shape[1]]
+    return _poison(out.transpose(1, 2)[:, : q.shape[1]], bad, tables)
+
+
+def _finite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """K and V with non-finite tokens zeroed, and which tokens those were
+    (``[B, Nk, H]``). A partial block multiplies masked keys by weight 0, and
+    ``0 * NaN`` is NaN: left in, a NaN would reach queries of other groups."""
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    return k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0), bad
+
+
+def _poison(out: Tensor, bad: Tensor, tables: FlexTables) -> Tensor:
+    """NaN for the queries whose groups attend to a group holding a
+    non-finite key (what separate attention calls give), without a host sync."""
+    batch, n_keys, heads = bad.shape
+    n_groups = tables.allowed.shape[0]
+    key_groups = tables.kv_group[:n_keys].expand(batch, heads, n_keys)
+    bad_groups = torch.zeros(batch, heads, n_groups, device=out.device, dtype=out.dtype)
+    bad_groups = bad_groups.scatter_reduce(-1, key_groups, bad.transpose(1, 2).to(out.dtype), "amax")
+    reads = tables.allowed[tables.q_group[: out.shape[1]]].to(out.dtype)  # [Nq, G]
+    poisoned = (bad_groups @ reads.T) > 0  # [B, H, Nq]
+    return out.masked_fill(poisoned.transpose(1, 2)[..., None], float("nan"))
