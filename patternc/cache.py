@@ -40,13 +40,17 @@ def _compiling() -> bool:
 class BoundedCache(Generic[K, V]):
     """A dict of at most ``size`` entries; :meth:`get_or_build` builds on a miss."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, *, lookup_while_tracing: bool = True) -> None:
+        """``lookup_while_tracing`` False: under ``torch.compile`` always build
+        (the keys hold objects Dynamo cannot hash, such as layouts)."""
         self.name, self.size = name, size
+        self.lookup_while_tracing = lookup_while_tracing
         self._entries: dict[K, V] = {}
 
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
-        if _compiling():  # traced by torch.compile: build, but change no state
-            return self._entries.get(key) or build()
+        if _compiling():  # traced by torch.compile: build what is missing, store nothing
+            found = self._entries.get(key) if self.lookup_while_tracing else None
+            return build() if found is None else found
         found = self._entries.get(key)
         if found is None:
             found = build()

@@ -9,45 +9,28 @@ Key: ``(kind, *inputs)``, where ``kind`` names the table (``"positions"``,
 ``"flex groups"``, ``"varlen launches"``, ``"auto estimates"``) and the inputs
 are what it is built from (a layout, which hashes by identity, or its sizes;
 the device; a batch size). Under ``torch.compile`` the tables are built in
-the traced graph instead (they are a few cheap kernels), so Dynamo never
-traces through a cache.
+the traced graph instead (they are a few cheap kernels) and nothing is
+stored, so Dynamo never traces a cache's state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import TypeVar, cast
 
-import torch
+from patternc.cache import BoundedCache
 
 __all__ = ["TABLES", "LayoutTables"]
 
 T = TypeVar("T")
 
 
-class LayoutTables:
-    """A bounded ``{(kind, *inputs): table}`` dict (oldest entry evicted first)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: dict[tuple[Hashable, ...], object] = {}
+class LayoutTables(BoundedCache[tuple[Hashable, ...], object]):
+    """A bounded ``{(kind, *inputs): table}`` cache whose lookups keep the
+    table's type (each kind builds one type of table)."""
 
     def get(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
-        if torch.compiler.is_compiling():
-            return build()
-        found = self._entries.get(key)
-        if found is None:
-            found = build()
-            if len(self._entries) >= self.size:
-                del self._entries[next(iter(self._entries))]
-            self._entries[key] = found
-        return found  # type: ignore[return-value]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        return cast(T, self.get_or_build(key, build))
 
 
-TABLES = LayoutTables(2048)
+TABLES = LayoutTables("runtime tables", 2048, lookup_while_tracing=False)

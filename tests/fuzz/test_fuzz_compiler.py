@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import examples
+from fuzzmode import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ import random
 import warnings
 
 import torch
-from conftest import examples
+from fuzzmode import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from programs import random_program

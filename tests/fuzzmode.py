@@ -7,10 +7,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers
 
 LONG = os.environ.get("PATTERNC_FUZZ") == "long"
 
