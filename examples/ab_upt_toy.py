@@ -78,8 +78,8 @@ class Surrogate(nn.Module):
         super().__init__()
         program = patternc.compile(open("examples/ab_upt.pc").read())
         config = TransformerConfig(
-            d_model=dim, num_heads=heads, num_layers=len(LAYERS), d_ff=2 * dim, dropout_rate=0.0,
-            max_len=4096, pos_emb_type="none", untied=True,
+            vocab_size=None, d_model=dim, num_heads=heads, num_layers=len(LAYERS), d_ff=2 * dim,
+            dropout_rate=0.0, max_len=4096, pos_emb_type="none", untied=True,
         )  # fmt: skip
         self.embed = nn.Linear(FEATURES, dim)
         self.stack = Transformer(config, program, LAYERS)

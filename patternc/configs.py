@@ -8,11 +8,12 @@ and how to fix it.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from patternc.schemas import Implementation, InitWeightsMode, MixedAttentionConfig
+from patternc.strict import StrictConfig
 
 __all__ = [
     "Activation",
@@ -37,10 +38,8 @@ Activation = Literal["gelu", "relu", "silu", "tanh"]
 _NUM_TYPES = Field(ge=1, description="Number of token types, each with its own weights.")
 
 
-class LinearProjectionConfig(BaseModel):
+class LinearProjectionConfig(StrictConfig):
     """A linear layer ``input_dim -> output_dim``."""
-
-    model_config = ConfigDict(frozen=True)
 
     input_dim: int = Field(gt=0)
     output_dim: int = Field(gt=0)
@@ -48,11 +47,11 @@ class LinearProjectionConfig(BaseModel):
     init_weights: InitWeightsMode = "truncnormal002"
 
 
-class MLPConfig(BaseModel):
+class MLPConfig(StrictConfig):
     """An MLP ``input -> [hidden] * (num_layers + 1) -> output`` with
     ``activation`` between layers (``num_layers=0``: the usual two linears)."""
 
-    model_config = ConfigDict(frozen=True)
+    _LOWERCASE: ClassVar[tuple[str, ...]] = ("activation",)
 
     input_dim: int = Field(gt=0)
     hidden_dim: int = Field(gt=0)
@@ -63,11 +62,12 @@ class MLPConfig(BaseModel):
     init_weights: InitWeightsMode = "truncnormal002"
 
 
-class TransformerBlockConfig(BaseModel):
+class TransformerBlockConfig(StrictConfig):
     """Pre-norm transformer block: ``x + attn(norm(x))``, ``x + mlp(norm(x))``,
     each branch optionally scaled (``layer_scale``) and dropped (``drop_path``)."""
 
-    model_config = ConfigDict(frozen=True)
+    _ALIASES: ClassVar[dict[str, str]] = {"layerscale": "layer_scale"}
+    _LOWERCASE: ClassVar[tuple[str, ...]] = ("activation",)
 
     hidden_dim: int = Field(gt=0)
     num_heads: int = Field(gt=0)
@@ -143,10 +143,8 @@ class PerceiverBlockConfig(TransformerBlockConfig):
         return self.kv_dim or self.hidden_dim
 
 
-class UntiedLinearConfig(BaseModel):
+class UntiedLinearConfig(StrictConfig):
     """A linear layer with one weight bank per token type."""
-
-    model_config = ConfigDict(frozen=True)
 
     linear_projection: LinearProjectionConfig
     num_types: int = _NUM_TYPES
@@ -179,19 +177,15 @@ class UntiedMixedAttentionConfig(MixedAttentionConfig):
         )
 
 
-class UntiedMLPConfig(BaseModel):
+class UntiedMLPConfig(StrictConfig):
     """An MLP with one set of weights per token type."""
-
-    model_config = ConfigDict(frozen=True)
 
     mlp: MLPConfig
     num_types: int = _NUM_TYPES
 
 
-class UntiedTransformerBlockConfig(BaseModel):
+class UntiedTransformerBlockConfig(StrictConfig):
     """A transformer block with per-type attention projections and MLP."""
-
-    model_config = ConfigDict(frozen=True)
 
     transformer_block: TransformerBlockConfig
     num_types: int = _NUM_TYPES
@@ -205,11 +199,9 @@ class UntiedTransformerBlockConfig(BaseModel):
         return UntiedMLPConfig(mlp=self.transformer_block.mlp(), num_types=self.num_types)
 
 
-class UntiedPerceiverBlockConfig(BaseModel):
+class UntiedPerceiverBlockConfig(StrictConfig):
     """A perceiver block with per-type Q/output projections and MLP; the K/V
     projection is shared (it reads one geometry encoding)."""
-
-    model_config = ConfigDict(frozen=True)
 
     perceiver_block_config: PerceiverBlockConfig
     num_types: int = _NUM_TYPES

@@ -144,6 +144,15 @@ class AttentionConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_typos(cls, data: Any) -> Any:
+        """Extra fields are the seed's contract (other backends read them),
+        but one a letter or two from a known field is a typo, refused."""
+        from patternc.strict import check_fields
+
+        return check_fields(cls, data, {}, (), allow_unrelated=True)
+
     hidden_dim: int = Field(gt=0, description="Dimensionality of the hidden features.")
     num_heads: int = Field(gt=0, description="Number of attention heads.")
     use_rope: bool = Field(default=False, description="Apply rotary position embeddings.")

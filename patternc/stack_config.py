@@ -9,11 +9,12 @@ patternc's executors as :data:`ATTENTION_TYPES` says.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from patternc.schemas import Implementation
+from patternc.strict import StrictConfig
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -47,7 +48,7 @@ AttentionType = Literal[
 """The seed's backend names and patternc's own (see :data:`ATTENTION_TYPES`)."""
 
 ATTENTION_TYPES: dict[str, Implementation] = {
-    "standard": "dense",
+    "standard": "batched",
     "memory_efficient": "batched",
     "flash": "flex",
     "linear": "linear",
@@ -58,29 +59,31 @@ ATTENTION_TYPES: dict[str, Implementation] = {
     "varlen": "varlen",
     "auto": "auto",
 }
-"""Seed backend -> patternc executor. ``standard`` is one attention call with a
-dense mask; ``memory_efficient`` is ``batched`` (one fused SDPA call per group
-of same-shaped patterns, no ``[n, n]`` mask); ``flash`` is ``flex`` (one
-FlexAttention call with a block-sparse mask); ``linear`` is chunked linear
-attention (:mod:`patternc.nn.linear_attention`)."""
+"""Seed backend -> patternc executor. ``standard`` (the seed's default) and
+``memory_efficient`` are ``batched``: the same function as a dense mask, one
+fused SDPA call per group of same-shaped patterns, no ``[n, n]`` mask
+(``dense``, one call with the dense mask, keeps that name); ``flash`` is
+``flex`` (one FlexAttention call with a block-sparse mask); ``linear`` is
+chunked linear attention."""
 
 
-class TransformerConfig(BaseModel):
+class TransformerConfig(StrictConfig):
     """Transformer stack hyperparameters (the seed's ``TransformerConfig``).
 
-    >>> TransformerConfig(d_model=64, num_heads=4, num_kv_heads=2).head_dim
+    >>> TransformerConfig(vocab_size=100, d_model=64, num_heads=4, num_kv_heads=2).head_dim
     16
-    >>> TransformerConfig(d_model=64, num_heads=5)  # doctest: +ELLIPSIS
+    >>> TransformerConfig(vocab_size=100, d_model=64, num_heads=5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     pydantic_core._pydantic_core.ValidationError: 1 validation error for TransformerConfig
       Value error, d_model=64 is not divisible by num_heads=5; ...
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    _LOWERCASE: ClassVar[tuple[str, ...]] = ("ff_activation", "pos_emb_type", "norm_type", "attention_type")
 
     vocab_size: int | None = Field(
-        default=None, gt=0, description="Token model: embed ids. None: inputs are [B, N, d_model] features."
+        gt=0,
+        description="Required, as in the seed: the vocabulary size (ids in), or None ([B, N, d_model] in).",
     )
     d_model: int = Field(default=512, gt=0)
     num_heads: int = Field(default=8, gt=0)
@@ -93,9 +96,12 @@ class TransformerConfig(BaseModel):
     ff_activation: FfActivation = "gelu"
     norm_type: NormKind = "layer"
     pad_token_id: int = 0
-    attention_type: AttentionType = "batched"
+    attention_type: AttentionType = "standard"
     attention_block_size: int = Field(
-        default=128, gt=0, description="FlexAttention sparse block size (flash/flex): a multiple of 16."
+        default=512,
+        gt=0,
+        description="FlexAttention sparse block size (flash/flex): a multiple of 16 (the seed's 512; "
+        "128 skips more of a fine-grained mask)",
     )
     linear_attention_chunk_size: int = Field(default=64, gt=0)
     rope_base: float = Field(default=10000.0, gt=0)
@@ -132,6 +138,16 @@ class TransformerConfig(BaseModel):
     def is_causal(self) -> bool:
         return self.causal or self.attention_window is not None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _vocab_size_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "vocab_size" not in data:
+            raise ValueError(
+                "vocab_size is required (as in the seed's TransformerConfig): the vocabulary size, "
+                "or vocab_size=None for a stack over [B, N, d_model] features"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TransformerConfig:
         if self.d_model % self.num_heads:
@@ -159,10 +175,8 @@ class TransformerConfig(BaseModel):
         return self
 
 
-class VisionTransformerConfig(BaseModel):
+class VisionTransformerConfig(StrictConfig):
     """A small ViT: square images cut into patches, a ``[CLS]`` token, the stack, a head."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     transformer: TransformerConfig
     image_size: int = Field(gt=0)

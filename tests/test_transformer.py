@@ -65,7 +65,8 @@ def test_vision_config_errors() -> None:
 
 
 def test_seed_attention_types_map_to_executors() -> None:
-    assert config(attention_type="standard").implementation == "dense"
+    assert config(attention_type="standard").implementation == "batched"
+    assert config(attention_type="dense").implementation == "dense"
     assert config(attention_type="memory_efficient").implementation == "batched"
     assert config(attention_type="flash").implementation == "flex"
 

@@ -95,6 +95,11 @@ class DotProductAttention(nn.Module):
             if freqs is None:
                 raise ValueError("use_rope=True needs `freqs` (see patternc.nn.rope_frequencies)")
             q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        elif freqs is not None:
+            raise ValueError(
+                "freqs were given but this layer has use_rope=False, so they would be ignored; "
+                "build it with use_rope=True, or drop freqs"
+            )
         return q, k, v
 
     def project_out(self, out: Tensor) -> Tensor:
@@ -150,6 +155,11 @@ def merge_heads(out: Tensor) -> Tensor:
 def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """Check the cache entries the layout reads; return them token-major."""
     if not layout.cached_groups:
+        if kv_cache is not None and not any(slot.cached for slot in layout.slots):
+            raise ValueError(
+                f"kv_cache was given (groups {sorted(kv_cache)}) but no group has size None, so "
+                "nothing would read it; give the cached groups size None in token_specs, or drop kv_cache"
+            )
         return {}
     if kv_cache is None:
         raise ValueError(

@@ -475,7 +475,7 @@ class VisionTransformer(nn.Module):
     ``[CLS]`` output or the mean over patches.
 
     >>> from patternc import TransformerConfig, VisionTransformerConfig
-    >>> stack = TransformerConfig(d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=64)
+    >>> stack = TransformerConfig(vocab_size=None, d_model=32, num_heads=4, num_layers=1, d_ff=64, max_len=64)
     >>> vit = VisionTransformer(VisionTransformerConfig(transformer=stack, image_size=16,
     ...                                                 patch_size=4, num_classes=10))
     >>> vit(torch.randn(2, 3, 16, 16)).shape

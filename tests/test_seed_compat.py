@@ -1,0 +1,106 @@
+"""What a user porting from the seed API meets: seed defaults exactly, configs
+that refuse unknown fields with a "did you mean", the peer's spellings where
+they mean the same, and inconsistent inputs that raise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import patternc
+from patternc.configs import MLPConfig, TransformerBlockConfig, UntiedLinearConfig
+from patternc.nn import MixedAttention
+
+# Seed 004 (TransformerConfig), every documented default, in one table.
+SEED_TRANSFORMER_DEFAULTS = {
+    "d_model": 512,
+    "num_heads": 8,
+    "num_layers": 6,
+    "d_ff": 2048,
+    "dropout_rate": 0.1,
+    "max_len": 512,
+    "use_pre_norm": True,
+    "pos_emb_type": "sinusoidal",
+    "ff_activation": "gelu",
+    "norm_type": "layer",
+    "pad_token_id": 0,
+    "attention_type": "standard",
+    "attention_block_size": 512,
+    "linear_attention_chunk_size": 64,
+    "rope_base": 10000.0,
+    "rope_max_positions": None,
+    "num_kv_heads": None,
+    "attention_window": None,
+    "kv_cache_max_len": None,
+}
+
+
+def test_transformer_config_has_the_seed_defaults() -> None:
+    config = patternc.TransformerConfig(vocab_size=100)
+    assert {name: getattr(config, name) for name in SEED_TRANSFORMER_DEFAULTS} == SEED_TRANSFORMER_DEFAULTS
+
+
+def test_vocab_size_is_required_as_in_the_seed() -> None:
+    with pytest.raises(ValidationError, match="vocab_size is required"):
+        patternc.TransformerConfig()
+    assert patternc.TransformerConfig(vocab_size=None).vocab_size is None  # features in, our extension
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: TransformerBlockConfig(hidden_dim=64, num_heads=4, layer_scal=0.1),
+            "did you mean `layer_scale`",
+        ),
+        (
+            lambda: TransformerBlockConfig(hidden_dim=64, num_heads=4, condition_dim=8),
+            "unknown field `condition_dim`",
+        ),
+        (
+            lambda: MLPConfig(input_dim=4, hidden_dim=8, output_dim=4, actvation="relu"),
+            "did you mean `activation`",
+        ),
+        (lambda: UntiedLinearConfig(num_type=2), "did you mean `num_types`"),
+        (lambda: patternc.TransformerConfig(vocab_size=10, d_modle=64), "did you mean `d_model`"),
+        (
+            lambda: patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2, use_rop=True),
+            "did you mean `use_rope`",
+        ),
+    ],
+)
+def test_configs_refuse_unknown_fields_naming_the_closest(make: object, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make()  # type: ignore[operator]
+
+
+def test_peer_spellings_with_the_same_meaning_are_accepted() -> None:
+    block = TransformerBlockConfig(hidden_dim=64, num_heads=4, layerscale=0.1, activation="GELU")
+    assert block.layer_scale == 0.1 and block.activation == "gelu"
+    assert patternc.TransformerConfig(vocab_size=10, ff_activation="SwiGLU").ff_activation == "swiglu"
+    with pytest.raises(ValidationError, match="same field"):
+        TransformerBlockConfig(hidden_dim=64, num_heads=4, layerscale=0.1, layer_scale=0.2)
+
+
+def test_attention_config_keeps_unrelated_extra_fields() -> None:
+    """The seed's AttentionConfig takes extra fields for other backends."""
+    config = patternc.AttentionConfig(hidden_dim=8, num_heads=2, flash_block_size=64)
+    assert config.model_extra == {"flash_block_size": 64}
+
+
+def test_freqs_without_rope_raise() -> None:
+    attn = MixedAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2))
+    specs = [patternc.TokenSpec("a", 3)]
+    patterns = [patternc.AttentionPattern(["a"], ["a"])]
+    with pytest.raises(ValueError, match="use_rope=False, so they would be ignored"):
+        attn(torch.randn(1, 3, 8), specs, patterns, freqs=torch.randn(3, 2))
+
+
+def test_a_kv_cache_nothing_reads_raises() -> None:
+    attn = MixedAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2))
+    specs = [patternc.TokenSpec("a", 3)]
+    patterns = [patternc.AttentionPattern(["a"], ["a"])]
+    _, cache = attn(torch.randn(1, 3, 8), specs, patterns)
+    with pytest.raises(ValueError, match="no group has size None"):
+        attn(torch.randn(1, 3, 8), specs, patterns, kv_cache=cache)
