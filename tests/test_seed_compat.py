@@ -104,3 +104,18 @@ def test_a_kv_cache_nothing_reads_raises() -> None:
     _, cache = attn(torch.randn(1, 3, 8), specs, patterns)
     with pytest.raises(ValueError, match="no group has size None"):
         attn(torch.randn(1, 3, 8), specs, patterns, kv_cache=cache)
+
+
+def test_untied_layers_run_from_their_config_alone() -> None:
+    """The seed builds untied layers from num_types and reads types from TokenSpec.domain."""
+    from patternc.configs import LinearProjectionConfig, UntiedMixedAttentionConfig, UntiedMLPConfig
+    from patternc.nn import UntiedMixedAttention, UntiedMLP
+
+    specs = [patternc.TokenSpec("surface_anchors", 2), patternc.TokenSpec("volume_anchors", 3)]
+    patterns = [patternc.AttentionPattern(["surface_anchors", "volume_anchors"], ["volume_anchors"])]
+    attn = UntiedMixedAttention(config=UntiedMixedAttentionConfig(hidden_dim=8, num_heads=2, num_types=2))
+    out, _ = attn(torch.randn(1, 5, 8), specs, patterns)
+    assert out.shape == (1, 5, 8) and attn.types.names == ["surface", "volume"]
+    mlp = UntiedMLP(UntiedMLPConfig(mlp=MLPConfig(input_dim=8, hidden_dim=16, output_dim=8), num_types=2))
+    assert mlp(torch.randn(1, 5, 8), specs).shape == (1, 5, 8)
+    assert LinearProjectionConfig(input_dim=2, output_dim=3).output_dim == 3

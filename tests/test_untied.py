@@ -161,9 +161,10 @@ def test_type_errors() -> None:
         match=r"group `wake_queries` has type `wake`, which is not one of this layer's types \['surface', 'volume'\]",
     ):
         layer(torch.randn(1, 3, 4), {"wake_queries": 3})
-    unnamed = UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=2))
-    with pytest.raises(ValueError, match="built without type names"):
-        unnamed(torch.randn(1, 3, 4), {"wake_queries": 3})
+    unnamed = UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=1))
+    unnamed(torch.randn(1, 3, 4), {"wake_queries": 3})  # binds `wake` to bank 0
+    with pytest.raises(ValueError, match=r"weight bank\(s\) are bound to \['wake'\]"):
+        unnamed(torch.randn(1, 3, 4), {"surface_queries": 3})
     with pytest.raises(ValueError, match="x has 4 tokens but the groups add up to 3"):
         layer(torch.randn(1, 4, 4), {"surface_queries": 3})
     with pytest.raises(ValueError, match="num_types"):
@@ -473,3 +474,64 @@ def test_untied_mlp_gradients_and_many_runs(path: str) -> None:
     (gx,) = torch.autograd.grad(out.sum(), x)
     (gx_ref,) = torch.autograd.grad(ref.sum(), x)
     assert relative_error(gx, gx_ref) < 1e-13
+
+
+# ---------------------------------------------------------------- banks bound by type name
+
+
+def test_banks_bind_by_first_appearance_and_never_shift() -> None:
+    """The seed builds untied layers from num_types alone: the first forward
+    binds types in order of appearance, a call missing a type shifts nothing."""
+    geometry = LinearProjectionConfig(input_dim=4, output_dim=3)
+    torch.manual_seed(0)
+    layer = UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=3))
+    x = torch.randn(1, 5, 4)
+    out = layer(x, {"surface_anchors": 2, "volume_anchors": 3})
+    assert layer.types.names == ["surface", "volume"]
+    volume_only = layer(x[:, 2:], {"volume_anchors": 3})  # no surface: volume keeps bank 1
+    assert torch.allclose(volume_only, out[:, 2:])
+    assert torch.allclose(volume_only, x[:, 2:] @ layer.weights[1].T + layer.biases[1])  # type: ignore[index]
+    layer(torch.randn(1, 2, 4), {"wake_queries": 2})  # a new type takes the next free bank
+    assert layer.types.names == ["surface", "volume", "wake"]
+
+
+def test_the_binding_is_saved_and_restored_with_the_weights() -> None:
+    geometry = LinearProjectionConfig(input_dim=4, output_dim=3)
+    config = UntiedLinearConfig(linear_projection=geometry, num_types=2)
+    trained = UntiedLinear(config)
+    x = torch.randn(1, 5, 4)
+    sizes = {"volume_anchors": 3, "surface_anchors": 2}  # volume first: bank 0
+    expected = trained(x, sizes)
+    fresh = UntiedLinear(config)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.types.names == ["volume", "surface"]
+    assert torch.allclose(fresh(x, sizes), expected)
+    # a fresh layer called on the other order first would have bound other banks: the
+    # loaded binding wins, so the same tokens meet the same weights
+    assert torch.allclose(fresh(x[:, 3:], {"surface_anchors": 2}), expected[:, 3:])
+
+
+def test_a_block_shares_one_binding() -> None:
+    from patternc.configs import TransformerBlockConfig, UntiedTransformerBlockConfig
+    from patternc.nn import UntiedTransformerBlock
+
+    block = UntiedTransformerBlock(
+        UntiedTransformerBlockConfig(
+            transformer_block=TransformerBlockConfig(hidden_dim=8, num_heads=2), num_types=2
+        )
+    )
+    specs = [patternc.TokenSpec("surface_anchors", 2), patternc.TokenSpec("volume_anchors", 3)]
+    patterns = [patternc.AttentionPattern(["surface_anchors", "volume_anchors"], ["surface_anchors"])]
+    block(torch.randn(1, 5, 8), specs, patterns)
+    layers = [m for m in block.modules() if isinstance(m, UntiedLinear)]
+    assert layers and all(layer.types is block.types for layer in layers)
+    assert block.types.names == ["surface", "volume"]
+
+
+def test_old_checkpoints_without_a_binding_still_load() -> None:
+    geometry = LinearProjectionConfig(input_dim=4, output_dim=3)
+    layer = UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=2), ["a", "b"])
+    state = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=2), ["a", "b"]).load_state_dict(
+        state
+    )

@@ -29,6 +29,7 @@ from patternc.nn.attention import MixedAttention, init_linear, merge_heads
 from patternc.nn.layers import MLP, DropPath, LayerScale
 from patternc.nn.rope import apply_rope
 from patternc.nn.untied import (
+    TypeBinding,
     UntiedLinear,
     UntiedMixedAttention,
     UntiedMLP,
@@ -98,7 +99,7 @@ class UntiedTransformerBlock(TransformerBlock):
     def __init__(
         self,
         config: UntiedTransformerBlockConfig,
-        types: Sequence[str] | None = None,
+        types: Sequence[str] | TypeBinding | None = None,
         group_types: Mapping[str, str] | None = None,
         path: UntiedPath = "auto",
     ) -> None:
@@ -106,8 +107,8 @@ class UntiedTransformerBlock(TransformerBlock):
         self.untied_config = config
         self.types = check_types(types, config.num_types)
         self.group_types = dict(group_types or {})
-        self.attention = UntiedMixedAttention(config.attention_config(), types, group_types, path)
-        self.mlp = UntiedMLP(config.untied_mlp_config(), types, path)
+        self.attention = UntiedMixedAttention(config.attention_config(), self.types, group_types, path)
+        self.mlp = UntiedMLP(config.untied_mlp_config(), self.types, path)
 
     def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
         token_specs = as_token_specs(specs)
@@ -205,7 +206,7 @@ class UntiedPerceiverBlock(PerceiverBlock):
     def __init__(
         self,
         config: UntiedPerceiverBlockConfig,
-        types: Sequence[str] | None = None,
+        types: Sequence[str] | TypeBinding | None = None,
         group_types: Mapping[str, str] | None = None,
         path: UntiedPath = "auto",
     ) -> None:
@@ -222,9 +223,11 @@ class UntiedPerceiverBlock(PerceiverBlock):
         )
         untied = UntiedLinearConfig(linear_projection=square, num_types=config.num_types)
         self.attention = PerceiverAttention(
-            block, q_proj=UntiedLinear(untied, types, path), out_proj=UntiedLinear(untied, types, path)
+            block,
+            q_proj=UntiedLinear(untied, self.types, path),
+            out_proj=UntiedLinear(untied, self.types, path),
         )
-        self.mlp = UntiedMLP(config.untied_mlp_config(), types, path)
+        self.mlp = UntiedMLP(config.untied_mlp_config(), self.types, path)
 
     def _runs(self, token_specs: TokenSpecs | None) -> object:
         if token_specs is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -143,16 +143,66 @@ def _type_runs(
     return TypeRuns(tuple(runs), start)
 
 
+class TypeBinding:
+    """Which weight bank each token type uses: the names bound so far, in bank order.
+
+    Given ``types=[...]`` the binding is fixed. Without it (the seed's
+    ``num_types`` alone) the first forward binds the types it sees in order of
+    first appearance, later calls reuse that binding (a call missing a type
+    shifts nothing), a new type takes the next free bank, and a type beyond
+    ``num_types`` is an error naming the bound ones. The layers of a block
+    share one binding; it is saved in each untied linear's ``state_dict``
+    (extra state), so a reloaded model keeps it.
+    """
+
+    def __init__(self, num_types: int, names: Sequence[str] | None = None) -> None:
+        self.num_types = num_types
+        self.fixed = names is not None
+        self.names: list[str] = list(names or [])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def __repr__(self) -> str:
+        return f"TypeBinding({self.names!r}, num_types={self.num_types})"
+
+    def bind(
+        self, sizes: tuple[tuple[str, int | None], ...], group_types: Mapping[str, str]
+    ) -> tuple[str, ...]:
+        """The bank names, after binding any type of ``sizes`` not bound yet."""
+        if self.fixed:
+            return tuple(self.names)
+        for name, size in sizes:
+            if not size:
+                continue
+            type_name = group_types.get(name, domain_of(name))
+            if type_name in self.names:
+                continue
+            if len(self.names) >= self.num_types:
+                raise ValueError(
+                    f"group `{name}` has type `{type_name}`, but this layer's {self.num_types} weight "
+                    f"bank(s) are bound to {self.names}; build it with a larger num_types, or map the "
+                    "group to a bound type"
+                )
+            self.names.append(type_name)
+        return tuple(self.names)
+
+
 def type_runs(
-    groups: GroupSizes, group_types: Mapping[str, str] | None, banks: Sequence[str] | None
+    groups: GroupSizes,
+    group_types: Mapping[str, str] | None,
+    banks: TypeBinding | Sequence[str] | None,
 ) -> TypeRuns:
     """Runs of same-type tokens for groups in ``x`` order (cached per layout).
-    ``group_types`` overrides the default type (the group's domain)."""
-    return _type_runs(
-        _sizes(groups),
-        tuple(sorted((group_types or {}).items())),
-        tuple(banks) if banks is not None else None,
-    )
+    ``group_types`` overrides the default type (the group's domain); a
+    :class:`TypeBinding` binds the types it has not seen yet first."""
+    sizes = _sizes(groups)
+    explicit = group_types or {}
+    names = banks.bind(sizes, explicit) if isinstance(banks, TypeBinding) else banks
+    return _type_runs(sizes, tuple(sorted(explicit.items())), tuple(names) if names is not None else None)
 
 
 def plan_group_types(patterns: object, specs: GroupSizes, fallback: Mapping[str, str]) -> Mapping[str, str]:
@@ -162,9 +212,17 @@ def plan_group_types(patterns: object, specs: GroupSizes, fallback: Mapping[str,
     return fallback
 
 
-def check_types(types: Sequence[str] | None, num_types: int) -> tuple[str, ...] | None:
+def check_types(types: Sequence[str] | TypeBinding | None, num_types: int) -> TypeBinding:
+    """The layer's binding: shared when ``types`` already is one (a block's
+    layers), fixed from explicit names, else bound by the first forward."""
+    if isinstance(types, TypeBinding):
+        if types.num_types != num_types:
+            raise ValueError(
+                f"a binding of {types.num_types} types given to a layer of num_types={num_types}"
+            )
+        return types
     if types is None:
-        return None
+        return TypeBinding(num_types)
     names = tuple(types)
     if len(names) != num_types:
         raise ValueError(
@@ -173,7 +231,7 @@ def check_types(types: Sequence[str] | None, num_types: int) -> tuple[str, ...] 
         )
     if len(set(names)) != len(names):
         raise ValueError(f"type names must be unique, got {list(names)}")
-    return names
+    return TypeBinding(num_types, names)
 
 
 def apply_per_type(
@@ -272,7 +330,10 @@ class UntiedLinear(nn.Module):
     """
 
     def __init__(
-        self, config: UntiedLinearConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
+        self,
+        config: UntiedLinearConfig,
+        types: Sequence[str] | TypeBinding | None = None,
+        path: UntiedPath = "auto",
     ) -> None:
         super().__init__()
         self.config = config
@@ -300,6 +361,27 @@ class UntiedLinear(nn.Module):
                 self.weights[bank].copy_(template.weight)
                 if self.biases is not None:
                     self.biases[bank].copy_(template.bias)
+
+    def get_extra_state(self) -> dict[str, object]:
+        """The type binding travels with the weights (bank ``i`` is ``types[i]``)."""
+        return {"types": list(self.types.names)}
+
+    def set_extra_state(self, state: Any) -> None:
+        names = list(state.get("types", [])) if isinstance(state, dict) else []
+        if self.types.fixed and names and names != self.types.names:
+            raise ValueError(
+                f"this checkpoint's banks are types {names}, but the layer was built with types="
+                f"{self.types.names}; build it without types= (or with these) to load it"
+            )
+        if not self.types.fixed:
+            self.types.names[:] = names
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        missing: list[str] = args[2] if len(args) > 2 else kwargs.get("missing_keys", [])
+        key = prefix + "_extra_state"
+        if key in missing:  # a checkpoint from before bindings were saved: keep the layer's
+            missing.remove(key)
 
     def bias_of(self, bank: int) -> Tensor | None:
         return self.biases[bank] if self.biases is not None else None
@@ -356,7 +438,10 @@ class UntiedMLP(nn.Module):
     through the whole MLP."""
 
     def __init__(
-        self, config: UntiedMLPConfig, types: Sequence[str] | None = None, path: UntiedPath = "auto"
+        self,
+        config: UntiedMLPConfig,
+        types: Sequence[str] | TypeBinding | None = None,
+        path: UntiedPath = "auto",
     ) -> None:
         super().__init__()
         self.config = config
@@ -372,7 +457,7 @@ class UntiedMLP(nn.Module):
                     ),
                     num_types=config.num_types,
                 ),
-                types,
+                self.types,
             )
             for a, b in itertools.pairwise(dims)
         )
@@ -414,7 +499,7 @@ class UntiedMixedAttention(MixedAttention):
     def __init__(
         self,
         config: UntiedMixedAttentionConfig,
-        types: Sequence[str] | None = None,
+        types: Sequence[str] | TypeBinding | None = None,
         group_types: Mapping[str, str] | None = None,
         path: UntiedPath = "auto",
     ) -> None:
@@ -422,9 +507,9 @@ class UntiedMixedAttention(MixedAttention):
         projections = config.projection_config()
         self.types = check_types(types, config.num_types)
         self.group_types = dict(group_types or {})
-        proj = UntiedLinear(projections.out, types, path)
+        proj = UntiedLinear(projections.out, self.types, path)
         proj.reset_parameters(zero=config.init_weights == "zero")
-        self.qkv = UntiedLinear(projections.qkv, types, path)  # type: ignore[assignment]
+        self.qkv = UntiedLinear(projections.qkv, self.types, path)  # type: ignore[assignment]
         self.proj = proj  # type: ignore[assignment]
 
     def reset_parameters(self) -> None:
