@@ -89,6 +89,12 @@ class TransformerBlockConfig(StrictConfig):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Activation = "gelu"
     implementation: Implementation = "batched"
+    condition_dim: int | None = Field(
+        default=None,
+        gt=0,
+        description="Width of a conditioning vector (e.g. inflow parameters): it sets a scale, shift and "
+        "gate of each branch (adaptive norm, as in DiT), from a zero-initialised linear.",
+    )
 
     @model_validator(mode="after")
     def _one_mlp_width(self) -> TransformerBlockConfig:

@@ -55,8 +55,8 @@ def test_vocab_size_is_required_as_in_the_seed() -> None:
             "did you mean `layer_scale`",
         ),
         (
-            lambda: TransformerBlockConfig(hidden_dim=64, num_heads=4, condition_dim=8),
-            "unknown field `condition_dim`",
+            lambda: TransformerBlockConfig(hidden_dim=64, num_heads=4, conditon_dim=8),
+            "did you mean `condition_dim`",
         ),
         (
             lambda: MLPConfig(input_dim=4, hidden_dim=8, output_dim=4, actvation="relu"),
@@ -119,3 +119,39 @@ def test_untied_layers_run_from_their_config_alone() -> None:
     mlp = UntiedMLP(UntiedMLPConfig(mlp=MLPConfig(input_dim=8, hidden_dim=16, output_dim=8), num_types=2))
     assert mlp(torch.randn(1, 5, 8), specs).shape == (1, 5, 8)
     assert LinearProjectionConfig(input_dim=2, output_dim=3).output_dim == 3
+
+
+def test_conditioning_starts_as_the_unconditioned_block_and_learns() -> None:
+    from patternc.nn import TransformerBlock
+
+    specs = [patternc.TokenSpec("a", 3), patternc.TokenSpec("q", 4)]
+    patterns = [patternc.AttentionPattern(["a", "q"], ["a"])]
+    torch.manual_seed(0)
+    plain = TransformerBlock(TransformerBlockConfig(hidden_dim=8, num_heads=2))
+    conditioned = TransformerBlock(TransformerBlockConfig(hidden_dim=8, num_heads=2, condition_dim=5))
+    missing = conditioned.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["modulation.bias", "modulation.weight"]
+    x, c = torch.randn(2, 7, 8), torch.randn(2, 5)
+    expected = plain(x, specs, patterns)
+    out = conditioned(x, attn_kwargs={"token_specs": specs, "attention_patterns": patterns}, condition=c)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.square().sum().backward()
+    assert conditioned.modulation is not None and conditioned.modulation.weight.grad is not None
+    assert conditioned.modulation.weight.grad.abs().sum() > 0
+    per_token = conditioned(x, specs, patterns, condition=torch.randn(2, 7, 5))
+    assert per_token.shape == x.shape
+
+
+def test_conditioning_errors_say_what_to_change() -> None:
+    from patternc.nn import TransformerBlock
+
+    specs = [patternc.TokenSpec("a", 3)]
+    patterns = [patternc.AttentionPattern(["a"], ["a"])]
+    plain = TransformerBlock(TransformerBlockConfig(hidden_dim=8, num_heads=2))
+    with pytest.raises(ValueError, match="no conditioning: set condition_dim"):
+        plain(torch.randn(1, 3, 8), specs, patterns, condition=torch.randn(1, 4))
+    conditioned = TransformerBlock(TransformerBlockConfig(hidden_dim=8, num_heads=2, condition_dim=4))
+    with pytest.raises(ValueError, match=r"pass condition=\[batch, 4\]"):
+        conditioned(torch.randn(1, 3, 8), specs, patterns)
+    with pytest.raises(ValueError, match="give them one way"):
+        plain(torch.randn(1, 3, 8), specs, attn_kwargs={"token_specs": specs, "attention_patterns": patterns})

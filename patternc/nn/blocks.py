@@ -59,8 +59,18 @@ def _branch(dim: int, config: TransformerBlockConfig) -> tuple[nn.Module, nn.Mod
     return scale, DropPath(config.drop_path)
 
 
+_ATTN_KWARGS = ("token_specs", "attention_patterns", "key_padding_mask", "freqs")
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``MixedAttention`` over the patterns, then an ``MLP``."""
+    """Pre-norm block: ``MixedAttention`` over the patterns, then an ``MLP``.
+
+    With ``condition_dim``, a conditioning vector ``condition`` (``[B, C]``,
+    or ``[B, N, C]`` per token) modulates each branch: ``norm(x) * (1 + scale)
+    + shift`` in, ``x + (1 + gate) * branch`` out, the six vectors from one
+    linear that starts at zero, so a fresh conditioned block computes what the
+    unconditioned one does.
+    """
 
     def __init__(self, config: TransformerBlockConfig) -> None:
         super().__init__()
@@ -71,6 +81,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
         self.mlp: nn.Module = MLP(config.mlp())
         self.scale2, self.drop2 = _branch(config.hidden_dim, config)
+        self.modulation: nn.Linear | None = None
+        if config.condition_dim is not None:
+            self.modulation = nn.Linear(config.condition_dim, 6 * config.hidden_dim)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
 
     def _mlp(self, x: Tensor, specs: TokenSpecs, patterns: Patterns) -> Tensor:
         return self.mlp(x)  # type: ignore[no-any-return]
@@ -78,15 +93,51 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        token_specs: TokenSpecs,
-        attention_patterns: Patterns,
+        token_specs: TokenSpecs | None = None,
+        attention_patterns: Patterns | None = None,
         key_padding_mask: Tensor | None = None,
         freqs: Tensor | None = None,
+        *,
+        condition: Tensor | None = None,
+        attn_kwargs: Mapping[str, object] | None = None,
     ) -> Tensor:
-        attended, _ = self.attention(self.norm1(x), token_specs, attention_patterns, key_padding_mask, freqs)
-        x = x + self.drop1(self.scale1(attended))
-        out: Tensor = x + self.drop2(self.scale2(self._mlp(self.norm2(x), token_specs, attention_patterns)))
+        """``block(x, token_specs, patterns, ...)``, or the seed's form
+        ``block(x, attn_kwargs={"token_specs": ..., "attention_patterns": ...}, condition=c)``."""
+        if attn_kwargs is not None:
+            unknown = sorted(set(attn_kwargs) - set(_ATTN_KWARGS))
+            if unknown or token_specs is not None or attention_patterns is not None:
+                raise ValueError(
+                    f"attn_kwargs takes {list(_ATTN_KWARGS)} (got {sorted(attn_kwargs)}), and not beside "
+                    "positional token_specs/attention_patterns: give them one way"
+                )
+            token_specs = attn_kwargs.get("token_specs")  # type: ignore[assignment]
+            attention_patterns = attn_kwargs.get("attention_patterns")  # type: ignore[assignment]
+            key_padding_mask = attn_kwargs.get("key_padding_mask")  # type: ignore[assignment]
+            freqs = attn_kwargs.get("freqs")  # type: ignore[assignment]
+        if token_specs is None or attention_patterns is None:
+            raise ValueError("a block needs token_specs and attention_patterns (or attn_kwargs with them)")
+        shift1, scale1, gate1, shift2, scale2, gate2 = self._modulation(x, condition)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        attended, _ = self.attention(h, token_specs, attention_patterns, key_padding_mask, freqs)
+        x = x + (1 + gate1) * self.drop1(self.scale1(attended))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        out: Tensor = x + (1 + gate2) * self.drop2(self.scale2(self._mlp(h, token_specs, attention_patterns)))
         return out
+
+    def _modulation(self, x: Tensor, condition: Tensor | None) -> tuple[Tensor | float, ...]:
+        if self.modulation is None:
+            if condition is not None:
+                raise ValueError("condition was given but this block has no conditioning: set condition_dim")
+            return (0.0,) * 6
+        if condition is None:
+            raise ValueError(
+                f"this block was built with condition_dim={self.config.condition_dim}: pass "
+                f"condition=[batch, {self.config.condition_dim}]"
+            )
+        mod = self.modulation(condition)
+        if mod.dim() == 2:
+            mod = mod[:, None, :]
+        return tuple(mod.chunk(6, dim=-1))
 
 
 class UntiedTransformerBlock(TransformerBlock):
@@ -169,6 +220,8 @@ class PerceiverBlock(nn.Module):
 
     def __init__(self, config: PerceiverBlockConfig) -> None:
         super().__init__()
+        if config.condition_dim is not None:
+            raise ValueError("conditioning (condition_dim) is not implemented for perceiver blocks yet")
         self.config = config
         self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
         self.norm_kv = nn.LayerNorm(config.kv_width, eps=config.eps)
