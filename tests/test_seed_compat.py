@@ -155,3 +155,74 @@ def test_conditioning_errors_say_what_to_change() -> None:
         conditioned(torch.randn(1, 3, 8), specs, patterns)
     with pytest.raises(ValueError, match="give them one way"):
         plain(torch.randn(1, 3, 8), specs, attn_kwargs={"token_specs": specs, "attention_patterns": patterns})
+
+
+def peer_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in the seed's layout, written from its documented semantics:
+    untied banks stacked as one ``weight [num_types, out, in]`` / ``bias``, and
+    attention projecting ``q``, ``k``, ``v`` separately."""
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    banks: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(.*)(weights|biases)\.(\d+)", key)
+        if match:
+            name = match.group(1) + ("weight" if match.group(2) == "weights" else "bias")
+            banks.setdefault(name, {})[int(match.group(3))] = value
+        elif not key.endswith("_extra_state"):
+            out[key] = value
+    out.update({k: torch.stack([v[i] for i in sorted(v)]) for k, v in banks.items()})
+    for key in [k for k in out if k.endswith("qkv.weight") or k.endswith("qkv.bias")]:
+        prefix, name = key.rsplit("qkv.", 1)
+        q, k, v = out.pop(key).chunk(3, dim=-2 if name == "weight" else -1)
+        out.update({f"{prefix}q.{name}": q, f"{prefix}k.{name}": k, f"{prefix}v.{name}": v})
+    return out
+
+
+def test_checkpoints_in_the_seed_layout_load() -> None:
+    from patternc.configs import UntiedMixedAttentionConfig, UntiedTransformerBlockConfig
+    from patternc.nn import UntiedMixedAttention, UntiedTransformerBlock
+
+    specs = [patternc.TokenSpec("surface_anchors", 2), patternc.TokenSpec("volume_anchors", 3)]
+    patterns = [patternc.AttentionPattern(["surface_anchors", "volume_anchors"], ["volume_anchors"])]
+    x = torch.randn(1, 5, 8)
+    types = ["surface", "volume"]
+    builders = {
+        "MixedAttention": lambda: MixedAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2)),
+        "UntiedMixedAttention": lambda: UntiedMixedAttention(
+            UntiedMixedAttentionConfig(hidden_dim=8, num_heads=2, num_types=2), types
+        ),
+        "UntiedTransformerBlock": lambda: UntiedTransformerBlock(
+            UntiedTransformerBlockConfig(
+                transformer_block=TransformerBlockConfig(hidden_dim=8, num_heads=2), num_types=2
+            ),
+            types,
+        ),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        source = build()
+        for p in source.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        expected = source(x, specs, patterns)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        peer = peer_layout(source.state_dict())
+        assert not any("weights." in k or "qkv" in k for k in peer), name
+        torch.manual_seed(1)
+        target = build()
+        target.load_state_dict(peer)
+        got = target(x, specs, patterns)
+        got = got[0] if isinstance(got, tuple) else got
+        assert torch.allclose(got, expected, atol=1e-6), name
+
+
+def test_untied_linear_exposes_the_seed_attributes() -> None:
+    from patternc.configs import LinearProjectionConfig
+    from patternc.nn import UntiedLinear
+
+    layer = UntiedLinear(
+        UntiedLinearConfig(linear_projection=LinearProjectionConfig(input_dim=4, output_dim=3), num_types=2)
+    )
+    assert (layer.num_types, layer.input_dim, layer.output_dim) == (2, 4, 3)
+    assert layer.weight.shape == (2, 3, 4) and layer.bias is not None and layer.bias.shape == (2, 3)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,18 @@ class DotProductAttention(nn.Module):
         self.dropout = config.dropout
         self.use_rope = config.use_rope
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the seed's layers project q, k and v separately: fuse them into `qkv`
+        # (rows q, then k, then v: the order split_heads reads), tied
+        # ([out, in]) or untied ([num_types, out, in], stacked)
+        for name in ("weight", "bias"):
+            parts = [f"{prefix}{p}.{name}" for p in ("q", "k", "v")]
+            if all(p in state_dict for p in parts) and f"{prefix}qkv.{name}" not in state_dict:
+                state_dict[f"{prefix}qkv.{name}"] = torch.cat(
+                    [state_dict.pop(p) for p in parts], dim=-2 if name == "weight" else -1
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         init_linear(self.qkv, self.config.init_weights)

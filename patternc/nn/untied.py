@@ -376,7 +376,40 @@ class UntiedLinear(nn.Module):
         if not self.types.fixed:
             self.types.names[:] = names
 
+    @property
+    def num_types(self) -> int:
+        return self.config.num_types
+
+    @property
+    def input_dim(self) -> int:
+        return self.config.linear_projection.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.linear_projection.output_dim
+
+    @property
+    def weight(self) -> Tensor:
+        """``[num_types, output_dim, input_dim]``: the banks stacked (the seed's layout; a copy)."""
+        return torch.stack(list(self.weights))
+
+    @property
+    def bias(self) -> Tensor | None:
+        """``[num_types, output_dim]`` or None (a copy)."""
+        return torch.stack(list(self.biases)) if self.biases is not None else None
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the seed's layout: one stacked `weight` [num_types, out, in] and `bias`
+        for stacked, banks in (("weight", "weights"), ("bias", "biases")):
+            value = state_dict.pop(prefix + stacked, None)
+            if value is None:
+                continue
+            if value.shape[0] != self.num_types:
+                raise ValueError(
+                    f"{prefix}{stacked} holds {value.shape[0]} banks; this layer has num_types={self.num_types}"
+                )
+            for bank in range(self.num_types):
+                state_dict[f"{prefix}{banks}.{bank}"] = value[bank]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         missing: list[str] = args[2] if len(args) > 2 else kwargs.get("missing_keys", [])
         key = prefix + "_extra_state"
