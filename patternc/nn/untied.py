@@ -406,7 +406,8 @@ class UntiedLinear(nn.Module):
                 continue
             if value.shape[0] != self.num_types:
                 raise ValueError(
-                    f"{prefix}{stacked} holds {value.shape[0]} banks; this layer has num_types={self.num_types}"
+                    f"{prefix}{stacked} holds {value.shape[0]} banks; this layer has "
+                    f"num_types={self.num_types}"
                 )
             for bank in range(self.num_types):
                 state_dict[f"{prefix}{banks}.{bank}"] = value[bank]
