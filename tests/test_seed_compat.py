@@ -226,3 +226,23 @@ def test_untied_linear_exposes_the_seed_attributes() -> None:
     )
     assert (layer.num_types, layer.input_dim, layer.output_dim) == (2, 4, 3)
     assert layer.weight.shape == (2, 3, 4) and layer.bias is not None and layer.bias.shape == (2, 3)
+
+
+def test_anchor_attention_loads_the_seed_layout() -> None:
+    from patternc.configs import JointAnchorAttentionConfig
+    from patternc.nn import JointAnchorAttention
+
+    config = JointAnchorAttentionConfig(hidden_dim=8, num_heads=2, branches=["surface", "volume"])
+    specs = [
+        patternc.TokenSpec("surface_anchors", 2),
+        patternc.TokenSpec("surface_queries", 3),
+        patternc.TokenSpec("volume_anchors", 2),
+        patternc.TokenSpec("volume_queries", 1),
+    ]
+    torch.manual_seed(0)
+    source = JointAnchorAttention(config)
+    x = torch.randn(1, 8, 8)
+    expected = source(x, specs)
+    target = JointAnchorAttention(config)
+    target.load_state_dict(peer_layout(source.state_dict()))
+    assert torch.allclose(target(x, specs), expected, atol=1e-6)
