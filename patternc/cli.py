@@ -201,7 +201,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto")
+BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto", "linear")
 
 
 class _Reporter:
@@ -375,6 +375,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     if args.mask is not None:
         if sizes is None:
             raise _UsageError("--mask needs --sizes")
+        if args.format != "text":
+            raise _UsageError(f"--mask draws the mask and --format {args.format} prints the plan: run them apart")
         return _draw_mask(program, sizes, args.pattern, args.mask, args.block)
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))

@@ -25,8 +25,12 @@ def save_mask_picture(path: Path, masks: Sequence[tuple[str, BlockClasses]]) -> 
     cmap = ListedColormap(["#ffffff", "#f4a261", "#264653"])
     for ax, (name, mask) in zip(axes[0], masks):
         ax.imshow(mask.classes, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
-        ticks = [first for _, first in mask.row_groups]
-        labels = [group for group, _ in mask.row_groups]
+        # groups sharing a block (smaller than it) share one label, not overwrite each other
+        by_block: dict[int, list[str]] = {}
+        for group, first in mask.row_groups:
+            by_block.setdefault(first, []).append(group)
+        ticks = list(by_block)
+        labels = [", ".join(groups) for groups in by_block.values()]
         ax.set_yticks([t - 0.5 for t in ticks], labels, fontsize=7)
         ax.set_xticks([t - 0.5 for t in ticks], labels, rotation=90, fontsize=7)
         for t in ticks[1:]:

@@ -211,3 +211,19 @@ def test_bench_command() -> None:
 def test_bench_usage_errors() -> None:
     result = run("bench", "examples/ab_upt.pc", "--sizes", "surface_anchors=8", "--pattern", "joint")
     assert result.returncode == 2 and "no size for" in result.stderr
+
+
+def test_mask_and_a_plan_format_are_not_mixed() -> None:
+    result = run("compile", "examples/ab_upt.pc", "--sizes", AB_SIZES, "--mask", "-", "--format", "json")
+    assert result.returncode == 2
+    assert "--mask draws the mask and --format json prints the plan" in result.stderr
+
+
+def test_check_help_shows_check_examples() -> None:
+    result = run("check", "--help")
+    assert "--output-format json" in result.stdout and "--sizes" not in result.stdout
+
+
+def test_bench_offers_linear() -> None:
+    result = run("bench", "--help")
+    assert "linear" in result.stdout
