@@ -376,7 +376,9 @@ def _run_compile(args: argparse.Namespace) -> int:
         if sizes is None:
             raise _UsageError("--mask needs --sizes")
         if args.format != "text":
-            raise _UsageError(f"--mask draws the mask and --format {args.format} prints the plan: run them apart")
+            raise _UsageError(
+                f"--mask draws the mask and --format {args.format} prints the plan: run them apart"
+            )
         return _draw_mask(program, sizes, args.pattern, args.mask, args.block)
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
