@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,16 +25,13 @@ from patternc.layout import Layout
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
+from patternc.nn.tables import TABLES
 
 __all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
 
-_CACHE_SIZE = 64
-_tables: OrderedDict[tuple[Any, ...], FlexTables] = OrderedDict()
-_masks: OrderedDict[tuple[Any, ...], object] = OrderedDict()
 _builds = 0
 _use_compiled = True
 _warned: set[str] = set()
-_score_mods: OrderedDict[tuple[Any, ...], tuple[FlexTables, ScoreMod]] = OrderedDict()
 
 
 def block_mask_builds() -> int:
@@ -105,12 +101,6 @@ def _kernel_options(q: Tensor) -> dict[str, int] | None:
     return None
 
 
-def _remember(cache: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
-    cache[key] = value
-    if len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-
-
 def flex_tables(
     layout: Layout,
     cache_lengths: Mapping[str, int],
@@ -120,12 +110,8 @@ def flex_tables(
 ) -> FlexTables:
     """The layout's device tables, cached per (layout, cache lengths, device,
     block size, whether positions are built)."""
-    key = (layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
-    tables = _tables.get(key)
-    if tables is None:
-        tables = FlexTables.build(layout, cache_lengths, device, block_size, positions)
-        _remember(_tables, key, tables)
-    return tables
+    key = ("flex tables", layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
+    return TABLES.get(key, lambda: FlexTables.build(layout, cache_lengths, device, block_size, positions))
 
 
 def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]) -> object:
@@ -133,12 +119,12 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
         return tables.block_mask(key_padding_mask)
-    mask = _masks.get(key)
-    if mask is None:
+    def build() -> object:
+        global _builds
         _builds += 1
-        mask = tables.block_mask()
-        _remember(_masks, key, mask)
-    return mask
+        return tables.block_mask()
+
+    return TABLES.get(("flex block mask", *key), build)
 
 
 def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
@@ -146,12 +132,11 @@ def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
     kernel is reused across calls (a new closure would recompile)."""
     if slopes is None:
         return None
-    key = (id(tables), slopes.data_ptr(), slopes.device, tuple(slopes.shape))
-    entry = _score_mods.get(key)
-    if entry is None or entry[0] is not tables:
-        entry = (tables, tables.alibi_score_mod(slopes))
-        _remember(_score_mods, key, entry)
-    return entry[1]
+    key = ("flex score mod", id(tables), slopes.data_ptr(), slopes.device, tuple(slopes.shape))
+    owner, score_mod = TABLES.get(key, lambda: (tables, tables.alibi_score_mod(slopes)))
+    if owner is not tables:  # an id reused after the old tables were freed
+        owner, score_mod = tables, tables.alibi_score_mod(slopes)
+    return score_mod
 
 
 def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
