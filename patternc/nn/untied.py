@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import torch
@@ -63,6 +63,15 @@ class TypeRuns:
 
     runs: tuple[tuple[int, int, int], ...]
     n_tokens: int
+    by_bank: dict[int, tuple[tuple[int, int], ...]] = field(init=False, compare=False, repr=False)
+    """``bank -> ((start, stop), ...)`` for the banks present, in bank order
+    (derived from ``runs`` when the record is made)."""
+
+    def __post_init__(self) -> None:
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for bank, start, stop in self.runs:
+            spans.setdefault(bank, []).append((start, stop))
+        object.__setattr__(self, "by_bank", {b: tuple(spans[b]) for b in sorted(spans)})
 
     @property
     def interleaved(self) -> bool:
@@ -95,13 +104,6 @@ class TypeRuns:
         ordered = [pieces[start] for start in sorted(pieces)]
         return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
 
-    @functools.cached_property
-    def by_bank(self) -> dict[int, tuple[tuple[int, int], ...]]:
-        """``bank -> ((start, stop), ...)`` for the banks present, in bank order."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for bank, start, stop in self.runs:
-            out.setdefault(bank, []).append((start, stop))
-        return {b: tuple(out[b]) for b in sorted(out)}
 
 
 def _sizes(groups: GroupSizes) -> tuple[tuple[str, int | None], ...]:
