@@ -23,6 +23,7 @@ __all__ = [
     "Diagnostic",
     "PatternError",
     "Span",
+    "closest",
     "diagnostics_json",
     "errors_only",
     "render",
@@ -194,12 +195,17 @@ class Diagnostic:
         return self.span.column if self.span else None
 
 
-def suggest(name: str, candidates: Iterable[str]) -> str | None:
-    """A "did you mean" hint for a misspelt name, or None if nothing is close
-    (reserved words are never proposed)."""
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate a misspelt name most likely meant, or None (never a reserved word)."""
     pool = [c for c in candidates if c not in RESERVED_WORDS]
     close = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else None
+    return close[0] if close else None
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str | None:
+    """A "did you mean" hint for a misspelt name, or None if nothing is close."""
+    match = closest(name, candidates)
+    return f"did you mean `{match}`?" if match else None
 
 
 def _caret_lines(source_line: str, span: Span) -> list[str]:

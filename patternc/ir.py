@@ -9,7 +9,7 @@ out at concrete sizes (:mod:`patternc.layout`) each call becomes one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patternc.diagnostics import Span
 from patternc.modifiers import NO_MODIFIERS, Modifiers
@@ -64,6 +64,14 @@ class AttentionCall:
 
     queries: tuple[str, ...]
     keys: tuple[KeyGroup, ...]
+    uniform_modifiers: Modifiers | None = field(init=False, compare=False, repr=False)
+    """The modifiers every key group shares, or None when they differ (read
+    on every forward: derived once, when the call is made)."""
+
+    def __post_init__(self) -> None:
+        distinct = {k.modifiers for k in self.keys}
+        uniform = distinct.pop() if len(distinct) == 1 else (NO_MODIFIERS if not distinct else None)
+        object.__setattr__(self, "uniform_modifiers", uniform)
 
     @property
     def key_names(self) -> tuple[str, ...]:
@@ -72,12 +80,6 @@ class AttentionCall:
     @property
     def has_modifiers(self) -> bool:
         return any(k.modifiers for k in self.keys)
-
-    @property
-    def uniform_modifiers(self) -> Modifiers | None:
-        """The modifiers every key group shares, or None when they differ."""
-        distinct = {k.modifiers for k in self.keys}
-        return distinct.pop() if len(distinct) == 1 else (NO_MODIFIERS if not distinct else None)
 
     def text(self) -> str:
         """``q1, q2 -> k1, k2[causal]``."""

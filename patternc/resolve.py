@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from patternc.diagnostics import Code, Diagnostic, Span, suggest
+from patternc.diagnostics import Code, Diagnostic, Span, closest
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion, Word
@@ -203,9 +203,10 @@ class GroupResolver:
             )
             return set()
         if node.text not in self.index:
-            hint = suggest(node.text, self.groups)
-            if hint is not None:
-                intended.add(hint.split("`")[1])
+            meant = closest(node.text, self.groups)
+            if meant is not None:
+                intended.add(meant)
+            hint = f"did you mean `{meant}`?" if meant else None
             problems.append(
                 Diagnostic(
                     Code.UNKNOWN_GROUP,

@@ -85,20 +85,6 @@ def _estimates(
     half: bool,
     native_varlen: bool,
 ) -> tuple[Estimate, ...]:
-    """:func:`_predict`, kept in :data:`~patternc.nn.tables.TABLES` per its arguments."""
-    key = ("auto estimates", layout, batch, heads, dim, device, half, native_varlen)
-    return TABLES.get(key, lambda: _predict(layout, batch, heads, dim, device, half, native_varlen))
-
-
-def _predict(
-    layout: Layout,
-    batch: int,
-    heads: int,
-    dim: int,
-    device: torch.device,
-    half: bool,
-    native_varlen: bool,
-) -> tuple[Estimate, ...]:
     allowed, masked, dense, copied = _entries(layout)
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
@@ -141,7 +127,8 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
         and q.shape[-1] % 8 == 0
         and not isinstance(_launches(inputs.layout, q.shape[0], q.device), str)
     )
-    candidates = _estimates(inputs.layout, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen)
+    args = (inputs.layout, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen)
+    candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
     return candidates
