@@ -14,6 +14,7 @@ from patternc.nn.blocks import (
     UntiedPerceiverBlock,
     UntiedTransformerBlock,
 )
+from patternc.nn.chunked import AnchorCache, chunked
 from patternc.nn.layers import MLP, LinearProjection
 from patternc.nn.rope import apply_rope, rope_frequencies
 from patternc.nn.transformer import Transformer, TransformerLayer, VisionTransformer
@@ -30,6 +31,7 @@ from patternc.stack_config import (
 
 __all__ = [
     "MLP",
+    "AnchorCache",
     "AttentionType",
     "CrossAnchorAttention",
     "DotProductAttention",
@@ -58,5 +60,6 @@ __all__ = [
     "VisionTransformer",
     "VisionTransformerConfig",
     "apply_rope",
+    "chunked",
     "rope_frequencies",
 ]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternc.layout import Layout
+from patternc.nn.context import ACTIVE_CACHE, ACTIVE_SHARDING
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import zero_padding
 from patternc.nn.rope import apply_rope
@@ -283,13 +284,35 @@ class MixedAttention(DotProductAttention):
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
         q, k, v = self.split_heads(self._project_in(x, layout, attention_patterns), freqs)
+        recorder = ACTIVE_CACHE.get()
+        recording = recorder is not None and recorder.recording
+        if recorder is not None:
+            if recording:
+                recorder.check(self, layout)
+            elif kv_cache is None:
+                kv_cache = recorder.load(self)
         cache = _read_cache(kv_cache, layout, q)
         k_in, v_in = zero_padding(k, v, key_padding_mask)
         inputs = AttentionInputs(q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None)
-        out = self.executor(inputs)
+        sharding = ACTIVE_SHARDING.get()
         new_cache = None
-        if not layout.cached_groups:
-            new_cache = _new_cache(k, v, layout)
+        if sharding is None:
+            out = self.executor(inputs)
+            if not layout.cached_groups:
+                new_cache = _new_cache(k, v, layout)
+        else:
+            # sharded: the cache holds the groups this rank now has in full
+            # (gathered anchors; every key group when a chunked run records)
+            out, full = sharding.attend(inputs, self.executor, recording)
+            if not layout.cached_groups:
+                new_cache = {
+                    g: {"k": kv[0].transpose(1, 2), "v": kv[1].transpose(1, 2)}
+                    for g, kv in full.items()
+                    if g in layout.key_value_groups
+                }
+        if recording and new_cache is not None:
+            assert recorder is not None
+            recorder.store(self, new_cache)
         out = self._project_back(merge_heads(out), layout, attention_patterns)
         return F.dropout(out, self.dropout, self.training), new_cache
 

@@ -34,6 +34,7 @@ from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import merge_heads
+from patternc.nn.context import ACTIVE_SHARDING, execute
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import group_positions, zero_padding
 from patternc.nn.executors.flex import run_flex
@@ -193,7 +194,7 @@ class TransformerLayer(nn.Module):
         inputs = AttentionInputs(
             q, k_all, v_all, layout, {}, step.key_padding_mask, dropout, None, step.alibi
         )
-        out = self.out_proj(merge_heads(self.executor(inputs)), step.runs)
+        out = self.out_proj(merge_heads(execute(self.executor, inputs)), step.runs)
         return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
 
     def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -275,8 +276,12 @@ class Transformer(nn.Module):
         return {name[:-1] + "0" if name.endswith("*") else name: n}
 
     def _positions(self, sizes: Mapping[str, int], device: torch.device) -> Tensor:
-        """Each token's position within its group."""
-        positions = group_positions(tuple(sizes.values()), device)
+        """Each token's position within its group (global ones when sharded)."""
+        sharding = ACTIVE_SHARDING.get()
+        if sharding is not None:
+            positions = sharding.local_positions(device)
+        else:
+            positions = group_positions(tuple(sizes.values()), device)
         longest = max(sizes.values(), default=0)
         if longest > self.config.max_len:
             raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")

@@ -1,0 +1,52 @@
+"""Context-parallel attention: any compiled plan, sharded over a ``torch.distributed`` group.
+
+>>> from patternc.distributed import ContextParallel  # doctest: +SKIP
+>>> cp = ContextParallel(plan, sizes)                 # doctest: +SKIP
+>>> with cp:                                          # doctest: +SKIP
+...     out = model(cp.shard(x), cp.local_sizes)
+
+:mod:`~patternc.distributed.placement` decides where tokens live and what
+each call communicates (torch-free); :mod:`~patternc.distributed.parallel`
+runs it. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from patternc.distributed.placement import (
+    GroupShards,
+    Placement,
+    ShardedCall,
+    ShardedSchedule,
+    place,
+    schedule,
+)
+
+if TYPE_CHECKING:
+    from patternc.distributed.collectives import DistributedError
+    from patternc.distributed.parallel import ContextParallel
+
+__all__ = [
+    "ContextParallel",
+    "DistributedError",
+    "GroupShards",
+    "Placement",
+    "ShardedCall",
+    "ShardedSchedule",
+    "place",
+    "schedule",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # torch is imported only when the runtime is asked for
+    if name == "ContextParallel":
+        from patternc.distributed.parallel import ContextParallel
+
+        return ContextParallel
+    if name == "DistributedError":
+        from patternc.distributed.collectives import DistributedError
+
+        return DistributedError
+    raise AttributeError(name)

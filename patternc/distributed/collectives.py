@@ -1,0 +1,156 @@
+"""The two collectives context-parallel attention needs, differentiable.
+
+- :func:`all_gather_tokens`: every rank's tokens (uneven counts), stacked
+  into one padded buffer; its backward reduce-scatters the gradient, so each
+  rank gets the gradient of the tokens it sent, summed over every rank that
+  read them.
+- :func:`shift_tokens`: the ring step, rank ``r`` sends to ``r + 1`` and
+  receives from ``r - 1``; its backward sends the gradient the other way.
+
+Token counts are static (the placement knows them), so no sizes are sent.
+A collective that fails (a rank died, ranks disagree) raises
+:class:`DistributedError` with what was being done instead of torch's bare
+message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistributedError", "Group", "agree", "all_gather_tokens", "guarded", "shift_tokens"]
+
+Group = Any
+"""A ``torch.distributed`` process group (None: the default group)."""
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or the ranks disagree (raised on the rank that saw it)."""
+
+
+def guarded(what: str, group: Group, run: Callable[[], T]) -> T:
+    """``run()``, with a failure explained: which rank, doing what, and the
+    likely cause (a rank that failed or runs another layout)."""
+    try:
+        return run()
+    except DistributedError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        rank = dist.get_rank(group)
+        raise DistributedError(
+            f"rank {rank}: {what} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "Another rank probably failed or ran a different layout; the process group's "
+            "timeout (timeout= of init_process_group or new_group) bounds how long a rank waits"
+        ) from error
+
+
+def agree(what: str, value: str, group: Group) -> None:
+    """Raise unless every rank of ``group`` passes the same ``value`` (a digest)."""
+    world = dist.get_world_size(group)
+    values: list[Any] = [None] * world
+    guarded(
+        f"checking that every rank has the same {what}",
+        group,
+        lambda: dist.all_gather_object(values, value, group=group),
+    )
+    if len(set(values)) > 1:
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise DistributedError(
+            f"the ranks disagree on the {what} ({shown}); every rank must build ContextParallel "
+            "from the same plans and global sizes, and run the same layers in the same order"
+        )
+
+
+# the fused collectives were renamed in torch 2.13 (the old names warn)
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _global(group: Group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, counts: tuple[int, ...], group: Group) -> Tensor:
+        rank, longest = dist.get_rank(group), max(counts)
+        ctx.rank, ctx.longest, ctx.count, ctx.group = rank, longest, counts[rank], group
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        out = local.new_empty((longest * len(counts), *local.shape[1:]))
+
+        def gather() -> None:
+            try:
+                _ALL_GATHER(out, padded, group=group)
+            except (RuntimeError, NotImplementedError):  # backends without the fused form
+                dist.all_gather(list(out.chunk(len(counts))), padded, group=group)
+
+        guarded("all-gathering keys/values", group, gather)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        grad = grad.contiguous()
+        mine = grad.new_empty((ctx.longest, *grad.shape[1:]))
+
+        def reduce() -> None:
+            try:
+                _REDUCE_SCATTER(mine, grad, group=ctx.group)
+            except (RuntimeError, NotImplementedError):  # older gloo: no reduce_scatter
+                total = grad.clone()
+                dist.all_reduce(total, group=ctx.group)
+                mine.copy_(total[ctx.rank * ctx.longest : (ctx.rank + 1) * ctx.longest])
+
+        guarded("reduce-scattering key/value gradients", ctx.group, reduce)
+        return mine[: ctx.count], None, None
+
+
+def all_gather_tokens(local: Tensor, counts: Sequence[int], group: Group) -> Tensor:
+    """``local`` is ``[counts[rank], ...]``; returns ``[world * max(counts), ...]``:
+    rank ``s``'s tokens at ``s * max(counts)``, zero padding after them."""
+    out: Tensor = _AllGather.apply(local, tuple(counts), group)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _exchange(send: Tensor, to: int, receive_shape: Sequence[int], source: int, group: Group) -> Tensor:
+    received = send.new_empty(tuple(receive_shape))
+    ops = []
+    if send.numel():
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), _global(group, to), group))
+    if received.numel():
+        ops.append(dist.P2POp(dist.irecv, received, _global(group, source), group))
+    if ops:
+
+        def run() -> None:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+
+        guarded("passing keys/values around the ring", group, run)
+    return received
+
+
+class _Shift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, block: Tensor, receive_shape: tuple[int, ...], group: Group) -> Tensor:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.shape, ctx.group, ctx.rank, ctx.world = tuple(block.shape), group, rank, world
+        return _exchange(block, (rank + 1) % world, receive_shape, (rank - 1) % world, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        rank, world = ctx.rank, ctx.world
+        back = _exchange(grad, (rank - 1) % world, ctx.shape, (rank + 1) % world, ctx.group)
+        return back, None, None
+
+
+def shift_tokens(block: Tensor, receive_shape: Sequence[int], group: Group) -> Tensor:
+    """Send ``block`` to the next rank; return the previous rank's block
+    (``receive_shape``: known from the placement)."""
+    out: Tensor = _Shift.apply(block, tuple(receive_shape), group)  # type: ignore[no-untyped-call]
+    return out

@@ -1,0 +1,364 @@
+"""Context-parallel cases, run on every rank of a gloo group spawned by tests/test_distributed.py.
+
+Each case builds the same module on every rank (same seed), runs it once on
+one process over all tokens (the reference) and once sharded, and returns
+``{metric: relative error}`` computed over the whole output (squared errors
+all-reduced), plus anything the test asserts on (bytes, strategies).
+Inputs are float64.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import patternc
+from patternc import MixedAttentionConfig, TokenSpec
+from patternc.distributed import ContextParallel, DistributedError
+from patternc.nn import PatternAttention, chunked, rope_frequencies
+
+Forward = Callable[[Tensor, dict[str, Any]], Tensor]
+
+ABUPT = {"surface_anchors": 6, "surface_queries": 13, "volume_anchors": 3, "volume_queries": 9}
+DOCUMENTS = {f"doc{i}": n for i, n in enumerate([5, 9, 1, 12, 3, 7, 2, 11, 4, 6, 8, 1, 10, 3, 5, 2, 9])}
+
+
+def _specs(sizes: dict[str, Any]) -> list[TokenSpec]:
+    return [TokenSpec(name=n, size=s) for n, s in sizes.items()]
+
+
+def _global_error(local_diff: Tensor, local_ref: Tensor) -> float:
+    sums = torch.stack([local_diff.square().sum(), local_ref.square().sum()])
+    dist.all_reduce(sums)
+    return float((sums[0] / sums[1].clamp_min(1e-300)).sqrt())
+
+
+def compare(
+    module: nn.Module,
+    forward: Forward,
+    plan: Any,
+    sizes: dict[str, int],
+    cp_options: dict[str, Any] | None = None,
+    padding: Tensor | None = None,
+    dim: int = 16,
+    tokens: Tensor | None = None,
+) -> dict[str, Any]:
+    """Output, input gradient and parameter gradients: sharded against one process."""
+    n = sum(sizes.values())
+    torch.manual_seed(1)
+    x = tokens if tokens is not None else torch.randn(2, n, dim, dtype=torch.float64)
+    probe = torch.randn(2, n, dim, dtype=torch.float64)
+    floating = x.is_floating_point()
+    x_ref = x.clone().requires_grad_(floating)
+    module.zero_grad()
+    ref = (
+        forward(x_ref, dict(sizes))
+        if padding is None
+        else forward(x_ref, {"sizes": sizes, "padding": padding})
+    )
+    (ref * probe[..., : ref.shape[-1]]).sum().backward()
+    ref_grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+    module.zero_grad()
+    cp = ContextParallel(plan, sizes, **(cp_options or {}))
+    x_local = cp.shard(x).requires_grad_(floating)
+    with cp:
+        if padding is None:
+            out = forward(x_local, cp.local_sizes)
+        else:
+            out = forward(x_local, {"sizes": cp.local_sizes, "padding": cp.shard(padding)})
+    (out * cp.shard(probe)[..., : out.shape[-1]]).sum().backward()
+    result: dict[str, Any] = {"out": _global_error(out - cp.shard(ref), cp.shard(ref))}
+    if floating:
+        assert x_ref.grad is not None and x_local.grad is not None
+        result["grad_x"] = _global_error(x_local.grad - cp.shard(x_ref.grad), cp.shard(x_ref.grad))
+    worst = 0.0
+    for p, expected in zip(module.parameters(), ref_grads):
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        if expected.norm() > 0:
+            worst = max(worst, float((grad - expected).norm() / expected.norm()))
+    result["grad_params"] = worst
+    layout = plan.layout(cp.local_sizes)
+    schedule = cp.schedule_for(layout, padded=padding is not None)
+    result["strategies"] = [c.strategy for c in schedule.calls]
+    result["received"] = schedule.received[cp.rank]
+    result["minimum"] = schedule.minimum[cp.rank]
+    result["kinds"] = sorted({g.kind for g in cp.placement.groups})
+    return result
+
+
+def _attention(source: str, sizes: dict[str, int], rope: bool = False) -> tuple[nn.Module, Forward, Any]:
+    plan = patternc.compile(source).patterns["default"]
+    torch.manual_seed(0)
+    config = MixedAttentionConfig(hidden_dim=16, num_heads=2, use_rope=rope)
+    attn = PatternAttention(config, plan).double()
+
+    def forward(x: Tensor, sizes: dict[str, Any]) -> Tensor:
+        freqs = None
+        if rope:
+            sharding = patternc.nn.context.ACTIVE_SHARDING.get()
+            positions = (
+                sharding.local_positions(x.device)
+                if sharding is not None
+                else torch.cat([torch.arange(n) for n in sizes.values() if n])
+            )
+            freqs = rope_frequencies(positions, 8)
+        return attn(x, sizes, freqs=freqs)[0]
+
+    return attn, forward, plan
+
+
+def _anchor_module(kind: str) -> tuple[nn.Module, Forward, Any]:
+    cls = {
+        "self": patternc.nn.SelfAnchorAttention,
+        "cross": patternc.nn.CrossAnchorAttention,
+        "joint": patternc.nn.JointAnchorAttention,
+    }[kind]
+    config_cls = {
+        "self": patternc.configs.SelfAnchorAttentionConfig,
+        "cross": patternc.configs.CrossAnchorAttentionConfig,
+        "joint": patternc.configs.JointAnchorAttentionConfig,
+    }[kind]
+    torch.manual_seed(0)
+    module = cls(config_cls(hidden_dim=16, num_heads=2, branches=["surface", "volume"])).double()
+    plan = module.plan(_specs(ABUPT))
+    return module, lambda x, sizes: module(x, _specs(sizes)), plan
+
+
+# -------------------------------------------------------------------- cases
+
+
+def case_self_anchor(world: int) -> dict[str, Any]:
+    return compare(*_anchor_module("self"), ABUPT)
+
+
+def case_cross_anchor(world: int) -> dict[str, Any]:
+    return compare(*_anchor_module("cross"), ABUPT)
+
+
+def case_joint_anchor(world: int) -> dict[str, Any]:
+    return compare(*_anchor_module("joint"), ABUPT)
+
+
+def case_joint_ring(world: int) -> dict[str, Any]:
+    """Everything attends to everything: the keys go around the ring."""
+    return compare(*_attention("groups a b\n* -> *", {"a": 9, "b": 14}), {"a": 9, "b": 14})
+
+
+def case_documents(world: int) -> dict[str, Any]:
+    """17 causal documents of uneven sizes, RoPE on global positions."""
+    module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", DOCUMENTS, rope=True)
+    return compare(module, forward, plan, DOCUMENTS)
+
+
+def case_small_group(world: int) -> dict[str, Any]:
+    """One anchor (fewer tokens than ranks), three queries: empty shards."""
+    sizes = {"anchors": 1, "queries": 3}
+    return compare(*_attention("groups anchors queries\n* -> anchors", sizes), sizes)
+
+
+def case_causal_spanning(world: int) -> dict[str, Any]:
+    """A long causal document (zigzag over every rank) beside short ones, and a window."""
+    sizes = {"doc0": 3, "doc1": 61, "doc2": 4, "doc3": 2}
+    return compare(*_attention("groups doc*\ndoc* -> self [causal, window 9]", sizes), sizes)
+
+
+def case_per_key_modifiers(world: int) -> dict[str, Any]:
+    sizes = {"image": 7, "text": 19}
+    source = "groups image text\nimage -> image\ntext -> image, text[causal]"
+    return compare(*_attention(source, sizes), sizes, {"strategy": "gather"})
+
+
+def case_padding(world: int) -> dict[str, Any]:
+    module, _, plan = _anchor_module("joint")
+    torch.manual_seed(5)
+    n = sum(ABUPT.values())
+    padding = torch.rand(2, n) > 0.3
+    padding[:, 0] = True
+
+    def padded(x: Tensor, args: dict[str, Any]) -> Tensor:
+        return module.mixed_attention(x, _specs(args["sizes"]), plan, key_padding_mask=args["padding"])[0]
+
+    return compare(module, padded, plan, ABUPT, padding=padding)
+
+
+def case_untied_rope(world: int) -> dict[str, Any]:
+    source = (
+        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+        "surface_* -> surface_anchors\nvolume_* -> volume_anchors, surface_anchors"
+    )
+    plan = patternc.compile(source).patterns["default"]
+    torch.manual_seed(0)
+    config = patternc.configs.UntiedMixedAttentionConfig(
+        hidden_dim=16, num_heads=2, num_types=2, use_rope=True
+    )
+    attn = patternc.nn.UntiedMixedAttention(config, types=["surface", "volume"]).double()
+    coordinates = torch.randn(sum(ABUPT.values()), 2, dtype=torch.float64)
+
+    def forward(x: Tensor, sizes: dict[str, Any]) -> Tensor:
+        sharding = patternc.nn.context.ACTIVE_SHARDING.get()
+        coords = coordinates if sharding is None else coordinates[sharding.local_index()]
+        return attn(x, _specs(sizes), plan, freqs=rope_frequencies(coords, 8))[0]
+
+    return compare(attn, forward, plan, ABUPT)
+
+
+def case_transformer(world: int) -> dict[str, Any]:
+    """A whole untied Transformer stack (RoPE, causal documents and anchors) runs sharded."""
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
+    program = patternc.compile(source)
+    sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
+    torch.manual_seed(0)
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None,
+        d_model=16,
+        num_heads=2,
+        num_layers=2,
+        d_ff=32,
+        dropout_rate=0.0,
+        pos_emb_type="rope",
+        untied=True,
+    )
+    model = patternc.nn.Transformer(config, program).double()
+    plans = list(model.plans.values())
+    return compare(model, lambda x, s: model(x, s), plans[0].bind(list(sizes)), sizes)
+
+
+def case_kv_cache(world: int) -> dict[str, Any]:
+    """Anchors computed sharded (full cache on every rank), then sharded queries read them."""
+    attn, _, plan = _attention("groups anchors queries\n* -> anchors", {"anchors": 1, "queries": 1})
+    torch.manual_seed(3)
+    anchors = torch.randn(2, 11, 16, dtype=torch.float64)
+    queries = torch.randn(2, 20, 16, dtype=torch.float64)
+    _, ref_cache = attn(anchors, {"anchors": 11, "queries": 0})
+    ref, _ = attn(queries, {"anchors": None, "queries": 20}, kv_cache=ref_cache)
+    cp = ContextParallel(plan, {"anchors": 11, "queries": 0}, full_kv_cache=True)
+    with cp:
+        _, cache = attn(cp.shard(anchors), cp.local_sizes)
+    assert cache is not None
+    cp_queries = ContextParallel(plan, {"anchors": None, "queries": 20})
+    with cp_queries:
+        out, _ = attn(cp_queries.shard(queries), cp_queries.local_sizes, kv_cache=cache)
+    schedule = cp_queries.schedule_for(plan.layout(cp_queries.local_sizes))
+    return {
+        "cache": max(
+            float((cache["anchors"][k] - ref_cache["anchors"][k]).norm() / ref_cache["anchors"][k].norm())
+            for k in "kv"
+        ),
+        "out": _global_error(out - cp_queries.shard(ref), cp_queries.shard(ref)),
+        "received": schedule.received[cp_queries.rank],
+    }
+
+
+def case_chunked(world: int) -> dict[str, Any]:
+    """Chunked inference, anchors sharded, each rank's queries in chunks: equals one shot."""
+    _, forward, plan = _attention(
+        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+        "surface_anchors -> surface_anchors\nvolume_anchors -> volume_anchors, surface_anchors\n"
+        "surface_queries -> surface_anchors\nvolume_queries -> volume_anchors, surface_anchors",
+        ABUPT,
+    )
+    torch.manual_seed(4)
+    x = torch.randn(2, sum(ABUPT.values()), 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = forward(x, dict(ABUPT))
+    queries = ["surface_queries", "volume_queries"]
+    context_sizes = {g: (0 if g in queries else n) for g, n in ABUPT.items()}
+    cp = ContextParallel(plan, context_sizes)
+    full = ContextParallel(plan, ABUPT)  # only to split the queries over the ranks
+    local = full.shard(x)
+    local_sizes = {g: (cp.local_sizes[g] if g not in queries else full.local_sizes[g]) for g in ABUPT}
+    # this rank's context tokens (cp's placement), then its queries (full's)
+    offsets = {}
+    at = 0
+    for g, n in ABUPT.items():
+        offsets[g] = at
+        at += n
+    rows = []
+    for g in ABUPT:
+        shards = (cp if g not in queries else full).placement.group(g)
+        rows += [offsets[g] + p for a, b in shards.ranges[cp.rank] for p in range(a, b)]
+    local = x[:, rows]
+    out = chunked(forward, local, local_sizes, queries, chunk_size=4, context_parallel=cp)
+    return {"out": _global_error(out - ref[:, rows], ref[:, rows])}
+
+
+def case_mismatch(world: int) -> dict[str, Any]:
+    """Ranks that build the sharding from different sizes get a clear error, not a hang."""
+    plan = patternc.compile("groups anchors queries\n* -> anchors").patterns["default"]
+    sizes = {"anchors": 4, "queries": 10 + dist.get_rank()}
+    try:
+        ContextParallel(plan, sizes)
+    except DistributedError as error:
+        return {"error": str(error)}
+    return {"error": ""}
+
+
+def case_rank_fails(world: int) -> dict[str, Any]:
+    """The last rank fails before the forward (an exception in its own code):
+    the others raise DistributedError when the group's timeout ends, not hang."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    _, forward, plan = _attention("groups anchors queries\n* -> anchors", {"anchors": 8, "queries": 8})
+    cp = ContextParallel(plan, {"anchors": 8, "queries": 8}, group)
+    if dist.get_rank() == world - 1:
+        time.sleep(6)  # failed: never joins the collective (stays up so the others time out)
+        return {"error": "failed on purpose"}
+    start = time.perf_counter()
+    try:
+        with cp:
+            forward(torch.randn(2, 8, 16, dtype=torch.float64), cp.local_sizes)
+    except DistributedError as error:
+        return {"error": str(error), "seconds": time.perf_counter() - start}
+    return {"error": ""}
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            results[name] = CASES[name](world)
+        except Exception:  # reported to the test, which fails on it
+            results[name] = {"exception": traceback.format_exc()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    if "rank_fails" not in names:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, names: list[str], out_dir: str, port: int) -> list[dict[str, Any]]:
+    """Run ``names`` on ``world`` gloo processes; every rank's results."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, port, out_dir, names), nprocs=world, join=True)
+    results = []
+    for rank in range(world):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        results.append(json.load(open(path)) if os.path.exists(path) else {})
+    return results
+
+
+if __name__ == "__main__":
+    world = int(sys.argv[1])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank, result in enumerate(
+            spawn(world, sys.argv[2:] or [n for n in CASES if n not in ("rank_fails",)], tmp, 29700 + world)
+        ):
+            for name, metrics in result.items():
+                print(rank, name, json.dumps(metrics)[:1500])

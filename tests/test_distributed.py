@@ -1,0 +1,364 @@
+"""Context-parallel execution on CPU: gloo groups of 2 and 4 processes spawned
+here (cases in tests/distributed_cases.py), the placement and schedule on
+their own (torch-free), and chunked inference on one process."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import patternc
+from patternc.distributed import place, schedule
+from patternc.modifiers import allowed_pairs
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_cases
+
+TOLERANCE = 1e-10
+NUMERIC = [
+    "self_anchor",
+    "cross_anchor",
+    "joint_anchor",
+    "joint_ring",
+    "documents",
+    "small_group",
+    "causal_spanning",
+    "per_key_modifiers",
+    "padding",
+    "untied_rope",
+    "transformer",
+    "kv_cache",
+    "chunked",
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    return world, distributed_cases.spawn(world, [*NUMERIC, "mismatch"], str(out), _port())
+
+
+@pytest.mark.parametrize("case", NUMERIC)
+def test_sharded_equals_one_process(ranks: tuple[int, list[dict[str, Any]]], case: str) -> None:
+    world, results = ranks
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        errors = {k: v for k, v in metrics.items() if k in ("out", "grad_x", "grad_params", "cache")}
+        assert errors and all(v <= TOLERANCE for v in errors.values()), (rank, world, errors)
+        if "minimum" in metrics:
+            assert metrics["received"] >= metrics["minimum"]
+
+
+def test_documents_communicate_nothing(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    _, results = ranks
+    for result in results:
+        docs = result["documents"]
+        assert docs["received"] == 0 and set(docs["strategies"]) == {"local"} and docs["kinds"] == ["whole"]
+
+
+def test_long_causal_document_is_zigzag_around_the_ring(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    _, results = ranks
+    for result in results:
+        case = result["causal_spanning"]
+        assert "zigzag" in case["kinds"] and "ring" in case["strategies"] and case["received"] > 0
+
+
+def test_anchors_are_gathered_and_cached_queries_need_nothing(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    _, results = ranks
+    for result in results:
+        assert "gather" in result["cross_anchor"]["strategies"]
+        assert result["kv_cache"]["received"] == 0
+        # the gathered anchors are exactly what the queries need
+        assert result["joint_anchor"]["received"] == result["joint_anchor"]["minimum"]
+
+
+def test_ranks_that_disagree_get_a_clear_error(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    world, results = ranks
+    for result in results:
+        message = result["mismatch"]["error"]
+        assert "disagree on the placement" in message and f"rank {world - 1}:" in message
+        assert "same plans and global sizes" in message
+
+
+def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
+    results = distributed_cases.spawn(2, ["rank_fails"], str(tmp_path), _port())
+    waiting = results[0]["rank_fails"]
+    assert "exception" not in waiting, waiting.get("exception")
+    assert waiting["error"].startswith("rank 0: ") and "Another rank probably failed" in waiting["error"]
+    assert waiting["seconds"] < 20
+
+
+# ------------------------------------------------------- one process (no spawn)
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_of_one_runs_the_module_as_it_is(world_of_one: None) -> None:
+    from patternc.distributed import ContextParallel
+
+    plan = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+    sizes = {"doc0": 5, "doc1": 8}
+    attn = patternc.nn.PatternAttention(
+        patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan
+    ).double()
+    x = torch.randn(1, 13, 8, dtype=torch.float64)
+    cp = ContextParallel(plan, sizes)
+    with cp:
+        out, _ = attn(cp.shard(x), cp.local_sizes)
+    assert torch.allclose(out, attn(x, sizes)[0], rtol=0, atol=1e-12)
+    assert cp.schedule_for(plan.layout(sizes)).received == (0,)
+
+
+def test_module_called_with_other_sizes_says_what_to_pass(world_of_one: None) -> None:
+    from patternc.distributed import ContextParallel
+
+    plan = patternc.compile("groups a q\n* -> a").patterns["default"]
+    attn = patternc.nn.PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
+    cp = ContextParallel(plan, {"a": 3, "q": 4})
+    with (
+        cp,
+        pytest.raises(
+            ValueError, match=r"places \{'a': 3, 'q': 4\} on rank 0; call modules with cp.local_sizes"
+        ),
+    ):
+        attn(torch.randn(1, 5, 8), {"a": 3, "q": 2})
+
+
+def test_without_init_process_group_the_error_says_so() -> None:
+    from patternc.distributed import ContextParallel, DistributedError
+
+    plan = patternc.compile("groups a q\n* -> a").patterns["default"]
+    with pytest.raises(DistributedError, match="init_process_group first"):
+        ContextParallel(plan, {"a": 3, "q": 4})
+
+
+def test_distributed_planning_does_not_import_torch_distributed_runtime() -> None:
+    import subprocess
+
+    code = (
+        "import sys, patternc.distributed as d; import patternc; "
+        "p = patternc.compile('groups a q\\n* -> a').patterns['default']; "
+        "pl = d.place(p.groups, p.calls, {'a': 4, 'q': 9}, 4); print(pl.local_sizes(3)); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0] == "{'a': 1, 'q': 3}" and out[1] == "False"
+
+
+# --------------------------------------------------------- placement, schedule
+
+
+def _plan(source: str) -> patternc.Plan:
+    return patternc.compile(source).patterns["default"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_zigzag_balances_causal_work(world: int) -> None:
+    plan = _plan("groups doc\ndoc -> doc [causal]")
+    size = 1000
+    placement = place(plan.groups, plan.calls, {"doc": size}, world)
+    shards = placement.group("doc")
+    assert shards.kind == "zigzag"
+    covered = sorted(p for rs in shards.ranges for a, b in rs for p in range(a, b))
+    assert covered == list(range(size))
+    # causal work of rank r: sum over its queries of (position + 1)
+    work = [sum(p + 1 for a, b in rs for p in range(a, b)) for rs in shards.ranges]
+    assert max(work) / min(work) < 1.01
+    contiguous = [sum(p + 1 for p in range(r * size // world, (r + 1) * size // world)) for r in range(world)]
+    assert max(contiguous) / min(contiguous) > 2
+
+
+def test_documents_are_placed_whole_and_balanced_by_flops() -> None:
+    plan = _plan("groups doc*\ndoc* -> self [causal]")
+    sizes = {f"doc{i}": n for i, n in enumerate([30, 30, 25, 20, 20, 10, 10, 5, 5])}
+    bound = plan.bind(list(sizes))
+    placement = place(bound.groups, bound.calls, sizes, 3)
+    assert {g.kind for g in placement.groups} == {"whole"}
+    loads = [0, 0, 0]
+    for g in placement.groups:
+        owner = g.owner()
+        assert owner is not None
+        loads[owner] += allowed_pairs(g.size or 0, g.size or 0, patternc.modifiers.Modifiers(causal=True))
+    assert max(loads) / (sum(loads) / 3) < 1.25
+    plan_schedule = schedule(bound.calls, placement)
+    assert plan_schedule.received == (0, 0, 0) and plan_schedule.minimum == (0, 0, 0)
+
+
+def test_a_document_larger_than_a_share_is_split() -> None:
+    plan = _plan("groups doc*\ndoc* -> self [causal]")
+    sizes = {"doc0": 300, "doc1": 10, "doc2": 12}
+    bound = plan.bind(list(sizes))
+    placement = place(bound.groups, bound.calls, sizes, 2)
+    assert placement.group("doc0").kind == "zigzag"
+    assert placement.group("doc1").kind == "whole"
+    strategies = [c.strategy for c in schedule(bound.calls, placement).calls]
+    assert strategies == ["ring", "local", "local"]
+
+
+def test_anchor_schedule_counts_what_the_queries_need() -> None:
+    plan = _plan("groups anchors queries\n* -> anchors")
+    sizes = {"anchors": 10, "queries": 1000}
+    placement = place(plan.groups, plan.calls, sizes, 4)
+    plan_schedule = schedule(plan.calls, placement)
+    (call,) = plan_schedule.calls
+    assert call.strategy == "gather" and not call.blockwise
+    # every rank holds a quarter of the anchors and needs them all
+    expected = tuple(10 - placement.group("anchors").local_size(r) for r in range(4))
+    assert plan_schedule.received == expected == plan_schedule.minimum
+    assert plan_schedule.call_received(call, 0) == expected[0]
+
+
+def test_causal_minimum_counts_only_earlier_keys() -> None:
+    plan = _plan("groups doc\ndoc -> doc [causal]")
+    placement = place(plan.groups, plan.calls, {"doc": 16}, 2)
+    plan_schedule = schedule(plan.calls, placement, strategy="ring")
+    # zigzag quarters: rank 0 holds [0,4) and [12,16): it needs [4,12) (8 tokens);
+    # rank 1 holds [4,12): it needs [0,4) only
+    assert plan_schedule.minimum == (8, 4)
+    assert plan_schedule.received == (8, 8)
+
+
+def test_forced_strategy_and_gather_limit() -> None:
+    plan = _plan("groups a b\n* -> *")
+    sizes = {"a": 10, "b": 10}
+    placement = place(plan.groups, plan.calls, sizes, 2)
+    assert schedule(plan.calls, placement).calls[0].strategy == "ring"
+    assert schedule(plan.calls, placement, gather_limit=2.0).calls[0].strategy == "gather"
+    assert schedule(plan.calls, placement, strategy="gather").calls[0].strategy == "gather"
+
+
+def test_cached_groups_are_read_locally() -> None:
+    plan = _plan("groups anchors queries\n* -> anchors")
+    placement = place(plan.groups, plan.calls, {"anchors": None, "queries": 9}, 3)
+    assert placement.group("anchors").kind == "cached"
+    assert placement.local_sizes(2) == {"anchors": None, "queries": 3}
+    assert schedule(plan.calls, placement).received == (0, 0, 0)
+
+
+def test_world_size_must_be_positive() -> None:
+    plan = _plan("groups a\na -> a")
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
+        place(plan.groups, plan.calls, {"a": 3}, 0)
+
+
+# ----------------------------------------------------------- chunked inference
+
+
+def _abupt_attention() -> tuple[patternc.nn.PatternAttention, dict[str, int]]:
+    plan = _plan(
+        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+        "surface_anchors -> surface_anchors\nvolume_anchors -> volume_anchors, surface_anchors\n"
+        "surface_queries -> surface_anchors\nvolume_queries -> volume_anchors, surface_anchors"
+    )
+    torch.manual_seed(0)
+    attn = patternc.nn.PatternAttention(
+        patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan
+    ).double()
+    return attn, {"surface_anchors": 5, "surface_queries": 23, "volume_anchors": 4, "volume_queries": 17}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1000])
+def test_chunked_attention_equals_one_shot(chunk: int) -> None:
+    attn, sizes = _abupt_attention()
+    x = torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)
+    ref = attn(x, sizes)[0]
+    out = patternc.nn.chunked(
+        lambda x, s: attn(x, s)[0], x, sizes, ["surface_queries", "volume_queries"], chunk_size=chunk
+    )
+    assert ((out - ref).norm() / ref.norm()).item() < TOLERANCE
+
+
+def test_chunked_block_stack_equals_one_shot() -> None:
+    """Two transformer blocks (attention + MLP): each layer's anchor K/V recorded once."""
+    from patternc.configs import TransformerBlockConfig
+
+    attn, sizes = _abupt_attention()
+    plan = attn.plan
+    torch.manual_seed(1)
+    blocks = torch.nn.ModuleList(
+        patternc.nn.TransformerBlock(TransformerBlockConfig(hidden_dim=16, num_heads=2)) for _ in range(2)
+    ).double()
+
+    def model(x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+        specs = [patternc.TokenSpec(name=g, size=n) for g, n in s.items()]
+        for block in blocks:
+            x = block(x, specs, plan)
+        return x
+
+    x = torch.randn(1, sum(sizes.values()), 16, dtype=torch.float64)
+    ref = model(x, dict(sizes))
+    out = patternc.nn.chunked(model, x, sizes, ["surface_queries", "volume_queries"], chunk_size=6)
+    assert ((out - ref).norm() / ref.norm()).item() < TOLERANCE
+
+
+def test_chunked_refuses_groups_that_attend_to_the_queries() -> None:
+    plan = _plan("groups anchors queries\n* -> *")
+    attn = patternc.nn.PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
+    with pytest.raises(ValueError, match="`anchors` attends to `queries`.*cannot compute it once"):
+        patternc.nn.chunked(
+            lambda x, s: attn(x, s)[0], torch.randn(1, 7, 8), {"anchors": 3, "queries": 4}, ["queries"], 2
+        )
+
+
+def test_chunked_progress_line(capsys: Any) -> None:
+    attn, sizes = _abupt_attention()
+    x = torch.randn(1, sum(sizes.values()), 16, dtype=torch.float64)
+    patternc.nn.chunked(
+        lambda x, s: attn(x, s)[0],
+        x,
+        sizes,
+        ["surface_queries", "volume_queries"],
+        chunk_size=10,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "40/40 queries" in err or "query" in err
+
+
+def test_chunked_argument_errors() -> None:
+    attn, sizes = _abupt_attention()
+    x = torch.randn(1, sum(sizes.values()), 16, dtype=torch.float64)
+
+    def f(x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+        return attn(x, s)[0]
+
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        patternc.nn.chunked(f, x, sizes, ["surface_queries"], 0)
+    with pytest.raises(ValueError, match=r"queries \['points'\] are not groups"):
+        patternc.nn.chunked(f, x, sizes, ["points"], 4)
+    with pytest.raises(ValueError, match="x has 3 tokens but sizes add up to 49"):
+        patternc.nn.chunked(f, x[:, :3], sizes, ["surface_queries"], 4)
