@@ -7,6 +7,9 @@
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
 #   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
+#   distributed  context-parallel: gloo tests (2 and 4 processes) and the
+#              NCCL world-of-one tests, bench_distributed on gloo (2, 4
+#              ranks on the host's cores) and under torchrun/NCCL   ~5 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root on the device machine; results go to $OUT
 # (or ./gpu-out). Times are on an H100.
@@ -44,8 +47,15 @@ profile() {
   python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
 }
 
+distributed() {
+  python3 -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.txt" | tail -5
+  python3 benchmarks/bench_distributed.py --worlds 2 4 --repeat 5 2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_gloo.txt"
+  python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/bench_distributed.py --scale 4 --repeat 10 \
+    2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_nccl.txt"
+}
+
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"

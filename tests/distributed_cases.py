@@ -106,7 +106,7 @@ def _attention(source: str, sizes: dict[str, int], rope: bool = False) -> tuple[
     def forward(x: Tensor, sizes: dict[str, Any]) -> Tensor:
         freqs = None
         if rope:
-            sharding = patternc.nn.context.ACTIVE_SHARDING.get()
+            sharding = patternc.nn.context.ACTIVE.sharding
             positions = (
                 sharding.local_positions(x.device)
                 if sharding is not None
@@ -206,7 +206,7 @@ def case_untied_rope(world: int) -> dict[str, Any]:
     coordinates = torch.randn(sum(ABUPT.values()), 2, dtype=torch.float64)
 
     def forward(x: Tensor, sizes: dict[str, Any]) -> Tensor:
-        sharding = patternc.nn.context.ACTIVE_SHARDING.get()
+        sharding = patternc.nn.context.ACTIVE.sharding
         coords = coordinates if sharding is None else coordinates[sharding.local_index()]
         return attn(x, _specs(sizes), plan, freqs=rope_frequencies(coords, 8))[0]
 

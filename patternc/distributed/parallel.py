@@ -30,7 +30,7 @@ from patternc.distributed.collectives import DistributedError, Group, agree, all
 from patternc.distributed.placement import Placement, ShardedCall, ShardedSchedule, Strategy, place, schedule
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Layout, Sizes
-from patternc.nn.context import ACTIVE_SHARDING, FullKV
+from patternc.nn.context import ACTIVE, FullKV
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan, Program
 
@@ -99,7 +99,12 @@ class ContextParallel:
         self._runners: dict[tuple[Layout, bool, bool, torch.device], _Runner] = {}
         """Per (local layout, padded, ALiBi, device): the schedule and its index
         tensors, built on first use (layouts are cached, so identity is stable)."""
-        self._token: Any = None
+        self._active = False
+        self._previous: Any = None
+        self.traffic: dict[str, int] = {}
+        """Bytes this rank received in forward passes, per collective
+        (``gather <groups>``, ``ring <call>``), padding included; the
+        backward moves the same again. Clear it to start a count."""
 
     # ---------------------------------------------------------------- tokens
 
@@ -147,16 +152,17 @@ class ContextParallel:
     # --------------------------------------------------------------- context
 
     def __enter__(self) -> ContextParallel:
-        if self._token is not None:
+        if self._active:
             raise RuntimeError("this ContextParallel is already active")
-        self._token = ACTIVE_SHARDING.set(self)
+        self._active, self._previous = True, ACTIVE.sharding
+        ACTIVE.sharding = self
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        ACTIVE_SHARDING.reset(self._token)
-        self._token = None
+        ACTIVE.sharding = self._previous
+        self._active = False
 
     # ------------------------------------------------------------- execution
 
@@ -271,7 +277,17 @@ class _Runner:
 
     def _gather(self, packed: Tensor, links: list[Tensor]) -> dict[str, Tensor]:
         """All-gather the packed ``[B, n_local, H, F]`` keys/values of the gathered groups."""
-        return self.gather.run(packed, self.cp.group, links)
+        gathered = self.gather.run(packed, self.cp.group, links)
+        if links:
+            self._count(f"gather {','.join(self.schedule.gathered)}", links[-1], own=1)
+        return gathered
+
+    def _count(self, label: str, received: Tensor, own: int = 0) -> None:
+        """Add what arrived in ``received`` (less this rank's own slot of an all-gather)."""
+        total = received.numel() * received.element_size()
+        if own:
+            total -= total // self.cp.world_size
+        self.cp.traffic[label] = self.cp.traffic.get(label, 0) + total
 
     # ------------------------------------------------------------ executor
 
@@ -436,6 +452,7 @@ class _Runner:
                     shape = (incoming, block.shape[0], *block.shape[2:])
                     received = shift_tokens(block.transpose(0, 1), shape, self.cp.group)
                     links.append(received)
+                    self._count(f"ring {spec.call.attention.text()}", received)
                     block = received.transpose(0, 1)
                 if block.shape[1]:
                     parts.append(

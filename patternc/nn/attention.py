@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternc.layout import Layout
-from patternc.nn.context import ACTIVE_CACHE, ACTIVE_SHARDING
+from patternc.nn.context import ACTIVE
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import zero_padding
 from patternc.nn.rope import apply_rope
@@ -284,7 +284,7 @@ class MixedAttention(DotProductAttention):
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
         q, k, v = self.split_heads(self._project_in(x, layout, attention_patterns), freqs)
-        recorder = ACTIVE_CACHE.get()
+        recorder = ACTIVE.cache
         recording = recorder is not None and recorder.recording
         if recorder is not None:
             if recording:
@@ -294,7 +294,7 @@ class MixedAttention(DotProductAttention):
         cache = _read_cache(kv_cache, layout, q)
         k_in, v_in = zero_padding(k, v, key_padding_mask)
         inputs = AttentionInputs(q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None)
-        sharding = ACTIVE_SHARDING.get()
+        sharding = ACTIVE.sharding
         new_cache = None
         if sharding is None:
             out = self.executor(inputs)

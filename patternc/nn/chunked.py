@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from patternc.nn.context import ACTIVE_CACHE
+from patternc.nn.context import ACTIVE
 
 __all__ = ["AnchorCache", "Forward", "chunked"]
 
@@ -58,11 +58,11 @@ class AnchorCache:
     def _active(self, recording: bool) -> Iterator[AnchorCache]:
         self.recording = recording
         self._calls = {}
-        token = ACTIVE_CACHE.set(self)
+        previous, ACTIVE.cache = ACTIVE.cache, self
         try:
             yield self
         finally:
-            ACTIVE_CACHE.reset(token)
+            ACTIVE.cache = previous
 
     def record(self) -> contextlib.AbstractContextManager[AnchorCache]:
         """Run the model on the context groups inside this to fill the cache."""

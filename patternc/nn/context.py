@@ -9,7 +9,6 @@ imports ``torch.distributed``.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from patternc.nn.executors.common import AttentionInputs, Executor
 
-__all__ = ["ACTIVE_CACHE", "ACTIVE_SHARDING", "AnchorRecorder", "FullKV", "Sharding", "execute"]
+__all__ = ["ACTIVE", "AnchorRecorder", "FullKV", "RuntimeContext", "Sharding", "execute"]
 
 FullKV = dict[str, tuple[Tensor, Tensor]]
 """``{group: (keys, values)}`` token-major ``[B, n, H, D]``, every token of the group."""
@@ -47,13 +46,22 @@ class AnchorRecorder(Protocol):
     def check(self, module: nn.Module, layout: object) -> None: ...
 
 
-ACTIVE_SHARDING: ContextVar[Sharding | None] = ContextVar("patternc_sharding", default=None)
-ACTIVE_CACHE: ContextVar[AnchorRecorder | None] = ContextVar("patternc_anchor_cache", default=None)
+class RuntimeContext:
+    """The sharding and the anchor cache in force (None: none), per process.
+
+    Plain attributes, not ``contextvars``: ``torch.compile`` traces a read
+    of them (and guards on it) where ``ContextVar.get`` breaks the graph."""
+
+    sharding: Sharding | None = None
+    cache: AnchorRecorder | None = None
+
+
+ACTIVE = RuntimeContext()
 
 
 def execute(executor: Executor, inputs: AttentionInputs) -> Tensor:
     """``executor(inputs)``, sharded when a :class:`Sharding` is active."""
-    sharding = ACTIVE_SHARDING.get()
+    sharding = ACTIVE.sharding
     if sharding is None:
         return executor(inputs)
     return sharding.attend(inputs, executor, False)[0]

@@ -34,7 +34,7 @@ from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import merge_heads
-from patternc.nn.context import ACTIVE_SHARDING, execute
+from patternc.nn.context import ACTIVE, execute
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import group_positions, zero_padding
 from patternc.nn.executors.flex import run_flex
@@ -277,7 +277,7 @@ class Transformer(nn.Module):
 
     def _positions(self, sizes: Mapping[str, int], device: torch.device) -> Tensor:
         """Each token's position within its group (global ones when sharded)."""
-        sharding = ACTIVE_SHARDING.get()
+        sharding = ACTIVE.sharding
         if sharding is not None:
             positions = sharding.local_positions(device)
         else:
