@@ -387,8 +387,9 @@ def test_chunked_argument_errors() -> None:
     ids=["anchors", "documents", "ring", "per-key"],
 )
 def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], strategy: Any) -> None:
-    """The NCCL code path (collectives, blockwise kernel) in bf16 against a
-    float32 run on the same GPU, forward and backward."""
+    """The NCCL code path (collectives, blockwise kernel; every group split,
+    so nothing is local) in bf16 against a float32 run on the same GPU,
+    forward and backward."""
     import torch.distributed as dist
 
     from patternc.distributed import ContextParallel
@@ -407,7 +408,7 @@ def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], s
         ref, _ = attn(ref_x, sizes)
         (ref * probe).sum().backward()
         half = attn.to(torch.bfloat16)
-        cp = ContextParallel(plan, sizes, strategy=strategy)
+        cp = ContextParallel(plan, sizes, strategy=strategy, whole_groups=False)
         x16 = cp.shard(x).to(torch.bfloat16).requires_grad_()
         with cp:
             out, _ = half(x16, cp.local_sizes)
@@ -417,3 +418,14 @@ def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], s
         assert ((x16.grad.float() - ref_x.grad).norm() / ref_x.grad.norm()).item() < 3e-2
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_places_everything_whole_unless_asked_to_split() -> None:
+    plan = _plan("groups anchors queries\n* -> anchors")
+    sizes = {"anchors": 4, "queries": 9}
+    one = place(plan.groups, plan.calls, sizes, 1)
+    assert {g.kind for g in one.groups} == {"whole"}
+    assert [c.strategy for c in schedule(plan.calls, one).calls] == ["local"]
+    split = place(plan.groups, plan.calls, sizes, 1, whole_groups=False)
+    assert {g.kind for g in split.groups} == {"split"}
+    assert [c.strategy for c in schedule(plan.calls, split).calls] == ["gather"]

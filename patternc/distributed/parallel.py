@@ -57,6 +57,7 @@ class ContextParallel:
     group in full on every rank (an extra all-gather of the groups the
     schedule did not gather); by default it holds the groups this rank has
     in full anyway (gathered anchors, its own whole documents).
+    ``whole_groups``: see :func:`~patternc.distributed.placement.place`.
     """
 
     def __init__(
@@ -67,8 +68,9 @@ class ContextParallel:
         *,
         gather_limit: float = 1.0,
         strategy: Strategy | None = None,
-        query_chunk: int = 4096,
+        query_chunk: int = 1024,
         full_kv_cache: bool = False,
+        whole_groups: bool = True,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
@@ -94,7 +96,9 @@ class ContextParallel:
         self.query_chunk = query_chunk
         self.full_kv_cache = full_kv_cache
         calls = [c.attention for layout in layouts for c in layout.calls]
-        self.placement: Placement = place(groups, calls, dict(layouts[0].sizes), self.world_size)
+        self.placement: Placement = place(
+            groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups
+        )
         agree("placement", self.placement.digest, group)
         self._runners: dict[tuple[Layout, bool, bool, torch.device], _Runner] = {}
         """Per (local layout, padded, ALiBi, device): the schedule and its index

@@ -160,6 +160,8 @@ def place(
     calls: Sequence[AttentionCall],
     sizes: Mapping[str, int | None],
     world_size: int,
+    *,
+    whole_groups: bool = True,
 ) -> Placement:
     """Place the tokens of every group on ``world_size`` ranks.
 
@@ -181,7 +183,7 @@ def place(
     split: set[str] = set()
     for members in components:
         cost = sum(flops[g] for g in members)
-        if world_size > 1 and cost * world_size <= total and len(components) > 1:
+        if whole_groups and (world_size == 1 or (cost * world_size <= total and len(components) > 1)):
             whole.append((cost, members))
         else:
             split.update(members)

@@ -1,0 +1,143 @@
+"""Chunked inference against one shot: peak memory and time.
+
+An AB-UPT-style stack (4 pre-norm transformer blocks, surface and volume
+anchors, queries that attend to their branch's anchors) runs over N query
+points once in one shot and then with the queries in chunks (anchors'
+keys/values computed once per layer, ``patternc.nn.chunked``). Each variant
+runs in a fresh process so its peak is its own: the CUDA allocator's peak on
+a GPU, else the rise of the process's peak RSS. The output of every chunked
+run is compared with the one-shot output.
+
+    python benchmarks/bench_chunked.py [--queries 200000] [--anchors 2048] [--chunks 4096 16384 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+import patternc
+import patternc.nn
+from patternc.configs import TransformerBlockConfig
+
+SOURCE = (
+    "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+    "surface_anchors -> surface_anchors\nvolume_anchors -> volume_anchors, surface_anchors\n"
+    "surface_queries -> surface_anchors\nvolume_queries -> volume_anchors, surface_anchors\n"
+)
+HIDDEN, HEADS, LAYERS = 192, 3, 4
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def variant(queries: int, anchors: int, chunk: int, device: str) -> dict[str, Any]:
+    plan = patternc.compile(SOURCE).patterns["default"]
+    sizes = {
+        "surface_anchors": anchors,
+        "surface_queries": queries // 2,
+        "volume_anchors": anchors,
+        "volume_queries": queries - queries // 2,
+    }
+    torch.manual_seed(0)
+    blocks = (
+        torch.nn.ModuleList(
+            patternc.nn.TransformerBlock(TransformerBlockConfig(hidden_dim=HIDDEN, num_heads=HEADS))
+            for _ in range(LAYERS)
+        )
+        .to(device)
+        .eval()
+    )
+
+    def model(x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+        specs = [patternc.TokenSpec(name=g, size=n) for g, n in s.items()]
+        for block in blocks:
+            x = block(x, specs, plan)
+        return x
+
+    x = torch.randn(1, sum(sizes.values()), HIDDEN, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    with torch.no_grad():
+        if chunk:
+            names = ["surface_queries", "volume_queries"]
+            out = patternc.nn.chunked(model, x, sizes, names, chunk_size=chunk, progress=True)
+        else:
+            out = model(x, sizes)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_kib("VmHWM") * 1024 - base
+    seconds = time.perf_counter() - start
+    torch.save(out.cpu(), f"/tmp/bench_chunked_{chunk}.pt")
+    return {"chunk": chunk, "seconds": seconds, "peak": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=200_000)
+    parser.add_argument("--anchors", type=int, default=2048)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant is not None:
+        print(json.dumps(variant(args.queries, args.anchors, args.variant, args.device)))
+        return
+    rows = []
+    for chunk in [0, *args.chunks]:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--queries",
+            str(args.queries),
+            "--anchors",
+            str(args.anchors),
+            "--device",
+            args.device,
+            "--variant",
+            str(chunk),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    one_shot = torch.load("/tmp/bench_chunked_0.pt")
+    print(
+        f"\n## Chunked inference ({args.device}; {LAYERS} blocks, hidden {HIDDEN}, 2x{args.anchors} anchors, "
+        f"{args.queries:,} queries, float32)\n"
+    )
+    print("| run | peak MB | vs one shot | seconds | max abs diff to one shot |")
+    print("| --- | --- | --- | --- | --- |")
+    base = rows[0]
+    for row in rows:
+        out = torch.load(f"/tmp/bench_chunked_{row['chunk']}.pt")
+        diff = (out - one_shot).abs().max().item()
+        label = "one shot" if not row["chunk"] else f"chunks of {row['chunk']:,}"
+        print(
+            f"| {label} | {row['peak'] / 2**20:.0f} | {row['peak'] / base['peak']:.2f} | {row['seconds']:.2f} | "
+            f"{diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
