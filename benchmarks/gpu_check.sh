@@ -52,6 +52,8 @@ distributed() {
   python3 benchmarks/bench_distributed.py --worlds 2 4 --repeat 5 2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_gloo.txt"
   python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/bench_distributed.py --scale 4 --repeat 10 \
     2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_nccl.txt"
+  python3 benchmarks/bench_chunked.py --queries 1000000 --anchors 16384 --chunks 16384 65536 262144 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/chunked_cuda.txt"
 }
 
 stages=("$@")
