@@ -170,8 +170,13 @@ def chunked(
         if context_parallel is not None:
             stack.enter_context(context_parallel)
         stack.enter_context(cache.record())
-        outputs = [forward(context_x, context_sizes)]
-    order = [torch.cat(context_rows)] if context_rows else []
+        context_out = forward(context_x, context_sizes)
+    # outputs are written in place, in input order: peak memory is the input,
+    # the output and one chunk's work (no list of chunks, no concatenation)
+    out = context_out.new_empty((context_out.shape[0], x.shape[1], *context_out.shape[2:]))
+    if context_rows:
+        out.index_copy_(1, torch.cat(context_rows).to(out.device), context_out)
+    del context_out
     total = sum(sizes[g] for g in sizes if g in query_set)
     report = _progress(total, progress)
     for start in range(0, total, chunk_size):
@@ -188,11 +193,8 @@ def chunked(
             if hi > lo:
                 rows.append(torch.arange(offsets[g] + lo, offsets[g] + hi))
             seen += n
-        index = torch.cat(rows)
+        index = torch.cat(rows).to(x.device)
         with cache.reuse():
-            outputs.append(forward(x.index_select(1, index.to(x.device)), chunk_sizes))
-        order.append(index)
+            out.index_copy_(1, index.to(out.device), forward(x.index_select(1, index), chunk_sizes))
         report(stop)
-    out = torch.cat(outputs, dim=1)
-    inverse = torch.argsort(torch.cat(order)).to(out.device)
-    return out.index_select(1, inverse)
+    return out
