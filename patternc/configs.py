@@ -12,7 +12,7 @@ from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from patternc.schemas import Implementation, InitWeightsMode, MixedAttentionConfig
+from patternc.schemas import Implementation, InitWeights, MixedAttentionConfig
 from patternc.strict import StrictConfig
 
 __all__ = [
@@ -44,7 +44,7 @@ class LinearProjectionConfig(StrictConfig):
     input_dim: int = Field(gt=0)
     output_dim: int = Field(gt=0)
     bias: bool = True
-    init_weights: InitWeightsMode = "truncnormal002"
+    init_weights: InitWeights = "truncnormal002"
 
 
 class MLPConfig(StrictConfig):
@@ -59,7 +59,7 @@ class MLPConfig(StrictConfig):
     num_layers: int = Field(default=0, ge=0, description="Hidden-to-hidden layers.")
     activation: Activation = "gelu"
     bias: bool = True
-    init_weights: InitWeightsMode = "truncnormal002"
+    init_weights: InitWeights = "truncnormal002"
 
 
 class TransformerBlockConfig(StrictConfig):
@@ -83,7 +83,7 @@ class TransformerBlockConfig(StrictConfig):
     )
     bias: bool = True
     eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon.")
-    init_weights: InitWeightsMode = "truncnormal002"
+    init_weights: InitWeights = "truncnormal002"
     use_rope: bool = False
     qk_norm: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -8,9 +8,9 @@ command line stay light.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AttentionConfig",
@@ -23,7 +23,7 @@ __all__ = [
     "as_token_specs",
 ]
 
-InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
+InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero", "zeros"]
 """Weight initialisation of attention projections.
 
 - ``"torch"``: PyTorch's defaults for ``nn.Linear``.
@@ -31,7 +31,24 @@ InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero"]
 - ``"xavier_uniform"``: Xavier-uniform weights, biases zero.
 - ``"zero"``: like ``"truncnormal002"`` but the output projection starts at zero,
   so a residual branch starts as the identity.
+- ``"zeros"``: every weight and bias starts at zero.
+
+The peer's spellings are read with their meaning: ``"truncnormal"`` as
+``"truncnormal002"``, ``"truncnormal002-identity"`` as ``"zero"``, in any case.
 """
+
+PEER_INIT_MODES = {"truncnormal": "truncnormal002", "truncnormal002-identity": "zero"}
+
+
+def _peer_init_mode(value: object) -> object:
+    if isinstance(value, str):
+        lowered = value.lower()
+        return PEER_INIT_MODES.get(lowered, lowered)
+    return value
+
+
+InitWeights = Annotated[InitWeightsMode, BeforeValidator(_peer_init_mode)]
+"""The config field type: :data:`InitWeightsMode`, with the peer's spellings."""
 
 
 def domain_of(name: str) -> str:
@@ -159,7 +176,7 @@ class AttentionConfig(BaseModel):
     dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Dropout on attention weights and output."
     )
-    init_weights: InitWeightsMode = Field(default="truncnormal002", description="Initialisation.")
+    init_weights: InitWeights = Field(default="truncnormal002", description="Initialisation.")
     bias: bool = Field(default=True, description="Bias terms in the linear layers.")
     head_dim: int | None = Field(
         default=None, gt=0, description="Per-head width; hidden_dim // num_heads when None."

@@ -429,3 +429,47 @@ def test_one_rank_places_everything_whole_unless_asked_to_split() -> None:
     split = place(plan.groups, plan.calls, sizes, 1, whole_groups=False)
     assert {g.kind for g in split.groups} == {"split"}
     assert [c.strategy for c in schedule(plan.calls, split).calls] == ["gather"]
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "sinusoidal"])
+def test_chunked_transformer_stack_equals_one_shot(pos_emb: str) -> None:
+    """The Transformer stack (untied, positions within groups) over queries in chunks."""
+    program = patternc.compile(
+        "groups anchors queries\ntypes { a: anchors\n q: queries }\nanchors -> anchors\nqueries -> anchors"
+    )
+    torch.manual_seed(0)
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None,
+        d_model=16,
+        num_heads=2,
+        num_layers=3,
+        d_ff=32,
+        dropout_rate=0.0,
+        pos_emb_type=pos_emb,
+        untied=True,
+    )
+    model = patternc.nn.Transformer(config, program).double().eval()
+    sizes = {"anchors": 6, "queries": 29}
+    x = torch.randn(2, 35, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x, sizes)
+    out = patternc.nn.chunked(lambda x, s: model(x, s), x, sizes, ["queries"], chunk_size=8)
+    assert ((out - ref).norm() / ref.norm()).item() < TOLERANCE
+
+
+def test_chunked_refuses_modifiers_on_the_queries() -> None:
+    plan = _plan("groups anchors queries\nanchors -> anchors\nqueries -> anchors[causal]")
+    attn = patternc.nn.PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
+    with pytest.raises(ValueError, match=r"has modifiers, which read the positions of `queries`"):
+        patternc.nn.chunked(
+            lambda x, s: attn(x, s)[0], torch.randn(1, 7, 8), {"anchors": 3, "queries": 4}, ["queries"], 2
+        )
+
+
+def test_transformer_takes_cached_groups_only_inside_chunked() -> None:
+    model = patternc.nn.Transformer(
+        patternc.nn.TransformerConfig(vocab_size=None, d_model=16, num_heads=2, num_layers=1, d_ff=32),
+        patternc.compile("groups anchors queries\n* -> anchors"),
+    )
+    with pytest.raises(ValueError, match="has size None: the stack takes every group in x"):
+        model(torch.randn(1, 4, 16), {"anchors": None, "queries": 4})

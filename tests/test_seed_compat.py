@@ -246,3 +246,105 @@ def test_anchor_attention_loads_the_seed_layout() -> None:
     target = JointAnchorAttention(config)
     target.load_state_dict(peer_layout(source.state_dict()))
     assert torch.allclose(target(x, specs), expected, atol=1e-6)
+
+
+def test_peer_init_modes_keep_their_meaning() -> None:
+    from patternc.configs import UntiedMixedAttentionConfig
+    from patternc.nn import UntiedMixedAttention
+
+    assert patternc.MixedAttentionConfig(
+        hidden_dim=8, num_heads=2, init_weights="truncnormal"
+    ).init_weights == ("truncnormal002")
+    identity = patternc.MixedAttentionConfig(
+        hidden_dim=8, num_heads=2, init_weights="TruncNormal002-Identity"
+    )
+    assert identity.init_weights == "zero"
+    attn = MixedAttention(identity)
+    assert (
+        attn.proj.weight.abs().sum() == 0 and attn.qkv.weight.abs().sum() > 0
+    )  # the branch starts as identity
+    zeros = MixedAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2, init_weights="zeros"))
+    assert all(p.abs().sum() == 0 for p in zeros.parameters())
+    untied = UntiedMixedAttention(
+        UntiedMixedAttentionConfig(hidden_dim=8, num_heads=2, num_types=2, init_weights="zeros")
+    )
+    assert all(p.abs().sum() == 0 for p in untied.parameters())
+    with pytest.raises(ValidationError, match="truncnormal002"):
+        patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2, init_weights="normal")
+
+
+def test_more_seed_layouts_load() -> None:
+    """UntiedLinear, UntiedMLP, UntiedPerceiverBlock and the self/cross anchor
+    modules from a state dict in the seed's layout (stacked banks, q/k/v)."""
+    from patternc.configs import (
+        CrossAnchorAttentionConfig,
+        LinearProjectionConfig,
+        PerceiverBlockConfig,
+        SelfAnchorAttentionConfig,
+        UntiedMLPConfig,
+        UntiedPerceiverBlockConfig,
+    )
+    from patternc.nn import (
+        CrossAnchorAttention,
+        SelfAnchorAttention,
+        UntiedLinear,
+        UntiedMLP,
+        UntiedPerceiverBlock,
+    )
+
+    specs = [
+        patternc.TokenSpec("surface_anchors", 2),
+        patternc.TokenSpec("surface_queries", 3),
+        patternc.TokenSpec("volume_anchors", 2),
+        patternc.TokenSpec("volume_queries", 1),
+    ]
+    x = torch.randn(1, 8, 8)
+    kv = torch.randn(1, 5, 8)
+    types = ["surface", "volume"]
+    anchors = {"hidden_dim": 8, "num_heads": 2, "branches": types}
+    builders = {
+        "UntiedLinear": (
+            lambda: UntiedLinear(
+                UntiedLinearConfig(
+                    linear_projection=LinearProjectionConfig(input_dim=8, output_dim=6), num_types=2
+                ),
+                types,
+            ),
+            lambda m: m(x, specs),
+        ),
+        "UntiedMLP": (
+            lambda: UntiedMLP(
+                UntiedMLPConfig(mlp=MLPConfig(input_dim=8, hidden_dim=16, output_dim=8), num_types=2), types
+            ),
+            lambda m: m(x, specs),
+        ),
+        "UntiedPerceiverBlock": (
+            lambda: UntiedPerceiverBlock(
+                UntiedPerceiverBlockConfig(
+                    perceiver_block_config=PerceiverBlockConfig(hidden_dim=8, num_heads=2), num_types=2
+                ),
+                types,
+            ),
+            lambda m: m(x, kv, specs),
+        ),
+        "SelfAnchorAttention": (
+            lambda: SelfAnchorAttention(SelfAnchorAttentionConfig(**anchors)),
+            lambda m: m(x, specs),
+        ),
+        "CrossAnchorAttention": (
+            lambda: CrossAnchorAttention(CrossAnchorAttentionConfig(**anchors)),
+            lambda m: m(x, specs),
+        ),
+    }
+    for name, (build, run) in builders.items():
+        torch.manual_seed(0)
+        source = build()
+        for p in source.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        expected = run(source)
+        peer = peer_layout(source.state_dict())
+        assert not any("weights." in k or "biases." in k or "qkv" in k for k in peer), name
+        torch.manual_seed(1)
+        target = build()
+        target.load_state_dict(peer)
+        assert torch.allclose(run(target), expected, atol=1e-6), name

@@ -31,6 +31,7 @@ from patternc.distributed.placement import Placement, ShardedCall, ShardedSchedu
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Layout, Sizes
 from patternc.nn.context import ACTIVE, FullKV
+from patternc.nn.executors import get_executor
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan, Program
 
@@ -58,6 +59,8 @@ class ContextParallel:
     schedule did not gather); by default it holds the groups this rank has
     in full anyway (gathered anchors, its own whole documents).
     ``whole_groups``: see :func:`~patternc.distributed.placement.place`.
+    ``backend``: the single-device executor for the local work (``"auto"``,
+    ``"flex"``, ...); None keeps each module's own (its ``implementation``).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class ContextParallel:
         query_chunk: int = 1024,
         full_kv_cache: bool = False,
         whole_groups: bool = True,
+        backend: str | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
@@ -95,6 +99,7 @@ class ContextParallel:
         self.strategy = strategy
         self.query_chunk = query_chunk
         self.full_kv_cache = full_kv_cache
+        self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
         self.placement: Placement = place(
             groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups
@@ -186,7 +191,7 @@ class ContextParallel:
         padded = inputs.key_padding_mask is not None
         alibi = inputs.alibi_slopes is not None
         runner = self._runner(inputs.layout, padded, alibi, inputs.q.device)
-        return runner.run(inputs, executor, full_cache or self.full_kv_cache)
+        return runner.run(inputs, self.executor or executor, full_cache or self.full_kv_cache)
 
 
 # ------------------------------------------------------------------ runner

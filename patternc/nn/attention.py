@@ -38,11 +38,11 @@ and ``qk_norm``."""
 def init_linear(layer: nn.Linear, mode: InitWeightsMode, *, zero: bool = False) -> None:
     """Initialise a linear layer: ``torch`` keeps PyTorch's default,
     ``truncnormal002`` / ``zero`` draw from a truncated normal (std 0.02),
-    ``xavier_uniform`` is Xavier; biases start at zero. ``zero=True`` (the
-    output projection under ``"zero"``) zeros the weight."""
+    ``xavier_uniform`` is Xavier, ``zeros`` zeros everything; biases start at
+    zero. ``zero=True`` (the output projection under ``"zero"``) zeros the weight."""
     if mode == "torch":
         return
-    if zero:
+    if zero or mode == "zeros":
         nn.init.zeros_(layer.weight)
     elif mode == "xavier_uniform":
         nn.init.xavier_uniform_(layer.weight)

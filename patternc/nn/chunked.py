@@ -52,6 +52,9 @@ class AnchorCache:
         self.query_groups = frozenset(query_groups)
         self.entries: dict[nn.Module, list[KVEntry]] = {}
         self.recording = False
+        self.offsets: dict[str, int] = {}
+        """Per query group, the position of the running chunk's first token in
+        the group (the ``Transformer`` stack counts positions from it)."""
         self._calls: dict[nn.Module, int] = {}
 
     @contextlib.contextmanager
@@ -69,8 +72,12 @@ class AnchorCache:
         self.entries = {}
         return self._active(True)
 
-    def reuse(self) -> contextlib.AbstractContextManager[AnchorCache]:
-        """Run one chunk of queries inside this (once per forward)."""
+    def reuse(
+        self, offsets: Mapping[str, int] | None = None
+    ) -> contextlib.AbstractContextManager[AnchorCache]:
+        """Run one chunk of queries inside this (once per forward); ``offsets``:
+        where the chunk starts in each query group."""
+        self.offsets = dict(offsets or {})
         return self._active(False)
 
     def store(self, module: nn.Module, cache: KVEntry) -> None:
@@ -93,6 +100,13 @@ class AnchorCache:
         for call in layout.calls:
             context = [q for q in call.attention.queries if q not in self.query_groups]
             seen = [k for k in call.attention.key_names if k in self.query_groups]
+            chunked_queries = [q for q in call.attention.queries if q in self.query_groups]
+            if chunked_queries and call.attention.has_modifiers:
+                raise ValueError(
+                    f"`{call.attention.text()}` has modifiers, which read the positions of "
+                    f"`{chunked_queries[0]}` within its group, and chunks renumber them; chunk only "
+                    "groups whose rules have no modifiers"
+                )
             if context and seen:
                 raise ValueError(
                     f"`{context[0]}` attends to `{seen[0]}` (`{call.attention.text()}`), so its "
@@ -183,6 +197,7 @@ def chunked(
         stop = min(start + chunk_size, total)
         chunk_sizes: dict[str, int | None] = {}
         rows = []
+        starts: dict[str, int] = {}
         seen = 0
         for g, n in sizes.items():
             if g not in query_set:
@@ -190,11 +205,12 @@ def chunked(
                 continue
             lo, hi = max(start - seen, 0), min(stop - seen, n)
             chunk_sizes[g] = max(hi - lo, 0)
+            starts[g] = lo
             if hi > lo:
                 rows.append(torch.arange(offsets[g] + lo, offsets[g] + hi))
             seen += n
         index = torch.cat(rows).to(x.device)
-        with cache.reuse():
+        with cache.reuse(starts):
             out.index_copy_(1, index.to(out.device), forward(x.index_select(1, index), chunk_sizes))
         report(stop)
     return out

@@ -38,6 +38,7 @@ class AnchorRecorder(Protocol):
     """What the attention modules need from a chunked-inference cache."""
 
     recording: bool
+    offsets: dict[str, int]
 
     def store(self, module: nn.Module, cache: dict[str, dict[str, Tensor]]) -> None: ...
 

@@ -191,10 +191,27 @@ class TransformerLayer(nn.Module):
         dropout = self.config.dropout_rate if self.training else 0.0
         layout = step.layouts[self.pattern]
         k_all, v_all = zero_padding(k_all, v_all, step.key_padding_mask)
+        recorder = ACTIVE.cache
+        cache: dict[str, tuple[Tensor, Tensor]] = {}
+        if recorder is not None:
+            if recorder.recording:
+                recorder.check(self, layout)
+            else:  # chunked inference: the context groups' keys/values, recorded once
+                cache = {g: (e["k"], e["v"]) for g, e in recorder.load(self).items()}
         inputs = AttentionInputs(
-            q, k_all, v_all, layout, {}, step.key_padding_mask, dropout, None, step.alibi
+            q, k_all, v_all, layout, cache, step.key_padding_mask, dropout, None, step.alibi
         )
         out = self.out_proj(merge_heads(execute(self.executor, inputs)), step.runs)
+        if recorder is not None and recorder.recording:
+            keys = k_all.split_with_sizes(layout.input_sizes, dim=1)
+            values = v_all.split_with_sizes(layout.input_sizes, dim=1)
+            recorder.store(
+                self,
+                {
+                    g: {"k": keys[i], "v": values[i]}  # token-major, as the executors read them
+                    for g, i in zip(layout.key_value_groups, layout.key_value_indices)
+                },
+            )
         return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
 
     def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -275,21 +292,26 @@ class Transformer(nn.Module):
         name = groups[0]
         return {name[:-1] + "0" if name.endswith("*") else name: n}
 
-    def _positions(self, sizes: Mapping[str, int], device: torch.device) -> Tensor:
-        """Each token's position within its group (global ones when sharded)."""
-        sharding = ACTIVE.sharding
+    def _positions(self, sizes: Mapping[str, int | None], device: torch.device) -> Tensor:
+        """Each token's position within its group (global ones when sharded;
+        counted from the chunk's first token when a chunk of queries runs)."""
+        sharding, recorder = ACTIVE.sharding, ACTIVE.cache
+        present = {g: n for g, n in sizes.items() if n is not None}
         if sharding is not None:
             positions = sharding.local_positions(device)
+        elif recorder is not None and not recorder.recording and recorder.offsets:
+            parts = [torch.arange(n, device=device) + recorder.offsets.get(g, 0) for g, n in present.items()]
+            positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         else:
-            positions = group_positions(tuple(sizes.values()), device)
-        longest = max(sizes.values(), default=0)
+            positions = group_positions(tuple(present.values()), device)
+        longest = max(present.values(), default=0)
         if longest > self.config.max_len:
             raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")
         return positions
 
-    def _step(self, sizes: Mapping[str, int], positions: Tensor, padding: Tensor | None) -> _Step:
+    def _step(self, sizes: Mapping[str, int | None], positions: Tensor, padding: Tensor | None) -> _Step:
         layouts = {}
-        runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(sizes.values())),)
+        runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(n or 0 for n in sizes.values())),)
         for name in dict.fromkeys(self.layer_patterns):
             plan = self.plans[name]
             specs = plan.token_specs(sizes)
@@ -299,10 +321,15 @@ class Transformer(nn.Module):
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
-            if max(sizes.values(), default=0) > c.rope_positions:
+            if max((n or 0 for n in sizes.values()), default=0) > c.rope_positions:
                 raise ValueError(f"a group is longer than rope_max_positions={c.rope_positions}")
             freqs = rope_frequencies(positions, c.head_dim, c.rope_base)
         alibi = self.alibi if c.pos_emb_type == "alibi" else None
+        if any(n is None for n in sizes.values()) and (alibi is not None or padding is not None):
+            raise ValueError(
+                "chunked inference of the Transformer stack supports neither ALiBi nor key padding "
+                "(they read positions and masks of the cached context); run it in one shot"
+            )
         return _Step(layouts, runs, freqs, padding, alibi)
 
     def embed_inputs(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -332,9 +359,10 @@ class Transformer(nn.Module):
         self, x: Tensor, sizes: Sizes | None, key_padding_mask: Tensor | None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         n = x.shape[1]
-        group_sizes = _int_sizes(sizes) if sizes is not None else self._default_sizes(n)
-        if sum(group_sizes.values()) != n:
-            raise ValueError(f"sizes add up to {sum(group_sizes.values())} tokens but x has {n}")
+        group_sizes = _group_sizes(sizes) if sizes is not None else self._default_sizes(n)
+        given = sum(s or 0 for s in group_sizes.values())
+        if given != n:
+            raise ValueError(f"sizes add up to {given} tokens but x has {n}")
         if key_padding_mask is None and self.config.vocab_size is not None:
             real = x != self.config.pad_token_id
             key_padding_mask = None if bool(real.all()) else real
@@ -445,18 +473,24 @@ def sinusoidal(positions: Tensor, dim: int) -> Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
-def _int_sizes(sizes: Sizes) -> dict[str, int]:
+def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
+    """Sizes as a dict; None (a group read from a cache) only in a chunk of
+    :func:`patternc.nn.chunked`, where the context groups are cached."""
     pairs = sizes.items() if isinstance(sizes, Mapping) else ((s.name, s.size) for s in sizes)
-    out = {}
+    out: dict[str, int | None] = {}
+    recorder = ACTIVE.cache
     for name, size in pairs:
-        if size is None:
-            raise ValueError(f"group `{name}` has size None: the stack takes every group in x")
+        if size is None and (recorder is None or recorder.recording):
+            raise ValueError(
+                f"group `{name}` has size None: the stack takes every group in x (cached groups "
+                "only inside patternc.nn.chunked)"
+            )
         out[name] = size
     return out
 
 
 def _bank_runs(
-    plan: Plan, sizes: Mapping[str, int], type_names: tuple[str, ...]
+    plan: Plan, sizes: Mapping[str, int | None], type_names: tuple[str, ...]
 ) -> tuple[tuple[int, int, int], ...]:
     """``(bank, start, stop)`` runs of same-type tokens (the untied layers' lookup)."""
     types = plan.bind(list(sizes)).types
