@@ -161,7 +161,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="G=N,...",
         help="group sizes, e.g. surface_anchors=1024,...; `cache` for KV-cached groups",
     )
-    comp.add_argument("--format", choices=("text", "json", "dot"), default="text", help="output format")
+    comp.add_argument(
+        "--format",
+        choices=("text", "json", "dot", *ENGINE_FORMATS),
+        default="text",
+        help="output format: the plan (text, json, dot), or another engine's mask as JSON "
+        "(magi, flashmask, varlen, xformers, flex; need --sizes)",
+    )
     comp.add_argument("--dim", type=int, default=192, help="model width for FLOP counts (default 192)")
     comp.add_argument(
         "--mask", metavar="PATH", help="draw the block mask (needs --sizes): a .png file, or - for text"
@@ -172,6 +178,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=128,
         metavar="N",
         help="block size of --mask and the block-sparsity line (default 128; 1 draws every token pair)",
+    )
+
+    sub.add_parser(
+        "lsp",
+        help="run the language server on stdin/stdout (for editors; needs the [lsp] extra)",
+        description="Language server for pattern files: diagnostics as you type, completion, hover, "
+        "go to declaration. Editors start it; see editors/vscode/.",
     )
 
     bench = sub.add_parser(
@@ -380,6 +393,10 @@ def _run_compile(args: argparse.Namespace) -> int:
                 f"--mask draws the mask and --format {args.format} prints the plan: run them apart"
             )
         return _draw_mask(program, sizes, args.pattern, args.mask, args.block)
+    if args.format in ENGINE_FORMATS:
+        if sizes is None:
+            raise _UsageError(f"--format {args.format} needs --sizes (masks are laid out at sizes)")
+        return _print_engine_format(program, sizes, args.pattern, args.format)
     if args.format == "json":
         sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
     elif args.format == "dot":
@@ -390,6 +407,30 @@ def _run_compile(args: argparse.Namespace) -> int:
         text = format_program(program, sizes=sizes, patterns=args.pattern, dim=args.dim, block=args.block)
         sys.stdout.write(text)
     return EXIT_OK
+
+
+ENGINE_FORMATS = ("magi", "flashmask", "varlen", "xformers", "flex")
+
+
+def _print_engine_format(
+    program: Program, sizes: dict[str, int | None], patterns: Sequence[str], name: str
+) -> int:
+    """One JSON object per pattern; exit 1 when one cannot be said in the format."""
+    import json
+
+    from patternc.export.engines import engine_dict
+
+    out: dict[str, object] = {}
+    failed = []
+    for plan in program.select(patterns):
+        entry = engine_dict(plan.layout(sizes), name)
+        if not entry["expressible"]:
+            failed.append(f"{plan.name}: {entry['reason']}")
+        out[plan.name] = entry
+    sys.stdout.write(json.dumps({"format": name, "patterns": out}, separators=(",", ":")) + "\n")
+    for line in failed:
+        print(f"patternc: {name} cannot express pattern {line}", file=sys.stderr)
+    return EXIT_DIAGNOSTICS if failed else EXIT_OK
 
 
 def _draw_mask(
@@ -412,6 +453,14 @@ def _draw_mask(
     return EXIT_OK
 
 
+def _run_lsp() -> int:
+    try:
+        from patternc.lsp import main as serve
+    except ImportError as error:
+        raise _UsageError(f"the language server needs pygls ({error}); pip install 'patternc[lsp]'") from None
+    return serve()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -422,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_fmt(args)
         if args.command == "bench":
             return _run_bench(args)
+        if args.command == "lsp":
+            return _run_lsp()
         return _run_compile(args)
     except _UsageError as error:
         print(f"patternc: error: {error}", file=sys.stderr)

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.layout import Call, Layout
-from patternc.modifiers import NO_MODIFIERS, Modifiers
+from patternc.export.pairs import NotExpressible
+from patternc.export.varlen import varlen_launches
+from patternc.layout import Layout
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.tables import TABLES
@@ -53,22 +54,6 @@ def _kernel() -> Callable[..., Tensor] | None:
 def varlen_available(device: torch.device) -> bool:
     """``varlen_attn`` exists in this torch and ``device`` is a CUDA device."""
     return device.type == "cuda" and _kernel() is not None
-
-
-def _window(call: Call) -> tuple[int, int] | None:
-    """The kernel's ``(left, right)`` window for a call's modifiers, or None
-    when it cannot express them on this call."""
-    mods = call.modifiers
-    if mods is None:  # key groups with different modifiers: one window cannot say it
-        return None
-    if not mods:
-        return (-1, -1)
-    same_positions = call.single_groups and call.n_queries == sum(s.length for s in call.keys)
-    if not same_positions:
-        return None
-    left = -1 if mods.window is None else mods.window - 1
-    right = 0 if mods.causal else left
-    return (left, right)
 
 
 @dataclass(frozen=True)
@@ -94,48 +79,34 @@ def _launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch
 
 
 def _build_launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
-    if layout.cached_groups:
-        return "KV-cached groups"
-    by_modifiers: dict[Modifiers, list[Call]] = {}
-    for call in layout.calls:
-        if not call.n_queries:
-            continue
-        if not call.keys:
-            return "a call with no keys"
-        if _window(call) is None:
-            if call.modifiers is None:
-                return f"per-key modifiers that differ within one call (`{call.attention.text()}`)"
-            return f"{call.modifiers.text()} across groups of different positions"
-        by_modifiers.setdefault(call.modifiers or NO_MODIFIERS, []).append(call)
+    """The export's launches (one batch element) tiled over ``batch`` and uploaded."""
+    try:
+        plan = varlen_launches(layout)
+    except NotExpressible as reason:
+        return str(reason)
     n = layout.n_tokens
     launches = []
-    for calls in by_modifiers.values():
-        q_rows: list[int] = []
-        kv_rows: list[int] = []
-        cu_q, cu_k = [0], [0]
-        for b in range(batch):
-            for call in calls:
-                for seg in call.queries:
-                    q_rows.extend(range(b * n + seg.start, b * n + seg.stop))
-                for seg in call.keys:
-                    kv_rows.extend(range(b * n + seg.start, b * n + seg.stop))
-                cu_q.append(len(q_rows))
-                cu_k.append(len(kv_rows))
-        identity_q = q_rows == list(range(batch * n))
-        identity_kv = kv_rows == list(range(batch * n))
+    for launch in plan:
+        q_rows = [b * n + r for b in range(batch) for r in launch.q_rows]
+        kv_rows = [b * n + r for b in range(batch) for r in launch.kv_rows]
+        per_q = [b - a for a, b in itertools.pairwise(launch.cu_seqlens_q)]
+        per_k = [b - a for a, b in itertools.pairwise(launch.cu_seqlens_k)]
+        cu_q = list(itertools.accumulate(per_q * batch, initial=0))
+        cu_k = list(itertools.accumulate(per_k * batch, initial=0))
 
-        def index(rows: list[int], identity: bool) -> Tensor | None:
+        def index(rows: list[int]) -> Tensor | None:
+            identity = rows == list(range(batch * n))
             return None if identity else torch.tensor(rows, dtype=torch.int64, device=device)
 
         launches.append(
             _Launch(
-                window=_window(calls[0]) or (-1, -1),
-                q_index=index(q_rows, identity_q),
-                kv_index=index(kv_rows, identity_kv),
+                window=launch.window,
+                q_index=index(q_rows),
+                kv_index=index(kv_rows),
                 cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
                 cu_seq_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-                max_q=max(b - a for a, b in itertools.pairwise(cu_q)),
-                max_k=max(b - a for a, b in itertools.pairwise(cu_k)),
+                max_q=launch.max_seqlen_q,
+                max_k=launch.max_seqlen_k,
                 n_queries=len(q_rows),
             )
         )

@@ -1,0 +1,55 @@
+"""The engine formats as JSON-ready data (what ``patternc compile --format`` prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patternc.export.flashmask import flashmask_bounds
+from patternc.export.magi import magi_slices
+from patternc.export.pairs import NotExpressible
+from patternc.export.varlen import varlen_launches
+from patternc.export.xformers import xformers_mask
+from patternc.layout import Layout
+
+__all__ = ["engine_dict", "flex_tables_dict"]
+
+
+def flex_tables_dict(layout: Layout) -> dict[str, Any]:
+    """What a FlexAttention ``mask_mod`` reads, torch-free: each token's group
+    (as runs of the input) and, per (query group, key group), whether it is
+    allowed and its modifiers. Positions count within groups."""
+    index = {g: i for i, g in enumerate(layout.all_groups)}
+    return {
+        "n_tokens": layout.n_tokens,
+        "groups": list(layout.all_groups),
+        "runs": [
+            {"group": index[s.name], "start": s.offset, "stop": s.offset + (s.size or 0)}
+            for s in layout.slots
+            if s.size
+        ],
+        "allowed": [[int(a) for a in row] for row in layout.allowed],
+        "causal": [[int(m.causal) for m in row] for row in layout.pair_modifiers],
+        "window": [[m.window or 0 for m in row] for row in layout.pair_modifiers],
+    }
+
+
+def engine_dict(layout: Layout, name: str) -> dict[str, Any]:
+    """``{"expressible": True, ...the format...}`` or ``{"expressible": False, "reason": ...}``."""
+    try:
+        if name == "magi":
+            body: dict[str, Any] = {"slices": [s.to_dict() for s in magi_slices(layout)]}
+        elif name == "flashmask":
+            body = flashmask_bounds(layout).to_dict()
+        elif name == "varlen":
+            body = {"launches": [launch.to_dict() for launch in varlen_launches(layout)]}
+        elif name == "xformers":
+            body = xformers_mask(layout).to_dict()
+        elif name == "flex":
+            if layout.cached_groups:
+                raise NotExpressible("KV-cached groups")
+            body = flex_tables_dict(layout)
+        else:
+            raise ValueError(f"unknown format {name!r}")
+    except NotExpressible as reason:
+        return {"expressible": False, "reason": str(reason)}
+    return {"expressible": True, **body}
