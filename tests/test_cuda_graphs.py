@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import relative_error
-from torch import Tensor, nn
+from torch import Tensor
 
 import patternc
 from patternc.nn import PatternAttention
@@ -76,15 +76,6 @@ def test_executor_replays_a_captured_graph(executor: str, layout: str) -> None:
         assert error < 2e-2, f"{executor} on {layout}: replay is {error:.2e} from the float64 dense reference"
 
 
-class _FixedSizes(nn.Module):
-    def __init__(self, attention: PatternAttention, sizes: dict[str, int]) -> None:
-        super().__init__()
-        self.attention, self.sizes = attention, sizes
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attention(x, self.sizes)[0]
-
-
 def test_module_forward_and_backward_graphed() -> None:
     """``make_graphed_callables`` captures forward and backward of a whole
     ``PatternAttention`` (projections, executor, cache views); gradients of the
@@ -97,12 +88,12 @@ def test_module_forward_and_backward_graphed() -> None:
     graphed_module.load_state_dict(eager.state_dict())
     n = sum(sizes.values())
     sample = torch.randn(2, n, 64, device="cuda", requires_grad=True)
-    graphed = torch.cuda.make_graphed_callables(_FixedSizes(graphed_module, sizes), (sample,))
+    graphed = patternc.nn.graphed(graphed_module, sizes, sample)
     x = torch.randn(2, n, 64, device="cuda", requires_grad=True)
     x_eager = x.detach().clone().requires_grad_()
     weight = torch.randn(2, n, 64, device="cuda")
     (graphed(x) * weight).sum().backward()
-    (_FixedSizes(eager, sizes)(x_eager) * weight).sum().backward()
+    (eager(x_eager, sizes)[0] * weight).sum().backward()
     assert x.grad is not None and x_eager.grad is not None
     assert relative_error(x.grad.double(), x_eager.grad.double()) < 1e-4
     for (name, p_graph), p_eager in zip(graphed_module.named_parameters(), eager.parameters()):

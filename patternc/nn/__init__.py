@@ -15,6 +15,7 @@ from patternc.nn.blocks import (
     UntiedTransformerBlock,
 )
 from patternc.nn.chunked import AnchorCache, chunked
+from patternc.nn.graphs import graphed
 from patternc.nn.layers import MLP, LinearProjection
 from patternc.nn.rope import apply_rope, rope_frequencies
 from patternc.nn.transformer import Transformer, TransformerLayer, VisionTransformer
@@ -61,5 +62,6 @@ __all__ = [
     "VisionTransformerConfig",
     "apply_rope",
     "chunked",
+    "graphed",
     "rope_frequencies",
 ]
