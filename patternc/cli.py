@@ -174,6 +174,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--block",
+        "--block-size",
+        dest="block",
         type=int,
         default=128,
         metavar="N",

@@ -227,3 +227,10 @@ def test_check_help_shows_check_examples() -> None:
 def test_bench_offers_linear() -> None:
     result = run("bench", "--help")
     assert "linear" in result.stdout
+
+
+def test_block_size_is_an_alias_of_block() -> None:
+    sizes = "surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3"
+    a = run("compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block-size", "2")
+    b = run("compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2")
+    assert a.returncode == 0 and a.stdout == b.stdout and "pattern joint" in a.stdout
