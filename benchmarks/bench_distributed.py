@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--layouts", nargs="+", default=None, help="only layouts whose name contains one of these")
     args = parser.parse_args()
     if "RANK" in os.environ:  # torchrun: NCCL on GPUs
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -272,7 +273,8 @@ def main() -> None:
 
     single: list[dict[str, Any]] = []
     by_world: dict[int, list[list[dict[str, Any]]]] = {w: [[] for _ in range(w)] for w in args.worlds}
-    for name in layouts(args.scale):
+    names = [n for n in layouts(args.scale) if args.layouts is None or any(w in n for w in args.layouts)]
+    for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(worker, args=(1, _port(), tmp, args.repeat, args.scale, False, name), nprocs=1)
             single.append(json.load(open(os.path.join(tmp, "1-0.json"))))

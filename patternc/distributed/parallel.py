@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from patternc.distributed.blockwise import merge_partials, pair_mask, partial_attention
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens, shift_tokens
@@ -71,7 +72,7 @@ class ContextParallel:
         *,
         gather_limit: float = 1.0,
         strategy: Strategy | None = None,
-        query_chunk: int = 1024,
+        query_chunk: int = 256,
         full_kv_cache: bool = False,
         whole_groups: bool = True,
         backend: str | None = None,
@@ -499,7 +500,13 @@ class _Runner:
             if slopes is not None:
                 distance = (q_pos[:, None] - k_pos[None, :]).abs().to(slopes.dtype)
                 bias = -slopes[:, None, None] * distance
-            out, lse = partial_attention(q[:, start:stop], k, v, allowed, bias, scale, inputs.dropout_p)
+            args = (q[:, start:stop], k, v, allowed, bias, scale, inputs.dropout_p)
+            if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+                # recompute the scores in the backward instead of keeping every
+                # chunk's [Lq, Lk] scores alive until then (ring steps: R blocks)
+                out, lse = checkpoint(partial_attention, *args, use_reentrant=False)
+            else:
+                out, lse = partial_attention(*args)
             outs.append(out)
             lses.append(lse)
         if len(outs) == 1:
