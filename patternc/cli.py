@@ -170,6 +170,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--dim", type=int, default=192, help="model width for FLOP counts (default 192)")
     comp.add_argument(
+        "--world-size",
+        type=int,
+        metavar="R",
+        help="also show how patternc.distributed shards each plan over R ranks (needs --sizes)",
+    )
+    comp.add_argument(
         "--mask", metavar="PATH", help="draw the block mask (needs --sizes): a .png file, or - for text"
     )
     comp.add_argument(
@@ -406,7 +412,16 @@ def _run_compile(args: argparse.Namespace) -> int:
     else:
         from patternc.report import format_program
 
-        text = format_program(program, sizes=sizes, patterns=args.pattern, dim=args.dim, block=args.block)
+        if args.world_size is not None and (sizes is None or args.world_size < 1):
+            raise _UsageError("--world-size needs --sizes and a number of ranks >= 1")
+        text = format_program(
+            program,
+            sizes=sizes,
+            patterns=args.pattern,
+            dim=args.dim,
+            block=args.block,
+            world_size=args.world_size,
+        )
         sys.stdout.write(text)
     return EXIT_OK
 

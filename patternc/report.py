@@ -91,6 +91,7 @@ def format_program(
     patterns: Sequence[str] | None = None,
     dim: int = 192,
     block: int = 128,
+    world_size: int | None = None,
 ) -> str:
     plans = program.select(patterns)
     out = [
@@ -104,6 +105,10 @@ def format_program(
         out.append("")
         if sizes is not None:  # families expanded over the given groups
             out.extend(_format_plan(plan.bind(names_of(sizes)), plan.layout(sizes), dim, block))
+            if world_size is not None:
+                from patternc.distributed.report import format_sharding
+
+                out.extend(format_sharding(plan.layout(sizes), world_size))
         else:
             out.extend(_format_plan(plan, None, dim, block))
     return "\n".join(out) + "\n"

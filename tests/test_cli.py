@@ -121,6 +121,8 @@ def test_compile_does_not_import_torch() -> None:
         "from patternc.cli import main\n"
         f"main(['compile', {AB!r}, '--sizes', {AB_SIZES!r}, '--format', 'json'])\n"
         f"main(['check', {AB!r}])\n"
+        f"main(['compile', {AB!r}, '--sizes', {AB_SIZES!r}, '--world-size', '4'])\n"
+        f"main(['compile', {AB!r}, '--sizes', {AB_SIZES!r}, '--format', 'magi'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -231,6 +233,36 @@ def test_bench_offers_linear() -> None:
 
 def test_block_size_is_an_alias_of_block() -> None:
     sizes = "surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3"
-    a = run("compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block-size", "2")
-    b = run("compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2")
+    a = run(
+        "compile",
+        "examples/ab_upt.pc",
+        "--sizes",
+        sizes,
+        "--pattern",
+        "joint",
+        "--mask",
+        "-",
+        "--block-size",
+        "2",
+    )
+    b = run(
+        "compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2"
+    )
     assert a.returncode == 0 and a.stdout == b.stdout and "pattern joint" in a.stdout
+
+
+def test_world_size_shows_the_sharding() -> None:
+    sizes = "doc0=40,doc1=30,doc2=35,doc3=20"
+    source = Path(__file__).parent / "golden" / "_docs.pc"
+    source.write_text("groups doc*\ndoc* -> self [causal]\n")
+    try:
+        result = run("compile", str(source), "--sizes", sizes, "--world-size", "2")
+    finally:
+        source.unlink()
+    assert result.returncode == 0, result.stderr
+    assert "sharded over 2 ranks" in result.stdout
+    assert "doc0: whole, 40 0" in result.stdout or "doc0: whole, 0 40" in result.stdout
+    assert "call 0 local: `doc0 -> doc0[causal]`" in result.stdout
+    assert "per forward, tokens received per rank: 0 0 (minimum 0 0)" in result.stdout
+    missing = run("compile", "examples/ab_upt.pc", "--world-size", "2")
+    assert missing.returncode == 2 and "--world-size needs --sizes" in missing.stderr

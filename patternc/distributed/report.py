@@ -1,0 +1,31 @@
+"""The placement and schedule as text (``patternc compile --world-size N``), torch-free."""
+
+from __future__ import annotations
+
+from patternc.distributed.placement import place, schedule
+from patternc.layout import Layout
+
+__all__ = ["format_sharding"]
+
+
+def format_sharding(layout: Layout, world_size: int) -> list[str]:
+    """Where each group's tokens go on ``world_size`` ranks and what each call moves."""
+    calls = [c.attention for c in layout.calls]
+    placement = place(layout.all_groups, calls, dict(layout.sizes), world_size)
+    plan_schedule = schedule(calls, placement)
+    ranks = range(world_size)
+    out = [f"  sharded over {world_size} ranks (patternc.distributed; tokens per rank):"]
+    for g in placement.groups:
+        per_rank = "cached" if g.size is None else " ".join(str(g.local_size(r)) for r in ranks)
+        out.append(f"    {g.name}: {g.kind}, {per_rank}")
+    for call in plan_schedule.calls:
+        received = " ".join(str(plan_schedule.call_received(call, r)) for r in ranks)
+        minimum = " ".join(str(plan_schedule.call_minimum(call, r)) for r in ranks)
+        kernel = ", blockwise kernel" if call.blockwise else ""
+        out.append(f"    call {call.index} {call.strategy}{kernel}: `{call.attention.text()}`")
+        if call.strategy != "local":
+            out.append(f"      key/value tokens received per rank: {received} (minimum {minimum})")
+    totals = " ".join(str(n) for n in plan_schedule.received)
+    minimum_totals = " ".join(str(n) for n in plan_schedule.minimum)
+    out.append(f"    per forward, tokens received per rank: {totals} (minimum {minimum_totals})")
+    return out
