@@ -71,3 +71,19 @@ def test_patternc_check_does_not_import_transformers() -> None:
     code = "import sys, patternc; patternc.compile('groups a\\na -> a'); print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_example_runs() -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "examples/hf_packed_documents.py", "--docs", "3,8,5"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    diff = re.search(r"max \|packed - one by one\| = (\S+)", done.stdout)
+    assert diff is not None and float(diff.group(1)) < 1e-4
