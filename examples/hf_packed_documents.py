@@ -49,9 +49,8 @@ def main() -> None:
             pieces.append(alone_model(ids[:, start : start + n], use_cache=False).logits)
             start += n
     alone = torch.cat(pieces, dim=1)
-    print(
-        f"{len(lengths)} documents ({', '.join(map(str, lengths))} tokens) packed into one row of {sum(lengths)}"
-    )
+    shown = ", ".join(map(str, lengths))
+    print(f"{len(lengths)} documents ({shown} tokens) packed into one row of {sum(lengths)}")
     print(f"max |packed - one by one| = {(packed - alone).abs().max().item():.2e}")
 
 
