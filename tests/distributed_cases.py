@@ -193,6 +193,20 @@ def case_padding(world: int) -> dict[str, Any]:
     return compare(module, padded, plan, ABUPT, padding=padding)
 
 
+def case_padding_documents(world: int) -> dict[str, Any]:
+    """Key padding on documents placed whole (local calls) and on a split one."""
+    sizes = {"doc0": 7, "doc1": 40, "doc2": 5, "doc3": 9}
+    module, _, plan = _attention("groups doc*\ndoc* -> self [causal]", sizes)
+    torch.manual_seed(6)
+    padding = torch.rand(2, sum(sizes.values())) > 0.25
+    padding[:, [0, 7, 47, 52]] = True  # every document keeps its first key
+
+    def padded(x: Tensor, args: dict[str, Any]) -> Tensor:
+        return module(x, args["sizes"], key_padding_mask=args["padding"])[0]
+
+    return compare(module, padded, plan.bind(list(sizes)), sizes, padding=padding)
+
+
 def case_untied_rope(world: int) -> dict[str, Any]:
     source = (
         "groups surface_anchors surface_queries volume_anchors volume_queries\n"
@@ -212,6 +226,19 @@ def case_untied_rope(world: int) -> dict[str, Any]:
         return attn(x, _specs(sizes), plan, freqs=rope_frequencies(coords, 8))[0]
 
     return compare(attn, forward, plan, ABUPT)
+
+
+def case_transformer_alibi(world: int) -> dict[str, Any]:
+    """ALiBi (positions within groups) on split groups: the blockwise kernel's bias."""
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors, queries"
+    sizes = {"doc0": 9, "doc1": 23, "anchors": 5, "queries": 17}
+    torch.manual_seed(0)
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0, pos_emb_type="alibi"
+    )
+    model = patternc.nn.Transformer(config, patternc.compile(source)).double()
+    plan = next(iter(model.plans.values())).bind(list(sizes))
+    return compare(model, lambda x, s: model(x, s), plan, sizes)
 
 
 def case_transformer(world: int) -> dict[str, Any]:

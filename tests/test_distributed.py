@@ -32,8 +32,10 @@ NUMERIC = [
     "causal_spanning",
     "per_key_modifiers",
     "padding",
+    "padding_documents",
     "untied_rope",
     "transformer",
+    "transformer_alibi",
     "kv_cache",
     "chunked",
 ]

@@ -353,7 +353,11 @@ class _Runner:
         for shadow, (name, source) in self.shadows.items():
             kv = gathered[name] if source == "gathered" else packed.index_select(1, self.rows[name])
             cache[shadow] = (kv[..., :dim], kv[..., dim : 2 * dim])
-        local = AttentionInputs(q, k, v, self.exec_layout, cache, None, inputs.dropout_p, inputs.scale, None)
+        # ALiBi reaches here only for local calls and position-free gathers:
+        # positions within the rank's whole groups are the global ones
+        local = AttentionInputs(
+            q, k, v, self.exec_layout, cache, None, inputs.dropout_p, inputs.scale, inputs.alibi_slopes
+        )
         return executor(local)
 
     # ----------------------------------------------------------- blockwise

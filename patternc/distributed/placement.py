@@ -372,7 +372,10 @@ def schedule(
         else:
             kind = "gather" if n_k * world <= gather_limit * n_q else "ring"
         positional = call.has_modifiers or positional_bias
-        blockwise = kind == "ring" or (kind == "gather" and (positional or padded))
+        # the executor reads whole groups (local calls) and gathered keys whose
+        # positions do not matter; key padding always goes to the blockwise
+        # kernel, which carries the mask with the keys
+        blockwise = kind == "ring" or padded or (kind == "gather" and positional)
         out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
