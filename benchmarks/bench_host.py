@@ -44,7 +44,7 @@ def main() -> None:
         layout = plan.layout(sizes)
         q, k, v = (torch.randn(1, layout.n_tokens, 12, 64, device=device, dtype=dtype) for _ in range(3))
         inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
-        for executor_name in ["batched", "varlen", "flex", "auto"]:
+        for executor_name in ["batched", "varlen", "auto", "flex", "auto"]:
             run = get_executor(executor_name)
             for _ in range(10):
                 run(inputs)
