@@ -74,21 +74,31 @@ def _runs(pair: GroupPair) -> list[tuple[int, int, int, int, bool, bool]]:
 
 
 def _merge_full(slices: list[MagiSlice]) -> list[MagiSlice]:
-    """Adjacent FULL slices merged: same queries and touching keys (a group
-    attending to several neighbouring groups), then same keys and touching
-    queries (several query groups of one call)."""
-    out: list[MagiSlice] = []
+    """FULL slices coalesced: each query run's touching key ranges joined, then
+    neighbouring query runs with the same key ranges joined (a call's query
+    groups, or every group of a joint call, become one run per key range)."""
+    keys_of: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    others = []
     for s in slices:
-        last = out[-1] if out else None
-        if last is not None and s.mask_type == last.mask_type == "FULL":
-            if last.q_range == s.q_range and last.k_range[1] == s.k_range[0]:
-                out[-1] = MagiSlice(s.q_range, (last.k_range[0], s.k_range[1]), "FULL")
-                continue
-            if last.k_range == s.k_range and last.q_range[1] == s.q_range[0]:
-                out[-1] = MagiSlice((last.q_range[0], s.q_range[1]), s.k_range, "FULL")
-                continue
-        out.append(s)
-    return out
+        if s.mask_type == "FULL":
+            keys_of.setdefault(s.q_range, []).append(s.k_range)
+        else:
+            others.append(s)
+    runs: list[tuple[tuple[int, int], tuple[tuple[int, int], ...]]] = []
+    for q_range in sorted(keys_of):
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(keys_of[q_range]):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        keys = tuple(merged)
+        if runs and runs[-1][1] == keys and runs[-1][0][1] == q_range[0]:
+            runs[-1] = ((runs[-1][0][0], q_range[1]), keys)
+        else:
+            runs.append((q_range, keys))
+    full = [MagiSlice(q, k, "FULL") for q, ks in runs for k in ks]
+    return full + others
 
 
 def magi_slices(layout: Layout) -> list[MagiSlice]:
