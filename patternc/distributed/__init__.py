@@ -6,8 +6,13 @@
 ...     out = model(cp.shard(x), cp.local_sizes)
 
 :mod:`~patternc.distributed.placement` decides where tokens live and what
-each call communicates (torch-free); :mod:`~patternc.distributed.parallel`
-runs it. See docs/distributed.md.
+each call communicates (torch-free; :mod:`~patternc.distributed.report`
+prints it). The runtime: :mod:`~patternc.distributed.collectives`
+(differentiable all-gather and ring shift), :mod:`~patternc.distributed.rank`
+(one rank's rows and gathers), :mod:`~patternc.distributed.blockwise` (the
+log-sum-exp kernel), :mod:`~patternc.distributed.calls` (executor and
+blockwise calls), :mod:`~patternc.distributed.parallel` (``ContextParallel``).
+See docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -17,19 +17,17 @@ data parallelism: all-reduce them (DDP/FSDP do) before the optimizer step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from patternc.distributed.blockwise import merge_partials, pair_mask, partial_attention
-from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens, shift_tokens
-from patternc.distributed.placement import Placement, ShardedCall, ShardedSchedule, Strategy, place, schedule
-from patternc.ir import KeyGroup, ResolvedRule
+from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
+from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
+from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
+from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
 from patternc.layout import Layout, Sizes
 from patternc.nn.context import ACTIVE, FullKV
 from patternc.nn.executors import get_executor
@@ -198,41 +196,10 @@ class ContextParallel:
 # ------------------------------------------------------------------ runner
 
 
-@dataclass(frozen=True)
-class _Tokens:
-    """Some of a rank's tokens: rows of its local input, each token's
-    position within its group, and its group's index in the call."""
-
-    rows: Tensor
-    positions: Tensor
-    groups: Tensor
-
-    @property
-    def count(self) -> int:
-        return int(self.rows.shape[0])
-
-
-def _cat(parts: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.cat(list(parts)) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-@dataclass(frozen=True)
-class _Blockwise:
-    call: ShardedCall
-    queries: _Tokens
-    key_groups: tuple[str, ...]
-    """Every key group of the call (cached ones included), in call order."""
-    local_keys: _Tokens
-    """This rank's input tokens of the call's key groups (what it sends around the ring)."""
-    ring_blocks: tuple[tuple[Tensor, Tensor, int], ...]
-    """Per ring step: (positions, group indices, token count) of the block this rank holds."""
-    causal: Tensor
-    window: Tensor
-
-
 class _Runner:
-    """One local layout under the placement: the schedule, the plan the
-    single-device executor runs, and the index tensors (built once)."""
+    """One local layout under the placement: its schedule (checked across
+    ranks), the executor's part and the blockwise calls, and how their
+    outputs go back into local order. Built once per layout."""
 
     def __init__(
         self, cp: ContextParallel, layout: Layout, padded: bool, alibi: bool, device: torch.device
@@ -245,7 +212,7 @@ class _Runner:
                 f"this module ran with sizes {given} but the ContextParallel places {expected} on rank "
                 f"{rank}; call modules with cp.local_sizes (and x = cp.shard(x_full))"
             )
-        self.cp, self.layout, self.device = cp, layout, device
+        self.layout, self.device = layout, device
         self.schedule = schedule(
             [c.attention for c in layout.calls],
             placement,
@@ -255,284 +222,38 @@ class _Runner:
             strategy=cp.strategy,
         )
         agree("schedule", self.schedule.digest, cp.group)
-        # this rank's input rows of each group
-        self.rows: dict[str, Tensor] = {}
-        self.positions: dict[str, Tensor] = {}
-        offset = 0
-        for g in placement.groups:
-            if g.size is None:
-                continue
-            n = g.local_size(rank)
-            self.rows[g.name] = torch.arange(offset, offset + n, device=device)
-            self.positions[g.name] = _cat(
-                [torch.arange(a, b, device=device) for a, b in g.ranges[rank]], device
-            )
-            offset += n
-        self.n_local = offset
-        self._build_gather()
-        self._build_executor_plan()
-        self.blockwise = tuple(self._blockwise(c) for c in self.schedule.calls if c.blockwise)
-        order = [self.exec_order] if self.exec_layout is not None else []
+        self.comm = Comm(cp.group, cp.world_size, cp.traffic)
+        self.tokens = RankTokens(placement, rank, device)
+        self.gather = GatherPlan.build(self.tokens, self.schedule.gathered, cp.world_size)
+        on_executor = [c for c in self.schedule.calls if not c.blockwise]
+        self.executor_calls = (
+            ExecutorCalls(on_executor, self.tokens, layout.plan_name) if on_executor else None
+        )
+        self.blockwise = tuple(
+            BlockwiseCall(c, self.tokens, self.comm, cp.query_chunk)
+            for c in self.schedule.calls
+            if c.blockwise
+        )
+        order = [self.executor_calls.order] if self.executor_calls is not None else []
         order += [b.queries.rows for b in self.blockwise]
-        flat = _cat(order, device)
-        self.identity_order = flat.shape[0] == self.n_local and bool(
-            (flat == torch.arange(self.n_local, device=device)).all()
-        )
+        flat = cat(order, device)
+        n = self.tokens.n_local
+        self.identity_order = flat.shape[0] == n and bool((flat == torch.arange(n, device=device)).all())
         self.inverse = torch.argsort(flat) if flat.numel() else flat
-
-    # ----------------------------------------------------------- gathering
-
-    def _build_gather(self) -> None:
-        self.gather = _GatherPlan.build(self, self.schedule.gathered)
-
-    def _gather(self, packed: Tensor, links: list[Tensor]) -> dict[str, Tensor]:
-        """All-gather the packed ``[B, n_local, H, F]`` keys/values of the gathered groups."""
-        gathered = self.gather.run(packed, self.cp.group, links)
-        if links:
-            self._count(f"gather {','.join(self.schedule.gathered)}", links[-1], own=1)
-        return gathered
-
-    def _count(self, label: str, received: Tensor, own: int = 0) -> None:
-        """Add what arrived in ``received`` (less this rank's own slot of an all-gather)."""
-        total = received.numel() * received.element_size()
-        if own:
-            total -= total // self.cp.world_size
-        self.cp.traffic[label] = self.cp.traffic.get(label, 0) + total
-
-    # ------------------------------------------------------------ executor
-
-    def _build_executor_plan(self) -> None:
-        """The calls the single-device executor runs, as a plan over this
-        rank's tokens: a key group whose tokens come from elsewhere (gathered,
-        or local but outside the executor's input) becomes a cached group."""
-        placement = self.cp.placement
-        calls = [c for c in self.schedule.calls if not c.blockwise]
-        inputs = [
-            g.name
-            for g in placement.groups
-            if g.size is not None and any(g.name in c.attention.queries for c in calls)
-        ]
-        self.shadows: dict[str, tuple[str, str]] = {}  # executor group -> (group, "gathered" | "local")
-        rules = []
-        for c in calls:
-            keys = []
-            for key in c.attention.keys:
-                name = key.name
-                if placement.group(name).size is not None and not (c.strategy == "local" and name in inputs):
-                    source = "gathered" if c.strategy == "gather" else "local"
-                    shadow = f"{name}@{source}"
-                    self.shadows[shadow] = (name, source)
-                    name = shadow
-                keys.append(KeyGroup(name, key.modifiers))
-            rules.append(ResolvedRule(c.attention.queries, tuple(keys)))
-        self.exec_inputs = tuple(inputs)
-        if not calls:
-            self.exec_layout: Layout | None = None
-            self.exec_rows: Tensor | None = None
-            return
-        cached = [g.name for g in placement.groups if g.size is None]
-        groups = (*inputs, *self.shadows, *cached)
-        plan = Plan(f"{self.layout.plan_name}@rank{self.cp.rank}", groups, tuple(rules))
-        sizes = {g: (placement.group(g).local_size(self.cp.rank) if g in inputs else None) for g in groups}
-        self.exec_layout = plan.layout(sizes)
-        rows = _cat([self.rows[g] for g in inputs], self.device)
-        self.exec_order = rows
-        self.exec_rows = None if rows.shape[0] == self.n_local else rows
-
-    def _run_executor(
-        self, inputs: AttentionInputs, executor: Executor, gathered: dict[str, Tensor], packed: Tensor
-    ) -> Tensor | None:
-        if self.exec_layout is None:
-            return None
-        q, k, v = inputs.q, inputs.k, inputs.v
-        rows = self.exec_rows
-        if rows is not None:
-            q, k, v = q.index_select(1, rows), k.index_select(1, rows), v.index_select(1, rows)
-        cache = dict(inputs.cache)
-        dim = inputs.v.shape[-1]
-        for shadow, (name, source) in self.shadows.items():
-            kv = gathered[name] if source == "gathered" else packed.index_select(1, self.rows[name])
-            cache[shadow] = (kv[..., :dim], kv[..., dim : 2 * dim])
-        # ALiBi reaches here only for local calls and position-free gathers:
-        # positions within the rank's whole groups are the global ones
-        local = AttentionInputs(
-            q, k, v, self.exec_layout, cache, None, inputs.dropout_p, inputs.scale, inputs.alibi_slopes
-        )
-        return executor(local)
-
-    # ----------------------------------------------------------- blockwise
-
-    def _tokens(self, names: Sequence[str]) -> _Tokens:
-        parts_rows, parts_pos, parts_group = [], [], []
-        for i, name in enumerate(names):
-            if name not in self.rows:
-                continue
-            parts_rows.append(self.rows[name])
-            parts_pos.append(self.positions[name])
-            parts_group.append(torch.full_like(self.rows[name], i))
-        d = self.device
-        return _Tokens(_cat(parts_rows, d), _cat(parts_pos, d), _cat(parts_group, d))
-
-    def _blockwise(self, call: ShardedCall) -> _Blockwise:
-        placement, d = self.cp.placement, self.device
-        attention = call.attention
-        key_groups = attention.key_names
-        causal = torch.tensor(
-            [[k.modifiers.causal for k in attention.keys]] * len(attention.queries), device=d
-        )
-        window = torch.tensor(
-            [[k.modifiers.window or 0 for k in attention.keys]] * len(attention.queries), device=d
-        )
-        blocks = []
-        if call.strategy == "ring":
-            world = self.cp.world_size
-            for step in range(world):
-                source = (self.cp.rank - step) % world
-                pos, grp = [], []
-                for i, name in enumerate(key_groups):
-                    g = placement.group(name)
-                    if g.size is None:
-                        continue
-                    for a, b in g.ranges[source]:
-                        pos.append(torch.arange(a, b, device=d))
-                        grp.append(torch.full((b - a,), i, dtype=torch.long, device=d))
-                positions, groups = _cat(pos, d), _cat(grp, d)
-                blocks.append((positions, groups, int(positions.shape[0])))
-        input_keys = [k if placement.group(k).size is not None else "" for k in key_groups]
-        return _Blockwise(
-            call,
-            self._tokens(attention.queries),
-            key_groups,
-            self._tokens(input_keys),
-            tuple(blocks),
-            causal,
-            window,
-        )
-
-    def _run_blockwise(
-        self,
-        spec: _Blockwise,
-        inputs: AttentionInputs,
-        packed: Tensor,
-        gathered: dict[str, Tensor],
-        links: list[Tensor],
-    ) -> Tensor:
-        dim = inputs.v.shape[-1]
-        queries = spec.queries
-        q = inputs.q.index_select(1, queries.rows)
-        scale = inputs.scale if inputs.scale is not None else dim**-0.5
-        slopes = inputs.alibi_slopes
-        padded = inputs.key_padding_mask is not None
-        # key blocks: (packed keys/values [B, n, H, F], positions, group indices)
-        blocks: list[tuple[Tensor, Tensor, Tensor]] = []
-        d = self.device
-        for i, name in enumerate(spec.key_groups):
-            if name in inputs.cache:
-                k, v = inputs.cache[name]
-                kv = torch.cat([k, v], dim=-1)
-                if padded:
-                    kv = torch.cat([kv, kv.new_ones((*kv.shape[:-1], 1))], dim=-1)
-                n = kv.shape[1]
-                blocks.append(
-                    (kv, torch.arange(n, device=d), torch.full((n,), i, dtype=torch.long, device=d))
-                )
-        strategy = spec.call.strategy
-        if strategy in ("local", "gather"):
-            if strategy == "local":
-                keys = spec.local_keys
-                kv = packed.index_select(1, keys.rows)
-                blocks.append((kv, keys.positions, keys.groups))
-            else:
-                for i, name in enumerate(spec.key_groups):
-                    if name in gathered:
-                        kv = gathered[name]
-                        n = kv.shape[1]
-                        blocks.append(
-                            (kv, torch.arange(n, device=d), torch.full((n,), i, dtype=torch.long, device=d))
-                        )
-            parts = [
-                self._attend_block(q, queries, kv, pos, grp, spec, scale, slopes, inputs, dim)
-                for kv, pos, grp in blocks
-            ]
-        else:
-            parts = [
-                self._attend_block(q, queries, kv, pos, grp, spec, scale, slopes, inputs, dim)
-                for kv, pos, grp in blocks
-            ]
-            block = packed.index_select(1, spec.local_keys.rows)
-            for step, (pos, grp, _) in enumerate(spec.ring_blocks):
-                if step:
-                    incoming = spec.ring_blocks[step][2]
-                    shape = (incoming, block.shape[0], *block.shape[2:])
-                    received = shift_tokens(block.transpose(0, 1), shape, self.cp.group)
-                    links.append(received)
-                    self._count(f"ring {spec.call.attention.text()}", received)
-                    block = received.transpose(0, 1)
-                if block.shape[1]:
-                    parts.append(
-                        self._attend_block(q, queries, block, pos, grp, spec, scale, slopes, inputs, dim)
-                    )
-        if not parts:
-            return q.new_zeros(q.shape)
-        return merge_partials(parts)
-
-    def _attend_block(
-        self,
-        q: Tensor,
-        queries: _Tokens,
-        kv: Tensor,
-        k_pos: Tensor,
-        k_group: Tensor,
-        spec: _Blockwise,
-        scale: float,
-        slopes: Tensor | None,
-        inputs: AttentionInputs,
-        dim: int,
-    ) -> tuple[Tensor, Tensor]:
-        k, v = kv[..., :dim], kv[..., dim : 2 * dim]
-        key_mask = kv[:, :, 0, 2 * dim] > 0.5 if kv.shape[-1] > 2 * dim else None
-        chunk = max(1, self.cp.query_chunk)
-        outs, lses = [], []
-        modified = spec.call.attention.has_modifiers
-        for start in range(0, max(q.shape[1], 1), chunk):
-            stop = min(start + chunk, q.shape[1])
-            q_pos, q_grp = queries.positions[start:stop], queries.groups[start:stop]
-            allowed = pair_mask(q_pos, q_grp, k_pos, k_group, spec.causal, spec.window) if modified else None
-            if key_mask is not None:
-                allowed = key_mask[:, None, :] if allowed is None else allowed[None] & key_mask[:, None, :]
-            bias = None
-            if slopes is not None:
-                distance = (q_pos[:, None] - k_pos[None, :]).abs().to(slopes.dtype)
-                bias = -slopes[:, None, None] * distance
-            args = (q[:, start:stop], k, v, allowed, bias, scale, inputs.dropout_p)
-            if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-                # recompute the scores in the backward instead of keeping every
-                # chunk's [Lq, Lk] scores alive until then (ring steps: R blocks)
-                out, lse = checkpoint(partial_attention, *args, use_reentrant=False)
-            else:
-                out, lse = partial_attention(*args)
-            outs.append(out)
-            lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
-
-    # ----------------------------------------------------------------- run
 
     def run(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
         dim = inputs.v.shape[-1]
         parts = [inputs.k, inputs.v]
-        if inputs.key_padding_mask is not None:
+        if inputs.key_padding_mask is not None:  # the mask travels with the keys, as a channel
             mask = inputs.key_padding_mask.to(inputs.k.dtype)[:, :, None, None]
             parts.append(mask.expand(-1, -1, inputs.k.shape[2], 1))
         packed = torch.cat(parts, dim=-1)
         links: list[Tensor] = []
-        gathered = self._gather(packed, links)
+        gathered = self.gather.run(packed, self.comm, links)
         pieces = []
-        out_exec = self._run_executor(inputs, executor, gathered, packed)
-        if out_exec is not None:
-            pieces.append(out_exec)
-        pieces.extend(self._run_blockwise(b, inputs, packed, gathered, links) for b in self.blockwise)
+        if self.executor_calls is not None:
+            pieces.append(self.executor_calls.run(inputs, executor, gathered, packed))
+        pieces.extend(b.run(inputs, packed, gathered, links) for b in self.blockwise)
         if not pieces:
             out = inputs.q.new_zeros(inputs.q.shape[:3] + inputs.v.shape[3:])
         elif len(pieces) == 1 and self.identity_order:
@@ -550,54 +271,19 @@ class _Runner:
     def _full_kv(
         self, packed: Tensor, gathered: dict[str, Tensor], dim: int, complete: bool, links: list[Tensor]
     ) -> FullKV:
-        placement, rank = self.cp.placement, self.cp.rank
+        """The key groups this rank holds in full (all of them when ``complete``)."""
+        placement, rank = self.tokens.placement, self.tokens.rank
         out: FullKV = {}
         missing = []
         for name in self.layout.key_value_groups:
             g = placement.group(name)
             if name in gathered:
-                kv = gathered[name]
+                out[name] = split_kv(gathered[name], dim)
             elif g.local_size(rank) == g.size:
-                kv = packed.index_select(1, self.rows[name])
+                out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
             else:
                 missing.append(name)
-                continue
-            out[name] = (kv[..., :dim], kv[..., dim : 2 * dim])
         if complete and missing:
-            extra = _GatherPlan.build(self, missing).run(packed, self.cp.group, links)
-            out.update((n, (kv[..., :dim], kv[..., dim : 2 * dim])) for n, kv in extra.items())
+            extra = GatherPlan.build(self.tokens, missing, self.comm.world_size).run(packed, self.comm, links)
+            out.update((n, split_kv(kv, dim)) for n, kv in extra.items())
         return out
-
-
-@dataclass(frozen=True)
-class _GatherPlan:
-    """One all-gather of some groups' packed keys/values: the rows this rank
-    sends, every rank's count, and where each group's tokens land (global order)."""
-
-    rows: Tensor
-    counts: tuple[int, ...]
-    index: dict[str, Tensor]
-
-    @staticmethod
-    def build(runner: _Runner, names: Sequence[str]) -> _GatherPlan:
-        placement, world = runner.cp.placement, runner.cp.world_size
-        counts = tuple(sum(placement.group(g).local_size(s) for g in names) for s in range(world))
-        longest = max(counts, default=0)
-        index = {}
-        for position, name in enumerate(names):
-            g = placement.group(name)
-            at = torch.empty(g.size or 0, dtype=torch.long)
-            for s in range(world):
-                start = s * longest + sum(placement.group(h).local_size(s) for h in names[:position])
-                for a, b in g.ranges[s]:
-                    at[a:b] = torch.arange(start, start + b - a)
-                    start += b - a
-            index[name] = at.to(runner.device)
-        return _GatherPlan(_cat([runner.rows[g] for g in names], runner.device), counts, index)
-
-    def run(self, packed: Tensor, group: Group, links: list[Tensor]) -> dict[str, Tensor]:
-        if not self.index:
-            return {}
-        stacked = all_gather_tokens(packed.index_select(1, self.rows).transpose(0, 1), self.counts, group)
-        links.append(stacked)
-        return {g: stacked.index_select(0, i).transpose(0, 1) for g, i in self.index.items()}
