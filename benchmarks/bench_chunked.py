@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import torch
+from peak_memory import Peak
 
 import patternc
 import patternc.nn
@@ -32,14 +33,6 @@ SOURCE = (
     "surface_queries -> surface_anchors\nvolume_queries -> volume_anchors, surface_anchors\n"
 )
 HIDDEN, HEADS, LAYERS = 192, 3, 4
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def variant(queries: int, anchors: int, chunk: int, device: str) -> dict[str, Any]:
@@ -67,29 +60,17 @@ def variant(queries: int, anchors: int, chunk: int, device: str) -> dict[str, An
         return x
 
     x = torch.randn(1, sum(sizes.values()), HIDDEN, device=device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    with torch.no_grad():
-        if chunk:
-            names = ["surface_queries", "volume_queries"]
-            out = patternc.nn.chunked(model, x, sizes, names, chunk_size=chunk, progress=True)
-        else:
-            out = model(x, sizes)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _rss_kib("VmHWM") * 1024 - base
+    with Peak(torch.device(device)) as peak:
+        start = time.perf_counter()
+        with torch.no_grad():
+            if chunk:
+                names = ["surface_queries", "volume_queries"]
+                out = patternc.nn.chunked(model, x, sizes, names, chunk_size=chunk, progress=True)
+            else:
+                out = model(x, sizes)
     seconds = time.perf_counter() - start
     torch.save(out.cpu(), f"/tmp/bench_chunked_{chunk}.pt")
-    return {"chunk": chunk, "seconds": seconds, "peak": peak}
+    return {"chunk": chunk, "seconds": seconds, "peak": peak.bytes}
 
 
 def main() -> None:

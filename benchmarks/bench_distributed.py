@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peak_memory import Peak
 
 import patternc
 from patternc.distributed import ContextParallel
@@ -67,42 +68,6 @@ def layouts(scale: int) -> dict[str, tuple[str, dict[str, int], bool]]:
             True,
         ),
     }
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-class Peak:
-    """Peak memory of a region: the CUDA allocator's, else the process's peak RSS (Linux)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> Peak:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM to the current RSS
-            except OSError:
-                pass
-            self.base = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *args: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.bytes = max(_rss_kib("VmHWM") * 1024 - self.base, 0)
 
 
 def run_layout(
@@ -249,7 +214,9 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1)
-    parser.add_argument("--layouts", nargs="+", default=None, help="only layouts whose name contains one of these")
+    parser.add_argument(
+        "--layouts", nargs="+", default=None, help="only layouts whose name contains one of these"
+    )
     args = parser.parse_args()
     if "RANK" in os.environ:  # torchrun: NCCL on GPUs
         local = int(os.environ.get("LOCAL_RANK", 0))

@@ -78,6 +78,8 @@ def compare(
             out = forward(x_local, {"sizes": cp.local_sizes, "padding": cp.shard(padding)})
     (out * cp.shard(probe)[..., : out.shape[-1]]).sum().backward()
     result: dict[str, Any] = {"out": _global_error(out - cp.shard(ref), cp.shard(ref))}
+    with torch.no_grad():  # every rank's tokens back in input order
+        result["unshard"] = float((cp.unshard(out) - ref).norm() / ref.norm())
     if floating:
         assert x_ref.grad is not None and x_local.grad is not None
         result["grad_x"] = _global_error(x_local.grad - cp.shard(x_ref.grad), cp.shard(x_ref.grad))

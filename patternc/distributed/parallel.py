@@ -141,20 +141,10 @@ class ContextParallel:
 
     def unshard(self, local: Tensor, dim: int = 1) -> Tensor:
         """The full tensor from every rank's tokens (an all-gather; differentiable)."""
-        counts = [self.placement.tokens(r) for r in range(self.world_size)]
-        moved = local.movedim(dim, 0)
-        stacked = all_gather_tokens(moved, counts, self.group)
-        longest = max(counts)
-        index = []
-        for r in range(self.world_size):
-            offset = 0
-            for a, b in self.placement.local_ranges(r):
-                index.append((a, r * longest + offset, b - a))
-                offset += b - a
-        order = torch.cat(
-            [torch.arange(s, s + n, device=local.device) for _, s, n in sorted(index)]
-            or [torch.zeros(0, dtype=torch.long, device=local.device)]
-        )
+        tokens = RankTokens(self.placement, self.rank, local.device)
+        plan = GatherPlan.build(tokens, list(tokens.rows), self.world_size)
+        stacked = all_gather_tokens(local.movedim(dim, 0), plan.counts, self.group)
+        order = cat([plan.index[g] for g in plan.names], local.device)
         return stacked.index_select(0, order).movedim(0, dim)
 
     # --------------------------------------------------------------- context

@@ -28,6 +28,7 @@ from typing import Literal
 
 from patternc.ir import AttentionCall
 from patternc.modifiers import Modifiers, allowed_pairs
+from patternc.ranges import Range, merge_ranges
 
 __all__ = [
     "GroupShards",
@@ -40,9 +41,6 @@ __all__ = [
     "place",
     "schedule",
 ]
-
-Range = tuple[int, int]
-"""``[start, stop)`` token positions within a group."""
 
 ShardKind = Literal["split", "zigzag", "whole", "cached"]
 Strategy = Literal["local", "gather", "ring"]
@@ -61,6 +59,10 @@ class GroupShards:
 
     def local_size(self, rank: int) -> int:
         return sum(b - a for a, b in self.ranges[rank])
+
+    def missing(self, rank: int) -> int:
+        """Tokens of the group that ``rank`` does not hold (0 for a cached group)."""
+        return (self.size or 0) - self.local_size(rank)
 
     def owner(self) -> int | None:
         """The rank of a ``whole`` group (None for the others)."""
@@ -261,23 +263,21 @@ class ShardedSchedule:
     def call_received(self, call: ShardedCall, rank: int) -> int:
         """Key/value tokens ``rank`` receives for ``call`` (a gathered group
         counts once, at the first call that reads it)."""
-        if call.strategy == "local":
-            return 0
-        placement = self.placement
-        if call.strategy == "ring":
-            return sum(placement.group(k).size or 0 for k in call.key_groups) - sum(
-                placement.group(k).local_size(rank) for k in call.key_groups
-            )
-        first = [c for c in self.calls if c.strategy == "gather"]
-        seen = {k for c in first[: first.index(call)] for k in c.key_groups}
-        return sum(
-            (placement.group(k).size or 0) - placement.group(k).local_size(rank)
-            for k in call.key_groups
-            if k not in seen
-        )
+        return _call_received(self.placement, self.calls, call, rank)
 
     def call_minimum(self, call: ShardedCall, rank: int) -> int:
         return _needed(self.placement, [call.attention], rank)
+
+
+def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall, rank: int) -> int:
+    if call.strategy == "local":
+        return 0
+    keys = call.key_groups
+    if call.strategy == "gather":  # one all-gather for every gather call: a group counts once
+        earlier = calls[: calls.index(call)]
+        seen = {k for c in earlier if c.strategy == "gather" for k in c.key_groups}
+        keys = tuple(k for k in keys if k not in seen)
+    return sum(placement.group(k).missing(rank) for k in keys)
 
 
 def _key_interval(queries: Range, n_keys: int, mods: Modifiers) -> Range:
@@ -295,14 +295,8 @@ def _key_interval(queries: Range, n_keys: int, mods: Modifiers) -> Range:
 
 def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
     """Positions in the union of ``intervals`` not in ``held``."""
-    merged: list[list[int]] = []
-    for a, b in sorted(i for i in intervals if i[1] > i[0]):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
     total = 0
-    for a, b in merged:
+    for a, b in merge_ranges(intervals):
         total += b - a
         for c, d in held:
             total -= max(0, min(b, d) - max(a, c))
@@ -379,16 +373,8 @@ def schedule(
         out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
-    received = []
-    for rank in range(world):
-        total = sum((placement.group(k).size or 0) - placement.group(k).local_size(rank) for k in gathered)
-        total += sum(
-            sum((placement.group(k).size or 0) - placement.group(k).local_size(rank) for k in c.key_groups)
-            for c in out
-            if c.strategy == "ring"
-        )
-        received.append(total)
+    received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
     minimum = tuple(
         _needed(placement, [c.attention for c in out if c.strategy != "local"], rank) for rank in range(world)
     )
-    return ShardedSchedule(placement, tuple(out), gathered, tuple(received), minimum)
+    return ShardedSchedule(placement, tuple(out), gathered, received, minimum)

@@ -15,6 +15,7 @@ from typing import Any
 
 from patternc.export.pairs import NotExpressible, column_queries, group_pairs
 from patternc.layout import Layout
+from patternc.ranges import merge_ranges
 
 __all__ = ["FlashMaskBounds", "flashmask_bounds"]
 
@@ -74,12 +75,7 @@ def flashmask_bounds(layout: Layout) -> FlashMaskBounds:
                 rows[pair.k_start + j].append((pair.q_start + lo, pair.q_start + hi))
     lts, lte, uts, ute = [], [], [], []
     for j in range(n):
-        allowed: list[tuple[int, int]] = []
-        for a, b in sorted(rows[j]):
-            if allowed and a <= allowed[-1][1]:
-                allowed[-1] = (allowed[-1][0], max(allowed[-1][1], b))
-            else:
-                allowed.append((a, b))
+        allowed = merge_ranges(rows[j])
         lower = _one_masked_interval(allowed, j, n)
         upper = _one_masked_interval(allowed, 0, j)
         if lower is None or upper is None:

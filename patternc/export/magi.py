@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from patternc.export.pairs import GroupPair, group_pairs, row_keys
 from patternc.layout import Layout
+from patternc.ranges import merge_ranges
 
 __all__ = ["MagiSlice", "magi_slices"]
 
@@ -86,13 +87,7 @@ def _merge_full(slices: list[MagiSlice]) -> list[MagiSlice]:
             others.append(s)
     runs: list[tuple[tuple[int, int], tuple[tuple[int, int], ...]]] = []
     for q_range in sorted(keys_of):
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(keys_of[q_range]):
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        keys = tuple(merged)
+        keys = tuple(merge_ranges(keys_of[q_range]))
         if runs and runs[-1][1] == keys and runs[-1][0][1] == q_range[0]:
             runs[-1] = ((runs[-1][0][0], q_range[1]), keys)
         else:
