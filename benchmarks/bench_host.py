@@ -1,81 +1,213 @@
-"""Host time per attention call, executor by executor, and where auto's goes.
+"""Host time per attention call, executor by executor, and where it goes.
 
-For a cached layout, times N back-to-back calls of each executor (host time:
-no synchronisation inside the loop, the device queue absorbs the kernels)
-and N calls with a synchronisation after each (wall time), then profiles
-``auto``'s calls with cProfile. Run on the GPU:
+For a cached layout, times ``--calls`` back-to-back calls (host time: no
+synchronisation inside the loop, the device queue absorbs the kernels) and
+calls with a synchronisation after each (wall time). Rows run interleaved,
+round after round, and report medians, so clock drift and warm-up order do
+not favour one row. Rows:
 
-    python benchmarks/bench_host.py [--calls 300]
+- ``ideal``: one ``scaled_dot_product_attention`` per pattern on views of
+  ready tensors (the floor of host time: one SDPA dispatch per call);
+- each executor on ready Q/K/V;
+- ``module ideal``: a layer written by hand (fused QKV ``nn.Linear``, one SDPA
+  per pattern on its views, output ``nn.Linear``);
+- ``module <executor>``: ``PatternAttention`` with that executor, the same
+  layer through patternc (sizes as a dict, the KV cache returned).
+
+Then cProfile tables (own time) of chosen rows. Run on the GPU:
+
+    python benchmarks/bench_host.py [--calls 30] [--rounds 15] [--profile batched flex]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import pstats
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import patternc
+from patternc.nn import PatternAttention
 from patternc.nn.executors import AttentionInputs, get_executor
+from patternc.nn.executors.auto import choose
 
-LAYOUTS = {
-    "self-anchor 2x(1k+4k)": (
-        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
-        "surface_* -> surface_anchors\nvolume_* -> volume_anchors",
-        {"surface_anchors": 1024, "surface_queries": 4096, "volume_anchors": 1024, "volume_queries": 4096},
+HEADS, DIM = 12, 64
+AB = "examples/ab_upt.pc"
+AB_SIZES = {"surface_anchors": 1024, "surface_queries": 4096, "volume_anchors": 1024, "volume_queries": 4096}
+LAYOUTS: dict[str, tuple[str, str, dict[str, int]]] = {
+    "self-anchor 2x(1k+4k)": (AB, "self_anchor", AB_SIZES),
+    "joint 2x(1k+4k)": (AB, "joint", AB_SIZES),
+    "16 documents": (
+        "groups doc*\ndoc* -> self [causal]",
+        "default",
+        {f"doc{i}": 512 + 64 * i for i in range(16)},
     ),
-    "16 documents": ("groups doc*\ndoc* -> self [causal]", {f"doc{i}": 512 + 64 * i for i in range(16)}),
 }
+EXECUTORS = ["batched", "varlen", "flex", "auto"]
+
+
+def _ideal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: patternc.Layout
+) -> Callable[[], object]:
+    """One SDPA per call on head-major views (slices of one transposed tensor)."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    calls = []
+    for call in layout.calls:
+        if len(call.queries) != 1 or len(call.keys) != 1:  # several segments: copy outside the timing
+            qs = torch.cat([qh[:, :, s.start : s.stop] for s in call.queries], 2)
+            ks = torch.cat([kh[:, :, s.start : s.stop] for s in call.keys], 2)
+            vs = torch.cat([vh[:, :, s.start : s.stop] for s in call.keys], 2)
+            calls.append((qs, ks, vs, call.is_causal))
+        else:
+            (qs,), (ks,) = call.queries, call.keys
+            calls.append(
+                (
+                    qh[:, :, qs.start : qs.stop],
+                    kh[:, :, ks.start : ks.stop],
+                    vh[:, :, ks.start : ks.stop],
+                    call.is_causal,
+                )
+            )
+
+    def run() -> object:
+        return [F.scaled_dot_product_attention(a, b, c, is_causal=causal) for a, b, c, causal in calls]
+
+    return run
+
+
+def _module_ideal(x: torch.Tensor, layout: patternc.Layout, dtype: torch.dtype) -> Callable[[], object]:
+    """The same layer by hand: fused QKV, one SDPA per call on its views, output projection."""
+    width = HEADS * DIM
+    qkv = torch.nn.Linear(width, 3 * width, device=x.device, dtype=dtype)
+    proj = torch.nn.Linear(width, width, device=x.device, dtype=dtype)
+    segments = [(c.queries[0], c.keys, c.is_causal) for c in layout.calls if len(c.queries) == 1]
+
+    def run() -> object:
+        b, n, _ = x.shape
+        q, k, v = qkv(x).view(b, n, 3, HEADS, DIM).unbind(2)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        outs = []
+        for qs, keys, causal in segments:
+            if len(keys) == 1:
+                ks, vs = kh[:, :, keys[0].start : keys[0].stop], vh[:, :, keys[0].start : keys[0].stop]
+            else:
+                ks = torch.cat([kh[:, :, s.start : s.stop] for s in keys], 2)
+                vs = torch.cat([vh[:, :, s.start : s.stop] for s in keys], 2)
+            outs.append(
+                F.scaled_dot_product_attention(qh[:, :, qs.start : qs.stop], ks, vs, is_causal=causal)
+            )
+        out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return proj(out.transpose(1, 2).reshape(b, n, width))
+
+    return run
+
+
+def _time(fn: Callable[[], object], calls: int, sync: bool) -> tuple[float, float]:
+    """(host seconds per call, synced wall seconds per call)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    n = max(1, calls // 4)
+    for _ in range(n):
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+    return host, (time.perf_counter() - start) / n
+
+
+def _layout(
+    name: str,
+    source: str,
+    pattern: str,
+    sizes: dict[str, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+) -> list[str]:
+    """Print one layout's rows; return its profile tables."""
+    sync = device.type == "cuda"
+    program = patternc.compile(open(source).read() if source.endswith(".pc") else source)
+    plan = program.patterns[pattern]
+    layout = plan.bind(list(sizes)).layout(sizes)
+    q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    x = torch.randn(1, layout.n_tokens, HEADS * DIM, device=device, dtype=dtype)
+    rows: dict[str, Callable[[], object]] = {"ideal": _ideal(q, k, v, layout)}
+    for executor in EXECUTORS:
+        label = executor if executor != "auto" else f"auto ({choose(inputs)})"
+        rows[label] = functools.partial(get_executor(executor), inputs)
+    rows["module ideal"] = _module_ideal(x, layout, dtype)
+    for executor in ("batched", "auto"):
+        config = patternc.MixedAttentionConfig(hidden_dim=HEADS * DIM, num_heads=HEADS)
+        module = PatternAttention(config, plan, backend=executor).to(device, dtype)  # type: ignore[arg-type]
+        rows[f"module {executor}"] = functools.partial(module, x, sizes)
+    results: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    for fn in rows.values():  # warm-up: compile, build tables
+        for _ in range(5):
+            fn()
+    for _ in range(args.rounds):
+        for row, fn in rows.items():
+            results[row].append(_time(fn, args.calls, sync))
+    ideal_host = statistics.median(h for h, _ in results["ideal"])
+    module_ideal_host = statistics.median(h for h, _ in results["module ideal"])
+    for row, samples in results.items():
+        host = statistics.median(h for h, _ in samples)
+        wall = statistics.median(w for _, w in samples)
+        base = module_ideal_host if row.startswith("module") else ideal_host
+        print(f"| {name} | {row} | {host * 1e6:.1f} | {wall * 1e6:.1f} | {host / base:.2f} |", flush=True)
+    profiles = []
+    for wanted in args.profile:
+        row = next((r for r in rows if r == wanted or r.startswith(wanted + " (")), None)
+        if row is None:
+            continue
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            rows[row]()
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(14)
+        body = text.getvalue()
+        body = body[body.find("ncalls") :]
+        profiles.append(f"\n{row} on {name}, {args.calls} calls, by own time:\n```\n{body.rstrip()}\n```")
+    return profiles
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument(
+        "--calls", type=int, default=30, help="calls per sample: few enough that the launch queue never fills"
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile", nargs="*", default=["batched", "flex", "module batched"])
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    print("| layout | executor | host us/call | wall us/call (synced) |\n| --- | --- | --- | --- |")
-    for name, (source, sizes) in LAYOUTS.items():
-        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
-        layout = plan.layout(sizes)
-        q, k, v = (torch.randn(1, layout.n_tokens, 12, 64, device=device, dtype=dtype) for _ in range(3))
-        inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
-        for executor_name in ["batched", "varlen", "auto", "flex", "auto"]:
-            run = get_executor(executor_name)
-            for _ in range(10):
-                run(inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            hosts, walls = [], []
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    run(inputs)
-                hosts.append((time.perf_counter() - start) / args.calls)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.calls // 3):
-                    run(inputs)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                walls.append((time.perf_counter() - start) / (args.calls // 3))
-            print(
-                f"| {name} | {executor_name} | {statistics.median(hosts) * 1e6:.1f} | {statistics.median(walls) * 1e6:.1f} |"
-            )
-        profile = cProfile.Profile()
-        run = get_executor("auto")
-        profile.enable()
-        for _ in range(args.calls):
-            run(inputs)
-        profile.disable()
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
-        print(f"\nauto on {name}, {args.calls} calls, by own time:\n```\n{text.getvalue()[-2500:]}\n```\n")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = device.type == "cuda"
+    dtype = torch.bfloat16 if sync else torch.float32
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+    print(
+        f"{torch.cuda.get_device_name() if sync else 'cpu'}, torch {torch.__version__}, {dtype}, {HEADS} heads x {DIM}"
+    )
+    print(
+        "\n| layout | row | host us/call | wall us/call (synced) | host / ideal |\n| --- | --- | --- | --- | --- |"
+    )
+    profiles: list[str] = []
+    for name, (source, pattern, sizes) in LAYOUTS.items():
+        profiles += _layout(name, source, pattern, sizes, device, dtype, args)
+    print("\n".join(profiles))
 
 
 if __name__ == "__main__":

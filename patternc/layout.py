@@ -24,7 +24,17 @@ from patternc.schemas import TokenSpec
 if TYPE_CHECKING:
     from patternc.plan import Plan
 
-__all__ = ["Access", "Call", "GroupSlot", "Layout", "Segment", "Sizes", "build_layout", "normalize_sizes"]
+__all__ = [
+    "Access",
+    "Call",
+    "GroupSlot",
+    "Layout",
+    "PeriodicLaunch",
+    "Segment",
+    "Sizes",
+    "build_layout",
+    "normalize_sizes",
+]
 
 Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
 """Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
@@ -116,6 +126,31 @@ class Call:
 PieceRanges = Mapping[tuple[int, int], tuple[int, int]]
 
 
+@dataclass(frozen=True, slots=True)
+class PeriodicLaunch:
+    """A stacked launch whose ``count`` calls repeat with a period: call ``i``
+    reads queries ``[q_start, q_start + q_length)`` and keys
+    ``[k_start, k_start + k_length)`` of period ``i`` (``period`` tokens from
+    ``i * period``), and the periods tile the input (two equal branches, say).
+
+    Such a launch reads Q, K and V as views (``[B * count, period, ...]``,
+    narrowed) with no copy and no per-call work: the hot path of multi-branch
+    models, where host time per call is what the launch costs at 10k tokens."""
+
+    count: int
+    period: int
+    q_start: int
+    q_length: int
+    k_start: int
+    k_length: int
+    is_causal: bool
+
+    @property
+    def queries_tile(self) -> bool:
+        """The calls' queries are the whole input, in order."""
+        return self.q_start == 0 and self.q_length == self.period
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Layout:
     """A plan laid out for concrete sizes: everything an executor needs, as integers.
@@ -163,6 +198,10 @@ class Layout:
     tiled_output: bool
     """One stacked launch whose calls' queries tile the input in launch order:
     its ``[B * n, L, ...]`` output already is the input order."""
+    periodic_launches: tuple[PeriodicLaunch | None, ...]
+    """Per launch: its :class:`PeriodicLaunch` when it is one (at least two
+    calls, each one query and one input key segment, no modifier but a plain
+    ``[causal]``), else None."""
 
     @property
     def score_entries(self) -> int:
@@ -306,6 +345,32 @@ def _direct_launches(
     return tuple(out)
 
 
+def _periodic_launches(
+    calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int
+) -> tuple[PeriodicLaunch | None, ...]:
+    return tuple(_periodic([calls[i] for i in launch], n_tokens) for launch in launches)
+
+
+def _periodic(calls: Sequence[Call], n_tokens: int) -> PeriodicLaunch | None:
+    count = len(calls)
+    if count < 2 or n_tokens % count:
+        return None
+    first = calls[0]
+    if any(len(c.queries) != 1 or len(c.keys) != 1 or c.keys[0].cached is not None for c in calls) or (
+        first.has_modifiers and not first.is_causal
+    ):
+        return None
+    period = n_tokens // count
+    q, k = first.queries[0], first.keys[0]
+    if q.stop > period or k.stop > period:
+        return None
+    for i, call in enumerate(calls):
+        shift = i * period
+        if (call.queries[0].start, call.keys[0].start) != (q.start + shift, k.start + shift):
+            return None
+    return PeriodicLaunch(count, period, q.start, q.length, k.start, k.length, first.is_causal)
+
+
 def _tiled_output(calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int) -> bool:
     if len(launches) != 1 or len(launches[0]) < 2:
         return False
@@ -400,4 +465,5 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         sizes=tuple((g, sizes[g]) for g in plan.groups),
         direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
         tiled_output=_tiled_output(calls, launches, offset),
+        periodic_launches=_periodic_launches(calls, launches, offset),
     )

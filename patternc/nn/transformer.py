@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -304,7 +304,7 @@ class Transformer(nn.Module):
             positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         else:
             positions = group_positions(tuple(present.values()), device)
-        longest = max(present.values(), default=0)
+        longest = _longest(present.values())
         if longest > self.config.max_len:
             raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")
         return positions
@@ -321,7 +321,7 @@ class Transformer(nn.Module):
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
-            if max((n or 0 for n in sizes.values()), default=0) > c.rope_positions:
+            if _longest(n or 0 for n in sizes.values()) > c.rope_positions:
                 raise ValueError(f"a group is longer than rope_max_positions={c.rope_positions}")
             freqs = rope_frequencies(positions, c.head_dim, c.rope_base)
         alibi = self.alibi if c.pos_emb_type == "alibi" else None
@@ -464,6 +464,16 @@ def _pick(logits: Tensor, temperature: float) -> Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     return torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+
+
+def _longest(sizes: Iterable[int]) -> int:
+    """The largest size, 0 for none: a plain loop, which ``torch.compile``
+    traces on every torch version (``max`` over dict values breaks the graph
+    on torch 2.11)."""
+    longest = 0
+    for n in sizes:
+        longest = n if n > longest else longest
+    return longest
 
 
 def sinusoidal(positions: Tensor, dim: int) -> Tensor:

@@ -13,9 +13,8 @@ Each type's weight is its own 2-D parameter (optimizers such as Muon reject
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patternc.cache import BoundedCache
 from patternc.configs import (
     LinearProjectionConfig,
     UntiedLinearConfig,
@@ -112,8 +112,22 @@ def _sizes(groups: GroupSizes) -> tuple[tuple[str, int | None], ...]:
     return tuple((s.name, s.size) for s in groups)
 
 
-@functools.lru_cache(maxsize=1024)
+TYPE_RUNS: BoundedCache[tuple[Hashable, ...], TypeRuns] = BoundedCache("type runs", 1024)
+"""Key ``(((group, size), ...), ((group, type), ...), bank names or None)`` ->
+the :class:`TypeRuns` (plain strings and integers, so ``torch.compile``
+traces the lookup; an ``lru_cache`` it would trace through, with a warning)."""
+
+
 def _type_runs(
+    sizes: tuple[tuple[str, int | None], ...],
+    group_types: tuple[tuple[str, str], ...],
+    banks: tuple[str, ...] | None,
+) -> TypeRuns:
+    key = (sizes, group_types, banks)
+    return TYPE_RUNS.get_or_build(key, lambda: _build_type_runs(sizes, group_types, banks))
+
+
+def _build_type_runs(
     sizes: tuple[tuple[str, int | None], ...],
     group_types: tuple[tuple[str, str], ...],
     banks: tuple[str, ...] | None,

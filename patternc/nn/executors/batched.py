@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Segment
+from patternc.layout import PeriodicLaunch, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -60,17 +60,47 @@ def stack_segments(
     return torch.stack([take(segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
+def _periods(t: Tensor, launch: PeriodicLaunch, start: int, length: int) -> Tensor:
+    """``[B, N, H, D]`` -> head-major ``[B * count, H, length, D]``: tokens
+    ``[start, start + length)`` of every period, as a view (its backward is
+    one pass into the input's gradient)."""
+    periods = t.reshape(t.shape[0] * launch.count, launch.period, *t.shape[2:])
+    if length != launch.period:
+        periods = periods.narrow(1, start, length)
+    return periods.transpose(1, 2)
+
+
+def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch) -> Tensor:
+    """A periodic launch: views in, one SDPA, a view out (``[B * count, Lq, H, D]``)."""
+    out = F.scaled_dot_product_attention(
+        _periods(inputs.q, launch, launch.q_start, launch.q_length),
+        _periods(inputs.k, launch, launch.k_start, launch.k_length),
+        _periods(inputs.v, launch, launch.k_start, launch.k_length),
+        dropout_p=inputs.dropout_p,
+        scale=inputs.scale,
+        is_causal=launch.is_causal,
+    )
+    return out.transpose(1, 2)
+
+
 def run_batched(inputs: AttentionInputs) -> Tensor:
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
-    cached_k, cached_v = inputs.cached_keys, inputs.cached_values
-    outputs: list[Tensor | None] = [None] * len(layout.calls)
     batch = q.shape[0]
     slopes = inputs.alibi_slopes
+    plain = key_padding_mask is None and slopes is None
+    if plain and layout.tiled_output:
+        periodic = layout.periodic_launches[0]
+        if periodic is not None and periodic.queries_tile and k.shape[1] == layout.n_tokens:
+            # the hot path: one launch over the whole input, views in and out
+            return _run_periodic(inputs, periodic).reshape(q.shape)
+    cached_k, cached_v = inputs.cached_keys, inputs.cached_values
+    outputs: list[Tensor | None] = [None] * len(layout.calls)
     needs_positions = layout.has_modifiers or slopes is not None
     positions = within_group_positions(layout, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    direct = layout.direct_launches if not padded and slopes is None else (None,) * len(layout.launches)
+    direct = layout.direct_launches if plain else (None,) * len(layout.launches)
+    periodic_launches = layout.periodic_launches if plain else (None,) * len(layout.launches)
     # one split per tensor, read as pieces below (see TokenSplit: slices would
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, layout)
@@ -81,7 +111,12 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         qh = TokenSplit(q.transpose(1, 2), layout, dim=2)
         kh, vh = (TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2) for t in (k, v))
         head_major = (qh, kh, vh)
-    for launch, pieces in zip(layout.launches, direct):
+    for launch, pieces, periodic in zip(layout.launches, direct, periodic_launches):
+        if periodic is not None:
+            stacked = _run_periodic(inputs, periodic)  # [B * n, Lq, H, D]
+            for index, piece in zip(launch, stacked.view(batch, len(launch), *stacked.shape[1:]).unbind(1)):
+                outputs[index] = piece
+            continue
         if pieces is not None:
             assert head_major is not None
             q_piece, kv_piece, causal = pieces

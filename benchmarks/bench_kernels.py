@@ -1,0 +1,204 @@
+"""Kernel choices behind ``varlen`` and ``flex``, side by side in one run (GPU).
+
+1. **varlen kernels** on 64 documents (bench_gpu's layout, bf16): torch's
+   ``varlen_attn`` (FlashAttention 2), the same kernel called directly
+   (``aten._flash_attention_forward``: no custom-op wrapper), and cuDNN's
+   ragged attention (``aten._cudnn_attention_forward`` with cumulative
+   lengths), forward and forward+backward, each checked against the first.
+2. **flex: executor against its kernel**: ``run_flex`` (padding, the
+   non-finite-key guard, slicing) against the compiled ``flex_attention``
+   call alone on ready padded tensors, bf16 and fp32, forward.
+3. **flex kernel options in fp32**: torch's default tiles against smaller
+   ones, and TF32 matmuls allowed or not.
+4. **flex backends**: ``kernel_options={"BACKEND": ...}`` where this torch has them.
+
+Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import DIM, HEADS, LAYOUTS, cuda_ms, entries
+
+from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.flex import _compiled_flex, _pad_heads_first, flex_tables, run_flex
+from patternc.nn.executors.varlen import _launches, run_varlen
+from patternc.nn.schedule import schedule_for
+
+
+def _schedule(name: str) -> object:
+    plan, sizes = LAYOUTS[name]()
+    return schedule_for(plan.token_specs(sizes), plan)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _row(label: str, ms: float, flops: float, note: str = "") -> None:
+    print(f"{label:<44} {ms:>9.3f} {flops / (ms * 1e-3) / 1e12:>8.0f}  {note}", flush=True)
+
+
+def _first(fn: Callable[..., tuple[Tensor, ...]], *args: object) -> Tensor:
+    return fn(*args)[0]
+
+
+def _call(fn: Callable[[], Tensor], backward: bool) -> None:
+    result = fn()
+    if backward:
+        result.backward(torch.ones_like(result))
+
+
+def varlen_kernels(repeat: int) -> None:
+    print(f"\n{'64 documents, bf16: varlen kernels':<44} {'ms':>9} {'TFLOP/s':>8}")
+    schedule = _schedule("64 documents")
+    n = schedule.n_tokens
+    useful = 4 * entries(schedule) * HEADS * DIM
+    (launch,) = _launches(schedule, 1, torch.device("cuda"))
+    for backward in (False, True):
+        q, k, v = (
+            torch.randn(n, HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+            for _ in range(3)
+        )
+        inputs = AttentionInputs(q[None], k[None], v[None], schedule, {}, None, 0.0, None)
+        cu, max_len = launch.cu_seq_q, launch.max_q
+
+        flash = torch.ops.aten._flash_attention_forward
+        cudnn = torch.ops.aten._cudnn_attention_forward
+        variants: dict[str, Callable[[], Tensor]] = {
+            "varlen executor (varlen_attn)": functools.partial(run_varlen, inputs),
+            "aten flash varlen, direct": functools.partial(
+                _first, flash, q, k, v, cu, cu, max_len, max_len, 0.0, False, False
+            ),
+            "aten cuDNN ragged": functools.partial(
+                _first, cudnn, q, k, v, None, cu, cu, max_len, max_len, backward, 0.0, False, False
+            ),
+        }
+        reference = variants["varlen executor (varlen_attn)"]().detach()  # [1, n, H, D] or [n, H, D]
+        label_pass = "fwd+bwd" if backward else "fwd"
+        for label, fn in variants.items():
+            try:
+                out = fn()
+                error = _rel(out.detach(), reference)
+
+                ms = cuda_ms(functools.partial(_call, fn, backward), repeat)
+            except Exception as exc:  # a kernel this build lacks: say so, go on
+                print(f"{label + ' ' + label_pass:<44} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            _row(f"{label} {label_pass}", ms, useful * (3.5 if backward else 1.0), f"rel diff {error:.1e}")
+
+
+def flex_overhead(repeat: int) -> None:
+    print(f"\n{'flex: executor against its kernel, fwd':<44} {'ms':>9} {'TFLOP/s':>8}")
+    flex = _compiled_flex("cuda")
+    for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT joint 2x(1k+4k)", "16 documents"):
+        schedule = _schedule(name)
+        useful = 4 * entries(schedule) * HEADS * DIM
+        tables = flex_tables(schedule, {}, torch.device("cuda"))
+        mask = tables.block_mask()
+        for dtype in (torch.bfloat16, torch.float32):
+            q, k, v = (
+                torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype) for _ in range(3)
+            )
+            inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+            padded = [_pad_heads_first(t, tables.q_len) for t in (q, k, v)]
+            options = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+            opts = options if dtype == torch.bfloat16 else None
+            short = "bf16" if dtype == torch.bfloat16 else "fp32"
+            _row(
+                f"{name[:26]} {short} run_flex", cuda_ms(functools.partial(run_flex, inputs), repeat), useful
+            )
+            kernel = functools.partial(flex, *padded, block_mask=mask, kernel_options=opts)
+            _row(f"{name[:26]} {short} kernel only", cuda_ms(kernel, repeat), useful)
+            if dtype == torch.float32:
+                for label, fp32_opts in {
+                    "fp32 M64 N32 w4 s2": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+                    "fp32 M32 N32 w4 s2": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+                    "fp32 M128 N32 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+                }.items():
+                    try:
+                        tiled = functools.partial(flex, *padded, block_mask=mask, kernel_options=fp32_opts)
+                        ms = cuda_ms(tiled, repeat)
+                    except Exception as exc:
+                        print(f"{name[:26]} {label:<17} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    _row(f"{name[:26]} {label}", ms, useful)
+                previous = torch.backends.cuda.matmul.allow_tf32
+                out32 = flex(*padded, block_mask=mask)
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    torch._dynamo.reset()  # a fresh compile reads the flag
+                    tf32 = functools.partial(_compiled_flex.__wrapped__("cuda"), *padded, block_mask=mask)
+                    ms = cuda_ms(tf32, repeat)
+                    error = _rel(tf32(), out32)
+                    _row(f"{name[:26]} fp32 allow_tf32", ms, useful, f"rel diff to ieee {error:.1e}")
+                except Exception as exc:
+                    print(f"{name[:26]} fp32 allow_tf32 failed: {type(exc).__name__}: {str(exc)[:100]}")
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+                    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    print(
+        "dynamo counters:",
+        {k: dict(v) for k, v in counters.items() if v and k in ("stats", "unimplemented", "graph_break")},
+    )
+
+
+def flex_backends(repeat: int) -> None:
+    print(f"\n{'flex BACKEND option, bf16 fwd':<44} {'ms':>9} {'TFLOP/s':>8}")
+    flex = _compiled_flex("cuda")
+    schedule = _schedule("AB-UPT joint 2x(1k+4k)")
+    useful = 4 * entries(schedule) * HEADS * DIM
+    tables = flex_tables(schedule, {}, torch.device("cuda"))
+    mask = tables.block_mask()
+    padded = [
+        _pad_heads_first(
+            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16), tables.q_len
+        )
+        for _ in range(3)
+    ]
+    for backend in ("AUTO", "TRITON", "FLASH", "TRITON_DECODE"):
+        try:
+            ms = cuda_ms(
+                lambda b=backend: flex(*padded, block_mask=mask, kernel_options={"BACKEND": b}), repeat
+            )
+        except Exception as exc:
+            print(
+                f"{'joint 2x(1k+4k) BACKEND=' + backend:<44} failed: {type(exc).__name__}: {str(exc)[:120]}"
+            )
+            continue
+        _row(f"joint 2x(1k+4k) BACKEND={backend}", ms, useful)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--parts", nargs="+", default=["varlen", "overhead", "backends"])
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+    )
+    if "varlen" in args.parts:
+        varlen_kernels(args.repeat)
+    if "overhead" in args.parts:
+        flex_overhead(args.repeat)
+    if "backends" in args.parts:
+        flex_backends(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
