@@ -101,11 +101,7 @@ def ideal_fn(q: Tensor, k: Tensor, v: Tensor, schedule: Schedule, backward: bool
         parts = [t[:, s.start : s.stop] for s in segments]  # type: ignore[attr-defined]
         return torch.cat(parts, 1).transpose(1, 2).contiguous().detach().requires_grad_(backward)
 
-    calls = [
-        (take(q, c.queries), take(k, c.keys), take(v, c.keys))
-        for c in schedule.calls
-        if c.n_queries
-    ]
+    calls = [(take(q, c.queries), take(k, c.keys), take(v, c.keys)) for c in schedule.calls if c.n_queries]
 
     def run() -> None:
         for cq, ck, cv in calls:
@@ -172,7 +168,7 @@ def ceiling_fn(q: Tensor, k: Tensor, v: Tensor, backward: bool) -> Callable[[], 
 
 
 def measure(args: argparse.Namespace) -> None:
-    header = f"{'layout':<30} {'dtype':<5} {'pass':<8} {'variant':<13} {'ms':>9} {'TFLOP/s':>8} {'vs ideal':>8} {'+proj':>6} {'b2b ms':>9} {'b2b/ideal':>9}"
+    header = f"{'layout':<30} {'dtype':<5} {'pass':<8} {'variant':<18} {'ms':>9} {'TFLOP/s':>8} {'vs ideal':>8} {'+proj':>6} {'b2b ms':>9} {'b2b/ideal':>9}"
     print(header)
     print("-" * len(header))
     for layout_name, make in LAYOUTS.items():
@@ -204,13 +200,17 @@ def measure(args: argparse.Namespace) -> None:
                 if n <= args.ceiling_limit:
                     dense_flops = 4 * n * n * HEADS * DIM * (3.5 if backward else 1.0)
                     rows.append(("ceiling", *timed(ceiling_fn(q, k, v, backward)), dense_flops))
-                variants = ["batched", "batched+graph", "varlen", "flex", "auto"] + (
+                variants = ["batched", "batched+graph", "varlen", "flex", "auto", "auto+graph"] + (
                     ["dense"] if n <= args.dense_limit else []
                 )
                 for variant in variants:
                     if variant == "varlen" and dtype == torch.float32:
                         continue  # the kernel has no float32: it would run as batched
-                    label = variant if variant != "auto" else f"auto:{choose(inputs)}"
+                    label = (
+                        variant
+                        if not variant.startswith("auto")
+                        else variant.replace("auto", f"auto:{choose(inputs)}")
+                    )
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
@@ -221,7 +221,7 @@ def measure(args: argparse.Namespace) -> None:
                             ms, b2b = timed(fn)
                     except Exception as error:  # report and go on: one table per run
                         print(
-                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<13} failed: {type(error).__name__}: {error}"[
+                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<18} failed: {type(error).__name__}: {error}"[
                                 :200
                             ]
                         )
@@ -230,7 +230,7 @@ def measure(args: argparse.Namespace) -> None:
                 for label, ms, b2b, f in rows:
                     tflops = f / (ms * 1e-3) / 1e12
                     print(
-                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<13} "
+                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<18} "
                         f"{ms:>9.3f} {tflops:>8.0f} {ms / ideal:>8.2f} {(ms + proj) / (ideal + proj):>6.2f} {b2b:>9.3f} {b2b / ideal_b2b:>9.2f}",
                         flush=True,
                     )

@@ -59,6 +59,11 @@ class BoundedCache(Generic[K, V]):
             self._entries[key] = found
         return found
 
+    def lookup(self, key: K) -> V | None:
+        """The entry or None, with no trace check: for callers Dynamo never
+        traces (a hot path that must cost one dict lookup)."""
+        return self._entries.get(key)
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -107,3 +107,37 @@ def test_ab_upt_stack_training_step_compiles_fullgraph() -> None:
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * float(ref_loss)
     for mine, theirs in zip(grads, ref_grads):
         assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto``'s cost model is host work (frozen records, ``max(..., default=)``,
+    device tables) that Dynamo on torch 2.11 cannot trace: under
+    ``torch.compile`` the pick is computed eagerly at trace time and the graph
+    specialises on it. A cost model that Dynamo would choke on must not break
+    a fullgraph compile."""
+    from dataclasses import dataclass
+
+    from patternc.nn.executors import auto
+
+    @dataclass(frozen=True)
+    class Record:
+        backend: str
+
+    calls = []
+
+    def untraceable(*args: object) -> tuple[auto.Estimate, ...]:
+        calls.append(args)
+        torch._dynamo.graph_break()  # stands for whatever a torch version cannot trace
+        record = Record(max((n for n in ()), default="batched"))
+        return (auto.Estimate(record.backend, 0.0),)
+
+    monkeypatch.setattr(auto, "_candidates", untraceable)
+    auto.TABLES.clear()
+    plan, sizes = PLANS["joint"]
+    module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan, backend="auto")
+    x = torch.randn(2, sum(sizes.values()), 16)
+    module(x, sizes)
+    torch._dynamo.reset()
+    out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
+    assert calls, "the cost model was never consulted"
+    assert torch.allclose(out, module(x, sizes)[0], atol=1e-6)

@@ -117,6 +117,39 @@ def test_one_launch_backends_contain_a_nan(backend: str) -> None:
     assert poisoned.tolist() == [False, False, False, True, True, True]
 
 
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("k", float("nan")),
+        ("v", float("nan")),
+        ("both", float("nan")),
+        ("v", float("inf")),
+        ("both", float("inf")),
+    ],
+)
+def test_flex_contains_a_bad_key_or_value_like_separate_calls(where: str, value: float) -> None:
+    """A non-finite value in K only, V only, or both, on one token: flex's one
+    kernel poisons exactly the queries that separate SDPA calls (batched) do.
+    (An infinite key alone is left out: SDPA then poisons only the queries
+    whose score with it is +inf, flex every query that reads it.)"""
+    from patternc.nn.executors import EXECUTORS
+    from patternc.nn.executors.common import AttentionInputs
+    from patternc.nn.schedule import schedule_for
+
+    plan = AB["joint"] if where == "both" else AB["self_anchor"]
+    layout = schedule_for(plan.token_specs(AB_SIZES), plan)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, layout.n_tokens, 2, 16, generator=gen) for _ in range(3))
+    for t in {"k": [k], "v": [v], "both": [k, v]}[where]:
+        t[0, 8, 1, 3] = value  # token 1 of volume_anchors, one head
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    with torch.no_grad():
+        expected = ~torch.isfinite(EXECUTORS["batched"](inputs)).all(-1)
+        got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
+    assert expected.any(), "the bad token reaches someone"
+    assert torch.equal(got, expected), (got.nonzero().tolist(), expected.nonzero().tolist())
+
+
 # ---------------------------------------------------------------- input checks
 
 

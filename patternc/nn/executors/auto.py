@@ -13,6 +13,7 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,18 +117,28 @@ def _estimates(
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     """Predicted times of the candidate executors for these inputs, fastest first."""
     q = inputs.q
-    if q.device.type != "cuda":
+    return _candidates(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs))
+
+
+def _plain(inputs: AttentionInputs) -> bool:
+    return inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
+
+
+def _candidates(
+    layout: Layout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+) -> tuple[Estimate, ...]:
+    if device.type != "cuda":
         return (Estimate("batched", 0.0),)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
+    batch, _, heads, dim = shape
+    half = dtype in (torch.float16, torch.bfloat16)
     native_varlen = (
         half
         and plain
-        and varlen_available(q.device)
-        and q.shape[-1] % 8 == 0
-        and not isinstance(_launches(inputs.layout, q.shape[0], q.device), str)
+        and varlen_available(device)
+        and dim % 8 == 0
+        and not isinstance(_launches(layout, batch, device), str)
     )
-    args = (inputs.layout, q.shape[0], q.shape[2], q.shape[3], q.device, half, native_varlen)
+    args = (layout, batch, heads, dim, device, half, native_varlen)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
@@ -138,11 +149,25 @@ def choose(inputs: AttentionInputs) -> str:
     """The executor ``auto`` runs for these inputs (memoised per layout, shape,
     dtype, device and padding/dropout/ALiBi, so a training step pays a lookup)."""
     q = inputs.q
-    key = (
-        inputs.layout, q.shape, q.dtype, q.device,
-        inputs.key_padding_mask is None, inputs.dropout_p == 0, inputs.alibi_slopes is None,
-    )  # fmt: skip
-    return TABLES.get(("auto choice", *key), lambda: estimates(inputs)[0].backend)
+    return _constant_choice(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs))
+
+
+def _choice(
+    layout: Layout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+) -> str:
+    """The pick, a constant to ``torch.compile``: Dynamo calls this at trace
+    time instead of tracing the cost model (its records and arithmetic are
+    host work with nothing for the graph), and specialises on the answer."""
+    key = ("auto choice", layout, shape, dtype, device, plain)
+    found = TABLES.lookup(key)  # never traced (see below): the lookup alone
+    if isinstance(found, str):
+        return found
+    return TABLES.get(key, lambda: _candidates(layout, shape, dtype, device, plain)[0].backend)
+
+
+_constant_choice: Callable[[Layout, tuple[int, ...], torch.dtype, torch.device, bool], str] = (
+    torch.compiler.assume_constant_result(_choice)  # type: ignore[no-untyped-call,unused-ignore]
+)
 
 
 _RUN: dict[str, Executor] = {

@@ -168,7 +168,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if layout.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
         v = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
-    k, v, bad = _finite_keys(k, v)
+    v, bad = _finite_values(k, v)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
@@ -186,12 +186,16 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     return _poison(out.transpose(1, 2)[:, : q.shape[1]], bad, tables)
 
 
-def _finite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """K and V with non-finite tokens zeroed, and which tokens those were
-    (``[B, Nk, H]``). A partial block multiplies masked keys by weight 0, and
-    ``0 * NaN`` is NaN: left in, a NaN would reach queries of other groups."""
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
-    return k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0), bad
+def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """V with the rows of non-finite tokens zeroed, and which tokens those
+    are (``[B, Nk, H]``). A partial block multiplies masked keys' values by
+    weight 0, and ``0 * NaN`` is NaN: left in, a bad value row would reach
+    queries of other groups. Keys stay as they are: a masked score is
+    replaced by ``-inf``, NaN or not. Rows are tested through their float32
+    sums (two reductions, no full-size test): a row whose values sum past
+    float32's range counts as non-finite."""
+    bad = ~torch.isfinite(k.sum(-1, dtype=torch.float32) + v.sum(-1, dtype=torch.float32))
+    return v.masked_fill(bad[..., None], 0.0), bad
 
 
 def _poison(out: Tensor, bad: Tensor, tables: FlexTables) -> Tensor:
