@@ -64,6 +64,9 @@ class BoundedCache(Generic[K, V]):
         traces (a hot path that must cost one dict lookup)."""
         return self._entries.get(key)
 
+    def values(self) -> list[V]:
+        return list(self._entries.values())
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -13,12 +13,13 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from patternc.cache import LAYOUTS, BoundedCache, _compiling
 from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -147,26 +148,51 @@ def _candidates(
 
 def choose(inputs: AttentionInputs) -> str:
     """The executor ``auto`` runs for these inputs (memoised per layout, shape,
-    dtype, device and padding/dropout/ALiBi, so a training step pays a lookup)."""
+    dtype, device and padding/dropout/ALiBi, so a training step pays a lookup).
+
+    Under ``torch.compile`` the pick is a constant to Dynamo: it calls
+    :func:`_choice_by_id` at trace time instead of tracing the cost model (host
+    work with nothing for the graph, and records Dynamo 2.11 can neither build
+    nor pass on) and specialises the graph on the answer. The layout travels
+    by ``id``: Dynamo can hand a constant function ints, not our records."""
     q = inputs.q
-    return _constant_choice(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs))
+    args = (tuple(q.shape), q.dtype, q.device, _plain(inputs))
+    if _compiling():
+        return _constant_choice(id(inputs.layout), *args)
+    return _choice(inputs.layout, *args)
+
+
+PICKS: BoundedCache[tuple[Hashable, ...], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
+"""Key ``(id(layout), shape, dtype, device, plain)`` -> ``(layout, pick)``;
+holding the layout keeps its ``id`` its own while the entry lives."""
 
 
 def _choice(
     layout: Layout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
 ) -> str:
-    """The pick, a constant to ``torch.compile``: Dynamo calls this at trace
-    time instead of tracing the cost model (its records and arithmetic are
-    host work with nothing for the graph), and specialises on the answer."""
-    key = ("auto choice", layout, shape, dtype, device, plain)
-    found = TABLES.lookup(key)  # never traced (see below): the lookup alone
-    if isinstance(found, str):
-        return found
-    return TABLES.get(key, lambda: _candidates(layout, shape, dtype, device, plain)[0].backend)
+    key = (id(layout), shape, dtype, device, plain)
+    found = PICKS.lookup(key)  # the hot path: one dict lookup
+    if found is not None:
+        return found[1]
+    pick = _candidates(layout, shape, dtype, device, plain)[0].backend
+    return PICKS.get_or_build(key, lambda: (layout, pick))[1]
 
 
-_constant_choice: Callable[[Layout, tuple[int, ...], torch.dtype, torch.device, bool], str] = (
-    torch.compiler.assume_constant_result(_choice)  # type: ignore[no-untyped-call,unused-ignore]
+def _choice_by_id(
+    layout_id: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+) -> str:
+    """The pick for the layout with this ``id``: one seen by an eager call or
+    one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
+    layout built inside the trace and never run eagerly."""
+    found = PICKS.lookup((layout_id, shape, dtype, device, plain))
+    if found is not None:
+        return found[1]
+    layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
+    return "batched" if layout is None else _choice(layout, shape, dtype, device, plain)
+
+
+_constant_choice: Callable[[int, tuple[int, ...], torch.dtype, torch.device, bool], str] = (
+    torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]
 )
 
 
