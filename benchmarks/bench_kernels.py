@@ -76,7 +76,7 @@ def varlen_kernels(repeat: int) -> None:
         flash = torch.ops.aten._flash_attention_forward
         cudnn = torch.ops.aten._cudnn_attention_forward
         variants: dict[str, Callable[[], Tensor]] = {
-            "varlen executor (varlen_attn)": functools.partial(run_varlen, inputs),
+            "varlen executor": functools.partial(run_varlen, inputs),
             "aten flash varlen, direct": functools.partial(
                 _first, flash, q, k, v, cu, cu, max_len, max_len, 0.0, False, False
             ),
@@ -84,7 +84,7 @@ def varlen_kernels(repeat: int) -> None:
                 _first, cudnn, q, k, v, None, cu, cu, max_len, max_len, backward, 0.0, False, False
             ),
         }
-        reference = variants["varlen executor (varlen_attn)"]().detach()  # [1, n, H, D] or [n, H, D]
+        reference = variants["varlen executor"]().detach()  # [1, n, H, D] or [n, H, D]
         label_pass = "fwd+bwd" if backward else "fwd"
         for label, fn in variants.items():
             try:

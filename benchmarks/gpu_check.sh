@@ -7,12 +7,15 @@
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
 #   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
+#   host       host time per call, executors and whole layers       ~1 min
+#   kernels    varlen and flex kernel choices side by side          ~2 min
+#   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
 #              ranks on the host's cores) and under torchrun/NCCL   ~5 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root on the device machine; results go to $OUT
-# (or ./gpu-out). Times are on an H100.
+# (or ./gpu-out). Times are on an H200.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -46,6 +49,15 @@ sweep() {
 profile() {
   python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
 }
+host() {
+  python3 benchmarks/bench_host.py 2>&1 | tee "$OUT/host_per_call.txt"
+}
+kernels() {
+  python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
+}
+step() {
+  python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step.txt"
+}
 
 distributed() {
   python3 -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.txt" | tail -5
@@ -57,7 +69,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile host kernels step distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
