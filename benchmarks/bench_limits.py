@@ -24,13 +24,15 @@ def names(n: int) -> str:
 
 
 CASES: dict[str, Callable[[], str]] = {
-    f"{MAX_RULES:,} rules (the limit)": lambda: f"groups {names(MAX_RULES)}\n"
-    + "\n".join(f"g{i} -> g{i}" for i in range(MAX_RULES)),
+    f"{MAX_RULES:,} rules (the limit)": lambda: (
+        f"groups {names(MAX_RULES)}\n" + "\n".join(f"g{i} -> g{i}" for i in range(MAX_RULES))
+    ),
     f"{MAX_RULES + 1:,} rules": lambda: "groups a\n" + "a -> a\n" * (MAX_RULES + 1),
     f"{MAX_NAMES:,} names (the limit)": lambda: f"groups {names(MAX_NAMES - 3)}\n* -> *  # noqa\n",
     f"{MAX_NAMES + 1:,} names": lambda: f"groups {names(MAX_NAMES + 1)}\n* -> *\n",
-    f"{MAX_NESTING} parentheses (the limit)": lambda: "groups a b\na, b -> "
-    + "(" * MAX_NESTING + "a" + ")" * MAX_NESTING,
+    f"{MAX_NESTING} parentheses (the limit)": lambda: (
+        "groups a b\na, b -> " + "(" * MAX_NESTING + "a" + ")" * MAX_NESTING
+    ),
     "20,000 parentheses": lambda: "groups a b\na, b -> " + "(" * 20000 + "a" + ")" * 20000,
     "4 MiB of rules": lambda: "groups a\n" + "a -> a\n" * 600_000,
     "10,000 groups, * -> *": lambda: f"groups {names(10_000)}\n* -> *  # noqa\n",

@@ -227,7 +227,9 @@ def main() -> None:
                 try:
                     step()
                 except Exception as error:  # report and go on: one table per run
-                    print(f"{label + ' ' + mode:<22} failed: {type(error).__name__}: {str(error)[:200]} ... {str(error)[-1200:]}")
+                    print(
+                        f"{label + ' ' + mode:<22} failed: {type(error).__name__}: {str(error)[:200]} ... {str(error)[-1200:]}"
+                    )
                     continue
                 if device.type == "cuda":
                     torch.cuda.synchronize()

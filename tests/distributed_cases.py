@@ -236,7 +236,13 @@ def case_transformer_alibi(world: int) -> dict[str, Any]:
     sizes = {"doc0": 9, "doc1": 23, "anchors": 5, "queries": 17}
     torch.manual_seed(0)
     config = patternc.nn.TransformerConfig(
-        vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0, pos_emb_type="alibi"
+        vocab_size=None,
+        d_model=16,
+        num_heads=2,
+        num_layers=2,
+        d_ff=32,
+        dropout_rate=0.0,
+        pos_emb_type="alibi",
     )
     model = patternc.nn.Transformer(config, patternc.compile(source)).double()
     plan = next(iter(model.plans.values())).bind(list(sizes))

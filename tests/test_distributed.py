@@ -60,7 +60,9 @@ def test_sharded_equals_one_process(ranks: tuple[int, list[dict[str, Any]]], cas
     for rank, result in enumerate(results):
         metrics = result[case]
         assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
-        errors = {k: v for k, v in metrics.items() if k in ("out", "grad_x", "grad_params", "cache", "unshard")}
+        errors = {
+            k: v for k, v in metrics.items() if k in ("out", "grad_x", "grad_params", "cache", "unshard")
+        }
         assert errors and all(v <= TOLERANCE for v in errors.values()), (rank, world, errors)
         if "minimum" in metrics:
             assert metrics["received"] >= metrics["minimum"]
