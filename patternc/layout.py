@@ -145,11 +145,6 @@ class PeriodicLaunch:
     k_length: int
     is_causal: bool
 
-    @property
-    def queries_tile(self) -> bool:
-        """The calls' queries are the whole input, in order."""
-        return self.q_start == 0 and self.q_length == self.period
-
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Layout:

@@ -3,8 +3,10 @@ no Dynamo warning from patternc code, cold or after an eager warm-up."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -38,6 +40,20 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@contextlib.contextmanager
+def _captured() -> Iterator[tuple[list[warnings.WarningMessage], list[logging.LogRecord]]]:
+    """Python warnings and Dynamo's log warnings raised inside the block."""
+    handler = _Records()
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught, handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
 TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
@@ -56,16 +72,9 @@ def test_fullgraph_compile_has_no_warnings(name: str, warm: bool) -> None:
         module(x, sizes)
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True, backend="eager")
-    handler = _Records()
-    logger = logging.getLogger("torch._dynamo")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out, _ = compiled(x, sizes)
-    finally:
-        logger.removeHandler(handler)
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in handler.records]
+    with _captured() as (caught, records):
+        out, _ = compiled(x, sizes)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "patternc" in m or "lru_cache" in m or "Dynamo" in m], messages
     expected, _ = module(x, sizes)
     assert torch.allclose(out, expected, atol=1e-6)
@@ -90,17 +99,10 @@ def test_ab_upt_stack_training_step_compiles_fullgraph() -> None:
     model(x, sizes)  # warm: layouts cached (a cold trace builds them: torch >= 2.13 only)
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: model(t, sizes), fullgraph=True, backend="aot_eager")
-    handler = _Records()
-    logger = logging.getLogger("torch._dynamo")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            loss = torch.nn.functional.mse_loss(compiled(x), target)
-            grads = torch.autograd.grad(loss, list(model.parameters()))
-    finally:
-        logger.removeHandler(handler)
-    messages = [f"{w.filename}: {w.message}" for w in caught] + [r.getMessage() for r in handler.records]
+    with _captured() as (caught, records):
+        loss = torch.nn.functional.mse_loss(compiled(x), target)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    messages = [f"{w.filename}: {w.message}" for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "patternc" in m], messages
     ref_loss = torch.nn.functional.mse_loss(hand(x), target)
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))

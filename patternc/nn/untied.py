@@ -105,7 +105,6 @@ class TypeRuns:
         return ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=1)
 
 
-
 def _sizes(groups: GroupSizes) -> tuple[tuple[str, int | None], ...]:
     if isinstance(groups, Mapping):
         return tuple(groups.items())

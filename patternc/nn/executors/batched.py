@@ -89,11 +89,9 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     batch = q.shape[0]
     slopes = inputs.alibi_slopes
     plain = key_padding_mask is None and slopes is None
-    if plain and layout.tiled_output:
-        periodic = layout.periodic_launches[0]
-        if periodic is not None and periodic.queries_tile and k.shape[1] == layout.n_tokens:
-            # the hot path: one launch over the whole input, views in and out
-            return _run_periodic(inputs, periodic).reshape(q.shape)
+    if plain and layout.tiled_output and layout.periodic_launches[0] is not None:
+        # the hot path: one periodic launch whose queries tile the input, views in and out
+        return _run_periodic(inputs, layout.periodic_launches[0]).reshape(q.shape)
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     outputs: list[Tensor | None] = [None] * len(layout.calls)
     needs_positions = layout.has_modifiers or slopes is not None

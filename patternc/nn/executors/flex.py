@@ -119,6 +119,7 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
         return tables.block_mask(key_padding_mask)
+
     def build() -> object:
         global _builds
         _builds += 1

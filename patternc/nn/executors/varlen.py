@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +43,19 @@ _warned: set[str] = set()
 
 
 @functools.cache
-def _kernel() -> Callable[..., Tensor] | None:
+def _has_varlen() -> bool:
+    """This torch has ``varlen_attn`` (>= 2.10), so the ATen op behind it takes
+    cumulative lengths and windows as the executor passes them."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
-        return None
-    return varlen_attn  # type: ignore[return-value,unused-ignore]
+        return False
+    return True
 
 
 def varlen_available(device: torch.device) -> bool:
     """``varlen_attn`` exists in this torch and ``device`` is a CUDA device."""
-    return device.type == "cuda" and _kernel() is not None
+    return device.type == "cuda" and _has_varlen()
 
 
 @dataclass(frozen=True)
