@@ -90,6 +90,17 @@ def cuda_ms(fn: Callable[[], object], repeat: int, calls: int = 1) -> float:
     return statistics.median(times)
 
 
+def compiled_kernel() -> Callable[..., Tensor]:
+    """``flex_attention`` alone, compiled as the executor compiles its graph
+    around it: the kernel rows that ``flex``'s own rows are set against."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from patternc.nn.executors.flex import _raise_recompile_limit
+
+    _raise_recompile_limit(64)
+    return torch.compile(flex_attention)
+
+
 def entries(schedule: Schedule) -> int:
     return sum(c.n_queries * sum(s.length for s in c.keys) for c in schedule.calls)
 
@@ -203,6 +214,7 @@ def measure(args: argparse.Namespace) -> None:
                 variants = ["batched", "batched+graph", "varlen", "flex", "auto", "auto+graph"] + (
                     ["dense"] if n <= args.dense_limit else []
                 )
+                variants = [v for v in variants if args.variants is None or v in args.variants]
                 for variant in variants:
                     if variant == "varlen" and dtype == torch.float32:
                         continue  # the kernel has no float32: it would run as batched
@@ -242,14 +254,17 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
     """FlexAttention ``kernel_options`` on the AB-UPT layouts (bf16): forward
     tiles (``fwd_`` keys) timed forward, backward tiles (``bwd_`` keys, with
     the executor's forward tiles) timed forward+backward."""
-    from patternc.nn.executors.flex import _HALF_KERNEL_OPTIONS, _compiled_flex, _pad_heads_first, flex_tables
+    from patternc.nn.executors.flex import _HALF_KERNEL_OPTIONS, _pad_heads_first, flex_tables
 
-    flex = _compiled_flex("cuda")
+    flex = compiled_kernel()
     forward: dict[str, dict[str, int] | None] = {
         "default": None,
         "M128 N64 w4 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
         "M128 N128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
         "M64 N128 w4 s2": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 2},
+        "M64 N64 w4 s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+        "M128 N64 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
+        "M128 N128 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
     }
 
     def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
@@ -355,6 +370,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the kernel_options table")
     parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
+    parser.add_argument("--variants", nargs="+", help="executor rows to run (ideal and ceiling always run)")
     parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
     args = parser.parse_args()
     if args.quick:

@@ -11,6 +11,11 @@
 3. **flex kernel options in fp32**: torch's default tiles against smaller
    ones, and TF32 matmuls allowed or not.
 4. **flex backends**: ``kernel_options={"BACKEND": ...}`` where this torch has them.
+5. **flex across shape changes** (``--parts shapes``): ``run_flex`` on
+   layout after layout in one process, bf16 and fp32, forward and
+   forward+backward, with the compiled graphs each row added and Dynamo's
+   recompile reasons (logged to stderr): a row that falls to eager
+   FlexAttention (recompile limit hit) shows as dense-like time.
 
 Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 """
@@ -28,10 +33,10 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import DIM, HEADS, LAYOUTS, cuda_ms, entries
+from bench_gpu import DIM, HEADS, LAYOUTS, compiled_kernel, cuda_ms, entries
 
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.executors.flex import _compiled_flex, _pad_heads_first, flex_tables, run_flex
+from patternc.nn.executors.flex import _pad_heads_first, flex_tables, run_flex
 from patternc.nn.executors.varlen import _launches, run_varlen
 from patternc.nn.schedule import schedule_for
 
@@ -100,7 +105,7 @@ def varlen_kernels(repeat: int) -> None:
 
 def flex_overhead(repeat: int) -> None:
     print(f"\n{'flex: executor against its kernel, fwd':<44} {'ms':>9} {'TFLOP/s':>8}")
-    flex = _compiled_flex("cuda")
+    flex = compiled_kernel()
     for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT joint 2x(1k+4k)", "16 documents"):
         schedule = _schedule(name)
         useful = 4 * entries(schedule) * HEADS * DIM
@@ -138,7 +143,7 @@ def flex_overhead(repeat: int) -> None:
                 torch.backends.cuda.matmul.allow_tf32 = True
                 try:
                     torch._dynamo.reset()  # a fresh compile reads the flag
-                    tf32 = functools.partial(_compiled_flex.__wrapped__("cuda"), *padded, block_mask=mask)
+                    tf32 = functools.partial(compiled_kernel(), *padded, block_mask=mask)
                     ms = cuda_ms(tf32, repeat)
                     error = _rel(tf32(), out32)
                     _row(f"{name[:26]} fp32 allow_tf32", ms, useful, f"rel diff to ieee {error:.1e}")
@@ -157,7 +162,7 @@ def flex_overhead(repeat: int) -> None:
 
 def flex_backends(repeat: int) -> None:
     print(f"\n{'flex BACKEND option, bf16 fwd':<44} {'ms':>9} {'TFLOP/s':>8}")
-    flex = _compiled_flex("cuda")
+    flex = compiled_kernel()
     schedule = _schedule("AB-UPT joint 2x(1k+4k)")
     useful = 4 * entries(schedule) * HEADS * DIM
     tables = flex_tables(schedule, {}, torch.device("cuda"))
@@ -181,6 +186,37 @@ def flex_backends(repeat: int) -> None:
         _row(f"joint 2x(1k+4k) BACKEND={backend}", ms, useful)
 
 
+def flex_shape_changes(repeat: int) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._logging.set_logs(recompiles=True)
+    print(f"\n{'flex across shape changes, one process':<44} {'ms':>9} {'TFLOP/s':>8}  graphs added")
+    order = [
+        "AB-UPT self-anchor 2x(1k+4k)",
+        "AB-UPT joint 2x(1k+4k)",
+        "16 documents",
+        "64 documents",
+        "AB-UPT self-anchor 2x(1k+4k)",
+    ]
+    for dtype in (torch.bfloat16, torch.float32):
+        for backward in (False, True):
+            for name in order:
+                schedule = _schedule(name)
+                q, k, v = (
+                    torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype).requires_grad_(
+                        backward
+                    )
+                    for _ in range(3)
+                )
+                inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+                graphs = counters["stats"]["unique_graphs"]
+                ms = cuda_ms(functools.partial(_call, functools.partial(run_flex, inputs), backward), repeat)
+                useful = 4 * entries(schedule) * HEADS * DIM * (3.5 if backward else 1.0)
+                label = f"{name[:22]} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}"
+                _row(label, ms, useful, f" {counters['stats']['unique_graphs'] - graphs:+d}")
+    print("dynamo counters:", {k: dict(v) for k, v in counters.items() if v and k in ("stats", "frames")})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,6 +234,8 @@ def main() -> None:
         flex_overhead(args.repeat)
     if "backends" in args.parts:
         flex_backends(args.repeat)
+    if "shapes" in args.parts:
+        flex_shape_changes(args.repeat)
 
 
 if __name__ == "__main__":

@@ -533,3 +533,59 @@ def test_periodic_launch_dispatches_one_attention_and_views() -> None:
     assert sum("scaled_dot_product" in op for op in counter.ops) == 1
     assert len(counter.ops) <= 11, counter.ops  # 3 reads of 2-3 views, SDPA, 2 output views
     assert out.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    ("source", "pattern", "sizes", "pieces"),
+    [
+        (EXAMPLES / "ab_upt.pc", "joint", dict(zip(AB_GROUPS, (5, 11, 3, 9))), (0, 2)),
+        ("groups a b\n* -> *", "default", {"a": 6, "b": 7}, (0,)),
+        ("groups a b\n* -> a", "default", {"a": 6, "b": 7}, (0,)),
+        ("groups x\nx -> self [causal]", "default", {"x": 13}, (0,)),
+        # not one call over the whole input in order, or keys that need a mask
+        (EXAMPLES / "ab_upt.pc", "self_anchor", dict(zip(AB_GROUPS, (5, 11, 3, 9))), None),
+        ("groups a b\n* -> a[causal], b", "default", {"a": 6, "b": 7}, None),
+        ("groups a b\n* -> * [window 3]", "default", {"a": 6, "b": 7}, None),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_whole_call_layouts_match_reference(
+    source: object, pattern: str, sizes: dict[str, int], pieces: tuple[int, ...] | None, batch: int
+) -> None:
+    """A layout that is one call over every query (joint anchors, dense, one
+    causal sequence) records the key pieces it concatenates; only there, and
+    the hot path through them matches the float64 reference forward and
+    backward."""
+    program = patternc.compile(source)  # type: ignore[arg-type]
+    schedule = schedule_for(program.patterns[pattern].token_specs(sizes), program.patterns[pattern])
+    assert schedule.whole_call_keys == pieces
+    gen = torch.Generator().manual_seed(batch)
+    q, k, v = (
+        torch.randn(batch, schedule.n_tokens, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        for _ in range(3)
+    )
+    out = EXECUTORS["batched"](AttentionInputs(q, k, v, schedule, {}, None, 0.0, None))
+    copies = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = EXECUTORS["dense"](AttentionInputs(*copies, schedule, {}, None, 0.0, None))
+    assert relative_error(out, ref) < 1e-12
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    out.backward(grad)
+    ref.backward(grad)
+    for mine, theirs in zip((q, k, v), copies):
+        assert relative_error(mine.grad, theirs.grad) < 1e-12
+
+
+def test_whole_call_gathers_keys_in_one_concatenation() -> None:
+    """Joint anchors: one split and one concatenation per key tensor, one
+    SDPA, the rest views."""
+    schedule = schedule_for(ab_specs(8, 24), AB.patterns["joint"])
+    q, k, v = (torch.randn(2, schedule.n_tokens, 2, 4) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+    EXECUTORS["batched"](inputs)
+    with _CountOps() as counter:
+        out = EXECUTORS["batched"](inputs)
+    names = [op.rsplit(".", 1)[0] for op in counter.ops]
+    assert sum("scaled_dot_product" in name for name in names) == 1
+    others = sorted(name for name in names if "scaled_dot_product" not in name and name != "aten.transpose")
+    assert others == ["aten.cat", "aten.cat", "aten.split_with_sizes", "aten.split_with_sizes"], names
+    assert out.shape == q.shape

@@ -26,12 +26,16 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from patternc.layout import Layout
 from patternc.nn.tables import TABLES
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
 
@@ -357,7 +361,7 @@ class FlexTables:
 
         return alibi
 
-    def block_mask(self, key_padding_mask: Tensor | None = None) -> object:
+    def block_mask(self, key_padding_mask: Tensor | None = None) -> BlockMask:
         """The ``BlockMask``: full blocks skip the ``mask_mod``; with key padding
         every non-empty block is partial (padding is checked per element)."""
         from torch.nn.attention.flex_attention import BlockMask

@@ -83,15 +83,44 @@ def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch) -> Tensor:
     return out.transpose(1, 2)
 
 
+def _run_whole_call(inputs: AttentionInputs, key_pieces: tuple[int, ...]) -> Tensor:
+    """The layout's one call, reading every query: its keys are one
+    concatenation of pieces of one split (a view when they are one piece),
+    then one SDPA on head-major views."""
+    layout = inputs.layout
+    sizes = layout.key_pieces[0]
+
+    def keys_of(t: Tensor) -> Tensor:
+        if len(sizes) == 1:
+            return t
+        pieces = t.split_with_sizes(sizes, 1)
+        if len(key_pieces) == 1:
+            return pieces[key_pieces[0]]
+        return torch.cat([pieces[i] for i in key_pieces], 1)
+
+    out = F.scaled_dot_product_attention(
+        inputs.q.transpose(1, 2),
+        keys_of(inputs.k).transpose(1, 2),
+        keys_of(inputs.v).transpose(1, 2),
+        dropout_p=inputs.dropout_p,
+        scale=inputs.scale,
+        is_causal=layout.calls[0].is_causal,
+    )
+    return out.transpose(1, 2)
+
+
 def run_batched(inputs: AttentionInputs) -> Tensor:
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     batch = q.shape[0]
     slopes = inputs.alibi_slopes
     plain = key_padding_mask is None and slopes is None
-    if plain and layout.tiled_output and layout.periodic_launches[0] is not None:
-        # the hot path: one periodic launch whose queries tile the input, views in and out
-        return _run_periodic(inputs, layout.periodic_launches[0]).reshape(q.shape)
+    if plain:  # the hot paths: one launch giving the output in input order
+        if layout.tiled_output and layout.periodic_launches[0] is not None:
+            # one periodic launch whose queries tile the input: views in and out
+            return _run_periodic(inputs, layout.periodic_launches[0]).reshape(q.shape)
+        if layout.whole_call_keys is not None:
+            return _run_whole_call(inputs, layout.whole_call_keys)
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     outputs: list[Tensor | None] = [None] * len(layout.calls)
     needs_positions = layout.has_modifiers or slopes is not None
