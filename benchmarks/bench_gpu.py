@@ -98,7 +98,7 @@ def compiled_kernel() -> Callable[..., Tensor]:
     from patternc.nn.executors.flex import _raise_recompile_limit
 
     _raise_recompile_limit(64)
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def entries(schedule: Schedule) -> int:

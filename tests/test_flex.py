@@ -309,6 +309,40 @@ def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
     assert counters["stats"]["unique_graphs"] - graphs <= 3
 
 
+@pytest.mark.slow
+def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new bucketed shape past Dynamo's recompile limit would fail the
+    compiled graph (fullgraph): flex warns once, naming the limit and the
+    fix, and runs the call as batched (right numbers at every size)."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.exc as dynamo_errors
+
+    if not hasattr(dynamo_errors, "FailOnRecompileLimitHit"):
+        pytest.skip("this torch runs past the limit eagerly instead of raising")
+    plan = MODIFIED.patterns["default"]
+    module = make(plan, "flex")
+    flex._compiled_attend()  # raises the limit to 64 once, before it is lowered here
+    torch._dynamo.reset()
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 1)
+    monkeypatch.setattr(flex, "_warned", set())
+    with torch.no_grad():
+        for n, warns in ((40, False), (300, True), (301, False)):  # buckets 128, 384, 384
+            sizes = {"doc0": n // 4, "doc1": n // 4, "image": n // 4, "text": n - 3 * (n // 4)}
+            x = torch.randn(1, n, 16)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out, _ = module(x, sizes)
+            messages = [str(w.message) for w in caught if "recompile limit" in str(w.message)]
+            assert bool(messages) == warns, messages
+            if warns:
+                assert "runs as 'batched'" in messages[0]
+                assert "raise torch._dynamo.config.recompile_limit" in messages[0]
+            assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
