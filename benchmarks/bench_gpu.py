@@ -348,9 +348,8 @@ def profile_layout(args: argparse.Namespace) -> None:
                     fn()
                 torch.cuda.synchronize()
             print(f"\n== {name}, {label}, {'fwd+bwd' if backward else 'fwd'} (10 steps)")
-            print(
-                prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
-            )
+            for sort in ("cuda_time_total", "self_cpu_time_total"):  # the kernels, then the host's time
+                print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
 
 
 def main() -> None:
