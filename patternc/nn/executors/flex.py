@@ -111,16 +111,42 @@ def _attend_fn() -> Callable[..., Tensor]:
 _HALF_KERNEL_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
 """Forward tile for half precision on CUDA, from ``benchmarks/bench_gpu.py``'s
 sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
-2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles.
-The ``fwd_`` prefix (torch >= 2.6) keeps these options out of the backward
-kernels: unprefixed, the warps and stages reached them too and made
-forward+backward 2.5-4x slower. The backward keeps torch's own tiles."""
+2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles;
+on an H200 it is still the best of seven (368 and 390 TFLOP/s at 2x(8k+24k),
+torch's default 255 and 269). The ``fwd_`` prefix (torch >= 2.6) keeps
+these options out of the backward kernels: unprefixed, the warps and
+stages reached them too and made forward+backward 2.5-4x slower."""
+
+_HOPPER_BACKWARD_OPTIONS = {
+    "bwd_BLOCK_M1": 32,
+    "bwd_BLOCK_N1": 128,
+    "bwd_BLOCK_M2": 128,
+    "bwd_BLOCK_N2": 32,
+    "bwd_num_warps": 4,
+    "bwd_num_stages": 3,
+}
+"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
+from the same sweep on an H200: forward+backward 308 -> 343 TFLOP/s on
+self-anchor 2x(8k+24k) and 319 -> 357 on joint, against torch's default
+backward tiles. Tiles matter both ways there: 64/128/128/64 with 4 warps ran
+at 117, so these stay on the GPU and head size they were measured on."""
+
+_HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
+
+_HOPPER: dict[int, bool] = {}
+"""CUDA device index -> whether it is sm_90 (asked once per device)."""
 
 
 def _kernel_options(q: Tensor) -> dict[str, int] | None:
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128:
-        return _HALF_KERNEL_OPTIONS
-    return None
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128):
+        return None
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    hopper = _HOPPER.get(index)
+    if hopper is None:
+        hopper = _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
+    if hopper and q.shape[-1] <= 64:
+        return _HOPPER_HALF_OPTIONS
+    return _HALF_KERNEL_OPTIONS
 
 
 def flex_tables(
