@@ -185,6 +185,40 @@ def _layout(
     return profiles
 
 
+def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
+    """``auto``'s own host time, piece by piece, on self-anchor 2x(1k+4k)."""
+    from patternc.cache import _compiling
+    from patternc.nn.executors.auto import PICKS, _plain
+
+    source, pattern, sizes = LAYOUTS["self-anchor 2x(1k+4k)"]
+    plan = patternc.compile(open(source).read()).patterns[pattern]
+    layout = plan.bind(list(sizes)).layout(sizes)
+    q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    choose(inputs)
+    key = (id(layout), tuple(q.shape), q.dtype, q.device, True)
+    parts: dict[str, Callable[[], object]] = {
+        "choose(inputs)": functools.partial(choose, inputs),
+        "_compiling()": _compiling,
+        "torch.compiler.is_compiling()": torch.compiler.is_compiling,
+        "tuple(q.shape)": lambda: tuple(q.shape),
+        "q.dtype": lambda: q.dtype,
+        "q.device": lambda: q.device,
+        "_plain(inputs)": functools.partial(_plain, inputs),
+        "hash(key)": functools.partial(hash, key),
+        "PICKS.lookup(key)": functools.partial(PICKS.lookup, key),
+    }
+    print("\n| auto's pick, piece by piece | us/call |\n| --- | --- |")
+    for label, fn in parts.items():
+        samples = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            samples.append((time.perf_counter() - start) / 2000)
+        print(f"| {label} | {min(samples) * 1e6:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -208,6 +242,7 @@ def main() -> None:
     for name, (source, pattern, sizes) in LAYOUTS.items():
         profiles += _layout(name, source, pattern, sizes, device, dtype, args)
     print("\n".join(profiles))
+    _auto_parts(device, dtype)
 
 
 if __name__ == "__main__":

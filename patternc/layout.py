@@ -371,9 +371,7 @@ def _periodic(calls: Sequence[Call], n_tokens: int) -> PeriodicLaunch | None:
     return PeriodicLaunch(count, period, q.start, q.length, k.start, k.length, first.is_causal)
 
 
-def _whole_call_keys(
-    calls: Sequence[Call], n_tokens: int, key_ranges: PieceRanges
-) -> tuple[int, ...] | None:
+def _whole_call_keys(calls: Sequence[Call], n_tokens: int, key_ranges: PieceRanges) -> tuple[int, ...] | None:
     present = [c for c in calls if c.n_queries]
     if len(present) != 1:
         return None

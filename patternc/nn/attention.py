@@ -118,7 +118,7 @@ class DotProductAttention(nn.Module):
 
     def project_out(self, out: Tensor) -> Tensor:
         """``[B, N, H, D]`` -> ``[B, N, hidden]``."""
-        return F.dropout(self.proj(merge_heads(out)), self.dropout, self.training)
+        return apply_dropout(self.proj(merge_heads(out)), self.dropout, self.training)
 
     @property
     def attention_dropout(self) -> float:
@@ -138,14 +138,20 @@ class DotProductAttention(nn.Module):
 
 
 def _check_x(x: Tensor, layer: nn.Module) -> None:
-    """Hidden size, dtype and device of ``x`` against the layer's weights, with
-    the fix in the message (torch's own says ``mat1 and mat2 shapes ...``)."""
+    """Hidden size of ``x`` against the layer's, with the fix in the message
+    (torch's own says ``mat1 and mat2 shapes ...``)."""
     hidden = layer.config.hidden_dim  # type: ignore[union-attr]
     if x.shape[-1] != hidden:
         raise ValueError(
             f"x has hidden size {x.shape[-1]} but this layer was built with hidden_dim={hidden}; "
             "project x to that width or build the layer with the width of x"
         )
+
+
+def _explain_weights(x: Tensor, layer: nn.Module) -> None:
+    """Raise a ValueError naming the fix when the dtype or device of ``x``
+    does not match the layer's weights. Called once a projection has failed,
+    not on every forward: walking a layer's parameters costs host time."""
     weight = next(layer.parameters(), None)
     if weight is None:
         return
@@ -159,6 +165,11 @@ def _check_x(x: Tensor, layer: nn.Module) -> None:
             f"x is {x.dtype} but the layer's weights are {weight.dtype}; convert one "
             f"(layer.to({x.dtype}) or x.to({weight.dtype})), or run under torch.autocast"
         )
+
+
+def apply_dropout(t: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout``, skipped (no dispatch) when it would return ``t`` as it is."""
+    return F.dropout(t, p, training) if training and p > 0 else t
 
 
 def merge_heads(out: Tensor) -> Tensor:
@@ -283,7 +294,12 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
-        q, k, v = self.split_heads(self._project_in(x, layout, attention_patterns), freqs)
+        try:
+            projected = self._project_in(x, layout, attention_patterns)
+        except RuntimeError:
+            _explain_weights(x, self)  # torch's message, e.g. "mat1 and mat2 must have the same dtype"
+            raise
+        q, k, v = self.split_heads(projected, freqs)
         recorder = ACTIVE.cache
         recording = recorder is not None and recorder.recording
         if recorder is not None:
@@ -314,7 +330,7 @@ class MixedAttention(DotProductAttention):
             assert recorder is not None
             recorder.store(self, new_cache)
         out = self._project_back(merge_heads(out), layout, attention_patterns)
-        return F.dropout(out, self.dropout, self.training), new_cache
+        return apply_dropout(out, self.dropout, self.training), new_cache
 
     def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
         """The fused QKV projection (untied subclasses pick weights per token type)."""

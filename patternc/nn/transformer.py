@@ -33,7 +33,7 @@ from patternc.compiler import compile as compile_program
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Layout
 from patternc.modifiers import Modifiers
-from patternc.nn.attention import merge_heads
+from patternc.nn.attention import apply_dropout, merge_heads
 from patternc.nn.context import ACTIVE, execute
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import group_positions, zero_padding
@@ -138,7 +138,7 @@ class _FeedForward(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.down(F.dropout(h, self.dropout, self.training), runs)  # type: ignore[no-any-return]
+        return self.down(apply_dropout(h, self.dropout, self.training), runs)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class TransformerLayer(nn.Module):
                     for g, i in zip(layout.key_value_groups, layout.key_value_indices)
                 },
             )
-        return F.dropout(out, self.config.dropout_rate, self.training), (k, v)
+        return apply_dropout(out, self.config.dropout_rate, self.training), (k, v)
 
     def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         return self.residual(x, lambda h: self.attend(h, step), step.runs)
@@ -338,7 +338,7 @@ class Transformer(nn.Module):
             h = h * math.sqrt(self.config.d_model)
         if self.config.pos_emb_type == "sinusoidal":
             h = h + sinusoidal(positions, self.config.d_model).to(h.dtype)
-        return F.dropout(h, self.config.dropout_rate, self.training)
+        return apply_dropout(h, self.config.dropout_rate, self.training)
 
     def head(self, h: Tensor) -> Tensor:
         h = self.final_norm(h)
