@@ -320,6 +320,71 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
                 )
 
 
+def fp32_backward_sweep(args: argparse.Namespace) -> None:
+    """FlexAttention backward tiles in float32 (torch's default there is
+    16/16/16/16, 1 stage, 4 warps) on the 10k AB-UPT layouts, timed
+    forward+backward, each checked against the default's gradients."""
+    from patternc.nn.executors.flex import _pad_heads_first, flex_tables
+
+    flex = compiled_kernel()
+
+    def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
+        tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
+        return {
+            f"bwd_{key}": value for key, value in {**tiles, "num_warps": warps, "num_stages": stages}.items()
+        }
+
+    options: dict[str, dict[str, int] | None] = {
+        "default (16/16/16/16 w4 s1)": None,
+        "bwd 32/32/32/32 w4 s1": bwd(32, 32, 32, 32, 4, 1),
+        "bwd 32/64/64/32 w4 s1": bwd(32, 64, 64, 32, 4, 1),
+        "bwd 64/64/64/64 w4 s1": bwd(64, 64, 64, 64, 4, 1),
+        "bwd 64/64/64/64 w8 s1": bwd(64, 64, 64, 64, 8, 1),
+        "bwd 32/64/64/32 w4 s2": bwd(32, 64, 64, 32, 4, 2),
+    }
+    print(f"\n{'flex float32 backward tiles':<30} {'options':<28} {'ms':>9} {'TFLOP/s':>8}  grads vs default")
+    for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT") and "1k+4k" in name]:
+        plan, sizes = LAYOUTS[layout_name]()
+        schedule = schedule_for(plan.token_specs(sizes), plan)
+        tables = flex_tables(schedule, {}, torch.device("cuda"))
+        mask = tables.block_mask()
+        flops = 4 * entries(schedule) * HEADS * DIM * 3.5
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            _pad_heads_first(
+                torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", generator=gen), tables.q_len
+            ).requires_grad_()
+            for _ in range(3)
+        )
+        reference: list[Tensor] = []
+        for label, opts in options.items():
+
+            def step(
+                opts: dict[str, int] | None = opts,
+                q: Tensor = q,
+                k: Tensor = k,
+                v: Tensor = v,
+                mask: object = mask,
+            ) -> None:
+                out = flex(q, k, v, block_mask=mask, kernel_options=opts)
+                out.backward(torch.ones_like(out))
+
+            try:
+                q.grad = k.grad = v.grad = None
+                step()
+                grads = [t.grad.clone() for t in (q, k, v)]  # type: ignore[union-attr]
+                reference = reference or grads
+                diff = max(float((g - r).norm() / r.norm()) for g, r in zip(grads, reference))
+                ms = cuda_ms(step, args.repeat)
+            except Exception as error:
+                print(f"{layout_name:<30} {label:<28} failed: {type(error).__name__}"[:140])
+                continue
+            print(
+                f"{layout_name:<30} {label:<28} {ms:>9.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}  {diff:.1e}",
+                flush=True,
+            )
+
+
 def profile_layout(args: argparse.Namespace) -> None:
     """Kernel and host tables (torch.profiler) of ideal and batched on one
     layout, bf16: where a ratio to ideal comes from."""
@@ -368,6 +433,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the two smallest layouts only")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the kernel_options table")
+    parser.add_argument("--sweep-fp32", action="store_true", help="only the float32 backward-tile table")
     parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
     parser.add_argument("--variants", nargs="+", help="executor rows to run (ideal and ceiling always run)")
     parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
@@ -384,6 +450,9 @@ def main() -> None:
     )
     if args.profile:
         profile_layout(args)
+        return
+    if args.sweep_fp32:
+        fp32_backward_sweep(args)
         return
     if not args.sweep_only:
         measure(args)
