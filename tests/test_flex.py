@@ -343,6 +343,34 @@ def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: 
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("hopper", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "head_dim"),
+    [(torch.bfloat16, 64), (torch.float16, 32), (torch.bfloat16, 128), (torch.bfloat16, 256),
+     (torch.float32, 64), (torch.float32, 32)],
+)  # fmt: skip
+def test_kernel_options_are_the_measured_tiles_only_where_measured(
+    monkeypatch: pytest.MonkeyPatch, hopper: bool, dtype: torch.dtype, head_dim: int
+) -> None:
+    """Forward tiles for half precision up to head_dim 128; the backward tiles
+    swept on an H200 only on Hopper, at the head sizes they were measured on;
+    torch's own tiles everywhere else (None), and never on CPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(flex, "_HOPPER", {0: hopper})
+    q = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), device=torch.device("cuda", 0))
+    options = flex._kernel_options(q)  # type: ignore[arg-type]
+    half = dtype != torch.float32
+    forward = options is not None and "fwd_BLOCK_M" in options
+    backward = options is not None and "bwd_BLOCK_M1" in options
+    assert forward == (half and head_dim <= 128)
+    assert backward == (hopper and head_dim <= 64 and (half or head_dim == 64))
+    if backward:
+        assert options is not None
+        assert options["bwd_BLOCK_M1"] == (32 if half else 64)
+    assert flex._kernel_options(torch.zeros(1, 8, 2, head_dim, dtype=dtype)) is None  # CPU
+
+
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
