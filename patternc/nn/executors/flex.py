@@ -3,7 +3,10 @@
 Queries, keys and values are padded to a bucketed length (so changing sizes
 reuse a few compiled kernels), the block mask comes from the group layout
 (:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
-device, padding), and ``flex_attention`` is compiled once per process.
+device, padding), and the kernel with its non-finite guard is one graph,
+compiled once per process with static shapes (:func:`_compiled_attend`).
+Tiles (``kernel_options``) are the ones swept best per dtype, head size and
+GPU (:func:`_kernel_options`).
 
 Where torch cannot run it, ``flex`` falls back to ``batched`` with a one-time
 warning: gradients on CPU (torch has no FlexAttention backward there),
@@ -223,7 +226,8 @@ def _pad_tokens(t: Tensor, length: int) -> Tensor:
 
 
 def _pad_heads_first(t: Tensor, length: int) -> Tensor:
-    """``[B, N, H, D]`` -> ``[B, H, length, D]`` zero-padded (the kernel's layout)."""
+    """``[B, N, H, D]`` -> ``[B, H, length, D]`` zero-padded: the kernel's
+    layout, for benchmarks that time the kernel alone."""
     return _pad_tokens(t, length).transpose(1, 2)
 
 
