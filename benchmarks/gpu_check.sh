@@ -6,6 +6,9 @@
 #   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
+#   sweep_fp32 FlexAttention float32 backward tiles                  ~1 min
+#   shapes     flex layout after layout in one process (static shapes
+#              hold their speed; recompile reasons in the stderr file) ~3 min
 #   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
 #   host       host time per call, executors and whole layers       ~1 min
 #   kernels    varlen and flex kernel choices side by side          ~2 min
@@ -46,6 +49,12 @@ large() {
 sweep() {
   python3 benchmarks/bench_gpu.py --repeat 15 --sweep-only 2>&1 | grep -v "^W1" | tee "$OUT/flex_kernel_options.txt"
 }
+sweep_fp32() {
+  python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_fp32_backward_tiles.txt"
+}
+shapes() {
+  python3 benchmarks/bench_kernels.py --parts shapes 2> "$OUT/kernels_flex_shapes_stderr.txt" | tee "$OUT/kernels_flex_shapes.txt"
+}
 profile() {
   python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
 }
@@ -69,7 +78,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep profile host kernels step distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host kernels step distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
