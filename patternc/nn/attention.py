@@ -75,6 +75,7 @@ class DotProductAttention(nn.Module):
         self.proj = nn.Linear(inner, config.hidden_dim, bias=config.bias)
         self.q_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.use_rope = config.use_rope
         self.reset_parameters()
@@ -104,7 +105,8 @@ class DotProductAttention(nn.Module):
         """Fused ``[B, N, 3 * H * D]`` -> Q, K, V ``[B, N, H, D]``, normed and rotated."""
         batch, n, _ = qkv.shape
         q, k, v = qkv.view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:  # else Identity: no module calls on the hot path
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             if freqs is None:
                 raise ValueError("use_rope=True needs `freqs` (see patternc.nn.rope_frequencies)")
