@@ -78,12 +78,13 @@ def _compiled_attend() -> Callable[..., Tensor]:
 
 def _past_recompile_limit(error: Exception) -> bool:
     """Whether ``error`` is what a ``fullgraph`` compile raises past the
-    recompile limit (torch >= 2.7; older torch runs the function eagerly
-    there and logs a warning)."""
+    recompile limit (``FailOnRecompileLimitHit``; ``FailOnCacheLimitHit``
+    before torch 2.7)."""
     import torch._dynamo.exc as dynamo_errors
 
-    limit_hit = getattr(dynamo_errors, "FailOnRecompileLimitHit", None)
-    return limit_hit is not None and isinstance(error, limit_hit)
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    limit_hit = tuple(getattr(dynamo_errors, name) for name in names if hasattr(dynamo_errors, name))
+    return bool(limit_hit) and isinstance(error, limit_hit)
 
 
 def _recompile_limit() -> int:
