@@ -85,15 +85,12 @@ def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch) -> Tensor:
 
 def _run_whole_call(inputs: AttentionInputs, key_pieces: tuple[int, ...]) -> Tensor:
     """The layout's one call, reading every query: its keys are one
-    concatenation of pieces of one split (a view when they are one piece),
-    then one SDPA on head-major views."""
+    concatenation of pieces of the layout's key split (a view when they are
+    one piece), then one SDPA on head-major views."""
     layout = inputs.layout
-    sizes = layout.key_pieces[0]
 
     def keys_of(t: Tensor) -> Tensor:
-        if len(sizes) == 1:
-            return t
-        pieces = t.split_with_sizes(sizes, 1)
+        pieces = TokenSplit(t, layout, keys=True).pieces
         if len(key_pieces) == 1:
             return pieces[key_pieces[0]]
         return torch.cat([pieces[i] for i in key_pieces], 1)
