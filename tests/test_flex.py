@@ -324,7 +324,7 @@ def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: 
     module = make(plan, "flex")
     flex._compiled_attend()  # raises the limit to 64 once, before it is lowered here
     torch._dynamo.reset()
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    name, _ = flex._recompile_limit()
     monkeypatch.setattr(dynamo_config, name, 1)
     monkeypatch.setattr(flex, "_warned", set())
     with torch.no_grad():

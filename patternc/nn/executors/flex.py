@@ -87,10 +87,16 @@ def _past_recompile_limit(error: Exception) -> bool:
     return bool(limit_hit) and isinstance(error, limit_hit)
 
 
-def _recompile_limit() -> int:
+_LIMIT_SETTINGS = ("recompile_limit", "cache_size_limit")
+"""Dynamo's recompile limit: torch >= 2.7's name, then the older one."""
+
+
+def _recompile_limit() -> tuple[str, int]:
+    """The limit's setting in this torch and its value."""
     import torch._dynamo.config as dynamo_config
 
-    return int(getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", 0)))
+    name = next(n for n in _LIMIT_SETTINGS if hasattr(dynamo_config, n))
+    return name, int(getattr(dynamo_config, name))
 
 
 def _raise_recompile_limit(at_least: int) -> None:
@@ -103,7 +109,7 @@ def _raise_recompile_limit(at_least: int) -> None:
     ``cache_size_limit`` the older one."""
     import torch._dynamo.config as dynamo_config
 
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in _LIMIT_SETTINGS:
         if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < at_least:
             setattr(dynamo_config, name, at_least)
 
@@ -265,10 +271,10 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     except Exception as error:
         if not _past_recompile_limit(error):
             raise
-        limit = _recompile_limit()
+        setting, limit = _recompile_limit()
         reason = (
             f"a shape past Dynamo's recompile limit ({limit} kernels; raise "
-            "torch._dynamo.config.recompile_limit to compile more)"
+            f"torch._dynamo.config.{setting} to compile more)"
         )
         return run_as_batched(inputs, "flex", reason, _warned)
     return out if out.shape[1] == n_queries else out[:, :n_queries]
