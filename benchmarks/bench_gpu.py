@@ -250,6 +250,12 @@ def measure(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
 
+def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
+    """FlexAttention's ``bwd_``-prefixed ``kernel_options`` for these tiles."""
+    tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
+    return {f"bwd_{key}": value for key, value in {**tiles, "num_warps": warps, "num_stages": stages}.items()}
+
+
 def kernel_options_sweep(args: argparse.Namespace) -> None:
     """FlexAttention ``kernel_options`` on the AB-UPT layouts (bf16): forward
     tiles (``fwd_`` keys) timed forward, backward tiles (``bwd_`` keys, with
@@ -268,9 +274,7 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
     }
 
     def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
-        tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
-        tiles |= {"num_warps": warps, "num_stages": stages}
-        return {**_HALF_KERNEL_OPTIONS, **{f"bwd_{key}": value for key, value in tiles.items()}}
+        return {**_HALF_KERNEL_OPTIONS, **backward_tiles(m1, n1, m2, n2, warps, stages)}
 
     backward: dict[str, dict[str, int] | None] = {
         "default": None,
@@ -328,19 +332,13 @@ def fp32_backward_sweep(args: argparse.Namespace) -> None:
 
     flex = compiled_kernel()
 
-    def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
-        tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}
-        return {
-            f"bwd_{key}": value for key, value in {**tiles, "num_warps": warps, "num_stages": stages}.items()
-        }
-
     options: dict[str, dict[str, int] | None] = {
         "default (16/16/16/16 w4 s1)": None,
-        "bwd 32/32/32/32 w4 s1": bwd(32, 32, 32, 32, 4, 1),
-        "bwd 32/64/64/32 w4 s1": bwd(32, 64, 64, 32, 4, 1),
-        "bwd 64/64/64/64 w4 s1": bwd(64, 64, 64, 64, 4, 1),
-        "bwd 64/64/64/64 w8 s1": bwd(64, 64, 64, 64, 8, 1),
-        "bwd 32/64/64/32 w4 s2": bwd(32, 64, 64, 32, 4, 2),
+        "bwd 32/32/32/32 w4 s1": backward_tiles(32, 32, 32, 32, 4, 1),
+        "bwd 32/64/64/32 w4 s1": backward_tiles(32, 64, 64, 32, 4, 1),
+        "bwd 64/64/64/64 w4 s1": backward_tiles(64, 64, 64, 64, 4, 1),
+        "bwd 64/64/64/64 w8 s1": backward_tiles(64, 64, 64, 64, 8, 1),
+        "bwd 32/64/64/32 w4 s2": backward_tiles(32, 64, 64, 32, 4, 2),
     }
     print(f"\n{'flex float32 backward tiles':<30} {'options':<28} {'ms':>9} {'TFLOP/s':>8}  grads vs default")
     for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT") and "1k+4k" in name]:
