@@ -324,24 +324,53 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
                 )
 
 
-def fp32_backward_sweep(args: argparse.Namespace) -> None:
-    """FlexAttention backward tiles in float32 (torch's default there is
-    16/16/16/16, 1 stage, 4 warps) on the 10k AB-UPT layouts, timed
-    forward+backward, each checked against the default's gradients."""
+def fp32_sweep(args: argparse.Namespace) -> None:
+    """FlexAttention in float32 on AB-UPT self-anchor 2x(1k+4k): the products'
+    precision (``FLOAT32_PRECISION``: torch's ``'ieee'`` by default, ``'tf32x3'``
+    three TF32 products per float32 one, ``'tf32'`` one) and backward tiles
+    (torch's float32 default is 16/16/16/16, 1 stage, 4 warps), timed forward
+    and forward+backward, output and gradients checked against torch's
+    default (``'ieee'``, default tiles)."""
     from patternc.nn.executors.flex import _pad_heads_first, flex_tables
 
     flex = compiled_kernel()
 
-    options: dict[str, dict[str, int] | None] = {
-        "default (16/16/16/16 w4 s1)": None,
-        "bwd 32/32/32/32 w4 s1": backward_tiles(32, 32, 32, 32, 4, 1),
-        "bwd 32/64/64/32 w4 s1": backward_tiles(32, 64, 64, 32, 4, 1),
-        "bwd 64/64/64/64 w4 s1": backward_tiles(64, 64, 64, 64, 4, 1),
-        "bwd 64/64/64/64 w8 s1": backward_tiles(64, 64, 64, 64, 8, 1),
-        "bwd 32/64/64/32 w4 s2": backward_tiles(32, 64, 64, 32, 4, 2),
+    def precision(name: str) -> dict[str, object]:
+        return {"FLOAT32_PRECISION": f"'{name}'"}
+
+    options: dict[str, dict[str, object] | None] = {
+        "ieee, default tiles": None,
+        "ieee, bwd 64/64/64/64 w8 s1": {**precision("ieee"), **backward_tiles(64, 64, 64, 64, 8, 1)},
+        "tf32x3, default tiles": precision("tf32x3"),
+        "tf32x3, bwd 64/64/64/64 w8 s1": {**precision("tf32x3"), **backward_tiles(64, 64, 64, 64, 8, 1)},
+        "tf32x3, bwd 32/64/64/32 w4 s2": {**precision("tf32x3"), **backward_tiles(32, 64, 64, 32, 4, 2)},
+        "tf32x3, bwd 64/64/64/64 w4 s2": {**precision("tf32x3"), **backward_tiles(64, 64, 64, 64, 4, 2)},
+        "tf32x3, bwd 32/32/32/32 w4 s2": {**precision("tf32x3"), **backward_tiles(32, 32, 32, 32, 4, 2)},
+        "tf32x3, fwd M64 N64 w4 s2, bwd 64/64/64/64 w8 s1": {
+            **precision("tf32x3"),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
+            "fwd_BLOCK_M": 64,
+            "fwd_BLOCK_N": 64,
+            "fwd_num_warps": 4,
+            "fwd_num_stages": 2,
+        },
+        "tf32x3, fwd M128 N64 w8 s2, bwd 64/64/64/64 w8 s1": {
+            **precision("tf32x3"),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
+            "fwd_BLOCK_M": 128,
+            "fwd_BLOCK_N": 64,
+            "fwd_num_warps": 8,
+            "fwd_num_stages": 2,
+        },
+        "tf32 (one product), bwd 64/64/64/64 w8 s1": {
+            **precision("tf32"),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
+        },
     }
-    print(f"\n{'flex float32 backward tiles':<30} {'options':<28} {'ms':>9} {'TFLOP/s':>8}  grads vs default")
-    for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT") and "1k+4k" in name]:
+    print(
+        f"\n{'flex float32':<30} {'options':<50} {'fwd ms':>8} {'f+b ms':>8} {'TF/s f+b':>8}  out, grads vs ieee default"
+    )
+    for layout_name in [name for name in LAYOUTS if "self-anchor 2x(1k+4k)" in name]:
         plan, sizes = LAYOUTS[layout_name]()
         schedule = schedule_for(plan.token_specs(sizes), plan)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
@@ -357,28 +386,36 @@ def fp32_backward_sweep(args: argparse.Namespace) -> None:
         reference: list[Tensor] = []
         for label, opts in options.items():
 
+            def forward(
+                opts: dict[str, object] | None = opts,
+                qkv: tuple[Tensor, ...] = (q, k, v),
+                mask: object = mask,
+            ) -> Tensor:
+                return flex(*(t.detach() for t in qkv), block_mask=mask, kernel_options=opts)
+
             def step(
-                opts: dict[str, int] | None = opts,
-                q: Tensor = q,
-                k: Tensor = k,
-                v: Tensor = v,
+                opts: dict[str, object] | None = opts,
+                qkv: tuple[Tensor, ...] = (q, k, v),
                 mask: object = mask,
             ) -> None:
-                out = flex(q, k, v, block_mask=mask, kernel_options=opts)
+                out = flex(*qkv, block_mask=mask, kernel_options=opts)
                 out.backward(torch.ones_like(out))
 
             try:
                 q.grad = k.grad = v.grad = None
+                out = forward()
                 step()
-                grads = [t.grad.clone() for t in (q, k, v)]  # type: ignore[union-attr]
-                reference = reference or grads
-                diff = max(float((g - r).norm() / r.norm()) for g, r in zip(grads, reference))
+                results = [out, *(t.grad.clone() for t in (q, k, v))]  # type: ignore[union-attr]
+                reference = reference or results
+                diffs = [float((r - ref).norm() / ref.norm()) for r, ref in zip(results, reference)]
+                fwd_ms = cuda_ms(forward, args.repeat)
                 ms = cuda_ms(step, args.repeat)
             except Exception as error:
-                print(f"{layout_name:<30} {label:<28} failed: {type(error).__name__}"[:140])
+                print(f"{layout_name:<30} {label:<50} failed: {type(error).__name__}: {error}"[:200])
                 continue
             print(
-                f"{layout_name:<30} {label:<28} {ms:>9.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}  {diff:.1e}",
+                f"{layout_name:<30} {label:<50} {fwd_ms:>8.3f} {ms:>8.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}  "
+                f"{diffs[0]:.1e}, {max(diffs[1:]):.1e}",
                 flush=True,
             )
 
@@ -431,7 +468,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the two smallest layouts only")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the kernel_options table")
-    parser.add_argument("--sweep-fp32", action="store_true", help="only the float32 backward-tile table")
+    parser.add_argument(
+        "--sweep-fp32", action="store_true", help="only the float32 precision and backward-tile table"
+    )
     parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
     parser.add_argument("--variants", nargs="+", help="executor rows to run (ideal and ceiling always run)")
     parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
@@ -450,7 +489,7 @@ def main() -> None:
         profile_layout(args)
         return
     if args.sweep_fp32:
-        fp32_backward_sweep(args)
+        fp32_sweep(args)
         return
     if not args.sweep_only:
         measure(args)

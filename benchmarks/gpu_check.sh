@@ -6,11 +6,13 @@
 #   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
-#   sweep_fp32 FlexAttention float32 backward tiles                  ~1 min
+#   sweep_fp32 FlexAttention float32: product precision and tiles  ~3 min
 #   shapes     flex layout after layout in one process (static shapes
 #              hold their speed; recompile reasons in the stderr file) ~3 min
 #   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
 #   host       host time per call, executors and whole layers       ~1 min
+#   timeline   single calls profiled: GPU idle gaps and the host ops
+#              under them, ideal against the executors (10k AB-UPT) ~1 min
 #   kernels    varlen and flex kernel choices side by side          ~2 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
@@ -50,7 +52,7 @@ sweep() {
   python3 benchmarks/bench_gpu.py --repeat 15 --sweep-only 2>&1 | grep -v "^W1" | tee "$OUT/flex_kernel_options.txt"
 }
 sweep_fp32() {
-  python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_fp32_backward_tiles.txt"
+  python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_fp32_precision_tiles.txt"
 }
 shapes() {
   python3 benchmarks/bench_kernels.py --parts shapes 2> "$OUT/kernels_flex_shapes_stderr.txt" | tee "$OUT/kernels_flex_shapes.txt"
@@ -60,6 +62,9 @@ profile() {
 }
 host() {
   python3 benchmarks/bench_host.py 2>&1 | tee "$OUT/host_per_call.txt"
+}
+timeline() {
+  python3 benchmarks/bench_timeline.py --traces "$OUT/traces" 2>&1 | grep -v "^W1" | tee "$OUT/timeline.txt"
 }
 kernels() {
   python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
@@ -78,7 +83,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host kernels step distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels step distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"

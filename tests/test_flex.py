@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -343,23 +344,50 @@ def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: 
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("hopper", [True, False])
+@pytest.fixture
+def matmul_precision() -> Iterator[Callable[[str], None]]:
+    """Sets torch's float32 matmul precision for one test and puts it back."""
+    matmul = torch.backends.cuda.matmul
+    previous = getattr(matmul, "fp32_precision", None)
+
+    def set_to(value: str) -> None:
+        if previous is None:  # torch < 2.9: only the old switch
+            if value != "none":
+                torch.set_float32_matmul_precision("high" if value == "tf32" else "highest")
+            return
+        matmul.fp32_precision = value
+
+    yield set_to
+    if previous is not None:
+        matmul.fp32_precision = previous
+    else:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (7, 5)])
 @pytest.mark.parametrize(
     ("dtype", "head_dim"),
     [(torch.bfloat16, 64), (torch.float16, 32), (torch.bfloat16, 128), (torch.bfloat16, 256),
      (torch.float32, 64), (torch.float32, 32)],
 )  # fmt: skip
 def test_kernel_options_are_the_measured_tiles_only_where_measured(
-    monkeypatch: pytest.MonkeyPatch, hopper: bool, dtype: torch.dtype, head_dim: int
+    monkeypatch: pytest.MonkeyPatch,
+    matmul_precision: Callable[[str], None],
+    capability: tuple[int, int],
+    dtype: torch.dtype,
+    head_dim: int,
 ) -> None:
     """Forward tiles for half precision up to head_dim 128; the backward tiles
     swept on an H200 only on Hopper, at the head sizes they were measured on;
-    torch's own tiles everywhere else (None), and never on CPU."""
+    three-TF32 products for float32 from Ampere on, while torch's precision
+    is untouched; torch's own options everywhere else (None), never on CPU."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(flex, "_HOPPER", {0: hopper})
+    matmul_precision("none")
+    monkeypatch.setattr(flex, "_CAPABILITY", {0: capability})
     q = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), device=torch.device("cuda", 0))
     options = flex._kernel_options(q)  # type: ignore[arg-type]
+    hopper = capability[0] == 9
     half = dtype != torch.float32
     forward = options is not None and "fwd_BLOCK_M" in options
     backward = options is not None and "bwd_BLOCK_M1" in options
@@ -368,7 +396,26 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     if backward:
         assert options is not None
         assert options["bwd_BLOCK_M1"] == (32 if half else 64)
+    products = options is not None and "FLOAT32_PRECISION" in options
+    untouched_known = getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None
+    assert products == (not half and capability[0] >= 8 and untouched_known)
+    if products:
+        assert options is not None and options["FLOAT32_PRECISION"] == "'tf32x3'"
+    assert flex._kernel_options(q) is options  # the same dict each call: one compiled graph
     assert flex._kernel_options(torch.zeros(1, 8, 2, head_dim, dtype=dtype)) is None  # CPU
+
+
+@pytest.mark.parametrize(("setting", "products"), [("none", "'tf32x3'"), ("ieee", None), ("tf32", None)])
+def test_float32_products_follow_torchs_setting(
+    matmul_precision: Callable[[str], None], setting: str, products: str | None
+) -> None:
+    """Untouched, float32 products are three TF32 ones; an explicit IEEE
+    setting keeps IEEE products and an allowed TF32 keeps torch's plain TF32
+    (both by leaving the choice to torch)."""
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
+        pytest.skip("torch < 2.9 has no untouched state to tell from an explicit 'highest'")
+    matmul_precision(setting)
+    assert flex._float32_products() == products
 
 
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
@@ -377,7 +424,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 AB_PC = open("examples/ab_upt.pc").read()
 
 
-def _gpu_case(plan: patternc.Plan, sizes: dict[str, int], padded: bool, seed: int) -> None:
+def _gpu_case(
+    plan: patternc.Plan, sizes: dict[str, int], padded: bool, seed: int, tolerance: float = 1e-5
+) -> None:
     """flex (compiled, on CUDA) forward and backward against the float64 CPU reference
     (head_dim 16: FlexAttention's GPU kernels need at least 16)."""
     module = make(plan, "flex", seed, dim=32)
@@ -396,22 +445,38 @@ def _gpu_case(plan: patternc.Plan, sizes: dict[str, int], padded: bool, seed: in
     out, _ = gpu(xg, sizes, key_padding_mask=mask.cuda() if mask is not None else None)
     (out * weight.cuda()).sum().backward()
     assert torch.isfinite(out).all()
-    assert relative_error(out.cpu(), expected) < 1e-5
+    assert relative_error(out.cpu(), expected) < tolerance
     grads = [xg.grad] + [p.grad for p in gpu.parameters()]
     for got, want in zip(grads, ref_grads):
         assert got is not None and want is not None
-        assert relative_error(got.cpu(), want) < 1e-5
+        assert relative_error(got.cpu(), want) < tolerance
 
 
 @cuda
 @pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
 @pytest.mark.parametrize(("anchors", "queries"), [(1, 7), (7, 129), (129, 1)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_gpu_flex_forward_backward(pattern: str, anchors: int, queries: int, padded: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_gpu_flex_forward_backward(
+    matmul_precision: Callable[[str], None], pattern: str, anchors: int, queries: int, padded: bool
+) -> None:
+    """With torch's precision untouched: float32 products as three TF32 ones."""
+    matmul_precision("none")
     plan = patternc.compile(AB_PC).patterns[pattern]
     sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
     _gpu_case(plan, sizes, padded, seed=anchors * 1000 + queries)
+
+
+@cuda
+@pytest.mark.parametrize("products", ["ieee", "tf32"])
+def test_gpu_flex_float32_products_as_torch_sets_them(
+    matmul_precision: Callable[[str], None], products: str
+) -> None:
+    """IEEE products when torch is told so; TF32 when allowed (a looser
+    tolerance: one TF32 product keeps 10 mantissa bits)."""
+    matmul_precision(products)
+    plan = patternc.compile(AB_PC).patterns["joint"]
+    sizes = {"surface_anchors": 7, "surface_queries": 129, "volume_anchors": 7, "volume_queries": 129}
+    _gpu_case(plan, sizes, padded=True, seed=3, tolerance=1e-5 if products == "ieee" else 5e-3)
 
 
 @cuda

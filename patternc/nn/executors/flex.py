@@ -118,7 +118,16 @@ def _attend_fn() -> Callable[..., Tensor]:
     return _compiled_attend() if _use_compiled else _attend
 
 
-_HALF_KERNEL_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+KernelOptions = dict[str, int | str]
+"""FlexAttention ``kernel_options``: tiles, warps, stages, product precision."""
+
+
+_HALF_KERNEL_OPTIONS: KernelOptions = {
+    "fwd_BLOCK_M": 128,
+    "fwd_BLOCK_N": 64,
+    "fwd_num_warps": 4,
+    "fwd_num_stages": 3,
+}
 """Forward tile for half precision on CUDA, from ``benchmarks/bench_gpu.py``'s
 sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
 2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles;
@@ -127,7 +136,7 @@ torch's default 255 and 269). The ``fwd_`` prefix (torch >= 2.6) keeps
 these options out of the backward kernels: unprefixed, the warps and
 stages reached them too and made forward+backward 2.5-4x slower."""
 
-_HOPPER_BACKWARD_OPTIONS = {
+_HOPPER_BACKWARD_OPTIONS: KernelOptions = {
     "bwd_BLOCK_M1": 32,
     "bwd_BLOCK_N1": 128,
     "bwd_BLOCK_M2": 128,
@@ -143,7 +152,7 @@ at 117, so these stay on the GPU and head size they were measured on."""
 
 _HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
 
-_HOPPER_FLOAT32_OPTIONS = {
+_HOPPER_FLOAT32_OPTIONS: KernelOptions = {
     "bwd_BLOCK_M1": 64,
     "bwd_BLOCK_N1": 64,
     "bwd_BLOCK_M2": 64,
@@ -157,25 +166,55 @@ _HOPPER_FLOAT32_OPTIONS = {
 default of 16/16/16/16, 4 warps, 1 stage; gradients bitwise equal to the
 default's. Only the head size it was measured on: others keep torch's."""
 
-_HOPPER: dict[int, bool] = {}
-"""CUDA device index -> whether it is sm_90 (asked once per device)."""
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+"""CUDA device index -> its compute capability (asked once per device)."""
 
 
-def _kernel_options(q: Tensor) -> dict[str, int] | None:
-    """The tiles measured best for this dtype, head size and GPU (None: torch's)."""
-    if not q.is_cuda:
-        return None
-    head_dim = q.shape[-1]
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if not (half and head_dim <= 128) and not (q.dtype == torch.float32 and head_dim == 64):
+def _float32_products() -> str | None:
+    """The float32 products' precision to ask of the kernel (None: torch's).
+
+    Left to itself, torch's FlexAttention computes float32 products in IEEE
+    arithmetic on CUDA cores, several times slower than the SDPA kernels it
+    stands beside. ``'tf32x3'`` splits each factor into two TF32 halves and
+    sums three tensor-core products: close to float32's accuracy at
+    tensor-core speed. patternc asks for it only while torch's float32
+    matmul precision is untouched (``torch.backends.cuda.matmul.fp32_precision``
+    ``'none'``, matmul precision ``'highest'``, torch >= 2.9): an explicit
+    ``'ieee'`` gets IEEE products, and an allowed TF32 gets torch's plain TF32."""
+    matmul = torch.backends.cuda.matmul
+    untouched = getattr(matmul, "fp32_precision", None) == "none"
+    return "'tf32x3'" if untouched and torch.get_float32_matmul_precision() == "highest" else None
+
+
+def _kernel_options(q: Tensor) -> KernelOptions | None:
+    """The tiles measured best for this dtype, head size and GPU, and float32's
+    product precision (None: torch's own everywhere)."""
+    if not q.is_cuda or torch.version.hip:
         return None
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    hopper = _HOPPER.get(index)
-    if hopper is None:
-        hopper = _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
-    if not half:
-        return _HOPPER_FLOAT32_OPTIONS if hopper else None
-    return _HOPPER_HALF_OPTIONS if hopper and head_dim <= 64 else _HALF_KERNEL_OPTIONS
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    hopper = capability[0] == 9
+    head_dim = q.shape[-1]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        if head_dim > 128:
+            return None
+        return _HOPPER_HALF_OPTIONS if hopper and head_dim <= 64 else _HALF_KERNEL_OPTIONS
+    if q.dtype != torch.float32:
+        return None
+    products = _float32_products() if capability[0] >= 8 else None
+    return _float32_options(hopper and head_dim == 64, products)
+
+
+@functools.cache
+def _float32_options(hopper_tiles: bool, products: str | None) -> KernelOptions | None:
+    """One options dict per choice, so calls hand the compiled graph equal
+    (and identical) options."""
+    options: KernelOptions = dict(_HOPPER_FLOAT32_OPTIONS) if hopper_tiles else {}
+    if products is not None:
+        options["FLOAT32_PRECISION"] = products
+    return options or None
 
 
 def flex_tables(
@@ -287,7 +326,7 @@ def _attend(
     block_mask: BlockMask,
     score_mod: ScoreMod | None,
     scale: float | None,
-    kernel_options: dict[str, int] | None,
+    kernel_options: KernelOptions | None,
     q_group: Tensor,
     kv_group: Tensor,
     allowed: Tensor,
