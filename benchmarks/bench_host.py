@@ -199,7 +199,7 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
     q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
     choose(inputs)
-    key = (id(layout), tuple(q.shape), q.dtype, q.device, True)
+    key = (id(layout), tuple(q.shape), q.dtype, q.device, True, False)
     parts: dict[str, Callable[[], object]] = {
         "choose(inputs)": functools.partial(choose, inputs),
         "_compiling()": _compiling,

@@ -102,7 +102,11 @@ def analyse(trace: dict[str, object], marker: str) -> list[CallTimes]:
     """Per-call times from a chrome trace whose calls are wrapped in
     ``record_function(marker + index)``."""
     events = [e for e in trace["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X"]  # type: ignore[union-attr]
-    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if str(e.get("name", "")).startswith(marker))
+    calls = sorted(  # the host's record: the GPU's copy ("gpu_user_annotation") starts at its first kernel
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(marker)
+    )
     gpu = [Span(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in _GPU_CATEGORIES]
     by_thread: dict[object, list[Span]] = collections.defaultdict(list)
     for e in events:

@@ -379,8 +379,9 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
 ) -> None:
     """Forward tiles for half precision up to head_dim 128; the backward tiles
     swept on an H200 only on Hopper, at the head sizes they were measured on;
-    three-TF32 products for float32 from Ampere on, while torch's precision
-    is untouched; torch's own options everywhere else (None), never on CPU."""
+    float32's product precision (three TF32 products from Ampere on while
+    torch's setting is untouched), with tiles for it on Hopper at head_dim
+    64; torch's own options everywhere else (None), and never on CPU."""
     from types import SimpleNamespace
 
     matmul_precision("none")
@@ -391,27 +392,47 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     half = dtype != torch.float32
     forward = options is not None and "fwd_BLOCK_M" in options
     backward = options is not None and "bwd_BLOCK_M1" in options
+    products = options is not None and "FLOAT32_PRECISION" in options
     assert forward == (half and head_dim <= 128)
     assert backward == (hopper and head_dim <= 64 and (half or head_dim == 64))
+    assert products == (not half)
     if backward:
         assert options is not None
-        assert options["bwd_BLOCK_M1"] == (32 if half else 64)
-    products = options is not None and "FLOAT32_PRECISION" in options
-    untouched_known = getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None
-    assert products == (not half and capability[0] >= 8 and untouched_known)
+        assert options["bwd_BLOCK_M1"] == (64 if half else 32)
     if products:
-        assert options is not None and options["FLOAT32_PRECISION"] == "'tf32x3'"
+        tensor_cores = "'tf32x3'" if capability[0] >= 8 else "'ieee'"  # no TF32 before Ampere
+        assert options is not None and options["FLOAT32_PRECISION"] == tensor_cores
     assert flex._kernel_options(q) is options  # the same dict each call: one compiled graph
     assert flex._kernel_options(torch.zeros(1, 8, 2, head_dim, dtype=dtype)) is None  # CPU
 
 
-@pytest.mark.parametrize(("setting", "products"), [("none", "'tf32x3'"), ("ieee", None), ("tf32", None)])
+@pytest.mark.parametrize("products", ["'ieee'", "'tf32'"])
+def test_float32_tiles_follow_the_products(
+    monkeypatch: pytest.MonkeyPatch, matmul_precision: Callable[[str], None], products: str
+) -> None:
+    """IEEE products keep the CUDA-core tiles swept for them; TF32 ones the tensor-core tiles."""
+    from types import SimpleNamespace
+
+    matmul_precision(products.strip("'"))
+    monkeypatch.setattr(flex, "_CAPABILITY", {0: (9, 0)})
+    q = SimpleNamespace(
+        is_cuda=True, dtype=torch.float32, shape=(1, 8, 2, 64), device=torch.device("cuda", 0)
+    )
+    options = flex._kernel_options(q)  # type: ignore[arg-type]
+    assert options is not None and options["FLOAT32_PRECISION"] == products
+    assert (options["bwd_BLOCK_M1"], options["bwd_num_warps"]) == (
+        (64, 8) if products == "'ieee'" else (32, 4)
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "products"), [("none", "'tf32x3'"), ("ieee", "'ieee'"), ("tf32", "'tf32'")]
+)
 def test_float32_products_follow_torchs_setting(
-    matmul_precision: Callable[[str], None], setting: str, products: str | None
+    matmul_precision: Callable[[str], None], setting: str, products: str
 ) -> None:
     """Untouched, float32 products are three TF32 ones; an explicit IEEE
-    setting keeps IEEE products and an allowed TF32 keeps torch's plain TF32
-    (both by leaving the choice to torch)."""
+    setting keeps IEEE products and an allowed TF32 plain TF32 ones."""
     if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
         pytest.skip("torch < 2.9 has no untouched state to tell from an explicit 'highest'")
     matmul_precision(setting)

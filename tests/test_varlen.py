@@ -99,12 +99,57 @@ def test_cost_model_ranks_layouts_sensibly() -> None:
     """Many small documents: one varlen launch beats dozens of SDPA launches;
     a dense layout: dense attention is never worse than masking it."""
     docs = schedule_for(DOCS.token_specs({f"doc{i}": 300 + 7 * i for i in range(64)}), DOCS)
-    ranked = [e.backend for e in _estimates(docs, 1, 12, 64, torch.device("cpu"), True, True)]
-    assert ranked[0] == "varlen" and ranked[-1] == "dense"
+    for training in (False, True):
+        ranked = [e.backend for e in _estimates(docs, 1, 12, 64, torch.device("cpu"), True, True, training)]
+        assert ranked[0] == "varlen" and ranked[-1] == "dense"
     full = patternc.compile("groups a b\n* -> *").patterns["default"]
     dense = schedule_for(full.token_specs({"a": 512, "b": 512}), full)
     ranked = [e.backend for e in _estimates(dense, 1, 12, 64, torch.device("cpu"), True, False)]
     assert ranked.index("dense") < ranked.index("flex")
+
+
+@pytest.mark.parametrize("pattern", ["self_anchor", "joint"])
+def test_cost_model_prices_the_backward_in_float32(pattern: str) -> None:
+    """float32 on AB-UPT 2x(1k+4k): flex with three-TF32 products leads
+    forward and trails forward+backward (H200: 0.85-0.90x and 1.34x of
+    ideal, batched 0.96-1.03x and 0.99-1.03x); with IEEE products it trails both."""
+    plan = AB[pattern]
+    layout = schedule_for(plan.token_specs(ab_sizes(1024, 4096)), plan)
+
+    def first(training: bool, products: str) -> str:
+        args = (layout, 1, 12, 64, torch.device("cuda"), False, False, training, products)
+        return _estimates(*args)[0].backend
+
+    assert first(False, "'tf32x3'") == "flex"
+    assert first(True, "'tf32x3'") == "batched"
+    assert first(False, "'ieee'") == first(True, "'ieee'") == "batched"
+
+
+def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that will be differentiated and one that will not are priced
+    and memoised apart (a no-grad call reuses none of a training pick)."""
+    from patternc.nn.executors import auto
+
+    priced = []
+
+    def candidates(*args: object) -> tuple[auto.Estimate, ...]:
+        priced.append(args[-1])
+        return (auto.Estimate("flex" if args[-1] else "batched", 0.0),)
+
+    monkeypatch.setattr(auto, "_candidates", candidates)
+    auto.PICKS.clear()
+    plan = AB["joint"]
+    schedule = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
+    q = torch.randn(1, 18, 2, 8, requires_grad=True)
+    inputs = AttentionInputs(q, q, q, schedule, {}, None, 0.0, None)
+    assert choose(inputs) == "flex"
+    with torch.no_grad():
+        assert choose(inputs) == "batched"
+    frozen = q.detach()
+    assert choose(AttentionInputs(frozen, frozen, frozen, schedule, {}, None, 0.0, None)) == "batched"
+    assert choose(inputs) == "flex"
+    assert priced == [True, False]  # each condition priced once, then memoised
+    auto.PICKS.clear()
 
 
 # ---------------------------------------------------------------- on a GPU

@@ -3,8 +3,11 @@
 The model predicts each candidate's time from what the layout knows
 (tokens, calls, launches, allowed score entries, tokens that must be copied)
 and the device and dtype, with per-backend launch costs and attention
-throughputs measured on an H100 (``benchmarks/bench_gpu.py``; see
-``docs/performance.md``). Only executors that run the layout natively are
+throughputs measured with ``benchmarks/bench_gpu.py`` (see
+``docs/performance.md``), forward alone or forward and backward: a call
+that will be differentiated is priced with each backend's backward too,
+since the ranking can flip (float32 ``flex`` leads forward and trails
+forward+backward). Only executors that run the layout natively are
 candidates: ``varlen`` needs CUDA, half precision and no padding, dropout or
 ALiBi; ``flex`` needs CUDA. On CPU the answer is ``batched``. The choice is
 cached per (layout, device, dtype, conditions) and reported by
@@ -24,7 +27,7 @@ from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
-from patternc.nn.executors.flex import run_flex
+from patternc.nn.executors.flex import float32_products, run_flex
 from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
@@ -35,22 +38,27 @@ __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 @dataclass(frozen=True)
 class _Rates:
     launch_s: float  # per kernel launch and its Python
-    flops_per_s: float  # attention FLOP/s on allowed entries (forward)
+    flops_per_s: float  # attention FLOP/s on the entries it computes (forward)
+    backward: float  # forward+backward time over forward time, launches aside
 
 
-# H100, bf16, head_dim 64 (benchmarks/bench_gpu.py); float32 runs SDPA's
-# math/efficient kernels and flex at a fraction of that.
+# bf16, head_dim 64: forward rates from an H100, backward ratios from an H200
+# at 2x(8k+24k) AB-UPT tokens and 64 documents (benchmarks/bench_gpu.py).
 _HALF = {
-    "batched": _Rates(25e-6, 380e12),
-    "varlen": _Rates(40e-6, 290e12),
-    "flex": _Rates(60e-6, 250e12),
-    "dense": _Rates(25e-6, 420e12),
+    "batched": _Rates(25e-6, 380e12, 3.5),
+    "varlen": _Rates(40e-6, 290e12, 4.0),
+    "flex": _Rates(60e-6, 250e12, 3.6),
+    "dense": _Rates(25e-6, 420e12, 3.5),
 }
+# float32, head_dim 64, H200 at 2x(1k+4k) AB-UPT tokens: SDPA's efficient
+# kernel; flex with three-TF32 products (faster forward, slower backward)
+# or, where torch is set to IEEE products, on CUDA cores.
 _FLOAT = {
-    "batched": _Rates(25e-6, 45e12),
-    "flex": _Rates(60e-6, 35e12),
-    "dense": _Rates(25e-6, 45e12),
+    "batched": _Rates(25e-6, 32e12, 4.2),
+    "flex": _Rates(60e-6, 43e12, 6.5),
+    "dense": _Rates(25e-6, 32e12, 4.2),
 }
+_FLOAT_FLEX_IEEE = _Rates(60e-6, 20e12, 7.1)
 _COPY_BYTES_PER_S = 1.5e12
 
 
@@ -86,31 +94,42 @@ def _estimates(
     device: torch.device,
     half: bool,
     native_varlen: bool,
+    training: bool = False,
+    flex_products: str = "'tf32x3'",
 ) -> tuple[Estimate, ...]:
+    """Predicted times, fastest first: forward alone, or forward and backward
+    when ``training`` (compute by each backend's backward ratio; launches
+    and copies twice: the backward re-reads what the forward gathered).
+    ``flex_products`` is the precision of flex's float32 products."""
     allowed, masked, dense, copied = _entries(layout)
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
-    rates = _HALF if half else _FLOAT
+    rates = dict(_HALF if half else _FLOAT)
+    if not half and flex_products == "'ieee'":
+        rates["flex"] = _FLOAT_FLEX_IEEE
     out = []
     for name, rate in rates.items():
         if name == "varlen" and not native_varlen:
             continue
+        launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
         if name == "batched":
             launches = len(layout.launches)
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
-            seconds = launches * rate.launch_s + masked * flop / rate.flops_per_s + copy
+            entries = masked
         elif name == "varlen":
             plan = _launches(layout, batch, device)
             assert not isinstance(plan, str)
             gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
-            copy = gathered * heads * dim * elem / _COPY_BYTES_PER_S
-            seconds = len(plan) * rate.launch_s + allowed * flop / rate.flops_per_s + copy
+            launches, copy = len(plan), gathered * heads * dim * elem / _COPY_BYTES_PER_S
+            entries = allowed
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups
-            blocks = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
-            seconds = rate.launch_s + blocks * flop / rate.flops_per_s
+            entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
         else:  # dense: every entry, and an [n, n] mask
-            seconds = rate.launch_s + dense * flop / rate.flops_per_s + dense * batch / _COPY_BYTES_PER_S
+            entries, copy = dense, dense * batch / _COPY_BYTES_PER_S
+        compute = entries * flop / rate.flops_per_s
+        overhead = launches * rate.launch_s + copy
+        seconds = 2 * overhead + rate.backward * compute if training else overhead + compute
         out.append(Estimate(name, seconds))
     return tuple(sorted(out, key=lambda e: e.seconds))
 
@@ -118,15 +137,27 @@ def _estimates(
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     """Predicted times of the candidate executors for these inputs, fastest first."""
     q = inputs.q
-    return _candidates(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs))
+    return _candidates(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs), _training(inputs))
 
 
 def _plain(inputs: AttentionInputs) -> bool:
     return inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
 
 
+def _training(inputs: AttentionInputs) -> bool:
+    """Whether this call will be differentiated (its backward is part of its cost)."""
+    return torch.is_grad_enabled() and (
+        inputs.q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
+    )
+
+
 def _candidates(
-    layout: Layout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+    layout: Layout,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    plain: bool,
+    training: bool,
 ) -> tuple[Estimate, ...]:
     if device.type != "cuda":
         return (Estimate("batched", 0.0),)
@@ -139,7 +170,8 @@ def _candidates(
         and dim % 8 == 0
         and not isinstance(_launches(layout, batch, device), str)
     )
-    args = (layout, batch, heads, dim, device, half, native_varlen)
+    products = "'ieee'" if half else float32_products(device)
+    args = (layout, batch, heads, dim, device, half, native_varlen, training, products)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
@@ -148,7 +180,10 @@ def _candidates(
 
 def choose(inputs: AttentionInputs) -> str:
     """The executor ``auto`` runs for these inputs (memoised per layout, shape,
-    dtype, device and padding/dropout/ALiBi, so a training step pays a lookup).
+    dtype, device, padding/dropout/ALiBi and whether the call will be
+    differentiated, so a training step pays a lookup). The pick is made on a
+    layout's first call under those conditions: a later change of torch's
+    float32 matmul precision does not revisit it.
 
     Under ``torch.compile`` the pick is a constant to Dynamo: it calls
     :func:`_choice_by_id` at trace time instead of tracing the cost model (host
@@ -156,42 +191,52 @@ def choose(inputs: AttentionInputs) -> str:
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
     q = inputs.q
-    args = (tuple(q.shape), q.dtype, q.device, _plain(inputs))
+    args = (tuple(q.shape), q.dtype, q.device, _plain(inputs), _training(inputs))
     if _compiling():
         return _constant_choice(id(inputs.layout), *args)
     return _choice(inputs.layout, *args)
 
 
 PICKS: BoundedCache[tuple[Hashable, ...], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
-"""Key ``(id(layout), shape, dtype, device, plain)`` -> ``(layout, pick)``;
-holding the layout keeps its ``id`` its own while the entry lives."""
+"""Key ``(id(layout), shape, dtype, device, plain, training)`` -> ``(layout,
+pick)``; holding the layout keeps its ``id`` its own while the entry lives."""
 
 
 def _choice(
-    layout: Layout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+    layout: Layout,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    plain: bool,
+    training: bool,
 ) -> str:
-    key = (id(layout), shape, dtype, device, plain)
+    key = (id(layout), shape, dtype, device, plain, training)
     found = PICKS.lookup(key)  # the hot path: one dict lookup
     if found is not None:
         return found[1]
-    pick = _candidates(layout, shape, dtype, device, plain)[0].backend
+    pick = _candidates(layout, shape, dtype, device, plain, training)[0].backend
     return PICKS.get_or_build(key, lambda: (layout, pick))[1]
 
 
 def _choice_by_id(
-    layout_id: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plain: bool
+    layout_id: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    plain: bool,
+    training: bool,
 ) -> str:
     """The pick for the layout with this ``id``: one seen by an eager call or
     one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
     layout built inside the trace and never run eagerly."""
-    found = PICKS.lookup((layout_id, shape, dtype, device, plain))
+    found = PICKS.lookup((layout_id, shape, dtype, device, plain, training))
     if found is not None:
         return found[1]
     layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
-    return "batched" if layout is None else _choice(layout, shape, dtype, device, plain)
+    return "batched" if layout is None else _choice(layout, shape, dtype, device, plain, training)
 
 
-_constant_choice: Callable[[int, tuple[int, ...], torch.dtype, torch.device, bool], str] = (
+_constant_choice: Callable[[int, tuple[int, ...], torch.dtype, torch.device, bool, bool], str] = (
     torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]
 )
 

@@ -33,7 +33,7 @@ from patternc.nn.tables import TABLES
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_mask_builds", "compiled", "flex_tables", "run_flex"]
+__all__ = ["block_mask_builds", "compiled", "flex_tables", "float32_products", "run_flex"]
 
 _builds = 0
 _use_compiled = True
@@ -137,53 +137,81 @@ these options out of the backward kernels: unprefixed, the warps and
 stages reached them too and made forward+backward 2.5-4x slower."""
 
 _HOPPER_BACKWARD_OPTIONS: KernelOptions = {
-    "bwd_BLOCK_M1": 32,
-    "bwd_BLOCK_N1": 128,
-    "bwd_BLOCK_M2": 128,
-    "bwd_BLOCK_N2": 32,
-    "bwd_num_warps": 4,
-    "bwd_num_stages": 3,
-}
-"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
-from the same sweep on an H200: forward+backward 308 -> 343 TFLOP/s on
-self-anchor 2x(8k+24k) and 319 -> 357 on joint, against torch's default
-backward tiles. Tiles matter both ways there: 64/128/128/64 with 4 warps ran
-at 117, so these stay on the GPU and head size they were measured on."""
-
-_HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
-
-_HOPPER_FLOAT32_OPTIONS: KernelOptions = {
     "bwd_BLOCK_M1": 64,
     "bwd_BLOCK_N1": 64,
     "bwd_BLOCK_M2": 64,
     "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 8,
-    "bwd_num_stages": 1,
+    "bwd_num_warps": 4,
+    "bwd_num_stages": 3,
 }
-"""Backward tiles for float32 at head_dim 64 on Hopper, from
-``bench_gpu.py --sweep-fp32`` on an H200: forward+backward 22.3 -> 13.9 ms
-(self-anchor 2x(1k+4k)) and 44.1 -> 27.3 ms (joint) against torch's float32
-default of 16/16/16/16, 4 warps, 1 stage; gradients bitwise equal to the
-default's. Only the head size it was measured on: others keep torch's."""
+"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
+from ``bench_gpu.py``'s sweep on an H200, forward+backward against torch's
+default backward tiles (with the forward tile above): 1.34 -> 1.04 ms on AB-UPT self-anchor 2x(1k+4k),
+1.61 -> 1.52 ms on joint 2x(1k+4k), 308 -> 342 and 319 -> 352 TFLOP/s at
+2x(8k+24k). 32/128/128/32 tied these at 65k tokens but lost 6-16% at 10k.
+Tiles matter both ways: 64/128/128/64 with 4 warps ran at a third of the
+speed, so these stay on the GPU and head sizes they were measured on."""
+
+_HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
+
+
+def _backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
+    tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "num_warps": warps}
+    return {f"bwd_{key}": value for key, value in {**tiles, "num_stages": stages}.items()}
+
+
+_HOPPER_FLOAT32_TILES: dict[str, KernelOptions] = {
+    "'ieee'": _backward_tiles(64, 64, 64, 64, 8, 1),
+    "'tf32x3'": _backward_tiles(32, 32, 32, 32, 4, 2),
+    "'tf32'": _backward_tiles(32, 32, 32, 32, 4, 2),
+}
+"""Backward tiles for float32 at head_dim 64 on Hopper, per product
+precision, from ``bench_gpu.py --sweep-fp32`` on an H200 (self-anchor
+2x(1k+4k), forward+backward; torch's float32 default is 16/16/16/16, 4 warps,
+1 stage): IEEE products 22.4 -> 13.9 ms; three-TF32 products 7.1 -> 4.1 ms.
+Gradients are bitwise equal to the default tiles'. Plain TF32 shares the
+tensor-core tiles. Other head sizes keep torch's tiles."""
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 """CUDA device index -> its compute capability (asked once per device)."""
 
 
-def _float32_products() -> str | None:
-    """The float32 products' precision to ask of the kernel (None: torch's).
+def _float32_products() -> str:
+    """The float32 products' precision for the kernel: torch's own choice,
+    except that an untouched setting gets three-TF32 products.
 
     Left to itself, torch's FlexAttention computes float32 products in IEEE
-    arithmetic on CUDA cores, several times slower than the SDPA kernels it
-    stands beside. ``'tf32x3'`` splits each factor into two TF32 halves and
-    sums three tensor-core products: close to float32's accuracy at
-    tensor-core speed. patternc asks for it only while torch's float32
-    matmul precision is untouched (``torch.backends.cuda.matmul.fp32_precision``
-    ``'none'``, matmul precision ``'highest'``, torch >= 2.9): an explicit
-    ``'ieee'`` gets IEEE products, and an allowed TF32 gets torch's plain TF32."""
+    arithmetic on CUDA cores: 5x slower than the SDPA kernel beside it on an
+    H200. ``'tf32x3'`` splits each factor into two TF32 halves and sums three
+    tensor-core products: 5x faster, within 1.1e-6 of the IEEE result
+    (plain TF32: 2e-3). So it is the default while torch's float32 matmul
+    precision is untouched (``torch.backends.cuda.matmul.fp32_precision`` is
+    ``'none'``, torch >= 2.9). An explicit ``'ieee'`` (or
+    ``torch.set_float32_matmul_precision("highest")``) gets IEEE products and
+    an allowed TF32 gets TF32; before torch 2.9 an untouched setting cannot
+    be told from an explicit one, so torch's IEEE stands."""
     matmul = torch.backends.cuda.matmul
-    untouched = getattr(matmul, "fp32_precision", None) == "none"
-    return "'tf32x3'" if untouched and torch.get_float32_matmul_precision() == "highest" else None
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is not None and setting != "none":  # set for CUDA matmuls (asking the generic one would raise)
+        return "'ieee'" if setting == "ieee" else "'tf32'"
+    highest = torch.get_float32_matmul_precision() == "highest"
+    if setting == "none":
+        return "'tf32x3'" if highest else "'tf32'"
+    return "'ieee'" if highest and not matmul.allow_tf32 else "'tf32'"
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return capability
+
+
+def float32_products(device: torch.device) -> str:
+    """The precision of flex's float32 products on this CUDA device: IEEE
+    before Ampere (no TF32 there), else :func:`_float32_products`."""
+    return _float32_products() if _capability(device)[0] >= 8 else "'ieee'"
 
 
 def _kernel_options(q: Tensor) -> KernelOptions | None:
@@ -191,11 +219,7 @@ def _kernel_options(q: Tensor) -> KernelOptions | None:
     product precision (None: torch's own everywhere)."""
     if not q.is_cuda or torch.version.hip:
         return None
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    hopper = capability[0] == 9
+    hopper = _capability(q.device)[0] == 9
     head_dim = q.shape[-1]
     if q.dtype in (torch.float16, torch.bfloat16):
         if head_dim > 128:
@@ -203,18 +227,14 @@ def _kernel_options(q: Tensor) -> KernelOptions | None:
         return _HOPPER_HALF_OPTIONS if hopper and head_dim <= 64 else _HALF_KERNEL_OPTIONS
     if q.dtype != torch.float32:
         return None
-    products = _float32_products() if capability[0] >= 8 else None
-    return _float32_options(hopper and head_dim == 64, products)
+    return _float32_options(float32_products(q.device), hopper and head_dim == 64)
 
 
 @functools.cache
-def _float32_options(hopper_tiles: bool, products: str | None) -> KernelOptions | None:
-    """One options dict per choice, so calls hand the compiled graph equal
-    (and identical) options."""
-    options: KernelOptions = dict(_HOPPER_FLOAT32_OPTIONS) if hopper_tiles else {}
-    if products is not None:
-        options["FLOAT32_PRECISION"] = products
-    return options or None
+def _float32_options(products: str, hopper_tiles: bool) -> KernelOptions:
+    """One options dict per choice, so calls hand the compiled graph the same options."""
+    tiles = _HOPPER_FLOAT32_TILES[products] if hopper_tiles else {}
+    return {"FLOAT32_PRECISION": products, **tiles}
 
 
 def flex_tables(
