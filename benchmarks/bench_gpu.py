@@ -16,7 +16,10 @@ and the output ``nn.Linear`` at width 768, timed in the same run) to both
 sides: the issue's "within 1.15x of ideal-plus-projections". ``b2b`` times
 ``--b2b`` calls back to back per sample (per call): host time that one call
 alone exposes hides behind kernels there, as it does in a layer stack.
-A second table sweeps FlexAttention ``kernel_options``.
+The rows of one layout and pass are sampled round by round (one sample of
+each per round), so drift in the host's or the GPU's speed over the run
+reaches all of them alike. A second table sweeps FlexAttention
+``kernel_options``, its rows interleaved the same way.
 
 Run: ``python benchmarks/bench_gpu.py [--dtypes bf16 fp32] [--repeat 20] [--quick]``
 """
@@ -24,6 +27,7 @@ Run: ``python benchmarks/bench_gpu.py [--dtypes bf16 fp32] [--repeat 20] [--quic
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import warnings
@@ -70,6 +74,17 @@ LAYOUTS: dict[str, Callable[[], tuple[patternc.Plan, dict[str, int]]]] = {
 }
 
 
+def _sample_ms(fn: Callable[[], object], calls: int) -> float:
+    """One sample: ``calls`` runs of ``fn`` between two events, per run."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / calls
+
+
 def cuda_ms(fn: Callable[[], object], repeat: int, calls: int = 1) -> float:
     """Median GPU time of ``fn`` between two events. With ``calls > 1`` each
     sample runs ``fn`` that many times back to back and is divided by it: the
@@ -78,16 +93,30 @@ def cuda_ms(fn: Callable[[], object], repeat: int, calls: int = 1) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
+    return statistics.median(_sample_ms(fn, calls) for _ in range(repeat))
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], repeat: int, calls: int = 1
+) -> dict[str, float | Exception]:
+    """:func:`cuda_ms` of several rows, sampled round by round (one sample of
+    each row per round), so drift in the host's or the GPU's speed over the
+    run reaches every row alike and ratios between rows hold. A row that
+    raises is reported as its exception."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    failed: dict[str, Exception] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as error:  # report and go on: one table per run
+            failed[name] = error
     for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / calls)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if name not in failed:
+                samples[name].append(_sample_ms(fn, calls))
+    return {name: failed.get(name) or statistics.median(samples[name]) for name in fns}
 
 
 def compiled_kernel() -> Callable[..., Tensor]:
@@ -198,52 +227,52 @@ def measure(args: argparse.Namespace) -> None:
                 )
                 inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
                 flops = 4 * useful * HEADS * DIM * (3.5 if backward else 1.0)
-                rows: list[tuple[str, float, float, float]] = []
-
-                def timed(fn: Callable[[], object]) -> tuple[float, float]:
-                    """(one call, back to back) medians in ms."""
-                    b2b = cuda_ms(fn, max(3, args.repeat // 2), args.b2b) if args.b2b > 1 else float("nan")
-                    return cuda_ms(fn, args.repeat), b2b
-
-                ideal, ideal_b2b = timed(ideal_fn(q, k, v, schedule, backward))
+                rows: dict[str, tuple[Callable[[], object], float]] = {
+                    "ideal": (ideal_fn(q, k, v, schedule, backward), flops)
+                }
                 proj = cuda_ms(projections_fn(n, dtype, backward), args.repeat)
-                rows.append(("ideal", ideal, ideal_b2b, flops))
                 if n <= args.ceiling_limit:
                     dense_flops = 4 * n * n * HEADS * DIM * (3.5 if backward else 1.0)
-                    rows.append(("ceiling", *timed(ceiling_fn(q, k, v, backward)), dense_flops))
+                    rows["ceiling"] = (ceiling_fn(q, k, v, backward), dense_flops)
                 variants = ["batched", "batched+graph", "varlen", "flex", "auto", "auto+graph"] + (
                     ["dense"] if n <= args.dense_limit else []
                 )
                 variants = [v for v in variants if args.variants is None or v in args.variants]
-                for variant in variants:
-                    if variant == "varlen" and dtype == torch.float32:
-                        continue  # the kernel has no float32: it would run as batched
-                    label = (
-                        variant
-                        if not variant.startswith("auto")
-                        else variant.replace("auto", f"auto:{choose(inputs)}")
-                    )
-                    try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            if variant.endswith("+graph"):
-                                fn = graphed(executor_fn(variant.removesuffix("+graph"), inputs, backward))
-                            else:
-                                fn = executor_fn(variant, inputs, backward)
-                            ms, b2b = timed(fn)
-                    except Exception as error:  # report and go on: one table per run
-                        print(
-                            f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<18} failed: {type(error).__name__}: {error}"[
-                                :200
-                            ]
+                pass_label = f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for variant in variants:
+                        if variant == "varlen" and dtype == torch.float32:
+                            continue  # the kernel has no float32: it would run as batched
+                        label = (
+                            variant
+                            if not variant.startswith("auto")
+                            else variant.replace("auto", f"auto:{choose(inputs)}")
                         )
+                        try:
+                            fn = executor_fn(variant.removesuffix("+graph"), inputs, backward)
+                            rows[label] = (graphed(fn) if variant.endswith("+graph") else fn, flops)
+                        except Exception as error:
+                            print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
+                    fns = {label: fn for label, (fn, _) in rows.items()}
+                    single = interleaved_ms(fns, args.repeat)
+                    b2b_ms: dict[str, float | Exception] = (
+                        interleaved_ms(fns, max(3, args.repeat // 2), args.b2b)
+                        if args.b2b > 1
+                        else dict.fromkeys(fns, float("nan"))
+                    )
+                ideal, ideal_b2b = single["ideal"], b2b_ms["ideal"]
+                assert isinstance(ideal, float) and isinstance(ideal_b2b, float)
+                for label, (_, f) in rows.items():
+                    ms, b2b = single[label], b2b_ms[label]
+                    if isinstance(ms, Exception) or isinstance(b2b, Exception):
+                        error = ms if isinstance(ms, Exception) else b2b
+                        print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
                         continue
-                    rows.append((label, ms, b2b, flops))
-                for label, ms, b2b, f in rows:
                     tflops = f / (ms * 1e-3) / 1e12
                     print(
-                        f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8} {label:<18} "
-                        f"{ms:>9.3f} {tflops:>8.0f} {ms / ideal:>8.2f} {(ms + proj) / (ideal + proj):>6.2f} {b2b:>9.3f} {b2b / ideal_b2b:>9.2f}",
+                        f"{pass_label} {label:<18} {ms:>9.3f} {tflops:>8.0f} {ms / ideal:>8.2f} "
+                        f"{(ms + proj) / (ideal + proj):>6.2f} {b2b:>9.3f} {b2b / ideal_b2b:>9.2f}",
                         flush=True,
                     )
                 del q, k, v, inputs
@@ -266,10 +295,7 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
     forward: dict[str, dict[str, int] | None] = {
         "default": None,
         "M128 N64 w4 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
-        "M128 N128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
         "M64 N128 w4 s2": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 2},
-        "M64 N64 w4 s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
-        "M128 N64 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
         "M128 N128 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 3},
     }
 
@@ -280,10 +306,10 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
         "default": None,
         "fwd tuned, bwd default": dict(_HALF_KERNEL_OPTIONS),
         "bwd 64/128/128/64 w8 s3": bwd(64, 128, 128, 64, 8, 3),
-        "bwd 64/128/128/64 w4 s3": bwd(64, 128, 128, 64, 4, 3),
         "bwd 32/128/128/32 w4 s3": bwd(32, 128, 128, 32, 4, 3),
         "bwd 64/64/64/64 w4 s3": bwd(64, 64, 64, 64, 4, 3),
-        "bwd 128/128/128/128 w8 s2": bwd(128, 128, 128, 128, 8, 2),
+        "bwd 64/64/64/64 w4 s2": bwd(64, 64, 64, 64, 4, 2),
+        "bwd 32/64/64/32 w4 s3": bwd(32, 64, 64, 32, 4, 3),
     }
     print(f"\n{'flex kernel_options':<30} {'pass':<8} {'options':<26} {'ms':>9} {'TFLOP/s':>8}")
     for layout_name in [name for name in LAYOUTS if name.startswith("AB-UPT")]:
@@ -310,13 +336,12 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
 
             flops = useful * (3.5 if backward_pass else 1.0)
             label_pass = "fwd+bwd" if backward_pass else "fwd"
-            for label, opts in options.items():
-                try:
-                    ms = cuda_ms(lambda o=opts: step(o), args.repeat)  # type: ignore[misc]
-                except Exception as error:
-                    print(
-                        f"{layout_name:<30} {label_pass:<8} {label:<26} failed: {type(error).__name__}"[:140]
-                    )
+            times = interleaved_ms(
+                {label: functools.partial(step, opts) for label, opts in options.items()}, args.repeat
+            )
+            for label, ms in times.items():
+                if isinstance(ms, Exception):
+                    print(f"{layout_name:<30} {label_pass:<8} {label:<26} failed: {type(ms).__name__}"[:140])
                     continue
                 print(
                     f"{layout_name:<30} {label_pass:<8} {label:<26} {ms:>9.3f} {flops / (ms * 1e-3) / 1e12:>8.0f}",
