@@ -100,9 +100,11 @@ def interleaved_ms(
     fns: dict[str, Callable[[], object]], repeat: int, calls: int = 1
 ) -> dict[str, float | Exception]:
     """:func:`cuda_ms` of several rows, sampled round by round (one sample of
-    each row per round), so drift in the host's or the GPU's speed over the
-    run reaches every row alike and ratios between rows hold. A row that
-    raises is reported as its exception."""
+    each row per round, in a fresh shuffled order each round), so drift in
+    the host's or the GPU's speed over the run reaches every row alike, and
+    no row always runs after the same other one (on an H200, ``auto``'s
+    rows read 40-50 us above ``batched``'s while ``auto`` always followed
+    ``flex``). A row that raises is reported as its exception."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     failed: dict[str, Exception] = {}
     for name, fn in fns.items():
@@ -112,10 +114,12 @@ def interleaved_ms(
             torch.cuda.synchronize()
         except Exception as error:  # report and go on: one table per run
             failed[name] = error
+    order = [name for name in fns if name not in failed]
+    shuffle = random.Random(0).shuffle
     for _ in range(repeat):
-        for name, fn in fns.items():
-            if name not in failed:
-                samples[name].append(_sample_ms(fn, calls))
+        shuffle(order)
+        for name in order:
+            samples[name].append(_sample_ms(fns[name], calls))
     return {name: failed.get(name) or statistics.median(samples[name]) for name in fns}
 
 
