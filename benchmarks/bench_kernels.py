@@ -7,11 +7,12 @@
    lengths), forward and forward+backward, each checked against the first.
 2. **flex: executor against its kernel**: ``run_flex`` (padding, the
    non-finite-key guard, slicing) against the compiled ``flex_attention``
-   call alone on ready padded tensors, bf16 and fp32, forward.
-3. **flex kernel options in fp32**: torch's default tiles against smaller
-   ones, and TF32 matmuls allowed or not.
-4. **flex backends**: ``kernel_options={"BACKEND": ...}`` where this torch has them.
-5. **flex across shape changes** (``--parts shapes``): ``run_flex`` on
+   call alone on ready padded tensors with the executor's options, bf16
+   (10k and 65k AB-UPT tokens, 16 documents) and fp32 (10k), forward and
+   forward+backward. (float32 tiles and product precision:
+   ``bench_gpu.py --sweep-fp32``.)
+3. **flex backends**: ``kernel_options={"BACKEND": ...}`` where this torch has them.
+4. **flex across shape changes** (``--parts shapes``): ``run_flex`` on
    layout after layout in one process, bf16 and fp32, forward and
    forward+backward, with the compiled graphs each row added and Dynamo's
    recompile reasons (logged to stderr): a row that falls to eager
@@ -104,54 +105,53 @@ def varlen_kernels(repeat: int) -> None:
 
 
 def flex_overhead(repeat: int) -> None:
-    print(f"\n{'flex: executor against its kernel, fwd':<44} {'ms':>9} {'TFLOP/s':>8}")
+    """``run_flex`` against the compiled kernel alone on ready padded
+    head-major tensors, with the executor's own ``kernel_options``, forward
+    and forward+backward, rows interleaved: what the guard, the padding and
+    the layout changes around the kernel cost."""
+    from bench_gpu import interleaved_ms
+
+    from patternc.nn.executors.flex import _kernel_options
+
+    print(f"\n{'flex: executor against its kernel':<44} {'ms':>9} {'TFLOP/s':>8}")
     flex = compiled_kernel()
-    for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT joint 2x(1k+4k)", "16 documents"):
+    names = [n for n in LAYOUTS if n.startswith("AB-UPT")] + ["16 documents"]
+    for name in names:
         schedule = _schedule(name)
-        useful = 4 * entries(schedule) * HEADS * DIM
         tables = flex_tables(schedule, {}, torch.device("cuda"))
         mask = tables.block_mask()
         for dtype in (torch.bfloat16, torch.float32):
-            q, k, v = (
-                torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype) for _ in range(3)
-            )
-            inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
-            padded = [_pad_heads_first(t, tables.q_len) for t in (q, k, v)]
-            options = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
-            opts = options if dtype == torch.bfloat16 else None
-            short = "bf16" if dtype == torch.bfloat16 else "fp32"
-            _row(
-                f"{name[:26]} {short} run_flex", cuda_ms(functools.partial(run_flex, inputs), repeat), useful
-            )
-            kernel = functools.partial(flex, *padded, block_mask=mask, kernel_options=opts)
-            _row(f"{name[:26]} {short} kernel only", cuda_ms(kernel, repeat), useful)
-            if dtype == torch.float32:
-                for label, fp32_opts in {
-                    "fp32 M64 N32 w4 s2": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-                    "fp32 M32 N32 w4 s2": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-                    "fp32 M128 N32 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-                }.items():
-                    try:
-                        tiled = functools.partial(flex, *padded, block_mask=mask, kernel_options=fp32_opts)
-                        ms = cuda_ms(tiled, repeat)
-                    except Exception as exc:
-                        print(f"{name[:26]} {label:<17} failed: {type(exc).__name__}: {str(exc)[:100]}")
+            if dtype == torch.float32 and schedule.n_tokens > 20000:
+                continue  # float32 at 65k tokens: minutes for one table
+            for backward in (False, True):
+                q, k, v = (
+                    torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype).requires_grad_(
+                        backward
+                    )
+                    for _ in range(3)
+                )
+                inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+                padded = [
+                    _pad_heads_first(t.detach(), tables.q_len).requires_grad_(backward) for t in (q, k, v)
+                ]
+                options = _kernel_options(q)
+
+                def kernel(
+                    padded: list[Tensor] = padded, options: object = options, mask: object = mask
+                ) -> Tensor:
+                    return flex(*padded, block_mask=mask, kernel_options=options)  # type: ignore[no-any-return]
+
+                rows = {
+                    "run_flex": functools.partial(_call, functools.partial(run_flex, inputs), backward),
+                    "kernel only": functools.partial(_call, kernel, backward),
+                }
+                useful = 4 * entries(schedule) * HEADS * DIM * (3.5 if backward else 1.0)
+                label = f"{name[:26]} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}"
+                for row, ms in interleaved_ms(rows, repeat).items():
+                    if isinstance(ms, Exception):
+                        print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:100]}")
                         continue
-                    _row(f"{name[:26]} {label}", ms, useful)
-                previous = torch.backends.cuda.matmul.allow_tf32
-                out32 = flex(*padded, block_mask=mask)
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
-                    torch._dynamo.reset()  # a fresh compile reads the flag
-                    tf32 = functools.partial(compiled_kernel(), *padded, block_mask=mask)
-                    ms = cuda_ms(tf32, repeat)
-                    error = _rel(tf32(), out32)
-                    _row(f"{name[:26]} fp32 allow_tf32", ms, useful, f"rel diff to ieee {error:.1e}")
-                except Exception as exc:
-                    print(f"{name[:26]} fp32 allow_tf32 failed: {type(exc).__name__}: {str(exc)[:100]}")
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = previous
-                    torch._dynamo.reset()
+                    _row(f"{label} {row}", ms, useful)
     from torch._dynamo.utils import counters
 
     print(
