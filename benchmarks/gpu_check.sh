@@ -63,8 +63,9 @@ profile() {
 host() {
   python3 benchmarks/bench_host.py 2>&1 | tee "$OUT/host_per_call.txt"
 }
-timeline() {
-  python3 benchmarks/bench_timeline.py --traces "$OUT/traces" 2>&1 | grep -v "^W1" | tee "$OUT/timeline.txt"
+timeline() {  # the traces travel as one archive (the device returns a limited number of files)
+  python3 benchmarks/bench_timeline.py --traces /tmp/timeline_traces 2>&1 | grep -v "^W1" | tee "$OUT/timeline.txt"
+  tar czf "$OUT/timeline_traces.tgz" -C /tmp timeline_traces
 }
 kernels() {
   python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
