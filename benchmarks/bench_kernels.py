@@ -7,7 +7,8 @@
    lengths), forward and forward+backward, each checked against the first.
 2. **flex: executor against its kernel**: ``run_flex`` (padding, the
    non-finite-key guard, slicing) against the compiled ``flex_attention``
-   call alone on ready padded tensors with the executor's options, bf16
+   call alone on ready padded tensors with the executor's options, and
+   ``run_flex`` without its non-finite guard, bf16
    (10k and 65k AB-UPT tokens, 16 documents) and fp32 (10k), forward and
    forward+backward. (float32 tiles and product precision:
    ``bench_gpu.py --sweep-fp32``.)
@@ -104,6 +105,20 @@ def varlen_kernels(repeat: int) -> None:
             _row(f"{label} {label_pass}", ms, useful * (3.5 if backward else 1.0), f"rel diff {error:.1e}")
 
 
+def _unguarded(inputs: AttentionInputs, backward: bool) -> None:
+    """``run_flex`` with the non-finite guard and the re-poisoning taken out
+    (what NaN semantics equal to separate calls cost; a measurement only)."""
+    from unittest import mock
+
+    from patternc.nn.executors import flex
+
+    with (
+        mock.patch.object(flex, "_finite_values", lambda k, v: (v, None)),
+        mock.patch.object(flex, "_poison", lambda out, *rest: out),
+    ):
+        _call(functools.partial(run_flex, inputs), backward)
+
+
 def flex_overhead(repeat: int) -> None:
     """``run_flex`` against the compiled kernel alone on ready padded
     head-major tensors, with the executor's own ``kernel_options``, forward
@@ -143,6 +158,7 @@ def flex_overhead(repeat: int) -> None:
 
                 rows = {
                     "run_flex": functools.partial(_call, functools.partial(run_flex, inputs), backward),
+                    "run_flex, no guard": functools.partial(_unguarded, inputs, backward),
                     "kernel only": functools.partial(_call, kernel, backward),
                 }
                 useful = 4 * entries(schedule) * HEADS * DIM * (3.5 if backward else 1.0)
