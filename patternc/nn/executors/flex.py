@@ -387,12 +387,17 @@ def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def _poison(out: Tensor, bad: Tensor, q_group: Tensor, kv_group: Tensor, allowed: Tensor) -> Tensor:
     """NaN for the queries whose groups attend to a group holding a
-    non-finite key (what separate attention calls give), without a host sync."""
-    batch, n_keys, heads = bad.shape
+    non-finite key (what separate attention calls give), without a host sync.
+
+    Bad tokens are counted per group by a matmul with the keys' one-hot
+    group matrix, not scattered: a scatter would send every key's flag to
+    one of a few group slots, each an atomic update on the GPU. (With the
+    scatter, the whole guard cost 0.44 ms of a 5.1 ms forward at 65k tokens
+    on an H200; the matmul's share is not measured yet.)"""
+    n_keys = bad.shape[1]
     n_groups = allowed.shape[0]
-    key_groups = kv_group[:n_keys].expand(batch, heads, n_keys)
-    bad_groups = torch.zeros(batch, heads, n_groups, device=out.device, dtype=out.dtype)
-    bad_groups = bad_groups.scatter_reduce(-1, key_groups, bad.transpose(1, 2).to(out.dtype), "amax")
-    reads = allowed[q_group[: out.shape[1]]].to(out.dtype)  # [Nq, G]
+    key_groups = kv_group[:n_keys, None] == torch.arange(n_groups, device=out.device)  # [Nk, G]
+    bad_groups = bad.transpose(1, 2).to(torch.float32) @ key_groups.to(torch.float32)  # [B, H, G]: counts
+    reads = allowed[q_group[: out.shape[1]]].to(torch.float32)  # [Nq, G]
     poisoned = (bad_groups @ reads.T) > 0  # [B, H, Nq]
     return out.masked_fill(poisoned.transpose(1, 2)[..., None], float("nan"))
