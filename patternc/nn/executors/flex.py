@@ -145,17 +145,19 @@ _HOPPER_BACKWARD_OPTIONS: KernelOptions = {
     "bwd_num_stages": 3,
 }
 """Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
-from ``bench_gpu.py``'s sweep on an H200, forward+backward against torch's
-default backward tiles (with the forward tile above): 1.34 -> 1.04 ms on AB-UPT self-anchor 2x(1k+4k),
-1.61 -> 1.52 ms on joint 2x(1k+4k), 308 -> 342 and 319 -> 352 TFLOP/s at
-2x(8k+24k). 32/128/128/32 tied these at 65k tokens but lost 6-16% at 10k.
-Tiles matter both ways: 64/128/128/64 with 4 warps ran at a third of the
-speed, so these stay on the GPU and head sizes they were measured on."""
+from ``bench_gpu.py``'s sweep on an H200 (kernel alone, rows interleaved),
+forward+backward against torch's default backward tiles (with the forward
+tile above): 1.09 -> 0.91 ms on AB-UPT self-anchor 2x(1k+4k), 1.53 -> 1.45
+ms on joint, 310 -> 346 and 318 -> 355 TFLOP/s at 2x(8k+24k).
+32/128/128/32 ties these at 65k tokens and is 11-18% slower at 10k. Tiles
+matter both ways: 64/128/128/64 with 4 warps ran at a third of the speed,
+so these stay on the GPU and head sizes they were measured on."""
 
 _HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
 
 
 def _backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
+    """FlexAttention's ``bwd_``-prefixed ``kernel_options`` for these tiles."""
     tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "num_warps": warps}
     return {f"bwd_{key}": value for key, value in {**tiles, "num_stages": stages}.items()}
 
@@ -169,8 +171,8 @@ _HOPPER_FLOAT32_TILES: dict[str, KernelOptions] = {
 precision, from ``bench_gpu.py --sweep-fp32`` on an H200 (self-anchor
 2x(1k+4k), forward+backward; torch's float32 default is 16/16/16/16, 4 warps,
 1 stage): IEEE products 22.4 -> 13.9 ms; three-TF32 products 7.1 -> 4.1 ms.
-Gradients are bitwise equal to the default tiles'. Plain TF32 shares the
-tensor-core tiles. Other head sizes keep torch's tiles."""
+Gradients are bitwise equal to the default tiles'. Plain TF32 takes the
+three-TF32 tiles (not swept on its own). Other head sizes keep torch's tiles."""
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 """CUDA device index -> its compute capability (asked once per device)."""
@@ -181,10 +183,11 @@ def _float32_products() -> str:
     except that an untouched setting gets three-TF32 products.
 
     Left to itself, torch's FlexAttention computes float32 products in IEEE
-    arithmetic on CUDA cores: 5x slower than the SDPA kernel beside it on an
-    H200. ``'tf32x3'`` splits each factor into two TF32 halves and sums three
-    tensor-core products: 5x faster, within 1.1e-6 of the IEEE result
-    (plain TF32: 2e-3). So it is the default while torch's float32 matmul
+    arithmetic on CUDA cores: forward+backward 5x slower than SDPA's
+    efficient kernel on an H200. ``'tf32x3'`` splits each factor into two
+    TF32 halves and sums three tensor-core products: 2.6x faster forward and
+    3.4x forward+backward, within 1.1e-6 of the IEEE result (plain TF32:
+    2e-3). So it is the default while torch's float32 matmul
     precision is untouched (``torch.backends.cuda.matmul.fp32_precision`` is
     ``'none'``, torch >= 2.9). An explicit ``'ieee'`` (or
     ``torch.set_float32_matmul_precision("highest")``) gets IEEE products and
