@@ -145,3 +145,56 @@ def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) ->
     out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
     assert calls, "the cost model was never consulted while tracing"
     assert torch.allclose(out, module(x, sizes)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["none", "ieee", "tf32"])
+def test_flex_host_queries_are_constants_to_dynamo(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    """flex reads torch's float32 precision and the GPU's capability on the
+    host. Inside a user's ``torch.compile(fullgraph=True)`` those reads must
+    not break the graph (torch's precision getters cannot be traced): they
+    run once at trace time and agree with the eager answer."""
+    from patternc.nn.executors import flex
+
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is None:
+        pytest.skip("torch < 2.9 has no fp32_precision setting")
+    previous = matmul.fp32_precision
+    monkeypatch.setattr(flex, "_CAPABILITY", {0: (9, 0)})
+    device = torch.device("cuda", 0)
+    try:
+        matmul.fp32_precision = setting
+        eager = flex.float32_products(device)
+        torch._dynamo.reset()
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            return x * (2.0 if flex.float32_products(device) == eager else 3.0)
+
+        with _captured() as (caught, records):
+            out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
+        messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+        assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
+        assert torch.equal(out, torch.full((2,), 2.0))
+    finally:
+        matmul.fp32_precision = previous
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:
+    """A flex layer on the GPU inside a user's fullgraph compile: the kernel
+    options (tiles, float32 products) are chosen without a graph break."""
+    plan, sizes = PLANS["joint"]
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2)
+    module = PatternAttention(config, plan, backend="flex").cuda().to(dtype)
+    x = torch.randn(2, sum(sizes.values()), 32, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected, _ = module(x, sizes)
+        torch._dynamo.reset()
+        with _captured() as (caught, records):
+            out, _ = torch.compile(module, fullgraph=True)(x, sizes)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m], messages
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((out.float() - expected.float()).norm() / expected.float().norm()) < tolerance

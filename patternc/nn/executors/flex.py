@@ -178,7 +178,7 @@ _CAPABILITY: dict[int, tuple[int, int]] = {}
 """CUDA device index -> its compute capability (asked once per device)."""
 
 
-def _float32_products() -> str:
+def _read_float32_products() -> str:
     """The float32 products' precision for the kernel: torch's own choice,
     except that an untouched setting gets three-TF32 products.
 
@@ -203,12 +203,24 @@ def _float32_products() -> str:
     return "'ieee'" if highest and not matmul.allow_tf32 else "'tf32'"
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def _read_capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     capability = _CAPABILITY.get(index)
     if capability is None:
         capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return capability
+
+
+# Constants to Dynamo: traced inside a user's torch.compile, these host
+# queries run once at trace time (torch's precision getters cannot be
+# traced; fullgraph would fail), as torch's own flex reads its precision
+# once per compile. Eager calls run them as they are.
+_float32_products: Callable[[], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
+    _read_float32_products
+)
+_capability: Callable[[torch.device], tuple[int, int]] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
+    _read_capability
+)
 
 
 def float32_products(device: torch.device) -> str:
@@ -230,14 +242,16 @@ def _kernel_options(q: Tensor) -> KernelOptions | None:
         return _HOPPER_HALF_OPTIONS if hopper and head_dim <= 64 else _HALF_KERNEL_OPTIONS
     if q.dtype != torch.float32:
         return None
-    return _float32_options(float32_products(q.device), hopper and head_dim == 64)
+    return _FLOAT32_OPTIONS[float32_products(q.device), hopper and head_dim == 64]
 
 
-@functools.cache
-def _float32_options(products: str, hopper_tiles: bool) -> KernelOptions:
-    """One options dict per choice, so calls hand the compiled graph the same options."""
-    tiles = _HOPPER_FLOAT32_TILES[products] if hopper_tiles else {}
-    return {"FLOAT32_PRECISION": products, **tiles}
+_FLOAT32_OPTIONS: dict[tuple[str, bool], KernelOptions] = {
+    (products, tiled): {"FLOAT32_PRECISION": products, **(tiles if tiled else {})}
+    for products, tiles in _HOPPER_FLOAT32_TILES.items()
+    for tiled in (True, False)
+}
+"""(product precision, Hopper tiles) -> float32's options: one dict per
+choice, so calls hand the compiled graph the same options."""
 
 
 def flex_tables(
