@@ -13,7 +13,7 @@ Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
 forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time;
 ``+proj`` adds the projections a layer runs around attention (the fused QKV
 and the output ``nn.Linear`` at width 768, timed in the same run) to both
-sides: the issue's "within 1.15x of ideal-plus-projections". ``b2b`` times
+sides: the issue's "within 1.10x of ideal-plus-projections". ``b2b`` times
 ``--b2b`` calls back to back per sample (per call): host time that one call
 alone exposes hides behind kernels there, as it does in a layer stack.
 The rows of one layout and pass are sampled round by round (one sample of
