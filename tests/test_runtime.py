@@ -491,6 +491,12 @@ def _assert_batched_matches_dense(schedule: Layout, batch: int) -> None:
     copies = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = EXECUTORS["dense"](AttentionInputs(*copies, schedule, {}, None, 0.0, None))
     assert relative_error(out, ref) < 1e-12
+    # without gradients (other views of the inputs), also from one packed QKV tensor as a layer has it
+    packed = torch.stack([t.detach() for t in (q, k, v)], dim=2)  # [B, N, 3, H, D]
+    for inputs in ((q.detach(), k.detach(), v.detach()), packed.unbind(2)):
+        with torch.no_grad():
+            plain = EXECUTORS["batched"](AttentionInputs(*inputs, schedule, {}, None, 0.0, None))
+        assert relative_error(plain, ref) < 1e-12
     grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     out.backward(grad)
     ref.backward(grad)
@@ -498,9 +504,11 @@ def _assert_batched_matches_dense(schedule: Layout, batch: int) -> None:
         assert relative_error(mine.grad, theirs.grad) < 1e-12
 
 
-def _batched_ops(schedule: Layout) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def _batched_ops(
+    schedule: Layout, requires_grad: bool = False
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """The ATen ops of one warm ``batched`` call (batch 2), its output and Q."""
-    q, k, v = (torch.randn(2, schedule.n_tokens, 2, 4) for _ in range(3))
+    q, k, v = (torch.randn(2, schedule.n_tokens, 2, 4, requires_grad=requires_grad) for _ in range(3))
     inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
     EXECUTORS["batched"](inputs)  # the layout's caches fill on the first call
     with _CountOps() as counter:
@@ -517,6 +525,8 @@ def _batched_ops(schedule: Layout) -> tuple[list[str], torch.Tensor, torch.Tenso
             dict.fromkeys("abc", 9),
             True,
         ),
+        # keys that start inside each period (offset 3): each branch reads its second group
+        ("groups p q r s\np -> q\nr -> s\nq -> self\ns -> self", {"p": 3, "q": 5, "r": 3, "s": 5}, True),
         ("groups a b\na -> self [window 3]\nb -> self [window 3]", dict.fromkeys("ab", 7), False),
         ("groups a b\na -> self\nb -> self", {"a": 7, "b": 8}, False),
     ],
@@ -536,14 +546,23 @@ def test_periodic_launches_match_reference(
     _assert_batched_matches_dense(schedule, batch)
 
 
-def test_periodic_launch_dispatches_one_attention_and_views() -> None:
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_periodic_launch_dispatches_one_attention_and_views(requires_grad: bool) -> None:
     """The multi-branch hot path (self-anchor): one SDPA, every other op a
-    view (no copy of Q, K, V or the output); host time is these ops."""
-    ops, out, q = _batched_ops(schedule_for(ab_specs(8, 24), AB.patterns["self_anchor"]))
-    compute = [op for op in ops if not any(view in op for view in ("view", "transpose", "slice"))]
+    view (no copy of Q, K, V or the output); host time is these ops. Without
+    a gradient each input is one ``as_strided``; with one, no ``as_strided``
+    (its backward would write a zeroed copy of the whole input)."""
+    schedule = schedule_for(ab_specs(8, 24), AB.patterns["self_anchor"])
+    ops, out, q = _batched_ops(schedule, requires_grad)
+    views = ("view", "transpose", "slice", "as_strided", "detach")  # detach: autograd saving its inputs
+    compute = [op for op in ops if not any(view in op for view in views)]
     assert [op for op in compute if "scaled_dot_product" not in op] == [], ops
     assert sum("scaled_dot_product" in op for op in ops) == 1
-    assert len(ops) <= 11, ops  # 3 reads of 2-3 views, SDPA, 2 output views
+    strided = sum("as_strided" in op for op in ops)
+    if requires_grad:
+        assert strided == 0 and len(ops) <= 12, ops  # 3 reads of 2-3 views, SDPA, a detach, 2 output views
+    else:
+        assert strided == 3 and len(ops) <= 6, ops  # 3 reads of one view each, SDPA, 2 output views
     assert out.shape == q.shape
 
 

@@ -63,7 +63,22 @@ def stack_segments(
 def _periods(t: Tensor, launch: PeriodicLaunch, start: int, length: int) -> Tensor:
     """``[B, N, H, D]`` -> head-major ``[B * count, H, length, D]``: tokens
     ``[start, start + length)`` of every period, as a view (its backward is
-    one pass into the input's gradient)."""
+    one pass into the input's gradient).
+
+    Without a gradient to carry, the view is one ``as_strided`` instead of a
+    reshape, a narrow and a transpose: a third of the host time (5 against
+    21 us for a launch's three tensors on the development CPU). With one,
+    the chain stays: ``as_strided``'s backward writes a zeroed copy of the
+    whole input, where the chain's is free but for the narrow."""
+    batch, tokens, heads, dim = t.shape
+    s_batch, s_token, s_head, s_dim = t.stride()
+    if not (t.requires_grad and torch.is_grad_enabled()) and (batch == 1 or s_batch == tokens * s_token):
+        period = launch.period * s_token
+        return t.as_strided(
+            (batch * launch.count, heads, length, dim),
+            (period, s_head, s_token, s_dim),
+            t.storage_offset() + start * s_token,
+        )
     periods = t.reshape(t.shape[0] * launch.count, launch.period, *t.shape[2:])
     if length != launch.period:
         periods = periods.narrow(1, start, length)
