@@ -11,7 +11,8 @@ kernel reads them natively). "module forward" is a whole ``PatternAttention``
 (projections, schedule lookup, executor, KV-cache views); "flex block mask" is
 a cold block-mask build for the layout (tables + ``BlockMask``), whose tiny
 tensors make it mostly host time too. The fwd+bwd rows compare the
-executor's backward pass with SDPA's on ready leaf tensors.
+executor's backward pass with SDPA's on ready leaf tensors. A second table
+times the self-anchor hot path's input views with and without gradients.
 
 Run: ``python benchmarks/bench_overhead.py [--repeat 200]``
 """
@@ -118,6 +119,46 @@ def main() -> None:
     print(f"{'variant':<16} {'median us':>9} {'min us':>8} {'us/call':>8} {'vs bare':>8}")
     for name, us, low in rows:
         print(f"{name:<16} {us:>9.0f} {low:>8.0f} {us / len(schedule.calls):>8.1f} {us / base:>8.2f}")
+    periodic_views(args.repeat)
+
+
+def periodic_views(repeat: int) -> None:
+    """The self-anchor hot path's input views (one periodic launch, three
+    tensors): one ``as_strided`` each when no gradient flows, against the
+    reshape/narrow/transpose chain kept for training; then the executor's
+    whole call in each mode (tiny tensors: host time)."""
+    from patternc.nn.executors.batched import _periods
+
+    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns["self_anchor"]
+    sizes = {"surface_anchors": 4, "surface_queries": 12, "volume_anchors": 4, "volume_queries": 12}
+    schedule = schedule_for(plan.token_specs(sizes), plan)
+    launch = schedule.periodic_launches[0]
+    assert launch is not None
+    frozen = [torch.randn(1, schedule.n_tokens, 2, 8) for _ in range(3)]
+    trained = [t.clone().requires_grad_() for t in frozen]
+
+    def views(tensors: list[torch.Tensor]) -> Callable[[], object]:
+        q, k, v = tensors
+        return lambda: (
+            _periods(q, launch, launch.q_start, launch.q_length),
+            _periods(k, launch, launch.k_start, launch.k_length),
+            _periods(v, launch, launch.k_start, launch.k_length),
+        )
+
+    def call(tensors: list[torch.Tensor]) -> Callable[[], object]:
+        inputs = AttentionInputs(*tensors, schedule, {}, None, 0.0, None)
+        return lambda: EXECUTORS["batched"](inputs)
+
+    rows = [
+        ("views, no grad (as_strided)", *timings_us(views(frozen), repeat)),
+        ("views, grad (chain)", *timings_us(views(trained), repeat)),
+        ("batched, no grad", *timings_us(call(frozen), repeat)),
+        ("batched, grad (forward)", *timings_us(call(trained), repeat)),
+    ]
+    print(f"\nself-anchor 2x(4+12), one periodic launch, CPU, 1 thread, {repeat} samples")
+    print(f"{'variant':<28} {'median us':>9} {'min us':>8}")
+    for name, us, low in rows:
+        print(f"{name:<28} {us:>9.1f} {low:>8.1f}")
 
 
 if __name__ == "__main__":
