@@ -134,8 +134,9 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
     priced = []
 
     def candidates(*args: object) -> tuple[auto.Estimate, ...]:
-        priced.append(args[-1])
-        return (auto.Estimate("flex" if args[-1] else "batched", 0.0),)
+        training = args[-1][-1]  # (layout, conditions): training is the conditions' last
+        priced.append(training)
+        return (auto.Estimate("flex" if training else "batched", 0.0),)
 
     monkeypatch.setattr(auto, "_candidates", candidates)
     auto.PICKS.clear()

@@ -16,7 +16,7 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,31 +135,28 @@ def _estimates(
     return tuple(sorted(out, key=lambda e: e.seconds))
 
 
+Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool]
+"""What a pick depends on besides the layout: ``(shape, dtype, device, plain,
+training)``; ``plain``: no padding, dropout or ALiBi; ``training``: the call
+will be differentiated."""
+
+
+def _conditions(inputs: AttentionInputs) -> Conditions:
+    q = inputs.q
+    plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
+    training = torch.is_grad_enabled() and (
+        q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
+    )
+    return tuple(q.shape), q.dtype, q.device, plain, training
+
+
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
     """Predicted times of the candidate executors for these inputs, fastest first."""
-    q = inputs.q
-    return _candidates(inputs.layout, tuple(q.shape), q.dtype, q.device, _plain(inputs), _training(inputs))
+    return _candidates(inputs.layout, _conditions(inputs))
 
 
-def _plain(inputs: AttentionInputs) -> bool:
-    return inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-
-
-def _training(inputs: AttentionInputs) -> bool:
-    """Whether this call will be differentiated (its backward is part of its cost)."""
-    return torch.is_grad_enabled() and (
-        inputs.q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
-    )
-
-
-def _candidates(
-    layout: Layout,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    plain: bool,
-    training: bool,
-) -> tuple[Estimate, ...]:
+def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
+    shape, dtype, device, plain, training = conditions
     if device.type != "cuda":
         return (Estimate("batched", 0.0),)
     batch, _, heads, dim = shape
@@ -180,66 +177,48 @@ def _candidates(
 
 
 def choose(inputs: AttentionInputs) -> str:
-    """The executor ``auto`` runs for these inputs (memoised per layout, shape,
-    dtype, device, padding/dropout/ALiBi and whether the call will be
-    differentiated, so a training step pays a lookup). The pick is made on a
-    layout's first call under those conditions: a later change of torch's
-    float32 matmul precision does not revisit it.
+    """The executor ``auto`` runs for these inputs (memoised per layout and
+    :data:`Conditions`, so a training step pays a lookup). The pick is made
+    on a layout's first call under those conditions: a later change of
+    torch's float32 matmul precision does not revisit it.
 
     Under ``torch.compile`` the pick is a constant to Dynamo: it calls
     :func:`_choice_by_id` at trace time instead of tracing the cost model (host
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    q = inputs.q
-    args = (tuple(q.shape), q.dtype, q.device, _plain(inputs), _training(inputs))
+    conditions = _conditions(inputs)
     if _compiling():
-        return _constant_choice(id(inputs.layout), *args)
-    return _choice(inputs.layout, *args)
+        return _constant_choice(id(inputs.layout), conditions)
+    return _choice(inputs.layout, conditions)
 
 
-PICKS: BoundedCache[tuple[Hashable, ...], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
-"""Key ``(id(layout), shape, dtype, device, plain, training)`` -> ``(layout,
-pick)``; holding the layout keeps its ``id`` its own while the entry lives."""
+PICKS: BoundedCache[tuple[int, Conditions], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
+"""Key ``(id(layout), conditions)`` -> ``(layout, pick)``; holding the
+layout keeps its ``id`` its own while the entry lives."""
 
 
-def _choice(
-    layout: Layout,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    plain: bool,
-    training: bool,
-) -> str:
-    key = (id(layout), shape, dtype, device, plain, training)
+def _choice(layout: Layout, conditions: Conditions) -> str:
+    key = (id(layout), conditions)
     found = PICKS.lookup(key)  # the hot path: one dict lookup
     if found is not None:
         return found[1]
-    pick = _candidates(layout, shape, dtype, device, plain, training)[0].backend
+    pick = _candidates(layout, conditions)[0].backend
     return PICKS.get_or_build(key, lambda: (layout, pick))[1]
 
 
-def _choice_by_id(
-    layout_id: int,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    plain: bool,
-    training: bool,
-) -> str:
+def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
     """The pick for the layout with this ``id``: one seen by an eager call or
     one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
     layout built inside the trace and never run eagerly."""
-    found = PICKS.lookup((layout_id, shape, dtype, device, plain, training))
+    found = PICKS.lookup((layout_id, conditions))
     if found is not None:
         return found[1]
     layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
-    return "batched" if layout is None else _choice(layout, shape, dtype, device, plain, training)
+    return "batched" if layout is None else _choice(layout, conditions)
 
 
-_constant_choice: Callable[[int, tuple[int, ...], torch.dtype, torch.device, bool, bool], str] = (
-    torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]
-)
+_constant_choice: Callable[[int, Conditions], str] = torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]
 
 
 _RUN: dict[str, Executor] = {
