@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,26 @@ def diagnostics_of(source: str) -> list[Diagnostic]:
 
 def codes(diags: list[Diagnostic]) -> list[str]:
     return [d.code for d in diags]
+
+
+@pytest.fixture
+def matmul_precision() -> Iterator[Callable[[str], None]]:
+    """Sets torch's float32 matmul precision for one test and puts it back
+    (torch imported here: compiler-only tests must run without it)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    previous = getattr(matmul, "fp32_precision", None)
+
+    def set_to(value: str) -> None:
+        if previous is None:  # torch < 2.9: only the old switch
+            if value != "none":
+                torch.set_float32_matmul_precision("high" if value == "tf32" else "highest")
+            return
+        matmul.fp32_precision = value
+
+    yield set_to
+    if previous is not None:
+        matmul.fp32_precision = previous
+    else:
+        torch.set_float32_matmul_precision("highest")

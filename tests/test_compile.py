@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -148,35 +148,32 @@ def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("setting", ["none", "ieee", "tf32"])
-def test_flex_host_queries_are_constants_to_dynamo(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+def test_flex_host_queries_are_constants_to_dynamo(
+    monkeypatch: pytest.MonkeyPatch, matmul_precision: Callable[[str], None], setting: str
+) -> None:
     """flex reads torch's float32 precision and the GPU's capability on the
     host. Inside a user's ``torch.compile(fullgraph=True)`` those reads must
     not break the graph (torch's precision getters cannot be traced): they
     run once at trace time and agree with the eager answer."""
     from patternc.nn.executors import flex
 
-    matmul = torch.backends.cuda.matmul
-    if getattr(matmul, "fp32_precision", None) is None:
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
         pytest.skip("torch < 2.9 has no fp32_precision setting")
-    previous = matmul.fp32_precision
     monkeypatch.setattr(flex, "_CAPABILITY", {0: (9, 0)})
     device = torch.device("cuda", 0)
-    try:
-        matmul.fp32_precision = setting
-        eager = flex.float32_products(device)
-        torch._dynamo.reset()
+    matmul_precision(setting)
+    eager = flex.float32_products(device)
+    torch._dynamo.reset()
 
-        def scaled(x: torch.Tensor) -> torch.Tensor:
-            return x * (2.0 if flex.float32_products(device) == eager else 3.0)
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * (2.0 if flex.float32_products(device) == eager else 3.0)
 
-        with _captured() as (caught, records):
-            out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
-        messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
-        assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
-        assert torch.equal(out, torch.full((2,), 2.0))
-    finally:
-        matmul.fp32_precision = previous
-        torch._dynamo.reset()
+    with _captured() as (caught, records):
+        out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
+    torch._dynamo.reset()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
+    assert torch.equal(out, torch.full((2,), 2.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

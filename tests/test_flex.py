@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -342,26 +342,6 @@ def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: 
                 assert "raise torch._dynamo.config.recompile_limit" in messages[0]
             assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def matmul_precision() -> Iterator[Callable[[str], None]]:
-    """Sets torch's float32 matmul precision for one test and puts it back."""
-    matmul = torch.backends.cuda.matmul
-    previous = getattr(matmul, "fp32_precision", None)
-
-    def set_to(value: str) -> None:
-        if previous is None:  # torch < 2.9: only the old switch
-            if value != "none":
-                torch.set_float32_matmul_precision("high" if value == "tf32" else "highest")
-            return
-        matmul.fp32_precision = value
-
-    yield set_to
-    if previous is not None:
-        matmul.fp32_precision = previous
-    else:
-        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0), (7, 5)])
