@@ -13,7 +13,18 @@
    forward+backward. (float32 tiles and product precision:
    ``bench_gpu.py --sweep-fp32``.)
 3. **flex backends**: ``kernel_options={"BACKEND": ...}`` where this torch has them.
-4. **flex across shape changes** (``--parts shapes``): ``run_flex`` on
+4. **dense SDPA: backend and dispatch** (``--parts sdpa``): the one launch
+   ``batched`` makes on the 10k AB-UPT layouts (self-anchor: 2 x 5k queries
+   on 1k anchors; joint: 10k queries on 2k anchors), through
+   ``F.scaled_dot_product_attention`` (torch's choice, flash only, cuDNN
+   only) and through the ATen flash / cuDNN ops directly: host time per
+   call (no synchronisation) and single-call latency, forward and
+   forward+backward.
+5. **documents on padded buckets** (``--parts padded``): 64 documents as
+   cuDNN launches over length buckets (documents sorted by length, padded
+   to their bucket's longest, padded keys masked) against the varlen
+   executor (FlashAttention 2), in useful TF/s.
+6. **flex across shape changes** (``--parts shapes``): ``run_flex`` on
    layout after layout in one process, bf16 and fp32, forward and
    forward+backward, with the compiled graphs each row added and Dynamo's
    recompile reasons (logged to stderr): a row that falls to eager
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 import warnings
 from collections.abc import Callable
@@ -202,6 +214,171 @@ def flex_backends(repeat: int) -> None:
         _row(f"joint 2x(1k+4k) BACKEND={backend}", ms, useful)
 
 
+def _host_us(fn: Callable[[], object], calls: int = 30, rounds: int = 9) -> float:
+    """Median host time of one call of ``fn`` in ``calls`` back-to-back calls
+    (no synchronisation inside: the device queue absorbs the kernels)."""
+    import statistics
+    import time
+
+    samples = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def sdpa_dispatch(repeat: int) -> None:
+    """One dense launch, several ways in: torch's SDPA choice, SDPA pinned to
+    flash or cuDNN, and the two ATen ops called directly; on token-major
+    views (``[B, L, H, D]`` transposed: what executors get from a fused QKV
+    projection) and on contiguous head-major copies (what ``ideal`` rows
+    get). Single-call and back-to-back (8 calls) times, host time."""
+    import torch.nn.functional as F
+    from bench_gpu import interleaved_ms
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch._scaled_dot_product_flash_attention(q, k, v)[0]
+
+    def cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, q.requires_grad)[0]
+
+    shapes = {"self-anchor 10k: 2x5k on 1k": (2, 5120, 1024), "joint 10k: 10k on 2k": (1, 10240, 2048)}
+    print(f"\n{'dense SDPA: backend, dispatch, layout':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/call")
+    for name, (batch, n_q, n_k) in shapes.items():
+        for backward in (False, True):
+            token_major = [
+                torch.randn(batch, n, HEADS, DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                for n in (n_q, n_k, n_k)
+            ]
+            head_major = [t.contiguous() for t in token_major]
+            for t in token_major + head_major:
+                t.requires_grad_(backward)
+            ways: dict[str, tuple[Callable[..., Tensor], list[Tensor]]] = {
+                "F.sdpa (torch's choice)": (F.scaled_dot_product_attention, token_major),
+                "F.sdpa, head-major": (F.scaled_dot_product_attention, head_major),
+                "F.sdpa, flash only": (functools.partial(pinned, SDPBackend.FLASH_ATTENTION), token_major),
+                "aten flash op": (flash, token_major),
+                "aten cuDNN op": (cudnn, token_major),
+                "aten cuDNN op, head-major": (cudnn, head_major),
+            }
+            reference = F.scaled_dot_product_attention(*token_major).detach()
+            rows = {}
+            for way, (fn, tensors) in ways.items():
+                call = functools.partial(fn, *tensors)
+                try:
+                    error = _rel(call().detach(), reference)
+                except Exception as exc:
+                    print(f"{name} {way} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                    continue
+                rows[way] = (functools.partial(_call, call, backward), error)
+            useful = 4 * batch * n_q * n_k * HEADS * DIM * (3.5 if backward else 1.0)
+            fns = {way: fn for way, (fn, _) in rows.items()}
+            single = interleaved_ms(fns, repeat)
+            b2b = interleaved_ms(fns, repeat, calls=8)
+            for way, (fn, error) in rows.items():
+                ms, ms_b2b = single[way], b2b[way]
+                if isinstance(ms, Exception) or isinstance(ms_b2b, Exception):
+                    print(f"{name} {way} failed: {ms if isinstance(ms, Exception) else ms_b2b}"[:160])
+                    continue
+                host = _host_us(fn)
+                label = f"{name[:12]} {'fwd+bwd' if backward else 'fwd'} {way}"
+                _row(label, ms, useful, f"{ms_b2b:6.3f}  {host:7.1f}   rel diff {error:.1e}")
+
+
+def padded_documents(repeat: int) -> None:
+    """64 documents as cuDNN launches over length buckets, against varlen.
+
+    Documents are sorted by length and cut into ``buckets`` runs; each run
+    is one ``[n, H, L, D]`` launch padded to its longest document, padded
+    keys masked by a ``[n, 1, 1, L]`` boolean mask; one gather in per tensor
+    and one gather out. Useful FLOPs count real pairs only."""
+    import torch.nn.functional as F
+    from bench_gpu import interleaved_ms
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    schedule = _schedule("64 documents")
+    n = schedule.n_tokens
+    useful = 4 * entries(schedule) * HEADS * DIM
+    spans = sorted(((c.queries[0].start, c.queries[0].length) for c in schedule.calls), key=lambda s: s[1])
+    print(f"\n{'64 documents: padded cuDNN buckets':<44} {'ms':>9} {'TFLOP/s':>8}  padded pairs / real")
+
+    def plan(buckets: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor, float]:
+        runs = [spans[i * len(spans) // buckets : (i + 1) * len(spans) // buckets] for i in range(buckets)]
+        parts, padded_pairs = [], 0
+        flat = 0
+        slot = torch.empty(n, dtype=torch.int64)
+        for run in runs:
+            length = max(size for _, size in run)
+            index = torch.zeros(len(run), length, dtype=torch.int64)
+            keep = torch.zeros(len(run), length, dtype=torch.bool)
+            for row, (start, size) in enumerate(run):
+                index[row, :size] = torch.arange(start, start + size)
+                index[row, size:] = start
+                keep[row, :size] = True
+                slot[start : start + size] = flat + row * length + torch.arange(size)
+            flat += len(run) * length
+            padded_pairs += len(run) * length * length
+            parts.append((index.cuda(), keep[:, None, None, :].cuda()))
+        real = entries(schedule)
+        return parts, slot.cuda(), padded_pairs / real
+
+    for backward in (False, True):
+        q, k, v = (
+            torch.randn(n, HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+            for _ in range(3)
+        )
+        inputs = AttentionInputs(q[None], k[None], v[None], schedule, {}, None, 0.0, None)
+        reference = run_varlen(inputs).detach().reshape(n, HEADS, DIM)
+        rows: dict[str, Callable[[], object]] = {
+            "varlen executor": functools.partial(_call, functools.partial(run_varlen, inputs), backward)
+        }
+        notes = {"varlen executor": "1.00"}
+        for backend, buckets in itertools.product(
+            (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION), (4, 8, 16)
+        ):
+            if backend == SDPBackend.EFFICIENT_ATTENTION and buckets != 8:
+                continue
+            parts, slot, waste = plan(buckets)
+
+            def run(
+                parts: list[tuple[Tensor, Tensor]] = parts,
+                slot: Tensor = slot,
+                qkv: tuple[Tensor, ...] = (q, k, v),
+                backend: SDPBackend = backend,
+            ) -> Tensor:
+                outs = []
+                with sdpa_kernel(backend):
+                    for index, keep in parts:
+                        qb, kb, vb = (t[index].transpose(1, 2) for t in qkv)  # [n, H, L, D]
+                        outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=keep))
+                flat = torch.cat([o.transpose(1, 2).reshape(-1, HEADS, DIM) for o in outs])
+                return flat[slot]
+
+            label = f"{backend.name.split('_')[0]}, {buckets} buckets"
+            try:
+                error = _rel(run().detach(), reference)
+            except Exception as exc:
+                print(f"{label} failed: {type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            rows[label] = functools.partial(_call, run, backward)
+            notes[label] = f"{waste:.2f}   rel diff {error:.1e}"
+        label_pass = "fwd+bwd" if backward else "fwd"
+        for label, ms in interleaved_ms(rows, repeat).items():
+            if isinstance(ms, Exception):
+                print(f"{label} {label_pass} failed: {type(ms).__name__}: {str(ms)[:120]}")
+                continue
+            _row(f"{label} {label_pass}", ms, useful * (3.5 if backward else 1.0), notes[label])
+
+
 def flex_shape_changes(repeat: int) -> None:
     from torch._dynamo.utils import counters
 
@@ -250,6 +427,10 @@ def main() -> None:
         flex_overhead(args.repeat)
     if "backends" in args.parts:
         flex_backends(args.repeat)
+    if "sdpa" in args.parts:
+        sdpa_dispatch(args.repeat)
+    if "padded" in args.parts:
+        padded_documents(args.repeat)
     if "shapes" in args.parts:
         flex_shape_changes(args.repeat)
 

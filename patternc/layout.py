@@ -197,11 +197,11 @@ class Layout:
     """Per launch: its :class:`PeriodicLaunch` when it is one (at least two
     calls, each one query and one input key segment, no modifier but a plain
     ``[causal]``), else None."""
-    whole_call_keys: tuple[int, ...] | None
+    whole_call_keys: tuple[tuple[int, int], ...] | None
     """When the layout is one call whose queries are the whole input in order,
     reading input keys only, with no modifier but a plain ``[causal]`` (joint
-    anchors, dense, one causal sequence): the pieces of the key split
-    (``key_pieces``) its keys are, in order; else None."""
+    anchors, dense, one causal sequence): the token ranges ``(start, stop)``
+    its keys are, in order, adjacent ranges merged; else None."""
 
     @property
     def score_entries(self) -> int:
@@ -371,7 +371,7 @@ def _periodic(calls: Sequence[Call], n_tokens: int) -> PeriodicLaunch | None:
     return PeriodicLaunch(count, period, q.start, q.length, k.start, k.length, first.is_causal)
 
 
-def _whole_call_keys(calls: Sequence[Call], n_tokens: int, key_ranges: PieceRanges) -> tuple[int, ...] | None:
+def _whole_call_keys(calls: Sequence[Call], n_tokens: int) -> tuple[tuple[int, int], ...] | None:
     present = [c for c in calls if c.n_queries]
     if len(present) != 1:
         return None
@@ -380,7 +380,15 @@ def _whole_call_keys(calls: Sequence[Call], n_tokens: int, key_ranges: PieceRang
     simple = (not call.has_modifiers or call.is_causal) and call.n_keys > 0
     if not whole or not simple or any(s.cached is not None for s in call.keys):
         return None
-    return tuple(i for s in call.keys for i in range(*key_ranges[(s.start, s.stop)]))
+    ranges: list[tuple[int, int]] = []
+    for segment in call.keys:
+        if not segment.length:
+            continue
+        if ranges and ranges[-1][1] == segment.start:
+            ranges[-1] = (ranges[-1][0], segment.stop)
+        else:
+            ranges.append((segment.start, segment.stop))
+    return tuple(ranges)
 
 
 def _tiled_output(calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int) -> bool:
@@ -478,5 +486,5 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
         tiled_output=_tiled_output(calls, launches, offset),
         periodic_launches=_periodic_launches(calls, launches, offset),
-        whole_call_keys=_whole_call_keys(calls, offset, key_pieces[1]),
+        whole_call_keys=_whole_call_keys(calls, offset),
     )

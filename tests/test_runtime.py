@@ -567,12 +567,15 @@ def test_periodic_launch_dispatches_one_attention_and_views(requires_grad: bool)
 
 
 @pytest.mark.parametrize(
-    ("source", "pattern", "sizes", "pieces"),
+    ("source", "pattern", "sizes", "ranges"),
     [
-        (EXAMPLES / "ab_upt.pc", "joint", dict(zip(AB_GROUPS, (5, 11, 3, 9))), (0, 2)),
-        ("groups a b\n* -> *", "default", {"a": 6, "b": 7}, (0,)),
-        ("groups a b\n* -> a", "default", {"a": 6, "b": 7}, (0,)),
-        ("groups x\nx -> self [causal]", "default", {"x": 13}, (0,)),
+        (EXAMPLES / "ab_upt.pc", "joint", dict(zip(AB_GROUPS, (5, 11, 3, 9))), ((0, 5), (16, 19))),
+        ("groups a b\n* -> *", "default", {"a": 6, "b": 7}, ((0, 13),)),
+        ("groups a b\n* -> a", "default", {"a": 6, "b": 7}, ((0, 6),)),
+        ("groups a b\n* -> b", "default", {"a": 6, "b": 7}, ((6, 13),)),
+        ("groups a b c\n* -> a, b", "default", {"a": 6, "b": 7, "c": 2}, ((0, 13),)),
+        ("groups a b c\n* -> c, a", "default", {"a": 6, "b": 7, "c": 2}, ((0, 6), (13, 15))),
+        ("groups x\nx -> self [causal]", "default", {"x": 13}, ((0, 13),)),
         # not one call over the whole input in order, or keys that need a mask
         (EXAMPLES / "ab_upt.pc", "self_anchor", dict(zip(AB_GROUPS, (5, 11, 3, 9))), None),
         ("groups a b\n* -> a[causal], b", "default", {"a": 6, "b": 7}, None),
@@ -581,24 +584,35 @@ def test_periodic_launch_dispatches_one_attention_and_views(requires_grad: bool)
 )
 @pytest.mark.parametrize("batch", [1, 3])
 def test_whole_call_layouts_match_reference(
-    source: object, pattern: str, sizes: dict[str, int], pieces: tuple[int, ...] | None, batch: int
+    source: object,
+    pattern: str,
+    sizes: dict[str, int],
+    ranges: tuple[tuple[int, int], ...] | None,
+    batch: int,
 ) -> None:
     """A layout that is one call over every query (joint anchors, dense, one
-    causal sequence) records the key pieces it concatenates; only there, and
-    the hot path through them matches the float64 reference forward and
-    backward."""
+    causal sequence) records the token ranges of its keys in the call's order
+    (adjacent ones merged); only there, and the hot path through them
+    matches the float64 reference forward and backward."""
     program = patternc.compile(source)  # type: ignore[arg-type]
     schedule = schedule_for(program.patterns[pattern].token_specs(sizes), program.patterns[pattern])
-    assert schedule.whole_call_keys == pieces
+    assert schedule.whole_call_keys == ranges
     _assert_batched_matches_dense(schedule, batch)
 
 
-def test_whole_call_gathers_keys_in_one_concatenation() -> None:
-    """Joint anchors: one split and one concatenation per key tensor, one
-    SDPA, the rest views."""
+def test_whole_call_gathers_keys_in_one_index_select() -> None:
+    """Joint anchors: one ``index_select`` per key tensor, one SDPA, the rest
+    transposes; keys in one range are a view (a narrow)."""
     ops, out, q = _batched_ops(schedule_for(ab_specs(8, 24), AB.patterns["joint"]))
     names = [op.rsplit(".", 1)[0] for op in ops]
     assert sum("scaled_dot_product" in name for name in names) == 1
     others = sorted(name for name in names if "scaled_dot_product" not in name and name != "aten.transpose")
-    assert others == ["aten.cat", "aten.cat", "aten.split_with_sizes", "aten.split_with_sizes"], names
+    assert others == ["aten.index_select", "aten.index_select"], names
     assert out.shape == q.shape
+    program = patternc.compile("groups a b\n* -> b")
+    ops, out, q = _batched_ops(
+        schedule_for(program.patterns["default"].token_specs({"a": 6, "b": 7}), program.patterns["default"])
+    )
+    names = [op.rsplit(".", 1)[0] for op in ops]
+    others = sorted(name for name in names if "scaled_dot_product" not in name and name != "aten.transpose")
+    assert others == ["aten.slice", "aten.slice"], names  # narrow dispatches as a slice
