@@ -273,6 +273,32 @@ def test_block_masks_are_built_once_per_layout() -> None:
     assert flex.block_mask_builds() == before + 2
 
 
+@pytest.mark.parametrize("pattern", ["joint", "self_anchor"])
+def test_flex_tables_build_inside_a_fullgraph_compile(pattern: str) -> None:
+    """A user's ``torch.compile(fullgraph=True)`` traces the table build (no
+    cached tables under tracing): the host packing has a traceable path, and
+    the traced tables and block mask equal the eager ones."""
+    from patternc.nn.tables import TABLES
+
+    sizes = {"surface_anchors": 130, "surface_queries": 70, "volume_anchors": 9, "volume_queries": 200}
+    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns[pattern]
+    layout = schedule_for(plan.token_specs(sizes), plan)
+
+    def tables(x: Tensor) -> tuple[Tensor, ...]:
+        built = flex.flex_tables(layout, {}, x.device)
+        mask = built.block_mask()
+        return (built.q_group, built.kv_group, built.allowed, built.partial, built.full, mask.kv_num_blocks,
+                mask.kv_indices, mask.full_kv_num_blocks)  # fmt: skip
+
+    eager = tables(torch.zeros(()))
+    TABLES.clear()
+    torch._dynamo.reset()
+    traced = torch.compile(tables, fullgraph=True, backend="eager")(torch.zeros(()))
+    assert len(traced) == len(eager)
+    for got, want in zip(traced, eager):
+        assert torch.equal(got, want)
+
+
 def test_cpu_gradients_fall_back_to_batched_with_one_warning() -> None:
     plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
     module = make(plan, "flex")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from patternc.cache import _compiling
 from patternc.layout import Layout
 from patternc.nn.tables import TABLES
 
@@ -105,7 +106,13 @@ class _Upload:
     def send(self, device: torch.device) -> tuple[Tensor, ...]:
         """One host-to-device copy. ``array`` packs the ints ~3x faster than
         ``torch.tensor(list)``; on a GPU the copy is from pinned memory and
-        asynchronous, so the host does not wait for queued kernels to finish."""
+        asynchronous, so the host does not wait for queued kernels to finish.
+        Traced by ``torch.compile`` (a user's compiled model building the
+        tables in its graph), the values become one constant tensor instead:
+        Dynamo cannot trace ``array`` or pinning."""
+        if _compiling():
+            flat = torch.tensor(self._values, dtype=torch.int64, device=device)
+            return torch.split(flat, self._lengths)
         packed = array.array("q", self._values)
         flat = torch.frombuffer(packed, dtype=torch.int64) if packed else torch.zeros(0, dtype=torch.int64)
         if device.type == "cuda":
