@@ -214,21 +214,28 @@ def flex_backends(repeat: int) -> None:
         _row(f"joint 2x(1k+4k) BACKEND={backend}", ms, useful)
 
 
-def _host_us(fn: Callable[[], object], calls: int = 30, rounds: int = 9) -> float:
-    """Median host time of one call of ``fn`` in ``calls`` back-to-back calls
-    (no synchronisation inside: the device queue absorbs the kernels)."""
+def _host_us(fns: dict[str, Callable[[], object]], calls: int = 30, rounds: int = 15) -> dict[str, float]:
+    """Median host time of one call of each row in ``calls`` back-to-back
+    calls (no synchronisation inside: the device queue absorbs the kernels),
+    rows sampled round by round in a fresh shuffled order (the host's speed
+    drifts over a run by more than the differences measured here)."""
+    import random
     import statistics
     import time
 
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
+        shuffle(order)
+        for name in order:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(samples)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def sdpa_dispatch(repeat: int) -> None:
@@ -284,12 +291,12 @@ def sdpa_dispatch(repeat: int) -> None:
             fns = {way: fn for way, (fn, _) in rows.items()}
             single = interleaved_ms(fns, repeat)
             b2b = interleaved_ms(fns, repeat, calls=8)
-            for way, (fn, error) in rows.items():
-                ms, ms_b2b = single[way], b2b[way]
+            hosts = _host_us(fns)
+            for way, (_, error) in rows.items():
+                ms, ms_b2b, host = single[way], b2b[way], hosts[way]
                 if isinstance(ms, Exception) or isinstance(ms_b2b, Exception):
                     print(f"{name} {way} failed: {ms if isinstance(ms, Exception) else ms_b2b}"[:160])
                     continue
-                host = _host_us(fn)
                 label = f"{name[:12]} {'fwd+bwd' if backward else 'fwd'} {way}"
                 _row(label, ms, useful, f"{ms_b2b:6.3f}  {host:7.1f}   rel diff {error:.1e}")
 
