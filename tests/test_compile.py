@@ -176,6 +176,29 @@ def test_flex_host_queries_are_constants_to_dynamo(
     assert torch.equal(out, torch.full((2,), 2.0))
 
 
+def test_flex_body_traces_into_a_fullgraph_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, with flex's CPU fallback switched off: a user's fullgraph
+    compile traces the flex executor's body (table build, block mask, the
+    kernel call) with no warning naming patternc (the executor's own cached
+    compiled function is not reached under tracing: Dynamo would warn about
+    its ``lru_cache``), and matches the eager layer."""
+    from patternc.nn.executors import flex
+
+    monkeypatch.setattr(flex, "_fallback_reason", lambda q, dropout_p: None)
+    plan, sizes = PLANS["joint"]
+    torch.manual_seed(0)
+    module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2), plan, backend="flex")
+    x = torch.randn(2, sum(sizes.values()), 32)
+    with torch.no_grad():
+        expected, _ = module(x, sizes)
+        torch._dynamo.reset()
+        with _captured() as (caught, records):
+            out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
+    assert float((out - expected).norm() / expected.norm()) < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:

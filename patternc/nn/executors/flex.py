@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.cache import _compiling
 from patternc.layout import Layout
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
@@ -115,7 +116,10 @@ def _raise_recompile_limit(at_least: int) -> None:
 
 
 def _attend_fn() -> Callable[..., Tensor]:
-    return _compiled_attend() if _use_compiled else _attend
+    """The compiled attention function; inside a user's ``torch.compile``
+    the plain one, which Dynamo traces into the user's graph (reaching the
+    cached compiled one there would warn that Dynamo skips ``lru_cache``)."""
+    return _compiled_attend() if _use_compiled and not _compiling() else _attend
 
 
 KernelOptions = dict[str, int | str]
