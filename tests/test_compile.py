@@ -147,11 +147,11 @@ def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.allclose(out, module(x, sizes)[0], atol=1e-6)
 
 
-def test_auto_passes_over_flex_inside_a_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_runs_its_flex_pick_inside_a_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the cost model ranks flex first (float32 inference on a GPU),
-    eager ``auto`` runs flex, but inside a user's compile it runs the next
-    best (Inductor cannot lower flex on inputs made in the user's graph),
-    also when the eager pick is memoised, and gives the same output."""
+    ``auto`` runs flex eagerly and inside a user's fullgraph compile
+    (Inductor, CPU, flex's CPU fallback switched off), with the tables the
+    eager call stored, and the two agree."""
     from patternc.nn.executors import auto, flex
 
     ran: list[str] = []
@@ -168,11 +168,9 @@ def test_auto_passes_over_flex_inside_a_compiled_graph(monkeypatch: pytest.Monke
     auto.PICKS.clear()
     with torch.no_grad():
         expected, _ = module(x, sizes)
-        assert ran == ["flex"]
-        ran.clear()
         torch._dynamo.reset()
-        out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
-    assert ran == ["batched"], ran
+        out, _ = torch.compile(module, fullgraph=True)(x, sizes)
+    assert ran == ["flex", "flex"], ran
     assert float((out - expected).norm() / expected.norm()) < 1e-5
 
 
@@ -205,42 +203,97 @@ def test_flex_host_queries_are_constants_to_dynamo(
     assert torch.equal(out, torch.full((2,), 2.0))
 
 
-def test_flex_body_traces_into_a_fullgraph_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, with flex's CPU fallback switched off: a user's fullgraph
-    compile traces the flex executor's body (table build, block mask, the
-    kernel call) with no warning naming patternc (the executor's own cached
-    compiled function is not reached under tracing: Dynamo would warn about
-    its ``lru_cache``), and matches the eager layer."""
+def _flex_on_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[PatternAttention, dict[str, int], list[str]]:
+    """A joint flex layer with flex's CPU fallback switched off (so its own
+    path runs on CPU), and a record of table builds made while tracing."""
+    from patternc.cache import _compiling
+    from patternc.nn import flexmask
     from patternc.nn.executors import flex
 
     monkeypatch.setattr(flex, "_fallback_reason", lambda q, dropout_p: None)
+    traced_builds: list[str] = []
+    build = flexmask.FlexTables.build
+
+    def recording_build(*args: object, **kwargs: object) -> object:
+        if _compiling():
+            traced_builds.append("tables")
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flexmask.FlexTables, "build", staticmethod(recording_build))
     plan, sizes = PLANS["joint"]
     torch.manual_seed(0)
     module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2), plan, backend="flex")
+    return module, sizes, traced_builds
+
+
+def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's fullgraph compile (Inductor, CPU) of a flex layer that ran
+    eagerly once: the trace takes the tables the eager call stored (their
+    tensors enter the user's graph as inputs; Inductor cannot lower
+    flex_attention on tables computed in the graph), warns nothing naming
+    patternc (the executor's own cached compiled function is not reached),
+    and matches the eager layer."""
+    from patternc.nn.tables import TABLES
+
+    module, sizes, traced_builds = _flex_on_cpu(monkeypatch)
     x = torch.randn(2, sum(sizes.values()), 32)
+    TABLES.clear()
     with torch.no_grad():
         expected, _ = module(x, sizes)
         torch._dynamo.reset()
         with _captured() as (caught, records):
-            out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
+            out, _ = torch.compile(module, fullgraph=True)(x, sizes)
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
+    assert traced_builds == []
+    assert float((out - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["cold", "key padding"])
+def test_flex_without_stored_tables_in_a_user_graph_runs_as_batched(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Inside a user's fullgraph compile, a flex call whose tables no eager
+    call stored (compiled before any eager call with these sizes; or with a
+    key padding mask, whose block mask is built per call) would build them
+    in the user's graph, which fails Inductor's lowering: the trace runs the
+    call as ``batched`` instead (same numbers)."""
+    from patternc.nn.executors import batched
+    from patternc.nn.tables import TABLES
+
+    module, sizes, traced_builds = _flex_on_cpu(monkeypatch)
+    ran: list[str] = []
+    monkeypatch.setattr(
+        "patternc.nn.executors.flex.run_batched",
+        lambda inputs: ran.append("batched") or batched.run_batched(inputs),
+    )
+    n = sum(sizes.values())
+    x = torch.randn(2, n, 32)
+    mask = None
+    if case == "key padding":
+        mask = torch.ones(2, n, dtype=torch.bool)
+        mask[1, 2:5] = False
+    with torch.no_grad():
+        module(x, sizes)  # the layout is known (torch 2.11 needs it); the tables are stored
+        if case == "cold":
+            TABLES.clear()
+        torch._dynamo.reset()
+        out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes, key_padding_mask=mask)
+        reference = PatternAttention(module.config, module.plan, backend="batched")
+        reference.load_state_dict(module.state_dict())
+        expected, _ = reference(x, sizes, key_padding_mask=mask)
+    assert ran == ["batched"] and traced_builds == []
     assert float((out - expected).norm() / expected.norm()) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: Inductor (torch 2.11, H200) fails to lower flex_attention on inputs made in the "
-    "user's graph ('convert FlexibleLayout to FixedLayout first'); auto passes over flex there",
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:
-    """A flex layer on the GPU inside a user's fullgraph compile: the kernel
-    options (tiles, float32 products) are chosen without a graph break. Dynamo
-    traces it (``test_flex_body_traces_into_a_fullgraph_compile``); Inductor's
-    lowering fails on torch 2.11, so this is a strict xfail: it reports when a
-    torch release lowers it."""
+    """A flex layer on the GPU inside a user's fullgraph compile (Inductor):
+    the kernel options (tiles, float32 products) are chosen without a graph
+    break, and the trace takes the tables the eager call stored (computed in
+    the graph, Inductor's lowering failed: ``convert FlexibleLayout to
+    FixedLayout first``)."""
     plan, sizes = PLANS["joint"]
     torch.manual_seed(0)
     config = patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2)

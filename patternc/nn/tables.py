@@ -11,6 +11,14 @@ are what it is built from (a layout, which hashes by identity, or its sizes;
 the device; a batch size). Under ``torch.compile`` the tables are built in
 the traced graph instead (they are a few cheap kernels) and nothing is
 stored, so Dynamo never traces a cache's state.
+
+The exception is a *traceable* table (FlexAttention's group tables and block
+mask): there a table an eager call built is handed to the trace as it is, so
+Dynamo passes its tensors into the user's graph as inputs. Inductor needs
+that: it cannot lower ``flex_attention`` when the tensors its ``mask_mod``
+reads are computed in the same graph. Those entries are also kept under a
+key Dynamo can hash, each layout replaced by its ``id`` (the entry holds the
+layout, so the ``id`` stays its own, and is checked on the way out).
 """
 
 from __future__ import annotations
@@ -18,19 +26,62 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
-from patternc.cache import BoundedCache
+from patternc.cache import BoundedCache, _compiling
+from patternc.layout import Layout
 
 __all__ = ["TABLES", "LayoutTables"]
 
 T = TypeVar("T")
 
+TableKey = tuple[Hashable, ...]
+"""``(kind, *inputs)``, see the module docstring."""
 
-class LayoutTables(BoundedCache[tuple[Hashable, ...], object]):
+
+class LayoutTables(BoundedCache[TableKey, object]):
     """A bounded ``{(kind, *inputs): table}`` cache whose lookups keep the
     table's type (each kind builds one type of table)."""
 
-    def get(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
-        return cast(T, self.get_or_build(key, build))
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__(name, size, lookup_while_tracing=False)
+        self._traceable: dict[TableKey, tuple[tuple[Layout, ...], object]] = {}
+
+    def get(self, key: TableKey, build: Callable[[], T], *, traceable: bool = False) -> T:
+        """The table under ``key``, built on a miss. ``traceable``: under
+        ``torch.compile`` return the table an eager call stored (see the
+        module docstring) rather than build it in the graph."""
+        if traceable and _compiling():
+            found = self.stored(key)
+            return build() if found is None else cast(T, found)
+        table = cast(T, self.get_or_build(key, build))
+        if traceable:
+            plain = _plain(key)
+            if plain not in self._traceable:
+                if len(self._traceable) >= self.size:
+                    del self._traceable[next(iter(self._traceable))]
+                self._traceable[plain] = (tuple(k for k in key if isinstance(k, Layout)), table)
+        return table
+
+    def stored(self, key: TableKey) -> object | None:
+        """The table under ``key`` if one is stored, else None; under
+        ``torch.compile``, the one an eager call stored as traceable."""
+        if _compiling():
+            found = self._traceable.get(_plain(key))
+            return found[1] if found is not None and _same(found[0], key) else None
+        return self.lookup(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self._traceable.clear()
 
 
-TABLES = LayoutTables("runtime tables", 2048, lookup_while_tracing=False)
+def _plain(key: TableKey) -> TableKey:
+    """``key`` with each layout replaced by its ``id``: a key of constants."""
+    return tuple(id(k) if isinstance(k, Layout) else k for k in key)
+
+
+def _same(layouts: tuple[Layout, ...], key: TableKey) -> bool:
+    """The stored layouts are the key's own (an ``id`` is not reused while an entry holds its layout)."""
+    return all(a is b for a, b in zip(layouts, (k for k in key if isinstance(k, Layout))))
+
+
+TABLES = LayoutTables("runtime tables", 2048)

@@ -182,8 +182,7 @@ def choose(inputs: AttentionInputs) -> str:
     on a layout's first call under those conditions: a later change of
     torch's float32 matmul precision does not revisit it.
 
-    Under ``torch.compile`` the pick is a constant to Dynamo (never ``flex``
-    there, see :func:`_choice_by_id`): it calls
+    Under ``torch.compile`` the pick is a constant to Dynamo: it calls
     :func:`_choice_by_id` at trace time instead of tracing the cost model (host
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
@@ -209,31 +208,15 @@ def _choice(layout: Layout, conditions: Conditions) -> str:
 
 
 def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
-    """The pick inside a user's ``torch.compile`` for the layout with this
-    ``id`` (one seen by an eager call or one of
-    :data:`patternc.cache.LAYOUTS`; ``batched``, the default, for a layout
-    built inside the trace and never run eagerly).
-
-    There ``flex`` is passed over for the next best: traced into the user's
-    graph, Inductor (torch 2.11, H200) fails to lower ``flex_attention`` on
-    inputs made in that graph (``convert FlexibleLayout to FixedLayout
-    first``), while ``auto`` would pick flex for float32 inference."""
+    """The pick for the layout with this ``id``: one seen by an eager call or
+    one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
+    layout built inside the trace and never run eagerly."""
     found = PICKS.lookup((layout_id, conditions))
-    if found is not None and found[1] != _UNTRACEABLE:
+    if found is not None:
         return found[1]
-    layout = (
-        found[0]
-        if found is not None
-        else next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
-    )
-    if layout is None:
-        return "batched"
-    ranked = (e.backend for e in _candidates(layout, conditions) if e.backend != _UNTRACEABLE)
-    return next(ranked, "batched")
+    layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
+    return "batched" if layout is None else _choice(layout, conditions)
 
-
-_UNTRACEABLE = "flex"
-"""The backend ``auto`` never picks inside a user's compiled graph (see :func:`_choice_by_id`)."""
 
 _constant_choice: Callable[[int, Conditions], str] = torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]
 

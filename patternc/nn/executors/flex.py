@@ -26,7 +26,7 @@ from torch import Tensor
 
 from patternc.cache import _compiling
 from patternc.layout import Layout
-from patternc.nn.executors.batched import run_as_batched
+from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.tables import TABLES
@@ -267,8 +267,15 @@ def flex_tables(
 ) -> FlexTables:
     """The layout's device tables, cached per (layout, cache lengths, device,
     block size, whether positions are built)."""
-    key = ("flex tables", layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
-    return TABLES.get(key, lambda: FlexTables.build(layout, cache_lengths, device, block_size, positions))
+    key = _tables_key(layout, cache_lengths, device, block_size, positions)
+    build = functools.partial(FlexTables.build, layout, cache_lengths, device, block_size, positions)
+    return TABLES.get(key, build, traceable=True)
+
+
+def _tables_key(
+    layout: Layout, cache_lengths: Mapping[str, int], device: torch.device, block_size: int, positions: bool
+) -> tuple[object, ...]:
+    return ("flex tables", layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
 
 
 def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]) -> BlockMask:
@@ -282,7 +289,7 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
         _builds += 1
         return tables.block_mask()
 
-    return TABLES.get(("flex block mask", *key), build)
+    return TABLES.get(("flex block mask", *key), build, traceable=True)
 
 
 def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
@@ -326,6 +333,15 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         return run_as_batched(inputs, "flex", reason, _warned)
     lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     slopes = inputs.alibi_slopes
+    if _compiling() and (
+        key_padding_mask is not None
+        or TABLES.stored(_tables_key(layout, lengths, q.device, block_size, slopes is not None)) is None
+    ):
+        # inside a user's torch.compile, with tables no eager call stored (a
+        # layout not run eagerly; a padding's block mask is built per call):
+        # computed in the user's graph, Inductor cannot lower flex_attention
+        # on them (see patternc.nn.tables)
+        return run_batched(inputs)
     tables = flex_tables(layout, lengths, q.device, block_size, positions=slopes is not None)
     if layout.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
