@@ -14,6 +14,9 @@
 #   timeline   single calls profiled: GPU idle gaps and the host ops
 #              under them, ideal against the executors (10k AB-UPT) ~1 min
 #   kernels    varlen and flex kernel choices side by side          ~2 min
+#   sdpa       dense SDPA ways in (backend, direct ATen ops, token- or
+#              head-major inputs; host time interleaved) and 64 documents
+#              on padded cuDNN buckets against varlen                ~2 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
@@ -70,6 +73,9 @@ timeline() {  # the traces travel as one archive (the device returns a limited n
 kernels() {
   python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
 }
+sdpa() {
+  python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"
+}
 step() {
   python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step.txt"
 }
@@ -84,7 +90,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels step distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa step distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
