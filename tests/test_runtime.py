@@ -616,3 +616,39 @@ def test_whole_call_gathers_keys_in_one_index_select() -> None:
     names = [op.rsplit(".", 1)[0] for op in ops]
     others = sorted(name for name in names if "scaled_dot_product" not in name and name != "aten.transpose")
     assert others == ["aten.slice", "aten.slice"], names  # narrow dispatches as a slice
+
+
+def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A traceable table an eager call built is what a trace gets (found by a
+    key with the layout's ``id``), never another layout's under a reused
+    ``id``; a plain table is always rebuilt under tracing; ``clear`` empties
+    both stores."""
+    from patternc.nn import tables
+
+    cache = tables.LayoutTables("test tables", 4)
+    first = schedule_for(ab_specs(4, 8), AB.patterns["joint"])
+    second = schedule_for(ab_specs(5, 8), AB.patterns["joint"])
+    builds: list[str] = []
+
+    def build(name: str) -> object:
+        builds.append(name)
+        return name
+
+    assert cache.get(("kind", first), lambda: build("first"), traceable=True) == "first"
+    assert cache.get(("kind", first), lambda: build("again"), traceable=True) == "first"
+    assert cache.get(("plain", first), lambda: build("plain")) == "plain"
+    import patternc.cache
+
+    monkeypatch.setattr(tables, "_compiling", lambda: True)  # as under torch.compile
+    monkeypatch.setattr(patternc.cache, "_compiling", lambda: True)
+    assert cache.get(("kind", first), lambda: build("traced"), traceable=True) == "first"
+    assert cache.get(("plain", first), lambda: build("plain traced")) == "plain traced"
+    # an entry whose id now names another layout: not handed out
+    cache._traceable[tables._plain(("kind", second))] = ((first,), "stale")
+    assert cache.stored(("kind", second)) is None
+    assert cache.get(("kind", second), lambda: build("second traced"), traceable=True) == "second traced"
+    assert builds == ["first", "plain", "plain traced", "second traced"]
+    cache.clear()
+    assert cache.stored(("kind", first)) is None and len(cache) == 0

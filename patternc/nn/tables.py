@@ -49,16 +49,18 @@ class LayoutTables(BoundedCache[TableKey, object]):
         """The table under ``key``, built on a miss. ``traceable``: under
         ``torch.compile`` return the table an eager call stored (see the
         module docstring) rather than build it in the graph."""
-        if traceable and _compiling():
+        if not traceable:
+            return cast(T, self.get_or_build(key, build))
+        if _compiling():
             found = self.stored(key)
             return build() if found is None else cast(T, found)
+        found = self.lookup(key)  # the eager hot path: one dict lookup
+        if found is not None:
+            return cast(T, found)
         table = cast(T, self.get_or_build(key, build))
-        if traceable:
-            plain = _plain(key)
-            if plain not in self._traceable:
-                if len(self._traceable) >= self.size:
-                    del self._traceable[next(iter(self._traceable))]
-                self._traceable[plain] = (tuple(k for k in key if isinstance(k, Layout)), table)
+        if len(self._traceable) >= self.size:
+            del self._traceable[next(iter(self._traceable))]
+        self._traceable[_plain(key)] = (tuple(k for k in key if isinstance(k, Layout)), table)
         return table
 
     def stored(self, key: TableKey) -> object | None:
