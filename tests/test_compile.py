@@ -249,6 +249,24 @@ def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: py
     assert float((out - expected).norm() / expected.norm()) < 1e-5
 
 
+def test_flex_with_a_kv_cache_compiles_inside_a_user_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached anchors under a user's fullgraph compile (Inductor, CPU): the
+    queries-only call with ``kv_cache`` takes its stored tables (their key
+    includes the cached lengths) and matches eager and the full pass."""
+    module, _, traced_builds = _flex_on_cpu(monkeypatch)
+    module.plan = patternc.compile("groups a q\n* -> a\n").patterns["default"]
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        full, cache = module(x, {"a": 8, "q": 32})
+        assert cache is not None
+        expected, _ = module(x[:, 8:], {"a": None, "q": 32}, kv_cache=cache)
+        torch._dynamo.reset()
+        out, _ = torch.compile(module, fullgraph=True)(x[:, 8:], {"a": None, "q": 32}, kv_cache=cache)
+    assert traced_builds == []
+    assert float((out - expected).norm() / expected.norm()) < 1e-5
+    assert float((out - full[:, 8:]).norm() / full[:, 8:].norm()) < 1e-5
+
+
 @pytest.mark.parametrize("case", ["cold", "key padding"])
 def test_flex_without_stored_tables_in_a_user_graph_runs_as_batched(
     monkeypatch: pytest.MonkeyPatch, case: str
