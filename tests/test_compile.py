@@ -226,6 +226,20 @@ def _flex_on_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[PatternAttention, dic
     return module, sizes, traced_builds
 
 
+def _eager_then_compiled(
+    module: PatternAttention, x: torch.Tensor, sizes: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Without gradients: the eager output (which stores the layout's
+    tables), then the output of a fresh fullgraph compile (Inductor) and the
+    warnings raised while compiling it."""
+    with torch.no_grad():
+        expected, _ = module(x, sizes)
+        torch._dynamo.reset()
+        with _captured() as (caught, records):
+            out, _ = torch.compile(module, fullgraph=True)(x, sizes)
+    return expected, out, [str(w.message) for w in caught] + [r.getMessage() for r in records]
+
+
 def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """A user's fullgraph compile (Inductor, CPU) of a flex layer that ran
     eagerly once: the trace takes the tables the eager call stored (their
@@ -238,12 +252,7 @@ def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: py
     module, sizes, traced_builds = _flex_on_cpu(monkeypatch)
     x = torch.randn(2, sum(sizes.values()), 32)
     TABLES.clear()
-    with torch.no_grad():
-        expected, _ = module(x, sizes)
-        torch._dynamo.reset()
-        with _captured() as (caught, records):
-            out, _ = torch.compile(module, fullgraph=True)(x, sizes)
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    expected, out, messages = _eager_then_compiled(module, x, sizes)
     assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
     assert traced_builds == []
     assert float((out - expected).norm() / expected.norm()) < 1e-5
@@ -317,12 +326,7 @@ def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:
     config = patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2)
     module = PatternAttention(config, plan, backend="flex").cuda().to(dtype)
     x = torch.randn(2, sum(sizes.values()), 32, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        expected, _ = module(x, sizes)
-        torch._dynamo.reset()
-        with _captured() as (caught, records):
-            out, _ = torch.compile(module, fullgraph=True)(x, sizes)
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    expected, out, messages = _eager_then_compiled(module, x, sizes)
     assert not [m for m in messages if "patternc" in m], messages
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert float((out.float() - expected.float()).norm() / expected.float().norm()) < tolerance
