@@ -639,14 +639,14 @@ def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
     assert cache.get(("kind", first), lambda: build("first"), traceable=True) == "first"
     assert cache.get(("kind", first), lambda: build("again"), traceable=True) == "first"
     assert cache.get(("plain", first), lambda: build("plain")) == "plain"
+    # an entry whose id names another layout than the one it holds: never handed out
+    cache._traceable.get_or_build(tables._plain(("kind", second)), lambda: ((first,), "stale"))
     import patternc.cache
 
     monkeypatch.setattr(tables, "_compiling", lambda: True)  # as under torch.compile
     monkeypatch.setattr(patternc.cache, "_compiling", lambda: True)
     assert cache.get(("kind", first), lambda: build("traced"), traceable=True) == "first"
     assert cache.get(("plain", first), lambda: build("plain traced")) == "plain traced"
-    # an entry whose id now names another layout: not handed out
-    cache._traceable[tables._plain(("kind", second))] = ((first,), "stale")
     assert cache.stored(("kind", second)) is None
     assert cache.get(("kind", second), lambda: build("second traced"), traceable=True) == "second traced"
     assert builds == ["first", "plain", "plain traced", "second traced"]

@@ -43,7 +43,9 @@ class LayoutTables(BoundedCache[TableKey, object]):
 
     def __init__(self, name: str, size: int) -> None:
         super().__init__(name, size, lookup_while_tracing=False)
-        self._traceable: dict[TableKey, tuple[tuple[Layout, ...], object]] = {}
+        self._traceable: BoundedCache[TableKey, tuple[tuple[Layout, ...], object]] = BoundedCache(
+            f"{name}, by layout id", size
+        )
 
     def get(self, key: TableKey, build: Callable[[], T], *, traceable: bool = False) -> T:
         """The table under ``key``, built on a miss. ``traceable``: under
@@ -58,16 +60,14 @@ class LayoutTables(BoundedCache[TableKey, object]):
         if found is not None:
             return cast(T, found)
         table = cast(T, self.get_or_build(key, build))
-        if len(self._traceable) >= self.size:
-            del self._traceable[next(iter(self._traceable))]
-        self._traceable[_plain(key)] = (tuple(k for k in key if isinstance(k, Layout)), table)
+        self._traceable.get_or_build(_plain(key), lambda: (_layouts(key), table))
         return table
 
     def stored(self, key: TableKey) -> object | None:
         """The table under ``key`` if one is stored, else None; under
         ``torch.compile``, the one an eager call stored as traceable."""
         if _compiling():
-            found = self._traceable.get(_plain(key))
+            found = self._traceable.lookup(_plain(key))
             return found[1] if found is not None and _same(found[0], key) else None
         return self.lookup(key)
 
@@ -81,9 +81,13 @@ def _plain(key: TableKey) -> TableKey:
     return tuple(id(k) if isinstance(k, Layout) else k for k in key)
 
 
+def _layouts(key: TableKey) -> tuple[Layout, ...]:
+    return tuple(k for k in key if isinstance(k, Layout))
+
+
 def _same(layouts: tuple[Layout, ...], key: TableKey) -> bool:
     """The stored layouts are the key's own (an ``id`` is not reused while an entry holds its layout)."""
-    return all(a is b for a, b in zip(layouts, (k for k in key if isinstance(k, Layout))))
+    return all(a is b for a, b in zip(layouts, _layouts(key)))
 
 
 TABLES = LayoutTables("runtime tables", 2048)
