@@ -30,6 +30,17 @@
    recompile reasons (logged to stderr): a row that falls to eager
    FlexAttention (recompile limit hit) shows as dense-like time.
 
+7. **flex host time, piece by piece** (``--parts flexhost``): host time
+   per call (no synchronisation), single-call and back-to-back times of
+   ``run_flex``, the compiled graphs it calls (with and without the value
+   guard) on ready padded inputs, and the compiled kernel alone on
+   head-major inputs, bf16 forward, on
+   the 10k and 65k AB-UPT layouts: where flex's host time goes.
+8. **back to back, row against row** (``--parts b2b``): ``ideal``,
+   ``batched``, ``auto`` and ``batched`` again as a fourth row, self-anchor
+   10k forward+backward, back-to-back times and host time per step: whether
+   ``auto``'s back-to-back gap over ``batched`` is its own or the row's.
+
 Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 """
 
@@ -238,6 +249,87 @@ def _host_us(fns: dict[str, Callable[[], object]], calls: int = 30, rounds: int 
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def flex_host(repeat: int) -> None:
+    """Where ``run_flex``'s host time goes: the wrapper (padding, tables),
+    the guard's operations in the compiled graph, and the compiled kernel
+    with Dynamo's guards and Inductor's launches."""
+    from bench_gpu import ideal_fn, interleaved_ms
+
+    from patternc.nn.executors import flex
+
+    print(f"\n{'flex host time, bf16 fwd':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/call")
+    kernel = compiled_kernel()
+    names = ["AB-UPT self-anchor 2x(1k+4k)", "AB-UPT joint 2x(1k+4k)", "AB-UPT self-anchor 2x(8k+24k)"]
+    for name in names:
+        schedule = _schedule(name)
+        tables = flex_tables(schedule, {}, torch.device("cuda"))
+        mask = tables.block_mask()
+        q, k, v = (
+            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3)
+        )
+        inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+        options = flex._kernel_options(q)
+        padded = [flex._pad_tokens(t, tables.q_len) for t in (q, k, v)]
+        heads_first = [t.transpose(1, 2) for t in padded]
+        guarded, unguarded = flex._compiled(flex._attend), flex._compiled(flex._attend_unguarded)
+        rows: dict[str, Callable[[], object]] = {
+            "ideal": ideal_fn(q, k, v, schedule, False),  # type: ignore[arg-type]
+            "run_flex": functools.partial(run_flex, inputs),
+            "guarded graph, padded inputs": functools.partial(
+                guarded, *padded, mask, None, None, options, tables.q_group, tables.kv_group, tables.allowed
+            ),
+            "unguarded graph, padded inputs": functools.partial(
+                unguarded, *padded, mask, None, None, options
+            ),
+            "compiled kernel alone": functools.partial(
+                kernel, *heads_first, block_mask=mask, kernel_options=options
+            ),
+        }
+        useful = 4 * entries(schedule) * HEADS * DIM
+        single = interleaved_ms(rows, repeat)
+        b2b = interleaved_ms(rows, repeat, calls=8)
+        hosts = _host_us(rows)
+        for row in rows:
+            ms, ms_b2b = single[row], b2b[row]
+            if isinstance(ms, Exception) or isinstance(ms_b2b, Exception):
+                print(f"{name} {row} failed: {ms if isinstance(ms, Exception) else ms_b2b}"[:160])
+                continue
+            _row(f"{name[7:30]} {row}", ms, useful, f"{ms_b2b:6.3f}  {hosts[row]:7.1f}")
+
+
+def back_to_back(repeat: int) -> None:
+    """``auto`` against ``batched`` back to back, with ``batched`` measured
+    twice (a fourth row): a gap between the two ``batched`` rows is the
+    measurement's, not ``auto``'s."""
+    from bench_gpu import executor_fn, ideal_fn, interleaved_ms
+
+    print(
+        f"\n{'back to back, self-anchor 10k bf16 fwd+bwd':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/step"
+    )
+    schedule = _schedule("AB-UPT self-anchor 2x(1k+4k)")
+    q, k, v = (
+        torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
+    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+    rows = {
+        "ideal": ideal_fn(q, k, v, schedule, True),  # type: ignore[arg-type]
+        "batched": executor_fn("batched", inputs, True),
+        "auto": executor_fn("auto", inputs, True),
+        "batched, again": executor_fn("batched", inputs, True),
+    }
+    useful = 4 * entries(schedule) * HEADS * DIM * 3.5
+    for calls in (8, 32):
+        single = interleaved_ms(rows, repeat)
+        b2b = interleaved_ms(rows, 2 * repeat, calls=calls)
+        hosts = _host_us(rows, calls=calls)
+        for row in rows:
+            ms, ms_b2b = single[row], b2b[row]
+            assert isinstance(ms, float) and isinstance(ms_b2b, float)
+            _row(f"{calls} calls: {row}", ms, useful, f"{ms_b2b:6.3f}  {hosts[row]:7.1f}")
+
+
 def sdpa_dispatch(repeat: int) -> None:
     """One dense launch, several ways in: torch's SDPA choice, SDPA pinned to
     flash or cuDNN, and the two ATen ops called directly; on token-major
@@ -440,6 +532,10 @@ def main() -> None:
         padded_documents(args.repeat)
     if "shapes" in args.parts:
         flex_shape_changes(args.repeat)
+    if "flexhost" in args.parts:
+        flex_host(args.repeat)
+    if "b2b" in args.parts:
+        back_to_back(args.repeat)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@
 #   sdpa       dense SDPA ways in (backend, direct ATen ops, token- or
 #              head-major inputs; host time interleaved) and 64 documents
 #              on padded cuDNN buckets against varlen                ~2 min
+#   flexhost   flex's host time piece by piece (wrapper, guarded and
+#              unguarded graphs, kernel alone), and auto against batched
+#              back to back with batched measured twice           ~2 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
@@ -38,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
 
 tests() {
-  for module in flex varlen cuda_graphs cookbook compile; do
+  for module in flex varlen cuda_graphs cookbook compile robustness; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_$module.txt" | tail -5
   done
 }
@@ -72,6 +75,9 @@ timeline() {  # the traces travel as one archive (the device returns a limited n
 }
 kernels() {
   python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
+}
+flexhost() {
+  python3 benchmarks/bench_kernels.py --parts flexhost b2b 2>&1 | grep -v "^W1" | tee "$OUT/kernels_flexhost_b2b.txt"
 }
 sdpa() {
   python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"

@@ -349,7 +349,7 @@ def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: 
         pytest.skip("this torch runs past the limit eagerly instead of raising")
     plan = MODIFIED.patterns["default"]
     module = make(plan, "flex")
-    flex._compiled_attend()  # raises the limit to 64 once, before it is lowered here
+    flex._compiled(flex._attend)  # raises the limit to 64 once, before it is lowered here
     torch._dynamo.reset()
     name, _ = flex._recompile_limit()
     monkeypatch.setattr(dynamo_config, name, 1)
@@ -578,3 +578,65 @@ def test_pattern_attention_backend_argument() -> None:
     assert PatternAttention(config, plan).config.implementation == "batched"
     with pytest.raises(ValueError, match="implementation"):
         PatternAttention(config, plan, backend="fast")  # type: ignore[arg-type]
+
+
+AB_UPT = patternc.compile("""
+groups surface_anchors surface_queries volume_anchors volume_queries
+surface_* -> surface_anchors
+volume_* -> volume_anchors
+""").patterns["default"]
+
+
+@pytest.mark.parametrize(
+    ("plan", "sizes", "needs"),
+    [
+        (
+            AB_UPT,
+            {"surface_anchors": 128, "surface_queries": 256, "volume_anchors": 128, "volume_queries": 90},
+            False,
+        ),
+        (
+            AB_UPT,
+            {"surface_anchors": 128, "surface_queries": 0, "volume_anchors": 256, "volume_queries": 5},
+            False,
+        ),
+        (
+            AB_UPT,
+            {"surface_anchors": 100, "surface_queries": 156, "volume_anchors": 128, "volume_queries": 128},
+            True,
+        ),
+        (
+            AB_UPT,
+            {"surface_anchors": 3, "surface_queries": 4, "volume_anchors": 3, "volume_queries": 4},
+            True,
+        ),
+        (MODIFIED.patterns["default"], {"doc0": 128, "doc1": 128, "image": 128, "text": 128}, True),
+    ],
+)
+def test_the_value_guard_is_needed_only_where_a_block_mixes_groups(
+    plan: patternc.Plan, sizes: dict[str, int], needs: bool
+) -> None:
+    """Whole-block groups (the tail may end mid-block, an empty group is no
+    boundary) need no guard; a boundary off a block edge or a modifier's
+    diagonal does. The host's answer agrees with the device's block classes:
+    some computed block holds a real key that one of its real queries must not see."""
+    layout = schedule_for(plan.token_specs(sizes), plan)
+    tables = FlexTables.build(layout, {}, "cpu")
+    assert tables.needs_value_guard is needs
+    if layout.has_modifiers:
+        return  # the group table alone does not say what a modifier masks
+    n = layout.n_tokens
+    q_group, kv_group = tables.q_group[:n], tables.kv_group[:n]
+    allowed = tables.allowed[q_group[:, None], kv_group[None, :]]  # [n, n]
+    computed = (tables.partial | tables.full).repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :n]
+    assert bool((computed & ~allowed).any()) is needs
+
+
+def test_keys_of_cached_groups_mix_blocks_off_their_edges() -> None:
+    """Key segments: the input, then each cached group appended: a cached
+    group that ends mid-block before another starts mixes a block."""
+    from patternc.nn.flexmask import _blocks_mix_groups
+
+    assert not _blocks_mix_groups([(0, 0, 128), (1, 128, 300)], 128)
+    assert not _blocks_mix_groups([(0, 0, 100), (0, 100, 256), (1, 256, 300)], 128)  # one group, two segments
+    assert _blocks_mix_groups([(0, 0, 128), (1, 128, 300), (2, 300, 400)], 128)

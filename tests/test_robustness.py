@@ -20,6 +20,7 @@ from patternc.nn import PatternAttention
 BACKENDS = ["batched", "loop", "dense", "flex", "varlen", "auto"]
 AB = patternc.compile(EXAMPLES / "ab_upt.pc")
 VLM = patternc.compile(EXAMPLES / "cookbook" / "vlm.pc").patterns["default"]
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 AB_SIZES = {"surface_anchors": 3, "surface_queries": 4, "volume_anchors": 3, "volume_queries": 4}
 
 
@@ -117,6 +118,10 @@ def test_one_launch_backends_contain_a_nan(backend: str) -> None:
     assert poisoned.tolist() == [False, False, False, True, True, True]
 
 
+WHOLE_BLOCKS = {"surface_anchors": 128, "surface_queries": 256, "volume_anchors": 128, "volume_queries": 128}
+"""AB-UPT in whole 128-token blocks: no block mixes groups, so flex runs unguarded."""
+
+
 @pytest.mark.parametrize(
     ("where", "value"),
     [
@@ -127,25 +132,53 @@ def test_one_launch_backends_contain_a_nan(backend: str) -> None:
         ("both", float("inf")),
     ],
 )
-def test_flex_contains_a_bad_key_or_value_like_separate_calls(where: str, value: float) -> None:
+@pytest.mark.parametrize(
+    ("device", "sizes", "guarded"),
+    [
+        ("cpu", AB_SIZES, True),
+        ("cpu", WHOLE_BLOCKS, True),  # Inductor's CPU kernel drops NaN scores: guarded on CPU
+        pytest.param("cuda", AB_SIZES, True, marks=GPU),
+        pytest.param("cuda", WHOLE_BLOCKS, False, marks=GPU),
+    ],
+)
+def test_flex_contains_a_bad_key_or_value_like_separate_calls(
+    where: str,
+    value: float,
+    device: str,
+    sizes: dict[str, int],
+    guarded: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A non-finite value in K only, V only, or both, on one token: flex's one
-    kernel poisons exactly the queries that separate SDPA calls (batched) do.
-    (An infinite key alone is left out: SDPA then poisons only the queries
-    whose score with it is +inf, flex every query that reads it.)"""
-    from patternc.nn.executors import EXECUTORS
+    kernel poisons exactly the queries that separate SDPA calls (batched) do,
+    with its guard where blocks mix groups (and on CPU), with the kernel
+    alone where they do not. (An infinite key alone is left out: SDPA then
+    poisons only the queries whose score with it is +inf, flex every query
+    that reads it.)"""
+    from patternc.nn.executors import EXECUTORS, flex
     from patternc.nn.executors.common import AttentionInputs
     from patternc.nn.schedule import schedule_for
 
+    paths: list[bool] = []
+    attend_fn = flex._attend_fn
+
+    def recording(guard: bool) -> object:
+        paths.append(guard)
+        return attend_fn(guard)
+
+    monkeypatch.setattr(flex, "_attend_fn", recording)
     plan = AB["joint"] if where == "both" else AB["self_anchor"]
-    layout = schedule_for(plan.token_specs(AB_SIZES), plan)
+    layout = schedule_for(plan.token_specs(sizes), plan)
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, layout.n_tokens, 2, 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, layout.n_tokens, 2, 16, generator=gen).to(device) for _ in range(3))
+    bad = sizes["surface_anchors"] + sizes["surface_queries"] + 1  # token 1 of volume_anchors
     for t in {"k": [k], "v": [v], "both": [k, v]}[where]:
-        t[0, 8, 1, 3] = value  # token 1 of volume_anchors, one head
+        t[0, bad, 1, 3] = value
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
     with torch.no_grad():
         expected = ~torch.isfinite(EXECUTORS["batched"](inputs)).all(-1)
         got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
+    assert paths == [guarded]
     assert expected.any(), "the bad token reaches someone"
     assert torch.equal(got, expected), (got.nonzero().tolist(), expected.nonzero().tolist())
 
@@ -218,9 +251,6 @@ def test_cli_reports_binding_errors_as_diagnostics(tmp_path: Path) -> None:
         assert result.returncode == 1, extra
         assert "Traceback" not in result.stderr
         assert "error[E406]" in result.stderr
-
-
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @GPU

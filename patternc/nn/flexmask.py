@@ -79,6 +79,17 @@ def group_segments(
     return queries, keys
 
 
+def _blocks_mix_groups(segments: list[tuple[int, int, int]], block: int) -> bool:
+    """Whether a block holds tokens of two groups: a boundary between
+    different groups off a block edge. (The padding after the last segment
+    mixes nothing that matters: padded queries are dropped, padded keys are
+    zeros.)"""
+    return any(
+        group != next_group and stop % block
+        for (group, _, stop), (next_group, _, _) in itertools.pairwise(segments)
+    )
+
+
 def _token_tables(
     ids: Tensor, sizes: Tensor, starts: Tensor, length: int, positions: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -219,6 +230,13 @@ class FlexTables:
     has_modifiers: bool
     partial: Tensor
     full: Tensor
+    needs_value_guard: bool
+    """Whether a block the kernel computes can hold a real key that some real
+    query of the block must not see: a block that mixes groups, or a
+    modifier's diagonal. Only there can a non-finite value leak to queries
+    of other groups, through the kernel's zero weights (``0 * NaN``), so
+    only there does the executor guard values. Known on the host, from the
+    segments: AB-UPT layouts in whole blocks need no guard."""
 
     @staticmethod
     def build(
@@ -323,6 +341,9 @@ class FlexTables:
             has_modifiers=has_modifiers,
             partial=partial,
             full=full,
+            needs_value_guard=has_modifiers
+            or _blocks_mix_groups(queries, block)
+            or _blocks_mix_groups(keys, block),
         )
 
     def mask_mod(self, key_padding_mask: Tensor | None = None) -> MaskMod:

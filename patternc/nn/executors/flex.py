@@ -4,7 +4,8 @@ Queries, keys and values are padded to a bucketed length (so changing sizes
 reuse a few compiled kernels), the block mask comes from the group layout
 (:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
 device, padding), and the kernel with its non-finite guard is one graph,
-compiled once per process with static shapes (:func:`_compiled_attend`).
+compiled once per process with static shapes (:func:`_compiled`). The
+guard runs only where a block mixes groups (``FlexTables.needs_value_guard``).
 Tiles (``kernel_options``) are the ones swept best per dtype, head size and
 GPU (:func:`_kernel_options`).
 
@@ -59,12 +60,12 @@ def compiled(enabled: bool) -> Iterator[None]:
 
 
 @functools.cache
-def _compiled_attend() -> Callable[..., Tensor]:
-    """:func:`_attend` compiled once per process: the
-    non-finite guard, the kernel and the poisoning are one graph, so a call
-    pays one set of guards and a few fused kernels rather than a dozen eager
-    dispatches around a compiled kernel (0.96 -> 0.44 ms per call on an H200
-    at 10k tokens).
+def _compiled(attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``attend`` (:func:`_attend` or :func:`_attend_unguarded`) compiled once
+    per process: the non-finite guard, the kernel and the poisoning are one
+    graph, so a call pays one set of guards and a few fused kernels rather
+    than a dozen eager dispatches around a compiled kernel (0.96 -> 0.44 ms
+    per call on an H200 at 10k tokens).
 
     Shapes stay static (``dynamic=False``): the inputs arrive padded to
     bucketed lengths, so a few kernels serve many sizes, and FlexAttention's
@@ -74,7 +75,7 @@ def _compiled_attend() -> Callable[..., Tensor]:
     same process. On CPU, torch's C++ code generation of dynamic-shape
     FlexAttention fails outright."""
     _raise_recompile_limit(64)
-    return torch.compile(_attend, dynamic=False, fullgraph=True)
+    return torch.compile(attend, dynamic=False, fullgraph=True)
 
 
 def _past_recompile_limit(error: Exception) -> bool:
@@ -115,11 +116,13 @@ def _raise_recompile_limit(at_least: int) -> None:
             setattr(dynamo_config, name, at_least)
 
 
-def _attend_fn() -> Callable[..., Tensor]:
-    """The compiled attention function; inside a user's ``torch.compile``
-    the plain one, which Dynamo traces into the user's graph (reaching the
-    cached compiled one there would warn that Dynamo skips ``lru_cache``)."""
-    return _compiled_attend() if _use_compiled and not _compiling() else _attend
+def _attend_fn(guarded: bool) -> Callable[..., Tensor]:
+    """The compiled attention function, with or without the non-finite
+    guard; inside a user's ``torch.compile`` the plain one, which Dynamo
+    traces into the user's graph (reaching the cached compiled one there
+    would warn that Dynamo skips ``lru_cache``)."""
+    attend = _attend if guarded else _attend_unguarded
+    return _compiled(attend) if _use_compiled and not _compiling() else attend
 
 
 KernelOptions = dict[str, int | str]
@@ -351,19 +354,24 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
     n_queries = q.shape[1]
+    args = (
+        _pad_tokens(q, tables.q_len),
+        _pad_tokens(k, tables.kv_len),
+        _pad_tokens(v, tables.kv_len),
+        _block_mask(tables, padding, key),
+        _score_mod(tables, slopes),
+        scale,
+        _kernel_options(q),
+    )
+    # a key padding mask masks keys inside blocks; on CPU the guard always
+    # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
+    # block, where the GPU kernel and separate calls give NaN
+    guarded = padding is not None or tables.needs_value_guard or q.device.type != "cuda"
+    guard_tables = (tables.q_group, tables.kv_group, tables.allowed) if guarded else ()
     try:
-        out = _attend_fn()(
-            _pad_tokens(q, tables.q_len),
-            _pad_tokens(k, tables.kv_len),
-            _pad_tokens(v, tables.kv_len),
-            _block_mask(tables, padding, key),
-            _score_mod(tables, slopes),
-            scale,
-            _kernel_options(q),
-            tables.q_group,
-            tables.kv_group,
-            tables.allowed,
-        )
+        out = _attend_fn(guarded)(*args, *guard_tables)
+        if not guarded:
+            out = out.transpose(1, 2)
     except Exception as error:
         if not _past_recompile_limit(error):
             raise
@@ -374,6 +382,36 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         )
         return run_as_batched(inputs, "flex", reason, _warned)
     return out if out.shape[1] == n_queries else out[:, :n_queries]
+
+
+def _attend_unguarded(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    score_mod: ScoreMod | None,
+    scale: float | None,
+    kernel_options: KernelOptions | None,
+) -> Tensor:
+    """``[B, N, H, D]`` in, the kernel's ``[B, H, N, D]`` out, at the
+    bucketed lengths: one ``flex_attention``. Its inputs come padded, so the
+    compiled graph sees bucketed shapes only (a few kernels for many sizes).
+    The output is not transposed back inside the graph: Inductor would lower
+    that as an epilogue of the kernel, which its CPU template cannot take
+    (``Unsupported for epilogue_nodes``, with one head)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        kernel_options=kernel_options,  # type: ignore[arg-type]  # torch's TypedDict lacks the fwd_ keys it takes
+    )
+    assert isinstance(out, Tensor)
+    return out
 
 
 def _attend(
@@ -388,26 +426,13 @@ def _attend(
     kv_group: Tensor,
     allowed: Tensor,
 ) -> Tensor:
-    """``[B, N, H, D]`` in and out, at the bucketed lengths: non-finite value
-    rows zeroed, one ``flex_attention``, and NaN put back where separate
-    attention calls would have it. Plain tensor work, so it compiles as one
-    graph; its inputs come padded, so the compiled graph sees bucketed shapes
-    only (a few kernels for many sizes). The tables (``q_group``,
+    """:func:`_attend_unguarded` with non-finite value rows zeroed before the
+    kernel and NaN put back after it where separate attention calls would
+    have it, for layouts whose blocks mix groups; ``[B, N, H, D]`` out. The tables (``q_group``,
     ``kv_group``, ``allowed``) are those of :class:`~patternc.nn.flexmask.FlexTables`."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     v, bad = _finite_values(k, v)
-    out = flex_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=scale,
-        kernel_options=kernel_options,  # type: ignore[arg-type]  # torch's TypedDict lacks the fwd_ keys it takes
-    )
-    assert isinstance(out, Tensor)
-    return _poison(out.transpose(1, 2), bad, q_group, kv_group, allowed)
+    out = _attend_unguarded(q, k, v, block_mask, score_mod, scale, kernel_options).transpose(1, 2)
+    return _poison(out, bad, q_group, kv_group, allowed)
 
 
 def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
