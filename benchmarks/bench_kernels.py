@@ -40,6 +40,12 @@
    ``batched``, ``auto`` and ``batched`` again as a fourth row, self-anchor
    10k forward+backward, back-to-back times and host time per step: whether
    ``auto``'s back-to-back gap over ``batched`` is its own or the row's.
+9. **FlashAttention 4** (``--parts fa4``, where ``flash_attn.cute`` is
+   installed): its varlen kernel on 64 and 16 documents against the varlen
+   executor (FlashAttention 2), and flex with ``BACKEND="FLASH"`` (torch's
+   FlashAttention-4 lowering) against ``run_flex``'s Triton kernel on the
+   AB-UPT layouts, forward and forward+backward, bf16, each checked against
+   the row it is set against.
 
 Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 """
@@ -330,6 +336,102 @@ def back_to_back(repeat: int) -> None:
             _row(f"{calls} calls: {row}", ms, useful, f"{ms_b2b:6.3f}  {hosts[row]:7.1f}")
 
 
+def fa4_kernels(repeat: int) -> None:
+    """FlashAttention 4 where installed: varlen documents and flex's FLASH backend."""
+    import time
+
+    from bench_gpu import interleaved_ms
+
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception as exc:
+        print(f"\nFlashAttention 4 is not importable here: {type(exc).__name__}: {exc}")
+        return
+    print(f"\n{'FlashAttention 4 against the executors, bf16':<44} {'ms':>9} {'TFLOP/s':>8}")
+    for name in ("64 documents", "16 documents"):
+        schedule = _schedule(name)
+        n = schedule.n_tokens
+        useful = 4 * entries(schedule) * HEADS * DIM
+        (launch,) = _launches(schedule, 1, torch.device("cuda"))
+        cu, max_len = launch.cu_seq_q, launch.max_q
+        for backward in (False, True):
+            q, k, v = (
+                torch.randn(n, HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                for _ in range(3)
+            )
+            inputs = AttentionInputs(q[None], k[None], v[None], schedule, {}, None, 0.0, None)
+
+            def fa4(q: Tensor = q, k: Tensor = k, v: Tensor = v, cu: Tensor = cu, m: int = max_len) -> Tensor:
+                out = flash_attn_varlen_func(
+                    q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m
+                )
+                return out[0] if isinstance(out, tuple) else out
+
+            label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
+            reference = run_varlen(inputs).detach()[0]
+            try:
+                start = time.perf_counter()
+                error = _rel(fa4().detach(), reference)
+                first = time.perf_counter() - start
+            except Exception as exc:
+                print(f"{label} FA4 varlen failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            rows = {
+                "varlen executor (FA2)": functools.partial(
+                    _call, functools.partial(run_varlen, inputs), backward
+                ),
+                "FA4 varlen": functools.partial(_call, fa4, backward),
+            }
+            for row, ms in interleaved_ms(rows, repeat).items():
+                if isinstance(ms, Exception):
+                    print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
+                    continue
+                note = f"rel diff {error:.1e}, first call {first:.1f} s" if row.startswith("FA4") else ""
+                _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), note)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flash = torch.compile(flex_attention, dynamic=False)
+    for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT self-anchor 2x(8k+24k)", "AB-UPT joint 2x(8k+24k)"):
+        schedule = _schedule(name)
+        tables = flex_tables(schedule, {}, torch.device("cuda"))
+        mask = tables.block_mask()
+        useful = 4 * entries(schedule) * HEADS * DIM
+        for backward in (False, True):
+            q, k, v = (
+                torch.randn(
+                    1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16
+                ).requires_grad_(backward)
+                for _ in range(3)
+            )
+            inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
+            heads_first = [
+                _pad_heads_first(t.detach(), tables.q_len).requires_grad_(backward) for t in (q, k, v)
+            ]
+
+            def flash_flex(heads_first: list[Tensor] = heads_first, mask: object = mask) -> Tensor:
+                return flash(*heads_first, block_mask=mask, kernel_options={"BACKEND": "FLASH"})  # type: ignore[no-any-return]
+
+            label = f"{name[7:30]} {'fwd+bwd' if backward else 'fwd'}"
+            reference = run_flex(inputs).detach()
+            try:
+                start = time.perf_counter()
+                error = _rel(flash_flex().detach().transpose(1, 2)[:, : schedule.n_tokens], reference)
+                first = time.perf_counter() - start
+            except Exception as exc:
+                print(f"{label} flex FLASH failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            rows = {
+                "run_flex (Triton)": functools.partial(_call, functools.partial(run_flex, inputs), backward),
+                "flex BACKEND=FLASH": functools.partial(_call, flash_flex, backward),
+            }
+            for row, ms in interleaved_ms(rows, repeat).items():
+                if isinstance(ms, Exception):
+                    print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
+                    continue
+                note = f"rel diff {error:.1e}, first call {first:.1f} s" if "FLASH" in row else ""
+                _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), note)
+
+
 def sdpa_dispatch(repeat: int) -> None:
     """One dense launch, several ways in: torch's SDPA choice, SDPA pinned to
     flash or cuDNN, and the two ATen ops called directly; on token-major
@@ -536,6 +638,8 @@ def main() -> None:
         flex_host(args.repeat)
     if "b2b" in args.parts:
         back_to_back(args.repeat)
+    if "fa4" in args.parts:
+        fa4_kernels(args.repeat)
 
 
 if __name__ == "__main__":
