@@ -53,6 +53,7 @@ Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import sys
@@ -336,6 +337,34 @@ def back_to_back(repeat: int) -> None:
             _row(f"{calls} calls: {row}", ms, useful, f"{ms_b2b:6.3f}  {hosts[row]:7.1f}")
 
 
+def _fa4_graph_capture(attend: Callable[..., object]) -> None:
+    """Whether FlashAttention 4's varlen launch captures into a CUDA graph
+    and replays to the eager result (the executor keeps FlashAttention 2
+    under capture until this says so)."""
+    q, k, v = (torch.randn(4096, HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 1000, 4096], dtype=torch.int32, device="cuda")
+
+    def call() -> Tensor:
+        out = attend(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3096, max_seqlen_k=3096)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+    try:
+        eager = call()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        print(f"FA4 varlen under CUDA graph capture: replays, rel diff {_rel(captured, eager):.1e}")
+    except Exception as exc:
+        print(f"FA4 varlen under CUDA graph capture: fails: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def fa4_kernels(repeat: int) -> None:
     """FlashAttention 4 where installed: varlen documents and flex's FLASH backend."""
     import time
@@ -382,19 +411,25 @@ def fa4_kernels(repeat: int) -> None:
                 ),
                 "FA4 varlen": functools.partial(_call, fa4, backward),
             }
+            hosts = _host_us(rows, calls=10, rounds=5)
             for row, ms in interleaved_ms(rows, repeat).items():
                 if isinstance(ms, Exception):
                     print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
                     continue
-                note = f"rel diff {error:.1e}, first call {first:.1f} s" if row.startswith("FA4") else ""
+                note = f"host {hosts[row]:.0f} us/call"
+                note += f", rel diff {error:.1e}, first call {first:.1f} s" if row.startswith("FA4") else ""
                 _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), note)
+    _fa4_graph_capture(flash_attn_varlen_func)
     from torch.nn.attention.flex_attention import flex_attention
 
     flash = torch.compile(flex_attention, dynamic=False)
     for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT self-anchor 2x(8k+24k)", "AB-UPT joint 2x(8k+24k)"):
         schedule = _schedule(name)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
-        mask = tables.block_mask()
+        # FlashAttention 4's mask_mod code stores int32 indices: the group tables in int32
+        mask = dataclasses.replace(
+            tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int()
+        ).block_mask()
         useful = 4 * entries(schedule) * HEADS * DIM
         for backward in (False, True):
             q, k, v = (

@@ -4,6 +4,7 @@ without CUDA; on CPU both fall back to ``batched``."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ from patternc.nn.schedule import schedule_for
 
 AB = patternc.compile(open("examples/ab_upt.pc").read())
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+WINDOWED = patternc.compile("groups a b\na -> a [causal, window 9]\nb -> b [window 5]").patterns["default"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -154,11 +156,136 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
     auto.PICKS.clear()
 
 
+# ---------------------------------------------------------------- FlashAttention 4
+
+
+@pytest.mark.parametrize(
+    ("installed", "capability", "head_dim", "enabled", "compiling", "kernel"),
+    [
+        (False, (9, 0), 64, True, False, "flash2"),
+        (True, (9, 0), 64, True, False, "flash4"),
+        (True, (9, 0), 256, True, False, "flash4"),
+        (True, (9, 0), 264, True, False, "flash2"),
+        (True, (10, 0), 128, True, False, "flash4"),
+        (True, (10, 0), 192, True, False, "flash2"),
+        (True, (8, 0), 64, True, False, "flash2"),
+        (True, (9, 0), 64, False, False, "flash2"),
+        (True, (9, 0), 64, True, True, "flash2"),
+    ],
+)
+def test_the_varlen_kernel_is_flash4_where_it_can_run(
+    monkeypatch: pytest.MonkeyPatch,
+    installed: bool,
+    capability: tuple[int, int],
+    head_dim: int,
+    enabled: bool,
+    compiling: bool,
+    kernel: str,
+) -> None:
+    """FlashAttention 4 where its package imports, on Hopper and Blackwell,
+    for its head sizes, unless switched off or inside a user's compile."""
+    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: (lambda *a, **k: None) if installed else None)
+    monkeypatch.setattr(varlen, "_capability", lambda device: capability)
+    monkeypatch.setattr(varlen, "_compiling", lambda: compiling)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with varlen.flash4(enabled):
+        assert varlen.varlen_kernel(torch.device("cuda"), head_dim) == kernel
+    assert varlen.varlen_kernel(torch.device("cpu"), 64) == "flash2"
+
+
+def test_cuda_graph_capture_keeps_varlen_on_flash2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: lambda *a, **k: None)
+    monkeypatch.setattr(varlen, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert varlen.varlen_kernel(torch.device("cuda"), 64) == "flash2"
+
+
+def test_cost_model_prices_flash4_varlen_faster() -> None:
+    """On FlashAttention 4 varlen is priced at its measured rates: faster
+    than on FlashAttention 2, forward and forward+backward."""
+    layout = schedule_for(DOCS.token_specs({f"doc{i}": 1000 + 37 * i for i in range(64)}), DOCS)
+    for training in (False, True):
+        seconds = {
+            kernel: {
+                e.backend: e.seconds
+                for e in _estimates(
+                    layout, 1, 12, 64, torch.device("cpu"), True, True, training, varlen_on=kernel
+                )
+            }
+            for kernel in ("flash2", "flash4")
+        }
+        assert seconds["flash4"]["varlen"] < seconds["flash2"]["varlen"]
+        assert seconds["flash4"]["batched"] == seconds["flash2"]["batched"]
+
+
+def _segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object
+) -> tuple[torch.Tensor, None]:
+    """A float64 stand-in for FlashAttention 4's varlen function, on its
+    documented arguments: packed ``[T, H, D]``, cumulative lengths, a
+    ``(left, right)`` window with None for unbounded."""
+    cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()  # type: ignore[attr-defined]
+    left, right = kw["window_size"]  # type: ignore[misc]
+    scale = kw["softmax_scale"] or q.shape[-1] ** -0.5  # type: ignore[operator]
+    out = torch.zeros_like(q)
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q), itertools.pairwise(cu_k)):
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), k[k0:k1].double()) * scale
+        i = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)  # bottom-right aligned
+        j = torch.arange(k1 - k0)[None, :]
+        keep = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        if left is not None:
+            keep &= j >= i - left
+        if right is not None:
+            keep &= j <= i + right
+        weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", weights, v[k0:k1].double()).to(q.dtype)
+    return out, None
+
+
+@pytest.mark.parametrize(
+    ("plan", "sizes"),
+    [
+        (AB["joint"], ab_sizes(5, 11)),
+        (AB["self_anchor"], ab_sizes(3, 9)),
+        (DOCS, {f"doc{i}": n for i, n in enumerate([1, 17, 30, 6])}),
+        (WINDOWED, {"a": 23, "b": 30}),  # two launches: queries gathered and scattered
+    ],
+)
+def test_run_varlen_on_flash4_packs_and_windows_like_separate_calls(
+    monkeypatch: pytest.MonkeyPatch, plan: patternc.Plan, sizes: dict[str, int]
+) -> None:
+    """The FlashAttention 4 path (its kernel replaced by a float64 stand-in
+    on CPU): packing, one launch or several, and the window translation
+    (-1 -> None) give the float64 reference."""
+    monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
+    monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
+    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: _segment_attention)
+    module = make(plan.bind(list(sizes)), "varlen", 0, dim=32)
+    x = torch.randn(2, sum(sizes.values()), 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to batched
+        out, _ = module(x, sizes)
+        expected = reference_with_modifiers(module, x.double(), sizes)
+    assert relative_error(out.double(), expected) < 1e-5
+
+
 # ---------------------------------------------------------------- on a GPU
 
 
-def _gpu_reference_case(plan: patternc.Plan, sizes: dict[str, int], impl: str, seed: int) -> None:
-    """bf16 on CUDA, forward and backward, against the float64 CPU reference."""
+KERNELS = [
+    "flash2",
+    pytest.param(
+        "flash4",
+        marks=pytest.mark.skipif(varlen._flash4_varlen() is None, reason="needs the flash-attn-4 package"),
+    ),
+]
+
+
+def _gpu_reference_case(
+    plan: patternc.Plan, sizes: dict[str, int], impl: str, seed: int, kernel: str = "flash2"
+) -> None:
+    """bf16 on CUDA, forward and backward, against the float64 CPU reference,
+    with varlen on FlashAttention 2 or 4."""
     module = make(plan.bind(list(sizes)), impl, seed, dim=128)  # 2 heads of 64
     n = sum(sizes.values())
     gen = torch.Generator().manual_seed(seed)
@@ -170,28 +297,28 @@ def _gpu_reference_case(plan: patternc.Plan, sizes: dict[str, int], impl: str, s
     assert x_ref.grad is not None
     gpu = module.cuda().to(torch.bfloat16)
     xg = x.cuda().to(torch.bfloat16).requires_grad_()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), varlen.flash4(kernel == "flash4"):
         warnings.simplefilter("error")  # no silent fallback
+        assert varlen.varlen_kernel(xg.device, 64) == kernel
         out, _ = gpu(xg, sizes)
-    (out.float() * weight.cuda()).sum().backward()
+        (out.float() * weight.cuda()).sum().backward()
     assert relative_error(out.float().cpu(), expected) < 2e-2  # bf16
     assert xg.grad is not None and relative_error(xg.grad.float().cpu(), x_ref.grad) < 5e-2
 
 
 @cuda
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("impl", ["varlen", "auto"])
 @pytest.mark.parametrize("pattern", ["self_anchor", "cross_anchor", "joint"])
 @pytest.mark.parametrize(("anchors", "queries"), [(1, 7), (64, 129), (129, 1)])
-def test_gpu_varlen_ab_upt(impl: str, pattern: str, anchors: int, queries: int) -> None:
-    _gpu_reference_case(AB[pattern], ab_sizes(anchors, queries), impl, seed=anchors + queries)
+def test_gpu_varlen_ab_upt(impl: str, pattern: str, anchors: int, queries: int, kernel: str) -> None:
+    _gpu_reference_case(AB[pattern], ab_sizes(anchors, queries), impl, seed=anchors + queries, kernel=kernel)
 
 
 @cuda
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("impl", ["varlen", "auto"])
-def test_gpu_varlen_documents_causal_and_windowed(impl: str) -> None:
+def test_gpu_varlen_documents_causal_and_windowed(impl: str, kernel: str) -> None:
     sizes = {f"doc{i}": n for i, n in enumerate([1, 17, 300, 64, 129])}
-    _gpu_reference_case(DOCS, sizes, impl, seed=3)
-    windowed = patternc.compile("groups a b\na -> a [causal, window 9]\nb -> b [window 5]").patterns[
-        "default"
-    ]
-    _gpu_reference_case(windowed, {"a": 77, "b": 130}, impl, seed=4)
+    _gpu_reference_case(DOCS, sizes, impl, seed=3, kernel=kernel)
+    _gpu_reference_case(WINDOWED, {"a": 77, "b": 130}, impl, seed=4, kernel=kernel)

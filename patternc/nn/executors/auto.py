@@ -28,7 +28,7 @@ from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import float32_products, run_flex
-from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available
+from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
 
@@ -50,6 +50,9 @@ _HALF = {
     "flex": _Rates(60e-6, 250e12, 3.6),
     "dense": _Rates(25e-6, 420e12, 3.5),
 }
+# varlen on FlashAttention 4 (see varlen_kernel), H200, 64 documents: 1.29x
+# FlashAttention 2's forward rate, forward+backward 2.95x its forward
+_HALF_VARLEN_FLASH4 = _Rates(60e-6, 370e12, 3.0)
 # float32, head_dim 64, H200 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
 # efficient kernel; flex with three-TF32 products (faster forward, backward
 # ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
@@ -97,17 +100,21 @@ def _estimates(
     native_varlen: bool,
     training: bool = False,
     flex_products: str = "'tf32x3'",
+    varlen_on: str = "flash2",
 ) -> tuple[Estimate, ...]:
     """Predicted times, fastest first: forward alone, or forward and backward
     when ``training`` (compute by each backend's backward ratio; launches
     and copies twice: the backward re-reads what the forward gathered).
-    ``flex_products`` is the precision of flex's float32 products."""
+    ``flex_products`` is the precision of flex's float32 products,
+    ``varlen_on`` the kernel varlen launches (:func:`varlen_kernel`)."""
     allowed, masked, dense, copied = _entries(layout)
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
     rates = dict(_HALF if half else _FLOAT)
     if not half and flex_products == "'ieee'":
         rates["flex"] = _FLOAT_FLEX_IEEE
+    if half and varlen_on == "flash4":
+        rates["varlen"] = _HALF_VARLEN_FLASH4
     out = []
     for name, rate in rates.items():
         if name == "varlen" and not native_varlen:
@@ -169,7 +176,8 @@ def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
         and not isinstance(_launches(layout, batch, device), str)
     )
     products = "'ieee'" if half else float32_products(device)
-    args = (layout, batch, heads, dim, device, half, native_varlen, training, products)
+    kernel = varlen_kernel(device, dim)
+    args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")

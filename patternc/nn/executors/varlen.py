@@ -2,7 +2,9 @@
 
 FlashAttention's varlen kernel (``torch.nn.attention.varlen.varlen_attn``,
 torch >= 2.10 on CUDA; called as the ATen op it wraps, which costs ~100 us
-less host time per call on an H200 than the public wrapper) takes packed ``[T, H, D]`` queries and keys with
+less host time per call on an H200 than the public wrapper; or, where the
+``flash-attn-4`` package is installed, on Hopper and Blackwell, FlashAttention
+4's, see :func:`varlen_kernel`) takes packed ``[T, H, D]`` queries and keys with
 separate cumulative lengths ``cu_seq_q`` / ``cu_seq_k``, so each (batch
 element, call) pair is one segment: its queries laid out call by call, its
 keys likewise. Queries of a plan already sit call by call in the input in
@@ -23,13 +25,17 @@ a different number of queries and keys).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from patternc.cache import _compiling
 from patternc.export.pairs import NotExpressible
 from patternc.export.varlen import varlen_launches
 from patternc.layout import Layout
@@ -37,9 +43,10 @@ from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.tables import TABLES
 
-__all__ = ["run_varlen", "varlen_available"]
+__all__ = ["flash4", "run_varlen", "varlen_available", "varlen_kernel"]
 
 _warned: set[str] = set()
+_use_flash4 = True
 
 
 @functools.cache
@@ -56,6 +63,56 @@ def _has_varlen() -> bool:
 def varlen_available(device: torch.device) -> bool:
     """``varlen_attn`` exists in this torch and ``device`` is a CUDA device."""
     return device.type == "cuda" and _has_varlen()
+
+
+@functools.cache
+def _flash4_varlen() -> Callable[..., Any] | None:
+    """FlashAttention 4's varlen function (``flash_attn.cute``, the
+    ``flash-attn-4`` package), or None where it is not installed or does not
+    import (its CuTe DSL compiler is a separate package)."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func  # type: ignore[import-not-found,unused-ignore]
+    except Exception:  # ImportError, or a broken install of its compiler
+        return None
+    return flash_attn_varlen_func  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+_FLASH4_HEAD_DIM = {9: 256, 10: 128}
+"""The largest head size of FlashAttention 4's kernels per GPU generation it
+is written for (Hopper, Blackwell); others run FlashAttention 2."""
+
+
+@contextlib.contextmanager
+def flash4(enabled: bool) -> Iterator[None]:
+    """Let ``varlen`` launch FlashAttention 4 where it can (the default), or
+    keep it on FlashAttention 2 (to compare, or to rule the package out)."""
+    global _use_flash4
+    previous, _use_flash4 = _use_flash4, enabled
+    try:
+        yield
+    finally:
+        _use_flash4 = previous
+
+
+def varlen_kernel(device: torch.device, head_dim: int) -> str:
+    """Which kernel ``varlen`` launches on ``device``: ``"flash4"`` where the
+    ``flash-attn-4`` package imports, on a Hopper or Blackwell GPU, for head
+    sizes its kernels take, outside a user's ``torch.compile`` (its launcher
+    cannot be traced) and outside CUDA graph capture; else ``"flash2"``
+    (torch's own). On an H200, 64
+    documents: 313 against 243 TFLOP/s forward, 371 against 218 forward and
+    backward (``benchmarks/bench_kernels.py --parts fa4``)."""
+    if not _use_flash4 or _compiling() or device.type != "cuda" or _flash4_varlen() is None:
+        return "flash2"
+    if torch.cuda.is_current_stream_capturing():  # its launcher is not checked under capture
+        return "flash2"
+    largest = _FLASH4_HEAD_DIM.get(_capability(device)[0], 0)
+    return "flash4" if head_dim <= largest else "flash2"
 
 
 @dataclass(frozen=True)
@@ -145,30 +202,58 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
     launches = _launches(inputs.layout, batch, q.device)
     if isinstance(launches, str):
         return _fall_back(inputs, launches)
+    kernel = _flash4 if varlen_kernel(q.device, dim) == "flash4" else _flash2
     q_flat, k_flat, v_flat = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     if len(launches) == 1 and launches[0].q_index is None:
         (launch,) = launches
-        out = _run(launch, q_flat, k_flat, v_flat, inputs.scale)
+        out = kernel(launch, q_flat, *_keys(launch, k_flat, v_flat), inputs.scale)
         return out.view(batch, n, heads, dim)
     # several launches (one per modifier set): each gathers and scatters its queries
     out_flat = q_flat.new_empty(batch * n, heads, dim)
     for launch in launches:
         assert launch.q_index is not None  # only a launch holding every query is in order
-        result = _run(launch, q_flat.index_select(0, launch.q_index), k_flat, v_flat, inputs.scale)
+        queries = q_flat.index_select(0, launch.q_index)
+        result = kernel(launch, queries, *_keys(launch, k_flat, v_flat), inputs.scale)
         out_flat.index_copy_(0, launch.q_index, result)
     return out_flat.view(batch, n, heads, dim)
 
 
-def _run(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-    """One launch, on the ATen op behind ``varlen_attn`` (its presence is the
+def _keys(launch: _Launch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The launch's packed keys and values (views when they are the input in order)."""
+    if launch.kv_index is None:
+        return k, v
+    return k.index_select(0, launch.kv_index), v.index_select(0, launch.kv_index)
+
+
+def _flash2(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """One launch on the ATen op behind ``varlen_attn`` (its presence is the
     gate): the same kernel and autograd formula, without the custom-op
     wrapper's host time."""
-    keys = k if launch.kv_index is None else k.index_select(0, launch.kv_index)
-    values = v if launch.kv_index is None else v.index_select(0, launch.kv_index)
     left, right = launch.window
     cu_q, cu_k = launch.cu_seq_q, launch.cu_seq_k
     out: Tensor = torch.ops.aten._flash_attention_forward(
-        q, keys, values, cu_q, cu_k, launch.max_q, launch.max_k, 0.0, False, False,
+        q, k, v, cu_q, cu_k, launch.max_q, launch.max_k, 0.0, False, False,
         scale=scale, window_size_left=left, window_size_right=right,
     )[0]  # fmt: skip
     return out
+
+
+def _flash4(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """One launch on FlashAttention 4's varlen kernel (its own autograd
+    function). Its windows say "unbounded" with None where ATen's say -1."""
+    attend = _flash4_varlen()
+    assert attend is not None
+    left, right = launch.window
+    out = attend(
+        q,
+        k,
+        v,
+        cu_seqlens_q=launch.cu_seq_q,
+        cu_seqlens_k=launch.cu_seq_k,
+        max_seqlen_q=launch.max_q,
+        max_seqlen_k=launch.max_k,
+        softmax_scale=scale,
+        window_size=(None if left < 0 else left, None if right < 0 else right),
+    )
+    result: Tensor = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+    return result
