@@ -187,17 +187,9 @@ def test_the_varlen_kernel_is_flash4_where_it_can_run(
     monkeypatch.setattr(varlen, "_flash4_varlen", lambda: (lambda *a, **k: None) if installed else None)
     monkeypatch.setattr(varlen, "_capability", lambda device: capability)
     monkeypatch.setattr(varlen, "_compiling", lambda: compiling)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with varlen.flash4(enabled):
         assert varlen.varlen_kernel(torch.device("cuda"), head_dim) == kernel
     assert varlen.varlen_kernel(torch.device("cpu"), 64) == "flash2"
-
-
-def test_cuda_graph_capture_keeps_varlen_on_flash2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: lambda *a, **k: None)
-    monkeypatch.setattr(varlen, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert varlen.varlen_kernel(torch.device("cuda"), 64) == "flash2"
 
 
 def test_cost_model_prices_flash4_varlen_faster() -> None:
@@ -298,7 +290,7 @@ def _gpu_reference_case(
     gpu = module.cuda().to(torch.bfloat16)
     xg = x.cuda().to(torch.bfloat16).requires_grad_()
     with warnings.catch_warnings(), varlen.flash4(kernel == "flash4"):
-        warnings.simplefilter("error")  # no silent fallback
+        warnings.filterwarnings("error", message=r"implementation=.* runs as")  # no silent fallback
         assert varlen.varlen_kernel(xg.device, 64) == kernel
         out, _ = gpu(xg, sizes)
         (out.float() * weight.cuda()).sum().backward()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,11 @@ def _flash4_varlen() -> Callable[..., Any] | None:
         from flash_attn.cute import flash_attn_varlen_func  # type: ignore[import-not-found,unused-ignore]
     except Exception:  # ImportError, or a broken install of its compiler
         return None
+    # its compiler warns, on the kernel's internal argument, that it passes the
+    # argument as a constant: nothing a user of patternc can act on
+    warnings.filterwarnings(
+        "ignore", message=r"Argument aux_data .* cannot be converted", category=UserWarning
+    )
     return flash_attn_varlen_func  # type: ignore[no-any-return]
 
 
@@ -103,13 +109,11 @@ def varlen_kernel(device: torch.device, head_dim: int) -> str:
     """Which kernel ``varlen`` launches on ``device``: ``"flash4"`` where the
     ``flash-attn-4`` package imports, on a Hopper or Blackwell GPU, for head
     sizes its kernels take, outside a user's ``torch.compile`` (its launcher
-    cannot be traced) and outside CUDA graph capture; else ``"flash2"``
-    (torch's own). On an H200, 64
+    cannot be traced); else ``"flash2"`` (torch's own). It captures into
+    CUDA graphs (warmed up first, as any capture). On an H200, 64
     documents: 313 against 243 TFLOP/s forward, 371 against 218 forward and
     backward (``benchmarks/bench_kernels.py --parts fa4``)."""
     if not _use_flash4 or _compiling() or device.type != "cuda" or _flash4_varlen() is None:
-        return "flash2"
-    if torch.cuda.is_current_stream_capturing():  # its launcher is not checked under capture
         return "flash2"
     largest = _FLASH4_HEAD_DIM.get(_capability(device)[0], 0)
     return "flash4" if head_dim <= largest else "flash2"
