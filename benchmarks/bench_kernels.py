@@ -69,7 +69,7 @@ from bench_gpu import DIM, HEADS, LAYOUTS, compiled_kernel, cuda_ms, entries
 
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.executors.flex import _pad_heads_first, flex_tables, run_flex
-from patternc.nn.executors.varlen import _launches, run_varlen
+from patternc.nn.executors.varlen import _launches, flash4, run_varlen
 from patternc.nn.schedule import schedule_for
 
 
@@ -397,7 +397,8 @@ def fa4_kernels(repeat: int) -> None:
                 return out[0] if isinstance(out, tuple) else out
 
             label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
-            reference = run_varlen(inputs).detach()[0]
+            with flash4(False):
+                reference = run_varlen(inputs).detach()[0]
             try:
                 start = time.perf_counter()
                 error = _rel(fa4().detach(), reference)
@@ -405,11 +406,17 @@ def fa4_kernels(repeat: int) -> None:
             except Exception as exc:
                 print(f"{label} FA4 varlen failed: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
+
+            def on_flash2(inputs: AttentionInputs = inputs) -> Tensor:
+                with flash4(False):
+                    return run_varlen(inputs)
+
             rows = {
-                "varlen executor (FA2)": functools.partial(
+                "varlen executor on FA2": functools.partial(_call, on_flash2, backward),
+                "varlen executor (its pick)": functools.partial(
                     _call, functools.partial(run_varlen, inputs), backward
                 ),
-                "FA4 varlen": functools.partial(_call, fa4, backward),
+                "FA4 varlen alone": functools.partial(_call, fa4, backward),
             }
             hosts = _host_us(rows, calls=10, rounds=5)
             for row, ms in interleaved_ms(rows, repeat).items():

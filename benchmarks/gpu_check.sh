@@ -20,6 +20,9 @@
 #   flexhost   flex's host time piece by piece (wrapper, guarded and
 #              unguarded graphs, kernel alone), and auto against batched
 #              back to back with batched measured twice           ~2 min
+#   fa4        FlashAttention 4 (needs flash-attn-4 on the path): varlen
+#              against FlashAttention 2, flex's FLASH backend against
+#              Triton, FA4 under CUDA graph capture               ~2 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
@@ -78,6 +81,9 @@ kernels() {
 }
 flexhost() {
   python3 benchmarks/bench_kernels.py --parts flexhost b2b 2>&1 | grep -v "^W1" | tee "$OUT/kernels_flexhost_b2b.txt"
+}
+fa4() {
+  python3 benchmarks/bench_kernels.py --parts fa4 --repeat 10 2>&1 | grep -v "^W1" | tee "$OUT/kernels_fa4.txt"
 }
 sdpa() {
   python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"
