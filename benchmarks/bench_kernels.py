@@ -68,8 +68,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DIM, HEADS, LAYOUTS, compiled_kernel, cuda_ms, entries
 
 from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.flash4 import enabled as flash4
 from patternc.nn.executors.flex import _pad_heads_first, flex_tables, run_flex
-from patternc.nn.executors.varlen import _launches, flash4, run_varlen
+from patternc.nn.executors.varlen import _launches, run_varlen
 from patternc.nn.schedule import schedule_for
 
 
@@ -454,7 +455,8 @@ def fa4_kernels(repeat: int) -> None:
                 return flash(*heads_first, block_mask=mask, kernel_options={"BACKEND": "FLASH"})  # type: ignore[no-any-return]
 
             label = f"{name[7:30]} {'fwd+bwd' if backward else 'fwd'}"
-            reference = run_flex(inputs).detach()
+            with flash4(False):
+                reference = run_flex(inputs).detach()
             try:
                 start = time.perf_counter()
                 error = _rel(flash_flex().detach().transpose(1, 2)[:, : schedule.n_tokens], reference)
@@ -462,9 +464,17 @@ def fa4_kernels(repeat: int) -> None:
             except Exception as exc:
                 print(f"{label} flex FLASH failed: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
+
+            def on_triton(inputs: AttentionInputs = inputs) -> Tensor:
+                with flash4(False):
+                    return run_flex(inputs)
+
             rows = {
-                "run_flex (Triton)": functools.partial(_call, functools.partial(run_flex, inputs), backward),
-                "flex BACKEND=FLASH": functools.partial(_call, flash_flex, backward),
+                "run_flex on Triton": functools.partial(_call, on_triton, backward),
+                "run_flex (its pick)": functools.partial(
+                    _call, functools.partial(run_flex, inputs), backward
+                ),
+                "flex BACKEND=FLASH alone": functools.partial(_call, flash_flex, backward),
             }
             for row, ms in interleaved_ms(rows, repeat).items():
                 if isinstance(ms, Exception):

@@ -640,3 +640,151 @@ def test_keys_of_cached_groups_mix_blocks_off_their_edges() -> None:
     assert not _blocks_mix_groups([(0, 0, 128), (1, 128, 300)], 128)
     assert not _blocks_mix_groups([(0, 0, 100), (0, 100, 256), (1, 256, 300)], 128)  # one group, two segments
     assert _blocks_mix_groups([(0, 0, 128), (1, 128, 300), (2, 300, 400)], 128)
+
+
+# ---------------------------------------------------------------- the FLASH backend (FlashAttention 4)
+
+
+def _spy_flash(monkeypatch: pytest.MonkeyPatch, min_flops: float | None = None) -> list[bool]:
+    """Record flex's FLASH decisions; ``min_flops`` replaces the thresholds."""
+    if min_flops is not None:
+        monkeypatch.setattr(flex, "_FLASH_MIN_FLOPS", {False: min_flops, True: min_flops})
+    decisions: list[bool] = []
+    decide = flex._flash_backend
+
+    def recording(inputs: object, slopes: object) -> bool:
+        decisions.append(decide(inputs, slopes))  # type: ignore[arg-type]
+        return decisions[-1]
+
+    monkeypatch.setattr(flex, "_flash_backend", recording)
+    return decisions
+
+
+def _inputs_of(n: int, dtype: torch.dtype, grad: bool, padded: bool = False) -> object:
+    """AttentionInputs of AB-UPT self-anchor at ``n`` tokens, 12 heads of 64,
+    on expanded (unallocated) tensors: only shapes, dtypes and flags are read."""
+    from patternc.nn.executors.common import AttentionInputs
+
+    plan = AB_UPT
+    quarter = n // 4
+    layout = schedule_for(plan.token_specs(dict.fromkeys(plan.groups, quarter)), plan)
+    base = torch.empty(1, 1, 12, 64, dtype=dtype, requires_grad=grad)
+    q = base.expand(1, layout.n_tokens, 12, 64)
+    mask = torch.ones(1, layout.n_tokens, dtype=torch.bool) if padded else None
+    return AttentionInputs(q, q, q, layout, {}, mask, 0.0, None)
+
+
+@pytest.mark.parametrize(
+    ("n", "dtype", "grad", "padded", "slopes", "flash"),
+    [
+        (65536, torch.bfloat16, False, False, False, True),  # 3.3 TFLOP forward
+        (10240, torch.bfloat16, False, False, False, False),  # 0.08: FLASH's fixed cost loses
+        (16384, torch.bfloat16, False, False, False, False),  # 0.21: not for inference...
+        (16384, torch.bfloat16, True, False, False, True),  # ...but past training's 0.13
+        (65536, torch.float32, False, False, False, False),
+        (65536, torch.bfloat16, False, True, False, False),  # key padding: not measured there
+        (65536, torch.bfloat16, False, False, True, False),  # ALiBi: not measured there
+    ],
+)
+def test_flex_asks_for_flash_where_it_runs_and_pays(
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    dtype: torch.dtype,
+    grad: bool,
+    padded: bool,
+    slopes: bool,
+    flash: bool,
+) -> None:
+    from patternc.nn.executors import flash4
+
+    monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
+    monkeypatch.setattr(flex, "_torch_lowers_flash", lambda: True)
+    inputs = _inputs_of(n, dtype, grad, padded)
+    assert flex._flash_backend(inputs, torch.ones(12) if slopes else None) is flash  # type: ignore[arg-type]
+    monkeypatch.setattr(flash4, "usable", lambda device, head_dim: False)
+    assert flex._flash_backend(inputs, None) is False  # type: ignore[arg-type]
+
+
+def test_the_flash_block_mask_reads_int32_groups_and_masks_alike() -> None:
+    """FLASH's block mask: the same blocks, a mask_mod on int32 group tables
+    giving the same answer at every (query, key)."""
+    sizes = {"surface_anchors": 100, "surface_queries": 156, "volume_anchors": 128, "volume_queries": 40}
+    layout = schedule_for(AB_UPT.token_specs(sizes), AB_UPT)
+    tables = FlexTables.build(layout, {}, "cpu")
+    key = ("test", layout)
+    wide, narrow = tables.block_mask(), flex._flash_block_mask(tables, key)
+    assert torch.equal(wide.kv_num_blocks, narrow.kv_num_blocks)
+    assert torch.equal(wide.full_kv_indices, narrow.full_kv_indices)
+    captured = [
+        c.cell_contents for c in narrow.mask_mod.__closure__ or () if isinstance(c.cell_contents, Tensor)
+    ]
+    assert {t.dtype for t in captured if t.dtype != torch.bool} == {torch.int32}
+    q_idx = torch.arange(tables.q_len)[:, None]
+    kv_idx = torch.arange(tables.kv_len)[None, :]
+    zero = torch.zeros((), dtype=torch.int64)
+    assert torch.equal(wide.mask_mod(zero, zero, q_idx, kv_idx), narrow.mask_mod(zero, zero, q_idx, kv_idx))
+
+
+def _flash_usable() -> bool:
+    from patternc.nn.executors import flash4
+
+    return (
+        torch.cuda.is_available() and flash4.usable(torch.device("cuda"), 64) and flex._torch_lowers_flash()
+    )
+
+
+flash_gpu = pytest.mark.skipif(
+    not _flash_usable(), reason="needs flash-attn-4 and torch >= 2.10 on a Hopper or Blackwell GPU"
+)
+
+
+@flash_gpu
+@pytest.mark.parametrize(
+    ("pattern", "anchors", "queries"),
+    [("self_anchor", 128, 256), ("joint", 7, 129), ("cross_anchor", 129, 1)],
+)
+def test_gpu_flex_on_flash_forward_backward(
+    monkeypatch: pytest.MonkeyPatch, pattern: str, anchors: int, queries: int
+) -> None:
+    """flex on FlashAttention 4 (threshold lowered to take it at test sizes),
+    bf16, forward and backward against the float64 reference."""
+    decisions = _spy_flash(monkeypatch, min_flops=0.0)
+    plan = patternc.compile(AB_PC).patterns[pattern]
+    sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
+    module = make(plan, "flex", 5, dim=128)  # 2 heads of 64
+    n = sum(sizes.values())
+    gen = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(2, n, 128, generator=gen), torch.randn(2, n, 128, generator=gen)
+    x_ref = x.double().requires_grad_()
+    (reference_with_modifiers(module, x_ref, sizes) * weight.double()).sum().backward()
+    expected = reference_with_modifiers(module, x, sizes).detach()
+    gpu = module.cuda().to(torch.bfloat16)
+    xg = x.cuda().to(torch.bfloat16).requires_grad_()
+    out, _ = gpu(xg, sizes)
+    (out.float() * weight.cuda()).sum().backward()
+    assert decisions and all(decisions)
+    assert relative_error(out.float().cpu(), expected) < 2e-2
+    assert xg.grad is not None and x_ref.grad is not None
+    assert relative_error(xg.grad.float().cpu(), x_ref.grad) < 5e-2
+
+
+@flash_gpu
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_gpu_flex_on_flash_contains_a_nan_like_separate_calls(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from patternc.nn.executors import EXECUTORS
+    from patternc.nn.executors.common import AttentionInputs
+
+    decisions = _spy_flash(monkeypatch, min_flops=0.0)
+    sizes = {"surface_anchors": 128, "surface_queries": 256, "volume_anchors": 128, "volume_queries": 100}
+    layout = schedule_for(AB_UPT.token_specs(sizes), AB_UPT)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, layout.n_tokens, 2, 64, generator=gen).cuda().bfloat16() for _ in range(3))
+    ({"k": k, "v": v}[where])[0, 384 + 1, 1, 3] = float("nan")  # token 1 of volume_anchors
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    with torch.no_grad():
+        expected = ~torch.isfinite(EXECUTORS["batched"](inputs)).all(-1)
+        got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
+    assert decisions == [True]
+    assert expected.any() and torch.equal(got, expected)

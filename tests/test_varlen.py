@@ -13,7 +13,7 @@ from reference import relative_error
 from test_flex import MODIFIED, make, reference_with_modifiers
 
 import patternc
-from patternc.nn.executors import varlen
+from patternc.nn.executors import flash4, varlen
 from patternc.nn.executors.auto import _estimates, choose
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.schedule import schedule_for
@@ -184,10 +184,10 @@ def test_the_varlen_kernel_is_flash4_where_it_can_run(
 ) -> None:
     """FlashAttention 4 where its package imports, on Hopper and Blackwell,
     for its head sizes, unless switched off or inside a user's compile."""
-    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: (lambda *a, **k: None) if installed else None)
-    monkeypatch.setattr(varlen, "_capability", lambda device: capability)
-    monkeypatch.setattr(varlen, "_compiling", lambda: compiling)
-    with varlen.flash4(enabled):
+    monkeypatch.setattr(flash4, "varlen_function", lambda: (lambda *a, **k: None) if installed else None)
+    monkeypatch.setattr(flash4, "_capability", lambda device: capability)
+    monkeypatch.setattr(flash4, "_compiling", lambda: compiling)
+    with flash4.enabled(enabled):
         assert varlen.varlen_kernel(torch.device("cuda"), head_dim) == kernel
     assert varlen.varlen_kernel(torch.device("cpu"), 64) == "flash2"
 
@@ -251,7 +251,7 @@ def test_run_varlen_on_flash4_packs_and_windows_like_separate_calls(
     (-1 -> None) give the float64 reference."""
     monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
     monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
-    monkeypatch.setattr(varlen, "_flash4_varlen", lambda: _segment_attention)
+    monkeypatch.setattr(flash4, "varlen_function", lambda: _segment_attention)
     module = make(plan.bind(list(sizes)), "varlen", 0, dim=32)
     x = torch.randn(2, sum(sizes.values()), 32)
     with torch.no_grad(), warnings.catch_warnings():
@@ -268,7 +268,7 @@ KERNELS = [
     "flash2",
     pytest.param(
         "flash4",
-        marks=pytest.mark.skipif(varlen._flash4_varlen() is None, reason="needs the flash-attn-4 package"),
+        marks=pytest.mark.skipif(flash4.varlen_function() is None, reason="needs the flash-attn-4 package"),
     ),
 ]
 
@@ -289,7 +289,7 @@ def _gpu_reference_case(
     assert x_ref.grad is not None
     gpu = module.cuda().to(torch.bfloat16)
     xg = x.cuda().to(torch.bfloat16).requires_grad_()
-    with warnings.catch_warnings(), varlen.flash4(kernel == "flash4"):
+    with warnings.catch_warnings(), flash4.enabled(kernel == "flash4"):
         warnings.filterwarnings("error", message=r"implementation=.* runs as")  # no silent fallback
         assert varlen.varlen_kernel(xg.device, 64) == kernel
         out, _ = gpu(xg, sizes)

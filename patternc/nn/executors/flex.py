@@ -17,6 +17,7 @@ attention dropout (FlexAttention has none) and heads narrower than 16 on a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from patternc.cache import _compiling
 from patternc.layout import Layout
+from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
@@ -236,6 +238,54 @@ def float32_products(device: torch.device) -> str:
     return _float32_products() if _capability(device)[0] >= 8 else "'ieee'"
 
 
+_FLASH_OPTIONS: KernelOptions = {"BACKEND": "FLASH"}
+"""torch's FlashAttention-4 lowering of FlexAttention (torch >= 2.10, with
+the ``flash-attn-4`` package)."""
+
+_FLASH_MIN_FLOPS = {False: 0.4e12, True: 0.13e12}
+"""Useful forward FLOPs of a call above which the FLASH backend beats the
+Triton kernel, for inference (False) and training (True). Measured on an
+H200, bf16, 12 heads of 64 (``bench_kernels.py --parts fa4``), single
+calls: FLASH has a fixed cost of 0.49 ms forward (1.17 ms forward and
+backward) against Triton's 0.26 (0.72), and runs 1.3x (1.55x forward and
+backward) as fast past it: 3.63 against 4.34 ms forward, 11.6 against 16.8
+forward and backward at 65k AB-UPT tokens, 0.55 against 0.34 and 1.38
+against 1.03 at 10k. The two lines cross at these FLOPs."""
+
+
+@functools.cache
+def _torch_lowers_flash() -> bool:
+    """This torch has FlexAttention's FLASH lowering (>= 2.10)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch._inductor.kernel.flex.flex_flash_attention") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _flash_backend(inputs: AttentionInputs, slopes: Tensor | None) -> bool:
+    """Whether this call runs on FlashAttention 4 (torch's FLASH backend):
+    half precision, no key padding or ALiBi (plain masks only, the cases
+    measured), where :func:`patternc.nn.executors.flash4.usable` says it
+    runs, and past :data:`_FLASH_MIN_FLOPS` of useful work."""
+    q = inputs.q
+    if (
+        q.dtype not in (torch.float16, torch.bfloat16)
+        or inputs.key_padding_mask is not None
+        or slopes is not None
+    ):
+        return False
+    if not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
+        return False
+    batch, _, heads, dim = q.shape
+    training = torch.is_grad_enabled() and (
+        q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
+    )
+    flops = 4 * batch * heads * dim * inputs.layout.allowed_entries
+    return flops >= _FLASH_MIN_FLOPS[training]
+
+
 def _kernel_options(q: Tensor) -> KernelOptions | None:
     """The tiles measured best for this dtype, head size and GPU, and float32's
     product precision (None: torch's own everywhere)."""
@@ -293,6 +343,21 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
         return tables.block_mask()
 
     return TABLES.get(("flex block mask", *key), build, traceable=True)
+
+
+def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
+    """The block mask for the FLASH backend: its ``mask_mod`` reads int32
+    group tables (FlashAttention 4's generated mask code stores indices as
+    int32 and refuses int64 ones: "Type mismatch, store Int64 to Tensor with
+    element type Int32")."""
+
+    def build() -> BlockMask:
+        global _builds
+        _builds += 1
+        narrow = dataclasses.replace(tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int())
+        return narrow.block_mask()
+
+    return TABLES.get(("flex flash block mask", *key), build, traceable=True)
 
 
 def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
@@ -353,20 +418,22 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
+    flash = _flash_backend(inputs, slopes)
     n_queries = q.shape[1]
     args = (
         _pad_tokens(q, tables.q_len),
         _pad_tokens(k, tables.kv_len),
         _pad_tokens(v, tables.kv_len),
-        _block_mask(tables, padding, key),
+        _flash_block_mask(tables, key) if flash else _block_mask(tables, padding, key),
         _score_mod(tables, slopes),
         scale,
-        _kernel_options(q),
+        _FLASH_OPTIONS if flash else _kernel_options(q),
     )
     # a key padding mask masks keys inside blocks; on CPU the guard always
     # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
-    # block, where the GPU kernel and separate calls give NaN
-    guarded = padding is not None or tables.needs_value_guard or q.device.type != "cuda"
+    # block, where the GPU kernel and separate calls give NaN; on FLASH too
+    # (its handling of a NaN score is not checked)
+    guarded = padding is not None or tables.needs_value_guard or q.device.type != "cuda" or flash
     guard_tables = (tables.q_group, tables.kv_group, tables.allowed) if guarded else ()
     try:
         out = _attend_fn(guarded)(*args, *guard_tables)

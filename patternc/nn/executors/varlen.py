@@ -25,29 +25,24 @@ a different number of queries and keys).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
 from patternc.export.pairs import NotExpressible
 from patternc.export.varlen import varlen_launches
 from patternc.layout import Layout
+from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.tables import TABLES
 
-__all__ = ["flash4", "run_varlen", "varlen_available", "varlen_kernel"]
+__all__ = ["run_varlen", "varlen_available", "varlen_kernel"]
 
 _warned: set[str] = set()
-_use_flash4 = True
 
 
 @functools.cache
@@ -66,57 +61,15 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and _has_varlen()
 
 
-@functools.cache
-def _flash4_varlen() -> Callable[..., Any] | None:
-    """FlashAttention 4's varlen function (``flash_attn.cute``, the
-    ``flash-attn-4`` package), or None where it is not installed or does not
-    import (its CuTe DSL compiler is a separate package)."""
-    try:
-        from flash_attn.cute import flash_attn_varlen_func  # type: ignore[import-not-found,unused-ignore]
-    except Exception:  # ImportError, or a broken install of its compiler
-        return None
-    # its compiler warns, on the kernel's internal argument, that it passes the
-    # argument as a constant: nothing a user of patternc can act on
-    warnings.filterwarnings(
-        "ignore", message=r"Argument aux_data .* cannot be converted", category=UserWarning
-    )
-    return flash_attn_varlen_func  # type: ignore[no-any-return]
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-_FLASH4_HEAD_DIM = {9: 256, 10: 128}
-"""The largest head size of FlashAttention 4's kernels per GPU generation it
-is written for (Hopper, Blackwell); others run FlashAttention 2."""
-
-
-@contextlib.contextmanager
-def flash4(enabled: bool) -> Iterator[None]:
-    """Let ``varlen`` launch FlashAttention 4 where it can (the default), or
-    keep it on FlashAttention 2 (to compare, or to rule the package out)."""
-    global _use_flash4
-    previous, _use_flash4 = _use_flash4, enabled
-    try:
-        yield
-    finally:
-        _use_flash4 = previous
-
-
 def varlen_kernel(device: torch.device, head_dim: int) -> str:
-    """Which kernel ``varlen`` launches on ``device``: ``"flash4"`` where the
-    ``flash-attn-4`` package imports, on a Hopper or Blackwell GPU, for head
-    sizes its kernels take, outside a user's ``torch.compile`` (its launcher
-    cannot be traced); else ``"flash2"`` (torch's own). It captures into
+    """Which kernel ``varlen`` launches on ``device``: ``"flash4"`` where
+    :func:`patternc.nn.executors.flash4.usable` says so (the package
+    imports, a Hopper or Blackwell GPU, its head sizes, outside a user's
+    ``torch.compile``); else ``"flash2"`` (torch's own). It captures into
     CUDA graphs (warmed up first, as any capture). On an H200, 64
     documents: 313 against 243 TFLOP/s forward, 371 against 218 forward and
     backward (``benchmarks/bench_kernels.py --parts fa4``)."""
-    if not _use_flash4 or _compiling() or device.type != "cuda" or _flash4_varlen() is None:
-        return "flash2"
-    largest = _FLASH4_HEAD_DIM.get(_capability(device)[0], 0)
-    return "flash4" if head_dim <= largest else "flash2"
+    return "flash4" if flash4.usable(device, head_dim) else "flash2"
 
 
 @dataclass(frozen=True)
@@ -245,7 +198,7 @@ def _flash2(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | Non
 def _flash4(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """One launch on FlashAttention 4's varlen kernel (its own autograd
     function). Its windows say "unbounded" with None where ATen's say -1."""
-    attend = _flash4_varlen()
+    attend = flash4.varlen_function()
     assert attend is not None
     left, right = launch.window
     out = attend(
