@@ -463,9 +463,7 @@ def _attend_unguarded(
     """``[B, N, H, D]`` in, the kernel's ``[B, H, N, D]`` out, at the
     bucketed lengths: one ``flex_attention``. Its inputs come padded, so the
     compiled graph sees bucketed shapes only (a few kernels for many sizes).
-    The output is not transposed back inside the graph: Inductor would lower
-    that as an epilogue of the kernel, which its CPU template cannot take
-    (``Unsupported for epilogue_nodes``, with one head)."""
+    The output stays head-major; the caller transposes the view."""
     from torch.nn.attention.flex_attention import flex_attention
 
     out = flex_attention(
@@ -495,8 +493,9 @@ def _attend(
 ) -> Tensor:
     """:func:`_attend_unguarded` with non-finite value rows zeroed before the
     kernel and NaN put back after it where separate attention calls would
-    have it, for layouts whose blocks mix groups; ``[B, N, H, D]`` out. The tables (``q_group``,
-    ``kv_group``, ``allowed``) are those of :class:`~patternc.nn.flexmask.FlexTables`."""
+    have it, for layouts whose blocks mix groups; ``[B, N, H, D]`` out. The
+    tables (``q_group``, ``kv_group``, ``allowed``) are those of
+    :class:`~patternc.nn.flexmask.FlexTables`."""
     v, bad = _finite_values(k, v)
     out = _attend_unguarded(q, k, v, block_mask, score_mod, scale, kernel_options).transpose(1, 2)
     return _poison(out, bad, q_group, kv_group, allowed)
