@@ -20,7 +20,8 @@
 #   flexhost   flex's host time piece by piece (wrapper, guarded and
 #              unguarded graphs, kernel alone), and auto against batched
 #              back to back with batched measured twice           ~2 min
-#   fa4        FlashAttention 4 (needs flash-attn-4 on the path): varlen
+#   fa4        FlashAttention 4 (needs flash-attn-4 on the path, see
+#              benchmarks/fa4_wheels.sh for getting it there): varlen
 #              against FlashAttention 2, flex's FLASH backend against
 #              Triton, FA4 under CUDA graph capture               ~2 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
