@@ -55,10 +55,15 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def enabled(on: bool) -> Iterator[None]:
     """Let ``varlen`` and ``flex`` launch FlashAttention 4 where they can (the
     default), or keep them on torch's own kernels (to compare, or to rule
-    the package out)::
+    the package out).
 
-        with patternc.nn.executors.flash4.enabled(False):
-            out = layer(x, sizes)
+    Example:
+        ```python
+        from patternc.nn.executors import flash4
+
+        with flash4.enabled(False):
+            out, _ = layer(x, sizes)
+        ```
     """
     global _on
     previous, _on = _on, on
