@@ -126,12 +126,15 @@ def measure(
     flops = 4 * plan.layout(sizes).score_entries * heads * (dim // heads) * batch
     if backward:
         flops = int(flops * BACKWARD_FLOP_FACTOR)
-    label = backend if backend != "auto" else f"auto:{_auto_choice(plan, sizes, x, heads, backward)}"
+    label = _row_label(backend, plan, sizes, x, heads, backward)
     return Measurement(label, ms, peak, flops / (ms * 1e-3) / 1e12, note=note)
 
 
-def _auto_choice(plan: Any, sizes: dict[str, int | None], x: Any, heads: int, backward: bool) -> str:
-    """The executor ``auto`` picked for this layout (what the table shows)."""
+def _row_label(
+    backend: str, plan: Any, sizes: dict[str, int | None], x: Any, heads: int, backward: bool
+) -> str:
+    """What the table calls a row: the backend, ``auto:`` and the executor it
+    picked, and ``[fa4]`` where FlashAttention 4 runs the call."""
     import torch
 
     from patternc.nn.executors.auto import choose
@@ -141,7 +144,22 @@ def _auto_choice(plan: Any, sizes: dict[str, int | None], x: Any, heads: int, ba
     batch, n, dim = x.shape
     q = torch.empty(batch, n, heads, dim // heads, device=x.device, dtype=x.dtype, requires_grad=backward)
     layout = schedule_for(plan.token_specs(sizes), plan)
-    return choose(AttentionInputs(q, q, q, layout, {}, None, 0.0, None))
+    inputs = AttentionInputs(q, q, q, layout, {}, None, 0.0, None)
+    with torch.set_grad_enabled(backward):
+        name = choose(inputs) if backend == "auto" else backend
+        label = f"auto:{name}" if backend == "auto" else name
+        return label + ("[fa4]" if _runs_flash4(name, inputs) else "")
+
+
+def _runs_flash4(executor: str, inputs: Any) -> bool:
+    """Whether ``executor`` runs these inputs on FlashAttention 4."""
+    from patternc.nn.executors import flex, varlen
+
+    if executor == "varlen":
+        return varlen.kernel_of(inputs) == "flash4"
+    if executor == "flex":
+        return flex.kernel_of(inputs) == "flash"
+    return False
 
 
 def measure_isolated(

@@ -314,3 +314,43 @@ def test_gpu_varlen_documents_causal_and_windowed(impl: str, kernel: str) -> Non
     sizes = {f"doc{i}": n for i, n in enumerate([1, 17, 300, 64, 129])}
     _gpu_reference_case(DOCS, sizes, impl, seed=3, kernel=kernel)
     _gpu_reference_case(WINDOWED, {"a": 77, "b": 130}, impl, seed=4, kernel=kernel)
+
+
+def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """varlen's and flex's answers to "which kernel": the fallback first, then FlashAttention 4 or not."""
+    from patternc.nn.executors import flex
+
+    layout = schedule_for(DOCS.token_specs({"doc0": 5, "doc1": 9}), DOCS)
+    q = torch.randn(1, 14, 2, 16)
+    inputs = AttentionInputs(q, q, q, layout, {}, None, 0.0, None)
+    assert varlen.kernel_of(inputs) == "batched"  # CPU
+    assert flex.kernel_of(inputs) == "triton"  # flex runs its own kernel on CPU without gradients
+    grad = AttentionInputs(q.clone().requires_grad_(), q, q, layout, {}, None, 0.0, None)
+    assert flex.kernel_of(grad) == "batched"  # no CPU backward
+    monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
+    assert varlen.kernel_of(inputs) == "flash2"
+    monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
+    assert varlen.kernel_of(inputs) == "flash4"
+    monkeypatch.setattr(flex, "_flash_backend", lambda inputs, slopes: True)
+    assert flex.kernel_of(inputs) == "flash"
+
+
+@pytest.mark.parametrize(
+    ("backend", "kernel", "label"),
+    [
+        ("varlen", "flash4", "varlen[fa4]"),
+        ("varlen", "flash2", "varlen"),
+        ("auto", "flash4", "auto:varlen[fa4]"),
+    ],
+)
+def test_bench_rows_name_flash4_where_it_runs(
+    monkeypatch: pytest.MonkeyPatch, backend: str, kernel: str, label: str
+) -> None:
+    from patternc import benchmark
+    from patternc.nn.executors import auto
+
+    monkeypatch.setattr(varlen, "kernel_of", lambda inputs: kernel)
+    monkeypatch.setattr(auto, "choose", lambda inputs: "varlen")
+    sizes: dict[str, int | None] = {"doc0": 5, "doc1": 9}
+    x = torch.randn(1, 14, 32)
+    assert benchmark._row_label(backend, DOCS, sizes, x, 2, False) == label

@@ -37,7 +37,7 @@ from patternc.nn.tables import TABLES
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_mask_builds", "compiled", "flex_tables", "float32_products", "run_flex"]
+__all__ = ["block_mask_builds", "compiled", "flex_tables", "float32_products", "kernel_of", "run_flex"]
 
 _builds = 0
 _use_compiled = True
@@ -284,6 +284,14 @@ def _flash_backend(inputs: AttentionInputs, slopes: Tensor | None) -> bool:
     )
     flops = 4 * batch * heads * dim * inputs.layout.allowed_entries
     return flops >= _FLASH_MIN_FLOPS[training]
+
+
+def kernel_of(inputs: AttentionInputs) -> str:
+    """What :func:`run_flex` runs these inputs on (eagerly): ``"flash"``
+    (FlashAttention 4), ``"triton"``, or ``"batched"`` where it falls back."""
+    if _fallback_reason(inputs.q, inputs.dropout_p) is not None:
+        return "batched"
+    return "flash" if _flash_backend(inputs, inputs.alibi_slopes) else "triton"
 
 
 def _kernel_options(q: Tensor) -> KernelOptions | None:

@@ -40,7 +40,7 @@ from patternc.nn.executors.batched import run_as_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.tables import TABLES
 
-__all__ = ["run_varlen", "varlen_available", "varlen_kernel"]
+__all__ = ["kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
 
 _warned: set[str] = set()
 
@@ -144,6 +144,17 @@ def _fallback_reason(inputs: AttentionInputs) -> str | None:
     if q.shape[-1] % 8 or q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} (the kernel needs a multiple of 8, at most 256)"
     return None
+
+
+def kernel_of(inputs: AttentionInputs) -> str:
+    """What :func:`run_varlen` runs these inputs on: ``"flash4"``,
+    ``"flash2"``, or ``"batched"`` where it falls back."""
+    q = inputs.q
+    if _fallback_reason(inputs) is not None or isinstance(
+        _launches(inputs.layout, q.shape[0], q.device), str
+    ):
+        return "batched"
+    return varlen_kernel(q.device, q.shape[-1])
 
 
 def _fall_back(inputs: AttentionInputs, reason: str) -> Tensor:
