@@ -53,7 +53,6 @@ Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import sys
@@ -366,12 +365,54 @@ def _fa4_graph_capture(attend: Callable[..., object]) -> None:
         print(f"FA4 varlen under CUDA graph capture: fails: {type(exc).__name__}: {str(exc)[:200]}")
 
 
-def fa4_kernels(repeat: int) -> None:
-    """FlashAttention 4 where installed: varlen documents and flex's FLASH backend."""
+def _against_fa4(
+    label: str,
+    executor: Callable[[AttentionInputs], Tensor],
+    inputs: AttentionInputs,
+    alone: tuple[str, Callable[[], Tensor], Callable[[Tensor], Tensor]],
+    useful: float,
+    backward: bool,
+    repeat: int,
+    hosts: bool = False,
+) -> None:
+    """One row set: ``executor`` on torch's own kernels, on its pick, and
+    FlashAttention 4 called alone (``alone``: its row name, the call, and
+    how to bring its output to the executor's layout), checked against the
+    first and interleaved; the FA4 row notes its error and first-call time."""
     import time
 
     from bench_gpu import interleaved_ms
 
+    def on_torch(inputs: AttentionInputs = inputs) -> Tensor:
+        with flash4(False):
+            return executor(inputs)
+
+    name, call, as_executor = alone
+    reference = on_torch().detach()
+    try:
+        start = time.perf_counter()
+        error = _rel(as_executor(call().detach()), reference)
+        first = time.perf_counter() - start
+    except Exception as exc:
+        print(f"{label} {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return
+    rows = {
+        "executor on torch's kernel": functools.partial(_call, on_torch, backward),
+        "executor (its pick)": functools.partial(_call, functools.partial(executor, inputs), backward),
+        name: functools.partial(_call, call, backward),
+    }
+    host = _host_us(rows, calls=10, rounds=5) if hosts else {}
+    for row, ms in interleaved_ms(rows, repeat).items():
+        if isinstance(ms, Exception):
+            print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
+            continue
+        notes = [f"host {host[row]:.0f} us/call"] if hosts else []
+        notes += [f"rel diff {error:.1e}, first call {first:.1f} s"] if row == name else []
+        _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), ", ".join(notes))
+
+
+def fa4_kernels(repeat: int) -> None:
+    """FlashAttention 4 where installed: varlen documents and flex's FLASH backend."""
     try:
         from flash_attn.cute import flash_attn_varlen_func
     except Exception as exc:
@@ -398,46 +439,18 @@ def fa4_kernels(repeat: int) -> None:
                 return out[0] if isinstance(out, tuple) else out
 
             label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
-            with flash4(False):
-                reference = run_varlen(inputs).detach()[0]
-            try:
-                start = time.perf_counter()
-                error = _rel(fa4().detach(), reference)
-                first = time.perf_counter() - start
-            except Exception as exc:
-                print(f"{label} FA4 varlen failed: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-
-            def on_flash2(inputs: AttentionInputs = inputs) -> Tensor:
-                with flash4(False):
-                    return run_varlen(inputs)
-
-            rows = {
-                "varlen executor on FA2": functools.partial(_call, on_flash2, backward),
-                "varlen executor (its pick)": functools.partial(
-                    _call, functools.partial(run_varlen, inputs), backward
-                ),
-                "FA4 varlen alone": functools.partial(_call, fa4, backward),
-            }
-            hosts = _host_us(rows, calls=10, rounds=5)
-            for row, ms in interleaved_ms(rows, repeat).items():
-                if isinstance(ms, Exception):
-                    print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
-                    continue
-                note = f"host {hosts[row]:.0f} us/call"
-                note += f", rel diff {error:.1e}, first call {first:.1f} s" if row.startswith("FA4") else ""
-                _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), note)
+            alone = ("FA4 varlen alone", fa4, lambda out: out[None])
+            _against_fa4(label, run_varlen, inputs, alone, useful, backward, repeat, hosts=True)
     _fa4_graph_capture(flash_attn_varlen_func)
     from torch.nn.attention.flex_attention import flex_attention
+
+    from patternc.nn.executors.flex import _FLASH_OPTIONS, _flash_block_mask
 
     flash = torch.compile(flex_attention, dynamic=False)
     for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT self-anchor 2x(8k+24k)", "AB-UPT joint 2x(8k+24k)"):
         schedule = _schedule(name)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
-        # FlashAttention 4's mask_mod code stores int32 indices: the group tables in int32
-        mask = dataclasses.replace(
-            tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int()
-        ).block_mask()
+        mask = _flash_block_mask(tables, ("bench_kernels", name))
         useful = 4 * entries(schedule) * HEADS * DIM
         for backward in (False, True):
             q, k, v = (
@@ -452,36 +465,16 @@ def fa4_kernels(repeat: int) -> None:
             ]
 
             def flash_flex(heads_first: list[Tensor] = heads_first, mask: object = mask) -> Tensor:
-                return flash(*heads_first, block_mask=mask, kernel_options={"BACKEND": "FLASH"})  # type: ignore[no-any-return]
+                return flash(*heads_first, block_mask=mask, kernel_options=_FLASH_OPTIONS)  # type: ignore[no-any-return]
 
             label = f"{name[7:30]} {'fwd+bwd' if backward else 'fwd'}"
-            with flash4(False):
-                reference = run_flex(inputs).detach()
-            try:
-                start = time.perf_counter()
-                error = _rel(flash_flex().detach().transpose(1, 2)[:, : schedule.n_tokens], reference)
-                first = time.perf_counter() - start
-            except Exception as exc:
-                print(f"{label} flex FLASH failed: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-
-            def on_triton(inputs: AttentionInputs = inputs) -> Tensor:
-                with flash4(False):
-                    return run_flex(inputs)
-
-            rows = {
-                "run_flex on Triton": functools.partial(_call, on_triton, backward),
-                "run_flex (its pick)": functools.partial(
-                    _call, functools.partial(run_flex, inputs), backward
-                ),
-                "flex BACKEND=FLASH alone": functools.partial(_call, flash_flex, backward),
-            }
-            for row, ms in interleaved_ms(rows, repeat).items():
-                if isinstance(ms, Exception):
-                    print(f"{label} {row} failed: {type(ms).__name__}: {str(ms)[:200]}")
-                    continue
-                note = f"rel diff {error:.1e}, first call {first:.1f} s" if "FLASH" in row else ""
-                _row(f"{label} {row}", ms, useful * (3.5 if backward else 1.0), note)
+            n_tokens = schedule.n_tokens
+            alone = (
+                "flex BACKEND=FLASH alone",
+                flash_flex,
+                lambda out, n=n_tokens: out.transpose(1, 2)[:, :n],
+            )
+            _against_fa4(label, run_flex, inputs, alone, useful, backward, repeat)
 
 
 def sdpa_dispatch(repeat: int) -> None:
