@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -652,8 +653,8 @@ def _spy_flash(monkeypatch: pytest.MonkeyPatch, min_flops: float | None = None) 
     decisions: list[bool] = []
     decide = flex._flash_backend
 
-    def recording(inputs: object, slopes: object) -> bool:
-        decisions.append(decide(inputs, slopes))  # type: ignore[arg-type]
+    def recording(inputs: object) -> bool:
+        decisions.append(decide(inputs))  # type: ignore[arg-type]
         return decisions[-1]
 
     monkeypatch.setattr(flex, "_flash_backend", recording)
@@ -700,9 +701,11 @@ def test_flex_asks_for_flash_where_it_runs_and_pays(
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
     monkeypatch.setattr(flex, "_torch_lowers_flash", lambda: True)
     inputs = _inputs_of(n, dtype, grad, padded)
-    assert flex._flash_backend(inputs, torch.ones(12) if slopes else None) is flash  # type: ignore[arg-type]
+    if slopes:
+        inputs = dataclasses.replace(inputs, alibi_slopes=torch.ones(12))  # type: ignore[type-var]
+    assert flex._flash_backend(inputs) is flash  # type: ignore[arg-type]
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: False)
-    assert flex._flash_backend(inputs, None) is False  # type: ignore[arg-type]
+    assert flex._flash_backend(inputs) is False  # type: ignore[arg-type]
 
 
 def test_the_flash_block_mask_reads_int32_groups_and_masks_alike() -> None:

@@ -331,7 +331,7 @@ def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert varlen.kernel_of(inputs) == "flash2"
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
     assert varlen.kernel_of(inputs) == "flash4"
-    monkeypatch.setattr(flex, "_flash_backend", lambda inputs, slopes: True)
+    monkeypatch.setattr(flex, "_flash_backend", lambda inputs: True)
     assert flex.kernel_of(inputs) == "flash"
 
 

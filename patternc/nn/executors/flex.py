@@ -264,7 +264,7 @@ def _torch_lowers_flash() -> bool:
         return False
 
 
-def _flash_backend(inputs: AttentionInputs, slopes: Tensor | None) -> bool:
+def _flash_backend(inputs: AttentionInputs) -> bool:
     """Whether this call runs on FlashAttention 4 (torch's FLASH backend):
     half precision, no key padding or ALiBi (plain masks only, the cases
     measured), where :func:`patternc.nn.executors.flash4.usable` says it
@@ -273,7 +273,7 @@ def _flash_backend(inputs: AttentionInputs, slopes: Tensor | None) -> bool:
     if (
         q.dtype not in (torch.float16, torch.bfloat16)
         or inputs.key_padding_mask is not None
-        or slopes is not None
+        or inputs.alibi_slopes is not None
     ):
         return False
     if not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
@@ -291,7 +291,7 @@ def kernel_of(inputs: AttentionInputs) -> str:
     (FlashAttention 4), ``"triton"``, or ``"batched"`` where it falls back."""
     if _fallback_reason(inputs.q, inputs.dropout_p) is not None:
         return "batched"
-    return "flash" if _flash_backend(inputs, inputs.alibi_slopes) else "triton"
+    return "flash" if _flash_backend(inputs) else "triton"
 
 
 def _kernel_options(q: Tensor) -> KernelOptions | None:
@@ -344,13 +344,7 @@ def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
         return tables.block_mask(key_padding_mask)
-
-    def build() -> BlockMask:
-        global _builds
-        _builds += 1
-        return tables.block_mask()
-
-    return TABLES.get(("flex block mask", *key), build, traceable=True)
+    return _stored_block_mask("flex block mask", key, tables.block_mask)
 
 
 def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
@@ -359,13 +353,23 @@ def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
     int32 and refuses int64 ones: "Type mismatch, store Int64 to Tensor with
     element type Int32")."""
 
-    def build() -> BlockMask:
+    def narrow() -> BlockMask:
+        return dataclasses.replace(
+            tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int()
+        ).block_mask()
+
+    return _stored_block_mask("flex flash block mask", key, narrow)
+
+
+def _stored_block_mask(kind: str, key: tuple[Any, ...], build: Callable[[], BlockMask]) -> BlockMask:
+    """A block mask kept in :data:`TABLES` (traceable), counted when built."""
+
+    def counted() -> BlockMask:
         global _builds
         _builds += 1
-        narrow = dataclasses.replace(tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int())
-        return narrow.block_mask()
+        return build()
 
-    return TABLES.get(("flex flash block mask", *key), build, traceable=True)
+    return TABLES.get((kind, *key), counted, traceable=True)
 
 
 def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
@@ -426,7 +430,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
-    flash = _flash_backend(inputs, slopes)
+    flash = _flash_backend(inputs)
     n_queries = q.shape[1]
     args = (
         _pad_tokens(q, tables.q_len),
