@@ -8,7 +8,10 @@ one SDPA call per pattern on ready contiguous tensors, copies made outside
 the timing), then ``batched``, ``batched+graph`` (the same executor captured in a CUDA
 graph and replayed: what is left once host time is gone), ``varlen``,
 ``flex``, ``auto`` (and ``dense``
-with its mask where it fits) on ready Q/K/V (projections excluded everywhere).
+with its mask where it fits) on ready Q/K/V (projections excluded everywhere);
+with ``--control``, ``auto``'s pick a second time as its own row (``<pick>
+again``): the spread between two rows of the same code in this run, against
+which ``auto``'s own gap to its pick is read.
 Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
 forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time;
 ``+proj`` adds the projections a layer runs around attention (the fused QKV
@@ -265,6 +268,12 @@ def measure(args: argparse.Namespace) -> None:
                             rows[label] = (graphed(fn) if variant.endswith("+graph") else fn, flops)
                         except Exception as error:
                             print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
+                    if args.control and "auto" in variants:
+                        # auto's pick once more as its own row: how far two rows
+                        # running the same code read apart in this run (target 2
+                        # asks auto to stay within 3% of its pick)
+                        pick = choose(inputs)
+                        rows[f"{pick} again"] = (executor_fn(pick, inputs, backward), flops)
                     # the dense rows (ceiling, dense executor) are sampled apart,
                     # after the rows they are set against: interleaved, their long
                     # full-power calls slowed the rows sampled after them (on an
@@ -513,6 +522,11 @@ def main() -> None:
     )
     parser.add_argument("--layouts", nargs="+", help="substrings of the layout names to run")
     parser.add_argument("--variants", nargs="+", help="executor rows to run (ideal and ceiling always run)")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="add a second row of auto's pick: the spread between two rows of the same code",
+    )
     parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
     args = parser.parse_args()
     if args.quick:

@@ -46,6 +46,9 @@
    FlashAttention-4 lowering) against ``run_flex``'s Triton kernel on the
    AB-UPT layouts, forward and forward+backward, bf16, each checked against
    the row it is set against.
+10. **joint 10k's key gather** (``--parts gather``): SDPA on ready keys
+   against SDPA after ``index_select``, and the ``batched`` executor,
+   forward and forward+backward, with the kernels of each.
 
 Run: ``python benchmarks/bench_kernels.py [--repeat 15]``
 """
@@ -656,6 +659,78 @@ def flex_shape_changes(repeat: int) -> None:
     print("dynamo counters:", {k: dict(v) for k, v in counters.items() if v and k in ("stats", "frames")})
 
 
+def _gather_rows(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, backward: bool
+) -> dict[str, Callable[[], Tensor]]:
+    """The joint launch on keys gathered outside the timing, and after one
+    ``index_select`` per tensor (see :func:`key_gather`)."""
+    import torch.nn.functional as F
+
+    ready = [t.index_select(1, index).detach().requires_grad_(backward) for t in (k, v)]
+
+    def attend(keys: Tensor, values: Tensor) -> Tensor:
+        heads = (t.transpose(1, 2) for t in (q, keys, values))
+        return F.scaled_dot_product_attention(*heads).transpose(1, 2)
+
+    return {
+        "SDPA on gathered keys": lambda: attend(*ready),
+        "index_select + SDPA": lambda: attend(k.index_select(1, index), v.index_select(1, index)),
+    }
+
+
+def key_gather(repeat: int) -> None:
+    """Where joint 10k's gap to ``ideal`` goes: its one launch reads 2k anchor
+    keys from two token ranges of 10k. SDPA on keys gathered outside the
+    timing (the floor), after one ``index_select`` per tensor (its backward:
+    a zeroed input-size gradient and an ``index_add``), and the ``batched``
+    executor; bf16, forward and forward+backward, then the kernels of the
+    gathered forward+backward (the seventh session read 0.11 ms more GPU time
+    back to back for ``batched`` than for ``ideal`` there)."""
+    from bench_gpu import executor_fn, interleaved_ms
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n{'joint 10k key gather, bf16':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/call")
+    schedule = _schedule("AB-UPT joint 2x(1k+4k)")
+    ranges = schedule.whole_call_keys  # type: ignore[attr-defined]
+    index = torch.cat([torch.arange(a, b, device="cuda") for a, b in ranges])
+    useful = 4 * entries(schedule) * HEADS * DIM  # type: ignore[arg-type]
+    for backward in (False, True):
+        q, k, v = (
+            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_(
+                backward
+            )
+            for _ in range(3)
+        )
+        rows = _gather_rows(q, k, v, index, backward)
+        fns = {name: functools.partial(_call, fn, backward) for name, fn in rows.items()}
+        inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)  # type: ignore[arg-type]
+        fns["batched executor"] = executor_fn("batched", inputs, backward)
+        single = interleaved_ms(fns, repeat)
+        b2b = interleaved_ms(fns, repeat, calls=8)
+        hosts = _host_us(fns)
+        label = "fwd+bwd" if backward else "fwd"
+        for name in fns:
+            ms, ms_b2b = single[name], b2b[name]
+            assert isinstance(ms, float) and isinstance(ms_b2b, float), (ms, ms_b2b)
+            _row(
+                f"{label} {name}",
+                ms,
+                useful * (3.5 if backward else 1.0),
+                f"{ms_b2b:6.3f}  {hosts[name]:7.1f}",
+            )
+        if backward:
+            for name in fns:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        fns[name]()
+                    torch.cuda.synchronize()
+                print(f"\n== kernels of {name}, fwd+bwd, 10 steps")
+                table = prof.key_averages().table(
+                    sort_by="cuda_time_total", row_limit=10, max_name_column_width=70
+                )
+                print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -685,6 +760,8 @@ def main() -> None:
         back_to_back(args.repeat)
     if "fa4" in args.parts:
         fa4_kernels(args.repeat)
+    if "gather" in args.parts:
+        key_gather(args.repeat)
 
 
 if __name__ == "__main__":

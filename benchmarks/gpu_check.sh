@@ -24,6 +24,10 @@
 #              benchmarks/fa4_wheels.sh for getting it there): varlen
 #              against FlashAttention 2, flex's FLASH backend against
 #              Triton, FA4 under CUDA graph capture               ~2 min
+#   diagnose   the two 10k gaps left in target 1: joint's key gather
+#              (ready keys, index_select, executor, with kernel tables)
+#              and 16 documents under batched (timeline and profile
+#              against ideal)                                      ~3 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
@@ -53,7 +57,7 @@ blockmask() {
   python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/blockmask_cuda.txt"
 }
 small() {
-  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_small.txt"
+  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --control --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_small.txt"
 }
 large() {
   python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "8k+24k" 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_large.txt"
@@ -89,6 +93,12 @@ fa4() {
 sdpa() {
   python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"
 }
+diagnose() {
+  python3 benchmarks/bench_kernels.py --parts gather 2>&1 | grep -v "^W1" | tee "$OUT/kernels_gather.txt"
+  python3 benchmarks/bench_timeline.py --layouts "joint 2x(1k" "16 documents" --variants batched varlen 2>&1 \
+    | grep -v "^W1" | tee "$OUT/timeline_joint_documents.txt"
+  python3 benchmarks/bench_gpu.py --profile "16 documents" 2>&1 | grep -v "^W1" > "$OUT/profile_16_documents.txt"
+}
 step() {
   python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step.txt"
 }
@@ -103,7 +113,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa step distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa diagnose step distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
