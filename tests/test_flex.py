@@ -315,6 +315,39 @@ def test_cpu_gradients_fall_back_to_batched_with_one_warning() -> None:
     assert torch.allclose(out, reference(x, {"a": 3, "q": 7})[0])
 
 
+@pytest.mark.parametrize("sizes", [{"a": 3, "q": 7}, {"a": 130, "q": 61}])
+def test_one_head_on_cpu_falls_back_to_batched_with_one_warning(sizes: dict[str, int]) -> None:
+    """With one head Inductor fuses the guard's re-poisoning into its C++
+    FlexAttention template, which raises "Unsupported for `epilogue_nodes`"
+    (torch 2.13): such calls run as ``batched``, said once."""
+    plan = patternc.compile("groups a q\na -> a\nq -> a, q [causal]\n").patterns["default"]
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=8, num_heads=1, implementation="flex")
+    module = PatternAttention(config, plan)
+    x = torch.randn(2, sum(sizes.values()), 8)
+    flex._warned.clear()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="implementation='flex' runs as 'batched' for one head on CPU"):
+            out, _ = module(x, sizes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call is silent
+            again, _ = module(x, sizes)
+    assert torch.equal(out, again)
+    assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+
+
+def test_two_heads_on_cpu_run_flex() -> None:
+    """The one-head fallback above is for one head only: two heads run the kernel."""
+    plan = patternc.compile("groups a q\na -> a\nq -> a, q [causal]\n").patterns["default"]
+    module = make(plan, "flex")
+    sizes = {"a": 3, "q": 7}
+    x = torch.randn(1, 10, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out, _ = module(x, sizes)
+    assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+
+
 @pytest.mark.slow
 def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
     """torch.compile(flex_attention) on CPU (forward): correct at several sizes,

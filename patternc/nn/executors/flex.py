@@ -389,6 +389,12 @@ def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
         return "attention dropout (FlexAttention has none)"
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         return "gradients on CPU (torch's FlexAttention has no CPU backward)"
+    if q.device.type == "cpu" and q.shape[2] == 1:
+        # the graph around the kernel ends in the guard's pointwise re-poisoning
+        # of its output; with one head that reads the output at the index it
+        # writes, so Inductor fuses it into the C++ FlexAttention template,
+        # which then raises "Unsupported for `epilogue_nodes`" (torch 2.13)
+        return "one head on CPU (Inductor's CPU FlexAttention kernel fails to compile for it)"
     if q.device.type == "cuda" and q.shape[-1] < 16:
         return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
     return None
