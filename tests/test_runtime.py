@@ -76,17 +76,23 @@ def pattern_sets(draw: st.DrawFn) -> tuple[list[TokenSpec], list[P]]:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=pattern_sets(), batch=st.integers(1, 3), padded=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    case=pattern_sets(),
+    batch=st.integers(1, 3),
+    heads=st.sampled_from([1, 2, 4]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_pattern_sets_match_reference(
-    case: tuple[list[TokenSpec], list[P]], batch: int, padded: bool, seed: int
+    case: tuple[list[TokenSpec], list[P]], batch: int, heads: int, padded: bool, seed: int
 ) -> None:
     specs, patterns = case
     n = sum(s.size or 0 for s in specs)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n, 16, generator=gen)
+    x = torch.randn(batch, n, 8 * heads, generator=gen)
     mask = torch.rand(batch, n, generator=gen) > 0.4 if padded else None
     for impl in IMPLEMENTATIONS:
-        module = make(impl, seed=seed)
+        module = make(impl, dim=8 * heads, heads=heads, seed=seed)
         out, _ = module(x, specs, patterns, key_padding_mask=mask)
         ref = reference_attention(module, x, specs, patterns, key_padding_mask=mask)
         assert torch.isfinite(out).all()
