@@ -47,7 +47,7 @@ from patternc.layout import Layout as Schedule
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.auto import choose
 from patternc.nn.executors.common import AttentionInputs
-from patternc.nn.executors.flex import _backward_tiles
+from patternc.nn.executors.flexkernels import backward_tiles
 from patternc.nn.schedule import schedule_for
 
 HEADS, DIM = 12, 64
@@ -313,7 +313,8 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
     """FlexAttention ``kernel_options`` on the AB-UPT layouts (bf16): forward
     tiles (``fwd_`` keys) timed forward, backward tiles (``bwd_`` keys, with
     the executor's forward tiles) timed forward+backward."""
-    from patternc.nn.executors.flex import _HALF_KERNEL_OPTIONS, _pad_heads_first, flex_tables
+    from patternc.nn.executors.flex import _pad_heads_first, flex_tables
+    from patternc.nn.executors.flexkernels import _HALF_KERNEL_OPTIONS
 
     flex = compiled_kernel()
     forward: dict[str, dict[str, int] | None] = {
@@ -324,7 +325,7 @@ def kernel_options_sweep(args: argparse.Namespace) -> None:
     }
 
     def bwd(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> dict[str, int]:
-        return {**_HALF_KERNEL_OPTIONS, **_backward_tiles(m1, n1, m2, n2, warps, stages)}
+        return {**_HALF_KERNEL_OPTIONS, **backward_tiles(m1, n1, m2, n2, warps, stages)}
 
     backward: dict[str, dict[str, int] | None] = {
         "default": None,
@@ -389,15 +390,15 @@ def fp32_sweep(args: argparse.Namespace) -> None:
 
     options: dict[str, dict[str, object] | None] = {
         "ieee, default tiles": None,
-        "ieee, bwd 64/64/64/64 w8 s1": {**precision("ieee"), **_backward_tiles(64, 64, 64, 64, 8, 1)},
+        "ieee, bwd 64/64/64/64 w8 s1": {**precision("ieee"), **backward_tiles(64, 64, 64, 64, 8, 1)},
         "tf32x3, default tiles": precision("tf32x3"),
-        "tf32x3, bwd 64/64/64/64 w8 s1": {**precision("tf32x3"), **_backward_tiles(64, 64, 64, 64, 8, 1)},
-        "tf32x3, bwd 32/64/64/32 w4 s2": {**precision("tf32x3"), **_backward_tiles(32, 64, 64, 32, 4, 2)},
-        "tf32x3, bwd 64/64/64/64 w4 s2": {**precision("tf32x3"), **_backward_tiles(64, 64, 64, 64, 4, 2)},
-        "tf32x3, bwd 32/32/32/32 w4 s2": {**precision("tf32x3"), **_backward_tiles(32, 32, 32, 32, 4, 2)},
+        "tf32x3, bwd 64/64/64/64 w8 s1": {**precision("tf32x3"), **backward_tiles(64, 64, 64, 64, 8, 1)},
+        "tf32x3, bwd 32/64/64/32 w4 s2": {**precision("tf32x3"), **backward_tiles(32, 64, 64, 32, 4, 2)},
+        "tf32x3, bwd 64/64/64/64 w4 s2": {**precision("tf32x3"), **backward_tiles(64, 64, 64, 64, 4, 2)},
+        "tf32x3, bwd 32/32/32/32 w4 s2": {**precision("tf32x3"), **backward_tiles(32, 32, 32, 32, 4, 2)},
         "tf32x3, fwd M64 N64 w4 s2, bwd 64/64/64/64 w8 s1": {
             **precision("tf32x3"),
-            **_backward_tiles(64, 64, 64, 64, 8, 1),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
             "fwd_BLOCK_M": 64,
             "fwd_BLOCK_N": 64,
             "fwd_num_warps": 4,
@@ -405,7 +406,7 @@ def fp32_sweep(args: argparse.Namespace) -> None:
         },
         "tf32x3, fwd M128 N64 w8 s2, bwd 64/64/64/64 w8 s1": {
             **precision("tf32x3"),
-            **_backward_tiles(64, 64, 64, 64, 8, 1),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
             "fwd_BLOCK_M": 128,
             "fwd_BLOCK_N": 64,
             "fwd_num_warps": 8,
@@ -413,7 +414,7 @@ def fp32_sweep(args: argparse.Namespace) -> None:
         },
         "tf32 (one product), bwd 64/64/64/64 w8 s1": {
             **precision("tf32"),
-            **_backward_tiles(64, 64, 64, 64, 8, 1),
+            **backward_tiles(64, 64, 64, 64, 8, 1),
         },
     }
     print(

@@ -159,7 +159,7 @@ def flex_overhead(repeat: int) -> None:
     the layout changes around the kernel cost."""
     from bench_gpu import interleaved_ms
 
-    from patternc.nn.executors.flex import _kernel_options
+    from patternc.nn.executors.flexkernels import kernel_options
 
     print(f"\n{'flex: executor against its kernel':<44} {'ms':>9} {'TFLOP/s':>8}")
     flex = compiled_kernel()
@@ -182,7 +182,7 @@ def flex_overhead(repeat: int) -> None:
                 padded = [
                     _pad_heads_first(t.detach(), tables.q_len).requires_grad_(backward) for t in (q, k, v)
                 ]
-                options = _kernel_options(q)
+                options = kernel_options(q)
 
                 def kernel(
                     padded: list[Tensor] = padded, options: object = options, mask: object = mask
@@ -265,7 +265,7 @@ def flex_host(repeat: int) -> None:
     with Dynamo's guards and Inductor's launches."""
     from bench_gpu import ideal_fn, interleaved_ms
 
-    from patternc.nn.executors import flex
+    from patternc.nn.executors import flex, flexkernels
 
     print(f"\n{'flex host time, bf16 fwd':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/call")
     kernel = compiled_kernel()
@@ -279,7 +279,7 @@ def flex_host(repeat: int) -> None:
             for _ in range(3)
         )
         inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
-        options = flex._kernel_options(q)
+        options = flexkernels.kernel_options(q)
         padded = [flex._pad_tokens(t, tables.q_len) for t in (q, k, v)]
         heads_first = [t.transpose(1, 2) for t in padded]
         guarded, unguarded = flex._compiled(flex._attend), flex._compiled(flex._attend_unguarded)
@@ -447,7 +447,8 @@ def fa4_kernels(repeat: int) -> None:
     _fa4_graph_capture(flash_attn_varlen_func)
     from torch.nn.attention.flex_attention import flex_attention
 
-    from patternc.nn.executors.flex import _FLASH_OPTIONS, _flash_block_mask
+    from patternc.nn.executors.flex import _flash_block_mask
+    from patternc.nn.executors.flexkernels import FLASH_OPTIONS
 
     flash = torch.compile(flex_attention, dynamic=False)
     for name in ("AB-UPT self-anchor 2x(1k+4k)", "AB-UPT self-anchor 2x(8k+24k)", "AB-UPT joint 2x(8k+24k)"):
@@ -468,7 +469,7 @@ def fa4_kernels(repeat: int) -> None:
             ]
 
             def flash_flex(heads_first: list[Tensor] = heads_first, mask: object = mask) -> Tensor:
-                return flash(*heads_first, block_mask=mask, kernel_options=_FLASH_OPTIONS)  # type: ignore[no-any-return]
+                return flash(*heads_first, block_mask=mask, kernel_options=FLASH_OPTIONS)  # type: ignore[no-any-return]
 
             label = f"{name[7:30]} {'fwd+bwd' if backward else 'fwd'}"
             n_tokens = schedule.n_tokens

@@ -182,18 +182,18 @@ def test_flex_host_queries_are_constants_to_dynamo(
     host. Inside a user's ``torch.compile(fullgraph=True)`` those reads must
     not break the graph (torch's precision getters cannot be traced): they
     run once at trace time and agree with the eager answer."""
-    from patternc.nn.executors import flex
+    from patternc.nn.executors import flexkernels
 
     if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
         pytest.skip("torch < 2.9 has no fp32_precision setting")
-    monkeypatch.setattr(flex, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: (9, 0)})
     device = torch.device("cuda", 0)
     matmul_precision(setting)
-    eager = flex.float32_products(device)
+    eager = flexkernels.float32_products(device)
     torch._dynamo.reset()
 
     def scaled(x: torch.Tensor) -> torch.Tensor:
-        return x * (2.0 if flex.float32_products(device) == eager else 3.0)
+        return x * (2.0 if flexkernels.float32_products(device) == eager else 3.0)
 
     with _captured() as (caught, records):
         out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))

@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import patternc
 from patternc.blockmask import FULL, PARTIAL, block_classes
 from patternc.nn import PatternAttention
-from patternc.nn.executors import flex
+from patternc.nn.executors import flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
 from patternc.nn.schedule import schedule_for
 
@@ -425,9 +425,9 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     from types import SimpleNamespace
 
     matmul_precision("none")
-    monkeypatch.setattr(flex, "_CAPABILITY", {0: capability})
+    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: capability})
     q = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), device=torch.device("cuda", 0))
-    options = flex._kernel_options(q)  # type: ignore[arg-type]
+    options = flexkernels.kernel_options(q)  # type: ignore[arg-type]
     hopper = capability[0] == 9
     half = dtype != torch.float32
     forward = options is not None and "fwd_BLOCK_M" in options
@@ -442,8 +442,8 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     if products:
         tensor_cores = "'tf32x3'" if capability[0] >= 8 else "'ieee'"  # no TF32 before Ampere
         assert options is not None and options["FLOAT32_PRECISION"] == tensor_cores
-    assert flex._kernel_options(q) is options  # the same dict each call: one compiled graph
-    assert flex._kernel_options(torch.zeros(1, 8, 2, head_dim, dtype=dtype)) is None  # CPU
+    assert flexkernels.kernel_options(q) is options  # the same dict each call: one compiled graph
+    assert flexkernels.kernel_options(torch.zeros(1, 8, 2, head_dim, dtype=dtype)) is None  # CPU
 
 
 @pytest.mark.parametrize("products", ["'ieee'", "'tf32'"])
@@ -454,11 +454,11 @@ def test_float32_tiles_follow_the_products(
     from types import SimpleNamespace
 
     matmul_precision(products.strip("'"))
-    monkeypatch.setattr(flex, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: (9, 0)})
     q = SimpleNamespace(
         is_cuda=True, dtype=torch.float32, shape=(1, 8, 2, 64), device=torch.device("cuda", 0)
     )
-    options = flex._kernel_options(q)  # type: ignore[arg-type]
+    options = flexkernels.kernel_options(q)  # type: ignore[arg-type]
     assert options is not None and options["FLOAT32_PRECISION"] == products
     assert (options["bwd_BLOCK_M1"], options["bwd_num_warps"]) == (
         (64, 8) if products == "'ieee'" else (32, 4)
@@ -476,7 +476,7 @@ def test_float32_products_follow_torchs_setting(
     if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
         pytest.skip("torch < 2.9 has no untouched state to tell from an explicit 'highest'")
     matmul_precision(setting)
-    assert flex._float32_products() == products
+    assert flexkernels._float32_products() == products
 
 
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
@@ -682,15 +682,15 @@ def test_keys_of_cached_groups_mix_blocks_off_their_edges() -> None:
 def _spy_flash(monkeypatch: pytest.MonkeyPatch, min_flops: float | None = None) -> list[bool]:
     """Record flex's FLASH decisions; ``min_flops`` replaces the thresholds."""
     if min_flops is not None:
-        monkeypatch.setattr(flex, "_FLASH_MIN_FLOPS", {False: min_flops, True: min_flops})
+        monkeypatch.setattr(flexkernels, "_FLASH_MIN_FLOPS", {False: min_flops, True: min_flops})
     decisions: list[bool] = []
-    decide = flex._flash_backend
+    decide = flexkernels.flash_backend
 
     def recording(inputs: object) -> bool:
         decisions.append(decide(inputs))  # type: ignore[arg-type]
         return decisions[-1]
 
-    monkeypatch.setattr(flex, "_flash_backend", recording)
+    monkeypatch.setattr(flexkernels, "flash_backend", recording)
     return decisions
 
 
@@ -732,13 +732,13 @@ def test_flex_asks_for_flash_where_it_runs_and_pays(
     from patternc.nn.executors import flash4
 
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
-    monkeypatch.setattr(flex, "_torch_lowers_flash", lambda: True)
+    monkeypatch.setattr(flexkernels, "_torch_lowers_flash", lambda: True)
     inputs = _inputs_of(n, dtype, grad, padded)
     if slopes:
         inputs = dataclasses.replace(inputs, alibi_slopes=torch.ones(12))  # type: ignore[type-var]
-    assert flex._flash_backend(inputs) is flash  # type: ignore[arg-type]
+    assert flexkernels.flash_backend(inputs) is flash  # type: ignore[arg-type]
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: False)
-    assert flex._flash_backend(inputs) is False  # type: ignore[arg-type]
+    assert flexkernels.flash_backend(inputs) is False  # type: ignore[arg-type]
 
 
 def test_the_flash_block_mask_reads_int32_groups_and_masks_alike() -> None:
@@ -765,7 +765,9 @@ def _flash_usable() -> bool:
     from patternc.nn.executors import flash4
 
     return (
-        torch.cuda.is_available() and flash4.usable(torch.device("cuda"), 64) and flex._torch_lowers_flash()
+        torch.cuda.is_available()
+        and flash4.usable(torch.device("cuda"), 64)
+        and flexkernels._torch_lowers_flash()
     )
 
 

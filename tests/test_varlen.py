@@ -318,7 +318,7 @@ def test_gpu_varlen_documents_causal_and_windowed(impl: str, kernel: str) -> Non
 
 def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """varlen's and flex's answers to "which kernel": the fallback first, then FlashAttention 4 or not."""
-    from patternc.nn.executors import flex
+    from patternc.nn.executors import flex, flexkernels
 
     layout = schedule_for(DOCS.token_specs({"doc0": 5, "doc1": 9}), DOCS)
     q = torch.randn(1, 14, 2, 16)
@@ -331,7 +331,7 @@ def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert varlen.kernel_of(inputs) == "flash2"
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
     assert varlen.kernel_of(inputs) == "flash4"
-    monkeypatch.setattr(flex, "_flash_backend", lambda inputs: True)
+    monkeypatch.setattr(flexkernels, "flash_backend", lambda inputs: True)
     assert flex.kernel_of(inputs) == "flash"
 
 

@@ -27,7 +27,8 @@ from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
-from patternc.nn.executors.flex import float32_products, run_flex
+from patternc.nn.executors.flex import run_flex
+from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES

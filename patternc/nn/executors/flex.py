@@ -6,12 +6,14 @@ reuse a few compiled kernels), the block mask comes from the group layout
 device, padding), and the kernel with its non-finite guard is one graph,
 compiled once per process with static shapes (:func:`_compiled`). The
 guard runs only where a block mixes groups (``FlexTables.needs_value_guard``).
-Tiles (``kernel_options``) are the ones swept best per dtype, head size and
-GPU (:func:`_kernel_options`).
+The kernel and its ``kernel_options`` (tiles swept best per dtype, head
+size and GPU; FlashAttention 4 for large half-precision calls) are chosen
+by :mod:`patternc.nn.executors.flexkernels`.
 
 Where torch cannot run it, ``flex`` falls back to ``batched`` with a one-time
-warning: gradients on CPU (torch has no FlexAttention backward there),
-attention dropout (FlexAttention has none) and heads narrower than 16 on a GPU.
+warning: gradients on CPU (torch has no FlexAttention backward there), one
+head on CPU (Inductor's CPU kernel fails to compile it), attention dropout
+(FlexAttention has none) and heads narrower than 16 on a GPU.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from torch import Tensor
 
 from patternc.cache import _compiling
 from patternc.layout import Layout
-from patternc.nn.executors import flash4
+from patternc.nn.executors import flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.tables import TABLES
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["block_mask_builds", "compiled", "flex_tables", "float32_products", "kernel_of", "run_flex"]
+__all__ = ["block_mask_builds", "compiled", "flex_tables", "kernel_of", "run_flex"]
 
 _builds = 0
 _use_compiled = True
@@ -127,196 +130,12 @@ def _attend_fn(guarded: bool) -> Callable[..., Tensor]:
     return _compiled(attend) if _use_compiled and not _compiling() else attend
 
 
-KernelOptions = dict[str, int | str]
-"""FlexAttention ``kernel_options``: tiles, warps, stages, product precision."""
-
-
-_HALF_KERNEL_OPTIONS: KernelOptions = {
-    "fwd_BLOCK_M": 128,
-    "fwd_BLOCK_N": 64,
-    "fwd_num_warps": 4,
-    "fwd_num_stages": 3,
-}
-"""Forward tile for half precision on CUDA, from ``benchmarks/bench_gpu.py``'s
-sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
-2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles;
-on an H200 it is still the best of seven (368 and 390 TFLOP/s at 2x(8k+24k),
-torch's default 255 and 269). The ``fwd_`` prefix (torch >= 2.6) keeps
-these options out of the backward kernels: unprefixed, the warps and
-stages reached them too and made forward+backward 2.5-4x slower."""
-
-_HOPPER_BACKWARD_OPTIONS: KernelOptions = {
-    "bwd_BLOCK_M1": 64,
-    "bwd_BLOCK_N1": 64,
-    "bwd_BLOCK_M2": 64,
-    "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 4,
-    "bwd_num_stages": 3,
-}
-"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
-from ``bench_gpu.py``'s sweep on an H200 (kernel alone, rows interleaved),
-forward+backward against torch's default backward tiles (with the forward
-tile above): 1.09 -> 0.91 ms on AB-UPT self-anchor 2x(1k+4k), 1.53 -> 1.45
-ms on joint, 310 -> 346 and 318 -> 355 TFLOP/s at 2x(8k+24k).
-32/128/128/32 ties these at 65k tokens and is 11-18% slower at 10k. Tiles
-matter both ways: 64/128/128/64 with 4 warps ran at a third of the speed,
-so these stay on the GPU and head sizes they were measured on."""
-
-_HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
-
-
-def _backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
-    """FlexAttention's ``bwd_``-prefixed ``kernel_options`` for these tiles."""
-    tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "num_warps": warps}
-    return {f"bwd_{key}": value for key, value in {**tiles, "num_stages": stages}.items()}
-
-
-_HOPPER_FLOAT32_TILES: dict[str, KernelOptions] = {
-    "'ieee'": _backward_tiles(64, 64, 64, 64, 8, 1),
-    "'tf32x3'": _backward_tiles(32, 32, 32, 32, 4, 2),
-    "'tf32'": _backward_tiles(32, 32, 32, 32, 4, 2),
-}
-"""Backward tiles for float32 at head_dim 64 on Hopper, per product
-precision, from ``bench_gpu.py --sweep-fp32`` on an H200 (self-anchor
-2x(1k+4k), forward+backward; torch's float32 default is 16/16/16/16, 4 warps,
-1 stage): IEEE products 22.4 -> 13.9 ms; three-TF32 products 7.1 -> 4.1 ms.
-Gradients are bitwise equal to the default tiles'. Plain TF32 takes the
-three-TF32 tiles (not swept on its own). Other head sizes keep torch's tiles."""
-
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-"""CUDA device index -> its compute capability (asked once per device)."""
-
-
-def _read_float32_products() -> str:
-    """The float32 products' precision for the kernel: torch's own choice,
-    except that an untouched setting gets three-TF32 products.
-
-    Left to itself, torch's FlexAttention computes float32 products in IEEE
-    arithmetic on CUDA cores: forward+backward 5x slower than SDPA's
-    efficient kernel on an H200. ``'tf32x3'`` splits each factor into two
-    TF32 halves and sums three tensor-core products: 2.6x faster forward and
-    3.4x forward+backward, within 1.1e-6 of the IEEE result (plain TF32:
-    2e-3). So it is the default while torch's float32 matmul
-    precision is untouched (``torch.backends.cuda.matmul.fp32_precision`` is
-    ``'none'``, torch >= 2.9). An explicit ``'ieee'`` (or
-    ``torch.set_float32_matmul_precision("highest")``) gets IEEE products and
-    an allowed TF32 gets TF32; before torch 2.9 an untouched setting cannot
-    be told from an explicit one, so torch's IEEE stands."""
-    matmul = torch.backends.cuda.matmul
-    setting = getattr(matmul, "fp32_precision", None)
-    if setting is not None and setting != "none":  # set for CUDA matmuls (asking the generic one would raise)
-        return "'ieee'" if setting == "ieee" else "'tf32'"
-    highest = torch.get_float32_matmul_precision() == "highest"
-    if setting == "none":
-        return "'tf32x3'" if highest else "'tf32'"
-    return "'ieee'" if highest and not matmul.allow_tf32 else "'tf32'"
-
-
-def _read_capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return capability
-
-
-# Constants to Dynamo: traced inside a user's torch.compile, these host
-# queries run once at trace time (torch's precision getters cannot be
-# traced; fullgraph would fail), as torch's own flex reads its precision
-# once per compile. Eager calls run them as they are.
-_float32_products: Callable[[], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _read_float32_products
-)
-_capability: Callable[[torch.device], tuple[int, int]] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _read_capability
-)
-
-
-def float32_products(device: torch.device) -> str:
-    """The precision of flex's float32 products on this CUDA device: IEEE
-    before Ampere (no TF32 there), else :func:`_float32_products`."""
-    return _float32_products() if _capability(device)[0] >= 8 else "'ieee'"
-
-
-_FLASH_OPTIONS: KernelOptions = {"BACKEND": "FLASH"}
-"""torch's FlashAttention-4 lowering of FlexAttention (torch >= 2.10, with
-the ``flash-attn-4`` package)."""
-
-_FLASH_MIN_FLOPS = {False: 0.4e12, True: 0.13e12}
-"""Useful forward FLOPs of a call above which the FLASH backend beats the
-Triton kernel, for inference (False) and training (True). Measured on an
-H200, bf16, 12 heads of 64 (``bench_kernels.py --parts fa4``), single
-calls: FLASH has a fixed cost of 0.49 ms forward (1.17 ms forward and
-backward) against Triton's 0.26 (0.72), and runs 1.3x (1.55x forward and
-backward) as fast past it: 3.63 against 4.34 ms forward, 11.6 against 16.8
-forward and backward at 65k AB-UPT tokens, 0.55 against 0.34 and 1.38
-against 1.03 at 10k. The two lines cross at these FLOPs."""
-
-
-@functools.cache
-def _torch_lowers_flash() -> bool:
-    """This torch has FlexAttention's FLASH lowering (>= 2.10)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("torch._inductor.kernel.flex.flex_flash_attention") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _flash_backend(inputs: AttentionInputs) -> bool:
-    """Whether this call runs on FlashAttention 4 (torch's FLASH backend):
-    half precision, no key padding or ALiBi (plain masks only, the cases
-    measured), where :func:`patternc.nn.executors.flash4.usable` says it
-    runs, and past :data:`_FLASH_MIN_FLOPS` of useful work."""
-    q = inputs.q
-    if (
-        q.dtype not in (torch.float16, torch.bfloat16)
-        or inputs.key_padding_mask is not None
-        or inputs.alibi_slopes is not None
-    ):
-        return False
-    if not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
-        return False
-    batch, _, heads, dim = q.shape
-    training = torch.is_grad_enabled() and (
-        q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
-    )
-    flops = 4 * batch * heads * dim * inputs.layout.allowed_entries
-    return flops >= _FLASH_MIN_FLOPS[training]
-
-
 def kernel_of(inputs: AttentionInputs) -> str:
     """What :func:`run_flex` runs these inputs on (eagerly): ``"flash"``
     (FlashAttention 4), ``"triton"``, or ``"batched"`` where it falls back."""
     if _fallback_reason(inputs.q, inputs.dropout_p) is not None:
         return "batched"
-    return "flash" if _flash_backend(inputs) else "triton"
-
-
-def _kernel_options(q: Tensor) -> KernelOptions | None:
-    """The tiles measured best for this dtype, head size and GPU, and float32's
-    product precision (None: torch's own everywhere)."""
-    if not q.is_cuda or torch.version.hip:
-        return None
-    hopper = _capability(q.device)[0] == 9
-    head_dim = q.shape[-1]
-    if q.dtype in (torch.float16, torch.bfloat16):
-        if head_dim > 128:
-            return None
-        return _HOPPER_HALF_OPTIONS if hopper and head_dim <= 64 else _HALF_KERNEL_OPTIONS
-    if q.dtype != torch.float32:
-        return None
-    return _FLOAT32_OPTIONS[float32_products(q.device), hopper and head_dim == 64]
-
-
-_FLOAT32_OPTIONS: dict[tuple[str, bool], KernelOptions] = {
-    (products, tiled): {"FLOAT32_PRECISION": products, **(tiles if tiled else {})}
-    for products, tiles in _HOPPER_FLOAT32_TILES.items()
-    for tiled in (True, False)
-}
-"""(product precision, Hopper tiles) -> float32's options: one dict per
-choice, so calls hand the compiled graph the same options."""
+    return "flash" if flexkernels.flash_backend(inputs) else "triton"
 
 
 def flex_tables(
@@ -436,7 +255,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
-    flash = _flash_backend(inputs)
+    flash = flexkernels.flash_backend(inputs)
     n_queries = q.shape[1]
     args = (
         _pad_tokens(q, tables.q_len),
@@ -445,7 +264,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         _flash_block_mask(tables, key) if flash else _block_mask(tables, padding, key),
         _score_mod(tables, slopes),
         scale,
-        _FLASH_OPTIONS if flash else _kernel_options(q),
+        flexkernels.FLASH_OPTIONS if flash else flexkernels.kernel_options(q),
     )
     # a key padding mask masks keys inside blocks; on CPU the guard always
     # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
