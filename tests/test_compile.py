@@ -182,11 +182,11 @@ def test_flex_host_queries_are_constants_to_dynamo(
     host. Inside a user's ``torch.compile(fullgraph=True)`` those reads must
     not break the graph (torch's precision getters cannot be traced): they
     run once at trace time and agree with the eager answer."""
-    from patternc.nn.executors import flexkernels
+    from patternc.nn.executors import common, flexkernels
 
     if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
         pytest.skip("torch < 2.9 has no fp32_precision setting")
-    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(common, "_CAPABILITY", {0: (9, 0)})
     device = torch.device("cuda", 0)
     matmul_precision(setting)
     eager = flexkernels.float32_products(device)

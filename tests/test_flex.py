@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import patternc
 from patternc.blockmask import FULL, PARTIAL, block_classes
 from patternc.nn import PatternAttention
-from patternc.nn.executors import flex, flexkernels
+from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
 from patternc.nn.schedule import schedule_for
 
@@ -425,7 +425,7 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     from types import SimpleNamespace
 
     matmul_precision("none")
-    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: capability})
+    monkeypatch.setattr(common, "_CAPABILITY", {0: capability})
     q = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), device=torch.device("cuda", 0))
     options = flexkernels.kernel_options(q)  # type: ignore[arg-type]
     hopper = capability[0] == 9
@@ -454,7 +454,7 @@ def test_float32_tiles_follow_the_products(
     from types import SimpleNamespace
 
     matmul_precision(products.strip("'"))
-    monkeypatch.setattr(flexkernels, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(common, "_CAPABILITY", {0: (9, 0)})
     q = SimpleNamespace(
         is_cuda=True, dtype=torch.float32, shape=(1, 8, 2, 64), device=torch.device("cuda", 0)
     )

@@ -185,7 +185,7 @@ def test_the_varlen_kernel_is_flash4_where_it_can_run(
     """FlashAttention 4 where its package imports, on Hopper and Blackwell,
     for its head sizes, unless switched off or inside a user's compile."""
     monkeypatch.setattr(flash4, "varlen_function", lambda: (lambda *a, **k: None) if installed else None)
-    monkeypatch.setattr(flash4, "_capability", lambda device: capability)
+    monkeypatch.setattr(flash4, "device_capability", lambda device: capability)
     monkeypatch.setattr(flash4, "_compiling", lambda: compiling)
     with flash4.enabled(enabled):
         assert varlen.varlen_kernel(torch.device("cuda"), head_dim) == kernel

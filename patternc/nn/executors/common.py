@@ -28,6 +28,7 @@ __all__ = [
     "attend",
     "call_bias",
     "call_pair_mask",
+    "device_capability",
     "gather",
     "gather_mask",
     "group_positions",
@@ -68,6 +69,21 @@ class AttentionInputs:
 
 Executor = Callable[[AttentionInputs], Tensor]
 """An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+"""CUDA device index -> its compute capability (asked once per device)."""
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked of the driver once per
+    device (the kernel choices of ``flex`` and FlashAttention 4 read it on
+    every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return capability
 
 
 def gather(t: Tensor, segments: Sequence[Segment], cache: Mapping[str, Tensor]) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from patternc.cache import _compiling
+from patternc.nn.executors.common import device_capability
 
 __all__ = ["enabled", "usable", "varlen_function"]
 
@@ -44,11 +45,6 @@ def varlen_function() -> Callable[..., Any] | None:
         "ignore", message=r"Argument aux_data .* cannot be converted", category=UserWarning
     )
     return flash_attn_varlen_func  # type: ignore[no-any-return]
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 @contextlib.contextmanager
@@ -79,4 +75,4 @@ def usable(device: torch.device, head_dim: int) -> bool:
     a user's ``torch.compile`` (its launcher cannot be traced)."""
     if not _on or _compiling() or device.type != "cuda" or varlen_function() is None:
         return False
-    return head_dim <= HEAD_DIM.get(_capability(device)[0], 0)
+    return head_dim <= HEAD_DIM.get(device_capability(device)[0], 0)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from patternc.nn.executors import flash4
-from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.common import AttentionInputs, device_capability
 
 __all__ = [
     "FLASH_OPTIONS",
@@ -80,9 +80,6 @@ precision, from ``bench_gpu.py --sweep-fp32`` on an H200 (self-anchor
 Gradients are bitwise equal to the default tiles'. Plain TF32 takes the
 three-TF32 tiles (not swept on its own). Other head sizes keep torch's tiles."""
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-"""CUDA device index -> its compute capability (asked once per device)."""
-
 
 def _read_float32_products() -> str:
     """The float32 products' precision for the kernel: torch's own choice,
@@ -109,14 +106,6 @@ def _read_float32_products() -> str:
     return "'ieee'" if highest and not matmul.allow_tf32 else "'tf32'"
 
 
-def _read_capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return capability
-
-
 # Constants to Dynamo: traced inside a user's torch.compile, these host
 # queries run once at trace time (torch's precision getters cannot be
 # traced; fullgraph would fail), as torch's own flex reads its precision
@@ -125,7 +114,7 @@ _float32_products: Callable[[], str] = torch.compiler.assume_constant_result(  #
     _read_float32_products
 )
 _capability: Callable[[torch.device], tuple[int, int]] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _read_capability
+    device_capability
 )
 
 
