@@ -51,6 +51,25 @@ from patternc.nn.executors.flexkernels import backward_tiles
 from patternc.nn.schedule import schedule_for
 
 HEADS, DIM = 12, 64
+
+
+def random_qkv(
+    n: int,
+    dtype: torch.dtype = torch.bfloat16,
+    backward: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-major ``[1, n, HEADS, DIM]`` Q, K and V on the GPU: leaves that
+    take a gradient when ``backward``."""
+    q, k, v = (
+        torch.randn(1, n, HEADS, DIM, device="cuda", dtype=dtype, generator=generator).requires_grad_(
+            backward
+        )
+        for _ in range(3)
+    )
+    return q, k, v
+
+
 AB = patternc.compile(open("examples/ab_upt.pc").read())
 
 
@@ -233,12 +252,7 @@ def measure(args: argparse.Namespace) -> None:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
             for backward in (False, True):
                 gen = torch.Generator(device="cuda").manual_seed(0)
-                q, k, v = (
-                    torch.randn(1, n, HEADS, DIM, device="cuda", dtype=dtype, generator=gen).requires_grad_(
-                        backward
-                    )
-                    for _ in range(3)
-                )
+                q, k, v = random_qkv(n, dtype=dtype, backward=backward, generator=gen)
                 inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
                 flops = 4 * useful * HEADS * DIM * (3.5 if backward else 1.0)
                 rows: dict[str, tuple[Callable[[], object], float]] = {
@@ -479,12 +493,7 @@ def profile_layout(args: argparse.Namespace) -> None:
     plan, sizes = LAYOUTS[name]()
     schedule = schedule_for(plan.token_specs(sizes), plan)
     for backward in (False, True):
-        q, k, v = (
-            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_(
-                backward
-            )
-            for _ in range(3)
-        )
+        q, k, v = random_qkv(schedule.n_tokens, backward=backward)
         inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
         for label, fn in (
             ("ideal", ideal_fn(q, k, v, schedule, backward)),

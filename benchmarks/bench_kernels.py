@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import DIM, HEADS, LAYOUTS, compiled_kernel, cuda_ms, entries
+from bench_gpu import DIM, HEADS, LAYOUTS, compiled_kernel, cuda_ms, entries, random_qkv
 
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.executors.flash4 import enabled as flash4
@@ -172,12 +172,7 @@ def flex_overhead(repeat: int) -> None:
             if dtype == torch.float32 and schedule.n_tokens > 20000:
                 continue  # float32 at 65k tokens: minutes for one table
             for backward in (False, True):
-                q, k, v = (
-                    torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype).requires_grad_(
-                        backward
-                    )
-                    for _ in range(3)
-                )
+                q, k, v = random_qkv(schedule.n_tokens, dtype=dtype, backward=backward)
                 inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
                 padded = [
                     _pad_heads_first(t.detach(), tables.q_len).requires_grad_(backward) for t in (q, k, v)
@@ -274,10 +269,7 @@ def flex_host(repeat: int) -> None:
         schedule = _schedule(name)
         tables = flex_tables(schedule, {}, torch.device("cuda"))
         mask = tables.block_mask()
-        q, k, v = (
-            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
-            for _ in range(3)
-        )
+        q, k, v = random_qkv(schedule.n_tokens)
         inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
         options = flexkernels.kernel_options(q)
         padded = [flex._pad_tokens(t, tables.q_len) for t in (q, k, v)]
@@ -318,10 +310,7 @@ def back_to_back(repeat: int) -> None:
         f"\n{'back to back, self-anchor 10k bf16 fwd+bwd':<44} {'ms':>9} {'TFLOP/s':>8}  b2b ms  host us/step"
     )
     schedule = _schedule("AB-UPT self-anchor 2x(1k+4k)")
-    q, k, v = (
-        torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        for _ in range(3)
-    )
+    q, k, v = random_qkv(schedule.n_tokens, backward=True)
     inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
     rows = {
         "ideal": ideal_fn(q, k, v, schedule, True),  # type: ignore[arg-type]
@@ -457,12 +446,7 @@ def fa4_kernels(repeat: int) -> None:
         mask = _flash_block_mask(tables, ("bench_kernels", name))
         useful = 4 * entries(schedule) * HEADS * DIM
         for backward in (False, True):
-            q, k, v = (
-                torch.randn(
-                    1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16
-                ).requires_grad_(backward)
-                for _ in range(3)
-            )
+            q, k, v = random_qkv(schedule.n_tokens, backward=backward)
             inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
             heads_first = [
                 _pad_heads_first(t.detach(), tables.q_len).requires_grad_(backward) for t in (q, k, v)
@@ -645,12 +629,7 @@ def flex_shape_changes(repeat: int) -> None:
         for backward in (False, True):
             for name in order:
                 schedule = _schedule(name)
-                q, k, v = (
-                    torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=dtype).requires_grad_(
-                        backward
-                    )
-                    for _ in range(3)
-                )
+                q, k, v = random_qkv(schedule.n_tokens, dtype=dtype, backward=backward)
                 inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
                 graphs = counters["stats"]["unique_graphs"]
                 ms = cuda_ms(functools.partial(_call, functools.partial(run_flex, inputs), backward), repeat)
@@ -696,12 +675,7 @@ def key_gather(repeat: int) -> None:
     index = torch.cat([torch.arange(a, b, device="cuda") for a, b in ranges])
     useful = 4 * entries(schedule) * HEADS * DIM  # type: ignore[arg-type]
     for backward in (False, True):
-        q, k, v = (
-            torch.randn(1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_(
-                backward
-            )
-            for _ in range(3)
-        )
+        q, k, v = random_qkv(schedule.n_tokens, backward=backward)
         rows = _gather_rows(q, k, v, index, backward)
         fns = {name: functools.partial(_call, fn, backward) for name, fn in rows.items()}
         inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)  # type: ignore[arg-type]
@@ -732,6 +706,21 @@ def key_gather(repeat: int) -> None:
                 print(table)
 
 
+_PARTS: dict[str, Callable[[int], None]] = {
+    "varlen": varlen_kernels,
+    "overhead": flex_overhead,
+    "backends": flex_backends,
+    "sdpa": sdpa_dispatch,
+    "padded": padded_documents,
+    "shapes": flex_shape_changes,
+    "flexhost": flex_host,
+    "b2b": back_to_back,
+    "fa4": fa4_kernels,
+    "gather": key_gather,
+}
+"""``--parts`` name -> the part, run in this order."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -743,26 +732,9 @@ def main() -> None:
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
     )
-    if "varlen" in args.parts:
-        varlen_kernels(args.repeat)
-    if "overhead" in args.parts:
-        flex_overhead(args.repeat)
-    if "backends" in args.parts:
-        flex_backends(args.repeat)
-    if "sdpa" in args.parts:
-        sdpa_dispatch(args.repeat)
-    if "padded" in args.parts:
-        padded_documents(args.repeat)
-    if "shapes" in args.parts:
-        flex_shape_changes(args.repeat)
-    if "flexhost" in args.parts:
-        flex_host(args.repeat)
-    if "b2b" in args.parts:
-        back_to_back(args.repeat)
-    if "fa4" in args.parts:
-        fa4_kernels(args.repeat)
-    if "gather" in args.parts:
-        key_gather(args.repeat)
+    for part, run in _PARTS.items():
+        if part in args.parts:
+            run(args.repeat)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from bench_gpu import DIM, HEADS, LAYOUTS, executor_fn, ideal_fn
+from bench_gpu import DIM, HEADS, LAYOUTS, executor_fn, ideal_fn, random_qkv
 
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.schedule import schedule_for
@@ -166,12 +166,7 @@ def main() -> None:
         plan, sizes = LAYOUTS[layout_name]()
         schedule = schedule_for(plan.token_specs(sizes), plan)
         for backward in (False, True):
-            q, k, v = (
-                torch.randn(
-                    1, schedule.n_tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16
-                ).requires_grad_(backward)
-                for _ in range(3)
-            )
+            q, k, v = random_qkv(schedule.n_tokens, backward=backward)
             inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
             rows = {"ideal": ideal_fn(q, k, v, schedule, backward)}
             rows.update({name: executor_fn(name, inputs, backward) for name in args.variants})
