@@ -282,15 +282,6 @@ def measure(args: argparse.Namespace) -> None:
                             rows[label] = (graphed(fn) if variant.endswith("+graph") else fn, flops)
                         except Exception as error:
                             print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
-                    if schedule.gathers_keys and "batched" in variants:
-                        # as a layer hands them: Q, K, V views of one fused
-                        # projection, K/V packed (one gather for both)
-                        fused = torch.stack([q, k, v], dim=2).detach().requires_grad_(backward)
-                        fq, kv = fused.split_with_sizes((1, 2), dim=2)
-                        packed = AttentionInputs(
-                            fq.squeeze(2), *kv.unbind(2), schedule, {}, None, 0.0, None, kv=kv
-                        )
-                        rows["batched kv packed"] = (executor_fn("batched", packed, backward), flops)
                     if args.control and "auto" in variants:
                         # auto's pick once more as its own row: how far two rows
                         # running the same code read apart in this run (target 2
