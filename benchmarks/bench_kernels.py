@@ -694,11 +694,6 @@ def key_gather(repeat: int) -> None:
         fns = {name: functools.partial(_call, fn, backward) for name, fn in rows.items()}
         inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)  # type: ignore[arg-type]
         fns["batched executor"] = executor_fn("batched", inputs, backward)
-        # as a layer hands them: Q, K and V from one fused projection, K/V packed
-        fused = torch.stack([q, k, v], dim=2).detach().requires_grad_(backward)
-        fq, kv = fused.split_with_sizes((1, 2), dim=2)
-        packed = AttentionInputs(fq.squeeze(2), *kv.unbind(2), schedule, {}, None, 0.0, None, kv=kv)  # type: ignore[arg-type]
-        fns["batched executor, K/V packed"] = executor_fn("batched", packed, backward)
         single = interleaved_ms(fns, repeat)
         b2b = interleaved_ms(fns, repeat, calls=8)
         hosts = _host_us(fns)

@@ -204,13 +204,6 @@ class Layout:
     its keys are, in order, adjacent ranges merged; else None."""
 
     @property
-    def gathers_keys(self) -> bool:
-        """The layout's one call reads its keys from several token ranges, so
-        ``batched`` gathers them (one launch for K and V together when the
-        caller passes them packed, :attr:`AttentionInputs.kv`)."""
-        return self.whole_call_keys is not None and len(self.whole_call_keys) > 1
-
-    @property
     def score_entries(self) -> int:
         return sum(c.score_entries for c in self.calls)
 

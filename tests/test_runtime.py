@@ -170,65 +170,6 @@ def test_gradients_match_reference(impl: str, pattern: str, padded: bool) -> Non
         assert relative_error(got, want) < 1e-5
 
 
-@pytest.mark.parametrize(
-    ("impl", "pattern", "options", "padded", "packed"),
-    [
-        ("batched", "joint", {}, False, True),
-        ("auto", "joint", {}, False, True),
-        ("batched", "self_anchor", {}, False, False),  # keys read as pieces: nothing to gather
-        ("loop", "joint", {}, False, False),  # an executor that does not read the packed tensor
-        ("batched", "joint", {"use_rope": True}, False, False),  # RoPE makes new K
-        ("batched", "joint", {"qk_norm": True}, False, False),
-        ("batched", "joint", {}, True, False),  # padding zeroes K and V into new tensors
-    ],
-)
-@pytest.mark.parametrize(("anchors", "queries"), [(7, 5), (33, 70)])
-def test_layer_hands_packed_kv_only_where_it_is_read(
-    impl: str,
-    pattern: str,
-    options: dict[str, object],
-    padded: bool,
-    packed: bool,
-    anchors: int,
-    queries: int,
-) -> None:
-    """The layer packs K and V (``AttentionInputs.kv``) only for an executor
-    that gathers keys and reads the pack, and only while K and V are the
-    projection's own views; the packed tensor holds exactly ``k`` and ``v``,
-    the output and every gradient match the float64 reference, and the
-    backward graph takes no whole-size slice of the projection."""
-    module = make(impl, **options)
-    specs = ab_specs(anchors, queries)
-    n = 2 * (anchors + queries)
-    seen: list[AttentionInputs] = []
-    executor = module.executor
-    module.executor = lambda inputs: (seen.append(inputs), executor(inputs))[1]
-    x = torch.randn(2, n, 16, requires_grad=True)
-    mask = torch.rand(2, n) > 0.3 if padded else None
-    freqs = rope_frequencies(torch.arange(n), 8) if options.get("use_rope") else None
-    patterns = AB.patterns[pattern].attention_patterns
-    out, _ = module(x, specs, patterns, key_padding_mask=mask, freqs=freqs)
-    (inputs,) = seen
-    assert (inputs.kv is not None) == packed
-    if inputs.kv is not None:
-        assert torch.equal(inputs.kv[:, :, 0], inputs.k) and torch.equal(inputs.kv[:, :, 1], inputs.v)
-        assert "SliceBackward0" not in _backward_node_names(out)
-    weight = torch.randn(out.shape)
-    (out * weight).sum().backward()
-    grads = [x.grad] + [p.grad for p in module.parameters()]
-    module.zero_grad()
-    x_ref = x.detach().double().requires_grad_()
-    ref = reference_attention(module, x_ref, specs, patterns, key_padding_mask=mask, freqs=freqs)
-    assert relative_error(out, ref) < 1e-5
-    (ref * weight.double()).sum().backward()
-    for got, want in zip(grads, [x_ref.grad] + [p.grad for p in module.parameters()]):
-        assert got is not None and want is not None
-        if want.abs().max() < 1e-12:  # k_norm's bias shifts a query's scores evenly: no gradient
-            assert got.abs().max() < 1e-5
-        else:
-            assert relative_error(got, want) < 1e-5
-
-
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_gradcheck_float64(impl: str) -> None:
     module = make(impl, dim=8, heads=2).double()
@@ -567,30 +508,14 @@ def _assert_batched_matches_dense(schedule: Layout, batch: int) -> None:
     ref.backward(grad)
     for mine, theirs in zip((q, k, v), copies):
         assert relative_error(mine.grad, theirs.grad) < 1e-12
-    # K and V handed over packed (AttentionInputs.kv), gradients through the packed leaf
-    fused = packed.clone().requires_grad_()
-    q_part, kv = fused.split_with_sizes((1, 2), dim=2)
-    from_packed = EXECUTORS["batched"](
-        AttentionInputs(q_part.squeeze(2), *kv.unbind(2), schedule, {}, None, 0.0, None, kv=kv)
-    )
-    assert relative_error(from_packed, ref) < 1e-12
-    from_packed.backward(grad)
-    assert fused.grad is not None
-    for part, theirs in zip(fused.grad.unbind(2), copies):
-        assert relative_error(part, theirs.grad) < 1e-12
 
 
 def _batched_ops(
-    schedule: Layout, requires_grad: bool = False, packed: bool = False
+    schedule: Layout, requires_grad: bool = False
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The ATen ops of one warm ``batched`` call (batch 2), its output and Q;
-    ``packed``: K and V handed over as one tensor too (``AttentionInputs.kv``)."""
-    q, kv = torch.randn(2, schedule.n_tokens, 3, 2, 4, requires_grad=requires_grad).split_with_sizes(
-        (1, 2), 2
-    )
-    q = q.squeeze(2)
-    k, v = kv.unbind(2)
-    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None, kv=kv if packed else None)
+    """The ATen ops of one warm ``batched`` call (batch 2), its output and Q."""
+    q, k, v = (torch.randn(2, schedule.n_tokens, 2, 4, requires_grad=requires_grad) for _ in range(3))
+    inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
     EXECUTORS["batched"](inputs)  # the layout's caches fill on the first call
     with _CountOps() as counter:
         out = EXECUTORS["batched"](inputs)
@@ -682,21 +607,14 @@ def test_whole_call_layouts_match_reference(
 
 
 def test_whole_call_gathers_keys_in_one_index_select() -> None:
-    """Joint anchors: one ``index_select`` per key tensor, or one for both
-    when K and V come packed (then two selects of the gathered block), one
-    SDPA, the rest transposes; keys in one range are a view (a narrow)."""
-    joint = schedule_for(ab_specs(8, 24), AB.patterns["joint"])
-    assert joint.gathers_keys
-    for packed, expected in (
-        (False, ["aten.index_select", "aten.index_select"]),
-        (True, ["aten.index_select", "aten.unbind"]),
-    ):
-        ops, out, q = _batched_ops(joint, packed=packed)
-        names = [op.rsplit(".", 1)[0] for op in ops]
-        assert sum("scaled_dot_product" in name for name in names) == 1
-        others = [name for name in names if "scaled_dot_product" not in name and name != "aten.transpose"]
-        assert sorted(others) == expected, names
-        assert out.shape == q.shape
+    """Joint anchors: one ``index_select`` per key tensor, one SDPA, the rest
+    transposes; keys in one range are a view (a narrow)."""
+    ops, out, q = _batched_ops(schedule_for(ab_specs(8, 24), AB.patterns["joint"]))
+    names = [op.rsplit(".", 1)[0] for op in ops]
+    assert sum("scaled_dot_product" in name for name in names) == 1
+    others = sorted(name for name in names if "scaled_dot_product" not in name and name != "aten.transpose")
+    assert others == ["aten.index_select", "aten.index_select"], names
+    assert out.shape == q.shape
     program = patternc.compile("groups a b\n* -> b")
     ops, out, q = _batched_ops(
         schedule_for(program.patterns["default"].token_specs({"a": 6, "b": 7}), program.patterns["default"])

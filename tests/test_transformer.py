@@ -264,52 +264,6 @@ def test_layer_schedule_over_ab_upt_patterns_untied() -> None:
         Transformer(c, program, ["self_anchor"] * 4 + ["nope"])
 
 
-@pytest.mark.parametrize(
-    ("pos_emb_type", "kv_heads", "packed"), [("none", 4, True), ("rope", 4, False), ("none", 2, False)]
-)
-def test_joint_layers_hand_their_kv_projection_packed(pos_emb_type: str, kv_heads: int, packed: bool) -> None:
-    """A joint layer's K/V projection reaches ``batched`` as one packed tensor
-    (one key gather for both) unless RoPE or GQA made new K/V; output and
-    gradients equal the same model's with the pack withheld (float64)."""
-    import dataclasses
-
-    torch.manual_seed(6)
-    program = patternc.compile(ROOT / "examples" / "ab_upt.pc")
-    c = config(vocab_size=None, num_layers=2, untied=True, pos_emb_type=pos_emb_type, num_kv_heads=kv_heads)
-    model = Transformer(c, program, ["joint", "joint"]).double()
-    sizes = {"surface_anchors": 5, "surface_queries": 9, "volume_anchors": 3, "volume_queries": 17}
-    x = torch.randn(2, 34, 32, dtype=torch.float64)
-    runs: dict[bool, tuple[Tensor, list[Tensor]]] = {}
-    for withhold in (False, True):
-        seen: list[AttentionInputs] = []
-        for layer in model.layers:
-            executor = layer.__dict__.setdefault("_plain_executor", layer.executor)
-
-            def spy(
-                inputs: AttentionInputs,
-                executor: object = executor,
-                seen: list[AttentionInputs] = seen,
-                withhold: bool = withhold,
-            ) -> Tensor:
-                seen.append(inputs)
-                return executor(dataclasses.replace(inputs, kv=None) if withhold else inputs)  # type: ignore[operator]
-
-            layer.executor = spy
-        leaf = x.clone().requires_grad_()
-        out = model(leaf, sizes)
-        assert len(seen) == 2 and all((inputs.kv is not None) == packed for inputs in seen)
-        out.pow(2).sum().backward()
-        runs[withhold] = (
-            out.detach(),
-            [leaf.grad] + [p.grad.clone() for p in model.parameters() if p.grad is not None],
-        )
-        model.zero_grad()
-    (out, grads), (plain_out, plain_grads) = runs[False], runs[True]
-    assert relative_error(out, plain_out) < 1e-12 and len(grads) == len(plain_grads)
-    for got, want in zip(grads, plain_grads):
-        assert relative_error(got, want) < 1e-12
-
-
 def test_vision_transformer_pools() -> None:
     stack = config(vocab_size=None, num_layers=1)
     for pool in ("cls", "mean"):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from patternc.layout import Layout
 from patternc.nn.context import ACTIVE
-from patternc.nn.executors import PACKED_KV_READERS, AttentionInputs, get_executor
+from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
@@ -301,12 +301,7 @@ class MixedAttention(DotProductAttention):
         except RuntimeError:
             _explain_weights(x, self)  # torch's message, e.g. "mat1 and mat2 must have the same dtype"
             raise
-        kv = None
-        if self._packs_kv(layout, key_padding_mask, freqs):
-            q, kv = self._split_packed(projected)
-            k, v = kv.unbind(2)
-        else:
-            q, k, v = self.split_heads(projected, freqs)
+        q, k, v = self.split_heads(projected, freqs)
         recorder = ACTIVE.cache
         recording = recorder is not None and recorder.recording
         if recorder is not None:
@@ -316,9 +311,7 @@ class MixedAttention(DotProductAttention):
                 kv_cache = recorder.load(self)
         cache = _read_cache(kv_cache, layout, q)
         k_in, v_in = zero_padding(k, v, key_padding_mask)
-        inputs = AttentionInputs(
-            q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None, kv=kv
-        )
+        inputs = AttentionInputs(q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None)
         sharding = ACTIVE.sharding
         new_cache = None
         if sharding is None:
@@ -340,26 +333,6 @@ class MixedAttention(DotProductAttention):
             recorder.store(self, new_cache)
         out = self._project_back(merge_heads(out), layout, attention_patterns)
         return apply_dropout(out, self.dropout, self.training), new_cache
-
-    def _packs_kv(self, layout: Layout, key_padding_mask: Tensor | None, freqs: Tensor | None) -> bool:
-        """Whether to hand the executor K and V packed (:attr:`AttentionInputs.kv`):
-        when it gathers the keys, and K and V leave the projection untouched
-        (no qk_norm, RoPE or padding makes new tensors of them)."""
-        return (
-            layout.gathers_keys
-            and self.config.implementation in PACKED_KV_READERS
-            and key_padding_mask is None
-            and freqs is None
-            and not (self.qk_norm or self.use_rope)
-        )
-
-    def _split_packed(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused ``[B, N, 3 * H * D]`` -> Q ``[B, N, H, D]`` and packed K/V
-        ``[B, N, 2, H, D]``, by one split (its backward is one concatenation,
-        as ``split_heads``' unbind is one stack)."""
-        batch, n, _ = qkv.shape
-        q, kv = qkv.view(batch, n, 3, self.num_heads, self.head_dim).split_with_sizes((1, 2), dim=2)
-        return q.squeeze(2), kv
 
     def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
         """The fused QKV projection (untied subclasses pick weights per token type)."""

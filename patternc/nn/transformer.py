@@ -172,27 +172,22 @@ class TransformerLayer(nn.Module):
             executor = functools.partial(run_flex, block_size=config.attention_block_size)
         self.executor = executor
 
-    def qkv(self, x: Tensor, step: _Step) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, N, H_kv, D]`` (RoPE
-        applied), and K/V packed ``[B, N, 2, H_kv, D]`` while K and V are still
-        the projection's views (no RoPE), else None."""
+    def qkv(self, x: Tensor, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
+        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, N, H_kv, D]`` (RoPE applied)."""
         b, n, _ = x.shape
         c = self.config
         q = self.q_proj(x, step.runs).view(b, n, c.num_heads, c.head_dim)
-        kv = self.kv_proj(x, step.runs).view(b, n, 2, c.kv_heads, c.head_dim)
-        k, v = kv.unbind(2)
+        k, v = self.kv_proj(x, step.runs).view(b, n, 2, c.kv_heads, c.head_dim).unbind(2)
         if step.freqs is not None:
-            return apply_rope(q, step.freqs), apply_rope(k, step.freqs), v, None
-        return q, k, v, kv
+            q, k = apply_rope(q, step.freqs), apply_rope(k, step.freqs)
+        return q, k, v
 
     def attend(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        q, k, v, kv = self.qkv(x, step)
+        q, k, v = self.qkv(x, step)
         repeat = self.config.num_heads // self.config.kv_heads
         k_all, v_all = (
             (k, v) if repeat == 1 else (k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2))
         )
-        if repeat != 1 or step.key_padding_mask is not None:
-            kv = None  # K and V are new tensors now
         dropout = self.config.dropout_rate if self.training else 0.0
         layout = step.layouts[self.pattern]
         k_all, v_all = zero_padding(k_all, v_all, step.key_padding_mask)
@@ -204,7 +199,7 @@ class TransformerLayer(nn.Module):
             else:  # chunked inference: the context groups' keys/values, recorded once
                 cache = {g: (e["k"], e["v"]) for g, e in recorder.load(self).items()}
         inputs = AttentionInputs(
-            q, k_all, v_all, layout, cache, step.key_padding_mask, dropout, None, step.alibi, kv
+            q, k_all, v_all, layout, cache, step.key_padding_mask, dropout, None, step.alibi
         )
         out = self.out_proj(merge_heads(execute(self.executor, inputs)), step.runs)
         if recorder is not None and recorder.recording:
@@ -451,7 +446,7 @@ class Transformer(nn.Module):
             def cached_attention(
                 x: Tensor, i: int = i, layer: TransformerLayer = layer
             ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                q, k, v, _ = layer.qkv(x, _Step({}, runs, freqs, None, None))
+                q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None))
                 cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
                 keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
                 if repeat > 1:

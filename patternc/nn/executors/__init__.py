@@ -12,7 +12,7 @@ from patternc.nn.executors.linear import run_linear
 from patternc.nn.executors.loop import run_loop
 from patternc.nn.executors.varlen import run_varlen
 
-__all__ = ["EXECUTORS", "PACKED_KV_READERS", "AttentionInputs", "Executor", "get_executor"]
+__all__ = ["EXECUTORS", "AttentionInputs", "Executor", "get_executor"]
 
 EXECUTORS: dict[str, Executor] = {
     "batched": run_batched,
@@ -23,12 +23,6 @@ EXECUTORS: dict[str, Executor] = {
     "varlen": run_varlen,
     "auto": run_auto,
 }
-
-PACKED_KV_READERS = frozenset({"batched", "auto"})
-"""The implementations that read :attr:`AttentionInputs.kv` (``batched``'s
-key gather, and ``auto`` when it picks ``batched``). A layer whose fused
-projection would need a second split to pack K and V does so for these
-only: for the others the split costs a copy in the backward and buys nothing."""
 
 
 def get_executor(name: str) -> Executor:

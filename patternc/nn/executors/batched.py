@@ -111,19 +111,16 @@ def _key_index(ranges: tuple[tuple[int, int], ...], device: torch.device) -> Ten
 
 def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]) -> Tensor:
     """The layout's one call, reading every query: its keys are a view when
-    they are one token range, else gathered by ``index_select`` (half the
+    they are one token range, else one ``index_select`` per tensor (half the
     host time of a split and a concatenation: 13 against 26 us for K and V
     on the development CPU; its backward is one ``index_add`` into a zeroed
-    gradient, as the split's is one concatenation with zeros), once for K and
-    V together when they come packed (:attr:`AttentionInputs.kv`), else once
-    per tensor; then one SDPA on head-major views."""
+    gradient, as the split's is one concatenation with zeros), then one SDPA
+    on head-major views."""
     q, k, v = inputs.q, inputs.k, inputs.v
     if len(ranges) == 1:
         ((start, stop),) = ranges
         if (start, stop) != (0, k.shape[1]):
             k, v = k.narrow(1, start, stop - start), v.narrow(1, start, stop - start)
-    elif inputs.kv is not None:
-        k, v = inputs.kv.index_select(1, _key_index(ranges, k.device)).unbind(2)
     else:
         index = _key_index(ranges, k.device)
         k, v = k.index_select(1, index), v.index_select(1, index)

@@ -57,11 +57,6 @@ class AttentionInputs:
     alibi_slopes: Tensor | None = None
     """``[H]``: ALiBi adds ``-slope * |i - j|`` to each score, ``i``/``j`` the
     query's and key's positions within their groups (an additive bias)."""
-    kv: Tensor | None = None
-    """``[B, N, 2, H, D]`` whose ``[:, :, 0]`` is ``k`` and ``[:, :, 1]`` is
-    ``v`` (the same tensors, not copies), when the caller made K and V as one
-    projection: an executor that gathers keys then moves both in one launch
-    each way (forward and backward). None: ``k`` and ``v`` stand apart."""
 
     @property
     def cached_keys(self) -> dict[str, Tensor]:
