@@ -720,6 +720,50 @@ def key_gather(repeat: int) -> None:
                 print(table)
 
 
+def gather_ways(repeat: int) -> None:
+    """Ways to gather joint 10k's anchor keys (two token ranges of a
+    token-major ``[1, N, H, D]`` tensor), K and V each, forward only: host
+    time per call (back to back, rows interleaved) and GPU time (median of
+    ``repeat`` samples of 8 calls back to back), beside one SDPA on ready
+    keys for scale."""
+    import torch.nn.functional as F
+    from bench_gpu import interleaved_ms
+
+    schedule = _schedule("AB-UPT joint 2x(1k+4k)")
+    ranges = schedule.whole_call_keys  # type: ignore[attr-defined]
+    n = schedule.n_tokens  # type: ignore[attr-defined]
+    q, k, v = random_qkv(n)
+    index = torch.cat([torch.arange(a, b, device="cuda") for a, b in ranges])
+    ready = [t.index_select(1, index).transpose(1, 2) for t in (k, v)]
+
+    def narrows(t: Tensor) -> list[Tensor]:
+        return [t.narrow(1, a, b - a) for a, b in ranges]
+
+    rows: dict[str, Callable[[], object]] = {
+        "index_select x2": lambda: (k.index_select(1, index), v.index_select(1, index)),
+        "aten.index_select x2": lambda: (
+            torch.ops.aten.index_select(k, 1, index),
+            torch.ops.aten.index_select(v, 1, index),
+        ),
+        "cat of narrows x2": lambda: (torch.cat(narrows(k), 1), torch.cat(narrows(v), 1)),
+        "advanced index x2": lambda: (k[:, index], v[:, index]),
+        "index_select on [N, H*D] x2": lambda: (
+            k.view(n, HEADS * DIM).index_select(0, index),
+            v.view(n, HEADS * DIM).index_select(0, index),
+        ),
+        "SDPA alone (ready keys)": lambda: F.scaled_dot_product_attention(q.transpose(1, 2), *ready),
+    }
+    hosts = _host_us(rows)
+    gpu = interleaved_ms(rows, repeat, calls=8)
+    print(
+        f"\n{'joint 10k: gathering K and V, bf16':<44} {'host us/call':>12} {'b2b us/call':>12}  keys {ranges}"
+    )
+    for name in rows:
+        ms = gpu[name]
+        assert isinstance(ms, float), ms
+        print(f"{name:<44} {hosts[name]:>12.1f} {ms * 1e3:>12.1f}")
+
+
 _PARTS: dict[str, Callable[[int], None]] = {
     "varlen": varlen_kernels,
     "overhead": flex_overhead,
@@ -731,6 +775,7 @@ _PARTS: dict[str, Callable[[int], None]] = {
     "b2b": back_to_back,
     "fa4": fa4_kernels,
     "gather": key_gather,
+    "gather_ways": gather_ways,
 }
 """``--parts`` name -> the part, run in this order."""
 

@@ -25,7 +25,8 @@
 #              against FlashAttention 2, flex's FLASH backend against
 #              Triton, FA4 under CUDA graph capture               ~2 min
 #   diagnose   the two 10k gaps left in target 1: joint's key gather
-#              (ready keys, index_select, executor, with kernel tables)
+#              (ready keys, index_select, executor, with kernel tables;
+#              the ways to gather, host and GPU time)
 #              and 16 documents under batched (timeline and profile
 #              against ideal)                                      ~3 min
 #   step       a whole AB-UPT training step, eager and compiled     ~4 min
@@ -94,7 +95,7 @@ sdpa() {
   python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"
 }
 diagnose() {
-  python3 benchmarks/bench_kernels.py --parts gather 2>&1 | grep -v "^W1" | tee "$OUT/kernels_gather.txt"
+  python3 benchmarks/bench_kernels.py --parts gather gather_ways 2>&1 | grep -v "^W1" | tee "$OUT/kernels_gather.txt"
   python3 benchmarks/bench_timeline.py --layouts "joint 2x(1k" "16 documents" --variants batched varlen 2>&1 \
     | grep -v "^W1" | tee "$OUT/timeline_joint_documents.txt"
   python3 benchmarks/bench_gpu.py --profile "16 documents" 2>&1 | grep -v "^W1" > "$OUT/profile_16_documents.txt"
