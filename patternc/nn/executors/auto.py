@@ -152,10 +152,7 @@ will be differentiated."""
 def _conditions(inputs: AttentionInputs) -> Conditions:
     q = inputs.q
     plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    training = torch.is_grad_enabled() and (
-        q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
-    )
-    return tuple(q.shape), q.dtype, q.device, plain, training
+    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:

@@ -59,6 +59,14 @@ class AttentionInputs:
     query's and key's positions within their groups (an additive bias)."""
 
     @property
+    def differentiated(self) -> bool:
+        """Whether this call will be differentiated: autograd is on and Q, K
+        or V takes a gradient (kernel choices differ for training)."""
+        return torch.is_grad_enabled() and (
+            self.q.requires_grad or self.k.requires_grad or self.v.requires_grad
+        )
+
+    @property
     def cached_keys(self) -> dict[str, Tensor]:
         return {name: kv[0] for name, kv in self.cache.items()}
 

@@ -42,14 +42,14 @@ torch's default 255 and 269). The ``fwd_`` prefix (torch >= 2.6) keeps
 these options out of the backward kernels: unprefixed, the warps and
 stages reached them too and made forward+backward 2.5-4x slower."""
 
-_HOPPER_BACKWARD_OPTIONS: KernelOptions = {
-    "bwd_BLOCK_M1": 64,
-    "bwd_BLOCK_N1": 64,
-    "bwd_BLOCK_M2": 64,
-    "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 4,
-    "bwd_num_stages": 3,
-}
+
+def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
+    """FlexAttention's ``bwd_``-prefixed ``kernel_options`` for these tiles."""
+    tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "num_warps": warps}
+    return {f"bwd_{key}": value for key, value in {**tiles, "num_stages": stages}.items()}
+
+
+_HOPPER_BACKWARD_OPTIONS = backward_tiles(64, 64, 64, 64, 4, 3)
 """Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
 from ``bench_gpu.py``'s sweep on an H200 (kernel alone, rows interleaved),
 forward+backward against torch's default backward tiles (with the forward
@@ -60,12 +60,6 @@ matter both ways: 64/128/128/64 with 4 warps ran at a third of the speed,
 so these stay on the GPU and head sizes they were measured on."""
 
 _HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
-
-
-def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
-    """FlexAttention's ``bwd_``-prefixed ``kernel_options`` for these tiles."""
-    tiles = {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2, "num_warps": warps}
-    return {f"bwd_{key}": value for key, value in {**tiles, "num_stages": stages}.items()}
 
 
 _HOPPER_FLOAT32_TILES: dict[str, KernelOptions] = {
@@ -165,11 +159,8 @@ def flash_backend(inputs: AttentionInputs) -> bool:
     if not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
         return False
     batch, _, heads, dim = q.shape
-    training = torch.is_grad_enabled() and (
-        q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad
-    )
     flops = 4 * batch * heads * dim * inputs.layout.allowed_entries
-    return flops >= _FLASH_MIN_FLOPS[training]
+    return flops >= _FLASH_MIN_FLOPS[inputs.differentiated]
 
 
 def kernel_options(q: Tensor) -> KernelOptions | None:
