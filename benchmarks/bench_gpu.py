@@ -9,6 +9,8 @@ the timing), then ``batched``, ``batched+graph`` (the same executor captured in 
 graph and replayed: what is left once host time is gone), ``varlen``,
 ``flex``, ``auto`` (and ``dense``
 with its mask where it fits) on ready Q/K/V (projections excluded everywhere);
+where some tokens are never keys (AB-UPT), ``batched:keys``, ``batched:keys+graph``
+and ``auto:keys`` get K/V of the key tokens only, as the layers hand them over;
 with ``--control``, ``auto``'s pick a second time as its own row (``<pick>
 again``): the spread between two rows of the same code in this run, against
 which ``auto``'s own gap to its pick is read.
@@ -46,7 +48,7 @@ import patternc
 from patternc.layout import Layout as Schedule
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.auto import choose
-from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import backward_tiles
 from patternc.nn.schedule import schedule_for
 
@@ -265,6 +267,16 @@ def measure(args: argparse.Namespace) -> None:
                 variants = ["batched", "batched+graph", "varlen", "flex", "auto", "auto+graph"] + (
                     ["dense"] if n <= args.dense_limit else []
                 )
+                # keys in their own space: K/V of the key tokens only, as the
+                # layers now hand them over (made here, untimed)
+                compact = None
+                if not schedule.key_space.identity:
+                    variants += ["batched:keys", "batched:keys+graph", "auto:keys"]
+                    ck, cv = (
+                        compact_keys(t.detach(), schedule.key_space).contiguous().requires_grad_(backward)
+                        for t in (k, v)
+                    )
+                    compact = AttentionInputs(q, ck, cv, schedule, {}, None, 0.0, None, keys_compact=True)
                 variants = [v for v in variants if args.variants is None or v in args.variants]
                 pass_label = f"{layout_name:<30} {dtype_name:<5} {'fwd+bwd' if backward else 'fwd':<8}"
                 with warnings.catch_warnings():
@@ -272,13 +284,16 @@ def measure(args: argparse.Namespace) -> None:
                     for variant in variants:
                         if variant == "varlen" and dtype == torch.float32:
                             continue  # the kernel has no float32: it would run as batched
+                        given = compact if ":keys" in variant else inputs
+                        assert given is not None
                         label = (
                             variant
                             if not variant.startswith("auto")
-                            else variant.replace("auto", f"auto:{choose(inputs)}")
+                            else variant.replace("auto", f"auto:{choose(given)}")
                         )
                         try:
-                            fn = executor_fn(variant.removesuffix("+graph"), inputs, backward)
+                            name = variant.removesuffix("+graph").removesuffix(":keys")
+                            fn = executor_fn(name, given, backward)
                             rows[label] = (graphed(fn) if variant.endswith("+graph") else fn, flops)
                         except Exception as error:
                             print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
@@ -319,7 +334,7 @@ def measure(args: argparse.Namespace) -> None:
                         f"{(ms + proj) / (ideal + proj):>6.2f} {b2b:>9.3f} {b2b / ideal_b2b:>9.2f}",
                         flush=True,
                     )
-                del q, k, v, inputs
+                del q, k, v, inputs, compact
                 torch.cuda.empty_cache()
 
 

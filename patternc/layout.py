@@ -28,6 +28,7 @@ __all__ = [
     "Access",
     "Call",
     "GroupSlot",
+    "KeySpace",
     "Layout",
     "PeriodicLaunch",
     "Segment",
@@ -146,6 +147,56 @@ class PeriodicLaunch:
     is_causal: bool
 
 
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The input tokens some call reads as keys, laid end to end in input
+    order: the key/value groups' tokens. A layer may project K and V for
+    these tokens only (``[B, size, H, D]``) and hand them over so
+    (``AttentionInputs.keys_compact``): AB-UPT's queries are never keys,
+    so half the K/V projection and joint anchors' K/V gather go away.
+
+    Every input key segment lies inside the key space, so it maps to one
+    range there; the records below are the layout's key-side records
+    translated once, so an executor reads them without host work."""
+
+    ranges: tuple[tuple[int, int], ...]
+    """Input token ranges ``(start, stop)`` that are keys, adjacent ones merged."""
+    n_tokens: int
+    """Input tokens (the token space's length)."""
+    split_sizes: tuple[int, ...]
+    """Sizes cutting the token space into alternating runs of non-keys and
+    keys (first and last may be keys), covering every token."""
+    kept: tuple[int, ...]
+    """Indices of ``split_sizes`` that are keys."""
+    piece_sizes: tuple[int, ...]
+    """The layout's ``key_pieces`` sizes in key space: a piece of non-keys
+    has size 0, so piece indices and ranges are those of the token space."""
+    periodic: tuple[tuple[int, int] | None, ...]
+    """Per launch with a :class:`PeriodicLaunch`: ``(key period, key start
+    in the period)`` when its keys repeat with a period in key space too,
+    else None (the launch then stacks its keys like any other)."""
+    whole_call_keys: tuple[tuple[int, int], ...] | None
+    """The layout's ``whole_call_keys`` in key space."""
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    @property
+    def identity(self) -> bool:
+        """Every input token is a key: key space and token space coincide."""
+        return self.size == self.n_tokens
+
+    def position(self, token: int) -> int:
+        """Where input token ``token`` (a key, or the stop of a key range) sits in key space."""
+        before = 0
+        for start, stop in self.ranges:
+            if start <= token <= stop:
+                return before + token - start
+            before += stop - start
+        raise ValueError(f"token {token} is not a key of this layout")
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Layout:
     """A plan laid out for concrete sizes: everything an executor needs, as integers.
@@ -202,6 +253,8 @@ class Layout:
     reading input keys only, with no modifier but a plain ``[causal]`` (joint
     anchors, dense, one causal sequence): the token ranges ``(start, stop)``
     its keys are, in order, adjacent ranges merged; else None."""
+    key_space: KeySpace
+    """The tokens read as keys, and the key-side records in their space."""
 
     @property
     def score_entries(self) -> int:
@@ -402,6 +455,71 @@ def _tiled_output(calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_
     )
 
 
+def _merged(ranges: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return tuple(out)
+
+
+def _key_space(
+    key_groups: Sequence[GroupSlot],
+    n_tokens: int,
+    key_pieces: tuple[tuple[int, ...], PieceRanges],
+    calls: Sequence[Call],
+    launches: Sequence[tuple[int, ...]],
+    periodic_launches: Sequence[PeriodicLaunch | None],
+    whole_call_keys: tuple[tuple[int, int], ...] | None,
+) -> KeySpace:
+    ranges = _merged([(s.offset, s.offset + (s.size or 0)) for s in key_groups])
+    split_sizes: list[int] = []
+    kept: list[int] = []
+    at = 0
+    for start, stop in ranges:
+        if start > at:
+            split_sizes.append(start - at)
+        kept.append(len(split_sizes))
+        split_sizes.append(stop - start)
+        at = stop
+    if at < n_tokens:
+        split_sizes.append(n_tokens - at)
+    inside = set()
+    bounds = list(itertools.accumulate(key_pieces[0], initial=0))
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if any(start <= a and b <= stop for start, stop in ranges):
+            inside.add(i)
+    piece_sizes = tuple(n if i in inside else 0 for i, n in enumerate(key_pieces[0]))
+    space = KeySpace(ranges, n_tokens, tuple(split_sizes), tuple(kept), piece_sizes, (), None)
+
+    def periodic(launch: tuple[int, ...], periodic: PeriodicLaunch | None) -> tuple[int, int] | None:
+        if periodic is None or space.size % periodic.count:
+            return None
+        period = space.size // periodic.count
+        first = space.position(calls[launch[0]].keys[0].start)
+        if first + periodic.k_length > period:
+            return None
+        for i, index in enumerate(launch):
+            if space.position(calls[index].keys[0].start) != first + i * period:
+                return None
+        return period, first
+
+    whole = None
+    if whole_call_keys is not None:
+        whole = _merged([(space.position(a), space.position(a) + b - a) for a, b in whole_call_keys])
+    return KeySpace(
+        ranges,
+        n_tokens,
+        tuple(split_sizes),
+        tuple(kept),
+        piece_sizes,
+        tuple(periodic(launch, p) for launch, p in zip(launches, periodic_launches)),
+        whole,
+    )
+
+
 def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -463,6 +581,9 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
     launches = tuple(tuple(v) for v in by_shape.values())
     query_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset)
     key_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset)
+    periodic_launches = _periodic_launches(calls, launches, offset)
+    whole_call_keys = _whole_call_keys(calls, offset)
+    key_slots = [slots[g] for g in key_value_groups]
     return Layout(
         plan_name=plan.name,
         slots=tuple(slots.values()),
@@ -485,6 +606,9 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         sizes=tuple((g, sizes[g]) for g in plan.groups),
         direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
         tiled_output=_tiled_output(calls, launches, offset),
-        periodic_launches=_periodic_launches(calls, launches, offset),
-        whole_call_keys=_whole_call_keys(calls, offset),
+        periodic_launches=periodic_launches,
+        whole_call_keys=whole_call_keys,
+        key_space=_key_space(
+            key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
+        ),
     )

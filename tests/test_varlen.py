@@ -136,7 +136,7 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
     priced = []
 
     def candidates(*args: object) -> tuple[auto.Estimate, ...]:
-        training = args[-1][-1]  # (layout, conditions): training is the conditions' last
+        training = args[-1][4]  # (layout, conditions): training is the conditions' fifth
         priced.append(training)
         return (auto.Estimate("flex" if training else "batched", 0.0),)
 

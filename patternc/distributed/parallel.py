@@ -177,6 +177,7 @@ class ContextParallel:
         return runner
 
     def attend(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
+        inputs = inputs.in_token_space()  # the runner reads K/V at input positions
         padded = inputs.key_padding_mask is not None
         alibi = inputs.alibi_slopes is not None
         runner = self._runner(inputs.layout, padded, alibi, inputs.q.device)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from patternc.layout import Layout
 from patternc.nn.context import ACTIVE
 from patternc.nn.executors import AttentionInputs, get_executor
-from patternc.nn.executors.common import zero_padding
+from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
 from patternc.plan import Plan, Sizes
@@ -101,16 +101,30 @@ class DotProductAttention(nn.Module):
         of one fused projection), with qk_norm and RoPE applied."""
         return self.split_heads(self.qkv(x), freqs)
 
-    def split_heads(self, qkv: Tensor, freqs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Fused ``[B, N, 3 * H * D]`` -> Q, K, V ``[B, N, H, D]``, normed and rotated."""
+    def split_heads(
+        self,
+        qkv: Tensor,
+        freqs: Tensor | None = None,
+        kv: Tensor | None = None,
+        key_freqs: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused ``[B, N, 3 * H * D]`` -> Q, K, V ``[B, N, H, D]``, normed and
+        rotated. With ``kv`` (``[B, Nk, 2 * H * D]``, keys projected apart),
+        ``qkv`` is Q alone and K/V are ``[B, Nk, H, D]``, rotated by ``key_freqs``."""
         batch, n, _ = qkv.shape
-        q, k, v = qkv.view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        if kv is None:
+            q, k, v = qkv.view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
+            key_freqs = freqs
+        else:
+            q = qkv.view(batch, n, self.num_heads, self.head_dim)
+            k, v = kv.view(batch, kv.shape[1], 2, self.num_heads, self.head_dim).unbind(dim=2)
         if self.qk_norm:  # else Identity: no module calls on the hot path
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             if freqs is None:
                 raise ValueError("use_rope=True needs `freqs` (see patternc.nn.rope_frequencies)")
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+            assert key_freqs is not None
+            q, k = apply_rope(q, freqs), apply_rope(k, key_freqs)
         elif freqs is not None:
             raise ValueError(
                 "freqs were given but this layer has use_rope=False, so they would be ignored; "
@@ -296,13 +310,28 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
+        recorder = ACTIVE.cache
+        sharding = ACTIVE.sharding
+        # keys in their own space: K/V projected for key tokens only (the
+        # recorder and the sharded runner keep token space: they index K/V by input position)
+        compact = not layout.key_space.identity and recorder is None and sharding is None
         try:
-            projected = self._project_in(x, layout, attention_patterns)
+            apart = self._project_apart(x, layout, attention_patterns) if compact else None
+            projected = apart[0] if apart is not None else self._project_in(x, layout, attention_patterns)
         except RuntimeError:
             _explain_weights(x, self)  # torch's message, e.g. "mat1 and mat2 must have the same dtype"
             raise
-        q, k, v = self.split_heads(projected, freqs)
-        recorder = ACTIVE.cache
+        compact = apart is not None
+        space = layout.key_space
+        if apart is not None:
+            key_freqs = freqs  # of a wrong shape: apply_rope explains it on Q first
+            if freqs is not None and freqs.dim() >= 2 and freqs.shape[-2] == layout.n_tokens:
+                key_freqs = compact_keys(freqs, space, dim=-2)
+            q, k, v = self.split_heads(projected, freqs, apart[1], key_freqs)
+            key_padding = None if key_padding_mask is None else compact_keys(key_padding_mask, space)
+        else:
+            q, k, v = self.split_heads(projected, freqs)
+            key_padding = key_padding_mask
         recording = recorder is not None and recorder.recording
         if recorder is not None:
             if recording:
@@ -310,14 +339,15 @@ class MixedAttention(DotProductAttention):
             elif kv_cache is None:
                 kv_cache = recorder.load(self)
         cache = _read_cache(kv_cache, layout, q)
-        k_in, v_in = zero_padding(k, v, key_padding_mask)
-        inputs = AttentionInputs(q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None)
-        sharding = ACTIVE.sharding
+        k_in, v_in = zero_padding(k, v, key_padding)
+        inputs = AttentionInputs(
+            q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None, keys_compact=compact
+        )
         new_cache = None
         if sharding is None:
             out = self.executor(inputs)
             if not layout.cached_groups:
-                new_cache = _new_cache(k, v, layout)
+                new_cache = _new_cache(k, v, layout, compact)
         else:
             # sharded: the cache holds the groups this rank now has in full
             # (gathered anchors; every key group when a chunked run records)
@@ -338,19 +368,37 @@ class MixedAttention(DotProductAttention):
         """The fused QKV projection (untied subclasses pick weights per token type)."""
         return self.qkv(x)  # type: ignore[no-any-return]
 
+    def _project_apart(self, x: Tensor, layout: Layout, patterns: object) -> tuple[Tensor, Tensor] | None:
+        """Q for every token ``[B, N, H * D]`` and K/V for the layout's key
+        space only ``[B, Nk, 2 * H * D]``, from the rows of the fused weight
+        (the parameters and checkpoints stay ``qkv``); None where a subclass
+        projects only fused."""
+        if type(self.qkv) is not nn.Linear:
+            return None
+        inner = self.num_heads * self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
+        x_keys = compact_keys(x, layout.key_space)
+        kv = F.linear(x_keys, weight[inner:], None if bias is None else bias[inner:])
+        return q, kv
+
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
         return self.proj(out)  # type: ignore[no-any-return]
 
 
-def _new_cache(k: Tensor, v: Tensor, layout: Layout) -> KVCache:
+def _new_cache(k: Tensor, v: Tensor, layout: Layout, compact: bool = False) -> KVCache:
     """Views of each key/value group's K and V (one split per tensor: a
-    64-group layout pays two calls, not 256 slices, on every forward)."""
-    keys = k.transpose(1, 2).split_with_sizes(layout.input_sizes, dim=2)
-    values = v.transpose(1, 2).split_with_sizes(layout.input_sizes, dim=2)
-    return {
-        name: {"k": keys[index], "v": values[index]}
-        for name, index in zip(layout.key_value_groups, layout.key_value_indices)
-    }
+    64-group layout pays two calls, not 256 slices, on every forward).
+    ``compact``: K/V hold the key space, the key/value groups end to end."""
+    if compact:
+        sizes = [layout.input_sizes[i] for i in layout.key_value_indices]
+        indices: Sequence[int] = range(len(sizes))
+    else:
+        sizes, indices = list(layout.input_sizes), layout.key_value_indices
+    keys = k.transpose(1, 2).split_with_sizes(sizes, dim=2)
+    values = v.transpose(1, 2).split_with_sizes(sizes, dim=2)
+    groups = zip(layout.key_value_groups, indices)
+    return {name: {"k": keys[index], "v": values[index]} for name, index in groups}
 
 
 class PatternAttention(MixedAttention):

@@ -36,7 +36,7 @@ from patternc.modifiers import Modifiers
 from patternc.nn.attention import apply_dropout, merge_heads
 from patternc.nn.context import ACTIVE, execute
 from patternc.nn.executors import AttentionInputs, get_executor
-from patternc.nn.executors.common import group_positions, zero_padding
+from patternc.nn.executors.common import compact_keys, group_positions, zero_padding
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
@@ -142,6 +142,16 @@ class _FeedForward(nn.Module):
 
 
 @dataclass(frozen=True)
+class _KeySide:
+    """A pattern's key space, for layers that project K/V for key tokens only:
+    its bank runs, RoPE frequencies and key padding mask in key space."""
+
+    runs: tuple[tuple[int, int, int], ...]
+    freqs: Tensor | None
+    key_padding_mask: Tensor | None
+
+
+@dataclass(frozen=True)
 class _Step:
     """What every layer of one forward pass shares (built once per pass)."""
 
@@ -150,6 +160,9 @@ class _Step:
     freqs: Tensor | None
     key_padding_mask: Tensor | None
     alibi: Tensor | None
+    keys: Mapping[str, _KeySide]
+    """Patterns whose layers project K/V for key tokens only (the key space
+    is not every token, and no sharding or chunked run indexes K/V by input position)."""
 
 
 class TransformerLayer(nn.Module):
@@ -173,13 +186,21 @@ class TransformerLayer(nn.Module):
         self.executor = executor
 
     def qkv(self, x: Tensor, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
-        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, N, H_kv, D]`` (RoPE applied)."""
+        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, Nk, H_kv, D]`` (RoPE
+        applied): Nk = N, or the key space's tokens when ``step.keys`` has the pattern."""
         b, n, _ = x.shape
         c = self.config
         q = self.q_proj(x, step.runs).view(b, n, c.num_heads, c.head_dim)
-        k, v = self.kv_proj(x, step.runs).view(b, n, 2, c.kv_heads, c.head_dim).unbind(2)
+        keys = step.keys.get(self.pattern)
+        if keys is None:
+            kv, kv_runs, key_freqs = x, step.runs, step.freqs
+        else:
+            kv = compact_keys(x, step.layouts[self.pattern].key_space)
+            kv_runs, key_freqs = keys.runs, keys.freqs
+        k, v = self.kv_proj(kv, kv_runs).view(b, kv.shape[1], 2, c.kv_heads, c.head_dim).unbind(2)
         if step.freqs is not None:
-            q, k = apply_rope(q, step.freqs), apply_rope(k, step.freqs)
+            assert key_freqs is not None
+            q, k = apply_rope(q, step.freqs), apply_rope(k, key_freqs)
         return q, k, v
 
     def attend(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -190,7 +211,10 @@ class TransformerLayer(nn.Module):
         )
         dropout = self.config.dropout_rate if self.training else 0.0
         layout = step.layouts[self.pattern]
-        k_all, v_all = zero_padding(k_all, v_all, step.key_padding_mask)
+        key_side = step.keys.get(self.pattern)
+        k_all, v_all = zero_padding(
+            k_all, v_all, step.key_padding_mask if key_side is None else key_side.key_padding_mask
+        )
         recorder = ACTIVE.cache
         cache: dict[str, tuple[Tensor, Tensor]] = {}
         if recorder is not None:
@@ -199,7 +223,16 @@ class TransformerLayer(nn.Module):
             else:  # chunked inference: the context groups' keys/values, recorded once
                 cache = {g: (e["k"], e["v"]) for g, e in recorder.load(self).items()}
         inputs = AttentionInputs(
-            q, k_all, v_all, layout, cache, step.key_padding_mask, dropout, None, step.alibi
+            q,
+            k_all,
+            v_all,
+            layout,
+            cache,
+            step.key_padding_mask,
+            dropout,
+            None,
+            step.alibi,
+            key_side is not None,
         )
         out = self.out_proj(merge_heads(execute(self.executor, inputs)), step.runs)
         if recorder is not None and recorder.recording:
@@ -330,7 +363,17 @@ class Transformer(nn.Module):
                 "chunked inference of the Transformer stack supports neither ALiBi nor key padding "
                 "(they read positions and masks of the cached context); run it in one shot"
             )
-        return _Step(layouts, runs, freqs, padding, alibi)
+        keys = {}
+        if ACTIVE.sharding is None and ACTIVE.cache is None:
+            for name, layout in layouts.items():
+                space = layout.key_space
+                if not space.identity:
+                    keys[name] = _KeySide(
+                        TypeRuns(runs, layout.n_tokens).in_key_space(space).runs,
+                        None if freqs is None else compact_keys(freqs, space, dim=-2),
+                        None if padding is None else compact_keys(padding, space),
+                    )
+        return _Step(layouts, runs, freqs, padding, alibi, keys)
 
     def embed_inputs(self, x: Tensor, positions: Tensor) -> Tensor:
         h: Tensor = self.embed(x)
@@ -446,7 +489,7 @@ class Transformer(nn.Module):
             def cached_attention(
                 x: Tensor, i: int = i, layer: TransformerLayer = layer
             ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None))
+                q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None, {}))
                 cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
                 keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
                 if repeat > 1:

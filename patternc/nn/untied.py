@@ -29,8 +29,9 @@ from patternc.configs import (
     UntiedMixedAttentionConfig,
     UntiedMLPConfig,
 )
-from patternc.layout import Layout
+from patternc.layout import KeySpace, Layout
 from patternc.nn.attention import MixedAttention, init_linear
+from patternc.nn.executors.common import compact_keys
 from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
 from patternc.schemas import TokenSpec, domain_of
@@ -84,6 +85,19 @@ class TypeRuns:
         if len(self.runs) == 1:
             return (x,)
         return tuple(x.split_with_sizes([stop - start for _, start, stop in self.runs], 1))
+
+    def in_key_space(self, space: KeySpace) -> TypeRuns:
+        """These runs over a layout's key space only (its tokens end to end):
+        the runs of K/V projected for key tokens only."""
+        runs: list[tuple[int, int, int]] = []
+        before = 0
+        for start, stop in space.ranges:
+            for bank, a, b in self.runs:
+                lo, hi = max(a, start), min(b, stop)
+                if lo < hi:
+                    runs.append((bank, before + lo - start, before + hi - start))
+            before += stop - start
+        return TypeRuns(tuple(runs), before)
 
     def bank_tokens(self, x: Tensor) -> dict[int, Tensor]:
         """Each bank's tokens of ``x``, its runs joined in order (bank order)."""
@@ -442,36 +456,55 @@ class UntiedLinear(nn.Module):
         return type_runs(groups, group_types, self.types)
 
     def forward(
-        self, x: Tensor, groups: GroupSizes | TypeRuns, group_types: Mapping[str, str] | None = None
+        self,
+        x: Tensor,
+        groups: GroupSizes | TypeRuns,
+        group_types: Mapping[str, str] | None = None,
+        rows: slice | None = None,
     ) -> Tensor:
         """``x``: ``[B, N, input_dim]`` holding ``groups`` (TokenSpecs or a
         ``{group: size}`` dict) in order; ``group_types`` maps groups to types
-        (default: each group's domain)."""
+        (default: each group's domain). ``rows``: only these output features
+        (views of every bank's rows: Q apart from K/V of a fused projection)."""
         runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
-        if self.path == "bmm":
-            return self._bmm(x, runs)
-        if self.path == "per_type" or (self.path == "auto" and runs.interleaved):
-            return apply_per_type(x, runs, self.linear, "per_type")
-        if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
-            return segmented_linear(
-                x, runs, list(self.weights), list(self.biases) if self.biases is not None else None
-            )
-        return apply_per_type(x, runs, self.linear, self.path)
+        weights = list(self.weights)
+        biases = list(self.biases) if self.biases is not None else None
+        if rows is not None:
+            weights = [w[rows] for w in weights]
+            biases = None if biases is None else [b[rows] for b in biases]
 
-    def _bmm(self, x: Tensor, runs: TypeRuns) -> Tensor:
+        def linear(bank: int, tokens: Tensor) -> Tensor:
+            return F.linear(tokens, weights[bank], None if biases is None else biases[bank])
+
+        if self.path == "bmm":
+            return self._bmm(x, runs, weights, biases)
+        if self.path == "per_type" or (self.path == "auto" and runs.interleaved):
+            return apply_per_type(x, runs, linear, "per_type")
+        if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
+            return segmented_linear(x, runs, weights, biases)
+        return apply_per_type(x, runs, linear, self.path)
+
+    def _bmm(
+        self, x: Tensor, runs: TypeRuns, weights: Sequence[Tensor], biases: Sequence[Tensor] | None
+    ) -> Tensor:
         """Equal-sized types as one batched matmul with stacked weights."""
         spans = runs.by_bank
         counts = {sum(b - a for a, b in s) for s in spans.values()}
         if len(counts) != 1:
-            return apply_per_type(x, runs, self.linear, "per_type")
+            return apply_per_type(
+                x,
+                runs,
+                lambda bank, t: F.linear(t, weights[bank], None if biases is None else biases[bank]),
+                "per_type",
+            )
         by_bank = runs.bank_tokens(x)
         banks = list(by_bank)
         tokens = torch.stack([by_bank[bank] for bank in banks])  # [T, B, n, in]
         t, batch, n, _ = tokens.shape
-        weight = torch.stack([self.weights[bank] for bank in banks]).transpose(1, 2)  # [T, in, out]
+        weight = torch.stack([weights[bank] for bank in banks]).transpose(1, 2)  # [T, in, out]
         out = torch.bmm(tokens.reshape(t, batch * n, -1), weight)
-        if self.biases is not None:
-            out = out + torch.stack([self.biases[bank] for bank in banks])[:, None, :]
+        if biases is not None:
+            out = out + torch.stack([biases[bank] for bank in banks])[:, None, :]
         return runs.join(dict(zip(banks, out.reshape(t, batch, n, -1).unbind(0))))
 
     def extra_repr(self) -> str:
@@ -572,6 +605,16 @@ class UntiedMixedAttention(MixedAttention):
 
     def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
         return self.qkv(x, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]
+
+    def _project_apart(self, x: Tensor, layout: Layout, patterns: object) -> tuple[Tensor, Tensor] | None:
+        """Q for every token by its type's bank, K/V for the key space's
+        tokens only by theirs (rows of each bank's fused weight)."""
+        runs = self.type_runs(dict(layout.sizes), patterns)
+        inner = self.num_heads * self.head_dim
+        space = layout.key_space
+        q = self.qkv(x, runs, rows=slice(0, inner))
+        kv = self.qkv(compact_keys(x, space), runs.in_key_space(space), rows=slice(inner, None))
+        return q, kv
 
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
         return self.proj(out, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]

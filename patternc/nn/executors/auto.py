@@ -16,6 +16,7 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,20 +74,26 @@ class Estimate:
     seconds: float
 
 
-def _entries(layout: Layout) -> tuple[int, int, int, int]:
+def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]:
     """(allowed score entries, entries SDPA computes under batched, dense
-    entries, tokens the batched executor copies)."""
+    entries, tokens the batched executor copies); ``compact``: K/V come in
+    the key space, where a call's key segments may lie end to end."""
     allowed = 0
     masked = 0
     copied = 0
+    space = layout.key_space
     for call in layout.calls:
-        n_kv = sum(s.length for s in call.keys if s.cached is None)
+        inputs = [s for s in call.keys if s.cached is None and s.length]
+        n_kv = sum(s.length for s in inputs)
         allowed += call.allowed_entries
         # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
         masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
         if len(call.queries) > 1:
             copied += call.n_queries
-        if len(call.keys) > 1:
+        end_to_end = compact and all(
+            space.position(a.stop) == space.position(b.start) for a, b in itertools.pairwise(inputs)
+        )
+        if len(call.keys) > 1 and not end_to_end:
             copied += 2 * n_kv
     return allowed, masked, layout.n_tokens**2, copied
 
@@ -102,13 +109,17 @@ def _estimates(
     training: bool = False,
     flex_products: str = "'tf32x3'",
     varlen_on: str = "flash2",
+    compact: bool = False,
 ) -> tuple[Estimate, ...]:
     """Predicted times, fastest first: forward alone, or forward and backward
     when ``training`` (compute by each backend's backward ratio; launches
     and copies twice: the backward re-reads what the forward gathered).
     ``flex_products`` is the precision of flex's float32 products,
-    ``varlen_on`` the kernel varlen launches (:func:`varlen_kernel`)."""
-    allowed, masked, dense, copied = _entries(layout)
+    ``varlen_on`` the kernel varlen launches (:func:`varlen_kernel`),
+    ``compact``: K/V come in the layout's key space (``flex`` and ``dense``
+    pay a copy back to token space)."""
+    allowed, masked, dense, copied = _entries(layout, compact)
+    expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
     rates = dict(_HALF if half else _FLOAT)
@@ -126,7 +137,7 @@ def _estimates(
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
             entries = masked
         elif name == "varlen":
-            plan = _launches(layout, batch, device)
+            plan = _launches(layout, batch, device, compact)
             assert not isinstance(plan, str)
             gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
             launches, copy = len(plan), gathered * heads * dim * elem / _COPY_BYTES_PER_S
@@ -134,8 +145,10 @@ def _estimates(
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups
             entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
+            copy = expand * batch * heads * dim * elem / _COPY_BYTES_PER_S
         else:  # dense: every entry, and an [n, n] mask
-            entries, copy = dense, dense * batch / _COPY_BYTES_PER_S
+            entries = dense
+            copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S
         compute = entries * flop / rate.flops_per_s
         overhead = launches * rate.launch_s + copy
         seconds = 2 * overhead + rate.backward * compute if training else overhead + compute
@@ -143,16 +156,16 @@ def _estimates(
     return tuple(sorted(out, key=lambda e: e.seconds))
 
 
-Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool]
+Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
 """What a pick depends on besides the layout: ``(shape, dtype, device, plain,
-training)``; ``plain``: no padding, dropout or ALiBi; ``training``: the call
-will be differentiated."""
+training, compact)``; ``plain``: no padding, dropout or ALiBi; ``training``:
+the call will be differentiated; ``compact``: K/V come in the key space."""
 
 
 def _conditions(inputs: AttentionInputs) -> Conditions:
     q = inputs.q
     plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated
+    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
@@ -161,7 +174,7 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
 
 
 def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
-    shape, dtype, device, plain, training = conditions
+    shape, dtype, device, plain, training, compact = conditions
     if device.type != "cuda":
         return (Estimate("batched", 0.0),)
     batch, _, heads, dim = shape
@@ -171,11 +184,11 @@ def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
         and plain
         and varlen_available(device)
         and dim % 8 == 0
-        and not isinstance(_launches(layout, batch, device), str)
+        and not isinstance(_launches(layout, batch, device, compact), str)
     )
     products = "'ieee'" if half else float32_products(device)
     kernel = varlen_kernel(device, dim)
-    args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel)
+    args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel, compact)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")

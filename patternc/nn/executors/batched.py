@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import PeriodicLaunch, Segment
+from patternc.layout import KeySpace, PeriodicLaunch, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -36,7 +36,10 @@ __all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
 
 def stack_segments(
-    t: Tensor | TokenSplit, segment_lists: Sequence[Sequence[Segment]], cache: Mapping[str, Tensor]
+    t: Tensor | TokenSplit,
+    segment_lists: Sequence[Sequence[Segment]],
+    cache: Mapping[str, Tensor],
+    space: KeySpace | None = None,
 ) -> Tensor:
     """``[B, N, ...]`` -> ``[B * n, L, ...]`` holding each call's tokens (call
     ``i`` of batch ``b`` at ``b * n + i``). All calls have ``L`` tokens.
@@ -44,11 +47,14 @@ def stack_segments(
     Calls reading one input segment each at evenly spaced offsets are read
     through a view: a plain reshape when the segments tile the whole input
     (free in the backward pass too), else strided windows. Other calls are
-    stacked with one copy, from ``t``'s pieces when it is a :class:`TokenSplit`."""
+    stacked with one copy, from ``t``'s pieces when it is a :class:`TokenSplit`.
+    ``space``: ``t`` holds that key space only (segments are input tokens)."""
     whole = t.tensor if isinstance(t, TokenSplit) else t
     n = len(segment_lists)
     if all(len(segs) == 1 and segs[0].cached is None for segs in segment_lists):
         starts = [segs[0].start for segs in segment_lists]
+        if space is not None:
+            starts = [space.position(start) for start in starts]
         length = segment_lists[0][0].length
         step = starts[1] - starts[0]
         if step > 0 and all(b - a == step for a, b in itertools.pairwise(starts)):
@@ -61,10 +67,10 @@ def stack_segments(
     return torch.stack([take(segs, cache) for segs in segment_lists], dim=1).flatten(0, 1)
 
 
-def _periods(t: Tensor, launch: PeriodicLaunch, start: int, length: int) -> Tensor:
+def _periods(t: Tensor, count: int, period: int, start: int, length: int) -> Tensor:
     """``[B, N, H, D]`` -> head-major ``[B * count, H, length, D]``: tokens
-    ``[start, start + length)`` of every period, as a view (its backward is
-    one pass into the input's gradient).
+    ``[start, start + length)`` of every ``period`` tokens, as a view (its
+    backward is one pass into the input's gradient).
 
     Without a gradient to carry, the view is one ``as_strided`` instead of a
     reshape, a narrow and a transpose: a third of the host time (5 against
@@ -74,24 +80,25 @@ def _periods(t: Tensor, launch: PeriodicLaunch, start: int, length: int) -> Tens
     batch, tokens, heads, dim = t.shape
     s_batch, s_token, s_head, s_dim = t.stride()
     if not (t.requires_grad and torch.is_grad_enabled()) and (batch == 1 or s_batch == tokens * s_token):
-        period = launch.period * s_token
         return t.as_strided(
-            (batch * launch.count, heads, length, dim),
-            (period, s_head, s_token, s_dim),
+            (batch * count, heads, length, dim),
+            (period * s_token, s_head, s_token, s_dim),
             t.storage_offset() + start * s_token,
         )
-    periods = t.reshape(t.shape[0] * launch.count, launch.period, *t.shape[2:])
-    if length != launch.period:
+    periods = t.reshape(t.shape[0] * count, period, *t.shape[2:])
+    if length != period:
         periods = periods.narrow(1, start, length)
     return periods.transpose(1, 2)
 
 
-def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch) -> Tensor:
-    """A periodic launch: views in, one SDPA, a view out (``[B * count, Lq, H, D]``)."""
+def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch, keys: tuple[int, int]) -> Tensor:
+    """A periodic launch: views in, one SDPA, a view out (``[B * count, Lq, H, D]``).
+    ``keys``: the key period and start in the period, of the space K/V are in."""
+    count, (k_period, k_start) = launch.count, keys
     out = F.scaled_dot_product_attention(
-        _periods(inputs.q, launch, launch.q_start, launch.q_length),
-        _periods(inputs.k, launch, launch.k_start, launch.k_length),
-        _periods(inputs.v, launch, launch.k_start, launch.k_length),
+        _periods(inputs.q, count, launch.period, launch.q_start, launch.q_length),
+        _periods(inputs.k, count, k_period, k_start, launch.k_length),
+        _periods(inputs.v, count, k_period, k_start, launch.k_length),
         dropout_p=inputs.dropout_p,
         scale=inputs.scale,
         is_causal=launch.is_causal,
@@ -136,17 +143,24 @@ def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]
 
 
 def run_batched(inputs: AttentionInputs) -> Tensor:
+    """Reads K/V in token space or in the layout's key space (``keys_compact``)."""
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     batch = q.shape[0]
     slopes = inputs.alibi_slopes
     plain = key_padding_mask is None and slopes is None
+    compact = inputs.keys_compact
+    space = layout.key_space if compact else None
     if plain:  # the hot paths: one launch giving the output in input order
-        if layout.tiled_output and layout.periodic_launches[0] is not None:
+        first = layout.periodic_launches[0] if layout.tiled_output else None
+        if first is not None:
             # one periodic launch whose queries tile the input: views in and out
-            return _run_periodic(inputs, layout.periodic_launches[0]).reshape(q.shape)
-        if layout.whole_call_keys is not None:
-            return _run_whole_call(inputs, layout.whole_call_keys)
+            first_keys = layout.key_space.periodic[0] if compact else (first.period, first.k_start)
+            if first_keys is not None:
+                return _run_periodic(inputs, first, first_keys).reshape(q.shape)
+        whole = layout.key_space.whole_call_keys if compact else layout.whole_call_keys
+        if whole is not None:
+            return _run_whole_call(inputs, whole)
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
     outputs: list[Tensor | None] = [None] * len(layout.calls)
     needs_positions = layout.has_modifiers or slopes is not None
@@ -157,16 +171,21 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     # one split per tensor, read as pieces below (see TokenSplit: slices would
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, layout)
-    ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
+    ks, vs = (TokenSplit(t, layout, keys=True, compact=compact) for t in (k, v))
     # direct launches read head-major pieces: no per-call transposes
     head_major = None
     if any(pieces is not None for pieces in direct):
         qh = TokenSplit(q.transpose(1, 2), layout, dim=2)
-        kh, vh = (TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2) for t in (k, v))
+        kh, vh = (TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2, compact=compact) for t in (k, v))
         head_major = (qh, kh, vh)
-    for launch, pieces, periodic in zip(layout.launches, direct, periodic_launches):
-        if periodic is not None:
-            stacked = _run_periodic(inputs, periodic)  # [B * n, Lq, H, D]
+    for number, (launch, pieces, periodic) in enumerate(zip(layout.launches, direct, periodic_launches)):
+        periodic_keys = None
+        if periodic is not None:  # its keys repeat in the space K/V are in, too?
+            periodic_keys = (periodic.period, periodic.k_start)
+            if compact:
+                periodic_keys = layout.key_space.periodic[number]
+        if periodic is not None and periodic_keys is not None:
+            stacked = _run_periodic(inputs, periodic, periodic_keys)  # [B * n, Lq, H, D]
             for index, piece in zip(launch, stacked.view(batch, len(launch), *stacked.shape[1:]).unbind(1)):
                 outputs[index] = piece
             continue
@@ -196,8 +215,8 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             )
             continue
         queries = stack_segments(qs, [c.queries for c in calls], {})
-        keys = stack_segments(ks, [c.keys for c in calls], cached_k)
-        values = stack_segments(vs, [c.keys for c in calls], cached_v)
+        keys = stack_segments(ks, [c.keys for c in calls], cached_k, space)
+        values = stack_segments(vs, [c.keys for c in calls], cached_v, space)
         mask = None
         if key_padding_mask is not None:
             mask = stack_segments(

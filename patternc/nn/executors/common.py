@@ -8,6 +8,7 @@ layout without a copy.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Call, Layout, Segment
+from patternc.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers
 from patternc.nn.tables import TABLES
 
@@ -28,7 +29,9 @@ __all__ = [
     "attend",
     "call_bias",
     "call_pair_mask",
+    "compact_keys",
     "device_capability",
+    "expand_keys",
     "gather",
     "gather_mask",
     "group_positions",
@@ -57,6 +60,20 @@ class AttentionInputs:
     alibi_slopes: Tensor | None = None
     """``[H]``: ALiBi adds ``-slope * |i - j|`` to each score, ``i``/``j`` the
     query's and key's positions within their groups (an additive bias)."""
+    keys_compact: bool = False
+    """``k``/``v`` hold only the layout's key space, ``[B, Nk, H, D]`` (see
+    :class:`~patternc.layout.KeySpace`): what a layer hands over when it
+    projects K and V for key tokens only. ``key_padding_mask`` stays ``[B, N]``."""
+
+    def in_token_space(self) -> AttentionInputs:
+        """These inputs with K and V ``[B, N, H, D]``: for executors that read
+        keys at input positions. Non-key tokens get zeros, never read."""
+        if not self.keys_compact:
+            return self
+        space = self.layout.key_space
+        return dataclasses.replace(
+            self, k=expand_keys(self.k, space), v=expand_keys(self.v, space), keys_compact=False
+        )
 
     @property
     def differentiated(self) -> bool:
@@ -94,6 +111,38 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return capability
 
 
+def compact_keys(t: Tensor, space: KeySpace, dim: int = 1) -> Tensor:
+    """The key space's tokens of ``t`` (tokens along ``dim``): ``t`` itself
+    when every token is a key, a view for one run of keys, else one split and
+    one concatenation (whose backward is one concatenation too, where slices
+    would each pay a whole-size gradient)."""
+    if space.identity:
+        return t
+    if not space.ranges:
+        return t.narrow(dim, 0, 0)
+    if len(space.ranges) == 1:
+        ((start, stop),) = space.ranges
+        return t.narrow(dim, start, stop - start)
+    pieces = t.split_with_sizes(space.split_sizes, dim)
+    return torch.cat([pieces[i] for i in space.kept], dim)
+
+
+def expand_keys(t: Tensor, space: KeySpace) -> Tensor:
+    """``[B, Nk, ...]`` in key space -> ``[B, N, ...]`` in token space, zeros
+    at tokens that are not keys (the inverse of :func:`compact_keys`)."""
+    if space.identity:
+        return t
+    if not space.ranges:
+        return t.new_zeros(t.shape[0], space.n_tokens, *t.shape[2:])
+    kept = iter(t.split_with_sizes([space.split_sizes[i] for i in space.kept], 1))
+    keep = set(space.kept)
+    parts = [
+        next(kept) if i in keep else t.new_zeros(t.shape[0], n, *t.shape[2:])
+        for i, n in enumerate(space.split_sizes)
+    ]
+    return torch.cat(parts, dim=1)
+
+
 def gather(t: Tensor, segments: Sequence[Segment], cache: Mapping[str, Tensor]) -> Tensor:
     """The tokens of ``segments`` along dim 1: a view for one input segment,
     else one concatenation."""
@@ -115,13 +164,18 @@ class TokenSplit:
     CPU). One split's backward is one concatenation of the pieces' gradients.
     """
 
-    def __init__(self, t: Tensor, layout: Layout, keys: bool = False, dim: int = 1) -> None:
+    def __init__(
+        self, t: Tensor, layout: Layout, keys: bool = False, dim: int = 1, compact: bool = False
+    ) -> None:
         """``keys``: split at the key/value segments' boundaries (else the
         queries'); ``dim``: the token dim (2 for head-major ``[B, H, N, D]``
-        views). The split happens on the first :meth:`take` (stacked views
-        never need it)."""
+        views); ``compact``: ``t`` holds the key space only (pieces of
+        non-keys are empty, so pieces keep the token space's indices). The
+        split happens on the first :meth:`take` (stacked views never need it)."""
         self.tensor = t
         self._sizes, self._ranges = layout.key_pieces if keys else layout.query_pieces
+        if compact:
+            self._sizes = layout.key_space.piece_sizes
         self._dim = dim
         self._pieces: tuple[Tensor, ...] = ()
 

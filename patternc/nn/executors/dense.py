@@ -61,6 +61,7 @@ def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.d
 
 
 def run_dense(inputs: AttentionInputs) -> Tensor:
+    inputs = inputs.in_token_space()  # K/V at input positions
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     keys = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)

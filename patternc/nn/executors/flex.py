@@ -231,6 +231,7 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
 
 
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
+    inputs = inputs.in_token_space()  # K/V at input positions
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     reason = _fallback_reason(q, dropout_p)

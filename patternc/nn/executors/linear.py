@@ -60,6 +60,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk_size: 
 
 
 def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    inputs = inputs.in_token_space()  # K/V at input positions
     q, k, v, layout = inputs.q, inputs.k, inputs.v, inputs.layout
     if inputs.alibi_slopes is not None:
         raise ValueError("linear attention cannot add an ALiBi bias; use attention_type 'batched' or 'dense'")

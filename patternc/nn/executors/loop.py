@@ -19,6 +19,7 @@ __all__ = ["run_loop"]
 
 
 def run_loop(inputs: AttentionInputs) -> Tensor:
+    inputs = inputs.in_token_space()  # K/V at input positions
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values

@@ -86,39 +86,48 @@ class _Launch:
     n_queries: int
 
 
-def _launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
+def _launches(
+    layout: Layout, batch: int, device: torch.device, compact: bool = False
+) -> tuple[_Launch, ...] | str:
     """The launches of a layout for ``batch`` elements, or why it cannot run
-    (kept in :data:`~patternc.nn.tables.TABLES` per (layout, batch, device))."""
+    (kept in :data:`~patternc.nn.tables.TABLES` per (layout, batch, device,
+    compact)); ``compact``: key rows index the layout's key space."""
     return TABLES.get(
-        ("varlen launches", layout, batch, device), lambda: _build_launches(layout, batch, device)
+        ("varlen launches", layout, batch, device, compact),
+        lambda: _build_launches(layout, batch, device, compact),
     )
 
 
-def _build_launches(layout: Layout, batch: int, device: torch.device) -> tuple[_Launch, ...] | str:
+def _build_launches(
+    layout: Layout, batch: int, device: torch.device, compact: bool
+) -> tuple[_Launch, ...] | str:
     """The export's launches (one batch element) tiled over ``batch`` and uploaded."""
     try:
         plan = varlen_launches(layout)
     except NotExpressible as reason:
         return str(reason)
     n = layout.n_tokens
+    space = layout.key_space
+    n_keys = space.size if compact else n
     launches = []
     for launch in plan:
+        rows = [space.position(r) for r in launch.kv_rows] if compact else launch.kv_rows
         q_rows = [b * n + r for b in range(batch) for r in launch.q_rows]
-        kv_rows = [b * n + r for b in range(batch) for r in launch.kv_rows]
+        kv_rows = [b * n_keys + r for b in range(batch) for r in rows]
         per_q = [b - a for a, b in itertools.pairwise(launch.cu_seqlens_q)]
         per_k = [b - a for a, b in itertools.pairwise(launch.cu_seqlens_k)]
         cu_q = list(itertools.accumulate(per_q * batch, initial=0))
         cu_k = list(itertools.accumulate(per_k * batch, initial=0))
 
-        def index(rows: list[int]) -> Tensor | None:
+        def index(rows: list[int], n: int) -> Tensor | None:
             identity = rows == list(range(batch * n))
             return None if identity else torch.tensor(rows, dtype=torch.int64, device=device)
 
         launches.append(
             _Launch(
                 window=launch.window,
-                q_index=index(q_rows),
-                kv_index=index(kv_rows),
+                q_index=index(q_rows, n),
+                kv_index=index(kv_rows, n_keys),
                 cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
                 cu_seq_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
                 max_q=launch.max_seqlen_q,
@@ -162,12 +171,13 @@ def _fall_back(inputs: AttentionInputs, reason: str) -> Tensor:
 
 
 def run_varlen(inputs: AttentionInputs) -> Tensor:
+    """Reads K/V in token space or in the layout's key space (``keys_compact``)."""
     reason = _fallback_reason(inputs)
     if reason is not None:
         return _fall_back(inputs, reason)
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, n, heads, dim = q.shape
-    launches = _launches(inputs.layout, batch, q.device)
+    launches = _launches(inputs.layout, batch, q.device, inputs.keys_compact)
     if isinstance(launches, str):
         return _fall_back(inputs, launches)
     kernel = _flash4 if varlen_kernel(q.device, dim) == "flash4" else _flash2
