@@ -16,6 +16,12 @@ FLOP utilisation (linear layers plus attention on allowed pairs only, against
 model in the same mode, and the compile time. ``torch.compile`` runs with
 ``fullgraph=True``: a graph break is an error, not a silent split.
 
+Two more rows: ``hand, anchor K/V`` projects K/V for the anchors only (no
+pattern reads a query as a key), as a careful hand-written model would, and
+``patternc, all K/V`` runs patternc with every layout's key space read as all
+tokens (the layers project K/V for queries too: the path before key spaces).
+MFU counts the nominal model (K/V projected for every token) for every row.
+
 Run on the GPU:  python benchmarks/bench_step.py [--steps 20]
 Small, on CPU:   python benchmarks/bench_step.py --tiny
 """
@@ -34,7 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import patternc
+from patternc.layout import KeySpace
 from patternc.nn import Transformer
+
+KEY_TOKENS = KeySpace.identity
+ALL_TOKENS = property(lambda space: True)
 
 SOURCE = """groups surface_anchors surface_queries volume_anchors volume_queries
 types {
@@ -78,21 +88,30 @@ class HandModel(nn.Module):
     """The same function written by hand on the same parameters: per-type
     linear layers on the two halves, one SDPA per pattern on views."""
 
-    def __init__(self, model: Transformer, anchors: int, queries: int) -> None:
+    def __init__(self, model: Transformer, anchors: int, queries: int, anchor_kv: bool = False) -> None:
+        """``anchor_kv``: project K/V for the anchors only (no pattern reads a
+        query as a key), as a careful hand-written model would."""
         super().__init__()
         self.model = model
         self.anchors, self.half = anchors, anchors + queries
+        self.anchor_kv = anchor_kv
 
     def _per_type(self, banks: nn.Module, x: Tensor) -> Tensor:
         surface, volume = x.split(self.half, dim=1)
         return torch.cat([banks.layers[0](surface), banks.layers[1](volume)], dim=1)
 
     def _attention(self, pattern: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Head-major ``[B, H, N, D]`` in and out."""
+        """Head-major ``[B, H, N, D]`` in and out (K/V ``[B, H, 2 * anchors, D]``
+        with ``anchor_kv``)."""
         a, s = self.anchors, self.half
+        if self.anchor_kv:
+            s = a  # surface anchors, then volume anchors
         surface_kv = (k[:, :, :a], v[:, :, :a])
         volume_kv = (k[:, :, s : s + a], v[:, :, s : s + a])
+        s = self.half
         if pattern == "joint":
+            if self.anchor_kv:
+                return F.scaled_dot_product_attention(q, k, v)
             keys = torch.cat([surface_kv[0], volume_kv[0]], dim=2)
             values = torch.cat([surface_kv[1], volume_kv[1]], dim=2)
             return F.scaled_dot_product_attention(q, keys, values)
@@ -111,7 +130,14 @@ class HandModel(nn.Module):
         for layer, pattern in zip(self.model.layers, self.model.layer_patterns):
             x = layer.norm1(h)
             q = self._per_type(layer.q_proj, x).view(b, n, heads, -1).transpose(1, 2)
-            kv = self._per_type(layer.kv_proj, x).view(b, n, 2, heads, -1)
+            if self.anchor_kv:
+                a, s = self.anchors, self.half
+                banks = layer.kv_proj.layers
+                kv = torch.cat([banks[0](x[:, :a]), banks[1](x[:, s : s + a])], dim=1).view(
+                    b, 2 * a, 2, heads, -1
+                )
+            else:
+                kv = self._per_type(layer.kv_proj, x).view(b, n, 2, heads, -1)
             k, v = (t.transpose(1, 2) for t in kv.unbind(2))
             out = self._attention(pattern, q, k, v).transpose(1, 2).reshape(b, n, d)
             h = h + self._per_type(layer.out_proj, out)
@@ -184,6 +210,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args, device)
     hand = HandModel(model, args.anchors, args.queries)
+    hand_anchor_kv = HandModel(model, args.anchors, args.queries, anchor_kv=True)
     sizes = {
         "surface_anchors": args.anchors,
         "surface_queries": args.queries,
@@ -195,8 +222,9 @@ def main() -> None:
     x = torch.randn(args.batch, n, args.dim, device=device, generator=gen)
     target = torch.randn(args.batch, n, args.dim, device=device, generator=gen)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        ours, theirs = model(x, sizes).float(), hand(x).float()
+        ours, theirs, theirs_anchor_kv = model(x, sizes).float(), hand(x).float(), hand_anchor_kv(x).float()
     error = float((ours - theirs).norm() / theirs.norm())
+    error = max(error, float((ours - theirs_anchor_kv).norm() / theirs_anchor_kv.norm()))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"{name}, torch {torch.__version__}: {args.layers} layers, width {args.dim}, {args.heads} heads, "
@@ -206,7 +234,7 @@ def main() -> None:
     assert error < 2e-2, f"the hand model disagrees with patternc's stack ({error:.3g})"
     flops = model_flops(model, sizes, args.batch)
     params = list(model.parameters())
-    header = f"{'variant':<22} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} {'vs hand':>8} {'compile s':>10}"
+    header = f"{'variant':<28} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} {'vs hand':>8} {'compile s':>10}"
     print(header + "\n" + "-" * len(header))
     handler = _Warnings()
     logging.getLogger("torch._dynamo").addHandler(handler)
@@ -214,8 +242,13 @@ def main() -> None:
         baseline = None
         for label, module, call in (
             ("hand", hand, lambda m: lambda t: m(t)),
+            ("hand, anchor K/V", hand_anchor_kv, lambda m: lambda t: m(t)),
             ("patternc", model, lambda m: lambda t: m(t, sizes)),
+            ("patternc, all K/V", model, lambda m: lambda t: m(t, sizes)),
         ):
+            # "all K/V": every layout's key space read as every token, so
+            # the layers project K/V for queries too (the path before key spaces)
+            KeySpace.identity = ALL_TOKENS if label.endswith("all K/V") else KEY_TOKENS  # type: ignore[method-assign,assignment]
             torch._dynamo.reset()
             forward = call(module)
             if mode == "compile":
@@ -228,7 +261,7 @@ def main() -> None:
                     step()
                 except Exception as error:  # report and go on: one table per run
                     print(
-                        f"{label + ' ' + mode:<22} failed: {type(error).__name__}: {str(error)[:200]} ... {str(error)[-1200:]}"
+                        f"{label + ' ' + mode:<28} failed: {type(error).__name__}: {str(error)[:200]} ... {str(error)[-1200:]}"
                     )
                     continue
                 if device.type == "cuda":
@@ -254,12 +287,13 @@ def main() -> None:
             baseline = baseline or ms
             mfu = flops / (ms * 1e-3) / (args.peak * 1e12)
             print(
-                f"{label + ' ' + mode:<22} {ms:>9.2f} {args.batch * n / (ms * 1e-3):>11.0f} {mfu:>6.1%} "
+                f"{label + ' ' + mode:<28} {ms:>9.2f} {args.batch * n / (ms * 1e-3):>11.0f} {mfu:>6.1%} "
                 f"{ms / baseline:>8.3f} {compile_s:>10.1f}",
                 flush=True,
             )
             if ours_warned:
                 print(f"  warnings from patternc: {ours_warned[:3]}")
+    KeySpace.identity = KEY_TOKENS  # type: ignore[method-assign,assignment]
     logging.getLogger("torch._dynamo").removeHandler(handler)
     dynamo = [m for m in handler.messages if "patternc" in m]
     print(f"Dynamo warnings naming patternc: {len(dynamo)}{': ' + dynamo[0][:200] if dynamo else ''}")
