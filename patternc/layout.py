@@ -253,6 +253,8 @@ class Layout:
     reading input keys only, with no modifier but a plain ``[causal]`` (joint
     anchors, dense, one causal sequence): the token ranges ``(start, stop)``
     its keys are, in order, adjacent ranges merged; else None."""
+    whole_call_is_causal: bool
+    """That call's plain ``[causal]`` (False when there is no such call)."""
     key_space: KeySpace
     """The tokens read as keys, and the key-side records in their space."""
 
@@ -608,6 +610,7 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         tiled_output=_tiled_output(calls, launches, offset),
         periodic_launches=periodic_launches,
         whole_call_keys=whole_call_keys,
+        whole_call_is_causal=whole_call_keys is not None and any(c.n_queries and c.is_causal for c in calls),
         key_space=_key_space(
             key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
         ),

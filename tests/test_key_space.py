@@ -385,3 +385,17 @@ def test_untied_attention_projects_keys_apart(
     assert not seen[1].keys_compact
     for got, want in zip(compact, tokens):
         assert relative_error(got, want) < 1e-10
+
+
+def test_whole_call_causal_is_the_call_with_queries() -> None:
+    """A layout whose first call has no queries (an empty group) and whose
+    one call with queries is causal: ``batched`` read ``[causal]`` off the
+    first call and attended to every key (found by the random programs above)."""
+    plan = patternc.compile("groups a b\na -> b[window 2]\nb -> b[causal]").patterns["default"]
+    sizes = {"a": 0, "b": 5}
+    layout = plan.layout(sizes)
+    assert layout.whole_call_keys == ((0, 5),) and layout.whole_call_is_causal
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 4, dtype=torch.float64) for _ in range(3))
+    out = EXECUTORS["batched"](_inputs(layout, q, k, v, compact=False))
+    assert relative_error(out, reference(plan, sizes, q, k, v)) < 1e-12

@@ -137,7 +137,7 @@ def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]
         v.transpose(1, 2),
         dropout_p=inputs.dropout_p,
         scale=inputs.scale,
-        is_causal=inputs.layout.calls[0].is_causal,
+        is_causal=inputs.layout.whole_call_is_causal,  # the call with queries, not calls[0]
     )
     return out.transpose(1, 2)
 
