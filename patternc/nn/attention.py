@@ -376,11 +376,10 @@ class MixedAttention(DotProductAttention):
         if type(self.qkv) is not nn.Linear:
             return None
         inner = self.num_heads * self.head_dim
-        weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
-        x_keys = compact_keys(x, layout.key_space)
-        kv = F.linear(x_keys, weight[inner:], None if bias is None else bias[inner:])
-        return q, kv
+        rows = (inner, 2 * inner)
+        q_weight, kv_weight = self.qkv.weight.split_with_sizes(rows)  # one op each: host time counts
+        q_bias, kv_bias = (None, None) if self.qkv.bias is None else self.qkv.bias.split_with_sizes(rows)
+        return F.linear(x, q_weight, q_bias), F.linear(compact_keys(x, layout.key_space), kv_weight, kv_bias)
 
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
         return self.proj(out)  # type: ignore[no-any-return]
