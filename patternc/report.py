@@ -32,7 +32,13 @@ def _format_layout(layout: Layout) -> list[str]:
                 "-" if slot.size is None else str(slot.size),
             ]
         )
-    return [f"layout: {layout.n_tokens} input tokens", *_table(rows)]
+    space = layout.key_space
+    keys = (
+        "every one read as a key"
+        if space.identity
+        else f"{space.size} read as keys (K/V projected for these only)"
+    )
+    return [f"layout: {layout.n_tokens} input tokens, {keys}", *_table(rows)]
 
 
 def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> list[str]:

@@ -61,6 +61,8 @@ def plan_dict(plan: Plan, sizes: Sizes | None, dim: int) -> dict[str, Any]:
 def layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
     return {
         "tokens": layout.n_tokens,
+        "key_tokens": layout.key_space.size,
+        "key_ranges": [list(r) for r in layout.key_space.ranges],
         "groups": [
             {"name": s.name, "offset": s.offset if not s.cached else None, "size": s.size, "cached": s.cached}
             for s in layout.slots
