@@ -11,6 +11,7 @@ Layouts are built once per (plan, sizes) by :data:`patternc.cache.LAYOUTS`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -496,12 +497,13 @@ def _key_space(
     piece_sizes = tuple(n if i in inside else 0 for i, n in enumerate(key_pieces[0]))
     space = KeySpace(ranges, n_tokens, tuple(split_sizes), tuple(kept), piece_sizes, (), None)
 
-    def periodic(launch: tuple[int, ...], periodic: PeriodicLaunch | None) -> tuple[int, int] | None:
-        if periodic is None or space.size % periodic.count:
+    def key_period(launch: tuple[int, ...], record: PeriodicLaunch | None) -> tuple[int, int] | None:
+        """The launch's (key period, key start) in key space, if its keys repeat there too."""
+        if record is None or space.size % record.count:
             return None
-        period = space.size // periodic.count
+        period = space.size // record.count
         first = space.position(calls[launch[0]].keys[0].start)
-        if first + periodic.k_length > period:
+        if first + record.k_length > period:
             return None
         for i, index in enumerate(launch):
             if space.position(calls[index].keys[0].start) != first + i * period:
@@ -511,15 +513,8 @@ def _key_space(
     whole = None
     if whole_call_keys is not None:
         whole = _merged([(space.position(a), space.position(a) + b - a) for a, b in whole_call_keys])
-    return KeySpace(
-        ranges,
-        n_tokens,
-        tuple(split_sizes),
-        tuple(kept),
-        piece_sizes,
-        tuple(periodic(launch, p) for launch, p in zip(launches, periodic_launches)),
-        whole,
-    )
+    periodic_keys = tuple(key_period(launch, p) for launch, p in zip(launches, periodic_launches))
+    return dataclasses.replace(space, periodic=periodic_keys, whole_call_keys=whole)
 
 
 def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
