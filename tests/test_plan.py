@@ -138,8 +138,12 @@ def test_json_schema(program: patternc.Program) -> None:
     assert pattern["rules"][0]["line"] == 5
     layout = pattern["layout"]
     assert set(layout) == {
-        "tokens", "groups", "calls", "launches", "dim", "allowed_entries", "flops", "dense_flops", "density"
+        "tokens", "key_tokens", "key_ranges", "groups", "calls", "launches", "dim", "allowed_entries", "flops",
+        "dense_flops", "density",
     }  # fmt: skip
+    anchors = [g for g in layout["groups"] if g["name"].endswith("anchors")]
+    assert layout["key_tokens"] == sum(g["size"] for g in anchors)  # no AB-UPT query is a key
+    assert layout["key_ranges"] == [[g["offset"], g["offset"] + g["size"]] for g in anchors]
     assert set(layout["calls"][0]) == {
         "query_tokens",
         "key_value_tokens",
