@@ -230,21 +230,27 @@ def test_mixed_attention_cache_from_compact_keys_equals_the_token_space_one(
     torch.manual_seed(3)
     plan = patternc.compile(JOINT).patterns["default"]
     specs = plan.token_specs(abupt_sizes(4, 7))
+    # a later call reads the anchors from the cache: queries only in x, an empty key space
+    later = plan.token_specs({**abupt_sizes(None, 7)})  # type: ignore[arg-type]
     attn = patternc.nn.MixedAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)).double()
     x = torch.randn(1, 22, 16, dtype=torch.float64)
+    y = torch.randn(1, 14, 16, dtype=torch.float64)
     out, cache = attn(x, specs, plan)
+    assert cache is not None
+    again, _ = attn(y, later, plan, kv_cache=cache)
     _token_space_everywhere(monkeypatch)
     out_tokens, cache_tokens = attn(x, specs, plan)
-    assert relative_error(out, out_tokens) < 1e-12
-    assert cache is not None and cache_tokens is not None and sorted(cache) == sorted(cache_tokens)
+    assert cache_tokens is not None
+    again_tokens, _ = attn(y, later, plan, kv_cache=cache_tokens)
+    assert relative_error(out, out_tokens) < 1e-12 and relative_error(again, again_tokens) < 1e-12
+    assert sorted(cache) == sorted(cache_tokens) == ["surface_anchors", "volume_anchors"]
     for name in cache:
         for part in "kv":
             assert torch.allclose(cache[name][part], cache_tokens[name][part], atol=1e-12)
-    # a later call reads the anchors from the cache: queries only in x
-    later = plan.token_specs({**abupt_sizes(None, 7)})  # type: ignore[arg-type]
-    y = torch.randn(1, 14, 16, dtype=torch.float64)
-    again, _ = attn(y, later, plan, kv_cache=cache)
-    assert again.shape == y.shape and torch.isfinite(again).all()
+    # the cached call against the float64 reference, anchors from the cache
+    patterns = [patternc.AttentionPattern(list(c.queries), list(c.key_names)) for c in plan.calls]
+    ref = reference_attention(attn, y, later, patterns, kv_cache=cache)
+    assert relative_error(again, ref) < 1e-10
 
 
 @pytest.mark.parametrize("untied", [False, True])

@@ -312,26 +312,15 @@ class MixedAttention(DotProductAttention):
                 )
         recorder = ACTIVE.cache
         sharding = ACTIVE.sharding
-        # keys in their own space: K/V projected for key tokens only (the
-        # recorder and the sharded runner keep token space: they index K/V by input position)
-        compact = not layout.key_space.identity and recorder is None and sharding is None
+        # the recorder and the sharded runner index K/V by input position: token space
+        keys_apart = not layout.key_space.identity and recorder is None and sharding is None
         try:
-            apart = self._project_apart(x, layout, attention_patterns) if compact else None
-            projected = apart[0] if apart is not None else self._project_in(x, layout, attention_patterns)
+            q, k, v, key_padding, compact = self._project(
+                x, layout, attention_patterns, freqs, key_padding_mask, keys_apart
+            )
         except RuntimeError:
             _explain_weights(x, self)  # torch's message, e.g. "mat1 and mat2 must have the same dtype"
             raise
-        compact = apart is not None
-        space = layout.key_space
-        if apart is not None:
-            key_freqs = freqs  # of a wrong shape: apply_rope explains it on Q first
-            if freqs is not None and freqs.dim() >= 2 and freqs.shape[-2] == layout.n_tokens:
-                key_freqs = compact_keys(freqs, space, dim=-2)
-            q, k, v = self.split_heads(projected, freqs, apart[1], key_freqs)
-            key_padding = None if key_padding_mask is None else compact_keys(key_padding_mask, space)
-        else:
-            q, k, v = self.split_heads(projected, freqs)
-            key_padding = key_padding_mask
         recording = recorder is not None and recorder.recording
         if recorder is not None:
             if recording:
@@ -363,6 +352,31 @@ class MixedAttention(DotProductAttention):
             recorder.store(self, new_cache)
         out = self._project_back(merge_heads(out), layout, attention_patterns)
         return apply_dropout(out, self.dropout, self.training), new_cache
+
+    def _project(
+        self,
+        x: Tensor,
+        layout: Layout,
+        patterns: object,
+        freqs: Tensor | None,
+        key_padding_mask: Tensor | None,
+        keys_apart: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+        """Q, K, V (normed, rotated), the key padding mask of K's tokens, and
+        whether K/V hold the key space only: with ``keys_apart``, K/V are
+        projected for the layout's key tokens (see
+        :class:`~patternc.layout.KeySpace`) where this layer can."""
+        apart = self._project_apart(x, layout, patterns) if keys_apart else None
+        if apart is None:
+            q, k, v = self.split_heads(self._project_in(x, layout, patterns), freqs)
+            return q, k, v, key_padding_mask, False
+        space = layout.key_space
+        key_freqs = freqs  # of a wrong shape: apply_rope explains it on Q first
+        if freqs is not None and freqs.dim() >= 2 and freqs.shape[-2] == layout.n_tokens:
+            key_freqs = compact_keys(freqs, space, dim=-2)
+        q, k, v = self.split_heads(apart[0], freqs, apart[1], key_freqs)
+        key_padding = None if key_padding_mask is None else compact_keys(key_padding_mask, space)
+        return q, k, v, key_padding, True
 
     def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
         """The fused QKV projection (untied subclasses pick weights per token type)."""
