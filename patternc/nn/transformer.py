@@ -191,12 +191,12 @@ class TransformerLayer(nn.Module):
         b, n, _ = x.shape
         c = self.config
         q = self.q_proj(x, step.runs).view(b, n, c.num_heads, c.head_dim)
-        keys = step.keys.get(self.pattern)
-        if keys is None:
+        key_side = step.keys.get(self.pattern)
+        if key_side is None:
             kv, kv_runs, key_freqs = x, step.runs, step.freqs
         else:
             kv = compact_keys(x, step.layouts[self.pattern].key_space)
-            kv_runs, key_freqs = keys.runs, keys.freqs
+            kv_runs, key_freqs = key_side.runs, key_side.freqs
         k, v = self.kv_proj(kv, kv_runs).view(b, kv.shape[1], 2, c.kv_heads, c.head_dim).unbind(2)
         if step.freqs is not None:
             assert key_freqs is not None
