@@ -29,7 +29,10 @@
 #              the ways to gather, host and GPU time)
 #              and 16 documents under batched (timeline and profile
 #              against ideal)                                      ~3 min
-#   step       a whole AB-UPT training step, eager and compiled     ~4 min
+#   step       a whole AB-UPT training step, eager and compiled (hand
+#              models with K/V of every token and of anchors only; patternc
+#              with and without the key space)                      ~5 min
+#   step10k    the same at 2x(1k+4k) tokens                        ~5 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
 #              ranks on the host's cores) and under torchrun/NCCL   ~5 min
@@ -50,7 +53,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
 
 tests() {
-  for module in flex varlen cuda_graphs cookbook compile robustness; do
+  for module in key_space flex varlen cuda_graphs cookbook compile robustness; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_$module.txt" | tail -5
   done
 }
@@ -103,6 +106,9 @@ diagnose() {
 step() {
   python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step.txt"
 }
+step10k() {
+  python3 benchmarks/bench_step.py --steps 15 --anchors 1024 --queries 4096 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step_10k.txt"
+}
 
 distributed() {
   python3 -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.txt" | tail -5
@@ -114,7 +120,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa diagnose step distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa diagnose step step10k distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
