@@ -410,3 +410,50 @@ def test_whole_call_causal_is_the_call_with_queries() -> None:
     q, k, v = (torch.randn(1, 5, 2, 4, dtype=torch.float64) for _ in range(3))
     out = EXECUTORS["batched"](_inputs(layout, q, k, v, compact=False))
     assert relative_error(out, reference(plan, sizes, q, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["PatternAttention", "Transformer"])
+def test_chunks_of_queries_project_no_keys(stack: bool) -> None:
+    """Chunked inference: the recording pass (anchors alone) is token space,
+    and every chunk of queries, reading the anchors from the cache, hands the
+    executor K/V of zero tokens. The output equals one shot."""
+    torch.manual_seed(2)
+    source = (
+        "groups anchors queries\ntypes { a: anchors\n q: queries }\nanchors -> anchors\nqueries -> anchors"
+    )
+    program = patternc.compile(source)
+    sizes = {"anchors": 6, "queries": 29}
+    x = torch.randn(2, 35, 16, dtype=torch.float64)
+    seen: list[tuple[bool, int]] = []
+
+    def spy(executor):  # type: ignore[no-untyped-def]
+        return lambda inputs: seen.append((inputs.keys_compact, inputs.k.shape[1])) or executor(inputs)
+
+    if stack:
+        config = patternc.TransformerConfig(
+            vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0,
+            pos_emb_type="rope", untied=True,
+        )  # fmt: skip
+        model = patternc.nn.Transformer(config, program).double().eval()
+        for layer in model.layers:
+            layer.executor = spy(layer.executor)
+
+        def forward(x: torch.Tensor, s: dict[str, int | None]) -> torch.Tensor:
+            return model(x, s)  # type: ignore[no-any-return]
+    else:
+        plan = program.patterns["default"]
+        attn = patternc.nn.PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
+        attn = attn.double()
+        attn.executor = spy(attn.executor)
+
+        def forward(x: torch.Tensor, s: dict[str, int | None]) -> torch.Tensor:
+            return attn(x, s)[0]
+
+    with torch.no_grad():
+        ref = forward(x, sizes)
+        seen.clear()
+        out = patternc.nn.chunked(forward, x, sizes, ["queries"], chunk_size=8)
+    assert relative_error(out, ref) < 1e-10
+    layers = 2 if stack else 1
+    assert seen[:layers] == [(False, 6)] * layers  # the anchors, recorded in token space
+    assert seen[layers:] and set(seen[layers:]) == {(True, 0)}  # 4 chunks: no K/V projected

@@ -312,8 +312,10 @@ class MixedAttention(DotProductAttention):
                 )
         recorder = ACTIVE.cache
         sharding = ACTIVE.sharding
-        # the recorder and the sharded runner index K/V by input position: token space
-        keys_apart = not layout.key_space.identity and recorder is None and sharding is None
+        # a recording pass and the sharded runner index K/V by input position:
+        # token space; a chunk of queries reading the anchors projects no K/V at all
+        recording = recorder is not None and recorder.recording
+        keys_apart = not layout.key_space.identity and not recording and sharding is None
         try:
             q, k, v, key_padding, compact = self._project(
                 x, layout, attention_patterns, freqs, key_padding_mask, keys_apart
@@ -321,7 +323,6 @@ class MixedAttention(DotProductAttention):
         except RuntimeError:
             _explain_weights(x, self)  # torch's message, e.g. "mat1 and mat2 must have the same dtype"
             raise
-        recording = recorder is not None and recorder.recording
         if recorder is not None:
             if recording:
                 recorder.check(self, layout)

@@ -162,7 +162,8 @@ class _Step:
     alibi: Tensor | None
     keys: Mapping[str, _KeySide]
     """Patterns whose layers project K/V for key tokens only (the key space
-    is not every token, and no sharding or chunked run indexes K/V by input position)."""
+    is not every token, and neither a sharded run nor a chunked run's
+    recording pass indexes K/V by input position)."""
 
 
 class TransformerLayer(nn.Module):
@@ -364,7 +365,8 @@ class Transformer(nn.Module):
                 "(they read positions and masks of the cached context); run it in one shot"
             )
         keys = {}
-        if ACTIVE.sharding is None and ACTIVE.cache is None:
+        recorder = ACTIVE.cache  # a recording pass indexes K/V by input position; chunks of queries do not
+        if ACTIVE.sharding is None and (recorder is None or not recorder.recording):
             for name, layout in layouts.items():
                 space = layout.key_space
                 if not space.identity:
