@@ -9,6 +9,8 @@ a GPU, else the rise of the process's peak RSS. The output of every chunked
 run is compared with the one-shot output.
 
     python benchmarks/bench_chunked.py [--queries 200000] [--anchors 2048] [--chunks 4096 16384 65536]
+        [--compare-kv]   (each run also with K/V projected for every token:
+                          the path before key spaces, side by side)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from peak_memory import Peak
 import patternc
 import patternc.nn
 from patternc.configs import TransformerBlockConfig
+from patternc.layout import KeySpace
 
 SOURCE = (
     "groups surface_anchors surface_queries volume_anchors volume_queries\n"
@@ -35,7 +38,11 @@ SOURCE = (
 HIDDEN, HEADS, LAYERS = 192, 3, 4
 
 
-def variant(queries: int, anchors: int, chunk: int, device: str) -> dict[str, Any]:
+def variant(queries: int, anchors: int, chunk: int, device: str, all_kv: bool = False) -> dict[str, Any]:
+    """``all_kv``: every layout's key space read as all tokens, so the layers
+    project K/V for the queries too (the path before key spaces)."""
+    if all_kv:
+        KeySpace.identity = property(lambda space: True)  # type: ignore[method-assign,assignment]
     plan = patternc.compile(SOURCE).patterns["default"]
     sizes = {
         "surface_anchors": anchors,
@@ -69,8 +76,8 @@ def variant(queries: int, anchors: int, chunk: int, device: str) -> dict[str, An
             else:
                 out = model(x, sizes)
     seconds = time.perf_counter() - start
-    torch.save(out.cpu(), f"/tmp/bench_chunked_{chunk}.pt")
-    return {"chunk": chunk, "seconds": seconds, "peak": peak.bytes}
+    torch.save(out.cpu(), f"/tmp/bench_chunked_{chunk}_{int(all_kv)}.pt")
+    return {"chunk": chunk, "all_kv": all_kv, "seconds": seconds, "peak": peak.bytes}
 
 
 def main() -> None:
@@ -81,13 +88,22 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=2048)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--compare-kv", action="store_true", help="also each run with K/V projected for every token"
+    )
     parser.add_argument("--variant", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--all-kv", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant is not None:
-        print(json.dumps(variant(args.queries, args.anchors, args.variant, args.device)))
+        print(json.dumps(variant(args.queries, args.anchors, args.variant, args.device, args.all_kv)))
         return
     rows = []
-    for chunk in [0, *args.chunks]:
+    runs = [
+        (chunk, all_kv)
+        for chunk in [0, *args.chunks]
+        for all_kv in ([False, True] if args.compare_kv else [False])
+    ]
+    for chunk, all_kv in runs:
         cmd = [
             sys.executable,
             __file__,
@@ -99,10 +115,11 @@ def main() -> None:
             args.device,
             "--variant",
             str(chunk),
+            *(["--all-kv"] if all_kv else []),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    one_shot = torch.load("/tmp/bench_chunked_0.pt")
+    one_shot = torch.load("/tmp/bench_chunked_0_0.pt")
     print(
         f"\n## Chunked inference ({args.device}; {LAYERS} blocks, hidden {HIDDEN}, 2x{args.anchors} anchors, "
         f"{args.queries:,} queries, float32)\n"
@@ -117,9 +134,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     base = rows[0]
     for row in rows:
-        out = torch.load(f"/tmp/bench_chunked_{row['chunk']}.pt")
+        out = torch.load(f"/tmp/bench_chunked_{row['chunk']}_{int(row['all_kv'])}.pt")
         diff = (out - one_shot).abs().max().item()
         label = "one shot" if not row["chunk"] else f"chunks of {row['chunk']:,}"
+        label += ", K/V of every token" if row["all_kv"] else ""
         print(
             f"| {label} | {row['peak'] / 2**20:.0f} | {row['peak'] / base['peak']:.2f} | "
             f"{(row['peak'] - floor) / 2**20:.0f} | {row['seconds']:.2f} | {diff:.1e} |"
