@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+def ab_sizes(anchors: int | None, queries: int) -> dict[str, int | None]:
+    """Group sizes of the AB-UPT layouts: two branches of anchors and queries
+    (anchors None: read from a KV cache)."""
+    return {
+        "surface_anchors": anchors,
+        "surface_queries": queries,
+        "volume_anchors": anchors,
+        "volume_queries": queries,
+    }
+
+
 def diagnostics_of(source: str) -> list[Diagnostic]:
     """Compile text that must fail; return its diagnostics."""
     with pytest.raises(patternc.PatternError) as info:

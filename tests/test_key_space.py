@@ -4,10 +4,9 @@ layers that project K/V for key tokens only, all against float64 references."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import ROOT, ab_sizes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from programs import random_program
@@ -20,7 +19,6 @@ from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.common import AttentionInputs, compact_keys, expand_keys
 from patternc.nn.untied import TypeRuns
 
-ROOT = Path(__file__).resolve().parents[1]
 SELF_ANCHOR = """
 groups surface_anchors surface_queries volume_anchors volume_queries
 surface_anchors, surface_queries -> surface_anchors
@@ -36,15 +34,6 @@ a -> a[causal], b
 q -> a[window 3]
 b, r -> b
 """
-
-
-def abupt_sizes(anchors: int, queries: int) -> dict[str, int]:
-    return {
-        "surface_anchors": anchors,
-        "surface_queries": queries,
-        "volume_anchors": anchors,
-        "volume_queries": queries,
-    }
 
 
 def key_tokens(layout: Layout) -> list[int]:
@@ -83,7 +72,7 @@ def test_key_space_is_the_tokens_read_as_keys(seed: int) -> None:
 
 @pytest.mark.parametrize("anchors, queries", [(3, 5), (8, 1), (17, 30)])
 def test_periodic_and_whole_call_records_in_key_space(anchors: int, queries: int) -> None:
-    sizes = abupt_sizes(anchors, queries)
+    sizes = ab_sizes(anchors, queries)
     self_anchor = patternc.compile(SELF_ANCHOR).patterns["default"].layout(sizes)
     assert self_anchor.key_space.ranges == ((0, anchors), (anchors + queries, 2 * anchors + queries))
     assert self_anchor.periodic_launches[0] is not None
@@ -94,14 +83,14 @@ def test_periodic_and_whole_call_records_in_key_space(anchors: int, queries: int
 
 
 def test_position_of_a_query_token_is_an_error() -> None:
-    layout = patternc.compile(JOINT).patterns["default"].layout(abupt_sizes(2, 3))
+    layout = patternc.compile(JOINT).patterns["default"].layout(ab_sizes(2, 3))
     with pytest.raises(ValueError, match="token 3 is not a key of this layout"):
         layout.key_space.position(3)
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_compact_and_expand_are_inverse_on_keys(n: int) -> None:
-    layout = patternc.compile(JOINT).patterns["default"].layout(abupt_sizes(n, n + 3))
+    layout = patternc.compile(JOINT).patterns["default"].layout(ab_sizes(n, n + 3))
     t = torch.randn(2, layout.n_tokens, 3, 4, requires_grad=True)
     compact = compact_keys(t, layout.key_space)
     index = torch.tensor(key_tokens(layout))
@@ -147,7 +136,7 @@ def test_batched_on_compact_keys_forward_and_backward(
     sizes = (
         {"a": anchors, "q": queries, "b": anchors + 1, "r": queries - 1}
         if "groups a" in source
-        else abupt_sizes(anchors, queries)
+        else ab_sizes(anchors, queries)
     )
     layout = plan.layout(sizes)
     assert not layout.key_space.identity
@@ -197,7 +186,7 @@ def test_mixed_attention_projects_keys_apart_and_matches_the_reference(
 ) -> None:
     torch.manual_seed(anchors + queries)
     plan = patternc.compile(source).patterns["default"]
-    sizes = abupt_sizes(anchors, queries)
+    sizes = ab_sizes(anchors, queries)
     config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2, **options)
     attn = patternc.nn.MixedAttention(config).double()
     specs = plan.token_specs(sizes)
@@ -229,9 +218,9 @@ def test_mixed_attention_cache_from_compact_keys_equals_the_token_space_one(
 ) -> None:
     torch.manual_seed(3)
     plan = patternc.compile(JOINT).patterns["default"]
-    specs = plan.token_specs(abupt_sizes(4, 7))
+    specs = plan.token_specs(ab_sizes(4, 7))
     # a later call reads the anchors from the cache: queries only in x, an empty key space
-    later = plan.token_specs({**abupt_sizes(None, 7)})  # type: ignore[arg-type]
+    later = plan.token_specs({**ab_sizes(None, 7)})  # type: ignore[arg-type]
     attn = patternc.nn.MixedAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)).double()
     x = torch.randn(1, 22, 16, dtype=torch.float64)
     y = torch.randn(1, 14, 16, dtype=torch.float64)
@@ -302,7 +291,7 @@ def test_stack_on_compact_keys_equals_token_space(
 def test_gpu_executors_on_compact_keys(source: str, executor: str, anchors: int, queries: int) -> None:
     torch.manual_seed(7)
     plan = patternc.compile(source).patterns["default"]
-    sizes = abupt_sizes(anchors, queries)
+    sizes = ab_sizes(anchors, queries)
     layout = plan.layout(sizes)
     n = layout.n_tokens
     q, k, v = (
@@ -333,7 +322,7 @@ def test_gpu_executors_on_compact_keys(source: str, executor: str, anchors: int,
 def test_gpu_layer_on_compact_keys_captures_in_a_cuda_graph(source: str) -> None:
     torch.manual_seed(8)
     plan = patternc.compile(source).patterns["default"]
-    specs = plan.token_specs(abupt_sizes(128, 509))
+    specs = plan.token_specs(ab_sizes(128, 509))
     attn = patternc.nn.MixedAttention(patternc.MixedAttentionConfig(hidden_dim=128, num_heads=2)).cuda()
     x = torch.randn(1, 1274, 128, device="cuda")
     with torch.no_grad():
@@ -359,7 +348,7 @@ def test_gpu_layer_on_compact_keys_captures_in_a_cuda_graph(source: str) -> None
 
 
 def test_type_runs_in_key_space() -> None:
-    layout = patternc.compile(JOINT).patterns["default"].layout(abupt_sizes(3, 4))
+    layout = patternc.compile(JOINT).patterns["default"].layout(ab_sizes(3, 4))
     runs = TypeRuns(((0, 0, 7), (1, 7, 14)), 14)  # surface tokens bank 0, volume bank 1
     assert runs.in_key_space(layout.key_space) == TypeRuns(((0, 0, 3), (1, 3, 6)), 6)
     split = TypeRuns(((0, 0, 2), (1, 2, 9), (0, 9, 14)), 14)  # runs that cut key ranges
@@ -373,7 +362,7 @@ def test_untied_attention_projects_keys_apart(
 ) -> None:
     torch.manual_seed(11)
     plan = patternc.compile(source).patterns["default"]
-    specs = plan.token_specs(abupt_sizes(5, 6))
+    specs = plan.token_specs(ab_sizes(5, 6))
     config = UntiedMixedAttentionConfig(hidden_dim=16, num_heads=2, num_types=2, use_rope=True)
     attn = patternc.nn.UntiedMixedAttention(config, ["surface", "volume"], path=path).double()  # type: ignore[arg-type]
     with torch.no_grad():

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import ab_sizes
 from reference import relative_error
 from test_flex import MODIFIED, make, reference_with_modifiers
 
@@ -22,15 +23,6 @@ AB = patternc.compile(open("examples/ab_upt.pc").read())
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
 WINDOWED = patternc.compile("groups a b\na -> a [causal, window 9]\nb -> b [window 5]").patterns["default"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def ab_sizes(anchors: int, queries: int) -> dict[str, int]:
-    return {
-        "surface_anchors": anchors,
-        "surface_queries": queries,
-        "volume_anchors": anchors,
-        "volume_queries": queries,
-    }
 
 
 def test_launch_layout_views_where_it_can() -> None:

@@ -477,7 +477,7 @@ class UntiedLinear(nn.Module):
             return F.linear(tokens, weights[bank], None if biases is None else biases[bank])
 
         if self.path == "bmm":
-            return self._bmm(x, runs, weights, biases)
+            return self._bmm(x, runs, weights, biases, linear)
         if self.path == "per_type" or (self.path == "auto" and runs.interleaved):
             return apply_per_type(x, runs, linear, "per_type")
         if self.path == "segments" or (self.path == "auto" and x.dim() == 3):
@@ -485,18 +485,19 @@ class UntiedLinear(nn.Module):
         return apply_per_type(x, runs, linear, self.path)
 
     def _bmm(
-        self, x: Tensor, runs: TypeRuns, weights: Sequence[Tensor], biases: Sequence[Tensor] | None
+        self,
+        x: Tensor,
+        runs: TypeRuns,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor] | None,
+        linear: Callable[[int, Tensor], Tensor],
     ) -> Tensor:
-        """Equal-sized types as one batched matmul with stacked weights."""
+        """Equal-sized types as one batched matmul with stacked weights
+        (else one ``linear(bank, tokens)`` per type)."""
         spans = runs.by_bank
         counts = {sum(b - a for a, b in s) for s in spans.values()}
         if len(counts) != 1:
-            return apply_per_type(
-                x,
-                runs,
-                lambda bank, t: F.linear(t, weights[bank], None if biases is None else biases[bank]),
-                "per_type",
-            )
+            return apply_per_type(x, runs, linear, "per_type")
         by_bank = runs.bank_tokens(x)
         banks = list(by_bank)
         tokens = torch.stack([by_bank[bank] for bank in banks])  # [T, B, n, in]

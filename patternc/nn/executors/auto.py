@@ -83,15 +83,15 @@ def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]
     copied = 0
     space = layout.key_space
     for call in layout.calls:
-        inputs = [s for s in call.keys if s.cached is None and s.length]
-        n_kv = sum(s.length for s in inputs)
+        input_keys = [s for s in call.keys if s.cached is None and s.length]
+        n_kv = sum(s.length for s in input_keys)
         allowed += call.allowed_entries
         # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
         masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
         if len(call.queries) > 1:
             copied += call.n_queries
         end_to_end = compact and all(
-            space.position(a.stop) == space.position(b.start) for a, b in itertools.pairwise(inputs)
+            space.position(a.stop) == space.position(b.start) for a, b in itertools.pairwise(input_keys)
         )
         if len(call.keys) > 1 and not end_to_end:
             copied += 2 * n_kv
