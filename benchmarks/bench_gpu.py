@@ -9,7 +9,7 @@ the timing), then ``batched``, ``batched+graph`` (the same executor captured in 
 graph and replayed: what is left once host time is gone), ``varlen``,
 ``flex``, ``auto`` (and ``dense``
 with its mask where it fits) on ready Q/K/V (projections excluded everywhere);
-where some tokens are never keys (AB-UPT), ``batched:keys``, ``batched:keys+graph``
+where some tokens are never keys (AB-UPT), ``batched:keys``, ``batched:keys+graph``, ``flex:keys``
 and ``auto:keys`` get K/V of the key tokens only, as the layers hand them over;
 with ``--control``, ``auto``'s pick a second time as its own row (``<pick>
 again``): the spread between two rows of the same code in this run, against
@@ -271,7 +271,7 @@ def measure(args: argparse.Namespace) -> None:
                 # layers now hand them over (made here, untimed)
                 compact = None
                 if not schedule.key_space.identity:
-                    variants += ["batched:keys", "batched:keys+graph", "auto:keys"]
+                    variants += ["batched:keys", "batched:keys+graph", "flex:keys", "auto:keys"]
                     ck, cv = (
                         compact_keys(t.detach(), schedule.key_space).contiguous().requires_grad_(backward)
                         for t in (k, v)

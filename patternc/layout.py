@@ -188,6 +188,10 @@ class KeySpace:
         """Every input token is a key: key space and token space coincide."""
         return self.size == self.n_tokens
 
+    def holds(self, start: int, stop: int) -> bool:
+        """Whether input tokens ``[start, stop)`` are all keys."""
+        return any(a <= start and stop <= b for a, b in self.ranges)
+
     def position(self, token: int) -> int:
         """Where input token ``token`` (a key, or the stop of a key range) sits in key space."""
         before = 0

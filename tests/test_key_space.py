@@ -168,6 +168,90 @@ def test_compact_keys_reach_the_tokens_of_a_kv_cache_group() -> None:
     assert relative_error(out, torch.einsum("bhqk,bkhd->bqhd", weights, va)) < 1e-12
 
 
+# ------------------------------------------------------------- flex in key space
+
+
+def _dense_blocks(num: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    out = torch.zeros(num.shape[-1], n_cols, dtype=torch.bool)
+    for row in range(num.shape[-1]):
+        out[row, indices[0, 0, row, : num[0, 0, row]].long()] = True
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**9))
+def test_flex_tables_in_key_space_classify_blocks_as_their_mask_does(seed: int) -> None:
+    """Tables whose keys index the key space: the key axis is the key space's
+    length, the mask reads each key token's group where it sits there, and
+    the analytic block classes equal those ``create_block_mask`` finds."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from patternc.nn.flexmask import FlexTables, bucket_length
+
+    source, sizes = random_program(seed)
+    for plan in patternc.compile(source).patterns.values():
+        layout = plan.layout(sizes)
+        tables = FlexTables.build(layout, {}, "cpu", block=16, compact=True)
+        assert tables.kv_len == bucket_length(layout.key_space.size, 16)
+        token_tables = FlexTables.build(layout, {}, "cpu", block=16)
+        tokens = torch.tensor(key_tokens(layout), dtype=torch.int64)
+        assert torch.equal(tables.kv_group[: len(tokens)], token_tables.kv_group[tokens])
+        ref = create_block_mask(
+            tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu", BLOCK_SIZE=16
+        )
+        n_cols = tables.kv_len // 16
+        assert torch.equal(_dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_cols), tables.partial)
+        assert torch.equal(_dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_cols), tables.full)
+
+
+def _no_copy_back(inputs: AttentionInputs) -> AttentionInputs:
+    raise AssertionError("flex copied compact K/V back to token space")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**9), padded=st.booleans())
+def test_flex_on_compact_keys_matches_the_reference_without_a_copy_back(seed: int, padded: bool) -> None:
+    from unittest import mock
+
+    from patternc.nn.executors import flex
+
+    source, sizes = random_program(seed)
+    torch.manual_seed(seed % 2**31)
+    for plan in patternc.compile(source).patterns.values():
+        layout = plan.layout(sizes)
+        n = layout.n_tokens
+        q, k, v = (torch.randn(2, n, 2, 16, dtype=torch.float64) for _ in range(3))
+        padding = torch.rand(2, n) > 0.3 if padded else None
+        with (
+            torch.no_grad(),
+            flex.compiled(False),
+            mock.patch.object(AttentionInputs, "in_token_space", _no_copy_back),
+        ):
+            out = EXECUTORS["flex"](_inputs(layout, q, k, v, compact=True, padding=padding))
+        ref = reference(plan, sizes, q, k, v, padding)
+        assert relative_error(out, ref) < 1e-10
+
+
+def test_flex_on_compact_keys_reads_a_cached_group_after_them() -> None:
+    """Input keys in key space, then a cached group's keys: one key axis."""
+    from patternc.nn.executors import flex
+
+    torch.manual_seed(3)
+    plan = patternc.compile("groups a b q\nb, q -> a, b\na -> a").patterns["default"]
+    layout = plan.layout({"a": None, "b": 3, "q": 130})
+    assert layout.key_space.ranges == ((0, 3),)
+    q, k, v = (torch.randn(1, 133, 2, 16, dtype=torch.float64) for _ in range(3))
+    ka, va = torch.randn(1, 7, 2, 16, dtype=torch.float64), torch.randn(1, 7, 2, 16, dtype=torch.float64)
+    inputs = AttentionInputs(
+        q, k[:, :3], v[:, :3], layout, {"a": (ka, va)}, None, 0.0, None, keys_compact=True
+    )
+    with torch.no_grad(), flex.compiled(False):
+        out = EXECUTORS["flex"](inputs)
+    keys, values = torch.cat([ka, k[:, :3]], 1), torch.cat([va, v[:, :3]], 1)
+    weights = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, keys) / 4.0, -1)
+    assert relative_error(out, torch.einsum("bhqk,bkhd->bqhd", weights, values)) < 1e-12
+
+
 # ------------------------------------------------------------------ layers
 
 
@@ -446,3 +530,20 @@ def test_chunks_of_queries_project_no_keys(stack: bool) -> None:
     layers = 2 if stack else 1
     assert seen[:layers] == [(False, 6)] * layers  # the anchors, recorded in token space
     assert seen[layers:] and set(seen[layers:]) == {(True, 0)}  # 4 chunks: no K/V projected
+
+
+@pytest.mark.parametrize("source", [SELF_ANCHOR, JOINT], ids=["self-anchor", "joint"])
+def test_auto_prices_the_copy_back_to_token_space_only_where_it_is_made(source: str) -> None:
+    """Given compact K/V, ``dense`` copies them back to token space and is
+    priced so; ``flex`` reads them where they are and costs the same either way."""
+    from patternc.nn.executors.auto import _estimates
+
+    layout = patternc.compile(source).patterns["default"].layout(ab_sizes(1024, 4096))
+
+    def seconds(compact: bool) -> dict[str, float]:
+        found = _estimates(layout, 1, 12, 64, torch.device("cuda"), True, False, compact=compact)
+        return {e.backend: e.seconds for e in found}
+
+    token, compact = seconds(False), seconds(True)
+    assert compact["flex"] == token["flex"]
+    assert compact["dense"] > token["dense"]

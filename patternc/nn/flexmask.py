@@ -60,10 +60,12 @@ def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
 
 
 def group_segments(
-    layout: Layout, cache_lengths: Mapping[str, int]
+    layout: Layout, cache_lengths: Mapping[str, int], compact: bool = False
 ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
     """``(group, start, stop)`` of the query tokens (the input) and of the key
-    tokens (the input, then each cached group), skipping empty groups."""
+    tokens (the input, then each cached group), skipping empty groups.
+    ``compact``: the input's keys are those of the layout's key space, at
+    their places there (K/V given for the key space only)."""
     queries = []
     start = 0
     for gid, size in zip(layout.group_ids, layout.input_sizes):
@@ -71,6 +73,14 @@ def group_segments(
             queries.append((gid, start, start + size))
         start += size
     keys = list(queries)
+    if compact:
+        space = layout.key_space
+        keys = [
+            (gid, space.position(first), space.position(first) + stop - first)
+            for gid, first, stop in queries
+            if space.holds(first, stop)
+        ]
+        start = space.size
     for name in layout.cached_groups:
         length = cache_lengths[name]
         if length:
@@ -245,15 +255,20 @@ class FlexTables:
         device: torch.device | str,
         block: int = BLOCK_SIZE,
         positions: bool = False,
+        compact: bool = False,
     ) -> FlexTables:
         """``positions``: build within-group positions even without modifiers
-        (an ALiBi ``score_mod`` reads them)."""
+        (an ALiBi ``score_mod`` reads them); ``compact``: keys index the
+        layout's key space, then the cached groups (K/V given for key tokens
+        only: nothing is copied back to token space, and the key axis is
+        the key space's length)."""
         device = torch.device(device)
         n_groups = len(layout.all_groups)
         pad = n_groups  # the padding "group": allowed nowhere
-        queries, keys = group_segments(layout, cache_lengths)
+        queries, keys = group_segments(layout, cache_lengths, compact)
         n_q = layout.n_tokens
-        n_kv = n_q + sum(cache_lengths[g] for g in layout.cached_groups)
+        n_input_keys = layout.key_space.size if compact else n_q
+        n_kv = n_input_keys + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
         allowed, causal, window, allowed_keys, modified_pairs = _group_tables(layout, device)

@@ -116,8 +116,8 @@ def _estimates(
     and copies twice: the backward re-reads what the forward gathered).
     ``flex_products`` is the precision of flex's float32 products,
     ``varlen_on`` the kernel varlen launches (:func:`varlen_kernel`),
-    ``compact``: K/V come in the layout's key space (``flex`` and ``dense``
-    pay a copy back to token space)."""
+    ``compact``: K/V come in the layout's key space (``dense`` pays a copy
+    back to token space; ``flex`` indexes the key space)."""
     allowed, masked, dense, copied = _entries(layout, compact)
     expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
     flop = 4 * batch * heads * dim
@@ -145,7 +145,6 @@ def _estimates(
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups
             entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
-            copy = expand * batch * heads * dim * elem / _COPY_BYTES_PER_S
         else:  # dense: every entry, and an [n, n] mask
             entries = dense
             copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S

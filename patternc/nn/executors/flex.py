@@ -32,7 +32,7 @@ from patternc.cache import _compiling
 from patternc.layout import Layout
 from patternc.nn.executors import flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
-from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.tables import TABLES
@@ -144,18 +144,25 @@ def flex_tables(
     device: torch.device,
     block_size: int = BLOCK_SIZE,
     positions: bool = False,
+    compact: bool = False,
 ) -> FlexTables:
     """The layout's device tables, cached per (layout, cache lengths, device,
-    block size, whether positions are built)."""
-    key = _tables_key(layout, cache_lengths, device, block_size, positions)
-    build = functools.partial(FlexTables.build, layout, cache_lengths, device, block_size, positions)
+    block size, whether positions are built, whether keys index the key space)."""
+    key = _tables_key(layout, cache_lengths, device, block_size, positions, compact)
+    build = functools.partial(FlexTables.build, layout, cache_lengths, device, block_size, positions, compact)
     return TABLES.get(key, build, traceable=True)
 
 
 def _tables_key(
-    layout: Layout, cache_lengths: Mapping[str, int], device: torch.device, block_size: int, positions: bool
+    layout: Layout,
+    cache_lengths: Mapping[str, int],
+    device: torch.device,
+    block_size: int,
+    positions: bool,
+    compact: bool,
 ) -> tuple[object, ...]:
-    return ("flex tables", layout, tuple(sorted(cache_lengths.items())), device, block_size, positions)
+    lengths = tuple(sorted(cache_lengths.items()))
+    return ("flex tables", layout, lengths, device, block_size, positions, compact)
 
 
 def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]) -> BlockMask:
@@ -231,7 +238,8 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
 
 
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
-    inputs = inputs.in_token_space()  # K/V at input positions
+    """Reads K/V in token space or in the layout's key space (``keys_compact``:
+    the tables then index the key space, so nothing is copied back)."""
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
     key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
     reason = _fallback_reason(q, dropout_p)
@@ -239,23 +247,24 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         return run_as_batched(inputs, "flex", reason, _warned)
     lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     slopes = inputs.alibi_slopes
-    if _compiling() and (
-        key_padding_mask is not None
-        or TABLES.stored(_tables_key(layout, lengths, q.device, block_size, slopes is not None)) is None
-    ):
+    compact = inputs.keys_compact
+    if compact and key_padding_mask is not None:
+        key_padding_mask = compact_keys(key_padding_mask, layout.key_space)
+    tables_key = _tables_key(layout, lengths, q.device, block_size, slopes is not None, compact)
+    if _compiling() and (key_padding_mask is not None or TABLES.stored(tables_key) is None):
         # inside a user's torch.compile, with tables no eager call stored (a
         # layout not run eagerly; a padding's block mask is built per call):
         # computed in the user's graph, Inductor cannot lower flex_attention
         # on them (see patternc.nn.tables)
         return run_batched(inputs)
-    tables = flex_tables(layout, lengths, q.device, block_size, positions=slopes is not None)
+    tables = flex_tables(layout, lengths, q.device, block_size, slopes is not None, compact)
     if layout.cached_groups:
         k = torch.cat([k, *(cache[g][0] for g in layout.cached_groups)], dim=1)
         v = torch.cat([v, *(cache[g][1] for g in layout.cached_groups)], dim=1)
     padding = None
     if key_padding_mask is not None:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
-    key = (layout, tuple(sorted(lengths.items())), q.device, block_size, slopes is not None)
+    key = tables_key[1:]
     flash = flexkernels.flash_backend(inputs)
     n_queries = q.shape[1]
     args = (
