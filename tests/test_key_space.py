@@ -402,6 +402,34 @@ def test_gpu_executors_on_compact_keys(source: str, executor: str, anchors: int,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_flex_on_compact_keys_with_key_padding() -> None:
+    """The padding mask is taken into key space with K/V: bf16 forward and
+    backward against float64, compact gradients at the key tokens."""
+    torch.manual_seed(9)
+    plan = patternc.compile(SELF_ANCHOR).patterns["default"]
+    sizes = ab_sizes(333, 1001)
+    layout = plan.layout(sizes)
+    n = layout.n_tokens
+    q, k, v = (torch.randn(2, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    padding = torch.rand(2, n, device="cuda") > 0.2
+    ck, cv = (compact_keys(t, layout.key_space).contiguous().requires_grad_(True) for t in (k, v))
+    q.requires_grad_(True)
+    out = EXECUTORS["flex"](AttentionInputs(q, ck, cv, layout, {}, padding, 0.0, None, keys_compact=True))
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_(True) for t in (q, k, v))
+    ref = reference(plan, sizes, qd, kd, vd, padding.cpu())
+    assert relative_error(out.detach().cpu(), ref.detach()) < 2e-2
+    weights = torch.randn_like(ref)
+    out.backward(weights.to(out))
+    (ref * weights).sum().backward()
+    index = torch.tensor(key_tokens(layout))
+    assert q.grad is not None and ck.grad is not None and cv.grad is not None
+    assert qd.grad is not None and kd.grad is not None and vd.grad is not None
+    assert relative_error(q.grad.cpu(), qd.grad) < 2e-2
+    assert relative_error(ck.grad.cpu(), kd.grad[:, index]) < 2e-2
+    assert relative_error(cv.grad.cpu(), vd.grad[:, index]) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("source", [SELF_ANCHOR, JOINT], ids=["self-anchor", "joint"])
 def test_gpu_layer_on_compact_keys_captures_in_a_cuda_graph(source: str) -> None:
     torch.manual_seed(8)
