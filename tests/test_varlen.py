@@ -346,3 +346,35 @@ def test_bench_rows_name_flash4_where_it_runs(
     sizes: dict[str, int | None] = {"doc0": 5, "doc1": 9}
     x = torch.randn(1, 14, 32)
     assert benchmark._row_label(backend, DOCS, sizes, x, 2, False) == label
+
+
+def test_a_compiled_graph_is_priced_on_the_kernel_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FlashAttention 4 installed, an eager call prices ``varlen`` on it;
+    inside a user's ``torch.compile`` varlen runs FlashAttention 2, so the
+    graph's pick is priced on that and memoised apart from the eager one."""
+    from patternc.nn.executors import auto
+
+    priced: list[str] = []
+
+    def estimates(*args: object) -> tuple[auto.Estimate, ...]:
+        kernel = args[9]  # _estimates' varlen_on
+        assert isinstance(kernel, str)
+        priced.append(kernel)
+        return (auto.Estimate("varlen" if kernel == "flash4" else "batched", 0.0),)
+
+    monkeypatch.setattr(auto, "_estimates", estimates)
+    monkeypatch.setattr(auto, "varlen_available", lambda device: True)
+    monkeypatch.setattr(auto, "_launches", lambda *args: ())
+    monkeypatch.setattr(auto, "varlen_kernel", lambda device, head_dim: "flash4")
+    auto.TABLES.clear()
+    auto.PICKS.clear()
+    plan = AB["joint"]
+    layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
+    eager = ((1, 18, 2, 8), torch.bfloat16, torch.device("cuda"), True, True, False, False)
+    compiled = (*eager[:6], True)
+    assert auto._choice(layout, eager) == "varlen"
+    assert auto._choice(layout, compiled) == "batched"
+    assert auto._choice(layout, eager) == "varlen"  # memoised apart
+    assert priced == ["flash4", "flash2"]
+    auto.TABLES.clear()
+    auto.PICKS.clear()

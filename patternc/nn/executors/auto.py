@@ -155,16 +155,20 @@ def _estimates(
     return tuple(sorted(out, key=lambda e: e.seconds))
 
 
-Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
+Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool, bool]
 """What a pick depends on besides the layout: ``(shape, dtype, device, plain,
-training, compact)``; ``plain``: no padding, dropout or ALiBi; ``training``:
-the call will be differentiated; ``compact``: K/V come in the key space."""
+training, compact, compiled)``; ``plain``: no padding, dropout or ALiBi;
+``training``: the call will be differentiated; ``compact``: K/V come in the
+key space; ``compiled``: inside a user's ``torch.compile``, where ``varlen``
+runs torch's FlashAttention 2 even with FlashAttention 4 installed (its
+launcher cannot be traced), so an eager pick priced on FlashAttention 4
+must not reach the graph."""
 
 
-def _conditions(inputs: AttentionInputs) -> Conditions:
+def _conditions(inputs: AttentionInputs, compiled: bool = False) -> Conditions:
     q = inputs.q
     plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
+    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact, compiled
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
@@ -173,7 +177,7 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
 
 
 def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
-    shape, dtype, device, plain, training, compact = conditions
+    shape, dtype, device, plain, training, compact, compiled = conditions
     if device.type != "cuda":
         return (Estimate("batched", 0.0),)
     batch, _, heads, dim = shape
@@ -186,7 +190,7 @@ def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
         and not isinstance(_launches(layout, batch, device, compact), str)
     )
     products = "'ieee'" if half else float32_products(device)
-    kernel = varlen_kernel(device, dim)
+    kernel = "flash2" if compiled else varlen_kernel(device, dim)
     args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel, compact)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
@@ -205,10 +209,9 @@ def choose(inputs: AttentionInputs) -> str:
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    conditions = _conditions(inputs)
     if _compiling():
-        return _constant_choice(id(inputs.layout), conditions)
-    return _choice(inputs.layout, conditions)
+        return _constant_choice(id(inputs.layout), _conditions(inputs, compiled=True))
+    return _choice(inputs.layout, _conditions(inputs))
 
 
 PICKS: BoundedCache[tuple[int, Conditions], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
