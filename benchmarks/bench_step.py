@@ -298,6 +298,18 @@ def main() -> None:
     dynamo = [m for m in handler.messages if "patternc" in m]
     print(f"Dynamo warnings naming patternc: {len(dynamo)}{': ' + dynamo[0][:200] if dynamo else ''}")
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (MFU against {args.peak:.0f} TFLOP/s)")
+    if args.backend == "auto":
+        from patternc.nn.executors.auto import PICKS
+
+        picks = sorted(
+            {
+                (f"training={c[4]}, compact={c[5]}, compiled={c[6]}", pick)
+                for (_, c), (_, pick) in PICKS.items()
+            }
+        )
+        print("auto's picks on record:")
+        for conditions, pick in picks:
+            print(f"  {conditions}: {pick}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class BoundedCache(Generic[K, V]):
     def values(self) -> list[V]:
         return list(self._entries.values())
 
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._entries.items())
+
     def clear(self) -> None:
         self._entries.clear()
 
