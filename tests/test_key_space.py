@@ -234,6 +234,35 @@ def test_flex_on_compact_keys_matches_the_reference_without_a_copy_back(seed: in
         assert relative_error(out, ref) < 1e-10
 
 
+@pytest.mark.parametrize(
+    "source, sizes",
+    [
+        (SELF_ANCHOR, ab_sizes(5, 9)),
+        (JOINT, ab_sizes(3, 7)),
+        (MIXED, {"a": 6, "q": 5, "b": 4, "r": 3}),
+    ],
+    ids=["self-anchor", "joint", "mixed"],
+)
+def test_flex_on_compact_keys_with_alibi_matches_dense(source: str, sizes: dict[str, int]) -> None:
+    """ALiBi's ``score_mod`` reads positions within groups at the key tokens'
+    places in key space: flex on compact K/V against ``dense`` on token-space
+    K/V. (A few fixed layouts: torch's eager FlexAttention recompiles per
+    ``score_mod`` closure, and across many random shapes its guard logging fails.)"""
+    from patternc.nn.executors import flex
+
+    torch.manual_seed(11)
+    layout = patternc.compile(source).patterns["default"].layout(sizes)
+    n = layout.n_tokens
+    q, k, v = (torch.randn(2, n, 2, 16, dtype=torch.float64) for _ in range(3))
+    slopes = torch.rand(2, dtype=torch.float64)
+    ck, cv = (compact_keys(t, layout.key_space) for t in (k, v))
+    compact = AttentionInputs(q, ck, cv, layout, {}, None, 0.0, None, alibi_slopes=slopes, keys_compact=True)
+    with torch.no_grad(), flex.compiled(False):
+        out = EXECUTORS["flex"](compact)
+    ref = EXECUTORS["dense"](AttentionInputs(q, k, v, layout, {}, None, 0.0, None, alibi_slopes=slopes))
+    assert relative_error(out, ref) < 1e-10
+
+
 def test_flex_on_compact_keys_reads_a_cached_group_after_them() -> None:
     """Input keys in key space, then a cached group's keys: one key axis."""
     from patternc.nn.executors import flex

@@ -76,9 +76,7 @@ def group_segments(
     if compact:
         space = layout.key_space
         keys = [
-            (gid, space.position(first), space.position(first) + stop - first)
-            for gid, first, stop in queries
-            if space.holds(first, stop)
+            (gid, space.position(a), space.position(a) + b - a) for gid, a, b in queries if space.holds(a, b)
         ]
         start = space.size
     for name in layout.cached_groups:
