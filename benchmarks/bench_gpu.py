@@ -12,8 +12,9 @@ with its mask where it fits) on ready Q/K/V (projections excluded everywhere);
 where some tokens are never keys (AB-UPT), ``batched:keys``, ``batched:keys+graph``, ``flex:keys``
 and ``auto:keys`` get K/V of the key tokens only, as the layers hand them over;
 with ``--control``, ``auto``'s pick a second time as its own row (``<pick>
-again``): the spread between two rows of the same code in this run, against
-which ``auto``'s own gap to its pick is read.
+again``, and ``<pick>:keys again`` on compact K/V): the spread between two
+rows of the same code in this run, against which ``auto``'s own gap to its
+pick is read.
 Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
 forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time;
 ``+proj`` adds the projections a layer runs around attention (the fused QKV
@@ -303,6 +304,9 @@ def measure(args: argparse.Namespace) -> None:
                         # asks auto to stay within 3% of its pick)
                         pick = choose(inputs)
                         rows[f"{pick} again"] = (executor_fn(pick, inputs, backward), flops)
+                        if compact is not None and "auto:keys" in variants:  # the same on compact K/V
+                            pick = choose(compact)
+                            rows[f"{pick}:keys again"] = (executor_fn(pick, compact, backward), flops)
                     # the dense rows (ceiling, dense executor) are sampled apart,
                     # after the rows they are set against: interleaved, their long
                     # full-power calls slowed the rows sampled after them (on an
