@@ -1,7 +1,8 @@
 """The FlexAttention executor: one fused call for the whole pattern set.
 
 Queries, keys and values are padded to a bucketed length (so changing sizes
-reuse a few compiled kernels), the block mask comes from the group layout
+reuse a few compiled kernels; K/V given for the layout's key space keep it,
+the tables then indexing it), the block mask comes from the group layout
 (:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
 device, padding), and the kernel with its non-finite guard is one graph,
 compiled once per process with static shapes (:func:`_compiled`). The
