@@ -394,6 +394,20 @@ def test_stack_on_compact_keys_equals_token_space(
             assert relative_error(got, want) < 1e-10
 
 
+def _assert_compact_gradients(
+    layout: Layout, got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]
+) -> None:
+    """Gradients of Q and of compact K/V (``got``) against the float64
+    token-space ones (``want``), K/V read at the key tokens."""
+    index = torch.tensor(key_tokens(layout))
+    (q, ck, cv), (qd, kd, vd) = got, want
+    assert q.grad is not None and ck.grad is not None and cv.grad is not None
+    assert qd.grad is not None and kd.grad is not None and vd.grad is not None
+    assert relative_error(q.grad.cpu(), qd.grad) < 2e-2
+    assert relative_error(ck.grad.cpu(), kd.grad[:, index]) < 2e-2
+    assert relative_error(cv.grad.cpu(), vd.grad[:, index]) < 2e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("source", [SELF_ANCHOR, JOINT], ids=["self-anchor", "joint"])
 @pytest.mark.parametrize(
@@ -422,14 +436,9 @@ def test_gpu_executors_on_compact_keys(source: str, executor: str, anchors: int,
     assert relative_error(out.cpu(), ref) < 2e-2
     weights = torch.randn_like(ref)
     out.backward(weights.to(out))
-    index = torch.tensor(key_tokens(layout))
     qd, kd, vd = (t.detach().cpu().double().requires_grad_(True) for t in (q, k, v))
     (reference(plan, sizes, qd, kd, vd) * weights).sum().backward()
-    assert q.grad is not None and ck.grad is not None and cv.grad is not None
-    assert qd.grad is not None and kd.grad is not None and vd.grad is not None
-    assert relative_error(q.grad.cpu(), qd.grad) < 2e-2
-    assert relative_error(ck.grad.cpu(), kd.grad[:, index]) < 2e-2
-    assert relative_error(cv.grad.cpu(), vd.grad[:, index]) < 2e-2
+    _assert_compact_gradients(layout, (q, ck, cv), (qd, kd, vd))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -452,12 +461,7 @@ def test_gpu_flex_on_compact_keys_with_key_padding() -> None:
     weights = torch.randn_like(ref)
     out.backward(weights.to(out))
     (ref * weights).sum().backward()
-    index = torch.tensor(key_tokens(layout))
-    assert q.grad is not None and ck.grad is not None and cv.grad is not None
-    assert qd.grad is not None and kd.grad is not None and vd.grad is not None
-    assert relative_error(q.grad.cpu(), qd.grad) < 2e-2
-    assert relative_error(ck.grad.cpu(), kd.grad[:, index]) < 2e-2
-    assert relative_error(cv.grad.cpu(), vd.grad[:, index]) < 2e-2
+    _assert_compact_gradients(layout, (q, ck, cv), (qd, kd, vd))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -72,13 +72,14 @@ def group_segments(
         if size:
             queries.append((gid, start, start + size))
         start += size
-    keys = list(queries)
     if compact:
         space = layout.key_space
         keys = [
             (gid, space.position(a), space.position(a) + b - a) for gid, a, b in queries if space.holds(a, b)
         ]
         start = space.size
+    else:
+        keys = list(queries)
     for name in layout.cached_groups:
         length = cache_lengths[name]
         if length:
