@@ -303,7 +303,7 @@ def main() -> None:
 
         picks = sorted(
             {
-                (f"training={c[4]}, compact={c[5]}, compiled={c[6]}", pick)
+                (f"training={c[4]}, compact={c[5]}", pick)
                 for (_, c), (_, pick) in PICKS.items()
             }
         )

@@ -17,6 +17,9 @@
 #   sdpa       dense SDPA ways in (backend, direct ATen ops, token- or
 #              head-major inputs; host time interleaved) and 64 documents
 #              on padded cuDNN buckets against varlen                ~2 min
+#   paired     auto against its pick, paired single calls (400 rounds,
+#              median ratio with its 95% interval), host time per call
+#              on the K/V the layers hand over, one bare SDPA beside ~1 min
 #   flexhost   flex's host time piece by piece (wrapper, guarded and
 #              unguarded graphs, kernel alone), and auto against batched
 #              back to back with batched measured twice           ~2 min
@@ -88,6 +91,9 @@ timeline() {  # the traces travel as one archive (the device returns a limited n
 kernels() {
   python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
 }
+paired() {
+  python3 benchmarks/bench_paired.py --rounds 400 2>&1 | grep -v "^W1" | tee "$OUT/paired.txt"
+}
 flexhost() {
   python3 benchmarks/bench_kernels.py --parts flexhost b2b 2>&1 | grep -v "^W1" | tee "$OUT/kernels_flexhost_b2b.txt"
 }
@@ -120,7 +126,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host timeline kernels sdpa diagnose step step10k distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host paired timeline kernels sdpa diagnose step step10k distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"

@@ -54,10 +54,14 @@ class BoundedCache(Generic[K, V]):
         found = self._entries.get(key)
         if found is None:
             found = build()
-            if len(self._entries) >= self.size:
-                del self._entries[next(iter(self._entries))]
-            self._entries[key] = found
+            self.put(key, found)
         return found
+
+    def put(self, key: K, value: V) -> None:
+        """Store ``value`` under ``key``, the oldest entry making room."""
+        if key not in self._entries and len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = value
 
     def lookup(self, key: K) -> V | None:
         """The entry or None, with no trace check: for callers Dynamo never

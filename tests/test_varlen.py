@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from conftest import ab_sizes
 from reference import relative_error
+from test_compile import TORCH
 from test_flex import MODIFIED, make, reference_with_modifiers
 
 import patternc
@@ -151,18 +154,163 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
 # ---------------------------------------------------------------- FlashAttention 4
 
 
+def _segment_weights(
+    q: torch.Tensor, k: torch.Tensor, scale: float, left: int | None, right: int | None
+) -> torch.Tensor:
+    """One segment's float64 softmax ``[H, Lq, Lk]`` (masked rows zero) and
+    its log-sum-exp, on FlashAttention 4's conventions: windows aligned
+    bottom-right, None for unbounded."""
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    lq, lk = q.shape[0], k.shape[0]
+    i = torch.arange(lq)[:, None] + lk - lq
+    j = torch.arange(lk)[None, :]
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0), torch.logsumexp(scores, -1)
+
+
+def _pairs(cu_q: list[int], cu_k: list[int]) -> list[tuple[slice, slice]]:
+    return [
+        (slice(a, b), slice(c, d))
+        for (a, b), (c, d) in zip(itertools.pairwise(cu_q), itertools.pairwise(cu_k))
+    ]
+
+
+def _segments_float64(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    scale: float | None,
+    left: int | None,
+    right: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment-wise attention in float64 on packed ``[T, H, D]``:
+    ``(out [T, H, D], lse [H, T])``, differentiable by autograd."""
+    scale = scale or q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for sq, sk in _pairs(cu_q, cu_k):
+        weights, lse = _segment_weights(q[sq], k[sk], scale, left, right)
+        outs.append(torch.einsum("hqk,khd->qhd", weights, v[sk].double()))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _stand_in_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> tuple[object, ...]:
+    """``_flash_attn_fwd`` on CPU (float64 inside), on the arguments patternc passes."""
+    assert kw["return_lse"] is True
+    out, lse = _segments_float64(
+        q, k, v, kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist(),  # type: ignore[attr-defined]
+        kw["softmax_scale"], kw["window_size_left"], kw["window_size_right"],  # type: ignore[arg-type]
+    )  # fmt: skip
+    return out.to(q.dtype), lse.float(), None, None, None
+
+
+def _stand_in_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float | None,
+    causal: bool,
+    softcap: float,
+    **kw: object,
+) -> tuple[torch.Tensor, ...]:
+    """``_flash_attn_bwd`` on CPU: softmax attention's gradients written out
+    in float64 (a custom op's kernel runs below autograd, so none is
+    recorded there)."""
+    assert not causal and softcap == 0.0
+    scale = scale or q.shape[-1] ** -0.5
+    dq, dk, dv = (torch.zeros_like(t, dtype=torch.float64) for t in (q, k, v))
+    left, right = kw["window_size_left"], kw["window_size_right"]
+    for sq, sk in _pairs(kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()):  # type: ignore[attr-defined]
+        p, _ = _segment_weights(q[sq], k[sk], scale, left, right)  # type: ignore[arg-type]
+        do = dout[sq].double()
+        dv[sk] = torch.einsum("hqk,qhd->khd", p, do)
+        dp = torch.einsum("qhd,khd->hqk", do, v[sk].double())
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+        dq[sq] = torch.einsum("hqk,khd->qhd", ds, k[sk].double())
+        dk[sk] = torch.einsum("hqk,qhd->khd", ds, q[sq].double())
+    return tuple(g.to(t.dtype) for g, t in zip((dq, dk, dv), (q, k, v)))
+
+
+STAND_IN = (_stand_in_forward, _stand_in_backward)
+"""FlashAttention 4's two entry points replaced by float64 stand-ins: what
+patternc's custom ops call, run on CPU."""
+
+
+def _packed_case(seed: int) -> tuple[torch.Tensor, ...]:
+    """Random packed Q/K/V of three segments (odd lengths) and their cumulative lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths_q, lengths_k = [5, 1, 12], [7, 3, 12]
+    q = torch.randn(sum(lengths_q), 2, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(lengths_k), 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(sum(lengths_k), 2, 8, generator=gen, dtype=torch.float64)
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    return q, k, v, cu_q, cu_k
+
+
+def test_flash4_custom_op_passes_opcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op's schema, shape function, autograd formula and tracing agree
+    with what it computes (``torch.library.opcheck``, stand-in kernels)."""
+    monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
+    q, k, v, cu_q, cu_k = _packed_case(0)
+    for window in ((-1, -1), (3, 0)):
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 12, 12, None, *window)
+        torch.library.opcheck(flash4._forward, args)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (2, 1)])
+def test_flash4_varlen_attention_gradients_match_float64(
+    monkeypatch: pytest.MonkeyPatch, window: tuple[int, int]
+) -> None:
+    """Forward and gradients through the custom ops equal autograd through
+    the float64 reference, windows translated (-1 -> None)."""
+    monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
+    q, k, v, cu_q, cu_k = _packed_case(sum(window) + 5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash4.varlen_attention(*leaves, cu_q, cu_k, 12, 12, 0.3, window)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    left, right = (None if w < 0 else w for w in window)
+    ref, _ = _segments_float64(*ref_leaves, cu_q.tolist(), cu_k.tolist(), 0.3, left, right)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), ref_leaves)
+    assert relative_error(out, ref) < 1e-12
+    for mine, theirs in zip(grads, ref_grads):
+        assert relative_error(mine, theirs) < 1e-12
+
+
+def test_flash4_needs_its_package() -> None:
+    """Called without the package, the op says what to install."""
+    q, k, v, cu_q, cu_k = _packed_case(1)
+    if flash4.installed():
+        pytest.skip("flash-attn-4 is installed here")
+    with pytest.raises(
+        RuntimeError, match=r"needs the flash-attn-4 package \(pip install 'patternc\[flash4\]'\)"
+    ):
+        flash4.varlen_attention(q, k, v, cu_q, cu_k, 12, 12, None, (-1, -1))
+
+
 @pytest.mark.parametrize(
-    ("installed", "capability", "head_dim", "enabled", "compiling", "kernel"),
+    ("installed", "capability", "head_dim", "enabled", "kernel"),
     [
-        (False, (9, 0), 64, True, False, "flash2"),
-        (True, (9, 0), 64, True, False, "flash4"),
-        (True, (9, 0), 256, True, False, "flash4"),
-        (True, (9, 0), 264, True, False, "flash2"),
-        (True, (10, 0), 128, True, False, "flash4"),
-        (True, (10, 0), 192, True, False, "flash2"),
-        (True, (8, 0), 64, True, False, "flash2"),
-        (True, (9, 0), 64, False, False, "flash2"),
-        (True, (9, 0), 64, True, True, "flash2"),
+        (False, (9, 0), 64, True, "flash2"),
+        (True, (9, 0), 64, True, "flash4"),
+        (True, (9, 0), 256, True, "flash4"),
+        (True, (9, 0), 264, True, "flash2"),
+        (True, (10, 0), 128, True, "flash4"),
+        (True, (10, 0), 192, True, "flash2"),
+        (True, (8, 0), 64, True, "flash2"),
+        (True, (9, 0), 64, False, "flash2"),
     ],
 )
 def test_the_varlen_kernel_is_flash4_where_it_can_run(
@@ -171,17 +319,35 @@ def test_the_varlen_kernel_is_flash4_where_it_can_run(
     capability: tuple[int, int],
     head_dim: int,
     enabled: bool,
-    compiling: bool,
     kernel: str,
 ) -> None:
     """FlashAttention 4 where its package imports, on Hopper and Blackwell,
-    for its head sizes, unless switched off or inside a user's compile."""
-    monkeypatch.setattr(flash4, "varlen_function", lambda: (lambda *a, **k: None) if installed else None)
+    for its head sizes, unless switched off."""
+    monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN if installed else None)
     monkeypatch.setattr(flash4, "device_capability", lambda device: capability)
-    monkeypatch.setattr(flash4, "_compiling", lambda: compiling)
     with flash4.enabled(enabled):
         assert varlen.varlen_kernel(torch.device("cuda"), head_dim) == kernel
     assert varlen.varlen_kernel(torch.device("cpu"), 64) == "flash2"
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_varlen_keeps_flash4_inside_a_compile_and_flex_leaves_it(
+    monkeypatch: pytest.MonkeyPatch, compiling: bool
+) -> None:
+    """Inside a user's ``torch.compile`` varlen still runs FlashAttention 4
+    (its custom ops trace); flex's FLASH lowering is not measured inside a
+    user's graph, so flex keeps its Triton kernel there."""
+    from patternc.nn.executors import flexkernels
+
+    monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
+    monkeypatch.setattr(flash4, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(flexkernels, "_compiling", lambda: compiling)
+    monkeypatch.setattr(flexkernels, "_torch_lowers_flash", lambda: True)
+    monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
+    assert varlen.varlen_kernel(torch.device("cuda"), 64) == "flash4"
+    layout = schedule_for(AB["joint"].token_specs(ab_sizes(4096, 16384)), AB["joint"])
+    q = torch.empty(1, layout.n_tokens, 12, 64, dtype=torch.bfloat16, device="meta")
+    assert flexkernels.flash_backend(AttentionInputs(q, q, q, layout, {}, None, 0.0, None)) is not compiling
 
 
 def test_cost_model_prices_flash4_varlen_faster() -> None:
@@ -202,30 +368,6 @@ def test_cost_model_prices_flash4_varlen_faster() -> None:
         assert seconds["flash4"]["batched"] == seconds["flash2"]["batched"]
 
 
-def _segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object
-) -> tuple[torch.Tensor, None]:
-    """A float64 stand-in for FlashAttention 4's varlen function, on its
-    documented arguments: packed ``[T, H, D]``, cumulative lengths, a
-    ``(left, right)`` window with None for unbounded."""
-    cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()  # type: ignore[attr-defined]
-    left, right = kw["window_size"]  # type: ignore[misc]
-    scale = kw["softmax_scale"] or q.shape[-1] ** -0.5  # type: ignore[operator]
-    out = torch.zeros_like(q)
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q), itertools.pairwise(cu_k)):
-        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), k[k0:k1].double()) * scale
-        i = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)  # bottom-right aligned
-        j = torch.arange(k1 - k0)[None, :]
-        keep = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
-        if left is not None:
-            keep &= j >= i - left
-        if right is not None:
-            keep &= j <= i + right
-        weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", weights, v[k0:k1].double()).to(q.dtype)
-    return out, None
-
-
 @pytest.mark.parametrize(
     ("plan", "sizes"),
     [
@@ -243,7 +385,7 @@ def test_run_varlen_on_flash4_packs_and_windows_like_separate_calls(
     (-1 -> None) give the float64 reference."""
     monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
     monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
-    monkeypatch.setattr(flash4, "varlen_function", lambda: _segment_attention)
+    monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
     module = make(plan.bind(list(sizes)), "varlen", 0, dim=32)
     x = torch.randn(2, sum(sizes.values()), 32)
     with torch.no_grad(), warnings.catch_warnings():
@@ -253,6 +395,89 @@ def test_run_varlen_on_flash4_packs_and_windows_like_separate_calls(
     assert relative_error(out.double(), expected) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["joint", "documents"])
+def test_a_flash4_varlen_layer_compiles_fullgraph_with_its_gradients(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Inside a user's ``torch.compile(fullgraph=True)`` the FlashAttention 4
+    path is two custom-op nodes: no graph break, no warning naming patternc,
+    and the compiled forward and gradients equal eager and the float64
+    reference (kernels replaced by stand-ins on CPU)."""
+    from test_compile import _captured
+
+    launched: list[str] = []
+
+    def counted(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args, **kwargs: launched.append(name) or kernel(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
+    monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
+    monkeypatch.setattr(flash4, "kernels", lambda: (counted("fwd", STAND_IN[0]), counted("bwd", STAND_IN[1])))
+    plan, sizes = (AB["joint"], ab_sizes(4, 9)) if name == "joint" else (DOCS, {"doc0": 7, "doc1": 12})
+    module = make(plan.bind(list(sizes)), "varlen", 1, dim=32)
+    x = torch.randn(2, sum(sizes.values()), 32, dtype=torch.float64)
+    module = module.double()
+    expected = reference_with_modifiers(module, x, sizes)
+    module(x, sizes)  # warm: the layout is cached
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: module(t, sizes)[0], fullgraph=True, backend="aot_eager")
+    leaf = x.clone().requires_grad_()
+    with _captured() as (caught, records):
+        launched.clear()
+        out = compiled(leaf)
+        (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+    assert launched == ["fwd", "bwd"]  # the graph ran FlashAttention 4's two entry points, once each
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
+    eager_leaf = x.clone().requires_grad_()
+    (eager_grad,) = torch.autograd.grad(module(eager_leaf, sizes)[0].square().sum(), eager_leaf)
+    assert relative_error(out.detach(), expected) < 1e-10
+    assert relative_error(grad, eager_grad) < 1e-10
+
+
+def test_launches_priced_during_a_trace_are_kept_for_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` prices a layout as plain Python while Dynamo traces (its
+    constant function), when torch already reports a compile: the launches
+    it builds there are stored as traceable, so the graph that picked
+    ``varlen`` finds them; a lookup that is traced stores nothing."""
+    from patternc import cache
+    from patternc.nn import tables
+
+    monkeypatch.setattr(cache, "_compiling", lambda: True)
+    monkeypatch.setattr(tables, "_compiling", lambda: True)
+    varlen.TABLES.clear()
+    layout = schedule_for(DOCS.token_specs({"doc0": 3, "doc1": 8}), DOCS)
+    key = varlen._launches_key(layout, 2, torch.device("cpu"), False)
+    varlen._launches(layout, 2, torch.device("cpu"))
+    assert varlen.TABLES.stored(key) is None
+    kept = varlen.kept_launches(layout, 2, torch.device("cpu"))
+    assert not isinstance(kept, str) and varlen.TABLES.stored(key) is kept
+    assert varlen._launches(layout, 2, torch.device("cpu")) is kept
+    varlen.TABLES.clear()
+
+
+def test_varlen_in_a_user_graph_without_eager_launches_runs_as_batched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layout no eager call ran has no launches stored: inside a user's
+    ``torch.compile`` they would be built in Python Dynamo cannot trace, so
+    the call runs as ``batched`` there (and still equals the reference)."""
+    if TORCH < (2, 13):
+        pytest.skip("a cold fullgraph compile (layout built while tracing) needs torch >= 2.13")
+    launched: list[object] = []
+    monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
+    monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
+    monkeypatch.setattr(flash4, "kernels", lambda: (lambda *a, **k: launched.append(a), STAND_IN[1]))
+    sizes = {"doc0": 5, "doc1": 11}
+    module = make(DOCS.bind(list(sizes)), "varlen", 2, dim=32).double()
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    varlen.TABLES.clear()
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: module(t, sizes)[0], fullgraph=True, backend="aot_eager")(x)
+    assert launched == []
+    assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-10
+
+
 # ---------------------------------------------------------------- on a GPU
 
 
@@ -260,7 +485,7 @@ KERNELS = [
     "flash2",
     pytest.param(
         "flash4",
-        marks=pytest.mark.skipif(flash4.varlen_function() is None, reason="needs the flash-attn-4 package"),
+        marks=pytest.mark.skipif(not flash4.installed(), reason="needs the flash-attn-4 package"),
     ),
 ]
 
@@ -308,6 +533,43 @@ def test_gpu_varlen_documents_causal_and_windowed(impl: str, kernel: str) -> Non
     _gpu_reference_case(WINDOWED, {"a": 77, "b": 130}, impl, seed=4, kernel=kernel)
 
 
+@cuda
+@pytest.mark.skipif(not flash4.installed(), reason="needs the flash-attn-4 package")
+@pytest.mark.parametrize("impl", ["varlen", "auto"])
+def test_gpu_flash4_varlen_inside_torch_compile(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    """Under ``torch.compile(fullgraph=True)`` (Inductor) the layer runs
+    FlashAttention 4 through the custom ops, forward and backward, and
+    matches the float64 reference like the eager layer does."""
+    real = flash4.kernels()
+    assert real is not None
+    launched: list[str] = []
+
+    def counted(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args, **kwargs: launched.append(name) or kernel(*args, **kwargs)
+
+    monkeypatch.setattr(flash4, "kernels", lambda: (counted("fwd", real[0]), counted("bwd", real[1])))
+    sizes = {f"doc{i}": n for i, n in enumerate([1, 17, 300, 64, 129])}
+    module = make(DOCS.bind(list(sizes)), impl, 7, dim=128)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, sum(sizes.values()), 128, generator=gen)
+    weight = torch.randn(2, sum(sizes.values()), 128, generator=gen)
+    x_ref = x.double().requires_grad_()
+    (reference_with_modifiers(module, x_ref, sizes) * weight.double()).sum().backward()
+    expected = reference_with_modifiers(module, x, sizes).detach()
+    gpu = module.cuda().to(torch.bfloat16)
+    xg = x.cuda().to(torch.bfloat16).requires_grad_()
+    gpu(xg, sizes)[0].sum().backward()  # eager first: launches and auto's pick stored
+    xg.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: gpu(t, sizes)[0], fullgraph=True)
+    launched.clear()
+    out = compiled(xg)
+    (out.float() * weight.cuda()).sum().backward()
+    assert "fwd" in launched and "bwd" in launched
+    assert relative_error(out.float().cpu(), expected) < 2e-2  # bf16
+    assert xg.grad is not None and relative_error(xg.grad.float().cpu(), x_ref.grad) < 5e-2
+
+
 def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """varlen's and flex's answers to "which kernel": the fallback first, then FlashAttention 4 or not."""
     from patternc.nn.executors import flex, flexkernels
@@ -348,10 +610,10 @@ def test_bench_rows_name_flash4_where_it_runs(
     assert benchmark._row_label(backend, DOCS, sizes, x, 2, False) == label
 
 
-def test_a_compiled_graph_is_priced_on_the_kernel_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With FlashAttention 4 installed, an eager call prices ``varlen`` on it;
-    inside a user's ``torch.compile`` varlen runs FlashAttention 2, so the
-    graph's pick is priced on that and memoised apart from the eager one."""
+def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FlashAttention 4 installed, ``varlen`` runs it eager and inside a
+    user's ``torch.compile`` alike, so a layout is priced once, on it, and the
+    graph (which asks by the layout's ``id``) gets the eager pick."""
     from patternc.nn.executors import auto
 
     priced: list[str] = []
@@ -364,17 +626,15 @@ def test_a_compiled_graph_is_priced_on_the_kernel_it_runs(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(auto, "_estimates", estimates)
     monkeypatch.setattr(auto, "varlen_available", lambda device: True)
-    monkeypatch.setattr(auto, "_launches", lambda *args: ())
+    monkeypatch.setattr(auto, "kept_launches", lambda *args: ())
     monkeypatch.setattr(auto, "varlen_kernel", lambda device, head_dim: "flash4")
     auto.TABLES.clear()
     auto.PICKS.clear()
     plan = AB["joint"]
     layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
-    eager = ((1, 18, 2, 8), torch.bfloat16, torch.device("cuda"), True, True, False, False)
-    compiled = (*eager[:6], True)
-    assert auto._choice(layout, eager) == "varlen"
-    assert auto._choice(layout, compiled) == "batched"
-    assert auto._choice(layout, eager) == "varlen"  # memoised apart
-    assert priced == ["flash4", "flash2"]
+    conditions = ((1, 18, 2, 8), torch.bfloat16, torch.device("cuda"), True, True, False)
+    assert auto._choice(layout, conditions) == "varlen"
+    assert auto._choice_by_id(id(layout), conditions) == "varlen"  # what a trace asks
+    assert priced == ["flash4"]
     auto.TABLES.clear()
     auto.PICKS.clear()

@@ -63,6 +63,18 @@ class LayoutTables(BoundedCache[TableKey, object]):
         self._traceable.get_or_build(_plain(key), lambda: (_layouts(key), table))
         return table
 
+    def keep(self, key: TableKey, build: Callable[[], T]) -> T:
+        """The table under ``key``, built on a miss and stored as traceable
+        even while a compile session runs: for host code that runs as plain
+        Python during a trace (``auto``'s constant function prices a layout
+        there), so the graph being traced finds what it stored."""
+        found = self.lookup(key)
+        if found is None:
+            found = build()
+            self.put(key, found)
+            self._traceable.put(_plain(key), (_layouts(key), found))
+        return cast(T, found)
+
     def stored(self, key: TableKey) -> object | None:
         """The table under ``key`` if one is stored, else None; under
         ``torch.compile``, the one an eager call stored as traceable."""

@@ -30,7 +30,7 @@ from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
-from patternc.nn.executors.varlen import _launches, run_varlen, varlen_available, varlen_kernel
+from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
 
@@ -137,7 +137,7 @@ def _estimates(
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
             entries = masked
         elif name == "varlen":
-            plan = _launches(layout, batch, device, compact)
+            plan = kept_launches(layout, batch, device, compact)
             assert not isinstance(plan, str)
             gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
             launches, copy = len(plan), gathered * heads * dim * elem / _COPY_BYTES_PER_S
@@ -155,20 +155,19 @@ def _estimates(
     return tuple(sorted(out, key=lambda e: e.seconds))
 
 
-Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool, bool]
+Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
 """What a pick depends on besides the layout: ``(shape, dtype, device, plain,
-training, compact, compiled)``; ``plain``: no padding, dropout or ALiBi;
-``training``: the call will be differentiated; ``compact``: K/V come in the
-key space; ``compiled``: inside a user's ``torch.compile``, where ``varlen``
-runs torch's FlashAttention 2 even with FlashAttention 4 installed (its
-launcher cannot be traced), so an eager pick priced on FlashAttention 4
-must not reach the graph."""
+training, compact)``; ``plain``: no padding, dropout or ALiBi; ``training``:
+the call will be differentiated; ``compact``: K/V come in the key space.
+Eager calls and a user's ``torch.compile`` share their picks: every
+candidate runs the same kernels in both (``varlen`` reaches FlashAttention 4
+through custom ops, see :mod:`patternc.nn.executors.flash4`)."""
 
 
-def _conditions(inputs: AttentionInputs, compiled: bool = False) -> Conditions:
+def _conditions(inputs: AttentionInputs) -> Conditions:
     q = inputs.q
     plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact, compiled
+    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
@@ -177,7 +176,7 @@ def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
 
 
 def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
-    shape, dtype, device, plain, training, compact, compiled = conditions
+    shape, dtype, device, plain, training, compact = conditions
     if device.type != "cuda":
         return (Estimate("batched", 0.0),)
     batch, _, heads, dim = shape
@@ -187,10 +186,10 @@ def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
         and plain
         and varlen_available(device)
         and dim % 8 == 0
-        and not isinstance(_launches(layout, batch, device, compact), str)
+        and not isinstance(kept_launches(layout, batch, device, compact), str)
     )
     products = "'ieee'" if half else float32_products(device)
-    kernel = "flash2" if compiled else varlen_kernel(device, dim)
+    kernel = varlen_kernel(device, dim)
     args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel, compact)
     candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
@@ -210,7 +209,7 @@ def choose(inputs: AttentionInputs) -> str:
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
     if _compiling():
-        return _constant_choice(id(inputs.layout), _conditions(inputs, compiled=True))
+        return _constant_choice(id(inputs.layout), _conditions(inputs))
     return _choice(inputs.layout, _conditions(inputs))
 
 

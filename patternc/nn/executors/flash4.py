@@ -1,26 +1,31 @@
 """FlashAttention 4 (the ``flash-attn-4`` package), where it is installed.
 
-Two executors launch it: ``varlen`` calls its varlen function directly, and
-``flex`` asks torch's FlexAttention for it (``kernel_options={"BACKEND":
+Two executors launch it: ``varlen`` through :func:`varlen_attention`, and
+``flex`` by asking torch's FlexAttention for it (``kernel_options={"BACKEND":
 "FLASH"}``, torch >= 2.10). This module says where its kernels run (Hopper
-and Blackwell GPUs, their head sizes, outside a user's ``torch.compile``)
-and holds the one switch both follow, :func:`enabled`.
+and Blackwell GPUs, their head sizes) and holds the one switch both follow,
+:func:`enabled`.
+
+``varlen``'s kernel is wrapped in two torch custom ops,
+``patternc::flash4_varlen`` and ``patternc::flash4_varlen_backward``, with
+shape functions and an autograd formula: Dynamo records them as single
+nodes instead of tracing FlashAttention 4's launcher (which it cannot), so
+a layer inside a user's ``torch.compile`` runs the same kernel as eager.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from patternc.cache import _compiling
 from patternc.nn.executors.common import device_capability
 
-__all__ = ["enabled", "usable", "varlen_function"]
+__all__ = ["enabled", "installed", "usable", "varlen_attention"]
 
 _on = True
 
@@ -28,15 +33,29 @@ HEAD_DIM = {9: 256, 10: 128}
 """The largest head size of its kernels per GPU generation it is written
 for (compute capability 9: Hopper, 10: Blackwell)."""
 
+Kernels = tuple[Callable[..., Any], Callable[..., Any]]
+"""Its forward and backward entry points (``_flash_attn_fwd``,
+``_flash_attn_bwd`` of ``flash_attn.cute.interface``): the functions its
+own autograd function calls, and torch's FlashAttention-4 registration too."""
 
-@functools.cache
-def varlen_function() -> Callable[..., Any] | None:
-    """Its varlen function (``flash_attn.cute``), or None where the package is
+_KERNELS: list[Kernels | None] = []
+"""The import's outcome, memoised by hand: a list, not ``functools.cache``,
+which Dynamo warns about when a compiled layer asks :func:`usable`."""
+
+
+def kernels() -> Kernels | None:
+    """Its forward and backward entry points, or None where the package is
     not installed or does not import (its CuTe DSL compiler is a separate
     package). Torch's FLASH lowering of FlexAttention imports the same
     module, so this also says whether ``flex`` can ask for it."""
+    if not _KERNELS:
+        _KERNELS.append(_import_kernels())
+    return _KERNELS[0]
+
+
+def _import_kernels() -> Kernels | None:
     try:
-        from flash_attn.cute import flash_attn_varlen_func  # type: ignore[import-not-found,unused-ignore]
+        from flash_attn.cute import interface  # type: ignore[import-not-found,unused-ignore]
     except Exception:  # ImportError, or a broken install of its compiler
         return None
     # its compiler warns, on the kernel's internal argument, that it passes the
@@ -44,7 +63,12 @@ def varlen_function() -> Callable[..., Any] | None:
     warnings.filterwarnings(
         "ignore", message=r"Argument aux_data .* cannot be converted", category=UserWarning
     )
-    return flash_attn_varlen_func  # type: ignore[no-any-return]
+    return interface._flash_attn_fwd, interface._flash_attn_bwd
+
+
+def installed() -> bool:
+    """The package imports."""
+    return kernels() is not None
 
 
 @contextlib.contextmanager
@@ -71,8 +95,162 @@ def enabled(on: bool) -> Iterator[None]:
 
 def usable(device: torch.device, head_dim: int) -> bool:
     """Whether its kernels can run here: switched on, the package imports,
-    a Hopper or Blackwell GPU, a head size its kernels take, and not inside
-    a user's ``torch.compile`` (its launcher cannot be traced)."""
-    if not _on or _compiling() or device.type != "cuda" or varlen_function() is None:
+    a Hopper or Blackwell GPU, and a head size its kernels take. Eager or
+    inside a user's ``torch.compile`` alike (``varlen`` reaches it through
+    custom ops)."""
+    if not _on or device.type != "cuda" or not installed():
         return False
     return head_dim <= HEAD_DIM.get(device_capability(device)[0], 0)
+
+
+def _window(size: int) -> int | None:
+    """ATen's window (-1: unbounded) as FlashAttention 4 takes it (None)."""
+    return None if size < 0 else size
+
+
+def _require() -> Kernels:
+    found = kernels()
+    if found is None:
+        raise RuntimeError(
+            "patternc::flash4_varlen needs the flash-attn-4 package (pip install 'patternc[flash4]')"
+        )
+    return found
+
+
+@torch.library.custom_op("patternc::flash4_varlen", mutates_args=())
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor]:
+    """Packed ``[T, H, D]`` attention over segments: ``(out, lse)``, the
+    log-sum-exp ``[H, T]`` in float32, kept for the backward."""
+    forward, _ = _require()
+    out, lse, *_ = forward(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seq_q,
+        cu_seqlens_k=cu_seq_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        window_size_left=_window(left),
+        window_size_right=_window(right),
+        return_lse=True,
+    )
+    return out, lse
+
+
+@_forward.register_fake
+def _forward_shapes(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor]:
+    tokens, heads = q.shape[0], q.shape[1]
+    return q.new_empty(tokens, heads, v.shape[-1]), q.new_empty(heads, tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("patternc::flash4_varlen_backward", mutates_args=())
+def _backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of Q, K and V for :func:`_forward`."""
+    _, backward = _require()
+    dq, dk, dv, *_ = backward(
+        q,
+        k,
+        v,
+        out,
+        grad_out.contiguous(),
+        lse,
+        scale,
+        False,  # causal: given as the window
+        0.0,  # softcap
+        window_size_left=_window(left),
+        window_size_right=_window(right),
+        cu_seqlens_q=cu_seq_q,
+        cu_seqlens_k=cu_seq_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+    )
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _backward_shapes(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, cu_seq_q, cu_seq_k, *sizes = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seq_q, cu_seq_k)
+    ctx.sizes = tuple(sizes)  # max_q, max_k, scale, left, right
+
+
+def _backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, cu_seq_q, cu_seq_k, *ctx.sizes)
+    return dq, dk, dv, *(None,) * 7
+
+
+_forward.register_autograd(_backward, setup_context=_save)
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seq_q: Tensor,
+    cu_seq_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    window: tuple[int, int],
+) -> Tensor:
+    """Its varlen kernel on packed ``[T, H, D]`` Q/K/V with int32 cumulative
+    lengths; ``window``: ``(left, right)`` in ATen's convention (-1:
+    unbounded). Differentiable, and one node to ``torch.compile``."""
+    out: Tensor = _forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, *window)[0]
+    return out

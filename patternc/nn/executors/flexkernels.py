@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from patternc.cache import _compiling
 from patternc.nn.executors import flash4
 from patternc.nn.executors.common import AttentionInputs, device_capability
 
@@ -148,7 +149,9 @@ def flash_backend(inputs: AttentionInputs) -> bool:
     """Whether this call runs on FlashAttention 4 (torch's FLASH backend):
     half precision, no key padding or ALiBi (plain masks only, the cases
     measured), where :func:`patternc.nn.executors.flash4.usable` says it
-    runs, and past :data:`_FLASH_MIN_FLOPS` of useful work."""
+    runs, outside a user's ``torch.compile`` (the FLASH lowering inside a
+    user's graph is not measured), and past :data:`_FLASH_MIN_FLOPS` of
+    useful work."""
     q = inputs.q
     if (
         q.dtype not in (torch.float16, torch.bfloat16)
@@ -156,7 +159,7 @@ def flash_backend(inputs: AttentionInputs) -> bool:
         or inputs.alibi_slopes is not None
     ):
         return False
-    if not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
+    if _compiling() or not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
         return False
     batch, _, heads, dim = q.shape
     flops = 4 * batch * heads * dim * inputs.layout.allowed_entries

@@ -32,15 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patternc.cache import _compiling
 from patternc.export.pairs import NotExpressible
 from patternc.export.varlen import varlen_launches
 from patternc.layout import Layout
 from patternc.nn.executors import flash4
-from patternc.nn.executors.batched import run_as_batched
+from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.tables import TABLES
 
-__all__ = ["kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
+__all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
 
 _warned: set[str] = set()
 
@@ -64,8 +65,8 @@ def varlen_available(device: torch.device) -> bool:
 def varlen_kernel(device: torch.device, head_dim: int) -> str:
     """Which kernel ``varlen`` launches on ``device``: ``"flash4"`` where
     :func:`patternc.nn.executors.flash4.usable` says so (the package
-    imports, a Hopper or Blackwell GPU, its head sizes, outside a user's
-    ``torch.compile``); else ``"flash2"`` (torch's own). It captures into
+    imports, a Hopper or Blackwell GPU, its head sizes), eager or inside a
+    user's ``torch.compile``; else ``"flash2"`` (torch's own). It captures into
     CUDA graphs (warmed up first, as any capture). On an H200, 64
     documents: 313 against 243 TFLOP/s forward, 371 against 218 forward and
     backward (``benchmarks/bench_kernels.py --parts fa4``)."""
@@ -91,11 +92,29 @@ def _launches(
 ) -> tuple[_Launch, ...] | str:
     """The launches of a layout for ``batch`` elements, or why it cannot run
     (kept in :data:`~patternc.nn.tables.TABLES` per (layout, batch, device,
-    compact)); ``compact``: key rows index the layout's key space."""
+    compact), as a traceable table: a user's ``torch.compile`` gets the one an
+    eager call built, its index tensors as graph inputs); ``compact``: key
+    rows index the layout's key space."""
     return TABLES.get(
-        ("varlen launches", layout, batch, device, compact),
+        _launches_key(layout, batch, device, compact),
         lambda: _build_launches(layout, batch, device, compact),
+        traceable=True,
     )
+
+
+def kept_launches(
+    layout: Layout, batch: int, device: torch.device, compact: bool = False
+) -> tuple[_Launch, ...] | str:
+    """:func:`_launches` for host code that may run while Dynamo traces
+    (``auto``'s pricing): built and stored even then, so a graph that picks
+    ``varlen`` finds its launches stored."""
+    return TABLES.keep(
+        _launches_key(layout, batch, device, compact), lambda: _build_launches(layout, batch, device, compact)
+    )
+
+
+def _launches_key(layout: Layout, batch: int, device: torch.device, compact: bool) -> tuple[object, ...]:
+    return ("varlen launches", layout, batch, device, compact)
 
 
 def _build_launches(
@@ -177,6 +196,13 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
         return _fall_back(inputs, reason)
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, n, heads, dim = q.shape
+    if (
+        _compiling()
+        and TABLES.stored(_launches_key(inputs.layout, batch, q.device, inputs.keys_compact)) is None
+    ):
+        # inside a user's torch.compile, for a layout no eager call ran: its
+        # launches would be built in the graph, in Python Dynamo cannot trace
+        return run_batched(inputs)
     launches = _launches(inputs.layout, batch, q.device, inputs.keys_compact)
     if isinstance(launches, str):
         return _fall_back(inputs, launches)
@@ -217,21 +243,9 @@ def _flash2(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | Non
 
 
 def _flash4(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-    """One launch on FlashAttention 4's varlen kernel (its own autograd
-    function). Its windows say "unbounded" with None where ATen's say -1."""
-    attend = flash4.varlen_function()
-    assert attend is not None
-    left, right = launch.window
-    out = attend(
-        q,
-        k,
-        v,
-        cu_seqlens_q=launch.cu_seq_q,
-        cu_seqlens_k=launch.cu_seq_k,
-        max_seqlen_q=launch.max_q,
-        max_seqlen_k=launch.max_k,
-        softmax_scale=scale,
-        window_size=(None if left < 0 else left, None if right < 0 else right),
+    """One launch on FlashAttention 4's varlen kernel, through patternc's
+    custom op (:func:`~patternc.nn.executors.flash4.varlen_attention`): the
+    same call eager and inside a user's ``torch.compile``."""
+    return flash4.varlen_attention(
+        q, k, v, launch.cu_seq_q, launch.cu_seq_k, launch.max_q, launch.max_k, scale, launch.window
     )
-    result: Tensor = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
-    return result
