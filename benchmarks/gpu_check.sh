@@ -23,6 +23,8 @@
 #   flexhost   flex's host time piece by piece (wrapper, guarded and
 #              unguarded graphs, kernel alone), and auto against batched
 #              back to back with batched measured twice           ~2 min
+#   fa4tests   with FlashAttention 4 on the path: varlen's GPU tests (FA4
+#              eager and inside torch.compile) and the CUDA-graph tests ~3 min
 #   fa4        FlashAttention 4 (needs flash-attn-4 on the path, see
 #              benchmarks/fa4_wheels.sh for getting it there): varlen
 #              against FlashAttention 2, flex's FLASH backend against
@@ -51,9 +53,13 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
+if [ -d /tmp/fa4site ]; then  # FlashAttention 4, installed by benchmarks/fa4_wheels.sh install
+  export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+python3 -c 'from patternc.nn.executors import flash4; print("flash-attn-4 installed:", flash4.installed())' | tee -a "$OUT/gpu.txt"
 
 tests() {
   for module in key_space flex varlen cuda_graphs cookbook compile robustness; do
@@ -96,6 +102,11 @@ paired() {
 }
 flexhost() {
   python3 benchmarks/bench_kernels.py --parts flexhost b2b 2>&1 | grep -v "^W1" | tee "$OUT/kernels_flexhost_b2b.txt"
+}
+fa4tests() {
+  for module in varlen cuda_graphs; do
+    python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_${module}_fa4.txt" | tail -5
+  done
 }
 fa4() {
   python3 benchmarks/bench_kernels.py --parts fa4 --repeat 10 2>&1 | grep -v "^W1" | tee "$OUT/kernels_fa4.txt"
