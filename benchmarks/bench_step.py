@@ -64,6 +64,7 @@ pattern joint {
 }
 """
 SCHEDULE = ("self_anchor", "cross_anchor", "joint")
+VARIANTS = ("hand", "hand, anchor K/V", "patternc", "patternc, all K/V")
 
 
 def build(args: argparse.Namespace, device: torch.device) -> Transformer:
@@ -204,6 +205,13 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s of the device")
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     parser.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke run")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="the rows to run (the first is each mode's baseline)",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.anchors, args.queries, args.layers, args.dim, args.heads, args.steps = 16, 48, 3, 64, 4, 3
@@ -240,12 +248,14 @@ def main() -> None:
     logging.getLogger("torch._dynamo").addHandler(handler)
     for mode in args.modes:
         baseline = None
-        for label, module, call in (
-            ("hand", hand, lambda m: lambda t: m(t)),
-            ("hand, anchor K/V", hand_anchor_kv, lambda m: lambda t: m(t)),
-            ("patternc", model, lambda m: lambda t: m(t, sizes)),
-            ("patternc, all K/V", model, lambda m: lambda t: m(t, sizes)),
-        ):
+        rows = {
+            "hand": (hand, lambda m: lambda t: m(t)),
+            "hand, anchor K/V": (hand_anchor_kv, lambda m: lambda t: m(t)),
+            "patternc": (model, lambda m: lambda t: m(t, sizes)),
+            "patternc, all K/V": (model, lambda m: lambda t: m(t, sizes)),
+        }
+        for label in args.variants:
+            module, call = rows[label]
             # "all K/V": every layout's key space read as every token, so
             # the layers project K/V for queries too (the path before key spaces)
             KeySpace.identity = ALL_TOKENS if label.endswith("all K/V") else KEY_TOKENS  # type: ignore[method-assign,assignment]
@@ -301,12 +311,7 @@ def main() -> None:
     if args.backend == "auto":
         from patternc.nn.executors.auto import PICKS
 
-        picks = sorted(
-            {
-                (f"training={c[4]}, compact={c[5]}", pick)
-                for (_, c), (_, pick) in PICKS.items()
-            }
-        )
+        picks = sorted({(f"training={c[4]}, compact={c[5]}", pick) for (_, c), (_, pick) in PICKS.items()})
         print("auto's picks on record:")
         for conditions, pick in picks:
             print(f"  {conditions}: {pick}")
