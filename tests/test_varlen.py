@@ -263,9 +263,25 @@ def test_flash4_custom_op_passes_opcheck(monkeypatch: pytest.MonkeyPatch) -> Non
     with what it computes (``torch.library.opcheck``, stand-in kernels)."""
     monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
     q, k, v, cu_q, cu_k = _packed_case(0)
-    for window in ((-1, -1), (3, 0)):
-        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 12, 12, None, *window)
+    # dense but head-major: gradients allocated like such inputs come out strided
+    q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    for window, query in (((-1, -1), q), ((3, 0), q_strided)):
+        args = (
+            query.requires_grad_(),
+            k.requires_grad_(),
+            v.requires_grad_(),
+            cu_q,
+            cu_k,
+            12,
+            12,
+            None,
+            *window,
+        )
         torch.library.opcheck(flash4._forward, args)
+        out, lse = (t.detach() for t in flash4._forward(*args))
+        tensors = [t.detach() for t in args[:3]]
+        backward = (torch.randn_like(out), *tensors, out, lse, *args[3:])
+        torch.library.opcheck(flash4._backward_op, backward, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (2, 1)])

@@ -146,7 +146,7 @@ def _forward(
         window_size_right=_window(right),
         return_lse=True,
     )
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 @_forward.register_fake
@@ -190,14 +190,16 @@ def _backward_op(
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
     )
-    return dq, dk, dv
+    # contiguous, as the shape function says (FlashAttention 4 allocates its
+    # gradients like the inputs it was handed, which may be strided views)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_backward_op.register_fake
 def _backward_shapes(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, *_: object
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
