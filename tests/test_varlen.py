@@ -305,6 +305,35 @@ def test_flash4_varlen_attention_gradients_match_float64(
         assert relative_error(mine, theirs) < 1e-12
 
 
+@pytest.mark.parametrize("complete", [True, False])
+def test_flash4_is_installed_only_with_both_entry_points(
+    monkeypatch: pytest.MonkeyPatch, complete: bool
+) -> None:
+    """The package counts as installed when its interface has the forward and
+    backward entry points the custom ops call; a release without them leaves
+    ``varlen`` on FlashAttention 2 instead of failing."""
+    import sys
+    import types
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd = STAND_IN[0]  # type: ignore[attr-defined]
+    if complete:
+        interface._flash_attn_bwd = STAND_IN[1]  # type: ignore[attr-defined]
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface  # type: ignore[attr-defined]
+    package = types.ModuleType("flash_attn")
+    package.cute = cute  # type: ignore[attr-defined]
+    for name, module in (
+        ("flash_attn", package),
+        ("flash_attn.cute", cute),
+        ("flash_attn.cute.interface", interface),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(flash4, "_KERNELS", [])
+    assert flash4.installed() is complete
+    assert flash4.kernels() == (STAND_IN if complete else None)
+
+
 def test_flash4_needs_its_package() -> None:
     """Called without the package, the op says what to install."""
     q, k, v, cu_q, cu_k = _packed_case(1)

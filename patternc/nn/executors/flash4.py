@@ -56,14 +56,16 @@ def kernels() -> Kernels | None:
 def _import_kernels() -> Kernels | None:
     try:
         from flash_attn.cute import interface  # type: ignore[import-not-found,unused-ignore]
-    except Exception:  # ImportError, or a broken install of its compiler
+
+        found = interface._flash_attn_fwd, interface._flash_attn_bwd
+    except Exception:  # ImportError, a broken install of its compiler, or a release without them
         return None
     # its compiler warns, on the kernel's internal argument, that it passes the
     # argument as a constant: nothing a user of patternc can act on
     warnings.filterwarnings(
         "ignore", message=r"Argument aux_data .* cannot be converted", category=UserWarning
     )
-    return interface._flash_attn_fwd, interface._flash_attn_bwd
+    return found
 
 
 def installed() -> bool:
