@@ -25,6 +25,9 @@
 #              back to back with batched measured twice           ~2 min
 #   fa4tests   with FlashAttention 4 on the path: varlen's GPU tests (FA4
 #              eager and inside torch.compile) and the CUDA-graph tests ~3 min
+#   fa4quick   with FlashAttention 4 on the path, in one call: varlen's GPU
+#              tests, then the 65k training step, hand against patternc,
+#              eager and compiled (6 steps)                       ~8 min
 #   fa4        FlashAttention 4 (needs flash-attn-4 on the path, see
 #              benchmarks/fa4_wheels.sh for getting it there): varlen
 #              against FlashAttention 2, flex's FLASH backend against
@@ -107,6 +110,12 @@ fa4tests() {
   for module in varlen cuda_graphs; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_${module}_fa4.txt" | tail -5
   done
+}
+fa4quick() {
+  timeout 240 python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider -k "flash4 or gpu" 2>&1 \
+    | tee "$OUT/test_varlen_fa4.txt" | tail -5
+  timeout 320 python3 benchmarks/bench_step.py --steps 6 --variants hand patternc 2>&1 | grep -v "^W1\|Warning" \
+    | tee "$OUT/model_step_fa4.txt"
 }
 fa4() {
   python3 benchmarks/bench_kernels.py --parts fa4 --repeat 10 2>&1 | grep -v "^W1" | tee "$OUT/kernels_fa4.txt"
