@@ -25,6 +25,7 @@
 #              back to back with batched measured twice           ~2 min
 #   fa4tests   with FlashAttention 4 on the path: varlen's GPU tests (FA4
 #              eager and inside torch.compile) and the CUDA-graph tests ~3 min
+#   fa4gpu     varlen's GPU cases on FlashAttention 4 only         ~2 min
 #   fa4quick   with FlashAttention 4 on the path, in one call: varlen's GPU
 #              tests, then the 65k training step, hand against patternc,
 #              eager and compiled (6 steps)                       ~8 min
@@ -110,6 +111,10 @@ fa4tests() {
   for module in varlen cuda_graphs; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_${module}_fa4.txt" | tail -5
   done
+}
+fa4gpu() {  # the GPU cases on FlashAttention 4 alone: eager and inside torch.compile
+  timeout 170 python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider -k "flash4 and gpu" 2>&1 \
+    | tee "$OUT/test_varlen_fa4_gpu.txt" | tail -8
 }
 fa4quick() {
   timeout 240 python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider -k "flash4 or gpu" 2>&1 \
