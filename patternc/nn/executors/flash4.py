@@ -232,6 +232,15 @@ def varlen_attention(
 ) -> Tensor:
     """Its varlen kernel on packed ``[T, H, D]`` Q/K/V with int32 cumulative
     lengths; ``window``: ``(left, right)`` in ATen's convention (-1:
-    unbounded). Differentiable, and one node to ``torch.compile``."""
+    unbounded; ``(-1, 0)`` is causal). Differentiable, and one node to
+    ``torch.compile``. Raises ``RuntimeError`` without the package.
+
+    Example (two documents of 3 and 5 tokens, each attending to itself):
+        ```python
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+        q, k, v = (torch.randn(8, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        out = varlen_attention(q, k, v, cu, cu, 5, 5, None, (-1, 0))  # [8, 12, 64]
+        ```
+    """
     out: Tensor = _forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, *window)[0]
     return out
