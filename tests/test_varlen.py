@@ -241,6 +241,16 @@ def _stand_in_backward(
     return tuple(g.to(t.dtype) for g, t in zip((dq, dk, dv), (q, k, v)))
 
 
+def _counted(kernels: flash4.Kernels, launched: list[str]) -> flash4.Kernels:
+    """``kernels`` that append ``"fwd"`` / ``"bwd"`` to ``launched`` when called."""
+    forward, backward = kernels
+
+    def run(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args, **kwargs: launched.append(name) or kernel(*args, **kwargs)
+
+    return run("fwd", forward), run("bwd", backward)
+
+
 STAND_IN = (_stand_in_forward, _stand_in_backward)
 """FlashAttention 4's two entry points replaced by float64 stand-ins: what
 patternc's custom ops call, run on CPU."""
@@ -452,12 +462,9 @@ def test_a_flash4_varlen_layer_compiles_fullgraph_with_its_gradients(
 
     launched: list[str] = []
 
-    def counted(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda *args, **kwargs: launched.append(name) or kernel(*args, **kwargs)
-
     monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
     monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")
-    monkeypatch.setattr(flash4, "kernels", lambda: (counted("fwd", STAND_IN[0]), counted("bwd", STAND_IN[1])))
+    monkeypatch.setattr(flash4, "kernels", lambda: _counted(STAND_IN, launched))
     plan, sizes = (AB["joint"], ab_sizes(4, 9)) if name == "joint" else (DOCS, {"doc0": 7, "doc1": 12})
     module = make(plan.bind(list(sizes)), "varlen", 1, dim=32)
     x = torch.randn(2, sum(sizes.values()), 32, dtype=torch.float64)
@@ -589,10 +596,7 @@ def test_gpu_flash4_varlen_inside_torch_compile(monkeypatch: pytest.MonkeyPatch,
     assert real is not None
     launched: list[str] = []
 
-    def counted(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda *args, **kwargs: launched.append(name) or kernel(*args, **kwargs)
-
-    monkeypatch.setattr(flash4, "kernels", lambda: (counted("fwd", real[0]), counted("bwd", real[1])))
+    monkeypatch.setattr(flash4, "kernels", lambda: _counted(real, launched))
     sizes = {f"doc{i}": n for i, n in enumerate([1, 17, 300, 64, 129])}
     module = make(DOCS.bind(list(sizes)), impl, 7, dim=128)
     gen = torch.Generator().manual_seed(7)

@@ -180,7 +180,7 @@ def _backward_op(
         k,
         v,
         out,
-        grad_out.contiguous(),
+        grad_out,
         lse,
         scale,
         False,  # causal: given as the window
