@@ -20,7 +20,9 @@ tokens only where some tokens are never keys):
 - ``<pick> again``;
 - ``one SDPA`` (forward only): one bare ``scaled_dot_product_attention`` on
   contiguous head-major tensors of the layout's largest launch: the host
-  time that no executor launching attention can go under.
+  time that no executor launching attention can go under;
+- ``auto's choice alone`` (forward only): :func:`choose` on the same inputs,
+  no kernel: the host time ``auto`` adds to its pick.
 
 Per row: median single-call time (device events), and the host time of one
 call (the Python call returning, queue empty), median and 10th percentile:
@@ -186,6 +188,7 @@ def main() -> None:
                 rows["one SDPA"] = _one_sdpa(
                     q[:, : longest.n_queries], q[:, :n_keys], q[:, :n_keys], backward
                 )
+                rows["auto's choice alone"] = lambda inputs=inputs: choose(inputs)
             samples = paired_rounds(rows, args.rounds)
             verdicts += _report(name, "fwd+bwd" if backward else "fwd", pick, samples)
             del q, k, v, inputs, rows, samples

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.cache import LAYOUTS, BoundedCache, _compiling
+from patternc.cache import LAYOUTS, BoundedCache
 from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -164,10 +164,14 @@ candidate runs the same kernels in both (``varlen`` reaches FlashAttention 4
 through custom ops, see :mod:`patternc.nn.executors.flash4`)."""
 
 
-def _conditions(inputs: AttentionInputs) -> Conditions:
+def _conditions(inputs: AttentionInputs, traced: bool = False) -> Conditions:
+    """``traced``: the shape as a plain tuple, for Dynamo to hand to
+    :func:`_choice_by_id` (eagerly ``torch.Size``, a tuple that hashes alike,
+    saves a copy on the hot path)."""
     q = inputs.q
     plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    return tuple(q.shape), q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
+    shape = tuple(q.shape) if traced else q.shape
+    return shape, q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
@@ -208,9 +212,11 @@ def choose(inputs: AttentionInputs) -> str:
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    if _compiling():
-        return _constant_choice(id(inputs.layout), _conditions(inputs))
-    return _choice(inputs.layout, _conditions(inputs))
+    if torch.compiler.is_compiling():
+        return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
+    conditions = _conditions(inputs)
+    found = PICKS.lookup((id(inputs.layout), conditions))  # the hot path: one dict lookup
+    return found[1] if found is not None else _choice(inputs.layout, conditions)
 
 
 PICKS: BoundedCache[tuple[int, Conditions], tuple[Layout, str]] = BoundedCache("auto picks", 2048)

@@ -9,8 +9,10 @@ layout without a copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +94,25 @@ class AttentionInputs:
         return {name: kv[1] for name, kv in self.cache.items()}
 
 
+_T = TypeVar("_T")
+
 Executor = Callable[[AttentionInputs], Tensor]
 """An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
+
+
+def once(answer: Callable[[], _T]) -> Callable[[], _T]:
+    """``answer`` asked on the first call and remembered: for questions about
+    the installation (a torch version's module, an optional package) that
+    compiled layers ask too. A closure over a list, because Dynamo warns
+    about every ``functools.cache`` it traces through."""
+    memo: list[_T] = []
+
+    def remembered() -> _T:
+        if not memo:
+            memo.append(answer())
+        return memo[0]
+
+    return functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patternc.nn.executors.common import device_capability
+from patternc.nn.executors.common import device_capability, once
 
 __all__ = ["enabled", "installed", "usable", "varlen_attention"]
 
@@ -38,22 +38,13 @@ Kernels = tuple[Callable[..., Any], Callable[..., Any]]
 ``_flash_attn_bwd`` of ``flash_attn.cute.interface``): the functions its
 own autograd function calls, and torch's FlashAttention-4 registration too."""
 
-_KERNELS: list[Kernels | None] = []
-"""The import's outcome, memoised by hand: a list, not ``functools.cache``,
-which Dynamo warns about when a compiled layer asks :func:`usable`."""
 
-
+@once
 def kernels() -> Kernels | None:
     """Its forward and backward entry points, or None where the package is
     not installed or does not import (its CuTe DSL compiler is a separate
     package). Torch's FLASH lowering of FlexAttention imports the same
     module, so this also says whether ``flex`` can ask for it."""
-    if not _KERNELS:
-        _KERNELS.append(_import_kernels())
-    return _KERNELS[0]
-
-
-def _import_kernels() -> Kernels | None:
     try:
         from flash_attn.cute import interface  # type: ignore[import-not-found,unused-ignore]
 

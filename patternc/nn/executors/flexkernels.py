@@ -6,7 +6,6 @@ the kernel they choose."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from patternc.cache import _compiling
 from patternc.nn.executors import flash4
-from patternc.nn.executors.common import AttentionInputs, device_capability
+from patternc.nn.executors.common import AttentionInputs, device_capability, once
 
 __all__ = [
     "FLASH_OPTIONS",
@@ -134,7 +133,7 @@ forward and backward at 65k AB-UPT tokens, 0.55 against 0.34 and 1.38
 against 1.03 at 10k. The two lines cross at these FLOPs."""
 
 
-@functools.cache
+@once
 def _torch_lowers_flash() -> bool:
     """This torch has FlexAttention's FLASH lowering (>= 2.10)."""
     import importlib.util

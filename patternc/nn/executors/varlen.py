@@ -25,7 +25,6 @@ a different number of queries and keys).
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ from patternc.export.varlen import varlen_launches
 from patternc.layout import Layout
 from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched, run_batched
-from patternc.nn.executors.common import AttentionInputs
+from patternc.nn.executors.common import AttentionInputs, once
 from patternc.nn.tables import TABLES
 
 __all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
@@ -46,7 +45,7 @@ __all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varl
 _warned: set[str] = set()
 
 
-@functools.cache
+@once
 def _has_varlen() -> bool:
     """This torch has ``varlen_attn`` (>= 2.10), so the ATen op behind it takes
     cumulative lengths and windows as the executor passes them."""
