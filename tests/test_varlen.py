@@ -5,6 +5,7 @@ without CUDA; on CPU both fall back to ``batched``."""
 from __future__ import annotations
 
 import itertools
+import random
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -421,6 +422,39 @@ def test_cost_model_prices_flash4_varlen_faster() -> None:
         }
         assert seconds["flash4"]["varlen"] < seconds["flash2"]["varlen"]
         assert seconds["flash4"]["batched"] == seconds["flash2"]["batched"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sizes", "training", "winner"),
+    [
+        # single calls on an H100 with FlashAttention 4 (13th session, bench_gpu
+        # small): ms of the pick against the runner-up
+        ("joint", (1024, 4096), True, "batched"),  # 0.941 against varlen's 1.178
+        ("self_anchor", (1024, 4096), True, "batched"),  # 0.604 against 1.064
+        ("joint", (1024, 4096), False, "batched"),  # 0.217 against 0.356
+        ("docs", 16, False, "varlen"),  # 0.379 against batched's 0.603
+        ("docs", 16, True, "varlen"),  # 1.300 against 2.640
+        ("docs", 64, True, "varlen"),  # 3.659 against 10.066
+        # H200 with FlashAttention 4 (11th session): varlen 9-18% ahead
+        ("joint", (8192, 24576), True, "varlen"),
+        ("self_anchor", (8192, 24576), True, "varlen"),
+    ],
+)
+def test_cost_model_on_flash4_picks_the_measured_winner(
+    pattern: str, sizes: tuple[int, int] | int, training: bool, winner: str
+) -> None:
+    """varlen on FlashAttention 4 is priced with its launcher's host time,
+    so a short training call at 10k tokens stays on ``batched`` while
+    documents and 65k training go to varlen, as measured."""
+    if isinstance(sizes, int):  # bench_gpu's documents: lengths drawn from 256-2048, seed 1 (16) or 0 (64)
+        rng = random.Random(1 if sizes == 16 else 0)
+        plan = patternc.compile("groups doc*\ndoc* -> self").patterns["default"]
+        specs = {f"doc{i}": rng.randint(256, 2048) for i in range(sizes)}
+    else:
+        plan, specs = AB[pattern], ab_sizes(*sizes)
+    layout = schedule_for(plan.token_specs(specs), plan)
+    ranked = _estimates(layout, 1, 12, 64, torch.device("cpu"), True, True, training, "'ieee'", "flash4")
+    assert ranked[0].backend == winner
 
 
 @pytest.mark.parametrize(

@@ -53,8 +53,13 @@ _HALF = {
     "dense": _Rates(25e-6, 420e12, 3.5),
 }
 # varlen on FlashAttention 4 (see varlen_kernel), H200, 64 documents: 1.29x
-# FlashAttention 2's forward rate, forward+backward 2.95x its forward
-_HALF_VARLEN_FLASH4 = _Rates(60e-6, 370e12, 3.0)
+# FlashAttention 2's forward rate, forward+backward 2.95x its forward. Its
+# launcher is Python (CuTe DSL): a single call pays 100-400 us of host time
+# per launch beyond its kernel (H100, 10k AB-UPT and documents, 13th
+# session); 150 us keeps every pick on the measured winner of those rows,
+# where 60 us (fitted at 64 documents, where the host hides behind the
+# kernel) picked varlen for joint 10k training at 1.29x batched's time.
+_HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
 # float32, head_dim 64, H200 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
 # efficient kernel; flex with three-TF32 products (faster forward, backward
 # ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
