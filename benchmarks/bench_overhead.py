@@ -125,8 +125,9 @@ def main() -> None:
 def periodic_views(repeat: int) -> None:
     """The self-anchor hot path's input views (one periodic launch, three
     tensors): one ``as_strided`` each when no gradient flows, against the
-    reshape/narrow/transpose chain kept for training; then the executor's
-    whole call in each mode (tiny tensors: host time)."""
+    reshape/narrow/transpose chain kept for training; the output's way back
+    to token order, its shape passed as a ``torch.Size`` or as ints; then
+    the executor's whole call in each mode (tiny tensors: host time)."""
     from patternc.nn.executors.batched import _periods
 
     plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns["self_anchor"]
@@ -139,11 +140,17 @@ def periodic_views(repeat: int) -> None:
 
     def views(tensors: list[torch.Tensor]) -> Callable[[], object]:
         q, k, v = tensors
+        count, period = launch.count, launch.period
         return lambda: (
-            _periods(q, launch, launch.q_start, launch.q_length),
-            _periods(k, launch, launch.k_start, launch.k_length),
-            _periods(v, launch, launch.k_start, launch.k_length),
+            _periods(q, count, period, launch.q_start, launch.q_length),
+            _periods(k, count, period, launch.k_start, launch.k_length),
+            _periods(v, count, period, launch.k_start, launch.k_length),
         )
+
+    # the launch's output, [B * count, H, L, D] laid out token-major as SDPA
+    # leaves it, back to [B, N, H, D]: the shape as a torch.Size or as ints
+    q = frozen[0]
+    out = q.view(launch.count, launch.period, *q.shape[2:]).transpose(1, 2)
 
     def call(tensors: list[torch.Tensor]) -> Callable[[], object]:
         inputs = AttentionInputs(*tensors, schedule, {}, None, 0.0, None)
@@ -152,13 +159,15 @@ def periodic_views(repeat: int) -> None:
     rows = [
         ("views, no grad (as_strided)", *timings_us(views(frozen), repeat)),
         ("views, grad (chain)", *timings_us(views(trained), repeat)),
+        ("out back, reshape(Size)", *timings_us(lambda: out.transpose(1, 2).reshape(q.shape), repeat)),
+        ("out back, reshape(*ints)", *timings_us(lambda: out.transpose(1, 2).reshape(*q.shape), repeat)),
         ("batched, no grad", *timings_us(call(frozen), repeat)),
         ("batched, grad (forward)", *timings_us(call(trained), repeat)),
     ]
     print(f"\nself-anchor 2x(4+12), one periodic launch, CPU, 1 thread, {repeat} samples")
-    print(f"{'variant':<28} {'median us':>9} {'min us':>8}")
+    print(f"{'variant':<30} {'median us':>9} {'min us':>8}")
     for name, us, low in rows:
-        print(f"{name:<28} {us:>9.1f} {low:>8.1f}")
+        print(f"{name:<30} {us:>9.1f} {low:>8.1f}")
 
 
 if __name__ == "__main__":
