@@ -15,7 +15,9 @@ import bench_overhead
 
 def test_periodic_views_table_runs(capsys: pytest.CaptureFixture[str]) -> None:
     bench_overhead.periodic_views(repeat=3)
-    rows = {line.rsplit(maxsplit=2)[0]: line.split()[-2:] for line in capsys.readouterr().out.splitlines()[3:]}
+    rows = {
+        line.rsplit(maxsplit=2)[0]: line.split()[-2:] for line in capsys.readouterr().out.splitlines()[3:]
+    }
     assert set(rows) == {
         "views, no grad (as_strided)",
         "views, grad (chain)",
