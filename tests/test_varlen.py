@@ -726,6 +726,28 @@ def test_bench_rows_name_flash4_where_it_runs(
     assert benchmark._row_label(backend, DOCS, sizes, x, 2, False) == label
 
 
+def test_eager_and_traced_keys_find_one_pick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager calls key ``auto``'s picks by ``q.shape`` as a ``torch.Size``
+    (no copy on the hot path), a trace by a plain tuple: the two keys are
+    one entry, so the graph reuses the eager pick without pricing again."""
+    from patternc.nn.executors import auto
+
+    priced: list[object] = []
+    monkeypatch.setattr(
+        auto, "_candidates", lambda *args: priced.append(args) or (auto.Estimate("flex", 0.0),)
+    )
+    auto.PICKS.clear()
+    layout = schedule_for(AB["joint"].token_specs(ab_sizes(3, 6)), AB["joint"])
+    q = torch.randn(1, 18, 2, 8)
+    inputs = AttentionInputs(q, q, q, layout, {}, None, 0.0, None)
+    assert choose(inputs) == "flex"
+    traced = auto._conditions(inputs, traced=True)
+    assert type(traced[0]) is tuple and type(auto._conditions(inputs)[0]) is torch.Size
+    assert auto._choice_by_id(id(layout), traced) == "flex"
+    assert choose(inputs) == "flex" and len(priced) == 1
+    auto.PICKS.clear()
+
+
 def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
     """With FlashAttention 4 installed, ``varlen`` runs it eager and inside a
     user's ``torch.compile`` alike, so a layout is priced once, on it, and the

@@ -39,6 +39,7 @@ __all__ = [
     "group_positions",
     "modifier_args",
     "modifier_mask",
+    "once",
     "within_group_positions",
     "zero_padding",
     "zeros_from",
