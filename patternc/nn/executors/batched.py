@@ -173,12 +173,17 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, layout)
     ks, vs = (TokenSplit(t, layout, keys=True, compact=compact) for t in (k, v))
-    # direct launches read head-major pieces: no per-call transposes
+    # direct launches read head-major pieces: no per-call transposes; split
+    # once here, not asked of the splits per launch (64 documents: 64 launches)
     head_major = None
     if any(pieces is not None for pieces in direct):
-        qh = TokenSplit(q.transpose(1, 2), layout, dim=2)
-        kh, vh = (TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2, compact=compact) for t in (k, v))
-        head_major = (qh, kh, vh)
+        head_major = (
+            TokenSplit(q.transpose(1, 2), layout, dim=2).pieces,
+            *(
+                TokenSplit(t.transpose(1, 2), layout, keys=True, dim=2, compact=compact).pieces
+                for t in (k, v)
+            ),
+        )
     for number, (launch, pieces, periodic) in enumerate(zip(layout.launches, direct, periodic_launches)):
         periodic_keys = None
         if periodic is not None:  # its keys repeat in the space K/V are in, too?
@@ -193,7 +198,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
         if pieces is not None:
             assert head_major is not None
             q_piece, kv_piece, causal = pieces
-            q_pieces, k_pieces, v_pieces = (split.pieces for split in head_major)
+            q_pieces, k_pieces, v_pieces = head_major
             out = F.scaled_dot_product_attention(
                 q_pieces[q_piece], k_pieces[kv_piece], v_pieces[kv_piece],
                 dropout_p=dropout_p, scale=scale, is_causal=causal,
