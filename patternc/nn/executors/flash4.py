@@ -96,9 +96,19 @@ def usable(device: torch.device, head_dim: int) -> bool:
     return head_dim <= HEAD_DIM.get(device_capability(device)[0], 0)
 
 
-def _window(size: int) -> int | None:
-    """ATen's window (-1: unbounded) as FlashAttention 4 takes it (None)."""
-    return None if size < 0 else size
+def _segments(
+    cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, left: int, right: int
+) -> dict[str, Any]:
+    """The keywords both entry points take for the packed segments and the
+    window, ATen's -1 ("unbounded") given as FlashAttention 4's None."""
+    return {
+        "cu_seqlens_q": cu_seq_q,
+        "cu_seqlens_k": cu_seq_k,
+        "max_seqlen_q": max_q,
+        "max_seqlen_k": max_k,
+        "window_size_left": None if left < 0 else left,
+        "window_size_right": None if right < 0 else right,
+    }
 
 
 def _require() -> Kernels:
@@ -130,14 +140,9 @@ def _forward(
         q,
         k,
         v,
-        cu_seqlens_q=cu_seq_q,
-        cu_seqlens_k=cu_seq_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
         softmax_scale=scale,
-        window_size_left=_window(left),
-        window_size_right=_window(right),
         return_lse=True,
+        **_segments(cu_seq_q, cu_seq_k, max_q, max_k, left, right),
     )
     return out.contiguous(), lse.contiguous()
 
@@ -176,12 +181,7 @@ def _backward_op(
         scale,
         False,  # causal: given as the window
         0.0,  # softcap
-        window_size_left=_window(left),
-        window_size_right=_window(right),
-        cu_seqlens_q=cu_seq_q,
-        cu_seqlens_k=cu_seq_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
+        **_segments(cu_seq_q, cu_seq_k, max_q, max_k, left, right),
     )
     # contiguous, as the shape function says (FlashAttention 4 allocates its
     # gradients like the inputs it was handed, which may be strided views)
