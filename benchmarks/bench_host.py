@@ -191,7 +191,7 @@ def _layout(
 def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
     """``auto``'s own host time, piece by piece, on self-anchor 2x(1k+4k)."""
     from patternc.cache import _compiling
-    from patternc.nn.executors.auto import PICKS, _conditions
+    from patternc.nn.executors.auto import PICKS, _conditions, _key
 
     source, pattern, sizes = LAYOUTS["self-anchor 2x(1k+4k)"]
     plan = patternc.compile(open(source).read()).patterns[pattern]
@@ -199,7 +199,7 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
     q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
     choose(inputs)
-    key = (id(layout), _conditions(inputs))
+    key = _key(inputs)
     parts: dict[str, Callable[[], object]] = {
         "choose(inputs)": functools.partial(choose, inputs),
         "_compiling()": _compiling,
@@ -208,6 +208,7 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
         "q.dtype": lambda: q.dtype,
         "q.device": lambda: q.device,
         "_conditions(inputs)": functools.partial(_conditions, inputs),
+        "_key(inputs)": functools.partial(_key, inputs),
         "hash(key)": functools.partial(hash, key),
         "PICKS.lookup(key)": functools.partial(PICKS.lookup, key),
     }

@@ -311,7 +311,7 @@ def main() -> None:
     if args.backend == "auto":
         from patternc.nn.executors.auto import PICKS
 
-        picks = sorted({(f"training={c[4]}, compact={c[5]}", pick) for (_, c), (_, pick) in PICKS.items()})
+        picks = sorted({(f"training={k[5]}, compact={k[6]}", pick) for k, (_, pick) in PICKS.items()})
         print("auto's picks on record:")
         for conditions, pick in picks:
             print(f"  {conditions}: {pick}")

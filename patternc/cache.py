@@ -46,6 +46,10 @@ class BoundedCache(Generic[K, V]):
         self.name, self.size = name, size
         self.lookup_while_tracing = lookup_while_tracing
         self._entries: dict[K, V] = {}
+        self.lookup: Callable[[K], V | None] = self._entries.get
+        """The entry or None, with no trace check: for callers Dynamo never
+        traces (a hot path that must cost one dict lookup: the dict's own
+        ``get``, no Python frame)."""
 
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
         if _compiling():  # traced by torch.compile: build what is missing, store nothing
@@ -62,11 +66,6 @@ class BoundedCache(Generic[K, V]):
         if key not in self._entries and len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = value
-
-    def lookup(self, key: K) -> V | None:
-        """The entry or None, with no trace check: for callers Dynamo never
-        traces (a hot path that must cost one dict lookup)."""
-        return self._entries.get(key)
 
     def values(self) -> list[V]:
         return list(self._entries.values())

@@ -748,6 +748,22 @@ def test_eager_and_traced_keys_find_one_pick(monkeypatch: pytest.MonkeyPatch) ->
     auto.PICKS.clear()
 
 
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("which", [None, "q", "k", "v"])
+def test_the_pick_key_reads_training_as_the_inputs_do(grad_enabled: bool, which: str | None) -> None:
+    """``auto``'s hot-path key writes :attr:`AttentionInputs.differentiated`
+    out (no property call): the two must agree whatever takes a gradient."""
+    from patternc.nn.executors import auto
+
+    layout = schedule_for(AB["joint"].token_specs(ab_sizes(3, 6)), AB["joint"])
+    q, k, v = (torch.randn(1, 18, 2, 8, requires_grad=name == which) for name in "qkv")
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    with torch.set_grad_enabled(grad_enabled):
+        key = auto._key(inputs)
+        assert key[5] is inputs.differentiated is (grad_enabled and which is not None)
+        assert key[1:] == auto._conditions(inputs) and key[0] == id(layout)
+
+
 def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
     """With FlashAttention 4 installed, ``varlen`` runs it eager and inside a
     user's ``torch.compile`` alike, so a layout is priced once, on it, and the

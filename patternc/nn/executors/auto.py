@@ -168,15 +168,33 @@ Eager calls and a user's ``torch.compile`` share their picks: every
 candidate runs the same kernels in both (``varlen`` reaches FlashAttention 4
 through custom ops, see :mod:`patternc.nn.executors.flash4`)."""
 
+PickKey = tuple[int, tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
+"""``(id(layout), *conditions)``: one flat tuple, so that the hot path builds
+and hashes one tuple, not a tuple inside a tuple."""
+
+
+def _key(inputs: AttentionInputs) -> PickKey:
+    """The pick's key for an eager call, built in one frame from C calls (the
+    hot path of every ``auto`` call): the shape stays a ``torch.Size`` (a
+    tuple that hashes alike, no copy), and ``training`` is
+    :attr:`AttentionInputs.differentiated` written out, not a property call."""
+    q = inputs.q
+    return (
+        id(inputs.layout),
+        q.shape,
+        q.dtype,
+        q.device,
+        inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None,
+        (q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad) and _grad_enabled(),
+        inputs.keys_compact,
+    )
+
 
 def _conditions(inputs: AttentionInputs, traced: bool = False) -> Conditions:
     """``traced``: the shape as a plain tuple, for Dynamo to hand to
-    :func:`_choice_by_id` (eagerly ``torch.Size``, a tuple that hashes alike,
-    saves a copy on the hot path)."""
-    q = inputs.q
-    plain = inputs.key_padding_mask is None and inputs.dropout_p == 0 and inputs.alibi_slopes is None
-    shape = tuple(q.shape) if traced else q.shape
-    return shape, q.dtype, q.device, plain, inputs.differentiated, inputs.keys_compact
+    :func:`_choice_by_id`."""
+    _, shape, *rest = _key(inputs)
+    return (tuple(shape) if traced else shape, *rest)  # type: ignore[return-value]
 
 
 def estimates(inputs: AttentionInputs) -> tuple[Estimate, ...]:
@@ -217,21 +235,24 @@ def choose(inputs: AttentionInputs) -> str:
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
-    conditions = _conditions(inputs)
-    found = PICKS.lookup((id(inputs.layout), conditions))  # the hot path: one dict lookup
-    return found[1] if found is not None else _choice(inputs.layout, conditions)
+    key = _key(inputs)
+    found = PICKS.lookup(key)  # the hot path: one flat key, one dict lookup
+    return found[1] if found is not None else _choice(inputs.layout, key[1:])
 
 
-PICKS: BoundedCache[tuple[int, Conditions], tuple[Layout, str]] = BoundedCache("auto picks", 2048)
-"""Key ``(id(layout), conditions)`` -> ``(layout, pick)``; holding the
-layout keeps its ``id`` its own while the entry lives."""
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+
+PICKS: BoundedCache[PickKey, tuple[Layout, str]] = BoundedCache("auto picks", 2048)
+"""Key :data:`PickKey` -> ``(layout, pick)``; holding the layout keeps its
+``id`` its own while the entry lives."""
 
 
 def _choice(layout: Layout, conditions: Conditions) -> str:
-    key = (id(layout), conditions)
-    found = PICKS.lookup(key)  # the hot path: one dict lookup
+    key: PickKey = (id(layout), *conditions)
+    found = PICKS.lookup(key)
     if found is not None:
         return found[1]
     pick = _candidates(layout, conditions)[0].backend
@@ -242,7 +263,7 @@ def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
     """The pick for the layout with this ``id``: one seen by an eager call or
     one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
     layout built inside the trace and never run eagerly."""
-    found = PICKS.lookup((layout_id, conditions))
+    found = PICKS.lookup((layout_id, *conditions))
     if found is not None:
         return found[1]
     layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
