@@ -128,7 +128,7 @@ def periodic_views(repeat: int) -> None:
     reshape/narrow/transpose chain kept for training; the output's way back
     to token order, its shape passed as a ``torch.Size`` or as ints; then
     the executor's whole call in each mode (tiny tensors: host time)."""
-    from patternc.nn.executors.batched import _periods
+    from patternc.nn.executors.batched import _back_to_tokens, _periods
 
     plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns["self_anchor"]
     sizes = {"surface_anchors": 4, "surface_queries": 12, "volume_anchors": 4, "volume_queries": 12}
@@ -148,7 +148,8 @@ def periodic_views(repeat: int) -> None:
         )
 
     # the launch's output, [B * count, H, L, D] laid out token-major as SDPA
-    # leaves it, back to [B, N, H, D]: the shape as a torch.Size or as ints
+    # leaves it, back to [B, N, H, D]: the shape as a torch.Size or as ints,
+    # or one as_strided (the executor's way without a gradient)
     q = frozen[0]
     out = q.view(launch.count, launch.period, *q.shape[2:]).transpose(1, 2)
 
@@ -161,6 +162,7 @@ def periodic_views(repeat: int) -> None:
         ("views, grad (chain)", *timings_us(views(trained), repeat)),
         ("out back, reshape(Size)", *timings_us(lambda: out.transpose(1, 2).reshape(q.shape), repeat)),
         ("out back, reshape(*ints)", *timings_us(lambda: out.transpose(1, 2).reshape(*q.shape), repeat)),
+        ("out back, as_strided", *timings_us(lambda: _back_to_tokens(out, q.shape), repeat)),
         ("batched, no grad", *timings_us(call(frozen), repeat)),
         ("batched, grad (forward)", *timings_us(call(trained), repeat)),
     ]

@@ -23,6 +23,7 @@ def test_periodic_views_table_runs(capsys: pytest.CaptureFixture[str]) -> None:
         "views, grad (chain)",
         "out back, reshape(Size)",
         "out back, reshape(*ints)",
+        "out back, as_strided",
         "batched, no grad",
         "batched, grad (forward)",
     }
