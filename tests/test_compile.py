@@ -330,3 +330,28 @@ def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:
     assert not [m for m in messages if "patternc" in m], messages
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert float((out.float() - expected.float()).norm() / expected.float().norm()) < tolerance
+
+
+def test_traced_table_lookups_compile_in_one_graph() -> None:
+    """Compiled layers ask :data:`~patternc.nn.tables.TABLES` for what eager
+    calls stored (flex does on every trace), so its lookups must trace
+    without a break. A bound builtin ``dict.get`` as the lookup broke the
+    graph under torch 2.11 (seen on an H100), which is why only ``auto``'s
+    untraced hot path takes
+    :meth:`~patternc.cache.BoundedCache.untraced_lookup`; torch 2.13
+    traces either, so here this guards the traced path itself."""
+    from conftest import ab_sizes
+
+    from patternc.nn.schedule import schedule_for
+    from patternc.nn.tables import TABLES
+
+    plan = patternc.compile(open(EXAMPLES / "ab_upt.pc").read())["joint"]
+    layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
+    key = ("traced lookup test", layout, 3)
+    TABLES.keep(key, lambda: 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda t: t + TABLES.get(key, lambda: 0, traceable=True), fullgraph=True, backend="eager"
+    )
+    assert torch.equal(compiled(torch.zeros(2)), torch.full((2,), 5.0))
+    TABLES.clear()

@@ -238,7 +238,7 @@ def choose(inputs: AttentionInputs) -> str:
     if _is_compiling():
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
     key = _key(inputs)
-    found = PICKS.lookup(key)  # the hot path: one flat key, one dict lookup
+    found = _lookup_pick(key)  # the hot path: one flat key, one dict lookup
     return found[1] if found is not None else _choice(inputs.layout, key[1:])
 
 
@@ -248,6 +248,7 @@ _grad_enabled = torch.is_grad_enabled
 PICKS: BoundedCache[PickKey, tuple[Layout, str]] = BoundedCache("auto picks", 2048)
 """Key :data:`PickKey` -> ``(layout, pick)``; holding the layout keeps its
 ``id`` its own while the entry lives."""
+_lookup_pick = PICKS.untraced_lookup()  # choose() returns before this under a trace
 
 
 def _choice(layout: Layout, conditions: Conditions) -> str:
