@@ -588,7 +588,7 @@ def test_periodic_output_goes_back_to_token_order(batch: int, token_major: bool,
     out.requires_grad_(requires_grad)
     shape = torch.Size((batch, count * length, heads, dim))
     with _CountOps() as counter:
-        back = _back_to_tokens(out, shape)
+        back = _back_to_tokens(out, batch, count * length)
     assert back.shape == shape and torch.equal(back, out.transpose(1, 2).reshape(shape))
     assert torch.equal(back, tokens.reshape(shape))
     strided = any("as_strided" in op for op in counter.ops)
@@ -681,3 +681,27 @@ def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
     assert builds == ["first", "plain", "plain traced", "second traced"]
     cache.clear()
     assert cache.stored(("kind", first)) is None and len(cache) == 0
+
+
+@pytest.mark.parametrize("executor", ["batched", "loop", "auto"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("pattern", ["self_anchor", "joint"])
+@pytest.mark.parametrize("sizes", [(4, 12, 4, 12), (4, 12, 5, 11)])  # equal branches: periodic
+def test_values_may_have_their_own_head_dim(
+    executor: str, requires_grad: bool, pattern: str, sizes: tuple[int, ...]
+) -> None:
+    """SDPA lets V's head dim differ from Q's and K's; the hot paths shape
+    their output from V's (the self-anchor path once reshaped it to Q's
+    shape, which failed), and match the dense float64 executor."""
+    plan = AB.patterns[pattern]
+    layout = schedule_for(plan.token_specs(dict(zip(AB_GROUPS, sizes))), plan)
+    if pattern == "self_anchor":
+        assert (layout.periodic_launches[0] is not None) == (sizes[:2] == sizes[2:])
+    q, k = (
+        torch.randn(2, layout.n_tokens, 2, 8, dtype=torch.float64, requires_grad=requires_grad) for _ in "qk"
+    )
+    v = torch.randn(2, layout.n_tokens, 2, 5, dtype=torch.float64, requires_grad=requires_grad)
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+    out, ref = EXECUTORS[executor](inputs), EXECUTORS["dense"](inputs)
+    assert out.shape == (2, layout.n_tokens, 2, 5)
+    assert relative_error(out, ref) < 1e-12

@@ -105,7 +105,7 @@ def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch, keys: tuple[i
     )
 
 
-def _back_to_tokens(out: Tensor, shape: torch.Size) -> Tensor:
+def _back_to_tokens(out: Tensor, batch: int, tokens: int) -> Tensor:
     """A tiling launch's ``[B * count, H, L, D]`` output -> ``[B, N, H, D]``.
     SDPA's CUDA kernels (and CPU's flash kernel) leave it token-major in
     memory: without a gradient that is one ``as_strided`` (1.7 against 2.3
@@ -114,8 +114,8 @@ def _back_to_tokens(out: Tensor, shape: torch.Size) -> Tensor:
     shape as ints: a ``torch.Size`` argument parses at twice the cost."""
     _, heads, length, dim = out.shape
     if not out.requires_grad and out.stride() == (length * heads * dim, dim, heads * dim, 1):
-        return out.as_strided(shape, (shape[1] * heads * dim, heads * dim, dim, 1))
-    return out.transpose(1, 2).reshape(*shape)
+        return out.as_strided((batch, tokens, heads, dim), (tokens * heads * dim, heads * dim, dim, 1))
+    return out.transpose(1, 2).reshape(batch, tokens, heads, dim)
 
 
 def _key_index(ranges: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
@@ -169,7 +169,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             # one periodic launch whose queries tile the input: views in and out
             first_keys = layout.key_space.periodic[0] if compact else (first.period, first.k_start)
             if first_keys is not None:
-                return _back_to_tokens(_run_periodic(inputs, first, first_keys), q.shape)
+                return _back_to_tokens(_run_periodic(inputs, first, first_keys), batch, q.shape[1])
         whole = layout.key_space.whole_call_keys if compact else layout.whole_call_keys
         if whole is not None:
             return _run_whole_call(inputs, whole)
