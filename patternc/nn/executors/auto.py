@@ -36,6 +36,10 @@ from patternc.nn.tables import TABLES
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
+# bound once: the per-call pick reads them without two attribute lookups
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+
 
 @dataclass(frozen=True)
 class _Rates:
@@ -241,9 +245,6 @@ def choose(inputs: AttentionInputs) -> str:
     found = _lookup_pick(key)  # the hot path: one flat key, one dict lookup
     return found[1] if found is not None else _choice(inputs.layout, key[1:])
 
-
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
 
 PICKS: BoundedCache[PickKey, tuple[Layout, str]] = BoundedCache("auto picks", 2048)
 """Key :data:`PickKey` -> ``(layout, pick)``; holding the layout keeps its
