@@ -521,11 +521,32 @@ def test_a_flash4_varlen_layer_compiles_fullgraph_with_its_gradients(
     assert relative_error(grad, eager_grad) < 1e-10
 
 
+def _functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """A stand-in answer shaped like :func:`flash4.kernels`' where the package imports."""
+    import json
+
+    return json.dumps, json.loads
+
+
+def _missing_package() -> object:
+    """A stand-in probe of a package that is not installed."""
+    try:
+        import patternc_no_such_package  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return None
+    return True
+
+
 def test_installation_questions_trace_without_warnings() -> None:
     """What compiled layers ask about the installation (torch's varlen op,
     its FLASH lowering, FlashAttention 4) is memoised by :func:`once`, which
     Dynamo traces silently; ``functools.cache`` there warned in every
-    compiled training step on a GPU (seen on an H100 with FlashAttention 4)."""
+    compiled training step on a GPU (seen on an H100 with FlashAttention 4).
+    Asked first inside a trace, the probes would break the graph (torch
+    2.11 will not trace ``importlib.util.find_spec``; a failed import breaks
+    it on every version): there the answer is asked as plain Python and held
+    as a constant. Each question gets a fresh memo here, so what the other
+    tests asked first does not hide that."""
     from test_compile import _captured
 
     from patternc.nn.executors import flexkernels
@@ -539,16 +560,35 @@ def test_installation_questions_trace_without_warnings() -> None:
         return 42
 
     assert (answer(), answer(), asked, answer.__doc__) == (42, 42, [1], "The answer.")
-    questions = (varlen._has_varlen, flexkernels._torch_lowers_flash, flash4.kernels)
-    torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda t: t * sum(bool(question()) for question in questions), fullgraph=True, backend="eager"
+    probes = (
+        varlen._has_varlen.__wrapped__,  # type: ignore[attr-defined]
+        flexkernels._torch_lowers_flash.__wrapped__,  # type: ignore[attr-defined]
+        flash4.kernels.__wrapped__,  # type: ignore[attr-defined]
+        _functions,
+        _missing_package,
     )
-    with _captured() as (caught, records):
-        out = compiled(torch.ones(3))
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
-    assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
-    assert torch.equal(out, torch.ones(3) * sum(bool(question()) for question in questions))
+    expected = [probe() is not None and probe() is not False for probe in probes]
+    for probe, found in zip(probes, expected):
+        calls: list[int] = []
+
+        def counted(probe: Callable[[], object] = probe, calls: list[int] = calls) -> object:
+            calls.append(1)
+            return probe()
+
+        question = once(counted)
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            lambda t, question=question: t * (question() not in (None, False)),
+            fullgraph=True,
+            backend="eager",
+        )
+        with _captured() as (caught, records):
+            first, again = compiled(torch.ones(3)), compiled(torch.ones(3))
+        messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+        assert not [m for m in messages if "patternc" in m or "lru_cache" in m], (probe.__name__, messages)
+        assert torch.equal(first, torch.ones(3) * found) and torch.equal(again, first), probe.__name__
+        # asked once, in the trace, and remembered for eager calls after it
+        assert (question() not in (None, False), len(calls)) == (found, 1), probe.__name__
 
 
 def test_launches_priced_during_a_trace_are_kept_for_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:

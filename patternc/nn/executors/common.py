@@ -97,6 +97,8 @@ class AttentionInputs:
 
 _T = TypeVar("_T")
 
+_is_compiling = torch.compiler.is_compiling  # bound once: questions are asked per call
+
 Executor = Callable[[AttentionInputs], Tensor]
 """An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
 
@@ -105,13 +107,25 @@ def once(answer: Callable[[], _T]) -> Callable[[], _T]:
     """``answer`` asked on the first call and remembered: for questions about
     the installation (a torch version's module, an optional package) that
     compiled layers ask too. A closure over a list, because Dynamo warns
-    about every ``functools.cache`` it traces through."""
+    about every ``functools.cache`` it traces through.
+
+    Inside a ``torch.compile`` trace the question is asked as plain Python
+    and its answer becomes a constant of the graph: probing the installation
+    there (``importlib.util.find_spec``, a failed import) breaks the graph,
+    and a layer may be compiled before it ever runs eagerly. So an answer a
+    compiled layer may ask first must be a constant Dynamo can hold (a bool,
+    a str, None)."""
     memo: list[_T] = []
 
-    def remembered() -> _T:
+    def ask() -> _T:
         if not memo:
             memo.append(answer())
         return memo[0]
+
+    ask_as_constant: Callable[[], _T] = torch.compiler.assume_constant_result(ask)  # type: ignore[no-untyped-call,unused-ignore]
+
+    def remembered() -> _T:
+        return ask_as_constant() if _is_compiling() else ask()
 
     return functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
 
