@@ -157,7 +157,7 @@ class Plan:
     def layout(self, sizes: Sizes) -> Layout:
         """The plan laid out at ``sizes`` (see :class:`~patternc.layout.Layout`),
         families bound to the groups ``sizes`` names; cached per (plan, sizes)."""
-        return LAYOUTS.get_or_build((self, sizes_key(sizes)), lambda: self._build_layout(sizes))
+        return LAYOUTS.get_or_build(layout_key(self, sizes), lambda: self._build_layout(sizes))
 
     def _build_layout(self, sizes: Sizes) -> Layout:
         names = names_of(sizes)
@@ -220,6 +220,11 @@ def sizes_key(sizes: Sizes) -> tuple[tuple[str, int | None], ...]:
             f"sizes must be a {{group: size}} dict or a list of TokenSpec, got {shown}; "
             'e.g. {"anchors": 1024, "queries": 4096}'
         ) from None
+
+
+def layout_key(plan: Plan, sizes: Sizes) -> tuple[Plan, tuple[tuple[str, int | None], ...]]:
+    """The key of ``plan``'s layout at ``sizes`` in :data:`patternc.cache.LAYOUTS`."""
+    return plan, sizes_key(sizes)
 
 
 def names_of(sizes: Sizes) -> tuple[str, ...]:

@@ -54,20 +54,23 @@ def _captured() -> Iterator[tuple[list[warnings.WarningMessage], list[logging.Lo
         logger.removeHandler(handler)
 
 
-TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+def _forget_layouts() -> None:
+    """Empty the compiler's caches, so that a trace finds no layout an
+    earlier test built (a cold compile is then cold)."""
+    from patternc.cache import BINDINGS, LAYOUTS, TOKEN_SPECS
+
+    for cache in (LAYOUTS, BINDINGS, TOKEN_SPECS):
+        cache.clear()
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_fullgraph_compile_has_no_warnings(name: str, warm: bool) -> None:
-    if not warm and TORCH < (2, 13):
-        # measured on torch 2.11 (H200 run): Dynamo cannot wrap the compiler's
-        # frozen records it builds while tracing; one eager call first is enough
-        pytest.skip("a cold fullgraph compile (layout built while tracing) needs torch >= 2.13")
     plan, sizes = PLANS[name]
     torch.manual_seed(0)
     module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
     x = torch.randn(2, sum(sizes.values()), 16)
+    _forget_layouts()
     if warm:
         module(x, sizes)
     torch._dynamo.reset()
@@ -80,11 +83,14 @@ def test_fullgraph_compile_has_no_warnings(name: str, warm: bool) -> None:
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_ab_upt_stack_training_step_compiles_fullgraph() -> None:
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_ab_upt_stack_training_step_compiles_fullgraph(warm: bool) -> None:
     """The whole-model benchmark's step (benchmarks/bench_step.py, tiny):
     the untied AB-UPT stack compiles with fullgraph=True, Dynamo and Python
     warn nothing about patternc code, and the compiled step's loss and
-    gradients match the hand-written model on the same parameters."""
+    gradients match the hand-written model on the same parameters. Cold
+    (compiled before any eager call) too, on every torch: its layouts are
+    built outside the trace (:mod:`patternc.nn.traced_layouts`)."""
     import argparse
     import sys
 
@@ -96,7 +102,9 @@ def test_ab_upt_stack_training_step_compiles_fullgraph() -> None:
     hand = bench_step.HandModel(model, args.anchors, args.queries)
     sizes = {"surface_anchors": 5, "surface_queries": 11, "volume_anchors": 5, "volume_queries": 11}
     x, target = torch.randn(2, 32, 16), torch.randn(2, 32, 16)
-    model(x, sizes)  # warm: layouts cached (a cold trace builds them: torch >= 2.13 only)
+    _forget_layouts()
+    if warm:
+        model(x, sizes)
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: model(t, sizes), fullgraph=True, backend="aot_eager")
     with _captured() as (caught, records):
@@ -355,3 +363,81 @@ def test_traced_table_lookups_compile_in_one_graph() -> None:
     )
     assert torch.equal(compiled(torch.zeros(2)), torch.full((2,), 5.0))
     TABLES.clear()
+
+
+def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:
+    """Three layers with three plans in one function, compiled before any
+    eager call: each layout is built outside the trace and read from its own
+    slot (a dict entry added while tracing would be missed by the second
+    layer's lookup, Dynamo having read the dict for the first), and the
+    outputs equal the eager ones. A second call reuses the graph."""
+    from patternc.nn.traced_layouts import TRACED_LAYOUTS
+
+    torch.manual_seed(0)
+    layers = [
+        (PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan), sizes)
+        for plan, sizes in PLANS.values()
+    ]
+    xs = [torch.randn(2, sum(sizes.values()), 16) for _, sizes in layers]
+
+    def run(*xs: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(x, sizes)[0] for (layer, sizes), x in zip(layers, xs)]
+
+    _forget_layouts()
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    with _captured() as (caught, records):
+        first = compiled(*xs)
+        again = compiled(*xs)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
+    for layer, sizes in layers:  # a slot each, holding the layout eager calls now find
+        _, name = TRACED_LAYOUTS._names[(id(layer.plan), tuple(sizes.items()), True)]
+        assert getattr(TRACED_LAYOUTS, name) is layer.plan.layout(sizes)
+    for out, same, expected in zip(first, again, run(*xs)):
+        assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out, same)
+
+
+def test_bad_sizes_in_a_cold_trace_say_what_is_wrong() -> None:
+    """Sizes that name no group of the plan, in a cold trace: the error
+    carries the compiler's own diagnostics (code, hint), as eagerly."""
+    plan, _ = PLANS["joint"]
+    layer = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan)
+    sizes = {"surface_anchors": 3, "surface_querys": 5, "volume_anchors": 2, "volume_queries": 4}
+    _forget_layouts()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as caught:
+        compiled(torch.randn(1, 14, 16), sizes)
+    assert "E401" in str(caught.value) and "did you mean `surface_queries`?" in str(caught.value)
+    with pytest.raises(patternc.PatternError, match="did you mean `surface_queries`"):
+        layer(torch.randn(1, 14, 16), sizes)
+
+
+def test_traced_layout_slots_are_one_per_plan_and_sizes() -> None:
+    """A slot per (plan, sizes, sizes as a mapping); the plan is kept with
+    the name, so another plan under a reused ``id`` gets its own slot; a
+    plan no layer named is left to the trace (None)."""
+    from patternc.nn.traced_layouts import TracedLayouts, _build_for_trace, layer_plan
+
+    (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
+    key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
+    layout, other_layout = plan.layout(sizes), other.layout(other_sizes)
+    slots = TracedLayouts()
+    name = slots.slot(plan, key, True, layout)
+    assert slots.slot(plan, key, True, layout) == name and getattr(slots, name) is layout
+    _forget_layouts()
+    rebuilt = plan.layout(sizes)  # another record of that layout, as after an eviction
+    assert rebuilt is not layout
+    assert slots.slot(plan, key, True, rebuilt) == name and getattr(slots, name) is rebuilt
+    assert (
+        len({name, slots.slot(plan, key, False, layout), slots.slot(other, other_key, True, other_layout)})
+        == 3
+    )
+    slots._names[(id(other), key, True)] = (plan, name)  # as if ``other`` took a freed plan's id
+    reused = slots.slot(other, key, True, other_layout)
+    assert reused != name and getattr(slots, reused) is other_layout
+    unnamed = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
+    assert _build_for_trace(id(unnamed), (("a", 2), ("q", 3)), True) is None
+    built = _build_for_trace(id(layer_plan(unnamed)), (("a", 2), ("q", 3)), True)
+    assert built is not None

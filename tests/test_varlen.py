@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import ab_sizes
 from reference import relative_error
-from test_compile import TORCH
 from test_flex import MODIFIED, make, reference_with_modifiers
 
 import patternc
@@ -618,8 +617,6 @@ def test_varlen_in_a_user_graph_without_eager_launches_runs_as_batched(
     """A layout no eager call ran has no launches stored: inside a user's
     ``torch.compile`` they would be built in Python Dynamo cannot trace, so
     the call runs as ``batched`` there (and still equals the reference)."""
-    if TORCH < (2, 13):
-        pytest.skip("a cold fullgraph compile (layout built while tracing) needs torch >= 2.13")
     launched: list[object] = []
     monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)
     monkeypatch.setattr(varlen, "varlen_kernel", lambda device, head_dim: "flash4")

@@ -16,6 +16,7 @@ from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
+from patternc.nn.traced_layouts import layer_plan, layout_of
 from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
@@ -438,7 +439,7 @@ class PatternAttention(MixedAttention):
             fields = {**config.model_dump(), "implementation": backend}
             config = MixedAttentionConfig(**fields)
         super().__init__(config)
-        self.plan = plan
+        self.plan = layer_plan(plan)
 
     def forward(  # type: ignore[override]
         self,
@@ -448,7 +449,7 @@ class PatternAttention(MixedAttention):
         freqs: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        return self._attend(x, self.plan.layout(sizes), self.plan, key_padding_mask, freqs, kv_cache)
+        return self._attend(x, layout_of(self.plan, sizes), self.plan, key_padding_mask, freqs, kv_cache)
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"
