@@ -418,7 +418,7 @@ def test_traced_layout_slots_are_one_per_plan_and_sizes() -> None:
     """A slot per (plan, sizes, sizes as a mapping); the plan is kept with
     the name, so another plan under a reused ``id`` gets its own slot; a
     plan no layer named is left to the trace (None)."""
-    from patternc.nn.traced_layouts import TracedLayouts, _build_for_trace, layer_plan
+    from patternc.nn.traced_layouts import TRACED_LAYOUTS, TracedLayouts, _build_for_trace, layer_plan
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
     key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
@@ -440,4 +440,4 @@ def test_traced_layout_slots_are_one_per_plan_and_sizes() -> None:
     unnamed = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
     assert _build_for_trace(id(unnamed), (("a", 2), ("q", 3)), True) is None
     built = _build_for_trace(id(layer_plan(unnamed)), (("a", 2), ("q", 3)), True)
-    assert built is not None
+    assert built is not None and getattr(TRACED_LAYOUTS, built) is unnamed.layout({"a": 2, "q": 3})
