@@ -89,7 +89,7 @@ def test_ab_upt_stack_training_step_compiles_fullgraph(warm: bool) -> None:
     the untied AB-UPT stack compiles with fullgraph=True, Dynamo and Python
     warn nothing about patternc code, and the compiled step's loss and
     gradients match the hand-written model on the same parameters. Cold
-    (compiled before any eager call) too, on every torch: its layouts are
+    (compiled before any eager call) too, on torch 2.11 as on 2.13: its layouts are
     built outside the trace (:mod:`patternc.nn.traced_layouts`)."""
     import argparse
     import sys
