@@ -441,3 +441,66 @@ def test_traced_layout_slots_are_one_per_plan_and_sizes() -> None:
     assert _build_for_trace(id(unnamed), (("a", 2), ("q", 3)), True) is None
     built = _build_for_trace(id(layer_plan(unnamed)), (("a", 2), ("q", 3)), True)
     assert built is not None and getattr(TRACED_LAYOUTS, built) is unnamed.layout({"a": 2, "q": 3})
+
+
+def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
+    """The seed API's calls: (the call on x, tokens in x)."""
+    from patternc import AttentionPattern, TokenSpec
+    from patternc.configs import (
+        CrossAnchorAttentionConfig,
+        JointAnchorAttentionConfig,
+        SelfAnchorAttentionConfig,
+    )
+    from patternc.nn import CrossAnchorAttention, JointAnchorAttention, MixedAttention, SelfAnchorAttention
+
+    config = {"hidden_dim": 16, "num_heads": 2}
+    mixed = MixedAttention(patternc.MixedAttentionConfig(**config))
+    specs = [TokenSpec("anchors", 3), TokenSpec("queries", 4)]
+    patterns = [AttentionPattern(["anchors"], ["anchors"]), AttentionPattern(["queries"], ["anchors"])]
+    branches = [TokenSpec("surface_anchors", 3), TokenSpec("surface_queries", 5)]
+    branches += [TokenSpec("volume_anchors", 2), TokenSpec("volume_queries", 4)]
+    anchors: dict[str, torch.nn.Module] = {
+        "self-anchor": SelfAnchorAttention(
+            SelfAnchorAttentionConfig(**config, branches=["surface", "volume"])
+        ),
+        "cross-anchor": CrossAnchorAttention(
+            CrossAnchorAttentionConfig(**config, branches=["surface", "volume"])
+        ),
+        "joint-anchor": JointAnchorAttention(
+            JointAnchorAttentionConfig(**config, branches=["surface", "volume"])
+        ),
+    }
+    calls: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
+        "mixed, TokenSpec list": (lambda x: mixed(x, specs, patterns)[0], 7),
+        "mixed, size dict": (lambda x: mixed(x, {"anchors": 3, "queries": 4}, patterns)[0], 7),
+        "mixed, size dicts": (lambda x: mixed(x, [{"anchors": 3}, {"queries": 4}], patterns)[0], 7),
+    }
+    for name, module in anchors.items():
+        calls[name] = (lambda x, module=module: module(x, branches), 14)
+    return calls
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("call", sorted(_seed_calls()))
+def test_the_seed_api_compiles_fullgraph(call: str, warm: bool) -> None:
+    """``MixedAttention(x, token_specs, patterns)`` with a hand-written list,
+    and the anchor modules, compile with ``fullgraph=True``, before or after
+    an eager call. They failed even warm on torch 2.11 and 2.13: Dynamo
+    cannot hash the list's frozen pydantic patterns (the check's cache key),
+    run pydantic's validator (size dicts made ``TokenSpec``), or trace the
+    compiler's parser (``re.finditer``, the anchor modules compile their
+    source per call). Those are built outside the trace now."""
+    torch.manual_seed(0)
+    run, tokens = _seed_calls()[call]
+    x = torch.randn(2, tokens, 16)
+    _forget_layouts()
+    if warm:
+        run(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    with _captured() as (caught, records):
+        out, again = compiled(x), compiled(x)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
+    expected = run(x)
+    assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out, again)

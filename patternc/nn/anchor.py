@@ -23,6 +23,7 @@ from patternc.configs import (
     SelfAnchorAttentionConfig,
 )
 from patternc.nn.attention import MixedAttention
+from patternc.nn.traced_layouts import plan_of_source
 from patternc.plan import Plan
 from patternc.schemas import MixedAttentionConfig, TokenSpec, TokenSpecs, as_token_specs
 
@@ -92,8 +93,12 @@ class MultiBranchAnchorAttention(nn.Module):
         return "\n".join(lines) + "\n"
 
     def plan(self, token_specs: TokenSpecs) -> Plan:
-        """The compiled plan for these groups (cached per group list)."""
-        return _compile(self.pattern_source(token_specs), self.pattern_name)
+        """The compiled plan for these groups (cached per group list; inside a
+        ``torch.compile`` trace compiled outside it, see
+        :mod:`patternc.nn.traced_layouts`)."""
+        source = self.pattern_source(token_specs)
+        traced = plan_of_source(source, self.pattern_name)
+        return traced if traced is not None else _compile(source, self.pattern_name)
 
     def forward(self, x: Tensor, token_specs: TokenSpecs, freqs: Tensor | None = None) -> Tensor:
         specs = as_token_specs(token_specs)

@@ -16,7 +16,7 @@ from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
-from patternc.nn.traced_layouts import layer_plan, layout_of
+from patternc.nn.traced_layouts import layer_plan, layout_of, token_specs_of
 from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
@@ -25,7 +25,6 @@ from patternc.schemas import (
     InitWeightsMode,
     MixedAttentionConfig,
     TokenSpecs,
-    as_token_specs,
 )
 
 __all__ = ["DotProductAttention", "KVCache", "MixedAttention", "PatternAttention", "init_linear"]
@@ -277,7 +276,7 @@ class MixedAttention(DotProductAttention):
         holds the K/V of every input group used as keys/values (views into
         this call's tensors, layout of :data:`KVCache`), or is None when some
         group was read from ``kv_cache``."""
-        specs = as_token_specs(token_specs)
+        specs = token_specs_of(token_specs)
         layout = schedule_for(specs, attention_patterns)
         return self._attend(x, layout, attention_patterns, key_padding_mask, freqs, kv_cache)
 

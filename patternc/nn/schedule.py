@@ -15,6 +15,7 @@ from patternc.cache import CHECKED_PATTERNS
 from patternc.checks import check_patterns
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.layout import Call, Layout, Segment
+from patternc.nn.traced_layouts import layout_of, layout_of_patterns
 from patternc.plan import Plan
 from patternc.schemas import AttentionPattern, TokenSpec
 
@@ -40,5 +41,7 @@ def plan_for_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionPa
 def schedule_for(token_specs: Sequence[TokenSpec], patterns: Plan | Sequence[AttentionPattern]) -> Layout:
     """The layout of a plan or a hand-written pattern list at these sizes."""
     specs = tuple(token_specs)
-    plan = patterns if isinstance(patterns, Plan) else plan_for_patterns(specs, patterns)
-    return plan.layout(specs)
+    if isinstance(patterns, Plan):
+        return layout_of(patterns, specs)
+    traced = layout_of_patterns(specs, patterns)
+    return traced if traced is not None else plan_for_patterns(specs, patterns).layout(specs)

@@ -1,4 +1,4 @@
-"""A layer's layout when ``torch.compile`` traces its first call.
+"""The compiler's records a layer needs inside a ``torch.compile`` trace.
 
 Eager calls look their layout up in :data:`patternc.cache.LAYOUTS`, and a
 trace after one eager call finds it there too. A *cold* trace (a model
@@ -7,6 +7,14 @@ cannot trace the compiler (it fails on its frozen records, e.g. "can't
 wrap ``Modifiers``"). So :func:`layout_of` builds the layout outside the
 trace, as plain Python in a function Dynamo runs once and holds as a
 constant, and the graph reads the result from :data:`TRACED_LAYOUTS`.
+
+The seed API's calls needed the same in every trace, warm or cold, on
+torch 2.11 and 2.13 alike: a hand-written pattern list is checked through a
+cache keyed by its frozen pydantic patterns, whose hash Dynamo cannot
+follow (:func:`layout_of_patterns`); ``{name: size}`` dicts become
+``TokenSpec`` through pydantic's compiled validator
+(:func:`token_specs_of`); the anchor modules compile pattern source per
+call, and the parser calls ``re.finditer`` (:func:`plan_of_source`).
 
 Two things shape this:
 - Dynamo hands such a function constants only: neither a plan nor a module
@@ -31,18 +39,27 @@ torch.Size([1, 5, 8])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from patternc.cache import LAYOUTS, BoundedCache, _compiling
 from patternc.layout import Layout
 from patternc.plan import Plan, Sizes, layout_key, sizes_key
-from patternc.schemas import TokenSpec
+from patternc.schemas import AttentionPattern, TokenSpec, TokenSpecs, as_token_specs
 
-__all__ = ["TRACED_LAYOUTS", "layer_plan", "layout_of"]
+__all__ = [
+    "TRACED_LAYOUTS",
+    "layer_plan",
+    "layout_of",
+    "layout_of_patterns",
+    "plan_of_source",
+    "token_specs_of",
+]
 
 SizesKey = tuple[tuple[str, int | None], ...]
+RulesKey = tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+"""A hand-written pattern list as constants: ``(query_tokens, key_value_tokens)`` each."""
 
 LAYER_PLANS: BoundedCache[int, Plan] = BoundedCache("layer plans", 1024)
 """``id(plan)`` -> the plan, for every plan a layer was built with. Holding
@@ -54,11 +71,16 @@ class TracedLayouts:
     graph reads (and Dynamo guards). Key: ``(id(plan), sizes key, sizes
     given as a mapping)`` -> the attribute's name; the plan is kept beside
     the name, so an ``id`` reused by another plan is never mistaken for it.
-    Not bounded: an entry is made per cold trace of a (plan, sizes), which
-    costs far more than the entry."""
+    Plans compiled from source inside a trace (the anchor modules') are kept
+    the same way, keyed by their source. Not bounded: an entry is made per
+    trace that builds a record, which costs far more than the entry."""
 
     def __init__(self) -> None:
         self._names: dict[tuple[int, SizesKey, bool], tuple[Plan, str]] = {}
+        self._sources: dict[tuple[str, str], str] = {}
+        """``(pattern source, pattern name)`` -> the attribute holding its plan."""
+        self._specs: dict[SizesKey, str] = {}
+        """``((group, size), ...)`` -> the attribute holding its ``TokenSpec`` list."""
 
     def slot(self, plan: Plan, key: SizesKey, mapping: bool, layout: Layout) -> str:
         """The attribute for this plan and sizes, made on the first ask, now
@@ -72,6 +94,24 @@ class TracedLayouts:
             name = f"layout_{len(self._names)}"
             self._names[(id(plan), key, mapping)] = (plan, name)
         setattr(self, name, layout)
+        return name
+
+    def specs_slot(self, key: SizesKey, specs: list[TokenSpec]) -> str:
+        """The attribute holding the ``TokenSpec`` list of these groups."""
+        name = self._specs.get(key)
+        if name is None:
+            name = self._specs[key] = f"specs_{len(self._specs)}"
+        setattr(self, name, specs)
+        return name
+
+    def plan_slot(self, source: str, pattern: str, plan: Plan) -> str:
+        """The attribute holding the plan compiled from ``source`` (its
+        pattern ``pattern``), made on the first ask."""
+        key = (source, pattern)
+        name = self._sources.get(key)
+        if name is None:
+            name = self._sources[key] = f"plan_{len(self._sources)}"
+        setattr(self, name, plan)
         return name
 
 
@@ -115,3 +155,84 @@ def layout_of(plan: Plan, sizes: Sizes) -> Layout:
             layout: Layout = getattr(TRACED_LAYOUTS, name)
             return layout
     return plan.layout(sizes)
+
+
+def _build_for_patterns(specs: SizesKey, rules: RulesKey) -> str:
+    """Plain Python inside a trace: the slot of a hand-written list's layout
+    at these sizes (the list checked and its plan built as eagerly)."""
+    from patternc.nn.schedule import plan_for_patterns
+
+    token_specs = [TokenSpec(name=name, size=size) for name, size in specs]
+    patterns = [AttentionPattern(query_tokens=q, key_value_tokens=kv) for q, kv in rules]
+    plan = plan_for_patterns(token_specs, patterns)
+    layout = plan.layout(token_specs)
+    LAYOUTS.put(layout_key(plan, token_specs), layout)  # as in _build_for_trace
+    return TRACED_LAYOUTS.slot(plan, specs, False, layout)
+
+
+_built_for_patterns: Callable[[SizesKey, RulesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
+    _build_for_patterns
+)
+
+
+def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern]) -> Layout | None:
+    """Inside a ``torch.compile`` trace, the layout of a hand-written list
+    (the seed API's ``MixedAttention(x, token_specs, patterns)``), built
+    outside the trace from the list's fields; None outside a trace. Dynamo
+    cannot trace the check's cache either: its key holds the patterns,
+    frozen pydantic models whose hash it cannot follow (torch 2.11 and
+    2.13 alike)."""
+    if not _compiling():
+        return None
+    rules = tuple((tuple(p.query_tokens), tuple(p.key_value_tokens)) for p in patterns)
+    name = _built_for_patterns(tuple((s.name, s.size) for s in specs), rules)
+    layout: Layout = getattr(TRACED_LAYOUTS, name)
+    return layout
+
+
+def _compile_for_trace(source: str, pattern: str) -> str:
+    """Plain Python inside a trace: the slot of the plan ``source`` compiles
+    to, named as a layer's plan so that its layouts are built outside the
+    trace too."""
+    import patternc
+
+    plan = layer_plan(patternc.compile(source).patterns[pattern])
+    return TRACED_LAYOUTS.plan_slot(source, pattern, plan)
+
+
+_compiled_for_trace: Callable[[str, str], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
+    _compile_for_trace
+)
+
+
+def plan_of_source(source: str, pattern: str) -> Plan | None:
+    """Inside a ``torch.compile`` trace, the plan of pattern ``pattern`` in
+    ``source``, compiled outside the trace (the compiler's parser is Python
+    Dynamo cannot trace: ``re.finditer``); None outside a trace."""
+    if not _compiling():
+        return None
+    plan: Plan = getattr(TRACED_LAYOUTS, _compiled_for_trace(source, pattern))
+    return plan
+
+
+def _specs_for_trace(key: SizesKey) -> str:
+    """Plain Python inside a trace: the slot of these groups' ``TokenSpec`` list."""
+    return TRACED_LAYOUTS.specs_slot(key, as_token_specs(dict(key)))
+
+
+_specs_built_for_trace: Callable[[SizesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
+    _specs_for_trace
+)
+
+
+def token_specs_of(token_specs: TokenSpecs) -> list[TokenSpec]:
+    """:func:`~patternc.schemas.as_token_specs`, also inside a ``torch.compile``
+    trace: there ``{name: size}`` dicts become ``TokenSpec`` outside the trace
+    (pydantic's validator is compiled code Dynamo cannot trace)."""
+    if not _compiling() or all(isinstance(spec, TokenSpec) for spec in token_specs):
+        return as_token_specs(token_specs)
+    pairs: list[tuple[str, int | None]] = []
+    for spec in [token_specs] if isinstance(token_specs, Mapping) else token_specs:
+        pairs.extend(spec.items() if isinstance(spec, Mapping) else [(spec.name, spec.size)])
+    specs: list[TokenSpec] = getattr(TRACED_LAYOUTS, _specs_built_for_trace(tuple(pairs)))
+    return specs
