@@ -371,7 +371,7 @@ def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:
     slot (a dict entry added while tracing would be missed by the second
     layer's lookup, Dynamo having read the dict for the first), and the
     outputs equal the eager ones. A second call reuses the graph."""
-    from patternc.nn.traced_layouts import TRACED_LAYOUTS
+    from patternc.nn.traced_layouts import TRACED_RECORDS
 
     torch.manual_seed(0)
     layers = [
@@ -391,9 +391,9 @@ def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:
         again = compiled(*xs)
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
-    for layer, sizes in layers:  # a slot each, holding the layout eager calls now find
-        _, name = TRACED_LAYOUTS._names[(id(layer.plan), tuple(sizes.items()), True)]
-        assert getattr(TRACED_LAYOUTS, name) is layer.plan.layout(sizes)
+    for layer, sizes in layers:  # a record each, the layout eager calls now find
+        name = TRACED_RECORDS._names[("layout", layer.plan, tuple(sizes.items()), True)]
+        assert getattr(TRACED_RECORDS, name) is layer.plan.layout(sizes)
     for out, same, expected in zip(first, again, run(*xs)):
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out, same)
 
@@ -414,33 +414,29 @@ def test_bad_sizes_in_a_cold_trace_say_what_is_wrong() -> None:
         layer(torch.randn(1, 14, 16), sizes)
 
 
-def test_traced_layout_slots_are_one_per_plan_and_sizes() -> None:
-    """A slot per (plan, sizes, sizes as a mapping); the plan is kept with
-    the name, so another plan under a reused ``id`` gets its own slot; a
-    plan no layer named is left to the trace (None)."""
-    from patternc.nn.traced_layouts import TRACED_LAYOUTS, TracedLayouts, _build_for_trace, layer_plan
+def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
+    """A record per key, read as an attribute; asked again, the attribute
+    holds the record given now (the layout ``LAYOUTS`` holds, after an
+    eviction say); a plan no layer named is left to the trace (None)."""
+    from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace, layer_plan
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
     key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
     layout, other_layout = plan.layout(sizes), other.layout(other_sizes)
-    slots = TracedLayouts()
-    name = slots.slot(plan, key, True, layout)
-    assert slots.slot(plan, key, True, layout) == name and getattr(slots, name) is layout
+    records = TracedRecords()
+    name = records.hold(("layout", plan, key, True), layout)
+    assert records.hold(("layout", plan, key, True), layout) == name and getattr(records, name) is layout
     _forget_layouts()
     rebuilt = plan.layout(sizes)  # another record of that layout, as after an eviction
     assert rebuilt is not layout
-    assert slots.slot(plan, key, True, rebuilt) == name and getattr(slots, name) is rebuilt
-    assert (
-        len({name, slots.slot(plan, key, False, layout), slots.slot(other, other_key, True, other_layout)})
-        == 3
-    )
-    slots._names[(id(other), key, True)] = (plan, name)  # as if ``other`` took a freed plan's id
-    reused = slots.slot(other, key, True, other_layout)
-    assert reused != name and getattr(slots, reused) is other_layout
+    assert records.hold(("layout", plan, key, True), rebuilt) == name and getattr(records, name) is rebuilt
+    other_name = records.hold(("layout", other, other_key, True), other_layout)
+    assert len({name, records.hold(("layout", plan, key, False), layout), other_name}) == 3
+    assert getattr(records, other_name) is other_layout and getattr(records, name) is rebuilt
     unnamed = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
     assert _build_for_trace(id(unnamed), (("a", 2), ("q", 3)), True) is None
     built = _build_for_trace(id(layer_plan(unnamed)), (("a", 2), ("q", 3)), True)
-    assert built is not None and getattr(TRACED_LAYOUTS, built) is unnamed.layout({"a": 2, "q": 3})
+    assert built is not None and getattr(TRACED_RECORDS, built) is unnamed.layout({"a": 2, "q": 3})
 
 
 def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:

@@ -6,7 +6,7 @@ compiled before it ever ran) must build it, and Dynamo before torch 2.13
 cannot trace the compiler (it fails on its frozen records, e.g. "can't
 wrap ``Modifiers``"). So :func:`layout_of` builds the layout outside the
 trace, as plain Python in a function Dynamo runs once and holds as a
-constant, and the graph reads the result from :data:`TRACED_LAYOUTS`.
+constant, and the graph reads the result from :data:`TRACED_RECORDS`.
 
 The seed API's calls needed the same in every trace, warm or cold, on
 torch 2.11 and 2.13 alike: a hand-written pattern list is checked through a
@@ -39,7 +39,7 @@ torch.Size([1, 5, 8])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ from patternc.plan import Plan, Sizes, layout_key, sizes_key
 from patternc.schemas import AttentionPattern, TokenSpec, TokenSpecs, as_token_specs
 
 __all__ = [
-    "TRACED_LAYOUTS",
+    "TRACED_RECORDS",
     "layer_plan",
     "layout_of",
     "layout_of_patterns",
@@ -66,56 +66,31 @@ LAYER_PLANS: BoundedCache[int, Plan] = BoundedCache("layer plans", 1024)
 the plan keeps its ``id`` its own while the entry lives."""
 
 
-class TracedLayouts:
-    """Layouts built for traces, each an attribute of this object that a
-    graph reads (and Dynamo guards). Key: ``(id(plan), sizes key, sizes
-    given as a mapping)`` -> the attribute's name; the plan is kept beside
-    the name, so an ``id`` reused by another plan is never mistaken for it.
-    Plans compiled from source inside a trace (the anchor modules') are kept
-    the same way, keyed by their source. Not bounded: an entry is made per
-    trace that builds a record, which costs far more than the entry."""
+class TracedRecords:
+    """Compiler records built for traces, each an attribute of this object
+    that a graph reads (and Dynamo guards). Key: what a record is built from
+    (``("layout", plan, sizes key, sizes given as a mapping)``,
+    ``("patterns", sizes key, rules)``, ``("source", source, pattern)``,
+    ``("specs", sizes key)``) -> the attribute's name. Every ask stores the
+    record it is given anew: for a layout, the one
+    :data:`~patternc.cache.LAYOUTS` holds now, whose tables and picks eager
+    calls stored (a graph traced against a record since replaced fails its
+    guard and is traced again). Not bounded: an entry is made per trace
+    that builds a record, which costs far more than the entry."""
 
     def __init__(self) -> None:
-        self._names: dict[tuple[int, SizesKey, bool], tuple[Plan, str]] = {}
-        self._sources: dict[tuple[str, str], str] = {}
-        """``(pattern source, pattern name)`` -> the attribute holding its plan."""
-        self._specs: dict[SizesKey, str] = {}
-        """``((group, size), ...)`` -> the attribute holding its ``TokenSpec`` list."""
+        self._names: dict[Hashable, str] = {}
 
-    def slot(self, plan: Plan, key: SizesKey, mapping: bool, layout: Layout) -> str:
-        """The attribute for this plan and sizes, made on the first ask, now
-        holding ``layout``: the layout of :data:`~patternc.cache.LAYOUTS`,
-        whose tables and picks eager calls stored (a graph traced against a
-        layout since replaced fails its guard and is traced again)."""
-        found = self._names.get((id(plan), key, mapping))
-        if found is not None and found[0] is plan:
-            name = found[1]
-        else:
-            name = f"layout_{len(self._names)}"
-            self._names[(id(plan), key, mapping)] = (plan, name)
-        setattr(self, name, layout)
-        return name
-
-    def specs_slot(self, key: SizesKey, specs: list[TokenSpec]) -> str:
-        """The attribute holding the ``TokenSpec`` list of these groups."""
-        name = self._specs.get(key)
+    def hold(self, key: Hashable, record: object) -> str:
+        """The attribute for ``key`` (made on the first ask), now holding ``record``."""
+        name = self._names.get(key)
         if name is None:
-            name = self._specs[key] = f"specs_{len(self._specs)}"
-        setattr(self, name, specs)
-        return name
-
-    def plan_slot(self, source: str, pattern: str, plan: Plan) -> str:
-        """The attribute holding the plan compiled from ``source`` (its
-        pattern ``pattern``), made on the first ask."""
-        key = (source, pattern)
-        name = self._sources.get(key)
-        if name is None:
-            name = self._sources[key] = f"plan_{len(self._sources)}"
-        setattr(self, name, plan)
+            name = self._names[key] = f"record_{len(self._names)}"
+        setattr(self, name, record)
         return name
 
 
-TRACED_LAYOUTS = TracedLayouts()
+TRACED_RECORDS = TracedRecords()
 
 
 def layer_plan(plan: Plan) -> Plan:
@@ -138,7 +113,7 @@ def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str | None:
     # torch 2.13 reports a compile here, so plan.layout stored nothing: keep
     # it, so that eager calls find this record and the tables made for it
     LAYOUTS.put(layout_key(plan, sizes), layout)
-    return TRACED_LAYOUTS.slot(plan, key, mapping, layout)
+    return TRACED_RECORDS.hold(("layout", plan, key, mapping), layout)
 
 
 _built_for_trace: Callable[[int, SizesKey, bool], str | None] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
@@ -152,7 +127,7 @@ def layout_of(plan: Plan, sizes: Sizes) -> Layout:
     if _compiling():
         name = _built_for_trace(id(plan), sizes_key(sizes), isinstance(sizes, Mapping))
         if name is not None:
-            layout: Layout = getattr(TRACED_LAYOUTS, name)
+            layout: Layout = getattr(TRACED_RECORDS, name)
             return layout
     return plan.layout(sizes)
 
@@ -167,7 +142,7 @@ def _build_for_patterns(specs: SizesKey, rules: RulesKey) -> str:
     plan = plan_for_patterns(token_specs, patterns)
     layout = plan.layout(token_specs)
     LAYOUTS.put(layout_key(plan, token_specs), layout)  # as in _build_for_trace
-    return TRACED_LAYOUTS.slot(plan, specs, False, layout)
+    return TRACED_RECORDS.hold(("patterns", specs, rules), layout)
 
 
 _built_for_patterns: Callable[[SizesKey, RulesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
@@ -186,7 +161,7 @@ def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionP
         return None
     rules = tuple((tuple(p.query_tokens), tuple(p.key_value_tokens)) for p in patterns)
     name = _built_for_patterns(tuple((s.name, s.size) for s in specs), rules)
-    layout: Layout = getattr(TRACED_LAYOUTS, name)
+    layout: Layout = getattr(TRACED_RECORDS, name)
     return layout
 
 
@@ -197,7 +172,7 @@ def _compile_for_trace(source: str, pattern: str) -> str:
     import patternc
 
     plan = layer_plan(patternc.compile(source).patterns[pattern])
-    return TRACED_LAYOUTS.plan_slot(source, pattern, plan)
+    return TRACED_RECORDS.hold(("source", source, pattern), plan)
 
 
 _compiled_for_trace: Callable[[str, str], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
@@ -211,13 +186,13 @@ def plan_of_source(source: str, pattern: str) -> Plan | None:
     Dynamo cannot trace: ``re.finditer``); None outside a trace."""
     if not _compiling():
         return None
-    plan: Plan = getattr(TRACED_LAYOUTS, _compiled_for_trace(source, pattern))
+    plan: Plan = getattr(TRACED_RECORDS, _compiled_for_trace(source, pattern))
     return plan
 
 
 def _specs_for_trace(key: SizesKey) -> str:
     """Plain Python inside a trace: the slot of these groups' ``TokenSpec`` list."""
-    return TRACED_LAYOUTS.specs_slot(key, as_token_specs(dict(key)))
+    return TRACED_RECORDS.hold(("specs", key), as_token_specs(dict(key)))
 
 
 _specs_built_for_trace: Callable[[SizesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
@@ -234,5 +209,5 @@ def token_specs_of(token_specs: TokenSpecs) -> list[TokenSpec]:
     pairs: list[tuple[str, int | None]] = []
     for spec in [token_specs] if isinstance(token_specs, Mapping) else token_specs:
         pairs.extend(spec.items() if isinstance(spec, Mapping) else [(spec.name, spec.size)])
-    specs: list[TokenSpec] = getattr(TRACED_LAYOUTS, _specs_built_for_trace(tuple(pairs)))
+    specs: list[TokenSpec] = getattr(TRACED_RECORDS, _specs_built_for_trace(tuple(pairs)))
     return specs
