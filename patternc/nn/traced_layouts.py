@@ -40,6 +40,7 @@ torch.Size([1, 5, 8])
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TypeVar, cast
 
 import torch
 
@@ -92,6 +93,28 @@ class TracedRecords:
 
 TRACED_RECORDS = TracedRecords()
 
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _as_constant(build: _F) -> _F:
+    """``build`` as a function Dynamo runs once as plain Python inside a
+    trace, its result a constant of the graph."""
+    return cast(_F, torch.compiler.assume_constant_result(build))  # type: ignore[no-untyped-call,unused-ignore]
+
+
+def _token_specs(key: SizesKey) -> list[TokenSpec]:
+    return [TokenSpec(name=name, size=size) for name, size in key]
+
+
+def _kept_layout(plan: Plan, sizes: Sizes) -> Layout:
+    """``plan.layout(sizes)``, kept in :data:`~patternc.cache.LAYOUTS`: torch
+    2.13 reports a compile inside a constant function, so ``Plan.layout``
+    stores nothing there; kept, eager calls find this record and the tables
+    made for it."""
+    layout = plan.layout(sizes)
+    LAYOUTS.put(layout_key(plan, sizes), layout)
+    return layout
+
 
 def layer_plan(plan: Plan) -> Plan:
     """Name ``plan`` as one a layer runs, so that a cold trace can build its
@@ -108,17 +131,11 @@ def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str | None:
     plan = LAYER_PLANS.lookup(plan_id)
     if plan is None:
         return None
-    sizes: Sizes = dict(key) if mapping else [TokenSpec(name=name, size=size) for name, size in key]
-    layout = plan.layout(sizes)
-    # torch 2.13 reports a compile here, so plan.layout stored nothing: keep
-    # it, so that eager calls find this record and the tables made for it
-    LAYOUTS.put(layout_key(plan, sizes), layout)
-    return TRACED_RECORDS.hold(("layout", plan, key, mapping), layout)
+    sizes: Sizes = dict(key) if mapping else _token_specs(key)
+    return TRACED_RECORDS.hold(("layout", plan, key, mapping), _kept_layout(plan, sizes))
 
 
-_built_for_trace: Callable[[int, SizesKey, bool], str | None] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _build_for_trace
-)
+_built_for_trace = _as_constant(_build_for_trace)
 
 
 def layout_of(plan: Plan, sizes: Sizes) -> Layout:
@@ -137,17 +154,13 @@ def _build_for_patterns(specs: SizesKey, rules: RulesKey) -> str:
     at these sizes (the list checked and its plan built as eagerly)."""
     from patternc.nn.schedule import plan_for_patterns
 
-    token_specs = [TokenSpec(name=name, size=size) for name, size in specs]
+    token_specs = _token_specs(specs)
     patterns = [AttentionPattern(query_tokens=q, key_value_tokens=kv) for q, kv in rules]
-    plan = plan_for_patterns(token_specs, patterns)
-    layout = plan.layout(token_specs)
-    LAYOUTS.put(layout_key(plan, token_specs), layout)  # as in _build_for_trace
+    layout = _kept_layout(plan_for_patterns(token_specs, patterns), token_specs)
     return TRACED_RECORDS.hold(("patterns", specs, rules), layout)
 
 
-_built_for_patterns: Callable[[SizesKey, RulesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _build_for_patterns
-)
+_built_for_patterns = _as_constant(_build_for_patterns)
 
 
 def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern]) -> Layout | None:
@@ -160,7 +173,7 @@ def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionP
     if not _compiling():
         return None
     rules = tuple((tuple(p.query_tokens), tuple(p.key_value_tokens)) for p in patterns)
-    name = _built_for_patterns(tuple((s.name, s.size) for s in specs), rules)
+    name = _built_for_patterns(sizes_key(specs), rules)
     layout: Layout = getattr(TRACED_RECORDS, name)
     return layout
 
@@ -175,9 +188,7 @@ def _compile_for_trace(source: str, pattern: str) -> str:
     return TRACED_RECORDS.hold(("source", source, pattern), plan)
 
 
-_compiled_for_trace: Callable[[str, str], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _compile_for_trace
-)
+_compiled_for_trace = _as_constant(_compile_for_trace)
 
 
 def plan_of_source(source: str, pattern: str) -> Plan | None:
@@ -192,12 +203,10 @@ def plan_of_source(source: str, pattern: str) -> Plan | None:
 
 def _specs_for_trace(key: SizesKey) -> str:
     """Plain Python inside a trace: the slot of these groups' ``TokenSpec`` list."""
-    return TRACED_RECORDS.hold(("specs", key), as_token_specs(dict(key)))
+    return TRACED_RECORDS.hold(("specs", key), _token_specs(key))
 
 
-_specs_built_for_trace: Callable[[SizesKey], str] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call,unused-ignore]
-    _specs_for_trace
-)
+_specs_built_for_trace = _as_constant(_specs_for_trace)
 
 
 def token_specs_of(token_specs: TokenSpecs) -> list[TokenSpec]:
