@@ -107,6 +107,7 @@ def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
     assert "exception" not in waiting, waiting.get("exception")
     assert waiting["error"].startswith("rank 0: ") and "Another rank probably failed" in waiting["error"]
     assert waiting["seconds"] < 20
+    assert "cannot be used again: end the process" in waiting["error"]
 
 
 # ------------------------------------------------------- one process (no spawn)

@@ -46,7 +46,9 @@ def guarded(what: str, group: Group, run: Callable[[], T]) -> T:
         raise DistributedError(
             f"rank {rank}: {what} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
             "Another rank probably failed or ran a different layout; the process group's "
-            "timeout (timeout= of init_process_group or new_group) bounds how long a rank waits"
+            "timeout (timeout= of init_process_group or new_group) bounds how long a rank waits. "
+            "A group whose collective failed cannot be used again: end the process "
+            "(torchrun restarts it) rather than retry"
         ) from error
 
 
