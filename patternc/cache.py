@@ -12,11 +12,14 @@ hidden attribute of a frozen record.
 - :data:`LAYOUTS`: key ``(plan, ((group, size), ...))`` -> the
   :class:`~patternc.layout.Layout` (sizes as given: a dict's items or a
   ``TokenSpec`` list's ``(name, size)`` pairs, in order).
+- :data:`PLANS_BY_ID`: key ``id(plan)`` -> every live plan made outside a
+  ``torch.compile`` trace (weak: it keeps no plan alive).
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from patternc.plan import Plan
     from patternc.schemas import TokenSpec
 
-__all__ = ["BINDINGS", "CHECKED_PATTERNS", "LAYOUTS", "TOKEN_SPECS", "BoundedCache"]
+__all__ = ["BINDINGS", "CHECKED_PATTERNS", "LAYOUTS", "PLANS_BY_ID", "TOKEN_SPECS", "BoundedCache"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -95,3 +98,11 @@ TOKEN_SPECS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], tuple
     BoundedCache("token specs", 4096)
 )
 """Key as :data:`LAYOUTS` -> ``plan.token_specs(sizes)``."""
+
+PLANS_BY_ID: weakref.WeakValueDictionary[int, Plan] = weakref.WeakValueDictionary()
+"""``id(plan)`` -> the plan, for every live plan made outside a trace (each
+plan enters itself when made or unpickled). A ``torch.compile`` trace hands
+plain-Python helpers constants only, and a plan is not one on torch 2.11, so
+a trace names a plan by ``id`` and such a helper finds it here (see
+:mod:`patternc.nn.traced_layouts`). Weak values: an entry ends with its plan,
+so an ``id`` found here is always that plan's."""

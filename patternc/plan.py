@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from patternc.cache import BINDINGS, LAYOUTS, TOKEN_SPECS
+from patternc.cache import BINDINGS, LAYOUTS, PLANS_BY_ID, TOKEN_SPECS, _compiling
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall, ResolvedRule
 from patternc.layout import Layout, Sizes, build_layout, normalize_sizes
@@ -62,6 +62,14 @@ class Plan:
         # structural, as equality is, but computed once: plans key the
         # layout cache on every forward call
         object.__setattr__(self, "_hash", hash((self.name, self.groups, self.rules, self.group_types)))
+        if not _compiling():
+            PLANS_BY_ID[id(self)] = self
+
+    def __reduce__(self) -> tuple[type[Plan], tuple[object, ...]]:
+        """Copied and unpickled through ``__init__``: the hash is of this
+        process (a string's hash differs between processes), and the copy
+        enters :data:`~patternc.cache.PLANS_BY_ID`."""
+        return (Plan, (self.name, self.groups, self.rules, self.group_types))
 
     def __hash__(self) -> int:
         return self._hash

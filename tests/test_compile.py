@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -417,8 +420,9 @@ def test_bad_sizes_in_a_cold_trace_say_what_is_wrong() -> None:
 def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     """A record per key, read as an attribute; asked again, the attribute
     holds the record given now (the layout ``LAYOUTS`` holds, after an
-    eviction say); a plan no layer named is left to the trace (None)."""
-    from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace, layer_plan
+    eviction say); a plan not in ``PLANS_BY_ID`` is left to the trace (None)."""
+    from patternc.cache import PLANS_BY_ID
+    from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
     key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
@@ -433,10 +437,50 @@ def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     other_name = records.hold(("layout", other, other_key, True), other_layout)
     assert len({name, records.hold(("layout", plan, key, False), layout), other_name}) == 3
     assert getattr(records, other_name) is other_layout and getattr(records, name) is rebuilt
-    unnamed = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
-    assert _build_for_trace(id(unnamed), (("a", 2), ("q", 3)), True) is None
-    built = _build_for_trace(id(layer_plan(unnamed)), (("a", 2), ("q", 3)), True)
-    assert built is not None and getattr(TRACED_RECORDS, built) is unnamed.layout({"a": 2, "q": 3})
+    compiled = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
+    built = _build_for_trace(id(compiled), (("a", 2), ("q", 3)), True)
+    assert built is not None and getattr(TRACED_RECORDS, built) is compiled.layout({"a": 2, "q": 3})
+    del PLANS_BY_ID[id(compiled)]  # as a plan made inside a trace
+    assert _build_for_trace(id(compiled), (("a", 2), ("q", 3)), True) is None
+
+
+def test_every_plan_made_outside_a_trace_is_found_by_id_while_it_lives() -> None:
+    """Compiled, copied or unpickled plans enter ``PLANS_BY_ID`` (an unpickled
+    plan with this process's hash); the entry ends with the plan."""
+    import copy
+    import gc
+    import pickle
+
+    from patternc.cache import PLANS_BY_ID
+
+    plan = patternc.compile("groups a q\na -> a\nq -> a, q").patterns["default"]
+    copies = [copy.deepcopy(plan), copy.copy(plan), pickle.loads(pickle.dumps(plan))]
+    for made in (plan, *copies):
+        assert PLANS_BY_ID[id(made)] is made
+    for made in copies:
+        assert made == plan and hash(made) == hash(plan) and made.calls == plan.calls
+    # a pickle from another process: its string hashes are that process's
+    made_elsewhere = subprocess.run(
+        [sys.executable, "-c", _PICKLE_A_PLAN],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout
+    unpickled = pickle.loads(made_elsewhere)
+    assert unpickled == plan and hash(unpickled) == hash(plan) and PLANS_BY_ID[id(unpickled)] is unpickled
+    before = len(PLANS_BY_ID)
+    temporary = copy.deepcopy(plan)
+    assert len(PLANS_BY_ID) == before + 1
+    del temporary
+    gc.collect()
+    assert len(PLANS_BY_ID) == before
+
+
+_PICKLE_A_PLAN = """
+import pickle, sys, patternc
+plan = patternc.compile("groups a q\\na -> a\\nq -> a, q").patterns["default"]
+sys.stdout.buffer.write(pickle.dumps(plan))
+"""
 
 
 def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
@@ -453,6 +497,8 @@ def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int
     mixed = MixedAttention(patternc.MixedAttentionConfig(**config))
     specs = [TokenSpec("anchors", 3), TokenSpec("queries", 4)]
     patterns = [AttentionPattern(["anchors"], ["anchors"]), AttentionPattern(["queries"], ["anchors"])]
+    plan = patternc.compile("groups anchors queries\nanchors, queries -> anchors").patterns["default"]
+    causal = patternc.compile("groups anchors queries\n* -> * [causal]").patterns["default"]
     branches = [TokenSpec("surface_anchors", 3), TokenSpec("surface_queries", 5)]
     branches += [TokenSpec("volume_anchors", 2), TokenSpec("volume_queries", 4)]
     anchors: dict[str, torch.nn.Module] = {
@@ -470,6 +516,8 @@ def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int
         "mixed, TokenSpec list": (lambda x: mixed(x, specs, patterns)[0], 7),
         "mixed, size dict": (lambda x: mixed(x, {"anchors": 3, "queries": 4}, patterns)[0], 7),
         "mixed, size dicts": (lambda x: mixed(x, [{"anchors": 3}, {"queries": 4}], patterns)[0], 7),
+        "mixed, a compiled plan": (lambda x: mixed(x, specs, plan)[0], 7),
+        "mixed, a plan with modifiers": (lambda x: mixed(x, specs, causal)[0], 7),
     }
     for name, module in anchors.items():
         calls[name] = (lambda x, module=module: module(x, branches), 14)
@@ -485,7 +533,9 @@ def test_the_seed_api_compiles_fullgraph(call: str, warm: bool) -> None:
     cannot hash the list's frozen pydantic patterns (the check's cache key),
     run pydantic's validator (size dicts made ``TokenSpec``), or trace the
     compiler's parser (``re.finditer``, the anchor modules compile their
-    source per call). Those are built outside the trace now."""
+    source per call). Those are built outside the trace now. A plan handed
+    per call, cold, needed torch 2.13 (the trace built its layout): it is
+    found by ``id`` in ``PLANS_BY_ID`` now."""
     torch.manual_seed(0)
     run, tokens = _seed_calls()[call]
     x = torch.randn(2, tokens, 16)

@@ -16,7 +16,7 @@ from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.schedule import schedule_for
-from patternc.nn.traced_layouts import layer_plan, layout_of, token_specs_of
+from patternc.nn.traced_layouts import layout_of, token_specs_of
 from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
@@ -438,7 +438,7 @@ class PatternAttention(MixedAttention):
             fields = {**config.model_dump(), "implementation": backend}
             config = MixedAttentionConfig(**fields)
         super().__init__(config)
-        self.plan = layer_plan(plan)
+        self.plan = plan
 
     def forward(  # type: ignore[override]
         self,

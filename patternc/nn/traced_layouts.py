@@ -18,8 +18,10 @@ call, and the parser calls ``re.finditer`` (:func:`plan_of_source`).
 
 Two things shape this:
 - Dynamo hands such a function constants only: neither a plan nor a module
-  converts on torch 2.11, so the plan travels by ``id``, and layers name
-  their plans up front (:func:`layer_plan`, at construction, which is eager).
+  converts on torch 2.11, so the plan travels by ``id``, and the function
+  finds it in :data:`~patternc.cache.PLANS_BY_ID`, where every plan made
+  outside a trace enters itself (a layer's, one from ``patternc.compile``,
+  one handed to ``MixedAttention`` per call).
 - The built layout reaches the graph as an attribute of one object, one
   attribute per layout. A dict entry added by the function would be missed
   by a trace that read the dict earlier (Dynamo reads a dict once per
@@ -44,14 +46,13 @@ from typing import TypeVar, cast
 
 import torch
 
-from patternc.cache import LAYOUTS, BoundedCache, _compiling
+from patternc.cache import LAYOUTS, PLANS_BY_ID, _compiling
 from patternc.layout import Layout
 from patternc.plan import Plan, Sizes, layout_key, sizes_key
 from patternc.schemas import AttentionPattern, TokenSpec, TokenSpecs, as_token_specs
 
 __all__ = [
     "TRACED_RECORDS",
-    "layer_plan",
     "layout_of",
     "layout_of_patterns",
     "plan_of_source",
@@ -61,10 +62,6 @@ __all__ = [
 SizesKey = tuple[tuple[str, int | None], ...]
 RulesKey = tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
 """A hand-written pattern list as constants: ``(query_tokens, key_value_tokens)`` each."""
-
-LAYER_PLANS: BoundedCache[int, Plan] = BoundedCache("layer plans", 1024)
-"""``id(plan)`` -> the plan, for every plan a layer was built with. Holding
-the plan keeps its ``id`` its own while the entry lives."""
 
 
 class TracedRecords:
@@ -116,19 +113,12 @@ def _kept_layout(plan: Plan, sizes: Sizes) -> Layout:
     return layout
 
 
-def layer_plan(plan: Plan) -> Plan:
-    """Name ``plan`` as one a layer runs, so that a cold trace can build its
-    layouts outside the trace (see the module docstring); returns it."""
-    LAYER_PLANS.put(id(plan), plan)
-    return plan
-
-
 def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str | None:
-    """Plain Python inside a trace: the slot of the layer plan's layout at
-    these sizes, or None when the plan is not a layer's (the trace then
-    builds the layout itself, as before). A layout that fails to build
+    """Plain Python inside a trace: the slot of the plan's layout at these
+    sizes, or None for a plan made inside a trace (the trace then builds the
+    layout itself, which needs torch 2.13). A layout that fails to build
     raises here, and Dynamo's error carries the compiler's diagnostics."""
-    plan = LAYER_PLANS.lookup(plan_id)
+    plan = PLANS_BY_ID.get(plan_id)
     if plan is None:
         return None
     sizes: Sizes = dict(key) if mapping else _token_specs(key)
@@ -180,11 +170,11 @@ def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionP
 
 def _compile_for_trace(source: str, pattern: str) -> str:
     """Plain Python inside a trace: the slot of the plan ``source`` compiles
-    to, named as a layer's plan so that its layouts are built outside the
-    trace too."""
+    to (made here, outside the trace, it enters ``PLANS_BY_ID``, so its
+    layouts are built outside the trace too)."""
     import patternc
 
-    plan = layer_plan(patternc.compile(source).patterns[pattern])
+    plan = patternc.compile(source).patterns[pattern]
     return TRACED_RECORDS.hold(("source", source, pattern), plan)
 
 

@@ -40,7 +40,7 @@ from patternc.nn.executors.common import compact_keys, group_positions, zero_pad
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
-from patternc.nn.traced_layouts import layer_plan, layout_of
+from patternc.nn.traced_layouts import layout_of
 from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
 from patternc.plan import Plan, Program, Sizes
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
@@ -294,7 +294,7 @@ class Transformer(nn.Module):
         self.config = config
         plans = _plans(program)
         extra = Modifiers(causal=config.is_causal, window=config.attention_window)
-        self.plans = {name: layer_plan(with_modifiers(plan, extra)) for name, plan in plans.items()}
+        self.plans = {name: with_modifiers(plan, extra) for name, plan in plans.items()}
         first = next(iter(self.plans))
         self.layer_patterns = list(layer_patterns or [first] * config.num_layers)
         unknown = [p for p in self.layer_patterns if p not in self.plans]
