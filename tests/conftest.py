@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,18 @@ def ab_sizes(anchors: int | None, queries: int) -> dict[str, int | None]:
         "volume_anchors": anchors,
         "volume_queries": queries,
     }
+
+
+@contextlib.contextmanager
+def warnings_as_errors(category: type[Warning] = Warning) -> Iterator[None]:
+    """Warnings of ``category`` raise, except torch 2.6's own "Skipping
+    serialization of ..." (its Dynamo config reports a dict setting as
+    changed after the first compile, and inductor warns so when it writes a
+    graph's config: noise from torch, not from the code under test)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category)
+        warnings.filterwarnings("ignore", message="Skipping serialization of", category=UserWarning)
+        yield
 
 
 def diagnostics_of(source: str) -> list[Diagnostic]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import warnings_as_errors
 from pydantic import ValidationError
 from reference import relative_error
 from torch import Tensor
@@ -298,8 +299,7 @@ def test_flex_layer_attention_matches_reference(pos_emb_type: str, window: int |
     x = torch.randn(1, n, c.d_model, dtype=torch.float64)
     positions = model._positions({"tokens": n}, x.device)
     step = model._step({"tokens": n}, positions, None)
-    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no fallback to batched
+    with torch.no_grad(), flex.compiled(False), warnings_as_errors(UserWarning):  # no fallback to batched
         warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager flex says it is slow
         out, _ = model.layers[0].attend(x, step)
     assert relative_error(out, reference_attention(model, 0, x, window)) < 1e-6

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ab_sizes
+from conftest import ab_sizes, warnings_as_errors
 from reference import relative_error
 from test_flex import MODIFIED, make, reference_with_modifiers
 
@@ -476,8 +476,7 @@ def test_run_varlen_on_flash4_packs_and_windows_like_separate_calls(
     monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
     module = make(plan.bind(list(sizes)), "varlen", 0, dim=32)
     x = torch.randn(2, sum(sizes.values()), 32)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback to batched
+    with torch.no_grad(), warnings_as_errors():  # no fallback to batched
         out, _ = module(x, sizes)
         expected = reference_with_modifiers(module, x.double(), sizes)
     assert relative_error(out.double(), expected) < 1e-5

@@ -86,11 +86,12 @@ def _compiled(attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 def _past_recompile_limit(error: Exception) -> bool:
     """Whether ``error`` is what a ``fullgraph`` compile raises past the
-    recompile limit (``FailOnRecompileLimitHit``; ``FailOnCacheLimitHit``
-    before torch 2.7)."""
+    recompile limit: ``FailOnRecompileLimitHit`` (``FailOnCacheLimitHit``
+    in older torch), or on torch 2.6 ``RecompileLimitExceeded``, which it
+    raises instead unless ``fail_on_cache_limit_hit`` is set."""
     import torch._dynamo.exc as dynamo_errors
 
-    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit", "RecompileLimitExceeded", "CacheLimitExceeded")
     limit_hit = tuple(getattr(dynamo_errors, name) for name in names if hasattr(dynamo_errors, name))
     return bool(limit_hit) and isinstance(error, limit_hit)
 
