@@ -38,9 +38,11 @@ _HALF_KERNEL_OPTIONS: KernelOptions = {
 sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
 2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles;
 on an H200 it is still the best of seven (368 and 390 TFLOP/s at 2x(8k+24k),
-torch's default 255 and 269). The ``fwd_`` prefix (torch >= 2.6) keeps
-these options out of the backward kernels: unprefixed, the warps and
-stages reached them too and made forward+backward 2.5-4x slower."""
+torch's default 255 and 269). The ``fwd_`` prefix keeps these options out
+of the backward kernels: unprefixed, the warps and stages reached them too
+and made forward+backward 2.5-4x slower. torch 2.6 knows no prefix: it
+defines the prefixed names in the kernel unused, so its own tiles stand
+there (read off its template code; not run on a GPU)."""
 
 
 def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
