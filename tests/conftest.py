@@ -37,6 +37,26 @@ def warnings_as_errors(category: type[Warning] = Warning) -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session")
+def cpu_flex_kernel() -> None:
+    """Skip unless this torch builds FlexAttention's C++ kernel for the CPU
+    (torch 2.8.0 does not; flex then runs as batched, see
+    ``patternc.nn.executors.flex._CPU_KERNEL_FAILED``): for tests of the
+    kernel itself."""
+    import torch
+
+    from patternc.nn import PatternAttention
+    from patternc.nn.executors import flex
+
+    plan = patternc.compile("groups a q\na -> a\nq -> a, q [causal]").patterns["default"]
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2, implementation="flex")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PatternAttention(config, plan)(torch.randn(1, 10, 16), {"a": 3, "q": 7})
+    if flex._CPU_KERNEL_FAILED:
+        pytest.skip(flex._CPU_KERNEL_FAILED[0])
+
+
 def diagnostics_of(source: str) -> list[Diagnostic]:
     """Compile text that must fail; return its diagnostics."""
     with pytest.raises(patternc.PatternError) as info:

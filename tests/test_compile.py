@@ -158,7 +158,9 @@ def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.allclose(out, module(x, sizes)[0], atol=1e-6)
 
 
-def test_auto_runs_its_flex_pick_inside_a_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_runs_its_flex_pick_inside_a_compiled_graph(
+    monkeypatch: pytest.MonkeyPatch, cpu_flex_kernel: None
+) -> None:
     """Where the cost model ranks flex first (float32 inference on a GPU),
     ``auto`` runs flex eagerly and inside a user's fullgraph compile
     (Inductor, CPU, flex's CPU fallback switched off), with the tables the
@@ -251,7 +253,9 @@ def _eager_then_compiled(
     return expected, out, [str(w.message) for w in caught] + [r.getMessage() for r in records]
 
 
-def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(
+    monkeypatch: pytest.MonkeyPatch, cpu_flex_kernel: None
+) -> None:
     """A user's fullgraph compile (Inductor, CPU) of a flex layer that ran
     eagerly once: the trace takes the tables the eager call stored (their
     tensors enter the user's graph as inputs; Inductor cannot lower
@@ -269,7 +273,9 @@ def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(monkeypatch: py
     assert float((out - expected).norm() / expected.norm()) < 1e-5
 
 
-def test_flex_with_a_kv_cache_compiles_inside_a_user_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flex_with_a_kv_cache_compiles_inside_a_user_graph(
+    monkeypatch: pytest.MonkeyPatch, cpu_flex_kernel: None
+) -> None:
     """Cached anchors under a user's fullgraph compile (Inductor, CPU): the
     queries-only call with ``kv_cache`` takes its stored tables (their key
     includes the cached lengths) and matches eager and the full pass."""
@@ -289,7 +295,7 @@ def test_flex_with_a_kv_cache_compiles_inside_a_user_graph(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("case", ["cold", "key padding"])
 def test_flex_without_stored_tables_in_a_user_graph_runs_as_batched(
-    monkeypatch: pytest.MonkeyPatch, case: str
+    monkeypatch: pytest.MonkeyPatch, case: str, cpu_flex_kernel: None
 ) -> None:
     """Inside a user's fullgraph compile, a flex call whose tables no eager
     call stored (compiled before any eager call with these sizes; or with a

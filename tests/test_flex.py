@@ -335,7 +335,7 @@ def test_one_head_on_cpu_falls_back_to_batched_with_one_warning(sizes: dict[str,
     assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
 
 
-def test_two_heads_on_cpu_run_flex() -> None:
+def test_two_heads_on_cpu_run_flex(cpu_flex_kernel: None) -> None:
     """The one-head fallback above is for one head only: two heads run the kernel."""
     plan = patternc.compile("groups a q\na -> a\nq -> a, q [causal]\n").patterns["default"]
     module = make(plan, "flex")
@@ -346,8 +346,52 @@ def test_two_heads_on_cpu_run_flex() -> None:
     assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
 
 
+def test_a_cpu_kernel_torch_cannot_build_runs_as_batched_and_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where torch fails to build FlexAttention's C++ kernel for the CPU
+    (torch 2.8.0 does, for every mask), flex warns once, naming torch and the
+    cause, runs the call as batched (right numbers), and later calls go to
+    batched without another compile. Other errors still raise."""
+
+    class CppCompileError(RuntimeError):
+        pass
+
+    tries: list[int] = []
+
+    def failing_kernel(guarded: bool) -> Callable[..., Tensor]:
+        def attend(*args: object) -> Tensor:
+            tries.append(1)
+            try:
+                raise CppCompileError("C++ compile error")
+            except CppCompileError as cause:  # as Inductor wraps it
+                raise RuntimeError("backend='inductor' raised: compile failed") from cause
+
+        return attend
+
+    monkeypatch.setattr(flex, "_attend_fn", failing_kernel)
+    monkeypatch.setattr(flex, "_CPU_KERNEL_FAILED", [])
+    monkeypatch.setattr(flex, "_warned", set())
+    plan = patternc.compile("groups a q\na -> a\nq -> a, q [causal]\n").patterns["default"]
+    module = make(plan, "flex")
+    sizes = {"a": 3, "q": 7}
+    x = torch.randn(1, 10, 16)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = module(x, sizes)
+        again, _ = module(x, sizes)
+    said = [str(w.message) for w in caught if "runs as 'batched'" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"for torch {torch.__version__} failing to build FlexAttention's CPU kernel" in said[0]
+    assert tries == [1]
+    assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5 and torch.equal(out, again)
+    cpu = torch.zeros(1)
+    assert flex._cpu_kernel_build_failed(ValueError("another failure"), cpu) is None
+    assert flex._cpu_kernel_build_failed(CppCompileError("on a GPU"), cpu.to("meta")) is None
+
+
 @pytest.mark.slow
-def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
+def test_compiled_flex_matches_reference_and_bounds_recompiles(cpu_flex_kernel: None) -> None:
     """torch.compile(flex_attention) on CPU (forward): correct at several sizes,
     and changing sizes reuse a few kernels instead of recompiling each time."""
     import torch._dynamo
@@ -368,7 +412,9 @@ def test_compiled_flex_matches_reference_and_bounds_recompiles() -> None:
 
 
 @pytest.mark.slow
-def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_past_the_recompile_limit_flex_runs_as_batched_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, cpu_flex_kernel: None
+) -> None:
     """A new bucketed shape past Dynamo's recompile limit would fail the
     compiled graph (fullgraph): flex warns once, naming the limit and the
     fix, and runs the call as batched (right numbers at every size)."""

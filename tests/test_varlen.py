@@ -730,7 +730,11 @@ def test_kernel_of_says_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 14, 2, 16)
     inputs = AttentionInputs(q, q, q, layout, {}, None, 0.0, None)
     assert varlen.kernel_of(inputs) == "batched"  # CPU
+    monkeypatch.setattr(flex, "_CPU_KERNEL_FAILED", [])
     assert flex.kernel_of(inputs) == "triton"  # flex runs its own kernel on CPU without gradients
+    monkeypatch.setattr(flex, "_CPU_KERNEL_FAILED", ["torch failing to build FlexAttention's CPU kernel"])
+    assert flex.kernel_of(inputs) == "batched"  # where this torch cannot build it (2.8.0)
+    monkeypatch.setattr(flex, "_CPU_KERNEL_FAILED", [])
     grad = AttentionInputs(q.clone().requires_grad_(), q, q, layout, {}, None, 0.0, None)
     assert flex.kernel_of(grad) == "batched"  # no CPU backward
     monkeypatch.setattr(varlen, "_fallback_reason", lambda inputs: None)

@@ -225,6 +225,33 @@ def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
         return "one head on CPU (Inductor's CPU FlexAttention kernel fails to compile for it)"
     if q.device.type == "cuda" and q.shape[-1] < 16:
         return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
+    if q.device.type == "cpu" and _CPU_KERNEL_FAILED:
+        return _CPU_KERNEL_FAILED[0]
+    return None
+
+
+_CPU_KERNEL_FAILED: list[str] = []
+"""The reason, once this torch failed to build FlexAttention's C++ kernel
+for the CPU: later CPU calls run as batched without trying again (each try
+costs a full C++ compile). torch 2.8.0 emits that kernel with an unclosed
+brace for every mask (plain ``flex_attention`` fails the same; 2.6, 2.11
+and 2.13 build it)."""
+
+
+def _cpu_kernel_build_failed(error: BaseException, q: Tensor) -> str | None:
+    """The fallback reason when ``error`` is Inductor failing to compile the
+    C++ of a CPU FlexAttention kernel (a ``CppCompileError`` anywhere in the
+    chain: torch wraps it in ``InductorError`` or ``BackendCompilerFailed``)."""
+    if q.device.type != "cpu":
+        return None
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "CppCompileError" or "CppCompileError:" in str(seen):
+            return (
+                f"torch {torch.__version__} failing to build FlexAttention's CPU kernel "
+                "(a C++ compile error in torch's generated code)"
+            )
+        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -289,6 +316,10 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         if not guarded:
             out = out.transpose(1, 2)
     except Exception as error:
+        failed = _cpu_kernel_build_failed(error, q)
+        if failed is not None:
+            _CPU_KERNEL_FAILED.append(failed)
+            return run_as_batched(inputs, "flex", failed, _warned)
         if not _past_recompile_limit(error):
             raise
         setting, limit = _recompile_limit()
