@@ -388,7 +388,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
     dist.destroy_process_group()
 
 
-_TEARDOWN_MAY_DEADLOCK = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11)
+_TEARDOWN_MAY_DEADLOCK = torch.__version__ < (2, 11)
 """Seen on torch 2.6; 2.11 and 2.13 tear down cleanly (versions between unchecked)."""
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from patternc.cache import LAYOUTS, BoundedCache
 from patternc.layout import Layout
 from patternc.nn.executors.batched import run_batched
-from patternc.nn.executors.common import AttentionInputs, Executor
+from patternc.nn.executors.common import AttentionInputs, Executor, _is_compiling
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
@@ -36,9 +36,7 @@ from patternc.nn.tables import TABLES
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
-# bound once: the per-call pick reads them without two attribute lookups
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
+_grad_enabled = torch.is_grad_enabled  # bound once: the per-call pick reads it without two lookups
 
 
 @dataclass(frozen=True)
