@@ -91,8 +91,8 @@ def reference_attention(
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ (0 when both are zero)."""
-    denom = ref.double().norm()
-    diff = (out.double() - ref.double()).norm()
+    denom = ref.detach().double().norm()
+    diff = (out.detach().double() - ref.detach().double()).norm()
     return float(diff / denom) if denom > 0 else float(diff)
 
 
