@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU side of patternc, in stages that fit the device's 10-minute calls:
-#   tests      flex, varlen/auto and CUDA-graph tests (forward and backward
-#              against the float64 reference)                      ~4 min
+#   tests      the GPU test files (forward and backward against the float64
+#              reference); ~2 min with pytest-xdist from .whl
+#              (benchmarks/device_wheels.sh), else past 10 min on a fresh machine
 #   blockmask  block-mask construction against create_block_mask   ~1 min
 #   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
@@ -65,8 +66,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
 python3 -c 'from patternc.nn.executors import flash4; print("flash-attn-4 installed:", flash4.installed())' | tee -a "$OUT/gpu.txt"
 
+GPU_TESTS=(key_space flex varlen cuda_graphs cookbook compile robustness)
 tests() {
-  for module in key_space flex varlen cuda_graphs cookbook compile robustness; do
+  # with pytest-xdist on the path (benchmarks/device_wheels.sh), all files at
+  # once on 6 workers (compiles are CPU-bound); else one file after another
+  if python3 -c "import xdist" 2>/dev/null; then
+    local files=()
+    for module in "${GPU_TESTS[@]}"; do files+=("tests/test_$module.py"); done
+    python3 -m pytest "${files[@]}" -q -p no:cacheprovider -n 6 2>&1 | tee "$OUT/tests.txt" | tail -5
+    return
+  fi
+  for module in "${GPU_TESTS[@]}"; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_$module.txt" | tail -5
   done
 }
