@@ -223,6 +223,73 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
         print(f"| {label} | {min(samples) * 1e6:.2f} |")
 
 
+def _periodic_parts(device: torch.device, dtype: torch.dtype, rounds: int) -> None:
+    """``batched``'s one periodic launch on self-anchor 2x(1k+4k) (K/V of the
+    key tokens, as the layers hand them over), piece by piece, as single
+    calls on an empty queue in shuffled rounds: where its host time above one
+    SDPA goes. The same SDPA on contiguous head-major copies and on
+    ``batched``'s strided views tells whether the views cost SDPA itself
+    host time; the views alone are the rest."""
+    from patternc.nn.executors.batched import _back_to_tokens, _periods, run_batched
+    from patternc.nn.executors.common import compact_keys
+
+    source, pattern, sizes = LAYOUTS["self-anchor 2x(1k+4k)"]
+    plan = patternc.compile(open(source).read()).patterns[pattern]
+    layout = plan.bind(list(sizes)).layout(sizes)
+    launch, space = layout.periodic_launches[0], layout.key_space
+    assert launch is not None and space.periodic[0] is not None
+    k_period, k_start = space.periodic[0]
+    q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))
+    k, v = (compact_keys(t, space).contiguous() for t in (k, v))
+    inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None, keys_compact=True)
+    count = launch.count
+
+    def views() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            _periods(q, count, launch.period, launch.q_start, launch.q_length),
+            _periods(k, count, k_period, k_start, launch.k_length),
+            _periods(v, count, k_period, k_start, launch.k_length),
+        )
+
+    qv, kv, vv = views()
+    qc, kc, vc = (t.contiguous() for t in (qv, kv, vv))
+    out = F.scaled_dot_product_attention(qv, kv, vv)
+    rows: dict[str, Callable[[], object]] = {
+        "SDPA on contiguous head-major copies": lambda: F.scaled_dot_product_attention(qc, kc, vc),
+        "SDPA on batched's strided views": lambda: F.scaled_dot_product_attention(qv, kv, vv),
+        "the three views in": views,
+        "the view out": lambda: _back_to_tokens(out, 1, layout.n_tokens),
+        "run_batched": functools.partial(run_batched, inputs),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    for fn in rows.values():
+        for _ in range(5):
+            fn()
+    order = list(rows)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for round_ in range(rounds):
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]
+        for row in order:
+            torch.cuda.synchronize()
+            start.record()
+            began = time.perf_counter()
+            rows[row]()
+            host = time.perf_counter() - began
+            stop.record()
+            torch.cuda.synchronize()
+            samples[row].append((host * 1e6, start.elapsed_time(stop)))
+    print(
+        "\n| batched's periodic launch, self-anchor 2x(1k+4k), single calls | host us (median) | host us (p10) | device ms |"
+        "\n| --- | ---: | ---: | ---: |"
+    )
+    for row, values in samples.items():
+        host = sorted(h for h, _ in values)
+        print(
+            f"| {row} | {statistics.median(host):.1f} | {host[len(host) // 10]:.1f} "
+            f"| {statistics.median(d for _, d in values):.3f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -230,6 +297,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--profile", nargs="*", default=["batched", "flex", "module batched"])
+    parser.add_argument(
+        "--parts-only",
+        action="store_true",
+        help="only the piece tables (batched's periodic launch, auto's pick)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = device.type == "cuda"
@@ -239,13 +311,16 @@ def main() -> None:
     print(
         f"{torch.cuda.get_device_name() if sync else 'cpu'}, torch {torch.__version__}, {dtype}, {HEADS} heads x {DIM}"
     )
-    print(
-        "\n| layout | row | host us/call | wall us/call (synced) | host / ideal |\n| --- | --- | --- | --- | --- |"
-    )
-    profiles: list[str] = []
-    for name, (source, pattern, sizes) in LAYOUTS.items():
-        profiles += _layout(name, source, pattern, sizes, device, dtype, args)
-    print("\n".join(profiles))
+    if not args.parts_only:
+        print(
+            "\n| layout | row | host us/call | wall us/call (synced) | host / ideal |\n| --- | --- | --- | --- | --- |"
+        )
+        profiles: list[str] = []
+        for name, (source, pattern, sizes) in LAYOUTS.items():
+            profiles += _layout(name, source, pattern, sizes, device, dtype, args)
+        print("\n".join(profiles))
+    if sync:
+        _periodic_parts(device, dtype, rounds=20 * args.rounds)
     _auto_parts(device, dtype)
 
 
