@@ -226,7 +226,8 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
 def _periodic_parts(device: torch.device, dtype: torch.dtype, rounds: int) -> None:
     """``batched``'s one periodic launch on self-anchor 2x(1k+4k) (K/V of the
     key tokens, as the layers hand them over), piece by piece, as single
-    calls on an empty queue in shuffled rounds: where its host time above one
+    calls on an empty queue, the rows' order rotated each round (each row
+    takes every place equally often): where its host time above one
     SDPA goes. The same SDPA on contiguous head-major copies and on
     ``batched``'s strided views tells whether the views cost SDPA itself
     host time; the views alone are the rest."""
