@@ -226,11 +226,13 @@ def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
 def _periodic_parts(device: torch.device, dtype: torch.dtype, rounds: int) -> None:
     """``batched``'s one periodic launch on self-anchor 2x(1k+4k) (K/V of the
     key tokens, as the layers hand them over), piece by piece, as single
-    calls on an empty queue, the rows' order rotated each round (each row
-    takes every place equally often): where its host time above one
-    SDPA goes. The same SDPA on contiguous head-major copies and on
-    ``batched``'s strided views tells whether the views cost SDPA itself
-    host time; the views alone are the rest."""
+    calls on an empty queue in shuffled rounds (``bench_paired``'s
+    :func:`paired_rounds`): where its host time above one SDPA goes. The
+    same SDPA on contiguous head-major copies and on ``batched``'s strided
+    views tells whether the views cost SDPA itself host time; the views
+    alone are the rest."""
+    from bench_paired import paired_rounds, percentile
+
     from patternc.nn.executors.batched import _back_to_tokens, _periods, run_batched
     from patternc.nn.executors.common import compact_keys
 
@@ -262,32 +264,16 @@ def _periodic_parts(device: torch.device, dtype: torch.dtype, rounds: int) -> No
         "the view out": lambda: _back_to_tokens(out, 1, layout.n_tokens),
         "run_batched": functools.partial(run_batched, inputs),
     }
-    samples: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
-    for fn in rows.values():
-        for _ in range(5):
-            fn()
-    order = list(rows)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for round_ in range(rounds):
-        order = order[round_ % len(order) :] + order[: round_ % len(order)]
-        for row in order:
-            torch.cuda.synchronize()
-            start.record()
-            began = time.perf_counter()
-            rows[row]()
-            host = time.perf_counter() - began
-            stop.record()
-            torch.cuda.synchronize()
-            samples[row].append((host * 1e6, start.elapsed_time(stop)))
+    samples = paired_rounds(rows, rounds)  # (device ms, host us) per single call
     print(
         "\n| batched's periodic launch, self-anchor 2x(1k+4k), single calls | host us (median) | host us (p10) | device ms |"
         "\n| --- | ---: | ---: | ---: |"
     )
     for row, values in samples.items():
-        host = sorted(h for h, _ in values)
+        host = [h for _, h in values]
         print(
-            f"| {row} | {statistics.median(host):.1f} | {host[len(host) // 10]:.1f} "
-            f"| {statistics.median(d for _, d in values):.3f} |"
+            f"| {row} | {statistics.median(host):.1f} | {percentile(host, 0.1):.1f} "
+            f"| {statistics.median(d for d, _ in values):.3f} |"
         )
 
 
