@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import patternc
-from patternc.layout import Layout as Schedule
+from patternc.lower.layout import Layout as Schedule
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.auto import choose
 from patternc.nn.executors.common import AttentionInputs, compact_keys

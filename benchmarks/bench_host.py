@@ -191,6 +191,7 @@ def _layout(
 def _auto_parts(device: torch.device, dtype: torch.dtype) -> None:
     """``auto``'s own host time, piece by piece, on self-anchor 2x(1k+4k)."""
     from patternc.cache import _compiling
+
     from patternc.nn.executors.auto import PICKS, _conditions, _key
 
     source, pattern, sizes = LAYOUTS["self-anchor 2x(1k+4k)"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import patternc
-from patternc.layout import KeySpace
+from patternc.lower.layout import KeySpace
 from patternc.nn import Transformer
 
 KEY_TOKENS = KeySpace.identity

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from patternc.blockmask import BlockClasses
+from patternc.lower.blocks import BlockClasses
 
 __all__ = ["save_mask_picture"]
 

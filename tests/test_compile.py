@@ -60,9 +60,9 @@ def _captured() -> Iterator[tuple[list[warnings.WarningMessage], list[logging.Lo
 def _forget_layouts() -> None:
     """Empty the compiler's caches, so that a trace finds no layout an
     earlier test built (a cold compile is then cold)."""
-    from patternc.cache import BINDINGS, LAYOUTS, TOKEN_SPECS
+    from patternc.plan import BINDINGS, LAYOUTS
 
-    for cache in (LAYOUTS, BINDINGS, TOKEN_SPECS):
+    for cache in (LAYOUTS, BINDINGS):
         cache.clear()
 
 
@@ -219,9 +219,9 @@ def test_flex_host_queries_are_constants_to_dynamo(
 def _flex_on_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[PatternAttention, dict[str, int], list[str]]:
     """A joint flex layer with flex's CPU fallback switched off (so its own
     path runs on CPU), and a record of table builds made while tracing."""
-    from patternc.cache import _compiling
     from patternc.nn import flexmask
     from patternc.nn.executors import flex
+    from patternc.tracing import compiling as _compiling
 
     monkeypatch.setattr(flex, "_fallback_reason", lambda q, dropout_p: None)
     traced_builds: list[str] = []
@@ -355,7 +355,7 @@ def test_traced_table_lookups_compile_in_one_graph() -> None:
     without a break. A bound builtin ``dict.get`` as the lookup broke the
     graph under torch 2.11 (seen on an H100), which is why only ``auto``'s
     untraced hot path takes
-    :meth:`~patternc.cache.BoundedCache.untraced_lookup`; torch 2.13
+    :meth:`~patternc.lower.cache.BoundedCache.untraced_lookup`; torch 2.13
     traces either, so here this guards the traced path itself."""
     from conftest import ab_sizes
 
@@ -427,8 +427,8 @@ def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     """A record per key, read as an attribute; asked again, the attribute
     holds the record given now (the layout ``LAYOUTS`` holds, after an
     eviction say); a plan not in ``PLANS_BY_ID`` is left to the trace (None)."""
-    from patternc.cache import PLANS_BY_ID
     from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace
+    from patternc.plan import PLANS_BY_ID
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
     key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
@@ -457,7 +457,7 @@ def test_every_plan_made_outside_a_trace_is_found_by_id_while_it_lives() -> None
     import gc
     import pickle
 
-    from patternc.cache import PLANS_BY_ID
+    from patternc.plan import PLANS_BY_ID
 
     plan = patternc.compile("groups a q\na -> a\nq -> a, q").patterns["default"]
     copies = [copy.deepcopy(plan), copy.copy(plan), pickle.loads(pickle.dumps(plan))]

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask
 
 import patternc
-from patternc.blockmask import FULL, PARTIAL, block_classes
+from patternc.export import to_dot
+from patternc.lower.blocks import FULL, PARTIAL, block_classes
 from patternc.nn import PatternAttention
 from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
@@ -140,7 +141,7 @@ def test_rules_with_different_modifiers_do_not_merge() -> None:
     plan = patternc.compile("groups a b\na -> a, b [causal]\nb -> a, b\n").patterns["default"]
     assert len(plan.calls) == 2
     assert [c.keys[0].modifiers.causal for c in plan.calls] == [True, False]
-    assert "[causal]" in patternc.compile("groups a\na -> a [causal]").to_dot()
+    assert "[causal]" in to_dot(patternc.compile("groups a\na -> a [causal]"))
 
 
 # ---------------------------------------------------------------- block masks

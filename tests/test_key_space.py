@@ -16,7 +16,7 @@ from reference import language_mask, reference_attention, relative_error
 
 import patternc
 from patternc.configs import UntiedMixedAttentionConfig
-from patternc.layout import KeySpace, Layout
+from patternc.lower.layout import KeySpace, Layout
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.common import AttentionInputs, compact_keys, expand_keys
 from patternc.nn.untied import TypeRuns

@@ -594,10 +594,10 @@ def test_launches_priced_during_a_trace_are_kept_for_the_graph(monkeypatch: pyte
     constant function), when torch already reports a compile: the launches
     it builds there are stored as traceable, so the graph that picked
     ``varlen`` finds them; a lookup that is traced stores nothing."""
-    from patternc import cache
+    from patternc.lower import cache
     from patternc.nn import tables
 
-    monkeypatch.setattr(cache, "_compiling", lambda: True)
+    monkeypatch.setattr(cache, "compiling", lambda: True)
     monkeypatch.setattr(tables, "_compiling", lambda: True)
     varlen.TABLES.clear()
     layout = schedule_for(DOCS.token_specs({"doc0": 3, "doc1": 8}), DOCS)

@@ -1,6 +1,6 @@
 """Device tables of a layout: the runtime's one cache.
 
-A :class:`~patternc.layout.Layout` is plain integers; executors also need
+A :class:`~patternc.lower.layout.Layout` is plain integers; executors also need
 device tensors made from it (positions within groups, FlexAttention's group
 tables, varlen's packed indices). Building them costs host time and
 host-to-device copies, so each is built once and kept in :data:`TABLES`.
@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
-from patternc.cache import BoundedCache, _compiling
-from patternc.layout import Layout
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import Layout
+from patternc.tracing import compiling as _compiling
 
 __all__ = ["TABLES", "LayoutTables"]
 

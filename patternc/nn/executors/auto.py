@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.cache import LAYOUTS, BoundedCache
-from patternc.layout import Layout
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor, _is_compiling
 from patternc.nn.executors.dense import run_dense
@@ -33,6 +33,7 @@ from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
+from patternc.plan import LAYOUTS
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
@@ -261,7 +262,7 @@ def _choice(layout: Layout, conditions: Conditions) -> str:
 
 def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
     """The pick for the layout with this ``id``: one seen by an eager call or
-    one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
+    one of :data:`patternc.plan.LAYOUTS`; ``batched`` (the default) for a
     layout built inside the trace and never run eagerly."""
     found = PICKS.lookup((layout_id, *conditions))
     if found is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import KeySpace, PeriodicLaunch, Segment
+from patternc.lower.layout import KeySpace, PeriodicLaunch, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Call, KeySpace, Layout, Segment
+from patternc.lower.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers
 from patternc.nn.tables import TABLES
 
@@ -65,7 +65,7 @@ class AttentionInputs:
     query's and key's positions within their groups (an additive bias)."""
     keys_compact: bool = False
     """``k``/``v`` hold only the layout's key space, ``[B, Nk, H, D]`` (see
-    :class:`~patternc.layout.KeySpace`): what a layer hands over when it
+    :class:`~patternc.lower.layout.KeySpace`): what a layer hands over when it
     projects K and V for key tokens only. ``key_padding_mask`` stays ``[B, N]``."""
 
     def in_token_space(self) -> AttentionInputs:

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.cache import _compiling
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn.executors import flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
 from patternc.nn.executors import flash4
 from patternc.nn.executors.common import AttentionInputs, device_capability, once
+from patternc.tracing import compiling as _compiling
 
 __all__ = [
     "FLASH_OPTIONS",

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
-from patternc.export.pairs import NotExpressible
-from patternc.export.varlen import varlen_launches
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import NotExpressible
+from patternc.lower.varlen import varlen_launches
 from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, once
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling as _compiling
 
 __all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
 

@@ -6,27 +6,31 @@ into one :class:`Call` (its query and key segments, per-segment modifiers,
 shapes, exact allowed-pair count), stacks calls of equal shape into launches,
 and records how call outputs go back into input order. Every executor reads
 these records as they are; nothing downstream re-derives them from the plan.
-Layouts are built once per (plan, sizes) by :data:`patternc.cache.LAYOUTS`.
+Layouts are built once per (plan, sizes) and held by the
+:class:`~patternc.lower.lowered.Lowered` record of that pair.
+
+Everything here is linear in the number of groups and calls: a layout of
+10,000 packed documents holds one record per document, never a table of
+every pair of groups.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal, Protocol, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall
 from patternc.modifiers import NO_MODIFIERS, Modifiers, allowed_pairs
 from patternc.schemas import TokenSpec
 
-if TYPE_CHECKING:
-    from patternc.plan import Plan
-
 __all__ = [
     "Access",
+    "BoundPlan",
     "Call",
     "GroupSlot",
     "KeySpace",
@@ -41,6 +45,22 @@ __all__ = [
 Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
 """Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
 A size of ``None`` marks a group whose keys/values come from a KV cache."""
+
+
+
+class BoundPlan(Protocol):
+    """What a layout is built from: a plan whose families are bound to
+    run-time groups (:class:`patternc.Plan` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+
+    @property
+    def calls(self) -> tuple[AttentionCall, ...]: ...
+
 
 Access = Literal["view", "gather", "empty"]
 """How a call reads its tokens: one contiguous slice (``view``, no copy),
@@ -178,27 +198,31 @@ class KeySpace:
     else None (the launch then stacks its keys like any other)."""
     whole_call_keys: tuple[tuple[int, int], ...] | None
     """The layout's ``whole_call_keys`` in key space."""
-
-    @property
-    def size(self) -> int:
-        return sum(stop - start for start, stop in self.ranges)
+    range_offsets: tuple[int, ...] = ()
+    """Where each of ``ranges`` starts in key space (so :meth:`position` is a
+    binary search, not a scan: layouts of many documents ask it per call)."""
+    size: int = 0
+    """Tokens in the key space."""
 
     @property
     def identity(self) -> bool:
         """Every input token is a key: key space and token space coincide."""
         return self.size == self.n_tokens
 
+    def _range_of(self, token: int) -> int:
+        """Index of the last key range starting at or before ``token`` (-1: none)."""
+        return bisect.bisect_right(self.ranges, (token, float("inf"))) - 1
+
     def holds(self, start: int, stop: int) -> bool:
         """Whether input tokens ``[start, stop)`` are all keys."""
-        return any(a <= start and stop <= b for a, b in self.ranges)
+        i = self._range_of(start)
+        return i >= 0 and stop <= self.ranges[i][1]
 
     def position(self, token: int) -> int:
         """Where input token ``token`` (a key, or the stop of a key range) sits in key space."""
-        before = 0
-        for start, stop in self.ranges:
-            if start <= token <= stop:
-                return before + token - start
-            before += stop - start
+        i = self._range_of(token)
+        if i >= 0 and token <= self.ranges[i][1]:
+            return self.range_offsets[i] + token - self.ranges[i][0]
         raise ValueError(f"token {token} is not a key of this layout")
 
 
@@ -230,10 +254,10 @@ class Layout:
     """Input groups other patterns can reuse from a KV cache (groups used as keys/values)."""
     key_value_indices: tuple[int, ...]
     """Input-order index of each of ``key_value_groups``."""
-    allowed: tuple[tuple[bool, ...], ...]
-    """``allowed[q][k]``: group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
-    pair_modifiers: tuple[tuple[Modifiers, ...], ...]
-    """``pair_modifiers[q][k]``: the modifiers of that group pair."""
+    pairs: Mapping[tuple[int, int], Modifiers]
+    """``{(q, k): modifiers}`` for every group pair a call allows: group ``q``
+    attends to group ``k`` (indices into ``all_groups``). Only allowed pairs
+    are held, so the record grows with the rules, not with groups squared."""
     has_modifiers: bool
     query_pieces: tuple[tuple[int, ...], PieceRanges]
     """Split sizes along the tokens at every query-segment boundary, and each
@@ -262,6 +286,11 @@ class Layout:
     """That call's plain ``[causal]`` (False when there is no such call)."""
     key_space: KeySpace
     """The tokens read as keys, and the key-side records in their space."""
+    token_specs: tuple[TokenSpec, ...] = ()
+    """``TokenSpec`` of every group in the plan's order (what ``MixedAttention`` takes)."""
+    group_types: tuple[str, ...] = ()
+    """Token type (weight bank) of every group in the plan's order, when the
+    plan names them (untied layers read them here instead of re-binding)."""
 
     @property
     def score_entries(self) -> int:
@@ -291,6 +320,22 @@ class Layout:
                 return s
         raise KeyError(name)
 
+    def allows(self, q: int, k: int) -> bool:
+        """Whether group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
+        return (q, k) in self.pairs
+
+    def pair_columns(self) -> tuple[list[int], list[int], list[bool], list[int]]:
+        """The allowed group pairs as four aligned columns: query group, key
+        group, ``[causal]``, window (0: none). What device tables of group
+        pairs are filled from, one scatter each."""
+        queries, keys, causal, window = [], [], [], []
+        for (q, k), mods in self.pairs.items():
+            queries.append(q)
+            keys.append(k)
+            causal.append(mods.causal)
+            window.append(mods.window or 0)
+        return queries, keys, causal, window
+
 
 def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None]:
     """Sizes as ``{group: size}`` for exactly the declared groups, or a
@@ -300,8 +345,9 @@ def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None
     else:
         given = {spec.name: spec.size for spec in sizes}
     diagnostics = []
+    declared = set(groups)
     for name, size in given.items():
-        if name not in groups:
+        if name not in declared:
             diagnostics.append(
                 Diagnostic(
                     Code.SIZE_FOR_UNKNOWN_GROUP,
@@ -495,11 +541,17 @@ def _key_space(
         split_sizes.append(n_tokens - at)
     inside = set()
     bounds = list(itertools.accumulate(key_pieces[0], initial=0))
+    r = 0  # pieces and ranges both ascend: one pass over each
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-        if any(start <= a and b <= stop for start, stop in ranges):
+        while r < len(ranges) and ranges[r][1] < b:
+            r += 1
+        if r < len(ranges) and ranges[r][0] <= a and b <= ranges[r][1]:
             inside.add(i)
     piece_sizes = tuple(n if i in inside else 0 for i, n in enumerate(key_pieces[0]))
-    space = KeySpace(ranges, n_tokens, tuple(split_sizes), tuple(kept), piece_sizes, (), None)
+    offsets = tuple(itertools.accumulate((b - a for a, b in ranges), initial=0))
+    space = KeySpace(
+        ranges, n_tokens, tuple(split_sizes), tuple(kept), piece_sizes, (), None, offsets[:-1], offsets[-1]
+    )
 
     def key_period(launch: tuple[int, ...], record: PeriodicLaunch | None) -> tuple[int, int] | None:
         """The launch's (key period, key start) in key space, if its keys repeat there too."""
@@ -521,7 +573,7 @@ def _key_space(
     return dataclasses.replace(space, periodic=periodic_keys, whole_call_keys=whole)
 
 
-def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
+def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
     slots: dict[str, GroupSlot] = {}
@@ -563,22 +615,17 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
     pieces = sorted((seg.start, c.index, p) for c in calls for p, seg in enumerate(c.queries))
     inputs = [s for s in slots.values() if not s.cached]
     index = {g: i for i, g in enumerate(plan.groups)}
-    n = len(plan.groups)
-    allowed_table = [[False] * n for _ in range(n)]
-    pair_mods = [[NO_MODIFIERS] * n for _ in range(n)]
+    pairs: dict[tuple[int, int], Modifiers] = {}
     for attention in plan.calls:
         for q in attention.queries:
             for k in attention.keys:
-                allowed_table[index[q]][index[k.name]] = True
-                pair_mods[index[q]][index[k.name]] = k.modifiers
+                pairs[index[q], index[k.name]] = k.modifiers
     used_as_keys = {k.name for a in plan.calls for k in a.keys}
-    cached = tuple(
-        g
-        for g in plan.groups
-        if slots[g].cached and any(g in c.key_value_tokens and c.n_queries for c in calls)
-    )
+    read_from_cache = {k for c in calls if c.n_queries for k in c.key_value_tokens if slots[k].cached}
+    cached = tuple(g for g in plan.groups if g in read_from_cache)
     key_value_groups = tuple(s.name for s in inputs if s.name in used_as_keys)
     input_names = [s.name for s in inputs]
+    input_index = {name: i for i, name in enumerate(input_names)}
     launches = tuple(tuple(v) for v in by_shape.values())
     query_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset)
     key_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset)
@@ -598,9 +645,8 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         input_sizes=tuple(s.size or 0 for s in inputs),
         cached_groups=cached,
         key_value_groups=key_value_groups,
-        key_value_indices=tuple(input_names.index(g) for g in key_value_groups),
-        allowed=tuple(tuple(row) for row in allowed_table),
-        pair_modifiers=tuple(tuple(row) for row in pair_mods),
+        key_value_indices=tuple(input_index[g] for g in key_value_groups),
+        pairs=pairs,
         has_modifiers=any(a.has_modifiers for a in plan.calls),
         query_pieces=query_pieces,
         key_pieces=key_pieces,
@@ -613,4 +659,6 @@ def build_layout(plan: Plan, sizes: Mapping[str, int | None]) -> Layout:
         key_space=_key_space(
             key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
         ),
+        token_specs=tuple(TokenSpec(name=g, size=sizes[g]) for g in plan.groups),
+        group_types=tuple(getattr(plan, "group_types", ())),
     )

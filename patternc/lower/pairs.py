@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
 
 __all__ = ["GroupPair", "NotExpressible", "column_queries", "group_pairs", "row_keys"]

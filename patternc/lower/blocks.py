@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]

@@ -13,8 +13,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from patternc.export.pairs import NotExpressible
-from patternc.layout import Call, Layout
+from patternc.lower.layout import Call, Layout
+from patternc.lower.pairs import NotExpressible
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 
 __all__ = ["VarlenLaunch", "varlen_launches", "varlen_window"]
