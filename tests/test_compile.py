@@ -353,7 +353,7 @@ def test_traced_table_lookups_compile_in_one_graph() -> None:
     """Compiled layers ask :data:`~patternc.nn.tables.TABLES` for what eager
     calls stored (flex does on every trace), so its lookups must trace
     without a break. A bound builtin ``dict.get`` as the lookup broke the
-    graph under torch 2.11 (seen on an H100), which is why only ``auto``'s
+    graph under torch 2.11, which is why only ``auto``'s
     untraced hot path takes
     :meth:`~patternc.lower.cache.BoundedCache.untraced_lookup`; torch 2.13
     traces either, so here this guards the traced path itself."""
@@ -535,13 +535,12 @@ def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int
 def test_the_seed_api_compiles_fullgraph(call: str, warm: bool) -> None:
     """``MixedAttention(x, token_specs, patterns)`` with a hand-written list,
     and the anchor modules, compile with ``fullgraph=True``, before or after
-    an eager call. They failed even warm on torch 2.11 and 2.13: Dynamo
-    cannot hash the list's frozen pydantic patterns (the check's cache key),
-    run pydantic's validator (size dicts made ``TokenSpec``), or trace the
-    compiler's parser (``re.finditer``, the anchor modules compile their
-    source per call). Those are built outside the trace now. A plan handed
-    per call, cold, needed torch 2.13 (the trace built its layout): it is
-    found by ``id`` in ``PLANS_BY_ID`` now."""
+    an eager call. Dynamo cannot hash the list's frozen pydantic patterns
+    (the check's cache key), run pydantic's validator (size dicts made
+    ``TokenSpec``), or trace the compiler's parser (``re.finditer``, the
+    anchor modules compile their source per call), so those are built
+    outside the trace; a plan handed per call is found by ``id`` in
+    ``PLANS_BY_ID``, so a cold trace does not build its layout."""
     torch.manual_seed(0)
     run, tokens = _seed_calls()[call]
     x = torch.randn(2, tokens, 16)

@@ -463,7 +463,7 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     head_dim: int,
 ) -> None:
     """Forward tiles for half precision up to head_dim 128; the backward tiles
-    swept on an H200 only on Hopper, at the head sizes they were measured on;
+    only on Hopper, at the head sizes they were chosen for;
     float32's product precision (three TF32 products from Ampere on while
     torch's setting is untouched), with tiles for it on Hopper at head_dim
     64; torch's own options everywhere else (None), and never on CPU."""

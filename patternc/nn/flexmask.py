@@ -332,7 +332,7 @@ class FlexTables:
         diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
         diff.scatter_add_(0, corners_t, signs_t)
         # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
-        # scan along the outer dim runs one thread per column (~4x slower here)
+        # scan along the outer dim runs one thread per column (several times slower)
         rows_done = diff.view(shape[0] + 1, width).cumsum(1)
         plain = rows_done.t().contiguous().cumsum(1).t()[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain, plain

@@ -66,7 +66,7 @@ class LayoutTables(BoundedCache[TableKey, object]):
 
     def keep(self, key: TableKey, build: Callable[[], T]) -> T:
         """The table under ``key``, built on a miss and stored as traceable
-        even while a compile session runs: for host code that runs as plain
+        even while ``torch.compile`` traces: for host code that runs as plain
         Python during a trace (``auto``'s constant function prices a layout
         there), so the graph being traced finds what it stored."""
         found = self.lookup(key)

@@ -47,23 +47,24 @@ class _Rates:
     backward: float  # forward+backward time over forward time, launches aside
 
 
-# bf16, head_dim 64: forward rates from an H100, backward ratios from an H200
-# at 2x(8k+24k) AB-UPT tokens and 64 documents (benchmarks/bench_gpu.py).
+# bf16, head_dim 64: forward rates and backward ratios fitted to
+# ``benchmarks/bench_gpu.py`` at 2x(8k+24k) AB-UPT tokens and 64 documents
+# (figures in docs/performance.md).
 _HALF = {
     "batched": _Rates(25e-6, 380e12, 3.5),
     "varlen": _Rates(40e-6, 290e12, 4.0),
     "flex": _Rates(60e-6, 250e12, 3.6),
     "dense": _Rates(25e-6, 420e12, 3.5),
 }
-# varlen on FlashAttention 4 (see varlen_kernel), H200, 64 documents: 1.29x
-# FlashAttention 2's forward rate, forward+backward 2.95x its forward. Its
-# launcher is Python (CuTe DSL): a single call pays 100-400 us of host time
-# per launch beyond its kernel (H100, 10k AB-UPT and documents, 13th
-# session); 150 us keeps every pick on the measured winner of those rows,
-# where 60 us (fitted at 64 documents, where the host hides behind the
-# kernel) picked varlen for joint 10k training at 1.29x batched's time.
+# varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
+# FlashAttention 2's forward rate, forward+backward about 3x its forward. Its
+# launcher is Python (CuTe DSL), so a single call pays host time per launch
+# beyond its kernel; the launch cost is fitted where that host time shows
+# (10k-token AB-UPT and document layouts), not at 64 documents, where the
+# host hides behind the kernel: a smaller value makes auto pick varlen for
+# small training layouts that batched runs faster.
 _HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
-# float32, head_dim 64, H200 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
+# float32, head_dim 64 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
 # efficient kernel; flex with three-TF32 products (faster forward, backward
 # ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
 # products, on CUDA cores.
