@@ -184,3 +184,33 @@ def test_four_threads_on_one_module_give_the_sequential_results(
 def test_layout_weight_counts_a_layouts_records() -> None:
     few, many = DOCS.layout(_documents(10)), DOCS.layout(_documents(1000))
     assert layout_weight(many) > 50 * layout_weight(few) // 2
+
+
+# ------------------------------------------------- compile across many sizes
+
+
+def _documents_stream() -> list[dict[str, int]]:
+    """Packed documents whose number and lengths change call by call."""
+    return [
+        {f"doc{j}": n for j, n in enumerate(lengths)}
+        for lengths in [(3, 5), (4, 4), (2, 3, 3), (5, 1, 2, 4), (7,), (1, 1, 1, 1, 1, 3)]
+    ]
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_fullgraph_compile_across_changing_sizes_dicts(backend: str) -> None:
+    """A new sizes dict (another number of documents, other lengths) is one
+    recompile, never an error: Dynamo makes a changed int argument symbolic,
+    and the layout's sizes are specialised where the trace crosses into the
+    compiler's records. Inductor is torch.compile's default backend."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
+    layer = PatternAttention(config, DOCS).double()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    stream = _documents_stream()[: 3 if backend == "inductor" else None]
+    for sizes in stream:
+        x = torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)
+        out, _ = compiled(x, sizes)
+        expected, _ = layer(x, sizes)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)

@@ -659,6 +659,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         key_space=_key_space(
             key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
         ),
-        token_specs=tuple(TokenSpec(name=g, size=sizes[g]) for g in plan.groups),
+        # names and sizes were checked above: no second validation per group
+        token_specs=tuple(TokenSpec.model_construct(name=g, size=sizes[g]) for g in plan.groups),
         group_types=tuple(getattr(plan, "group_types", ())),
     )

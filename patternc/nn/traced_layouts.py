@@ -41,6 +41,7 @@ torch.Size([1, 5, 8])
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar, cast
 
@@ -102,10 +103,11 @@ def _as_constant(build: _F) -> _F:
 def _static_sizes_key(sizes: Sizes) -> SizesKey:
     """:func:`~patternc.plan.sizes_key` with every size a Python ``int``.
     Dynamo treats an int argument that changed between calls as dynamic (a
-    ``SymInt``), and a constant function takes constants only: ``int()``
-    specialises each size, so a new sizes dict is one recompile guarded on
-    its values, as a layout (split sizes, offsets) is specific to them."""
-    return tuple((name, None if size is None else int(size)) for name, size in sizes_key(sizes))
+    ``SymInt``), and a constant function takes constants only.
+    ``operator.index`` specialises each size (``int()`` keeps it symbolic),
+    so a new sizes dict is one recompile guarded on its values, as a layout
+    (split sizes, offsets) is specific to them."""
+    return tuple((name, None if size is None else operator.index(size)) for name, size in sizes_key(sizes))
 
 
 def _token_specs(key: SizesKey) -> list[TokenSpec]:

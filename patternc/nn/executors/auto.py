@@ -26,7 +26,7 @@ from torch import Tensor
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout
 from patternc.nn.executors.batched import run_batched
-from patternc.nn.executors.common import AttentionInputs, Executor, _is_compiling
+from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
@@ -34,6 +34,7 @@ from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_avail
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
 from patternc.plan import LAYOUTS
+from patternc.tracing import compiling
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
@@ -239,7 +240,7 @@ def choose(inputs: AttentionInputs) -> str:
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    if _is_compiling():
+    if compiling():
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
     key = _key(inputs)
     found = _lookup_pick(key)  # the hot path: one flat key, one dict lookup

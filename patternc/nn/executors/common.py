@@ -21,6 +21,7 @@ from torch import Tensor
 from patternc.lower.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling
 
 __all__ = [
     "AttentionInputs",
@@ -97,7 +98,6 @@ class AttentionInputs:
 
 _T = TypeVar("_T")
 
-_is_compiling = torch.compiler.is_compiling  # bound once: questions are asked per call
 
 Executor = Callable[[AttentionInputs], Tensor]
 """An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
@@ -125,7 +125,7 @@ def once(answer: Callable[[], _T]) -> Callable[[], _T]:
     ask_as_constant: Callable[[], _T] = torch.compiler.assume_constant_result(ask)  # type: ignore[no-untyped-call,unused-ignore]
 
     def remembered() -> _T:
-        return ask_as_constant() if _is_compiling() else ask()
+        return ask_as_constant() if compiling() else ask()
 
     return functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
 
