@@ -3,8 +3,10 @@ cache, and one module called from several threads with many layouts."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -74,6 +76,31 @@ def test_key_space_positions_of_many_documents() -> None:
 # ------------------------------------------------------------------ the cache
 
 
+def _in_threads(work: Callable[[int], None], count: int) -> list[BaseException]:
+    """``work(i)`` in ``count`` threads at once; the errors they raised. The
+    interpreter switches threads far more often than by default, so races
+    between a check and a read have many chances to show."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as error:  # the caller reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
+
+
 def test_bounded_cache_evicts_by_entries_and_by_weight() -> None:
     cache: BoundedCache[int, str] = BoundedCache("test", 3, weigh=len, max_weight=10)
     for key, value in enumerate(["aaaa", "bbbb", "cc"]):
@@ -96,23 +123,14 @@ def test_bounded_cache_first_stored_entry_wins() -> None:
 
 def test_bounded_cache_under_threads_never_loses_an_entry_mid_read() -> None:
     cache: BoundedCache[int, int] = BoundedCache("test", 8)
-    errors: list[BaseException] = []
 
     def work(offset: int) -> None:
-        try:
-            for i in range(4000):
-                key = (i * 7 + offset) % 64
-                assert cache.get_or_build(key, lambda key=key: key * 2) == key * 2  # type: ignore[misc]
-                cache.values(), cache.items()
-        except BaseException as error:  # noqa: BLE001 (the test reports it)
-            errors.append(error)
+        for i in range(4000):
+            key = (i * 7 + offset) % 64
+            assert cache.get_or_build(key, lambda key=key: key * 2) == key * 2  # type: ignore[misc]
+            cache.values(), cache.items()
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    assert not _in_threads(work, 4)
     assert len(cache) <= 8
 
 
@@ -158,23 +176,15 @@ def test_four_threads_on_one_module_give_the_sequential_results(
     with torch.no_grad():
         expected = [forward(x, sizes) for x, sizes in inputs]
     results: dict[tuple[int, int], torch.Tensor] = {}
-    errors: list[BaseException] = []
 
     def work(thread: int) -> None:
         chunk = with_chunked and thread % 2 == 1
-        try:
-            with torch.no_grad():
-                for repeat in range(3):
-                    for i in range(len(inputs)):
-                        results[thread, repeat * 100 + i] = run(i, chunk)
-        except BaseException as error:  # noqa: BLE001 (the test reports it)
-            errors.append(error)
+        with torch.no_grad():
+            for repeat in range(3):
+                for i in range(len(inputs)):
+                    results[thread, repeat * 100 + i] = run(i, chunk)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = _in_threads(work, 4)
     assert not errors, errors
     assert len(results) == 4 * 3 * len(inputs)
     for (_, index), out in results.items():
