@@ -25,6 +25,7 @@ from torch import Tensor, nn
 import patternc
 from patternc import MixedAttentionConfig, TokenSpec
 from patternc.distributed import ContextParallel, DistributedError
+from patternc.distributed.loss import GradReduction
 from patternc.nn import PatternAttention, chunked, rope_frequencies
 
 Forward = Callable[[Tensor, dict[str, Any]], Tensor]
@@ -311,22 +312,156 @@ def case_chunked(world: int) -> dict[str, Any]:
     queries = ["surface_queries", "volume_queries"]
     context_sizes = {g: (0 if g in queries else n) for g, n in ABUPT.items()}
     cp = ContextParallel(plan, context_sizes)
-    full = ContextParallel(plan, ABUPT)  # only to split the queries over the ranks
-    local = full.shard(x)
-    local_sizes = {g: (cp.local_sizes[g] if g not in queries else full.local_sizes[g]) for g in ABUPT}
-    # this rank's context tokens (cp's placement), then its queries (full's)
-    offsets = {}
-    at = 0
-    for g, n in ABUPT.items():
+    rows, local_sizes = _chunked_rows(plan, ABUPT, queries, cp)
+    out = chunked(forward, x[:, rows], local_sizes, queries, chunk_size=4, context_parallel=cp)
+    return {"out": _global_error(out - ref[:, rows], ref[:, rows])}
+
+
+def _chunked_rows(
+    plan: Any, sizes: dict[str, int], queries: list[str], cp: ContextParallel
+) -> tuple[list[int], dict[str, Any]]:
+    """This rank's context tokens (``cp``'s placement), then its part of the
+    queries (a placement of every group, used only to split the queries)."""
+    full = ContextParallel(plan, sizes)
+    offsets, at = {}, 0
+    for g, n in sizes.items():
         offsets[g] = at
         at += n
     rows = []
-    for g in ABUPT:
+    for g in sizes:
         shards = (cp if g not in queries else full).placement.group(g)
         rows += [offsets[g] + p for a, b in shards.ranges[cp.rank] for p in range(a, b)]
-    local = x[:, rows]
-    out = chunked(forward, local, local_sizes, queries, chunk_size=4, context_parallel=cp)
-    return {"out": _global_error(out - ref[:, rows], ref[:, rows])}
+    local_sizes = {g: (cp.local_sizes[g] if g not in queries else full.local_sizes[g]) for g in sizes}
+    return rows, local_sizes
+
+
+def case_chunked_transformer(world: int) -> dict[str, Any]:
+    """An untied Transformer stack, anchors sharded, each rank's queries in
+    chunks: equals one shot; with RoPE (positions of the queries) it refuses."""
+    program = patternc.compile(
+        "groups anchors queries\ntypes { a: anchors\n q: queries }\nanchors -> anchors\nqueries -> anchors"
+    )
+    sizes = {"anchors": 7, "queries": 29}
+    torch.manual_seed(4)
+    x = torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)
+    result: dict[str, Any] = {}
+    for pos_emb in ("none", "rope"):
+        torch.manual_seed(0)
+        config = patternc.nn.TransformerConfig(
+            vocab_size=None,
+            d_model=16,
+            num_heads=2,
+            num_layers=2,
+            d_ff=32,
+            dropout_rate=0.0,
+            pos_emb_type=pos_emb,
+            untied=True,
+        )
+        model = patternc.nn.Transformer(config, program).double().eval()
+        plan = next(iter(model.plans.values()))
+        with torch.no_grad():
+            ref = model(x, sizes)
+        cp = ContextParallel(plan, {"anchors": 7, "queries": 0})
+        rows, local_sizes = _chunked_rows(plan, sizes, ["queries"], cp)
+        try:
+            out = chunked(
+                lambda x, s: model(x, s), x[:, rows], local_sizes, ["queries"], chunk_size=4, context_parallel=cp
+            )
+        except ValueError as error:
+            result[f"{pos_emb}_error"] = str(error)
+            continue
+        result["out" if pos_emb == "none" else "rope_out"] = _global_error(out - ref[:, rows], ref[:, rows])
+    return result
+
+
+def case_padding_on_one_rank(world: int) -> dict[str, Any]:
+    """Rank 1 passes a key padding mask, the others none (the anchors' keys
+    go around the ring, where a mask channel changes every message's size)."""
+    module, _, plan = _anchor_module("joint")
+    n = sum(ABUPT.values())
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    cp = ContextParallel(plan, ABUPT)
+    mask = cp.shard(torch.ones(2, n, dtype=torch.bool)) if cp.rank == 1 else None
+    try:
+        with cp:
+            module.mixed_attention(cp.shard(x), _specs(cp.local_sizes), plan, key_padding_mask=mask)
+    except DistributedError as error:
+        return {"error": str(error)}
+    return {"error": ""}
+
+
+def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, Any]:
+    """A Transformer trained on a token-mean loss (some targets ignored, so
+    every rank counts a different number of tokens): parameter gradients
+    after the wrapper's reduction against one process's."""
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
+    sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
+    torch.manual_seed(0)
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0, pos_emb_type="rope"
+    )
+    model = patternc.nn.Transformer(config, patternc.compile(source)).double()
+    plan = next(iter(model.plans.values())).bind(list(sizes))
+    n = sum(sizes.values())
+    torch.manual_seed(2)
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    target = torch.randn(2, n, 16, dtype=torch.float64)
+    keep = torch.rand(2, n) > 0.4
+
+    def per_token(out: Tensor, target: Tensor) -> Tensor:
+        return (out - target).square().sum(-1)
+
+    ref_loss = (per_token(model(x, sizes), target) * keep).sum() / keep.sum()
+    ref_loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    cp = ContextParallel(plan, sizes)
+    wrapped = wrap(model)
+    with cp:
+        out = wrapped(cp.shard(x), cp.local_sizes)
+    local_keep = cp.shard(keep)
+    local_sum = (per_token(out, cp.shard(target)) * local_keep).sum()
+    loss = patternc.distributed.global_mean_loss(local_sum, local_keep.sum(), grads=grads)
+    loss.backward()
+
+    def grad_error() -> float:
+        worst = 0.0
+        for name, p in model.named_parameters():
+            grad = p.grad
+            assert grad is not None, name
+            if hasattr(grad, "full_tensor"):  # FSDP2: this rank's shard of a DTensor
+                grad = grad.full_tensor()
+            elif grads == "sum":
+                dist.all_reduce(grad)
+            worst = max(worst, float((grad - reference[name]).norm() / reference[name].norm()))
+        return worst
+
+    result = {
+        "grad_params": grad_error(),
+        "loss": abs(float(loss - ref_loss)) / float(ref_loss),
+        "local_tokens": int(local_keep.sum()),
+    }
+    if grads == "sum":  # the mean over this rank's tokens, gradients summed: what not to do
+        model.zero_grad()
+        with cp:
+            out = model(cp.shard(x), cp.local_sizes)
+        (per_token(out, cp.shard(target)) * local_keep).sum().div(local_keep.sum()).backward()
+        result["local_mean"] = grad_error()
+    return result
+
+
+def case_loss_ddp(world: int) -> dict[str, Any]:
+    return _loss_case(world, "mean", nn.parallel.DistributedDataParallel)
+
+
+def case_loss_fsdp2(world: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    return _loss_case(world, "mean", fully_shard)
+
+
+def case_loss_all_reduce(world: int) -> dict[str, Any]:
+    return _loss_case(world, "sum", lambda model: model)
 
 
 def case_mismatch(world: int) -> dict[str, Any]:

@@ -38,7 +38,10 @@ NUMERIC = [
     "transformer_alibi",
     "kv_cache",
     "chunked",
+    "chunked_transformer",
 ]
+LOSSES = ["loss_ddp", "loss_fsdp2", "loss_all_reduce"]
+REFUSED = ["mismatch", "padding_on_one_rank"]
 
 
 def _port() -> int:
@@ -51,7 +54,7 @@ def _port() -> int:
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    return world, distributed_cases.spawn(world, [*NUMERIC, "mismatch"], str(out), _port())
+    return world, distributed_cases.spawn(world, [*NUMERIC, *LOSSES, *REFUSED], str(out), _port())
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -99,6 +102,95 @@ def test_ranks_that_disagree_get_a_clear_error(ranks: tuple[int, list[dict[str, 
         message = result["mismatch"]["error"]
         assert "disagree on the placement" in message and f"rank {world - 1}:" in message
         assert "same plans and global sizes" in message
+
+
+def test_sharded_chunked_transformer_refuses_positions_it_does_not_know(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    _, results = ranks
+    for result in results:
+        message = result["chunked_transformer"]["rope_error"]
+        assert message.startswith('pos_emb_type="rope" reads each query\'s position in its group')
+        assert 'run chunked without context_parallel, or use pos_emb_type="none"' in message
+
+
+def _assert_padding_disagreement(world: int, results: list[dict[str, Any]]) -> None:
+    assert len(results) == world
+    for rank, result in enumerate(results):
+        message = result["padding_on_one_rank"]["error"]
+        assert message.startswith("the ranks disagree on the attention inputs"), (rank, message)
+        assert "rank 0: no key_padding_mask, rank 1: a key_padding_mask" in message
+        assert f"rank {world - 1}: " in message
+        assert "pass a key_padding_mask on every rank or on none (all True on a rank without padding)" in message
+
+
+def test_a_mask_on_one_rank_only_gives_every_rank_a_clear_error(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    _assert_padding_disagreement(*ranks)
+
+
+def test_a_mask_on_one_rank_of_three_gives_every_rank_a_clear_error(tmp_path: Path) -> None:
+    _assert_padding_disagreement(3, distributed_cases.spawn(3, ["padding_on_one_rank"], str(tmp_path), _port()))
+
+
+@pytest.mark.parametrize("case", LOSSES)
+def test_global_mean_loss_gives_one_process_gradients(
+    ranks: tuple[int, list[dict[str, Any]]], case: str
+) -> None:
+    """DDP (mean), FSDP2's fully_shard (mean, reduce-scatter) and an
+    all_reduce of each .grad (sum): parameter gradients and the loss value
+    equal one process's mean over all counted tokens."""
+    world, results = ranks
+    counts = set()
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert metrics["grad_params"] <= TOLERANCE and metrics["loss"] <= TOLERANCE, (rank, world, metrics)
+        counts.add(metrics["local_tokens"])
+        if "local_mean" in metrics:  # the recipe it replaces is off by about the number of ranks
+            assert metrics["local_mean"] > 0.5, (rank, world, metrics)
+    assert len(counts) > 1  # ranks count different numbers of tokens
+
+
+def test_global_mean_loss_argument_errors(world_of_one: None) -> None:
+    from patternc.distributed import global_mean_loss
+
+    with pytest.raises(ValueError, match=r'grads must be "mean" \(DistributedDataParallel, fully_shard\)'):
+        global_mean_loss(torch.zeros(()), 1, grads="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"local_sum must be a scalar.*got shape \(3,\).*\(per_token \* keep\)"):
+        global_mean_loss(torch.zeros(3), 3, grads="sum")
+    with pytest.raises(ValueError, match=r"local_count must be a scalar .*got shape \(2,\)"):
+        global_mean_loss(torch.zeros(()), torch.ones(2), grads="sum")
+
+
+def test_global_mean_loss_on_one_process(world_of_one: None) -> None:
+    from patternc.distributed import global_mean_loss
+
+    torch.manual_seed(0)
+    for n in (1, 7, 30):
+        per_token = torch.randn(n, dtype=torch.float64, requires_grad=True)
+        keep = torch.rand(n) > 0.3
+        for grads in ("mean", "sum"):
+            per_token.grad = None
+            loss = global_mean_loss((per_token * keep).sum(), keep.sum(), grads=grads)
+            loss.backward()
+            count = max(int(keep.sum()), 1)
+            assert per_token.grad is not None
+            assert torch.equal(per_token.grad, keep.double() / count)
+            assert abs(loss.item() - (per_token * keep).sum().item() / count) < 1e-14
+    # a weighted mean: the count is a total weight
+    weights = torch.rand(5, dtype=torch.float64)
+    per_token = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    global_mean_loss((per_token * weights).sum(), weights.sum(), grads="mean").backward()
+    assert per_token.grad is not None and torch.allclose(per_token.grad, weights / weights.sum(), rtol=1e-15)
+
+
+def test_global_mean_loss_without_init_process_group() -> None:
+    from patternc.distributed import DistributedError, global_mean_loss
+
+    with pytest.raises(DistributedError, match="init_process_group first"):
+        global_mean_loss(torch.zeros(()), 1, grads="mean")
 
 
 def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ prints it). The runtime: :mod:`~patternc.distributed.collectives`
 (differentiable all-gather and ring shift), :mod:`~patternc.distributed.rank`
 (one rank's rows and gathers), :mod:`~patternc.distributed.blockwise` (the
 log-sum-exp kernel), :mod:`~patternc.distributed.calls` (executor and
-blockwise calls), :mod:`~patternc.distributed.parallel` (``ContextParallel``).
-See docs/distributed.md.
+blockwise calls), :mod:`~patternc.distributed.parallel` (``ContextParallel``),
+:mod:`~patternc.distributed.loss` (``global_mean_loss``: the loss normalisation
+of sharded training). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from patternc.distributed.placement import (
 
 if TYPE_CHECKING:
     from patternc.distributed.collectives import DistributedError
+    from patternc.distributed.loss import global_mean_loss
     from patternc.distributed.parallel import ContextParallel
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Placement",
     "ShardedCall",
     "ShardedSchedule",
+    "global_mean_loss",
     "place",
     "schedule",
 ]
@@ -54,4 +57,8 @@ def __getattr__(name: str) -> Any:
         from patternc.distributed.collectives import DistributedError
 
         return DistributedError
+    if name == "global_mean_loss":
+        from patternc.distributed.loss import global_mean_loss
+
+        return global_mean_loss
     raise AttributeError(name)

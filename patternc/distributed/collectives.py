@@ -52,8 +52,15 @@ def guarded(what: str, group: Group, run: Callable[[], T]) -> T:
         ) from error
 
 
-def agree(what: str, value: str, group: Group) -> None:
-    """Raise unless every rank of ``group`` passes the same ``value`` (a digest)."""
+SAME_BUILD = (
+    "every rank must build ContextParallel from the same plans and global sizes, "
+    "and run the same layers in the same order"
+)
+
+
+def agree(what: str, value: str, group: Group, fix: str = SAME_BUILD) -> None:
+    """Raise on every rank unless every rank of ``group`` passes the same
+    ``value`` (a digest, or a short description); ``fix`` ends the message."""
     world = dist.get_world_size(group)
     values: list[Any] = [None] * world
     guarded(
@@ -64,8 +71,7 @@ def agree(what: str, value: str, group: Group) -> None:
     if len(set(values)) > 1:
         shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise DistributedError(
-            f"the ranks disagree on the {what} ({shown}); every rank must build ContextParallel "
-            "from the same plans and global sizes, and run the same layers in the same order"
+            f"the ranks disagree on the {what} ({shown}); {fix}"
         )
 
 

@@ -11,7 +11,8 @@ its subclasses, the blocks, the ``Transformer`` stack) runs its calls under
 the plan's :class:`~patternc.distributed.placement.ShardedSchedule`: the
 local work on the module's own single-device executor, keys/values moved
 only as each call needs them. Parameter gradients are per rank, as under
-data parallelism: all-reduce them (DDP/FSDP do) before the optimizer step.
+data parallelism: reduce them (DDP and FSDP2 do) before the optimizer step,
+with the loss normalised by :func:`~patternc.distributed.loss.global_mean_loss`.
 """
 
 from __future__ import annotations
@@ -203,6 +204,21 @@ class _Runner:
                 f"{rank}; call modules with cp.local_sizes (and x = cp.shard(x_full))"
             )
         self.layout, self.device = layout, device
+        # A key padding mask adds a channel to every key/value collective and
+        # ALiBi moves calls to the blockwise kernel; where these differ between
+        # ranks, their collectives differ in size (gloo aborts the process) or
+        # in kind, so the ranks compare them before any collective of this layout.
+        inputs = [
+            "a key_padding_mask" if padded else "no key_padding_mask",
+            *(["ALiBi"] if alibi else []),
+        ]
+        agree(
+            "attention inputs",
+            ", ".join(inputs),
+            cp.group,
+            fix="pass a key_padding_mask on every rank or on none (all True on a rank without "
+            "padding), on every call, and run the same model on every rank",
+        )
         self.schedule = schedule(
             [c.attention for c in layout.calls],
             placement,

@@ -55,6 +55,9 @@ class AnchorCache:
         self.offsets: dict[str, int] = {}
         """Per query group, the position of the running chunk's first token in
         the group (the ``Transformer`` stack counts positions from it)."""
+        self.sharded = False
+        """The context ran sharded: each rank's queries are a part of their
+        groups that starts at a position this cache does not know."""
         self._calls: dict[nn.Module, int] = {}
 
     @contextlib.contextmanager
@@ -178,6 +181,7 @@ def chunked(
     query_set = set(queries)
     context_rows = [torch.arange(offsets[g], offsets[g] + n) for g, n in sizes.items() if g not in query_set]
     cache = AnchorCache(queries)
+    cache.sharded = context_parallel is not None
     context_sizes = {g: (0 if g in query_set else n) for g, n in sizes.items()}
     context_x = x.index_select(1, torch.cat(context_rows).to(x.device)) if context_rows else x[:, :0]
     with contextlib.ExitStack() as stack:

@@ -57,6 +57,7 @@ class AnchorRecorder(Protocol):
 
     recording: bool
     offsets: dict[str, int]
+    sharded: bool
 
     def store(self, module: nn.Module, cache: dict[str, dict[str, Tensor]]) -> None: ...
 

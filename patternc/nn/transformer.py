@@ -235,17 +235,27 @@ class TransformerLayer(nn.Module):
             step.alibi,
             key_side is not None,
         )
-        out = self.out_proj(merge_heads(execute(self.executor, inputs)), step.runs)
-        if recorder is not None and recorder.recording:
-            keys = k_all.split_with_sizes(layout.input_sizes, dim=1)
-            values = v_all.split_with_sizes(layout.input_sizes, dim=1)
-            recorder.store(
-                self,
-                {
-                    g: {"k": keys[i], "v": values[i]}  # token-major, as the executors read them
+        recording = recorder is not None and recorder.recording
+        sharding = ACTIVE.sharding
+        if sharding is not None and recording:
+            # this rank holds only its share of each group: the sharded call
+            # returns every key group in full, which the chunks of queries read
+            attended, full = sharding.attend(inputs, self.executor, True)
+        else:
+            attended, full = execute(self.executor, inputs), None
+        out = self.out_proj(merge_heads(attended), step.runs)
+        if recording:
+            assert recorder is not None
+            if full is not None:
+                stored = {g: {"k": full[g][0], "v": full[g][1]} for g in layout.key_value_groups}
+            else:
+                keys = k_all.split_with_sizes(layout.input_sizes, dim=1)
+                values = v_all.split_with_sizes(layout.input_sizes, dim=1)
+                stored = {
+                    g: {"k": keys[i], "v": values[i]}
                     for g, i in zip(layout.key_value_groups, layout.key_value_indices)
-                },
-            )
+                }
+            recorder.store(self, stored)  # token-major, as the executors read them
         return apply_dropout(out, self.config.dropout_rate, self.training), (k, v)
 
     def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -335,6 +345,13 @@ class Transformer(nn.Module):
         if sharding is not None:
             positions = sharding.local_positions(device)
         elif recorder is not None and not recorder.recording and recorder.offsets:
+            if recorder.sharded and self.config.pos_emb_type in ("rope", "sinusoidal"):
+                raise ValueError(
+                    f'pos_emb_type="{self.config.pos_emb_type}" reads each query\'s position in its '
+                    "group, which a rank's part of the queries does not carry in chunked inference "
+                    "with context_parallel; run chunked without context_parallel, or use "
+                    'pos_emb_type="none"'
+                )
             parts = [torch.arange(n, device=device) + recorder.offsets.get(g, 0) for g, n in present.items()]
             positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         else:
