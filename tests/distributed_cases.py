@@ -364,9 +364,7 @@ def case_chunked_transformer(world: int) -> dict[str, Any]:
         cp = ContextParallel(plan, {"anchors": 7, "queries": 0})
         rows, local_sizes = _chunked_rows(plan, sizes, ["queries"], cp)
         try:
-            out = chunked(
-                lambda x, s: model(x, s), x[:, rows], local_sizes, ["queries"], chunk_size=4, context_parallel=cp
-            )
+            out = chunked(model, x[:, rows], local_sizes, ["queries"], chunk_size=4, context_parallel=cp)
         except ValueError as error:
             result[f"{pos_emb}_error"] = str(error)
             continue

@@ -121,7 +121,9 @@ def _assert_padding_disagreement(world: int, results: list[dict[str, Any]]) -> N
         assert message.startswith("the ranks disagree on the attention inputs"), (rank, message)
         assert "rank 0: no key_padding_mask, rank 1: a key_padding_mask" in message
         assert f"rank {world - 1}: " in message
-        assert "pass a key_padding_mask on every rank or on none (all True on a rank without padding)" in message
+        assert (
+            "pass a key_padding_mask on every rank or on none (all True on a rank without padding)" in message
+        )
 
 
 def test_a_mask_on_one_rank_only_gives_every_rank_a_clear_error(
@@ -131,7 +133,9 @@ def test_a_mask_on_one_rank_only_gives_every_rank_a_clear_error(
 
 
 def test_a_mask_on_one_rank_of_three_gives_every_rank_a_clear_error(tmp_path: Path) -> None:
-    _assert_padding_disagreement(3, distributed_cases.spawn(3, ["padding_on_one_rank"], str(tmp_path), _port()))
+    _assert_padding_disagreement(
+        3, distributed_cases.spawn(3, ["padding_on_one_rank"], str(tmp_path), _port())
+    )
 
 
 @pytest.mark.parametrize("case", LOSSES)
@@ -158,7 +162,9 @@ def test_global_mean_loss_argument_errors(world_of_one: None) -> None:
 
     with pytest.raises(ValueError, match=r'grads must be "mean" \(DistributedDataParallel, fully_shard\)'):
         global_mean_loss(torch.zeros(()), 1, grads="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"local_sum must be a scalar.*got shape \(3,\).*\(per_token \* keep\)"):
+    with pytest.raises(
+        ValueError, match=r"local_sum must be a scalar.*got shape \(3,\).*\(per_token \* keep\)"
+    ):
         global_mean_loss(torch.zeros(3), 3, grads="sum")
     with pytest.raises(ValueError, match=r"local_count must be a scalar .*got shape \(2,\)"):
         global_mean_loss(torch.zeros(()), torch.ones(2), grads="sum")

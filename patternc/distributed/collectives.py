@@ -70,9 +70,7 @@ def agree(what: str, value: str, group: Group, fix: str = SAME_BUILD) -> None:
     )
     if len(set(values)) > 1:
         shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-        raise DistributedError(
-            f"the ranks disagree on the {what} ({shown}); {fix}"
-        )
+        raise DistributedError(f"the ranks disagree on the {what} ({shown}); {fix}")
 
 
 # the fused collectives were renamed in torch 2.13 (the old names warn)

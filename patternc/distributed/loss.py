@@ -94,7 +94,8 @@ def global_mean_loss(
     count = torch.as_tensor(local_count, device=local_sum.device).detach()
     if count.dim() != 0:
         raise ValueError(
-            f"local_count must be a scalar (the number of tokens in local_sum), got shape {tuple(count.shape)}"
+            "local_count must be a scalar (the number of tokens in local_sum), got shape "
+            f"{tuple(count.shape)}"
         )
     if not dist.is_available() or not dist.is_initialized():
         raise DistributedError(

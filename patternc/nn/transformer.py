@@ -236,7 +236,7 @@ class TransformerLayer(nn.Module):
             key_side is not None,
         )
         recording = recorder is not None and recorder.recording
-        sharding = ACTIVE.sharding
+        sharding = active().sharding
         if sharding is not None and recording:
             # this rank holds only its share of each group: the sharded call
             # returns every key group in full, which the chunks of queries read
