@@ -163,16 +163,47 @@ def test_mask_as_text(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "pattern self_anchor"
-    assert lines[1].startswith("surface_anchors ####....")
+    # columns (the keys) carry the letters of the rows' groups, above each group's first cell
+    assert lines[1] == "                  a   b               c   d"
+    assert lines[2] == "surface_anchors a ####" + "." * 36
+    assert lines[6] == "surface_queries b ####" + "." * 36
+    assert lines[22] == " volume_anchors c " + "." * 20 + "####" + "." * 16
     assert "# full 640, + partial 0, . empty 5760 blocks (sparsity 0.900; 256 x 256 tokens per cell)" in out
+
+
+def test_mask_as_text_shows_cached_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sizes = "surface_anchors=cache,surface_queries=16,volume_anchors=8,volume_queries=16"
+    assert main(["compile", AB, "--sizes", sizes, "--mask", "-", "--block", "8"]) == 0
+    out = capsys.readouterr().out
+    self_anchor = out.split("pattern ")[1].splitlines()
+    assert self_anchor[1:5] == [
+        "                  a bc  | d",
+        "surface_queries a ..... | #",  # the queries read all of the cached surface anchors
+        "                  ..... | #",
+        " volume_anchors b ..#.. | .",
+    ]
+    assert "after |: keys read from the KV cache (d surface_anchors), one column each" in out
+    causal = tmp_path / "cached.patc"
+    causal.write_text("groups past now\npast -> self [causal]\nnow -> past[causal], now[causal]\n")
+    assert main(["compile", str(causal), "--sizes", "past=cache,now=4", "--mask", "-", "--block", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:4] == ["      a  | b", "now a +. | +", "      #+ | +"]
 
 
 def test_mask_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
     target = tmp_path / "mask.png"
     assert main(["compile", AB, "--sizes", AB_SIZES, "--mask", str(target)]) == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out == f"wrote {target}\n"
+    # nothing is cut at the edges: titles (three lines each) and axis labels sit inside a white margin
+    pixels = imread(target)
+    height, width = pixels.shape[:2]
+    assert width > 2 * height  # three panels side by side
+    border = [pixels[:8], pixels[-8:], pixels[:, :8], pixels[:, -8:]]
+    assert all(float(part[..., :3].min()) > 0.99 for part in border)
+    assert float(pixels[8:40, :, :3].min()) < 0.5  # the titles are there, just inside
 
 
 def test_mask_needs_sizes(capsys: pytest.CaptureFixture[str]) -> None:
