@@ -266,7 +266,10 @@ def test_bench_lists_linear_apart_and_only_on_request() -> None:
     result = run(*args, "--backend", "linear", "--backend", "batched")
     assert result.returncode == 0, result.stderr
     ranked, _, apart = result.stdout.partition("another function (linear attention: no softmax)")
-    assert [line.split()[1] for line in ranked.splitlines() if line.startswith("joint")] == ["dense", "batched"]
+    assert [line.split()[1] for line in ranked.splitlines() if line.startswith("joint")] == [
+        "dense",
+        "batched",
+    ]
     (linear,) = [line.split() for line in apart.splitlines() if line.startswith("joint")]
     assert linear[1] == "linear" and float(linear[2]) > 0 and linear[3] == "-" and linear[5] == "-"
 
