@@ -40,7 +40,7 @@ from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.auto import choose
 
 HEADS, DIM = 12, 64
-AB = "examples/ab_upt.pc"
+AB = "examples/ab_upt.patc"
 AB_SIZES = {"surface_anchors": 1024, "surface_queries": 4096, "volume_anchors": 1024, "volume_queries": 4096}
 LAYOUTS: dict[str, tuple[str, str, dict[str, int]]] = {
     "self-anchor 2x(1k+4k)": (AB, "self_anchor", AB_SIZES),
@@ -141,7 +141,7 @@ def _layout(
 ) -> list[str]:
     """Print one layout's rows; return its profile tables."""
     sync = device.type == "cuda"
-    program = patternc.compile(open(source).read() if source.endswith(".pc") else source)
+    program = patternc.compile(open(source).read() if source.endswith((".patc", ".pc")) else source)
     plan = program.patterns[pattern]
     layout = plan.bind(list(sizes)).layout(sizes)
     q, k, v = (torch.randn(1, layout.n_tokens, HEADS, DIM, device=device, dtype=dtype) for _ in range(3))

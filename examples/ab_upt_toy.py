@@ -7,7 +7,7 @@ queries, the surface pressure coefficient ``Cp = 1 - 9/4 sin^2(theta)``
 on surface points and the velocity ``u = d + a^3/2 (d/r^3 - 3 (d.x) x / r^5)``
 at volume points (both exact, computed here). Both depend on the flow
 direction, which no query reveals but the anchors' measurements do: the
-transformer, whose layers run the patterns of ``examples/ab_upt.pc``
+transformer, whose layers run the patterns of ``examples/ab_upt.patc``
 (surface/volume anchors and queries, untied weights per branch), reads it
 off the anchors; a per-point MLP with as many parameters sees one point and
 cannot.
@@ -77,7 +77,7 @@ class Surrogate(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        program = patternc.compile(open("examples/ab_upt.pc").read())
+        program = patternc.compile(open("examples/ab_upt.patc").read())
         config = TransformerConfig(
             vocab_size=None, d_model=dim, num_heads=heads, num_layers=len(LAYERS), d_ff=2 * dim,
             dropout_rate=0.0, max_len=4096, pos_emb_type="none", untied=True,

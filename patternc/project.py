@@ -7,7 +7,7 @@ walk, where a ``.pc`` file that reads like a pkg-config file (``Name:``,
 
     [tool.patternc]
     select = ["W"]          # codes or prefixes of warnings to report (default: all)
-    ignore = ["W103"]       # codes or prefixes of warnings never reported
+    ignore = ["W1"]         # codes or prefixes of warnings never reported
     block-size = 64         # default of `compile --block`
     exclude = ["generated"] # paths (globs) a directory walk passes over
 
@@ -24,6 +24,7 @@ settings, saying so.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from patternc.diagnostics import MEANINGS, Diagnostic, suggest
+from patternc.diagnostics import MEANINGS, Code, Diagnostic, suggest
 
 __all__ = [
     "PATTERN_SUFFIX",
@@ -92,7 +93,7 @@ class Settings:
         """Whether a diagnostic with ``code`` is shown. Errors always are; for a
         warning the longest matching prefix of ``select`` and ``ignore`` decides
         (``ignore`` on a tie), so ``select = ["W"]`` with ``ignore = ["W1"]``
-        and ``select = ["W101"]`` with ``ignore = ["W"]`` both do what they say."""
+        and ``select = [W101]`` with ``ignore = [W]`` both do what they say."""
         if not code.startswith("W"):
             return True
         chosen = max((len(p) for p in self.select if code.startswith(p)), default=-1 if self.select else 0)
@@ -150,7 +151,7 @@ def read_toml(path: Path) -> dict[str, Any] | None:
 
 
 def parse_codes(where: str, value: object, *, warnings_only: bool) -> tuple[str, ...]:
-    """Diagnostic codes or prefixes (``["W101", "W1"]``), upper-cased.
+    """Diagnostic codes or prefixes (a code such as W101, or W1, or W), upper-cased.
 
     Raises:
         SettingsError: ``value`` is not a list of strings, an entry is no code
@@ -158,7 +159,8 @@ def parse_codes(where: str, value: object, *, warnings_only: bool) -> tuple[str,
             entry names errors; the message starts with ``where``.
     """
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SettingsError(f'{where} must be a list of codes, e.g. ["W101"], got {value!r}')
+        example = json.dumps([Code.NEVER_A_KEY])
+        raise SettingsError(f"{where} must be a list of codes, e.g. {example}, got {value!r}")
     out = []
     for raw in value:
         code = raw.strip().upper()
@@ -166,7 +168,7 @@ def parse_codes(where: str, value: object, *, warnings_only: bool) -> tuple[str,
             hint = suggest(code, MEANINGS)
             raise SettingsError(
                 f"{where}: `{raw}` is no diagnostic code or prefix of one"
-                + (f"; {hint}" if hint else " (codes: E001-E406, W101-W103)")
+                + (f"; {hint}" if hint else f" (codes: {min(MEANINGS)}-{max(MEANINGS)})")
             )
         if warnings_only and not any(c.startswith(code) and c.startswith("W") for c in MEANINGS):
             raise SettingsError(

@@ -14,7 +14,7 @@ from conftest import EXAMPLES, ROOT
 from patternc.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
-AB = str(EXAMPLES / "ab_upt.pc")
+AB = str(EXAMPLES / "ab_upt.patc")
 AB_SIZES = "surface_anchors=1024,surface_queries=4096,volume_anchors=1024,volume_queries=4096"
 
 
@@ -77,7 +77,7 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     result = run("check", str(tmp_path / "nope.pc"), str(tmp_path))
     assert result.returncode == 1
     assert f"cannot read `{tmp_path / 'nope.pc'}`: no such file" in result.stderr
-    assert f"`{tmp_path}` is a directory, not a pattern file" in result.stderr
+    assert f"no pattern files (.patc or .pc) in {tmp_path}" in result.stderr  # a folder is searched
     assert "Traceback" not in result.stderr
 
 
@@ -105,7 +105,7 @@ def test_version_and_help() -> None:
     assert result.returncode == 0 and result.stdout.startswith("patternc 0.")
     result = run("compile", "--help")
     assert result.returncode == 0
-    assert "patternc compile examples/ab_upt.pc --pattern joint --format json" in result.stdout
+    assert "patternc compile examples/ab_upt.patc --pattern joint --format json" in result.stdout
 
 
 def test_cached_sizes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,11 +131,11 @@ def test_compile_does_not_import_torch() -> None:
 
 
 GOLDEN_CASES = {
-    "ab_upt.txt": ["compile", "examples/ab_upt.pc"],
-    "ab_upt.sizes.txt": ["compile", "examples/ab_upt.pc", "--sizes", AB_SIZES],
-    "ab_upt.joint.json": ["compile", "examples/ab_upt.pc", "--pattern", "joint", "--format", "json"],
-    "ab_upt.sizes.json": ["compile", "examples/ab_upt.pc", "--sizes", AB_SIZES, "--format", "json"],
-    "ab_upt.dot": ["compile", "examples/ab_upt.pc", "--format", "dot"],
+    "ab_upt.txt": ["compile", "examples/ab_upt.patc"],
+    "ab_upt.sizes.txt": ["compile", "examples/ab_upt.patc", "--sizes", AB_SIZES],
+    "ab_upt.joint.json": ["compile", "examples/ab_upt.patc", "--pattern", "joint", "--format", "json"],
+    "ab_upt.sizes.json": ["compile", "examples/ab_upt.patc", "--sizes", AB_SIZES, "--format", "json"],
+    "ab_upt.dot": ["compile", "examples/ab_upt.patc", "--format", "dot"],
 }
 
 
@@ -152,7 +152,7 @@ def test_golden_output(golden: str) -> None:
 
 
 def test_every_example_pattern_file_checks() -> None:
-    files = sorted(str(p.relative_to(ROOT)) for p in EXAMPLES.glob("*.pc"))
+    files = sorted(str(p.relative_to(ROOT)) for p in EXAMPLES.glob("*.patc"))
     assert files
     result = run("check", *files)
     assert result.returncode == 0, result.stderr
@@ -219,7 +219,7 @@ def test_compile_reports_block_sparsity(capsys: pytest.CaptureFixture[str]) -> N
 def test_bench_command() -> None:
     result = run(
         "bench",
-        "examples/ab_upt.pc",
+        "examples/ab_upt.patc",
         "--sizes",
         "surface_anchors=8,surface_queries=24,volume_anchors=8,volume_queries=24",
         "--pattern",
@@ -243,12 +243,12 @@ def test_bench_command() -> None:
 
 
 def test_bench_usage_errors() -> None:
-    result = run("bench", "examples/ab_upt.pc", "--sizes", "surface_anchors=8", "--pattern", "joint")
+    result = run("bench", "examples/ab_upt.patc", "--sizes", "surface_anchors=8", "--pattern", "joint")
     assert result.returncode == 2 and "no size for" in result.stderr
 
 
 def test_mask_and_a_plan_format_are_not_mixed() -> None:
-    result = run("compile", "examples/ab_upt.pc", "--sizes", AB_SIZES, "--mask", "-", "--format", "json")
+    result = run("compile", "examples/ab_upt.patc", "--sizes", AB_SIZES, "--mask", "-", "--format", "json")
     assert result.returncode == 2
     assert "--mask draws the mask and --format json prints the plan" in result.stderr
 
@@ -262,7 +262,7 @@ def test_bench_lists_linear_apart_and_only_on_request() -> None:
     """Linear attention computes another function: never ranked beside the softmax backends."""
     assert "`linear` on request" in run("bench", "--help").stdout
     sizes = "surface_anchors=4,surface_queries=8,volume_anchors=4,volume_queries=8"
-    args = ("bench", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--repeat", "1")
+    args = ("bench", "examples/ab_upt.patc", "--sizes", sizes, "--pattern", "joint", "--repeat", "1")
     result = run(*args, "--backend", "linear", "--backend", "batched")
     assert result.returncode == 0, result.stderr
     ranked, _, apart = result.stdout.partition("another function (linear attention: no softmax)")
@@ -278,7 +278,7 @@ def test_block_size_is_an_alias_of_block() -> None:
     sizes = "surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3"
     a = run(
         "compile",
-        "examples/ab_upt.pc",
+        "examples/ab_upt.patc",
         "--sizes",
         sizes,
         "--pattern",
@@ -289,7 +289,7 @@ def test_block_size_is_an_alias_of_block() -> None:
         "2",
     )
     b = run(
-        "compile", "examples/ab_upt.pc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2"
+        "compile", "examples/ab_upt.patc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2"
     )
     assert a.returncode == 0 and a.stdout == b.stdout and "pattern joint" in a.stdout
 
@@ -307,7 +307,7 @@ def test_world_size_shows_the_sharding() -> None:
     assert "doc0: whole, 40 0" in result.stdout or "doc0: whole, 0 40" in result.stdout
     assert "call 0 local: `doc0 -> doc0[causal]`" in result.stdout
     assert "per forward, tokens received per rank: 0 0 (minimum 0 0)" in result.stdout
-    missing = run("compile", "examples/ab_upt.pc", "--world-size", "2")
+    missing = run("compile", "examples/ab_upt.patc", "--world-size", "2")
     assert missing.returncode == 2 and "--world-size needs --sizes" in missing.stderr
 
 
@@ -455,7 +455,7 @@ def test_block_size_and_sizes_from_pyproject(tmp_path: Path, capsys: pytest.Capt
     table = "block-size = 64\n\n[tool.patternc.sizes]\n" + "".join(f"{k} = {v}\n" for k, v in sizes.items())
     _settings(tmp_path, table + 'other_model_group = "cache"\n')
     source = tmp_path / "ab.patc"
-    source.write_text((EXAMPLES / "ab_upt.pc").read_text())
+    source.write_text((EXAMPLES / "ab_upt.patc").read_text())
     assert main(["compile", str(source), "--pattern", "joint"]) == 0
     captured = capsys.readouterr()
     assert "blocks 64x64: 5120 full, 0 partial, 20480 empty" in captured.out
