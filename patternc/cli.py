@@ -230,8 +230,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "lsp",
         help="run the language server on stdin/stdout (for editors; needs the [lsp] extra)",
-        description="Language server for pattern files: diagnostics as you type, completion, hover, "
-        "go to declaration. Editors start it; see editors/vscode/.",
+        description="Language server for pattern files: diagnostics as you type, quick fixes, "
+        "formatting, completion, hover, go to declaration. Editors start it; see editors/vscode/.",
     )
 
     bench = sub.add_parser(

@@ -17,7 +17,7 @@ from typing import Any
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
-from pygls.workspace import TextDocument
+from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
 
 from patternc import editor
 from patternc.diagnostics import Diagnostic
@@ -35,9 +35,8 @@ _KINDS = {
 
 def _range(document: TextDocument, line: int, column: int, end_line: int, end_column: int) -> types.Range:
     """An LSP range (0-based, in the client's units) of a 1-based span in characters."""
-    server_range = types.Range(
-        start=types.Position(line=line - 1, character=column - 1),
-        end=types.Position(line=end_line - 1, character=end_column - 1),
+    server_range = ServerTextRange(
+        ServerTextPosition(line - 1, column - 1), ServerTextPosition(end_line - 1, end_column - 1)
     )
     return document.range_to_client_units(server_range)
 

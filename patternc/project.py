@@ -24,6 +24,7 @@ settings, saying so.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import os
 import re
@@ -124,11 +125,10 @@ def _toml_module() -> ModuleType | None:
         import tomllib
 
         return tomllib
-    try:
-        import tomli
+    try:  # a dependency on 3.10, unless installed without dependencies
+        return importlib.import_module("tomli")
     except ImportError:
         return None
-    return tomli
 
 
 def read_toml(path: Path) -> dict[str, Any] | None:

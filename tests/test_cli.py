@@ -527,3 +527,14 @@ def test_fmt_diff_of_stdin() -> None:
     assert result.returncode == 1
     assert "--- <stdin> (original)\n+++ <stdin> (formatted)\n" in result.stdout
     assert "-a->a\n+a -> a\n" in result.stdout
+
+
+def test_a_str_naming_a_pattern_file_is_refused_for_either_extension() -> None:
+    import patternc
+    from patternc.diagnostics import PatternError
+
+    for name in ("model.patc", "model.pc"):
+        with pytest.raises(PatternError) as info:
+            patternc.compile(name)
+        (diagnostic,) = info.value.diagnostics
+        assert diagnostic.code == "E006" and f"pathlib.Path({name!r})" in (diagnostic.hint or "")
