@@ -28,7 +28,7 @@ from peak_memory import Peak
 import patternc
 import patternc.nn
 from patternc.configs import TransformerBlockConfig
-from patternc.layout import KeySpace
+from patternc.lower.layout import KeySpace
 
 SOURCE = (
     "groups surface_anchors surface_queries volume_anchors volume_queries\n"

@@ -19,7 +19,7 @@ Useful TFLOP/s count allowed score entries only (``4 * entries * H * D`` per
 forward; forward+backward counts 3.5x). ``vs ideal`` is time / ideal time;
 ``+proj`` adds the projections a layer runs around attention (the fused QKV
 and the output ``nn.Linear`` at width 768, timed in the same run) to both
-sides: the issue's "within 1.10x of ideal-plus-projections". ``b2b`` times
+sides: how close a whole layer comes to one written by hand. ``b2b`` times
 ``--b2b`` calls back to back per sample (per call): host time that one call
 alone exposes hides behind kernels there, as it does in a layer stack.
 The rows of one layout and pass are sampled round by round (one sample of
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import patternc
-from patternc.layout import Layout as Schedule
+from patternc.lower.layout import Layout as Schedule
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.auto import choose
 from patternc.nn.executors.common import AttentionInputs, compact_keys
@@ -134,9 +134,8 @@ def interleaved_ms(
     """:func:`cuda_ms` of several rows, sampled round by round (one sample of
     each row per round, in a fresh shuffled order each round), so drift in
     the host's or the GPU's speed over the run reaches every row alike, and
-    no row always runs after the same other one (on an H200, ``auto``'s
-    rows read 40-50 us above ``batched``'s while ``auto`` always followed
-    ``flex``). A row that raises is reported as its exception."""
+    no row always runs after the same other one (a row that always follows
+    a heavy one reads slower for it). A row that raises is reported as its exception."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     failed: dict[str, Exception] = {}
     for name, fn in fns.items():
@@ -300,8 +299,8 @@ def measure(args: argparse.Namespace) -> None:
                             print(f"{pass_label} {label:<18} failed: {type(error).__name__}: {error}"[:200])
                     if args.control and "auto" in variants:
                         # auto's pick once more as its own row: how far two rows
-                        # running the same code read apart in this run (target 2
-                        # asks auto to stay within 3% of its pick)
+                        # running the same code read apart in this run, the noise
+                        # against which auto's gap to its pick is read
                         pick = choose(inputs)
                         rows[f"{pick} again"] = (executor_fn(pick, inputs, backward), flops)
                         if compact is not None and "auto:keys" in variants:  # the same on compact K/V
@@ -309,9 +308,8 @@ def measure(args: argparse.Namespace) -> None:
                             rows[f"{pick}:keys again"] = (executor_fn(pick, compact, backward), flops)
                     # the dense rows (ceiling, dense executor) are sampled apart,
                     # after the rows they are set against: interleaved, their long
-                    # full-power calls slowed the rows sampled after them (on an
-                    # H200 at 65k tokens flex read 5.23 ms forward beside the
-                    # ceiling, 4.70 without it)
+                    # full-power calls slow the rows sampled after them (by about
+                    # a tenth at 65k tokens)
                     single, b2b_ms = {}, {}
                     for group in (
                         [label for label in rows if label not in HEAVY_ROWS],

@@ -12,7 +12,7 @@ float32 weights). Both models are checked to agree before timing.
 
 Reported per variant: step time (median of ``--steps``), tokens/s, model
 FLOP utilisation (linear layers plus attention on allowed pairs only, against
-``--peak`` TFLOP/s: 989 is an H100/H200's dense bf16), the ratio to the hand
+``--peak`` TFLOP/s: the default 989 is Hopper SXM's dense bf16 peak), the ratio to the hand
 model in the same mode, and the compile time. ``torch.compile`` runs with
 ``fullgraph=True``: a graph break is an error, not a silent split.
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import patternc
-from patternc.layout import KeySpace
+from patternc.lower.layout import KeySpace
 from patternc.nn import Transformer
 
 KEY_TOKENS = KeySpace.identity

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The wheels the device machine lacks (its image has torch but no network):
-# patternc's own dependencies, and pytest-xdist for gpu_check.sh's tests
-# stage (the GPU test files in parallel: 2 minutes on a fresh H100 where one
-# after another ran past a call's 10-minute limit). They go to .whl
-# (git-ignored), which a device call carries; gpu_check.sh installs them.
-#   here:    bash benchmarks/device_wheels.sh
-#   device:  carry [".whl"]:  bash benchmarks/gpu_check.sh tests
+# For a GPU machine with torch but no network access: patternc's own
+# dependencies, and pytest-xdist for gpu_check.sh's tests stage (the GPU test
+# files in parallel, since one after another they take the longest of all
+# stages). They go to .whl (git-ignored); copy it along with the tree and
+# gpu_check.sh installs them.
+#   here:         bash benchmarks/device_wheels.sh
+#   GPU machine:  bash benchmarks/gpu_check.sh tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

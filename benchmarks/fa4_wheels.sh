@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# FlashAttention 4 for the device machine, which has no network: download the
+# FlashAttention 4 for a GPU machine without network access: download the
 # wheels here and split them into two folders, .fa4a and .fa4b (git-ignored),
-# each under one device call's 64 MiB transfer (the CuTe DSL compiler wheel
-# alone is 92 MB).
-#   here:    bash benchmarks/fa4_wheels.sh
-#   device:  call 1, carry [".fa4a"]:        bash benchmarks/fa4_wheels.sh stage
-#            call 2 (machine still warm, within its 30 s idle), carry [".fa4b", ".whl"]:
-#                     bash benchmarks/fa4_wheels.sh install && export PYTHONPATH=...  (printed)
+# each under 64 MiB for transfers limited to that size (the CuTe DSL compiler
+# wheel alone is 92 MB).
+#   here:         bash benchmarks/fa4_wheels.sh
+#   GPU machine:  with .fa4a copied over:  bash benchmarks/fa4_wheels.sh stage
+#                 then with .fa4b and .whl copied over (same machine, /tmp kept):
+#                 bash benchmarks/fa4_wheels.sh install && export PYTHONPATH=...  (printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=/tmp/fa4parts

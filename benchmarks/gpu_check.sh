@@ -1,54 +1,33 @@
 #!/usr/bin/env bash
-# The GPU side of patternc, in stages that fit the device's 10-minute calls:
+# The GPU side of patternc, in stages of a few minutes each (times are rough,
+# on a Hopper GPU):
 #   tests      the GPU test files (forward and backward against the float64
 #              reference); ~2 min with pytest-xdist from .whl
-#              (benchmarks/device_wheels.sh), else past 10 min on a fresh machine
+#              (benchmarks/device_wheels.sh), else one file after another
 #   blockmask  block-mask construction against create_block_mask   ~1 min
 #   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
 #   sweep_fp32 FlexAttention float32: product precision and tiles  ~3 min
-#   shapes     flex layout after layout in one process (static shapes
-#              hold their speed; recompile reasons in the stderr file) ~3 min
 #   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
-#   host       host time per call, executors and whole layers       ~1 min
-#   timeline   single calls profiled: GPU idle gaps and the host ops
-#              under them, ideal against the executors (10k AB-UPT) ~1 min
-#   kernels    varlen and flex kernel choices side by side          ~2 min
-#   sdpa       dense SDPA ways in (backend, direct ATen ops, token- or
-#              head-major inputs; host time interleaved) and 64 documents
-#              on padded cuDNN buckets against varlen                ~2 min
-#   paired     auto against its pick, paired single calls (400 rounds,
-#              median ratio with its 95% interval), host time per call
-#              on the K/V the layers hand over, one bare SDPA beside ~1 min
-#   flexhost   flex's host time piece by piece (wrapper, guarded and
-#              unguarded graphs, kernel alone), and auto against batched
-#              back to back with batched measured twice           ~2 min
 #   fa4tests   with FlashAttention 4 on the path: varlen's GPU tests (FA4
 #              eager and inside torch.compile) and the CUDA-graph tests ~3 min
 #   fa4gpu     varlen's GPU cases on FlashAttention 4 only         ~2 min
-#   fa4quick   with FlashAttention 4 on the path, in one call: varlen's GPU
-#              tests, then the 65k training step, hand against patternc,
-#              eager and compiled (6 steps)                       ~8 min
-#   fa4        FlashAttention 4 (needs flash-attn-4 on the path, see
-#              benchmarks/fa4_wheels.sh for getting it there): varlen
-#              against FlashAttention 2, flex's FLASH backend against
-#              Triton, FA4 under CUDA graph capture               ~2 min
-#   diagnose   the two 10k gaps left in target 1: joint's key gather
-#              (ready keys, index_select, executor, with kernel tables;
-#              the ways to gather, host and GPU time)
-#              and 16 documents under batched (timeline and profile
-#              against ideal)                                      ~3 min
+#   fa4quick   with FlashAttention 4 on the path: varlen's GPU tests, then
+#              the 65k training step, hand against patternc, eager and
+#              compiled (6 steps)                                  ~8 min
 #   step       a whole AB-UPT training step, eager and compiled (hand
 #              models with K/V of every token and of anchors only; patternc
 #              with and without the key space)                      ~5 min
 #   step10k    the same at 2x(1k+4k) tokens                        ~5 min
 #   distributed  context-parallel: gloo tests (2 and 4 processes) and the
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
-#              ranks on the host's cores) and under torchrun/NCCL   ~5 min
+#              ranks on the host's cores) and under torchrun/NCCL, and
+#              chunked inference at a million queries                ~5 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
-# Run from the repository root on the device machine; results go to $OUT
-# (or ./gpu-out). Times are on an H200.
+# Run from the repository root; results go to $OUT (or ./gpu-out). To keep a
+# result, copy it to benchmarks/results/<card>_<file>_<yyyy-mm>.txt with the
+# command, card and torch version in its first line.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -73,7 +52,7 @@ tests() {
   if python3 -c "import xdist" 2>/dev/null; then
     local files=()
     for module in "${GPU_TESTS[@]}"; do files+=("tests/test_$module.py"); done
-    python3 -m pytest "${files[@]}" -q -p no:cacheprovider -n 6 2>&1 | tee "$OUT/tests.txt" | tail -5
+    python3 -m pytest "${files[@]}" -q -p no:cacheprovider -n 6 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
     return
   fi
   for module in "${GPU_TESTS[@]}"; do
@@ -81,41 +60,22 @@ tests() {
   done
 }
 blockmask() {
-  python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/blockmask_cuda.txt"
+  python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/bench_blockmask.txt"
 }
 small() {
-  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --control --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_small.txt"
+  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --control --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/bench_gpu_small.txt"
 }
 large() {
-  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "8k+24k" 2>&1 | grep -v "^W1" | tee "$OUT/gpu_bench_large.txt"
+  python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --layouts "8k+24k" 2>&1 | grep -v "^W1" | tee "$OUT/bench_gpu_large.txt"
 }
 sweep() {
-  python3 benchmarks/bench_gpu.py --repeat 15 --sweep-only 2>&1 | grep -v "^W1" | tee "$OUT/flex_kernel_options.txt"
+  python3 benchmarks/bench_gpu.py --repeat 15 --sweep-only 2>&1 | grep -v "^W1" | tee "$OUT/flex_tiles.txt"
 }
 sweep_fp32() {
-  python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_fp32_precision_tiles.txt"
-}
-shapes() {
-  python3 benchmarks/bench_kernels.py --parts shapes 2> "$OUT/kernels_flex_shapes_stderr.txt" | tee "$OUT/kernels_flex_shapes.txt"
+  python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_tiles_fp32.txt"
 }
 profile() {
   python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
-}
-host() {
-  python3 benchmarks/bench_host.py 2>&1 | tee "$OUT/host_per_call.txt"
-}
-timeline() {  # the traces travel as one archive (the device returns a limited number of files)
-  python3 benchmarks/bench_timeline.py --traces /tmp/timeline_traces 2>&1 | grep -v "^W1" | tee "$OUT/timeline.txt"
-  tar czf "$OUT/timeline_traces.tgz" -C /tmp timeline_traces
-}
-kernels() {
-  python3 benchmarks/bench_kernels.py 2>&1 | grep -v "^W1" | tee "$OUT/kernels.txt"
-}
-paired() {
-  python3 benchmarks/bench_paired.py --rounds 400 2>&1 | grep -v "^W1" | tee "$OUT/paired.txt"
-}
-flexhost() {
-  python3 benchmarks/bench_kernels.py --parts flexhost b2b 2>&1 | grep -v "^W1" | tee "$OUT/kernels_flexhost_b2b.txt"
 }
 fa4tests() {
   for module in varlen cuda_graphs; do
@@ -130,38 +90,26 @@ fa4quick() {
   timeout 240 python3 -m pytest tests/test_varlen.py -q -p no:cacheprovider -k "flash4 or gpu" 2>&1 \
     | tee "$OUT/test_varlen_fa4.txt" | tail -5
   timeout 320 python3 benchmarks/bench_step.py --steps 6 --variants hand patternc 2>&1 | grep -v "^W1\|Warning" \
-    | tee "$OUT/model_step_fa4.txt"
-}
-fa4() {
-  python3 benchmarks/bench_kernels.py --parts fa4 --repeat 10 2>&1 | grep -v "^W1" | tee "$OUT/kernels_fa4.txt"
-}
-sdpa() {
-  python3 benchmarks/bench_kernels.py --parts sdpa padded 2>&1 | grep -v "^W1" | tee "$OUT/kernels_sdpa.txt"
-}
-diagnose() {
-  python3 benchmarks/bench_kernels.py --parts gather gather_ways 2>&1 | grep -v "^W1" | tee "$OUT/kernels_gather.txt"
-  python3 benchmarks/bench_timeline.py --layouts "joint 2x(1k" "16 documents" --variants batched varlen 2>&1 \
-    | grep -v "^W1" | tee "$OUT/timeline_joint_documents.txt"
-  python3 benchmarks/bench_gpu.py --profile "16 documents" 2>&1 | grep -v "^W1" > "$OUT/profile_16_documents.txt"
+    | tee "$OUT/bench_step_fa4.txt"
 }
 step() {
-  python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step.txt"
+  python3 benchmarks/bench_step.py --steps 15 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/bench_step.txt"
 }
 step10k() {
-  python3 benchmarks/bench_step.py --steps 15 --anchors 1024 --queries 4096 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/model_step_10k.txt"
+  python3 benchmarks/bench_step.py --steps 15 --anchors 1024 --queries 4096 2>&1 | grep -v "^W1\|Warning" | tee "$OUT/bench_step_10k.txt"
 }
 
 distributed() {
   python3 -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.txt" | tail -5
-  python3 benchmarks/bench_distributed.py --worlds 2 4 --repeat 5 2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_gloo.txt"
+  python3 benchmarks/bench_distributed.py --worlds 2 4 --repeat 5 2>&1 | grep -v -i "warn\|return func" | tee "$OUT/bench_distributed_gloo.txt"
   python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/bench_distributed.py --scale 4 --repeat 10 \
-    2>&1 | grep -v -i "warn\|return func" | tee "$OUT/distributed_nccl.txt"
+    2>&1 | grep -v -i "warn\|return func" | tee "$OUT/bench_distributed_nccl.txt"
   python3 benchmarks/bench_chunked.py --queries 1000000 --anchors 16384 --chunks 16384 65536 262144 2>&1 \
-    | grep -v -i "warn" | tee "$OUT/chunked_cuda.txt"
+    | grep -v -i "warn" | tee "$OUT/bench_chunked.txt"
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 shapes profile host paired timeline kernels sdpa diagnose step step10k distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 profile step step10k distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"

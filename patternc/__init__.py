@@ -20,7 +20,7 @@ Importing ``patternc`` never imports torch; ``patternc.nn`` does.
 from patternc.checks import check_patterns
 from patternc.compiler import compile  # noqa: A004 - the public name
 from patternc.diagnostics import Diagnostic, PatternError
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.plan import Plan, Program
 from patternc.schemas import AttentionConfig, AttentionPattern, MixedAttentionConfig, TokenSpec
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig

@@ -559,9 +559,13 @@ def _run_compile(args: argparse.Namespace) -> int:
             raise _UsageError(f"--format {args.format} needs --sizes (masks are laid out at sizes)")
         return _print_engine_format(program, sizes, args.pattern, args.format)
     if args.format == "json":
-        sys.stdout.write(program.to_json(sizes, dim=args.dim, patterns=args.pattern))
+        from patternc.export import to_json
+
+        sys.stdout.write(to_json(program, sizes, dim=args.dim, patterns=args.pattern))
     elif args.format == "dot":
-        sys.stdout.write(program.to_dot(args.pattern, sizes))
+        from patternc.export import to_dot
+
+        sys.stdout.write(to_dot(program, sizes, patterns=args.pattern))
     else:
         from patternc.report import format_program
 
@@ -606,7 +610,7 @@ def _print_engine_format(
 def _draw_mask(
     program: Program, sizes: dict[str, int | None], patterns: Sequence[str], target: str, block: int
 ) -> int:
-    from patternc.blockmask import block_classes
+    from patternc.lower.blocks import block_classes
 
     masks = [(plan.name, block_classes(plan.layout(sizes), block)) for plan in program.select(patterns)]
     if target == "-":

@@ -2,7 +2,7 @@
 
 The pipeline, one stage per module: read (here) -> :mod:`patternc.syntax`
 -> :mod:`patternc.resolve` -> :mod:`patternc.checks` and
-:mod:`patternc.lint` -> :mod:`patternc.plan` (-> :mod:`patternc.layout`
+:mod:`patternc.lint` -> :mod:`patternc.plan` (-> :mod:`patternc.lower.layout`
 at run time). Each stage adds diagnostics; if any is an error the compile
 raises one :class:`PatternError` that lists them all.
 """

@@ -3,8 +3,8 @@
 A pattern file becomes :class:`ResolvedRule` values (both sides resolved to
 group names, each key group with its modifiers); a plan merges rules with the
 same keys into :class:`AttentionCall` values, one per attention call. Laid
-out at concrete sizes (:mod:`patternc.layout`) each call becomes one
-:class:`~patternc.layout.Call` that every executor reads as it is.
+out at concrete sizes (:mod:`patternc.lower.layout`) each call becomes one
+:class:`~patternc.lower.layout.Call` that every executor reads as it is.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patternc.blockmask import BlockClasses
+from patternc.lower.blocks import BlockClasses
 
 __all__ = ["mask_figure", "save_mask_picture"]
 

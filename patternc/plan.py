@@ -2,29 +2,47 @@
 
 A :class:`Plan` holds a pattern's groups and resolved rules, and the
 attention calls the compiler merged them into (:class:`~patternc.ir.AttentionCall`:
-rules with the same keys and per-key modifiers share one call). Binding
-families to run-time groups lives in :mod:`patternc.bind`, laying a plan out
-at concrete sizes in :mod:`patternc.layout`, and exports (JSON, Graphviz) in
-:mod:`patternc.export`; the caches those use are in :mod:`patternc.cache`.
+rules with the same keys and per-key modifiers share one call). A plan at
+concrete sizes is lowered by :mod:`patternc.lower` (binding families to
+run-time groups, then the :class:`~patternc.lower.layout.Layout` every
+executor reads); :meth:`Plan.layout` asks for it through the one layout
+cache, :data:`LAYOUTS`. Exports (JSON, Graphviz) live in :mod:`patternc.export`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from patternc.cache import BINDINGS, LAYOUTS, PLANS_BY_ID, TOKEN_SPECS, _compiling
+from patternc.checks import check_patterns
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
-from patternc.ir import AttentionCall, ResolvedRule
-from patternc.layout import Layout, Sizes, build_layout, normalize_sizes
+from patternc.ir import AttentionCall, KeyGroup, ResolvedRule
+from patternc.lower.bind import bind
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
 from patternc.resolve import is_family
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
+from patternc.tracing import compiling
 
 if TYPE_CHECKING:
     import networkx
 
-__all__ = ["Plan", "Program", "Sizes", "merge_calls", "names_of"]
+__all__ = [
+    "BINDINGS",
+    "CHECKED_PATTERNS",
+    "LAYOUTS",
+    "PLANS_BY_ID",
+    "Plan",
+    "Program",
+    "Sizes",
+    "layout_weight",
+    "merge_calls",
+    "names_of",
+    "plan_for_patterns",
+    "sizes_key",
+]
 
 
 def merge_calls(groups: Sequence[str], rules: Sequence[ResolvedRule]) -> tuple[AttentionCall, ...]:
@@ -62,13 +80,13 @@ class Plan:
         # structural, as equality is, but computed once: plans key the
         # layout cache on every forward call
         object.__setattr__(self, "_hash", hash((self.name, self.groups, self.rules, self.group_types)))
-        if not _compiling():
+        if not compiling():
             PLANS_BY_ID[id(self)] = self
 
     def __reduce__(self) -> tuple[type[Plan], tuple[object, ...]]:
         """Copied and unpickled through ``__init__``: the hash is of this
         process (a string's hash differs between processes), and the copy
-        enters :data:`~patternc.cache.PLANS_BY_ID`."""
+        enters :data:`PLANS_BY_ID`."""
         return (Plan, (self.name, self.groups, self.rules, self.group_types))
 
     def __hash__(self) -> int:
@@ -157,14 +175,23 @@ class Plan:
         """
         if not self.families:
             return self
-        from patternc.bind import bind
-
         key = tuple(names)
-        return BINDINGS.get_or_build((self, key), lambda: bind(self, key))
+
+        def build() -> Plan:
+            bound = bind(self.groups, self.families, self.rules, self.types, key)
+            return Plan(self.name, bound.groups, bound.rules, bound.group_types)
+
+        return BINDINGS.get_or_build((self, key), build)
 
     def layout(self, sizes: Sizes) -> Layout:
-        """The plan laid out at ``sizes`` (see :class:`~patternc.layout.Layout`),
-        families bound to the groups ``sizes`` names; cached per (plan, sizes)."""
+        """The plan laid out at ``sizes`` (see :class:`~patternc.lower.layout.Layout`),
+        families bound to the groups ``sizes`` names; cached per (plan, sizes)
+        in :data:`LAYOUTS`.
+
+        Raises:
+            PatternError: sizes that do not fit the plan (unknown, missing or
+                negative sizes; a ``TokenSpec`` list in another order).
+        """
         return LAYOUTS.get_or_build(layout_key(self, sizes), lambda: self._build_layout(sizes))
 
     def _build_layout(self, sizes: Sizes) -> Layout:
@@ -188,31 +215,8 @@ class Plan:
 
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
         """``TokenSpec`` list in the plan's group order, for ``MixedAttention``
-        (cached with the layout: models call this on every forward)."""
-        key = sizes_key(sizes)
-        specs = TOKEN_SPECS.get_or_build(
-            (self, key), lambda: tuple(TokenSpec(name=g, size=n) for g, n in self.layout(sizes).sizes)
-        )
-        return list(specs)
-
-    # ------------------------------------------------------------ exports
-
-    def to_dict(self, sizes: Sizes | None = None, *, dim: int = 192) -> dict[str, Any]:
-        """The plan as JSON-ready data (schema in ``docs/plan-format.md``)."""
-        from patternc.export import plan_dict
-
-        return plan_dict(self, sizes, dim)
-
-    def to_json(self, sizes: Sizes | None = None, *, dim: int = 192) -> str:
-        import json
-
-        return json.dumps(self.to_dict(sizes, dim=dim), indent=2) + "\n"
-
-    def to_dot(self, sizes: Sizes | None = None) -> str:
-        """Graphviz source of the token-group graph (families bound when ``sizes`` is given)."""
-        from patternc.export import dot
-
-        return dot([self if sizes is None else self.bind(names_of(sizes))])
+        (kept with the layout: models call this on every forward)."""
+        return list(self.layout(sizes).token_specs)
 
 
 def sizes_key(sizes: Sizes) -> tuple[tuple[str, int | None], ...]:
@@ -231,8 +235,57 @@ def sizes_key(sizes: Sizes) -> tuple[tuple[str, int | None], ...]:
 
 
 def layout_key(plan: Plan, sizes: Sizes) -> tuple[Plan, tuple[tuple[str, int | None], ...]]:
-    """The key of ``plan``'s layout at ``sizes`` in :data:`patternc.cache.LAYOUTS`."""
+    """The key of ``plan``'s layout at ``sizes`` in :data:`LAYOUTS`."""
     return plan, sizes_key(sizes)
+
+
+def layout_weight(layout: Layout) -> int:
+    """A layout's approximate bytes: its records grow with its groups, calls
+    and segments (a few hundred bytes each), so the cache bounds memory as
+    well as entries."""
+    segments = sum(len(c.queries) + len(c.keys) for c in layout.calls)
+    return 256 * (len(layout.slots) + len(layout.calls) + segments + len(layout.pairs)) + 4096
+
+
+LAYOUTS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], Layout] = BoundedCache(
+    "layouts", 4096, weigh=layout_weight, max_weight=512 << 20
+)
+"""The one per-(plan, sizes) cache: key ``(plan, ((group, size), ...))`` (sizes
+as given: a dict's items or a ``TokenSpec`` list's ``(name, size)`` pairs, in
+order) -> the :class:`~patternc.lower.layout.Layout`, which owns every record
+derived from that pair. At most 4096 layouts and about 512 MB of them."""
+
+BINDINGS: BoundedCache[tuple[Plan, tuple[str, ...]], Plan] = BoundedCache("bindings", 1024)
+"""Key ``(plan, group names)`` -> the plan with its families bound to those names."""
+
+
+PLANS_BY_ID: weakref.WeakValueDictionary[int, Plan] = weakref.WeakValueDictionary()
+"""``id(plan)`` -> the plan, for every live plan made outside a trace (each
+plan enters itself when made or unpickled). A ``torch.compile`` trace hands
+plain-Python helpers constants only, and a plan is not one before torch
+2.13, so a trace names a plan by ``id`` and such a helper finds it here (see
+:mod:`patternc.nn.traced_layouts`). Weak values: an entry ends with its plan,
+so an ``id`` found here is always that plan's."""
+
+
+CHECKED_PATTERNS: BoundedCache[tuple[Any, ...], Plan] = BoundedCache("checked patterns", 512)
+"""Key ``(((group, cached), ...), patterns)`` -> the checked plan of a hand-written list."""
+
+
+def plan_for_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionPattern]) -> Plan:
+    """A checked plan of a hand-written list (sizes do not matter, only which groups are cached)."""
+    groups = tuple((s.name, s.size is None) for s in specs)
+    key = (groups, tuple(patterns))
+
+    def build() -> Plan:
+        check_patterns([TokenSpec(name=n, size=None if c else 0) for n, c in groups], patterns)
+        rules = tuple(
+            ResolvedRule(tuple(p.query_tokens), tuple(KeyGroup(k) for k in p.key_value_tokens))
+            for p in patterns
+        )
+        return Plan("attention_patterns", tuple(name for name, _ in groups), rules)
+
+    return CHECKED_PATTERNS.get_or_build(key, build)
 
 
 def names_of(sizes: Sizes) -> tuple[str, ...]:
@@ -267,23 +320,3 @@ class Program:
 
     def select(self, names: Sequence[str] | None) -> list[Plan]:
         return [self[n] for n in names] if names else list(self.patterns.values())
-
-    def to_dict(
-        self, sizes: Sizes | None = None, *, dim: int = 192, patterns: Sequence[str] | None = None
-    ) -> dict[str, Any]:
-        from patternc.export import program_dict
-
-        return program_dict(self, sizes, dim, patterns)
-
-    def to_json(
-        self, sizes: Sizes | None = None, *, dim: int = 192, patterns: Sequence[str] | None = None
-    ) -> str:
-        import json
-
-        return json.dumps(self.to_dict(sizes, dim=dim, patterns=patterns), indent=2) + "\n"
-
-    def to_dot(self, patterns: Sequence[str] | None = None, sizes: Sizes | None = None) -> str:
-        from patternc.export import dot
-
-        plans = self.select(patterns)
-        return dot(plans if sizes is None else [p.bind(names_of(sizes)) for p in plans])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.plan import Plan, Program, Sizes, names_of
 
 __all__ = ["format_program"]
@@ -67,7 +67,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> lis
         f"  batched: {len(layout.launches)} attention launch(es)"
         + (f", {stacked} stacking calls of equal shape" if stacked else "")
     )
-    from patternc.blockmask import block_classes
+    from patternc.lower.blocks import block_classes
 
     blocks = block_classes(layout, block)
     empty, partial, full = blocks.counts

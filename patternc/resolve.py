@@ -33,7 +33,7 @@ SELF = "self"
 
 def is_family(name: str) -> bool:
     """A declared ``prefix*`` stands for every group whose name starts with
-    ``prefix``, however many there are at run time (see :func:`patternc.bind.bind`)."""
+    ``prefix``, however many there are at run time (see :func:`patternc.lower.bind.bind`)."""
     return name.endswith("*")
 
 

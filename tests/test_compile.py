@@ -60,9 +60,9 @@ def _captured() -> Iterator[tuple[list[warnings.WarningMessage], list[logging.Lo
 def _forget_layouts() -> None:
     """Empty the compiler's caches, so that a trace finds no layout an
     earlier test built (a cold compile is then cold)."""
-    from patternc.cache import BINDINGS, LAYOUTS, TOKEN_SPECS
+    from patternc.plan import BINDINGS, LAYOUTS
 
-    for cache in (LAYOUTS, BINDINGS, TOKEN_SPECS):
+    for cache in (LAYOUTS, BINDINGS):
         cache.clear()
 
 
@@ -219,9 +219,9 @@ def test_flex_host_queries_are_constants_to_dynamo(
 def _flex_on_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[PatternAttention, dict[str, int], list[str]]:
     """A joint flex layer with flex's CPU fallback switched off (so its own
     path runs on CPU), and a record of table builds made while tracing."""
-    from patternc.cache import _compiling
     from patternc.nn import flexmask
     from patternc.nn.executors import flex
+    from patternc.tracing import compiling as _compiling
 
     monkeypatch.setattr(flex, "_fallback_reason", lambda q, dropout_p: None)
     traced_builds: list[str] = []
@@ -353,9 +353,9 @@ def test_traced_table_lookups_compile_in_one_graph() -> None:
     """Compiled layers ask :data:`~patternc.nn.tables.TABLES` for what eager
     calls stored (flex does on every trace), so its lookups must trace
     without a break. A bound builtin ``dict.get`` as the lookup broke the
-    graph under torch 2.11 (seen on an H100), which is why only ``auto``'s
+    graph under torch 2.11, which is why only ``auto``'s
     untraced hot path takes
-    :meth:`~patternc.cache.BoundedCache.untraced_lookup`; torch 2.13
+    :meth:`~patternc.lower.cache.BoundedCache.untraced_lookup`; torch 2.13
     traces either, so here this guards the traced path itself."""
     from conftest import ab_sizes
 
@@ -427,8 +427,8 @@ def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     """A record per key, read as an attribute; asked again, the attribute
     holds the record given now (the layout ``LAYOUTS`` holds, after an
     eviction say); a plan not in ``PLANS_BY_ID`` is left to the trace (None)."""
-    from patternc.cache import PLANS_BY_ID
     from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace
+    from patternc.plan import PLANS_BY_ID
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
     key, other_key = tuple(sizes.items()), tuple(other_sizes.items())
@@ -457,7 +457,7 @@ def test_every_plan_made_outside_a_trace_is_found_by_id_while_it_lives() -> None
     import gc
     import pickle
 
-    from patternc.cache import PLANS_BY_ID
+    from patternc.plan import PLANS_BY_ID
 
     plan = patternc.compile("groups a q\na -> a\nq -> a, q").patterns["default"]
     copies = [copy.deepcopy(plan), copy.copy(plan), pickle.loads(pickle.dumps(plan))]
@@ -535,13 +535,12 @@ def _seed_calls() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int
 def test_the_seed_api_compiles_fullgraph(call: str, warm: bool) -> None:
     """``MixedAttention(x, token_specs, patterns)`` with a hand-written list,
     and the anchor modules, compile with ``fullgraph=True``, before or after
-    an eager call. They failed even warm on torch 2.11 and 2.13: Dynamo
-    cannot hash the list's frozen pydantic patterns (the check's cache key),
-    run pydantic's validator (size dicts made ``TokenSpec``), or trace the
-    compiler's parser (``re.finditer``, the anchor modules compile their
-    source per call). Those are built outside the trace now. A plan handed
-    per call, cold, needed torch 2.13 (the trace built its layout): it is
-    found by ``id`` in ``PLANS_BY_ID`` now."""
+    an eager call. Dynamo cannot hash the list's frozen pydantic patterns
+    (the check's cache key), run pydantic's validator (size dicts made
+    ``TokenSpec``), or trace the compiler's parser (``re.finditer``, the
+    anchor modules compile their source per call), so those are built
+    outside the trace; a plan handed per call is found by ``id`` in
+    ``PLANS_BY_ID``, so a cold trace does not build its layout."""
     torch.manual_seed(0)
     run, tokens = _seed_calls()[call]
     x = torch.randn(2, tokens, 16)

@@ -20,7 +20,7 @@ from patternc.export import (
     varlen_launches,
     xformers_mask,
 )
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from programs import random_program

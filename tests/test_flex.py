@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask
 
 import patternc
-from patternc.blockmask import FULL, PARTIAL, block_classes
+from patternc.export import to_dot
+from patternc.lower.blocks import FULL, PARTIAL, block_classes
 from patternc.nn import PatternAttention
 from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
@@ -140,7 +141,7 @@ def test_rules_with_different_modifiers_do_not_merge() -> None:
     plan = patternc.compile("groups a b\na -> a, b [causal]\nb -> a, b\n").patterns["default"]
     assert len(plan.calls) == 2
     assert [c.keys[0].modifiers.causal for c in plan.calls] == [True, False]
-    assert "[causal]" in patternc.compile("groups a\na -> a [causal]").to_dot()
+    assert "[causal]" in to_dot(patternc.compile("groups a\na -> a [causal]"))
 
 
 # ---------------------------------------------------------------- block masks
@@ -462,7 +463,7 @@ def test_kernel_options_are_the_measured_tiles_only_where_measured(
     head_dim: int,
 ) -> None:
     """Forward tiles for half precision up to head_dim 128; the backward tiles
-    swept on an H200 only on Hopper, at the head sizes they were measured on;
+    only on Hopper, at the head sizes they were chosen for;
     float32's product precision (three TF32 products from Ampere on while
     torch's setting is untouched), with tiles for it on Hopper at head_dim
     64; torch's own options everywhere else (None), and never on CPU."""

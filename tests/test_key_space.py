@@ -16,7 +16,7 @@ from reference import language_mask, reference_attention, relative_error
 
 import patternc
 from patternc.configs import UntiedMixedAttentionConfig
-from patternc.layout import KeySpace, Layout
+from patternc.lower.layout import KeySpace, Layout
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.common import AttentionInputs, compact_keys, expand_keys
 from patternc.nn.untied import TypeRuns
@@ -414,7 +414,7 @@ def _assert_compact_gradients(
     "executor, anchors, queries",
     [
         *((e, a, q) for e in ("batched", "auto", "varlen") for a, q in ((256, 1024), (333, 1001))),
-        ("flex", 333, 1001),  # one shape: each compiles its own kernels (a minute on the H200)
+        ("flex", 333, 1001),  # one shape: each shape compiles its own kernels (about a minute)
     ],
 )
 def test_gpu_executors_on_compact_keys(source: str, executor: str, anchors: int, queries: int) -> None:
@@ -537,7 +537,7 @@ def test_untied_attention_projects_keys_apart(
 def test_whole_call_causal_is_the_call_with_queries() -> None:
     """A layout whose first call has no queries (an empty group) and whose
     one call with queries is causal: ``batched`` read ``[causal]`` off the
-    first call and attended to every key (found by the random programs above)."""
+    first call and attended to every key (a case the random programs above draw)."""
     plan = patternc.compile("groups a b\na -> b[window 2]\nb -> b[causal]").patterns["default"]
     sizes = {"a": 0, "b": 5}
     layout = plan.layout(sizes)

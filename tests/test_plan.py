@@ -11,6 +11,7 @@ from conftest import EXAMPLES
 
 import patternc
 from patternc import TokenSpec
+from patternc.export import to_dot, to_json
 
 AB_SIZES = {"surface_anchors": 1024, "surface_queries": 4096, "volume_anchors": 1024, "volume_queries": 4096}
 
@@ -121,7 +122,7 @@ def test_layout_accepts_token_specs(program: patternc.Program) -> None:
 
 
 def test_json_schema(program: patternc.Program) -> None:
-    data = json.loads(program.to_json(AB_SIZES, dim=64))
+    data = json.loads(to_json(program, AB_SIZES, dim=64))
     assert set(data) == {"schema", "version", "file", "groups", "types", "patterns"}
     assert data["types"] == {
         "surface_anchors": "surface",
@@ -157,13 +158,13 @@ def test_json_schema(program: patternc.Program) -> None:
     }
     assert layout["flops"] == sum(c["flops"] for c in layout["calls"])
     assert layout["dense_flops"] == 4 * 10240 * 10240 * 64
-    without = json.loads(program.to_json())
+    without = json.loads(to_json(program))
     assert all(p["layout"] is None for p in without["patterns"])
 
 
 def test_json_is_deterministic(program: patternc.Program) -> None:
     again = patternc.compile(Path(program.filename or ""))
-    assert program.to_json(AB_SIZES) == again.to_json(AB_SIZES)
+    assert to_json(program, AB_SIZES) == to_json(again, AB_SIZES)
 
 
 def test_program_lookup_suggests(program: patternc.Program) -> None:
@@ -172,7 +173,7 @@ def test_program_lookup_suggests(program: patternc.Program) -> None:
 
 
 def test_dot(program: patternc.Program) -> None:
-    dot = program.patterns["self_anchor"].to_dot()
+    dot = to_dot(program.patterns["self_anchor"])
     assert dot.startswith("digraph patternc {")
     assert "p0_surface_queries -> p0_call0;" in dot and "p0_call0 -> p0_surface_anchors;" in dot
     assert dot.count("->") == 6  # 4 query edges, 2 key edges: linear in groups, never q x k

@@ -15,6 +15,7 @@ from programs import random_program
 from reference import language_mask
 
 import patternc
+from patternc.export import plan_dict
 from patternc.fmt import format_source
 
 
@@ -28,7 +29,7 @@ def test_allowed_counts_are_exact(seed: int) -> None:
         mask = language_mask(plan, sizes)
         assert layout.allowed_entries == int(mask.sum())
         assert layout.density == (int(mask.sum()) / mask.numel() if mask.numel() else 0.0)
-        data = plan.to_dict(sizes, dim=8)["layout"]
+        data = plan_dict(plan, sizes, dim=8)["layout"]
         assert data["flops"] == 4 * int(mask.sum()) * 8 == sum(c["flops"] for c in data["calls"])
 
 

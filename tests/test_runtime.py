@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import patternc
 from patternc import AttentionPattern as P
 from patternc import MixedAttentionConfig, TokenSpec
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn import MixedAttention, PatternAttention, rope_frequencies
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.batched import stack_segments
@@ -670,10 +670,10 @@ def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
     assert cache.get(("plain", first), lambda: build("plain")) == "plain"
     # an entry whose id names another layout than the one it holds: never handed out
     cache._traceable.get_or_build(tables._plain(("kind", second)), lambda: ((first,), "stale"))
-    import patternc.cache
+    import patternc.lower.cache
 
     monkeypatch.setattr(tables, "_compiling", lambda: True)  # as under torch.compile
-    monkeypatch.setattr(patternc.cache, "_compiling", lambda: True)
+    monkeypatch.setattr(patternc.lower.cache, "compiling", lambda: True)
     assert cache.get(("kind", first), lambda: build("traced"), traceable=True) == "first"
     assert cache.get(("plain", first), lambda: build("plain traced")) == "plain traced"
     assert cache.stored(("kind", second)) is None

@@ -22,7 +22,7 @@ from patternc.distributed.collectives import shift_tokens
 from patternc.distributed.placement import ShardedCall
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan
 

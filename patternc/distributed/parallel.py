@@ -28,8 +28,8 @@ from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
-from patternc.layout import Layout, Sizes
-from patternc.nn.context import ACTIVE, FullKV
+from patternc.lower.layout import Layout, Sizes
+from patternc.nn.context import FullKV, swap_sharding
 from patternc.nn.executors import get_executor
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan, Program
@@ -152,14 +152,13 @@ class ContextParallel:
     def __enter__(self) -> ContextParallel:
         if self._active:
             raise RuntimeError("this ContextParallel is already active")
-        self._active, self._previous = True, ACTIVE.sharding
-        ACTIVE.sharding = self
+        self._active, self._previous = True, swap_sharding(self)
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        ACTIVE.sharding = self._previous
+        swap_sharding(self._previous)
         self._active = False
 
     # ------------------------------------------------------------- execution

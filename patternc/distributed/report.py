@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from patternc.distributed.placement import place, schedule
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 
 __all__ = ["format_sharding"]
 

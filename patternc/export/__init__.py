@@ -1,6 +1,6 @@
 """A plan in other formats: patternc's JSON and Graphviz, and the mask formats of other engines.
 
-Each export reads one :class:`~patternc.layout.Layout` (a plan at sizes)
+Each export reads one :class:`~patternc.lower.layout.Layout` (a plan at sizes)
 and is exact: a format that cannot say a plan raises
 :class:`NotExpressible` with the reason instead of approximating it.
 
@@ -11,7 +11,8 @@ and is exact: a format that cannot say a plan raises
 - :func:`xformers_mask`: the xformers block-diagonal ``attn_bias`` that says it;
 - :func:`flex_mask_mod`, :func:`flex_block_mask`, :func:`flex_alibi_score_mod`:
   FlexAttention's objects (these import torch);
-- :func:`plan_dict`, :func:`dot`: the plan's JSON (docs/plan-format.md) and Graphviz.
+- :func:`to_json`, :func:`to_dot` (and :func:`plan_dict`, :func:`dot`): the
+  plan's JSON (docs/plan-format.md) and Graphviz.
 
 ``patternc compile FILE --sizes ... --format magi|flashmask|varlen|xformers|flex``
 prints the first four (and flex's tables) as JSON, without importing torch.
@@ -23,10 +24,18 @@ from typing import Any
 
 from patternc.export.flashmask import FlashMaskBounds, flashmask_bounds
 from patternc.export.magi import MagiSlice, magi_slices
-from patternc.export.pairs import GroupPair, NotExpressible, group_pairs
-from patternc.export.plan import JSON_SCHEMA_VERSION, dot, layout_dict, plan_dict, program_dict
-from patternc.export.varlen import VarlenLaunch, varlen_launches, varlen_window
+from patternc.export.plan import (
+    JSON_SCHEMA_VERSION,
+    dot,
+    layout_dict,
+    plan_dict,
+    program_dict,
+    to_dot,
+    to_json,
+)
 from patternc.export.xformers import XformersMask, xformers_mask
+from patternc.lower.pairs import GroupPair, NotExpressible, group_pairs
+from patternc.lower.varlen import VarlenLaunch, varlen_launches, varlen_window
 
 __all__ = [
     "JSON_SCHEMA_VERSION",
@@ -46,6 +55,8 @@ __all__ = [
     "magi_slices",
     "plan_dict",
     "program_dict",
+    "to_dot",
+    "to_json",
     "varlen_launches",
     "varlen_window",
     "xformers_mask",

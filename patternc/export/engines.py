@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from patternc.export.flashmask import flashmask_bounds
 from patternc.export.magi import magi_slices
-from patternc.export.pairs import NotExpressible
-from patternc.export.varlen import varlen_launches
 from patternc.export.xformers import xformers_mask
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import NotExpressible
+from patternc.lower.varlen import varlen_launches
+from patternc.modifiers import Modifiers
 
 __all__ = ["engine_dict", "flex_tables_dict"]
 
@@ -27,10 +29,19 @@ def flex_tables_dict(layout: Layout) -> dict[str, Any]:
             for s in layout.slots
             if s.size
         ],
-        "allowed": [[int(a) for a in row] for row in layout.allowed],
-        "causal": [[int(m.causal) for m in row] for row in layout.pair_modifiers],
-        "window": [[m.window or 0 for m in row] for row in layout.pair_modifiers],
+        "allowed": _group_table(layout, lambda mods: 1),
+        "causal": _group_table(layout, lambda mods: int(mods.causal)),
+        "window": _group_table(layout, lambda mods: mods.window or 0),
     }
+
+
+def _group_table(layout: Layout, value: Callable[[Modifiers], int]) -> list[list[int]]:
+    """``[G, G]``: ``value(modifiers)`` of each allowed group pair, 0 elsewhere."""
+    n = len(layout.all_groups)
+    rows = [[0] * n for _ in range(n)]
+    for (q, k), mods in layout.pairs.items():
+        rows[q][k] = value(mods)
+    return rows
 
 
 def engine_dict(layout: Layout, name: str) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from patternc.export.pairs import NotExpressible, column_queries, group_pairs
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import NotExpressible, column_queries, group_pairs
 from patternc.ranges import merge_ranges
 
 __all__ = ["FlashMaskBounds", "flashmask_bounds"]

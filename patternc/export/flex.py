@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 
 __all__ = ["flex_alibi_score_mod", "flex_block_mask", "flex_mask_mod", "padded_length"]
 

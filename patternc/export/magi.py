@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from patternc.export.pairs import GroupPair, group_pairs, row_keys
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import GroupPair, group_pairs, row_keys
 from patternc.ranges import merge_ranges
 
 __all__ = ["MagiSlice", "magi_slices"]

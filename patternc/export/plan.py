@@ -4,16 +4,15 @@ Each export reads the plan's calls and layouts as the compiler built them."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from patternc.ir import KeyGroup
-from patternc.layout import Layout, Sizes
+from patternc.lower.layout import Layout, Sizes
+from patternc.plan import Plan, Program, names_of
 
-if TYPE_CHECKING:
-    from patternc.plan import Plan, Program
-
-__all__ = ["JSON_SCHEMA_VERSION", "dot", "layout_dict", "plan_dict", "program_dict"]
+__all__ = ["JSON_SCHEMA_VERSION", "dot", "layout_dict", "plan_dict", "program_dict", "to_dot", "to_json"]
 
 JSON_SCHEMA_VERSION = 2
 """2: modifiers are per key group (``key_modifiers``); FLOPs count allowed pairs;
@@ -24,9 +23,9 @@ def _key_modifiers(keys: Sequence[KeyGroup]) -> list[dict[str, bool | int | None
     return [k.modifiers.to_dict() for k in keys]
 
 
-def plan_dict(plan: Plan, sizes: Sizes | None, dim: int) -> dict[str, Any]:
-    from patternc.plan import names_of
-
+def plan_dict(plan: Plan, sizes: Sizes | None = None, dim: int = 192) -> dict[str, Any]:
+    """One plan as JSON-ready data (``docs/plan-format.md``), laid out at
+    ``sizes`` when given (FLOPs at model width ``dim``)."""
     data: dict[str, Any] = {
         "name": plan.name,
         "rules": [
@@ -91,8 +90,10 @@ def layout_dict(layout: Layout, dim: int) -> dict[str, Any]:
 
 
 def program_dict(
-    program: Program, sizes: Sizes | None, dim: int, patterns: Sequence[str] | None
+    program: Program, sizes: Sizes | None = None, dim: int = 192, patterns: Sequence[str] | None = None
 ) -> dict[str, Any]:
+    """A compiled file as JSON-ready data: every pattern (or those named in
+    ``patterns``) as :func:`plan_dict` gives it."""
     return {
         "schema": "patternc.plan",
         "version": JSON_SCHEMA_VERSION,
@@ -133,3 +134,38 @@ def dot(plans: Sequence[Plan]) -> str:
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def to_json(
+    compiled: Program | Plan,
+    sizes: Sizes | None = None,
+    *,
+    dim: int = 192,
+    patterns: Sequence[str] | None = None,
+) -> str:
+    """A program (``patternc.compile(...)``) or one plan as JSON text, laid
+    out at ``sizes`` when given.
+
+    Args:
+        compiled: a :class:`~patternc.Program` or a :class:`~patternc.Plan`.
+        sizes: ``{group: size}`` or a ``TokenSpec`` list; None: no layout.
+        dim: model width for the FLOP counts.
+        patterns: a program's patterns to include (default: all).
+
+    Returns:
+        The JSON document (schema in ``docs/plan-format.md``), newline-terminated.
+    """
+    if isinstance(compiled, Plan):
+        data = plan_dict(compiled, sizes, dim)
+    else:
+        data = program_dict(compiled, sizes, dim, patterns)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def to_dot(
+    compiled: Program | Plan, sizes: Sizes | None = None, *, patterns: Sequence[str] | None = None
+) -> str:
+    """Graphviz source of the token-group graph of a program's patterns (or
+    of one plan); families are bound to the groups ``sizes`` names when given."""
+    plans = [compiled] if isinstance(compiled, Plan) else compiled.select(patterns)
+    return dot(plans if sizes is None else [p.bind(names_of(sizes)) for p in plans])

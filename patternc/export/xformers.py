@@ -7,7 +7,7 @@
 - ``BlockDiagonalCausalMask`` / ``BlockDiagonalCausalLocalAttentionMask``:
   one group attending to itself per call, ``[causal]`` (and ``[window N]``).
 
-Anything else is :class:`~patternc.export.pairs.NotExpressible` with the
+Anything else is :class:`~patternc.lower.pairs.NotExpressible` with the
 reason. The record names the class and the arguments of its
 ``from_seqlens`` (``kv_seqstarts``: where each block's keys start), so code
 with xformers installed builds it in one line; patternc does not import it.
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from patternc.export.pairs import NotExpressible
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import NotExpressible
 
 __all__ = ["XformersMask", "xformers_mask"]
 

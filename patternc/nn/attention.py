@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patternc.layout import Layout
-from patternc.nn.context import ACTIVE
+from patternc.lower.layout import Layout
+from patternc.nn.context import active
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
@@ -310,8 +310,8 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
-        recorder = ACTIVE.cache
-        sharding = ACTIVE.sharding
+        context = active()
+        recorder, sharding = context.cache, context.sharding
         # a recording pass and the sharded runner index K/V by input position:
         # token space; a chunk of queries reading the anchors projects no K/V at all
         recording = recorder is not None and recorder.recording
@@ -366,7 +366,7 @@ class MixedAttention(DotProductAttention):
         """Q, K, V (normed, rotated), the key padding mask of K's tokens, and
         whether K/V hold the key space only: with ``keys_apart``, K/V are
         projected for the layout's key tokens (see
-        :class:`~patternc.layout.KeySpace`) where this layer can."""
+        :class:`~patternc.lower.layout.KeySpace`) where this layer can."""
         apart = self._project_apart(x, layout, patterns) if keys_apart else None
         if apart is None:
             q, k, v = self.split_heads(self._project_in(x, layout, patterns), freqs)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from patternc.nn.context import ACTIVE
+from patternc.nn.context import swap_cache
 
 __all__ = ["AnchorCache", "Forward", "chunked"]
 
@@ -61,11 +61,11 @@ class AnchorCache:
     def _active(self, recording: bool) -> Iterator[AnchorCache]:
         self.recording = recording
         self._calls = {}
-        previous, ACTIVE.cache = ACTIVE.cache, self
+        previous = swap_cache(self)
         try:
             yield self
         finally:
-            ACTIVE.cache = previous
+            swap_cache(previous)
 
     def record(self) -> contextlib.AbstractContextManager[AnchorCache]:
         """Run the model on the context groups inside this to fill the cache."""

@@ -5,18 +5,36 @@ Both are entered with ``with`` by the objects that own them
 :class:`patternc.nn.chunked.AnchorCache`), so a whole model runs sharded or
 cached without threading an argument through every block. Nothing here
 imports ``torch.distributed``.
+
+Each thread has its own context: a model called from two threads, one of
+them inside ``chunked``, runs chunked in that thread only. A
+``torch.compile`` trace cannot ask which thread it is in, so traced code
+reads :data:`ACTIVE`, the context the most recently entered ``with``
+installed: compiled modules run chunked or sharded from one thread at a time.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from patternc.nn.executors.common import AttentionInputs, Executor
+from patternc.tracing import compiling
 
-__all__ = ["ACTIVE", "AnchorRecorder", "FullKV", "RuntimeContext", "Sharding", "execute"]
+__all__ = [
+    "ACTIVE",
+    "AnchorRecorder",
+    "FullKV",
+    "RuntimeContext",
+    "Sharding",
+    "active",
+    "execute",
+    "swap_cache",
+    "swap_sharding",
+]
 
 FullKV = dict[str, tuple[Tensor, Tensor]]
 """``{group: (keys, values)}`` token-major ``[B, n, H, D]``, every token of the group."""
@@ -48,21 +66,51 @@ class AnchorRecorder(Protocol):
 
 
 class RuntimeContext:
-    """The sharding and the anchor cache in force (None: none), per process.
+    """The sharding and the anchor cache in force (None: none).
 
     Plain attributes, not ``contextvars``: ``torch.compile`` traces a read
     of them (and guards on it) where ``ContextVar.get`` breaks the graph."""
 
-    sharding: Sharding | None = None
-    cache: AnchorRecorder | None = None
+    def __init__(self) -> None:
+        self.sharding: Sharding | None = None
+        self.cache: AnchorRecorder | None = None
 
 
 ACTIVE = RuntimeContext()
+"""The context traced code reads (see the module docstring)."""
+
+_THREADS = threading.local()
+
+
+def active() -> RuntimeContext:
+    """This thread's context (:data:`ACTIVE` inside a ``torch.compile`` trace)."""
+    if compiling():
+        return ACTIVE
+    context: RuntimeContext | None = getattr(_THREADS, "context", None)
+    if context is None:
+        context = _THREADS.context = RuntimeContext()
+    return context
+
+
+def swap_cache(cache: AnchorRecorder | None) -> AnchorRecorder | None:
+    """Install ``cache`` as this thread's anchor cache; returns the one it replaces."""
+    context = active()
+    previous, context.cache = context.cache, cache
+    ACTIVE.cache = cache
+    return previous
+
+
+def swap_sharding(sharding: Sharding | None) -> Sharding | None:
+    """Install ``sharding`` as this thread's sharding; returns the one it replaces."""
+    context = active()
+    previous, context.sharding = context.sharding, sharding
+    ACTIVE.sharding = sharding
+    return previous
 
 
 def execute(executor: Executor, inputs: AttentionInputs) -> Tensor:
     """``executor(inputs)``, sharded when a :class:`Sharding` is active."""
-    sharding = ACTIVE.sharding
+    sharding = active().sharding
     if sharding is None:
         return executor(inputs)
     return sharding.attend(inputs, executor, False)[0]

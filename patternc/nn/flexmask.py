@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -205,20 +205,23 @@ def _build_group_tables(
     ``causal`` and ``window`` of each (query group, key group) pair (the last
     row and column: padding, allowed nowhere), each group's allowed key
     groups, and the pairs that carry modifiers."""
-    allowed = layout.allowed
-    n = len(allowed)
+    n = len(layout.all_groups)
+    q_ids, k_ids, pair_causal, pair_window = (
+        torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns()
+    )
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    table[:n, :n] = torch.tensor(allowed, dtype=torch.bool).reshape(n, n)
     causal = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     window = torch.zeros(n + 1, n + 1, dtype=torch.int64)
+    table[q_ids, k_ids] = True
+    causal[q_ids, k_ids] = pair_causal.bool()
+    window[q_ids, k_ids] = pair_window
+    per_group: list[list[int]] = [[] for _ in range(n + 1)]
     modified = set()
-    for q, row in enumerate(layout.pair_modifiers):
-        for k, mods in enumerate(row):
-            if mods and allowed[q][k]:
-                causal[q, k] = mods.causal
-                window[q, k] = mods.window or 0
-                modified.add((q, k))
-    keys = (*(tuple(k for k, ok in enumerate(row) if ok) for row in allowed), ())
+    for (q, k), mods in layout.pairs.items():
+        per_group[q].append(k)
+        if mods:
+            modified.add((q, k))
+    keys = tuple(tuple(sorted(ks)) for ks in per_group)
     return table.to(device), causal.to(device), window.to(device), keys, frozenset(modified)
 
 
@@ -271,7 +274,7 @@ class FlexTables:
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
         allowed, causal, window, allowed_keys, modified_pairs = _group_tables(layout, device)
-        pair_mods = layout.pair_modifiers
+        pair_mods = layout.pairs
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -297,7 +300,7 @@ class FlexTables:
             for k_start, k_stop in key_segments.get(key_gid, ())
         ]
         modified = [
-            (q_start, q_stop, k_start, k_stop, pair_mods[q][k].causal, pair_mods[q][k].window or 0)
+            (q_start, q_stop, k_start, k_stop, pair_mods[q, k].causal, pair_mods[q, k].window or 0)
             for q_start, q_stop, k_start, k_stop, has_mods, q, k in pairs
             if has_mods
         ]
@@ -329,7 +332,7 @@ class FlexTables:
         diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
         diff.scatter_add_(0, corners_t, signs_t)
         # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
-        # scan along the outer dim runs one thread per column (~4x slower here)
+        # scan along the outer dim runs one thread per column (several times slower)
         rows_done = diff.view(shape[0] + 1, width).cumsum(1)
         plain = rows_done.t().contiguous().cumsum(1).t()[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain, plain

@@ -1,6 +1,6 @@
 """Device tables of a layout: the runtime's one cache.
 
-A :class:`~patternc.layout.Layout` is plain integers; executors also need
+A :class:`~patternc.lower.layout.Layout` is plain integers; executors also need
 device tensors made from it (positions within groups, FlexAttention's group
 tables, varlen's packed indices). Building them costs host time and
 host-to-device copies, so each is built once and kept in :data:`TABLES`.
@@ -23,11 +23,15 @@ layout, so the ``id`` stays its own, and is checked on the way out).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
-from patternc.cache import BoundedCache, _compiling
-from patternc.layout import Layout
+import torch
+
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import Layout
+from patternc.tracing import compiling as _compiling
 
 __all__ = ["TABLES", "LayoutTables"]
 
@@ -41,10 +45,12 @@ class LayoutTables(BoundedCache[TableKey, object]):
     """A bounded ``{(kind, *inputs): table}`` cache whose lookups keep the
     table's type (each kind builds one type of table)."""
 
-    def __init__(self, name: str, size: int) -> None:
-        super().__init__(name, size, lookup_while_tracing=False)
+    def __init__(self, name: str, size: int, max_bytes: int = 1 << 30) -> None:
+        """At most ``size`` tables and about ``max_bytes`` of tensors (device
+        and host together: a flex table of many documents is large)."""
+        super().__init__(name, size, weigh=table_bytes, max_weight=max_bytes, lookup_while_tracing=False)
         self._traceable: BoundedCache[TableKey, tuple[tuple[Layout, ...], object]] = BoundedCache(
-            f"{name}, by layout id", size
+            f"{name}, by layout id", size, weigh=table_bytes, max_weight=max_bytes
         )
 
     def get(self, key: TableKey, build: Callable[[], T], *, traceable: bool = False) -> T:
@@ -65,7 +71,7 @@ class LayoutTables(BoundedCache[TableKey, object]):
 
     def keep(self, key: TableKey, build: Callable[[], T]) -> T:
         """The table under ``key``, built on a miss and stored as traceable
-        even while a compile session runs: for host code that runs as plain
+        even while ``torch.compile`` traces: for host code that runs as plain
         Python during a trace (``auto``'s constant function prices a layout
         there), so the graph being traced finds what it stored."""
         found = self.lookup(key)
@@ -86,6 +92,20 @@ class LayoutTables(BoundedCache[TableKey, object]):
     def clear(self) -> None:
         super().clear()
         self._traceable.clear()
+
+
+def table_bytes(table: object) -> int:
+    """The bytes of the tensors a table holds (in tuples, lists, dicts and
+    dataclasses, as tables are built), plus a small charge per object."""
+    if isinstance(table, torch.Tensor):
+        return table.untyped_storage().nbytes() if table.numel() else 64
+    if isinstance(table, (tuple, list)):
+        return 64 + sum(table_bytes(item) for item in table)
+    if isinstance(table, dict):
+        return 64 + sum(table_bytes(item) for item in table.values())
+    if dataclasses.is_dataclass(table) and not isinstance(table, type):
+        return 64 + sum(table_bytes(getattr(table, f.name)) for f in dataclasses.fields(table))
+    return 64
 
 
 def _plain(key: TableKey) -> TableKey:

@@ -1,6 +1,6 @@
 """The compiler's records a layer needs inside a ``torch.compile`` trace.
 
-Eager calls look their layout up in :data:`patternc.cache.LAYOUTS`, and a
+Eager calls look their layout up in :data:`patternc.plan.LAYOUTS`, and a
 trace after one eager call finds it there too. A *cold* trace (a model
 compiled before it ever ran) must build it, and Dynamo before torch 2.13
 cannot trace the compiler (it fails on its frozen records, e.g. "can't
@@ -19,7 +19,7 @@ call, and the parser calls ``re.finditer`` (:func:`plan_of_source`).
 Two things shape this:
 - Dynamo hands such a function constants only: neither a plan nor a module
   converts on torch 2.11, so the plan travels by ``id``, and the function
-  finds it in :data:`~patternc.cache.PLANS_BY_ID`, where every plan made
+  finds it in :data:`~patternc.plan.PLANS_BY_ID`, where every plan made
   outside a trace enters itself (a layer's, one from ``patternc.compile``,
   one handed to ``MixedAttention`` per call).
 - The built layout reaches the graph as an attribute of one object, one
@@ -41,15 +41,16 @@ torch.Size([1, 5, 8])
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar, cast
 
 import torch
 
-from patternc.cache import LAYOUTS, PLANS_BY_ID, _compiling
-from patternc.layout import Layout
-from patternc.plan import Plan, Sizes, layout_key, sizes_key
+from patternc.lower.layout import Layout
+from patternc.plan import LAYOUTS, PLANS_BY_ID, Plan, Sizes, layout_key, plan_for_patterns, sizes_key
 from patternc.schemas import AttentionPattern, TokenSpec, TokenSpecs, as_token_specs
+from patternc.tracing import compiling as _compiling
 
 __all__ = [
     "TRACED_RECORDS",
@@ -71,7 +72,7 @@ class TracedRecords:
     ``("patterns", sizes key, rules)``, ``("source", source, pattern)``,
     ``("specs", sizes key)``) -> the attribute's name. Every ask stores the
     record it is given anew: for a layout, the one
-    :data:`~patternc.cache.LAYOUTS` holds now, whose tables and picks eager
+    :data:`~patternc.plan.LAYOUTS` holds now, whose tables and picks eager
     calls stored (a graph traced against a record since replaced fails its
     guard and is traced again). Not bounded: an entry is made per trace
     that builds a record, which costs far more than the entry."""
@@ -99,18 +100,26 @@ def _as_constant(build: _F) -> _F:
     return cast(_F, torch.compiler.assume_constant_result(build))  # type: ignore[no-untyped-call,unused-ignore]
 
 
+def _static_sizes_key(sizes: Sizes) -> SizesKey:
+    """:func:`~patternc.plan.sizes_key` with every size a Python ``int``.
+    Dynamo treats an int argument that changed between calls as dynamic (a
+    ``SymInt``), and a constant function takes constants only.
+    ``operator.index`` specialises each size (``int()`` keeps it symbolic),
+    so a new sizes dict is one recompile guarded on its values, as a layout
+    (split sizes, offsets) is specific to them."""
+    return tuple((name, None if size is None else operator.index(size)) for name, size in sizes_key(sizes))
+
+
 def _token_specs(key: SizesKey) -> list[TokenSpec]:
     return [TokenSpec(name=name, size=size) for name, size in key]
 
 
 def _kept_layout(plan: Plan, sizes: Sizes) -> Layout:
-    """``plan.layout(sizes)``, kept in :data:`~patternc.cache.LAYOUTS`: torch
+    """``plan.layout(sizes)``, kept in :data:`~patternc.plan.LAYOUTS`: torch
     2.13 reports a compile inside a constant function, so ``Plan.layout``
     stores nothing there; kept, eager calls find this record and the tables
     made for it."""
-    layout = plan.layout(sizes)
-    LAYOUTS.put(layout_key(plan, sizes), layout)
-    return layout
+    return LAYOUTS.put(layout_key(plan, sizes), plan.layout(sizes))
 
 
 def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str | None:
@@ -132,7 +141,7 @@ def layout_of(plan: Plan, sizes: Sizes) -> Layout:
     """``plan.layout(sizes)``, also as the first call of a ``torch.compile``
     trace (see the module docstring)."""
     if _compiling():
-        name = _built_for_trace(id(plan), sizes_key(sizes), isinstance(sizes, Mapping))
+        name = _built_for_trace(id(plan), _static_sizes_key(sizes), isinstance(sizes, Mapping))
         if name is not None:
             layout: Layout = getattr(TRACED_RECORDS, name)
             return layout
@@ -142,8 +151,6 @@ def layout_of(plan: Plan, sizes: Sizes) -> Layout:
 def _build_for_patterns(specs: SizesKey, rules: RulesKey) -> str:
     """Plain Python inside a trace: the slot of a hand-written list's layout
     at these sizes (the list checked and its plan built as eagerly)."""
-    from patternc.nn.schedule import plan_for_patterns
-
     token_specs = _token_specs(specs)
     patterns = [AttentionPattern(query_tokens=q, key_value_tokens=kv) for q, kv in rules]
     layout = _kept_layout(plan_for_patterns(token_specs, patterns), token_specs)
@@ -163,7 +170,7 @@ def layout_of_patterns(specs: Sequence[TokenSpec], patterns: Sequence[AttentionP
     if not _compiling():
         return None
     rules = tuple((tuple(p.query_tokens), tuple(p.key_value_tokens)) for p in patterns)
-    name = _built_for_patterns(sizes_key(specs), rules)
+    name = _built_for_patterns(_static_sizes_key(specs), rules)
     layout: Layout = getattr(TRACED_RECORDS, name)
     return layout
 

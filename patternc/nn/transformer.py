@@ -31,10 +31,10 @@ from torch import Tensor, nn
 
 from patternc.compiler import compile as compile_program
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import apply_dropout, merge_heads
-from patternc.nn.context import ACTIVE, execute
+from patternc.nn.context import active, execute
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, group_positions, zero_padding
 from patternc.nn.executors.flex import run_flex
@@ -216,7 +216,7 @@ class TransformerLayer(nn.Module):
         k_all, v_all = zero_padding(
             k_all, v_all, step.key_padding_mask if key_side is None else key_side.key_padding_mask
         )
-        recorder = ACTIVE.cache
+        recorder = active().cache
         cache: dict[str, tuple[Tensor, Tensor]] = {}
         if recorder is not None:
             if recorder.recording:
@@ -329,7 +329,8 @@ class Transformer(nn.Module):
     def _positions(self, sizes: Mapping[str, int | None], device: torch.device) -> Tensor:
         """Each token's position within its group (global ones when sharded;
         counted from the chunk's first token when a chunk of queries runs)."""
-        sharding, recorder = ACTIVE.sharding, ACTIVE.cache
+        context = active()
+        sharding, recorder = context.sharding, context.cache
         present = {g: n for g, n in sizes.items() if n is not None}
         if sharding is not None:
             positions = sharding.local_positions(device)
@@ -363,8 +364,9 @@ class Transformer(nn.Module):
                 "(they read positions and masks of the cached context); run it in one shot"
             )
         keys = {}
-        recorder = ACTIVE.cache  # a recording pass indexes K/V by input position; chunks of queries do not
-        if ACTIVE.sharding is None and (recorder is None or not recorder.recording):
+        context = active()
+        recorder = context.cache  # a recording pass indexes K/V by input position; chunks of queries do not
+        if context.sharding is None and (recorder is None or not recorder.recording):
             for name, layout in layouts.items():
                 space = layout.key_space
                 if not space.identity:
@@ -531,7 +533,7 @@ def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
     :func:`patternc.nn.chunked`, where the context groups are cached."""
     pairs = sizes.items() if isinstance(sizes, Mapping) else ((s.name, s.size) for s in sizes)
     out: dict[str, int | None] = {}
-    recorder = ACTIVE.cache
+    recorder = active().cache
     for name, size in pairs:
         if size is None and (recorder is None or recorder.recording):
             raise ValueError(

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patternc.cache import BoundedCache
 from patternc.configs import (
     LinearProjectionConfig,
     UntiedLinearConfig,
     UntiedMixedAttentionConfig,
     UntiedMLPConfig,
 )
-from patternc.layout import KeySpace, Layout
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import KeySpace, Layout
 from patternc.nn.attention import MixedAttention, init_linear
 from patternc.nn.executors.common import compact_keys
 from patternc.nn.layers import activation_fn

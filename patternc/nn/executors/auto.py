@@ -23,16 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.cache import LAYOUTS, BoundedCache
-from patternc.layout import Layout
+from patternc.lower.cache import BoundedCache
+from patternc.lower.layout import Layout
 from patternc.nn.executors.batched import run_batched
-from patternc.nn.executors.common import AttentionInputs, Executor, _is_compiling
+from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
+from patternc.plan import LAYOUTS
+from patternc.tracing import compiling
 
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
@@ -46,23 +48,24 @@ class _Rates:
     backward: float  # forward+backward time over forward time, launches aside
 
 
-# bf16, head_dim 64: forward rates from an H100, backward ratios from an H200
-# at 2x(8k+24k) AB-UPT tokens and 64 documents (benchmarks/bench_gpu.py).
+# bf16, head_dim 64: forward rates and backward ratios fitted to
+# ``benchmarks/bench_gpu.py`` at 2x(8k+24k) AB-UPT tokens and 64 documents
+# (figures in docs/performance.md).
 _HALF = {
     "batched": _Rates(25e-6, 380e12, 3.5),
     "varlen": _Rates(40e-6, 290e12, 4.0),
     "flex": _Rates(60e-6, 250e12, 3.6),
     "dense": _Rates(25e-6, 420e12, 3.5),
 }
-# varlen on FlashAttention 4 (see varlen_kernel), H200, 64 documents: 1.29x
-# FlashAttention 2's forward rate, forward+backward 2.95x its forward. Its
-# launcher is Python (CuTe DSL): a single call pays 100-400 us of host time
-# per launch beyond its kernel (H100, 10k AB-UPT and documents, 13th
-# session); 150 us keeps every pick on the measured winner of those rows,
-# where 60 us (fitted at 64 documents, where the host hides behind the
-# kernel) picked varlen for joint 10k training at 1.29x batched's time.
+# varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
+# FlashAttention 2's forward rate, forward+backward about 3x its forward. Its
+# launcher is Python (CuTe DSL), so a single call pays host time per launch
+# beyond its kernel; the launch cost is fitted where that host time shows
+# (10k-token AB-UPT and document layouts), not at 64 documents, where the
+# host hides behind the kernel: a smaller value makes auto pick varlen for
+# small training layouts that batched runs faster.
 _HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
-# float32, head_dim 64, H200 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
+# float32, head_dim 64 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
 # efficient kernel; flex with three-TF32 products (faster forward, backward
 # ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
 # products, on CUDA cores.
@@ -237,7 +240,7 @@ def choose(inputs: AttentionInputs) -> str:
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    if _is_compiling():
+    if compiling():
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
     key = _key(inputs)
     found = _lookup_pick(key)  # the hot path: one flat key, one dict lookup
@@ -261,7 +264,7 @@ def _choice(layout: Layout, conditions: Conditions) -> str:
 
 def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
     """The pick for the layout with this ``id``: one seen by an eager call or
-    one of :data:`patternc.cache.LAYOUTS`; ``batched`` (the default) for a
+    one of :data:`patternc.plan.LAYOUTS`; ``batched`` (the default) for a
     layout built inside the trace and never run eagerly."""
     found = PICKS.lookup((layout_id, *conditions))
     if found is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import KeySpace, PeriodicLaunch, Segment
+from patternc.lower.layout import KeySpace, PeriodicLaunch, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -73,8 +73,8 @@ def _periods(t: Tensor, count: int, period: int, start: int, length: int) -> Ten
     backward is one pass into the input's gradient).
 
     Without a gradient to carry, the view is one ``as_strided`` instead of a
-    reshape, a narrow and a transpose: a third of the host time (5 against
-    21 us for a launch's three tensors on the development CPU). With one,
+    reshape, a narrow and a transpose: one dispatch where the chain makes
+    three, a third of the host time per launch. With one,
     the chain stays: ``as_strided``'s backward writes a zeroed copy of the
     whole input, where the chain's is free but for the narrow."""
     batch, tokens, heads, dim = t.shape
@@ -108,8 +108,8 @@ def _run_periodic(inputs: AttentionInputs, launch: PeriodicLaunch, keys: tuple[i
 def _back_to_tokens(out: Tensor, batch: int, tokens: int) -> Tensor:
     """A tiling launch's ``[B * count, H, L, D]`` output -> ``[B, N, H, D]``.
     SDPA's CUDA kernels (and CPU's flash kernel) leave it token-major in
-    memory: without a gradient that is one ``as_strided`` (1.7 against 2.3
-    us for a transpose and a reshape on the development CPU). Otherwise, or
+    memory: without a gradient that is one ``as_strided`` (one dispatch
+    instead of a transpose and a reshape). Otherwise, or
     laid out head-major (CPU's math kernel), the transpose and reshape, the
     shape as ints: a ``torch.Size`` argument parses at twice the cost."""
     _, heads, length, dim = out.shape
@@ -131,8 +131,8 @@ def _key_index(ranges: tuple[tuple[int, int], ...], device: torch.device) -> Ten
 def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]) -> Tensor:
     """The layout's one call, reading every query: its keys are a view when
     they are one token range, else one ``index_select`` per tensor (half the
-    host time of a split and a concatenation: 13 against 26 us for K and V
-    on the development CPU; its backward is one ``index_add`` into a zeroed
+    host time of a split and a concatenation, which dispatch once per range;
+    its backward is one ``index_add`` into a zeroed
     gradient, as the split's is one concatenation with zeros), then one SDPA
     on head-major views."""
     q, k, v = inputs.q, inputs.k, inputs.v

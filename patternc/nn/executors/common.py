@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Call, KeySpace, Layout, Segment
+from patternc.lower.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling
 
 __all__ = [
     "AttentionInputs",
@@ -65,7 +66,7 @@ class AttentionInputs:
     query's and key's positions within their groups (an additive bias)."""
     keys_compact: bool = False
     """``k``/``v`` hold only the layout's key space, ``[B, Nk, H, D]`` (see
-    :class:`~patternc.layout.KeySpace`): what a layer hands over when it
+    :class:`~patternc.lower.layout.KeySpace`): what a layer hands over when it
     projects K and V for key tokens only. ``key_padding_mask`` stays ``[B, N]``."""
 
     def in_token_space(self) -> AttentionInputs:
@@ -97,7 +98,6 @@ class AttentionInputs:
 
 _T = TypeVar("_T")
 
-_is_compiling = torch.compiler.is_compiling  # bound once: questions are asked per call
 
 Executor = Callable[[AttentionInputs], Tensor]
 """An executor maps :class:`AttentionInputs` to the ``[B, N, H, D]`` output."""
@@ -125,7 +125,7 @@ def once(answer: Callable[[], _T]) -> Callable[[], _T]:
     ask_as_constant: Callable[[], _T] = torch.compiler.assume_constant_result(ask)  # type: ignore[no-untyped-call,unused-ignore]
 
     def remembered() -> _T:
-        return ask_as_constant() if _is_compiling() else ask()
+        return ask_as_constant() if compiling() else ask()
 
     return functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
@@ -28,9 +28,17 @@ def _mask_tables(
     Built once per (layout, cache lengths, device), so a call copies nothing
     from the host (CUDA-graph capturable after one warm-up call)."""
     lengths = dict(cache_lengths)
-    allowed = torch.tensor(layout.allowed, dtype=torch.bool, device=device)
-    causal = torch.tensor([[m.causal for m in row] for row in layout.pair_modifiers], device=device)
-    window = torch.tensor([[m.window or 0 for m in row] for row in layout.pair_modifiers], device=device)
+    n_groups = len(layout.all_groups)
+    q_ids, k_ids, pair_causal, pair_window = (
+        torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns()
+    )
+    allowed = torch.zeros(n_groups, n_groups, dtype=torch.bool)
+    causal = torch.zeros(n_groups, n_groups, dtype=torch.bool)
+    window = torch.zeros(n_groups, n_groups, dtype=torch.int64)
+    allowed[q_ids, k_ids] = True
+    causal[q_ids, k_ids] = pair_causal.bool()
+    window[q_ids, k_ids] = pair_window
+    allowed, causal, window = allowed.to(device), causal.to(device), window.to(device)
     sizes = torch.tensor(layout.input_sizes, dtype=torch.int64, device=device)
     ids = torch.tensor(layout.group_ids, dtype=torch.int64, device=device)
     query_ids = torch.repeat_interleave(ids, sizes)

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.cache import _compiling
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
 from patternc.nn.executors import flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -70,15 +70,15 @@ def _compiled(attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``attend`` (:func:`_attend` or :func:`_attend_unguarded`) compiled once
     per process: the non-finite guard, the kernel and the poisoning are one
     graph, so a call pays one set of guards and a few fused kernels rather
-    than a dozen eager dispatches around a compiled kernel (0.96 -> 0.44 ms
-    per call on an H200 at 10k tokens).
+    than a dozen eager dispatches around a compiled kernel (about half the
+    time per call at 10k tokens).
 
     Shapes stay static (``dynamic=False``): the inputs arrive padded to
     bucketed lengths, so a few kernels serve many sizes, and FlexAttention's
-    dynamic-shape kernels are slow. On an H200, once one shape change had
-    made Dynamo recompile dynamically, bf16 ran 2.3x slower and float32
-    13x slower (29 ms against 2.2 for 10k tokens: dense-like time) in the
-    same process. On CPU, torch's C++ code generation of dynamic-shape
+    dynamic-shape kernels are slow: once one shape change makes Dynamo
+    recompile dynamically, every later call in the process runs the
+    dynamic kernel, a few times slower in bf16 and close to dense time in
+    float32. On CPU, torch's C++ code generation of dynamic-shape
     FlexAttention fails outright."""
     _raise_recompile_limit(64)
     return torch.compile(attend, dynamic=False, fullgraph=True)
@@ -111,9 +111,9 @@ def _recompile_limit() -> tuple[str, int]:
 def _raise_recompile_limit(at_least: int) -> None:
     """Dynamo compiles ``flex_attention`` once per (dtype, grad mode, bucketed
     shape, device...) and after 8 variants of one function (its default
-    limit) silently runs it *eagerly*, which materialises every score: on an
-    H100 a 20k-token layout took 174 ms instead of 2 and a 78k one ran out of
-    memory. A model with a few dtypes and layouts passes 8 quickly, so raise
+    limit) silently runs it *eagerly*, which materialises every score: a
+    20k-token layout then takes dense time and memory, and a large one runs
+    out of memory. A model with a few dtypes and layouts passes 8 quickly, so raise
     the limit (never lower it). ``recompile_limit`` is torch >= 2.7's name,
     ``cache_size_limit`` the older one."""
     import torch._dynamo.config as dynamo_config
@@ -399,9 +399,8 @@ def _poison(out: Tensor, bad: Tensor, q_group: Tensor, kv_group: Tensor, allowed
 
     Bad tokens are counted per group by a matmul with the keys' one-hot
     group matrix, not scattered: a scatter would send every key's flag to
-    one of a few group slots, each an atomic update on the GPU. (With the
-    scatter, the whole guard cost 0.44 ms of a 5.1 ms forward at 65k tokens
-    on an H200; the matmul's share is not measured yet.)"""
+    one of a few group slots, each an atomic update on the GPU, which made
+    the guard a visible share of a long forward."""
     n_keys = bad.shape[1]
     n_groups = allowed.shape[0]
     key_groups = kv_group[:n_keys, None] == torch.arange(n_groups, device=out.device)  # [Nk, G]

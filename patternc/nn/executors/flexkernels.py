@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
 from patternc.nn.executors import flash4
 from patternc.nn.executors.common import AttentionInputs, device_capability, once
+from patternc.tracing import compiling as _compiling
 
 __all__ = [
     "FLASH_OPTIONS",
@@ -34,15 +34,13 @@ _HALF_KERNEL_OPTIONS: KernelOptions = {
     "fwd_num_warps": 4,
     "fwd_num_stages": 3,
 }
-"""Forward tile for half precision on CUDA, from ``benchmarks/bench_gpu.py``'s
-sweep on an H100 (head_dim 64): 200 -> 325 TFLOP/s on AB-UPT self-anchor
-2x(8k+24k), 160 -> 243 on joint 2x(1k+4k), against torch's default tiles;
-on an H200 it is still the best of seven (368 and 390 TFLOP/s at 2x(8k+24k),
-torch's default 255 and 269). The ``fwd_`` prefix keeps these options out
-of the backward kernels: unprefixed, the warps and stages reached them too
-and made forward+backward 2.5-4x slower. torch 2.6 knows no prefix: it
-defines the prefixed names in the kernel unused, so its own tiles stand
-there (read off its template code; not run on a GPU)."""
+"""Forward tile for half precision on CUDA, the best of seven candidate tiles
+at head_dim 64 on Hopper GPUs (AB-UPT self-anchor and joint layouts): about
+1.4-1.6x the forward rate of torch's default tiles. The ``fwd_`` prefix
+keeps these options out of the backward kernels: unprefixed, the warps and
+stages reach them too and make forward+backward several times slower.
+torch 2.6 knows no prefix: it defines the prefixed names in the kernel
+unused, so its own tiles stand there (read off its template code)."""
 
 
 def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) -> KernelOptions:
@@ -52,14 +50,12 @@ def backward_tiles(m1: int, n1: int, m2: int, n2: int, warps: int, stages: int) 
 
 
 _HOPPER_BACKWARD_OPTIONS = backward_tiles(64, 64, 64, 64, 4, 3)
-"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90),
-from ``bench_gpu.py``'s sweep on an H200 (kernel alone, rows interleaved),
-forward+backward against torch's default backward tiles (with the forward
-tile above): 1.09 -> 0.91 ms on AB-UPT self-anchor 2x(1k+4k), 1.53 -> 1.45
-ms on joint, 310 -> 346 and 318 -> 355 TFLOP/s at 2x(8k+24k).
-32/128/128/32 ties these at 65k tokens and is 11-18% slower at 10k. Tiles
-matter both ways: 64/128/128/64 with 4 warps ran at a third of the speed,
-so these stay on the GPU and head sizes they were measured on."""
+"""Backward tiles for half precision, head_dim <= 64, on Hopper (sm_90):
+forward+backward 5-20% faster than torch's default backward tiles on AB-UPT
+self-anchor and joint layouts (with the forward tile above); 32/128/128/32
+ties them on long layouts and is slower on short ones. Tiles matter both
+ways (64/128/128/64 with 4 warps runs at a third of the speed), so these
+stay on the architecture and head sizes they were chosen for."""
 
 _HOPPER_HALF_OPTIONS = _HALF_KERNEL_OPTIONS | _HOPPER_BACKWARD_OPTIONS
 
@@ -70,9 +66,9 @@ _HOPPER_FLOAT32_TILES: dict[str, KernelOptions] = {
     "'tf32'": backward_tiles(32, 32, 32, 32, 4, 2),
 }
 """Backward tiles for float32 at head_dim 64 on Hopper, per product
-precision, from ``bench_gpu.py --sweep-fp32`` on an H200 (self-anchor
-2x(1k+4k), forward+backward; torch's float32 default is 16/16/16/16, 4 warps,
-1 stage): IEEE products 22.4 -> 13.9 ms; three-TF32 products 7.1 -> 4.1 ms.
+precision (torch's float32 default is 16/16/16/16, 4 warps, 1 stage):
+forward+backward about 1.6x faster with IEEE products and 1.7x with
+three-TF32 products on an AB-UPT self-anchor layout.
 Gradients are bitwise equal to the default tiles'. Plain TF32 takes the
 three-TF32 tiles (not swept on its own). Other head sizes keep torch's tiles."""
 
@@ -82,10 +78,10 @@ def _read_float32_products() -> str:
     except that an untouched setting gets three-TF32 products.
 
     Left to itself, torch's FlexAttention computes float32 products in IEEE
-    arithmetic on CUDA cores: forward+backward 5x slower than SDPA's
-    efficient kernel on an H200. ``'tf32x3'`` splits each factor into two
-    TF32 halves and sums three tensor-core products: 2.6x faster forward and
-    3.4x forward+backward, within 1.1e-6 of the IEEE result (plain TF32:
+    arithmetic on CUDA cores: forward+backward several times slower than
+    SDPA's efficient kernel. ``'tf32x3'`` splits each factor into two
+    TF32 halves and sums three tensor-core products: about 2.5x faster
+    forward and 3x forward+backward, within 1.1e-6 of the IEEE result (plain TF32:
     2e-3). So it is the default while torch's float32 matmul
     precision is untouched (``torch.backends.cuda.matmul.fp32_precision`` is
     ``'none'``, torch >= 2.9). An explicit ``'ieee'`` (or
@@ -126,13 +122,11 @@ the ``flash-attn-4`` package)."""
 
 _FLASH_MIN_FLOPS = {False: 0.4e12, True: 0.13e12}
 """Useful forward FLOPs of a call above which the FLASH backend beats the
-Triton kernel, for inference (False) and training (True). Measured on an
-H200, bf16, 12 heads of 64 (``bench_kernels.py --parts fa4``), single
-calls: FLASH has a fixed cost of 0.49 ms forward (1.17 ms forward and
-backward) against Triton's 0.26 (0.72), and runs 1.3x (1.55x forward and
-backward) as fast past it: 3.63 against 4.34 ms forward, 11.6 against 16.8
-forward and backward at 65k AB-UPT tokens, 0.55 against 0.34 and 1.38
-against 1.03 at 10k. The two lines cross at these FLOPs."""
+Triton kernel, for inference (False) and training (True), bf16 with 12
+heads of 64, single calls: FLASH has about twice Triton's fixed cost per
+call and runs 1.3x (forward) to 1.5x (forward and backward) as fast past
+it, so it wins on long AB-UPT layouts and loses on short ones. The two
+lines cross at these FLOPs."""
 
 
 @once

@@ -1,8 +1,8 @@
 """One-launch variable-length attention: every call of a plan is a segment.
 
 FlashAttention's varlen kernel (``torch.nn.attention.varlen.varlen_attn``,
-torch >= 2.10 on CUDA; called as the ATen op it wraps, which costs ~100 us
-less host time per call on an H200 than the public wrapper; or, where the
+torch >= 2.10 on CUDA; called as the ATen op it wraps, which skips the
+public wrapper's Python checks and dispatch on every call; or, where the
 ``flash-attn-4`` package is installed, on Hopper and Blackwell, FlashAttention
 4's, see :func:`varlen_kernel`) takes packed ``[T, H, D]`` queries and keys with
 separate cumulative lengths ``cu_seq_q`` / ``cu_seq_k``, so each (batch
@@ -31,14 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patternc.cache import _compiling
-from patternc.export.pairs import NotExpressible
-from patternc.export.varlen import varlen_launches
-from patternc.layout import Layout
+from patternc.lower.layout import Layout
+from patternc.lower.pairs import NotExpressible
+from patternc.lower.varlen import varlen_launches
 from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, once
 from patternc.nn.tables import TABLES
+from patternc.tracing import compiling as _compiling
 
 __all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
 
@@ -66,9 +66,9 @@ def varlen_kernel(device: torch.device, head_dim: int) -> str:
     :func:`patternc.nn.executors.flash4.usable` says so (the package
     imports, a Hopper or Blackwell GPU, its head sizes), eager or inside a
     user's ``torch.compile``; else ``"flash2"`` (torch's own). It captures into
-    CUDA graphs (warmed up first, as any capture). On an H200, 64
-    documents: 313 against 243 TFLOP/s forward, 371 against 218 forward and
-    backward (``benchmarks/bench_kernels.py --parts fa4``)."""
+    CUDA graphs (warmed up first, as any capture). FlashAttention 4 runs
+    64 documents about 1.3x as fast forward and 1.7x forward and backward
+    as torch's FlashAttention 2 (see docs/performance.md)."""
     return "flash4" if flash4.usable(device, head_dim) else "flash2"
 
 

@@ -1,0 +1,141 @@
+"""A bounded, thread-safe cache: the one kind of memo the runtime keeps.
+
+A model calls the runtime with the same plan and sizes on every forward
+pass, so what is built from them is built once and looked up afterwards.
+Each cache is an explicit object with a documented key, bounded by a number
+of entries and, where entries differ much in size (layouts of many
+documents), by a total weight. Eviction drops the oldest entry first.
+
+Threads: lookups, insertions and evictions hold one lock per cache, so
+threads sharing a model never see an entry vanish between a check and a
+read. Builds run outside the lock (two threads may build the same entry at
+once; the first stored wins and both get an equal value).
+
+Inside a ``torch.compile`` trace a cache is read but never written: Dynamo
+must not trace a cache's mutation, and a record built in a trace is rebuilt
+as a constant of the graph anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+from patternc.tracing import compiling
+
+__all__ = ["BoundedCache"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """A dict of at most ``size`` entries (and at most ``max_weight`` total
+    weight when ``weigh`` is given); :meth:`get_or_build` builds on a miss."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        *,
+        weigh: Callable[[V], int] | None = None,
+        max_weight: int = 0,
+        lookup_while_tracing: bool = True,
+    ) -> None:
+        """Args:
+        name: shown in reprs and errors.
+        size: the most entries kept.
+        weigh: an entry's weight (e.g. its approximate bytes); with
+            ``max_weight`` it bounds the total, the oldest entries leaving
+            first (a single entry over the bound is still kept, alone).
+        max_weight: the total weight bound (ignored without ``weigh``).
+        lookup_while_tracing: False: under ``torch.compile`` always build
+            (the keys hold objects Dynamo cannot hash, such as layouts).
+        """
+        self.name, self.size = name, size
+        self.lookup_while_tracing = lookup_while_tracing
+        self._weigh = weigh
+        self.max_weight = max_weight
+        self._weights: dict[K, int] = {}
+        self._total = 0
+        self._entries: dict[K, V] = {}
+        self._lock = threading.Lock()
+
+    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        """The entry under ``key``; on a miss ``build()`` is stored and returned."""
+        if compiling():  # traced by torch.compile: build what is missing, store nothing
+            found = self._entries.get(key) if self.lookup_while_tracing else None
+            return build() if found is None else found
+        found = self._entries.get(key)  # one dict read is atomic: no lock on a hit
+        if found is None:
+            found = self.put(key, build())
+        return found
+
+    def put(self, key: K, value: V) -> V:
+        """Store ``value`` under ``key`` unless another thread stored one
+        first (that one is returned), the oldest entries making room."""
+        weight = self._weigh(value) if self._weigh is not None else 0
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                return found
+            self._entries[key] = value
+            if self._weigh is not None:
+                self._weights[key] = weight
+                self._total += weight
+            self._evict()
+            return value
+
+    def replace(self, key: K, value: V) -> None:
+        """Store ``value`` under ``key``, replacing any entry there."""
+        with self._lock:
+            self._drop(key)
+        self.put(key, value)
+
+    def _evict(self) -> None:
+        """Drop oldest entries while over a bound (the lock is held)."""
+        entries = self._entries
+        while len(entries) > 1 and (
+            len(entries) > self.size or (self._weigh is not None and self._total > self.max_weight)
+        ):
+            self._drop(next(iter(entries)))
+
+    def _drop(self, key: K) -> None:
+        if self._entries.pop(key, None) is not None:
+            self._total -= self._weights.pop(key, 0)
+
+    def lookup(self, key: K) -> V | None:
+        """The entry or None, with no trace check (Dynamo inlines it)."""
+        return self._entries.get(key)
+
+    def untraced_lookup(self) -> Callable[[K], V | None]:
+        """The dict's own ``get``, for a hot path Dynamo never traces: a
+        lookup with no Python frame of its own. Dynamo cannot trace a bound
+        builtin ``dict.get``; traced callers use :meth:`lookup`."""
+        return self._entries.get
+
+    @property
+    def weight(self) -> int:
+        """The total weight of the entries (0 without ``weigh``)."""
+        return self._total
+
+    def values(self) -> list[V]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def items(self) -> list[tuple[K, V]]:
+        with self._lock:
+            return list(self._entries.items())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._weights.clear()
+            self._total = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"BoundedCache({self.name!r}, {len(self)}/{self.size} entries)"

@@ -1,0 +1,665 @@
+"""Layouts: a plan at concrete group sizes, in tensor-index terms.
+
+:func:`build_layout` is the last stage of the compiler. It places every
+group in the input (offsets), turns each :class:`~patternc.ir.AttentionCall`
+into one :class:`Call` (its query and key segments, per-segment modifiers,
+shapes, exact allowed-pair count), stacks calls of equal shape into launches,
+and records how call outputs go back into input order. Every executor reads
+these records as they are; nothing downstream re-derives them from the plan.
+Layouts are built once per (plan, sizes) and held by the
+:class:`~patternc.lower.lowered.Lowered` record of that pair.
+
+Everything here is linear in the number of groups and calls: a layout of
+10,000 packed documents holds one record per document, never a table of
+every pair of groups.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, Union
+
+from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
+from patternc.ir import AttentionCall
+from patternc.modifiers import NO_MODIFIERS, Modifiers, allowed_pairs
+from patternc.schemas import TokenSpec
+
+__all__ = [
+    "Access",
+    "BoundPlan",
+    "Call",
+    "GroupSlot",
+    "KeySpace",
+    "Layout",
+    "PeriodicLaunch",
+    "Segment",
+    "Sizes",
+    "build_layout",
+    "normalize_sizes",
+]
+
+Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
+"""Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
+A size of ``None`` marks a group whose keys/values come from a KV cache."""
+
+
+
+class BoundPlan(Protocol):
+    """What a layout is built from: a plan whose families are bound to
+    run-time groups (:class:`patternc.Plan` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+
+    @property
+    def calls(self) -> tuple[AttentionCall, ...]: ...
+
+
+Access = Literal["view", "gather", "empty"]
+"""How a call reads its tokens: one contiguous slice (``view``, no copy),
+several slices copied together (``gather``), or no tokens at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSlot:
+    """Where a group sits: ``offset`` into the input (or into the cache when
+    ``size`` is None, in which case ``offset`` is -1)."""
+
+    name: str
+    offset: int
+    size: int | None
+
+    @property
+    def cached(self) -> bool:
+        return self.size is None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Tokens ``[start, stop)`` of the input (``cached`` None) or of a cached
+    group, and the modifiers of the call's queries with these keys (query
+    segments carry none)."""
+
+    start: int
+    stop: int
+    cached: str | None = None
+    modifiers: Modifiers = NO_MODIFIERS
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attention call at concrete sizes: the record every executor reads.
+
+    Counts cover input tokens; cached groups add their cache length at run time.
+    """
+
+    index: int
+    attention: AttentionCall
+    """What the call computes, at group level (from the plan)."""
+    query_tokens: tuple[str, ...]
+    """Input query groups (cached groups never query)."""
+    queries: tuple[Segment, ...]
+    keys: tuple[Segment, ...]
+    """Key segments: contiguous input runs of equal modifiers, then cached groups."""
+    n_queries: int
+    n_keys: int
+    query_access: Access
+    key_access: Access
+    allowed_entries: int
+    """Exactly how many (query, key) input pairs the call allows (modifiers counted)."""
+    single_groups: bool
+    """One query group and one key group: positions within groups are plain
+    ``arange``s, so ``[causal]`` is SDPA's ``is_causal``."""
+
+    @property
+    def key_value_tokens(self) -> tuple[str, ...]:
+        return self.attention.key_names
+
+    @property
+    def modifiers(self) -> Modifiers | None:
+        """The modifiers all key groups share, or None when they differ."""
+        return self.attention.uniform_modifiers
+
+    @property
+    def has_modifiers(self) -> bool:
+        return self.attention.has_modifiers
+
+    @property
+    def is_causal(self) -> bool:
+        """Plain ``[causal]`` between one query group and one key group."""
+        return self.single_groups and self.modifiers == Modifiers(causal=True)
+
+    @property
+    def score_entries(self) -> int:
+        return self.n_queries * self.n_keys
+
+
+PieceRanges = Mapping[tuple[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicLaunch:
+    """A stacked launch whose ``count`` calls repeat with a period: call ``i``
+    reads queries ``[q_start, q_start + q_length)`` and keys
+    ``[k_start, k_start + k_length)`` of period ``i`` (``period`` tokens from
+    ``i * period``), and the periods tile the input (two equal branches, say).
+
+    Such a launch reads Q, K and V as views (``[B * count, period, ...]``,
+    narrowed) with no copy and no per-call work: the hot path of multi-branch
+    models, where host time per call is what the launch costs at 10k tokens."""
+
+    count: int
+    period: int
+    q_start: int
+    q_length: int
+    k_start: int
+    k_length: int
+    is_causal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The input tokens some call reads as keys, laid end to end in input
+    order: the key/value groups' tokens. A layer may project K and V for
+    these tokens only (``[B, size, H, D]``) and hand them over so
+    (``AttentionInputs.keys_compact``): AB-UPT's queries are never keys,
+    so half the K/V projection and joint anchors' K/V gather go away.
+
+    Every input key segment lies inside the key space, so it maps to one
+    range there; the records below are the layout's key-side records
+    translated once, so an executor reads them without host work."""
+
+    ranges: tuple[tuple[int, int], ...]
+    """Input token ranges ``(start, stop)`` that are keys, adjacent ones merged."""
+    n_tokens: int
+    """Input tokens (the token space's length)."""
+    split_sizes: tuple[int, ...]
+    """Sizes cutting the token space into alternating runs of non-keys and
+    keys (first and last may be keys), covering every token."""
+    kept: tuple[int, ...]
+    """Indices of ``split_sizes`` that are keys."""
+    piece_sizes: tuple[int, ...]
+    """The layout's ``key_pieces`` sizes in key space: a piece of non-keys
+    has size 0, so piece indices and ranges are those of the token space."""
+    periodic: tuple[tuple[int, int] | None, ...]
+    """Per launch with a :class:`PeriodicLaunch`: ``(key period, key start
+    in the period)`` when its keys repeat with a period in key space too,
+    else None (the launch then stacks its keys like any other)."""
+    whole_call_keys: tuple[tuple[int, int], ...] | None
+    """The layout's ``whole_call_keys`` in key space."""
+    range_offsets: tuple[int, ...] = ()
+    """Where each of ``ranges`` starts in key space (so :meth:`position` is a
+    binary search, not a scan: layouts of many documents ask it per call)."""
+    size: int = 0
+    """Tokens in the key space."""
+
+    @property
+    def identity(self) -> bool:
+        """Every input token is a key: key space and token space coincide."""
+        return self.size == self.n_tokens
+
+    def _range_of(self, token: int) -> int:
+        """Index of the last key range starting at or before ``token`` (-1: none)."""
+        return bisect.bisect_right(self.ranges, (token, float("inf"))) - 1
+
+    def holds(self, start: int, stop: int) -> bool:
+        """Whether input tokens ``[start, stop)`` are all keys."""
+        i = self._range_of(start)
+        return i >= 0 and stop <= self.ranges[i][1]
+
+    def position(self, token: int) -> int:
+        """Where input token ``token`` (a key, or the stop of a key range) sits in key space."""
+        i = self._range_of(token)
+        if i >= 0 and token <= self.ranges[i][1]:
+            return self.range_offsets[i] + token - self.ranges[i][0]
+        raise ValueError(f"token {token} is not a key of this layout")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """A plan laid out for concrete sizes: everything an executor needs, as integers.
+
+    Compared and hashed by identity: layouts are built once per (plan, sizes)
+    and the executors' caches key on them on every call."""
+
+    plan_name: str
+    slots: tuple[GroupSlot, ...]
+    calls: tuple[Call, ...]
+    launches: tuple[tuple[int, ...], ...]
+    """Calls of equal shape and modifier kind; each tuple is one stacked launch."""
+    n_tokens: int
+    """Tokens in the input tensor (cached groups excluded)."""
+    output_order: tuple[tuple[int, int], ...]
+    """``(call, piece)`` in input order: piece ``i`` of a call's output split at its query segments."""
+    input_groups: tuple[str, ...]
+    """Groups in ``x``, in input order (empty ones included)."""
+    group_ids: tuple[int, ...]
+    """Index into ``all_groups`` of every input group, in input order."""
+    all_groups: tuple[str, ...]
+    input_sizes: tuple[int, ...]
+    cached_groups: tuple[str, ...]
+    """Cached groups some call reads, in group order."""
+    key_value_groups: tuple[str, ...]
+    """Input groups other patterns can reuse from a KV cache (groups used as keys/values)."""
+    key_value_indices: tuple[int, ...]
+    """Input-order index of each of ``key_value_groups``."""
+    pairs: Mapping[tuple[int, int], Modifiers]
+    """``{(q, k): modifiers}`` for every group pair a call allows: group ``q``
+    attends to group ``k`` (indices into ``all_groups``). Only allowed pairs
+    are held, so the record grows with the rules, not with groups squared."""
+    has_modifiers: bool
+    query_pieces: tuple[tuple[int, ...], PieceRanges]
+    """Split sizes along the tokens at every query-segment boundary, and each
+    segment's ``(first, stop)`` piece range (see the executors' ``TokenSplit``)."""
+    key_pieces: tuple[tuple[int, ...], PieceRanges]
+    """The same for input key segments (which may overlap)."""
+    sizes: tuple[tuple[str, int | None], ...]
+    """``(group, size)`` of every group in the plan's order (None: cached)."""
+    direct_launches: tuple[tuple[int, int, bool] | None, ...]
+    """Per launch: ``(query piece, key piece, is_causal)`` when it is one call
+    reading one piece of queries and one of keys with no modifier but a plain
+    ``[causal]`` (documents, anchors: SDPA on the pieces as they are), else None."""
+    tiled_output: bool
+    """One stacked launch whose calls' queries tile the input in launch order:
+    its ``[B * n, L, ...]`` output already is the input order."""
+    periodic_launches: tuple[PeriodicLaunch | None, ...]
+    """Per launch: its :class:`PeriodicLaunch` when it is one (at least two
+    calls, each one query and one input key segment, no modifier but a plain
+    ``[causal]``), else None."""
+    whole_call_keys: tuple[tuple[int, int], ...] | None
+    """When the layout is one call whose queries are the whole input in order,
+    reading input keys only, with no modifier but a plain ``[causal]`` (joint
+    anchors, dense, one causal sequence): the token ranges ``(start, stop)``
+    its keys are, in order, adjacent ranges merged; else None."""
+    whole_call_is_causal: bool
+    """That call's plain ``[causal]`` (False when there is no such call)."""
+    key_space: KeySpace
+    """The tokens read as keys, and the key-side records in their space."""
+    token_specs: tuple[TokenSpec, ...] = ()
+    """``TokenSpec`` of every group in the plan's order (what ``MixedAttention`` takes)."""
+    group_types: tuple[str, ...] = ()
+    """Token type (weight bank) of every group in the plan's order, when the
+    plan names them (untied layers read them here instead of re-binding)."""
+
+    @property
+    def score_entries(self) -> int:
+        return sum(c.score_entries for c in self.calls)
+
+    @property
+    def allowed_entries(self) -> int:
+        """Allowed (query, key) pairs over all calls: what attention computes."""
+        return sum(c.allowed_entries for c in self.calls)
+
+    @property
+    def dense_entries(self) -> int:
+        """Score entries of dense attention: every input token to every token."""
+        return self.n_tokens * self.n_tokens
+
+    @property
+    def density(self) -> float:
+        return self.allowed_entries / self.dense_entries if self.dense_entries else 0.0
+
+    def flops(self, dim: int) -> int:
+        """Attention FLOPs (``QK^T`` and ``PV``) at model width ``dim`` on allowed pairs."""
+        return 4 * self.allowed_entries * dim
+
+    def slot(self, name: str) -> GroupSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def allows(self, q: int, k: int) -> bool:
+        """Whether group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
+        return (q, k) in self.pairs
+
+    def pair_columns(self) -> tuple[list[int], list[int], list[bool], list[int]]:
+        """The allowed group pairs as four aligned columns: query group, key
+        group, ``[causal]``, window (0: none). What device tables of group
+        pairs are filled from, one scatter each."""
+        queries, keys, causal, window = [], [], [], []
+        for (q, k), mods in self.pairs.items():
+            queries.append(q)
+            keys.append(k)
+            causal.append(mods.causal)
+            window.append(mods.window or 0)
+        return queries, keys, causal, window
+
+
+def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None]:
+    """Sizes as ``{group: size}`` for exactly the declared groups, or a
+    :class:`PatternError` naming unknown and missing groups."""
+    if isinstance(sizes, Mapping):
+        given: dict[str, int | None] = dict(sizes)
+    else:
+        given = {spec.name: spec.size for spec in sizes}
+    diagnostics = []
+    declared = set(groups)
+    for name, size in given.items():
+        if name not in declared:
+            diagnostics.append(
+                Diagnostic(
+                    Code.SIZE_FOR_UNKNOWN_GROUP,
+                    f"size given for unknown group `{name}`",
+                    where="sizes",
+                    hint=suggest(name, groups) or f"groups are: {', '.join(groups)}",
+                )
+            )
+        elif size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            diagnostics.append(
+                Diagnostic(
+                    Code.BAD_SIZE, f"size of `{name}` must be an integer >= 0, got {size!r}", where="sizes"
+                )
+            )
+    missing = [g for g in groups if g not in given]
+    if missing:
+        diagnostics.append(
+            Diagnostic(
+                Code.MISSING_SIZE,
+                "no size given for " + ", ".join(f"`{g}`" for g in missing),
+                where="sizes",
+                hint="give every group a size (None for a group read from the KV cache)",
+            )
+        )
+    if diagnostics:
+        raise PatternError(diagnostics)
+    return {g: given[g] for g in groups}
+
+
+def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
+    present = [slots[n] for n in names if slots[n].cached or slots[n].size]
+    if not present:
+        return "empty"
+    if any(s.cached for s in present):
+        return "view" if len(present) == 1 else "gather"
+    ordered = sorted(present, key=lambda s: s.offset)
+    contiguous = all(a.offset + (a.size or 0) == b.offset for a, b in itertools.pairwise(ordered))
+    return "view" if contiguous else "gather"
+
+
+def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, GroupSlot]) -> tuple[Segment, ...]:
+    """Input runs (adjacent groups of equal modifiers merged), then cached groups."""
+    inputs, cached = [], []
+    for name, mods in groups:
+        slot = slots[name]
+        if slot.cached:
+            cached.append(Segment(0, -1, name, mods))  # length known at run time
+        elif slot.size:
+            inputs.append(Segment(slot.offset, slot.offset + slot.size, None, mods))
+    merged: list[Segment] = []
+    for seg in sorted(inputs, key=lambda s: s.start):
+        last = merged[-1] if merged else None
+        if last is not None and last.stop == seg.start and last.modifiers == seg.modifiers:
+            merged[-1] = Segment(last.start, seg.stop, None, seg.modifiers)
+        else:
+            merged.append(seg)
+    return (*merged, *cached)
+
+
+def _pieces(segments: set[tuple[int, int]], n_tokens: int) -> tuple[tuple[int, ...], PieceRanges]:
+    bounds = {0, n_tokens}
+    for start, stop in segments:
+        bounds.update((start, stop))
+    ordered = sorted(bounds)
+    index = {b: i for i, b in enumerate(ordered)}
+    sizes = tuple(b - a for a, b in itertools.pairwise(ordered))
+    return sizes, {(a, b): (index[a], index[b]) for a, b in segments}
+
+
+def _launch_key(call: Call) -> tuple[object, ...]:
+    """Calls stack when their shapes match (cached key groups add their cache
+    length at run time, so they must be the same groups) and their modifiers
+    need the same treatment: none, SDPA's ``is_causal``, or a per-call mask."""
+    cached = tuple(s.cached for s in call.keys if s.cached is not None)
+    return (call.n_queries, call.n_keys, cached, call.has_modifiers, call.is_causal)
+
+
+def _direct_launches(
+    calls: Sequence[Call],
+    launches: Sequence[tuple[int, ...]],
+    query_ranges: PieceRanges,
+    key_ranges: PieceRanges,
+) -> tuple[tuple[int, int, bool] | None, ...]:
+    out: list[tuple[int, int, bool] | None] = []
+    for launch in launches:
+        call = calls[launch[0]]
+        simple = (
+            len(launch) == 1
+            and len(call.queries) == 1
+            and len(call.keys) == 1
+            and call.keys[0].cached is None
+            and (not call.has_modifiers or call.is_causal)
+        )
+        if not simple:
+            out.append(None)
+            continue
+        q_first, q_stop = query_ranges[(call.queries[0].start, call.queries[0].stop)]
+        k_first, k_stop = key_ranges[(call.keys[0].start, call.keys[0].stop)]
+        one_piece = q_stop - q_first == 1 and k_stop - k_first == 1
+        out.append((q_first, k_first, call.is_causal) if one_piece else None)
+    return tuple(out)
+
+
+def _periodic_launches(
+    calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int
+) -> tuple[PeriodicLaunch | None, ...]:
+    return tuple(_periodic([calls[i] for i in launch], n_tokens) for launch in launches)
+
+
+def _periodic(calls: Sequence[Call], n_tokens: int) -> PeriodicLaunch | None:
+    count = len(calls)
+    if count < 2 or n_tokens % count:
+        return None
+    first = calls[0]
+    if any(len(c.queries) != 1 or len(c.keys) != 1 or c.keys[0].cached is not None for c in calls) or (
+        first.has_modifiers and not first.is_causal
+    ):
+        return None
+    period = n_tokens // count
+    q, k = first.queries[0], first.keys[0]
+    if q.stop > period or k.stop > period:
+        return None
+    for i, call in enumerate(calls):
+        shift = i * period
+        if (call.queries[0].start, call.keys[0].start) != (q.start + shift, k.start + shift):
+            return None
+    return PeriodicLaunch(count, period, q.start, q.length, k.start, k.length, first.is_causal)
+
+
+def _whole_call_keys(calls: Sequence[Call], n_tokens: int) -> tuple[tuple[int, int], ...] | None:
+    present = [c for c in calls if c.n_queries]
+    if len(present) != 1:
+        return None
+    (call,) = present
+    whole = len(call.queries) == 1 and (call.queries[0].start, call.queries[0].stop) == (0, n_tokens)
+    simple = (not call.has_modifiers or call.is_causal) and call.n_keys > 0
+    if not whole or not simple or any(s.cached is not None for s in call.keys):
+        return None
+    ranges: list[tuple[int, int]] = []
+    for segment in call.keys:
+        if not segment.length:
+            continue
+        if ranges and ranges[-1][1] == segment.start:
+            ranges[-1] = (ranges[-1][0], segment.stop)
+        else:
+            ranges.append((segment.start, segment.stop))
+    return tuple(ranges)
+
+
+def _tiled_output(calls: Sequence[Call], launches: Sequence[tuple[int, ...]], n_tokens: int) -> bool:
+    if len(launches) != 1 or len(launches[0]) < 2:
+        return False
+    stacked = [calls[i] for i in launches[0]]
+    length = stacked[0].n_queries
+    return length * len(stacked) == n_tokens and all(
+        len(c.queries) == 1 and c.queries[0].start == i * length and c.queries[0].length == length
+        for i, c in enumerate(stacked)
+    )
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return tuple(out)
+
+
+def _key_space(
+    key_groups: Sequence[GroupSlot],
+    n_tokens: int,
+    key_pieces: tuple[tuple[int, ...], PieceRanges],
+    calls: Sequence[Call],
+    launches: Sequence[tuple[int, ...]],
+    periodic_launches: Sequence[PeriodicLaunch | None],
+    whole_call_keys: tuple[tuple[int, int], ...] | None,
+) -> KeySpace:
+    ranges = _merged([(s.offset, s.offset + (s.size or 0)) for s in key_groups])
+    split_sizes: list[int] = []
+    kept: list[int] = []
+    at = 0
+    for start, stop in ranges:
+        if start > at:
+            split_sizes.append(start - at)
+        kept.append(len(split_sizes))
+        split_sizes.append(stop - start)
+        at = stop
+    if at < n_tokens:
+        split_sizes.append(n_tokens - at)
+    inside = set()
+    bounds = list(itertools.accumulate(key_pieces[0], initial=0))
+    r = 0  # pieces and ranges both ascend: one pass over each
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        while r < len(ranges) and ranges[r][1] < b:
+            r += 1
+        if r < len(ranges) and ranges[r][0] <= a and b <= ranges[r][1]:
+            inside.add(i)
+    piece_sizes = tuple(n if i in inside else 0 for i, n in enumerate(key_pieces[0]))
+    offsets = tuple(itertools.accumulate((b - a for a, b in ranges), initial=0))
+    space = KeySpace(
+        ranges, n_tokens, tuple(split_sizes), tuple(kept), piece_sizes, (), None, offsets[:-1], offsets[-1]
+    )
+
+    def key_period(launch: tuple[int, ...], record: PeriodicLaunch | None) -> tuple[int, int] | None:
+        """The launch's (key period, key start) in key space, if its keys repeat there too."""
+        if record is None or space.size % record.count:
+            return None
+        period = space.size // record.count
+        first = space.position(calls[launch[0]].keys[0].start)
+        if first + record.k_length > period:
+            return None
+        for i, index in enumerate(launch):
+            if space.position(calls[index].keys[0].start) != first + i * period:
+                return None
+        return period, first
+
+    whole = None
+    if whole_call_keys is not None:
+        whole = _merged([(space.position(a), space.position(a) + b - a) for a, b in whole_call_keys])
+    periodic_keys = tuple(key_period(launch, p) for launch, p in zip(launches, periodic_launches))
+    return dataclasses.replace(space, periodic=periodic_keys, whole_call_keys=whole)
+
+
+def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
+    """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
+    (``{group: size}`` for every group of the plan, in the plan's order)."""
+    slots: dict[str, GroupSlot] = {}
+    offset = 0
+    for name in plan.groups:
+        size = sizes[name]
+        slots[name] = GroupSlot(name, -1, None) if size is None else GroupSlot(name, offset, size)
+        offset += size or 0
+    calls = []
+    for i, attention in enumerate(plan.calls):
+        queries = tuple(q for q in attention.queries if not slots[q].cached)
+        key_names = attention.key_names
+        present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
+        allowed = sum(
+            allowed_pairs(slots[q].size or 0, slots[k.name].size or 0, k.modifiers)
+            for q in queries
+            for k in attention.keys
+        )
+        calls.append(
+            Call(
+                index=i,
+                attention=attention,
+                query_tokens=queries,
+                queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
+                keys=_segments([(k.name, k.modifiers) for k in attention.keys], slots),
+                n_queries=sum(slots[q].size or 0 for q in queries),
+                n_keys=sum(slots[k].size or 0 for k in key_names),
+                query_access=_access(queries, slots),
+                key_access=_access(key_names, slots),
+                allowed_entries=allowed,
+                single_groups=sum(1 for g in queries if slots[g].size) == 1 and len(present_keys) == 1,
+            )
+        )
+    by_shape: dict[tuple[object, ...], list[int]] = {}
+    for call in calls:
+        if call.n_queries:
+            by_shape.setdefault(_launch_key(call), []).append(call.index)
+    # where each input group's outputs live: (input start, call, piece of the call's output)
+    pieces = sorted((seg.start, c.index, p) for c in calls for p, seg in enumerate(c.queries))
+    inputs = [s for s in slots.values() if not s.cached]
+    index = {g: i for i, g in enumerate(plan.groups)}
+    pairs: dict[tuple[int, int], Modifiers] = {}
+    for attention in plan.calls:
+        for q in attention.queries:
+            for k in attention.keys:
+                pairs[index[q], index[k.name]] = k.modifiers
+    used_as_keys = {k.name for a in plan.calls for k in a.keys}
+    read_from_cache = {k for c in calls if c.n_queries for k in c.key_value_tokens if slots[k].cached}
+    cached = tuple(g for g in plan.groups if g in read_from_cache)
+    key_value_groups = tuple(s.name for s in inputs if s.name in used_as_keys)
+    input_names = [s.name for s in inputs]
+    input_index = {name: i for i, name in enumerate(input_names)}
+    launches = tuple(tuple(v) for v in by_shape.values())
+    query_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.queries}, offset)
+    key_pieces = _pieces({(s.start, s.stop) for c in calls for s in c.keys if s.cached is None}, offset)
+    periodic_launches = _periodic_launches(calls, launches, offset)
+    whole_call_keys = _whole_call_keys(calls, offset)
+    key_slots = [slots[g] for g in key_value_groups]
+    return Layout(
+        plan_name=plan.name,
+        slots=tuple(slots.values()),
+        calls=tuple(calls),
+        launches=launches,
+        n_tokens=offset,
+        output_order=tuple((call, piece) for _, call, piece in pieces),
+        input_groups=tuple(input_names),
+        group_ids=tuple(index[s.name] for s in inputs),
+        all_groups=plan.groups,
+        input_sizes=tuple(s.size or 0 for s in inputs),
+        cached_groups=cached,
+        key_value_groups=key_value_groups,
+        key_value_indices=tuple(input_index[g] for g in key_value_groups),
+        pairs=pairs,
+        has_modifiers=any(a.has_modifiers for a in plan.calls),
+        query_pieces=query_pieces,
+        key_pieces=key_pieces,
+        sizes=tuple((g, sizes[g]) for g in plan.groups),
+        direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
+        tiled_output=_tiled_output(calls, launches, offset),
+        periodic_launches=periodic_launches,
+        whole_call_keys=whole_call_keys,
+        whole_call_is_causal=whole_call_keys is not None and any(c.n_queries and c.is_causal for c in calls),
+        key_space=_key_space(
+            key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
+        ),
+        # names and sizes were checked above: no second validation per group
+        token_specs=tuple(TokenSpec.model_construct(name=g, size=sizes[g]) for g in plan.groups),
+        group_types=tuple(getattr(plan, "group_types", ())),
+    )

@@ -1,0 +1,216 @@
+"""The lowering floor: layouts linear in their groups, the bounded thread-safe
+cache, and one module called from several threads with many layouts."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import pytest
+import torch
+
+import patternc
+from patternc.lower.cache import BoundedCache
+from patternc.nn import PatternAttention
+from patternc.nn.chunked import chunked
+from patternc.nn.tables import TABLES
+from patternc.plan import LAYOUTS, layout_weight
+
+DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+ANCHORS = patternc.compile("groups anchors queries\n* -> anchors").patterns["default"]
+
+
+def _documents(n: int, seed: int = 0) -> dict[str, int]:
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (n,), generator=rng).tolist()
+    return {f"doc{i}": int(length) for i, length in enumerate(lengths)}
+
+
+# ------------------------------------------------------------- linear layouts
+
+
+def test_a_layout_of_documents_holds_one_pair_per_document() -> None:
+    layout = DOCS.layout(_documents(3000))
+    assert len(layout.pairs) == 3000
+    assert all(q == k for q, k in layout.pairs)
+    assert layout.allows(5, 5) and not layout.allows(5, 6)
+
+
+def _peak_bytes(n: int) -> int:
+    sizes = _documents(n, seed=n)
+    LAYOUTS.clear()
+    tracemalloc.start()
+    DOCS.layout(sizes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    LAYOUTS.clear()
+    return peak
+
+
+def test_layout_memory_grows_linearly_with_documents() -> None:
+    """Four times the documents cost about four times the memory (a table of
+    group pairs would cost sixteen)."""
+    small, large = _peak_bytes(500), _peak_bytes(2000)
+    assert large / small < 6, (small, large)
+
+
+def test_key_space_positions_of_many_documents() -> None:
+    """``position`` and ``holds`` (a binary search) agree with a scan."""
+    plan = patternc.compile("groups q doc*\nq -> doc*\ndoc* -> self").patterns["default"]
+    sizes = {"q": 3, **_documents(50)}
+    space = plan.layout(sizes).key_space
+    before = 0
+    for start, stop in space.ranges:
+        assert space.holds(start, stop)
+        for token in (start, (start + stop) // 2, stop):
+            assert space.position(token) == before + token - start
+        before += stop - start
+    assert space.size == before
+    assert not space.holds(0, 3)  # the queries are no keys
+    with pytest.raises(ValueError, match="token 1 is not a key"):
+        space.position(1)
+
+
+# ------------------------------------------------------------------ the cache
+
+
+def test_bounded_cache_evicts_by_entries_and_by_weight() -> None:
+    cache: BoundedCache[int, str] = BoundedCache("test", 3, weigh=len, max_weight=10)
+    for key, value in enumerate(["aaaa", "bbbb", "cc"]):
+        cache.get_or_build(key, lambda value=value: value)  # type: ignore[misc]
+    assert cache.weight == 10 and len(cache) == 3
+    cache.get_or_build(3, lambda: "d")  # a fourth entry: the oldest leaves
+    assert cache.lookup(0) is None and cache.weight == 7
+    cache.get_or_build(4, lambda: "eeeeeeeeeeee")  # heavier than the bound: kept alone
+    assert [k for k, _ in cache.items()] == [4] and cache.weight == 12
+    assert "1/3 entries" in repr(cache)
+
+
+def test_bounded_cache_first_stored_entry_wins() -> None:
+    cache: BoundedCache[str, list[int]] = BoundedCache("test", 4)
+    first = cache.put("k", [1])
+    assert cache.put("k", [2]) is first
+    cache.replace("k", [3])
+    assert cache.lookup("k") == [3]
+
+
+def test_bounded_cache_under_threads_never_loses_an_entry_mid_read() -> None:
+    cache: BoundedCache[int, int] = BoundedCache("test", 8)
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(4000):
+                key = (i * 7 + offset) % 64
+                assert cache.get_or_build(key, lambda key=key: key * 2) == key * 2  # type: ignore[misc]
+                cache.values(), cache.items()
+        except BaseException as error:  # noqa: BLE001 (the test reports it)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(cache) <= 8
+
+
+# ------------------------------------------------------- threads on one module
+
+
+def _layer() -> PatternAttention:
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
+    return PatternAttention(config, ANCHORS).double().eval()
+
+
+def _inputs(count: int) -> list[tuple[torch.Tensor, dict[str, int]]]:
+    rng = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(count):
+        sizes = {"anchors": 3 + i % 5, "queries": 4 + (i * 3) % 11}
+        out.append((torch.randn(1, sum(sizes.values()), 16, generator=rng, dtype=torch.float64), sizes))
+    return out
+
+
+@pytest.mark.parametrize("with_chunked", [False, True], ids=["plain", "chunked"])
+def test_four_threads_on_one_module_give_the_sequential_results(
+    monkeypatch: pytest.MonkeyPatch, with_chunked: bool
+) -> None:
+    """More layouts than the caches hold (so entries are evicted while other
+    threads read them); half the threads run ``chunked`` beside plain calls."""
+    monkeypatch.setattr(LAYOUTS, "size", 4)
+    monkeypatch.setattr(TABLES, "size", 4)
+    layer = _layer()
+    inputs = _inputs(24)
+
+    def forward(x: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
+        out: torch.Tensor = layer(x, sizes)[0]
+        return out
+
+    def run(i: int, chunk: bool) -> torch.Tensor:
+        x, sizes = inputs[i]
+        if chunk:
+            return chunked(forward, x, sizes, ["queries"], chunk_size=5)
+        return forward(x, sizes)
+
+    with torch.no_grad():
+        expected = [forward(x, sizes) for x, sizes in inputs]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def work(thread: int) -> None:
+        chunk = with_chunked and thread % 2 == 1
+        try:
+            with torch.no_grad():
+                for repeat in range(3):
+                    for i in range(len(inputs)):
+                        results[thread, repeat * 100 + i] = run(i, chunk)
+        except BaseException as error:  # noqa: BLE001 (the test reports it)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 4 * 3 * len(inputs)
+    for (_, index), out in results.items():
+        torch.testing.assert_close(out, expected[index % 100], rtol=1e-12, atol=1e-12)
+
+
+def test_layout_weight_counts_a_layouts_records() -> None:
+    few, many = DOCS.layout(_documents(10)), DOCS.layout(_documents(1000))
+    assert layout_weight(many) > 50 * layout_weight(few) // 2
+
+
+# ------------------------------------------------- compile across many sizes
+
+
+def _documents_stream() -> list[dict[str, int]]:
+    """Packed documents whose number and lengths change call by call."""
+    return [
+        {f"doc{j}": n for j, n in enumerate(lengths)}
+        for lengths in [(3, 5), (4, 4), (2, 3, 3), (5, 1, 2, 4), (7,), (1, 1, 1, 1, 1, 3)]
+    ]
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_fullgraph_compile_across_changing_sizes_dicts(backend: str) -> None:
+    """A new sizes dict (another number of documents, other lengths) is one
+    recompile, never an error: Dynamo makes a changed int argument symbolic,
+    and the layout's sizes are specialised where the trace crosses into the
+    compiler's records. Inductor is torch.compile's default backend."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
+    layer = PatternAttention(config, DOCS).double()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    stream = _documents_stream()[: 3 if backend == "inductor" else None]
+    for sizes in stream:
+        x = torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)
+        out, _ = compiled(x, sizes)
+        expected, _ = layer(x, sizes)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
