@@ -34,7 +34,7 @@ def documents(n_docs: int, seed: int = 0) -> tuple[patternc.Plan, dict[str, int]
 
 
 def ab_upt() -> tuple[patternc.Plan, dict[str, int]]:
-    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns["joint"]
+    plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns["joint"]
     return plan, {
         "surface_anchors": 1024,
         "surface_queries": 4096,

@@ -2,7 +2,7 @@
 
 1. ``patternc.compile`` on a generated file with 500 groups and 500 rules
    (target: under 100 ms), split into parse / resolve+check / plan.
-2. Wall time of the ``patternc check examples/ab_upt.pc`` command, a fresh
+2. Wall time of the ``patternc check examples/ab_upt.patc`` command, a fresh
    interpreter each run (target: under 0.5 s), next to a bare ``python -c pass``.
 
 Run: ``python benchmarks/bench_compile.py [--repeat N]``
@@ -92,12 +92,12 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
     check_ms = _median_ms(
-        lambda: run([sys.executable, "-m", "patternc", "check", "examples/ab_upt.pc"]), cli_repeat
+        lambda: run([sys.executable, "-m", "patternc", "check", "examples/ab_upt.patc"]), cli_repeat
     )
     bare_ms = _median_ms(lambda: run([sys.executable, "-c", "pass"]), cli_repeat)
     import_ms = _median_ms(lambda: run([sys.executable, "-c", "import patternc"]), cli_repeat)
     rows += [
-        ("`patternc check examples/ab_upt.pc` (wall)", check_ms, 500.0),
+        ("`patternc check examples/ab_upt.patc` (wall)", check_ms, 500.0),
         ("  of which: python -c pass", bare_ms, None),
         ("  of which: import patternc", import_ms - bare_ms, None),
     ]

@@ -73,7 +73,7 @@ def random_qkv(
     return q, k, v
 
 
-AB = patternc.compile(open("examples/ab_upt.pc").read())
+AB = patternc.compile(open("examples/ab_upt.patc").read())
 
 
 def documents(n_docs: int, seed: int) -> tuple[patternc.Plan, dict[str, int]]:

@@ -130,7 +130,7 @@ def periodic_views(repeat: int) -> None:
     the executor's whole call in each mode (tiny tensors: host time)."""
     from patternc.nn.executors.batched import _back_to_tokens, _periods
 
-    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns["self_anchor"]
+    plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns["self_anchor"]
     sizes = {"surface_anchors": 4, "surface_queries": 12, "volume_anchors": 4, "volume_queries": 12}
     schedule = schedule_for(plan.token_specs(sizes), plan)
     launch = schedule.periodic_launches[0]

@@ -2,7 +2,7 @@
 
 Layout: 2 branches x (1024 anchors + 4096 queries), dim 192, 3 heads, batch 1,
 the ``self_anchor``, ``cross_anchor`` and ``joint`` patterns of
-``examples/ab_upt.pc``. For each pattern and executor: median forward time
+``examples/ab_upt.patc``. For each pattern and executor: median forward time
 (no grad), median forward+backward time, and the peak extra memory of each
 (see :mod:`patternc.benchmark`: on CPU every variant runs in a fresh process
 so peaks do not mix). Ratios are against ``dense``.
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS))
     args = parser.parse_args()
 
-    source = (ROOT / "examples" / "ab_upt.pc").read_text()
+    source = (ROOT / "examples" / "ab_upt.patc").read_text()
     sizes: dict[str, int | None] = {
         g: args.anchors if g.endswith("anchors") else args.queries
         for g in ("surface_anchors", "surface_queries", "volume_anchors", "volume_queries")

@@ -7,13 +7,14 @@ queries, the surface pressure coefficient ``Cp = 1 - 9/4 sin^2(theta)``
 on surface points and the velocity ``u = d + a^3/2 (d/r^3 - 3 (d.x) x / r^5)``
 at volume points (both exact, computed here). Both depend on the flow
 direction, which no query reveals but the anchors' measurements do: the
-transformer, whose layers run the patterns of ``examples/ab_upt.pc``
+transformer, whose layers run the patterns of ``examples/ab_upt.patc``
 (surface/volume anchors and queries, untied weights per branch), reads it
 off the anchors; a per-point MLP with as many parameters sees one point and
 cannot.
 
-Run: ``python examples/ab_upt_toy.py`` (about a minute on a laptop CPU;
-``--plot out.png`` saves prediction vs truth, needs matplotlib).
+Run: ``python examples/ab_upt_toy.py`` (about 2 minutes; it runs on one CPU
+thread, as the tensors are small: ``--threads N`` to change it; ``--plot
+out.png`` saves prediction vs truth, needs matplotlib).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Surrogate(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        program = patternc.compile(open("examples/ab_upt.pc").read())
+        program = patternc.compile(open("examples/ab_upt.patc").read())
         config = TransformerConfig(
             vocab_size=None, d_model=dim, num_heads=heads, num_layers=len(LAYERS), d_ff=2 * dim,
             dropout_rate=0.0, max_len=4096, pos_emb_type="none", untied=True,
@@ -122,8 +123,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--queries", type=int, default=48)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: the tensors are small, so more threads mostly wait on each other)",
+    )
     parser.add_argument("--plot", default=None, help="save prediction vs truth to this .png")
     args = parser.parse_args(argv)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     sizes = {
         "surface_anchors": args.anchors, "surface_queries": args.queries,

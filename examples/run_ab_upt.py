@@ -1,4 +1,4 @@
-"""Compile examples/ab_upt.pc and run every pattern through the torch runtime.
+"""Compile examples/ab_upt.patc and run every pattern through the torch runtime.
 
 For each pattern of the file: print the plan at the given sizes, run a
 ``PatternAttention`` layer with each executor on random inputs, and compare
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=3)
     args = parser.parse_args()
 
-    program = patternc.compile(HERE / "ab_upt.pc")
+    program = patternc.compile(HERE / "ab_upt.patc")
     sizes = {g: args.anchors if g.endswith("_anchors") else args.queries for g in program.groups}
     print(format_program(program, sizes=sizes, dim=args.dim))
 

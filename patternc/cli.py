@@ -1,18 +1,25 @@
 """The ``patternc`` command line: ``check``, ``compile``, ``fmt`` and ``bench`` pattern files.
 
+Pattern files end in ``.patc`` (``.pc`` works too); ``check`` and ``fmt``
+take files and folders, walked for pattern files. Settings come from
+``[tool.patternc]`` in the nearest ``pyproject.toml`` (:mod:`patternc.project`).
+
 Exit status: 0 ok (warnings alone do not fail unless
 ``--warnings-as-errors``), 1 the file has problems (diagnostics on stderr,
-or as JSON with ``--output-format json``) or ``fmt --check`` would change
-it, 2 bad usage (unknown option, pattern or group in ``--sizes``). ``check``,
-``compile`` and ``fmt`` never import torch; ``bench`` does.
+or as JSON with ``--output-format json``) or ``fmt --check``/``--diff`` would
+change it, 2 bad usage (unknown option, pattern or group in ``--sizes``, a
+``[tool.patternc]`` table that cannot be used). ``check``, ``compile`` and
+``fmt`` never import torch; ``bench`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from patternc import __version__
@@ -20,6 +27,14 @@ from patternc.compiler import compile as compile_program
 from patternc.compiler import read_source
 from patternc.diagnostics import Diagnostic, PatternError, diagnostics_json, render, suggest
 from patternc.plan import Program
+from patternc.project import (
+    PATTERN_SUFFIXES,
+    Settings,
+    SettingsError,
+    find_settings,
+    parse_codes,
+    pattern_files,
+)
 from patternc.resolve import is_family
 
 __all__ = ["main"]
@@ -28,25 +43,29 @@ EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
 
 _CHECK_EXAMPLES = """\
 examples:
-  patternc check examples/*.pc
-  patternc check model.pc --output-format json      # for editors and CI
-  patternc check model.pc --warnings-as-errors
+  patternc check .                                     # every .patc file under here
+  patternc check model.patc --output-format json       # for editors and CI
+  patternc check model.patc --warnings-as-errors --ignore W103
+
+settings: [tool.patternc] in the nearest pyproject.toml (select, ignore,
+block-size, exclude, sizes); --select and --ignore replace its lists.
 """
 
 _FMT_EXAMPLES = """\
 examples:
-  patternc fmt examples/*.pc            # rewrite in place
-  patternc fmt --check examples/*.pc    # exit 1 if any file would change
-  patternc fmt - < model.pc             # stdin to stdout
+  patternc fmt .                        # rewrite every pattern file under here in place
+  patternc fmt --check examples         # exit 1 if any file would change
+  patternc fmt --diff model.patc        # show the changes, write nothing
+  patternc fmt - < model.patc           # stdin to stdout
 """
 
 _EXAMPLES = """\
 examples:
-  patternc check examples/ab_upt.pc
-  patternc compile examples/ab_upt.pc --sizes surface_anchors=1024,surface_queries=4096,\\
+  patternc check examples/ab_upt.patc
+  patternc compile examples/ab_upt.patc --sizes surface_anchors=1024,surface_queries=4096,\\
 volume_anchors=1024,volume_queries=4096
-  patternc compile examples/ab_upt.pc --pattern joint --format json
-  patternc compile examples/ab_upt.pc --format dot | dot -Tsvg > plan.svg
+  patternc compile examples/ab_upt.patc --pattern joint --format json
+  patternc compile examples/ab_upt.patc --format dot | dot -Tsvg > plan.svg   # dot: Graphviz
 """
 
 
@@ -120,6 +139,15 @@ def _build_parser() -> argparse.ArgumentParser:
     diagnostics.add_argument(
         "--warnings-as-errors", action="store_true", help="exit 1 when there are warnings"
     )
+    diagnostics.add_argument(
+        "--select",
+        metavar="CODES",
+        help="report only these warnings (codes or prefixes, comma-separated: W101,W102 or W); "
+        "errors are always reported",
+    )
+    diagnostics.add_argument(
+        "--ignore", metavar="CODES", help="never report these warnings (codes or prefixes, comma-separated)"
+    )
 
     check = sub.add_parser(
         "check",
@@ -128,7 +156,9 @@ def _build_parser() -> argparse.ArgumentParser:
         parents=[diagnostics],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("files", nargs="+", metavar="FILE", help="pattern files (.pc)")
+    check.add_argument(
+        "files", nargs="+", metavar="PATH", help="pattern files, or folders to search for .patc and .pc files"
+    )
 
     fmt = sub.add_parser(
         "fmt",
@@ -136,8 +166,15 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_FMT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fmt.add_argument("files", nargs="+", metavar="FILE", help="pattern files (.pc), or - for stdin")
+    fmt.add_argument(
+        "files", nargs="+", metavar="PATH", help="pattern files or folders (searched), or - for stdin"
+    )
     fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    fmt.add_argument(
+        "--diff",
+        action="store_true",
+        help="print the changes as a unified diff, write nothing; exit 1 if any",
+    )
 
     comp = sub.add_parser(
         "compile",
@@ -146,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         parents=[diagnostics],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    comp.add_argument("file", metavar="FILE", help="pattern file (.pc)")
+    comp.add_argument("file", metavar="FILE", help="pattern file (.patc)")
     comp.add_argument(
         "--pattern",
         action="append",
@@ -159,14 +196,15 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="G=N,...",
-        help="group sizes, e.g. surface_anchors=1024,...; `cache` for KV-cached groups",
+        help="group sizes, e.g. surface_anchors=1024,...; `cache` for KV-cached groups "
+        "(default: [tool.patternc.sizes] when it covers the file's groups)",
     )
     comp.add_argument(
         "--format",
         choices=("text", "json", "dot", *ENGINE_FORMATS),
         default="text",
-        help="output format: the plan (text, json, dot), or another engine's mask as JSON "
-        "(magi, flashmask, varlen, xformers, flex; need --sizes)",
+        help="output format: the plan (text, json, dot: Graphviz source, e.g. | dot -Tsvg), or another "
+        "engine's mask as JSON (magi, flashmask, varlen, xformers, flex; need --sizes)",
     )
     comp.add_argument("--dim", type=int, default=192, help="model width for FLOP counts (default 192)")
     comp.add_argument(
@@ -183,34 +221,44 @@ def _build_parser() -> argparse.ArgumentParser:
         "--block-size",
         dest="block",
         type=int,
-        default=128,
+        default=None,
         metavar="N",
-        help="block size of --mask and the block-sparsity line (default 128; 1 draws every token pair)",
+        help="block size of --mask and the block-sparsity line (default: block-size of [tool.patternc], "
+        "else 128; 1 draws every token pair)",
     )
 
     sub.add_parser(
         "lsp",
         help="run the language server on stdin/stdout (for editors; needs the [lsp] extra)",
-        description="Language server for pattern files: diagnostics as you type, completion, hover, "
-        "go to declaration. Editors start it; see editors/vscode/.",
+        description="Language server for pattern files: diagnostics as you type, quick fixes, "
+        "formatting, completion, hover, go to declaration. Editors start it; see editors/vscode/.",
     )
 
     bench = sub.add_parser(
         "bench",
         help="time a pattern file's plan on every backend (imports torch)",
-        epilog="example:\n  patternc bench examples/ab_upt.pc --pattern self_anchor --sizes \\\n"
-        "    surface_anchors=1024,surface_queries=4096,volume_anchors=1024,volume_queries=4096\n",
+        epilog="example:\n  patternc bench examples/ab_upt.patc --pattern self_anchor --sizes \\\n"
+        "    surface_anchors=1024,surface_queries=4096,volume_anchors=1024,volume_queries=4096\n\n"
+        "`--backend linear` adds linear attention, listed apart: it computes another function.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("file", metavar="FILE", help="pattern file (.pc)")
+    bench.add_argument("file", metavar="FILE", help="pattern file (.patc)")
     bench.add_argument(
-        "--sizes", action="append", default=[], required=True, metavar="G=N,...", help="group sizes"
+        "--sizes",
+        action="append",
+        default=[],
+        metavar="G=N,...",
+        help="group sizes (default: [tool.patternc.sizes] when it covers the file's groups)",
     )
     bench.add_argument(
         "--pattern", action="append", default=[], metavar="NAME", help="only this pattern (repeatable)"
     )
     bench.add_argument(
-        "--backend", action="append", default=[], choices=BACKENDS, help="backends to run (default: all)"
+        "--backend",
+        action="append",
+        default=[],
+        choices=(*BACKENDS, *OTHER_FUNCTIONS),
+        help="backends to run (default: every softmax backend; `linear` on request)",
     )
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -222,7 +270,65 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto", "linear")
+BACKENDS = ("dense", "loop", "batched", "flex", "varlen", "auto")
+"""Backends that compute softmax attention: the same function, ranked against ``dense``."""
+OTHER_FUNCTIONS = ("linear",)
+"""Backends that compute another function: run only on request, listed apart and not ranked."""
+
+
+class _Settings:
+    """``[tool.patternc]`` of each file's folder (found once per folder), with
+    ``--select``/``--ignore`` in place of the table's lists."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.select = self._option(args, "select")
+        self.ignore = self._option(args, "ignore")
+        self.found: dict[Path, Settings] = {}
+
+    @staticmethod
+    def _option(args: argparse.Namespace, name: str) -> tuple[str, ...] | None:
+        value = getattr(args, name, None)
+        if value is None:
+            return None
+        items = [c for c in (part.strip() for part in value.split(",")) if c]
+        try:
+            return parse_codes(f"--{name}", items, warnings_only=name == "ignore")
+        except SettingsError as error:
+            raise _UsageError(str(error)) from None
+
+    def at(self, folder: Path) -> Settings:
+        """The settings of files in ``folder`` (resolved)."""
+        if folder not in self.found:
+            try:
+                settings = find_settings(folder)
+            except SettingsError as error:
+                raise _UsageError(str(error)) from None
+            if settings.note:
+                print(f"patternc: {settings.note}", file=sys.stderr)
+            if self.select is not None:
+                settings = replace(settings, select=self.select)
+            if self.ignore is not None:
+                settings = replace(settings, ignore=self.ignore)
+            self.found[folder] = settings
+        return self.found[folder]
+
+    def of(self, file: str) -> Settings:
+        """The settings of ``file`` (``-``: the working directory's)."""
+        return self.at(Path.cwd().resolve() if file == "-" else Path(file).resolve().parent)
+
+    def files(self, paths: Sequence[str]) -> list[str]:
+        """``paths`` with every folder replaced by the pattern files under it."""
+        out: list[str] = []
+        for path in paths:
+            if path == "-" or not Path(path).is_dir():
+                out.append(path)
+                continue
+            found = pattern_files([path], self.at(Path(path).resolve()))
+            if not found:
+                suffixes = " or ".join(PATTERN_SUFFIXES)
+                print(f"patternc: no pattern files ({suffixes}) in {path}", file=sys.stderr)
+            out.extend(found)
+        return list(dict.fromkeys(out))
 
 
 class _Reporter:
@@ -234,20 +340,24 @@ class _Reporter:
         self.strict = getattr(args, "warnings_as_errors", False)
         self.stream = json_stream or sys.stderr
         self.collected: list[dict[str, object]] = []
+        self.settings = _Settings(args)
 
-    def load(self, file: str) -> Program | None:
-        """Compile a pattern file and report its diagnostics; None when it has
-        errors (or warnings, under ``--warnings-as-errors``)."""
+    def load(self, file: str) -> tuple[Program | None, list[Diagnostic]]:
+        """Compile a pattern file and report its diagnostics (those its
+        settings select); the program (None when it has errors, or warnings
+        under ``--warnings-as-errors``) and the warnings reported."""
+        settings = self.settings.of(file)
         try:
             program = compile_program(Path(file))
         except PatternError as error:
-            self.report(error.diagnostics, file, error.source)
-            return None
-        if program.warnings:
-            self.report(program.warnings, file, _source_or_none(file))
+            self.report(settings.filter(error.diagnostics), file, error.source)
+            return None, []
+        warnings = settings.filter(program.warnings)
+        if warnings:
+            self.report(warnings, file, _source_or_none(file))
             if self.strict:
-                return None
-        return program
+                return None, warnings
+        return program, warnings
 
     def report(self, diagnostics: Sequence[Diagnostic], file: str, source: str | None) -> None:
         if self.json:
@@ -269,19 +379,42 @@ def _source_or_none(file: str) -> str | None:
         return None
 
 
+def _refuse_folder(file: str, settings: _Settings) -> None:
+    """``compile``/``bench`` read one file: a folder gets the files to choose from."""
+    if not Path(file).is_dir():
+        return
+    found = pattern_files([file], settings.at(Path(file).resolve()))
+    listed = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+    raise _UsageError(
+        f"`{file}` is a folder; this command reads one pattern file"
+        + (f": {listed}" if found else f" (it holds no {' or '.join(PATTERN_SUFFIXES)} file)")
+    )
+
+
 def _load_checked(
     args: argparse.Namespace, reporter: _Reporter
 ) -> tuple[Program, dict[str, int | None] | None] | None:
     """The program of ``args.file`` with ``--pattern`` and ``--sizes`` checked
-    against it (sizes None when not given); None when the file has problems."""
-    program = reporter.load(args.file)
+    against it (sizes None when not given and no ``[tool.patternc.sizes]``
+    covers the file); None when the file has problems."""
+    _refuse_folder(args.file, reporter.settings)
+    program, _ = reporter.load(args.file)
     if program is None:
         return None
     _check_patterns(program, args.pattern)
     sizes = _parse_sizes(args.sizes) if args.sizes else None
+    if sizes is None:
+        settings = reporter.settings.of(args.file)
+        sizes = settings.sizes_for(program.groups)
+        if sizes is not None:
+            print(f"patternc: sizes from [tool.patternc.sizes] of {settings.path}", file=sys.stderr)
     if sizes is not None:
         _check_sizes(program, sizes)
     return program, sizes
+
+
+def _ratio(value: float, baseline: float) -> str:
+    return f"{value:.2f}" if baseline and baseline == baseline and value == value else "-"
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -290,12 +423,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_DIAGNOSTICS
     program, sizes = loaded
-    assert sizes is not None  # --sizes is required for bench
+    if sizes is None:
+        raise _UsageError("bench needs --sizes (or a [tool.patternc.sizes] table covering the file's groups)")
     if args.repeat < 1 or args.dim % args.heads:
         raise _UsageError("--repeat must be >= 1 and --dim divisible by --heads")
-    from patternc.benchmark import measure, measure_isolated
+    from patternc.benchmark import Measurement, measure, measure_isolated
 
-    backends = list(dict.fromkeys(["dense", *args.backend])) if args.backend else list(BACKENDS)
+    chosen = list(dict.fromkeys(args.backend))
+    softmax = list(dict.fromkeys(["dense", *(b for b in chosen if b in BACKENDS)]))
+    if not chosen:
+        softmax = list(BACKENDS)
+    others = [b for b in chosen if b in OTHER_FUNCTIONS]
     source = Path(args.file).read_text(encoding="utf-8")
     options = {
         "device": args.device,
@@ -317,42 +455,46 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     plans = program.select(args.pattern)
-    total, done = len(plans) * len(backends), 0
+    total, done = len(plans) * (len(softmax) + len(others)), 0
+    apart: list[tuple[str, Measurement]] = []
     for plan in plans:
         results = []
-        for backend in backends:
+        for backend in [*softmax, *others]:
             done += 1
             print(f"\r[{done}/{total}] {plan.name} / {backend} ...", end="", file=sys.stderr, flush=True)
             run = measure if args.device.startswith("cuda") else measure_isolated
             results.append(run(source, plan.name, sizes, backend, **options))
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
         dense = results[0]
-        for r in results:
+        for r in results[: len(softmax)]:
             if r.error:
                 print(f"{plan.name:<16} {r.backend:<13} failed: {r.error}")
                 continue
-            speed = f"{dense.ms / r.ms:.2f}" if dense.ms == dense.ms else "-"
-            mem = (
-                f"{r.peak_mb / dense.peak_mb:.2f}"
-                if dense.peak_mb and dense.peak_mb == dense.peak_mb
-                else "-"
-            )
+            speed, mem = _ratio(dense.ms / r.ms, dense.ms), _ratio(r.peak_mb / dense.peak_mb, dense.peak_mb)
             numbers = f"{r.ms:>10.3f} {speed:>9} {r.peak_mb:>9.1f} {mem:>6} {r.tflops:>8.3g}"
             note = f"  ({r.note})" if r.note else ""
             print(f"{plan.name:<16} {r.backend:<13} {numbers}{note}")
+        apart.extend((plan.name, r) for r in results[len(softmax) :])
+    if apart:
+        print("\nanother function (linear attention: no softmax), so not ranked against the backends above:")
+        for name, r in apart:
+            if r.error:
+                print(f"{name:<16} {r.backend:<13} failed: {r.error}")
+                continue
+            print(f"{name:<16} {r.backend:<13} {r.ms:>10.3f} {'-':>9} {r.peak_mb:>9.1f} {'-':>6} {'-':>8}")
     return EXIT_OK
 
 
 def _run_check(args: argparse.Namespace) -> int:
     status = EXIT_OK
     reporter = _Reporter(args, sys.stdout)
-    for name in args.files:
-        program = reporter.load(name)
+    for name in reporter.settings.files(args.files):
+        program, warnings = reporter.load(name)
         if program is None:
             status = EXIT_DIAGNOSTICS
             continue
         if not reporter.json:
-            warned = f", {len(program.warnings)} warning(s)" if program.warnings else ""
+            warned = f", {len(warnings)} warning(s)" if warnings else ""
             print(f"{name}: ok ({len(program.groups)} groups, {len(program.patterns)} pattern(s){warned})")
     reporter.flush()
     return status
@@ -362,7 +504,7 @@ def _run_fmt(args: argparse.Namespace) -> int:
     from patternc.fmt import format_source
 
     status = EXIT_OK
-    for name in args.files:
+    for name in _Settings(args).files(args.files):
         try:
             text = sys.stdin.read() if name == "-" else read_source(name)
             formatted = format_source(text, None if name == "-" else name)
@@ -370,12 +512,22 @@ def _run_fmt(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
             status = EXIT_DIAGNOSTICS
             continue
-        if name == "-":
+        if name == "-" and not (args.check or args.diff):
             sys.stdout.write(formatted)
         elif formatted != text:
-            if args.check:
+            status = EXIT_DIAGNOSTICS if (args.check or args.diff) else status
+            if args.diff:
+                label = "<stdin>" if name == "-" else name
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        text.splitlines(keepends=True),
+                        formatted.splitlines(keepends=True),
+                        f"{label} (original)",
+                        f"{label} (formatted)",
+                    )
+                )
+            elif args.check:
                 print(f"would reformat {name}", file=sys.stderr)
-                status = EXIT_DIAGNOSTICS
             else:
                 Path(name).write_text(formatted, encoding="utf-8")
                 print(f"reformatted {name}")
@@ -389,10 +541,11 @@ def _run_compile(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_DIAGNOSTICS
     program, sizes = loaded
+    block = args.block if args.block is not None else reporter.settings.of(args.file).block_size or 128
     if args.dim <= 0:
         raise _UsageError(f"--dim must be positive, got {args.dim}")
-    if args.block <= 0:
-        raise _UsageError(f"--block must be positive, got {args.block}")
+    if block <= 0:
+        raise _UsageError(f"--block must be positive, got {block}")
     if args.mask is not None:
         if sizes is None:
             raise _UsageError("--mask needs --sizes")
@@ -400,7 +553,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             raise _UsageError(
                 f"--mask draws the mask and --format {args.format} prints the plan: run them apart"
             )
-        return _draw_mask(program, sizes, args.pattern, args.mask, args.block)
+        return _draw_mask(program, sizes, args.pattern, args.mask, block)
     if args.format in ENGINE_FORMATS:
         if sizes is None:
             raise _UsageError(f"--format {args.format} needs --sizes (masks are laid out at sizes)")
@@ -423,7 +576,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             sizes=sizes,
             patterns=args.pattern,
             dim=args.dim,
-            block=args.block,
+            block=block,
             world_size=args.world_size,
         )
         sys.stdout.write(text)

@@ -115,7 +115,7 @@ def _refuse_path_text(text: str) -> None:
     candidate = text.strip()
     if not candidate or "\n" in candidate or len(candidate) > 4096:
         return
-    looks_like_file = candidate.endswith(".pc")
+    looks_like_file = candidate.endswith((".patc", ".pc"))
     if not looks_like_file:
         try:
             looks_like_file = Path(candidate).is_file()

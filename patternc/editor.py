@@ -7,21 +7,37 @@ Lines and columns are 1-based, as in the compiler's diagnostics.
 - :func:`check`: every diagnostic of the file (errors and warnings);
 - :func:`completions`: group names, families, modifiers and keywords;
 - :func:`hover`: the rules a group is in (and its size when known);
-- :func:`declaration`: where a group is declared.
+- :func:`declaration`: where a group is declared;
+- :func:`formatting`: the edits ``patternc fmt`` would make;
+- :func:`code_actions`: quick fixes for the diagnostics on some lines.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from patternc.compiler import compile_text
 from patternc.diagnostics import Diagnostic, PatternError
 from patternc.modifiers import MODIFIER_NAMES
 from patternc.plan import Program
+from patternc.project import Settings
 
-__all__ = ["Completion", "Location", "check", "completions", "declaration", "hover", "word_at"]
+__all__ = [
+    "CodeAction",
+    "Completion",
+    "Location",
+    "TextEdit",
+    "check",
+    "code_actions",
+    "completions",
+    "declaration",
+    "formatting",
+    "hover",
+    "word_at",
+]
 
 KEYWORDS = ("groups", "pattern", "types", "self")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
@@ -49,13 +65,14 @@ def _program(text: str) -> Program | None:
         return None
 
 
-def check(text: str, filename: str | None = None) -> list[Diagnostic]:
-    """Every problem of the file, errors and warnings, as ``patternc check`` reports them."""
+def check(text: str, filename: str | None = None, settings: Settings | None = None) -> list[Diagnostic]:
+    """Every problem of the file, errors and warnings, as ``patternc check``
+    reports them (the warnings ``settings`` selects, when given)."""
     try:
-        program = compile_text(text, filename)
+        found = list(compile_text(text, filename).warnings)
     except PatternError as error:
-        return list(error.diagnostics)
-    return list(program.warnings)
+        found = list(error.diagnostics)
+    return settings.filter(found) if settings is not None else found
 
 
 def declared_groups(text: str) -> dict[str, Location]:
@@ -132,3 +149,121 @@ def hover(text: str, line: int, column: int, sizes: Mapping[str, int] | None = N
         parts += [f"- key of `{r.text or r.location()}` ({r.location()})" for r in keys]
         lines.append("\n".join(parts))
     return "\n\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class TextEdit:
+    """Replace from (``line``, ``column``) up to (``end_line``, ``end_column``),
+    exclusive, by ``text``; 1-based, in characters of the source text."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CodeAction:
+    """A quick fix: ``edits`` applied together resolve ``diagnostic``."""
+
+    title: str
+    edits: tuple[TextEdit, ...]
+    diagnostic: Diagnostic
+    preferred: bool
+    """The fix itself (as against silencing a warning)."""
+
+
+def _position(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of a character offset (lines end at ``\\n``)."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def formatting(text: str, filename: str | None = None) -> list[TextEdit] | None:
+    """The edits that turn ``text`` into what ``patternc fmt`` writes, one per
+    run of changed lines (so an editor keeps the cursor and folds elsewhere);
+    ``[]`` when it is formatted, None when it has errors (a file that does not
+    compile is not reformatted)."""
+    from patternc.fmt import format_source
+
+    try:
+        formatted = format_source(text, filename)
+    except PatternError:
+        return None
+    old, new = text.splitlines(keepends=True), formatted.splitlines(keepends=True)
+    starts = [0]
+    for line in old:
+        starts.append(starts[-1] + len(line))
+    edits = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if tag != "equal":
+            start, end = _position(text, starts[i1]), _position(text, starts[i2])
+            edits.append(TextEdit(*start, *end, "".join(new[j1:j2])))
+    return edits
+
+
+def _overlaps(diagnostic: Diagnostic, first: int, last: int) -> bool:
+    span = diagnostic.span
+    return span is not None and span.line <= last and span.end_line >= first
+
+
+def _own_fix(diagnostic: Diagnostic) -> CodeAction | None:
+    """The diagnostic's machine-applicable fix (its ``fix``: a title and edits
+    of a ``span`` and a ``replacement`` each), when it carries one."""
+    fix = getattr(diagnostic, "fix", None)
+    if fix is None:
+        return None
+    edits = tuple(
+        TextEdit(e.span.line, e.span.column, e.span.end_line, e.span.end_column, e.replacement)
+        for e in fix.edits
+    )
+    return CodeAction(str(fix.title), edits, diagnostic, preferred=True)
+
+
+_NOQA = re.compile(r"#\s*noqa(?::\s*[A-Za-z][0-9]{3}(?:\s*,\s*[A-Za-z][0-9]{3})*)?", re.IGNORECASE)
+
+
+def _silence(diagnostic: Diagnostic, lines: list[str]) -> CodeAction | None:
+    """For a warning: ``# noqa: CODE`` on the line it points at (added to the
+    line's ``noqa`` list when it has one)."""
+    span = diagnostic.span
+    if diagnostic.is_error or span is None or not 1 <= span.line <= len(lines):
+        return None
+    line = lines[span.line - 1].removesuffix("\r")
+    match = _NOQA.search(line)
+    if match and ":" not in match.group():
+        return None  # a bare noqa comment silences every warning already
+    if match:
+        at, text = match.end() + 1, f", {diagnostic.code}"
+    else:
+        at, text = len(line.rstrip()) + 1, f"  # noqa: {diagnostic.code}"
+        if len(line.rstrip()) < len(line):  # replace trailing blanks
+            edit = TextEdit(span.line, at, span.line, len(line) + 1, text)
+            return CodeAction(f"silence {diagnostic.code} on this line", (edit,), diagnostic, False)
+    edit = TextEdit(span.line, at, span.line, at, text)
+    return CodeAction(f"silence {diagnostic.code} on this line", (edit,), diagnostic, preferred=False)
+
+
+def code_actions(
+    text: str,
+    first_line: int,
+    last_line: int | None = None,
+    diagnostics: Iterable[Diagnostic] | None = None,
+) -> list[CodeAction]:
+    """Quick fixes for the diagnostics on lines ``first_line``..``last_line``
+    (1-based, inclusive): each diagnostic's own fix (every "did you mean"
+    rename, the merge of two rules for one group, the per-key form of a
+    rule-level modifier) and, for a warning, ``# noqa`` on its line.
+    ``diagnostics`` defaults to :func:`check` of ``text``."""
+    last = first_line if last_line is None else last_line
+    found = check(text) if diagnostics is None else list(diagnostics)
+    lines = text.split("\n")
+    out = []
+    for diagnostic in found:
+        if not _overlaps(diagnostic, first_line, last):
+            continue
+        for action in (_own_fix(diagnostic), _silence(diagnostic, lines)):
+            if action is not None:
+                out.append(action)
+    return out

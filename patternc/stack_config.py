@@ -62,9 +62,10 @@ ATTENTION_TYPES: dict[str, Implementation] = {
 """Seed backend -> patternc executor. ``standard`` (the seed's default) and
 ``memory_efficient`` are ``batched``: the same function as a dense mask, one
 fused SDPA call per group of same-shaped patterns, no ``[n, n]`` mask
-(``dense``, one call with the dense mask, keeps that name); ``flash`` is
-``flex`` (one FlexAttention call with a block-sparse mask); ``linear`` is
-chunked linear attention."""
+(``dense``, one call with the dense mask, keeps that name); ``flash`` runs
+FlexAttention (``flex``: one call of torch's block-sparse kernel), not the
+FlashAttention library (``varlen`` launches FlashAttention's varlen kernel
+where it is installed); ``linear`` is chunked linear attention."""
 
 
 class TransformerConfig(StrictConfig):

@@ -20,15 +20,15 @@ from patternc.nn import PatternAttention
 
 PLANS = {
     "vlm": (
-        patternc.compile(EXAMPLES / "cookbook" / "vlm.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "vlm.patc").patterns["default"],
         {"registers": 2, "image": 5, "text": 4},
     ),
     "joint": (
-        patternc.compile(EXAMPLES / "ab_upt.pc").patterns["joint"],
+        patternc.compile(EXAMPLES / "ab_upt.patc").patterns["joint"],
         {"surface_anchors": 3, "surface_queries": 5, "volume_anchors": 2, "volume_queries": 4},
     ),
     "documents": (
-        patternc.compile(EXAMPLES / "cookbook" / "packed_causal.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "packed_causal.patc").patterns["default"],
         {"doc0": 3, "doc1": 6},
     ),
 }
@@ -362,7 +362,7 @@ def test_traced_table_lookups_compile_in_one_graph() -> None:
     from patternc.nn.schedule import schedule_for
     from patternc.nn.tables import TABLES
 
-    plan = patternc.compile(open(EXAMPLES / "ab_upt.pc").read())["joint"]
+    plan = patternc.compile(open(EXAMPLES / "ab_upt.patc").read())["joint"]
     layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
     key = ("traced lookup test", layout, 3)
     TABLES.keep(key, lambda: 5)

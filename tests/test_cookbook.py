@@ -1,4 +1,4 @@
-"""The cookbook's masks (docs/cookbook.md, examples/cookbook/*.pc): each one
+"""The cookbook's masks (docs/cookbook.md, examples/cookbook/*.patc): each one
 on every backend against the float64 reference written from the language's
 definition, forward and backward, at several sizes (odd ones included)."""
 
@@ -16,26 +16,26 @@ from patternc.nn import PatternAttention
 
 BACKENDS = ["batched", "loop", "dense", "flex", "varlen", "auto"]
 
-AB_UPT = patternc.compile(EXAMPLES / "ab_upt.pc")
+AB_UPT = patternc.compile(EXAMPLES / "ab_upt.patc")
 CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
     "prefix_lm": (
-        patternc.compile(EXAMPLES / "cookbook" / "prefix_lm.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "prefix_lm.patc").patterns["default"],
         [{"prefix": 3, "text": 5}, {"prefix": 1, "text": 13}, {"prefix": 7, "text": 1}],
     ),
     "vlm": (
-        patternc.compile(EXAMPLES / "cookbook" / "vlm.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "vlm.patc").patterns["default"],
         [{"registers": 2, "image": 9, "text": 6}, {"registers": 1, "image": 4, "text": 11}],
     ),
     "packed_causal": (
-        patternc.compile(EXAMPLES / "cookbook" / "packed_causal.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "packed_causal.patc").patterns["default"],
         [{"doc0": 5, "doc1": 1, "doc2": 9}, {"doc0": 7}, {"doc0": 3, "doc1": 3}],
     ),
     "sliding_window_global": (
-        patternc.compile(EXAMPLES / "cookbook" / "sliding_window_global.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "sliding_window_global.patc").patterns["default"],
         [{"global": 2, "tokens": 13}, {"global": 1, "tokens": 5}],
     ),
     "perceiver": (
-        patternc.compile(EXAMPLES / "cookbook" / "perceiver.pc").patterns["default"],
+        patternc.compile(EXAMPLES / "cookbook" / "perceiver.patc").patterns["default"],
         [{"latents": 4, "inputs": 11}, {"latents": 1, "inputs": 6}],
     ),
     **{

@@ -231,7 +231,7 @@ def test_attention_patterns_refuse_to_drop_modifiers() -> None:
 
 
 def test_a_str_naming_a_file_is_refused_with_a_hint() -> None:
-    path = str(ROOT / "examples" / "ab_upt.pc")
+    path = str(ROOT / "examples" / "ab_upt.patc")
     with pytest.raises(patternc.PatternError) as info:
         patternc.compile(path)
     (diag,) = info.value.diagnostics

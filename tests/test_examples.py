@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -65,7 +66,64 @@ def test_ab_upt_toy_field_is_exact() -> None:
 
 
 def test_packed_lm_packing_matches_separate_and_generates() -> None:
+    import torch
+
     lm = _load_example("packed_lm")
-    results = lm.main(["--steps", "20", "--dim", "32", "--layers", "1"])  # type: ignore[attr-defined]
+    threads = torch.get_num_threads()
+    results = lm.main(["--steps", "20", "--dim", "32", "--layers", "1", "--threads", "1"])  # type: ignore[attr-defined]
+    assert torch.get_num_threads() == threads  # the example's thread count ends with it
     assert abs(results["packed"] - results["separate"]) < 1e-4
     assert 0.0 <= results["generation"] <= 1.0
+
+
+def _fenced(path: str, language: str = "") -> list[str]:
+    """The fenced blocks of a Markdown file that open with ```language."""
+    text = (ROOT / path).read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def test_the_pages_show_the_example_file_as_it_is() -> None:
+    """The AB-UPT file on the README and the docs' home page is examples/ab_upt.patc,
+    `# noqa` included: pasted into a file, it checks without a warning."""
+    import patternc
+
+    example = (ROOT / "examples" / "ab_upt.patc").read_text()
+    for page in ("README.md", "docs/index.md"):
+        (shown,) = [block for block in _fenced(page) if block.startswith("# examples/ab_upt.patc")]
+        assert shown == example, page
+        assert patternc.compile(shown).warnings == ()
+
+
+def test_the_settings_shown_in_the_docs_are_valid(tmp_path: Path) -> None:
+    from patternc.project import load_settings
+
+    blocks = [(page, b) for page in ("README.md", "docs/quickstart.md") for b in _fenced(page, "toml")]
+    assert len(blocks) == 2
+    for page, block in blocks:
+        path = tmp_path / "pyproject.toml"
+        path.write_text(block)
+        settings = load_settings(path)
+        assert settings is not None and settings.sizes and settings.block_size == 64, page
+
+
+def test_the_api_page_lists_every_public_class_and_function() -> None:
+    """docs/api.md documents each class and function that patternc, patternc.nn
+    and patternc.configs export (type aliases aside)."""
+    import importlib
+    import inspect
+
+    documented = set()
+    for target in re.findall(r"^::: (\S+)$", (ROOT / "docs" / "api.md").read_text(), flags=re.M):
+        module, _, name = target.rpartition(".")
+        parent = importlib.import_module(module)
+        documented.add(
+            id(getattr(parent, name) if hasattr(parent, name) else importlib.import_module(target))
+        )
+    missing = []
+    for module_name in ("patternc", "patternc.nn", "patternc.configs"):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if (inspect.isclass(value) or inspect.isfunction(value)) and id(value) not in documented:
+                missing.append(f"{module_name}.{name}")
+    assert not missing

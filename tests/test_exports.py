@@ -240,7 +240,7 @@ def test_flex_block_mask_runs_flex_attention() -> None:
 
 def test_cli_prints_engine_formats_without_torch() -> None:
     code = (
-        "import sys, runpy; sys.argv = ['patternc', 'compile', 'examples/ab_upt.pc', '--sizes', "
+        "import sys, runpy; sys.argv = ['patternc', 'compile', 'examples/ab_upt.patc', '--sizes', "
         "'surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3', '--format', 'magi', "
         "'--pattern', 'self_anchor']\n"
         "try:\n    runpy.run_module('patternc', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
@@ -254,7 +254,7 @@ def test_cli_prints_engine_formats_without_torch() -> None:
 
 
 def test_cli_engine_format_errors() -> None:
-    base = [sys.executable, "-m", "patternc", "compile", "examples/ab_upt.pc"]
+    base = [sys.executable, "-m", "patternc", "compile", "examples/ab_upt.patc"]
     no_sizes = subprocess.run([*base, "--format", "flashmask"], capture_output=True, text=True, cwd=ROOT)
     assert no_sizes.returncode == 2 and "--format flashmask needs --sizes" in no_sizes.stderr
     sizes = "surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3"

@@ -240,7 +240,7 @@ def test_bucket_lengths() -> None:
 @pytest.mark.parametrize("pattern", ["self_anchor", "joint"])
 @pytest.mark.parametrize(("anchors", "queries"), [(1, 7), (129, 7)])
 def test_flex_eager_matches_dense(pattern: str, anchors: int, queries: int) -> None:
-    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns[pattern]
+    plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns[pattern]
     sizes = {g: anchors if g.endswith("anchors") else queries for g in plan.groups}
     x = torch.randn(2, 2 * (anchors + queries), 16)
     with flex.compiled(False), warnings.catch_warnings(), torch.no_grad():
@@ -284,7 +284,7 @@ def test_flex_tables_build_inside_a_fullgraph_compile(pattern: str) -> None:
     from patternc.nn.tables import TABLES
 
     sizes = {"surface_anchors": 130, "surface_queries": 70, "volume_anchors": 9, "volume_queries": 200}
-    plan = patternc.compile(open("examples/ab_upt.pc").read()).patterns[pattern]
+    plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns[pattern]
     layout = schedule_for(plan.token_specs(sizes), plan)
 
     def tables(x: Tensor) -> tuple[Tensor, ...]:
@@ -530,7 +530,7 @@ def test_float32_products_follow_torchs_setting(
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-AB_PC = open("examples/ab_upt.pc").read()
+AB_PC = open("examples/ab_upt.patc").read()
 
 
 def _gpu_case(

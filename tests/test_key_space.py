@@ -363,7 +363,7 @@ def test_stack_on_compact_keys_equals_token_space(
     monkeypatch: pytest.MonkeyPatch, untied: bool, pos_emb_type: str
 ) -> None:
     torch.manual_seed(5)
-    program = patternc.compile(ROOT / "examples" / "ab_upt.pc")
+    program = patternc.compile(ROOT / "examples" / "ab_upt.patc")
     schedule = ["self_anchor", "cross_anchor", "joint"]
     config = patternc.TransformerConfig(
         vocab_size=None, d_model=32, num_heads=4, num_layers=3, d_ff=48, dropout_rate=0.0, max_len=64,
@@ -384,7 +384,7 @@ def test_stack_on_compact_keys_equals_token_space(
         return (out, *torch.autograd.grad(out.pow(2).sum(), (x, *model.parameters()), allow_unused=True))
 
     compact = run()
-    assert seen == [True] * 3  # every pattern of ab_upt.pc has queries that are never keys
+    assert seen == [True] * 3  # every pattern of ab_upt.patc has queries that are never keys
     _token_space_everywhere(monkeypatch)
     tokens = run()
     assert seen[3:] == [False] * 3

@@ -18,12 +18,12 @@ AB_SIZES = {"surface_anchors": 1024, "surface_queries": 4096, "volume_anchors": 
 
 @pytest.fixture(scope="module")
 def program() -> patternc.Program:
-    return patternc.compile(EXAMPLES / "ab_upt.pc")
+    return patternc.compile(EXAMPLES / "ab_upt.patc")
 
 
 def test_compile_accepts_path_and_text(program: patternc.Program) -> None:
-    assert program.filename == str(EXAMPLES / "ab_upt.pc")
-    from_text = patternc.compile((EXAMPLES / "ab_upt.pc").read_text())
+    assert program.filename == str(EXAMPLES / "ab_upt.patc")
+    from_text = patternc.compile((EXAMPLES / "ab_upt.patc").read_text())
     assert from_text.filename is None
     assert {n: p.attention_patterns for n, p in from_text.patterns.items()} == {
         n: p.attention_patterns for n, p in program.patterns.items()

@@ -85,5 +85,5 @@ def test_fmt_cli_check_and_rewrite(tmp_path: Path) -> None:
 
 
 def test_examples_are_formatted() -> None:
-    for path in sorted((ROOT / "examples").rglob("*.pc")):
+    for path in sorted((ROOT / "examples").rglob("*.patc")):
         assert format_source(path.read_text()) == path.read_text(), path

@@ -18,8 +18,8 @@ from patternc.compiler import MAX_NAMES, MAX_NESTING, MAX_RULES
 from patternc.nn import PatternAttention
 
 BACKENDS = ["batched", "loop", "dense", "flex", "varlen", "auto"]
-AB = patternc.compile(EXAMPLES / "ab_upt.pc")
-VLM = patternc.compile(EXAMPLES / "cookbook" / "vlm.pc").patterns["default"]
+AB = patternc.compile(EXAMPLES / "ab_upt.patc")
+VLM = patternc.compile(EXAMPLES / "cookbook" / "vlm.patc").patterns["default"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 AB_SIZES = {"surface_anchors": 3, "surface_queries": 4, "volume_anchors": 3, "volume_queries": 4}
 

@@ -21,7 +21,7 @@ from patternc.nn.executors.common import AttentionInputs
 from patternc.nn.schedule import schedule_for
 
 IMPLEMENTATIONS = ["batched", "loop", "dense"]
-AB = patternc.compile(EXAMPLES / "ab_upt.pc")
+AB = patternc.compile(EXAMPLES / "ab_upt.patc")
 AB_GROUPS = AB.groups
 
 
@@ -414,7 +414,7 @@ def _backward_node_names(out: torch.Tensor) -> list[str]:
     ("source", "sizes", "most_slices"),
     [
         ("groups doc*\ndoc* -> self", {f"doc{i}": 3 + 2 * i for i in range(12)}, 0),
-        (EXAMPLES / "ab_upt.pc", dict.fromkeys(AB_GROUPS, 6), 2),
+        (EXAMPLES / "ab_upt.patc", dict.fromkeys(AB_GROUPS, 6), 2),
         ("groups a b c d\na, c -> a, c\nb, d -> b", {"a": 3, "b": 5, "c": 4, "d": 2}, 0),
     ],
 )
@@ -525,7 +525,7 @@ def _batched_ops(
 @pytest.mark.parametrize(
     ("source", "sizes", "periodic"),
     [
-        (EXAMPLES / "ab_upt.pc", dict(zip(AB_GROUPS, (5, 11, 5, 11))), True),
+        (EXAMPLES / "ab_upt.patc", dict(zip(AB_GROUPS, (5, 11, 5, 11))), True),
         (
             "groups a b c\na -> self [causal]\nb -> self [causal]\nc -> self [causal]",
             dict.fromkeys("abc", 9),
@@ -598,7 +598,7 @@ def test_periodic_output_goes_back_to_token_order(batch: int, token_major: bool,
 @pytest.mark.parametrize(
     ("source", "pattern", "sizes", "ranges"),
     [
-        (EXAMPLES / "ab_upt.pc", "joint", dict(zip(AB_GROUPS, (5, 11, 3, 9))), ((0, 5), (16, 19))),
+        (EXAMPLES / "ab_upt.patc", "joint", dict(zip(AB_GROUPS, (5, 11, 3, 9))), ((0, 5), (16, 19))),
         ("groups a b\n* -> *", "default", {"a": 6, "b": 7}, ((0, 13),)),
         ("groups a b\n* -> a", "default", {"a": 6, "b": 7}, ((0, 6),)),
         ("groups a b\n* -> b", "default", {"a": 6, "b": 7}, ((6, 13),)),
@@ -606,7 +606,7 @@ def test_periodic_output_goes_back_to_token_order(batch: int, token_major: bool,
         ("groups a b c\n* -> c, a", "default", {"a": 6, "b": 7, "c": 2}, ((0, 6), (13, 15))),
         ("groups x\nx -> self [causal]", "default", {"x": 13}, ((0, 13),)),
         # not one call over the whole input in order, or keys that need a mask
-        (EXAMPLES / "ab_upt.pc", "self_anchor", dict(zip(AB_GROUPS, (5, 11, 3, 9))), None),
+        (EXAMPLES / "ab_upt.patc", "self_anchor", dict(zip(AB_GROUPS, (5, 11, 3, 9))), None),
         ("groups a b\n* -> a[causal], b", "default", {"a": 6, "b": 7}, None),
         ("groups a b\n* -> * [window 3]", "default", {"a": 6, "b": 7}, None),
     ],

@@ -248,7 +248,7 @@ def test_padding_ids_are_masked_as_keys() -> None:
 
 def test_layer_schedule_over_ab_upt_patterns_untied() -> None:
     torch.manual_seed(4)
-    program = patternc.compile(ROOT / "examples" / "ab_upt.pc")
+    program = patternc.compile(ROOT / "examples" / "ab_upt.patc")
     schedule = ["self_anchor", "cross_anchor"] * 2 + ["joint"]
     c = config(vocab_size=None, num_layers=5, untied=True, pos_emb_type="none")
     model = Transformer(c, program, schedule)

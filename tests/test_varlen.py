@@ -22,7 +22,7 @@ from patternc.nn.executors.auto import _estimates, choose
 from patternc.nn.executors.common import AttentionInputs, once
 from patternc.nn.schedule import schedule_for
 
-AB = patternc.compile(open("examples/ab_upt.pc").read())
+AB = patternc.compile(open("examples/ab_upt.patc").read())
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
 WINDOWED = patternc.compile("groups a b\na -> a [causal, window 9]\nb -> b [window 5]").patterns["default"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

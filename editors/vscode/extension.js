@@ -1,4 +1,4 @@
-// Starts `python -m patternc lsp` for .pc files; everything else is the server's.
+// Starts `python -m patternc lsp` for pattern files (.patc); everything else is the server's.
 const vscode = require("vscode");
 const { LanguageClient } = require("vscode-languageclient/node");
 

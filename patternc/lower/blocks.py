@@ -10,6 +10,7 @@ allowed: skipped), *full* (every pair allowed: no mask needed) or *partial*.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
@@ -63,6 +64,9 @@ def _pair_class(mods: Modifiers, qlo: int, qhi: int, klo: int, khi: int) -> int:
     return FULL if full else PARTIAL
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 @dataclass(frozen=True)
 class BlockClasses:
     """``classes[i][j]`` for query block ``i`` and key block ``j``."""
@@ -70,7 +74,11 @@ class BlockClasses:
     classes: tuple[tuple[int, ...], ...]
     block: int
     row_groups: tuple[tuple[str, int], ...]
-    """``(group, first block)`` of each query group, for labels."""
+    """``(group, first block)`` of each input group, for labels (keys are the same tokens)."""
+    cached_keys: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """``(group, class per query block)`` of each group read as keys from a KV
+    cache: its length is known at run time only, so it is one column, *full*
+    where the queries read all of it, *partial* where a modifier limits them."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -86,40 +94,58 @@ class BlockClasses:
 
     def text(self, max_width: int = 64) -> str:
         """Text picture: ``#`` full, ``+`` partial, ``.`` empty; blocks are
-        merged into cells (the densest class wins) to fit ``max_width``."""
+        merged into cells (the densest class wins) to fit ``max_width``.
+
+        Each group has a letter: rows are labelled with the group's name and
+        letter, columns (the same tokens, as keys) with the letter above the
+        group's first cell; groups read from a KV cache follow a ``|``, one
+        column each."""
         rows, cols = len(self.classes), len(self.classes[0]) if self.classes else 0
         step = max(1, math.ceil(cols / max_width))
         chars = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
-        labels = dict((first // step, name) for name, first in self.row_groups)
-        width = max((len(n) for n, _ in self.row_groups), default=0)
-        lines = []
+        names = [name for name, _ in self.row_groups] + [name for name, _ in self.cached_keys]
+        letter = {name: _LETTERS[i] if i < len(_LETTERS) else "?" for i, name in enumerate(names)}
+        starting: dict[int, list[str]] = {}
+        for name, first in self.row_groups:
+            starting.setdefault(first // step, []).append(name)
+        labels = {cell: ", ".join(f"{g} {letter[g]}" for g in group) for cell, group in starting.items()}
+        width = max((len(label) for label in labels.values()), default=0)
+        n_cells = math.ceil(cols / step)
+        header = "".join(letter[starting[c][0]] if c in starting else " " for c in range(n_cells))
+        cached_header = " ".join(letter[name] for name, _ in self.cached_keys)
+        lines = [(f"{'':>{width}} {header}" + (f" | {cached_header}" if self.cached_keys else "")).rstrip()]
         for r in range(0, rows, step):
-            cells = []
-            for c in range(0, cols, step):
-                cell = [
-                    self.classes[i][j]
-                    for i in range(r, min(r + step, rows))
-                    for j in range(c, min(c + step, cols))
-                ]
-                best = (
-                    FULL
-                    if all(x == FULL for x in cell)
-                    else (PARTIAL if any(x != EMPTY for x in cell) else EMPTY)
-                )
-                cells.append(chars[best])
-            lines.append(f"{labels.get(r // step, ''):>{width}} {''.join(cells)}")
+            band = self.classes[r : r + step]
+            cells = [_merge(x for row in band for x in row[c : c + step]) for c in range(0, cols, step)]
+            line = f"{labels.get(r // step, ''):>{width}} {''.join(chars[x] for x in cells)}"
+            if self.cached_keys:
+                cached = [_merge(per_row[r : r + step]) for _, per_row in self.cached_keys]
+                line += " | " + " ".join(chars[x] for x in cached)
+            lines.append(line)
         empty, partial, full = self.counts
         scale = f"{self.block * step} x {self.block * step} tokens per cell"
         lines.append(
             f"{'':>{width}} # full {full}, + partial {partial}, . empty {empty} blocks "
             f"(sparsity {self.sparsity:.3f}; {scale})"
         )
+        if self.cached_keys:
+            listed = ", ".join(f"{letter[name]} {name}" for name, _ in self.cached_keys)
+            lines.append(f"{'':>{width}} after |: keys read from the KV cache ({listed}), one column each")
         return "\n".join(lines) + "\n"
 
 
+def _merge(classes: Iterable[int]) -> int:
+    """The class of a cell of several blocks: full or empty if every block is, else partial."""
+    seen = set(classes)
+    if seen <= {FULL}:
+        return FULL if seen else EMPTY
+    return EMPTY if seen == {EMPTY} else PARTIAL
+
+
 def block_classes(layout: Layout, block: int = 128) -> BlockClasses:
-    """Classify every block of a layout (cached groups excluded: their length
-    is only known at run time). Lengths are padded to whole blocks."""
+    """Classify every block of a layout; lengths are padded to whole blocks.
+    A group read from a KV cache (its length known at run time only) is one
+    column of :attr:`BlockClasses.cached_keys`, apart from the blocks."""
     segments = _segments(layout)
     n_tokens = layout.n_tokens
     n_blocks = max(1, math.ceil(n_tokens / block))
@@ -144,4 +170,11 @@ def block_classes(layout: Layout, block: int = 128) -> BlockClasses:
             row.append(EMPTY if not nonempty else (FULL if full else PARTIAL))
         classes.append(tuple(row))
     starts = tuple((name, start // block) for name, start, _ in segments)
-    return BlockClasses(tuple(classes), block, starts)
+    cached = []
+    for group in layout.cached_groups:
+        per_row = []
+        for q_parts in per_block:
+            modifiers = [keys.get(q, {}).get(group) if q else None for q, _, _ in q_parts]
+            per_row.append(_merge(EMPTY if m is None else (PARTIAL if m else FULL) for m in modifiers))
+        cached.append((group, tuple(per_row)))
+    return BlockClasses(tuple(classes), block, starts, tuple(cached))

@@ -14,7 +14,7 @@ import patternc
 from patternc.compiler import read_source
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.pc"))] + [
+SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.patc"))] + [
     "groups a b doc*\na -> a, b[causal]\nb, doc* -> self [window 3]\n",
     "groups x y z\ntypes { t: x, y }\npattern p { x -> (y, z)[causal] ; y, z -> * - x }\npattern q { * -> * }\n",
 ]
