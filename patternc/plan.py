@@ -11,6 +11,7 @@ cache, :data:`LAYOUTS`. Exports (JSON, Graphviz) live in :mod:`patternc.export`.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -211,12 +212,19 @@ class Plan:
                     )
                 ]
             )
-        return build_layout(plan, normalize_sizes(plan.groups, sizes))
+        layout = build_layout(plan, normalize_sizes(plan.groups, sizes))
+        if compiling():  # Dynamo cannot trace pydantic's constructors; a trace reads no specs
+            return layout
+        # names and sizes are checked: no second validation per group
+        specs = tuple(TokenSpec.model_construct(name=g, size=n) for g, n in layout.sizes)
+        return dataclasses.replace(layout, token_specs=specs)
 
     def token_specs(self, sizes: Sizes) -> list[TokenSpec]:
         """``TokenSpec`` list in the plan's group order, for ``MixedAttention``
         (kept with the layout: models call this on every forward)."""
-        return list(self.layout(sizes).token_specs)
+        layout = self.layout(sizes)
+        specs = layout.token_specs or tuple(TokenSpec(name=g, size=n) for g, n in layout.sizes)
+        return list(specs)
 
 
 def sizes_key(sizes: Sizes) -> tuple[tuple[str, int | None], ...]:

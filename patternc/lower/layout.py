@@ -16,7 +16,6 @@ every pair of groups.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
@@ -210,8 +209,18 @@ class KeySpace:
         return self.size == self.n_tokens
 
     def _range_of(self, token: int) -> int:
-        """Index of the last key range starting at or before ``token`` (-1: none)."""
-        return bisect.bisect_right(self.ranges, (token, float("inf"))) - 1
+        """Index of the last key range starting at or before ``token`` (-1:
+        none). A binary search in plain Python, not ``bisect``: executors
+        ask it inside ``torch.compile`` traces, and Dynamo cannot trace the
+        C function."""
+        ranges, lo, hi = self.ranges, 0, len(self.ranges)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ranges[mid][0] <= token:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
 
     def holds(self, start: int, stop: int) -> bool:
         """Whether input tokens ``[start, stop)`` are all keys."""
@@ -659,7 +668,5 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         key_space=_key_space(
             key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
         ),
-        # names and sizes were checked above: no second validation per group
-        token_specs=tuple(TokenSpec.model_construct(name=g, size=sizes[g]) for g in plan.groups),
         group_types=tuple(getattr(plan, "group_types", ())),
     )
