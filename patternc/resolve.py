@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from patternc.diagnostics import Code, Diagnostic, Span, closest
+from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion, Word
@@ -57,11 +57,20 @@ class RuleResolution:
 
 
 class GroupResolver:
-    """Resolves selectors against one file's declared groups (built once per file)."""
+    """Resolves selectors against one file's declared groups (built once per file).
 
-    def __init__(self, groups: Sequence[str]) -> None:
+    ``maybe_declared``: names that lines left out after a syntax error may
+    declare (``gruops a b``); a selector naming only those is not reported
+    unknown, since the syntax error is the one problem.
+    """
+
+    def __init__(self, groups: Sequence[str], *, maybe_declared: Collection[str] = ()) -> None:
         self.groups = tuple(groups)
         self.index = {name: i for i, name in enumerate(self.groups)}
+        self.names = NameIndex(self.groups)
+        self.maybe_declared = frozenset(maybe_declared)
+        self._unreported = 0
+        """Selectors left unresolved without a diagnostic (``maybe_declared``)."""
 
     def rule(self, rule: Rule) -> RuleResolution:
         """Resolve both sides of a rule. A side that resolves to nothing although
@@ -109,9 +118,9 @@ class GroupResolver:
     def _side(
         self, node: Selector, what: str, problems: list[Diagnostic], intended: set[str], *, keys: bool
     ) -> _Selection:
-        before = len(problems)
+        before, unreported = len(problems), self._unreported
         selection = self._selector(node, problems, intended, keys=keys, excluded=False)
-        if not selection.groups and len(problems) == before:
+        if not selection.groups and len(problems) == before and self._unreported == unreported:
             problems.append(
                 Diagnostic(
                     Code.EMPTY_SELECTOR,
@@ -181,16 +190,10 @@ class GroupResolver:
         if node.is_glob:
             match = re.compile(fnmatch.translate(node.text)).match
             matched = {g for g in self.groups if match(g)}
-            if not matched:
-                shown = ", ".join(f"`{g}`" for g in self.groups[:8])
-                problems.append(
-                    Diagnostic(
-                        Code.GLOB_MATCHES_NOTHING,
-                        f"glob `{node.text}` matches no group",
-                        node.span,
-                        f"declared groups: {shown}" + (" ..." if len(self.groups) > 8 else ""),
-                    )
-                )
+            if not matched and any(match(g) for g in self.maybe_declared):
+                self._unreported += 1
+            elif not matched:
+                problems.append(self._glob_matches_nothing(node, intended))
             return matched
         if node.text == SELF:
             problems.append(
@@ -203,20 +206,66 @@ class GroupResolver:
             )
             return set()
         if node.text not in self.index:
-            meant = closest(node.text, self.groups)
+            if node.text in self.maybe_declared:
+                self._unreported += 1
+                return set()
+            meant = self.names.closest(node.text)
             if meant is not None:
                 intended.add(meant)
-            hint = f"did you mean `{meant}`?" if meant else None
             problems.append(
                 Diagnostic(
                     Code.UNKNOWN_GROUP,
                     f"unknown group `{node.text}`",
                     node.span,
-                    hint or "declare it with `groups ...`",
+                    f"did you mean `{meant}`?" if meant else "declare it with `groups ...`",
+                    fix=rename_fix(node.span, node.text, meant) if meant else None,
                 )
             )
             return set()
         return {node.text}
+
+    def _glob_matches_nothing(self, node: Word, intended: set[str]) -> Diagnostic:
+        """E202 with the glob it most likely meant (its literal start or end
+        respelt after the declared names); on the query side the groups that
+        glob selects are ``intended`` (their "never a query" would repeat this)."""
+        meant = self._closest_glob(node.text)
+        if meant is not None:
+            match = re.compile(fnmatch.translate(meant)).match
+            intended.update(g for g in self.groups if match(g))
+            hint = f"did you mean `{meant}`?"
+        else:
+            shown = ", ".join(f"`{g}`" for g in self.groups[:8])
+            hint = f"declared groups: {shown}" + (" ..." if len(self.groups) > 8 else "")
+        return Diagnostic(
+            Code.GLOB_MATCHES_NOTHING,
+            f"glob `{node.text}` matches no group",
+            node.span,
+            hint,
+            fix=rename_fix(node.span, node.text, meant) if meant is not None else None,
+        )
+
+    def _closest_glob(self, glob: str) -> str | None:
+        wild = [i for i, char in enumerate(glob) if char in "*?"]
+        head, middle, tail = glob[: wild[0]], glob[wild[0] : wild[-1] + 1], glob[wild[-1] + 1 :]
+        for side in ("head", "tail"):
+            part = head if side == "head" else tail
+            if not part:
+                continue
+            # the declared names' starts (ends) of about the part's length
+            lengths = range(max(1, len(part) - 2), len(part) + 3)
+            if side == "head":
+                pieces = {g[:n] for g in self.groups for n in lengths if len(g) >= n}
+            else:
+                pieces = {g[-n:] for g in self.groups for n in lengths if len(g) >= n}
+            meant = NameIndex(pieces, budget=1).closest(part)
+            if meant is None or meant == part:
+                continue
+            head, tail = (meant, tail) if side == "head" else (head, meant)
+            candidate = head + middle + tail
+            match = re.compile(fnmatch.translate(candidate)).match
+            if any(match(g) for g in self.groups):
+                return candidate
+        return None
 
     def _ordered(self, selected: set[str]) -> tuple[str, ...]:
         return tuple(sorted(selected, key=self.index.__getitem__))
