@@ -235,7 +235,8 @@ def _over_limits(text: str) -> Diagnostic | None:
     linear scans of the text without comments (blanked: offsets stay)."""
     code = _COMMENT.sub(lambda m: " " * len(m.group()), text)
     depth = 0
-    for offset, char in enumerate(code):
+    for paren in re.finditer("[()]", code):
+        offset, char = paren.start(), paren.group()
         if char == "(":
             depth += 1
             if depth > MAX_NESTING:

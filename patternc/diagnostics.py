@@ -13,7 +13,6 @@ on the first one, so a user sees all problems of a file in one run. A
 from __future__ import annotations
 
 import difflib
-import heapq
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -272,6 +271,8 @@ _SMALL_POOL = 200
 """Up to this many names, "did you mean" asks difflib about every one."""
 _SHORTLIST = 24
 """Past it, difflib sees only this many: those sharing the most letter pairs."""
+_POSTINGS_WORK = 4096
+"""Index entries one question reads, past the first letter pair's."""
 SUGGESTION_BUDGET = 200
 """Distinct misspelt names one :class:`NameIndex` (one file) answers; later
 ones get no "did you mean", as a compiler stops after its first errors."""
@@ -323,14 +324,21 @@ class NameIndex:
                 for pair in _bigrams(candidate):
                     postings.setdefault(pair, []).append(i)
             self._postings = postings
+        # rare pairs first; pairs most names share (a common prefix) tell
+        # little and cost most, so they count only while the work is small
+        lists = sorted((self._postings.get(pair, []) for pair in _bigrams(name)), key=len)
         shared: Counter[int] = Counter()
-        for pair in _bigrams(name):
-            shared.update(self._postings.get(pair, ()))
+        work = 0
+        for ids in lists:
+            if work and work + len(ids) > _POSTINGS_WORK:
+                break
+            shared.update(ids)
+            work += len(ids)
         # difflib's ratio 2M/(a+b) reaches the 0.6 cutoff only if 3/7 <= b/a <= 7/3
         low, high = 3 * len(name) / 7, 7 * len(name) / 3
         names = self.names
-        fits = (i for i in shared if low <= len(names[i]) <= high)
-        return [names[i] for i in heapq.nlargest(_SHORTLIST, fits, key=shared.__getitem__)]
+        best = (names[i] for i, _ in shared.most_common(2 * _SHORTLIST))
+        return [n for n in best if low <= len(n) <= high][:_SHORTLIST]
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:
@@ -380,14 +388,14 @@ def lines_at(source: str, numbers: Iterable[int]) -> dict[int, str]:
     out: dict[int, str] = {}
     line, offset = 1, 0
     for number in sorted(set(numbers)):
+        # whole chunks first (str.count runs in C), then line by line
         while line < number:
-            # skip to the line in chunks: str.count runs in C
-            chunk_end = min(len(source), offset + 65536)
+            chunk_end = min(len(source), offset + 4096)
             newlines = source.count("\n", offset, chunk_end)
-            if line + newlines < number and chunk_end < len(source):
-                line += newlines
-                offset = chunk_end
-                continue
+            if line + newlines >= number or chunk_end == len(source):
+                break
+            line, offset = line + newlines, chunk_end
+        while line < number:
             found = source.find("\n", offset)
             if found < 0:
                 return out

@@ -27,6 +27,10 @@ from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion,
 
 __all__ = ["SELF", "GroupResolver", "ResolvedRule", "RuleResolution", "is_family"]
 
+_GLOB_QUESTIONS = 20
+"""Distinct globs matching nothing that get a "did you mean" in one file
+(each question reads every declared name)."""
+
 SELF = "self"
 """The key side ``self``: each query group attends to itself (``doc* -> self``)."""
 
@@ -70,6 +74,8 @@ class GroupResolver:
         self.names = NameIndex(self.groups)
         self.maybe_declared = frozenset(maybe_declared)
         self._unreported = 0
+        self._globs: dict[str, str | None] = {}
+        """Globs asked "did you mean" of, and the answers (at most ``_GLOB_QUESTIONS``)."""
         """Selectors left unresolved without a diagnostic (``maybe_declared``)."""
 
     def rule(self, rule: Rule) -> RuleResolution:
@@ -245,6 +251,11 @@ class GroupResolver:
         )
 
     def _closest_glob(self, glob: str) -> str | None:
+        if glob not in self._globs and len(self._globs) < _GLOB_QUESTIONS:
+            self._globs[glob] = self._respelt_glob(glob)
+        return self._globs.get(glob)
+
+    def _respelt_glob(self, glob: str) -> str | None:
         wild = [i for i, char in enumerate(glob) if char in "*?"]
         head, middle, tail = glob[: wild[0]], glob[wild[0] : wild[-1] + 1], glob[wild[-1] + 1 :]
         for side in ("head", "tail"):

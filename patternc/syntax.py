@@ -618,7 +618,9 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
 # ------------------------------------------------------------------ parse
 
-_NOQA = re.compile(r"#\s*noqa(?::\s*([A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
+_NOQA = re.compile(
+    r"#[^\S\n]*noqa(?::[^\S\n]*([A-Z][0-9]{3}(?:[^\S\n]*,[^\S\n]*[A-Z][0-9]{3})*))?", re.IGNORECASE
+)
 _MAX_RECOVERIES = 50
 _RECOVERY_CHARACTERS = 1_000_000
 
@@ -626,28 +628,32 @@ _RECOVERY_CHARACTERS = 1_000_000
 def source_lines(text: str) -> list[str]:
     """Lines as the parser counts them: split at ``\\n`` only (``\\f``,
     ``\\v`` and U+2028 are not line breaks in a pattern file)."""
+    if "\r" not in text:
+        return text.split("\n")
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _suppressions(lines: list[str]) -> tuple[tuple[int, frozenset[str]], ...]:
-    out = []
-    for number, line in enumerate(lines, 1):
-        if "noqa" not in line.lower():
+def _suppressions(text: str) -> tuple[tuple[int, frozenset[str]], ...]:
+    """``# noqa`` comments by line (the first on a line counts), found by one
+    search of the text rather than a pass over every line."""
+    out: dict[int, frozenset[str]] = {}
+    line, counted = 1, 0
+    for match in _NOQA.finditer(text):
+        line += text.count("\n", counted, match.start())
+        counted = match.start()
+        if line in out:
             continue
-        match = _NOQA.search(line)
-        if match:
-            codes = match.group(1)
-            out.append(
-                (number, frozenset(c.strip().upper() for c in codes.split(",")) if codes else frozenset())
-            )
-    return tuple(out)
+        codes = match.group(1)
+        out[line] = frozenset(c.strip().upper() for c in codes.split(",")) if codes else frozenset()
+    return tuple(out.items())
 
 
-def _first_syntax_error(text: str) -> tuple[lark.Tree[lark.Token] | None, Diagnostic | None, int]:
+def _first_syntax_error(
+    text: str, lines: list[str]
+) -> tuple[lark.Tree[lark.Token] | None, Diagnostic | None, int]:
     """Parse once: the tree, or the first syntax error (the only one a parse
     can report reliably: what follows it may be a consequence) and the line
-    where parsing stopped."""
-    lines = source_lines(text)
+    where parsing stopped. ``lines`` are the text's :func:`source_lines`."""
     found: list[Diagnostic] = []
     stopped = [0]
 
@@ -729,13 +735,13 @@ def parse(text: str) -> SourceFile:
     lines = source_lines(text)
     syntax_errors: list[Diagnostic] = []
     skipped: set[int] = set()
-    repaired = text
+    repaired, repaired_lines = text, lines
     tree: lark.Tree[lark.Token] | None = None
     # each recovery parses the file again: a budget of ~1M characters keeps
     # a file full of errors linear (its first errors are reported, then it stops)
     passes = min(_MAX_RECOVERIES, max(2, _RECOVERY_CHARACTERS // max(1, len(text))))
     for _ in range(passes):
-        tree, error, stopped = _first_syntax_error(repaired)
+        tree, error, stopped = _first_syntax_error(repaired, repaired_lines)
         if error is None:
             break
         span = error.span
@@ -755,14 +761,15 @@ def parse(text: str) -> SourceFile:
         syntax_errors.append(error)
         skipped |= blank
         repaired = _blank_lines(lines, skipped)
+        repaired_lines = source_lines(repaired)
     else:
         tree = None
-    suppressed = _suppressions(lines)
+    suppressed = _suppressions(text)
     if tree is None:
         return SourceFile((), (), (), tuple(syntax_errors), suppressed=suppressed,
                           skipped_lines=frozenset(skipped) or frozenset({0}))  # fmt: skip
     try:
-        result = _ToSyntaxTree(source_lines(repaired)).transform(tree)
+        result = _ToSyntaxTree(repaired_lines).transform(tree)
     except lark.exceptions.VisitError as error:
         if isinstance(error.orig_exc, RecursionError):
             raise error.orig_exc from None
