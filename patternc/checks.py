@@ -9,6 +9,7 @@ lists (:func:`check_patterns`), so both report the same codes and messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from patternc.diagnostics import Code, Diagnostic, Edit, Fix, PatternError, Span, suggest
 from patternc.ir import KeyGroup, ResolvedRule
@@ -42,13 +43,17 @@ def check_rules(
     diagnostics: list[Diagnostic] = []
     inputs = set(input_groups)
     owner: dict[str, ResolvedRule] = {}
+    merges: dict[tuple[int, int], _Merge] = {}
     for rule in rules:
         for group in rule.queries:
             if group not in inputs:
                 continue
             first = owner.setdefault(group, rule)
             if first is not rule:
-                hint, fix = _overlap_hint(group, first, rule, line_text)
+                pair = (id(first), id(rule))
+                if pair not in merges:  # one merge per pair of rules, whatever the groups they share
+                    merges[pair] = _merge(first, rule, line_text)
+                hint, fix = _overlap_hint(group, merges[pair])
                 diagnostics.append(
                     Diagnostic(
                         Code.OVERLAP,
@@ -97,30 +102,50 @@ def _short(text: str) -> str:
     return text if len(text) <= _SHOWN_RULE else text[: _SHOWN_RULE - 4].rstrip() + " ..."
 
 
-def _overlap_hint(
-    group: str, first: ResolvedRule, second: ResolvedRule, line_text: Callable[[int], str | None] | None
-) -> tuple[str, Fix | None]:
-    """The hint and fix of an overlap: both rules' keys in one rule, each
-    key with its own modifiers (``text -> image`` and ``text -> text
-    [causal]`` merge into ``text -> image, text[causal]``), unless the rules
-    give one key different modifiers."""
+@dataclass(frozen=True, slots=True)
+class _Merge:
+    """Two overlapping rules' keys in one list, each key with its modifiers
+    (``keys``), or the key the rules give different modifiers (``clash``)."""
+
+    keys: str
+    clash: str | None
+    fix: Fix | None
+
+
+def _merge(
+    first: ResolvedRule, second: ResolvedRule, line_text: Callable[[int], str | None] | None
+) -> _Merge:
     merged: dict[str, Modifiers] = {}
     for key in (*first.keys, *second.keys):
         have = merged.setdefault(key.name, key.modifiers)
         if have != key.modifiers:
-            return (
-                f"a group's queries come from one rule, and the two rules give key `{key.name}` different "
-                f"modifiers ({have.text() or 'none'} and {key.modifiers.text() or 'none'}): choose one, "
-                f"then merge the keys into one rule, or drop `{group}` from one",
-                None,
+            clash = (
+                f"the two rules give key `{key.name}` different modifiers "
+                f"({have.text() or 'none'} and {key.modifiers.text() or 'none'})"
             )
+            return _Merge("", clash, None)
     keys = ", ".join(f"{name}{mods.text()}" for name, mods in merged.items())
+    return _Merge(keys, None, _merge_fix(first, second, keys, line_text))
+
+
+def _overlap_hint(group: str, merge: _Merge) -> tuple[str, Fix | None]:
+    """The hint and fix of an overlap: both rules' keys in one rule, each
+    key with its own modifiers (``text -> image`` and ``text -> text
+    [causal]`` merge into ``text -> image, text[causal]``), unless the rules
+    give one key different modifiers."""
+    if merge.clash is not None:
+        return (
+            f"a group's queries come from one rule, and {merge.clash}: choose one, "
+            f"then merge the keys into one rule, or drop `{group}` from one",
+            None,
+        )
+    keys = merge.keys
     shown = f" (`{group} -> {keys}`)" if keys and len(keys) <= _MERGE_IN_HINT else ""
     hint = (
         f"a group's queries come from one rule: merge the keys into one rule{shown} "
         f"or drop `{group}` from one"
     )
-    return hint, _merge_fix(first, second, keys, line_text)
+    return hint, merge.fix
 
 
 def _merge_fix(

@@ -15,6 +15,7 @@ for one group are an error (E023).
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import re
 from collections.abc import Collection, Sequence
@@ -76,6 +77,9 @@ class GroupResolver:
         self._unreported = 0
         self._globs: dict[str, str | None] = {}
         """Globs asked "did you mean" of, and the answers (at most ``_GLOB_QUESTIONS``)."""
+        self._piece_sets: dict[tuple[str, int], set[str]] = {}
+        self._glob_matches: dict[str, set[str]] = {}
+        self._sorted: list[str] | None = None
         """Selectors left unresolved without a diagnostic (``maybe_declared``)."""
 
     def rule(self, rule: Rule) -> RuleResolution:
@@ -194,8 +198,8 @@ class GroupResolver:
 
     def _word(self, node: Word, problems: list[Diagnostic], intended: set[str]) -> set[str]:
         if node.is_glob:
+            matched = self.glob(node.text)
             match = re.compile(fnmatch.translate(node.text)).match
-            matched = {g for g in self.groups if match(g)}
             if not matched and any(match(g) for g in self.maybe_declared):
                 self._unreported += 1
             elif not matched:
@@ -236,8 +240,7 @@ class GroupResolver:
         glob selects are ``intended`` (their "never a query" would repeat this)."""
         meant = self._closest_glob(node.text)
         if meant is not None:
-            match = re.compile(fnmatch.translate(meant)).match
-            intended.update(g for g in self.groups if match(g))
+            intended.update(self.glob(meant))
             hint = f"did you mean `{meant}`?"
         else:
             shown = ", ".join(f"`{g}`" for g in self.groups[:8])
@@ -255,6 +258,14 @@ class GroupResolver:
             self._globs[glob] = self._respelt_glob(glob)
         return self._globs.get(glob)
 
+    def _pieces(self, side: str, n: int) -> set[str]:
+        """The declared names' first (``head``) or last ``n`` characters."""
+        key = (side, n)
+        if key not in self._piece_sets:
+            ends = (g[:n] if side == "head" else g[-n:] for g in self.groups if len(g) >= n)
+            self._piece_sets[key] = set(ends)
+        return self._piece_sets[key]
+
     def _respelt_glob(self, glob: str) -> str | None:
         wild = [i for i, char in enumerate(glob) if char in "*?"]
         head, middle, tail = glob[: wild[0]], glob[wild[0] : wild[-1] + 1], glob[wild[-1] + 1 :]
@@ -263,20 +274,34 @@ class GroupResolver:
             if not part:
                 continue
             # the declared names' starts (ends) of about the part's length
-            lengths = range(max(1, len(part) - 2), len(part) + 3)
-            if side == "head":
-                pieces = {g[:n] for g in self.groups for n in lengths if len(g) >= n}
-            else:
-                pieces = {g[-n:] for g in self.groups for n in lengths if len(g) >= n}
+            pieces: set[str] = set()
+            for n in range(max(1, len(part) - 2), len(part) + 3):
+                pieces |= self._pieces(side, n)
             meant = NameIndex(pieces, budget=1).closest(part)
             if meant is None or meant == part:
                 continue
             head, tail = (meant, tail) if side == "head" else (head, meant)
             candidate = head + middle + tail
-            match = re.compile(fnmatch.translate(candidate)).match
-            if any(match(g) for g in self.groups):
+            if self.glob(candidate):
                 return candidate
         return None
+
+    def glob(self, pattern: str) -> set[str]:
+        """The declared groups a glob matches. Only names that start with the
+        glob's literal head are tried (a range of the sorted names), so a
+        glob costs what it matches, not the number of groups."""
+        if pattern not in self._glob_matches:
+            match = re.compile(fnmatch.translate(pattern)).match
+            head = re.split(r"[*?]", pattern, maxsplit=1)[0]
+            if self._sorted is None:
+                self._sorted = sorted(self.groups)
+            names = self._sorted
+            if head:
+                names = names[
+                    bisect.bisect_left(names, head) : bisect.bisect_left(names, head + "\U0010ffff")
+                ]
+            self._glob_matches[pattern] = {g for g in names if match(g)}
+        return set(self._glob_matches[pattern])
 
     def _ordered(self, selected: set[str]) -> tuple[str, ...]:
         return tuple(sorted(selected, key=self.index.__getitem__))
