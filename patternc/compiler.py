@@ -80,6 +80,9 @@ class UnknownPatternError(KeyError):
         self.name = name
         self.known = known
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (UnknownPatternError, (self.name, self.known))
+
     def __str__(self) -> str:
         listed = ", ".join(f"`{k}`" for k in self.known[:20]) + (" ..." if len(self.known) > 20 else "")
         hint = suggest(self.name, self.known)

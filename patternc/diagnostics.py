@@ -8,6 +8,10 @@ on the first one, so a user sees all problems of a file in one run. A
         volume_* -> volume_anchor
                     ^~~~~~~~~~~~~
       hint: did you mean `volume_anchors`?
+
+Rendering stays in proportion to the input (a window of a long line, a
+count of what is not shown). Where a hint is a text edit, the diagnostic
+also carries it as a :class:`Fix` that editors apply as a quick fix.
 """
 
 from __future__ import annotations

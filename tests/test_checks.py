@@ -274,7 +274,9 @@ def test_misspelt_declaration_is_one_error_at_its_place() -> None:
     )
     (diag,) = diagnostics_of(source)  # not a "did you mean `surfce_queries`?" at each use
     assert diag.code == "E201" and (diag.line, diag.column) == (1, 24)
-    assert diag.message == "group `surfce_queries` is declared, but the rules name `surface_queries` (2 times)"
+    assert (
+        diag.message == "group `surfce_queries` is declared, but the rules name `surface_queries` (2 times)"
+    )
     assert diag.hint == "did you mean `surface_queries`? the declaration looks misspelt"
     assert diag.fix is not None
     program = patternc.compile(diag.fix.apply(source))
