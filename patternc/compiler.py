@@ -279,11 +279,12 @@ def _lower(syntax: SourceFile, filename: str | None, text: str) -> tuple[Program
     declared = tuple(dict.fromkeys(g.name for g in syntax.groups))
     # a misspelt declaration is one error at its place; the rest of the file
     # is checked as if it were spelt as the rules spell it
-    typos = _declaration_typos(syntax, declared)
+    maybe_declared = _maybe_declared(text, skipped)
+    typos = _declaration_typos(syntax, declared, maybe_declared)
     diagnostics.extend(diagnostic for _, diagnostic in typos.values())
     groups = tuple(typos[g][0] if g in typos else g for g in declared)
     group_spans = {typos[g.name][0] if g.name in typos else g.name: g.span for g in reversed(syntax.groups)}
-    resolver = GroupResolver(groups, maybe_declared=_maybe_declared(text, skipped))
+    resolver = GroupResolver(groups, maybe_declared=maybe_declared)
     group_types, problems = _resolve_types(syntax, resolver)
     diagnostics.extend(problems)
     plans = PatternTable()
@@ -340,7 +341,9 @@ def _maybe_declared(text: str, skipped: frozenset[int]) -> frozenset[str]:
     )
 
 
-def _declaration_typos(syntax: SourceFile, declared: tuple[str, ...]) -> dict[str, tuple[str, Diagnostic]]:
+def _declaration_typos(
+    syntax: SourceFile, declared: tuple[str, ...], maybe_declared: frozenset[str]
+) -> dict[str, tuple[str, Diagnostic]]:
     """``{declared: (meant, diagnostic)}`` for declarations that look
     misspelt: rules name an undeclared group at least twice, and the declared
     group closest to it is named by no rule (``groups surfce_queries`` with
@@ -350,7 +353,11 @@ def _declaration_typos(syntax: SourceFile, declared: tuple[str, ...]) -> dict[st
     words += [w for rule in syntax.types for w in selector_words(rule.selector)]
     named = Counter(w.text for w in words if not w.is_glob and w.text != SELF)
     known = set(declared)
-    unknown = [name for name, count in named.items() if count >= 2 and name not in known]
+    unknown = [
+        name
+        for name, count in named.items()
+        if count >= 2 and name not in known and name not in maybe_declared
+    ]
     if not unknown:
         return {}
     spans = {g.name: g for g in reversed(syntax.groups)}
