@@ -8,10 +8,12 @@ lists (:func:`check_patterns`), so both report the same codes and messages.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from patternc.diagnostics import Code, Diagnostic, PatternError, Span, suggest
+from patternc.diagnostics import Code, Diagnostic, Edit, Fix, PatternError, Span, suggest
 from patternc.ir import KeyGroup, ResolvedRule
+from patternc.modifiers import Modifiers
 from patternc.schemas import AttentionPattern, TokenSpec, as_token_specs
 from patternc.syntax import GroupDecl, PatternBlock, SourceFile
 
@@ -27,6 +29,7 @@ def check_rules(
     group_spans: Mapping[str, Span] | None = None,
     where: str | None = None,
     already_reported: Collection[str] = (),
+    line_text: Callable[[int], str | None] | None = None,
 ) -> list[Diagnostic]:
     """Every group of ``input_groups`` must be a query in exactly one rule.
 
@@ -34,33 +37,44 @@ def check_rules(
     skipped at run time. Groups that are a query in no rule are one
     diagnostic listing them, except those in ``already_reported`` (what a
     misspelt query selector was meant to name: its own error says so).
+    ``line_text`` (a source line by number, None past the end) lets an
+    overlap's fix delete a merged rule's whole line.
     """
     diagnostics: list[Diagnostic] = []
     inputs = set(input_groups)
     owner: dict[str, ResolvedRule] = {}
+    merges: dict[tuple[int, int], _Merge] = {}
     for rule in rules:
         for group in rule.queries:
             if group not in inputs:
                 continue
             first = owner.setdefault(group, rule)
             if first is not rule:
+                pair = (id(first), id(rule))
+                if pair not in merges:  # one merge per pair of rules, whatever the groups they share
+                    merges[pair] = _merge(first, rule, line_text)
+                hint, fix = _overlap_hint(group, merges[pair])
                 diagnostics.append(
                     Diagnostic(
                         Code.OVERLAP,
                         f"group `{group}` is a query in two rules of pattern `{pattern}`: "
-                        f"{first.location()} (`{first.text}`) and {rule.location()} (`{rule.text}`)"
+                        f"{first.location()} (`{_short(first.text)}`) and {rule.location()} "
+                        f"(`{_short(rule.text)}`)"
                         if first.text
                         else f"group `{group}` is a query in two patterns: "
                         f"{first.location()} and {rule.location()}",
                         rule.span,
-                        _overlap_hint(group, first, rule),
+                        hint,
                         where=rule.where,
+                        fix=fix,
                     )
                 )
     missing = [g for g in input_groups if g not in owner and g not in already_reported]
     if missing:
         span = pattern_span if pattern_span is not None else (group_spans or {}).get(missing[0])
-        names = ", ".join(f"`{g}`" for g in missing)
+        names = ", ".join(f"`{g}`" for g in missing[:_LISTED])
+        names += f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
+        example = ", ".join(missing[:_LISTED]) + (", ..." if len(missing) > _LISTED else "")
         diagnostics.append(
             Diagnostic(
                 Code.NOT_EXHAUSTIVE,
@@ -68,20 +82,102 @@ def check_rules(
                 if len(missing) == 1
                 else f"{len(missing)} groups are a query in no rule of pattern `{pattern}`: {names}",
                 span,
-                f"every input group attends to something: add a rule such as `{', '.join(missing)} -> ...`",
+                f"every input group attends to something: add a rule such as `{example} -> ...`",
                 where=where,
             )
         )
     return diagnostics
 
 
-def _overlap_hint(group: str, first: ResolvedRule, second: ResolvedRule) -> str:
-    keys = list(dict.fromkeys([*first.keys_values, *second.keys_values]))
-    merge = f" (`{group} -> {', '.join(keys)}`)" if keys else ""
-    return (
-        f"a group's queries come from one rule: merge the keys into one rule{merge} "
+_LISTED = 20
+"""Groups a message lists by name before counting the rest."""
+_SHOWN_RULE = 60
+"""Characters of a rule a message quotes."""
+_MERGE_IN_HINT = 200
+"""Longest merged rule a hint spells out (a fix carries any length up to ``_MERGE_IN_FIX``)."""
+_MERGE_IN_FIX = 4000
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN_RULE else text[: _SHOWN_RULE - 4].rstrip() + " ..."
+
+
+@dataclass(frozen=True, slots=True)
+class _Merge:
+    """Two overlapping rules' keys in one list, each key with its modifiers
+    (``keys``), or the key the rules give different modifiers (``clash``)."""
+
+    keys: str
+    clash: str | None
+    fix: Fix | None
+
+
+def _merge(
+    first: ResolvedRule, second: ResolvedRule, line_text: Callable[[int], str | None] | None
+) -> _Merge:
+    merged: dict[str, Modifiers] = {}
+    for key in (*first.keys, *second.keys):
+        have = merged.setdefault(key.name, key.modifiers)
+        if have != key.modifiers:
+            clash = (
+                f"the two rules give key `{key.name}` different modifiers "
+                f"({have.text() or 'none'} and {key.modifiers.text() or 'none'})"
+            )
+            return _Merge("", clash, None)
+    keys = ", ".join(f"{name}{mods.text()}" for name, mods in merged.items())
+    return _Merge(keys, None, _merge_fix(first, second, keys, line_text))
+
+
+def _overlap_hint(group: str, merge: _Merge) -> tuple[str, Fix | None]:
+    """The hint and fix of an overlap: both rules' keys in one rule, each
+    key with its own modifiers (``text -> image`` and ``text -> text
+    [causal]`` merge into ``text -> image, text[causal]``), unless the rules
+    give one key different modifiers."""
+    if merge.clash is not None:
+        return (
+            f"a group's queries come from one rule, and {merge.clash}: choose one, "
+            f"then merge the keys into one rule, or drop `{group}` from one",
+            None,
+        )
+    keys = merge.keys
+    shown = f" (`{group} -> {keys}`)" if keys and len(keys) <= _MERGE_IN_HINT else ""
+    hint = (
+        f"a group's queries come from one rule: merge the keys into one rule{shown} "
         f"or drop `{group}` from one"
     )
+    return hint, merge.fix
+
+
+def _merge_fix(
+    first: ResolvedRule, second: ResolvedRule, keys: str, line_text: Callable[[int], str | None] | None
+) -> Fix | None:
+    """Two one-line rules with the same query groups become the first with
+    both rules' keys; the second is deleted (with its line when alone on it)."""
+    a, b = first.span, second.span
+    if (
+        a is None
+        or b is None
+        or line_text is None
+        or first.to_self
+        or second.to_self
+        or first.queries != second.queries
+        or a.line != a.end_line
+        or b.line != b.end_line
+        or a.line == b.line
+        or len(keys) > _MERGE_IN_FIX
+    ):
+        return None
+    merged = f"{', '.join(first.queries)} -> {keys}"
+    line = line_text(b.line) or ""
+    alone = not line[: b.column - 1].strip() and not line[b.end_column - 1 :].strip()
+    if alone and line_text(b.line + 1) is not None:
+        drop = Span(b.line, 1, b.line + 1, 1)
+    elif alone and b.line > 1 and b.line - 1 != a.line:
+        above = line_text(b.line - 1) or ""
+        drop = Span(b.line - 1, len(above) + 1, b.line, len(line) + 1)
+    else:
+        drop = b
+    return Fix(f"merge into `{_short(merged)}`", (Edit(a, merged), Edit(drop, "")))
 
 
 def check_declarations(source: SourceFile, *, complete: bool = True) -> list[Diagnostic]:

@@ -11,19 +11,49 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from patternc.checks import check_declarations, check_rules
-from patternc.diagnostics import Code, Diagnostic, PatternError, Span, errors_only
+from patternc.diagnostics import (
+    Code,
+    Diagnostic,
+    NameIndex,
+    PatternError,
+    Span,
+    errors_only,
+    lines_at,
+    rename_fix,
+    suggest,
+)
 from patternc.ir import ResolvedRule
 from patternc.lint import warn
 from patternc.plan import Plan, Program
-from patternc.resolve import GroupResolver
+from patternc.resolve import SELF, GroupResolver, is_family
 from patternc.schemas import domain_of
-from patternc.syntax import PatternBlock, SourceFile, parse
+from patternc.syntax import (
+    DEFAULT_PATTERN,
+    GroupDecl,
+    SourceFile,
+    parse,
+    pattern_blocks,
+    selector_words,
+    source_lines,
+)
 
-__all__ = ["MAX_NAMES", "MAX_NESTING", "MAX_RULES", "MAX_SOURCE_BYTES", "compile", "read_source"]
+__all__ = [
+    "DEFAULT_PATTERN",
+    "MAX_NAMES",
+    "MAX_NESTING",
+    "MAX_RULES",
+    "MAX_SOURCE_BYTES",
+    "PatternTable",
+    "UnknownPatternError",
+    "compile",
+    "read_source",
+]
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 """Pattern files are small; anything larger is almost surely the wrong file."""
@@ -40,7 +70,34 @@ once, at the place it is crossed."""
 _COMMENT = re.compile(r"#[^\n]*")
 _NAME = re.compile(r"[A-Za-z0-9_*?]+")
 
-DEFAULT_PATTERN = "default"
+
+class UnknownPatternError(KeyError):
+    """``program.patterns[name]`` for a pattern the file does not have; the
+    message lists the patterns and the closest one."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (UnknownPatternError, (self.name, self.known))
+
+    def __str__(self) -> str:
+        listed = ", ".join(f"`{k}`" for k in self.known[:20]) + (" ..." if len(self.known) > 20 else "")
+        hint = suggest(self.name, self.known)
+        return (
+            f"no pattern `{self.name}`; " + (f"{hint} " if hint else "") + f"patterns: {listed or '(none)'}"
+        )
+
+
+class PatternTable(dict[str, Plan]):
+    """``Program.patterns``: ``{name: Plan}`` in file order, whose missing
+    name raises :class:`UnknownPatternError` (a ``KeyError``) naming the
+    patterns and the closest one."""
+
+    def __missing__(self, name: str) -> Plan:
+        raise UnknownPatternError(name, tuple(self))
 
 
 def read_source(path: str | os.PathLike[str]) -> str:
@@ -157,7 +214,7 @@ def compile_text(text: str, filename: str | None) -> Program:
     if limit is not None:
         raise PatternError([limit], filename=filename, source=text)
     try:
-        program, diagnostics = _lower(parse(text), filename)
+        program, diagnostics = _lower(parse(text), filename, text)
     except RecursionError:
         raise PatternError(
             [Diagnostic(Code.TOO_DEEP, "selectors are nested too deeply", None, where=filename or "<input>")],
@@ -181,7 +238,8 @@ def _over_limits(text: str) -> Diagnostic | None:
     linear scans of the text without comments (blanked: offsets stay)."""
     code = _COMMENT.sub(lambda m: " " * len(m.group()), text)
     depth = 0
-    for offset, char in enumerate(code):
+    for paren in re.finditer("[()]", code):
+        offset, char = paren.start(), paren.group()
         if char == "(":
             depth += 1
             if depth > MAX_NESTING:
@@ -212,29 +270,26 @@ def _over_limits(text: str) -> Diagnostic | None:
     return None
 
 
-def _blocks(syntax: SourceFile) -> tuple[PatternBlock, ...]:
-    if syntax.patterns:
-        return syntax.patterns
-    if not syntax.top_level_rules:
-        return ()
-    first, last = syntax.top_level_rules[0].span, syntax.top_level_rules[-1].span
-    span = Span(first.line, first.column, last.end_line, last.end_column)
-    return (PatternBlock(DEFAULT_PATTERN, None, syntax.top_level_rules, span),)
-
-
-def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, list[Diagnostic]]:
+def _lower(syntax: SourceFile, filename: str | None, text: str) -> tuple[Program | None, list[Diagnostic]]:
     diagnostics = list(syntax.diagnostics)
     if 0 in syntax.skipped_lines:  # recovery gave up: the syntax errors are all we know
         return None, diagnostics
     skipped = syntax.skipped_lines
     diagnostics.extend(check_declarations(syntax, complete=not skipped))
-    groups = tuple(dict.fromkeys(g.name for g in syntax.groups))
-    group_spans = {g.name: g.span for g in reversed(syntax.groups)}
-    resolver = GroupResolver(groups)
+    declared = tuple(dict.fromkeys(g.name for g in syntax.groups))
+    # a misspelt declaration is one error at its place; the rest of the file
+    # is checked as if it were spelt as the rules spell it
+    maybe_declared = _maybe_declared(text, skipped)
+    typos = _declaration_typos(syntax, declared, maybe_declared)
+    diagnostics.extend(diagnostic for _, diagnostic in typos.values())
+    groups = tuple(typos[g][0] if g in typos else g for g in declared)
+    group_spans = {typos[g.name][0] if g.name in typos else g.name: g.span for g in reversed(syntax.groups)}
+    resolver = GroupResolver(groups, maybe_declared=maybe_declared)
     group_types, problems = _resolve_types(syntax, resolver)
     diagnostics.extend(problems)
-    plans: dict[str, Plan] = {}
-    for block in _blocks(syntax):
+    plans = PatternTable()
+    line_text = _line_reader(text)
+    for block in pattern_blocks(syntax):
         rules: list[ResolvedRule] = []
         intended: set[str] = set()
         for rule in block.rules:
@@ -253,13 +308,77 @@ def _lower(syntax: SourceFile, filename: str | None) -> tuple[Program | None, li
                     pattern_span=block.name_span,
                     group_spans=group_spans,
                     already_reported=intended,
+                    line_text=line_text,
                 )
             )
         plans.setdefault(block.name, Plan(block.name, groups, tuple(rules), group_types))
-    if not any(d.is_error for d in diagnostics):
-        diagnostics.extend(_suppress(warn(syntax, plans), syntax))
+    diagnostics.extend(_suppress(warn(syntax, plans, errors_only(diagnostics)), syntax))
     diagnostics.sort(key=lambda d: ((d.span.line, d.span.column) if d.span else (0, 0), d.code))
     return Program(filename, groups, plans, dict(zip(groups, group_types))), diagnostics
+
+
+def _line_reader(text: str) -> Callable[[int], str | None]:
+    """Source lines by number (None past the end), split only if asked."""
+    lines: list[str] = []
+
+    def line_text(number: int) -> str | None:
+        if not lines:
+            lines.extend(source_lines(text))
+        return lines[number - 1] if 0 < number <= len(lines) else None
+
+    return line_text
+
+
+def _maybe_declared(text: str, skipped: frozenset[int]) -> frozenset[str]:
+    """Names on lines left out after a syntax error that hold no rule: they
+    may be declarations (``gruops a b``), so rules naming them are not
+    reported unknown as well."""
+    if not skipped:
+        return frozenset()
+    lines = lines_at(text, skipped)
+    return frozenset(
+        name for line in lines.values() if "->" not in line for name in _NAME.findall(line.split("#", 1)[0])
+    )
+
+
+def _declaration_typos(
+    syntax: SourceFile, declared: tuple[str, ...], maybe_declared: frozenset[str]
+) -> dict[str, tuple[str, Diagnostic]]:
+    """``{declared: (meant, diagnostic)}`` for declarations that look
+    misspelt: rules name an undeclared group at least twice, and the declared
+    group closest to it is named by no rule (``groups surfce_queries`` with
+    ``surface_queries`` in three rules). Reported once, at the declaration."""
+    words = [w for block in pattern_blocks(syntax) for rule in block.rules
+             for side in (rule.queries, rule.keys_values) for w in selector_words(side)]  # fmt: skip
+    words += [w for rule in syntax.types for w in selector_words(rule.selector)]
+    named = Counter(w.text for w in words if not w.is_glob and w.text != SELF)
+    known = set(declared)
+    unknown = [
+        name
+        for name, count in named.items()
+        if count >= 2 and name not in known and name not in maybe_declared
+    ]
+    if not unknown:
+        return {}
+    spans = {g.name: g for g in reversed(syntax.groups)}
+    every = NameIndex(declared)
+    typos: dict[str, tuple[str, Diagnostic]] = {}
+    for name in unknown:
+        meant = every.closest(name)
+        if meant is None or meant in named or meant in typos or is_family(meant):
+            continue
+        decl: GroupDecl = spans[meant]
+        typos[meant] = (
+            name,
+            Diagnostic(
+                Code.UNKNOWN_GROUP,
+                f"group `{meant}` is declared, but the rules name `{name}` ({named[name]} times)",
+                decl.span,
+                f"did you mean `{name}`? the declaration looks misspelt",
+                fix=rename_fix(decl.span, meant, name),
+            ),
+        )
+    return typos
 
 
 def _suppress(warnings: list[Diagnostic], syntax: SourceFile) -> list[Diagnostic]:

@@ -2,7 +2,11 @@
 
 They never stop a compile (``patternc check`` exits 0 unless
 ``--warnings-as-errors``); a ``# noqa: W1xx`` comment on the line a warning
-points at silences it (``# noqa`` alone silences every warning there).
+points at silences it (``# noqa`` alone silences every warning there). A
+file with errors gets its warnings too, except those an error makes
+doubtful: W101 and W103 when a selector failed to resolve or lines were
+left out after a syntax error, W101 for a group in no rule at all, W102 and
+W103 for a rule or pattern holding an error.
 
 - W101: a group that no rule of any pattern lets anyone attend to;
 - W102: a rule-level modifier over several key groups (``text -> image,
@@ -14,29 +18,45 @@ points at silences it (``# noqa`` alone silences every warning there).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from patternc.diagnostics import Code, Diagnostic
+from patternc.diagnostics import Code, Diagnostic, Edit, Fix, Span
 from patternc.plan import Plan
-from patternc.syntax import PatternBlock, SourceFile
+from patternc.syntax import Selector, SelectorUnion, SourceFile, Word, pattern_blocks
 
 __all__ = ["warn"]
 
 
-def warn(syntax: SourceFile, plans: Mapping[str, Plan]) -> list[Diagnostic]:
-    """Every warning of a file that compiled without errors."""
+def warn(
+    syntax: SourceFile, plans: Mapping[str, Plan], errors: Sequence[Diagnostic] = ()
+) -> list[Diagnostic]:
+    """Every warning of a file; ``errors`` are the file's errors (warnings
+    they make doubtful are left out)."""
+    spans = [d.span for d in errors if d.span is not None]
+    unresolved = bool(syntax.skipped_lines) or any(d.code.startswith("E2") for d in errors)
     out: list[Diagnostic] = []
-    out.extend(_never_a_key(syntax, plans))
-    out.extend(_rule_modifier_across_groups(syntax, plans))
-    out.extend(_full_attention(syntax, plans))
+    if not unresolved:
+        out.extend(_never_a_key(syntax, plans, only_queries=bool(errors)))
+    out.extend(_rule_modifier_across_groups(syntax, plans, spans))
+    if not unresolved:
+        out.extend(_full_attention(syntax, plans, spans))
     return out
 
 
-def _never_a_key(syntax: SourceFile, plans: Mapping[str, Plan]) -> list[Diagnostic]:
+def _holds_error(span: Span, errors: Sequence[Span]) -> bool:
+    start, end = (span.line, span.column), (span.end_line, span.end_column)
+    return any(start <= (e.line, e.column) < end for e in errors)
+
+
+def _never_a_key(syntax: SourceFile, plans: Mapping[str, Plan], *, only_queries: bool) -> list[Diagnostic]:
+    """W101; ``only_queries``: only for groups some rule names as queries (in
+    a file with errors, a group in no rule at all is a rule still to write,
+    which an error already says)."""
     keys = {k.name for plan in plans.values() for call in plan.calls for k in call.keys}
+    queries = {q for plan in plans.values() for call in plan.calls for q in call.queries}
     out = []
     for decl in dict((g.name, g) for g in reversed(syntax.groups)).values():
-        if decl.name not in keys:
+        if decl.name not in keys and (decl.name in queries or not only_queries):
             out.append(
                 Diagnostic(
                     Code.NEVER_A_KEY,
@@ -49,20 +69,11 @@ def _never_a_key(syntax: SourceFile, plans: Mapping[str, Plan]) -> list[Diagnost
     return out
 
 
-def _blocks(syntax: SourceFile) -> list[PatternBlock]:
-    if syntax.patterns:
-        return list(syntax.patterns)
-    from patternc.compiler import DEFAULT_PATTERN
-
-    if not syntax.top_level_rules:
-        return []
-    first = syntax.top_level_rules[0].span
-    return [PatternBlock(DEFAULT_PATTERN, None, syntax.top_level_rules, first)]
-
-
-def _rule_modifier_across_groups(syntax: SourceFile, plans: Mapping[str, Plan]) -> list[Diagnostic]:
+def _rule_modifier_across_groups(
+    syntax: SourceFile, plans: Mapping[str, Plan], errors: Sequence[Span]
+) -> list[Diagnostic]:
     out = []
-    for block in _blocks(syntax):
+    for block in pattern_blocks(syntax):
         plan = plans.get(block.name)
         if plan is None:
             continue
@@ -71,26 +82,51 @@ def _rule_modifier_across_groups(syntax: SourceFile, plans: Mapping[str, Plan]) 
             resolved = by_span.get(rule.span)
             if rule.modifiers is None or resolved is None or len(resolved.keys) < 2:
                 continue
+            if _holds_error(rule.span, errors):
+                continue
             mods = rule.modifiers.modifiers.text()
-            last = resolved.keys_values[-1]
+            word = _last_word(rule.keys_values)
+            last = word.text if word is not None else resolved.keys_values[-1]
             out.append(
                 Diagnostic(
                     Code.RULE_MODIFIER_ACROSS_GROUPS,
                     f"{mods} applies to each of {len(resolved.keys)} key groups "
-                    f"({', '.join(resolved.keys_values)}), with positions counted within each group",
+                    f"({_listed(resolved.keys_values)}), with positions counted within each group",
                     rule.modifiers.span,
                     f"to restrict only some keys, put the modifier on them: `... {last}{mods}`; "
                     "to mean every key group, silence this with `# noqa: W102`",
+                    fix=_per_key_fix(word, rule.modifiers.span, mods) if word is not None else None,
                 )
             )
     return out
 
 
-def _full_attention(syntax: SourceFile, plans: Mapping[str, Plan]) -> list[Diagnostic]:
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", and {len(names) - most} more" if len(names) > most else "")
+
+
+def _last_word(keys: Selector) -> Word | None:
+    """The last item of a key side when it is a plain name or glob."""
+    last = keys.items[-1] if isinstance(keys, SelectorUnion) else keys
+    return last if isinstance(last, Word) else None
+
+
+def _per_key_fix(last: Word, modifiers: Span, mods: str) -> Fix:
+    """``a -> b, c [causal]`` -> ``a -> b, c[causal]``: the rule's modifiers
+    moved onto its last key selector."""
+    end = last.span
+    moved = Span(end.end_line, end.end_column, modifiers.end_line, modifiers.end_column)
+    return Fix(f"put {mods} on `{last.text}` only", (Edit(moved, mods),))
+
+
+def _full_attention(
+    syntax: SourceFile, plans: Mapping[str, Plan], errors: Sequence[Span]
+) -> list[Diagnostic]:
     out = []
-    for block in _blocks(syntax):
+    for block in pattern_blocks(syntax):
         plan = plans.get(block.name)
-        if plan is None or len(plan.calls) != 1:
+        if plan is None or len(plan.calls) != 1 or _holds_error(block.span, errors):
             continue
         (call,) = plan.calls
         if (

@@ -15,17 +15,22 @@ for one group are an error (E023).
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from patternc.diagnostics import Code, Diagnostic, Span, closest
+from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion, Word
 
 __all__ = ["SELF", "GroupResolver", "ResolvedRule", "RuleResolution", "is_family"]
+
+_GLOB_QUESTIONS = 20
+"""Distinct globs matching nothing that get a "did you mean" in one file
+(each question reads every declared name)."""
 
 SELF = "self"
 """The key side ``self``: each query group attends to itself (``doc* -> self``)."""
@@ -57,11 +62,25 @@ class RuleResolution:
 
 
 class GroupResolver:
-    """Resolves selectors against one file's declared groups (built once per file)."""
+    """Resolves selectors against one file's declared groups (built once per file).
 
-    def __init__(self, groups: Sequence[str]) -> None:
+    ``maybe_declared``: names that lines left out after a syntax error may
+    declare (``gruops a b``); a selector naming only those is not reported
+    unknown, since the syntax error is the one problem.
+    """
+
+    def __init__(self, groups: Sequence[str], *, maybe_declared: Collection[str] = ()) -> None:
         self.groups = tuple(groups)
         self.index = {name: i for i, name in enumerate(self.groups)}
+        self.names = NameIndex(self.groups)
+        self.maybe_declared = frozenset(maybe_declared)
+        self._unreported = 0
+        self._globs: dict[str, str | None] = {}
+        """Globs asked "did you mean" of, and the answers (at most ``_GLOB_QUESTIONS``)."""
+        self._piece_sets: dict[tuple[str, int], set[str]] = {}
+        self._glob_matches: dict[str, set[str]] = {}
+        self._sorted: list[str] | None = None
+        """Selectors left unresolved without a diagnostic (``maybe_declared``)."""
 
     def rule(self, rule: Rule) -> RuleResolution:
         """Resolve both sides of a rule. A side that resolves to nothing although
@@ -109,9 +128,9 @@ class GroupResolver:
     def _side(
         self, node: Selector, what: str, problems: list[Diagnostic], intended: set[str], *, keys: bool
     ) -> _Selection:
-        before = len(problems)
+        before, unreported = len(problems), self._unreported
         selection = self._selector(node, problems, intended, keys=keys, excluded=False)
-        if not selection.groups and len(problems) == before:
+        if not selection.groups and len(problems) == before and self._unreported == unreported:
             problems.append(
                 Diagnostic(
                     Code.EMPTY_SELECTOR,
@@ -179,18 +198,12 @@ class GroupResolver:
 
     def _word(self, node: Word, problems: list[Diagnostic], intended: set[str]) -> set[str]:
         if node.is_glob:
+            matched = self.glob(node.text)
             match = re.compile(fnmatch.translate(node.text)).match
-            matched = {g for g in self.groups if match(g)}
-            if not matched:
-                shown = ", ".join(f"`{g}`" for g in self.groups[:8])
-                problems.append(
-                    Diagnostic(
-                        Code.GLOB_MATCHES_NOTHING,
-                        f"glob `{node.text}` matches no group",
-                        node.span,
-                        f"declared groups: {shown}" + (" ..." if len(self.groups) > 8 else ""),
-                    )
-                )
+            if not matched and any(match(g) for g in self.maybe_declared):
+                self._unreported += 1
+            elif not matched:
+                problems.append(self._glob_matches_nothing(node, intended))
             return matched
         if node.text == SELF:
             problems.append(
@@ -203,20 +216,92 @@ class GroupResolver:
             )
             return set()
         if node.text not in self.index:
-            meant = closest(node.text, self.groups)
+            if node.text in self.maybe_declared:
+                self._unreported += 1
+                return set()
+            meant = self.names.closest(node.text)
             if meant is not None:
                 intended.add(meant)
-            hint = f"did you mean `{meant}`?" if meant else None
             problems.append(
                 Diagnostic(
                     Code.UNKNOWN_GROUP,
                     f"unknown group `{node.text}`",
                     node.span,
-                    hint or "declare it with `groups ...`",
+                    f"did you mean `{meant}`?" if meant else "declare it with `groups ...`",
+                    fix=rename_fix(node.span, node.text, meant) if meant else None,
                 )
             )
             return set()
         return {node.text}
+
+    def _glob_matches_nothing(self, node: Word, intended: set[str]) -> Diagnostic:
+        """E202 with the glob it most likely meant (its literal start or end
+        respelt after the declared names); on the query side the groups that
+        glob selects are ``intended`` (their "never a query" would repeat this)."""
+        meant = self._closest_glob(node.text)
+        if meant is not None:
+            intended.update(self.glob(meant))
+            hint = f"did you mean `{meant}`?"
+        else:
+            shown = ", ".join(f"`{g}`" for g in self.groups[:8])
+            hint = f"declared groups: {shown}" + (" ..." if len(self.groups) > 8 else "")
+        return Diagnostic(
+            Code.GLOB_MATCHES_NOTHING,
+            f"glob `{node.text}` matches no group",
+            node.span,
+            hint,
+            fix=rename_fix(node.span, node.text, meant) if meant is not None else None,
+        )
+
+    def _closest_glob(self, glob: str) -> str | None:
+        if glob not in self._globs and len(self._globs) < _GLOB_QUESTIONS:
+            self._globs[glob] = self._respelt_glob(glob)
+        return self._globs.get(glob)
+
+    def _pieces(self, side: str, n: int) -> set[str]:
+        """The declared names' first (``head``) or last ``n`` characters."""
+        key = (side, n)
+        if key not in self._piece_sets:
+            ends = (g[:n] if side == "head" else g[-n:] for g in self.groups if len(g) >= n)
+            self._piece_sets[key] = set(ends)
+        return self._piece_sets[key]
+
+    def _respelt_glob(self, glob: str) -> str | None:
+        wild = [i for i, char in enumerate(glob) if char in "*?"]
+        head, middle, tail = glob[: wild[0]], glob[wild[0] : wild[-1] + 1], glob[wild[-1] + 1 :]
+        for side in ("head", "tail"):
+            part = head if side == "head" else tail
+            if not part:
+                continue
+            # the declared names' starts (ends) of about the part's length
+            pieces: set[str] = set()
+            for n in range(max(1, len(part) - 2), len(part) + 3):
+                pieces |= self._pieces(side, n)
+            meant = NameIndex(pieces, budget=1).closest(part)
+            if meant is None or meant == part:
+                continue
+            head, tail = (meant, tail) if side == "head" else (head, meant)
+            candidate = head + middle + tail
+            if self.glob(candidate):
+                return candidate
+        return None
+
+    def glob(self, pattern: str) -> set[str]:
+        """The declared groups a glob matches. Only names that start with the
+        glob's literal head are tried (a range of the sorted names), so a
+        glob costs what it matches, not the number of groups."""
+        if pattern not in self._glob_matches:
+            match = re.compile(fnmatch.translate(pattern)).match
+            head = re.split(r"[*?]", pattern, maxsplit=1)[0]
+            if self._sorted is None:
+                self._sorted = sorted(self.groups)
+            names = self._sorted
+            if head:
+                names = names[
+                    bisect.bisect_left(names, head) : bisect.bisect_left(names, head + "\U0010ffff")
+                ]
+            self._glob_matches[pattern] = {g for g in names if match(g)}
+        return set(self._glob_matches[pattern])
 
     def _ordered(self, selected: set[str]) -> tuple[str, ...]:
         return tuple(sorted(selected, key=self.index.__getitem__))

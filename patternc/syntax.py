@@ -9,8 +9,10 @@ below in one pass, one method per grammar rule. Every node keeps its
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,10 +20,11 @@ from typing import Union
 
 import lark
 
-from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Span, suggest
+from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Edit, Fix, Span, closest, rename_fix
 from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
+    "DEFAULT_PATTERN",
     "Difference",
     "GroupDecl",
     "GroupsStatement",
@@ -36,8 +39,14 @@ __all__ = [
     "TypesBlock",
     "Word",
     "parse",
+    "pattern_blocks",
+    "selector_words",
     "source_lines",
 ]
+
+DEFAULT_PATTERN = "default"
+"""The name of the pattern a file's top-level rules (outside any block) form."""
+KEYWORDS = ("groups", "pattern", "types")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -90,6 +99,21 @@ class Modified:
 
 
 Selector = Union[Word, SelectorUnion, Difference, Modified]
+
+
+def selector_words(node: Selector) -> Iterator[Word]:
+    """The names and globs of a selector, in source order."""
+    stack: list[Selector] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Word):
+            yield item
+        elif isinstance(item, SelectorUnion):
+            stack.extend(reversed(item.items))
+        elif isinstance(item, Difference):
+            stack.extend((item.right, item.left))
+        else:
+            stack.append(item.inner)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +182,18 @@ class SourceFile:
     checked; checks that those lines could change are not reported)."""
     suppressed: tuple[tuple[int, frozenset[str]], ...] = field(default=())
     """``(line, codes)``: ``# noqa: W101`` comments (empty set: every warning)."""
+
+
+def pattern_blocks(source: SourceFile) -> tuple[PatternBlock, ...]:
+    """The file's pattern blocks; top-level rules form one block named
+    :data:`DEFAULT_PATTERN` (no ``name_span``) spanning them."""
+    if source.patterns:
+        return source.patterns
+    if not source.top_level_rules:
+        return ()
+    first, last = source.top_level_rules[0].span, source.top_level_rules[-1].span
+    span = Span(first.line, first.column, last.end_line, last.end_column)
+    return (PatternBlock(DEFAULT_PATTERN, None, source.top_level_rules, span),)
 
 
 # ---------------------------------------------------------------- grammar
@@ -233,6 +269,111 @@ def _syntax_hint(expected: set[str], got: str) -> str | None:
     return None
 
 
+_MODIFIER_PIECE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[-+]?[0-9]+|\S")
+_MODIFIER_FORMS = "modifiers read `[causal]`, `[window 256]` or `[causal, window 256]`"
+
+
+def _modifier_hint(lines: list[str], line: int, column: int) -> tuple[str, Fix | None] | None:
+    """At an error inside ``[...]``: the modifier list as it should read
+    (``[causal window 256]``, ``[causal, window=256]`` -> ``[causal, window
+    256]``) with a fix, the forms modifiers take when no repair is clear,
+    or None when the error is not inside brackets."""
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    at = column - 1
+    opened = text.rfind("[", 0, at)
+    if opened < 0 or "]" in text[opened:at]:
+        return None
+    closed = text.find("]", at)
+    end = closed if closed >= 0 else len(text.split("#", 1)[0].rstrip())
+    content = text[opened + 1 : end]
+    parts: list[str] = []
+    pieces = _MODIFIER_PIECE.findall(content)
+    i = 0
+    while i < len(pieces):
+        piece = pieces[i]
+        i += 1
+        if piece in (",", ";", "=", ":"):
+            continue
+        if piece == "causal" and "causal" not in parts:
+            parts.append("causal")
+            continue
+        if piece == "window":
+            while i < len(pieces) and pieces[i] in ("=", ":"):
+                i += 1
+            if i < len(pieces) and pieces[i].lstrip("+").isdigit() and int(pieces[i]) >= 1:
+                if any(p.startswith("window") for p in parts):
+                    return _MODIFIER_FORMS, None
+                parts.append(f"window {int(pieces[i])}")
+                i += 1
+                continue
+        return _MODIFIER_FORMS, None
+    fixed = ", ".join(parts)
+    if not parts or (fixed == content.strip() and closed >= 0):
+        return _MODIFIER_FORMS, None
+    if closed < 0:
+        span = Span(line, opened + 2, line, end + 1)
+        return f"close the modifier list: `[{fixed}]`", Fix(f"write `[{fixed}]`", (Edit(span, f"{fixed}]"),))
+    span = Span(line, opened + 2, line, end + 1)
+    return (
+        f"modifiers are separated by `,` and `window` takes its size after a space: write `[{fixed}]`",
+        Fix(f"write `[{fixed}]`", (Edit(span, fixed),)),
+    )
+
+
+_FIRST_WORD = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s+")
+
+
+def _keyword_typo(lines: list[str], line: int, column: int) -> Diagnostic | None:
+    """``gruops a b``: a statement that fails at its second word because its
+    first is a misspelt keyword."""
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    match = _FIRST_WORD.fullmatch(text[: column - 1])
+    following = text[column - 1 : column]
+    if match is None or not (following.isalnum() or following in "_*?{"):
+        return None
+    word = match.group(1)
+    # not `closest`: that never proposes reserved words, and keywords are
+    close = difflib.get_close_matches(word.lower(), KEYWORDS, n=1, cutoff=0.6)
+    meant = close[0] if close else None
+    if meant is None or word == meant:
+        return None
+    span = Span(line, match.start(1) + 1, line, match.end(1) + 1)
+    return Diagnostic(
+        Code.SYNTAX,
+        f"unknown keyword `{word}`",
+        span,
+        f"did you mean `{meant}`? a statement is `groups ...`, `pattern NAME {{ ... }}`, "
+        "`types { ... }` or a rule",
+        fix=rename_fix(span, word, meant),
+    )
+
+
+def _unexpected_character(lines: list[str], line: int, column: int, char: str) -> Diagnostic:
+    shown = repr(char) if not char.isprintable() or char.isspace() else f"`{char}`"
+    at = Span.point(line, column)
+    in_brackets = _modifier_hint(lines, line, column)
+    if in_brackets is not None:
+        hint, fix = in_brackets
+        return Diagnostic(Code.SYNTAX, f"unexpected character {shown} in a modifier list", at, hint, fix=fix)
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    arrow = next((a for a in ("=>", "\u2192", "\u27f6") if text.startswith(a, column - 1)), None)
+    if arrow is not None:
+        span = Span.point(line, column, len(arrow))
+        return Diagnostic(
+            Code.SYNTAX,
+            f"`{arrow}` is not an arrow",
+            span,
+            "a rule reads `QUERIES -> KEYS_VALUES`: write `->`",
+            fix=Fix("write `->`", (Edit(span, "->"),)),
+        )
+    return Diagnostic(
+        Code.SYNTAX,
+        f"unexpected character {shown}",
+        at,
+        "group names hold letters, digits and `_`; globs add `*` and `?`",
+    )
+
+
 def _span_of(meta: lark.tree.Meta) -> Span:
     return Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
@@ -252,6 +393,13 @@ def _token_span(token: lark.Token) -> Span:
 _Item = tuple[str, "int | None", Span]
 
 
+@dataclass(frozen=True, slots=True)
+class _Comma:
+    """A `,` between group names in a ``groups`` line (an error, with a fix)."""
+
+    span: Span
+
+
 class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
     """Lark tree -> dataclasses; methods are named after grammar rules."""
 
@@ -260,8 +408,8 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         self.source_lines = source_lines
         self.diagnostics: list[Diagnostic] = []
 
-    def _error(self, code: str, message: str, span: Span, hint: str | None) -> None:
-        self.diagnostics.append(Diagnostic(code, message, span, hint))
+    def _error(self, code: str, message: str, span: Span, hint: str | None, fix: Fix | None = None) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span, hint, fix=fix))
 
     def _name(self, token: lark.Token, what: str) -> str:
         text = str(token)
@@ -322,11 +470,13 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         arg = children[1] if len(children) > 1 else None
         span = _token_span(name_token)
         if name not in MODIFIER_NAMES:
+            meant = closest(name, MODIFIER_NAMES)
             self._error(
                 Code.UNKNOWN_MODIFIER,
                 f"unknown modifier `{name}`",
                 span,
-                suggest(name, MODIFIER_NAMES) or "modifiers: `causal`, `window N`",
+                f"did you mean `{meant}`?" if meant else "modifiers: `causal`, `window N`",
+                rename_fix(span, name, meant) if meant else None,
             )
             return None
         if name == "causal":
@@ -395,8 +545,28 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             text = self.source_lines[span.line - 1][span.column - 1 :].rstrip() + " ..."
         return Rule(queries, keys_values, span, text.strip(), modifiers)  # type: ignore[arg-type]
 
-    def groups_decl(self, children: list[lark.Token]) -> GroupsStatement:
-        return GroupsStatement(tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in children))
+    def group_comma(self, children: list[lark.Token]) -> _Comma:
+        return _Comma(_token_span(children[0]))
+
+    def groups_decl(self, children: list[lark.Token | _Comma]) -> GroupsStatement:
+        commas = [c.span for c in children if isinstance(c, _Comma)]
+        if commas:
+            edits = []
+            for comma in commas:
+                line = self.source_lines[comma.line - 1]
+                spaced = comma.column < len(line) and line[comma.column].isspace()
+                edits.append(Edit(comma, "" if spaced else " "))
+            names = [str(tok) for tok in children if isinstance(tok, lark.Token)]
+            shown = " ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+            self._error(
+                Code.SYNTAX,
+                "group names are separated by spaces, not `,`",
+                commas[0],
+                f"write `groups {shown}`",
+                Fix("separate the group names with spaces", tuple(edits)),
+            )
+        tokens = [tok for tok in children if isinstance(tok, lark.Token)]
+        return GroupsStatement(tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in tokens))
 
     def _group_name(self, token: lark.Token) -> str:
         """A group name, or a family ``prefix*`` (one trailing ``*``)."""
@@ -448,7 +618,9 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
 # ------------------------------------------------------------------ parse
 
-_NOQA = re.compile(r"#\s*noqa(?::\s*([A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
+_NOQA = re.compile(
+    r"#[^\S\n]*noqa(?::[^\S\n]*([A-Z][0-9]{3}(?:[^\S\n]*,[^\S\n]*[A-Z][0-9]{3})*))?", re.IGNORECASE
+)
 _MAX_RECOVERIES = 50
 _RECOVERY_CHARACTERS = 1_000_000
 
@@ -456,28 +628,32 @@ _RECOVERY_CHARACTERS = 1_000_000
 def source_lines(text: str) -> list[str]:
     """Lines as the parser counts them: split at ``\\n`` only (``\\f``,
     ``\\v`` and U+2028 are not line breaks in a pattern file)."""
+    if "\r" not in text:
+        return text.split("\n")
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _suppressions(lines: list[str]) -> tuple[tuple[int, frozenset[str]], ...]:
-    out = []
-    for number, line in enumerate(lines, 1):
-        if "noqa" not in line.lower():
+def _suppressions(text: str) -> tuple[tuple[int, frozenset[str]], ...]:
+    """``# noqa`` comments by line (the first on a line counts), found by one
+    search of the text rather than a pass over every line."""
+    out: dict[int, frozenset[str]] = {}
+    line, counted = 1, 0
+    for match in _NOQA.finditer(text):
+        line += text.count("\n", counted, match.start())
+        counted = match.start()
+        if line in out:
             continue
-        match = _NOQA.search(line)
-        if match:
-            codes = match.group(1)
-            out.append(
-                (number, frozenset(c.strip().upper() for c in codes.split(",")) if codes else frozenset())
-            )
-    return tuple(out)
+        codes = match.group(1)
+        out[line] = frozenset(c.strip().upper() for c in codes.split(",")) if codes else frozenset()
+    return tuple(out.items())
 
 
-def _first_syntax_error(text: str) -> tuple[lark.Tree[lark.Token] | None, Diagnostic | None, int]:
+def _first_syntax_error(
+    text: str, lines: list[str]
+) -> tuple[lark.Tree[lark.Token] | None, Diagnostic | None, int]:
     """Parse once: the tree, or the first syntax error (the only one a parse
     can report reliably: what follows it may be a consequence) and the line
-    where parsing stopped."""
-    lines = source_lines(text)
+    where parsing stopped. ``lines`` are the text's :func:`source_lines`."""
     found: list[Diagnostic] = []
     stopped = [0]
 
@@ -504,20 +680,18 @@ def _first_syntax_error(text: str) -> tuple[lark.Tree[lark.Token] | None, Diagno
                 )
             else:
                 message = f"unexpected {_describe_token(token)}; expected {_describe_expected(expected)}"
-                found.append(Diagnostic(Code.SYNTAX, message, span, _syntax_hint(expected, token.type)))
+                hint, fix = _syntax_hint(expected, token.type), None
+                in_brackets = (
+                    _modifier_hint(lines, span.line, span.column) if "_RBRACKET" in expected else None
+                )
+                if in_brackets is not None:
+                    hint, fix = in_brackets
+                keyword = _keyword_typo(lines, span.line, span.column) if "_ARROW" in expected else None
+                found.append(keyword or Diagnostic(Code.SYNTAX, message, span, hint, fix=fix))
         elif isinstance(error, lark.exceptions.UnexpectedCharacters):
             column = error.column if isinstance(error.column, int) and error.column > 0 else 1
-            char = error.char
-            shown = repr(char) if not char.isprintable() or char.isspace() else f"`{char}`"
             stopped[0] = line
-            found.append(
-                Diagnostic(
-                    Code.SYNTAX,
-                    f"unexpected character {shown}",
-                    Span.point(line, column),
-                    "group names hold letters, digits and `_`; globs add `*` and `?`",
-                )
-            )
+            found.append(_unexpected_character(lines, line, column, error.char))
         return False
 
     try:
@@ -561,13 +735,13 @@ def parse(text: str) -> SourceFile:
     lines = source_lines(text)
     syntax_errors: list[Diagnostic] = []
     skipped: set[int] = set()
-    repaired = text
+    repaired, repaired_lines = text, lines
     tree: lark.Tree[lark.Token] | None = None
     # each recovery parses the file again: a budget of ~1M characters keeps
     # a file full of errors linear (its first errors are reported, then it stops)
     passes = min(_MAX_RECOVERIES, max(2, _RECOVERY_CHARACTERS // max(1, len(text))))
     for _ in range(passes):
-        tree, error, stopped = _first_syntax_error(repaired)
+        tree, error, stopped = _first_syntax_error(repaired, repaired_lines)
         if error is None:
             break
         span = error.span
@@ -587,14 +761,15 @@ def parse(text: str) -> SourceFile:
         syntax_errors.append(error)
         skipped |= blank
         repaired = _blank_lines(lines, skipped)
+        repaired_lines = source_lines(repaired)
     else:
         tree = None
-    suppressed = _suppressions(lines)
+    suppressed = _suppressions(text)
     if tree is None:
         return SourceFile((), (), (), tuple(syntax_errors), suppressed=suppressed,
                           skipped_lines=frozenset(skipped) or frozenset({0}))  # fmt: skip
     try:
-        result = _ToSyntaxTree(source_lines(repaired)).transform(tree)
+        result = _ToSyntaxTree(repaired_lines).transform(tree)
     except lark.exceptions.VisitError as error:
         if isinstance(error.orig_exc, RecursionError):
             raise error.orig_exc from None

@@ -4,17 +4,30 @@ recovery, the warning tier, JSON output, and exports that keep their meaning."""
 
 from __future__ import annotations
 
+import ast
+import difflib
 import json
+import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, codes, diagnostics_of
 
 import patternc
-from patternc.diagnostics import MEANINGS, Code
+from patternc.diagnostics import (
+    LINE_WINDOW,
+    MAX_SHOWN,
+    MAX_SHOWN_PER_LINE,
+    MEANINGS,
+    Code,
+    NameIndex,
+    closest,
+    render,
+)
 from patternc.modifiers import Modifiers
 
 # ---------------------------------------------------------------- codes
@@ -90,14 +103,14 @@ def test_calls_merge_only_with_equal_per_key_modifiers() -> None:
         ("groups a\na -> a [causal, causal]\n", "E022", "`causal` given twice"),
         ("groups a\na -> a [window 4, window 8]\n", "E022", "two windows (4 and 8)"),
         ("groups a\na -> a[causal] [causal]\n", "E023", "`a` has modifiers [causal] here and [causal]"),
-        ("groups a b\na, b -> a[causal], a[window 2]\n", "E023", "`a` is given modifiers twice"),
+        ("groups a b\na, b -> a[causal], a[window 2], b\n", "E023", "`a` is given modifiers twice"),
         ("groups a\na[causal] -> a\n", "E024", "modifiers [causal] mean nothing in this side"),
         ("groups a b\na, b -> * - b[causal]\n", "E024", "mean nothing in an exclusion"),
         ("groups a\ntypes { t: a[causal] }\na -> a\n", "E024", "mean nothing in this side"),
     ],
 )
 def test_modifier_errors_have_their_own_codes(source: str, code: str, message: str) -> None:
-    (diag,) = diagnostics_of(source)
+    (diag,) = [d for d in diagnostics_of(source) if d.is_error]
     assert diag.code == code
     assert message in diag.message
     assert diag.span is not None
@@ -181,9 +194,32 @@ def test_full_attention_warning() -> None:
 
 def test_warnings_do_not_hide_behind_errors() -> None:
     """Errors raise with the warnings found beside them (in ``diagnostics`` too)."""
+    source = "groups a b q  # q only reads\na, b -> a, b [causal, window 0]\nq -> a\n"
     with pytest.raises(patternc.PatternError) as info:
-        patternc.compile("groups a b\na -> zz\nb -> b\n")
-    assert codes(list(info.value.diagnostics)) == ["E201"]
+        patternc.compile(source)
+    assert codes(list(info.value.diagnostics)) == ["W101", "E021"]
+    assert codes(list(info.value.warnings)) == ["W101"]
+    assert str(info.value).endswith("1 error, 1 warning")
+
+
+def test_warnings_an_error_makes_doubtful_are_left_out() -> None:
+    """A selector that failed to resolve may have named the group W101 is
+    about; a rule with an error is not judged for W102; a group in no rule
+    at all is a rule still to write (E301 says so)."""
+    assert codes(diagnostics_of("groups a b\na -> zz\nb -> b\n")) == ["E201"]
+    assert codes(diagnostics_of("groups a b c\nc -> a, c\na, b -> a, b [causal, casual]\n")) == ["E020"]
+    assert codes(diagnostics_of("groups a b c\na, b -> a\n")) == ["W101", "E301"]  # b: a query, never a key
+
+
+def test_the_per_key_form_of_a_rule_modifier_is_a_fix() -> None:
+    source = "groups image text\nimage -> image\ntext -> image, text [causal]\n"
+    (warning,) = patternc.compile(source).warnings
+    assert warning.fix is not None and warning.fix.title == "put [causal] on `text` only"
+    moved = warning.fix.apply(source)
+    assert moved == "groups image text\nimage -> image\ntext -> image, text[causal]\n"
+    assert patternc.compile(moved).warnings == ()
+    (unfixable,) = patternc.compile("groups a b c\nc -> c\na, b -> * - c [causal]\n").warnings
+    assert unfixable.code == "W102" and unfixable.fix is None
 
 
 # ---------------------------------------------------------------- the CLI
@@ -203,7 +239,7 @@ def test_check_json_output(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert [d["code"] for d in data] == ["E021", "E201"]
     first = data[0]
-    assert set(first) == {"code", "severity", "message", "file", "where", "start", "end", "hint"}
+    assert set(first) == {"code", "severity", "message", "file", "where", "start", "end", "hint", "fix"}
     assert first["severity"] == "error" and first["file"] == str(bad)
     assert first["start"] == {"line": 2, "column": 16} and first["end"] == {"line": 2, "column": 18}
 
@@ -217,6 +253,24 @@ def test_warnings_exit_zero_unless_warnings_as_errors(tmp_path: Path) -> None:
     assert run("check", str(path), "--warnings-as-errors").returncode == 1
     data = json.loads(run("check", str(path), "--output-format", "json").stdout)
     assert [(d["code"], d["severity"]) for d in data] == [("W102", "warning")]
+
+
+def test_check_reports_an_error_and_a_warning_in_one_run(tmp_path: Path) -> None:
+    path = tmp_path / "both.pc"
+    path.write_text("groups a b q\na, b -> a, b\nq -> a [casual]\n")
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert "warning[W101]: no rule lets anyone attend to `q`" in result.stderr
+    assert "error[E020]: unknown modifier `casual`" in result.stderr
+    assert result.stderr.rstrip().endswith("1 error, 1 warning")
+    data = json.loads(run("check", str(path), "--output-format", "json").stdout)
+    assert [(d["code"], d["severity"]) for d in data] == [("W101", "warning"), ("E020", "error")]
+    assert data[1]["fix"] == {
+        "title": "replace `casual` by `causal`",
+        "edits": [
+            {"start": {"line": 3, "column": 9}, "end": {"line": 3, "column": 15}, "replacement": "causal"}
+        ],
+    }
 
 
 # ---------------------------------------------------------------- exports keep their meaning
@@ -240,3 +294,82 @@ def test_a_str_naming_a_file_is_refused_with_a_hint() -> None:
     with pytest.raises(patternc.PatternError) as info:
         patternc.compile("examples/missing.pc")
     assert info.value.diagnostics[0].code == "E006"
+
+
+# ---------------------------------------------------------------- output in proportion
+
+
+def rendered(source: str) -> str:
+    with pytest.raises(patternc.PatternError) as info:
+        patternc.compile(source, filename="f.pc")
+    return str(info.value)
+
+
+def test_a_long_line_is_shown_as_a_window_around_the_caret() -> None:
+    text = rendered("groups a\na -> a" + " " * 5_000 + "zz\n")
+    header, line, caret, *_ = text.splitlines()
+    assert (
+        header
+        == "f.pc:2:5007: error[E010]: unexpected `zz`; expected `,`, `-`, `;`, `[`, end of file or end of line"
+    )
+    assert line.startswith("    ...") and line.endswith("zz")
+    assert len(line) < LINE_WINDOW + 10
+    assert caret.index("^") == line.index("zz") and caret.endswith("^~")
+
+
+def test_diagnostics_per_line_and_per_file_are_capped_with_a_count() -> None:
+    one_line = rendered("groups a\na -> a [" + ", ".join(["causal"] * 40) + "]\n")
+    assert one_line.count("error[E022]") == MAX_SHOWN_PER_LINE
+    assert f"... and {39 - MAX_SHOWN_PER_LINE} more on line 2" in one_line
+    assert one_line.endswith("39 errors")
+    many_lines = rendered("groups a\na -> a\n" + "zz -> a\n" * (MAX_SHOWN + 7))
+    assert many_lines.count("error[E201]") == MAX_SHOWN
+    assert many_lines.endswith(f"... and 7 more not shown\n{MAX_SHOWN + 7} errors")
+
+
+def test_render_without_limits_shows_everything() -> None:
+    with pytest.raises(patternc.PatternError) as info:
+        patternc.compile("groups a\na -> a [" + ", ".join(["causal"] * 40) + "]\n")
+    text = render(info.value.diagnostics, source=info.value.source, max_shown=None, max_per_line=None)
+    assert text.count("error[E022]") == 39 and "more" not in text
+
+
+def test_did_you_mean_is_cheap_among_many_names() -> None:
+    names = [f"group_{i}_x" for i in range(18_000)]
+    index = NameIndex(names)
+    start = time.perf_counter()
+    answers = [index.closest(f"grop_{i}_x") for i in range(0, 18_000, 180)]
+    per_name = (time.perf_counter() - start) / len(answers)
+    assert answers == [f"group_{i}_x" for i in range(0, 18_000, 180)]
+    assert per_name < 0.02, f"{per_name * 1e3:.1f} ms per name"  # a full difflib pass takes ~0.2 s
+
+
+def test_did_you_mean_stops_after_its_budget() -> None:
+    index = NameIndex(["alpha", "beta"], budget=2)
+    assert [index.closest(n) for n in ("alpah", "betta", "alpah", "bta")] == ["alpha", "beta", "alpha", None]
+
+
+@pytest.mark.parametrize(
+    "pool", [["surface_anchors", "volume_anchors", "wake"], [f"g{i}" for i in range(300)]]
+)
+def test_name_index_agrees_with_difflib(pool: list[str]) -> None:
+    for name in ("volume_anchor", "surfac_anchors", "wak", "g17", "g1x", "nothing_alike"):
+        expected = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
+        assert closest(name, pool) == (expected[0] if expected else None)
+
+
+def test_pattern_errors_pickle_with_their_diagnostics() -> None:
+    with pytest.raises(patternc.PatternError) as info:
+        patternc.compile("groups a\na -> zz\n", filename="f.pc")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert copy.diagnostics == info.value.diagnostics and str(copy) == str(info.value)
+
+
+def test_lint_does_not_import_the_compiler() -> None:
+    """compiler imports lint; lint reads DEFAULT_PATTERN from syntax, below both."""
+    tree = ast.parse((ROOT / "patternc" / "lint.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "patternc.compiler" not in imported
+    from patternc.compiler import DEFAULT_PATTERN
+
+    assert DEFAULT_PATTERN == "default"

@@ -6,6 +6,7 @@ import pytest
 from conftest import codes, diagnostics_of
 
 import patternc
+from patternc.diagnostics import Diagnostic
 from patternc.syntax import Difference, SelectorUnion, Word, parse
 
 
@@ -160,3 +161,102 @@ def test_types_block_errors() -> None:
 
 
 # Fuzzing of the parser and checks lives in tests/fuzz/ (grammar-aware, seeded in CI).
+
+
+# ------------------------------------------------------------ hints that name the fix
+
+
+def fixed(diag: Diagnostic, source: str) -> str:
+    """The source with the diagnostic's fix applied (it must have one)."""
+    assert diag.fix is not None, diag
+    return diag.fix.apply(source)
+
+
+@pytest.mark.parametrize(
+    ("line", "column", "message", "written"),
+    [
+        (
+            "a, b -> a [causal, window=256]",
+            26,
+            "unexpected character `=` in a modifier list",
+            "[causal, window 256]",
+        ),
+        (
+            "a, b -> a [causal window 256]",
+            26,
+            "unexpected `256`; expected `,` or `]`",
+            "[causal, window 256]",
+        ),
+        ("a, b -> a [window: 8]", 18, "unexpected `:`", "[window 8]"),
+        ("a, b -> a [causal; window 3]", 18, "unexpected `;`", "[causal, window 3]"),
+        (
+            "a, b -> a, b[window = 4, causal]",
+            21,
+            "unexpected character `=` in a modifier list",
+            "[window 4, causal]",
+        ),
+    ],
+)
+def test_modifier_list_errors_name_the_list_as_it_should_read(
+    line: str, column: int, message: str, written: str
+) -> None:
+    source = f"groups a b\n{line}\n"
+    (diag,) = diagnostics_of(source)
+    assert diag.code == "E010" and (diag.line, diag.column) == (2, column)
+    assert message in diag.message
+    assert diag.hint is not None and "group names" not in diag.hint
+    assert f"write `{written}`" in diag.hint
+    assert written in fixed(diag, source)
+    patternc.compile(fixed(diag, source))
+
+
+def test_modifier_list_without_a_clear_repair_shows_the_forms() -> None:
+    (diag,) = diagnostics_of("groups a\na -> a [causal; sliding 3]\n")
+    assert diag.hint == "modifiers read `[causal]`, `[window 256]` or `[causal, window 256]`"
+    assert diag.fix is None
+
+
+def test_unclosed_modifier_list_is_closed_by_its_fix() -> None:
+    source = "groups a\na -> a [causal\n"
+    (diag,) = diagnostics_of(source)
+    assert diag.hint == "close the modifier list: `[causal]`"
+    assert fixed(diag, source) == "groups a\na -> a [causal]\n"
+
+
+@pytest.mark.parametrize("arrow", ["=>", "\u2192"])
+def test_a_wrong_arrow_is_named(arrow: str) -> None:
+    source = f"groups a b\na -> a\nb {arrow} a\n"
+    (diag,) = diagnostics_of(source)
+    assert diag.code == "E010" and (diag.line, diag.column) == (3, 3)
+    assert diag.message == f"`{arrow}` is not an arrow"
+    assert diag.hint == "a rule reads `QUERIES -> KEYS_VALUES`: write `->`"
+    assert fixed(diag, source) == "groups a b\na -> a\nb -> a\n"
+
+
+def test_commas_in_the_groups_line_are_one_error_and_declare_the_groups() -> None:
+    source = "groups a, b,c\na -> b, c\nb, c -> a\n"
+    (diag,) = diagnostics_of(source)  # no unknown-group cascade: a, b, c are declared
+    assert diag.code == "E010" and (diag.line, diag.column) == (1, 9)
+    assert diag.message == "group names are separated by spaces, not `,`"
+    assert diag.hint == "write `groups a b c`"
+    assert fixed(diag, source) == "groups a b c\na -> b, c\nb, c -> a\n"
+    assert patternc.compile(fixed(diag, source)).groups == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("typo", "keyword"), [("gruops", "groups"), ("Groups", "groups"), ("patern", "pattern")]
+)
+def test_a_misspelt_keyword_is_one_error_without_a_cascade(typo: str, keyword: str) -> None:
+    body = "a -> b\nb -> a\n" if keyword == "groups" else "p {\n  a -> b\n  b -> a\n}\n"
+    source = f"{typo} a b\n{body}" if keyword == "groups" else f"groups a b\n{typo} {body}"
+    (diag,) = diagnostics_of(source)
+    assert diag.code == "E010" and diag.message == f"unknown keyword `{typo}`"
+    assert diag.hint is not None and diag.hint.startswith(f"did you mean `{keyword}`?")
+    patternc.compile(fixed(diag, source))
+
+
+def test_unknown_modifier_fix_renames_it() -> None:
+    source = "groups a\na -> a [casual]\n"
+    (diag,) = diagnostics_of(source)
+    assert diag.hint == "did you mean `causal`?"
+    assert fixed(diag, source) == "groups a\na -> a [causal]\n"

@@ -3,15 +3,20 @@ gives a program or located diagnostics, never a traceback, never slowly."""
 
 from __future__ import annotations
 
+import json
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
-from fuzzmode import examples
+import pytest
+from fuzzmode import LONG, examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patternc
-from patternc.compiler import read_source
+from patternc.compiler import MAX_SOURCE_BYTES, read_source
+from patternc.diagnostics import diagnostics_json
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.patc"))] + [
@@ -112,3 +117,97 @@ def test_deep_and_wide_inputs(depth: int, width: int, chain: int, modifiers: boo
     nested = "(" * depth + "g0" + mod + ")" * depth
     chained = "*" + " - g0" * chain
     check(f"groups {' '.join(names)}\n{', '.join(names)} -> {nested}, {chained}\n")
+
+
+# ------------------------------------------------------------ costly inputs
+# Inputs built to make the compiler's cost grow faster than its input: long
+# lines re-rendered per diagnostic, thousands of diagnostics, megabytes of
+# blank lines, "did you mean" against thousands of names. Each must stay in
+# proportion to its size, in time and in memory (tracemalloc's peak).
+
+MEMORY_BASE = 32 * 2**20
+MEMORY_PER_BYTE = 24
+"""Peak memory allowed: a base plus this many bytes per input character."""
+RENDERED_MAX = 200_000
+"""Characters of rendered text however many diagnostics (the rest are counted)."""
+
+
+def _names(count: int, form: str = "g{}") -> str:
+    return " ".join(form.format(i) for i in range(count))
+
+
+COSTLY: dict[str, Callable[[], str]] = {
+    "duplicate modifiers on one line": lambda: "groups a\na -> a [" + ", ".join(["causal"] * 9_000) + "]\n",
+    "4 MB of blank lines, then an unknown name": lambda: (
+        "groups a\n" + "\n" * (MAX_SOURCE_BYTES - 100) + "a -> zz\n"
+    ),
+    "4 MB of blank lines, then a syntax error": lambda: (
+        "groups a\n" + "\n" * (MAX_SOURCE_BYTES - 100) + "a -> (\n"
+    ),
+    "a 3 MB line with an error at its end": lambda: "groups a\na -> a" + " " * 3_000_000 + "?x\n",
+    "unknown names on one line": lambda: (
+        "groups a\na -> " + ", ".join(f"zz{i}" for i in range(19_000)) + "\n"
+    ),
+    "an unknown name on each of 5,000 lines": lambda: "groups a\na -> a\n" + "a -> zz\n" * 5_000,
+    "misspelt names among 18,000 groups": lambda: (
+        f"groups {_names(18_000, 'group_{}_x')}\n* -> "
+        + ", ".join(f"grop_{i}_x" for i in range(0, 18_000, 10))
+        + "\n"
+    ),
+    "misspelt globs among 18,000 groups": lambda: (
+        f"groups {_names(18_000, 'group_{}_x')}\n" + "".join(f"grop{i}_* -> group_1_x\n" for i in range(100))
+    ),
+    "4,000 overlaps of wide rules": lambda: f"groups {_names(4_000)}\n* -> *\n* -> *\n",
+}
+
+
+def _report(text: str) -> tuple[str, str]:
+    """What the CLI prints for a text: rendered diagnostics and their JSON."""
+    try:
+        patternc.compile(text, filename="costly.pc")
+    except patternc.PatternError as error:
+        return str(error), json.dumps(diagnostics_json(error.diagnostics, "costly.pc"))
+    return "", "[]"
+
+
+@pytest.mark.parametrize("name", sorted(COSTLY))
+def test_costly_inputs_stay_in_proportion(name: str) -> None:
+    text = COSTLY[name]()
+    start = time.perf_counter()
+    rendered, listed = _report(text)
+    elapsed = time.perf_counter() - start
+    tracemalloc.start()
+    try:
+        _report(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rendered, "every costly input has problems"
+    assert elapsed < SLOW_S, f"{elapsed:.1f} s"
+    assert peak < MEMORY_BASE + MEMORY_PER_BYTE * len(text), (
+        f"{peak / 2**20:.0f} MiB for {len(text):,} characters"
+    )
+    assert len(rendered) < RENDERED_MAX
+    assert len(listed) < 64 * len(text) + 65_536
+
+
+@fuzz(12, 2_000)
+@given(
+    piece=st.sampled_from([*PIECES, "zz, ", "[causal, causal]", "a -> zz\n", "a -> a\n", "(", "groups a\n"]),
+    count=st.integers(1_000, 40_000 if LONG else 12_000),
+    one_line=st.booleans(),
+)
+def test_repeated_pieces_stay_in_proportion(piece: str, count: int, one_line: bool) -> None:
+    """A piece repeated thousands of times, on one line or one per line."""
+    body = (piece if one_line else piece.replace("\n", " ") + "\n") * count
+    text = "groups a b ab\na -> " + body
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        rendered, _ = _report(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 4 * SLOW_S  # traced: allocations cost several times more
+    assert peak < MEMORY_BASE + MEMORY_PER_BYTE * len(text)
+    assert len(rendered) < RENDERED_MAX
