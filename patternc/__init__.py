@@ -17,15 +17,26 @@ hand the compiled plan to the torch runtime (``patternc.nn``)::
 Importing ``patternc`` never imports torch; ``patternc.nn`` does.
 """
 
+from typing import Any
+
 from patternc.checks import check_patterns
 from patternc.compiler import compile  # noqa: A004 - the public name
 from patternc.diagnostics import Diagnostic, PatternError
-from patternc.lower.layout import Layout
+from patternc.lower.layout import Layout, Sizes
 from patternc.plan import Plan, Program
 from patternc.schemas import AttentionConfig, AttentionPattern, MixedAttentionConfig, TokenSpec
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
 
 __version__ = "0.1.0"
+
+
+def show(compiled: Plan | Program, sizes: Sizes, *, block: int | None = None) -> Any:
+    """The mask of a plan (or a program's patterns) at ``sizes`` as a
+    matplotlib figure (see :func:`patternc.maskplot.show`; needs matplotlib)."""
+    from patternc.maskplot import show as draw
+
+    return draw(compiled, sizes, block=block)
+
 
 __all__ = [
     "AttentionConfig",
@@ -42,4 +53,5 @@ __all__ = [
     "__version__",
     "check_patterns",
     "compile",
+    "show",
 ]

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patternc.lower.blocks import BlockClasses
+from patternc.lower.blocks import BlockClasses, block_classes
+from patternc.lower.layout import Sizes
+from patternc.plan import Plan, Program
 
-__all__ = ["mask_figure", "save_mask_picture"]
+__all__ = ["mask_figure", "save_mask_picture", "show"]
 
 _PANEL_INCHES = 5.0
 
@@ -93,3 +95,32 @@ def save_mask_picture(path: Path, masks: Sequence[tuple[str, BlockClasses]]) -> 
         fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.15)
     finally:
         plt.close(fig)
+
+
+def show(compiled: Plan | Program, sizes: Sizes, *, block: int | None = None) -> Any:
+    """The mask of a plan (or of every pattern of a program) at ``sizes``, as
+    a matplotlib figure: the picture ``patternc compile --mask`` draws, for a
+    notebook (it displays the returned figure).
+
+    Args:
+        compiled: a :class:`~patternc.Plan` or a :class:`~patternc.Program`.
+        sizes: ``{group: size}`` or a ``TokenSpec`` list.
+        block: cell size in tokens; default one cell per token up to 256
+            tokens, else 128-token blocks (FlexAttention's).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        RuntimeError: matplotlib is not installed.
+        PatternError: sizes that do not fit the plan.
+
+    >>> import patternc
+    >>> plan = patternc.compile("groups a b\\na -> a [causal]\\nb -> a, b").patterns["default"]
+    >>> figure = patternc.show(plan, {"a": 3, "b": 2})  # doctest: +SKIP
+    """
+    plans = [compiled] if isinstance(compiled, Plan) else list(compiled.patterns.values())
+    layouts = [plan.layout(sizes) for plan in plans]
+    if block is None:
+        block = 1 if max(layout.n_tokens for layout in layouts) <= 256 else 128
+    return mask_figure([(plan.name, block_classes(layout, block)) for plan, layout in zip(plans, layouts)])

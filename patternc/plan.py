@@ -84,6 +84,14 @@ class Plan:
         if not compiling():
             PLANS_BY_ID[id(self)] = self
 
+    def __repr__(self) -> str:
+        # the rules as written (a bound ``-> self`` rule repeats per member)
+        written = list(dict.fromkeys(r.text for r in self.rules if r.text))
+        texts = written or [c.text() for c in self.calls]
+        rules = "; ".join(texts[:6])
+        more = f"; ... {len(texts) - 6} more" if len(texts) > 6 else ""
+        return f"Plan({self.name!r}: {rules}{more})"
+
     def __reduce__(self) -> tuple[type[Plan], tuple[object, ...]]:
         """Copied and unpickled through ``__init__``: the hash is of this
         process (a string's hash differs between processes), and the copy

@@ -224,3 +224,56 @@ def test_fullgraph_compile_across_changing_sizes_dicts(backend: str) -> None:
         out, _ = compiled(x, sizes)
         expected, _ = layer(x, sizes)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------ masks in Python
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes"),
+    [
+        ("groups doc*\ndoc* -> self [causal]", {"doc0": 5, "doc1": 1, "doc2": 7}),
+        ("groups a q\na -> a [window 3]\nq -> a, q [causal]", {"a": 6, "q": 5}),
+        ("groups a q\na -> a\nq -> a", {"a": 4, "q": None}),
+    ],
+)
+def test_dense_mask_matches_the_executors_mask(source: str, sizes: dict[str, int | None]) -> None:
+    from patternc.nn.executors.dense import dense_mask
+
+    layout = patternc.compile(source).patterns["default"].layout(sizes)
+    lengths = {g: 3 for g, n in sizes.items() if n is None}
+    mask = layout.dense_mask(lengths)
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, dense_mask(layout, lengths, torch.device("cpu")))
+
+
+def test_dense_mask_of_causal_documents_is_block_causal() -> None:
+    """Written from the definition: token i sees token j of its own document at or before it."""
+    lengths = [3, 1, 4]
+    layout = DOCS.layout({f"doc{i}": n for i, n in enumerate(lengths)})
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    i = torch.arange(sum(lengths))
+    expected = (doc[:, None] == doc[None, :]) & (i[None, :] <= i[:, None])
+    assert torch.equal(layout.dense_mask(), expected)
+
+
+def test_dense_mask_needs_the_cache_lengths() -> None:
+    layout = ANCHORS.layout({"anchors": None, "queries": 2})
+    with pytest.raises(KeyError, match="anchors"):
+        layout.dense_mask()
+
+
+def test_plans_and_layouts_print_readably() -> None:
+    assert repr(DOCS) == "Plan('default': doc* -> self [causal])"
+    layout = DOCS.layout({f"doc{i}": 2 for i in range(12)})
+    text = repr(layout)
+    assert text.startswith("Layout('default': doc0=2, doc1=2,") and "... 4 more" in text
+    assert "24 tokens" in text and len(text) < 200
+
+
+def test_show_returns_the_mask_figure() -> None:
+    pytest.importorskip("matplotlib")
+    figure = patternc.show(patternc.compile("groups a b\na -> a [causal]\nb -> a, b"), {"a": 3, "b": 2})
+    (axes,) = figure.axes
+    assert axes.get_title().startswith("default") and axes.get_xlabel() == "keys / values"
+    assert axes.images[0].get_array().shape == (5, 5)  # one cell per token at this size

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Union
+from typing import Any, Literal, Protocol, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall
@@ -328,6 +328,58 @@ class Layout:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g}={'cached' if n is None else n}" for g, n in self.sizes[:8])
+        more = f", ... {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""
+        return (
+            f"Layout({self.plan_name!r}: {groups}{more}; {self.n_tokens} tokens, "
+            f"{len(self.calls)} calls in {len(self.launches)} launches, density {self.density:.3f})"
+        )
+
+    def dense_mask(self, cache_lengths: Mapping[str, int] | None = None) -> Any:
+        """The ``[N, N + cached]`` bool tensor: query token ``i`` may attend to
+        key token ``j`` (input tokens, then each cached group's
+        ``cache_lengths[group]`` tokens). For looking at a mask and for tests:
+        it is quadratic in tokens, which no executor builds.
+
+        >>> import patternc
+        >>> plan = patternc.compile("groups a b\na -> a [causal]\nb -> a, b").patterns["default"]
+        >>> plan.layout({"a": 2, "b": 1}).dense_mask().int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+        Raises:
+            KeyError: a cached group missing from ``cache_lengths``.
+        """
+        import torch  # the lowering floor stays torch-free until a mask is asked for
+
+        lengths = dict(cache_lengths or {})
+        index = {g: i for i, g in enumerate(self.all_groups)}
+        pieces = [(index[s.name], s.offset, s.size or 0) for s in self.slots if s.size]
+        key_pieces = list(pieces)
+        start = self.n_tokens
+        for name in self.cached_groups:
+            key_pieces.append((index[name], start, lengths[name]))
+            start += lengths[name]
+        mask = torch.zeros(self.n_tokens, start, dtype=torch.bool)
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for group, offset, size in key_pieces:
+            by_group.setdefault(group, []).append((offset, size))
+        keys_of: dict[int, list[tuple[int, Modifiers]]] = {}
+        for (q, k), mods in self.pairs.items():
+            keys_of.setdefault(q, []).append((k, mods))
+        for q, q_offset, q_size in pieces:
+            q_pos = torch.arange(q_size)[:, None]
+            for k, mods in keys_of.get(q, ()):
+                for k_offset, k_size in by_group.get(k, ()):
+                    k_pos = torch.arange(k_size)[None, :]
+                    allowed = torch.ones(q_size, k_size, dtype=torch.bool)
+                    if mods.causal:
+                        allowed &= k_pos <= q_pos
+                    if mods.window is not None:
+                        allowed &= (q_pos - k_pos).abs() < mods.window
+                    mask[q_offset : q_offset + q_size, k_offset : k_offset + k_size] |= allowed
+        return mask
 
     def allows(self, q: int, k: int) -> bool:
         """Whether group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
