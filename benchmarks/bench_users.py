@@ -66,8 +66,8 @@ from torch import Tensor, nn
 
 import patternc
 from patternc.nn import PatternAttention
-from patternc.nn.executors import flex as flex_executor
 from patternc.nn.executors import auto as auto_module
+from patternc.nn.executors import flex as flex_executor
 from patternc.nn.executors.auto import choose
 from patternc.nn.executors.common import AttentionInputs
 
@@ -182,15 +182,34 @@ def rows(tiny: bool) -> dict[str, Row]:
         )
     )
     out.append(
-        Row("prefix", f"prefix-LM {1024 // s} + {text}", PREFIX, {"prefix": 1024 // s, "text": text}, _prefix_mask(1024 // s))
+        Row(
+            "prefix",
+            f"prefix-LM {1024 // s} + {text}",
+            PREFIX,
+            {"prefix": 1024 // s, "text": text},
+            _prefix_mask(1024 // s),
+        )
     )
     window, n = 1024 // s, 8192 // s
     out.append(
-        Row("window", f"causal window {window} over {n}", WINDOW.format(window=window), {"tokens": n}, _window_mask(window))
+        Row(
+            "window",
+            f"causal window {window} over {n}",
+            WINDOW.format(window=window),
+            {"tokens": n},
+            _window_mask(window),
+        )
     )
     anchors, queries = 1024 // s, 4096 // s
-    sizes = {"surface_anchors": anchors, "surface_queries": queries, "volume_anchors": anchors, "volume_queries": queries}
-    out.append(Row("abupt", f"AB-UPT joint 2x({anchors}+{queries})", JOINT, sizes, _anchors_mask(anchors, queries)))
+    sizes = {
+        "surface_anchors": anchors,
+        "surface_queries": queries,
+        "volume_anchors": anchors,
+        "volume_queries": queries,
+    }
+    out.append(
+        Row("abupt", f"AB-UPT joint 2x({anchors}+{queries})", JOINT, sizes, _anchors_mask(anchors, queries))
+    )
     return {row.key: row for row in out}
 
 
@@ -336,7 +355,9 @@ class Measured:
 COLUMNS = ("hand flex", "hand varlen", "auto", "flex")
 
 
-def _layer_call(layer: nn.Module, x: Tensor, sizes: dict[str, int] | None, backward: bool) -> Callable[[], Tensor]:
+def _layer_call(
+    layer: nn.Module, x: Tensor, sizes: dict[str, int] | None, backward: bool
+) -> Callable[[], Tensor]:
     def run() -> Tensor:
         out = layer(x) if sizes is None else layer(x, sizes)[0]
         if backward:
@@ -353,7 +374,9 @@ def _layer_call(layer: nn.Module, x: Tensor, sizes: dict[str, int] | None, backw
     return forward
 
 
-def measure_row(row: Row, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Measured], dict[str, float]]:
+def measure_row(
+    row: Row, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, Measured], dict[str, float]]:
     """Both passes of one row, and the cold starts (seconds)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     width, heads = args.width, args.heads
@@ -373,7 +396,7 @@ def measure_row(row: Row, args: argparse.Namespace, device: torch.device) -> tup
         for name in ("flex", "auto"):
             cold[name] = _seconds(_layer_call(layers[name], x, row.sizes, False), device)
     start = time.perf_counter()
-    block_mask = hand_block_mask(row, device, args.compile)
+    block_mask = hand_block_mask(row, device, args.compile and args.hand_mask == "compiled")
     attend = flex_attention_fn(args.compile)
     hand = HandFlexAttention(width, heads, block_mask, attend).to(device, dtype)
     _copy_weights(hand, reference)
@@ -467,9 +490,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def print_table(results: dict[str, tuple[dict[str, Measured], dict[str, float]]], all_rows: dict[str, Row]) -> None:
+def print_table(
+    results: dict[str, tuple[dict[str, Measured], dict[str, float]]],
+    all_rows: dict[str, Row],
+    cold: bool = True,
+) -> None:
+    """The timing table, then (``cold``) the cold starts and the largest error."""
     print()
-    print("| layout | pass | hand flex | hand varlen | patternc auto | patternc flex | auto / best hand | flex / hand flex |")
+    print(
+        "| layout | pass | hand flex | hand varlen | patternc auto | patternc flex | auto / best hand | flex / hand flex |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, (passes, _) in results.items():
         title = all_rows[key].title
@@ -485,21 +515,29 @@ def print_table(results: dict[str, tuple[dict[str, Measured], dict[str, float]]]
                 _fmt(m.ms["flex"] / m.ms.get("hand flex", math.nan), 2),
             ]
             print(f"| {title if name == 'fwd' else ''} | {name} | " + " | ".join(cells) + " |")
+    if not cold:
+        return
     print()
     print("Cold start (s): the first call of each layout")
     print()
-    print("| layout | patternc flex | patternc auto | hand flex (compiled create_block_mask + first call) | new lengths: flex / auto |")
+    print(
+        "| layout | patternc flex | patternc auto | hand flex (block mask + first call) | new lengths: flex / auto |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for key, (_, cold) in results.items():
         moved = (
-            f"{_fmt(cold['flex new lengths'], 2)} / {_fmt(cold['auto new lengths'], 2)}" if "flex new lengths" in cold else ""
+            f"{_fmt(cold['flex new lengths'], 2)} / {_fmt(cold['auto new lengths'], 2)}"
+            if "flex new lengths" in cold
+            else ""
         )
         print(
             f"| {all_rows[key].title} | {_fmt(cold['flex'], 2)} | {_fmt(cold['auto'], 2)} | "
             f"{_fmt(cold['hand flex'], 2)} | {moved} |"
         )
     print()
-    worst = max((max(m.errors.values()) for passes, _ in results.values() for m in passes.values()), default=0.0)
+    worst = max(
+        (max(m.errors.values()) for passes, _ in results.values() for m in passes.values()), default=0.0
+    )
     print(f"largest relative error against patternc flex (outputs, input gradients): {worst:.2e}")
 
 
@@ -560,7 +598,9 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
         "pc mask": lambda: attend(*padded, block_mask=pc_mask),
         "pc mask +opts": lambda: attend(*padded, block_mask=pc_mask, kernel_options=options),
         "pc blocks, hand mask_mod": lambda: attend(*padded, block_mask=swapped, kernel_options=options),
-        "pc blocks, one-table int32 mask_mod": lambda: attend(*padded, block_mask=one_table, kernel_options=options),
+        "pc blocks, one-table int32 mask_mod": lambda: attend(
+            *padded, block_mask=one_table, kernel_options=options
+        ),
         "run_flex": lambda: flex_executor.run_flex(inputs),
         "run_flex unguarded": lambda: unguarded(
             *(_pad_tokens(t, tables.q_len) for t in (q, k, v)), pc_mask, None, None, options
@@ -593,7 +633,10 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
         else:
             heads_first = out if out.shape[1] == heads else out.transpose(1, 2)
             err = rel_error(heads_first[:, :, :n], ref)
-        print(f"   {label}: first call {time.perf_counter() - start:.1f} s, error against hand {err:.1e}", flush=True)
+        print(
+            f"   {label}: first call {time.perf_counter() - start:.1f} s, error against hand {err:.1e}",
+            flush=True,
+        )
         done[label] = fn
     with torch.no_grad():
         times = interleaved_ms(done, args.repeat, device)
@@ -605,7 +648,9 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
                 _host_and_kernels(label, done[label], device)
     from torch._dynamo.utils import counters
 
-    print(f"   dynamo: {dict(counters['stats'])}, graph breaks {sum(counters['graph_break'].values())}, recompiles {dict(counters['recompiles']) if 'recompiles' in counters else '-'}")
+    print(
+        f"   dynamo: {dict(counters['stats'])}, graph breaks {sum(counters['graph_break'].values())}, recompiles {dict(counters['recompiles']) if 'recompiles' in counters else '-'}"
+    )
 
 
 def _with_mask_mod(mask: BlockMask, mask_mod: MaskMod) -> BlockMask:
@@ -679,12 +724,15 @@ def _header(args: argparse.Namespace, device: torch.device) -> str:
     return (
         f"bench_users: {card}, torch {torch.__version__}, commit {args.commit}, {args.dtype}, "
         f"width {args.width}, {args.heads} heads of {args.width // args.heads}, batch 1; "
-        f"median of {args.repeat}; flex {'compiled' if args.compile else 'eager'}"
+        f"median of {args.repeat}; flex {'compiled' if args.compile else 'eager'}; "
+        f"hand block mask {args.hand_mask if args.compile else 'eager'}"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", nargs="+", default=None, help="row keys (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="lengths ~16x shorter, width 64, 4 heads")
@@ -694,6 +742,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--commit", default="-", help="the commit measured, for the header")
     parser.add_argument("--diagnose", action="store_true", help="where flex's forward time goes (CUDA)")
     parser.add_argument("--eager", action="store_true", help="FlexAttention uncompiled (the default on CPU)")
+    parser.add_argument(
+        "--hand-mask",
+        choices=("compiled", "eager"),
+        default="compiled",
+        help="how the hand-written block mask is built (the same BlockMask either way; "
+        "eager saves the compile, and the hand cold start then counts an eager build)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.compile = device.type == "cuda" and not args.eager
@@ -721,8 +776,13 @@ def main(argv: list[str] | None = None) -> None:
     with flex_executor.compiled(args.compile):
         for key in chosen:
             start = time.perf_counter()
-            results[key] = measure_row(all_rows[key], args, device)
+            try:
+                results[key] = measure_row(all_rows[key], args, device)
+            except Exception as error:  # report and go on: one table per run
+                print(f"{all_rows[key].title}: failed: {type(error).__name__}: {error}"[:400], flush=True)
+                continue
             print(f"{all_rows[key].title}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+            print_table({key: results[key]}, all_rows, cold=False)
     print_table(results, all_rows)
 
 
