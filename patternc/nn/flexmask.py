@@ -8,8 +8,9 @@ overlap each block are paired, and a pair is *full* (every token pair allowed)
 or *empty* (none allowed) by interval arithmetic on the tokens' positions in
 their groups; a block is full when all its pairs are, empty when all are.
 
-The ``mask_mod`` reads a small ``[groups, groups]`` table through per-token
-group ids, so no ``[n, n]`` tensor exists anywhere.
+The ``mask_mod`` tests a token pair's groups as a bit of the query group's
+words (:class:`PairSets`), read through per-token group ids, so no ``[n, n]``
+tensor exists anywhere and no score reads a two-dimensional table.
 
 >>> import patternc
 >>> from patternc.nn.schedule import schedule_for
