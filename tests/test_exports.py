@@ -172,7 +172,7 @@ COOKBOOK = {
 
 @pytest.mark.parametrize("name", sorted(COOKBOOK))
 def test_exports_are_exact_on_the_cookbook(name: str) -> None:
-    program = patternc.compile(ROOT / "examples" / "cookbook" / f"{name}.pc")
+    program = patternc.compile(ROOT / "examples" / "cookbook" / f"{name}.patc")
     sizes = COOKBOOK[name]
     for plan in program.patterns.values():
         layout = plan.layout(sizes)
