@@ -426,10 +426,11 @@ class FlexTables:
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
-        if k_segs == q_segs:  # no cached keys: the key tables are the query tables
-            kv_group, kv_pos = q_group, q_pos
-        else:
-            kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, positions)
+        # separate key tables even where they equal the query tables: the
+        # mask_mod's tensors then never alias, whose guard Dynamo cannot
+        # explain on a recompile (torch 2.13 raises IndexError building the
+        # reason, for flex_attention called outside torch.compile)
+        kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, positions)
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
