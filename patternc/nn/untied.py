@@ -478,8 +478,21 @@ class UntiedLinear(nn.Module):
         (default: each group's domain). ``rows``: only these output features
         (views of every bank's rows: Q apart from K/V of a fused projection)."""
         runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
-        weights = self.bank_weights()
         biases = list(self.bias) if self.bias is not None else None
+        return self.run(x, runs, self.bank_weights(), biases, rows)
+
+    def run(
+        self,
+        x: Tensor,
+        runs: TypeRuns,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor] | None,
+        rows: slice | None = None,
+    ) -> Tensor:
+        """:meth:`forward` with the banks given: ``weights[i]`` (``[output_dim,
+        input_dim]``, ``y = x @ W.T``) and ``biases[i]`` apply to bank ``i``'s runs
+        by this layer's path. For callers that derive each call's matrices from
+        the parameters (transposed, say)."""
         if rows is not None:
             weights = [w[rows] for w in weights]
             biases = None if biases is None else [b[rows] for b in biases]

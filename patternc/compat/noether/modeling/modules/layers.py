@@ -10,11 +10,12 @@ from torch import Tensor, nn
 from patternc.compat.noether.core.schemas.modules.layers import (
     LayerScaleConfig,
     LinearProjectionConfig,
+    RopeFrequencyConfig,
     UnquantizedDropPathConfig,
 )
 from patternc.compat.noether.modeling.functional.init import init_trunc_normal_zero_bias
 
-__all__ = ["LayerScale", "LinearProjection", "UnquantizedDropPath"]
+__all__ = ["LayerScale", "LinearProjection", "RopeFrequency", "UnquantizedDropPath"]
 
 
 class LayerScale(nn.Module):
@@ -88,3 +89,47 @@ class UnquantizedDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:0.2f}"
+
+
+class RopeFrequency(nn.Module):
+    """Complex RoPE frequencies of ``input_dim``-D coordinates for heads of
+    ``hidden_dim`` channels, as the peer lays them out: each coordinate gets
+    the same ``(hidden_dim - padding) // input_dim // 2`` frequencies
+    (``1 / max_wavelength ** (2i / d)``), coordinate after coordinate, then
+    zero angles (no rotation) for the channels that do not divide evenly.
+    ``forward(coords [..., input_dim])`` -> ``[..., hidden_dim // 2]`` complex.
+
+    Only ``implementation="complex"`` is supported (the real form is the
+    peer's legacy tuple of sines and cosines)."""
+
+    omega: Tensor
+
+    def __init__(self, config: RopeFrequencyConfig) -> None:
+        super().__init__()
+        if config.implementation != "complex":
+            raise NotImplementedError(
+                "RopeFrequency here builds complex frequencies only: set implementation='complex' "
+                "(the peer's own default 'real' is its slower legacy form; the rotation is the same)"
+            )
+        self.hidden_dim = config.hidden_dim
+        self.input_dim = config.input_dim
+        self.implementation = config.implementation
+        self.max_wavelength = config.max_wavelength
+        self.ndim_padding = config.hidden_dim % config.input_dim
+        per_axis = (config.hidden_dim - self.ndim_padding) // config.input_dim
+        self.sincos_padding = per_axis % 2
+        self.padding = self.ndim_padding + self.sincos_padding * config.input_dim
+        wave = (config.hidden_dim - self.padding) // config.input_dim
+        if wave <= 0:
+            raise ValueError(f"Effective hidden dimension per wave must be > 0. Got {wave}.")
+        exponents = torch.arange(0, wave, 2, dtype=torch.float) / wave
+        self.register_buffer("omega", 1.0 / config.max_wavelength**exponents)
+
+    def forward(self, coords: Tensor) -> Tensor:
+        if coords.shape[-1] != self.input_dim:
+            raise ValueError(f"coords have {coords.shape[-1]} coordinates; this RopeFrequency takes {self.input_dim}")
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            angles = (coords.float().unsqueeze(-1) @ self.omega.unsqueeze(0)).flatten(-2)
+        if self.padding:
+            angles = torch.cat([angles, angles.new_zeros(*angles.shape[:-1], self.padding // 2)], dim=-1)
+        return torch.polar(torch.ones_like(angles), angles)

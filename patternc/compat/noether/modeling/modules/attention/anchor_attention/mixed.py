@@ -187,6 +187,25 @@ class MixedAttention(_CoreMixedAttention):
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         specs = as_specs(token_specs)
+        out, cache = self._attend_specs(x, specs, attention_patterns, key_padding_mask, freqs, kv_cache)
+        if cache is None:
+            return out, None
+        input_specs = [s for s in specs if s.size is not None]
+        anchors = [s for s in input_specs if "_anchor" in s.name]
+        if any(s.name not in cache for s in anchors):
+            cache = {**self._anchor_key_values(x, input_specs, freqs), **cache}
+        return out, {s.name: cache[s.name] for s in anchors}
+
+    def _attend_specs(
+        self,
+        x: Tensor,
+        specs: list[TokenSpec],
+        attention_patterns: Sequence[AttentionPattern] | patternc.Plan,
+        key_padding_mask: Tensor | None,
+        freqs: Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[Tensor, KVCache | None]:
+        """The peer's checks, then patternc's attention: ``(out, core cache)``."""
         input_specs = [s for s in specs if s.size is not None]
         cached = {s.name for s in specs if s.size is None}
         patterns: Sequence[AttentionPattern] | patternc.Plan = attention_patterns
@@ -201,10 +220,5 @@ class MixedAttention(_CoreMixedAttention):
                     raise ValueError(f"Cached token '{name}' not found in kv_cache.")
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask is not supported when using KV cache.")
-        out, cache = super().forward(x, specs, patterns, key_padding_mask, freqs, kv_cache)
-        if cache is None:
-            return out, None
-        anchors = [s for s in input_specs if "_anchor" in s.name]
-        if any(s.name not in cache for s in anchors):
-            cache = {**self._anchor_key_values(x, input_specs, freqs), **cache}
-        return out, {s.name: cache[s.name] for s in anchors}
+        result: tuple[Tensor, KVCache | None] = super().forward(x, specs, patterns, key_padding_mask, freqs, kv_cache)
+        return result

@@ -1,0 +1,260 @@
+"""``patternc.compat.noether`` against golden files written by the real peer
+package (emmiai-noether 2026.4.0, ``tests/golden/noether/make_golden.py``).
+
+Each case loads the peer module's state dict strictly into the compat module
+built by the same code (``tests/noether_cases.py``) and compares outputs and
+gradients (every input and every parameter, by name) in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from noether_cases import CASES, UNBALANCED, Case, grad_target
+from torch import Tensor, nn
+
+import patternc
+import patternc.compat.noether as compat
+from patternc.compat.noether import (
+    AttentionPattern,
+    LinearProjectionConfig,
+    SquareBankWarning,
+    TokenSpec,
+    TransformerBlockConfig,
+    UntiedLinear,
+    UntiedLinearConfig,
+    UntiedTransformerBlock,
+    UntiedTransformerBlockConfig,
+    set_square_banks,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "noether"
+NS = SimpleNamespace(**{name: getattr(compat, name) for name in compat.__all__})
+RTOL = 1e-4
+BY_NAME = {case.name: case for case in CASES}
+
+
+def unpack(packed: dict[str, Any]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for name, shape in zip(packed["names"], packed["shapes"]):
+        size = int(torch.Size(shape).numel())
+        out[name] = packed["flat"][start : start + size].view(shape)
+        start += size
+    return out
+
+
+def golden(name: str) -> dict[str, Any]:
+    record: dict[str, Any] = torch.load(GOLDEN / f"{name}.pt", weights_only=True)
+    state = record["state_dict"]
+    record["state_dict"] = unpack(state) if "of" not in state else golden(state["of"])["state_dict"]
+    for key in ("outputs", "grads"):
+        record[key] = unpack(record[key])
+    return record
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    return float((got.detach().double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def run_case(case: Case, record: dict[str, Any], square_banks: str | None) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module]:
+    torch.manual_seed(0)
+    module = case.build(NS)
+    missing = module.load_state_dict(record["state_dict"], strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    if square_banks is not None:
+        set_square_banks(module, square_banks)  # type: ignore[arg-type]
+    module.eval()
+    inputs = dict(record["inputs"])
+    wanted = [k.removeprefix("input.") for k in record["grads"] if k.startswith("input.")]
+    for key in wanted:
+        inputs[key] = inputs[key].clone().requires_grad_(True)
+    outputs = case.run(NS, module, inputs)
+    targets = {f"input.{k}": inputs[k] for k in wanted}
+    targets.update({f"param.{k}": p for k, p in module.named_parameters()})
+    loss = sum(grad_target(out) for out in outputs.values() if out.requires_grad)
+    grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)  # type: ignore[arg-type]
+    return outputs, {k: g if g is not None else torch.zeros_like(t) for (k, t), g in zip(targets.items(), grads)}, module
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_peer_checkpoint_loads_strictly_and_gives_the_peers_numbers(case: Case) -> None:
+    record = golden(case.name)
+    outputs, grads, module = run_case(case, record, case.square_banks)
+    assert sorted(outputs) == sorted(record["outputs"])
+    for name, want in record["outputs"].items():
+        assert relative_error(outputs[name], want) < RTOL, (case.name, name, relative_error(outputs[name], want))
+    # the same parameter names as the peer's, and the same gradients for each
+    assert sorted(grads) == sorted(record["grads"])
+    for name, want in record["grads"].items():
+        if want.abs().max() == 0:
+            assert grads[name].abs().max() == 0, (case.name, name)
+            continue
+        assert relative_error(grads[name], want) < RTOL, (case.name, name, relative_error(grads[name], want))
+    assert list(module.state_dict()) == list(record["state_dict"])  # same keys, same order
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.balanced], ids=lambda c: c.name)
+def test_balanced_counts_need_the_square_bank_option(case: Case) -> None:
+    """The peer computes x @ W for square banks at balanced counts: "as_peer"
+    follows it call for call; the default ("linear", x @ W.T) gives other
+    numbers and warns once that the checkpoint may need square_banks="bmm"."""
+    record = golden(case.name)
+    outputs, _, _ = run_case(case, record, "as_peer")
+    for name, want in record["outputs"].items():
+        assert relative_error(outputs[name], want) < RTOL, (case.name, name)
+    with pytest.warns(SquareBankWarning, match="square_banks='bmm'") as caught:
+        outputs, _, module = run_case(case, record, None)
+    square = [m for m in module.modules() if isinstance(m, UntiedLinear) and m.input_dim == m.output_dim]
+    assert 0 < len(caught) <= len(square)  # at most once per layer, however many calls
+    assert max(relative_error(outputs[n], w) for n, w in record["outputs"].items()) > 1e-3
+
+
+def test_unbalanced_counts_do_not_warn() -> None:
+    record = golden("untied_mixed_attention")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SquareBankWarning)
+        run_case(BY_NAME["untied_mixed_attention"], record, None)
+
+
+def test_bmm_mode_differs_at_unbalanced_counts() -> None:
+    """"bmm" is x @ W at every count: a checkpoint trained unbalanced needs "linear"."""
+    record = golden("untied_linear_square")
+    outputs, _, _ = run_case(BY_NAME["untied_linear_square"], record, "bmm")
+    assert relative_error(outputs["out"], record["outputs"]["out"]) > 1e-3
+    outputs, _, _ = run_case(BY_NAME["untied_linear_square"], record, "as_peer")
+    assert relative_error(outputs["out"], record["outputs"]["out"]) < RTOL
+
+
+def linear(din: int, dout: int, types: int = 2, **kwargs: Any) -> UntiedLinear:
+    geometry = LinearProjectionConfig(input_dim=din, output_dim=dout, **kwargs)
+    return UntiedLinear(UntiedLinearConfig(num_types=types, linear_projection=geometry))
+
+
+def test_untied_linear_banks_are_real_parameters() -> None:
+    layer = linear(4, 4, bias=False)
+    assert [tuple(w.shape) for w in layer.weight] == [(4, 4), (4, 4)] and layer.bias is None
+    with torch.no_grad():
+        layer.weight[0].copy_(torch.eye(4))
+    torch.nn.init.zeros_(layer.weight[1])
+    x = torch.randn(1, 5, 4)
+    out = layer(x, [TokenSpec(name="a_x", size=2), TokenSpec(name="b_x", size=3)])
+    assert torch.equal(out[:, :2], x[:, :2]) and not out[:, 2:].any()
+    out.sum().backward()
+    assert all(w.grad is not None for w in layer.weight)
+    assert "_extra_state" not in "".join(layer.state_dict())  # the peer's keys only
+
+
+def test_banks_bind_by_position_and_domains_must_be_consecutive() -> None:
+    layer = linear(3, 5, types=3)
+    x = torch.randn(2, 4, 3)
+    by_position = layer(x, [TokenSpec(name="wake_a", size=1), TokenSpec(name="surface_b", size=3)])
+    with torch.no_grad():
+        expected = torch.cat(
+            [torch.nn.functional.linear(x[:, :1], layer.weight[0], layer.bias[0]),  # type: ignore[index]
+             torch.nn.functional.linear(x[:, 1:], layer.weight[1], layer.bias[1])], dim=1  # type: ignore[index]
+        )
+    assert torch.allclose(by_position, expected)
+    with pytest.raises(ValueError, match="Domain 'a' is not consecutive"):
+        layer(torch.randn(1, 3, 3), [TokenSpec(name=n, size=1) for n in ("a_x", "b_x", "a_y")])
+    with pytest.raises(ValueError, match="4 domains .* num_types=3"):
+        layer(torch.randn(1, 4, 3), [TokenSpec(name=n, size=1) for n in ("a", "b", "c", "d")])
+
+
+def test_square_banks_option_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"square_banks must be one of \['linear', 'bmm', 'as_peer'\]"):
+        set_square_banks(linear(4, 4), "transposed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="square_banks must be one of"):
+        UntiedLinear(
+            UntiedLinearConfig(num_types=1, linear_projection=LinearProjectionConfig(input_dim=2, output_dim=2)),
+            square_banks="x",  # type: ignore[arg-type]
+        )
+
+
+def block(condition_dim: int | None = 4, init: str = "truncnormal002") -> UntiedTransformerBlock:
+    config = TransformerBlockConfig(
+        hidden_dim=8, num_heads=2, mlp_expansion_factor=2, condition_dim=condition_dim, init_weights=init
+    )
+    return UntiedTransformerBlock(UntiedTransformerBlockConfig(num_types=2, transformer_block=config))
+
+
+def block_kwargs() -> dict[str, Any]:
+    specs = [TokenSpec(name=n, size=s) for n, s in UNBALANCED.items()]
+    return {"token_specs": specs, "attention_patterns": [AttentionPattern(list(UNBALANCED), ["surface_anchors"])]}
+
+
+def test_a_fresh_conditioned_block_is_the_identity() -> None:
+    """adaLN-Zero: the zero-initialised modulation closes both gates."""
+    tb = block()
+    assert not tb.norm1.elementwise_affine and tb.modulation is not None
+    x = torch.randn(2, sum(UNBALANCED.values()), 8)
+    out, cache = tb(x, condition=torch.randn(2, 4), attn_kwargs=block_kwargs())
+    assert torch.equal(out, x) and cache is None
+
+
+def test_identity_init_mode_keeps_the_peers_meaning() -> None:
+    """"truncnormal002-identity" zeros attention's output projection and the MLP's second linear."""
+    from patternc.compat.noether import MixedAttention, MixedAttentionConfig, UpActDownMlp, UpActDownMLPConfig
+
+    attn = MixedAttention(MixedAttentionConfig(hidden_dim=8, num_heads=2, init_weights="truncnormal002-identity"))
+    assert not attn.proj.weight.any() and attn.q.weight.any()
+    mlp = UpActDownMlp(UpActDownMLPConfig(input_dim=8, hidden_dim=16, init_weights="truncnormal002-identity"))
+    assert not mlp.fc2.weight.any() and not mlp.fc2.bias.any()
+    with pytest.raises(NotImplementedError, match="truncnormal002-identity"):
+        linear(4, 4, init_weights="truncnormal002-identity")
+
+
+def test_block_errors_name_what_is_missing() -> None:
+    tb = block(condition_dim=None)
+    x = torch.randn(2, sum(UNBALANCED.values()), 8)
+    with pytest.raises(ValueError, match="'token_specs' key for UntiedTransformerBlock"):
+        tb(x, attn_kwargs={})
+    with pytest.raises(ValueError, match="not configured for conditioning"):
+        tb(x, condition=torch.randn(2, 4), attn_kwargs=block_kwargs())
+    with pytest.raises(ValueError, match=r"Number of domains in token_specs \(1\) must match num_types \(2\)"):
+        tb(x[:, :7], attn_kwargs={"token_specs": [TokenSpec(name="surface_anchors", size=7)]})
+    with pytest.raises(ValueError, match="No conditioning vector provided"):
+        block()(x, attn_kwargs=block_kwargs())
+    with pytest.raises(ValueError, match="incorrect shape. Expected 4, got 3"):
+        block()(x, condition=torch.randn(2, 3), attn_kwargs=block_kwargs())
+
+
+def test_untied_attention_refuses_a_kv_cache_as_the_peer_does() -> None:
+    attn = block(condition_dim=None).attention_block
+    with pytest.raises(NotImplementedError, match="kv caching"):
+        attn(torch.randn(1, 2, 8), [TokenSpec(name="a", size=2)], [AttentionPattern(["a"], ["a"])], kv_cache={})
+
+
+def test_mixed_attention_takes_a_compiled_plan_too() -> None:
+    """The compat module is patternc's MixedAttention: a pattern file's plan runs in place of the list."""
+    record = golden("mixed_attention")
+    case = BY_NAME["mixed_attention"]
+    module = case.build(NS)
+    module.load_state_dict(record["state_dict"], strict=True)
+    inp = record["inputs"]
+    plan = patternc.compile(
+        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+        "surface_* -> surface_anchors, volume_anchors\n"
+        "volume_* -> volume_anchors\n"
+    ).patterns["default"]
+    specs = [TokenSpec(name=n, size=s) for n, s in inp["sizes"].items()]
+    out, _ = module(inp["x"], specs, plan, freqs=inp["freqs"])
+    assert relative_error(out, record["outputs"]["plain"]) < RTOL
+
+
+def test_peer_error_wording_for_pattern_lists() -> None:
+    attn = compat.MixedAttention(compat.MixedAttentionConfig(hidden_dim=8, num_heads=2))
+    x = torch.randn(1, 4, 8)
+    specs = [TokenSpec(name="a_x", size=2), TokenSpec(name="b_x", size=2)]
+    with pytest.raises(ValueError, match="set of query tokens must exactly match"):
+        attn(x, specs, [AttentionPattern(["a_x"], ["a_x"])])
+    with pytest.raises(ValueError, match="cannot be a query in multiple"):
+        attn(x, specs, [AttentionPattern(["a_x", "b_x"], ["a_x"]), AttentionPattern(["a_x"], ["b_x"])])
+    with pytest.raises(ValueError, match="Token specs total size 4 != tensor size 3"):
+        attn(x[:, :3], specs, [AttentionPattern(["a_x", "b_x"], ["a_x"])])
+    with pytest.raises(ValueError, match="RoPE usage mismatch"):
+        attn(x, specs, [AttentionPattern(["a_x", "b_x"], ["a_x"])], freqs=torch.ones(1, 4, 2, dtype=torch.cfloat))
