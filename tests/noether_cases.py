@@ -96,10 +96,19 @@ def mixed_inputs(ns: SimpleNamespace, gen: torch.Generator) -> Inputs:
 
 def mixed_run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) -> dict[str, Tensor]:
     pats = patterns(ns, inp["patterns"])
-    out, cache = module(inp["x"], specs(ns, inp["sizes"]), pats, key_padding_mask=inp["mask"], freqs=inp["freqs"])
+    out, cache = module(
+        inp["x"], specs(ns, inp["sizes"]), pats, key_padding_mask=inp["mask"], freqs=inp["freqs"]
+    )
     plain, cache = module(inp["x"], specs(ns, inp["sizes"]), pats, freqs=inp["freqs"])
-    cached_sizes = {"surface_anchors": None, "surface_queries": 1, "volume_anchors": None, "volume_queries": 3}
-    cached, none = module(inp["query_x"], specs(ns, cached_sizes), pats, freqs=inp["query_freqs"], kv_cache=cache)
+    cached_sizes = {
+        "surface_anchors": None,
+        "surface_queries": 1,
+        "volume_anchors": None,
+        "volume_queries": 3,
+    }
+    cached, none = module(
+        inp["query_x"], specs(ns, cached_sizes), pats, freqs=inp["query_freqs"], kv_cache=cache
+    )
     assert none is None
     outs = {"masked": out, "plain": plain, "cached": cached}
     for name in sorted(cache):
@@ -113,7 +122,12 @@ def mixed_run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) -> dict[str, 
 
 def anchor_builder(kind: str) -> Callable[[SimpleNamespace], nn.Module]:
     def build(ns: SimpleNamespace) -> nn.Module:
-        fields: dict[str, Any] = {"hidden_dim": 8, "num_heads": 2, "use_rope": True, "branches": ["surface", "volume"]}
+        fields: dict[str, Any] = {
+            "hidden_dim": 8,
+            "num_heads": 2,
+            "use_rope": True,
+            "branches": ["surface", "volume"],
+        }
         if kind == "self":
             module: nn.Module = ns.SelfAnchorAttention(ns.AttentionConfig(**fields))
         elif kind == "cross":
@@ -149,13 +163,17 @@ def anchor_run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) -> dict[str,
 def untied_linear_builder(din: int, dout: int, types: int) -> Callable[[SimpleNamespace], nn.Module]:
     def build(ns: SimpleNamespace) -> nn.Module:
         geometry = ns.LinearProjectionConfig(input_dim=din, output_dim=dout, bias=True)
-        module: nn.Module = ns.UntiedLinear(ns.UntiedLinearConfig(num_types=types, linear_projection=geometry))
+        module: nn.Module = ns.UntiedLinear(
+            ns.UntiedLinearConfig(num_types=types, linear_projection=geometry)
+        )
         return module
 
     return build
 
 
-def untied_linear_inputs(din: int, sizes: dict[str, int]) -> Callable[[SimpleNamespace, torch.Generator], Inputs]:
+def untied_linear_inputs(
+    din: int, sizes: dict[str, int]
+) -> Callable[[SimpleNamespace, torch.Generator], Inputs]:
     def inputs(ns: SimpleNamespace, gen: torch.Generator) -> Inputs:
         return {"x": randn(gen, 2, sum(sizes.values()), din), "sizes": dict(sizes)}
 
@@ -210,7 +228,9 @@ def untied_attention_run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) ->
 # ----------------------------------------------------------------- blocks
 
 
-def block_config(ns: SimpleNamespace, *, condition: bool, rope_on: bool = False, layerscale: float = 0.5) -> Any:
+def block_config(
+    ns: SimpleNamespace, *, condition: bool, rope_on: bool = False, layerscale: float = 0.5
+) -> Any:
     return ns.TransformerBlockConfig(
         hidden_dim=8,
         num_heads=2,
@@ -261,7 +281,9 @@ def anchor_block_build(kind: str, untied: bool) -> Callable[[SimpleNamespace], n
         if not untied:
             block: nn.Module = ns.TransformerBlock(config)
             return block
-        block = ns.UntiedTransformerBlock(ns.UntiedTransformerBlockConfig(num_types=2, transformer_block=config))
+        block = ns.UntiedTransformerBlock(
+            ns.UntiedTransformerBlockConfig(num_types=2, transformer_block=config)
+        )
         return block
 
     return build
@@ -303,7 +325,9 @@ def perceiver_block_build(untied: bool, condition: bool) -> Callable[[SimpleName
         if not untied:
             block: nn.Module = ns.PerceiverBlock(config)
             return block
-        block = ns.UntiedPerceiverBlock(ns.UntiedPerceiverBlockConfig(num_types=2, perceiver_block_config=config))
+        block = ns.UntiedPerceiverBlock(
+            ns.UntiedPerceiverBlockConfig(num_types=2, perceiver_block_config=config)
+        )
         return block
 
     return build
@@ -324,7 +348,9 @@ def perceiver_inputs(sizes: dict[str, int]) -> Callable[[SimpleNamespace, torch.
     return inputs
 
 
-def perceiver_run(untied: bool, condition: bool) -> Callable[[SimpleNamespace, nn.Module, Inputs], dict[str, Tensor]]:
+def perceiver_run(
+    untied: bool, condition: bool
+) -> Callable[[SimpleNamespace, nn.Module, Inputs], dict[str, Tensor]]:
     def run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) -> dict[str, Tensor]:
         kwargs: dict[str, Any] = {"q_freqs": inp["q_freqs"], "k_freqs": inp["k_freqs"]}
         if untied:
@@ -353,7 +379,9 @@ class ABUPT(nn.Module):
         dim, heads = 8, 2
         self.domains = domains
         # 2-D positions keep the model small: RoPE needs head_dim // 2 divisible by the coordinates
-        self.rope = ns.RopeFrequency(ns.RopeFrequencyConfig(hidden_dim=dim // heads, input_dim=2, implementation="complex"))
+        self.rope = ns.RopeFrequency(
+            ns.RopeFrequencyConfig(hidden_dim=dim // heads, input_dim=2, implementation="complex")
+        )
         self.embed = nn.ModuleDict({d: nn.Linear(2, dim) for d in domains})
         block = ns.TransformerBlockConfig(
             hidden_dim=dim, num_heads=heads, mlp_hidden_dim=12, use_rope=True, layerscale=0.5, condition_dim=5
@@ -361,16 +389,26 @@ class ABUPT(nn.Module):
         perceiver = ns.PerceiverBlockConfig(
             hidden_dim=dim, num_heads=heads, mlp_hidden_dim=12, use_rope=True, layerscale=0.5, condition_dim=5
         )
-        anchor_classes = {"self": ns.SelfAnchorAttention, "cross": ns.CrossAnchorAttention, "joint": ns.JointAnchorAttention}
+        anchor_classes = {
+            "self": ns.SelfAnchorAttention,
+            "cross": ns.CrossAnchorAttention,
+            "joint": ns.JointAnchorAttention,
+        }
         self.physics_blocks = nn.ModuleList(
-            [ns.UntiedPerceiverBlock(ns.UntiedPerceiverBlockConfig(num_types=len(domains), perceiver_block_config=perceiver))]
+            [
+                ns.UntiedPerceiverBlock(
+                    ns.UntiedPerceiverBlockConfig(num_types=len(domains), perceiver_block_config=perceiver)
+                )
+            ]
         )
         for kind in ("self", "cross", "joint"):
             config = copy.deepcopy(block)
             config.attention_constructor = anchor_classes[kind]
             config.attention_arguments = {"branches": domains}
             self.physics_blocks.append(
-                ns.UntiedTransformerBlock(ns.UntiedTransformerBlockConfig(num_types=len(domains), transformer_block=config))
+                ns.UntiedTransformerBlock(
+                    ns.UntiedTransformerBlockConfig(num_types=len(domains), transformer_block=config)
+                )
             )
         self.decoder_blocks = nn.ModuleDict()
         for d in domains:
@@ -392,7 +430,10 @@ class ABUPT(nn.Module):
         condition: Tensor,
     ) -> dict[str, Tensor]:
         per_domain = {
-            d: [ns.TokenSpec(name=f"{d}_anchors", size=anchors[d].shape[1]), ns.TokenSpec(name=f"{d}_queries", size=queries[d].shape[1])]
+            d: [
+                ns.TokenSpec(name=f"{d}_anchors", size=anchors[d].shape[1]),
+                ns.TokenSpec(name=f"{d}_queries", size=queries[d].shape[1]),
+            ]
             for d in self.domains
         }
         all_specs = [s for d in self.domains for s in per_domain[d]]
@@ -406,11 +447,17 @@ class ABUPT(nn.Module):
                 kwargs = {"token_specs": all_specs, "q_freqs": freqs, "k_freqs": geometry_freqs}
                 x, _ = block(q=x, kv=geometry, attn_kwargs=kwargs, condition=condition)
             else:
-                x, _ = block(x, attn_kwargs={"token_specs": all_specs, "freqs": freqs, "kv_cache": None}, condition=condition)
+                x, _ = block(
+                    x,
+                    attn_kwargs={"token_specs": all_specs, "freqs": freqs, "kv_cache": None},
+                    condition=condition,
+                )
         out: dict[str, Tensor] = {}
         for d, part in zip(self.domains, x.split([pos[d].shape[1] for d in self.domains], dim=1)):
             for block in self.decoder_blocks[d]:
-                part, _ = block(part, attn_kwargs={"token_specs": per_domain[d], "freqs": rope[d]}, condition=condition)
+                part, _ = block(
+                    part, attn_kwargs={"token_specs": per_domain[d], "freqs": rope[d]}, condition=condition
+                )
             pred = self.heads[d](part)
             out[f"{d}_anchors"] = pred[:, : anchors[d].shape[1]]
             out[f"{d}_queries"] = pred[:, anchors[d].shape[1] :]
@@ -448,9 +495,22 @@ def _abupt_build(ns: SimpleNamespace) -> nn.Module:
 
 CASES: list[Case] = [
     Case("mixed_attention", lambda ns: ns.MixedAttention(mixed_config(ns)), mixed_inputs, mixed_run),
-    *(Case(f"{kind}_anchor_attention", anchor_builder(kind), anchor_inputs, anchor_run) for kind in ("self", "cross", "joint")),
-    Case("untied_linear_rect", untied_linear_builder(6, 10, 3), untied_linear_inputs(6, THREE_DOMAINS), untied_linear_run),
-    Case("untied_linear_square", untied_linear_builder(8, 8, 3), untied_linear_inputs(8, THREE_DOMAINS), untied_linear_run),
+    *(
+        Case(f"{kind}_anchor_attention", anchor_builder(kind), anchor_inputs, anchor_run)
+        for kind in ("self", "cross", "joint")
+    ),
+    Case(
+        "untied_linear_rect",
+        untied_linear_builder(6, 10, 3),
+        untied_linear_inputs(6, THREE_DOMAINS),
+        untied_linear_run,
+    ),
+    Case(
+        "untied_linear_square",
+        untied_linear_builder(8, 8, 3),
+        untied_linear_inputs(8, THREE_DOMAINS),
+        untied_linear_run,
+    ),
     Case(
         "untied_linear_square_balanced",
         untied_linear_builder(8, 8, 3),
@@ -461,7 +521,12 @@ CASES: list[Case] = [
         weights_of="untied_linear_square",
     ),
     Case("untied_mlp", untied_mlp_build, untied_linear_inputs(6, THREE_DOMAINS), untied_linear_run),
-    Case("untied_mixed_attention", untied_attention_build, untied_attention_inputs(UNBALANCED), untied_attention_run),
+    Case(
+        "untied_mixed_attention",
+        untied_attention_build,
+        untied_attention_inputs(UNBALANCED),
+        untied_attention_run,
+    ),
     Case(
         "untied_mixed_attention_balanced",
         untied_attention_build,
@@ -472,10 +537,30 @@ CASES: list[Case] = [
         weights_of="untied_mixed_attention",
     ),
     Case("untied_transformer_block", untied_block_build, untied_block_inputs(UNBALANCED), untied_block_run),
-    Case("transformer_block_self_anchor", anchor_block_build("self", untied=False), anchor_block_inputs(UNBALANCED), anchor_block_run),
-    Case("untied_block_cross_anchor", anchor_block_build("cross", untied=True), anchor_block_inputs(UNBALANCED), anchor_block_run),
-    Case("perceiver_block", perceiver_block_build(False, True), perceiver_inputs(UNBALANCED), perceiver_run(False, True)),
-    Case("untied_perceiver_block", perceiver_block_build(True, True), perceiver_inputs(UNBALANCED), perceiver_run(True, True)),
+    Case(
+        "transformer_block_self_anchor",
+        anchor_block_build("self", untied=False),
+        anchor_block_inputs(UNBALANCED),
+        anchor_block_run,
+    ),
+    Case(
+        "untied_block_cross_anchor",
+        anchor_block_build("cross", untied=True),
+        anchor_block_inputs(UNBALANCED),
+        anchor_block_run,
+    ),
+    Case(
+        "perceiver_block",
+        perceiver_block_build(False, True),
+        perceiver_inputs(UNBALANCED),
+        perceiver_run(False, True),
+    ),
+    Case(
+        "untied_perceiver_block",
+        perceiver_block_build(True, True),
+        perceiver_inputs(UNBALANCED),
+        perceiver_run(True, True),
+    ),
     Case("abupt", _abupt_build, abupt_inputs(UNBALANCED), abupt_run),
     Case(
         "abupt_balanced",

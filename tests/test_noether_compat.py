@@ -61,7 +61,9 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return float((got.detach().double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
-def run_case(case: Case, record: dict[str, Any], square_banks: str | None) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module]:
+def run_case(
+    case: Case, record: dict[str, Any], square_banks: str | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module]:
     torch.manual_seed(0)
     module = case.build(NS)
     missing = module.load_state_dict(record["state_dict"], strict=True)
@@ -78,7 +80,11 @@ def run_case(case: Case, record: dict[str, Any], square_banks: str | None) -> tu
     targets.update({f"param.{k}": p for k, p in module.named_parameters()})
     loss = sum(grad_target(out) for out in outputs.values() if out.requires_grad)
     grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)  # type: ignore[arg-type]
-    return outputs, {k: g if g is not None else torch.zeros_like(t) for (k, t), g in zip(targets.items(), grads)}, module
+    return (
+        outputs,
+        {k: g if g is not None else torch.zeros_like(t) for (k, t), g in zip(targets.items(), grads)},
+        module,
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -87,7 +93,11 @@ def test_peer_checkpoint_loads_strictly_and_gives_the_peers_numbers(case: Case) 
     outputs, grads, module = run_case(case, record, case.square_banks)
     assert sorted(outputs) == sorted(record["outputs"])
     for name, want in record["outputs"].items():
-        assert relative_error(outputs[name], want) < RTOL, (case.name, name, relative_error(outputs[name], want))
+        assert relative_error(outputs[name], want) < RTOL, (
+            case.name,
+            name,
+            relative_error(outputs[name], want),
+        )
     # the same parameter names as the peer's, and the same gradients for each
     assert sorted(grads) == sorted(record["grads"])
     for name, want in record["grads"].items():
@@ -122,7 +132,7 @@ def test_unbalanced_counts_do_not_warn() -> None:
 
 
 def test_bmm_mode_differs_at_unbalanced_counts() -> None:
-    """"bmm" is x @ W at every count: a checkpoint trained unbalanced needs "linear"."""
+    """ "bmm" is x @ W at every count: a checkpoint trained unbalanced needs "linear"."""
     record = golden("untied_linear_square")
     outputs, _, _ = run_case(BY_NAME["untied_linear_square"], record, "bmm")
     assert relative_error(outputs["out"], record["outputs"]["out"]) > 1e-3
@@ -155,8 +165,11 @@ def test_banks_bind_by_position_and_domains_must_be_consecutive() -> None:
     by_position = layer(x, [TokenSpec(name="wake_a", size=1), TokenSpec(name="surface_b", size=3)])
     with torch.no_grad():
         expected = torch.cat(
-            [torch.nn.functional.linear(x[:, :1], layer.weight[0], layer.bias[0]),  # type: ignore[index]
-             torch.nn.functional.linear(x[:, 1:], layer.weight[1], layer.bias[1])], dim=1  # type: ignore[index]
+            [
+                torch.nn.functional.linear(x[:, :1], layer.weight[0], layer.bias[0]),  # type: ignore[index]
+                torch.nn.functional.linear(x[:, 1:], layer.weight[1], layer.bias[1]),
+            ],
+            dim=1,  # type: ignore[index]
         )
     assert torch.allclose(by_position, expected)
     with pytest.raises(ValueError, match="Domain 'a' is not consecutive"):
@@ -170,7 +183,9 @@ def test_square_banks_option_is_checked() -> None:
         set_square_banks(linear(4, 4), "transposed")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="square_banks must be one of"):
         UntiedLinear(
-            UntiedLinearConfig(num_types=1, linear_projection=LinearProjectionConfig(input_dim=2, output_dim=2)),
+            UntiedLinearConfig(
+                num_types=1, linear_projection=LinearProjectionConfig(input_dim=2, output_dim=2)
+            ),
             square_banks="x",  # type: ignore[arg-type]
         )
 
@@ -184,7 +199,10 @@ def block(condition_dim: int | None = 4, init: str = "truncnormal002") -> Untied
 
 def block_kwargs() -> dict[str, Any]:
     specs = [TokenSpec(name=n, size=s) for n, s in UNBALANCED.items()]
-    return {"token_specs": specs, "attention_patterns": [AttentionPattern(list(UNBALANCED), ["surface_anchors"])]}
+    return {
+        "token_specs": specs,
+        "attention_patterns": [AttentionPattern(list(UNBALANCED), ["surface_anchors"])],
+    }
 
 
 def test_a_fresh_conditioned_block_is_the_identity() -> None:
@@ -197,10 +215,12 @@ def test_a_fresh_conditioned_block_is_the_identity() -> None:
 
 
 def test_identity_init_mode_keeps_the_peers_meaning() -> None:
-    """"truncnormal002-identity" zeros attention's output projection and the MLP's second linear."""
+    """ "truncnormal002-identity" zeros attention's output projection and the MLP's second linear."""
     from patternc.compat.noether import MixedAttention, MixedAttentionConfig, UpActDownMlp, UpActDownMLPConfig
 
-    attn = MixedAttention(MixedAttentionConfig(hidden_dim=8, num_heads=2, init_weights="truncnormal002-identity"))
+    attn = MixedAttention(
+        MixedAttentionConfig(hidden_dim=8, num_heads=2, init_weights="truncnormal002-identity")
+    )
     assert not attn.proj.weight.any() and attn.q.weight.any()
     mlp = UpActDownMlp(UpActDownMLPConfig(input_dim=8, hidden_dim=16, init_weights="truncnormal002-identity"))
     assert not mlp.fc2.weight.any() and not mlp.fc2.bias.any()
@@ -215,7 +235,9 @@ def test_block_errors_name_what_is_missing() -> None:
         tb(x, attn_kwargs={})
     with pytest.raises(ValueError, match="not configured for conditioning"):
         tb(x, condition=torch.randn(2, 4), attn_kwargs=block_kwargs())
-    with pytest.raises(ValueError, match=r"Number of domains in token_specs \(1\) must match num_types \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"Number of domains in token_specs \(1\) must match num_types \(2\)"
+    ):
         tb(x[:, :7], attn_kwargs={"token_specs": [TokenSpec(name="surface_anchors", size=7)]})
     with pytest.raises(ValueError, match="No conditioning vector provided"):
         block()(x, attn_kwargs=block_kwargs())
@@ -226,7 +248,9 @@ def test_block_errors_name_what_is_missing() -> None:
 def test_untied_attention_refuses_a_kv_cache_as_the_peer_does() -> None:
     attn = block(condition_dim=None).attention_block
     with pytest.raises(NotImplementedError, match="kv caching"):
-        attn(torch.randn(1, 2, 8), [TokenSpec(name="a", size=2)], [AttentionPattern(["a"], ["a"])], kv_cache={})
+        attn(
+            torch.randn(1, 2, 8), [TokenSpec(name="a", size=2)], [AttentionPattern(["a"], ["a"])], kv_cache={}
+        )
 
 
 def test_mixed_attention_takes_a_compiled_plan_too() -> None:
@@ -257,4 +281,9 @@ def test_peer_error_wording_for_pattern_lists() -> None:
     with pytest.raises(ValueError, match="Token specs total size 4 != tensor size 3"):
         attn(x[:, :3], specs, [AttentionPattern(["a_x", "b_x"], ["a_x"])])
     with pytest.raises(ValueError, match="RoPE usage mismatch"):
-        attn(x, specs, [AttentionPattern(["a_x", "b_x"], ["a_x"])], freqs=torch.ones(1, 4, 2, dtype=torch.cfloat))
+        attn(
+            x,
+            specs,
+            [AttentionPattern(["a_x", "b_x"], ["a_x"])],
+            freqs=torch.ones(1, 4, 2, dtype=torch.cfloat),
+        )

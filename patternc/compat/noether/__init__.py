@@ -120,5 +120,6 @@ __all__ = [
     "UntiedTransformerBlock",
     "UntiedTransformerBlockConfig",
     "UpActDownMLPConfig",
+    "UpActDownMlp",
     "set_square_banks",
 ]

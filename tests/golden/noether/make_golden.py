@@ -47,7 +47,12 @@ from noether.modeling.modules.untied import (  # noqa: E402
 from noether_cases import CASES, grad_target  # noqa: E402
 
 PEER = SimpleNamespace(
-    **{n: getattr(m, n) for m in (peer_attention, blocks, layers, mlp, untied) for n in dir(m) if n.endswith("Config")},
+    **{
+        n: getattr(m, n)
+        for m in (peer_attention, blocks, layers, mlp, untied)
+        for n in dir(m)
+        if n.endswith("Config")
+    },
     TokenSpec=peer_attention.TokenSpec,
     AttentionPattern=peer_attention.AttentionPattern,
     RopeFrequency=peer_layers.RopeFrequency,
@@ -66,7 +71,9 @@ PEER = SimpleNamespace(
 )
 
 
-def gradients(outputs: dict[str, torch.Tensor], inputs: dict[str, Any], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gradients(
+    outputs: dict[str, torch.Tensor], inputs: dict[str, Any], module: torch.nn.Module
+) -> dict[str, torch.Tensor]:
     """d grad_target(outputs) / d (float inputs and parameters), by name."""
     targets = {f"input.{k}": v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     targets.update({f"param.{k}": p for k, p in module.named_parameters()})

@@ -6,7 +6,9 @@ from typing import Literal
 
 __all__ = ["ActivationTypes", "InitWeightsMode"]
 
-InitWeightsMode = Literal["truncnormal002", "torch", "truncnormal", "truncnormal002-identity", "torchs", "zeros"]
+InitWeightsMode = Literal[
+    "truncnormal002", "torch", "truncnormal", "truncnormal002-identity", "torchs", "zeros"
+]
 """The peer's initialisation modes, with its meanings:
 
 - ``"torch"``: PyTorch's defaults for ``nn.Linear``;

@@ -19,7 +19,8 @@ __all__ = ["LayerScale", "LinearProjection", "RopeFrequency", "UnquantizedDropPa
 
 
 class LayerScale(nn.Module):
-    """``x * gamma`` with ``gamma`` ``[hidden_dim]`` starting at ``init_values``; the identity when that is None."""
+    """``x * gamma`` with ``gamma`` ``[hidden_dim]`` starting at ``init_values``;
+    the identity when that is None."""
 
     def __init__(self, config: LayerScaleConfig) -> None:
         super().__init__()
@@ -59,7 +60,9 @@ class LinearProjection(nn.Module):
             for p in self.project.parameters():
                 nn.init.zeros_(p)
         else:
-            raise NotImplementedError(f"Initialization method {self.init_weights!r} not implemented for LinearProjection.")
+            raise NotImplementedError(
+                f"Initialization method {self.init_weights!r} not implemented for LinearProjection."
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.project(x)
@@ -127,7 +130,9 @@ class RopeFrequency(nn.Module):
 
     def forward(self, coords: Tensor) -> Tensor:
         if coords.shape[-1] != self.input_dim:
-            raise ValueError(f"coords have {coords.shape[-1]} coordinates; this RopeFrequency takes {self.input_dim}")
+            raise ValueError(
+                f"coords have {coords.shape[-1]} coordinates; this RopeFrequency takes {self.input_dim}"
+            )
         with torch.autocast(device_type=coords.device.type, enabled=False):
             angles = (coords.float().unsqueeze(-1) @ self.omega.unsqueeze(0)).flatten(-2)
         if self.padding:

@@ -18,7 +18,10 @@ class MLP(nn.Module):
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.init_weights = config.init_weights
-        layers: list[nn.Module] = [nn.Linear(config.input_dim, config.hidden_dim), Activation[config.activation].build()]
+        layers: list[nn.Module] = [
+            nn.Linear(config.input_dim, config.hidden_dim),
+            Activation[config.activation].build(),
+        ]
         for _ in range(config.num_layers):
             layers += [nn.Linear(config.hidden_dim, config.hidden_dim), Activation[config.activation].build()]
         layers.append(nn.Linear(config.hidden_dim, config.output_dim))
@@ -31,7 +34,8 @@ class MLP(nn.Module):
             return
         if self.init_weights != "truncnormal002":
             raise NotImplementedError(
-                f"Initialization method {self.init_weights} not implemented. Use 'torch', 'truncnormal', or 'truncnormal002'."
+                f"Initialization method {self.init_weights} not implemented. "
+                "Use 'torch', 'truncnormal', or 'truncnormal002'."
             )
         self.apply(init_trunc_normal_zero_bias)
 

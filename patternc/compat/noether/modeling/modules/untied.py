@@ -40,7 +40,11 @@ from typing import Any, Literal, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from patternc.compat.noether.core.schemas.modules.attention import AttentionConfig, AttentionPattern, TokenSpec
+from patternc.compat.noether.core.schemas.modules.attention import (
+    AttentionConfig,
+    AttentionPattern,
+    TokenSpec,
+)
 from patternc.compat.noether.core.schemas.modules.layers import LinearProjectionConfig
 from patternc.compat.noether.core.schemas.modules.untied import (
     UntiedLinearConfig,
@@ -108,7 +112,8 @@ def _domain_banks(token_specs: Sequence[Any]) -> list[tuple[str, int, int]]:
         if not seen or seen[-1] != domain:
             if domain in seen:
                 raise ValueError(
-                    f"Domain '{domain}' is not consecutive in token_specs. Specs for the same domain must be adjacent."
+                    f"Domain '{domain}' is not consecutive in token_specs. "
+                    "Specs for the same domain must be adjacent."
                 )
             seen.append(domain)
         out.append((spec.name, spec.size, len(seen) - 1))
@@ -174,8 +179,8 @@ class UntiedLinear(_CoreUntiedLinear):
     """
 
     # the peer's state dict holds no bank binding: save none (binding is by position)
-    get_extra_state = nn.Module.get_extra_state  # type: ignore[assignment]
-    set_extra_state = nn.Module.set_extra_state  # type: ignore[assignment]
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
 
     def __init__(self, config: UntiedLinearConfig, *, square_banks: SquareBanks = "linear") -> None:
         proj = config.linear_projection
@@ -251,9 +256,11 @@ class UntiedLinear(_CoreUntiedLinear):
         if bmm and self._loaded and not self._warned:
             self._warned = True
             warnings.warn(
-                f"UntiedLinear {self.input_dim}x{self.output_dim}: for per-domain token counts {list(sizes)} the "
+                f"UntiedLinear {self.input_dim}x{self.output_dim}: for per-domain token counts "
+                f"{list(sizes)} the "
                 "peer computes x @ W with square banks (x @ W.T here). If the checkpoint was trained on such "
-                "balanced counts, set square_banks='bmm' (patternc.compat.noether.set_square_banks(model, 'bmm')); "
+                "balanced counts, set square_banks='bmm' "
+                "(patternc.compat.noether.set_square_banks(model, 'bmm')); "
                 "see the docs of patternc.compat.noether.modeling.modules.untied",
                 SquareBankWarning,
                 stacklevel=3,
@@ -285,21 +292,22 @@ class UntiedLinear(_CoreUntiedLinear):
         return self._apply_groups(x, groups, self._transposed(_domain_group_sizes_of(groups), x))
 
     # the peer's three strategies, by name (its tests compare them)
-    def _split_loop_forward(self, x: Tensor, sizes: list[int], D_out: int) -> Tensor:  # noqa: N803
+    def _split_loop_forward(self, x: Tensor, sizes: list[int], D_out: int) -> Tensor:
         return self._apply_groups(x, _by_bank(sizes), transposed=False)
 
     def _equal_size_bmm_forward(
-        self, x: Tensor, n: int, B: int, S: int, D_in: int, D_out: int, T: int  # noqa: N803
+        self, x: Tensor, n: int, B: int, S: int, D_in: int, D_out: int, T: int
     ) -> Tensor:
         return self._apply_groups(x, _by_bank([n] * T), transposed=self.square)
 
     def _padded_bmm_forward(
-        self, x: Tensor, sizes: list[int], B: int, S: int, D_in: int, D_out: int, T: int, max_n: int  # noqa: N803
+        self, x: Tensor, sizes: list[int], B: int, S: int, D_in: int, D_out: int, T: int, max_n: int
     ) -> Tensor:
         return self._apply_groups(x, _by_bank(sizes), transposed=self.square)
 
     def extra_repr(self) -> str:
-        return f"{self.input_dim} -> {self.output_dim}, num_types={self.num_types}, square_banks={self.square_banks}"
+        dims = f"{self.input_dim} -> {self.output_dim}"
+        return f"{dims}, num_types={self.num_types}, square_banks={self.square_banks}"
 
 
 def _by_bank(sizes: Sequence[int]) -> list[tuple[str, int, int]]:

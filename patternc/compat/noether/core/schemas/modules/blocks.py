@@ -29,7 +29,9 @@ class TransformerBlockConfig(BaseModel):
     mlp_hidden_dim: int | None = None
     mlp_expansion_factor: int | None = Field(None, ge=1)
     drop_path: float = Field(0.0, ge=0.0, le=1.0)
-    attention_constructor: Literal["dot_product", "perceiver", "transolver", "transolver_plusplus"] = "dot_product"
+    attention_constructor: Literal["dot_product", "perceiver", "transolver", "transolver_plusplus"] = (
+        "dot_product"
+    )
     layerscale: float | None = Field(None, ge=0.0)
     condition_dim: int | None = None
     bias: bool = True
@@ -42,7 +44,9 @@ class TransformerBlockConfig(BaseModel):
     @model_validator(mode="after")
     def set_mlp_hidden_dim(self) -> TransformerBlockConfig:
         if self.hidden_dim % self.num_heads != 0:
-            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads}).")
+            raise ValueError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})."
+            )
         if self.mlp_hidden_dim is None:
             if self.mlp_expansion_factor is None:
                 raise ValueError("Either 'mlp_hidden_dim' or 'mlp_expansion_factor' must be provided.")
@@ -59,7 +63,10 @@ class TransformerBlockConfig(BaseModel):
     @property
     def linear_projection_config(self) -> LinearProjectionConfig:
         return LinearProjectionConfig(
-            input_dim=self.hidden_dim, output_dim=self.hidden_dim, bias=self.bias, init_weights=self.init_weights
+            input_dim=self.hidden_dim,
+            output_dim=self.hidden_dim,
+            bias=self.bias,
+            init_weights=self.init_weights,
         )
 
     @computed_field  # type: ignore[prop-decorator]
@@ -87,7 +94,10 @@ class TransformerBlockConfig(BaseModel):
     def up_act_down_mlp_config(self) -> UpActDownMLPConfig:
         assert self.mlp_hidden_dim is not None  # set by the validator
         return UpActDownMLPConfig(
-            input_dim=self.hidden_dim, hidden_dim=self.mlp_hidden_dim, bias=self.bias, init_weights=self.init_weights
+            input_dim=self.hidden_dim,
+            hidden_dim=self.mlp_hidden_dim,
+            bias=self.bias,
+            init_weights=self.init_weights,
         )
 
 
@@ -112,6 +122,7 @@ class PerceiverBlockConfig(TransformerBlockConfig):
             bias=self.bias,
             init_weights=self.init_weights,
             use_rope=self.use_rope,
+            dropout=0.0,
         )
 
     @computed_field  # type: ignore[prop-decorator]

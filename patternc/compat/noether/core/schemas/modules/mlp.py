@@ -31,5 +31,7 @@ class UpActDownMLPConfig(BaseModel):
     @model_validator(mode="after")
     def check_dims(self) -> UpActDownMLPConfig:
         if not self.hidden_dim > self.input_dim:
-            raise ValueError("hidden_dim should be greater than input_dim, otherwise it is not an up-projection")
+            raise ValueError(
+                "hidden_dim should be greater than input_dim, otherwise it is not an up-projection"
+            )
         return self

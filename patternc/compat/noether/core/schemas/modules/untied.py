@@ -36,7 +36,10 @@ class UntiedMixedAttentionConfig(MixedAttentionConfig):
         return UntiedLinearConfig(
             num_types=self.num_types,
             linear_projection=LinearProjectionConfig(
-                input_dim=self.hidden_dim, output_dim=self.hidden_dim, bias=self.bias, init_weights=self.init_weights
+                input_dim=self.hidden_dim,
+                output_dim=self.hidden_dim,
+                bias=self.bias,
+                init_weights=self.init_weights,
             ),
         )
 

@@ -29,7 +29,7 @@ def merge_heads(t: Tensor) -> Tensor:
 def fused(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
     """``x`` through several linears in one matmul (their weights stacked by rows)."""
     weight = torch.cat([layer.weight for layer in layers], dim=0)
-    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers], dim=0)  # type: ignore[misc]
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers], dim=0)
     return F.linear(x, weight, bias)
 
 
@@ -54,7 +54,9 @@ class DotProductAttention(nn.Module):
         apply_init_method(self, self.proj.weight, self.init_weights)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, freqs: Tensor | None = None) -> Tensor:
-        q, k, v = (split_heads(t, self.num_heads) for t in fused(x, (self.q, self.k, self.v)).chunk(3, dim=-1))
+        q, k, v = (
+            split_heads(t, self.num_heads) for t in fused(x, (self.q, self.k, self.v)).chunk(3, dim=-1)
+        )
         if self.use_rope:
             if freqs is None:
                 raise ValueError("use_rope=True needs freqs (complex [batch, tokens, head_dim // 2])")

@@ -33,19 +33,27 @@ class PerceiverBlock(nn.Module):
         kv_dim = config.kv_dim or config.hidden_dim
         if config.condition_dim is not None:
             if not config.bias:
-                raise ValueError("a conditioned block needs bias=True (its norms' shift comes from the modulation)")
+                raise ValueError(
+                    "a conditioned block needs bias=True (its norms' shift comes from the modulation)"
+                )
             self._kv_dim = kv_dim
             projection = config.modulation_linear_projection_config
             if projection is None:
-                raise ValueError("If modulation is enabled, modulation_linear_projection_config must be provided.")
+                raise ValueError(
+                    "If modulation is enabled, modulation_linear_projection_config must be provided."
+                )
             self.modulation = LinearProjection(projection)
             affine = False
-        self.norm1q = nn.LayerNorm(config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
+        self.norm1q = nn.LayerNorm(
+            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
+        )
         self.norm1kv = nn.LayerNorm(kv_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
         self.attn: nn.Module = PerceiverAttention(config.perceiver_attention_config)
         self.ls1 = LayerScale(config.layerscale_config)
         self.drop_path1 = UnquantizedDropPath(config.drop_path_config)
-        self.norm2 = nn.LayerNorm(config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
+        self.norm2 = nn.LayerNorm(
+            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
+        )
         self.mlp: nn.Module = UpActDownMlp(config.up_act_down_mlp_config)
         self.ls2 = LayerScale(config.layerscale_config)
         self.drop_path2 = UnquantizedDropPath(config.drop_path_config)

@@ -48,13 +48,19 @@ class TransformerBlock(nn.Module):
         affine = True
         if config.condition_dim is not None:
             if not config.bias:
-                raise ValueError("a conditioned block needs bias=True (its norms' shift comes from the modulation)")
+                raise ValueError(
+                    "a conditioned block needs bias=True (its norms' shift comes from the modulation)"
+                )
             projection = config.modulation_linear_projection_config
             if projection is None:
-                raise ValueError("modulation_linear_projection_config must be provided if condition_dim is not None.")
+                raise ValueError(
+                    "modulation_linear_projection_config must be provided if condition_dim is not None."
+                )
             self.modulation = LinearProjection(projection)
             affine = False
-        self.norm1 = nn.LayerNorm(config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
+        self.norm1 = nn.LayerNorm(
+            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
+        )
         constructor: Any = config.attention_constructor
         if not callable(constructor):
             if constructor not in ATTENTION_REGISTRY:
@@ -67,7 +73,9 @@ class TransformerBlock(nn.Module):
         )
         self.ls1 = LayerScale(config.layerscale_config)
         self.drop_path1 = UnquantizedDropPath(config.drop_path_config)
-        self.norm2 = nn.LayerNorm(config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
+        self.norm2 = nn.LayerNorm(
+            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
+        )
         self.mlp: nn.Module = UpActDownMlp(config.up_act_down_mlp_config)
         self.ls2 = LayerScale(config.layerscale_config)
         self.drop_path2 = UnquantizedDropPath(config.drop_path_config)

@@ -6,7 +6,9 @@ from patternc.compat.noether.modeling.modules.attention.anchor_attention.mixed i
 from patternc.compat.noether.modeling.modules.attention.anchor_attention.multi_branch import (
     MultiBranchAnchorAttention,
 )
-from patternc.compat.noether.modeling.modules.attention.anchor_attention.self_anchor import SelfAnchorAttention
+from patternc.compat.noether.modeling.modules.attention.anchor_attention.self_anchor import (
+    SelfAnchorAttention,
+)
 
 __all__ = [
     "CrossAnchorAttention",

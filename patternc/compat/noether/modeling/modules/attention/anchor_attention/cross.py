@@ -27,8 +27,8 @@ class CrossAnchorAttention(MultiBranchAnchorAttention):
     def _create_attention_patterns(self, token_specs: Sequence[TokenSpec]) -> Sequence[AttentionPattern]:
         return [
             AttentionPattern(
-                self._branch_tokens(token_specs, b),
-                [f"{o}{self.anchor_suffix}" for o in self.branches if o != b],
+                query_tokens=tuple(self._branch_tokens(token_specs, b)),
+                key_value_tokens=tuple(f"{o}{self.anchor_suffix}" for o in self.branches if o != b),
             )
             for b in self.branches
         ]

@@ -22,9 +22,13 @@ class JointAnchorAttention(MultiBranchAnchorAttention):
 
     def __init__(self, config: JointAnchorAttentionConfig) -> None:
         if len(config.branches) < 2:
-            raise ValueError("JointAnchorAttention requires at least two branches. Otherwise use SelfAnchorAttention.")
+            raise ValueError(
+                "JointAnchorAttention requires at least two branches. Otherwise use SelfAnchorAttention."
+            )
         super().__init__(config)
 
     def _create_attention_patterns(self, token_specs: Sequence[TokenSpec]) -> Sequence[AttentionPattern]:
         anchors = [f"{b}{self.anchor_suffix}" for b in self.branches]
-        return [AttentionPattern([s.name for s in token_specs], anchors)]
+        return [
+            AttentionPattern(query_tokens=tuple(s.name for s in token_specs), key_value_tokens=tuple(anchors))
+        ]

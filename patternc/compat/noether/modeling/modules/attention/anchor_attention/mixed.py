@@ -52,7 +52,9 @@ def as_specs(token_specs: Iterable[Any]) -> list[TokenSpec]:
 def as_patterns(patterns: Iterable[Any]) -> list[AttentionPattern]:
     """Attention patterns (the peer's or patternc's) as patternc's."""
     return [
-        p if isinstance(p, AttentionPattern) else AttentionPattern(tuple(p.query_tokens), tuple(p.key_value_tokens))
+        p
+        if isinstance(p, AttentionPattern)
+        else AttentionPattern(query_tokens=tuple(p.query_tokens), key_value_tokens=tuple(p.key_value_tokens))
         for p in patterns
     ]
 
@@ -96,7 +98,8 @@ def validate_inputs(
         for name in p.key_value_tokens:
             if name not in names:
                 raise ValueError(
-                    f"Token '{name}' in `key_value_tokens` of an attention pattern is not defined in `token_specs`."
+                    f"Token '{name}' in `key_value_tokens` of an attention pattern "
+                    "is not defined in `token_specs`."
                 )
 
 
@@ -164,10 +167,14 @@ class MixedAttention(_CoreMixedAttention):
     def _anchor_key_values(self, x: Tensor, specs: Sequence[TokenSpec], freqs: Tensor | None) -> KVCache:
         """K/V of each ``_anchor`` group, projected from ``x`` (for groups the
         patterns never read as keys, which the core's cache does not hold)."""
-        k, v = (split_heads(t, self.num_heads) for t in F.linear(
-            x, torch.cat([self.k.weight, self.v.weight]), None if self.k.bias is None else
-            torch.cat([self.k.bias, self.v.bias])
-        ).chunk(2, dim=-1))
+        k, v = (
+            split_heads(t, self.num_heads)
+            for t in F.linear(
+                x,
+                torch.cat([self.k.weight, self.v.weight]),
+                None if self.k.bias is None else torch.cat([self.k.bias, self.v.bias]),
+            ).chunk(2, dim=-1)
+        )
         if self.use_rope and freqs is not None:
             k = rope(k, freqs)
         out, start = {}, 0
@@ -220,5 +227,7 @@ class MixedAttention(_CoreMixedAttention):
                     raise ValueError(f"Cached token '{name}' not found in kv_cache.")
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask is not supported when using KV cache.")
-        result: tuple[Tensor, KVCache | None] = super().forward(x, specs, patterns, key_padding_mask, freqs, kv_cache)
+        result: tuple[Tensor, KVCache | None] = super().forward(
+            x, specs, patterns, key_padding_mask, freqs, kv_cache
+        )
         return result

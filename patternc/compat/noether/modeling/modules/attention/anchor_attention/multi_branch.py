@@ -107,7 +107,8 @@ class MultiBranchAnchorAttention(nn.Module, metaclass=abc.ABCMeta):
         for spec in token_specs:
             if not any(spec.name.startswith(b) for b in self.branches):
                 raise UnexpectedTokenError(
-                    f"Unexpected token in input: Token '{spec.name}' does not belong to any configured branch. "
+                    f"Unexpected token in input: Token '{spec.name}' "
+                    "does not belong to any configured branch. "
                     f"Configured branches: {list(self.branches)}"
                 )
         for branch in self.branches:

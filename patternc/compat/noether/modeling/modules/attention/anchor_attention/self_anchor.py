@@ -17,6 +17,9 @@ class SelfAnchorAttention(MultiBranchAnchorAttention):
 
     def _create_attention_patterns(self, token_specs: Sequence[TokenSpec]) -> Sequence[AttentionPattern]:
         return [
-            AttentionPattern(self._branch_tokens(token_specs, b), [f"{b}{self.anchor_suffix}"])
+            AttentionPattern(
+                query_tokens=tuple(self._branch_tokens(token_specs, b)),
+                key_value_tokens=(f"{b}{self.anchor_suffix}",),
+            )
             for b in self.branches
         ]
