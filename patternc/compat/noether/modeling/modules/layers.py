@@ -95,25 +95,22 @@ class UnquantizedDropPath(nn.Module):
 
 
 class RopeFrequency(nn.Module):
-    """Complex RoPE frequencies of ``input_dim``-D coordinates for heads of
-    ``hidden_dim`` channels, as the peer lays them out: each coordinate gets
-    the same ``(hidden_dim - padding) // input_dim // 2`` frequencies
-    (``1 / max_wavelength ** (2i / d)``), coordinate after coordinate, then
-    zero angles (no rotation) for the channels that do not divide evenly.
-    ``forward(coords [..., input_dim])`` -> ``[..., hidden_dim // 2]`` complex.
-
-    Only ``implementation="complex"`` is supported (the real form is the
-    peer's legacy tuple of sines and cosines)."""
+    """RoPE frequencies of ``input_dim``-D coordinates for heads of
+    ``hidden_dim`` channels, laid out as the peer lays them out: each
+    coordinate gets the same ``(hidden_dim - padding) // input_dim // 2``
+    frequencies (``1 / max_wavelength ** (2i / d)``), coordinate after
+    coordinate, then zero angles (no rotation) for channels that do not divide
+    evenly. ``forward(coords [..., input_dim])`` returns, with
+    ``implementation="complex"``, ``[..., hidden_dim // 2]`` complex (what the
+    attention modules of this package and patternc's take); with ``"real"``,
+    the peer's legacy tuple of one ``[..., N, 2k]`` angle tensor per
+    coordinate, which only :func:`~patternc.compat.noether.modeling.functional.rope.rope`
+    (and so ``DotProductAttention`` and ``PerceiverAttention``) reads."""
 
     omega: Tensor
 
     def __init__(self, config: RopeFrequencyConfig) -> None:
         super().__init__()
-        if config.implementation != "complex":
-            raise NotImplementedError(
-                "RopeFrequency here builds complex frequencies only: set implementation='complex' "
-                "(the peer's own default 'real' is its slower legacy form; the rotation is the same)"
-            )
         self.hidden_dim = config.hidden_dim
         self.input_dim = config.input_dim
         self.implementation = config.implementation
@@ -128,13 +125,18 @@ class RopeFrequency(nn.Module):
         exponents = torch.arange(0, wave, 2, dtype=torch.float) / wave
         self.register_buffer("omega", 1.0 / config.max_wavelength**exponents)
 
-    def forward(self, coords: Tensor) -> Tensor:
+    def forward(self, coords: Tensor) -> Tensor | tuple[Tensor, ...]:
         if coords.shape[-1] != self.input_dim:
             raise ValueError(
                 f"coords have {coords.shape[-1]} coordinates; this RopeFrequency takes {self.input_dim}"
             )
         with torch.autocast(device_type=coords.device.type, enabled=False):
-            angles = (coords.float().unsqueeze(-1) @ self.omega.unsqueeze(0)).flatten(-2)
+            angles = coords.float().unsqueeze(-1) @ self.omega.unsqueeze(0)  # [..., input_dim, k]
+        if self.implementation == "real":
+            if coords.ndim not in (2, 3):
+                raise NotImplementedError("real RoPE frequencies take coords [N, C] or [B, N, C]")
+            return torch.cat([angles, angles], dim=-1).unbind(-2)
+        angles = angles.flatten(-2)
         if self.padding:
             angles = torch.cat([angles, angles.new_zeros(*angles.shape[:-1], self.padding // 2)], dim=-1)
         return torch.polar(torch.ones_like(angles), angles)
