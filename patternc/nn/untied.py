@@ -568,6 +568,10 @@ class UntiedMLP(nn.Module):
             )
             for a, b in itertools.pairwise(dims)
         )
+        if mlp.init_weights == "zero":  # as MLP: the last layer starts at zero
+            last = self.layers[-1]
+            assert isinstance(last, UntiedLinear)
+            last.reset_parameters(zero=True)
         self.activation = activation_fn(mlp.activation)
 
     def _mlp(self, bank: int, x: Tensor) -> Tensor:
