@@ -374,8 +374,17 @@ class ABUPT(nn.Module):
     untied self/cross/joint anchor blocks), per-domain decoder blocks (self
     anchor attention on one branch) and output projections."""
 
-    def __init__(self, ns: SimpleNamespace, domains: tuple[str, ...] = ("surface", "volume")) -> None:
+    def __init__(
+        self,
+        ns: SimpleNamespace,
+        domains: tuple[str, ...] = ("surface", "volume"),
+        plans: dict[str, Any] | None = None,
+    ) -> None:
+        """``plans``: the physics blocks' patterns as compiled plans (``self``,
+        ``cross``, ``joint``), run by plain untied blocks instead of the anchor
+        classes (patternc only: the same model with its patterns in a pattern file)."""
         super().__init__()
+        self.plans = plans
         dim, heads = 8, 2
         self.domains = domains
         # 2-D positions keep the model small: RoPE needs head_dim // 2 divisible by the coordinates
@@ -401,10 +410,12 @@ class ABUPT(nn.Module):
                 )
             ]
         )
-        for kind in ("self", "cross", "joint"):
+        self.kinds = ["perceiver", "self", "cross", "joint"]
+        for kind in self.kinds[1:]:
             config = copy.deepcopy(block)
-            config.attention_constructor = anchor_classes[kind]
-            config.attention_arguments = {"branches": domains}
+            if plans is None:
+                config.attention_constructor = anchor_classes[kind]
+                config.attention_arguments = {"branches": domains}
             self.physics_blocks.append(
                 ns.UntiedTransformerBlock(
                     ns.UntiedTransformerBlockConfig(num_types=len(domains), transformer_block=config)
@@ -442,16 +453,15 @@ class ABUPT(nn.Module):
         x = torch.cat([self.embed[d](pos[d]) for d in self.domains], dim=1)
         freqs = torch.cat([rope[d] for d in self.domains], dim=1)
         geometry_freqs = self.rope(geometry_pos)
-        for block in self.physics_blocks:
+        for kind, block in zip(self.kinds, self.physics_blocks):
             if isinstance(block, ns.UntiedPerceiverBlock):
                 kwargs = {"token_specs": all_specs, "q_freqs": freqs, "k_freqs": geometry_freqs}
                 x, _ = block(q=x, kv=geometry, attn_kwargs=kwargs, condition=condition)
-            else:
-                x, _ = block(
-                    x,
-                    attn_kwargs={"token_specs": all_specs, "freqs": freqs, "kv_cache": None},
-                    condition=condition,
-                )
+                continue
+            kwargs = {"token_specs": all_specs, "freqs": freqs, "kv_cache": None}
+            if self.plans is not None:
+                kwargs["attention_patterns"] = self.plans[kind]
+            x, _ = block(x, attn_kwargs=kwargs, condition=condition)
         out: dict[str, Tensor] = {}
         for d, part in zip(self.domains, x.split([pos[d].shape[1] for d in self.domains], dim=1)):
             for block in self.decoder_blocks[d]:

@@ -287,3 +287,52 @@ def test_peer_error_wording_for_pattern_lists() -> None:
             [AttentionPattern(["a_x", "b_x"], ["a_x"])],
             freqs=torch.ones(1, 4, 2, dtype=torch.cfloat),
         )
+
+
+def test_the_abupt_model_with_its_patterns_in_a_pattern_file() -> None:
+    """The worked port's second step (docs/migrating.md): the physics blocks'
+    anchor classes replaced by plain untied blocks reading the plans of
+    examples/ab_upt.pc; the peer checkpoint loads after one key rename and
+    gives the peer's predictions."""
+    from noether_cases import ABUPT
+
+    program = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.pc")
+    plans = {"self": program["self_anchor"], "cross": program["cross_anchor"], "joint": program["joint"]}
+    record = golden("abupt")
+    model = ABUPT(NS, plans=plans).eval()
+    rename = (".attention_block.mixed_attention.", ".attention_block.")  # anchor wrapper -> plain untied block
+    state = {
+        (k.replace(*rename) if k.startswith("physics_blocks") else k): v for k, v in record["state_dict"].items()
+    }
+    model.load_state_dict(state, strict=True)
+    outputs = BY_NAME["abupt"].run(NS, model, record["inputs"])
+    for name, want in record["outputs"].items():
+        assert relative_error(outputs[name], want) < RTOL, name
+
+
+def test_the_shim_imports_compat_under_the_peers_names(tmp_path: Path) -> None:
+    """tests/golden/noether/peer_shim: the peer's import lines resolve to patternc.compat.noether
+    (run in a subprocess: the name `noether` must not leak into this session)."""
+    import subprocess
+    import sys
+
+    shim = Path(__file__).parent / "golden" / "noether" / "peer_shim"
+    script = (
+        f"import sys; sys.path.insert(0, {str(shim)!r})\n"
+        "from noether.modeling.modules.untied import UntiedLinear, _domain_group_sizes\n"
+        "from noether.modeling.modules.layers.layer_scale import LayerScale\n"
+        "from noether.core.schemas.modules.attention import TokenSpec\n"
+        "import patternc.compat.noether as compat\n"
+        "assert UntiedLinear is compat.UntiedLinear and LayerScale is compat.LayerScale\n"
+        "assert _domain_group_sizes([TokenSpec(name='a_x', size=2), TokenSpec(name='b', size=1)]) == [2, 1]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert result.stdout.strip() == "ok", result.stderr
