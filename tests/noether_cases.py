@@ -63,7 +63,7 @@ def rope(ns: SimpleNamespace, head_dim: int, coords: Tensor) -> Tensor:
 
 def grad_target(out: Tensor) -> Tensor:
     """A fixed function of an output whose gradient is not uniform."""
-    weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return (out * weights).sum() + 0.1 * out.square().sum()
 
 

@@ -196,7 +196,7 @@ class UntiedLinear(_CoreUntiedLinear):
             ),
             num_types=config.num_types,
         )
-        super().__init__(core, types=[str(i) for i in range(config.num_types)], path="segments")
+        super().__init__(core, types=[str(i) for i in range(config.num_types)])
         self.init_weights = proj.init_weights
         self.square_banks: SquareBanks = square_banks
         self._loaded = False
