@@ -343,3 +343,23 @@ def test_the_shim_imports_compat_under_the_peers_names(tmp_path: Path) -> None:
         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sizes", "batch", "dtype", "bias", "batched"),
+    [
+        ([8, 8], 2, torch.float32, True, True),  # equal counts
+        ([10, 9], 2, torch.float32, True, True),  # padding to 10 costs 20 / 19 <= 1.1
+        ([10, 8], 2, torch.float32, True, False),  # 20 / 18 > 1.1: the loop
+        ([7], 3, torch.float32, True, True),  # one domain
+        ([2, 5], 1, torch.bfloat16, False, True),  # grouped_mm, batch of one, no bias
+        ([2, 5], 2, torch.bfloat16, False, False),
+        ([2, 5], 1, torch.bfloat16, True, False),  # grouped_mm takes no bias
+    ],
+)
+def test_when_the_peer_takes_its_batched_path(
+    sizes: list[int], batch: int, dtype: torch.dtype, bias: bool, batched: bool
+) -> None:
+    from patternc.compat.noether.modeling.modules.untied import peer_takes_bmm
+
+    assert peer_takes_bmm(sizes, batch, dtype, torch.device("cpu"), bias) is batched

@@ -130,15 +130,19 @@ def _domain_group_sizes(token_specs: Sequence[Any]) -> list[int]:
     return sizes
 
 
-def peer_takes_bmm(sizes: Sequence[int], batch: int, dtype: torch.dtype, device: torch.device) -> bool:
+def peer_takes_bmm(
+    sizes: Sequence[int], batch: int, dtype: torch.dtype, device: torch.device, bias: bool = True
+) -> bool:
     """Whether the peer's ``UntiedLinear`` runs a call with these per-domain
     token counts on a batched path (``x @ W`` for square banks): equal counts,
-    or padding them to the largest costs at most 10% more tokens. In bfloat16
-    on CUDA its grouped GEMM is tried first, for equal counts or a batch of one."""
+    or padding them to the largest costs at most 10% more tokens. In
+    bfloat16 it first tries ``grouped_mm``, which takes no bias (torch 2.13,
+    CPU and CUDA): a layer without biases goes batched there for equal counts
+    or a batch of one."""
     if not sizes:
         return False
     equal = all(s == sizes[0] for s in sizes)
-    if dtype == torch.bfloat16 and device.type == "cuda" and (equal or batch == 1):
+    if dtype == torch.bfloat16 and not bias and (equal or batch == 1):
         return True
     return equal or max(sizes) * len(sizes) <= 1.1 * sum(sizes)
 
@@ -250,7 +254,7 @@ class UntiedLinear(_CoreUntiedLinear):
             return False
         if self.square_banks == "bmm":
             return True
-        bmm = peer_takes_bmm(sizes, x.shape[0], x.dtype, x.device)
+        bmm = peer_takes_bmm(sizes, x.shape[0], x.dtype, x.device, self.bias is not None)
         if self.square_banks == "as_peer":
             return bmm
         if bmm and self._loaded and not self._warned:
