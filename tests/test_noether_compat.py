@@ -363,3 +363,20 @@ def test_when_the_peer_takes_its_batched_path(
     from patternc.compat.noether.modeling.modules.untied import peer_takes_bmm
 
     assert peer_takes_bmm(sizes, batch, dtype, torch.device("cpu"), bias) is batched
+
+
+@pytest.mark.parametrize("implementation", ["loop", "dense", "batched"])
+def test_every_patternc_executor_gives_the_peers_numbers(implementation: str) -> None:
+    """``implementation`` (an extra config field, kept as the peer keeps extras) picks patternc's executor."""
+    record = golden("mixed_attention")
+    inp = record["inputs"]
+    config = compat.MixedAttentionConfig(
+        hidden_dim=16, num_heads=2, use_rope=True, implementation=implementation
+    )
+    module = compat.MixedAttention(config)
+    module.load_state_dict(record["state_dict"], strict=True)
+    assert module.config.implementation == implementation
+    specs = [TokenSpec(name=n, size=s) for n, s in inp["sizes"].items()]
+    patterns = [AttentionPattern(q, kv) for q, kv in inp["patterns"]]
+    out, _ = module(inp["x"], specs, patterns, key_padding_mask=inp["mask"], freqs=inp["freqs"])
+    assert relative_error(out, record["outputs"]["masked"]) < RTOL
