@@ -58,7 +58,7 @@ def golden(name: str) -> dict[str, Any]:
 
 
 def relative_error(got: Tensor, want: Tensor) -> float:
-    got, want = got.detach().cpu(), want.cpu()
+    got, want = got.detach().cpu(), want.detach().cpu()
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
@@ -380,3 +380,69 @@ def test_every_patternc_executor_gives_the_peers_numbers(implementation: str) ->
     patterns = [AttentionPattern(q, kv) for q, kv in inp["patterns"]]
     out, _ = module(inp["x"], specs, patterns, key_padding_mask=inp["mask"], freqs=inp["freqs"])
     assert relative_error(out, record["outputs"]["masked"]) < RTOL
+
+
+NATIVE_CASES = [
+    ("untied_transformer_block", None),
+    ("untied_block_cross_anchor", "cross_anchor"),
+    ("transformer_block_self_anchor", "self_anchor"),
+    ("perceiver_block", None),
+    ("untied_perceiver_block", None),
+]
+
+
+def native_outputs(
+    name: str, pattern: str | None, block: nn.Module, inp: dict[str, Any]
+) -> dict[str, Tensor]:
+    """The golden case's call, written for the ``patternc.nn`` block."""
+    untied = name.startswith("untied")
+    specs = [patternc.TokenSpec(n, s) for n, s in inp["sizes"].items()]
+    condition = inp["condition"]
+    if "perceiver" in name:
+        groups = specs if untied else None
+        out = block(
+            inp["q"], inp["kv"], groups, q_freqs=inp["q_freqs"], kv_freqs=inp["k_freqs"], condition=condition
+        )
+        cache = block.key_values(inp["kv"], inp["k_freqs"], condition=condition)  # type: ignore[operator]
+        again = block(
+            inp["q"], token_specs=groups, q_freqs=inp["q_freqs"], kv_cache=cache, condition=condition
+        )
+        return {"out": out, "from_cache": again, "cache.k": cache["k"], "cache.v": cache["v"]}
+    if pattern is None:
+        patterns: Any = [patternc.AttentionPattern(q, kv) for q, kv in inp["patterns"]]
+    else:
+        patterns = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.pc")[pattern]
+    return {"out": block(inp["x"], specs, patterns, freqs=inp.get("freqs"), condition=condition)}
+
+
+@pytest.mark.parametrize(("name", "pattern"), NATIVE_CASES)
+def test_blocks_move_to_patterncs_own_modules_with_the_peers_numbers(name: str, pattern: str | None) -> None:
+    from patternc.compat.noether.native import to_native
+
+    record = golden(name)
+    block = BY_NAME[name].build(NS)
+    block.load_state_dict(record["state_dict"], strict=True)
+    converted = to_native(block.eval(), types=["surface", "volume"] if name.startswith("untied") else None)
+    assert type(converted).__module__ == "patternc.nn.blocks"
+    outputs = native_outputs(name, pattern, converted, record["inputs"])
+    for key, got in outputs.items():
+        assert relative_error(got, record["outputs"][key]) < RTOL, (name, key)
+
+
+def test_square_banks_that_mean_x_at_w_are_transposed_on_the_way() -> None:
+    from patternc.compat.noether.native import to_native
+
+    record = golden("untied_transformer_block")
+    block = BY_NAME["untied_transformer_block"].build(NS)
+    block.load_state_dict(record["state_dict"], strict=True)
+    set_square_banks(block.eval(), "bmm")
+    inp = record["inputs"]
+    expected = BY_NAME["untied_transformer_block"].run(NS, block, inp)["out"]
+    converted = to_native(block, types=["surface", "volume"], square_banks="bmm")
+    got = native_outputs("untied_transformer_block", None, converted, inp)["out"]
+    assert relative_error(got, expected) < RTOL
+    assert relative_error(got, record["outputs"]["out"]) > 1e-3  # bmm really is another function here
+    with pytest.raises(ValueError, match="'as_peer' depends on each call's counts"):
+        to_native(block, types=["surface", "volume"], square_banks="as_peer")
+    with pytest.raises(ValueError, match=r"needs types=\[...\]"):
+        to_native(block)

@@ -28,6 +28,7 @@ class PerceiverBlock(nn.Module):
 
     def __init__(self, config: PerceiverBlockConfig) -> None:
         super().__init__()
+        self.config = config
         self.modulation: LinearProjection | None = None
         affine = True
         kv_dim = config.kv_dim or config.hidden_dim
