@@ -297,11 +297,11 @@ def test_peer_error_wording_for_pattern_lists() -> None:
 def test_the_abupt_model_with_its_patterns_in_a_pattern_file() -> None:
     """The worked port's second step (docs/migrating.md): the physics blocks'
     anchor classes replaced by plain untied blocks reading the plans of
-    examples/ab_upt.pc; the peer checkpoint loads after one key rename and
+    examples/ab_upt.patc; the peer checkpoint loads after one key rename and
     gives the peer's predictions."""
     from noether_cases import ABUPT
 
-    program = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.pc")
+    program = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.patc")
     plans = {"self": program["self_anchor"], "cross": program["cross_anchor"], "joint": program["joint"]}
     record = golden("abupt")
     model = ABUPT(NS, plans=plans).eval()
@@ -411,7 +411,7 @@ def native_outputs(
     if pattern is None:
         patterns: Any = [patternc.AttentionPattern(q, kv) for q, kv in inp["patterns"]]
     else:
-        patterns = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.pc")[pattern]
+        patterns = patternc.compile(Path(__file__).parent.parent / "examples" / "ab_upt.patc")[pattern]
     return {"out": block(inp["x"], specs, patterns, freqs=inp.get("freqs"), condition=condition)}
 
 

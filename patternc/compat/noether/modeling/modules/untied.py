@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
+from patternc import Layout
 from patternc.compat.noether.core.schemas.modules.attention import (
     AttentionConfig,
     AttentionPattern,
@@ -67,7 +68,6 @@ from patternc.compat.noether.modeling.modules.blocks.perceiver import PerceiverB
 from patternc.compat.noether.modeling.modules.blocks.transformer import TransformerBlock
 from patternc.configs import LinearProjectionConfig as _CoreLinearProjectionConfig
 from patternc.configs import UntiedLinearConfig as _CoreUntiedLinearConfig
-from patternc.layout import Layout
 from patternc.nn import UntiedLinear as _CoreUntiedLinear
 from patternc.nn.untied import TypeRuns
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import patternc
+from patternc import Layout
 from patternc.compat.noether.core.schemas.modules.attention import (
     AttentionConfig,
     AttentionPattern,
@@ -27,7 +28,6 @@ from patternc.compat.noether.core.schemas.modules.attention import (
 from patternc.compat.noether.modeling.functional.init import apply_init_method
 from patternc.compat.noether.modeling.functional.rope import rope
 from patternc.compat.noether.modeling.modules.attention.dot_product import fused, split_heads
-from patternc.layout import Layout
 from patternc.nn import MixedAttention as _CoreMixedAttention
 
 __all__ = ["MixedAttention", "as_patterns", "as_specs", "validate_inputs"]
