@@ -29,8 +29,9 @@ InitWeightsMode = Literal["torch", "truncnormal002", "xavier_uniform", "zero", "
 - ``"torch"``: PyTorch's defaults for ``nn.Linear``.
 - ``"truncnormal002"``: truncated normal, std 0.02, biases zero.
 - ``"xavier_uniform"``: Xavier-uniform weights, biases zero.
-- ``"zero"``: like ``"truncnormal002"`` but the output projection starts at zero,
-  so a residual branch starts as the identity.
+- ``"zero"``: like ``"truncnormal002"`` but the output projection of attention
+  and the last layer of an MLP start at zero, so each residual branch starts
+  closed and a block starts as the identity (the peer's ``"truncnormal002-identity"``).
 - ``"zeros"``: every weight and bias starts at zero.
 
 The peer's spellings are read with their meaning: ``"truncnormal"`` as

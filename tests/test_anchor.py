@@ -173,3 +173,31 @@ def test_base_class_says_which_classes_to_use() -> None:
         TypeError, match="use SelfAnchorAttention, CrossAnchorAttention or JointAnchorAttention"
     ):
         base(torch.randn(1, 14, 16), SPECS)
+
+
+def test_anchor_modules_take_a_padding_mask_and_return_and_read_a_kv_cache() -> None:
+    """`attend` returns (out, new cache) like MixedAttention; a later call with the
+    anchors' size None reads that cache and gives the queries the same outputs."""
+    torch.manual_seed(0)
+    attn = SelfAnchorAttention(
+        SelfAnchorAttentionConfig(hidden_dim=16, num_heads=2, branches=["surface", "volume"])
+    )
+    sizes = {"surface_anchors": 3, "surface_queries": 4, "volume_anchors": 5, "volume_queries": 2}
+    specs = [TokenSpec(n, s) for n, s in sizes.items()]
+    x = torch.randn(2, 14, 16)
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[1, 0] = False
+    plain = MixedAttention(attn.mixed_attention.config)
+    plain.load_state_dict(attn.mixed_attention.state_dict())
+    patterns = [
+        P(["surface_anchors", "surface_queries"], ["surface_anchors"]),
+        P(["volume_anchors", "volume_queries"], ["volume_anchors"]),
+    ]
+    expected, _ = plain(x, specs, patterns, key_padding_mask=mask)
+    assert torch.allclose(attn(x, specs, key_padding_mask=mask), expected, atol=1e-6)
+    out, cache = attn.attend(x, specs)
+    assert cache is not None and sorted(cache) == ["surface_anchors", "volume_anchors"]
+    cached_specs = [TokenSpec(n, None if n.endswith("anchors") else s) for n, s in sizes.items()]
+    queries = torch.cat([x[:, 3:7], x[:, 12:]], dim=1)
+    again = attn(queries, cached_specs, kv_cache=cache)
+    assert torch.allclose(again, torch.cat([out[:, 3:7], out[:, 12:]], dim=1), atol=1e-6)

@@ -177,10 +177,9 @@ def peer_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     banks: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in state.items():
-        match = re.fullmatch(r"(.*)(weights|biases)\.(\d+)", key)
+        match = re.fullmatch(r"(.*)(weight|bias)\.(\d+)", key)
         if match:
-            name = match.group(1) + ("weight" if match.group(2) == "weights" else "bias")
-            banks.setdefault(name, {})[int(match.group(3))] = value
+            banks.setdefault(match.group(1) + match.group(2), {})[int(match.group(3))] = value
         elif not key.endswith("_extra_state"):
             out[key] = value
     out.update({k: torch.stack([v[i] for i in sorted(v)]) for k, v in banks.items()})
@@ -219,7 +218,7 @@ def test_checkpoints_in_the_seed_layout_load() -> None:
         expected = source(x, specs, patterns)
         expected = expected[0] if isinstance(expected, tuple) else expected
         peer = peer_layout(source.state_dict())
-        assert not any("weights." in k or "qkv" in k for k in peer), name
+        assert not any(k[-1].isdigit() or "qkv" in k for k in peer), name
         torch.manual_seed(1)
         target = build()
         target.load_state_dict(peer)
@@ -236,7 +235,20 @@ def test_untied_linear_exposes_the_seed_attributes() -> None:
         UntiedLinearConfig(linear_projection=LinearProjectionConfig(input_dim=4, output_dim=3), num_types=2)
     )
     assert (layer.num_types, layer.input_dim, layer.output_dim) == (2, 4, 3)
-    assert layer.weight.shape == (2, 3, 4) and layer.bias is not None and layer.bias.shape == (2, 3)
+    assert layer.bias is not None
+    assert [tuple(w.shape) for w in layer.weight] == [(3, 4), (3, 4)]
+    assert [tuple(b.shape) for b in layer.bias] == [(3,), (3,)]
+    # the banks themselves, not copies: writes, nn.init and gradients reach the layer
+    with torch.no_grad():
+        layer.weight[1].copy_(torch.eye(3, 4))
+    torch.nn.init.zeros_(layer.bias[1])
+    layer.types.names[:] = ["a", "b"]  # bind the banks (the first forward would bind them by appearance)
+    x = torch.randn(1, 2, 4)
+    assert torch.allclose(layer(x, {"b_x": 2}), x[..., :3])
+    layer(x, {"b_x": 2}).sum().backward()
+    assert layer.weight[1].grad is not None and layer.weight[0].grad is None
+    assert all(isinstance(p, torch.nn.Parameter) for p in [*layer.weight, *layer.bias])
+    assert layer.weights is layer.weight and layer.biases is layer.bias  # the older names
 
 
 def test_anchor_attention_loads_the_seed_layout() -> None:
@@ -354,7 +366,7 @@ def test_more_seed_layouts_load() -> None:
             torch.nn.init.normal_(p, std=0.3)
         expected = run(source)
         peer = peer_layout(source.state_dict())
-        assert not any("weights." in k or "biases." in k or "qkv" in k for k in peer), name
+        assert not any(k[-1].isdigit() or "qkv" in k for k in peer), name
         torch.manual_seed(1)
         target = build()
         target.load_state_dict(peer)

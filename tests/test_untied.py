@@ -535,3 +535,120 @@ def test_old_checkpoints_without_a_binding_still_load() -> None:
     UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=2), ["a", "b"]).load_state_dict(
         state
     )
+
+
+# ---------------------------------------------------------------- perceiver: RoPE, KV cache, conditioning
+
+
+def test_perceiver_block_with_rope_matches_manual_cross_attention() -> None:
+    from patternc.nn import rope_frequencies
+
+    block = randomize(PerceiverBlock(perceiver_config())).eval().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    kv = torch.randn(2, 7, 10, dtype=torch.float64)
+    q_freqs = rope_frequencies(torch.rand(2, 5, 2, dtype=torch.float64) * 10, head_dim=8)
+    kv_freqs = rope_frequencies(torch.rand(2, 7, 2, dtype=torch.float64) * 10, head_dim=8)
+
+    def rotate(t: Tensor, freqs: Tensor) -> Tensor:  # [B, N, H, D] by complex pairs, the RoPE definition
+        pairs = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(pairs * freqs[:, :, None, :]).flatten(-2)
+
+    attn = block.attention
+    q = rotate(attn.q_proj(block.norm1(x)).view(2, 5, 2, 8), q_freqs).transpose(1, 2)
+    k, v = attn.kv_proj(block.norm_kv(kv)).view(2, 7, 2, 2, 8).unbind(2)
+    k = rotate(k, kv_freqs).transpose(1, 2)
+    weights = ((q @ k.transpose(-1, -2)) / 8**0.5).softmax(-1)
+    h = x + attn.out_proj((weights @ v.transpose(1, 2)).transpose(1, 2).reshape(2, 5, 16))
+    expected = h + block.mlp(block.norm2(h))
+    got = block(x, kv, q_freqs=q_freqs, kv_freqs=kv_freqs)
+    assert relative_error(got, expected) < 1e-12
+    assert relative_error(block(x, kv), expected) > 1e-3  # the rotation matters
+
+
+@pytest.mark.parametrize("untied", [False, True])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_perceiver_kv_cache_gives_the_same_output(untied: bool, conditioned: bool) -> None:
+    from patternc.nn import rope_frequencies
+
+    config = perceiver_config().model_copy(update={"condition_dim": 3 if conditioned else None})
+    block: PerceiverBlock = (
+        UntiedPerceiverBlock(
+            UntiedPerceiverBlockConfig(perceiver_block_config=config, num_types=2), ["surface", "volume"]
+        )
+        if untied
+        else PerceiverBlock(config)
+    )
+    randomize(block).eval()
+    sizes = {"surface_queries": 2, "volume_queries": 3} if untied else None
+    kv, kv_freqs = torch.randn(2, 7, 10), rope_frequencies(torch.rand(2, 7, 2) * 5, head_dim=8)
+    condition = torch.randn(2, 3) if conditioned else None
+    cache = block.key_values(kv, kv_freqs, condition=condition)
+    assert cache["k"].shape == (2, 2, 7, 8) and cache["v"].shape == (2, 2, 7, 8)
+    for n in (5, 5, 1):  # several query batches against one cache
+        x, q_freqs = torch.randn(2, n, 16), rope_frequencies(torch.rand(2, n, 2) * 5, head_dim=8)
+        groups = {"surface_queries": min(n, 2), "volume_queries": n - min(n, 2)} if sizes else None
+        direct = block(x, kv, groups, q_freqs=q_freqs, kv_freqs=kv_freqs, condition=condition)
+        cached = block(x, token_specs=groups, q_freqs=q_freqs, kv_cache=cache, condition=condition)
+        assert torch.allclose(cached, direct, atol=1e-6)
+
+
+def test_perceiver_conditioning_starts_as_the_unconditioned_block_and_learns() -> None:
+    plain = randomize(PerceiverBlock(perceiver_config())).eval()
+    conditioned = PerceiverBlock(perceiver_config().model_copy(update={"condition_dim": 3})).eval()
+    conditioned.load_state_dict({**conditioned.state_dict(), **plain.state_dict()})
+    x, kv, condition = torch.randn(2, 5, 16), torch.randn(2, 7, 10), torch.randn(2, 3)
+    assert torch.allclose(conditioned(x, kv, condition=condition), plain(x, kv), atol=1e-6)
+    assert conditioned.modulation is not None
+    assert conditioned.modulation.out_features == 6 * 16 + 2 * 10  # the kv input is modulated too
+    conditioned(x, kv, condition=condition).square().sum().backward()
+    assert (
+        conditioned.modulation.weight.grad is not None and conditioned.modulation.weight.grad.abs().sum() > 0
+    )
+    with torch.no_grad():
+        conditioned.modulation.weight.normal_(std=0.3)
+    assert not torch.allclose(conditioned(x, kv, condition=condition), plain(x, kv), atol=1e-3)
+
+
+def test_perceiver_errors_say_what_to_give() -> None:
+    plain = PerceiverBlock(perceiver_config())
+    conditioned = PerceiverBlock(perceiver_config().model_copy(update={"condition_dim": 3}))
+    x, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 10)
+    with pytest.raises(ValueError, match="no conditioning: set condition_dim"):
+        plain(x, kv, condition=torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"pass condition=\[batch, 3\]"):
+        conditioned(x, kv)
+    with pytest.raises(ValueError, match=r"one vector per sample, \[batch, 3\]"):
+        conditioned(x, kv, condition=torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="needs kv, or kv_cache from block.key_values"):
+        plain(x)
+    with pytest.raises(ValueError, match="give kv .* or kv_cache, not both"):
+        plain(x, kv, kv_cache=plain.key_values(kv))
+    with pytest.raises(ValueError, match="kv has width 9 but this perceiver reads kv_dim=10"):
+        plain(x, torch.randn(2, 7, 9))
+    with pytest.raises(ValueError, match=r"expected \[batch=2, heads=2"):
+        plain(x, kv_cache={"k": torch.randn(1, 2, 7, 8), "v": torch.randn(1, 2, 7, 8)})
+
+
+def test_identity_init_starts_every_block_as_the_identity() -> None:
+    """`truncnormal002-identity` (patternc's "zero"): attention's output projection
+    and the MLP's last layer start at zero, so each branch starts closed."""
+    x, kv = torch.randn(2, 9, 16), torch.randn(2, 7, 10)
+    sizes = {"surface_anchors": 4, "volume_queries": 5}
+    specs = [TokenSpec(n, s) for n, s in sizes.items()]
+    patterns = [P(["surface_anchors", "volume_queries"], ["surface_anchors"])]
+    block_config = TransformerBlockConfig(hidden_dim=16, num_heads=2, init_weights="truncnormal002-identity")
+    assert block_config.init_weights == "zero"
+    tied = TransformerBlock(block_config)
+    untied_block = UntiedTransformerBlock(
+        UntiedTransformerBlockConfig(transformer_block=block_config, num_types=2)
+    )
+    perceiver = PerceiverBlock(perceiver_config().model_copy(update={"init_weights": "zero"}))
+    untied_perceiver = UntiedPerceiverBlock(
+        UntiedPerceiverBlockConfig(perceiver_block_config=perceiver.config, num_types=2)
+    )
+    assert torch.equal(tied(x, specs, patterns), x)
+    assert torch.equal(untied_block(x, specs, patterns), x)
+    assert torch.equal(perceiver(x, kv), x)
+    assert torch.equal(untied_perceiver(x, kv, sizes), x)
+    # the other weights are drawn as usual: the blocks learn from the first step
+    assert tied.attention.qkv.weight.abs().sum() > 0 and tied.mlp.layers[0].weight.abs().sum() > 0

@@ -22,7 +22,7 @@ from patternc.configs import (
     JointAnchorAttentionConfig,
     SelfAnchorAttentionConfig,
 )
-from patternc.nn.attention import MixedAttention
+from patternc.nn.attention import KVCache, MixedAttention
 from patternc.nn.traced_layouts import plan_of_source
 from patternc.plan import Plan
 from patternc.schemas import MixedAttentionConfig, TokenSpec, TokenSpecs, as_token_specs
@@ -100,10 +100,34 @@ class MultiBranchAnchorAttention(nn.Module):
         traced = plan_of_source(source, self.pattern_name)
         return traced if traced is not None else _compile(source, self.pattern_name)
 
-    def forward(self, x: Tensor, token_specs: TokenSpecs, freqs: Tensor | None = None) -> Tensor:
+    def attend(
+        self,
+        x: Tensor,
+        token_specs: TokenSpecs,
+        key_padding_mask: Tensor | None = None,
+        freqs: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache | None]:
+        """``(output, new_kv_cache)`` as :class:`~patternc.nn.MixedAttention`
+        returns them: the new cache holds the anchors' K/V; give the anchors
+        ``size=None`` and that cache to run queries against them later."""
         specs = as_token_specs(token_specs)
-        out: tuple[Tensor, object] = self.mixed_attention(x, specs, self.plan(specs), freqs=freqs)
-        return out[0]
+        result: tuple[Tensor, KVCache | None] = self.mixed_attention(
+            x, specs, self.plan(specs), key_padding_mask, freqs, kv_cache
+        )
+        return result
+
+    def forward(
+        self,
+        x: Tensor,
+        token_specs: TokenSpecs,
+        freqs: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """The output alone (the seed's call); :meth:`attend` also returns the new KV cache."""
+        return self.attend(x, token_specs, key_padding_mask, freqs, kv_cache)[0]
 
 
 class SelfAnchorAttention(MultiBranchAnchorAttention):

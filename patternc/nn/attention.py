@@ -77,6 +77,7 @@ class DotProductAttention(nn.Module):
         self.k_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
+        self.output_dropout = config.dropout  # on the projected output; a subclass may set it apart
         self.use_rope = config.use_rope
         self.reset_parameters()
 
@@ -134,7 +135,7 @@ class DotProductAttention(nn.Module):
 
     def project_out(self, out: Tensor) -> Tensor:
         """``[B, N, H, D]`` -> ``[B, N, hidden]``."""
-        return apply_dropout(self.proj(merge_heads(out)), self.dropout, self.training)
+        return apply_dropout(self.proj(merge_heads(out)), self.output_dropout, self.training)
 
     @property
     def attention_dropout(self) -> float:
@@ -352,7 +353,7 @@ class MixedAttention(DotProductAttention):
             assert recorder is not None
             recorder.store(self, new_cache)
         out = self._project_back(merge_heads(out), layout, attention_patterns)
-        return apply_dropout(out, self.dropout, self.training), new_cache
+        return apply_dropout(out, self.output_dropout, self.training), new_cache
 
     def _project(
         self,

@@ -169,7 +169,15 @@ class UntiedTransformerBlock(TransformerBlock):
 
 class PerceiverAttention(nn.Module):
     """Cross-attention: queries from ``x``, keys/values from ``kv`` (one shared
-    K/V projection of width ``kv_dim``). ``q_proj``/``out_proj`` may be untied."""
+    K/V projection of width ``kv_dim``). ``q_proj``/``out_proj`` may be untied.
+
+    RoPE: ``q_freqs`` rotate the queries and ``kv_freqs`` the keys (complex,
+    ``[N, D/2]`` or ``[B, N, D/2]``, see :func:`~patternc.nn.rope_frequencies`).
+    KV cache: :meth:`project_kv` returns ``{"k", "v"}`` (``[B, H, M, D]``, keys
+    after RoPE, the layout of :data:`~patternc.nn.KVCache` entries), which
+    ``forward`` reads in place of ``kv`` (queries over new points against one
+    encoded geometry, without projecting it again).
+    """
 
     def __init__(
         self, config: PerceiverBlockConfig, q_proj: nn.Module | None = None, out_proj: nn.Module | None = None
@@ -181,33 +189,69 @@ class PerceiverAttention(nn.Module):
         self.q_proj = q_proj or nn.Linear(config.hidden_dim, config.hidden_dim, bias=config.bias)
         self.kv_proj = nn.Linear(config.kv_width, 2 * config.hidden_dim, bias=config.bias)
         self.out_proj = out_proj or nn.Linear(config.hidden_dim, config.hidden_dim, bias=config.bias)
+        zero_out = config.init_weights == "zero"  # the branch starts at zero (see InitWeightsMode)
         for layer in (self.q_proj, self.kv_proj, self.out_proj):
             if isinstance(layer, nn.Linear):
-                init_linear(layer, config.init_weights)
+                init_linear(layer, config.init_weights, zero=zero_out and layer is self.out_proj)
+        if zero_out and isinstance(self.out_proj, UntiedLinear):
+            self.out_proj.reset_parameters(zero=True)
+
+    def check_kv(self, kv: Tensor) -> None:
+        """``kv``'s width against ``kv_dim``, with the fix in the message."""
+        if kv.shape[-1] != self.config.kv_width:
+            raise ValueError(
+                f"kv has width {kv.shape[-1]} but this perceiver reads kv_dim={self.config.kv_width}; "
+                "project kv to that width or build the block with kv_dim set to it"
+            )
+
+    def project_kv(self, kv: Tensor, kv_freqs: Tensor | None = None) -> dict[str, Tensor]:
+        """``kv`` ``[B, M, kv_dim]`` -> ``{"k", "v"}``, each ``[B, H, M, D]``
+        (keys rotated by ``kv_freqs``)."""
+        self.check_kv(kv)
+        k, v = self.kv_proj(kv).view(kv.shape[0], kv.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
+        if kv_freqs is not None:
+            k = apply_rope(k, kv_freqs)
+        return {"k": k.transpose(1, 2), "v": v.transpose(1, 2)}
 
     def forward(
         self,
         x: Tensor,
-        kv: Tensor,
+        kv: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         q_freqs: Tensor | None = None,
         kv_freqs: Tensor | None = None,
         runs: object = None,
+        kv_cache: dict[str, Tensor] | None = None,
     ) -> Tensor:
+        """``x`` ``[B, N, hidden]`` attends to ``kv`` ``[B, M, kv_dim]``, or to
+        ``kv_cache`` (from :meth:`project_kv`; then ``kv`` and ``kv_freqs`` are not given)."""
         batch, n, _ = x.shape
         q = (self.q_proj(x, runs) if runs is not None else self.q_proj(x)).view(
             batch, n, self.num_heads, self.head_dim
         )
-        k, v = self.kv_proj(kv).view(batch, kv.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
         if q_freqs is not None:
             q = apply_rope(q, q_freqs)
-        if kv_freqs is not None:
-            k = apply_rope(k, kv_freqs)
+        if kv_cache is not None:
+            if kv is not None or kv_freqs is not None:
+                raise ValueError(
+                    "give kv (and kv_freqs) or kv_cache, not both: the cache holds projected keys"
+                )
+            cache = kv_cache
+        elif kv is None:
+            raise ValueError("a perceiver needs kv [batch, tokens, kv_dim], or kv_cache from project_kv(kv)")
+        else:
+            cache = self.project_kv(kv, kv_freqs)
+        k, v = cache["k"], cache["v"]
+        if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != self.num_heads or k.shape[3] != self.head_dim:
+            raise ValueError(
+                f"kv_cache['k'] has shape {tuple(k.shape)}; expected [batch={batch}, heads={self.num_heads}, "
+                f"tokens, head_dim={self.head_dim}] (what project_kv returns)"
+            )
         mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.config.dropout if self.training else 0.0,
         ).transpose(1, 2)
@@ -216,12 +260,23 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverBlock(nn.Module):
-    """Pre-norm perceiver block: ``x`` attends to ``kv``, then an MLP."""
+    """Pre-norm perceiver block: ``x`` attends to ``kv``, then an MLP.
+
+    ``q_freqs``/``kv_freqs`` apply RoPE to queries and keys. For many query
+    batches against one ``kv`` (an encoded geometry), compute
+    ``cache = block.key_values(kv, kv_freqs)`` once and call
+    ``block(x, kv_cache=cache, ...)``: the same output without projecting
+    ``kv`` again.
+
+    With ``condition_dim``, ``condition`` (``[B, C]``) modulates the block as
+    :class:`TransformerBlock`'s does (``norm(x) * (1 + scale) + shift`` into
+    each branch, ``x + (1 + gate) * branch`` out), and also the normed ``kv``
+    (its own scale and shift); the modulation starts at zero, so a fresh
+    conditioned block computes what the unconditioned one does.
+    """
 
     def __init__(self, config: PerceiverBlockConfig) -> None:
         super().__init__()
-        if config.condition_dim is not None:
-            raise ValueError("conditioning (condition_dim) is not implemented for perceiver blocks yet")
         self.config = config
         self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
         self.norm_kv = nn.LayerNorm(config.kv_width, eps=config.eps)
@@ -230,24 +285,75 @@ class PerceiverBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.eps)
         self.mlp: nn.Module = MLP(config.mlp())
         self.scale2, self.drop2 = _branch(config.hidden_dim, config)
+        self.modulation: nn.Linear | None = None
+        if config.condition_dim is not None:
+            self.modulation = nn.Linear(config.condition_dim, 6 * config.hidden_dim + 2 * config.kv_width)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
 
     def _runs(self, token_specs: TokenSpecs | None) -> object:
         return None
 
+    def _modulation(self, condition: Tensor | None) -> tuple[Tensor | float, ...]:
+        """``(shift1, scale1, gate1, shift2, scale2, gate2, shift_kv, scale_kv)``."""
+        if self.modulation is None:
+            if condition is not None:
+                raise ValueError("condition was given but this block has no conditioning: set condition_dim")
+            return (0.0,) * 8
+        if condition is None:
+            raise ValueError(
+                f"this block was built with condition_dim={self.config.condition_dim}: pass "
+                f"condition=[batch, {self.config.condition_dim}]"
+            )
+        if condition.dim() != 2:
+            raise ValueError(
+                "a perceiver block's condition is one vector per sample, "
+                f"[batch, {self.config.condition_dim}], "
+                f"got shape {tuple(condition.shape)} (it also modulates kv, whose tokens are not x's)"
+            )
+        mod = self.modulation(condition)[:, None, :]
+        hidden, width = self.config.hidden_dim, self.config.kv_width
+        return tuple(mod.split([hidden] * 6 + [width] * 2, dim=-1))
+
+    def key_values(
+        self, kv: Tensor, kv_freqs: Tensor | None = None, condition: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The K/V cache of ``kv`` for this block (normed, modulated by
+        ``condition`` when the block is conditioned, projected, keys rotated)."""
+        *_, shift_kv, scale_kv = self._modulation(condition)
+        self.attention.check_kv(kv)
+        return self.attention.project_kv(self.norm_kv(kv) * (1 + scale_kv) + shift_kv, kv_freqs)
+
     def forward(
         self,
         x: Tensor,
-        kv: Tensor,
+        kv: Tensor | None = None,
         token_specs: TokenSpecs | None = None,
         key_padding_mask: Tensor | None = None,
+        *,
+        q_freqs: Tensor | None = None,
+        kv_freqs: Tensor | None = None,
+        kv_cache: dict[str, Tensor] | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor:
-        """``x``: ``[B, N, hidden]`` queries; ``kv``: ``[B, M, kv_dim]``;
-        ``key_padding_mask``: ``[B, M]`` (True = real)."""
+        """``x``: ``[B, N, hidden]`` queries; ``kv``: ``[B, M, kv_dim]`` (or
+        ``kv_cache`` from :meth:`key_values`); ``key_padding_mask``: ``[B, M]``
+        (True = real); ``q_freqs``/``kv_freqs``: RoPE of queries and keys."""
         runs = self._runs(token_specs)
-        attended = self.attention(self.norm1(x), self.norm_kv(kv), key_padding_mask, runs=runs)
-        x = x + self.drop1(self.scale1(attended))
-        h = self.norm2(x)
-        out: Tensor = x + self.drop2(self.scale2(self.mlp(h, runs) if runs is not None else self.mlp(h)))
+        shift1, scale1, gate1, shift2, scale2, gate2, shift_kv, scale_kv = self._modulation(condition)
+        if kv_cache is None:
+            if kv is None:
+                raise ValueError("a perceiver block needs kv, or kv_cache from block.key_values(kv)")
+            self.attention.check_kv(kv)
+            kv = self.norm_kv(kv) * (1 + scale_kv) + shift_kv
+        h = self.norm1(x) * (1 + scale1) + shift1
+        attended = self.attention(
+            h, kv, key_padding_mask, q_freqs=q_freqs, kv_freqs=kv_freqs, runs=runs, kv_cache=kv_cache
+        )
+        x = x + (1 + gate1) * self.drop1(self.scale1(attended))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        branch = self.mlp(h, runs) if runs is not None else self.mlp(h)
+        out: Tensor = x + (1 + gate2) * self.drop2(self.scale2(branch))
         return out
 
 

@@ -35,7 +35,8 @@ class LinearProjection(nn.Linear):
 
 
 class MLP(nn.Module):
-    """``input -> [hidden] * (num_layers + 1) -> output`` with activations between."""
+    """``input -> [hidden] * (num_layers + 1) -> output`` with activations between.
+    ``init_weights="zero"`` starts the last layer at zero."""
 
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
@@ -49,6 +50,11 @@ class MLP(nn.Module):
             )
             for a, b in itertools.pairwise(dims)
         )
+        if config.init_weights == "zero":
+            # the last layer starts at zero: a residual MLP branch starts closed
+            last = self.layers[-1]
+            assert isinstance(last, nn.Linear)
+            init_linear(last, "zero", zero=True)
         self.activation = activation_fn(config.activation)
 
     def forward(self, x: Tensor) -> Tensor:

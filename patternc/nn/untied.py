@@ -369,11 +369,11 @@ class UntiedLinear(nn.Module):
         self.types = check_types(types, config.num_types)
         self.path: UntiedPath = path
         geometry = config.linear_projection
-        self.weights = nn.ParameterList(
+        self.weight = nn.ParameterList(
             nn.Parameter(torch.empty(geometry.output_dim, geometry.input_dim))
             for _ in range(config.num_types)
         )
-        self.biases = (
+        self.bias: nn.ParameterList | None = (
             nn.ParameterList(nn.Parameter(torch.empty(geometry.output_dim)) for _ in range(config.num_types))
             if geometry.bias
             else None
@@ -387,9 +387,9 @@ class UntiedLinear(nn.Module):
             template = nn.Linear(geometry.input_dim, geometry.output_dim, bias=geometry.bias)
             init_linear(template, geometry.init_weights, zero=zero)
             with torch.no_grad():
-                self.weights[bank].copy_(template.weight)
-                if self.biases is not None:
-                    self.biases[bank].copy_(template.bias)
+                self.weight[bank].copy_(template.weight)
+                if self.bias is not None:
+                    self.bias[bank].copy_(template.bias)
 
     def get_extra_state(self) -> dict[str, object]:
         """The type binding travels with the weights (bank ``i`` is ``types[i]``)."""
@@ -418,28 +418,33 @@ class UntiedLinear(nn.Module):
         return self.config.linear_projection.output_dim
 
     @property
-    def weight(self) -> Tensor:
-        """``[num_types, output_dim, input_dim]``: the banks stacked (the seed's layout; a copy)."""
-        return torch.stack(list(self.weights))
+    def weights(self) -> nn.ParameterList:
+        """The same list as :attr:`weight` (an older name, kept so code using it goes on working)."""
+        return self.weight
 
     @property
-    def bias(self) -> Tensor | None:
-        """``[num_types, output_dim]`` or None (a copy)."""
-        return torch.stack(list(self.biases)) if self.biases is not None else None
+    def biases(self) -> nn.ParameterList | None:
+        """The same list as :attr:`bias` (an older name)."""
+        return self.bias
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # the seed's layout: one stacked `weight` [num_types, out, in] and `bias`
-        for stacked, banks in (("weight", "weights"), ("bias", "biases")):
-            value = state_dict.pop(prefix + stacked, None)
-            if value is None:
+        # earlier layouts: patternc's `weights.i`/`biases.i`, and the seed's one
+        # stacked `weight` [num_types, out, in] and `bias` [num_types, out]
+        for name, old in (("weight", "weights"), ("bias", "biases")):
+            for bank in range(self.num_types):
+                value = state_dict.pop(f"{prefix}{old}.{bank}", None)
+                if value is not None:
+                    state_dict.setdefault(f"{prefix}{name}.{bank}", value)
+            stacked = state_dict.pop(prefix + name, None)
+            if stacked is None:
                 continue
-            if value.shape[0] != self.num_types:
+            if stacked.dim() < 2 or stacked.shape[0] != self.num_types:
                 raise ValueError(
-                    f"{prefix}{stacked} holds {value.shape[0]} banks; this layer has "
-                    f"num_types={self.num_types}"
+                    f"{prefix}{name} has shape {tuple(stacked.shape)}: a stacked bank tensor needs "
+                    f"num_types={self.num_types} rows first; per-bank keys are {prefix}{name}.0, ..."
                 )
             for bank in range(self.num_types):
-                state_dict[f"{prefix}{banks}.{bank}"] = value[bank]
+                state_dict[f"{prefix}{name}.{bank}"] = stacked[bank]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         missing: list[str] = args[2] if len(args) > 2 else kwargs.get("missing_keys", [])
         key = prefix + "_extra_state"
@@ -447,10 +452,16 @@ class UntiedLinear(nn.Module):
             missing.remove(key)
 
     def bias_of(self, bank: int) -> Tensor | None:
-        return self.biases[bank] if self.biases is not None else None
+        return self.bias[bank] if self.bias is not None else None
+
+    def bank_weights(self) -> list[Tensor]:
+        """The ``[output_dim, input_dim]`` matrix each bank applies (``y = x @ W.T``),
+        in bank order: ``list(self.weight)``. A subclass that stores its banks
+        otherwise (transposed, say) overrides this one method."""
+        return list(self.weight)
 
     def linear(self, bank: int, x: Tensor) -> Tensor:
-        return F.linear(x, self.weights[bank], self.bias_of(bank))
+        return F.linear(x, self.bank_weights()[bank], self.bias_of(bank))
 
     def runs(self, groups: GroupSizes, group_types: Mapping[str, str] | None = None) -> TypeRuns:
         return type_runs(groups, group_types, self.types)
@@ -467,8 +478,21 @@ class UntiedLinear(nn.Module):
         (default: each group's domain). ``rows``: only these output features
         (views of every bank's rows: Q apart from K/V of a fused projection)."""
         runs = groups if isinstance(groups, TypeRuns) else self.runs(groups, group_types)
-        weights = list(self.weights)
-        biases = list(self.biases) if self.biases is not None else None
+        biases = list(self.bias) if self.bias is not None else None
+        return self.run(x, runs, self.bank_weights(), biases, rows)
+
+    def run(
+        self,
+        x: Tensor,
+        runs: TypeRuns,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor] | None,
+        rows: slice | None = None,
+    ) -> Tensor:
+        """:meth:`forward` with the banks given: ``weights[i]`` (``[output_dim,
+        input_dim]``, ``y = x @ W.T``) and ``biases[i]`` apply to bank ``i``'s runs
+        by this layer's path. For callers that derive each call's matrices from
+        the parameters (transposed, say)."""
         if rows is not None:
             weights = [w[rows] for w in weights]
             biases = None if biases is None else [b[rows] for b in biases]
@@ -544,6 +568,10 @@ class UntiedMLP(nn.Module):
             )
             for a, b in itertools.pairwise(dims)
         )
+        if mlp.init_weights == "zero":  # as MLP: the last layer starts at zero
+            last = self.layers[-1]
+            assert isinstance(last, UntiedLinear)
+            last.reset_parameters(zero=True)
         self.activation = activation_fn(mlp.activation)
 
     def _mlp(self, bank: int, x: Tensor) -> Tensor:

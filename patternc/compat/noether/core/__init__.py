@@ -1,0 +1,1 @@
+"""``noether.core`` of the peer: the configs (:mod:`.schemas`) and types."""

@@ -1,0 +1,1 @@
+"""The peer's pydantic configs (``noether.core.schemas``)."""

@@ -1,0 +1,1 @@
+"""``noether.modeling`` of the peer: its modules (:mod:`.modules`) and functions."""

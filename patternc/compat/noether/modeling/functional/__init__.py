@@ -1,0 +1,1 @@
+"""The peer's functional helpers (``noether.modeling.functional``)."""
