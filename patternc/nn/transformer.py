@@ -473,6 +473,11 @@ class Transformer(nn.Module):
                     f"(vocab_size={c.vocab_size}): pass integer ids [batch, {n}], or build it with "
                     f"vocab_size=None for features [batch, n_tokens, d_model={c.d_model}]"
                 )
+            if x.dim() > 2:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)} but token ids are [batch, n_tokens], two dimensions "
+                    f"(this Transformer has vocab_size={c.vocab_size})"
+                )
             check_batched(x, n, None, what)
         else:
             if x.dim() == 2 and not x.is_floating_point() and x.shape[1] == n:
