@@ -396,7 +396,7 @@ class Transformer(nn.Module):
         if self.config.vocab_size is not None:
             h = h * math.sqrt(self.config.d_model)
         if self.config.pos_emb_type == "sinusoidal":
-            h = h + sinusoidal(positions, self.config.d_model).to(h.dtype)
+            h = h + sinusoidal(positions, self.config.d_model, h.dtype)
         return apply_dropout(h, self.config.dropout_rate, self.training)
 
     def head(self, h: Tensor) -> Tensor:
@@ -593,11 +593,16 @@ def _longest(sizes: Iterable[int]) -> int:
     return longest
 
 
-def sinusoidal(positions: Tensor, dim: int) -> Tensor:
-    """``[N, dim]`` fixed sinusoidal embeddings of ``positions``."""
-    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=positions.device) / dim)
-    angles = positions.float()[:, None] * inv[None]
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+def sinusoidal(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[N, dim]`` fixed sinusoidal embeddings of ``positions``, as ``dtype``:
+    computed in float64 for a float64 model (float32 angles would cost it
+    the digits beyond float32's, and compiled kernels round them otherwise
+    than eager ones), else in float32."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    steps = torch.arange(0, dim, 2, device=positions.device, dtype=work)
+    inv = torch.exp(-math.log(10000.0) * steps / dim)
+    angles = positions.to(work)[:, None] * inv[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)
 
 
 def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
