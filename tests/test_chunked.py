@@ -70,9 +70,9 @@ def test_chunked_equals_the_reference_or_refuses_with_the_reason(seed: int) -> N
 
 
 def test_a_chunked_group_that_reads_itself_is_refused_with_the_fix() -> None:
-    plan = patternc.compile("groups anchors queries\nanchors -> anchors\nqueries -> anchors, queries").patterns[
-        "default"
-    ]
+    plan = patternc.compile(
+        "groups anchors queries\nanchors -> anchors\nqueries -> anchors, queries"
+    ).patterns["default"]
     (layer, _) = _layers(plan)
     x = torch.randn(1, 9, 8, dtype=torch.float64)
     with pytest.raises(
@@ -96,7 +96,9 @@ def test_a_chunked_group_that_reads_another_chunked_group_is_refused() -> None:
 
 
 def _anchors() -> tuple[PatternAttention, patternc.Plan, dict[str, int], torch.Tensor]:
-    plan = patternc.compile("groups anchors queries\nanchors -> anchors\nqueries -> anchors").patterns["default"]
+    plan = patternc.compile("groups anchors queries\nanchors -> anchors\nqueries -> anchors").patterns[
+        "default"
+    ]
     torch.manual_seed(0)
     (layer, _) = _layers(plan)
     sizes = {"anchors": 5, "queries": 13}

@@ -26,7 +26,13 @@ SIZES = {"doc0": 6, "doc1": 6, "doc2": 6}
 def _stack(pos_emb_type: str = "sinusoidal") -> Transformer:
     torch.manual_seed(0)
     config = TransformerConfig(
-        vocab_size=None, d_model=8, num_heads=2, num_layers=1, d_ff=16, dropout_rate=0.0, pos_emb_type=pos_emb_type
+        vocab_size=None,
+        d_model=8,
+        num_heads=2,
+        num_layers=1,
+        d_ff=16,
+        dropout_rate=0.0,
+        pos_emb_type=pos_emb_type,
     )  # type: ignore[arg-type]
     return Transformer(config, DOCUMENTS).double()
 
@@ -45,7 +51,9 @@ def test_sinusoidal_positions_of_a_float64_model_are_float64() -> None:
     assert relative_error(h, expected) < 1e-15
 
 
-def _value_and_input_gradient(model: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _value_and_input_gradient(
+    model: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     x = x.clone().requires_grad_()
     out = model(x, SIZES)
     out = out[0] if isinstance(out, tuple) else out
@@ -60,7 +68,9 @@ def test_inductor_gradients_of_equal_size_documents_equal_eager(kind: str) -> No
     if kind == "attention":
         torch.manual_seed(0)
         plan = patternc.compile(DOCUMENTS).patterns["default"]
-        model: torch.nn.Module = PatternAttention(MixedAttentionConfig(hidden_dim=8, num_heads=2), plan).double()
+        model: torch.nn.Module = PatternAttention(
+            MixedAttentionConfig(hidden_dim=8, num_heads=2), plan
+        ).double()
     else:
         model = _stack()
     x = torch.randn(2, 18, 8, dtype=torch.float64)

@@ -31,7 +31,9 @@ def _attention(source: str = SOURCE, **options: object) -> PatternAttention:
 
 def _stack(source: str = SOURCE) -> Transformer:
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=None, d_model=8, num_heads=2, num_layers=1, d_ff=16, dropout_rate=0.0)
+    config = TransformerConfig(
+        vocab_size=None, d_model=8, num_heads=2, num_layers=1, d_ff=16, dropout_rate=0.0
+    )
     return Transformer(config, source).double()
 
 
@@ -80,7 +82,9 @@ def test_sizes_as_zero_dim_integer_tensors() -> None:
     mixed = MixedAttention(attn.config).double()
     mixed.load_state_dict(attn.state_dict())
     assert relative_error(mixed(x, tensors, attn.plan)[0], attn(x, ORDERED)[0]) < 1e-15
-    with pytest.raises(patternc.PatternError, match=r"size of `a` must be an integer >= 0, got tensor\(2\.\)"):
+    with pytest.raises(
+        patternc.PatternError, match=r"size of `a` must be an integer >= 0, got tensor\(2\.\)"
+    ):
         attn(x, {"a": torch.tensor(2.0), "q": 3})
 
 
@@ -103,7 +107,9 @@ def test_x_without_its_batch_dimension_says_so() -> None:
         MixedAttention(attn.config).double()(x, ORDERED, attn.plan)
     with pytest.raises(ValueError, match=message):
         _stack()(x, ORDERED)
-    with pytest.raises(ValueError, match=r"x has shape \(1, 4, 8\) but the sizes \(a=2, q=3; .*\) put 5 tokens"):
+    with pytest.raises(
+        ValueError, match=r"x has shape \(1, 4, 8\) but the sizes \(a=2, q=3; .*\) put 5 tokens"
+    ):
         attn(x[None, :4], ORDERED)
 
 
@@ -136,3 +142,16 @@ def test_numpy_is_a_dependency() -> None:
     text = Path(ROOT / "pyproject.toml").read_text()
     dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert re.search(r'"numpy[>=<~ ]', dependencies), dependencies
+
+
+def test_the_cli_takes_sizes_in_any_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--sizes` fixes no tensor's order: the CLI lays them out in the
+    program's order (a family's members in the order given) instead of E404."""
+    from patternc.cli import main
+
+    source = tmp_path / "p.pc"
+    source.write_text("groups text doc*\ntext -> text\ndoc* -> text, doc*\n")
+    assert main(["compile", str(source), "--sizes", "doc1=3,text=2,doc0=4"]) == 0
+    out = capsys.readouterr().out
+    assert "E404" not in out and "doc1" in out
+    assert out.index("doc1") < out.index("doc0")

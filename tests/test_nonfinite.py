@@ -23,14 +23,22 @@ CASES = [
     ("groups a\na -> a [causal]", {"a": 9}, 5, [], [0, 1, 2, 3, 4]),
     ("groups a\na -> a [window 2]", {"a": 9}, 4, [], [0, 1, 2, 6, 7, 8]),
     ("groups doc*\ndoc* -> self [causal]", {"doc0": 6, "doc1": 7}, 3, list(range(6, 13)), [0, 1, 2]),
-    ("groups a b c\na -> a\nb -> a, b[causal]\nc -> a", {"a": 3, "b": 6, "c": 4}, 6, [0, 1, 2, 9, 10, 11, 12], [3, 4, 5]),
+    (
+        "groups a b c\na -> a\nb -> a, b[causal]\nc -> a",
+        {"a": 3, "b": 6, "c": 4},
+        6,
+        [0, 1, 2, 9, 10, 11, 12],
+        [3, 4, 5],
+    ),
 ]
 
 
 def _output(backend: str, source: str, sizes: dict[str, int], nan_at: int) -> torch.Tensor:
     torch.manual_seed(0)
     plan = patternc.compile(source).patterns["default"]
-    attn = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2, implementation=backend), plan)
+    attn = PatternAttention(
+        patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2, implementation=backend), plan
+    )
     x = torch.randn(2, sum(sizes.values()), 8)
     x[:, nan_at] = float("nan")
     with torch.no_grad(), warnings.catch_warnings():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import patternc
 from patternc import TransformerConfig, VisionTransformerConfig
 from patternc.nn import Transformer, VisionTransformer
 
@@ -36,7 +35,9 @@ def test_pad_token_id_none_makes_every_id_a_real_token() -> None:
 
 
 def test_pad_token_id_outside_the_vocabulary_names_none() -> None:
-    with pytest.raises(ValueError, match=r"pad_token_id=20 is outside the vocabulary \[0, 20\).*pad_token_id=None"):
+    with pytest.raises(
+        ValueError, match=r"pad_token_id=20 is outside the vocabulary \[0, 20\).*pad_token_id=None"
+    ):
         TransformerConfig(vocab_size=20, pad_token_id=20)
 
 
@@ -65,21 +66,47 @@ def test_inputs_of_the_wrong_shape_name_the_expected_shape() -> None:
     x = torch.randn(2, 7, 8)
     ids = torch.randint(1, 20, (2, 7))
     cases = [
-        (features, (x[0], sizes), r"x has shape \(7, 8\), which has no batch dimension; expected \[batch, 7, 8\] for sizes a=3, b=4: add one with x\[None\]"),
-        (features, (x[:, :6], sizes), r"x has shape \(2, 6, 8\) but sizes a=3, b=4 put 7 tokens in it; expected \[batch, 7, 8\]"),
+        (
+            features,
+            (x[0], sizes),
+            r"x has shape \(7, 8\), which has no batch dimension; expected \[batch, 7, 8\] for sizes a=3, b=4: add one with x\[None\]",
+        ),
+        (
+            features,
+            (x[:, :6], sizes),
+            r"x has shape \(2, 6, 8\) but sizes a=3, b=4 put 7 tokens in it; expected \[batch, 7, 8\]",
+        ),
         (features, (x[..., :6], sizes), r"x has shape \(2, 7, 6\); expected \[batch, 7, d_model=8\]"),
-        (features, (ids, sizes), r"x has shape \(2, 7\) \(torch.int64\), token ids, but this Transformer has vocab_size=None"),
+        (
+            features,
+            (ids, sizes),
+            r"x has shape \(2, 7\) \(torch.int64\), token ids, but this Transformer has vocab_size=None",
+        ),
         (tokens, (ids[0],), r"x has shape \(7,\), which has no batch dimension; expected \[batch, 7\]"),
-        (tokens, (x,), r"x has shape \(2, 7, 8\) \(torch.float32\) but this Transformer embeds token ids \(vocab_size=20\)"),
-        (tokens, (ids.double(),), r"x has shape \(2, 7\) \(torch.float64\) but this Transformer embeds token ids"),
-        (tokens, (ids[None],), r"x has shape \(1, 2, 7\) but token ids are \[batch, n_tokens\], two dimensions"),
+        (
+            tokens,
+            (x,),
+            r"x has shape \(2, 7, 8\) \(torch.float32\) but this Transformer embeds token ids \(vocab_size=20\)",
+        ),
+        (
+            tokens,
+            (ids.double(),),
+            r"x has shape \(2, 7\) \(torch.float64\) but this Transformer embeds token ids",
+        ),
+        (
+            tokens,
+            (ids[None],),
+            r"x has shape \(1, 2, 7\) but token ids are \[batch, n_tokens\], two dimensions",
+        ),
     ]
     for model, args, message in cases:
         with pytest.raises(ValueError, match=message):
             model(*args)
     with pytest.raises(ValueError, match=r"key_padding_mask must be bool \[batch, n_tokens\] = \[2, 7\]"):
         features(x, sizes, torch.ones(2, 6, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"size of `a` must be an integer >= 0 \(or None for a cached group\), got -1"):
+    with pytest.raises(
+        ValueError, match=r"size of `a` must be an integer >= 0 \(or None for a cached group\), got -1"
+    ):
         features(x, {"a": -1, "b": 8})
 
 
@@ -99,9 +126,17 @@ def test_max_len_caps_groups_only_where_positions_are_encoded() -> None:
 
 
 def test_a_vision_transformer_without_positions_takes_any_number_of_patches() -> None:
-    stack = TransformerConfig(vocab_size=None, d_model=8, num_heads=2, num_layers=1, d_ff=16, max_len=8, pos_emb_type="none")
-    vit = VisionTransformer(VisionTransformerConfig(transformer=stack, image_size=16, patch_size=4, num_classes=3))
+    stack = TransformerConfig(
+        vocab_size=None, d_model=8, num_heads=2, num_layers=1, d_ff=16, max_len=8, pos_emb_type="none"
+    )
+    vit = VisionTransformer(
+        VisionTransformerConfig(transformer=stack, image_size=16, patch_size=4, num_classes=3)
+    )
     assert vit(torch.randn(1, 3, 16, 16)).shape == (1, 3)
     with pytest.raises(ValueError, match=r"16 patches \+ \[CLS\] exceed transformer.max_len=8"):
-        VisionTransformerConfig(transformer=stack.model_copy(update={"pos_emb_type": "sinusoidal"}), image_size=16, patch_size=4, num_classes=3)
-
+        VisionTransformerConfig(
+            transformer=stack.model_copy(update={"pos_emb_type": "sinusoidal"}),
+            image_size=16,
+            patch_size=4,
+            num_classes=3,
+        )

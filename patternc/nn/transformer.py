@@ -276,8 +276,9 @@ class Transformer(nn.Module):
     pattern each layer runs (default: the program's first pattern everywhere).
     ``forward(x, sizes)``: ``x`` is ``[B, N]`` token ids (``vocab_size`` set) or
     ``[B, N, d_model]`` features; ``sizes`` maps groups to token counts in
-    ``x`` order (omit it for the single-group default). Ids equal to
-    ``pad_token_id`` are masked as keys. With ``config.untied``, each token
+    ``x`` order, which is the plan's (another order raises E404; omit it for
+    the single-group default). Ids equal to ``pad_token_id`` are masked as
+    keys (``pad_token_id=None``: none are). With ``config.untied``, each token
     type (the pattern file's ``types``) has its own projections and
     feed-forward weights. Token models return logits (tied to the embedding).
     """
@@ -419,6 +420,7 @@ class Transformer(nn.Module):
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         c = self.config
         ids = c.vocab_size is not None
+        group_sizes: dict[str, int | None]
         if sizes is not None:
             group_sizes = _group_sizes(sizes)
             n = sum(s or 0 for s in group_sizes.values())
@@ -426,7 +428,7 @@ class Transformer(nn.Module):
         else:  # the token axis, also of an x without its batch dimension
             axis = 1 if x.dim() >= (2 if ids else 3) else 0
             n = x.shape[axis] if x.dim() > axis else 0
-            group_sizes = self._default_sizes(n)
+            group_sizes = dict(self._default_sizes(n))
             what = "the one group"
         if (
             x.dim() != (2 if ids else 3)
@@ -458,7 +460,9 @@ class Transformer(nn.Module):
         read of the data (``bool(...)``), which spares the padded executors
         a mask of all True; a ``torch.compile`` graph cannot branch on data,
         so traced it is always the mask (the same output)."""
-        real = x != self.config.pad_token_id
+        pad = self.config.pad_token_id
+        assert pad is not None  # the caller checks
+        real = x.ne(pad)
         if torch.compiler.is_compiling():
             return real
         return None if bool(real.all()) else real
@@ -615,7 +619,9 @@ def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
     recorder = ACTIVE.cache
     for name, size in pairs:
         if size is not None and (type(size) is not int or size < 0):
-            raise ValueError(f"size of `{name}` must be an integer >= 0 (or None for a cached group), got {size!r}")
+            raise ValueError(
+                f"size of `{name}` must be an integer >= 0 (or None for a cached group), got {size!r}"
+            )
         if size is None and (recorder is None or recorder.recording):
             raise ValueError(
                 f"group `{name}` has size None: the stack takes every group in x (cached groups "
