@@ -111,6 +111,21 @@ def _check_sizes(program: Program, sizes: dict[str, int | None]) -> None:
         raise _UsageError("\n".join(problems))
 
 
+def _declared_order(program: Program, sizes: dict[str, int | None]) -> dict[str, int | None]:
+    """``--sizes`` in the program's group order (a family's members where the
+    family is declared, in the order given): a plan lays sizes out in its
+    own order, and here no input tensor fixes another one."""
+    rank = {g[:-1] if is_family(g) else g: i for i, g in enumerate(program.groups)}
+    prefixes = [g[:-1] for g in program.groups if is_family(g)]
+
+    def place(name: str) -> int:
+        if name in rank:
+            return rank[name]
+        return min((rank[p] for p in prefixes if name.startswith(p)), default=len(rank))
+
+    return dict(sorted(sizes.items(), key=lambda item: place(item[0])))
+
+
 def _check_patterns(program: Program, names: Sequence[str]) -> None:
     for name in names:
         if name not in program.patterns:
@@ -410,6 +425,7 @@ def _load_checked(
             print(f"patternc: sizes from [tool.patternc.sizes] of {settings.path}", file=sys.stderr)
     if sizes is not None:
         _check_sizes(program, sizes)
+        sizes = _declared_order(program, sizes)
     return program, sizes
 
 

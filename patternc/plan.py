@@ -206,19 +206,17 @@ class Plan:
     def _build_layout(self, sizes: Sizes) -> Layout:
         names = names_of(sizes)
         plan = self.bind(names)
-        if not isinstance(sizes, Mapping) and names != plan.groups and set(names) == set(plan.groups):
-            # a TokenSpec list says where each group sits in x: another order
-            # than the plan's would silently attend the wrong tokens
+        if names != plan.groups and set(names) == set(plan.groups):
+            # sizes say where each group sits in x, a dict as a TokenSpec list
+            # does: another order than the plan's would attend the wrong tokens
+            if isinstance(sizes, Mapping):
+                message = f"sizes name {list(names)} but the plan's groups are {list(plan.groups)}"
+                where, hint = "sizes", "give the groups in the plan's order, the order they have in x"
+            else:
+                message = f"token_specs name {list(names)} but the plan's groups are {list(plan.groups)}"
+                where, hint = "token_specs", "build token_specs with plan.token_specs(sizes)"
             raise PatternError(
-                [
-                    Diagnostic(
-                        Code.WRONG_GROUP_ORDER,
-                        f"token_specs name {list(names)} but the plan's groups are {list(plan.groups)} "
-                        "(in this order)",
-                        where="token_specs",
-                        hint="build token_specs with plan.token_specs(sizes)",
-                    )
-                ]
+                [Diagnostic(Code.WRONG_GROUP_ORDER, message + " (in this order)", where=where, hint=hint)]
             )
         layout = build_layout(plan, normalize_sizes(plan.groups, sizes))
         if compiling():  # Dynamo cannot trace pydantic's constructors; a trace reads no specs

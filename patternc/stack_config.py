@@ -71,6 +71,12 @@ where it is installed); ``linear`` is chunked linear attention."""
 class TransformerConfig(StrictConfig):
     """Transformer stack hyperparameters (the seed's ``TransformerConfig``).
 
+    ``pad_token_id`` (default 0, as in the seed): token ids equal to it are
+    padding, masked out as keys (``key_padding_mask`` given to the forward
+    replaces this); ``None`` treats every id as a real token, for a
+    vocabulary whose id 0 is a word. ``max_len`` caps each group's length
+    where positions are encoded (not with ``pos_emb_type="none"``).
+
     >>> TransformerConfig(vocab_size=100, d_model=64, num_heads=4, num_kv_heads=2).head_dim
     16
     >>> TransformerConfig(vocab_size=100, d_model=64, num_heads=5)  # doctest: +ELLIPSIS
@@ -91,12 +97,21 @@ class TransformerConfig(StrictConfig):
     num_layers: int = Field(default=6, ge=0)
     d_ff: int = Field(default=2048, gt=0)
     dropout_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
-    max_len: int = Field(default=512, gt=0, description="Longest group (positions count within groups).")
+    max_len: int = Field(
+        default=512,
+        gt=0,
+        description="Longest group the positions cover (they count within groups); no limit with "
+        'pos_emb_type="none", and rope_max_positions, when set, is the limit for "rope".',
+    )
     use_pre_norm: bool = True
     pos_emb_type: PosEmbType = "sinusoidal"
     ff_activation: FfActivation = "gelu"
     norm_type: NormKind = "layer"
-    pad_token_id: int = 0
+    pad_token_id: int | None = Field(
+        default=0,
+        description="Token id treated as padding: ids equal to it are masked out as keys (the seed's "
+        "default, 0). None: no id is padding (a vocabulary whose id 0 is a real token).",
+    )
     attention_type: AttentionType = "standard"
     attention_block_size: int = Field(
         default=512,
@@ -169,10 +184,12 @@ class TransformerConfig(StrictConfig):
             raise ValueError(
                 f"attention_block_size must be a multiple of 16, got {self.attention_block_size}"
             )
-        if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
-                f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"
-            )
+        if self.vocab_size is not None and self.pad_token_id is not None:
+            if not 0 <= self.pad_token_id < self.vocab_size:
+                raise ValueError(
+                    f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size}); "
+                    "pass an id in it, or pad_token_id=None when no id is padding"
+                )
         return self
 
 
@@ -198,7 +215,7 @@ class VisionTransformerConfig(StrictConfig):
             )
         if self.transformer.vocab_size is not None:
             raise ValueError("a vision transformer embeds patches: set transformer.vocab_size=None")
-        if self.num_patches + 1 > self.transformer.max_len:
+        if self.transformer.pos_emb_type != "none" and self.num_patches + 1 > self.transformer.max_len:
             raise ValueError(
                 f"{self.num_patches} patches + [CLS] exceed transformer.max_len={self.transformer.max_len}"
             )

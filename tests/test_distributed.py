@@ -463,7 +463,7 @@ def test_chunked_argument_errors() -> None:
         patternc.nn.chunked(f, x, sizes, ["surface_queries"], 0)
     with pytest.raises(ValueError, match=r"queries \['points'\] are not groups"):
         patternc.nn.chunked(f, x, sizes, ["points"], 4)
-    with pytest.raises(ValueError, match="x has 3 tokens but sizes add up to 49"):
+    with pytest.raises(ValueError, match=r"x has shape \(1, 3, 16\) but sizes add up to 49 tokens"):
         patternc.nn.chunked(f, x[:, :3], sizes, ["surface_queries"], 4)
 
 

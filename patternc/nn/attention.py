@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,16 @@ from patternc.schemas import (
     TokenSpecs,
 )
 
-__all__ = ["DotProductAttention", "KVCache", "MixedAttention", "PatternAttention", "init_linear"]
+__all__ = [
+    "DotProductAttention",
+    "KVCache",
+    "MixedAttention",
+    "PatternAttention",
+    "check_batched",
+    "init_linear",
+    "keep_in_graph",
+    "plain_sizes",
+]
 
 KVCache = dict[str, dict[str, Tensor]]
 """``{group: {"k": keys, "v": values}}``, each ``[batch, num_heads, n_tokens, head_dim]``
@@ -154,6 +164,45 @@ class DotProductAttention(nn.Module):
         return self.project_out(out.transpose(1, 2))
 
 
+def plain_sizes(sizes: Sizes) -> Sizes:
+    """``sizes`` with every size a Python ``int``: a 0-d integer tensor or a
+    NumPy integer becomes one (``int(t)``), so the layout cache, keyed by
+    sizes, finds it. A dict of ints (the common case) comes back as it is
+    after one pass over its values; anything else is left for the layout's
+    own checks, which name what is wrong."""
+    if not isinstance(sizes, Mapping):
+        return sizes
+    for n in sizes.values():
+        if type(n) is not int and n is not None:
+            return {name: _plain_size(n) for name, n in sizes.items()}
+    return sizes
+
+
+def _plain_size(n: Any) -> Any:
+    if n is None or isinstance(n, (int, bool)):
+        return n
+    try:
+        return operator.index(n)  # a 0-d integer tensor, a NumPy integer; not a float
+    except TypeError:
+        return n
+
+
+def check_batched(x: Tensor, n_tokens: int, width: int | None, what: str) -> None:
+    """Raise a ValueError naming the expected shape when ``x`` is not
+    ``[batch, n_tokens, width]`` (``width`` None: ``[batch, n_tokens]``);
+    ``what`` describes the groups that make up ``n_tokens``."""
+    rank = 2 if width is None else 3
+    expected = f"[batch, {n_tokens}]" if width is None else f"[batch, {n_tokens}, {width}]"
+    shape = tuple(x.shape)
+    if x.dim() == rank - 1 and x.shape[0] == n_tokens and (width is None or x.shape[-1] == width):
+        raise ValueError(
+            f"x has shape {shape}, which has no batch dimension; expected {expected} for {what}: "
+            "add one with x[None] (or x.unsqueeze(0))"
+        )
+    if x.dim() != rank or x.shape[1] != n_tokens:
+        raise ValueError(f"x has shape {shape} but {what} put {n_tokens} tokens in it; expected {expected}")
+
+
 def _check_x(x: Tensor, layer: nn.Module) -> None:
     """Hidden size of ``x`` against the layer's, with the fix in the message
     (torch's own says ``mat1 and mat2 shapes ...``)."""
@@ -187,6 +236,17 @@ def _explain_weights(x: Tensor, layer: nn.Module) -> None:
 def apply_dropout(t: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout``, skipped (no dispatch) when it would return ``t`` as it is."""
     return F.dropout(t, p, training) if training and p > 0 else t
+
+
+def keep_in_graph(out: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``out``, with K and V in its autograd graph when they hold no token:
+    no executor reads them then, and the layers that made them (the K/V
+    projection, ``k_norm``) would get ``None`` gradients where the docs
+    promise zeros (DDP's unused-parameter check). The sum of an empty tensor
+    is an exact 0, so the output is unchanged."""
+    if k.shape[1]:
+        return out
+    return out + (k.sum() + v.sum()).to(out.dtype)
 
 
 def merge_heads(out: Tensor) -> Tensor:
@@ -294,11 +354,11 @@ class MixedAttention(DotProductAttention):
         layout is looked up, never rebuilt, so ``torch.compile`` traces this
         without graph breaks)."""
         if x.dim() != 3 or x.shape[1] != layout.n_tokens:
-            raise ValueError(
-                f"x has shape {tuple(x.shape)} but token_specs put {layout.n_tokens} tokens in it "
-                f"({', '.join(f'{g}={n}' for g, n in zip(layout.input_groups, layout.input_sizes))}); "
-                "expected [batch, n_tokens, dim] with only the groups whose size is not None"
-            )
+            groups = ", ".join(f"{g}={n}" for g, n in zip(layout.input_groups, layout.input_sizes))
+            check_batched(
+                x, layout.n_tokens, self.config.hidden_dim,
+                f"the sizes ({groups}; only groups whose size is not None are in x)",
+            )  # fmt: skip
         _check_x(x, self)
         if key_padding_mask is not None:
             if layout.cached_groups or kv_cache is not None:
@@ -336,7 +396,7 @@ class MixedAttention(DotProductAttention):
         )
         new_cache = None
         if sharding is None:
-            out = self.executor(inputs)
+            out = keep_in_graph(self.executor(inputs), k, v)
             if not layout.cached_groups:
                 new_cache = _new_cache(k, v, layout, compact)
         else:
@@ -449,7 +509,8 @@ class PatternAttention(MixedAttention):
         freqs: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        return self._attend(x, layout_of(self.plan, sizes), self.plan, key_padding_mask, freqs, kv_cache)
+        layout = layout_of(self.plan, plain_sizes(sizes))
+        return self._attend(x, layout, self.plan, key_padding_mask, freqs, kv_cache)
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"

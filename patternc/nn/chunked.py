@@ -13,7 +13,7 @@ the chunk, not by the number of queries.
 >>> attn = patternc.nn.PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
 >>> x = torch.randn(1, 4 + 10, 8)
 >>> sizes = {"anchors": 4, "queries": 10}
->>> out = chunked(lambda x, sizes: attn(x, sizes)[0], x, sizes, ["queries"], chunk_size=3)
+>>> out = chunked(attn, x, sizes, ["queries"], chunk_size=3)  # attn returns (out, cache)
 >>> torch.allclose(out, attn(x, sizes)[0], atol=1e-6)
 True
 """
@@ -29,14 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from patternc.nn.attention import plain_sizes
 from patternc.nn.context import swap_cache
 
 __all__ = ["AnchorCache", "Forward", "chunked"]
 
 KVEntry = dict[str, dict[str, Tensor]]
-Forward = Callable[[Tensor, dict[str, Any]], Tensor]
+Forward = Callable[[Tensor, dict[str, Any]], Tensor | tuple[Tensor, Any]]
 """``forward(x, sizes) -> output``: the model on tokens ``x`` of groups ``sizes``
-(a ``{group: size}`` dict in plan order; None marks a group read from the cache)."""
+(a ``{group: size}`` dict in plan order; None marks a group read from the cache).
+The output may come as ``(output, cache)``, as a ``PatternAttention`` returns
+it: the first element is taken."""
 
 
 class AnchorCache:
@@ -98,23 +101,35 @@ class AnchorCache:
         return recorded[index]
 
     def check(self, module: nn.Module, layout: Any) -> None:
-        """Refuse a plan in which a context group attends to a query group:
-        its output would change with the queries, so it cannot be computed once."""
+        """Refuse a plan whose answer chunks would change: a context group
+        that attends to a query group (its output would change with the
+        queries, so it cannot be computed once), a query group that attends
+        to a query group, itself included (a chunk would see only the chunk's
+        keys of that group), and modifiers on a query group's rule."""
         for call in layout.calls:
             context = [q for q in call.attention.queries if q not in self.query_groups]
             seen = [k for k in call.attention.key_names if k in self.query_groups]
             chunked_queries = [q for q in call.attention.queries if q in self.query_groups]
-            if chunked_queries and call.attention.has_modifiers:
-                raise ValueError(
-                    f"`{call.attention.text()}` has modifiers, which read the positions of "
-                    f"`{chunked_queries[0]}` within its group, and chunks renumber them; chunk only "
-                    "groups whose rules have no modifiers"
-                )
             if context and seen:
                 raise ValueError(
                     f"`{context[0]}` attends to `{seen[0]}` (`{call.attention.text()}`), so its "
                     "output depends on the queries and chunked inference cannot compute it once; "
                     "chunk only groups that no other group attends to"
+                )
+            if chunked_queries and seen:
+                query, key = chunked_queries[0], seen[0]
+                whose = "its own group" if query == key else f"`{key}`"
+                raise ValueError(
+                    f"`{query}` attends to {whose} (`{call.attention.text()}`), and `{key}` is chunked: "
+                    f"a chunk of `{query}` would see only that chunk's keys of `{key}`, not all of them; "
+                    f"chunk only groups that no rule reads as keys/values: leave `{key}` out of the "
+                    "queries argument (it then runs once, with the context)"
+                )
+            if chunked_queries and call.attention.has_modifiers:
+                raise ValueError(
+                    f"`{call.attention.text()}` has modifiers, which read the positions of "
+                    f"`{chunked_queries[0]}` within its group, and chunks renumber them; chunk only "
+                    "groups whose rules have no modifiers"
                 )
 
 
@@ -159,7 +174,10 @@ def chunked(
     """``forward(x, sizes)`` computed with the ``queries`` groups in chunks of
     at most ``chunk_size`` tokens, the other (context) groups once.
 
-    ``x``: ``[B, N, ...]`` tokens of ``sizes`` (in order). With
+    ``forward`` returns the output, or ``(output, cache)`` as a
+    ``PatternAttention`` does (``chunked(attn, x, sizes, ...)``).
+    ``x``: ``[B, N, ...]`` tokens of ``sizes``, a ``{group: size}`` dict in
+    the order of the groups in ``x``, which is the plan's order. With
     ``context_parallel`` (a :class:`patternc.distributed.ContextParallel`
     built for the context groups, query groups at size 0) the context runs
     sharded, every rank ends with the anchors' full keys/values, and each
@@ -169,11 +187,26 @@ def chunked(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not isinstance(sizes, Mapping):
+        raise TypeError(
+            f"sizes must be a {{group: size}} dict in the order of x, got {type(sizes).__name__}; "
+            'e.g. {"anchors": 1024, "queries": 4096}'
+        )
+    sizes = plain_sizes(sizes)  # type: ignore[assignment]  # a Mapping stays one
+    bad = {g: n for g, n in sizes.items() if type(n) is not int or n < 0}
+    if bad:
+        raise ValueError(f"sizes must be integers >= 0 (every group is in x), got {bad}")
     unknown = [q for q in queries if q not in sizes]
     if unknown:
         raise ValueError(f"queries {unknown} are not groups of sizes ({list(sizes)})")
-    if x.shape[1] != sum(sizes.values()):
-        raise ValueError(f"x has {x.shape[1]} tokens but sizes add up to {sum(sizes.values())}")
+    total = sum(sizes.values())
+    if x.dim() < 2 or x.shape[1] != total:
+        if x.dim() >= 1 and x.shape[0] == total:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, which has no batch dimension; expected "
+                f"[batch, {total}, ...] for sizes adding up to {total}: add one with x[None]"
+            )
+        raise ValueError(f"x has shape {tuple(x.shape)} but sizes add up to {total} tokens (x.shape[1])")
     offsets, at = {}, 0
     for name, n in sizes.items():
         offsets[name] = at
@@ -188,17 +221,17 @@ def chunked(
         if context_parallel is not None:
             stack.enter_context(context_parallel)
         stack.enter_context(cache.record())
-        context_out = forward(context_x, context_sizes)
+        context_out = _output(forward(context_x, context_sizes))
     # outputs are written in place, in input order: peak memory is the input,
     # the output and one chunk's work (no list of chunks, no concatenation)
     out = context_out.new_empty((context_out.shape[0], x.shape[1], *context_out.shape[2:]))
     if context_rows:
         out.index_copy_(1, torch.cat(context_rows).to(out.device), context_out)
     del context_out
-    total = sum(sizes[g] for g in sizes if g in query_set)
-    report = _progress(total, progress)
-    for start in range(0, total, chunk_size):
-        stop = min(start + chunk_size, total)
+    n_queries = sum(sizes[g] for g in sizes if g in query_set)
+    report = _progress(n_queries, progress)
+    for start in range(0, n_queries, chunk_size):
+        stop = min(start + chunk_size, n_queries)
         chunk_sizes: dict[str, int | None] = {}
         rows = []
         starts: dict[str, int] = {}
@@ -215,6 +248,19 @@ def chunked(
             seen += n
         index = torch.cat(rows).to(x.device)
         with cache.reuse(starts):
-            out.index_copy_(1, index.to(out.device), forward(x.index_select(1, index), chunk_sizes))
+            chunk_out = _output(forward(x.index_select(1, index), chunk_sizes))
+            out.index_copy_(1, index.to(out.device), chunk_out)
         report(stop)
     return out
+
+
+def _output(result: Tensor | tuple[Tensor, Any]) -> Tensor:
+    """The output of a forward that returns it alone or as ``(output, cache)``."""
+    if isinstance(result, Tensor):
+        return result
+    if isinstance(result, tuple) and result and isinstance(result[0], Tensor):
+        return result[0]
+    raise TypeError(
+        f"forward returned {type(result).__name__}; chunked needs a tensor, or a tuple whose first "
+        "element is the output tensor (as PatternAttention's (output, cache))"
+    )

@@ -33,7 +33,7 @@ from patternc.compiler import compile as compile_program
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
-from patternc.nn.attention import apply_dropout, merge_heads
+from patternc.nn.attention import apply_dropout, check_batched, keep_in_graph, merge_heads, plain_sizes
 from patternc.nn.context import active, execute
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, group_positions, zero_padding
@@ -42,7 +42,7 @@ from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
 from patternc.nn.traced_layouts import layout_of
 from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
-from patternc.plan import Plan, Program, Sizes
+from patternc.plan import Plan, Program, Sizes, sizes_key
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
 
 __all__ = ["Transformer", "TransformerLayer", "VisionTransformer", "alibi_slopes"]
@@ -243,7 +243,7 @@ class TransformerLayer(nn.Module):
             attended, full = sharding.attend(inputs, self.executor, True)
         else:
             attended, full = execute(self.executor, inputs), None
-        out = self.out_proj(merge_heads(attended), step.runs)
+        out = self.out_proj(merge_heads(keep_in_graph(attended, k, v)), step.runs)
         if recording:
             assert recorder is not None
             if full is not None:
@@ -286,8 +286,9 @@ class Transformer(nn.Module):
     pattern each layer runs (default: the program's first pattern everywhere).
     ``forward(x, sizes)``: ``x`` is ``[B, N]`` token ids (``vocab_size`` set) or
     ``[B, N, d_model]`` features; ``sizes`` maps groups to token counts in
-    ``x`` order (omit it for the single-group default). Ids equal to
-    ``pad_token_id`` are masked as keys. With ``config.untied``, each token
+    ``x`` order, which is the plan's (another order raises E404; omit it for
+    the single-group default). Ids equal to ``pad_token_id`` are masked as
+    keys (``pad_token_id=None``: none are). With ``config.untied``, each token
     type (the pattern file's ``types``) has its own projections and
     feed-forward weights. Token models return logits (tied to the embedding).
     """
@@ -356,10 +357,28 @@ class Transformer(nn.Module):
             positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         else:
             positions = group_positions(tuple(present.values()), device)
-        longest = _longest(present.values())
-        if longest > self.config.max_len:
-            raise ValueError(f"a group has {longest} tokens; max_len is {self.config.max_len}")
+        self._check_lengths(present)
         return positions
+
+    def _check_lengths(self, sizes: Mapping[str, int]) -> None:
+        """Refuse a group longer than the positions the stack encodes (none
+        with ``pos_emb_type="none"``), naming the group and the setting."""
+        c = self.config
+        if c.pos_emb_type == "none":
+            return
+        limit, setting = c.max_len, "max_len"
+        if c.pos_emb_type == "rope":
+            limit = c.rope_positions
+            setting = "rope_max_positions" if c.rope_max_positions is not None else "max_len"
+        if _longest(sizes.values()) <= limit:
+            return
+        for name, n in sizes.items():
+            if n > limit:
+                raise ValueError(
+                    f"group `{name}` has {n} tokens but {setting}={limit} (positions count within "
+                    f"each group, pos_emb_type={c.pos_emb_type!r}); raise TransformerConfig.{setting}, "
+                    "or split the group"
+                )
 
     def _step(self, sizes: Mapping[str, int | None], positions: Tensor, padding: Tensor | None) -> _Step:
         layouts = {}
@@ -371,8 +390,6 @@ class Transformer(nn.Module):
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
-            if _longest(n or 0 for n in sizes.values()) > c.rope_positions:
-                raise ValueError(f"a group is longer than rope_max_positions={c.rope_positions}")
             freqs = rope_frequencies(positions, c.head_dim, c.rope_base)
         alibi = self.alibi if c.pos_emb_type == "alibi" else None
         if any(n is None for n in sizes.values()) and (alibi is not None or padding is not None):
@@ -399,7 +416,7 @@ class Transformer(nn.Module):
         if self.config.vocab_size is not None:
             h = h * math.sqrt(self.config.d_model)
         if self.config.pos_emb_type == "sinusoidal":
-            h = h + sinusoidal(positions, self.config.d_model).to(h.dtype)
+            h = h + sinusoidal(positions, self.config.d_model, h.dtype)
         return apply_dropout(h, self.config.dropout_rate, self.training)
 
     def head(self, h: Tensor) -> Tensor:
@@ -420,14 +437,33 @@ class Transformer(nn.Module):
     def _run(
         self, x: Tensor, sizes: Sizes | None, key_padding_mask: Tensor | None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        n = x.shape[1]
-        group_sizes = _group_sizes(sizes) if sizes is not None else self._default_sizes(n)
-        given = sum(s or 0 for s in group_sizes.values())
-        if given != n:
-            raise ValueError(f"sizes add up to {given} tokens but x has {n}")
-        if key_padding_mask is None and self.config.vocab_size is not None:
-            real = x != self.config.pad_token_id
-            key_padding_mask = None if bool(real.all()) else real
+        c = self.config
+        ids = c.vocab_size is not None
+        group_sizes: dict[str, int | None]
+        if sizes is not None:
+            group_sizes = _group_sizes(sizes)
+            n = sum(s or 0 for s in group_sizes.values())
+            what = "sizes " + ", ".join(f"{g}={s}" for g, s in group_sizes.items())
+        else:  # the token axis, also of an x without its batch dimension
+            axis = 1 if x.dim() >= (2 if ids else 3) else 0
+            n = x.shape[axis] if x.dim() > axis else 0
+            group_sizes = dict(self._default_sizes(n))
+            what = "the one group"
+        if (
+            x.dim() != (2 if ids else 3)
+            or x.shape[1] != n
+            or (x.shape[2] != c.d_model if not ids else x.is_floating_point())
+        ):
+            self._explain_input(x, n, what)
+        if key_padding_mask is not None and (
+            key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])} (True: a real "
+                f"token), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
+            )
+        if key_padding_mask is None and ids and c.pad_token_id is not None:
+            key_padding_mask = self._padding_of(x)
         positions = self._positions(group_sizes, x.device)
         step = self._step(group_sizes, positions, key_padding_mask)
         h = self.embed_inputs(x, positions)
@@ -436,6 +472,48 @@ class Transformer(nn.Module):
             h, kv = layer(h, step)
             caches.append(kv)
         return self.head(h), caches
+
+    def _padding_of(self, x: Tensor) -> Tensor | None:
+        """The key padding mask of token ids ``x`` (``pad_token_id`` is
+        padding), None when no token is padding. Eager, that is one host
+        read of the data (``bool(...)``), which spares the padded executors
+        a mask of all True; a ``torch.compile`` graph cannot branch on data,
+        so traced it is always the mask (the same output)."""
+        pad = self.config.pad_token_id
+        assert pad is not None  # the caller checks
+        real = x.ne(pad)
+        if torch.compiler.is_compiling():
+            return real
+        return None if bool(real.all()) else real
+
+    def _explain_input(self, x: Tensor, n: int, what: str) -> None:
+        """Raise a ValueError that names the expected shape of ``x``."""
+        c = self.config
+        if c.vocab_size is not None:
+            if x.is_floating_point():
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)} ({x.dtype}) but this Transformer embeds token ids "
+                    f"(vocab_size={c.vocab_size}): pass integer ids [batch, {n}], or build it with "
+                    f"vocab_size=None for features [batch, n_tokens, d_model={c.d_model}]"
+                )
+            if x.dim() > 2:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)} but token ids are [batch, n_tokens], two dimensions "
+                    f"(this Transformer has vocab_size={c.vocab_size})"
+                )
+            check_batched(x, n, None, what)
+        else:
+            if x.dim() == 2 and not x.is_floating_point() and x.shape[1] == n:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)} ({x.dtype}), token ids, but this Transformer has "
+                    f"vocab_size=None and takes features [batch, {n}, d_model={c.d_model}]; set "
+                    "vocab_size to embed ids"
+                )
+            check_batched(x, n, c.d_model, what)
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}; expected [batch, {n}, d_model={c.d_model}]: the last "
+                "dimension must be the model width"
+            )
 
     # ------------------------------------------------------------ decoding
 
@@ -538,20 +616,31 @@ def _longest(sizes: Iterable[int]) -> int:
     return longest
 
 
-def sinusoidal(positions: Tensor, dim: int) -> Tensor:
-    """``[N, dim]`` fixed sinusoidal embeddings of ``positions``."""
-    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=positions.device) / dim)
-    angles = positions.float()[:, None] * inv[None]
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+def sinusoidal(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[N, dim]`` fixed sinusoidal embeddings of ``positions``, as ``dtype``:
+    computed in float64 for a float64 model (float32 angles would cost it
+    the digits beyond float32's, and compiled kernels round them otherwise
+    than eager ones), else in float32."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    steps = torch.arange(0, dim, 2, device=positions.device, dtype=work)
+    inv = torch.exp(-math.log(10000.0) * steps / dim)
+    angles = positions.to(work)[:, None] * inv[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)
 
 
 def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
-    """Sizes as a dict; None (a group read from a cache) only in a chunk of
-    :func:`patternc.nn.chunked`, where the context groups are cached."""
-    pairs = sizes.items() if isinstance(sizes, Mapping) else ((s.name, s.size) for s in sizes)
+    """Sizes as a dict of ints (0-d integer tensors read as ints); None (a
+    group read from a cache) only in a chunk of :func:`patternc.nn.chunked`,
+    where the context groups are cached. A list of numbers raises a
+    ``TypeError`` that shows the accepted forms."""
+    pairs = sizes_key(plain_sizes(sizes))
     out: dict[str, int | None] = {}
     recorder = active().cache
     for name, size in pairs:
+        if size is not None and (type(size) is not int or size < 0):
+            raise ValueError(
+                f"size of `{name}` must be an integer >= 0 (or None for a cached group), got {size!r}"
+            )
         if size is None and (recorder is None or recorder.recording):
             raise ValueError(
                 f"group `{name}` has size None: the stack takes every group in x (cached groups "
