@@ -3,7 +3,9 @@
 Prints, for inputs at and past each documented limit and for 10,000 groups
 under `* -> *`, the time to compile (median of repeats) and the outcome.
 Every row should be well under a second; past a limit, the error is found
-by a linear scan before parsing.
+by a linear scan before parsing. A second table lays out packed documents
+(``doc* -> self [causal]``) at 1,000 and 10,000 documents, new lengths each
+time: build time and peak memory grow linearly with the documents.
 
     python benchmarks/bench_limits.py [--repeat 3]
 """
@@ -13,11 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import patternc
 from patternc.compiler import MAX_NAMES, MAX_NESTING, MAX_RULES
 from patternc.export import to_dot, to_json
+from patternc.plan import LAYOUTS
 
 
 def names(n: int) -> str:
@@ -71,6 +75,29 @@ def main() -> None:
             result = outcome(label, text)
             times.append(time.perf_counter() - start)
         print(f"{label:<36} {len(text):>10,} {statistics.median(times):>9.3f}  {result}")
+    documents(args.repeat)
+
+
+def documents(repeat: int) -> None:
+    """Layouts of many packed documents: median build time, and the peak
+    memory of one build (traced separately: tracing slows allocation)."""
+    plan = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+    print(f"\n{'packed documents':<36} {'median s':>9} {'peak MB':>9}")
+    for count in (1_000, 10_000):
+        times = []
+        for r in range(repeat):
+            sizes = {f"doc{i}": 1 + (i + r) % 7 for i in range(count)}
+            LAYOUTS.clear()
+            start = time.perf_counter()
+            plan.layout(sizes)
+            times.append(time.perf_counter() - start)
+        LAYOUTS.clear()
+        tracemalloc.start()
+        plan.layout({f"doc{i}": 2 + i % 5 for i in range(count)})
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        LAYOUTS.clear()
+        print(f"{f'{count:,} documents, layout':<36} {statistics.median(times):>9.3f} {peak / 1e6:>9.1f}")
 
 
 if __name__ == "__main__":
