@@ -24,6 +24,7 @@ import math
 import time
 
 import torch
+from _threads import add_threads_option, cpu_threads
 from torch import Tensor, nn
 
 import patternc
@@ -123,20 +124,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--queries", type=int, default=48)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: the tensors are small, so more threads mostly wait on each other)",
-    )
+    add_threads_option(parser)
     parser.add_argument("--plot", default=None, help="save prediction vs truth to this .png")
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

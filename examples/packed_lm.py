@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _threads import add_threads_option, cpu_threads
 from torch import Tensor
 
 import patternc
@@ -75,22 +76,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: the tensors are small, so more threads mostly wait on each other)",
-    )
+    add_threads_option(parser)
     parser.add_argument(
         "--attention", default="batched", help="attention_type (batched, dense, loop, flex, ...)"
     )
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

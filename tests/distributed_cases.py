@@ -44,6 +44,25 @@ def _global_error(local_diff: Tensor, local_ref: Tensor) -> float:
     return float((sums[0] / sums[1].clamp_min(1e-300)).sqrt())
 
 
+def small_stack(
+    program: patternc.Program, pos_emb: str, num_layers: int = 2, untied: bool = False
+) -> patternc.nn.Transformer:
+    """A float64 Transformer stack over ``program``: width 16, two heads,
+    ``d_ff`` 32, no vocabulary, no dropout; its weights come from the
+    caller's seed."""
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None,
+        d_model=16,
+        num_heads=2,
+        num_layers=num_layers,
+        d_ff=32,
+        dropout_rate=0.0,
+        pos_emb_type=pos_emb,
+        untied=untied,
+    )
+    return patternc.nn.Transformer(config, program).double()
+
+
 def compare(
     module: nn.Module,
     forward: Forward,
@@ -236,16 +255,7 @@ def case_transformer_alibi(world: int) -> dict[str, Any]:
     source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors, queries"
     sizes = {"doc0": 9, "doc1": 23, "anchors": 5, "queries": 17}
     torch.manual_seed(0)
-    config = patternc.nn.TransformerConfig(
-        vocab_size=None,
-        d_model=16,
-        num_heads=2,
-        num_layers=2,
-        d_ff=32,
-        dropout_rate=0.0,
-        pos_emb_type="alibi",
-    )
-    model = patternc.nn.Transformer(config, patternc.compile(source)).double()
+    model = small_stack(patternc.compile(source), "alibi")
     plan = next(iter(model.plans.values())).bind(list(sizes))
     return compare(model, lambda x, s: model(x, s), plan, sizes)
 
@@ -256,17 +266,7 @@ def case_transformer(world: int) -> dict[str, Any]:
     program = patternc.compile(source)
     sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
     torch.manual_seed(0)
-    config = patternc.nn.TransformerConfig(
-        vocab_size=None,
-        d_model=16,
-        num_heads=2,
-        num_layers=2,
-        d_ff=32,
-        dropout_rate=0.0,
-        pos_emb_type="rope",
-        untied=True,
-    )
-    model = patternc.nn.Transformer(config, program).double()
+    model = small_stack(program, "rope", untied=True)
     plans = list(model.plans.values())
     return compare(model, lambda x, s: model(x, s), plans[0].bind(list(sizes)), sizes)
 
@@ -347,17 +347,7 @@ def case_chunked_transformer(world: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for pos_emb in ("none", "rope"):
         torch.manual_seed(0)
-        config = patternc.nn.TransformerConfig(
-            vocab_size=None,
-            d_model=16,
-            num_heads=2,
-            num_layers=2,
-            d_ff=32,
-            dropout_rate=0.0,
-            pos_emb_type=pos_emb,
-            untied=True,
-        )
-        model = patternc.nn.Transformer(config, program).double().eval()
+        model = small_stack(program, pos_emb, untied=True).eval()
         plan = next(iter(model.plans.values()))
         with torch.no_grad():
             ref = model(x, sizes)
@@ -395,10 +385,7 @@ def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.
     source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
     sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
     torch.manual_seed(0)
-    config = patternc.nn.TransformerConfig(
-        vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0, pos_emb_type="rope"
-    )
-    model = patternc.nn.Transformer(config, patternc.compile(source)).double()
+    model = small_stack(patternc.compile(source), "rope")
     plan = next(iter(model.plans.values())).bind(list(sizes))
     n = sum(sizes.values())
     torch.manual_seed(2)

@@ -266,6 +266,18 @@ def untied_block_run(ns: SimpleNamespace, module: nn.Module, inp: Inputs) -> dic
     return {"out": out}
 
 
+def tied_or_untied(ns: SimpleNamespace, name: str, config: Any, untied: bool, field: str) -> nn.Module:
+    """The block ``name`` (``ns.PerceiverBlock(config)``) or its untied form over
+    two domains (``ns.UntiedPerceiverBlock(ns.UntiedPerceiverBlockConfig(num_types=2,
+    perceiver_block_config=config))``, ``field`` naming the config's block field)."""
+    if not untied:
+        block: nn.Module = getattr(ns, name)(config)
+        return block
+    untied_config = getattr(ns, f"Untied{name}Config")(num_types=2, **{field: config})
+    untied_block: nn.Module = getattr(ns, f"Untied{name}")(untied_config)
+    return untied_block
+
+
 def anchor_block_build(kind: str, untied: bool) -> Callable[[SimpleNamespace], nn.Module]:
     """A physics block as the peer's AB-UPT builds it: a transformer-block
     config whose attention_constructor is set to an anchor class afterwards."""
@@ -278,13 +290,7 @@ def anchor_block_build(kind: str, untied: bool) -> Callable[[SimpleNamespace], n
             "joint": ns.JointAnchorAttention,
         }[kind]
         config.attention_arguments = {"branches": ("surface", "volume")}
-        if not untied:
-            block: nn.Module = ns.TransformerBlock(config)
-            return block
-        block = ns.UntiedTransformerBlock(
-            ns.UntiedTransformerBlockConfig(num_types=2, transformer_block=config)
-        )
-        return block
+        return tied_or_untied(ns, "TransformerBlock", config, untied, "transformer_block")
 
     return build
 
@@ -322,13 +328,7 @@ def perceiver_block_build(untied: bool, condition: bool) -> Callable[[SimpleName
             condition_dim=5 if condition else None,
             use_rope=True,
         )
-        if not untied:
-            block: nn.Module = ns.PerceiverBlock(config)
-            return block
-        block = ns.UntiedPerceiverBlock(
-            ns.UntiedPerceiverBlockConfig(num_types=2, perceiver_block_config=config)
-        )
-        return block
+        return tied_or_untied(ns, "PerceiverBlock", config, untied, "perceiver_block_config")
 
     return build
 

@@ -541,17 +541,7 @@ def test_chunked_transformer_stack_equals_one_shot(pos_emb: str) -> None:
         "groups anchors queries\ntypes { a: anchors\n q: queries }\nanchors -> anchors\nqueries -> anchors"
     )
     torch.manual_seed(0)
-    config = patternc.nn.TransformerConfig(
-        vocab_size=None,
-        d_model=16,
-        num_heads=2,
-        num_layers=3,
-        d_ff=32,
-        dropout_rate=0.0,
-        pos_emb_type=pos_emb,
-        untied=True,
-    )
-    model = patternc.nn.Transformer(config, program).double().eval()
+    model = distributed_cases.small_stack(program, pos_emb, num_layers=3, untied=True).eval()
     sizes = {"anchors": 6, "queries": 29}
     x = torch.randn(2, 35, 16, dtype=torch.float64)
     with torch.no_grad():

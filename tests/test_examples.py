@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import EXAMPLES, ROOT
 
 
 def test_run_ab_upt_example() -> None:
@@ -29,12 +29,18 @@ def test_run_ab_upt_example() -> None:
 
 
 def _load_example(name: str) -> object:
+    """The example as a module; its folder is first on ``sys.path`` while it
+    loads, as when it runs as a script, so it finds the examples' shared module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     return module
 
 

@@ -18,50 +18,12 @@ run by its executors, a compiled :class:`patternc.Plan` accepted in place of
 a pattern list), and ``UntiedLinear`` is a :class:`patternc.nn.UntiedLinear`.
 """
 
-from patternc.compat.noether.core.schemas.modules import (
-    AttentionConfig,
-    AttentionPattern,
-    CrossAnchorAttentionConfig,
-    DotProductAttentionConfig,
-    JointAnchorAttentionConfig,
-    LayerScaleConfig,
-    LinearProjectionConfig,
-    MixedAttentionConfig,
-    MLPConfig,
-    MultiBranchAnchorAttentionConfig,
-    PerceiverAttentionConfig,
-    PerceiverBlockConfig,
-    RopeFrequencyConfig,
-    TokenSpec,
-    TransformerBlockConfig,
-    UnquantizedDropPathConfig,
-    UntiedLinearConfig,
-    UntiedMixedAttentionConfig,
-    UntiedMLPConfig,
-    UntiedPerceiverBlockConfig,
-    UntiedTransformerBlockConfig,
-    UpActDownMLPConfig,
-)
-from patternc.compat.noether.modeling.modules import (
-    MLP,
-    Activation,
-    DotProductAttention,
-    LayerScale,
-    LinearProjection,
-    PerceiverAttention,
-    PerceiverBlock,
-    RopeFrequency,
-    TransformerBlock,
-    UnquantizedDropPath,
-    UpActDownMlp,
-)
-from patternc.compat.noether.modeling.modules.attention.anchor_attention import (
-    CrossAnchorAttention,
-    JointAnchorAttention,
-    MixedAttention,
-    MultiBranchAnchorAttention,
-    SelfAnchorAttention,
-)
+from patternc.compat.noether.core.schemas import modules as _configs
+from patternc.compat.noether.core.schemas.modules import *  # noqa: F403
+from patternc.compat.noether.modeling import modules as _modules
+from patternc.compat.noether.modeling.modules import *  # noqa: F403
+from patternc.compat.noether.modeling.modules.attention import anchor_attention as _anchor_attention
+from patternc.compat.noether.modeling.modules.attention.anchor_attention import *  # noqa: F403
 from patternc.compat.noether.modeling.modules.untied import (
     SquareBanks,
     SquareBankWarning,
@@ -74,52 +36,20 @@ from patternc.compat.noether.modeling.modules.untied import (
     set_square_banks,
 )
 
+# the untied modules (not ``peer_takes_bmm``, the peer's path rule, which stays
+# in its module), then every name of the configs, the modules and anchor attention, in the
+# forms type checkers read as re-exports (``__all__ += module.__all__``)
 __all__ = [
-    "MLP",
-    "Activation",
-    "AttentionConfig",
-    "AttentionPattern",
-    "CrossAnchorAttention",
-    "CrossAnchorAttentionConfig",
-    "DotProductAttention",
-    "DotProductAttentionConfig",
-    "JointAnchorAttention",
-    "JointAnchorAttentionConfig",
-    "LayerScale",
-    "LayerScaleConfig",
-    "LinearProjection",
-    "LinearProjectionConfig",
-    "MLPConfig",
-    "MixedAttention",
-    "MixedAttentionConfig",
-    "MultiBranchAnchorAttention",
-    "MultiBranchAnchorAttentionConfig",
-    "PerceiverAttention",
-    "PerceiverAttentionConfig",
-    "PerceiverBlock",
-    "PerceiverBlockConfig",
-    "RopeFrequency",
-    "RopeFrequencyConfig",
-    "SelfAnchorAttention",
     "SquareBankWarning",
     "SquareBanks",
-    "TokenSpec",
-    "TransformerBlock",
-    "TransformerBlockConfig",
-    "UnquantizedDropPath",
-    "UnquantizedDropPathConfig",
     "UntiedLinear",
-    "UntiedLinearConfig",
     "UntiedMLP",
-    "UntiedMLPConfig",
     "UntiedMixedAttention",
-    "UntiedMixedAttentionConfig",
     "UntiedPerceiverAttention",
     "UntiedPerceiverBlock",
-    "UntiedPerceiverBlockConfig",
     "UntiedTransformerBlock",
-    "UntiedTransformerBlockConfig",
-    "UpActDownMLPConfig",
-    "UpActDownMlp",
     "set_square_banks",
 ]
+__all__ += _configs.__all__
+__all__ += _modules.__all__
+__all__ += _anchor_attention.__all__

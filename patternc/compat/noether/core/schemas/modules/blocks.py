@@ -79,14 +79,20 @@ class TransformerBlockConfig(BaseModel):
     def drop_path_config(self) -> UnquantizedDropPathConfig:
         return UnquantizedDropPathConfig(drop_prob=self.drop_path)
 
+    def _modulation_dim(self) -> int:
+        """Scale, shift and gate of each of the two branches."""
+        return self.hidden_dim * 6
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def modulation_linear_projection_config(self) -> LinearProjectionConfig | None:
-        """``condition -> 6 * hidden_dim`` (scale, shift, gate of each branch), zero-initialised."""
+        """``condition -> 6 * hidden_dim`` (scale, shift, gate of each branch;
+        a perceiver block adds ``2 * kv_dim``, as its K/V input is modulated
+        too), zero-initialised."""
         if self.condition_dim is None:
             return None
         return LinearProjectionConfig(
-            input_dim=self.condition_dim, output_dim=self.hidden_dim * 6, init_weights="zeros"
+            input_dim=self.condition_dim, output_dim=self._modulation_dim(), init_weights="zeros"
         )
 
     @computed_field  # type: ignore[prop-decorator]
@@ -125,14 +131,6 @@ class PerceiverBlockConfig(TransformerBlockConfig):
             dropout=0.0,
         )
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def modulation_linear_projection_config(self) -> LinearProjectionConfig | None:
-        """``condition -> 6 * hidden_dim + 2 * kv_dim`` (the K/V input is modulated too)."""
-        if self.condition_dim is None:
-            return None
-        return LinearProjectionConfig(
-            input_dim=self.condition_dim,
-            output_dim=self.hidden_dim * 6 + (self.kv_dim or self.hidden_dim) * 2,
-            init_weights="zeros",
-        )
+    def _modulation_dim(self) -> int:
+        """The transformer block's six vectors, and scale and shift of the K/V input."""
+        return self.hidden_dim * 6 + (self.kv_dim or self.hidden_dim) * 2

@@ -15,13 +15,12 @@ from torch import Tensor, nn
 from patternc.compat.noether.core.schemas.modules.blocks import PerceiverBlockConfig
 from patternc.compat.noether.modeling.functional.modulation import modulate_gate, modulate_scale_shift
 from patternc.compat.noether.modeling.modules.attention import PerceiverAttention
-from patternc.compat.noether.modeling.modules.layers import LayerScale, LinearProjection, UnquantizedDropPath
-from patternc.compat.noether.modeling.modules.mlp import UpActDownMlp
+from patternc.compat.noether.modeling.modules.blocks._residual import ResidualBlock
 
 __all__ = ["PerceiverBlock"]
 
 
-class PerceiverBlock(nn.Module):
+class PerceiverBlock(ResidualBlock):
     """``forward(q, kv=None, condition=None, attn_kwargs=None)`` returns
     ``(q, kv_cache)``; ``attn_kwargs`` (``attn_mask``, ``q_freqs``, ``k_freqs``,
     ``kv_cache``) go to ``attn``; with a ``kv_cache``, ``kv`` may be None."""
@@ -29,35 +28,16 @@ class PerceiverBlock(nn.Module):
     def __init__(self, config: PerceiverBlockConfig) -> None:
         super().__init__()
         self.config = config
-        self.modulation: LinearProjection | None = None
-        affine = True
         kv_dim = config.kv_dim or config.hidden_dim
-        if config.condition_dim is not None:
-            if not config.bias:
-                raise ValueError(
-                    "a conditioned block needs bias=True (its norms' shift comes from the modulation)"
-                )
+        affine = self._build_modulation(
+            config, "If modulation is enabled, modulation_linear_projection_config must be provided."
+        )
+        if self.modulation is not None:
             self._kv_dim = kv_dim
-            projection = config.modulation_linear_projection_config
-            if projection is None:
-                raise ValueError(
-                    "If modulation is enabled, modulation_linear_projection_config must be provided."
-                )
-            self.modulation = LinearProjection(projection)
-            affine = False
-        self.norm1q = nn.LayerNorm(
-            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
-        )
-        self.norm1kv = nn.LayerNorm(kv_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps)
+        self.norm1q = self._norm(config.hidden_dim, config, affine)
+        self.norm1kv = self._norm(kv_dim, config, affine)
         self.attn: nn.Module = PerceiverAttention(config.perceiver_attention_config)
-        self.ls1 = LayerScale(config.layerscale_config)
-        self.drop_path1 = UnquantizedDropPath(config.drop_path_config)
-        self.norm2 = nn.LayerNorm(
-            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
-        )
-        self.mlp: nn.Module = UpActDownMlp(config.up_act_down_mlp_config)
-        self.ls2 = LayerScale(config.layerscale_config)
-        self.drop_path2 = UnquantizedDropPath(config.drop_path_config)
+        self._build_mlp_branch(config, affine)
 
     def _run_mlp(self, x: Tensor, token_specs: Any) -> Tensor:
         out: Tensor = self.mlp(x) if token_specs is None else self.mlp(x, token_specs)

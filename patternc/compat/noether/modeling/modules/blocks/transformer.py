@@ -20,8 +20,7 @@ from patternc.compat.noether.core.schemas.modules.attention import AttentionConf
 from patternc.compat.noether.core.schemas.modules.blocks import TransformerBlockConfig
 from patternc.compat.noether.modeling.functional.modulation import modulate_gate, modulate_scale_shift
 from patternc.compat.noether.modeling.modules.attention import ATTENTION_REGISTRY
-from patternc.compat.noether.modeling.modules.layers import LayerScale, LinearProjection, UnquantizedDropPath
-from patternc.compat.noether.modeling.modules.mlp import UpActDownMlp
+from patternc.compat.noether.modeling.modules.blocks._residual import ResidualBlock
 
 __all__ = ["TransformerBlock", "check_condition"]
 
@@ -34,7 +33,7 @@ def check_condition(modulation: nn.Module | None, condition: Tensor | None, what
         raise ValueError(f"No conditioning vector provided, but the {what} is configured for conditioning.")
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(ResidualBlock):
     """``forward(x, condition=None, attn_kwargs=None)`` returns ``(x, kv_cache)``;
     ``attn_kwargs`` go to ``attention_block`` as keywords (``token_specs``,
     ``freqs``, ``kv_cache``, ... for anchor attention; ``attn_mask``, ``freqs``
@@ -44,23 +43,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerBlockConfig) -> None:
         super().__init__()
         self.config = config
-        self.modulation: LinearProjection | None = None
-        affine = True
-        if config.condition_dim is not None:
-            if not config.bias:
-                raise ValueError(
-                    "a conditioned block needs bias=True (its norms' shift comes from the modulation)"
-                )
-            projection = config.modulation_linear_projection_config
-            if projection is None:
-                raise ValueError(
-                    "modulation_linear_projection_config must be provided if condition_dim is not None."
-                )
-            self.modulation = LinearProjection(projection)
-            affine = False
-        self.norm1 = nn.LayerNorm(
-            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
+        affine = self._build_modulation(
+            config, "modulation_linear_projection_config must be provided if condition_dim is not None."
         )
+        self.norm1 = self._norm(config.hidden_dim, config, affine)
         constructor: Any = config.attention_constructor
         if not callable(constructor):
             if constructor not in ATTENTION_REGISTRY:
@@ -71,14 +57,7 @@ class TransformerBlock(nn.Module):
         self.attention_block: nn.Module = constructor(
             config=AttentionConfig(**config.model_dump(), **(config.attention_arguments or {}))
         )
-        self.ls1 = LayerScale(config.layerscale_config)
-        self.drop_path1 = UnquantizedDropPath(config.drop_path_config)
-        self.norm2 = nn.LayerNorm(
-            config.hidden_dim, elementwise_affine=affine, bias=config.bias, eps=config.eps
-        )
-        self.mlp: nn.Module = UpActDownMlp(config.up_act_down_mlp_config)
-        self.ls2 = LayerScale(config.layerscale_config)
-        self.drop_path2 = UnquantizedDropPath(config.drop_path_config)
+        self._build_mlp_branch(config, affine)
 
     def _attention(self, h: Tensor, attn_kwargs: dict[str, Any] | None) -> tuple[Tensor, Any]:
         out = self.attention_block(h, **(attn_kwargs or {}))
