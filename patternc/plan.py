@@ -36,8 +36,8 @@ __all__ = [
     "CHECKED_PATTERNS",
     "LAYOUTS",
     "PLANS_BY_ID",
-    "Plan",
     "ROWS",
+    "Plan",
     "Program",
     "Sizes",
     "layout_weight",
@@ -204,8 +204,8 @@ class Plan:
         row would alone. Cached per tuple of rows in :data:`ROWS`.
 
         >>> import patternc
-        >>> plan = patternc.compile("groups image text\nimage -> image\ntext -> image, text [causal]").patterns["default"]
-        >>> plan.per_row([["image", "text"], ["image", "text"]]).groups
+        >>> program = patternc.compile("groups image text\\nimage -> image\\ntext -> image, text[causal]")
+        >>> program.patterns["default"].per_row([["image", "text"], ["image", "text"]]).groups
         ('image@0', 'text@0', 'image@1', 'text@1')
 
         Raises:

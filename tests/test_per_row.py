@@ -18,11 +18,16 @@ from patternc import MixedAttentionConfig, PatternError, TransformerConfig
 from patternc.nn import PatternAttention, Transformer
 from patternc.nn.rope import rope_frequencies
 
-VLM = "groups image text\nimage -> image\ntext -> image, text [causal]"
+VLM = "groups image text\nimage -> image\ntext -> image, text[causal]"
 PACKED = "groups doc*\ndoc* -> self [causal]"
 ANCHORS = "groups anchors queries\nanchors -> anchors\nqueries -> anchors, queries [window 3]"
 
-VLM_ROWS = [{"image": 5, "text": 7}, {"image": 0, "text": 3}, {"image": 9, "text": 1}, {"image": 4, "text": 0}]
+VLM_ROWS = [
+    {"image": 5, "text": 7},
+    {"image": 0, "text": 3},
+    {"image": 9, "text": 1},
+    {"image": 4, "text": 0},
+]
 PACKED_ROWS = [
     {"doc0": 4, "doc1": 3, "doc2": 5},
     {"doc0": 11},
@@ -47,7 +52,9 @@ def padded(rows: Sequence[dict[str, int]], width: int, extra: int = 2, seed: int
 
 def layer(source: str, backend: str, hidden: int = 24, heads: int = 3) -> PatternAttention:
     torch.manual_seed(1)
-    config = MixedAttentionConfig(hidden_dim=hidden, num_heads=heads, bias=True, init_weights="truncnormal002")
+    config = MixedAttentionConfig(
+        hidden_dim=hidden, num_heads=heads, bias=True, init_weights="truncnormal002"
+    )
     return PatternAttention(config, plan_of(source), backend=backend).double()  # type: ignore[arg-type]
 
 
@@ -186,7 +193,9 @@ def test_plan_per_row_renames_rows_apart() -> None:
 
 def test_error_list_length_differs_from_batch() -> None:
     attn = layer(VLM, "batched")
-    with pytest.raises(ValueError, match=r"sizes has 2 dicts \(one per row\) but x has 4 rows.*one sizes dict per row"):
+    with pytest.raises(
+        ValueError, match=r"sizes has 2 dicts \(one per row\) but x has 4 rows.*one sizes dict per row"
+    ):
         attn(padded(VLM_ROWS, 24), VLM_ROWS[:2])
 
 

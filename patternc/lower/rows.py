@@ -84,7 +84,8 @@ def check_row(row: int, names: Sequence[str], groups: Sequence[str]) -> list[Dia
         problems.append(
             Diagnostic(
                 Code.WRONG_GROUP_ORDER,
-                f"row {row}: sizes name {list(names)} but the plan's groups are {list(groups)} (in this order)",
+                f"row {row}: sizes name {list(names)} but the plan's groups are {list(groups)} "
+                "(in this order)",
                 where=where,
                 hint="give the groups in the plan's order, the order they have in the row of x",
             )
