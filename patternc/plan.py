@@ -216,7 +216,8 @@ class Plan:
         key = tuple(tuple(names) for names in rows)
 
         def build() -> Plan:
-            bound, problems = [], []
+            bound: list[Bound] = []
+            problems: list[Diagnostic] = []
             for row, names in enumerate(key):
                 try:
                     plan = self.bind(names)

@@ -97,6 +97,37 @@ def test_rows_match_each_row_alone(backend: str, source: str, rows: list[dict[st
         assert relative_error(grad, alone_grads[name]) < 1e-12, name
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_packings_against_reference(seed: int) -> None:
+    """Random rows (1 to 4), each packing 1 to 4 documents of 0 to 9 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=generator))
+
+    rows = [{f"doc{i}": draw(10) for i in range(1 + draw(4))} for _ in range(1 + draw(4))]
+    attn = layer(PACKED, ["batched", "dense", "loop", "auto"][seed])
+    x = padded(rows, 24, extra=draw(3), seed=seed)
+    out, _ = attn(x, rows)
+    for r, sizes in enumerate(rows):
+        n = sum(sizes.values())
+        reference = reference_pattern_attention(attn, x[r : r + 1, :n], attn.plan, sizes)
+        assert relative_error(out[r : r + 1, :n], reference) < 1e-12, rows
+        assert not out[r, n:].any()
+
+
+@pytest.mark.parametrize("backend", ["batched", "dense", "loop", "auto"])
+def test_rows_without_tokens(backend: str) -> None:
+    """Every group of every row empty: zero output, zero gradients (not None)."""
+    attn = layer(VLM, backend)
+    x = padded([{"image": 0, "text": 0}] * 2, 24, extra=3).requires_grad_()
+    out, _ = attn(x, [{"image": 0, "text": 0}] * 2)
+    out.sum().backward()
+    assert out.shape == x.shape and not out.any()
+    assert x.grad is not None and not x.grad.any()
+    assert all(p.grad is not None for p in attn.parameters())
+
+
 def test_rows_with_rope_and_key_padding() -> None:
     attn = layer(VLM, "batched", hidden=16, heads=2)
     attn.use_rope = True
