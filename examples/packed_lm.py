@@ -4,7 +4,9 @@ written in the pattern language.
 Each document is a counting sequence with its own start and step
 (``s, s + k, s + 2k, ...`` modulo the vocabulary); a model that reads the
 first tokens of a document can continue it. Every training batch packs a
-different number of documents of different lengths into one sequence. The
+different number of documents of different lengths into one sequence (a
+batch of one row: a batch of several rows, each packed its own way, runs in
+one call with one sizes dict per row, see examples/per_row_batches.py). The
 mask is one line, resolved against the documents present at run time::
 
     groups doc*

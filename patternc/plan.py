@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from patternc.checks import check_patterns
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall, KeyGroup, ResolvedRule
-from patternc.lower.bind import bind
+from patternc.lower.bind import Bound, bind
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
+from patternc.lower.rows import check_row, in_row, stack_rows
 from patternc.resolve import is_family
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 from patternc.tracing import compiling
@@ -35,6 +36,7 @@ __all__ = [
     "CHECKED_PATTERNS",
     "LAYOUTS",
     "PLANS_BY_ID",
+    "ROWS",
     "Plan",
     "Program",
     "Sizes",
@@ -192,6 +194,48 @@ class Plan:
 
         return BINDINGS.get_or_build((self, key), build)
 
+    def per_row(self, rows: Sequence[Sequence[str]]) -> Plan:
+        """This plan once per row of a batch whose rows hold different
+        groups: ``rows[r]`` names row ``r``'s groups (its sizes dict's keys,
+        family members included). Each row's binding is renamed apart, group
+        ``g`` of row ``r`` becoming ``g@r``, and the rows are put end to end
+        (see :mod:`patternc.lower.rows`): no rule crosses rows and group types
+        are kept. Laid out at the rows' sizes end to end, it attends as each
+        row would alone. Cached per tuple of rows in :data:`ROWS`.
+
+        >>> import patternc
+        >>> program = patternc.compile("groups image text\\nimage -> image\\ntext -> image, text[causal]")
+        >>> program.patterns["default"].per_row([["image", "text"], ["image", "text"]]).groups
+        ('image@0', 'text@0', 'image@1', 'text@1')
+
+        Raises:
+            PatternError: a row naming a group the plan does not have (E401,
+                E405), lacking one (E403) or in another order (E404); each
+                message names the row.
+        """
+        key = tuple(tuple(names) for names in rows)
+
+        def build() -> Plan:
+            bound: list[Bound] = []
+            problems: list[Diagnostic] = []
+            for row, names in enumerate(key):
+                try:
+                    plan = self.bind(names)
+                except PatternError as error:
+                    problems.extend(in_row(d, row) for d in error.diagnostics)
+                    continue
+                found = check_row(row, names, plan.groups)
+                problems.extend(found)
+                if not found:
+                    types = plan.types
+                    bound.append(Bound(plan.groups, plan.rules, tuple(types[g] for g in plan.groups)))
+            if problems:
+                raise PatternError(problems)
+            stacked = stack_rows(bound)
+            return Plan(self.name, stacked.groups, stacked.rules, stacked.group_types)
+
+        return ROWS.get_or_build((self, key), build)
+
     def layout(self, sizes: Sizes) -> Layout:
         """The plan laid out at ``sizes`` (see :class:`~patternc.lower.layout.Layout`),
         families bound to the groups ``sizes`` names; cached per (plan, sizes)
@@ -271,6 +315,10 @@ derived from that pair. At most 4096 layouts and about 512 MB of them."""
 
 BINDINGS: BoundedCache[tuple[Plan, tuple[str, ...]], Plan] = BoundedCache("bindings", 1024)
 """Key ``(plan, group names)`` -> the plan with its families bound to those names."""
+
+ROWS: BoundedCache[tuple[Plan, tuple[tuple[str, ...], ...]], Plan] = BoundedCache("rows", 256)
+"""Key ``(plan, (row 0's group names, row 1's, ...))`` -> the plan stacked
+once per row (:meth:`Plan.per_row`)."""
 
 
 PLANS_BY_ID: weakref.WeakValueDictionary[int, Plan] = weakref.WeakValueDictionary()

@@ -133,3 +133,12 @@ def test_the_api_page_lists_every_public_class_and_function() -> None:
             if (inspect.isclass(value) or inspect.isfunction(value)) and id(value) not in documented:
                 missing.append(f"{module_name}.{name}")
     assert not missing
+
+
+def test_per_row_batches_match_rows_alone(capsys: object) -> None:
+    example = _load_example("per_row_batches")
+    results = example.main([])  # type: ignore[attr-defined]
+    assert set(results) == {"packed_lm", "vlm"}
+    assert results["packed_lm"] < 1e-9 and results["vlm"] < 1e-12
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "documents per row [3, 1, 5]" in out and "max |batch - row alone|" in out

@@ -7,6 +7,7 @@ groups and calls (:class:`~patternc.lower.layout.BoundPlan`) and never import
 - :mod:`~patternc.lower.bind`: families (``doc*``) expanded over run-time groups;
 - :mod:`~patternc.lower.layout`: the :class:`~patternc.lower.layout.Layout`
   (slots, calls, launches, key space, allowed group pairs);
+- :mod:`~patternc.lower.rows`: a plan stacked once per row of a batch (rows of different sizes);
 - :mod:`~patternc.lower.blocks`: block classes of the mask (empty, partial, full);
 - :mod:`~patternc.lower.pairs`: allowed (query group, key group) pairs at offsets;
 - :mod:`~patternc.lower.varlen`: variable-length launches;

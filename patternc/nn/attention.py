@@ -16,6 +16,7 @@ from patternc.nn.context import active
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
+from patternc.nn.rows import RowSizes, is_per_row, rows_of
 from patternc.nn.schedule import schedule_for
 from patternc.nn.traced_layouts import layout_of, token_specs_of
 from patternc.plan import Plan, Sizes
@@ -481,6 +482,13 @@ class PatternAttention(MixedAttention):
     ``attn(x, sizes)`` with ``sizes`` a ``{group: size}`` dict or a list of
     ``TokenSpec``. ``backend`` overrides ``config.implementation``.
 
+    ``sizes`` may also be a list of dicts, one per row of ``x``, where rows
+    hold different groups or sizes (packed documents, images and texts of
+    different lengths): ``x`` is ``[B, N_max, hidden]``, each row's tokens
+    from position 0 and right-padded; each row attends as it would alone,
+    the padding is read by no query and its output is zero (see
+    :mod:`patternc.nn.rows`). Such a call returns no cache (None).
+
     >>> import patternc
     >>> plan = patternc.compile("groups a q\\n* -> a").patterns["default"]
     >>> attn = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=8, num_heads=2), plan)
@@ -504,13 +512,57 @@ class PatternAttention(MixedAttention):
     def forward(  # type: ignore[override]
         self,
         x: Tensor,
-        sizes: Sizes,
+        sizes: Sizes | RowSizes,
         key_padding_mask: Tensor | None = None,
         freqs: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        layout = layout_of(self.plan, plain_sizes(sizes))
+        """Returns ``(output, new_kv_cache)`` as :meth:`MixedAttention.forward`
+        does; with one sizes dict per row, ``key_padding_mask`` is
+        ``[B, N_max]``, ``freqs`` ``[N_max, D/2]`` or ``[B, N_max, D/2]``, and
+        the cache None.
+
+        Raises:
+            ValueError: with one dict per row: a list whose length is not the
+                batch, a row holding more tokens than ``x`` has positions, a
+                size that is not an integer >= 0, or a ``kv_cache``.
+            PatternError: sizes that do not fit the plan (for one row: the
+                message names it).
+        """
+        if is_per_row(sizes):
+            return self._attend_rows(x, sizes, key_padding_mask, freqs, kv_cache)
+        layout = layout_of(self.plan, plain_sizes(sizes))  # type: ignore[arg-type]
         return self._attend(x, layout, self.plan, key_padding_mask, freqs, kv_cache)
+
+    def _attend_rows(
+        self,
+        x: Tensor,
+        sizes: RowSizes,
+        key_padding_mask: Tensor | None,
+        freqs: Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[Tensor, None]:
+        """Rows of different layouts: their real tokens, end to end, through
+        the plan stacked once per row, scattered back to ``x``'s shape."""
+        if kv_cache is not None:
+            raise ValueError(
+                "kv_cache cannot be combined with one sizes dict per row (every group of a row is in x); "
+                "run the row alone with its dict to read a cache"
+            )
+        rows = rows_of(sizes, x.shape, x.device)
+        plan = self.plan.per_row(rows.names)
+        layout = layout_of(plan, rows.sizes)
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"key_padding_mask must be bool [batch, N_max] = {list(x.shape[:2])}, got "
+                    f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
+                )
+            key_padding_mask = rows.gather(key_padding_mask)
+        if freqs is not None:
+            freqs = rows.gather_freqs(freqs)
+        out, _ = self._attend(rows.gather(x), layout, plan, key_padding_mask, freqs, None)
+        return rows.scatter(out), None
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.name!r}, implementation={self.config.implementation!r}"

@@ -40,6 +40,7 @@ from patternc.nn.executors.common import compact_keys, group_positions, zero_pad
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import apply_rope, rope_frequencies
+from patternc.nn.rows import RowSizes, is_per_row, rows_of
 from patternc.nn.traced_layouts import layout_of
 from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
 from patternc.plan import Plan, Program, Sizes, sizes_key
@@ -380,13 +381,22 @@ class Transformer(nn.Module):
                     "or split the group"
                 )
 
-    def _step(self, sizes: Mapping[str, int | None], positions: Tensor, padding: Tensor | None) -> _Step:
+    def _step(
+        self,
+        sizes: Mapping[str, int | None],
+        positions: Tensor,
+        padding: Tensor | None,
+        plans: Mapping[str, Plan] | None = None,
+    ) -> _Step:
+        """The records every layer reads; ``plans`` replaces :attr:`plans`
+        (the plans stacked once per row of a call with one dict per row)."""
+        plans = self.plans if plans is None else plans
         layouts = {}
         runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(n or 0 for n in sizes.values())),)
         for name in dict.fromkeys(self.layer_patterns):
-            layouts[name] = layout_of(self.plans[name], sizes)
+            layouts[name] = layout_of(plans[name], sizes)
         if self.config.untied:
-            runs = _bank_runs(next(iter(self.plans.values())), sizes, self.type_names)
+            runs = _bank_runs(next(iter(plans.values())), sizes, self.type_names)
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
@@ -429,13 +439,43 @@ class Transformer(nn.Module):
     # -------------------------------------------------------------- forward
 
     def forward(
-        self, x: Tensor, sizes: Sizes | None = None, key_padding_mask: Tensor | None = None
+        self, x: Tensor, sizes: Sizes | RowSizes | None = None, key_padding_mask: Tensor | None = None
     ) -> Tensor:
-        out, _ = self._run(x, sizes, key_padding_mask)
+        """The stack's output (logits of a token model) like ``x``'s tokens.
+
+        ``sizes`` may be a list of dicts, one per row of ``x``, where rows
+        hold different groups or sizes: ``x`` is then ``[B, N_max]`` ids or
+        ``[B, N_max, d_model]`` features, each row's tokens from position 0
+        and right-padded; each row runs as it would alone (its positions,
+        its groups' masks), and the output is zero at the padding (see
+        :mod:`patternc.nn.rows`). ``key_padding_mask`` is then ``[B, N_max]``.
+        """
+        if is_per_row(sizes):
+            return self._run_rows(x, sizes, key_padding_mask)
+        out, _ = self._run(x, sizes, key_padding_mask)  # type: ignore[arg-type]
         return out
 
+    def _run_rows(self, x: Tensor, sizes: RowSizes, key_padding_mask: Tensor | None) -> Tensor:
+        """Rows of different layouts: their real tokens end to end, run by
+        the plans stacked once per row, scattered back to ``x``'s shape."""
+        rows = rows_of(sizes, x.shape, x.device)
+        plans = {name: plan.per_row(rows.names) for name, plan in self.plans.items()}
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"key_padding_mask must be bool [batch, N_max] = {list(x.shape[:2])} (True: a real "
+                    f"token), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
+                )
+            key_padding_mask = rows.gather(key_padding_mask)
+        out, _ = self._run(rows.gather(x), rows.sizes, key_padding_mask, plans)
+        return rows.scatter(out)
+
     def _run(
-        self, x: Tensor, sizes: Sizes | None, key_padding_mask: Tensor | None
+        self,
+        x: Tensor,
+        sizes: Sizes | None,
+        key_padding_mask: Tensor | None,
+        plans: Mapping[str, Plan] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         c = self.config
         ids = c.vocab_size is not None
@@ -465,7 +505,7 @@ class Transformer(nn.Module):
         if key_padding_mask is None and ids and c.pad_token_id is not None:
             key_padding_mask = self._padding_of(x)
         positions = self._positions(group_sizes, x.device)
-        step = self._step(group_sizes, positions, key_padding_mask)
+        step = self._step(group_sizes, positions, key_padding_mask, plans)
         h = self.embed_inputs(x, positions)
         caches = []
         for layer in self.layers:
