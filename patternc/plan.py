@@ -179,7 +179,7 @@ class Plan:
         own binding.
 
         >>> import patternc
-        >>> plan = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
+        >>> plan = patternc.compile("groups doc*\\ndoc* -> self [causal]").patterns["default"]
         >>> bound = plan.bind(["doc0", "doc1"])
         >>> bound.groups, [(r.queries, r.keys_values) for r in bound.rules]
         (('doc0', 'doc1'), [(('doc0',), ('doc0',)), (('doc1',), ('doc1',))])

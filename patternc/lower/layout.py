@@ -344,7 +344,7 @@ class Layout:
         it is quadratic in tokens, which no executor builds.
 
         >>> import patternc
-        >>> plan = patternc.compile("groups a b\na -> a [causal]\nb -> a, b").patterns["default"]
+        >>> plan = patternc.compile("groups a b\\na -> a [causal]\\nb -> a, b").patterns["default"]
         >>> plan.layout({"a": 2, "b": 1}).dense_mask().int().tolist()
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
 
