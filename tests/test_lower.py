@@ -277,3 +277,37 @@ def test_show_returns_the_mask_figure() -> None:
     (axes,) = figure.axes
     assert axes.get_title().startswith("default") and axes.get_xlabel() == "keys / values"
     assert axes.images[0].get_array().shape == (5, 5)  # one cell per token at this size
+
+
+# ------------------------------------------------------------ the cost model
+
+
+def test_the_cost_model_prices_a_layout_without_torch() -> None:
+    import subprocess
+    import sys as system
+
+    code = (
+        "import sys, patternc\n"
+        "from patternc.lower.costs import Workload, price, VarlenWork\n"
+        "plan = patternc.compile('groups doc*\\ndoc* -> self [causal]').patterns['default']\n"
+        "layout = plan.layout({f'doc{i}': 512 for i in range(8)})\n"
+        "print([e.backend for e in price(layout, Workload(1, 12, 64, True), varlen=VarlenWork(1, 0))])\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([system.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "varlen" in result.stdout
+
+
+def test_prices_are_sorted_and_training_costs_more() -> None:
+    from patternc.lower.costs import VarlenWork, Workload, price
+
+    layout = DOCS.layout(_documents(64))
+    for half in (True, False):
+        forward = price(layout, Workload(2, 12, 64, half), varlen=VarlenWork(1, 0))
+        training = price(layout, Workload(2, 12, 64, half, training=True), varlen=VarlenWork(1, 0))
+        assert [e.seconds for e in forward] == sorted(e.seconds for e in forward)
+        times = {e.backend: e.seconds for e in forward}
+        for e in training:
+            assert e.seconds > times[e.backend]
+    priced = {e.backend for e in price(layout, Workload(2, 12, 64, True))}
+    assert "varlen" not in priced and {"batched", "flex", "dense"} <= priced

@@ -11,5 +11,6 @@ groups and calls (:class:`~patternc.lower.layout.BoundPlan`) and never import
 - :mod:`~patternc.lower.blocks`: block classes of the mask (empty, partial, full);
 - :mod:`~patternc.lower.pairs`: allowed (query group, key group) pairs at offsets;
 - :mod:`~patternc.lower.varlen`: variable-length launches;
+- :mod:`~patternc.lower.costs`: the cost model ``auto`` picks an executor by;
 - :mod:`~patternc.lower.cache`: the bounded, thread-safe cache they are kept in.
 """

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]
+__all__ = ["BLOCK_SIZE", "EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+BLOCK_SIZE = 128
+"""FlexAttention's sparse block size (queries and keys): the default grain of
+block classes, and of the blocks ``flex`` computes."""
 
 _Segment = tuple[str, int, int]  # (group, start, stop)
 
@@ -142,7 +146,7 @@ def _merge(classes: Iterable[int]) -> int:
     return EMPTY if seen == {EMPTY} else PARTIAL
 
 
-def block_classes(layout: Layout, block: int = 128) -> BlockClasses:
+def block_classes(layout: Layout, block: int = BLOCK_SIZE) -> BlockClasses:
     """Classify every block of a layout; lengths are padded to whole blocks.
     A group read from a KV cache (its length known at run time only) is one
     column of :attr:`BlockClasses.cached_keys`, apart from the blocks."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from patternc.lower.blocks import BLOCK_SIZE
 from patternc.lower.layout import Layout
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling as _compiling
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
-
-BLOCK_SIZE = 128
-"""FlexAttention's sparse block size (queries and keys)."""
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]

@@ -16,14 +16,13 @@ cached per (layout, device, dtype, conditions) and reported by
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from patternc.lower.cache import BoundedCache
+from patternc.lower.costs import Estimate, VarlenWork, Workload, price
 from patternc.lower.layout import Layout
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -31,7 +30,6 @@ from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
-from patternc.nn.flexmask import BLOCK_SIZE
 from patternc.nn.tables import TABLES
 from patternc.plan import LAYOUTS
 from patternc.tracing import compiling
@@ -39,73 +37,6 @@ from patternc.tracing import compiling
 __all__ = ["Estimate", "choose", "estimates", "run_auto"]
 
 _grad_enabled = torch.is_grad_enabled  # bound once: the per-call pick reads it without two lookups
-
-
-@dataclass(frozen=True)
-class _Rates:
-    launch_s: float  # per kernel launch and its Python
-    flops_per_s: float  # attention FLOP/s on the entries it computes (forward)
-    backward: float  # forward+backward time over forward time, launches aside
-
-
-# bf16, head_dim 64: forward rates and backward ratios fitted to
-# ``benchmarks/bench_gpu.py`` at 2x(8k+24k) AB-UPT tokens and 64 documents
-# (figures in docs/performance.md).
-_HALF = {
-    "batched": _Rates(25e-6, 380e12, 3.5),
-    "varlen": _Rates(40e-6, 290e12, 4.0),
-    "flex": _Rates(60e-6, 250e12, 3.6),
-    "dense": _Rates(25e-6, 420e12, 3.5),
-}
-# varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
-# FlashAttention 2's forward rate, forward+backward about 3x its forward. Its
-# launcher is Python (CuTe DSL), so a single call pays host time per launch
-# beyond its kernel; the launch cost is fitted where that host time shows
-# (10k-token AB-UPT and document layouts), not at 64 documents, where the
-# host hides behind the kernel: a smaller value makes auto pick varlen for
-# small training layouts that batched runs faster.
-_HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
-# float32, head_dim 64 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
-# efficient kernel; flex with three-TF32 products (faster forward, backward
-# ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
-# products, on CUDA cores.
-_FLOAT = {
-    "batched": _Rates(25e-6, 32e12, 4.0),
-    "flex": _Rates(60e-6, 43e12, 4.6),
-    "dense": _Rates(25e-6, 32e12, 4.0),
-}
-_FLOAT_FLEX_IEEE = _Rates(60e-6, 20e12, 7.1)
-_COPY_BYTES_PER_S = 1.5e12
-
-
-@dataclass(frozen=True)
-class Estimate:
-    backend: str
-    seconds: float
-
-
-def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]:
-    """(allowed score entries, entries SDPA computes under batched, dense
-    entries, tokens the batched executor copies); ``compact``: K/V come in
-    the key space, where a call's key segments may lie end to end."""
-    allowed = 0
-    masked = 0
-    copied = 0
-    space = layout.key_space
-    for call in layout.calls:
-        input_keys = [s for s in call.keys if s.cached is None and s.length]
-        n_kv = sum(s.length for s in input_keys)
-        allowed += call.allowed_entries
-        # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
-        masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
-        if len(call.queries) > 1:
-            copied += call.n_queries
-        end_to_end = compact and all(
-            space.position(a.stop) == space.position(b.start) for a, b in itertools.pairwise(input_keys)
-        )
-        if len(call.keys) > 1 and not end_to_end:
-            copied += 2 * n_kv
-    return allowed, masked, layout.n_tokens**2, copied
 
 
 def _estimates(
@@ -121,48 +52,24 @@ def _estimates(
     varlen_on: str = "flash2",
     compact: bool = False,
 ) -> tuple[Estimate, ...]:
-    """Predicted times, fastest first: forward alone, or forward and backward
-    when ``training`` (compute by each backend's backward ratio; launches
-    and copies twice: the backward re-reads what the forward gathered).
-    ``flex_products`` is the precision of flex's float32 products,
-    ``varlen_on`` the kernel varlen launches (:func:`varlen_kernel`),
-    ``compact``: K/V come in the layout's key space (``dense`` pays a copy
-    back to token space; ``flex`` indexes the key space)."""
-    allowed, masked, dense, copied = _entries(layout, compact)
-    expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
-    flop = 4 * batch * heads * dim
-    elem = 2 if half else 4
-    rates = dict(_HALF if half else _FLOAT)
-    if not half and flex_products == "'ieee'":
-        rates["flex"] = _FLOAT_FLEX_IEEE
-    if half and varlen_on == "flash4":
-        rates["varlen"] = _HALF_VARLEN_FLASH4
-    out = []
-    for name, rate in rates.items():
-        if name == "varlen" and not native_varlen:
-            continue
-        launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
-        if name == "batched":
-            launches = len(layout.launches)
-            copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
-            entries = masked
-        elif name == "varlen":
-            plan = kept_launches(layout, batch, device, compact)
-            assert not isinstance(plan, str)
-            gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
-            launches, copy = len(plan), gathered * heads * dim * elem / _COPY_BYTES_PER_S
-            entries = allowed
-        elif name == "flex":
-            # computed entries: whole blocks around the allowed ones, at most 2x on small groups
-            entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
-        else:  # dense: every entry, and an [n, n] mask
-            entries = dense
-            copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S
-        compute = entries * flop / rate.flops_per_s
-        overhead = launches * rate.launch_s + copy
-        seconds = 2 * overhead + rate.backward * compute if training else overhead + compute
-        out.append(Estimate(name, seconds))
-    return tuple(sorted(out, key=lambda e: e.seconds))
+    """:func:`patternc.lower.costs.price` of a layout on a device: ``varlen``
+    is priced by the launches it would run there (``native_varlen``: it can
+    run the layout at all); ``flex_products`` is the precision of flex's
+    float32 products, ``varlen_on`` the kernel varlen launches
+    (:func:`varlen_kernel`)."""
+    varlen = None
+    if native_varlen:
+        plan = kept_launches(layout, batch, device, compact)
+        assert not isinstance(plan, str)
+        gathered = sum(0 if p.kv_index is None else 2 * int(p.kv_index.numel()) for p in plan)
+        varlen = VarlenWork(len(plan), gathered)
+    return price(
+        layout,
+        Workload(batch, heads, dim, half, training, compact),
+        varlen=varlen,
+        flex_ieee=flex_products == "'ieee'",
+        varlen_flash4=varlen_on == "flash4",
+    )
 
 
 Conditions = tuple[tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]

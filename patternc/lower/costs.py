@@ -1,0 +1,176 @@
+"""The cost model ``auto`` picks an executor by: predicted times from what
+a layout knows.
+
+Torch-free: a layout's tokens, calls, launches, allowed score entries and the
+tokens a backend must copy, priced with per-backend launch costs and
+attention throughputs measured with ``benchmarks/bench_gpu.py`` (see
+``docs/performance.md``), forward alone or forward and backward (each
+backend's backward ratio: the ranking can flip, float32 ``flex`` leads
+forward and trails forward+backward). The runtime (``nn/executors/auto.py``)
+says which backends can run a layout on a device and what ``varlen``'s
+launches there would move.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from patternc.lower.blocks import BLOCK_SIZE
+from patternc.lower.layout import Layout
+
+__all__ = ["Estimate", "VarlenWork", "Workload", "price"]
+
+@dataclass(frozen=True)
+class _Rates:
+    launch_s: float  # per kernel launch and its Python
+    flops_per_s: float  # attention FLOP/s on the entries it computes (forward)
+    backward: float  # forward+backward time over forward time, launches aside
+
+
+# bf16, head_dim 64: forward rates and backward ratios fitted to
+# ``benchmarks/bench_gpu.py`` at 2x(8k+24k) AB-UPT tokens and 64 documents
+# (figures in docs/performance.md).
+_HALF = {
+    "batched": _Rates(25e-6, 380e12, 3.5),
+    "varlen": _Rates(40e-6, 290e12, 4.0),
+    "flex": _Rates(60e-6, 250e12, 3.6),
+    "dense": _Rates(25e-6, 420e12, 3.5),
+}
+# varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
+# FlashAttention 2's forward rate, forward+backward about 3x its forward. Its
+# launcher is Python (CuTe DSL), so a single call pays host time per launch
+# beyond its kernel; the launch cost is fitted where that host time shows
+# (10k-token AB-UPT and document layouts), not at 64 documents, where the
+# host hides behind the kernel: a smaller value makes auto pick varlen for
+# small training layouts that batched runs faster.
+_HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
+# float32, head_dim 64 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
+# efficient kernel; flex with three-TF32 products (faster forward, backward
+# ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
+# products, on CUDA cores.
+_FLOAT = {
+    "batched": _Rates(25e-6, 32e12, 4.0),
+    "flex": _Rates(60e-6, 43e12, 4.6),
+    "dense": _Rates(25e-6, 32e12, 4.0),
+}
+_FLOAT_FLEX_IEEE = _Rates(60e-6, 20e12, 7.1)
+_COPY_BYTES_PER_S = 1.5e12
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A backend and its predicted seconds for a call."""
+
+    backend: str
+    seconds: float
+
+
+def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]:
+    """(allowed score entries, entries SDPA computes under batched, dense
+    entries, tokens the batched executor copies); ``compact``: K/V come in
+    the key space, where a call's key segments may lie end to end."""
+    allowed = 0
+    masked = 0
+    copied = 0
+    space = layout.key_space
+    for call in layout.calls:
+        input_keys = [s for s in call.keys if s.cached is None and s.length]
+        n_kv = sum(s.length for s in input_keys)
+        allowed += call.allowed_entries
+        # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
+        masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
+        if len(call.queries) > 1:
+            copied += call.n_queries
+        end_to_end = compact and all(
+            space.position(a.stop) == space.position(b.start) for a, b in itertools.pairwise(input_keys)
+        )
+        if len(call.keys) > 1 and not end_to_end:
+            copied += 2 * n_kv
+    return allowed, masked, layout.n_tokens**2, copied
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a call computes besides its layout: batch, heads and head size,
+    half precision (bf16/fp16) or float32, whether it is differentiated,
+    and whether K/V come in the layout's key space (``compact``)."""
+
+    batch: int
+    heads: int
+    dim: int
+    half: bool
+    training: bool = False
+    compact: bool = False
+
+
+@dataclass(frozen=True)
+class VarlenWork:
+    """``varlen``'s launches for a layout on a device, and the K/V elements
+    they gather into the kernel's packed order."""
+
+    launches: int
+    gathered: int
+
+
+def price(
+    layout: Layout,
+    work: Workload,
+    *,
+    varlen: VarlenWork | None = None,
+    flex_ieee: bool = False,
+    varlen_flash4: bool = False,
+) -> tuple[Estimate, ...]:
+    """Predicted times, fastest first: forward alone, or forward and backward
+    when ``work.training`` (compute by each backend's backward ratio;
+    launches and copies twice: the backward re-reads what the forward
+    gathered).
+
+    Args:
+        layout: the plan at its sizes.
+        work: batch, heads, head size, precision, training, key space.
+        varlen: ``varlen``'s launches on the device; None: it cannot run
+            the layout there (not priced).
+        flex_ieee: float32 ``flex`` runs IEEE products (not three-TF32).
+        varlen_flash4: ``varlen`` runs FlashAttention 4.
+
+    Returns:
+        One :class:`Estimate` per priced backend, fastest first.
+    """
+    batch, heads, dim, half = work.batch, work.heads, work.dim, work.half
+    training, compact = work.training, work.compact
+    allowed, masked, dense, copied = _entries(layout, compact)
+    expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
+    flop = 4 * batch * heads * dim
+    elem = 2 if half else 4
+    rates = dict(_HALF if half else _FLOAT)
+    if not half and flex_ieee:
+        rates["flex"] = _FLOAT_FLEX_IEEE
+    if half and varlen_flash4:
+        rates["varlen"] = _HALF_VARLEN_FLASH4
+    out = []
+    for name, rate in rates.items():
+        if name == "varlen" and varlen is None:
+            continue
+        launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
+        if name == "batched":
+            launches = len(layout.launches)
+            copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
+            entries = masked
+        elif name == "varlen":
+            assert varlen is not None
+            launches, copy = varlen.launches, varlen.gathered * heads * dim * elem / _COPY_BYTES_PER_S
+            entries = allowed
+        elif name == "flex":
+            # computed entries: whole blocks around the allowed ones, at most 2x on small groups
+            entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
+        else:  # dense: every entry, and an [n, n] mask
+            entries = dense
+            copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S
+        compute = entries * flop / rate.flops_per_s
+        overhead = launches * rate.launch_s + copy
+        seconds = 2 * overhead + rate.backward * compute if training else overhead + compute
+        out.append(Estimate(name, seconds))
+    return tuple(sorted(out, key=lambda e: e.seconds))
+
+
