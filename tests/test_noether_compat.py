@@ -319,7 +319,7 @@ def test_the_abupt_model_with_its_patterns_in_a_pattern_file() -> None:
 
 def test_the_shim_imports_compat_under_the_peers_names(tmp_path: Path) -> None:
     """tests/golden/noether/peer_shim: the peer's import lines resolve to patternc.compat.noether
-    (run in a subprocess: the name `noether` must not leak into this session)."""
+    (run in a subprocess: the name `noether` must not leak into this test process)."""
     import subprocess
     import sys
 

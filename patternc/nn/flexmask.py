@@ -477,12 +477,11 @@ class FlexTables:
         The kernel evaluates it on every score of a partial block, so it
         looks up per query token and per key token only: a group pair is
         tested as a bit of the query group's words (:class:`PairSets`), not
-        read from a ``[groups, groups]`` table at each score. On an H200
-        (bf16, 12 heads of 64, kernel alone) the three table reads per score
-        made the forward kernel 4-5x slower than the same blocks with a
-        hand-written ``mask_mod``: 1.6 against 0.32 ms on a VLM mask of 4k
-        tokens, 2.7 against 0.56 on 16 causal documents. ``lookups``: read
-        the tables (FLASH's mask code, and layouts past :data:`MAX_WORDS`)."""
+        read from a ``[groups, groups]`` table at each score: table reads
+        per score made the forward kernel several times slower than the same
+        blocks with a hand-written ``mask_mod`` (figures in
+        ``docs/performance.md``). ``lookups``: read the tables (FLASH's mask
+        code, and layouts past :data:`MAX_WORDS`)."""
         sets = self.pair_sets
         mask = self._table_mask_mod() if lookups or sets is None else self._bits_mask_mod(sets)
         if key_padding_mask is None:
