@@ -133,7 +133,7 @@ def periodic_views(repeat: int) -> None:
     plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns["self_anchor"]
     sizes = {"surface_anchors": 4, "surface_queries": 12, "volume_anchors": 4, "volume_queries": 12}
     schedule = schedule_for(plan.token_specs(sizes), plan)
-    launch = schedule.periodic_launches[0]
+    launch = schedule.batched.periodic_launches[0]
     assert launch is not None
     frozen = [torch.randn(1, schedule.n_tokens, 2, 8) for _ in range(3)]
     trained = [t.clone().requires_grad_() for t in frozen]

@@ -77,10 +77,10 @@ def test_periodic_and_whole_call_records_in_key_space(anchors: int, queries: int
     sizes = ab_sizes(anchors, queries)
     self_anchor = patternc.compile(SELF_ANCHOR).patterns["default"].layout(sizes)
     assert self_anchor.key_space.ranges == ((0, anchors), (anchors + queries, 2 * anchors + queries))
-    assert self_anchor.periodic_launches[0] is not None
+    assert self_anchor.batched.periodic_launches[0] is not None
     assert self_anchor.key_space.periodic == ((anchors, 0),)
     joint = patternc.compile(JOINT).patterns["default"].layout(sizes)
-    assert joint.whole_call_keys == self_anchor.key_space.ranges
+    assert joint.batched.whole_call_keys == self_anchor.key_space.ranges
     assert joint.key_space.whole_call_keys == ((0, 2 * anchors),)
 
 
@@ -541,7 +541,7 @@ def test_whole_call_causal_is_the_call_with_queries() -> None:
     plan = patternc.compile("groups a b\na -> b[window 2]\nb -> b[causal]").patterns["default"]
     sizes = {"a": 0, "b": 5}
     layout = plan.layout(sizes)
-    assert layout.whole_call_keys == ((0, 5),) and layout.whole_call_is_causal
+    assert layout.batched.whole_call_keys == ((0, 5),) and layout.batched.whole_call_is_causal
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 5, 2, 4, dtype=torch.float64) for _ in range(3))
     out = EXECUTORS["batched"](_inputs(layout, q, k, v, compact=False))

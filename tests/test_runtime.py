@@ -548,7 +548,7 @@ def test_periodic_launches_match_reference(
     program = patternc.compile(source)  # type: ignore[arg-type]
     plan = program.patterns.get("self_anchor") or program.patterns["default"]
     schedule = schedule_for(plan.token_specs(sizes), plan)
-    assert (schedule.periodic_launches[0] is not None) == periodic
+    assert (schedule.batched.periodic_launches[0] is not None) == periodic
     _assert_batched_matches_dense(schedule, batch)
 
 
@@ -625,7 +625,7 @@ def test_whole_call_layouts_match_reference(
     matches the float64 reference forward and backward."""
     program = patternc.compile(source)  # type: ignore[arg-type]
     schedule = schedule_for(program.patterns[pattern].token_specs(sizes), program.patterns[pattern])
-    assert schedule.whole_call_keys == ranges
+    assert schedule.batched.whole_call_keys == ranges
     _assert_batched_matches_dense(schedule, batch)
 
 
@@ -696,7 +696,7 @@ def test_values_may_have_their_own_head_dim(
     plan = AB.patterns[pattern]
     layout = schedule_for(plan.token_specs(dict(zip(AB_GROUPS, sizes))), plan)
     if pattern == "self_anchor":
-        assert (layout.periodic_launches[0] is not None) == (sizes[:2] == sizes[2:])
+        assert (layout.batched.periodic_launches[0] is not None) == (sizes[:2] == sizes[2:])
     q, k = (
         torch.randn(2, layout.n_tokens, 2, 8, dtype=torch.float64, requires_grad=requires_grad) for _ in "qk"
     )

@@ -29,6 +29,7 @@ from patternc.schemas import TokenSpec
 
 __all__ = [
     "Access",
+    "BatchedLaunches",
     "BoundPlan",
     "Call",
     "GroupSlot",
@@ -235,6 +236,32 @@ class KeySpace:
         raise ValueError(f"token {token} is not a key of this layout")
 
 
+@dataclass(frozen=True, slots=True)
+class BatchedLaunches:
+    """The shapes of a layout's launches that let ``batched`` read Q, K and V
+    as views and skip per-call work: one record, so the layout's other
+    fields are what every executor reads."""
+
+    direct_launches: tuple[tuple[int, int, bool] | None, ...]
+    """Per launch: ``(query piece, key piece, is_causal)`` when it is one call
+    reading one piece of queries and one of keys with no modifier but a plain
+    ``[causal]`` (documents, anchors: SDPA on the pieces as they are), else None."""
+    tiled_output: bool
+    """One stacked launch whose calls' queries tile the input in launch order:
+    its ``[B * n, L, ...]`` output already is the input order."""
+    periodic_launches: tuple[PeriodicLaunch | None, ...]
+    """Per launch: its :class:`PeriodicLaunch` when it is one (at least two
+    calls, each one query and one input key segment, no modifier but a plain
+    ``[causal]``), else None."""
+    whole_call_keys: tuple[tuple[int, int], ...] | None
+    """When the layout is one call whose queries are the whole input in order,
+    reading input keys only, with no modifier but a plain ``[causal]`` (joint
+    anchors, dense, one causal sequence): the token ranges ``(start, stop)``
+    its keys are, in order, adjacent ranges merged; else None."""
+    whole_call_is_causal: bool
+    """That call's plain ``[causal]`` (False when there is no such call)."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Layout:
     """A plan laid out for concrete sizes: everything an executor needs, as integers.
@@ -275,24 +302,8 @@ class Layout:
     """The same for input key segments (which may overlap)."""
     sizes: tuple[tuple[str, int | None], ...]
     """``(group, size)`` of every group in the plan's order (None: cached)."""
-    direct_launches: tuple[tuple[int, int, bool] | None, ...]
-    """Per launch: ``(query piece, key piece, is_causal)`` when it is one call
-    reading one piece of queries and one of keys with no modifier but a plain
-    ``[causal]`` (documents, anchors: SDPA on the pieces as they are), else None."""
-    tiled_output: bool
-    """One stacked launch whose calls' queries tile the input in launch order:
-    its ``[B * n, L, ...]`` output already is the input order."""
-    periodic_launches: tuple[PeriodicLaunch | None, ...]
-    """Per launch: its :class:`PeriodicLaunch` when it is one (at least two
-    calls, each one query and one input key segment, no modifier but a plain
-    ``[causal]``), else None."""
-    whole_call_keys: tuple[tuple[int, int], ...] | None
-    """When the layout is one call whose queries are the whole input in order,
-    reading input keys only, with no modifier but a plain ``[causal]`` (joint
-    anchors, dense, one causal sequence): the token ranges ``(start, stop)``
-    its keys are, in order, adjacent ranges merged; else None."""
-    whole_call_is_causal: bool
-    """That call's plain ``[causal]`` (False when there is no such call)."""
+    batched: BatchedLaunches
+    """The launch shapes only the ``batched`` executor reads."""
     key_space: KeySpace
     """The tokens read as keys, and the key-side records in their space."""
     token_specs: tuple[TokenSpec, ...] = ()
@@ -747,11 +758,14 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         query_pieces=query_pieces,
         key_pieces=key_pieces,
         sizes=tuple((g, sizes[g]) for g in plan.groups),
-        direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
-        tiled_output=_tiled_output(calls, launches, offset),
-        periodic_launches=periodic_launches,
-        whole_call_keys=whole_call_keys,
-        whole_call_is_causal=whole_call_keys is not None and any(c.n_queries and c.is_causal for c in calls),
+        batched=BatchedLaunches(
+            direct_launches=_direct_launches(calls, launches, query_pieces[1], key_pieces[1]),
+            tiled_output=_tiled_output(calls, launches, offset),
+            periodic_launches=periodic_launches,
+            whole_call_keys=whole_call_keys,
+            whole_call_is_causal=whole_call_keys is not None
+            and any(c.n_queries and c.is_causal for c in calls),
+        ),
         key_space=_key_space(
             key_slots, offset, key_pieces, calls, launches, periodic_launches, whole_call_keys
         ),

@@ -149,7 +149,7 @@ def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]
         v.transpose(1, 2),
         dropout_p=inputs.dropout_p,
         scale=inputs.scale,
-        is_causal=inputs.layout.whole_call_is_causal,  # the call with queries, not calls[0]
+        is_causal=inputs.layout.batched.whole_call_is_causal,  # the call with queries, not calls[0]
     )
     return out.transpose(1, 2)
 
@@ -164,13 +164,13 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     compact = inputs.keys_compact
     space = layout.key_space if compact else None
     if plain:  # the hot paths: one launch giving the output in input order
-        first = layout.periodic_launches[0] if layout.tiled_output else None
+        first = layout.batched.periodic_launches[0] if layout.batched.tiled_output else None
         if first is not None:
             # one periodic launch whose queries tile the input: views in and out
             first_keys = layout.key_space.periodic[0] if compact else (first.period, first.k_start)
             if first_keys is not None:
                 return _back_to_tokens(_run_periodic(inputs, first, first_keys), batch, q.shape[1])
-        whole = layout.key_space.whole_call_keys if compact else layout.whole_call_keys
+        whole = layout.key_space.whole_call_keys if compact else layout.batched.whole_call_keys
         if whole is not None:
             return _run_whole_call(inputs, whole)
     cached_k, cached_v = inputs.cached_keys, inputs.cached_values
@@ -178,8 +178,8 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
     needs_positions = layout.has_modifiers or slopes is not None
     positions = within_group_positions(layout, q.device) if needs_positions else None
     padded = key_padding_mask is not None
-    direct = layout.direct_launches if plain else (None,) * len(layout.launches)
-    periodic_launches = layout.periodic_launches if plain else (None,) * len(layout.launches)
+    direct = layout.batched.direct_launches if plain else (None,) * len(layout.launches)
+    periodic_launches = layout.batched.periodic_launches if plain else (None,) * len(layout.launches)
     # one split per tensor, read as pieces below (see TokenSplit: slices would
     # each cost a full-size pass in the backward)
     qs = TokenSplit(q, layout)
@@ -248,7 +248,7 @@ def run_batched(inputs: AttentionInputs) -> Tensor:
             biases = torch.stack([call_bias(c, positions, cache, slopes) for c in calls])  # type: ignore[misc]
             bias = biases.expand(batch, *biases.shape).flatten(0, 1)  # [B * n, H, Lq, Lk]
         out = attend(queries, keys, values, mask, dropout_p, scale, pair_mask, is_causal, bias)
-        if layout.tiled_output:
+        if layout.batched.tiled_output:
             return out.reshape(batch, layout.n_tokens, *out.shape[2:])
         # unbind, not indexing: its backward is one stack, where each index
         # would allocate and fill a gradient of the whole output
