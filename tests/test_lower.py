@@ -207,17 +207,18 @@ def _documents_stream() -> list[dict[str, int]]:
     ]
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_fullgraph_compile_across_changing_sizes_dicts(backend: str) -> None:
+@pytest.mark.parametrize(("backend", "dynamic"), [("eager", None), ("inductor", None), ("eager", True)])
+def test_fullgraph_compile_across_changing_sizes_dicts(backend: str, dynamic: bool | None) -> None:
     """A new sizes dict (another number of documents, other lengths) is one
     recompile, never an error: Dynamo makes a changed int argument symbolic,
     and the layout's sizes are specialised where the trace crosses into the
-    compiler's records. Inductor is torch.compile's default backend."""
+    compiler's records. Inductor is torch.compile's default backend; with
+    ``dynamic=True`` the tokens' dimension is symbolic from the first call."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
     layer = PatternAttention(config, DOCS).double()
-    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend, dynamic=dynamic)
     stream = _documents_stream()[: 3 if backend == "inductor" else None]
     for sizes in stream:
         x = torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)
