@@ -446,3 +446,13 @@ def test_square_banks_that_mean_x_at_w_are_transposed_on_the_way() -> None:
         to_native(block, types=["surface", "volume"], square_banks="as_peer")
     with pytest.raises(ValueError, match=r"needs types=\[...\]"):
         to_native(block)
+
+
+def test_refusals_are_one_named_kind_and_the_peers_type() -> None:
+    """What the peer refuses raises PeerRefusal, which is the peer's NotImplementedError."""
+    from patternc.compat.noether.refusals import PeerRefusal
+
+    assert issubclass(PeerRefusal, NotImplementedError)
+    attn = block(condition_dim=None).attention_block
+    with pytest.raises(PeerRefusal, match="kv caching"):
+        attn(torch.randn(1, 2, 8), [TokenSpec(name="a", size=2)], [AttentionPattern(["a"], ["a"])], kv_cache={})

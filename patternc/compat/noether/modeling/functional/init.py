@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from patternc.compat.noether.refusals import PeerRefusal
+
 __all__ = ["apply_init_method", "init_bias_to_zero", "init_trunc_normal_zero_bias"]
 
 _LAYERS = (
@@ -38,7 +40,8 @@ def apply_init_method(module: nn.Module, proj_weight: torch.Tensor, init_method:
     projection), so the attention branch starts at zero.
 
     Raises:
-        NotImplementedError: a mode attention does not know (``"zeros"``, ``"torchs"``).
+        PeerRefusal: a mode attention does not know (``"zeros"``,
+            ``"torchs"``); a ``NotImplementedError``, as the peer raises.
     """
     if init_method == "torch":
         return
@@ -47,6 +50,6 @@ def apply_init_method(module: nn.Module, proj_weight: torch.Tensor, init_method:
         if init_method == "truncnormal002-identity":
             nn.init.zeros_(proj_weight)
         return
-    raise NotImplementedError(
+    raise PeerRefusal(
         f"Weight initialization method {init_method} not implemented for DotProductAttention"
     )

@@ -14,6 +14,7 @@ from patternc.compat.noether.core.schemas.modules.layers import (
     UnquantizedDropPathConfig,
 )
 from patternc.compat.noether.modeling.functional.init import init_trunc_normal_zero_bias
+from patternc.compat.noether.refusals import PeerRefusal
 
 __all__ = ["LayerScale", "LinearProjection", "RopeFrequency", "UnquantizedDropPath"]
 
@@ -51,7 +52,9 @@ class LinearProjection(nn.Module):
 
     def reset_parameters(self) -> None:
         """``torch``: PyTorch's defaults; ``truncnormal``/``truncnormal002``: std 0.02, zero bias;
-        ``zeros``: zeros. Other modes raise ``NotImplementedError``, as in the peer."""
+        ``zeros``: zeros. Other modes raise
+        :class:`~patternc.compat.noether.refusals.PeerRefusal` (a
+        ``NotImplementedError``, as in the peer)."""
         if self.init_weights == "torch":
             return
         if self.init_weights in ("truncnormal", "truncnormal002"):
@@ -60,7 +63,7 @@ class LinearProjection(nn.Module):
             for p in self.project.parameters():
                 nn.init.zeros_(p)
         else:
-            raise NotImplementedError(
+            raise PeerRefusal(
                 f"Initialization method {self.init_weights!r} not implemented for LinearProjection."
             )
 
@@ -134,7 +137,7 @@ class RopeFrequency(nn.Module):
             angles = coords.float().unsqueeze(-1) @ self.omega.unsqueeze(0)  # [..., input_dim, k]
         if self.implementation == "real":
             if coords.ndim not in (2, 3):
-                raise NotImplementedError("real RoPE frequencies take coords [N, C] or [B, N, C]")
+                raise PeerRefusal("real RoPE frequencies take coords [N, C] or [B, N, C]")
             return torch.cat([angles, angles], dim=-1).unbind(-2)
         angles = angles.flatten(-2)
         if self.padding:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from patternc.compat.noether.core.schemas.modules.mlp import MLPConfig, UpActDownMLPConfig
 from patternc.compat.noether.modeling.functional.init import init_trunc_normal_zero_bias
 from patternc.compat.noether.modeling.modules.activations import Activation
+from patternc.compat.noether.refusals import PeerRefusal
 
 __all__ = ["MLP", "UpActDownMlp"]
 
@@ -29,11 +30,12 @@ class MLP(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``torch`` or ``truncnormal002``; other modes raise ``NotImplementedError`` (the peer's set)."""
+        """``torch`` or ``truncnormal002``; other modes raise ``PeerRefusal``, a
+        ``NotImplementedError`` (the peer's set)."""
         if self.init_weights == "torch":
             return
         if self.init_weights != "truncnormal002":
-            raise NotImplementedError(
+            raise PeerRefusal(
                 f"Initialization method {self.init_weights} not implemented. "
                 "Use 'torch', 'truncnormal', or 'truncnormal002'."
             )
@@ -60,7 +62,7 @@ class UpActDownMlp(nn.Module):
         if self.init_weights == "torch":
             return
         if self.init_weights not in ("truncnormal002", "truncnormal002-identity"):
-            raise NotImplementedError(
+            raise PeerRefusal(
                 f"Initialization method {self.init_weights} not implemented. "
                 "Use 'torch', 'truncnormal', or 'truncnormal002'."
             )

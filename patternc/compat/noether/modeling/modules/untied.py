@@ -66,6 +66,7 @@ from patternc.compat.noether.modeling.modules.attention.anchor_attention.multi_b
 from patternc.compat.noether.modeling.modules.attention.perceiver import PerceiverAttention
 from patternc.compat.noether.modeling.modules.blocks.perceiver import PerceiverBlock
 from patternc.compat.noether.modeling.modules.blocks.transformer import TransformerBlock
+from patternc.compat.noether.refusals import PeerRefusal
 from patternc.configs import LinearProjectionConfig as _CoreLinearProjectionConfig
 from patternc.configs import UntiedLinearConfig as _CoreUntiedLinearConfig
 from patternc.nn import UntiedLinear as _CoreUntiedLinear
@@ -189,7 +190,7 @@ class UntiedLinear(_CoreUntiedLinear):
     def __init__(self, config: UntiedLinearConfig, *, square_banks: SquareBanks = "linear") -> None:
         proj = config.linear_projection
         if proj.init_weights not in ("torch", "truncnormal", "truncnormal002", "zeros"):
-            raise NotImplementedError(
+            raise PeerRefusal(
                 f"Initialization method {proj.init_weights!r} not implemented for UntiedLinear."
             )
         if square_banks not in _SQUARE_BANKS:
@@ -398,7 +399,7 @@ class UntiedMixedAttention(MixedAttention):
         kv_cache: KVCache | None = None,
     ) -> Tensor:
         if kv_cache is not None:
-            raise NotImplementedError("UntiedMixedAttention does not yet support kv caching.")
+            raise PeerRefusal("UntiedMixedAttention does not yet support kv caching.")
         specs = as_specs(token_specs)
         _domain_banks(specs)  # the peer's order check, before any work
         out, _ = self._attend_specs(x, specs, attention_patterns, key_padding_mask, freqs, None)
