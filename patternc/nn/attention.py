@@ -552,13 +552,7 @@ class PatternAttention(MixedAttention):
         rows = rows_of(sizes, x.shape, x.device)
         plan = self.plan.per_row(rows.names)
         layout = layout_of(plan, rows.sizes)
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"key_padding_mask must be bool [batch, N_max] = {list(x.shape[:2])}, got "
-                    f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
-                )
-            key_padding_mask = rows.gather(key_padding_mask)
+        key_padding_mask = rows.gather_mask(key_padding_mask)
         if freqs is not None:
             freqs = rows.gather_freqs(freqs)
         out, _ = self._attend(rows.gather(x), layout, plan, key_padding_mask, freqs, None)

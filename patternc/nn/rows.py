@@ -59,6 +59,18 @@ class Rows:
         out = out.index_copy(0, self.index, t[0])
         return out.view(self.batch, self.width, *t.shape[2:])
 
+    def gather_mask(self, key_padding_mask: Tensor | None) -> Tensor | None:
+        """A key padding mask ``[B, N_max]`` (True: a real token) ->
+        ``[1, total]``, checked against ``x``'s rows; None stays None."""
+        if key_padding_mask is None:
+            return None
+        if tuple(key_padding_mask.shape) != (self.batch, self.width) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be bool [batch, N_max] = {[self.batch, self.width]} (True: a real "
+                f"token), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
+            )
+        return self.gather(key_padding_mask)
+
     def gather_freqs(self, freqs: Tensor) -> Tensor:
         """RoPE frequencies ``[N_max, D/2]`` (the same for every row) or
         ``[B, N_max, D/2]`` -> ``[1, total, D/2]``."""

@@ -460,14 +460,7 @@ class Transformer(nn.Module):
         the plans stacked once per row, scattered back to ``x``'s shape."""
         rows = rows_of(sizes, x.shape, x.device)
         plans = {name: plan.per_row(rows.names) for name, plan in self.plans.items()}
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"key_padding_mask must be bool [batch, N_max] = {list(x.shape[:2])} (True: a real "
-                    f"token), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
-                )
-            key_padding_mask = rows.gather(key_padding_mask)
-        out, _ = self._run(rows.gather(x), rows.sizes, key_padding_mask, plans)
+        out, _ = self._run(rows.gather(x), rows.sizes, rows.gather_mask(key_padding_mask), plans)
         return rows.scatter(out)
 
     def _run(
