@@ -645,36 +645,6 @@ def _key_space(
     return dataclasses.replace(space, periodic=periodic_keys, whole_call_keys=whole)
 
 
-def _single_call(index: int, attention: AttentionCall, slots: Mapping[str, GroupSlot]) -> Call:
-    """The :class:`Call` of one query group attending to one key group (what
-    the general construction in :func:`build_layout` gives, in one pass)."""
-    (q,), (key,) = attention.queries, attention.keys
-    q_slot, k_slot = slots[q], slots[key.name]
-    queries = () if q_slot.cached else (q,)
-    q_size, k_size = q_slot.size or 0, k_slot.size or 0
-    if k_slot.cached:
-        keys: tuple[Segment, ...] = (Segment(0, -1, key.name, key.modifiers),)
-    elif k_size:
-        keys = (Segment(k_slot.offset, k_slot.offset + k_size, None, key.modifiers),)
-    else:
-        keys = ()
-    q_segments = (Segment(q_slot.offset, q_slot.offset + q_size),) if queries and q_size else ()
-    key_present = k_slot.cached or k_size > 0
-    return Call(
-        index=index,
-        attention=attention,
-        query_tokens=queries,
-        queries=q_segments,
-        keys=keys,
-        n_queries=q_size if queries else 0,
-        n_keys=k_size,
-        query_access="view" if q_segments else "empty",
-        key_access="view" if key_present else "empty",
-        allowed_entries=allowed_pairs(q_size, k_size, key.modifiers) if queries else 0,
-        single_groups=bool(q_segments) and key_present,
-    )
-
-
 def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -686,11 +656,6 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         offset += size or 0
     calls = []
     for i, attention in enumerate(plan.calls):
-        if len(attention.queries) == 1 and len(attention.keys) == 1:
-            # one group to one (a document to itself): the common call of
-            # many-group layouts, built without the general passes below
-            calls.append(_single_call(i, attention, slots))
-            continue
         queries = tuple(q for q in attention.queries if not slots[q].cached)
         key_names = attention.key_names
         present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
