@@ -18,6 +18,18 @@ text run ``k``:
 - ``upto`` / ``upto N``: ``before`` and the query's own member;
 - ``self`` (written as the key ``self``): the query group itself.
 
+A *grid* family has one ``*`` per coordinate, joined by ``_``
+(``groups tile*_*``: ``tile0_0``, ``tile0_1``, ...): each ``*`` stands for a
+whole number, the member's coordinate on that axis. Two more relations
+compare coordinates:
+
+- ``near N``: every coordinate within ``N`` of the query's (cut off at the
+  edges of the grid);
+- ``kernel K``: a ``K``-member window on every axis, centred on the query's
+  member and shifted inwards at the edges so it always holds ``K`` members
+  (when the grid is that wide), as NATTEN and sliding tile attention do.
+  The grid's extent on each axis is the largest coordinate present, plus one.
+
 Relations choose group pairs when a plan is bound; the token modifiers of a
 pair (``causal``, windows) still apply within it. This module is torch-free
 and below the plan: binding (:mod:`patternc.lower.bind`) uses it.
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,23 +51,36 @@ __all__ = [
     "FamilyMembers",
     "MemberRelation",
     "family_root",
+    "grid_axes",
     "is_family",
     "member_of",
     "part_name",
     "type_stem",
 ]
 
-MEMBER_RELATION_NAMES = ("same", "before", "upto")
+MEMBER_RELATION_NAMES = ("same", "before", "upto", "near", "kernel")
 """The relation words of a modifier list (``self`` is written as a key)."""
 
 MEMBER_RELATION_DOCS = {
     "same": "same: the query's own member of the key family",
     "before": "before [N]: members earlier than the query's (the N just before it)",
     "upto": "upto [N]: the query's member and those before it (the N just before it)",
+    "near": "near N: grid members within N of the query's on every axis",
+    "kernel": "kernel K: a K-wide window of grid members on every axis, kept inside the grid",
 }
 """One line per relation word, for editors."""
 
-RelationKind = Literal["self", "same", "before", "upto"]
+RelationKind = Literal["self", "same", "before", "upto", "near", "kernel"]
+GRID_RELATIONS = ("near", "kernel")
+"""Relations that compare a grid family's coordinates."""
+
+_GRID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*(?:_\*)+")
+"""A grid family's name: ``tile*_*``, ``cell*_*_*``."""
+
+
+def grid_axes(name: str) -> int:
+    """How many coordinates a grid family's members have (0: not a grid)."""
+    return name.count("*") if _GRID.fullmatch(name) else 0
 
 
 def is_family(name: str) -> bool:
@@ -88,6 +114,23 @@ class MemberRelation:
         """Whether the query's own member is among the keys it selects."""
         return self.kind != "before"
 
+    def box(self, query: tuple[int, ...], extent: tuple[int, ...]) -> list[tuple[int, int]]:
+        """``near``/``kernel``: key coordinates ``[lo, hi)`` per axis for a
+        query member at ``query`` in a grid of ``extent``."""
+        assert self.count is not None
+        out = []
+        for at, size in zip(query, extent):
+            if self.kind == "near":
+                out.append((max(0, at - self.count), min(size, at + self.count + 1)))
+            elif size <= self.count:
+                out.append((0, size))
+            else:
+                left = self.count // 2
+                right = self.count - 1 - left
+                centre = min(max(at, left), size - 1 - right)
+                out.append((centre - left, centre + right + 1))
+        return out
+
     def ordinals(self, query: int) -> tuple[int, int]:
         """Key ordinals ``[lo, hi)`` this relation admits for query ordinal ``query``."""
         if self.kind in ("self", "same"):
@@ -114,6 +157,8 @@ def member_of(name: str, families: Iterable[str]) -> str | None:
 def _matcher(family: str) -> re.Pattern[str]:
     """Run-time names of a family: ``doc*`` matches any name that starts
     with ``doc``; in a part (``doc*.text``) each ``*`` matches no dot."""
+    if grid_axes(family):
+        return re.compile("([0-9]+)".join(re.escape(piece) for piece in family.split("*")))
     if "." not in family:
         return re.compile(re.escape(family[:-1]) + ".*", re.DOTALL)
     return re.compile("[^.]*".join(re.escape(piece) for piece in family.split("*")))
@@ -136,6 +181,12 @@ class FamilyMembers:
     """Names that are neither declared groups nor members of a family."""
     by_ordinal: dict[str, tuple[list[int], list[str]]]
     """Family group -> its members' ordinals (sorted) and the members in that order."""
+    coordinates: dict[str, tuple[int, ...]]
+    """Run-time group of a grid family -> its coordinates."""
+    by_coordinates: dict[str, dict[tuple[int, ...], str]]
+    """Grid family -> its members by coordinates."""
+    extent: dict[str, tuple[int, ...]]
+    """Grid family -> the largest coordinate on each axis, plus one."""
 
     @classmethod
     def of(cls, families: Sequence[str], concrete: Iterable[str], names: Sequence[str]) -> FamilyMembers:
@@ -164,7 +215,24 @@ class FamilyMembers:
         for family, names_of in members.items():
             pairs = sorted((ordinal[m], i) for i, m in enumerate(names_of))
             by_ordinal[family] = ([o for o, _ in pairs], [names_of[i] for _, i in pairs])
-        return cls(members, family_of, ordinal, tuple(unmatched), by_ordinal)
+        coordinates: dict[str, tuple[int, ...]] = {}
+        by_coordinates: dict[str, dict[tuple[int, ...], str]] = {}
+        extent: dict[str, tuple[int, ...]] = {}
+        for family, names_of in members.items():
+            axes = grid_axes(family)
+            if not axes:
+                continue
+            matcher = _matcher(family)
+            at = by_coordinates.setdefault(family, {})
+            for name in names_of:
+                match = matcher.fullmatch(name)
+                assert match is not None
+                coordinates[name] = at_of = tuple(int(v) for v in match.groups())
+                at[at_of] = name
+            extent[family] = tuple(max((c[i] for c in at), default=-1) + 1 for i in range(axes))
+        return cls(
+            members, family_of, ordinal, tuple(unmatched), by_ordinal, coordinates, by_coordinates, extent
+        )
 
     def expand(self, groups: Iterable[str]) -> tuple[str, ...]:
         """Declared groups with each family replaced by its members (rules)."""
@@ -195,6 +263,10 @@ class FamilyMembers:
         """The members of ``family`` that run-time group ``query`` reads under ``relation``."""
         if relation.kind == "self":
             return [query]
+        if relation.kind in GRID_RELATIONS:
+            at = self.by_coordinates.get(family, {})
+            box = relation.box(self.coordinates[query], self.extent.get(family, ()))
+            return [at[c] for c in itertools.product(*(range(lo, hi) for lo, hi in box)) if c in at]
         ordinals, ordered = self.by_ordinal.get(family, ([], []))
         lo, hi = relation.ordinals(self.ordinal[query])
         return ordered[bisect.bisect_left(ordinals, lo) : bisect.bisect_left(ordinals, hi)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.members import MemberRelation, is_family
+from patternc.members import GRID_RELATIONS, MemberRelation, grid_axes, is_family
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 from patternc.syntax import Difference, Modified, ModifierList, Rule, Selector, SelectorUnion, Word
 
@@ -146,7 +146,20 @@ class GroupResolver:
             fallback = rule.modifiers.span if rule.modifiers else rule.span
             span = selection.relations[key.name][1] if key.name in selection.relations else fallback
             plain = [q for q in queries if not is_family(q)]
-            if not is_family(key.name):
+            axes = grid_axes(key.name)
+            off_grid = not axes or any(grid_axes(q) != axes for q in queries)
+            if key.members.kind in GRID_RELATIONS and off_grid:
+                problems.append(
+                    Diagnostic(
+                        Code.MISPLACED_MEMBER_RELATION,
+                        f"`{key.members.text()}` compares grid coordinates: `{key.name}` and the queries "
+                        f"{_listed_names(queries)} must be grid families of as many axes",
+                        span,
+                        "declare a grid family with one `*` per axis "
+                        "(`groups tile*_*`: tile0_0, tile0_1, ...)",
+                    )
+                )
+            elif not is_family(key.name):
                 problems.append(
                     Diagnostic(
                         Code.MISPLACED_MEMBER_RELATION,

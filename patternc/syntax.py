@@ -21,7 +21,7 @@ from typing import Union
 import lark
 
 from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Edit, Fix, Span, closest, rename_fix
-from patternc.members import MEMBER_RELATION_NAMES, MemberRelation
+from patternc.members import GRID_RELATIONS, MEMBER_RELATION_NAMES, MemberRelation, grid_axes
 from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
@@ -511,6 +511,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
 
     def _member_relation(self, name: str, arg: lark.Token | None, span: Span) -> _Item | None:
         """``same``, ``before [N]``, ``upto [N]`` (N: a whole number of members >= 1)."""
+        if arg is None and name in GRID_RELATIONS:
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`{name}` needs a number of members", span,
+                        f"e.g. `[{name} {1 if name == 'near' else 3}]`")  # fmt: skip
+            return None
         if arg is None:
             return ("members", MemberRelation(name), span)  # type: ignore[arg-type]  # name checked by the caller
         if name == "same":
@@ -518,9 +522,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                         "write `[same]`: the query's own member")  # fmt: skip
             return None
         text = str(arg)
-        if not re.fullmatch(r"[-+]?[0-9]+", text) or int(text) < 1:
+        least = 0 if name == "near" else 1
+        if not re.fullmatch(r"[-+]?[0-9]+", text) or int(text) < least:
             self._error(Code.BAD_MODIFIER_ARGUMENT,
-                        f"`{name}` takes a whole number of members (at least 1), got `{text}`",
+                        f"`{name}` takes a whole number of members (at least {least}), got `{text}`",
                         _token_span(arg),
                         f"e.g. `[{name} 2]`: the 2 members just before the query's")  # fmt: skip
             return None
@@ -640,7 +645,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             self._error(Code.RESERVED_NAME, "`self` is reserved (`a -> self`: each group attends to itself)",
                         _token_span(token), "pick another group name")  # fmt: skip
             return text
-        if text.endswith("*") and _IDENTIFIER.match(text[:-1]):
+        if (text.endswith("*") and _IDENTIFIER.match(text[:-1])) or grid_axes(text):
             return text
         return self._name(token, "group names")
 

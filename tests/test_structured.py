@@ -317,6 +317,12 @@ def test_flex_matches_the_reference(structure: str, cpu_flex_kernel: None) -> No
         ("groups doc{a, b}\ndoc.a -> doc.a", "E206", "`doc` is not a family", "`doc*{...}`"),
         ("groups doc*{a, a}\ndoc*.a -> self", "E206", "part `a` given twice", "list each part once"),
         ("groups doc*{a, 1b}\ndoc*.a -> self", "E206", "`1b` is not a part name", "`answer*`"),
+        ("groups frame*\nframe* -> frame*[near 1]", "E025", "`near 1` compares grid coordinates",
+         "`groups tile*_*`"),
+        ("groups a*_* b*_*_*\na*_* -> b*_*_*[kernel 3]\nb*_*_* -> self", "E025", "as many axes", "one `*` per axis"),
+        ("groups t*_*\nt*_* -> t*_*[kernel]", "E021", "`kernel` needs a number of members", "`[kernel 3]`"),
+        ("groups t*_*\nt*_* -> t*_*[near -1]", "E021", "`near` takes a whole number of members (at least 0)",
+         "`[near 2]`"),
     ],
 )  # fmt: skip
 def test_errors(source: str, code: str, message: str, hint: str) -> None:
@@ -342,6 +348,51 @@ def test_unknown_part_is_not_a_member() -> None:
         DOC_PREFIX.layout({"doc0.prefix": 2, "doc0.title": 3})
     (diag,) = error.value.diagnostics
     assert diag.code == "E405" and "`doc0.title`" in diag.message
+
+
+# ---------------------------------------------------------------- grids of members
+
+
+def tiles(rows: int, cols: int, tokens: int) -> dict[str, int]:
+    return {f"tile{r}_{c}": tokens for r in range(rows) for c in range(cols)}
+
+
+@pytest.mark.parametrize(
+    ("tile", "canvas", "kernel"), [((2, 2), (5, 4), 3), ((1, 1), (6, 7), 3), ((2, 3), (4, 4), 2), ((1, 2), (3, 5), 5)]
+)
+def test_sliding_tile_attention_matches_attention_gym(
+    tile: tuple[int, int], canvas: tuple[int, int], kernel: int
+) -> None:
+    masks = pytest.importorskip("attn_gym.masks")
+    plan = plan_of(f"groups tile*_* text\ntile*_* -> tile*_*[kernel {kernel}], text\ntext -> *")
+    (tile_h, tile_w), (rows, cols) = tile, canvas
+    sizes = tiles(rows, cols, tile_h * tile_w) | {"text": 3}
+    mask_mod = masks.generate_sta_mask_mod_2d(
+        (rows * tile_h, cols * tile_w), (kernel * tile_h, kernel * tile_w), tile, text_seq_len=3
+    )
+    n = sum(sizes.values())
+    assert torch.equal(mask_of(plan, sizes), grid(mask_mod, n, n))
+
+
+@pytest.mark.parametrize(("side", "kernel"), [(5, 3), (7, 5), (4, 3), (3, 3)])
+def test_token_neighbourhoods_match_natten(side: int, kernel: int) -> None:
+    masks = pytest.importorskip("attn_gym.masks")
+    plan = plan_of(f"groups pixel*_*\npixel*_* -> pixel*_*[kernel {kernel}]")
+    sizes = {f"pixel{r}_{c}": 1 for r in range(side) for c in range(side)}
+    mask_mod = masks.generate_natten(side, side, kernel, kernel)
+    assert torch.equal(mask_of(plan, sizes), grid(mask_mod, side * side, side * side))
+
+
+def test_near_cuts_the_neighbourhood_at_the_edges() -> None:
+    plan = plan_of("groups cell*_*_*\ncell*_*_* -> cell*_*_*[near 1]")
+    rng = random.Random(3)
+    shape = (2, 3, 4)
+    cells = [(t, r, c) for t in range(shape[0]) for r in range(shape[1]) for c in range(shape[2])]
+    rng.shuffle(cells)  # input order is free: coordinates come from the names
+    sizes = {f"cell{t}_{r}_{c}": rng.randint(1, 3) for t, r, c in cells}
+    at = torch.tensor([cell for cell, n in zip(cells, sizes.values()) for _ in range(n)])
+    expected = (at[:, None, :] - at[None, :, :]).abs().max(-1).values <= 1
+    assert torch.equal(mask_of(plan, sizes), expected)
 
 
 # ---------------------------------------------------------------- tools
