@@ -20,6 +20,7 @@ Run: ``python benchmarks/bench_overhead.py [--repeat 200]``
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import patternc
+from patternc.lower.layout import Layout
 from patternc.nn import PatternAttention
 from patternc.nn.executors import EXECUTORS
 from patternc.nn.executors.common import AttentionInputs
@@ -172,5 +174,102 @@ def periodic_views(repeat: int) -> None:
         print(f"{name:<30} {us:>9.1f} {low:>8.1f}")
 
 
+VLM = "groups registers image text\nregisters, image -> registers, image\ntext -> registers, image, text[causal]"
+PREFIX = "groups prefix text\nprefix -> prefix\ntext -> prefix, text[causal]"
+
+
+def _flex_layouts(scale: int) -> list[tuple[str, Layout]]:
+    """bench_users' VLM and prefix-LM layouts, lengths divided by ``scale``."""
+    vlm = patternc.compile(VLM).patterns["default"]
+    prefix = patternc.compile(PREFIX).patterns["default"]
+    return [
+        (
+            f"VLM 16+{1024 // scale}+{3072 // scale}",
+            vlm.layout({"registers": 16, "image": 1024 // scale, "text": 3072 // scale}),
+        ),
+        (
+            f"prefix {1024 // scale}+{3072 // scale}",
+            prefix.layout({"prefix": 1024 // scale, "text": 3072 // scale}),
+        ),
+    ]
+
+
+def flex_host(repeat: int, rounds: int = 3) -> None:
+    """patternc ``flex`` against a hand-written compiled ``flex_attention``
+    (ready head-major inputs at the bucketed length, the block mask built
+    once), forward without gradients, 2 heads of 16, one CPU thread.
+
+    "around the kernel" is ``run_flex`` with its compiled call replaced by a
+    stub, at bench_users' full lengths: the per-call Python (table and block
+    mask lookups, kernel options) and the padding copies to the bucketed
+    length. The whole calls run at a 16th of the lengths (the CPU kernel at
+    full length would hide the host time), interleaved round by round; the
+    "value guard off" row forces the non-finite guard off (what the guard's
+    reductions, copies and Dynamo guards cost)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from patternc.nn.executors import flex
+
+    original = flex._attend_fn
+
+    def stub(guarded: bool) -> Callable[..., torch.Tensor]:
+        return lambda q, *rest: q if guarded else q.transpose(1, 2)
+
+    print(
+        f"\nflex, forward without gradients, 2 heads of 16, CPU, 1 thread, median of {repeat} x {rounds} rounds"
+    )
+    print(f"{'layout':<22} {'variant':<34} {'median us':>9} {'min us':>8}")
+    flex._attend_fn = stub
+    try:
+        for name, layout in _flex_layouts(1):
+            inputs = _flex_inputs(layout)
+            q_len = flex.flex_tables(layout, {}, inputs.q.device).q_len
+            label = f"around the kernel ({layout.n_tokens} -> {q_len})"
+            with torch.no_grad():
+                median, low = timings_us(functools.partial(flex.run_flex, inputs), repeat)
+            print(f"{name:<22} {label:<34} {median:>9.1f} {low:>8.1f}")
+    finally:
+        flex._attend_fn = original
+    hand = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+    def unguarded_fn(guarded: bool) -> Callable[..., torch.Tensor]:
+        # the value guard always runs on CPU: its tables dropped, the kernel's output transposed
+        attend = original(False)
+        return lambda *args: attend(*args[:7]).transpose(1, 2)
+
+    def without_guard(inputs: AttentionInputs) -> torch.Tensor:
+        flex._attend_fn = unguarded_fn
+        try:
+            return flex.run_flex(inputs)
+        finally:
+            flex._attend_fn = original
+
+    for name, layout in _flex_layouts(16):
+        inputs = _flex_inputs(layout)
+        tables = flex.flex_tables(layout, {}, inputs.q.device)
+        pad = (0, 0, 0, 0, 0, tables.q_len - layout.n_tokens)
+        q, k, v = (F.pad(t, pad).transpose(1, 2).contiguous() for t in (inputs.q, inputs.k, inputs.v))
+        variants: list[tuple[str, Callable[[], object]]] = [
+            ("hand compiled flex", functools.partial(hand, q, k, v, block_mask=tables.block_mask())),
+            ("patternc flex", functools.partial(flex.run_flex, inputs)),
+            ("patternc flex, value guard off", functools.partial(without_guard, inputs)),
+        ]
+        samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in variants}
+        with torch.no_grad():
+            for _ in range(rounds):
+                for label, fn in variants:
+                    samples[label].append(timings_us(fn, repeat))
+        for label, found in samples.items():
+            median = statistics.median(m for m, _ in found)
+            low = min(m for _, m in found)
+            print(f"{name:<22} {label:<34} {median:>9.1f} {low:>8.1f}")
+
+
+def _flex_inputs(layout: Layout) -> AttentionInputs:
+    q, k, v = (torch.randn(1, layout.n_tokens, 2, 16) for _ in range(3))
+    return AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
+
+
 if __name__ == "__main__":
     main()
+    flex_host(200)

@@ -21,21 +21,29 @@ from patternc.lower.layout import Layout
 
 __all__ = ["Estimate", "VarlenWork", "Workload", "price"]
 
+
 @dataclass(frozen=True)
 class _Rates:
     launch_s: float  # per kernel launch and its Python
     flops_per_s: float  # attention FLOP/s on the entries it computes (forward)
     backward: float  # forward+backward time over forward time, launches aside
+    masked_flops_per_s: float | None = None  # SDPA given an attn_mask (None: as unmasked)
+    masked_backward: float | None = None
 
 
 # bf16, head_dim 64: forward rates and backward ratios fitted to
 # ``benchmarks/bench_gpu.py`` at 2x(8k+24k) AB-UPT tokens and 64 documents
-# (figures in docs/performance.md).
+# (figures in docs/performance.md). SDPA given a mask cannot run its flash
+# kernel: at 4k-10k tokens (``benchmarks/bench_users.py``'s VLM and prefix-LM
+# rows, ``bench_gpu.py``'s dense rows) its forward runs at 20-35 TFLOP/s and
+# its backward adds about a third, so a masked call costs 4-5x flex's
+# forward over the same rectangle and about as much as flex's backward.
+_MASKED_HALF = {"masked_flops_per_s": 25e12, "masked_backward": 1.35}
 _HALF = {
-    "batched": _Rates(25e-6, 380e12, 3.5),
+    "batched": _Rates(25e-6, 380e12, 3.5, **_MASKED_HALF),
     "varlen": _Rates(40e-6, 290e12, 4.0),
     "flex": _Rates(60e-6, 250e12, 3.6),
-    "dense": _Rates(25e-6, 420e12, 3.5),
+    "dense": _Rates(25e-6, 420e12, 3.5, **_MASKED_HALF),
 }
 # varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
 # FlashAttention 2's forward rate, forward+backward about 3x its forward. Its
@@ -46,9 +54,9 @@ _HALF = {
 # small training layouts that batched runs faster.
 _HALF_VARLEN_FLASH4 = _Rates(150e-6, 370e12, 3.0)
 # float32, head_dim 64 (AB-UPT 2x(1k+4k), 16 and 64 documents): SDPA's
-# efficient kernel; flex with three-TF32 products (faster forward, backward
-# ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch is set to IEEE
-# products, on CUDA cores.
+# efficient kernel, masked or not; flex with three-TF32 products (faster
+# forward, backward ratio 4.5-5.3 against batched's 3.8-4.3) or, where torch
+# is set to IEEE products, on CUDA cores.
 _FLOAT = {
     "batched": _Rates(25e-6, 32e12, 4.0),
     "flex": _Rates(60e-6, 43e12, 4.6),
@@ -66,11 +74,13 @@ class Estimate:
     seconds: float
 
 
-def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]:
-    """(allowed score entries, entries SDPA computes under batched, dense
-    entries, tokens the batched executor copies); ``compact``: K/V come in
-    the key space, where a call's key segments may lie end to end."""
+def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int, int]:
+    """(allowed score entries; entries SDPA computes under batched without a
+    mask and with one; dense entries; tokens the batched executor copies);
+    ``compact``: K/V come in the key space, where a call's key segments may
+    lie end to end."""
     allowed = 0
+    plain = 0
     masked = 0
     copied = 0
     space = layout.key_space
@@ -78,8 +88,12 @@ def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]
         input_keys = [s for s in call.keys if s.cached is None and s.length]
         n_kv = sum(s.length for s in input_keys)
         allowed += call.allowed_entries
-        # a mask costs the whole rectangle; SDPA's is_causal skips the masked half
-        masked += call.allowed_entries if call.is_causal else call.n_queries * n_kv
+        if call.is_causal:  # SDPA's is_causal: no mask, the masked half skipped
+            plain += call.allowed_entries
+        elif call.has_modifiers:  # a mask: the whole rectangle, on SDPA's masked kernel
+            masked += call.n_queries * n_kv
+        else:
+            plain += call.n_queries * n_kv
         if len(call.queries) > 1:
             copied += call.n_queries
         end_to_end = compact and all(
@@ -87,7 +101,7 @@ def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int]
         )
         if len(call.keys) > 1 and not end_to_end:
             copied += 2 * n_kv
-    return allowed, masked, layout.n_tokens**2, copied
+    return allowed, plain, masked, layout.n_tokens**2, copied
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ def price(
     """
     batch, heads, dim, half = work.batch, work.heads, work.dim, work.half
     training, compact = work.training, work.compact
-    allowed, masked, dense, copied = _entries(layout, compact)
+    allowed, plain, masked, dense, copied = _entries(layout, compact)
     expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
@@ -153,10 +167,11 @@ def price(
         if name == "varlen" and varlen is None:
             continue
         launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
+        entries, with_mask = 0, 0  # entries computed without a mask and with one
         if name == "batched":
             launches = len(layout.launches)
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
-            entries = masked
+            entries, with_mask = plain, masked
         elif name == "varlen":
             assert varlen is not None
             launches, copy = varlen.launches, varlen.gathered * heads * dim * elem / _COPY_BYTES_PER_S
@@ -164,13 +179,16 @@ def price(
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups
             entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
-        else:  # dense: every entry, and an [n, n] mask
-            entries = dense
+        else:  # dense: every entry under an [n, n] mask
+            with_mask = dense
             copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S
-        compute = entries * flop / rate.flops_per_s
+        forward = entries * flop / rate.flops_per_s
+        masked_forward = with_mask * flop / (rate.masked_flops_per_s or rate.flops_per_s)
         overhead = launches * rate.launch_s + copy
-        seconds = 2 * overhead + rate.backward * compute if training else overhead + compute
+        if training:
+            backward = rate.backward * forward + (rate.masked_backward or rate.backward) * masked_forward
+            seconds = 2 * overhead + backward
+        else:
+            seconds = overhead + forward + masked_forward
         out.append(Estimate(name, seconds))
     return tuple(sorted(out, key=lambda e: e.seconds))
-
-
