@@ -43,7 +43,7 @@ def test_completion_offers_groups_then_modifiers_inside_brackets() -> None:
     names = {c.label: c.kind for c in editor.completions(SOURCE, 3, 18)}
     assert names["surface_anchors"] == "group" and names["doc*"] == "family" and names["self"] == "keyword"
     inside = [c.label for c in editor.completions("groups a\na -> a[", 2, 8)]
-    assert inside == ["causal", "window"]
+    assert inside == ["causal", "window", "back", "ahead", "dilate", "across"]
 
 
 def test_hover_shows_the_rules_and_the_size() -> None:
@@ -245,6 +245,7 @@ def test_vscode_extension_and_grammar_fit_together() -> None:
     assert keyword.findall("groups a b\npattern p {") == ["groups", "pattern"]
     modifier = re.compile(grammar["repository"]["modifiers"]["patterns"][0]["match"])
     assert modifier.findall("[causal, window 4]") == ["causal", "window"]
+    assert modifier.findall("[back 3, ahead 1, dilate 2, across]") == ["back", "ahead", "dilate", "across"]
 
 
 def test_formatting_and_quick_fixes_over_stdio(tmp_path: Path) -> None:

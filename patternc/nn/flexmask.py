@@ -27,7 +27,7 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -177,7 +177,7 @@ def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, blo
     return list(itertools.accumulate(diff[:n_blocks]))
 
 
-def _modified_pair_blocks(pairs: list[tuple[int, ...]], block: int, n_cols: int) -> Tensor:
+def _modified_pair_blocks(pairs: Sequence[tuple[int, ...]], block: int, n_cols: int) -> Tensor:
     """Blocks of the (query segment, key segment) pairs that carry modifiers,
     classified one by one on each pair's block rectangle (one padded batch):
     ``[3, n]`` rows (flat block index, non-empty, full), from interval
