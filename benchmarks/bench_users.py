@@ -30,14 +30,17 @@ patternc's first call (``flex``, ``auto``) after the document lengths change
 Rows (full size; ``--tiny`` shrinks every length about 16x and the layer to
 width 64, 4 heads of 16, for smoke tests):
 
-========== ==================================================
+============ ==================================================
 docs16     16 causal documents of 256-2048 tokens
 docs64     64 causal documents of 256-2048 tokens
 vlm        16 registers + 1024 image + 3072 text (text causal)
 prefix     prefix-LM: 1024 prefix + 3072 text (text causal)
 window     causal window 1024 over 8192 tokens
 abupt      AB-UPT joint: 2 x (1024 anchors + 4096 queries)
-========== ==================================================
+video      256 prompt + 16 block-causal frames of 1024 (``frame*[upto]``)
+interleaved  interleaved VLM: 64 system + text/image runs, 4.1k tokens
+docprefix  16 documents, each a 128-token prefix + 256-2048 text
+============ ==================================================
 
 Run: ``python benchmarks/bench_users.py [--rows vlm prefix] [--repeat 30]``;
 ``python benchmarks/bench_users.py --device cpu --tiny`` runs everywhere
@@ -152,7 +155,72 @@ def _anchors_mask(anchors: int, queries: int) -> Callable[[torch.device, int], M
     return make
 
 
+def _frames_mask(prompt: int, frame: int) -> Callable[[torch.device, int], MaskMod]:
+    """Block-causal video as users write it: a frame-id table (the prompt is
+    frame -1, causal inside itself); a frame reads the prompt and frames up
+    to its own."""
+
+    def make(device: torch.device, length: int) -> MaskMod:
+        frame_id = ((torch.arange(length, device=device) - prompt) // frame).clamp_min(-1)
+
+        def block_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            q_frame, kv_frame = frame_id[q_idx], frame_id[kv_idx]
+            prompt_pair = (q_frame < 0) & (kv_idx <= q_idx)
+            return prompt_pair | ((q_frame >= 0) & (kv_frame <= q_frame))
+
+        return block_causal
+
+    return make
+
+
+def _interleaved_mask(runs: tuple[tuple[str, int], ...], system: int) -> Callable[[torch.device, int], MaskMod]:
+    """The interleaved-VLM mask of Hugging Face's multimodal models: causal
+    over the sequence, bidirectional inside each image run (a run-id table)."""
+
+    def make(device: torch.device, length: int) -> MaskMod:
+        image_run = torch.full((length,), -1, dtype=torch.long, device=device)
+        start = system
+        for index, (kind, n) in enumerate(runs):
+            if kind == "image":
+                image_run[start : start + n] = index
+            start += n
+
+        def interleaved(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            same_image = (image_run[q_idx] >= 0) & (image_run[q_idx] == image_run[kv_idx])
+            return (kv_idx <= q_idx) | same_image
+
+        return interleaved
+
+    return make
+
+
+def _prefixed_documents_mask(prefix: int, texts: tuple[int, ...]) -> Callable[[torch.device, int], MaskMod]:
+    """Packed documents of a prefix and a text each: a document-id table and
+    each token's document start; a token reads its document's prefix and,
+    causally, the rest of it."""
+
+    def make(device: torch.device, length: int) -> MaskMod:
+        lengths = torch.tensor([prefix + n for n in texts] + [length - sum(texts) - prefix * len(texts)])
+        document_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).to(device)
+
+        def prefixed_documents(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            same = document_id[q_idx] == document_id[kv_idx]
+            in_prefix = kv_idx - starts[document_id[kv_idx]] < prefix
+            return same & (in_prefix | (kv_idx <= q_idx))
+
+        return prefixed_documents
+
+    return make
+
+
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
+FRAMES = "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
+INTERLEAVED = (
+    "groups system run*{text, image}\nsystem -> system [causal]\n"
+    "run*.text -> system, run*[before], self[causal]\nrun*.image -> system, run*[before], self"
+)
+PREFIXED_DOCUMENTS = "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]"
 VLM = "groups registers image text\nregisters, image -> registers, image\ntext -> registers, image, text[causal]"
 PREFIX = "groups prefix text\nprefix -> prefix\ntext -> prefix, text[causal]"
 WINDOW = "groups tokens\ntokens -> tokens[causal, window {window}]"
@@ -210,6 +278,22 @@ def rows(tiny: bool) -> dict[str, Row]:
     out.append(
         Row("abupt", f"AB-UPT joint 2x({anchors}+{queries})", JOINT, sizes, _anchors_mask(anchors, queries))
     )
+    prompt, frame, frames = 256 // s, 1024 // s, 16
+    sizes = {"prompt": prompt, **{f"frame{i}": frame for i in range(frames)}}
+    title = f"video: {prompt} prompt + {frames} block-causal frames of {frame}"
+    out.append(Row("video", title, FRAMES, sizes, _frames_mask(prompt, frame)))
+    system = 64 // s
+    runs = (("text", 512 // s), ("image", 1024 // s), ("text", 768 // s), ("image", 1024 // s),
+            ("text", 704 // s))  # fmt: skip
+    sizes = {"system": system, **{f"run{i}.{kind}": n for i, (kind, n) in enumerate(runs)}}
+    title = f"interleaved VLM: {system} system + 3 text and 2 image runs ({sum(sizes.values()) / 1000:.1f}k)"
+    out.append(Row("interleaved", title, INTERLEAVED, sizes, _interleaved_mask(runs, system)))
+    prefix, texts = 128 // s, _document_lengths(16, 2, s)
+    sizes = {}
+    for i, n in enumerate(texts):
+        sizes |= {f"doc{i}.prefix": prefix, f"doc{i}.text": n}
+    title = f"16 documents of a {prefix}-token prefix + text ({sum(sizes.values()) / 1000:.1f}k)"
+    out.append(Row("docprefix", title, PREFIXED_DOCUMENTS, sizes, _prefixed_documents_mask(prefix, texts)))
     return {row.key: row for row in out}
 
 

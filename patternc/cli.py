@@ -26,6 +26,7 @@ from patternc import __version__
 from patternc.compiler import compile as compile_program
 from patternc.compiler import read_source
 from patternc.diagnostics import Diagnostic, PatternError, diagnostics_json, render, suggest
+from patternc.members import family_root, is_family, member_of
 from patternc.plan import Program
 from patternc.project import (
     PATTERN_SUFFIXES,
@@ -35,7 +36,6 @@ from patternc.project import (
     parse_codes,
     pattern_files,
 )
-from patternc.resolve import is_family
 
 __all__ = ["main"]
 
@@ -99,9 +99,9 @@ def _parse_sizes(specs: Sequence[str]) -> dict[str, int | None]:
 
 def _check_sizes(program: Program, sizes: dict[str, int | None]) -> None:
     problems = []
-    prefixes = tuple(g[:-1] for g in program.groups if is_family(g))
+    families = [g for g in program.groups if is_family(g)]
     for name in sizes:
-        if name not in program.groups and not name.startswith(prefixes):
+        if name not in program.groups and member_of(name, families) is None:
             hint = suggest(name, program.groups)
             problems.append(f"--sizes: unknown group `{name}`" + (f"; {hint}" if hint else ""))
     missing = [g for g in program.groups if not is_family(g) and g not in sizes]
@@ -115,13 +115,16 @@ def _declared_order(program: Program, sizes: dict[str, int | None]) -> dict[str,
     """``--sizes`` in the program's group order (a family's members where the
     family is declared, in the order given): a plan lays sizes out in its
     own order, and here no input tensor fixes another one."""
-    rank = {g[:-1] if is_family(g) else g: i for i, g in enumerate(program.groups)}
-    prefixes = [g[:-1] for g in program.groups if is_family(g)]
+    rank: dict[str, int] = {}
+    for i, group in enumerate(program.groups):
+        rank.setdefault(family_root(group), i)
+    families = [g for g in program.groups if is_family(g)]
 
     def place(name: str) -> int:
         if name in rank:
             return rank[name]
-        return min((rank[p] for p in prefixes if name.startswith(p)), default=len(rank))
+        family = member_of(name, families)
+        return rank[family_root(family)] if family is not None else len(rank)
 
     return dict(sorted(sizes.items(), key=lambda item: place(item[0])))
 

@@ -30,6 +30,7 @@ from patternc.diagnostics import (
 )
 from patternc.ir import ResolvedRule
 from patternc.lint import warn
+from patternc.members import type_stem
 from patternc.plan import Plan, Program
 from patternc.resolve import SELF, GroupResolver, is_family
 from patternc.schemas import domain_of
@@ -413,5 +414,5 @@ def _resolve_types(syntax: SourceFile, resolver: GroupResolver) -> tuple[tuple[s
                 )
             else:
                 assigned[group] = (rule.type_name, rule.span.line)
-    types = tuple(assigned[g][0] if g in assigned else domain_of(g.rstrip("*")) for g in resolver.groups)
+    types = tuple(assigned[g][0] if g in assigned else domain_of(type_stem(g)) for g in resolver.groups)
     return types, diagnostics

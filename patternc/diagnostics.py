@@ -69,6 +69,7 @@ class Code:
     DUPLICATE_MODIFIER = "E022"
     CONFLICTING_MODIFIERS = "E023"
     MISPLACED_MODIFIER = "E024"
+    MISPLACED_MEMBER_RELATION = "E025"
     # declarations
     DUPLICATE_GROUP = "E101"
     NO_GROUPS = "E102"
@@ -82,6 +83,8 @@ class Code:
     GLOB_MATCHES_NOTHING = "E202"
     EMPTY_SELECTOR = "E203"
     MISPLACED_SELF = "E204"
+    SELF_REPEATS_KEY = "E205"
+    BAD_PARTS = "E206"
     # pattern structure
     NOT_EXHAUSTIVE = "E301"
     OVERLAP = "E302"
@@ -95,6 +98,7 @@ class Code:
     WRONG_GROUP_ORDER = "E404"
     NOT_A_MEMBER = "E405"
     EMPTY_FAMILY = "E406"
+    NO_MEMBER_KEYS = "E407"
     # warnings
     NEVER_A_KEY = "W101"
     RULE_MODIFIER_ACROSS_GROUPS = "W102"
@@ -118,6 +122,7 @@ MEANINGS: dict[str, str] = {
     Code.DUPLICATE_MODIFIER: "a modifier given twice in a list (`[causal, causal]`, `[window 4, window 8]`)",
     Code.CONFLICTING_MODIFIERS: "two modifier lists for one key group (the rule's and a key's, or two keys')",
     Code.MISPLACED_MODIFIER: "modifiers where they mean nothing (query side, an exclusion, `types`)",
+    Code.MISPLACED_MEMBER_RELATION: "`same`/`before`/`upto` on a key or with queries that are not families",
     Code.DUPLICATE_GROUP: "a group declared twice",
     Code.NO_GROUPS: "no `groups` declaration",
     Code.DUPLICATE_PATTERN: "a pattern name used twice",
@@ -128,7 +133,9 @@ MEANINGS: dict[str, str] = {
     Code.UNKNOWN_GROUP: 'unknown group (with "did you mean")',
     Code.GLOB_MATCHES_NOTHING: "a glob that matches no group",
     Code.EMPTY_SELECTOR: "a selector that ends up selecting nothing (e.g. `a - a`)",
-    Code.MISPLACED_SELF: "`self` used other than as the whole key side of a rule",
+    Code.MISPLACED_SELF: "`self` used other than as a key of a rule (query side, an exclusion, `types`)",
+    Code.SELF_REPEATS_KEY: "`self` beside keys that already select the query group itself",
+    Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group, a part twice, a bad part name)",
     Code.NOT_EXHAUSTIVE: "groups that are a query in no rule of a pattern (all listed in one diagnostic)",
     Code.OVERLAP: "a group that is a query in two rules (overlap; both places named)",
     Code.NO_PATTERNS: "(hand-written lists) no patterns given",
@@ -140,6 +147,7 @@ MEANINGS: dict[str, str] = {
     Code.WRONG_GROUP_ORDER: "(token specs) groups not in the plan's order",
     Code.NOT_A_MEMBER: "(sizes) a run-time group that is neither declared nor a member of a family",
     Code.EMPTY_FAMILY: "(sizes) a rule whose only keys are families with no members in this input",
+    Code.NO_MEMBER_KEYS: "(sizes) a member that a member relation leaves with no keys (`frame*[before]`)",
     Code.NEVER_A_KEY: "warning: a group that no rule of any pattern lets anyone attend to",
     Code.RULE_MODIFIER_ACROSS_GROUPS: "warning: a rule-level modifier over several key groups",
     Code.FULL_ATTENTION: "warning: a pattern that is plain full attention (every group to every group)",

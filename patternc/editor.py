@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from patternc.compiler import compile_text
 from patternc.diagnostics import Diagnostic, PatternError
+from patternc.members import MEMBER_RELATION_DOCS
 from patternc.modifiers import MODIFIER_NAMES
 from patternc.plan import Program
 from patternc.project import Settings
@@ -50,6 +51,7 @@ __all__ = [
 
 KEYWORDS = ("groups", "pattern", "types", "self")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
+_DECLARED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?|[{}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +87,28 @@ def check(text: str, filename: str | None = None, settings: Settings | None = No
 
 
 def declared_groups(text: str) -> dict[str, Location]:
-    """Groups of the ``groups`` lines and where each is declared (works on files with errors)."""
+    """Groups of the ``groups`` lines and where each is declared (works on
+    files with errors); a family's parts on its line are ``doc*.prefix``."""
     out: dict[str, Location] = {}
+    previous = ""
     for number, line in enumerate(text.splitlines(), start=1):
         code = line.split("#", 1)[0]
         stripped = code.lstrip()
         if not stripped.startswith("groups"):
             continue
         offset = len(code) - len(stripped) + len("groups")
-        for match in _WORD.finditer(code, offset):
-            out.setdefault(match.group(), Location(number, match.start() + 1, match.end() + 1))
+        family = None
+        for match in _DECLARED.finditer(code, offset):
+            if match.group() == "{":
+                family = previous
+            elif match.group() == "}":
+                family = None
+            else:
+                previous = match.group()
+                name = f"{family}.{previous}" if family else previous
+                if family is None and code[match.end() :].lstrip().startswith("{"):
+                    continue  # a family with parts: its parts are the groups
+                out.setdefault(name, Location(number, match.start() + 1, match.end() + 1))
     return out
 
 
@@ -118,10 +132,10 @@ def completions(text: str, line: int, column: int) -> list[Completion]:
         return [
             Completion(m, "modifier", _MODIFIER_DETAIL[m])
             for m in MODIFIER_NAMES
-        ]
+        ] + [Completion(name, "member relation", doc) for name, doc in MEMBER_RELATION_DOCS.items()]
     groups = declared_groups(text)
     out = [
-        Completion(name, "family" if name.endswith("*") else "group", f"declared on line {loc.line}")
+        Completion(name, "family" if "*" in name else "group", f"declared on line {loc.line}")
         for name, loc in groups.items()
     ]
     out += [Completion(k, "keyword", "keyword") for k in KEYWORDS]

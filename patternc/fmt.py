@@ -2,7 +2,8 @@
 
 Line-based, so every comment stays where it was and the order of statements
 never changes. Per line: tokens are re-spaced (``a, b -> c[causal]``, one
-space around ``->`` and ``-``, none inside brackets), indentation is four
+space around ``->`` and ``-``, none inside brackets, a family's parts as
+``doc*{prefix, text}``), indentation is four
 spaces per open block plus four on a continuation line, trailing blanks go,
 runs of blank lines become one, and the file ends in one newline. Whether a
 ``[`` touches the selector before it is kept: that is the difference between
@@ -38,12 +39,19 @@ def _tokens(code: str) -> list[tuple[str, bool]]:
     return out
 
 
-def _join(tokens: list[tuple[str, bool]]) -> str:
+def _join(tokens: list[tuple[str, bool]], parts: bool = False) -> str:
+    """Tokens re-spaced; ``parts``: a ``groups`` line, whose braces hold a
+    family's parts and touch them (``doc*{prefix, text}``)."""
     text = ""
     previous = None
     for token, glued in tokens:
         if previous is not None:
-            space = not (token in _NO_SPACE_BEFORE or previous in _NO_SPACE_AFTER or (token == "[" and glued))
+            space = not (
+                token in _NO_SPACE_BEFORE
+                or previous in _NO_SPACE_AFTER
+                or (token == "[" and glued)
+                or (parts and (token in "{}" or previous == "{"))
+            )
             text += " " if space else ""
         text += token
         previous = token
@@ -58,6 +66,7 @@ def format_source(text: str, filename: str | None = None) -> str:
     depth = 0
     continued = False
     parens = 0
+    in_groups = parts_open = False
     for raw in text.replace("\r\n", "\n").split("\n"):
         code, comment = _split_comment(raw)
         tokens = _tokens(code)
@@ -67,8 +76,13 @@ def format_source(text: str, filename: str | None = None) -> str:
             continued = False
             continue
         closes_first = bool(tokens) and tokens[0][0] == "}"
-        level = depth - (1 if closes_first else 0) + (1 if continued or parens > 0 else 0)
-        body = _join(tokens)
+        continues = (continued and not parts_open) or parens > 0
+        level = depth - (1 if closes_first else 0) + (1 if continues else 0)
+        if tokens and tokens[0][0] == "groups":
+            in_groups = True
+        elif tokens and tokens[0][0] != "," and not continued:
+            in_groups = False
+        body = _join(tokens, parts=in_groups)
         if comment:
             comment = comment.rstrip()
             body = f"{body}  {comment}" if body else comment
@@ -76,6 +90,8 @@ def format_source(text: str, filename: str | None = None) -> str:
         for token, _ in tokens:
             depth += {"{": 1, "}": -1}.get(token, 0)
             parens += {"(": 1, ")": -1}.get(token, 0)
+            if in_groups and token in "{}":
+                parts_open = token == "{"
         if tokens:
             continued = tokens[-1][0] in _CONTINUES
     while out and out[-1] == "":

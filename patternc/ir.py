@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from patternc.diagnostics import Span
+from patternc.members import MemberRelation
 from patternc.modifiers import NO_MODIFIERS, Modifiers
 
 __all__ = ["AttentionCall", "KeyGroup", "ResolvedRule"]
@@ -23,6 +24,17 @@ class KeyGroup:
 
     name: str
     modifiers: Modifiers = NO_MODIFIERS
+    members: MemberRelation | None = None
+    """For a family key of a family rule: which of its members each query
+    member reads (``frame*[upto]``, ``self``); None: all of them. Binding
+    resolves it, so a bound plan's keys never carry one."""
+
+    def text(self) -> str:
+        """``frame*[upto, causal]``, or ``self[causal]`` for the query itself."""
+        if self.members is not None and self.members.kind == "self":
+            return f"self{self.modifiers.text()}"
+        parts = ([self.members.text()] if self.members is not None else []) + self.modifiers.parts()
+        return f"{self.name}[{', '.join(parts)}]" if parts else self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,5 +95,5 @@ class AttentionCall:
 
     def text(self) -> str:
         """``q1, q2 -> k1, k2[causal]``."""
-        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in self.keys)
+        keys = ", ".join(k.text() for k in self.keys)
         return f"{', '.join(self.queries)} -> {keys}"

@@ -24,7 +24,7 @@ from patternc.lower.bind import Bound, bind
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
 from patternc.lower.rows import check_row, in_row, stack_rows
-from patternc.resolve import is_family
+from patternc.members import is_family, type_stem
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
 from patternc.tracing import compiling
 
@@ -108,7 +108,7 @@ class Plan:
         """``{group: type}``: the weight bank untied layers use for each group."""
         if self.group_types:
             return dict(zip(self.groups, self.group_types))
-        return {g: domain_of(g.rstrip("*")) for g in self.groups}
+        return {g: domain_of(type_stem(g)) for g in self.groups}
 
     @property
     def type_names(self) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from patternc.diagnostics import MEANINGS, Code, Diagnostic, suggest
+from patternc.members import is_family, member_of
 
 __all__ = [
     "PATTERN_SUFFIX",
@@ -107,16 +108,16 @@ class Settings:
 
     def sizes_for(self, groups: Sequence[str]) -> dict[str, int | None] | None:
         """The default sizes that fit a program with these declared ``groups``
-        (families end in ``*``): the entries naming its groups or members of its
+        (families have a ``*``): the entries naming its groups or members of its
         families, when every plain group has one; else None."""
-        prefixes = tuple(g[:-1] for g in groups if g.endswith("*"))
-        plain = [g for g in groups if not g.endswith("*")]
+        families = [g for g in groups if is_family(g)]
+        plain = [g for g in groups if not is_family(g)]
         if not self.sizes or any(g not in self.sizes for g in plain):
             return None
         return {
             name: size
             for name, size in self.sizes.items()
-            if name in plain or (prefixes and name.startswith(prefixes))
+            if name in plain or (families and member_of(name, families) is not None)
         }
 
 

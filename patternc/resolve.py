@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
+from patternc.members import MemberRelation, is_family
 from patternc.modifiers import NO_MODIFIERS, Modifiers
-from patternc.syntax import Difference, Modified, Rule, Selector, SelectorUnion, Word
+from patternc.syntax import Difference, Modified, ModifierList, Rule, Selector, SelectorUnion, Word
 
 __all__ = ["SELF", "GroupResolver", "ResolvedRule", "RuleResolution", "is_family"]
 
@@ -36,18 +37,13 @@ SELF = "self"
 """The key side ``self``: each query group attends to itself (``doc* -> self``)."""
 
 
-def is_family(name: str) -> bool:
-    """A declared ``prefix*`` stands for every group whose name starts with
-    ``prefix``, however many there are at run time (see :func:`patternc.lower.bind.bind`)."""
-    return name.endswith("*")
-
-
 @dataclass
 class _Selection:
     """What a selector picked: groups, and modifiers given to some of them."""
 
     groups: set[str] = field(default_factory=set)
     modifiers: dict[str, tuple[Modifiers, Span]] = field(default_factory=dict)
+    relations: dict[str, tuple[MemberRelation, Span]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,38 +81,116 @@ class GroupResolver:
     def rule(self, rule: Rule) -> RuleResolution:
         """Resolve both sides of a rule. A side that resolves to nothing although
         each of its names is known (e.g. ``* - *``) is reported as empty.
-        ``QUERIES -> self`` becomes one rule per query group."""
+        A rule with ``self`` among its keys becomes one rule per query group."""
         problems: list[Diagnostic] = []
         intended: set[str] = set()
         queries = self._side(rule.queries, "the query side of this rule", problems, intended, keys=False)
-        rule_mods = rule.modifiers.modifiers if rule.modifiers is not None else NO_MODIFIERS
-        if isinstance(rule.keys_values, Word) and rule.keys_values.text == SELF:
-            resolved = tuple(
-                ResolvedRule((q,), (KeyGroup(q, rule_mods),), rule.span, rule.text, to_self=True)
-                for q in self._ordered(queries.groups)
+        rule_list = rule.modifiers
+        rule_mods = rule_list.modifiers if rule_list is not None else NO_MODIFIERS
+        others, selves = _split_self(rule.keys_values)
+        key_groups: list[KeyGroup] = []
+        if others is not None:
+            keys = self._side(others, "the key/value side of this rule", problems, set(), keys=True)
+            for name in self._ordered(keys.groups):
+                mods, span = keys.modifiers.get(name, (rule_mods, None))
+                if span is not None and rule_mods:
+                    problems.append(
+                        Diagnostic(
+                            Code.CONFLICTING_MODIFIERS,
+                            f"`{name}` has modifiers {mods.text()} here and {rule_mods.text()} "
+                            "for the whole rule",
+                            span,
+                            "give the group's modifiers in one place: after the group or after the rule",
+                        )
+                    )
+                relation = keys.relations.get(name)
+                members = relation[0] if relation is not None else None
+                if members is None and rule_list is not None:
+                    members = rule_list.members
+                key_groups.append(KeyGroup(name, mods, members))
+            self._check_relations(rule, self._ordered(queries.groups), key_groups, keys, problems)
+        if not selves:
+            ordered = self._ordered(queries.groups)
+            resolved_rule = ResolvedRule(ordered, tuple(key_groups), rule.span, rule.text)
+            return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
+        resolved = []
+        for query in self._ordered(queries.groups):
+            own = []
+            for _, listed in selves:
+                mods = listed.modifiers if listed is not None else rule_mods
+                if listed is not None and listed.members is not None:
+                    problems.append(self._relation_on_self(listed))
+                own.append(KeyGroup(query, mods, MemberRelation("self") if is_family(query) else None))
+            repeated = next((k for k in key_groups if k.name == query), None)
+            if repeated is not None and (repeated.members is None or repeated.members.includes_own_member()):
+                problems.append(self._self_repeats(selves[0][0], query, repeated))
+            resolved.append(
+                ResolvedRule((query,), (*key_groups, *own[:1]), rule.span, rule.text, to_self=True)
             )
-            return RuleResolution(resolved, tuple(problems), frozenset(intended))
-        keys = self._side(rule.keys_values, "the key/value side of this rule", problems, set(), keys=True)
-        key_groups = []
-        for name in self._ordered(keys.groups):
-            own = keys.modifiers.get(name)
-            if own is None:
-                key_groups.append(KeyGroup(name, rule_mods))
+            if len(own) > 1:
+                problems.append(self._self_repeats(selves[1][0], query, own[0]))
+        return RuleResolution(tuple(resolved), tuple(problems), frozenset(intended))
+
+    def _check_relations(
+        self,
+        rule: Rule,
+        queries: Sequence[str],
+        keys: Sequence[KeyGroup],
+        selection: _Selection,
+        problems: list[Diagnostic],
+    ) -> None:
+        """Member relations need a family key and family queries (E025)."""
+        for key in keys:
+            if key.members is None:
                 continue
-            mods, span = own
-            if rule_mods:
+            fallback = rule.modifiers.span if rule.modifiers else rule.span
+            span = selection.relations[key.name][1] if key.name in selection.relations else fallback
+            plain = [q for q in queries if not is_family(q)]
+            if not is_family(key.name):
                 problems.append(
                     Diagnostic(
-                        Code.CONFLICTING_MODIFIERS,
-                        f"`{name}` has modifiers {mods.text()} here and {rule_mods.text()} "
-                        "for the whole rule",
+                        Code.MISPLACED_MEMBER_RELATION,
+                        f"`{key.members.text()}` on `{key.name}`, which is not a family: "
+                        "member relations compare members of families",
                         span,
-                        "give the group's modifiers in one place: after the group or after the rule",
+                        "put it on a family key (`frame* -> frame*[upto]`), or drop it",
                     )
                 )
-            key_groups.append(KeyGroup(name, mods))
-        resolved_rule = ResolvedRule(self._ordered(queries.groups), tuple(key_groups), rule.span, rule.text)
-        return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
+            elif plain:
+                problems.append(
+                    Diagnostic(
+                        Code.MISPLACED_MEMBER_RELATION,
+                        f"`{key.members.text()}` on `{key.name}` with queries {_listed_names(plain)} "
+                        "that are not families: they have no member to compare",
+                        span,
+                        "give the relation only in rules whose queries are families",
+                    )
+                )
+            else:
+                continue
+            return
+
+    @staticmethod
+    def _relation_on_self(listed: ModifierList) -> Diagnostic:
+        return Diagnostic(
+            Code.MISPLACED_MEMBER_RELATION,
+            f"`{listed.members.text() if listed.members else ''}` on `self`: "
+            "`self` is the query group itself",
+            listed.span,
+            "drop it, or name the family instead of `self` (`frame*[upto]`)",
+        )
+
+    @staticmethod
+    def _self_repeats(word: Word, query: str, key: KeyGroup) -> Diagnostic:
+        return Diagnostic(
+            Code.SELF_REPEATS_KEY,
+            f"`self` repeats `{key.text()}`, which already selects `{query}` itself",
+            word.span,
+            "drop `self`, or select the other groups only "
+            f"(`{query} -> {query}[before], self` reads earlier members and itself)"
+            if is_family(query)
+            else f"drop `self` or `{query}` from the keys",
+        )
 
     def select(self, node: Selector, what: str) -> tuple[tuple[str, ...], list[Diagnostic]]:
         """Groups ``node`` selects, in declaration order (no modifiers allowed:
@@ -152,6 +226,8 @@ class GroupResolver:
                 part = self._selector(item, problems, intended, keys=keys, excluded=excluded)
                 out.groups |= part.groups
                 self._merge_modifiers(out, part, problems)
+                for name, relation in part.relations.items():
+                    out.relations.setdefault(name, relation)
             return out
         if isinstance(node, Modified):
             inner = self._selector(node.inner, problems, intended, keys=keys, excluded=excluded)
@@ -167,6 +243,10 @@ class GroupResolver:
                 )
                 return _Selection(inner.groups)
             mods = node.modifiers.modifiers
+            listed = node.modifiers.members
+            if listed is not None:
+                for name in inner.groups:
+                    inner.relations.setdefault(name, (listed, node.modifiers.span))
             for name in inner.groups:
                 own = inner.modifiers.get(name)
                 if own is not None and own[0] != mods:
@@ -177,7 +257,11 @@ class GroupResolver:
         left = self._selector(node.left, problems, intended, keys=keys, excluded=excluded)
         right = self._selector(node.right, problems, intended, keys=keys, excluded=True)
         kept = left.groups - right.groups
-        return _Selection(kept, {g: m for g, m in left.modifiers.items() if g in kept})
+        return _Selection(
+            kept,
+            {g: m for g, m in left.modifiers.items() if g in kept},
+            {g: r for g, r in left.relations.items() if g in kept},
+        )
 
     def _merge_modifiers(self, out: _Selection, part: _Selection, problems: list[Diagnostic]) -> None:
         for name, (mods, span) in part.modifiers.items():
@@ -209,9 +293,9 @@ class GroupResolver:
             problems.append(
                 Diagnostic(
                     Code.MISPLACED_SELF,
-                    "`self` can only be the whole key side of a rule",
+                    "`self` can only stand among the keys of a rule, not inside a group or exclusion",
                     node.span,
-                    "write `a, b -> self` (each query group attends to itself)",
+                    "write `a, b -> self` or `answer* -> question, self[causal]`",
                 )
             )
             return set()
@@ -305,3 +389,39 @@ class GroupResolver:
 
     def _ordered(self, selected: set[str]) -> tuple[str, ...]:
         return tuple(sorted(selected, key=self.index.__getitem__))
+
+
+def _is_self(node: Selector) -> bool:
+    inner = node.inner if isinstance(node, Modified) else node
+    return isinstance(inner, Word) and inner.text == SELF
+
+
+def _split_self(keys: Selector) -> tuple[Selector | None, list[tuple[Word, ModifierList | None]]]:
+    """The key selector without its top-level ``self`` items, and those items
+    (each with its own modifier list, if any)."""
+    items = keys.items if isinstance(keys, SelectorUnion) else (keys,)
+    selves: list[tuple[Word, ModifierList | None]] = []
+    others: list[Selector] = []
+    for item in items:
+        if not _is_self(item):
+            others.append(item)
+        elif isinstance(item, Modified):
+            assert isinstance(item.inner, Word)
+            selves.append((item.inner, item.modifiers))
+        else:
+            assert isinstance(item, Word)
+            selves.append((item, None))
+    if not selves:
+        return keys, []
+    if not others:
+        return None, selves
+    if len(others) == 1:
+        return others[0], selves
+    first, last = others[0].span, others[-1].span
+    span = Span(first.line, first.column, last.end_line, last.end_column)
+    return SelectorUnion(tuple(others), span), selves
+
+
+def _listed_names(names: Sequence[str]) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")

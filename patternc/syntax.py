@@ -21,6 +21,7 @@ from typing import Union
 import lark
 
 from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Edit, Fix, Span, closest, rename_fix
+from patternc.members import MEMBER_RELATION_NAMES, MemberRelation
 from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
@@ -82,10 +83,12 @@ class Difference:
 
 @dataclass(frozen=True, slots=True)
 class ModifierList:
-    """``[causal, window 8]`` as written, with its span."""
+    """``[causal, window 8]`` as written, with its span; ``members`` is a
+    member relation in the list (``[upto, causal]``)."""
 
     modifiers: Modifiers
     span: Span
+    members: MemberRelation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +393,7 @@ def _token_span(token: lark.Token) -> Span:
 
 # ------------------------------------------------------------- transformer
 
-_Item = tuple[str, "int | None", Span]
+_Item = tuple[str, "int | MemberRelation | None", Span]
 
 _FLAG_MODIFIERS = ("causal", "across")
 _TOKENS = ("a number of tokens", "a whole number of tokens")
@@ -450,7 +453,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 Code.BAD_NAME,
                 f"`{text}` is not a valid group name",
                 _token_span(token),
-                "names start with a letter or `_` and hold letters, digits and `_`",
+                "a dot joins a family to one of its parts (`doc*.text`, declared by "
+                "`groups doc*{prefix, text}`)"
+                if "." in text
+                else "names start with a letter or `_` and hold letters, digits and `_`",
             )
         return Word(text, _token_span(token))
 
@@ -485,8 +491,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         name = str(name_token)
         arg = children[1] if len(children) > 1 else None
         span = _token_span(name_token)
+        if name in MEMBER_RELATION_NAMES:
+            return self._member_relation(name, arg, span)
         if name not in MODIFIER_NAMES:
-            meant = closest(name, MODIFIER_NAMES)
+            meant = closest(name, MODIFIER_NAMES + MEMBER_RELATION_NAMES)
             self._error(
                 Code.UNKNOWN_MODIFIER,
                 f"unknown modifier `{name}`",
@@ -519,12 +527,39 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             return None
         return (name, int(text), span)
 
+    def _member_relation(self, name: str, arg: lark.Token | None, span: Span) -> _Item | None:
+        """``same``, ``before [N]``, ``upto [N]`` (N: a whole number of members >= 1)."""
+        if arg is None:
+            return ("members", MemberRelation(name), span)  # type: ignore[arg-type]  # name checked by the caller
+        if name == "same":
+            self._error(Code.BAD_MODIFIER_ARGUMENT, "`same` takes no argument", _token_span(arg),
+                        "write `[same]`: the query's own member")  # fmt: skip
+            return None
+        text = str(arg)
+        if not re.fullmatch(r"[-+]?[0-9]+", text) or int(text) < 1:
+            self._error(Code.BAD_MODIFIER_ARGUMENT,
+                        f"`{name}` takes a whole number of members (at least 1), got `{text}`",
+                        _token_span(arg),
+                        f"e.g. `[{name} 2]`: the 2 members just before the query's")  # fmt: skip
+            return None
+        return ("members", MemberRelation(name, int(text)), span)  # type: ignore[arg-type]
+
     def _modifier_list(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
+        members: MemberRelation | None = None
         seen: dict[str, _Item] = {}
         for item in children:
             if item is None:
                 continue
             name, value, span = item
+            if name == "members":
+                assert isinstance(value, MemberRelation)
+                if members is not None:
+                    self._error(Code.DUPLICATE_MODIFIER,
+                                f"two member relations (`{members.text()}` and `{value.text()}`)", span,
+                                "keep one of `same`, `before`, `upto`")  # fmt: skip
+                    continue
+                members = value
+                continue
             if name in seen:
                 first = seen[name]
                 same = first[1] == value
@@ -539,7 +574,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             if (name == "window" and side is not None) or (name in ("back", "ahead") and "window" in seen):
                 window = seen["window"][1] if name != "window" else value
                 other = side if name == "window" else item
-                assert other is not None and window is not None
+                assert other is not None and isinstance(window, int)
                 self._error(
                     Code.CONFLICTING_MODIFIERS,
                     f"`window {window}` and `{other[0]} {other[1]}` in one list",
@@ -549,7 +584,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 )
                 continue
             seen[name] = item
-        values = {name: item[1] for name, item in seen.items()}
+        values = {name: item[1] for name, item in seen.items() if isinstance(item[1], int)}
         modifiers = Modifiers(
             causal="causal" in seen,
             window=values.get("window"),
@@ -558,7 +593,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             dilation=values.get("dilate") or 1,
             across="across" in seen,
         )
-        return ModifierList(modifiers, _span_of(meta))
+        return ModifierList(modifiers, _span_of(meta), members)
 
     @lark.v_args(meta=True)
     def modifiers(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
@@ -600,8 +635,38 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 f"write `groups {shown}`",
                 Fix("separate the group names with spaces", tuple(edits)),
             )
-        tokens = [tok for tok in children if isinstance(tok, lark.Token)]
-        return GroupsStatement(tuple(GroupDecl(self._group_name(tok), _token_span(tok)) for tok in tokens))
+        decls: list[GroupDecl] = []
+        for child in children:
+            if isinstance(child, lark.Token):
+                decls.append(GroupDecl(self._group_name(child), _token_span(child)))
+            elif isinstance(child, tuple):
+                decls.extend(child)
+        return GroupsStatement(tuple(decls))
+
+    def family_parts(self, children: list[lark.Token]) -> tuple[GroupDecl, ...]:
+        """``doc*{prefix, text}``: the groups ``doc*.prefix`` and ``doc*.text``
+        (a member has any of the parts, in input order)."""
+        family, *parts = children
+        name = str(family)
+        if not (name.endswith("*") and _IDENTIFIER.match(name[:-1])):
+            self._error(Code.BAD_PARTS, f"`{name}` is not a family: only a family `prefix*` has parts",
+                        _token_span(family), f"write `{name.rstrip('*')}*{{...}}`")  # fmt: skip
+            return ()
+        out: list[GroupDecl] = []
+        seen: set[str] = set()
+        for token in parts:
+            part = str(token)
+            bare = part[:-1] if part.endswith("*") else part
+            if not _IDENTIFIER.match(bare) or part == "self":
+                self._error(Code.BAD_PARTS, f"`{part}` is not a part name", _token_span(token),
+                            "a part is a name (`text`), or a family of parts (`answer*`)")  # fmt: skip
+            elif part in seen:
+                self._error(Code.BAD_PARTS, f"part `{part}` given twice", _token_span(token),
+                            "list each part once")  # fmt: skip
+            else:
+                seen.add(part)
+                out.append(GroupDecl(f"{name}.{part}", _token_span(token)))
+        return tuple(out)
 
     def _group_name(self, token: lark.Token) -> str:
         """A group name, or a family ``prefix*`` (one trailing ``*``)."""

@@ -135,11 +135,19 @@ def reference_pattern_attention(
 ) -> Tensor:
     """float64 output of a ``PatternAttention``'s attention under ``plan``
     (explicit softmax over :func:`language_mask`); differentiable in ``x``."""
+    return masked_attention(module, x, language_mask(plan, sizes), key_padding_mask)
+
+
+def masked_attention(
+    module: DotProductAttention, x: Tensor, allowed: Tensor, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """float64 output of a ``PatternAttention``'s weights under the ``[N, N]``
+    bool mask ``allowed`` (explicit softmax; rows with no key give zeros)."""
     heads, dim = module.num_heads, module.head_dim
     b, n, _ = x.shape
     qkv = x @ module.qkv.weight.double().T + module.qkv.bias.double()
     q, k, v = qkv.view(b, n, 3, heads, dim).unbind(2)
-    mask = language_mask(plan, sizes).to(x.device)[None, None]
+    mask = allowed.to(x.device)[None, None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / dim**0.5

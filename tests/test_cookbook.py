@@ -38,6 +38,29 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
         patternc.compile(EXAMPLES / "cookbook" / "perceiver.patc").patterns["default"],
         [{"latents": 4, "inputs": 11}, {"latents": 1, "inputs": 6}],
     ),
+    "video_frames": (
+        patternc.compile(EXAMPLES / "cookbook" / "video_frames.patc").patterns["default"],
+        [{"prompt": 3, "frame0": 5, "frame1": 5, "frame2": 5}, {"prompt": 1, "frame0": 7}],
+    ),
+    "block_diffusion": (
+        patternc.compile(EXAMPLES / "cookbook" / "block_diffusion.patc").patterns["default"],
+        [{"noisy0": 4, "noisy1": 3, "clean0": 4, "clean1": 3}],
+    ),
+    "interleaved_vlm": (
+        patternc.compile(EXAMPLES / "cookbook" / "interleaved_vlm.patc").patterns["default"],
+        [
+            {"system": 2, "run0.image": 5, "run1.text": 3, "run2.image": 4, "run3.text": 6},
+            {"system": 1, "run0.text": 9},
+        ],
+    ),
+    "prefix_per_document": (
+        patternc.compile(EXAMPLES / "cookbook" / "prefix_per_document.patc").patterns["default"],
+        [{"doc0.prefix": 3, "doc0.text": 5, "doc1.prefix": 2, "doc1.text": 7}, {"doc0.text": 6}],
+    ),
+    "shared_question": (
+        patternc.compile(EXAMPLES / "cookbook" / "shared_question.patc").patterns["default"],
+        [{"qa0.question": 4, "qa0.answer0": 3, "qa0.answer1": 5, "qa1.question": 3, "qa1.answer0": 2}],
+    ),
     **{
         f"ab_upt_{name}": (
             AB_UPT.patterns[name],

@@ -167,6 +167,11 @@ COOKBOOK = {
     "packed_causal": {"doc0": 5, "doc1": 8, "doc2": 3},
     "sliding_window_global": {"global": 2, "tokens": 17},
     "perceiver": {"latents": 4, "inputs": 11},
+    "video_frames": {"prompt": 3, "frame0": 5, "frame1": 5, "frame2": 5},
+    "block_diffusion": {"noisy0": 4, "noisy1": 3, "clean0": 4, "clean1": 3},
+    "interleaved_vlm": {"system": 2, "run0.image": 5, "run1.text": 3, "run2.image": 4, "run3.text": 6},
+    "prefix_per_document": {"doc0.prefix": 3, "doc0.text": 5, "doc1.prefix": 2, "doc1.text": 7},
+    "shared_question": {"qa0.question": 4, "qa0.answer0": 3, "qa0.answer1": 5, "qa1.question": 3},
 }
 
 

@@ -124,13 +124,25 @@ def test_family_without_members_cannot_be_the_only_keys() -> None:
     assert "has queries but no keys" in str(error.value)
 
 
-def test_self_must_be_the_whole_key_side() -> None:
+def test_self_beside_keys_that_select_the_group_is_refused() -> None:
     with pytest.raises(PatternError) as error:
         patternc.compile("groups a b\na -> a, self\nb -> b")
     (diag,) = error.value.diagnostics
-    assert diag.code == "E204" and (diag.line, diag.column) == (2, 9)
-    assert "`self` can only be the whole key side" in diag.message
-    assert diag.hint is not None and "a, b -> self" in diag.hint
+    assert diag.code == "E205" and (diag.line, diag.column) == (2, 9)
+    assert "`self` repeats `a`, which already selects `a` itself" in diag.message
+    assert diag.hint is not None and "drop `self` or `a`" in diag.hint
+
+
+@pytest.mark.parametrize(
+    ("source", "column"), [("groups a b\nself -> a\nb -> b", 1), ("groups a b\na -> b - self\nb -> b", 10)]
+)
+def test_self_outside_the_keys_is_refused(source: str, column: int) -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    diag = next(d for d in error.value.diagnostics if d.code == "E204")
+    assert (diag.line, diag.column) == (2, column)
+    assert "`self` can only stand among the keys of a rule" in diag.message
+    assert diag.hint is not None and "answer* -> question, self[causal]" in diag.hint
 
 
 def test_cli_lays_out_a_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

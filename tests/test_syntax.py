@@ -111,10 +111,16 @@ def test_missing_selector_has_hint() -> None:
 
 
 def test_unexpected_character() -> None:
-    (diag,) = diagnostics_of("groups a\na -> a.b\n")
+    (diag,) = diagnostics_of("groups a\na -> a@b\n")
     assert diag.code == "E010"
-    assert "unexpected character `.`" in diag.message
+    assert "unexpected character `@`" in diag.message
     assert (diag.line, diag.column) == (2, 7)
+
+
+def test_a_dot_outside_a_family_part_is_a_bad_name() -> None:
+    diag = diagnostics_of("groups a\na -> a.b\n")[0]
+    assert diag.code == "E011" and "`a.b` is not a valid group name" in diag.message
+    assert diag.hint is not None and "groups doc*{prefix, text}" in diag.hint
 
 
 def test_bad_names() -> None:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import KeyGroup, ResolvedRule
+from patternc.members import FamilyMembers
 
 __all__ = ["Bound", "bind"]
 
@@ -32,46 +33,32 @@ def bind(
     """The plan ``(groups, rules, types)`` for the run-time groups ``names``
     (see :meth:`patternc.Plan.bind`); ``families`` are the family groups.
 
+    A rule whose keys carry member relations (``frame*[upto]``, ``self``)
+    becomes one rule per query member, with the key members it reads.
+
     Raises:
         PatternError: a name that is neither a group nor a family member
-            (E405), or a rule whose families have no member here.
+            (E405), a rule whose families have no member here (E406), or a
+            member that a relation leaves with no keys (E407).
     """
     concrete = set(groups) - set(families)
-    # longest prefix first, so `doc_title*` wins over `doc*`
-    by_length = sorted(families, key=len, reverse=True)
-    members: dict[str, list[str]] = {f: [] for f in families}
-    problems = []
-    for name in dict.fromkeys(names):
-        if name in concrete:
-            continue
-        family = next((f for f in by_length if name.startswith(f[:-1])), None)
-        if family is None:
-            problems.append(
-                Diagnostic(
-                    Code.NOT_A_MEMBER,
-                    f"group `{name}` is neither a declared group nor a member of a family",
-                    where="sizes",
-                    hint=suggest(name, sorted(concrete))
-                    or f"families: {', '.join(f'`{f}`' for f in families)}",
-                )
-            )
-        else:
-            members[family].append(name)
-
-    def expand(groups: Sequence[str]) -> tuple[str, ...]:
-        return tuple(m for g in groups for m in (members[g] if g in members else [g]))
-
+    found = FamilyMembers.of(families, concrete, names)
+    problems = [
+        Diagnostic(
+            Code.NOT_A_MEMBER,
+            f"group `{name}` is neither a declared group nor a member of a family",
+            where="sizes",
+            hint=suggest(name, sorted(concrete)) or f"families: {', '.join(f'`{f}`' for f in families)}",
+        )
+        for name in found.unmatched
+    ]
     bound: list[ResolvedRule] = []
     for rule in rules:
-        queries = expand(rule.queries)
-        if rule.to_self:
-            (key,) = rule.keys
-            bound.extend(
-                ResolvedRule((q,), (KeyGroup(q, key.modifiers),), rule.span, rule.text, rule.where, True)
-                for q in queries
-            )
+        queries = found.expand(rule.queries)
+        if any(k.members is not None for k in rule.keys):
+            bound.extend(_per_member(rule, queries, found, problems))
             continue
-        keys = tuple(KeyGroup(m, k.modifiers) for k in rule.keys for m in expand([k.name]))
+        keys = tuple(KeyGroup(m, k.modifiers) for k in rule.keys for m in found.expand([k.name]))
         if queries and not keys:
             problems.append(
                 Diagnostic(
@@ -86,5 +73,36 @@ def bind(
             bound.append(ResolvedRule(queries, keys, rule.span, rule.text, rule.where))
     if problems:
         raise PatternError(problems)
-    group_types = tuple(types[g] for g in groups for _ in (members[g] if g in members else [g]))
-    return Bound(expand(groups), tuple(bound), group_types)
+    ordered = found.token_order(groups, names)
+    group_types = tuple(types[found.family_of.get(g, g)] for g in ordered)
+    return Bound(ordered, tuple(bound), group_types)
+
+
+def _per_member(
+    rule: ResolvedRule, queries: Sequence[str], found: FamilyMembers, problems: list[Diagnostic]
+) -> list[ResolvedRule]:
+    """One rule per query member: each key with a relation gives the members
+    it relates to that query, each key without one all of its members."""
+    plain = {k.name: found.expand([k.name]) for k in rule.keys if k.members is None}
+    out = []
+    for query in queries:
+        keys: list[KeyGroup] = []
+        for key in rule.keys:
+            if key.members is None:
+                keys.extend(KeyGroup(m, key.modifiers) for m in plain[key.name])
+            else:
+                keys.extend(KeyGroup(m, key.modifiers) for m in found.related(query, key.name, key.members))
+        if not keys:
+            problems.append(
+                Diagnostic(
+                    Code.NO_MEMBER_KEYS,
+                    f"`{query}` reads no keys under rule `{rule.text}` ({rule.location()}): "
+                    "no member stands in the relation its keys ask for",
+                    where="sizes",
+                    hint="add `self` to the keys, or a group every member reads "
+                    "(`frame* -> frame*[before], self`)",
+                )
+            )
+            continue
+        out.append(ResolvedRule((query,), tuple(keys), rule.span, rule.text, rule.where, rule.to_self))
+    return out

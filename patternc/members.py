@@ -1,0 +1,200 @@
+"""Members of families: which run-time groups belong to which family, their
+order, and the member relations that rules may put on family keys.
+
+A family (``frame*``) stands for any number of run-time groups (``frame0``,
+``frame1``, ...); a family with parts (``groups doc*{prefix, text}``) stands
+for groups named ``<member>.<part>`` (``doc0.prefix``, ``doc0.text``,
+``doc1.text``, ...), where one member may have any of the parts, in input
+order. A member's *ordinal* is its place among its family's members in the
+input (the first member seen is 0), whatever the digits in its name say.
+
+Member relations compare the ordinals of a query member and a key member,
+each in its own family, so ``text* -> image*[same]`` reads image ``k`` from
+text run ``k``:
+
+- ``same``: the key member is the query's (``k' == k``);
+- ``before`` / ``before N``: members earlier than the query's (``k' < k``;
+  with ``N``: the ``N`` members just before it);
+- ``upto`` / ``upto N``: ``before`` and the query's own member;
+- ``self`` (written as the key ``self``): the query group itself.
+
+Relations choose group pairs when a plan is bound; the token modifiers of a
+pair (``causal``, windows) still apply within it. This module is torch-free
+and below the plan: binding (:mod:`patternc.lower.bind`) uses it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "MEMBER_RELATION_DOCS",
+    "MEMBER_RELATION_NAMES",
+    "FamilyMembers",
+    "MemberRelation",
+    "family_root",
+    "is_family",
+    "member_of",
+    "part_name",
+    "type_stem",
+]
+
+MEMBER_RELATION_NAMES = ("same", "before", "upto")
+"""The relation words of a modifier list (``self`` is written as a key)."""
+
+MEMBER_RELATION_DOCS = {
+    "same": "same: the query's own member of the key family",
+    "before": "before [N]: members earlier than the query's (the N just before it)",
+    "upto": "upto [N]: the query's member and those before it (the N just before it)",
+}
+"""One line per relation word, for editors."""
+
+RelationKind = Literal["self", "same", "before", "upto"]
+
+
+def is_family(name: str) -> bool:
+    """A declared ``prefix*`` (or a part of one, ``doc*.text``) stands for
+    every run-time group of that shape, however many there are."""
+    return "*" in name
+
+
+def family_root(name: str) -> str:
+    """The family a group belongs to: ``doc*`` for ``doc*.text``."""
+    return name.split(".", 1)[0]
+
+
+def part_name(name: str) -> str | None:
+    """The part of a family part (``text`` for ``doc*.text``), else None."""
+    return name.split(".", 1)[1] if "." in name else None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRelation:
+    """Which members of a key family a query member reads (see the module)."""
+
+    kind: RelationKind
+    count: int | None = None
+    """``before N`` / ``upto N``: how many members back (None: all of them)."""
+
+    def text(self) -> str:
+        return self.kind if self.count is None else f"{self.kind} {self.count}"
+
+    def includes_own_member(self) -> bool:
+        """Whether the query's own member is among the keys it selects."""
+        return self.kind != "before"
+
+    def ordinals(self, query: int) -> tuple[int, int]:
+        """Key ordinals ``[lo, hi)`` this relation admits for query ordinal ``query``."""
+        if self.kind in ("self", "same"):
+            return query, query + 1
+        hi = query if self.kind == "before" else query + 1
+        lo = 0 if self.count is None else max(0, query - self.count)
+        return lo, hi
+
+
+def type_stem(group: str) -> str:
+    """What a group's default type is read from: a family's prefix
+    (``doc`` for ``doc*``), a part's name (``text`` for ``doc*.text``,
+    ``answer`` for ``qa*.answer*``), else the group's name."""
+    return (part_name(group) or group).rstrip("*")
+
+
+def member_of(name: str, families: Iterable[str]) -> str | None:
+    """The family (of ``families``) that run-time group ``name`` belongs to, else None."""
+    ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+    return next((f for f in ordered if _matcher(f).fullmatch(name)), None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _matcher(family: str) -> re.Pattern[str]:
+    """Run-time names of a family: ``doc*`` matches any name that starts
+    with ``doc``; in a part (``doc*.text``) each ``*`` matches no dot."""
+    if "." not in family:
+        return re.compile(re.escape(family[:-1]) + ".*", re.DOTALL)
+    return re.compile("[^.]*".join(re.escape(piece) for piece in family.split("*")))
+
+
+@dataclass(frozen=True)
+class FamilyMembers:
+    """The run-time groups of each family, in input order, with their ordinals.
+
+    Built once per tuple of run-time names when a plan is bound.
+    """
+
+    members: dict[str, list[str]]
+    """Family group -> its run-time groups, in input order."""
+    family_of: dict[str, str]
+    """Run-time group -> its family group."""
+    ordinal: dict[str, int]
+    """Run-time group -> its member's ordinal in its family."""
+    unmatched: tuple[str, ...]
+    """Names that are neither declared groups nor members of a family."""
+    by_ordinal: dict[str, tuple[list[int], list[str]]]
+    """Family group -> its members' ordinals (sorted) and the members in that order."""
+
+    @classmethod
+    def of(cls, families: Sequence[str], concrete: Iterable[str], names: Sequence[str]) -> FamilyMembers:
+        declared = set(concrete)
+        # most literal characters first, so `doc_title*` wins over `doc*`
+        ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+        matchers = [(f, _matcher(f)) for f in ordered]
+        members: dict[str, list[str]] = {f: [] for f in families}
+        family_of: dict[str, str] = {}
+        ordinal: dict[str, int] = {}
+        seen: dict[str, dict[str, int]] = {}
+        unmatched = []
+        for name in dict.fromkeys(names):
+            if name in declared:
+                continue
+            family = next((f for f, m in matchers if m.fullmatch(name)), None)
+            if family is None:
+                unmatched.append(name)
+                continue
+            members[family].append(name)
+            family_of[name] = family
+            ids = seen.setdefault(family_root(family), {})
+            member_id = name.split(".", 1)[0] if "." in family else name
+            ordinal[name] = ids.setdefault(member_id, len(ids))
+        by_ordinal = {}
+        for family, names_of in members.items():
+            pairs = sorted((ordinal[m], i) for i, m in enumerate(names_of))
+            by_ordinal[family] = ([o for o, _ in pairs], [names_of[i] for _, i in pairs])
+        return cls(members, family_of, ordinal, tuple(unmatched), by_ordinal)
+
+    def expand(self, groups: Iterable[str]) -> tuple[str, ...]:
+        """Declared groups with each family replaced by its members (rules)."""
+        return tuple(m for g in groups for m in (self.members[g] if g in self.members else (g,)))
+
+    def token_order(self, groups: Sequence[str], names: Sequence[str]) -> tuple[str, ...]:
+        """The run-time groups in token order: declared groups in their
+        order, each family at its first group's place with the members of
+        all its parts in input order (``doc0.prefix, doc0.text, doc1.prefix``)."""
+        by_root: dict[str, list[str]] = {}
+        for name in dict.fromkeys(names):
+            family = self.family_of.get(name)
+            if family is not None:
+                by_root.setdefault(family_root(family), []).append(name)
+        out: list[str] = []
+        placed: set[str] = set()
+        for group in groups:
+            if group not in self.members:
+                out.append(group)
+                continue
+            root = family_root(group)
+            if root not in placed:
+                placed.add(root)
+                out.extend(by_root.get(root, ()))
+        return tuple(out)
+
+    def related(self, query: str, family: str, relation: MemberRelation) -> list[str]:
+        """The members of ``family`` that run-time group ``query`` reads under ``relation``."""
+        if relation.kind == "self":
+            return [query]
+        ordinals, ordered = self.by_ordinal.get(family, ([], []))
+        lo, hi = relation.ordinals(self.ordinal[query])
+        return ordered[bisect.bisect_left(ordinals, lo) : bisect.bisect_left(ordinals, hi)]
