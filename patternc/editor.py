@@ -26,6 +26,15 @@ from patternc.modifiers import MODIFIER_NAMES
 from patternc.plan import Program
 from patternc.project import Settings
 
+_MODIFIER_DETAIL = {
+    "causal": "causal: j <= i",
+    "window": "window N: |i - j| < N",
+    "back": "back L: i - j <= L",
+    "ahead": "ahead R: j - i <= R",
+    "dilate": "dilate D: every D-th key, (j - i) % D == 0",
+    "across": "across: positions in the whole input, not within each group",
+}
+
 __all__ = [
     "CodeAction",
     "Completion",
@@ -121,7 +130,7 @@ def completions(text: str, line: int, column: int) -> list[Completion]:
     before = lines[line - 1][: column - 1] if 1 <= line <= len(lines) else ""
     if before.count("[") > before.count("]"):
         return [
-            Completion(m, "modifier", "causal: j <= i" if m == "causal" else "window N: |i - j| < N")
+            Completion(m, "modifier", _MODIFIER_DETAIL[m])
             for m in MODIFIER_NAMES
         ] + [Completion(name, "member relation", doc) for name, doc in MEMBER_RELATION_DOCS.items()]
     groups = declared_groups(text)

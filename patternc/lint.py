@@ -82,6 +82,8 @@ def _rule_modifier_across_groups(
             resolved = by_span.get(rule.span)
             if rule.modifiers is None or resolved is None or len(resolved.keys) < 2:
                 continue
+            if rule.modifiers.modifiers.across:  # positions count in the input: nothing restarts per group
+                continue
             if _holds_error(rule.span, errors):
                 continue
             mods = rule.modifiers.modifiers.text()

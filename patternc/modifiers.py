@@ -3,55 +3,259 @@
 A modifier belongs to one (query group, key group) pair. It is written
 after a key selector (``text -> image, text[causal]``: only the text keys are
 causal) or after the whole rule (``a -> a [causal]``: every key group of the
-rule). Positions are counted *within each group*: token ``i`` of the query
-group and token ``j`` of the key group, both from 0.
+rule). Every modifier list is one *band on the diagonal*: with ``d`` the key's
+position minus the query's,
 
-- ``causal``: ``j <= i``;
-- ``window N``: ``|i - j| < N`` (with ``causal``: ``0 <= i - j < N``, the usual
-  causal sliding window).
+    allowed  iff  low <= d <= high  and  d % dilation == 0
 
-For a group attending to itself this is ordinary causal / local attention;
-between two different groups it aligns their starts (query ``i`` sees the
-first ``i + 1`` keys of the other group under ``causal``), which is why a
-rule-level modifier over several key groups is warned about (W102).
+- ``causal``: ``d <= 0`` (``j <= i``);
+- ``window N``: ``|d| < N`` (with ``causal``: ``0 <= i - j < N``, the usual
+  causal sliding window);
+- ``back L``: ``d >= -L`` (at most ``L`` keys behind the query);
+- ``ahead R``: ``d <= R``;
+- ``dilate D``: ``d % D == 0`` (every ``D``-th key);
+- ``across``: positions are the tokens' places in the whole input (a
+  group's offset plus the position within it), not within each group.
+
+Without ``across``, positions count *within each group* from 0: for a group
+attending to itself this is ordinary causal / local attention; between two
+different groups it aligns their starts (query ``i`` sees the first ``i + 1``
+keys of the other group under ``causal``), which is why a rule-level modifier
+over several key groups is warned about (W102). With ``across`` the band of a
+pair is shifted by the key group's offset minus the query group's
+(:func:`pair_shift`), known once sizes are.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["MODIFIER_NAMES", "NO_MODIFIERS", "Modifiers", "allowed_pairs"]
+__all__ = [
+    "MODIFIER_NAMES",
+    "NO_MODIFIERS",
+    "UNBOUNDED",
+    "Band",
+    "Modifiers",
+    "allowed_pairs",
+    "band_allows",
+    "pair_band",
+]
 
-MODIFIER_NAMES = ("causal", "window")
+MODIFIER_NAMES = ("causal", "window", "back", "ahead", "dilate", "across")
+
+UNBOUNDED = 1 << 62
+"""A band's open side in device tables (int64), past any position difference."""
+
+
+@dataclass(frozen=True, slots=True)
+class Band:
+    """The allowed pairs of one (query group, key group) pair in positions
+    *within the groups*: query ``i`` and key ``j`` pair iff
+    ``low <= j - i <= high`` (None: unbounded on that side) and
+    ``(j - i - residue) % dilation == 0``."""
+
+    low: int | None
+    high: int | None
+    dilation: int = 1
+    residue: int = 0
+
+    def is_empty(self) -> bool:
+        """No difference ``j - i`` at all is allowed (whatever the sizes)."""
+        if self.low is None or self.high is None:
+            return False
+        return _first_multiple(self.low, self.dilation, self.residue) > self.high
+
+    def count_in(self, lo: int, hi: int) -> int:
+        """How many allowed differences lie in ``[lo, hi]``."""
+        a = lo if self.low is None else max(lo, self.low)
+        b = hi if self.high is None else min(hi, self.high)
+        if a > b:
+            return 0
+        d, r = self.dilation, self.residue
+        return (b - r) // d - (a - 1 - r) // d
+
+    def cell_class(self, qlo: int, qhi: int, klo: int, khi: int) -> tuple[bool, bool]:
+        """``(non-empty, full)`` of the rectangle of queries ``[qlo, qhi]`` and
+        keys ``[klo, khi]`` (positions within the groups, bounds included):
+        its differences ``j - i`` are exactly the integers of
+        ``[klo - qhi, khi - qlo]``, so this is exact."""
+        lo, hi = klo - qhi, khi - qlo
+        inside = (self.low is None or lo >= self.low) and (self.high is None or hi <= self.high)
+        full = inside and (self.dilation == 1 or (lo == hi and (lo - self.residue) % self.dilation == 0))
+        return self.count_in(lo, hi) > 0, full
+
+
+def _first_multiple(at_least: int, dilation: int, residue: int) -> int:
+    """The smallest ``x >= at_least`` with ``(x - residue) % dilation == 0``."""
+    return at_least + (residue - at_least) % dilation
 
 
 @dataclass(frozen=True, slots=True)
 class Modifiers:
+    """One modifier list, as written (``Modifiers(causal=True, window=256)``).
+
+    The list is kept in a canonical form: ``ahead`` next to ``causal`` says
+    nothing more and is dropped, ``ahead 0`` alone is ``causal``, ``dilate
+    1`` is no dilation, and ``across`` on a band with no bound and no
+    dilation is dropped (it changes nothing). :meth:`band` is what it allows.
+
+    Raises:
+        ValueError: an argument out of range, or ``window`` beside ``back``
+            or ``ahead`` (the parser reports these as E021 and E023).
+    """
+
     causal: bool = False
     window: int | None = None
+    back: int | None = None
+    ahead: int | None = None
+    dilation: int = 1
+    across: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+        for name, value in (("back", self.back), ("ahead", self.ahead)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0, got {value}")
+        if self.dilation < 1:
+            raise ValueError(f"dilation must be at least 1, got {self.dilation}")
+        if self.window is not None and (self.back is not None or self.ahead is not None):
+            raise ValueError("window beside back or ahead: use back and ahead alone")
+        if self.ahead is not None and (self.causal or self.ahead == 0):
+            object.__setattr__(self, "causal", True)
+            object.__setattr__(self, "ahead", None)
+        if self.across and not self._bounded():
+            object.__setattr__(self, "across", False)
+
+    def _bounded(self) -> bool:
+        return self.causal or self.window is not None or self.back is not None or self.ahead is not None or (
+            self.dilation > 1
+        )
 
     def __bool__(self) -> bool:
-        return self.causal or self.window is not None
+        return self._bounded()
+
+    @property
+    def plain(self) -> bool:
+        """Only ``causal`` and ``window`` (what every format has always said)."""
+        return self.back is None and self.ahead is None and self.dilation == 1 and not self.across
+
+    def band(self) -> tuple[int | None, int | None, int]:
+        """``(low, high, dilation)``: the pairs allowed are those with
+        ``low <= d <= high`` (None: unbounded) and ``d % dilation == 0``, for
+        ``d`` the key's position minus the query's (within groups, or in
+        the whole input under ``across``). ``low <= 0 <= high`` always."""
+        low: int | None = None
+        high: int | None = 0 if self.causal else None
+        if self.window is not None:
+            low = -(self.window - 1)
+            high = 0 if self.causal else self.window - 1
+        if self.back is not None:
+            low = -self.back
+        if self.ahead is not None:
+            high = self.ahead
+        return low, high, self.dilation
 
     def parts(self) -> list[str]:
-        return (["causal"] if self.causal else []) + (
-            [f"window {self.window}"] if self.window is not None else []
-        )
+        out = ["causal"] if self.causal else []
+        if self.window is not None:
+            out.append(f"window {self.window}")
+        if self.back is not None:
+            out.append(f"back {self.back}")
+        if self.ahead is not None:
+            out.append(f"ahead {self.ahead}")
+        if self.dilation > 1:
+            out.append(f"dilate {self.dilation}")
+        if self.across:
+            out.append("across")
+        return out
 
     def text(self) -> str:
         """``[causal, window 4]`` (empty for no modifiers)."""
         return f"[{', '.join(self.parts())}]" if self else ""
 
     def to_dict(self) -> dict[str, bool | int | None]:
-        return {"causal": self.causal, "window": self.window}
+        """``causal`` and ``window`` always; ``back``, ``ahead``,
+        ``dilation`` and ``across`` only where set (older readers of the
+        JSON see the lists they know unchanged)."""
+        out: dict[str, bool | int | None] = {"causal": self.causal, "window": self.window}
+        if self.back is not None:
+            out["back"] = self.back
+        if self.ahead is not None:
+            out["ahead"] = self.ahead
+        if self.dilation > 1:
+            out["dilation"] = self.dilation
+        if self.across:
+            out["across"] = True
+        return out
 
     def tighten(self, other: Modifiers) -> Modifiers:
-        """Both restrictions: causal if either is, the smaller window."""
-        windows = [w for w in (self.window, other.window) if w is not None]
-        return Modifiers(self.causal or other.causal, min(windows) if windows else None)
+        """Both restrictions: the intersection of the two bands.
+
+        Raises:
+            ValueError: one band counts positions ``across`` groups and the
+                other within them (their intersection is no single band).
+        """
+        if not other:
+            return self
+        if not self:
+            return other
+        if self.across != other.across:
+            raise ValueError(
+                f"cannot intersect {self.text()} with {other.text()}: one counts positions across groups "
+                "and the other within each group"
+            )
+        dilation = math.lcm(self.dilation, other.dilation)
+        if self.back is None and self.ahead is None and other.back is None and other.ahead is None:
+            windows = [w for w in (self.window, other.window) if w is not None]
+            window = min(windows) if windows else None
+            return Modifiers(self.causal or other.causal, window, None, None, dilation, self.across)
+        (low_a, high_a, _), (low_b, high_b, _) = self.band(), other.band()
+        lows = [x for x in (low_a, low_b) if x is not None]
+        highs = [x for x in (high_a, high_b) if x is not None]
+        low, high = (max(lows) if lows else None), (min(highs) if highs else None)
+        return Modifiers(
+            causal=high == 0,
+            back=None if low is None else -low,
+            ahead=high if high else None,
+            dilation=dilation,
+            across=self.across,
+        )
 
 
 NO_MODIFIERS = Modifiers()
+
+
+def pair_band(modifiers: Modifiers, shift: int = 0) -> Band:
+    """The :class:`Band` of a group pair in positions within its groups.
+    ``shift`` is the key group's offset in the input minus the query
+    group's; it counts only under ``across``."""
+    low, high, dilation = modifiers.band()
+    if not modifiers.across or not shift:
+        return Band(low, high, dilation, 0)
+    return Band(
+        None if low is None else low - shift,
+        None if high is None else high - shift,
+        dilation,
+        -shift % dilation,
+    )
+
+
+def band_allows(band: Band, q_pos: Any, k_pos: Any) -> Any:
+    """Whether query position ``q_pos`` and key position ``k_pos`` (within
+    their groups) pair under ``band``: ints, or tensors that broadcast (a
+    bool tensor then)."""
+    d = k_pos - q_pos
+    ok = d == d
+    if band.low is not None:
+        ok = ok & (d >= band.low)
+    if band.high is not None:
+        ok = ok & (d <= band.high)
+    if band.dilation > 1:
+        ok = ok & ((d - band.residue) % band.dilation == 0)
+    return ok
 
 
 def _sum_clamped(first: int, count: int, high: int) -> int:
@@ -76,20 +280,23 @@ def _pairs_below(n_queries: int, n_keys: int, offset: int) -> int:
     return _sum_clamped(offset + 1, n_queries, n_keys)
 
 
-def allowed_pairs(n_queries: int, n_keys: int, modifiers: Modifiers) -> int:
+def allowed_pairs(n_queries: int, n_keys: int, modifiers: Modifiers, shift: int = 0) -> int:
     """How many (query, key) pairs of an ``n_queries x n_keys`` group pair
-    ``modifiers`` allow: exact, in O(1), so FLOPs and density are exact too."""
+    ``modifiers`` allow (``shift``: see :func:`pair_band`): exact, so FLOPs
+    and density are exact too. O(1), or one step per ``dilation``-th
+    diagonal of the pair under ``dilate``."""
     if n_queries <= 0 or n_keys <= 0:
         return 0
-    # allowed: i + low <= j <= i + high
-    far = n_queries + n_keys
-    low, high = -far, far
-    if modifiers.causal:
-        high = 0
-    if modifiers.window is not None:
-        low = max(low, -(modifiers.window - 1))
-        if not modifiers.causal:
-            high = min(high, modifiers.window - 1)
+    band = pair_band(modifiers, shift)
+    # allowed: i + low <= j <= i + high, differences j - i within [-(n_q - 1), n_k - 1]
+    low = -(n_queries - 1) if band.low is None else max(band.low, -(n_queries - 1))
+    high = n_keys - 1 if band.high is None else min(band.high, n_keys - 1)
     if low > high:
         return 0
-    return _pairs_below(n_queries, n_keys, high) - _pairs_below(n_queries, n_keys, low - 1)
+    if band.dilation == 1:
+        return _pairs_below(n_queries, n_keys, high) - _pairs_below(n_queries, n_keys, low - 1)
+    total = 0
+    for diagonal in range(_first_multiple(low, band.dilation, band.residue), high + 1, band.dilation):
+        # pairs with j - i == diagonal
+        total += min(n_queries, n_keys - diagonal) - max(0, -diagonal)
+    return total

@@ -395,6 +395,22 @@ def _token_span(token: lark.Token) -> Span:
 
 _Item = tuple[str, "int | MemberRelation | None", Span]
 
+_FLAG_MODIFIERS = ("causal", "across")
+_TOKENS = ("a number of tokens", "a whole number of tokens")
+_NUMBER_MODIFIERS = {  # name: (what it needs, said exactly, least value, example)
+    "window": (*_TOKENS, 1, "window 256"),
+    "back": (*_TOKENS, 0, "back 255"),
+    "ahead": (*_TOKENS, 0, "ahead 16"),
+    "dilate": ("a step", "a whole-number step", 1, "dilate 2"),
+}
+_MODIFIER_MEANING = {
+    "window": "a window of N lets each query see keys less than N positions away",
+    "back": "`back L` lets each query see at most L keys behind it",
+    "ahead": "`ahead R` lets each query see at most R keys ahead of it",
+    "dilate": "`dilate D` keeps every D-th key (`dilate 1` keeps them all)",
+}
+_PLURAL = {"window": "windows", "back": "`back` values", "ahead": "`ahead` values", "dilate": "dilations"}
+
 
 @dataclass(frozen=True, slots=True)
 class _Comma:
@@ -483,31 +499,33 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 Code.UNKNOWN_MODIFIER,
                 f"unknown modifier `{name}`",
                 span,
-                f"did you mean `{meant}`?" if meant else "modifiers: `causal`, `window N`",
+                f"did you mean `{meant}`?"
+                if meant
+                else "modifiers: `causal`, `window N`, `back L`, `ahead R`, `dilate D`, `across`",
                 rename_fix(span, name, meant) if meant else None,
             )
             return None
-        if name == "causal":
+        if name in _FLAG_MODIFIERS:
             if arg is not None:
-                self._error(Code.BAD_MODIFIER_ARGUMENT, "`causal` takes no argument", _token_span(arg),
-                            "write `[causal]`")  # fmt: skip
+                self._error(Code.BAD_MODIFIER_ARGUMENT, f"`{name}` takes no argument", _token_span(arg),
+                            f"write `[{name}]`")  # fmt: skip
                 return None
-            return ("causal", None, span)
+            return (name, None, span)
+        what, whole, least, example = _NUMBER_MODIFIERS[name]
         if arg is None:
-            self._error(Code.BAD_MODIFIER_ARGUMENT, "`window` needs a number of tokens", span,
-                        "e.g. `[window 256]`")  # fmt: skip
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`{name}` needs {what}", span, f"e.g. `[{example}]`")
             return None
         text = str(arg)
         where = _token_span(arg)
         if not re.fullmatch(r"[-+]?[0-9]+", text):
-            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`window` needs a whole number of tokens, got `{text}`",
-                        where, "e.g. `[window 256]`")  # fmt: skip
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`{name}` needs {whole}, got `{text}`", where,
+                        f"e.g. `[{example}]`")  # fmt: skip
             return None
-        if int(text) < 1:
-            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`window` must be at least 1, got {int(text)}", where,
-                        "a window of N lets each query see keys less than N positions away")  # fmt: skip
+        if int(text) < least:
+            message = f"`{name}` must be at least {least}, got {int(text)}"
+            self._error(Code.BAD_MODIFIER_ARGUMENT, message, where, _MODIFIER_MEANING[name])
             return None
-        return ("window", int(text), span)
+        return (name, int(text), span)
 
     def _member_relation(self, name: str, arg: lark.Token | None, span: Span) -> _Item | None:
         """``same``, ``before [N]``, ``upto [N]`` (N: a whole number of members >= 1)."""
@@ -532,7 +550,6 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         return ("members", MemberRelation(name, int(text)), span)  # type: ignore[arg-type]
 
     def _modifier_list(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
-        causal, window = False, None
         members: MemberRelation | None = None
         seen: dict[str, _Item] = {}
         for item in children:
@@ -553,17 +570,35 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 same = first[1] == value
                 self._error(
                     Code.DUPLICATE_MODIFIER,
-                    f"`{name}` given twice" if same else f"two windows ({first[1]} and {value})",
+                    f"`{name}` given twice" if same else f"two {_PLURAL[name]} ({first[1]} and {value})",
                     span,
-                    "give each modifier once" if same else "keep one `window N`",
+                    "give each modifier once" if same else f"keep one `{name} N`",
+                )
+                continue
+            side = next((seen[s] for s in ("back", "ahead") if s in seen), None)
+            if (name == "window" and side is not None) or (name in ("back", "ahead") and "window" in seen):
+                window = seen["window"][1] if name != "window" else value
+                other = side if name == "window" else item
+                assert other is not None and isinstance(window, int)
+                self._error(
+                    Code.CONFLICTING_MODIFIERS,
+                    f"`window {window}` and `{other[0]} {other[1]}` in one list",
+                    span,
+                    f"`window {window}` is `back {window - 1}, ahead {window - 1}`: write `back` and `ahead` "
+                    "alone for a window that differs on its two sides, or `window N` alone",
                 )
                 continue
             seen[name] = item
-            if name == "causal":
-                causal = True
-            elif isinstance(value, int):
-                window = value
-        return ModifierList(Modifiers(causal, window), _span_of(meta), members)
+        values = {name: item[1] for name, item in seen.items() if isinstance(item[1], int)}
+        modifiers = Modifiers(
+            causal="causal" in seen,
+            window=values.get("window"),
+            back=values.get("back"),
+            ahead=values.get("ahead"),
+            dilation=values.get("dilate") or 1,
+            across="across" in seen,
+        )
+        return ModifierList(modifiers, _span_of(meta), members)
 
     @lark.v_args(meta=True)
     def modifiers(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:

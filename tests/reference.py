@@ -99,8 +99,11 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
 def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
     """``[N, N]`` bool from the language's definition, not from patternc's
     layouts: query token ``i`` of group G sees key token ``j`` of group H iff
-    G's rule lists H, and, with that key group's modifiers, ``j <= i`` under
-    ``causal`` and ``|i - j| < N`` under ``window N`` (positions within groups)."""
+    G's rule lists H, and, with that key group's modifiers and ``d = j - i``
+    (positions within groups, or in the whole input under ``across``):
+    ``d <= 0`` under ``causal``, ``|d| < N`` under ``window N``, ``d >= -L``
+    under ``back L``, ``d <= R`` under ``ahead R`` and ``d % D == 0`` under
+    ``dilate D``."""
     bound = plan.bind(list(sizes))
     keys_of = {q: {k.name: k.modifiers for k in rule.keys} for rule in bound.rules for q in rule.queries}
     names = [g for g in bound.groups for _ in range(sizes[g])]
@@ -113,11 +116,12 @@ def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
             mods = keys.get(names[b])
             if mods is None:
                 continue
-            ok = True
-            if mods.causal:
-                ok = positions[b] <= positions[a]
-            if ok and mods.window is not None:
-                ok = abs(positions[a] - positions[b]) < mods.window
+            d = b - a if mods.across else positions[b] - positions[a]
+            ok = not (mods.causal and d > 0)
+            ok &= mods.window is None or abs(d) < mods.window
+            ok &= mods.back is None or d >= -mods.back
+            ok &= mods.ahead is None or d <= mods.ahead
+            ok &= d % mods.dilation == 0
             mask[a, b] = ok
     return mask
 

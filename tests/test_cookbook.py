@@ -34,6 +34,14 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
         patternc.compile(EXAMPLES / "cookbook" / "sliding_window_global.patc").patterns["default"],
         [{"global": 2, "tokens": 13}, {"global": 1, "tokens": 5}],
     ),
+    "asymmetric_window": (
+        patternc.compile(EXAMPLES / "cookbook" / "asymmetric_window.patc").patterns["default"],
+        [{"tokens": 13}, {"tokens": 2}, {"tokens": 40}],
+    ),
+    "global_mid_sequence": (
+        patternc.compile(EXAMPLES / "cookbook" / "global_mid_sequence.patc").patterns["default"],
+        [{"before": 10, "global": 1, "after": 12}, {"before": 1, "global": 1, "after": 3}, {"before": 0, "global": 2, "after": 7}],
+    ),
     "perceiver": (
         patternc.compile(EXAMPLES / "cookbook" / "perceiver.patc").patterns["default"],
         [{"latents": 4, "inputs": 11}, {"latents": 1, "inputs": 6}],

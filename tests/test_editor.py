@@ -43,7 +43,8 @@ def test_completion_offers_groups_then_modifiers_inside_brackets() -> None:
     names = {c.label: c.kind for c in editor.completions(SOURCE, 3, 18)}
     assert names["surface_anchors"] == "group" and names["doc*"] == "family" and names["self"] == "keyword"
     inside = {c.label: c.kind for c in editor.completions("groups a\na -> a[", 2, 8)}
-    assert inside == {"causal": "modifier", "window": "modifier", "same": "member relation",
+    modifiers = ("causal", "window", "back", "ahead", "dilate", "across")
+    assert inside == {**dict.fromkeys(modifiers, "modifier"), "same": "member relation",
                       "before": "member relation", "upto": "member relation"}  # fmt: skip
 
 
@@ -246,6 +247,7 @@ def test_vscode_extension_and_grammar_fit_together() -> None:
     assert keyword.findall("groups a b\npattern p {") == ["groups", "pattern"]
     modifier = re.compile(grammar["repository"]["modifiers"]["patterns"][0]["match"])
     assert modifier.findall("[causal, window 4]") == ["causal", "window"]
+    assert modifier.findall("[back 3, ahead 1, dilate 2, across]") == ["back", "ahead", "dilate", "across"]
 
 
 def test_formatting_and_quick_fixes_over_stdio(tmp_path: Path) -> None:

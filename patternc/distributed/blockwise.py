@@ -21,15 +21,18 @@ __all__ = ["merge_partials", "pair_mask", "partial_attention"]
 
 
 def pair_mask(
-    q_pos: Tensor, q_group: Tensor, k_pos: Tensor, k_group: Tensor, causal: Tensor, window: Tensor
+    q_pos: Tensor,
+    q_group: Tensor,
+    k_pos: Tensor,
+    k_group: Tensor,
+    band: tuple[Tensor, Tensor, Tensor, Tensor],
 ) -> Tensor:
-    """``[Lq, Lk]`` bool: allowed pairs. ``causal[qg, kg]`` / ``window[qg, kg]``
-    (0: none) are the modifiers of each (query group, key group) pair."""
-    pair_causal = causal[q_group][:, k_group]
-    pair_window = window[q_group][:, k_group]
-    diff = q_pos[:, None] - k_pos[None, :]
-    allowed = ~pair_causal | (diff >= 0)
-    return allowed & ((pair_window == 0) | (diff.abs() < pair_window))
+    """``[Lq, Lk]`` bool: allowed pairs. ``band`` is the ``low``, ``high``,
+    ``dilation`` and ``residue`` ``[qg, kg]`` tables of each (query group, key
+    group) pair's :class:`~patternc.modifiers.Band` (positions within groups)."""
+    low, high, dilation, residue = (table[q_group][:, k_group] for table in band)
+    d = k_pos[None, :] - q_pos[:, None]
+    return (d >= low) & (d <= high) & ((d - residue) % dilation == 0)
 
 
 def partial_attention(

@@ -23,6 +23,7 @@ from patternc.distributed.placement import ShardedCall
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.lower.layout import Layout
+from patternc.modifiers import UNBOUNDED, pair_band
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan
 
@@ -96,6 +97,44 @@ class _Block:
     groups: Tensor
 
 
+def _band_tables(
+    call: ShardedCall, tokens: RankTokens, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``[query groups, key groups]`` tables of each pair's band (``low``,
+    ``high``, ``dilation``, ``residue``; open sides :data:`UNBOUNDED` away).
+    Under ``across`` the groups' offsets in the whole input shift the band,
+    so ranks holding any part of a group agree on it.
+
+    Raises:
+        ValueError: ``across`` on keys read from a KV cache (no place in the input).
+    """
+    offsets, at = {}, 0
+    for group in tokens.placement.groups:
+        offsets[group.name] = at if group.size is not None else None
+        at += group.size or 0
+    rows = []
+    for q in call.attention.queries:
+        row = []
+        for key in call.attention.keys:
+            shift = 0
+            if key.modifiers.across:
+                q_at, k_at = offsets.get(q), offsets.get(key.name)
+                if q_at is None or k_at is None:
+                    raise ValueError(
+                        f"`{key.name}{key.modifiers.text()}`: `across` counts positions in the input, and a "
+                        "group read from a KV cache has none; give it a size or drop `across`"
+                    )
+                shift = k_at - q_at
+            band = pair_band(key.modifiers, shift)
+            low = -UNBOUNDED if band.low is None else band.low
+            high = UNBOUNDED if band.high is None else band.high
+            row.append((low, high, band.dilation, band.residue))
+        rows.append(row)
+    table = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), -1, 4)
+    columns = [table[:, :, i].contiguous() for i in range(4)]
+    return columns[0], columns[1], columns[2], columns[3]
+
+
 class BlockwiseCall:
     """One call on the blockwise kernel: its queries, key blocks and modifier tables (built once)."""
 
@@ -104,9 +143,7 @@ class BlockwiseCall:
         attention = call.attention
         self.call, self.comm, self.query_chunk, self.device = call, comm, max(1, query_chunk), d
         self.key_groups = attention.key_names
-        rows = len(attention.queries)
-        self.causal = torch.tensor([[k.modifiers.causal for k in attention.keys]] * rows, device=d)
-        self.window = torch.tensor([[k.modifiers.window or 0 for k in attention.keys]] * rows, device=d)
+        self.band = _band_tables(call, tokens, d)
         self.queries = tokens.tokens(attention.queries)
         self.local_keys: Tokens = tokens.tokens(self.key_groups)
         """This rank's input tokens of the call's key groups (what it sends around the ring)."""
@@ -180,7 +217,7 @@ class BlockwiseCall:
             q_pos, q_grp = self.queries.positions[start:stop], self.queries.groups[start:stop]
             allowed = None
             if modified:
-                allowed = pair_mask(q_pos, q_grp, block.positions, block.groups, self.causal, self.window)
+                allowed = pair_mask(q_pos, q_grp, block.positions, block.groups, self.band)
             if key_mask is not None:
                 allowed = key_mask[:, None, :] if allowed is None else allowed[None] & key_mask[:, None, :]
             bias = None

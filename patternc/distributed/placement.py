@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from patternc.ir import AttentionCall
-from patternc.modifiers import Modifiers, allowed_pairs
+from patternc.modifiers import Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
 
 __all__ = [
@@ -176,9 +176,13 @@ def place(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     live = {g for g in groups if sizes[g] is not None}
     flops = {g: 0 for g in groups}
+    offsets = _offsets(groups, sizes)
     for call in calls:
         for q in call.queries:
-            flops[q] += sum(allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers) for k in call.keys)
+            flops[q] += sum(
+                allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
+                for k in call.keys
+            )
     total = sum(flops.values())
     components = _components(groups, calls, live)
     whole: list[tuple[int, list[str]]] = []
@@ -280,16 +284,22 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
     return sum(placement.group(k).missing(rank) for k in keys)
 
 
-def _key_interval(queries: Range, n_keys: int, mods: Modifiers) -> Range:
-    """Key positions some query of ``queries`` may see (``[lo, hi)``)."""
+def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str, int]:
+    """Each group's offset in the whole input (groups in plan order, cached ones hold no tokens)."""
+    out, at = {}, 0
+    for g in groups:
+        out[g] = at
+        at += sizes[g] or 0
+    return out
+
+
+def _key_interval(queries: Range, n_keys: int, mods: Modifiers, shift: int = 0) -> Range:
+    """Key positions some query of ``queries`` may see (``[lo, hi)``; under
+    ``dilate`` the interval holds the keys seen and the skipped ones between)."""
     a, b = queries
-    lo, hi = 0, n_keys
-    if mods.causal:
-        hi = min(hi, b)
-    if mods.window is not None:
-        lo = max(lo, a - mods.window + 1)
-        if not mods.causal:
-            hi = min(hi, b + mods.window - 1)
+    band = pair_band(mods, shift)
+    lo = 0 if band.low is None else max(0, a + band.low)
+    hi = n_keys if band.high is None else min(n_keys, b - 1 + band.high + 1)
     return (lo, hi) if lo < hi else (0, 0)
 
 
@@ -306,6 +316,7 @@ def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
 def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> int:
     """Key/value tokens ``rank`` needs for ``calls`` and does not hold."""
     wanted: dict[str, list[Range]] = {}
+    offsets = _offsets([g.name for g in placement.groups], {g.name: g.size for g in placement.groups})
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
@@ -316,7 +327,8 @@ def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> 
                 if k.size is None:
                     continue
                 for r in shards.ranges[rank]:
-                    wanted.setdefault(key.name, []).append(_key_interval(r, k.size, key.modifiers))
+                    shift = offsets[key.name] - offsets[q]
+                    wanted.setdefault(key.name, []).append(_key_interval(r, k.size, key.modifiers, shift))
     return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
 
 

@@ -19,8 +19,23 @@ __all__ = ["engine_dict", "flex_tables_dict"]
 def flex_tables_dict(layout: Layout) -> dict[str, Any]:
     """What a FlexAttention ``mask_mod`` reads, torch-free: each token's group
     (as runs of the input) and, per (query group, key group), whether it is
-    allowed and its modifiers. Positions count within groups."""
+    allowed and its modifiers. Positions count within groups.
+
+    ``causal`` and ``window`` are the lists' own; ``low``, ``high``,
+    ``dilation`` and ``residue`` are each pair's whole band (``across``
+    already turned into positions within groups; an open side is null):
+    query ``i`` reads key ``j`` iff ``low <= j - i <= high`` and
+    ``(j - i - residue) % dilation == 0``."""
     index = {g: i for i, g in enumerate(layout.all_groups)}
+    n = len(layout.all_groups)
+    bands: dict[str, list[list[int | None]]] = {
+        name: [[fill] * n for _ in range(n)]
+        for name, fill in (("low", None), ("high", None), ("dilation", 1), ("residue", 0))
+    }
+    for q, k in layout.pairs:
+        band = layout.pair_band(q, k)
+        bands["low"][q][k], bands["high"][q][k] = band.low, band.high
+        bands["dilation"][q][k], bands["residue"][q][k] = band.dilation, band.residue
     return {
         "n_tokens": layout.n_tokens,
         "groups": list(layout.all_groups),
@@ -32,6 +47,7 @@ def flex_tables_dict(layout: Layout) -> dict[str, Any]:
         "allowed": _group_table(layout, lambda mods: 1),
         "causal": _group_table(layout, lambda mods: int(mods.causal)),
         "window": _group_table(layout, lambda mods: mods.window or 0),
+        **bands,
     }
 
 

@@ -70,7 +70,7 @@ def flashmask_bounds(layout: Layout) -> FlashMaskBounds:
     rows: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     for pair in group_pairs(layout):
         for j in range(pair.k_len):
-            lo, hi = column_queries(j, pair.q_len, pair.modifiers)
+            lo, hi = column_queries(j, pair.q_len, pair.modifiers, pair.shift)
             if lo < hi:
                 rows[pair.k_start + j].append((pair.q_start + lo, pair.q_start + hi))
     lts, lte, uts, ute = [], [], [], []

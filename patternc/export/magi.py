@@ -48,7 +48,7 @@ _KINDS: dict[tuple[bool, bool], MaskType] = {
 def _runs(pair: GroupPair) -> list[tuple[int, int, int, int, bool, bool]]:
     """``(first row, stop row, lo at first, hi-1 at last, lo rises, hi rises)``."""
     runs: list[tuple[int, int, int, int, bool, bool]] = []
-    bounds = [row_keys(i, pair.k_len, pair.modifiers) for i in range(pair.q_len)]
+    bounds = [row_keys(i, pair.k_len, pair.modifiers, pair.shift) for i in range(pair.q_len)]
     i = 0
     while i < pair.q_len:
         lo, hi = bounds[i]

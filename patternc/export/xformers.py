@@ -79,8 +79,13 @@ def xformers_mask(layout: Layout) -> XformersMask:
     (mods,) = modifiers
     if mods is None:
         raise NotExpressible("key groups with different modifiers in one call")
-    if not mods.causal:
+    # each call is one group attending to itself: `across` shifts nothing
+    low, high, dilation = mods.band()
+    if high != 0:
         raise NotExpressible(f"{mods.text()} without [causal] (xformers' local masks are causal)")
-    if mods.window is None:
+    if dilation > 1:
+        keep = "xformers' local masks keep them all"
+        raise NotExpressible(f"{mods.text()} keeps every {dilation}th key; {keep}")
+    if low is None:
         return XformersMask("BlockDiagonalCausalMask", q_seqlen, kv_seqlen)
-    return XformersMask("BlockDiagonalCausalLocalAttentionMask", q_seqlen, kv_seqlen, window_size=mods.window)
+    return XformersMask("BlockDiagonalCausalLocalAttentionMask", q_seqlen, kv_seqlen, window_size=1 - low)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
-from patternc.modifiers import Modifiers
+from patternc.modifiers import Band
 
 __all__ = ["BLOCK_SIZE", "EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]
 
@@ -54,18 +54,11 @@ def _block_groups(
     return out
 
 
-def _pair_class(mods: Modifiers, qlo: int, qhi: int, klo: int, khi: int) -> int:
-    """Class of the sub-block of one allowed (query group, key group) pair."""
-    full, empty = True, False
-    if mods.causal:
-        full &= khi <= qlo
-        empty |= klo > qhi
-    if mods.window is not None:
-        full &= max(qhi - klo, khi - qlo) < mods.window
-        empty |= klo - qhi >= mods.window or qlo - khi >= mods.window
-    if empty:
-        return EMPTY
-    return FULL if full else PARTIAL
+def _pair_class(band: Band, qlo: int, qhi: int, klo: int, khi: int) -> int:
+    """Class of the sub-block of one allowed (query group, key group) pair
+    (positions within the groups, bounds included)."""
+    nonempty, full = band.cell_class(qlo, qhi, klo, khi)
+    return FULL if full else (PARTIAL if nonempty else EMPTY)
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -154,11 +147,19 @@ def block_classes(layout: Layout, block: int = BLOCK_SIZE) -> BlockClasses:
     n_tokens = layout.n_tokens
     n_blocks = max(1, math.ceil(n_tokens / block))
     per_block = _block_groups(segments, n_blocks, block)
+    index = {g: i for i, g in enumerate(layout.all_groups)}
     keys = {
         q: {k.name: k.modifiers for k in call.attention.keys}
         for call in layout.calls
         for q in call.query_tokens
     }
+    bands: dict[tuple[str, str], Band] = {}
+
+    def band_of(q: str, k: str) -> Band:
+        if (q, k) not in bands:
+            bands[q, k] = layout.pair_band(index[q], index[k])
+        return bands[q, k]
+
     classes = []
     for q_parts in per_block:
         row = []
@@ -168,7 +169,13 @@ def block_classes(layout: Layout, block: int = BLOCK_SIZE) -> BlockClasses:
                 allowed = keys.get(q_group, {}) if q_group else {}
                 for k_group, klo, khi in k_parts:
                     mods = allowed.get(k_group) if k_group else None
-                    cls = EMPTY if mods is None else _pair_class(mods, qlo, qhi, klo, khi)
+                    if mods is None:
+                        cls = EMPTY
+                    elif not mods:
+                        cls = FULL
+                    else:
+                        assert q_group is not None and k_group is not None
+                        cls = _pair_class(band_of(q_group, k_group), qlo, qhi, klo, khi)
                     nonempty |= cls != EMPTY
                     full &= cls == FULL
             row.append(EMPTY if not nonempty else (FULL if full else PARTIAL))

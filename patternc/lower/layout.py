@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall
-from patternc.modifiers import NO_MODIFIERS, Modifiers, allowed_pairs
+from patternc.modifiers import NO_MODIFIERS, UNBOUNDED, Band, Modifiers, allowed_pairs, band_allows, pair_band
 from patternc.schemas import TokenSpec
 
 __all__ = [
@@ -376,37 +376,48 @@ class Layout:
         by_group: dict[int, list[tuple[int, int]]] = {}
         for group, offset, size in key_pieces:
             by_group.setdefault(group, []).append((offset, size))
-        keys_of: dict[int, list[tuple[int, Modifiers]]] = {}
-        for (q, k), mods in self.pairs.items():
-            keys_of.setdefault(q, []).append((k, mods))
+        keys_of: dict[int, list[int]] = {}
+        for q, k in self.pairs:
+            keys_of.setdefault(q, []).append(k)
         for q, q_offset, q_size in pieces:
             q_pos = torch.arange(q_size)[:, None]
-            for k, mods in keys_of.get(q, ()):
+            for k in keys_of.get(q, ()):
+                band = self.pair_band(q, k)
                 for k_offset, k_size in by_group.get(k, ()):
-                    k_pos = torch.arange(k_size)[None, :]
-                    allowed = torch.ones(q_size, k_size, dtype=torch.bool)
-                    if mods.causal:
-                        allowed &= k_pos <= q_pos
-                    if mods.window is not None:
-                        allowed &= (q_pos - k_pos).abs() < mods.window
+                    allowed = band_allows(band, q_pos, torch.arange(k_size)[None, :])
                     mask[q_offset : q_offset + q_size, k_offset : k_offset + k_size] |= allowed
         return mask
+
+    def pair_band(self, q: int, k: int) -> Band:
+        """The :class:`~patternc.modifiers.Band` group ``q`` reads group
+        ``k`` under (indices into ``all_groups``; the pair must be allowed),
+        in positions within the groups: under ``across`` the groups'
+        offsets shift it."""
+        mods = self.pairs[q, k]
+        if not mods.across:
+            return pair_band(mods)
+        return pair_band(mods, self.slots[k].offset - self.slots[q].offset)
 
     def allows(self, q: int, k: int) -> bool:
         """Whether group ``q`` attends to group ``k`` (indices into ``all_groups``)."""
         return (q, k) in self.pairs
 
-    def pair_columns(self) -> tuple[list[int], list[int], list[bool], list[int]]:
-        """The allowed group pairs as four aligned columns: query group, key
-        group, ``[causal]``, window (0: none). What device tables of group
-        pairs are filled from, one scatter each."""
-        queries, keys, causal, window = [], [], [], []
-        for (q, k), mods in self.pairs.items():
+    def pair_columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
+        """The allowed group pairs as six aligned columns: query group, key
+        group, and the ``low``, ``high``, ``dilation`` and ``residue`` of
+        each pair's :meth:`pair_band` (an open side is
+        :data:`~patternc.modifiers.UNBOUNDED` away). What device tables of
+        group pairs are filled from, one scatter each."""
+        queries, keys, lows, highs, dilations, residues = [], [], [], [], [], []
+        for q, k in self.pairs:
+            band = self.pair_band(q, k)
             queries.append(q)
             keys.append(k)
-            causal.append(mods.causal)
-            window.append(mods.window or 0)
-        return queries, keys, causal, window
+            lows.append(-UNBOUNDED if band.low is None else band.low)
+            highs.append(UNBOUNDED if band.high is None else band.high)
+            dilations.append(band.dilation)
+            residues.append(band.residue)
+        return queries, keys, lows, highs, dilations, residues
 
 
 def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None]:
@@ -645,6 +656,25 @@ def _key_space(
     return dataclasses.replace(space, periodic=periodic_keys, whole_call_keys=whole)
 
 
+def _refuse_across_the_cache(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> None:
+    """``across`` counts positions in the input; a group read from a KV cache
+    has no place there, so a pair under ``across`` with one is refused."""
+    for attention in plan.calls:
+        for key in attention.keys:
+            if key.modifiers.across and slots[key.name].cached:
+                raise PatternError(
+                    [
+                        Diagnostic(
+                            Code.BAD_SIZE,
+                            f"`{key.name}` is read from a KV cache (size None) under {key.modifiers.text()}, "
+                            "whose positions count in the input",
+                            where="sizes",
+                            hint=f"give `{key.name}` a size (its tokens in the input), or drop `across`",
+                        )
+                    ]
+                )
+
+
 def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -654,13 +684,19 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         size = sizes[name]
         slots[name] = GroupSlot(name, -1, None) if size is None else GroupSlot(name, offset, size)
         offset += size or 0
+    _refuse_across_the_cache(plan, slots)
     calls = []
     for i, attention in enumerate(plan.calls):
         queries = tuple(q for q in attention.queries if not slots[q].cached)
         key_names = attention.key_names
         present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
         allowed = sum(
-            allowed_pairs(slots[q].size or 0, slots[k.name].size or 0, k.modifiers)
+            allowed_pairs(
+                slots[q].size or 0,
+                slots[k.name].size or 0,
+                k.modifiers,
+                slots[k.name].offset - slots[q].offset,
+            )
             for q in queries
             for k in attention.keys
         )

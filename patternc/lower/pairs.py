@@ -4,7 +4,8 @@ Every format below is read from one list: the (query group, key group) pairs
 of each call, at their offsets in the input, with the pair's modifiers. Within
 a pair, query row ``i`` (position within its group) sees the keys
 ``[lo(i), hi(i))`` (:func:`row_keys`), and key column ``j`` is seen by the
-queries ``[lo(j), hi(j))`` (:func:`column_queries`): always one interval, so
+queries ``[lo(j), hi(j))`` (:func:`column_queries`): one interval for every
+band without ``dilate`` (a dilated band is refused here with its reason), so
 every format can be built exactly or refused with its reason.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
-from patternc.modifiers import Modifiers
+from patternc.modifiers import Band, Modifiers, pair_band
 
 __all__ = ["GroupPair", "NotExpressible", "column_queries", "group_pairs", "row_keys"]
 
@@ -35,6 +36,11 @@ class GroupPair:
     k_start: int
     k_len: int
     modifiers: Modifiers
+
+    @property
+    def shift(self) -> int:
+        """The key group's offset minus the query group's: what ``across`` shifts the band by."""
+        return self.k_start - self.q_start
 
 
 def group_pairs(layout: Layout) -> list[GroupPair]:
@@ -63,25 +69,36 @@ def group_pairs(layout: Layout) -> list[GroupPair]:
     return out
 
 
-def row_keys(i: int, n_keys: int, mods: Modifiers) -> tuple[int, int]:
-    """Keys ``[lo, hi)`` (within the key group) that query ``i`` sees; empty as ``lo >= hi``."""
-    lo, hi = 0, n_keys
-    if mods.causal:
-        hi = min(hi, i + 1)
-    if mods.window is not None:
-        lo = max(lo, i - mods.window + 1)
-        if not mods.causal:
-            hi = min(hi, i + mods.window)
+def _interval_band(mods: Modifiers, shift: int) -> Band:
+    band = pair_band(mods, shift)
+    if band.dilation > 1:
+        raise NotExpressible(
+            f"{mods.text()} keeps every {band.dilation}th key: the keys a query sees are no single interval"
+        )
+    return band
+
+
+def row_keys(i: int, n_keys: int, mods: Modifiers, shift: int = 0) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` (within the key group) that query ``i`` sees; empty as ``lo >= hi``.
+    ``shift``: the key group's offset minus the query group's (it counts under ``across``).
+
+    Raises:
+        NotExpressible: ``dilate``: the keys are no interval.
+    """
+    band = _interval_band(mods, shift)
+    lo = 0 if band.low is None else max(0, i + band.low)
+    hi = n_keys if band.high is None else min(n_keys, i + band.high + 1)
     return lo, hi
 
 
-def column_queries(j: int, n_queries: int, mods: Modifiers) -> tuple[int, int]:
-    """Queries ``[lo, hi)`` (within the query group) that see key ``j``."""
-    lo, hi = 0, n_queries
-    if mods.causal:
-        lo = max(lo, j)
-    if mods.window is not None:
-        hi = min(hi, j + mods.window)
-        if not mods.causal:
-            lo = max(lo, j - mods.window + 1)
+def column_queries(j: int, n_queries: int, mods: Modifiers, shift: int = 0) -> tuple[int, int]:
+    """Queries ``[lo, hi)`` (within the query group) that see key ``j``
+    (``shift`` as in :func:`row_keys`).
+
+    Raises:
+        NotExpressible: ``dilate``: the queries are no interval.
+    """
+    band = _interval_band(mods, shift)
+    lo = 0 if band.high is None else max(0, j - band.high)
+    hi = n_queries if band.low is None else min(n_queries, j - band.low + 1)
     return lo, hi

@@ -2,7 +2,7 @@
 
 One launch takes packed queries and keys with cumulative segment lengths:
 each call of a plan is one segment (its query tokens, then its key tokens),
-and calls with different modifiers are separate launches, because the kernel
+and calls with different windows are separate launches, because the kernel
 takes one ``(left, right)`` window for all segments. The executor
 ``varlen`` runs exactly these launches; other stacks can read them as JSON.
 """
@@ -15,14 +15,16 @@ from typing import Any
 
 from patternc.lower.layout import Call, Layout
 from patternc.lower.pairs import NotExpressible
-from patternc.modifiers import NO_MODIFIERS, Modifiers
+from patternc.modifiers import pair_band
 
-__all__ = ["VarlenLaunch", "varlen_launches", "varlen_window"]
+__all__ = ["VarlenLaunch", "varlen_launches", "varlen_refusal", "varlen_window"]
 
 
 def varlen_window(call: Call) -> tuple[int, int] | None:
     """The kernel's ``(left, right)`` window for a call's modifiers (-1:
-    unbounded), or None when one window cannot say them on this call."""
+    unbounded; query ``i`` reads keys ``i - left .. i + right``), or None
+    when one window cannot say them on this call (:func:`varlen_refusal`
+    says why)."""
     mods = call.modifiers
     if mods is None:  # key groups with different modifiers
         return None
@@ -32,8 +34,27 @@ def varlen_window(call: Call) -> tuple[int, int] | None:
     # within the group only for one group attending to one as long
     if not (call.single_groups and call.n_queries == sum(s.length for s in call.keys)):
         return None
-    left = -1 if mods.window is None else mods.window - 1
-    return (left, 0 if mods.causal else left)
+    (query,), (key,) = call.queries, call.keys
+    band = pair_band(mods, key.start - query.start)  # the shift counts under `across` only
+    off_diagonal = (band.low is not None and band.low > 0) or (band.high is not None and band.high < 0)
+    if band.dilation > 1 or off_diagonal:
+        return None
+    return (-1 if band.low is None else -band.low, -1 if band.high is None else band.high)
+
+
+def varlen_refusal(call: Call) -> str | None:
+    """Why :func:`varlen_window` has no window for ``call`` (None: it has one)."""
+    if varlen_window(call) is not None:
+        return None
+    mods = call.modifiers
+    if mods is None:
+        return f"per-key modifiers that differ within one call (`{call.attention.text()}`)"
+    if mods.dilation > 1:
+        skip = "the kernel's (left, right) window cannot skip keys"
+        return f"{mods.text()} keeps every {mods.dilation}th key; {skip}"
+    if mods.across and call.single_groups and call.n_queries == sum(s.length for s in call.keys):
+        return f"{mods.text()} between groups at different places: the band leaves the kernel's diagonal"
+    return f"{mods.text()} across groups of different positions"
 
 
 @dataclass(frozen=True)
@@ -76,21 +97,20 @@ def varlen_launches(layout: Layout) -> tuple[VarlenLaunch, ...]:
     cannot say)."""
     if layout.cached_groups:
         raise NotExpressible("KV-cached groups")
-    by_modifiers: dict[Modifiers, list[Call]] = {}
+    by_window: dict[tuple[int, int], list[Call]] = {}
     for call in layout.calls:
         if not call.n_queries:
             continue
         if not call.keys:
             raise NotExpressible("a call with no keys")
-        if varlen_window(call) is None:
-            if call.modifiers is None:
-                raise NotExpressible(
-                    f"per-key modifiers that differ within one call (`{call.attention.text()}`)"
-                )
-            raise NotExpressible(f"{call.modifiers.text()} across groups of different positions")
-        by_modifiers.setdefault(call.modifiers or NO_MODIFIERS, []).append(call)
+        refusal = varlen_refusal(call)
+        if refusal is not None:
+            raise NotExpressible(refusal)
+        window = varlen_window(call)
+        assert window is not None
+        by_window.setdefault(window, []).append(call)
     launches = []
-    for calls in by_modifiers.values():
+    for window, calls in by_window.items():
         q_rows: list[int] = []
         kv_rows: list[int] = []
         cu_q, cu_k = [0], [0]
@@ -101,7 +121,6 @@ def varlen_launches(layout: Layout) -> tuple[VarlenLaunch, ...]:
                 kv_rows.extend(range(seg.start, seg.stop))
             cu_q.append(len(q_rows))
             cu_k.append(len(kv_rows))
-        window = varlen_window(calls[0]) or (-1, -1)
         launches.append(
             VarlenLaunch(
                 tuple(c.index for c in calls), window, tuple(q_rows), tuple(kv_rows), tuple(cu_q), tuple(cu_k)

@@ -23,9 +23,11 @@ tensor exists anywhere and no score reads a two-dimensional table.
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import math
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from patternc.lower.blocks import BLOCK_SIZE
 from patternc.lower.layout import Layout
+from patternc.modifiers import UNBOUNDED
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling as _compiling
 
@@ -174,14 +177,15 @@ def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, blo
     return list(itertools.accumulate(diff[:n_blocks]))
 
 
-def _modified_pair_blocks(
-    pairs: list[tuple[int, int, int, int, bool, int]], block: int, n_cols: int
-) -> Tensor:
+def _modified_pair_blocks(pairs: Sequence[tuple[int, ...]], block: int, n_cols: int) -> Tensor:
     """Blocks of the (query segment, key segment) pairs that carry modifiers,
     classified one by one on each pair's block rectangle (one padded batch):
     ``[3, n]`` rows (flat block index, non-empty, full), from interval
-    arithmetic on positions within the groups."""
-    p = torch.tensor(pairs, dtype=torch.int64)  # q_start, q_stop, k_start, k_stop, causal, window
+    arithmetic on positions within the groups: a block's differences
+    ``j - i`` are the integers of ``[klo - qhi, khi - qlo]``, so its class
+    under a band is exact (see :meth:`patternc.modifiers.Band.cell_class`)."""
+    # columns: q_start, q_stop, k_start, k_stop, low, high, dilation, residue
+    p = torch.tensor(pairs, dtype=torch.int64)
     q_start, q_stop, k_start, k_stop = (p[:, i, None] for i in range(4))
     r0, r1 = q_start // block, (q_stop - 1) // block
     c0, c1 = k_start // block, (k_stop - 1) // block
@@ -191,20 +195,31 @@ def _modified_pair_blocks(
     qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
     klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
     khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
-    is_causal = p[:, 4, None, None].bool()
-    win = p[:, 5, None, None]
-    has_window = win > 0
-    full = (~is_causal | (khi <= qlo)) & (~has_window | (torch.maximum(qhi - klo, khi - qlo) < win))
-    empty = (is_causal & (klo > qhi)) | (has_window & ((klo - qhi >= win) | (qlo - khi >= win)))
+    low, high, dilation, residue = (p[:, i, None, None] for i in range(4, 8))
+    lo, hi = klo - qhi, khi - qlo  # the differences j - i the block holds
+    a, b = torch.maximum(lo, low), torch.minimum(hi, high)
+    # a multiple of the dilation (shifted by the residue) within [a, b]
+    nonempty = (a <= b) & ((b - residue) // dilation > (a - 1 - residue) // dilation)
+    one_diagonal = (lo == hi) & ((lo - residue) % dilation == 0)
+    full = (lo >= low) & (hi <= high) & ((dilation == 1) | one_diagonal)
     inside = (rows <= r1)[:, :, None] & (cols <= c1)[:, None, :]
     flat = rows[:, :, None] * n_cols + cols[:, None, :]
     return torch.stack(
         [
             flat[inside],
-            (~empty)[inside].to(torch.int64),
+            nonempty[inside].to(torch.int64),
             full[inside].to(torch.int64),
         ]
     )
+
+
+def _band_row(layout: Layout, q: int, k: int) -> tuple[int, int, int, int]:
+    """``(low, high, dilation, residue)`` of a pair's band, open sides as
+    :data:`~patternc.modifiers.UNBOUNDED`."""
+    band = layout.pair_band(q, k)
+    low = -UNBOUNDED if band.low is None else band.low
+    high = UNBOUNDED if band.high is None else band.high
+    return low, high, band.dilation, band.residue
 
 
 WORD_BITS = 64
@@ -213,6 +228,12 @@ WORD_BITS = 64
 MAX_WORDS = 8
 """The most words per query token the ``mask_mod`` tests (512 groups):
 past that it reads the ``[groups, groups]`` tables."""
+
+
+BandTest = tuple[int | None, int | None, int, bool]
+"""``(low, high, dilation, across)`` of a modifier list (:meth:`Modifiers.band
+<patternc.modifiers.Modifiers.band>` and whether positions count in the
+input): what the ``mask_mod`` tests on the pairs that share it."""
 
 
 @dataclass(frozen=True)
@@ -225,21 +246,23 @@ class PairSets:
     Each set's words are an ``[n_words, G + 1]`` table (the last group is
     the padding, in no set), or None where the set needs no test: ``allowed``
     when the allowed pairs are exactly each group with itself
-    (``same_group``), ``causal`` when no allowed pair is causal or every one
-    is (``causal_everywhere``), a window's when every allowed pair has it."""
+    (``same_group``), a band's when every allowed pair has it."""
 
     n_words: int
     same_group: bool
     allowed: Tensor | None
-    causal_everywhere: bool
-    causal: Tensor | None
-    windows: tuple[tuple[int, Tensor | None], ...]
+    bands: tuple[tuple[BandTest, Tensor | None], ...]
+    """Each modifier list of the layout and the pairs that have it."""
     key_bits: Tensor
     """``[G + 1]``: each key group's bit in its word."""
 
 
 GroupTables = tuple[
-    Tensor, Tensor, Tensor, tuple[tuple[int, ...], ...], frozenset[tuple[int, int]], PairSets | None
+    Tensor,
+    tuple[Tensor, Tensor, Tensor, Tensor],
+    tuple[tuple[int, ...], ...],
+    frozenset[tuple[int, int]],
+    PairSets | None,
 ]
 
 
@@ -262,12 +285,11 @@ def _pair_sets(layout: Layout, device: torch.device) -> PairSets | None:
     n_words = -(-size // WORD_BITS)
     pairs = set(layout.pairs)
     same_group = pairs == {(g, g) for g in range(n_groups)}
-    causal = {pair for pair, mods in layout.pairs.items() if mods.causal}
-    windows: dict[int, set[tuple[int, int]]] = {}
+    bands: dict[BandTest, set[tuple[int, int]]] = {}
     for pair, mods in layout.pairs.items():
-        if mods.window:
-            windows.setdefault(mods.window, set()).add(pair)
-    tested = [s for s in (causal, *windows.values()) if s != pairs] + ([] if same_group else [pairs])
+        if mods:
+            bands.setdefault((*mods.band(), mods.across), set()).add(pair)
+    tested = [s for s in bands.values() if s != pairs] + ([] if same_group else [pairs])
     if any(tested) and n_words > MAX_WORDS:
         return None
 
@@ -282,33 +304,33 @@ def _pair_sets(layout: Layout, device: torch.device) -> PairSets | None:
         ]
         return torch.tensor(flat, dtype=torch.int64).view(n_words, size).to(device)
 
+    ordered = sorted(bands.items(), key=lambda item: repr(item[0]))
     return PairSets(
         n_words=n_words,
         same_group=same_group,
         allowed=None if same_group else words(pairs, always=True),
-        causal_everywhere=bool(causal) and causal == pairs,
-        causal=words(causal) if causal else None,
-        windows=tuple((w, words(members)) for w, members in sorted(windows.items())),
+        bands=tuple((test, words(members)) for test, members in ordered),
         key_bits=torch.tensor([_signed(1 << (g % WORD_BITS)) for g in range(size)]).to(device),
     )
 
 
 def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
-    """Device tables of a layout's plan: ``[G + 1, G + 1]`` ``allowed``,
-    ``causal`` and ``window`` of each (query group, key group) pair (the last
-    row and column: padding, allowed nowhere), each group's allowed key
-    groups, the pairs that carry modifiers, and the pair sets the
-    ``mask_mod`` tests (:class:`PairSets`)."""
+    """Device tables of a layout's plan: ``[G + 1, G + 1]`` ``allowed`` and
+    each pair's band (``low``, ``high``, ``dilation``, ``residue`` on
+    positions within groups, see :meth:`Layout.pair_band
+    <patternc.lower.layout.Layout.pair_band>`; the last row and column:
+    padding, allowed nowhere), each group's allowed key groups, the pairs
+    that carry modifiers, and the pair sets the ``mask_mod`` tests
+    (:class:`PairSets`)."""
     n = len(layout.all_groups)
-    q_ids, k_ids, pair_causal, pair_window = (
-        torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns()
-    )
+    q_ids, k_ids, *columns = (torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns())
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    causal = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    window = torch.zeros(n + 1, n + 1, dtype=torch.int64)
     table[q_ids, k_ids] = True
-    causal[q_ids, k_ids] = pair_causal.bool()
-    window[q_ids, k_ids] = pair_window
+    bands = []
+    for column, fill in zip(columns, (0, 0, 1, 0)):
+        band = torch.full((n + 1, n + 1), fill, dtype=torch.int64)
+        band[q_ids, k_ids] = column
+        bands.append(band.to(device))
     per_group: list[list[int]] = [[] for _ in range(n + 1)]
     modified = set()
     for (q, k), mods in layout.pairs.items():
@@ -317,7 +339,8 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
             modified.add((q, k))
     keys = tuple(tuple(sorted(ks)) for ks in per_group)
     sets = _pair_sets(layout, device)
-    return table.to(device), causal.to(device), window.to(device), keys, frozenset(modified), sets
+    low, high, dilation, residue = bands
+    return table.to(device), (low, high, dilation, residue), keys, frozenset(modified), sets
 
 
 @dataclass(frozen=True)
@@ -332,8 +355,9 @@ class FlexTables:
     q_pos: Tensor | None
     kv_pos: Tensor | None
     allowed: Tensor
-    causal: Tensor
-    window: Tensor
+    band: tuple[Tensor, Tensor, Tensor, Tensor]
+    """``[G + 1, G + 1]`` ``low``, ``high``, ``dilation`` and ``residue`` of each
+    pair's band on positions within groups (the ``lookups`` ``mask_mod``)."""
     has_modifiers: bool
     partial: Tensor
     full: Tensor
@@ -353,6 +377,12 @@ class FlexTables:
     and key tokens start at the same index, as a group's own tokens do
     without cached or compacted keys): the ``mask_mod`` then compares token
     indices, with no position lookups."""
+    dilated: bool = False
+    """Whether some pair keeps every ``D``-th key only (the ``mask_mod`` then
+    tests a remainder)."""
+    kv_input: Tensor | None = None
+    """``[kv_len]``: each key's index in the input, where that is not its
+    index (compact keys under ``across``); None otherwise."""
 
     @staticmethod
     def build(
@@ -377,8 +407,7 @@ class FlexTables:
         n_kv = n_input_keys + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        allowed, causal, window, allowed_keys, modified_pairs, pair_sets = _group_tables(layout, device)
-        pair_mods = layout.pairs
+        allowed, band, allowed_keys, modified_pairs, pair_sets = _group_tables(layout, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -404,10 +433,16 @@ class FlexTables:
             for k_start, k_stop in key_segments.get(key_gid, ())
         ]
         modified = [
-            (q_start, q_stop, k_start, k_stop, pair_mods[q, k].causal, pair_mods[q, k].window or 0)
+            (q_start, q_stop, k_start, k_stop, *_band_row(layout, q, k))
             for q_start, q_stop, k_start, k_stop, has_mods, q, k in pairs
             if has_mods
         ]
+        # under `across` with compact keys, a key's place in the input is not
+        # its index: one shift per key segment (cached keys are never `across`)
+        across = any(mods.across for mods in layout.pairs.values())
+        offsets = [s.offset for s in layout.slots]
+        shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
+        upload.add(shifts if compact and across else [])
         corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
         for q_start, q_stop, k_start, k_stop, has_mods, _, _ in pairs:
             if not has_mods:
@@ -419,7 +454,7 @@ class FlexTables:
         upload.add(signs)
         (
             q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
-            q_overlaps, k_overlaps, corners_t, signs_t,
+            q_overlaps, k_overlaps, k_shifts, corners_t, signs_t,
         ) = upload.send(device)  # fmt: skip
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
@@ -429,6 +464,11 @@ class FlexTables:
         # explain on a recompile (torch 2.13 raises IndexError building the
         # reason, for flex_attention called outside torch.compile)
         kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, positions)
+        kv_input = None
+        if compact and across:
+            kv_input = torch.arange(kv_len, device=device) + torch.repeat_interleave(
+                k_shifts, k_sizes, output_size=kv_len
+            )
 
         # block classes: a block is full when every (query segment, key segment)
         # pair overlapping it is full, empty when none is non-empty
@@ -458,8 +498,7 @@ class FlexTables:
             q_pos=q_pos,
             kv_pos=kv_pos,
             allowed=allowed,
-            causal=causal,
-            window=window,
+            band=band,
             has_modifiers=has_modifiers,
             partial=partial,
             full=full,
@@ -468,6 +507,8 @@ class FlexTables:
             or _blocks_mix_groups(keys, block),
             pair_sets=pair_sets,
             same_offsets=_same_offsets(queries, keys, modified_pairs),
+            dilated=any(mods.dilation > 1 for mods in layout.pairs.values()),
+            kv_input=kv_input,
         )
 
     def mask_mod(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> MaskMod:
@@ -503,15 +544,17 @@ class FlexTables:
 
         if not self.has_modifiers:
             return groups
-        q_pos, kv_pos, causal, window = self.q_pos, self.kv_pos, self.causal, self.window
+        q_pos, kv_pos, dilated = self.q_pos, self.kv_pos, self.dilated
+        low, high, dilation, residue = self.band
         assert q_pos is not None and kv_pos is not None
 
         def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             gq, gk = q_group[q_idx], kv_group[kv_idx]
-            qp, kp = q_pos[q_idx], kv_pos[kv_idx]
-            ok = allowed[gq, gk] & (~causal[gq, gk] | (kp <= qp))
-            w = window[gq, gk]
-            return ok & ((w == 0) | ((qp - kp).abs() < w))
+            d = kv_pos[kv_idx] - q_pos[q_idx]  # the band is in positions within groups
+            ok = allowed[gq, gk] & (d >= low[gq, gk]) & (d <= high[gq, gk])
+            if dilated:
+                ok = ok & ((d - residue[gq, gk]) % dilation[gq, gk] == 0)
+            return ok
 
         return with_modifiers
 
@@ -532,12 +575,17 @@ class FlexTables:
                 bits = torch.where(gk // WORD_BITS == w, words[w][gq], bits)
             return (bits & bit) != 0
 
-        def distance(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            """A query's position within its group minus a key's, for the modified pairs."""
+        kv_input = self.kv_input
+
+        def offset(q_idx: Tensor, kv_idx: Tensor, across: bool) -> Tensor:
+            """A key's position minus a query's: within their groups, or
+            ``across``, in the input (queries index the input as they are)."""
+            if across:
+                return (kv_idx if kv_input is None else kv_input[kv_idx]) - q_idx
             if same_offsets:
-                return q_idx - kv_idx
+                return kv_idx - q_idx
             assert q_pos is not None and kv_pos is not None
-            return q_pos[q_idx] - kv_pos[kv_idx]
+            return kv_pos[kv_idx] - q_pos[q_idx]
 
         def bits_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             gq, gk = q_group[q_idx], kv_group[kv_idx]
@@ -546,15 +594,14 @@ class FlexTables:
                 ok = (gq == gk) & (gk != pad)
             else:
                 ok = member(sets.allowed, gq, gk, bit)
-            if sets.causal is not None or sets.causal_everywhere or sets.windows:
-                d = distance(q_idx, kv_idx)
-                if sets.causal_everywhere:
-                    ok = ok & (d >= 0)
-                elif sets.causal is not None:
-                    ok = ok & (~member(sets.causal, gq, gk, bit) | (d >= 0))
-                for width, words in sets.windows:
-                    near = d.abs() < width
-                    ok = ok & (near if words is None else ~member(words, gq, gk, bit) | near)
+            for (low, high, dilation, across), words in sets.bands:
+                d = offset(q_idx, kv_idx, across)
+                # a modifier list bounds a side or dilates: at least one term
+                terms = [d >= low] if low is not None else []
+                terms += [d <= high] if high is not None else []
+                terms += [d % dilation == 0] if dilation > 1 else []
+                inside = functools.reduce(operator.and_, terms)
+                ok = ok & (inside if words is None else ~member(words, gq, gk, bit) | inside)
             return ok
 
         return bits_mask

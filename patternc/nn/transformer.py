@@ -587,12 +587,15 @@ class Transformer(nn.Module):
         plans = list(self.plans.values())
         rules = [r for plan in plans for r in plan.rules]
         keys = [k for r in rules for k in r.keys]
-        if len(plans[0].groups) != 1 or not rules or not all(k.modifiers.causal for k in keys):
+        bands = [k.modifiers.band() for k in keys]
+        # one group: `across` changes nothing; a dilated band is not a window of the cache
+        causal = all(high == 0 and step == 1 for _, high, step in bands)
+        if len(plans[0].groups) != 1 or not rules or not causal:
             raise ValueError(
                 "generate needs a causal stack over one group (causal=True, attention_window, or a "
-                "pattern such as `doc* -> self [causal]`)"
+                "pattern such as `doc* -> self [causal]` or `[causal, back 255]`), with no `dilate`"
             )
-        windows = {k.modifiers.window for k in keys}
+        windows = {None if low is None else 1 - low for low, _, _ in bands}
         if len(windows) != 1:
             raise ValueError(f"generate needs one window for every layer, got {sorted(map(str, windows))}")
         return windows.pop()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.lower.layout import Call, KeySpace, Layout, Segment
-from patternc.modifiers import Modifiers
+from patternc.modifiers import Modifiers, band_allows, pair_band
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling
 
@@ -268,14 +268,9 @@ def within_group_positions(layout: Layout, device: torch.device) -> Tensor:
 
 
 def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """``[Lq, Lk]`` bool: which pairs ``modifiers`` allow (positions within groups)."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    allowed = torch.ones_like(diff, dtype=torch.bool)
-    if modifiers.causal:
-        allowed &= diff >= 0
-    if modifiers.window is not None:
-        allowed &= diff.abs() < modifiers.window
-    return allowed
+    """``[Lq, Lk]`` bool: which pairs ``modifiers`` allow, for positions
+    within groups (or, under ``across``, positions in the input)."""
+    return band_allows(pair_band(modifiers), q_pos[:, None], k_pos[None, :])  # type: ignore[no-any-return]
 
 
 def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -294,6 +289,11 @@ def _segment_positions(
         else torch.arange(cache[s.cached][0].shape[1], device=positions.device)
         for s in segments
     ]
+
+
+def _input_positions(segment: Segment, like: Tensor) -> Tensor:
+    """The input token indices of an input segment, on ``like``'s device."""
+    return torch.arange(segment.start, segment.stop, device=like.device)
 
 
 def call_positions(
@@ -331,12 +331,17 @@ def call_pair_mask(
         return None
     q_pos = _cat(_segment_positions(call.queries, positions, cache), positions)
     k_parts = _segment_positions(call.keys, positions, cache)
-    masks = [
-        modifier_mask(seg.modifiers, q_pos, k_pos)
-        if seg.modifiers
-        else torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
-        for seg, k_pos in zip(call.keys, k_parts)
-    ]
+    q_input: Tensor | None = None  # the queries' places in the input, for keys under `across`
+    masks = []
+    for seg, k_pos in zip(call.keys, k_parts):
+        if not seg.modifiers:
+            masks.append(torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device))
+        elif seg.modifiers.across:  # the layout refuses `across` on cached keys: this segment is input
+            if q_input is None:
+                q_input = _cat([_input_positions(s, positions) for s in call.queries], positions)
+            masks.append(modifier_mask(seg.modifiers, q_input, _input_positions(seg, positions)))
+        else:
+            masks.append(modifier_mask(seg.modifiers, q_pos, k_pos))
     if not masks:  # every key group empty at these sizes
         return torch.ones(q_pos.shape[0], 0, dtype=torch.bool, device=q_pos.device)
     return torch.cat(masks, dim=1)

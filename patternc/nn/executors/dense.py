@@ -23,22 +23,23 @@ __all__ = ["dense_mask", "run_dense"]
 def _mask_tables(
     layout: Layout, cache_lengths: tuple[tuple[str, int], ...], device: torch.device
 ) -> tuple[Tensor, ...]:
-    """Device tables the dense mask is built from: group x group ``allowed``,
-    ``causal`` and ``window``, per-token group ids and positions within groups.
-    Built once per (layout, cache lengths, device), so a call copies nothing
-    from the host (CUDA-graph capturable after one warm-up call)."""
+    """Device tables the dense mask is built from: group x group ``allowed``
+    and each pair's band (``low``, ``high``, ``dilation``, ``residue``, see
+    :meth:`~patternc.lower.layout.Layout.pair_band`), per-token group ids and
+    positions within groups. Built once per (layout, cache lengths, device),
+    so a call copies nothing from the host (CUDA-graph capturable after one
+    warm-up call)."""
     lengths = dict(cache_lengths)
     n_groups = len(layout.all_groups)
-    q_ids, k_ids, pair_causal, pair_window = (
-        torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns()
-    )
+    q_ids, k_ids, *columns = (torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns())
     allowed = torch.zeros(n_groups, n_groups, dtype=torch.bool)
-    causal = torch.zeros(n_groups, n_groups, dtype=torch.bool)
-    window = torch.zeros(n_groups, n_groups, dtype=torch.int64)
     allowed[q_ids, k_ids] = True
-    causal[q_ids, k_ids] = pair_causal.bool()
-    window[q_ids, k_ids] = pair_window
-    allowed, causal, window = allowed.to(device), causal.to(device), window.to(device)
+    bands = []
+    for column, fill in zip(columns, (0, 0, 1, 0)):
+        table = torch.full((n_groups, n_groups), fill, dtype=torch.int64)
+        table[q_ids, k_ids] = column
+        bands.append(table.to(device))
+    allowed = allowed.to(device)
     sizes = torch.tensor(layout.input_sizes, dtype=torch.int64, device=device)
     ids = torch.tensor(layout.group_ids, dtype=torch.int64, device=device)
     query_ids = torch.repeat_interleave(ids, sizes)
@@ -49,22 +50,21 @@ def _mask_tables(
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     q_pos = within_group_positions(layout, device)
     k_pos = torch.cat([q_pos, *(torch.arange(lengths[g], device=device) for g in layout.cached_groups)])
-    return allowed, causal, window, query_ids, key_ids, q_pos, k_pos
+    return allowed, *bands, query_ids, key_ids, q_pos, k_pos
 
 
 def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
     """``[N, N + cached]`` bool: query token i may attend to key token j (the
-    group table, then each group pair's modifiers on positions within groups)."""
+    group table, then each group pair's band on positions within groups)."""
     lengths = tuple((g, cache_lengths[g]) for g in layout.cached_groups)
-    allowed, causal, window, query_ids, key_ids, q_pos, k_pos = TABLES.get(
+    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos = TABLES.get(
         ("dense mask", layout, lengths, device), lambda: _mask_tables(layout, lengths, device)
     )
     mask = allowed[query_ids][:, key_ids]
     if layout.has_modifiers:
-        diff = q_pos[:, None] - k_pos[None, :]
-        pair_window = window[query_ids][:, key_ids]
-        mask &= ~causal[query_ids][:, key_ids] | (diff >= 0)
-        mask &= (pair_window == 0) | (diff.abs() < pair_window)
+        d = k_pos[None, :] - q_pos[:, None]
+        pair = (query_ids[:, None], key_ids[None, :])
+        mask &= (d >= low[pair]) & (d <= high[pair]) & ((d - residue[pair]) % dilation[pair] == 0)
     return mask
 
 

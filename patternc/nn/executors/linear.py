@@ -77,10 +77,11 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
                 f"linear attention needs one modifier list for all keys of a call; `{call.attention.text()}` "
                 "gives its key groups different ones: use attention_type 'batched' or 'flex'"
             )
-        if mods.window is not None:
+        if mods.window is not None or not mods.plain:
+            # its running sums see every earlier key (causal) or all keys: no band, no skipped keys
+            shown = f"[window {mods.window}]" if mods.plain else mods.text()
             raise ValueError(
-                f"linear attention cannot express [window {mods.window}]; "
-                "run this pattern with 'flex' or 'batched'"
+                f"linear attention cannot express {shown}; run this pattern with 'flex' or 'batched'"
             )
         queries = _features(qs.take(call.queries, {}))
         keys = _features(ks.take(call.keys, inputs.cached_keys))
