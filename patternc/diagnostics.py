@@ -118,9 +118,17 @@ MEANINGS: dict[str, str] = {
     Code.BAD_NAME: "not a valid group, pattern or type name",
     Code.RESERVED_NAME: "a reserved word (`groups`, `pattern`, `types`, `self`) used as a name",
     Code.UNKNOWN_MODIFIER: "unknown modifier",
-    Code.BAD_MODIFIER_ARGUMENT: "a bad modifier argument (`causal 3`, `window`, `window -3`, `window 1.5`)",
-    Code.DUPLICATE_MODIFIER: "a modifier given twice in a list (`[causal, causal]`, `[window 4, window 8]`)",
-    Code.CONFLICTING_MODIFIERS: "two modifier lists for one key group (the rule's and a key's, or two keys')",
+    Code.BAD_MODIFIER_ARGUMENT: (
+        "a bad modifier argument (`causal 3`, `window`, `window -3`, `window 1.5`, `back -1`, `dilate 0`, "
+        "`across 2`)"
+    ),
+    Code.DUPLICATE_MODIFIER: (
+        "a modifier given twice in a list (`[causal, causal]`, `[window 4, window 8]`, `[back 2, back 3]`)"
+    ),
+    Code.CONFLICTING_MODIFIERS: (
+        "two modifier lists for one key group (the rule's and a key's, or two keys'), "
+        "or `window` beside `back`/`ahead`"
+    ),
     Code.MISPLACED_MODIFIER: "modifiers where they mean nothing (query side, an exclusion, `types`)",
     Code.MISPLACED_MEMBER_RELATION: "`same`/`before`/`upto` on a key or with queries that are not families",
     Code.DUPLICATE_GROUP: "a group declared twice",

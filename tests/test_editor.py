@@ -44,8 +44,8 @@ def test_completion_offers_groups_then_modifiers_inside_brackets() -> None:
     assert names["surface_anchors"] == "group" and names["doc*"] == "family" and names["self"] == "keyword"
     inside = {c.label: c.kind for c in editor.completions("groups a\na -> a[", 2, 8)}
     modifiers = ("causal", "window", "back", "ahead", "dilate", "across")
-    assert inside == {**dict.fromkeys(modifiers, "modifier"), "same": "member relation",
-                      "before": "member relation", "upto": "member relation"}  # fmt: skip
+    relations = ("same", "before", "upto", "near", "kernel")
+    assert inside == {**dict.fromkeys(modifiers, "modifier"), **dict.fromkeys(relations, "member relation")}
 
 
 def test_hover_shows_the_rules_and_the_size() -> None:
