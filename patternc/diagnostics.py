@@ -85,6 +85,7 @@ class Code:
     MISPLACED_SELF = "E204"
     SELF_REPEATS_KEY = "E205"
     BAD_PARTS = "E206"
+    MISPLACED_NOTHING = "E207"
     # pattern structure
     NOT_EXHAUSTIVE = "E301"
     OVERLAP = "E302"
@@ -143,6 +144,7 @@ MEANINGS: dict[str, str] = {
     Code.EMPTY_SELECTOR: "a selector that ends up selecting nothing (e.g. `a - a`)",
     Code.MISPLACED_SELF: "`self` used other than as a key of a rule (query side, an exclusion, `types`)",
     Code.SELF_REPEATS_KEY: "`self` beside keys that already select the query group itself",
+    Code.MISPLACED_NOTHING: "`nothing` beside other keys or with modifiers (`a -> nothing` stands alone)",
     Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group, a part twice, a bad part name)",
     Code.NOT_EXHAUSTIVE: "groups that are a query in no rule of a pattern (all listed in one diagnostic)",
     Code.OVERLAP: "a group that is a query in two rules (overlap; both places named)",

@@ -25,7 +25,16 @@ from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.members import GRID_RELATIONS, MemberRelation, grid_axes, is_family
 from patternc.modifiers import NO_MODIFIERS, Modifiers
-from patternc.syntax import Difference, Modified, ModifierList, Rule, Selector, SelectorUnion, Word
+from patternc.syntax import (
+    Difference,
+    Modified,
+    ModifierList,
+    Rule,
+    Selector,
+    SelectorUnion,
+    Word,
+    selector_words,
+)
 
 __all__ = ["SELF", "GroupResolver", "ResolvedRule", "RuleResolution", "is_family"]
 
@@ -35,6 +44,9 @@ _GLOB_QUESTIONS = 20
 
 SELF = "self"
 """The key side ``self``: each query group attends to itself (``doc* -> self``)."""
+
+NOTHING = "nothing"
+"""The key side ``nothing``: the queries read no key (``inputs -> nothing``)."""
 
 
 @dataclass
@@ -87,6 +99,10 @@ class GroupResolver:
         queries = self._side(rule.queries, "the query side of this rule", problems, intended, keys=False)
         rule_list = rule.modifiers
         rule_mods = rule_list.modifiers if rule_list is not None else NO_MODIFIERS
+        if self._reads_nothing(rule, problems):
+            ordered = self._ordered(queries.groups)
+            nothing = ResolvedRule(ordered, (), rule.span, rule.text)
+            return RuleResolution((nothing,), tuple(problems), frozenset(intended))
         others, selves = _split_self(rule.keys_values)
         key_groups: list[KeyGroup] = []
         if others is not None:
@@ -130,6 +146,24 @@ class GroupResolver:
             if len(own) > 1:
                 problems.append(self._self_repeats(selves[1][0], query, own[0]))
         return RuleResolution(tuple(resolved), tuple(problems), frozenset(intended))
+
+    def _reads_nothing(self, rule: Rule, problems: list[Diagnostic]) -> bool:
+        """``QUERIES -> nothing``: the queries read no key, their output is zero
+        (``nothing`` is a word here only while no group is named so)."""
+        keys = rule.keys_values
+        if NOTHING in self.index or not any(w.text == NOTHING for w in selector_words(keys)):
+            return False
+        if not (isinstance(keys, Word) and keys.text == NOTHING) or rule.modifiers is not None:
+            word = next(w for w in selector_words(keys) if w.text == NOTHING)
+            problems.append(
+                Diagnostic(
+                    Code.MISPLACED_NOTHING,
+                    "`nothing` must be the whole key side of a rule, without modifiers",
+                    word.span,
+                    "write `inputs -> nothing`: the queries read no key and their output is zero",
+                )
+            )
+        return True
 
     def _check_relations(
         self,

@@ -202,6 +202,34 @@ def case_per_key_modifiers(world: int) -> dict[str, Any]:
     return compare(*_attention(source, sizes), sizes, {"strategy": "gather"})
 
 
+def case_block_causal_frames(world: int) -> dict[str, Any]:
+    """Frames reading every earlier frame (a member relation), RoPE on global positions."""
+    sizes = {"prompt": 5, **{f"frame{i}": n for i, n in enumerate([9, 4, 13, 7, 6])}}
+    source = "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
+    module, forward, plan = _attention(source, sizes, rope=True)
+    return compare(module, forward, plan, sizes)
+
+
+def case_prefixed_documents(world: int) -> dict[str, Any]:
+    """Documents of a prefix and a text each (parts, `same`, `self` beside a key)."""
+    sizes = {"doc0.prefix": 4, "doc0.text": 11, "doc1.text": 6, "doc2.prefix": 3, "doc2.text": 17}
+    source = "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]"
+    return compare(*_attention(source, sizes), sizes)
+
+
+def case_window_across_a_global_token(world: int) -> dict[str, Any]:
+    """A causal window counted in input order across a global token placed mid-sequence."""
+    sizes = {"left": 13, "sink": 2, "right": 17}
+    source = "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 6, across]"
+    return compare(*_attention(source, sizes), sizes)
+
+
+def case_inputs_read_nothing(world: int) -> dict[str, Any]:
+    """Perceiver latents reading inputs that read nothing (their output is zero)."""
+    sizes = {"latents": 6, "inputs": 29}
+    return compare(*_attention("groups latents inputs\nlatents -> *\ninputs -> nothing", sizes), sizes)
+
+
 def case_padding(world: int) -> dict[str, Any]:
     module, _, plan = _anchor_module("joint")
     torch.manual_seed(5)

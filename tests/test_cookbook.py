@@ -69,6 +69,17 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
         patternc.compile(EXAMPLES / "cookbook" / "shared_question.patc").patterns["default"],
         [{"qa0.question": 4, "qa0.answer0": 3, "qa0.answer1": 5, "qa1.question": 3, "qa1.answer0": 2}],
     ),
+    "sliding_tiles": (
+        patternc.compile(EXAMPLES / "cookbook" / "sliding_tiles.patc").patterns["default"],
+        [
+            {**{f"tile{r}_{c}": 3 for r in range(4) for c in range(3)}, "caption": 5},
+            {**{f"tile{r}_{c}": 1 for r in range(2) for c in range(2)}, "caption": 1},
+        ],
+    ),
+    "perceiver_read_only": (
+        patternc.compile(EXAMPLES / "cookbook" / "perceiver_read_only.patc").patterns["default"],
+        [{"latents": 4, "inputs": 11}, {"latents": 1, "inputs": 6}],
+    ),
     **{
         f"ab_upt_{name}": (
             AB_UPT.patterns[name],

@@ -172,6 +172,8 @@ COOKBOOK = {
     "interleaved_vlm": {"system": 2, "run0.image": 5, "run1.text": 3, "run2.image": 4, "run3.text": 6},
     "prefix_per_document": {"doc0.prefix": 3, "doc0.text": 5, "doc1.prefix": 2, "doc1.text": 7},
     "shared_question": {"qa0.question": 4, "qa0.answer0": 3, "qa0.answer1": 5, "qa1.question": 3},
+    "sliding_tiles": {**{f"tile{r}_{c}": 3 for r in range(3) for c in range(3)}, "caption": 4},
+    "perceiver_read_only": {"latents": 4, "inputs": 11},
 }
 
 

@@ -11,6 +11,7 @@ executors against a float64 reference under that mask."""
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -20,6 +21,7 @@ from test_flex import make
 
 import patternc
 from patternc import PatternError
+from patternc.lower.layout import Layout
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -374,6 +376,31 @@ def test_sliding_tile_attention_matches_attention_gym(
     assert torch.equal(mask_of(plan, sizes), grid(mask_mod, n, n))
 
 
+@pytest.mark.parametrize(("tile", "canvas", "kernel"), [((1, 2, 2), (3, 3, 4), 3), ((2, 1, 1), (4, 5, 3), 3)])
+def test_sliding_tile_attention_in_3d_matches_attention_gym(
+    tile: tuple[int, int, int], canvas: tuple[int, int, int], kernel: int
+) -> None:
+    masks = pytest.importorskip("attn_gym.masks")
+    plan = plan_of(f"groups text cell*_*_*\ntext -> *\ncell*_*_* -> text, cell*_*_*[kernel {kernel}]")
+    tokens = tile[0] * tile[1] * tile[2]
+    shape = [range(n) for n in canvas]
+    cells = {f"cell{t}_{r}_{c}": tokens for t in shape[0] for r in shape[1] for c in shape[2]}
+    sizes = {**cells, "text": 2}  # the pattern declares text first; the input puts it last, as STA does
+    mask_mod = masks.generate_sta_mask_mod_3d(
+        tuple(n * t for n, t in zip(canvas, tile)), tuple(kernel * t for t in tile), tile, text_seq_len=2
+    )
+    n = sum(sizes.values())
+    layout = plan.layout({"text": 2, **cells})
+    order = torch.tensor([i for name in sizes for i in _token_indices(layout, name)])
+    mask = layout.dense_mask()[order][:, order]
+    assert torch.equal(mask, grid(mask_mod, n, n))
+
+
+def _token_indices(layout: Layout, name: str) -> range:
+    slot = next(s for s in layout.slots if s.name == name)
+    return range(slot.offset, slot.offset + slot.size)
+
+
 @pytest.mark.parametrize(("side", "kernel"), [(5, 3), (7, 5), (4, 3), (3, 3)])
 def test_token_neighbourhoods_match_natten(side: int, kernel: int) -> None:
     masks = pytest.importorskip("attn_gym.masks")
@@ -393,6 +420,63 @@ def test_near_cuts_the_neighbourhood_at_the_edges() -> None:
     at = torch.tensor([cell for cell, n in zip(cells, sizes.values()) for _ in range(n)])
     expected = (at[:, None, :] - at[None, :, :]).abs().max(-1).values <= 1
     assert torch.equal(mask_of(plan, sizes), expected)
+
+
+# ---------------------------------------------------------------- queries that read nothing
+
+PERCEIVER = plan_of("groups latents inputs\nlatents -> latents, inputs\ninputs -> nothing")
+
+
+@pytest.mark.parametrize("impl", ["dense", "loop", "batched", "auto", "varlen", "linear"])
+@pytest.mark.parametrize("sizes", [{"latents": 3, "inputs": 11}, {"latents": 1, "inputs": 1}, {"latents": 4, "inputs": 0}])
+def test_queries_that_read_nothing_give_zeros(impl: str, sizes: dict[str, int]) -> None:
+    module = make(PERCEIVER, impl)
+    x = torch.randn(2, sum(sizes.values()), 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # varlen on CPU says it runs as batched
+        out, _ = module(x, sizes)
+    x64 = x.detach().double().requires_grad_()
+    mask = mask_of(PERCEIVER, sizes)
+    assert not mask[sizes["latents"] :].any()
+    if impl == "linear":  # another function: only its rows that read nothing are compared
+        rows = out[:, sizes["latents"] :]  # zero attention, then the output projection's bias
+        assert torch.equal(rows, module.proj.bias.expand_as(rows))
+        return
+    ref = masked_attention(module, x64, mask)
+    assert relative_error(out, ref) < 1e-5
+    weight = torch.randn_like(ref)
+    (out * weight.float()).sum().backward()
+    (ref * weight).sum().backward()
+    assert x.grad is not None and x64.grad is not None
+    assert relative_error(x.grad, x64.grad) < 1e-5
+
+
+def test_flex_queries_that_read_nothing_give_zeros(cpu_flex_kernel: None) -> None:
+    sizes = {"latents": 3, "inputs": 9}
+    module = make(PERCEIVER, "flex")
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        out, _ = module(x, sizes)
+    assert relative_error(out, masked_attention(module, x.double(), mask_of(PERCEIVER, sizes))) < 1e-5
+
+
+def test_reading_nothing_is_never_launched() -> None:
+    layout = PERCEIVER.layout({"latents": 3, "inputs": 1000})
+    assert len(layout.launches) == 1 and layout.calls[1].attention.keys == ()
+
+
+def test_a_group_named_nothing_keeps_its_meaning() -> None:
+    plan = plan_of("groups a nothing\na -> nothing\nnothing -> self")
+    assert [r.keys_values for r in plan.rules] == [("nothing",), ("nothing",)]
+
+
+@pytest.mark.parametrize("source", ["groups a b\na -> b, nothing\nb -> b", "groups a b\na -> nothing [causal]\nb -> b"])
+def test_nothing_stands_alone(source: str) -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    diag = next(d for d in error.value.diagnostics if d.code == "E207")
+    assert "`nothing` must be the whole key side of a rule" in diag.message
+    assert diag.hint is not None and "inputs -> nothing" in diag.hint and diag.line == 2
 
 
 # ---------------------------------------------------------------- tools
@@ -421,3 +505,4 @@ def test_editor_knows_parts_and_relations() -> None:
     assert list(editor.declared_groups(text)) == ["sys", "run*.text", "run*.image"]
     kinds = {c.label: c.kind for c in editor.completions(text, 3, 19)}
     assert kinds["upto"] == "member relation" and kinds["causal"] == "modifier"
+

@@ -717,7 +717,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         )
     by_shape: dict[tuple[object, ...], list[int]] = {}
     for call in calls:
-        if call.n_queries:
+        if call.n_queries and call.attention.keys:  # a call that reads nothing is never launched
             by_shape.setdefault(_launch_key(call), []).append(call.index)
     # where each input group's outputs live: (input start, call, piece of the call's output)
     pieces = sorted((seg.start, c.index, p) for c in calls for p, seg in enumerate(c.queries))

@@ -429,15 +429,18 @@ def attend(
 
 
 def assemble(outputs: Sequence[Tensor | None], layout: Layout, like: Tensor) -> Tensor:
-    """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation).
+    """Call outputs -> ``[B, N, H, D]`` in input order (one concatenation);
+    None for a call that was not launched because it reads nothing.
     A call with several query segments has its output split, not sliced: one
     backward pass for it, not one whole-size gradient per segment."""
     split: dict[int, tuple[Tensor, ...]] = {}
     pieces = []
     for call, index in layout.output_order:
         out = outputs[call]
-        assert out is not None
         queries = layout.calls[call].queries
+        if out is None:  # a call that reads nothing (`inputs -> nothing`): zeros
+            pieces.append(like.new_zeros(like.shape[0], queries[index].length, *like.shape[2:]))
+            continue
         if len(queries) == 1:
             pieces.append(out)
             continue

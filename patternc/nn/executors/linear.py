@@ -68,7 +68,7 @@ def run_linear(inputs: AttentionInputs, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     qs = TokenSplit(q, layout)
     ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
     for call in layout.calls:
-        if not call.n_queries:
+        if not call.n_queries or not call.attention.keys:
             outputs.append(None)
             continue
         mods = call.modifiers

@@ -30,7 +30,7 @@ def run_loop(inputs: AttentionInputs) -> Tensor:
     qs = TokenSplit(q, layout)  # pieces of one split: see TokenSplit
     ks, vs = TokenSplit(k, layout, keys=True), TokenSplit(v, layout, keys=True)
     for call in layout.calls:
-        if not call.n_queries:
+        if not call.n_queries or not call.attention.keys:
             outputs.append(None)
             continue
         queries = qs.take(call.queries, {})
