@@ -146,7 +146,7 @@ def _layouts(seed: int) -> list[Layout]:
 @pytest.mark.parametrize("name", sorted(EXPANSIONS))
 def test_exports_are_exact_on_random_programs(name: str) -> None:
     expanded, refused = 0, 0
-    for seed in range(120):
+    for seed in range(240):
         for layout in _layouts(seed):
             try:
                 got = EXPANSIONS[name](layout)

@@ -22,11 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.patc"))] + [
     "groups a b doc*\na -> a, b[causal]\nb, doc* -> self [window 3]\n",
     "groups x y z\ntypes { t: x, y }\npattern p { x -> (y, z)[causal] ; y, z -> * - x }\npattern q { * -> * }\n",
+    "groups s run*{text, image} t*_* q\ns -> nothing\nrun*.text -> s, run*[before 2], self[causal]\n"
+    "run*.image -> run*[upto]\nt*_* -> t*_*[kernel 3], s\nq -> (s, t*_*)[causal, back 4, across]\n",
 ]
 PIECES = [
     *"ab_*?,-()[]{};:#\\ \t\n19.",
     "->", "groups ", "pattern ", "types ", "causal", "window ", "[causal]", "[window 2]", " [", "-3", "1.5",
     "self", "# noqa\n", "# noqa: W101\n", "\x0c", "\x0b", "\u2028", "\r\n", "doc*", "\ufeff", "\x00", "é",
+    ".", "{text, image}", "*.text", "[upto]", "[same]", "[before 2]", "[kernel 3]", "[near 1]", "nothing",
+    "*_*", "[across]", "back ", "ahead ", "dilate ", ", self[causal]", "[causal, back 3, across]",
 ]  # fmt: skip
 SLOW_S = 5.0
 """Any input of these sizes compiles or fails in milliseconds; seconds mean a superlinear path."""
