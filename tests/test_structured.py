@@ -255,11 +255,23 @@ def test_parts_have_their_own_types() -> None:
 
 
 STRUCTURES: dict[str, tuple[patternc.Plan, Sequence[dict[str, int]]]] = {
-    "frames": (FRAMES_BEFORE, [{"text": 3, "frame0": 5, "frame1": 1, "frame2": 7}]),
-    "documents": (DOC_PREFIX, [{"doc0.prefix": 3, "doc0.text": 5, "doc1.prefix": 2, "doc1.text": 9}]),
+    "frames": (
+        FRAMES_BEFORE,
+        [{"text": 3, "frame0": 5, "frame1": 1, "frame2": 7}, {"text": 1, "frame0": 0, "frame1": 1, "frame2": 2}],
+    ),
+    "documents": (
+        DOC_PREFIX,
+        [
+            {"doc0.prefix": 3, "doc0.text": 5, "doc1.prefix": 2, "doc1.text": 9},
+            {"doc0.prefix": 0, "doc0.text": 1, "doc1.prefix": 1, "doc1.text": 0, "doc2.text": 4},
+        ],
+    ),
     "interleaved": (
         INTERLEAVED,
-        [{"system": 2, "run0.image": 5, "run1.text": 3, "run2.text": 4, "run3.image": 3, "run4.text": 6}],
+        [
+            {"system": 2, "run0.image": 5, "run1.text": 3, "run2.text": 4, "run3.image": 3, "run4.text": 6},
+            {"system": 1, "run0.text": 1, "run1.image": 0, "run2.image": 1},
+        ],
     ),
     "questions": (
         SHARED_QUESTION,
