@@ -22,6 +22,7 @@ from test_flex import make
 import patternc
 from patternc import PatternError
 from patternc.lower.layout import Layout
+from patternc.nn import PatternAttention
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,6 +50,18 @@ def labels(sizes: dict[str, int]) -> list[str]:
 
 def lengths(rng: random.Random, count: int, low: int = 1, high: int = 9) -> list[int]:
     return [rng.randint(low, high) for _ in range(count)]
+
+
+def assert_matches_reference(module: PatternAttention, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> None:
+    """``out`` (from ``x``) and the gradient of ``x`` against the float64 reference under ``mask``."""
+    x64 = x.detach().double().requires_grad_()
+    ref = masked_attention(module, x64, mask)
+    assert relative_error(out, ref) < 1e-5
+    weight = torch.randn_like(ref)
+    (out * weight.float()).sum().backward()
+    (ref * weight).sum().backward()
+    assert x.grad is not None and x64.grad is not None
+    assert relative_error(x.grad, x64.grad) < 1e-5
 
 
 # ---------------------------------------------------------------- order between members
@@ -288,14 +301,7 @@ def test_executors_match_the_reference(impl: str, structure: str) -> None:
         module = make(plan, impl)
         x = torch.randn(2, sum(sizes.values()), 16, requires_grad=True)
         out, _ = module(x, sizes)
-        x64 = x.detach().double().requires_grad_()
-        ref = masked_attention(module, x64, mask_of(plan, sizes))
-        assert relative_error(out, ref) < 1e-5
-        weight = torch.randn_like(ref)
-        (out * weight.float()).sum().backward()
-        (ref * weight).sum().backward()
-        assert x.grad is not None and x64.grad is not None
-        assert relative_error(x.grad, x64.grad) < 1e-5
+        assert_matches_reference(module, x, out, mask_of(plan, sizes))
 
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
@@ -447,20 +453,13 @@ def test_queries_that_read_nothing_give_zeros(impl: str, sizes: dict[str, int]) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # varlen on CPU says it runs as batched
         out, _ = module(x, sizes)
-    x64 = x.detach().double().requires_grad_()
     mask = mask_of(PERCEIVER, sizes)
     assert not mask[sizes["latents"] :].any()
     if impl == "linear":  # another function: only its rows that read nothing are compared
         rows = out[:, sizes["latents"] :]  # zero attention, then the output projection's bias
         assert torch.equal(rows, module.proj.bias.expand_as(rows))
         return
-    ref = masked_attention(module, x64, mask)
-    assert relative_error(out, ref) < 1e-5
-    weight = torch.randn_like(ref)
-    (out * weight.float()).sum().backward()
-    (ref * weight).sum().backward()
-    assert x.grad is not None and x64.grad is not None
-    assert relative_error(x.grad, x64.grad) < 1e-5
+    assert_matches_reference(module, x, out, mask)
 
 
 def test_flex_queries_that_read_nothing_give_zeros(cpu_flex_kernel: None) -> None:
