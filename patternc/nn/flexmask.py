@@ -420,8 +420,10 @@ class FlexTables:
     query of the block must not see: a block that mixes groups, or a
     modifier's diagonal. Only there can a non-finite value leak to queries
     of other groups, through the kernel's zero weights (``0 * NaN``), so
-    only there does the executor guard values. Known on the host, from the
-    segments: AB-UPT layouts in whole blocks need no guard."""
+    only there does the executor guard values (narrowed further by
+    :func:`values_cross_groups`: a modifier's hidden keys and blocks of
+    groups that read each other carry nothing out). Known on the host, from
+    the segments: AB-UPT layouts in whole blocks need no guard."""
     pair_sets: PairSets | None = None
     """The allowed and modified pairs as bit words (None: the ``mask_mod``
     reads the ``[groups, groups]`` tables)."""

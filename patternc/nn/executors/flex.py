@@ -5,8 +5,10 @@ reuse a few compiled kernels; K/V given for the layout's key space keep it,
 the tables then indexing it), the block mask comes from the group layout
 (:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
 device, padding), and the kernel with its non-finite guard is one graph,
-compiled once per process with static shapes (:func:`_compiled`). The
-guard runs only where a block mixes groups (``FlexTables.needs_value_guard``).
+compiled once per process with static shapes (:func:`_compiled`). On a
+GPU the guard runs only where a computed block holds a query and a key of
+an unread pair of groups (:func:`_values_cross_groups`), or with a key
+padding mask.
 The kernel and its ``kernel_options`` (tiles swept best per dtype, head
 size and GPU; FlashAttention 4 for large half-precision calls) are chosen
 by :mod:`patternc.nn.executors.flexkernels`.
