@@ -27,7 +27,7 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,7 +43,7 @@ from patternc.tracing import compiling as _compiling
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments"]
+__all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments", "values_cross_groups"]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -99,6 +99,60 @@ def _blocks_mix_groups(segments: list[tuple[int, int, int]], block: int) -> bool
         group != next_group and stop % block
         for (group, _, stop), (next_group, _, _) in itertools.pairwise(segments)
     )
+
+
+MAX_GUARD_CLASSES = 4096
+"""Above this many (query block class, key block class) pairs to test,
+:func:`values_cross_groups` answers True without testing (the guard then
+runs: always correct, only slower)."""
+
+
+def values_cross_groups(
+    queries: list[tuple[int, int, int]],
+    keys: list[tuple[int, int, int]],
+    pairs: Collection[tuple[int, int]],
+    block: int,
+) -> bool:
+    """Whether a block the kernel may compute holds a real query and a real
+    key whose groups are not a pair: a non-finite value there reaches, through
+    the kernel's zero weight, a query of a group that does not read its group.
+    Blocks that mix groups whose pairs all are (or none are) allowed, and a
+    modifier's diagonal (its hidden keys belong to a group the query's group
+    reads), cannot carry a value out of the groups that read it.
+
+    ``queries``/``keys``: the real ``(group, start, stop)`` segments
+    (:func:`group_segments`); ``pairs``: the allowed ``(query group, key
+    group)`` pairs. A block counts as computed where some allowed pair
+    overlaps it (a modifier may leave it empty: then this says True where
+    False would do, never the reverse)."""
+    q_classes, k_classes = _block_group_sets(queries, block), _block_group_sets(keys, block)
+    tested = [(a, b) for a in q_classes for b in k_classes if len(a) > 1 or len(b) > 1]
+    if len(tested) > MAX_GUARD_CLASSES:
+        return True
+    for q_set, k_set in tested:
+        allowed = [(q, k) in pairs for q in q_set for k in k_set]
+        if any(allowed) and not all(allowed):
+            return True
+    return False
+
+
+def _block_group_sets(segments: list[tuple[int, int, int]], block: int) -> set[frozenset[int]]:
+    """The distinct sets of groups that the blocks of ``segments`` hold (a
+    block inside one segment holds its group alone)."""
+    sets: set[frozenset[int]] = set()
+    shared: dict[int, set[int]] = {}  # blocks that segments share, by index
+    for gid, start, stop in segments:
+        first, last = start // block, (stop - 1) // block
+        if start % block:
+            shared.setdefault(first, set()).add(gid)
+            first += 1
+        if stop % block and last >= first:
+            shared.setdefault(last, set()).add(gid)
+            last -= 1
+        if last >= first:
+            sets.add(frozenset((gid,)))
+    sets.update(frozenset(groups) for groups in shared.values())
+    return sets
 
 
 def _token_tables(
@@ -366,8 +420,10 @@ class FlexTables:
     query of the block must not see: a block that mixes groups, or a
     modifier's diagonal. Only there can a non-finite value leak to queries
     of other groups, through the kernel's zero weights (``0 * NaN``), so
-    only there does the executor guard values. Known on the host, from the
-    segments: AB-UPT layouts in whole blocks need no guard."""
+    only there does the executor guard values (narrowed further by
+    :func:`values_cross_groups`: a modifier's hidden keys and blocks of
+    groups that read each other carry nothing out). Known on the host, from
+    the segments: AB-UPT layouts in whole blocks need no guard."""
     pair_sets: PairSets | None = None
     """The allowed and modified pairs as bit words (None: the ``mask_mod``
     reads the ``[groups, groups]`` tables)."""

@@ -5,8 +5,10 @@ reuse a few compiled kernels; K/V given for the layout's key space keep it,
 the tables then indexing it), the block mask comes from the group layout
 (:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
 device, padding), and the kernel with its non-finite guard is one graph,
-compiled once per process with static shapes (:func:`_compiled`). The
-guard runs only where a block mixes groups (``FlexTables.needs_value_guard``).
+compiled once per process with static shapes (:func:`_compiled`). On a
+GPU the guard runs only where a computed block holds a query and a key of
+an unread pair of groups (:func:`_values_cross_groups`), or with a key
+padding mask.
 The kernel and its ``kernel_options`` (tiles swept best per dtype, head
 size and GPU; FlashAttention 4 for large half-precision calls) are chosen
 by :mod:`patternc.nn.executors.flexkernels`.
@@ -34,7 +36,7 @@ from patternc.nn.executors import flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
-from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod
+from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling as _compiling
 
@@ -310,7 +312,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
     # block, where the GPU kernel and separate calls give NaN; on FLASH too
     # (its handling of a NaN score is not checked)
-    guarded = padding is not None or tables.needs_value_guard or q.device.type != "cuda" or flash
+    guarded = padding is not None or q.device.type != "cuda" or flash or _values_cross_groups(tables, key)
     guard_tables = (tables.q_group, tables.kv_group, tables.allowed) if guarded else ()
     try:
         out = _attend_fn(guarded)(*args, *guard_tables)
@@ -330,6 +332,23 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         )
         return run_as_batched(inputs, "flex", reason, _warned)
     return out if out.shape[1] == n_queries else out[:, :n_queries]
+
+
+def _values_cross_groups(tables: FlexTables, key: tuple[Any, ...]) -> bool:
+    """Whether a non-finite value could reach, in this layout's blocks, a
+    query of a group that does not read its group (then the guard runs):
+    ``FlexTables.needs_value_guard`` narrowed to the blocks that hold an
+    unread pair of groups beside an allowed one
+    (:func:`~patternc.nn.flexmask.values_cross_groups`), kept per layout."""
+    if not tables.needs_value_guard:
+        return False
+    layout, lengths, _, block_size, _, compact = key
+
+    def decide() -> bool:
+        queries, keys = group_segments(layout, dict(lengths), compact)
+        return values_cross_groups(queries, keys, layout.pairs.keys(), block_size)
+
+    return TABLES.get(("flex value guard", *key), decide, traceable=True)
 
 
 def _attend_unguarded(
@@ -398,14 +417,13 @@ def _poison(out: Tensor, bad: Tensor, q_group: Tensor, kv_group: Tensor, allowed
     """NaN for the queries whose groups attend to a group holding a
     non-finite key (what separate attention calls give), without a host sync.
 
-    Bad tokens are counted per group by a matmul with the keys' one-hot
-    group matrix, not scattered: a scatter would send every key's flag to
-    one of a few group slots, each an atomic update on the GPU, which made
-    the guard a visible share of a long forward."""
+    Which query groups read a bad key is one reduction over the keys
+    (``[B, H, G + 1]`` outputs, the group tables gathered inside it), and the
+    poisoning one pointwise pass over the output: two small kernels, no
+    one-hot matrix and no matrix products (each a library call with its own
+    launch cost on every call)."""
     n_keys = bad.shape[1]
-    n_groups = allowed.shape[0]
-    key_groups = kv_group[:n_keys, None] == torch.arange(n_groups, device=out.device)  # [Nk, G]
-    bad_groups = bad.transpose(1, 2).to(torch.float32) @ key_groups.to(torch.float32)  # [B, H, G]: counts
-    reads = allowed[q_group[: out.shape[1]]].to(torch.float32)  # [Nq, G]
-    poisoned = (bad_groups @ reads.T) > 0  # [B, H, Nq]
+    reads = allowed[:, kv_group[:n_keys]]  # [G + 1, Nk]: query group g reads key k
+    hit = (reads & bad.transpose(1, 2)[:, :, None, :]).any(-1)  # [B, H, G + 1]
+    poisoned = hit[:, :, q_group[: out.shape[1]]]  # [B, H, Nq]
     return out.masked_fill(poisoned.transpose(1, 2)[..., None], float("nan"))

@@ -1,0 +1,139 @@
+"""flex's non-finite guard: where it runs (``values_cross_groups``, decided
+on the host per layout) and what its poisoning computes (``_poison``),
+each against a dense token-by-token answer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import patternc
+from patternc.nn import flexmask
+from patternc.nn.executors import flex
+from patternc.nn.flexmask import FlexTables, group_segments, values_cross_groups
+from patternc.nn.schedule import schedule_for
+
+PLANS = {
+    "prefix": "groups prefix text\nprefix -> prefix\ntext -> prefix, text[causal]",
+    "vlm": "groups registers image text\nregisters, image -> registers, image\n"
+    "text -> registers, image, text[causal]",
+    "all pairs": "groups a b\na, b -> a, b",
+    "docs": "groups doc*\ndoc* -> self",
+    "docs causal": "groups doc*\ndoc* -> self [causal]",
+    "ab-upt": "groups sa sq va vq\nsa, sq -> sa\nva, vq -> va",
+    "one way": "groups a b  # noqa: W101\na -> a\nb -> a",
+}
+
+
+def _layout(plan: str, sizes: dict[str, int]) -> object:
+    compiled = patternc.compile(PLANS[plan]).patterns["default"]
+    return schedule_for(compiled.token_specs(sizes), compiled)
+
+
+def _crosses_on_device(tables: FlexTables, n: int) -> bool:
+    """Whether a block the kernel computes (partial or full) holds a real
+    query and a real key whose groups are not an allowed pair, token by token."""
+    q_group, kv_group = tables.q_group[:n], tables.kv_group[:n]
+    unread = ~tables.allowed[q_group[:, None], kv_group[None, :]]
+    computed = (tables.partial | tables.full).repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :n]
+    return bool((computed & unread).any())
+
+
+def _host_answer(layout: object) -> bool:
+    queries, keys = group_segments(layout, {})  # type: ignore[arg-type]
+    return values_cross_groups(queries, keys, layout.pairs.keys(), 128)  # type: ignore[attr-defined]
+
+
+def _random_sizes(plan: str, rng: random.Random) -> dict[str, int]:
+    names = {
+        "prefix": ["prefix", "text"],
+        "vlm": ["registers", "image", "text"],
+        "all pairs": ["a", "b"],
+        "ab-upt": ["sa", "sq", "va", "vq"],
+        "one way": ["a", "b"],
+    }.get(plan) or [f"doc{i}" for i in range(rng.randint(1, 5))]
+    # whole blocks, odd sizes and empty groups
+    return {name: rng.choice([0, 1, 37, 128, 129, 200, 256, 300]) for name in names}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_the_host_answer_agrees_with_the_blocks_token_by_token(plan: str) -> None:
+    """Without modifiers the host's answer is the device's exactly; with them
+    it may say True where no value crosses (a modifier can empty a block
+    the host counts as computed), never the reverse."""
+    rng = random.Random(plan)
+    modified = "[" in PLANS[plan]
+    for _ in range(12):
+        sizes = _random_sizes(plan, rng)
+        if not sum(sizes.values()):
+            continue
+        layout = _layout(plan, sizes)
+        tables = FlexTables.build(layout, {}, "cpu")  # type: ignore[arg-type]
+        truth = _crosses_on_device(tables, layout.n_tokens)  # type: ignore[attr-defined]
+        host = _host_answer(layout)
+        assert host >= truth, sizes
+        if not modified:
+            assert host == truth, sizes
+        assert tables.needs_value_guard >= host, sizes  # narrower than the block test, never wider
+
+
+@pytest.mark.parametrize(
+    ("plan", "sizes", "mix", "crosses"),
+    [
+        # a modifier's diagonal hides keys of a group its queries read: no guard
+        ("prefix", {"prefix": 1024, "text": 3072}, True, False),
+        # image queries and text keys share the block at 1040: image does not read text
+        ("vlm", {"registers": 16, "image": 1024, "text": 3072}, True, True),
+        # blocks mix groups that read each other both ways
+        ("all pairs", {"a": 100, "b": 100}, True, False),
+        ("docs", {"doc0": 100, "doc1": 100}, True, True),
+        # b reads a; the block they share has an a query, which reads nothing of b
+        ("one way", {"a": 100, "b": 100}, True, True),
+        ("ab-upt", {"sa": 128, "sq": 256, "va": 128, "vq": 90}, False, False),
+    ],
+)
+def test_the_guard_runs_where_a_value_can_cross_groups(
+    plan: str, sizes: dict[str, int], mix: bool, crosses: bool
+) -> None:
+    layout = _layout(plan, sizes)
+    tables = flex.flex_tables(layout, {}, torch.device("cpu"))  # type: ignore[arg-type]
+    assert tables.needs_value_guard is mix
+    assert _host_answer(layout) is crosses
+    key = flex._tables_key(layout, {}, torch.device("cpu"), 128, False, False)[1:]  # type: ignore[arg-type]
+    assert flex._values_cross_groups(tables, key) is crosses
+
+
+def test_too_many_block_classes_to_test_run_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_GUARD_CLASSES pairs of block classes the host does not test
+    them and answers True (the guard runs: correct, only slower)."""
+    layout = _layout("all pairs", {"a": 100, "b": 100})
+    assert not _host_answer(layout)
+    monkeypatch.setattr(flexmask, "MAX_GUARD_CLASSES", 0)
+    assert _host_answer(layout)
+
+
+@pytest.mark.parametrize("plan", ["vlm", "docs", "one way", "ab-upt"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_poison_marks_the_queries_whose_groups_read_a_bad_key(plan: str, seed: int) -> None:
+    """``_poison`` against the dense answer: query ``q`` of head ``h`` is NaN
+    exactly where some key ``k`` with a bad flag in that head has a group
+    that ``q``'s group reads; everything else is left as it was."""
+    rng = random.Random(seed)
+    sizes = _random_sizes(plan, rng)
+    sizes[next(iter(sizes))] += 3  # never empty
+    layout = _layout(plan, sizes)
+    tables = FlexTables.build(layout, {}, "cpu")  # type: ignore[arg-type]
+    n, n_kv = layout.n_tokens, tables.kv_len  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads = 2, 3
+    bad = torch.rand(batch, n_kv, heads, generator=gen) < 0.004
+    bad[:, n:] = False  # padded keys are zeros
+    out = torch.randn(batch, n, heads, 5, generator=gen)
+    got = flex._poison(out, bad, tables.q_group, tables.kv_group, tables.allowed)
+    reads = tables.allowed[tables.q_group[:n, None], tables.kv_group[None, :]]  # [n, Nk]
+    expected = (reads[None, :, :, None] & bad[:, None, :, :]).any(2)  # [B, n, H]
+    assert torch.equal(torch.isnan(got).all(-1), expected)
+    assert torch.equal(torch.isnan(got).any(-1), expected)
+    assert torch.equal(got[~expected], out[~expected])
