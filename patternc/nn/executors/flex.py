@@ -417,13 +417,16 @@ def _poison(out: Tensor, bad: Tensor, q_group: Tensor, kv_group: Tensor, allowed
     """NaN for the queries whose groups attend to a group holding a
     non-finite key (what separate attention calls give), without a host sync.
 
-    Which query groups read a bad key is one reduction over the keys
-    (``[B, H, G + 1]`` outputs, the group tables gathered inside it), and the
-    poisoning one pointwise pass over the output: two small kernels, no
-    one-hot matrix and no matrix products (each a library call with its own
-    launch cost on every call)."""
+    Bad tokens are counted per group by a matmul with the keys' one-hot
+    group matrix, not scattered: a scatter would send every key's flag to
+    one of a few group slots, each an atomic update on the GPU. (A boolean
+    reduction over the gathered ``allowed[:, kv_group]`` table fuses into
+    fewer kernels, but Inductor's CPU code for it aborts the process on
+    torch 2.11.)"""
     n_keys = bad.shape[1]
-    reads = allowed[:, kv_group[:n_keys]]  # [G + 1, Nk]: query group g reads key k
-    hit = (reads & bad.transpose(1, 2)[:, :, None, :]).any(-1)  # [B, H, G + 1]
-    poisoned = hit[:, :, q_group[: out.shape[1]]]  # [B, H, Nq]
+    n_groups = allowed.shape[0]
+    key_groups = kv_group[:n_keys, None] == torch.arange(n_groups, device=out.device)  # [Nk, G]
+    bad_groups = bad.transpose(1, 2).to(torch.float32) @ key_groups.to(torch.float32)  # [B, H, G]: counts
+    reads = allowed[q_group[: out.shape[1]]].to(torch.float32)  # [Nq, G]
+    poisoned = (bad_groups @ reads.T) > 0  # [B, H, Nq]
     return out.masked_fill(poisoned.transpose(1, 2)[..., None], float("nan"))
