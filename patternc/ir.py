@@ -81,9 +81,11 @@ class AttentionCall:
     on every forward: derived once, when the call is made)."""
 
     def __post_init__(self) -> None:
-        distinct = {k.modifiers for k in self.keys}
-        uniform = distinct.pop() if len(distinct) == 1 else (NO_MODIFIERS if not distinct else None)
-        object.__setattr__(self, "uniform_modifiers", uniform)
+        # identity first: bound family keys share their modifier lists, and
+        # a block-causal call has as many keys as members before it
+        first = self.keys[0].modifiers if self.keys else NO_MODIFIERS
+        same = all(k.modifiers is first or k.modifiers == first for k in self.keys)
+        object.__setattr__(self, "uniform_modifiers", first if same else None)
 
     @property
     def key_names(self) -> tuple[str, ...]:
@@ -91,7 +93,9 @@ class AttentionCall:
 
     @property
     def has_modifiers(self) -> bool:
-        return any(k.modifiers for k in self.keys)
+        # keys whose modifiers differ cannot all be empty
+        uniform = self.uniform_modifiers
+        return uniform is None or bool(uniform)
 
     def text(self) -> str:
         """``q1, q2 -> k1, k2[causal]``."""

@@ -473,21 +473,24 @@ def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
 
 def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, GroupSlot]) -> tuple[Segment, ...]:
     """Input runs (adjacent groups of equal modifiers merged), then cached groups."""
-    inputs, cached = [], []
+    inputs: list[tuple[int, int, Modifiers]] = []
+    cached = []
     for name, mods in groups:
         slot = slots[name]
-        if slot.cached:
+        if slot.size is None:
             cached.append(Segment(0, -1, name, mods))  # length known at run time
         elif slot.size:
-            inputs.append(Segment(slot.offset, slot.offset + slot.size, None, mods))
-    merged: list[Segment] = []
-    for seg in sorted(inputs, key=lambda s: s.start):
-        last = merged[-1] if merged else None
-        if last is not None and last.stop == seg.start and last.modifiers == seg.modifiers:
-            merged[-1] = Segment(last.start, seg.stop, None, seg.modifiers)
+            inputs.append((slot.offset, slot.offset + slot.size, mods))
+    # merged as plain tuples, one Segment per run: a call of a block-causal
+    # family reads one group per member before it, mostly in one run
+    inputs.sort(key=lambda s: s[0])
+    merged: list[list[Any]] = []
+    for start, stop, mods in inputs:
+        if merged and merged[-1][1] == start and (merged[-1][2] is mods or merged[-1][2] == mods):
+            merged[-1][1] = stop
         else:
-            merged.append(seg)
-    return (*merged, *cached)
+            merged.append([start, stop, mods])
+    return (*(Segment(a, b, None, m) for a, b, m in merged), *cached)
 
 
 def _pieces(segments: set[tuple[int, int]], n_tokens: int) -> tuple[tuple[int, ...], PieceRanges]:
@@ -690,16 +693,21 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         queries = tuple(q for q in attention.queries if not slots[q].cached)
         key_names = attention.key_names
         present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
-        allowed = sum(
-            allowed_pairs(
-                slots[q].size or 0,
-                slots[k.name].size or 0,
-                k.modifiers,
-                slots[k.name].offset - slots[q].offset,
+        n_queries = sum(slots[q].size or 0 for q in queries)
+        n_keys = sum(slots[k].size or 0 for k in key_names)
+        if attention.has_modifiers:
+            allowed = sum(
+                allowed_pairs(
+                    slots[q].size or 0,
+                    slots[k.name].size or 0,
+                    k.modifiers,
+                    slots[k.name].offset - slots[q].offset,
+                )
+                for q in queries
+                for k in attention.keys
             )
-            for q in queries
-            for k in attention.keys
-        )
+        else:  # every query reads every input key
+            allowed = n_queries * n_keys
         calls.append(
             Call(
                 index=i,
@@ -707,8 +715,8 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
                 query_tokens=queries,
                 queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
                 keys=_segments([(k.name, k.modifiers) for k in attention.keys], slots),
-                n_queries=sum(slots[q].size or 0 for q in queries),
-                n_keys=sum(slots[k].size or 0 for k in key_names),
+                n_queries=n_queries,
+                n_keys=n_keys,
                 query_access=_access(queries, slots),
                 key_access=_access(key_names, slots),
                 allowed_entries=allowed,
