@@ -408,15 +408,29 @@ class Layout:
         each pair's :meth:`pair_band` (an open side is
         :data:`~patternc.modifiers.UNBOUNDED` away). What device tables of
         group pairs are filled from, one scatter each."""
-        queries, keys, lows, highs, dilations, residues = [], [], [], [], [], []
-        for q, k in self.pairs:
-            band = self.pair_band(q, k)
-            queries.append(q)
-            keys.append(k)
-            lows.append(-UNBOUNDED if band.low is None else band.low)
-            highs.append(UNBOUNDED if band.high is None else band.high)
-            dilations.append(band.dilation)
-            residues.append(band.residue)
+        # one band per distinct modifier list (bound families share them),
+        # except under `across`, whose band moves with the groups' offsets
+        by_list: dict[int, tuple[int, int, int, int]] = {}
+        rows = []
+        for (q, k), mods in self.pairs.items():
+            row = None if mods.across else by_list.get(id(mods))
+            if row is None:
+                band = self.pair_band(q, k)
+                row = (
+                    -UNBOUNDED if band.low is None else band.low,
+                    UNBOUNDED if band.high is None else band.high,
+                    band.dilation,
+                    band.residue,
+                )
+                if not mods.across:
+                    by_list[id(mods)] = row
+            rows.append(row)
+        queries = [q for q, _ in self.pairs]
+        keys = [k for _, k in self.pairs]
+        lows = [r[0] for r in rows]
+        highs = [r[1] for r in rows]
+        dilations = [r[2] for r in rows]
+        residues = [r[3] for r in rows]
         return queries, keys, lows, highs, dilations, residues
 
 
