@@ -28,6 +28,19 @@ class KeyGroup:
     """For a family key of a family rule: which of its members each query
     member reads (``frame*[upto]``, ``self``); None: all of them. Binding
     resolves it, so a bound plan's keys never carry one."""
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # computed once: bound plans hash tuples of keys that grow with the
+        # members (a block-causal family's calls read every earlier member)
+        object.__setattr__(self, "_hash", hash((self.name, self.modifiers, self.members)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[KeyGroup], tuple[object, ...]]:
+        """Unpickled through ``__init__``: a string's hash differs between processes."""
+        return (KeyGroup, (self.name, self.modifiers, self.members))
 
     def text(self) -> str:
         """``frame*[upto, causal]``, or ``self[causal]`` for the query itself."""

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.members import GRID_RELATIONS, FamilyMembers
+from patternc.modifiers import Modifiers
 
 __all__ = ["Bound", "bind"]
 
@@ -86,15 +87,18 @@ def _per_member(
     # each key's KeyGroups are made once and shared by every query that
     # reads them: a block-causal family binds M(M+1)/2 (query, key) pairs,
     # and building one object per pair was most of the binding's time
+    # one object per distinct modifier list: equal lists compare by identity downstream
+    shared: dict[Modifiers, Modifiers] = {}
+    mods = {k: shared.setdefault(k.modifiers, k.modifiers) for k in rule.keys}
     plain = {
-        k: tuple(KeyGroup(m, k.modifiers) for m in found.expand([k.name]))
+        k: tuple(KeyGroup(m, mods[k]) for m in found.expand([k.name]))
         for k in rule.keys
         if k.members is None
     }
     # a relation on ordinals reads a range of the family's members in
     # ordinal order: a slice of KeyGroups made once per key
     ordered = {
-        k: tuple(KeyGroup(m, k.modifiers) for m in found.by_ordinal.get(k.name, ([], []))[1])
+        k: tuple(KeyGroup(m, mods[k]) for m in found.by_ordinal.get(k.name, ([], []))[1])
         for k in rule.keys
         if k.members is not None and k.members.kind not in ("self", *GRID_RELATIONS)
     }
