@@ -91,9 +91,7 @@ def _per_member(
     shared: dict[Modifiers, Modifiers] = {}
     mods = {k: shared.setdefault(k.modifiers, k.modifiers) for k in rule.keys}
     plain = {
-        k: tuple(KeyGroup(m, mods[k]) for m in found.expand([k.name]))
-        for k in rule.keys
-        if k.members is None
+        k: tuple(KeyGroup(m, mods[k]) for m in found.expand([k.name])) for k in rule.keys if k.members is None
     }
     # a relation on ordinals reads a range of the family's members in
     # ordinal order: a slice of KeyGroups made once per key

@@ -47,7 +47,6 @@ Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
 A size of ``None`` marks a group whose keys/values come from a KV cache."""
 
 
-
 class BoundPlan(Protocol):
     """What a layout is built from: a plan whose families are bound to
     run-time groups (:class:`patternc.Plan` is one)."""
