@@ -174,26 +174,26 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
         ("  BlockMask from tables", median_ms(tables.block_mask, args.repeat, args.device)),
     ]
     agree = "not compared"
-    try:
-        rows.append(
-            ("create_block_mask(_compile=True)", median_ms(lambda: created(True), args.repeat, args.device))
-        )
-        theirs = created(True)
-        whole = n // BLOCK_SIZE  # blocks whose tokens are all real in both masks
-        mine_dense = ours.to_dense()[0, 0, :whole, :whole]
-        theirs_dense = theirs.to_dense()[0, 0, :whole, :whole]  # type: ignore[attr-defined]
-        agree = str(bool(torch.equal(mine_dense.bool(), theirs_dense.bool())))
-    except Exception as error:
-        rows.append((f"create_block_mask(_compile=True): {type(error).__name__}", float("nan")))
-    if n <= args.eager_limit:
-        rows.append(
-            (
-                "create_block_mask (eager)",
-                median_ms(lambda: created(False), max(3, args.repeat // 4), args.device),
+    if not args.no_baseline:
+        try:
+            rows.append(
+                (
+                    "create_block_mask(_compile=True)",
+                    median_ms(lambda: created(True), args.repeat, args.device),
+                )
             )
-        )
-    else:
-        rows.append((f"create_block_mask (eager): skipped, [{n}]^2 mask", float("nan")))
+            theirs = created(True)
+            whole = n // BLOCK_SIZE  # blocks whose tokens are all real in both masks
+            mine_dense = ours.to_dense()[0, 0, :whole, :whole]
+            theirs_dense = theirs.to_dense()[0, 0, :whole, :whole]  # type: ignore[attr-defined]
+            agree = str(bool(torch.equal(mine_dense.bool(), theirs_dense.bool())))
+        except Exception as error:
+            rows.append((f"create_block_mask(_compile=True): {type(error).__name__}", float("nan")))
+        if n <= args.eager_limit:
+            eager_ms = median_ms(lambda: created(False), max(3, args.repeat // 4), args.device)
+            rows.append(("create_block_mask (eager)", eager_ms))
+        else:
+            rows.append((f"create_block_mask (eager): skipped, [{n}]^2 mask", float("nan")))
     base = rows[0][1]
     name = f"video: {prompt} + {count} frames of {frame}"
     for method, ms in rows:
@@ -257,6 +257,9 @@ def main() -> None:
         "--frames", action="store_true", help="block-causal video at 32k and 128k tokens instead"
     )
     parser.add_argument("--counts", type=int, nargs="+", default=[64, 256], help="frames per --frames row")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="--frames: patternc's rows only (no create_block_mask)"
+    )
     args = parser.parse_args()
     if args.frames:
         print(
