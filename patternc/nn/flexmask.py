@@ -212,6 +212,14 @@ def _modified_pair_blocks(p: Tensor, block: int, n_cols: int) -> Tensor:
     )
 
 
+SegmentPairs = tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor | None]
+"""``(q_start, q_stop, k_start, k_stop)`` columns of (query segment, key
+segment) pairs, each column's weight in the block counts (1: a pair without
+modifiers; 0: one with modifiers, or a group with no segment here), and the
+``[P, 8]`` rows :func:`_modified_pair_blocks` reads for the pairs with
+modifiers (None: there are none)."""
+
+
 def _segment_pairs(
     groups: GroupTables,
     q_ids: Tensor,
@@ -221,40 +229,32 @@ def _segment_pairs(
     k_sizes: Tensor,
     k_starts: Tensor,
     n_groups: int,
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
+) -> SegmentPairs:
     """The (query segment, key segment) pairs a rule allows, on the device:
-    each allowed group pair joined to its groups' segments. Returns the
-    ``(q_start, q_stop, k_start, k_stop)`` columns of the pairs without
-    modifiers, and the ``[P, 8]`` rows :func:`_modified_pair_blocks` reads
-    for those with modifiers (None: there are none).
-
-    A group queries from at most one segment (the input holds it once); its
-    keys may lie in several, so each pair is repeated per key segment of
-    its key group."""
+    each allowed group pair joined to its groups' segments, where each
+    group has at most one query segment and one key segment (the caller
+    checks). The join is a gather per side, and a pair with a side missing
+    here weighs 0: no shape depends on the data, so on a GPU the host never
+    waits for the device (but for the rows with modifiers)."""
     device = q_ids.device
     size = n_groups + 1
     q_gid, k_gid, has_mods, low, high, dilation, residue = groups.pairs
     q_of = torch.full((size,), -1, dtype=torch.int64, device=device)
     q_of[q_ids] = torch.arange(q_ids.numel(), device=device)
-    # key segments grouped by group: a stable sort, then each group's run
-    order = torch.argsort(k_ids, stable=True)
-    per_group = torch.bincount(k_ids, minlength=size)
-    first = torch.cumsum(per_group, 0) - per_group
     q_seg = q_of[q_gid]
-    repeats = torch.where(q_seg >= 0, per_group[k_gid], 0)
-    pair = torch.repeat_interleave(torch.arange(q_gid.numel(), device=device), repeats)
-    run_start = torch.cumsum(repeats, 0) - repeats
-    k_seg = order[first[k_gid[pair]] + torch.arange(pair.numel(), device=device) - run_start[pair]]
-    q_seg = q_seg[pair]
+    k_of = torch.full((size,), -1, dtype=torch.int64, device=device)
+    k_of[k_ids] = torch.arange(k_ids.numel(), device=device)
+    k_seg = k_of[k_gid]
+    found = (q_seg >= 0) & (k_seg >= 0)
+    q_seg, k_seg = q_seg.clamp_min(0), k_seg.clamp_min(0)
     q_start = q_starts[q_seg]
     k_start = k_starts[k_seg]
     columns = (q_start, q_start + q_sizes[q_seg], k_start, k_start + k_sizes[k_seg])
+    plain = found & (has_mods == 0)
     if not groups.modified:
-        return columns, None
-    mods = has_mods[pair] != 0
-    plain = ~mods
-    rows = torch.stack([*columns, low[pair], high[pair], dilation[pair], residue[pair]], dim=1)[mods]
-    return tuple(c[plain] for c in columns), (rows if rows.shape[0] else None)  # type: ignore[return-value]
+        return columns, plain.to(torch.int64), None
+    rows = torch.stack([*columns, low, high, dilation, residue], dim=1)[found & (has_mods != 0)]
+    return columns, plain.to(torch.int64), (rows if rows.shape[0] else None)
 
 
 def _segment_pairs_listed(
@@ -262,7 +262,7 @@ def _segment_pairs_listed(
     queries: list[tuple[int, int, int]],
     keys: list[tuple[int, int, int]],
     device: torch.device,
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor | None]:
+) -> SegmentPairs:
     """:func:`_segment_pairs` from the host's lists, one step per pair (what
     ``torch.compile`` traces: its results are constants of the graph)."""
     q_segment = {gid: (start, stop) for gid, start, stop in queries}
@@ -282,7 +282,8 @@ def _segment_pairs_listed(
                 plain.append((*q_segment[q], k_start, k_stop))
     rects = torch.tensor(plain, dtype=torch.int64, device=device).view(-1, 4)
     rows = torch.tensor(modified, dtype=torch.int64, device=device) if modified else None
-    return (rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3]), rows
+    weight = torch.ones(rects.shape[0], dtype=torch.int64, device=device)
+    return (rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3]), weight, rows
 
 
 WORD_BITS = 64
@@ -338,6 +339,8 @@ class GroupTables:
     """The pairs that carry modifiers."""
     sets: PairSets | None
     """What the ``mask_mod`` tests (:class:`PairSets`)."""
+    tests: tuple[BandTest, ...] = ()
+    """The layout's distinct modifier lists (those of pairs with modifiers)."""
 
 
 def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
@@ -348,6 +351,15 @@ def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
 def _signed(bits: int) -> int:
     """A 64-bit pattern as the int64 that holds it."""
     return bits - (1 << WORD_BITS) if bits >= 1 << (WORD_BITS - 1) else bits
+
+
+def _int64(values: list[int]) -> Tensor:
+    """A host list as an int64 tensor: through ``array`` (about 3x faster
+    than ``torch.tensor`` on long lists), or ``torch.tensor`` where
+    ``torch.compile`` traces (Dynamo cannot trace ``array``)."""
+    if _compiling() or not values:
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
 def _pair_sets(
@@ -375,8 +387,8 @@ def _pair_sets(
         return None
     # bit j of a word is 1 << j as an int64: a sum of distinct bits is their OR
     weights = torch.tensor([_signed(1 << j) for j in range(WORD_BITS)], dtype=torch.int64)
-    q_ids = torch.tensor(q_col, dtype=torch.int64)
-    k_ids = torch.tensor(k_col, dtype=torch.int64)
+    q_ids = _int64(q_col)
+    k_ids = _int64(k_col)
 
     def words(chosen: list[int] | None) -> Tensor:
         """``[n_words, size]``: each query group's bits of the key groups of
@@ -426,9 +438,9 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
             test_index[id(mods)] = at
         test_of.append(at)
     modified = frozenset((q, k) for q, k, at in zip(q_col, k_col, test_of) if at >= 0)
-    q_ids = torch.tensor(q_col, dtype=torch.int64)
-    k_ids = torch.tensor(k_col, dtype=torch.int64)
-    columns = [torch.tensor(c, dtype=torch.int64) for c in band_cols]
+    q_ids = _int64(q_col)
+    k_ids = _int64(k_col)
+    columns = [_int64(c) for c in band_cols]
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     table[q_ids, k_ids] = True
     bands = []
@@ -445,10 +457,10 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
             bands=tuple((test, None if w is None else w.to(device)) for test, w in sets.bands),
             key_bits=sets.key_bits.to(device),
         )
-    has_mods = torch.tensor([int(at >= 0) for at in test_of], dtype=torch.int64)
-    pairs = torch.stack([q_ids, k_ids, has_mods, *columns]).to(device)
+    has_mods = _int64(test_of) >= 0
+    pairs = torch.stack([q_ids, k_ids, has_mods.to(torch.int64), *columns]).to(device)
     low, high, dilation, residue = bands
-    return GroupTables(table.to(device), (low, high, dilation, residue), pairs, modified, sets)
+    return GroupTables(table.to(device), (low, high, dilation, residue), pairs, modified, sets, tuple(tests))
 
 
 @dataclass(frozen=True)
@@ -529,7 +541,7 @@ class FlexTables:
         upload.add(_overlaps_per_block(k_segs, shape[1], block))
         # under `across` with compact keys, a key's place in the input is not
         # its index: one shift per key segment (cached keys are never `across`)
-        across = any(mods.across for mods in layout.pairs.values())
+        across = any(test[3] for test in groups.tests)
         offsets = [s.offset for s in layout.slots]
         shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
         upload.add(shifts if compact and across else [])
@@ -555,10 +567,12 @@ class FlexTables:
         # (scatter_add: one atomic kernel where index_put_ would sort the indices)
         # (int64 like the upload: no conversion kernel; the matrices are small)
         width = shape[1] + 1
-        if _compiling():  # data-dependent shapes do not trace: the same pairs from the host's lists
-            rects, modified = _segment_pairs_listed(layout, queries, keys, device)
+        # under torch.compile data-dependent shapes do not trace, and a group
+        # whose keys lie in two places pairs once per place: the host's lists
+        if _compiling() or len({gid for gid, _, _ in keys}) != len(keys):
+            rects, weight, modified = _segment_pairs_listed(layout, queries, keys, device)
         else:
-            rects, modified = _segment_pairs(
+            rects, weight, modified = _segment_pairs(
                 groups, q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, n_groups
             )
         # without modifiers a (query segment, key segment) pair covers its
@@ -567,8 +581,7 @@ class FlexTables:
         top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
         left, right = k_start // block, (k_stop - 1) // block + 1
         corners = torch.cat([top + left, top + right, bottom + left, bottom + right])
-        ones = torch.ones_like(q_start)
-        signs = torch.cat([ones, -ones, -ones, ones])
+        signs = torch.cat([weight, -weight, -weight, weight])
         diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
         diff.scatter_add_(0, corners, signs)
         # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
@@ -603,7 +616,7 @@ class FlexTables:
             or _blocks_mix_groups(keys, block),
             pair_sets=groups.sets,
             same_offsets=_same_offsets(queries, keys, groups.modified),
-            dilated=any(mods.dilation > 1 for mods in layout.pairs.values()),
+            dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
         )
 
