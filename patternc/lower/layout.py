@@ -474,14 +474,20 @@ def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None
 
 
 def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
-    present = [slots[n] for n in names if slots[n].cached or slots[n].size]
+    # size None: cached, present; size 0: absent (one test per group: a
+    # block-causal call has one key group per member before it)
+    present = [slot for slot in map(slots.__getitem__, names) if slot.size != 0]
     if not present:
         return "empty"
-    if any(s.cached for s in present):
+    if any(s.size is None for s in present):
         return "view" if len(present) == 1 else "gather"
-    ordered = sorted(present, key=lambda s: s.offset)
-    contiguous = all(a.offset + (a.size or 0) == b.offset for a, b in itertools.pairwise(ordered))
-    return "view" if contiguous else "gather"
+    present.sort(key=lambda s: s.offset)
+    end = present[0].offset
+    for slot in present:
+        if slot.offset != end:
+            return "gather"
+        end += slot.size or 0
+    return "view"
 
 
 def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, GroupSlot]) -> tuple[Segment, ...]:
