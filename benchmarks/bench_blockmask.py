@@ -7,7 +7,17 @@ runs compiled (``_compile=True``) and, where it fits in memory, eagerly (it
 materialises an ``[n, n]`` mask: 46 GB at 78k tokens). Targets: analytic under
 1 ms on a GPU and under 50 ms on CPU for the 78k layout.
 
-Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20]``
+A second table (``--frames``) builds block-causal video, a 256-token
+prompt then 64 or 256 frames of 511 tokens (32k and 128k tokens; each frame
+reads the prompt and every frame up to its own), from the pattern file's
+family ``frame* -> prompt, frame*[upto]``: patternc's whole path from a new
+set of sizes (bind, layout, tables, ``BlockMask``; every cache cleared)
+against ``create_block_mask`` with the ``mask_mod`` a user writes (a
+frame-id table, ``kv_frame <= q_frame``), compiled and, where the
+``[n, n]`` mask fits, eager. Target: linear in the tokens on CPU, 1 ms for
+128k tokens in 256 frames on a GPU.
+
+Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]``
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 import patternc
-from patternc.nn.flexmask import FlexTables
+from patternc.nn.flexmask import BLOCK_SIZE, FlexTables
 from patternc.nn.schedule import schedule_for
 
 
@@ -95,6 +105,102 @@ def measure_layout(name: str, plan: patternc.Plan, sizes: dict[str, int], args: 
     print(f"{'':<34} {'':>7} block sparsity {tables.sparsity:.3f}")
 
 
+FRAMES = "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
+
+
+def frames_mask_mod(
+    prompt: int, frame: int, length: int, device: torch.device
+) -> Callable[..., torch.Tensor]:
+    """Block-causal video as users write it: a frame-id table (the prompt is
+    frame -1, causal inside itself); a frame reads the prompt and frames up
+    to its own."""
+    frame_id = ((torch.arange(length, device=device) - prompt) // frame).clamp_min(-1)
+
+    def block_causal(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
+        q_frame, kv_frame = frame_id[q_idx], frame_id[kv_idx]
+        prompt_pair = (q_frame < 0) & (kv_idx <= q_idx)
+        return prompt_pair | ((q_frame >= 0) & (kv_frame <= q_frame))
+
+    return block_causal
+
+
+def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, frame: int = 511) -> None:
+    """One row group of the ``--frames`` table: patternc cold (every cache
+    cleared, so binding and layout count) and its stages, against
+    ``create_block_mask``; the block classes of the two masks are compared
+    over the blocks both hold whole."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from patternc.nn.tables import TABLES
+    from patternc.plan import BINDINGS, LAYOUTS
+
+    plan = patternc.compile(FRAMES).patterns["default"]
+    sizes = {"prompt": prompt, **{f"frame{i}": frame for i in range(count)}}
+    device = torch.device(args.device)
+    n = prompt + count * frame
+
+    def clear() -> None:
+        LAYOUTS.clear()
+        BINDINGS.clear()
+        TABLES.clear()
+
+    def cold() -> object:
+        clear()
+        return FlexTables.build(plan.layout(sizes), {}, device).block_mask()
+
+    def layout_only() -> object:
+        clear()
+        return plan.layout(sizes)
+
+    layout = plan.layout(sizes)
+
+    def tables_only() -> object:
+        TABLES.clear()
+        return FlexTables.build(layout, {}, device)
+
+    tables = FlexTables.build(layout, {}, device)
+    ours = tables.block_mask()
+    mask_mod = frames_mask_mod(prompt, frame, n, device)
+
+    def created(compile_flag: bool) -> object:
+        return create_block_mask(mask_mod, None, None, n, n, device=args.device, _compile=compile_flag)
+
+    rows = [
+        ("patternc cold: bind, layout, tables, BlockMask", median_ms(cold, args.repeat, args.device)),
+        ("  bind + layout", median_ms(layout_only, args.repeat, args.device)),
+        ("  tables (group tables included)", median_ms(tables_only, args.repeat, args.device)),
+        ("  BlockMask from tables", median_ms(tables.block_mask, args.repeat, args.device)),
+    ]
+    agree = "not compared"
+    if not args.no_baseline:
+        try:
+            rows.append(
+                (
+                    "create_block_mask(_compile=True)",
+                    median_ms(lambda: created(True), args.repeat, args.device),
+                )
+            )
+            theirs = created(True)
+            whole = n // BLOCK_SIZE  # blocks whose tokens are all real in both masks
+            mine_dense = ours.to_dense()[0, 0, :whole, :whole]
+            theirs_dense = theirs.to_dense()[0, 0, :whole, :whole]  # type: ignore[attr-defined]
+            agree = str(bool(torch.equal(mine_dense.bool(), theirs_dense.bool())))
+        except Exception as error:
+            rows.append((f"create_block_mask(_compile=True): {type(error).__name__}", float("nan")))
+        if n <= args.eager_limit:
+            eager_ms = median_ms(lambda: created(False), max(3, args.repeat // 4), args.device)
+            rows.append(("create_block_mask (eager)", eager_ms))
+        else:
+            rows.append((f"create_block_mask (eager): skipped, [{n}]^2 mask", float("nan")))
+    base = rows[0][1]
+    name = f"video: {prompt} + {count} frames of {frame}"
+    for method, ms in rows:
+        print(f"{name:<34} {n:>7} {method:<48} {ms:>9.3f} {ms / base:>11.2f}")
+    print(f"{'':<34} {'':>7} {len(layout.pairs)} group pairs; non-empty blocks agree: {agree}")
+
+
 def breakdown(args: argparse.Namespace) -> None:
     """Where the analytic build spends its time (tables vs BlockMask), with a profile."""
     plan, sizes = documents(64)
@@ -147,7 +253,24 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="time the stages and profile the 64-doc build"
     )
+    parser.add_argument(
+        "--frames", action="store_true", help="block-causal video at 32k and 128k tokens instead"
+    )
+    parser.add_argument("--counts", type=int, nargs="+", default=[64, 256], help="frames per --frames row")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="--frames: patternc's rows only (no create_block_mask)"
+    )
     args = parser.parse_args()
+    if args.frames:
+        print(
+            f"block-causal video masks on {args.device}, torch {torch.__version__}, median of {args.repeat}"
+        )
+        header = f"{'layout':<34} {'tokens':>7} {'method':<48} {'ms':>9} {'vs patternc':>11}"
+        print(header)
+        print("-" * len(header))
+        for count in args.counts:
+            measure_frames(count, args)
+        return
     if args.breakdown:
         breakdown(args)
         return

@@ -28,6 +28,19 @@ class KeyGroup:
     """For a family key of a family rule: which of its members each query
     member reads (``frame*[upto]``, ``self``); None: all of them. Binding
     resolves it, so a bound plan's keys never carry one."""
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # computed once: bound plans hash tuples of keys that grow with the
+        # members (a block-causal family's calls read every earlier member)
+        object.__setattr__(self, "_hash", hash((self.name, self.modifiers, self.members)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[KeyGroup], tuple[object, ...]]:
+        """Unpickled through ``__init__``: a string's hash differs between processes."""
+        return (KeyGroup, (self.name, self.modifiers, self.members))
 
     def text(self) -> str:
         """``frame*[upto, causal]``, or ``self[causal]`` for the query itself."""
@@ -81,9 +94,11 @@ class AttentionCall:
     on every forward: derived once, when the call is made)."""
 
     def __post_init__(self) -> None:
-        distinct = {k.modifiers for k in self.keys}
-        uniform = distinct.pop() if len(distinct) == 1 else (NO_MODIFIERS if not distinct else None)
-        object.__setattr__(self, "uniform_modifiers", uniform)
+        # identity first: bound family keys share their modifier lists, and
+        # a block-causal call has as many keys as members before it
+        first = self.keys[0].modifiers if self.keys else NO_MODIFIERS
+        same = all(k.modifiers is first or k.modifiers == first for k in self.keys)
+        object.__setattr__(self, "uniform_modifiers", first if same else None)
 
     @property
     def key_names(self) -> tuple[str, ...]:
@@ -91,7 +106,9 @@ class AttentionCall:
 
     @property
     def has_modifiers(self) -> bool:
-        return any(k.modifiers for k in self.keys)
+        # keys whose modifiers differ cannot all be empty
+        uniform = self.uniform_modifiers
+        return uniform is None or bool(uniform)
 
     def text(self) -> str:
         """``q1, q2 -> k1, k2[causal]``."""

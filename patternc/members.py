@@ -267,6 +267,15 @@ class FamilyMembers:
             at = self.by_coordinates.get(family, {})
             box = relation.box(self.coordinates[query], self.extent.get(family, ()))
             return [at[c] for c in itertools.product(*(range(lo, hi) for lo, hi in box)) if c in at]
-        ordinals, ordered = self.by_ordinal.get(family, ([], []))
+        lo, hi = self.span(query, family, relation)
+        return self.by_ordinal.get(family, ([], []))[1][lo:hi]
+
+    def span(self, query: str, family: str, relation: MemberRelation) -> tuple[int, int]:
+        """For a relation on ordinals (``same``, ``before``, ``upto``): the
+        members of ``family`` that ``query`` reads, as a range ``[lo, hi)``
+        of the members in ordinal order (``by_ordinal[family][1]``), so
+        binding slices lists made once per family instead of building one
+        list per query."""
+        ordinals = self.by_ordinal.get(family, ([], []))[0]
         lo, hi = relation.ordinals(self.ordinal[query])
-        return ordered[bisect.bisect_left(ordinals, lo) : bisect.bisect_left(ordinals, hi)]
+        return bisect.bisect_left(ordinals, lo), bisect.bisect_left(ordinals, hi)

@@ -25,6 +25,14 @@ PREFIX = "groups prefix text\nprefix -> prefix\ntext -> prefix, text[causal]"
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
 WINDOW = "groups tokens\ntokens -> tokens[causal, window 1024]"
 JOINT = "groups sa sq va vq\n* -> sa, va"
+FRAMES = "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
+INTERLEAVED = (
+    "groups system run*{text, image}\nsystem -> system [causal]\n"
+    "run*.text -> system, run*[before], self[causal]\nrun*.image -> system, run*[before], self"
+)
+PREFIXED_DOCUMENTS = (
+    "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]"
+)
 
 
 def _layout(source: str, sizes: dict[str, int]) -> Layout:
@@ -42,6 +50,23 @@ def _prefix(scale: int) -> Layout:
 def _documents(count: int, seed: int) -> Layout:
     rng = random.Random(seed)  # bench_users' documents: 256-2048 tokens each
     return _layout(DOCUMENTS, {f"doc{i}": rng.randint(256, 2048) for i in range(count)})
+
+
+def _video(frames: int, frame: int) -> Layout:
+    return _layout(FRAMES, {"prompt": 256, **{f"frame{i}": frame for i in range(frames)}})
+
+
+def _interleaved() -> Layout:
+    runs = (("text", 512), ("image", 1024), ("text", 768), ("image", 1024), ("text", 704))
+    return _layout(INTERLEAVED, {"system": 64, **{f"run{i}.{kind}": n for i, (kind, n) in enumerate(runs)}})
+
+
+def _prefixed_documents(count: int, seed: int) -> Layout:
+    rng = random.Random(seed)  # bench_users' texts: 256-2048 tokens, each after a 128-token prefix
+    sizes: dict[str, int] = {}
+    for i in range(count):
+        sizes |= {f"doc{i}.prefix": 128, f"doc{i}.text": rng.randint(256, 2048)}
+    return _layout(PREFIXED_DOCUMENTS, sizes)
 
 
 def _ranked(
@@ -100,6 +125,44 @@ def test_documents_windows_and_anchors_keep_their_picks(
     hand-written code)."""
     assert callable(layout)
     assert _ranked(layout(), training)[0][0] == winner
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("kernel", ["flash2", "flash4"])
+@pytest.mark.parametrize(
+    "layout",
+    [lambda: _video(16, 1024), _interleaved, lambda: _prefixed_documents(16, 2)],
+    ids=["video-16x1024", "interleaved-vlm-4.1k", "prefixed-docs16-22k"],
+)
+def test_member_structures_run_on_flex(layout: object, kernel: str, training: bool) -> None:
+    """The language's member structures, as ``bench_users.py`` lays them
+    out. Block-causal video (256 prompt + 16 frames of 1024) is 17 calls of
+    1024 queries each: batched launches one per frame, 96 thread blocks at
+    12 heads, too few to fill the GPU, and ran 3.33 ms forward and 11.71 ms
+    forward+backward on one H100 (bf16, one layer) where flex ran 2.34 and
+    6.58. Interleaved VLM and prefixed documents picked flex before.
+
+    Varlen on FlashAttention 4 (one launch, K/V gathered per frame) has no
+    measurement on these rows: there the pinned part is flex ahead of
+    batched."""
+    assert callable(layout)
+    ranked = _ranked(layout(), training, kernel=kernel)
+    names = [name for name, _ in ranked]
+    if kernel == "flash2":
+        assert names[0] == "flex", ranked
+    assert names.index("flex") < names.index("batched"), ranked
+
+
+def test_a_launch_that_underfills_the_gpu_is_priced_up() -> None:
+    """Batched's price for a call of few query tiles grows as its launch
+    leaves SMs idle: per allowed entry, a frame of 1024 queries (96 blocks
+    at 12 heads) costs more than one of 4096 (384 blocks, a full GPU)."""
+    small = dict(_ranked(_video(1, 1024), False))
+    large = dict(_ranked(_video(1, 4096), False))
+    small_entries = _video(1, 1024).allowed_entries
+    large_entries = _video(1, 4096).allowed_entries
+    # per allowed entry, the underfilled launch is dearer than the full one
+    assert small["batched"] / small_entries > 1.5 * large["batched"] / large_entries
 
 
 def test_unmasked_sdpa_leads_full_attention_and_dense_trails() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from patternc.nn import PatternAttention
 from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
 from patternc.nn.schedule import schedule_for
+from patternc.nn.tables import TABLES
 
 IMPLEMENTATIONS = ["batched", "loop", "dense", "flex"]
 
@@ -225,6 +227,56 @@ def test_block_mask_with_cached_keys() -> None:
     ref = create_block_mask(tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu")
     assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, 4), tables.full)
     assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, 4), tables.partial)
+
+
+MEMBER_LAYOUTS = {
+    "video": (
+        "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]",
+        {"prompt": 37, "frame0": 129, "frame1": 0, "frame2": 200, "frame3": 1, "frame4": 255},
+    ),
+    "interleaved": (
+        "groups system run*{text, image}\nsystem -> system [causal]\n"
+        "run*.text -> system, run*[before], self[causal, window 70]\nrun*.image -> system, run*[before], self",
+        {"system": 5, "run0.text": 140, "run1.image": 256, "run2.text": 77, "run3.image": 0, "run4.text": 301},
+    ),
+    "prefixed documents": (
+        "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]",
+        {"doc0.prefix": 3, "doc0.text": 250, "doc1.text": 129, "doc2.prefix": 128, "doc2.text": 1},
+    ),
+    "frame window": (
+        "groups frame*\nframe* -> frame*[upto 2, causal, across]",
+        {f"frame{i}": n for i, n in enumerate([64, 200, 1, 129, 77, 300])},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMBER_LAYOUTS))
+@pytest.mark.parametrize("cached", [False, True], ids=["input", "cached-first"])
+def test_member_structures_block_classes(name: str, cached: bool) -> None:
+    """Families bound over members (block-causal frames, interleaved runs,
+    documents with parts; odd, empty and one-token members): the block
+    classes paired on the device equal those torch finds by evaluating the
+    mask_mod on every element, and those paired from the host's lists (the
+    path ``torch.compile`` traces)."""
+    source, sizes = MEMBER_LAYOUTS[name]
+    plan = patternc.compile(source).patterns["default"]
+    first = next(iter(sizes))
+    if cached and "across" in source:
+        pytest.skip("`across` refuses a group read from a KV cache")
+    given = {g: (None if cached and g == first else n) for g, n in sizes.items()}
+    lengths = {first: 19} if cached else {}
+    layout = schedule_for(plan.token_specs(given), plan)
+    tables = FlexTables.build(layout, lengths, "cpu")
+    ref = create_block_mask(tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu")
+    n_kv = tables.kv_len // 128
+    assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_kv), tables.partial)
+    assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_kv), tables.full)
+    TABLES.clear()
+    with patch("patternc.nn.flexmask._compiling", return_value=True):
+        listed = FlexTables.build(layout, lengths, "cpu")
+    TABLES.clear()
+    assert torch.equal(listed.partial, tables.partial)
+    assert torch.equal(listed.full, tables.full)
 
 
 def test_bucket_lengths() -> None:

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.members import FamilyMembers
+from patternc.members import GRID_RELATIONS, FamilyMembers
+from patternc.modifiers import Modifiers
 
 __all__ = ["Bound", "bind"]
 
@@ -83,13 +84,31 @@ def _per_member(
 ) -> list[ResolvedRule]:
     """One rule per query member: each key with a relation gives the members
     it relates to that query, each key without one all of its members."""
-    plain = {k.name: found.expand([k.name]) for k in rule.keys if k.members is None}
+    # each key's KeyGroups are made once and shared by every query that
+    # reads them: a block-causal family binds M(M+1)/2 (query, key) pairs,
+    # and building one object per pair was most of the binding's time
+    # one object per distinct modifier list: equal lists compare by identity downstream
+    shared: dict[Modifiers, Modifiers] = {}
+    mods = {k: shared.setdefault(k.modifiers, k.modifiers) for k in rule.keys}
+    plain = {
+        k: tuple(KeyGroup(m, mods[k]) for m in found.expand([k.name])) for k in rule.keys if k.members is None
+    }
+    # a relation on ordinals reads a range of the family's members in
+    # ordinal order: a slice of KeyGroups made once per key
+    ordered = {
+        k: tuple(KeyGroup(m, mods[k]) for m in found.by_ordinal.get(k.name, ([], []))[1])
+        for k in rule.keys
+        if k.members is not None and k.members.kind not in ("self", *GRID_RELATIONS)
+    }
     out = []
     for query in queries:
         keys: list[KeyGroup] = []
         for key in rule.keys:
             if key.members is None:
-                keys.extend(KeyGroup(m, key.modifiers) for m in plain[key.name])
+                keys.extend(plain[key])
+            elif key in ordered:
+                lo, hi = found.span(query, key.name, key.members)
+                keys.extend(ordered[key][lo:hi])
             else:
                 keys.extend(KeyGroup(m, key.modifiers) for m in found.related(query, key.name, key.members))
         if not keys:

@@ -64,6 +64,15 @@ _FLOAT = {
 }
 _FLOAT_FLEX_IEEE = _Rates(60e-6, 20e12, 7.1)
 _COPY_BYTES_PER_S = 1.5e12
+# SDPA's flash kernels run one thread block per (batch, head, 128 queries)
+# forward, and an SM needs two resident blocks to reach its rate: a launch
+# of fewer blocks than two per SM (132 SMs on an H100 or H200) leaves SMs
+# idle for its whole length. Block-causal video (16 frames of 1024 tokens,
+# 12 heads: 96 blocks per frame's call, 17 calls) ran batched at 3.3 ms
+# forward where its entries at the full rate predict 1.6 ms, and flex's
+# single launch at 2.3 ms; varlen and flex launch every query at once.
+_QUERY_TILE = 128
+_BLOCK_SLOTS = 2 * 132
 
 
 @dataclass(frozen=True)
@@ -74,26 +83,41 @@ class Estimate:
     seconds: float
 
 
-def _entries(layout: Layout, compact: bool = False) -> tuple[int, int, int, int, int]:
+def _fill(layout: Layout, rows: int) -> list[float]:
+    """Per call: the fraction of the GPU its batched launch keeps busy
+    (``rows``: batch times heads), see :data:`_BLOCK_SLOTS`."""
+    fill = [1.0] * len(layout.calls)
+    for launch in layout.launches:
+        tiles = -(-layout.calls[launch[0]].n_queries // _QUERY_TILE)
+        share = min(1.0, rows * len(launch) * tiles / _BLOCK_SLOTS)
+        for index in launch:
+            fill[index] = share
+    return fill
+
+
+def _entries(layout: Layout, compact: bool = False, rows: int = 1) -> tuple[int, float, float, int, int]:
     """(allowed score entries; entries SDPA computes under batched without a
-    mask and with one; dense entries; tokens the batched executor copies);
-    ``compact``: K/V come in the key space, where a call's key segments may
-    lie end to end."""
+    mask and with one, each divided by its launch's share of the GPU
+    (:func:`_fill`, ``rows``: batch times heads); dense entries; tokens the
+    batched executor copies); ``compact``: K/V come in the key space, where
+    a call's key segments may lie end to end."""
     allowed = 0
-    plain = 0
-    masked = 0
+    plain = 0.0
+    masked = 0.0
     copied = 0
     space = layout.key_space
+    fill = _fill(layout, rows)
     for call in layout.calls:
         input_keys = [s for s in call.keys if s.cached is None and s.length]
         n_kv = sum(s.length for s in input_keys)
         allowed += call.allowed_entries
+        share = fill[call.index]
         if call.is_causal:  # SDPA's is_causal: no mask, the masked half skipped
-            plain += call.allowed_entries
+            plain += call.allowed_entries / share
         elif call.has_modifiers:  # a mask: the whole rectangle, on SDPA's masked kernel
-            masked += call.n_queries * n_kv
+            masked += call.n_queries * n_kv / share
         else:
-            plain += call.n_queries * n_kv
+            plain += call.n_queries * n_kv / share
         if len(call.queries) > 1:
             copied += call.n_queries
         end_to_end = compact and all(
@@ -153,7 +177,7 @@ def price(
     """
     batch, heads, dim, half = work.batch, work.heads, work.dim, work.half
     training, compact = work.training, work.compact
-    allowed, plain, masked, dense, copied = _entries(layout, compact)
+    allowed, plain, masked, dense, copied = _entries(layout, compact, batch * heads)
     expand = 2 * layout.n_tokens if compact and not layout.key_space.identity else 0
     flop = 4 * batch * heads * dim
     elem = 2 if half else 4
@@ -167,7 +191,7 @@ def price(
         if name == "varlen" and varlen is None:
             continue
         launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
-        entries, with_mask = 0, 0  # entries computed without a mask and with one
+        entries, with_mask = 0.0, 0.0  # entries computed without a mask and with one
         if name == "batched":
             launches = len(layout.launches)
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S

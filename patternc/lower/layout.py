@@ -47,7 +47,6 @@ Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
 A size of ``None`` marks a group whose keys/values come from a KV cache."""
 
 
-
 class BoundPlan(Protocol):
     """What a layout is built from: a plan whose families are bound to
     run-time groups (:class:`patternc.Plan` is one)."""
@@ -408,15 +407,29 @@ class Layout:
         each pair's :meth:`pair_band` (an open side is
         :data:`~patternc.modifiers.UNBOUNDED` away). What device tables of
         group pairs are filled from, one scatter each."""
-        queries, keys, lows, highs, dilations, residues = [], [], [], [], [], []
-        for q, k in self.pairs:
-            band = self.pair_band(q, k)
-            queries.append(q)
-            keys.append(k)
-            lows.append(-UNBOUNDED if band.low is None else band.low)
-            highs.append(UNBOUNDED if band.high is None else band.high)
-            dilations.append(band.dilation)
-            residues.append(band.residue)
+        # one band per distinct modifier list (bound families share them),
+        # except under `across`, whose band moves with the groups' offsets
+        by_list: dict[int, tuple[int, int, int, int]] = {}
+        rows = []
+        for (q, k), mods in self.pairs.items():
+            row = None if mods.across else by_list.get(id(mods))
+            if row is None:
+                band = self.pair_band(q, k)
+                row = (
+                    -UNBOUNDED if band.low is None else band.low,
+                    UNBOUNDED if band.high is None else band.high,
+                    band.dilation,
+                    band.residue,
+                )
+                if not mods.across:
+                    by_list[id(mods)] = row
+            rows.append(row)
+        queries = [q for q, _ in self.pairs]
+        keys = [k for _, k in self.pairs]
+        lows = [r[0] for r in rows]
+        highs = [r[1] for r in rows]
+        dilations = [r[2] for r in rows]
+        residues = [r[3] for r in rows]
         return queries, keys, lows, highs, dilations, residues
 
 
@@ -461,33 +474,42 @@ def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None
 
 
 def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
-    present = [slots[n] for n in names if slots[n].cached or slots[n].size]
+    # size None: cached, present; size 0: absent (one test per group: a
+    # block-causal call has one key group per member before it)
+    present = [slot for slot in map(slots.__getitem__, names) if slot.size != 0]
     if not present:
         return "empty"
-    if any(s.cached for s in present):
+    if any(s.size is None for s in present):
         return "view" if len(present) == 1 else "gather"
-    ordered = sorted(present, key=lambda s: s.offset)
-    contiguous = all(a.offset + (a.size or 0) == b.offset for a, b in itertools.pairwise(ordered))
-    return "view" if contiguous else "gather"
+    present.sort(key=lambda s: s.offset)
+    end = present[0].offset
+    for slot in present:
+        if slot.offset != end:
+            return "gather"
+        end += slot.size or 0
+    return "view"
 
 
 def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, GroupSlot]) -> tuple[Segment, ...]:
     """Input runs (adjacent groups of equal modifiers merged), then cached groups."""
-    inputs, cached = [], []
+    inputs: list[tuple[int, int, Modifiers]] = []
+    cached = []
     for name, mods in groups:
         slot = slots[name]
-        if slot.cached:
+        if slot.size is None:
             cached.append(Segment(0, -1, name, mods))  # length known at run time
         elif slot.size:
-            inputs.append(Segment(slot.offset, slot.offset + slot.size, None, mods))
-    merged: list[Segment] = []
-    for seg in sorted(inputs, key=lambda s: s.start):
-        last = merged[-1] if merged else None
-        if last is not None and last.stop == seg.start and last.modifiers == seg.modifiers:
-            merged[-1] = Segment(last.start, seg.stop, None, seg.modifiers)
+            inputs.append((slot.offset, slot.offset + slot.size, mods))
+    # merged as plain tuples, one Segment per run: a call of a block-causal
+    # family reads one group per member before it, mostly in one run
+    inputs.sort(key=lambda s: s[0])
+    merged: list[list[Any]] = []
+    for start, stop, mods in inputs:
+        if merged and merged[-1][1] == start and (merged[-1][2] is mods or merged[-1][2] == mods):
+            merged[-1][1] = stop
         else:
-            merged.append(seg)
-    return (*merged, *cached)
+            merged.append([start, stop, mods])
+    return (*(Segment(a, b, None, m) for a, b, m in merged), *cached)
 
 
 def _pieces(segments: set[tuple[int, int]], n_tokens: int) -> tuple[tuple[int, ...], PieceRanges]:
@@ -690,16 +712,21 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         queries = tuple(q for q in attention.queries if not slots[q].cached)
         key_names = attention.key_names
         present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
-        allowed = sum(
-            allowed_pairs(
-                slots[q].size or 0,
-                slots[k.name].size or 0,
-                k.modifiers,
-                slots[k.name].offset - slots[q].offset,
+        n_queries = sum(slots[q].size or 0 for q in queries)
+        n_keys = sum(slots[k].size or 0 for k in key_names)
+        if attention.has_modifiers:
+            allowed = sum(
+                allowed_pairs(
+                    slots[q].size or 0,
+                    slots[k.name].size or 0,
+                    k.modifiers,
+                    slots[k.name].offset - slots[q].offset,
+                )
+                for q in queries
+                for k in attention.keys
             )
-            for q in queries
-            for k in attention.keys
-        )
+        else:  # every query reads every input key
+            allowed = n_queries * n_keys
         calls.append(
             Call(
                 index=i,
@@ -707,8 +734,8 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
                 query_tokens=queries,
                 queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
                 keys=_segments([(k.name, k.modifiers) for k in attention.keys], slots),
-                n_queries=sum(slots[q].size or 0 for q in queries),
-                n_keys=sum(slots[k].size or 0 for k in key_names),
+                n_queries=n_queries,
+                n_keys=n_keys,
                 query_access=_access(queries, slots),
                 key_access=_access(key_names, slots),
                 allowed_entries=allowed,

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from patternc.lower.blocks import BLOCK_SIZE
 from patternc.lower.layout import Layout
-from patternc.modifiers import UNBOUNDED
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling as _compiling
 
@@ -231,20 +230,20 @@ def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, blo
     return list(itertools.accumulate(diff[:n_blocks]))
 
 
-def _modified_pair_blocks(pairs: Sequence[tuple[int, ...]], block: int, n_cols: int) -> Tensor:
+def _modified_pair_blocks(p: Tensor, block: int, n_cols: int) -> Tensor:
     """Blocks of the (query segment, key segment) pairs that carry modifiers,
     classified one by one on each pair's block rectangle (one padded batch):
     ``[3, n]`` rows (flat block index, non-empty, full), from interval
     arithmetic on positions within the groups: a block's differences
     ``j - i`` are the integers of ``[klo - qhi, khi - qlo]``, so its class
     under a band is exact (see :meth:`patternc.modifiers.Band.cell_class`)."""
-    # columns: q_start, q_stop, k_start, k_stop, low, high, dilation, residue
-    p = torch.tensor(pairs, dtype=torch.int64)
+    # p: [P, 8] int64, columns q_start, q_stop, k_start, k_stop, low, high, dilation, residue
+    device = p.device
     q_start, q_stop, k_start, k_stop = (p[:, i, None] for i in range(4))
     r0, r1 = q_start // block, (q_stop - 1) // block
     c0, c1 = k_start // block, (k_stop - 1) // block
-    rows = r0 + torch.arange(int((r1 - r0).max()) + 1)  # [P, R]
-    cols = c0 + torch.arange(int((c1 - c0).max()) + 1)  # [P, C]
+    rows = r0 + torch.arange(int((r1 - r0).max()) + 1, device=device)  # [P, R]
+    cols = c0 + torch.arange(int((c1 - c0).max()) + 1, device=device)  # [P, C]
     qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
     qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
     klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
@@ -267,13 +266,78 @@ def _modified_pair_blocks(pairs: Sequence[tuple[int, ...]], block: int, n_cols: 
     )
 
 
-def _band_row(layout: Layout, q: int, k: int) -> tuple[int, int, int, int]:
-    """``(low, high, dilation, residue)`` of a pair's band, open sides as
-    :data:`~patternc.modifiers.UNBOUNDED`."""
-    band = layout.pair_band(q, k)
-    low = -UNBOUNDED if band.low is None else band.low
-    high = UNBOUNDED if band.high is None else band.high
-    return low, high, band.dilation, band.residue
+SegmentPairs = tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor | None]
+"""``(q_start, q_stop, k_start, k_stop)`` columns of (query segment, key
+segment) pairs, each column's weight in the block counts (1: a pair without
+modifiers; 0: one with modifiers, or a group with no segment here), and the
+``[P, 8]`` rows :func:`_modified_pair_blocks` reads for the pairs with
+modifiers (None: there are none)."""
+
+
+def _segment_pairs(
+    groups: GroupTables,
+    q_ids: Tensor,
+    q_sizes: Tensor,
+    q_starts: Tensor,
+    k_ids: Tensor,
+    k_sizes: Tensor,
+    k_starts: Tensor,
+    n_groups: int,
+) -> SegmentPairs:
+    """The (query segment, key segment) pairs a rule allows, on the device:
+    each allowed group pair joined to its groups' segments, where each
+    group has at most one query segment and one key segment (the caller
+    checks). The join is a gather per side, and a pair with a side missing
+    here weighs 0: no shape depends on the data, so on a GPU the host never
+    waits for the device (but for the rows with modifiers)."""
+    device = q_ids.device
+    size = n_groups + 1
+    q_gid, k_gid, has_mods, low, high, dilation, residue = groups.pairs
+    q_of = torch.full((size,), -1, dtype=torch.int64, device=device)
+    q_of[q_ids] = torch.arange(q_ids.numel(), device=device)
+    q_seg = q_of[q_gid]
+    k_of = torch.full((size,), -1, dtype=torch.int64, device=device)
+    k_of[k_ids] = torch.arange(k_ids.numel(), device=device)
+    k_seg = k_of[k_gid]
+    found = (q_seg >= 0) & (k_seg >= 0)
+    q_seg, k_seg = q_seg.clamp_min(0), k_seg.clamp_min(0)
+    q_start = q_starts[q_seg]
+    k_start = k_starts[k_seg]
+    columns = (q_start, q_start + q_sizes[q_seg], k_start, k_start + k_sizes[k_seg])
+    plain = found & (has_mods == 0)
+    if not groups.modified:
+        return columns, plain.to(torch.int64), None
+    rows = torch.stack([*columns, low, high, dilation, residue], dim=1)[found & (has_mods != 0)]
+    return columns, plain.to(torch.int64), (rows if rows.shape[0] else None)
+
+
+def _segment_pairs_listed(
+    layout: Layout,
+    queries: list[tuple[int, int, int]],
+    keys: list[tuple[int, int, int]],
+    device: torch.device,
+) -> SegmentPairs:
+    """:func:`_segment_pairs` from the host's lists, one step per pair (what
+    ``torch.compile`` traces: its results are constants of the graph)."""
+    q_segment = {gid: (start, stop) for gid, start, stop in queries}
+    k_segments: dict[int, list[tuple[int, int]]] = {}
+    for gid, start, stop in keys:
+        k_segments.setdefault(gid, []).append((start, stop))
+    q_col, k_col, *bands = layout.pair_columns()
+    plain: list[tuple[int, int, int, int]] = []
+    modified: list[tuple[int, ...]] = []
+    for at, (q, k, mods) in enumerate(zip(q_col, k_col, layout.pairs.values())):
+        if q not in q_segment:
+            continue
+        for k_start, k_stop in k_segments.get(k, ()):
+            if mods:
+                modified.append((*q_segment[q], k_start, k_stop, *(b[at] for b in bands)))
+            else:
+                plain.append((*q_segment[q], k_start, k_stop))
+    rects = torch.tensor(plain, dtype=torch.int64, device=device).view(-1, 4)
+    rows = torch.tensor(modified, dtype=torch.int64, device=device) if modified else None
+    weight = torch.ones(rects.shape[0], dtype=torch.int64, device=device)
+    return (rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3]), weight, rows
 
 
 WORD_BITS = 64
@@ -311,13 +375,26 @@ class PairSets:
     """``[G + 1]``: each key group's bit in its word."""
 
 
-GroupTables = tuple[
-    Tensor,
-    tuple[Tensor, Tensor, Tensor, Tensor],
-    tuple[tuple[int, ...], ...],
-    frozenset[tuple[int, int]],
-    PairSets | None,
-]
+@dataclass(frozen=True)
+class GroupTables:
+    """Device tables of a layout's group pairs (see :func:`_build_group_tables`)."""
+
+    allowed: Tensor
+    """``[G + 1, G + 1]`` bool: group ``q`` reads group ``k`` (the last row
+    and column: padding, allowed nowhere)."""
+    band: tuple[Tensor, Tensor, Tensor, Tensor]
+    """``[G + 1, G + 1]`` ``low``, ``high``, ``dilation`` and ``residue`` of each pair."""
+    pairs: Tensor
+    """``[7, P]``: every allowed pair as a column: query group, key group,
+    whether it carries modifiers, then its band's four numbers. Block
+    classes are computed from it as tensor operations, with no host work
+    per pair (a block-causal family of M members has M(M+1)/2 pairs)."""
+    modified: frozenset[tuple[int, int]]
+    """The pairs that carry modifiers."""
+    sets: PairSets | None
+    """What the ``mask_mod`` tests (:class:`PairSets`)."""
+    tests: tuple[BandTest, ...] = ()
+    """The layout's distinct modifier lists (those of pairs with modifiers)."""
 
 
 def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
@@ -330,41 +407,61 @@ def _signed(bits: int) -> int:
     return bits - (1 << WORD_BITS) if bits >= 1 << (WORD_BITS - 1) else bits
 
 
-def _pair_sets(layout: Layout, device: torch.device) -> PairSets | None:
+def _int64(values: list[int]) -> Tensor:
+    """A host list as an int64 tensor: through ``array`` (about 3x faster
+    than ``torch.tensor`` on long lists), or ``torch.tensor`` where
+    ``torch.compile`` traces (Dynamo cannot trace ``array``)."""
+    if _compiling() or not values:
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
+
+
+def _pair_sets(
+    layout: Layout, q_col: list[int], k_col: list[int], tests: Sequence[BandTest], test_of: list[int]
+) -> PairSets | None:
     """The layout's allowed and modified pairs as :class:`PairSets`, or None
     where a set to test needs more than :data:`MAX_WORDS` words (then the
-    ``mask_mod`` reads the tables)."""
+    ``mask_mod`` reads the tables). ``q_col``, ``k_col``: the allowed pairs;
+    ``tests``: the layout's modifier lists; ``test_of``: each pair's index
+    into them (-1: no modifiers). Host lists in, CPU tensors out (the caller
+    moves them): under ``torch.compile`` every value here is a constant."""
     n_groups = len(layout.all_groups)
     size = n_groups + 1  # with the padding group, in no set
     n_words = -(-size // WORD_BITS)
-    pairs = set(layout.pairs)
-    same_group = pairs == {(g, g) for g in range(n_groups)}
-    bands: dict[BandTest, set[tuple[int, int]]] = {}
-    for pair, mods in layout.pairs.items():
-        if mods:
-            bands.setdefault((*mods.band(), mods.across), set()).add(pair)
-    tested = [s for s in bands.values() if s != pairs] + ([] if same_group else [pairs])
+    n_pairs = len(q_col)
+    # the pairs are distinct: n of them, each a group with itself, are all groups
+    same_group = n_pairs == n_groups and all(q == k for q, k in zip(q_col, k_col))
+    members: list[list[int]] = [[] for _ in tests]
+    for at, test in enumerate(test_of):
+        if test >= 0:
+            members[test].append(at)
+    # a set needs no test where it holds every allowed pair
+    tested = [len(m) != n_pairs for m in members] + ([] if same_group else [n_pairs > 0])
     if any(tested) and n_words > MAX_WORDS:
         return None
+    # bit j of a word is 1 << j as an int64: a sum of distinct bits is their OR
+    weights = torch.tensor([_signed(1 << j) for j in range(WORD_BITS)], dtype=torch.int64)
+    q_ids = _int64(q_col)
+    k_ids = _int64(k_col)
 
-    def words(members: set[tuple[int, int]], always: bool = False) -> Tensor | None:
-        """The set's words; None where it holds every allowed pair (unless ``always``)."""
-        if members == pairs and not always:
-            return None
-        flat = [
-            _signed(sum(1 << j for j in range(WORD_BITS) if (q, w * WORD_BITS + j) in members))
-            for w in range(n_words)
-            for q in range(size)
-        ]
-        return torch.tensor(flat, dtype=torch.int64).view(n_words, size).to(device)
+    def words(chosen: list[int] | None) -> Tensor:
+        """``[n_words, size]``: each query group's bits of the key groups of
+        the chosen pairs (None: all of them)."""
+        bits = torch.zeros(size, n_words * WORD_BITS, dtype=torch.int64)
+        if chosen is None:
+            bits[q_ids, k_ids] = 1
+        else:
+            index = torch.tensor(chosen, dtype=torch.int64)
+            bits[q_ids[index], k_ids[index]] = 1
+        return (bits.view(size, n_words, WORD_BITS) * weights).sum(-1).t().contiguous()
 
-    ordered = sorted(bands.items(), key=lambda item: repr(item[0]))
+    ordered = sorted(range(len(tests)), key=lambda i: repr(tests[i]))
     return PairSets(
         n_words=n_words,
         same_group=same_group,
-        allowed=None if same_group else words(pairs, always=True),
-        bands=tuple((test, words(members)) for test, members in ordered),
-        key_bits=torch.tensor([_signed(1 << (g % WORD_BITS)) for g in range(size)]).to(device),
+        allowed=None if same_group else words(None),
+        bands=tuple((tests[i], words(members[i]) if len(members[i]) != n_pairs else None) for i in ordered),
+        key_bits=torch.tensor([_signed(1 << (g % WORD_BITS)) for g in range(size)]),
     )
 
 
@@ -373,11 +470,31 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
     each pair's band (``low``, ``high``, ``dilation``, ``residue`` on
     positions within groups, see :meth:`Layout.pair_band
     <patternc.lower.layout.Layout.pair_band>`; the last row and column:
-    padding, allowed nowhere), each group's allowed key groups, the pairs
-    that carry modifiers, and the pair sets the ``mask_mod`` tests
-    (:class:`PairSets`)."""
+    padding, allowed nowhere), the allowed pairs as columns, the pairs that
+    carry modifiers, and the pair sets the ``mask_mod`` tests
+    (:class:`PairSets`). One pass over the pairs on the host, with one
+    lookup per distinct modifier list (bound families share them)."""
     n = len(layout.all_groups)
-    q_ids, k_ids, *columns = (torch.tensor(column, dtype=torch.int64) for column in layout.pair_columns())
+    q_col, k_col, *band_cols = layout.pair_columns()
+    test_index: dict[int, int] = {}  # id(modifiers) -> index into tests, -1: none
+    tests: list[BandTest] = []
+    by_test: dict[BandTest, int] = {}
+    test_of: list[int] = []
+    for mods in layout.pairs.values():
+        at = test_index.get(id(mods))
+        if at is None:
+            at = -1
+            if mods:
+                test = (*mods.band(), mods.across)
+                at = by_test.setdefault(test, len(tests))
+                if at == len(tests):
+                    tests.append(test)
+            test_index[id(mods)] = at
+        test_of.append(at)
+    modified = frozenset((q, k) for q, k, at in zip(q_col, k_col, test_of) if at >= 0)
+    q_ids = _int64(q_col)
+    k_ids = _int64(k_col)
+    columns = [_int64(c) for c in band_cols]
     table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     table[q_ids, k_ids] = True
     bands = []
@@ -385,16 +502,19 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
         band = torch.full((n + 1, n + 1), fill, dtype=torch.int64)
         band[q_ids, k_ids] = column
         bands.append(band.to(device))
-    per_group: list[list[int]] = [[] for _ in range(n + 1)]
-    modified = set()
-    for (q, k), mods in layout.pairs.items():
-        per_group[q].append(k)
-        if mods:
-            modified.add((q, k))
-    keys = tuple(tuple(sorted(ks)) for ks in per_group)
-    sets = _pair_sets(layout, device)
+    sets = _pair_sets(layout, q_col, k_col, tests, test_of)
+    if sets is not None and device.type != "cpu":
+        sets = PairSets(
+            n_words=sets.n_words,
+            same_group=sets.same_group,
+            allowed=None if sets.allowed is None else sets.allowed.to(device),
+            bands=tuple((test, None if w is None else w.to(device)) for test, w in sets.bands),
+            key_bits=sets.key_bits.to(device),
+        )
+    has_mods = _int64(test_of) >= 0
+    pairs = torch.stack([q_ids, k_ids, has_mods.to(torch.int64), *columns]).to(device)
     low, high, dilation, residue = bands
-    return table.to(device), (low, high, dilation, residue), keys, frozenset(modified), sets
+    return GroupTables(table.to(device), (low, high, dilation, residue), pairs, modified, sets, tuple(tests))
 
 
 @dataclass(frozen=True)
@@ -463,7 +583,7 @@ class FlexTables:
         n_kv = n_input_keys + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        allowed, band, allowed_keys, modified_pairs, pair_sets = _group_tables(layout, device)
+        groups = _group_tables(layout, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
 
@@ -475,42 +595,14 @@ class FlexTables:
             upload.add([start for _, start, _ in segs])
         upload.add(_overlaps_per_block(q_segs, shape[0], block))
         upload.add(_overlaps_per_block(k_segs, shape[1], block))
-        # (query segment, key segment) pairs a rule allows: without modifiers a
-        # pair covers its whole block rectangle (four corners of a 2-D
-        # difference array); pairs with modifiers are classified block by block
-        key_segments: dict[int, list[tuple[int, int]]] = {}
-        for gid, start, stop in keys:
-            key_segments.setdefault(gid, []).append((start, stop))
-        width = shape[1] + 1
-        pairs = [
-            (q_start, q_stop, k_start, k_stop, (gid, key_gid) in modified_pairs, gid, key_gid)
-            for gid, q_start, q_stop in queries
-            for key_gid in allowed_keys[gid]
-            for k_start, k_stop in key_segments.get(key_gid, ())
-        ]
-        modified = [
-            (q_start, q_stop, k_start, k_stop, *_band_row(layout, q, k))
-            for q_start, q_stop, k_start, k_stop, has_mods, q, k in pairs
-            if has_mods
-        ]
         # under `across` with compact keys, a key's place in the input is not
         # its index: one shift per key segment (cached keys are never `across`)
-        across = any(mods.across for mods in layout.pairs.values())
+        across = any(test[3] for test in groups.tests)
         offsets = [s.offset for s in layout.slots]
         shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
         upload.add(shifts if compact and across else [])
-        corners: list[int] = []  # flat indices into the [rows + 1, cols + 1] difference array
-        for q_start, q_stop, k_start, k_stop, has_mods, _, _ in pairs:
-            if not has_mods:
-                top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
-                left, right = k_start // block, (k_stop - 1) // block + 1
-                corners += (top + left, top + right, bottom + left, bottom + right)
-        signs = [1, -1, -1, 1] * (len(corners) // 4)
-        upload.add(corners)
-        upload.add(signs)
         (
-            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts,
-            q_overlaps, k_overlaps, k_shifts, corners_t, signs_t,
+            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, q_overlaps, k_overlaps, k_shifts,
         ) = upload.send(device)  # fmt: skip
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
@@ -530,15 +622,32 @@ class FlexTables:
         # pair overlapping it is full, empty when none is non-empty
         # (scatter_add: one atomic kernel where index_put_ would sort the indices)
         # (int64 like the upload: no conversion kernel; the matrices are small)
+        width = shape[1] + 1
+        # under torch.compile data-dependent shapes do not trace, and a group
+        # whose keys lie in two places pairs once per place: the host's lists
+        if _compiling() or len({gid for gid, _, _ in keys}) != len(keys):
+            rects, weight, modified = _segment_pairs_listed(layout, queries, keys, device)
+        else:
+            rects, weight, modified = _segment_pairs(
+                groups, q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, n_groups
+            )
+        # without modifiers a (query segment, key segment) pair covers its
+        # whole block rectangle: four corners of a 2-D difference array
+        q_start, q_stop, k_start, k_stop = rects
+        top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
+        left, right = k_start // block, (k_stop - 1) // block + 1
+        corners = torch.cat([top + left, top + right, bottom + left, bottom + right])
+        signs = torch.cat([weight, -weight, -weight, weight])
         diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
-        diff.scatter_add_(0, corners_t, signs_t)
+        diff.scatter_add_(0, corners, signs)
         # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
         # scan along the outer dim runs one thread per column (several times slower)
         rows_done = diff.view(shape[0] + 1, width).cumsum(1)
         plain = rows_done.t().contiguous().cumsum(1).t()[: shape[0], : shape[1]]
         nonempty_pairs, full_pairs = plain, plain
-        if modified:
-            flat, pair_nonempty, pair_full = _modified_pair_blocks(modified, block, shape[1]).to(device)
+        # pairs with modifiers are classified block by block
+        if modified is not None:
+            flat, pair_nonempty, pair_full = _modified_pair_blocks(modified, block, shape[1])
             plain_flat = plain.flatten()
             nonempty_pairs = plain_flat.scatter_add(0, flat, pair_nonempty).view(shape)
             full_pairs = plain_flat.scatter_add(0, flat, pair_full).view(shape)
@@ -553,17 +662,17 @@ class FlexTables:
             kv_group=kv_group,
             q_pos=q_pos,
             kv_pos=kv_pos,
-            allowed=allowed,
-            band=band,
+            allowed=groups.allowed,
+            band=groups.band,
             has_modifiers=has_modifiers,
             partial=partial,
             full=full,
             needs_value_guard=has_modifiers
             or _blocks_mix_groups(queries, block)
             or _blocks_mix_groups(keys, block),
-            pair_sets=pair_sets,
-            same_offsets=_same_offsets(queries, keys, modified_pairs),
-            dilated=any(mods.dilation > 1 for mods in layout.pairs.values()),
+            pair_sets=groups.sets,
+            same_offsets=_same_offsets(queries, keys, groups.modified),
+            dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
         )
 
