@@ -186,3 +186,13 @@ def test_float32_keeps_its_masked_rates() -> None:
     assert found[0].backend == "flex"
     # batched: the rectangle of both calls at one rate, the masked one at the unmasked rate
     assert seconds["batched"] < seconds["dense"]
+
+
+def test_an_empty_batch_is_priced_without_error() -> None:
+    """A batch of 0 rows (``x`` of shape ``[0, N, C]``) gets a price for every
+    candidate: no launch's share of the GPU is zero (that once divided by it)."""
+    layout = _layout("groups a q\na -> a\nq -> a", {"a": 3, "q": 4})
+    cpu = torch.device("cpu")
+    empty, one = (_estimates(layout, batch, 2, 8, cpu, True, False, False, "'ieee'", "flash2") for batch in (0, 1))
+    assert {e.backend for e in empty} == {e.backend for e in one}
+    assert all(e.seconds >= 0 for e in empty)

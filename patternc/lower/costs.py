@@ -89,7 +89,7 @@ def _fill(layout: Layout, rows: int) -> list[float]:
     fill = [1.0] * len(layout.calls)
     for launch in layout.launches:
         tiles = -(-layout.calls[launch[0]].n_queries // _QUERY_TILE)
-        share = min(1.0, rows * len(launch) * tiles / _BLOCK_SLOTS)
+        share = min(1.0, max(rows, 1) * len(launch) * tiles / _BLOCK_SLOTS)  # a batch of 0: no work
         for index in launch:
             fill[index] = share
     return fill
