@@ -190,7 +190,7 @@ def test_float32_keeps_its_masked_rates() -> None:
 
 def test_an_empty_batch_is_priced_without_error() -> None:
     """A batch of 0 rows (``x`` of shape ``[0, N, C]``) gets a price for every
-    candidate: no launch's share of the GPU is zero (that once divided by it)."""
+    candidate: no launch's share of the GPU is zero."""
     layout = _layout("groups a q\na -> a\nq -> a", {"a": 3, "q": 4})
     cpu = torch.device("cpu")
     empty, one = (_estimates(layout, batch, 2, 8, cpu, True, False, False, "'ieee'", "flash2") for batch in (0, 1))
