@@ -60,7 +60,9 @@ def bind(
             bound.extend(_per_member(rule, queries, found, problems))
             continue
         keys = tuple(KeyGroup(m, k.modifiers) for k in rule.keys for m in found.expand([k.name]))
-        if queries and not keys:
+        if queries and not rule.keys:  # `-> nothing`: the queries read no key by design
+            bound.append(ResolvedRule(queries, (), rule.span, rule.text, rule.where))
+        elif queries and not keys:
             problems.append(
                 Diagnostic(
                     Code.EMPTY_FAMILY,
