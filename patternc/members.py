@@ -149,8 +149,15 @@ def type_stem(group: str) -> str:
 
 def member_of(name: str, families: Iterable[str]) -> str | None:
     """The family (of ``families``) that run-time group ``name`` belongs to, else None."""
-    ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+    ordered = sorted(families, key=_specificity, reverse=True)
     return next((f for f in ordered if _matcher(f).fullmatch(name)), None)
+
+
+def _specificity(family: str) -> tuple[int, int]:
+    """Families a name may belong to are tried most specific first: most
+    literal characters (``doc_title*`` before ``doc*``, ``tile*_*`` before
+    ``tile*``), then fewest ``*`` (the part ``doc*.a`` before ``doc*.a*``)."""
+    return len(family.replace("*", "")), -family.count("*")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -187,12 +194,14 @@ class FamilyMembers:
     """Grid family -> its members by coordinates."""
     extent: dict[str, tuple[int, ...]]
     """Grid family -> the largest coordinate on each axis, plus one."""
+    same_place: tuple[tuple[str, str, str], ...] = ()
+    """``(grid family, member, member)``: two members at the same coordinates
+    (``t0_1`` and ``t00_1``); binding refuses them."""
 
     @classmethod
     def of(cls, families: Sequence[str], concrete: Iterable[str], names: Sequence[str]) -> FamilyMembers:
         declared = set(concrete)
-        # most literal characters first, so `doc_title*` wins over `doc*`
-        ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+        ordered = sorted(families, key=_specificity, reverse=True)
         matchers = [(f, _matcher(f)) for f in ordered]
         members: dict[str, list[str]] = {f: [] for f in families}
         family_of: dict[str, str] = {}
@@ -218,6 +227,7 @@ class FamilyMembers:
         coordinates: dict[str, tuple[int, ...]] = {}
         by_coordinates: dict[str, dict[tuple[int, ...], str]] = {}
         extent: dict[str, tuple[int, ...]] = {}
+        same_place: list[tuple[str, str, str]] = []
         for family, names_of in members.items():
             axes = grid_axes(family)
             if not axes:
@@ -228,10 +238,21 @@ class FamilyMembers:
                 match = matcher.fullmatch(name)
                 assert match is not None
                 coordinates[name] = at_of = tuple(int(v) for v in match.groups())
+                if at_of in at:
+                    same_place.append((family, at[at_of], name))
+                    continue
                 at[at_of] = name
             extent[family] = tuple(max((c[i] for c in at), default=-1) + 1 for i in range(axes))
         return cls(
-            members, family_of, ordinal, tuple(unmatched), by_ordinal, coordinates, by_coordinates, extent
+            members,
+            family_of,
+            ordinal,
+            tuple(unmatched),
+            by_ordinal,
+            coordinates,
+            by_coordinates,
+            extent,
+            tuple(same_place),
         )
 
     def expand(self, groups: Iterable[str]) -> tuple[str, ...]:

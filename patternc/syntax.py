@@ -665,6 +665,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         (a member has any of the parts, in input order)."""
         family, *parts = children
         name = str(family)
+        if grid_axes(name):
+            self._error(Code.BAD_PARTS, f"`{name}` is a grid: a grid family has no parts", _token_span(family),
+                        "declare each kind as a grid of its own (`groups image*_* mask*_*`)")  # fmt: skip
+            return ()
         if not (name.endswith("*") and _IDENTIFIER.match(name[:-1])):
             self._error(Code.BAD_PARTS, f"`{name}` is not a family: only a family `prefix*` has parts",
                         _token_span(family), f"write `{name.rstrip('*')}*{{...}}`")  # fmt: skip

@@ -40,7 +40,8 @@ def bind(
     Raises:
         PatternError: a name that is neither a group nor a family member
             (E405), a rule whose families have no member here (E406), or a
-            member that a relation leaves with no keys (E407).
+            member that a relation leaves with no keys (E407), two members
+            of a grid at one place (E408).
     """
     concrete = set(groups) - set(families)
     found = FamilyMembers.of(families, concrete, names)
@@ -53,6 +54,16 @@ def bind(
         )
         for name in found.unmatched
     ]
+    for family, first, second in found.same_place:
+        at = ", ".join(str(c) for c in found.coordinates[first])
+        problems.append(
+            Diagnostic(
+                Code.SAME_GRID_PLACE,
+                f"`{second}` and `{first}` are both at ({at}) of `{family}`",
+                where="sizes",
+                hint="a grid has one member per place: name each coordinate once, with the same digits",
+            )
+        )
     bound: list[ResolvedRule] = []
     for rule in rules:
         queries = found.expand(rule.queries)
