@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from patternc.diagnostics import closest
+
 __all__ = [
     "MEMBER_RELATION_DOCS",
     "MEMBER_RELATION_NAMES",
@@ -53,6 +55,7 @@ __all__ = [
     "family_root",
     "grid_axes",
     "is_family",
+    "member_hint",
     "member_of",
     "part_name",
     "type_stem",
@@ -169,6 +172,32 @@ def _matcher(family: str) -> re.Pattern[str]:
     if "." not in family:
         return re.compile(re.escape(family[:-1]) + ".*", re.DOTALL)
     return re.compile("[^.]*".join(re.escape(piece) for piece in family.split("*")))
+
+
+def member_hint(name: str, families: Iterable[str]) -> str | None:
+    """For a run-time name that belongs to no family: how the family it
+    looks like names its members (``doc0`` when ``doc*`` has parts,
+    ``doc0.txt``, ``tile_a_b`` for the grid ``tile*_*``), else None."""
+    member, dot, part = name.partition(".")
+    parts: dict[str, list[str]] = {}
+    for family in families:
+        if "." in family:
+            parts.setdefault(family_root(family), []).append(family.split(".", 1)[1])
+    for root, listed in parts.items():
+        if not _matcher(root).fullmatch(member):
+            continue
+        shown = ", ".join(listed)
+        if not dot:
+            named = ", ".join(f"`{member}.{p.replace('*', '0')}`" for p in listed)
+            return f"members of `{root}` are named by their parts: {named}"
+        meant = closest(part, [p.rstrip("*") for p in listed])
+        said = f"`{root}` has the parts {shown}"
+        return f"did you mean `{member}.{meant}`? ({said})" if meant else said
+    for family in families:
+        if grid_axes(family) and re.fullmatch("(.*)".join(map(re.escape, family.split("*"))), name, re.DOTALL):
+            example = "".join(p + (str(i) if i < grid_axes(family) else "") for i, p in enumerate(family.split("*")))
+            return f"`{family}` takes whole-number coordinates: `{example}`"
+    return None
 
 
 @dataclass(frozen=True)

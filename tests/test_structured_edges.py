@@ -218,3 +218,33 @@ def test_editor_reads_parts_listed_over_several_lines() -> None:
     assert declared["qa*.answer*"] == editor.Location(3, 5, 12)
     labels = {c.label for c in editor.completions(text, 5, 1)}
     assert {"qa*.question", "qa*.answer*"} <= labels
+
+
+# ---------------------------------------------------------------- command line
+
+
+DOC_FILE = "examples/cookbook/prefix_per_document.patc"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "said"),
+    [
+        ("doc0.prefix=3,doc0.txt=4", "unknown group `doc0.txt`; did you mean `doc0.text`?"),
+        ("doc0=3", "unknown group `doc0`; members of `doc*` are named by their parts: `doc0.prefix`"),
+    ],
+)
+def test_cli_sizes_that_are_almost_members(sizes: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from patternc.cli import main
+
+    assert main(["compile", DOC_FILE, "--sizes", sizes]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_cli_compiles_parts_in_the_order_given(capsys: pytest.CaptureFixture[str]) -> None:
+    from patternc.cli import main
+
+    sizes = "doc1.text=2,doc0.prefix=3,doc0.text=4,doc1.prefix=1"
+    assert main(["compile", DOC_FILE, "--sizes", sizes, "--mask", "-", "--block", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith("doc")]
+    assert [r.split()[0] for r in rows] == ["doc1.text", "doc0.prefix", "doc0.text", "doc1.prefix"]

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.members import GRID_RELATIONS, FamilyMembers
+from patternc.members import GRID_RELATIONS, FamilyMembers, member_hint
 from patternc.modifiers import Modifiers
 
 __all__ = ["Bound", "bind"]
@@ -50,7 +50,9 @@ def bind(
             Code.NOT_A_MEMBER,
             f"group `{name}` is neither a declared group nor a member of a family",
             where="sizes",
-            hint=suggest(name, sorted(concrete)) or f"families: {', '.join(f'`{f}`' for f in families)}",
+            hint=member_hint(name, families)
+            or suggest(name, sorted(concrete))
+            or f"families: {', '.join(f'`{f}`' for f in families)}",
         )
         for name in found.unmatched
     ]
