@@ -248,3 +248,19 @@ def test_cli_compiles_parts_in_the_order_given(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().startswith("doc")]
     assert [r.split()[0] for r in rows] == ["doc1.text", "doc0.prefix", "doc0.text", "doc1.prefix"]
+
+
+def test_editor_hover_on_a_family_with_parts_lists_them() -> None:
+    from patternc import editor
+
+    text = "groups sys run*{text, image}\nsys -> *\nrun*.text -> run*[before], self\nrun*.image -> self\n"
+    hover = editor.hover(text, 3, 16)  # `run*` of `run*[before]`
+    assert hover is not None and hover.startswith("**run\\***: a family with the parts `text`, `image`")
+    assert "query in `run*.text -> run*[before], self`" in hover and "query in `run*.image -> self`" in hover
+
+
+def test_editor_an_unclosed_parts_list_ends_at_the_next_statement() -> None:
+    from patternc import editor
+
+    text = "groups sys doc*{a, b\nsys -> sys\ngroups c\n"
+    assert list(editor.declared_groups(text)) == ["sys", "doc*.a", "doc*.b", "c"]
