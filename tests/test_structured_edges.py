@@ -264,3 +264,15 @@ def test_editor_an_unclosed_parts_list_ends_at_the_next_statement() -> None:
 
     text = "groups sys doc*{a, b\nsys -> sys\ngroups c\n"
     assert list(editor.declared_groups(text)) == ["sys", "doc*.a", "doc*.b", "c"]
+
+
+# ---------------------------------------------------------------- fmt
+
+
+def test_fmt_closes_parts_on_their_last_line_without_a_space() -> None:
+    from patternc.fmt import format_source
+
+    source = "groups sys doc*{\n  a ,\n  b}\nsys -> sys\ndoc* -> self\n"
+    formatted = format_source(source)
+    assert formatted.splitlines()[:3] == ["groups sys doc*{", "    a,", "    b}"]
+    assert format_source(formatted) == formatted
