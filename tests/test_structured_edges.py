@@ -276,3 +276,17 @@ def test_fmt_closes_parts_on_their_last_line_without_a_space() -> None:
     formatted = format_source(source)
     assert formatted.splitlines()[:3] == ["groups sys doc*{", "    a,", "    b}"]
     assert format_source(formatted) == formatted
+
+
+def test_reading_nothing_is_named_in_the_report_and_the_exports() -> None:
+    from patternc.export import NotExpressible
+    from patternc.export.xformers import xformers_mask
+    from patternc.report import format_program
+
+    program = patternc.compile("groups x doc*\nx -> x, doc*\ndoc* -> nothing")
+    layout = program.patterns["default"].layout({"x": 2, "doc0": 3, "doc1": 1})
+    assert layout.calls[1].attention.text() == "doc0, doc1 -> nothing"
+    with pytest.raises(NotExpressible, match=r"`doc0, doc1 -> nothing` reads no key"):
+        xformers_mask(layout)
+    report = format_program(program, sizes={"x": 2, "doc0": 3, "doc1": 1})
+    assert any(line.split()[1:4] == ["doc0,", "doc1", "nothing"] for line in report.splitlines() if line.strip())
