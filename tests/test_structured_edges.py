@@ -290,3 +290,14 @@ def test_reading_nothing_is_named_in_the_report_and_the_exports() -> None:
         xformers_mask(layout)
     report = format_program(program, sizes={"x": 2, "doc0": 3, "doc1": 1})
     assert any(line.split()[1:4] == ["doc0,", "doc1", "nothing"] for line in report.splitlines() if line.strip())
+
+
+def test_a_member_without_the_part_it_reads_is_told_so() -> None:
+    plan = plan_of("groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same]")
+    with pytest.raises(PatternError) as error:
+        plan.layout({"doc0.prefix": 1, "doc0.text": 2, "doc1.text": 2})
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E407"
+    assert "`doc1.text` reads no keys under rule `doc*.text -> doc*.prefix[same]` (line 3): " \
+        "`doc*.prefix[same]` selects no member for it" in diag.message  # fmt: skip
+    assert diag.hint is not None and "(`doc*.text -> doc*.prefix[same], self`)" in diag.hint

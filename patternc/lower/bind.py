@@ -127,16 +127,27 @@ def _per_member(
             else:
                 keys.extend(KeyGroup(m, key.modifiers) for m in found.related(query, key.name, key.members))
         if not keys:
-            problems.append(
-                Diagnostic(
-                    Code.NO_MEMBER_KEYS,
-                    f"`{query}` reads no keys under rule `{rule.text}` ({rule.location()}): "
-                    "no member stands in the relation its keys ask for",
-                    where="sizes",
-                    hint="add `self` to the keys, or a group every member reads "
-                    "(`frame* -> frame*[before], self`)",
-                )
-            )
+            problems.append(_no_member_keys(rule, query))
             continue
         out.append(ResolvedRule((query,), tuple(keys), rule.span, rule.text, rule.where, rule.to_self))
     return out
+
+
+def _no_member_keys(rule: ResolvedRule, query: str) -> Diagnostic:
+    """E407, naming the keys that selected no member and the fix that fits."""
+    related = [k for k in rule.keys if k.members is not None]
+    named = ", ".join(f"`{k.text()}`" for k in related)
+    if related and all(k.members is not None and k.members.kind == "same" for k in related):
+        hint = (
+            f"the member of `{query}` has no such part in this input: give it one, or add `self` "
+            f"(`{rule.queries[0]} -> {', '.join(k.text() for k in related)}, self`)"
+        )
+    else:
+        hint = "add `self` to the keys, or a group every member reads (`frame* -> frame*[before], self`)"
+    return Diagnostic(
+        Code.NO_MEMBER_KEYS,
+        f"`{query}` reads no keys under rule `{rule.text}` ({rule.location()}): "
+        f"{named or 'its keys'} {'selects' if len(related) == 1 else 'select'} no member for it",
+        where="sizes",
+        hint=hint,
+    )
