@@ -301,3 +301,16 @@ def test_a_member_without_the_part_it_reads_is_told_so() -> None:
     assert "`doc1.text` reads no keys under rule `doc*.text -> doc*.prefix[same]` (line 3): " \
         "`doc*.prefix[same]` selects no member for it" in diag.message  # fmt: skip
     assert diag.hint is not None and "(`doc*.text -> doc*.prefix[same], self`)" in diag.hint
+
+
+def test_a_plain_family_and_a_grid_of_one_prefix_bind_apart() -> None:
+    plan = plan_of("groups tile* tile*_*\ntile* - tile*_* -> self\ntile*_* -> tile*_*[near 1]")
+    names = ["tile0", "tile0_0", "tile1_0", "tile_x", "tile3_0"]
+    assert bound_keys(plan, names) == {
+        "tile0": ["tile0"],
+        "tile_x": ["tile_x"],
+        "tile0_0": ["tile0_0", "tile1_0"],
+        "tile1_0": ["tile0_0", "tile1_0"],
+        "tile3_0": ["tile3_0"],
+    }
+    assert plan.bind(names).groups == ("tile0", "tile_x", "tile0_0", "tile1_0", "tile3_0")
