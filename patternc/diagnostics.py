@@ -146,7 +146,8 @@ MEANINGS: dict[str, str] = {
     Code.MISPLACED_SELF: "`self` used other than as a key of a rule (query side, an exclusion, `types`)",
     Code.SELF_REPEATS_KEY: "`self` beside keys that already select the query group itself",
     Code.MISPLACED_NOTHING: "`nothing` beside other keys or with modifiers (`a -> nothing` stands alone)",
-    Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group or a grid, a part twice, a bad part name, a family declared both plain and with parts)",
+    Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group or a grid, a part twice, a bad part name, "
+    "a family declared both plain and with parts)",
     Code.NOT_EXHAUSTIVE: "groups that are a query in no rule of a pattern (all listed in one diagnostic)",
     Code.OVERLAP: "a group that is a query in two rules (overlap; both places named)",
     Code.NO_PATTERNS: "(hand-written lists) no patterns given",

@@ -194,8 +194,9 @@ def member_hint(name: str, families: Iterable[str]) -> str | None:
         said = f"`{root}` has the parts {shown}"
         return f"did you mean `{member}.{meant}`? ({said})" if meant else said
     for family in families:
-        if grid_axes(family) and re.fullmatch("(.*)".join(map(re.escape, family.split("*"))), name, re.DOTALL):
-            example = "".join(p + (str(i) if i < grid_axes(family) else "") for i, p in enumerate(family.split("*")))
+        pieces = family.split("*")
+        if grid_axes(family) and re.fullmatch("(.*)".join(map(re.escape, pieces)), name, re.DOTALL):
+            example = "".join(p + (str(i) if i < len(pieces) - 1 else "") for i, p in enumerate(pieces))
             return f"`{family}` takes whole-number coordinates: `{example}`"
     return None
 

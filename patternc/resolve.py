@@ -111,8 +111,8 @@ class GroupResolver:
                 mods, span = keys.modifiers.get(name, (rule_mods, None))
                 relation = keys.relations.get(name)
                 if span is not None and rule_list is not None and rule_list.text():
-                    own = ModifierList(mods, span, relation[0] if relation is not None else None)
-                    problems.append(_two_lists(name, own, rule_list))
+                    written = ModifierList(mods, span, relation[0] if relation is not None else None)
+                    problems.append(_two_lists(name, written, rule_list))
                 members = relation[0] if relation is not None else None
                 if members is None and rule_list is not None:
                     members = rule_list.members

@@ -415,6 +415,7 @@ _MODIFIER_MEANING = {
     "ahead": "`ahead R` lets each query see at most R keys ahead of it",
     "dilate": "`dilate D` keeps every D-th key (`dilate 1` keeps them all)",
 }
+_RELATIONS_LISTED = ", ".join(f"`{r}`" for r in MEMBER_RELATION_NAMES)
 _RELATION_EXAMPLES = {
     "before": "e.g. `[before 2]`: the 2 members just before the query's",
     "upto": "e.g. `[upto 2]`: the query's member and the 2 just before it",
@@ -573,7 +574,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 if members is not None:
                     self._error(Code.DUPLICATE_MODIFIER,
                                 f"two member relations (`{members.text()}` and `{value.text()}`)", span,
-                                "keep one of " + ", ".join(f"`{r}`" for r in MEMBER_RELATION_NAMES))  # fmt: skip
+                                f"keep one of {_RELATIONS_LISTED}")  # fmt: skip
                     continue
                 members = value
                 continue
@@ -666,8 +667,9 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         family, *parts = children
         name = str(family)
         if grid_axes(name):
-            self._error(Code.BAD_PARTS, f"`{name}` is a grid: a grid family has no parts", _token_span(family),
-                        "declare each kind as a grid of its own (`groups image*_* mask*_*`)")  # fmt: skip
+            hint = "declare each kind as a grid of its own (`groups image*_* mask*_*`)"
+            message = f"`{name}` is a grid: a grid family has no parts"
+            self._error(Code.BAD_PARTS, message, _token_span(family), hint)
             return ()
         if not (name.endswith("*") and _IDENTIFIER.match(name[:-1])):
             self._error(Code.BAD_PARTS, f"`{name}` is not a family: only a family `prefix*` has parts",

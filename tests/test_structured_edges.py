@@ -92,7 +92,10 @@ def test_self_with_its_own_list_and_the_rules_is_two_lists() -> None:
 
 def test_self_with_the_same_list_as_the_rule_is_accepted() -> None:
     plan = plan_of("groups frame*\nframe* -> self [causal]")
-    assert bound_keys(plan, ["frame0", "frame1"]) == {"frame0": ["frame0[causal]"], "frame1": ["frame1[causal]"]}
+    assert bound_keys(plan, ["frame0", "frame1"]) == {
+        "frame0": ["frame0[causal]"],
+        "frame1": ["frame1[causal]"],
+    }
 
 
 def test_a_rule_relation_on_self_alone_is_refused() -> None:
@@ -117,7 +120,11 @@ def test_relation_and_rule_modifiers_on_one_key_are_named() -> None:
 @pytest.mark.parametrize(
     ("modifiers", "message", "hint"),
     [
-        ("[kernel 0]", "`kernel` takes a whole number of members (at least 1)", "`[kernel 3]`: a 3-wide window"),
+        (
+            "[kernel 0]",
+            "`kernel` takes a whole number of members (at least 1)",
+            "`[kernel 3]`: a 3-wide window",
+        ),
         ("[near -1]", "`near` takes a whole number of members (at least 0)", "`[near 1]`: members within 1"),
         ("[near 1, kernel 3]", "two member relations (`near 1` and `kernel 3`)", "`near`, `kernel`"),
     ],
@@ -166,7 +173,9 @@ def test_two_grid_members_at_one_place_are_refused() -> None:
     assert diag.hint is not None and "one member per place" in diag.hint
 
 
-PARTS = plan_of("groups sys doc*{prefix, text}\nsys -> sys\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self")
+PARTS = plan_of(
+    "groups sys doc*{prefix, text}\nsys -> sys\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self"
+)
 GRID = plan_of("groups cap tile*_*\ncap -> *\ntile*_* -> tile*_*[kernel 3], cap")
 
 
@@ -180,7 +189,9 @@ GRID = plan_of("groups cap tile*_*\ncap -> *\ntile*_* -> tile*_*[kernel 3], cap"
         (GRID, "tile-1_0", "`tile*_*` takes whole-number coordinates: `tile0_1`"),
     ],
 )
-def test_names_that_are_almost_members_get_the_form_as_a_hint(plan: patternc.Plan, name: str, hint: str) -> None:
+def test_names_that_are_almost_members_get_the_form_as_a_hint(
+    plan: patternc.Plan, name: str, hint: str
+) -> None:
     sizes = {"sys": 1, "cap": 1, name: 2}
     sizes = {g: n for g, n in sizes.items() if g in plan.groups or g == name}
     with pytest.raises(PatternError) as error:
@@ -289,7 +300,9 @@ def test_reading_nothing_is_named_in_the_report_and_the_exports() -> None:
     with pytest.raises(NotExpressible, match=r"`doc0, doc1 -> nothing` reads no key"):
         xformers_mask(layout)
     report = format_program(program, sizes={"x": 2, "doc0": 3, "doc1": 1})
-    assert any(line.split()[1:4] == ["doc0,", "doc1", "nothing"] for line in report.splitlines() if line.strip())
+    assert any(
+        line.split()[1:4] == ["doc0,", "doc1", "nothing"] for line in report.splitlines() if line.strip()
+    )
 
 
 def test_a_member_without_the_part_it_reads_is_told_so() -> None:

@@ -53,7 +53,8 @@ def xformers_mask(layout: Layout) -> XformersMask:
     for call in calls:
         if not call.attention.keys:
             raise NotExpressible(
-                f"`{call.attention.text()}` reads no key; xformers' block-diagonal masks give every query a block"
+                f"`{call.attention.text()}` reads no key; "
+                "xformers' block-diagonal masks give every query a block"
             )
         if len(call.queries) != 1 or len(call.keys) != 1 or call.keys[0].cached is not None:
             raise NotExpressible(
