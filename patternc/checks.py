@@ -186,6 +186,7 @@ def check_declarations(source: SourceFile, *, complete: bool = True) -> list[Dia
     nothing is reported missing (it may sit in a left-out line)."""
     diagnostics: list[Diagnostic] = []
     diagnostics.extend(_duplicates(source.groups, "group"))
+    diagnostics.extend(_plain_and_with_parts(source.groups))
     if not source.groups and complete:
         diagnostics.append(
             Diagnostic(
@@ -227,6 +228,33 @@ def check_declarations(source: SourceFile, *, complete: bool = True) -> list[Dia
             )
         )
     return diagnostics
+
+
+def _plain_and_with_parts(groups: Sequence[GroupDecl]) -> list[Diagnostic]:
+    """``groups doc* doc*{a, b}``: one family declared both ways (its
+    members could not tell which they are), reported at the later one."""
+    plain = {g.name: g for g in groups if g.name.endswith("*") and "." not in g.name}
+    parts: dict[str, list[GroupDecl]] = {}
+    for group in groups:
+        if "." in group.name:
+            parts.setdefault(group.name.split(".", 1)[0], []).append(group)
+    out = []
+    for family, listed in parts.items():
+        bare = plain.get(family)
+        if bare is None:
+            continue
+        later = max(bare, listed[0], key=lambda g: (g.span.line, g.span.column))
+        names = ", ".join(g.name.split(".", 1)[1] for g in listed)
+        out.append(
+            Diagnostic(
+                Code.BAD_PARTS,
+                f"`{family}` is declared both without parts (line {bare.span.line}) and with parts "
+                f"(line {listed[0].span.line}): its members could not tell which they are",
+                later.span,
+                f"declare it once: `groups {family}{{{names}}}` (a member may have any of the parts)",
+            )
+        )
+    return out
 
 
 def _duplicates(items: Iterable[GroupDecl | PatternBlock], what: str) -> list[Diagnostic]:

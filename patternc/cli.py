@@ -26,7 +26,7 @@ from patternc import __version__
 from patternc.compiler import compile as compile_program
 from patternc.compiler import read_source
 from patternc.diagnostics import Diagnostic, PatternError, diagnostics_json, render, suggest
-from patternc.members import family_root, is_family, member_of
+from patternc.members import family_root, is_family, member_hint, member_of
 from patternc.plan import Program
 from patternc.project import (
     PATTERN_SUFFIXES,
@@ -102,7 +102,7 @@ def _check_sizes(program: Program, sizes: dict[str, int | None]) -> None:
     families = [g for g in program.groups if is_family(g)]
     for name in sizes:
         if name not in program.groups and member_of(name, families) is None:
-            hint = suggest(name, program.groups)
+            hint = member_hint(name, families) or suggest(name, program.groups)
             problems.append(f"--sizes: unknown group `{name}`" + (f"; {hint}" if hint else ""))
     missing = [g for g in program.groups if not is_family(g) and g not in sizes]
     if missing:

@@ -100,6 +100,7 @@ class Code:
     NOT_A_MEMBER = "E405"
     EMPTY_FAMILY = "E406"
     NO_MEMBER_KEYS = "E407"
+    SAME_GRID_PLACE = "E408"
     # warnings
     NEVER_A_KEY = "W101"
     RULE_MODIFIER_ACROSS_GROUPS = "W102"
@@ -145,7 +146,8 @@ MEANINGS: dict[str, str] = {
     Code.MISPLACED_SELF: "`self` used other than as a key of a rule (query side, an exclusion, `types`)",
     Code.SELF_REPEATS_KEY: "`self` beside keys that already select the query group itself",
     Code.MISPLACED_NOTHING: "`nothing` beside other keys or with modifiers (`a -> nothing` stands alone)",
-    Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group, a part twice, a bad part name)",
+    Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group or a grid, a part twice, a bad part name, "
+    "a family declared both plain and with parts)",
     Code.NOT_EXHAUSTIVE: "groups that are a query in no rule of a pattern (all listed in one diagnostic)",
     Code.OVERLAP: "a group that is a query in two rules (overlap; both places named)",
     Code.NO_PATTERNS: "(hand-written lists) no patterns given",
@@ -158,6 +160,7 @@ MEANINGS: dict[str, str] = {
     Code.NOT_A_MEMBER: "(sizes) a run-time group that is neither declared nor a member of a family",
     Code.EMPTY_FAMILY: "(sizes) a rule whose only keys are families with no members in this input",
     Code.NO_MEMBER_KEYS: "(sizes) a member that a member relation leaves with no keys (`frame*[before]`)",
+    Code.SAME_GRID_PLACE: "(sizes) two members of a grid family at the same coordinates (`t0_1`, `t00_1`)",
     Code.NEVER_A_KEY: "warning: a group that no rule of any pattern lets anyone attend to",
     Code.RULE_MODIFIER_ACROSS_GROUPS: "warning: a rule-level modifier over several key groups",
     Code.FULL_ATTENTION: "warning: a pattern that is plain full attention (every group to every group)",

@@ -50,8 +50,11 @@ __all__ = [
 ]
 
 KEYWORDS = ("groups", "pattern", "types", "self")
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
-_DECLARED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?|[{}]")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:\*(?:_\*)*)?"
+"""A group, a family (``doc*``) or a grid family (``tile*_*``)."""
+_WORD = re.compile(_NAME + r"(?:\." + _NAME + ")?")
+"""A name under the cursor, a family's part included (``run*.text``)."""
+_DECLARED = re.compile(_NAME + r"|[{}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +94,18 @@ def declared_groups(text: str) -> dict[str, Location]:
     files with errors); a family's parts on its line are ``doc*.prefix``."""
     out: dict[str, Location] = {}
     previous = ""
+    family = None
     for number, line in enumerate(text.splitlines(), start=1):
         code = line.split("#", 1)[0]
         stripped = code.lstrip()
-        if not stripped.startswith("groups"):
+        if family is not None and ("->" in code or stripped.startswith(("groups", "pattern", "types"))):
+            family = None  # a `{` left open: this line is a statement of its own
+        if family is not None:  # a list of parts that goes on over lines
+            offset = 0
+        elif stripped.startswith("groups"):
+            offset = len(code) - len(stripped) + len("groups")
+        else:
             continue
-        offset = len(code) - len(stripped) + len("groups")
-        family = None
         for match in _DECLARED.finditer(code, offset):
             if match.group() == "{":
                 family = previous
@@ -155,16 +163,25 @@ def hover(text: str, line: int, column: int, sizes: Mapping[str, int] | None = N
     """Markdown for the group under the cursor: the rules it is a query and a
     key in, per pattern, and its size when ``sizes`` (editor settings) has it."""
     word = word_at(text, line, column)
-    if word is None or word.rstrip("*") not in {g.rstrip("*") for g in declared_groups(text)}:
+    declared = declared_groups(text)
+    if word is None:
         return None
-    lines = [f"**{word}**" + (f": {sizes[word]} tokens" if sizes and word in sizes else "")]
+    # a family with parts is its parts (`run*`: `run*.text`, `run*.image`)
+    parts = [g for g in declared if "." in g and g.split(".", 1)[0] == word]
+    if word.rstrip("*") not in {g.rstrip("*") for g in declared} and not parts:
+        return None
+    shown = word.replace("*", "\\*")  # a `*` in markdown's bold would end it
+    lines = [f"**{shown}**" + (f": {sizes[word]} tokens" if sizes and word in sizes else "")]
+    if parts:
+        lines[0] += ": a family with the parts " + ", ".join(f"`{p.split('.', 1)[1]}`" for p in parts)
+    names = set(parts) or {word}
     program = _program(text)
     if program is None:
         lines.append("(the file has errors: fix them to see its rules)")
         return "\n\n".join(lines)
     for name, plan in program.patterns.items():
-        queries = [r for r in plan.rules if word in r.queries]
-        keys = [r for r in plan.rules if word in r.keys_values]
+        queries = [r for r in plan.rules if names & set(r.queries)]
+        keys = [r for r in plan.rules if names & set(r.keys_values)]
         if not queries and not keys:
             continue
         parts = [f"pattern `{name}`"]

@@ -80,7 +80,7 @@ def format_source(text: str, filename: str | None = None) -> str:
         level = depth - (1 if closes_first else 0) + (1 if continues else 0)
         if tokens and tokens[0][0] == "groups":
             in_groups = True
-        elif tokens and tokens[0][0] != "," and not continued:
+        elif tokens and tokens[0][0] != "," and not continued and not parts_open:
             in_groups = False
         body = _join(tokens, parts=in_groups)
         if comment:

@@ -111,6 +111,6 @@ class AttentionCall:
         return uniform is None or bool(uniform)
 
     def text(self) -> str:
-        """``q1, q2 -> k1, k2[causal]``."""
-        keys = ", ".join(k.text() for k in self.keys)
+        """``q1, q2 -> k1, k2[causal]`` (``q -> nothing`` for queries that read no key)."""
+        keys = ", ".join(k.text() for k in self.keys) or "nothing"
         return f"{', '.join(self.queries)} -> {keys}"

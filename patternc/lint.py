@@ -84,9 +84,13 @@ def _rule_modifier_across_groups(
                 continue
             if rule.modifiers.modifiers.across:  # positions count in the input: nothing restarts per group
                 continue
+            if not rule.modifiers.modifiers:  # a member relation alone counts no positions
+                continue
             if _holds_error(rule.span, errors):
                 continue
-            mods = rule.modifiers.modifiers.text()
+            # the whole list as written: a fix that moved only the token
+            # modifiers would drop the relation (`[upto, causal]`)
+            mods = rule.modifiers.text()
             word = _last_word(rule.keys_values)
             last = word.text if word is not None else resolved.keys_values[-1]
             out.append(
@@ -133,6 +137,7 @@ def _full_attention(
         (call,) = plan.calls
         if (
             call.has_modifiers
+            or any(k.members is not None for k in call.keys)  # members read some members only
             or set(call.queries) != set(plan.groups)
             or set(call.key_names) != set(plan.groups)
         ):

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from patternc.diagnostics import closest
+
 __all__ = [
     "MEMBER_RELATION_DOCS",
     "MEMBER_RELATION_NAMES",
@@ -53,6 +55,7 @@ __all__ = [
     "family_root",
     "grid_axes",
     "is_family",
+    "member_hint",
     "member_of",
     "part_name",
     "type_stem",
@@ -149,8 +152,15 @@ def type_stem(group: str) -> str:
 
 def member_of(name: str, families: Iterable[str]) -> str | None:
     """The family (of ``families``) that run-time group ``name`` belongs to, else None."""
-    ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+    ordered = sorted(families, key=_specificity, reverse=True)
     return next((f for f in ordered if _matcher(f).fullmatch(name)), None)
+
+
+def _specificity(family: str) -> tuple[int, int]:
+    """Families a name may belong to are tried most specific first: most
+    literal characters (``doc_title*`` before ``doc*``, ``tile*_*`` before
+    ``tile*``), then fewest ``*`` (the part ``doc*.a`` before ``doc*.a*``)."""
+    return len(family.replace("*", "")), -family.count("*")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -162,6 +172,33 @@ def _matcher(family: str) -> re.Pattern[str]:
     if "." not in family:
         return re.compile(re.escape(family[:-1]) + ".*", re.DOTALL)
     return re.compile("[^.]*".join(re.escape(piece) for piece in family.split("*")))
+
+
+def member_hint(name: str, families: Iterable[str]) -> str | None:
+    """For a run-time name that belongs to no family: how the family it
+    looks like names its members (``doc0`` when ``doc*`` has parts,
+    ``doc0.txt``, ``tile_a_b`` for the grid ``tile*_*``), else None."""
+    member, dot, part = name.partition(".")
+    parts: dict[str, list[str]] = {}
+    for family in families:
+        if "." in family:
+            parts.setdefault(family_root(family), []).append(family.split(".", 1)[1])
+    for root, listed in parts.items():
+        if not _matcher(root).fullmatch(member):
+            continue
+        shown = ", ".join(listed)
+        if not dot:
+            named = ", ".join(f"`{member}.{p.replace('*', '0')}`" for p in listed)
+            return f"members of `{root}` are named by their parts: {named}"
+        meant = closest(part, [p.rstrip("*") for p in listed])
+        said = f"`{root}` has the parts {shown}"
+        return f"did you mean `{member}.{meant}`? ({said})" if meant else said
+    for family in families:
+        pieces = family.split("*")
+        if grid_axes(family) and re.fullmatch("(.*)".join(map(re.escape, pieces)), name, re.DOTALL):
+            example = "".join(p + (str(i) if i < len(pieces) - 1 else "") for i, p in enumerate(pieces))
+            return f"`{family}` takes whole-number coordinates: `{example}`"
+    return None
 
 
 @dataclass(frozen=True)
@@ -187,12 +224,14 @@ class FamilyMembers:
     """Grid family -> its members by coordinates."""
     extent: dict[str, tuple[int, ...]]
     """Grid family -> the largest coordinate on each axis, plus one."""
+    same_place: tuple[tuple[str, str, str], ...] = ()
+    """``(grid family, member, member)``: two members at the same coordinates
+    (``t0_1`` and ``t00_1``); binding refuses them."""
 
     @classmethod
     def of(cls, families: Sequence[str], concrete: Iterable[str], names: Sequence[str]) -> FamilyMembers:
         declared = set(concrete)
-        # most literal characters first, so `doc_title*` wins over `doc*`
-        ordered = sorted(families, key=lambda f: len(f.replace("*", "")), reverse=True)
+        ordered = sorted(families, key=_specificity, reverse=True)
         matchers = [(f, _matcher(f)) for f in ordered]
         members: dict[str, list[str]] = {f: [] for f in families}
         family_of: dict[str, str] = {}
@@ -218,6 +257,7 @@ class FamilyMembers:
         coordinates: dict[str, tuple[int, ...]] = {}
         by_coordinates: dict[str, dict[tuple[int, ...], str]] = {}
         extent: dict[str, tuple[int, ...]] = {}
+        same_place: list[tuple[str, str, str]] = []
         for family, names_of in members.items():
             axes = grid_axes(family)
             if not axes:
@@ -228,10 +268,21 @@ class FamilyMembers:
                 match = matcher.fullmatch(name)
                 assert match is not None
                 coordinates[name] = at_of = tuple(int(v) for v in match.groups())
+                if at_of in at:
+                    same_place.append((family, at[at_of], name))
+                    continue
                 at[at_of] = name
             extent[family] = tuple(max((c[i] for c in at), default=-1) + 1 for i in range(axes))
         return cls(
-            members, family_of, ordinal, tuple(unmatched), by_ordinal, coordinates, by_coordinates, extent
+            members,
+            family_of,
+            ordinal,
+            tuple(unmatched),
+            by_ordinal,
+            coordinates,
+            by_coordinates,
+            extent,
+            tuple(same_place),
         )
 
     def expand(self, groups: Iterable[str]) -> tuple[str, ...]:

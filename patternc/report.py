@@ -49,7 +49,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> lis
         return out
     rows = [["call", "queries", "keys/values", "Nq x Nkv", "allowed", "q", "kv"]]
     for call in layout.calls:
-        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in call.attention.keys)
+        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in call.attention.keys) or "nothing"
         rows.append(
             [
                 str(call.index),

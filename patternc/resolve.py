@@ -109,17 +109,10 @@ class GroupResolver:
             keys = self._side(others, "the key/value side of this rule", problems, set(), keys=True)
             for name in self._ordered(keys.groups):
                 mods, span = keys.modifiers.get(name, (rule_mods, None))
-                if span is not None and rule_mods:
-                    problems.append(
-                        Diagnostic(
-                            Code.CONFLICTING_MODIFIERS,
-                            f"`{name}` has modifiers {mods.text()} here and {rule_mods.text()} "
-                            "for the whole rule",
-                            span,
-                            "give the group's modifiers in one place: after the group or after the rule",
-                        )
-                    )
                 relation = keys.relations.get(name)
+                if span is not None and rule_list is not None and rule_list.text():
+                    written = ModifierList(mods, span, relation[0] if relation is not None else None)
+                    problems.append(_two_lists(name, written, rule_list))
                 members = relation[0] if relation is not None else None
                 if members is None and rule_list is not None:
                     members = rule_list.members
@@ -129,13 +122,19 @@ class GroupResolver:
             ordered = self._ordered(queries.groups)
             resolved_rule = ResolvedRule(ordered, tuple(key_groups), rule.span, rule.text)
             return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
+        # once per `self`, not per query group: a problem of the list, not of a group
+        for _, listed in selves:
+            if listed is not None and listed.members is not None:
+                problems.append(self._relation_on_self(listed))
+            elif listed is None and rule_list is not None and rule_list.members is not None:
+                problems.append(self._relation_on_self(rule_list))
+            elif listed is not None and rule_list is not None and rule_list.text():
+                problems.append(_two_lists(SELF, listed, rule_list))
         resolved = []
         for query in self._ordered(queries.groups):
             own = []
             for _, listed in selves:
                 mods = listed.modifiers if listed is not None else rule_mods
-                if listed is not None and listed.members is not None:
-                    problems.append(self._relation_on_self(listed))
                 own.append(KeyGroup(query, mods, MemberRelation("self") if is_family(query) else None))
             repeated = next((k for k in key_groups if k.name == query), None)
             if repeated is not None and (repeated.members is None or repeated.members.includes_own_member()):
@@ -283,7 +282,7 @@ class GroupResolver:
                 problems.append(
                     Diagnostic(
                         Code.MISPLACED_MODIFIER,
-                        f"modifiers {node.modifiers.modifiers.text()} mean nothing in {where}",
+                        f"modifiers {node.modifiers.text()} mean nothing in {where}",
                         node.modifiers.span,
                         "modifiers belong to key groups: `queries -> keys[causal]`, or after the rule",
                     )
@@ -467,6 +466,16 @@ def _split_self(keys: Selector) -> tuple[Selector | None, list[tuple[Word, Modif
     first, last = others[0].span, others[-1].span
     span = Span(first.line, first.column, last.end_line, last.end_column)
     return SelectorUnion(tuple(others), span), selves
+
+
+def _two_lists(name: str, own: ModifierList, rule: ModifierList) -> Diagnostic:
+    """E023: a key with its own list in a rule that has one too."""
+    return Diagnostic(
+        Code.CONFLICTING_MODIFIERS,
+        f"`{name}` has modifiers {own.text()} here and {rule.text()} for the whole rule",
+        own.span,
+        "give the group's modifiers in one place: after the group or after the rule",
+    )
 
 
 def _listed_names(names: Sequence[str]) -> str:

@@ -90,6 +90,12 @@ class ModifierList:
     span: Span
     members: MemberRelation | None = None
 
+    def text(self) -> str:
+        """``[upto, causal]``: the relation first, then the token modifiers
+        (empty for an empty list)."""
+        parts = ([self.members.text()] if self.members is not None else []) + self.modifiers.parts()
+        return f"[{', '.join(parts)}]" if parts else ""
+
 
 @dataclass(frozen=True, slots=True)
 class Modified:
@@ -409,6 +415,13 @@ _MODIFIER_MEANING = {
     "ahead": "`ahead R` lets each query see at most R keys ahead of it",
     "dilate": "`dilate D` keeps every D-th key (`dilate 1` keeps them all)",
 }
+_RELATIONS_LISTED = ", ".join(f"`{r}`" for r in MEMBER_RELATION_NAMES)
+_RELATION_EXAMPLES = {
+    "before": "e.g. `[before 2]`: the 2 members just before the query's",
+    "upto": "e.g. `[upto 2]`: the query's member and the 2 just before it",
+    "near": "e.g. `[near 1]`: members within 1 of the query's on every axis",
+    "kernel": "e.g. `[kernel 3]`: a 3-wide window of members on every axis",
+}
 _PLURAL = {"window": "windows", "back": "`back` values", "ahead": "`ahead` values", "dilate": "dilations"}
 
 
@@ -545,7 +558,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             self._error(Code.BAD_MODIFIER_ARGUMENT,
                         f"`{name}` takes a whole number of members (at least {least}), got `{text}`",
                         _token_span(arg),
-                        f"e.g. `[{name} 2]`: the 2 members just before the query's")  # fmt: skip
+                        _RELATION_EXAMPLES[name])  # fmt: skip
             return None
         return ("members", MemberRelation(name, int(text)), span)  # type: ignore[arg-type]
 
@@ -561,7 +574,7 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                 if members is not None:
                     self._error(Code.DUPLICATE_MODIFIER,
                                 f"two member relations (`{members.text()}` and `{value.text()}`)", span,
-                                "keep one of `same`, `before`, `upto`")  # fmt: skip
+                                f"keep one of {_RELATIONS_LISTED}")  # fmt: skip
                     continue
                 members = value
                 continue
@@ -653,6 +666,11 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         (a member has any of the parts, in input order)."""
         family, *parts = children
         name = str(family)
+        if grid_axes(name):
+            hint = "declare each kind as a grid of its own (`groups image*_* mask*_*`)"
+            message = f"`{name}` is a grid: a grid family has no parts"
+            self._error(Code.BAD_PARTS, message, _token_span(family), hint)
+            return ()
         if not (name.endswith("*") and _IDENTIFIER.match(name[:-1])):
             self._error(Code.BAD_PARTS, f"`{name}` is not a family: only a family `prefix*` has parts",
                         _token_span(family), f"write `{name.rstrip('*')}*{{...}}`")  # fmt: skip

@@ -342,7 +342,7 @@ def test_flex_matches_the_reference(structure: str, cpu_flex_kernel: None) -> No
         ("groups a*_* b*_*_*\na*_* -> b*_*_*[kernel 3]\nb*_*_* -> self", "E025", "as many axes", "one `*` per axis"),
         ("groups t*_*\nt*_* -> t*_*[kernel]", "E021", "`kernel` needs a number of members", "`[kernel 3]`"),
         ("groups t*_*\nt*_* -> t*_*[near -1]", "E021", "`near` takes a whole number of members (at least 0)",
-         "`[near 2]`"),
+         "`[near 1]`"),
     ],
 )  # fmt: skip
 def test_errors(source: str, code: str, message: str, hint: str) -> None:

@@ -51,6 +51,11 @@ def xformers_mask(layout: Layout) -> XformersMask:
         raise NotExpressible("KV-cached groups")
     calls = sorted((c for c in layout.calls if c.n_queries), key=lambda c: c.queries[0].start)
     for call in calls:
+        if not call.attention.keys:
+            raise NotExpressible(
+                f"`{call.attention.text()}` reads no key; "
+                "xformers' block-diagonal masks give every query a block"
+            )
         if len(call.queries) != 1 or len(call.keys) != 1 or call.keys[0].cached is not None:
             raise NotExpressible(
                 f"`{call.attention.text()}` reads its queries or keys from several runs of the input; "

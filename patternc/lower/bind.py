@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import KeyGroup, ResolvedRule
-from patternc.members import GRID_RELATIONS, FamilyMembers
+from patternc.members import GRID_RELATIONS, FamilyMembers, member_hint
 from patternc.modifiers import Modifiers
 
 __all__ = ["Bound", "bind"]
@@ -40,7 +40,8 @@ def bind(
     Raises:
         PatternError: a name that is neither a group nor a family member
             (E405), a rule whose families have no member here (E406), or a
-            member that a relation leaves with no keys (E407).
+            member that a relation leaves with no keys (E407), two members
+            of a grid at one place (E408).
     """
     concrete = set(groups) - set(families)
     found = FamilyMembers.of(families, concrete, names)
@@ -49,10 +50,22 @@ def bind(
             Code.NOT_A_MEMBER,
             f"group `{name}` is neither a declared group nor a member of a family",
             where="sizes",
-            hint=suggest(name, sorted(concrete)) or f"families: {', '.join(f'`{f}`' for f in families)}",
+            hint=member_hint(name, families)
+            or suggest(name, sorted(concrete))
+            or f"families: {', '.join(f'`{f}`' for f in families)}",
         )
         for name in found.unmatched
     ]
+    for family, first, second in found.same_place:
+        at = ", ".join(str(c) for c in found.coordinates[first])
+        problems.append(
+            Diagnostic(
+                Code.SAME_GRID_PLACE,
+                f"`{second}` and `{first}` are both at ({at}) of `{family}`",
+                where="sizes",
+                hint="a grid has one member per place: name each coordinate once, with the same digits",
+            )
+        )
     bound: list[ResolvedRule] = []
     for rule in rules:
         queries = found.expand(rule.queries)
@@ -60,7 +73,9 @@ def bind(
             bound.extend(_per_member(rule, queries, found, problems))
             continue
         keys = tuple(KeyGroup(m, k.modifiers) for k in rule.keys for m in found.expand([k.name]))
-        if queries and not keys:
+        if queries and not rule.keys:  # `-> nothing`: the queries read no key by design
+            bound.append(ResolvedRule(queries, (), rule.span, rule.text, rule.where))
+        elif queries and not keys:
             problems.append(
                 Diagnostic(
                     Code.EMPTY_FAMILY,
@@ -112,16 +127,27 @@ def _per_member(
             else:
                 keys.extend(KeyGroup(m, key.modifiers) for m in found.related(query, key.name, key.members))
         if not keys:
-            problems.append(
-                Diagnostic(
-                    Code.NO_MEMBER_KEYS,
-                    f"`{query}` reads no keys under rule `{rule.text}` ({rule.location()}): "
-                    "no member stands in the relation its keys ask for",
-                    where="sizes",
-                    hint="add `self` to the keys, or a group every member reads "
-                    "(`frame* -> frame*[before], self`)",
-                )
-            )
+            problems.append(_no_member_keys(rule, query))
             continue
         out.append(ResolvedRule((query,), tuple(keys), rule.span, rule.text, rule.where, rule.to_self))
     return out
+
+
+def _no_member_keys(rule: ResolvedRule, query: str) -> Diagnostic:
+    """E407, naming the keys that selected no member and the fix that fits."""
+    related = [k for k in rule.keys if k.members is not None]
+    named = ", ".join(f"`{k.text()}`" for k in related)
+    if related and all(k.members is not None and k.members.kind == "same" for k in related):
+        hint = (
+            f"the member of `{query}` has no such part in this input: give it one, or add `self` "
+            f"(`{rule.queries[0]} -> {', '.join(k.text() for k in related)}, self`)"
+        )
+    else:
+        hint = "add `self` to the keys, or a group every member reads (`frame* -> frame*[before], self`)"
+    return Diagnostic(
+        Code.NO_MEMBER_KEYS,
+        f"`{query}` reads no keys under rule `{rule.text}` ({rule.location()}): "
+        f"{named or 'its keys'} {'selects' if len(related) == 1 else 'select'} no member for it",
+        where="sizes",
+        hint=hint,
+    )
