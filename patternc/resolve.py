@@ -372,9 +372,11 @@ class GroupResolver:
         if meant is not None:
             intended.update(self.glob(meant))
             hint = f"did you mean `{meant}`?"
-        else:
+        elif self.groups:
             shown = ", ".join(f"`{g}`" for g in self.groups[:8])
             hint = f"declared groups: {shown}" + (" ..." if len(self.groups) > 8 else "")
+        else:
+            hint = "no group is declared: add a `groups ...` line"
         return Diagnostic(
             Code.GLOB_MATCHES_NOTHING,
             f"glob `{node.text}` matches no group",

@@ -327,3 +327,10 @@ def test_a_plain_family_and_a_grid_of_one_prefix_bind_apart() -> None:
         "tile3_0": ["tile3_0"],
     }
     assert plan.bind(names).groups == ("tile0", "tile_x", "tile0_0", "tile1_0", "tile3_0")
+
+
+def test_a_glob_with_no_group_declared_says_so() -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile("groups t*_*{a, b}\nt*_*.a -> self")
+    glob = next(d for d in error.value.diagnostics if d.code == "E202")
+    assert glob.hint == "no group is declared: add a `groups ...` line"
