@@ -5,6 +5,10 @@
 #              reference); ~2 min with pytest-xdist from .whl
 #              (benchmarks/device_wheels.sh), else one file after another
 #   blockmask  block-mask construction against create_block_mask   ~1 min
+#   frames     block-causal video block masks (32k, 128k tokens) against
+#              create_block_mask                                   ~1 min
+#   users      bench_users: every row, patternc against hand-written
+#              FlexAttention and varlen_attn layers                ~8 min
 #   small      bench_gpu on the 10k AB-UPT and document layouts     ~6 min
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
@@ -62,6 +66,14 @@ tests() {
 blockmask() {
   python3 benchmarks/bench_blockmask.py --device cuda --repeat 50 2>&1 | grep -v -i warn | tee "$OUT/bench_blockmask.txt"
 }
+frames() {  # block-causal video masks from scratch against create_block_mask
+  python3 benchmarks/bench_blockmask.py --frames --repeat 20 --device cuda 2>&1 | grep -v -i warn \
+    | tee "$OUT/bench_blockmask_frames.txt"
+}
+users() {  # patternc layers against hand-written FlexAttention and varlen_attn, every row
+  timeout 560 python3 benchmarks/bench_users.py --repeat 11 --hand-mask eager 2>&1 | grep -v -i warn \
+    | tee "$OUT/bench_users.txt" | tail -40
+}
 small() {
   python3 benchmarks/bench_gpu.py --repeat 15 --no-sweep --control --layouts "1k+4k" documents 2>&1 | grep -v "^W1" | tee "$OUT/bench_gpu_small.txt"
 }
@@ -109,7 +121,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask small large sweep sweep_fp32 profile step step10k distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask frames users small large sweep sweep_fp32 profile step step10k distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"
