@@ -97,10 +97,10 @@ class GroupResolver:
         problems: list[Diagnostic] = []
         intended: set[str] = set()
         queries = self._side(rule.queries, "the query side of this rule", problems, intended, keys=False)
+        ordered = self._ordered(queries.groups)
         rule_list = rule.modifiers
         rule_mods = rule_list.modifiers if rule_list is not None else NO_MODIFIERS
         if self._reads_nothing(rule, problems):
-            ordered = self._ordered(queries.groups)
             nothing = ResolvedRule(ordered, (), rule.span, rule.text)
             return RuleResolution((nothing,), tuple(problems), frozenset(intended))
         others, selves = _split_self(rule.keys_values)
@@ -110,16 +110,14 @@ class GroupResolver:
             for name in self._ordered(keys.groups):
                 mods, span = keys.modifiers.get(name, (rule_mods, None))
                 relation = keys.relations.get(name)
-                if span is not None and rule_list is not None and rule_list.text():
-                    written = ModifierList(mods, span, relation[0] if relation is not None else None)
-                    problems.append(_two_lists(name, written, rule_list))
                 members = relation[0] if relation is not None else None
+                if span is not None and rule_list is not None and rule_list.text():
+                    problems.append(_two_lists(name, ModifierList(mods, span, members), rule_list))
                 if members is None and rule_list is not None:
                     members = rule_list.members
                 key_groups.append(KeyGroup(name, mods, members))
-            self._check_relations(rule, self._ordered(queries.groups), key_groups, keys, problems)
+            self._check_relations(rule, ordered, key_groups, keys, problems)
         if not selves:
-            ordered = self._ordered(queries.groups)
             resolved_rule = ResolvedRule(ordered, tuple(key_groups), rule.span, rule.text)
             return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
         # once per `self`, not per query group: a problem of the list, not of a group
@@ -131,7 +129,7 @@ class GroupResolver:
             elif listed is not None and rule_list is not None and rule_list.text():
                 problems.append(_two_lists(SELF, listed, rule_list))
         resolved = []
-        for query in self._ordered(queries.groups):
+        for query in ordered:
             own = []
             for _, listed in selves:
                 mods = listed.modifiers if listed is not None else rule_mods

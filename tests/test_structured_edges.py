@@ -9,13 +9,10 @@ import pytest
 import torch
 from reference import masked_attention, relative_error
 from test_flex import make
+from test_structured import plan_of
 
 import patternc
 from patternc import PatternError
-
-
-def plan_of(source: str) -> patternc.Plan:
-    return patternc.compile(source).patterns["default"]
 
 
 def error_of(source: str, code: str) -> patternc.Diagnostic:

@@ -125,7 +125,7 @@ def _per_member(
                 lo, hi = found.span(query, key.name, key.members)
                 keys.extend(ordered[key][lo:hi])
             else:
-                keys.extend(KeyGroup(m, key.modifiers) for m in found.related(query, key.name, key.members))
+                keys.extend(KeyGroup(m, mods[key]) for m in found.related(query, key.name, key.members))
         if not keys:
             problems.append(_no_member_keys(rule, query))
             continue
