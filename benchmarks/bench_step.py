@@ -19,7 +19,7 @@ model in the same mode, and the compile time. ``torch.compile`` runs with
 Two more rows: ``hand, anchor K/V`` projects K/V for the anchors only (no
 pattern reads a query as a key), as a careful hand-written model would, and
 ``patternc, all K/V`` runs patternc with every layout's key space read as all
-tokens (the layers project K/V for queries too: the path before key spaces).
+tokens (the layers project K/V for queries too: what the key space saves).
 MFU counts the nominal model (K/V projected for every token) for every row.
 
 Run on the GPU:  python benchmarks/bench_step.py [--steps 20]
@@ -257,7 +257,7 @@ def main() -> None:
         for label in args.variants:
             module, call = rows[label]
             # "all K/V": every layout's key space read as every token, so
-            # the layers project K/V for queries too (the path before key spaces)
+            # the layers project K/V for queries too: what the key space saves
             KeySpace.identity = ALL_TOKENS if label.endswith("all K/V") else KEY_TOKENS  # type: ignore[method-assign,assignment]
             torch._dynamo.reset()
             forward = call(module)
