@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import patternc
-from patternc.nn import PatternAttention
 from patternc.lower.intervals import NO_BOUND, query_runs
 from patternc.modifiers import Modifiers
+from patternc.nn import PatternAttention
 from patternc.nn.flexmask import FlexTables
 from tests.programs import random_program
 from tests.reference import language_mask
