@@ -31,7 +31,7 @@ from patternc.configs import (
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import KeySpace, Layout
 from patternc.nn.attention import MixedAttention, init_linear
-from patternc.nn.executors.common import compact_keys
+from patternc.nn.executors.common import Executor, compact_keys
 from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
 from patternc.schemas import TokenSpec, domain_of
@@ -605,6 +605,7 @@ class UntiedMixedAttention(MixedAttention):
 
     Group types come from the plan (``Plan.types``) when ``attention_patterns``
     is a compiled plan, else from ``group_types``, else each group's domain.
+    ``num_kv_heads`` and ``executor`` as in :class:`MixedAttention`.
     """
 
     def __init__(
@@ -613,9 +614,12 @@ class UntiedMixedAttention(MixedAttention):
         types: Sequence[str] | TypeBinding | None = None,
         group_types: Mapping[str, str] | None = None,
         path: UntiedPath = "auto",
+        *,
+        num_kv_heads: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
-        super().__init__(config)
-        projections = config.projection_config()
+        super().__init__(config, num_kv_heads=num_kv_heads, executor=executor)
+        projections = config.projection_config(num_kv_heads)
         self.types = check_types(types, config.num_types)
         self.group_types = dict(group_types or {})
         proj = UntiedLinear(projections.out, self.types, path)
