@@ -57,6 +57,7 @@ from patternc.nn.untied import (
     TypeRuns,
     UntiedLinear,
     UntiedMixedAttention,
+    UntiedPath,
     check_types,
     type_runs,
 )
@@ -117,13 +118,22 @@ def _norm(config: TransformerConfig) -> nn.Module:
     return RMSNorm(config.d_model) if config.norm_type == "rms" else nn.LayerNorm(config.d_model)
 
 
+_UNTIED_PATH: UntiedPath = "per_type"
+"""How the stack's untied linears run: one ``F.linear`` per run of a type
+(each type gathered once where its runs are many). The stack's calls are
+host-bound at small widths, where ``segments``' in-place autograd function
+costs more host time per call than the copies it saves."""
+
+
 def _linear(d_in: int, d_out: int, types: TypeBinding | None) -> nn.Linear | UntiedLinear:
     """``d_in -> d_out`` with PyTorch's initialisation: one ``nn.Linear``, or
     an :class:`~patternc.nn.untied.UntiedLinear` with a bank per bound type."""
     if types is None:
         return nn.Linear(d_in, d_out)
     geometry = LinearProjectionConfig(input_dim=d_in, output_dim=d_out, init_weights="torch")
-    return UntiedLinear(UntiedLinearConfig(linear_projection=geometry, num_types=types.num_types), types)
+    return UntiedLinear(
+        UntiedLinearConfig(linear_projection=geometry, num_types=types.num_types), types, _UNTIED_PATH
+    )
 
 
 def _executor(config: TransformerConfig) -> Executor:
@@ -148,7 +158,9 @@ def _attention(config: TransformerConfig, types: TypeBinding | None) -> MixedAtt
     if types is None:
         return MixedAttention(MixedAttentionConfig(**fields), num_kv_heads=config.kv_heads, executor=executor)
     untied = UntiedMixedAttentionConfig(**fields, num_types=types.num_types)
-    return UntiedMixedAttention(untied, types, num_kv_heads=config.kv_heads, executor=executor)
+    return UntiedMixedAttention(
+        untied, types, path=_UNTIED_PATH, num_kv_heads=config.kv_heads, executor=executor
+    )
 
 
 class _FeedForward(nn.Module):
@@ -584,14 +596,13 @@ class Transformer(nn.Module):
         for cache in caches:
             assert cache is not None  # no group came from a cache
             entry = {}
-            for name, t in cache[group].items():
-                entry[name] = t.new_zeros(t.shape[0], t.shape[1], c.cache_len, t.shape[3])
-                entry[name][:, :, : t.shape[2]] = t
+            for name, kv in cache[group].items():
+                entry[name] = kv.new_zeros(kv.shape[0], kv.shape[1], c.cache_len, kv.shape[3])
+                entry[name][:, :, : kv.shape[2]] = kv
             grown.append({group: entry})
-        t = prompt.shape[1]
         out = [prompt]
         token = _pick(logits[:, -1], temperature)
-        for position in range(t, total):
+        for position in range(prompt.shape[1], total):
             out.append(token[:, None])
             if position == total - 1:
                 break

@@ -643,10 +643,17 @@ class UntiedMixedAttention(MixedAttention):
         """Q for every token by its type's bank, K/V for the key space's
         tokens only by theirs (rows of each bank's fused weight)."""
         runs = self.type_runs(dict(layout.sizes), patterns)
-        inner = self.num_heads * self.head_dim
+        qkv = self.qkv
+        assert isinstance(qkv, UntiedLinear)
+        rows = (self.num_heads * self.head_dim, 2 * self.kv_inner)
+        # one split per bank (not a slice per call): its backward is one
+        # concatenation, where two slices would each scatter into zeros
+        weights = [w.split_with_sizes(rows) for w in qkv.bank_weights()]
+        biases = None if qkv.bias is None else [b.split_with_sizes(rows) for b in qkv.bias]
         space = layout.key_space
-        q = self.qkv(x, runs, rows=slice(0, inner))
-        kv = self.qkv(compact_keys(x, space), runs.in_key_space(space), rows=slice(inner, None))
+        q = qkv.run(x, runs, [w[0] for w in weights], None if biases is None else [b[0] for b in biases])
+        kv_weights, kv_biases = [w[1] for w in weights], None if biases is None else [b[1] for b in biases]
+        kv = qkv.run(compact_keys(x, space), runs.in_key_space(space), kv_weights, kv_biases)
         return q, kv
 
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
