@@ -377,7 +377,9 @@ def test_stack_on_compact_keys_equals_token_space(
     seen: list[bool] = []
     for layer in model.layers:
         executor = layer.attention.executor
-        layer.attention.executor = lambda inputs, run=executor: seen.append(inputs.keys_compact) or run(inputs)
+        layer.attention.executor = lambda inputs, run=executor: (
+            seen.append(inputs.keys_compact) or run(inputs)
+        )
 
     def run() -> tuple[torch.Tensor, ...]:
         out = model(x, sizes, key_padding_mask=padding)

@@ -142,6 +142,7 @@ def test_the_layers_are_the_shared_attention_modules() -> None:
     assert all(type(layer.attention) is MixedAttention for layer in tied.layers)
     assert all(type(layer.attention) is UntiedMixedAttention for layer in untied.layers)
     assert tied.layers[0].attention.num_kv_heads == 2
+    assert all(layer.executor is layer.attention.executor for layer in tied.layers)
     assert untied.layers[0].attention.qkv.types.names == list(AB_UPT.type_names)
     # one fused projection: rows Q (4 heads), then K and V (2 heads each), of width 8
     assert tied.layers[0].attention.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
