@@ -225,9 +225,7 @@ def classify(rects: AllowedRects, block: int, n_cols: int) -> dict[int, bool]:
     non-empty block (``row * n_cols + col``) and whether it is full."""
     full_area: dict[int, int] = {}
     nonempty: set[int] = set()
-    rows = [(*r, None) for r in zip(*rects.plain)] + [
-        (*r[:4], Band(*r[4:])) for r in zip(*rects.banded)
-    ]
+    rows = [(*r, None) for r in zip(*rects.plain)] + [(*r[:4], Band(*r[4:])) for r in zip(*rects.banded)]
     for q_start, q_stop, k_start, k_stop, band in rows:
         for row in range(q_start // block, (q_stop - 1) // block + 1):
             qlo, qhi = _overlap(q_start, q_stop, row, block)
