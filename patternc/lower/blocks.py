@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from patternc.lower.layout import GroupSlot, Layout, Segment
+from patternc.lower.layout import Layout
 from patternc.modifiers import UNBOUNDED, Band, Modifiers, pair_band
 
 __all__ = [
@@ -127,13 +127,19 @@ class AllowedRects:
     def count(self) -> int:
         return len(self.plain[0]) + len(self.banded[0])
 
-    def block_count(self, block: int) -> int:
-        """How many (rectangle, block) incidences there are: the work of :func:`classify`."""
-        total = 0
-        for q_start, q_stop, k_start, k_stop, *_ in (*zip(*self.plain), *zip(*self.banded)):
-            rows = (q_stop - 1) // block - q_start // block + 1
-            total += rows * ((k_stop - 1) // block - k_start // block + 1)
-        return total
+    def block_counts(self, block: int) -> tuple[int, int]:
+        """How many (rectangle, block) incidences the plain and the banded
+        rectangles have: the work of :func:`classify`."""
+        return _incidences(self.plain, block), _incidences(self.banded, block)
+
+
+def _incidences(columns: tuple[list[int], ...], block: int) -> int:
+    total = 0
+    for q_start, q_stop, k_start, k_stop in zip(*columns[:4]):
+        total += ((q_stop - 1) // block - q_start // block + 1) * (
+            (k_stop - 1) // block - k_start // block + 1
+        )
+    return total
 
 
 def _key_places(
@@ -161,58 +167,58 @@ def allowed_rects(
     cached_at, _ = _key_places(layout, cache_lengths or {}, compact)
     space = layout.key_space
     slots = {s.name: s for s in layout.slots}
-    inputs = [s for s in layout.slots if s.size]  # input groups with tokens, in input order
-    offsets = [s.offset for s in inputs]
-    plain: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    # input groups with tokens, in input order: (offset, size)
+    inputs = [(s.offset, s.size) for s in layout.slots if s.size]
+    offsets = [offset for offset, _ in inputs]
+    q_start, q_stop, k_start, k_stop = plain = ([], [], [], [])  # type: tuple[list[int], ...]
     banded: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
-
-    def key_range(start: int, stop: int) -> tuple[int, int]:
-        if not compact:
-            return start, stop
-        at = space.position(start)
-        return at, at + stop - start
+    bands: dict[
+        int, tuple[int, int, int, int]
+    ] = {}  # id(modifiers) -> band row, where offsets do not move it
 
     for call in layout.calls:
         if not call.n_queries:
             continue
         for segment in call.keys:
             if segment.cached is not None:
-                k_start, k_stop = cached_at[segment.cached]
-                if k_stop == k_start:
+                first, stop = cached_at[segment.cached]
+                if stop == first:
                     continue
+                groups = [(0, first, stop)]
             else:
-                k_start, k_stop = key_range(segment.start, segment.stop)
-            if not segment.modifiers:
+                first = space.position(segment.start) if compact else segment.start
+                stop = first + segment.stop - segment.start
+                groups = None
+            mods = segment.modifiers
+            if not mods:
                 for query in call.queries:
-                    for column, value in zip(plain, (query.start, query.stop, k_start, k_stop)):
-                        column.append(value)
+                    q_start.append(query.start)
+                    q_stop.append(query.stop)
+                    k_start.append(first)
+                    k_stop.append(stop)
                 continue
+            if groups is None:  # the groups of the segment, each at its place among the keys
+                groups = []
+                at = bisect.bisect_left(offsets, segment.start)
+                while at < len(inputs) and inputs[at][0] < segment.stop:
+                    offset, size = inputs[at]
+                    place = first + offset - segment.start
+                    groups.append((offset, place, place + size))
+                    at += 1
             for q in call.query_tokens:
                 q_slot = slots[q]
                 if not q_slot.size:
                     continue
-                q_start, q_stop = q_slot.offset, q_slot.offset + q_slot.size
-                for k_offset, k_first, k_last in _key_groups(segment, offsets, inputs, k_start, k_stop):
-                    row = _band_row(pair_band(segment.modifiers, k_offset - q_slot.offset))
-                    for column, value in zip(banded, (q_start, q_stop, k_first, k_last, *row)):
+                span = (q_slot.offset, q_slot.offset + q_slot.size)
+                for k_offset, k_first, k_last in groups:
+                    row = bands.get(id(mods))
+                    if row is None:
+                        row = _band_row(pair_band(mods, k_offset - q_slot.offset))
+                        if not mods.across:
+                            bands[id(mods)] = row
+                    for column, value in zip(banded, (*span, k_first, k_last, *row)):
                         column.append(value)
     return AllowedRects(plain, banded)  # type: ignore[arg-type]
-
-
-def _key_groups(
-    segment: Segment, offsets: list[int], inputs: list[GroupSlot], k_start: int, k_stop: int
-) -> Iterable[tuple[int, int, int]]:
-    """``(offset in the input, key start, key stop)`` of each group of a key
-    segment (a cached group: itself, with no place in the input)."""
-    if segment.cached is not None:
-        yield 0, k_start, k_stop
-        return
-    first = bisect.bisect_left(offsets, segment.start)
-    for slot in inputs[first:]:
-        if slot.offset >= segment.stop:
-            break
-        shift = slot.offset - segment.start
-        yield slot.offset, k_start + shift, k_start + shift + (slot.size or 0)
 
 
 def _overlap(start: int, stop: int, index: int, block: int) -> tuple[int, int]:
@@ -311,6 +317,17 @@ def pair_runs(layout: Layout) -> PairRuns:
                 tests.append(test)
         return at
 
+    described: dict[int, tuple[int, int, int, int, int]] = {}  # id(modifiers) -> test, band row
+
+    def describe(mods: Modifiers, shift: int = 0) -> tuple[int, int, int, int, int]:
+        """Test index and band row of a modifier list (``shift``: under ``across``)."""
+        if mods.across:
+            return (test_index(mods), *_band_row(pair_band(mods, shift)))
+        found = described.get(id(mods))
+        if found is None:
+            found = described[id(mods)] = (test_index(mods) if mods else -1, *_band_row(pair_band(mods)))
+        return found
+
     for call in layout.calls:
         runs: list[tuple[int, int, Modifiers]] = []
         for segment in call.keys:
@@ -319,25 +336,27 @@ def pair_runs(layout: Layout) -> PairRuns:
                 runs.append((g, g + 1, segment.modifiers))
             elif segment.length:
                 runs.append((first_at[segment.start], last_at[segment.stop] + 1, segment.modifiers))
-        runs.sort(key=lambda run: run[0])
-        shared = [
-            (start, stop, mods, -1 if not mods else test_index(mods), _band_row(pair_band(mods)))
-            for start, stop, mods in runs
-            if not mods.across
-        ]
-        across = [(start, stop, mods, test_index(mods)) for start, stop, mods in runs if mods.across]
+        if len(runs) > 1:
+            runs.sort(key=lambda run: run[0])
+        across = any(mods.across for _, _, mods in runs)
         for q in call.query_tokens:
             gq = index[q]
-            mine = list(shared)
-            for start, stop, mods, test in across:
-                mine.extend(
-                    (k, k + 1, mods, test, _band_row(pair_band(mods, offsets[k] - offsets[gq])))
-                    for k in range(start, stop)
-                )
-            if across:
-                mine.sort(key=lambda run: run[0])
-            for start, stop, _, test, row in mine:
-                for column, value in zip(columns, (gq, start, stop, *row, test)):
+            if across:  # one run per key group under `across`: offsets shift each band
+                mine: list[tuple[int, int, tuple[int, int, int, int, int]]] = []
+                for start, stop, mods in runs:
+                    if mods.across:
+                        mine.extend(
+                            (k, k + 1, describe(mods, offsets[k] - offsets[gq])) for k in range(start, stop)
+                        )
+                    else:
+                        mine.append((start, stop, describe(mods)))
+            else:
+                mine = [(start, stop, describe(mods)) for start, stop, mods in runs]
+            for start, stop, row in mine:
+                columns[0].append(gq)
+                columns[1].append(start)
+                columns[2].append(stop)
+                for column, value in zip(columns[3:], (*row[1:], row[0])):
                     column.append(value)
     query, key_start, key_stop, low, high, dilation, residue, test = columns
     # runs of one query group together (a group is the query of one call)

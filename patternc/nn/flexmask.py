@@ -210,34 +210,102 @@ non-empty blocks only. Either way they stay linear in the non-empty blocks."""
 
 
 def _classify(
-    rects: Tensor, count: int, block: int, shape: tuple[int, int], dense: bool
+    plain: Tensor, banded: Tensor, counts: tuple[int, int], block: int, shape: tuple[int, int], dense: bool
 ) -> tuple[Tensor, Tensor]:
     """The block rule of :class:`~patternc.lower.blocks.AllowedRects` as
     tensor operations (:func:`patternc.lower.blocks.classify` is the same
-    rule one block at a time): each rectangle is expanded over the blocks it
-    touches, each (rectangle, block) classified by interval arithmetic on
-    positions within the rectangle (a block's differences ``j - i`` are the
-    integers of ``[klo - qhi, khi - qlo]``, see
-    :meth:`patternc.modifiers.Band.cell_class`), then reduced per block: a
-    block is non-empty where some rectangle is, full where the areas of the
-    rectangles full on it add up to the block's.
+    rule one block at a time): a block is non-empty where some rectangle
+    allows a pair in it, full where the areas of the rectangles full on it
+    add up to the block's.
 
-    ``rects``: ``[8, P]`` int64 rows ``q_start, q_stop, k_start, k_stop, low,
-    high, dilation, residue`` (a rectangle without modifiers has the open
-    band); ``count``: the (rectangle, block) incidences, counted on the host
-    so no shape depends on device data. Returns ``(partial, full)``: dense
+    ``plain``: ``[4, P]`` int64 rows ``q_start, q_stop, k_start, k_stop``;
+    ``banded``: ``[8, Q]``, the same then ``low, high, dilation, residue``;
+    ``counts``: their (rectangle, block) incidences, counted on the host so
+    no shape depends on device data. Returns ``(partial, full)``: dense
     ``[rows, cols]`` bool (``dense``), else the flat indices
-    (``row * cols + col``) of the partial and of the full blocks, ascending."""
-    device = rects.device
+    (``row * cols + col``) of the partial and of the full blocks, ascending.
+    Dense, the plain rectangles' areas go into a 2-D difference array (a few
+    corners per rectangle, however many blocks it covers); else every
+    incidence is listed and the blocks are found by sorting."""
     n_rows, n_cols = shape
+    whole = block * block
+    if dense:
+        width = n_cols + 1  # the grid of the difference array: one more row and column
+        covered = _plain_areas(plain, block, shape)
+        seen = covered > 0
+        if banded.shape[1]:
+            flat, nonempty, area = _incidences(banded, counts[1], block, width)
+            # scatter_add: one atomic kernel where index_put_ would sort the indices
+            touched = torch.zeros(covered.shape, dtype=torch.int32, device=covered.device)
+            seen = seen | (touched.scatter_add_(0, flat, nonempty.to(torch.int32)) > 0)
+            covered = covered.scatter_add_(0, flat, area)
+        is_full = covered == whole
+        partial = seen & ~is_full
+        return partial.view(n_rows + 1, width)[:n_rows, :n_cols], is_full.view(n_rows + 1, width)[
+            :n_rows, :n_cols
+        ]
+    open_band = torch.tensor([-UNBOUNDED, UNBOUNDED, 1, 0], dtype=torch.int64, device=plain.device)
+    everything = torch.cat([torch.cat([plain, open_band[:, None].expand(4, plain.shape[1])]), banded], dim=1)
+    flat, nonempty, area = _incidences(everything, counts[0] + counts[1], block, n_cols)
+    cells, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    seen = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
+    seen.scatter_add_(0, inverse, nonempty.to(torch.int64))
+    covered = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
+    covered.scatter_add_(0, inverse, area)
+    is_full = covered == whole
+    return cells[(seen > 0) & ~is_full], cells[is_full]
+
+
+def _plain_areas(plain: Tensor, block: int, shape: tuple[int, int]) -> Tensor:
+    """``[(rows + 1) * (cols + 1)]`` int64: the area of each block that the
+    rectangles (which do not overlap) cover, on a grid one row and one
+    column larger than the blocks' (the difference array's; the last row
+    and column hold nothing of use). A rectangle's overlap with row ``r`` is
+    ``block`` on its rows, less what its first and last rows miss: three
+    weighted intervals of rows, times three of columns, are nine weighted
+    block rectangles, each four corners of a 2-D difference array."""
+    n_rows, n_cols = shape
+    width = n_cols + 1
+    device = plain.device
+    q_start, q_stop, k_start, k_stop = plain
+
+    def terms(start: Tensor, stop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        first, last = start // block, (stop - 1) // block
+        weight = torch.stack(
+            [torch.full_like(start, block), first * block - start, stop - (last + 1) * block]
+        )
+        return weight, torch.stack([first, first, last]), torch.stack([last + 1, first + 1, last + 1])
+
+    (row_weight, top, bottom), (col_weight, left, right) = terms(q_start, q_stop), terms(k_start, k_stop)
+    weight = row_weight[:, None] * col_weight[None, :]  # [3, 3, P]
+    top, bottom = top[:, None] * width, bottom[:, None] * width
+    left, right = left[None, :], right[None, :]
+    corners = torch.stack([top + left, top + right, bottom + left, bottom + right])
+    signs = torch.stack([weight, -weight, -weight, weight])
+    diff = torch.zeros((n_rows + 1) * width, dtype=torch.int64, device=device)
+    diff.scatter_add_(0, corners.flatten(), signs.flatten())
+    grid = diff.view(n_rows + 1, width).cumsum(1)
+    if device.type == "cuda":
+        # the outer-dim scan as an inner-dim one between transposes: a GPU
+        # scan along the outer dim runs one thread per column (several times slower)
+        return grid.t().contiguous().cumsum(1).t().contiguous().view(-1)
+    return grid.cumsum(0).view(-1)
+
+
+def _incidences(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each (rectangle, block) of ``[8, P]`` banded rectangles (see
+    :func:`_classify`; ``count`` of them): its flat block index, whether the
+    band allows a pair there, and the area it covers where it allows every
+    pair (else 0), by interval arithmetic on positions within the
+    rectangle: a block's differences ``j - i`` are the integers of
+    ``[klo - qhi, khi - qlo]`` (see :meth:`patternc.modifiers.Band.cell_class`)."""
+    device = rects.device
     q_start, q_stop, k_start, k_stop, low, high, dilation, residue = rects
     r0, c0 = q_start // block, k_start // block
-    rows_of = (q_stop - 1) // block - r0 + 1
     cols_of = (k_stop - 1) // block - c0 + 1
-    per_rect = rows_of * cols_of
+    per_rect = ((q_stop - 1) // block - r0 + 1) * cols_of
     owner = torch.repeat_interleave(torch.arange(rects.shape[1], device=device), per_rect, output_size=count)
-    first = torch.cumsum(per_rect, 0) - per_rect
-    local = torch.arange(count, device=device) - first[owner]
+    local = torch.arange(count, device=device) - (torch.cumsum(per_rect, 0) - per_rect)[owner]
     width = cols_of[owner]
     row = r0[owner] + local // width
     col = c0[owner] + local % width
@@ -254,23 +322,7 @@ def _classify(
     one_diagonal = (lo == hi) & ((lo - residue) % dilation == 0)
     full = (lo >= low) & (hi <= high) & ((dilation == 1) | one_diagonal)
     area = torch.where(full, (qhi - qlo + 1) * (khi - klo + 1), 0)
-    flat = row * n_cols + col
-    whole = block * block
-    if dense:
-        # scatter_add: one atomic kernel where index_put_ would sort the indices
-        seen = torch.zeros(n_rows * n_cols, dtype=torch.int64, device=device)
-        seen.scatter_add_(0, flat, nonempty.to(torch.int64))
-        covered = torch.zeros(n_rows * n_cols, dtype=torch.int64, device=device)
-        covered.scatter_add_(0, flat, area)
-        is_full = (covered == whole).view(shape)
-        return (seen.view(shape) > 0) & ~is_full, is_full
-    cells, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    seen = torch.zeros(cells.shape[0], dtype=torch.int64, device=device)
-    seen.scatter_add_(0, inverse, nonempty.to(torch.int64))
-    covered = torch.zeros(cells.shape[0], dtype=torch.int64, device=device)
-    covered.scatter_add_(0, inverse, area)
-    is_full = covered == whole
-    return cells[(seen > 0) & ~is_full], cells[is_full]
+    return row * n_cols + col, nonempty, area
 
 
 def _dense_cells(cells: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -567,7 +619,7 @@ class FlexTables:
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
         rects = allowed_rects(layout, cache_lengths, compact)
-        incidences = rects.block_count(block)
+        incidences = rects.block_counts(block)
 
         # The host works on one row per group, segment or rectangle; a single copy moves it all.
         upload = _Upload()
@@ -575,11 +627,7 @@ class FlexTables:
             upload.add([g for g, _, _ in segs])
             upload.add([stop - start for _, start, stop in segs])
             upload.add([start for _, start, _ in segs])
-        # rectangles without modifiers carry the open band
-        n_plain = len(rects.plain[0])
-        open_band = (-UNBOUNDED, UNBOUNDED, 1, 0)
-        for at, column in enumerate(rects.banded):
-            upload.add(rects.plain[at] if at < 4 else [open_band[at - 4]] * n_plain)
+        for column in (*rects.plain, *rects.banded):
             upload.add(column)
         # under `across` with compact keys, a key's place in the input is not
         # its index: one shift per key segment (cached keys are never `across`)
@@ -588,6 +636,7 @@ class FlexTables:
         shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
         upload.add(shifts if compact and across else [])
         q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, *rect_columns, k_shifts = upload.send(device)
+        plain, banded = torch.stack(rect_columns[:4]), torch.stack(rect_columns[4:])
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
@@ -601,11 +650,9 @@ class FlexTables:
             kv_input = torch.arange(kv_len, device=device) + torch.repeat_interleave(
                 k_shifts, k_sizes, output_size=kv_len
             )
-        # plain then banded rectangles, one [8, P] table
-        table = torch.stack([torch.cat(rect_columns[i : i + 2]) for i in range(0, 16, 2)])
         # under torch.compile no shape may depend on data: the dense grid
-        dense = _compiling() or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(incidences, 1)
-        partial, full = _classify(table, incidences, block, shape, dense)
+        dense = _compiling() or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
+        partial, full = _classify(plain, banded, incidences, block, shape, dense)
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
