@@ -170,7 +170,8 @@ def allowed_rects(
     # input groups with tokens, in input order: (offset, size)
     inputs = [(s.offset, s.size) for s in layout.slots if s.size]
     offsets = [offset for offset, _ in inputs]
-    q_start, q_stop, k_start, k_stop = plain = ([], [], [], [])  # type: tuple[list[int], ...]
+    plain: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    q_start, q_stop, k_start, k_stop = plain
     banded: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
     bands: dict[
         int, tuple[int, int, int, int]

@@ -730,10 +730,10 @@ class FlexTables:
         def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             at, ok = run_of(q_group[q_idx], kv_group[kv_idx])
             d = kv_pos[kv_idx] - q_pos[q_idx]  # the band is in positions within groups
-            ok = ok & (d >= low[at]) & (d <= high[at])
+            inside: Tensor = ok & (d >= low[at]) & (d <= high[at])
             if dilated:
-                ok = ok & ((d - residue[at]) % dilation[at] == 0)
-            return ok
+                inside = inside & ((d - residue[at]) % dilation[at] == 0)
+            return inside
 
         return with_modifiers
 

@@ -181,8 +181,8 @@ def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
     """The block mask for the FLASH backend: its ``mask_mod`` reads int32
     group tables (FlashAttention 4's generated mask code stores indices as
     int32 and refuses int64 ones: "Type mismatch, store Int64 to Tensor with
-    element type Int32"), through the ``[groups, groups]`` lookups it was
-    measured with (the Triton kernel's bit tests use int64 words)."""
+    element type Int32"), through the run-table lookups (the Triton
+    kernel's bit tests use int64 words)."""
 
     def narrow() -> BlockMask:
         return dataclasses.replace(
