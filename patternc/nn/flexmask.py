@@ -239,11 +239,10 @@ def _classify(
             touched = torch.zeros(covered.shape, dtype=torch.int32, device=covered.device)
             seen = seen | (touched.scatter_add_(0, flat, nonempty.to(torch.int32)) > 0)
             covered = covered.scatter_add_(0, flat, area)
-        is_full = covered == whole
-        partial = seen & ~is_full
-        return partial.view(n_rows + 1, width)[:n_rows, :n_cols], is_full.view(n_rows + 1, width)[
-            :n_rows, :n_cols
-        ]
+        # compared on the blocks' grid: the results are contiguous [rows, cols]
+        blocks = (slice(0, n_rows), slice(0, n_cols))
+        is_full = covered.view(n_rows + 1, width)[blocks] == whole
+        return seen.view(n_rows + 1, width)[blocks] & ~is_full, is_full
     open_band = torch.tensor([-UNBOUNDED, UNBOUNDED, 1, 0], dtype=torch.int64, device=plain.device)
     everything = torch.cat([torch.cat([plain, open_band[:, None].expand(4, plain.shape[1])]), banded], dim=1)
     flat, nonempty, area = _incidences(everything, counts[0] + counts[1], block, n_cols)
