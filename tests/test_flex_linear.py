@@ -60,7 +60,7 @@ def test_ten_thousand_documents_build_linear_tables_fast() -> None:
     large, seconds, tokens = _build(10_000)
     assert seconds < 0.8, seconds
     rows, cols = large.block_shape
-    for tables, n_docs, n_tokens in ((small, 2000, small_tokens), (large, 10_000, tokens)):
+    for tables, n_docs in ((small, 2000), (large, 10_000)):
         blocks = tables.block_shape[0] + tables.block_shape[1]
         bound = 2 * (tables.q_len + tables.kv_len) + 16 * (n_docs + 1) + 16 * blocks
         sizes = [t.numel() for t in _tensors(tables)]
@@ -172,3 +172,51 @@ def test_flex_with_run_lookups_matches_the_float64_reference() -> None:
     scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
     ref = torch.softmax(scores, -1).nan_to_num(0.0) @ v
     assert relative_error(out[:, :, :n], ref) < 1e-10
+
+
+INTERVAL_LAYOUTS = {
+    **MANY_RUNS,
+    "vlm": (
+        "groups system run*{text, image}\nsystem -> system [causal]\n"
+        "run*.text -> system, run*[before], self[causal]\nrun*.image -> system, run*[before], self",
+        {"system": 5, "run0.text": 14, "run1.image": 25, "run2.text": 7, "run3.image": 0, "run4.text": 31},
+    ),
+    "windowed documents": (
+        "groups doc* sink\nsink -> sink\ndoc* -> sink, self[window 5]",
+        {"doc0": 9, "doc1": 0, "doc2": 30, "doc3": 1, "sink": 2},
+    ),
+    "dilated": ("groups a b\na -> a [dilate 2]\nb -> a, b [causal]", {"a": 9, "b": 4}),
+    "documents": ("groups doc*\ndoc* -> self [causal]", _documents(40, seed=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(INTERVAL_LAYOUTS))
+def test_intervals_from_runs_equal_intervals_from_pairs(name: str) -> None:
+    """The per-query key intervals read off the runs of key groups equal
+    those read off every group pair (a run without modifiers is one read)."""
+    from patternc.lower.blocks import group_segments
+    from patternc.lower.intervals import Run, query_runs, query_runs_of_runs
+
+    source, sizes = INTERVAL_LAYOUTS[name]
+    layout = patternc.compile(source).patterns["default"].layout(sizes)
+    queries, keys = group_segments(layout, {})
+    ours, theirs = (
+        query_runs_of_runs(queries, keys, pair_runs(layout)),
+        query_runs(queries, keys, layout.pairs),
+    )
+    if theirs is None:
+        assert ours is None
+        return
+    assert ours is not None and len(ours) == len(theirs) == len(queries)
+
+    def intervals(runs: list[Run], p: int) -> list[tuple[int, int]]:
+        """The key intervals ``[lo, hi]`` a query at position ``p`` reads (as :class:`Run` defines them)."""
+        bounds = [
+            (min(r.first + max(0, p + r.low), r.cap), max(r.last + min(r.last_top, p + r.high), r.floor))
+            for r in runs
+        ]
+        return [(lo, hi) for lo, hi in bounds if lo <= hi]
+
+    for (_, start, stop), mine, want in zip(queries, ours, theirs):
+        for p in range(stop - start):
+            assert intervals(mine, p) == intervals(want, p), (start, p)

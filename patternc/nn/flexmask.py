@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
-from patternc.lower.intervals import query_runs
+from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
 from patternc.modifiers import UNBOUNDED
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
@@ -75,7 +75,7 @@ def _intervals(
     the input's tokens and the layout's masks are intervals of them."""
     if compact or layout.cached_groups:
         return None
-    runs = query_runs(queries, keys, layout.pairs)
+    runs = query_runs_of_runs(queries, keys, pair_runs(layout))
     if runs is None:
         return None
     return interval_tables(runs, [stop - start for _, start, stop in queries], q_len, device)
