@@ -9,6 +9,7 @@ import torch
 import patternc
 from patternc.lower.intervals import NO_BOUND, query_runs
 from patternc.modifiers import Modifiers
+from patternc.nn import PatternAttention
 from patternc.nn.flexmask import FlexTables
 from tests.programs import random_program
 from tests.reference import language_mask
@@ -136,7 +137,7 @@ def test_flex_on_interval_layouts_matches_the_float64_reference() -> None:
     for sizes in ({"registers": 3, "image": 37, "text": 29}, {"registers": 1, "image": 130, "text": 3}):
         source = USERS["vlm"][0]
         plan = patternc.compile(source).patterns["default"]
-        layer = patternc.nn.PatternAttention(
+        layer = PatternAttention(
             patternc.MixedAttentionConfig(hidden_dim=32, num_heads=2), plan, backend="flex"
         )
         assert layer_uses_intervals(plan, sizes)
