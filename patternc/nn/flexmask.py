@@ -2,15 +2,15 @@
 
 ``create_block_mask`` finds empty, partial and full blocks by evaluating the
 mask per element: un-compiled it materialises an ``[n, n]`` tensor, compiled it
-costs milliseconds per layout. Here the block classes follow from the group
-intervals alone: for each ``(query block, key block)`` the few groups that
-overlap each block are paired, and a pair is *full* (every token pair allowed)
-or *empty* (none allowed) by interval arithmetic on the tokens' positions in
-their groups; a block is full when all its pairs are, empty when all are.
+costs milliseconds per layout. Here the block classes follow from the
+layout's allowed rectangles (:func:`patternc.lower.blocks.allowed_rects`):
+the rule of :mod:`patternc.lower.blocks` (which ``patternc compile --mask``
+runs one block at a time) run as tensor operations on the device.
 
 The ``mask_mod`` tests a token pair's groups as a bit of the query group's
-words (:class:`PairSets`), read through per-token group ids, so no ``[n, n]``
-tensor exists anywhere and no score reads a two-dimensional table.
+words (:class:`PairSets`), or looks up the query group's runs of key groups
+(:class:`GroupTables`), read through per-token group ids, so no ``[n, n]``
+tensor exists anywhere and no table grows with the groups squared.
 
 >>> import patternc
 >>> from patternc.nn.schedule import schedule_for
