@@ -142,18 +142,17 @@ def _incidences(columns: tuple[list[int], ...], block: int) -> int:
     return total
 
 
-def _key_places(
+def _cached_places(
     layout: Layout, cache_lengths: Mapping[str, int], compact: bool
-) -> tuple[dict[str, tuple[int, int]], int]:
-    """Where each cached group's keys sit (after the input's keys), and the input's key count."""
-    n_input = layout.key_space.size if compact else layout.n_tokens
+) -> dict[str, tuple[int, int]]:
+    """Where each cached group's keys sit: after the input's keys, in group order."""
     places = {}
-    start = n_input
+    start = layout.key_space.size if compact else layout.n_tokens
     for name in layout.cached_groups:
         length = cache_lengths.get(name, 0)
         places[name] = (start, start + length)
         start += length
-    return places, n_input
+    return places
 
 
 def allowed_rects(
@@ -164,7 +163,7 @@ def allowed_rects(
     ``compact``: keys index the key space (see :func:`group_segments`).
     One rectangle per (query segment, key segment) of each call without
     modifiers, one per (query group, key group) pair with them."""
-    cached_at, _ = _key_places(layout, cache_lengths or {}, compact)
+    cached_at = _cached_places(layout, cache_lengths or {}, compact)
     space = layout.key_space
     slots = {s.name: s for s in layout.slots}
     # input groups with tokens, in input order: (offset, size)
@@ -283,12 +282,6 @@ class PairRuns:
             return False
         reading = set(self.query)
         return all(g in reading for g, size in zip(layout.group_ids, layout.input_sizes) if size)
-
-    def pairs(self) -> Iterable[tuple[int, int, int]]:
-        """``(query group, key group, run)`` of every pair: for tests and small layouts only."""
-        for r, (q, start, stop) in enumerate(zip(self.query, self.key_start, self.key_stop)):
-            for k in range(start, stop):
-                yield q, k, r
 
 
 def pair_runs(layout: Layout) -> PairRuns:
