@@ -301,6 +301,7 @@ def pair_runs(layout: Layout) -> PairRuns:
     test_of: dict[int, int] = {}  # id(modifiers) -> index into tests
     by_test: dict[BandTest, int] = {}
     columns: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    query, key_start, key_stop, low, high, dilation, residue, test = columns
 
     def test_index(mods: Modifiers) -> int:
         at = test_of.get(id(mods))
@@ -346,13 +347,15 @@ def pair_runs(layout: Layout) -> PairRuns:
                         mine.append((start, stop, describe(mods)))
             else:
                 mine = [(start, stop, describe(mods)) for start, stop, mods in runs]
-            for start, stop, row in mine:
-                columns[0].append(gq)
-                columns[1].append(start)
-                columns[2].append(stop)
-                for column, value in zip(columns[3:], (*row[1:], row[0])):
-                    column.append(value)
-    query, key_start, key_stop, low, high, dilation, residue, test = columns
+            for start, stop, (test_at, *band) in mine:
+                query.append(gq)
+                key_start.append(start)
+                key_stop.append(stop)
+                low.append(band[0])
+                high.append(band[1])
+                dilation.append(band[2])
+                residue.append(band[3])
+                test.append(test_at)
     # runs of one query group together (a group is the query of one call)
     if any(a > b for a, b in itertools.pairwise(query)):
         order = sorted(range(len(query)), key=query.__getitem__)

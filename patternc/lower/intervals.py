@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from patternc.lower.blocks import PairRuns
 from patternc.modifiers import Modifiers
@@ -62,9 +63,9 @@ class Run:
     floor: int
 
 
-@dataclass(frozen=True)
-class _Read:
-    """One key segment a query group reads, with the pair's band."""
+class _Read(NamedTuple):
+    """One key segment a query group reads, with the pair's band (a tuple:
+    a layout of many documents makes one per document)."""
 
     start: int
     size: int
@@ -115,6 +116,7 @@ def query_runs_of_runs(
     key_of = _key_places(keys)
     if key_of is None:
         return None
+    refused = [across or dilation > 1 for _, _, dilation, across in runs.tests]
     reads: dict[int, list[_Read]] = {}
     for q, first, stop, low, high, test in zip(
         runs.query, runs.key_start, runs.key_stop, runs.low, runs.high, runs.test
@@ -124,12 +126,11 @@ def query_runs_of_runs(
         if test < 0 and head is not None and tail is not None:
             reads.setdefault(q, []).append(_Read(head[0], tail[0] + tail[1] - head[0], *band))
             continue
-        refused = test >= 0 and (runs.tests[test][3] or runs.tests[test][2] > 1)  # across, dilated
         for k in range(first, stop):
             place = key_of.get(k)
             if place is None:
                 continue  # an empty key group
-            if refused:
+            if test >= 0 and refused[test]:  # positions across groups, or dilated
                 return None
             reads.setdefault(q, []).append(_Read(place[0], place[1], *band))
     return _query_runs(queries, reads)
@@ -148,11 +149,16 @@ def _key_places(keys: Sequence[Segment]) -> dict[int, tuple[int, int]] | None:
 def _query_runs(queries: Sequence[Segment], reads: Mapping[int, list[_Read]]) -> list[list[Run]] | None:
     out = []
     for group, start, stop in queries:
-        runs = _runs(sorted(reads.get(group, ()), key=lambda r: r.start), stop - start)
+        mine = reads.get(group, [])
+        runs = _runs(sorted(mine, key=_start) if len(mine) > 1 else mine, stop - start)
         if runs is None or len(runs) > MAX_RUNS:
             return None
         out.append(runs)
     return out
+
+
+def _start(read: _Read) -> int:
+    return read.start
 
 
 def _runs(reads: list[_Read], n_queries: int) -> list[Run] | None:

@@ -65,6 +65,7 @@ def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
 
 def _intervals(
     layout: Layout,
+    pairs: PairRuns,
     queries: list[tuple[int, int, int]],
     keys: list[tuple[int, int, int]],
     q_len: int,
@@ -75,7 +76,7 @@ def _intervals(
     the input's tokens and the layout's masks are intervals of them."""
     if compact or layout.cached_groups:
         return None
-    runs = query_runs_of_runs(queries, keys, pair_runs(layout))
+    runs = query_runs_of_runs(queries, keys, pairs)
     if runs is None:
         return None
     return interval_tables(runs, [stop - start for _, start, stop in queries], q_len, device)
@@ -199,7 +200,7 @@ def _with_padding(
 def _same_offsets(
     queries: list[tuple[int, int, int]],
     keys: list[tuple[int, int, int]],
-    modified: Sequence[tuple[int, int, int]],
+    modified: Sequence[Sequence[int]],
 ) -> bool:
     """Whether each modified pair's query group and key group start at the
     same token index (see :attr:`FlexTables.same_offsets`); pairs with an
@@ -401,17 +402,19 @@ class GroupTables:
     ``residue`` of each run's band (positions within groups)."""
     max_runs: int
     """The most runs one query group has (how many search steps a lookup takes)."""
-    modified: tuple[tuple[int, int, int], ...]
-    """``(query group, first key group, key group stop)`` of runs with modifiers."""
+    modified: Tensor
+    """``[3, M]`` int64, on the host: query group, first key group and key
+    group stop of the runs with modifiers."""
     sets: PairSets | None
     """What the ``mask_mod`` tests (:class:`PairSets`)."""
     tests: tuple[BandTest, ...] = ()
     """The layout's distinct modifier lists (those of pairs with modifiers)."""
 
 
-def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
-    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES` per (layout, device)."""
-    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, device))
+def _group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
+    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES`
+    per (layout, device); ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`."""
+    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, runs, device))
 
 
 def _signed(bits: int) -> int:
@@ -478,7 +481,7 @@ def _search_steps(max_runs: int) -> list[int]:
     return [1 << j for j in reversed(range(max(0, max_runs - 1).bit_length()))]
 
 
-def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
+def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
     """Device tables of a layout's allowed group pairs, from its
     :class:`~patternc.lower.blocks.PairRuns`: the runs by query group
     (compressed rows: a lookup is a short binary search within the query
@@ -488,7 +491,6 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
     ``mask_mod`` tests (:class:`PairSets`). Linear in the groups and the
     runs: no ``[groups, groups]`` table."""
     n = len(layout.all_groups)
-    runs = pair_runs(layout)
     same_group = runs.same_group(layout)
     counts = [0] * (n + 1)
     for q in runs.query:
@@ -500,11 +502,8 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
     bands = [runs.low, runs.high, runs.dilation, runs.residue]
     run_bands = torch.stack([_int64(column + [fill] * pad) for column, fill in zip(bands, (0, 0, 1, 0))])
     triples = torch.stack([_int64(runs.query), _int64(runs.key_start), _int64(runs.key_stop)])
-    modified = tuple(
-        (q, start, stop)
-        for q, start, stop, test in zip(runs.query, runs.key_start, runs.key_stop, runs.test)
-        if test >= 0
-    )
+    chosen = [at for at, test in enumerate(runs.test) if test >= 0]
+    modified = triples[:, torch.tensor(chosen, dtype=torch.int64)] if len(chosen) < runs.count else triples
     sets = _pair_sets(n, runs, same_group)
     if sets is not None and device.type != "cpu":
         sets = PairSets(
@@ -639,7 +638,8 @@ class FlexTables:
         n_kv = n_input_keys + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        groups = _group_tables(layout, device)
+        runs = pair_runs(layout)
+        groups = _group_tables(layout, runs, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
         rects = allowed_rects(layout, cache_lengths, compact)
@@ -695,10 +695,10 @@ class FlexTables:
             or _blocks_mix_groups(queries, block)
             or _blocks_mix_groups(keys, block),
             pair_sets=groups.sets,
-            same_offsets=_same_offsets(queries, keys, groups.modified),
+            same_offsets=_same_offsets(queries, keys, groups.modified.t().tolist()),
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
-            intervals=_intervals(layout, queries, keys, q_len, device, compact),
+            intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
         )
 
     def mask_mod(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> MaskMod:
