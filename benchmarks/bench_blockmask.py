@@ -167,10 +167,18 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     def created(compile_flag: bool) -> object:
         return create_block_mask(mask_mod, None, None, n, n, device=args.device, _compile=compile_flag)
 
+    def host_lists() -> object:
+        """The tables' host work (plain Python, what a GPU does not speed up)."""
+        from patternc.lower.blocks import allowed_rects, group_segments, pair_runs
+
+        rects = allowed_rects(layout)
+        return group_segments(layout, {}), pair_runs(layout), rects.block_counts(BLOCK_SIZE)
+
     rows = [
         ("patternc cold: bind, layout, tables, BlockMask", median_ms(cold, args.repeat, args.device)),
         ("  bind + layout", median_ms(layout_only, args.repeat, args.device)),
         ("  tables (group tables included)", median_ms(tables_only, args.repeat, args.device)),
+        ("    of which host lists (rects, runs, segments)", median_ms(host_lists, args.repeat, "cpu")),
         ("  BlockMask from tables", median_ms(tables.block_mask, args.repeat, args.device)),
     ]
     agree = "not compared"
@@ -198,7 +206,8 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     name = f"video: {prompt} + {count} frames of {frame}"
     for method, ms in rows:
         print(f"{name:<34} {n:>7} {method:<48} {ms:>9.3f} {ms / base:>11.2f}")
-    print(f"{'':<34} {'':>7} {len(layout.pairs)} group pairs; non-empty blocks agree: {agree}")
+    runs = tables.groups.runs.shape[1]
+    print(f"{'':<34} {'':>7} {len(layout.pairs)} group pairs in {runs} runs; non-empty blocks agree: {agree}")
 
 
 def breakdown(args: argparse.Namespace) -> None:

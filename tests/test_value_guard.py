@@ -131,7 +131,7 @@ def test_poison_marks_the_queries_whose_groups_read_a_bad_key(plan: str, seed: i
     bad = torch.rand(batch, n_kv, heads, generator=gen) < 0.004
     bad[:, n:] = False  # padded keys are zeros
     out = torch.randn(batch, n, heads, 5, generator=gen)
-    got = flex._poison(out, bad, tables.q_group, tables.kv_group, tables.allowed)
+    got = flex._poison(out, bad, *tables.guard_tables)
     reads = tables.allowed[tables.q_group[:n, None], tables.kv_group[None, :]]  # [n, Nk]
     expected = (reads[None, :, :, None] & bad[:, None, :, :]).any(2)  # [B, n, H]
     assert torch.equal(torch.isnan(got).all(-1), expected)

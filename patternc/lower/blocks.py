@@ -1,22 +1,49 @@
 """Block classes of a plan's attention mask, in plain Python (no torch).
 
-What ``patternc compile --mask`` draws and the block sparsity it reports. It
-mirrors :mod:`patternc.nn.flexmask` (the torch version FlexAttention uses, and
-which the tests check against it): the tokens are cut into blocks of
-``block`` queries by ``block`` keys, and each block is *empty* (no pair
-allowed: skipped), *full* (every pair allowed: no mask needed) or *partial*.
+The tokens are cut into blocks of ``block`` queries by ``block`` keys, and
+each block is *empty* (no pair allowed: skipped), *full* (every pair
+allowed: no mask needed) or *partial*. This module holds the one rule both
+classifiers follow: :func:`allowed_rects` describes the allowed token pairs
+as disjoint rectangles, and :func:`classify` reads the blocks off them.
+:func:`block_classes` (what ``patternc compile --mask`` draws) runs the rule
+here; :mod:`patternc.nn.flexmask` runs the same rule as tensor operations on
+the device, from the same rectangles. :func:`pair_runs` describes the
+allowed group pairs as runs of key groups, what the device tables the
+``mask_mod`` reads are filled from.
+
+Both records are built from the layout's calls, whose key segments already
+merge adjacent groups of equal modifiers: a block-causal family of ``M``
+members (``frame* -> frame*[upto]``) is ``M`` rectangles and ``M`` runs, not
+its ``M(M+1)/2`` group pairs. Only pairs whose modifiers count positions
+within each group (``[causal]``, windows) are one rectangle per group pair.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
-from patternc.modifiers import Band
+from patternc.modifiers import UNBOUNDED, Band, Modifiers, pair_band
 
-__all__ = ["BLOCK_SIZE", "EMPTY", "FULL", "PARTIAL", "BlockClasses", "block_classes"]
+__all__ = [
+    "BLOCK_SIZE",
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "AllowedRects",
+    "BandTest",
+    "BlockClasses",
+    "PairRuns",
+    "allowed_rects",
+    "block_classes",
+    "classify",
+    "group_segments",
+    "pair_runs",
+]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -24,41 +51,318 @@ BLOCK_SIZE = 128
 """FlexAttention's sparse block size (queries and keys): the default grain of
 block classes, and of the blocks ``flex`` computes."""
 
-_Segment = tuple[str, int, int]  # (group, start, stop)
+BandTest = tuple[int | None, int | None, int, bool]
+"""``(low, high, dilation, across)`` of a modifier list (:meth:`Modifiers.band
+<patternc.modifiers.Modifiers.band>` and whether positions count in the
+input): what a ``mask_mod`` tests on the pairs that share it."""
+
+SegmentList = list[tuple[int, int, int]]
+"""``(group index, start, stop)`` token segments."""
 
 
-def _segments(layout: Layout) -> list[_Segment]:
-    return [(s.name, s.offset, s.offset + s.size) for s in layout.slots if s.size]
+def group_segments(
+    layout: Layout, cache_lengths: Mapping[str, int], compact: bool = False
+) -> tuple[SegmentList, SegmentList]:
+    """``(group, start, stop)`` of the query tokens (the input) and of the key
+    tokens (the input, then each cached group), skipping empty groups.
+    ``compact``: the input's keys are those of the layout's key space, at
+    their places there (K/V given for the key space only).
+
+    Raises:
+        KeyError: a cached group missing from ``cache_lengths``.
+    """
+    queries = []
+    start = 0
+    for gid, size in zip(layout.group_ids, layout.input_sizes):
+        if size:
+            queries.append((gid, start, start + size))
+        start += size
+    if compact:
+        space = layout.key_space
+        keys = [
+            (gid, space.position(a), space.position(a) + b - a) for gid, a, b in queries if space.holds(a, b)
+        ]
+        start = space.size
+    else:
+        keys = list(queries)
+    for name in layout.cached_groups:
+        length = cache_lengths[name]
+        if length:
+            keys.append((layout.all_groups.index(name), start, start + length))
+        start += length
+    return queries, keys
 
 
-def _block_groups(
-    segments: list[_Segment], n_blocks: int, block: int
-) -> list[list[tuple[str | None, int, int]]]:
-    """For each block: ``(group or None for padding, first pos, last pos)`` of the groups in it."""
-    out: list[list[tuple[str | None, int, int]]] = []
-    index = 0
-    total = segments[-1][2] if segments else 0
-    for b in range(n_blocks):
-        lo, hi = b * block, (b + 1) * block - 1
-        while index < len(segments) and segments[index][2] <= lo:
-            index += 1
-        parts: list[tuple[str | None, int, int]] = []
-        i = index
-        while i < len(segments) and segments[i][1] <= hi:
-            name, start, stop = segments[i]
-            parts.append((name, max(lo, start) - start, min(hi, stop - 1) - start))
-            i += 1
-        if hi >= total:
-            parts.append((None, 0, 0))
-        out.append(parts)
-    return out
+def _band_row(band: Band) -> tuple[int, int, int, int]:
+    """A band as four integers (an open side :data:`~patternc.modifiers.UNBOUNDED` away)."""
+    return (
+        -UNBOUNDED if band.low is None else band.low,
+        UNBOUNDED if band.high is None else band.high,
+        band.dilation,
+        band.residue,
+    )
 
 
-def _pair_class(band: Band, qlo: int, qhi: int, klo: int, khi: int) -> int:
-    """Class of the sub-block of one allowed (query group, key group) pair
-    (positions within the groups, bounds included)."""
-    nonempty, full = band.cell_class(qlo, qhi, klo, khi)
-    return FULL if full else (PARTIAL if nonempty else EMPTY)
+@dataclass(frozen=True)
+class AllowedRects:
+    """The allowed (query token, key token) pairs of a layout as rectangles
+    that do not overlap (a query group is in one call, a key group once in
+    its keys), in the coordinates FlexAttention indexes: queries are input
+    tokens, keys the input's (or the key space's) tokens, then each cached
+    group's. Each column is one list (what a device table is filled from).
+
+    The block rule: a block is *non-empty* when some rectangle allows a pair
+    in it, and *full* when the rectangles that allow every pair of their
+    part of it cover it whole (their areas add up to the block's)."""
+
+    plain: tuple[list[int], list[int], list[int], list[int]]
+    """``q_start, q_stop, k_start, k_stop``: every pair inside is allowed."""
+    banded: tuple[list[int], list[int], list[int], list[int], list[int], list[int], list[int], list[int]]
+    """``q_start, q_stop, k_start, k_stop, low, high, dilation, residue``:
+    one (query group, key group) pair whose pairs are those of its
+    :class:`~patternc.modifiers.Band` (positions within the groups; an
+    open side :data:`~patternc.modifiers.UNBOUNDED` away)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.plain[0]) + len(self.banded[0])
+
+    def block_counts(self, block: int) -> tuple[int, int]:
+        """How many (rectangle, block) incidences the plain and the banded
+        rectangles have: the work of :func:`classify`."""
+        return _incidences(self.plain, block), _incidences(self.banded, block)
+
+
+def _incidences(columns: tuple[list[int], ...], block: int) -> int:
+    total = 0
+    for q_start, q_stop, k_start, k_stop in zip(*columns[:4]):
+        total += ((q_stop - 1) // block - q_start // block + 1) * (
+            (k_stop - 1) // block - k_start // block + 1
+        )
+    return total
+
+
+def _cached_places(
+    layout: Layout, cache_lengths: Mapping[str, int], compact: bool
+) -> dict[str, tuple[int, int]]:
+    """Where each cached group's keys sit: after the input's keys, in group order."""
+    places = {}
+    start = layout.key_space.size if compact else layout.n_tokens
+    for name in layout.cached_groups:
+        length = cache_lengths.get(name, 0)
+        places[name] = (start, start + length)
+        start += length
+    return places
+
+
+def allowed_rects(
+    layout: Layout, cache_lengths: Mapping[str, int] | None = None, compact: bool = False
+) -> AllowedRects:
+    """The layout's :class:`AllowedRects`. ``cache_lengths``: each cached
+    group's length (a group missing from it has none: it is left out);
+    ``compact``: keys index the key space (see :func:`group_segments`).
+    One rectangle per (query segment, key segment) of each call without
+    modifiers, one per (query group, key group) pair with them."""
+    cached_at = _cached_places(layout, cache_lengths or {}, compact)
+    space = layout.key_space
+    slots = {s.name: s for s in layout.slots}
+    # input groups with tokens, in input order: (offset, size)
+    inputs = [(s.offset, s.size) for s in layout.slots if s.size]
+    offsets = [offset for offset, _ in inputs]
+    plain: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    q_start, q_stop, k_start, k_stop = plain
+    banded: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    bands: dict[
+        int, tuple[int, int, int, int]
+    ] = {}  # id(modifiers) -> band row, where offsets do not move it
+
+    for call in layout.calls:
+        if not call.n_queries:
+            continue
+        for segment in call.keys:
+            if segment.cached is not None:
+                first, stop = cached_at[segment.cached]
+                if stop == first:
+                    continue
+                groups = [(0, first, stop)]
+            else:
+                first = space.position(segment.start) if compact else segment.start
+                stop = first + segment.stop - segment.start
+                groups = None
+            mods = segment.modifiers
+            if not mods:
+                for query in call.queries:
+                    q_start.append(query.start)
+                    q_stop.append(query.stop)
+                    k_start.append(first)
+                    k_stop.append(stop)
+                continue
+            if groups is None:  # the groups of the segment, each at its place among the keys
+                groups = []
+                at = bisect.bisect_left(offsets, segment.start)
+                while at < len(inputs) and inputs[at][0] < segment.stop:
+                    offset, size = inputs[at]
+                    place = first + offset - segment.start
+                    groups.append((offset, place, place + size))
+                    at += 1
+            for q in call.query_tokens:
+                q_slot = slots[q]
+                if not q_slot.size:
+                    continue
+                span = (q_slot.offset, q_slot.offset + q_slot.size)
+                for k_offset, k_first, k_last in groups:
+                    row = bands.get(id(mods))
+                    if row is None:
+                        row = _band_row(pair_band(mods, k_offset - q_slot.offset))
+                        if not mods.across:
+                            bands[id(mods)] = row
+                    for column, value in zip(banded, (*span, k_first, k_last, *row)):
+                        column.append(value)
+    return AllowedRects(plain, banded)  # type: ignore[arg-type]
+
+
+def _overlap(start: int, stop: int, index: int, block: int) -> tuple[int, int]:
+    """Positions ``[lo, hi]`` (from ``start``) of ``[start, stop)`` inside block ``index``."""
+    return max(index * block, start) - start, min(index * block + block, stop) - 1 - start
+
+
+def classify(rects: AllowedRects, block: int, n_cols: int) -> dict[int, bool]:
+    """The block rule of :class:`AllowedRects`, one block at a time: every
+    non-empty block (``row * n_cols + col``) and whether it is full."""
+    full_area: dict[int, int] = {}
+    nonempty: set[int] = set()
+    rows = [(*r, None) for r in zip(*rects.plain)] + [(*r[:4], Band(*r[4:])) for r in zip(*rects.banded)]
+    for q_start, q_stop, k_start, k_stop, band in rows:
+        for row in range(q_start // block, (q_stop - 1) // block + 1):
+            qlo, qhi = _overlap(q_start, q_stop, row, block)
+            for col in range(k_start // block, (k_stop - 1) // block + 1):
+                klo, khi = _overlap(k_start, k_stop, col, block)
+                some, whole = (True, True) if band is None else band.cell_class(qlo, qhi, klo, khi)
+                at = row * n_cols + col
+                if some:
+                    nonempty.add(at)
+                if whole:
+                    full_area[at] = full_area.get(at, 0) + (qhi - qlo + 1) * (khi - klo + 1)
+    return {at: full_area.get(at, 0) == block * block for at in sorted(nonempty)}
+
+
+@dataclass(frozen=True)
+class PairRuns:
+    """The allowed (query group, key group) pairs as runs: query group
+    ``query[r]`` reads the key groups ``[key_start[r], key_stop[r])``
+    (indices into ``all_groups``) under one band. Runs of one query group
+    follow each other, by key group. A run may hold groups with no tokens
+    (those between the groups of a merged key segment): they pair no
+    tokens. Linear in the groups and the runs, never in group pairs."""
+
+    query: list[int]
+    key_start: list[int]
+    key_stop: list[int]
+    low: list[int]
+    high: list[int]
+    dilation: list[int]
+    residue: list[int]
+    """The band of each run (:func:`~patternc.modifiers.pair_band`; an open
+    side :data:`~patternc.modifiers.UNBOUNDED` away)."""
+    test: list[int]
+    """Index into ``tests`` of each run's modifier list, -1: none."""
+    tests: tuple[BandTest, ...]
+    """The layout's distinct modifier lists (of runs with modifiers), in the order first met."""
+
+    @property
+    def count(self) -> int:
+        return len(self.query)
+
+    def same_group(self, layout: Layout) -> bool:
+        """Whether every query group with tokens reads itself alone, without modifiers."""
+        if any(t >= 0 for t in self.test):
+            return False
+        runs = zip(self.query, self.key_start, self.key_stop)
+        if any(stop - start != 1 or start != q for q, start, stop in runs):
+            return False
+        reading = set(self.query)
+        return all(g in reading for g, size in zip(layout.group_ids, layout.input_sizes) if size)
+
+
+def pair_runs(layout: Layout) -> PairRuns:
+    """The layout's :class:`PairRuns`, from its calls: each key segment is a
+    run of the groups between its first and last group (modifiers that
+    count positions in the input, ``across``, are one run per group: their
+    band moves with the groups' offsets)."""
+    index = {g: i for i, g in enumerate(layout.all_groups)}
+    first_at: dict[int, int] = {}
+    last_at: dict[int, int] = {}
+    for slot in layout.slots:
+        if slot.size:
+            first_at.setdefault(slot.offset, index[slot.name])
+            last_at[slot.offset + slot.size] = index[slot.name]
+    offsets = {index[s.name]: s.offset for s in layout.slots}
+    tests: list[BandTest] = []
+    test_of: dict[int, int] = {}  # id(modifiers) -> index into tests
+    by_test: dict[BandTest, int] = {}
+    columns: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    query, key_start, key_stop, low, high, dilation, residue, test = columns
+
+    def test_index(mods: Modifiers) -> int:
+        at = test_of.get(id(mods))
+        if at is None:
+            test = (*mods.band(), mods.across)
+            at = test_of[id(mods)] = by_test.setdefault(test, len(by_test))
+            if at == len(tests):
+                tests.append(test)
+        return at
+
+    described: dict[int, tuple[int, int, int, int, int]] = {}  # id(modifiers) -> test, band row
+
+    def describe(mods: Modifiers, shift: int = 0) -> tuple[int, int, int, int, int]:
+        """Test index and band row of a modifier list (``shift``: under ``across``)."""
+        if mods.across:
+            return (test_index(mods), *_band_row(pair_band(mods, shift)))
+        found = described.get(id(mods))
+        if found is None:
+            found = described[id(mods)] = (test_index(mods) if mods else -1, *_band_row(pair_band(mods)))
+        return found
+
+    for call in layout.calls:
+        runs: list[tuple[int, int, Modifiers]] = []
+        for segment in call.keys:
+            if segment.cached is not None:
+                g = index[segment.cached]
+                runs.append((g, g + 1, segment.modifiers))
+            elif segment.length:
+                runs.append((first_at[segment.start], last_at[segment.stop] + 1, segment.modifiers))
+        if len(runs) > 1:
+            runs.sort(key=lambda run: run[0])
+        across = any(mods.across for _, _, mods in runs)
+        for q in call.query_tokens:
+            gq = index[q]
+            if across:  # one run per key group under `across`: offsets shift each band
+                mine: list[tuple[int, int, tuple[int, int, int, int, int]]] = []
+                for start, stop, mods in runs:
+                    if mods.across:
+                        mine.extend(
+                            (k, k + 1, describe(mods, offsets[k] - offsets[gq])) for k in range(start, stop)
+                        )
+                    else:
+                        mine.append((start, stop, describe(mods)))
+            else:
+                mine = [(start, stop, describe(mods)) for start, stop, mods in runs]
+            for start, stop, (test_at, *band) in mine:
+                query.append(gq)
+                key_start.append(start)
+                key_stop.append(stop)
+                low.append(band[0])
+                high.append(band[1])
+                dilation.append(band[2])
+                residue.append(band[3])
+                test.append(test_at)
+    # runs of one query group together (a group is the query of one call)
+    if any(a > b for a, b in itertools.pairwise(query)):
+        order = sorted(range(len(query)), key=query.__getitem__)
+        query, key_start, key_stop, low, high, dilation, residue, test = (
+            [c[i] for i in order] for c in columns
+        )
+    return PairRuns(query, key_start, key_stop, low, high, dilation, residue, test, tuple(tests))
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -139,53 +443,52 @@ def _merge(classes: Iterable[int]) -> int:
     return EMPTY if seen == {EMPTY} else PARTIAL
 
 
+def _block_groups(layout: Layout, n_blocks: int, block: int) -> list[list[str | None]]:
+    """For each block, the input groups in it (None for padding)."""
+    segments = [(s.name, s.offset, s.offset + s.size) for s in layout.slots if s.size]
+    out: list[list[str | None]] = []
+    index = 0
+    total = layout.n_tokens
+    for b in range(n_blocks):
+        lo, hi = b * block, (b + 1) * block - 1
+        while index < len(segments) and segments[index][2] <= lo:
+            index += 1
+        parts: list[str | None] = []
+        i = index
+        while i < len(segments) and segments[i][1] <= hi:
+            parts.append(segments[i][0])
+            i += 1
+        if hi >= total:
+            parts.append(None)
+        out.append(parts)
+    return out
+
+
 def block_classes(layout: Layout, block: int = BLOCK_SIZE) -> BlockClasses:
-    """Classify every block of a layout; lengths are padded to whole blocks.
-    A group read from a KV cache (its length known at run time only) is one
-    column of :attr:`BlockClasses.cached_keys`, apart from the blocks."""
-    segments = _segments(layout)
-    n_tokens = layout.n_tokens
-    n_blocks = max(1, math.ceil(n_tokens / block))
-    per_block = _block_groups(segments, n_blocks, block)
-    index = {g: i for i, g in enumerate(layout.all_groups)}
-    keys = {
-        q: {k.name: k.modifiers for k in call.attention.keys}
-        for call in layout.calls
-        for q in call.query_tokens
-    }
-    bands: dict[tuple[str, str], Band] = {}
-
-    def band_of(q: str, k: str) -> Band:
-        if (q, k) not in bands:
-            bands[q, k] = layout.pair_band(index[q], index[k])
-        return bands[q, k]
-
-    classes = []
-    for q_parts in per_block:
-        row = []
-        for k_parts in per_block:
-            nonempty, full = False, True
-            for q_group, qlo, qhi in q_parts:
-                allowed = keys.get(q_group, {}) if q_group else {}
-                for k_group, klo, khi in k_parts:
-                    mods = allowed.get(k_group) if k_group else None
-                    if mods is None:
-                        cls = EMPTY
-                    elif not mods:
-                        cls = FULL
-                    else:
-                        assert q_group is not None and k_group is not None
-                        cls = _pair_class(band_of(q_group, k_group), qlo, qhi, klo, khi)
-                    nonempty |= cls != EMPTY
-                    full &= cls == FULL
-            row.append(EMPTY if not nonempty else (FULL if full else PARTIAL))
-        classes.append(tuple(row))
-    starts = tuple((name, start // block) for name, start, _ in segments)
+    """Classify every block of a layout (the rule of :class:`AllowedRects`);
+    lengths are padded to whole blocks. A group read from a KV cache (its
+    length known at run time only) is one column of
+    :attr:`BlockClasses.cached_keys`, apart from the blocks."""
+    n_blocks = max(1, math.ceil(layout.n_tokens / block))
+    found = classify(allowed_rects(layout), block, n_blocks)
+    classes = [[EMPTY] * n_blocks for _ in range(n_blocks)]
+    for at, whole in found.items():
+        classes[at // n_blocks][at % n_blocks] = FULL if whole else PARTIAL
+    starts = tuple((s.name, s.offset // block) for s in layout.slots if s.size)
     cached = []
-    for group in layout.cached_groups:
-        per_row = []
-        for q_parts in per_block:
-            modifiers = [keys.get(q, {}).get(group) if q else None for q, _, _ in q_parts]
-            per_row.append(_merge(EMPTY if m is None else (PARTIAL if m else FULL) for m in modifiers))
-        cached.append((group, tuple(per_row)))
-    return BlockClasses(tuple(classes), block, starts, tuple(cached))
+    if layout.cached_groups:
+        # which cached groups each query group reads, and whether under modifiers
+        reads: dict[str, dict[str, int]] = {}
+        for call in layout.calls:
+            for segment in call.keys:
+                if segment.cached is not None:
+                    for q in call.query_tokens:
+                        reads.setdefault(q, {})[segment.cached] = PARTIAL if segment.modifiers else FULL
+        per_block = _block_groups(layout, n_blocks, block)
+        for group in layout.cached_groups:
+            per_row = tuple(
+                _merge(EMPTY if q is None else reads.get(q, {}).get(group, EMPTY) for q in parts)
+                for parts in per_block
+            )
+            cached.append((group, per_row))
+    return BlockClasses(tuple(tuple(row) for row in classes), block, starts, tuple(cached))

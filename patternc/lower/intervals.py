@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from patternc.lower.blocks import PairRuns
 from patternc.modifiers import Modifiers
 
-__all__ = ["MAX_RUNS", "NO_BOUND", "Run", "query_runs"]
+__all__ = ["MAX_RUNS", "NO_BOUND", "Run", "query_runs", "query_runs_of_runs"]
 
 MAX_RUNS = 2
 """Intervals per query: each costs the kernel two comparisons per score."""
@@ -61,9 +63,9 @@ class Run:
     floor: int
 
 
-@dataclass(frozen=True)
-class _Read:
-    """One key segment a query group reads, with the pair's band."""
+class _Read(NamedTuple):
+    """One key segment a query group reads, with the pair's band (a tuple:
+    a layout of many documents makes one per document)."""
 
     start: int
     size: int
@@ -86,11 +88,9 @@ def query_runs(
     Returns:
         Per query segment, its runs in key order (empty: it reads nothing).
     """
-    key_of: dict[int, tuple[int, int]] = {}
-    for group, start, stop in keys:
-        if group in key_of:
-            return None
-        key_of[group] = (start, stop - start)
+    key_of = _key_places(keys)
+    if key_of is None:
+        return None
     reads: dict[int, list[_Read]] = {}
     for (q, k), mods in pairs.items():
         place = key_of.get(k)
@@ -102,13 +102,63 @@ def query_runs(
         reads.setdefault(q, []).append(
             _Read(place[0], place[1], -NO_BOUND if low is None else low, NO_BOUND if high is None else high)
         )
+    return _query_runs(queries, reads)
+
+
+def query_runs_of_runs(
+    queries: Sequence[Segment], keys: Sequence[Segment], runs: PairRuns
+) -> list[list[Run]] | None:
+    """:func:`query_runs` from the allowed pairs as runs of key groups
+    (:class:`~patternc.lower.blocks.PairRuns`): a run without modifiers is
+    one read of its groups' tokens however many groups it holds (they are
+    adjacent: it is one key segment of a call), so a block-causal family of
+    ``M`` members costs ``M`` steps here, not its ``M(M+1)/2`` pairs."""
+    key_of = _key_places(keys)
+    if key_of is None:
+        return None
+    refused = [across or dilation > 1 for _, _, dilation, across in runs.tests]
+    reads: dict[int, list[_Read]] = {}
+    for q, first, stop, low, high, test in zip(
+        runs.query, runs.key_start, runs.key_stop, runs.low, runs.high, runs.test
+    ):
+        band = (max(low, -NO_BOUND), min(high, NO_BOUND))
+        head, tail = key_of.get(first), key_of.get(stop - 1)
+        if test < 0 and head is not None and tail is not None:
+            reads.setdefault(q, []).append(_Read(head[0], tail[0] + tail[1] - head[0], *band))
+            continue
+        for k in range(first, stop):
+            place = key_of.get(k)
+            if place is None:
+                continue  # an empty key group
+            if test >= 0 and refused[test]:  # positions across groups, or dilated
+                return None
+            reads.setdefault(q, []).append(_Read(place[0], place[1], *band))
+    return _query_runs(queries, reads)
+
+
+def _key_places(keys: Sequence[Segment]) -> dict[int, tuple[int, int]] | None:
+    """``(start, size)`` of each key group's one segment (None: a group in two places)."""
+    key_of: dict[int, tuple[int, int]] = {}
+    for group, start, stop in keys:
+        if group in key_of:
+            return None
+        key_of[group] = (start, stop - start)
+    return key_of
+
+
+def _query_runs(queries: Sequence[Segment], reads: Mapping[int, list[_Read]]) -> list[list[Run]] | None:
     out = []
     for group, start, stop in queries:
-        runs = _runs(sorted(reads.get(group, ()), key=lambda r: r.start), stop - start)
+        mine = reads.get(group, [])
+        runs = _runs(sorted(mine, key=_start) if len(mine) > 1 else mine, stop - start)
         if runs is None or len(runs) > MAX_RUNS:
             return None
         out.append(runs)
     return out
+
+
+def _start(read: _Read) -> int:
+    return read.start
 
 
 def _runs(reads: list[_Read], n_queries: int) -> list[Run] | None:

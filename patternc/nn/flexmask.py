@@ -2,15 +2,15 @@
 
 ``create_block_mask`` finds empty, partial and full blocks by evaluating the
 mask per element: un-compiled it materialises an ``[n, n]`` tensor, compiled it
-costs milliseconds per layout. Here the block classes follow from the group
-intervals alone: for each ``(query block, key block)`` the few groups that
-overlap each block are paired, and a pair is *full* (every token pair allowed)
-or *empty* (none allowed) by interval arithmetic on the tokens' positions in
-their groups; a block is full when all its pairs are, empty when all are.
+costs milliseconds per layout. Here the block classes follow from the
+layout's allowed rectangles (:func:`patternc.lower.blocks.allowed_rects`):
+the rule of :mod:`patternc.lower.blocks` (which ``patternc compile --mask``
+runs one block at a time) run as tensor operations on the device.
 
 The ``mask_mod`` tests a token pair's groups as a bit of the query group's
-words (:class:`PairSets`), read through per-token group ids, so no ``[n, n]``
-tensor exists anywhere and no score reads a two-dimensional table.
+words (:class:`PairSets`), or looks up the query group's runs of key groups
+(:class:`GroupTables`), read through per-token group ids, so no ``[n, n]``
+tensor exists anywhere and no table grows with the groups squared.
 
 >>> import patternc
 >>> from patternc.nn.schedule import schedule_for
@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from patternc.lower.blocks import BLOCK_SIZE
-from patternc.lower.intervals import query_runs
+from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
+from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
+from patternc.modifiers import UNBOUNDED
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import TABLES
 from patternc.tracing import compiling as _compiling
@@ -62,37 +63,9 @@ def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
     return blocks * block
 
 
-def group_segments(
-    layout: Layout, cache_lengths: Mapping[str, int], compact: bool = False
-) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-    """``(group, start, stop)`` of the query tokens (the input) and of the key
-    tokens (the input, then each cached group), skipping empty groups.
-    ``compact``: the input's keys are those of the layout's key space, at
-    their places there (K/V given for the key space only)."""
-    queries = []
-    start = 0
-    for gid, size in zip(layout.group_ids, layout.input_sizes):
-        if size:
-            queries.append((gid, start, start + size))
-        start += size
-    if compact:
-        space = layout.key_space
-        keys = [
-            (gid, space.position(a), space.position(a) + b - a) for gid, a, b in queries if space.holds(a, b)
-        ]
-        start = space.size
-    else:
-        keys = list(queries)
-    for name in layout.cached_groups:
-        length = cache_lengths[name]
-        if length:
-            keys.append((layout.all_groups.index(name), start, start + length))
-        start += length
-    return queries, keys
-
-
 def _intervals(
     layout: Layout,
+    pairs: PairRuns,
     queries: list[tuple[int, int, int]],
     keys: list[tuple[int, int, int]],
     q_len: int,
@@ -103,7 +76,7 @@ def _intervals(
     the input's tokens and the layout's masks are intervals of them."""
     if compact or layout.cached_groups:
         return None
-    runs = query_runs(queries, keys, layout.pairs)
+    runs = query_runs_of_runs(queries, keys, pairs)
     if runs is None:
         return None
     return interval_tables(runs, [stop - start for _, start, stop in queries], q_len, device)
@@ -227,137 +200,157 @@ def _with_padding(
 def _same_offsets(
     queries: list[tuple[int, int, int]],
     keys: list[tuple[int, int, int]],
-    modified: frozenset[tuple[int, int]],
+    modified: Sequence[Sequence[int]],
 ) -> bool:
     """Whether each modified pair's query group and key group start at the
     same token index (see :attr:`FlexTables.same_offsets`); pairs with an
-    empty side hold no scores."""
+    empty side hold no scores. ``modified``: ``(query group, first key
+    group, key group stop)`` runs of pairs with modifiers (two key groups
+    with tokens in one run start at different indices: one of them differs,
+    so the scan ends there)."""
     q_start = {gid: start for gid, start, _ in queries}
     k_start: dict[int, int] = {}
     for gid, start, _ in keys:
         if gid in k_start:  # a group's keys in two places: positions are not token offsets
             return False
         k_start[gid] = start
-    return all(q_start[q] == k_start[k] for q, k in modified if q in q_start and k in k_start)
+    for q, first, stop in modified:
+        if q not in q_start:
+            continue
+        for k in range(first, stop):
+            if k in k_start and k_start[k] != q_start[q]:
+                return False
+    return True
 
 
-def _overlaps_per_block(segments: list[tuple[int, int, int]], n_blocks: int, block: int) -> list[int]:
-    """How many segments (padding included) overlap each block."""
-    diff = [0] * (n_blocks + 1)
-    for _, start, stop in segments:
-        diff[start // block] += 1
-        diff[(stop - 1) // block + 1] -= 1
-    return list(itertools.accumulate(diff[:n_blocks]))
+DENSE_CELLS_PER_BLOCK = 16
+"""Block classes are reduced into a dense ``[rows, cols]`` grid (no sort,
+no host sync) when it has at most this many cells per (rectangle, block)
+incidence, else by sorting the incidences; the tables then hold the
+non-empty blocks only. Either way they stay linear in the non-empty blocks."""
 
 
-def _modified_pair_blocks(p: Tensor, block: int, n_cols: int) -> Tensor:
-    """Blocks of the (query segment, key segment) pairs that carry modifiers,
-    classified one by one on each pair's block rectangle (one padded batch):
-    ``[3, n]`` rows (flat block index, non-empty, full), from interval
-    arithmetic on positions within the groups: a block's differences
-    ``j - i`` are the integers of ``[klo - qhi, khi - qlo]``, so its class
-    under a band is exact (see :meth:`patternc.modifiers.Band.cell_class`)."""
-    # p: [P, 8] int64, columns q_start, q_stop, k_start, k_stop, low, high, dilation, residue
-    device = p.device
-    q_start, q_stop, k_start, k_stop = (p[:, i, None] for i in range(4))
-    r0, r1 = q_start // block, (q_stop - 1) // block
-    c0, c1 = k_start // block, (k_stop - 1) // block
-    rows = r0 + torch.arange(int((r1 - r0).max()) + 1, device=device)  # [P, R]
-    cols = c0 + torch.arange(int((c1 - c0).max()) + 1, device=device)  # [P, C]
-    qlo = (torch.maximum(rows * block, q_start) - q_start)[:, :, None]
-    qhi = (torch.minimum(rows * block + block - 1, q_stop - 1) - q_start)[:, :, None]
-    klo = (torch.maximum(cols * block, k_start) - k_start)[:, None, :]
-    khi = (torch.minimum(cols * block + block - 1, k_stop - 1) - k_start)[:, None, :]
-    low, high, dilation, residue = (p[:, i, None, None] for i in range(4, 8))
+def _classify(
+    plain: Tensor, banded: Tensor, counts: tuple[int, int], block: int, shape: tuple[int, int], dense: bool
+) -> tuple[Tensor, Tensor]:
+    """The block rule of :class:`~patternc.lower.blocks.AllowedRects` as
+    tensor operations (:func:`patternc.lower.blocks.classify` is the same
+    rule one block at a time): a block is non-empty where some rectangle
+    allows a pair in it, full where the areas of the rectangles full on it
+    add up to the block's.
+
+    ``plain``: ``[4, P]`` int64 rows ``q_start, q_stop, k_start, k_stop``;
+    ``banded``: ``[8, Q]``, the same then ``low, high, dilation, residue``;
+    ``counts``: their (rectangle, block) incidences, counted on the host so
+    no shape depends on device data. Returns ``(partial, full)``: dense
+    ``[rows, cols]`` bool (``dense``), else the flat indices
+    (``row * cols + col``) of the partial and of the full blocks, ascending.
+    Dense, the plain rectangles' areas go into a 2-D difference array (a few
+    corners per rectangle, however many blocks it covers); else every
+    incidence is listed and the blocks are found by sorting."""
+    n_rows, n_cols = shape
+    whole = block * block
+    if dense:
+        width = n_cols + 1  # the grid of the difference array: one more row and column
+        covered = _plain_areas(plain, block, shape)
+        seen = covered > 0
+        if banded.shape[1]:
+            flat, nonempty, area = _incidences(banded, counts[1], block, width)
+            # scatter_add: one atomic kernel where index_put_ would sort the indices
+            touched = torch.zeros(covered.shape, dtype=torch.int32, device=covered.device)
+            seen = seen | (touched.scatter_add_(0, flat, nonempty.to(torch.int32)) > 0)
+            covered = covered.scatter_add_(0, flat, area)
+        # compared on the blocks' grid: the results are contiguous [rows, cols]
+        blocks = (slice(0, n_rows), slice(0, n_cols))
+        is_full = covered.view(n_rows + 1, width)[blocks] == whole
+        return seen.view(n_rows + 1, width)[blocks] & ~is_full, is_full
+    open_band = torch.tensor([-UNBOUNDED, UNBOUNDED, 1, 0], dtype=torch.int64, device=plain.device)
+    everything = torch.cat([torch.cat([plain, open_band[:, None].expand(4, plain.shape[1])]), banded], dim=1)
+    flat, nonempty, area = _incidences(everything, counts[0] + counts[1], block, n_cols)
+    cells, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    seen = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
+    seen.scatter_add_(0, inverse, nonempty.to(torch.int64))
+    covered = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
+    covered.scatter_add_(0, inverse, area)
+    is_full = covered == whole
+    return cells[(seen > 0) & ~is_full], cells[is_full]
+
+
+def _plain_areas(plain: Tensor, block: int, shape: tuple[int, int]) -> Tensor:
+    """``[(rows + 1) * (cols + 1)]`` int64: the area of each block that the
+    rectangles (which do not overlap) cover, on a grid one row and one
+    column larger than the blocks' (the difference array's; the last row
+    and column hold nothing of use). A rectangle's overlap with row ``r`` is
+    ``block`` on its rows, less what its first and last rows miss: three
+    weighted intervals of rows, times three of columns, are nine weighted
+    block rectangles, each four corners of a 2-D difference array."""
+    n_rows, n_cols = shape
+    width = n_cols + 1
+    device = plain.device
+    q_start, q_stop, k_start, k_stop = plain
+
+    def terms(start: Tensor, stop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        first, last = start // block, (stop - 1) // block
+        weight = torch.stack(
+            [torch.full_like(start, block), first * block - start, stop - (last + 1) * block]
+        )
+        return weight, torch.stack([first, first, last]), torch.stack([last + 1, first + 1, last + 1])
+
+    (row_weight, top, bottom), (col_weight, left, right) = terms(q_start, q_stop), terms(k_start, k_stop)
+    weight = row_weight[:, None] * col_weight[None, :]  # [3, 3, P]
+    top, bottom = top[:, None] * width, bottom[:, None] * width
+    left, right = left[None, :], right[None, :]
+    corners = torch.stack([top + left, top + right, bottom + left, bottom + right])
+    signs = torch.stack([weight, -weight, -weight, weight])
+    diff = torch.zeros((n_rows + 1) * width, dtype=torch.int64, device=device)
+    diff.scatter_add_(0, corners.flatten(), signs.flatten())
+    grid = diff.view(n_rows + 1, width).cumsum(1)
+    if device.type == "cuda":
+        # the outer-dim scan as an inner-dim one between transposes: a GPU
+        # scan along the outer dim runs one thread per column (several times slower)
+        return grid.t().contiguous().cumsum(1).t().contiguous().view(-1)
+    return grid.cumsum(0).view(-1)
+
+
+def _incidences(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each (rectangle, block) of ``[8, P]`` banded rectangles (see
+    :func:`_classify`; ``count`` of them): its flat block index, whether the
+    band allows a pair there, and the area it covers where it allows every
+    pair (else 0), by interval arithmetic on positions within the
+    rectangle: a block's differences ``j - i`` are the integers of
+    ``[klo - qhi, khi - qlo]`` (see :meth:`patternc.modifiers.Band.cell_class`)."""
+    device = rects.device
+    q_start, q_stop, k_start, k_stop, low, high, dilation, residue = rects
+    r0, c0 = q_start // block, k_start // block
+    cols_of = (k_stop - 1) // block - c0 + 1
+    per_rect = ((q_stop - 1) // block - r0 + 1) * cols_of
+    owner = torch.repeat_interleave(torch.arange(rects.shape[1], device=device), per_rect, output_size=count)
+    local = torch.arange(count, device=device) - (torch.cumsum(per_rect, 0) - per_rect)[owner]
+    width = cols_of[owner]
+    row = r0[owner] + local // width
+    col = c0[owner] + local % width
+    qs, ks = q_start[owner], k_start[owner]
+    qlo = torch.maximum(row * block, qs) - qs
+    qhi = torch.minimum(row * block + block, q_stop[owner]) - 1 - qs
+    klo = torch.maximum(col * block, ks) - ks
+    khi = torch.minimum(col * block + block, k_stop[owner]) - 1 - ks
+    low, high, dilation, residue = low[owner], high[owner], dilation[owner], residue[owner]
     lo, hi = klo - qhi, khi - qlo  # the differences j - i the block holds
     a, b = torch.maximum(lo, low), torch.minimum(hi, high)
     # a multiple of the dilation (shifted by the residue) within [a, b]
     nonempty = (a <= b) & ((b - residue) // dilation > (a - 1 - residue) // dilation)
     one_diagonal = (lo == hi) & ((lo - residue) % dilation == 0)
     full = (lo >= low) & (hi <= high) & ((dilation == 1) | one_diagonal)
-    inside = (rows <= r1)[:, :, None] & (cols <= c1)[:, None, :]
-    flat = rows[:, :, None] * n_cols + cols[:, None, :]
-    return torch.stack(
-        [
-            flat[inside],
-            nonempty[inside].to(torch.int64),
-            full[inside].to(torch.int64),
-        ]
-    )
+    area = torch.where(full, (qhi - qlo + 1) * (khi - klo + 1), 0)
+    return row * n_cols + col, nonempty, area
 
 
-SegmentPairs = tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor | None]
-"""``(q_start, q_stop, k_start, k_stop)`` columns of (query segment, key
-segment) pairs, each column's weight in the block counts (1: a pair without
-modifiers; 0: one with modifiers, or a group with no segment here), and the
-``[P, 8]`` rows :func:`_modified_pair_blocks` reads for the pairs with
-modifiers (None: there are none)."""
-
-
-def _segment_pairs(
-    groups: GroupTables,
-    q_ids: Tensor,
-    q_sizes: Tensor,
-    q_starts: Tensor,
-    k_ids: Tensor,
-    k_sizes: Tensor,
-    k_starts: Tensor,
-    n_groups: int,
-) -> SegmentPairs:
-    """The (query segment, key segment) pairs a rule allows, on the device:
-    each allowed group pair joined to its groups' segments, where each
-    group has at most one query segment and one key segment (the caller
-    checks). The join is a gather per side, and a pair with a side missing
-    here weighs 0: no shape depends on the data, so on a GPU the host never
-    waits for the device (but for the rows with modifiers)."""
-    device = q_ids.device
-    size = n_groups + 1
-    q_gid, k_gid, has_mods, low, high, dilation, residue = groups.pairs
-    q_of = torch.full((size,), -1, dtype=torch.int64, device=device)
-    q_of[q_ids] = torch.arange(q_ids.numel(), device=device)
-    q_seg = q_of[q_gid]
-    k_of = torch.full((size,), -1, dtype=torch.int64, device=device)
-    k_of[k_ids] = torch.arange(k_ids.numel(), device=device)
-    k_seg = k_of[k_gid]
-    found = (q_seg >= 0) & (k_seg >= 0)
-    q_seg, k_seg = q_seg.clamp_min(0), k_seg.clamp_min(0)
-    q_start = q_starts[q_seg]
-    k_start = k_starts[k_seg]
-    columns = (q_start, q_start + q_sizes[q_seg], k_start, k_start + k_sizes[k_seg])
-    plain = found & (has_mods == 0)
-    if not groups.modified:
-        return columns, plain.to(torch.int64), None
-    rows = torch.stack([*columns, low, high, dilation, residue], dim=1)[found & (has_mods != 0)]
-    return columns, plain.to(torch.int64), (rows if rows.shape[0] else None)
-
-
-def _segment_pairs_listed(
-    layout: Layout,
-    queries: list[tuple[int, int, int]],
-    keys: list[tuple[int, int, int]],
-    device: torch.device,
-) -> SegmentPairs:
-    """:func:`_segment_pairs` from the host's lists, one step per pair (what
-    ``torch.compile`` traces: its results are constants of the graph)."""
-    q_segment = {gid: (start, stop) for gid, start, stop in queries}
-    k_segments: dict[int, list[tuple[int, int]]] = {}
-    for gid, start, stop in keys:
-        k_segments.setdefault(gid, []).append((start, stop))
-    q_col, k_col, *bands = layout.pair_columns()
-    plain: list[tuple[int, int, int, int]] = []
-    modified: list[tuple[int, ...]] = []
-    for at, (q, k, mods) in enumerate(zip(q_col, k_col, layout.pairs.values())):
-        if q not in q_segment:
-            continue
-        for k_start, k_stop in k_segments.get(k, ()):
-            if mods:
-                modified.append((*q_segment[q], k_start, k_stop, *(b[at] for b in bands)))
-            else:
-                plain.append((*q_segment[q], k_start, k_stop))
-    rects = torch.tensor(plain, dtype=torch.int64, device=device).view(-1, 4)
-    rows = torch.tensor(modified, dtype=torch.int64, device=device) if modified else None
-    weight = torch.ones(rects.shape[0], dtype=torch.int64, device=device)
-    return (rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3]), weight, rows
+def _dense_cells(cells: Tensor, shape: tuple[int, int]) -> Tensor:
+    """``[rows, cols]`` bool from the flat indices of the true cells (or the grid as it is)."""
+    if cells.dim() == 2:
+        return cells
+    out = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=cells.device)
+    return out.index_fill_(0, cells, True).view(shape)
 
 
 WORD_BITS = 64
@@ -365,13 +358,7 @@ WORD_BITS = 64
 
 MAX_WORDS = 8
 """The most words per query token the ``mask_mod`` tests (512 groups):
-past that it reads the ``[groups, groups]`` tables."""
-
-
-BandTest = tuple[int | None, int | None, int, bool]
-"""``(low, high, dilation, across)`` of a modifier list (:meth:`Modifiers.band
-<patternc.modifiers.Modifiers.band>` and whether positions count in the
-input): what the ``mask_mod`` tests on the pairs that share it."""
+past that it reads the run tables (:class:`GroupTables`)."""
 
 
 @dataclass(frozen=True)
@@ -397,29 +384,37 @@ class PairSets:
 
 @dataclass(frozen=True)
 class GroupTables:
-    """Device tables of a layout's group pairs (see :func:`_build_group_tables`)."""
+    """Device tables of a layout's group pairs, from its
+    :class:`~patternc.lower.blocks.PairRuns` (see
+    :func:`_build_group_tables`): linear in the groups and the runs."""
 
-    allowed: Tensor
-    """``[G + 1, G + 1]`` bool: group ``q`` reads group ``k`` (the last row
-    and column: padding, allowed nowhere)."""
-    band: tuple[Tensor, Tensor, Tensor, Tensor]
-    """``[G + 1, G + 1]`` ``low``, ``high``, ``dilation`` and ``residue`` of each pair."""
-    pairs: Tensor
-    """``[7, P]``: every allowed pair as a column: query group, key group,
-    whether it carries modifiers, then its band's four numbers. Block
-    classes are computed from it as tensor operations, with no host work
-    per pair (a block-causal family of M members has M(M+1)/2 pairs)."""
-    modified: frozenset[tuple[int, int]]
-    """The pairs that carry modifiers."""
+    runs: Tensor
+    """``[3, R]`` int64: each run's query group, first key group and key
+    group stop (the value guard reads them)."""
+    row_start: Tensor
+    """``[G + 2]`` int32: the runs of query group ``g`` are
+    ``[row_start[g], row_start[g + 1])`` (group ``G``: the padding, none)."""
+    run_keys: Tensor
+    """``[2, R + pad]`` int32: first key group and key group stop per run,
+    then empty runs (a search step past a row's last run reads one)."""
+    run_bands: Tensor
+    """``[4, R + pad]`` int64: ``low``, ``high``, ``dilation`` and
+    ``residue`` of each run's band (positions within groups)."""
+    max_runs: int
+    """The most runs one query group has (how many search steps a lookup takes)."""
+    modified: Tensor
+    """``[3, M]`` int64, on the host: query group, first key group and key
+    group stop of the runs with modifiers."""
     sets: PairSets | None
     """What the ``mask_mod`` tests (:class:`PairSets`)."""
     tests: tuple[BandTest, ...] = ()
     """The layout's distinct modifier lists (those of pairs with modifiers)."""
 
 
-def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
-    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES` per (layout, device)."""
-    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, device))
+def _group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
+    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES`
+    per (layout, device); ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`."""
+    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, runs, device))
 
 
 def _signed(bits: int) -> int:
@@ -436,93 +431,80 @@ def _int64(values: list[int]) -> Tensor:
     return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
-def _pair_sets(
-    layout: Layout, q_col: list[int], k_col: list[int], tests: Sequence[BandTest], test_of: list[int]
-) -> PairSets | None:
+def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool) -> PairSets | None:
     """The layout's allowed and modified pairs as :class:`PairSets`, or None
     where a set to test needs more than :data:`MAX_WORDS` words (then the
-    ``mask_mod`` reads the tables). ``q_col``, ``k_col``: the allowed pairs;
-    ``tests``: the layout's modifier lists; ``test_of``: each pair's index
-    into them (-1: no modifiers). Host lists in, CPU tensors out (the caller
-    moves them): under ``torch.compile`` every value here is a constant."""
-    n_groups = len(layout.all_groups)
+    ``mask_mod`` reads the run tables). CPU tensors out (the caller moves
+    them): under ``torch.compile`` every value here is a constant."""
     size = n_groups + 1  # with the padding group, in no set
     n_words = -(-size // WORD_BITS)
-    n_pairs = len(q_col)
-    # the pairs are distinct: n of them, each a group with itself, are all groups
-    same_group = n_pairs == n_groups and all(q == k for q, k in zip(q_col, k_col))
-    members: list[list[int]] = [[] for _ in tests]
-    for at, test in enumerate(test_of):
+    n_runs = runs.count
+    members: list[list[int]] = [[] for _ in runs.tests]
+    for at, test in enumerate(runs.test):
         if test >= 0:
             members[test].append(at)
-    # a set needs no test where it holds every allowed pair
-    tested = [len(m) != n_pairs for m in members] + ([] if same_group else [n_pairs > 0])
+    # a set needs no test where it holds every allowed pair (every run)
+    tested = [len(m) != n_runs for m in members] + ([] if same_group else [n_runs > 0])
     if any(tested) and n_words > MAX_WORDS:
         return None
     # bit j of a word is 1 << j as an int64: a sum of distinct bits is their OR
     weights = torch.tensor([_signed(1 << j) for j in range(WORD_BITS)], dtype=torch.int64)
-    q_ids = _int64(q_col)
-    k_ids = _int64(k_col)
+    q_ids, k_starts, k_stops = _int64(runs.query), _int64(runs.key_start), _int64(runs.key_stop)
 
     def words(chosen: list[int] | None) -> Tensor:
         """``[n_words, size]``: each query group's bits of the key groups of
-        the chosen pairs (None: all of them)."""
-        bits = torch.zeros(size, n_words * WORD_BITS, dtype=torch.int64)
-        if chosen is None:
-            bits[q_ids, k_ids] = 1
-        else:
+        the chosen runs (None: all of them), from a difference array per query group."""
+        q, lo, hi = q_ids, k_starts, k_stops
+        if chosen is not None:
             index = torch.tensor(chosen, dtype=torch.int64)
-            bits[q_ids[index], k_ids[index]] = 1
+            q, lo, hi = q[index], lo[index], hi[index]
+        diff = torch.zeros(size, n_words * WORD_BITS + 1, dtype=torch.int64)
+        ones = torch.ones_like(q)
+        diff.index_put_((q, lo), ones, accumulate=True)
+        diff.index_put_((q, hi), -ones, accumulate=True)
+        bits = (diff.cumsum(1)[:, :-1] > 0).to(torch.int64)
         return (bits.view(size, n_words, WORD_BITS) * weights).sum(-1).t().contiguous()
 
+    tests = runs.tests
     ordered = sorted(range(len(tests)), key=lambda i: repr(tests[i]))
     return PairSets(
         n_words=n_words,
         same_group=same_group,
         allowed=None if same_group else words(None),
-        bands=tuple((tests[i], words(members[i]) if len(members[i]) != n_pairs else None) for i in ordered),
+        bands=tuple((tests[i], words(members[i]) if len(members[i]) != n_runs else None) for i in ordered),
         key_bits=torch.tensor([_signed(1 << (g % WORD_BITS)) for g in range(size)]),
     )
 
 
-def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
-    """Device tables of a layout's plan: ``[G + 1, G + 1]`` ``allowed`` and
-    each pair's band (``low``, ``high``, ``dilation``, ``residue`` on
-    positions within groups, see :meth:`Layout.pair_band
-    <patternc.lower.layout.Layout.pair_band>`; the last row and column:
-    padding, allowed nowhere), the allowed pairs as columns, the pairs that
-    carry modifiers, and the pair sets the ``mask_mod`` tests
-    (:class:`PairSets`). One pass over the pairs on the host, with one
-    lookup per distinct modifier list (bound families share them)."""
+def _search_steps(max_runs: int) -> list[int]:
+    """Powers of two, largest first, that reach any of ``max_runs`` runs from the first."""
+    return [1 << j for j in reversed(range(max(0, max_runs - 1).bit_length()))]
+
+
+def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
+    """Device tables of a layout's allowed group pairs, from its
+    :class:`~patternc.lower.blocks.PairRuns`: the runs by query group
+    (compressed rows: a lookup is a short binary search within the query
+    group's runs), each run's band (``low``, ``high``, ``dilation``,
+    ``residue`` on positions within groups, see
+    :func:`~patternc.modifiers.pair_band`), and the pair sets the
+    ``mask_mod`` tests (:class:`PairSets`). Linear in the groups and the
+    runs: no ``[groups, groups]`` table."""
     n = len(layout.all_groups)
-    q_col, k_col, *band_cols = layout.pair_columns()
-    test_index: dict[int, int] = {}  # id(modifiers) -> index into tests, -1: none
-    tests: list[BandTest] = []
-    by_test: dict[BandTest, int] = {}
-    test_of: list[int] = []
-    for mods in layout.pairs.values():
-        at = test_index.get(id(mods))
-        if at is None:
-            at = -1
-            if mods:
-                test = (*mods.band(), mods.across)
-                at = by_test.setdefault(test, len(tests))
-                if at == len(tests):
-                    tests.append(test)
-            test_index[id(mods)] = at
-        test_of.append(at)
-    modified = frozenset((q, k) for q, k, at in zip(q_col, k_col, test_of) if at >= 0)
-    q_ids = _int64(q_col)
-    k_ids = _int64(k_col)
-    columns = [_int64(c) for c in band_cols]
-    table = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    table[q_ids, k_ids] = True
-    bands = []
-    for column, fill in zip(columns, (0, 0, 1, 0)):
-        band = torch.full((n + 1, n + 1), fill, dtype=torch.int64)
-        band[q_ids, k_ids] = column
-        bands.append(band.to(device))
-    sets = _pair_sets(layout, q_col, k_col, tests, test_of)
+    same_group = runs.same_group(layout)
+    counts = [0] * (n + 1)
+    for q in runs.query:
+        counts[q] += 1
+    max_runs = max(counts, default=0)
+    pad = max(1, max_runs)  # empty runs after the last: a search step may land there
+    row_start = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
+    run_keys = torch.tensor([runs.key_start + [0] * pad, runs.key_stop + [0] * pad], dtype=torch.int32)
+    bands = [runs.low, runs.high, runs.dilation, runs.residue]
+    run_bands = torch.stack([_int64(column + [fill] * pad) for column, fill in zip(bands, (0, 0, 1, 0))])
+    triples = torch.stack([_int64(runs.query), _int64(runs.key_start), _int64(runs.key_stop)])
+    chosen = [at for at, test in enumerate(runs.test) if test >= 0]
+    modified = triples[:, torch.tensor(chosen, dtype=torch.int64)] if len(chosen) < runs.count else triples
+    sets = _pair_sets(n, runs, same_group)
     if sets is not None and device.type != "cpu":
         sets = PairSets(
             n_words=sets.n_words,
@@ -531,15 +513,24 @@ def _build_group_tables(layout: Layout, device: torch.device) -> GroupTables:
             bands=tuple((test, None if w is None else w.to(device)) for test, w in sets.bands),
             key_bits=sets.key_bits.to(device),
         )
-    has_mods = _int64(test_of) >= 0
-    pairs = torch.stack([q_ids, k_ids, has_mods.to(torch.int64), *columns]).to(device)
-    low, high, dilation, residue = bands
-    return GroupTables(table.to(device), (low, high, dilation, residue), pairs, modified, sets, tuple(tests))
+    return GroupTables(
+        runs=triples.to(device),
+        row_start=row_start.to(device),
+        run_keys=run_keys.to(device),
+        run_bands=run_bands.to(device),
+        max_runs=max_runs,
+        modified=modified,
+        sets=sets,
+        tests=runs.tests,
+    )
 
 
 @dataclass(frozen=True)
 class FlexTables:
-    """Device tables of one layout: what the ``mask_mod`` reads and the block classes."""
+    """Device tables of one layout: what the ``mask_mod`` reads and the
+    block classes. Every table is linear in the groups, the allowed group
+    runs and the non-empty blocks (:attr:`partial` and :attr:`full` are
+    dense views made on demand where the classes are held sparse)."""
 
     q_len: int
     kv_len: int
@@ -548,13 +539,20 @@ class FlexTables:
     kv_group: Tensor
     q_pos: Tensor | None
     kv_pos: Tensor | None
-    allowed: Tensor
-    band: tuple[Tensor, Tensor, Tensor, Tensor]
-    """``[G + 1, G + 1]`` ``low``, ``high``, ``dilation`` and ``residue`` of each
-    pair's band on positions within groups (the ``lookups`` ``mask_mod``)."""
+    groups: GroupTables
+    """The allowed group pairs, as runs (see :class:`GroupTables`)."""
     has_modifiers: bool
-    partial: Tensor
-    full: Tensor
+    partial_blocks: Tensor
+    """The partial blocks: ``[rows, cols]`` bool, or the ascending flat
+    indices (``row * cols + col``) of the partial blocks (see
+    :data:`DENSE_CELLS_PER_BLOCK`)."""
+    full_blocks: Tensor
+    """The full blocks, held as :attr:`partial_blocks` is."""
+    block_shape: tuple[int, int]
+    """``(query blocks, key blocks)``."""
+    key_segments: Tensor
+    """``[3, S]`` int64: group, start and stop of each key segment (padding
+    included): what the value guard counts non-finite keys per group by."""
     needs_value_guard: bool
     """Whether a block the kernel computes can hold a real key that some real
     query of the block must not see: a block that mixes groups, or a
@@ -566,7 +564,7 @@ class FlexTables:
     the segments: AB-UPT layouts in whole blocks need no guard."""
     pair_sets: PairSets | None = None
     """The allowed and modified pairs as bit words (None: the ``mask_mod``
-    reads the ``[groups, groups]`` tables)."""
+    reads the run tables)."""
     same_offsets: bool = False
     """Whether, for every modified pair, a query's and a key's positions
     within their groups differ as their token indices do (the groups' query
@@ -584,6 +582,38 @@ class FlexTables:
     kv_input: Tensor | None = None
     """``[kv_len]``: each key's index in the input, where that is not its
     index (compact keys under ``across``); None otherwise."""
+
+    @property
+    def partial(self) -> Tensor:
+        """``[rows, cols]`` bool: the partial blocks (the ``mask_mod`` runs there)."""
+        return _dense_cells(self.partial_blocks, self.block_shape)
+
+    @property
+    def full(self) -> Tensor:
+        """``[rows, cols]`` bool: the full blocks (every pair allowed)."""
+        return _dense_cells(self.full_blocks, self.block_shape)
+
+    @property
+    def allowed(self) -> Tensor:
+        """``[G + 1, G + 1]`` bool: group ``q`` reads group ``k`` (the last row
+        and column: padding, allowed nowhere). Quadratic in the groups, so
+        made on each access and never by the executors: for tests and
+        pictures."""
+        query, first, stop = self.groups.runs
+        size = self.groups.row_start.shape[0] - 1
+        diff = torch.zeros(size, size + 1, dtype=torch.int64, device=query.device)
+        ones = torch.ones_like(query)
+        diff.index_put_((query, first), ones, accumulate=True)
+        diff.index_put_((query, stop), -ones, accumulate=True)
+        return diff.cumsum(1)[:, :size] > 0
+
+    @property
+    def guard_tables(self) -> tuple[Tensor, ...]:
+        """What the value guard reads (``q_group``, the key segments' group,
+        start and stop, the runs' query group, first key group and key group
+        stop, and the run rows' starts, which size the groups): linear in the
+        tokens, segments and runs."""
+        return (self.q_group, *self.key_segments, *self.groups.runs, self.groups.row_start)
 
     @staticmethod
     def build(
@@ -608,27 +638,29 @@ class FlexTables:
         n_kv = n_input_keys + sum(cache_lengths[g] for g in layout.cached_groups)
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
-        groups = _group_tables(layout, device)
+        runs = pair_runs(layout)
+        groups = _group_tables(layout, runs, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
+        rects = allowed_rects(layout, cache_lengths, compact)
+        incidences = rects.block_counts(block)
 
-        # The host works on one row per group or segment; a single copy moves it all.
+        # The host works on one row per group, segment or rectangle; a single copy moves it all.
         upload = _Upload()
         for segs in (q_segs, k_segs):
             upload.add([g for g, _, _ in segs])
             upload.add([stop - start for _, start, stop in segs])
             upload.add([start for _, start, _ in segs])
-        upload.add(_overlaps_per_block(q_segs, shape[0], block))
-        upload.add(_overlaps_per_block(k_segs, shape[1], block))
+        for column in (*rects.plain, *rects.banded):
+            upload.add(column)
         # under `across` with compact keys, a key's place in the input is not
         # its index: one shift per key segment (cached keys are never `across`)
         across = any(test[3] for test in groups.tests)
         offsets = [s.offset for s in layout.slots]
         shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
         upload.add(shifts if compact and across else [])
-        (
-            q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, q_overlaps, k_overlaps, k_shifts,
-        ) = upload.send(device)  # fmt: skip
+        q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, *rect_columns, k_shifts = upload.send(device)
+        plain, banded = torch.stack(rect_columns[:4]), torch.stack(rect_columns[4:])
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
@@ -642,43 +674,9 @@ class FlexTables:
             kv_input = torch.arange(kv_len, device=device) + torch.repeat_interleave(
                 k_shifts, k_sizes, output_size=kv_len
             )
-
-        # block classes: a block is full when every (query segment, key segment)
-        # pair overlapping it is full, empty when none is non-empty
-        # (scatter_add: one atomic kernel where index_put_ would sort the indices)
-        # (int64 like the upload: no conversion kernel; the matrices are small)
-        width = shape[1] + 1
-        # under torch.compile data-dependent shapes do not trace, and a group
-        # whose keys lie in two places pairs once per place: the host's lists
-        if _compiling() or len({gid for gid, _, _ in keys}) != len(keys):
-            rects, weight, modified = _segment_pairs_listed(layout, queries, keys, device)
-        else:
-            rects, weight, modified = _segment_pairs(
-                groups, q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, n_groups
-            )
-        # without modifiers a (query segment, key segment) pair covers its
-        # whole block rectangle: four corners of a 2-D difference array
-        q_start, q_stop, k_start, k_stop = rects
-        top, bottom = q_start // block * width, ((q_stop - 1) // block + 1) * width
-        left, right = k_start // block, (k_stop - 1) // block + 1
-        corners = torch.cat([top + left, top + right, bottom + left, bottom + right])
-        signs = torch.cat([weight, -weight, -weight, weight])
-        diff = torch.zeros((shape[0] + 1) * width, dtype=torch.int64, device=device)
-        diff.scatter_add_(0, corners, signs)
-        # 2-D prefix sum as two inner-dim scans with a transpose between: a GPU
-        # scan along the outer dim runs one thread per column (several times slower)
-        rows_done = diff.view(shape[0] + 1, width).cumsum(1)
-        plain = rows_done.t().contiguous().cumsum(1).t()[: shape[0], : shape[1]]
-        nonempty_pairs, full_pairs = plain, plain
-        # pairs with modifiers are classified block by block
-        if modified is not None:
-            flat, pair_nonempty, pair_full = _modified_pair_blocks(modified, block, shape[1])
-            plain_flat = plain.flatten()
-            nonempty_pairs = plain_flat.scatter_add(0, flat, pair_nonempty).view(shape)
-            full_pairs = plain_flat.scatter_add(0, flat, pair_full).view(shape)
-        # a block with no allowed pair has full_pairs 0 < overlaps: full implies non-empty
-        full = full_pairs == q_overlaps[:, None] * k_overlaps[None, :]
-        partial = (nonempty_pairs > 0) ^ full
+        # under torch.compile no shape may depend on data: the dense grid
+        dense = _compiling() or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
+        partial, full = _classify(plain, banded, incidences, block, shape, dense)
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
@@ -687,19 +685,20 @@ class FlexTables:
             kv_group=kv_group,
             q_pos=q_pos,
             kv_pos=kv_pos,
-            allowed=groups.allowed,
-            band=groups.band,
+            groups=groups,
             has_modifiers=has_modifiers,
-            partial=partial,
-            full=full,
+            partial_blocks=partial,
+            full_blocks=full,
+            block_shape=shape,
+            key_segments=torch.stack([k_ids, k_starts, k_starts + k_sizes]),
             needs_value_guard=has_modifiers
             or _blocks_mix_groups(queries, block)
             or _blocks_mix_groups(keys, block),
             pair_sets=groups.sets,
-            same_offsets=_same_offsets(queries, keys, groups.modified),
+            same_offsets=_same_offsets(queries, keys, groups.modified.t().tolist()),
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
-            intervals=_intervals(layout, queries, keys, q_len, device, compact),
+            intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
         )
 
     def mask_mod(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> MaskMod:
@@ -732,25 +731,39 @@ class FlexTables:
         return with_padding
 
     def _table_mask_mod(self) -> MaskMod:
-        """Group pairs and modifiers read from the ``[groups, groups]`` tables."""
-        q_group, kv_group, allowed = self.q_group, self.kv_group, self.allowed
+        """Group pairs and modifiers read from the run tables
+        (:class:`GroupTables`): the query group's run that could hold the key
+        group, found by a binary search of a few steps (none where each
+        query group has one run), then its band."""
+        q_group, kv_group = self.q_group, self.kv_group
+        groups = self.groups
+        row_start, (key_start, key_stop) = groups.row_start, groups.run_keys
+        steps = _search_steps(groups.max_runs)
 
-        def groups(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return allowed[q_group[q_idx], kv_group[kv_idx]]
+        def run_of(gq: Tensor, gk: Tensor) -> tuple[Tensor, Tensor]:
+            """The index of ``gq``'s last run starting at or before ``gk``, and whether it holds ``gk``."""
+            at, stop = row_start[gq], row_start[gq + 1]
+            for step in steps:
+                ahead = at + step
+                at = torch.where((ahead < stop) & (key_start[ahead] <= gk), ahead, at)
+            return at, (at < stop) & (key_start[at] <= gk) & (gk < key_stop[at])
+
+        def groups_only(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return run_of(q_group[q_idx], kv_group[kv_idx])[1]
 
         if not self.has_modifiers:
-            return groups
+            return groups_only
         q_pos, kv_pos, dilated = self.q_pos, self.kv_pos, self.dilated
-        low, high, dilation, residue = self.band
+        low, high, dilation, residue = groups.run_bands
         assert q_pos is not None and kv_pos is not None
 
         def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            gq, gk = q_group[q_idx], kv_group[kv_idx]
+            at, ok = run_of(q_group[q_idx], kv_group[kv_idx])
             d = kv_pos[kv_idx] - q_pos[q_idx]  # the band is in positions within groups
-            ok = allowed[gq, gk] & (d >= low[gq, gk]) & (d <= high[gq, gk])
+            inside: Tensor = ok & (d >= low[at]) & (d <= high[at])
             if dilated:
-                ok = ok & ((d - residue[gq, gk]) % dilation[gq, gk] == 0)
-            return ok
+                inside = inside & ((d - residue[at]) % dilation[at] == 0)
+            return inside
 
         return with_modifiers
 
@@ -865,8 +878,12 @@ class FlexTables:
     @property
     def sparsity(self) -> float:
         """Fraction of blocks skipped entirely."""
-        total = self.partial.numel()
-        return 1.0 - float((self.partial | self.full).sum()) / total if total else 0.0
+        total = self.block_shape[0] * self.block_shape[1]
+        if not total:
+            return 0.0
+        if self.partial_blocks.dim() == 2:
+            return 1.0 - float((self.partial_blocks | self.full_blocks).sum()) / total
+        return 1.0 - (self.partial_blocks.numel() + self.full_blocks.numel()) / total
 
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:

@@ -181,8 +181,8 @@ def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
     """The block mask for the FLASH backend: its ``mask_mod`` reads int32
     group tables (FlashAttention 4's generated mask code stores indices as
     int32 and refuses int64 ones: "Type mismatch, store Int64 to Tensor with
-    element type Int32"), through the ``[groups, groups]`` lookups it was
-    measured with (the Triton kernel's bit tests use int64 words)."""
+    element type Int32"), through the run-table lookups (the Triton
+    kernel's bit tests use int64 words)."""
 
     def narrow() -> BlockMask:
         return dataclasses.replace(
@@ -313,7 +313,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     # block, where the GPU kernel and separate calls give NaN; on FLASH too
     # (its handling of a NaN score is not checked)
     guarded = padding is not None or q.device.type != "cuda" or flash or _values_cross_groups(tables, key)
-    guard_tables = (tables.q_group, tables.kv_group, tables.allowed) if guarded else ()
+    guard_tables = tables.guard_tables if guarded else ()
     try:
         out = _attend_fn(guarded)(*args, *guard_tables)
         if not guarded:
@@ -387,18 +387,16 @@ def _attend(
     score_mod: ScoreMod | None,
     scale: float | None,
     kernel_options: KernelOptions | None,
-    q_group: Tensor,
-    kv_group: Tensor,
-    allowed: Tensor,
+    *guard_tables: Tensor,
 ) -> Tensor:
     """:func:`_attend_unguarded` with non-finite value rows zeroed before the
     kernel and NaN put back after it where separate attention calls would
-    have it, for layouts whose blocks mix groups; ``[B, N, H, D]`` out. The
-    tables (``q_group``, ``kv_group``, ``allowed``) are those of
-    :class:`~patternc.nn.flexmask.FlexTables`."""
+    have it, for layouts whose blocks mix groups; ``[B, N, H, D]`` out.
+    ``guard_tables``: :attr:`FlexTables.guard_tables
+    <patternc.nn.flexmask.FlexTables.guard_tables>`."""
     v, bad = _finite_values(k, v)
     out = _attend_unguarded(q, k, v, block_mask, score_mod, scale, kernel_options).transpose(1, 2)
-    return _poison(out, bad, q_group, kv_group, allowed)
+    return _poison(out, bad, *guard_tables)
 
 
 def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -413,20 +411,37 @@ def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return v.masked_fill(bad[..., None], 0.0), bad
 
 
-def _poison(out: Tensor, bad: Tensor, q_group: Tensor, kv_group: Tensor, allowed: Tensor) -> Tensor:
+def _poison(
+    out: Tensor,
+    bad: Tensor,
+    q_group: Tensor,
+    key_group: Tensor,
+    key_start: Tensor,
+    key_stop: Tensor,
+    run_query: Tensor,
+    run_first: Tensor,
+    run_stop: Tensor,
+    row_start: Tensor,
+) -> Tensor:
     """NaN for the queries whose groups attend to a group holding a
     non-finite key (what separate attention calls give), without a host sync.
 
-    Bad tokens are counted per group by a matmul with the keys' one-hot
-    group matrix, not scattered: a scatter would send every key's flag to
-    one of a few group slots, each an atomic update on the GPU. (A boolean
-    reduction over the gathered ``allowed[:, kv_group]`` table fuses into
-    fewer kernels, but Inductor's CPU code for it aborts the process on
-    torch 2.11.)"""
-    n_keys = bad.shape[1]
-    n_groups = allowed.shape[0]
-    key_groups = kv_group[:n_keys, None] == torch.arange(n_groups, device=out.device)  # [Nk, G]
-    bad_groups = bad.transpose(1, 2).to(torch.float32) @ key_groups.to(torch.float32)  # [B, H, G]: counts
-    reads = allowed[q_group[: out.shape[1]]].to(torch.float32)  # [Nq, G]
-    poisoned = (bad_groups @ reads.T) > 0  # [B, H, Nq]
-    return out.masked_fill(poisoned.transpose(1, 2)[..., None], float("nan"))
+    Linear in the tokens, key segments and runs of allowed group pairs (no
+    ``[tokens, groups]`` or ``[groups, groups]`` table): bad keys are
+    counted per key segment from a prefix sum over the keys and added up
+    per group, then per run of key groups from a prefix sum over the
+    groups, and each run's count goes to its query group. ``bad``:
+    ``[B, Nk, H]``; the tables are :attr:`FlexTables.guard_tables
+    <patternc.nn.flexmask.FlexTables.guard_tables>` (key segments covering
+    the keys; runs: ``run_query`` reads key groups ``[run_first, run_stop)``;
+    ``row_start`` only sizes the groups)."""
+    batch, n_keys, heads = bad.shape
+    size = row_start.shape[0] - 1  # the groups and the padding
+    counts = F.pad(bad.to(torch.int64).cumsum(1), (0, 0, 1, 0))  # [B, Nk + 1, H]
+    per_segment = counts[:, key_stop.clamp_max(n_keys)] - counts[:, key_start.clamp_max(n_keys)]
+    per_group = counts.new_zeros(batch, size, heads).index_add_(1, key_group, per_segment)
+    by_group = F.pad(per_group.cumsum(1), (0, 0, 1, 0))  # [B, size + 1, H]
+    per_run = by_group[:, run_stop] - by_group[:, run_first]  # [B, R, H]
+    per_query = counts.new_zeros(batch, size, heads).index_add_(1, run_query, per_run)
+    poisoned = per_query[:, q_group[: out.shape[1]]] > 0  # [B, Nq, H]
+    return out.masked_fill(poisoned[..., None], float("nan"))
