@@ -15,7 +15,6 @@ import patternc
 from patternc.lower.cache import BoundedCache
 from patternc.nn import PatternAttention
 from patternc.nn.chunked import chunked
-from patternc.nn.tables import TABLES
 from patternc.plan import LAYOUTS, layout_weight
 
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
@@ -158,8 +157,7 @@ def test_four_threads_on_one_module_give_the_sequential_results(
 ) -> None:
     """More layouts than the caches hold (so entries are evicted while other
     threads read them); half the threads run ``chunked`` beside plain calls."""
-    monkeypatch.setattr(LAYOUTS, "size", 4)
-    monkeypatch.setattr(TABLES, "size", 4)
+    monkeypatch.setattr(LAYOUTS, "size", 4)  # a layout's tables leave with it
     layer = _layer()
     inputs = _inputs(24)
 

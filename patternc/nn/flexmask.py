@@ -36,7 +36,7 @@ from torch import Tensor
 
 from patternc.lower.blocks import BLOCK_SIZE
 from patternc.lower.layout import Layout
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import table
 from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
@@ -398,8 +398,8 @@ class GroupTables:
 
 
 def _group_tables(layout: Layout, device: torch.device) -> GroupTables:
-    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES` per (layout, device)."""
-    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, device))
+    """:func:`_build_group_tables`, kept in the layout's tables per device."""
+    return table(layout, ("flex groups", device), lambda: _build_group_tables(layout, device))
 
 
 def _signed(bits: int) -> int:
