@@ -312,11 +312,13 @@ class Layout:
     group_types: tuple[str, ...] = ()
     """Token type (weight bank) of every group in the plan's order, when the
     plan names them (untied layers read them here instead of re-binding)."""
-    tables: Tables = field(default_factory=Tables, init=False, repr=False)
+    tables: Tables = field(default_factory=lambda: Tables(), init=False, repr=False)
     """What the runtime derives from this layout (device tables, ``auto``'s
     pick), filled by executors on a layout's first calls: the one owner of
     per-layout state (see :mod:`patternc.lower.tables`). A copy made with
-    ``dataclasses.replace`` starts with empty tables."""
+    ``dataclasses.replace`` starts with empty tables. (The factory is a
+    function: a trace that lays out a plan calls it, and Dynamo (torch 2.13)
+    cannot call a class that ``dataclasses`` holds as a factory.)"""
 
     @property
     def score_entries(self) -> int:
