@@ -844,8 +844,8 @@ def test_the_flash_block_mask_reads_int32_groups_and_masks_alike() -> None:
     sizes = {"surface_anchors": 100, "surface_queries": 156, "volume_anchors": 128, "volume_queries": 40}
     layout = schedule_for(AB_UPT.token_specs(sizes), AB_UPT)
     tables = FlexTables.build(layout, {}, "cpu")
-    key = ("test", layout)
-    wide, narrow = tables.block_mask(), flex._flash_block_mask(tables, key)
+    key = ("test",)
+    wide, narrow = tables.block_mask(), flex._flash_block_mask(layout, tables, key)
     assert torch.equal(wide.kv_num_blocks, narrow.kv_num_blocks)
     assert torch.equal(wide.full_kv_indices, narrow.full_kv_indices)
     captured = [
