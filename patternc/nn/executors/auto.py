@@ -151,7 +151,7 @@ def choose(inputs: AttentionInputs) -> str:
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
     key = _key(inputs)
     found = inputs.layout.tables.entries.get(key)  # the hot path: one flat key, one dict lookup
-    return found if isinstance(found, str) else _choice(inputs.layout, key[1:])  # type: ignore[arg-type]
+    return found if isinstance(found, str) else _choice(inputs.layout, key[1:])
 
 
 def _choice(layout: Layout, conditions: Conditions) -> str:
