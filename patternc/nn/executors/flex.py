@@ -3,8 +3,8 @@
 Queries, keys and values are padded to a bucketed length (so changing sizes
 reuse a few compiled kernels; K/V given for the layout's key space keep it,
 the tables then indexing it), the block mask comes from the group layout
-(:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
-device, padding), and the kernel with its non-finite guard is one graph,
+(:mod:`patternc.nn.flexmask`) and is kept in the layout's tables per (cache
+lengths, device, padding), and the kernel with its non-finite guard is one graph,
 compiled once per process with static shapes (:func:`_compiled`). On a
 GPU the guard runs only where a computed block holds a query and a key of
 an unread pair of groups (:func:`_values_cross_groups`), or with a key
