@@ -4,7 +4,10 @@ A model calls the runtime with the same plan and sizes on every forward
 pass, so what is built from them is built once and looked up afterwards.
 Each cache is an explicit object with a documented key, bounded by a number
 of entries and, where entries differ much in size (layouts of many
-documents), by a total weight. Eviction drops the oldest entry first.
+documents), by a total weight. Eviction drops the oldest entry first. An
+entry that grows after it is stored reports the growth (:meth:`~BoundedCache.charge`):
+the layout cache weighs each layout with the tables executors keep in it
+(:mod:`patternc.lower.tables`).
 
 Threads: lookups, insertions and evictions hold one lock per cache, so
 threads sharing a model never see an entry vanish between a check and a
@@ -122,12 +125,6 @@ class BoundedCache(Generic[K, V]):
     def lookup(self, key: K) -> V | None:
         """The entry or None, with no trace check (Dynamo inlines it)."""
         return self._entries.get(key)
-
-    def untraced_lookup(self) -> Callable[[K], V | None]:
-        """The dict's own ``get``, for a hot path Dynamo never traces: a
-        lookup with no Python frame of its own. Dynamo cannot trace a bound
-        builtin ``dict.get``; traced callers use :meth:`lookup`."""
-        return self._entries.get
 
     @property
     def weight(self) -> int:
