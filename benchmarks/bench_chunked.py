@@ -9,8 +9,8 @@ a GPU, else the rise of the process's peak RSS. The output of every chunked
 run is compared with the one-shot output.
 
     python benchmarks/bench_chunked.py [--queries 200000] [--anchors 2048] [--chunks 4096 16384 65536]
-        [--compare-kv]   (each run also with K/V projected for every token:
-                          the path before key spaces, side by side)
+        [--compare-kv]   (each run also with K/V projected for every token,
+                          as without key spaces, side by side)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ HIDDEN, HEADS, LAYERS = 192, 3, 4
 
 def variant(queries: int, anchors: int, chunk: int, device: str, all_kv: bool = False) -> dict[str, Any]:
     """``all_kv``: every layout's key space read as all tokens, so the layers
-    project K/V for the queries too (the path before key spaces)."""
+    project K/V for the queries too: what the key space saves."""
     if all_kv:
         KeySpace.identity = property(lambda space: True)  # type: ignore[method-assign,assignment]
     plan = patternc.compile(SOURCE).patterns["default"]

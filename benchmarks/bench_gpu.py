@@ -501,33 +501,6 @@ def fp32_sweep(args: argparse.Namespace) -> None:
             )
 
 
-def profile_layout(args: argparse.Namespace) -> None:
-    """Kernel and host tables (torch.profiler) of ideal and batched on one
-    layout, bf16: where a ratio to ideal comes from."""
-    from torch.profiler import ProfilerActivity, profile
-
-    name = next(n for n in LAYOUTS if args.profile in n)
-    plan, sizes = LAYOUTS[name]()
-    schedule = schedule_for(plan.token_specs(sizes), plan)
-    for backward in (False, True):
-        q, k, v = random_qkv(schedule.n_tokens, backward=backward)
-        inputs = AttentionInputs(q, k, v, schedule, {}, None, 0.0, None)
-        for label, fn in (
-            ("ideal", ideal_fn(q, k, v, schedule, backward)),
-            ("batched", executor_fn("batched", inputs, backward)),
-        ):
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-            print(f"\n== {name}, {label}, {'fwd+bwd' if backward else 'fwd'} (10 steps)")
-            for sort in ("cuda_time_total", "self_cpu_time_total"):  # the kernels, then the host's time
-                print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -554,7 +527,6 @@ def main() -> None:
         action="store_true",
         help="add a second row of auto's pick: the spread between two rows of the same code",
     )
-    parser.add_argument("--profile", help="profile ideal and batched on the layout whose name contains this")
     args = parser.parse_args()
     if args.quick:
         for name in list(LAYOUTS)[2:4]:
@@ -566,9 +538,6 @@ def main() -> None:
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {HEADS} heads x {DIM}, batch 1, median of {args.repeat}"
     )
-    if args.profile:
-        profile_layout(args)
-        return
     if args.sweep_fp32:
         fp32_sweep(args)
         return

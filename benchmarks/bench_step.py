@@ -19,7 +19,7 @@ model in the same mode, and the compile time. ``torch.compile`` runs with
 Two more rows: ``hand, anchor K/V`` projects K/V for the anchors only (no
 pattern reads a query as a key), as a careful hand-written model would, and
 ``patternc, all K/V`` runs patternc with every layout's key space read as all
-tokens (the layers project K/V for queries too: the path before key spaces).
+tokens (the layers project K/V for queries too: what the key space saves).
 MFU counts the nominal model (K/V projected for every token) for every row.
 
 Run on the GPU:  python benchmarks/bench_step.py [--steps 20]
@@ -97,9 +97,14 @@ class HandModel(nn.Module):
         self.anchors, self.half = anchors, anchors + queries
         self.anchor_kv = anchor_kv
 
-    def _per_type(self, banks: nn.Module, x: Tensor) -> Tensor:
+    def _per_type(self, banks: nn.Module, x: Tensor, rows: slice = slice(None)) -> Tensor:
         surface, volume = x.split(self.half, dim=1)
-        return torch.cat([banks.layers[0](surface), banks.layers[1](volume)], dim=1)
+        return torch.cat([self._bank(banks, 0, surface, rows), self._bank(banks, 1, volume, rows)], dim=1)
+
+    @staticmethod
+    def _bank(banks: nn.Module, bank: int, x: Tensor, rows: slice = slice(None)) -> Tensor:
+        """Bank ``bank`` of an untied linear (``rows``: some of its outputs)."""
+        return F.linear(x, banks.weight[bank][rows], banks.bias[bank][rows])  # type: ignore[index]
 
     def _attention(self, pattern: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Head-major ``[B, H, N, D]`` in and out (K/V ``[B, H, 2 * anchors, D]``
@@ -130,18 +135,20 @@ class HandModel(nn.Module):
         heads = self.model.config.num_heads
         for layer, pattern in zip(self.model.layers, self.model.layer_patterns):
             x = layer.norm1(h)
-            q = self._per_type(layer.q_proj, x).view(b, n, heads, -1).transpose(1, 2)
+            qkv = layer.attention.qkv  # rows of each bank: Q, then K and V
+            q = self._per_type(qkv, x, slice(0, d)).view(b, n, heads, -1).transpose(1, 2)
             if self.anchor_kv:
                 a, s = self.anchors, self.half
-                banks = layer.kv_proj.layers
-                kv = torch.cat([banks[0](x[:, :a]), banks[1](x[:, s : s + a])], dim=1).view(
-                    b, 2 * a, 2, heads, -1
-                )
+                anchors = [
+                    self._bank(qkv, 0, x[:, :a], slice(d, None)),
+                    self._bank(qkv, 1, x[:, s : s + a], slice(d, None)),
+                ]
+                kv = torch.cat(anchors, dim=1).view(b, 2 * a, 2, heads, -1)
             else:
-                kv = self._per_type(layer.kv_proj, x).view(b, n, 2, heads, -1)
+                kv = self._per_type(qkv, x, slice(d, None)).view(b, n, 2, heads, -1)
             k, v = (t.transpose(1, 2) for t in kv.unbind(2))
             out = self._attention(pattern, q, k, v).transpose(1, 2).reshape(b, n, d)
-            h = h + self._per_type(layer.out_proj, out)
+            h = h + self._per_type(layer.attention.proj, out)
             x = layer.norm2(h)
             hidden = F.gelu(self._per_type(layer.ff.up, x))
             h = h + self._per_type(layer.ff.down, hidden)
@@ -257,7 +264,7 @@ def main() -> None:
         for label in args.variants:
             module, call = rows[label]
             # "all K/V": every layout's key space read as every token, so
-            # the layers project K/V for queries too (the path before key spaces)
+            # the layers project K/V for queries too: what the key space saves
             KeySpace.identity = ALL_TOKENS if label.endswith("all K/V") else KEY_TOKENS  # type: ignore[method-assign,assignment]
             torch._dynamo.reset()
             forward = call(module)

@@ -42,7 +42,7 @@ interleaved  interleaved VLM: 64 system + text/image runs, 4.1k tokens
 docprefix  16 documents, each a 128-token prefix + 256-2048 text
 ============ ==================================================
 
-Run: ``python benchmarks/bench_users.py [--rows vlm prefix] [--repeat 30]``;
+Run: ``python benchmarks/bench_users.py [--rows vlm prefix] [--repeat 30] [--scale 4]``;
 ``python benchmarks/bench_users.py --device cpu --tiny`` runs everywhere
 (FlexAttention eager on CPU: the numbers only show that it runs).
 ``--diagnose`` times, per row and forward, where patternc ``flex``'s time goes
@@ -230,8 +230,10 @@ JOINT = (
 )
 
 
-def rows(tiny: bool) -> dict[str, Row]:
-    """The issue's layouts, at full size or about 16x shorter (``tiny``)."""
+def rows(tiny: bool, scale: int = 1) -> dict[str, Row]:
+    """The layouts, at full size or about 16x shorter (``tiny``); ``scale``
+    multiplies the lengths of the single-sequence rows (``vlm``, ``prefix``,
+    ``window``, ``interleaved``: 4 gives about 16k tokens, 16 about 64k)."""
     s = 16 if tiny else 1
     out = []
     for key, count, seed in (("docs16", 16, 1), ("docs64", 64, 0)):
@@ -239,7 +241,7 @@ def rows(tiny: bool) -> dict[str, Row]:
         sizes = {f"doc{i}": n for i, n in enumerate(lengths)}
         title = f"{count} causal documents ({sum(lengths) / 1000:.1f}k)"
         out.append(Row(key, title, DOCUMENTS, sizes, _documents_mask(lengths), lengths))
-    registers, image, text = 16 // s or 1, 1024 // s, 3072 // s
+    registers, image, text = 16 // s or 1, 1024 * scale // s, 3072 * scale // s
     out.append(
         Row(
             "vlm",
@@ -252,13 +254,13 @@ def rows(tiny: bool) -> dict[str, Row]:
     out.append(
         Row(
             "prefix",
-            f"prefix-LM {1024 // s} + {text}",
+            f"prefix-LM {1024 * scale // s} + {text}",
             PREFIX,
-            {"prefix": 1024 // s, "text": text},
-            _prefix_mask(1024 // s),
+            {"prefix": 1024 * scale // s, "text": text},
+            _prefix_mask(1024 * scale // s),
         )
     )
-    window, n = 1024 // s, 8192 // s
+    window, n = 1024 // s, 8192 * scale // s
     out.append(
         Row(
             "window",
@@ -283,8 +285,8 @@ def rows(tiny: bool) -> dict[str, Row]:
     title = f"video: {prompt} prompt + {frames} block-causal frames of {frame}"
     out.append(Row("video", title, FRAMES, sizes, _frames_mask(prompt, frame)))
     system = 64 // s
-    runs = (("text", 512 // s), ("image", 1024 // s), ("text", 768 // s), ("image", 1024 // s),
-            ("text", 704 // s))  # fmt: skip
+    runs = tuple((kind, n * scale // s) for kind, n in (("text", 512), ("image", 1024), ("text", 768),
+                                                         ("image", 1024), ("text", 704)))  # fmt: skip
     sizes = {"system": system, **{f"run{i}.{kind}": n for i, (kind, n) in enumerate(runs)}}
     title = f"interleaved VLM: {system} system + 3 text and 2 image runs ({sum(sizes.values()) / 1000:.1f}k)"
     out.append(Row("interleaved", title, INTERLEAVED, sizes, _interleaved_mask(runs, system)))
@@ -820,6 +822,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="row keys (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="lengths ~16x shorter, width 64, 4 heads")
+    parser.add_argument("--scale", type=int, default=1, help="lengths of vlm, prefix, window, interleaved x K")
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--tolerance", type=float, default=None, help="largest relative error allowed")
@@ -841,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     if args.tolerance is None:
         args.tolerance = 2e-2 if args.dtype != "fp32" else 1e-4
-    all_rows = rows(args.tiny)
+    all_rows = rows(args.tiny, args.scale)
     chosen = args.rows or list(all_rows)
     unknown = [key for key in chosen if key not in all_rows]
     if unknown:

@@ -13,7 +13,6 @@
 #   large      bench_gpu on the 65k AB-UPT layouts                  ~8 min
 #   sweep      FlexAttention kernel_options, forward and backward   ~3 min
 #   sweep_fp32 FlexAttention float32: product precision and tiles  ~3 min
-#   profile    kernel tables of ideal vs batched, self-anchor 10k   ~1 min
 #   fa4tests   with FlashAttention 4 on the path: varlen's GPU tests (FA4
 #              eager and inside torch.compile) and the CUDA-graph tests ~3 min
 #   fa4gpu     varlen's GPU cases on FlashAttention 4 only         ~2 min
@@ -86,9 +85,6 @@ sweep() {
 sweep_fp32() {
   python3 benchmarks/bench_gpu.py --repeat 7 --sweep-fp32 2>&1 | grep -v "^W1" | tee "$OUT/flex_tiles_fp32.txt"
 }
-profile() {
-  python3 benchmarks/bench_gpu.py --profile "self-anchor 2x(1k" 2>&1 | grep -v "^W1" > "$OUT/profile_self_anchor_10k.txt"
-}
 fa4tests() {
   for module in varlen cuda_graphs; do
     python3 -m pytest "tests/test_$module.py" -q -p no:cacheprovider 2>&1 | tee "$OUT/test_${module}_fa4.txt" | tail -5
@@ -121,7 +117,7 @@ distributed() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask frames users small large sweep sweep_fp32 profile step step10k distributed)
+[ ${#stages[@]} -eq 0 ] && stages=(tests blockmask frames users small large sweep sweep_fp32 step step10k distributed)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "$stage"

@@ -1,5 +1,5 @@
 """Measuring a plan on every backend: what ``patternc bench`` and
-``benchmarks/bench_runtime.py`` run.
+``patternc bench`` run.
 
 Each measurement builds a ``MixedAttention`` with the backend, runs it on
 random inputs (forward, or forward+backward), and reports the median time,

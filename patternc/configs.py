@@ -169,8 +169,11 @@ class UntiedMixedAttentionConfig(MixedAttentionConfig):
 
     num_types: int = _NUM_TYPES
 
-    def projection_config(self) -> AttentionProjections:
+    def projection_config(self, num_kv_heads: int | None = None) -> AttentionProjections:
+        """The per-type QKV and output projections; ``num_kv_heads`` (default
+        ``num_heads``) sets the width of K and V in the fused QKV (GQA)."""
         inner = self.inner_dim
+        kv_inner = inner // self.num_heads * (num_kv_heads or self.num_heads)
 
         def untied(input_dim: int, output_dim: int) -> UntiedLinearConfig:
             geometry = LinearProjectionConfig(
@@ -179,7 +182,7 @@ class UntiedMixedAttentionConfig(MixedAttentionConfig):
             return UntiedLinearConfig(linear_projection=geometry, num_types=self.num_types)
 
         return AttentionProjections(
-            qkv=untied(self.hidden_dim, 3 * inner), out=untied(inner, self.hidden_dim)
+            qkv=untied(self.hidden_dim, inner + 2 * kv_inner), out=untied(inner, self.hidden_dim)
         )
 
 

@@ -133,8 +133,9 @@ def test_the_stacks_kv_projection_gets_zero_gradients_when_every_key_group_is_em
     stack(x, {"a": 0, "q": 4}).sum().backward()
     for name, parameter in stack.named_parameters():
         assert parameter.grad is not None, name
-    kv = stack.layers[0].kv_proj.layers[0]
-    assert not kv.weight.grad.any() and not kv.bias.grad.any()
+    qkv = stack.layers[0].attention.qkv  # rows: Q, then K and V
+    q_rows = stack.config.num_heads * stack.config.head_dim
+    assert not qkv.weight.grad[q_rows:].any() and not qkv.bias.grad[q_rows:].any()
 
 
 def test_numpy_is_a_dependency() -> None:

@@ -376,8 +376,10 @@ def test_stack_on_compact_keys_equals_token_space(
 
     seen: list[bool] = []
     for layer in model.layers:
-        executor = layer.executor
-        layer.executor = lambda inputs, run=executor: seen.append(inputs.keys_compact) or run(inputs)
+        executor = layer.attention.executor
+        layer.attention.executor = lambda inputs, run=executor: (
+            seen.append(inputs.keys_compact) or run(inputs)
+        )
 
     def run() -> tuple[torch.Tensor, ...]:
         out = model(x, sizes, key_padding_mask=padding)
@@ -572,7 +574,7 @@ def test_chunks_of_queries_project_no_keys(stack: bool) -> None:
         )  # fmt: skip
         model = patternc.nn.Transformer(config, program).double().eval()
         for layer in model.layers:
-            layer.executor = spy(layer.executor)
+            layer.attention.executor = spy(layer.attention.executor)
 
         def forward(x: torch.Tensor, s: dict[str, int | None]) -> torch.Tensor:
             return model(x, s)  # type: ignore[no-any-return]

@@ -87,10 +87,12 @@ def reference_attention(model: Transformer, layer_index: int, x: Tensor, window:
     c = model.config
     layer = model.layers[layer_index]
     n = x.shape[1]
-    wq = layer.q_proj.layers[0]
-    wkv = layer.kv_proj.layers[0]
-    q = (x @ wq.weight.double().T + wq.bias.double()).view(1, n, c.num_heads, c.head_dim)
-    k, v = (x @ wkv.weight.double().T + wkv.bias.double()).view(1, n, 2, c.kv_heads, c.head_dim).unbind(2)
+    fused = layer.attention.qkv  # rows: Q, K, V
+    rows = [c.num_heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+    (wq, wk, wv), (bq, bk, bv) = fused.weight.double().split(rows), fused.bias.double().split(rows)
+    q = (x @ wq.T + bq).view(1, n, c.num_heads, c.head_dim)
+    k = (x @ wk.T + bk).view(1, n, c.kv_heads, c.head_dim)
+    v = (x @ wv.T + bv).view(1, n, c.kv_heads, c.head_dim)
     positions = torch.arange(n)
     if c.pos_emb_type == "rope":
         from reference import rotate
@@ -109,7 +111,7 @@ def reference_attention(model: Transformer, layer_index: int, x: Tensor, window:
         allowed &= distance < window
     weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(1, n, -1)
-    wo = layer.out_proj.layers[0]
+    wo = layer.attention.proj
     return out @ wo.weight.double().T + wo.bias.double()
 
 
@@ -206,12 +208,17 @@ def test_kv_cache_decoding_matches_full_forward(fields: dict[str, object]) -> No
     # and the cached logits are the full pass's logits
     _, kvs = model._run(generated[:, :5], None, None)
     c = model.config
-    cache_k = torch.zeros(len(model.layers), 2, c.cache_len, c.kv_heads, c.head_dim, dtype=torch.float64)
-    cache_v = torch.zeros_like(cache_k)
-    for i, (k, v) in enumerate(kvs):
-        cache_k[i, :, :5], cache_v[i, :, :5] = k, v
+    caches = []
+    for kv in kvs:  # each layer's KVCache: {group: {"k", "v": [B, H_kv, n, D]}}
+        assert kv is not None and list(kv) == ["tokens"]
+        entry = {}
+        for name, t in kv["tokens"].items():
+            assert t.shape == (2, c.kv_heads, 5, c.head_dim)
+            entry[name] = torch.zeros(2, c.kv_heads, c.cache_len, c.head_dim, dtype=torch.float64)
+            entry[name][:, :, :5] = t
+        caches.append({"tokens": entry})
     for position in range(5, 10):
-        logits = model._decode_step(generated[:, position], position, cache_k, cache_v)
+        logits = model._decode_step(generated[:, position], position, caches)
         assert relative_error(logits, full[:, position]) < 1e-10
 
 
@@ -253,14 +260,14 @@ def test_layer_schedule_over_ab_upt_patterns_untied() -> None:
     c = config(vocab_size=None, num_layers=5, untied=True, pos_emb_type="none")
     model = Transformer(c, program, schedule)
     assert [layer.pattern for layer in model.layers] == schedule
-    assert len(model.layers[0].q_proj.layers) == len(program.type_names)
+    assert len(model.layers[0].attention.qkv.weight) == len(program.type_names)
     sizes = {"surface_anchors": 4, "surface_queries": 6, "volume_anchors": 5, "volume_queries": 3}
     x = torch.randn(2, 18, 32, requires_grad=True)
     out = model(x, sizes)
     out.sum().backward()
     assert out.shape == (2, 18, 32) and x.grad is not None
     # every type's bank got a gradient: tokens used their own weights
-    assert all(bank.weight.grad is not None for bank in model.layers[0].q_proj.layers)
+    assert all(bank.grad is not None for bank in model.layers[0].attention.qkv.weight)
     with pytest.raises(ValueError, match="layer_patterns must name one of"):
         Transformer(c, program, ["self_anchor"] * 4 + ["nope"])
 

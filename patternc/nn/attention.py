@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from patternc.lower.layout import Layout
 from patternc.nn.context import active
-from patternc.nn.executors import AttentionInputs, get_executor
+from patternc.nn.executors import AttentionInputs, Executor, get_executor
 from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.rows import RowSizes, is_per_row, rows_of
@@ -41,9 +41,12 @@ __all__ = [
 ]
 
 KVCache = dict[str, dict[str, Tensor]]
-"""``{group: {"k": keys, "v": values}}``, each ``[batch, num_heads, n_tokens, head_dim]``
-(the layout of ``scaled_dot_product_attention``); keys are stored after RoPE
-and ``qk_norm``."""
+"""``{group: {"k": keys, "v": values}}``, each ``[batch, num_kv_heads, n_tokens, head_dim]``
+(the layout of ``scaled_dot_product_attention``; ``num_kv_heads`` is
+``num_heads`` unless the layer shares K/V heads, GQA); keys are stored after
+RoPE and ``qk_norm``. Every attention layer reads and writes this one shape:
+``MixedAttention`` and its subclasses, the ``Transformer`` stack's layers
+(their outputs, chunked inference's recorded context, ``generate``'s cache)."""
 
 
 def init_linear(layer: nn.Linear, mode: InitWeightsMode, *, zero: bool = False) -> None:
@@ -70,19 +73,28 @@ class DotProductAttention(nn.Module):
     ``hidden_dim // num_heads``), ``bias``, ``dropout`` (on attention weights
     and output, in training), ``qk_norm`` (LayerNorm over each head of Q and
     K), ``use_rope`` (rotate Q and K by ``freqs``), ``init_weights``.
+    ``num_kv_heads`` (default ``num_heads``) shares each K/V head among
+    ``num_heads // num_kv_heads`` query heads (GQA/MQA); the fused projection
+    then has ``(num_heads + 2 * num_kv_heads) * head_dim`` rows: Q, K, V.
 
     >>> attn = DotProductAttention(AttentionConfig(hidden_dim=32, num_heads=4))
     >>> attn(torch.randn(2, 5, 32)).shape
     torch.Size([2, 5, 32])
     """
 
-    def __init__(self, config: AttentionConfig) -> None:
+    def __init__(self, config: AttentionConfig, *, num_kv_heads: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim or config.hidden_dim // config.num_heads
+        self.num_kv_heads = num_kv_heads or config.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
+                "each K/V head serves the same number of query heads"
+            )
         inner = self.num_heads * self.head_dim
-        self.qkv = nn.Linear(config.hidden_dim, 3 * inner, bias=config.bias)
+        self.qkv = nn.Linear(config.hidden_dim, inner + 2 * self.kv_inner, bias=config.bias)
         self.proj = nn.Linear(inner, config.hidden_dim, bias=config.bias)
         self.q_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm: nn.Module = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
@@ -104,13 +116,19 @@ class DotProductAttention(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def kv_inner(self) -> int:
+        """Width of K (and of V) in the fused projection: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
     def reset_parameters(self) -> None:
         init_linear(self.qkv, self.config.init_weights)
         init_linear(self.proj, self.config.init_weights, zero=self.config.init_weights == "zero")
 
     def project_qkv(self, x: Tensor, freqs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B, N, hidden]`` -> token-major Q, K, V, each ``[B, N, H, D]`` (views
-        of one fused projection), with qk_norm and RoPE applied."""
+        """``[B, N, hidden]`` -> token-major Q ``[B, N, H, D]`` and K, V
+        ``[B, N, H_kv, D]`` (views of one fused projection), with qk_norm and
+        RoPE applied."""
         return self.split_heads(self.qkv(x), freqs)
 
     def split_heads(
@@ -120,16 +138,23 @@ class DotProductAttention(nn.Module):
         kv: Tensor | None = None,
         key_freqs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Fused ``[B, N, 3 * H * D]`` -> Q, K, V ``[B, N, H, D]``, normed and
-        rotated. With ``kv`` (``[B, Nk, 2 * H * D]``, keys projected apart),
-        ``qkv`` is Q alone and K/V are ``[B, Nk, H, D]``, rotated by ``key_freqs``."""
+        """Fused ``[B, N, (H + 2 * H_kv) * D]`` -> Q ``[B, N, H, D]`` and K, V
+        ``[B, N, H_kv, D]``, normed and rotated. With ``kv`` (``[B, Nk, 2 *
+        H_kv * D]``, keys projected apart), ``qkv`` is Q alone and K/V are
+        ``[B, Nk, H_kv, D]``, rotated by ``key_freqs``."""
         batch, n, _ = qkv.shape
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if kv is None:
-            q, k, v = qkv.view(batch, n, 3, self.num_heads, self.head_dim).unbind(dim=2)
             key_freqs = freqs
+            if kv_heads == heads:  # one view: the common case costs no split
+                q, k, v = qkv.view(batch, n, 3, heads, dim).unbind(dim=2)
+            else:
+                q_rows, kv = qkv.split_with_sizes((heads * dim, 2 * kv_heads * dim), dim=-1)
+                q = q_rows.view(batch, n, heads, dim)
         else:
-            q = qkv.view(batch, n, self.num_heads, self.head_dim)
-            k, v = kv.view(batch, kv.shape[1], 2, self.num_heads, self.head_dim).unbind(dim=2)
+            q = qkv.view(batch, n, heads, dim)
+        if kv is not None:
+            k, v = kv.view(batch, kv.shape[1], 2, kv_heads, dim).unbind(dim=2)
         if self.qk_norm:  # else Identity: no module calls on the hot path
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
@@ -155,6 +180,7 @@ class DotProductAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, freqs: Tensor | None = None) -> Tensor:
         """Full attention over ``x`` (``attn_mask`` as in ``scaled_dot_product_attention``)."""
         q, k, v = self.project_qkv(x, freqs)
+        k, v = share_heads(k, self.num_heads), share_heads(v, self.num_heads)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -250,13 +276,24 @@ def keep_in_graph(out: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out + (k.sum() + v.sum()).to(out.dtype)
 
 
+def share_heads(t: Tensor, heads: int) -> Tensor:
+    """Token-major K or V ``[B, N, H_kv, D]`` with each head repeated for the
+    ``heads // H_kv`` query heads it serves (GQA): ``[B, N, heads, D]``, the
+    shape every executor reads. ``t`` itself when the heads already match."""
+    repeat = heads // t.shape[2]
+    return t if repeat == 1 else t.repeat_interleave(repeat, 2)
+
+
 def merge_heads(out: Tensor) -> Tensor:
     """``[B, N, H, D]`` -> ``[B, N, H * D]``."""
     return out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])
 
 
-def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Check the cache entries the layout reads; return them token-major."""
+def _read_cache(
+    kv_cache: KVCache | None, layout: Layout, q: Tensor, kv_heads: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Check the cache entries the layout reads (:data:`KVCache`, ``kv_heads``
+    heads); return them token-major with the query's heads (:func:`share_heads`)."""
     if not layout.cached_groups:
         if kv_cache is not None and not any(slot.cached for slot in layout.slots):
             raise ValueError(
@@ -269,7 +306,8 @@ def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str
             f"groups {list(layout.cached_groups)} have size=None, so their keys/values must come "
             "from kv_cache, but kv_cache is None"
         )
-    batch, _, heads, dim = q.shape
+    batch, _, query_heads, dim = q.shape
+    heads = kv_heads
     out = {}
     for name in layout.cached_groups:
         entry = kv_cache.get(name)
@@ -292,7 +330,7 @@ def _read_cache(kv_cache: KVCache | None, layout: Layout, q: Tensor) -> dict[str
                 )
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"kv_cache[{name!r}] has {k.shape[2]} keys but {v.shape[2]} values")
-        out[name] = (k.transpose(1, 2), v.transpose(1, 2))
+        out[name] = (share_heads(k.transpose(1, 2), query_heads), share_heads(v.transpose(1, 2), query_heads))
     return out
 
 
@@ -307,7 +345,10 @@ class MixedAttention(DotProductAttention):
     compiled :class:`patternc.Plan`.
 
     The executor is ``config.implementation``: ``batched`` (default),
-    ``loop`` or ``dense`` (see :data:`patternc.schemas.Implementation`).
+    ``loop`` or ``dense`` (see :data:`patternc.schemas.Implementation`), or
+    ``executor`` where given (an executor with its options bound, such as
+    FlexAttention's block size). ``num_kv_heads``: see
+    :class:`DotProductAttention`; the cache then holds ``num_kv_heads`` heads.
 
     >>> from patternc import AttentionPattern as P, MixedAttentionConfig, TokenSpec as T
     >>> attn = MixedAttention(MixedAttentionConfig(hidden_dim=16, num_heads=2))
@@ -319,11 +360,17 @@ class MixedAttention(DotProductAttention):
 
     config: MixedAttentionConfig
 
-    def __init__(self, config: MixedAttentionConfig | AttentionConfig) -> None:
+    def __init__(
+        self,
+        config: MixedAttentionConfig | AttentionConfig,
+        *,
+        num_kv_heads: int | None = None,
+        executor: Executor | None = None,
+    ) -> None:
         if not isinstance(config, MixedAttentionConfig):
             config = MixedAttentionConfig(**config.model_dump())
-        super().__init__(config)
-        self.executor = get_executor(config.implementation)
+        super().__init__(config, num_kv_heads=num_kv_heads)
+        self.executor = executor or get_executor(config.implementation)
 
     def forward(  # type: ignore[override]
         self,
@@ -350,10 +397,12 @@ class MixedAttention(DotProductAttention):
         key_padding_mask: Tensor | None,
         freqs: Tensor | None,
         kv_cache: KVCache | None,
+        alibi_slopes: Tensor | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """The forward pass once the layout is known (plain tensor work: the
         layout is looked up, never rebuilt, so ``torch.compile`` traces this
-        without graph breaks)."""
+        without graph breaks). ``alibi_slopes`` (``[num_heads]``): the
+        executor adds ALiBi's bias (see :class:`AttentionInputs`)."""
         if x.dim() != 3 or x.shape[1] != layout.n_tokens:
             groups = ", ".join(f"{g}={n}" for g, n in zip(layout.input_groups, layout.input_sizes))
             check_batched(
@@ -390,11 +439,13 @@ class MixedAttention(DotProductAttention):
                 recorder.check(self, layout)
             elif kv_cache is None:
                 kv_cache = recorder.load(self)
-        cache = _read_cache(kv_cache, layout, q)
+        cache = _read_cache(kv_cache, layout, q, self.num_kv_heads)
         k_in, v_in = zero_padding(k, v, key_padding)
+        heads = self.num_heads
         inputs = AttentionInputs(
-            q, k_in, v_in, layout, cache, key_padding_mask, self.attention_dropout, None, keys_compact=compact
-        )
+            q, share_heads(k_in, heads), share_heads(v_in, heads), layout, cache, key_padding_mask,
+            self.attention_dropout, None, alibi_slopes, compact,
+        )  # fmt: skip
         new_cache = None
         if sharding is None:
             out = keep_in_graph(self.executor(inputs), k, v)
@@ -405,8 +456,11 @@ class MixedAttention(DotProductAttention):
             # (gathered anchors; every key group when a chunked run records)
             out, full = sharding.attend(inputs, self.executor, recording)
             if not layout.cached_groups:
+                # the executor's K/V carry each K/V head once per query head
+                # it serves (share_heads): every `repeat`-th is the cache's
+                repeat = self.num_heads // self.num_kv_heads
                 new_cache = {
-                    g: {"k": kv[0].transpose(1, 2), "v": kv[1].transpose(1, 2)}
+                    g: {name: t[:, :, ::repeat].transpose(1, 2) for name, t in zip("kv", kv)}
                     for g, kv in full.items()
                     if g in layout.key_value_groups
                 }
@@ -452,8 +506,7 @@ class MixedAttention(DotProductAttention):
         projects only fused."""
         if type(self.qkv) is not nn.Linear:
             return None
-        inner = self.num_heads * self.head_dim
-        rows = (inner, 2 * inner)
+        rows = (self.num_heads * self.head_dim, 2 * self.kv_inner)
         q_weight, kv_weight = self.qkv.weight.split_with_sizes(rows)  # one op each: host time counts
         q_bias, kv_bias = (None, None) if self.qkv.bias is None else self.qkv.bias.split_with_sizes(rows)
         return F.linear(x, q_weight, q_bias), F.linear(compact_keys(x, layout.key_space), kv_weight, kv_bias)

@@ -35,7 +35,9 @@ import torch
 from torch import Tensor
 
 from patternc.lower.blocks import BLOCK_SIZE
+from patternc.lower.intervals import query_runs
 from patternc.lower.layout import Layout
+from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
 from patternc.tracing import compiling as _compiling
 
@@ -87,6 +89,24 @@ def group_segments(
             keys.append((layout.all_groups.index(name), start, start + length))
         start += length
     return queries, keys
+
+
+def _intervals(
+    layout: Layout,
+    queries: list[tuple[int, int, int]],
+    keys: list[tuple[int, int, int]],
+    q_len: int,
+    device: torch.device,
+    compact: bool,
+) -> Tensor | None:
+    """The per-query key intervals (:func:`interval_tables`), where keys are
+    the input's tokens and the layout's masks are intervals of them."""
+    if compact or layout.cached_groups:
+        return None
+    runs = query_runs(queries, keys, layout.pairs)
+    if runs is None:
+        return None
+    return interval_tables(runs, [stop - start for _, start, stop in queries], q_len, device)
 
 
 def _blocks_mix_groups(segments: list[tuple[int, int, int]], block: int) -> bool:
@@ -556,6 +576,11 @@ class FlexTables:
     dilated: bool = False
     """Whether some pair keeps every ``D``-th key only (the ``mask_mod`` then
     tests a remainder)."""
+    intervals: Tensor | None = None
+    """``[R, 2, q_len]`` int32: per query, the bounds of the runs of keys it
+    reads, where a layout's masks have that shape (see
+    :mod:`patternc.lower.intervals`); the ``mask_mod`` then compares a
+    key's index with them and tests no group pairs."""
     kv_input: Tensor | None = None
     """``[kv_len]``: each key's index in the input, where that is not its
     index (compact keys under ``across``); None otherwise."""
@@ -674,6 +699,7 @@ class FlexTables:
             same_offsets=_same_offsets(queries, keys, groups.modified),
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
+            intervals=_intervals(layout, queries, keys, q_len, device, compact),
         )
 
     def mask_mod(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> MaskMod:
@@ -689,7 +715,12 @@ class FlexTables:
         ``docs/performance.md``). ``lookups``: read the tables (FLASH's mask
         code, and layouts past :data:`MAX_WORDS`)."""
         sets = self.pair_sets
-        mask = self._table_mask_mod() if lookups or sets is None else self._bits_mask_mod(sets)
+        if lookups:
+            mask = self._table_mask_mod()
+        elif self.intervals is not None:
+            mask = interval_mask_mod(self.intervals)
+        else:
+            mask = self._table_mask_mod() if sets is None else self._bits_mask_mod(sets)
         if key_padding_mask is None:
             return mask
         padding = key_padding_mask

@@ -24,26 +24,45 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternc.compiler import compile as compile_program
+from patternc.configs import LinearProjectionConfig, UntiedLinearConfig, UntiedMixedAttentionConfig
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
-from patternc.nn.attention import apply_dropout, check_batched, keep_in_graph, merge_heads, plain_sizes
-from patternc.nn.context import active, execute
-from patternc.nn.executors import AttentionInputs, get_executor
-from patternc.nn.executors.common import compact_keys, group_positions, zero_padding
+from patternc.nn.attention import (
+    KVCache,
+    MixedAttention,
+    apply_dropout,
+    check_batched,
+    merge_heads,
+    plain_sizes,
+    share_heads,
+)
+from patternc.nn.context import active
+from patternc.nn.executors import Executor, get_executor
+from patternc.nn.executors.common import group_positions
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
-from patternc.nn.rope import apply_rope, rope_frequencies
+from patternc.nn.rope import rope_frequencies
 from patternc.nn.rows import RowSizes, is_per_row, rows_of
 from patternc.nn.traced_layouts import layout_of
-from patternc.nn.untied import TypeRuns, apply_per_type, type_runs
+from patternc.nn.untied import (
+    TypeBinding,
+    TypeRuns,
+    UntiedLinear,
+    UntiedMixedAttention,
+    UntiedPath,
+    check_types,
+    type_runs,
+)
 from patternc.plan import Plan, Program, Sizes, sizes_key
+from patternc.schemas import MixedAttentionConfig
 from patternc.stack_config import TransformerConfig, VisionTransformerConfig
 
 __all__ = ["Transformer", "TransformerLayer", "VisionTransformer", "alibi_slopes"]
@@ -99,30 +118,58 @@ def _norm(config: TransformerConfig) -> nn.Module:
     return RMSNorm(config.d_model) if config.norm_type == "rms" else nn.LayerNorm(config.d_model)
 
 
-class _Banks(nn.Module):
-    """One ``nn.Linear`` per token type (one when tied); ``runs`` says which
-    tokens use which bank as ``(bank, start, stop)`` slices."""
+_UNTIED_PATH: UntiedPath = "per_type"
+"""How the stack's untied linears run: one ``F.linear`` per run of a type
+(each type gathered once where its runs are many). The stack's calls are
+host-bound at small widths, where ``segments``' in-place autograd function
+costs more host time per call than the copies it saves."""
 
-    def __init__(self, n_types: int, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for _ in range(n_types))
 
-    def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
-        if len(self.layers) == 1:
-            return self.layers[0](x)  # type: ignore[no-any-return]
-        return apply_per_type(x, TypeRuns(tuple(runs), x.shape[1]), self._linear, "segments")
+def _linear(d_in: int, d_out: int, types: TypeBinding | None) -> nn.Linear | UntiedLinear:
+    """``d_in -> d_out`` with PyTorch's initialisation: one ``nn.Linear``, or
+    an :class:`~patternc.nn.untied.UntiedLinear` with a bank per bound type."""
+    if types is None:
+        return nn.Linear(d_in, d_out)
+    geometry = LinearProjectionConfig(input_dim=d_in, output_dim=d_out, init_weights="torch")
+    return UntiedLinear(
+        UntiedLinearConfig(linear_projection=geometry, num_types=types.num_types), types, _UNTIED_PATH
+    )
 
-    def _linear(self, bank: int, x: Tensor) -> Tensor:
-        return self.layers[bank](x)  # type: ignore[no-any-return]
+
+def _executor(config: TransformerConfig) -> Executor:
+    """The executor of ``attention_type``, with the stack's options bound."""
+    if config.implementation == "linear":
+        return functools.partial(run_linear, chunk_size=config.linear_attention_chunk_size)
+    if config.implementation == "flex":
+        return functools.partial(run_flex, block_size=config.attention_block_size)
+    return get_executor(config.implementation)
+
+
+def _attention(config: TransformerConfig, types: TypeBinding | None) -> MixedAttention:
+    """A layer's attention: the stack's geometry as a ``MixedAttention`` (an
+    ``UntiedMixedAttention`` with a weight bank per type), PyTorch's
+    initialisation, RoPE where ``pos_emb_type="rope"``, GQA heads."""
+    fields: dict[str, Any] = dict(
+        hidden_dim=config.d_model, num_heads=config.num_heads, head_dim=config.head_dim,
+        use_rope=config.pos_emb_type == "rope", dropout=config.dropout_rate, init_weights="torch",
+        implementation=config.implementation,
+    )  # fmt: skip
+    executor = _executor(config)
+    if types is None:
+        return MixedAttention(MixedAttentionConfig(**fields), num_kv_heads=config.kv_heads, executor=executor)
+    untied = UntiedMixedAttentionConfig(**fields, num_types=types.num_types)
+    return UntiedMixedAttention(
+        untied, types, path=_UNTIED_PATH, num_kv_heads=config.kv_heads, executor=executor
+    )
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, config: TransformerConfig, n_types: int) -> None:
+    def __init__(self, config: TransformerConfig, types: TypeBinding | None) -> None:
         super().__init__()
         self.gated = config.ff_activation in ("swiglu", "geglu")
         width = 2 * config.d_ff if self.gated else config.d_ff
-        self.up = _Banks(n_types, config.d_model, width)
-        self.down = _Banks(n_types, config.d_ff, config.d_model)
+        self.up = _linear(config.d_model, width, types)
+        self.down = _linear(config.d_ff, config.d_model, types)
         activations: dict[str, Callable[[Tensor], Tensor]] = {
             "gelu": F.gelu,
             "relu": F.relu,
@@ -132,24 +179,16 @@ class _FeedForward(nn.Module):
         self.act = activations[config.ff_activation]
         self.dropout = config.dropout_rate
 
-    def forward(self, x: Tensor, runs: Sequence[tuple[int, int, int]]) -> Tensor:
-        h = self.up(x, runs)
+    def forward(self, x: Tensor, runs: TypeRuns | None) -> Tensor:
+        """``runs``: the tokens' weight banks (None: tied layers)."""
+        h = self.up(x) if runs is None else self.up(x, runs)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.down(apply_dropout(h, self.dropout, self.training), runs)  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True)
-class _KeySide:
-    """A pattern's key space, for layers that project K/V for key tokens only:
-    its bank runs, RoPE frequencies and key padding mask in key space."""
-
-    runs: tuple[tuple[int, int, int], ...]
-    freqs: Tensor | None
-    key_padding_mask: Tensor | None
+        h = apply_dropout(h, self.dropout, self.training)
+        return self.down(h) if runs is None else self.down(h, runs)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -157,117 +196,114 @@ class _Step:
     """What every layer of one forward pass shares (built once per pass)."""
 
     layouts: Mapping[str, Layout]
-    runs: tuple[tuple[int, int, int], ...]
+    plans: Mapping[str, Plan]
+    runs: TypeRuns | None
+    """The tokens' weight banks, for the feed-forward (None: tied layers)."""
     freqs: Tensor | None
     key_padding_mask: Tensor | None
     alibi: Tensor | None
-    keys: Mapping[str, _KeySide]
-    """Patterns whose layers project K/V for key tokens only (the key space
-    is not every token, and neither a sharded run nor a chunked run's
-    recording pass indexes K/V by input position)."""
+
+
+_Attention = Callable[[Tensor], tuple[Tensor, KVCache | None]]
+
+_RENAMED_BANKS = (("out_proj", "attention.proj"), ("ff.up", "ff.up"), ("ff.down", "ff.down"))
+"""Per-bank ``nn.Linear`` modules of earlier checkpoints (``NAME.layers.BANK``)
+and the layers that hold their banks now."""
 
 
 class TransformerLayer(nn.Module):
-    """One block: attention over a pattern, then the feed-forward; pre- or post-norm."""
+    """One block: attention over a pattern, then the feed-forward; pre- or post-norm.
 
-    def __init__(self, config: TransformerConfig, pattern: str, n_types: int) -> None:
+    The attention is :class:`~patternc.nn.MixedAttention`, or with ``n_types
+    > 1`` :class:`~patternc.nn.UntiedMixedAttention` (one projection bank per
+    token type, ``types`` naming them in bank order or sharing a binding), run
+    on the layout of the layer's pattern: the one attention core of patternc,
+    and its :data:`~patternc.nn.attention.KVCache` shape. The feed-forward's
+    linears are untied the same way.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pattern: str,
+        n_types: int,
+        types: Sequence[str] | TypeBinding | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.pattern = pattern
-        heads, kv_heads, dim = config.num_heads, config.kv_heads, config.head_dim
-        self.q_proj = _Banks(n_types, config.d_model, heads * dim)
-        self.kv_proj = _Banks(n_types, config.d_model, 2 * kv_heads * dim)
-        self.out_proj = _Banks(n_types, heads * dim, config.d_model)
-        self.ff = _FeedForward(config, n_types)
+        binding = check_types(types, n_types) if n_types > 1 else None
+        self.attention = _attention(config, binding)
+        self.ff = _FeedForward(config, binding)
         self.norm1, self.norm2 = _norm(config), _norm(config)
-        executor = get_executor(config.implementation)
-        if config.implementation == "linear":
-            executor = functools.partial(run_linear, chunk_size=config.linear_attention_chunk_size)
-        elif config.implementation == "flex":
-            executor = functools.partial(run_flex, block_size=config.attention_block_size)
-        self.executor = executor
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # earlier checkpoints: one nn.Linear per bank (`q_proj.layers.BANK`,
+        # `kv_proj...`, `out_proj...`, `ff.up...`, `ff.down...`); Q and K/V
+        # rows are the fused projection's, in that order
+        banks = "" if isinstance(self.attention.qkv, nn.Linear) else ".{bank}"
+        n_types = 1 if not banks else self.attention.config.num_types  # type: ignore[attr-defined]
+        for param in ("weight", "bias"):
+            for bank in range(n_types):
+                suffix = banks.format(bank=bank)
+                q, kv = (f"{prefix}{name}.layers.{bank}.{param}" for name in ("q_proj", "kv_proj"))
+                if q in state_dict and kv in state_dict:
+                    fused = torch.cat([state_dict.pop(q), state_dict.pop(kv)])
+                    state_dict[f"{prefix}attention.qkv.{param}{suffix}"] = fused
+                for old, new in _RENAMED_BANKS:
+                    value = state_dict.pop(f"{prefix}{old}.layers.{bank}.{param}", None)
+                    if value is not None:
+                        state_dict[f"{prefix}{new}.{param}{suffix}"] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def executor(self) -> Executor:
+        """The executor the attention runs (``attention_type``'s)."""
+        return self.attention.executor
 
     def qkv(self, x: Tensor, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
-        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, Nk, H_kv, D]`` (RoPE
-        applied): Nk = N, or the key space's tokens when ``step.keys`` has the pattern."""
-        b, n, _ = x.shape
-        c = self.config
-        q = self.q_proj(x, step.runs).view(b, n, c.num_heads, c.head_dim)
-        key_side = step.keys.get(self.pattern)
-        if key_side is None:
-            kv, kv_runs, key_freqs = x, step.runs, step.freqs
-        else:
-            kv = compact_keys(x, step.layouts[self.pattern].key_space)
-            kv_runs, key_freqs = key_side.runs, key_side.freqs
-        k, v = self.kv_proj(kv, kv_runs).view(b, kv.shape[1], 2, c.kv_heads, c.head_dim).unbind(2)
-        if step.freqs is not None:
-            assert key_freqs is not None
-            q, k = apply_rope(q, step.freqs), apply_rope(k, key_freqs)
-        return q, k, v
+        """Token-major Q ``[B, N, H, D]`` and K, V ``[B, N, H_kv, D]`` of every
+        token of ``x`` (RoPE applied), by the attention's projection."""
+        patterns = step.plans[self.pattern]
+        qkv = self.attention._project_in(x, step.layouts[self.pattern], patterns)
+        return self.attention.split_heads(qkv, step.freqs)
 
-    def attend(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def attend(self, x: Tensor, step: _Step) -> tuple[Tensor, KVCache | None]:
+        """The attention branch over ``x`` (normed): its output and the
+        :data:`~patternc.nn.attention.KVCache` of the pattern's key/value
+        groups (None where a group was read from a cache)."""
+        return self.attention._attend(
+            x, step.layouts[self.pattern], step.plans[self.pattern], step.key_padding_mask, step.freqs,
+            None, step.alibi,
+        )  # fmt: skip
+
+    def decode(
+        self, x: Tensor, step: _Step, cache: KVCache, position: int, first: int, bias: Tensor | None
+    ) -> Tensor:
+        """The attention branch of one new token ``x`` (``[B, 1, d_model]``,
+        normed) at ``position``: its K/V written into ``cache`` (the one
+        group's entries, ``[B, H_kv, kv_cache_max_len, D]``), its query
+        attending to positions ``first .. position`` (``bias``: ALiBi's)."""
         q, k, v = self.qkv(x, step)
-        repeat = self.config.num_heads // self.config.kv_heads
-        k_all, v_all = (
-            (k, v) if repeat == 1 else (k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2))
+        (entry,) = cache.values()
+        entry["k"][:, :, position], entry["v"][:, :, position] = k[:, 0], v[:, 0]
+        heads = self.attention.num_heads
+        keys, values = (
+            share_heads(window.transpose(1, 2), heads)
+            for window in (entry["k"][:, :, first : position + 1], entry["v"][:, :, first : position + 1])
         )
-        dropout = self.config.dropout_rate if self.training else 0.0
-        layout = step.layouts[self.pattern]
-        key_side = step.keys.get(self.pattern)
-        k_all, v_all = zero_padding(
-            k_all, v_all, step.key_padding_mask if key_side is None else key_side.key_padding_mask
-        )
-        recorder = active().cache
-        cache: dict[str, tuple[Tensor, Tensor]] = {}
-        if recorder is not None:
-            if recorder.recording:
-                recorder.check(self, layout)
-            else:  # chunked inference: the context groups' keys/values, recorded once
-                cache = {g: (e["k"], e["v"]) for g, e in recorder.load(self).items()}
-        inputs = AttentionInputs(
-            q,
-            k_all,
-            v_all,
-            layout,
-            cache,
-            step.key_padding_mask,
-            dropout,
-            None,
-            step.alibi,
-            key_side is not None,
-        )
-        recording = recorder is not None and recorder.recording
-        sharding = active().sharding
-        if sharding is not None and recording:
-            # this rank holds only its share of each group: the sharded call
-            # returns every key group in full, which the chunks of queries read
-            attended, full = sharding.attend(inputs, self.executor, True)
-        else:
-            attended, full = execute(self.executor, inputs), None
-        out = self.out_proj(merge_heads(keep_in_graph(attended, k, v)), step.runs)
-        if recording:
-            assert recorder is not None
-            if full is not None:
-                stored = {g: {"k": full[g][0], "v": full[g][1]} for g in layout.key_value_groups}
-            else:
-                keys = k_all.split_with_sizes(layout.input_sizes, dim=1)
-                values = v_all.split_with_sizes(layout.input_sizes, dim=1)
-                stored = {
-                    g: {"k": keys[i], "v": values[i]}
-                    for g, i in zip(layout.key_value_groups, layout.key_value_indices)
-                }
-            recorder.store(self, stored)  # token-major, as the executors read them
-        return apply_dropout(out, self.config.dropout_rate, self.training), (k, v)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
+        ).transpose(1, 2)
+        layout, patterns = step.layouts[self.pattern], step.plans[self.pattern]
+        return self.attention._project_back(merge_heads(attended), layout, patterns)
 
-    def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, step: _Step) -> tuple[Tensor, KVCache | None]:
         return self.residual(x, lambda h: self.attend(h, step), step.runs)
 
     def residual(
-        self,
-        x: Tensor,
-        attention: Callable[[Tensor], tuple[Tensor, tuple[Tensor, Tensor]]],
-        runs: Sequence[tuple[int, int, int]],
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        self, x: Tensor, attention: _Attention, runs: TypeRuns | None
+    ) -> tuple[Tensor, KVCache | None]:
         """The block around ``attention`` (pre- or post-norm residuals and the
         feed-forward); decoding passes its cache attention here."""
         if self.config.use_pre_norm:
@@ -317,6 +353,9 @@ class Transformer(nn.Module):
             )
         self.type_names = tuple(dict.fromkeys(t for p in self.plans.values() for t in p.types.values()))
         n_types = len(self.type_names) if config.untied else 1
+        # the layers' banks: tied where there is one type
+        types = TypeBinding(n_types, self.type_names) if n_types > 1 else None
+        self._banks = None if types is None else self.type_names
         if config.vocab_size is not None:
             # std d^-1/2: the sqrt(d)-scaled inputs have unit variance and the
             # tied output logits start near unit scale
@@ -324,7 +363,7 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
         else:
             self.embed = nn.Identity()
-        self.layers = nn.ModuleList(TransformerLayer(config, p, n_types) for p in self.layer_patterns)
+        self.layers = nn.ModuleList(TransformerLayer(config, p, n_types, types) for p in self.layer_patterns)
         self.final_norm: nn.Module = _norm(config) if config.use_pre_norm else nn.Identity()
         self.register_buffer("alibi", alibi_slopes(config.num_heads), persistent=False)
 
@@ -391,12 +430,10 @@ class Transformer(nn.Module):
         """The records every layer reads; ``plans`` replaces :attr:`plans`
         (the plans stacked once per row of a call with one dict per row)."""
         plans = self.plans if plans is None else plans
-        layouts = {}
-        runs: tuple[tuple[int, int, int], ...] = ((0, 0, sum(n or 0 for n in sizes.values())),)
-        for name in dict.fromkeys(self.layer_patterns):
-            layouts[name] = layout_of(plans[name], sizes)
-        if self.config.untied:
-            runs = _bank_runs(next(iter(plans.values())), sizes, self.type_names)
+        layouts = {name: layout_of(plans[name], sizes) for name in dict.fromkeys(self.layer_patterns)}
+        runs = None
+        if self._banks is not None:
+            runs = _type_runs(next(iter(plans.values())), sizes, self._banks)
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
@@ -407,19 +444,7 @@ class Transformer(nn.Module):
                 "chunked inference of the Transformer stack supports neither ALiBi nor key padding "
                 "(they read positions and masks of the cached context); run it in one shot"
             )
-        keys = {}
-        context = active()
-        recorder = context.cache  # a recording pass indexes K/V by input position; chunks of queries do not
-        if context.sharding is None and (recorder is None or not recorder.recording):
-            for name, layout in layouts.items():
-                space = layout.key_space
-                if not space.identity:
-                    keys[name] = _KeySide(
-                        TypeRuns(runs, layout.n_tokens).in_key_space(space).runs,
-                        None if freqs is None else compact_keys(freqs, space, dim=-2),
-                        None if padding is None else compact_keys(padding, space),
-                    )
-        return _Step(layouts, runs, freqs, padding, alibi, keys)
+        return _Step(layouts, plans, runs, freqs, padding, alibi)
 
     def embed_inputs(self, x: Tensor, positions: Tensor) -> Tensor:
         h: Tensor = self.embed(x)
@@ -469,7 +494,8 @@ class Transformer(nn.Module):
         sizes: Sizes | None,
         key_padding_mask: Tensor | None,
         plans: Mapping[str, Plan] | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    ) -> tuple[Tensor, list[KVCache | None]]:
+        """The stack's output and each layer's :data:`~patternc.nn.attention.KVCache`."""
         c = self.config
         ids = c.vocab_size is not None
         group_sizes: dict[str, int | None]
@@ -563,21 +589,24 @@ class Transformer(nn.Module):
         total = prompt.shape[1] + max_new_tokens
         if total > c.cache_len:
             raise ValueError(f"{total} tokens do not fit the KV cache of kv_cache_max_len={c.cache_len}")
-        logits, kvs = self._run(prompt, None, None)
-        b, t = prompt.shape
-        cache_k = prompt.new_zeros(
-            (len(self.layers), b, c.cache_len, c.kv_heads, c.head_dim), dtype=logits.dtype
-        )
-        cache_v = torch.zeros_like(cache_k)
-        for i, (k, v) in enumerate(kvs):
-            cache_k[i, :, :t], cache_v[i, :, :t] = k, v
+        logits, caches = self._run(prompt, None, None)
+        (group,) = self._default_sizes(prompt.shape[1])
+        # each layer's KVCache, its group's K/V grown to the cache's length
+        grown: list[KVCache] = []
+        for cache in caches:
+            assert cache is not None  # no group came from a cache
+            entry = {}
+            for name, kv in cache[group].items():
+                entry[name] = kv.new_zeros(kv.shape[0], kv.shape[1], c.cache_len, kv.shape[3])
+                entry[name][:, :, : kv.shape[2]] = kv
+            grown.append({group: entry})
         out = [prompt]
         token = _pick(logits[:, -1], temperature)
-        for position in range(t, total):
+        for position in range(prompt.shape[1], total):
             out.append(token[:, None])
             if position == total - 1:
                 break
-            logits = self._decode_step(token, position, cache_k, cache_v)
+            logits = self._decode_step(token, position, grown)
             token = _pick(logits, temperature)
         return torch.cat(out, dim=1)
 
@@ -600,39 +629,30 @@ class Transformer(nn.Module):
             raise ValueError(f"generate needs one window for every layer, got {sorted(map(str, windows))}")
         return windows.pop()
 
-    def _decode_step(self, token: Tensor, position: int, cache_k: Tensor, cache_v: Tensor) -> Tensor:
+    def _decode_step(self, token: Tensor, position: int, caches: Sequence[KVCache]) -> Tensor:
+        """Logits of ``token`` (``[B]`` ids) at ``position``, each layer's
+        ``caches`` entry (``[B, H_kv, kv_cache_max_len, D]``) holding the K/V
+        of the positions before it; this token's K/V are written into it."""
         c = self.config
         window = self._decoder_window
         positions = torch.tensor([position], device=token.device)
-        freqs = rope_frequencies(positions, c.head_dim, c.rope_base) if c.pos_emb_type == "rope" else None
         (group,) = self._default_sizes(1)
-        runs: tuple[tuple[int, int, int], ...] = ((0, 0, 1),)
-        if c.untied:
-            runs = _bank_runs(next(iter(self.plans.values())), {group: 1}, self.type_names)
+        step = self._step({group: 1}, positions, None)
         h = self.embed_inputs(token[:, None], positions)
-        lo = 0 if window is None else max(0, position - window + 1)
-        keys_at = torch.arange(lo, position + 1, device=token.device)
-        repeat = c.num_heads // c.kv_heads
+        first = 0 if window is None else max(0, position - window + 1)
         bias = None
         if c.pos_emb_type == "alibi":
+            keys_at = torch.arange(first, position + 1, device=token.device)
             bias = (-self.alibi[:, None, None] * (position - keys_at).to(h.dtype))[None]
-        for i, layer in enumerate(self.layers):
+        for layer, cache in zip(self.layers, caches):
             assert isinstance(layer, TransformerLayer)
 
             def cached_attention(
-                x: Tensor, i: int = i, layer: TransformerLayer = layer
-            ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                q, k, v = layer.qkv(x, _Step({}, runs, freqs, None, None, {}))
-                cache_k[i, :, position], cache_v[i, :, position] = k[:, 0], v[:, 0]
-                keys, values = cache_k[i, :, lo : position + 1], cache_v[i, :, lo : position + 1]
-                if repeat > 1:
-                    keys, values = keys.repeat_interleave(repeat, 2), values.repeat_interleave(repeat, 2)
-                attended = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias
-                ).transpose(1, 2)
-                return layer.out_proj(merge_heads(attended), runs), (k, v)
+                x: Tensor, layer: TransformerLayer = layer, cache: KVCache = cache
+            ) -> tuple[Tensor, KVCache | None]:
+                return layer.decode(x, step, cache, position, first, bias), None
 
-            h, _ = layer.residual(h, cached_attention, runs)
+            h, _ = layer.residual(h, cached_attention, step.runs)
         return self.head(h)[:, 0]
 
 
@@ -686,12 +706,10 @@ def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
     return out
 
 
-def _bank_runs(
-    plan: Plan, sizes: Mapping[str, int | None], type_names: tuple[str, ...]
-) -> tuple[tuple[int, int, int], ...]:
-    """``(bank, start, stop)`` runs of same-type tokens (the untied layers' lookup)."""
-    types = plan.bind(list(sizes)).types
-    return type_runs(sizes, types, type_names).runs
+def _type_runs(plan: Plan, sizes: Mapping[str, int | None], banks: tuple[str, ...]) -> TypeRuns:
+    """Runs of same-type tokens over the banks ``banks`` (the feed-forward's
+    lookup; the attention makes the same one from its plan)."""
+    return type_runs(sizes, plan.bind(list(sizes)).types, banks)
 
 
 def _plans(program: Program | Plan | str | None) -> dict[str, Plan]:

@@ -31,7 +31,7 @@ from patternc.configs import (
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import KeySpace, Layout
 from patternc.nn.attention import MixedAttention, init_linear
-from patternc.nn.executors.common import compact_keys
+from patternc.nn.executors.common import Executor, compact_keys
 from patternc.nn.layers import activation_fn
 from patternc.plan import Plan
 from patternc.schemas import TokenSpec, domain_of
@@ -605,6 +605,7 @@ class UntiedMixedAttention(MixedAttention):
 
     Group types come from the plan (``Plan.types``) when ``attention_patterns``
     is a compiled plan, else from ``group_types``, else each group's domain.
+    ``num_kv_heads`` and ``executor`` as in :class:`MixedAttention`.
     """
 
     def __init__(
@@ -613,9 +614,12 @@ class UntiedMixedAttention(MixedAttention):
         types: Sequence[str] | TypeBinding | None = None,
         group_types: Mapping[str, str] | None = None,
         path: UntiedPath = "auto",
+        *,
+        num_kv_heads: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
-        super().__init__(config)
-        projections = config.projection_config()
+        super().__init__(config, num_kv_heads=num_kv_heads, executor=executor)
+        projections = config.projection_config(num_kv_heads)
         self.types = check_types(types, config.num_types)
         self.group_types = dict(group_types or {})
         proj = UntiedLinear(projections.out, self.types, path)
@@ -639,10 +643,17 @@ class UntiedMixedAttention(MixedAttention):
         """Q for every token by its type's bank, K/V for the key space's
         tokens only by theirs (rows of each bank's fused weight)."""
         runs = self.type_runs(dict(layout.sizes), patterns)
-        inner = self.num_heads * self.head_dim
+        qkv = self.qkv
+        assert isinstance(qkv, UntiedLinear)
+        rows = (self.num_heads * self.head_dim, 2 * self.kv_inner)
+        # one split per bank (not a slice per call): its backward is one
+        # concatenation, where two slices would each scatter into zeros
+        weights = [w.split_with_sizes(rows) for w in qkv.bank_weights()]
+        biases = None if qkv.bias is None else [b.split_with_sizes(rows) for b in qkv.bias]
         space = layout.key_space
-        q = self.qkv(x, runs, rows=slice(0, inner))
-        kv = self.qkv(compact_keys(x, space), runs.in_key_space(space), rows=slice(inner, None))
+        q = qkv.run(x, runs, [w[0] for w in weights], None if biases is None else [b[0] for b in biases])
+        kv_weights, kv_biases = [w[1] for w in weights], None if biases is None else [b[1] for b in biases]
+        kv = qkv.run(compact_keys(x, space), runs.in_key_space(space), kv_weights, kv_biases)
         return q, kv
 
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:

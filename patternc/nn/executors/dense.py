@@ -98,6 +98,9 @@ def run_dense(inputs: AttentionInputs) -> Tensor:
         dropout_p=dropout_p,
         scale=scale,
     )
-    poisoned = (mask & bad.transpose(1, 2)[:, :, None, :]).any(-1, keepdim=True)  # [B, H, N, 1]
+    # bad keys each query reads, counted by one product over the keys (a
+    # boolean [B, H, N, Nk] tensor would be heads times the mask's size)
+    reads_bad = torch.matmul(mask[:, 0].to(torch.float32), bad.to(torch.float32))  # [B, N, H]
+    poisoned = (reads_bad > 0).transpose(1, 2)[..., None]  # [B, H, N, 1]
     out = out.masked_fill(poisoned, float("nan"))
     return (out * keep.to(out.dtype)).transpose(1, 2)
