@@ -133,7 +133,6 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     over the blocks both hold whole."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from patternc.nn.tables import TABLES
     from patternc.plan import BINDINGS, LAYOUTS
 
     plan = patternc.compile(FRAMES).patterns["default"]
@@ -142,9 +141,8 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     n = prompt + count * frame
 
     def clear() -> None:
-        LAYOUTS.clear()
+        LAYOUTS.clear()  # a layout's tables leave with it
         BINDINGS.clear()
-        TABLES.clear()
 
     def cold() -> object:
         clear()
@@ -157,7 +155,7 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     layout = plan.layout(sizes)
 
     def tables_only() -> object:
-        TABLES.clear()
+        layout.tables.clear()
         return FlexTables.build(layout, {}, device)
 
     tables = FlexTables.build(layout, {}, device)

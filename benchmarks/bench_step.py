@@ -316,9 +316,9 @@ def main() -> None:
     print(f"Dynamo warnings naming patternc: {len(dynamo)}{': ' + dynamo[0][:200] if dynamo else ''}")
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP (MFU against {args.peak:.0f} TFLOP/s)")
     if args.backend == "auto":
-        from patternc.nn.executors.auto import PICKS
+        from patternc.nn.executors.auto import picks as kept_picks
 
-        picks = sorted({(f"training={k[5]}, compact={k[6]}", pick) for k, (_, pick) in PICKS.items()})
+        picks = sorted({(f"training={c[4]}, compact={c[5]}", pick) for c, pick in kept_picks()})
         print("auto's picks on record:")
         for conditions, pick in picks:
             print(f"  {conditions}: {pick}")

@@ -12,6 +12,7 @@ cache, :data:`LAYOUTS`. Exports (JSON, Graphviz) live in :mod:`patternc.export`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -300,18 +301,33 @@ def layout_key(plan: Plan, sizes: Sizes) -> tuple[Plan, tuple[tuple[str, int | N
 def layout_weight(layout: Layout) -> int:
     """A layout's approximate bytes: its records grow with its groups, calls
     and segments (a few hundred bytes each), so the cache bounds memory as
-    well as entries."""
+    well as entries. Its tables are counted apart (``layout.tables.nbytes``)."""
     segments = sum(len(c.queries) + len(c.keys) for c in layout.calls)
     return 256 * (len(layout.slots) + len(layout.calls) + segments + len(layout.pairs)) + 4096
 
 
-LAYOUTS: BoundedCache[tuple[Plan, tuple[tuple[str, int | None], ...]], Layout] = BoundedCache(
-    "layouts", 4096, weigh=layout_weight, max_weight=512 << 20
+LayoutKey = tuple[Plan, tuple[tuple[str, int | None], ...]]
+
+
+def _with_tables(layout: Layout) -> int:
+    return layout_weight(layout) + layout.tables.nbytes
+
+
+def _report_growth(key: LayoutKey, layout: Layout) -> None:
+    """A stored layout's tables report their growth to :data:`LAYOUTS`."""
+    layout.tables.attach(functools.partial(LAYOUTS.charge, key))
+
+
+LAYOUTS: BoundedCache[LayoutKey, Layout] = BoundedCache(
+    "layouts", 4096, weigh=_with_tables, max_weight=3 << 29, on_store=_report_growth
 )
 """The one per-(plan, sizes) cache: key ``(plan, ((group, size), ...))`` (sizes
 as given: a dict's items or a ``TokenSpec`` list's ``(name, size)`` pairs, in
 order) -> the :class:`~patternc.lower.layout.Layout`, which owns every record
-derived from that pair. At most 4096 layouts and about 512 MB of them."""
+derived from that pair, device tables and ``auto``'s pick included
+(``layout.tables``, see :mod:`patternc.lower.tables`). At most 4096 layouts
+and about 1.5 GB of layouts and their tables together; an evicted layout
+takes its tables with it."""
 
 BINDINGS: BoundedCache[tuple[Plan, tuple[str, ...]], Plan] = BoundedCache("bindings", 1024)
 """Key ``(plan, group names)`` -> the plan with its families bound to those names."""

@@ -89,3 +89,13 @@ def matmul_precision() -> Iterator[Callable[[str], None]]:
         matmul.fp32_precision = previous
     else:
         torch.set_float32_matmul_precision("highest")
+
+
+def forget_tables() -> None:
+    """Drop what executors stored in the cached layouts' tables (device
+    tables, ``auto``'s picks), keeping the layouts: the next call builds
+    them again, as a layout's first call does."""
+    from patternc.plan import LAYOUTS
+
+    for layout in LAYOUTS.values():
+        layout.tables.clear()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, forget_tables
 
 import patternc
 from patternc.nn import PatternAttention
@@ -145,12 +145,12 @@ def test_auto_choice_is_a_constant_to_dynamo(monkeypatch: pytest.MonkeyPatch) ->
         return (auto.Estimate(record.backend, 0.0),)
 
     monkeypatch.setattr(auto, "_candidates", untraceable)
-    auto.TABLES.clear()
+    forget_tables()
     plan, sizes = PLANS["joint"]
     module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan, backend="auto")
     x = torch.randn(2, sum(sizes.values()), 16)
     module(x, sizes)
-    auto.PICKS.clear()  # the trace must make the pick itself
+    forget_tables()  # the trace must make the pick itself
     calls.clear()
     torch._dynamo.reset()
     out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes)
@@ -178,7 +178,7 @@ def test_auto_runs_its_flex_pick_inside_a_compiled_graph(
     plan, sizes = PLANS["joint"]
     module = PatternAttention(patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2), plan, backend="auto")
     x = torch.randn(2, sum(sizes.values()), 16)
-    auto.PICKS.clear()
+    forget_tables()
     with torch.no_grad():
         expected, _ = module(x, sizes)
         torch._dynamo.reset()
@@ -262,11 +262,9 @@ def test_flex_compiles_inside_a_user_graph_with_the_eager_tables(
     flex_attention on tables computed in the graph), warns nothing naming
     patternc (the executor's own cached compiled function is not reached),
     and matches the eager layer."""
-    from patternc.nn.tables import TABLES
-
     module, sizes, traced_builds = _flex_on_cpu(monkeypatch)
     x = torch.randn(2, sum(sizes.values()), 32)
-    TABLES.clear()
+    forget_tables()
     expected, out, messages = _eager_then_compiled(module, x, sizes)
     assert not [m for m in messages if "patternc" in m or "lru_cache" in m], messages
     assert traced_builds == []
@@ -303,7 +301,6 @@ def test_flex_without_stored_tables_in_a_user_graph_runs_as_batched(
     in the user's graph, which fails Inductor's lowering: the trace runs the
     call as ``batched`` instead (same numbers)."""
     from patternc.nn.executors import batched
-    from patternc.nn.tables import TABLES
 
     module, sizes, traced_builds = _flex_on_cpu(monkeypatch)
     ran: list[str] = []
@@ -320,7 +317,7 @@ def test_flex_without_stored_tables_in_a_user_graph_runs_as_batched(
     with torch.no_grad():
         module(x, sizes)  # the layout is known (torch 2.11 needs it); the tables are stored
         if case == "cold":
-            TABLES.clear()
+            forget_tables()
         torch._dynamo.reset()
         out, _ = torch.compile(module, fullgraph=True, backend="eager")(x, sizes, key_padding_mask=mask)
         reference = PatternAttention(module.config, module.plan, backend="batched")
@@ -350,28 +347,27 @@ def test_gpu_flex_layer_compiles_fullgraph(dtype: torch.dtype) -> None:
 
 
 def test_traced_table_lookups_compile_in_one_graph() -> None:
-    """Compiled layers ask :data:`~patternc.nn.tables.TABLES` for what eager
-    calls stored (flex does on every trace), so its lookups must trace
-    without a break. A bound builtin ``dict.get`` as the lookup broke the
-    graph under torch 2.11, which is why only ``auto``'s
-    untraced hot path takes
-    :meth:`~patternc.lower.cache.BoundedCache.untraced_lookup`; torch 2.13
-    traces either, so here this guards the traced path itself."""
+    """Compiled layers ask a layout's tables for what eager calls stored
+    (flex does on every trace), so their lookups must trace without a
+    break. A bound builtin ``dict.get`` as the lookup broke the graph under
+    torch 2.11, which is why only ``auto``'s untraced hot path reads
+    ``tables.entries.get`` itself; torch 2.13 traces either, so here this
+    guards the traced path itself."""
     from conftest import ab_sizes
 
     from patternc.nn.schedule import schedule_for
-    from patternc.nn.tables import TABLES
+    from patternc.nn.tables import kept_table, table
 
     plan = patternc.compile(open(EXAMPLES / "ab_upt.patc").read())["joint"]
     layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
-    key = ("traced lookup test", layout, 3)
-    TABLES.keep(key, lambda: 5)
+    key = ("traced lookup test", 3)
+    kept_table(layout, key, lambda: 5)
     torch._dynamo.reset()
     compiled = torch.compile(
-        lambda t: t + TABLES.get(key, lambda: 0, traceable=True), fullgraph=True, backend="eager"
+        lambda t: t + table(layout, key, lambda: 0, traceable=True), fullgraph=True, backend="eager"
     )
     assert torch.equal(compiled(torch.zeros(2)), torch.full((2,), 5.0))
-    TABLES.clear()
+    layout.tables.clear()
 
 
 def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:

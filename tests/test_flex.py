@@ -23,7 +23,6 @@ from patternc.nn import PatternAttention
 from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
 from patternc.nn.schedule import schedule_for
-from patternc.nn.tables import TABLES
 
 IMPLEMENTATIONS = ["batched", "loop", "dense", "flex"]
 
@@ -271,10 +270,10 @@ def test_member_structures_block_classes(name: str, cached: bool) -> None:
     n_kv = tables.kv_len // 128
     assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_kv), tables.partial)
     assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_kv), tables.full)
-    TABLES.clear()
+    layout.tables.clear()
     with patch("patternc.nn.flexmask._compiling", return_value=True):
         listed = FlexTables.build(layout, lengths, "cpu")
-    TABLES.clear()
+    layout.tables.clear()
     assert torch.equal(listed.partial, tables.partial)
     assert torch.equal(listed.full, tables.full)
 
@@ -333,8 +332,6 @@ def test_flex_tables_build_inside_a_fullgraph_compile(pattern: str) -> None:
     """A user's ``torch.compile(fullgraph=True)`` traces the table build (no
     cached tables under tracing): the host packing has a traceable path, and
     the traced tables and block mask equal the eager ones."""
-    from patternc.nn.tables import TABLES
-
     sizes = {"surface_anchors": 130, "surface_queries": 70, "volume_anchors": 9, "volume_queries": 200}
     plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns[pattern]
     layout = schedule_for(plan.token_specs(sizes), plan)
@@ -346,7 +343,7 @@ def test_flex_tables_build_inside_a_fullgraph_compile(pattern: str) -> None:
                 mask.kv_indices, mask.full_kv_num_blocks)  # fmt: skip
 
     eager = tables(torch.zeros(()))
-    TABLES.clear()
+    layout.tables.clear()
     torch._dynamo.reset()
     traced = torch.compile(tables, fullgraph=True, backend="eager")(torch.zeros(()))
     assert len(traced) == len(eager)
@@ -847,8 +844,8 @@ def test_the_flash_block_mask_reads_int32_groups_and_masks_alike() -> None:
     sizes = {"surface_anchors": 100, "surface_queries": 156, "volume_anchors": 128, "volume_queries": 40}
     layout = schedule_for(AB_UPT.token_specs(sizes), AB_UPT)
     tables = FlexTables.build(layout, {}, "cpu")
-    key = ("test", layout)
-    wide, narrow = tables.block_mask(), flex._flash_block_mask(tables, key)
+    key = ("test",)
+    wide, narrow = tables.block_mask(), flex._flash_block_mask(layout, tables, key)
     assert torch.equal(wide.kv_num_blocks, narrow.kv_num_blocks)
     assert torch.equal(wide.full_kv_indices, narrow.full_kv_indices)
     captured = [

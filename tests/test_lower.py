@@ -13,9 +13,9 @@ import torch
 
 import patternc
 from patternc.lower.cache import BoundedCache
+from patternc.lower.tables import Tables
 from patternc.nn import PatternAttention
 from patternc.nn.chunked import chunked
-from patternc.nn.tables import TABLES
 from patternc.plan import LAYOUTS, layout_weight
 
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
@@ -134,13 +134,52 @@ def test_bounded_cache_under_threads_never_loses_an_entry_mid_read() -> None:
     assert len(cache) <= 8
 
 
+def test_a_layouts_tables_are_bounded_by_entries_and_bytes() -> None:
+    tables = Tables(max_entries=3, max_bytes=10)
+    for key, weight in (("a", 4), ("b", 4), ("c", 2)):
+        assert tables.get((key,), lambda key=key: key, weigh=lambda _, w=weight: w) == key  # type: ignore[misc]
+    assert tables.nbytes == 10 and len(tables) == 3
+    tables.get(("d",), lambda: "d", weigh=lambda _: 1)  # a fourth table: the oldest leaves
+    assert tables.stored(("a",)) is None and tables.nbytes == 7
+    tables.get(("e",), lambda: "e", weigh=lambda _: 12)  # heavier than the bound: kept alone
+    assert list(tables.entries) == [("e",)] and tables.nbytes == 12
+    assert tables.put(("e",), "other", 1) == "e"  # the first stored wins
+    tables.clear()
+    assert len(tables) == 0 and tables.nbytes == 0
+
+
+def test_a_layouts_tables_are_weighed_with_it_and_leave_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout cache counts each layout with the tables executors stored
+    in it, evicts layouts when their tables outgrow the bound, and an
+    evicted layout's tables charge the cache nothing more."""
+    LAYOUTS.clear()
+    torch.manual_seed(0)
+    config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
+    layer = PatternAttention(config, ANCHORS, backend="dense").double().eval()
+    first, second = {"anchors": 3, "queries": 5}, {"anchors": 4, "queries": 6}
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 16, dtype=torch.float64), first)
+    layout = ANCHORS.layout(first)
+    assert len(layout.tables) and layout.tables.nbytes > 0  # the dense mask's tables
+    assert LAYOUTS.weight == layout_weight(layout) + layout.tables.nbytes
+    monkeypatch.setattr(LAYOUTS, "max_weight", LAYOUTS.weight + layout_weight(ANCHORS.layout(second)) + 1)
+    assert len(LAYOUTS) == 2
+    with torch.no_grad():
+        layer(torch.randn(1, 10, 16, dtype=torch.float64), second)  # its tables push the first out
+    assert [key[1] for key, _ in LAYOUTS.items()] == [tuple(second.items())]
+    weight = LAYOUTS.weight
+    layout.tables.put(("after eviction",), 0, 1000)
+    assert LAYOUTS.weight == weight
+    LAYOUTS.clear()
+
+
 # ------------------------------------------------------- threads on one module
 
 
-def _layer() -> PatternAttention:
+def _layer(backend: str = "batched") -> PatternAttention:
     torch.manual_seed(0)
     config = patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2)
-    return PatternAttention(config, ANCHORS).double().eval()
+    return PatternAttention(config, ANCHORS, backend=backend).double().eval()
 
 
 def _inputs(count: int) -> list[tuple[torch.Tensor, dict[str, int]]]:
@@ -152,15 +191,16 @@ def _inputs(count: int) -> list[tuple[torch.Tensor, dict[str, int]]]:
     return out
 
 
+@pytest.mark.parametrize("backend", ["batched", "dense"])
 @pytest.mark.parametrize("with_chunked", [False, True], ids=["plain", "chunked"])
 def test_four_threads_on_one_module_give_the_sequential_results(
-    monkeypatch: pytest.MonkeyPatch, with_chunked: bool
+    monkeypatch: pytest.MonkeyPatch, with_chunked: bool, backend: str
 ) -> None:
     """More layouts than the caches hold (so entries are evicted while other
-    threads read them); half the threads run ``chunked`` beside plain calls."""
-    monkeypatch.setattr(LAYOUTS, "size", 4)
-    monkeypatch.setattr(TABLES, "size", 4)
-    layer = _layer()
+    threads read them); half the threads run ``chunked`` beside plain calls;
+    ``dense`` fills each layout's tables while layouts leave the cache."""
+    monkeypatch.setattr(LAYOUTS, "size", 4)  # a layout's tables leave with it
+    layer = _layer(backend)
     inputs = _inputs(24)
 
     def forward(x: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:

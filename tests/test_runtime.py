@@ -650,13 +650,12 @@ def test_whole_call_gathers_keys_in_one_index_select() -> None:
 def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A traceable table an eager call built is what a trace gets (found by a
-    key with the layout's ``id``), never another layout's under a reused
-    ``id``; a plain table is always rebuilt under tracing; ``clear`` empties
-    both stores."""
-    from patternc.nn import tables
+    """A traceable table an eager call built is what a trace gets, from the
+    layout's own slot (another layout with the same key has none); a plain
+    table is always rebuilt under tracing; ``clear`` empties the slot."""
+    from patternc.lower import tables
+    from patternc.nn.tables import stored_table, table
 
-    cache = tables.LayoutTables("test tables", 4)
     first = schedule_for(ab_specs(4, 8), AB.patterns["joint"])
     second = schedule_for(ab_specs(5, 8), AB.patterns["joint"])
     builds: list[str] = []
@@ -665,22 +664,19 @@ def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
         builds.append(name)
         return name
 
-    assert cache.get(("kind", first), lambda: build("first"), traceable=True) == "first"
-    assert cache.get(("kind", first), lambda: build("again"), traceable=True) == "first"
-    assert cache.get(("plain", first), lambda: build("plain")) == "plain"
-    # an entry whose id names another layout than the one it holds: never handed out
-    cache._traceable.get_or_build(tables._plain(("kind", second)), lambda: ((first,), "stale"))
-    import patternc.lower.cache
-
-    monkeypatch.setattr(tables, "_compiling", lambda: True)  # as under torch.compile
-    monkeypatch.setattr(patternc.lower.cache, "compiling", lambda: True)
-    assert cache.get(("kind", first), lambda: build("traced"), traceable=True) == "first"
-    assert cache.get(("plain", first), lambda: build("plain traced")) == "plain traced"
-    assert cache.stored(("kind", second)) is None
-    assert cache.get(("kind", second), lambda: build("second traced"), traceable=True) == "second traced"
+    assert table(first, ("kind",), lambda: build("first"), traceable=True) == "first"
+    assert table(first, ("kind",), lambda: build("again"), traceable=True) == "first"
+    assert table(first, ("plain",), lambda: build("plain")) == "plain"
+    monkeypatch.setattr(tables, "compiling", lambda: True)  # as under torch.compile
+    assert table(first, ("kind",), lambda: build("traced"), traceable=True) == "first"
+    assert table(first, ("plain",), lambda: build("plain traced")) == "plain traced"
+    assert stored_table(second, ("kind",)) is None
+    assert second.tables.missing_in_trace(("kind",)) and not first.tables.missing_in_trace(("kind",))
+    assert table(second, ("kind",), lambda: build("second traced"), traceable=True) == "second traced"
+    assert stored_table(second, ("kind",)) is None  # a trace stores nothing
     assert builds == ["first", "plain", "plain traced", "second traced"]
-    cache.clear()
-    assert cache.stored(("kind", first)) is None and len(cache) == 0
+    first.tables.clear()
+    assert stored_table(first, ("kind",)) is None and len(first.tables) == 0
 
 
 @pytest.mark.parametrize("executor", ["batched", "loop", "auto"])

@@ -101,8 +101,8 @@ def test_the_guard_runs_where_a_value_can_cross_groups(
     tables = flex.flex_tables(layout, {}, torch.device("cpu"))  # type: ignore[arg-type]
     assert tables.needs_value_guard is mix
     assert _host_answer(layout) is crosses
-    key = flex._tables_key(layout, {}, torch.device("cpu"), 128, False, False)[1:]  # type: ignore[arg-type]
-    assert flex._values_cross_groups(tables, key) is crosses
+    key = flex._tables_key({}, torch.device("cpu"), 128, False, False)[1:]
+    assert flex._values_cross_groups(layout, tables, key) is crosses
 
 
 def test_too_many_block_classes_to_test_run_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ab_sizes, warnings_as_errors
+from conftest import ab_sizes, forget_tables, warnings_as_errors
 from reference import relative_error
 from test_flex import MODIFIED, make, reference_with_modifiers
 
@@ -137,7 +137,7 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
         return (auto.Estimate("flex" if training else "batched", 0.0),)
 
     monkeypatch.setattr(auto, "_candidates", candidates)
-    auto.PICKS.clear()
+    forget_tables()
     plan = AB["joint"]
     schedule = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
     q = torch.randn(1, 18, 2, 8, requires_grad=True)
@@ -149,7 +149,7 @@ def test_auto_picks_per_training_condition(monkeypatch: pytest.MonkeyPatch) -> N
     assert choose(AttentionInputs(frozen, frozen, frozen, schedule, {}, None, 0.0, None)) == "batched"
     assert choose(inputs) == "flex"
     assert priced == [True, False]  # each condition priced once, then memoised
-    auto.PICKS.clear()
+    schedule.tables.clear()
 
 
 # ---------------------------------------------------------------- FlashAttention 4
@@ -597,20 +597,18 @@ def test_launches_priced_during_a_trace_are_kept_for_the_graph(monkeypatch: pyte
     constant function), when torch already reports a compile: the launches
     it builds there are stored as traceable, so the graph that picked
     ``varlen`` finds them; a lookup that is traced stores nothing."""
-    from patternc.lower import cache
-    from patternc.nn import tables
+    from patternc.lower import tables
 
-    monkeypatch.setattr(cache, "compiling", lambda: True)
-    monkeypatch.setattr(tables, "_compiling", lambda: True)
-    varlen.TABLES.clear()
     layout = schedule_for(DOCS.token_specs({"doc0": 3, "doc1": 8}), DOCS)
-    key = varlen._launches_key(layout, 2, torch.device("cpu"), False)
+    layout.tables.clear()
+    monkeypatch.setattr(tables, "compiling", lambda: True)
+    key = varlen._launches_key(2, torch.device("cpu"), False)
     varlen._launches(layout, 2, torch.device("cpu"))
-    assert varlen.TABLES.stored(key) is None
+    assert layout.tables.stored(key) is None
     kept = varlen.kept_launches(layout, 2, torch.device("cpu"))
-    assert not isinstance(kept, str) and varlen.TABLES.stored(key) is kept
+    assert not isinstance(kept, str) and layout.tables.stored(key) is kept
     assert varlen._launches(layout, 2, torch.device("cpu")) is kept
-    varlen.TABLES.clear()
+    layout.tables.clear()
 
 
 def test_varlen_in_a_user_graph_without_eager_launches_runs_as_batched(
@@ -626,7 +624,7 @@ def test_varlen_in_a_user_graph_without_eager_launches_runs_as_batched(
     sizes = {"doc0": 5, "doc1": 11}
     module = make(DOCS.bind(list(sizes)), "varlen", 2, dim=32).double()
     x = torch.randn(2, 16, 32, dtype=torch.float64)
-    varlen.TABLES.clear()
+    forget_tables()
     torch._dynamo.reset()
     out = torch.compile(lambda t: module(t, sizes)[0], fullgraph=True, backend="aot_eager")(x)
     assert launched == []
@@ -779,7 +777,7 @@ def test_eager_and_traced_keys_find_one_pick(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(
         auto, "_candidates", lambda *args: priced.append(args) or (auto.Estimate("flex", 0.0),)
     )
-    auto.PICKS.clear()
+    forget_tables()
     layout = schedule_for(AB["joint"].token_specs(ab_sizes(3, 6)), AB["joint"])
     q = torch.randn(1, 18, 2, 8)
     inputs = AttentionInputs(q, q, q, layout, {}, None, 0.0, None)
@@ -788,7 +786,7 @@ def test_eager_and_traced_keys_find_one_pick(monkeypatch: pytest.MonkeyPatch) ->
     assert type(traced[0]) is tuple and type(auto._conditions(inputs)[0]) is torch.Size
     assert auto._choice_by_id(id(layout), traced) == "flex"
     assert choose(inputs) == "flex" and len(priced) == 1
-    auto.PICKS.clear()
+    layout.tables.clear()
 
 
 @pytest.mark.parametrize("grad_enabled", [True, False])
@@ -804,7 +802,7 @@ def test_the_pick_key_reads_training_as_the_inputs_do(grad_enabled: bool, which:
     with torch.set_grad_enabled(grad_enabled):
         key = auto._key(inputs)
         assert key[5] is inputs.differentiated is (grad_enabled and which is not None)
-        assert key[1:] == auto._conditions(inputs) and key[0] == id(layout)
+        assert key[1:] == auto._conditions(inputs) and key[0] == "auto pick"
 
 
 def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -825,13 +823,11 @@ def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: py
     monkeypatch.setattr(auto, "varlen_available", lambda device: True)
     monkeypatch.setattr(auto, "kept_launches", lambda *args: ())
     monkeypatch.setattr(auto, "varlen_kernel", lambda device, head_dim: "flash4")
-    auto.TABLES.clear()
-    auto.PICKS.clear()
+    forget_tables()
     plan = AB["joint"]
     layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
     conditions = ((1, 18, 2, 8), torch.bfloat16, torch.device("cuda"), True, True, False)
     assert auto._choice(layout, conditions) == "varlen"
     assert auto._choice_by_id(id(layout), conditions) == "varlen"  # what a trace asks
     assert priced == ["flash4"]
-    auto.TABLES.clear()
-    auto.PICKS.clear()
+    layout.tables.clear()

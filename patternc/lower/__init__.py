@@ -12,5 +12,7 @@ groups and calls (:class:`~patternc.lower.layout.BoundPlan`) and never import
 - :mod:`~patternc.lower.pairs`: allowed (query group, key group) pairs at offsets;
 - :mod:`~patternc.lower.varlen`: variable-length launches;
 - :mod:`~patternc.lower.costs`: the cost model ``auto`` picks an executor by;
-- :mod:`~patternc.lower.cache`: the bounded, thread-safe cache they are kept in.
+- :mod:`~patternc.lower.tables`: the slot a layout owns for what the runtime
+  derives from it (device tables, ``auto``'s pick);
+- :mod:`~patternc.lower.cache`: the bounded, thread-safe cache layouts are kept in.
 """

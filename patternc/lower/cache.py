@@ -4,7 +4,10 @@ A model calls the runtime with the same plan and sizes on every forward
 pass, so what is built from them is built once and looked up afterwards.
 Each cache is an explicit object with a documented key, bounded by a number
 of entries and, where entries differ much in size (layouts of many
-documents), by a total weight. Eviction drops the oldest entry first.
+documents), by a total weight. Eviction drops the oldest entry first. An
+entry that grows after it is stored reports the growth (:meth:`~BoundedCache.charge`):
+the layout cache weighs each layout with the tables executors keep in it
+(:mod:`patternc.lower.tables`).
 
 Threads: lookups, insertions and evictions hold one lock per cache, so
 threads sharing a model never see an entry vanish between a check and a
@@ -41,7 +44,7 @@ class BoundedCache(Generic[K, V]):
         *,
         weigh: Callable[[V], int] | None = None,
         max_weight: int = 0,
-        lookup_while_tracing: bool = True,
+        on_store: Callable[[K, V], None] | None = None,
     ) -> None:
         """Args:
         name: shown in reprs and errors.
@@ -50,13 +53,14 @@ class BoundedCache(Generic[K, V]):
             ``max_weight`` it bounds the total, the oldest entries leaving
             first (a single entry over the bound is still kept, alone).
         max_weight: the total weight bound (ignored without ``weigh``).
-        lookup_while_tracing: False: under ``torch.compile`` always build
-            (the keys hold objects Dynamo cannot hash, such as layouts).
+        on_store: called with each entry this cache stores (after the lock
+            is released), e.g. to have an entry report its later growth
+            through :meth:`charge`.
         """
         self.name, self.size = name, size
-        self.lookup_while_tracing = lookup_while_tracing
         self._weigh = weigh
         self.max_weight = max_weight
+        self._on_store = on_store
         self._weights: dict[K, int] = {}
         self._total = 0
         self._entries: dict[K, V] = {}
@@ -65,7 +69,7 @@ class BoundedCache(Generic[K, V]):
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
         """The entry under ``key``; on a miss ``build()`` is stored and returned."""
         if compiling():  # traced by torch.compile: build what is missing, store nothing
-            found = self._entries.get(key) if self.lookup_while_tracing else None
+            found = self._entries.get(key)
             return build() if found is None else found
         found = self._entries.get(key)  # one dict read is atomic: no lock on a hit
         if found is None:
@@ -85,13 +89,26 @@ class BoundedCache(Generic[K, V]):
                 self._weights[key] = weight
                 self._total += weight
             self._evict()
-            return value
+        if self._on_store is not None:
+            self._on_store(key, value)
+        return value
 
     def replace(self, key: K, value: V) -> None:
         """Store ``value`` under ``key``, replacing any entry there."""
         with self._lock:
             self._drop(key)
         self.put(key, value)
+
+    def charge(self, key: K, change: int) -> None:
+        """Add ``change`` to the weight of the entry under ``key`` (an entry
+        that grew after it was stored: a layout whose tables were filled),
+        the oldest entries leaving while over the bound; nothing when
+        ``key`` has left."""
+        with self._lock:
+            if key in self._weights:
+                self._weights[key] += change
+                self._total += change
+                self._evict()
 
     def _evict(self) -> None:
         """Drop oldest entries while over a bound (the lock is held)."""
@@ -108,12 +125,6 @@ class BoundedCache(Generic[K, V]):
     def lookup(self, key: K) -> V | None:
         """The entry or None, with no trace check (Dynamo inlines it)."""
         return self._entries.get(key)
-
-    def untraced_lookup(self) -> Callable[[K], V | None]:
-        """The dict's own ``get``, for a hot path Dynamo never traces: a
-        lookup with no Python frame of its own. Dynamo cannot trace a bound
-        builtin ``dict.get``; traced callers use :meth:`lookup`."""
-        return self._entries.get
 
     @property
     def weight(self) -> int:

@@ -6,8 +6,9 @@ into one :class:`Call` (its query and key segments, per-segment modifiers,
 shapes, exact allowed-pair count), stacks calls of equal shape into launches,
 and records how call outputs go back into input order. Every executor reads
 these records as they are; nothing downstream re-derives them from the plan.
-Layouts are built once per (plan, sizes) and held by the
-:class:`~patternc.lower.lowered.Lowered` record of that pair.
+Layouts are built once per (plan, sizes) and kept in the one layout cache
+(:data:`patternc.plan.LAYOUTS`); each owns the slot where the runtime keeps
+what it derives from the layout (:class:`~patternc.lower.tables.Tables`).
 
 Everything here is linear in the number of groups and calls: a layout of
 10,000 packed documents holds one record per document, never a table of
@@ -19,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall
+from patternc.lower.tables import Tables
 from patternc.modifiers import NO_MODIFIERS, UNBOUNDED, Band, Modifiers, allowed_pairs, band_allows, pair_band
 from patternc.schemas import TokenSpec
 
@@ -266,7 +268,7 @@ class Layout:
     """A plan laid out for concrete sizes: everything an executor needs, as integers.
 
     Compared and hashed by identity: layouts are built once per (plan, sizes)
-    and the executors' caches key on them on every call."""
+    and looked up, never compared field by field."""
 
     plan_name: str
     slots: tuple[GroupSlot, ...]
@@ -310,6 +312,13 @@ class Layout:
     group_types: tuple[str, ...] = ()
     """Token type (weight bank) of every group in the plan's order, when the
     plan names them (untied layers read them here instead of re-binding)."""
+    tables: Tables = field(default_factory=lambda: Tables(), init=False, repr=False)
+    """What the runtime derives from this layout (device tables, ``auto``'s
+    pick), filled by executors on a layout's first calls: the one owner of
+    per-layout state (see :mod:`patternc.lower.tables`). A copy made with
+    ``dataclasses.replace`` starts with empty tables. (The factory is a
+    function: a trace that lays out a plan calls it, and Dynamo (torch 2.13)
+    cannot call a class that ``dataclasses`` holds as a factory.)"""
 
     @property
     def score_entries(self) -> int:

@@ -39,7 +39,7 @@ from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
 from patternc.modifiers import UNBOUNDED
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import table
 from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
@@ -412,9 +412,9 @@ class GroupTables:
 
 
 def _group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
-    """:func:`_build_group_tables`, kept in :data:`~patternc.nn.tables.TABLES`
-    per (layout, device); ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`."""
-    return TABLES.get(("flex groups", layout, device), lambda: _build_group_tables(layout, runs, device))
+    """:func:`_build_group_tables`, kept in the layout's tables per device;
+    ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`."""
+    return table(layout, ("flex groups", device), lambda: _build_group_tables(layout, runs, device))
 
 
 def _signed(bits: int) -> int:

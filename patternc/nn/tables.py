@@ -1,97 +1,77 @@
-"""Device tables of a layout: the runtime's one cache.
+"""Device tables of a layout, kept in the layout's own slot.
 
 A :class:`~patternc.lower.layout.Layout` is plain integers; executors also need
 device tensors made from it (positions within groups, FlexAttention's group
 tables, varlen's packed indices). Building them costs host time and
-host-to-device copies, so each is built once and kept in :data:`TABLES`.
+host-to-device copies, so each is built once and kept in the layout's
+:class:`~patternc.lower.tables.Tables` (``layout.tables``): these functions
+are how executors read and fill that slot, weighing each table by the bytes
+of its tensors so the layout cache bounds layouts and tables together.
 
 Key: ``(kind, *inputs)``, where ``kind`` names the table (``"positions"``,
 ``"flex groups"``, ``"varlen launches"``, ``"auto estimates"``) and the inputs
-are what it is built from (a layout, which hashes by identity, or its sizes;
-the device; a batch size). Under ``torch.compile`` the tables are built in
-the traced graph instead (they are a few cheap kernels) and nothing is
-stored, so Dynamo never traces a cache's state.
+are what else it is built from (the device, a batch size, cache lengths).
+Under ``torch.compile`` the tables are built in the traced graph instead
+(they are a few cheap kernels) and nothing is stored, so Dynamo never traces
+a slot's mutation.
 
 The exception is a *traceable* table (FlexAttention's group tables and block
-mask): there a table an eager call built is handed to the trace as it is, so
-Dynamo passes its tensors into the user's graph as inputs. Inductor needs
-that: it cannot lower ``flex_attention`` when the tensors its ``mask_mod``
-reads are computed in the same graph. Those entries are also kept under a
-key Dynamo can hash, each layout replaced by its ``id`` (the entry holds the
-layout, so the ``id`` stays its own, and is checked on the way out).
+mask, varlen's launches): there the table an eager call stored in the
+layout's slot is handed to the trace as it is, so Dynamo passes its tensors
+into the user's graph as inputs. Inductor needs that: it cannot lower
+``flex_attention`` when the tensors its ``mask_mod`` reads are computed in
+the same graph. The trace reaches the slot through the layout it was handed
+(:mod:`patternc.nn.traced_layouts`), so a table is only ever found for its
+own layout.
+
+:func:`group_positions` of bare sizes (the ``Transformer`` stack's and
+``position_ids``' positions, which have no layout at hand) is kept in
+:data:`POSITIONS`, keyed by sizes and device alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
-from typing import TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout
-from patternc.tracing import compiling as _compiling
+from patternc.lower.tables import TableKey
 
-__all__ = ["TABLES", "LayoutTables"]
+__all__ = ["POSITIONS", "group_positions", "kept_table", "stored_table", "table", "table_bytes"]
 
 T = TypeVar("T")
 
-TableKey = tuple[Hashable, ...]
-"""``(kind, *inputs)``, see the module docstring."""
+
+def table(layout: Layout, key: TableKey, build: Callable[[], T], *, traceable: bool = False) -> T:
+    """The table ``key`` of ``layout``, built and stored on a miss.
+
+    Args:
+        layout: the layout whose slot holds the table.
+        key: ``(kind, *inputs)`` (see the module docstring).
+        build: makes the table.
+        traceable: under ``torch.compile``, hand the trace the table an eager
+            call stored rather than build it in the graph.
+
+    Returns:
+        The table.
+    """
+    return layout.tables.get(key, build, table_bytes, traceable=traceable)
 
 
-class LayoutTables(BoundedCache[TableKey, object]):
-    """A bounded ``{(kind, *inputs): table}`` cache whose lookups keep the
-    table's type (each kind builds one type of table)."""
+def kept_table(layout: Layout, key: TableKey, build: Callable[[], T]) -> T:
+    """:func:`table`, stored even while ``torch.compile`` traces (for host
+    code that runs as plain Python inside a trace, see
+    :meth:`~patternc.lower.tables.Tables.keep`)."""
+    return layout.tables.keep(key, build, table_bytes)
 
-    def __init__(self, name: str, size: int, max_bytes: int = 1 << 30) -> None:
-        """At most ``size`` tables and about ``max_bytes`` of tensors (device
-        and host together: a flex table of many documents is large)."""
-        super().__init__(name, size, weigh=table_bytes, max_weight=max_bytes, lookup_while_tracing=False)
-        self._traceable: BoundedCache[TableKey, tuple[tuple[Layout, ...], object]] = BoundedCache(
-            f"{name}, by layout id", size, weigh=table_bytes, max_weight=max_bytes
-        )
 
-    def get(self, key: TableKey, build: Callable[[], T], *, traceable: bool = False) -> T:
-        """The table under ``key``, built on a miss. ``traceable``: under
-        ``torch.compile`` return the table an eager call stored (see the
-        module docstring) rather than build it in the graph."""
-        if not traceable:
-            return cast(T, self.get_or_build(key, build))
-        if _compiling():
-            found = self.stored(key)
-            return build() if found is None else cast(T, found)
-        found = self.lookup(key)  # the eager hot path: one dict lookup
-        if found is not None:
-            return cast(T, found)
-        table = cast(T, self.get_or_build(key, build))
-        self._traceable.get_or_build(_plain(key), lambda: (_layouts(key), table))
-        return table
-
-    def keep(self, key: TableKey, build: Callable[[], T]) -> T:
-        """The table under ``key``, built on a miss and stored as traceable
-        even while ``torch.compile`` traces: for host code that runs as plain
-        Python during a trace (``auto``'s constant function prices a layout
-        there), so the graph being traced finds what it stored."""
-        found = self.lookup(key)
-        if found is None:
-            found = build()
-            self.put(key, found)
-            self._traceable.put(_plain(key), (_layouts(key), found))
-        return cast(T, found)
-
-    def stored(self, key: TableKey) -> object | None:
-        """The table under ``key`` if one is stored, else None; under
-        ``torch.compile``, the one an eager call stored as traceable."""
-        if _compiling():
-            found = self._traceable.lookup(_plain(key))
-            return found[1] if found is not None and _same(found[0], key) else None
-        return self.lookup(key)
-
-    def clear(self) -> None:
-        super().clear()
-        self._traceable.clear()
+def stored_table(layout: Layout, key: TableKey) -> object | None:
+    """The table ``key`` of ``layout`` if one is stored, else None."""
+    return layout.tables.stored(key)
 
 
 def table_bytes(table: object) -> int:
@@ -108,18 +88,25 @@ def table_bytes(table: object) -> int:
     return 64
 
 
-def _plain(key: TableKey) -> TableKey:
-    """``key`` with each layout replaced by its ``id``: a key of constants."""
-    return tuple(id(k) if isinstance(k, Layout) else k for k in key)
+POSITIONS: BoundedCache[tuple[tuple[int, ...], torch.device], torch.Tensor] = BoundedCache(
+    "positions", 256, weigh=table_bytes, max_weight=64 << 20
+)
+"""Key ``(sizes, device)`` -> :func:`group_positions`' tensor, for callers
+without a layout (executors keep theirs in the layout's slot)."""
 
 
-def _layouts(key: TableKey) -> tuple[Layout, ...]:
-    return tuple(k for k in key if isinstance(k, Layout))
+def group_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[sum(sizes)]``: each token's index within its group, for groups of
+    ``sizes`` laid out in order. Built once per (sizes, device) with no host
+    synchronisation (kept in :data:`POSITIONS`), so later calls are free and
+    CUDA-graph capturable (warm up before capturing: the first call copies
+    ``sizes`` to the device)."""
+    return POSITIONS.get_or_build((sizes, device), lambda: build_positions(sizes, device))
 
 
-def _same(layouts: tuple[Layout, ...], key: TableKey) -> bool:
-    """The stored layouts are the key's own (an ``id`` is not reused while an entry holds its layout)."""
-    return all(a is b for a, b in zip(layouts, _layouts(key)))
-
-
-TABLES = LayoutTables("runtime tables", 2048)
+def build_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`group_positions`, built afresh."""
+    counts = torch.tensor(sizes, dtype=torch.int64, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    n = sum(sizes)
+    return torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)

@@ -1,5 +1,10 @@
 """Executors: one interface, one module each. A new backend is a new module
-and one entry in :data:`EXECUTORS`."""
+and one entry in :data:`EXECUTORS`.
+
+An executor maps :class:`AttentionInputs` to the output and keeps no state
+of its own: what it derives from a layout (device tables, ``auto``'s pick)
+goes into that layout's tables (``inputs.layout.tables``, see
+:mod:`patternc.lower.tables`), which the layout cache owns."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ since the ranking can flip (float32 ``flex`` leads forward and trails
 forward+backward). Only executors that run the layout natively are
 candidates: ``varlen`` needs CUDA, half precision and no padding, dropout or
 ALiBi; ``flex`` needs CUDA. On CPU the answer is ``batched``. The choice is
-cached per (layout, device, dtype, conditions) and reported by
+kept in the layout's tables per (device, dtype, conditions) and reported by
 :func:`choose`.
 """
 
@@ -21,7 +21,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from patternc.lower.cache import BoundedCache
 from patternc.lower.costs import Estimate, VarlenWork, Workload, price
 from patternc.lower.layout import Layout
 from patternc.nn.executors.batched import run_batched
@@ -30,11 +29,11 @@ from patternc.nn.executors.dense import run_dense
 from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import stored_table, table
 from patternc.plan import LAYOUTS
 from patternc.tracing import compiling
 
-__all__ = ["Estimate", "choose", "estimates", "run_auto"]
+__all__ = ["Estimate", "choose", "estimates", "picks", "run_auto"]
 
 _grad_enabled = torch.is_grad_enabled  # bound once: the per-call pick reads it without two lookups
 
@@ -80,9 +79,10 @@ Eager calls and a user's ``torch.compile`` share their picks: every
 candidate runs the same kernels in both (``varlen`` reaches FlashAttention 4
 through custom ops, see :mod:`patternc.nn.executors.flash4`)."""
 
-PickKey = tuple[int, tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
-"""``(id(layout), *conditions)``: one flat tuple, so that the hot path builds
-and hashes one tuple, not a tuple inside a tuple."""
+PickKey = tuple[str, tuple[int, ...], torch.dtype, torch.device, bool, bool, bool]
+"""``("auto pick", *conditions)``, the pick's key in the layout's tables: one
+flat tuple, so that the hot path builds and hashes one tuple, not a tuple
+inside a tuple."""
 
 
 def _key(inputs: AttentionInputs) -> PickKey:
@@ -92,7 +92,7 @@ def _key(inputs: AttentionInputs) -> PickKey:
     :attr:`AttentionInputs.differentiated` written out, not a property call."""
     q = inputs.q
     return (
-        id(inputs.layout),
+        "auto pick",
         q.shape,
         q.dtype,
         q.device,
@@ -129,8 +129,8 @@ def _candidates(layout: Layout, conditions: Conditions) -> tuple[Estimate, ...]:
     )
     products = "'ieee'" if half else float32_products(device)
     kernel = varlen_kernel(device, dim)
-    args = (layout, batch, heads, dim, device, half, native_varlen, training, products, kernel, compact)
-    candidates = TABLES.get(("auto estimates", *args), lambda: _estimates(*args))
+    args = (batch, heads, dim, device, half, native_varlen, training, products, kernel, compact)
+    candidates = table(layout, ("auto estimates", *args), lambda: _estimates(layout, *args))
     if not plain:  # flex falls back for dropout; varlen cannot run these; keep the measured default
         return tuple(e for e in candidates if e.backend == "batched")
     return candidates
@@ -150,34 +150,37 @@ def choose(inputs: AttentionInputs) -> str:
     if compiling():
         return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
     key = _key(inputs)
-    found = _lookup_pick(key)  # the hot path: one flat key, one dict lookup
-    return found[1] if found is not None else _choice(inputs.layout, key[1:])
-
-
-PICKS: BoundedCache[PickKey, tuple[Layout, str]] = BoundedCache("auto picks", 2048)
-"""Key :data:`PickKey` -> ``(layout, pick)``; holding the layout keeps its
-``id`` its own while the entry lives."""
-_lookup_pick = PICKS.untraced_lookup()  # choose() returns before this under a trace
+    found = inputs.layout.tables.entries.get(key)  # the hot path: one flat key, one dict lookup
+    return found if isinstance(found, str) else _choice(inputs.layout, key[1:])
 
 
 def _choice(layout: Layout, conditions: Conditions) -> str:
-    key: PickKey = (id(layout), *conditions)
-    found = PICKS.lookup(key)
-    if found is not None:
-        return found[1]
-    pick = _candidates(layout, conditions)[0].backend
-    return PICKS.get_or_build(key, lambda: (layout, pick))[1]
+    """The pick, kept in the layout's tables under ``("auto pick", *conditions)``."""
+    key: PickKey = ("auto pick", *conditions)
+    found = stored_table(layout, key)
+    if isinstance(found, str):
+        return found
+    return table(layout, key, lambda: _candidates(layout, conditions)[0].backend)
 
 
 def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
-    """The pick for the layout with this ``id``: one seen by an eager call or
-    one of :data:`patternc.plan.LAYOUTS`; ``batched`` (the default) for a
-    layout built inside the trace and never run eagerly."""
-    found = PICKS.lookup((layout_id, *conditions))
-    if found is not None:
-        return found[1]
+    """The pick for the layout of :data:`patternc.plan.LAYOUTS` with this
+    ``id`` (the one a trace was handed, see
+    :mod:`patternc.nn.traced_layouts`); ``batched`` (the default) for a
+    layout built inside the trace."""
     layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
     return "batched" if layout is None else _choice(layout, conditions)
+
+
+def picks() -> list[tuple[Conditions, str]]:
+    """``(conditions, pick)`` of every pick kept by a layout of
+    :data:`patternc.plan.LAYOUTS` (for reports)."""
+    return [
+        (key[1:], pick)  # type: ignore[misc]
+        for layout in LAYOUTS.values()
+        for key, pick in list(layout.tables.entries.items())
+        if key[0] == "auto pick" and isinstance(pick, str)
+    ]
 
 
 _constant_choice: Callable[[int, Conditions], str] = torch.compiler.assume_constant_result(_choice_by_id)  # type: ignore[no-untyped-call,unused-ignore]

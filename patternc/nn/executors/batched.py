@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patternc.lower.layout import KeySpace, PeriodicLaunch, Segment
+from patternc.lower.layout import KeySpace, Layout, PeriodicLaunch, Segment
 from patternc.nn.executors.common import (
     AttentionInputs,
     TokenSplit,
@@ -30,7 +30,7 @@ from patternc.nn.executors.common import (
     modifier_args,
     within_group_positions,
 )
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import table
 
 __all__ = ["run_as_batched", "run_batched", "stack_segments"]
 
@@ -118,11 +118,12 @@ def _back_to_tokens(out: Tensor, batch: int, tokens: int) -> Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, heads, dim)
 
 
-def _key_index(ranges: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+def _key_index(layout: Layout, ranges: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
     """The token indices of ``ranges``, in order, as one device tensor (kept
-    in :data:`~patternc.nn.tables.TABLES`: built on the first call, so warm
-    up before capturing a CUDA graph)."""
-    return TABLES.get(
+    in the layout's tables: built on the first call, so warm up before
+    capturing a CUDA graph)."""
+    return table(
+        layout,
         ("whole-call keys", ranges, device),
         lambda: torch.cat([torch.arange(start, stop, device=device) for start, stop in ranges]),
     )
@@ -141,7 +142,7 @@ def _run_whole_call(inputs: AttentionInputs, ranges: tuple[tuple[int, int], ...]
         if (start, stop) != (0, k.shape[1]):
             k, v = k.narrow(1, start, stop - start), v.narrow(1, start, stop - start)
     else:
-        index = _key_index(ranges, k.device)
+        index = _key_index(inputs.layout, ranges, k.device)
         k, v = k.index_select(1, index), v.index_select(1, index)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from patternc.lower.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers, band_allows, pair_band
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import build_positions, group_positions, table
 from patternc.tracing import compiling
 
 __all__ = [
@@ -246,25 +246,13 @@ def gather_mask(mask: Tensor | None, segments: Sequence[Segment]) -> Tensor | No
     return gather(mask, [s for s in segments if s.cached is None], {})
 
 
-def group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    """``[sum(sizes)]``: each token's index within its group, for groups of
-    ``sizes`` laid out in order. Built once per (sizes, device) with no host
-    synchronisation (kept in :data:`~patternc.nn.tables.TABLES`), so later
-    calls are free and CUDA-graph capturable (warm up before capturing: the
-    first call copies ``sizes`` to the device)."""
-    return TABLES.get(("positions", sizes, device), lambda: _group_positions(sizes, device))
-
-
-def _group_positions(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    counts = torch.tensor(sizes, dtype=torch.int64, device=device)
-    starts = torch.cumsum(counts, 0) - counts
-    n = sum(sizes)
-    return torch.arange(n, device=device) - torch.repeat_interleave(starts, counts, output_size=n)
-
-
 def within_group_positions(layout: Layout, device: torch.device) -> Tensor:
-    """``[N]``: each input token's index within its group."""
-    return group_positions(layout.input_sizes, device)
+    """``[N]``: each input token's index within its group. Built once per
+    device with no host synchronisation (kept in the layout's tables), so
+    later calls are free and CUDA-graph capturable (warm up before
+    capturing: the first call copies the sizes to the device)."""
+    sizes = layout.input_sizes
+    return table(layout, ("positions", device), lambda: build_positions(sizes, device))
 
 
 def modifier_mask(modifiers: Modifiers, q_pos: Tensor, k_pos: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from patternc.nn.executors.common import (
     alibi_bias,
     within_group_positions,
 )
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import table
 
 __all__ = ["dense_mask", "run_dense"]
 
@@ -57,8 +57,8 @@ def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.d
     """``[N, N + cached]`` bool: query token i may attend to key token j (the
     group table, then each group pair's band on positions within groups)."""
     lengths = tuple((g, cache_lengths[g]) for g in layout.cached_groups)
-    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos = TABLES.get(
-        ("dense mask", layout, lengths, device), lambda: _mask_tables(layout, lengths, device)
+    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos = table(
+        layout, ("dense mask", lengths, device), lambda: _mask_tables(layout, lengths, device)
     )
     mask = allowed[query_ids][:, key_ids]
     if layout.has_modifiers:

@@ -3,8 +3,8 @@
 Queries, keys and values are padded to a bucketed length (so changing sizes
 reuse a few compiled kernels; K/V given for the layout's key space keep it,
 the tables then indexing it), the block mask comes from the group layout
-(:mod:`patternc.nn.flexmask`) and is cached per (layout, cache lengths,
-device, padding), and the kernel with its non-finite guard is one graph,
+(:mod:`patternc.nn.flexmask`) and is kept in the layout's tables per (cache
+lengths, device, padding), and the kernel with its non-finite guard is one graph,
 compiled once per process with static shapes (:func:`_compiled`). On a
 GPU the guard runs only where a computed block holds a query and a key of
 an unread pair of groups (:func:`_values_cross_groups`), or with a key
@@ -37,7 +37,7 @@ from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
-from patternc.nn.tables import TABLES
+from patternc.nn.tables import table
 from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
@@ -150,15 +150,15 @@ def flex_tables(
     positions: bool = False,
     compact: bool = False,
 ) -> FlexTables:
-    """The layout's device tables, cached per (layout, cache lengths, device,
-    block size, whether positions are built, whether keys index the key space)."""
-    key = _tables_key(layout, cache_lengths, device, block_size, positions, compact)
+    """The layout's device tables, kept in the layout's tables per (cache
+    lengths, device, block size, whether positions are built, whether keys
+    index the key space)."""
+    key = _tables_key(cache_lengths, device, block_size, positions, compact)
     build = functools.partial(FlexTables.build, layout, cache_lengths, device, block_size, positions, compact)
-    return TABLES.get(key, build, traceable=True)
+    return table(layout, key, build, traceable=True)
 
 
 def _tables_key(
-    layout: Layout,
     cache_lengths: Mapping[str, int],
     device: torch.device,
     block_size: int,
@@ -166,18 +166,20 @@ def _tables_key(
     compact: bool,
 ) -> tuple[object, ...]:
     lengths = tuple(sorted(cache_lengths.items()))
-    return ("flex tables", layout, lengths, device, block_size, positions, compact)
+    return ("flex tables", lengths, device, block_size, positions, compact)
 
 
-def _block_mask(tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]) -> BlockMask:
+def _block_mask(
+    layout: Layout, tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]
+) -> BlockMask:
     global _builds
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
         return tables.block_mask(key_padding_mask)
-    return _stored_block_mask("flex block mask", key, tables.block_mask)
+    return _stored_block_mask(layout, "flex block mask", key, tables.block_mask)
 
 
-def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
+def _flash_block_mask(layout: Layout, tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
     """The block mask for the FLASH backend: its ``mask_mod`` reads int32
     group tables (FlashAttention 4's generated mask code stores indices as
     int32 and refuses int64 ones: "Type mismatch, store Int64 to Tensor with
@@ -189,27 +191,29 @@ def _flash_block_mask(tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
             tables, q_group=tables.q_group.int(), kv_group=tables.kv_group.int()
         ).block_mask(lookups=True)
 
-    return _stored_block_mask("flex flash block mask", key, narrow)
+    return _stored_block_mask(layout, "flex flash block mask", key, narrow)
 
 
-def _stored_block_mask(kind: str, key: tuple[Any, ...], build: Callable[[], BlockMask]) -> BlockMask:
-    """A block mask kept in :data:`TABLES` (traceable), counted when built."""
+def _stored_block_mask(
+    layout: Layout, kind: str, key: tuple[Any, ...], build: Callable[[], BlockMask]
+) -> BlockMask:
+    """A block mask kept in the layout's tables (traceable), counted when built."""
 
     def counted() -> BlockMask:
         global _builds
         _builds += 1
         return build()
 
-    return TABLES.get((kind, *key), counted, traceable=True)
+    return table(layout, (kind, *key), counted, traceable=True)
 
 
-def _score_mod(tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
+def _score_mod(layout: Layout, tables: FlexTables, slopes: Tensor | None) -> ScoreMod | None:
     """ALiBi's ``score_mod``, one closure per (tables, slopes) so the compiled
     kernel is reused across calls (a new closure would recompile)."""
     if slopes is None:
         return None
     key = ("flex score mod", id(tables), slopes.data_ptr(), slopes.device, tuple(slopes.shape))
-    owner, score_mod = TABLES.get(key, lambda: (tables, tables.alibi_score_mod(slopes)))
+    owner, score_mod = table(layout, key, lambda: (tables, tables.alibi_score_mod(slopes)))
     if owner is not tables:  # an id reused after the old tables were freed
         owner, score_mod = tables, tables.alibi_score_mod(slopes)
     return score_mod
@@ -282,8 +286,8 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     compact = inputs.keys_compact
     if compact and key_padding_mask is not None:
         key_padding_mask = compact_keys(key_padding_mask, layout.key_space)
-    tables_key = _tables_key(layout, lengths, q.device, block_size, slopes is not None, compact)
-    if _compiling() and (key_padding_mask is not None or TABLES.stored(tables_key) is None):
+    tables_key = _tables_key(lengths, q.device, block_size, slopes is not None, compact)
+    if layout.tables.missing_in_trace(tables_key) or (key_padding_mask is not None and _compiling()):
         # inside a user's torch.compile, with tables no eager call stored (a
         # layout not run eagerly; a padding's block mask is built per call):
         # computed in the user's graph, Inductor cannot lower flex_attention
@@ -303,8 +307,8 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         _pad_tokens(q, tables.q_len),
         _pad_tokens(k, tables.kv_len),
         _pad_tokens(v, tables.kv_len),
-        _flash_block_mask(tables, key) if flash else _block_mask(tables, padding, key),
-        _score_mod(tables, slopes),
+        _flash_block_mask(layout, tables, key) if flash else _block_mask(layout, tables, padding, key),
+        _score_mod(layout, tables, slopes),
         scale,
         flexkernels.FLASH_OPTIONS if flash else flexkernels.kernel_options(q),
     )
@@ -312,7 +316,9 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
     # block, where the GPU kernel and separate calls give NaN; on FLASH too
     # (its handling of a NaN score is not checked)
-    guarded = padding is not None or q.device.type != "cuda" or flash or _values_cross_groups(tables, key)
+    guarded = (
+        padding is not None or q.device.type != "cuda" or flash or _values_cross_groups(layout, tables, key)
+    )
     guard_tables = tables.guard_tables if guarded else ()
     try:
         out = _attend_fn(guarded)(*args, *guard_tables)
@@ -334,7 +340,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     return out if out.shape[1] == n_queries else out[:, :n_queries]
 
 
-def _values_cross_groups(tables: FlexTables, key: tuple[Any, ...]) -> bool:
+def _values_cross_groups(layout: Layout, tables: FlexTables, key: tuple[Any, ...]) -> bool:
     """Whether a non-finite value could reach, in this layout's blocks, a
     query of a group that does not read its group (then the guard runs):
     ``FlexTables.needs_value_guard`` narrowed to the blocks that hold an
@@ -342,13 +348,13 @@ def _values_cross_groups(tables: FlexTables, key: tuple[Any, ...]) -> bool:
     (:func:`~patternc.nn.flexmask.values_cross_groups`), kept per layout."""
     if not tables.needs_value_guard:
         return False
-    layout, lengths, _, block_size, _, compact = key
+    lengths, _, block_size, _, compact = key
 
     def decide() -> bool:
         queries, keys = group_segments(layout, dict(lengths), compact)
         return values_cross_groups(queries, keys, layout.pairs.keys(), block_size)
 
-    return TABLES.get(("flex value guard", *key), decide, traceable=True)
+    return table(layout, ("flex value guard", *key), decide, traceable=True)
 
 
 def _attend_unguarded(

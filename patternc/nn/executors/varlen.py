@@ -37,8 +37,7 @@ from patternc.lower.varlen import varlen_launches
 from patternc.nn.executors import flash4
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, once
-from patternc.nn.tables import TABLES
-from patternc.tracing import compiling as _compiling
+from patternc.nn.tables import kept_table, table
 
 __all__ = ["kept_launches", "kernel_of", "run_varlen", "varlen_available", "varlen_kernel"]
 
@@ -90,12 +89,13 @@ def _launches(
     layout: Layout, batch: int, device: torch.device, compact: bool = False
 ) -> tuple[_Launch, ...] | str:
     """The launches of a layout for ``batch`` elements, or why it cannot run
-    (kept in :data:`~patternc.nn.tables.TABLES` per (layout, batch, device,
-    compact), as a traceable table: a user's ``torch.compile`` gets the one an
-    eager call built, its index tensors as graph inputs); ``compact``: key
-    rows index the layout's key space."""
-    return TABLES.get(
-        _launches_key(layout, batch, device, compact),
+    (kept in the layout's tables per (batch, device, compact), as a
+    traceable table: a user's ``torch.compile`` gets the one an eager call
+    built, its index tensors as graph inputs); ``compact``: key rows index
+    the layout's key space."""
+    return table(
+        layout,
+        _launches_key(batch, device, compact),
         lambda: _build_launches(layout, batch, device, compact),
         traceable=True,
     )
@@ -107,13 +107,13 @@ def kept_launches(
     """:func:`_launches` for host code that may run while Dynamo traces
     (``auto``'s pricing): built and stored even then, so a graph that picks
     ``varlen`` finds its launches stored."""
-    return TABLES.keep(
-        _launches_key(layout, batch, device, compact), lambda: _build_launches(layout, batch, device, compact)
+    return kept_table(
+        layout, _launches_key(batch, device, compact), lambda: _build_launches(layout, batch, device, compact)
     )
 
 
-def _launches_key(layout: Layout, batch: int, device: torch.device, compact: bool) -> tuple[object, ...]:
-    return ("varlen launches", layout, batch, device, compact)
+def _launches_key(batch: int, device: torch.device, compact: bool) -> tuple[object, ...]:
+    return ("varlen launches", batch, device, compact)
 
 
 def _build_launches(
@@ -195,10 +195,7 @@ def run_varlen(inputs: AttentionInputs) -> Tensor:
         return _fall_back(inputs, reason)
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, n, heads, dim = q.shape
-    if (
-        _compiling()
-        and TABLES.stored(_launches_key(inputs.layout, batch, q.device, inputs.keys_compact)) is None
-    ):
+    if inputs.layout.tables.missing_in_trace(_launches_key(batch, q.device, inputs.keys_compact)):
         # inside a user's torch.compile, for a layout no eager call ran: its
         # launches would be built in the graph, in Python Dynamo cannot trace
         return run_batched(inputs)
