@@ -16,7 +16,7 @@ from torch import Tensor
 import patternc
 from patternc.lower.blocks import block_classes, pair_runs
 from patternc.nn.flexmask import FlexTables, GroupTables
-from patternc.nn.tables import TABLES, table_bytes
+from patternc.nn.tables import table_bytes
 
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
 
@@ -48,13 +48,13 @@ def _build(n_docs: int) -> tuple[FlexTables, float, int]:
     torch.set_num_threads(1)
     try:
         for _ in range(3):
-            TABLES.clear()
+            layout.tables.clear()
             start = time.perf_counter()
             tables = FlexTables.build(layout, {}, "cpu")
             seconds.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-        TABLES.clear()
+        layout.tables.clear()
     return tables, min(seconds), layout.n_tokens
 
 
@@ -85,10 +85,10 @@ def test_sparse_block_classes_equal_the_dense_ones(monkeypatch: pytest.MonkeyPat
 
     layout = DOCS.layout(_documents(60, seed=3))
     dense = FlexTables.build(layout, {}, "cpu")
-    TABLES.clear()
+    layout.tables.clear()
     monkeypatch.setattr(flexmask, "DENSE_CELLS_PER_BLOCK", 0)
     sparse = FlexTables.build(layout, {}, "cpu")
-    TABLES.clear()
+    layout.tables.clear()
     assert dense.partial_blocks.dim() == 2 and sparse.partial_blocks.dim() == 1
     assert torch.equal(dense.partial, sparse.partial) and torch.equal(dense.full, sparse.full)
     assert dense.sparsity == pytest.approx(sparse.sparsity)
