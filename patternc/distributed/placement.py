@@ -20,8 +20,8 @@ be printed, hashed and checked across ranks before any tensor moves.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,11 +34,13 @@ __all__ = [
     "GroupShards",
     "Placement",
     "Range",
+    "RankLoads",
     "ShardKind",
     "ShardedCall",
     "ShardedSchedule",
     "Strategy",
     "place",
+    "rank_loads",
     "schedule",
 ]
 
@@ -157,6 +159,168 @@ def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set
     return list(out.values())
 
 
+@dataclass(frozen=True, slots=True)
+class _Component:
+    """A connected set of groups, as one stretch of the placement line."""
+
+    members: tuple[str, ...]
+    flops: int
+    tokens: int
+    start: int = 0
+    """Its first token's place on the line."""
+
+    @property
+    def density(self) -> float:
+        return self.flops / self.tokens if self.tokens else 0.0
+
+
+class _Line:
+    """Every component's tokens end to end, the densest (most attention
+    FLOPs per token) first: a rank takes one stretch from the front and one
+    from the back, so it holds as many FLOPs and as many tokens as every
+    other rank, and only components a cut falls inside are split."""
+
+    def __init__(self, components: Sequence[_Component]) -> None:
+        order = sorted(components, key=lambda c: (-c.density, -c.tokens))
+        self.components: list[_Component] = []
+        at = 0
+        for c in order:
+            self.components.append(_Component(c.members, c.flops, c.tokens, at))
+            at += c.tokens
+        self.tokens = at
+        self.flops = sum(c.flops for c in order)
+        self.starts = [c.start for c in self.components]
+        self.boundaries = sorted({*self.starts, at})
+        self._prefix = [0.0]
+        for c in self.components:
+            self._prefix.append(self._prefix[-1] + c.flops)
+
+    def flops_before(self, x: int) -> float:
+        """FLOPs of the line's first ``x`` tokens (each component's spread evenly over its tokens)."""
+        i = bisect.bisect_right(self.starts, x) - 1
+        if i < 0:
+            return 0.0
+        c = self.components[i]
+        inside = min(x - c.start, c.tokens)
+        return self._prefix[i] + (c.flops * inside / c.tokens if c.tokens else 0.0)
+
+    def below(self, x: int, floor: int) -> int:
+        """The last component boundary at or before ``x`` (not before ``floor``)."""
+        i = bisect.bisect_right(self.boundaries, x) - 1
+        return max(self.boundaries[i], floor) if i >= 0 else floor
+
+    def above(self, x: int, ceiling: int) -> int:
+        """The first component boundary at or after ``x`` (not after ``ceiling``)."""
+        i = bisect.bisect_left(self.boundaries, x)
+        return min(self.boundaries[i], ceiling) if i < len(self.boundaries) else ceiling
+
+    def inside(self, x: int) -> bool:
+        return x not in self.boundaries
+
+
+def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
+    """Each rank's stretches of the line: rank ``r`` takes ``[h_r, h_{r+1})``
+    from the front and ``[l_{r+1}, l_r)`` from the back, the two chosen so
+    that ranks ``0..r`` together hold ``(r + 1) / world`` of the tokens and of
+    the FLOPs. A cut moves to a component boundary (keeping the component
+    whole) where the ranks stay within ``balance`` of the mean."""
+    total_t, total_f = line.tokens, line.flops
+    mean_t, mean_f = total_t / world, total_f / world
+    slack = 0.8 * (balance - 1)
+    h, l = 0, total_t
+    done_t, done_f = 0.0, 0.0
+    out: list[list[Range]] = []
+
+    def errors(h2: int, l2: int, r: int) -> tuple[float, float, float, float]:
+        cum_t = h2 + total_t - l2
+        cum_f = line.flops_before(h2) + total_f - line.flops_before(l2)
+        e_t = (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0
+        e_f = (cum_f - (r + 1) * mean_f) / mean_f if mean_f else 0.0
+        own_t = (cum_t - done_t) / mean_t - 1 if mean_t else 0.0
+        own_f = (cum_f - done_f) / mean_f - 1 if mean_f else 0.0
+        return e_t, e_f, own_t, own_f
+
+    for r in range(world - 1):
+        n = min(max((r + 1) * total_t // world - (h + total_t - l), 0), l - h)
+        target = (r + 1) * mean_f
+
+        def cumulative(u: int) -> float:
+            return line.flops_before(h + u) + total_f - line.flops_before(l - n + u)
+
+        # front stretches are denser than back ones: the FLOPs grow with u
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cumulative(mid) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        u = lo if lo == 0 or abs(cumulative(lo) - target) <= abs(cumulative(lo - 1) - target) else lo - 1
+        fronts = {h + u, h + n, h, line.below(h + u, h), line.above(h + u, l)}
+        backs = {l - n + u, l - n, l, line.below(l - n + u, h), line.above(l - n + u, l)}
+        pairs = {(a, b) for a in fronts for b in backs}
+        # one side on a boundary, the other taking the rest of the rank's tokens
+        pairs |= {(a, a - h + l - n) for a in fronts} | {(h + n - (l - b), b) for b in backs}
+        pairs |= {(h + 1, l - n + 1), (h + n - 1, l - 1)}
+        # a component cut at h (or l) goes on to this rank, so the ranks sharing it are neighbours
+        ongoing = [(a, b) for a, b in pairs if (a > h or not line.inside(h)) and (b < l or not line.inside(l))]
+        best: tuple[tuple[int, int, float, int], int, int] | None = None
+        for a, b in sorted(ongoing or pairs):
+            if not h <= a <= b <= l:
+                continue
+            e_t, e_f, own_t, own_f = errors(a, b, r)
+            fits = max(abs(e_t), abs(e_f), abs(own_t), abs(own_f)) <= slack
+            cuts = (a != h and line.inside(a)) + (b != l and line.inside(b))
+            # fewest components cut, then the smallest error, then the most from the front
+            key = (0 if fits else 1, cuts if fits else 0, round(abs(e_t) + abs(e_f), 9), h - a)
+            if best is None or key < best[0]:
+                best = (key, a, b)
+        assert best is not None  # (h + u, l - n + u) is always a candidate
+        _, a, b = best
+        out.append([(h, a), (b, l)])
+        done_t = a + total_t - b
+        done_f = line.flops_before(a) + total_f - line.flops_before(b)
+        h, l = a, b
+    out.append([(h, l)])
+    return out
+
+
+def _pieces(line: _Line, stretches: list[list[Range]]) -> dict[tuple[str, ...], list[list[Range]]]:
+    """Per component: each rank's ranges in the component's own token coordinates."""
+    out = {c.members: [[] for _ in stretches] for c in line.components}
+    for rank, ranges in enumerate(stretches):
+        for a, b in ranges:
+            if b <= a:
+                continue
+            first = max(bisect.bisect_right(line.starts, a) - 1, 0)
+            for c in line.components[first:]:
+                if c.start >= b:
+                    break
+                lo, hi = max(a, c.start) - c.start, min(b, c.start + c.tokens) - c.start
+                if hi > lo:
+                    out[c.members][rank].append((lo, hi))
+    return out
+
+
+def _group_ranges(
+    pieces: Sequence[Range], size: int, tokens: int, zigzag: bool
+) -> tuple[Range, ...]:
+    """One group's positions for a rank's ``pieces`` of its component
+    (``tokens`` long): every group of the component is cut at the same
+    fractions (rounded to the nearest position). Zigzag: a piece ``[c0, c1)``
+    takes as many positions from the group's start as from its end, so causal
+    work follows tokens."""
+    out: list[Range] = []
+    for c0, c1 in pieces:
+        y0, y1 = (2 * c0 * size + tokens) // (2 * tokens), (2 * c1 * size + tokens) // (2 * tokens)
+        if not zigzag:
+            out.append((y0, y1))
+            continue
+        out.append((y0 // 2, y1 // 2))
+        out.append((size - (y1 - y1 // 2), size - (y0 - y0 // 2)))
+    return tuple(merge_ranges(out))
+
+
 def place(
     groups: Sequence[str],
     calls: Sequence[AttentionCall],
@@ -164,17 +328,90 @@ def place(
     world_size: int,
     *,
     whole_groups: bool = True,
+    balance: float = 1.1,
 ) -> Placement:
     """Place the tokens of every group on ``world_size`` ranks.
 
-    A connected set of groups whose attention FLOPs fit one rank's share
-    (at most ``1 / world_size`` of the total) is placed whole on one rank,
-    largest first on the least loaded rank; the others are split over every
-    rank, zigzag where a group attends causally to itself.
+    Each connected set of groups (a query group and its keys are connected:
+    a document, an AB-UPT branch) is a component. Components are laid end to
+    end, the densest in attention FLOPs per token first, and every rank takes
+    one stretch from the front and one from the back, so that it holds
+    ``1 / world_size`` of the FLOPs and of the tokens. A component a cut
+    falls inside is split over the neighbouring ranks that share it, in
+    shards as uneven as the balance needs (zigzag where a group attends
+    causally to itself, so every shard holds as many early as late
+    positions); the others stay whole on one rank. A cut moves to a
+    component's edge, keeping it whole, wherever the ranks stay within
+    ``balance``.
+
+    Args:
+        groups: The plan's groups, in order.
+        calls: The attention calls of every plan the model runs.
+        sizes: ``{group: tokens}`` (None: read from a KV cache, on no rank).
+        world_size: The number of ranks.
+        whole_groups: False splits every group evenly over every rank.
+        balance: The largest FLOPs and tokens per rank, as a multiple of the
+            mean, that keeping a component whole may cost (a target: a
+            component smaller than the tolerance is never cut).
+
+    Returns:
+        The placement: every group's ranges on every rank.
+
+    Raises:
+        ValueError: ``world_size`` below 1 or ``balance`` below 1.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not balance >= 1:
+        raise ValueError(f"balance must be >= 1 (a multiple of the mean load), got {balance}")
     live = {g for g in groups if sizes[g] is not None}
+    flops = _group_flops(groups, calls, sizes)
+    self_causal = {
+        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
+    }
+    shards: dict[str, GroupShards] = {}
+    for g in groups:
+        if sizes[g] is None:
+            shards[g] = GroupShards(g, None, "cached", tuple(() for _ in range(world_size)))
+    if not whole_groups:
+        for g in live:
+            size = sizes[g] or 0
+            if g in self_causal and world_size > 1:
+                shards[g] = GroupShards(g, size, "zigzag", _zigzag(size, world_size))
+            else:
+                shards[g] = GroupShards(g, size, "split", _split(size, world_size))
+        return Placement(world_size, tuple(shards[g] for g in groups))
+    components = [
+        _Component(tuple(m), sum(flops[g] for g in m), sum(sizes[g] or 0 for g in m))
+        for m in _components(groups, calls, live)
+    ]
+    line = _Line(components)
+    for c in line.components:
+        if not c.tokens:
+            for g in c.members:
+                shards[g] = GroupShards(g, 0, "whole", tuple(() for _ in range(world_size)))
+    stretches = _cut_line(line, world_size, balance) if line.tokens else []
+    for members, per_rank in (_pieces(line, stretches) if stretches else {}).items():
+        holders = [r for r, p in enumerate(per_rank) if p]
+        tokens = sum(sizes[g] or 0 for g in members)
+        if not tokens:
+            continue
+        for g in members:
+            size = sizes[g] or 0
+            if len(holders) == 1:
+                ranges = tuple(((0, size),) if r == holders[0] and size else () for r in range(world_size))
+                shards[g] = GroupShards(g, size, "whole", ranges)
+                continue
+            zigzag = g in self_causal
+            ranges = tuple(_group_ranges(p, size, tokens, zigzag) for p in per_rank)
+            shards[g] = GroupShards(g, size, "zigzag" if zigzag else "split", ranges)
+    return Placement(world_size, tuple(shards[g] for g in groups))
+
+
+def _group_flops(
+    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None]
+) -> dict[str, int]:
+    """Attention FLOPs (allowed query-key pairs) of each query group."""
     flops = {g: 0 for g in groups}
     offsets = _offsets(groups, sizes)
     for call in calls:
@@ -183,40 +420,61 @@ def place(
                 allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
                 for k in call.keys
             )
-    total = sum(flops.values())
-    components = _components(groups, calls, live)
-    whole: list[tuple[int, list[str]]] = []
-    split: set[str] = set()
-    for members in components:
-        cost = sum(flops[g] for g in members)
-        if whole_groups and (world_size == 1 or (cost * world_size <= total and len(components) > 1)):
-            whole.append((cost, members))
-        else:
-            split.update(members)
-    share = sum(flops[g] for g in split) // max(world_size, 1)
-    loads = [(share, r) for r in range(world_size)]
-    heapq.heapify(loads)
-    owner: dict[str, int] = {}
-    for cost, members in sorted(whole, key=lambda item: -item[0]):
-        load, rank = heapq.heappop(loads)
-        owner.update((g, rank) for g in members)
-        heapq.heappush(loads, (load + cost, rank))
-    self_causal = {
-        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
-    }
-    shards = []
-    for g in groups:
-        size = sizes[g]
-        if size is None:
-            shards.append(GroupShards(g, None, "cached", tuple(() for _ in range(world_size))))
-        elif g in owner:
-            ranges = tuple(((0, size),) if r == owner[g] and size else () for r in range(world_size))
-            shards.append(GroupShards(g, size, "whole", ranges))
-        elif g in self_causal and world_size > 1:
-            shards.append(GroupShards(g, size, "zigzag", _zigzag(size, world_size)))
-        else:
-            shards.append(GroupShards(g, size, "split", _split(size, world_size)))
-    return Placement(world_size, tuple(shards))
+    return flops
+
+
+@dataclass(frozen=True, slots=True)
+class RankLoads:
+    """Attention FLOPs (allowed query-key pairs) and tokens on every rank."""
+
+    flops: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    @staticmethod
+    def _ratio(values: Sequence[int]) -> float:
+        mean = sum(values) / len(values) if values else 0
+        return max(values) / mean if mean else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Largest FLOPs on a rank over the mean (1.0: even)."""
+        return self._ratio(self.flops)
+
+    @property
+    def tokens_ratio(self) -> float:
+        """Largest token count on a rank over the mean (1.0: even)."""
+        return self._ratio(self.tokens)
+
+
+def rank_loads(calls: Iterable[AttentionCall], placement: Placement) -> RankLoads:
+    """The attention FLOPs and tokens each rank of ``placement`` holds, counted
+    exactly from its positions (queries on the rank against all their keys).
+
+    Args:
+        calls: The attention calls the placement was made for.
+        placement: From :func:`place`.
+
+    Returns:
+        Per rank FLOPs (allowed query-key pairs) and tokens.
+    """
+    world = placement.world_size
+    names = [g.name for g in placement.groups]
+    offsets = _offsets(names, placement.sizes)
+    flops = [0] * world
+    for call in calls:
+        for q in call.queries:
+            shards = placement.group(q)
+            if shards.size is None:
+                continue
+            for key in call.keys:
+                n_k = placement.group(key.name).size or 0
+                shift = offsets[key.name] - offsets[q]
+                for r in range(world):
+                    for a, b in shards.ranges[r]:
+                        flops[r] += allowed_pairs(b, n_k, key.modifiers, shift) - allowed_pairs(
+                            a, n_k, key.modifiers, shift
+                        )
+    return RankLoads(tuple(flops), tuple(placement.tokens(r) for r in range(world)))
 
 
 # ------------------------------------------------------------------ schedule
