@@ -105,11 +105,14 @@ def test_a_loose_balance_keeps_even_a_large_document_whole() -> None:
     assert {g.kind for g in loose.groups} == {"whole"}
 
 
-def test_one_group_is_split_evenly() -> None:
+def test_one_component_is_cut_into_neighbouring_stretches() -> None:
     plan = patternc.compile("groups a q\n* -> a").patterns["default"]
     placement = place(plan.groups, plan.calls, {"a": 4, "q": 9}, 4)
-    assert [placement.group("a").local_size(r) for r in range(4)] == [1, 1, 1, 1]
-    assert [placement.group("q").local_size(r) for r in range(4)] == [2, 2, 2, 3]
+    _check_partition(placement, components=False)
+    assert [placement.tokens(r) for r in range(4)] == [3, 3, 3, 4]
+    # the groups follow each other: the anchors on the first ranks, the queries on the next
+    assert [placement.group("a").local_size(r) for r in range(4)] == [3, 1, 0, 0]
+    assert [placement.group("q").local_size(r) for r in range(4)] == [0, 2, 3, 4]
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

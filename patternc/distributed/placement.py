@@ -161,48 +161,66 @@ def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set
 
 @dataclass(frozen=True, slots=True)
 class _Component:
-    """A connected set of groups, as one stretch of the placement line."""
+    """A connected set of groups: ``parts`` are ``(group, tokens, FLOPs)``."""
 
-    members: tuple[str, ...]
-    flops: int
-    tokens: int
-    start: int = 0
-    """Its first token's place on the line."""
+    parts: tuple[tuple[str, int, int], ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(t for _, t, _ in self.parts)
+
+    @property
+    def flops(self) -> int:
+        return sum(f for _, _, f in self.parts)
 
     @property
     def density(self) -> float:
         return self.flops / self.tokens if self.tokens else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One group's tokens on the line, from ``start``, its FLOPs spread evenly over them."""
+
+    group: str
+    start: int
+    tokens: int
+    flops: int
+
+
 class _Line:
     """Every component's tokens end to end, the densest (most attention
-    FLOPs per token) first: a rank takes one stretch from the front and one
-    from the back, so it holds as many FLOPs and as many tokens as every
-    other rank, and only components a cut falls inside are split."""
+    FLOPs per token) first, each component's groups next to each other
+    (densest first): a rank takes one stretch from the front and one from
+    the back, so it holds as many FLOPs and as many tokens as every other
+    rank, and only the components a cut falls inside are split."""
 
     def __init__(self, components: Sequence[_Component]) -> None:
-        order = sorted(components, key=lambda c: (-c.density, -c.tokens))
-        self.components: list[_Component] = []
+        self.segments: list[_Segment] = []
+        edges = {0}
         at = 0
-        for c in order:
-            self.components.append(_Component(c.members, c.flops, c.tokens, at))
-            at += c.tokens
+        for c in sorted(components, key=lambda c: (-c.density, -c.tokens)):
+            for group, tokens, flops in sorted(c.parts, key=lambda p: -(p[2] / p[1] if p[1] else 0.0)):
+                self.segments.append(_Segment(group, at, tokens, flops))
+                at += tokens
+            edges.add(at)
         self.tokens = at
-        self.flops = sum(c.flops for c in order)
-        self.starts = [c.start for c in self.components]
-        self.boundaries = sorted({*self.starts, at})
+        self.flops = sum(c.flops for c in components)
+        self.starts = [g.start for g in self.segments]
+        self.boundaries = sorted(edges)
+        """Where one component ends and the next begins (cuts there split nothing)."""
         self._prefix = [0.0]
-        for c in self.components:
-            self._prefix.append(self._prefix[-1] + c.flops)
+        for g in self.segments:
+            self._prefix.append(self._prefix[-1] + g.flops)
 
     def flops_before(self, x: int) -> float:
-        """FLOPs of the line's first ``x`` tokens (each component's spread evenly over its tokens)."""
+        """FLOPs of the line's first ``x`` tokens."""
         i = bisect.bisect_right(self.starts, x) - 1
         if i < 0:
             return 0.0
-        c = self.components[i]
-        inside = min(x - c.start, c.tokens)
-        return self._prefix[i] + (c.flops * inside / c.tokens if c.tokens else 0.0)
+        g = self.segments[i]
+        inside = min(x - g.start, g.tokens)
+        return self._prefix[i] + (g.flops * inside / g.tokens if g.tokens else 0.0)
 
     def below(self, x: int, floor: int) -> int:
         """The last component boundary at or before ``x`` (not before ``floor``)."""
@@ -285,39 +303,33 @@ def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
     return out
 
 
-def _pieces(line: _Line, stretches: list[list[Range]]) -> dict[tuple[str, ...], list[list[Range]]]:
-    """Per component: each rank's ranges in the component's own token coordinates."""
-    out = {c.members: [[] for _ in stretches] for c in line.components}
+def _pieces(line: _Line, stretches: list[list[Range]]) -> dict[str, list[list[Range]]]:
+    """Per group: each rank's ranges in the group's own token order (before zigzag)."""
+    out: dict[str, list[list[Range]]] = {g.group: [[] for _ in stretches] for g in line.segments}
     for rank, ranges in enumerate(stretches):
         for a, b in ranges:
             if b <= a:
                 continue
             first = max(bisect.bisect_right(line.starts, a) - 1, 0)
-            for c in line.components[first:]:
-                if c.start >= b:
+            for g in line.segments[first:]:
+                if g.start >= b:
                     break
-                lo, hi = max(a, c.start) - c.start, min(b, c.start + c.tokens) - c.start
+                lo, hi = max(a, g.start) - g.start, min(b, g.start + g.tokens) - g.start
                 if hi > lo:
-                    out[c.members][rank].append((lo, hi))
+                    out[g.group][rank].append((lo, hi))
     return out
 
 
-def _group_ranges(
-    pieces: Sequence[Range], size: int, tokens: int, zigzag: bool
-) -> tuple[Range, ...]:
-    """One group's positions for a rank's ``pieces`` of its component
-    (``tokens`` long): every group of the component is cut at the same
-    fractions (rounded to the nearest position). Zigzag: a piece ``[c0, c1)``
-    takes as many positions from the group's start as from its end, so causal
-    work follows tokens."""
+def _positions(pieces: Sequence[Range], size: int, zigzag: bool) -> tuple[Range, ...]:
+    """A group's positions for a rank's ``pieces`` of it. Zigzag: a piece
+    ``[c0, c1)`` takes as many positions from the group's start as from its
+    end, so causal work follows tokens."""
+    if not zigzag:
+        return tuple(merge_ranges(pieces))
     out: list[Range] = []
     for c0, c1 in pieces:
-        y0, y1 = (2 * c0 * size + tokens) // (2 * tokens), (2 * c1 * size + tokens) // (2 * tokens)
-        if not zigzag:
-            out.append((y0, y1))
-            continue
-        out.append((y0 // 2, y1 // 2))
-        out.append((size - (y1 - y1 // 2), size - (y0 - y0 // 2)))
+        out.append((c0 // 2, c1 // 2))
+        out.append((size - (c1 - c1 // 2), size - (c0 - c0 // 2)))
     return tuple(merge_ranges(out))
 
 
@@ -382,28 +394,22 @@ def place(
                 shards[g] = GroupShards(g, size, "split", _split(size, world_size))
         return Placement(world_size, tuple(shards[g] for g in groups))
     components = [
-        _Component(tuple(m), sum(flops[g] for g in m), sum(sizes[g] or 0 for g in m))
-        for m in _components(groups, calls, live)
+        _Component(tuple((g, sizes[g] or 0, flops[g]) for g in members))
+        for members in _components(groups, calls, live)
     ]
     line = _Line(components)
-    for c in line.components:
-        if not c.tokens:
-            for g in c.members:
-                shards[g] = GroupShards(g, 0, "whole", tuple(() for _ in range(world_size)))
-    stretches = _cut_line(line, world_size, balance) if line.tokens else []
-    for members, per_rank in (_pieces(line, stretches) if stretches else {}).items():
-        holders = [r for r, p in enumerate(per_rank) if p]
-        tokens = sum(sizes[g] or 0 for g in members)
-        if not tokens:
-            continue
-        for g in members:
-            size = sizes[g] or 0
-            if len(holders) == 1:
-                ranges = tuple(((0, size),) if r == holders[0] and size else () for r in range(world_size))
+    stretches = _cut_line(line, world_size, balance)
+    pieces = _pieces(line, stretches)
+    for c in components:
+        holders = [r for r in range(world_size) if any(pieces[g][r] for g, _, _ in c.parts)]
+        for g, size, _ in c.parts:
+            if len(holders) <= 1:
+                owner = holders[0] if holders else 0
+                ranges = tuple(((0, size),) if r == owner and size else () for r in range(world_size))
                 shards[g] = GroupShards(g, size, "whole", ranges)
                 continue
             zigzag = g in self_causal
-            ranges = tuple(_group_ranges(p, size, tokens, zigzag) for p in per_rank)
+            ranges = tuple(_positions(p, size, zigzag) for p in pieces[g])
             shards[g] = GroupShards(g, size, "zigzag" if zigzag else "split", ranges)
     return Placement(world_size, tuple(shards[g] for g in groups))
 
@@ -495,6 +501,9 @@ class ShardedCall:
     single-device executor on the rank's tokens."""
     query_tokens: int
     key_tokens: int
+    ranks: tuple[int, ...] = ()
+    """The ranks holding any of the call's query or key tokens (neighbours
+    under :func:`place`): the only ones whose queries read its keys."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -640,7 +649,12 @@ def schedule(
         # positions do not matter; key padding always goes to the blockwise
         # kernel, which carries the mask with the keys
         blockwise = kind == "ring" or padded or (kind == "gather" and positional)
-        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k))
+        holders = tuple(
+            r
+            for r in range(world)
+            if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
+        )
+        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
