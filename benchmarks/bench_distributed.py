@@ -116,12 +116,13 @@ def balance_report(worlds: list[int]) -> None:
     print("\n## Placement: balance and traffic per layout and world size (no processes)\n")
     print(
         "| layout | ranks | FLOPs max/mean | tokens max/mean | groups split | widest split (ranks) | "
-        "received / minimum (all ranks) | received / minimum (max rank) |"
+        "received / minimum (all ranks) | received / minimum (max rank) | rings over the call's ranks only: "
+        "received / minimum (all ranks) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, (source, sizes) in balance_layouts().items():
         plan = patternc.compile(source).patterns["default"].bind(list(sizes))
-        print(f"| {name} | | | | | | | |")
+        print(f"| {name} | | | | | | | | |")
         for world in worlds:
             placement = place(plan.groups, plan.calls, sizes, world)
             plan_schedule = schedule(plan.calls, placement)
@@ -129,6 +130,13 @@ def balance_report(worlds: list[int]) -> None:
             holders = [sum(1 for ranges in g.ranges if ranges) for g in placement.groups]
             split = sum(1 for h in holders if h > 1)
             received, minimum = plan_schedule.received, plan_schedule.minimum
+            # a ring among the ranks that hold the call's tokens (ShardedCall.ranks), not all of them
+            sub_ring = sum(
+                plan_schedule.call_received(c, r)
+                for c in plan_schedule.calls
+                for r in range(world)
+                if c.strategy != "ring" or r in c.ranks
+            )
 
             def ratio(got: int, least: int) -> str:
                 return f"{got / least:.2f}x" if least else ("0 / 0" if not got else f"{got} / 0")
@@ -137,7 +145,8 @@ def balance_report(worlds: list[int]) -> None:
                 f"| | {world} | {max(flops) * world / sum(flops):.2f} | {max(tokens) * world / sum(tokens):.2f} "
                 f"| {split} | {max(holders)} | {sum(received)} / {sum(minimum)} = "
                 f"{ratio(sum(received), sum(minimum))} | {max(received)} / {max(minimum)} = "
-                f"{ratio(max(received), max(minimum))} |"
+                f"{ratio(max(received), max(minimum))} | {sub_ring} / {sum(minimum)} = "
+                f"{ratio(sub_ring, sum(minimum))} |"
             )
 
 

@@ -393,6 +393,28 @@ def case_kv_cache(world: int) -> dict[str, Any]:
     }
 
 
+def case_full_cache_of_whole_documents(world: int) -> dict[str, Any]:
+    """``full_kv_cache=True`` where ranks hold different documents whole: every
+    rank joins the same all-gathers and ends with every document's keys/values."""
+    attn, _, plan = _attention("groups doc*\ndoc* -> self [causal]", LONG_TAILED)
+    bound = plan.bind(list(LONG_TAILED))
+    torch.manual_seed(3)
+    x = torch.randn(2, sum(LONG_TAILED.values()), 16, dtype=torch.float64)
+    ref, ref_cache = attn(x, dict(LONG_TAILED))
+    cp = ContextParallel(bound, LONG_TAILED, full_kv_cache=True)
+    with torch.no_grad(), cp:
+        out, cache = attn(cp.shard(x), cp.local_sizes)
+    assert cache is not None and ref_cache is not None
+    return {
+        "cache": max(
+            float((cache[g][k] - ref_cache[g][k]).norm() / ref_cache[g][k].norm())
+            for g in LONG_TAILED
+            for k in "kv"
+        ),
+        "out": _global_error(out - cp.shard(ref), cp.shard(ref)),
+    }
+
+
 def case_chunked(world: int) -> dict[str, Any]:
     """Chunked inference, anchors sharded, each rank's queries in chunks: equals one shot."""
     _, forward, plan = _attention(

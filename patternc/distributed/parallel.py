@@ -309,14 +309,17 @@ class _Runner:
         placement, rank = self.tokens.placement, self.tokens.rank
         out: FullKV = {}
         missing = []
+        world = self.comm.world_size
         for name in self.layout.key_value_groups:
             g = placement.group(name)
             if name in gathered:
                 out[name] = split_kv(gathered[name], dim)
+            elif complete and any(g.local_size(r) != g.size for r in range(world)):
+                # every rank joins the same all-gathers: a group some rank lacks
+                # is gathered on all of them, its owner's included
+                missing.append(name)
             elif g.local_size(rank) == g.size:
                 out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
-            else:
-                missing.append(name)
         if complete and missing:
             extra = GatherPlan.build(self.tokens, missing, self.comm.world_size).run(packed, self.comm, links)
             out.update((n, split_kv(kv, dim)) for n, kv in extra.items())
