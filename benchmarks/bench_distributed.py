@@ -61,7 +61,12 @@ def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) ->
 def balance_layouts() -> dict[str, tuple[str, dict[str, int]]]:
     """name -> (pattern source, sizes) for the placement-only report."""
     abupt = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
-    unequal = {"surface_anchors": 16384, "surface_queries": 65536, "volume_anchors": 16384, "volume_queries": 262144}
+    unequal = {
+        "surface_anchors": 16384,
+        "surface_queries": 65536,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
     equal = {**unequal, "surface_queries": 262144}
     docs = "groups doc*\ndoc* -> self [causal]"
     return {

@@ -244,9 +244,7 @@ def case_device_mesh_2d(world: int) -> dict[str, Any]:
     except ValueError as error:
         refused = str(error)
     cp_group = mesh["cp"].get_group()
-    result = compare(
-        module, forward, bound, LONG_TAILED, {"group": mesh["cp"]}, reduce_group=cp_group
-    )
+    result = compare(module, forward, bound, LONG_TAILED, {"group": mesh["cp"]}, reduce_group=cp_group)
     result["refused"] = refused
     result["cp_rank"] = dist.get_rank(cp_group)
     return result

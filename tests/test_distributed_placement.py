@@ -65,7 +65,12 @@ def test_long_tailed_documents_balance_flops_and_tokens(world: int, sigma: float
 @pytest.mark.parametrize("world", [8, 16, 32, 64])
 @pytest.mark.parametrize("source", [SELF_ANCHOR, CROSS_ANCHOR])
 def test_unequal_abupt_branches_balance(world: int, source: str) -> None:
-    sizes = {"surface_anchors": 16384, "surface_queries": 65536, "volume_anchors": 16384, "volume_queries": 262144}
+    sizes = {
+        "surface_anchors": 16384,
+        "surface_queries": 65536,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
     plan = patternc.compile(source).patterns["default"]
     placement = place(plan.groups, plan.calls, sizes, world)
     _check_partition(placement, components=False)
@@ -130,7 +135,9 @@ def test_rank_loads_count_every_allowed_pair(world: int) -> None:
                 band = pair_band(key.modifiers)
                 for r, ranges in enumerate(placement.group(q).ranges):
                     expected[r] += sum(
-                        bool(band_allows(band, i, j)) for a, b in ranges for i in range(a, b)
+                        bool(band_allows(band, i, j))
+                        for a, b in ranges
+                        for i in range(a, b)
                         for j in range(sizes[key.name])
                     )
     assert list(loads.flops) == expected

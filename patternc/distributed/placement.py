@@ -237,70 +237,93 @@ class _Line:
 
 
 def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
-    """Each rank's stretches of the line: rank ``r`` takes ``[h_r, h_{r+1})``
-    from the front and ``[l_{r+1}, l_r)`` from the back, the two chosen so
-    that ranks ``0..r`` together hold ``(r + 1) / world`` of the tokens and of
-    the FLOPs. A cut moves to a component boundary (keeping the component
-    whole) where the ranks stay within ``balance`` of the mean."""
+    """Each rank's stretches of the line: rank ``r`` takes ``[front_r,
+    front_{r+1})`` from the front and ``[back_{r+1}, back_r)`` from the back,
+    the two chosen so that ranks ``0..r`` together hold ``(r + 1) / world``
+    of the tokens and of the FLOPs. A cut moves to a component boundary
+    (keeping the component whole) where the ranks stay within ``balance`` of
+    the mean."""
     total_t, total_f = line.tokens, line.flops
     mean_t, mean_f = total_t / world, total_f / world
     slack = 0.8 * (balance - 1)
-    h, l = 0, total_t
-    done_t, done_f = 0.0, 0.0
+    front, back = 0, total_t
     out: list[list[Range]] = []
 
-    def errors(h2: int, l2: int, r: int) -> tuple[float, float, float, float]:
-        cum_t = h2 + total_t - l2
-        cum_f = line.flops_before(h2) + total_f - line.flops_before(l2)
-        e_t = (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0
-        e_f = (cum_f - (r + 1) * mean_f) / mean_f if mean_f else 0.0
-        own_t = (cum_t - done_t) / mean_t - 1 if mean_t else 0.0
-        own_f = (cum_f - done_f) / mean_f - 1 if mean_f else 0.0
-        return e_t, e_f, own_t, own_f
+    def held(a: int, b: int) -> tuple[int, float]:
+        """Tokens and FLOPs of the line outside ``[a, b)``."""
+        return a + total_t - b, line.flops_before(a) + total_f - line.flops_before(b)
 
     for r in range(world - 1):
-        n = min(max((r + 1) * total_t // world - (h + total_t - l), 0), l - h)
-        target = (r + 1) * mean_f
-
-        def cumulative(u: int) -> float:
-            return line.flops_before(h + u) + total_f - line.flops_before(l - n + u)
-
-        # front stretches are denser than back ones: the FLOPs grow with u
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cumulative(mid) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        u = lo if lo == 0 or abs(cumulative(lo) - target) <= abs(cumulative(lo - 1) - target) else lo - 1
-        fronts = {h + u, h + n, h, line.below(h + u, h), line.above(h + u, l)}
-        backs = {l - n + u, l - n, l, line.below(l - n + u, h), line.above(l - n + u, l)}
+        done_t, done_f = held(front, back)
+        n = min(max((r + 1) * total_t // world - done_t, 0), back - front)
+        u = _denser_share(line, front, back, n, (r + 1) * mean_f, total_f)
+        fronts = {front + u, front + n, front, line.below(front + u, front), line.above(front + u, back)}
+        backs = {
+            back - n + u,
+            back - n,
+            back,
+            line.below(back - n + u, front),
+            line.above(back - n + u, back),
+        }
         pairs = {(a, b) for a in fronts for b in backs}
         # one side on a boundary, the other taking the rest of the rank's tokens
-        pairs |= {(a, a - h + l - n) for a in fronts} | {(h + n - (l - b), b) for b in backs}
-        pairs |= {(h + 1, l - n + 1), (h + n - 1, l - 1)}
-        # a component cut at h (or l) goes on to this rank, so the ranks sharing it are neighbours
-        ongoing = [(a, b) for a, b in pairs if (a > h or not line.inside(h)) and (b < l or not line.inside(l))]
+        pairs |= {(a, a - front + back - n) for a in fronts} | {(front + n - (back - b), b) for b in backs}
+        pairs |= {(front + 1, back - n + 1), (front + n - 1, back - 1)}
+        # a component cut at the front (or back) goes on to this rank, so the
+        # ranks sharing it are neighbours
+        ongoing = [
+            (a, b)
+            for a, b in pairs
+            if (a > front or not line.inside(front)) and (b < back or not line.inside(back))
+        ]
         best: tuple[tuple[int, int, float, int], int, int] | None = None
         for a, b in sorted(ongoing or pairs):
-            if not h <= a <= b <= l:
+            if not front <= a <= b <= back:
                 continue
-            e_t, e_f, own_t, own_f = errors(a, b, r)
-            fits = max(abs(e_t), abs(e_f), abs(own_t), abs(own_f)) <= slack
-            cuts = (a != h and line.inside(a)) + (b != l and line.inside(b))
+            cum_t, cum_f = held(a, b)
+            errors = (
+                (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0,
+                (cum_f - (r + 1) * mean_f) / mean_f if mean_f else 0.0,
+                (cum_t - done_t) / mean_t - 1 if mean_t else 0.0,
+                (cum_f - done_f) / mean_f - 1 if mean_f else 0.0,
+            )
+            fits = max(abs(e) for e in errors) <= slack
+            cuts = (a != front and line.inside(a)) + (b != back and line.inside(b))
             # fewest components cut, then the smallest error, then the most from the front
-            key = (0 if fits else 1, cuts if fits else 0, round(abs(e_t) + abs(e_f), 9), h - a)
+            key = (
+                0 if fits else 1,
+                cuts if fits else 0,
+                round(abs(errors[0]) + abs(errors[1]), 9),
+                front - a,
+            )
             if best is None or key < best[0]:
                 best = (key, a, b)
-        assert best is not None  # (h + u, l - n + u) is always a candidate
+        assert best is not None  # (front + u, back - n + u) is always a candidate
         _, a, b = best
-        out.append([(h, a), (b, l)])
-        done_t = a + total_t - b
-        done_f = line.flops_before(a) + total_f - line.flops_before(b)
-        h, l = a, b
-    out.append([(h, l)])
+        out.append([(front, a), (b, back)])
+        front, back = a, b
+    out.append([(front, back)])
     return out
+
+
+def _denser_share(line: _Line, front: int, back: int, n: int, target: float, total_f: float) -> int:
+    """How many of a rank's ``n`` tokens to take from the front so that the
+    ranks so far hold ``target`` FLOPs (the front is the denser end, so the
+    FLOPs grow with the share)."""
+
+    def cumulative(u: int) -> float:
+        return line.flops_before(front + u) + total_f - line.flops_before(back - n + u)
+
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cumulative(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo and abs(cumulative(lo - 1) - target) < abs(cumulative(lo) - target):
+        return lo - 1
+    return lo
 
 
 def _pieces(line: _Line, stretches: list[list[Range]]) -> dict[str, list[list[Range]]]:
@@ -405,12 +428,12 @@ def place(
         for g, size, _ in c.parts:
             if len(holders) <= 1:
                 owner = holders[0] if holders else 0
-                ranges = tuple(((0, size),) if r == owner and size else () for r in range(world_size))
-                shards[g] = GroupShards(g, size, "whole", ranges)
+                whole = tuple(((0, size),) if r == owner and size else () for r in range(world_size))
+                shards[g] = GroupShards(g, size, "whole", whole)
                 continue
             zigzag = g in self_causal
-            ranges = tuple(_positions(p, size, zigzag) for p in pieces[g])
-            shards[g] = GroupShards(g, size, "zigzag" if zigzag else "split", ranges)
+            split = tuple(_positions(p, size, zigzag) for p in pieces[g])
+            shards[g] = GroupShards(g, size, "zigzag" if zigzag else "split", split)
     return Placement(world_size, tuple(shards[g] for g in groups))
 
 
@@ -650,9 +673,7 @@ def schedule(
         # kernel, which carries the mask with the keys
         blockwise = kind == "ring" or padded or (kind == "gather" and positional)
         holders = tuple(
-            r
-            for r in range(world)
-            if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
+            r for r in range(world) if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
         )
         out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
