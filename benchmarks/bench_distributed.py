@@ -136,12 +136,12 @@ def balance_report(worlds: list[int]) -> None:
             split = sum(1 for h in holders if h > 1)
             received, minimum = plan_schedule.received, plan_schedule.minimum
             # a ring among the ranks that hold the call's tokens (ShardedCall.ranks), not all of them
-            sub_ring = sum(
-                plan_schedule.call_received(c, r)
-                for c in plan_schedule.calls
-                for r in range(world)
-                if c.strategy != "ring" or r in c.ranks
-            )
+            sub_ring = 0
+            for c in plan_schedule.calls:
+                names = (*c.attention.queries, *c.key_groups)
+                for r in range(world):
+                    if c.strategy != "ring" or any(placement.group(g).ranges[r] for g in names):
+                        sub_ring += plan_schedule.call_received(c, r)
 
             def ratio(got: int, least: int) -> str:
                 return f"{got / least:.2f}x" if least else ("0 / 0" if not got else f"{got} / 0")
