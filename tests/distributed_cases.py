@@ -236,15 +236,15 @@ def case_device_mesh_2d(world: int) -> dict[str, Any]:
     if world != 4:
         return {"skipped": True}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", LONG_TAILED, rope=True)
-    bound = plan.bind(list(LONG_TAILED))
+    sizes = {"a": 9, "b": 14}  # everything attends to everything: a ring within each row
+    module, forward, plan = _attention("groups a b\n* -> *", sizes)
     try:
-        ContextParallel(bound, LONG_TAILED, mesh)
+        ContextParallel(plan, sizes, mesh)
         refused = ""
     except ValueError as error:
         refused = str(error)
     cp_group = mesh["cp"].get_group()
-    result = compare(module, forward, bound, LONG_TAILED, {"group": mesh["cp"]}, reduce_group=cp_group)
+    result = compare(module, forward, plan, sizes, {"group": mesh["cp"]}, reduce_group=cp_group)
     result["refused"] = refused
     result["cp_rank"] = dist.get_rank(cp_group)
     return result
@@ -563,6 +563,53 @@ def case_loss_fsdp2(world: int) -> dict[str, Any]:
 
 def case_loss_all_reduce(world: int) -> dict[str, Any]:
     return _loss_case(world, "sum", lambda model: model)
+
+
+def case_mesh_fsdp2(world: int) -> dict[str, Any]:
+    """A ``("dp", "cp")`` mesh (4 ranks): each data-parallel row holds one
+    sample of the batch, sharded over its ``mesh["cp"]``; ``fully_shard`` on
+    the whole mesh (replicated over "dp", sharded over "cp") averages the
+    gradients over all four ranks: they equal one process's on the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if world != 4:
+        return {"skipped": True}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
+    sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
+    torch.manual_seed(0)
+    model = small_stack(patternc.compile(source), "rope")
+    plan = next(iter(model.plans.values())).bind(list(sizes))
+    n = sum(sizes.values())
+    torch.manual_seed(2)
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    target = torch.randn(2, n, 16, dtype=torch.float64)
+    keep = torch.rand(2, n) > 0.4
+
+    def per_token(out: Tensor, target: Tensor) -> Tensor:
+        return (out - target).square().sum(-1)
+
+    ref_loss = (per_token(model(x, sizes), target) * keep).sum() / keep.sum()
+    ref_loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    row = mesh.get_local_rank("dp")  # this row's sample
+    cp = ContextParallel(plan, sizes, mesh["cp"])
+    fully_shard(model, mesh=mesh)
+    with cp:
+        out = model(cp.shard(x[row : row + 1]), cp.local_sizes)
+    local_keep = cp.shard(keep[row : row + 1])
+    local_sum = (per_token(out, cp.shard(target[row : row + 1])) * local_keep).sum()
+    loss = patternc.distributed.global_mean_loss(local_sum, local_keep.sum(), grads="mean")
+    loss.backward()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        grad = p.grad
+        assert grad is not None, name
+        full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        worst = max(worst, float((full - reference[name]).norm() / reference[name].norm()))
+    return {"grad_params": worst, "loss": abs(float(loss - ref_loss)) / float(ref_loss)}
 
 
 def case_mismatch(world: int) -> dict[str, Any]:

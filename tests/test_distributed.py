@@ -49,7 +49,7 @@ NUMERIC = [
     "chunked",
     "chunked_transformer",
 ]
-MESH = ["device_mesh_2d"]
+MESH = ["device_mesh_2d", "mesh_fsdp2"]
 LOSSES = ["loss_ddp", "loss_fsdp2", "loss_all_reduce"]
 REFUSED = ["mismatch", "padding_on_one_rank"]
 
@@ -125,6 +125,16 @@ def test_a_2d_device_mesh_shards_over_its_cp_dimension(ranks: tuple[int, list[di
         assert max(errors) <= TOLERANCE, metrics
         assert metrics["cp_rank"] == rank % 2
         assert "this DeviceMesh has 2" in metrics["refused"] and 'mesh["cp"]' in metrics["refused"]
+
+
+def test_fsdp2_on_a_2d_mesh_with_context_parallel_over_cp(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    world, results = ranks
+    if world != 4:
+        pytest.skip("a 2 x 2 mesh needs 4 ranks")
+    for rank, result in enumerate(results):
+        metrics = result["mesh_fsdp2"]
+        assert "exception" not in metrics, f"rank {rank}:\n{metrics['exception']}"
+        assert metrics["grad_params"] <= TOLERANCE and metrics["loss"] <= TOLERANCE, metrics
 
 
 def test_long_causal_document_is_zigzag_around_the_ring(ranks: tuple[int, list[dict[str, Any]]]) -> None:
