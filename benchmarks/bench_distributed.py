@@ -1,6 +1,14 @@
-"""Context-parallel attention against one process: traffic, memory, time.
+"""Context-parallel attention against one process: balance, traffic, memory, time.
 
-For each layout and world size R, side by side:
+The placement alone (no processes; ``--balance``), per layout and world size
+2 to 64: attention FLOPs and tokens per rank (max / mean, counted from the
+positions each rank holds) and the key/value tokens received per forward
+against the minimum the mask needs (what ``patternc compile --world-size``
+reports), summed over the ranks and for the rank that receives most:
+
+    python benchmarks/bench_distributed.py --balance [--worlds 2 4 8 16 32 64]
+
+Then, run on processes, for each layout and world size R, side by side:
 - per rank, key/value bytes received in one forward (measured, padding
   included) against the minimum the plan implies (keys the rank's queries
   may see and it does not hold), also per call;
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import sys
@@ -34,9 +43,116 @@ import torch.distributed as dist
 from peak_memory import Peak
 
 import patternc
-from patternc.distributed import ContextParallel
+from patternc.distributed import ContextParallel, place, schedule
+from patternc.modifiers import allowed_pairs
 
 HIDDEN, HEADS = 192, 3
+
+
+def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) -> dict[str, int]:
+    """``count`` document lengths drawn log-normally (``sigma``), ``total`` tokens together."""
+    rng = random.Random(seed)
+    weights = [rng.lognormvariate(0, sigma) for _ in range(count)]
+    sizes = [max(1, int(total * w / sum(weights))) for w in weights]
+    sizes[0] += total - sum(sizes)
+    return {f"doc{i}": n for i, n in enumerate(sizes)}
+
+
+def balance_layouts() -> dict[str, tuple[str, dict[str, int]]]:
+    """name -> (pattern source, sizes) for the placement-only report."""
+    abupt = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+    unequal = {
+        "surface_anchors": 16384,
+        "surface_queries": 65536,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
+    equal = {**unequal, "surface_queries": 262144}
+    docs = "groups doc*\ndoc* -> self [causal]"
+    return {
+        "64 long-tailed causal documents, 64k tokens (lognormal sigma 1.0)": (docs, long_tailed(0, 1.0)),
+        "64 long-tailed causal documents, 64k tokens (lognormal sigma 1.5)": (docs, long_tailed(0, 1.5)),
+        "64 long-tailed causal documents, 64k tokens (lognormal sigma 2.0)": (docs, long_tailed(2, 2.0)),
+        "AB-UPT self-anchor, unequal branches (16k anchors each, 64k / 256k queries)": (
+            abupt + "surface_* -> surface_anchors\nvolume_* -> volume_anchors",
+            unequal,
+        ),
+        "AB-UPT cross-anchor, unequal branches": (
+            abupt + "surface_* -> surface_anchors\nvolume_* -> volume_anchors, surface_anchors",
+            unequal,
+        ),
+        "AB-UPT joint, equal branches (16k anchors, 256k queries each)": (
+            abupt + "* -> surface_anchors, volume_anchors",
+            equal,
+        ),
+        "one causal document, 256-token window, 64k tokens": (
+            "groups text\ntext -> self [causal, window 256]",
+            {"text": 65536},
+        ),
+        "4 global tokens + 256-token causal window, 64k tokens": (
+            "groups sink text\nsink -> *\ntext -> sink, self [causal, window 256]",
+            {"sink": 4, "text": 65532},
+        ),
+    }
+
+
+def _loads(plan: Any, placement: Any) -> tuple[list[int], list[int]]:
+    """Attention FLOPs (allowed query-key pairs) and tokens per rank, from the positions each holds."""
+    world = placement.world_size
+    flops = [0] * world
+    offsets, at = {}, 0
+    for g in placement.groups:
+        offsets[g.name] = at
+        at += g.size or 0
+    for call in plan.calls:
+        for q in call.queries:
+            for key in call.keys:
+                n_k = placement.group(key.name).size or 0
+                shift = offsets[key.name] - offsets[q]
+                for r, ranges in enumerate(placement.group(q).ranges):
+                    for a, b in ranges:
+                        flops[r] += allowed_pairs(b, n_k, key.modifiers, shift)
+                        flops[r] -= allowed_pairs(a, n_k, key.modifiers, shift)
+    return flops, [placement.tokens(r) for r in range(world)]
+
+
+def balance_report(worlds: list[int]) -> None:
+    """The placement-only table (see the module docs)."""
+    print("\n## Placement: balance and traffic per layout and world size (no processes)\n")
+    print(
+        "| layout | ranks | FLOPs max/mean | tokens max/mean | groups split | widest split (ranks) | "
+        "received / minimum (all ranks) | received / minimum (max rank) | rings over the call's ranks only: "
+        "received / minimum (all ranks) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (source, sizes) in balance_layouts().items():
+        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
+        print(f"| {name} | | | | | | | | |")
+        for world in worlds:
+            placement = place(plan.groups, plan.calls, sizes, world)
+            plan_schedule = schedule(plan.calls, placement)
+            flops, tokens = _loads(plan, placement)
+            holders = [sum(1 for ranges in g.ranges if ranges) for g in placement.groups]
+            split = sum(1 for h in holders if h > 1)
+            received, minimum = plan_schedule.received, plan_schedule.minimum
+            # a ring among the ranks that hold the call's tokens (ShardedCall.ranks), not all of them
+            sub_ring = 0
+            for c in plan_schedule.calls:
+                names = (*c.attention.queries, *c.key_groups)
+                for r in range(world):
+                    if c.strategy != "ring" or any(placement.group(g).ranges[r] for g in names):
+                        sub_ring += plan_schedule.call_received(c, r)
+
+            def ratio(got: int, least: int) -> str:
+                return f"{got / least:.2f}x" if least else ("0 / 0" if not got else f"{got} / 0")
+
+            print(
+                f"| | {world} | {max(flops) * world / sum(flops):.2f} | {max(tokens) * world / sum(tokens):.2f} "
+                f"| {split} | {max(holders)} | {sum(received)} / {sum(minimum)} = "
+                f"{ratio(sum(received), sum(minimum))} | {max(received)} / {max(minimum)} = "
+                f"{ratio(max(received), max(minimum))} | {sub_ring} / {sum(minimum)} = "
+                f"{ratio(sub_ring, sum(minimum))} |"
+            )
 
 
 def layouts(scale: int) -> dict[str, tuple[str, dict[str, int], bool]]:
@@ -211,13 +327,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--worlds", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--balance", action="store_true", help="only the placement's balance and traffic (no processes)"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument(
         "--layouts", nargs="+", default=None, help="only layouts whose name contains one of these"
     )
     args = parser.parse_args()
+    if args.balance:
+        balance_report(args.worlds or [2, 4, 8, 16, 32, 64])
+        return
+    args.worlds = args.worlds or [2, 4]
     if "RANK" in os.environ:  # torchrun: NCCL on GPUs
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)

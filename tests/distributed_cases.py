@@ -32,6 +32,9 @@ Forward = Callable[[Tensor, dict[str, Any]], Tensor]
 
 ABUPT = {"surface_anchors": 6, "surface_queries": 13, "volume_anchors": 3, "volume_queries": 9}
 DOCUMENTS = {f"doc{i}": n for i, n in enumerate([5, 9, 1, 12, 3, 7, 2, 11, 4, 6, 8, 1, 10, 3, 5, 2, 9])}
+LONG_TAILED = {f"doc{i}": n for i, n in enumerate([41, 3, 26, 2, 7, 1, 12, 5, 30, 2, 4, 9])}
+"""At 3 and 4 ranks the balance splits the large documents over two neighbouring ranks, unevenly."""
+UNEQUAL_BRANCHES = {"surface_anchors": 3, "surface_queries": 10, "volume_anchors": 6, "volume_queries": 37}
 
 
 def _specs(sizes: dict[str, Any]) -> list[TokenSpec]:
@@ -72,8 +75,11 @@ def compare(
     padding: Tensor | None = None,
     dim: int = 16,
     tokens: Tensor | None = None,
+    reduce_group: Any = None,
 ) -> dict[str, Any]:
-    """Output, input gradient and parameter gradients: sharded against one process."""
+    """Output, input gradient and parameter gradients: sharded against one
+    process. ``reduce_group``: the ranks whose parameter gradients add up to
+    one process's (those of the ContextParallel's group)."""
     n = sum(sizes.values())
     torch.manual_seed(1)
     x = tokens if tokens is not None else torch.randn(2, n, dim, dtype=torch.float64)
@@ -106,7 +112,7 @@ def compare(
     worst = 0.0
     for p, expected in zip(module.parameters(), ref_grads):
         grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=reduce_group)
         if expected.norm() > 0:
             worst = max(worst, float((grad - expected).norm() / expected.norm()))
     result["grad_params"] = worst
@@ -116,6 +122,8 @@ def compare(
     result["received"] = schedule.received[cp.rank]
     result["minimum"] = schedule.minimum[cp.rank]
     result["kinds"] = sorted({g.kind for g in cp.placement.groups})
+    result["holders"] = [sum(1 for r in g.ranges if r) for g in cp.placement.groups]
+    result["shards"] = [[g.local_size(r) for r in range(cp.world_size)] for g in cp.placement.groups]
     return result
 
 
@@ -179,9 +187,67 @@ def case_joint_ring(world: int) -> dict[str, Any]:
 
 
 def case_documents(world: int) -> dict[str, Any]:
-    """17 causal documents of uneven sizes, RoPE on global positions."""
+    """17 causal documents of uneven sizes, each whole on a rank (a loose
+    balance keeps them whole), RoPE on global positions."""
     module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", DOCUMENTS, rope=True)
-    return compare(module, forward, plan, DOCUMENTS)
+    return compare(module, forward, plan, DOCUMENTS, {"balance": 2.0})
+
+
+def case_documents_balanced(world: int) -> dict[str, Any]:
+    """Long-tailed causal documents under the default balance: large ones
+    split over the neighbouring ranks that share them, in uneven zigzag
+    shards; RoPE on global positions."""
+    module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", LONG_TAILED, rope=True)
+    return compare(module, forward, plan.bind(list(LONG_TAILED)), LONG_TAILED)
+
+
+def case_windowed_documents_balanced(world: int) -> dict[str, Any]:
+    """The same documents under a causal window: band masks on uneven zigzag shards."""
+    source = "groups doc*\ndoc* -> self [causal, window 6]"
+    module, forward, plan = _attention(source, LONG_TAILED)
+    return compare(module, forward, plan.bind(list(LONG_TAILED)), LONG_TAILED)
+
+
+def case_unequal_branches(world: int) -> dict[str, Any]:
+    """AB-UPT self-anchor attention with a small and a large branch: both
+    split in uneven shards (a rank may hold queries of a branch and none of
+    its anchors)."""
+    source = (
+        "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+        "surface_* -> surface_anchors\nvolume_* -> volume_anchors"
+    )
+    return compare(*_attention(source, UNEQUAL_BRANCHES), UNEQUAL_BRANCHES)
+
+
+def case_device_mesh(world: int) -> dict[str, Any]:
+    """The group given as a one-dimensional DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", LONG_TAILED, rope=True)
+    return compare(module, forward, plan.bind(list(LONG_TAILED)), LONG_TAILED, {"group": mesh})
+
+
+def case_device_mesh_2d(world: int) -> dict[str, Any]:
+    """A ``("dp", "cp")`` mesh (4 ranks): each data-parallel row shards the
+    same batch over its ``mesh["cp"]``; the whole mesh is refused with a fix."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world != 4:
+        return {"skipped": True}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    sizes = {"a": 9, "b": 14}  # everything attends to everything: a ring within each row
+    module, forward, plan = _attention("groups a b\n* -> *", sizes)
+    try:
+        ContextParallel(plan, sizes, mesh)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    cp_group = mesh["cp"].get_group()
+    result = compare(module, forward, plan, sizes, {"group": mesh["cp"]}, reduce_group=cp_group)
+    result["refused"] = refused
+    result["cp_rank"] = dist.get_rank(cp_group)
+    return result
 
 
 def case_small_group(world: int) -> dict[str, Any]:
@@ -322,6 +388,28 @@ def case_kv_cache(world: int) -> dict[str, Any]:
         ),
         "out": _global_error(out - cp_queries.shard(ref), cp_queries.shard(ref)),
         "received": schedule.received[cp_queries.rank],
+    }
+
+
+def case_full_cache_of_whole_documents(world: int) -> dict[str, Any]:
+    """``full_kv_cache=True`` where ranks hold different documents whole: every
+    rank joins the same all-gathers and ends with every document's keys/values."""
+    attn, _, plan = _attention("groups doc*\ndoc* -> self [causal]", LONG_TAILED)
+    bound = plan.bind(list(LONG_TAILED))
+    torch.manual_seed(3)
+    x = torch.randn(2, sum(LONG_TAILED.values()), 16, dtype=torch.float64)
+    ref, ref_cache = attn(x, dict(LONG_TAILED))
+    cp = ContextParallel(bound, LONG_TAILED, full_kv_cache=True)
+    with torch.no_grad(), cp:
+        out, cache = attn(cp.shard(x), cp.local_sizes)
+    assert cache is not None and ref_cache is not None
+    return {
+        "cache": max(
+            float((cache[g][k] - ref_cache[g][k]).norm() / ref_cache[g][k].norm())
+            for g in LONG_TAILED
+            for k in "kv"
+        ),
+        "out": _global_error(out - cp.shard(ref), cp.shard(ref)),
     }
 
 
@@ -475,6 +563,53 @@ def case_loss_fsdp2(world: int) -> dict[str, Any]:
 
 def case_loss_all_reduce(world: int) -> dict[str, Any]:
     return _loss_case(world, "sum", lambda model: model)
+
+
+def case_mesh_fsdp2(world: int) -> dict[str, Any]:
+    """A ``("dp", "cp")`` mesh (4 ranks): each data-parallel row holds one
+    sample of the batch, sharded over its ``mesh["cp"]``; ``fully_shard`` on
+    the whole mesh (replicated over "dp", sharded over "cp") averages the
+    gradients over all four ranks: they equal one process's on the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if world != 4:
+        return {"skipped": True}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
+    sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
+    torch.manual_seed(0)
+    model = small_stack(patternc.compile(source), "rope")
+    plan = next(iter(model.plans.values())).bind(list(sizes))
+    n = sum(sizes.values())
+    torch.manual_seed(2)
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    target = torch.randn(2, n, 16, dtype=torch.float64)
+    keep = torch.rand(2, n) > 0.4
+
+    def per_token(out: Tensor, target: Tensor) -> Tensor:
+        return (out - target).square().sum(-1)
+
+    ref_loss = (per_token(model(x, sizes), target) * keep).sum() / keep.sum()
+    ref_loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    row = mesh.get_local_rank("dp")  # this row's sample
+    cp = ContextParallel(plan, sizes, mesh["cp"])
+    fully_shard(model, mesh=mesh)
+    with cp:
+        out = model(cp.shard(x[row : row + 1]), cp.local_sizes)
+    local_keep = cp.shard(keep[row : row + 1])
+    local_sum = (per_token(out, cp.shard(target[row : row + 1])) * local_keep).sum()
+    loss = patternc.distributed.global_mean_loss(local_sum, local_keep.sum(), grads="mean")
+    loss.backward()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        grad = p.grad
+        assert grad is not None, name
+        full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        worst = max(worst, float((full - reference[name]).norm() / reference[name].norm()))
+    return {"grad_params": worst, "loss": abs(float(loss - ref_loss)) / float(ref_loss)}
 
 
 def case_mismatch(world: int) -> dict[str, Any]:

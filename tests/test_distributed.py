@@ -28,6 +28,10 @@ NUMERIC = [
     "joint_anchor",
     "joint_ring",
     "documents",
+    "documents_balanced",
+    "windowed_documents_balanced",
+    "unequal_branches",
+    "device_mesh",
     "small_group",
     "causal_spanning",
     "per_key_modifiers",
@@ -41,9 +45,11 @@ NUMERIC = [
     "transformer",
     "transformer_alibi",
     "kv_cache",
+    "full_cache_of_whole_documents",
     "chunked",
     "chunked_transformer",
 ]
+MESH = ["device_mesh_2d", "mesh_fsdp2"]
 LOSSES = ["loss_ddp", "loss_fsdp2", "loss_all_reduce"]
 REFUSED = ["mismatch", "padding_on_one_rank"]
 
@@ -54,11 +60,11 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[2, 3, 4])
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    return world, distributed_cases.spawn(world, [*NUMERIC, *LOSSES, *REFUSED], str(out), _port())
+    return world, distributed_cases.spawn(world, [*NUMERIC, *LOSSES, *REFUSED, *MESH], str(out), _port())
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -80,6 +86,55 @@ def test_documents_communicate_nothing(ranks: tuple[int, list[dict[str, Any]]]) 
     for result in results:
         docs = result["documents"]
         assert docs["received"] == 0 and set(docs["strategies"]) == {"local"} and docs["kinds"] == ["whole"]
+
+
+def test_large_documents_are_split_over_neighbouring_ranks_only(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    world, results = ranks
+    for case in ("documents_balanced", "windowed_documents_balanced", "device_mesh"):
+        holders, shards = results[0][case]["holders"], results[0][case]["shards"]
+        split = [(h, s) for h, s in zip(holders, shards) if h > 1]
+        if world == 2:  # no subset of two ranks to split over
+            continue
+        assert all(h < world for h, _ in split), (case, shards)
+        if case != "windowed_documents_balanced":  # the window's FLOPs may balance whole
+            assert split, (case, shards)
+        for h, s in split:  # the ranks sharing a document are neighbours
+            held = [r for r, n in enumerate(s) if n]
+            assert held == list(range(held[0], held[0] + h)), (case, s)
+        if split:  # uneven shards
+            assert any(len({n for n in s if n}) > 1 for _, s in split), (case, shards)
+
+
+def test_unequal_branches_are_split_in_uneven_shards(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    _, results = ranks
+    shards = results[0]["unequal_branches"]["shards"]
+    # a rank holds the queries of a branch and none of its anchors, or more of one group than another
+    assert any(max(s) - min(s) > 2 for s in shards), shards
+
+
+def test_a_2d_device_mesh_shards_over_its_cp_dimension(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    world, results = ranks
+    if world != 4:
+        pytest.skip("a 2 x 2 mesh needs 4 ranks")
+    for rank, result in enumerate(results):
+        metrics = result["device_mesh_2d"]
+        assert "exception" not in metrics, f"rank {rank}:\n{metrics['exception']}"
+        errors = [metrics[k] for k in ("out", "grad_x", "grad_params", "unshard")]
+        assert max(errors) <= TOLERANCE, metrics
+        assert metrics["cp_rank"] == rank % 2
+        assert "this DeviceMesh has 2" in metrics["refused"] and 'mesh["cp"]' in metrics["refused"]
+
+
+def test_fsdp2_on_a_2d_mesh_with_context_parallel_over_cp(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    world, results = ranks
+    if world != 4:
+        pytest.skip("a 2 x 2 mesh needs 4 ranks")
+    for rank, result in enumerate(results):
+        metrics = result["mesh_fsdp2"]
+        assert "exception" not in metrics, f"rank {rank}:\n{metrics['exception']}"
+        assert metrics["grad_params"] <= TOLERANCE and metrics["loss"] <= TOLERANCE, metrics
 
 
 def test_long_causal_document_is_zigzag_around_the_ring(ranks: tuple[int, list[dict[str, Any]]]) -> None:
@@ -277,13 +332,13 @@ def test_distributed_planning_does_not_import_torch_distributed_runtime() -> Non
     code = (
         "import sys, patternc.distributed as d; import patternc; "
         "p = patternc.compile('groups a q\\n* -> a').patterns['default']; "
-        "pl = d.place(p.groups, p.calls, {'a': 4, 'q': 9}, 4); print(pl.local_sizes(3)); "
+        "pl = d.place(p.groups, p.calls, {'a': 4, 'q': 9}, 4); print(pl.tokens(3)); "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split("\n")
-    assert out[0] == "{'a': 1, 'q': 3}" and out[1] == "False"
+    assert out[0] == "4" and out[1] == "False"
 
 
 # --------------------------------------------------------- placement, schedule
@@ -313,7 +368,8 @@ def test_documents_are_placed_whole_and_balanced_by_flops() -> None:
     plan = _plan("groups doc*\ndoc* -> self [causal]")
     sizes = {f"doc{i}": n for i, n in enumerate([30, 30, 25, 20, 20, 10, 10, 5, 5])}
     bound = plan.bind(list(sizes))
-    placement = place(bound.groups, bound.calls, sizes, 3)
+    # whole documents balance to 1.21 here; the default balance (1.1) would split some
+    placement = place(bound.groups, bound.calls, sizes, 3, balance=1.3)
     assert {g.kind for g in placement.groups} == {"whole"}
     loads = [0, 0, 0]
     for g in placement.groups:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 
 from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
@@ -46,9 +47,33 @@ def _plans(plans: Plan | Program | Sequence[Plan]) -> list[Plan]:
     return list(plans)
 
 
+def _process_group(group: Group | DeviceMesh) -> Group:
+    """The process group of a one-dimensional ``DeviceMesh`` (a process group or None as it is).
+
+    Raises:
+        ValueError: a mesh of several dimensions (say which one to shard over).
+    """
+    if not isinstance(group, DeviceMesh):
+        return group
+    if group.ndim != 1:
+        names = group.mesh_dim_names
+        example = f'mesh["{names[-1]}"]' if names else "a mesh of one dimension"
+        raise ValueError(
+            f"ContextParallel shards over one mesh dimension, but this DeviceMesh has {group.ndim} "
+            f"(dimensions {list(names) if names else 'without names'}); pass the context-parallel "
+            f"one, e.g. {example}"
+        )
+    return group.get_group()
+
+
 class ContextParallel:
     """Shard the tokens of every group over the ranks of ``group`` and run
     attention modules sharded inside ``with`` (see the module docs).
+
+    ``group``: a ``torch.distributed`` process group (None: the default
+    group) or a one-dimensional ``DeviceMesh``, such as the context-parallel
+    dimension of a larger mesh (``mesh["cp"]`` of a ``("dp", "cp")`` mesh,
+    with ``fully_shard(model, mesh=mesh["dp"])`` beside it).
 
     ``plans``: the plan(s) the model runs (their calls decide the placement);
     ``sizes``: the global group sizes. ``gather_limit``/``strategy``: see
@@ -58,7 +83,7 @@ class ContextParallel:
     group in full on every rank (an extra all-gather of the groups the
     schedule did not gather); by default it holds the groups this rank has
     in full anyway (gathered anchors, its own whole documents).
-    ``whole_groups``: see :func:`~patternc.distributed.placement.place`.
+    ``whole_groups``, ``balance``: see :func:`~patternc.distributed.placement.place`.
     ``backend``: the single-device executor for the local work (``"auto"``,
     ``"flex"``, ...); None keeps each module's own (its ``implementation``).
     """
@@ -67,13 +92,14 @@ class ContextParallel:
         self,
         plans: Plan | Program | Sequence[Plan],
         sizes: Sizes,
-        group: Group = None,
+        group: Group | DeviceMesh = None,
         *,
         gather_limit: float = 1.0,
         strategy: Strategy | None = None,
         query_chunk: int = 256,
         full_kv_cache: bool = False,
         whole_groups: bool = True,
+        balance: float = 1.1,
         backend: str | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -81,6 +107,7 @@ class ContextParallel:
                 "torch.distributed is not initialized: call torch.distributed.init_process_group "
                 "first (torchrun sets the environment it reads)"
             )
+        group = _process_group(group)
         plan_list = _plans(plans)
         if not plan_list:
             raise ValueError("ContextParallel needs at least one plan")
@@ -92,7 +119,8 @@ class ContextParallel:
                     f"plan `{plan.name}` has groups {list(layout.all_groups)} but `{plan_list[0].name}` "
                     f"has {list(groups)}; the plans of one model must share their groups"
                 )
-        self.group = group
+        self.group: Group = group
+        """The process group the tokens are sharded over (a mesh's dimension's group)."""
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.gather_limit = gather_limit
@@ -102,7 +130,7 @@ class ContextParallel:
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
         self.placement: Placement = place(
-            groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups
+            groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups, balance=balance
         )
         agree("placement", self.placement.digest, group)
         self._runners: dict[tuple[Layout, bool, bool, torch.device], _Runner] = {}
@@ -281,14 +309,17 @@ class _Runner:
         placement, rank = self.tokens.placement, self.tokens.rank
         out: FullKV = {}
         missing = []
+        world = self.comm.world_size
         for name in self.layout.key_value_groups:
             g = placement.group(name)
             if name in gathered:
                 out[name] = split_kv(gathered[name], dim)
+            elif complete and any(g.local_size(r) != g.size for r in range(world)):
+                # every rank joins the same all-gathers: a group some rank lacks
+                # is gathered on all of them, its owner's included
+                missing.append(name)
             elif g.local_size(rank) == g.size:
                 out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
-            else:
-                missing.append(name)
         if complete and missing:
             extra = GatherPlan.build(self.tokens, missing, self.comm.world_size).run(packed, self.comm, links)
             out.update((n, split_kv(kv, dim)) for n, kv in extra.items())

@@ -20,8 +20,8 @@ be printed, hashed and checked across ranks before any tensor moves.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,11 +34,13 @@ __all__ = [
     "GroupShards",
     "Placement",
     "Range",
+    "RankLoads",
     "ShardKind",
     "ShardedCall",
     "ShardedSchedule",
     "Strategy",
     "place",
+    "rank_loads",
     "schedule",
 ]
 
@@ -157,6 +159,203 @@ def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set
     return list(out.values())
 
 
+@dataclass(frozen=True, slots=True)
+class _Component:
+    """A connected set of groups: ``parts`` are ``(group, tokens, FLOPs)``."""
+
+    parts: tuple[tuple[str, int, int], ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(t for _, t, _ in self.parts)
+
+    @property
+    def flops(self) -> int:
+        return sum(f for _, _, f in self.parts)
+
+    @property
+    def density(self) -> float:
+        return self.flops / self.tokens if self.tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One group's tokens on the line, from ``start``, its FLOPs spread evenly over them."""
+
+    group: str
+    start: int
+    tokens: int
+    flops: int
+
+
+class _Line:
+    """Every component's tokens end to end, the densest (most attention
+    FLOPs per token) first, each component's groups next to each other
+    (densest first): a rank takes one stretch from the front and one from
+    the back, so it holds as many FLOPs and as many tokens as every other
+    rank, and only the components a cut falls inside are split."""
+
+    def __init__(self, components: Sequence[_Component]) -> None:
+        self.segments: list[_Segment] = []
+        edges = {0}
+        at = 0
+        for c in sorted(components, key=lambda c: (-c.density, -c.tokens)):
+            for group, tokens, flops in sorted(c.parts, key=lambda p: -(p[2] / p[1] if p[1] else 0.0)):
+                self.segments.append(_Segment(group, at, tokens, flops))
+                at += tokens
+            edges.add(at)
+        self.tokens = at
+        self.flops = sum(c.flops for c in components)
+        self.starts = [g.start for g in self.segments]
+        self.boundaries = sorted(edges)
+        """Where one component ends and the next begins (cuts there split nothing)."""
+        self._prefix = [0.0]
+        for g in self.segments:
+            self._prefix.append(self._prefix[-1] + g.flops)
+
+    def flops_before(self, x: int) -> float:
+        """FLOPs of the line's first ``x`` tokens."""
+        i = bisect.bisect_right(self.starts, x) - 1
+        if i < 0:
+            return 0.0
+        g = self.segments[i]
+        inside = min(x - g.start, g.tokens)
+        return self._prefix[i] + (g.flops * inside / g.tokens if g.tokens else 0.0)
+
+    def below(self, x: int, floor: int) -> int:
+        """The last component boundary at or before ``x`` (not before ``floor``)."""
+        i = bisect.bisect_right(self.boundaries, x) - 1
+        return max(self.boundaries[i], floor) if i >= 0 else floor
+
+    def above(self, x: int, ceiling: int) -> int:
+        """The first component boundary at or after ``x`` (not after ``ceiling``)."""
+        i = bisect.bisect_left(self.boundaries, x)
+        return min(self.boundaries[i], ceiling) if i < len(self.boundaries) else ceiling
+
+    def inside(self, x: int) -> bool:
+        return x not in self.boundaries
+
+
+def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
+    """Each rank's stretches of the line: rank ``r`` takes ``[front_r,
+    front_{r+1})`` from the front and ``[back_{r+1}, back_r)`` from the back,
+    the two chosen so that ranks ``0..r`` together hold ``(r + 1) / world``
+    of the tokens and of the FLOPs. A cut moves to a component boundary
+    (keeping the component whole) where the ranks stay within ``balance`` of
+    the mean."""
+    total_t, total_f = line.tokens, line.flops
+    mean_t, mean_f = total_t / world, total_f / world
+    slack = 0.8 * (balance - 1)
+    front, back = 0, total_t
+    out: list[list[Range]] = []
+
+    def held(a: int, b: int) -> tuple[int, float]:
+        """Tokens and FLOPs of the line outside ``[a, b)``."""
+        return a + total_t - b, line.flops_before(a) + total_f - line.flops_before(b)
+
+    for r in range(world - 1):
+        done_t, done_f = held(front, back)
+        n = min(max((r + 1) * total_t // world - done_t, 0), back - front)
+        u = _denser_share(line, front, back, n, (r + 1) * mean_f, total_f)
+        fronts = {front + u, front + n, front, line.below(front + u, front), line.above(front + u, back)}
+        backs = {
+            back - n + u,
+            back - n,
+            back,
+            line.below(back - n + u, front),
+            line.above(back - n + u, back),
+        }
+        pairs = {(a, b) for a in fronts for b in backs}
+        # one side on a boundary, the other taking the rest of the rank's tokens
+        pairs |= {(a, a - front + back - n) for a in fronts} | {(front + n - (back - b), b) for b in backs}
+        pairs |= {(front + 1, back - n + 1), (front + n - 1, back - 1)}
+        # a component cut at the front (or back) goes on to this rank, so the
+        # ranks sharing it are neighbours
+        ongoing = [
+            (a, b)
+            for a, b in pairs
+            if (a > front or not line.inside(front)) and (b < back or not line.inside(back))
+        ]
+        best: tuple[tuple[int, int, float, int], int, int] | None = None
+        for a, b in sorted(ongoing or pairs):
+            if not front <= a <= b <= back:
+                continue
+            cum_t, cum_f = held(a, b)
+            errors = (
+                (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0,
+                (cum_f - (r + 1) * mean_f) / mean_f if mean_f else 0.0,
+                (cum_t - done_t) / mean_t - 1 if mean_t else 0.0,
+                (cum_f - done_f) / mean_f - 1 if mean_f else 0.0,
+            )
+            fits = max(abs(e) for e in errors) <= slack
+            cuts = (a != front and line.inside(a)) + (b != back and line.inside(b))
+            # fewest components cut, then the smallest error, then the most from the front
+            key = (
+                0 if fits else 1,
+                cuts if fits else 0,
+                round(abs(errors[0]) + abs(errors[1]), 9),
+                front - a,
+            )
+            if best is None or key < best[0]:
+                best = (key, a, b)
+        assert best is not None  # (front + u, back - n + u) is always a candidate
+        _, a, b = best
+        out.append([(front, a), (b, back)])
+        front, back = a, b
+    out.append([(front, back)])
+    return out
+
+
+def _denser_share(line: _Line, front: int, back: int, n: int, target: float, total_f: float) -> int:
+    """How many of a rank's ``n`` tokens to take from the front so that the
+    ranks so far hold ``target`` FLOPs (the front is the denser end, so the
+    FLOPs grow with the share)."""
+
+    def cumulative(u: int) -> float:
+        return line.flops_before(front + u) + total_f - line.flops_before(back - n + u)
+
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cumulative(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo and abs(cumulative(lo - 1) - target) < abs(cumulative(lo) - target):
+        return lo - 1
+    return lo
+
+
+def _pieces(line: _Line, stretches: list[list[Range]]) -> dict[str, list[list[Range]]]:
+    """Per group: each rank's ranges in the group's own token order (before zigzag)."""
+    out: dict[str, list[list[Range]]] = {g.group: [[] for _ in stretches] for g in line.segments}
+    for rank, ranges in enumerate(stretches):
+        for a, b in ranges:
+            if b <= a:
+                continue
+            first = max(bisect.bisect_right(line.starts, a) - 1, 0)
+            for g in line.segments[first:]:
+                if g.start >= b:
+                    break
+                lo, hi = max(a, g.start) - g.start, min(b, g.start + g.tokens) - g.start
+                if hi > lo:
+                    out[g.group][rank].append((lo, hi))
+    return out
+
+
+def _positions(pieces: Sequence[Range], size: int, zigzag: bool) -> tuple[Range, ...]:
+    """A group's positions for a rank's ``pieces`` of it. Zigzag: a piece
+    ``[c0, c1)`` takes as many positions from the group's start as from its
+    end, so causal work follows tokens."""
+    if not zigzag:
+        return tuple(merge_ranges(pieces))
+    out: list[Range] = []
+    for c0, c1 in pieces:
+        out.append((c0 // 2, c1 // 2))
+        out.append((size - (c1 - c1 // 2), size - (c0 - c0 // 2)))
+    return tuple(merge_ranges(out))
+
+
 def place(
     groups: Sequence[str],
     calls: Sequence[AttentionCall],
@@ -164,17 +363,84 @@ def place(
     world_size: int,
     *,
     whole_groups: bool = True,
+    balance: float = 1.1,
 ) -> Placement:
     """Place the tokens of every group on ``world_size`` ranks.
 
-    A connected set of groups whose attention FLOPs fit one rank's share
-    (at most ``1 / world_size`` of the total) is placed whole on one rank,
-    largest first on the least loaded rank; the others are split over every
-    rank, zigzag where a group attends causally to itself.
+    Each connected set of groups (a query group and its keys are connected:
+    a document, an AB-UPT branch) is a component. Components are laid end to
+    end, the densest in attention FLOPs per token first, and every rank takes
+    one stretch from the front and one from the back, so that it holds
+    ``1 / world_size`` of the FLOPs and of the tokens. A component a cut
+    falls inside is split over the neighbouring ranks that share it, in
+    shards as uneven as the balance needs (zigzag where a group attends
+    causally to itself, so every shard holds as many early as late
+    positions); the others stay whole on one rank. A cut moves to a
+    component's edge, keeping it whole, wherever the ranks stay within
+    ``balance``.
+
+    Args:
+        groups: The plan's groups, in order.
+        calls: The attention calls of every plan the model runs.
+        sizes: ``{group: tokens}`` (None: read from a KV cache, on no rank).
+        world_size: The number of ranks.
+        whole_groups: False splits every group evenly over every rank.
+        balance: The largest FLOPs and tokens per rank, as a multiple of the
+            mean, that keeping a component whole may cost (a target: a
+            component smaller than the tolerance is never cut).
+
+    Returns:
+        The placement: every group's ranges on every rank.
+
+    Raises:
+        ValueError: ``world_size`` below 1 or ``balance`` below 1.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not balance >= 1:
+        raise ValueError(f"balance must be >= 1 (a multiple of the mean load), got {balance}")
     live = {g for g in groups if sizes[g] is not None}
+    flops = _group_flops(groups, calls, sizes)
+    self_causal = {
+        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
+    }
+    shards: dict[str, GroupShards] = {}
+    for g in groups:
+        if sizes[g] is None:
+            shards[g] = GroupShards(g, None, "cached", tuple(() for _ in range(world_size)))
+    if not whole_groups:
+        for g in live:
+            size = sizes[g] or 0
+            if g in self_causal and world_size > 1:
+                shards[g] = GroupShards(g, size, "zigzag", _zigzag(size, world_size))
+            else:
+                shards[g] = GroupShards(g, size, "split", _split(size, world_size))
+        return Placement(world_size, tuple(shards[g] for g in groups))
+    components = [
+        _Component(tuple((g, sizes[g] or 0, flops[g]) for g in members))
+        for members in _components(groups, calls, live)
+    ]
+    line = _Line(components)
+    stretches = _cut_line(line, world_size, balance)
+    pieces = _pieces(line, stretches)
+    for c in components:
+        holders = [r for r in range(world_size) if any(pieces[g][r] for g, _, _ in c.parts)]
+        for g, size, _ in c.parts:
+            if len(holders) <= 1:
+                owner = holders[0] if holders else 0
+                whole = tuple(((0, size),) if r == owner and size else () for r in range(world_size))
+                shards[g] = GroupShards(g, size, "whole", whole)
+                continue
+            zigzag = g in self_causal
+            split = tuple(_positions(p, size, zigzag) for p in pieces[g])
+            shards[g] = GroupShards(g, size, "zigzag" if zigzag else "split", split)
+    return Placement(world_size, tuple(shards[g] for g in groups))
+
+
+def _group_flops(
+    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None]
+) -> dict[str, int]:
+    """Attention FLOPs (allowed query-key pairs) of each query group."""
     flops = {g: 0 for g in groups}
     offsets = _offsets(groups, sizes)
     for call in calls:
@@ -183,40 +449,61 @@ def place(
                 allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
                 for k in call.keys
             )
-    total = sum(flops.values())
-    components = _components(groups, calls, live)
-    whole: list[tuple[int, list[str]]] = []
-    split: set[str] = set()
-    for members in components:
-        cost = sum(flops[g] for g in members)
-        if whole_groups and (world_size == 1 or (cost * world_size <= total and len(components) > 1)):
-            whole.append((cost, members))
-        else:
-            split.update(members)
-    share = sum(flops[g] for g in split) // max(world_size, 1)
-    loads = [(share, r) for r in range(world_size)]
-    heapq.heapify(loads)
-    owner: dict[str, int] = {}
-    for cost, members in sorted(whole, key=lambda item: -item[0]):
-        load, rank = heapq.heappop(loads)
-        owner.update((g, rank) for g in members)
-        heapq.heappush(loads, (load + cost, rank))
-    self_causal = {
-        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
-    }
-    shards = []
-    for g in groups:
-        size = sizes[g]
-        if size is None:
-            shards.append(GroupShards(g, None, "cached", tuple(() for _ in range(world_size))))
-        elif g in owner:
-            ranges = tuple(((0, size),) if r == owner[g] and size else () for r in range(world_size))
-            shards.append(GroupShards(g, size, "whole", ranges))
-        elif g in self_causal and world_size > 1:
-            shards.append(GroupShards(g, size, "zigzag", _zigzag(size, world_size)))
-        else:
-            shards.append(GroupShards(g, size, "split", _split(size, world_size)))
-    return Placement(world_size, tuple(shards))
+    return flops
+
+
+@dataclass(frozen=True, slots=True)
+class RankLoads:
+    """Attention FLOPs (allowed query-key pairs) and tokens on every rank."""
+
+    flops: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    @staticmethod
+    def _ratio(values: Sequence[int]) -> float:
+        mean = sum(values) / len(values) if values else 0
+        return max(values) / mean if mean else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Largest FLOPs on a rank over the mean (1.0: even)."""
+        return self._ratio(self.flops)
+
+    @property
+    def tokens_ratio(self) -> float:
+        """Largest token count on a rank over the mean (1.0: even)."""
+        return self._ratio(self.tokens)
+
+
+def rank_loads(calls: Iterable[AttentionCall], placement: Placement) -> RankLoads:
+    """The attention FLOPs and tokens each rank of ``placement`` holds, counted
+    exactly from its positions (queries on the rank against all their keys).
+
+    Args:
+        calls: The attention calls the placement was made for.
+        placement: From :func:`place`.
+
+    Returns:
+        Per rank FLOPs (allowed query-key pairs) and tokens.
+    """
+    world = placement.world_size
+    names = [g.name for g in placement.groups]
+    offsets = _offsets(names, placement.sizes)
+    flops = [0] * world
+    for call in calls:
+        for q in call.queries:
+            shards = placement.group(q)
+            if shards.size is None:
+                continue
+            for key in call.keys:
+                n_k = placement.group(key.name).size or 0
+                shift = offsets[key.name] - offsets[q]
+                for r in range(world):
+                    for a, b in shards.ranges[r]:
+                        flops[r] += allowed_pairs(b, n_k, key.modifiers, shift) - allowed_pairs(
+                            a, n_k, key.modifiers, shift
+                        )
+    return RankLoads(tuple(flops), tuple(placement.tokens(r) for r in range(world)))
 
 
 # ------------------------------------------------------------------ schedule
@@ -237,6 +524,9 @@ class ShardedCall:
     single-device executor on the rank's tokens."""
     query_tokens: int
     key_tokens: int
+    ranks: tuple[int, ...] = ()
+    """The ranks holding any of the call's query or key tokens (neighbours
+    under :func:`place`): the only ones whose queries read its keys."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -382,7 +672,10 @@ def schedule(
         # positions do not matter; key padding always goes to the blockwise
         # kernel, which carries the mask with the keys
         blockwise = kind == "ring" or padded or (kind == "gather" and positional)
-        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k))
+        holders = tuple(
+            r for r in range(world) if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
+        )
+        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))

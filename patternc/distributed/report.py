@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patternc.distributed.placement import place, schedule
+from patternc.distributed.placement import place, rank_loads, schedule
 from patternc.lower.layout import Layout
 
 __all__ = ["format_sharding"]
@@ -17,7 +17,13 @@ def format_sharding(layout: Layout, world_size: int) -> list[str]:
     out = [f"  sharded over {world_size} ranks (patternc.distributed; tokens per rank):"]
     for g in placement.groups:
         per_rank = "cached" if g.size is None else " ".join(str(g.local_size(r)) for r in ranks)
-        out.append(f"    {g.name}: {g.kind}, {per_rank}")
+        held = [r for r in ranks if g.ranges[r]]
+        over = f" (ranks {held[0]}-{held[-1]})" if g.kind != "whole" and 1 < len(held) < world_size else ""
+        out.append(f"    {g.name}: {g.kind}{over}, {per_rank}")
+    loads = rank_loads(calls, placement)
+    out.append(
+        f"    per rank, max / mean: attention FLOPs {loads.flops_ratio:.2f}, tokens {loads.tokens_ratio:.2f}"
+    )
     for call in plan_schedule.calls:
         received = " ".join(str(plan_schedule.call_received(call, r)) for r in ranks)
         minimum = " ".join(str(plan_schedule.call_minimum(call, r)) for r in ranks)

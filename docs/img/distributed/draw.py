@@ -21,7 +21,7 @@ LAYOUTS = [
         {"surface_anchors": 8, "surface_queries": 40, "volume_anchors": 8, "volume_queries": 40},
     ),
     (
-        "causal documents: whole on ranks, nothing moves",
+        "causal documents: whole, or over neighbouring ranks",
         "groups doc*\ndoc* -> self [causal]",
         {f"doc{i}": n for i, n in enumerate([14, 9, 12, 6, 11, 8, 5, 7, 10, 4])},
     ),

@@ -1,0 +1,151 @@
+"""The placement's balance, without processes: FLOPs and tokens per rank
+(counted from the positions each rank holds) against the mean, on
+long-tailed documents and AB-UPT branches at 8 to 64 ranks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import patternc
+from patternc.distributed import place, schedule
+from patternc.distributed.placement import Placement, rank_loads
+from patternc.modifiers import band_allows, pair_band
+
+DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
+ABUPT = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+SELF_ANCHOR = ABUPT + "surface_* -> surface_anchors\nvolume_* -> volume_anchors"
+CROSS_ANCHOR = ABUPT + "surface_* -> surface_anchors\nvolume_* -> volume_anchors, surface_anchors"
+
+
+def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) -> dict[str, int]:
+    """``count`` document lengths drawn log-normally (``sigma``), ``total`` tokens together."""
+    rng = random.Random(seed)
+    weights = [rng.lognormvariate(0, sigma) for _ in range(count)]
+    sizes = [max(1, int(total * w / sum(weights))) for w in weights]
+    sizes[0] += total - sum(sizes)
+    return {f"doc{i}": n for i, n in enumerate(sizes)}
+
+
+def _bound(source: str, sizes: dict[str, int]) -> patternc.Plan:
+    return patternc.compile(source).patterns["default"].bind(list(sizes))
+
+
+def _check_partition(placement: Placement, components: bool = True) -> None:
+    """Every position of every group on exactly one rank; with ``components``
+    (every group is one), the ranks that share a group are neighbours."""
+    for g in placement.groups:
+        held = sorted(p for ranges in g.ranges for a, b in ranges for p in range(a, b))
+        assert held == list(range(g.size or 0)), g.name
+        if not components:
+            continue
+        ranks = [r for r, ranges in enumerate(g.ranges) if ranges]
+        assert ranks == list(range(ranks[0], ranks[0] + len(ranks))) if ranks else True, (g.name, ranks)
+        assert (g.kind == "whole") == (len(ranks) <= 1), (g.name, g.kind, ranks)
+
+
+@pytest.mark.parametrize("world", [8, 16, 32, 64])
+@pytest.mark.parametrize(("sigma", "seed"), [(1.0, 0), (1.0, 1), (1.5, 0), (1.5, 1), (2.0, 2)])
+def test_long_tailed_documents_balance_flops_and_tokens(world: int, sigma: float, seed: int) -> None:
+    sizes = long_tailed(seed, sigma)
+    plan = _bound(DOCUMENTS, sizes)
+    placement = place(plan.groups, plan.calls, sizes, world)
+    _check_partition(placement)
+    loads = rank_loads(plan.calls, placement)
+    assert loads.flops_ratio <= 1.1 and loads.tokens_ratio <= 1.1, (loads.flops_ratio, loads.tokens_ratio)
+    # each rank boundary cuts at most two documents: at most 2 (R - 1) extra shards
+    shards = sum(sum(1 for ranges in g.ranges if ranges) for g in placement.groups)
+    assert shards <= len(sizes) + 2 * (world - 1)
+    # a document is split over the ranks it needs, not over all of them
+    largest = max(sizes, key=lambda g: sizes[g])
+    assert sum(1 for ranges in placement.group(largest).ranges if ranges) < world
+
+
+@pytest.mark.parametrize("world", [8, 16, 32, 64])
+@pytest.mark.parametrize("source", [SELF_ANCHOR, CROSS_ANCHOR])
+def test_unequal_abupt_branches_balance(world: int, source: str) -> None:
+    sizes = {
+        "surface_anchors": 16384,
+        "surface_queries": 65536,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
+    plan = patternc.compile(source).patterns["default"]
+    placement = place(plan.groups, plan.calls, sizes, world)
+    _check_partition(placement, components=False)
+    loads = rank_loads(plan.calls, placement)
+    assert loads.flops_ratio <= 1.1 and loads.tokens_ratio <= 1.1, (loads.flops_ratio, loads.tokens_ratio)
+
+
+def test_documents_that_balance_whole_stay_whole() -> None:
+    sizes = {"doc0": 40, "doc1": 30, "doc2": 35, "doc3": 20}
+    plan = _bound(DOCUMENTS, sizes)
+    placement = place(plan.groups, plan.calls, sizes, 2)
+    assert {g.kind for g in placement.groups} == {"whole"}
+    assert schedule(plan.calls, placement).received == (0, 0)
+    loads = rank_loads(plan.calls, placement)
+    assert loads.flops_ratio <= 1.1 and loads.tokens_ratio <= 1.1
+
+
+def test_balance_trades_whole_documents_for_evenness() -> None:
+    sizes = {f"doc{i}": n for i, n in enumerate([30, 30, 25, 20, 20, 10, 10, 5, 5])}
+    plan = _bound(DOCUMENTS, sizes)
+    ratios, split = [], []
+    for balance in (1.1, 1.3, 100.0):
+        placement = place(plan.groups, plan.calls, sizes, 3, balance=balance)
+        _check_partition(placement)
+        loads = rank_loads(plan.calls, placement)
+        ratios.append(max(loads.flops_ratio, loads.tokens_ratio))
+        split.append(sum(g.kind != "whole" for g in placement.groups))
+        assert ratios[-1] <= balance
+    assert split[0] > split[1] == split[2] == 0 and ratios[0] < ratios[1]
+
+
+def test_a_loose_balance_keeps_even_a_large_document_whole() -> None:
+    sizes = {"doc0": 300, "doc1": 10, "doc2": 12}
+    plan = _bound(DOCUMENTS, sizes)
+    assert place(plan.groups, plan.calls, sizes, 2).group("doc0").kind == "zigzag"
+    loose = place(plan.groups, plan.calls, sizes, 2, balance=1000.0)
+    assert {g.kind for g in loose.groups} == {"whole"}
+
+
+def test_one_component_is_cut_into_neighbouring_stretches() -> None:
+    plan = patternc.compile("groups a q\n* -> a").patterns["default"]
+    placement = place(plan.groups, plan.calls, {"a": 4, "q": 9}, 4)
+    _check_partition(placement, components=False)
+    assert [placement.tokens(r) for r in range(4)] == [3, 3, 3, 4]
+    # the groups follow each other: the anchors on the first ranks, the queries on the next
+    assert [placement.group("a").local_size(r) for r in range(4)] == [3, 1, 0, 0]
+    assert [placement.group("q").local_size(r) for r in range(4)] == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_rank_loads_count_every_allowed_pair(world: int) -> None:
+    source = "groups doc* sink\nsink -> *\ndoc* -> sink, self [causal, window 4]"
+    sizes = {"doc0": 17, "doc1": 5, "doc2": 11, "sink": 2}
+    plan = _bound(source, sizes)
+    placement = place(plan.groups, plan.calls, sizes, world)
+    _check_partition(placement, components=False)
+    loads = rank_loads(plan.calls, placement)
+    expected = [0] * world
+    for call in plan.calls:
+        for q in call.queries:
+            for key in call.keys:
+                band = pair_band(key.modifiers)
+                for r, ranges in enumerate(placement.group(q).ranges):
+                    expected[r] += sum(
+                        bool(band_allows(band, i, j))
+                        for a, b in ranges
+                        for i in range(a, b)
+                        for j in range(sizes[key.name])
+                    )
+    assert list(loads.flops) == expected
+    assert list(loads.tokens) == [placement.tokens(r) for r in range(world)]
+    assert sum(loads.tokens) == sum(sizes.values())
+
+
+def test_balance_must_be_at_least_one() -> None:
+    plan = patternc.compile("groups a\na -> a").patterns["default"]
+    with pytest.raises(ValueError, match=r"balance must be >= 1 \(a multiple of the mean load\), got 0.5"):
+        place(plan.groups, plan.calls, {"a": 3}, 2, balance=0.5)
