@@ -670,7 +670,6 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     padded = [_pad_tokens(t, tables.q_len).transpose(1, 2) for t in (q, k, v)]
     hand_fn = row.mask(device, tables.q_len)
     swapped = _with_mask_mod(pc_mask, hand_fn)
-    one_table = _with_mask_mod(pc_mask, _one_table_mask_mod(tables))
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
     unguarded = _attend_fn(False)
     config = patternc.MixedAttentionConfig(hidden_dim=args.width, num_heads=heads)
@@ -684,9 +683,6 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
         "pc mask": lambda: attend(*padded, block_mask=pc_mask),
         "pc mask +opts": lambda: attend(*padded, block_mask=pc_mask, kernel_options=options),
         "pc blocks, hand mask_mod": lambda: attend(*padded, block_mask=swapped, kernel_options=options),
-        "pc blocks, one-table int32 mask_mod": lambda: attend(
-            *padded, block_mask=one_table, kernel_options=options
-        ),
         "run_flex": lambda: flex_executor.run_flex(inputs),
         "run_flex unguarded": lambda: unguarded(
             *(_pad_tokens(t, tables.q_len) for t in (q, k, v)), pc_mask, None, None, options
@@ -756,27 +752,6 @@ def _with_mask_mod(mask: BlockMask, mask_mod: MaskMod) -> BlockMask:
         BLOCK_SIZE=mask.BLOCK_SIZE,
         mask_mod=mask_mod,
     )
-
-
-def _one_table_mask_mod(tables: object) -> MaskMod:
-    """A trial ``mask_mod`` over patternc's tables: one int32 code per
-    (query group, key group) pair (-1: not allowed; bit 0: causal; the
-    window above it) instead of three lookups, int32 positions."""
-    allowed, causal, window = tables.allowed, tables.causal, tables.window  # type: ignore[attr-defined]
-    code = torch.where(allowed, window.to(torch.int32) * 2 + causal.to(torch.int32), -1).to(torch.int32)
-    q_group, kv_group = tables.q_group.int(), tables.kv_group.int()  # type: ignore[attr-defined]
-    q_pos = tables.q_pos.int() if tables.q_pos is not None else None  # type: ignore[attr-defined]
-    kv_pos = tables.kv_pos.int() if tables.kv_pos is not None else None  # type: ignore[attr-defined]
-
-    def mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        c = code[q_group[q_idx], kv_group[kv_idx]]
-        if q_pos is None or kv_pos is None:
-            return c >= 0
-        d = q_pos[q_idx] - kv_pos[kv_idx]
-        w = c >> 1
-        return (c >= 0) & (((c & 1) == 0) | (d >= 0)) & ((w == 0) | (d.abs() < w))
-
-    return mask
 
 
 def _host_and_kernels(label: str, fn: Callable[[], object], device: torch.device, calls: int = 20) -> None:
