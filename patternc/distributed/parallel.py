@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from patternc.distributed.blockwise import Kernel
 from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
@@ -61,6 +62,10 @@ class ContextParallel:
     ``whole_groups``: see :func:`~patternc.distributed.placement.place`.
     ``backend``: the single-device executor for the local work (``"auto"``,
     ``"flex"``, ...); None keeps each module's own (its ``implementation``).
+    ``kernel``: what attends each key block of a ring step or blockwise call:
+    ``"auto"`` (FlexAttention on CUDA, the chunked reference on CPU),
+    ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
+    the gradients from the reference) or ``"reference"``.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class ContextParallel:
         full_kv_cache: bool = False,
         whole_groups: bool = True,
         backend: str | None = None,
+        kernel: Kernel = "auto",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
@@ -98,6 +104,7 @@ class ContextParallel:
         self.gather_limit = gather_limit
         self.strategy = strategy
         self.query_chunk = query_chunk
+        self.kernel: Kernel = kernel
         self.full_kv_cache = full_kv_cache
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
@@ -236,7 +243,7 @@ class _Runner:
             ExecutorCalls(on_executor, self.tokens, layout.plan_name) if on_executor else None
         )
         self.blockwise = tuple(
-            BlockwiseCall(c, self.tokens, self.comm, cp.query_chunk)
+            BlockwiseCall(c, self.tokens, self.comm, cp.query_chunk, cp.kernel)
             for c in self.schedule.calls
             if c.blockwise
         )
