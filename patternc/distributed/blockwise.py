@@ -236,6 +236,8 @@ class BlockKernel:
         self.empty = not (self.n_q and self.n_k and reads_any(queries, keys, band))
         """Nothing to compute: no query may read any key of the block."""
         self._chunks: tuple[_Chunk, ...] | None = None
+        self._masks: dict[int | None, tuple[BlockMask, Tensor | None]] = {}
+        self._score_mods: dict[tuple[int, torch.dtype], tuple[Tensor, Callable[..., Tensor]]] = {}
 
     # ----------------------------------------------------------- tables
 
@@ -295,11 +297,11 @@ class BlockKernel:
 
     def uses_flex(self, q: Tensor, args: StepArgs) -> bool:
         """Whether FlexAttention runs this block's forward: asked for (or
-        ``auto`` on CUDA), without dropout (FlexAttention has none), with
+        ``auto`` on CUDA below float64), without dropout (FlexAttention has none), with
         heads of at least 16 on a GPU."""
         if args.kernel == "reference" or args.dropout_p > 0:
             return False
-        if args.kernel == "auto" and q.device.type != "cuda":
+        if args.kernel == "auto" and (q.device.type != "cuda" or q.dtype == torch.float64):
             return False
         return not (q.device.type == "cuda" and args.dim < 16)
 
@@ -403,12 +405,21 @@ class BlockKernel:
         high = F.pad(high.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=0)
         return low, high, F.pad(dilation, (0, 1), value=1), F.pad(residue, (0, 1))
 
-    def _block_mask(self, real: Tensor | None) -> BlockMask:
+    def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:
+        """The block mask, built once per kernel (and per batch size with key
+        padding), so a compiled FlexAttention sees the same ``mask_mod`` on
+        every call: with padding it reads a ``[batch, keys]`` buffer the
+        caller fills before each call (a new closure would recompile)."""
         from torch.nn.attention.flex_attention import BlockMask
 
+        stored = self._masks.get(batch)
+        if stored is not None:
+            return stored
         kv_num, kv_idx, full_num, full_idx, q_pos, q_grp, k_pos, k_grp, q_len, k_len = self._flex_blocks
         low, high, dilation, residue = self._flex_band
-        if real is not None:  # padded keys inside a block: every non-empty block is partial
+        real = None
+        if batch is not None:  # padded keys inside a block: every non-empty block is partial
+            real = torch.zeros(batch, k_len, dtype=torch.bool, device=self.device)
             kv_num, kv_idx = _merge_lists(kv_num, kv_idx, full_num, full_idx)
             full_num = full_idx = None  # type: ignore[assignment]
 
@@ -418,7 +429,7 @@ class BlockKernel:
             ok = (d >= low[qg, kg]) & (d <= high[qg, kg]) & ((d - residue[qg, kg]) % dilation[qg, kg] == 0)
             return ok & real[b, ki] if real is not None else ok
 
-        return BlockMask.from_kv_blocks(
+        mask = BlockMask.from_kv_blocks(
             kv_num,
             kv_idx,
             full_num,
@@ -427,26 +438,37 @@ class BlockKernel:
             mask_mod=mask_mod,
             seq_lengths=(q_len, k_len),
         )
+        self._masks[batch] = (mask, real)
+        return mask, real
+
+    def _score_mod(self, slopes: Tensor) -> Callable[..., Tensor]:
+        """ALiBi's ``score_mod``, one per slopes tensor (a model's buffer), kept for the same reason."""
+        key = (slopes.data_ptr(), slopes.dtype)
+        stored = self._score_mods.get(key)
+        if stored is not None and stored[0] is slopes:
+            return stored[1]
+        q_pos, k_pos = self._flex_blocks[4], self._flex_blocks[6]
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return score - slopes[h] * (q_pos[qi] - k_pos[ki]).abs().to(score.dtype)
+
+        self._score_mods[key] = (slopes, score_mod)
+        return score_mod
 
     def _flex(self, q: Tensor, kv: Tensor, *, args: StepArgs) -> tuple[Tensor, Tensor]:
         *_, q_len, k_len = self._flex_blocks
         dim = args.dim
         k, v = kv[..., :dim], kv[..., dim : 2 * dim]
-        real = None
-        if args.padded:
-            real = F.pad(kv[:, :, 0, 2 * dim] > 0.5, (0, k_len - self.n_k), value=False)
-        score_mod = None
-        if args.slopes is not None:
-            slopes, q_pos, k_pos = args.slopes, self._flex_blocks[4], self._flex_blocks[6]
-
-            def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-                return score - slopes[h] * (q_pos[qi] - k_pos[ki]).abs().to(score.dtype)
+        mask, real = self._block_mask(q.shape[0] if args.padded else None)
+        if real is not None:
+            real.copy_(F.pad(kv[:, :, 0, 2 * dim] > 0.5, (0, k_len - self.n_k), value=False))
+        score_mod = self._score_mod(args.slopes) if args.slopes is not None else None
 
         def pad(t: Tensor, n: int) -> Tensor:
             return F.pad(t, (0, 0, 0, 0, 0, n - t.shape[1])).transpose(1, 2)
 
         out, lse = _flex_call(q.device.type == "cuda")(
-            pad(q, q_len), pad(k, k_len), pad(v, k_len), self._block_mask(real), score_mod, args.scale
+            pad(q, q_len), pad(k, k_len), pad(v, k_len), mask, score_mod, args.scale
         )
         return out.transpose(1, 2)[:, : self.n_q].to(q.dtype), lse[:, :, : self.n_q].to(
             torch.promote_types(q.dtype, torch.float32)
