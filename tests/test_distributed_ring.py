@@ -201,3 +201,37 @@ def test_ring_keeps_no_mask_and_builds_none_of_the_whole_block(world_of_one: Non
     assert not any(t.dtype == torch.bool for t in saved)
     assert spy.largest_bool < n * n // 4
     assert sum(t.numel() for t in saved) < 40 * n * 16
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
+    """Two key blocks merged by their log-sum-exp in the call's autograd
+    function (its private ``_Attend``: the merge's backward has no public
+    entry of its own) against autograd through the same kernels and a plain
+    merge; with dropout, the backward replays the forward's masks."""
+    from patternc.distributed.calls import _Attend, _Run
+
+    queries = [Segment(0, 100, 150)]
+    blocks = [[Segment(0, 0, 130)], [Segment(0, 130, 200)]]
+    band = (((-90, 0, 1, 0),),)
+    args = StepArgs(16, 0.25, dropout_p, None, False, "reference")
+    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks]
+    torch.manual_seed(0)
+    q = torch.randn(2, 150, 2, 16, dtype=torch.float64, requires_grad=True)
+    kvs = [torch.randn(2, 130, 2, 32, dtype=torch.float64, requires_grad=True)]
+    kvs.append(torch.randn(2, 200, 2, 32, dtype=torch.float64, requires_grad=True))
+    probe = torch.randn(2, 150, 2, 16, dtype=torch.float64)
+
+    torch.manual_seed(7)
+    out = _Attend.apply(_Run(tuple(kernels), None, args), q, q.new_zeros(2, 0, 2, 32), *kvs)
+    grads = torch.autograd.grad((out * probe).sum(), (q, *kvs))
+
+    torch.manual_seed(7)
+    parts = [kernel.forward(q, kv, args) for kernel, kv in zip(kernels, kvs)]
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    ref = sum(o * torch.exp(lse - total).transpose(1, 2)[..., None] for o, lse in parts)
+    assert isinstance(ref, torch.Tensor)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, *kvs))
+    assert (out - ref).norm() / ref.norm() < 1e-13
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() / r.norm() < 1e-12
