@@ -130,7 +130,7 @@ def _band(call: ShardedCall, placement: Placement) -> Band:
 def _segments(placement: Placement, names: Sequence[str], rank: int) -> list[Segment]:
     """Rank ``rank``'s tokens of the input groups ``names``, in the order of
     :meth:`RankTokens.tokens` and :meth:`RankTokens.of_rank`."""
-    out = []
+    out: list[Segment] = []
     for i, name in enumerate(names):
         g = placement.group(name)
         if g.size is None:
