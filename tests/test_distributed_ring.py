@@ -235,3 +235,11 @@ def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
     assert (out - ref).norm() / ref.norm() < 1e-13
     for g, r in zip(grads, ref_grads):
         assert (g - r).norm() / r.norm() < 1e-12
+
+
+def test_unknown_kernel_is_refused(world_of_one: None) -> None:
+    from patternc.distributed import ContextParallel
+
+    plan = patternc.compile("groups a\na -> a").patterns["default"]
+    with pytest.raises(ValueError, match="kernel='flash': use 'auto', 'flex' or 'reference'"):
+        ContextParallel(plan, {"a": 8}, kernel="flash")  # type: ignore[arg-type]

@@ -104,6 +104,8 @@ class ContextParallel:
         self.gather_limit = gather_limit
         self.strategy = strategy
         self.query_chunk = query_chunk
+        if kernel not in ("auto", "flex", "reference"):
+            raise ValueError(f"kernel={kernel!r}: use 'auto', 'flex' or 'reference'")
         self.kernel: Kernel = kernel
         self.full_kv_cache = full_kv_cache
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
