@@ -183,6 +183,11 @@ def layouts(scale: int) -> dict[str, tuple[str, dict[str, int], bool]]:
             {"a": 2048 * scale, "b": 2048 * scale},
             True,
         ),
+        f"causal window 256 over {8192 * scale} tokens (ring) fwd+bwd": (
+            "groups a\na -> a [causal, window 256]",
+            {"a": 8192 * scale},
+            True,
+        ),
     }
 
 

@@ -290,6 +290,55 @@ def case_window_across_a_global_token(world: int) -> dict[str, Any]:
     return compare(*_attention(source, sizes), sizes)
 
 
+def case_ring_window(world: int) -> dict[str, Any]:
+    """A causal window of 8 over 64 tokens (zigzag: rank ``r`` holds chunks
+    ``r`` and ``2R-1-r`` of 8 tokens): a rank computes only the blocks that
+    hold its chunks' predecessors, the others pass through uncomputed."""
+    from patternc.distributed.blockwise import BlockKernel
+
+    sizes = {"a": 64}
+    calls = {"forward": 0}
+    original = BlockKernel.forward
+
+    def counted(self: BlockKernel, *args: Any, **kwargs: Any) -> Any:
+        calls["forward"] += 1
+        return original(self, *args, **kwargs)
+
+    BlockKernel.forward = counted  # type: ignore[method-assign]  # a spy: blocks computed
+    try:
+        module, forward, plan = _attention("groups a\na -> a [causal, window 8]", sizes)
+        result = compare(module, forward, plan, sizes, {"strategy": "ring"})
+        cp = ContextParallel(plan, sizes, strategy="ring")
+        calls["forward"] = 0
+        x = cp.shard(torch.randn(2, 64, 16, dtype=torch.float64))
+        with torch.no_grad(), cp:
+            forward(x, cp.local_sizes)
+    finally:
+        BlockKernel.forward = original  # type: ignore[method-assign]
+    result["computed"] = calls["forward"]
+    result["ring_bytes"] = sum(v for k, v in cp.traffic.items() if k.startswith("ring"))
+    result["block_bytes"] = 2 * (64 // world) * 2 * 16 * 8  # batch 2, K and V of 16 channels, float64
+    return result
+
+
+def case_flex_forward(world: int) -> dict[str, Any]:
+    """The ring on FlexAttention's CPU forward (float32, no gradients) against one float64 process."""
+    sizes = {"doc0": 5, "doc1": 40}
+    source = "groups doc*\ndoc* -> self [causal, window 9]"
+    module, forward, plan = _attention(source, sizes)
+    torch.manual_seed(3)
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = forward(x, dict(sizes))
+        module.float()
+        cp = ContextParallel(plan, sizes, kernel="flex", strategy="ring")
+        with cp:
+            out = forward(cp.shard(x).float(), cp.local_sizes)
+    module.double()
+    local_ref = cp.shard(ref)
+    return {"out": _global_error(out.double() - local_ref, local_ref)}
+
+
 def case_inputs_read_nothing(world: int) -> dict[str, Any]:
     """Perceiver latents reading inputs that read nothing (their output is zero)."""
     sizes = {"latents": 6, "inputs": 29}

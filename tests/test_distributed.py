@@ -38,6 +38,7 @@ NUMERIC = [
     "block_causal_frames",
     "prefixed_documents",
     "window_across_a_global_token",
+    "ring_window",
     "inputs_read_nothing",
     "padding",
     "padding_documents",
@@ -52,6 +53,7 @@ NUMERIC = [
 MESH = ["device_mesh_2d", "mesh_fsdp2"]
 LOSSES = ["loss_ddp", "loss_fsdp2", "loss_all_reduce"]
 REFUSED = ["mismatch", "padding_on_one_rank"]
+OTHER = ["flex_forward"]
 
 
 def _port() -> int:
@@ -64,7 +66,9 @@ def _port() -> int:
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    return world, distributed_cases.spawn(world, [*NUMERIC, *LOSSES, *REFUSED, *MESH], str(out), _port())
+    return world, distributed_cases.spawn(
+        world, [*NUMERIC, *LOSSES, *REFUSED, *MESH, *OTHER], str(out), _port()
+    )
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -79,6 +83,27 @@ def test_sharded_equals_one_process(ranks: tuple[int, list[dict[str, Any]]], cas
         assert errors and all(v <= TOLERANCE for v in errors.values()), (rank, world, errors)
         if "minimum" in metrics:
             assert metrics["received"] >= metrics["minimum"]
+
+
+def test_ring_computes_only_blocks_its_queries_read(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """A causal window of 8 over 64 zigzag tokens: at 4 ranks a rank reads 2
+    or 3 of the 4 blocks (chunks 0 and 7 need one other chunk, the middle
+    ones two) and computes only those; every block still passes by."""
+    world, results = ranks
+    computed = [r["ring_window"]["computed"] for r in results]
+    expected = {2: [2, 2], 4: [2, 3, 3, 2]}[world]
+    assert computed == expected
+    for r in results:
+        assert r["ring_window"]["ring_bytes"] == (world - 1) * r["ring_window"]["block_bytes"]
+
+
+def test_ring_on_flex_forward_matches_float64(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """FlexAttention's CPU forward in float32 (no gradients) against one float64 process."""
+    world, results = ranks
+    for rank, result in enumerate(results):
+        metrics = result["flex_forward"]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert metrics["out"] < 1e-5
 
 
 def test_documents_communicate_nothing(ranks: tuple[int, list[dict[str, Any]]]) -> None:

@@ -10,7 +10,7 @@ each call communicates (torch-free; :mod:`~patternc.distributed.report`
 prints it). The runtime: :mod:`~patternc.distributed.collectives`
 (differentiable all-gather and ring shift), :mod:`~patternc.distributed.rank`
 (one rank's rows and gathers), :mod:`~patternc.distributed.blockwise` (the
-log-sum-exp kernel), :mod:`~patternc.distributed.calls` (executor and
+per-block kernels with log-sum-exp), :mod:`~patternc.distributed.calls` (executor and
 blockwise calls), :mod:`~patternc.distributed.parallel` (``ContextParallel``),
 :mod:`~patternc.distributed.loss` (``global_mean_loss``: the loss normalisation
 of sharded training). See docs/distributed.md.

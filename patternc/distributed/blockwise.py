@@ -1,23 +1,137 @@
 """Attention over key blocks, merged by their log-sum-exp.
 
 Under a placement a rank's queries see keys in pieces: a ring step's
-block, the gathered keys, a cached group. :func:`partial_attention` attends
-to one piece and returns its output with the log-sum-exp of its scores;
-:func:`merge_partials` combines pieces into the softmax over all of them.
-Masks come from :func:`pair_mask`: each token's group and its *global*
-position within the group, so ``[causal]`` and ``[window N]`` mean what they
-mean on one device wherever the tokens sit.
+block, the gathered keys, a cached group. Each piece's mask follows from
+tokens' groups and *global* positions within the groups, so ``[causal]`` and
+``[window N]`` mean what they mean on one device wherever the tokens sit.
+Both sides of a piece are runs of consecutive positions of one group
+(:class:`Segment`), so for a query the keys it may read in a segment are
+one interval of positions (a dilated band: a subset of it): which tiles of
+a piece are empty, partial or full follows from interval arithmetic on the
+segments (:func:`classify`), without an ``[Lq, Lk]`` mask anywhere.
+
+:class:`BlockKernel` attends one piece with the log-sum-exp of its scores:
+FlexAttention with a block mask built from those classes, or the reference
+(plain PyTorch, ``query_chunk`` rows at a time against the non-empty key
+tiles only, the mask of a partial tile built inside the chunk from the
+tokens' positions). A piece with no non-empty tile is not computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["merge_partials", "pair_mask", "partial_attention"]
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+__all__ = [
+    "KEY_TILE",
+    "BlockKernel",
+    "Kernel",
+    "Segment",
+    "StepArgs",
+    "classify",
+    "pair_mask",
+    "partial_attention",
+]
+
+Kernel = Literal["auto", "flex", "reference"]
+"""Which kernel attends a block: ``"auto"`` (FlexAttention on CUDA, the
+reference elsewhere), ``"flex"`` (FlexAttention wherever torch runs it; on
+CPU its forward only, gradients from the reference) or ``"reference"``."""
+
+KEY_TILE = 128
+"""Keys per tile: the reference skips empty tiles, FlexAttention's blocks have this size."""
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+_FLEX_BOUND = 1 << 30
+"""Band sides clipped for the flex tables: positions stay below it."""
+
+
+class Segment(NamedTuple):
+    """Consecutive tokens of one group: the group's index in the call, the
+    first token's position within the group, and how many there are. A
+    piece's tokens are its segments one after another."""
+
+    group: int
+    position: int
+    length: int
+
+
+Attend = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(queries, packed keys/values) -> (output, log-sum-exp)`` of one piece."""
+
+Band = tuple[tuple[tuple[int, int, int, int], ...], ...]
+"""Per (query group, key group) of a call: ``(low, high, dilation, residue)``
+of ``d = key position - query position`` (open sides far away)."""
+
+
+def _spans(segments: Sequence[Segment], block: int, n_blocks: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per segment: for each block of ``block`` rows, whether they overlap and
+    the first and last position of the overlap (``[n_blocks]`` each)."""
+    starts = torch.arange(n_blocks, dtype=torch.long) * block
+    ends = starts + block
+    out, row = [], 0
+    for seg in segments:
+        lo = starts.clamp(min=row)
+        hi = ends.clamp(max=row + seg.length)
+        out.append((hi > lo, seg.position + lo - row, seg.position + hi - 1 - row))
+        row += seg.length
+    return out
+
+
+def classify(
+    queries: Sequence[Segment],
+    keys: Sequence[Segment],
+    band: Band,
+    q_block: int,
+    k_block: int,
+) -> Tensor:
+    """``[query blocks, key blocks]`` int8: :data:`EMPTY` where no pair of a
+    tile is allowed, :data:`FULL` where every pair is, :data:`PARTIAL` else
+    (a dilated band is never full). Computed per (query segment, key segment)
+    from the range of ``d`` over the tile, so its cost follows the tiles,
+    not the tokens."""
+    n_q, n_k = sum(s.length for s in queries), sum(s.length for s in keys)
+    n_qb, n_kb = -(-n_q // q_block), -(-n_k // k_block)
+    nonempty = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+    partial = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+    k_spans = _spans(keys, k_block, n_kb)
+    for q_seg, (q_ok, x0, x1) in zip(queries, _spans(queries, q_block, n_qb)):
+        for k_seg, (k_ok, y0, y1) in zip(keys, k_spans):
+            low, high, dilation, _ = band[q_seg.group][k_seg.group]
+            both = q_ok[:, None] & k_ok[None, :]
+            d_min = y0[None, :] - x1[:, None]
+            d_max = y1[None, :] - x0[:, None]
+            some = both & (d_max >= low) & (d_min <= high)
+            full = (d_min >= low) & (d_max <= high) & (dilation == 1)
+            nonempty |= some
+            partial |= both & ~full
+    classes = torch.full((n_qb, n_kb), FULL, dtype=torch.int8)
+    classes[partial] = PARTIAL
+    classes[~nonempty] = EMPTY
+    return classes
+
+
+def reads_any(queries: Sequence[Segment], keys: Sequence[Segment], band: Band) -> bool:
+    """Whether any query of ``queries`` may read any key of ``keys`` (segment arithmetic only)."""
+    for q in queries:
+        for k in keys:
+            low, high, _, _ = band[q.group][k.group]
+            if q.length and k.length:
+                d_min = k.position - (q.position + q.length - 1)
+                d_max = k.position + k.length - 1 - q.position
+                if d_max >= low and d_min <= high:
+                    return True
+    return False
 
 
 def pair_mask(
@@ -68,20 +182,335 @@ def partial_attention(
     return out.to(q.dtype), lse
 
 
-def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """One softmax over every block: each block's output weighted by
-    ``exp(lse_block - lse_all)``; queries that see no key at all give zeros
-    (as the single-device executors do)."""
-    if len(parts) == 1:
-        out, lse = parts[0]
-        return torch.where(torch.isfinite(lse).transpose(1, 2)[..., None], out, torch.zeros_like(out))
-    lses = torch.stack([lse for _, lse in parts])
-    seen = torch.isfinite(lses).any(dim=0)
-    safe = torch.logsumexp(lses.masked_fill(~seen, 0.0), dim=0).masked_fill(~seen, 0.0)
-    merged = None
-    for out, lse in parts:
-        weight = torch.exp(lse - safe).transpose(1, 2)[..., None]  # [B, Lq, H, 1]; 0 where lse is -inf
-        term = out.to(weight.dtype) * weight
-        merged = term if merged is None else merged + term
-    assert merged is not None
-    return merged.to(parts[0][0].dtype)
+@dataclass(frozen=True)
+class StepArgs:
+    """What every block of one call's run shares: head size, scale, dropout,
+    ALiBi slopes, whether keys carry a padding channel, and the kernel."""
+
+    dim: int
+    scale: float
+    dropout_p: float
+    slopes: Tensor | None
+    padded: bool
+    kernel: Kernel
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """``query_chunk`` rows of the reference and the keys they read: all of
+    the block (``keys`` None), a slice, or the rows of its non-empty tiles."""
+
+    start: int
+    stop: int
+    keys: slice | Tensor | None
+    masked: bool
+
+
+class BlockKernel:
+    """A rank's queries against one key block: positions, groups and the
+    tile classes, built once per (call, block).
+
+    Args:
+        queries: the query segments, in the order of the query rows.
+        keys: the key segments, in the order of the block's rows.
+        band: each (query group, key group) pair's band.
+        modified: whether the call has modifiers (else every pair is allowed).
+        device: where the tables live.
+        query_chunk: query rows per step of the reference.
+    """
+
+    def __init__(
+        self,
+        queries: Sequence[Segment],
+        keys: Sequence[Segment],
+        band: Band,
+        modified: bool,
+        device: torch.device,
+        query_chunk: int,
+    ) -> None:
+        self.queries, self.keys, self.band = tuple(queries), tuple(keys), band
+        self.modified, self.device = modified, device
+        self.n_q = sum(s.length for s in queries)
+        self.n_k = sum(s.length for s in keys)
+        self.query_chunk = max(1, query_chunk)
+        self.empty = not (self.n_q and self.n_k and reads_any(queries, keys, band))
+        """Nothing to compute: no query may read any key of the block."""
+        self._chunks: tuple[_Chunk, ...] | None = None
+        self._masks: dict[int | None, tuple[BlockMask, Tensor | None]] = {}
+        self._score_mods: dict[tuple[int, torch.dtype], tuple[Tensor, Callable[..., Tensor]]] = {}
+
+    # ----------------------------------------------------------- tables
+
+    @functools.cached_property
+    def _tokens(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per query and per key: position within its group and group index."""
+
+        def expand(segments: Sequence[Segment]) -> tuple[Tensor, Tensor]:
+            pos = [torch.arange(s.position, s.position + s.length) for s in segments]
+            grp = [torch.full((s.length,), s.group, dtype=torch.long) for s in segments]
+            empty = torch.zeros(0, dtype=torch.long)
+            return torch.cat(pos) if pos else empty, torch.cat(grp) if grp else empty
+
+        q_pos, q_grp = expand(self.queries)
+        k_pos, k_grp = expand(self.keys)
+        d = self.device
+        return q_pos.to(d), q_grp.to(d), k_pos.to(d), k_grp.to(d)
+
+    @functools.cached_property
+    def _band_tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        table = torch.tensor(self.band, dtype=torch.long).reshape(len(self.band), -1, 4)
+        return tuple(table[:, :, i].contiguous().to(self.device) for i in range(4))  # type: ignore[return-value]
+
+    def chunks(self, padded: bool) -> tuple[_Chunk, ...]:
+        """The reference's query chunks that read something, with their key tiles."""
+        if self._chunks is None:
+            self._chunks = self._build_chunks()
+        if padded:  # every chunk needs the key padding mask
+            return tuple(_Chunk(c.start, c.stop, c.keys, True) for c in self._chunks)
+        return self._chunks
+
+    def _build_chunks(self) -> tuple[_Chunk, ...]:
+        if self.empty:
+            return ()
+        classes = classify(self.queries, self.keys, self.band, self.query_chunk, KEY_TILE)
+        n_tiles = classes.shape[1]
+        out = []
+        for i, row in enumerate(classes.tolist()):
+            tiles = [t for t, c in enumerate(row) if c != EMPTY]
+            if not tiles:
+                continue
+            masked = self.modified and any(row[t] == PARTIAL for t in tiles)
+            keys: slice | Tensor | None
+            if len(tiles) == n_tiles:
+                keys = None
+            elif tiles[-1] - tiles[0] + 1 == len(tiles):
+                keys = slice(tiles[0] * KEY_TILE, min((tiles[-1] + 1) * KEY_TILE, self.n_k))
+            else:
+                keys = torch.cat(
+                    [torch.arange(t * KEY_TILE, min((t + 1) * KEY_TILE, self.n_k)) for t in tiles]
+                ).to(self.device)
+            start = i * self.query_chunk
+            out.append(_Chunk(start, min(start + self.query_chunk, self.n_q), keys, masked))
+        return tuple(out)
+
+    # ------------------------------------------------------------ kernels
+
+    def uses_flex(self, q: Tensor, args: StepArgs) -> bool:
+        """Whether FlexAttention runs this block's forward: asked for (or
+        ``auto`` on CUDA below float64), without dropout (FlexAttention has none), with
+        heads of at least 16 on a GPU."""
+        if args.kernel == "reference" or args.dropout_p > 0:
+            return False
+        if args.kernel == "auto" and (q.device.type != "cuda" or q.dtype == torch.float64):
+            return False
+        return not (q.device.type == "cuda" and args.dim < 16)
+
+    def forward(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
+        """Output ``[B, Lq, H, D]`` (block-normalised) and log-sum-exp
+        ``[B, H, Lq]`` of ``q`` against the packed ``kv`` ``[B, Lk, H, F]``."""
+        if self.uses_flex(q, args) and (q.device.type == "cuda" or not torch.is_grad_enabled()):
+            return self._flex(q, kv, args=args)
+        return self._reference_all(q, kv, args)
+
+    def pieces(self, q: Tensor, args: StepArgs) -> list[tuple[int, int, slice | Tensor | None, Attend]]:
+        """The backward's recomputation: ``(start, stop, keys, attend)`` per
+        piece of the query rows, ``attend(q rows, kv rows keys)`` giving the
+        output and log-sum-exp (``keys``: all of the block (None), a slice or
+        rows): one piece on FlexAttention (on CUDA), else the reference's chunks."""
+        if self.uses_flex(q, args) and q.device.type == "cuda":
+            return [(0, self.n_q, None, functools.partial(self._flex, args=args))]
+        return [
+            (c.start, c.stop, c.keys, functools.partial(self._reference_chunk, c, args=args))
+            for c in self.chunks(args.padded)
+        ]
+
+    def _reference_all(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
+        work = torch.promote_types(q.dtype, torch.float32)
+        b, _, h, _ = q.shape
+        out = q.new_zeros((b, self.n_q, h, args.dim))
+        lse = torch.full((b, h, self.n_q), float("-inf"), dtype=work, device=q.device)
+        for chunk in self.chunks(args.padded):
+            if chunk.keys is None:
+                kv_read = kv
+            elif isinstance(chunk.keys, slice):
+                kv_read = kv[:, chunk.keys]
+            else:
+                kv_read = kv.index_select(1, chunk.keys)
+            o, m = self._reference_chunk(chunk, q[:, chunk.start : chunk.stop], kv_read, args=args)
+            out[:, chunk.start : chunk.stop] = o
+            lse[:, :, chunk.start : chunk.stop] = m
+        return out, lse
+
+    def _reference_chunk(
+        self, chunk: _Chunk, qc: Tensor, kv: Tensor, args: StepArgs
+    ) -> tuple[Tensor, Tensor]:
+        """One chunk against the keys of its tiles (``kv``: those rows); its
+        mask (a partial tile) is built here, ``[chunk, keys read]``, and
+        dropped with the scores."""
+        q_pos, q_grp, k_pos, k_grp = self._tokens
+        if isinstance(chunk.keys, slice):
+            k_pos, k_grp = k_pos[chunk.keys], k_grp[chunk.keys]
+        elif chunk.keys is not None:
+            k_pos, k_grp = k_pos.index_select(0, chunk.keys), k_grp.index_select(0, chunk.keys)
+        dim = args.dim
+        k, v = kv[..., :dim], kv[..., dim : 2 * dim]
+        qp, qg = q_pos[chunk.start : chunk.stop], q_grp[chunk.start : chunk.stop]
+        allowed = None
+        if chunk.masked and self.modified:
+            allowed = pair_mask(qp, qg, k_pos, k_grp, self._band_tables)
+        if args.padded:
+            real = kv[:, :, 0, 2 * dim] > 0.5
+            allowed = real[:, None, :] if allowed is None else allowed[None] & real[:, None, :]
+        bias = None
+        if args.slopes is not None:
+            distance = (qp[:, None] - k_pos[None, :]).abs().to(args.slopes.dtype)
+            bias = -args.slopes[:, None, None] * distance
+        return partial_attention(qc, k, v, allowed, bias, args.scale, args.dropout_p)
+
+    # -------------------------------------------------------------- flex
+
+    @functools.cached_property
+    def _flex_blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int]:
+        """FlexAttention's block lists (partial, then full), the padded token
+        tables and the padded lengths. A key block holding padding after the
+        last key is partial: its padded keys get a group no query reads."""
+        classes = classify(self.queries, self.keys, self.band, KEY_TILE, KEY_TILE)
+        if self.n_k % KEY_TILE:
+            last = classes[:, -1]
+            last[last == FULL] = PARTIAL
+        full = classes == FULL
+        partial = classes == PARTIAL
+
+        def lists(chosen: Tensor) -> tuple[Tensor, Tensor]:
+            counts = chosen.sum(dim=1).to(torch.int32)
+            order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True).to(torch.int32)
+            return counts[None, None].to(self.device), order[None, None].to(self.device)
+
+        kv_num, kv_idx = lists(partial)
+        full_num, full_idx = lists(full)
+        q_len, k_len = classes.shape[0] * KEY_TILE, classes.shape[1] * KEY_TILE
+        q_pos, q_grp, k_pos, k_grp = self._tokens
+        groups = len(self.band[0]) if self.band else 0
+        q_pos = F.pad(q_pos, (0, q_len - self.n_q))
+        q_grp = F.pad(q_grp, (0, q_len - self.n_q))
+        k_pos = F.pad(k_pos, (0, k_len - self.n_k))
+        k_grp = F.pad(k_grp, (0, k_len - self.n_k), value=groups)
+        return kv_num, kv_idx, full_num, full_idx, q_pos, q_grp, k_pos, k_grp, q_len, k_len
+
+    @functools.cached_property
+    def _flex_band(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The band tables with one more key group (padding) that no query reads."""
+        low, high, dilation, residue = self._band_tables
+        low = F.pad(low.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=1)
+        high = F.pad(high.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=0)
+        return low, high, F.pad(dilation, (0, 1), value=1), F.pad(residue, (0, 1))
+
+    def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:
+        """The block mask, built once per kernel (and per batch size with key
+        padding), so a compiled FlexAttention sees the same ``mask_mod`` on
+        every call: with padding it reads a ``[batch, keys]`` buffer the
+        caller fills before each call (a new closure would recompile)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        stored = self._masks.get(batch)
+        if stored is not None:
+            return stored
+        kv_num, kv_idx, full_num, full_idx, q_pos, q_grp, k_pos, k_grp, q_len, k_len = self._flex_blocks
+        low, high, dilation, residue = self._flex_band
+        real = None
+        if batch is not None:  # padded keys inside a block: every non-empty block is partial
+            real = torch.zeros(batch, k_len, dtype=torch.bool, device=self.device)
+            kv_num, kv_idx = _merge_lists(kv_num, kv_idx, full_num, full_idx)
+            full_num = full_idx = None  # type: ignore[assignment]
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            qg, kg = q_grp[qi], k_grp[ki]
+            d = k_pos[ki] - q_pos[qi]
+            ok = (d >= low[qg, kg]) & (d <= high[qg, kg]) & ((d - residue[qg, kg]) % dilation[qg, kg] == 0)
+            return ok & real[b, ki] if real is not None else ok
+
+        mask = BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=KEY_TILE,
+            mask_mod=mask_mod,
+            seq_lengths=(q_len, k_len),
+        )
+        self._masks[batch] = (mask, real)
+        return mask, real
+
+    def _score_mod(self, slopes: Tensor) -> Callable[..., Tensor]:
+        """ALiBi's ``score_mod``, one per slopes tensor (a model's buffer), kept for the same reason."""
+        key = (slopes.data_ptr(), slopes.dtype)
+        stored = self._score_mods.get(key)
+        if stored is not None and stored[0] is slopes:
+            return stored[1]
+        q_pos, k_pos = self._flex_blocks[4], self._flex_blocks[6]
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return score - slopes[h] * (q_pos[qi] - k_pos[ki]).abs().to(score.dtype)
+
+        self._score_mods[key] = (slopes, score_mod)
+        return score_mod
+
+    def _flex(self, q: Tensor, kv: Tensor, *, args: StepArgs) -> tuple[Tensor, Tensor]:
+        *_, q_len, k_len = self._flex_blocks
+        dim = args.dim
+        k, v = kv[..., :dim], kv[..., dim : 2 * dim]
+        mask, real = self._block_mask(q.shape[0] if args.padded else None)
+        if real is not None:
+            real.copy_(F.pad(kv[:, :, 0, 2 * dim] > 0.5, (0, k_len - self.n_k), value=False))
+        score_mod = self._score_mod(args.slopes) if args.slopes is not None else None
+
+        def pad(t: Tensor, n: int) -> Tensor:
+            return F.pad(t, (0, 0, 0, 0, 0, n - t.shape[1])).transpose(1, 2)
+
+        out, lse = _flex_call(q.device.type == "cuda")(
+            pad(q, q_len), pad(k, k_len), pad(v, k_len), mask, score_mod, args.scale
+        )
+        return out.transpose(1, 2)[:, : self.n_q].to(q.dtype), lse[:, :, : self.n_q].to(
+            torch.promote_types(q.dtype, torch.float32)
+        )
+
+
+def _merge_lists(num: Tensor, idx: Tensor, full_num: Tensor, full_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The partial and full block lists as one list of partial blocks."""
+    n_kb = idx.shape[-1]
+    chosen = torch.zeros((*idx.shape[:-1], n_kb + 1), dtype=torch.bool, device=idx.device)
+    columns = torch.arange(n_kb, device=idx.device)
+    for count, index in ((num, idx), (full_num, full_idx)):
+        valid = columns < count[..., None].long()
+        chosen.scatter_(-1, torch.where(valid, index.long(), n_kb), True)
+    chosen = chosen[..., :n_kb]
+    counts = chosen.sum(-1).to(torch.int32)
+    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, order
+
+
+def _flex_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    score_mod: Callable[..., Tensor] | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``[B, H, L, D]`` in; the output and the natural log-sum-exp ``[B, H, Lq]``."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    out, aux = flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
+    )
+    assert isinstance(out, Tensor) and aux.lse is not None
+    return out, aux.lse
+
+
+@functools.cache
+def _flex_call(compiled: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """FlexAttention compiled once per process (on CUDA: the fused kernel;
+    eager FlexAttention computes every score), or eager (the CPU forward)."""
+    if compiled:
+        return torch.compile(_flex_attention, dynamic=False, fullgraph=True)
+    return _flex_attention

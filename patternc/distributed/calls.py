@@ -5,21 +5,26 @@
   groups become cached groups of that plan), run by the module's executor.
 - :class:`BlockwiseCall`: one call attended key block by key block (the
   gathered keys, this rank's own, each ring step's), masks and ALiBi from
-  global positions, blocks merged by their log-sum-exp.
+  global positions, blocks merged by their log-sum-exp
+  (:class:`~patternc.distributed.blockwise.BlockKernel` per block). Its
+  autograd function keeps the queries, this rank's keys/values, the merged
+  output and its log-sum-exp for the backward; the backward passes the
+  blocks around the ring again, their gradients travelling with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from patternc.distributed.blockwise import merge_partials, pair_mask, partial_attention
-from patternc.distributed.collectives import shift_tokens
-from patternc.distributed.placement import ShardedCall
+from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
+from patternc.distributed.collectives import exchange_tokens
+from patternc.distributed.placement import Placement, ShardedCall
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.lower.layout import Layout
@@ -88,28 +93,17 @@ class ExecutorCalls:
         return executor(local)
 
 
-@dataclass(frozen=True)
-class _Block:
-    """Packed keys/values ``[B, n, H, F]``, each key's position within its group and group index."""
-
-    kv: Tensor
-    positions: Tensor
-    groups: Tensor
-
-
-def _band_tables(
-    call: ShardedCall, tokens: RankTokens, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``[query groups, key groups]`` tables of each pair's band (``low``,
-    ``high``, ``dilation``, ``residue``; open sides :data:`UNBOUNDED` away).
-    Under ``across`` the groups' offsets in the whole input shift the band,
-    so ranks holding any part of a group agree on it.
+def _band(call: ShardedCall, placement: Placement) -> Band:
+    """Each (query group, key group) pair's band (``low``, ``high``,
+    ``dilation``, ``residue``; open sides :data:`UNBOUNDED` away). Under
+    ``across`` the groups' offsets in the whole input shift the band, so
+    ranks holding any part of a group agree on it.
 
     Raises:
         ValueError: ``across`` on keys read from a KV cache (no place in the input).
     """
     offsets, at = {}, 0
-    for group in tokens.placement.groups:
+    for group in placement.groups:
         offsets[group.name] = at if group.size is not None else None
         at += group.size or 0
     rows = []
@@ -129,111 +123,324 @@ def _band_tables(
             low = -UNBOUNDED if band.low is None else band.low
             high = UNBOUNDED if band.high is None else band.high
             row.append((low, high, band.dilation, band.residue))
-        rows.append(row)
-    table = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), -1, 4)
-    columns = [table[:, :, i].contiguous() for i in range(4)]
-    return columns[0], columns[1], columns[2], columns[3]
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def _segments(placement: Placement, names: Sequence[str], rank: int) -> list[Segment]:
+    """Rank ``rank``'s tokens of the input groups ``names``, in the order of
+    :meth:`RankTokens.tokens` and :meth:`RankTokens.of_rank`."""
+    out: list[Segment] = []
+    for i, name in enumerate(names):
+        g = placement.group(name)
+        if g.size is None:
+            continue
+        out.extend(Segment(i, a, b - a) for a, b in g.ranges[rank] if b > a)
+    return out
+
+
+@dataclass(frozen=True)
+class _Ring:
+    """The ring part of a call on one rank: per step the kernel of the block
+    it holds then (None: nothing of it is read here) and the block's token
+    count; ``steps`` is how far blocks travel, the last step any rank reads
+    plus one (a window reads its neighbours only)."""
+
+    kernels: tuple[BlockKernel | None, ...]
+    sizes: tuple[int, ...]
+    steps: int
+    comm: Comm
+    rank: int
+    label: str
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one call's autograd function needs besides its tensors."""
+
+    fixed: tuple[BlockKernel | None, ...]
+    ring: _Ring | None
+    args: StepArgs
+
+
+class _Merge:
+    """The softmax over several blocks, merged as they come by their log-sum-exp."""
+
+    def __init__(self, q: Tensor, dim: int) -> None:
+        self.work = torch.promote_types(q.dtype, torch.float32)
+        b, n, h, _ = q.shape
+        self.out = torch.zeros((b, n, h, dim), dtype=self.work, device=q.device)
+        self.lse = torch.full((b, h, n), float("-inf"), dtype=self.work, device=q.device)
+
+    def add(self, out: Tensor, lse: Tensor) -> None:
+        total = torch.logaddexp(self.lse, lse)
+        safe = total.masked_fill(torch.isinf(total), 0.0)  # rows that saw no key yet: weights 0
+        old = torch.exp(self.lse - safe).transpose(1, 2)[..., None]
+        new = torch.exp(lse - safe).transpose(1, 2)[..., None]
+        self.out = self.out * old + out.to(self.work) * new
+        self.lse = total
+
+
+@contextlib.contextmanager
+def _replayed_dropout(state: Tensor | None, device: torch.device) -> Iterator[None]:
+    """Inside: the random state the forward's dropout started from (the
+    backward draws the same masks in the same order), restored after."""
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+class _Attend(torch.autograd.Function):
+    """A call's queries against its fixed blocks (``kvs``, kernels in
+    ``run.fixed``) and, with a ring, every ring step's block starting from
+    this rank's ``ring_kv``: the merged output. Only the inputs, the output
+    and its log-sum-exp are kept; the backward recomputes each block."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, q: Tensor, ring_kv: Tensor, *kvs: Tensor) -> Tensor:
+        args = run.args
+        state = _rng_state(q.device) if args.dropout_p > 0 else None
+        merge = _Merge(q, args.dim)
+        for kernel, kv in zip(run.fixed, kvs):
+            if kernel is not None:
+                merge.add(*kernel.forward(q, kv, args))
+        ring = run.ring
+        if ring is not None:
+            kv = ring_kv
+            for step in range(ring.steps):
+                if step:
+                    shape = (ring.sizes[step], kv.shape[0], *kv.shape[2:])
+                    received = exchange_tokens(
+                        kv.transpose(0, 1), ring.rank + 1, shape, ring.rank - 1, ring.comm.group
+                    )
+                    ring.comm.count(ring.label, received)
+                    kv = received.transpose(0, 1)
+                kernel = ring.kernels[step]
+                if kernel is not None:
+                    merge.add(*kernel.forward(q, kv, args))
+        out = merge.out.to(q.dtype)
+        ctx.run, ctx.state = run, state
+        ctx.save_for_backward(q, ring_kv, out, merge.lse, *kvs)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        run: _Run = ctx.run
+        q, ring_kv, out, lse, *kvs = ctx.saved_tensors
+        args = run.args
+        work = lse.dtype
+        grad = grad.to(work)
+        # <dO, O> per query: the softmax's backward term shared by every block
+        delta = (grad * out.to(work)).sum(-1).transpose(1, 2)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
+        dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
+        with _replayed_dropout(ctx.state, q.device):
+            for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
+                if kernel is not None:
+                    _block_backward(kernel, q, kv, grad, delta, lse, args, dq, dkv)
+            ring = run.ring
+            d_ring = None
+            if ring is not None:
+                kv, d_ring = ring_kv, torch.zeros_like(ring_kv, dtype=work)
+                for step in range(ring.steps):
+                    if step:  # the block and its gradient so far move on together
+                        both = torch.cat([kv.to(work), d_ring], dim=-1).transpose(0, 1)
+                        shape = (ring.sizes[step], *both.shape[1:])
+                        moved = exchange_tokens(both, ring.rank + 1, shape, ring.rank - 1, ring.comm.group)
+                        moved = moved.transpose(0, 1)
+                        width = kv.shape[-1]
+                        kv = moved[..., :width].to(ring_kv.dtype)
+                        d_ring = moved[..., width:].contiguous()
+                    kernel = ring.kernels[step]
+                    if kernel is not None:
+                        _block_backward(kernel, q, kv, grad, delta, lse, args, dq, d_ring)
+                if ring.steps > 1:  # the gradient of the block held last goes home
+                    back = ring.steps - 1
+                    d_ring = exchange_tokens(
+                        d_ring.transpose(0, 1),
+                        ring.rank - back,
+                        (ring_kv.shape[1], *d_ring.transpose(0, 1).shape[1:]),
+                        ring.rank + back,
+                        ring.comm.group,
+                    ).transpose(0, 1)
+        d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
+        return (None, dq.to(q.dtype), d_ring_kv, *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)))
+
+
+def _block_backward(
+    kernel: BlockKernel,
+    q: Tensor,
+    kv: Tensor,
+    grad: Tensor,
+    delta: Tensor,
+    lse: Tensor,
+    args: StepArgs,
+    dq: Tensor,
+    dkv: Tensor,
+) -> None:
+    """Add one block's gradients to ``dq`` and ``dkv``. The merged output is
+    ``sum_b w_b O_b`` with ``w_b = exp(lse_b - lse)``, so the block's output
+    gets ``w_b dO`` and its log-sum-exp ``w_b (<dO, O_b> - <dO, O>)``; the
+    kernel's own backward (recomputed piece by piece) does the rest."""
+    for start, stop, keys, attend in kernel.pieces(q, args):
+        if keys is None:
+            kv_read = kv
+        elif isinstance(keys, slice):
+            kv_read = kv[:, keys]
+        else:
+            kv_read = kv.index_select(1, keys)
+        with torch.enable_grad():
+            qc = q[:, start:stop].detach().requires_grad_(True)
+            kvc = kv_read.detach().requires_grad_(True)
+            out_b, lse_b = attend(qc, kvc)
+            final = lse[:, :, start:stop]
+            weight = torch.exp(lse_b - final.masked_fill(torch.isinf(final), 0.0))
+            weight = weight.masked_fill(torch.isinf(final) | torch.isinf(lse_b), 0.0)
+            g = grad[:, start:stop]
+            g_out = g * weight.transpose(1, 2)[..., None]
+            g_lse = weight * ((g * out_b.to(g.dtype)).sum(-1).transpose(1, 2) - delta[:, :, start:stop])
+            d_q, d_kv = torch.autograd.grad((out_b, lse_b), (qc, kvc), (g_out.to(out_b.dtype), g_lse))
+        dq[:, start:stop] += d_q
+        if keys is None:
+            dkv += d_kv
+        elif isinstance(keys, slice):
+            dkv[:, keys] += d_kv
+        else:
+            dkv.index_add_(1, keys, d_kv.to(dkv.dtype))
 
 
 class BlockwiseCall:
-    """One call on the blockwise kernel: its queries, key blocks and modifier tables (built once)."""
+    """One call on the blockwise kernels: its queries, and per key block
+    (cached groups, this rank's own or the gathered keys, each ring step's)
+    a :class:`~patternc.distributed.blockwise.BlockKernel`, built once.
 
-    def __init__(self, call: ShardedCall, tokens: RankTokens, comm: Comm, query_chunk: int) -> None:
-        d = tokens.device
+    Args:
+        call: the call and its strategy.
+        tokens: this rank's tokens.
+        comm: the process group and the traffic counter.
+        query_chunk: query rows per step of the reference kernel.
+        kernel: which kernel attends each block (see
+            :data:`~patternc.distributed.blockwise.Kernel`).
+    """
+
+    def __init__(
+        self, call: ShardedCall, tokens: RankTokens, comm: Comm, query_chunk: int, kernel: Kernel = "auto"
+    ) -> None:
+        d, placement, rank = tokens.device, tokens.placement, tokens.rank
         attention = call.attention
-        self.call, self.comm, self.query_chunk, self.device = call, comm, max(1, query_chunk), d
+        self.call, self.comm, self.query_chunk, self.device, self.kernel = call, comm, query_chunk, d, kernel
         self.key_groups = attention.key_names
-        self.band = _band_tables(call, tokens, d)
+        self.band = _band(call, placement)
         self.queries = tokens.tokens(attention.queries)
         self.local_keys: Tokens = tokens.tokens(self.key_groups)
         """This rank's input tokens of the call's key groups (what it sends around the ring)."""
-        self.ring_blocks: tuple[tuple[Tensor, Tensor], ...] = ()
-        """Per ring step: positions and group indices of the block this rank holds."""
-        if call.strategy == "ring":
-            world, rank = comm.world_size, tokens.rank
-            self.ring_blocks = tuple(
-                tokens.of_rank(self.key_groups, (rank - s) % world) for s in range(world)
-            )
-
-    def _fixed_blocks(
-        self, inputs: AttentionInputs, packed: Tensor, gathered: dict[str, Tensor]
-    ) -> list[_Block]:
-        """Cached groups, then this rank's own keys (local) or the gathered ones."""
-        d = self.device
-        blocks = []
-        named = [(i, inputs.cache[n]) for i, n in enumerate(self.key_groups) if n in inputs.cache]
-        for i, (k, v) in named:
-            kv = torch.cat([k, v], dim=-1)
-            if inputs.key_padding_mask is not None:  # cached keys are real
-                kv = torch.cat([kv, kv.new_ones((*kv.shape[:-1], 1))], dim=-1)
-            n = kv.shape[1]
-            blocks.append(
-                _Block(kv, torch.arange(n, device=d), torch.full((n,), i, dtype=torch.long, device=d))
-            )
-        if self.call.strategy == "local":
-            keys = self.local_keys
-            blocks.append(_Block(packed.index_select(1, keys.rows), keys.positions, keys.groups))
-        elif self.call.strategy == "gather":
+        q_segments = _segments(placement, attention.queries, rank)
+        self._q_segments = q_segments
+        self._cached: dict[tuple[int, int], BlockKernel] = {}
+        self.local: BlockKernel | None = None
+        if call.strategy == "local":
+            self.local = self._kernel(_segments(placement, self.key_groups, rank))
+        self.gathered: dict[str, BlockKernel] = {}
+        if call.strategy == "gather":
             for i, name in enumerate(self.key_groups):
-                if name in gathered:
-                    n = gathered[name].shape[1]
-                    positions = torch.arange(n, device=d)
-                    blocks.append(
-                        _Block(gathered[name], positions, torch.full((n,), i, dtype=torch.long, device=d))
-                    )
-        return blocks
+                size = placement.group(name).size
+                if size is not None:
+                    self.gathered[name] = self._kernel([Segment(i, 0, size)])
+        self.ring: _Ring | None = None
+        if call.strategy == "ring":
+            self.ring = self._ring(tokens, comm)
+
+    def _kernel(self, keys: Sequence[Segment]) -> BlockKernel:
+        return BlockKernel(
+            self._q_segments,
+            keys,
+            self.band,
+            self.call.attention.has_modifiers,
+            self.device,
+            self.query_chunk,
+        )
+
+    def _ring(self, tokens: RankTokens, comm: Comm) -> _Ring:
+        """Every rank's reads are known here (the placement is shared), so
+        every rank stops the ring at the same step: the last any rank reads."""
+        placement, rank, world = tokens.placement, tokens.rank, comm.world_size
+        queries = [_segments(placement, self.call.attention.queries, r) for r in range(world)]
+        keys = [_segments(placement, self.key_groups, r) for r in range(world)]
+        steps = 1
+        for r in range(world):
+            for step in range(1, world):
+                probe = BlockKernel(queries[r], keys[(r - step) % world], self.band, True, self.device, 1)
+                if not probe.empty:
+                    steps = max(steps, step + 1)
+        kernels = []
+        for step in range(steps):
+            kernel = self._kernel(keys[(rank - step) % world])
+            kernels.append(None if kernel.empty else kernel)
+        sizes = tuple(sum(s.length for s in keys[(rank - step) % world]) for step in range(steps))
+        label = f"ring {self.call.attention.text()}"
+        return _Ring(tuple(kernels), sizes, steps, comm, rank, label)
+
+    @property
+    def computed_steps(self) -> tuple[int, ...]:
+        """The ring steps this rank computes (others pass the block on, or
+        are past the last step any rank reads)."""
+        if self.ring is None:
+            return ()
+        return tuple(s for s, k in enumerate(self.ring.kernels) if k is not None)
+
+    def _cached_kernel(self, index: int, length: int) -> BlockKernel:
+        key = (index, length)
+        if key not in self._cached:
+            self._cached[key] = self._kernel([Segment(index, 0, length)])
+        return self._cached[key]
 
     def run(
         self, inputs: AttentionInputs, packed: Tensor, gathered: dict[str, Tensor], links: list[Tensor]
     ) -> Tensor:
         q = inputs.q.index_select(1, self.queries.rows)
-        parts = [self._attend(q, block, inputs) for block in self._fixed_blocks(inputs, packed, gathered)]
-        if self.call.strategy == "ring":
-            kv = packed.index_select(1, self.local_keys.rows)
-            for step, (positions, groups) in enumerate(self.ring_blocks):
-                if step:
-                    shape = (int(positions.shape[0]), kv.shape[0], *kv.shape[2:])
-                    received = shift_tokens(kv.transpose(0, 1), shape, self.comm.group)
-                    links.append(received)
-                    self.comm.count(f"ring {self.call.attention.text()}", received)
-                    kv = received.transpose(0, 1)
-                if kv.shape[1]:
-                    parts.append(self._attend(q, _Block(kv, positions, groups), inputs))
-        if not parts:
-            return q.new_zeros(q.shape)
-        return merge_partials(parts)
-
-    def _attend(self, q: Tensor, block: _Block, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-        """Output and log-sum-exp of this rank's queries against one block, ``query_chunk`` rows at a time."""
         dim = inputs.v.shape[-1]
-        k, v = split_kv(block.kv, dim)
-        key_mask = block.kv[:, :, 0, 2 * dim] > 0.5 if block.kv.shape[-1] > 2 * dim else None
-        scale = inputs.scale if inputs.scale is not None else dim**-0.5
         slopes = inputs.alibi_slopes
-        modified = self.call.attention.has_modifiers
-        outs, lses = [], []
-        for start in range(0, max(q.shape[1], 1), self.query_chunk):
-            stop = min(start + self.query_chunk, q.shape[1])
-            q_pos, q_grp = self.queries.positions[start:stop], self.queries.groups[start:stop]
-            allowed = None
-            if modified:
-                allowed = pair_mask(q_pos, q_grp, block.positions, block.groups, self.band)
-            if key_mask is not None:
-                allowed = key_mask[:, None, :] if allowed is None else allowed[None] & key_mask[:, None, :]
-            bias = None
-            if slopes is not None:
-                bias = -slopes[:, None, None] * (q_pos[:, None] - block.positions[None, :]).abs().to(
-                    slopes.dtype
-                )
-            args = (q[:, start:stop], k, v, allowed, bias, scale, inputs.dropout_p)
-            if torch.is_grad_enabled() and (q.requires_grad or block.kv.requires_grad):
-                # recompute the scores in the backward instead of keeping every
-                # chunk's [Lq, Lk] scores alive until then (ring steps: R blocks)
-                out, lse = checkpoint(partial_attention, *args, use_reentrant=False)
-            else:
-                out, lse = partial_attention(*args)
-            outs.append(out)
-            lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+        args = StepArgs(
+            dim=dim,
+            scale=inputs.scale if inputs.scale is not None else dim**-0.5,
+            dropout_p=inputs.dropout_p,
+            slopes=slopes.detach() if slopes is not None else None,
+            padded=inputs.key_padding_mask is not None,
+            kernel=self.kernel,
+        )
+        fixed: list[BlockKernel | None] = []
+        kvs: list[Tensor] = []
+        for i, name in enumerate(self.key_groups):
+            if name in inputs.cache:
+                k, v = inputs.cache[name]
+                kv = torch.cat([k, v], dim=-1)
+                if args.padded:  # cached keys are real
+                    kv = torch.cat([kv, kv.new_ones((*kv.shape[:-1], 1))], dim=-1)
+                fixed.append(self._cached_kernel(i, kv.shape[1]))
+                kvs.append(kv)
+        if self.local is not None:
+            fixed.append(self.local)
+            kvs.append(packed.index_select(1, self.local_keys.rows))
+        for name, kernel in self.gathered.items():
+            if name in gathered:
+                fixed.append(kernel)
+                kvs.append(gathered[name])
+        ring_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
+        run = _Run(tuple(k if k is None or not k.empty else None for k in fixed), self.ring, args)
+        out: Tensor = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]
+        if self.ring is not None:
+            # every rank runs the ring's backward (its collectives), even one
+            # whose queries read nothing that arrived
+            links.append(out)
+        return out

@@ -22,7 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistributedError", "Group", "agree", "all_gather_tokens", "guarded", "shift_tokens"]
+__all__ = [
+    "DistributedError",
+    "Group",
+    "agree",
+    "all_gather_tokens",
+    "exchange_tokens",
+    "guarded",
+    "shift_tokens",
+]
 
 Group = Any
 """A ``torch.distributed`` process group (None: the default group)."""
@@ -153,6 +161,14 @@ class _Shift(torch.autograd.Function):
         rank, world = ctx.rank, ctx.world
         back = _exchange(grad, (rank - 1) % world, ctx.shape, (rank + 1) % world, ctx.group)
         return back, None, None
+
+
+def exchange_tokens(send: Tensor, to: int, receive_shape: Sequence[int], source: int, group: Group) -> Tensor:
+    """Send ``send`` to rank ``to`` and return what rank ``source`` sends
+    (``receive_shape``), not differentiable: for code that runs its own
+    backward (the ring's). Ranks are those of ``group``."""
+    world = dist.get_world_size(group)
+    return _exchange(send, to % world, receive_shape, source % world, group)
 
 
 def shift_tokens(block: Tensor, receive_shape: Sequence[int], group: Group) -> Tensor:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from patternc.distributed.blockwise import Kernel
 from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
@@ -86,6 +87,10 @@ class ContextParallel:
     ``whole_groups``, ``balance``: see :func:`~patternc.distributed.placement.place`.
     ``backend``: the single-device executor for the local work (``"auto"``,
     ``"flex"``, ...); None keeps each module's own (its ``implementation``).
+    ``kernel``: what attends each key block of a ring step or blockwise call:
+    ``"auto"`` (FlexAttention on CUDA, the chunked reference on CPU),
+    ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
+    the gradients from the reference) or ``"reference"``.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class ContextParallel:
         whole_groups: bool = True,
         balance: float = 1.1,
         backend: str | None = None,
+        kernel: Kernel = "auto",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
@@ -126,6 +132,9 @@ class ContextParallel:
         self.gather_limit = gather_limit
         self.strategy = strategy
         self.query_chunk = query_chunk
+        if kernel not in ("auto", "flex", "reference"):
+            raise ValueError(f"kernel={kernel!r}: use 'auto', 'flex' or 'reference'")
+        self.kernel: Kernel = kernel
         self.full_kv_cache = full_kv_cache
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
@@ -264,7 +273,7 @@ class _Runner:
             ExecutorCalls(on_executor, self.tokens, layout.plan_name) if on_executor else None
         )
         self.blockwise = tuple(
-            BlockwiseCall(c, self.tokens, self.comm, cp.query_chunk)
+            BlockwiseCall(c, self.tokens, self.comm, cp.query_chunk, cp.kernel)
             for c in self.schedule.calls
             if c.blockwise
         )
