@@ -317,7 +317,8 @@ def case_ring_window(world: int) -> dict[str, Any]:
         BlockKernel.forward = original  # type: ignore[method-assign]
     result["computed"] = calls["forward"]
     result["ring_bytes"] = sum(v for k, v in cp.traffic.items() if k.startswith("ring"))
-    result["block_bytes"] = 2 * (64 // world) * 2 * 16 * 8  # batch 2, K and V of 16 channels, float64
+    held = sum(stop - start for start, stop in cp.local_ranges)  # this rank's tokens (zigzag: two chunks)
+    result["block_bytes"] = 2 * held * 2 * 16 * 8  # batch 2, K and V of 16 channels, float64
     return result
 
 
