@@ -137,10 +137,9 @@ def completions(text: str, line: int, column: int) -> list[Completion]:
     lines = text.splitlines()
     before = lines[line - 1][: column - 1] if 1 <= line <= len(lines) else ""
     if before.count("[") > before.count("]"):
-        return [
-            Completion(m, "modifier", _MODIFIER_DETAIL[m])
-            for m in MODIFIER_NAMES
-        ] + [Completion(name, "member relation", doc) for name, doc in MEMBER_RELATION_DOCS.items()]
+        return [Completion(m, "modifier", _MODIFIER_DETAIL[m]) for m in MODIFIER_NAMES] + [
+            Completion(name, "member relation", doc) for name, doc in MEMBER_RELATION_DOCS.items()
+        ]
     groups = declared_groups(text)
     out = [
         Completion(name, "family" if "*" in name else "group", f"declared on line {loc.line}")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from patternc.nn.executors import AttentionInputs, get_executor
 from patternc.nn.executors.common import group_positions
+from patternc.nn.traced_layouts import layout_of
 from patternc.plan import Plan
 
 __all__ = ["attention_forward", "position_ids", "register"]
@@ -90,7 +91,7 @@ def attention_forward(
             f"{key.shape[2]} keys for {query.shape[2]} queries: the patternc attention runs whole "
             "sequences (training, prefill); decode with the model's own attention (use_cache=False here)"
         )
-    layout = plan.layout(dict(patternc_sizes))
+    layout = layout_of(plan, dict(patternc_sizes))
     if layout.n_tokens != query.shape[2]:
         raise ValueError(
             f"patternc_sizes add up to {layout.n_tokens} tokens but the sequence has {query.shape[2]}"

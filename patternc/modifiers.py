@@ -130,8 +130,12 @@ class Modifiers:
             object.__setattr__(self, "across", False)
 
     def _bounded(self) -> bool:
-        return self.causal or self.window is not None or self.back is not None or self.ahead is not None or (
-            self.dilation > 1
+        return (
+            self.causal
+            or self.window is not None
+            or self.back is not None
+            or self.ahead is not None
+            or (self.dilation > 1)
         )
 
     def __bool__(self) -> bool:

@@ -27,7 +27,6 @@ from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
 from patternc.lower.rows import check_row, in_row, stack_rows
 from patternc.members import is_family, type_stem
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
-from patternc.tracing import compiling
 
 if TYPE_CHECKING:
     import networkx
@@ -84,8 +83,7 @@ class Plan:
         # structural, as equality is, but computed once: plans key the
         # layout cache on every forward call
         object.__setattr__(self, "_hash", hash((self.name, self.groups, self.rules, self.group_types)))
-        if not compiling():
-            PLANS_BY_ID[id(self)] = self
+        PLANS_BY_ID[id(self)] = self
 
     def __repr__(self) -> str:
         # the rules as written (a bound ``-> self`` rule repeats per member)
@@ -264,8 +262,6 @@ class Plan:
                 [Diagnostic(Code.WRONG_GROUP_ORDER, message + " (in this order)", where=where, hint=hint)]
             )
         layout = build_layout(plan, normalize_sizes(plan.groups, sizes))
-        if compiling():  # Dynamo cannot trace pydantic's constructors; a trace reads no specs
-            return layout
         # names and sizes are checked: no second validation per group
         specs = tuple(TokenSpec.model_construct(name=g, size=n) for g, n in layout.sizes)
         return dataclasses.replace(layout, token_specs=specs)
@@ -338,8 +334,9 @@ once per row (:meth:`Plan.per_row`)."""
 
 
 PLANS_BY_ID: weakref.WeakValueDictionary[int, Plan] = weakref.WeakValueDictionary()
-"""``id(plan)`` -> the plan, for every live plan made outside a trace (each
-plan enters itself when made or unpickled). A ``torch.compile`` trace hands
+"""``id(plan)`` -> the plan, for every live plan (each plan enters itself
+when made or unpickled; patternc makes no plan inside a trace: the compile
+boundary makes bound and per-row plans outside it). A ``torch.compile`` trace hands
 plain-Python helpers constants only, and a plan is not one before torch
 2.13, so a trace names a plan by ``id`` and such a helper finds it here (see
 :mod:`patternc.nn.traced_layouts`). Weak values: an entry ends with its plan,

@@ -376,7 +376,7 @@ def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:
     slot (a dict entry added while tracing would be missed by the second
     layer's lookup, Dynamo having read the dict for the first), and the
     outputs equal the eager ones. A second call reuses the graph."""
-    from patternc.nn.traced_layouts import TRACED_RECORDS
+    from patternc.nn.traced_layouts import TRACED_RECORDS, for_trace
 
     torch.manual_seed(0)
     layers = [
@@ -396,9 +396,9 @@ def test_a_cold_trace_builds_each_layers_layout_outside_the_graph() -> None:
         again = compiled(*xs)
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [m for m in messages if "patternc" in m or "Dynamo" in m], messages
-    for layer, sizes in layers:  # a record each, the layout eager calls now find
+    for layer, sizes in layers:  # a record each: the trace's view of the layout eager calls now find
         name = TRACED_RECORDS._names[("layout", layer.plan, tuple(sizes.items()), True)]
-        assert getattr(TRACED_RECORDS, name) is layer.plan.layout(sizes)
+        assert getattr(TRACED_RECORDS, name) is for_trace(layer.plan.layout(sizes))
     for out, same, expected in zip(first, again, run(*xs)):
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out, same)
 
@@ -422,8 +422,9 @@ def test_bad_sizes_in_a_cold_trace_say_what_is_wrong() -> None:
 def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     """A record per key, read as an attribute; asked again, the attribute
     holds the record given now (the layout ``LAYOUTS`` holds, after an
-    eviction say); a plan not in ``PLANS_BY_ID`` is left to the trace (None)."""
-    from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace
+    eviction say), as a trace reads it; a plan not in ``PLANS_BY_ID`` (made
+    inside a trace) raises with the fix."""
+    from patternc.nn.traced_layouts import TRACED_RECORDS, TracedRecords, _build_for_trace, for_trace
     from patternc.plan import PLANS_BY_ID
 
     (plan, sizes), (other, other_sizes) = PLANS["joint"], PLANS["vlm"]
@@ -441,9 +442,12 @@ def test_traced_records_are_one_per_key_and_hold_the_latest() -> None:
     assert getattr(records, other_name) is other_layout and getattr(records, name) is rebuilt
     compiled = patternc.compile("groups a q\na -> a\nq -> a").patterns["default"]
     built = _build_for_trace(id(compiled), (("a", 2), ("q", 3)), True)
-    assert built is not None and getattr(TRACED_RECORDS, built) is compiled.layout({"a": 2, "q": 3})
+    traced = getattr(TRACED_RECORDS, built)
+    assert traced is for_trace(compiled.layout({"a": 2, "q": 3})) and traced.tables.traced
+    assert traced.calls == compiled.layout({"a": 2, "q": 3}).calls
     del PLANS_BY_ID[id(compiled)]  # as a plan made inside a trace
-    assert _build_for_trace(id(compiled), (("a", 2), ("q", 3)), True) is None
+    with pytest.raises(ValueError, match="make the plan .* outside the compiled function"):
+        _build_for_trace(id(compiled), (("a", 2), ("q", 3)), True)
 
 
 def test_every_plan_made_outside_a_trace_is_found_by_id_while_it_lives() -> None:

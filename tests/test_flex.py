@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -271,8 +270,9 @@ def test_member_structures_block_classes(name: str, cached: bool) -> None:
     assert torch.equal(dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_kv), tables.partial)
     assert torch.equal(dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_kv), tables.full)
     layout.tables.clear()
-    with patch("patternc.nn.flexmask._compiling", return_value=True):
-        listed = FlexTables.build(layout, lengths, "cpu")
+    from patternc.nn.traced_layouts import for_trace
+
+    listed = FlexTables.build(for_trace(layout), lengths, "cpu")  # as a trace builds them
     layout.tables.clear()
     assert torch.equal(listed.partial, tables.partial)
     assert torch.equal(listed.full, tables.full)
@@ -331,18 +331,22 @@ def test_block_masks_are_built_once_per_layout() -> None:
 def test_flex_tables_build_inside_a_fullgraph_compile(pattern: str) -> None:
     """A user's ``torch.compile(fullgraph=True)`` traces the table build (no
     cached tables under tracing): the host packing has a traceable path, and
-    the traced tables and block mask equal the eager ones."""
+    the traced tables and block mask equal the eager ones. The trace reads
+    the layout as the compile boundary hands it to a trace."""
+    from patternc.nn.traced_layouts import for_trace
+
     sizes = {"surface_anchors": 130, "surface_queries": 70, "volume_anchors": 9, "volume_queries": 200}
     plan = patternc.compile(open("examples/ab_upt.patc").read()).patterns[pattern]
     layout = schedule_for(plan.token_specs(sizes), plan)
+    view = for_trace(layout)
 
     def tables(x: Tensor) -> tuple[Tensor, ...]:
-        built = flex.flex_tables(layout, {}, x.device)
+        built = flex.flex_tables(layout if x.dim() else view, {}, x.device)
         mask = built.block_mask()
         return (built.q_group, built.kv_group, built.allowed, built.partial, built.full, mask.kv_num_blocks,
                 mask.kv_indices, mask.full_kv_num_blocks)  # fmt: skip
 
-    eager = tables(torch.zeros(()))
+    eager = tables(torch.zeros(1))
     layout.tables.clear()
     torch._dynamo.reset()
     traced = torch.compile(tables, fullgraph=True, backend="eager")(torch.zeros(()))
@@ -409,7 +413,7 @@ def test_a_cpu_kernel_torch_cannot_build_runs_as_batched_and_is_not_retried(
 
     tries: list[int] = []
 
-    def failing_kernel(guarded: bool) -> Callable[..., Tensor]:
+    def failing_kernel(guarded: bool, traced: bool) -> Callable[..., Tensor]:
         def attend(*args: object) -> Tensor:
             tries.append(1)
             try:

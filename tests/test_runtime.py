@@ -647,14 +647,14 @@ def test_whole_call_gathers_keys_in_one_index_select() -> None:
     assert others == ["aten.slice", "aten.slice"], names  # narrow dispatches as a slice
 
 
-def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout() -> None:
     """A traceable table an eager call built is what a trace gets, from the
     layout's own slot (another layout with the same key has none); a plain
-    table is always rebuilt under tracing; ``clear`` empties the slot."""
-    from patternc.lower import tables
+    table is always rebuilt under tracing; ``clear`` empties the slot. The
+    trace's view is what the compile boundary hands a trace (one per layout);
+    it stores nothing."""
     from patternc.nn.tables import stored_table, table
+    from patternc.nn.traced_layouts import for_trace
 
     first = schedule_for(ab_specs(4, 8), AB.patterns["joint"])
     second = schedule_for(ab_specs(5, 8), AB.patterns["joint"])
@@ -667,7 +667,10 @@ def test_traceable_tables_are_handed_to_a_trace_only_for_their_own_layout(
     assert table(first, ("kind",), lambda: build("first"), traceable=True) == "first"
     assert table(first, ("kind",), lambda: build("again"), traceable=True) == "first"
     assert table(first, ("plain",), lambda: build("plain")) == "plain"
-    monkeypatch.setattr(tables, "compiling", lambda: True)  # as under torch.compile
+    assert not first.tables.missing_in_trace(("missing",))  # a layout's own slot is never traced
+    # the layouts as the compile boundary hands them to a trace
+    first, second = for_trace(first), for_trace(second)
+    assert first.tables.traced and for_trace(schedule_for(ab_specs(4, 8), AB.patterns["joint"])) is first
     assert table(first, ("kind",), lambda: build("traced"), traceable=True) == "first"
     assert table(first, ("plain",), lambda: build("plain traced")) == "plain traced"
     assert stored_table(second, ("kind",)) is None

@@ -397,11 +397,14 @@ def test_varlen_keeps_flash4_inside_a_compile_and_flex_leaves_it(
 
     monkeypatch.setattr(flash4, "kernels", lambda: STAND_IN)
     monkeypatch.setattr(flash4, "device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(flexkernels, "_compiling", lambda: compiling)
     monkeypatch.setattr(flexkernels, "_torch_lowers_flash", lambda: True)
     monkeypatch.setattr(flash4, "usable", lambda device, head_dim: True)
     assert varlen.varlen_kernel(torch.device("cuda"), 64) == "flash4"
     layout = schedule_for(AB["joint"].token_specs(ab_sizes(4096, 16384)), AB["joint"])
+    if compiling:  # the layout as the compile boundary hands it to a trace
+        from patternc.nn.traced_layouts import for_trace
+
+        layout = for_trace(layout)
     q = torch.empty(1, layout.n_tokens, 12, 64, dtype=torch.bfloat16, device="meta")
     assert flexkernels.flash_backend(AttentionInputs(q, q, q, layout, {}, None, 0.0, None)) is not compiling
 
@@ -592,22 +595,23 @@ def test_installation_questions_trace_without_warnings() -> None:
         assert (question() not in (None, False), len(calls)) == (found, 1), probe.__name__
 
 
-def test_launches_priced_during_a_trace_are_kept_for_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launches_priced_during_a_trace_are_kept_for_the_graph() -> None:
     """``auto`` prices a layout as plain Python while Dynamo traces (its
-    constant function), when torch already reports a compile: the launches
-    it builds there are stored as traceable, so the graph that picked
-    ``varlen`` finds them; a lookup that is traced stores nothing."""
-    from patternc.lower import tables
+    constant function): the launches it builds there are stored as
+    traceable, so the graph that picked ``varlen`` finds them; a lookup that
+    is traced (the layout as the compile boundary hands it to a trace)
+    stores nothing."""
+    from patternc.nn.traced_layouts import for_trace
 
     layout = schedule_for(DOCS.token_specs({"doc0": 3, "doc1": 8}), DOCS)
     layout.tables.clear()
-    monkeypatch.setattr(tables, "compiling", lambda: True)
+    view = for_trace(layout)
     key = varlen._launches_key(2, torch.device("cpu"), False)
-    varlen._launches(layout, 2, torch.device("cpu"))
+    varlen._launches(view, 2, torch.device("cpu"))
     assert layout.tables.stored(key) is None
-    kept = varlen.kept_launches(layout, 2, torch.device("cpu"))
+    kept = varlen.kept_launches(view, 2, torch.device("cpu"))
     assert not isinstance(kept, str) and layout.tables.stored(key) is kept
-    assert varlen._launches(layout, 2, torch.device("cpu")) is kept
+    assert varlen._launches(view, 2, torch.device("cpu")) is kept
     layout.tables.clear()
 
 

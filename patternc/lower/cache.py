@@ -14,9 +14,12 @@ threads sharing a model never see an entry vanish between a check and a
 read. Builds run outside the lock (two threads may build the same entry at
 once; the first stored wins and both get an equal value).
 
-Inside a ``torch.compile`` trace a cache is read but never written: Dynamo
-must not trace a cache's mutation, and a record built in a trace is rebuilt
-as a constant of the graph anyway.
+A ``torch.compile`` trace must not write a cache (Dynamo cannot trace the
+lock, and a record built in a graph is a constant of that graph anyway).
+Records a trace needs are built outside it by the compile boundary
+(:mod:`patternc.nn.traced_layouts`); a layer that reads a cache while it is
+traced says so (``get_or_build(..., store=False)``), as its entry point
+learnt from the boundary.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
-
-from patternc.tracing import compiling
 
 __all__ = ["BoundedCache"]
 
@@ -66,14 +67,12 @@ class BoundedCache(Generic[K, V]):
         self._entries: dict[K, V] = {}
         self._lock = threading.Lock()
 
-    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
-        """The entry under ``key``; on a miss ``build()`` is stored and returned."""
-        if compiling():  # traced by torch.compile: build what is missing, store nothing
-            found = self._entries.get(key)
-            return build() if found is None else found
+    def get_or_build(self, key: K, build: Callable[[], V], *, store: bool = True) -> V:
+        """The entry under ``key``; on a miss ``build()`` is stored and
+        returned (returned only with ``store=False``: a traced caller's)."""
         found = self._entries.get(key)  # one dict read is atomic: no lock on a hit
         if found is None:
-            found = self.put(key, build())
+            found = self.put(key, build()) if store else build()
         return found
 
     def put(self, key: K, value: V) -> V:

@@ -36,11 +36,15 @@ per slot would be an object Dynamo cannot build when a trace lays out a plan.
 Builds run outside the lock; when two threads build the same table the
 first stored wins.
 
-``torch.compile``: a trace may read a slot but never writes one (a traced
-table is a graph value, not a tensor to keep). A *traceable* table an eager
-call stored is handed to the trace as it is, so its tensors enter the
-user's graph as inputs; any other table is rebuilt in the graph. This is the
-one place that decides it (:func:`~patternc.tracing.compiling`).
+``torch.compile``: a trace never holds a layout's own slot. The compile
+boundary (:mod:`patternc.nn.traced_layouts`) hands a trace a copy of the
+layout whose slot is a :class:`TracedTables`, a read-only view of the
+eager slot: a *traceable* table an eager call stored is handed to the trace
+as it is, so its tensors enter the user's graph as inputs; any other table
+is rebuilt in the graph and nothing is stored (a traced table is a graph
+value, not a tensor to keep). Code that must run another way in a graph
+reads :attr:`Tables.traced` of the slot it was handed; nothing here asks
+torch whether it is tracing.
 """
 
 from __future__ import annotations
@@ -49,9 +53,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
-from patternc.tracing import compiling
-
-__all__ = ["TableKey", "Tables"]
+__all__ = ["TableKey", "Tables", "TracedTables"]
 
 T = TypeVar("T")
 
@@ -71,6 +73,10 @@ class Tables:
     >>> tables.get(("answer",), lambda: 0, weigh=lambda _: 8), tables.nbytes
     (42, 8)
     """
+
+    traced = False
+    """Whether this slot is a trace's view (:class:`TracedTables`): code
+    handed it runs in a ``torch.compile`` graph."""
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30) -> None:
         """Args:
@@ -100,15 +106,12 @@ class Tables:
             key: ``(kind, *inputs)``.
             build: makes the table.
             weigh: a table's bytes.
-            traceable: under ``torch.compile``, hand the trace the table an
+            traceable: in a trace's view, hand the trace the table an
                 eager call stored (else the trace builds its own).
 
         Returns:
             The stored table, or a new one.
         """
-        if compiling():
-            found = self.entries.get(key) if traceable else None
-            return build() if found is None else cast(T, found)
         found = self.entries.get(key)
         if found is None:
             value = build()
@@ -116,10 +119,10 @@ class Tables:
         return cast(T, found)
 
     def keep(self, key: TableKey, build: Callable[[], T], weigh: Callable[[T], int]) -> T:
-        """:meth:`get`, storing the table even while ``torch.compile``
-        traces: for host code that runs as plain Python during a trace
-        (``auto`` prices a layout in a constant function), so the graph
-        being traced finds what it stored."""
+        """:meth:`get`, storing the table even in a trace's view: for host
+        code that runs as plain Python during a trace (``auto`` prices a
+        layout in a constant function), so the graph being traced finds what
+        it stored."""
         found = self.entries.get(key)
         if found is None:
             value = build()
@@ -131,10 +134,10 @@ class Tables:
         return self.entries.get(key)
 
     def missing_in_trace(self, key: TableKey) -> bool:
-        """Inside a ``torch.compile`` trace, whether no eager call stored
-        ``key``: an executor whose tables cannot be built in a graph then
-        runs another way. Always False outside a trace."""
-        return compiling() and key not in self.entries
+        """In a trace's view, whether no eager call stored ``key``: an
+        executor whose tables cannot be built in a graph then runs another
+        way. Always False for a layout's own slot."""
+        return self.traced and key not in self.entries
 
     def put(self, key: TableKey, value: object, weight: int) -> object:
         """Store ``value`` (``weight`` bytes) under ``key`` unless another
@@ -174,3 +177,47 @@ class Tables:
 
     def __repr__(self) -> str:
         return f"Tables({len(self)} tables, {self.nbytes} bytes)"
+
+
+class TracedTables(Tables):
+    """A trace's read-only view of a layout's :class:`Tables` (see the module
+    docstring): reads see what eager calls stored, :meth:`get` builds what is
+    missing without storing it, :meth:`keep` stores into the viewed slot.
+
+    >>> eager = Tables()
+    >>> eager.get(("answer",), lambda: 42, weigh=lambda _: 8)
+    42
+    >>> view = TracedTables(eager, layout_id=7)
+    >>> view.get(("answer",), lambda: 0, weigh=lambda _: 8, traceable=True), view.traced
+    (42, True)
+    >>> view.get(("other",), lambda: 1, weigh=lambda _: 8), len(eager)
+    (1, 1)
+    """
+
+    traced = True
+
+    def __init__(self, viewed: Tables, layout_id: int) -> None:
+        """Args:
+        viewed: the layout's own slot.
+        layout_id: ``id`` of the layout that owns ``viewed`` (a trace names
+            it to plain-Python helpers, which take constants only).
+        """
+        super().__init__(viewed.max_entries, viewed.max_bytes)
+        self.entries = viewed.entries
+        self.viewed = viewed
+        self.layout_id = layout_id
+
+    def get(
+        self, key: TableKey, build: Callable[[], T], weigh: Callable[[T], int], *, traceable: bool = False
+    ) -> T:
+        found = self.entries.get(key) if traceable else None
+        return build() if found is None else cast(T, found)
+
+    def keep(self, key: TableKey, build: Callable[[], T], weigh: Callable[[T], int]) -> T:
+        return self.viewed.keep(key, build, weigh)
+
+    def put(self, key: TableKey, value: object, weight: int) -> object:
+        return value
+
+    def clear(self) -> None:
+        self.viewed.clear()

@@ -18,7 +18,7 @@ from patternc.nn.executors.common import compact_keys, zero_padding
 from patternc.nn.rope import apply_rope
 from patternc.nn.rows import RowSizes, is_per_row, rows_of
 from patternc.nn.schedule import schedule_for
-from patternc.nn.traced_layouts import layout_of, token_specs_of
+from patternc.nn.traced_layouts import in_trace, layout_of, plan_for_rows, token_specs_of
 from patternc.plan import Plan, Sizes
 from patternc.schemas import (
     AttentionConfig,
@@ -421,7 +421,7 @@ class MixedAttention(DotProductAttention):
                     f"key_padding_mask must be bool [batch, n_tokens] = {list(x.shape[:2])}, got "
                     f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}"
                 )
-        context = active()
+        context = active(layout.tables.traced)
         recorder, sharding = context.cache, context.sharding
         # a recording pass and the sharded runner index K/V by input position:
         # token space; a chunk of queries reading the anchors projects no K/V at all
@@ -602,8 +602,8 @@ class PatternAttention(MixedAttention):
                 "kv_cache cannot be combined with one sizes dict per row (every group of a row is in x); "
                 "run the row alone with its dict to read a cache"
             )
-        rows = rows_of(sizes, x.shape, x.device)
-        plan = self.plan.per_row(rows.names)
+        rows = rows_of(sizes, x.shape, x.device, in_trace())
+        plan = plan_for_rows(self.plan, rows.names)
         layout = layout_of(plan, rows.sizes)
         key_padding_mask = rows.gather_mask(key_padding_mask)
         if freqs is not None:

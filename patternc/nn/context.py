@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from patternc.nn.executors.common import AttentionInputs, Executor
-from patternc.tracing import compiling
 
 __all__ = [
     "ACTIVE",
@@ -83,9 +82,11 @@ ACTIVE = RuntimeContext()
 _THREADS = threading.local()
 
 
-def active() -> RuntimeContext:
-    """This thread's context (:data:`ACTIVE` inside a ``torch.compile`` trace)."""
-    if compiling():
+def active(traced: bool = False) -> RuntimeContext:
+    """This thread's context; :data:`ACTIVE` for a ``traced`` caller (one
+    the compile boundary, :mod:`patternc.nn.traced_layouts`, told it runs
+    inside a ``torch.compile`` trace)."""
+    if traced:
         return ACTIVE
     context: RuntimeContext | None = getattr(_THREADS, "context", None)
     if context is None:
@@ -111,7 +112,7 @@ def swap_sharding(sharding: Sharding | None) -> Sharding | None:
 
 def execute(executor: Executor, inputs: AttentionInputs) -> Tensor:
     """``executor(inputs)``, sharded when a :class:`Sharding` is active."""
-    sharding = active().sharding
+    sharding = active(inputs.layout.tables.traced).sharding
     if sharding is None:
         return executor(inputs)
     return sharding.attend(inputs, executor, False)[0]

@@ -40,7 +40,6 @@ from patternc.lower.layout import Layout
 from patternc.modifiers import UNBOUNDED
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
-from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -163,7 +162,11 @@ class _Upload:
     """Gathers small integer arrays on the host and moves them to the device
     in one copy (a handful of tensor operations instead of dozens)."""
 
-    def __init__(self) -> None:
+    def __init__(self, traced: bool) -> None:
+        """Args:
+        traced: the tables are built in a ``torch.compile`` graph (see :meth:`send`).
+        """
+        self._traced = traced
         self._values: list[int] = []
         self._lengths: list[int] = []
 
@@ -178,7 +181,7 @@ class _Upload:
         Traced by ``torch.compile`` (a user's compiled model building the
         tables in its graph), the values become one constant tensor instead:
         Dynamo cannot trace ``array`` or pinning."""
-        if _compiling():
+        if self._traced:
             flat = torch.tensor(self._values, dtype=torch.int64, device=device)
             return torch.split(flat, self._lengths)
         packed = array.array("q", self._values)
@@ -422,16 +425,16 @@ def _signed(bits: int) -> int:
     return bits - (1 << WORD_BITS) if bits >= 1 << (WORD_BITS - 1) else bits
 
 
-def _int64(values: list[int]) -> Tensor:
+def _int64(values: list[int], traced: bool) -> Tensor:
     """A host list as an int64 tensor: through ``array`` (about 3x faster
     than ``torch.tensor`` on long lists), or ``torch.tensor`` where
-    ``torch.compile`` traces (Dynamo cannot trace ``array``)."""
-    if _compiling() or not values:
+    ``torch.compile`` traces (``traced``: Dynamo cannot trace ``array``)."""
+    if traced or not values:
         return torch.tensor(values, dtype=torch.int64)
     return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
-def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool) -> PairSets | None:
+def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool, traced: bool) -> PairSets | None:
     """The layout's allowed and modified pairs as :class:`PairSets`, or None
     where a set to test needs more than :data:`MAX_WORDS` words (then the
     ``mask_mod`` reads the run tables). CPU tensors out (the caller moves
@@ -449,7 +452,8 @@ def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool) -> PairSets | No
         return None
     # bit j of a word is 1 << j as an int64: a sum of distinct bits is their OR
     weights = torch.tensor([_signed(1 << j) for j in range(WORD_BITS)], dtype=torch.int64)
-    q_ids, k_starts, k_stops = _int64(runs.query), _int64(runs.key_start), _int64(runs.key_stop)
+    q_ids, k_starts = _int64(runs.query, traced), _int64(runs.key_start, traced)
+    k_stops = _int64(runs.key_stop, traced)
 
     def words(chosen: list[int] | None) -> Tensor:
         """``[n_words, size]``: each query group's bits of the key groups of
@@ -500,11 +504,16 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
     row_start = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
     run_keys = torch.tensor([runs.key_start + [0] * pad, runs.key_stop + [0] * pad], dtype=torch.int32)
     bands = [runs.low, runs.high, runs.dilation, runs.residue]
-    run_bands = torch.stack([_int64(column + [fill] * pad) for column, fill in zip(bands, (0, 0, 1, 0))])
-    triples = torch.stack([_int64(runs.query), _int64(runs.key_start), _int64(runs.key_stop)])
+    traced = layout.tables.traced
+    run_bands = torch.stack(
+        [_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))]
+    )
+    triples = torch.stack(
+        [_int64(runs.query, traced), _int64(runs.key_start, traced), _int64(runs.key_stop, traced)]
+    )
     chosen = [at for at, test in enumerate(runs.test) if test >= 0]
     modified = triples[:, torch.tensor(chosen, dtype=torch.int64)] if len(chosen) < runs.count else triples
-    sets = _pair_sets(n, runs, same_group)
+    sets = _pair_sets(n, runs, same_group, traced)
     if sets is not None and device.type != "cpu":
         sets = PairSets(
             n_words=sets.n_words,
@@ -646,7 +655,8 @@ class FlexTables:
         incidences = rects.block_counts(block)
 
         # The host works on one row per group, segment or rectangle; a single copy moves it all.
-        upload = _Upload()
+        traced = layout.tables.traced
+        upload = _Upload(traced)
         for segs in (q_segs, k_segs):
             upload.add([g for g, _, _ in segs])
             upload.add([stop - start for _, start, stop in segs])
@@ -675,7 +685,7 @@ class FlexTables:
                 k_shifts, k_sizes, output_size=kv_len
             )
         # under torch.compile no shape may depend on data: the dense grid
-        dense = _compiling() or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
+        dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
         partial, full = _classify(plain, banded, incidences, block, shape, dense)
         return FlexTables(
             q_len=q_len,

@@ -85,7 +85,7 @@ class Rows:
         )
 
 
-def rows_of(sizes: RowSizes, shape: Sequence[int], device: torch.device) -> Rows:
+def rows_of(sizes: RowSizes, shape: Sequence[int], device: torch.device, traced: bool = False) -> Rows:
     """The rows of ``x`` (of ``shape``, ``[B, N_max, ...]``) that ``sizes``
     (one dict per row) describe.
 
@@ -95,7 +95,7 @@ def rows_of(sizes: RowSizes, shape: Sequence[int], device: torch.device) -> Rows
             group, included), a row holding more tokens than ``N_max``, or a
             call inside ``chunked`` or ``context_parallel``.
     """
-    context = active()
+    context = active(traced)
     if context.cache is not None or context.sharding is not None:
         raise ValueError(
             "sizes with one dict per row are not supported inside chunked or context_parallel; "

@@ -95,13 +95,14 @@ POSITIONS: BoundedCache[tuple[tuple[int, ...], torch.device], torch.Tensor] = Bo
 without a layout (executors keep theirs in the layout's slot)."""
 
 
-def group_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def group_positions(sizes: tuple[int, ...], device: torch.device, *, store: bool = True) -> torch.Tensor:
     """``[sum(sizes)]``: each token's index within its group, for groups of
     ``sizes`` laid out in order. Built once per (sizes, device) with no host
     synchronisation (kept in :data:`POSITIONS`), so later calls are free and
     CUDA-graph capturable (warm up before capturing: the first call copies
-    ``sizes`` to the device)."""
-    return POSITIONS.get_or_build((sizes, device), lambda: build_positions(sizes, device))
+    ``sizes`` to the device). ``store=False``: a traced caller's (see
+    :mod:`patternc.nn.traced_layouts`), built when missing, never stored."""
+    return POSITIONS.get_or_build((sizes, device), lambda: build_positions(sizes, device), store=store)
 
 
 def build_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -1,4 +1,14 @@
-"""The compiler's records a layer needs inside a ``torch.compile`` trace.
+"""The compile boundary: where a ``torch.compile`` trace crosses into
+patternc's records, and the one module that asks whether code is traced.
+
+A layer's entry point asks here once per call (:func:`layout_of` and the
+functions beside it; :func:`in_trace` for a layer that needs the answer
+before it has a layout) and hands the answer down: a traced call gets a
+layout whose tables slot is a trace's view
+(:class:`~patternc.lower.tables.TracedTables`, ``layout.tables.traced``),
+which executors, their tables and ``auto`` read instead of asking torch;
+caches a layer reads are told not to store (``store=False``). Nothing
+below this module asks whether it runs in a trace.
 
 Eager calls look their layout up in :data:`patternc.plan.LAYOUTS`, and a
 trace after one eager call finds it there too. A *cold* trace (a model
@@ -15,6 +25,10 @@ follow (:func:`layout_of_patterns`); ``{name: size}`` dicts become
 ``TokenSpec`` through pydantic's compiled validator
 (:func:`token_specs_of`); the anchor modules compile pattern source per
 call, and the parser calls ``re.finditer`` (:func:`plan_of_source`).
+
+A layout a trace reads is a copy of the one :data:`~patternc.plan.LAYOUTS`
+holds, made once per layout (kept in its tables under ``("traced view",)``)
+so that every graph traced against it guards on the same object.
 
 Two things shape this:
 - Dynamo hands such a function constants only: neither a plan nor a module
@@ -41,6 +55,7 @@ torch.Size([1, 5, 8])
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar, cast
@@ -48,14 +63,17 @@ from typing import TypeVar, cast
 import torch
 
 from patternc.lower.layout import Layout
-from patternc.plan import LAYOUTS, PLANS_BY_ID, Plan, Sizes, layout_key, plan_for_patterns, sizes_key
+from patternc.lower.tables import TracedTables
+from patternc.plan import PLANS_BY_ID, Plan, Sizes, plan_for_patterns, sizes_key
 from patternc.schemas import AttentionPattern, TokenSpec, TokenSpecs, as_token_specs
 from patternc.tracing import compiling as _compiling
 
 __all__ = [
     "TRACED_RECORDS",
+    "in_trace",
     "layout_of",
     "layout_of_patterns",
+    "plan_for_rows",
     "plan_of_source",
     "token_specs_of",
 ]
@@ -114,22 +132,52 @@ def _token_specs(key: SizesKey) -> list[TokenSpec]:
     return [TokenSpec(name=name, size=size) for name, size in key]
 
 
+def in_trace() -> bool:
+    """Whether the caller runs inside a ``torch.compile`` trace: for a
+    layer's entry point that needs the answer before it has a layout (a
+    ``Transformer`` reads its positions and context first). Ask once per
+    call and hand the answer down."""
+    return _compiling()
+
+
+def for_trace(layout: Layout) -> Layout:
+    """The copy of ``layout`` a trace reads: the same records, its tables a
+    :class:`~patternc.lower.tables.TracedTables` view of ``layout``'s. Made
+    once per layout and kept in its tables, so graphs guard on one object."""
+    key = ("traced view",)
+    found = layout.tables.stored(key)
+    if isinstance(found, Layout):
+        return found
+    view = dataclasses.replace(layout)
+    object.__setattr__(view, "tables", TracedTables(layout.tables, id(layout)))
+    return layout.tables.keep(key, lambda: view, lambda _: 0)
+
+
 def _kept_layout(plan: Plan, sizes: Sizes) -> Layout:
-    """``plan.layout(sizes)``, kept in :data:`~patternc.plan.LAYOUTS`: torch
-    2.13 reports a compile inside a constant function, so ``Plan.layout``
-    stores nothing there; kept, eager calls find this record and the tables
-    made for it."""
-    return LAYOUTS.put(layout_key(plan, sizes), plan.layout(sizes))
+    """``plan.layout(sizes)`` (kept in :data:`~patternc.plan.LAYOUTS`, where
+    eager calls find it and the tables made for it), as a trace reads it."""
+    return for_trace(plan.layout(sizes))
 
 
-def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str | None:
-    """Plain Python inside a trace: the slot of the plan's layout at these
-    sizes, or None for a plan made inside a trace (the trace then builds the
-    layout itself, which needs torch 2.13). A layout that fails to build
-    raises here, and Dynamo's error carries the compiler's diagnostics."""
+def _known_plan(plan_id: int) -> Plan:
+    """The plan a trace names by ``id``. Every plan enters
+    :data:`~patternc.plan.PLANS_BY_ID` when made, and patternc makes none
+    inside a trace (bound and per-row plans are made here, outside it); a
+    plan a user's compiled function makes itself is not found."""
     plan = PLANS_BY_ID.get(plan_id)
     if plan is None:
-        return None
+        raise ValueError(
+            "a plan made inside a torch.compile'd function cannot be laid out there; "
+            "make the plan (patternc.compile, Plan(...)) outside the compiled function"
+        )
+    return plan
+
+
+def _build_for_trace(plan_id: int, key: SizesKey, mapping: bool) -> str:
+    """Plain Python inside a trace: the slot of the plan's layout at these
+    sizes. A layout that fails to build raises here, and Dynamo's error
+    carries the compiler's diagnostics."""
+    plan = _known_plan(plan_id)
     sizes: Sizes = dict(key) if mapping else _token_specs(key)
     return TRACED_RECORDS.hold(("layout", plan, key, mapping), _kept_layout(plan, sizes))
 
@@ -138,14 +186,33 @@ _built_for_trace = _as_constant(_build_for_trace)
 
 
 def layout_of(plan: Plan, sizes: Sizes) -> Layout:
-    """``plan.layout(sizes)``, also as the first call of a ``torch.compile``
-    trace (see the module docstring)."""
+    """``plan.layout(sizes)``; inside a ``torch.compile`` trace the same
+    layout built outside the trace, as a trace reads it (see the module
+    docstring)."""
     if _compiling():
         name = _built_for_trace(id(plan), _static_sizes_key(sizes), isinstance(sizes, Mapping))
-        if name is not None:
-            layout: Layout = getattr(TRACED_RECORDS, name)
-            return layout
+        layout: Layout = getattr(TRACED_RECORDS, name)
+        return layout
     return plan.layout(sizes)
+
+
+def _rows_for_trace(plan_id: int, rows: tuple[tuple[str, ...], ...]) -> str:
+    """Plain Python inside a trace: the slot of the plan stacked per row."""
+    plan = _known_plan(plan_id)
+    return TRACED_RECORDS.hold(("rows", plan, rows), plan.per_row(rows))
+
+
+_rows_built_for_trace = _as_constant(_rows_for_trace)
+
+
+def plan_for_rows(plan: Plan, rows: Sequence[Sequence[str]]) -> Plan:
+    """``plan.per_row(rows)``; inside a trace made outside it (a plan is
+    never made in a trace, see :func:`_known_plan`)."""
+    if _compiling():
+        key = tuple(tuple(names) for names in rows)
+        stacked: Plan = getattr(TRACED_RECORDS, _rows_built_for_trace(id(plan), key))
+        return stacked
+    return plan.per_row(rows)
 
 
 def _build_for_patterns(specs: SizesKey, rules: RulesKey) -> str:

@@ -51,7 +51,7 @@ from patternc.nn.executors.flex import run_flex
 from patternc.nn.executors.linear import run_linear
 from patternc.nn.rope import rope_frequencies
 from patternc.nn.rows import RowSizes, is_per_row, rows_of
-from patternc.nn.traced_layouts import layout_of
+from patternc.nn.traced_layouts import in_trace, layout_of, plan_for_rows
 from patternc.nn.untied import (
     TypeBinding,
     TypeRuns,
@@ -59,7 +59,7 @@ from patternc.nn.untied import (
     UntiedMixedAttention,
     UntiedPath,
     check_types,
-    type_runs,
+    layout_type_runs,
 )
 from patternc.plan import Plan, Program, Sizes, sizes_key
 from patternc.schemas import MixedAttentionConfig
@@ -377,10 +377,13 @@ class Transformer(nn.Module):
         name = groups[0]
         return {name[:-1] + "0" if name.endswith("*") else name: n}
 
-    def _positions(self, sizes: Mapping[str, int | None], device: torch.device) -> Tensor:
+    def _positions(
+        self, sizes: Mapping[str, int | None], device: torch.device, traced: bool = False
+    ) -> Tensor:
         """Each token's position within its group (global ones when sharded;
-        counted from the chunk's first token when a chunk of queries runs)."""
-        context = active()
+        counted from the chunk's first token when a chunk of queries runs);
+        ``traced``: inside a ``torch.compile`` trace (nothing is stored)."""
+        context = active(traced)
         sharding, recorder = context.sharding, context.cache
         present = {g: n for g, n in sizes.items() if n is not None}
         if sharding is not None:
@@ -396,7 +399,7 @@ class Transformer(nn.Module):
             parts = [torch.arange(n, device=device) + recorder.offsets.get(g, 0) for g, n in present.items()]
             positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
         else:
-            positions = group_positions(tuple(present.values()), device)
+            positions = group_positions(tuple(present.values()), device, store=not traced)
         self._check_lengths(present)
         return positions
 
@@ -432,8 +435,10 @@ class Transformer(nn.Module):
         plans = self.plans if plans is None else plans
         layouts = {name: layout_of(plans[name], sizes) for name in dict.fromkeys(self.layer_patterns)}
         runs = None
-        if self._banks is not None:
-            runs = _type_runs(next(iter(plans.values())), sizes, self._banks)
+        if self._banks is not None:  # the feed-forward's runs: the first plan's layout's group types
+            name, first = next(iter(plans.items()))
+            layout = layouts[name] if name in layouts else layout_of(first, sizes)
+            runs = layout_type_runs(layout, self._banks)
         c = self.config
         freqs = None
         if c.pos_emb_type == "rope":
@@ -483,8 +488,8 @@ class Transformer(nn.Module):
     def _run_rows(self, x: Tensor, sizes: RowSizes, key_padding_mask: Tensor | None) -> Tensor:
         """Rows of different layouts: their real tokens end to end, run by
         the plans stacked once per row, scattered back to ``x``'s shape."""
-        rows = rows_of(sizes, x.shape, x.device)
-        plans = {name: plan.per_row(rows.names) for name, plan in self.plans.items()}
+        rows = rows_of(sizes, x.shape, x.device, in_trace())
+        plans = {name: plan_for_rows(plan, rows.names) for name, plan in self.plans.items()}
         out, _ = self._run(rows.gather(x), rows.sizes, rows.gather_mask(key_padding_mask), plans)
         return rows.scatter(out)
 
@@ -498,9 +503,10 @@ class Transformer(nn.Module):
         """The stack's output and each layer's :data:`~patternc.nn.attention.KVCache`."""
         c = self.config
         ids = c.vocab_size is not None
+        traced = in_trace()  # asked once per call, handed down
         group_sizes: dict[str, int | None]
         if sizes is not None:
-            group_sizes = _group_sizes(sizes)
+            group_sizes = _group_sizes(sizes, traced)
             n = sum(s or 0 for s in group_sizes.values())
             what = "sizes " + ", ".join(f"{g}={s}" for g, s in group_sizes.items())
         else:  # the token axis, also of an x without its batch dimension
@@ -522,8 +528,8 @@ class Transformer(nn.Module):
                 f"token), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
             )
         if key_padding_mask is None and ids and c.pad_token_id is not None:
-            key_padding_mask = self._padding_of(x)
-        positions = self._positions(group_sizes, x.device)
+            key_padding_mask = self._padding_of(x, traced)
+        positions = self._positions(group_sizes, x.device, traced)
         step = self._step(group_sizes, positions, key_padding_mask, plans)
         h = self.embed_inputs(x, positions)
         caches = []
@@ -532,7 +538,7 @@ class Transformer(nn.Module):
             caches.append(kv)
         return self.head(h), caches
 
-    def _padding_of(self, x: Tensor) -> Tensor | None:
+    def _padding_of(self, x: Tensor, traced: bool) -> Tensor | None:
         """The key padding mask of token ids ``x`` (``pad_token_id`` is
         padding), None when no token is padding. Eager, that is one host
         read of the data (``bool(...)``), which spares the padded executors
@@ -541,7 +547,7 @@ class Transformer(nn.Module):
         pad = self.config.pad_token_id
         assert pad is not None  # the caller checks
         real = x.ne(pad)
-        if torch.compiler.is_compiling():
+        if traced:
             return real
         return None if bool(real.all()) else real
 
@@ -684,14 +690,14 @@ def sinusoidal(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) 
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)
 
 
-def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
+def _group_sizes(sizes: Sizes, traced: bool) -> dict[str, int | None]:
     """Sizes as a dict of ints (0-d integer tensors read as ints); None (a
     group read from a cache) only in a chunk of :func:`patternc.nn.chunked`,
     where the context groups are cached. A list of numbers raises a
     ``TypeError`` that shows the accepted forms."""
     pairs = sizes_key(plain_sizes(sizes))
     out: dict[str, int | None] = {}
-    recorder = active().cache
+    recorder = active(traced).cache
     for name, size in pairs:
         if size is not None and (type(size) is not int or size < 0):
             raise ValueError(
@@ -704,12 +710,6 @@ def _group_sizes(sizes: Sizes) -> dict[str, int | None]:
             )
         out[name] = size
     return out
-
-
-def _type_runs(plan: Plan, sizes: Mapping[str, int | None], banks: tuple[str, ...]) -> TypeRuns:
-    """Runs of same-type tokens over the banks ``banks`` (the feed-forward's
-    lookup; the attention makes the same one from its plan)."""
-    return type_runs(sizes, plan.bind(list(sizes)).types, banks)
 
 
 def _plans(program: Program | Plan | str | None) -> dict[str, Plan]:

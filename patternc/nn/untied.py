@@ -30,9 +30,11 @@ from patternc.configs import (
 )
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import KeySpace, Layout
+from patternc.members import type_stem
 from patternc.nn.attention import MixedAttention, init_linear
 from patternc.nn.executors.common import Executor, compact_keys
 from patternc.nn.layers import activation_fn
+from patternc.nn.tables import table
 from patternc.plan import Plan
 from patternc.schemas import TokenSpec, domain_of
 
@@ -43,6 +45,8 @@ __all__ = [
     "UntiedMixedAttention",
     "UntiedPath",
     "apply_per_type",
+    "layout_type_runs",
+    "layout_types",
     "type_runs",
 ]
 
@@ -232,6 +236,38 @@ def type_runs(
     explicit = group_types or {}
     names = banks.bind(sizes, explicit) if isinstance(banks, TypeBinding) else banks
     return _type_runs(sizes, tuple(sorted(explicit.items())), tuple(names) if names is not None else None)
+
+
+def layout_types(layout: Layout) -> dict[str, str]:
+    """``{group: type}`` of a layout's groups: the types its plan named
+    (``layout.group_types``), else each group's domain (as :attr:`Plan.types`)."""
+    names = [name for name, _ in layout.sizes]
+    if layout.group_types:
+        return dict(zip(names, layout.group_types))
+    return {name: domain_of(type_stem(name)) for name in names}
+
+
+def layout_type_runs(
+    layout: Layout, banks: TypeBinding | Sequence[str] | None, group_types: Mapping[str, str] | None = None
+) -> TypeRuns:
+    """Runs of same-type tokens of ``layout``'s groups, read from the layout:
+    its group types (:func:`layout_types`, kept in its tables, never
+    re-bound from the plan) and the runs per bank names (kept there too).
+    ``group_types`` replaces the layout's types (a layer's own mapping for
+    a hand-written pattern list); a :class:`TypeBinding` binds the types it
+    has not seen yet first."""
+    if group_types is None:
+        types: Mapping[str, str] = table(layout, ("group types",), lambda: layout_types(layout))
+        explicit = None
+    else:
+        types, explicit = group_types, tuple(sorted(group_types.items()))
+    names = banks.bind(layout.sizes, types) if isinstance(banks, TypeBinding) else banks
+    bank_names = tuple(names) if names is not None else None
+    return table(
+        layout,
+        ("type runs", bank_names, explicit),
+        lambda: _build_type_runs(layout.sizes, tuple(types.items()), bank_names),
+    )
 
 
 def plan_group_types(patterns: object, specs: GroupSizes, fallback: Mapping[str, str]) -> Mapping[str, str]:
@@ -636,13 +672,20 @@ class UntiedMixedAttention(MixedAttention):
     def type_runs(self, specs: GroupSizes, patterns: object) -> TypeRuns:
         return type_runs(specs, plan_group_types(patterns, specs, self.group_types), self.types)
 
+    def layout_runs(self, layout: Layout, patterns: object) -> TypeRuns:
+        """The runs of ``layout``'s tokens over this layer's banks: the
+        layout's group types for a plan, the layer's ``group_types`` for a
+        hand-written list (kept in the layout's tables either way)."""
+        group_types = None if isinstance(patterns, Plan) else self.group_types
+        return layout_type_runs(layout, self.types, group_types)
+
     def _project_in(self, x: Tensor, layout: Layout, patterns: object) -> Tensor:
-        return self.qkv(x, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]
+        return self.qkv(x, self.layout_runs(layout, patterns))  # type: ignore[no-any-return]
 
     def _project_apart(self, x: Tensor, layout: Layout, patterns: object) -> tuple[Tensor, Tensor] | None:
         """Q for every token by its type's bank, K/V for the key space's
         tokens only by theirs (rows of each bank's fused weight)."""
-        runs = self.type_runs(dict(layout.sizes), patterns)
+        runs = self.layout_runs(layout, patterns)
         qkv = self.qkv
         assert isinstance(qkv, UntiedLinear)
         rows = (self.num_heads * self.head_dim, 2 * self.kv_inner)
@@ -657,4 +700,4 @@ class UntiedMixedAttention(MixedAttention):
         return q, kv
 
     def _project_back(self, out: Tensor, layout: Layout, patterns: object) -> Tensor:
-        return self.proj(out, self.type_runs(dict(layout.sizes), patterns))  # type: ignore[no-any-return]
+        return self.proj(out, self.layout_runs(layout, patterns))  # type: ignore[no-any-return]

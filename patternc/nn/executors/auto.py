@@ -23,6 +23,7 @@ from torch import Tensor
 
 from patternc.lower.costs import Estimate, VarlenWork, Workload, price
 from patternc.lower.layout import Layout
+from patternc.lower.tables import TracedTables
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
@@ -31,7 +32,6 @@ from patternc.nn.executors.flexkernels import float32_products
 from patternc.nn.executors.varlen import kept_launches, run_varlen, varlen_available, varlen_kernel
 from patternc.nn.tables import stored_table, table
 from patternc.plan import LAYOUTS
-from patternc.tracing import compiling
 
 __all__ = ["Estimate", "choose", "estimates", "picks", "run_auto"]
 
@@ -142,13 +142,15 @@ def choose(inputs: AttentionInputs) -> str:
     on a layout's first call under those conditions: a later change of
     torch's float32 matmul precision does not revisit it.
 
-    Under ``torch.compile`` the pick is a constant to Dynamo: it calls
+    Handed a trace's view of the layout (``layout.tables``, see
+    :mod:`patternc.nn.traced_layouts`) the pick is a constant to Dynamo: it calls
     :func:`_choice_by_id` at trace time instead of tracing the cost model (host
     work with nothing for the graph, and records Dynamo 2.11 can neither build
     nor pass on) and specialises the graph on the answer. The layout travels
     by ``id``: Dynamo can hand a constant function ints, not our records."""
-    if compiling():
-        return _constant_choice(id(inputs.layout), _conditions(inputs, traced=True))
+    tables = inputs.layout.tables
+    if isinstance(tables, TracedTables):  # a trace's view: the boundary handed a traced call
+        return _constant_choice(tables.layout_id, _conditions(inputs, traced=True))
     key = _key(inputs)
     found = inputs.layout.tables.entries.get(key)  # the hot path: one flat key, one dict lookup
     return found if isinstance(found, str) else _choice(inputs.layout, key[1:])

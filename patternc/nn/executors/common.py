@@ -21,7 +21,6 @@ from torch import Tensor
 from patternc.lower.layout import Call, KeySpace, Layout, Segment
 from patternc.modifiers import Modifiers, band_allows, pair_band
 from patternc.nn.tables import build_positions, group_positions, table
-from patternc.tracing import compiling
 
 __all__ = [
     "AttentionInputs",
@@ -109,25 +108,24 @@ def once(answer: Callable[[], _T]) -> Callable[[], _T]:
     compiled layers ask too. A closure over a list, because Dynamo warns
     about every ``functools.cache`` it traces through.
 
-    Inside a ``torch.compile`` trace the question is asked as plain Python
-    and its answer becomes a constant of the graph: probing the installation
-    there (``importlib.util.find_spec``, a failed import) breaks the graph,
-    and a layer may be compiled before it ever runs eagerly. So an answer a
-    compiled layer may ask first must be a constant Dynamo can hold (a bool,
-    a str, None)."""
+    The remembered question is marked a constant function for Dynamo
+    (``torch.compiler.assume_constant_result``, a mark read only while
+    tracing): inside a ``torch.compile`` trace it runs as plain Python and
+    its answer becomes a constant of the graph, because probing the
+    installation there (``importlib.util.find_spec``, a failed import)
+    breaks the graph and a layer may be compiled before it ever runs
+    eagerly. So an answer a compiled layer may ask first must be a constant
+    Dynamo can hold (a bool, a str, None)."""
     memo: list[_T] = []
 
-    def ask() -> _T:
+    def remembered() -> _T:
         if not memo:
             memo.append(answer())
         return memo[0]
 
-    ask_as_constant: Callable[[], _T] = torch.compiler.assume_constant_result(ask)  # type: ignore[no-untyped-call,unused-ignore]
-
-    def remembered() -> _T:
-        return ask_as_constant() if compiling() else ask()
-
-    return functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
+    functools.update_wrapper(remembered, answer)  # its docstring; ``__wrapped__`` asks afresh
+    marked: Callable[[], _T] = torch.compiler.assume_constant_result(remembered)  # type: ignore[no-untyped-call,unused-ignore]
+    return marked
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}

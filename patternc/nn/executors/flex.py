@@ -38,7 +38,6 @@ from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
 from patternc.nn.tables import table
-from patternc.tracing import compiling as _compiling
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -125,13 +124,13 @@ def _raise_recompile_limit(at_least: int) -> None:
             setattr(dynamo_config, name, at_least)
 
 
-def _attend_fn(guarded: bool) -> Callable[..., Tensor]:
+def _attend_fn(guarded: bool, traced: bool) -> Callable[..., Tensor]:
     """The compiled attention function, with or without the non-finite
-    guard; inside a user's ``torch.compile`` the plain one, which Dynamo
-    traces into the user's graph (reaching the cached compiled one there
-    would warn that Dynamo skips ``lru_cache``)."""
+    guard; ``traced`` (inside a user's ``torch.compile``) the plain one, which
+    Dynamo traces into the user's graph (reaching the cached compiled one
+    there would warn that Dynamo skips ``lru_cache``)."""
     attend = _attend if guarded else _attend_unguarded
-    return _compiled(attend) if _use_compiled and not _compiling() else attend
+    return _compiled(attend) if _use_compiled and not traced else attend
 
 
 def kernel_of(inputs: AttentionInputs) -> str:
@@ -287,7 +286,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     if compact and key_padding_mask is not None:
         key_padding_mask = compact_keys(key_padding_mask, layout.key_space)
     tables_key = _tables_key(lengths, q.device, block_size, slopes is not None, compact)
-    if layout.tables.missing_in_trace(tables_key) or (key_padding_mask is not None and _compiling()):
+    if layout.tables.missing_in_trace(tables_key) or (key_padding_mask is not None and layout.tables.traced):
         # inside a user's torch.compile, with tables no eager call stored (a
         # layout not run eagerly; a padding's block mask is built per call):
         # computed in the user's graph, Inductor cannot lower flex_attention
@@ -321,7 +320,7 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     )
     guard_tables = tables.guard_tables if guarded else ()
     try:
-        out = _attend_fn(guarded)(*args, *guard_tables)
+        out = _attend_fn(guarded, layout.tables.traced)(*args, *guard_tables)
         if not guarded:
             out = out.transpose(1, 2)
     except Exception as error:

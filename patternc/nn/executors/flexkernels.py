@@ -13,7 +13,6 @@ from torch import Tensor
 
 from patternc.nn.executors import flash4
 from patternc.nn.executors.common import AttentionInputs, device_capability, once
-from patternc.tracing import compiling as _compiling
 
 __all__ = [
     "FLASH_OPTIONS",
@@ -154,7 +153,7 @@ def flash_backend(inputs: AttentionInputs) -> bool:
         or inputs.alibi_slopes is not None
     ):
         return False
-    if _compiling() or not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
+    if inputs.layout.tables.traced or not flash4.usable(q.device, q.shape[-1]) or not _torch_lowers_flash():
         return False
     batch, _, heads, dim = q.shape
     flops = 4 * batch * heads * dim * inputs.layout.allowed_entries

@@ -50,6 +50,4 @@ def apply_init_method(module: nn.Module, proj_weight: torch.Tensor, init_method:
         if init_method == "truncnormal002-identity":
             nn.init.zeros_(proj_weight)
         return
-    raise PeerRefusal(
-        f"Weight initialization method {init_method} not implemented for DotProductAttention"
-    )
+    raise PeerRefusal(f"Weight initialization method {init_method} not implemented for DotProductAttention")
