@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,3 +101,28 @@ def forget_tables() -> None:
 
     for layout in LAYOUTS.values():
         layout.tables.clear()
+
+
+def free_port() -> int:
+    """A TCP port free on this host, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    """A gloo process group of this process alone, destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -544,10 +544,16 @@ def case_padding_on_one_rank(world: int) -> dict[str, Any]:
     return {"error": ""}
 
 
-def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, Any]:
-    """A Transformer trained on a token-mean loss (some targets ignored, so
-    every rank counts a different number of tokens): parameter gradients
-    after the wrapper's reduction against one process's."""
+def _per_token(out: Tensor, target: Tensor) -> Tensor:
+    return (out - target).square().sum(-1)
+
+
+def _loss_reference() -> tuple[
+    nn.Module, Any, dict[str, int], tuple[Tensor, Tensor, Tensor], Tensor, dict[str, Tensor]
+]:
+    """A small stack on documents and anchors, a token-mean loss over a random
+    subset of targets in one process: the model (gradients zeroed), its bound
+    plan, sizes, (input, target, kept tokens), the loss and its gradients."""
     source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
     sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
     torch.manual_seed(0)
@@ -558,20 +564,24 @@ def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.
     x = torch.randn(2, n, 16, dtype=torch.float64)
     target = torch.randn(2, n, 16, dtype=torch.float64)
     keep = torch.rand(2, n) > 0.4
-
-    def per_token(out: Tensor, target: Tensor) -> Tensor:
-        return (out - target).square().sum(-1)
-
-    ref_loss = (per_token(model(x, sizes), target) * keep).sum() / keep.sum()
+    ref_loss = (_per_token(model(x, sizes), target) * keep).sum() / keep.sum()
     ref_loss.backward()
     reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
+    return model, plan, sizes, (x, target, keep), ref_loss, reference
+
+
+def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, Any]:
+    """A Transformer trained on a token-mean loss (some targets ignored, so
+    every rank counts a different number of tokens): parameter gradients
+    after the wrapper's reduction against one process's."""
+    model, plan, sizes, (x, target, keep), ref_loss, reference = _loss_reference()
     cp = ContextParallel(plan, sizes)
     wrapped = wrap(model)
     with cp:
         out = wrapped(cp.shard(x), cp.local_sizes)
     local_keep = cp.shard(keep)
-    local_sum = (per_token(out, cp.shard(target)) * local_keep).sum()
+    local_sum = (_per_token(out, cp.shard(target)) * local_keep).sum()
     loss = patternc.distributed.global_mean_loss(local_sum, local_keep.sum(), grads=grads)
     loss.backward()
 
@@ -596,7 +606,7 @@ def _loss_case(world: int, grads: GradReduction, wrap: Callable[[nn.Module], nn.
         model.zero_grad()
         with cp:
             out = model(cp.shard(x), cp.local_sizes)
-        (per_token(out, cp.shard(target)) * local_keep).sum().div(local_keep.sum()).backward()
+        (_per_token(out, cp.shard(target)) * local_keep).sum().div(local_keep.sum()).backward()
         result["local_mean"] = grad_error()
     return result
 
@@ -626,31 +636,14 @@ def case_mesh_fsdp2(world: int) -> dict[str, Any]:
     if world != 4:
         return {"skipped": True}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors"
-    sizes = {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40}
-    torch.manual_seed(0)
-    model = small_stack(patternc.compile(source), "rope")
-    plan = next(iter(model.plans.values())).bind(list(sizes))
-    n = sum(sizes.values())
-    torch.manual_seed(2)
-    x = torch.randn(2, n, 16, dtype=torch.float64)
-    target = torch.randn(2, n, 16, dtype=torch.float64)
-    keep = torch.rand(2, n) > 0.4
-
-    def per_token(out: Tensor, target: Tensor) -> Tensor:
-        return (out - target).square().sum(-1)
-
-    ref_loss = (per_token(model(x, sizes), target) * keep).sum() / keep.sum()
-    ref_loss.backward()
-    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    model, plan, sizes, (x, target, keep), ref_loss, reference = _loss_reference()
     row = mesh.get_local_rank("dp")  # this row's sample
     cp = ContextParallel(plan, sizes, mesh["cp"])
     fully_shard(model, mesh=mesh)
     with cp:
         out = model(cp.shard(x[row : row + 1]), cp.local_sizes)
     local_keep = cp.shard(keep[row : row + 1])
-    local_sum = (per_token(out, cp.shard(target[row : row + 1])) * local_keep).sum()
+    local_sum = (_per_token(out, cp.shard(target[row : row + 1])) * local_keep).sum()
     loss = patternc.distributed.global_mean_loss(local_sum, local_keep.sum(), grads="mean")
     loss.backward()
     worst = 0.0

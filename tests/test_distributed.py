@@ -4,15 +4,13 @@ their own (torch-free), and chunked inference on one process."""
 
 from __future__ import annotations
 
-import datetime
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import free_port
 
 import patternc
 from patternc.distributed import place, schedule
@@ -56,18 +54,12 @@ REFUSED = ["mismatch", "padding_on_one_rank"]
 OTHER = ["flex_forward"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
     return world, distributed_cases.spawn(
-        world, [*NUMERIC, *LOSSES, *REFUSED, *MESH, *OTHER], str(out), _port()
+        world, [*NUMERIC, *LOSSES, *REFUSED, *MESH, *OTHER], str(out), free_port()
     )
 
 
@@ -219,7 +211,7 @@ def test_a_mask_on_one_rank_only_gives_every_rank_a_clear_error(
 
 def test_a_mask_on_one_rank_of_three_gives_every_rank_a_clear_error(tmp_path: Path) -> None:
     _assert_padding_disagreement(
-        3, distributed_cases.spawn(3, ["padding_on_one_rank"], str(tmp_path), _port())
+        3, distributed_cases.spawn(3, ["padding_on_one_rank"], str(tmp_path), free_port())
     )
 
 
@@ -285,7 +277,7 @@ def test_global_mean_loss_without_init_process_group() -> None:
 
 
 def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
-    results = distributed_cases.spawn(2, ["rank_fails"], str(tmp_path), _port())
+    results = distributed_cases.spawn(2, ["rank_fails"], str(tmp_path), free_port())
     waiting = results[0]["rank_fails"]
     assert "exception" not in waiting, waiting.get("exception")
     assert waiting["error"].startswith("rank 0: ") and "Another rank probably failed" in waiting["error"]
@@ -294,23 +286,6 @@ def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------- one process (no spawn)
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=20),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_world_of_one_runs_the_module_as_it_is(world_of_one: None) -> None:
@@ -583,7 +558,7 @@ def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], s
 
     from patternc.distributed import ContextParallel
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
         plan = _plan(source).bind(list(sizes))

@@ -5,10 +5,6 @@ log-sum-exp merge, and what the ring keeps for the backward."""
 
 from __future__ import annotations
 
-import datetime
-import socket
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,29 +122,6 @@ def test_tile_classes_follow_the_intervals() -> None:
     assert classes.tolist() == [[PARTIAL, EMPTY], [FULL, PARTIAL]]
     dilated = (((-UNBOUNDED, 0, 2, 0),),)
     assert classify([Segment(0, 0, 256)], [Segment(0, 0, 256)], dilated, 128, 128)[1, 0] == PARTIAL
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=20),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class _Allocations(TorchDispatchMode):
