@@ -212,7 +212,7 @@ def flex_host(repeat: int, rounds: int = 3) -> None:
 
     original = flex._attend_fn
 
-    def stub(guarded: bool) -> Callable[..., torch.Tensor]:
+    def stub(guarded: bool, traced: bool) -> Callable[..., torch.Tensor]:
         return lambda q, *rest: q if guarded else q.transpose(1, 2)
 
     print(
@@ -232,9 +232,9 @@ def flex_host(repeat: int, rounds: int = 3) -> None:
         flex._attend_fn = original
     hand = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
-    def unguarded_fn(guarded: bool) -> Callable[..., torch.Tensor]:
+    def unguarded_fn(guarded: bool, traced: bool) -> Callable[..., torch.Tensor]:
         # the value guard always runs on CPU: its tables dropped, the kernel's output transposed
-        attend = original(False)
+        attend = original(False, traced)
         return lambda *args: attend(*args[:7]).transpose(1, 2)
 
     def without_guard(inputs: AttentionInputs) -> torch.Tensor:

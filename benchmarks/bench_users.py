@@ -671,7 +671,7 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     hand_fn = row.mask(device, tables.q_len)
     swapped = _with_mask_mod(pc_mask, hand_fn)
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
-    unguarded = _attend_fn(False)
+    unguarded = _attend_fn(False, False)
     config = patternc.MixedAttentionConfig(hidden_dim=args.width, num_heads=heads)
     layer = PatternAttention(config, plan, backend="flex").to(device, dtype)
     hand_layer = HandFlexAttention(args.width, heads, hand_mask, attend).to(device, dtype)

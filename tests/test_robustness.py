@@ -176,9 +176,9 @@ def test_flex_contains_a_bad_key_or_value_like_separate_calls(
     paths: list[bool] = []
     attend_fn = flex._attend_fn
 
-    def recording(guard: bool) -> object:
+    def recording(guard: bool, traced: bool) -> object:
         paths.append(guard)
-        return attend_fn(guard)
+        return attend_fn(guard, traced)
 
     monkeypatch.setattr(flex, "_attend_fn", recording)
     plan = AB["joint"] if where == "both" else AB["self_anchor"]
