@@ -322,6 +322,52 @@ def case_ring_window(world: int) -> dict[str, Any]:
     return result
 
 
+SUB_RING = {
+    "doc0": 20,
+    **{f"doc{i}": n for i, n in enumerate([9, 11, 7, 10, 8, 12, 9, 7, 11, 9, 10, 8, 9], 1)},
+}
+"""At 4 ranks doc0 and doc5 are split over ranks 0 and 1, doc6 over ranks 2 and 3, the rest whole."""
+
+
+def case_sub_ring(world: int) -> dict[str, Any]:
+    """Each split document's ring runs over the ranks that hold it: every
+    exchange (forward and backward) is recorded with its peers and bytes,
+    and one more forward counts ``cp.traffic`` per call against the schedule."""
+    from patternc.distributed import calls as calls_module
+
+    exchanges: list[tuple[int, int, int, int]] = []
+    original = calls_module.exchange_tokens
+
+    def recorded(send: Tensor, to: int, shape: Any, source: int, group: Any) -> Tensor:
+        received = original(send, to, shape, source, group)
+        sent = send.numel() * send.element_size()
+        exchanges.append((to % world, source % world, sent, received.numel() * received.element_size()))
+        return received
+
+    calls_module.exchange_tokens = recorded  # type: ignore[assignment]  # a spy: who talks to whom
+    try:
+        module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", SUB_RING, rope=True)
+        plan = plan.bind(list(SUB_RING))
+        result = compare(module, forward, plan, SUB_RING)
+    finally:
+        calls_module.exchange_tokens = original  # type: ignore[assignment]
+    cp = ContextParallel(plan, SUB_RING)
+    with torch.no_grad(), cp:
+        forward(cp.shard(torch.randn(2, sum(SUB_RING.values()), 16, dtype=torch.float64)), cp.local_sizes)
+    schedule = cp.schedule_for(plan.layout(cp.local_sizes))
+    per_token = 2 * 2 * 16 * 8  # batch 2, K and V of 16 channels, float64
+    result["rings"] = [[c.attention.text(), list(c.ranks)] for c in schedule.calls if c.strategy == "ring"]
+    result["peers"] = sorted({p for to, source, sent, got in exchanges for p in (to, source) if sent or got})
+    result["sent"] = sum(e[2] for e in exchanges)
+    result["traffic"] = {k: v for k, v in cp.traffic.items() if v}
+    result["scheduled"] = {
+        f"ring {c.attention.text()}": schedule.call_received(c, cp.rank) * per_token
+        for c in schedule.calls
+        if c.strategy == "ring" and schedule.call_received(c, cp.rank)
+    }
+    return result
+
+
 def case_flex_forward(world: int) -> dict[str, Any]:
     """The ring on FlexAttention's CPU forward (float32, no gradients) against one float64 process."""
     sizes = {"doc0": 5, "doc1": 40}

@@ -289,7 +289,16 @@ def test_block_size_is_an_alias_of_block() -> None:
         "2",
     )
     b = run(
-        "compile", "examples/ab_upt.patc", "--sizes", sizes, "--pattern", "joint", "--mask", "-", "--block", "2"
+        "compile",
+        "examples/ab_upt.patc",
+        "--sizes",
+        sizes,
+        "--pattern",
+        "joint",
+        "--mask",
+        "-",
+        "--block",
+        "2",
     )
     assert a.returncode == 0 and a.stdout == b.stdout and "pattern joint" in a.stdout
 
@@ -300,8 +309,14 @@ def test_world_size_shows_the_sharding() -> None:
     source.write_text("groups doc*\ndoc* -> self [causal]\n")
     try:
         result = run("compile", str(source), "--sizes", sizes, "--world-size", "2")
+        four = run("compile", str(source), "--sizes", sizes, "--world-size", "4")
     finally:
         source.unlink()
+    # at 4 ranks doc0 is split over ranks 0 and 1: its ring runs over those two only
+    assert four.returncode == 0, four.stderr
+    assert "doc0: zigzag (ranks 0-1), 21 19 0 0" in four.stdout
+    assert "call 0 ring over ranks 0, 1, 2 steps, blockwise kernel: `doc0 -> doc0[causal]`" in four.stdout
+    assert "key/value tokens received per rank: 19 21 0 0 (minimum 19 10 0 0)" in four.stdout
     assert result.returncode == 0, result.stderr
     assert "sharded over 2 ranks" in result.stdout
     assert "doc0: whole, 40 0" in result.stdout or "doc0: whole, 0 40" in result.stdout

@@ -37,6 +37,7 @@ NUMERIC = [
     "prefixed_documents",
     "window_across_a_global_token",
     "ring_window",
+    "sub_ring",
     "inputs_read_nothing",
     "padding",
     "padding_documents",
@@ -88,6 +89,35 @@ def test_ring_computes_only_blocks_its_queries_read(ranks: tuple[int, list[dict[
     blocks = [r["ring_window"]["block_bytes"] for r in results]
     for r, own in zip(results, blocks):  # every other rank's block passes by once
         assert r["ring_window"]["ring_bytes"] == sum(blocks) - own
+
+
+def test_a_ring_runs_over_the_ranks_holding_its_document(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """A document split over some ranks passes its blocks among those only:
+    the others neither send nor receive for it, forward or backward, and the
+    bytes each rank receives per call are what the schedule reports."""
+    world, results = ranks
+    for rank, result in enumerate(results):
+        case = result["sub_ring"]
+        rings = case["rings"]
+        sharing = {r for _, held in rings if rank in held for r in held} - {rank}
+        assert set(case["peers"]) <= sharing, (world, rank, case["peers"], rings)
+        assert case["traffic"] == case["scheduled"], (world, rank)
+        for text, held in rings:
+            if rank not in held:
+                assert f"ring {text}" not in case["traffic"]
+        if not sharing:
+            assert case["sent"] == 0 and case["traffic"] == {}
+    if world == 4:
+        rings = results[0]["sub_ring"]["rings"]
+        assert rings == [
+            ["doc0 -> doc0[causal]", [0, 1]],
+            ["doc5 -> doc5[causal]", [0, 1]],
+            ["doc6 -> doc6[causal]", [2, 3]],
+        ]
+        for rank, other in ((0, 1), (1, 0), (2, 3), (3, 2)):
+            case = results[rank]["sub_ring"]
+            assert case["peers"] == [other] and case["sent"] > 0
+            assert set(case["traffic"]) == {f"ring {text}" for text, held in rings if rank in held}
 
 
 def test_ring_on_flex_forward_matches_float64(ranks: tuple[int, list[dict[str, Any]]]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import patternc
 from patternc.distributed import place, schedule
-from patternc.distributed.placement import Placement, rank_loads
+from patternc.distributed.placement import GroupShards, Placement, rank_loads, ring_steps
 from patternc.modifiers import band_allows, pair_band
 
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
@@ -149,3 +149,42 @@ def test_balance_must_be_at_least_one() -> None:
     plan = patternc.compile("groups a\na -> a").patterns["default"]
     with pytest.raises(ValueError, match=r"balance must be >= 1 \(a multiple of the mean load\), got 0.5"):
         place(plan.groups, plan.calls, {"a": 3}, 2, balance=0.5)
+
+
+@pytest.mark.parametrize("world", [4, 8, 16])
+def test_a_ring_receives_only_among_the_ranks_holding_its_call(world: int) -> None:
+    """Each ring call's blocks pass among its ranks: a rank outside them
+    receives nothing for it, one inside the blocks of all the others (a
+    causal document is read from every shard), and never less than it needs."""
+    sizes = long_tailed(0, 1.0, count=24, total=4096)
+    plan = _bound(DOCUMENTS, sizes)
+    placement = place(plan.groups, plan.calls, sizes, world)
+    plan_schedule = schedule(plan.calls, placement)
+    rings = [c for c in plan_schedule.calls if c.strategy == "ring"]
+    assert rings and any(len(c.ranks) < world for c in rings)
+    for call in rings:
+        assert call.steps == len(call.ranks)
+        for rank in range(world):
+            received = plan_schedule.call_received(call, rank)
+            if rank not in call.ranks:
+                assert received == 0
+            else:
+                assert received == sum(placement.group(k).missing(rank) for k in call.key_groups)
+            assert received >= plan_schedule.call_minimum(call, rank)
+
+
+def test_a_window_rings_only_as_far_as_it_reads() -> None:
+    """Contiguous shards of 16 under a causal window of 4: a rank reads the
+    previous rank's block only, so blocks travel one step and each rank
+    receives one block (rank 0 too: the ring's step is the same everywhere)."""
+    plan = _bound("groups a\na -> a [causal, window 4]", {"a": 64})
+    shards = GroupShards("a", 64, "split", tuple(((16 * r, 16 * r + 16),) for r in range(4)))
+    placement = Placement(4, (shards,))
+    assert ring_steps(plan.calls[0], placement, (0, 1, 2, 3)) == 2
+    assert ring_steps(plan.calls[0], placement, (0, 1)) == 2
+    assert ring_steps(plan.calls[0], placement, (3,)) == 1
+    plan_schedule = schedule(plan.calls, placement, strategy="ring")
+    call = plan_schedule.calls[0]
+    assert call.ranks == (0, 1, 2, 3) and call.steps == 2
+    assert plan_schedule.received == (16, 16, 16, 16)
+    assert plan_schedule.minimum == (0, 3, 3, 3)  # a window of 4 reads 3 keys before a query

@@ -9,7 +9,9 @@
   (:class:`~patternc.distributed.blockwise.BlockKernel` per block). Its
   autograd function keeps the queries, this rank's keys/values, the merged
   output and its log-sum-exp for the backward; the backward passes the
-  blocks around the ring again, their gradients travelling with them.
+  blocks around the ring again, their gradients travelling with them. A
+  ring runs over the ranks holding the call's tokens only
+  (:attr:`~patternc.distributed.placement.ShardedCall.ranks`).
 """
 
 from __future__ import annotations
@@ -141,16 +143,23 @@ def _segments(placement: Placement, names: Sequence[str], rank: int) -> list[Seg
 
 @dataclass(frozen=True)
 class _Ring:
-    """The ring part of a call on one rank: per step the kernel of the block
-    it holds then (None: nothing of it is read here) and the block's token
-    count; ``steps`` is how far blocks travel, the last step any rank reads
-    plus one (a window reads its neighbours only)."""
+    """The ring part of a call on one rank of the call's ring (the ranks
+    holding its tokens, :attr:`ShardedCall.ranks`): per step the kernel of
+    the block it holds then (None: nothing of it is read here) and the
+    block's token count; ``steps`` is how far blocks travel, the last step
+    any rank reads plus one (a window reads its neighbours only). Blocks go
+    to ``next`` and come from ``previous``, ranks of the process group;
+    ``home`` is where the gradient of the block held at step ``s`` goes
+    (``home[s]``) and whose comes back (``away[s]``)."""
 
     kernels: tuple[BlockKernel | None, ...]
     sizes: tuple[int, ...]
     steps: int
     comm: Comm
-    rank: int
+    next: int
+    previous: int
+    home: tuple[int, ...]
+    away: tuple[int, ...]
     label: str
 
 
@@ -222,7 +231,7 @@ class _Attend(torch.autograd.Function):
                 if step:
                     shape = (ring.sizes[step], kv.shape[0], *kv.shape[2:])
                     received = exchange_tokens(
-                        kv.transpose(0, 1), ring.rank + 1, shape, ring.rank - 1, ring.comm.group
+                        kv.transpose(0, 1), ring.next, shape, ring.previous, ring.comm.group
                     )
                     ring.comm.count(ring.label, received)
                     kv = received.transpose(0, 1)
@@ -257,7 +266,7 @@ class _Attend(torch.autograd.Function):
                     if step:  # the block and its gradient so far move on together
                         both = torch.cat([kv.to(work), d_ring], dim=-1).transpose(0, 1)
                         shape = (ring.sizes[step], *both.shape[1:])
-                        moved = exchange_tokens(both, ring.rank + 1, shape, ring.rank - 1, ring.comm.group)
+                        moved = exchange_tokens(both, ring.next, shape, ring.previous, ring.comm.group)
                         moved = moved.transpose(0, 1)
                         width = kv.shape[-1]
                         kv = moved[..., :width].to(ring_kv.dtype)
@@ -269,9 +278,9 @@ class _Attend(torch.autograd.Function):
                     back = ring.steps - 1
                     d_ring = exchange_tokens(
                         d_ring.transpose(0, 1),
-                        ring.rank - back,
+                        ring.home[back],
                         (ring_kv.shape[1], *d_ring.transpose(0, 1).shape[1:]),
-                        ring.rank + back,
+                        ring.away[back],
                         ring.comm.group,
                     ).transpose(0, 1)
         d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
@@ -371,25 +380,38 @@ class BlockwiseCall:
             self.query_chunk,
         )
 
-    def _ring(self, tokens: RankTokens, comm: Comm) -> _Ring:
-        """Every rank's reads are known here (the placement is shared), so
-        every rank stops the ring at the same step: the last any rank reads."""
-        placement, rank, world = tokens.placement, tokens.rank, comm.world_size
-        queries = [_segments(placement, self.call.attention.queries, r) for r in range(world)]
-        keys = [_segments(placement, self.key_groups, r) for r in range(world)]
-        steps = 1
-        for r in range(world):
-            for step in range(1, world):
-                probe = BlockKernel(queries[r], keys[(r - step) % world], self.band, True, self.device, 1)
-                if not probe.empty:
-                    steps = max(steps, step + 1)
+    def _ring(self, tokens: RankTokens, comm: Comm) -> _Ring | None:
+        """The ring over the call's ranks (None on a rank outside them: it
+        neither sends, receives nor computes for the call). Every rank knows
+        the placement, so all of the call's ranks stop the ring at the same
+        step (:attr:`ShardedCall.steps`)."""
+        placement, rank, ranks = tokens.placement, tokens.rank, self.call.ranks
+        if rank not in ranks:
+            return None
+        at, size, steps = ranks.index(rank), len(ranks), self.call.steps
+
+        def back(step: int) -> int:
+            """The rank whose block this rank holds at ``step``."""
+            return ranks[(at - step) % size]
+
+        keys = {r: _segments(placement, self.key_groups, r) for r in ranks}
         kernels = []
         for step in range(steps):
-            kernel = self._kernel(keys[(rank - step) % world])
+            kernel = self._kernel(keys[back(step)])
             kernels.append(None if kernel.empty else kernel)
-        sizes = tuple(sum(s.length for s in keys[(rank - step) % world]) for step in range(steps))
+        sizes = tuple(sum(s.length for s in keys[back(step)]) for step in range(steps))
         label = f"ring {self.call.attention.text()}"
-        return _Ring(tuple(kernels), sizes, steps, comm, rank, label)
+        return _Ring(
+            tuple(kernels),
+            sizes,
+            steps,
+            comm,
+            next=ranks[(at + 1) % size],
+            previous=back(1),
+            home=tuple(back(step) for step in range(steps)),
+            away=tuple(ranks[(at + step) % size] for step in range(steps)),
+            label=label,
+        )
 
     @property
     def computed_steps(self) -> tuple[int, ...]:
@@ -440,7 +462,8 @@ class BlockwiseCall:
         run = _Run(tuple(k if k is None or not k.empty else None for k in fixed), self.ring, args)
         out: Tensor = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]
         if self.ring is not None:
-            # every rank runs the ring's backward (its collectives), even one
-            # whose queries read nothing that arrived
+            # every rank of the call's ring runs its backward (blocks and
+            # their gradients pass through it), even one whose queries read
+            # nothing that arrived; the ranks outside the ring take no part
             links.append(out)
         return out

@@ -41,6 +41,7 @@ __all__ = [
     "Strategy",
     "place",
     "rank_loads",
+    "ring_steps",
     "schedule",
 ]
 
@@ -526,7 +527,13 @@ class ShardedCall:
     key_tokens: int
     ranks: tuple[int, ...] = ()
     """The ranks holding any of the call's query or key tokens (neighbours
-    under :func:`place`): the only ones whose queries read its keys."""
+    under :func:`place`), ascending: the only ones whose queries read its
+    keys, and the ring's order (a ``ring`` call runs on these ranks alone,
+    each passing blocks to the next of them)."""
+    steps: int = 1
+    """How many blocks each rank of a ``ring`` call holds in turn, its own
+    included: blocks stop after the last step at which some rank's queries
+    may read the block it holds (1 for the other strategies)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -567,6 +574,12 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
     if call.strategy == "local":
         return 0
     keys = call.key_groups
+    if call.strategy == "ring":  # the blocks of the ranks 1 .. steps - 1 back along the call's ring
+        if rank not in call.ranks:
+            return 0
+        at, size = call.ranks.index(rank), len(call.ranks)
+        sources = [call.ranks[(at - step) % size] for step in range(1, call.steps)]
+        return sum(placement.group(k).local_size(s) for s in sources for k in keys)
     if call.strategy == "gather":  # one all-gather for every gather call: a group counts once
         earlier = calls[: calls.index(call)]
         seen = {k for c in earlier if c.strategy == "gather" for k in c.key_groups}
@@ -622,6 +635,58 @@ def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> 
     return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
 
 
+def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) -> int:
+    """How many blocks each rank holds in turn when the call's key blocks
+    pass round ``ranks`` (each rank sends to the next, its own block first):
+    one more than the last step at which some rank's queries may read the
+    block it holds. Interval arithmetic on the ranks' positions, as the
+    blockwise kernel's test of whether a block is read at all (under
+    ``dilate`` a block between two dilated keys counts as read), so every
+    rank computes the same number and the traffic report counts what the
+    ring sends.
+
+    Args:
+        call: The attention call.
+        placement: From :func:`place`.
+        ranks: The ring's ranks, in ring order.
+
+    Returns:
+        At least 1 (a rank's own block), at most ``len(ranks)``.
+    """
+    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    bands = [
+        [
+            (key.name, pair_band(key.modifiers, offsets[key.name] - offsets[q]))
+            for key in call.keys
+            if placement.group(key.name).size is not None
+        ]
+        for q in call.queries
+        if placement.group(q).size is not None
+    ]
+    queries = [q for q in call.queries if placement.group(q).size is not None]
+
+    def reads(rank: int, source: int) -> bool:
+        for q, row in zip(queries, bands):
+            for a, b in placement.group(q).ranges[rank]:
+                for name, band in row:
+                    for c, d in placement.group(name).ranges[source]:
+                        if b <= a or d <= c:
+                            continue
+                        if (band.high is None or c - (b - 1) <= band.high) and (
+                            band.low is None or d - 1 - a >= band.low
+                        ):
+                            return True
+        return False
+
+    size, steps = len(ranks), 1
+    for at, rank in enumerate(ranks):
+        for step in range(size - 1, steps - 1, -1):  # the farthest step read, past those already found
+            if reads(rank, ranks[(at - step) % size]):
+                steps = step + 1
+                break
+    return steps
+
+
 def _is_local(call: AttentionCall, placement: Placement) -> bool:
     """Every input group of the call is whole on one and the same rank (empty ones anywhere)."""
     owners = set()
@@ -675,7 +740,8 @@ def schedule(
         holders = tuple(
             r for r in range(world) if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
         )
-        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders))
+        steps = ring_steps(call, placement, holders) if kind == "ring" else 1
+        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders, steps))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))

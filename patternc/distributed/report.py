@@ -28,7 +28,10 @@ def format_sharding(layout: Layout, world_size: int) -> list[str]:
         received = " ".join(str(plan_schedule.call_received(call, r)) for r in ranks)
         minimum = " ".join(str(plan_schedule.call_minimum(call, r)) for r in ranks)
         kernel = ", blockwise kernel" if call.blockwise else ""
-        out.append(f"    call {call.index} {call.strategy}{kernel}: `{call.attention.text()}`")
+        over = ""
+        if call.strategy == "ring":  # the ring passes blocks among the ranks holding the call's tokens
+            over = f" over ranks {', '.join(map(str, call.ranks))}, {call.steps} steps"
+        out.append(f"    call {call.index} {call.strategy}{over}{kernel}: `{call.attention.text()}`")
         if call.strategy != "local":
             out.append(f"      key/value tokens received per rank: {received} (minimum {minimum})")
     totals = " ".join(str(n) for n in plan_schedule.received)
