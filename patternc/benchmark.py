@@ -1,5 +1,4 @@
-"""Measuring a plan on every backend: what ``patternc bench`` and
-``patternc bench`` run.
+"""Measuring a plan on every backend: what ``patternc bench`` runs.
 
 Each measurement builds a ``MixedAttention`` with the backend, runs it on
 random inputs (forward, or forward+backward), and reports the median time,

@@ -311,7 +311,7 @@ def _with_tables(layout: Layout) -> int:
 
 def _report_growth(key: LayoutKey, layout: Layout) -> None:
     """A stored layout's tables report their growth to :data:`LAYOUTS`."""
-    layout.tables.attach(functools.partial(LAYOUTS.charge, key))
+    layout.tables.attach(functools.partial(LAYOUTS.charge, key, layout))
 
 
 LAYOUTS: BoundedCache[LayoutKey, Layout] = BoundedCache(

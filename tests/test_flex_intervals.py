@@ -110,8 +110,9 @@ def test_layouts_that_are_not_intervals_keep_the_group_test(
 ) -> None:
     tables = _tables(source, sizes, 16)
     assert tables.intervals is None, why
-    plan = patternc.compile(source).patterns["default"]
-    assert query_runs([(0, 0, 3)], [(0, 0, 3), (0, 3, 6)], plan.layout(sizes).pairs) is None or why
+    got, reference = _masks(tables)  # the group-pair test, still exact
+    n = tables.n_queries
+    assert torch.equal(got[:n, :n], reference[:n, :n])
 
 
 def test_query_runs_bounds() -> None:

@@ -173,6 +173,39 @@ def test_a_layouts_tables_are_weighed_with_it_and_leave_with_it(monkeypatch: pyt
     LAYOUTS.clear()
 
 
+def test_a_layout_that_left_the_cache_charges_nothing_to_its_successor() -> None:
+    """A layout evicted and built again under the same key: the old one's
+    tables filling later leave the new entry's weight alone."""
+    LAYOUTS.clear()
+    sizes = {"anchors": 3, "queries": 5}
+    old = ANCHORS.layout(sizes)
+    LAYOUTS.clear()
+    new = ANCHORS.layout(sizes)
+    assert new is not old
+    weight = LAYOUTS.weight
+    old.tables.put(("stale",), 0, 1_000_000)
+    assert LAYOUTS.weight == weight
+    new.tables.put(("fresh",), 0, 1000)
+    assert LAYOUTS.weight == weight + 1000
+    LAYOUTS.clear()
+
+
+def test_the_trace_view_outlives_table_eviction_and_clearing() -> None:
+    """Graphs guard on a layout's one trace view: it is the same object after
+    the layout's tables were evicted or cleared, and it names its layout to
+    plain-Python helpers by id while it lives."""
+    from patternc.lower.tables import traced_owner
+    from patternc.nn.traced_layouts import for_trace
+
+    layout = ANCHORS.layout({"anchors": 2, "queries": 7})
+    view = for_trace(layout)
+    for i in range(layout.tables.max_entries + 1):
+        layout.tables.put(("filler", i), i, 1)
+    layout.tables.clear()
+    assert for_trace(layout) is view
+    assert view.tables.traced and traced_owner(view.tables.layout_id) is layout  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------- threads on one module
 
 

@@ -54,8 +54,9 @@ class BoundedCache(Generic[K, V]):
             ``max_weight`` it bounds the total, the oldest entries leaving
             first (a single entry over the bound is still kept, alone).
         max_weight: the total weight bound (ignored without ``weigh``).
-        on_store: called with each entry this cache stores (after the lock
-            is released), e.g. to have an entry report its later growth
+        on_store: called with each entry this cache stores, before any
+            other thread can read it (under the cache's lock: it must not
+            use the cache), e.g. to have an entry report its later growth
             through :meth:`charge`.
         """
         self.name, self.size = name, size
@@ -83,13 +84,13 @@ class BoundedCache(Generic[K, V]):
             found = self._entries.get(key)
             if found is not None:
                 return found
+            if self._on_store is not None:  # before another thread can find the entry
+                self._on_store(key, value)
             self._entries[key] = value
             if self._weigh is not None:
                 self._weights[key] = weight
                 self._total += weight
             self._evict()
-        if self._on_store is not None:
-            self._on_store(key, value)
         return value
 
     def replace(self, key: K, value: V) -> None:
@@ -98,13 +99,13 @@ class BoundedCache(Generic[K, V]):
             self._drop(key)
         self.put(key, value)
 
-    def charge(self, key: K, change: int) -> None:
-        """Add ``change`` to the weight of the entry under ``key`` (an entry
-        that grew after it was stored: a layout whose tables were filled),
-        the oldest entries leaving while over the bound; nothing when
-        ``key`` has left."""
+    def charge(self, key: K, value: V, change: int) -> None:
+        """Add ``change`` to the weight of ``value``, the entry under ``key``
+        (an entry that grew after it was stored: a layout whose tables were
+        filled), the oldest entries leaving while over the bound; nothing
+        when ``value`` has left, even if another entry holds ``key`` now."""
         with self._lock:
-            if key in self._weights:
+            if self._entries.get(key) is value and key in self._weights:
                 self._weights[key] += change
                 self._total += change
                 self._evict()
@@ -122,7 +123,7 @@ class BoundedCache(Generic[K, V]):
             self._total -= self._weights.pop(key, 0)
 
     def lookup(self, key: K) -> V | None:
-        """The entry or None, with no trace check (Dynamo inlines it)."""
+        """The entry or None: a plain read, no lock."""
         return self._entries.get(key)
 
     @property

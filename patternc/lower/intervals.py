@@ -77,7 +77,9 @@ def query_runs(
     queries: Sequence[Segment], keys: Sequence[Segment], pairs: Mapping[tuple[int, int], Modifiers]
 ) -> list[list[Run]] | None:
     """Each query segment's runs (at most :data:`MAX_RUNS`), or None when a
-    layout's masks are not intervals of keys.
+    layout's masks are not intervals of keys; from every allowed group pair.
+    The reference form of :func:`query_runs_of_runs` (what the runtime
+    calls, one read per run of key groups), which tests compare it with.
 
     Args:
         queries: the query segments, one per non-empty query group.

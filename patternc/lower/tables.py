@@ -9,14 +9,12 @@ the layout, held by the one layout cache (:data:`patternc.plan.LAYOUTS`).
 Evicting a layout from that cache drops its tables with it; there is no
 module-level table cache and no key made of ``id(layout)``.
 
-Why the layout owns the slot rather than a separate ``Lowered`` record
-holding the layout: every executor, the distributed ring, the benchmarks
-and the tests already hand a ``Layout`` to the executors
-(``AttentionInputs.layout``), and layouts built with
-:func:`~patternc.lower.layout.build_layout` outside the cache run the same
-executors. A slot on the layout is reachable from what they already read,
-needs no second record on every call and no map from layouts to records,
-and under ``torch.compile`` travels with the layout into the trace (see
+The slot is on the layout because the layout is what every executor is
+handed (``AttentionInputs.layout``), layouts built with
+:func:`~patternc.lower.layout.build_layout` outside the cache included: the
+tables are reachable from what executors already read, with no second
+record per call and no map from layouts to records, and under
+``torch.compile`` they travel with the layout into the trace (see
 :mod:`patternc.nn.traced_layouts`).
 
 Key: ``(kind, *inputs)``: ``kind`` names the table (``"positions"``,
@@ -50,10 +48,11 @@ torch whether it is tracing.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import TypeVar, cast
 
-__all__ = ["TableKey", "Tables", "TracedTables"]
+__all__ = ["TableKey", "Tables", "TracedTables", "traced_owner"]
 
 T = TypeVar("T")
 
@@ -91,6 +90,21 @@ class Tables:
         """The bytes of the tables held, as their builders weighed them."""
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._charge: Callable[[int], None] | None = None
+        self._view: object | None = None
+
+    def view(self, make: Callable[[], T]) -> T:
+        """The one trace's view of the layout (see
+        :func:`patternc.nn.traced_layouts.for_trace`), made on first use.
+        Held apart from the tables: no bound evicts it and :meth:`clear`
+        keeps it, so every graph guards on the same object."""
+        found = self._view
+        if found is None:
+            made = make()
+            with _WRITES:
+                if self._view is None:
+                    self._view = made
+                found = self._view
+        return cast(T, found)
 
     def attach(self, charge: Callable[[int], None]) -> None:
         """Report every change of :attr:`nbytes` (the difference) to
@@ -123,11 +137,7 @@ class Tables:
         code that runs as plain Python during a trace (``auto`` prices a
         layout in a constant function), so the graph being traced finds what
         it stored."""
-        found = self.entries.get(key)
-        if found is None:
-            value = build()
-            return cast(T, self.put(key, value, weigh(value)))
-        return cast(T, found)
+        return Tables.get(self, key, build, weigh)
 
     def stored(self, key: TableKey) -> object | None:
         """The table under ``key``, or None (a plain read, also in a trace)."""
@@ -187,7 +197,8 @@ class TracedTables(Tables):
     >>> eager = Tables()
     >>> eager.get(("answer",), lambda: 42, weigh=lambda _: 8)
     42
-    >>> view = TracedTables(eager, layout_id=7)
+    >>> owner = object()
+    >>> view = TracedTables(eager, owner)
     >>> view.get(("answer",), lambda: 0, weigh=lambda _: 8, traceable=True), view.traced
     (42, True)
     >>> view.get(("other",), lambda: 1, weigh=lambda _: 8), len(eager)
@@ -196,16 +207,19 @@ class TracedTables(Tables):
 
     traced = True
 
-    def __init__(self, viewed: Tables, layout_id: int) -> None:
+    def __init__(self, viewed: Tables, owner: object) -> None:
         """Args:
         viewed: the layout's own slot.
-        layout_id: ``id`` of the layout that owns ``viewed`` (a trace names
-            it to plain-Python helpers, which take constants only).
+        owner: the layout that owns ``viewed``. A trace names it to
+            plain-Python helpers by :attr:`layout_id` (they take constants
+            only), and :func:`traced_owner` finds it again while this view lives.
         """
         super().__init__(viewed.max_entries, viewed.max_bytes)
         self.entries = viewed.entries
         self.viewed = viewed
-        self.layout_id = layout_id
+        self.owner = owner
+        self.layout_id = id(owner)
+        _VIEWS[self.layout_id] = self
 
     def get(
         self, key: TableKey, build: Callable[[], T], weigh: Callable[[T], int], *, traceable: bool = False
@@ -221,3 +235,15 @@ class TracedTables(Tables):
 
     def clear(self) -> None:
         self.viewed.clear()
+
+
+_VIEWS: weakref.WeakValueDictionary[int, TracedTables] = weakref.WeakValueDictionary()
+"""``id(owner)`` -> the live trace view of that layout. A view holds its
+layout, so an id here names that layout and no other while the entry lasts
+(graphs that guard on a view keep it alive)."""
+
+
+def traced_owner(layout_id: int) -> object | None:
+    """The layout whose trace view carries ``layout_id``, or None."""
+    view = _VIEWS.get(layout_id)
+    return None if view is None else view.owner

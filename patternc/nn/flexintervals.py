@@ -1,6 +1,6 @@
 """Per-query key intervals on the device, and the ``mask_mod`` that reads them.
 
-:func:`patternc.lower.intervals.query_runs` says, per query segment, which
+:func:`patternc.lower.intervals.query_runs_of_runs` says, per query segment, which
 runs of keys its queries read as functions of their positions; here those
 become two int32 bounds per query and run, and a ``mask_mod`` that compares
 a key's index with them (the cost of a hand-written ``kv_idx <= q_idx``).
@@ -31,7 +31,7 @@ def interval_tables(
 
     Args:
         runs: each query segment's runs, in input order (from
-            :func:`~patternc.lower.intervals.query_runs`).
+            :func:`~patternc.lower.intervals.query_runs_of_runs`).
         sizes: each query segment's number of tokens (consecutive from 0).
         length: the padded query length; queries past the segments read nothing.
         device: where the tables go.

@@ -27,8 +27,9 @@ follow (:func:`layout_of_patterns`); ``{name: size}`` dicts become
 call, and the parser calls ``re.finditer`` (:func:`plan_of_source`).
 
 A layout a trace reads is a copy of the one :data:`~patternc.plan.LAYOUTS`
-holds, made once per layout (kept in its tables under ``("traced view",)``)
-so that every graph traced against it guards on the same object.
+holds, made once per layout and held by its tables apart from the tables
+themselves (no bound evicts it), so that every graph traced against it
+guards on the same object.
 
 Two things shape this:
 - Dynamo hands such a function constants only: neither a plan nor a module
@@ -143,14 +144,15 @@ def in_trace() -> bool:
 def for_trace(layout: Layout) -> Layout:
     """The copy of ``layout`` a trace reads: the same records, its tables a
     :class:`~patternc.lower.tables.TracedTables` view of ``layout``'s. Made
-    once per layout and kept in its tables, so graphs guard on one object."""
-    key = ("traced view",)
-    found = layout.tables.stored(key)
-    if isinstance(found, Layout):
-        return found
-    view = dataclasses.replace(layout)
-    object.__setattr__(view, "tables", TracedTables(layout.tables, id(layout)))
-    return layout.tables.keep(key, lambda: view, lambda _: 0)
+    once per layout and held by its tables (:meth:`Tables.view
+    <patternc.lower.tables.Tables.view>`), so graphs guard on one object."""
+
+    def make() -> Layout:
+        view = dataclasses.replace(layout)
+        object.__setattr__(view, "tables", TracedTables(layout.tables, layout))
+        return view
+
+    return layout.tables.view(make)
 
 
 def _kept_layout(plan: Plan, sizes: Sizes) -> Layout:

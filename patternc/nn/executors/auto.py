@@ -23,7 +23,7 @@ from torch import Tensor
 
 from patternc.lower.costs import Estimate, VarlenWork, Workload, price
 from patternc.lower.layout import Layout
-from patternc.lower.tables import TracedTables
+from patternc.lower.tables import TracedTables, traced_owner
 from patternc.nn.executors.batched import run_batched
 from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.nn.executors.dense import run_dense
@@ -166,12 +166,11 @@ def _choice(layout: Layout, conditions: Conditions) -> str:
 
 
 def _choice_by_id(layout_id: int, conditions: Conditions) -> str:
-    """The pick for the layout of :data:`patternc.plan.LAYOUTS` with this
-    ``id`` (the one a trace was handed, see
-    :mod:`patternc.nn.traced_layouts`); ``batched`` (the default) for a
-    layout built inside the trace."""
-    layout = next((known for known in LAYOUTS.values() if id(known) == layout_id), None)
-    return "batched" if layout is None else _choice(layout, conditions)
+    """The pick for the layout whose trace view carries this ``id`` (the one
+    a trace was handed, see :mod:`patternc.nn.traced_layouts`); ``batched``
+    (the default) where no view names it."""
+    layout = traced_owner(layout_id)
+    return _choice(layout, conditions) if isinstance(layout, Layout) else "batched"
 
 
 def picks() -> list[tuple[Conditions, str]]:
