@@ -40,11 +40,14 @@ def interval_tables(
     rows = [[*r, *([_EMPTY] * (width - len(r)))] for r in runs]
     rows.append([_EMPTY] * width)  # the padding queries
     counts = [*sizes, length - sum(sizes)]
-    fields = torch.tensor(
-        [[(r.first, r.low, r.cap, r.last, r.last_top, r.high, r.floor) for r in row] for row in rows],
-        dtype=torch.int64,
-    ).to(device)  # [segments + 1, R, 7]
-    counts_t = torch.tensor(counts, dtype=torch.int64).to(device)
+    values = [
+        v for row in rows for r in row for v in (r.first, r.low, r.cap, r.last, r.last_top, r.high, r.floor)
+    ]
+    # one host-to-device copy: the runs' fields, then the segments' counts
+    flat = torch.tensor(values + counts, dtype=torch.int64).to(device)
+    n_fields = len(rows) * width * 7
+    fields = flat[:n_fields].view(len(rows), width, 7)  # [segments + 1, R, 7]
+    counts_t = flat[n_fields:]
     starts = torch.cumsum(counts_t, 0) - counts_t
     segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=length)
     p = (torch.arange(length, device=device) - starts[segment])[:, None]  # [length, 1]
