@@ -21,6 +21,7 @@ from patternc.nn.executors import flash4, varlen
 from patternc.nn.executors.auto import _estimates, choose
 from patternc.nn.executors.common import AttentionInputs, once
 from patternc.nn.schedule import schedule_for
+from patternc.nn.traced_layouts import for_trace
 
 AB = patternc.compile(open("examples/ab_upt.patc").read())
 DOCS = patternc.compile("groups doc*\ndoc* -> self [causal]").patterns["default"]
@@ -788,7 +789,8 @@ def test_eager_and_traced_keys_find_one_pick(monkeypatch: pytest.MonkeyPatch) ->
     assert choose(inputs) == "flex"
     traced = auto._conditions(inputs, traced=True)
     assert type(traced[0]) is tuple and type(auto._conditions(inputs)[0]) is torch.Size
-    assert auto._choice_by_id(id(layout), traced) == "flex"
+    view = for_trace(layout)  # what the compile boundary hands a trace: it names the layout by id
+    assert auto._choice_by_id(view.tables.layout_id, traced) == "flex"  # type: ignore[attr-defined]
     assert choose(inputs) == "flex" and len(priced) == 1
     layout.tables.clear()
 
@@ -832,6 +834,7 @@ def test_a_compiled_graph_shares_the_eager_pick_priced_on_flash4(monkeypatch: py
     layout = schedule_for(plan.token_specs(ab_sizes(3, 6)), plan)
     conditions = ((1, 18, 2, 8), torch.bfloat16, torch.device("cuda"), True, True, False)
     assert auto._choice(layout, conditions) == "varlen"
-    assert auto._choice_by_id(id(layout), conditions) == "varlen"  # what a trace asks
+    view = for_trace(layout)
+    assert auto._choice_by_id(view.tables.layout_id, conditions) == "varlen"  # what a trace asks  # type: ignore[attr-defined]
     assert priced == ["flash4"]
     layout.tables.clear()
