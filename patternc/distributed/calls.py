@@ -230,7 +230,8 @@ class _Attend(torch.autograd.Function):
         if ring is not None:
             kv = ring_kv
             for step in range(ring.steps):
-                if pending is not None and step:
+                if step:
+                    assert pending is not None  # posted by the step before
                     kv = pending.wait().transpose(0, 1)
                     ring.comm.count(ring.label, pending.received)
                     # pass the block on before computing it: the next step's
@@ -301,7 +302,7 @@ def _ring_backward(
     work = lse.dtype
     kv = ring_kv
     behind: PendingExchange | None = None  # the gradient of this step's block so far
-    d_block = ring_kv.new_empty((0,), dtype=work)
+    d_block = ring_kv.new_empty((0,), dtype=work)  # set by step 0: every ring has one
     for step in range(ring.steps):
         if step:
             assert blocks is not None and behind is not None  # posted by the step before
