@@ -790,6 +790,28 @@ def case_rank_fails(world: int) -> dict[str, Any]:
     return {"error": ""}
 
 
+def case_ring_rank_fails(world: int) -> dict[str, Any]:
+    """The last rank fails between two forwards of a ring: the others' wait
+    on the posted exchange raises DistributedError when the timeout ends."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    sizes = {"a": 16}
+    _, forward, plan = _attention("groups a\na -> a", sizes)
+    cp = ContextParallel(plan, sizes, group, strategy="ring")
+    x = cp.shard(torch.randn(2, 16, 16, dtype=torch.float64))
+    with torch.no_grad(), cp:
+        forward(x, cp.local_sizes)  # every rank: the first forward's checks pass
+    if dist.get_rank() == world - 1:
+        time.sleep(6)  # failed: never posts its side of the ring
+        return {"error": "failed on purpose"}
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), cp:
+            forward(x, cp.local_sizes)
+    except DistributedError as error:
+        return {"error": str(error), "seconds": time.perf_counter() - start}
+    return {"error": ""}
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -804,7 +826,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
             results[name] = {"exception": traceback.format_exc()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    if "rank_fails" in names:
+    if any(name.endswith("rank_fails") for name in names):
         # After a timed-out collective gloo's state is undefined: tearing it down
         # (destroy_process_group, or the destructors at interpreter exit) may abort
         # with "terminate called without an active exception". The results are on
@@ -842,7 +864,9 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         for rank, result in enumerate(
-            spawn(world, sys.argv[2:] or [n for n in CASES if n not in ("rank_fails",)], tmp, 29700 + world)
+            spawn(
+                world, sys.argv[2:] or [n for n in CASES if not n.endswith("rank_fails")], tmp, 29700 + world
+            )
         ):
             for name, metrics in result.items():
                 print(rank, name, json.dumps(metrics)[:1500])

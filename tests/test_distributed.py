@@ -336,11 +336,20 @@ def test_global_mean_loss_without_init_process_group() -> None:
         global_mean_loss(torch.zeros(()), 1, grads="mean")
 
 
-def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
-    results = distributed_cases.spawn(2, ["rank_fails"], str(tmp_path), free_port())
-    waiting = results[0]["rank_fails"]
+@pytest.mark.parametrize(
+    ("case", "doing"),
+    [
+        ("rank_fails", "checking that every rank has the same attention inputs failed"),
+        # the failure shows at the wait on an exchange posted a step earlier
+        ("ring_rank_fails", "passing keys/values around the ring failed"),
+    ],
+)
+def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path, case: str, doing: str) -> None:
+    results = distributed_cases.spawn(2, [case], str(tmp_path), free_port())
+    waiting = results[0][case]
     assert "exception" not in waiting, waiting.get("exception")
     assert waiting["error"].startswith("rank 0: ") and "Another rank probably failed" in waiting["error"]
+    assert doing in waiting["error"], waiting["error"]
     assert waiting["seconds"] < 20
     assert "cannot be used again: end the process" in waiting["error"]
 
