@@ -271,7 +271,14 @@ class _Attend(torch.autograd.Function):
 
 def _post_block(ring: _Ring, kv: Tensor, step: int) -> PendingExchange | None:
     """Pass ``kv`` (``[batch, tokens, ...]``) on to the next rank and start
-    receiving the block this rank holds at ``step`` (None past the last step)."""
+    receiving the block this rank holds at ``step`` (None past the last step).
+
+    No side stream: on NCCL the isend/irecv run on NCCL's own stream, after
+    the work already queued on the current stream (the block is ready) and
+    beside the kernels queued after them; the wait joins the streams on the
+    device. A block received is sent on as it is (``[tokens, batch, ...]``,
+    contiguous), so no packing copy exists; one would go on a side stream
+    here, for the same reason."""
     if step >= ring.steps:
         return None
     send = kv.transpose(0, 1)
