@@ -276,9 +276,9 @@ def _post_block(ring: _Ring, kv: Tensor, step: int) -> PendingExchange | None:
     No side stream: on NCCL the isend/irecv run on NCCL's own stream, after
     the work already queued on the current stream (the block is ready) and
     beside the kernels queued after them; the wait joins the streams on the
-    device. A block received is sent on as it is (``[tokens, batch, ...]``,
-    contiguous), so no packing copy exists; one would go on a side stream
-    here, for the same reason."""
+    device. Only this rank's own block is packed (a copy into ``[tokens,
+    batch, ...]``, queued before the post); a received block is sent on as
+    it arrived. Were packing heavier, it would go on a side stream here."""
     if step >= ring.steps:
         return None
     send = kv.transpose(0, 1)
