@@ -9,8 +9,10 @@
   (:class:`~patternc.distributed.blockwise.BlockKernel` per block). Its
   autograd function keeps the queries, this rank's keys/values, the merged
   output and its log-sum-exp for the backward; the backward passes the
-  blocks around the ring again, their gradients travelling with them. A
-  ring runs over the ranks holding the call's tokens only
+  blocks around the ring again, their gradients following them. The ring
+  is double-buffered: the exchange a step needs is posted before the step
+  before it computes, and waited for when the step starts. A ring runs
+  over the ranks holding the call's tokens only
   (:attr:`~patternc.distributed.placement.ShardedCall.ranks`).
 """
 
