@@ -322,6 +322,65 @@ def case_ring_window(world: int) -> dict[str, Any]:
     return result
 
 
+def case_ring_overlap(world: int) -> dict[str, Any]:
+    """Full attention of 45 tokens on a ring of every rank, with spies on the
+    kernel and on the P2P calls: the order in which one forward and one
+    backward post exchanges (tag 0 blocks, 1 gradients), wait on them and
+    compute. Also the sharded result against one process."""
+    from patternc.distributed import calls as calls_module
+    from patternc.distributed.blockwise import BlockKernel
+
+    sizes = {"a": 45}
+    module, forward, plan = _attention("groups a\na -> a", sizes)
+    result = compare(module, forward, plan, sizes, {"strategy": "ring"})
+    events: list[str] = []
+    post, kernel_forward, block_backward = (
+        calls_module.post_exchange,
+        BlockKernel.forward,
+        calls_module._block_backward,
+    )
+
+    class Spied:
+        def __init__(self, pending: Any, tag: int) -> None:
+            self.pending, self.tag, self.received = pending, tag, pending.received
+
+        def wait(self) -> Tensor:
+            events.append(f"wait{self.tag}")
+            received: Tensor = self.pending.wait()
+            return received
+
+    def posted(send: Tensor, to: int, shape: Any, source: int, group: Any, tag: int = 0) -> Any:
+        events.append(f"post{tag}")
+        return Spied(post(send, to, shape, source, group, tag), tag)
+
+    def computed_forward(self: BlockKernel, *args: Any) -> Any:
+        events.append("compute")
+        return kernel_forward(self, *args)
+
+    def computed_backward(*args: Any) -> None:
+        events.append("compute")
+        block_backward(*args)
+
+    cp = ContextParallel(plan, sizes, strategy="ring")
+    x = cp.shard(torch.randn(2, 45, 16, dtype=torch.float64)).requires_grad_(True)
+    calls_module.post_exchange = posted  # type: ignore[assignment]
+    BlockKernel.forward = computed_forward  # type: ignore[method-assign]
+    calls_module._block_backward = computed_backward
+    try:
+        with cp:
+            out = forward(x, cp.local_sizes)
+        result["forward_events"] = list(events)
+        events.clear()
+        out.square().sum().backward()
+        result["backward_events"] = list(events)
+    finally:
+        calls_module.post_exchange = post  # type: ignore[assignment]
+        BlockKernel.forward = kernel_forward  # type: ignore[method-assign]
+        calls_module._block_backward = block_backward
+    result["steps"] = [c.steps for c in cp.schedule_for(plan.layout(cp.local_sizes)).calls]
+    return result
+
+
 SUB_RING = {
     "doc0": 20,
     **{f"doc{i}": n for i, n in enumerate([9, 11, 7, 10, 8, 12, 9, 7, 11, 9, 10, 8, 9], 1)},
@@ -336,21 +395,22 @@ def case_sub_ring(world: int) -> dict[str, Any]:
     from patternc.distributed import calls as calls_module
 
     exchanges: list[tuple[int, int, int, int]] = []
-    original = calls_module.exchange_tokens
+    original = calls_module.post_exchange
 
-    def recorded(send: Tensor, to: int, shape: Any, source: int, group: Any) -> Tensor:
-        received = original(send, to, shape, source, group)
+    def recorded(send: Tensor, to: int, shape: Any, source: int, group: Any, tag: int = 0) -> Any:
+        pending = original(send, to, shape, source, group, tag)
         sent = send.numel() * send.element_size()
-        exchanges.append((to % world, source % world, sent, received.numel() * received.element_size()))
-        return received
+        got = pending.received.numel() * pending.received.element_size()
+        exchanges.append((to % world, source % world, sent, got))
+        return pending
 
-    calls_module.exchange_tokens = recorded  # type: ignore[assignment]  # a spy: who talks to whom
+    calls_module.post_exchange = recorded  # type: ignore[assignment]  # a spy: who talks to whom
     try:
         module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", SUB_RING, rope=True)
         plan = plan.bind(list(SUB_RING))
         result = compare(module, forward, plan, SUB_RING)
     finally:
-        calls_module.exchange_tokens = original  # type: ignore[assignment]
+        calls_module.post_exchange = original  # type: ignore[assignment]
     cp = ContextParallel(plan, SUB_RING)
     with torch.no_grad(), cp:
         forward(cp.shard(torch.randn(2, sum(SUB_RING.values()), 16, dtype=torch.float64)), cp.local_sizes)
@@ -730,6 +790,28 @@ def case_rank_fails(world: int) -> dict[str, Any]:
     return {"error": ""}
 
 
+def case_ring_rank_fails(world: int) -> dict[str, Any]:
+    """The last rank fails between two forwards of a ring: the others' wait
+    on the posted exchange raises DistributedError when the timeout ends."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    sizes = {"a": 16}
+    _, forward, plan = _attention("groups a\na -> a", sizes)
+    cp = ContextParallel(plan, sizes, group, strategy="ring")
+    x = cp.shard(torch.randn(2, 16, 16, dtype=torch.float64))
+    with torch.no_grad(), cp:
+        forward(x, cp.local_sizes)  # every rank: the first forward's checks pass
+    if dist.get_rank() == world - 1:
+        time.sleep(6)  # failed: never posts its side of the ring
+        return {"error": "failed on purpose"}
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), cp:
+            forward(x, cp.local_sizes)
+    except DistributedError as error:
+        return {"error": str(error), "seconds": time.perf_counter() - start}
+    return {"error": ""}
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -744,7 +826,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
             results[name] = {"exception": traceback.format_exc()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    if "rank_fails" in names:
+    if any(name.endswith("rank_fails") for name in names):
         # After a timed-out collective gloo's state is undefined: tearing it down
         # (destroy_process_group, or the destructors at interpreter exit) may abort
         # with "terminate called without an active exception". The results are on
@@ -782,7 +864,9 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         for rank, result in enumerate(
-            spawn(world, sys.argv[2:] or [n for n in CASES if n not in ("rank_fails",)], tmp, 29700 + world)
+            spawn(
+                world, sys.argv[2:] or [n for n in CASES if not n.endswith("rank_fails")], tmp, 29700 + world
+            )
         ):
             for name, metrics in result.items():
                 print(rank, name, json.dumps(metrics)[:1500])

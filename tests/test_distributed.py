@@ -38,6 +38,7 @@ NUMERIC = [
     "window_across_a_global_token",
     "ring_window",
     "sub_ring",
+    "ring_overlap",
     "inputs_read_nothing",
     "padding",
     "padding_documents",
@@ -89,6 +90,35 @@ def test_ring_computes_only_blocks_its_queries_read(ranks: tuple[int, list[dict[
     blocks = [r["ring_window"]["block_bytes"] for r in results]
     for r, own in zip(results, blocks):  # every other rank's block passes by once
         assert r["ring_window"]["ring_bytes"] == sum(blocks) - own
+
+
+def test_ring_posts_the_next_exchange_before_computing_the_current_block(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    """Double buffering, by the order of calls on every rank (spies on the
+    kernel and on the P2P posts and waits): the forward posts step s + 1's
+    block (tag 0) before it computes step s and waits for a block only at the
+    step that reads it; the backward passes a block on as soon as it arrives,
+    computes the step's gradient while the gradient the earlier ranks summed
+    (tag 1) is on its way, then sends the sum on (after the last step, home)."""
+    world, results = ranks
+    steps = world  # full attention: every block goes all the way round
+    forward = ["post0", "compute"] + ["wait0", "post0", "compute"] * (steps - 2) + ["wait0", "compute"]
+    backward = (
+        ["post0", "compute", "post1"]
+        + ["wait0", "post0", "compute", "wait1", "post1"] * (steps - 2)
+        + ["wait0", "compute", "wait1", "post1", "wait1"]
+    )
+    for rank, result in enumerate(results):
+        case = result["ring_overlap"]
+        assert "exception" not in case, f"rank {rank} of {world}:\n{case['exception']}"
+        assert case["steps"] == [steps]
+        assert case["forward_events"] == forward, (world, rank)
+        assert case["backward_events"] == backward, (world, rank)
+        events = case["forward_events"]
+        for at, event in enumerate(events):  # never a compute before the next block is posted
+            if event == "compute" and events[:at].count("compute") < steps - 1:
+                assert events[:at].count("post0") == events[:at].count("compute") + 1
 
 
 def test_a_ring_runs_over_the_ranks_holding_its_document(ranks: tuple[int, list[dict[str, Any]]]) -> None:
@@ -306,11 +336,20 @@ def test_global_mean_loss_without_init_process_group() -> None:
         global_mean_loss(torch.zeros(()), 1, grads="mean")
 
 
-def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path) -> None:
-    results = distributed_cases.spawn(2, ["rank_fails"], str(tmp_path), free_port())
-    waiting = results[0]["rank_fails"]
+@pytest.mark.parametrize(
+    ("case", "doing"),
+    [
+        ("rank_fails", "checking that every rank has the same attention inputs failed"),
+        # the failure shows at the wait on an exchange posted a step earlier
+        ("ring_rank_fails", "passing keys/values around the ring failed"),
+    ],
+)
+def test_a_failed_rank_gives_an_error_not_a_hang(tmp_path: Path, case: str, doing: str) -> None:
+    results = distributed_cases.spawn(2, [case], str(tmp_path), free_port())
+    waiting = results[0][case]
     assert "exception" not in waiting, waiting.get("exception")
     assert waiting["error"].startswith("rank 0: ") and "Another rank probably failed" in waiting["error"]
+    assert doing in waiting["error"], waiting["error"]
     assert waiting["seconds"] < 20
     assert "cannot be used again: end the process" in waiting["error"]
 

@@ -9,8 +9,10 @@
   (:class:`~patternc.distributed.blockwise.BlockKernel` per block). Its
   autograd function keeps the queries, this rank's keys/values, the merged
   output and its log-sum-exp for the backward; the backward passes the
-  blocks around the ring again, their gradients travelling with them. A
-  ring runs over the ranks holding the call's tokens only
+  blocks around the ring again, their gradients following them. The ring
+  is double-buffered: the exchange a step needs is posted before the step
+  before it computes, and waited for when the step starts. A ring runs
+  over the ranks holding the call's tokens only
   (:attr:`~patternc.distributed.placement.ShardedCall.ranks`).
 """
 
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 
 from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
-from patternc.distributed.collectives import exchange_tokens
+from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
 from patternc.distributed.placement import Placement, ShardedCall
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
@@ -221,20 +223,22 @@ class _Attend(torch.autograd.Function):
         args = run.args
         state = _rng_state(q.device) if args.dropout_p > 0 else None
         merge = _Merge(q, args.dim)
+        ring = run.ring
+        # step 1's block is on its way while the fixed blocks and step 0 compute
+        pending = _post_block(ring, ring_kv, 1) if ring is not None else None
         for kernel, kv in zip(run.fixed, kvs):
             if kernel is not None:
                 merge.add(*kernel.forward(q, kv, args))
-        ring = run.ring
         if ring is not None:
             kv = ring_kv
             for step in range(ring.steps):
                 if step:
-                    shape = (ring.sizes[step], kv.shape[0], *kv.shape[2:])
-                    received = exchange_tokens(
-                        kv.transpose(0, 1), ring.next, shape, ring.previous, ring.comm.group
-                    )
-                    ring.comm.count(ring.label, received)
-                    kv = received.transpose(0, 1)
+                    assert pending is not None  # posted by the step before
+                    kv = pending.wait().transpose(0, 1)
+                    ring.comm.count(ring.label, pending.received)
+                    # pass the block on before computing it: the next step's
+                    # transfer overlaps this step's kernel
+                    pending = _post_block(ring, kv, step + 1)
                 kernel = ring.kernels[step]
                 if kernel is not None:
                     merge.add(*kernel.forward(q, kv, args))
@@ -254,37 +258,85 @@ class _Attend(torch.autograd.Function):
         delta = (grad * out.to(work)).sum(-1).transpose(1, 2)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
+        ring = run.ring
+        blocks = _post_block(ring, ring_kv, 1) if ring is not None else None
         with _replayed_dropout(ctx.state, q.device):
             for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
                 if kernel is not None:
                     _block_backward(kernel, q, kv, grad, delta, lse, args, dq, dkv)
-            ring = run.ring
             d_ring = None
             if ring is not None:
-                kv, d_ring = ring_kv, torch.zeros_like(ring_kv, dtype=work)
-                for step in range(ring.steps):
-                    if step:  # the block and its gradient so far move on together
-                        both = torch.cat([kv.to(work), d_ring], dim=-1).transpose(0, 1)
-                        shape = (ring.sizes[step], *both.shape[1:])
-                        moved = exchange_tokens(both, ring.next, shape, ring.previous, ring.comm.group)
-                        moved = moved.transpose(0, 1)
-                        width = kv.shape[-1]
-                        kv = moved[..., :width].to(ring_kv.dtype)
-                        d_ring = moved[..., width:].contiguous()
-                    kernel = ring.kernels[step]
-                    if kernel is not None:
-                        _block_backward(kernel, q, kv, grad, delta, lse, args, dq, d_ring)
-                if ring.steps > 1:  # the gradient of the block held last goes home
-                    back = ring.steps - 1
-                    d_ring = exchange_tokens(
-                        d_ring.transpose(0, 1),
-                        ring.home[back],
-                        (ring_kv.shape[1], *d_ring.transpose(0, 1).shape[1:]),
-                        ring.away[back],
-                        ring.comm.group,
-                    ).transpose(0, 1)
+                d_ring = _ring_backward(ring, ring_kv, blocks, q, grad, delta, lse, args, dq)
         d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
         return (None, dq.to(q.dtype), d_ring_kv, *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)))
+
+
+def _post_block(ring: _Ring, kv: Tensor, step: int) -> PendingExchange | None:
+    """Pass ``kv`` (``[batch, tokens, ...]``) on to the next rank and start
+    receiving the block this rank holds at ``step`` (None past the last step).
+
+    No side stream: on NCCL the isend/irecv run on NCCL's own stream, after
+    the work already queued on the current stream (the block is ready) and
+    beside the kernels queued after them; the wait joins the streams on the
+    device. Only this rank's own block is packed (a copy into ``[tokens,
+    batch, ...]``, queued before the post); a received block is sent on as
+    it arrived. Were packing heavier, it would go on a side stream here."""
+    if step >= ring.steps:
+        return None
+    send = kv.transpose(0, 1)
+    shape = (ring.sizes[step], *send.shape[1:])
+    return post_exchange(send, ring.next, shape, ring.previous, ring.comm.group, BLOCKS)
+
+
+def _ring_backward(
+    ring: _Ring,
+    ring_kv: Tensor,
+    blocks: PendingExchange | None,
+    q: Tensor,
+    grad: Tensor,
+    delta: Tensor,
+    lse: Tensor,
+    args: StepArgs,
+    dq: Tensor,
+) -> Tensor:
+    """The ring's part of the backward; returns the gradient of ``ring_kv``.
+
+    The blocks go round again with their gradients behind them, as two
+    streams: a block is passed on as soon as it arrives (``blocks``, posted
+    before this step computes), and this step's gradient of the block is
+    computed from zero while the gradient the earlier ranks summed for it is
+    still on its way; the two are added and sent after, so both transfers
+    overlap the step's kernel. The gradient of the block held last goes home.
+    """
+    work = lse.dtype
+    kv = ring_kv
+    behind: PendingExchange | None = None  # the gradient of this step's block so far
+    d_block = ring_kv.new_empty((0,), dtype=work)  # set by step 0: every ring has one
+    for step in range(ring.steps):
+        if step:
+            assert blocks is not None and behind is not None  # posted by the step before
+            kv = blocks.wait().transpose(0, 1)
+            blocks = _post_block(ring, kv, step + 1)
+        kernel = ring.kernels[step]
+        d_step: Tensor | None = None
+        if kernel is not None:
+            d_step = torch.zeros_like(kv, dtype=work)
+            _block_backward(kernel, q, kv, grad, delta, lse, args, dq, d_step)
+        if behind is not None:
+            earlier = behind.wait().transpose(0, 1)
+            d_step = earlier if d_step is None else d_step + earlier
+        d_block = d_step if d_step is not None else torch.zeros_like(kv, dtype=work)
+        if step + 1 < ring.steps:
+            send = d_block.transpose(0, 1)
+            shape = (ring.sizes[step + 1], *send.shape[1:])
+            behind = post_exchange(send, ring.next, shape, ring.previous, ring.comm.group, GRADIENTS)
+    if ring.steps > 1:
+        back = ring.steps - 1
+        send = d_block.transpose(0, 1)
+        shape = (ring_kv.shape[1], *send.shape[1:])
+        home = post_exchange(send, ring.home[back], shape, ring.away[back], ring.comm.group, GRADIENTS)
+        d_block = home.wait().transpose(0, 1)
+    return d_block
 
 
 def _block_backward(

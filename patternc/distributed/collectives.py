@@ -6,6 +6,9 @@
   read them.
 - :func:`shift_tokens`: the ring step, rank ``r`` sends to ``r + 1`` and
   receives from ``r - 1``; its backward sends the gradient the other way.
+- :func:`post_exchange`: a send/receive started now and waited for later
+  (:class:`PendingExchange`), so the ring computes one block while the next
+  is on its way.
 
 Token counts are static (the placement knows them), so no sizes are sent.
 A collective that fails (a rank died, ranks disagree) raises
@@ -23,12 +26,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "BLOCKS",
+    "GRADIENTS",
     "DistributedError",
     "Group",
+    "PendingExchange",
     "agree",
     "all_gather_tokens",
     "exchange_tokens",
     "guarded",
+    "post_exchange",
     "shift_tokens",
 ]
 
@@ -132,21 +139,66 @@ def all_gather_tokens(local: Tensor, counts: Sequence[int], group: Group) -> Ten
     return out
 
 
-def _exchange(send: Tensor, to: int, receive_shape: Sequence[int], source: int, group: Group) -> Tensor:
+BLOCKS, GRADIENTS = 0, 1
+"""Tags of a ring's two streams of messages: the key/value blocks, and the
+backward's block gradients, which travel between the same ranks while a
+block is in flight (gloo matches by tag; NCCL by order, which is the same
+on every rank)."""
+
+
+class PendingExchange:
+    """An exchange posted by :func:`post_exchange`, not yet waited for.
+
+    :meth:`wait` returns the received tensor. Until then the send buffer
+    must not change and the receive buffer is not filled; this object keeps
+    both alive. On NCCL ``wait()`` makes the current stream wait for the
+    transfer (no host synchronisation); on gloo it blocks the host."""
+
+    def __init__(self, received: Tensor, requests: list[Any], send: Tensor | None, group: Group) -> None:
+        self.received, self._requests, self._send, self._group = received, requests, send, group
+
+    def wait(self) -> Tensor:
+        """The received tensor, once the transfer (both directions) is done."""
+        if self._requests:
+            requests = self._requests
+
+            def run() -> None:
+                for request in requests:
+                    request.wait()
+
+            guarded("passing keys/values around the ring", self._group, run)
+        self._requests, self._send = [], None
+        return self.received
+
+
+def post_exchange(
+    send: Tensor, to: int, receive_shape: Sequence[int], source: int, group: Group, tag: int = BLOCKS
+) -> PendingExchange:
+    """Start sending ``send`` to rank ``to`` and receiving ``receive_shape``
+    from rank ``source`` (ranks of ``group``); returns at once. Work done
+    before :meth:`PendingExchange.wait` overlaps with the transfer: the
+    isend/irecv run on the backend's own threads (gloo) or its own stream
+    (NCCL), so no side stream is needed here. ``tag`` keeps apart messages
+    that are in flight between the same ranks at once (:data:`BLOCKS`,
+    :data:`GRADIENTS`)."""
+    world = dist.get_world_size(group)
+    send = send.contiguous()
     received = send.new_empty(tuple(receive_shape))
     ops = []
     if send.numel():
-        ops.append(dist.P2POp(dist.isend, send.contiguous(), _global(group, to), group))
+        ops.append(dist.P2POp(dist.isend, send, _global(group, to % world), group, tag))
     if received.numel():
-        ops.append(dist.P2POp(dist.irecv, received, _global(group, source), group))
+        ops.append(dist.P2POp(dist.irecv, received, _global(group, source % world), group, tag))
+    requests: list[Any] = []
     if ops:
+        requests = guarded(
+            "passing keys/values around the ring", group, lambda: list(dist.batch_isend_irecv(ops) or [])
+        )
+    return PendingExchange(received, requests, send, group)
 
-        def run() -> None:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
 
-        guarded("passing keys/values around the ring", group, run)
-    return received
+def _exchange(send: Tensor, to: int, receive_shape: Sequence[int], source: int, group: Group) -> Tensor:
+    return post_exchange(send, to, receive_shape, source, group).wait()
 
 
 class _Shift(torch.autograd.Function):
