@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -488,22 +488,11 @@ def rank_loads(calls: Iterable[AttentionCall], placement: Placement) -> RankLoad
         Per rank FLOPs (allowed query-key pairs) and tokens.
     """
     world = placement.world_size
-    names = [g.name for g in placement.groups]
-    offsets = _offsets(names, placement.sizes)
     flops = [0] * world
-    for call in calls:
-        for q in call.queries:
-            shards = placement.group(q)
-            if shards.size is None:
-                continue
-            for key in call.keys:
-                n_k = placement.group(key.name).size or 0
-                shift = offsets[key.name] - offsets[q]
-                for r in range(world):
-                    for a, b in shards.ranges[r]:
-                        flops[r] += allowed_pairs(b, n_k, key.modifiers, shift) - allowed_pairs(
-                            a, n_k, key.modifiers, shift
-                        )
+    for shards, _, mods, n_k, shift in _read_pairs(placement, calls):
+        for r in range(world):
+            for a, b in shards.ranges[r]:
+                flops[r] += allowed_pairs(b, n_k, mods, shift) - allowed_pairs(a, n_k, mods, shift)
     return RankLoads(tuple(flops), tuple(placement.tokens(r) for r in range(world)))
 
 
@@ -616,22 +605,30 @@ def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
     return total
 
 
-def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> int:
-    """Key/value tokens ``rank`` needs for ``calls`` and does not hold."""
-    wanted: dict[str, list[Range]] = {}
-    offsets = _offsets([g.name for g in placement.groups], {g.name: g.size for g in placement.groups})
+def _read_pairs(
+    placement: Placement, calls: Iterable[AttentionCall]
+) -> Iterator[tuple[GroupShards, str, Modifiers, int, int]]:
+    """Each (query group, key group) a call reads, both with tokens on the
+    ranks: the query group's shards, the key group's name, modifiers and
+    size, and the key group's offset minus the query group's."""
+    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
             if shards.size is None:
                 continue
             for key in call.keys:
-                k = placement.group(key.name)
-                if k.size is None:
-                    continue
-                for r in shards.ranges[rank]:
-                    shift = offsets[key.name] - offsets[q]
-                    wanted.setdefault(key.name, []).append(_key_interval(r, k.size, key.modifiers, shift))
+                n_k = placement.group(key.name).size
+                if n_k is not None:
+                    yield shards, key.name, key.modifiers, n_k, offsets[key.name] - offsets[q]
+
+
+def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> int:
+    """Key/value tokens ``rank`` needs for ``calls`` and does not hold."""
+    wanted: dict[str, list[Range]] = {}
+    for shards, name, mods, n_k, shift in _read_pairs(placement, calls):
+        for r in shards.ranges[rank]:
+            wanted.setdefault(name, []).append(_key_interval(r, n_k, mods, shift))
     return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
 
 
