@@ -276,30 +276,9 @@ def test_bench_lists_linear_apart_and_only_on_request() -> None:
 
 def test_block_size_is_an_alias_of_block() -> None:
     sizes = "surface_anchors=2,surface_queries=3,volume_anchors=2,volume_queries=3"
-    a = run(
-        "compile",
-        "examples/ab_upt.patc",
-        "--sizes",
-        sizes,
-        "--pattern",
-        "joint",
-        "--mask",
-        "-",
-        "--block-size",
-        "2",
-    )
-    b = run(
-        "compile",
-        "examples/ab_upt.patc",
-        "--sizes",
-        sizes,
-        "--pattern",
-        "joint",
-        "--mask",
-        "-",
-        "--block",
-        "2",
-    )
+    common = ("compile", "examples/ab_upt.patc", "--sizes", sizes, "--pattern", "joint", "--mask", "-")
+    a = run(*common, "--block-size", "2")
+    b = run(*common, "--block", "2")
     assert a.returncode == 0 and a.stdout == b.stdout and "pattern joint" in a.stdout
 
 
