@@ -233,7 +233,9 @@ JOINT = (
 def rows(tiny: bool, scale: int = 1) -> dict[str, Row]:
     """The layouts, at full size or about 16x shorter (``tiny``); ``scale``
     multiplies the lengths of the single-sequence rows (``vlm``, ``prefix``,
-    ``window``, ``interleaved``: 4 gives about 16k tokens, 16 about 64k)."""
+    ``window``, ``interleaved``: 4 gives about 16k tokens, 16 about 64k) and
+    the number of frames (``video``) and of documents (``docprefix``), whose
+    rows start at about 16k tokens (4 gives about 64k)."""
     s = 16 if tiny else 1
     out = []
     for key, count, seed in (("docs16", 16, 1), ("docs64", 64, 0)):
@@ -280,7 +282,7 @@ def rows(tiny: bool, scale: int = 1) -> dict[str, Row]:
     out.append(
         Row("abupt", f"AB-UPT joint 2x({anchors}+{queries})", JOINT, sizes, _anchors_mask(anchors, queries))
     )
-    prompt, frame, frames = 256 // s, 1024 // s, 16
+    prompt, frame, frames = 256 // s, 1024 // s, 16 * scale
     sizes = {"prompt": prompt, **{f"frame{i}": frame for i in range(frames)}}
     title = f"video: {prompt} prompt + {frames} block-causal frames of {frame}"
     out.append(Row("video", title, FRAMES, sizes, _frames_mask(prompt, frame)))
@@ -290,11 +292,11 @@ def rows(tiny: bool, scale: int = 1) -> dict[str, Row]:
     sizes = {"system": system, **{f"run{i}.{kind}": n for i, (kind, n) in enumerate(runs)}}
     title = f"interleaved VLM: {system} system + 3 text and 2 image runs ({sum(sizes.values()) / 1000:.1f}k)"
     out.append(Row("interleaved", title, INTERLEAVED, sizes, _interleaved_mask(runs, system)))
-    prefix, texts = 128 // s, _document_lengths(16, 2, s)
+    prefix, texts = 128 // s, _document_lengths(16 * scale, 2, s)
     sizes = {}
     for i, n in enumerate(texts):
         sizes |= {f"doc{i}.prefix": prefix, f"doc{i}.text": n}
-    title = f"16 documents of a {prefix}-token prefix + text ({sum(sizes.values()) / 1000:.1f}k)"
+    title = f"{len(texts)} documents of a {prefix}-token prefix + text ({sum(sizes.values()) / 1000:.1f}k)"
     out.append(Row("docprefix", title, PREFIXED_DOCUMENTS, sizes, _prefixed_documents_mask(prefix, texts)))
     return {row.key: row for row in out}
 
@@ -797,7 +799,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="row keys (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="lengths ~16x shorter, width 64, 4 heads")
-    parser.add_argument("--scale", type=int, default=1, help="lengths of vlm, prefix, window, interleaved x K")
+    parser.add_argument(
+        "--scale", type=int, default=1, help="lengths of vlm, prefix, window, interleaved x K; frames, documents x K"
+    )
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--tolerance", type=float, default=None, help="largest relative error allowed")
