@@ -1,0 +1,133 @@
+"""Head-parallel (all-to-all) attention against the placement's schedule: what each moves, which runs.
+
+Torch-free, like :mod:`~patternc.distributed.placement`: the choice is made
+from integers, so ``patternc compile --world-size`` prints it and every rank
+makes it before any tensor moves.
+
+Head-parallel mode (known as Ulysses): after the Q/K/V projection each rank
+holds its tokens for all ``H`` heads; one all-to-all gives every rank all
+``N`` tokens for ``H / R`` heads; the rank runs the single-device executor
+on the whole sequence for its heads (the plan's layout at the global sizes,
+the same kernel as one process); a second all-to-all returns the outputs to
+the ranks holding their tokens. What moves does not depend on the mask:
+
+- rank ``r`` (holding ``n_r`` of the ``N`` tokens) receives Q, K and V of the
+  ``N - n_r`` tokens it does not hold for its ``H / R`` heads, and the output
+  of its own ``n_r`` tokens for the ``R - 1`` other ranks' heads:
+  ``(3 (N - n_r) + (R - 1) n_r) / R`` token rows of the model width, about
+  ``4 N / R`` rows when tokens are even;
+- the schedule (``local``/``gather``/``ring`` calls) receives the keys and
+  values of :attr:`~patternc.distributed.placement.ShardedSchedule.received`
+  tokens: two rows each.
+
+Rows count the model width (``heads x head_dim``); K/V are counted at the
+query's heads, as both modes move them (grouped-query K/V heads are repeated
+for the query heads they serve before the sharded call). The backward moves
+the same again in both modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from patternc.distributed.placement import Placement, ShardedSchedule
+
+__all__ = ["Mode", "ModeChoice", "choose_mode", "head_parallel_rows", "schedule_rows"]
+
+Mode = Literal["auto", "ring", "heads"]
+"""``ContextParallel(mode=...)``: ``"ring"`` runs the placement's schedule
+(local, gather and ring calls), ``"heads"`` the all-to-all head-parallel
+mode, ``"auto"`` whichever moves fewer bytes per layout."""
+
+
+def head_parallel_rows(placement: Placement) -> tuple[float, ...]:
+    """Token rows (of the model width) each rank receives in one forward of head-parallel mode."""
+    world = placement.world_size
+    held = [placement.tokens(r) for r in range(world)]
+    total = sum(held)
+    return tuple((3 * (total - n) + (world - 1) * n) / world for n in held)
+
+
+def schedule_rows(plan_schedule: ShardedSchedule) -> tuple[float, ...]:
+    """Token rows each rank receives in one forward of the schedule: keys and values, two per token."""
+    return tuple(2.0 * n for n in plan_schedule.received)
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The mode one layout runs in, why, and what either mode moves.
+
+    ``schedule_rows``/``head_rows``: per rank, token rows of the model width
+    received in one forward (multiply by the width and the element size for
+    bytes)."""
+
+    mode: Literal["ring", "heads"]
+    reason: str
+    schedule_rows: tuple[float, ...]
+    head_rows: tuple[float, ...]
+
+    def summary(self) -> str:
+        """One line: the mode, and the rows of both modes for the rank that receives most."""
+        return (
+            f"{self.mode}: {self.reason} (rows received per rank, max: schedule "
+            f"{max(self.schedule_rows, default=0):g}, head-parallel {max(self.head_rows, default=0):g})"
+        )
+
+
+def choose_mode(
+    plan_schedule: ShardedSchedule,
+    mode: Mode = "auto",
+    heads: int | None = None,
+    unavailable: str | None = None,
+) -> ModeChoice:
+    """The mode a layout runs in.
+
+    Args:
+        plan_schedule: the layout's schedule under the placement (what the
+            ring mode runs).
+        mode: ``"auto"`` takes head-parallel mode where its rank receiving
+            most receives fewer rows than the schedule's (ties keep the
+            schedule); ``"ring"``/``"heads"`` force one.
+        heads: the attention heads of the call (None: not known, as in
+            ``patternc compile``; divisibility is then not checked).
+        unavailable: why head-parallel mode cannot run this layout at all
+            (None: it can), e.g. a plan the ``ContextParallel`` was not given.
+
+    Returns:
+        The choice, with the reason and both modes' rows per rank.
+
+    Raises:
+        ValueError: ``mode="heads"`` where the heads do not divide over the
+            ranks or the layout cannot run head-parallel, or an unknown mode.
+    """
+    if mode not in ("auto", "ring", "heads"):
+        raise ValueError(f"mode={mode!r}: use 'auto', 'ring' or 'heads'")
+    placement = plan_schedule.placement
+    world = placement.world_size
+    ring, head = schedule_rows(plan_schedule), head_parallel_rows(placement)
+    problem = unavailable
+    if problem is None and heads is not None and heads % world:
+        problem = (
+            f"{heads} heads do not divide over {world} ranks (head-parallel mode gives each rank "
+            f"heads / ranks of them)"
+        )
+    if mode == "heads":
+        if problem is not None:
+            raise ValueError(
+                f"mode='heads' cannot run this layout: {problem}; use mode='ring' or 'auto', or a "
+                f"number of heads that is a multiple of the {world} ranks"
+            )
+        return ModeChoice("heads", "forced (mode='heads')", ring, head)
+    if mode == "ring":
+        return ModeChoice("ring", "forced (mode='ring')", ring, head)
+    if problem is not None:
+        return ModeChoice("ring", problem, ring, head)
+    if _worst(head) < _worst(ring):
+        return ModeChoice("heads", "the all-to-alls move less than the schedule", ring, head)
+    return ModeChoice("ring", "the schedule moves no more than the all-to-alls", ring, head)
+
+
+def _worst(rows: Sequence[float]) -> float:
+    return max(rows, default=0.0)
