@@ -142,6 +142,8 @@ def test_choose_mode_forced_and_auto() -> None:
         choose_mode(joint, "heads", heads=6)
     with pytest.raises(ValueError, match="mode='x': use 'auto', 'ring' or 'heads'"):
         choose_mode(joint, "x")  # type: ignore[arg-type]
+    assert choose_mode(joint, strategy="ring").reason == "strategy='ring' asks for the schedule"
+    assert choose_mode(joint, "heads", strategy="ring").mode == "heads"
     unavailable = choose_mode(joint, "auto", heads=8, unavailable="no plan")
     assert (unavailable.mode, unavailable.reason) == ("ring", "no plan")
     documents = _schedule("groups doc*\ndoc* -> self [causal]", heads_cases.LONG_TAILED, 4)

@@ -81,6 +81,7 @@ def choose_mode(
     mode: Mode = "auto",
     heads: int | None = None,
     unavailable: str | None = None,
+    strategy: str | None = None,
 ) -> ModeChoice:
     """The mode a layout runs in.
 
@@ -94,6 +95,8 @@ def choose_mode(
             ``patternc compile``; divisibility is then not checked).
         unavailable: why head-parallel mode cannot run this layout at all
             (None: it can), e.g. a plan the ``ContextParallel`` was not given.
+        strategy: the strategy the schedule was forced to (``ContextParallel(strategy=...)``):
+            under ``"auto"`` a forced strategy keeps the schedule, which it asked for.
 
     Returns:
         The choice, with the reason and both modes' rows per rank.
@@ -122,6 +125,8 @@ def choose_mode(
         return ModeChoice("heads", "forced (mode='heads')", ring, head)
     if mode == "ring":
         return ModeChoice("ring", "forced (mode='ring')", ring, head)
+    if strategy is not None:
+        return ModeChoice("ring", f"strategy={strategy!r} asks for the schedule", ring, head)
     if problem is not None:
         return ModeChoice("ring", problem, ring, head)
     if _worst(head) < _worst(ring):

@@ -96,7 +96,8 @@ class ContextParallel:
     ``mode``: per layout, ``"ring"`` runs the schedule above, ``"heads"``
     the head-parallel mode (all-to-alls around the module's executor on every
     token for ``heads / ranks`` heads; see :mod:`~patternc.distributed.heads`),
-    ``"auto"`` whichever moves fewer bytes (:meth:`mode_for` says which and why).
+    ``"auto"`` whichever moves fewer bytes (:meth:`mode_for` says which and
+    why), the schedule wherever ``strategy`` is given.
     """
 
     def __init__(
@@ -245,7 +246,8 @@ class ContextParallel:
             strategy=self.strategy,
         )
         found = self._global_layout(layout)
-        return choose_mode(plan_schedule, self.mode, heads, found if isinstance(found, str) else None)
+        unavailable = found if isinstance(found, str) else None
+        return choose_mode(plan_schedule, self.mode, heads, unavailable, self.strategy)
 
     def _global_layout(self, layout: Layout) -> Layout | str:
         """The plan of a local layout at the global sizes, or why it is not known."""
