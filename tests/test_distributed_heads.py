@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import free_port
 
 import patternc
@@ -174,3 +175,54 @@ def test_compile_world_size_reports_the_mode(tmp_path: Path) -> None:
     )
     # a ring of 8000 tokens: each rank receives the other 6000 tokens' K and V; the all-to-alls 4 x 8000 x 3 / 16 rows
     assert "schedule 4608000 4608000 4608000 4608000; head-parallel (all-to-all) 2304000 2304000" in out
+
+
+# ------------------------------------------------------------ NCCL, one GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+@pytest.mark.parametrize(
+    "source,sizes",
+    [
+        (heads_cases.VLM, {"registers": 16, "image": 1024, "text": 3000}),
+        ("groups doc*\ndoc* -> self [causal]", {f"doc{i}": 300 + 37 * i for i in range(16)}),
+    ],
+    ids=["vlm", "documents"],
+)
+def test_nccl_world_of_one_head_parallel_matches_one_gpu(
+    source: str, sizes: dict[str, int], backend: str
+) -> None:
+    """Head-parallel mode's NCCL all-to-alls around the GPU executor (world
+    size 1: the same kernel on the same heads), float32, forward and backward."""
+    import torch.distributed as dist
+
+    from patternc.distributed import ContextParallel
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
+        torch.manual_seed(0)
+        config = patternc.MixedAttentionConfig(hidden_dim=128, num_heads=4, implementation=backend)
+        attn = patternc.nn.PatternAttention(config, plan).cuda()
+        x = torch.randn(1, sum(sizes.values()), 128, device="cuda")
+        probe = torch.randn_like(x)
+        ref_x = x.clone().requires_grad_()
+        ref, _ = attn(ref_x, sizes)
+        (ref * probe).sum().backward()
+        ref_grads = [p.grad.clone() for p in attn.parameters() if p.grad is not None]
+        attn.zero_grad()
+        cp = ContextParallel(plan, sizes, mode="heads", whole_groups=False)
+        x_local = cp.shard(x).requires_grad_()
+        with cp:
+            out, _ = attn(x_local, cp.local_sizes)
+        (out * cp.shard(probe)).sum().backward()
+        assert cp.mode_for(plan.layout(cp.local_sizes), 4).mode == "heads"
+        assert x_local.grad is not None and ref_x.grad is not None
+        assert ((out - cp.shard(ref)).norm() / ref.norm()).item() < 1e-5
+        assert ((x_local.grad - cp.shard(ref_x.grad)).norm() / ref_x.grad.norm()).item() < 1e-5
+        grads = [p.grad for p in attn.parameters() if p.grad is not None]
+        assert all(((g - r).norm() / r.norm()).item() < 1e-5 for g, r in zip(grads, ref_grads))
+    finally:
+        dist.destroy_process_group()
