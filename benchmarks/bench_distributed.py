@@ -51,10 +51,12 @@ from peak_memory import Peak
 
 import patternc
 from patternc.distributed import ContextParallel, place, schedule
-from patternc.distributed.heads import choose_mode
+from patternc.distributed.heads import choose_mode, hybrid_rows
 from patternc.modifiers import allowed_pairs
 
 HIDDEN, HEADS = 192, 3
+HOST = 8
+"""Ranks per group of the hybrid estimate (the GPUs of one host)."""
 
 
 def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) -> dict[str, int]:
@@ -184,21 +186,36 @@ def heads_report(worlds: list[int]) -> None:
     print("\n## Schedule (local / gather / ring) against head-parallel mode (all-to-all), no processes\n")
     print(
         f"MB received per forward by the rank receiving most, at model width {width} in 2-byte elements "
-        "(the backward moves as much again); auto: the mode `ContextParallel(mode=\"auto\")` picks "
+        '(the backward moves as much again); auto: the mode `ContextParallel(mode="auto")` picks '
         "where the heads are a multiple of the ranks.\n"
     )
-    print("| layout | ranks | schedule MB | head-parallel MB | head-parallel / schedule | auto picks |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"Hybrid (a paper estimate, not run: `patternc.distributed.heads.hybrid_rows`): heads over groups of "
+        f"{HOST} ranks, the schedule across the {HOST}-rank groups for each rank's heads; MB within a group "
+        "(all-to-alls) + across groups, for the rank receiving most; it needs heads a multiple of "
+        f"{HOST}, where head-parallel mode needs a multiple of the ranks.\n"
+    )
+    print(
+        "| layout | ranks | schedule MB | head-parallel MB | head-parallel / schedule | auto picks "
+        f"| hybrid over {HOST}-rank groups: within + across MB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, (source, sizes) in heads_layouts().items():
         plan = patternc.compile(source).patterns["default"].bind(list(sizes))
-        print(f"| {name} | | | | | |")
+        print(f"| {name} | | | | | | |")
         for world in worlds:
             placement = place(plan.groups, plan.calls, sizes, world)
             choice = choose_mode(schedule(plan.calls, placement))
             ring, heads = max(choice.schedule_rows), max(choice.head_rows)
             ratio = f"{heads / ring:.2f}" if ring else "-"
+            hybrid = "-"
+            if world > HOST and world % HOST == 0:
+                within, across = hybrid_rows(plan.groups, plan.calls, sizes, world, HOST)
+                worst = max(range(len(within)), key=lambda g: within[g] + across[g])
+                hybrid = f"{mb(within[worst] * width * 2)} + {mb(across[worst] * width * 2)}"
             print(
-                f"| | {world} | {mb(ring * width * 2)} | {mb(heads * width * 2)} | {ratio} | {choice.mode} |"
+                f"| | {world} | {mb(ring * width * 2)} | {mb(heads * width * 2)} | {ratio} | {choice.mode} "
+                f"| {hybrid} |"
             )
 
 

@@ -16,7 +16,7 @@ from conftest import free_port
 
 import patternc
 from patternc.distributed import place, schedule
-from patternc.distributed.heads import choose_mode, head_parallel_rows, schedule_rows
+from patternc.distributed.heads import choose_mode, head_parallel_rows, hybrid_rows, schedule_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 import heads_cases
@@ -226,3 +226,20 @@ def test_nccl_world_of_one_head_parallel_matches_one_gpu(
         assert all(((g - r).norm() / r.norm()).item() < 1e-5 for g, r in zip(grads, ref_grads))
     finally:
         dist.destroy_process_group()
+
+
+def test_hybrid_estimate_meets_both_modes_at_its_ends() -> None:
+    """Heads over every rank: the head-parallel rows (even tokens); heads over
+    groups of one rank: the schedule's; between, the schedule's keys/values
+    for a share of the heads only."""
+    plan = patternc.compile("groups x\nx -> x  # noqa: W103").patterns["default"]
+    sizes = {"x": 4096}
+    placement = place(plan.groups, plan.calls, sizes, 8)
+    within, across = hybrid_rows(plan.groups, plan.calls, sizes, 8, 8)
+    assert within == (head_parallel_rows(placement)[0],) and across == (0.0,)
+    within, across = hybrid_rows(plan.groups, plan.calls, sizes, 8, 1)
+    assert within == (0.0,) * 8 and across == schedule_rows(schedule(plan.calls, placement))
+    within, across = hybrid_rows(plan.groups, plan.calls, sizes, 16, 4)
+    assert within == (4 * 1024 * 3 / 16,) * 4 and across == (2 * 3072 / 4,) * 4
+    with pytest.raises(ValueError, match="head_ranks=3 must divide world_size=8"):
+        hybrid_rows(plan.groups, plan.calls, sizes, 8, 3)

@@ -28,13 +28,14 @@ the same again in both modes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from patternc.distributed.placement import Placement, ShardedSchedule
+from patternc.distributed.placement import Placement, ShardedSchedule, place, schedule
+from patternc.ir import AttentionCall
 
-__all__ = ["Mode", "ModeChoice", "choose_mode", "head_parallel_rows", "schedule_rows"]
+__all__ = ["Mode", "ModeChoice", "choose_mode", "head_parallel_rows", "hybrid_rows", "schedule_rows"]
 
 Mode = Literal["auto", "ring", "heads"]
 """``ContextParallel(mode=...)``: ``"ring"`` runs the placement's schedule
@@ -53,6 +54,49 @@ def head_parallel_rows(placement: Placement) -> tuple[float, ...]:
 def schedule_rows(plan_schedule: ShardedSchedule) -> tuple[float, ...]:
     """Token rows each rank receives in one forward of the schedule: keys and values, two per token."""
     return tuple(2.0 * n for n in plan_schedule.received)
+
+
+def hybrid_rows(
+    groups: Sequence[str],
+    calls: Sequence[AttentionCall],
+    sizes: Mapping[str, int | None],
+    world_size: int,
+    head_ranks: int,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A paper estimate of the hybrid of the two modes (not run by
+    ``ContextParallel``): the ``world_size`` ranks form ``world_size /
+    head_ranks`` groups of ``head_ranks`` (the GPUs of one host, say); the
+    placement and schedule run over the groups, each group's tokens spread
+    evenly over its ranks; within a group an all-to-all gives each rank the
+    group's tokens for ``heads / head_ranks`` heads, and across groups the
+    rank receives the schedule's keys/values for those heads only.
+
+    Args:
+        groups: the plan's groups.
+        calls: the plan's calls.
+        sizes: global group sizes.
+        world_size: all ranks.
+        head_ranks: ranks per group (heads must be a multiple of it).
+
+    Returns:
+        Per group of ranks, the token rows (model width) each of its ranks
+        receives in one forward: within the group (the all-to-alls), and
+        from other groups (the schedule).
+
+    Raises:
+        ValueError: ``head_ranks`` does not divide ``world_size``.
+    """
+    if head_ranks < 1 or world_size % head_ranks:
+        raise ValueError(f"head_ranks={head_ranks} must divide world_size={world_size}")
+    outer = world_size // head_ranks
+    placement = place(groups, calls, sizes, outer)
+    received = schedule(calls, placement).received
+    within, across = [], []
+    for g in range(outer):
+        held = placement.tokens(g)
+        within.append(4 * held * (head_ranks - 1) / head_ranks**2)
+        across.append(2 * received[g] / head_ranks)
+    return tuple(within), tuple(across)
 
 
 @dataclass(frozen=True)
