@@ -152,6 +152,93 @@ def case_device_mesh(world: int) -> dict[str, Any]:
     return _run(VLM, VLM_SIZES, 12, {"mode": "heads", "group": mesh})
 
 
+def case_alibi_transformer(world: int) -> dict[str, Any]:
+    """A Transformer stack with ALiBi (slopes sliced to each rank's heads), documents and anchors."""
+    source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors, queries"
+    sizes = {"doc0": 9, "doc1": 23, "anchors": 5, "queries": 17}
+    config = patternc.nn.TransformerConfig(
+        vocab_size=None,
+        d_model=24,
+        num_heads=12,
+        num_layers=2,
+        d_ff=32,
+        dropout_rate=0.0,
+        pos_emb_type="alibi",
+    )
+    torch.manual_seed(0)
+    model = patternc.nn.Transformer(config, patternc.compile(source)).double()
+    plan = next(iter(model.plans.values())).bind(list(sizes))
+    result = compare(model, lambda x, s: model(x, s), plan, sizes, {"mode": "heads"}, dim=24)
+    cp = ContextParallel(plan, sizes, mode="heads")
+    result["mode"] = cp.mode_for(plan.layout(cp.local_sizes), 12, alibi=True).mode
+    return result
+
+
+def case_kv_cache(world: int) -> dict[str, Any]:
+    """Anchors computed head-parallel with ``full_kv_cache=True`` (every rank
+    ends with every head of them), then head-parallel queries read that
+    cache (each rank its heads of it)."""
+    sizes = {"anchors": 11, "queries": 20}
+    attn, _, plan, hidden = _module("groups anchors queries\n* -> anchors", sizes, 12)
+    torch.manual_seed(3)
+    anchors = torch.randn(2, 11, hidden, dtype=torch.float64)
+    queries = torch.randn(2, 20, hidden, dtype=torch.float64)
+
+    def run(x: Tensor, sizes: dict[str, Any], cache: Any = None) -> tuple[Tensor, Any]:
+        specs = [TokenSpec(name=g, size=n) for g, n in sizes.items()]
+        out: tuple[Tensor, Any] = attn(x, specs, plan, kv_cache=cache)
+        return out
+
+    _, ref_cache = run(anchors, {"anchors": 11, "queries": 0})
+    ref, _ = run(queries, {"anchors": None, "queries": 20}, ref_cache)
+    cp = ContextParallel(plan, {"anchors": 11, "queries": 0}, full_kv_cache=True, mode="heads")
+    with cp:
+        _, cache = run(cp.shard(anchors), cp.local_sizes)
+    cp_queries = ContextParallel(plan, {"anchors": None, "queries": 20}, mode="heads")
+    with cp_queries:
+        out, _ = run(cp_queries.shard(queries), cp_queries.local_sizes, cache)
+    layout = plan.layout(cp_queries.local_sizes)
+    return {
+        "cache": max(
+            float((cache["anchors"][k] - ref_cache["anchors"][k]).norm() / ref_cache["anchors"][k].norm())
+            for k in "kv"
+        ),
+        "out": _error(out - cp_queries.shard(ref), cp_queries.shard(ref)),
+        "mode": cp_queries.mode_for(layout, 12).mode,
+        "heads_bytes": sum(v for k, v in cp_queries.traffic.items() if k.startswith("heads")),
+    }
+
+
+def case_full_cache_of_whole_documents(world: int) -> dict[str, Any]:
+    """``full_kv_cache=True`` in head-parallel mode where ranks hold different
+    documents whole: every rank ends with every document's keys/values."""
+    attn, _, plan, hidden = _module("groups doc*\ndoc* -> self [causal]", LONG_TAILED, 12)
+    torch.manual_seed(3)
+    x = torch.randn(2, sum(LONG_TAILED.values()), hidden, dtype=torch.float64)
+    specs = [TokenSpec(name=g, size=n) for g, n in LONG_TAILED.items()]
+    ref, ref_cache = attn(x, specs, plan)
+    cp = ContextParallel(plan, LONG_TAILED, full_kv_cache=True, mode="heads")
+    local_specs = [TokenSpec(name=g, size=n) for g, n in cp.local_sizes.items()]
+    with torch.no_grad(), cp:
+        out, cache = attn(cp.shard(x), local_specs, plan)
+    assert cache is not None and ref_cache is not None
+    return {
+        "cache": max(
+            float((cache[g][k] - ref_cache[g][k]).norm() / ref_cache[g][k].norm())
+            for g in LONG_TAILED
+            for k in "kv"
+        ),
+        "out": _error(out - cp.shard(ref), cp.shard(ref)),
+    }
+
+
+def _error(local_diff: Tensor, local_ref: Tensor) -> float:
+    """Relative error over every rank's tokens."""
+    sums = torch.stack([local_diff.square().sum(), local_ref.square().sum()])
+    dist.all_reduce(sums)
+    return float((sums[0] / sums[1].clamp_min(1e-300)).sqrt())
+
+
 def case_refused(world: int) -> dict[str, Any]:
     """Errors: heads that do not divide (forced, and auto's fallback), an unknown mode."""
     heads = world + 1  # never a multiple of the ranks

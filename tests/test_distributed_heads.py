@@ -31,14 +31,17 @@ NUMERIC = [
     "grouped_query",
     "padding",
     "device_mesh",
+    "alibi_transformer",
 ]
+
+CACHES = ["kv_cache", "full_cache_of_whole_documents"]
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"heads{world}")
-    return world, heads_cases.spawn(world, [*NUMERIC, "refused"], str(out), free_port())
+    return world, heads_cases.spawn(world, [*NUMERIC, *CACHES, "refused"], str(out), free_port())
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -50,6 +53,19 @@ def test_head_parallel_equals_one_process(ranks: tuple[int, list[dict[str, Any]]
         assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
         errors = {k: metrics[k] for k in ("out", "unshard", "grad_x", "grad_params")}
         assert all(v <= TOLERANCE for v in errors.values()), (rank, world, errors)
+
+
+@pytest.mark.parametrize("case", CACHES)
+def test_head_parallel_caches_hold_every_head(ranks: tuple[int, list[dict[str, Any]]], case: str) -> None:
+    """``full_kv_cache=True`` gathers every head of every group; queries
+    reading a cache in head-parallel mode read their heads of it."""
+    world, results = ranks
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert metrics["cache"] <= TOLERANCE and metrics["out"] <= TOLERANCE, (rank, world, metrics)
+    for result in results:
+        assert result["kv_cache"]["mode"] == "heads" and result["kv_cache"]["heads_bytes"] > 0
 
 
 @pytest.mark.parametrize("case", ["documents", "vlm", "anchors", "grouped_query", "device_mesh"])
