@@ -152,6 +152,12 @@ def case_device_mesh(world: int) -> dict[str, Any]:
     return _run(VLM, VLM_SIZES, 12, {"mode": "heads", "group": mesh})
 
 
+def case_empty_ranks(world: int) -> dict[str, Any]:
+    """Two tokens: from 3 ranks on, some ranks hold none and still join both all-to-alls."""
+    sizes = {"anchors": 1, "queries": 1}
+    return _run("groups anchors queries\n* -> anchors", sizes, 12, {"mode": "heads"})
+
+
 def case_alibi_transformer(world: int) -> dict[str, Any]:
     """A Transformer stack with ALiBi (slopes sliced to each rank's heads), documents and anchors."""
     source = "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors, queries"

@@ -32,6 +32,7 @@ NUMERIC = [
     "padding",
     "device_mesh",
     "alibi_transformer",
+    "empty_ranks",
 ]
 
 CACHES = ["kv_cache", "full_cache_of_whole_documents"]
@@ -68,7 +69,9 @@ def test_head_parallel_caches_hold_every_head(ranks: tuple[int, list[dict[str, A
         assert result["kv_cache"]["mode"] == "heads" and result["kv_cache"]["heads_bytes"] > 0
 
 
-@pytest.mark.parametrize("case", ["documents", "vlm", "anchors", "grouped_query", "device_mesh"])
+@pytest.mark.parametrize(
+    "case", ["documents", "vlm", "anchors", "grouped_query", "device_mesh", "empty_ranks"]
+)
 def test_forced_head_parallel_moves_what_the_model_counts(
     ranks: tuple[int, list[dict[str, Any]]], case: str
 ) -> None:
