@@ -228,13 +228,21 @@ def case_full_cache_of_whole_documents(world: int) -> dict[str, Any]:
     with torch.no_grad(), cp:
         out, cache = attn(cp.shard(x), local_specs, plan)
     assert cache is not None and ref_cache is not None
+    own = ContextParallel(plan, LONG_TAILED, mode="heads")  # without: the documents this rank holds whole
+    with torch.no_grad(), own:
+        _, own_cache = attn(own.shard(x), local_specs, plan)
+    assert own_cache is not None
+    whole = sorted(g.name for g in own.placement.groups if g.size and g.local_size(own.rank) == g.size)
     return {
         "cache": max(
-            float((cache[g][k] - ref_cache[g][k]).norm() / ref_cache[g][k].norm())
-            for g in LONG_TAILED
+            float((c[g][k] - ref_cache[g][k]).norm() / ref_cache[g][k].norm())
+            for c in (cache, own_cache)
+            for g in c
             for k in "kv"
         ),
         "out": _error(out - cp.shard(ref), cp.shard(ref)),
+        "all_groups": sorted(cache) == sorted(LONG_TAILED),
+        "own_groups": sorted(own_cache) == whole,
     }
 
 

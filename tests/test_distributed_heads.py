@@ -67,6 +67,8 @@ def test_head_parallel_caches_hold_every_head(ranks: tuple[int, list[dict[str, A
         assert metrics["cache"] <= TOLERANCE and metrics["out"] <= TOLERANCE, (rank, world, metrics)
     for result in results:
         assert result["kv_cache"]["mode"] == "heads" and result["kv_cache"]["heads_bytes"] > 0
+        assert result["full_cache_of_whole_documents"]["all_groups"]
+        assert result["full_cache_of_whole_documents"]["own_groups"]
 
 
 @pytest.mark.parametrize(

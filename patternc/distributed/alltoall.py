@@ -104,6 +104,13 @@ class HeadRunner:
         from_global = torch.cat(stacked) if stacked else torch.zeros(0, dtype=torch.long)
         self.from_global = from_global.to(device)
         self.to_global = torch.argsort(from_global).to(device)
+        groups = [placement.group(name) for name in layout.key_value_groups]
+        self.whole = tuple(g.name for g in groups if g.local_size(rank) == g.size)
+        """Key groups this rank holds whole: in its ``new_kv_cache`` without a collective."""
+        self.missing = tuple(g.name for g in groups if any(g.local_size(r) != g.size for r in range(world)))
+        """Key groups some rank lacks: all-gathered on every rank for ``full_kv_cache``."""
+        self._gather: GatherPlan | None = None
+        """The all-gather of ``missing``, built when a cache first asks for it."""
         if from_global.numel() != global_layout.n_tokens:
             raise ValueError(
                 f"the placement holds {from_global.numel()} tokens but the plan's layout at the global "
@@ -165,20 +172,18 @@ class HeadRunner:
 
     def _full_kv(self, inputs: AttentionInputs, complete: bool, links: list[Tensor]) -> FullKV:
         """The key groups this rank holds in full, all heads: its own whole
-        groups, and with ``complete`` every group (one all-gather of the
-        others, which every rank joins)."""
-        placement, rank, world = self.tokens.placement, self.rank, self.comm.world_size
+        groups, and with ``complete`` every group (one all-gather of those
+        some rank lacks, which every rank joins)."""
+        missing = self.missing if complete else ()
+        own = [name for name in self.whole if name not in missing]
+        if not own and not missing:
+            return {}
         dim = inputs.k.shape[-1]
         packed = torch.cat([inputs.k, inputs.v], dim=-1)
-        out: FullKV = {}
-        missing = []
-        for name in self.layout.key_value_groups:
-            g = placement.group(name)
-            if complete and any(g.local_size(r) != g.size for r in range(world)):
-                missing.append(name)
-            elif g.local_size(rank) == g.size:
-                out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
+        out: FullKV = {name: split_kv(packed.index_select(1, self.tokens.rows[name]), dim) for name in own}
         if missing:
-            gathered = GatherPlan.build(self.tokens, missing, world).run(packed, self.comm, links)
-            out.update((name, split_kv(kv, dim)) for name, kv in gathered.items())
+            if self._gather is None:
+                self._gather = GatherPlan.build(self.tokens, missing, self.comm.world_size)
+            gather = self._gather
+            out.update((name, split_kv(kv, dim)) for name, kv in gather.run(packed, self.comm, links).items())
         return out
