@@ -162,8 +162,9 @@ class ContextParallel:
         self._previous: Any = None
         self.traffic: dict[str, int] = {}
         """Bytes this rank received in forward passes, per collective
-        (``gather <groups>``, ``ring <call>``), padding included; the
-        backward moves the same again. Clear it to start a count."""
+        (``gather <groups>``, ``ring <call>``; ``heads q,k,v`` and ``heads out``
+        in head-parallel mode), padding included; the backward moves the same
+        again. Clear it to start a count."""
 
     # ---------------------------------------------------------------- tokens
 
