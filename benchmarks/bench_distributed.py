@@ -10,6 +10,11 @@ every rank would receive instead:
 
     python benchmarks/bench_distributed.py --balance [--worlds 2 4 8 16 32 64]
 
+``--balance`` also compares, per layout and world size, the bytes the
+placement's schedule moves with the bytes of head-parallel mode (two
+all-to-alls of Q, K, V and the output; see ``patternc.distributed.heads``)
+and says which ``ContextParallel(mode="auto")`` picks.
+
 Then, run on processes, for each layout and world size R, side by side:
 - per rank, key/value bytes received in one forward (measured, padding
   included) against the minimum the plan implies (keys the rank's queries
@@ -46,9 +51,12 @@ from peak_memory import Peak
 
 import patternc
 from patternc.distributed import ContextParallel, place, schedule
+from patternc.distributed.heads import choose_mode, hybrid_rows
 from patternc.modifiers import allowed_pairs
 
 HIDDEN, HEADS = 192, 3
+HOST = 8
+"""Ranks per group of the hybrid estimate (the GPUs of one host)."""
 
 
 def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) -> dict[str, int]:
@@ -155,6 +163,59 @@ def balance_report(worlds: list[int]) -> None:
                 f"{ratio(sum(received), sum(minimum))} | {max(received)} / {max(minimum)} = "
                 f"{ratio(max(received), max(minimum))} | {every_rank} / {sum(minimum)} = "
                 f"{ratio(every_rank, sum(minimum))} |"
+            )
+
+
+def heads_layouts() -> dict[str, tuple[str, dict[str, int]]]:
+    """The placement report's layouts and three that read across every rank."""
+    return {
+        **balance_layouts(),
+        "VLM: 16 registers + 16k image tokens bidirectional, 48k text tokens causal over all": (
+            "groups registers image text\nregisters, image -> registers, image\n"
+            "text -> registers, image, text[causal]",
+            {"registers": 16, "image": 16384, "text": 49136},
+        ),
+        "one causal document, 64k tokens": ("groups text\ntext -> self [causal]", {"text": 65536}),
+        "full attention, 64k tokens": ("groups x\nx -> x  # noqa: W103", {"x": 65536}),
+    }
+
+
+def heads_report(worlds: list[int]) -> None:
+    """Bytes per forward of the schedule against head-parallel mode (see the module docs)."""
+    width = HIDDEN
+    print("\n## Schedule (local / gather / ring) against head-parallel mode (all-to-all), no processes\n")
+    print(
+        f"MB received per forward by the rank receiving most, at model width {width} in 2-byte elements "
+        '(the backward moves as much again); auto: the mode `ContextParallel(mode="auto")` picks '
+        "where the heads are a multiple of the ranks.\n"
+    )
+    print(
+        f"Hybrid (a paper estimate, not run: `patternc.distributed.heads.hybrid_rows`): heads over groups of "
+        f"{HOST} ranks, the schedule across the {HOST}-rank groups for each rank's heads; MB within a group "
+        "(all-to-alls) + across groups, for the rank receiving most; it needs heads a multiple of "
+        f"{HOST}, where head-parallel mode needs a multiple of the ranks.\n"
+    )
+    print(
+        "| layout | ranks | schedule MB | head-parallel MB | head-parallel / schedule | auto picks "
+        f"| hybrid over {HOST}-rank groups: within + across MB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, (source, sizes) in heads_layouts().items():
+        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
+        print(f"| {name} | | | | | | |")
+        for world in worlds:
+            placement = place(plan.groups, plan.calls, sizes, world)
+            choice = choose_mode(schedule(plan.calls, placement))
+            ring, heads = max(choice.schedule_rows), max(choice.head_rows)
+            ratio = f"{heads / ring:.2f}" if ring else "-"
+            hybrid = "-"
+            if world > HOST and world % HOST == 0:
+                within, across = hybrid_rows(plan.groups, plan.calls, sizes, world, HOST)
+                worst = max(range(len(within)), key=lambda g: within[g] + across[g])
+                hybrid = f"{mb(within[worst] * width * 2)} + {mb(across[worst] * width * 2)}"
+            print(
+                f"| | {world} | {mb(ring * width * 2)} | {mb(heads * width * 2)} | {ratio} | {choice.mode} "
+                f"| {hybrid} |"
             )
 
 
@@ -347,6 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.balance:
         balance_report(args.worlds or [2, 4, 8, 16, 32, 64])
+        heads_report(args.worlds or [2, 4, 8, 16, 32, 64])
         return
     args.worlds = args.worlds or [2, 4]
     if "RANK" in os.environ:  # torchrun: NCCL on GPUs

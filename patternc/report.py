@@ -114,7 +114,7 @@ def format_program(
             if world_size is not None:
                 from patternc.distributed.report import format_sharding
 
-                out.extend(format_sharding(plan.layout(sizes), world_size))
+                out.extend(format_sharding(plan.layout(sizes), world_size, dim))
         else:
             out.extend(_format_plan(plan, None, dim, block))
     return "\n".join(out) + "\n"

@@ -95,7 +95,8 @@ def compare(
     (ref * probe[..., : ref.shape[-1]]).sum().backward()
     ref_grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
     module.zero_grad()
-    cp = ContextParallel(plan, sizes, **(cp_options or {}))
+    # these cases cover the schedule (local, gather, ring); tests/heads_cases.py the head-parallel mode
+    cp = ContextParallel(plan, sizes, **{"mode": "ring", **(cp_options or {})})
     x_local = cp.shard(x).requires_grad_(floating)
     with cp:
         if padding is None:

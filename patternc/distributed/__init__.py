@@ -13,7 +13,9 @@ prints it). The runtime: :mod:`~patternc.distributed.collectives`
 per-block kernels with log-sum-exp), :mod:`~patternc.distributed.calls` (executor and
 blockwise calls), :mod:`~patternc.distributed.parallel` (``ContextParallel``),
 :mod:`~patternc.distributed.loss` (``global_mean_loss``: the loss normalisation
-of sharded training). See docs/distributed.md.
+of sharded training). Head-parallel mode: :mod:`~patternc.distributed.heads`
+(what it moves against the schedule, and the choice; torch-free) and
+:mod:`~patternc.distributed.alltoall` (its all-to-alls). See docs/distributed.md.
 """
 
 from __future__ import annotations

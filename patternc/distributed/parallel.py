@@ -26,9 +26,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from patternc.distributed.alltoall import HeadRunner
 from patternc.distributed.blockwise import Kernel
 from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
+from patternc.distributed.heads import Mode, ModeChoice, choose_mode
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
 from patternc.lower.layout import Layout, Sizes
@@ -91,6 +93,11 @@ class ContextParallel:
     ``"auto"`` (FlexAttention on CUDA, the chunked reference on CPU),
     ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
     the gradients from the reference) or ``"reference"``.
+    ``mode``: per layout, ``"ring"`` runs the schedule above, ``"heads"``
+    the head-parallel mode (all-to-alls around the module's executor on every
+    token for ``heads / ranks`` heads; see :mod:`~patternc.distributed.heads`),
+    ``"auto"`` whichever moves fewer bytes (:meth:`mode_for` says which and
+    why), the schedule wherever ``strategy`` is given.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class ContextParallel:
         balance: float = 1.1,
         backend: str | None = None,
         kernel: Kernel = "auto",
+        mode: Mode = "auto",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
@@ -135,6 +143,10 @@ class ContextParallel:
         if kernel not in ("auto", "flex", "reference"):
             raise ValueError(f"kernel={kernel!r}: use 'auto', 'flex' or 'reference'")
         self.kernel: Kernel = kernel
+        if mode not in ("auto", "ring", "heads"):
+            raise ValueError(f"mode={mode!r}: use 'auto', 'ring' or 'heads'")
+        self.mode: Mode = mode
+        self._plans = plan_list
         self.full_kv_cache = full_kv_cache
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
@@ -142,15 +154,17 @@ class ContextParallel:
             groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups, balance=balance
         )
         agree("placement", self.placement.digest, group)
-        self._runners: dict[tuple[Layout, bool, bool, torch.device], _Runner] = {}
-        """Per (local layout, padded, ALiBi, device): the schedule and its index
-        tensors, built on first use (layouts are cached, so identity is stable)."""
+        self._runners: dict[tuple[Layout, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
+        """Per (local layout, padded, ALiBi, device, heads): the schedule and its
+        index tensors or the head-parallel runner, built on first use (layouts
+        are cached, so identity is stable). Heads None: the schedule, for reports."""
         self._active = False
         self._previous: Any = None
         self.traffic: dict[str, int] = {}
         """Bytes this rank received in forward passes, per collective
-        (``gather <groups>``, ``ring <call>``), padding included; the
-        backward moves the same again. Clear it to start a count."""
+        (``gather <groups>``, ``ring <call>``; ``heads q,k,v`` and ``heads out``
+        in head-parallel mode), padding included; the backward moves the same
+        again. Clear it to start a count."""
 
     # ---------------------------------------------------------------- tokens
 
@@ -203,25 +217,104 @@ class ContextParallel:
 
     def schedule_for(self, layout: Layout, padded: bool = False, alibi: bool = False) -> ShardedSchedule:
         """The schedule a module's local ``layout`` runs under (for reports)."""
-        return self._runner(layout, padded, alibi, torch.device("cpu")).schedule
+        runner = self._runner(layout, padded, alibi, torch.device("cpu"), None)
+        assert isinstance(runner, _Runner)
+        return runner.schedule
 
-    def _runner(self, layout: Layout, padded: bool, alibi: bool, device: torch.device) -> _Runner:
-        key = (layout, padded, alibi, device)
+    def mode_for(self, layout: Layout, heads: int, padded: bool = False, alibi: bool = False) -> ModeChoice:
+        """The mode a module's local ``layout`` runs in with ``heads`` attention heads, and why.
+
+        Args:
+            layout: the module's layout at ``cp.local_sizes``.
+            heads: the module's query heads.
+            padded: whether it runs with a ``key_padding_mask``.
+            alibi: whether it runs with ALiBi.
+
+        Returns:
+            The choice (``mode``, ``reason``) and the token rows either mode
+            receives per rank (see :class:`~patternc.distributed.heads.ModeChoice`).
+
+        Raises:
+            ValueError: ``mode="heads"`` where the layout cannot run head-parallel
+                (heads not a multiple of the ranks, a plan not given here).
+        """
+        plan_schedule = schedule(
+            [c.attention for c in layout.calls],
+            self.placement,
+            padded=padded,
+            positional_bias=alibi,
+            gather_limit=self.gather_limit,
+            strategy=self.strategy,
+        )
+        found = self._global_layout(layout)
+        unavailable = found if isinstance(found, str) else None
+        return choose_mode(plan_schedule, self.mode, heads, unavailable, self.strategy)
+
+    def _global_layout(self, layout: Layout) -> Layout | str:
+        """The plan of a local layout at the global sizes, or why it is not known."""
+        sizes = {g: None if n is None else self.placement.group(g).size for g, n in layout.sizes}
+        for plan in self._plans:
+            if plan.name != layout.plan_name:
+                continue
+            whole = plan.layout(sizes)
+            if whole.all_groups == layout.all_groups and dict(whole.pairs) == dict(layout.pairs):
+                return whole
+        return (
+            f"the module's plan `{layout.plan_name}` is not among the plans this ContextParallel was "
+            "built from (head-parallel mode runs the plan at the global sizes)"
+        )
+
+    def _runner(
+        self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
+    ) -> _Runner | HeadRunner:
+        key = (layout, padded, alibi, device, None if self.mode == "ring" else heads)
         runner = self._runners.get(key)
         if runner is None:
-            runner = _Runner(self, layout, padded, alibi, device)
+            runner = self._build_runner(layout, padded, alibi, device, key[-1])
             self._runners[key] = runner
         return runner
+
+    def _build_runner(
+        self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
+    ) -> _Runner | HeadRunner:
+        if heads is None:
+            return _Runner(self, layout, padded, alibi, device)
+        choice = self.mode_for(layout, heads, padded, alibi)
+        if choice.mode == "ring":
+            return _Runner(self, layout, padded, alibi, device)
+        # the all-to-all's sizes follow the heads and the padding channel: the
+        # ranks compare both, as the schedule's runner compares its inputs (a
+        # rank on the schedule meets this check with its own and fails too)
+        agree(
+            "attention inputs",
+            ", ".join([*_input_names(padded, alibi), f"head-parallel over {heads} heads"]),
+            self.group,
+            fix=_SAME_INPUTS,
+        )
+        whole = self._global_layout(layout)
+        assert not isinstance(whole, str)  # choose_mode picks heads only for a known plan
+        comm = Comm(self.group, self.world_size, self.traffic)
+        return HeadRunner(self.placement, self.rank, comm, layout, whole, heads, choice, device)
 
     def attend(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
         inputs = inputs.in_token_space()  # the runner reads K/V at input positions
         padded = inputs.key_padding_mask is not None
         alibi = inputs.alibi_slopes is not None
-        runner = self._runner(inputs.layout, padded, alibi, inputs.q.device)
+        runner = self._runner(inputs.layout, padded, alibi, inputs.q.device, inputs.q.shape[2])
         return runner.run(inputs, self.executor or executor, full_cache or self.full_kv_cache)
 
 
 # ------------------------------------------------------------------ runner
+
+_SAME_INPUTS = (
+    "pass a key_padding_mask on every rank or on none (all True on a rank without "
+    "padding), on every call, and run the same model on every rank"
+)
+
+
+def _input_names(padded: bool, alibi: bool) -> list[str]:
+    """What the ranks compare before a layout's first collective."""
+    return ["a key_padding_mask" if padded else "no key_padding_mask", *(["ALiBi"] if alibi else [])]
 
 
 class _Runner:
@@ -245,17 +338,7 @@ class _Runner:
         # ALiBi moves calls to the blockwise kernel; where these differ between
         # ranks, their collectives differ in size (gloo aborts the process) or
         # in kind, so the ranks compare them before any collective of this layout.
-        inputs = [
-            "a key_padding_mask" if padded else "no key_padding_mask",
-            *(["ALiBi"] if alibi else []),
-        ]
-        agree(
-            "attention inputs",
-            ", ".join(inputs),
-            cp.group,
-            fix="pass a key_padding_mask on every rank or on none (all True on a rank without "
-            "padding), on every call, and run the same model on every rank",
-        )
+        agree("attention inputs", ", ".join(_input_names(padded, alibi)), cp.group, fix=_SAME_INPUTS)
         self.schedule = schedule(
             [c.attention for c in layout.calls],
             placement,

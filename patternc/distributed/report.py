@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from patternc.distributed.heads import choose_mode
 from patternc.distributed.placement import place, rank_loads, schedule
 from patternc.lower.layout import Layout
 
 __all__ = ["format_sharding"]
 
 
-def format_sharding(layout: Layout, world_size: int) -> list[str]:
-    """Where each group's tokens go on ``world_size`` ranks and what each call moves."""
+def format_sharding(layout: Layout, world_size: int, dim: int = 192) -> list[str]:
+    """Where each group's tokens go on ``world_size`` ranks, what each call
+    moves, and the mode ``ContextParallel(mode="auto")`` picks (bytes at model width ``dim``)."""
     calls = [c.attention for c in layout.calls]
     placement = place(layout.all_groups, calls, dict(layout.sizes), world_size)
     plan_schedule = schedule(calls, placement)
@@ -37,4 +39,15 @@ def format_sharding(layout: Layout, world_size: int) -> list[str]:
     totals = " ".join(str(n) for n in plan_schedule.received)
     minimum_totals = " ".join(str(n) for n in plan_schedule.minimum)
     out.append(f"    per forward, tokens received per rank: {totals} (minimum {minimum_totals})")
+    choice = choose_mode(plan_schedule)
+    needs = f"; needs heads a multiple of {world_size}, else 'ring'" if choice.mode == "heads" else ""
+    out.append(f"    mode='auto' picks '{choice.mode}' ({choice.reason}{needs})")
+
+    def in_bytes(rows: tuple[float, ...]) -> str:  # 2-byte elements (bf16, fp16)
+        return " ".join(str(round(r * dim * 2)) for r in rows)
+
+    out.append(
+        f"      bytes received per rank per forward at width {dim}, 2-byte elements: schedule "
+        f"{in_bytes(choice.schedule_rows)}; head-parallel (all-to-all) {in_bytes(choice.head_rows)}"
+    )
     return out
