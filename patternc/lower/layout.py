@@ -706,6 +706,34 @@ def _refuse_across_the_cache(plan: BoundPlan, slots: Mapping[str, GroupSlot]) ->
                 )
 
 
+def _refuse_off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> None:
+    """A neighbourhood reads positions as coordinates on a shape: each group
+    it relates holds the shape's tokens (or none at all: then it pairs none)."""
+    for attention in plan.calls:
+        for key in attention.keys:
+            grid = key.modifiers.grid
+            if grid is None:
+                continue
+            for name in (key.name, *attention.queries):
+                size = slots[name].size
+                if size is not None and size in (0, grid.n_tokens):
+                    continue
+                shape = ", ".join(map(str, grid.shape))
+                got = "is read from a KV cache (size None)" if size is None else f"has {size} tokens"
+                raise PatternError(
+                    [
+                        Diagnostic(
+                            Code.SHAPE_SIZE,
+                            f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
+                            f"[{shape}]: {grid.n_tokens} tokens",
+                            where="sizes",
+                            hint=f"give `{name}` {grid.n_tokens} tokens, or declare the shape it has "
+                            f"(`groups {key.name}[...]` whose sizes multiply to its size)",
+                        )
+                    ]
+                )
+
+
 def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -716,6 +744,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         slots[name] = GroupSlot(name, -1, None) if size is None else GroupSlot(name, offset, size)
         offset += size or 0
     _refuse_across_the_cache(plan, slots)
+    _refuse_off_shape(plan, slots)
     calls = []
     for i, attention in enumerate(plan.calls):
         queries = tuple(q for q in attention.queries if not slots[q].cached)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.lower.layout import Layout
+from patternc.modifiers import Neighbourhood
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
@@ -50,14 +51,19 @@ def _mask_tables(
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     q_pos = within_group_positions(layout, device)
     k_pos = torch.cat([q_pos, *(torch.arange(lengths[g], device=device) for g in layout.cached_groups)])
-    return allowed, *bands, query_ids, key_ids, q_pos, k_pos
+    # a neighbourhood's band is open: per distinct one, the group pairs it holds
+    grids: dict[Neighbourhood, Tensor] = {}
+    for (q, k), mods in layout.pairs.items():
+        if mods.grid is not None:
+            grids.setdefault(mods.grid, torch.zeros(n_groups, n_groups, dtype=torch.bool))[q, k] = True
+    return allowed, *bands, query_ids, key_ids, q_pos, k_pos, tuple((g, t.to(device)) for g, t in grids.items())
 
 
 def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
     """``[N, N + cached]`` bool: query token i may attend to key token j (the
     group table, then each group pair's band on positions within groups)."""
     lengths = tuple((g, cache_lengths[g]) for g in layout.cached_groups)
-    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos = table(
+    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos, grids = table(
         layout, ("dense mask", lengths, device), lambda: _mask_tables(layout, lengths, device)
     )
     mask = allowed[query_ids][:, key_ids]
@@ -65,6 +71,8 @@ def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.d
         d = k_pos[None, :] - q_pos[:, None]
         pair = (query_ids[:, None], key_ids[None, :])
         mask &= (d >= low[pair]) & (d <= high[pair]) & ((d - residue[pair]) % dilation[pair] == 0)
+        for grid, holds in grids:
+            mask &= ~holds[pair] | grid.allows(q_pos[:, None], k_pos[None, :])
     return mask
 
 

@@ -1,0 +1,274 @@
+"""Groups declared with a shape (``groups image[16, 16]``) and token-level
+neighbourhoods over it (``image -> image[kernel 7]``, ``[near 1]``): exact
+against attention-gym's NATTEN and sliding-tile masks and against a
+reference written from NATTEN's definition, on every executor, with the
+checks' messages."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from reference import masked_attention, relative_error
+from test_flex import make
+
+import patternc
+from patternc import PatternError
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def plan_of(source: str) -> patternc.Plan:
+    return patternc.compile(source).patterns["default"]
+
+
+def grid(mask_mod: MaskMod, n: int) -> torch.Tensor:
+    """``mask_mod`` on every (query, key) index, by FlexAttention's ``create_mask``."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    return create_mask(mask_mod, None, None, n, n, device="cpu")[0, 0].bool()
+
+
+def neighbourhood(shape: Sequence[int], kind: str, sizes: Sequence[int]) -> torch.Tensor:
+    """``[N, N]`` bool written from the definitions, one coordinate tuple at a
+    time (row-major): ``near s`` allows ``|k - q| <= s`` on every axis;
+    ``kernel s`` the ``s`` coordinates from ``clamp(q - s // 2, 0, n - s)``
+    (NATTEN's window, its centre kept ``s // 2`` from the edges)."""
+    cells = list(itertools.product(*(range(n) for n in shape)))
+    out = torch.zeros(len(cells), len(cells), dtype=torch.bool)
+    for i, q in enumerate(cells):
+        for j, k in enumerate(cells):
+            ok = True
+            for axis, (n, s) in enumerate(zip(shape, sizes)):
+                if kind == "near":
+                    ok = ok and abs(k[axis] - q[axis]) <= s
+                else:
+                    lo = min(max(q[axis] - s // 2, 0), n - s)
+                    ok = ok and lo <= k[axis] < lo + s
+            out[i, j] = ok
+    return out
+
+
+def assert_forward_and_backward(plan: patternc.Plan, impl: str, sizes: dict[str, int], mask: torch.Tensor) -> None:
+    """Output and input gradient of ``impl`` against the float64 reference under ``mask``."""
+    module = make(plan, impl)
+    x = torch.randn(2, sum(sizes.values()), 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # varlen and flex say they run as batched on the CPU
+        out, _ = module(x, sizes)
+    x64 = x.detach().double().requires_grad_()
+    ref = masked_attention(module, x64, mask)
+    assert relative_error(out, ref) < 1e-5
+    weight = torch.randn_like(ref)
+    (out * weight.float()).sum().backward()
+    (ref * weight).sum().backward()
+    assert x.grad is not None and x64.grad is not None
+    assert relative_error(x.grad, x64.grad) < 1e-5
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize(("side", "kernel"), [(5, 3), (7, 5), (4, 3), (6, 1), (3, 3)])
+def test_kernel_matches_natten(side: int, kernel: int) -> None:
+    masks = pytest.importorskip("attn_gym.masks")
+    plan = plan_of(f"groups image[{side}, {side}]\nimage -> image[kernel {kernel}]")
+    mask_mod = masks.generate_natten(side, side, kernel, kernel)
+    n = side * side
+    assert torch.equal(plan.layout({"image": n}).dense_mask(), grid(mask_mod, n))
+
+
+@pytest.mark.parametrize(
+    ("shape", "kind", "sizes"),
+    [((7, 9), "kernel", (3, 5)), ((7, 9), "kernel", (7, 2)), ((5, 8), "near", (1, 2)),
+     ((3, 5, 6), "kernel", (3, 3, 3)), ((3, 5, 6), "kernel", (1, 5, 4)), ((3, 5, 6), "near", (0, 1, 2)),
+     ((11,), "kernel", (4,)), ((2, 3, 2, 3), "kernel", (2, 1, 2, 3))],
+)  # fmt: skip
+def test_neighbourhoods_match_their_definition(shape: tuple[int, ...], kind: str, sizes: tuple[int, ...]) -> None:
+    """Odd and non-square shapes in 1 to 4 axes (attention-gym's NATTEN is
+    written for square canvases: its rows are clamped by the width)."""
+    written = " ".join(map(str, sizes)) if len(set(sizes)) > 1 else str(sizes[0])
+    plan = plan_of(f"groups text image{list(shape)}\ntext -> *\nimage -> text, image[{kind} {written}]")
+    n = math.prod(shape)
+    layout = plan.layout({"text": 3, "image": n})
+    mask = layout.dense_mask()
+    assert torch.equal(mask[3:, 3:], neighbourhood(shape, kind, sizes))
+    assert mask[:3].all() and mask[3:, :3].all()
+    assert layout.calls[1].allowed_entries == int(mask[3:].sum())
+
+
+@pytest.mark.parametrize(("tile", "canvas", "kernel"), [((2, 2), (5, 4), 3), ((1, 3), (4, 4), 2), ((2, 3), (3, 5), 3)])
+def test_sliding_tiles_match_attention_gym(tile: tuple[int, int], canvas: tuple[int, int], kernel: int) -> None:
+    """STA lays tokens out tile by tile: the shape is (tile rows, tile
+    columns, rows in a tile, columns in a tile), the kernel spans whole tiles."""
+    masks = pytest.importorskip("attn_gym.masks")
+    (th, tw), (rows, cols) = tile, canvas
+    plan = plan_of(
+        f"groups video[{rows}, {cols}, {th}, {tw}] text\n"
+        f"video -> video[kernel {kernel} {kernel} {th} {tw}], text\ntext -> *"
+    )
+    n = rows * cols * th * tw
+    mask_mod = masks.generate_sta_mask_mod_2d((rows * th, cols * tw), (kernel * th, kernel * tw), tile, text_seq_len=2)
+    assert torch.equal(plan.layout({"video": n, "text": 2}).dense_mask(), grid(mask_mod, n + 2))
+
+
+def test_sliding_tiles_in_3d_match_attention_gym() -> None:
+    masks = pytest.importorskip("attn_gym.masks")
+    tile, canvas, kernel = (1, 2, 2), (3, 3, 4), 3
+    shape = ", ".join(map(str, (*canvas, *tile)))
+    plan = plan_of(f"groups video[{shape}] text\nvideo -> video[kernel 3 3 3 1 2 2], text\ntext -> *")
+    n = math.prod(canvas) * math.prod(tile)
+    mask_mod = masks.generate_sta_mask_mod_3d(
+        tuple(c * t for c, t in zip(canvas, tile)), tuple(kernel * t for t in tile), tile, text_seq_len=2
+    )
+    assert torch.equal(plan.layout({"video": n, "text": 2}).dense_mask(), grid(mask_mod, n + 2))
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes", "block"),
+    [("groups text video[3, 5, 6]\ntext -> *\nvideo -> text, video[kernel 1 3 3]", {"text": 5, "video": 90}, 8),
+     ("groups video[5, 4, 4]\nvideo -> video[kernel 3 4 4]", {"video": 80}, 16),
+     ("groups video[5, 4, 4]\nvideo -> video[near 1 0 4]", {"video": 80}, 4)],
+)  # fmt: skip
+def test_block_classes_are_sound(source: str, sizes: dict[str, int], block: int) -> None:
+    """Every block the classes call empty holds no allowed pair, every block
+    called full holds only allowed pairs; where a block holds whole frames
+    (or rows) the classes are exact."""
+    from patternc.lower.blocks import EMPTY, FULL, PARTIAL, block_classes
+
+    layout = plan_of(source).layout(sizes)
+    mask = layout.dense_mask()
+    classes = block_classes(layout, block).classes
+    aligned = layout.n_tokens % block == 0 and sizes.get("text") is None
+    for r, row in enumerate(classes):
+        for c, cls in enumerate(row):
+            cell = mask[r * block : (r + 1) * block, c * block : (c + 1) * block]
+            if cls == EMPTY:
+                assert not cell.any()
+            if cls == FULL:
+                assert cell.all() and cell.shape == (block, block)
+            if cls == PARTIAL and aligned:
+                assert cell.any() and not cell.all()
+    flat = [cls for row in classes for cls in row]
+    assert EMPTY in flat and (FULL in flat or not aligned)
+
+
+# ---------------------------------------------------------------- executors
+
+PLANS = {
+    "2d": (plan_of("groups image[7, 9] text\nimage -> image[kernel 3 5], text\ntext -> *"), {"image": 63, "text": 4}),
+    "3d": (plan_of("groups video[3, 5, 6]\nvideo -> video[kernel 3 3 3]"), {"video": 90}),
+    "near": (plan_of("groups a image[5, 5]\na -> a [causal]\nimage -> image[near 1]"), {"a": 6, "image": 25}),
+}
+
+
+@pytest.mark.parametrize("impl", ["dense", "loop", "batched", "auto", "varlen", "flex"])
+@pytest.mark.parametrize("case", sorted(PLANS))
+def test_executors_match_the_reference(impl: str, case: str) -> None:
+    plan, sizes = PLANS[case]
+    assert_forward_and_backward(plan, impl, sizes, plan.layout(sizes).dense_mask())
+
+
+@pytest.mark.parametrize("case", sorted(PLANS))
+@pytest.mark.parametrize("lookups", [False, True])
+def test_flex_kernel_matches_the_reference(case: str, lookups: bool, cpu_flex_kernel: None) -> None:
+    """The ``mask_mod`` (bit sets, or the run tables) and block mask that
+    FlexAttention runs, forward on the CPU kernel."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from patternc.nn.flexmask import FlexTables
+
+    plan, sizes = PLANS[case]
+    layout = plan.layout(sizes)
+    tables = FlexTables.build(layout, {}, "cpu", block=16)
+    n = layout.n_tokens
+    mask = create_mask(tables.mask_mod(lookups=lookups), None, None, tables.q_len, tables.kv_len, device="cpu")
+    assert torch.equal(mask[0, 0, :n, :n], layout.dense_mask())
+    module = make(plan, "flex")
+    x = torch.randn(1, n, 16)
+    with torch.no_grad():
+        out, _ = module(x, sizes)
+    assert relative_error(out, masked_attention(module, x.double(), layout.dense_mask())) < 1e-5
+
+
+def test_varlen_says_why_it_runs_as_batched() -> None:
+    from patternc.lower.varlen import varlen_refusal, varlen_window
+
+    plan, sizes = PLANS["3d"]
+    (call,) = plan.layout(sizes).calls
+    assert varlen_window(call) is None
+    reason = varlen_refusal(call)
+    assert reason is not None and "box of coordinates on the shape [3, 5, 6]" in reason
+
+
+# ---------------------------------------------------------------- checks
+
+
+@pytest.mark.parametrize(
+    ("source", "code", "message", "hint"),
+    [
+        ("groups im*[3, 3]\nim* -> self", "E208", "`im*` is a family: a shape belongs to one group",
+         "grid family of groups"),
+        ("groups im[0, 3]\nim -> im", "E208", "a shape holds whole numbers >= 1, got `0`", "`image[16, 16]`"),
+        ("groups im[2, 1.5]\nim -> im", "E208", "got `1.5`", "16 rows of 16 tokens"),
+        ("groups text im[7, 9]\ntext, im -> im[kernel 3]", "E025",
+         "`kernel 3` on `im[7, 9]` compares token coordinates: the queries `text` do not have the shape [7, 9]",
+         "`im -> im[kernel 3]`"),
+        ("groups im[7, 9]\nim -> im[kernel 3 3 3]", "E021", "3 sizes for 2 axes", "`[kernel 3 3]`"),
+        ("groups im[7, 9]\nim -> im[kernel 9]", "E021", "a kernel of 9 is wider than axis 0 (7 tokens)",
+         "`kernel 7` on that axis"),
+        ("groups im[7, 9]\nim -> im[kernel 3, causal]", "E023", "beside `causal`: a neighbourhood stands alone",
+         "`im[kernel 3]` alone"),
+        ("groups im[7, 9]\nim -> im[kernel 3 0]", "E021", "`kernel` takes whole numbers (at least 1), got `0`",
+         "`[kernel 3 7 7]`"),
+        ("groups im[7, 9]\nim -> im[window 3 4]", "E021", "`window` takes one argument, got 2",
+         "one number per axis"),
+        ("groups a\na -> a[kernel 3]", "E025", "`kernel 3` compares grid coordinates", "`groups tile*_*`"),
+    ],
+)  # fmt: skip
+def test_errors(source: str, code: str, message: str, hint: str) -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    diag = next(d for d in error.value.diagnostics if d.code == code)
+    assert message in diag.message
+    assert diag.hint is not None and hint in diag.hint
+    assert diag.line is not None and diag.column is not None
+
+
+@pytest.mark.parametrize(("sizes", "said"), [({"im": 62}, "`im` has 62 tokens"), ({"im": None}, "KV cache")])
+def test_size_off_the_shape_is_refused(sizes: dict[str, int | None], said: str) -> None:
+    plan = plan_of("groups im[7, 9]\nim -> im[kernel 3]")
+    with pytest.raises(PatternError) as error:
+        plan.layout(sizes)
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E409" and said in diag.message and "the shape [7, 9]: 63 tokens" in diag.message
+    assert diag.hint is not None and "give `im` 63 tokens" in diag.hint
+
+
+def test_an_empty_shaped_group_pairs_nothing() -> None:
+    plan = plan_of("groups a im[3, 3]\na -> a\nim -> im[kernel 3]")
+    assert plan.layout({"a": 4, "im": 0}).dense_mask().sum() == 16
+
+
+def test_fmt_keeps_shapes_and_per_axis_sizes() -> None:
+    from patternc.fmt import format_source
+
+    source = "groups  video[ 4,16 ,16]   text\nvideo->video[kernel 3 7 7] , text\ntext -> *\n"
+    formatted = format_source(source)
+    assert formatted == "groups video[4, 16, 16] text\nvideo -> video[kernel 3 7 7], text\ntext -> *\n"
+    assert format_source(formatted) == formatted
+    before, after = plan_of(source), plan_of(formatted)
+    assert before.calls == after.calls
+
+
+def test_plan_text_and_json_name_the_neighbourhood() -> None:
+    plan = plan_of("groups video[4, 6, 6]\nvideo -> video[kernel 3 5 5]")
+    (call,) = plan.calls
+    assert call.text() == "video -> video[kernel 3 5 5]"
+    mods = call.keys[0].modifiers
+    assert mods.to_dict() == {"causal": False, "window": None, "kernel": [3, 5, 5], "shape": [4, 6, 6]}
+    assert plan_of("groups im[4, 4]\nim -> im[near 1]").calls[0].text() == "im -> im[near 1]"
