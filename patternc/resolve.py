@@ -263,9 +263,7 @@ class GroupResolver:
                     f"give one number for every axis or one per axis (`[{relation.kind} "
                     f"{' '.join(['3'] * len(shape))}]`)",
                 )
-            elif relation.kind == "kernel" and any(
-                k > n for k, n in zip(relation.sizes(len(shape)), shape)
-            ):
+            elif relation.kind == "kernel" and any(k > n for k, n in zip(relation.sizes(len(shape)), shape)):
                 axis, (k, n) = next((a, kn) for a, kn in enumerate(zip(relation.sizes(len(shape)), shape))
                                     if kn[0] > kn[1])  # fmt: skip
                 problem = Diagnostic(

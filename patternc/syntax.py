@@ -694,9 +694,10 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         name = self._group_name(token)
         span = _token_span(token)
         if is_family(name):
-            self._error(Code.BAD_SHAPE, f"`{name}` is a family: a shape belongs to one group",
-                        span, f"declare one group with its shape (`{name.split('*')[0] or 'image'}[16, 16]`), "
-                        "or a grid family of groups (`tile*_*`) with `near`/`kernel` between members")  # fmt: skip
+            plain = name.split("*")[0] or "image"
+            self._error(Code.BAD_SHAPE, f"`{name}` is a family: a shape belongs to one group", span,
+                        f"declare one group with its shape (`{plain}[16, 16]`), or a grid family of "
+                        "groups (`tile*_*`) with `near`/`kernel` between members")  # fmt: skip
             return GroupDecl(name, span)
         shape: list[int] = []
         for size in sizes:

@@ -53,7 +53,9 @@ def neighbourhood(shape: Sequence[int], kind: str, sizes: Sequence[int]) -> torc
     return out
 
 
-def assert_forward_and_backward(plan: patternc.Plan, impl: str, sizes: dict[str, int], mask: torch.Tensor) -> None:
+def assert_forward_and_backward(
+    plan: patternc.Plan, impl: str, sizes: dict[str, int], mask: torch.Tensor
+) -> None:
     """Output and input gradient of ``impl`` against the float64 reference under ``mask``."""
     module = make(plan, impl)
     x = torch.randn(2, sum(sizes.values()), 16, requires_grad=True)
@@ -88,7 +90,9 @@ def test_kernel_matches_natten(side: int, kernel: int) -> None:
      ((3, 5, 6), "kernel", (3, 3, 3)), ((3, 5, 6), "kernel", (1, 5, 4)), ((3, 5, 6), "near", (0, 1, 2)),
      ((11,), "kernel", (4,)), ((2, 3, 2, 3), "kernel", (2, 1, 2, 3))],
 )  # fmt: skip
-def test_neighbourhoods_match_their_definition(shape: tuple[int, ...], kind: str, sizes: tuple[int, ...]) -> None:
+def test_neighbourhoods_match_their_definition(
+    shape: tuple[int, ...], kind: str, sizes: tuple[int, ...]
+) -> None:
     """Odd and non-square shapes in 1 to 4 axes (attention-gym's NATTEN is
     written for square canvases: its rows are clamped by the width)."""
     written = " ".join(map(str, sizes)) if len(set(sizes)) > 1 else str(sizes[0])
@@ -101,8 +105,12 @@ def test_neighbourhoods_match_their_definition(shape: tuple[int, ...], kind: str
     assert layout.calls[1].allowed_entries == int(mask[3:].sum())
 
 
-@pytest.mark.parametrize(("tile", "canvas", "kernel"), [((2, 2), (5, 4), 3), ((1, 3), (4, 4), 2), ((2, 3), (3, 5), 3)])
-def test_sliding_tiles_match_attention_gym(tile: tuple[int, int], canvas: tuple[int, int], kernel: int) -> None:
+@pytest.mark.parametrize(
+    ("tile", "canvas", "kernel"), [((2, 2), (5, 4), 3), ((1, 3), (4, 4), 2), ((2, 3), (3, 5), 3)]
+)
+def test_sliding_tiles_match_attention_gym(
+    tile: tuple[int, int], canvas: tuple[int, int], kernel: int
+) -> None:
     """STA lays tokens out tile by tile: the shape is (tile rows, tile
     columns, rows in a tile, columns in a tile), the kernel spans whole tiles."""
     masks = pytest.importorskip("attn_gym.masks")
@@ -112,7 +120,9 @@ def test_sliding_tiles_match_attention_gym(tile: tuple[int, int], canvas: tuple[
         f"video -> video[kernel {kernel} {kernel} {th} {tw}], text\ntext -> *"
     )
     n = rows * cols * th * tw
-    mask_mod = masks.generate_sta_mask_mod_2d((rows * th, cols * tw), (kernel * th, kernel * tw), tile, text_seq_len=2)
+    mask_mod = masks.generate_sta_mask_mod_2d(
+        (rows * th, cols * tw), (kernel * th, kernel * tw), tile, text_seq_len=2
+    )
     assert torch.equal(plan.layout({"video": n, "text": 2}).dense_mask(), grid(mask_mod, n + 2))
 
 
@@ -160,7 +170,10 @@ def test_block_classes_are_sound(source: str, sizes: dict[str, int], block: int)
 # ---------------------------------------------------------------- executors
 
 PLANS = {
-    "2d": (plan_of("groups image[7, 9] text\nimage -> image[kernel 3 5], text\ntext -> *"), {"image": 63, "text": 4}),
+    "2d": (
+        plan_of("groups image[7, 9] text\nimage -> image[kernel 3 5], text\ntext -> *"),
+        {"image": 63, "text": 4},
+    ),
     "3d": (plan_of("groups video[3, 5, 6]\nvideo -> video[kernel 3 3 3]"), {"video": 90}),
     "near": (plan_of("groups a image[5, 5]\na -> a [causal]\nimage -> image[near 1]"), {"a": 6, "image": 25}),
 }
@@ -186,7 +199,9 @@ def test_flex_kernel_matches_the_reference(case: str, lookups: bool, cpu_flex_ke
     layout = plan.layout(sizes)
     tables = FlexTables.build(layout, {}, "cpu", block=16)
     n = layout.n_tokens
-    mask = create_mask(tables.mask_mod(lookups=lookups), None, None, tables.q_len, tables.kv_len, device="cpu")
+    mask = create_mask(
+        tables.mask_mod(lookups=lookups), None, None, tables.q_len, tables.kv_len, device="cpu"
+    )
     assert torch.equal(mask[0, 0, :n, :n], layout.dense_mask())
     module = make(plan, "flex")
     x = torch.randn(1, n, 16)

@@ -56,7 +56,8 @@ def _mask_tables(
     for (q, k), mods in layout.pairs.items():
         if mods.grid is not None:
             grids.setdefault(mods.grid, torch.zeros(n_groups, n_groups, dtype=torch.bool))[q, k] = True
-    return allowed, *bands, query_ids, key_ids, q_pos, k_pos, tuple((g, t.to(device)) for g, t in grids.items())
+    on_device = tuple((g, t.to(device)) for g, t in grids.items())
+    return allowed, *bands, query_ids, key_ids, q_pos, k_pos, on_device
 
 
 def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
