@@ -68,8 +68,9 @@ MEMBER_RELATION_DOCS = {
     "same": "same: the query's own member of the key family",
     "before": "before [N]: members earlier than the query's (the N just before it)",
     "upto": "upto [N]: the query's member and those before it (the N just before it)",
-    "near": "near N: grid members within N of the query's on every axis",
-    "kernel": "kernel K: a K-wide window of grid members on every axis, kept inside the grid",
+    "near": "near N: grid members (or, on a shaped group, tokens) within N of the query's on every axis",
+    "kernel": "kernel K: a K-wide window of grid members (or, on a shaped group, tokens) on every axis, "
+    "kept inside the grid; `kernel 3 7 7`: one size per axis",
 }
 """One line per relation word, for editors."""
 

@@ -139,6 +139,25 @@ class Neighbourhood:
             total *= widths
         return total
 
+    def block_entries(self, block: int) -> int:
+        """About how many (query, key) entries a kernel of ``block`` x
+        ``block`` tiles computes for the group with itself: per block of
+        queries, the key blocks from the lowest position any of them reads
+        to the highest (the reach of its coordinate ranges on every axis).
+        An upper bound where blocks between those are empty (far frames)."""
+        n = self.n_tokens
+        strides = self.strides()
+        total = 0
+        for start in range(0, n, block):
+            stop = min(n, start + block) - 1
+            lowest = highest = 0
+            for axis, stride in enumerate(strides):
+                first, last = self.coordinate_range(axis, start, stop)
+                lowest += stride * self.box(axis, first)[0]
+                highest += stride * (self.box(axis, last)[1] - 1)
+            total += (stop - start + 1) * (highest // block - lowest // block + 1) * block
+        return min(total, n * n)
+
     def coordinate_range(self, axis: int, lo: int, hi: int) -> tuple[int, int]:
         """The least and largest coordinate on ``axis`` of positions ``[lo, hi]``."""
         stride, n = self.strides()[axis], self.shape[axis]

@@ -287,3 +287,49 @@ def test_plan_text_and_json_name_the_neighbourhood() -> None:
     mods = call.keys[0].modifiers
     assert mods.to_dict() == {"causal": False, "window": None, "kernel": [3, 5, 5], "shape": [4, 6, 6]}
     assert plan_of("groups im[4, 4]\nim -> im[near 1]").calls[0].text() == "im -> im[near 1]"
+
+
+# ---------------------------------------------------------------- exports, pricing, editors
+
+
+def test_exports_say_the_neighbourhood_or_refuse_with_the_reason() -> None:
+    from patternc.export.engines import engine_dict
+
+    plan = plan_of("groups im[3, 4]\nim -> im[kernel 3]")
+    layout = plan.layout({"im": 12})
+    flex = engine_dict(layout, "flex")
+    assert flex["expressible"] and flex["neighbourhoods"] == [
+        [{"kind": "kernel", "shape": [3, 4], "sizes": [3, 3]}]
+    ]
+    for name in ("magi", "flashmask", "xformers"):
+        refused = engine_dict(layout, name)
+        assert not refused["expressible"] and "box of coordinates on the shape [3, 4]" in refused["reason"]
+    varlen = engine_dict(layout, "varlen")
+    assert not varlen["expressible"] and "the kernel has only the window" in varlen["reason"]
+
+
+def test_flex_price_counts_the_blocks_a_neighbourhood_reaches() -> None:
+    """A query block of two image rows reaches the key rows of its window:
+    the entries flex computes are counted from the coordinates, not only
+    the allowed pairs, and never more than the whole square."""
+    from patternc.modifiers import Neighbourhood
+
+    grid = Neighbourhood("kernel", (64, 64), (7, 7))
+    assert grid.pairs() == (7 * 64) ** 2
+    # a block holds two rows r, r + 1 (r even) and reaches rows r - 3 .. r + 4: 512 keys from the middle
+    # of a block, so 5 blocks of 128, fewer at the edges
+    assert grid.pairs() < grid.block_entries(128) <= 4096 * 128 * 5
+    assert Neighbourhood("near", (8, 8), (8, 8)).block_entries(16) == 64 * 64
+
+
+def test_editor_shows_shapes_and_neighbourhood_words() -> None:
+    from patternc import editor
+
+    text = "groups image[16, 16] text\nimage -> image[kernel 7]\ntext -> *\n"
+    assert list(editor.declared_groups(text)) == ["image", "text"]
+    shown = editor.hover(text, 2, 3)
+    assert shown is not None and "shape [16, 16]: 256 tokens" in shown
+    meaning = editor.hover(text, 2, 17)
+    assert meaning is not None and meaning.startswith("**kernel**") and "on a shaped group, tokens" in meaning
+    labels = {c.label for c in editor.completions(text, 2, 16)}
+    assert {"kernel", "near"} <= labels
