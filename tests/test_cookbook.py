@@ -76,6 +76,10 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
             {**{f"tile{r}_{c}": 1 for r in range(2) for c in range(2)}, "caption": 1},
         ],
     ),
+    "natten": (
+        patternc.compile(EXAMPLES / "cookbook" / "natten.patc").patterns["default"],
+        [{"image": 48, "caption": 5}, {"image": 48, "caption": 1}],
+    ),
     "perceiver_read_only": (
         patternc.compile(EXAMPLES / "cookbook" / "perceiver_read_only.patc").patterns["default"],
         [{"latents": 4, "inputs": 11}, {"latents": 1, "inputs": 6}],
