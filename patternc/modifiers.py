@@ -127,34 +127,52 @@ class Neighbourhood:
             ok = ok & (k_at >= lo) & (k_at < hi)
         return ok
 
+    def _widths(self) -> list[list[int]]:
+        """Per axis, the window width of each query coordinate."""
+        return [[hi - lo for lo, hi in (self.box(a, at) for at in range(n))] for a, n in enumerate(self.shape)]
+
     def pairs(self) -> int:
         """How many (query, key) pairs of the group with itself it allows:
         the product over axes of each axis's window widths summed."""
-        total = 1
-        for axis, n in enumerate(self.shape):
-            widths = 0
-            for at in range(n):
-                lo, hi = self.box(axis, at)
-                widths += hi - lo
-            total *= widths
+        return math.prod(sum(w) for w in self._widths())
+
+    def pairs_below(self, n_queries: int) -> int:
+        """The pairs of the first ``n_queries`` queries (positions ``0 ..
+        n_queries - 1``) with every key: whole slices of the leading axis,
+        then the rest of the next slice, axis by axis (O(sum of the shape))."""
+        widths = self._widths()
+        totals = [sum(w) for w in widths]
+        rest, weight, total = min(max(n_queries, 0), self.n_tokens), 1, 0
+        for axis, stride in enumerate(self.strides()):
+            whole, rest = divmod(rest, stride)
+            total += weight * sum(widths[axis][:whole]) * math.prod(totals[axis + 1 :])
+            if whole == self.shape[axis] or not rest:
+                break
+            weight *= widths[axis][whole]
         return total
+
+    def reach(self, lo: int, hi: int) -> tuple[int, int]:
+        """The lowest and highest key position any query of positions ``[lo,
+        hi]`` may read: the corners of the box the queries' coordinate
+        ranges reach on every axis (keys between them may be out of reach)."""
+        lowest = highest = 0
+        for axis, stride in enumerate(self.strides()):
+            first, last = self.coordinate_range(axis, lo, hi)
+            lowest += stride * self.box(axis, first)[0]
+            highest += stride * (self.box(axis, last)[1] - 1)
+        return lowest, highest
 
     def block_entries(self, block: int) -> int:
         """About how many (query, key) entries a kernel of ``block`` x
         ``block`` tiles computes for the group with itself: per block of
         queries, the key blocks from the lowest position any of them reads
-        to the highest (the reach of its coordinate ranges on every axis).
-        An upper bound where blocks between those are empty (far frames)."""
+        to the highest (:meth:`reach`). An upper bound where blocks between
+        those are empty (far frames)."""
         n = self.n_tokens
-        strides = self.strides()
         total = 0
         for start in range(0, n, block):
             stop = min(n, start + block) - 1
-            lowest = highest = 0
-            for axis, stride in enumerate(strides):
-                first, last = self.coordinate_range(axis, start, stop)
-                lowest += stride * self.box(axis, first)[0]
-                highest += stride * (self.box(axis, last)[1] - 1)
+            lowest, highest = self.reach(start, stop)
             total += (stop - start + 1) * (highest // block - lowest // block + 1) * block
         return min(total, n * n)
 
@@ -465,8 +483,9 @@ def allowed_pairs(n_queries: int, n_keys: int, modifiers: Modifiers, shift: int 
     if n_queries <= 0 or n_keys <= 0:
         return 0
     if modifiers.grid is not None:
-        # sizes other than the shape's are refused when a layout is built
-        return modifiers.grid.pairs()
+        # the first n_queries queries against every key: a layout refuses
+        # other sizes than the shape's, a rank's shard counts a prefix
+        return modifiers.grid.pairs_below(n_queries)
     band = pair_band(modifiers, shift)
     # allowed: i + low <= j <= i + high, differences j - i within [-(n_q - 1), n_k - 1]
     low = -(n_queries - 1) if band.low is None else max(band.low, -(n_queries - 1))

@@ -333,3 +333,43 @@ def test_editor_shows_shapes_and_neighbourhood_words() -> None:
     assert meaning is not None and meaning.startswith("**kernel**") and "on a shaped group, tokens" in meaning
     labels = {c.label for c in editor.completions(text, 2, 16)}
     assert {"kernel", "near"} <= labels
+
+
+# ---------------------------------------------------------------- context parallel (torch-free planning)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "sizes"),
+    [("kernel", (3, 5, 6), (3, 3, 3)), ("near", (7, 9), (1, 2)), ("kernel", (11,), (4,))],
+)
+def test_prefix_counts_and_reach_follow_the_mask(
+    kind: str, shape: tuple[int, ...], sizes: tuple[int, ...]
+) -> None:
+    """What placement reads of a neighbourhood: the pairs of the first ``m``
+    queries (a shard's FLOPs) exactly, and a box of keys that holds every
+    key a run of queries reads."""
+    from patternc.modifiers import Neighbourhood
+
+    grid = Neighbourhood(kind, shape, sizes)
+    mask = neighbourhood(shape, kind, sizes)
+    n = grid.n_tokens
+    for m in range(n + 1):
+        assert grid.pairs_below(m) == int(mask[:m].sum())
+    for lo in range(0, n, 5):
+        hi = min(n - 1, lo + 8)
+        read = mask[lo : hi + 1].any(0).nonzero().flatten()
+        first, last = grid.reach(lo, hi)
+        assert first <= int(read.min()) and last >= int(read.max())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_placement_counts_the_flops_of_every_shard(world: int) -> None:
+    from patternc.distributed.placement import place, rank_loads
+
+    plan = plan_of("groups caption video[3, 5, 6]\ncaption -> *\nvideo -> caption, video[kernel 3 3 3]")
+    sizes = {"caption": 5, "video": 90}
+    placement = place(plan.groups, plan.calls, sizes, world)
+    loads = rank_loads(plan.calls, placement)
+    assert sum(loads.flops) == plan.layout(sizes).allowed_entries
+    local = placement.local_sizes(0)
+    assert plan.layout(local).n_tokens == sum(n or 0 for n in local.values())  # a shard is not refused
