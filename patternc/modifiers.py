@@ -129,7 +129,10 @@ class Neighbourhood:
 
     def _widths(self) -> list[list[int]]:
         """Per axis, the window width of each query coordinate."""
-        return [[hi - lo for lo, hi in (self.box(a, at) for at in range(n))] for a, n in enumerate(self.shape)]
+        out = []
+        for axis, n in enumerate(self.shape):
+            out.append([hi - lo for lo, hi in (self.box(axis, at) for at in range(n))])
+        return out
 
     def pairs(self) -> int:
         """How many (query, key) pairs of the group with itself it allows:

@@ -736,10 +736,10 @@ def _off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> tuple[Diagnos
                 got = "is read from a KV cache (size None)" if size is None else f"has {size} tokens"
                 return (
                     Diagnostic(
-                            Code.SHAPE_SIZE,
-                            f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
-                            f"[{shape}]: {grid.n_tokens} tokens",
-                            where="sizes",
+                        Code.SHAPE_SIZE,
+                        f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
+                        f"[{shape}]: {grid.n_tokens} tokens",
+                        where="sizes",
                         hint=f"give `{name}` {grid.n_tokens} tokens, or declare the shape it has "
                         f"(`groups {key.name}[...]` whose sizes multiply to its size)",
                     ),
