@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,12 @@ __all__ = ["dense_mask", "run_dense"]
 
 def _mask_tables(
     layout: Layout, cache_lengths: tuple[tuple[str, int], ...], device: torch.device
-) -> tuple[Tensor, ...]:
+) -> tuple[Any, ...]:
     """Device tables the dense mask is built from: group x group ``allowed``
     and each pair's band (``low``, ``high``, ``dilation``, ``residue``, see
     :meth:`~patternc.lower.layout.Layout.pair_band`), per-token group ids and
-    positions within groups. Built once per (layout, cache lengths, device),
+    positions within groups, and each neighbourhood with its group x group
+    table of the pairs under it. Built once per (layout, cache lengths, device),
     so a call copies nothing from the host (CUDA-graph capturable after one
     warm-up call)."""
     lengths = dict(cache_lengths)
@@ -67,7 +69,7 @@ def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.d
     allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos, grids = table(
         layout, ("dense mask", lengths, device), lambda: _mask_tables(layout, lengths, device)
     )
-    mask = allowed[query_ids][:, key_ids]
+    mask: Tensor = allowed[query_ids][:, key_ids]
     if layout.has_modifiers:
         d = k_pos[None, :] - q_pos[:, None]
         pair = (query_ids[:, None], key_ids[None, :])
