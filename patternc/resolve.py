@@ -129,12 +129,22 @@ class GroupResolver:
         if not selves:
             resolved_rule = ResolvedRule(ordered, tuple(key_groups), rule.span, rule.text)
             return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
+        # a neighbourhood on `self` whose queries all have shapes: each reads itself by coordinates
+        shaped = all(q in self.shapes for q in ordered)
+
+        def on_grid(listed: ModifierList | None) -> bool:
+            return shaped and listed is not None and listed.members is not None and (
+                listed.members.kind in GRID_RELATIONS
+            )
+
         # once per `self`, not per query group: a problem of the list, not of a group
         for _, listed in selves:
             if listed is not None and listed.members is not None:
-                problems.append(self._relation_on_self(listed))
+                if not on_grid(listed):
+                    problems.append(self._relation_on_self(listed))
             elif listed is None and rule_list is not None and rule_list.members is not None:
-                problems.append(self._relation_on_self(rule_list))
+                if not on_grid(rule_list):
+                    problems.append(self._relation_on_self(rule_list))
             elif listed is not None and rule_list is not None and rule_list.text():
                 problems.append(_two_lists(SELF, listed, rule_list))
         resolved = []
@@ -142,6 +152,13 @@ class GroupResolver:
             own = []
             for _, listed in selves:
                 mods = listed.modifiers if listed is not None else rule_mods
+                grid_list = listed if listed is not None else rule_list
+                if on_grid(grid_list):
+                    assert grid_list is not None and grid_list.members is not None
+                    near = _Selection(relations={query: (grid_list.members, grid_list.span)})
+                    key = KeyGroup(query, mods, grid_list.members)
+                    own.extend(self._neighbourhoods(rule, (query,), [key], near, problems))
+                    continue
                 own.append(KeyGroup(query, mods, MemberRelation("self") if is_family(query) else None))
             repeated = next((k for k in key_groups if k.name == query), None)
             if repeated is not None and (repeated.members is None or repeated.members.includes_own_member()):

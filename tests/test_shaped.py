@@ -373,3 +373,22 @@ def test_placement_counts_the_flops_of_every_shard(world: int) -> None:
     assert sum(loads.flops) == plan.layout(sizes).allowed_entries
     local = placement.local_sizes(0)
     assert plan.layout(local).n_tokens == sum(n or 0 for n in local.values())  # a shard is not refused
+
+
+def test_self_takes_a_neighbourhood_when_every_query_has_a_shape() -> None:
+    plan = plan_of("groups left[3, 4] right[4, 3] t\nleft, right -> self[kernel 3], t\nt -> *")
+    explicit = plan_of(
+        "groups left[3, 4] right[4, 3] t\nleft -> left[kernel 3], t\nright -> right[kernel 3], t\nt -> *"
+    )
+    sizes = {"left": 12, "right": 12, "t": 2}
+    assert torch.equal(plan.layout(sizes).dense_mask(), explicit.layout(sizes).dense_mask())
+    with pytest.raises(PatternError) as error:
+        patternc.compile("groups a[3, 4] t\na, t -> self[kernel 3]")
+    assert any(d.code == "E025" and "on `self`" in d.message for d in error.value.diagnostics)
+
+
+def test_linear_attention_refuses_a_neighbourhood() -> None:
+    plan, sizes = PLANS["3d"]
+    module = make(plan, "linear")
+    with pytest.raises(ValueError, match=r"linear attention cannot express \[kernel 3\]"):
+        module(torch.randn(1, 90, 16), sizes)
