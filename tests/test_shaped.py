@@ -392,3 +392,34 @@ def test_linear_attention_refuses_a_neighbourhood() -> None:
     module = make(plan, "linear")
     with pytest.raises(ValueError, match=r"linear attention cannot express \[kernel 3\]"):
         module(torch.randn(1, 90, 16), sizes)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["batched", "flex", "varlen", "auto"])
+@pytest.mark.parametrize(
+    ("source", "sizes"),
+    [("groups video[8, 16, 16] text\nvideo -> video[kernel 3 7 7], text\ntext -> *", {"video": 2048, "text": 77}),
+     ("groups image[37, 41]\nimage -> image[kernel 13 9]", {"image": 1517})],
+)  # fmt: skip
+def test_gpu_neighbourhoods_bf16(source: str, sizes: dict[str, int], backend: str) -> None:
+    """bf16 on the GPU (flex compiled, with its block mask from coordinates)
+    against the float64 reference, forward and backward."""
+    plan = plan_of(source)
+    mask = plan.layout(sizes).dense_mask()
+    module = make(plan, backend, dim=128).cuda()
+    x = torch.randn(1, sum(sizes.values()), 128, device="cuda", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, _ = module(x, sizes)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = masked_attention(module, x64, mask.cuda())
+    assert relative_error(out, ref) < 2e-2
+    grad = torch.randn_like(ref)
+    out.float().backward(grad.float())
+    ref.backward(grad)
+    assert x.grad is not None and x64.grad is not None
+    assert relative_error(x.grad, x64.grad) < 5e-2
