@@ -254,7 +254,11 @@ def _neighbourhood_cells(
     q_start, q_stop, k_start, k_stop = rect
     for row in range(q_start // block, (q_stop - 1) // block + 1):
         qlo, qhi = _overlap(q_start, q_stop, row, block)
-        for col in range(k_start // block, (k_stop - 1) // block + 1):
+        # only the key blocks between the lowest and highest key the row may read
+        lowest, highest = grid.reach(qlo, qhi)
+        first = (k_start + lowest) // block
+        last = (k_start + min(highest, k_stop - k_start - 1)) // block
+        for col in range(first, last + 1):
             klo, khi = _overlap(k_start, k_stop, col, block)
             some, whole = grid.cell_class(qlo, qhi, klo, khi)
             if not some:
