@@ -286,7 +286,8 @@ def _lower(syntax: SourceFile, filename: str | None, text: str) -> tuple[Program
     groups = tuple(typos[g][0] if g in typos else g for g in declared)
     group_spans = {typos[g.name][0] if g.name in typos else g.name: g.span for g in reversed(syntax.groups)}
     shapes = {g.name: g.shape for g in syntax.groups if g.shape}
-    resolver = GroupResolver(groups, maybe_declared=maybe_declared, shapes=shapes)
+    unshaped = frozenset(g.name for g in syntax.groups if g.bad_shape)
+    resolver = GroupResolver(groups, maybe_declared=maybe_declared, shapes=shapes, bad_shapes=unshaped)
     group_types, problems = _resolve_types(syntax, resolver)
     diagnostics.extend(problems)
     plans = PatternTable()

@@ -83,10 +83,13 @@ class GroupResolver:
         *,
         maybe_declared: Collection[str] = (),
         shapes: Mapping[str, tuple[int, ...]] | None = None,
+        bad_shapes: Collection[str] = (),
     ) -> None:
         self.groups = tuple(groups)
         self.shapes = dict(shapes or {})
         """Groups declared with a shape (``image[16, 16]``) and their shapes."""
+        self.bad_shapes = frozenset(bad_shapes)
+        """Groups whose shape was reported (E208): their neighbourhoods are not reported again."""
         self.index = {name: i for i, name in enumerate(self.groups)}
         self.names = NameIndex(self.groups)
         self.maybe_declared = frozenset(maybe_declared)
@@ -133,8 +136,11 @@ class GroupResolver:
         shaped = all(q in self.shapes for q in ordered)
 
         def on_grid(listed: ModifierList | None) -> bool:
-            return shaped and listed is not None and listed.members is not None and (
-                listed.members.kind in GRID_RELATIONS
+            return (
+                shaped
+                and listed is not None
+                and listed.members is not None
+                and (listed.members.kind in GRID_RELATIONS)
             )
 
         # once per `self`, not per query group: a problem of the list, not of a group
@@ -205,6 +211,8 @@ class GroupResolver:
             plain = [q for q in queries if not is_family(q)]
             axes = grid_axes(key.name)
             off_grid = not axes or any(grid_axes(q) != axes for q in queries)
+            if key.members.kind in GRID_RELATIONS and key.name in self.bad_shapes:
+                continue
             if key.members.kind in GRID_RELATIONS and off_grid:
                 problems.append(
                     Diagnostic(
@@ -213,7 +221,8 @@ class GroupResolver:
                         f"{_listed_names(queries)} must be grid families of as many axes",
                         span,
                         "declare a grid family with one `*` per axis "
-                        "(`groups tile*_*`: tile0_0, tile0_1, ...)",
+                        "(`groups tile*_*`: tile0_0, tile0_1, ...), or one group with a shape "
+                        "(`groups image[16, 16]`) for neighbourhoods of tokens",
                     )
                 )
             elif not is_family(key.name):

@@ -143,6 +143,9 @@ class GroupDecl:
     span: Span
     shape: tuple[int, ...] = ()
     """``groups image[16, 16]``: the grid its tokens lie on, row-major (empty: none)."""
+    bad_shape: bool = False
+    """Declared with a shape that was reported (E208): rules reading it by
+    coordinates are not reported again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,14 +701,14 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
             self._error(Code.BAD_SHAPE, f"`{name}` is a family: a shape belongs to one group", span,
                         f"declare one group with its shape (`{plain}[16, 16]`), or a grid family of "
                         "groups (`tile*_*`) with `near`/`kernel` between members")  # fmt: skip
-            return GroupDecl(name, span)
+            return GroupDecl(name, span, bad_shape=True)
         shape: list[int] = []
         for size in sizes:
             text = str(size)
             if not re.fullmatch(r"\+?[0-9]+", text) or int(text) < 1:
                 self._error(Code.BAD_SHAPE, f"a shape holds whole numbers >= 1, got `{text}`",
                             _token_span(size), "e.g. `image[16, 16]`: 16 rows of 16 tokens")  # fmt: skip
-                return GroupDecl(name, span)
+                return GroupDecl(name, span, bad_shape=True)
             shape.append(int(text))
         last = sizes[-1]
         return GroupDecl(name, Span(span.line, span.column, last.end_line or span.line,

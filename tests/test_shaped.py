@@ -254,6 +254,13 @@ def test_errors(source: str, code: str, message: str, hint: str) -> None:
     assert diag.line is not None and diag.column is not None
 
 
+def test_a_bad_shape_is_one_error() -> None:
+    """The rules reading a group whose shape was refused are not reported again."""
+    with pytest.raises(PatternError) as error:
+        patternc.compile("groups image[3, 0]\nimage -> image[kernel 9]")
+    assert [d.code for d in error.value.diagnostics] == ["E208"]
+
+
 @pytest.mark.parametrize(("sizes", "said"), [({"im": 62}, "`im` has 62 tokens"), ({"im": None}, "KV cache")])
 def test_size_off_the_shape_is_refused(sizes: dict[str, int | None], said: str) -> None:
     plan = plan_of("groups im[7, 9]\nim -> im[kernel 3]")
