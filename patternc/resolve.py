@@ -225,6 +225,17 @@ class GroupResolver:
                         "(`groups image[16, 16]`) for neighbourhoods of tokens",
                     )
                 )
+            elif key.members.per_axis and len(key.members.per_axis) != axes:
+                problems.append(
+                    Diagnostic(
+                        Code.BAD_MODIFIER_ARGUMENT,
+                        f"`{key.members.text()}` on `{key.name}`: {len(key.members.per_axis)} sizes for "
+                        f"{axes} axes",
+                        span,
+                        f"give one number for every axis or one per axis (`[{key.members.kind} "
+                        f"{' '.join(['3'] * axes)}]`)",
+                    )
+                )
             elif not is_family(key.name):
                 problems.append(
                     Diagnostic(

@@ -243,6 +243,8 @@ def test_varlen_says_why_it_runs_as_batched() -> None:
         ("groups im[7, 9]\nim -> im[window 3 4]", "E021", "`window` takes one argument, got 2",
          "one number per axis"),
         ("groups a\na -> a[kernel 3]", "E025", "`kernel 3` compares grid coordinates", "`groups tile*_*`"),
+        ("groups t*_*\nt*_* -> t*_*[kernel 3 3 3]", "E021", "`kernel 3 3 3` on `t*_*`: 3 sizes for 2 axes",
+         "`[kernel 3 3]`"),
     ],
 )  # fmt: skip
 def test_errors(source: str, code: str, message: str, hint: str) -> None:
@@ -252,6 +254,14 @@ def test_errors(source: str, code: str, message: str, hint: str) -> None:
     assert message in diag.message
     assert diag.hint is not None and hint in diag.hint
     assert diag.line is not None and diag.column is not None
+
+
+def test_grid_families_take_a_size_per_axis() -> None:
+    """``[kernel 1 3]`` on a grid family of one-token members is the token neighbourhood of that shape."""
+    members = plan_of("groups px*_*\npx*_* -> px*_*[kernel 1 3]")
+    shaped = plan_of("groups px[4, 5]\npx -> px[kernel 1 3]")
+    sizes = {f"px{r}_{c}": 1 for r in range(4) for c in range(5)}
+    assert torch.equal(members.layout(sizes).dense_mask(), shaped.layout({"px": 20}).dense_mask())
 
 
 def test_a_bad_shape_is_one_error() -> None:
