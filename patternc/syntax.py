@@ -283,6 +283,34 @@ def _syntax_hint(expected: set[str], got: str) -> str | None:
     return None
 
 
+def _shape_hint(lines: list[str], line: int, column: int) -> tuple[str, Fix | None] | None:
+    """At an error in a ``groups`` line's ``[``: how a shape is written
+    (``image[16, 16]``: touching the name, numbers between commas), with a
+    fix where the repair is clear; None elsewhere."""
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    if not text.lstrip().startswith("groups "):
+        return None
+    at = column - 1
+    opened = text.rfind("[", 0, at + 1)
+    closed = text.find("]", at)
+    if opened < 0 or closed < 0 or "]" in text[opened:at]:
+        return None
+    numbers = re.findall(r"[0-9]+", text[opened + 1 : closed])
+    before = text[:opened].rstrip()
+    name = re.search(r"[A-Za-z0-9_*?.]+$", before)
+    if (
+        not numbers
+        or name is None
+        or not re.fullmatch(r"[0-9]+([\s,]+[0-9]+)*\s*", text[opened + 1 : closed])
+    ):
+        return None
+    shape = f"{name.group()}[{', '.join(numbers)}]"
+    start = Span(line, name.start() + 1, line, closed + 2)
+    return f"a shape touches its group's name and lists its sizes between commas: `{shape}`", Fix(
+        f"write `{shape}`", (Edit(start, shape),)
+    )
+
+
 _MODIFIER_PIECE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[-+]?[0-9]+|\S")
 _MODIFIER_FORMS = "modifiers read `[causal]`, `[window 256]` or `[causal, window 256]`"
 
@@ -862,6 +890,9 @@ def _first_syntax_error(
                 )
                 if in_brackets is not None:
                     hint, fix = in_brackets
+                shape = _shape_hint(lines, span.line, span.column)
+                if shape is not None:
+                    hint, fix = shape
                 keyword = _keyword_typo(lines, span.line, span.column) if "_ARROW" in expected else None
                 found.append(keyword or Diagnostic(Code.SYNTAX, message, span, hint, fix=fix))
         elif isinstance(error, lark.exceptions.UnexpectedCharacters):

@@ -256,6 +256,21 @@ def test_errors(source: str, code: str, message: str, hint: str) -> None:
     assert diag.line is not None and diag.column is not None
 
 
+@pytest.mark.parametrize("written", ["image [16, 16]", "image[16 16]", "image [16 16]"])
+def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
+    source = f"groups {written} text\nimage -> image[kernel 3]\ntext -> *\n"
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    (diag,) = [d for d in error.value.diagnostics if d.code == "E010"]
+    assert (
+        diag.hint is not None and "touches its group's name" in diag.hint and "`image[16, 16]`" in diag.hint
+    )
+    assert diag.fix is not None
+    fixed = diag.fix.apply(source)
+    assert fixed.startswith("groups image[16, 16] text\n")
+    patternc.compile(fixed)
+
+
 def test_grid_families_take_a_size_per_axis() -> None:
     """``[kernel 1 3]`` on a grid family of one-token members is the token neighbourhood of that shape."""
     members = plan_of("groups px*_*\npx*_* -> px*_*[kernel 1 3]")
