@@ -40,6 +40,8 @@ abupt      AB-UPT joint: 2 x (1024 anchors + 4096 queries)
 video      256 prompt + 16 block-causal frames of 1024 (``frame*[upto]``)
 interleaved  interleaved VLM: 64 system + text/image runs, 4.1k tokens
 docprefix  16 documents, each a 128-token prefix + 256-2048 text
+natten     NATTEN over a 128 x 128 image, kernel 13 (``image[kernel 13]``)
+natten3d   NATTEN over a 16 x 32 x 32 video, kernel 3 x 7 x 7
 ============ ==================================================
 
 Run: ``python benchmarks/bench_users.py [--rows vlm prefix] [--repeat 30] [--scale 4]``;
@@ -214,6 +216,28 @@ def _prefixed_documents_mask(prefix: int, texts: tuple[int, ...]) -> Callable[[t
     return make
 
 
+def _natten_mask(shape: tuple[int, ...], kernel: tuple[int, ...]) -> Callable[[torch.device, int], MaskMod]:
+    """Neighbourhood attention as attention-gym's ``generate_natten`` writes
+    it, on any number of axes: coordinates by div/mod of the token index,
+    the window's centre clamped ``K // 2`` from the edges (keys past the
+    image are padding)."""
+    n = math.prod(shape)
+    strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+
+    def make(device: torch.device, length: int) -> MaskMod:
+        def natten(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            ok = kv_idx < n
+            for size, k, stride in zip(shape, kernel, strides):
+                q_at, kv_at = q_idx // stride % size, kv_idx // stride % size
+                centre = q_at.clamp(k // 2, size - 1 - k // 2)
+                ok = ok & (centre - k // 2 <= kv_at) & (kv_at <= centre + k // 2)
+            return ok
+
+        return natten
+
+    return make
+
+
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
 FRAMES = "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
 INTERLEAVED = (
@@ -298,6 +322,13 @@ def rows(tiny: bool, scale: int = 1) -> dict[str, Row]:
         sizes |= {f"doc{i}.prefix": prefix, f"doc{i}.text": n}
     title = f"{len(texts)} documents of a {prefix}-token prefix + text ({sum(sizes.values()) / 1000:.1f}k)"
     out.append(Row("docprefix", title, PREFIXED_DOCUMENTS, sizes, _prefixed_documents_mask(prefix, texts)))
+    for key, shape, kernel in (
+        ("natten", (32, 32) if tiny else (128, 128), (7, 7) if tiny else (13, 13)),
+        ("natten3d", (4, 8, 8) if tiny else (16, 32, 32), (3, 3, 3) if tiny else (3, 7, 7)),
+    ):
+        source = f"groups image{list(shape)}\nimage -> image[kernel {' '.join(map(str, kernel))}]"
+        title = f"NATTEN over {' x '.join(map(str, shape))}, kernel {' x '.join(map(str, kernel))}"
+        out.append(Row(key, title, source, {"image": math.prod(shape)}, _natten_mask(shape, kernel)))
     return {row.key: row for row in out}
 
 

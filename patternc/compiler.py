@@ -285,7 +285,9 @@ def _lower(syntax: SourceFile, filename: str | None, text: str) -> tuple[Program
     diagnostics.extend(diagnostic for _, diagnostic in typos.values())
     groups = tuple(typos[g][0] if g in typos else g for g in declared)
     group_spans = {typos[g.name][0] if g.name in typos else g.name: g.span for g in reversed(syntax.groups)}
-    resolver = GroupResolver(groups, maybe_declared=maybe_declared)
+    shapes = {g.name: g.shape for g in syntax.groups if g.shape}
+    unshaped = frozenset(g.name for g in syntax.groups if g.bad_shape)
+    resolver = GroupResolver(groups, maybe_declared=maybe_declared, shapes=shapes, bad_shapes=unshaped)
     group_types, problems = _resolve_types(syntax, resolver)
     diagnostics.extend(problems)
     plans = PatternTable()

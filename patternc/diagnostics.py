@@ -86,6 +86,7 @@ class Code:
     SELF_REPEATS_KEY = "E205"
     BAD_PARTS = "E206"
     MISPLACED_NOTHING = "E207"
+    BAD_SHAPE = "E208"
     # pattern structure
     NOT_EXHAUSTIVE = "E301"
     OVERLAP = "E302"
@@ -101,6 +102,7 @@ class Code:
     EMPTY_FAMILY = "E406"
     NO_MEMBER_KEYS = "E407"
     SAME_GRID_PLACE = "E408"
+    SHAPE_SIZE = "E409"
     # warnings
     NEVER_A_KEY = "W101"
     RULE_MODIFIER_ACROSS_GROUPS = "W102"
@@ -132,7 +134,10 @@ MEANINGS: dict[str, str] = {
         "or `window` beside `back`/`ahead`"
     ),
     Code.MISPLACED_MODIFIER: "modifiers where they mean nothing (query side, an exclusion, `types`)",
-    Code.MISPLACED_MEMBER_RELATION: "`same`/`before`/`upto` on a key or with queries that are not families",
+    Code.MISPLACED_MEMBER_RELATION: (
+        "`same`/`before`/`upto` on a key or with queries that are not families; `near`/`kernel` on a key "
+        "that is neither a grid family nor a shaped group its queries share the shape of"
+    ),
     Code.DUPLICATE_GROUP: "a group declared twice",
     Code.NO_GROUPS: "no `groups` declaration",
     Code.DUPLICATE_PATTERN: "a pattern name used twice",
@@ -148,6 +153,8 @@ MEANINGS: dict[str, str] = {
     Code.MISPLACED_NOTHING: "`nothing` beside other keys or with modifiers (`a -> nothing` stands alone)",
     Code.BAD_PARTS: "a bad `{parts}` declaration (on a plain group or a grid, a part twice, a bad part name, "
     "a family declared both plain and with parts)",
+    Code.BAD_SHAPE: "a bad shape declaration (`image[16, 16]`): on a family, or a size that is not a whole "
+    "number >= 1",
     Code.NOT_EXHAUSTIVE: "groups that are a query in no rule of a pattern (all listed in one diagnostic)",
     Code.OVERLAP: "a group that is a query in two rules (overlap; both places named)",
     Code.NO_PATTERNS: "(hand-written lists) no patterns given",
@@ -161,6 +168,7 @@ MEANINGS: dict[str, str] = {
     Code.EMPTY_FAMILY: "(sizes) a rule whose only keys are families with no members in this input",
     Code.NO_MEMBER_KEYS: "(sizes) a member that a member relation leaves with no keys (`frame*[before]`)",
     Code.SAME_GRID_PLACE: "(sizes) two members of a grid family at the same coordinates (`t0_1`, `t00_1`)",
+    Code.SHAPE_SIZE: "(sizes) a group declared with a shape whose size is not the product of the shape",
     Code.NEVER_A_KEY: "warning: a group that no rule of any pattern lets anyone attend to",
     Code.RULE_MODIFIER_ACROSS_GROUPS: "warning: a rule-level modifier over several key groups",
     Code.FULL_ATTENTION: "warning: a pattern that is plain full attention (every group to every group)",

@@ -15,6 +15,7 @@ Lines and columns are 1-based, as in the compiler's diagnostics.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from patternc.members import MEMBER_RELATION_DOCS
 from patternc.modifiers import MODIFIER_NAMES
 from patternc.plan import Program
 from patternc.project import Settings
+from patternc.syntax import parse
 
 _MODIFIER_DETAIL = {
     "causal": "causal: j <= i",
@@ -158,6 +160,15 @@ def declaration(text: str, line: int, column: int) -> Location | None:
     return groups.get(word) or groups.get(word + "*")
 
 
+def _shapes(text: str) -> dict[str, tuple[int, ...]]:
+    """Groups declared with a shape (``image[16, 16]``) and their shapes."""
+    try:
+        groups = parse(text).groups
+    except PatternError:
+        return {}
+    return {g.name: g.shape for g in groups if g.shape}
+
+
 def hover(text: str, line: int, column: int, sizes: Mapping[str, int] | None = None) -> str | None:
     """Markdown for the group under the cursor: the rules it is a query and a
     key in, per pattern, and its size when ``sizes`` (editor settings) has it."""
@@ -165,12 +176,22 @@ def hover(text: str, line: int, column: int, sizes: Mapping[str, int] | None = N
     declared = declared_groups(text)
     if word is None:
         return None
+    lines_of = text.splitlines()
+    before = lines_of[line - 1][: column - 1]
+    if before.count("[") > before.count("]") and not before.lstrip().startswith("groups"):
+        # a word of a modifier list: what it means
+        meaning = _MODIFIER_DETAIL.get(word) or MEMBER_RELATION_DOCS.get(word)
+        if meaning is not None:
+            return f"**{word}**: {meaning.split(': ', 1)[1]}"
     # a family with parts is its parts (`run*`: `run*.text`, `run*.image`)
     parts = [g for g in declared if "." in g and g.split(".", 1)[0] == word]
     if word.rstrip("*") not in {g.rstrip("*") for g in declared} and not parts:
         return None
     shown = word.replace("*", "\\*")  # a `*` in markdown's bold would end it
     lines = [f"**{shown}**" + (f": {sizes[word]} tokens" if sizes and word in sizes else "")]
+    shape = _shapes(text).get(word)
+    if shape:
+        lines[0] += f" (shape {list(shape)}: {math.prod(shape)} tokens, row-major)"
     if parts:
         lines[0] += ": a family with the parts " + ", ".join(f"`{p.split('.', 1)[1]}`" for p in parts)
     names = set(parts) or {word}

@@ -68,8 +68,9 @@ MEMBER_RELATION_DOCS = {
     "same": "same: the query's own member of the key family",
     "before": "before [N]: members earlier than the query's (the N just before it)",
     "upto": "upto [N]: the query's member and those before it (the N just before it)",
-    "near": "near N: grid members within N of the query's on every axis",
-    "kernel": "kernel K: a K-wide window of grid members on every axis, kept inside the grid",
+    "near": "near N: grid members (or, on a shaped group, tokens) within N of the query's on every axis",
+    "kernel": "kernel K: a K-wide window of grid members (or, on a shaped group, tokens) on every axis, "
+    "kept inside the grid; `kernel 3 7 7`: one size per axis",
 }
 """One line per relation word, for editors."""
 
@@ -109,9 +110,19 @@ class MemberRelation:
     kind: RelationKind
     count: int | None = None
     """``before N`` / ``upto N``: how many members back (None: all of them)."""
+    per_axis: tuple[int, ...] = ()
+    """``near``/``kernel`` with one number per axis (``kernel 3 7 7``);
+    empty: ``count`` on every axis."""
 
     def text(self) -> str:
+        if self.per_axis:
+            return f"{self.kind} {' '.join(map(str, self.per_axis))}"
         return self.kind if self.count is None else f"{self.kind} {self.count}"
+
+    def sizes(self, axes: int) -> tuple[int, ...]:
+        """``near``/``kernel``: the number of each of ``axes`` axes."""
+        assert self.count is not None
+        return self.per_axis or (self.count,) * axes
 
     def includes_own_member(self) -> bool:
         """Whether the query's own member is among the keys it selects."""
@@ -120,16 +131,15 @@ class MemberRelation:
     def box(self, query: tuple[int, ...], extent: tuple[int, ...]) -> list[tuple[int, int]]:
         """``near``/``kernel``: key coordinates ``[lo, hi)`` per axis for a
         query member at ``query`` in a grid of ``extent``."""
-        assert self.count is not None
         out = []
-        for at, size in zip(query, extent):
+        for at, size, count in zip(query, extent, self.sizes(len(query))):
             if self.kind == "near":
-                out.append((max(0, at - self.count), min(size, at + self.count + 1)))
-            elif size <= self.count:
+                out.append((max(0, at - count), min(size, at + count + 1)))
+            elif size <= count:
                 out.append((0, size))
             else:
-                left = self.count // 2
-                right = self.count - 1 - left
+                left = count // 2
+                right = count - 1 - left
                 centre = min(max(at, left), size - 1 - right)
                 out.append((centre - left, centre + right + 1))
         return out

@@ -38,6 +38,7 @@ __all__ = [
     "UNBOUNDED",
     "Band",
     "Modifiers",
+    "Neighbourhood",
     "allowed_pairs",
     "band_allows",
     "pair_band",
@@ -47,6 +48,163 @@ MODIFIER_NAMES = ("causal", "window", "back", "ahead", "dilate", "across")
 
 UNBOUNDED = 1 << 62
 """A band's open side in device tables (int64), past any position difference."""
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbourhood:
+    """Token coordinates on a group's shape and the box each query reads.
+
+    Positions ``0 .. prod(shape) - 1`` within the group are row-major
+    coordinates on ``shape`` (the last axis varies fastest). A query at
+    coordinate ``q`` on an axis of length ``n`` with size ``s`` reads the keys
+    at coordinates ``[lo, lo + width)``:
+
+    - ``near``: ``lo = max(0, q - s)``, up to ``q + s`` (cut at the edges);
+    - ``kernel``: ``lo = clamp(q - s // 2, 0, n - s)`` and width ``s``, so the
+      window always holds ``s`` keys (shifted inwards at the edges).
+
+    Raises:
+        ValueError: ``sizes`` and ``shape`` of different lengths, a size below
+            its least (``near`` 0, ``kernel`` 1) or a kernel wider than its axis.
+    """
+
+    kind: str
+    """``near`` or ``kernel``."""
+    shape: tuple[int, ...]
+    sizes: tuple[int, ...]
+    """Per axis: ``N`` of ``near N``, ``K`` of ``kernel K``."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("near", "kernel"):
+            raise ValueError(f"a neighbourhood is `near` or `kernel`, not `{self.kind}`")
+        if len(self.sizes) != len(self.shape):
+            raise ValueError(f"{len(self.sizes)} sizes for a shape of {len(self.shape)} axes")
+        least = 0 if self.kind == "near" else 1
+        for size, length in zip(self.sizes, self.shape):
+            if size < least:
+                raise ValueError(f"`{self.kind}` must be at least {least}, got {size}")
+            if self.kind == "kernel" and size > length:
+                raise ValueError(f"`kernel {size}` is wider than an axis of {length}")
+
+    @property
+    def n_tokens(self) -> int:
+        return math.prod(self.shape)
+
+    def text(self) -> str:
+        """``kernel 7`` (one size for every axis) or ``kernel 3 7 7``."""
+        same = len(set(self.sizes)) == 1
+        return f"{self.kind} {' '.join(map(str, self.sizes[:1] if same else self.sizes))}"
+
+    def strides(self) -> tuple[int, ...]:
+        """Row-major strides of the shape (the last axis is 1)."""
+        out = [1] * len(self.shape)
+        for a in range(len(self.shape) - 2, -1, -1):
+            out[a] = out[a + 1] * self.shape[a + 1]
+        return tuple(out)
+
+    def box(self, axis: int, at: Any) -> tuple[Any, Any]:
+        """Key coordinates ``[lo, hi)`` on ``axis`` for a query at ``at`` (an
+        int, or a tensor of them)."""
+        n, s = self.shape[axis], self.sizes[axis]
+        if self.kind == "near":
+            lo = at - s
+            hi = at + s + 1
+            if isinstance(at, int):
+                return max(lo, 0), min(hi, n)
+            return lo.clamp(min=0), hi.clamp(max=n)
+        lo = at - s // 2
+        lo = min(max(lo, 0), n - s) if isinstance(at, int) else lo.clamp(0, n - s)
+        return lo, lo + s
+
+    def allows(self, q_pos: Any, k_pos: Any) -> Any:
+        """Whether query position ``q_pos`` and key position ``k_pos`` (within
+        the group: ints, or tensors that broadcast) pair."""
+        ok = q_pos == q_pos
+        for axis, (n, stride) in enumerate(zip(self.shape, self.strides())):
+            q_at = q_pos // stride % n
+            k_at = k_pos // stride % n
+            lo, hi = self.box(axis, q_at)
+            ok = ok & (k_at >= lo) & (k_at < hi)
+        return ok
+
+    def _widths(self) -> list[list[int]]:
+        """Per axis, the window width of each query coordinate."""
+        out = []
+        for axis, n in enumerate(self.shape):
+            out.append([hi - lo for lo, hi in (self.box(axis, at) for at in range(n))])
+        return out
+
+    def pairs(self) -> int:
+        """How many (query, key) pairs of the group with itself it allows:
+        the product over axes of each axis's window widths summed."""
+        return math.prod(sum(w) for w in self._widths())
+
+    def pairs_below(self, n_queries: int) -> int:
+        """The pairs of the first ``n_queries`` queries (positions ``0 ..
+        n_queries - 1``) with every key: whole slices of the leading axis,
+        then the rest of the next slice, axis by axis (O(sum of the shape))."""
+        widths = self._widths()
+        totals = [sum(w) for w in widths]
+        rest, weight, total = min(max(n_queries, 0), self.n_tokens), 1, 0
+        for axis, stride in enumerate(self.strides()):
+            whole, rest = divmod(rest, stride)
+            total += weight * sum(widths[axis][:whole]) * math.prod(totals[axis + 1 :])
+            if whole == self.shape[axis] or not rest:
+                break
+            weight *= widths[axis][whole]
+        return total
+
+    def reach(self, lo: int, hi: int) -> tuple[int, int]:
+        """The lowest and highest key position any query of positions ``[lo,
+        hi]`` may read: the corners of the box the queries' coordinate
+        ranges reach on every axis (keys between them may be out of reach)."""
+        lowest = highest = 0
+        for axis, stride in enumerate(self.strides()):
+            first, last = self.coordinate_range(axis, lo, hi)
+            lowest += stride * self.box(axis, first)[0]
+            highest += stride * (self.box(axis, last)[1] - 1)
+        return lowest, highest
+
+    def block_entries(self, block: int) -> int:
+        """About how many (query, key) entries a kernel of ``block`` x
+        ``block`` tiles computes for the group with itself: per block of
+        queries, the key blocks from the lowest position any of them reads
+        to the highest (:meth:`reach`). An upper bound where blocks between
+        those are empty (far frames)."""
+        n = self.n_tokens
+        total = 0
+        for start in range(0, n, block):
+            stop = min(n, start + block) - 1
+            lowest, highest = self.reach(start, stop)
+            total += (stop - start + 1) * (highest // block - lowest // block + 1) * block
+        return min(total, n * n)
+
+    def coordinate_range(self, axis: int, lo: int, hi: int) -> tuple[int, int]:
+        """The least and largest coordinate on ``axis`` of positions ``[lo, hi]``."""
+        stride, n = self.strides()[axis], self.shape[axis]
+        first, last = lo // stride, hi // stride
+        if last - first >= n or first % n > last % n:
+            return 0, n - 1
+        return first % n, last % n
+
+    def cell_class(self, qlo: int, qhi: int, klo: int, khi: int) -> tuple[bool, bool]:
+        """``(may be non-empty, full)`` of the rectangle of queries ``[qlo,
+        qhi]`` and keys ``[klo, khi]`` (positions within the group). Both
+        sides are sound: "empty" and "full" are only said when true. The box
+        of a query is monotone in its coordinate, so the keys any query of
+        a coordinate range reads span ``[box(least).lo, box(largest).hi)``,
+        and those every query reads ``[box(largest).lo, box(least).hi)``."""
+        some = full = True
+        for axis in range(len(self.shape)):
+            q_first, q_last = self.coordinate_range(axis, qlo, qhi)
+            k_first, k_last = self.coordinate_range(axis, klo, khi)
+            lo_first, hi_first = self.box(axis, q_first)
+            lo_last, hi_last = self.box(axis, q_last)
+            if k_last < lo_first or k_first >= hi_last:
+                some = False
+            if not (lo_last <= k_first and k_last < hi_first):
+                full = False
+        return some, full and some
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +218,8 @@ class Band:
     high: int | None
     dilation: int = 1
     residue: int = 0
+    grid: Neighbourhood | None = None
+    """A neighbourhood on the group's shape (then the band is open)."""
 
     def is_empty(self) -> bool:
         """No difference ``j - i`` at all is allowed (whatever the sizes)."""
@@ -80,7 +240,10 @@ class Band:
         """``(non-empty, full)`` of the rectangle of queries ``[qlo, qhi]`` and
         keys ``[klo, khi]`` (positions within the groups, bounds included):
         its differences ``j - i`` are exactly the integers of
-        ``[klo - qhi, khi - qlo]``, so this is exact."""
+        ``[klo - qhi, khi - qlo]``, so this is exact (under a neighbourhood:
+        see :meth:`Neighbourhood.cell_class`)."""
+        if self.grid is not None:
+            return self.grid.cell_class(qlo, qhi, klo, khi)
         lo, hi = klo - qhi, khi - qlo
         inside = (self.low is None or lo >= self.low) and (self.high is None or hi <= self.high)
         full = inside and (self.dilation == 1 or (lo == hi and (lo - self.residue) % self.dilation == 0))
@@ -112,8 +275,19 @@ class Modifiers:
     ahead: int | None = None
     dilation: int = 1
     across: bool = False
+    grid: Neighbourhood | None = None
+    """A neighbourhood on a shaped group (``image[kernel 7]``); alone in its list."""
 
     def __post_init__(self) -> None:
+        if self.grid is not None and (
+            self.causal
+            or self.window is not None
+            or self.back is not None
+            or self.ahead is not None
+            or self.dilation > 1
+            or self.across
+        ):
+            raise ValueError(f"`{self.grid.text()}` beside a band: a neighbourhood stands alone in its list")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
         for name, value in (("back", self.back), ("ahead", self.ahead)):
@@ -139,12 +313,18 @@ class Modifiers:
         )
 
     def __bool__(self) -> bool:
-        return self._bounded()
+        return self._bounded() or self.grid is not None
 
     @property
     def plain(self) -> bool:
         """Only ``causal`` and ``window`` (what every format has always said)."""
-        return self.back is None and self.ahead is None and self.dilation == 1 and not self.across
+        return (
+            self.back is None
+            and self.ahead is None
+            and self.dilation == 1
+            and not self.across
+            and self.grid is None
+        )
 
     def band(self) -> tuple[int | None, int | None, int]:
         """``(low, high, dilation)``: the pairs allowed are those with
@@ -174,17 +354,20 @@ class Modifiers:
             out.append(f"dilate {self.dilation}")
         if self.across:
             out.append("across")
+        if self.grid is not None:
+            out.append(self.grid.text())
         return out
 
     def text(self) -> str:
         """``[causal, window 4]`` (empty for no modifiers)."""
         return f"[{', '.join(self.parts())}]" if self else ""
 
-    def to_dict(self) -> dict[str, bool | int | None]:
+    def to_dict(self) -> dict[str, bool | int | list[int] | None]:
         """``causal`` and ``window`` always; ``back``, ``ahead``,
-        ``dilation`` and ``across`` only where set (older readers of the
+        ``dilation``, ``across`` and a neighbourhood (``kernel``/``near``
+        with its sizes, and ``shape``) only where set (older readers of the
         JSON see the lists they know unchanged)."""
-        out: dict[str, bool | int | None] = {"causal": self.causal, "window": self.window}
+        out: dict[str, bool | int | list[int] | None] = {"causal": self.causal, "window": self.window}
         if self.back is not None:
             out["back"] = self.back
         if self.ahead is not None:
@@ -193,6 +376,9 @@ class Modifiers:
             out["dilation"] = self.dilation
         if self.across:
             out["across"] = True
+        if self.grid is not None:
+            out[self.grid.kind] = list(self.grid.sizes)
+            out["shape"] = list(self.grid.shape)
         return out
 
     def tighten(self, other: Modifiers) -> Modifiers:
@@ -206,6 +392,10 @@ class Modifiers:
             return self
         if not self:
             return other
+        if self.grid is not None or other.grid is not None:
+            raise ValueError(
+                f"cannot intersect {self.text()} with {other.text()}: a neighbourhood is not a band"
+            )
         if self.across != other.across:
             raise ValueError(
                 f"cannot intersect {self.text()} with {other.text()}: one counts positions across groups "
@@ -237,6 +427,8 @@ def pair_band(modifiers: Modifiers, shift: int = 0) -> Band:
     ``shift`` is the key group's offset in the input minus the query
     group's; it counts only under ``across``."""
     low, high, dilation = modifiers.band()
+    if modifiers.grid is not None:
+        return Band(None, None, 1, 0, modifiers.grid)
     if not modifiers.across or not shift:
         return Band(low, high, dilation, 0)
     return Band(
@@ -251,6 +443,8 @@ def band_allows(band: Band, q_pos: Any, k_pos: Any) -> Any:
     """Whether query position ``q_pos`` and key position ``k_pos`` (within
     their groups) pair under ``band``: ints, or tensors that broadcast (a
     bool tensor then)."""
+    if band.grid is not None:
+        return band.grid.allows(q_pos, k_pos)
     d = k_pos - q_pos
     ok = d == d
     if band.low is not None:
@@ -291,6 +485,10 @@ def allowed_pairs(n_queries: int, n_keys: int, modifiers: Modifiers, shift: int 
     diagonal of the pair under ``dilate``."""
     if n_queries <= 0 or n_keys <= 0:
         return 0
+    if modifiers.grid is not None:
+        # the first n_queries queries against every key: a layout refuses
+        # other sizes than the shape's, a rank's shard counts a prefix
+        return modifiers.grid.pairs_below(n_queries)
     band = pair_band(modifiers, shift)
     # allowed: i + low <= j <= i + high, differences j - i within [-(n_q - 1), n_k - 1]
     low = -(n_queries - 1) if band.low is None else max(band.low, -(n_queries - 1))

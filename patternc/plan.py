@@ -23,7 +23,7 @@ from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
 from patternc.ir import AttentionCall, KeyGroup, ResolvedRule
 from patternc.lower.bind import Bound, bind
 from patternc.lower.cache import BoundedCache
-from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
+from patternc.lower.layout import Layout, ShardSizes, Sizes, build_layout, normalize_sizes
 from patternc.lower.rows import check_row, in_row, stack_rows
 from patternc.members import is_family, type_stem
 from patternc.schemas import AttentionPattern, TokenSpec, domain_of
@@ -242,9 +242,15 @@ class Plan:
 
         Raises:
             PatternError: sizes that do not fit the plan (unknown, missing or
-                negative sizes; a ``TokenSpec`` list in another order).
+                negative sizes; a ``TokenSpec`` list in another order; a
+                shaped group a neighbourhood reads with another size than
+                its shape's, unless ``sizes`` is a rank's
+                :class:`~patternc.lower.layout.ShardSizes`).
         """
-        return LAYOUTS.get_or_build(layout_key(self, sizes), lambda: self._build_layout(sizes))
+        layout = LAYOUTS.get_or_build(layout_key(self, sizes), lambda: self._build_layout(sizes))
+        if layout.off_shape and not isinstance(sizes, ShardSizes):
+            raise PatternError(list(layout.off_shape))
+        return layout
 
     def _build_layout(self, sizes: Sizes) -> Layout:
         names = names_of(sizes)

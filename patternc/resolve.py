@@ -18,13 +18,13 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.members import GRID_RELATIONS, MemberRelation, grid_axes, is_family
-from patternc.modifiers import NO_MODIFIERS, Modifiers
+from patternc.modifiers import NO_MODIFIERS, Modifiers, Neighbourhood
 from patternc.syntax import (
     Difference,
     Modified,
@@ -77,8 +77,19 @@ class GroupResolver:
     unknown, since the syntax error is the one problem.
     """
 
-    def __init__(self, groups: Sequence[str], *, maybe_declared: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        groups: Sequence[str],
+        *,
+        maybe_declared: Collection[str] = (),
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        bad_shapes: Collection[str] = (),
+    ) -> None:
         self.groups = tuple(groups)
+        self.shapes = dict(shapes or {})
+        """Groups declared with a shape (``image[16, 16]``) and their shapes."""
+        self.bad_shapes = frozenset(bad_shapes)
+        """Groups whose shape was reported (E208): their neighbourhoods are not reported again."""
         self.index = {name: i for i, name in enumerate(self.groups)}
         self.names = NameIndex(self.groups)
         self.maybe_declared = frozenset(maybe_declared)
@@ -116,16 +127,30 @@ class GroupResolver:
                 if members is None and rule_list is not None:
                     members = rule_list.members
                 key_groups.append(KeyGroup(name, mods, members))
+            key_groups = self._neighbourhoods(rule, ordered, key_groups, keys, problems)
             self._check_relations(rule, ordered, key_groups, keys, problems)
         if not selves:
             resolved_rule = ResolvedRule(ordered, tuple(key_groups), rule.span, rule.text)
             return RuleResolution((resolved_rule,), tuple(problems), frozenset(intended))
+        # a neighbourhood on `self` whose queries all have shapes: each reads itself by coordinates
+        shaped = all(q in self.shapes for q in ordered)
+
+        def on_grid(listed: ModifierList | None) -> bool:
+            return (
+                shaped
+                and listed is not None
+                and listed.members is not None
+                and (listed.members.kind in GRID_RELATIONS)
+            )
+
         # once per `self`, not per query group: a problem of the list, not of a group
         for _, listed in selves:
             if listed is not None and listed.members is not None:
-                problems.append(self._relation_on_self(listed))
+                if not on_grid(listed):
+                    problems.append(self._relation_on_self(listed))
             elif listed is None and rule_list is not None and rule_list.members is not None:
-                problems.append(self._relation_on_self(rule_list))
+                if not on_grid(rule_list):
+                    problems.append(self._relation_on_self(rule_list))
             elif listed is not None and rule_list is not None and rule_list.text():
                 problems.append(_two_lists(SELF, listed, rule_list))
         resolved = []
@@ -133,6 +158,13 @@ class GroupResolver:
             own = []
             for _, listed in selves:
                 mods = listed.modifiers if listed is not None else rule_mods
+                grid_list = listed if listed is not None else rule_list
+                if on_grid(grid_list):
+                    assert grid_list is not None and grid_list.members is not None
+                    near = _Selection(relations={query: (grid_list.members, grid_list.span)})
+                    key = KeyGroup(query, mods, grid_list.members)
+                    own.extend(self._neighbourhoods(rule, (query,), [key], near, problems))
+                    continue
                 own.append(KeyGroup(query, mods, MemberRelation("self") if is_family(query) else None))
             repeated = next((k for k in key_groups if k.name == query), None)
             if repeated is not None and (repeated.members is None or repeated.members.includes_own_member()):
@@ -179,6 +211,8 @@ class GroupResolver:
             plain = [q for q in queries if not is_family(q)]
             axes = grid_axes(key.name)
             off_grid = not axes or any(grid_axes(q) != axes for q in queries)
+            if key.members.kind in GRID_RELATIONS and key.name in self.bad_shapes:
+                continue
             if key.members.kind in GRID_RELATIONS and off_grid:
                 problems.append(
                     Diagnostic(
@@ -187,7 +221,19 @@ class GroupResolver:
                         f"{_listed_names(queries)} must be grid families of as many axes",
                         span,
                         "declare a grid family with one `*` per axis "
-                        "(`groups tile*_*`: tile0_0, tile0_1, ...)",
+                        "(`groups tile*_*`: tile0_0, tile0_1, ...), or one group with a shape "
+                        "(`groups image[16, 16]`) for neighbourhoods of tokens",
+                    )
+                )
+            elif key.members.per_axis and len(key.members.per_axis) != axes:
+                problems.append(
+                    Diagnostic(
+                        Code.BAD_MODIFIER_ARGUMENT,
+                        f"`{key.members.text()}` on `{key.name}`: {len(key.members.per_axis)} sizes for "
+                        f"{axes} axes",
+                        span,
+                        f"give one number for every axis or one per axis (`[{key.members.kind} "
+                        f"{' '.join(['3'] * axes)}]`)",
                     )
                 )
             elif not is_family(key.name):
@@ -213,6 +259,71 @@ class GroupResolver:
             else:
                 continue
             return
+
+    def _neighbourhoods(
+        self,
+        rule: Rule,
+        queries: Sequence[str],
+        keys: list[KeyGroup],
+        selection: _Selection,
+        problems: list[Diagnostic],
+    ) -> list[KeyGroup]:
+        """``near``/``kernel`` on a shaped key compare token coordinates: each
+        becomes the key's :class:`~patternc.modifiers.Neighbourhood` (E025,
+        E021, E023 when it cannot)."""
+        out = []
+        for key in keys:
+            shape = self.shapes.get(key.name)
+            if key.members is None or key.members.kind not in GRID_RELATIONS or not shape:
+                out.append(key)
+                continue
+            fallback = rule.modifiers.span if rule.modifiers else rule.span
+            span = selection.relations[key.name][1] if key.name in selection.relations else fallback
+            relation = key.members
+            said = f"`{relation.text()}` on `{key.name}{list(shape)}`"
+            others = [q for q in queries if self.shapes.get(q) != shape]
+            problem = None
+            if others:
+                problem = Diagnostic(
+                    Code.MISPLACED_MEMBER_RELATION,
+                    f"{said} compares token coordinates: the queries {_listed_names(others)} "
+                    f"do not have the shape {list(shape)}",
+                    span,
+                    f"give the neighbourhood in a rule whose queries are `{key.name}` "
+                    f"(`{key.name} -> {key.name}[{relation.text()}]`) or share its shape",
+                )
+            elif relation.per_axis and len(relation.per_axis) != len(shape):
+                problem = Diagnostic(
+                    Code.BAD_MODIFIER_ARGUMENT,
+                    f"{said}: {len(relation.per_axis)} sizes for {len(shape)} axes",
+                    span,
+                    f"give one number for every axis or one per axis (`[{relation.kind} "
+                    f"{' '.join(['3'] * len(shape))}]`)",
+                )
+            elif relation.kind == "kernel" and any(k > n for k, n in zip(relation.sizes(len(shape)), shape)):
+                axis, (k, n) = next((a, kn) for a, kn in enumerate(zip(relation.sizes(len(shape)), shape))
+                                    if kn[0] > kn[1])  # fmt: skip
+                problem = Diagnostic(
+                    Code.BAD_MODIFIER_ARGUMENT,
+                    f"{said}: a kernel of {k} is wider than axis {axis} ({n} tokens)",
+                    span,
+                    f"a kernel spans at most its axis: `kernel {n}` on that axis reads all of it",
+                )
+            elif key.modifiers:
+                problem = Diagnostic(
+                    Code.CONFLICTING_MODIFIERS,
+                    f"{said} beside `{', '.join(key.modifiers.parts())}`: a neighbourhood stands alone "
+                    "in its list",
+                    span,
+                    f"write `{key.name}[{relation.text()}]` alone",
+                )
+            if problem is not None:
+                problems.append(problem)
+                out.append(KeyGroup(key.name, key.modifiers))
+                continue
+            grid = Neighbourhood(relation.kind, shape, relation.sizes(len(shape)))
+            out.append(KeyGroup(key.name, Modifiers(grid=grid)))
+        return out
 
     @staticmethod
     def _relation_on_self(listed: ModifierList) -> Diagnostic:

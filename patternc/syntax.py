@@ -21,7 +21,7 @@ from typing import Union
 import lark
 
 from patternc.diagnostics import RESERVED_WORDS, Code, Diagnostic, Edit, Fix, Span, closest, rename_fix
-from patternc.members import GRID_RELATIONS, MEMBER_RELATION_NAMES, MemberRelation, grid_axes
+from patternc.members import GRID_RELATIONS, MEMBER_RELATION_NAMES, MemberRelation, grid_axes, is_family
 from patternc.modifiers import MODIFIER_NAMES, Modifiers
 
 __all__ = [
@@ -141,6 +141,11 @@ class Rule:
 class GroupDecl:
     name: str
     span: Span
+    shape: tuple[int, ...] = ()
+    """``groups image[16, 16]``: the grid its tokens lie on, row-major (empty: none)."""
+    bad_shape: bool = False
+    """Declared with a shape that was reported (E208): rules reading it by
+    coordinates are not reported again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +281,34 @@ def _syntax_hint(expected: set[str], got: str) -> str | None:
     if "WORD" in expected and got in ("_RBRACE", "_NL", "_SEMI", "$END"):
         return "a selector is missing here: name a group, a glob, or a list of them"
     return None
+
+
+def _shape_hint(lines: list[str], line: int, column: int) -> tuple[str, Fix | None] | None:
+    """At an error in a ``groups`` line's ``[``: how a shape is written
+    (``image[16, 16]``: touching the name, numbers between commas), with a
+    fix where the repair is clear; None elsewhere."""
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    if not text.lstrip().startswith("groups "):
+        return None
+    at = column - 1
+    opened = text.rfind("[", 0, at + 1)
+    closed = text.find("]", at)
+    if opened < 0 or closed < 0 or "]" in text[opened:at]:
+        return None
+    numbers = re.findall(r"[0-9]+", text[opened + 1 : closed])
+    before = text[:opened].rstrip()
+    name = re.search(r"[A-Za-z0-9_*?.]+$", before)
+    if (
+        not numbers
+        or name is None
+        or not re.fullmatch(r"[0-9]+([\s,]+[0-9]+)*\s*", text[opened + 1 : closed])
+    ):
+        return None
+    shape = f"{name.group()}[{', '.join(numbers)}]"
+    start = Span(line, name.start() + 1, line, closed + 2)
+    return f"a shape touches its group's name and lists its sizes between commas: `{shape}`", Fix(
+        f"write `{shape}`", (Edit(start, shape),)
+    )
 
 
 _MODIFIER_PIECE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[-+]?[0-9]+|\S")
@@ -504,6 +537,13 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         name = str(name_token)
         arg = children[1] if len(children) > 1 else None
         span = _token_span(name_token)
+        if len(children) > 2 and name in GRID_RELATIONS:
+            return self._per_axis(name, children[1:], span)
+        if len(children) > 2:
+            self._error(Code.BAD_MODIFIER_ARGUMENT, f"`{name}` takes one argument, got {len(children) - 1}",
+                        _token_span(children[2]),
+                        "only `near` and `kernel` take one number per axis (`[kernel 3 7 7]`)")  # fmt: skip
+            return None
         if name in MEMBER_RELATION_NAMES:
             return self._member_relation(name, arg, span)
         if name not in MODIFIER_NAMES:
@@ -561,6 +601,21 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
                         _RELATION_EXAMPLES[name])  # fmt: skip
             return None
         return ("members", MemberRelation(name, int(text)), span)  # type: ignore[arg-type]
+
+    def _per_axis(self, name: str, args: list[lark.Token], span: Span) -> _Item | None:
+        """``kernel 3 7 7``: one whole number per axis."""
+        least = 0 if name == "near" else 1
+        sizes = []
+        for arg in args:
+            text = str(arg)
+            if not re.fullmatch(r"[-+]?[0-9]+", text) or int(text) < least:
+                self._error(Code.BAD_MODIFIER_ARGUMENT,
+                            f"`{name}` takes whole numbers (at least {least}), got `{text}`",
+                            _token_span(arg),
+                            "e.g. `[kernel 3 7 7]`: 3 frames, 7 rows, 7 columns")  # fmt: skip
+                return None
+            sizes.append(int(text))
+        return ("members", MemberRelation(name, sizes[0], tuple(sizes)), span)  # type: ignore[arg-type]
 
     def _modifier_list(self, meta: lark.tree.Meta, children: list[_Item | None]) -> ModifierList:
         members: MemberRelation | None = None
@@ -657,9 +712,35 @@ class _ToSyntaxTree(lark.Transformer[lark.Token, object]):
         for child in children:
             if isinstance(child, lark.Token):
                 decls.append(GroupDecl(self._group_name(child), _token_span(child)))
+            elif isinstance(child, GroupDecl):
+                decls.append(child)
             elif isinstance(child, tuple):
                 decls.extend(child)
         return GroupsStatement(tuple(decls))
+
+    def shaped_group(self, children: list[lark.Token]) -> GroupDecl:
+        """``image[16, 16]``: a group whose tokens lie on a grid, row-major
+        (``video[4, 16, 16]``: frames, rows, columns; any number of axes)."""
+        token, *sizes = children
+        name = self._group_name(token)
+        span = _token_span(token)
+        if is_family(name):
+            plain = name.split("*")[0] or "image"
+            self._error(Code.BAD_SHAPE, f"`{name}` is a family: a shape belongs to one group", span,
+                        f"declare one group with its shape (`{plain}[16, 16]`), or a grid family of "
+                        "groups (`tile*_*`) with `near`/`kernel` between members")  # fmt: skip
+            return GroupDecl(name, span, bad_shape=True)
+        shape: list[int] = []
+        for size in sizes:
+            text = str(size)
+            if not re.fullmatch(r"\+?[0-9]+", text) or int(text) < 1:
+                self._error(Code.BAD_SHAPE, f"a shape holds whole numbers >= 1, got `{text}`",
+                            _token_span(size), "e.g. `image[16, 16]`: 16 rows of 16 tokens")  # fmt: skip
+                return GroupDecl(name, span, bad_shape=True)
+            shape.append(int(text))
+        last = sizes[-1]
+        return GroupDecl(name, Span(span.line, span.column, last.end_line or span.line,
+                                    (last.end_column or span.end_column) + 1), tuple(shape))  # fmt: skip
 
     def family_parts(self, children: list[lark.Token]) -> tuple[GroupDecl, ...]:
         """``doc*{prefix, text}``: the groups ``doc*.prefix`` and ``doc*.text``
@@ -809,6 +890,9 @@ def _first_syntax_error(
                 )
                 if in_brackets is not None:
                     hint, fix = in_brackets
+                shape = _shape_hint(lines, span.line, span.column)
+                if shape is not None:
+                    hint, fix = shape
                 keyword = _keyword_typo(lines, span.line, span.column) if "_ARROW" in expected else None
                 found.append(keyword or Diagnostic(Code.SYNTAX, message, span, hint, fix=fix))
         elif isinstance(error, lark.exceptions.UnexpectedCharacters):

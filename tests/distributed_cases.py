@@ -291,6 +291,21 @@ def case_window_across_a_global_token(world: int) -> dict[str, Any]:
     return compare(*_attention(source, sizes), sizes)
 
 
+def case_image_neighbourhood(world: int) -> dict[str, Any]:
+    """NATTEN over a 7 x 9 image split over the ranks (coordinates from
+    positions within the whole group, wherever its tokens sit), beside a caption."""
+    sizes = {"caption": 5, "image": 63}
+    source = "groups caption image[7, 9]\ncaption -> *\nimage -> caption, image[kernel 3 5]"
+    return compare(*_attention(source, sizes), sizes)
+
+
+def case_video_neighbourhood_ring(world: int) -> dict[str, Any]:
+    """A 3 x 5 x 6 video on a ring: blocks out of a rank's reach are not read."""
+    sizes = {"video": 90}
+    source = "groups video[3, 5, 6]\nvideo -> video[kernel 3 3 3]"
+    return compare(*_attention(source, sizes, rope=True), sizes, {"strategy": "ring"})
+
+
 def case_ring_window(world: int) -> dict[str, Any]:
     """A causal window of 8 over 64 tokens (zigzag: rank ``r`` holds chunks
     ``r`` and ``2R-1-r`` of 8 tokens): a rank computes only the blocks that

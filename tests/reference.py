@@ -12,6 +12,7 @@ from torch import Tensor
 
 import patternc
 from patternc import AttentionPattern, TokenSpec
+from patternc.modifiers import Neighbourhood
 from patternc.nn import DotProductAttention
 
 
@@ -103,7 +104,10 @@ def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
     (positions within groups, or in the whole input under ``across``):
     ``d <= 0`` under ``causal``, ``|d| < N`` under ``window N``, ``d >= -L``
     under ``back L``, ``d <= R`` under ``ahead R`` and ``d % D == 0`` under
-    ``dilate D``."""
+    ``dilate D``; under a neighbourhood on a shaped group, the positions
+    are row-major coordinates on the shape and on every axis the key's
+    coordinate is within ``N`` of the query's (``near N``) or among the ``K``
+    from ``clamp(q - K // 2, 0, n - K)`` (``kernel K``)."""
     bound = plan.bind(list(sizes))
     keys_of = {q: {k.name: k.modifiers for k in rule.keys} for rule in bound.rules for q in rule.queries}
     names = [g for g in bound.groups for _ in range(sizes[g])]
@@ -116,6 +120,9 @@ def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
             mods = keys.get(names[b])
             if mods is None:
                 continue
+            if mods.grid is not None:
+                mask[a, b] = _in_neighbourhood(mods.grid, positions[a], positions[b])
+                continue
             d = b - a if mods.across else positions[b] - positions[a]
             ok = not (mods.causal and d > 0)
             ok &= mods.window is None or abs(d) < mods.window
@@ -124,6 +131,22 @@ def language_mask(plan: patternc.Plan, sizes: dict[str, int]) -> Tensor:
             ok &= d % mods.dilation == 0
             mask[a, b] = ok
     return mask
+
+
+def _in_neighbourhood(grid: Neighbourhood, q: int, k: int) -> bool:
+    """Whether key position ``k`` is in the window of query position ``q``
+    (both within the shaped group), axis by axis from the last."""
+    for n, size in zip(reversed(grid.shape), reversed(grid.sizes)):
+        q, q_at = divmod(q, n)
+        k, k_at = divmod(k, n)
+        if grid.kind == "near":
+            if abs(k_at - q_at) > size:
+                return False
+        else:
+            first = min(max(q_at - size // 2, 0), n - size)
+            if not first <= k_at < first + size:
+                return False
+    return True
 
 
 def reference_pattern_attention(

@@ -40,7 +40,11 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
     ),
     "global_mid_sequence": (
         patternc.compile(EXAMPLES / "cookbook" / "global_mid_sequence.patc").patterns["default"],
-        [{"before": 10, "global": 1, "after": 12}, {"before": 1, "global": 1, "after": 3}, {"before": 0, "global": 2, "after": 7}],
+        [
+            {"before": 10, "global": 1, "after": 12},
+            {"before": 1, "global": 1, "after": 3},
+            {"before": 0, "global": 2, "after": 7},
+        ],
     ),
     "perceiver": (
         patternc.compile(EXAMPLES / "cookbook" / "perceiver.patc").patterns["default"],
@@ -75,6 +79,10 @@ CASES: dict[str, tuple[patternc.Plan, list[dict[str, int]]]] = {
             {**{f"tile{r}_{c}": 3 for r in range(4) for c in range(3)}, "caption": 5},
             {**{f"tile{r}_{c}": 1 for r in range(2) for c in range(2)}, "caption": 1},
         ],
+    ),
+    "natten": (
+        patternc.compile(EXAMPLES / "cookbook" / "natten.patc").patterns["default"],
+        [{"image": 48, "caption": 5}, {"image": 48, "caption": 1}],
     ),
     "perceiver_read_only": (
         patternc.compile(EXAMPLES / "cookbook" / "perceiver_read_only.patc").patterns["default"],
@@ -147,6 +155,12 @@ def test_allowed_counts_equal_the_reference_mask(case: str) -> None:
         assert layout.allowed_entries == int(language_mask(plan, sizes).sum())
 
 
+def _shaped(plan: patternc.Plan) -> set[str]:
+    """Groups a neighbourhood reads by coordinates: their size is their shape's."""
+    grids = [(call, key) for call in plan.calls for key in call.keys if key.modifiers.grid is not None]
+    return {name for call, key in grids for name in (key.name, *call.queries)}
+
+
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -158,7 +172,8 @@ def test_gpu_cookbook_mask_bf16(case: str, backend: str) -> None:
     plan, size_list = CASES[case]
     module = make(plan, backend, dim=128).cuda()
     for sizes in size_list:
-        sizes = {g: 37 * s for g, s in sizes.items()}  # hundreds of tokens: several flex blocks
+        # hundreds of tokens: several flex blocks (a group with a shape keeps its size)
+        sizes = {g: s if g in _shaped(plan) else 37 * s for g, s in sizes.items()}
         n = sum(sizes.values())
         x = torch.randn(1, n, 128, device="cuda", requires_grad=True)
         with warnings.catch_warnings():

@@ -49,6 +49,8 @@ NUMERIC = [
     "full_cache_of_whole_documents",
     "chunked",
     "chunked_transformer",
+    "image_neighbourhood",
+    "video_neighbourhood_ring",
 ]
 MESH = ["device_mesh_2d", "mesh_fsdp2"]
 LOSSES = ["loss_ddp", "loss_fsdp2", "loss_all_reduce"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.modifiers import Neighbourhood
+
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -73,6 +75,11 @@ Band = tuple[tuple[tuple[int, int, int, int], ...], ...]
 """Per (query group, key group) of a call: ``(low, high, dilation, residue)``
 of ``d = key position - query position`` (open sides far away)."""
 
+Grids = tuple[tuple["Neighbourhood | None", ...], ...]
+"""Per (query group, key group) of a call: the neighbourhood on a shaped
+group (its band is open), or None. Positions within the groups are global,
+so a shard's tokens have their coordinates on the whole shape."""
+
 
 def _spans(segments: Sequence[Segment], block: int, n_blocks: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per segment: for each block of ``block`` rows, whether they overlap and
@@ -94,12 +101,15 @@ def classify(
     band: Band,
     q_block: int,
     k_block: int,
+    grids: Grids | None = None,
 ) -> Tensor:
     """``[query blocks, key blocks]`` int8: :data:`EMPTY` where no pair of a
     tile is allowed, :data:`FULL` where every pair is, :data:`PARTIAL` else
     (a dilated band is never full). Computed per (query segment, key segment)
     from the range of ``d`` over the tile, so its cost follows the tiles,
-    not the tokens."""
+    not the tokens; a pair under a neighbourhood (``grids``) from the
+    coordinate ranges of each tile (:meth:`Neighbourhood.cell_class
+    <patternc.modifiers.Neighbourhood.cell_class>`, one tile at a time)."""
     n_q, n_k = sum(s.length for s in queries), sum(s.length for s in keys)
     n_qb, n_kb = -(-n_q // q_block), -(-n_k // k_block)
     nonempty = torch.zeros(n_qb, n_kb, dtype=torch.bool)
@@ -109,6 +119,12 @@ def classify(
         for k_seg, (k_ok, y0, y1) in zip(keys, k_spans):
             low, high, dilation, _ = band[q_seg.group][k_seg.group]
             both = q_ok[:, None] & k_ok[None, :]
+            grid = grids[q_seg.group][k_seg.group] if grids is not None else None
+            if grid is not None:
+                some, full = _grid_tiles(grid, both, x0, x1, y0, y1)
+                nonempty |= some
+                partial |= both & ~full
+                continue
             d_min = y0[None, :] - x1[:, None]
             d_max = y1[None, :] - x0[:, None]
             some = both & (d_max >= low) & (d_min <= high)
@@ -121,11 +137,33 @@ def classify(
     return classes
 
 
-def reads_any(queries: Sequence[Segment], keys: Sequence[Segment], band: Band) -> bool:
+def _grid_tiles(
+    grid: Neighbourhood, both: Tensor, x0: Tensor, x1: Tensor, y0: Tensor, y1: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(some, full)`` per tile of a (query segment, key segment) pair under
+    ``grid``: tiles where both overlap, classified from their positions."""
+    some = torch.zeros_like(both)
+    full = torch.zeros_like(both)
+    for i, j in both.nonzero().tolist():
+        some[i, j], full[i, j] = grid.cell_class(int(x0[i]), int(x1[i]), int(y0[j]), int(y1[j]))
+    return some, full
+
+
+def reads_any(
+    queries: Sequence[Segment], keys: Sequence[Segment], band: Band, grids: Grids | None = None
+) -> bool:
     """Whether any query of ``queries`` may read any key of ``keys`` (segment arithmetic only)."""
     for q in queries:
         for k in keys:
             low, high, _, _ = band[q.group][k.group]
+            grid = grids[q.group][k.group] if grids is not None else None
+            if grid is not None and q.length and k.length:
+                some, _ = grid.cell_class(
+                    q.position, q.position + q.length - 1, k.position, k.position + k.length - 1
+                )
+                if some:
+                    return True
+                continue
             if q.length and k.length:
                 d_min = k.position - (q.position + q.length - 1)
                 d_max = k.position + k.length - 1 - q.position
@@ -140,13 +178,19 @@ def pair_mask(
     k_pos: Tensor,
     k_group: Tensor,
     band: tuple[Tensor, Tensor, Tensor, Tensor],
+    grids: Sequence[tuple[Neighbourhood, Tensor]] = (),
 ) -> Tensor:
     """``[Lq, Lk]`` bool: allowed pairs. ``band`` is the ``low``, ``high``,
     ``dilation`` and ``residue`` ``[qg, kg]`` tables of each (query group, key
-    group) pair's :class:`~patternc.modifiers.Band` (positions within groups)."""
+    group) pair's :class:`~patternc.modifiers.Band` (positions within groups);
+    ``grids``: each neighbourhood and the ``[qg, kg]`` bool table of the
+    pairs under it (coordinates by div/mod of the positions)."""
     low, high, dilation, residue = (table[q_group][:, k_group] for table in band)
     d = k_pos[None, :] - q_pos[:, None]
-    return (d >= low) & (d <= high) & ((d - residue) % dilation == 0)
+    ok = (d >= low) & (d <= high) & ((d - residue) % dilation == 0)
+    for grid, holds in grids:
+        ok = ok & (~holds[q_group][:, k_group] | grid.allows(q_pos[:, None], k_pos[None, :]))
+    return ok
 
 
 def partial_attention(
@@ -217,6 +261,7 @@ class BlockKernel:
         modified: whether the call has modifiers (else every pair is allowed).
         device: where the tables live.
         query_chunk: query rows per step of the reference.
+        grids: each (query group, key group) pair's neighbourhood, if any.
     """
 
     def __init__(
@@ -227,13 +272,15 @@ class BlockKernel:
         modified: bool,
         device: torch.device,
         query_chunk: int,
+        grids: Grids | None = None,
     ) -> None:
         self.queries, self.keys, self.band = tuple(queries), tuple(keys), band
+        self.grids = grids if grids is not None and any(g for row in grids for g in row) else None
         self.modified, self.device = modified, device
         self.n_q = sum(s.length for s in queries)
         self.n_k = sum(s.length for s in keys)
         self.query_chunk = max(1, query_chunk)
-        self.empty = not (self.n_q and self.n_k and reads_any(queries, keys, band))
+        self.empty = not (self.n_q and self.n_k and reads_any(queries, keys, band, self.grids))
         """Nothing to compute: no query may read any key of the block."""
         self._chunks: tuple[_Chunk, ...] | None = None
         self._masks: dict[int | None, tuple[BlockMask, Tensor | None]] = {}
@@ -257,6 +304,20 @@ class BlockKernel:
         return q_pos.to(d), q_grp.to(d), k_pos.to(d), k_grp.to(d)
 
     @functools.cached_property
+    def _grid_tables(self) -> tuple[tuple[Neighbourhood, Tensor], ...]:
+        """Each distinct neighbourhood and the ``[qg, kg + 1]`` bool table of
+        the pairs under it (the last key group: padding, under none)."""
+        if self.grids is None:
+            return ()
+        out: dict[Neighbourhood, Tensor] = {}
+        n_q, n_k = len(self.grids), len(self.grids[0]) if self.grids else 0
+        for qg, row in enumerate(self.grids):
+            for kg, grid in enumerate(row):
+                if grid is not None:
+                    out.setdefault(grid, torch.zeros(n_q, n_k + 1, dtype=torch.bool))[qg, kg] = True
+        return tuple((grid, table.to(self.device)) for grid, table in out.items())
+
+    @functools.cached_property
     def _band_tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         table = torch.tensor(self.band, dtype=torch.long).reshape(len(self.band), -1, 4)
         return tuple(table[:, :, i].contiguous().to(self.device) for i in range(4))  # type: ignore[return-value]
@@ -272,7 +333,7 @@ class BlockKernel:
     def _build_chunks(self) -> tuple[_Chunk, ...]:
         if self.empty:
             return ()
-        classes = classify(self.queries, self.keys, self.band, self.query_chunk, KEY_TILE)
+        classes = classify(self.queries, self.keys, self.band, self.query_chunk, KEY_TILE, self.grids)
         n_tiles = classes.shape[1]
         out = []
         for i, row in enumerate(classes.tolist()):
@@ -357,7 +418,7 @@ class BlockKernel:
         qp, qg = q_pos[chunk.start : chunk.stop], q_grp[chunk.start : chunk.stop]
         allowed = None
         if chunk.masked and self.modified:
-            allowed = pair_mask(qp, qg, k_pos, k_grp, self._band_tables)
+            allowed = pair_mask(qp, qg, k_pos, k_grp, self._band_tables, self._grid_tables)
         if args.padded:
             real = kv[:, :, 0, 2 * dim] > 0.5
             allowed = real[:, None, :] if allowed is None else allowed[None] & real[:, None, :]
@@ -374,7 +435,7 @@ class BlockKernel:
         """FlexAttention's block lists (partial, then full), the padded token
         tables and the padded lengths. A key block holding padding after the
         last key is partial: its padded keys get a group no query reads."""
-        classes = classify(self.queries, self.keys, self.band, KEY_TILE, KEY_TILE)
+        classes = classify(self.queries, self.keys, self.band, KEY_TILE, KEY_TILE, self.grids)
         if self.n_k % KEY_TILE:
             last = classes[:, -1]
             last[last == FULL] = PARTIAL
@@ -423,10 +484,14 @@ class BlockKernel:
             kv_num, kv_idx = _merge_lists(kv_num, kv_idx, full_num, full_idx)
             full_num = full_idx = None  # type: ignore[assignment]
 
+        grids = self._grid_tables
+
         def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
             qg, kg = q_grp[qi], k_grp[ki]
             d = k_pos[ki] - q_pos[qi]
             ok = (d >= low[qg, kg]) & (d <= high[qg, kg]) & ((d - residue[qg, kg]) % dilation[qg, kg] == 0)
+            for grid, holds in grids:  # coordinates on the shape, by div/mod of global positions
+                ok = ok & (~holds[qg, kg] | grid.allows(q_pos[qi], k_pos[ki]))
             return ok & real[b, ki] if real is not None else ok
 
         mask = BlockMask.from_kv_blocks(

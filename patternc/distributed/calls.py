@@ -403,6 +403,7 @@ class BlockwiseCall:
         self.call, self.comm, self.query_chunk, self.device, self.kernel = call, comm, query_chunk, d, kernel
         self.key_groups = attention.key_names
         self.band = _band(call, placement)
+        self.grids = tuple(tuple(key.modifiers.grid for key in attention.keys) for _ in attention.queries)
         self.queries = tokens.tokens(attention.queries)
         self.local_keys: Tokens = tokens.tokens(self.key_groups)
         """This rank's input tokens of the call's key groups (what it sends around the ring)."""
@@ -430,6 +431,7 @@ class BlockwiseCall:
             self.call.attention.has_modifiers,
             self.device,
             self.query_chunk,
+            self.grids,
         )
 
     def _ring(self, tokens: RankTokens, comm: Comm) -> _Ring | None:

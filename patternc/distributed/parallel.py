@@ -33,7 +33,7 @@ from patternc.distributed.collectives import DistributedError, Group, agree, all
 from patternc.distributed.heads import Mode, ModeChoice, choose_mode
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
-from patternc.lower.layout import Layout, Sizes
+from patternc.lower.layout import Layout, ShardSizes, Sizes
 from patternc.nn.context import FullKV, swap_sharding
 from patternc.nn.executors import get_executor
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -169,8 +169,9 @@ class ContextParallel:
     # ---------------------------------------------------------------- tokens
 
     @property
-    def local_sizes(self) -> dict[str, int | None]:
-        """``{group: tokens on this rank}``: the sizes to call modules with."""
+    def local_sizes(self) -> ShardSizes:
+        """``{group: tokens on this rank}``: the sizes to call modules with
+        (a dict; a shaped group's shard there holds part of its shape)."""
         return self.placement.local_sizes(self.rank)
 
     @property

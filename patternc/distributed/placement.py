@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from patternc.ir import AttentionCall
+from patternc.lower.layout import ShardSizes
 from patternc.modifiers import Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
 
@@ -97,10 +98,12 @@ class Placement:
     def sizes(self) -> dict[str, int | None]:
         return {g.name: g.size for g in self.groups}
 
-    def local_sizes(self, rank: int) -> dict[str, int | None]:
+    def local_sizes(self, rank: int) -> ShardSizes:
         """``{group: tokens on this rank}`` (None for cached groups), in plan
-        order: the sizes a module on this rank is called with."""
-        return {g.name: None if g.size is None else g.local_size(rank) for g in self.groups}
+        order: the sizes a module on this rank is called with (a
+        :class:`~patternc.lower.layout.ShardSizes`: a shaped group's shard
+        holds part of its shape)."""
+        return ShardSizes((g.name, None if g.size is None else g.local_size(rank)) for g in self.groups)
 
     def local_ranges(self, rank: int) -> tuple[Range, ...]:
         """This rank's tokens as ``[start, stop)`` ranges of the full input, in local order."""
@@ -590,6 +593,9 @@ def _key_interval(queries: Range, n_keys: int, mods: Modifiers, shift: int = 0) 
     ``dilate`` the interval holds the keys seen and the skipped ones between)."""
     a, b = queries
     band = pair_band(mods, shift)
+    if band.grid is not None and b > a:  # the box of keys the queries' coordinates reach
+        first, last = band.grid.reach(a, b - 1)
+        return (first, min(n_keys, last + 1)) if first < min(n_keys, last + 1) else (0, 0)
     lo = 0 if band.low is None else max(0, a + band.low)
     hi = n_keys if band.high is None else min(n_keys, b - 1 + band.high + 1)
     return (lo, hi) if lo < hi else (0, 0)
@@ -668,6 +674,10 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
                 for name, band in row:
                     for c, d in placement.group(name).ranges[source]:
                         if b <= a or d <= c:
+                            continue
+                        if band.grid is not None:
+                            if band.grid.cell_class(a, b - 1, c, d - 1)[0]:
+                                return True
                             continue
                         if (band.high is None or c - (b - 1) <= band.high) and (
                             band.low is None or d - 1 - a >= band.low

@@ -25,15 +25,24 @@ def flex_tables_dict(layout: Layout) -> dict[str, Any]:
     ``dilation`` and ``residue`` are each pair's whole band (``across``
     already turned into positions within groups; an open side is null):
     query ``i`` reads key ``j`` iff ``low <= j - i <= high`` and
-    ``(j - i - residue) % dilation == 0``."""
+    ``(j - i - residue) % dilation == 0``. ``neighbourhoods``: per pair, null
+    or ``{"kind", "shape", "sizes"}`` of a neighbourhood on a shaped group
+    (its band is open): positions are row-major coordinates on ``shape``, and
+    query ``i`` reads key ``j`` iff on every axis the key's coordinate lies in
+    the query's box (``near s``: within ``s``; ``kernel s``: ``s`` coordinates
+    from ``clamp(q - s // 2, 0, n - s)``)."""
     index = {g: i for i, g in enumerate(layout.all_groups)}
     n = len(layout.all_groups)
     bands: dict[str, list[list[int | None]]] = {
         name: [[fill] * n for _ in range(n)]
         for name, fill in (("low", None), ("high", None), ("dilation", 1), ("residue", 0))
     }
+    grids: list[list[dict[str, Any] | None]] = [[None] * n for _ in range(n)]
     for q, k in layout.pairs:
         band = layout.pair_band(q, k)
+        grid = band.grid
+        if grid is not None:
+            grids[q][k] = {"kind": grid.kind, "shape": list(grid.shape), "sizes": list(grid.sizes)}
         bands["low"][q][k], bands["high"][q][k] = band.low, band.high
         bands["dilation"][q][k], bands["residue"][q][k] = band.dilation, band.residue
     return {
@@ -48,6 +57,7 @@ def flex_tables_dict(layout: Layout) -> dict[str, Any]:
         "causal": _group_table(layout, lambda mods: int(mods.causal)),
         "window": _group_table(layout, lambda mods: mods.window or 0),
         **bands,
+        "neighbourhoods": grids,
     }
 
 

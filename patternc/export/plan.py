@@ -19,7 +19,7 @@ JSON_SCHEMA_VERSION = 2
 no ``edges`` list (quadratic in groups: read the pairs off ``attention_patterns``)."""
 
 
-def _key_modifiers(keys: Sequence[KeyGroup]) -> list[dict[str, bool | int | None]]:
+def _key_modifiers(keys: Sequence[KeyGroup]) -> list[dict[str, bool | int | list[int] | None]]:
     return [k.modifiers.to_dict() for k in keys]
 
 

@@ -84,6 +84,11 @@ def xformers_mask(layout: Layout) -> XformersMask:
     (mods,) = modifiers
     if mods is None:
         raise NotExpressible("key groups with different modifiers in one call")
+    if mods.grid is not None:
+        raise NotExpressible(
+            f"{mods.text()} reads a box of coordinates on the shape {list(mods.grid.shape)}; xformers' "
+            "local masks are a causal window of positions"
+        )
     # each call is one group attending to itself: `across` shifts nothing
     low, high, dilation = mods.band()
     if high != 0:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
-from patternc.modifiers import UNBOUNDED, Band, Modifiers, pair_band
+from patternc.modifiers import UNBOUNDED, Band, Modifiers, Neighbourhood, pair_band
 
 __all__ = [
     "BLOCK_SIZE",
@@ -51,10 +51,16 @@ BLOCK_SIZE = 128
 """FlexAttention's sparse block size (queries and keys): the default grain of
 block classes, and of the blocks ``flex`` computes."""
 
-BandTest = tuple[int | None, int | None, int, bool]
-"""``(low, high, dilation, across)`` of a modifier list (:meth:`Modifiers.band
-<patternc.modifiers.Modifiers.band>` and whether positions count in the
-input): what a ``mask_mod`` tests on the pairs that share it."""
+BandTest = tuple[int | None, int | None, int, bool, Neighbourhood | None]
+"""``(low, high, dilation, across, grid)`` of a modifier list
+(:meth:`Modifiers.band <patternc.modifiers.Modifiers.band>`, whether
+positions count in the input, and its neighbourhood on a shaped group):
+what a ``mask_mod`` tests on the pairs that share it."""
+
+_NOT_FULL = (-UNBOUNDED, UNBOUNDED, 2, 0)
+"""A band that allows a pair in every block part of two or more pairs and
+is full on none: the band row of a block part a neighbourhood leaves
+partial (:func:`_neighbourhood_cells`)."""
 
 SegmentList = list[tuple[int, int, int]]
 """``(group index, start, stop)`` token segments."""
@@ -156,13 +162,19 @@ def _cached_places(
 
 
 def allowed_rects(
-    layout: Layout, cache_lengths: Mapping[str, int] | None = None, compact: bool = False
+    layout: Layout,
+    cache_lengths: Mapping[str, int] | None = None,
+    compact: bool = False,
+    block: int | None = None,
 ) -> AllowedRects:
     """The layout's :class:`AllowedRects`. ``cache_lengths``: each cached
     group's length (a group missing from it has none: it is left out);
     ``compact``: keys index the key space (see :func:`group_segments`).
     One rectangle per (query segment, key segment) of each call without
-    modifiers, one per (query group, key group) pair with them."""
+    modifiers, one per (query group, key group) pair with them, except that
+    a pair under a neighbourhood (``image[kernel 7]``) is cut at the blocks
+    of ``block`` tokens (default :data:`BLOCK_SIZE`: classify with the same
+    size) and each part classified here (:func:`_neighbourhood_cells`)."""
     cached_at = _cached_places(layout, cache_lengths or {}, compact)
     space = layout.key_space
     slots = {s.name: s for s in layout.slots}
@@ -172,6 +184,8 @@ def allowed_rects(
     plain: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     q_start, q_stop, k_start, k_stop = plain
     banded: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
+    if block is None:
+        block = BLOCK_SIZE
     bands: dict[
         int, tuple[int, int, int, int]
     ] = {}  # id(modifiers) -> band row, where offsets do not move it
@@ -211,6 +225,9 @@ def allowed_rects(
                     continue
                 span = (q_slot.offset, q_slot.offset + q_slot.size)
                 for k_offset, k_first, k_last in groups:
+                    if mods.grid is not None:
+                        _neighbourhood_cells(mods.grid, (*span, k_first, k_last), block, plain, banded)
+                        continue
                     row = bands.get(id(mods))
                     if row is None:
                         row = _band_row(pair_band(mods, k_offset - q_slot.offset))
@@ -219,6 +236,40 @@ def allowed_rects(
                     for column, value in zip(banded, (*span, k_first, k_last, *row)):
                         column.append(value)
     return AllowedRects(plain, banded)  # type: ignore[arg-type]
+
+
+def _neighbourhood_cells(
+    grid: Neighbourhood,
+    rect: tuple[int, int, int, int],
+    block: int,
+    plain: tuple[list[int], ...],
+    banded: tuple[list[int], ...],
+) -> None:
+    """A (query group, key group) pair under ``grid`` at ``rect`` (``q_start,
+    q_stop, k_start, k_stop``), cut at the blocks: each part the grid fills
+    becomes a plain rectangle, each it leaves partial a banded one whose
+    band (:data:`_NOT_FULL`) makes it non-empty and not full; parts it
+    leaves empty are dropped (:meth:`Neighbourhood.cell_class
+    <patternc.modifiers.Neighbourhood.cell_class>`, sound both ways)."""
+    q_start, q_stop, k_start, k_stop = rect
+    for row in range(q_start // block, (q_stop - 1) // block + 1):
+        qlo, qhi = _overlap(q_start, q_stop, row, block)
+        # only the key blocks between the lowest and highest key the row may read
+        lowest, highest = grid.reach(qlo, qhi)
+        first = (k_start + lowest) // block
+        last = (k_start + min(highest, k_stop - k_start - 1)) // block
+        for col in range(first, last + 1):
+            klo, khi = _overlap(k_start, k_stop, col, block)
+            some, whole = grid.cell_class(qlo, qhi, klo, khi)
+            if not some:
+                continue
+            cell = (q_start + qlo, q_start + qhi + 1, k_start + klo, k_start + khi + 1)
+            if whole:
+                for column, value in zip(plain, cell):
+                    column.append(value)
+            else:
+                for column, value in zip(banded, (*cell, *_NOT_FULL)):
+                    column.append(value)
 
 
 def _overlap(start: int, stop: int, index: int, block: int) -> tuple[int, int]:
@@ -306,7 +357,7 @@ def pair_runs(layout: Layout) -> PairRuns:
     def test_index(mods: Modifiers) -> int:
         at = test_of.get(id(mods))
         if at is None:
-            test = (*mods.band(), mods.across)
+            test = (*mods.band(), mods.across, mods.grid)
             at = test_of[id(mods)] = by_test.setdefault(test, len(by_test))
             if at == len(tests):
                 tests.append(test)
@@ -470,7 +521,7 @@ def block_classes(layout: Layout, block: int = BLOCK_SIZE) -> BlockClasses:
     length known at run time only) is one column of
     :attr:`BlockClasses.cached_keys`, apart from the blocks."""
     n_blocks = max(1, math.ceil(layout.n_tokens / block))
-    found = classify(allowed_rects(layout), block, n_blocks)
+    found = classify(allowed_rects(layout, block=block), block, n_blocks)
     classes = [[EMPTY] * n_blocks for _ in range(n_blocks)]
     for at, whole in found.items():
         classes[at // n_blocks][at % n_blocks] = FULL if whole else PARTIAL

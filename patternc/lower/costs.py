@@ -128,6 +128,20 @@ def _entries(layout: Layout, compact: bool = False, rows: int = 1) -> tuple[int,
     return allowed, plain, masked, layout.n_tokens**2, copied
 
 
+def _grid_blocks(layout: Layout) -> int:
+    """Entries flex computes beyond the allowed ones in the blocks of
+    neighbourhoods on shaped groups (:meth:`Neighbourhood.block_entries
+    <patternc.modifiers.Neighbourhood.block_entries>`), per query group."""
+    extra = 0
+    for call in layout.calls:
+        for key in call.attention.keys:
+            grid = key.modifiers.grid
+            if grid is not None:
+                computed = grid.block_entries(BLOCK_SIZE) - grid.pairs()
+                extra += computed * sum(1 for q in call.query_tokens if q in layout.input_groups)
+    return extra
+
+
 @dataclass(frozen=True)
 class Workload:
     """What a call computes besides its layout: batch, heads and head size,
@@ -201,8 +215,9 @@ def price(
             launches, copy = varlen.launches, varlen.gathered * heads * dim * elem / _COPY_BYTES_PER_S
             entries = allowed
         elif name == "flex":
-            # computed entries: whole blocks around the allowed ones, at most 2x on small groups
-            entries = min(dense, allowed + 2 * BLOCK_SIZE * layout.n_tokens)
+            # computed entries: whole blocks around the allowed ones, at most 2x on small groups;
+            # a neighbourhood's blocks reach whole rows (frames) of keys around a query block
+            entries = min(dense, allowed + _grid_blocks(layout) + 2 * BLOCK_SIZE * layout.n_tokens)
         else:  # dense: every entry under an [n, n] mask
             with_mask = dense
             copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S

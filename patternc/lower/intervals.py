@@ -98,7 +98,7 @@ def query_runs(
         place = key_of.get(k)
         if place is None:
             continue  # an empty key group
-        if mods.across or mods.dilation > 1:
+        if mods.across or mods.dilation > 1 or mods.grid is not None:
             return None
         low, high, _ = mods.band()
         reads.setdefault(q, []).append(
@@ -118,7 +118,7 @@ def query_runs_of_runs(
     key_of = _key_places(keys)
     if key_of is None:
         return None
-    refused = [across or dilation > 1 for _, _, dilation, across in runs.tests]
+    refused = [across or dilation > 1 or grid is not None for _, _, dilation, across, grid in runs.tests]
     reads: dict[int, list[_Read]] = {}
     for q, first, stop, low, high, test in zip(
         runs.query, runs.key_start, runs.key_stop, runs.low, runs.high, runs.test

@@ -39,6 +39,7 @@ __all__ = [
     "Layout",
     "PeriodicLaunch",
     "Segment",
+    "ShardSizes",
     "Sizes",
     "build_layout",
     "normalize_sizes",
@@ -47,6 +48,13 @@ __all__ = [
 Sizes = Union[Mapping[str, Union[int, None]], Sequence[TokenSpec]]
 """Group sizes: ``{"surface_anchors": 1024, ...}`` or a list of ``TokenSpec``.
 A size of ``None`` marks a group whose keys/values come from a KV cache."""
+
+
+class ShardSizes(dict[str, Union[int, None]]):
+    """The sizes of one rank's shards under context parallelism
+    (``ContextParallel.local_sizes``): a group declared with a shape may hold
+    part of it here, its coordinates coming from global positions, so a
+    layout at these sizes is not refused for that (E409)."""
 
 
 class BoundPlan(Protocol):
@@ -309,6 +317,10 @@ class Layout:
     """The tokens read as keys, and the key-side records in their space."""
     token_specs: tuple[TokenSpec, ...] = ()
     """``TokenSpec`` of every group in the plan's order (what ``MixedAttention`` takes)."""
+    off_shape: tuple[Diagnostic, ...] = ()
+    """A group a neighbourhood relates whose size is not its shape's (E409):
+    refused by ``Plan.layout`` unless the sizes are a rank's
+    (:class:`ShardSizes`)."""
     group_types: tuple[str, ...] = ()
     """Token type (weight bank) of every group in the plan's order, when the
     plan names them (untied layers read them here instead of re-binding)."""
@@ -706,6 +718,35 @@ def _refuse_across_the_cache(plan: BoundPlan, slots: Mapping[str, GroupSlot]) ->
                 )
 
 
+def _off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> tuple[Diagnostic, ...]:
+    """A neighbourhood reads positions as coordinates on a shape: each group
+    it relates holds the shape's tokens (or none at all: then it pairs none).
+    The first group that does not (E409), kept with the layout: a rank's
+    shard of a shaped group (:class:`ShardSizes`) holds part of it."""
+    for attention in plan.calls:
+        for key in attention.keys:
+            grid = key.modifiers.grid
+            if grid is None:
+                continue
+            for name in (key.name, *attention.queries):
+                size = slots[name].size
+                if size is not None and size in (0, grid.n_tokens):
+                    continue
+                shape = ", ".join(map(str, grid.shape))
+                got = "is read from a KV cache (size None)" if size is None else f"has {size} tokens"
+                return (
+                    Diagnostic(
+                        Code.SHAPE_SIZE,
+                        f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
+                        f"[{shape}]: {grid.n_tokens} tokens",
+                        where="sizes",
+                        hint=f"give `{name}` {grid.n_tokens} tokens, or declare the shape it has "
+                        f"(`groups {key.name}[...]` whose sizes multiply to its size)",
+                    ),
+                )
+    return ()
+
+
 def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     """Lay ``plan`` (already bound to its run-time groups) out at ``sizes``
     (``{group: size}`` for every group of the plan, in the plan's order)."""
@@ -716,6 +757,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         slots[name] = GroupSlot(name, -1, None) if size is None else GroupSlot(name, offset, size)
         offset += size or 0
     _refuse_across_the_cache(plan, slots)
+    off_shape = _off_shape(plan, slots)
     calls = []
     for i, attention in enumerate(plan.calls):
         queries = tuple(q for q in attention.queries if not slots[q].cached)
@@ -777,6 +819,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     whole_call_keys = _whole_call_keys(calls, offset)
     key_slots = [slots[g] for g in key_value_groups]
     return Layout(
+        off_shape=off_shape,
         plan_name=plan.name,
         slots=tuple(slots.values()),
         calls=tuple(calls),

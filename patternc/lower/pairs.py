@@ -70,6 +70,11 @@ def group_pairs(layout: Layout) -> list[GroupPair]:
 
 
 def _interval_band(mods: Modifiers, shift: int) -> Band:
+    if mods.grid is not None:
+        raise NotExpressible(
+            f"{mods.text()} reads a box of coordinates on the shape {list(mods.grid.shape)}: the keys a "
+            "query sees are no single interval"
+        )
     band = pair_band(mods, shift)
     if band.dilation > 1:
         raise NotExpressible(
@@ -83,7 +88,7 @@ def row_keys(i: int, n_keys: int, mods: Modifiers, shift: int = 0) -> tuple[int,
     ``shift``: the key group's offset minus the query group's (it counts under ``across``).
 
     Raises:
-        NotExpressible: ``dilate``: the keys are no interval.
+        NotExpressible: ``dilate`` or a neighbourhood: the keys are no interval.
     """
     band = _interval_band(mods, shift)
     lo = 0 if band.low is None else max(0, i + band.low)
@@ -96,7 +101,7 @@ def column_queries(j: int, n_queries: int, mods: Modifiers, shift: int = 0) -> t
     (``shift`` as in :func:`row_keys`).
 
     Raises:
-        NotExpressible: ``dilate``: the queries are no interval.
+        NotExpressible: ``dilate`` or a neighbourhood: the queries are no interval.
     """
     band = _interval_band(mods, shift)
     lo = 0 if band.high is None else max(0, j - band.high)

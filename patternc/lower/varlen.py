@@ -30,6 +30,8 @@ def varlen_window(call: Call) -> tuple[int, int] | None:
         return None
     if not mods:
         return (-1, -1)
+    if mods.grid is not None:
+        return None
     # the kernel counts positions within the segment: they are positions
     # within the group only for one group attending to one as long
     if not (call.single_groups and call.n_queries == sum(s.length for s in call.keys)):
@@ -49,6 +51,11 @@ def varlen_refusal(call: Call) -> str | None:
     mods = call.modifiers
     if mods is None:
         return f"per-key modifiers that differ within one call (`{call.attention.text()}`)"
+    if mods.grid is not None:
+        return (
+            f"{mods.text()} reads a box of coordinates on the shape {list(mods.grid.shape)}, "
+            "not one window of positions; the kernel has only the window"
+        )
     if mods.dilation > 1:
         skip = "the kernel's (left, right) window cannot skip keys"
         return f"{mods.text()} keeps every {mods.dilation}th key; {skip}"

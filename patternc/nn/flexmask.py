@@ -412,6 +412,9 @@ class GroupTables:
     """What the ``mask_mod`` tests (:class:`PairSets`)."""
     tests: tuple[BandTest, ...] = ()
     """The layout's distinct modifier lists (those of pairs with modifiers)."""
+    run_tests: Tensor | None = None
+    """``[R + pad]`` int64: each run's index into ``tests`` (-1: none), where
+    some test is a neighbourhood (its pairs are told apart by it); else None."""
 
 
 def _group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
@@ -522,6 +525,9 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
             bands=tuple((test, None if w is None else w.to(device)) for test, w in sets.bands),
             key_bits=sets.key_bits.to(device),
         )
+    run_tests = None
+    if any(test[4] is not None for test in runs.tests):
+        run_tests = _int64(runs.test + [-1] * pad, traced).to(device)
     return GroupTables(
         runs=triples.to(device),
         row_start=row_start.to(device),
@@ -531,6 +537,7 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
         modified=modified,
         sets=sets,
         tests=runs.tests,
+        run_tests=run_tests,
     )
 
 
@@ -651,7 +658,7 @@ class FlexTables:
         groups = _group_tables(layout, runs, device)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
-        rects = allowed_rects(layout, cache_lengths, compact)
+        rects = allowed_rects(layout, cache_lengths, compact, block)
         incidences = rects.block_counts(block)
 
         # The host works on one row per group, segment or rectangle; a single copy moves it all.
@@ -767,12 +774,19 @@ class FlexTables:
         low, high, dilation, residue = groups.run_bands
         assert q_pos is not None and kv_pos is not None
 
+        run_tests = groups.run_tests
+        grids = [(i, test[4]) for i, test in enumerate(groups.tests) if test[4] is not None]
+
         def with_modifiers(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             at, ok = run_of(q_group[q_idx], kv_group[kv_idx])
             d = kv_pos[kv_idx] - q_pos[q_idx]  # the band is in positions within groups
             inside: Tensor = ok & (d >= low[at]) & (d <= high[at])
             if dilated:
                 inside = inside & ((d - residue[at]) % dilation[at] == 0)
+            if run_tests is not None:  # a neighbourhood's band is open: its coordinates decide
+                test = run_tests[at]
+                for i, grid in grids:
+                    inside = inside & ((test != i) | grid.allows(q_pos[q_idx], kv_pos[kv_idx]))
             return inside
 
         return with_modifiers
@@ -813,7 +827,12 @@ class FlexTables:
                 ok = (gq == gk) & (gk != pad)
             else:
                 ok = member(sets.allowed, gq, gk, bit)
-            for (low, high, dilation, across), words in sets.bands:
+            for (low, high, dilation, across, grid), words in sets.bands:
+                if grid is not None:  # coordinates on the shape, by div/mod of positions within the group
+                    assert q_pos is not None and kv_pos is not None
+                    inside = grid.allows(q_pos[q_idx], kv_pos[kv_idx])
+                    ok = ok & (inside if words is None else ~member(words, gq, gk, bit) | inside)
+                    continue
                 d = offset(q_idx, kv_idx, across)
                 # a modifier list bounds a side or dilates: at least one term
                 terms = [d >= low] if low is not None else []

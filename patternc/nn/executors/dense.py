@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.lower.layout import Layout
+from patternc.modifiers import Neighbourhood
 from patternc.nn.executors.common import (
     AttentionInputs,
     alibi_bias,
@@ -22,11 +24,12 @@ __all__ = ["dense_mask", "run_dense"]
 
 def _mask_tables(
     layout: Layout, cache_lengths: tuple[tuple[str, int], ...], device: torch.device
-) -> tuple[Tensor, ...]:
+) -> tuple[Any, ...]:
     """Device tables the dense mask is built from: group x group ``allowed``
     and each pair's band (``low``, ``high``, ``dilation``, ``residue``, see
     :meth:`~patternc.lower.layout.Layout.pair_band`), per-token group ids and
-    positions within groups. Built once per (layout, cache lengths, device),
+    positions within groups, and each neighbourhood with its group x group
+    table of the pairs under it. Built once per (layout, cache lengths, device),
     so a call copies nothing from the host (CUDA-graph capturable after one
     warm-up call)."""
     lengths = dict(cache_lengths)
@@ -50,21 +53,29 @@ def _mask_tables(
     key_ids = torch.cat([query_ids, *cached]) if cached else query_ids
     q_pos = within_group_positions(layout, device)
     k_pos = torch.cat([q_pos, *(torch.arange(lengths[g], device=device) for g in layout.cached_groups)])
-    return allowed, *bands, query_ids, key_ids, q_pos, k_pos
+    # a neighbourhood's band is open: per distinct one, the group pairs it holds
+    grids: dict[Neighbourhood, Tensor] = {}
+    for (q, k), mods in layout.pairs.items():
+        if mods.grid is not None:
+            grids.setdefault(mods.grid, torch.zeros(n_groups, n_groups, dtype=torch.bool))[q, k] = True
+    on_device = tuple((g, t.to(device)) for g, t in grids.items())
+    return allowed, *bands, query_ids, key_ids, q_pos, k_pos, on_device
 
 
 def dense_mask(layout: Layout, cache_lengths: Mapping[str, int], device: torch.device) -> Tensor:
     """``[N, N + cached]`` bool: query token i may attend to key token j (the
     group table, then each group pair's band on positions within groups)."""
     lengths = tuple((g, cache_lengths[g]) for g in layout.cached_groups)
-    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos = table(
+    allowed, low, high, dilation, residue, query_ids, key_ids, q_pos, k_pos, grids = table(
         layout, ("dense mask", lengths, device), lambda: _mask_tables(layout, lengths, device)
     )
-    mask = allowed[query_ids][:, key_ids]
+    mask: Tensor = allowed[query_ids][:, key_ids]
     if layout.has_modifiers:
         d = k_pos[None, :] - q_pos[:, None]
         pair = (query_ids[:, None], key_ids[None, :])
         mask &= (d >= low[pair]) & (d <= high[pair]) & ((d - residue[pair]) % dilation[pair] == 0)
+        for grid, holds in grids:
+            mask &= ~holds[pair] | grid.allows(q_pos[:, None], k_pos[None, :])
     return mask
 
 
