@@ -522,7 +522,9 @@ def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> 
         r.blockwise_part(backward)
 
 
-def kernel_rate(worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, only: list[str] | None) -> None:
+def kernel_rate(
+    worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, only: list[str] | None, with_executor: bool
+) -> None:
     """The ``--kernel-rate`` table (see the module docs)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -541,7 +543,8 @@ def kernel_rate(worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, on
         "Useful FLOPs: 4 x heads x head size per allowed pair, forward; x3.5 forward+backward. "
         "Ring kernel: every block R virtual ranks compute on the blockwise kernel (ring steps, "
         "their own and gathered blocks), merged by log-sum-exp, ranks one after another, no "
-        "communication. All ranks: the executor's part of every rank as well. Graphs compiled: "
+        "communication. All ranks (with --with-executor): the executor's part of every rank as well, "
+        "unsharded time / all ranks' time. Graphs compiled: "
         "by torch.compile for the ring's blocks (FlexAttention compiles once per block shape).\n"
     )
     print(
@@ -579,13 +582,15 @@ def kernel_rate(worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, on
             compiled = counters["stats"]["unique_graphs"]
             fwd = _median_time(functools.partial(_run_ranks, ranks, False, False), repeat, device)
             bwd = _median_time(functools.partial(_run_ranks, ranks, True, False), repeat, device)
-            whole = _median_time(functools.partial(_run_ranks, ranks, True, True), repeat, device)
+            whole = None
+            if with_executor:
+                whole = _median_time(functools.partial(_run_ranks, ranks, True, True), repeat, device)
             rate_fwd = blockwise * work / fwd / 1e12
             rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
             print(
                 f"| | {world} | {blockwise / total:.2f} | {n_blocks} | {rate_fwd:.3g} | {base_rate_fwd:.3g} | "
                 f"{rate_fwd / base_rate_fwd:.2f} | {rate_bwd:.3g} | {base_rate_bwd:.3g} | "
-                f"{rate_bwd / base_rate_bwd:.2f} | {base_bwd / whole:.2f} | "
+                f"{rate_bwd / base_rate_bwd:.2f} | {f'{base_bwd / whole:.2f}' if whole else ''} | "
                 f"{counters['stats']['unique_graphs'] - compiled} |"
             )
             sys.stdout.flush()
@@ -610,6 +615,11 @@ def main() -> None:
         help="the ring's blockwise kernel against the unsharded executor, one device, no processes",
     )
     parser.add_argument("--tiny", action="store_true", help="--kernel-rate at small sizes (CPU)")
+    parser.add_argument(
+        "--with-executor",
+        action="store_true",
+        help="--kernel-rate: also time every rank's executor part (local calls; more compilation)",
+    )
     parser.add_argument("--kernel", default="auto", choices=["auto", "flex", "reference"])
     parser.add_argument("--backend", default="auto", help="the unsharded and local executor")
     parser.add_argument("--heads", type=int, default=None, help="--kernel-rate heads (16; 2 with --tiny)")
@@ -626,7 +636,7 @@ def main() -> None:
             query_chunk=256,
             executor=get_executor(args.backend),
         )
-        kernel_rate(args.worlds or [8], args.repeat, args.tiny, setup, args.layouts)
+        kernel_rate(args.worlds or [8], args.repeat, args.tiny, setup, args.layouts, args.with_executor)
         return
     if args.balance:
         balance_report(args.worlds or [2, 4, 8, 16, 32, 64])
