@@ -596,6 +596,162 @@ def kernel_rate(
             sys.stdout.flush()
 
 
+# ------------------------------------------------------------ paper estimate
+
+NVLINK, IB = 400e9, 50e9
+"""Bytes per second a GPU receives: from a GPU of its node (8 to a node), from another node."""
+NODE = 8
+ESTIMATE_WIDTH = 1024
+"""Heads x head size of the estimate (FLOPs and bytes both scale with it; the ratios do not)."""
+
+
+def estimate_layouts() -> dict[str, tuple[str, dict[str, int]]]:
+    """name -> (pattern source, sizes) of ``--estimate``."""
+    abupt = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+    equal = {
+        "surface_anchors": 16384,
+        "surface_queries": 262144,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
+    return {
+        "AB-UPT joint (16k anchors + 256k queries per branch)": (
+            abupt + "* -> surface_anchors, volume_anchors",
+            equal,
+        ),
+        "64 long-tailed causal documents, 1M tokens (lognormal sigma 1.0)": (
+            "groups doc*\ndoc* -> self [causal]",
+            long_tailed(0, 1.0, total=1 << 20),
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class RankTime:
+    """Seconds one rank spends on one forward+backward of attention."""
+
+    compute: float
+    communication: float
+    serial: float
+    overlapped: float
+
+
+def rank_times(sharded: ShardedSchedule, rank: int, ring_rate: float, executor_rate: float) -> RankTime:
+    """The model of one rank (rates in FLOP/s, forward+backward):
+
+    - compute: each call's allowed pairs on the rank x 4 x width x 3.5, at
+      ``ring_rate`` on the blockwise kernel, ``executor_rate`` on the executor;
+    - bytes: key/value tokens received (the schedule's) x 2 x width x 2 bytes;
+      a ring moves them 4 times (blocks forward and backward, float32
+      gradients behind them), a gather twice (the all-gather, the
+      reduce-scatter of the gradients);
+    - links: within a node NVLink, across nodes IB; a ring step waits for its
+      slowest hop (IB once the ring leaves a node), a gather receives the
+      other nodes' share over IB;
+    - serial: compute + communication. Overlapped (as the ring and the
+      gather overlap): a ring's transfers hide behind its blocks but for
+      one step's worth (the first block, the last gradient going home);
+      the gather hides behind the calls that do not read it.
+    """
+    placement = sharded.placement
+    world = placement.world_size
+    pair = 4 * ESTIMATE_WIDTH * FWD_BWD
+    per_token = 2 * ESTIMATE_WIDTH * 2
+    ring_bw = NVLINK if world <= NODE else IB
+    remote = max(0, world - NODE) / max(1, world - 1)
+    gather_bw = 1 / (remote / IB + (1 - remote) / NVLINK)
+    ring_compute = ring_comm = independent = dependent = gather_comm = 0.0
+    steps = 1
+    for call in sharded.calls:
+        pairs = rank_loads([call.attention], placement).flops[rank]
+        seconds = pairs * pair / (ring_rate if call.blockwise else executor_rate)
+        received = sharded.call_received(call, rank) * per_token
+        if call.strategy == "ring":
+            ring_compute += seconds
+            ring_comm += 4 * received / ring_bw
+            steps = max(steps, call.steps)
+        elif call.strategy == "gather":
+            dependent += seconds
+            gather_comm += 2 * received / gather_bw
+        else:
+            independent += seconds
+    ring = max(ring_compute, ring_comm) + min(ring_compute, ring_comm) / steps
+    compute = ring_compute + independent + dependent
+    communication = ring_comm + gather_comm
+    overlapped = max(gather_comm, ring + independent) + dependent
+    return RankTime(compute, communication, compute + communication, overlapped)
+
+
+def measured_rates(path: str | None) -> tuple[float, float] | None:
+    """The ring kernel's and the unsharded executor's forward+backward TF/s
+    (medians over the rows) of a ``--kernel-rate`` table; None without one."""
+    import glob
+
+    files = (
+        [path]
+        if path
+        else sorted(glob.glob(os.path.join(os.path.dirname(__file__), "results", "*kernel_rate*.txt")))
+    )
+    if not files or not os.path.exists(files[-1]):
+        return None
+    ring, executor = [], []
+    for line in open(files[-1]):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 10 or not cells[1].isdigit():
+            continue
+        try:
+            if cells[1] == "1":
+                executor.append(float(cells[8]))
+            else:
+                ring.append(float(cells[7]))
+        except ValueError:
+            continue
+    if not ring or not executor:
+        return None
+    return statistics.median(ring), statistics.median(executor)
+
+
+def estimate(ring_rate: float, executor_rate: float, worlds: list[int], source: str) -> None:
+    """The ``--estimate`` table (see the module docs); rates in TF/s."""
+    print(
+        f"\n## Paper estimate of strong scaling (attention only, forward+backward; ring kernel {ring_rate:.0f} "
+        f"TF/s, executor {executor_rate:.0f} TF/s ({source}); NVLink {NVLINK / 1e9:.0f} GB/s within "
+        f"{NODE} GPUs, IB {IB / 1e9:.0f} GB/s across)\n"
+    )
+    print(
+        "Efficiency: one GPU's time on the executor / (R x the slowest rank's time). Per GPU: useful "
+        "TF/s of the slowest rank's step.\n"
+    )
+    print(
+        "| layout | GPUs | strategies | compute ms (max rank) | communication ms (max rank) | "
+        "serial ms | overlapped ms | efficiency serial | efficiency overlapped | TF/s per GPU overlapped |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (text, sizes) in estimate_layouts().items():
+        plan = patternc.compile(text).patterns["default"].bind(list(sizes))
+        layout = plan.layout(sizes)
+        calls = [c.attention for c in layout.calls]
+        total = sum(rank_loads(calls, place(layout.all_groups, calls, sizes, 1)).flops)
+        flops = total * 4 * ESTIMATE_WIDTH * FWD_BWD
+        one = flops / (executor_rate * 1e12)
+        print(
+            f"| {name} | 1 | | {one * 1e3:.1f} | 0 | {one * 1e3:.1f} | {one * 1e3:.1f} | 1.00 | 1.00 | {executor_rate:.0f} |"
+        )
+        for world in worlds:
+            placement = place(layout.all_groups, calls, sizes, world)
+            sharded = schedule(calls, placement)
+            times = [rank_times(sharded, r, ring_rate * 1e12, executor_rate * 1e12) for r in range(world)]
+            serial = max(t.serial for t in times)
+            overlapped = max(t.overlapped for t in times)
+            kinds = sorted({c.strategy for c in sharded.calls})
+            print(
+                f"| | {world} | {', '.join(kinds)} | {max(t.compute for t in times) * 1e3:.1f} | "
+                f"{max(t.communication for t in times) * 1e3:.1f} | {serial * 1e3:.1f} | {overlapped * 1e3:.1f} | "
+                f"{one / (world * serial):.2f} | {one / (world * overlapped):.2f} | "
+                f"{flops / world / overlapped / 1e12:.0f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -624,7 +780,33 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="the unsharded and local executor")
     parser.add_argument("--heads", type=int, default=None, help="--kernel-rate heads (16; 2 with --tiny)")
     parser.add_argument("--dim", type=int, default=None, help="--kernel-rate head size (64; 16 with --tiny)")
+    parser.add_argument(
+        "--estimate", action="store_true", help="paper estimate of strong scaling at 8 and 64 GPUs"
+    )
+    parser.add_argument("--rate", type=float, default=None, help="--estimate: ring kernel TF/s (fwd+bwd)")
+    parser.add_argument(
+        "--executor-rate", type=float, default=None, help="--estimate: unsharded executor TF/s (fwd+bwd)"
+    )
+    parser.add_argument(
+        "--rates-from",
+        default=None,
+        help="--estimate: a --kernel-rate table (default: the newest in results/)",
+    )
     args = parser.parse_args()
+    if args.estimate:
+        measured = measured_rates(args.rates_from)
+        if args.rate is None and measured is None:
+            parser.error(
+                "--estimate needs the ring kernel's rate: pass --rate TF/s, or --rates-from a --kernel-rate table"
+            )
+        source = "given"
+        ring_rate, executor_rate = args.rate, args.executor_rate
+        if measured is not None:
+            source = f"medians of {args.rates_from or 'the newest kernel-rate table in results/'}"
+            ring_rate = ring_rate or measured[0]
+            executor_rate = executor_rate or measured[1]
+        estimate(ring_rate, executor_rate or ring_rate, args.worlds or [8, 64], source)
+        return
     if args.kernel_rate:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         setup = RateSetup(
