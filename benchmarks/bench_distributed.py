@@ -526,13 +526,8 @@ def kernel_rate(
     worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, only: list[str] | None, with_executor: bool
 ) -> None:
     """The ``--kernel-rate`` table (see the module docs)."""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
-    # every block shape is its own compiled FlexAttention (dynamic=False);
-    # the default limit would send the rest to eager FlexAttention
-    torch._dynamo.config.recompile_limit = 1 << 12
-    torch._dynamo.config.accumulated_recompile_limit = 1 << 14
     heads, dim, device = setup.heads, setup.dim, setup.device
     work = 4 * heads * dim  # FLOPs of one allowed query-key pair, forward
     print(

@@ -317,6 +317,30 @@ def test_flex_on_cuda_forward_and_backward_match_dense(
     assert lse_error < 10 * tolerance
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_on_cuda_compiles_more_block_shapes_than_the_default_limit() -> None:
+    """Ten blocks of distinct lengths (ten compiled shapes) in one process:
+    each compiles and matches the dense reference, none raises at torch's
+    default limit of eight."""
+    device = torch.device("cuda")
+    band = (((-UNBOUNDED, 0, 1, 0),),)
+    args = StepArgs(32, 32**-0.5, 0.0, None, False, "flex")
+    for i in range(10):
+        n = 128 * (i + 1) + 17
+        queries, keys = [Segment(0, 0, n)], [Segment(0, 0, n)]
+        torch.manual_seed(i)
+        q = torch.randn(1, n, 2, 32, dtype=torch.float64)
+        kv = torch.randn(1, n, 2, 64, dtype=torch.float64)
+        kernel = BlockKernel(queries, keys, band, True, device, 64)
+        with torch.no_grad():
+            out, _ = kernel.forward(q.to(device, torch.float32), kv.to(device, torch.float32), args)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, kv[..., :32]) * 32**-0.5
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        ref = torch.einsum("bhqk,bkhd->bqhd", probs, kv[..., 32:])
+        assert (out.double().cpu() - ref).norm() / ref.norm() < 2e-3, n
+
+
 def test_unknown_kernel_is_refused(world_of_one: None) -> None:
     from patternc.distributed import ContextParallel
 
