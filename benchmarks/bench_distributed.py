@@ -30,11 +30,21 @@ CPU (gloo, processes spawned here; peak memory is the rise of the peak RSS):
 GPUs (NCCL, one process per GPU; peak memory from the CUDA allocator):
 
     torchrun --nproc-per-node N benchmarks/bench_distributed.py
+
+The ring's kernel alone (``--kernel-rate``; one device, no processes): for
+each layout the blocks that R virtual ranks compute (``--worlds``, 8 by
+default; the ranks one after another, received blocks random) on the
+blockwise kernel with the log-sum-exp merge, forward and forward+backward,
+in useful TF/s of the mask beside the unsharded executor's on the same
+layout, and their ratio (bfloat16 on CUDA, float32 on CPU):
+
+    python benchmarks/bench_distributed.py --kernel-rate [--worlds 8] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -43,16 +53,25 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from peak_memory import Peak
+from torch import Tensor
 
 import patternc
 from patternc.distributed import ContextParallel, place, schedule
+from patternc.distributed.blockwise import BlockKernel, Kernel, StepArgs
+from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, _Attend, _Run
 from patternc.distributed.heads import choose_mode, hybrid_rows
+from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, rank_loads
+from patternc.distributed.rank import Comm, RankTokens
 from patternc.modifiers import allowed_pairs
+from patternc.nn.executors import get_executor
+from patternc.nn.executors.common import AttentionInputs, Executor
 
 HIDDEN, HEADS = 192, 3
 HOST = 8
@@ -392,6 +411,403 @@ def report(
                 )
 
 
+# ------------------------------------------------------------ kernel rate
+
+VLM = "groups registers image text\nregisters, image -> registers, image\ntext -> registers, image, text[causal]"
+ABUPT_JOINT = "groups surface_anchors surface_queries volume_anchors volume_queries\n* -> surface_anchors, volume_anchors"
+FWD_BWD = 3.5
+"""FLOPs of forward and backward against the forward's (the backward recomputes the scores: 2.5x)."""
+
+
+def rate_layouts(tiny: bool) -> dict[str, tuple[str, dict[str, int], Strategy | None]]:
+    """name -> (pattern source, sizes, strategy forced on non-local calls) for ``--kernel-rate``."""
+    n = 2048 if tiny else 65536
+    a, q = (128, 1024) if tiny else (8192, 65536)
+    image = n // 4
+    return {
+        f"one causal document, {n} tokens": ("groups text\ntext -> self [causal]", {"text": n}, None),
+        f"AB-UPT joint 2x({a} anchors + {q} queries), anchors on the ring": (
+            ABUPT_JOINT,
+            {"surface_anchors": a, "surface_queries": q, "volume_anchors": a, "volume_queries": q},
+            "ring",
+        ),
+        f"VLM 16 registers + {image} image + {n - image - 16} text": (
+            VLM,
+            {"registers": 16, "image": image, "text": n - image - 16},
+            None,
+        ),
+        f"{16 if tiny else 64} long-tailed causal documents, {n} tokens": (
+            "groups doc*\ndoc* -> self [causal]",
+            long_tailed(0, 1.0, count=16 if tiny else 64, total=n),
+            None,
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class RateSetup:
+    """Heads, head size, dtype, device, block kernel and executor of ``--kernel-rate``."""
+
+    device: torch.device
+    dtype: torch.dtype
+    heads: int
+    dim: int
+    kernel: Kernel
+    query_chunk: int
+    executor: Executor
+
+
+class VirtualRank:
+    """What rank ``rank`` of a placement computes for a layout, without a
+    process group: the executor's part (local calls, gathers on the
+    executor) and every block of its blockwise calls (its own and gathered
+    blocks, each ring step's block it computes), merged by log-sum-exp by the
+    ring's autograd function; received blocks are random tensors of their
+    sizes. The ranks run one after another on this device."""
+
+    def __init__(
+        self, plan: Any, placement: Placement, sharded: ShardedSchedule, rank: int, setup: RateSetup
+    ) -> None:
+        self.setup = setup
+        device, heads, dim, dtype = setup.device, setup.heads, setup.dim, setup.dtype
+        tokens = RankTokens(placement, rank, device)
+        comm = Comm(None, placement.world_size, {})  # never used: no block leaves this process
+        on_executor = [c for c in sharded.calls if not c.blockwise]
+        self.executor_calls = ExecutorCalls(on_executor, tokens, plan.name) if on_executor else None
+        gen = torch.Generator().manual_seed(rank)
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+        n = tokens.n_local
+        self.q, self.k, self.v = rand(1, n, heads, dim), rand(1, n, heads, dim), rand(1, n, heads, dim)
+        self.grad = rand(1, n, heads, dim)
+        self.gathered = {g: rand(1, placement.group(g).size or 0, heads, 2 * dim) for g in sharded.gathered}
+        self.layout = plan.layout(placement.local_sizes(rank))
+        self.runs: list[tuple[_Run, Tensor, list[Tensor | str]]] = []
+        """Per blockwise call: its run (every block a fixed one), its query rows and
+        its blocks: rows of this rank's packed keys/values, a gathered group's
+        name, or a received block."""
+        args = StepArgs(dim, dim**-0.5, 0.0, None, False, setup.kernel)
+        for c in sharded.calls:
+            if not c.blockwise:
+                continue
+            call = BlockwiseCall(c, tokens, comm, setup.query_chunk, setup.kernel)
+            kernels: list[BlockKernel | None] = []
+            blocks: list[Tensor | str] = []
+            if call.local is not None:
+                kernels.append(call.local)
+                blocks.append(call.local_keys.rows)
+            for name, kernel in call.gathered.items():
+                kernels.append(kernel)
+                blocks.append(name)
+            if call.ring is not None:
+                for step, kernel in enumerate(call.ring.kernels):
+                    kernels.append(kernel)
+                    blocks.append(
+                        call.local_keys.rows if step == 0 else rand(1, call.ring.sizes[step], heads, 2 * dim)
+                    )
+            kept = [(k, b) for k, b in zip(kernels, blocks) if k is not None and not k.empty]
+            run = _Run(tuple(k for k, _ in kept), None, args)
+            self.runs.append((run, call.queries.rows, [b for _, b in kept]))
+
+    def _inputs(self, backward: bool) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        q, k, v = (t.detach().requires_grad_(backward) for t in (self.q, self.k, self.v))
+        gathered = {g: t.detach().requires_grad_(backward) for g, t in self.gathered.items()}
+        return q, k, v, gathered
+
+    def executor_part(self, backward: bool) -> None:
+        """The executor's calls of this rank (the gathered keys/values given)."""
+        if self.executor_calls is None:
+            return
+        q, k, v, gathered = self._inputs(backward)
+        with torch.set_grad_enabled(backward):
+            packed = torch.cat([k, v], dim=-1)
+            inputs = AttentionInputs(q, k, v, self.layout, {}, None, 0.0, None)
+            out = self.executor_calls.run(inputs, self.setup.executor, gathered, packed)
+            if backward:
+                out.backward(self.grad[:, : out.shape[1]])
+
+    def blockwise_part(self, backward: bool) -> None:
+        """Every block of this rank's blockwise calls, merged by log-sum-exp."""
+        q, k, v, gathered = self._inputs(backward)
+        with torch.set_grad_enabled(backward):
+            packed = torch.cat([k, v], dim=-1)
+            for run, rows, blocks in self.runs:
+                kvs = []
+                for block in blocks:
+                    if isinstance(block, str):
+                        kvs.append(gathered[block])
+                    elif block.dtype == torch.long:
+                        kvs.append(packed.index_select(1, block))
+                    else:
+                        kvs.append(block.detach().requires_grad_(backward))
+                out = _Attend.apply(run, q.index_select(1, rows), packed[:, :0], *kvs)
+                if backward:
+                    out.backward(self.grad[:, : out.shape[1]])
+
+
+def _median_time(fn: Callable[[], None], repeat: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` (after one untimed call: compilation, caches)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _unsharded(layout: Any, qkvg: tuple[Tensor, ...], setup: RateSetup, backward: bool) -> None:
+    """The whole layout on the executor (and its backward)."""
+    q, k, v = (t.detach().requires_grad_(backward) for t in qkvg[:3])
+    with torch.set_grad_enabled(backward):
+        out = setup.executor(AttentionInputs(q, k, v, layout, {}, None, 0.0, None))
+        if backward:
+            out.backward(qkvg[3])
+
+
+def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> None:
+    """Every virtual rank's blockwise part (and its executor's part), one rank after another."""
+    for r in ranks:
+        if executor_too:
+            r.executor_part(backward)
+        r.blockwise_part(backward)
+
+
+def kernel_rate(
+    worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, only: list[str] | None, with_executor: bool
+) -> None:
+    """The ``--kernel-rate`` table (see the module docs)."""
+    from torch._dynamo.utils import counters
+
+    heads, dim, device = setup.heads, setup.dim, setup.device
+    work = 4 * heads * dim  # FLOPs of one allowed query-key pair, forward
+    print(
+        f"\n## Ring kernel rate against the unsharded executor ({device.type}, {setup.dtype}, "
+        f"{heads} heads x {dim}, batch 1, kernel {setup.kernel!r}, median of {repeat})\n"
+    )
+    print(
+        "Useful FLOPs: 4 x heads x head size per allowed pair, forward; x3.5 forward+backward. "
+        "Ring kernel: every block R virtual ranks compute on the blockwise kernel (ring steps, "
+        "their own and gathered blocks), merged by log-sum-exp, ranks one after another, no "
+        "communication. All ranks (with --with-executor): the executor's part of every rank as well, "
+        "unsharded time / all ranks' time. Graphs compiled: "
+        "by torch.compile for the ring's blocks (FlexAttention compiles once per block shape).\n"
+    )
+    print(
+        "| layout | R | blockwise share of FLOPs | blocks | ring kernel TF/s fwd | unsharded TF/s fwd | "
+        "ratio fwd | ring kernel TF/s fwd+bwd | unsharded TF/s fwd+bwd | ratio fwd+bwd | "
+        "all ranks vs unsharded fwd+bwd | graphs compiled |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (source, sizes, strategy) in rate_layouts(tiny).items():
+        if only is not None and not any(w in name for w in only):
+            continue
+        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
+        layout = plan.layout(sizes)
+        calls = [c.attention for c in layout.calls]
+        total = sum(rank_loads(calls, place(layout.all_groups, calls, sizes, 1)).flops)
+        gen = torch.Generator().manual_seed(0)
+        qkvg = tuple(
+            torch.randn(1, sum(sizes.values()), heads, dim, generator=gen).to(device, setup.dtype)
+            for _ in range(4)
+        )
+        base_fwd = _median_time(functools.partial(_unsharded, layout, qkvg, setup, False), repeat, device)
+        base_bwd = _median_time(functools.partial(_unsharded, layout, qkvg, setup, True), repeat, device)
+        base_rate_fwd = total * work / base_fwd / 1e12
+        base_rate_bwd = total * work * FWD_BWD / base_bwd / 1e12
+        print(f"| {name} | 1 | | | | {base_rate_fwd:.3g} | | | {base_rate_bwd:.3g} | | | |")
+        for world in worlds:
+            placement = place(layout.all_groups, calls, sizes, world)
+            sharded = schedule(calls, placement, strategy=strategy)
+            ranks = [VirtualRank(plan, placement, sharded, r, setup) for r in range(world)]
+            blockwise = sum(rank_loads([c.attention for c in sharded.calls if c.blockwise], placement).flops)
+            n_blocks = sum(len(run.fixed) for r in ranks for run, _, _ in r.runs)
+            if not n_blocks:
+                print(f"| | {world} | 0 | 0 | no blockwise call | | | | | | | |")
+                continue
+            compiled = counters["stats"]["unique_graphs"]
+            fwd = _median_time(functools.partial(_run_ranks, ranks, False, False), repeat, device)
+            bwd = _median_time(functools.partial(_run_ranks, ranks, True, False), repeat, device)
+            whole = None
+            if with_executor:
+                whole = _median_time(functools.partial(_run_ranks, ranks, True, True), repeat, device)
+            rate_fwd = blockwise * work / fwd / 1e12
+            rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
+            print(
+                f"| | {world} | {blockwise / total:.2f} | {n_blocks} | {rate_fwd:.3g} | {base_rate_fwd:.3g} | "
+                f"{rate_fwd / base_rate_fwd:.2f} | {rate_bwd:.3g} | {base_rate_bwd:.3g} | "
+                f"{rate_bwd / base_rate_bwd:.2f} | {f'{base_bwd / whole:.2f}' if whole else ''} | "
+                f"{counters['stats']['unique_graphs'] - compiled} |"
+            )
+            sys.stdout.flush()
+
+
+# ------------------------------------------------------------ paper estimate
+
+NVLINK, IB = 400e9, 50e9
+"""Bytes per second a GPU receives: from a GPU of its node (8 to a node), from another node."""
+NODE = 8
+ESTIMATE_WIDTH = 1024
+"""Heads x head size of the estimate (FLOPs and bytes both scale with it; the ratios do not)."""
+
+
+def estimate_layouts() -> dict[str, tuple[str, dict[str, int]]]:
+    """name -> (pattern source, sizes) of ``--estimate``."""
+    abupt = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
+    equal = {
+        "surface_anchors": 16384,
+        "surface_queries": 262144,
+        "volume_anchors": 16384,
+        "volume_queries": 262144,
+    }
+    return {
+        "AB-UPT joint (16k anchors + 256k queries per branch)": (
+            abupt + "* -> surface_anchors, volume_anchors",
+            equal,
+        ),
+        "64 long-tailed causal documents, 1M tokens (lognormal sigma 1.0)": (
+            "groups doc*\ndoc* -> self [causal]",
+            long_tailed(0, 1.0, total=1 << 20),
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class RankTime:
+    """Seconds one rank spends on one forward+backward of attention."""
+
+    compute: float
+    communication: float
+    serial: float
+    overlapped: float
+
+
+def rank_times(sharded: ShardedSchedule, rank: int, ring_rate: float, executor_rate: float) -> RankTime:
+    """The model of one rank (rates in FLOP/s, forward+backward):
+
+    - compute: each call's allowed pairs on the rank x 4 x width x 3.5, at
+      ``ring_rate`` on the blockwise kernel, ``executor_rate`` on the executor;
+    - bytes: key/value tokens received (the schedule's) x 2 x width x 2 bytes;
+      a ring moves them 4 times (blocks forward and backward, float32
+      gradients behind them), a gather twice (the all-gather, the
+      reduce-scatter of the gradients);
+    - links: within a node NVLink, across nodes IB; a ring step waits for its
+      slowest hop (IB once the ring leaves a node), a gather receives the
+      other nodes' share over IB;
+    - serial: compute + communication. Overlapped (as the ring and the
+      gather overlap): a ring's transfers hide behind its blocks but for
+      one step's worth (the first block, the last gradient going home);
+      the gather hides behind the calls that do not read it.
+    """
+    placement = sharded.placement
+    world = placement.world_size
+    pair = 4 * ESTIMATE_WIDTH * FWD_BWD
+    per_token = 2 * ESTIMATE_WIDTH * 2
+    ring_bw = NVLINK if world <= NODE else IB
+    remote = max(0, world - NODE) / max(1, world - 1)
+    gather_bw = 1 / (remote / IB + (1 - remote) / NVLINK)
+    ring_compute = ring_comm = independent = dependent = gather_comm = 0.0
+    steps = 1
+    for call in sharded.calls:
+        pairs = rank_loads([call.attention], placement).flops[rank]
+        seconds = pairs * pair / (ring_rate if call.blockwise else executor_rate)
+        received = sharded.call_received(call, rank) * per_token
+        if call.strategy == "ring":
+            ring_compute += seconds
+            ring_comm += 4 * received / ring_bw
+            steps = max(steps, call.steps)
+        elif call.strategy == "gather":
+            dependent += seconds
+            gather_comm += 2 * received / gather_bw
+        else:
+            independent += seconds
+    ring = max(ring_compute, ring_comm) + min(ring_compute, ring_comm) / steps
+    compute = ring_compute + independent + dependent
+    communication = ring_comm + gather_comm
+    overlapped = max(gather_comm, ring + independent) + dependent
+    return RankTime(compute, communication, compute + communication, overlapped)
+
+
+def measured_rates(path: str | None) -> tuple[float, float] | None:
+    """The ring kernel's and the unsharded executor's forward+backward TF/s
+    (medians over the rows) of a ``--kernel-rate`` table; None without one."""
+    import glob
+
+    files = (
+        [path]
+        if path
+        else sorted(glob.glob(os.path.join(os.path.dirname(__file__), "results", "*kernel_rate*.txt")))
+    )
+    if not files or not os.path.exists(files[-1]):
+        return None
+    ring, executor = [], []
+    for line in open(files[-1]):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 10 or not cells[1].isdigit():
+            continue
+        try:
+            if cells[1] == "1":
+                executor.append(float(cells[8]))
+            else:
+                ring.append(float(cells[7]))
+        except ValueError:
+            continue
+    if not ring or not executor:
+        return None
+    return statistics.median(ring), statistics.median(executor)
+
+
+def estimate(ring_rate: float, executor_rate: float, worlds: list[int], source: str) -> None:
+    """The ``--estimate`` table (see the module docs); rates in TF/s."""
+    print(
+        f"\n## Paper estimate of strong scaling (attention only, forward+backward; ring kernel {ring_rate:.0f} "
+        f"TF/s, executor {executor_rate:.0f} TF/s ({source}); NVLink {NVLINK / 1e9:.0f} GB/s within "
+        f"{NODE} GPUs, IB {IB / 1e9:.0f} GB/s across)\n"
+    )
+    print(
+        "Efficiency: one GPU's time on the executor / (R x the slowest rank's time). Per GPU: useful "
+        "TF/s of the slowest rank's step.\n"
+    )
+    print(
+        "| layout | GPUs | strategies | compute ms (max rank) | communication ms (max rank) | "
+        "serial ms | overlapped ms | efficiency serial | efficiency overlapped | TF/s per GPU overlapped |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (text, sizes) in estimate_layouts().items():
+        plan = patternc.compile(text).patterns["default"].bind(list(sizes))
+        layout = plan.layout(sizes)
+        calls = [c.attention for c in layout.calls]
+        total = sum(rank_loads(calls, place(layout.all_groups, calls, sizes, 1)).flops)
+        flops = total * 4 * ESTIMATE_WIDTH * FWD_BWD
+        one = flops / (executor_rate * 1e12)
+        print(
+            f"| {name} | 1 | | {one * 1e3:.1f} | 0 | {one * 1e3:.1f} | {one * 1e3:.1f} | 1.00 | 1.00 | {executor_rate:.0f} |"
+        )
+        for world in worlds:
+            placement = place(layout.all_groups, calls, sizes, world)
+            sharded = schedule(calls, placement)
+            times = [rank_times(sharded, r, ring_rate * 1e12, executor_rate * 1e12) for r in range(world)]
+            serial = max(t.serial for t in times)
+            overlapped = max(t.overlapped for t in times)
+            kinds = sorted({c.strategy for c in sharded.calls})
+            print(
+                f"| | {world} | {', '.join(kinds)} | {max(t.compute for t in times) * 1e3:.1f} | "
+                f"{max(t.communication for t in times) * 1e3:.1f} | {serial * 1e3:.1f} | {overlapped * 1e3:.1f} | "
+                f"{one / (world * serial):.2f} | {one / (world * overlapped):.2f} | "
+                f"{flops / world / overlapped / 1e12:.0f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -405,7 +821,61 @@ def main() -> None:
     parser.add_argument(
         "--layouts", nargs="+", default=None, help="only layouts whose name contains one of these"
     )
+    parser.add_argument(
+        "--kernel-rate",
+        action="store_true",
+        help="the ring's blockwise kernel against the unsharded executor, one device, no processes",
+    )
+    parser.add_argument("--tiny", action="store_true", help="--kernel-rate at small sizes (CPU)")
+    parser.add_argument(
+        "--with-executor",
+        action="store_true",
+        help="--kernel-rate: also time every rank's executor part (local calls; more compilation)",
+    )
+    parser.add_argument("--kernel", default="auto", choices=["auto", "flex", "reference"])
+    parser.add_argument("--backend", default="auto", help="the unsharded and local executor")
+    parser.add_argument("--heads", type=int, default=None, help="--kernel-rate heads (16; 2 with --tiny)")
+    parser.add_argument("--dim", type=int, default=None, help="--kernel-rate head size (64; 16 with --tiny)")
+    parser.add_argument(
+        "--estimate", action="store_true", help="paper estimate of strong scaling at 8 and 64 GPUs"
+    )
+    parser.add_argument("--rate", type=float, default=None, help="--estimate: ring kernel TF/s (fwd+bwd)")
+    parser.add_argument(
+        "--executor-rate", type=float, default=None, help="--estimate: unsharded executor TF/s (fwd+bwd)"
+    )
+    parser.add_argument(
+        "--rates-from",
+        default=None,
+        help="--estimate: a --kernel-rate table (default: the newest in results/)",
+    )
     args = parser.parse_args()
+    if args.estimate:
+        measured = measured_rates(args.rates_from)
+        if args.rate is None and measured is None:
+            parser.error(
+                "--estimate needs the ring kernel's rate: pass --rate TF/s, or --rates-from a --kernel-rate table"
+            )
+        source = "given"
+        ring_rate, executor_rate = args.rate, args.executor_rate
+        if measured is not None:
+            source = f"medians of {args.rates_from or 'the newest kernel-rate table in results/'}"
+            ring_rate = ring_rate or measured[0]
+            executor_rate = executor_rate or measured[1]
+        estimate(ring_rate, executor_rate or ring_rate, args.worlds or [8, 64], source)
+        return
+    if args.kernel_rate:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setup = RateSetup(
+            device=device,
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            heads=args.heads or (2 if args.tiny else 16),
+            dim=args.dim or (16 if args.tiny else 64),
+            kernel=args.kernel,
+            query_chunk=256,
+            executor=get_executor(args.backend),
+        )
+        kernel_rate(args.worlds or [8], args.repeat, args.tiny, setup, args.layouts, args.with_executor)
+        return
     if args.balance:
         balance_report(args.worlds or [2, 4, 8, 16, 32, 64])
         heads_report(args.worlds or [2, 4, 8, 16, 32, 64])

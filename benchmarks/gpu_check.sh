@@ -27,6 +27,10 @@
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
 #              ranks on the host's cores) and under torchrun/NCCL, and
 #              chunked inference at a million queries                ~5 min
+#   ringrate   the ring's blockwise kernel's TF/s over the blocks 8 virtual
+#              ranks compute against the unsharded executor's, then its
+#              CUDA tests (FlexAttention forward and backward through the
+#              log-sum-exp merge against the float64 reference)   ~5-10 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root; results go to $OUT (or ./gpu-out). To keep a
 # result, copy it to benchmarks/results/<card>_<file>_<yyyy-mm>.txt with the
@@ -114,6 +118,17 @@ distributed() {
     2>&1 | grep -v -i "warn\|return func" | tee "$OUT/bench_distributed_nccl.txt"
   python3 benchmarks/bench_chunked.py --queries 1000000 --anchors 16384 --chunks 16384 65536 262144 2>&1 \
     | grep -v -i "warn" | tee "$OUT/bench_chunked.txt"
+}
+
+ringrate() {
+  # the rate first (compiles are most of the time: one per block shape);
+  # then the CUDA tests of the same kernel
+  timeout 330 python3 benchmarks/bench_distributed.py --kernel-rate --worlds 8 --repeat 5 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/bench_distributed_kernel_rate.txt"
+  local workers=()
+  python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
+  timeout 240 python3 -m pytest tests/test_distributed_ring.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
+    | tee "$OUT/test_distributed_ring.txt" | tail -8
 }
 
 stages=("$@")

@@ -397,6 +397,81 @@ def case_ring_overlap(world: int) -> dict[str, Any]:
     return result
 
 
+def case_gather_overlap(world: int) -> dict[str, Any]:
+    """Anchors gathered for one call while another call's ring computes, with
+    spies on the gather's posts and waits and on the kernels: the forward
+    posts the all-gather before the ring's blocks compute and waits for it
+    only before the executor's call that reads it; the backward posts the
+    reduce-scatter before the ring's backward computes and waits for it
+    after. Also the sharded result against one process."""
+    from patternc.distributed import calls as calls_module
+    from patternc.distributed import collectives
+    from patternc.distributed.blockwise import BlockKernel
+
+    sizes = {"anchors": 6, "queries": 30, "text": 40}
+    source = "groups anchors queries text\nanchors, queries -> anchors\ntext -> text"
+    module, forward, plan = _attention(source, sizes)
+    options = {"whole_groups": False}
+    result = compare(module, forward, plan, sizes, options)
+    events: list[str] = []
+    state = collectives._GatherState
+    spied = {
+        "post_gather": "gather",
+        "wait_gather": "gathered",
+        "post_reduce": "reduce",
+        "wait_reduce": "reduced",
+    }
+    originals = {name: getattr(state, name) for name in spied}
+    kernel_forward, block_backward, executor_run = (
+        BlockKernel.forward,
+        calls_module._block_backward,
+        calls_module.ExecutorCalls.run,
+    )
+
+    def spy(name: str, label: str) -> Any:
+        def run(self: Any, *args: Any) -> Any:
+            events.append(label)
+            return originals[name](self, *args)
+
+        return run
+
+    def ring_forward(self: BlockKernel, *args: Any) -> Any:
+        events.append("ring")
+        return kernel_forward(self, *args)
+
+    def ring_backward(*args: Any) -> None:
+        events.append("ring")
+        block_backward(*args)
+
+    def executor(self: Any, *args: Any) -> Any:
+        events.append("executor")
+        return executor_run(self, *args)
+
+    cp = ContextParallel(plan, sizes, **options)
+    strategies = {c.attention.text(): c.strategy for c in cp.schedule_for(plan.layout(cp.local_sizes)).calls}
+    x = cp.shard(torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)).requires_grad_(True)
+    for name, label in spied.items():
+        setattr(state, name, spy(name, label))
+    BlockKernel.forward = ring_forward  # type: ignore[method-assign]
+    calls_module._block_backward = ring_backward
+    calls_module.ExecutorCalls.run = executor  # type: ignore[method-assign]
+    try:
+        with cp:
+            out = forward(x, cp.local_sizes)
+        result["forward_events"] = list(events)
+        events.clear()
+        out.square().sum().backward()
+        result["backward_events"] = list(events)
+    finally:
+        for name, original in originals.items():
+            setattr(state, name, original)
+        BlockKernel.forward = kernel_forward  # type: ignore[method-assign]
+        calls_module._block_backward = block_backward
+        calls_module.ExecutorCalls.run = executor_run  # type: ignore[method-assign]
+    result["strategies"] = strategies
+    return result
+
+
 SUB_RING = {
     "doc0": 20,
     **{f"doc{i}": n for i, n in enumerate([9, 11, 7, 10, 8, 12, 9, 7, 11, 9, 10, 8, 9], 1)},

@@ -39,6 +39,7 @@ NUMERIC = [
     "ring_window",
     "sub_ring",
     "ring_overlap",
+    "gather_overlap",
     "inputs_read_nothing",
     "padding",
     "padding_documents",
@@ -121,6 +122,22 @@ def test_ring_posts_the_next_exchange_before_computing_the_current_block(
         for at, event in enumerate(events):  # never a compute before the next block is posted
             if event == "compute" and events[:at].count("compute") < steps - 1:
                 assert events[:at].count("post0") == events[:at].count("compute") + 1
+
+
+def test_gather_overlaps_the_calls_that_do_not_read_it(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """Anchors gathered beside a ring call: the all-gather is posted before
+    the ring's blocks compute and waited for only before the executor's call
+    that reads the anchors; in the backward the reduce-scatter of their
+    gradients is posted before the ring's backward computes and waited for
+    after it (spies on the gather's posts and waits and on the kernels)."""
+    world, results = ranks
+    for rank, result in enumerate(results):
+        case = result["gather_overlap"]
+        assert "exception" not in case, f"rank {rank} of {world}:\n{case['exception']}"
+        assert case["strategies"] == {"anchors, queries -> anchors": "gather", "text -> text": "ring"}
+        ring = ["ring"] * world  # full attention: every rank computes every block
+        assert case["forward_events"] == ["gather", *ring, "gathered", "executor"], (world, rank)
+        assert case["backward_events"] == ["reduce", *ring, "reduced"], (world, rank)
 
 
 def test_a_ring_runs_over_the_ranks_holding_its_document(ranks: tuple[int, list[dict[str, Any]]]) -> None:

@@ -210,6 +210,137 @@ def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
         assert (g - r).norm() / r.norm() < 1e-12
 
 
+MERGED = {
+    # zigzag queries of a causal document against two ranks' blocks: full,
+    # partial and empty tiles, a last tile holding padding
+    "causal": (
+        [Segment(0, 0, 300), Segment(0, 900, 300)],
+        [[Segment(0, 0, 300), Segment(0, 900, 300)], [Segment(0, 300, 600)]],
+        (((-UNBOUNDED, 0, 1, 0),),),
+    ),
+    # two groups, a dilated window and an open pair, blocks of odd lengths
+    "dilated": (
+        [Segment(0, 5, 150), Segment(1, 0, 90)],
+        [[Segment(0, 0, 201)], [Segment(0, 201, 59), Segment(1, 10, 133)]],
+        (((-60, 60, 3, 1), OPEN), (OPEN, (-UNBOUNDED, 0, 1, 0))),
+    ),
+}
+
+
+def _merged_against_dense(
+    device: torch.device, dtype: torch.dtype, kernel: str, case: str, padded: bool, alibi: bool
+) -> tuple[list[float], float]:
+    """Relative errors of the output and of the gradients of the queries and
+    each block, ``kernel`` on ``device`` through the ring's autograd function
+    (blocks merged by log-sum-exp), against autograd through the dense
+    float64 softmax over the blocks' keys together; and the largest
+    log-sum-exp error over one block's forward."""
+    from patternc.distributed.calls import _Attend, _Run
+
+    queries, blocks, band = MERGED[case]
+    heads, dim = 2, 32
+    n_q = sum(s.length for s in queries)
+    sizes = [sum(s.length for s in keys) for keys in blocks]
+    torch.manual_seed(n_q + 7 * sum(sizes))
+    q = torch.randn(1, n_q, heads, dim, dtype=torch.float64)
+    kvs = [torch.randn(1, n, heads, 2 * dim + padded, dtype=torch.float64) for n in sizes]
+    if padded:
+        for kv in kvs:
+            kv[..., 2 * dim] = (torch.rand(1, kv.shape[1], 1) > 0.2).double()
+    probe = torch.randn(1, n_q, heads, dim, dtype=torch.float64)
+    slopes = torch.tensor([0.05, 0.0125], dtype=torch.float64) if alibi else None
+
+    ref_q = q.clone().requires_grad_(True)
+    ref_kvs = [kv.clone().requires_grad_(True) for kv in kvs]
+    dense_args = StepArgs(dim, dim**-0.5, 0.0, slopes, padded, "reference")
+    every_key = [s for keys in blocks for s in keys]
+    ref, _ = _dense(ref_q, torch.cat(ref_kvs, dim=1), queries, every_key, band, dense_args)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (ref_q, *ref_kvs))
+
+    run_slopes = slopes.to(device, torch.promote_types(dtype, torch.float32)) if slopes is not None else None
+    args = StepArgs(dim, dim**-0.5, 0.0, run_slopes, padded, kernel)  # type: ignore[arg-type]
+    kernels = [BlockKernel(queries, keys, band, True, device, query_chunk=64) for keys in blocks]
+    x = q.to(device, dtype).requires_grad_(True)
+    xs = [kv.to(device, dtype).requires_grad_(True) for kv in kvs]
+    out = _Attend.apply(_Run(tuple(kernels), None, args), x, x.new_zeros(1, 0, heads, 2 * dim), *xs)
+    grads = torch.autograd.grad((out * probe.to(device, dtype)).sum(), (x, *xs))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm())
+
+    errors = [rel(out, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
+    with torch.no_grad():
+        _, lse = kernels[0].forward(x, xs[0], args)
+        _, block_lse = _dense(q, kvs[0], queries, blocks[0], band, dense_args)
+    seen = torch.isfinite(block_lse)
+    assert torch.equal(torch.isfinite(lse).cpu(), seen)
+    lse_error = float((lse.double().cpu()[seen] - block_lse[seen]).abs().max())
+    return errors, lse_error
+
+
+@pytest.mark.parametrize("case", list(MERGED))
+@pytest.mark.parametrize(("padded", "alibi"), [(False, False), (True, False), (False, True)])
+def test_reference_merged_forward_and_backward_match_dense(case: str, padded: bool, alibi: bool) -> None:
+    """The reference kernel in float64: output and gradients to float64 precision."""
+    errors, lse_error = _merged_against_dense(
+        torch.device("cpu"), torch.float64, "reference", case, padded, alibi
+    )
+    assert max(errors) < 1e-12, errors
+    assert lse_error < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(MERGED))
+@pytest.mark.parametrize(
+    ("padded", "alibi", "dtype"),
+    [
+        (False, False, torch.float32),
+        (True, False, torch.float32),
+        (False, True, torch.float32),
+        (False, False, torch.bfloat16),
+    ],
+)
+def test_flex_on_cuda_forward_and_backward_match_dense(
+    case: str, padded: bool, alibi: bool, dtype: torch.dtype
+) -> None:
+    """The ring's kernel on CUDA (compiled FlexAttention with the block mask
+    from the tile classes, its log-sum-exp, and its backward through the
+    merge) against the float64 dense reference."""
+    device = torch.device("cuda")
+    queries, blocks, band = MERGED[case]
+    kernel = BlockKernel(queries, blocks[0], band, True, device, 64)
+    probe = torch.zeros(1, 1, 1, 32, device=device, dtype=dtype)
+    assert kernel.uses_flex(probe, StepArgs(32, 1.0, 0.0, None, padded, "flex"))
+    tolerance = 2e-3 if dtype == torch.float32 else 3e-2
+    errors, lse_error = _merged_against_dense(device, dtype, "flex", case, padded, alibi)
+    assert max(errors) < tolerance, errors
+    assert lse_error < 10 * tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_on_cuda_compiles_more_block_shapes_than_the_default_limit() -> None:
+    """Ten blocks of distinct lengths (ten compiled shapes) in one process:
+    each compiles and matches the dense reference, none raises at torch's
+    default limit of eight."""
+    device = torch.device("cuda")
+    band = (((-UNBOUNDED, 0, 1, 0),),)
+    args = StepArgs(32, 32**-0.5, 0.0, None, False, "flex")
+    for i in range(10):
+        n = 128 * (i + 1) + 17
+        queries, keys = [Segment(0, 0, n)], [Segment(0, 0, n)]
+        torch.manual_seed(i)
+        q = torch.randn(1, n, 2, 32, dtype=torch.float64)
+        kv = torch.randn(1, n, 2, 64, dtype=torch.float64)
+        kernel = BlockKernel(queries, keys, band, True, device, 64)
+        with torch.no_grad():
+            out, _ = kernel.forward(q.to(device, torch.float32), kv.to(device, torch.float32), args)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, kv[..., :32]) * 32**-0.5
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        ref = torch.einsum("bhqk,bkhd->bqhd", probs, kv[..., 32:])
+        assert (out.double().cpu() - ref).norm() / ref.norm() < 2e-3, n
+
+
 def test_unknown_kernel_is_refused(world_of_one: None) -> None:
     from patternc.distributed import ContextParallel
 

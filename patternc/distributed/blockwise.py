@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = [
+    "BLOCK_SHAPES",
     "KEY_TILE",
     "BlockKernel",
     "Kernel",
@@ -51,6 +52,10 @@ CPU its forward only, gradients from the reference) or ``"reference"``."""
 
 KEY_TILE = 128
 """Keys per tile: the reference skips empty tiles, FlexAttention's blocks have this size."""
+
+BLOCK_SHAPES = 64
+"""Block shapes FlexAttention may be compiled for in one process: torch's
+recompile limit is raised to this when the kernel first compiles it."""
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -575,7 +580,16 @@ def _flex_attention(
 @functools.cache
 def _flex_call(compiled: bool) -> Callable[..., tuple[Tensor, Tensor]]:
     """FlexAttention compiled once per process (on CUDA: the fused kernel;
-    eager FlexAttention computes every score), or eager (the CPU forward)."""
+    eager FlexAttention computes every score), or eager (the CPU forward).
+
+    It is compiled for each block shape (``dynamic=False``): the blocks of a
+    placement come in a few shapes per call, but a layout with many split
+    documents has more than torch's default recompile limit (8), past which
+    a ``fullgraph`` function raises. The limit is raised to
+    :data:`BLOCK_SHAPES` (never lowered) when the compiled form is first asked for."""
     if compiled:
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, BLOCK_SHAPES)
         return torch.compile(_flex_attention, dynamic=False, fullgraph=True)
     return _flex_attention

@@ -77,6 +77,8 @@ class ExecutorCalls:
         self.order = cat([tokens.rows[g] for g in inputs], tokens.device)
         """Local rows of the executor's output, in its order."""
         self.rows = None if self.order.shape[0] == tokens.n_local else self.order
+        self.reads_gathered = any(source == "gathered" for _, source in self.shadows.values())
+        """Whether any call reads an all-gathered group (it runs after the gather arrives)."""
 
     def run(
         self, inputs: AttentionInputs, executor: Executor, gathered: dict[str, Tensor], packed: Tensor

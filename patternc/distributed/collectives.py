@@ -3,7 +3,10 @@
 - :func:`all_gather_tokens`: every rank's tokens (uneven counts), stacked
   into one padded buffer; its backward reduce-scatters the gradient, so each
   rank gets the gradient of the tokens it sent, summed over every rank that
-  read them.
+  read them. :func:`post_all_gather` starts the same gather and returns a
+  :class:`PendingGather` to wait on later, so work that needs none of the
+  gathered tokens runs while they travel (and, in the backward, while their
+  gradients are reduce-scattered).
 - :func:`shift_tokens`: the ring step, rank ``r`` sends to ``r + 1`` and
   receives from ``r - 1``; its backward sends the gradient the other way.
 - :func:`post_exchange`: a send/receive started now and waited for later
@@ -31,10 +34,12 @@ __all__ = [
     "DistributedError",
     "Group",
     "PendingExchange",
+    "PendingGather",
     "agree",
     "all_gather_tokens",
     "exchange_tokens",
     "guarded",
+    "post_all_gather",
     "post_exchange",
     "shift_tokens",
 ]
@@ -97,46 +102,134 @@ def _global(group: Group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, local: Tensor, counts: tuple[int, ...], group: Group) -> Tensor:
-        rank, longest = dist.get_rank(group), max(counts)
-        ctx.rank, ctx.longest, ctx.count, ctx.group = rank, longest, counts[rank], group
-        padded = local.new_zeros((longest, *local.shape[1:]))
+class _GatherState:
+    """One all-gather and its backward's reduce-scatter, shared by the two
+    autograd nodes of :class:`PendingGather` (posted, received). The buffers
+    a collective reads or writes are kept here until it is waited for."""
+
+    def __init__(self, counts: tuple[int, ...], group: Group) -> None:
+        self.counts, self.group = counts, group
+        self.rank = dist.get_rank(group)
+        self.longest = max(counts)
+        self.out: Tensor | None = None
+        self.buffers: tuple[Tensor, ...] = ()
+        self.work: Any = None
+        self.fallback: Tensor | None = None
+        """The all-reduced gradient, where the backend has no reduce-scatter."""
+
+    def post_gather(self, local: Tensor) -> None:
+        padded = local.new_zeros((self.longest, *local.shape[1:]))
         padded[: local.shape[0]] = local
-        out = local.new_empty((longest * len(counts), *local.shape[1:]))
+        out = local.new_empty((self.longest * len(self.counts), *local.shape[1:]))
 
-        def gather() -> None:
+        def gather() -> Any:
             try:
-                _ALL_GATHER(out, padded, group=group)
+                return _ALL_GATHER(out, padded, group=self.group, async_op=True)
             except (RuntimeError, NotImplementedError):  # backends without the fused form
-                dist.all_gather(list(out.chunk(len(counts))), padded, group=group)
+                parts = list(out.chunk(len(self.counts)))
+                return dist.all_gather(parts, padded, group=self.group, async_op=True)
 
-        guarded("all-gathering keys/values", group, gather)
+        self.work = guarded("all-gathering keys/values", self.group, gather)
+        self.out, self.buffers = out, (padded,)
+
+    def wait_gather(self) -> Tensor:
+        work, out = self.work, self.out
+        guarded("all-gathering keys/values", self.group, lambda: work.wait())
+        assert out is not None
+        self.work, self.out, self.buffers = None, None, ()
         return out
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def post_reduce(self, grad: Tensor) -> Tensor:
+        """Start reduce-scattering ``grad``; returns the buffer this rank's
+        part lands in, filled once :meth:`wait_reduce` returns."""
         grad = grad.contiguous()
-        mine = grad.new_empty((ctx.longest, *grad.shape[1:]))
+        mine = grad.new_empty((self.longest, *grad.shape[1:]))
 
-        def reduce() -> None:
+        def reduce() -> Any:
             try:
-                _REDUCE_SCATTER(mine, grad, group=ctx.group)
+                return _REDUCE_SCATTER(mine, grad, group=self.group, async_op=True)
             except (RuntimeError, NotImplementedError):  # older gloo: no reduce_scatter
-                total = grad.clone()
-                dist.all_reduce(total, group=ctx.group)
-                mine.copy_(total[ctx.rank * ctx.longest : (ctx.rank + 1) * ctx.longest])
+                self.fallback = grad.clone()
+                return dist.all_reduce(self.fallback, group=self.group, async_op=True)
 
-        guarded("reduce-scattering key/value gradients", ctx.group, reduce)
-        return mine[: ctx.count], None, None
+        self.work = guarded("reduce-scattering key/value gradients", self.group, reduce)
+        self.buffers = (grad, mine)
+        return mine[: self.counts[self.rank]]
+
+    def wait_reduce(self) -> Tensor:
+        work, mine = self.work, self.buffers[1]
+        guarded("reduce-scattering key/value gradients", self.group, lambda: work.wait())
+        if self.fallback is not None:
+            at = self.rank * self.longest
+            mine.copy_(self.fallback[at : at + self.longest])
+        self.work, self.buffers, self.fallback = None, (), None
+        return mine[: self.counts[self.rank]]
+
+
+class _GatherPosted(torch.autograd.Function):
+    """Posts the all-gather and passes ``local`` on. Its backward waits for
+    the reduce-scatter that :class:`_GatherReceived`'s backward posted: this
+    node is created before the work done while the gather is in flight, and
+    the autograd engine runs later nodes first, so that work's backward runs
+    between the two while the gradients travel."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, state: _GatherState) -> Tensor:
+        state.post_gather(local)
+        ctx.state = state
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # ``grad`` is the buffer the reduce-scatter fills: complete after the wait
+        return ctx.state.wait_reduce(), None
+
+
+class _GatherReceived(torch.autograd.Function):
+    """Waits for the all-gather; its backward posts the reduce-scatter and returns at once."""
+
+    @staticmethod
+    def forward(ctx: Any, posted: Tensor, state: _GatherState) -> Tensor:
+        ctx.state = state
+        return state.wait_gather()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.state.post_reduce(grad), None
+
+
+class PendingGather:
+    """An all-gather posted by :func:`post_all_gather`: work done before
+    :meth:`wait` overlaps the transfer, and in the backward the
+    reduce-scatter of the gradient overlaps that work's backward."""
+
+    def __init__(self, posted: Tensor, state: _GatherState) -> None:
+        self._posted, self._state = posted, state
+
+    def wait(self) -> Tensor:
+        """``[world * max(counts), ...]``: rank ``s``'s tokens at
+        ``s * max(counts)``, zero padding after them."""
+        out: Tensor = _GatherReceived.apply(self._posted, self._state)  # type: ignore[no-untyped-call]
+        return out
+
+
+def post_all_gather(local: Tensor, counts: Sequence[int], group: Group) -> PendingGather:
+    """Start gathering every rank's tokens (``local`` is ``[counts[rank], ...]``);
+    :meth:`PendingGather.wait` returns them, differentiable. The backward
+    reduce-scatters the gradient, so each rank gets the gradient of the
+    tokens it sent, summed over every rank that read them: posted as soon
+    as the gradient of the gathered tokens is complete, waited for when the
+    gradient of ``local`` is needed. On NCCL both waits are stream waits (no
+    host synchronisation); on gloo they block the host."""
+    state = _GatherState(tuple(counts), group)
+    posted: Tensor = _GatherPosted.apply(local, state)  # type: ignore[no-untyped-call]
+    return PendingGather(posted, state)
 
 
 def all_gather_tokens(local: Tensor, counts: Sequence[int], group: Group) -> Tensor:
     """``local`` is ``[counts[rank], ...]``; returns ``[world * max(counts), ...]``:
     rank ``s``'s tokens at ``s * max(counts)``, zero padding after them."""
-    out: Tensor = _AllGather.apply(local, tuple(counts), group)  # type: ignore[no-untyped-call]
-    return out
+    return post_all_gather(local, counts, group).wait()
 
 
 BLOCKS, GRADIENTS = 0, 1

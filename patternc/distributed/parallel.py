@@ -376,17 +376,32 @@ class _Runner:
             parts.append(mask.expand(-1, -1, inputs.k.shape[2], 1))
         packed = torch.cat(parts, dim=-1)
         links: list[Tensor] = []
-        gathered = self.gather.run(packed, self.comm, links)
-        pieces = []
-        if self.executor_calls is not None:
-            pieces.append(self.executor_calls.run(inputs, executor, gathered, packed))
-        pieces.extend(b.run(inputs, packed, gathered, links) for b in self.blockwise)
-        if not pieces:
+        # the gather is posted first; the parts that read none of its groups
+        # compute while it is in flight (every rank runs them in the same
+        # order, so their ring exchanges match), the others after the wait.
+        # In the backward the reduce-scatter of its gradients overlaps the
+        # backward of the early parts (see post_all_gather).
+        pending = self.gather.post(packed, self.comm)
+        pieces: dict[int, Tensor] = {}  # the executor's part at -1, blockwise call i at i
+
+        def compute(late: bool, gathered: dict[str, Tensor]) -> None:
+            calls = self.executor_calls
+            if calls is not None and calls.reads_gathered == late:
+                pieces[-1] = calls.run(inputs, executor, gathered, packed)
+            for i, b in enumerate(self.blockwise):
+                if bool(b.gathered) == late:
+                    pieces[i] = b.run(inputs, packed, gathered, links)
+
+        compute(False, {})
+        gathered = self.gather.finish(pending, self.comm, links)
+        compute(True, gathered)
+        done = [pieces[i] for i in sorted(pieces)]
+        if not done:
             out = inputs.q.new_zeros(inputs.q.shape[:3] + inputs.v.shape[3:])
-        elif len(pieces) == 1 and self.identity_order:
-            out = pieces[0]
+        elif len(done) == 1 and self.identity_order:
+            out = done[0]
         else:
-            out = torch.cat(pieces, dim=1).index_select(1, self.inverse)
+            out = torch.cat(done, dim=1).index_select(1, self.inverse)
         full = self._full_kv(packed, gathered, dim, full_cache, links)
         if links:
             # every rank's output depends on every collective, so every rank

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from patternc.distributed.collectives import Group, all_gather_tokens
+from patternc.distributed.collectives import Group, PendingGather, post_all_gather
 from patternc.distributed.placement import Placement
 
 __all__ = ["Comm", "GatherPlan", "RankTokens", "Tokens", "cat"]
@@ -124,13 +124,22 @@ class GatherPlan:
             index[name] = at.to(tokens.device)
         return GatherPlan(tuple(names), cat([tokens.rows[g] for g in names], tokens.device), counts, index)
 
-    def run(self, packed: Tensor, comm: Comm, links: list[Tensor]) -> dict[str, Tensor]:
-        """``{group: [B, n, H, F]}`` in global order; the raw buffer joins ``links``."""
+    def post(self, packed: Tensor, comm: Comm) -> PendingGather | None:
+        """Start the all-gather of this rank's rows of ``packed`` (None: nothing to gather)."""
         if not self.index:
+            return None
+        return post_all_gather(packed.index_select(1, self.rows).transpose(0, 1), self.counts, comm.group)
+
+    def finish(self, pending: PendingGather | None, comm: Comm, links: list[Tensor]) -> dict[str, Tensor]:
+        """Wait for the gather :meth:`post` started: ``{group: [B, n, H, F]}`` in
+        global order; the raw buffer joins ``links``."""
+        if pending is None:
             return {}
-        stacked = all_gather_tokens(
-            packed.index_select(1, self.rows).transpose(0, 1), self.counts, comm.group
-        )
+        stacked = pending.wait()
         links.append(stacked)
         comm.count(f"gather {','.join(self.names)}", stacked, own_slot=True)
         return {g: stacked.index_select(0, i).transpose(0, 1) for g, i in self.index.items()}
+
+    def run(self, packed: Tensor, comm: Comm, links: list[Tensor]) -> dict[str, Tensor]:
+        """:meth:`post` and :meth:`finish` at once."""
+        return self.finish(self.post(packed, comm), comm, links)
