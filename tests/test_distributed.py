@@ -37,6 +37,9 @@ NUMERIC = [
     "prefixed_documents",
     "window_across_a_global_token",
     "ring_window",
+    "halo_window",
+    "halo_window_global",
+    "halo_across",
     "sub_ring",
     "ring_overlap",
     "inputs_read_nothing",
@@ -148,6 +151,35 @@ def test_a_ring_runs_over_the_ranks_holding_its_document(ranks: tuple[int, list[
             case = results[rank]["sub_ring"]
             assert case["peers"] == [other] and case["sent"] > 0
             assert set(case["traffic"]) == {f"ring {text}" for text, held in rings if rank in held}
+
+
+@pytest.mark.parametrize("case", ["halo_window", "halo_window_global", "halo_across"])
+def test_a_halo_moves_only_the_keys_each_rank_reads(ranks: tuple[int, list[dict[str, Any]]], case: str) -> None:
+    """Windows and global tokens: every call that moves keys sends each rank
+    only the keys its queries may read (a halo, or a ring where every block
+    is read), so each rank receives the minimum per call; the bytes that
+    arrived, per call, are those the schedule reports, and every exchange
+    is with a rank holding tokens of the call (a window: the neighbours)."""
+    world, results = ranks
+    forward = backward = 0
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert "halo" in metrics["strategies"], (world, rank, metrics["strategies"])
+        assert metrics["traffic"] == metrics["scheduled"], (world, rank)
+        assert metrics["forward_received"] == sum(metrics["traffic"].values())
+        forward += metrics["forward_received"]
+        backward += metrics["backward_received"]
+        if case == "halo_window":  # the keys just before each of its two chunks
+            assert metrics["received"] == metrics["minimum"] > 0
+            chunk = [r for r in range(world) for _ in range(2)]
+            chunks = (rank, 2 * world - 1 - rank)  # zigzag: chunks r and 2R - 1 - r
+            neighbours = {chunk[c - 1] for c in chunks if c > 0} - {rank}
+            assert set(metrics["peers"]) == neighbours | {
+                r for r in range(world) if rank in {chunk[c - 1] for c in (r, 2 * world - 1 - r) if c > 0} - {r}
+            }
+    if case == "halo_window":  # the backward receives every block again and sends its gradient back
+        assert backward == 2 * forward
 
 
 def test_ring_on_flex_forward_matches_float64(ranks: tuple[int, list[dict[str, Any]]]) -> None:
