@@ -389,9 +389,10 @@ SUB_RING = {
 
 
 def case_sub_ring(world: int) -> dict[str, Any]:
-    """Each split document's ring runs over the ranks that hold it: every
-    exchange (forward and backward) is recorded with its peers and bytes,
-    and one more forward counts ``cp.traffic`` per call against the schedule."""
+    """Each split document's ring (forced: by default a halo, which moves
+    less) runs over the ranks that hold it: every exchange (forward and
+    backward) is recorded with its peers and bytes, and one more forward
+    counts ``cp.traffic`` per call against the schedule."""
     from patternc.distributed import calls as calls_module
 
     exchanges: list[tuple[int, int, int, int]] = []
@@ -408,10 +409,10 @@ def case_sub_ring(world: int) -> dict[str, Any]:
     try:
         module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", SUB_RING, rope=True)
         plan = plan.bind(list(SUB_RING))
-        result = compare(module, forward, plan, SUB_RING)
+        result = compare(module, forward, plan, SUB_RING, {"strategy": "ring"})
     finally:
         calls_module.post_exchange = original  # type: ignore[assignment]
-    cp = ContextParallel(plan, SUB_RING)
+    cp = ContextParallel(plan, SUB_RING, strategy="ring")
     with torch.no_grad(), cp:
         forward(cp.shard(torch.randn(2, sum(SUB_RING.values()), 16, dtype=torch.float64)), cp.local_sizes)
     schedule = cp.schedule_for(plan.layout(cp.local_sizes))
@@ -438,8 +439,10 @@ HALO = {
         "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 6, across]",
         {"left": 23, "sink": 2, "right": 29},
     ),
+    "halo_long_band": ("groups a\na -> a [back 30, ahead 2]", {"a": 50}),
 }
-"""Layouts whose calls read their keys in part: windows, global tokens, a band across a global token."""
+"""Layouts whose calls read their keys in part: windows, global tokens, a band across a global
+token, a band longer than a shard (read from several ranks back and one ahead)."""
 
 
 def _halo_case(name: str) -> dict[str, Any]:
@@ -465,7 +468,7 @@ def _halo_case(name: str) -> dict[str, Any]:
     calls_module.post_exchange = recorded  # type: ignore[assignment]  # a spy: who talks to whom
     try:
         result = compare(module, forward, plan, sizes)
-        result["backward_received"] = sum(e[3] for e in exchanges)
+        result["step_received"] = sum(e[3] for e in exchanges)  # one forward and backward
         exchanges.clear()
         cp = ContextParallel(plan, sizes)
         with torch.no_grad(), cp:
@@ -481,7 +484,9 @@ def _halo_case(name: str) -> dict[str, Any]:
         if c.strategy in ("ring", "halo") and schedule.call_received(c, cp.rank)
     }
     result["forward_received"] = sum(e[3] for e in exchanges)
-    result["peers"] = sorted({p for to, source, sent, got in exchanges for p in (to, source) if sent or got})
+    result["peers"] = sorted(
+        {to for to, _, sent, _ in exchanges if sent} | {s for _, s, _, got in exchanges if got}
+    )
     return result
 
 
@@ -499,6 +504,11 @@ def case_halo_window_global(world: int) -> dict[str, Any]:
 def case_halo_across(world: int) -> dict[str, Any]:
     """Longformer-style: a band counted in input order across global tokens mid-sequence."""
     return _halo_case("halo_across")
+
+
+def case_halo_long_band(world: int) -> dict[str, Any]:
+    """A band of 30 back and 2 ahead over 50 tokens in contiguous shards: several ranks back."""
+    return _halo_case("halo_long_band")
 
 
 def case_flex_forward(world: int) -> dict[str, Any]:
