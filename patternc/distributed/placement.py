@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from patternc.ir import AttentionCall
@@ -528,6 +528,9 @@ class ShardedCall:
     may read the block it holds. For a ``halo`` call, one more than the
     ring offsets at which some rank of ``ranks`` sends keys to another
     (1 for the other strategies)."""
+    moved: tuple[tuple[Strategy, int], ...] = ()
+    """Key/value tokens each strategy considered would move, over all ranks
+    (the chosen one first; empty where nothing was to choose)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -827,10 +830,15 @@ def schedule(
         # the fewest key/value tokens moved; on a tie the first: gather or ring
         # by the key/query ratio (one collective, or blocks overlapped with the
         # kernel), a halo only where it moves less than both
-        def moved(c: ShardedCall) -> int:
-            return sum(_call_received(placement, [*out, c], c, rank) for rank in range(world))
-
-        out.append(candidates[0] if len(candidates) == 1 else min(candidates, key=moved))
+        if len(candidates) == 1:
+            out.append(candidates[0])
+            continue
+        moved = [
+            sum(_call_received(placement, [*out, c], c, rank) for rank in range(world)) for c in candidates
+        ]
+        best = moved.index(min(moved))
+        order = [best, *(i for i in range(len(candidates)) if i != best)]
+        out.append(replace(candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order)))
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
