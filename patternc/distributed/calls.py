@@ -396,9 +396,9 @@ class _HaloStep:
 
 @dataclass(frozen=True)
 class _Halo:
-    """A ``halo`` call on one rank: its own keys' kernel, then per offset
-    (:func:`~patternc.distributed.placement.halo_offsets`) at which it sends
-    or receives anything, the step."""
+    """A ``halo`` call on one rank: its own keys' kernel, then a step per
+    offset of :func:`~patternc.distributed.placement.halo_offsets` (the same
+    on every rank of the call, some empty on this one)."""
 
     own: BlockKernel | None
     steps: tuple[_HaloStep, ...]
@@ -589,8 +589,11 @@ class BlockwiseCall:
         each offset ``s`` of :func:`~patternc.distributed.placement.halo_offsets`
         it sends the rank ``s`` after it in the call's ranks the keys that
         rank reads, and receives from the rank ``s`` before it the keys it
-        reads itself; offsets where it does neither are skipped (each pair of
-        ranks meets at one offset only, so the messages still pair up)."""
+        reads itself. Every rank walks the same offsets, posting nothing
+        where it neither sends nor receives: NCCL matches the messages
+        between two ranks by the order they are posted in (gloo by tag), and
+        in the backward a pair's keys and gradients must be posted in the
+        same order on both."""
         placement, rank, ranks = tokens.placement, tokens.rank, self.call.ranks
         if rank not in ranks:
             return None
@@ -618,8 +621,6 @@ class BlockwiseCall:
             to, source = ranks[(at + s) % size], ranks[(at - s) % size]
             sent = halo_slices(attention, placement, to, ranks).get(rank, ())
             got = mine.get(source, ())
-            if not sent and not got:
-                continue
             kernel = self._kernel([Segment(i, a, b - a) for i, (a, b) in got]) if got else None
             if kernel is not None and kernel.empty:
                 kernel = None
