@@ -719,8 +719,13 @@ def test_chunked_argument_errors() -> None:
             {"image": 700, "text": 1900},
             "gather",
         ),
+        (
+            "groups sink text\nsink -> *\ntext -> sink, text[causal, window 256]",
+            {"sink": 4, "text": 3000},
+            "halo",
+        ),
     ],
-    ids=["anchors", "documents", "ring", "per-key"],
+    ids=["anchors", "documents", "ring", "per-key", "halo"],
 )
 def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], strategy: Any) -> None:
     """The NCCL code path (collectives, blockwise kernel; every group split,
