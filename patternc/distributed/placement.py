@@ -796,7 +796,7 @@ def schedule(
     tokens are not whole on their rank).
     """
     world = placement.world_size
-    out = []
+    options: list[list[ShardedCall]] = []
     for index, call in enumerate(calls):
         n_q = sum(placement.group(q).size or 0 for q in call.queries)
         key_groups = tuple(k for k in call.key_names if placement.group(k).size is not None)
@@ -826,19 +826,49 @@ def schedule(
             elif kind == "halo":
                 steps = len(halo_offsets(call, placement, holders)) + 1
             candidates.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders, steps))
+        options.append(candidates)
 
-        # the fewest key/value tokens moved; on a tie the first: gather or ring
-        # by the key/query ratio (one collective, or blocks overlapped with the
-        # kernel), a halo only where it moves less than both
-        if len(candidates) == 1:
-            out.append(candidates[0])
-            continue
-        moved = [
-            sum(_call_received(placement, [*out, c], c, rank) for rank in range(world)) for c in candidates
-        ]
-        best = moved.index(min(moved))
-        order = [best, *(i for i in range(len(candidates)) if i != best)]
-        out.append(replace(candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order)))
+    def choose(gather_first: bool) -> list[ShardedCall]:
+        """Per call the candidate moving the fewest key/value tokens, given
+        the calls before it (a group gathered for an earlier call costs
+        nothing more); on a tie the first: gather or ring by the key/query
+        ratio (one collective, or blocks overlapped with the kernel), or
+        gather if ``gather_first``; a halo only where it moves less."""
+        out: list[ShardedCall] = []
+        for candidates in options:
+            if len(candidates) == 1:
+                out.append(candidates[0])
+                continue
+            if gather_first:
+                candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
+            moved = [
+                sum(_call_received(placement, [*out, c], c, rank) for rank in range(world))
+                for c in candidates
+            ]
+            best = moved.index(min(moved))
+            order = [best, *(i for i in range(len(candidates)) if i != best)]
+            out.append(
+                replace(candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order))
+            )
+        return out
+
+    def total(chosen: list[ShardedCall]) -> int:
+        return sum(_call_received(placement, chosen, c, rank) for c in chosen for rank in range(world))
+
+    out = choose(gather_first=False)
+    if any(len(c.moved) > 1 for c in out):
+        # a key group several calls read moves once if gathered for the first:
+        # kept where that moves less over the whole forward and the gathered
+        # keys, held on every rank until the backward, are at most
+        # ``gather_limit`` times the tokens a rank holds (as anchors)
+        gathering = choose(gather_first=True)
+        held = sum(
+            placement.group(k).size or 0
+            for k in {k for c in gathering if c.strategy == "gather" for k in c.key_groups}
+        )
+        largest = max(placement.tokens(r) for r in range(world))
+        if total(gathering) < total(out) and held <= gather_limit * largest:
+            out = gathering
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
