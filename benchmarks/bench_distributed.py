@@ -4,9 +4,10 @@ The placement alone (no processes; ``--balance``), per layout and world size
 2 to 64: attention FLOPs and tokens per rank (max / mean, counted from the
 positions each rank holds) and the key/value tokens received per forward
 against the minimum the mask needs (what ``patternc compile --world-size``
-reports: each ring runs over the ranks holding its call's tokens), summed
-over the ranks and for the rank that receives most, and what rings over
-every rank would receive instead:
+reports: each ring runs over the ranks holding its call's tokens, each
+halo sends a rank only the keys it reads), summed over the ranks and for
+the rank that receives most, what each call would receive on the cheaper
+of gather and ring (no halo), and the strategies of the calls that move keys:
 
     python benchmarks/bench_distributed.py --balance [--worlds 2 4 8 16 32 64]
 
@@ -122,6 +123,14 @@ def balance_layouts() -> dict[str, tuple[str, dict[str, int]]]:
             "groups sink text\nsink -> *\ntext -> sink, self [causal, window 256]",
             {"sink": 4, "text": 65532},
         ),
+        "4 global tokens every token reads + 256-token causal window, 64k tokens": (
+            "groups sink text\nsink -> *\ntext -> sink, text[causal, window 256]",
+            {"sink": 4, "text": 65532},
+        ),
+        "Longformer: 4 global tokens mid-sequence, 256-token causal band across them, 64k tokens": (
+            "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 256, across]",
+            {"left": 32768, "sink": 4, "right": 32764},
+        ),
     }
 
 
@@ -150,13 +159,13 @@ def balance_report(worlds: list[int]) -> None:
     print("\n## Placement: balance and traffic per layout and world size (no processes)\n")
     print(
         "| layout | ranks | FLOPs max/mean | tokens max/mean | groups split | widest split (ranks) | "
-        "received / minimum (all ranks) | received / minimum (max rank) | rings over every rank instead: "
-        "received / minimum (all ranks) |"
+        "received / minimum (all ranks) | received / minimum (max rank) | without halos (gather or ring "
+        "per call): received / minimum (all ranks) | calls moving keys |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, (source, sizes) in balance_layouts().items():
         plan = patternc.compile(source).patterns["default"].bind(list(sizes))
-        print(f"| {name} | | | | | | | | |")
+        print(f"| {name} | | | | | | | | | |")
         for world in worlds:
             placement = place(plan.groups, plan.calls, sizes, world)
             plan_schedule = schedule(plan.calls, placement)
@@ -164,14 +173,17 @@ def balance_report(worlds: list[int]) -> None:
             holders = [sum(1 for ranges in g.ranges if ranges) for g in placement.groups]
             split = sum(1 for h in holders if h > 1)
             received, minimum = plan_schedule.received, plan_schedule.minimum
-            # for comparison: every ring over all ranks, each block going all the way round
-            every_rank = 0
+            # for comparison: each call on the cheaper of gather and ring, no halo
+            without_halo = 0
             for c in plan_schedule.calls:
-                for r in range(world):
-                    if c.strategy == "ring":
-                        every_rank += sum(placement.group(k).missing(r) for k in c.key_groups)
-                    else:
-                        every_rank += plan_schedule.call_received(c, r)
+                others = [n for kind, n in c.moved if kind != "halo"]
+                own = sum(plan_schedule.call_received(c, r) for r in range(world))
+                without_halo += min(others) if others else own
+
+            kinds = [c.strategy for c in plan_schedule.calls if c.strategy != "local"]
+            calls = ", ".join(
+                f"{n} {kind}" for kind in ("gather", "ring", "halo") if (n := kinds.count(kind))
+            )
 
             def ratio(got: int, least: int) -> str:
                 return f"{got / least:.2f}x" if least else ("0 / 0" if not got else f"{got} / 0")
@@ -180,8 +192,8 @@ def balance_report(worlds: list[int]) -> None:
                 f"| | {world} | {max(flops) * world / sum(flops):.2f} | {max(tokens) * world / sum(tokens):.2f} "
                 f"| {split} | {max(holders)} | {sum(received)} / {sum(minimum)} = "
                 f"{ratio(sum(received), sum(minimum))} | {max(received)} / {max(minimum)} = "
-                f"{ratio(max(received), max(minimum))} | {every_rank} / {sum(minimum)} = "
-                f"{ratio(every_rank, sum(minimum))} |"
+                f"{ratio(max(received), max(minimum))} | {without_halo} / {sum(minimum)} = "
+                f"{ratio(without_halo, sum(minimum))} | {calls} |"
             )
 
 

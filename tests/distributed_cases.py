@@ -480,9 +480,10 @@ SUB_RING = {
 
 
 def case_sub_ring(world: int) -> dict[str, Any]:
-    """Each split document's ring runs over the ranks that hold it: every
-    exchange (forward and backward) is recorded with its peers and bytes,
-    and one more forward counts ``cp.traffic`` per call against the schedule."""
+    """Each split document's ring (forced: by default a halo, which moves
+    less) runs over the ranks that hold it: every exchange (forward and
+    backward) is recorded with its peers and bytes, and one more forward
+    counts ``cp.traffic`` per call against the schedule."""
     from patternc.distributed import calls as calls_module
 
     exchanges: list[tuple[int, int, int, int]] = []
@@ -499,10 +500,10 @@ def case_sub_ring(world: int) -> dict[str, Any]:
     try:
         module, forward, plan = _attention("groups doc*\ndoc* -> self [causal]", SUB_RING, rope=True)
         plan = plan.bind(list(SUB_RING))
-        result = compare(module, forward, plan, SUB_RING)
+        result = compare(module, forward, plan, SUB_RING, {"strategy": "ring"})
     finally:
         calls_module.post_exchange = original  # type: ignore[assignment]
-    cp = ContextParallel(plan, SUB_RING)
+    cp = ContextParallel(plan, SUB_RING, strategy="ring")
     with torch.no_grad(), cp:
         forward(cp.shard(torch.randn(2, sum(SUB_RING.values()), 16, dtype=torch.float64)), cp.local_sizes)
     schedule = cp.schedule_for(plan.layout(cp.local_sizes))
@@ -517,6 +518,88 @@ def case_sub_ring(world: int) -> dict[str, Any]:
         if c.strategy == "ring" and schedule.call_received(c, cp.rank)
     }
     return result
+
+
+HALO = {
+    "halo_window": ("groups a\na -> a [causal, window 8]", {"a": 61}),
+    "halo_window_global": (
+        "groups sink text\nsink -> *\ntext -> sink, text[causal, window 6]",
+        {"sink": 3, "text": 53},
+    ),
+    "halo_across": (
+        "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 6, across]",
+        {"left": 23, "sink": 2, "right": 29},
+    ),
+    "halo_long_band": ("groups a\na -> a [back 30, ahead 2]", {"a": 50}),
+}
+"""Layouts whose calls read their keys in part: windows, global tokens, a band across a global
+token, a band longer than a shard (read from several ranks back and one ahead)."""
+
+
+def _halo_case(name: str) -> dict[str, Any]:
+    """The default schedule against one process, then one more forward whose
+    key/value bytes arrived (``cp.traffic``, per call) are set beside the
+    schedule's tokens received; every post of an exchange is recorded, with
+    its peers and bytes, forward and backward."""
+    from patternc.distributed import calls as calls_module
+
+    source, sizes = HALO[name]
+    exchanges: list[tuple[int, int, int, int]] = []
+    original = calls_module.post_exchange
+    world = dist.get_world_size()
+
+    def recorded(send: Tensor, to: int, shape: Any, source: int, group: Any, tag: int = 0) -> Any:
+        pending = original(send, to, shape, source, group, tag)
+        got = pending.received.numel() * pending.received.element_size()
+        exchanges.append((to % world, source % world, send.numel() * send.element_size(), got))
+        return pending
+
+    module, forward, plan = _attention(source, sizes)
+    plan = plan.bind(list(sizes))
+    calls_module.post_exchange = recorded  # type: ignore[assignment]  # a spy: who talks to whom
+    try:
+        result = compare(module, forward, plan, sizes)
+        result["step_received"] = sum(e[3] for e in exchanges)  # one forward and backward
+        exchanges.clear()
+        cp = ContextParallel(plan, sizes)
+        with torch.no_grad(), cp:
+            forward(cp.shard(torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)), cp.local_sizes)
+    finally:
+        calls_module.post_exchange = original  # type: ignore[assignment]
+    schedule = cp.schedule_for(plan.layout(cp.local_sizes))
+    per_token = 2 * 2 * 16 * 8  # batch 2, K and V of 16 channels, float64
+    result["traffic"] = {k: v for k, v in cp.traffic.items() if v}
+    result["scheduled"] = {
+        f"{c.strategy} {c.attention.text()}": schedule.call_received(c, cp.rank) * per_token
+        for c in schedule.calls
+        if c.strategy in ("ring", "halo") and schedule.call_received(c, cp.rank)
+    }
+    result["forward_received"] = sum(e[3] for e in exchanges)
+    result["peers"] = sorted(
+        {to for to, _, sent, _ in exchanges if sent} | {s for _, s, _, got in exchanges if got}
+    )
+    return result
+
+
+def case_halo_window(world: int) -> dict[str, Any]:
+    """A causal window of 8 over 61 zigzag tokens: each rank receives the 7
+    keys before each of its chunks, from the rank holding them."""
+    return _halo_case("halo_window")
+
+
+def case_halo_window_global(world: int) -> dict[str, Any]:
+    """Three global tokens every token reads and that read everything, beside a causal window."""
+    return _halo_case("halo_window_global")
+
+
+def case_halo_across(world: int) -> dict[str, Any]:
+    """Longformer-style: a band counted in input order across global tokens mid-sequence."""
+    return _halo_case("halo_across")
+
+
+def case_halo_long_band(world: int) -> dict[str, Any]:
+    """A band of 30 back and 2 ahead over 50 tokens in contiguous shards: several ranks back."""
+    return _halo_case("halo_long_band")
 
 
 def case_flex_forward(world: int) -> dict[str, Any]:

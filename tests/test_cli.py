@@ -291,11 +291,13 @@ def test_world_size_shows_the_sharding() -> None:
         four = run("compile", str(source), "--sizes", sizes, "--world-size", "4")
     finally:
         source.unlink()
-    # at 4 ranks doc0 is split over ranks 0 and 1: its ring runs over those two only
+    # at 4 ranks doc0 is split over ranks 0 and 1: its halo runs between those two only,
+    # sending rank 1 the keys before its middle (a ring would send all of rank 0's)
     assert four.returncode == 0, four.stderr
     assert "doc0: zigzag (ranks 0-1), 21 19 0 0" in four.stdout
-    assert "call 0 ring over ranks 0, 1, 2 steps, blockwise kernel: `doc0 -> doc0[causal]`" in four.stdout
-    assert "key/value tokens received per rank: 19 21 0 0 (minimum 19 10 0 0)" in four.stdout
+    assert "call 0 halo over ranks 0, 1, 2 steps, blockwise kernel: `doc0 -> doc0[causal]`" in four.stdout
+    assert "key/value tokens received per rank: 19 10 0 0 (minimum 19 10 0 0)" in four.stdout
+    assert "strategy would move, all ranks: halo 29 (chosen), ring 40, gather 120" in four.stdout
     assert result.returncode == 0, result.stderr
     assert "sharded over 2 ranks" in result.stdout
     assert "doc0: whole, 40 0" in result.stdout or "doc0: whole, 0 40" in result.stdout

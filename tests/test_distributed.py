@@ -14,6 +14,7 @@ from conftest import free_port
 
 import patternc
 from patternc.distributed import place, schedule
+from patternc.distributed.placement import halo_offsets, halo_slices
 from patternc.modifiers import allowed_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,6 +38,10 @@ NUMERIC = [
     "prefixed_documents",
     "window_across_a_global_token",
     "ring_window",
+    "halo_window",
+    "halo_window_global",
+    "halo_across",
+    "halo_long_band",
     "sub_ring",
     "ring_overlap",
     "gather_overlap",
@@ -169,6 +174,42 @@ def test_a_ring_runs_over_the_ranks_holding_its_document(ranks: tuple[int, list[
             assert set(case["traffic"]) == {f"ring {text}" for text, held in rings if rank in held}
 
 
+@pytest.mark.parametrize("case", ["halo_window", "halo_window_global", "halo_across", "halo_long_band"])
+def test_a_halo_moves_only_the_keys_each_rank_reads(
+    ranks: tuple[int, list[dict[str, Any]]], case: str
+) -> None:
+    """Windows and global tokens: every call that moves keys sends each rank
+    only the keys its queries may read (a halo, or a ring where every block
+    is read), so each rank receives the minimum per call; the bytes that
+    arrived, per call, are those the schedule reports, and every exchange
+    is with a rank holding tokens of the call (a window: the neighbours)."""
+    world, results = ranks
+    forward = step = 0
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert "halo" in metrics["strategies"], (world, rank, metrics["strategies"])
+        assert metrics["traffic"] == metrics["scheduled"], (world, rank)
+        assert metrics["forward_received"] == sum(metrics["traffic"].values())
+        forward += metrics["forward_received"]
+        step += metrics["step_received"]
+        if case == "halo_window":  # the keys just before each of its two chunks
+            assert metrics["received"] == metrics["minimum"] > 0
+
+            # zigzag: rank r holds chunks r and 2R - 1 - r; it receives from the
+            # holder of the chunk before each and sends to that of the chunk after
+            def holder(c: int) -> int:
+                return c if c < world else 2 * world - 1 - c
+
+            chunks = (rank, 2 * world - 1 - rank)
+            neighbours = {holder(c - 1) for c in chunks if c > 0} | {
+                holder(c + 1) for c in chunks if c < 2 * world - 1
+            }
+            assert set(metrics["peers"]) == neighbours - {rank}, (world, rank, metrics["peers"])
+    if case == "halo_window":  # the backward receives every block again and sends its gradient back
+        assert step == 3 * forward
+
+
 def test_ring_on_flex_forward_matches_float64(ranks: tuple[int, list[dict[str, Any]]]) -> None:
     """FlexAttention's CPU forward in float32 (no gradients) against one float64 process."""
     world, results = ranks
@@ -234,11 +275,13 @@ def test_fsdp2_on_a_2d_mesh_with_context_parallel_over_cp(ranks: tuple[int, list
         assert metrics["grad_params"] <= TOLERANCE and metrics["loss"] <= TOLERANCE, metrics
 
 
-def test_long_causal_document_is_zigzag_around_the_ring(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+def test_long_windowed_document_is_zigzag_with_a_halo(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """Under a window a rank receives the keys before its chunks only (a ring would pass every block)."""
     _, results = ranks
     for result in results:
         case = result["causal_spanning"]
-        assert "zigzag" in case["kinds"] and "ring" in case["strategies"] and case["received"] > 0
+        assert "zigzag" in case["kinds"] and "halo" in case["strategies"]
+        assert case["received"] == case["minimum"] > 0
 
 
 def test_anchors_are_gathered_and_cached_queries_need_nothing(
@@ -477,8 +520,12 @@ def test_a_document_larger_than_a_share_is_split() -> None:
     placement = place(bound.groups, bound.calls, sizes, 2)
     assert placement.group("doc0").kind == "zigzag"
     assert placement.group("doc1").kind == "whole"
-    strategies = [c.strategy for c in schedule(bound.calls, placement).calls]
-    assert strategies == ["ring", "local", "local"]
+    plan_schedule = schedule(bound.calls, placement)
+    # rank 1's middle half reads only rank 0's first quarter: a halo sends that, a ring all of it
+    assert [c.strategy for c in plan_schedule.calls] == ["halo", "local", "local"]
+    assert plan_schedule.received == plan_schedule.minimum
+    ring = schedule(bound.calls, placement, strategy="ring")
+    assert sum(ring.received) > sum(plan_schedule.received)
 
 
 def test_anchor_schedule_counts_what_the_queries_need() -> None:
@@ -504,6 +551,58 @@ def test_causal_minimum_counts_only_earlier_keys() -> None:
     assert plan_schedule.received == (8, 8)
 
 
+@pytest.mark.parametrize("world", [2, 3, 5, 8, 64])
+def test_halo_receives_the_minimum_for_windows_and_global_tokens(world: int) -> None:
+    """Each rank receives, per call, exactly the keys its queries may read
+    and it does not hold: a window's neighbours (several ranks back when the
+    window is longer than a shard), global tokens from their holder."""
+    layouts = [
+        ("groups a\na -> a [causal, window 40]", {"a": 157}),
+        ("groups a\na -> a [back 300, ahead 3]", {"a": 1001}),
+        ("groups a\na -> a [causal, window 33, dilate 3]", {"a": 211}),
+        ("groups sink text\nsink -> *\ntext -> sink, text[causal, window 17]", {"sink": 2, "text": 401}),
+        (
+            "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 6, across]",
+            {"left": 203, "sink": 3, "right": 190},
+        ),
+    ]
+    for source, sizes in layouts:
+        plan = _plan(source).bind(list(sizes))
+        placement = place(plan.groups, plan.calls, sizes, world)
+        plan_schedule = schedule(plan.calls, placement)
+        for call in plan_schedule.calls:
+            for rank in range(world):
+                if call.strategy == "halo":
+                    assert plan_schedule.call_received(call, rank) == plan_schedule.call_minimum(call, rank)
+                    got = halo_slices(call.attention, placement, rank)
+                    assert rank not in got
+                    for sender, pieces in got.items():  # held by the sender, read by the rank
+                        for i, (a, b) in pieces:
+                            held = placement.group(call.attention.keys[i].name).ranges[sender]
+                            assert any(c <= a and b <= d for c, d in held), (source, world, rank, sender)
+                else:  # a ring or a gather only where every key it moves is read
+                    assert plan_schedule.call_received(call, rank) == plan_schedule.call_minimum(call, rank)
+        assert "halo" in [c.strategy for c in plan_schedule.calls], (source, world)
+        ring = schedule(plan.calls, placement, strategy="ring")
+        assert sum(plan_schedule.received) <= sum(ring.received), (source, world)
+
+
+def test_a_halo_reaches_back_over_several_ranks_when_the_window_is_longer_than_a_shard() -> None:
+    plan = _plan("groups a\na -> a [back 50, ahead 1]")
+    placement = place(plan.groups, plan.calls, {"a": 100}, 5)  # contiguous shards of 20 (not causal)
+    (call,) = schedule(plan.calls, placement).calls
+    assert call.strategy == "halo"
+    # rank 4 reads [30, 100): from the three ranks before it; rank 0 reads position 20 of rank 1
+    assert halo_slices(call.attention, placement, 4) == {
+        1: ((0, (30, 40)),),
+        2: ((0, (40, 60)),),
+        3: ((0, (60, 80)),),
+    }
+    assert halo_slices(call.attention, placement, 0) == {1: ((0, (20, 21)),)}
+    # offsets 1 to 3 back, and 4 (one ahead, round the ring of 5); steps count the rank's own keys too
+    assert halo_offsets(call.attention, placement, call.ranks) == (1, 2, 3, 4) and call.steps == 5
+
+
 def test_forced_strategy_and_gather_limit() -> None:
     plan = _plan("groups a b\n* -> *")
     sizes = {"a": 10, "b": 10}
@@ -511,6 +610,10 @@ def test_forced_strategy_and_gather_limit() -> None:
     assert schedule(plan.calls, placement).calls[0].strategy == "ring"
     assert schedule(plan.calls, placement, gather_limit=2.0).calls[0].strategy == "gather"
     assert schedule(plan.calls, placement, strategy="gather").calls[0].strategy == "gather"
+    # full attention: a halo moves as much as the ring, which keeps the tie
+    assert (
+        schedule(plan.calls, placement, strategy="halo").received == schedule(plan.calls, placement).received
+    )
 
 
 def test_cached_groups_are_read_locally() -> None:
@@ -635,8 +738,13 @@ def test_chunked_argument_errors() -> None:
             {"image": 700, "text": 1900},
             "gather",
         ),
+        (
+            "groups sink text\nsink -> *\ntext -> sink, text[causal, window 256]",
+            {"sink": 4, "text": 3000},
+            "halo",
+        ),
     ],
-    ids=["anchors", "documents", "ring", "per-key"],
+    ids=["anchors", "documents", "ring", "per-key", "halo"],
 )
 def test_nccl_world_of_one_matches_one_gpu(source: str, sizes: dict[str, int], strategy: Any) -> None:
     """The NCCL code path (collectives, blockwise kernel; every group split,

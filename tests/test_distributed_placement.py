@@ -155,11 +155,19 @@ def test_balance_must_be_at_least_one() -> None:
 def test_a_ring_receives_only_among_the_ranks_holding_its_call(world: int) -> None:
     """Each ring call's blocks pass among its ranks: a rank outside them
     receives nothing for it, one inside the blocks of all the others (a
-    causal document is read from every shard), and never less than it needs."""
+    causal document is read from every shard), and never less than it needs.
+    By default the same calls are halos, which receive exactly what they need."""
     sizes = long_tailed(0, 1.0, count=24, total=4096)
     plan = _bound(DOCUMENTS, sizes)
     placement = place(plan.groups, plan.calls, sizes, world)
-    plan_schedule = schedule(plan.calls, placement)
+    halos = schedule(plan.calls, placement)
+    for call in halos.calls:
+        assert call.strategy in ("local", "halo")
+        for rank in range(world):
+            received = halos.call_received(call, rank)
+            assert received == halos.call_minimum(call, rank)
+            assert rank in call.ranks or received == 0
+    plan_schedule = schedule(plan.calls, placement, strategy="ring")
     rings = [c for c in plan_schedule.calls if c.strategy == "ring"]
     assert rings and any(len(c.ranks) < world for c in rings)
     for call in rings:

@@ -139,8 +139,9 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def test_ring_keeps_no_mask_and_builds_none_of_the_whole_block(world_of_one: None) -> None:
-    """A causal window over 1000 tokens on the ring: no boolean tensor is
+@pytest.mark.parametrize("strategy", ["ring", "halo"])
+def test_ring_keeps_no_mask_and_builds_none_of_the_whole_block(world_of_one: None, strategy: str) -> None:
+    """A causal window over 1000 tokens on the ring (or a halo): no boolean tensor is
     saved for the backward, no mask as large as [queries, keys] is built (a
     chunk's mask covers its non-empty key tiles only), what is saved stays a
     few times the tokens' keys/values, and the gradients match one process."""
@@ -156,7 +157,7 @@ def test_ring_keeps_no_mask_and_builds_none_of_the_whole_block(world_of_one: Non
     ref_x = x.clone().requires_grad_(True)
     ref = attn(ref_x, {"a": n})[0]
     ref.square().sum().backward()
-    cp = ContextParallel(plan, {"a": n}, strategy="ring", whole_groups=False, query_chunk=64)
+    cp = ContextParallel(plan, {"a": n}, strategy=strategy, whole_groups=False, query_chunk=64)  # type: ignore[arg-type]
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -339,6 +340,42 @@ def test_flex_on_cuda_compiles_more_block_shapes_than_the_default_limit() -> Non
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
         ref = torch.einsum("bhqk,bkhd->bqhd", probs, kv[..., 32:])
         assert (out.double().cpu() - ref).norm() / ref.norm() < 2e-3, n
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_halo_merge_gives_autograd_gradients(dropout_p: float) -> None:
+    """A halo call's autograd function (private, as ``_Attend``) on one
+    process: a fixed block and the rank's own keys merged by their
+    log-sum-exp, against autograd through the same kernels in the same
+    order; with dropout, the backward replays the forward's masks."""
+    from patternc.distributed.calls import _Halo, _HaloAttend, _HaloRun
+    from patternc.distributed.rank import Comm
+
+    queries = [Segment(0, 100, 150)]
+    blocks = [[Segment(0, 0, 130)], [Segment(0, 130, 200)]]
+    band = (((-90, 0, 1, 0),),)
+    args = StepArgs(16, 0.25, dropout_p, None, False, "reference")
+    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks]
+    torch.manual_seed(0)
+    q = torch.randn(2, 150, 2, 16, dtype=torch.float64, requires_grad=True)
+    fixed = torch.randn(2, 130, 2, 32, dtype=torch.float64, requires_grad=True)
+    own = torch.randn(2, 200, 2, 32, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 150, 2, 16, dtype=torch.float64)
+
+    torch.manual_seed(7)
+    halo = _Halo(kernels[1], (), Comm(None, 1, {}), "halo")
+    out = _HaloAttend.apply(_HaloRun((kernels[0],), halo, args), q, own, fixed)
+    grads = torch.autograd.grad((out * probe).sum(), (q, fixed, own))
+
+    torch.manual_seed(7)
+    parts = [kernel.forward(q, kv, args) for kernel, kv in zip(kernels, (fixed, own))]
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    ref = sum(o * torch.exp(lse - total).transpose(1, 2)[..., None] for o, lse in parts)
+    assert isinstance(ref, torch.Tensor)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, fixed, own))
+    assert (out - ref).norm() / ref.norm() < 1e-13
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() / r.norm() < 1e-12
 
 
 def test_unknown_kernel_is_refused(world_of_one: None) -> None:

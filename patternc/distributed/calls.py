@@ -28,7 +28,7 @@ from torch import Tensor
 
 from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
 from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
-from patternc.distributed.placement import Placement, ShardedCall
+from patternc.distributed.placement import Placement, ShardedCall, halo_offsets, halo_slices
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.lower.layout import Layout
@@ -383,6 +383,122 @@ def _block_backward(
             dkv.index_add_(1, keys, d_kv.to(dkv.dtype))
 
 
+@dataclass(frozen=True)
+class _HaloStep:
+    """One offset of a halo on this rank: the keys it sends to ``to`` (rows
+    of its own keys of the call) and the ``size`` keys it receives from
+    ``source`` (None: nothing received is read here)."""
+
+    to: int
+    send_rows: Tensor
+    source: int
+    size: int
+    kernel: BlockKernel | None
+
+
+@dataclass(frozen=True)
+class _Halo:
+    """A ``halo`` call on one rank: its own keys' kernel, then a step per
+    offset of :func:`~patternc.distributed.placement.halo_offsets` (the same
+    on every rank of the call, some empty on this one)."""
+
+    own: BlockKernel | None
+    steps: tuple[_HaloStep, ...]
+    comm: Comm
+    label: str
+
+
+@dataclass(frozen=True)
+class _HaloRun:
+    """What a halo call's autograd function needs besides its tensors."""
+
+    fixed: tuple[BlockKernel | None, ...]
+    halo: _Halo
+    args: StepArgs
+
+
+def _post_halo(halo: _Halo, own_kv: Tensor, at: int) -> PendingExchange | None:
+    """Start sending step ``at``'s keys (rows of ``own_kv``, ``[batch, tokens,
+    ...]``) and receiving its keys from its source (None past the last step)."""
+    if at >= len(halo.steps):
+        return None
+    step = halo.steps[at]
+    send = own_kv.index_select(1, step.send_rows).transpose(0, 1)
+    shape = (step.size, *send.shape[1:])
+    return post_exchange(send, step.to, shape, step.source, halo.comm.group, BLOCKS)
+
+
+class _HaloAttend(torch.autograd.Function):
+    """A call's queries against its fixed blocks, this rank's own keys
+    (``own_kv``) and the keys each halo step receives: the merged output.
+    Each step's exchange is posted before the step before it computes. Kept
+    for the backward: the inputs, the output and its log-sum-exp; the
+    backward receives each step's keys again, computes their gradient and
+    sends it back to the rank that holds them, while the gradients of the
+    keys this rank sent come back and are added to its own."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _HaloRun, q: Tensor, own_kv: Tensor, *kvs: Tensor) -> Tensor:
+        args, halo = run.args, run.halo
+        state = _rng_state(q.device) if args.dropout_p > 0 else None
+        merge = _Merge(q, args.dim)
+        pending = _post_halo(halo, own_kv, 0)
+        for kernel, kv in zip(run.fixed, kvs):
+            if kernel is not None:
+                merge.add(*kernel.forward(q, kv, args))
+        if halo.own is not None:
+            merge.add(*halo.own.forward(q, own_kv, args))
+        for at, step in enumerate(halo.steps):
+            assert pending is not None  # posted by the step before
+            kv = pending.wait().transpose(0, 1)
+            halo.comm.count(halo.label, pending.received)
+            pending = _post_halo(halo, own_kv, at + 1)
+            if step.kernel is not None:
+                merge.add(*step.kernel.forward(q, kv, args))
+        out = merge.out.to(q.dtype)
+        ctx.run, ctx.state = run, state
+        ctx.save_for_backward(q, own_kv, out, merge.lse, *kvs)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        run: _HaloRun = ctx.run
+        q, own_kv, out, lse, *kvs = ctx.saved_tensors
+        args, halo = run.args, run.halo
+        work = lse.dtype
+        grad = grad.to(work)
+        delta = (grad * out.to(work)).sum(-1).transpose(1, 2)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
+        dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
+        d_own = torch.zeros_like(own_kv, dtype=work)
+        blocks = _post_halo(halo, own_kv, 0)
+        back: list[PendingExchange] = []
+        with _replayed_dropout(ctx.state, q.device):
+            for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
+                if kernel is not None:
+                    _block_backward(kernel, q, kv, grad, delta, lse, args, dq, dkv)
+            if halo.own is not None:
+                _block_backward(halo.own, q, own_kv, grad, delta, lse, args, dq, d_own)
+            for at, step in enumerate(halo.steps):
+                assert blocks is not None  # posted by the step before
+                kv = blocks.wait().transpose(0, 1)
+                blocks = _post_halo(halo, own_kv, at + 1)
+                d_kv = torch.zeros_like(kv, dtype=work)
+                if step.kernel is not None:
+                    _block_backward(step.kernel, q, kv, grad, delta, lse, args, dq, d_kv)
+                send = d_kv.transpose(0, 1)
+                shape = (step.send_rows.shape[0], *send.shape[1:])
+                back.append(post_exchange(send, step.source, shape, step.to, halo.comm.group, GRADIENTS))
+        for step, pending in zip(halo.steps, back):
+            d_own.index_add_(1, step.send_rows, pending.wait().transpose(0, 1))
+        return (
+            None,
+            dq.to(q.dtype),
+            d_own.to(own_kv.dtype),
+            *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)),
+        )
+
+
 class BlockwiseCall:
     """One call on the blockwise kernels: its queries, and per key block
     (cached groups, this rank's own or the gathered keys, each ring step's)
@@ -424,6 +540,9 @@ class BlockwiseCall:
         self.ring: _Ring | None = None
         if call.strategy == "ring":
             self.ring = self._ring(tokens, comm)
+        self.halo: _Halo | None = None
+        if call.strategy == "halo":
+            self.halo = self._halo(tokens, comm)
 
     def _kernel(self, keys: Sequence[Segment]) -> BlockKernel:
         return BlockKernel(
@@ -468,6 +587,50 @@ class BlockwiseCall:
             away=tuple(ranks[(at + step) % size] for step in range(steps)),
             label=label,
         )
+
+    def _halo(self, tokens: RankTokens, comm: Comm) -> _Halo | None:
+        """The halo's steps on this rank (None outside the call's ranks): at
+        each offset ``s`` of :func:`~patternc.distributed.placement.halo_offsets`
+        it sends the rank ``s`` after it in the call's ranks the keys that
+        rank reads, and receives from the rank ``s`` before it the keys it
+        reads itself. Every rank walks the same offsets, posting nothing
+        where it neither sends nor receives: NCCL matches the messages
+        between two ranks by the order they are posted in (gloo by tag), and
+        in the backward a pair's keys and gradients must be posted in the
+        same order on both."""
+        placement, rank, ranks = tokens.placement, tokens.rank, self.call.ranks
+        if rank not in ranks:
+            return None
+        attention, names = self.call.attention, self.key_groups
+        bases, offset = {}, 0  # each key's first row in this rank's keys of the call
+        for i, name in enumerate(names):
+            if placement.group(name).size is not None:
+                bases[i] = offset
+                offset += placement.group(name).local_size(rank)
+
+        def rows(pieces: Sequence[tuple[int, tuple[int, int]]]) -> Tensor:
+            out = []
+            for i, (a, b) in pieces:
+                row = bases[i]
+                for c, d in placement.group(names[i]).ranges[rank]:
+                    if max(a, c) < min(b, d):
+                        out.append(torch.arange(row + max(a, c) - c, row + min(b, d) - c))
+                    row += d - c
+            return cat(out, self.device)
+
+        at, size = ranks.index(rank), len(ranks)
+        mine = halo_slices(attention, placement, rank, ranks)
+        steps = []
+        for s in halo_offsets(attention, placement, ranks):
+            to, source = ranks[(at + s) % size], ranks[(at - s) % size]
+            sent = halo_slices(attention, placement, to, ranks).get(rank, ())
+            got = mine.get(source, ())
+            kernel = self._kernel([Segment(i, a, b - a) for i, (a, b) in got]) if got else None
+            if kernel is not None and kernel.empty:
+                kernel = None
+            steps.append(_HaloStep(to, rows(sent), source, sum(b - a for _, (a, b) in got), kernel))
+        own = self._kernel(_segments(placement, names, rank))
+        return _Halo(None if own.empty else own, tuple(steps), comm, f"halo {attention.text()}")
 
     @property
     def computed_steps(self) -> tuple[int, ...]:
@@ -514,6 +677,15 @@ class BlockwiseCall:
             if name in gathered:
                 fixed.append(kernel)
                 kvs.append(gathered[name])
+        if self.halo is not None:
+            own_kv = packed.index_select(1, self.local_keys.rows)
+            fixed_kernels = tuple(k if k is None or not k.empty else None for k in fixed)
+            halo_out: Tensor = _HaloAttend.apply(  # type: ignore[no-untyped-call]
+                _HaloRun(fixed_kernels, self.halo, args), q, own_kv, *kvs
+            )
+            if self.halo.steps:  # keys and their gradients pass through this rank
+                links.append(halo_out)
+            return halo_out
         ring_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
         run = _Run(tuple(k if k is None or not k.empty else None for k in fixed), self.ring, args)
         out: Tensor = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]

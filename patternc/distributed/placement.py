@@ -11,11 +11,13 @@ be printed, hashed and checked across ranks before any tensor moves.
   ranks by their attention FLOPs).
 - :func:`schedule` reads the plan's calls and picks, per call, ``local``
   (every token its queries need is on the rank: nothing moves), ``gather``
-  (all-gather the keys/values: small key sets such as anchors) or ``ring``
+  (all-gather the keys/values: small key sets such as anchors), ``ring``
   (key/value blocks passed around the ranks: key sets as large as the
-  queries). It counts the key/value tokens each rank receives against the
-  minimum the plan implies (the keys its queries are allowed to see that it
-  does not hold).
+  queries) or ``halo`` (each rank receives from each other rank only the
+  keys its queries may read: windows, bands, global tokens), whichever
+  moves the fewest key/value tokens. It counts the key/value tokens each
+  rank receives against the minimum the plan implies (the keys its queries
+  are allowed to see that it does not hold).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from patternc.ir import AttentionCall
@@ -40,6 +42,7 @@ __all__ = [
     "ShardedCall",
     "ShardedSchedule",
     "Strategy",
+    "halo_slices",
     "place",
     "rank_loads",
     "ring_steps",
@@ -47,7 +50,7 @@ __all__ = [
 ]
 
 ShardKind = Literal["split", "zigzag", "whole", "cached"]
-Strategy = Literal["local", "gather", "ring"]
+Strategy = Literal["local", "gather", "ring", "halo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,7 +528,12 @@ class ShardedCall:
     steps: int = 1
     """How many blocks each rank of a ``ring`` call holds in turn, its own
     included: blocks stop after the last step at which some rank's queries
-    may read the block it holds (1 for the other strategies)."""
+    may read the block it holds. For a ``halo`` call, one more than the
+    ring offsets at which some rank of ``ranks`` sends keys to another
+    (1 for the other strategies)."""
+    moved: tuple[tuple[Strategy, int], ...] = ()
+    """Key/value tokens each strategy considered would move, over all ranks
+    (the chosen one first; empty where nothing was to choose)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -572,6 +580,11 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
         at, size = call.ranks.index(rank), len(call.ranks)
         sources = [call.ranks[(at - step) % size] for step in range(1, call.steps)]
         return sum(placement.group(k).local_size(s) for s in sources for k in keys)
+    if call.strategy == "halo":  # the keys its queries may read, from the ranks holding them
+        if rank not in call.ranks:
+            return 0
+        slices = halo_slices(call.attention, placement, rank, call.ranks)
+        return sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
     if call.strategy == "gather":  # one all-gather for every gather call: a group counts once
         earlier = calls[: calls.index(call)]
         seen = {k for c in earlier if c.strategy == "gather" for k in c.key_groups}
@@ -636,6 +649,67 @@ def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> 
         for r in shards.ranges[rank]:
             wanted.setdefault(name, []).append(_key_interval(r, n_k, mods, shift))
     return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
+
+
+def halo_slices(
+    call: AttentionCall, placement: Placement, rank: int, sources: Iterable[int] | None = None
+) -> dict[int, tuple[tuple[int, Range], ...]]:
+    """The keys a ``halo`` call sends to ``rank``: per other rank holding
+    some, the ranges (key index in ``call.keys``, positions within its
+    group) that ``rank``'s queries may read, in key order then ascending.
+    The same interval arithmetic as the minimum, so a halo receives exactly
+    the keys the rank needs and does not hold (under ``dilate``: the span of
+    the keys seen, skipped ones between included).
+
+    Args:
+        call: The attention call.
+        placement: From :func:`place`.
+        rank: The receiving rank.
+        sources: The ranks that may send (default: every rank).
+
+    Returns:
+        ``{source rank: ((key index, (start, stop)), ...)}``, sources with
+        nothing to send left out.
+    """
+    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    wanted: dict[int, list[Range]] = {}
+    for q in call.queries:
+        shards = placement.group(q)
+        if shards.size is None or not shards.ranges[rank]:
+            continue
+        for i, key in enumerate(call.keys):
+            n_k = placement.group(key.name).size
+            if n_k is None:
+                continue
+            shift = offsets[key.name] - offsets[q]
+            for r in shards.ranges[rank]:
+                wanted.setdefault(i, []).append(_key_interval(r, n_k, key.modifiers, shift))
+    merged = {i: merge_ranges(intervals) for i, intervals in sorted(wanted.items())}
+    out: dict[int, tuple[tuple[int, Range], ...]] = {}
+    for source in range(placement.world_size) if sources is None else sources:
+        if source == rank:
+            continue
+        pieces = []
+        for i, intervals in merged.items():
+            held = placement.group(call.keys[i].name).ranges[source]
+            for a, b in intervals:
+                for c, d in held:
+                    if max(a, c) < min(b, d):
+                        pieces.append((i, (max(a, c), min(b, d))))
+        if pieces:
+            out[source] = tuple(pieces)
+    return out
+
+
+def halo_offsets(call: AttentionCall, placement: Placement, ranks: Sequence[int]) -> tuple[int, ...]:
+    """The ring offsets ``s`` (1 to ``len(ranks) - 1``) at which some rank
+    of ``ranks`` receives keys of a ``halo`` call from the rank ``s`` before
+    it in ``ranks``: a halo exchanges at these offsets only, in this order."""
+    size, found = len(ranks), set()
+    for at, rank in enumerate(ranks):
+        for source in halo_slices(call, placement, rank, ranks):
+            found.add((at - ranks.index(source)) % size)
+    return tuple(sorted(found))
 
 
 def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) -> int:
@@ -722,33 +796,89 @@ def schedule(
     are all-gathered when they are no more than ``gather_limit`` times the
     queries one rank holds (anchors), else passed around the ring (keys as
     many as the queries: joint attention, long causal documents);
-    ``strategy`` forces one of the two. ``padded``/``positional_bias``: a key
+    ``strategy`` forces one of the two. A call whose keys its queries read
+    only in part (a window, a band, causal documents split over ranks,
+    global tokens) takes a ``halo`` instead where that moves fewer key/value
+    tokens than both: each rank receives, from each rank holding some, only
+    the keys its queries may read (:func:`halo_slices`); ``strategy="halo"``
+    forces it. ``padded``/``positional_bias``: a key
     padding mask or ALiBi is in use (both need the blockwise kernel wherever
     tokens are not whole on their rank).
     """
     world = placement.world_size
-    out = []
+    options: list[list[ShardedCall]] = []
     for index, call in enumerate(calls):
         n_q = sum(placement.group(q).size or 0 for q in call.queries)
         key_groups = tuple(k for k in call.key_names if placement.group(k).size is not None)
         n_k = sum(placement.group(k).size or 0 for k in key_groups)
-        kind: Strategy
-        if _is_local(call, placement) or n_q == 0:
-            kind = "local"
-        elif strategy is not None:
-            kind = strategy
-        else:
-            kind = "gather" if n_k * world <= gather_limit * n_q else "ring"
-        positional = call.has_modifiers or positional_bias
-        # the executor reads whole groups (local calls) and gathered keys whose
-        # positions do not matter; key padding always goes to the blockwise
-        # kernel, which carries the mask with the keys
-        blockwise = kind == "ring" or padded or (kind == "gather" and positional)
         holders = tuple(
             r for r in range(world) if any(placement.group(g).ranges[r] for g in (*call.queries, *key_groups))
         )
-        steps = ring_steps(call, placement, holders) if kind == "ring" else 1
-        out.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders, steps))
+        positional = call.has_modifiers or positional_bias
+        kinds: tuple[Strategy, ...]
+        if _is_local(call, placement) or n_q == 0:
+            kinds = ("local",)
+        elif strategy is not None:
+            kinds = (strategy,)
+        elif n_k * world <= gather_limit * n_q:
+            kinds = ("gather", "ring", "halo")
+        else:
+            kinds = ("ring", "gather", "halo")
+        candidates = []
+        for kind in kinds:
+            # the executor reads whole groups (local calls) and gathered keys whose
+            # positions do not matter; key padding always goes to the blockwise
+            # kernel, which carries the mask with the keys
+            blockwise = kind in ("ring", "halo") or padded or (kind == "gather" and positional)
+            steps = 1
+            if kind == "ring":
+                steps = ring_steps(call, placement, holders)
+            elif kind == "halo":
+                steps = len(halo_offsets(call, placement, holders)) + 1
+            candidates.append(ShardedCall(index, call, kind, key_groups, blockwise, n_q, n_k, holders, steps))
+        options.append(candidates)
+
+    def choose(gather_first: bool) -> list[ShardedCall]:
+        """Per call the candidate moving the fewest key/value tokens, given
+        the calls before it (a group gathered for an earlier call costs
+        nothing more); on a tie the first: gather or ring by the key/query
+        ratio (one collective, or blocks overlapped with the kernel), or
+        gather if ``gather_first``; a halo only where it moves less."""
+        out: list[ShardedCall] = []
+        for candidates in options:
+            if len(candidates) == 1:
+                out.append(candidates[0])
+                continue
+            if gather_first:
+                candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
+            moved = [
+                sum(_call_received(placement, [*out, c], c, rank) for rank in range(world))
+                for c in candidates
+            ]
+            best = moved.index(min(moved))
+            order = [best, *(i for i in range(len(candidates)) if i != best)]
+            out.append(
+                replace(candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order))
+            )
+        return out
+
+    def total(chosen: list[ShardedCall]) -> int:
+        return sum(_call_received(placement, chosen, c, rank) for c in chosen for rank in range(world))
+
+    out = choose(gather_first=False)
+    if any(len(c.moved) > 1 for c in out):
+        # a key group several calls read moves once if gathered for the first:
+        # kept where that moves less over the whole forward and the gathered
+        # keys, held on every rank until the backward, are at most
+        # ``gather_limit`` times the tokens a rank holds (as anchors)
+        gathering = choose(gather_first=True)
+        held = sum(
+            placement.group(k).size or 0
+            for k in {k for c in gathering if c.strategy == "gather" for k in c.key_groups}
+        )
+        largest = max(placement.tokens(r) for r in range(world))
+        if total(gathering) < total(out) and held <= gather_limit * largest:
+            out = gathering
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))

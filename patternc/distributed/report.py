@@ -31,11 +31,16 @@ def format_sharding(layout: Layout, world_size: int, dim: int = 192) -> list[str
         minimum = " ".join(str(plan_schedule.call_minimum(call, r)) for r in ranks)
         kernel = ", blockwise kernel" if call.blockwise else ""
         over = ""
-        if call.strategy == "ring":  # the ring passes blocks among the ranks holding the call's tokens
+        if call.strategy in ("ring", "halo"):  # among the ranks holding the call's tokens
             over = f" over ranks {', '.join(map(str, call.ranks))}, {call.steps} steps"
         out.append(f"    call {call.index} {call.strategy}{over}{kernel}: `{call.attention.text()}`")
         if call.strategy != "local":
             out.append(f"      key/value tokens received per rank: {received} (minimum {minimum})")
+        if call.moved:  # chosen by the key/value tokens moved
+            choices = ", ".join(
+                f"{kind} {n}" + (" (chosen)" if i == 0 else "") for i, (kind, n) in enumerate(call.moved)
+            )
+            out.append(f"      key/value tokens each strategy would move, all ranks: {choices}")
     totals = " ".join(str(n) for n in plan_schedule.received)
     minimum_totals = " ".join(str(n) for n in plan_schedule.minimum)
     out.append(f"    per forward, tokens received per rank: {totals} (minimum {minimum_totals})")
