@@ -561,7 +561,7 @@ def _halo_case(name: str) -> dict[str, Any]:
         result = compare(module, forward, plan, sizes)
         result["step_received"] = sum(e[3] for e in exchanges)  # one forward and backward
         exchanges.clear()
-        cp = ContextParallel(plan, sizes)
+        cp = ContextParallel(plan, sizes, mode="ring")
         with torch.no_grad(), cp:
             forward(cp.shard(torch.randn(2, sum(sizes.values()), 16, dtype=torch.float64)), cp.local_sizes)
     finally:
