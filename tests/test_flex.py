@@ -413,7 +413,7 @@ def test_a_cpu_kernel_torch_cannot_build_runs_as_batched_and_is_not_retried(
 
     tries: list[int] = []
 
-    def failing_kernel(guarded: bool, traced: bool) -> Callable[..., Tensor]:
+    def failing_kernel(guard: flex.Guard, traced: bool) -> Callable[..., Tensor]:
         def attend(*args: object) -> Tensor:
             tries.append(1)
             try:
@@ -927,3 +927,44 @@ def test_gpu_flex_on_flash_contains_a_nan_like_separate_calls(
         got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
     assert decisions == [True]
     assert expected.any() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("n", "length"), [(5, 128), (130, 256), (128, 128)])
+def test_one_pad_serves_the_thirds_of_a_fused_projection(n: int, length: int) -> None:
+    """Q, K and V split from one fused projection are padded as one tensor
+    (their padded versions are views of one buffer), with the values and
+    gradients three separate pads give; anything else (separate tensors,
+    thirds in another order, K/V of another length) is padded one by one."""
+    gen = torch.Generator().manual_seed(n)
+    batch, heads, dim = 2, 3, 8
+    x = torch.randn(batch, n, 3 * heads * dim, generator=gen, requires_grad=True)
+    weights = [torch.randn(batch, length, heads, dim, generator=gen) for _ in range(3)]
+
+    def loss(parts: tuple[Tensor, ...]) -> Tensor:
+        return sum((p * w).sum() for p, w in zip(parts, weights))  # type: ignore[return-value]
+
+    q, k, v = x.view(batch, n, 3, heads, dim).unbind(2)
+    fused = flex._padded(q, k, v, length, length, traced=False)
+    assert flex._fused_projection(q, k, v) is x
+    if length != n:
+        assert fused[0]._base is fused[1]._base is fused[2]._base
+        assert fused[0]._base is not None
+    separate = tuple(flex._pad_tokens(t, length) for t in (q, k, v))
+    for a, b in zip(fused, separate):
+        assert a.shape == (batch, length, heads, dim) and torch.equal(a, b)
+    (grad_fused,) = torch.autograd.grad(loss(fused), x)
+    (grad_separate,) = torch.autograd.grad(loss(separate), x)
+    assert torch.equal(grad_fused, grad_separate)
+    # not the thirds of one tensor, or not in q, k, v order: one pad each
+    apart = tuple(t.clone() for t in (q, k, v))
+    assert flex._fused_projection(*apart) is None
+    assert flex._fused_projection(k, q, v) is None
+    assert flex._fused_projection(q[:, 1:], k[:, 1:], v[:, 1:]) is None
+    for a, b in zip(flex._padded(*apart, length, length, traced=False), separate):
+        assert torch.equal(a, b)
+    # the traced path (a user's torch.compile) and keys of another length pad one by one
+    for a, b in zip(flex._padded(q, k, v, length, length, traced=True), separate):
+        assert torch.equal(a, b)
+    got = flex._padded(q, k, v, length, length + 128, traced=False)
+    assert got[1].shape[1] == length + 128 and torch.equal(got[0], separate[0])
+    assert got[0]._base is None or got[0]._base is not got[1]._base
