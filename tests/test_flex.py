@@ -968,3 +968,39 @@ def test_one_pad_serves_the_thirds_of_a_fused_projection(n: int, length: int) ->
     got = flex._padded(q, k, v, length, length + 128, traced=False)
     assert got[1].shape[1] == length + 128 and torch.equal(got[0], separate[0])
     assert got[0]._base is None or got[0]._base is not got[1]._base
+
+
+def test_a_warm_plain_call_takes_its_decisions_from_one_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout's second plain call (same shape, dtype, device, grad mode)
+    reads its tables, block mask, options and guard from the record the
+    first call kept, with the same output (checked against the float64
+    reference); a call under other conditions (another batch size, a key
+    padding mask) decides afresh, and dropping the layout's tables drops the
+    record with them."""
+    plan = MODIFIED.patterns["default"]
+    module = make(plan, "flex")
+    sizes = {"doc0": 9, "doc1": 30, "image": 11, "text": 77}
+    x = torch.randn(1, 127, 16)
+    layout = plan.layout(sizes)
+    layout.tables.clear()
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention run eagerly says so
+        first, _ = module(x, sizes)
+        kept = [key for key in layout.tables.entries if key[0] == "flex call"]
+        assert len(kept) == 1
+
+        def decided_again(*args: object, **kwargs: object) -> None:
+            raise AssertionError("decided again")
+
+        for name in ("flex_tables", "_block_mask", "_guard", "_score_mod"):
+            monkeypatch.setattr(flex, name, decided_again)
+        again, _ = module(x, sizes)
+        assert torch.equal(first, again)
+        assert relative_error(first, reference_with_modifiers(module, x, sizes)) < 1e-5
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x.expand(2, -1, -1), sizes)
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x, sizes, key_padding_mask=torch.ones(1, 127, dtype=torch.bool))
+        layout.tables.clear()
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x, sizes)

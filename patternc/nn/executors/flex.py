@@ -39,7 +39,7 @@ from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
-from patternc.nn.tables import table
+from patternc.nn.tables import table, table_bytes
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -234,17 +234,21 @@ def _score_mod(layout: Layout, tables: FlexTables, slopes: Tensor | None) -> Sco
 def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
     if dropout_p > 0:
         return "attention dropout (FlexAttention has none)"
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if q.is_cuda:
+        if q.shape[-1] < 16:
+            return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
+        return None
+    if q.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and q.requires_grad:
         return "gradients on CPU (torch's FlexAttention has no CPU backward)"
-    if q.device.type == "cpu" and q.shape[2] == 1:
+    if q.shape[2] == 1:
         # the graph around the kernel ends in the guard's pointwise re-poisoning
         # of its output; with one head that reads the output at the index it
         # writes, so Inductor fuses it into the C++ FlexAttention template,
         # which then raises "Unsupported for `epilogue_nodes`" (torch 2.13)
         return "one head on CPU (Inductor's CPU FlexAttention kernel fails to compile for it)"
-    if q.device.type == "cuda" and q.shape[-1] < 16:
-        return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
-    if q.device.type == "cpu" and _CPU_KERNEL_FAILED:
+    if _CPU_KERNEL_FAILED:
         return _CPU_KERNEL_FAILED[0]
     return None
 
@@ -324,14 +328,79 @@ def _fused_projection(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     return base if offsets == (0, width, 2 * width) else None
 
 
+class _Call:
+    """What a call of one layout needs besides Q, K and V: its tables, block
+    mask, ``score_mod``, kernel options and :data:`Guard` (with the guard's
+    tables where it poisons). A plain eager call (no cache, key padding,
+    ALiBi or dropout) keeps it in the layout's tables under
+    :func:`_warm_key`, so the next one with the same shape, dtype, device
+    and grad mode makes one lookup instead of a dozen. It holds the tables
+    and block mask stored under their own keys, and is weighed with them
+    (:meth:`weight`): kept longer than they are, it keeps them alive."""
+
+    __slots__ = ("block_mask", "guard", "guard_tables", "options", "score_mod", "tables")
+
+    def __init__(
+        self,
+        tables: FlexTables,
+        block_mask: BlockMask,
+        score_mod: ScoreMod | None,
+        options: KernelOptions | None,
+        guard: Guard,
+    ) -> None:
+        self.tables = tables
+        self.block_mask = block_mask
+        self.score_mod = score_mod
+        self.options = options
+        self.guard = guard
+        self.guard_tables = tables.guard_tables if guard == "poison" else ()
+
+    def weight(self) -> int:
+        """The bytes the layout's tables count for it: its tables' (see
+        :func:`~patternc.nn.tables.table_bytes`)."""
+        return table_bytes(self.tables)
+
+
+WarmKey = tuple[str, torch.Size, torch.dtype, torch.device, bool, bool, int, str]
+"""``("flex call", q.shape, q.dtype, q.device, differentiated, keys_compact,
+block_size, products)``: one flat tuple, built and hashed once per call;
+``products`` is float32's product precision on CUDA (the kernel options
+follow a change of it), else empty."""
+
+
+def _warm_key(inputs: AttentionInputs, block_size: int) -> WarmKey | None:
+    """The key of a plain eager call's :class:`_Call`, or None where the
+    call is not plain (a cache, key padding, ALiBi, dropout; inside a
+    user's ``torch.compile``, where the graph holds the decisions)."""
+    layout = inputs.layout
+    if (
+        layout.cached_groups
+        or inputs.key_padding_mask is not None
+        or inputs.alibi_slopes is not None
+        or inputs.dropout_p
+        or layout.tables.traced
+    ):
+        return None
+    q = inputs.q
+    grad = (q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad) and torch.is_grad_enabled()
+    products = flexkernels.float32_products(q.device) if q.dtype == torch.float32 and q.is_cuda else ""
+    return ("flex call", q.shape, q.dtype, q.device, grad, inputs.keys_compact, block_size, products)
+
+
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     """Reads K/V in token space or in the layout's key space (``keys_compact``:
     the tables then index the key space, so nothing is copied back)."""
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
-    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
+    key_padding_mask, dropout_p = inputs.key_padding_mask, inputs.dropout_p
     reason = _fallback_reason(q, dropout_p)
     if reason is not None:
         return run_as_batched(inputs, "flex", reason, _warned)
+    warm = _warm_key(inputs, block_size)
+    if warm is not None:
+        found = layout.tables.entries.get(warm)
+        if isinstance(found, _Call):  # a warm plain call: one lookup
+            out = _launch(inputs, found, k, v)
+            return run_as_batched(inputs, "flex", out, _warned) if isinstance(out, str) else out
     lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     slopes = inputs.alibi_slopes
     compact = inputs.keys_compact
@@ -353,36 +422,46 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = tables_key[1:]
     flash = flexkernels.flash_backend(inputs)
-    n_queries = q.shape[1]
-    q, k, v = _padded(q, k, v, tables.q_len, tables.kv_len, layout.tables.traced)
-    args = (
-        q,
-        k,
-        v,
+    call = _Call(
+        tables,
         _flash_block_mask(layout, tables, key) if flash else _block_mask(layout, tables, padding, key),
         _score_mod(layout, tables, slopes),
-        scale,
         flexkernels.FLASH_OPTIONS if flash else flexkernels.kernel_options(q),
+        _guard(layout, tables, key, padding is not None, q.device, flash),
     )
-    guard = _guard(layout, tables, key, padding is not None, q.device, flash)
+    out = _launch(inputs, call, k, v)
+    if isinstance(out, str):  # no kernel for this call
+        return run_as_batched(inputs, "flex", out, _warned)
+    if warm is not None:
+        layout.tables.get(warm, lambda: call, _Call.weight)
+    return out
+
+
+def _launch(inputs: AttentionInputs, call: _Call, k: Tensor, v: Tensor) -> Tensor | str:
+    """Pad, run the compiled kernel with ``call``'s guard, and take the
+    output back to token-major ``[B, N, H, D]`` (a view where no guard
+    poisons); or the reason the call has no kernel: Inductor failed to
+    build the CPU kernel, or Dynamo is past its recompile limit."""
+    q = inputs.q
+    n_queries = q.shape[1]
+    tables, traced = call.tables, inputs.layout.tables.traced
+    q, k, v = _padded(q, k, v, tables.q_len, tables.kv_len, traced)
+    args = (q, k, v, call.block_mask, call.score_mod, inputs.scale, call.options)
     try:
-        if guard == "poison":
-            out = _attend_fn(guard, layout.tables.traced)(*args, *tables.guard_tables)
-        else:
-            out = _attend_fn(guard, layout.tables.traced)(*args).transpose(1, 2)
+        attend = _attend_fn(call.guard, traced)
+        out = attend(*args, *call.guard_tables) if call.guard == "poison" else attend(*args).transpose(1, 2)
     except Exception as error:
         failed = _cpu_kernel_build_failed(error, q)
         if failed is not None:
             _CPU_KERNEL_FAILED.append(failed)
-            return run_as_batched(inputs, "flex", failed, _warned)
+            return failed
         if not _past_recompile_limit(error):
             raise
         setting, limit = _recompile_limit()
-        reason = (
+        return (
             f"a shape past Dynamo's recompile limit ({limit} kernels; raise "
             f"torch._dynamo.config.{setting} to compile more)"
         )
-        return run_as_batched(inputs, "flex", reason, _warned)
     return out if out.shape[1] == n_queries else out[:, :n_queries]
 
 
