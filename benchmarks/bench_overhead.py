@@ -232,15 +232,18 @@ def flex_host(repeat: int, rounds: int = 3) -> None:
     length. The whole calls run at a 16th of the lengths (the CPU kernel at
     full length would hide the host time), interleaved round by round; the
     "value guard off" row forces the non-finite guard off (what the guard's
-    reductions, copies and Dynamo guards cost)."""
+    reductions, copies and Dynamo guards cost); "key guard" runs the guard a
+    CUDA Triton call takes where blocks mix groups (one pass over K and V)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from patternc.nn.executors import flex
 
     original = flex._attend_fn
+    # code before flex._guard took the guard as a bool (True on every CPU call)
+    named = hasattr(flex, "_guard")
 
-    def stub(guard: flex.Guard, traced: bool) -> Callable[..., torch.Tensor]:
-        return lambda q, *rest: q if guard == "poison" else q.transpose(1, 2)
+    def stub(guard: flex.Guard | bool, traced: bool) -> Callable[..., torch.Tensor]:
+        return lambda q, *rest: q if guard in (True, "poison") else q.transpose(1, 2)
 
     print(
         f"\nflex, forward without gradients, 2 heads of 16, CPU, 1 thread, median of {repeat} x {rounds} rounds"
@@ -259,13 +262,25 @@ def flex_host(repeat: int, rounds: int = 3) -> None:
         flex._attend_fn = original
     hand = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
-    def unguarded_fn(guard: flex.Guard, traced: bool) -> Callable[..., torch.Tensor]:
+    def unguarded_fn(guard: flex.Guard | bool, traced: bool) -> Callable[..., torch.Tensor]:
         # the value guard always runs on CPU: its tables dropped, the kernel's output transposed
-        attend = original("none", traced)
+        attend = original("none" if named else False, traced)  # type: ignore[arg-type]
         return lambda *args: attend(*args[:7]).transpose(1, 2)
 
     def without_guard(inputs: AttentionInputs) -> torch.Tensor:
         flex._attend_fn = unguarded_fn
+        try:
+            return flex.run_flex(inputs)
+        finally:
+            flex._attend_fn = original
+
+    def key_guard_fn(guard: flex.Guard | bool, traced: bool) -> Callable[..., torch.Tensor]:
+        # the guard of a CUDA Triton call whose blocks mix groups, here on the CPU kernel
+        attend = original("keys", traced)
+        return lambda *args: attend(*args[:7]).transpose(1, 2)
+
+    def key_guard(inputs: AttentionInputs) -> torch.Tensor:
+        flex._attend_fn = key_guard_fn
         try:
             return flex.run_flex(inputs)
         finally:
@@ -281,6 +296,8 @@ def flex_host(repeat: int, rounds: int = 3) -> None:
             ("patternc flex", functools.partial(flex.run_flex, inputs)),
             ("patternc flex, value guard off", functools.partial(without_guard, inputs)),
         ]
+        if named:
+            variants.append(("patternc flex, key guard", functools.partial(key_guard, inputs)))
         samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in variants}
         with torch.no_grad():
             for _ in range(rounds):
@@ -301,7 +318,7 @@ def flex_layers(repeat: int, rounds: int = 3) -> None:
     ``flex_attention``; patternc's compiled graph, for the guard a CUDA
     Triton call of the layout takes). What is left is the host work around
     the kernel: projections, views, lookups, pads, the output's way back.
-    A narrow layer (width 32, 2 heads of 16) keeps the tensor work small;
+    A narrow layer (width 8, 2 heads of 4) keeps the tensor work small;
     on CPU a pad still copies its bytes, where a GPU launches it."""
     import bench_users
 
@@ -314,7 +331,7 @@ def flex_layers(repeat: int, rounds: int = 3) -> None:
     # code before flex._guard guards every CPU call (the flex table's comparisons are against it)
     on_cpu = getattr(flex, "_guard", None)
     cuda = torch.device("cuda")
-    width, heads = 32, 2
+    width, heads = 8, 2
     print(
         f"\nflex layer host time (kernel stubbed), forward without gradients, width {width}, "
         f"{heads} heads, CPU, 1 thread, median of {repeat} x {rounds} rounds"
@@ -355,7 +372,8 @@ def flex_layers(repeat: int, rounds: int = 3) -> None:
 
 
 def _flex_inputs(layout: Layout) -> AttentionInputs:
-    q, k, v = (torch.randn(1, layout.n_tokens, 2, 16) for _ in range(3))
+    """Q, K, V as a layer hands them over: views of one fused projection."""
+    q, k, v = torch.randn(1, layout.n_tokens, 3 * 2 * 16).view(1, layout.n_tokens, 3, 2, 16).unbind(2)
     return AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
 
 

@@ -308,24 +308,24 @@ def _padded(
 
 
 def _fused_projection(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """The ``[B, N, 3 * H * D]`` tensor whose views ``q``, ``k`` and ``v``
-    are (``view(B, N, 3, H, D).unbind(2)``, as a fused QKV projection
-    splits them), or None where they are not exactly that. Padding it pads
-    all three, and autograd reaches the projection through it as through
-    the views."""
+    """``q``, ``k`` and ``v`` as one ``[B, N, 3 * H * D]`` tensor where they
+    are the thirds of a fused QKV projection (``view(B, N, 3, H, D).unbind(2)``
+    of a contiguous tensor, as the layer splits them), else None. Padding it
+    pads all three, and autograd reaches the projection through it as
+    through the views. (The views' ``_base`` is the projection's contiguous
+    output; ``nn.Linear`` on a batch makes it ``[B * N, 3 * H * D]``.)"""
     base = q._base
-    if base is None or k._base is not base or v._base is not base or base.dim() != 3:
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
         return None
     batch, n, heads, dim = q.shape
     width = heads * dim
-    if k.shape != q.shape or v.shape != q.shape or base.shape != (batch, n, 3 * width):
+    if k.shape != q.shape or v.shape != q.shape or base.numel() != batch * n * 3 * width:
         return None
-    token_major = (n * 3 * width, 3 * width, dim, 1)
-    if not base.is_contiguous() or not q.stride() == k.stride() == v.stride() == token_major:
+    if not q.stride() == k.stride() == v.stride() == (n * 3 * width, 3 * width, dim, 1):
         return None
     start = base.storage_offset()
     offsets = (q.storage_offset() - start, k.storage_offset() - start, v.storage_offset() - start)
-    return base if offsets == (0, width, 2 * width) else None
+    return base.view(batch, n, 3 * width) if offsets == (0, width, 2 * width) else None
 
 
 class _Call:
