@@ -151,20 +151,23 @@ def test_poison_marks_the_queries_whose_groups_read_a_bad_key(plan: str, seed: i
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
 def test_the_key_guard_poisons_exactly_the_queries_that_read_a_bad_token(
-    plan: str, sizes: dict[str, int], seed: int
+    plan: str, sizes: dict[str, int], seed: int, device: str
 ) -> None:
     """The CUDA Triton path's guard (``"keys"``: a bad token's key made NaN,
-    its value zeroed), run on FlexAttention's eager kernel: a query's output
-    is NaN exactly where its mask reads a token whose key or value holds a
-    NaN or inf in that head, and every other output matches a float64
-    softmax over the language's mask (bad tokens are outside those rows)."""
-
+    its value zeroed), on FlexAttention's eager kernel on CPU and its
+    compiled Triton kernel on a GPU: a query's output is NaN exactly where
+    its mask reads a token whose key or value holds a NaN or inf in that
+    head, and every other output matches a float64 softmax over the
+    language's mask (bad tokens are outside those rows)."""
     compiled = patternc.compile(PLANS[plan]).patterns["default"]
     layout = schedule_for(compiled.token_specs(sizes), compiled)
-    device = torch.device("cpu")
-    tables = flex.flex_tables(layout, {}, device)
-    key = flex._tables_key({}, device, 128, False, False)[1:]
+    tables = flex.flex_tables(layout, {}, torch.device(device))
+    key = flex._tables_key({}, torch.device(device), 128, False, False)[1:]
     block_mask = flex._block_mask(layout, tables, None, key)
     n, batch, heads, dim = layout.n_tokens, 2, 3, 16
     gen = torch.Generator().manual_seed(seed)
@@ -175,11 +178,12 @@ def test_the_key_guard_poisons_exactly_the_queries_that_read_a_bad_token(
         bad[b, j, h] = True
         for t in {"k": [k], "v": [v], "kv": [k, v]}[where]:
             t[b, j, h, int(torch.randint(0, dim, (), generator=gen))] = value
-    padded = [flex._pad_tokens(t, tables.q_len) for t in (q, k, v)]
-    attend = flex._attend_fn("keys", True)  # traced: the plain function, run eagerly here
+    padded = [flex._pad_tokens(t, tables.q_len).to(device) for t in (q, k, v)]
+    # on CPU the plain function (traced=True), run eagerly; on a GPU the compiled graph
+    attend = flex._attend_fn("keys", device == "cpu")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention run eagerly says so
-        out = attend(*padded, block_mask, None, None, None).transpose(1, 2)[:, :n]
+        out = attend(*padded, block_mask, None, None, None).transpose(1, 2)[:, :n].cpu()
     mask = language_mask(compiled, sizes)  # [n, n]
     expected = (mask[None, :, :, None] & bad[:, None, :, :]).any(2)  # [B, n, H]
     assert expected.any()
