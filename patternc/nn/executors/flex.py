@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.lower.layout import Layout
-from patternc.nn.executors import flexkernels
+from patternc.nn.executors import flash4, flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
@@ -361,11 +361,13 @@ class _Call:
         return table_bytes(self.tables)
 
 
-WarmKey = tuple[str, torch.Size, torch.dtype, torch.device, bool, bool, int, str]
+WarmKey = tuple[str, torch.Size, torch.dtype, torch.device, bool, bool, int, str, bool]
 """``("flex call", q.shape, q.dtype, q.device, differentiated, keys_compact,
-block_size, products)``: one flat tuple, built and hashed once per call;
-``products`` is float32's product precision on CUDA (the kernel options
-follow a change of it), else empty."""
+block_size, products, flash)``: one flat tuple, built and hashed once per
+call; ``products`` is float32's product precision on CUDA (the kernel
+options follow a change of it), else empty; ``flash`` whether FlashAttention
+4 can run here (it follows ``flash4.enabled``; whether this call takes it
+is fixed by the rest of the key)."""
 
 
 def _warm_key(inputs: AttentionInputs, block_size: int) -> WarmKey | None:
@@ -383,8 +385,11 @@ def _warm_key(inputs: AttentionInputs, block_size: int) -> WarmKey | None:
         return None
     q = inputs.q
     grad = (q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad) and torch.is_grad_enabled()
-    products = flexkernels.float32_products(q.device) if q.dtype == torch.float32 and q.is_cuda else ""
-    return ("flex call", q.shape, q.dtype, q.device, grad, inputs.keys_compact, block_size, products)
+    products, flash = "", False
+    if q.is_cuda:
+        products = flexkernels.float32_products(q.device) if q.dtype == torch.float32 else ""
+        flash = flash4.usable(q.device, q.shape[-1])
+    return ("flex call", q.shape, q.dtype, q.device, grad, inputs.keys_compact, block_size, products, flash)
 
 
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
