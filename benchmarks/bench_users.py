@@ -680,10 +680,21 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
       tensor, as the layer hands them over; ``run_flex unguarded``: its
       compiled graph without the non-finite guard.
 
-    Then the kernels of ``hand`` and ``run_flex`` (torch profiler, device
-    time per call) and their host time per call."""
+    - ``hand layer``, ``patternc flex layer``, ``patternc auto layer``: the
+      whole layer (projections included) of each.
+
+    Then the kernels of ``hand``, ``run_flex`` and the three layers (torch
+    profiler, device time per call) and their host time per call (the call
+    returns before its kernels end: on a host-bound call, the time to beat)."""
     from patternc.nn.executors import flexkernels
-    from patternc.nn.executors.flex import _attend_fn, _block_mask, _pad_tokens, _tables_key, flex_tables
+    from patternc.nn.executors.flex import (
+        _attend_fn,
+        _block_mask,
+        _guard,
+        _pad_tokens,
+        _tables_key,
+        flex_tables,
+    )
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     heads, dim = args.heads, args.width // args.heads
@@ -704,9 +715,11 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     hand_fn = row.mask(device, tables.q_len)
     swapped = _with_mask_mod(pc_mask, hand_fn)
     inputs = AttentionInputs(q, k, v, layout, {}, None, 0.0, None)
-    unguarded = _attend_fn(False, False)
+    unguarded = _attend_fn("none", False)
     config = patternc.MixedAttentionConfig(hidden_dim=args.width, num_heads=heads)
     layer = PatternAttention(config, plan, backend="flex").to(device, dtype)
+    auto_layer = PatternAttention(config, plan, backend="auto").to(device, dtype)
+    auto_layer.load_state_dict(layer.state_dict())
     hand_layer = HandFlexAttention(args.width, heads, hand_mask, attend).to(device, dtype)
     _copy_weights(hand_layer, layer)
     x = torch.randn(1, n, args.width, device=device, dtype=dtype, generator=gen)
@@ -722,13 +735,14 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
         ),
         "hand layer": lambda: hand_layer(x),
         "patternc flex layer": lambda: layer(x, row.sizes)[0],
+        "patternc auto layer": lambda: auto_layer(x, row.sizes)[0],
     }
     print(f"\n== {row.title}: {n} tokens, padded to {tables.q_len}; patternc options {options}")
     for label, mask in (("hand", hand_mask), ("patternc", pc_mask)):
         partial = int(mask.kv_num_blocks.sum())
         full = int(mask.full_kv_num_blocks.sum()) if mask.full_kv_num_blocks is not None else 0
         print(f"   {label} block mask: {partial} partial, {full} full blocks, block {mask.BLOCK_SIZE}")
-    print(f"   guard runs: {tables.needs_value_guard}")
+    print(f"   guard: {_guard(layout, tables, key, False, device, flexkernels.flash_backend(inputs))}")
     ref = variants["hand"]()
     assert isinstance(ref, Tensor)
     done: dict[str, Callable[[], object]] = {}
@@ -758,7 +772,7 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     for label, ms in times.items():
         print(f"   {label:<28} {ms:8.3f} ms")
     with torch.no_grad():
-        for label in ("hand", "run_flex", "hand layer", "patternc flex layer"):
+        for label in ("hand", "run_flex", "hand layer", "patternc flex layer", "patternc auto layer"):
             if label in done:
                 _host_and_kernels(label, done[label], device)
     from torch._dynamo.utils import counters

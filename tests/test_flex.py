@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 import patternc
 from patternc.export import to_dot
 from patternc.lower.blocks import FULL, PARTIAL, block_classes
-from patternc.nn import PatternAttention
+from patternc.nn import PatternAttention, rope_frequencies
 from patternc.nn.executors import common, flex, flexkernels
 from patternc.nn.flexmask import FlexTables, bucket_length
 from patternc.nn.schedule import schedule_for
@@ -413,7 +413,7 @@ def test_a_cpu_kernel_torch_cannot_build_runs_as_batched_and_is_not_retried(
 
     tries: list[int] = []
 
-    def failing_kernel(guarded: bool, traced: bool) -> Callable[..., Tensor]:
+    def failing_kernel(guard: flex.Guard, traced: bool) -> Callable[..., Tensor]:
         def attend(*args: object) -> Tensor:
             tries.append(1)
             try:
@@ -927,3 +927,109 @@ def test_gpu_flex_on_flash_contains_a_nan_like_separate_calls(
         got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
     assert decisions == [True]
     assert expected.any() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("batch", "n", "length"), [(1, 5, 128), (2, 130, 256), (1, 128, 128)])
+def test_one_pad_serves_the_thirds_of_a_fused_projection(batch: int, n: int, length: int) -> None:
+    """Q, K and V split from one fused projection (an ``nn.Linear``, as the
+    layer's) are padded as one tensor (their padded versions are views of
+    one buffer), with the values and weight gradients three separate pads
+    give; anything else (separate tensors, thirds in another order or cut,
+    K/V of another length, a trace) is padded one by one."""
+    torch.manual_seed(n)
+    heads, dim = 3, 8
+    projection = torch.nn.Linear(5, 3 * heads * dim)
+    x = torch.randn(batch, n, 5)
+    weights = [torch.randn(batch, length, heads, dim) for _ in range(3)]
+
+    def loss(parts: tuple[Tensor, ...]) -> Tensor:
+        return sum((p * w).sum() for p, w in zip(parts, weights))  # type: ignore[return-value]
+
+    def thirds() -> tuple[Tensor, ...]:
+        return tuple(projection(x).view(batch, n, 3, heads, dim).unbind(2))
+
+    q, k, v = thirds()
+    found = flex._fused_projection(q, k, v)
+    assert found is not None and torch.equal(found, projection(x))
+    fused = flex._padded(q, k, v, length, length, traced=False)
+    if length != n:
+        assert fused[0]._base is not None and fused[0]._base is fused[1]._base is fused[2]._base
+    separate = tuple(flex._pad_tokens(t, length) for t in thirds())
+    for a, b in zip(fused, separate):
+        assert a.shape == (batch, length, heads, dim) and torch.equal(a, b)
+    grad_fused = torch.autograd.grad(loss(fused), list(projection.parameters()))
+    grad_separate = torch.autograd.grad(loss(separate), list(projection.parameters()))
+    for a, b in zip(grad_fused, grad_separate):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    # not the thirds of one tensor, or not in q, k, v order: one pad each
+    apart = tuple(t.detach().clone() for t in (q, k, v))
+    assert flex._fused_projection(*apart) is None
+    assert flex._fused_projection(k, q, v) is None
+    assert flex._fused_projection(q[:, 1:], k[:, 1:], v[:, 1:]) is None
+    for a, b in zip(flex._padded(*apart, length, length, traced=False), separate):
+        assert torch.equal(a, b)
+    # the traced path (a user's torch.compile) and keys of another length pad one by one
+    for a, b in zip(flex._padded(q, k, v, length, length, traced=True), separate):
+        assert torch.equal(a, b)
+    got = flex._padded(q, k, v, length, length + 128, traced=False)
+    assert got[1].shape[1] == length + 128 and torch.equal(got[0], separate[0])
+    assert got[0]._base is None or got[0]._base is not got[1]._base
+
+
+def test_a_warm_plain_call_takes_its_decisions_from_one_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout's second plain call (same shape, dtype, device, grad mode)
+    reads its tables, block mask, options and guard from the record the
+    first call kept, with the same output (checked against the float64
+    reference); a call under other conditions (another batch size, a key
+    padding mask) decides afresh, and dropping the layout's tables drops the
+    record with them."""
+    plan = MODIFIED.patterns["default"]
+    module = make(plan, "flex")
+    sizes = {"doc0": 9, "doc1": 30, "image": 11, "text": 77}
+    x = torch.randn(1, 127, 16)
+    layout = plan.layout(sizes)
+    layout.tables.clear()
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention run eagerly says so
+        first, _ = module(x, sizes)
+        kept = [key for key in layout.tables.entries if key[0] == "flex call"]
+        assert len(kept) == 1
+
+        def decided_again(*args: object, **kwargs: object) -> None:
+            raise AssertionError("decided again")
+
+        for name in ("flex_tables", "_block_mask", "_guard", "_score_mod"):
+            monkeypatch.setattr(flex, name, decided_again)
+        again, _ = module(x, sizes)
+        assert torch.equal(first, again)
+        assert relative_error(first, reference_with_modifiers(module, x, sizes)) < 1e-5
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x.expand(2, -1, -1), sizes)
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x, sizes, key_padding_mask=torch.ones(1, 127, dtype=torch.bool))
+        layout.tables.clear()
+        with pytest.raises(AssertionError, match="decided again"):
+            module(x, sizes)
+
+
+def test_a_layer_pads_its_fused_projection_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PatternAttention``'s flex call hands over the thirds of its fused
+    projection: they are padded as one tensor, none by itself; with RoPE
+    (Q and K rotated apart) each is padded. Both match the float64 reference."""
+    plan = MODIFIED.patterns["default"]
+    sizes = {"doc0": 9, "doc1": 30, "image": 11, "text": 77}  # 127 tokens -> 128
+    x = torch.randn(2, 127, 16)
+    one_by_one: list[int] = []
+    pad_tokens = flex._pad_tokens
+    monkeypatch.setattr(flex, "_pad_tokens", lambda t, length: one_by_one.append(1) or pad_tokens(t, length))
+    module = make(plan, "flex")
+    with torch.no_grad(), flex.compiled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention run eagerly says so
+        out, _ = module(x, sizes)
+        assert one_by_one == []
+        assert relative_error(out, reference_with_modifiers(module, x, sizes)) < 1e-5
+        rotating = PatternAttention(
+            patternc.MixedAttentionConfig(hidden_dim=16, num_heads=2, implementation="flex", use_rope=True), plan
+        )
+        rotating(x, sizes, freqs=rope_frequencies(torch.arange(127), 8))
+    assert len(one_by_one) == 3

@@ -144,12 +144,12 @@ WHOLE_BLOCKS = {"surface_anchors": 128, "surface_queries": 256, "volume_anchors"
     ],
 )
 @pytest.mark.parametrize(
-    ("device", "sizes", "guarded"),
+    ("device", "sizes", "guard"),
     [
-        ("cpu", AB_SIZES, True),
-        ("cpu", WHOLE_BLOCKS, True),  # Inductor's CPU kernel drops NaN scores: guarded on CPU
-        pytest.param("cuda", AB_SIZES, True, marks=GPU),
-        pytest.param("cuda", WHOLE_BLOCKS, False, marks=GPU),
+        ("cpu", AB_SIZES, "poison"),
+        ("cpu", WHOLE_BLOCKS, "poison"),  # Inductor's CPU kernel drops NaN scores: guarded on CPU
+        pytest.param("cuda", AB_SIZES, "keys", marks=GPU),
+        pytest.param("cuda", WHOLE_BLOCKS, "none", marks=GPU),
     ],
 )
 def test_flex_contains_a_bad_key_or_value_like_separate_calls(
@@ -157,7 +157,7 @@ def test_flex_contains_a_bad_key_or_value_like_separate_calls(
     value: float,
     device: str,
     sizes: dict[str, int],
-    guarded: bool,
+    guard: str,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
@@ -173,10 +173,10 @@ def test_flex_contains_a_bad_key_or_value_like_separate_calls(
 
     if device == "cpu":
         request.getfixturevalue("cpu_flex_kernel")
-    paths: list[bool] = []
+    paths: list[str] = []
     attend_fn = flex._attend_fn
 
-    def recording(guard: bool, traced: bool) -> object:
+    def recording(guard: flex.Guard, traced: bool) -> object:
         paths.append(guard)
         return attend_fn(guard, traced)
 
@@ -192,7 +192,7 @@ def test_flex_contains_a_bad_key_or_value_like_separate_calls(
     with torch.no_grad():
         expected = ~torch.isfinite(EXECUTORS["batched"](inputs)).all(-1)
         got = ~torch.isfinite(EXECUTORS["flex"](inputs)).all(-1)
-    assert paths == [guarded]
+    assert paths == [guard]
     assert expected.any(), "the bad token reaches someone"
     assert torch.equal(got, expected), (got.nonzero().tolist(), expected.nonzero().tolist())
 

@@ -5,9 +5,11 @@ each against a dense token-by-token answer."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
+from reference import language_mask, relative_error
 
 import patternc
 from patternc.nn import flexmask
@@ -137,3 +139,83 @@ def test_poison_marks_the_queries_whose_groups_read_a_bad_key(plan: str, seed: i
     assert torch.equal(torch.isnan(got).all(-1), expected)
     assert torch.equal(torch.isnan(got).any(-1), expected)
     assert torch.equal(got[~expected], out[~expected])
+
+
+@pytest.mark.parametrize(
+    ("plan", "sizes"),
+    [
+        ("vlm", {"registers": 5, "image": 70, "text": 131}),
+        ("docs causal", {"doc0": 37, "doc1": 129, "doc2": 1}),
+        ("one way", {"a": 100, "b": 57}),
+        ("prefix", {"prefix": 61, "text": 90}),
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_the_key_guard_poisons_exactly_the_queries_that_read_a_bad_token(
+    plan: str, sizes: dict[str, int], seed: int, device: str
+) -> None:
+    """The CUDA Triton path's guard (``"keys"``: a bad token's key made NaN,
+    its value zeroed), on FlexAttention's eager kernel on CPU and its
+    compiled Triton kernel on a GPU: a query's output is NaN exactly where
+    its mask reads a token whose key or value holds a NaN or inf in that
+    head, and every other output matches a float64 softmax over the
+    language's mask (bad tokens are outside those rows)."""
+    compiled = patternc.compile(PLANS[plan]).patterns["default"]
+    layout = schedule_for(compiled.token_specs(sizes), compiled)
+    tables = flex.flex_tables(layout, {}, torch.device(device))
+    key = flex._tables_key({}, torch.device(device), 128, False, False)[1:]
+    block_mask = flex._block_mask(layout, tables, None, key)
+    n, batch, heads, dim = layout.n_tokens, 2, 3, 16
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, n, heads, dim, generator=gen) for _ in range(3))
+    bad = torch.zeros(batch, n, heads, dtype=torch.bool)
+    for where, value in (("k", float("nan")), ("v", float("inf")), ("kv", float("nan")), ("v", -float("inf"))):
+        b, j, h = (int(torch.randint(0, m, (), generator=gen)) for m in (batch, n, heads))
+        bad[b, j, h] = True
+        for t in {"k": [k], "v": [v], "kv": [k, v]}[where]:
+            t[b, j, h, int(torch.randint(0, dim, (), generator=gen))] = value
+    padded = [flex._pad_tokens(t, tables.q_len).to(device) for t in (q, k, v)]
+    # on CPU the plain function (traced=True), run eagerly; on a GPU the compiled graph
+    attend = flex._attend_fn("keys", device == "cpu")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention run eagerly says so
+        out = attend(*padded, block_mask, None, None, None).transpose(1, 2)[:, :n].cpu()
+    mask = language_mask(compiled, sizes)  # [n, n]
+    expected = (mask[None, :, :, None] & bad[:, None, :, :]).any(2)  # [B, n, H]
+    assert expected.any()
+    assert torch.equal(torch.isnan(out).all(-1), expected)
+    assert torch.equal(torch.isnan(out).any(-1), expected)
+    clean_k, clean_v = (t.double().masked_fill(bad[..., None], 0.0) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), clean_k) / dim**0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    ref = torch.einsum("bhqk,bkhd->bqhd", weights, clean_v)
+    assert relative_error(out[~expected], ref[~expected]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("plan", "sizes", "device", "padded", "flash", "guard"),
+    [
+        ("vlm", {"registers": 16, "image": 1024, "text": 3072}, "cuda", False, False, "keys"),
+        ("prefix", {"prefix": 1024, "text": 3072}, "cuda", False, False, "none"),
+        ("vlm", {"registers": 16, "image": 1024, "text": 3072}, "cpu", False, False, "poison"),
+        ("prefix", {"prefix": 1024, "text": 3072}, "cpu", False, False, "poison"),
+        ("prefix", {"prefix": 1024, "text": 3072}, "cuda", True, False, "poison"),
+        ("prefix", {"prefix": 1024, "text": 3072}, "cuda", False, True, "poison"),
+    ],
+)
+def test_each_call_takes_its_guard(
+    plan: str, sizes: dict[str, int], device: str, padded: bool, flash: bool, guard: str
+) -> None:
+    """The key guard where blocks carry a value across groups on the CUDA
+    Triton kernel, none where they cannot, the poisoning guard on the CPU
+    kernel, with key padding and on FLASH (decided on the host: the tables
+    are built on the CPU here)."""
+    layout = _layout(plan, sizes)
+    tables = flex.flex_tables(layout, {}, torch.device("cpu"))  # type: ignore[arg-type]
+    key = flex._tables_key({}, torch.device("cpu"), 128, False, False)[1:]
+    got = flex._guard(layout, tables, key, padded, torch.device(device), flash)  # type: ignore[arg-type]
+    assert got == guard

@@ -8,7 +8,9 @@ lengths, device, padding), and the kernel with its non-finite guard is one graph
 compiled once per process with static shapes (:func:`_compiled`). On a
 GPU the guard runs only where a computed block holds a query and a key of
 an unread pair of groups (:func:`_values_cross_groups`), or with a key
-padding mask.
+padding mask; with the Triton kernel it is one fused pass over K and V
+(:func:`_attend_bad_keys`). Where Q, K and V are the thirds of one fused
+projection, one pad brings all three to the bucketed length (:func:`_padded`).
 The kernel and its ``kernel_options`` (tiles swept best per dtype, head
 size and GPU; FlashAttention 4 for large half-precision calls) are chosen
 by :mod:`patternc.nn.executors.flexkernels`.
@@ -25,19 +27,19 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.lower.layout import Layout
-from patternc.nn.executors import flexkernels
+from patternc.nn.executors import flash4, flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
 from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
-from patternc.nn.tables import table
+from patternc.nn.tables import table, table_bytes
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -68,7 +70,7 @@ def compiled(enabled: bool) -> Iterator[None]:
 
 @functools.cache
 def _compiled(attend: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``attend`` (:func:`_attend` or :func:`_attend_unguarded`) compiled once
+    """``attend`` (one of :data:`_ATTEND`) compiled once
     per process: the non-finite guard, the kernel and the poisoning are one
     graph, so a call pays one set of guards and a few fused kernels rather
     than a dozen eager dispatches around a compiled kernel (about half the
@@ -124,12 +126,23 @@ def _raise_recompile_limit(at_least: int) -> None:
             setattr(dynamo_config, name, at_least)
 
 
-def _attend_fn(guarded: bool, traced: bool) -> Callable[..., Tensor]:
-    """The compiled attention function, with or without the non-finite
-    guard; ``traced`` (inside a user's ``torch.compile``) the plain one, which
-    Dynamo traces into the user's graph (reaching the cached compiled one
-    there would warn that Dynamo skips ``lru_cache``)."""
-    attend = _attend if guarded else _attend_unguarded
+Guard = Literal["none", "keys", "poison"]
+"""How a call keeps a non-finite value in the queries that read it, where a
+computed block holds a key that some of its queries must not see (a weight
+of 0 times NaN is NaN): ``"none"``, no block does; ``"keys"``, the CUDA
+Triton kernel's guard (:func:`_attend_bad_keys`: one fused pass over K and
+V, the kernel itself then poisons the readers); ``"poison"``, the general
+one (:func:`_attend`: the readers are found from the group tables), for the
+CPU kernel, FLASH and key padding."""
+
+
+def _attend_fn(guard: Guard, traced: bool) -> Callable[..., Tensor]:
+    """The compiled attention function for ``guard``; ``traced`` (inside a
+    user's ``torch.compile``) the plain one, which Dynamo traces into the
+    user's graph (reaching the cached compiled one there would warn that
+    Dynamo skips ``lru_cache``). Every variant returns the kernel's
+    head-major ``[B, H, N, D]`` but ``"poison"``, which returns ``[B, N, H, D]``."""
+    attend = _ATTEND[guard]
     return _compiled(attend) if _use_compiled and not traced else attend
 
 
@@ -221,17 +234,21 @@ def _score_mod(layout: Layout, tables: FlexTables, slopes: Tensor | None) -> Sco
 def _fallback_reason(q: Tensor, dropout_p: float) -> str | None:
     if dropout_p > 0:
         return "attention dropout (FlexAttention has none)"
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if q.is_cuda:
+        if q.shape[-1] < 16:
+            return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
+        return None
+    if q.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and q.requires_grad:
         return "gradients on CPU (torch's FlexAttention has no CPU backward)"
-    if q.device.type == "cpu" and q.shape[2] == 1:
+    if q.shape[2] == 1:
         # the graph around the kernel ends in the guard's pointwise re-poisoning
         # of its output; with one head that reads the output at the index it
         # writes, so Inductor fuses it into the C++ FlexAttention template,
         # which then raises "Unsupported for `epilogue_nodes`" (torch 2.13)
         return "one head on CPU (Inductor's CPU FlexAttention kernel fails to compile for it)"
-    if q.device.type == "cuda" and q.shape[-1] < 16:
-        return f"head_dim {q.shape[-1]} < 16 (FlexAttention's GPU kernels need at least 16)"
-    if q.device.type == "cpu" and _CPU_KERNEL_FAILED:
+    if _CPU_KERNEL_FAILED:
         return _CPU_KERNEL_FAILED[0]
     return None
 
@@ -272,14 +289,123 @@ def _pad_heads_first(t: Tensor, length: int) -> Tensor:
     return _pad_tokens(t, length).transpose(1, 2)
 
 
+def _padded(
+    q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int, traced: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K and V zero-padded to the bucketed lengths: one pad of the fused
+    projection where they are its three thirds (:func:`_fused_projection`),
+    else one each. Each pad is a few launches of host time, so a layer call
+    pays one instead of three."""
+    if q_len == q.shape[1] and kv_len == k.shape[1]:
+        return q, k, v
+    fused = None if traced or q_len != kv_len else _fused_projection(q, k, v)
+    if fused is None:
+        return _pad_tokens(q, q_len), _pad_tokens(k, kv_len), _pad_tokens(v, kv_len)
+    batch, n, heads, dim = q.shape
+    padded = F.pad(fused, (0, 0, 0, q_len - n)).view(batch, q_len, 3, heads, dim)
+    q, k, v = padded.unbind(2)
+    return q, k, v
+
+
+def _fused_projection(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """``q``, ``k`` and ``v`` as one ``[B, N, 3 * H * D]`` tensor where they
+    are the thirds of a fused QKV projection (``view(B, N, 3, H, D).unbind(2)``
+    of a contiguous tensor, as the layer splits them), else None. Padding it
+    pads all three, and autograd reaches the projection through it as
+    through the views. (The views' ``_base`` is the projection's contiguous
+    output; ``nn.Linear`` on a batch makes it ``[B * N, 3 * H * D]``.)"""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    batch, n, heads, dim = q.shape
+    width = heads * dim
+    if k.shape != q.shape or v.shape != q.shape or base.numel() != batch * n * 3 * width:
+        return None
+    if not q.stride() == k.stride() == v.stride() == (n * 3 * width, 3 * width, dim, 1):
+        return None
+    start = base.storage_offset()
+    offsets = (q.storage_offset() - start, k.storage_offset() - start, v.storage_offset() - start)
+    return base.view(batch, n, 3 * width) if offsets == (0, width, 2 * width) else None
+
+
+class _Call:
+    """What a call of one layout needs besides Q, K and V: its tables, block
+    mask, ``score_mod``, kernel options and :data:`Guard` (with the guard's
+    tables where it poisons). A plain eager call (no cache, key padding,
+    ALiBi or dropout) keeps it in the layout's tables under
+    :func:`_warm_key`, so the next one with the same shape, dtype, device
+    and grad mode makes one lookup instead of a dozen. It holds the tables
+    and block mask stored under their own keys, and is weighed with them
+    (:meth:`weight`): kept longer than they are, it keeps them alive."""
+
+    __slots__ = ("block_mask", "guard", "guard_tables", "options", "score_mod", "tables")
+
+    def __init__(
+        self,
+        tables: FlexTables,
+        block_mask: BlockMask,
+        score_mod: ScoreMod | None,
+        options: KernelOptions | None,
+        guard: Guard,
+    ) -> None:
+        self.tables = tables
+        self.block_mask = block_mask
+        self.score_mod = score_mod
+        self.options = options
+        self.guard = guard
+        self.guard_tables = tables.guard_tables if guard == "poison" else ()
+
+    def weight(self) -> int:
+        """The bytes the layout's tables count for it: its tables' (see
+        :func:`~patternc.nn.tables.table_bytes`)."""
+        return table_bytes(self.tables)
+
+
+WarmKey = tuple[str, torch.Size, torch.dtype, torch.device, bool, bool, int, str, bool]
+"""``("flex call", q.shape, q.dtype, q.device, differentiated, keys_compact,
+block_size, products, flash)``: one flat tuple, built and hashed once per
+call; ``products`` is float32's product precision on CUDA (the kernel
+options follow a change of it), else empty; ``flash`` whether FlashAttention
+4 can run here (it follows ``flash4.enabled``; whether this call takes it
+is fixed by the rest of the key)."""
+
+
+def _warm_key(inputs: AttentionInputs, block_size: int) -> WarmKey | None:
+    """The key of a plain eager call's :class:`_Call`, or None where the
+    call is not plain (a cache, key padding, ALiBi, dropout; inside a
+    user's ``torch.compile``, where the graph holds the decisions)."""
+    layout = inputs.layout
+    if (
+        layout.cached_groups
+        or inputs.key_padding_mask is not None
+        or inputs.alibi_slopes is not None
+        or inputs.dropout_p
+        or layout.tables.traced
+    ):
+        return None
+    q = inputs.q
+    grad = (q.requires_grad or inputs.k.requires_grad or inputs.v.requires_grad) and torch.is_grad_enabled()
+    products, flash = "", False
+    if q.is_cuda:
+        products = flexkernels.float32_products(q.device) if q.dtype == torch.float32 else ""
+        flash = flash4.usable(q.device, q.shape[-1])
+    return ("flex call", q.shape, q.dtype, q.device, grad, inputs.keys_compact, block_size, products, flash)
+
+
 def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     """Reads K/V in token space or in the layout's key space (``keys_compact``:
     the tables then index the key space, so nothing is copied back)."""
     q, k, v, layout, cache = inputs.q, inputs.k, inputs.v, inputs.layout, inputs.cache
-    key_padding_mask, dropout_p, scale = inputs.key_padding_mask, inputs.dropout_p, inputs.scale
+    key_padding_mask, dropout_p = inputs.key_padding_mask, inputs.dropout_p
     reason = _fallback_reason(q, dropout_p)
     if reason is not None:
         return run_as_batched(inputs, "flex", reason, _warned)
+    warm = _warm_key(inputs, block_size)
+    if warm is not None:
+        found = layout.tables.entries.get(warm)
+        if isinstance(found, _Call):  # a warm plain call: one lookup
+            out = _launch(inputs, found, k, v)
+            return run_as_batched(inputs, "flex", out, _warned) if isinstance(out, str) else out
     lengths = {g: cache[g][0].shape[1] for g in layout.cached_groups}
     slopes = inputs.alibi_slopes
     compact = inputs.keys_compact
@@ -301,42 +427,61 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
         padding = F.pad(key_padding_mask, (0, tables.kv_len - key_padding_mask.shape[1]), value=False)
     key = tables_key[1:]
     flash = flexkernels.flash_backend(inputs)
-    n_queries = q.shape[1]
-    args = (
-        _pad_tokens(q, tables.q_len),
-        _pad_tokens(k, tables.kv_len),
-        _pad_tokens(v, tables.kv_len),
+    call = _Call(
+        tables,
         _flash_block_mask(layout, tables, key) if flash else _block_mask(layout, tables, padding, key),
         _score_mod(layout, tables, slopes),
-        scale,
         flexkernels.FLASH_OPTIONS if flash else flexkernels.kernel_options(q),
+        _guard(layout, tables, key, padding is not None, q.device, flash),
     )
-    # a key padding mask masks keys inside blocks; on CPU the guard always
-    # runs: Inductor's CPU kernel drops a NaN score (a NaN key) in a full
-    # block, where the GPU kernel and separate calls give NaN; on FLASH too
-    # (its handling of a NaN score is not checked)
-    guarded = (
-        padding is not None or q.device.type != "cuda" or flash or _values_cross_groups(layout, tables, key)
-    )
-    guard_tables = tables.guard_tables if guarded else ()
+    out = _launch(inputs, call, k, v)
+    if isinstance(out, str):  # no kernel for this call
+        return run_as_batched(inputs, "flex", out, _warned)
+    if warm is not None:
+        layout.tables.get(warm, lambda: call, _Call.weight)
+    return out
+
+
+def _launch(inputs: AttentionInputs, call: _Call, k: Tensor, v: Tensor) -> Tensor | str:
+    """Pad, run the compiled kernel with ``call``'s guard, and take the
+    output back to token-major ``[B, N, H, D]`` (a view where no guard
+    poisons); or the reason the call has no kernel: Inductor failed to
+    build the CPU kernel, or Dynamo is past its recompile limit."""
+    q = inputs.q
+    n_queries = q.shape[1]
+    tables, traced = call.tables, inputs.layout.tables.traced
+    q, k, v = _padded(q, k, v, tables.q_len, tables.kv_len, traced)
+    args = (q, k, v, call.block_mask, call.score_mod, inputs.scale, call.options)
     try:
-        out = _attend_fn(guarded, layout.tables.traced)(*args, *guard_tables)
-        if not guarded:
-            out = out.transpose(1, 2)
+        attend = _attend_fn(call.guard, traced)
+        out = attend(*args, *call.guard_tables) if call.guard == "poison" else attend(*args).transpose(1, 2)
     except Exception as error:
         failed = _cpu_kernel_build_failed(error, q)
         if failed is not None:
             _CPU_KERNEL_FAILED.append(failed)
-            return run_as_batched(inputs, "flex", failed, _warned)
+            return failed
         if not _past_recompile_limit(error):
             raise
         setting, limit = _recompile_limit()
-        reason = (
+        return (
             f"a shape past Dynamo's recompile limit ({limit} kernels; raise "
             f"torch._dynamo.config.{setting} to compile more)"
         )
-        return run_as_batched(inputs, "flex", reason, _warned)
     return out if out.shape[1] == n_queries else out[:, :n_queries]
+
+
+def _guard(
+    layout: Layout, tables: FlexTables, key: tuple[Any, ...], padded: bool, device: torch.device, flash: bool
+) -> Guard:
+    """The call's :data:`Guard`. A key padding mask masks keys inside
+    blocks; on CPU the poisoning guard always runs: Inductor's CPU kernel
+    drops a NaN score (a NaN key) in a full block, where the GPU kernel and
+    separate calls give NaN; on FLASH too (its handling of a NaN score is
+    not checked). The CUDA Triton kernel turns a NaN score into a NaN
+    output, so there a bad key's readers are found by the kernel itself."""
+    if padded or device.type != "cuda" or flash:
+        return "poison"
+    return "keys" if _values_cross_groups(layout, tables, key) else "none"
 
 
 def _values_cross_groups(layout: Layout, tables: FlexTables, key: tuple[Any, ...]) -> bool:
@@ -384,6 +529,37 @@ def _attend_unguarded(
     return out
 
 
+def _attend_bad_keys(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    score_mod: ScoreMod | None,
+    scale: float | None,
+    kernel_options: KernelOptions | None,
+) -> Tensor:
+    """:func:`_attend_unguarded` with each non-finite token's value row
+    zeroed and its key row made NaN, in one fused pass before the kernel.
+    A query that reads the token then gets a NaN score, and the CUDA Triton
+    kernel carries a NaN score to the query's output (as separate calls
+    do); for a query that must not see it, the ``mask_mod`` replaces the
+    score by ``-inf`` and the zeroed value row adds ``0 * 0``. So no table
+    of who reads whom is consulted, and the graph holds one pass over K and
+    V besides the kernel. ``[B, H, N, D]`` out."""
+    bad = _bad_tokens(k, v)[..., None]
+    k = k.masked_fill(bad, float("nan"))
+    v = v.masked_fill(bad, 0.0)
+    return _attend_unguarded(q, k, v, block_mask, score_mod, scale, kernel_options)
+
+
+def _bad_tokens(k: Tensor, v: Tensor) -> Tensor:
+    """``[B, Nk, H]``: the tokens whose key or value row holds a non-finite
+    number, tested through their float32 sums (two reductions, no
+    full-size test): a row whose values sum past float32's range counts as
+    non-finite."""
+    return ~torch.isfinite(k.sum(-1, dtype=torch.float32) + v.sum(-1, dtype=torch.float32))
+
+
 def _attend(
     q: Tensor,
     k: Tensor,
@@ -412,7 +588,7 @@ def _finite_values(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     replaced by ``-inf``, NaN or not. Rows are tested through their float32
     sums (two reductions, no full-size test): a row whose values sum past
     float32's range counts as non-finite."""
-    bad = ~torch.isfinite(k.sum(-1, dtype=torch.float32) + v.sum(-1, dtype=torch.float32))
+    bad = _bad_tokens(k, v)
     return v.masked_fill(bad[..., None], 0.0), bad
 
 
@@ -450,3 +626,10 @@ def _poison(
     per_query = counts.new_zeros(batch, size, heads).index_add_(1, run_query, per_run)
     poisoned = per_query[:, q_group[: out.shape[1]]] > 0  # [B, Nq, H]
     return out.masked_fill(poisoned[..., None], float("nan"))
+
+
+_ATTEND: dict[str, Callable[..., Tensor]] = {
+    "none": _attend_unguarded,
+    "keys": _attend_bad_keys,
+    "poison": _attend,
+}
