@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from patternc.checks import check_patterns
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
-from patternc.ir import AttentionCall, KeyGroup, ResolvedRule
+from patternc.ir import AttentionCall, KeyGroup, Keys, ResolvedRule
 from patternc.lower.bind import Bound, bind
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout, Sizes, build_layout, normalize_sizes
@@ -295,11 +295,14 @@ def layout_key(plan: Plan, sizes: Sizes) -> tuple[Plan, tuple[tuple[str, int | N
 
 
 def layout_weight(layout: Layout) -> int:
-    """A layout's approximate bytes: its records grow with its groups, calls
-    and segments (a few hundred bytes each), so the cache bounds memory as
-    well as entries. Its tables are counted apart (``layout.tables.nbytes``)."""
+    """A layout's approximate bytes: its records grow with its groups, calls,
+    segments and slices of key runs (a few hundred bytes each), so the cache
+    bounds memory as well as entries. Its tables are counted apart
+    (``layout.tables.nbytes``); its group pairs are read from the calls on
+    demand (:class:`~patternc.lower.layout.GroupPairs`), not held."""
     segments = sum(len(c.queries) + len(c.keys) for c in layout.calls)
-    return 256 * (len(layout.slots) + len(layout.calls) + segments + len(layout.pairs)) + 4096
+    slices = sum(len(Keys.of(c.attention.keys).parts) for c in layout.calls)
+    return 256 * (len(layout.slots) + len(layout.calls) + segments + slices) + 4096
 
 
 LayoutKey = tuple[Plan, tuple[tuple[str, int | None], ...]]
