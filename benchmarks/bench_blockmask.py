@@ -15,9 +15,13 @@ set of sizes (bind, layout, tables, ``BlockMask``; every cache cleared)
 against ``create_block_mask`` with the ``mask_mod`` a user writes (a
 frame-id table, ``kv_frame <= q_frame``), compiled and, where the
 ``[n, n]`` mask fits, eager. Target: linear in the tokens on CPU, 1 ms for
-128k tokens in 256 frames on a GPU.
+128k tokens in 256 frames on a GPU. ``--counts`` sets the numbers of frames;
+``--tokens N`` keeps about ``N`` tokens in every row (frames of
+``(N - 256) // count`` tokens), so the rows differ in the number of members
+only: the host work should grow linearly with it, the block mask not at all.
 
-Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]``
+Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]
+[--counts 256 1024 4096] [--tokens 131072]``
 """
 
 from __future__ import annotations
@@ -205,7 +209,12 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     for method, ms in rows:
         print(f"{name:<34} {n:>7} {method:<48} {ms:>9.3f} {ms / base:>11.2f}")
     runs = tables.groups.runs.shape[1]
-    print(f"{'':<34} {'':>7} {len(layout.pairs)} group pairs in {runs} runs; non-empty blocks agree: {agree}")
+    pairs = sum(len(c.query_tokens) * len(c.attention.keys) for c in layout.calls)
+    segments = sum(len(c.keys) for c in layout.calls)
+    print(
+        f"{'':<34} {'':>7} {pairs} group pairs in {len(layout.calls)} calls, {segments} key segments, "
+        f"{runs} runs; non-empty blocks agree: {agree}"
+    )
 
 
 def breakdown(args: argparse.Namespace) -> None:
@@ -265,6 +274,12 @@ def main() -> None:
     )
     parser.add_argument("--counts", type=int, nargs="+", default=[64, 256], help="frames per --frames row")
     parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="--frames: about this many tokens per row (frames of 511 if unset)",
+    )
+    parser.add_argument(
         "--no-baseline", action="store_true", help="--frames: patternc's rows only (no create_block_mask)"
     )
     args = parser.parse_args()
@@ -276,7 +291,8 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         for count in args.counts:
-            measure_frames(count, args)
+            frame = 511 if args.tokens is None else max(1, (args.tokens - 256) // count)
+            measure_frames(count, args, frame=frame)
         return
     if args.breakdown:
         breakdown(args)
