@@ -51,7 +51,7 @@ __all__ = [
 def merge_calls(groups: Sequence[str], rules: Sequence[ResolvedRule]) -> tuple[AttentionCall, ...]:
     """Rules with the same keys (names and modifiers) merged into one call, in
     order of each call's first rule; query groups in group order."""
-    merged: dict[tuple[Any, ...], set[str]] = {}
+    merged: dict[Sequence[KeyGroup], set[str]] = {}
     for rule in rules:
         merged.setdefault(rule.keys, set()).update(rule.queries)
     index = {g: i for i, g in enumerate(groups)}

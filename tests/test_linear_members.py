@@ -9,6 +9,7 @@ and check every layout record against one built key group by key group.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import random
 import tracemalloc
@@ -198,14 +199,14 @@ def _reference_segments(
         for k in keys
         if slots[k.name].size
     )
-    merged: list[list[object]] = []
+    merged: list[tuple[int, int, str | None, Modifiers]] = []
     for start, stop, mods in inputs:
-        if merged and merged[-1][1] == start and merged[-1][2] == mods:
-            merged[-1][1] = stop
+        if merged and merged[-1][1] == start and merged[-1][3] == mods:
+            merged[-1] = (merged[-1][0], stop, None, mods)
         else:
-            merged.append([start, stop, mods])
+            merged.append((start, stop, None, mods))
     cached = [(0, -1, k.name, k.modifiers) for k in keys if slots[k.name].size is None]
-    return [(int(a), int(b), None, m) for a, b, m in merged] + cached  # type: ignore[call-overload,misc]
+    return merged + cached
 
 
 def _check_layout(layout: Layout) -> None:
@@ -216,7 +217,9 @@ def _check_layout(layout: Layout) -> None:
     for call in layout.calls:
         keys = tuple(call.attention.keys)
         queries = [slots[q] for q in call.query_tokens]
-        assert [(s.start, s.stop, s.cached, s.modifiers) for s in call.keys] == _reference_segments(keys, slots)
+        assert [(s.start, s.stop, s.cached, s.modifiers) for s in call.keys] == _reference_segments(
+            keys, slots
+        )
         assert call.n_keys == sum(slots[k.name].size or 0 for k in keys)
         present = [slots[k.name] for k in keys if slots[k.name].size != 0]
         assert call.single_groups == (sum(1 for q in queries if q.size) == 1 and len(present) == 1)
@@ -226,7 +229,7 @@ def _check_layout(layout: Layout) -> None:
         elif len(inputs) < len(present):
             access = "view" if len(present) == 1 else "gather"
         else:
-            access = "view" if all(a[1] == b[0] for a, b in zip(inputs, inputs[1:])) else "gather"
+            access = "view" if all(a[1] == b[0] for a, b in itertools.pairwise(inputs)) else "gather"
         assert call.key_access == access
         allowed = sum(
             allowed_pairs(q.size or 0, slots[k.name].size or 0, k.modifiers, slots[k.name].offset - q.offset)

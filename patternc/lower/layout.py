@@ -848,14 +848,14 @@ class GroupPairs(Mapping[tuple[int, int], Modifiers]):
     def __getitem__(self, pair: tuple[int, int]) -> Modifiers:
         if self._by_query is None:
             by_query: dict[int, list[int]] = {}
-            for c, call in enumerate(self._calls):
-                for q in call.queries:
-                    by_query.setdefault(self._index[q], []).append(c)
+            for c, attention in enumerate(self._calls):
+                for name in attention.queries:
+                    by_query.setdefault(self._index[name], []).append(c)
             self._by_query = by_query
         q, k = pair
         # a later call's pair wins, as in a dict filled call by call
-        for call in reversed(self._by_query.get(q, ())):
-            mods = self._call_keys(call).get(k)
+        for c in reversed(self._by_query.get(q, [])):
+            mods = self._call_keys(c).get(k)
             if mods is not None:
                 return mods
         raise KeyError(pair)
