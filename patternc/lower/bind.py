@@ -35,7 +35,10 @@ def bind(
     (see :meth:`patternc.Plan.bind`); ``families`` are the family groups.
 
     A rule whose keys carry member relations (``frame*[upto]``, ``self``)
-    becomes one rule per query member, with the key members it reads.
+    becomes one rule per query member, with the key members it reads as
+    slices of one :class:`~patternc.ir.KeyRun` per key (the family's
+    members in ordinal order): ``M`` members bind ``M`` rules of a few
+    slices each, whatever the number of (query, key) pairs.
 
     Raises:
         PatternError: a name that is neither a group nor a family member

@@ -12,7 +12,13 @@ what it derives from the layout (:class:`~patternc.lower.tables.Tables`).
 
 Everything here is linear in the number of groups and calls: a layout of
 10,000 packed documents holds one record per document, never a table of
-every pair of groups.
+every pair of groups. A member relation's keys are slices of one run of
+members (:class:`~patternc.ir.Keys`), read slice by slice: a block-causal
+family of ``M`` frames costs ``M`` calls of O(1) work each, not one step per
+(query, key) group pair. What still goes key group by key group: a slice
+that is not one input range (its members interleave with another family's,
+or one is read from a KV cache) and the allowed-pair count of a slice under
+token modifiers (``frame*[upto, causal]``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "BatchedLaunches",
     "BoundPlan",
     "Call",
+    "GroupPairs",
     "GroupSlot",
     "KeySpace",
     "Layout",
@@ -293,8 +300,10 @@ class Layout:
     """Input-order index of each of ``key_value_groups``."""
     pairs: Mapping[tuple[int, int], Modifiers]
     """``{(q, k): modifiers}`` for every group pair a call allows: group ``q``
-    attends to group ``k`` (indices into ``all_groups``). Only allowed pairs
-    are held, so the record grows with the rules, not with groups squared."""
+    attends to group ``k`` (indices into ``all_groups``). A
+    :class:`GroupPairs` read from the calls on demand: nothing is held per
+    pair, so the record grows with the calls, not with the ``M(M+1)/2``
+    pairs of a block-causal family (a lookup reads the query's call only)."""
     has_modifiers: bool
     query_pieces: tuple[tuple[int, ...], PieceRanges]
     """Split sizes along the tokens at every query-segment boundary, and each
@@ -483,8 +492,7 @@ def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None
 
 
 def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
-    # size None: cached, present; size 0: absent (one test per group: a
-    # block-causal call has one key group per member before it)
+    # size None: cached, present; size 0: absent
     present = [slot for slot in map(slots.__getitem__, names) if slot.size != 0]
     if not present:
         return "empty"
@@ -509,8 +517,15 @@ def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, Group
             cached.append(Segment(0, -1, name, mods))  # length known at run time
         elif slot.size:
             inputs.append((slot.offset, slot.offset + slot.size, mods))
-    # merged as plain tuples, one Segment per run: a call of a block-causal
-    # family reads one group per member before it, mostly in one run
+    return _merged_segments(inputs, cached)
+
+
+def _merged_segments(
+    inputs: list[tuple[int, int, Modifiers]], cached: Sequence[Segment]
+) -> tuple[Segment, ...]:
+    """Input ranges ``(start, stop, modifiers)`` sorted, adjacent ones of
+    equal modifiers merged (as plain tuples, one Segment per run), then
+    ``cached``."""
     inputs.sort(key=lambda s: s[0])
     merged: list[list[Any]] = []
     for start, stop, mods in inputs:
@@ -784,18 +799,9 @@ class _KeySide:
                     self.cached.append(Segment(0, -1, key.name, key.modifiers))  # length known at run time
                 elif slot.size:
                     inputs.append((slot.offset, slot.offset + slot.size, key.modifiers))
-        inputs.sort(key=lambda s: s[0])
-        self.inputs = inputs
-
-    def segments(self) -> tuple[Segment, ...]:
+        self.segments = _merged_segments(inputs, self.cached)
         """Input runs (adjacent ranges of equal modifiers merged), then cached groups."""
-        merged: list[list[Any]] = []
-        for start, stop, mods in self.inputs:
-            if merged and merged[-1][1] == start and (merged[-1][2] is mods or merged[-1][2] == mods):
-                merged[-1][1] = stop
-            else:
-                merged.append([start, stop, mods])
-        return (*(Segment(a, b, None, m) for a, b, m in merged), *self.cached)
+        self.inputs = inputs  # sorted by _merged_segments
 
     def access(self) -> Access:
         if not self.present:
@@ -926,7 +932,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
                 attention=attention,
                 query_tokens=queries,
                 queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
-                keys=keys.segments(),
+                keys=keys.segments,
                 n_queries=n_queries,
                 n_keys=keys.n_keys,
                 query_access=_access(queries, slots),
