@@ -10,7 +10,7 @@ out at concrete sizes (:mod:`patternc.lower.layout`) each call becomes one
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -121,6 +121,18 @@ class Keys(Sequence[KeyGroup]):
             return keys
         groups = tuple(keys)
         return cls([(KeyRun(groups), 0, len(groups))])
+
+    def mapped(self, change: Callable[[KeyGroup], KeyGroup], done: dict[int, KeyRun]) -> Keys:
+        """These keys with ``change`` applied to each group, cut as they are:
+        each run is changed once, and kept in ``done`` (by the id of the
+        run) for the other rules that read slices of it."""
+        parts = []
+        for run, lo, hi in self.parts:
+            changed = done.get(id(run))
+            if changed is None:
+                changed = done[id(run)] = KeyRun(tuple(map(change, run.groups)))
+            parts.append((changed, lo, hi))
+        return Keys(parts)
 
     def __len__(self) -> int:
         return self._length

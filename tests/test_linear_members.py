@@ -273,3 +273,31 @@ def test_a_cached_member_falls_back_key_by_key_and_stays_exact() -> None:
     assert layout.cached_groups == ("frame1",)
     last = layout.calls[-1]
     assert [s.cached for s in last.keys] == [None, "frame1"] and last.key_access == "gather"
+
+
+def test_rows_and_stack_modifiers_keep_slices_of_one_run() -> None:
+    """Stacking rows (``per_row``) and the stack's ``causal`` rename or
+    tighten each run once: rules still read slices, and equal the groups
+    changed one by one."""
+    from patternc.nn.transformer import with_modifiers
+
+    names = list(_frames(600))
+    stacked = FRAMES.per_row([names, names[:301]])
+    runs = {id(run) for r in stacked.rules for run, _, _ in Keys.of(r.keys).parts}
+    assert len(stacked.rules) == 2 + 600 + 300 and len(runs) <= 6
+    last = stacked.rules[-1]
+    assert last.queries == ("frame299@1",) and tuple(last.keys) == (
+        KeyGroup("prompt@1"),
+        *(KeyGroup(f"frame{i}@1") for i in range(300)),
+    )
+    _check_layout(stacked.layout({**{f"{g}@0": 2 for g in names}, **{f"{g}@1": 1 for g in names[:301]}}))
+
+    causal = Modifiers(causal=True)
+    bound = FRAMES.bind(names[:40])
+    tightened = with_modifiers(bound, causal)
+    for rule, original in zip(tightened.rules, bound.rules):
+        assert tuple(rule.keys) == tuple(KeyGroup(k.name, k.modifiers.tighten(causal)) for k in original.keys)
+    lists = {id(k.modifiers) for r in tightened.rules for k in r.keys}
+    # one tightened list per distinct original list, shared as binding shares those
+    assert len(lists) == len({k.modifiers for r in bound.rules for k in r.keys}) == 2
+    _check_layout(tightened.layout({g: 1 + i % 3 for i, g in enumerate(names[:40])}))
