@@ -21,7 +21,9 @@ frame-id table, ``kv_frame <= q_frame``), compiled and, where the
 only: the host work should grow linearly with it, the block mask not at all.
 
 Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]
-[--counts 256 1024 4096] [--tokens 131072]``
+[--counts 256 1024 4096] [--tokens 131072] [--host-cost]``; ``--host-cost``
+prints binding's and layout's CPU time, Python calls and traced memory
+instead, which the load of a shared machine does not move.
 """
 
 from __future__ import annotations
@@ -217,6 +219,58 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     )
 
 
+def host_cost(count: int, tokens: int, prompt: int = 256) -> None:
+    """One row of the ``--host-cost`` table: what binding and layout cost
+    for ``count`` block-causal frames in about ``tokens`` tokens, by
+    measures that the load of a shared machine does not move: CPU time
+    (``time.process_time``, minimum of 5), Python function calls (cProfile)
+    and peak traced memory (tracemalloc), and the tables' Python calls."""
+    import cProfile
+    import pstats
+    import tracemalloc
+
+    from patternc.plan import BINDINGS, LAYOUTS
+
+    plan = patternc.compile(FRAMES).patterns["default"]
+    frame = max(1, (tokens - prompt) // count)
+    sizes = {"prompt": prompt, **{f"frame{i}": frame for i in range(count)}}
+    names = list(sizes)
+    bind_s, layout_s = [], []
+    for _ in range(5):
+        LAYOUTS.clear()
+        BINDINGS.clear()
+        start = time.process_time()
+        plan.bind(names)
+        bound = time.process_time()
+        plan.layout(sizes)
+        bind_s.append(bound - start)
+        layout_s.append(time.process_time() - bound)
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    layout = plan.layout(sizes)
+    profiler.disable()
+    layout_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    FlexTables.build(layout, {}, torch.device("cpu"))
+    profiler.disable()
+    table_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    tracemalloc.start()
+    plan.layout(sizes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    print(
+        f"{count:>6} {frame:>6} {1e3 * min(bind_s):>10.1f} {1e3 * min(layout_s):>10.1f} "
+        f"{layout_calls:>12,} {peak / 2**20:>9.1f} {table_calls:>12,}"
+    )
+
+
 def breakdown(args: argparse.Namespace) -> None:
     """Where the analytic build spends its time (tables vs BlockMask), with a profile."""
     plan, sizes = documents(64)
@@ -280,9 +334,24 @@ def main() -> None:
         help="--frames: about this many tokens per row (frames of 511 if unset)",
     )
     parser.add_argument(
+        "--host-cost",
+        action="store_true",
+        help="bind + layout of --counts frames in --tokens tokens: CPU time, Python calls, traced memory",
+    )
+    parser.add_argument(
         "--no-baseline", action="store_true", help="--frames: patternc's rows only (no create_block_mask)"
     )
     args = parser.parse_args()
+    if args.host_cost:
+        tokens = args.tokens or 131072
+        print(f"bind and layout of block-causal frames in ~{tokens} tokens (CPU ms: minimum of 5)")
+        print(
+            f"{'frames':>6} {'frame':>6} {'bind ms':>10} {'layout ms':>10} "
+            f"{'Python calls':>12} {'peak MiB':>9} {'table calls':>12}"
+        )
+        for count in args.counts:
+            host_cost(count, tokens)
+        return
     if args.frames:
         print(
             f"block-causal video masks on {args.device}, torch {torch.__version__}, median of {args.repeat}"
