@@ -15,9 +15,15 @@ set of sizes (bind, layout, tables, ``BlockMask``; every cache cleared)
 against ``create_block_mask`` with the ``mask_mod`` a user writes (a
 frame-id table, ``kv_frame <= q_frame``), compiled and, where the
 ``[n, n]`` mask fits, eager. Target: linear in the tokens on CPU, 1 ms for
-128k tokens in 256 frames on a GPU.
+128k tokens in 256 frames on a GPU. ``--counts`` sets the numbers of frames;
+``--tokens N`` keeps about ``N`` tokens in every row (frames of
+``(N - 256) // count`` tokens), so the rows differ in the number of members
+only: the host work should grow linearly with it, the block mask not at all.
 
-Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]``
+Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]
+[--counts 256 1024 4096] [--tokens 131072] [--host-cost]``; ``--host-cost``
+prints binding's and layout's CPU time, Python calls and traced memory
+instead, which the load of a shared machine does not move.
 """
 
 from __future__ import annotations
@@ -205,7 +211,64 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     for method, ms in rows:
         print(f"{name:<34} {n:>7} {method:<48} {ms:>9.3f} {ms / base:>11.2f}")
     runs = tables.groups.runs.shape[1]
-    print(f"{'':<34} {'':>7} {len(layout.pairs)} group pairs in {runs} runs; non-empty blocks agree: {agree}")
+    pairs = sum(len(c.query_tokens) * len(c.attention.keys) for c in layout.calls)
+    segments = sum(len(c.keys) for c in layout.calls)
+    print(
+        f"{'':<34} {'':>7} {pairs} group pairs in {len(layout.calls)} calls, {segments} key segments, "
+        f"{runs} runs; non-empty blocks agree: {agree}"
+    )
+
+
+def host_cost(count: int, tokens: int, prompt: int = 256) -> None:
+    """One row of the ``--host-cost`` table: what binding and layout cost
+    for ``count`` block-causal frames in about ``tokens`` tokens, by
+    measures that the load of a shared machine does not move: CPU time
+    (``time.process_time``, minimum of 5), Python function calls (cProfile)
+    and peak traced memory (tracemalloc), and the tables' Python calls."""
+    import cProfile
+    import pstats
+    import tracemalloc
+
+    from patternc.plan import BINDINGS, LAYOUTS
+
+    plan = patternc.compile(FRAMES).patterns["default"]
+    frame = max(1, (tokens - prompt) // count)
+    sizes = {"prompt": prompt, **{f"frame{i}": frame for i in range(count)}}
+    names = list(sizes)
+    bind_s, layout_s = [], []
+    for _ in range(5):
+        LAYOUTS.clear()
+        BINDINGS.clear()
+        start = time.process_time()
+        plan.bind(names)
+        bound = time.process_time()
+        plan.layout(sizes)
+        bind_s.append(bound - start)
+        layout_s.append(time.process_time() - bound)
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    layout = plan.layout(sizes)
+    profiler.disable()
+    layout_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    FlexTables.build(layout, {}, torch.device("cpu"))
+    profiler.disable()
+    table_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    tracemalloc.start()
+    plan.layout(sizes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    LAYOUTS.clear()
+    BINDINGS.clear()
+    print(
+        f"{count:>6} {frame:>6} {1e3 * min(bind_s):>10.1f} {1e3 * min(layout_s):>10.1f} "
+        f"{layout_calls:>12,} {peak / 2**20:>9.1f} {table_calls:>12,}"
+    )
 
 
 def breakdown(args: argparse.Namespace) -> None:
@@ -265,9 +328,30 @@ def main() -> None:
     )
     parser.add_argument("--counts", type=int, nargs="+", default=[64, 256], help="frames per --frames row")
     parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="--frames: about this many tokens per row (frames of 511 if unset)",
+    )
+    parser.add_argument(
+        "--host-cost",
+        action="store_true",
+        help="bind + layout of --counts frames in --tokens tokens: CPU time, Python calls, traced memory",
+    )
+    parser.add_argument(
         "--no-baseline", action="store_true", help="--frames: patternc's rows only (no create_block_mask)"
     )
     args = parser.parse_args()
+    if args.host_cost:
+        tokens = args.tokens or 131072
+        print(f"bind and layout of block-causal frames in ~{tokens} tokens (CPU ms: minimum of 5)")
+        print(
+            f"{'frames':>6} {'frame':>6} {'bind ms':>10} {'layout ms':>10} "
+            f"{'Python calls':>12} {'peak MiB':>9} {'table calls':>12}"
+        )
+        for count in args.counts:
+            host_cost(count, tokens)
+        return
     if args.frames:
         print(
             f"block-causal video masks on {args.device}, torch {torch.__version__}, median of {args.repeat}"
@@ -276,7 +360,8 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         for count in args.counts:
-            measure_frames(count, args)
+            frame = 511 if args.tokens is None else max(1, (args.tokens - 256) // count)
+            measure_frames(count, args, frame=frame)
         return
     if args.breakdown:
         breakdown(args)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from patternc.checks import check_patterns
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
-from patternc.ir import AttentionCall, KeyGroup, ResolvedRule
+from patternc.ir import AttentionCall, KeyGroup, Keys, ResolvedRule
 from patternc.lower.bind import Bound, bind
 from patternc.lower.cache import BoundedCache
 from patternc.lower.layout import Layout, ShardSizes, Sizes, build_layout, normalize_sizes
@@ -51,7 +51,7 @@ __all__ = [
 def merge_calls(groups: Sequence[str], rules: Sequence[ResolvedRule]) -> tuple[AttentionCall, ...]:
     """Rules with the same keys (names and modifiers) merged into one call, in
     order of each call's first rule; query groups in group order."""
-    merged: dict[tuple[Any, ...], set[str]] = {}
+    merged: dict[Sequence[KeyGroup], set[str]] = {}
     for rule in rules:
         merged.setdefault(rule.keys, set()).update(rule.queries)
     index = {g: i for i, g in enumerate(groups)}
@@ -301,11 +301,14 @@ def layout_key(plan: Plan, sizes: Sizes) -> tuple[Plan, tuple[tuple[str, int | N
 
 
 def layout_weight(layout: Layout) -> int:
-    """A layout's approximate bytes: its records grow with its groups, calls
-    and segments (a few hundred bytes each), so the cache bounds memory as
-    well as entries. Its tables are counted apart (``layout.tables.nbytes``)."""
+    """A layout's approximate bytes: its records grow with its groups, calls,
+    segments and slices of key runs (a few hundred bytes each), so the cache
+    bounds memory as well as entries. Its tables are counted apart
+    (``layout.tables.nbytes``); its group pairs are read from the calls on
+    demand (:class:`~patternc.lower.layout.GroupPairs`), not held."""
     segments = sum(len(c.queries) + len(c.keys) for c in layout.calls)
-    return 256 * (len(layout.slots) + len(layout.calls) + segments + len(layout.pairs)) + 4096
+    slices = sum(len(Keys.of(c.attention.keys).parts) for c in layout.calls)
+    return 256 * (len(layout.slots) + len(layout.calls) + segments + slices) + 4096
 
 
 LayoutKey = tuple[Plan, tuple[tuple[str, int | None], ...]]

@@ -12,19 +12,25 @@ what it derives from the layout (:class:`~patternc.lower.tables.Tables`).
 
 Everything here is linear in the number of groups and calls: a layout of
 10,000 packed documents holds one record per document, never a table of
-every pair of groups.
+every pair of groups. A member relation's keys are slices of one run of
+members (:class:`~patternc.ir.Keys`), read slice by slice: a block-causal
+family of ``M`` frames costs ``M`` calls of O(1) work each, not one step per
+(query, key) group pair. What still goes key group by key group: a slice
+that is not one input range (its members interleave with another family's,
+or one is read from a KV cache) and the allowed-pair count of a slice under
+token modifiers (``frame*[upto, causal]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Union
 
 from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
-from patternc.ir import AttentionCall
+from patternc.ir import AttentionCall, KeyGroup, KeyRun, Keys
 from patternc.lower.tables import Tables
 from patternc.modifiers import NO_MODIFIERS, UNBOUNDED, Band, Modifiers, allowed_pairs, band_allows, pair_band
 from patternc.schemas import TokenSpec
@@ -34,6 +40,7 @@ __all__ = [
     "BatchedLaunches",
     "BoundPlan",
     "Call",
+    "GroupPairs",
     "GroupSlot",
     "KeySpace",
     "Layout",
@@ -301,8 +308,10 @@ class Layout:
     """Input-order index of each of ``key_value_groups``."""
     pairs: Mapping[tuple[int, int], Modifiers]
     """``{(q, k): modifiers}`` for every group pair a call allows: group ``q``
-    attends to group ``k`` (indices into ``all_groups``). Only allowed pairs
-    are held, so the record grows with the rules, not with groups squared."""
+    attends to group ``k`` (indices into ``all_groups``). A
+    :class:`GroupPairs` read from the calls on demand: nothing is held per
+    pair, so the record grows with the calls, not with the ``M(M+1)/2``
+    pairs of a block-causal family (a lookup reads the query's call only)."""
     has_modifiers: bool
     query_pieces: tuple[tuple[int, ...], PieceRanges]
     """Split sizes along the tokens at every query-segment boundary, and each
@@ -495,8 +504,7 @@ def normalize_sizes(groups: Sequence[str], sizes: Sizes) -> dict[str, int | None
 
 
 def _access(names: Sequence[str], slots: Mapping[str, GroupSlot]) -> Access:
-    # size None: cached, present; size 0: absent (one test per group: a
-    # block-causal call has one key group per member before it)
+    # size None: cached, present; size 0: absent
     present = [slot for slot in map(slots.__getitem__, names) if slot.size != 0]
     if not present:
         return "empty"
@@ -521,8 +529,15 @@ def _segments(groups: Sequence[tuple[str, Modifiers]], slots: Mapping[str, Group
             cached.append(Segment(0, -1, name, mods))  # length known at run time
         elif slot.size:
             inputs.append((slot.offset, slot.offset + slot.size, mods))
-    # merged as plain tuples, one Segment per run: a call of a block-causal
-    # family reads one group per member before it, mostly in one run
+    return _merged_segments(inputs, cached)
+
+
+def _merged_segments(
+    inputs: list[tuple[int, int, Modifiers]], cached: Sequence[Segment]
+) -> tuple[Segment, ...]:
+    """Input ranges ``(start, stop, modifiers)`` sorted, adjacent ones of
+    equal modifiers merged (as plain tuples, one Segment per run), then
+    ``cached``."""
     inputs.sort(key=lambda s: s[0])
     merged: list[list[Any]] = []
     for start, stop, mods in inputs:
@@ -703,19 +718,201 @@ def _refuse_across_the_cache(plan: BoundPlan, slots: Mapping[str, GroupSlot]) ->
     """``across`` counts positions in the input; a group read from a KV cache
     has no place there, so a pair under ``across`` with one is refused."""
     for attention in plan.calls:
-        for key in attention.keys:
-            if key.modifiers.across and slots[key.name].cached:
-                raise PatternError(
-                    [
-                        Diagnostic(
-                            Code.BAD_SIZE,
-                            f"`{key.name}` is read from a KV cache (size None) under {key.modifiers.text()}, "
-                            "whose positions count in the input",
-                            where="sizes",
-                            hint=f"give `{key.name}` a size (its tokens in the input), or drop `across`",
-                        )
-                    ]
-                )
+        for run, lo, hi in Keys.of(attention.keys).parts:
+            shared = run.slice_modifiers(lo, hi)
+            if shared is not None and not shared.across:
+                continue  # one test per slice of a run: no key of it is under `across`
+            for key in run.groups[lo:hi]:
+                if key.modifiers.across and slots[key.name].cached:
+                    raise PatternError(
+                        [
+                            Diagnostic(
+                                Code.BAD_SIZE,
+                                f"`{key.name}` is read from a KV cache (size None) under "
+                                f"{key.modifiers.text()}, whose positions count in the input",
+                                where="sizes",
+                                hint=f"give `{key.name}` a size (its tokens in the input), or drop `across`",
+                            )
+                        ]
+                    )
+
+
+@dataclass(frozen=True, slots=True)
+class _RunPlace:
+    """Where a :class:`~patternc.ir.KeyRun`'s groups sit at these sizes, as
+    prefix sums over the run: a slice's tokens, present groups and cached
+    groups are two lookups each, and the slice is one input range when its
+    groups lie end to end (``joined``). Built once per run, so the calls of
+    a block-causal family cost O(1) each, not one step per key group."""
+
+    starts: list[int]
+    """Each group's offset (-1: cached)."""
+    tokens: list[int]
+    """Input tokens of the groups before index ``i`` (cached groups count 0)."""
+    present: list[int]
+    """Groups before index ``i`` that a call reads something from: non-empty or cached."""
+    cached: list[int]
+    """Cached groups before index ``i``."""
+    joined: list[int]
+    """The first index ``j`` such that groups ``j..i`` lie end to end in the input."""
+
+    @classmethod
+    def of(cls, run: KeyRun, slots: Mapping[str, GroupSlot]) -> _RunPlace:
+        starts, tokens, present, cached, joined = [], [0], [0], [0], []
+        end = None
+        for i, key in enumerate(run.groups):
+            slot = slots[key.name]
+            starts.append(slot.offset)
+            tokens.append(tokens[-1] + (slot.size or 0))
+            present.append(present[-1] + (slot.size != 0))
+            cached.append(cached[-1] + slot.cached)
+            joined.append(joined[-1] if end is not None and slot.offset == end else i)
+            end = None if slot.size is None else slot.offset + slot.size
+        return cls(starts, tokens, present, cached, joined)
+
+    def one_range(self, lo: int, hi: int) -> bool:
+        """Whether groups ``lo..hi-1`` (none cached) lie end to end in the input."""
+        return self.cached[hi] == self.cached[lo] and self.joined[hi - 1] <= lo
+
+
+class _KeySide:
+    """A call's keys at these sizes, read slice by slice of their runs (see
+    :class:`_RunPlace`); key group by key group only where a slice is not
+    one input range with one modifier list."""
+
+    def __init__(
+        self, keys: Keys, slots: Mapping[str, GroupSlot], places: dict[int, tuple[KeyRun, _RunPlace]]
+    ) -> None:
+        inputs: list[tuple[int, int, Modifiers]] = []
+        self.cached: list[Segment] = []
+        self.n_keys = 0
+        self.present = 0
+        self.slices: list[tuple[_RunPlace, int, int, Modifiers | None, tuple[KeyGroup, ...]]] = []
+        for run, lo, hi in keys.parts:
+            held = places.get(id(run))
+            if held is None:
+                held = places[id(run)] = (run, _RunPlace.of(run, slots))
+            place = held[1]
+            self.n_keys += place.tokens[hi] - place.tokens[lo]
+            self.present += place.present[hi] - place.present[lo]
+            mods = run.slice_modifiers(lo, hi)
+            if mods is not None and place.one_range(lo, hi):
+                start = place.starts[lo]
+                stop = start + place.tokens[hi] - place.tokens[lo]
+                if stop > start:
+                    inputs.append((start, stop, mods))
+                self.slices.append((place, lo, hi, mods, ()))
+                continue
+            groups = run.groups[lo:hi]
+            self.slices.append((place, lo, hi, mods, groups))
+            for key in groups:
+                slot = slots[key.name]
+                if slot.size is None:
+                    self.cached.append(Segment(0, -1, key.name, key.modifiers))  # length known at run time
+                elif slot.size:
+                    inputs.append((slot.offset, slot.offset + slot.size, key.modifiers))
+        self.segments = _merged_segments(inputs, self.cached)
+        """Input runs (adjacent ranges of equal modifiers merged), then cached groups."""
+        self.inputs = inputs  # sorted by _merged_segments
+
+    def access(self) -> Access:
+        if not self.present:
+            return "empty"
+        if self.cached:
+            return "view" if self.present == 1 else "gather"
+        end = self.inputs[0][0]
+        for start, stop, _ in self.inputs:
+            if start != end:
+                return "gather"
+            end = stop
+        return "view"
+
+    def allowed(self, queries: Sequence[GroupSlot]) -> int:
+        """Allowed (query, key) input pairs of ``queries`` with these keys."""
+        total = 0
+        for place, lo, hi, mods, groups in self.slices:
+            tokens = place.tokens[hi] - place.tokens[lo]
+            if mods is not None and not mods:  # every query reads every key of the slice
+                total += sum(q.size or 0 for q in queries) * tokens
+                continue
+            for q in queries:
+                for i in range(lo, hi):
+                    size = place.tokens[i + 1] - place.tokens[i]
+                    modifiers = mods if mods is not None else groups[i - lo].modifiers
+                    total += allowed_pairs(q.size or 0, size, modifiers, place.starts[i] - q.offset)
+        return total
+
+
+class GroupPairs(Mapping[tuple[int, int], Modifiers]):
+    """``{(q, k): modifiers}`` for every group pair a call allows, read from
+    the calls on demand: a block-causal family of ``M`` members has
+    ``M(M+1)/2`` pairs, which a layout does not build unless something asks
+    for all of them (iterating does; a lookup reads the query's call only)."""
+
+    def __init__(self, calls: Sequence[AttentionCall], index: Mapping[str, int]) -> None:
+        self._calls = calls
+        self._index = index
+        self._by_query: dict[int, list[int]] | None = None
+        self._keys: dict[int, dict[int, Modifiers]] = {}
+        self._length: int | None = None
+
+    def _call_keys(self, call: int) -> dict[int, Modifiers]:
+        found = self._keys.get(call)
+        if found is None:
+            index = self._index
+            found = self._keys[call] = {index[k.name]: k.modifiers for k in self._calls[call].keys}
+        return found
+
+    def __getitem__(self, pair: tuple[int, int]) -> Modifiers:
+        if self._by_query is None:
+            by_query: dict[int, list[int]] = {}
+            for c, attention in enumerate(self._calls):
+                for name in attention.queries:
+                    by_query.setdefault(self._index[name], []).append(c)
+            self._by_query = by_query
+        q, k = pair
+        # a later call's pair wins, as in a dict filled call by call
+        for c in reversed(self._by_query.get(q, [])):
+            mods = self._call_keys(c).get(k)
+            if mods is not None:
+                return mods
+        raise KeyError(pair)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seen: set[tuple[int, int]] = set()
+        for c, call in enumerate(self._calls):
+            keys = self._call_keys(c)
+            for name in call.queries:
+                q = self._index[name]
+                for k in keys:
+                    if (q, k) not in seen:
+                        seen.add((q, k))
+                        yield q, k
+
+    def __len__(self) -> int:
+        if self._length is None:
+            self._length = sum(1 for _ in self)
+        return self._length
+
+
+def _read_as_keys(calls: Sequence[AttentionCall], places: Mapping[int, tuple[KeyRun, _RunPlace]]) -> set[str]:
+    """The groups some call reads as keys: per run, the union of its slices
+    (one sweep over each run, not one step per key of every call)."""
+    covered: dict[int, list[int]] = {}
+    for attention in calls:
+        for run, lo, hi in Keys.of(attention.keys).parts:
+            steps = covered.setdefault(id(run), [0] * (len(run) + 1))
+            steps[lo] += 1
+            steps[hi] -= 1
+    names = set()
+    for run_id, steps in covered.items():
+        run = places[run_id][0]
+        depth = 0
+        for key, step in zip(run.groups, steps):
+            depth += step
+            if depth:
+                names.add(key.name)
+    return names
 
 
 def _off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> tuple[Diagnostic, ...]:
@@ -759,38 +956,31 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     _refuse_across_the_cache(plan, slots)
     off_shape = _off_shape(plan, slots)
     calls = []
+    places: dict[int, tuple[KeyRun, _RunPlace]] = {}
+    key_sides = []
     for i, attention in enumerate(plan.calls):
         queries = tuple(q for q in attention.queries if not slots[q].cached)
-        key_names = attention.key_names
-        present_keys = [k for k in attention.keys if slots[k.name].size or slots[k.name].cached]
-        n_queries = sum(slots[q].size or 0 for q in queries)
-        n_keys = sum(slots[k].size or 0 for k in key_names)
+        query_slots = [slots[q] for q in queries]
+        keys = _KeySide(Keys.of(attention.keys), slots, places)
+        key_sides.append(keys)
+        n_queries = sum(s.size or 0 for s in query_slots)
         if attention.has_modifiers:
-            allowed = sum(
-                allowed_pairs(
-                    slots[q].size or 0,
-                    slots[k.name].size or 0,
-                    k.modifiers,
-                    slots[k.name].offset - slots[q].offset,
-                )
-                for q in queries
-                for k in attention.keys
-            )
+            allowed = keys.allowed(query_slots)
         else:  # every query reads every input key
-            allowed = n_queries * n_keys
+            allowed = n_queries * keys.n_keys
         calls.append(
             Call(
                 index=i,
                 attention=attention,
                 query_tokens=queries,
                 queries=_segments([(q, NO_MODIFIERS) for q in queries], slots),
-                keys=_segments([(k.name, k.modifiers) for k in attention.keys], slots),
+                keys=keys.segments,
                 n_queries=n_queries,
-                n_keys=n_keys,
+                n_keys=keys.n_keys,
                 query_access=_access(queries, slots),
-                key_access=_access(key_names, slots),
+                key_access=keys.access(),
                 allowed_entries=allowed,
-                single_groups=sum(1 for g in queries if slots[g].size) == 1 and len(present_keys) == 1,
+                single_groups=sum(1 for s in query_slots if s.size) == 1 and keys.present == 1,
             )
         )
     by_shape: dict[tuple[object, ...], list[int]] = {}
@@ -801,13 +991,8 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
     pieces = sorted((seg.start, c.index, p) for c in calls for p, seg in enumerate(c.queries))
     inputs = [s for s in slots.values() if not s.cached]
     index = {g: i for i, g in enumerate(plan.groups)}
-    pairs: dict[tuple[int, int], Modifiers] = {}
-    for attention in plan.calls:
-        for q in attention.queries:
-            for k in attention.keys:
-                pairs[index[q], index[k.name]] = k.modifiers
-    used_as_keys = {k.name for a in plan.calls for k in a.keys}
-    read_from_cache = {k for c in calls if c.n_queries for k in c.key_value_tokens if slots[k].cached}
+    used_as_keys = _read_as_keys(plan.calls, places)
+    read_from_cache = {s.cached for c, side in zip(calls, key_sides) if c.n_queries for s in side.cached}
     cached = tuple(g for g in plan.groups if g in read_from_cache)
     key_value_groups = tuple(s.name for s in inputs if s.name in used_as_keys)
     input_names = [s.name for s in inputs]
@@ -833,7 +1018,7 @@ def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:
         cached_groups=cached,
         key_value_groups=key_value_groups,
         key_value_indices=tuple(input_index[g] for g in key_value_groups),
-        pairs=pairs,
+        pairs=GroupPairs(plan.calls, index),
         has_modifiers=any(a.has_modifiers for a in plan.calls),
         query_pieces=query_pieces,
         key_pieces=key_pieces,

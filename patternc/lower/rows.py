@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from patternc.diagnostics import Code, Diagnostic
-from patternc.ir import KeyGroup, ResolvedRule
+from patternc.ir import KeyGroup, KeyRun, Keys, ResolvedRule
 from patternc.lower.bind import Bound
 
 __all__ = ["ROW_MARK", "check_row", "in_row", "row_name", "stack_rows"]
@@ -42,9 +42,16 @@ def stack_rows(rows: Sequence[Bound]) -> Bound:
     for row, bound in enumerate(rows):
         groups.extend(row_name(g, row) for g in bound.groups)
         types.extend(bound.group_types)
+        # each run of keys renamed once per row: a block-causal row's rules
+        # read slices of one run, which stay slices
+        renamed: dict[int, KeyRun] = {}
+
+        def rename(key: KeyGroup, row: int = row) -> KeyGroup:
+            return KeyGroup(row_name(key.name, row), key.modifiers)
+
         for rule in bound.rules:
             queries = tuple(row_name(q, row) for q in rule.queries)
-            keys = tuple(KeyGroup(row_name(k.name, row), k.modifiers) for k in rule.keys)
+            keys = Keys.of(rule.keys).mapped(rename, renamed)
             rules.append(dataclasses.replace(rule, queries=queries, keys=keys))
     return Bound(tuple(groups), tuple(rules), tuple(types))
 

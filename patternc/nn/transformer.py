@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from patternc.compiler import compile as compile_program
 from patternc.configs import LinearProjectionConfig, UntiedLinearConfig, UntiedMixedAttentionConfig
-from patternc.ir import KeyGroup, ResolvedRule
+from patternc.ir import KeyGroup, KeyRun, Keys, ResolvedRule
 from patternc.lower.layout import Layout
 from patternc.modifiers import Modifiers
 from patternc.nn.attention import (
@@ -91,13 +91,19 @@ def with_modifiers(plan: Plan, extra: Modifiers) -> Plan:
     if not extra:
         return plan
 
+    lists: dict[Modifiers, Modifiers] = {}  # one tightened list per distinct list, shared as in binding
+
+    def tightened(key: KeyGroup) -> KeyGroup:
+        mods = lists.get(key.modifiers)
+        if mods is None:
+            mods = lists[key.modifiers] = key.modifiers.tighten(extra)
+        return KeyGroup(key.name, mods)
+
+    done: dict[int, KeyRun] = {}  # each run of keys once: bound families' rules share them
     rules = tuple(
-        ResolvedRule(
-            r.queries, tuple(KeyGroup(k.name, k.modifiers.tighten(extra)) for k in r.keys), r.span, r.text,
-            r.where, r.to_self,
-        )
+        ResolvedRule(r.queries, Keys.of(r.keys).mapped(tightened, done), r.span, r.text, r.where, r.to_self)
         for r in plan.rules
-    )  # fmt: skip
+    )
     return Plan(plan.name, plan.groups, rules, plan.group_types)
 
 
