@@ -93,7 +93,8 @@ class ContextParallel:
     ``"auto"`` (FlexAttention on CUDA, the chunked reference on CPU),
     ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
     the gradients from the reference) or ``"reference"``.
-    ``mode``: per layout, ``"ring"`` runs the schedule above, ``"heads"``
+    ``mode``: per layout, ``"ring"`` runs the schedule above (each call by
+    gather, ring or halo, whichever moves least), ``"heads"``
     the head-parallel mode (all-to-alls around the module's executor on every
     token for ``heads / ranks`` heads; see :mod:`~patternc.distributed.heads`),
     ``"auto"`` whichever moves fewer bytes (:meth:`mode_for` says which and
