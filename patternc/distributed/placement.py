@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from patternc.ir import AttentionCall
 from patternc.lower.layout import ShardSizes
-from patternc.modifiers import Modifiers, allowed_pairs, pair_band
+from patternc.modifiers import Band, Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
 
 __all__ = [
@@ -86,16 +86,47 @@ class Placement:
     groups: tuple[GroupShards, ...]
     digest: str = field(init=False)
     """Short hash of the whole placement: ranks compare it before they communicate."""
+    _by_name: dict[str, GroupShards] = field(init=False, repr=False)
+    _owners: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = field(init=False, repr=False)
+    _held: dict[tuple[str, ...], tuple[int, ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         text = repr((self.world_size, [(g.name, g.size, g.kind, g.ranges) for g in self.groups]))
         object.__setattr__(self, "digest", hashlib.sha1(text.encode()).hexdigest()[:12])
+        object.__setattr__(self, "_by_name", {g.name: g for g in self.groups})
+        object.__setattr__(self, "_owners", {})
+        object.__setattr__(self, "_held", {})
 
     def group(self, name: str) -> GroupShards:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return self._by_name[name]
+
+    def holding(self, name: str, start: int, stop: int) -> Iterator[tuple[int, Range]]:
+        """The ranks holding positions ``[start, stop)`` of group ``name``:
+        ``(rank, (a, b))`` for each of their ranges' overlap with it, in
+        position order. Every position is on one rank, so the ranges of all
+        ranks, sorted by start, are sorted by stop too: a bisect finds the
+        first, and the cost is that of the ranges found, not of the ranks."""
+        index = self._owners.get(name)
+        if index is None:
+            spans = sorted((a, b, r) for r, ranges in enumerate(self.group(name).ranges) for a, b in ranges)
+            index = self._owners[name] = ([b for _, b, _ in spans], spans)
+        stops, spans = index
+        for i in range(bisect.bisect_right(stops, start), len(spans)):
+            a, b, rank = spans[i]
+            if a >= stop:
+                break
+            yield rank, (max(a, start), min(b, stop))
+
+    def held_tokens(self, names: Sequence[str]) -> tuple[int, ...]:
+        """Tokens of the groups ``names`` on each rank (cached groups hold none)."""
+        key = tuple(names)
+        held = self._held.get(key)
+        if held is None:
+            shards = [self.group(n) for n in key]
+            held = self._held[key] = tuple(
+                sum(g.local_size(r) for g in shards) for r in range(self.world_size)
+            )
+        return held
 
     @property
     def sizes(self) -> dict[str, int | None]:
@@ -570,6 +601,33 @@ class ShardedSchedule:
         return _needed(self.placement, [call.attention], rank)
 
 
+def _received_by_rank(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall) -> list[int]:
+    """:func:`_call_received` on every rank at once: a ring's blocks summed
+    as a window sliding round the ring (not ``steps`` blocks per rank), a
+    halo's ranks given to :func:`halo_slices` as one set."""
+    world = placement.world_size
+    if call.strategy == "ring":
+        held = placement.held_tokens(call.key_groups)
+        ring = [held[r] for r in call.ranks]
+        size = len(ring)
+        prefix = [0]
+        for tokens in ring + ring:
+            prefix.append(prefix[-1] + tokens)
+        out = [0] * world
+        for at, rank in enumerate(call.ranks):  # ranks at - steps + 1 .. at - 1 along the ring
+            start = at - call.steps + 1 + size
+            out[rank] = prefix[at + size] - prefix[start]
+        return out
+    if call.strategy == "halo":
+        out = [0] * world
+        ranks = frozenset(call.ranks)
+        for rank in call.ranks:
+            slices = halo_slices(call.attention, placement, rank, ranks)
+            out[rank] = sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
+        return out
+    return [_call_received(placement, calls, call, rank) for rank in range(world)]
+
+
 def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall, rank: int) -> int:
     if call.strategy == "local":
         return 0
@@ -578,8 +636,8 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
         if rank not in call.ranks:
             return 0
         at, size = call.ranks.index(rank), len(call.ranks)
-        sources = [call.ranks[(at - step) % size] for step in range(1, call.steps)]
-        return sum(placement.group(k).local_size(s) for s in sources for k in keys)
+        held = placement.held_tokens(keys)
+        return sum(held[call.ranks[(at - step) % size]] for step in range(1, call.steps))
     if call.strategy == "halo":  # the keys its queries may read, from the ranks holding them
         if rank not in call.ranks:
             return 0
@@ -604,8 +662,12 @@ def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str
 def _key_interval(queries: Range, n_keys: int, mods: Modifiers, shift: int = 0) -> Range:
     """Key positions some query of ``queries`` may see (``[lo, hi)``; under
     ``dilate`` the interval holds the keys seen and the skipped ones between)."""
+    return _band_interval(queries, n_keys, pair_band(mods, shift))
+
+
+def _band_interval(queries: Range, n_keys: int, band: Band) -> Range:
+    """:func:`_key_interval` for the band of a (query group, key group) pair."""
     a, b = queries
-    band = pair_band(mods, shift)
     if band.grid is not None and b > a:  # the box of keys the queries' coordinates reach
         first, last = band.grid.reach(a, b - 1)
         return (first, min(n_keys, last + 1)) if first < min(n_keys, last + 1) else (0, 0)
@@ -668,8 +730,10 @@ def halo_slices(
         sources: The ranks that may send (default: every rank).
 
     Returns:
-        ``{source rank: ((key index, (start, stop)), ...)}``, sources with
-        nothing to send left out.
+        ``{source rank: ((key index, (start, stop)), ...)}``, ascending by
+        source, sources with nothing to send left out. The senders are found
+        by bisect over every rank's ranges (:meth:`Placement.holding`), so
+        the cost follows the pieces found, not the number of ranks.
     """
     offsets = _offsets([g.name for g in placement.groups], placement.sizes)
     wanted: dict[int, list[Range]] = {}
@@ -684,21 +748,18 @@ def halo_slices(
             shift = offsets[key.name] - offsets[q]
             for r in shards.ranges[rank]:
                 wanted.setdefault(i, []).append(_key_interval(r, n_k, key.modifiers, shift))
-    merged = {i: merge_ranges(intervals) for i, intervals in sorted(wanted.items())}
-    out: dict[int, tuple[tuple[int, Range], ...]] = {}
-    for source in range(placement.world_size) if sources is None else sources:
-        if source == rank:
-            continue
-        pieces = []
-        for i, intervals in merged.items():
-            held = placement.group(call.keys[i].name).ranges[source]
-            for a, b in intervals:
-                for c, d in held:
-                    if max(a, c) < min(b, d):
-                        pieces.append((i, (max(a, c), min(b, d))))
-        if pieces:
-            out[source] = tuple(pieces)
-    return out
+    # a set given is used as it is (the schedule asks for every rank of a call)
+    allowed: Set[int] | None = None
+    if sources is not None:
+        allowed = sources if isinstance(sources, (set, frozenset)) else set(sources)
+    found: dict[int, list[tuple[int, Range]]] = {}
+    for i, intervals in sorted(wanted.items()):
+        name = call.keys[i].name
+        for a, b in merge_ranges(intervals):
+            for source, piece in placement.holding(name, a, b):
+                if source != rank and (allowed is None or source in allowed):
+                    found.setdefault(source, []).append((i, piece))
+    return {source: tuple(found[source]) for source in sorted(found)}
 
 
 def halo_offsets(call: AttentionCall, placement: Placement, ranks: Sequence[int]) -> tuple[int, ...]:
@@ -706,9 +767,10 @@ def halo_offsets(call: AttentionCall, placement: Placement, ranks: Sequence[int]
     of ``ranks`` receives keys of a ``halo`` call from the rank ``s`` before
     it in ``ranks``: a halo exchanges at these offsets only, in this order."""
     size, found = len(ranks), set()
+    where = {rank: at for at, rank in enumerate(ranks)}
     for at, rank in enumerate(ranks):
         for source in halo_slices(call, placement, rank, ranks):
-            found.add((at - ranks.index(source)) % size)
+            found.add((at - where[source]) % size)
     return tuple(sorted(found))
 
 
@@ -760,8 +822,24 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
         return False
 
     size, steps = len(ranks), 1
+    where = {rank: at for at, rank in enumerate(ranks)}
+    # a band's interval of keys holds every key block the test above reads,
+    # so the ranks holding that interval are the only candidates (found by
+    # bisect, not by asking every rank); a grid's test may read blocks
+    # between the corners of its box, so there every rank is one
+    gridded = any(band.grid is not None for row in bands for _, band in row)
     for at, rank in enumerate(ranks):
-        for step in range(size - 1, steps - 1, -1):  # the farthest step read, past those already found
+        if gridded:
+            candidates: Iterable[int] = range(steps, size)
+        else:
+            found: set[int] = set()
+            for q, row in zip(queries, bands):
+                for r in placement.group(q).ranges[rank]:
+                    for name, band in row:
+                        lo, hi = _band_interval(r, placement.group(name).size or 0, band)
+                        found.update(where[s] for s, _ in placement.holding(name, lo, hi) if s in where)
+            candidates = {(at - s) % size for s in found}
+        for step in sorted((s for s in candidates if s >= steps), reverse=True):  # the farthest step read
             if reads(rank, ranks[(at - step) % size]):
                 steps = step + 1
                 break
@@ -851,10 +929,7 @@ def schedule(
                 continue
             if gather_first:
                 candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
-            moved = [
-                sum(_call_received(placement, [*out, c], c, rank) for rank in range(world))
-                for c in candidates
-            ]
+            moved = [sum(_received_by_rank(placement, [*out, c], c)) for c in candidates]
             best = moved.index(min(moved))
             order = [best, *(i for i in range(len(candidates)) if i != best)]
             out.append(
@@ -863,7 +938,7 @@ def schedule(
         return out
 
     def total(chosen: list[ShardedCall]) -> int:
-        return sum(_call_received(placement, chosen, c, rank) for c in chosen for rank in range(world))
+        return sum(sum(_received_by_rank(placement, chosen, c)) for c in chosen)
 
     out = choose(gather_first=False)
     if any(len(c.moved) > 1 for c in out):
@@ -881,7 +956,8 @@ def schedule(
             out = gathering
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
-    received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
+    per_call = [_received_by_rank(placement, out, c) for c in out]
+    received = tuple(sum(column) for column in zip(*per_call)) if per_call else (0,) * world
     minimum = tuple(
         _needed(placement, [c.attention for c in out if c.strategy != "local"], rank) for rank in range(world)
     )
