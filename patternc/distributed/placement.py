@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from patternc.ir import AttentionCall
+from patternc.ir import AttentionCall, KeyRun, Keys
 from patternc.lower.layout import ShardSizes
 from patternc.modifiers import Band, Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
@@ -176,8 +176,61 @@ def _zigzag(size: int, world: int) -> tuple[tuple[Range, ...], ...]:
     return tuple(out)
 
 
-def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set[str]) -> list[list[str]]:
-    """Connected sets of input groups (a query and its keys are connected)."""
+class _RunFacts:
+    """What :func:`place` reads of one :class:`~patternc.ir.KeyRun`, built
+    once however many calls read slices of it: its groups' sizes as prefix
+    sums, the indices of its groups with tokens (``live``), where each name
+    sits, and which links between neighbouring live groups are already
+    joined (a pointer past each joined link, so every link is joined once)."""
+
+    __slots__ = ("live", "names", "prefix", "skip", "where")
+
+    def __init__(self, run: KeyRun, sizes: Mapping[str, int | None], live: set[str]) -> None:
+        self.names = [k.name for k in run.groups]
+        self.prefix = [0]
+        for name in self.names:
+            self.prefix.append(self.prefix[-1] + (sizes[name] or 0))
+        self.live = [i for i, name in enumerate(self.names) if name in live]
+        self.where: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            self.where.setdefault(name, []).append(i)
+        self.skip = list(range(len(self.live) + 1))
+
+    def tokens(self, lo: int, hi: int) -> int:
+        """Tokens of the groups ``[lo, hi)`` of the run."""
+        return self.prefix[hi] - self.prefix[lo]
+
+    def unjoined(self, j: int) -> int:
+        """The first link ``>= j`` (live group ``j`` to live group ``j + 1``) not yet joined."""
+        root = j
+        while self.skip[root] != root:
+            root = self.skip[root]
+        while self.skip[j] != root:
+            self.skip[j], j = root, self.skip[j]
+        return root
+
+
+class _Facts:
+    """:class:`_RunFacts` of every run the calls read (by identity)."""
+
+    def __init__(self, sizes: Mapping[str, int | None], live: set[str]) -> None:
+        self.sizes, self.live = sizes, live
+        self._runs: dict[int, _RunFacts] = {}
+
+    def __call__(self, run: KeyRun) -> _RunFacts:
+        facts = self._runs.get(id(run))
+        if facts is None:
+            facts = self._runs[id(run)] = _RunFacts(run, self.sizes, self.live)
+        return facts
+
+
+def _components(groups: Sequence[str], calls: Iterable[AttentionCall], facts: _Facts) -> list[list[str]]:
+    """Connected sets of input groups (a query and its keys are connected).
+
+    A call's keys are slices of runs: its live keys are joined as a chain,
+    each link of a run once over all the calls, so a block-causal family of
+    ``M`` members costs ``O(M)`` joins, not the ``M^2 / 2`` keys it reads."""
+    live = facts.live
     parent = {g: g for g in groups}
 
     def root(g: str) -> str:
@@ -186,10 +239,27 @@ def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set
             g = parent[g]
         return g
 
+    def join(a: str | None, b: str) -> str:
+        if a is not None:
+            parent[root(b)] = root(a)
+        return b if a is None else a
+
     for call in calls:
-        members = [g for g in (*call.queries, *call.key_names) if g in live]
-        for other in members[1:]:
-            parent[root(other)] = root(members[0])
+        first: str | None = None
+        for q in call.queries:
+            if q in live:
+                first = join(first, q)
+        for run, lo, hi in Keys.of(call.keys).parts:
+            f = facts(run)
+            a, b = bisect.bisect_left(f.live, lo), bisect.bisect_left(f.live, hi)
+            if a == b:
+                continue
+            first = join(first, f.names[f.live[a]])
+            j = f.unjoined(a)
+            while j < b - 1:
+                join(f.names[f.live[j]], f.names[f.live[j + 1]])
+                f.skip[j] = j + 1
+                j = f.unjoined(j + 1)
     out: dict[str, list[str]] = {}
     for g in groups:
         if g in live:
@@ -438,10 +508,9 @@ def place(
     if not balance >= 1:
         raise ValueError(f"balance must be >= 1 (a multiple of the mean load), got {balance}")
     live = {g for g in groups if sizes[g] is not None}
-    flops = _group_flops(groups, calls, sizes)
-    self_causal = {
-        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
-    }
+    facts = _Facts(sizes, live)
+    flops = _group_flops(groups, calls, sizes, facts)
+    self_causal = _self_causal(calls, facts)
     shards: dict[str, GroupShards] = {}
     for g in groups:
         if sizes[g] is None:
@@ -456,7 +525,7 @@ def place(
         return Placement(world_size, tuple(shards[g] for g in groups))
     components = [
         _Component(tuple((g, sizes[g] or 0, flops[g]) for g in members))
-        for members in _components(groups, calls, live)
+        for members in _components(groups, calls, facts)
     ]
     line = _Line(components)
     stretches = _cut_line(line, world_size, balance)
@@ -475,18 +544,39 @@ def place(
     return Placement(world_size, tuple(shards[g] for g in groups))
 
 
+def _self_causal(calls: Iterable[AttentionCall], facts: _Facts) -> set[str]:
+    """Query groups that attend causally to themselves (found by name in each run, not key by key)."""
+    out = set()
+    for call in calls:
+        for run, lo, hi in Keys.of(call.keys).parts:
+            where = facts(run).where
+            for q in call.queries:
+                for i in where.get(q, ()):
+                    if lo <= i < hi and run.groups[i].modifiers.causal:
+                        out.add(q)
+    return out
+
+
 def _group_flops(
-    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None]
+    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None], facts: _Facts
 ) -> dict[str, int]:
-    """Attention FLOPs (allowed query-key pairs) of each query group."""
+    """Attention FLOPs (allowed query-key pairs) of each query group. A
+    slice of a run with no modifiers pairs every query with every key: its
+    tokens come from the run's prefix sums, not key by key."""
     flops = {g: 0 for g in groups}
     offsets = _offsets(groups, sizes)
     for call in calls:
         for q in call.queries:
-            flops[q] += sum(
-                allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
-                for k in call.keys
-            )
+            n_q = sizes[q] or 0
+            for run, lo, hi in Keys.of(call.keys).parts:
+                mods = run.slice_modifiers(lo, hi)
+                if mods is not None and not mods:
+                    flops[q] += n_q * facts(run).tokens(lo, hi)
+                    continue
+                flops[q] += sum(
+                    allowed_pairs(n_q, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
+                    for k in run.groups[lo:hi]
+                )
     return flops
 
 
