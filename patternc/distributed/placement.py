@@ -89,6 +89,8 @@ class Placement:
     _by_name: dict[str, GroupShards] = field(init=False, repr=False)
     _owners: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = field(init=False, repr=False)
     _held: dict[tuple[str, ...], tuple[int, ...]] = field(init=False, repr=False)
+    offsets: dict[str, int] = field(init=False, repr=False)
+    """Each group's first position in the whole input (groups in order; cached ones hold none)."""
 
     def __post_init__(self) -> None:
         text = repr((self.world_size, [(g.name, g.size, g.kind, g.ranges) for g in self.groups]))
@@ -96,6 +98,7 @@ class Placement:
         object.__setattr__(self, "_by_name", {g.name: g for g in self.groups})
         object.__setattr__(self, "_owners", {})
         object.__setattr__(self, "_held", {})
+        object.__setattr__(self, "offsets", _offsets([g.name for g in self.groups], self.sizes))
 
     def group(self, name: str) -> GroupShards:
         return self._by_name[name]
@@ -782,7 +785,7 @@ def _read_pairs(
     """Each (query group, key group) a call reads, both with tokens on the
     ranks: the query group's shards, the key group's name, modifiers and
     size, and the key group's offset minus the query group's."""
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
@@ -825,7 +828,7 @@ def halo_slices(
         by bisect over every rank's ranges (:meth:`Placement.holding`), so
         the cost follows the pieces found, not the number of ranks.
     """
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     wanted: dict[int, list[Range]] = {}
     for q in call.queries:
         shards = placement.group(q)
@@ -882,7 +885,7 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
     Returns:
         At least 1 (a rank's own block), at most ``len(ranks)``.
     """
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     bands = [
         [
             (key.name, pair_band(key.modifiers, offsets[key.name] - offsets[q]))
