@@ -300,3 +300,27 @@ def test_halo_slices_and_ring_steps_from_the_owner_index_equal_a_rank_by_rank_se
                 assert ring_steps(call, placement, ranks[1:]) == _ring_steps_by_every_rank(
                     call, placement, ranks[1:]
                 )
+
+
+@pytest.mark.parametrize("world", [5, 8])
+def test_fewer_tokens_than_ranks_are_placed_once_each(world: int) -> None:
+    """With fewer tokens than ranks some ranks hold none: every cut stays
+    inside the tokens left, and every token is on exactly one rank."""
+    layouts = [
+        (DOCUMENTS, {"doc0": 4}),
+        (DOCUMENTS, {"doc0": 1, "doc1": 2}),
+        (
+            "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]",
+            {"prompt": 3, "frame0": 2},
+        ),
+        (
+            "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[before], self[causal]",
+            {"prompt": 2, "frame0": 3, "frame1": 1, "frame2": 1},
+        ),
+    ]
+    for source, sizes in layouts:
+        plan = _bound(source, sizes)
+        placement = place(plan.groups, plan.calls, sizes, world)
+        _check_partition(placement, components=False)
+        assert sum(placement.tokens(r) for r in range(world)) == sum(sizes.values())
+        assert sum(1 for r in range(world) if placement.tokens(r)) <= sum(sizes.values())

@@ -382,6 +382,9 @@ def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
         pairs |= {(front + 1, back - n + 1), (front + n - 1, back - 1)}
         # a component cut at the front (or back) goes on to this rank, so the
         # ranks sharing it are neighbours
+        # only cuts inside what is left (with fewer tokens than ranks, the
+        # candidates one token past the front or back may fall outside it)
+        pairs = {(a, b) for a, b in pairs if front <= a <= b <= back}
         ongoing = [
             (a, b)
             for a, b in pairs
@@ -389,8 +392,6 @@ def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
         ]
         best: tuple[tuple[int, int, float, int], int, int] | None = None
         for a, b in sorted(ongoing or pairs):
-            if not front <= a <= b <= back:
-                continue
             cum_t, cum_f = held(a, b)
             errors = (
                 (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0,
