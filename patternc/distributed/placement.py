@@ -104,11 +104,21 @@ class Placement:
         return self._by_name[name]
 
     def holding(self, name: str, start: int, stop: int) -> Iterator[tuple[int, Range]]:
-        """The ranks holding positions ``[start, stop)`` of group ``name``:
-        ``(rank, (a, b))`` for each of their ranges' overlap with it, in
-        position order. Every position is on one rank, so the ranges of all
-        ranks, sorted by start, are sorted by stop too: a bisect finds the
-        first, and the cost is that of the ranges found, not of the ranks."""
+        """The ranks holding positions ``[start, stop)`` of group ``name``.
+
+        Every position is on one rank, so the ranges of all ranks, sorted
+        by start, are sorted by stop too: a bisect finds the first, and the
+        cost is that of the ranges found, not of the ranks.
+
+        Args:
+            name: A group of the placement.
+            start: The first position (within the group).
+            stop: One past the last position.
+
+        Yields:
+            ``(rank, (a, b))`` for each range of a rank overlapping
+            ``[start, stop)``: the overlap, in position order.
+        """
         index = self._owners.get(name)
         if index is None:
             spans = sorted((a, b, r) for r, ranges in enumerate(self.group(name).ranges) for a, b in ranges)
@@ -121,7 +131,14 @@ class Placement:
             yield rank, (max(a, start), min(b, stop))
 
     def held_tokens(self, names: Sequence[str]) -> tuple[int, ...]:
-        """Tokens of the groups ``names`` on each rank (cached groups hold none)."""
+        """Tokens of the groups ``names`` together on each rank (cached groups hold none).
+
+        Args:
+            names: Groups of the placement (each counted as often as named).
+
+        Returns:
+            One total per rank, remembered for the next call with the same names.
+        """
         key = tuple(names)
         held = self._held.get(key)
         if held is None:
