@@ -32,6 +32,14 @@ GPUs (NCCL, one process per GPU; peak memory from the CUDA allocator):
 
     torchrun --nproc-per-node N benchmarks/bench_distributed.py
 
+The placement's and the schedule's own cost (``--schedule-cost``; no
+processes): CPU seconds of ``place`` and of ``schedule`` (best of
+``--repeat``) on 1M-token layouts with windows and global tokens at many
+ranks, where each rank's halo is found by bisect over the ranks' ranges,
+and of ``place`` on 1,024 and 4,096 block-causal frames at 8 ranks:
+
+    python benchmarks/bench_distributed.py --schedule-cost [--worlds 64 256]
+
 The ring's kernel alone (``--kernel-rate``; one device, no processes): for
 each layout the blocks that R virtual ranks compute (``--worlds``, 8 by
 default; the ranks one after another, received blocks random) on the
@@ -820,6 +828,63 @@ def estimate(ring_rate: float, executor_rate: float, worlds: list[int], source: 
             )
 
 
+def schedule_cost_layouts() -> dict[str, tuple[str, dict[str, int]]]:
+    million = 1 << 20
+    return {
+        "4 global tokens every token reads + 256-token causal window, 1M tokens": (
+            "groups sink text\nsink -> *\ntext -> sink, text[causal, window 256]",
+            {"sink": 4, "text": million - 4},
+        ),
+        "one causal document, 256-token window, 1M tokens": (
+            "groups text\ntext -> self [causal, window 256]",
+            {"text": million},
+        ),
+        "Longformer: 4 global tokens mid-sequence, 256-token causal band across them, 1M tokens": (
+            "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 256, across]",
+            {"left": million // 2, "sink": 4, "right": million // 2 - 4},
+        ),
+    }
+
+
+def schedule_cost(worlds: list[int], repeat: int) -> None:
+    """CPU seconds of ``place`` and ``schedule`` per layout and world size (best of ``repeat``)."""
+    print("| layout | ranks | place (s) | schedule (s) | strategies | received / minimum |")
+    print("|---|---|---|---|---|---|")
+    for name, (source, sizes) in schedule_cost_layouts().items():
+        plan = patternc.compile(source).patterns["default"].bind(list(sizes))
+        for world in worlds:
+            place_s = schedule_s = float("inf")
+            for _ in range(repeat):
+                start = time.perf_counter()
+                placement = place(plan.groups, plan.calls, sizes, world)
+                middle = time.perf_counter()
+                sharded = schedule(plan.calls, placement)
+                end = time.perf_counter()
+                place_s, schedule_s = min(place_s, middle - start), min(schedule_s, end - middle)
+            kinds = ", ".join(c.strategy for c in sharded.calls)
+            print(
+                f"| {name} | {world} | {place_s:.3f} | {schedule_s:.3f} | {kinds} | "
+                f"{sum(sharded.received)} / {sum(sharded.minimum)} |"
+            )
+    # a block-causal family: place reads each call's keys as slices of one
+    # run of members (the schedule still visits every key of every call)
+    frames = patternc.compile(
+        "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
+    ).patterns["default"]
+    print()
+    print("| block-causal frames (prompt 4, frames of 3 tokens) | ranks | place (s) |")
+    print("|---|---|---|")
+    for count in (1024, 4096):
+        sizes = {"prompt": 4, **{f"frame{i}": 3 for i in range(count)}}
+        plan = frames.bind(list(sizes))
+        place_s = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            place(plan.groups, plan.calls, sizes, 8)
+            place_s = min(place_s, time.perf_counter() - start)
+        print(f"| {count} frames | 8 | {place_s:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -837,6 +902,11 @@ def main() -> None:
         "--kernel-rate",
         action="store_true",
         help="the ring's blockwise kernel against the unsharded executor, one device, no processes",
+    )
+    parser.add_argument(
+        "--schedule-cost",
+        action="store_true",
+        help="CPU time of place and schedule at many ranks (no processes)",
     )
     parser.add_argument("--tiny", action="store_true", help="--kernel-rate at small sizes (CPU)")
     parser.add_argument(
@@ -887,6 +957,9 @@ def main() -> None:
             executor=get_executor(args.backend),
         )
         kernel_rate(args.worlds or [8], args.repeat, args.tiny, setup, args.layouts, args.with_executor)
+        return
+    if args.schedule_cost:
+        schedule_cost(args.worlds or [64, 256], args.repeat)
         return
     if args.balance:
         balance_report(args.worlds or [2, 4, 8, 16, 32, 64])

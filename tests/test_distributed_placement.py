@@ -10,7 +10,8 @@ import pytest
 
 import patternc
 from patternc.distributed import place, schedule
-from patternc.distributed.placement import GroupShards, Placement, rank_loads, ring_steps
+from patternc.distributed.placement import GroupShards, Placement, halo_slices, rank_loads, ring_steps
+from patternc.ir import AttentionCall
 from patternc.modifiers import band_allows, pair_band
 
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
@@ -196,3 +197,130 @@ def test_a_window_rings_only_as_far_as_it_reads() -> None:
     assert call.ranks == (0, 1, 2, 3) and call.steps == 2
     assert plan_schedule.received == (16, 16, 16, 16)
     assert plan_schedule.minimum == (0, 3, 3, 3)  # a window of 4 reads 3 keys before a query
+
+
+# --------------------------------------------- owner index against brute force
+
+
+def _halo_by_every_rank(call: AttentionCall, placement: Placement, rank: int) -> dict[int, tuple]:
+    """The keys of ``call`` that ``rank``'s queries may read and each other
+    rank holds, found by testing every position against every rank."""
+    starts: dict[str, int] = {}
+    at = 0
+    for g in placement.groups:
+        starts[g.name] = at
+        at += g.size or 0
+    read: dict[int, set[int]] = {}
+    for q in call.queries:
+        shards = placement.group(q)
+        if shards.size is None:
+            continue
+        for i, key in enumerate(call.keys):
+            n_k = placement.group(key.name).size
+            if n_k is None:
+                continue
+            band = pair_band(key.modifiers, starts[key.name] - starts[q])
+            for a, b in shards.ranges[rank]:
+                if b <= a:
+                    continue
+                lo = 0 if band.low is None else max(0, a + band.low)
+                hi = n_k if band.high is None else min(n_k, b + band.high)
+                read.setdefault(i, set()).update(range(lo, hi))
+    out: dict[int, list] = {}
+    for source in range(placement.world_size):
+        if source == rank:
+            continue
+        for i in sorted(read):
+            for c, d in placement.group(call.keys[i].name).ranges[source]:
+                inside = sorted(p for p in read[i] if c <= p < d)
+                runs: list[list[int]] = []
+                for p in inside:
+                    if runs and runs[-1][1] == p:
+                        runs[-1][1] = p + 1
+                    else:
+                        runs.append([p, p + 1])
+                out.setdefault(source, []).extend((i, (a, b)) for a, b in runs)
+    return {s: tuple(pieces) for s, pieces in out.items() if pieces}
+
+
+def _ring_steps_by_every_rank(call: AttentionCall, placement: Placement, ranks: tuple[int, ...]) -> int:
+    """One more than the farthest ring offset at which some rank's queries
+    may read a key another rank holds, every pair of ranks tested."""
+    steps = 1
+    for at, rank in enumerate(ranks):
+        for step in range(1, len(ranks)):
+            source = ranks[(at - step) % len(ranks)]
+            single = Placement(
+                placement.world_size,
+                tuple(
+                    GroupShards(
+                        g.name,
+                        g.size,
+                        g.kind,
+                        tuple(
+                            g.ranges[r] if r in (rank, source) else () for r in range(placement.world_size)
+                        ),
+                    )
+                    for g in placement.groups
+                ),
+            )
+            if _halo_by_every_rank(call, single, rank).get(source):
+                steps = max(steps, step + 1)
+    return steps
+
+
+@pytest.mark.parametrize("world", [2, 3, 5, 8])
+def test_halo_slices_and_ring_steps_from_the_owner_index_equal_a_rank_by_rank_search(world: int) -> None:
+    """The owner index (a bisect over every rank's ranges) finds exactly the
+    keys and ring offsets that testing every pair of ranks finds, on
+    windows, bands, global tokens and uneven, zigzag and whole shards."""
+    layouts = [
+        ("groups a\na -> a [causal, window 7]", {"a": 97}),
+        ("groups a\na -> a [back 30, ahead 3]", {"a": 131}),
+        ("groups a\na -> a [ahead 5]", {"a": 64}),
+        ("groups sink text\nsink -> *\ntext -> sink, text[causal, window 9]", {"sink": 3, "text": 151}),
+        (
+            "groups left sink right\nsink -> *\nleft, right -> sink, (left, right)[causal, back 6, across]",
+            {"left": 53, "sink": 2, "right": 61},
+        ),
+        (DOCUMENTS, long_tailed(world, 1.5, count=7, total=173)),
+    ]
+    for source, sizes in layouts:
+        plan = _bound(source, sizes)
+        for whole in (True, False):
+            placement = place(plan.groups, plan.calls, sizes, world, whole_groups=whole)
+            for call in plan.calls:
+                for rank in range(world):
+                    assert halo_slices(call, placement, rank) == _halo_by_every_rank(call, placement, rank), (
+                        source,
+                        rank,
+                    )
+                ranks = tuple(range(world))
+                assert ring_steps(call, placement, ranks) == _ring_steps_by_every_rank(call, placement, ranks)
+                assert ring_steps(call, placement, ranks[1:]) == _ring_steps_by_every_rank(
+                    call, placement, ranks[1:]
+                )
+
+
+@pytest.mark.parametrize("world", [5, 8])
+def test_fewer_tokens_than_ranks_are_placed_once_each(world: int) -> None:
+    """With fewer tokens than ranks some ranks hold none: every cut stays
+    inside the tokens left, and every token is on exactly one rank."""
+    layouts = [
+        (DOCUMENTS, {"doc0": 4}),
+        (DOCUMENTS, {"doc0": 1, "doc1": 2}),
+        (
+            "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]",
+            {"prompt": 3, "frame0": 2},
+        ),
+        (
+            "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[before], self[causal]",
+            {"prompt": 2, "frame0": 3, "frame1": 1, "frame2": 1},
+        ),
+    ]
+    for source, sizes in layouts:
+        plan = _bound(source, sizes)
+        placement = place(plan.groups, plan.calls, sizes, world)
+        _check_partition(placement, components=False)
+        assert sum(placement.tokens(r) for r in range(world)) == sum(sizes.values())
+        assert sum(1 for r in range(world) if placement.tokens(r)) <= sum(sizes.values())

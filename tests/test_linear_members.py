@@ -13,7 +13,8 @@ import itertools
 import pickle
 import random
 import tracemalloc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -301,3 +302,85 @@ def test_rows_and_stack_modifiers_keep_slices_of_one_run() -> None:
     # one tightened list per distinct original list, shared as binding shares those
     assert len(lists) == len({k.modifiers for r in bound.rules for k in r.keys}) == 2
     _check_layout(tightened.layout({g: 1 + i % 3 for i, g in enumerate(names[:40])}))
+
+
+# ------------------------------------------------------ context parallel
+
+
+def _place_reference(
+    groups: Sequence[str], calls: Sequence[patternc.ir.AttentionCall], sizes: Mapping[str, int | None]
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Components and FLOPs per group, key group by key group."""
+    live = {g for g in groups if sizes[g] is not None}
+    parent = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    offsets, at = {}, 0
+    for g in groups:
+        offsets[g] = at
+        at += sizes[g] or 0
+    flops = {g: 0 for g in groups}
+    for call in calls:
+        members = [g for g in (*call.queries, *call.key_names) if g in live]
+        for other in members[1:]:
+            parent[root(other)] = root(members[0])
+        for q in call.queries:
+            for k in call.keys:
+                shift = offsets[k.name] - offsets[q]
+                flops[q] += allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, shift)
+    components: dict[str, list[str]] = {}
+    for g in groups:
+        if g in live:
+            components.setdefault(root(g), []).append(g)
+    return list(components.values()), flops
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_placement_components_and_flops_from_runs_equal_key_by_key(name: str) -> None:
+    from patternc.distributed.placement import _components, _Facts, _group_flops
+
+    rng = random.Random(name)
+    for _ in range(6):
+        sizes = _sizes(name, rng)
+        for g in rng.sample(sorted(sizes), k=min(2, len(sizes))):
+            sizes[g] = rng.choice([None, 0])  # cached groups and empty ones break the chains
+        plan = patternc.compile(SOURCES[name]).patterns["default"].bind(list(sizes))
+        live = {g for g in plan.groups if sizes[g] is not None}
+        facts = _Facts(sizes, live)
+        components, flops = _place_reference(plan.groups, plan.calls, sizes)
+        assert _components(plan.groups, plan.calls, facts) == components, sizes
+        assert _group_flops(plan.groups, plan.calls, sizes, facts) == flops, sizes
+
+
+def test_placing_a_block_causal_family_reads_linear_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``place`` reads each call's keys as slices of runs: the key groups
+    it visits one by one, and the pair counts it computes, grow with the
+    members, not with the ``M^2 / 2`` keys the calls read."""
+    import patternc.distributed.placement as placement
+
+    visited = [0]
+    iterate, pairs = Keys.__iter__, placement.allowed_pairs
+
+    def counted_iter(self: Keys) -> Iterator[KeyGroup]:
+        for key in iterate(self):
+            visited[0] += 1
+            yield key
+
+    def counted_pairs(*args: Any) -> int:
+        visited[0] += 1
+        return pairs(*args)
+
+    monkeypatch.setattr(Keys, "__iter__", counted_iter)
+    monkeypatch.setattr(placement, "allowed_pairs", counted_pairs)
+    for count in (1000, 4000):
+        sizes = _frames(count)
+        plan = FRAMES.bind(list(sizes))
+        visited[0] = 0
+        result = placement.place(plan.groups, plan.calls, sizes, 8)
+        assert visited[0] <= 4 * count + 10, (count, visited[0])
+        assert result.tokens(0) + result.tokens(7) > 0
+        assert sum(g.size or 0 for g in result.groups) == 4 + 3 * count

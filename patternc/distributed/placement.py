@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from patternc.ir import AttentionCall
+from patternc.ir import AttentionCall, KeyRun, Keys
 from patternc.lower.layout import ShardSizes
-from patternc.modifiers import Modifiers, allowed_pairs, pair_band
+from patternc.modifiers import Band, Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
 
 __all__ = [
@@ -86,16 +86,67 @@ class Placement:
     groups: tuple[GroupShards, ...]
     digest: str = field(init=False)
     """Short hash of the whole placement: ranks compare it before they communicate."""
+    _by_name: dict[str, GroupShards] = field(init=False, repr=False)
+    _owners: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = field(init=False, repr=False)
+    _held: dict[tuple[str, ...], tuple[int, ...]] = field(init=False, repr=False)
+    offsets: dict[str, int] = field(init=False, repr=False)
+    """Each group's first position in the whole input (groups in order; cached ones hold none)."""
 
     def __post_init__(self) -> None:
         text = repr((self.world_size, [(g.name, g.size, g.kind, g.ranges) for g in self.groups]))
         object.__setattr__(self, "digest", hashlib.sha1(text.encode()).hexdigest()[:12])
+        object.__setattr__(self, "_by_name", {g.name: g for g in self.groups})
+        object.__setattr__(self, "_owners", {})
+        object.__setattr__(self, "_held", {})
+        object.__setattr__(self, "offsets", _offsets([g.name for g in self.groups], self.sizes))
 
     def group(self, name: str) -> GroupShards:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return self._by_name[name]
+
+    def holding(self, name: str, start: int, stop: int) -> Iterator[tuple[int, Range]]:
+        """The ranks holding positions ``[start, stop)`` of group ``name``.
+
+        Every position is on one rank, so the ranges of all ranks, sorted
+        by start, are sorted by stop too: a bisect finds the first, and the
+        cost is that of the ranges found, not of the ranks.
+
+        Args:
+            name: A group of the placement.
+            start: The first position (within the group).
+            stop: One past the last position.
+
+        Yields:
+            ``(rank, (a, b))`` for each range of a rank overlapping
+            ``[start, stop)``: the overlap, in position order.
+        """
+        index = self._owners.get(name)
+        if index is None:
+            spans = sorted((a, b, r) for r, ranges in enumerate(self.group(name).ranges) for a, b in ranges)
+            index = self._owners[name] = ([b for _, b, _ in spans], spans)
+        stops, spans = index
+        for i in range(bisect.bisect_right(stops, start), len(spans)):
+            a, b, rank = spans[i]
+            if a >= stop:
+                break
+            yield rank, (max(a, start), min(b, stop))
+
+    def held_tokens(self, names: Sequence[str]) -> tuple[int, ...]:
+        """Tokens of the groups ``names`` together on each rank (cached groups hold none).
+
+        Args:
+            names: Groups of the placement (each counted as often as named).
+
+        Returns:
+            One total per rank, remembered for the next call with the same names.
+        """
+        key = tuple(names)
+        held = self._held.get(key)
+        if held is None:
+            shards = [self.group(n) for n in key]
+            held = self._held[key] = tuple(
+                sum(g.local_size(r) for g in shards) for r in range(self.world_size)
+            )
+        return held
 
     @property
     def sizes(self) -> dict[str, int | None]:
@@ -145,8 +196,61 @@ def _zigzag(size: int, world: int) -> tuple[tuple[Range, ...], ...]:
     return tuple(out)
 
 
-def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set[str]) -> list[list[str]]:
-    """Connected sets of input groups (a query and its keys are connected)."""
+class _RunFacts:
+    """What :func:`place` reads of one :class:`~patternc.ir.KeyRun`, built
+    once however many calls read slices of it: its groups' sizes as prefix
+    sums, the indices of its groups with tokens (``live``), where each name
+    sits, and which links between neighbouring live groups are already
+    joined (a pointer past each joined link, so every link is joined once)."""
+
+    __slots__ = ("live", "names", "prefix", "skip", "where")
+
+    def __init__(self, run: KeyRun, sizes: Mapping[str, int | None], live: set[str]) -> None:
+        self.names = [k.name for k in run.groups]
+        self.prefix = [0]
+        for name in self.names:
+            self.prefix.append(self.prefix[-1] + (sizes[name] or 0))
+        self.live = [i for i, name in enumerate(self.names) if name in live]
+        self.where: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            self.where.setdefault(name, []).append(i)
+        self.skip = list(range(len(self.live) + 1))
+
+    def tokens(self, lo: int, hi: int) -> int:
+        """Tokens of the groups ``[lo, hi)`` of the run."""
+        return self.prefix[hi] - self.prefix[lo]
+
+    def unjoined(self, j: int) -> int:
+        """The first link ``>= j`` (live group ``j`` to live group ``j + 1``) not yet joined."""
+        root = j
+        while self.skip[root] != root:
+            root = self.skip[root]
+        while self.skip[j] != root:
+            self.skip[j], j = root, self.skip[j]
+        return root
+
+
+class _Facts:
+    """:class:`_RunFacts` of every run the calls read (by identity)."""
+
+    def __init__(self, sizes: Mapping[str, int | None], live: set[str]) -> None:
+        self.sizes, self.live = sizes, live
+        self._runs: dict[int, _RunFacts] = {}
+
+    def __call__(self, run: KeyRun) -> _RunFacts:
+        facts = self._runs.get(id(run))
+        if facts is None:
+            facts = self._runs[id(run)] = _RunFacts(run, self.sizes, self.live)
+        return facts
+
+
+def _components(groups: Sequence[str], calls: Iterable[AttentionCall], facts: _Facts) -> list[list[str]]:
+    """Connected sets of input groups (a query and its keys are connected).
+
+    A call's keys are slices of runs: its live keys are joined as a chain,
+    each link of a run once over all the calls, so a block-causal family of
+    ``M`` members costs ``O(M)`` joins, not the ``M^2 / 2`` keys it reads."""
+    live = facts.live
     parent = {g: g for g in groups}
 
     def root(g: str) -> str:
@@ -155,10 +259,27 @@ def _components(groups: Sequence[str], calls: Iterable[AttentionCall], live: set
             g = parent[g]
         return g
 
+    def join(a: str | None, b: str) -> str:
+        if a is not None:
+            parent[root(b)] = root(a)
+        return b if a is None else a
+
     for call in calls:
-        members = [g for g in (*call.queries, *call.key_names) if g in live]
-        for other in members[1:]:
-            parent[root(other)] = root(members[0])
+        first: str | None = None
+        for q in call.queries:
+            if q in live:
+                first = join(first, q)
+        for run, lo, hi in Keys.of(call.keys).parts:
+            f = facts(run)
+            a, b = bisect.bisect_left(f.live, lo), bisect.bisect_left(f.live, hi)
+            if a == b:
+                continue
+            first = join(first, f.names[f.live[a]])
+            j = f.unjoined(a)
+            while j < b - 1:
+                join(f.names[f.live[j]], f.names[f.live[j + 1]])
+                f.skip[j] = j + 1
+                j = f.unjoined(j + 1)
     out: dict[str, list[str]] = {}
     for g in groups:
         if g in live:
@@ -278,6 +399,9 @@ def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
         pairs |= {(front + 1, back - n + 1), (front + n - 1, back - 1)}
         # a component cut at the front (or back) goes on to this rank, so the
         # ranks sharing it are neighbours
+        # only cuts inside what is left (with fewer tokens than ranks, the
+        # candidates one token past the front or back may fall outside it)
+        pairs = {(a, b) for a, b in pairs if front <= a <= b <= back}
         ongoing = [
             (a, b)
             for a, b in pairs
@@ -285,8 +409,6 @@ def _cut_line(line: _Line, world: int, balance: float) -> list[list[Range]]:
         ]
         best: tuple[tuple[int, int, float, int], int, int] | None = None
         for a, b in sorted(ongoing or pairs):
-            if not front <= a <= b <= back:
-                continue
             cum_t, cum_f = held(a, b)
             errors = (
                 (cum_t - (r + 1) * mean_t) / mean_t if mean_t else 0.0,
@@ -407,10 +529,9 @@ def place(
     if not balance >= 1:
         raise ValueError(f"balance must be >= 1 (a multiple of the mean load), got {balance}")
     live = {g for g in groups if sizes[g] is not None}
-    flops = _group_flops(groups, calls, sizes)
-    self_causal = {
-        q for call in calls for q in call.queries for k in call.keys if k.name == q and k.modifiers.causal
-    }
+    facts = _Facts(sizes, live)
+    flops = _group_flops(groups, calls, sizes, facts)
+    self_causal = _self_causal(calls, facts)
     shards: dict[str, GroupShards] = {}
     for g in groups:
         if sizes[g] is None:
@@ -425,7 +546,7 @@ def place(
         return Placement(world_size, tuple(shards[g] for g in groups))
     components = [
         _Component(tuple((g, sizes[g] or 0, flops[g]) for g in members))
-        for members in _components(groups, calls, live)
+        for members in _components(groups, calls, facts)
     ]
     line = _Line(components)
     stretches = _cut_line(line, world_size, balance)
@@ -444,18 +565,39 @@ def place(
     return Placement(world_size, tuple(shards[g] for g in groups))
 
 
+def _self_causal(calls: Iterable[AttentionCall], facts: _Facts) -> set[str]:
+    """Query groups that attend causally to themselves (found by name in each run, not key by key)."""
+    out = set()
+    for call in calls:
+        for run, lo, hi in Keys.of(call.keys).parts:
+            where = facts(run).where
+            for q in call.queries:
+                for i in where.get(q, ()):
+                    if lo <= i < hi and run.groups[i].modifiers.causal:
+                        out.add(q)
+    return out
+
+
 def _group_flops(
-    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None]
+    groups: Sequence[str], calls: Iterable[AttentionCall], sizes: Mapping[str, int | None], facts: _Facts
 ) -> dict[str, int]:
-    """Attention FLOPs (allowed query-key pairs) of each query group."""
+    """Attention FLOPs (allowed query-key pairs) of each query group. A
+    slice of a run with no modifiers pairs every query with every key: its
+    tokens come from the run's prefix sums, not key by key."""
     flops = {g: 0 for g in groups}
     offsets = _offsets(groups, sizes)
     for call in calls:
         for q in call.queries:
-            flops[q] += sum(
-                allowed_pairs(sizes[q] or 0, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
-                for k in call.keys
-            )
+            n_q = sizes[q] or 0
+            for run, lo, hi in Keys.of(call.keys).parts:
+                mods = run.slice_modifiers(lo, hi)
+                if mods is not None and not mods:
+                    flops[q] += n_q * facts(run).tokens(lo, hi)
+                    continue
+                flops[q] += sum(
+                    allowed_pairs(n_q, sizes[k.name] or 0, k.modifiers, offsets[k.name] - offsets[q])
+                    for k in run.groups[lo:hi]
+                )
     return flops
 
 
@@ -570,6 +712,33 @@ class ShardedSchedule:
         return _needed(self.placement, [call.attention], rank)
 
 
+def _received_by_rank(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall) -> list[int]:
+    """:func:`_call_received` on every rank at once: a ring's blocks summed
+    as a window sliding round the ring (not ``steps`` blocks per rank), a
+    halo's ranks given to :func:`halo_slices` as one set."""
+    world = placement.world_size
+    if call.strategy == "ring":
+        held = placement.held_tokens(call.key_groups)
+        ring = [held[r] for r in call.ranks]
+        size = len(ring)
+        prefix = [0]
+        for tokens in ring + ring:
+            prefix.append(prefix[-1] + tokens)
+        out = [0] * world
+        for at, rank in enumerate(call.ranks):  # ranks at - steps + 1 .. at - 1 along the ring
+            start = at - call.steps + 1 + size
+            out[rank] = prefix[at + size] - prefix[start]
+        return out
+    if call.strategy == "halo":
+        out = [0] * world
+        ranks = frozenset(call.ranks)
+        for rank in call.ranks:
+            slices = halo_slices(call.attention, placement, rank, ranks)
+            out[rank] = sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
+        return out
+    return [_call_received(placement, calls, call, rank) for rank in range(world)]
+
+
 def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall, rank: int) -> int:
     if call.strategy == "local":
         return 0
@@ -578,8 +747,8 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
         if rank not in call.ranks:
             return 0
         at, size = call.ranks.index(rank), len(call.ranks)
-        sources = [call.ranks[(at - step) % size] for step in range(1, call.steps)]
-        return sum(placement.group(k).local_size(s) for s in sources for k in keys)
+        held = placement.held_tokens(keys)
+        return sum(held[call.ranks[(at - step) % size]] for step in range(1, call.steps))
     if call.strategy == "halo":  # the keys its queries may read, from the ranks holding them
         if rank not in call.ranks:
             return 0
@@ -604,8 +773,12 @@ def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str
 def _key_interval(queries: Range, n_keys: int, mods: Modifiers, shift: int = 0) -> Range:
     """Key positions some query of ``queries`` may see (``[lo, hi)``; under
     ``dilate`` the interval holds the keys seen and the skipped ones between)."""
+    return _band_interval(queries, n_keys, pair_band(mods, shift))
+
+
+def _band_interval(queries: Range, n_keys: int, band: Band) -> Range:
+    """:func:`_key_interval` for the band of a (query group, key group) pair."""
     a, b = queries
-    band = pair_band(mods, shift)
     if band.grid is not None and b > a:  # the box of keys the queries' coordinates reach
         first, last = band.grid.reach(a, b - 1)
         return (first, min(n_keys, last + 1)) if first < min(n_keys, last + 1) else (0, 0)
@@ -630,7 +803,7 @@ def _read_pairs(
     """Each (query group, key group) a call reads, both with tokens on the
     ranks: the query group's shards, the key group's name, modifiers and
     size, and the key group's offset minus the query group's."""
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
@@ -668,10 +841,12 @@ def halo_slices(
         sources: The ranks that may send (default: every rank).
 
     Returns:
-        ``{source rank: ((key index, (start, stop)), ...)}``, sources with
-        nothing to send left out.
+        ``{source rank: ((key index, (start, stop)), ...)}``, ascending by
+        source, sources with nothing to send left out. The senders are found
+        by bisect over every rank's ranges (:meth:`Placement.holding`), so
+        the cost follows the pieces found, not the number of ranks.
     """
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     wanted: dict[int, list[Range]] = {}
     for q in call.queries:
         shards = placement.group(q)
@@ -684,21 +859,18 @@ def halo_slices(
             shift = offsets[key.name] - offsets[q]
             for r in shards.ranges[rank]:
                 wanted.setdefault(i, []).append(_key_interval(r, n_k, key.modifiers, shift))
-    merged = {i: merge_ranges(intervals) for i, intervals in sorted(wanted.items())}
-    out: dict[int, tuple[tuple[int, Range], ...]] = {}
-    for source in range(placement.world_size) if sources is None else sources:
-        if source == rank:
-            continue
-        pieces = []
-        for i, intervals in merged.items():
-            held = placement.group(call.keys[i].name).ranges[source]
-            for a, b in intervals:
-                for c, d in held:
-                    if max(a, c) < min(b, d):
-                        pieces.append((i, (max(a, c), min(b, d))))
-        if pieces:
-            out[source] = tuple(pieces)
-    return out
+    # a set given is used as it is (the schedule asks for every rank of a call)
+    allowed: Set[int] | None = None
+    if sources is not None:
+        allowed = sources if isinstance(sources, (set, frozenset)) else set(sources)
+    found: dict[int, list[tuple[int, Range]]] = {}
+    for i, intervals in sorted(wanted.items()):
+        name = call.keys[i].name
+        for a, b in merge_ranges(intervals):
+            for source, piece in placement.holding(name, a, b):
+                if source != rank and (allowed is None or source in allowed):
+                    found.setdefault(source, []).append((i, piece))
+    return {source: tuple(found[source]) for source in sorted(found)}
 
 
 def halo_offsets(call: AttentionCall, placement: Placement, ranks: Sequence[int]) -> tuple[int, ...]:
@@ -706,9 +878,10 @@ def halo_offsets(call: AttentionCall, placement: Placement, ranks: Sequence[int]
     of ``ranks`` receives keys of a ``halo`` call from the rank ``s`` before
     it in ``ranks``: a halo exchanges at these offsets only, in this order."""
     size, found = len(ranks), set()
+    where = {rank: at for at, rank in enumerate(ranks)}
     for at, rank in enumerate(ranks):
         for source in halo_slices(call, placement, rank, ranks):
-            found.add((at - ranks.index(source)) % size)
+            found.add((at - where[source]) % size)
     return tuple(sorted(found))
 
 
@@ -730,7 +903,7 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
     Returns:
         At least 1 (a rank's own block), at most ``len(ranks)``.
     """
-    offsets = _offsets([g.name for g in placement.groups], placement.sizes)
+    offsets = placement.offsets
     bands = [
         [
             (key.name, pair_band(key.modifiers, offsets[key.name] - offsets[q]))
@@ -760,8 +933,24 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
         return False
 
     size, steps = len(ranks), 1
+    where = {rank: at for at, rank in enumerate(ranks)}
+    # a band's interval of keys holds every key block the test above reads,
+    # so the ranks holding that interval are the only candidates (found by
+    # bisect, not by asking every rank); a grid's test may read blocks
+    # between the corners of its box, so there every rank is one
+    gridded = any(band.grid is not None for row in bands for _, band in row)
     for at, rank in enumerate(ranks):
-        for step in range(size - 1, steps - 1, -1):  # the farthest step read, past those already found
+        if gridded:
+            candidates: Iterable[int] = range(steps, size)
+        else:
+            found: set[int] = set()
+            for q, row in zip(queries, bands):
+                for r in placement.group(q).ranges[rank]:
+                    for name, band in row:
+                        lo, hi = _band_interval(r, placement.group(name).size or 0, band)
+                        found.update(where[s] for s, _ in placement.holding(name, lo, hi) if s in where)
+            candidates = {(at - s) % size for s in found}
+        for step in sorted((s for s in candidates if s >= steps), reverse=True):  # the farthest step read
             if reads(rank, ranks[(at - step) % size]):
                 steps = step + 1
                 break
@@ -851,10 +1040,7 @@ def schedule(
                 continue
             if gather_first:
                 candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
-            moved = [
-                sum(_call_received(placement, [*out, c], c, rank) for rank in range(world))
-                for c in candidates
-            ]
+            moved = [sum(_received_by_rank(placement, [*out, c], c)) for c in candidates]
             best = moved.index(min(moved))
             order = [best, *(i for i in range(len(candidates)) if i != best)]
             out.append(
@@ -863,7 +1049,7 @@ def schedule(
         return out
 
     def total(chosen: list[ShardedCall]) -> int:
-        return sum(_call_received(placement, chosen, c, rank) for c in chosen for rank in range(world))
+        return sum(sum(_received_by_rank(placement, chosen, c)) for c in chosen)
 
     out = choose(gather_first=False)
     if any(len(c.moved) > 1 for c in out):
@@ -881,7 +1067,8 @@ def schedule(
             out = gathering
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
-    received = tuple(sum(_call_received(placement, out, c, rank) for c in out) for rank in range(world))
+    per_call = [_received_by_rank(placement, out, c) for c in out]
+    received = tuple(sum(column) for column in zip(*per_call)) if per_call else (0,) * world
     minimum = tuple(
         _needed(placement, [c.attention for c in out if c.strategy != "local"], rank) for rank in range(world)
     )
