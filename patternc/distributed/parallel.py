@@ -34,6 +34,7 @@ from patternc.distributed.heads import Mode, ModeChoice, choose_mode
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
 from patternc.lower.layout import Layout, ShardSizes, Sizes
+from patternc.lower.tables import TracedTables
 from patternc.nn.context import FullKV, swap_sharding
 from patternc.nn.executors import get_executor
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -154,10 +155,11 @@ class ContextParallel:
             groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups, balance=balance
         )
         agree("placement", self.placement.digest, group)
-        self._runners: dict[tuple[Layout, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
-        """Per (local layout, padded, ALiBi, device, heads): the schedule and its
+        self._runners: dict[tuple[int, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
+        """Per (local layout's ``id``, padded, ALiBi, device, heads): the schedule and its
         index tensors or the head-parallel runner, built on first use (layouts
-        are cached, so identity is stable). Heads None: the schedule, for reports."""
+        are cached, and each runner holds its layout, so the ``id`` is not
+        reused while its entry lives). Heads None: the schedule, for reports."""
         self._active = False
         self._previous: Any = None
         self.traffic: dict[str, int] = {}
@@ -268,7 +270,13 @@ class ContextParallel:
     def _runner(
         self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
     ) -> _Runner | HeadRunner:
-        key = (layout, padded, alibi, device, None if self.mode == "ring" else heads)
+        # keyed by the identity of the layout eager calls hold: a trace reads a
+        # copy of it whose tables name the original (Dynamo cannot hash a
+        # layout, and a key of plain values keeps the lookup in the graph's
+        # Python, so a warm trace finds the runner an eager call built)
+        tables = layout.tables
+        owner = tables.layout_id if isinstance(tables, TracedTables) else id(layout)
+        key = (owner, padded, alibi, device, None if self.mode == "ring" else heads)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(layout, padded, alibi, device, key[-1])
