@@ -122,7 +122,9 @@ def worker(rank: int, world: int, port: int, out_dir: str, runs: list[tuple[str,
     dist.destroy_process_group()
 
 
-def spawn(world: int, runs: list[tuple[str, str, bool]], out_dir: str, port: int) -> list[list[dict[str, Any]]]:
+def spawn(
+    world: int, runs: list[tuple[str, str, bool]], out_dir: str, port: int
+) -> list[list[dict[str, Any]]]:
     """Run ``(mode, backend, fullgraph)`` runs on ``world`` gloo processes; every rank's results."""
     import torch.multiprocessing as mp
 
@@ -153,7 +155,9 @@ def main() -> None:
         outcome = r.get("error") or (
             f"out {r['out']:.1e} grad_x {r['grad_x']:.1e} grad_params {r['grad_params']:.1e}"
         )
-        print(f"{r['mode']:7} {r['backend']:10} {r['fullgraph']!s:9} {r['graphs']:6} {r['breaks']:6}  {outcome}")
+        print(
+            f"{r['mode']:7} {r['backend']:10} {r['fullgraph']!s:9} {r['graphs']:6} {r['breaks']:6}  {outcome}"
+        )
     print("\ngraph breaks counted by Dynamo while compiling forward and backward (rank 0)")
     for r in results[0]:
         for reason, count in r.get("counted", {}).items():

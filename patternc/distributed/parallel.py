@@ -389,7 +389,9 @@ class _Runner:
         # order, so their ring exchanges match), the others after the wait.
         # In the backward the reduce-scatter of its gradients overlaps the
         # backward of the early parts (see post_all_gather).
-        pending = self.gather.post(packed, self.comm)
+        # a trace (its layout's tables are a trace's view) gathers synchronously
+        overlap = not inputs.layout.tables.traced
+        pending = self.gather.post(packed, self.comm, overlap)
         pieces: dict[int, Tensor] = {}  # the executor's part at -1, blockwise call i at i
 
         def compute(late: bool, gathered: dict[str, Tensor]) -> None:
@@ -410,7 +412,7 @@ class _Runner:
             out = done[0]
         else:
             out = torch.cat(done, dim=1).index_select(1, self.inverse)
-        full = self._full_kv(packed, gathered, dim, full_cache, links)
+        full = self._full_kv(packed, gathered, dim, full_cache, links, overlap)
         if links:
             # every rank's output depends on every collective, so every rank
             # runs each one's backward, in the same (reverse creation) order,
@@ -419,7 +421,13 @@ class _Runner:
         return out, full
 
     def _full_kv(
-        self, packed: Tensor, gathered: dict[str, Tensor], dim: int, complete: bool, links: list[Tensor]
+        self,
+        packed: Tensor,
+        gathered: dict[str, Tensor],
+        dim: int,
+        complete: bool,
+        links: list[Tensor],
+        overlap: bool = True,
     ) -> FullKV:
         """The key groups this rank holds in full (all of them when ``complete``)."""
         placement, rank = self.tokens.placement, self.tokens.rank
@@ -437,6 +445,8 @@ class _Runner:
             elif g.local_size(rank) == g.size:
                 out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
         if complete and missing:
-            extra = GatherPlan.build(self.tokens, missing, self.comm.world_size).run(packed, self.comm, links)
-            out.update((n, split_kv(kv, dim)) for n, kv in extra.items())
+            extra = GatherPlan.build(self.tokens, missing, self.comm.world_size)
+            out.update(
+                (n, split_kv(kv, dim)) for n, kv in extra.run(packed, self.comm, links, overlap).items()
+            )
         return out
