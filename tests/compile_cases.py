@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 import patternc
 from patternc import MixedAttentionConfig
@@ -37,6 +37,12 @@ MODES: dict[str, tuple[str, dict[str, int], dict[str, Any]]] = {
     "gather": ("groups a b\na -> a\nb -> a, b", {"a": 6, "b": 17}, {"strategy": "gather"}),
     "ring": ("groups a\na -> a [causal]", {"a": 23}, {"strategy": "ring"}),
     "halo": ("groups a\na -> a [causal, window 4]", {"a": 29}, {"strategy": "halo"}),
+    # a two-layer untied Transformer with RoPE: causal documents and gathered anchors
+    "stack": (
+        "groups doc* anchors queries\ndoc* -> self [causal]\nanchors, queries -> anchors",
+        {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40},
+        {"mode": "ring"},
+    ),
 }
 
 
@@ -60,10 +66,24 @@ def _where(reason: Any) -> str:
 
 def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]:
     source, sizes, options = MODES[mode]
-    plan = patternc.compile(source).patterns["default"]
     torch.manual_seed(0)
-    attn = PatternAttention(MixedAttentionConfig(hidden_dim=16, num_heads=2), plan).double()
+    attn: nn.Module
+    if mode == "stack":
+        config = patternc.nn.TransformerConfig(
+            vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0,
+            pos_emb_type="rope", untied=True,
+        )  # fmt: skip
+        attn = patternc.nn.Transformer(config, patternc.compile(source)).double()
+        plan = next(iter(attn.plans.values())).bind(list(sizes))
+    else:
+        plan = patternc.compile(source).patterns["default"]
+        attn = PatternAttention(MixedAttentionConfig(hidden_dim=16, num_heads=2), plan).double()
     cp = ContextParallel(plan, sizes, **options)
+
+    def call(x: Tensor, given: dict[str, int]) -> Tensor:
+        out = attn(x, given)
+        return out if isinstance(out, Tensor) else out[0]
+
     n = sum(sizes.values())
     x_full = torch.randn(2, n, 16, dtype=torch.float64)
     probe_full = torch.randn(2, n, 16, dtype=torch.float64)
@@ -72,15 +92,14 @@ def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]
 
     # one process over every token: the reference
     x_one = x_full.clone().requires_grad_(True)
-    (attn(x_one, sizes)[0] * probe_full).sum().backward()
+    (call(x_one, sizes) * probe_full).sum().backward()
     assert x_one.grad is not None
-    ref_out = cp.shard(attn(x_full, sizes)[0].detach())
+    ref_out = cp.shard(call(x_full, sizes).detach())
     ref_dx = cp.shard(x_one.grad)
-    ref_dp = [p.grad.clone() for p in attn.parameters() if p.grad is not None]
+    ref_dp = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in attn.parameters()]
 
     def forward(x: Tensor) -> Tensor:
-        out: Tensor = attn(x, local)[0]
-        return out
+        return call(x, local)
 
     def grads(fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
         attn.zero_grad()
@@ -90,11 +109,11 @@ def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]
         (out * probe).sum().backward()
         assert x.grad is not None
         summed = []
-        for p in attn.parameters():
-            if p.grad is not None:  # per rank, as under data parallelism: summed over the ranks
-                grad = p.grad.clone()
-                dist.all_reduce(grad)
-                summed.append(grad)
+        for p in attn.parameters():  # per rank, as under data parallelism: summed over the ranks
+            # (a rank without tokens of an untied type has no gradient for its projection)
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            summed.append(grad)
         return out.detach(), x.grad, summed
 
     grads(forward)  # an eager sharded call first, which builds the layout's runner

@@ -1,9 +1,10 @@
 """``torch.compile`` of sharded modules: gloo groups of 2 processes spawned
 here (cases in tests/compile_cases.py), each mode compiled with the
 ``eager`` backend and checked against one process in float64, forward and
-backward, with Dynamo's graph breaks counted: none for head-parallel mode
-and the gather (compiled with ``fullgraph=True``), and for a ring or halo
-only the one call that passes keys between ranks."""
+backward, with Dynamo's graph breaks counted: none for head-parallel mode,
+the gather and a two-layer Transformer stack (compiled with
+``fullgraph=True``), and for a ring or halo only the one call that passes
+keys between ranks."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compile_cases
 
 TOLERANCE = 1e-10
-FULLGRAPH = ["heads", "gather"]
+FULLGRAPH = ["heads", "gather", "stack"]
 PASSING_KEYS = ["ring", "halo"]
 DISABLED = "torch.compiler.disable"
 
