@@ -499,6 +499,23 @@ class _HaloAttend(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable  # type: ignore[misc,untyped-decorator,unused-ignore]
+def _passing_keys(function: type[torch.autograd.Function], *args: Any) -> Tensor:
+    """``function.apply(*args)`` for a ring or halo, run eagerly under ``torch.compile``.
+
+    Their forward and backward pass keys and gradients between ranks with
+    ``isend``/``irecv``, which Dynamo does not trace (it refuses to build a
+    ``P2POp`` or call ``batch_isend_irecv``), and post the next step's
+    transfer before computing the current one. Disabling compilation here
+    breaks the graph once per ring or halo call (Dynamo counts that break
+    in each frame it passes through, the layer's forward down to here),
+    rather than at every exchange with a fallback of the frames around
+    them; the rest of the layer (projections, gathers, the executor's part)
+    is still traced."""
+    out: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
+    return out
+
+
 class BlockwiseCall:
     """One call on the blockwise kernels: its queries, and per key block
     (cached groups, this rank's own or the gathered keys, each ring step's)
@@ -680,15 +697,21 @@ class BlockwiseCall:
         if self.halo is not None:
             own_kv = packed.index_select(1, self.local_keys.rows)
             fixed_kernels = tuple(k if k is None or not k.empty else None for k in fixed)
-            halo_out: Tensor = _HaloAttend.apply(  # type: ignore[no-untyped-call]
-                _HaloRun(fixed_kernels, self.halo, args), q, own_kv, *kvs
-            )
+            halo_run = _HaloRun(fixed_kernels, self.halo, args)
+            if self.halo.steps:
+                halo_out: Tensor = _passing_keys(_HaloAttend, halo_run, q, own_kv, *kvs)
+            else:
+                halo_out = _HaloAttend.apply(halo_run, q, own_kv, *kvs)  # type: ignore[no-untyped-call]
             if self.halo.steps:  # keys and their gradients pass through this rank
                 links.append(halo_out)
             return halo_out
         ring_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
         run = _Run(tuple(k if k is None or not k.empty else None for k in fixed), self.ring, args)
-        out: Tensor = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]
+        out: Tensor
+        if self.ring is not None:
+            out = _passing_keys(_Attend, run, q, ring_kv, *kvs)
+        else:
+            out = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]
         if self.ring is not None:
             # every rank of the call's ring runs its backward (blocks and
             # their gradients pass through it), even one whose queries read

@@ -198,29 +198,62 @@ class _GatherReceived(torch.autograd.Function):
         return ctx.state.post_reduce(grad), None
 
 
+class _GatherAtOnce(torch.autograd.Function):
+    """The all-gather and, in the backward, the reduce-scatter, each run to
+    completion in place: the form a ``torch.compile`` trace takes into its
+    graph (Dynamo does not trace ``async_op=True``, a work's ``wait``, or the
+    state two autograd nodes share)."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, counts: tuple[int, ...], group: Group) -> Tensor:
+        world, longest = len(counts), max(counts)
+        ctx.counts, ctx.group, ctx.rank = counts, group, dist.get_rank(group)
+        padded = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
+        out = local.new_empty((longest * world, *local.shape[1:]))
+        _ALL_GATHER(out, padded.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        counts = ctx.counts
+        mine = grad.new_empty((max(counts), *grad.shape[1:]))
+        _REDUCE_SCATTER(mine, grad.contiguous(), group=ctx.group)
+        return mine[: counts[ctx.rank]], None, None
+
+
 class PendingGather:
     """An all-gather posted by :func:`post_all_gather`: work done before
     :meth:`wait` overlaps the transfer, and in the backward the
-    reduce-scatter of the gradient overlaps that work's backward."""
+    reduce-scatter of the gradient overlaps that work's backward. Where
+    ``state`` is None, ``posted`` is the gathered buffer already."""
 
-    def __init__(self, posted: Tensor, state: _GatherState) -> None:
+    def __init__(self, posted: Tensor, state: _GatherState | None) -> None:
         self._posted, self._state = posted, state
 
     def wait(self) -> Tensor:
         """``[world * max(counts), ...]``: rank ``s``'s tokens at
         ``s * max(counts)``, zero padding after them."""
+        if self._state is None:
+            return self._posted
         out: Tensor = _GatherReceived.apply(self._posted, self._state)  # type: ignore[no-untyped-call]
         return out
 
 
-def post_all_gather(local: Tensor, counts: Sequence[int], group: Group) -> PendingGather:
+def post_all_gather(
+    local: Tensor, counts: Sequence[int], group: Group, overlap: bool = True
+) -> PendingGather:
     """Start gathering every rank's tokens (``local`` is ``[counts[rank], ...]``);
     :meth:`PendingGather.wait` returns them, differentiable. The backward
     reduce-scatters the gradient, so each rank gets the gradient of the
     tokens it sent, summed over every rank that read them: posted as soon
     as the gradient of the gathered tokens is complete, waited for when the
     gradient of ``local`` is needed. On NCCL both waits are stream waits (no
-    host synchronisation); on gloo they block the host."""
+    host synchronisation); on gloo they block the host. ``overlap=False``
+    runs both collectives at once, synchronously (in a ``torch.compile``
+    trace: Dynamo does not trace ``async_op=True`` or a work's ``wait``)."""
+    if not overlap:
+        done: Tensor = _GatherAtOnce.apply(local, tuple(counts), group)  # type: ignore[no-untyped-call]
+        return PendingGather(done, None)
     state = _GatherState(tuple(counts), group)
     posted: Tensor = _GatherPosted.apply(local, state)  # type: ignore[no-untyped-call]
     return PendingGather(posted, state)

@@ -34,6 +34,7 @@ from patternc.distributed.heads import Mode, ModeChoice, choose_mode
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
 from patternc.lower.layout import Layout, ShardSizes, Sizes
+from patternc.lower.tables import TracedTables
 from patternc.nn.context import FullKV, swap_sharding
 from patternc.nn.executors import get_executor
 from patternc.nn.executors.common import AttentionInputs, Executor
@@ -155,10 +156,11 @@ class ContextParallel:
             groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups, balance=balance
         )
         agree("placement", self.placement.digest, group)
-        self._runners: dict[tuple[Layout, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
-        """Per (local layout, padded, ALiBi, device, heads): the schedule and its
+        self._runners: dict[tuple[int, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
+        """Per (local layout's ``id``, padded, ALiBi, device, heads): the schedule and its
         index tensors or the head-parallel runner, built on first use (layouts
-        are cached, so identity is stable). Heads None: the schedule, for reports."""
+        are cached, and each runner holds its layout, so the ``id`` is not
+        reused while its entry lives). Heads None: the schedule, for reports."""
         self._active = False
         self._previous: Any = None
         self.traffic: dict[str, int] = {}
@@ -269,7 +271,13 @@ class ContextParallel:
     def _runner(
         self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
     ) -> _Runner | HeadRunner:
-        key = (layout, padded, alibi, device, None if self.mode == "ring" else heads)
+        # keyed by the identity of the layout eager calls hold: a trace reads a
+        # copy of it whose tables name the original (Dynamo cannot hash a
+        # layout, and a key of plain values keeps the lookup in the graph's
+        # Python, so a warm trace finds the runner an eager call built)
+        tables = layout.tables
+        owner = tables.layout_id if isinstance(tables, TracedTables) else id(layout)
+        key = (owner, padded, alibi, device, None if self.mode == "ring" else heads)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(layout, padded, alibi, device, key[-1])
@@ -382,7 +390,9 @@ class _Runner:
         # order, so their ring exchanges match), the others after the wait.
         # In the backward the reduce-scatter of its gradients overlaps the
         # backward of the early parts (see post_all_gather).
-        pending = self.gather.post(packed, self.comm)
+        # a trace (its layout's tables are a trace's view) gathers synchronously
+        overlap = not inputs.layout.tables.traced
+        pending = self.gather.post(packed, self.comm, overlap)
         pieces: dict[int, Tensor] = {}  # the executor's part at -1, blockwise call i at i
 
         def compute(late: bool, gathered: dict[str, Tensor]) -> None:
@@ -403,7 +413,7 @@ class _Runner:
             out = done[0]
         else:
             out = torch.cat(done, dim=1).index_select(1, self.inverse)
-        full = self._full_kv(packed, gathered, dim, full_cache, links)
+        full = self._full_kv(packed, gathered, dim, full_cache, links, overlap)
         if links:
             # every rank's output depends on every collective, so every rank
             # runs each one's backward, in the same (reverse creation) order,
@@ -412,7 +422,13 @@ class _Runner:
         return out, full
 
     def _full_kv(
-        self, packed: Tensor, gathered: dict[str, Tensor], dim: int, complete: bool, links: list[Tensor]
+        self,
+        packed: Tensor,
+        gathered: dict[str, Tensor],
+        dim: int,
+        complete: bool,
+        links: list[Tensor],
+        overlap: bool = True,
     ) -> FullKV:
         """The key groups this rank holds in full (all of them when ``complete``)."""
         placement, rank = self.tokens.placement, self.tokens.rank
@@ -430,6 +446,8 @@ class _Runner:
             elif g.local_size(rank) == g.size:
                 out[name] = split_kv(packed.index_select(1, self.tokens.rows[name]), dim)
         if complete and missing:
-            extra = GatherPlan.build(self.tokens, missing, self.comm.world_size).run(packed, self.comm, links)
-            out.update((n, split_kv(kv, dim)) for n, kv in extra.items())
+            extra = GatherPlan.build(self.tokens, missing, self.comm.world_size)
+            out.update(
+                (n, split_kv(kv, dim)) for n, kv in extra.run(packed, self.comm, links, overlap).items()
+            )
         return out

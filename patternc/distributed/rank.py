@@ -124,11 +124,13 @@ class GatherPlan:
             index[name] = at.to(tokens.device)
         return GatherPlan(tuple(names), cat([tokens.rows[g] for g in names], tokens.device), counts, index)
 
-    def post(self, packed: Tensor, comm: Comm) -> PendingGather | None:
-        """Start the all-gather of this rank's rows of ``packed`` (None: nothing to gather)."""
+    def post(self, packed: Tensor, comm: Comm, overlap: bool = True) -> PendingGather | None:
+        """Start the all-gather of this rank's rows of ``packed`` (None: nothing
+        to gather; ``overlap``: see :func:`~patternc.distributed.collectives.post_all_gather`)."""
         if not self.index:
             return None
-        return post_all_gather(packed.index_select(1, self.rows).transpose(0, 1), self.counts, comm.group)
+        local = packed.index_select(1, self.rows).transpose(0, 1)
+        return post_all_gather(local, self.counts, comm.group, overlap)
 
     def finish(self, pending: PendingGather | None, comm: Comm, links: list[Tensor]) -> dict[str, Tensor]:
         """Wait for the gather :meth:`post` started: ``{group: [B, n, H, F]}`` in
@@ -140,6 +142,6 @@ class GatherPlan:
         comm.count(f"gather {','.join(self.names)}", stacked, own_slot=True)
         return {g: stacked.index_select(0, i).transpose(0, 1) for g, i in self.index.items()}
 
-    def run(self, packed: Tensor, comm: Comm, links: list[Tensor]) -> dict[str, Tensor]:
+    def run(self, packed: Tensor, comm: Comm, links: list[Tensor], overlap: bool = True) -> dict[str, Tensor]:
         """:meth:`post` and :meth:`finish` at once."""
-        return self.finish(self.post(packed, comm), comm, links)
+        return self.finish(self.post(packed, comm, overlap), comm, links)
