@@ -274,7 +274,9 @@ class ContextParallel:
         # keyed by the identity of the layout eager calls hold: a trace reads a
         # copy of it whose tables name the original (Dynamo cannot hash a
         # layout, and a key of plain values keeps the lookup in the graph's
-        # Python, so a warm trace finds the runner an eager call built)
+        # Python, so a warm trace finds the runner an eager call built; the
+        # runner holds its layout, so no other layout takes that identity
+        # while the key is here)
         tables = layout.tables
         owner = tables.layout_id if isinstance(tables, TracedTables) else id(layout)
         key = (owner, padded, alibi, device, None if self.mode == "ring" else heads)
