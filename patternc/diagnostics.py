@@ -241,6 +241,11 @@ class Fix:
         return out
 
 
+def count_tokens(count: int) -> str:
+    """``1 token``, ``7 tokens``: a count of tokens as a message says it."""
+    return f"{count} token" if count == 1 else f"{count} tokens"
+
+
 def rename_fix(span: Span, old: str, new: str) -> Fix:
     """The fix of a "did you mean": replace ``old`` (at ``span``) by ``new``."""
     return Fix(f"replace `{old}` by `{new}`", (Edit(span, new),))

@@ -13,7 +13,7 @@ import itertools
 import pickle
 import random
 import tracemalloc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -143,6 +143,29 @@ def test_binding_makes_key_records_linear_in_members(monkeypatch: pytest.MonkeyP
         FRAMES.bind(list(_frames(count)))
         assert made[0] <= 2 * count + 10, (count, made[0])
     BINDINGS.clear()
+
+
+def test_layout_visits_each_key_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Laying out block-causal frames reads the calls' keys by their slices:
+    iterating every call's keys (as looking for neighbourhoods key by key
+    would) visits M(M+1)/2 groups."""
+    visited = [0]
+    iterate = Keys.__iter__
+
+    def counted(self: Keys) -> Iterator[KeyGroup]:
+        for key in iterate(self):
+            visited[0] += 1
+            yield key
+
+    for count in (1000, 4000):
+        plan = FRAMES.bind(list(_frames(count)))
+        LAYOUTS.clear()
+        visited[0] = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(Keys, "__iter__", counted)
+            plan.layout(_frames(count))
+        assert visited[0] <= 4 * count + 10, (count, visited[0])
+    LAYOUTS.clear()
 
 
 # -------------------------------------- records equal a key-by-key build

@@ -291,11 +291,46 @@ def test_grid_families_take_a_size_per_axis() -> None:
     assert torch.equal(members.layout(sizes).dense_mask(), shaped.layout({"px": 20}).dense_mask())
 
 
-def test_a_bad_shape_is_one_error() -> None:
-    """The rules reading a group whose shape was refused are not reported again."""
+@pytest.mark.parametrize(
+    "source",
+    ["groups image[3, 0]\nimage -> image[kernel 9]", "groups frame*[16, 16]\nframe* -> self[kernel 3]",
+     "groups frame*[4, 4]\nframe* -> frame*[kernel 3]", "groups a[0, 3] b[2, 3]\na, b -> self[near 1]"],
+)  # fmt: skip
+def test_a_bad_shape_is_one_error(source: str) -> None:
+    """The rules reading a group whose shape was refused are not reported
+    again, through ``self`` either (a family with a shape is refused: E208)."""
     with pytest.raises(PatternError) as error:
-        patternc.compile("groups image[3, 0]\nimage -> image[kernel 9]")
+        patternc.compile(source)
     assert [d.code for d in error.value.diagnostics] == ["E208"]
+
+
+def test_a_neighbourhood_on_self_names_the_queries_without_a_shape() -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile("groups a[3, 4] t u\na, t, u -> self[kernel 3]\n")
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E025" and diag.message == (
+        "`kernel 3` on `self` compares token coordinates: the queries `t`, `u` have no shape"
+    )
+    assert diag.hint is not None and "`groups t[...]`" in diag.hint and "`a -> a[kernel 3]`" in diag.hint
+    assert (diag.line, diag.column) == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes", "said"),
+    [("groups im[1, 9]\nim -> im[kernel 3]", None, "axis 0 (1 token)"),
+     ("groups im[1]\nim -> im[near 0]", {"im": 2}, "`im` has 2 tokens, but `im[near 0]` lays its tokens "
+      "on the shape [1]: 1 token |"),
+     ("groups im[1]\nim -> im[near 0]", {"im": None}, "give `im` 1 token,")],
+)  # fmt: skip
+def test_one_token_is_said_in_the_singular(
+    source: str, sizes: dict[str, int | None] | None, said: str
+) -> None:
+    with pytest.raises(PatternError) as error:
+        plan = plan_of(source)
+        assert sizes is not None
+        plan.layout(sizes)
+    (diag,) = error.value.diagnostics
+    assert said in f"{diag.message} | {diag.hint}"
 
 
 @pytest.mark.parametrize(("sizes", "said"), [({"im": 62}, "`im` has 62 tokens"), ({"im": None}, "KV cache")])
