@@ -333,14 +333,43 @@ def test_one_token_is_said_in_the_singular(
     assert said in f"{diag.message} | {diag.hint}"
 
 
-@pytest.mark.parametrize(("sizes", "said"), [({"im": 62}, "`im` has 62 tokens"), ({"im": None}, "KV cache")])
+@pytest.mark.parametrize(
+    ("sizes", "said"), [({"im": 62, "q": 63}, "`im` has 62 tokens"), ({"im": None, "q": 63}, "KV cache")]
+)
 def test_size_off_the_shape_is_refused(sizes: dict[str, int | None], said: str) -> None:
-    plan = plan_of("groups im[7, 9]\nim -> im[kernel 3]")
+    plan = plan_of("groups im[7, 9] q[7, 9]\nim -> im[kernel 3]\nq -> im[kernel 3]")
     with pytest.raises(PatternError) as error:
         plan.layout(sizes)
     (diag,) = error.value.diagnostics
     assert diag.code == "E409" and said in diag.message and "the shape [7, 9]: 63 tokens" in diag.message
     assert diag.hint is not None and "give `im` 63 tokens" in diag.hint
+
+
+@pytest.mark.parametrize("impl", ["dense", "loop", "batched", "auto", "varlen", "flex"])
+def test_a_cached_image_is_read_by_the_text_that_follows(impl: str) -> None:
+    """A VLM decoding text over an image in the KV cache: the image's own
+    neighbourhood has no queries in that step, so its size None is no
+    position off the shape; the text's outputs are those of the full run."""
+    plan = plan_of("groups image[3, 5] text\nimage -> image[kernel 3], text\ntext -> image, text[causal]")
+    module = make(plan, impl)
+    x = torch.randn(2, 19, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            full, cache = module(x, {"image": 15, "text": 4})
+            assert cache is not None
+            text, _ = module(x[:, 15:], {"image": None, "text": 4}, kv_cache=cache)
+    assert relative_error(text, full[:, 15:]) < 1e-5
+
+
+def test_a_cached_key_read_through_a_neighbourhood_is_refused() -> None:
+    """Queries present on the shape need the key's coordinates: a cached key has none (E409)."""
+    plan = plan_of("groups a[2, 3] b[2, 3]\na -> b[near 1]\nb -> b")
+    with pytest.raises(PatternError) as error:
+        plan.layout({"a": 6, "b": None})
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E409" and "`b` is read from a KV cache (size None)" in diag.message
+    assert plan.layout({"a": 0, "b": None}).n_tokens == 0  # no query reads it here
 
 
 def test_an_empty_shaped_group_pairs_nothing() -> None:

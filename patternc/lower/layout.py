@@ -942,10 +942,16 @@ def _off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> tuple[Diagnos
 
 def _off_shape_of(key: KeyGroup, queries: Sequence[str], slots: Mapping[str, GroupSlot]) -> Diagnostic | None:
     """E409 for the first of ``key`` and its ``queries`` not holding the
-    shape's tokens of ``key``'s neighbourhood (or none at all)."""
+    shape's tokens of ``key``'s neighbourhood (or none at all). A call none
+    of whose queries has a token here (all empty or read from the KV cache,
+    as an image's own neighbourhood is while text decodes over it) pairs
+    nothing, whatever its key holds."""
     grid = key.modifiers.grid
     assert grid is not None
-    for name in (key.name, *queries):
+    present = [q for q in queries if slots[q].size]
+    if not present:
+        return None
+    for name in (key.name, *present):
         size = slots[name].size
         if size is not None and size in (0, grid.n_tokens):
             continue
