@@ -55,6 +55,17 @@ def test_keys_equal_the_tuple_of_their_groups_however_they_are_cut() -> None:
     assert {cuts[0]: 1}[cuts[1]] == 1
 
 
+def test_keys_concatenate_as_the_tuple_they_were() -> None:
+    """``AttentionCall.keys`` was a tuple: code that adds keys to it gets a tuple."""
+    call = FRAMES.bind(list(_frames(3))).calls[-1]
+    extra = _keys("z")
+    assert call.keys + extra == (*call.keys, *extra) and type(call.keys + extra) is tuple
+    assert extra + call.keys == (*extra, *call.keys) and type(extra + call.keys) is tuple
+    assert call.keys + call.keys == tuple(call.keys) * 2
+    with pytest.raises(TypeError):
+        call.keys + list(extra)  # type: ignore[operator]
+
+
 def test_keys_index_errors_and_pickling() -> None:
     keys = Keys([(KeyRun(_keys("a", "b", "c")), 1, 3)])
     with pytest.raises(IndexError, match="key index out of range"):
