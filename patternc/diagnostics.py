@@ -131,7 +131,7 @@ MEANINGS: dict[str, str] = {
     ),
     Code.CONFLICTING_MODIFIERS: (
         "two modifier lists for one key group (the rule's and a key's, or two keys'), "
-        "or `window` beside `back`/`ahead`"
+        "two relations for one key group (`f*[upto], f*[before]`), or `window` beside `back`/`ahead`"
     ),
     Code.MISPLACED_MODIFIER: "modifiers where they mean nothing (query side, an exclusion, `types`)",
     Code.MISPLACED_MEMBER_RELATION: (

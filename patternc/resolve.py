@@ -401,7 +401,7 @@ class GroupResolver:
                 out.groups |= part.groups
                 self._merge_modifiers(out, part, problems)
                 for name, relation in part.relations.items():
-                    out.relations.setdefault(name, relation)
+                    self._merge_relation(out, name, relation, problems)
             return out
         if isinstance(node, Modified):
             inner = self._selector(node.inner, problems, intended, keys=keys, excluded=excluded)
@@ -420,7 +420,7 @@ class GroupResolver:
             listed = node.modifiers.members
             if listed is not None:
                 for name in inner.groups:
-                    inner.relations.setdefault(name, (listed, node.modifiers.span))
+                    self._merge_relation(inner, name, (listed, node.modifiers.span), problems)
             for name in inner.groups:
                 own = inner.modifiers.get(name)
                 if own is not None and own[0] != mods:
@@ -444,6 +444,23 @@ class GroupResolver:
                 problems.append(self._conflict(name, first[0], mods, span))
                 continue
             out.modifiers.setdefault(name, (mods, span))
+
+    @staticmethod
+    def _merge_relation(
+        out: _Selection, name: str, relation: tuple[MemberRelation, Span], problems: list[Diagnostic]
+    ) -> None:
+        """The relation of ``name`` in ``out``: the one given, or E023 where
+        another was given already (the first is kept)."""
+        first = out.relations.setdefault(name, relation)
+        if first[0] != relation[0]:
+            problems.append(
+                Diagnostic(
+                    Code.CONFLICTING_MODIFIERS,
+                    f"`{name}` is given two relations: [{first[0].text()}] and [{relation[0].text()}]",
+                    relation[1],
+                    "select each key group with one relation",
+                )
+            )
 
     @staticmethod
     def _conflict(name: str, first: Modifiers, second: Modifiers, span: Span) -> Diagnostic:

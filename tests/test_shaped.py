@@ -268,6 +268,27 @@ def test_errors(source: str, code: str, message: str, hint: str) -> None:
     assert diag.line is not None and diag.column is not None
 
 
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [("groups im[3, 3]\nim -> im[kernel 3], im[near 1]", "`im` is given two relations: [kernel 3] and [near 1]"),
+     ("groups im[3, 3]\nim -> im[near 1], (im)[kernel 2 3]", "[near 1] and [kernel 2 3]"),
+     ("groups f*\nf* -> f*[upto], f*[before]", "`f*` is given two relations: [upto] and [before]"),
+     ("groups t*_*\nt*_* -> (t*_*[kernel 3])[near 1]", "[kernel 3] and [near 1]")],
+)  # fmt: skip
+def test_two_relations_for_one_key_are_refused(source: str, said: str) -> None:
+    """As two token modifier lists are (E023): neither silently wins."""
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    diag = next(d for d in error.value.diagnostics if d.code == "E023")
+    assert said in diag.message
+    assert diag.hint is not None and "one relation" in diag.hint
+
+
+def test_the_same_relation_twice_is_one() -> None:
+    plan = plan_of("groups im[3, 3]\nim -> im[kernel 3], (im)[kernel 3]")
+    assert [c.text() for c in plan.calls] == ["im -> im[kernel 3]"]
+
+
 @pytest.mark.parametrize("written", ["image [16, 16]", "image[16 16]", "image [16 16]"])
 def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
     source = f"groups {written} text\nimage -> image[kernel 3]\ntext -> *\n"
