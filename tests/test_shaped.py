@@ -302,6 +302,9 @@ def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
     fixed = diag.fix.apply(source)
     assert fixed.startswith("groups image[16, 16] text\n")
     patternc.compile(fixed)
+    if written.startswith("image ["):  # the `[` found is not also listed as expected
+        assert diag.message.startswith("unexpected `[` after a space; expected `[` touching the name before it, ")
+        assert diag.message.count("`[`") == 2
 
 
 def test_grid_families_take_a_size_per_axis() -> None:
