@@ -303,7 +303,9 @@ def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
     assert fixed.startswith("groups image[16, 16] text\n")
     patternc.compile(fixed)
     if written.startswith("image ["):  # the `[` found is not also listed as expected
-        assert diag.message.startswith("unexpected `[` after a space; expected `[` touching the name before it, ")
+        assert diag.message.startswith(
+            "unexpected `[` after a space; expected `[` touching the name before it, "
+        )
         assert diag.message.count("`[`") == 2
 
 
@@ -344,7 +346,7 @@ def test_a_neighbourhood_on_self_names_the_queries_without_a_shape() -> None:
     [("groups im[1, 9]\nim -> im[kernel 3]", None, "axis 0 (1 token)"),
      ("groups im[1]\nim -> im[near 0]", {"im": 2}, "`im` has 2 tokens, but `im[near 0]` lays its tokens "
       "on the shape [1]: 1 token |"),
-     ("groups im[1]\nim -> im[near 0]", {"im": None}, "give `im` 1 token,")],
+     ("groups im[1] q[1]\nq -> im[near 0]\nim -> im", {"im": None, "q": 1}, "give `im` 1 token,")],
 )  # fmt: skip
 def test_one_token_is_said_in_the_singular(
     source: str, sizes: dict[str, int | None] | None, said: str
