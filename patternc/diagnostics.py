@@ -131,7 +131,7 @@ MEANINGS: dict[str, str] = {
     ),
     Code.CONFLICTING_MODIFIERS: (
         "two modifier lists for one key group (the rule's and a key's, or two keys'), "
-        "or `window` beside `back`/`ahead`"
+        "two relations for one key group (`f*[upto], f*[before]`), or `window` beside `back`/`ahead`"
     ),
     Code.MISPLACED_MODIFIER: "modifiers where they mean nothing (query side, an exclusion, `types`)",
     Code.MISPLACED_MEMBER_RELATION: (
@@ -239,6 +239,11 @@ class Fix:
             end = offset(edit.span.end_line, edit.span.end_column)
             out = out[:start] + edit.replacement + out[end:]
         return out
+
+
+def count_tokens(count: int) -> str:
+    """``1 token``, ``7 tokens``: a count of tokens as a message says it."""
+    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def rename_fix(span: Span, old: str, new: str) -> Fix:

@@ -189,6 +189,17 @@ class Keys(Sequence[KeyGroup]):
     def __bool__(self) -> bool:
         return self._length > 0
 
+    def __add__(self, other: object) -> tuple[KeyGroup, ...]:
+        # a tuple's concatenation: `call.keys + (key,)` was tuple + tuple before keys were runs
+        if isinstance(other, (tuple, Keys)):
+            return (*self, *other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> tuple[KeyGroup, ...]:
+        if isinstance(other, tuple):
+            return (*other, *self)
+        return NotImplemented
+
     def __repr__(self) -> str:
         return repr(tuple(self))
 

@@ -21,7 +21,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, rename_fix
+from patternc.diagnostics import Code, Diagnostic, NameIndex, Span, count_tokens, rename_fix
 from patternc.ir import KeyGroup, ResolvedRule
 from patternc.members import GRID_RELATIONS, MemberRelation, grid_axes, is_family
 from patternc.modifiers import NO_MODIFIERS, Modifiers, Neighbourhood
@@ -145,12 +145,10 @@ class GroupResolver:
 
         # once per `self`, not per query group: a problem of the list, not of a group
         for _, listed in selves:
-            if listed is not None and listed.members is not None:
-                if not on_grid(listed):
-                    problems.append(self._relation_on_self(listed))
-            elif listed is None and rule_list is not None and rule_list.members is not None:
-                if not on_grid(rule_list):
-                    problems.append(self._relation_on_self(rule_list))
+            relation_list = listed if listed is not None else rule_list
+            if relation_list is not None and relation_list.members is not None:
+                if not on_grid(relation_list):
+                    problems.extend(self._relation_on_self(relation_list, ordered))
             elif listed is not None and rule_list is not None and rule_list.text():
                 problems.append(_two_lists(SELF, listed, rule_list))
         resolved = []
@@ -305,7 +303,7 @@ class GroupResolver:
                                     if kn[0] > kn[1])  # fmt: skip
                 problem = Diagnostic(
                     Code.BAD_MODIFIER_ARGUMENT,
-                    f"{said}: a kernel of {k} is wider than axis {axis} ({n} tokens)",
+                    f"{said}: a kernel of {k} is wider than axis {axis} ({count_tokens(n)})",
                     span,
                     f"a kernel spans at most its axis: `kernel {n}` on that axis reads all of it",
                 )
@@ -325,15 +323,36 @@ class GroupResolver:
             out.append(KeyGroup(key.name, Modifiers(grid=grid)))
         return out
 
-    @staticmethod
-    def _relation_on_self(listed: ModifierList) -> Diagnostic:
-        return Diagnostic(
-            Code.MISPLACED_MEMBER_RELATION,
-            f"`{listed.members.text() if listed.members else ''}` on `self`: "
-            "`self` is the query group itself",
-            listed.span,
-            "drop it, or name the family instead of `self` (`frame*[upto]`)",
-        )
+    def _relation_on_self(self, listed: ModifierList, queries: Sequence[str]) -> list[Diagnostic]:
+        """A member relation on ``self`` (E025), or a neighbourhood on
+        ``self`` for groups that are not all shaped: none when one of them
+        had its shape refused (E208 said it)."""
+        relation = listed.members
+        assert relation is not None
+        if relation.kind in GRID_RELATIONS and any(q in self.bad_shapes for q in queries):
+            return []
+        if relation.kind not in GRID_RELATIONS or any(is_family(q) for q in queries):
+            return [
+                Diagnostic(
+                    Code.MISPLACED_MEMBER_RELATION,
+                    f"`{relation.text()}` on `self`: `self` is the query group itself",
+                    listed.span,
+                    "drop it, or name the family instead of `self` (`frame*[upto]`)",
+                )
+            ]
+        unshaped = [q for q in queries if q not in self.shapes]
+        shaped = next((q for q in queries if q in self.shapes), None)
+        example = f"`{shaped} -> {shaped}[{relation.text()}]`" if shaped else "`groups image[16, 16]`"
+        return [
+            Diagnostic(
+                Code.MISPLACED_MEMBER_RELATION,
+                f"`{relation.text()}` on `self` compares token coordinates: the queries "
+                f"{_listed_names(unshaped)} have no shape",
+                listed.span,
+                f"declare each query group with its shape (`groups {unshaped[0]}[...]`), or give the "
+                f"neighbourhood in a rule whose queries all have one ({example})",
+            )
+        ]
 
     @staticmethod
     def _self_repeats(word: Word, query: str, key: KeyGroup) -> Diagnostic:
@@ -382,7 +401,7 @@ class GroupResolver:
                 out.groups |= part.groups
                 self._merge_modifiers(out, part, problems)
                 for name, relation in part.relations.items():
-                    out.relations.setdefault(name, relation)
+                    self._merge_relation(out, name, relation, problems)
             return out
         if isinstance(node, Modified):
             inner = self._selector(node.inner, problems, intended, keys=keys, excluded=excluded)
@@ -401,7 +420,7 @@ class GroupResolver:
             listed = node.modifiers.members
             if listed is not None:
                 for name in inner.groups:
-                    inner.relations.setdefault(name, (listed, node.modifiers.span))
+                    self._merge_relation(inner, name, (listed, node.modifiers.span), problems)
             for name in inner.groups:
                 own = inner.modifiers.get(name)
                 if own is not None and own[0] != mods:
@@ -425,6 +444,23 @@ class GroupResolver:
                 problems.append(self._conflict(name, first[0], mods, span))
                 continue
             out.modifiers.setdefault(name, (mods, span))
+
+    @staticmethod
+    def _merge_relation(
+        out: _Selection, name: str, relation: tuple[MemberRelation, Span], problems: list[Diagnostic]
+    ) -> None:
+        """The relation of ``name`` in ``out``: the one given, or E023 where
+        another was given already (the first is kept)."""
+        first = out.relations.setdefault(name, relation)
+        if first[0] != relation[0]:
+            problems.append(
+                Diagnostic(
+                    Code.CONFLICTING_MODIFIERS,
+                    f"`{name}` is given two relations: [{first[0].text()}] and [{relation[0].text()}]",
+                    relation[1],
+                    "select each key group with one relation",
+                )
+            )
 
     @staticmethod
     def _conflict(name: str, first: Modifiers, second: Modifiers, span: Span) -> Diagnostic:

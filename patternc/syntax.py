@@ -883,7 +883,13 @@ def _first_syntax_error(
                     )
                 )
             else:
-                message = f"unexpected {_describe_token(token)}; expected {_describe_expected(expected)}"
+                if token.type == "_LBRACKET" and "_KEY_LBRACKET" in expected:
+                    # the `[` expected is the one glued to the name: say so rather than list `[` as both
+                    others = _describe_expected(expected - {"_KEY_LBRACKET"})
+                    glued = "`[` touching the name before it"
+                    message = f"unexpected `[` after a space; expected {glued}, {others}"
+                else:
+                    message = f"unexpected {_describe_token(token)}; expected {_describe_expected(expected)}"
                 hint, fix = _syntax_hint(expected, token.type), None
                 in_brackets = (
                     _modifier_hint(lines, span.line, span.column) if "_RBRACKET" in expected else None

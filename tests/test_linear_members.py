@@ -56,6 +56,17 @@ def test_keys_equal_the_tuple_of_their_groups_however_they_are_cut() -> None:
     assert {cuts[0]: 1}[cuts[1]] == 1
 
 
+def test_keys_concatenate_as_the_tuple_they_were() -> None:
+    """``AttentionCall.keys`` was a tuple: code that adds keys to it gets a tuple."""
+    call = FRAMES.bind(list(_frames(3))).calls[-1]
+    extra = _keys("z")
+    assert call.keys + extra == (*call.keys, *extra) and type(call.keys + extra) is tuple
+    assert extra + call.keys == (*extra, *call.keys) and type(extra + call.keys) is tuple
+    assert call.keys + call.keys == tuple(call.keys) * 2
+    with pytest.raises(TypeError):
+        call.keys + list(extra)  # type: ignore[operator]
+
+
 def test_keys_index_errors_and_pickling() -> None:
     keys = Keys([(KeyRun(_keys("a", "b", "c")), 1, 3)])
     with pytest.raises(IndexError, match="key index out of range"):
@@ -144,6 +155,29 @@ def test_binding_makes_key_records_linear_in_members(monkeypatch: pytest.MonkeyP
         FRAMES.bind(list(_frames(count)))
         assert made[0] <= 2 * count + 10, (count, made[0])
     BINDINGS.clear()
+
+
+def test_layout_visits_each_key_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Laying out block-causal frames reads the calls' keys by their slices:
+    iterating every call's keys (as looking for neighbourhoods key by key
+    would) visits M(M+1)/2 groups."""
+    visited = [0]
+    iterate = Keys.__iter__
+
+    def counted(self: Keys) -> Iterator[KeyGroup]:
+        for key in iterate(self):
+            visited[0] += 1
+            yield key
+
+    for count in (1000, 4000):
+        plan = FRAMES.bind(list(_frames(count)))
+        LAYOUTS.clear()
+        visited[0] = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(Keys, "__iter__", counted)
+            plan.layout(_frames(count))
+        assert visited[0] <= 4 * count + 10, (count, visited[0])
+    LAYOUTS.clear()
 
 
 # -------------------------------------- records equal a key-by-key build

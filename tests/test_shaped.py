@@ -268,6 +268,27 @@ def test_errors(source: str, code: str, message: str, hint: str) -> None:
     assert diag.line is not None and diag.column is not None
 
 
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [("groups im[3, 3]\nim -> im[kernel 3], im[near 1]", "`im` is given two relations: [kernel 3] and [near 1]"),
+     ("groups im[3, 3]\nim -> im[near 1], (im)[kernel 2 3]", "[near 1] and [kernel 2 3]"),
+     ("groups f*\nf* -> f*[upto], f*[before]", "`f*` is given two relations: [upto] and [before]"),
+     ("groups t*_*\nt*_* -> (t*_*[kernel 3])[near 1]", "[kernel 3] and [near 1]")],
+)  # fmt: skip
+def test_two_relations_for_one_key_are_refused(source: str, said: str) -> None:
+    """As two token modifier lists are (E023): neither silently wins."""
+    with pytest.raises(PatternError) as error:
+        patternc.compile(source)
+    diag = next(d for d in error.value.diagnostics if d.code == "E023")
+    assert said in diag.message
+    assert diag.hint is not None and "one relation" in diag.hint
+
+
+def test_the_same_relation_twice_is_one() -> None:
+    plan = plan_of("groups im[3, 3]\nim -> im[kernel 3], (im)[kernel 3]")
+    assert [c.text() for c in plan.calls] == ["im -> im[kernel 3]"]
+
+
 @pytest.mark.parametrize("written", ["image [16, 16]", "image[16 16]", "image [16 16]"])
 def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
     source = f"groups {written} text\nimage -> image[kernel 3]\ntext -> *\n"
@@ -281,6 +302,11 @@ def test_a_shape_written_another_way_gets_its_fix(written: str) -> None:
     fixed = diag.fix.apply(source)
     assert fixed.startswith("groups image[16, 16] text\n")
     patternc.compile(fixed)
+    if written.startswith("image ["):  # the `[` found is not also listed as expected
+        assert diag.message.startswith(
+            "unexpected `[` after a space; expected `[` touching the name before it, "
+        )
+        assert diag.message.count("`[`") == 2
 
 
 def test_grid_families_take_a_size_per_axis() -> None:
@@ -291,21 +317,85 @@ def test_grid_families_take_a_size_per_axis() -> None:
     assert torch.equal(members.layout(sizes).dense_mask(), shaped.layout({"px": 20}).dense_mask())
 
 
-def test_a_bad_shape_is_one_error() -> None:
-    """The rules reading a group whose shape was refused are not reported again."""
+@pytest.mark.parametrize(
+    "source",
+    ["groups image[3, 0]\nimage -> image[kernel 9]", "groups frame*[16, 16]\nframe* -> self[kernel 3]",
+     "groups frame*[4, 4]\nframe* -> frame*[kernel 3]", "groups a[0, 3] b[2, 3]\na, b -> self[near 1]"],
+)  # fmt: skip
+def test_a_bad_shape_is_one_error(source: str) -> None:
+    """The rules reading a group whose shape was refused are not reported
+    again, through ``self`` either (a family with a shape is refused: E208)."""
     with pytest.raises(PatternError) as error:
-        patternc.compile("groups image[3, 0]\nimage -> image[kernel 9]")
+        patternc.compile(source)
     assert [d.code for d in error.value.diagnostics] == ["E208"]
 
 
-@pytest.mark.parametrize(("sizes", "said"), [({"im": 62}, "`im` has 62 tokens"), ({"im": None}, "KV cache")])
+def test_a_neighbourhood_on_self_names_the_queries_without_a_shape() -> None:
+    with pytest.raises(PatternError) as error:
+        patternc.compile("groups a[3, 4] t u\na, t, u -> self[kernel 3]\n")
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E025" and diag.message == (
+        "`kernel 3` on `self` compares token coordinates: the queries `t`, `u` have no shape"
+    )
+    assert diag.hint is not None and "`groups t[...]`" in diag.hint and "`a -> a[kernel 3]`" in diag.hint
+    assert (diag.line, diag.column) == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes", "said"),
+    [("groups im[1, 9]\nim -> im[kernel 3]", None, "axis 0 (1 token)"),
+     ("groups im[1]\nim -> im[near 0]", {"im": 2}, "`im` has 2 tokens, but `im[near 0]` lays its tokens "
+      "on the shape [1]: 1 token |"),
+     ("groups im[1] q[1]\nq -> im[near 0]\nim -> im", {"im": None, "q": 1}, "give `im` 1 token,")],
+)  # fmt: skip
+def test_one_token_is_said_in_the_singular(
+    source: str, sizes: dict[str, int | None] | None, said: str
+) -> None:
+    with pytest.raises(PatternError) as error:
+        plan = plan_of(source)
+        assert sizes is not None
+        plan.layout(sizes)
+    (diag,) = error.value.diagnostics
+    assert said in f"{diag.message} | {diag.hint}"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "said"), [({"im": 62, "q": 63}, "`im` has 62 tokens"), ({"im": None, "q": 63}, "KV cache")]
+)
 def test_size_off_the_shape_is_refused(sizes: dict[str, int | None], said: str) -> None:
-    plan = plan_of("groups im[7, 9]\nim -> im[kernel 3]")
+    plan = plan_of("groups im[7, 9] q[7, 9]\nim -> im[kernel 3]\nq -> im[kernel 3]")
     with pytest.raises(PatternError) as error:
         plan.layout(sizes)
     (diag,) = error.value.diagnostics
     assert diag.code == "E409" and said in diag.message and "the shape [7, 9]: 63 tokens" in diag.message
     assert diag.hint is not None and "give `im` 63 tokens" in diag.hint
+
+
+@pytest.mark.parametrize("impl", ["dense", "loop", "batched", "auto", "varlen", "flex"])
+def test_a_cached_image_is_read_by_the_text_that_follows(impl: str) -> None:
+    """A VLM decoding text over an image in the KV cache: the image's own
+    neighbourhood has no queries in that step, so its size None is no
+    position off the shape; the text's outputs are those of the full run."""
+    plan = plan_of("groups image[3, 5] text\nimage -> image[kernel 3], text\ntext -> image, text[causal]")
+    module = make(plan, impl)
+    x = torch.randn(2, 19, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            full, cache = module(x, {"image": 15, "text": 4})
+            assert cache is not None
+            text, _ = module(x[:, 15:], {"image": None, "text": 4}, kv_cache=cache)
+    assert relative_error(text, full[:, 15:]) < 1e-5
+
+
+def test_a_cached_key_read_through_a_neighbourhood_is_refused() -> None:
+    """Queries present on the shape need the key's coordinates: a cached key has none (E409)."""
+    plan = plan_of("groups a[2, 3] b[2, 3]\na -> b[near 1]\nb -> b")
+    with pytest.raises(PatternError) as error:
+        plan.layout({"a": 6, "b": None})
+    (diag,) = error.value.diagnostics
+    assert diag.code == "E409" and "`b` is read from a KV cache (size None)" in diag.message
+    assert plan.layout({"a": 0, "b": None}).n_tokens == 0  # no query reads it here
 
 
 def test_an_empty_shaped_group_pairs_nothing() -> None:

@@ -23,13 +23,14 @@ token modifiers (``frame*[upto, causal]``).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Union
 
-from patternc.diagnostics import Code, Diagnostic, PatternError, suggest
+from patternc.diagnostics import Code, Diagnostic, PatternError, count_tokens, suggest
 from patternc.ir import AttentionCall, KeyGroup, KeyRun, Keys
 from patternc.lower.tables import Tables
 from patternc.modifiers import NO_MODIFIERS, UNBOUNDED, Band, Modifiers, allowed_pairs, band_allows, pair_band
@@ -919,29 +920,52 @@ def _off_shape(plan: BoundPlan, slots: Mapping[str, GroupSlot]) -> tuple[Diagnos
     """A neighbourhood reads positions as coordinates on a shape: each group
     it relates holds the shape's tokens (or none at all: then it pairs none).
     The first group that does not (E409), kept with the layout: a rank's
-    shard of a shaped group (:class:`ShardSizes`) holds part of it."""
+    shard of a shaped group (:class:`ShardSizes`) holds part of it. Keys
+    are read by their runs' slices (a run's neighbourhood keys found once),
+    so block-causal families cost their calls, not their (query, key) pairs."""
+    on_shape: dict[int, tuple[list[int], list[KeyGroup]]] = {}
     for attention in plan.calls:
-        for key in attention.keys:
-            grid = key.modifiers.grid
-            if grid is None:
+        for run, lo, hi in Keys.of(attention.keys).parts:
+            if run.modifiers is not None and run.modifiers.grid is None:
                 continue
-            for name in (key.name, *attention.queries):
-                size = slots[name].size
-                if size is not None and size in (0, grid.n_tokens):
-                    continue
-                shape = ", ".join(map(str, grid.shape))
-                got = "is read from a KV cache (size None)" if size is None else f"has {size} tokens"
-                return (
-                    Diagnostic(
-                        Code.SHAPE_SIZE,
-                        f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
-                        f"[{shape}]: {grid.n_tokens} tokens",
-                        where="sizes",
-                        hint=f"give `{name}` {grid.n_tokens} tokens, or declare the shape it has "
-                        f"(`groups {key.name}[...]` whose sizes multiply to its size)",
-                    ),
-                )
+            found = on_shape.get(id(run))
+            if found is None:
+                shaped = [(i, k) for i, k in enumerate(run.groups) if k.modifiers.grid is not None]
+                found = on_shape[id(run)] = ([i for i, _ in shaped], [k for _, k in shaped])
+            at, keys = found
+            for key in keys[bisect.bisect_left(at, lo) : bisect.bisect_left(at, hi)]:
+                off = _off_shape_of(key, attention.queries, slots)
+                if off is not None:
+                    return (off,)
     return ()
+
+
+def _off_shape_of(key: KeyGroup, queries: Sequence[str], slots: Mapping[str, GroupSlot]) -> Diagnostic | None:
+    """E409 for the first of ``key`` and its ``queries`` not holding the
+    shape's tokens of ``key``'s neighbourhood (or none at all). A call none
+    of whose queries has a token here (all empty or read from the KV cache,
+    as an image's own neighbourhood is while text decodes over it) pairs
+    nothing, whatever its key holds."""
+    grid = key.modifiers.grid
+    assert grid is not None
+    present = [q for q in queries if slots[q].size]
+    if not present:
+        return None
+    for name in (key.name, *present):
+        size = slots[name].size
+        if size is not None and size in (0, grid.n_tokens):
+            continue
+        shape = ", ".join(map(str, grid.shape))
+        got = "is read from a KV cache (size None)" if size is None else f"has {count_tokens(size)}"
+        return Diagnostic(
+            Code.SHAPE_SIZE,
+            f"`{name}` {got}, but `{key.name}[{grid.text()}]` lays its tokens on the shape "
+            f"[{shape}]: {count_tokens(grid.n_tokens)}",
+            where="sizes",
+            hint=f"give `{name}` {count_tokens(grid.n_tokens)}, or declare the shape it has "
+            f"(`groups {key.name}[...]` whose sizes multiply to its size)",
+        )
+    return None
 
 
 def build_layout(plan: BoundPlan, sizes: Mapping[str, int | None]) -> Layout:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import patternc
 from patternc.compiler import MAX_SOURCE_BYTES, read_source
 from patternc.diagnostics import diagnostics_json
+from patternc.fmt import format_source
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.patc"))] + [
@@ -24,6 +25,10 @@ SEEDS = [p.read_text() for p in sorted((ROOT / "examples").rglob("*.patc"))] + [
     "groups x y z\ntypes { t: x, y }\npattern p { x -> (y, z)[causal] ; y, z -> * - x }\npattern q { * -> * }\n",
     "groups s run*{text, image} t*_* q\ns -> nothing\nrun*.text -> s, run*[before 2], self[causal]\n"
     "run*.image -> run*[upto]\nt*_* -> t*_*[kernel 3], s\nq -> (s, t*_*)[causal, back 4, across]\n",
+    "groups text image[7, 9] video[3, 5, 6] a[1, 4] b[1, 4]\ntext -> *\nimage -> text, image[kernel 3 5]\n"
+    "video -> video[near 1 0 2], text[causal]\na, b -> self[kernel 1 3], text\n",
+    "groups frame* clip[4, 1, 4]\npattern p { frame* -> frame*[before], self[causal] ; clip -> clip[kernel 3 1 3] }\n"
+    "pattern q { frame*, clip -> * [causal] }\n",
 ]
 PIECES = [
     *"ab_*?,-()[]{};:#\\ \t\n19.",
@@ -31,12 +36,18 @@ PIECES = [
     "self", "# noqa\n", "# noqa: W101\n", "\x0c", "\x0b", "\u2028", "\r\n", "doc*", "\ufeff", "\x00", "é",
     ".", "{text, image}", "*.text", "[upto]", "[same]", "[before 2]", "[kernel 3]", "[near 1]", "nothing",
     "*_*", "[across]", "back ", "ahead ", "dilate ", ", self[causal]", "[causal, back 3, across]",
+    "[7, 9]", "[3, 5, 6]", "[1]", "[0, 3]", "[2, 1.5]", " [4 4]", "[kernel 9]", "[kernel 3 7 7]", "[kernel 3 0]",
+    "[near 0 1 1]", "[kernel 3, causal]", "[near 1, window 2]", "kernel ", "near ", "self[kernel 3]",
+    "im*[3, 3]", "[kernel 3] [causal]", "[kernel 2 2 2 2 2]", "[near -1]", "[kernel 99999999999999999999]",
 ]  # fmt: skip
 SLOW_S = 5.0
 """Any input of these sizes compiles or fails in milliseconds; seconds mean a superlinear path."""
 
 
-def check(text: str) -> None:
+def check(text: str, formats: bool = False) -> None:
+    """``text`` compiles to plans that cover every group once, or fails with
+    located diagnostics, in milliseconds; with ``formats``, a text that
+    compiles also formats to a fixed point with the same plans."""
     start = time.perf_counter()
     try:
         program = patternc.compile(text, filename="fuzz.pc")
@@ -54,6 +65,13 @@ def check(text: str) -> None:
             assert sorted(queries) == sorted(program.groups)  # exhaustive, no overlap
         for warning in program.warnings:
             assert warning.code.startswith("W") and warning.span is not None
+        if formats:
+            formatted = format_source(text)
+            assert format_source(formatted) == formatted
+            again = patternc.compile(formatted)
+            assert {n: (p.groups, p.calls) for n, p in again.patterns.items()} == {
+                n: (p.groups, p.calls) for n, p in program.patterns.items()
+            }
     assert time.perf_counter() - start < SLOW_S
 
 
@@ -86,13 +104,13 @@ def fuzz(ci: int, long: int) -> settings:
 @fuzz(3000, 500_000)
 @given(text=mutated())
 def test_mutated_examples(text: str) -> None:
-    check(text)
+    check(text, formats=True)
 
 
 @fuzz(1500, 300_000)
 @given(text=st.lists(st.sampled_from(PIECES), max_size=60).map("".join))
 def test_token_soup(text: str) -> None:
-    check("groups a b ab\n" + text)
+    check("groups a b ab\n" + text, formats=True)
 
 
 @fuzz(300, 150_000)
