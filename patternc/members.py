@@ -52,6 +52,7 @@ __all__ = [
     "MEMBER_RELATION_NAMES",
     "FamilyMembers",
     "MemberRelation",
+    "abbreviate_members",
     "family_root",
     "grid_axes",
     "is_family",
@@ -340,3 +341,42 @@ class FamilyMembers:
         ordinals = self.by_ordinal.get(family, ([], []))[0]
         lo, hi = relation.ordinals(self.ordinal[query])
         return bisect.bisect_left(ordinals, lo), bisect.bisect_left(ordinals, hi)
+
+
+_NUMBERED = re.compile(r"([A-Za-z_]+)(\d+)(.*)", re.S)
+_SHORTEST_RUN = 4
+
+
+def abbreviate_members(texts: Sequence[str]) -> str:
+    """``texts`` joined by commas, each run of four or more consecutively
+    numbered members written ``first..last`` (``prompt, frame0..frame50``;
+    ``doc0.text..doc9.text``): a block-causal call reads every earlier
+    member, and listing them makes a report grow with the square of the
+    members. Entries whose numbers do not follow on are listed as given."""
+    out: list[str] = []
+    run: list[str] = []
+    last: tuple[str, int, str] | None = None
+
+    def flush() -> None:
+        if len(run) >= _SHORTEST_RUN:
+            out.append(f"{run[0]}..{run[-1]}")
+        else:
+            out.extend(run)
+        run.clear()
+
+    for text in texts:
+        match = _NUMBERED.fullmatch(text)
+        key = (match[1], int(match[2]), match[3]) if match else None
+        follows = (
+            key is not None
+            and last is not None
+            and key[0] == last[0]
+            and key[2] == last[2]
+            and key[1] == last[1] + 1
+        )
+        if not follows:
+            flush()
+        run.append(text)
+        last = key
+    flush()
+    return ", ".join(out)

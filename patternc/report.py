@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from patternc.lower.layout import Layout
+from patternc.members import abbreviate_members
 from patternc.plan import Plan, Program, Sizes, names_of
 
 __all__ = ["format_program"]
@@ -49,7 +50,7 @@ def _format_plan(plan: Plan, layout: Layout | None, dim: int, block: int) -> lis
         return out
     rows = [["call", "queries", "keys/values", "Nq x Nkv", "allowed", "q", "kv"]]
     for call in layout.calls:
-        keys = ", ".join(f"{k.name}{k.modifiers.text()}" for k in call.attention.keys) or "nothing"
+        keys = abbreviate_members([f"{k.name}{k.modifiers.text()}" for k in call.attention.keys]) or "nothing"
         rows.append(
             [
                 str(call.index),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from patternc.distributed.heads import choose_mode
 from patternc.distributed.placement import place, rank_loads, schedule
 from patternc.lower.layout import Layout
+from patternc.members import abbreviate_members
 
 __all__ = ["format_sharding"]
 
@@ -33,7 +34,9 @@ def format_sharding(layout: Layout, world_size: int, dim: int = 192) -> list[str
         over = ""
         if call.strategy in ("ring", "halo"):  # among the ranks holding the call's tokens
             over = f" over ranks {', '.join(map(str, call.ranks))}, {call.steps} steps"
-        out.append(f"    call {call.index} {call.strategy}{over}{kernel}: `{call.attention.text()}`")
+        keys = abbreviate_members([k.text() for k in call.attention.keys]) or "nothing"
+        text = f"{', '.join(call.attention.queries)} -> {keys}"
+        out.append(f"    call {call.index} {call.strategy}{over}{kernel}: `{text}`")
         if call.strategy != "local":
             out.append(f"      key/value tokens received per rank: {received} (minimum {minimum})")
         if call.moved:  # chosen by the key/value tokens moved
