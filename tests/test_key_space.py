@@ -185,7 +185,8 @@ def _dense_blocks(num: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torc
 def test_flex_tables_in_key_space_classify_blocks_as_their_mask_does(seed: int) -> None:
     """Tables whose keys index the key space: the key axis is the key space's
     length, the mask reads each key token's group where it sits there, and
-    the analytic block classes equal those ``create_block_mask`` finds."""
+    the analytic block classes equal those ``create_block_mask`` finds (hold
+    them, for neighbourhoods)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from patternc.nn.flexmask import FlexTables, bucket_length
@@ -202,8 +203,17 @@ def test_flex_tables_in_key_space_classify_blocks_as_their_mask_does(seed: int) 
             tables.mask_mod(), None, None, tables.q_len, tables.kv_len, device="cpu", BLOCK_SIZE=16
         )
         n_cols = tables.kv_len // 16
-        assert torch.equal(_dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_cols), tables.partial)
-        assert torch.equal(_dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_cols), tables.full)
+        partial = _dense_blocks(ref.kv_num_blocks, ref.kv_indices, n_cols)
+        full = _dense_blocks(ref.full_kv_num_blocks, ref.full_kv_indices, n_cols)
+        if any(k.modifiers.grid is not None for call in layout.calls for k in call.attention.keys):
+            # neighbourhoods on shaped groups are classified soundly, not
+            # exactly: no block that holds a pair is skipped, and a block is
+            # full only where every pair in it is read
+            assert not ((partial | full) & ~(tables.partial | tables.full)).any()
+            assert not (tables.full & ~full).any()
+            continue
+        assert torch.equal(partial, tables.partial)
+        assert torch.equal(full, tables.full)
 
 
 def _no_copy_back(inputs: AttentionInputs) -> AttentionInputs:
