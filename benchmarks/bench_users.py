@@ -683,9 +683,10 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     - ``hand layer``, ``patternc flex layer``, ``patternc auto layer``: the
       whole layer (projections included) of each.
 
-    Then the kernels of ``hand``, ``run_flex`` and the three layers (torch
-    profiler, device time per call) and their host time per call (the call
-    returns before its kernels end: on a host-bound call, the time to beat)."""
+    Then, for ``hand``, ``run_flex`` and the three layers, the GPU time of
+    each kernel a call launches, and the CPU time the call takes to return
+    (it returns before its kernels end, so where that CPU time is the longer
+    of the two, it sets the layer's time)."""
     from patternc.nn.executors import flexkernels
     from patternc.nn.executors.flex import (
         _attend_fn,

@@ -987,15 +987,24 @@ def case_ring_rank_fails(world: int) -> dict[str, Any]:
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+TIMEOUT_SECONDS = 30
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
+def worker(
+    rank: int, world: int, port: int, out_dir: str, names: list[str], module: str = "distributed_cases"
+) -> None:
+    """One rank: the cases ``names`` of ``module``'s ``CASES`` (within its
+    ``TIMEOUT_SECONDS`` per collective), results written as each ends."""
+    import importlib
+
+    cases = importlib.import_module(module)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    timeout = datetime.timedelta(seconds=cases.TIMEOUT_SECONDS)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     results: dict[str, Any] = {}
     for name in names:
         try:
-            results[name] = CASES[name](world)
+            results[name] = cases.CASES[name](world)
         except Exception:  # reported to the test, which fails on it
             results[name] = {"exception": traceback.format_exc()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -1020,11 +1029,14 @@ _TEARDOWN_MAY_DEADLOCK = torch.__version__ < (2, 11)
 """Seen on torch 2.6; 2.11 and 2.13 tear down cleanly (versions between unchecked)."""
 
 
-def spawn(world: int, names: list[str], out_dir: str, port: int) -> list[dict[str, Any]]:
-    """Run ``names`` on ``world`` gloo processes; every rank's results."""
+def spawn(
+    world: int, names: list[str], out_dir: str, port: int, module: str = "distributed_cases"
+) -> list[dict[str, Any]]:
+    """Run the cases ``names`` of ``module`` on ``world`` gloo processes;
+    every rank's results."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(world, port, out_dir, names), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, port, out_dir, names, module), nprocs=world, join=True)
     results = []
     for rank in range(world):
         path = os.path.join(out_dir, f"rank{rank}.json")

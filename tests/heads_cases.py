@@ -10,13 +10,10 @@ each layout ran in and the bytes its all-to-alls moved.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import traceback
 from collections.abc import Callable
 from typing import Any
 
+import distributed_cases
 import torch
 import torch.distributed as dist
 from distributed_cases import ABUPT, LONG_TAILED, Forward, compare
@@ -283,27 +280,10 @@ CASES: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    for name in names:
-        try:
-            results[name] = CASES[name](world)
-        except Exception:  # reported to the test, which fails on it
-            results[name] = {"exception": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+TIMEOUT_SECONDS = 60
 
 
 def spawn(world: int, names: list[str], out_dir: str, port: int) -> list[dict[str, Any]]:
-    """Run ``names`` on ``world`` gloo processes; every rank's results."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(world, port, out_dir, names), nprocs=world, join=True)
-    results = []
-    for rank in range(world):
-        path = os.path.join(out_dir, f"rank{rank}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else {})
-    return results
+    """Run ``names`` on ``world`` gloo processes (distributed_cases' worker,
+    reading this module's cases); every rank's results."""
+    return distributed_cases.spawn(world, names, out_dir, port, module="heads_cases")
