@@ -4,7 +4,8 @@ long-tailed documents and AB-UPT branches at 8 to 64 ranks."""
 
 from __future__ import annotations
 
-import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,19 +15,13 @@ from patternc.distributed.placement import GroupShards, Placement, halo_slices, 
 from patternc.ir import AttentionCall
 from patternc.modifiers import band_allows, pair_band
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_distributed import long_tailed  # the documents the benchmark places
+
 DOCUMENTS = "groups doc*\ndoc* -> self [causal]"
 ABUPT = "groups surface_anchors surface_queries volume_anchors volume_queries\n"
 SELF_ANCHOR = ABUPT + "surface_* -> surface_anchors\nvolume_* -> volume_anchors"
 CROSS_ANCHOR = ABUPT + "surface_* -> surface_anchors\nvolume_* -> volume_anchors, surface_anchors"
-
-
-def long_tailed(seed: int, sigma: float, count: int = 64, total: int = 65536) -> dict[str, int]:
-    """``count`` document lengths drawn log-normally (``sigma``), ``total`` tokens together."""
-    rng = random.Random(seed)
-    weights = [rng.lognormvariate(0, sigma) for _ in range(count)]
-    sizes = [max(1, int(total * w / sum(weights))) for w in weights]
-    sizes[0] += total - sum(sizes)
-    return {f"doc{i}": n for i, n in enumerate(sizes)}
 
 
 def _bound(source: str, sizes: dict[str, int]) -> patternc.Plan:
