@@ -649,14 +649,6 @@ class BlockwiseCall:
         own = self._kernel(_segments(placement, names, rank))
         return _Halo(None if own.empty else own, tuple(steps), comm, f"halo {attention.text()}")
 
-    @property
-    def computed_steps(self) -> tuple[int, ...]:
-        """The ring steps this rank computes (others pass the block on, or
-        are past the last step any rank reads)."""
-        if self.ring is None:
-            return ()
-        return tuple(s for s, k in enumerate(self.ring.kernels) if k is not None)
-
     def _cached_kernel(self, index: int, length: int) -> BlockKernel:
         key = (index, length)
         if key not in self._cached:
