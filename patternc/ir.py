@@ -254,6 +254,9 @@ class AttentionCall:
     uniform_modifiers: Modifiers | None = field(init=False, compare=False, repr=False)
     """The modifiers every key group shares, or None when they differ (read
     on every forward: derived once, when the call is made)."""
+    has_modifiers: bool = field(init=False, compare=False, repr=False)
+    """Whether any key has a modifier: keys whose modifiers differ cannot all
+    be empty. Derived once, so a traced forward reads a constant."""
 
     def __post_init__(self) -> None:
         keys = Keys.of(self.keys)
@@ -263,17 +266,13 @@ class AttentionCall:
         first = keys.parts[0][0].groups[keys.parts[0][1]].modifiers if keys else NO_MODIFIERS
         shared = (run.slice_modifiers(lo, hi) for run, lo, hi in keys.parts)
         same = all(m is not None and (m is first or m == first) for m in shared)
-        object.__setattr__(self, "uniform_modifiers", first if same else None)
+        uniform = first if same else None
+        object.__setattr__(self, "uniform_modifiers", uniform)
+        object.__setattr__(self, "has_modifiers", uniform is None or uniform.restricts)
 
     @property
     def key_names(self) -> tuple[str, ...]:
         return tuple(k.name for k in self.keys)
-
-    @property
-    def has_modifiers(self) -> bool:
-        # keys whose modifiers differ cannot all be empty
-        uniform = self.uniform_modifiers
-        return uniform is None or bool(uniform)
 
     def text(self) -> str:
         """``q1, q2 -> k1, k2[causal]`` (``q -> nothing`` for queries that read no key)."""

@@ -312,8 +312,15 @@ class Modifiers:
             or (self.dilation > 1)
         )
 
-    def __bool__(self) -> bool:
+    @property
+    def restricts(self) -> bool:
+        """Whether these modifiers take any key away (what ``bool`` says; an
+        attribute read, which Dynamo before torch 2.13 traces where ``bool``
+        on a frozen dataclass breaks the graph)."""
         return self._bounded() or self.grid is not None
+
+    def __bool__(self) -> bool:
+        return self.restricts
 
     @property
     def plain(self) -> bool:

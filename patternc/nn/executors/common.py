@@ -320,7 +320,7 @@ def call_pair_mask(
     q_input: Tensor | None = None  # the queries' places in the input, for keys under `across`
     masks = []
     for seg, k_pos in zip(call.keys, k_parts):
-        if not seg.modifiers:
+        if not seg.modifiers.restricts:
             masks.append(torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device))
         elif seg.modifiers.across:  # the layout refuses `across` on cached keys: this segment is input
             if q_input is None:
