@@ -457,10 +457,11 @@ class BlockKernel:
         q_len, k_len = classes.shape[0] * KEY_TILE, classes.shape[1] * KEY_TILE
         q_pos, q_grp, k_pos, k_grp = self._tokens
         groups = len(self.band[0]) if self.band else 0
-        q_pos = F.pad(q_pos, (0, q_len - self.n_q))
-        q_grp = F.pad(q_grp, (0, q_len - self.n_q))
-        k_pos = F.pad(k_pos, (0, k_len - self.n_k))
-        k_grp = F.pad(k_grp, (0, k_len - self.n_k), value=groups)
+        # int32, as the kernel's indices are: int64 division is emulated on a GPU
+        q_pos = F.pad(q_pos, (0, q_len - self.n_q)).int()
+        q_grp = F.pad(q_grp, (0, q_len - self.n_q)).int()
+        k_pos = F.pad(k_pos, (0, k_len - self.n_k)).int()
+        k_grp = F.pad(k_grp, (0, k_len - self.n_k), value=groups).int()
         return kv_num, kv_idx, full_num, full_idx, q_pos, q_grp, k_pos, k_grp, q_len, k_len
 
     @functools.cached_property
@@ -469,7 +470,7 @@ class BlockKernel:
         low, high, dilation, residue = self._band_tables
         low = F.pad(low.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=1)
         high = F.pad(high.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=0)
-        return low, high, F.pad(dilation, (0, 1), value=1), F.pad(residue, (0, 1))
+        return low.int(), high.int(), F.pad(dilation, (0, 1), value=1).int(), F.pad(residue, (0, 1)).int()
 
     def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:
         """The block mask, built once per kernel (and per batch size with key

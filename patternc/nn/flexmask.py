@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments", "values_cross_groups"]
 
+INT32_BOUND = 1 << 30
+"""An open side of a band in int32 tables: past any position difference."""
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -150,12 +153,15 @@ def _token_tables(
     ids: Tensor, sizes: Tensor, starts: Tensor, length: int, positions: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token group id and (only where modifiers read it) position within
-    the group, expanded on the device from one row per segment (padding included)."""
-    group = torch.repeat_interleave(ids, sizes, output_size=length)
+    the group, expanded on the device from one row per segment (padding
+    included). Both int32, as the kernel's own indices are: the ``mask_mod``
+    computes in their type, and int64 division on a GPU (a neighbourhood's
+    coordinates, a dilation) is emulated, several times slower per score."""
+    group = torch.repeat_interleave(ids.int(), sizes, output_size=length)
     if not positions:
         return group, None
-    first = torch.repeat_interleave(starts, sizes, output_size=length)
-    return group, torch.arange(length, device=ids.device) - first
+    first = torch.repeat_interleave(starts.int(), sizes, output_size=length)
+    return group, torch.arange(length, dtype=torch.int32, device=ids.device) - first
 
 
 class _Upload:
@@ -401,7 +407,7 @@ class GroupTables:
     """``[2, R + pad]`` int32: first key group and key group stop per run,
     then empty runs (a search step past a row's last run reads one)."""
     run_bands: Tensor
-    """``[4, R + pad]`` int64: ``low``, ``high``, ``dilation`` and
+    """``[4, R + pad]`` int32: ``low``, ``high``, ``dilation`` and
     ``residue`` of each run's band (positions within groups)."""
     max_runs: int
     """The most runs one query group has (how many search steps a lookup takes)."""
@@ -508,9 +514,11 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
     run_keys = torch.tensor([runs.key_start + [0] * pad, runs.key_stop + [0] * pad], dtype=torch.int32)
     bands = [runs.low, runs.high, runs.dilation, runs.residue]
     traced = layout.tables.traced
+    # int32 like the token tables (see _token_tables): an open side clamped
+    # to a bound past any position difference
     run_bands = torch.stack(
         [_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))]
-    )
+    ).clamp(-INT32_BOUND, INT32_BOUND).int()
     triples = torch.stack(
         [_int64(runs.query, traced), _int64(runs.key_start, traced), _int64(runs.key_stop, traced)]
     )
@@ -688,8 +696,8 @@ class FlexTables:
         kv_group, kv_pos = _token_tables(k_ids, k_sizes, k_starts, kv_len, positions)
         kv_input = None
         if compact and across:
-            kv_input = torch.arange(kv_len, device=device) + torch.repeat_interleave(
-                k_shifts, k_sizes, output_size=kv_len
+            kv_input = torch.arange(kv_len, dtype=torch.int32, device=device) + torch.repeat_interleave(
+                k_shifts.int(), k_sizes, output_size=kv_len
             )
         # under torch.compile no shape may depend on data: the dense grid
         dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
