@@ -119,12 +119,14 @@ class Neighbourhood:
     def allows(self, q_pos: Any, k_pos: Any) -> Any:
         """Whether query position ``q_pos`` and key position ``k_pos`` (within
         the group: ints, or tensors that broadcast) pair."""
-        ok = q_pos == q_pos
+        ok: Any = None
         for axis, (n, stride) in enumerate(zip(self.shape, self.strides())):
-            q_at = q_pos // stride % n
-            k_at = k_pos // stride % n
+            # the leading axis needs no modulo: positions lie within the group
+            q_at = q_pos // stride if axis == 0 else q_pos // stride % n
+            k_at = k_pos // stride if axis == 0 else k_pos // stride % n
             lo, hi = self.box(axis, q_at)
-            ok = ok & (k_at >= lo) & (k_at < hi)
+            inside = (k_at >= lo) & (k_at < hi)
+            ok = inside if ok is None else ok & inside
         return ok
 
     def _widths(self) -> list[list[int]]:

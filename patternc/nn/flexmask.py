@@ -828,9 +828,12 @@ class FlexTables:
             assert q_pos is not None and kv_pos is not None
             return kv_pos[kv_idx] - q_pos[q_idx]
 
+        # the key's bit is a second lookup: only where some set is tested
+        needs_bits = sets.allowed is not None or any(words is not None for _, words in sets.bands)
+
         def bits_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             gq, gk = q_group[q_idx], kv_group[kv_idx]
-            bit = key_bits[gk]
+            bit = key_bits[gk] if needs_bits else gk  # gk: never read as a bit
             if sets.allowed is None:  # each group reads itself (and padding nothing)
                 ok = (gq == gk) & (gk != pad)
             else:
