@@ -710,7 +710,7 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     hand_mask = hand_block_mask(row, device, args.compile)
     tables = flex_tables(layout, {}, device)
     key = _tables_key({}, device, 128, False, False)[1:]
-    pc_mask = _block_mask(layout, tables, None, key)
+    pc_mask = _block_mask(layout, tables, None, key, device)
     options = flexkernels.kernel_options(q)
     padded = [_pad_tokens(t, tables.q_len).transpose(1, 2) for t in (q, k, v)]
     hand_fn = row.mask(device, tables.q_len)

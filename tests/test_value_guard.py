@@ -168,7 +168,7 @@ def test_the_key_guard_poisons_exactly_the_queries_that_read_a_bad_token(
     layout = schedule_for(compiled.token_specs(sizes), compiled)
     tables = flex.flex_tables(layout, {}, torch.device(device))
     key = flex._tables_key({}, torch.device(device), 128, False, False)[1:]
-    block_mask = flex._block_mask(layout, tables, None, key)
+    block_mask = flex._block_mask(layout, tables, None, key, torch.device(device))
     n, batch, heads, dim = layout.n_tokens, 2, 3, 16
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, n, heads, dim, generator=gen) for _ in range(3))

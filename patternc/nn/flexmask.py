@@ -516,9 +516,11 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
     traced = layout.tables.traced
     # int32 like the token tables (see _token_tables): an open side clamped
     # to a bound past any position difference
-    run_bands = torch.stack(
-        [_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))]
-    ).clamp(-INT32_BOUND, INT32_BOUND).int()
+    run_bands = (
+        torch.stack([_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))])
+        .clamp(-INT32_BOUND, INT32_BOUND)
+        .int()
+    )
     triples = torch.stack(
         [_int64(runs.query, traced), _int64(runs.key_start, traced), _int64(runs.key_stop, traced)]
     )
@@ -606,6 +608,15 @@ class FlexTables:
     kv_input: Tensor | None = None
     """``[kv_len]``: each key's index in the input, where that is not its
     index (compact keys under ``across``); None otherwise."""
+    blocks_hold_one_pair: bool = False
+    """Whether every block holds tokens of one query group and one key group
+    (padding aside): a block is then listed only where its pair is allowed,
+    so the ``mask_mod`` need not test the pair; it tests the modifiers, and
+    the key count where the last block holds padded keys. Where the
+    modifiers' tests are the whole mask (one image under a neighbourhood),
+    this leaves the hand-written ``mask_mod``'s arithmetic and nothing else."""
+    n_keys: int = 0
+    """The real keys (the padding starts here)."""
 
     @property
     def partial(self) -> Tensor:
@@ -724,9 +735,13 @@ class FlexTables:
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
             intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
+            blocks_hold_one_pair=not (_blocks_mix_groups(queries, block) or _blocks_mix_groups(keys, block)),
+            n_keys=max([stop for _, _, stop in keys] or [0]),
         )
 
-    def mask_mod(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> MaskMod:
+    def mask_mod(
+        self, key_padding_mask: Tensor | None = None, lookups: bool = False, within_blocks: bool = False
+    ) -> MaskMod:
         """``mask_mod(b, h, q_idx, kv_idx)``: whether the tokens' groups pair,
         then the pair's modifiers on positions within groups, then key padding.
 
@@ -737,14 +752,18 @@ class FlexTables:
         per score made the forward kernel several times slower than the same
         blocks with a hand-written ``mask_mod`` (figures in
         ``docs/performance.md``). ``lookups``: read the tables (FLASH's mask
-        code, and layouts past :data:`MAX_WORDS`)."""
+        code, and layouts past :data:`MAX_WORDS`). ``within_blocks``: exact
+        only inside the listed blocks, where :attr:`blocks_hold_one_pair`
+        lets it skip the pair test: for a kernel that skips unlisted blocks
+        (FlexAttention's compiled kernels; eager FlexAttention and
+        ``create_block_mask`` evaluate it everywhere)."""
         sets = self.pair_sets
         if lookups:
             mask = self._table_mask_mod()
         elif self.intervals is not None:
             mask = interval_mask_mod(self.intervals)
         else:
-            mask = self._table_mask_mod() if sets is None else self._bits_mask_mod(sets)
+            mask = self._table_mask_mod() if sets is None else self._bits_mask_mod(sets, within_blocks)
         if key_padding_mask is None:
             return mask
         padding = key_padding_mask
@@ -799,7 +818,7 @@ class FlexTables:
 
         return with_modifiers
 
-    def _bits_mask_mod(self, sets: PairSets) -> MaskMod:
+    def _bits_mask_mod(self, sets: PairSets, within_blocks: bool) -> MaskMod:
         """Group pairs and modifiers tested as bits of the query group's words
         (per-token lookups only; the terms a layout does not need are left out)."""
         q_group, kv_group, key_bits = self.q_group, self.kv_group, sets.key_bits
@@ -831,10 +850,15 @@ class FlexTables:
         # the key's bit is a second lookup: only where some set is tested
         needs_bits = sets.allowed is not None or any(words is not None for _, words in sets.bands)
 
+        one_pair, n_keys, kv_len = within_blocks and self.blocks_hold_one_pair, self.n_keys, self.kv_len
+
         def bits_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             gq, gk = q_group[q_idx], kv_group[kv_idx]
             bit = key_bits[gk] if needs_bits else gk  # gk: never read as a bit
-            if sets.allowed is None:  # each group reads itself (and padding nothing)
+            ok: Tensor | None
+            if one_pair:  # the block mask lists allowed pairs only: padding is the test left
+                ok = kv_idx < n_keys if n_keys < kv_len else None
+            elif sets.allowed is None:  # each group reads itself (and padding nothing)
                 ok = (gq == gk) & (gk != pad)
             else:
                 ok = member(sets.allowed, gq, gk, bit)
@@ -842,16 +866,16 @@ class FlexTables:
                 if grid is not None:  # coordinates on the shape, by div/mod of positions within the group
                     assert q_pos is not None and kv_pos is not None
                     inside = grid.allows(q_pos[q_idx], kv_pos[kv_idx])
-                    ok = ok & (inside if words is None else ~member(words, gq, gk, bit) | inside)
-                    continue
-                d = offset(q_idx, kv_idx, across)
-                # a modifier list bounds a side or dilates: at least one term
-                terms = [d >= low] if low is not None else []
-                terms += [d <= high] if high is not None else []
-                terms += [d % dilation == 0] if dilation > 1 else []
-                inside = functools.reduce(operator.and_, terms)
-                ok = ok & (inside if words is None else ~member(words, gq, gk, bit) | inside)
-            return ok
+                else:
+                    d = offset(q_idx, kv_idx, across)
+                    # a modifier list bounds a side or dilates: at least one term
+                    terms = [d >= low] if low is not None else []
+                    terms += [d <= high] if high is not None else []
+                    terms += [d % dilation == 0] if dilation > 1 else []
+                    inside = functools.reduce(operator.and_, terms)
+                test = inside if words is None else ~member(words, gq, gk, bit) | inside
+                ok = test if ok is None else ok & test
+            return kv_idx >= 0 if ok is None else ok  # None: every listed block is whole
 
         return bits_mask
 
@@ -867,10 +891,13 @@ class FlexTables:
 
         return alibi
 
-    def block_mask(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> BlockMask:
+    def block_mask(
+        self, key_padding_mask: Tensor | None = None, lookups: bool = False, within_blocks: bool = False
+    ) -> BlockMask:
         """The ``BlockMask``: full blocks skip the ``mask_mod``; with key padding
         every non-empty block is partial (padding is checked per element).
-        ``lookups``: its ``mask_mod`` reads the group tables (see :meth:`mask_mod`)."""
+        ``lookups``, ``within_blocks``: how its ``mask_mod`` tests group
+        pairs (see :meth:`mask_mod`)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         partial, full = self.partial, self.full
@@ -889,7 +916,7 @@ class FlexTables:
         q_num, full_q_num = q_nums[:, None]
         q_idx, full_q_idx = q_idxs[:, None]
         block_size = (self.q_len // partial.shape[0], self.kv_len // partial.shape[1])
-        mask_mod = self.mask_mod(key_padding_mask, lookups)
+        mask_mod = self.mask_mod(key_padding_mask, lookups, within_blocks)
         try:
             return BlockMask(
                 seq_lengths=(self.q_len, self.kv_len),

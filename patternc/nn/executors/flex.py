@@ -182,13 +182,24 @@ def _tables_key(
 
 
 def _block_mask(
-    layout: Layout, tables: FlexTables, key_padding_mask: Tensor | None, key: tuple[Any, ...]
+    layout: Layout,
+    tables: FlexTables,
+    key_padding_mask: Tensor | None,
+    key: tuple[Any, ...],
+    device: torch.device,
 ) -> BlockMask:
+    """The block mask; its ``mask_mod`` exact only within the listed blocks
+    where this process's compiled kernel runs it on a GPU (the only kernel
+    sure to skip the others), exact everywhere otherwise."""
     global _builds
+    within = device.type == "cuda" and _use_compiled and not layout.tables.traced
+    build = functools.partial(tables.block_mask, within_blocks=within)
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
-        return tables.block_mask(key_padding_mask)
-    return _stored_block_mask(layout, "flex block mask", key, tables.block_mask)
+        return build(key_padding_mask)
+    return _stored_block_mask(
+        layout, "flex block mask within blocks" if within else "flex block mask", key, build
+    )
 
 
 def _flash_block_mask(layout: Layout, tables: FlexTables, key: tuple[Any, ...]) -> BlockMask:
@@ -429,7 +440,9 @@ def run_flex(inputs: AttentionInputs, block_size: int = BLOCK_SIZE) -> Tensor:
     flash = flexkernels.flash_backend(inputs)
     call = _Call(
         tables,
-        _flash_block_mask(layout, tables, key) if flash else _block_mask(layout, tables, padding, key),
+        _flash_block_mask(layout, tables, key)
+        if flash
+        else _block_mask(layout, tables, padding, key, q.device),
         _score_mod(layout, tables, slopes),
         flexkernels.FLASH_OPTIONS if flash else flexkernels.kernel_options(q),
         _guard(layout, tables, key, padding is not None, q.device, flash),
