@@ -196,3 +196,28 @@ def test_an_empty_batch_is_priced_without_error() -> None:
     empty, one = (_estimates(layout, batch, 2, 8, cpu, True, False, False, "'ieee'", "flash2") for batch in (0, 1))
     assert {e.backend for e in empty} == {e.backend for e in one}
     assert all(e.seconds >= 0 for e in empty)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("tokens, winner", [(8192, "varlen"), (65536, "flex"), (131072, "flex")])
+def test_a_long_sliding_window_moves_from_varlen_to_flex(tokens: int, winner: str, training: bool) -> None:
+    """A causal window of 1024: varlen's own sliding window runs at about
+    half its unbounded rate, while flex's host work hides behind long
+    kernels. Measured on one H100 (bf16, one layer): varlen 0.49 against
+    flex 0.64 ms forward at 8k tokens (1.38 against 1.96 forward+backward);
+    flex 2.60 against varlen 4.14 at 131k (9.79 against 11.82)."""
+    ranked = _ranked(_layout(WINDOW, {"tokens": tokens}), training)
+    assert ranked[0][0] == winner, ranked
+
+
+def test_flex_prices_its_host_work_as_a_floor() -> None:
+    """A small flex call costs at least its host work however few entries it
+    computes, and a large one its device time alone: the floor is hidden."""
+    from patternc.lower.costs import Workload, price
+
+    def flex_seconds(tokens: int) -> float:
+        layout = _layout(WINDOW, {"tokens": tokens})
+        return next(e.seconds for e in price(layout, Workload(1, 12, 64, True)) if e.backend == "flex")
+
+    assert flex_seconds(256) == flex_seconds(512)
+    assert flex_seconds(131072) > 2 * flex_seconds(65536) * 0.9

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from patternc.lower.blocks import BLOCK_SIZE
 from patternc.lower.layout import Layout
+from patternc.lower.varlen import varlen_window
 
 __all__ = ["Estimate", "VarlenWork", "Workload", "price"]
 
@@ -29,6 +30,10 @@ class _Rates:
     backward: float  # forward+backward time over forward time, launches aside
     masked_flops_per_s: float | None = None  # SDPA given an attn_mask (None: as unmasked)
     masked_backward: float | None = None
+    windowed_flops_per_s: float | None = None  # the kernel's own sliding window (None: as unbounded)
+    windowed_backward: float | None = None
+    host_s: float = 0.0  # host time of a forward call, which the device's work hides when longer
+    host_training_s: float = 0.0  # the same for forward and backward
 
 
 # bf16, head_dim 64: forward rates and backward ratios fitted to
@@ -39,10 +44,18 @@ class _Rates:
 # its backward adds about a third, so a masked call costs 4-5x flex's
 # forward over the same rectangle and about as much as flex's backward.
 _MASKED_HALF = {"masked_flops_per_s": 25e12, "masked_backward": 1.35}
+# varlen's sliding window (FlashAttention 2's local kernel, `window_size`)
+# runs at about half its unbounded rate: a causal window of 1024 over 131k
+# tokens took 3.2 ms forward where flex took 1.7 ms, and its backward adds
+# about twice its forward. flex's call has host work (tables, guard,
+# padding, block mask) that short kernels wait for and long ones hide:
+# fitted to the causal window's layers, where varlen led at 8k tokens (0.49
+# against 0.64 ms forward, 1.38 against 1.96 forward+backward) and flex at
+# 131k (2.6 against 4.1, 9.8 against 11.8).
 _HALF = {
     "batched": _Rates(25e-6, 380e12, 3.5, **_MASKED_HALF),
-    "varlen": _Rates(40e-6, 290e12, 4.0),
-    "flex": _Rates(60e-6, 250e12, 3.6),
+    "varlen": _Rates(40e-6, 290e12, 4.0, windowed_flops_per_s=130e12, windowed_backward=3.0),
+    "flex": _Rates(60e-6, 250e12, 3.6, host_s=300e-6, host_training_s=1.5e-3),
     "dense": _Rates(25e-6, 420e12, 3.5, **_MASKED_HALF),
 }
 # varlen on FlashAttention 4 (see varlen_kernel), 64 documents: about 1.3x
@@ -142,6 +155,17 @@ def _grid_blocks(layout: Layout) -> int:
     return extra
 
 
+def _windowed_entries(layout: Layout) -> int:
+    """Allowed entries of the calls varlen runs with a sliding window (a
+    bounded side other than causal's), which its kernel computes at its
+    windowed rate (see ``_HALF``)."""
+    return sum(
+        call.allowed_entries
+        for call in layout.calls
+        if varlen_window(call) not in (None, (-1, -1), (-1, 0))
+    )
+
+
 @dataclass(frozen=True)
 class Workload:
     """What a call computes besides its layout: batch, heads and head size,
@@ -206,6 +230,7 @@ def price(
             continue
         launches, copy = 1, 0.0  # launches, and seconds of copies into and out of the kernel's layout
         entries, with_mask = 0.0, 0.0  # entries computed without a mask and with one
+        windowed = 0  # entries of varlen's sliding-window launches
         if name == "batched":
             launches = len(layout.launches)
             copy = copied * batch * heads * dim * elem / _COPY_BYTES_PER_S
@@ -213,7 +238,8 @@ def price(
         elif name == "varlen":
             assert varlen is not None
             launches, copy = varlen.launches, varlen.gathered * heads * dim * elem / _COPY_BYTES_PER_S
-            entries = allowed
+            windowed = _windowed_entries(layout) if rate.windowed_flops_per_s else 0
+            entries = allowed - windowed
         elif name == "flex":
             # computed entries: whole blocks around the allowed ones, at most 2x on small groups;
             # a neighbourhood's blocks reach whole rows (frames) of keys around a query block
@@ -223,11 +249,16 @@ def price(
             copy = (dense + expand * heads * dim * elem) * batch / _COPY_BYTES_PER_S
         forward = entries * flop / rate.flops_per_s
         masked_forward = with_mask * flop / (rate.masked_flops_per_s or rate.flops_per_s)
+        windowed_forward = windowed * flop / (rate.windowed_flops_per_s or rate.flops_per_s)
         overhead = launches * rate.launch_s + copy
         if training:
-            backward = rate.backward * forward + (rate.masked_backward or rate.backward) * masked_forward
-            seconds = 2 * overhead + backward
+            backward = (
+                rate.backward * forward
+                + (rate.masked_backward or rate.backward) * masked_forward
+                + (rate.windowed_backward or rate.backward) * windowed_forward
+            )
+            seconds = max(2 * overhead + backward, rate.host_training_s)
         else:
-            seconds = overhead + forward + masked_forward
+            seconds = max(overhead + forward + masked_forward + windowed_forward, rate.host_s)
         out.append(Estimate(name, seconds))
     return tuple(sorted(out, key=lambda e: e.seconds))
