@@ -119,6 +119,8 @@ def compare(
     result["grad_params"] = worst
     layout = plan.layout(cp.local_sizes)
     schedule = cp.schedule_for(layout, padded=padding is not None)
+    if schedule.placement.world_size != cp.world_size:  # a 2-D mesh: the schedule is its groups'
+        return result
     result["strategies"] = [c.strategy for c in schedule.calls]
     result["received"] = schedule.received[cp.rank]
     result["minimum"] = schedule.minimum[cp.rank]

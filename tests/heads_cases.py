@@ -149,6 +149,55 @@ def case_device_mesh(world: int) -> dict[str, Any]:
     return _run(VLM, VLM_SIZES, 12, {"mode": "heads", "group": mesh})
 
 
+def _mesh_2d(world: int) -> Any:
+    """``(groups, ranks per group)``: two ranks per group where they divide, else one group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (world // 2, 2) if world % 2 == 0 else (1, world)
+    return init_device_mesh("cpu", shape, mesh_dim_names=("ring", "heads"))
+
+
+def _run_hybrid(
+    source: str, sizes: dict[str, int], rope: bool = False, padded: bool = False
+) -> dict[str, Any]:
+    """``compare`` on a two-dimensional mesh (the hybrid mode), with the bytes
+    each level moved and the heads one rank's group held."""
+    module, forward, plan, hidden = _module(source, sizes, 12, rope=rope)
+    padding = None
+    if padded:
+        padding = torch.rand(2, sum(sizes.values()), generator=torch.Generator().manual_seed(5)) > 0.3
+    mesh = _mesh_2d(dist.get_world_size())
+    options = {"group": mesh, "mode": "hybrid"}
+    result = compare(module, forward, plan, sizes, options, padding=padding, dim=hidden)
+    cp = ContextParallel(plan, sizes, **options)
+    x = cp.shard(torch.randn(2, sum(sizes.values()), hidden, dtype=torch.float64))
+    with torch.no_grad(), cp:
+        if padding is None:
+            forward(x, cp.local_sizes)
+        else:
+            forward(x, {"sizes": cp.local_sizes, "padding": cp.shard(padding)})
+    result["heads_bytes"] = sum(v for k, v in cp.traffic.items() if k.startswith("heads"))
+    result["other_bytes"] = sum(v for k, v in cp.traffic.items() if not k.startswith("heads"))
+    result["tokens"] = [cp.placement.tokens(r) for r in range(cp.world_size)]
+    result["mesh"] = list(mesh.mesh.shape)
+    return result
+
+
+def case_hybrid_documents(world: int) -> dict[str, Any]:
+    """Long-tailed causal documents on a 2-D mesh, RoPE on global positions."""
+    return _run_hybrid("groups doc*\ndoc* -> self [causal]", LONG_TAILED, rope=True)
+
+
+def case_hybrid_vlm_padded(world: int) -> dict[str, Any]:
+    """The VLM mask with key padding: the padding channel crosses both levels."""
+    return _run_hybrid(VLM, VLM_SIZES, padded=True)
+
+
+def case_hybrid_joint(world: int) -> dict[str, Any]:
+    """AB-UPT joint anchors: gathered between groups, heads within them."""
+    return _run_hybrid(ABUPT_JOINT, distributed_cases.ABUPT)
+
+
 def case_empty_ranks(world: int) -> dict[str, Any]:
     """Two tokens: from 3 ranks on, some ranks hold none and still join both all-to-alls."""
     sizes = {"anchors": 1, "queries": 1}
@@ -272,6 +321,35 @@ def case_refused(world: int) -> dict[str, Any]:
         out["unknown"] = str(error)
     other = patternc.compile("groups registers image text\n* -> *").patterns["default"]
     out["other_plan"] = auto.mode_for(other.layout(auto.local_sizes), 12).reason
+    return out
+
+
+def case_hybrid_refused(world: int) -> dict[str, Any]:
+    """The hybrid mode's errors: heads that do not divide over a group's
+    ranks, mode='hybrid' without a 2-D mesh, and a 2-D mesh without
+    mode='hybrid' (a ("dp", "cp") mesh passed whole is refused, not run as one batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = _mesh_2d(world)
+    per_group = mesh.size(1)
+    heads = per_group + 1  # never a multiple of the group's ranks
+    _, forward, plan, hidden = _module(VLM, VLM_SIZES, heads)
+    out: dict[str, Any] = {}
+    cp = ContextParallel(plan, VLM_SIZES, mesh, mode="hybrid")
+    x = cp.shard(torch.randn(2, sum(VLM_SIZES.values()), hidden, dtype=torch.float64))
+    cube = init_device_mesh("cpu", (1, 1, world))
+    for label, attempt in (
+        ("heads", lambda: forward(x, cp.local_sizes)),
+        ("one_dim", lambda: ContextParallel(plan, VLM_SIZES, mode="hybrid")),
+        ("three_dims", lambda: ContextParallel(plan, VLM_SIZES, cube, mode="hybrid")),
+        ("unasked", lambda: ContextParallel(plan, VLM_SIZES, mesh)),
+    ):
+        try:
+            with torch.no_grad(), cp:
+                attempt()
+            out[label] = ""
+        except ValueError as error:
+            out[label] = str(error)
     return out
 
 

@@ -37,12 +37,14 @@ NUMERIC = [
 
 CACHES = ["kv_cache", "full_cache_of_whole_documents"]
 
+HYBRID = ["hybrid_documents", "hybrid_vlm_padded", "hybrid_joint"]
+
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"heads{world}")
-    return world, heads_cases.spawn(world, [*NUMERIC, *CACHES, "refused"], str(out), free_port())
+    return world, heads_cases.spawn(world, [*NUMERIC, *CACHES, *HYBRID, "refused", "hybrid_refused"], str(out), free_port())
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -127,7 +129,7 @@ def test_head_parallel_refusals_say_why_and_what_to_do(ranks: tuple[int, list[di
             "use mode='ring' or 'auto', or a number of heads that is a multiple of the" in refused["forced"]
         )
         assert refused["auto"].startswith(f"{heads} heads do not divide over {world} ranks")
-        assert refused["unknown"] == "mode='ulysses': use 'auto', 'ring' or 'heads'"
+        assert refused["unknown"] == "mode='ulysses': use 'auto', 'ring', 'heads' or 'hybrid'"
         assert "is not among the plans this ContextParallel was built from" in refused["other_plan"]
 
 
@@ -264,3 +266,45 @@ def test_hybrid_estimate_meets_both_modes_at_its_ends() -> None:
     assert within == (4 * 1024 * 3 / 16,) * 4 and across == (2 * 3072 / 4,) * 4
     with pytest.raises(ValueError, match="head_ranks=3 must divide world_size=8"):
         hybrid_rows(plan.groups, plan.calls, sizes, 8, 3)
+
+
+@pytest.mark.parametrize("case", HYBRID)
+def test_hybrid_on_a_2d_mesh_equals_one_process(ranks: tuple[int, list[dict[str, Any]]], case: str) -> None:
+    """The schedule between groups of ranks, heads within each group: output,
+    its unshard, input and parameter gradients as one process's (float64)."""
+    world, results = ranks
+    for rank, result in enumerate(results):
+        metrics = result[case]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        errors = {k: metrics[k] for k in ("out", "unshard", "grad_x", "grad_params")}
+        assert all(v <= TOLERANCE for v in errors.values()), (rank, world, errors)
+
+
+def test_hybrid_moves_heads_within_groups_and_keys_between_them(
+    ranks: tuple[int, list[dict[str, Any]]],
+) -> None:
+    """Every rank of a group of several exchanges heads; AB-UPT's anchors
+    move between groups only where there are several groups (4 ranks: a 2 x
+    2 mesh), and a group's tokens are cut in nearly equal pieces."""
+    world, results = ranks
+    for result in results:
+        metrics = result["hybrid_joint"]
+        groups, per_group = metrics["mesh"]
+        assert groups * per_group == world
+        assert metrics["heads_bytes"] > 0, metrics
+        assert (metrics["other_bytes"] > 0) == (groups > 1), metrics
+        tokens = result["hybrid_documents"]["tokens"]
+        for g in range(groups):
+            pieces = tokens[g * per_group : (g + 1) * per_group]
+            assert max(pieces) - min(pieces) <= 1, tokens
+
+
+def test_hybrid_refusals_say_why_and_what_to_do(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    _, results = ranks
+    refused = results[0]["hybrid_refused"]
+    assert "exception" not in refused, refused.get("exception")
+    assert "do not divide over the" in refused["heads"] and "second" in refused["heads"], refused
+    assert "mode='hybrid' needs a two-dimensional DeviceMesh" in refused["one_dim"], refused
+    assert "but got a process group" in refused["one_dim"], refused
+    assert "of 3 dimensions" in refused["three_dims"], refused
+    assert "this DeviceMesh has 2" in refused["unasked"] and "mode='hybrid'" in refused["unasked"], refused

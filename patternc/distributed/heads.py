@@ -37,10 +37,12 @@ from patternc.ir import AttentionCall
 
 __all__ = ["Mode", "ModeChoice", "choose_mode", "head_parallel_rows", "hybrid_rows", "schedule_rows"]
 
-Mode = Literal["auto", "ring", "heads"]
+Mode = Literal["auto", "ring", "heads", "hybrid"]
 """``ContextParallel(mode=...)``: ``"ring"`` runs the placement's schedule
 (local, gather and ring calls), ``"heads"`` the all-to-all head-parallel
-mode, ``"auto"`` whichever moves fewer bytes per layout."""
+mode, ``"auto"`` whichever moves fewer bytes per layout; ``"hybrid"`` (a
+two-dimensional mesh) the schedule between groups of ranks and heads
+within them (:mod:`~patternc.distributed.hybrid`)."""
 
 
 def head_parallel_rows(placement: Placement) -> tuple[float, ...]:
@@ -63,13 +65,14 @@ def hybrid_rows(
     world_size: int,
     head_ranks: int,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A paper estimate of the hybrid of the two modes (not run by
-    ``ContextParallel``): the ``world_size`` ranks form ``world_size /
-    head_ranks`` groups of ``head_ranks`` (the GPUs of one host, say); the
-    placement and schedule run over the groups, each group's tokens spread
-    evenly over its ranks; within a group an all-to-all gives each rank the
-    group's tokens for ``heads / head_ranks`` heads, and across groups the
-    rank receives the schedule's keys/values for those heads only.
+    """What the hybrid of the two modes moves (``ContextParallel`` on a
+    two-dimensional mesh, :mod:`~patternc.distributed.hybrid`): the
+    ``world_size`` ranks form ``world_size / head_ranks`` groups of
+    ``head_ranks`` (the GPUs of one host, say); the placement and schedule
+    run over the groups, each group's tokens spread evenly over its ranks;
+    within a group an all-to-all gives each rank the group's tokens for
+    ``heads / head_ranks`` heads, and across groups the rank receives the
+    schedule's keys/values for those heads only.
 
     Args:
         groups: the plan's groups.

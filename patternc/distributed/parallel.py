@@ -31,6 +31,7 @@ from patternc.distributed.blockwise import Kernel
 from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, split_kv
 from patternc.distributed.collectives import DistributedError, Group, agree, all_gather_tokens
 from patternc.distributed.heads import Mode, ModeChoice, choose_mode
+from patternc.distributed.hybrid import HybridRunner, within_groups
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, place, schedule
 from patternc.distributed.rank import Comm, GatherPlan, RankTokens, cat
 from patternc.lower.layout import Layout, ShardSizes, Sizes
@@ -55,7 +56,7 @@ def _process_group(group: Group | DeviceMesh) -> Group:
     """The process group of a one-dimensional ``DeviceMesh`` (a process group or None as it is).
 
     Raises:
-        ValueError: a mesh of several dimensions (say which one to shard over).
+        ValueError: a mesh of more than two dimensions (say which ones to shard over).
     """
     if not isinstance(group, DeviceMesh):
         return group
@@ -65,9 +66,28 @@ def _process_group(group: Group | DeviceMesh) -> Group:
         raise ValueError(
             f"ContextParallel shards over one mesh dimension, but this DeviceMesh has {group.ndim} "
             f"(dimensions {list(names) if names else 'without names'}); pass the context-parallel "
-            f"one, e.g. {example}"
+            f"one, e.g. {example} (or a mesh of two dimensions with mode='hybrid': the schedule "
+            f"over the first, heads over the second)"
         )
     return group.get_group()
+
+
+def _hybrid_mesh(mesh: DeviceMesh) -> int:
+    """The ranks per group of a two-dimensional mesh run in the hybrid mode.
+
+    Raises:
+        ValueError: a mesh that is not every rank of the default group in
+            rank order (rank ``i * h + j`` at ``mesh[i, j]``), which the
+            placement's numbering of ranks assumes.
+    """
+    world = dist.get_world_size()
+    if mesh.mesh.flatten().tolist() != list(range(world)):
+        raise ValueError(
+            f"the hybrid mode needs a two-dimensional mesh of all {world} ranks in rank order, "
+            f"as init_device_mesh(device, (groups, ranks_per_group)) builds it; this mesh is "
+            f"{mesh.mesh.tolist()}"
+        )
+    return int(mesh.size(1))
 
 
 class ContextParallel:
@@ -100,6 +120,14 @@ class ContextParallel:
     token for ``heads / ranks`` heads; see :mod:`~patternc.distributed.heads`),
     ``"auto"`` whichever moves fewer bytes (:meth:`mode_for` says which and
     why), the schedule wherever ``strategy`` is given.
+
+    ``mode="hybrid"`` with a two-dimensional ``DeviceMesh`` (every rank, in
+    rank order: ``(groups, ranks_per_group)``) runs the hybrid of the two
+    modes: the schedule between the groups of ranks along its first
+    dimension, head-parallel all-to-alls within each group along its second
+    (see :mod:`~patternc.distributed.hybrid`). A mesh of two dimensions is
+    never taken as the hybrid unasked: a ``("dp", "cp")`` mesh passed whole
+    is refused, not run as one batch.
     """
 
     def __init__(
@@ -123,6 +151,38 @@ class ContextParallel:
                 "torch.distributed is not initialized: call torch.distributed.init_process_group "
                 "first (torchrun sets the environment it reads)"
             )
+        self._outer: ContextParallel | None = None
+        """The hybrid mode's schedule between groups of ranks (None: one dimension)."""
+        self._within: Group = None
+        """The hybrid mode's group of ranks (the mesh's second dimension)."""
+        if mode == "hybrid":
+            if not isinstance(group, DeviceMesh) or group.ndim != 2:
+                shape = (
+                    f"a DeviceMesh of {group.ndim} dimensions"
+                    if isinstance(group, DeviceMesh)
+                    else "a process group"
+                )
+                raise ValueError(
+                    f"mode='hybrid' needs a two-dimensional DeviceMesh of every rank, (groups, "
+                    f"ranks_per_group), but got {shape}; build one with init_device_mesh(device, "
+                    f"(groups, ranks_per_group))"
+                )
+            per_group = _hybrid_mesh(group)
+            self._within = group.get_group(1)
+            self._outer = ContextParallel(
+                plans,
+                sizes,
+                group.get_group(0),
+                gather_limit=gather_limit,
+                strategy=strategy,
+                query_chunk=query_chunk,
+                whole_groups=whole_groups,
+                balance=balance,
+                backend=backend,
+                kernel=kernel,
+                mode="ring",
+            )
+            group, mode = None, "ring"
         group = _process_group(group)
         plan_list = _plans(plans)
         if not plan_list:
@@ -146,28 +206,39 @@ class ContextParallel:
             raise ValueError(f"kernel={kernel!r}: use 'auto', 'flex' or 'reference'")
         self.kernel: Kernel = kernel
         if mode not in ("auto", "ring", "heads"):
-            raise ValueError(f"mode={mode!r}: use 'auto', 'ring' or 'heads'")
+            raise ValueError(f"mode={mode!r}: use 'auto', 'ring', 'heads' or 'hybrid'")
         self.mode: Mode = mode
         self._plans = plan_list
         self.full_kv_cache = full_kv_cache
         self.executor: Executor | None = get_executor(backend) if backend is not None else None
         calls = [c.attention for layout in layouts for c in layout.calls]
-        self.placement: Placement = place(
-            groups, calls, dict(layouts[0].sizes), self.world_size, whole_groups=whole_groups, balance=balance
+        self.placement: Placement = (
+            place(
+                groups,
+                calls,
+                dict(layouts[0].sizes),
+                self.world_size,
+                whole_groups=whole_groups,
+                balance=balance,
+            )
+            if self._outer is None
+            else within_groups(self._outer.placement, per_group)
         )
         agree("placement", self.placement.digest, group)
-        self._runners: dict[tuple[int, bool, bool, torch.device, int | None], _Runner | HeadRunner] = {}
+        self._runners: dict[
+            tuple[int, bool, bool, torch.device, int | None], _Runner | HeadRunner | HybridRunner
+        ] = {}
         """Per (local layout's ``id``, padded, ALiBi, device, heads): the schedule and its
         index tensors or the head-parallel runner, built on first use (layouts
         are cached, and each runner holds its layout, so the ``id`` is not
         reused while its entry lives). Heads None: the schedule, for reports."""
         self._active = False
         self._previous: Any = None
-        self.traffic: dict[str, int] = {}
+        self.traffic: dict[str, int] = {} if self._outer is None else self._outer.traffic
         """Bytes this rank received in forward passes, per collective
         (``gather <groups>``, ``ring <call>``; ``heads q,k,v`` and ``heads out``
-        in head-parallel mode), padding included; the backward moves the same
-        again. Clear it to start a count."""
+        in head-parallel and hybrid mode), padding included; the backward
+        moves the same again. Clear it to start a count."""
 
     # ---------------------------------------------------------------- tokens
 
@@ -220,7 +291,10 @@ class ContextParallel:
     # ------------------------------------------------------------- execution
 
     def schedule_for(self, layout: Layout, padded: bool = False, alibi: bool = False) -> ShardedSchedule:
-        """The schedule a module's local ``layout`` runs under (for reports)."""
+        """The schedule a module's local ``layout`` runs under (for reports;
+        in the hybrid mode, its group's schedule, whose ranks are the groups)."""
+        if self._outer is not None:
+            return self._outer.schedule_for(self._group_layout(layout), padded, alibi)
         runner = self._runner(layout, padded, alibi, torch.device("cpu"), None)
         assert isinstance(runner, _Runner)
         return runner.schedule
@@ -240,8 +314,14 @@ class ContextParallel:
 
         Raises:
             ValueError: ``mode="heads"`` where the layout cannot run head-parallel
-                (heads not a multiple of the ranks, a plan not given here).
+                (heads not a multiple of the ranks, a plan not given here), or
+                a two-dimensional mesh (it runs the hybrid, whatever the layout).
         """
+        if self._outer is not None:
+            raise ValueError(
+                "a two-dimensional mesh runs every layout in the hybrid mode; schedule_for(layout) "
+                "gives its groups' schedule"
+            )
         plan_schedule = schedule(
             [c.attention for c in layout.calls],
             self.placement,
@@ -257,6 +337,22 @@ class ContextParallel:
     def _global_layout(self, layout: Layout) -> Layout | str:
         """The plan of a local layout at the global sizes, or why it is not known."""
         sizes = {g: None if n is None else self.placement.group(g).size for g, n in layout.sizes}
+        return self._layout_at(layout, sizes)
+
+    def _group_layout(self, layout: Layout) -> Layout:
+        """The hybrid mode: the plan of a rank's local layout at its group's sizes.
+
+        Raises:
+            ValueError: the module's plan is not among this ContextParallel's.
+        """
+        assert self._outer is not None
+        found = self._layout_at(layout, dict(self._outer.local_sizes))
+        if isinstance(found, str):
+            raise ValueError(found)
+        return found
+
+    def _layout_at(self, layout: Layout, sizes: dict[str, int | None]) -> Layout | str:
+        """The plan of ``layout`` at ``sizes``, or why it is not known."""
         for plan in self._plans:
             if plan.name != layout.plan_name:
                 continue
@@ -270,7 +366,7 @@ class ContextParallel:
 
     def _runner(
         self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
-    ) -> _Runner | HeadRunner:
+    ) -> _Runner | HeadRunner | HybridRunner:
         # keyed by the identity of the layout eager calls hold: a trace reads a
         # copy of it whose tables name the original (Dynamo cannot hash a
         # layout, and a key of plain values keeps the lookup in the graph's
@@ -279,7 +375,7 @@ class ContextParallel:
         # while the key is here)
         tables = layout.tables
         owner = tables.layout_id if isinstance(tables, TracedTables) else id(layout)
-        key = (owner, padded, alibi, device, None if self.mode == "ring" else heads)
+        key = (owner, padded, alibi, device, None if self.mode == "ring" and self._outer is None else heads)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(layout, padded, alibi, device, key[-1])
@@ -288,7 +384,9 @@ class ContextParallel:
 
     def _build_runner(
         self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
-    ) -> _Runner | HeadRunner:
+    ) -> _Runner | HeadRunner | HybridRunner:
+        if self._outer is not None:
+            return self._hybrid_runner(layout, padded, alibi, device, heads)
         if heads is None:
             return _Runner(self, layout, padded, alibi, device)
         choice = self.mode_for(layout, heads, padded, alibi)
@@ -307,6 +405,33 @@ class ContextParallel:
         assert not isinstance(whole, str)  # choose_mode picks heads only for a known plan
         comm = Comm(self.group, self.world_size, self.traffic)
         return HeadRunner(self.placement, self.rank, comm, layout, whole, heads, choice, device)
+
+    def _hybrid_runner(
+        self, layout: Layout, padded: bool, alibi: bool, device: torch.device, heads: int | None
+    ) -> HybridRunner:
+        """The hybrid mode's runner of a rank's local layout (see :mod:`~patternc.distributed.hybrid`)."""
+        assert self._outer is not None
+        expected = self.placement.local_sizes(self.rank)
+        if dict(layout.sizes) != expected:
+            raise ValueError(
+                f"this module ran with sizes {dict(layout.sizes)} but the ContextParallel places "
+                f"{expected} on rank {self.rank}; call modules with cp.local_sizes (and x = cp.shard(x_full))"
+            )
+        per_group = dist.get_world_size(self._within)
+        if heads is not None and heads % per_group:
+            raise ValueError(
+                f"{heads} heads do not divide over the {per_group} ranks of a group of the mesh (the "
+                f"hybrid mode gives each of them heads / ranks_per_group); use a mesh whose second "
+                f"dimension divides the heads"
+            )
+        agree("attention inputs", ", ".join(_input_names(padded, alibi)), self._within, fix=_SAME_INPUTS)
+        group_layout = self._group_layout(layout)
+        outer = self._outer._runner(group_layout, padded, alibi, device, None)
+        assert isinstance(outer, _Runner)
+        first = self.rank - self.rank % per_group
+        counts = tuple(self.placement.tokens(first + j) for j in range(per_group))
+        comm = Comm(self._within, per_group, self.traffic)
+        return HybridRunner(outer, group_layout, comm, self.rank % per_group, counts, heads or 0)
 
     def attend(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
         inputs = inputs.in_token_space()  # the runner reads K/V at input positions

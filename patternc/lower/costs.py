@@ -160,9 +160,7 @@ def _windowed_entries(layout: Layout) -> int:
     bounded side other than causal's), which its kernel computes at its
     windowed rate (see ``_HALF``)."""
     return sum(
-        call.allowed_entries
-        for call in layout.calls
-        if varlen_window(call) not in (None, (-1, -1), (-1, 0))
+        call.allowed_entries for call in layout.calls if varlen_window(call) not in (None, (-1, -1), (-1, 0))
     )
 
 
