@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import patternc
 from patternc import MixedAttentionConfig, TokenSpec
 from patternc.distributed import ContextParallel
-from patternc.distributed.heads import head_parallel_rows
+from patternc.distributed.heads import head_parallel_rows, hybrid_rows
 from patternc.nn import MixedAttention, rope_frequencies
 
 HEAD_DIM = 2
@@ -169,17 +169,28 @@ def _run_hybrid(
     mesh = _mesh_2d(dist.get_world_size())
     options = {"group": mesh, "mode": "hybrid"}
     result = compare(module, forward, plan, sizes, options, padding=padding, dim=hidden)
+    x_full = torch.randn(2, sum(sizes.values()), hidden, dtype=torch.float64)
+    # the hybrid, then the schedule alone over the mesh's first dimension (every head)
     cp = ContextParallel(plan, sizes, **options)
-    x = cp.shard(torch.randn(2, sum(sizes.values()), hidden, dtype=torch.float64))
-    with torch.no_grad(), cp:
-        if padding is None:
-            forward(x, cp.local_sizes)
-        else:
-            forward(x, {"sizes": cp.local_sizes, "padding": cp.shard(padding)})
+    schedule_only = ContextParallel(plan, sizes, mesh.get_group(0), mode="ring")
+    for run in (cp, schedule_only):
+        x = run.shard(x_full)
+        with torch.no_grad(), run:
+            if padding is None:
+                forward(x, run.local_sizes)
+            else:
+                forward(x, {"sizes": run.local_sizes, "padding": run.shard(padding)})
     result["heads_bytes"] = sum(v for k, v in cp.traffic.items() if k.startswith("heads"))
     result["other_bytes"] = sum(v for k, v in cp.traffic.items() if not k.startswith("heads"))
+    result["schedule_bytes"] = sum(schedule_only.traffic.values())
     result["tokens"] = [cp.placement.tokens(r) for r in range(cp.world_size)]
     result["mesh"] = list(mesh.mesh.shape)
+    groups, per_group = mesh.mesh.shape
+    calls = [c.attention for c in plan.layout(sizes).calls]
+    within, _ = hybrid_rows(list(sizes), calls, sizes, groups * per_group, per_group)
+    row_bytes = 2 * hidden * 8  # batch 2, float64, rows of the model width
+    result["predicted_within"] = within[cp.rank // per_group] * row_bytes
+    result["row_bytes"] = row_bytes
     return result
 
 

@@ -308,3 +308,17 @@ def test_hybrid_refusals_say_why_and_what_to_do(ranks: tuple[int, list[dict[str,
     assert "but got a process group" in refused["one_dim"], refused
     assert "of 3 dimensions" in refused["three_dims"], refused
     assert "this DeviceMesh has 2" in refused["unasked"] and "mode='hybrid'" in refused["unasked"], refused
+
+
+def test_hybrid_moves_what_its_estimate_counts(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    """Between groups a rank moves exactly ``1 / ranks_per_group`` of what the
+    schedule alone over the groups moves (the same collectives, on its share
+    of the heads); within a group the all-to-alls move what ``hybrid_rows``
+    counts, to a row of each piece (it spreads the group's tokens evenly)."""
+    _, results = ranks
+    for result in results:
+        metrics = result["hybrid_joint"]
+        per_group = metrics["mesh"][1]
+        assert metrics["other_bytes"] * per_group == metrics["schedule_bytes"], metrics
+        slack = 4 * per_group * metrics["row_bytes"]
+        assert abs(metrics["heads_bytes"] - metrics["predicted_within"]) <= slack, metrics
