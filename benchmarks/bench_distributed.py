@@ -62,7 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -656,11 +656,20 @@ def kernel_rate(
                 print(f"| | {world} | 0 | 0 | no blockwise call | | | | | | | |")
                 continue
             compiled = counters["stats"]["unique_graphs"]
-            fwd = _median_time(functools.partial(_run_ranks, ranks, False, False), repeat, device)
-            bwd = _median_time(functools.partial(_run_ranks, ranks, True, False), repeat, device)
-            whole = None
-            if with_executor:
-                whole = _median_time(functools.partial(_run_ranks, ranks, True, True), repeat, device)
+            try:
+                fwd = _median_time(functools.partial(_run_ranks, ranks, False, False), repeat, device)
+                bwd = _median_time(functools.partial(_run_ranks, ranks, True, False), repeat, device)
+                whole = None
+                if with_executor:
+                    whole = _median_time(functools.partial(_run_ranks, ranks, True, True), repeat, device)
+            except Exception as error:  # one layout's failure ends its row, not the table
+                last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                print(
+                    f"| | {world} | {blockwise / total:.2f} | {n_blocks} | failed: {type(error).__name__}: {last[:200]} |"
+                )
+                print(f"  its blocks (query rows x key rows, per rank): {_block_shapes(ranks)}")
+                sys.stdout.flush()
+                continue
             rate_fwd = blockwise * work / fwd / 1e12
             rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
             print(
@@ -670,6 +679,14 @@ def kernel_rate(
                 f"{counters['stats']['unique_graphs'] - compiled} |"
             )
             sys.stdout.flush()
+
+
+def _block_shapes(ranks: Sequence[VirtualRank]) -> list[list[tuple[int, int]]]:
+    """Per rank, each blockwise block's query rows and key rows (what a
+    failing FlexAttention compile was asked for)."""
+    return [
+        [(int(rows.numel()), kernel.n_k) for run, rows, _ in r.runs for kernel in run.fixed] for r in ranks
+    ]
 
 
 # ------------------------------------------------------------ paper estimate

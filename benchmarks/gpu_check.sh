@@ -27,6 +27,10 @@
 #              NCCL world-of-one tests, bench_distributed on gloo (2, 4
 #              ranks on the host's cores) and under torchrun/NCCL, and
 #              chunked inference at a million queries                ~5 min
+#   windows    bench_users: the NATTEN and VLM rows, and the causal window at
+#              16k, 64k and 131k tokens (hand block mask compiled: an eager
+#              one needs 128 GiB at 131k), auto's pick against both kernels
+#                                                                 ~5 min
 #   ringrate   the ring's blockwise kernel's TF/s over the blocks 8 virtual
 #              ranks compute against the unsharded executor's, then its
 #              CUDA tests (FlexAttention forward and backward through the
@@ -118,6 +122,15 @@ distributed() {
     2>&1 | grep -v -i "warn\|return func" | tee "$OUT/bench_distributed_nccl.txt"
   python3 benchmarks/bench_chunked.py --queries 1000000 --anchors 16384 --chunks 16384 65536 262144 2>&1 \
     | grep -v -i "warn" | tee "$OUT/bench_chunked.txt"
+}
+
+windows() {  # spatial rows, and where auto moves a long window from varlen to flex
+  timeout 200 python3 benchmarks/bench_users.py --repeat 11 --hand-mask eager --rows natten natten3d vlm 2>&1 \
+    | grep -v -i warn | tee "$OUT/bench_users_natten_vlm.txt" | tail -12
+  for scale in 2 8 16; do
+    timeout 120 python3 benchmarks/bench_users.py --repeat 7 --hand-mask compiled --scale "$scale" --rows window 2>&1 \
+      | grep -v -i warn | tee "$OUT/bench_users_window_x$scale.txt" | tail -6
+  done
 }
 
 ringrate() {
