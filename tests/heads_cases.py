@@ -335,6 +335,28 @@ def case_refused(world: int) -> dict[str, Any]:
     return out
 
 
+def case_hybrid_kv_cache(world: int) -> dict[str, Any]:
+    """Queries on a 2-D mesh reading anchors from a KV cache (every head on
+    every rank; each rank of a group reads its heads of it)."""
+    sizes = {"anchors": 11, "queries": 20}
+    attn, _, plan, hidden = _module("groups anchors queries\n* -> anchors", sizes, 12)
+    torch.manual_seed(3)
+    anchors = torch.randn(2, 11, hidden, dtype=torch.float64)
+    queries = torch.randn(2, 20, hidden, dtype=torch.float64)
+
+    def run(x: Tensor, sizes: dict[str, Any], cache: Any = None) -> tuple[Tensor, Any]:
+        specs = [TokenSpec(name=g, size=n) for g, n in sizes.items()]
+        out: tuple[Tensor, Any] = attn(x, specs, plan, kv_cache=cache)
+        return out
+
+    _, cache = run(anchors, {"anchors": 11, "queries": 0})
+    ref, _ = run(queries, {"anchors": None, "queries": 20}, cache)
+    cp = ContextParallel(plan, {"anchors": None, "queries": 20}, _mesh_2d(world), mode="hybrid")
+    with cp:
+        out, _ = run(cp.shard(queries), cp.local_sizes, cache)
+    return {"out": _error(out - cp.shard(ref), cp.shard(ref))}
+
+
 def case_hybrid_refused(world: int) -> dict[str, Any]:
     """The hybrid mode's errors: heads that do not divide over a group's
     ranks, mode='hybrid' without a 2-D mesh, and a 2-D mesh without

@@ -38,13 +38,14 @@ NUMERIC = [
 CACHES = ["kv_cache", "full_cache_of_whole_documents"]
 
 HYBRID = ["hybrid_documents", "hybrid_vlm_padded", "hybrid_joint"]
+HYBRID_CACHE = ["hybrid_kv_cache"]
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def ranks(request: Any, tmp_path_factory: Any) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"heads{world}")
-    return world, heads_cases.spawn(world, [*NUMERIC, *CACHES, *HYBRID, "refused", "hybrid_refused"], str(out), free_port())
+    return world, heads_cases.spawn(world, [*NUMERIC, *CACHES, *HYBRID, *HYBRID_CACHE, "refused", "hybrid_refused"], str(out), free_port())
 
 
 @pytest.mark.parametrize("case", NUMERIC)
@@ -322,3 +323,11 @@ def test_hybrid_moves_what_its_estimate_counts(ranks: tuple[int, list[dict[str, 
         assert metrics["other_bytes"] * per_group == metrics["schedule_bytes"], metrics
         slack = 4 * per_group * metrics["row_bytes"]
         assert abs(metrics["heads_bytes"] - metrics["predicted_within"]) <= slack, metrics
+
+
+def test_hybrid_reads_a_kv_cache_at_its_heads(ranks: tuple[int, list[dict[str, Any]]]) -> None:
+    world, results = ranks
+    for rank, result in enumerate(results):
+        metrics = result["hybrid_kv_cache"]
+        assert "exception" not in metrics, f"rank {rank} of {world}:\n{metrics['exception']}"
+        assert metrics["out"] <= TOLERANCE, (rank, world, metrics)

@@ -138,10 +138,11 @@ class HybridRunner:
         every = torch.cat([p.view(batch, c, here, width) for p, c in zip(pieces, self.counts)], dim=1)
         q_all, k_all, v_all, *rest = every.split_with_sizes([*widths, width - sum(widths)], dim=-1)
         mine = slice(self.rank * here, (self.rank + 1) * here)
+        cache = {g: (kc[:, :, mine], vc[:, :, mine]) for g, (kc, vc) in inputs.cache.items()}
         slopes = inputs.alibi_slopes[mine] if inputs.alibi_slopes is not None else None
         mask = rest[0][:, :, 0, 0] > 0.5 if inputs.key_padding_mask is not None else None
         group_inputs = AttentionInputs(
-            q_all, k_all, v_all, self.outer_layout, {}, mask, inputs.dropout_p, inputs.scale, slopes
+            q_all, k_all, v_all, self.outer_layout, cache, mask, inputs.dropout_p, inputs.scale, slopes
         )
         out, _ = self.outer.run(group_inputs, executor, False)
         out_width = out.shape[-1]
