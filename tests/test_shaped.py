@@ -557,3 +557,42 @@ def test_gpu_neighbourhoods_bf16(source: str, sizes: dict[str, int], backend: st
     ref.backward(grad)
     assert x.grad is not None and x64.grad is not None
     assert relative_error(x.grad, x64.grad) < 5e-2
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes", "skips_pairs"),
+    [
+        ("groups a[16, 16] b[16, 16]\na -> a[kernel 3]\nb -> b[kernel 3]", {"a": 256, "b": 256}, True),
+        ("groups a[8, 16] b\na -> a[near 2]\nb -> b", {"a": 128, "b": 128}, True),
+        ("groups image[24, 20]\nimage -> image[kernel 5]", {"image": 480}, False),
+    ],
+    ids=["two-images", "image-beside-tokens", "one-image-padded"],
+)
+def test_compiled_flex_reads_the_pair_test_from_its_blocks(
+    cpu_flex_kernel: None, source: str, sizes: dict[str, int], skips_pairs: bool
+) -> None:
+    """Where every block holds one query group and one key group, the
+    compiled kernel's ``mask_mod`` skips the group-pair test (the block lists
+    tell the pairs apart): its output equals the float64 reference although
+    that ``mask_mod`` alone allows pairs of groups that do not read each
+    other (counted here, so the case tests something), which only a kernel
+    that skips unlisted blocks leaves out."""
+    from patternc.nn.executors import EXECUTORS, flex
+    from patternc.nn.executors.common import AttentionInputs
+    from patternc.nn.flexmask import FlexTables
+
+    layout = patternc.compile(source).patterns["default"].layout(sizes)
+    tables = FlexTables.build(layout, {}, "cpu")
+    assert tables.blocks_hold_one_pair
+    q_idx, kv_idx = torch.arange(tables.q_len)[:, None], torch.arange(tables.kv_len)[None, :]
+    zero = torch.zeros((), dtype=torch.int64)
+    exact = tables.mask_mod()(zero, zero, q_idx, kv_idx)
+    within = tables.mask_mod(within_blocks=True)(zero, zero, q_idx, kv_idx)
+    assert bool((within & ~exact)[: tables.n_queries].any()) == skips_pairs
+    torch.manual_seed(0)
+    n = layout.n_tokens
+    q, k, v = (torch.randn(2, n, 2, 16) for _ in range(3))
+    with torch.no_grad(), flex.compiled(True):
+        out = EXECUTORS["flex"](AttentionInputs(q, k, v, layout, {}, None, 0.0, None))
+    ref = EXECUTORS["dense"](AttentionInputs(q.double(), k.double(), v.double(), layout, {}, None, 0.0, None))
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

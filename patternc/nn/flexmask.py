@@ -23,6 +23,7 @@ tensor exists anywhere and no table grows with the groups squared.
 from __future__ import annotations
 
 import array
+import copy
 import functools
 import itertools
 import math
@@ -44,13 +45,27 @@ from patternc.nn.tables import table
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["BLOCK_SIZE", "FlexTables", "bucket_length", "group_segments", "values_cross_groups"]
+__all__ = [
+    "BLOCK_SIZE",
+    "FlexTables",
+    "bucket_length",
+    "group_segments",
+    "values_cross_groups",
+    "with_mask_mod",
+]
 
 INT32_BOUND = 1 << 30
 """An open side of a band in int32 tables: past any position difference."""
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def with_mask_mod(mask: BlockMask, mask_mod: MaskMod) -> BlockMask:
+    """``mask`` with another ``mask_mod``, sharing its block lists (no device work)."""
+    out = copy.copy(mask)
+    out.mask_mod = mask_mod
+    return out
 
 
 def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
@@ -755,7 +770,7 @@ class FlexTables:
         code, and layouts past :data:`MAX_WORDS`). ``within_blocks``: exact
         only inside the listed blocks, where :attr:`blocks_hold_one_pair`
         lets it skip the pair test: for a kernel that skips unlisted blocks
-        (FlexAttention's compiled kernels; eager FlexAttention and
+        (FlexAttention compiled, on a GPU or a CPU; eager FlexAttention and
         ``create_block_mask`` evaluate it everywhere)."""
         sets = self.pair_sets
         if lookups:
@@ -891,13 +906,10 @@ class FlexTables:
 
         return alibi
 
-    def block_mask(
-        self, key_padding_mask: Tensor | None = None, lookups: bool = False, within_blocks: bool = False
-    ) -> BlockMask:
+    def block_mask(self, key_padding_mask: Tensor | None = None, lookups: bool = False) -> BlockMask:
         """The ``BlockMask``: full blocks skip the ``mask_mod``; with key padding
         every non-empty block is partial (padding is checked per element).
-        ``lookups``, ``within_blocks``: how its ``mask_mod`` tests group
-        pairs (see :meth:`mask_mod`)."""
+        ``lookups``: its ``mask_mod`` reads the group tables (see :meth:`mask_mod`)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         partial, full = self.partial, self.full
@@ -916,7 +928,7 @@ class FlexTables:
         q_num, full_q_num = q_nums[:, None]
         q_idx, full_q_idx = q_idxs[:, None]
         block_size = (self.q_len // partial.shape[0], self.kv_len // partial.shape[1])
-        mask_mod = self.mask_mod(key_padding_mask, lookups, within_blocks)
+        mask_mod = self.mask_mod(key_padding_mask, lookups)
         try:
             return BlockMask(
                 seq_lengths=(self.q_len, self.kv_len),

@@ -38,7 +38,14 @@ from patternc.nn.executors import flash4, flexkernels
 from patternc.nn.executors.batched import run_as_batched, run_batched
 from patternc.nn.executors.common import AttentionInputs, compact_keys
 from patternc.nn.executors.flexkernels import KernelOptions
-from patternc.nn.flexmask import BLOCK_SIZE, FlexTables, ScoreMod, group_segments, values_cross_groups
+from patternc.nn.flexmask import (
+    BLOCK_SIZE,
+    FlexTables,
+    ScoreMod,
+    group_segments,
+    values_cross_groups,
+    with_mask_mod,
+)
 from patternc.nn.tables import table, table_bytes
 
 if TYPE_CHECKING:
@@ -188,17 +195,29 @@ def _block_mask(
     key: tuple[Any, ...],
     device: torch.device,
 ) -> BlockMask:
-    """The block mask; its ``mask_mod`` exact only within the listed blocks
-    where this process's compiled kernel runs it on a GPU (the only kernel
-    sure to skip the others), exact everywhere otherwise."""
+    """The block mask. Where this process's compiled kernel runs it (Triton
+    on a GPU, Inductor's C++ kernel on a CPU: both skip unlisted blocks), its
+    ``mask_mod`` is exact only within the listed blocks
+    (:meth:`FlexTables.mask_mod`); the exact one is stored as well, sharing
+    the block lists, since eager FlexAttention evaluates the ``mask_mod``
+    everywhere and a user's ``torch.compile`` reads the stored mask with a
+    backend that may not skip blocks."""
     global _builds
-    within = device.type == "cuda" and _use_compiled and not layout.tables.traced
-    build = functools.partial(tables.block_mask, within_blocks=within)
+    within = _use_compiled and not layout.tables.traced
     if key_padding_mask is not None:  # the padding differs per batch: not cached
         _builds += 1
-        return build(key_padding_mask)
-    return _stored_block_mask(
-        layout, "flex block mask within blocks" if within else "flex block mask", key, build
+        exact = tables.block_mask(key_padding_mask)
+        if within:
+            return with_mask_mod(exact, tables.mask_mod(key_padding_mask, within_blocks=True))
+        return exact
+    exact = _stored_block_mask(layout, "flex block mask", key, tables.block_mask)
+    if not within:
+        return exact
+    return table(
+        layout,
+        ("flex block mask within blocks", *key),
+        lambda: with_mask_mod(exact, tables.mask_mod(within_blocks=True)),
+        traceable=True,
     )
 
 
