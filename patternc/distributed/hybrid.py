@@ -98,17 +98,17 @@ def _slice_ranges(ranges: tuple[Range, ...], lo: int, hi: int) -> tuple[Range, .
 class HybridRunner:
     """One local layout in the hybrid mode, built once per (layout, heads).
 
-    ``outer``: the schedule's runner for the group's layout (its tokens at
-    the group's sizes), whose collectives run over the mesh's first
-    dimension; ``comm``: the group's ranks (the mesh's second dimension);
-    ``counts``: tokens of each rank of the group, in rank order."""
+    ``outer``: the schedule's runner for the group's layout
+    (``outer_layout``: the plan at the group's sizes), whose collectives run
+    over the mesh's first dimension; ``comm``: the group's ranks (the mesh's
+    second dimension), ``rank`` this rank's place among them; ``counts``:
+    tokens of each rank of the group, in rank order."""
 
     outer: GroupRunner
     outer_layout: Layout
     comm: Comm
     rank: int
     counts: tuple[int, ...]
-    heads: int
 
     def run(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
         if full_cache:

@@ -431,7 +431,7 @@ class ContextParallel:
         first = self.rank - self.rank % per_group
         counts = tuple(self.placement.tokens(first + j) for j in range(per_group))
         comm = Comm(self._within, per_group, self.traffic)
-        return HybridRunner(outer, group_layout, comm, self.rank % per_group, counts, heads or 0)
+        return HybridRunner(outer, group_layout, comm, self.rank % per_group, counts)
 
     def attend(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
         inputs = inputs.in_token_space()  # the runner reads K/V at input positions
