@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -706,16 +706,22 @@ class ShardedSchedule:
     def call_received(self, call: ShardedCall, rank: int) -> int:
         """Key/value tokens ``rank`` receives for ``call`` (a gathered group
         counts once, at the first call that reads it)."""
-        return _call_received(self.placement, self.calls, call, rank)
+        return _call_received(self.placement, _gathered_before(self.calls[: call.index]), call, rank)
 
     def call_minimum(self, call: ShardedCall, rank: int) -> int:
         return _needed(self.placement, [call.attention], rank)
 
 
-def _received_by_rank(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall) -> list[int]:
+def _gathered_before(calls: Iterable[ShardedCall]) -> set[str]:
+    """The key groups gathered by ``calls`` (each moves once, for the first call that reads it)."""
+    return {k for c in calls if c.strategy == "gather" for k in c.key_groups}
+
+
+def _received_by_rank(placement: Placement, seen: Collection[str], call: ShardedCall) -> list[int]:
     """:func:`_call_received` on every rank at once: a ring's blocks summed
     as a window sliding round the ring (not ``steps`` blocks per rank), a
-    halo's ranks given to :func:`halo_slices` as one set."""
+    halo's ranks given to :func:`halo_slices` as one set. ``seen``: the
+    groups gathered by the calls before ``call``."""
     world = placement.world_size
     if call.strategy == "ring":
         held = placement.held_tokens(call.key_groups)
@@ -736,10 +742,10 @@ def _received_by_rank(placement: Placement, calls: Sequence[ShardedCall], call: 
             slices = halo_slices(call.attention, placement, rank, ranks)
             out[rank] = sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
         return out
-    return [_call_received(placement, calls, call, rank) for rank in range(world)]
+    return [_call_received(placement, seen, call, rank) for rank in range(world)]
 
 
-def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: ShardedCall, rank: int) -> int:
+def _call_received(placement: Placement, seen: Collection[str], call: ShardedCall, rank: int) -> int:
     if call.strategy == "local":
         return 0
     keys = call.key_groups
@@ -755,8 +761,6 @@ def _call_received(placement: Placement, calls: Sequence[ShardedCall], call: Sha
         slices = halo_slices(call.attention, placement, rank, call.ranks)
         return sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
     if call.strategy == "gather":  # one all-gather for every gather call: a group counts once
-        earlier = calls[: calls.index(call)]
-        seen = {k for c in earlier if c.strategy == "gather" for k in c.key_groups}
         keys = tuple(k for k in keys if k not in seen)
     return sum(placement.group(k).missing(rank) for k in keys)
 
@@ -1034,22 +1038,36 @@ def schedule(
         ratio (one collective, or blocks overlapped with the kernel), or
         gather if ``gather_first``; a halo only where it moves less."""
         out: list[ShardedCall] = []
+        seen: set[str] = set()  # groups gathered so far
         for candidates in options:
             if len(candidates) == 1:
-                out.append(candidates[0])
-                continue
-            if gather_first:
-                candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
-            moved = [sum(_received_by_rank(placement, [*out, c], c)) for c in candidates]
-            best = moved.index(min(moved))
-            order = [best, *(i for i in range(len(candidates)) if i != best)]
-            out.append(
-                replace(candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order))
-            )
+                picked = candidates[0]
+            else:
+                if gather_first:
+                    candidates = sorted(candidates, key=lambda c: c.strategy != "gather")
+                moved = [sum(_received_by_rank(placement, seen, c)) for c in candidates]
+                best = moved.index(min(moved))
+                order = [best, *(i for i in range(len(candidates)) if i != best)]
+                picked = replace(
+                    candidates[best], moved=tuple((candidates[i].strategy, moved[i]) for i in order)
+                )
+            out.append(picked)
+            if picked.strategy == "gather":
+                seen.update(picked.key_groups)
         return out
 
+    def per_call(chosen: list[ShardedCall]) -> list[list[int]]:
+        """Each call's tokens received per rank, calls in order."""
+        seen: set[str] = set()
+        rows = []
+        for c in chosen:
+            rows.append(_received_by_rank(placement, seen, c))
+            if c.strategy == "gather":
+                seen.update(c.key_groups)
+        return rows
+
     def total(chosen: list[ShardedCall]) -> int:
-        return sum(sum(_received_by_rank(placement, chosen, c)) for c in chosen)
+        return sum(sum(row) for row in per_call(chosen))
 
     out = choose(gather_first=False)
     if any(len(c.moved) > 1 for c in out):
@@ -1067,8 +1085,8 @@ def schedule(
             out = gathering
     gathered_set = {k for c in out if c.strategy == "gather" for k in c.key_groups}
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
-    per_call = [_received_by_rank(placement, out, c) for c in out]
-    received = tuple(sum(column) for column in zip(*per_call)) if per_call else (0,) * world
+    rows = per_call(out)
+    received = tuple(sum(column) for column in zip(*rows)) if rows else (0,) * world
     minimum = tuple(
         _needed(placement, [c.attention for c in out if c.strategy != "local"], rank) for rank in range(world)
     )
