@@ -319,3 +319,24 @@ def test_fewer_tokens_than_ranks_are_placed_once_each(world: int) -> None:
         _check_partition(placement, components=False)
         assert sum(placement.tokens(r) for r in range(world)) == sum(sizes.values())
         assert sum(1 for r in range(world) if placement.tokens(r)) <= sum(sizes.values())
+
+
+def test_halo_slices_are_kept_per_call_rank_and_senders() -> None:
+    """The placement keeps what a halo sends each rank (the schedule asks
+    twice per call and rank): a second ask returns the same answer, equal to
+    one computed afresh, and other senders or another call are asked anew."""
+    from patternc.distributed.placement import _halo_slices, halo_slices
+
+    plan = patternc.compile("groups g t\ng -> g, t\nt -> g, t[causal, window 8]").patterns["default"]
+    sizes = {"g": 4, "t": 200}
+    layout = plan.layout(sizes)
+    calls = [c.attention for c in layout.calls]
+    placement = place(layout.all_groups, calls, sizes, 4)
+    for call in calls:
+        for rank in range(4):
+            first = halo_slices(call, placement, rank, range(4))
+            assert halo_slices(call, placement, rank, [0, 1, 2, 3]) is first
+            assert first == _halo_slices(call, placement, rank, frozenset(range(4)))
+            fewer = halo_slices(call, placement, rank, [rank])
+            assert fewer == {} and fewer is not first
+    assert halo_slices(calls[1], placement, 3, range(4)) != halo_slices(calls[0], placement, 3, range(4))

@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 ShardKind = Literal["split", "zigzag", "whole", "cached"]
+HaloSlices = dict[int, tuple[tuple[int, Range], ...]]
+"""What a halo sends one rank: per sending rank, (key index, positions) pieces."""
 Strategy = Literal["local", "gather", "ring", "halo"]
 
 
@@ -89,6 +91,11 @@ class Placement:
     _by_name: dict[str, GroupShards] = field(init=False, repr=False)
     _owners: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = field(init=False, repr=False)
     _held: dict[tuple[str, ...], tuple[int, ...]] = field(init=False, repr=False)
+    _halos: dict[tuple[int, int, frozenset[int] | None], tuple[AttentionCall, HaloSlices]] = field(
+        init=False, repr=False
+    )
+    """:func:`halo_slices` per (call's identity, rank, senders), with the call
+    kept so an identity reused by another call is not taken for it."""
     offsets: dict[str, int] = field(init=False, repr=False)
     """Each group's first position in the whole input (groups in order; cached ones hold none)."""
 
@@ -98,6 +105,7 @@ class Placement:
         object.__setattr__(self, "_by_name", {g.name: g for g in self.groups})
         object.__setattr__(self, "_owners", {})
         object.__setattr__(self, "_held", {})
+        object.__setattr__(self, "_halos", {})
         object.__setattr__(self, "offsets", _offsets([g.name for g in self.groups], self.sizes))
 
     def group(self, name: str) -> GroupShards:
@@ -830,7 +838,7 @@ def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> 
 
 def halo_slices(
     call: AttentionCall, placement: Placement, rank: int, sources: Iterable[int] | None = None
-) -> dict[int, tuple[tuple[int, Range], ...]]:
+) -> HaloSlices:
     """The keys a ``halo`` call sends to ``rank``: per other rank holding
     some, the ranges (key index in ``call.keys``, positions within its
     group) that ``rank``'s queries may read, in key order then ascending.
@@ -846,10 +854,30 @@ def halo_slices(
 
     Returns:
         ``{source rank: ((key index, (start, stop)), ...)}``, ascending by
-        source, sources with nothing to send left out. The senders are found
+        source, sources with nothing to send left out (kept by the placement
+        for the next ask: read it, do not change it). The senders are found
         by bisect over every rank's ranges (:meth:`Placement.holding`), so
         the cost follows the pieces found, not the number of ranks.
     """
+    allowed = None if sources is None else frozenset(sources)
+    key = (id(call), rank, allowed)
+    stored = placement._halos.get(key)
+    if stored is not None and stored[0] is call:
+        return stored[1]
+    result = _halo_slices(call, placement, rank, allowed)
+    if len(placement._halos) >= _HALO_MEMO:  # a long run's rebuilt layouts: start again
+        placement._halos.clear()
+    placement._halos[key] = (call, result)
+    return result
+
+
+_HALO_MEMO = 1 << 16
+"""The most :func:`halo_slices` results a placement keeps."""
+
+
+def _halo_slices(
+    call: AttentionCall, placement: Placement, rank: int, allowed: Set[int] | None
+) -> HaloSlices:
     offsets = placement.offsets
     wanted: dict[int, list[Range]] = {}
     for q in call.queries:
@@ -863,10 +891,6 @@ def halo_slices(
             shift = offsets[key.name] - offsets[q]
             for r in shards.ranges[rank]:
                 wanted.setdefault(i, []).append(_key_interval(r, n_k, key.modifiers, shift))
-    # a set given is used as it is (the schedule asks for every rank of a call)
-    allowed: Set[int] | None = None
-    if sources is not None:
-        allowed = sources if isinstance(sources, (set, frozenset)) else set(sources)
     found: dict[int, list[tuple[int, Range]]] = {}
     for i, intervals in sorted(wanted.items()):
         name = call.keys[i].name
