@@ -325,7 +325,7 @@ def test_halo_slices_are_kept_per_call_rank_and_senders() -> None:
     """The placement keeps what a halo sends each rank (the schedule asks
     twice per call and rank): a second ask returns the same answer, equal to
     one computed afresh, and other senders or another call are asked anew."""
-    from patternc.distributed.placement import _halo_slices, halo_slices
+    from patternc.distributed.placement import _halo_slices
 
     plan = patternc.compile("groups g t\ng -> g, t\nt -> g, t[causal, window 8]").patterns["default"]
     sizes = {"g": 4, "t": 200}
