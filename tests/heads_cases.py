@@ -185,6 +185,7 @@ def _run_hybrid(
     result["schedule_bytes"] = sum(schedule_only.traffic.values())
     result["tokens"] = [cp.placement.tokens(r) for r in range(cp.world_size)]
     result["mesh"] = list(mesh.mesh.shape)
+    result["mode"] = cp.mode
     groups, per_group = mesh.mesh.shape
     calls = [c.attention for c in plan.layout(sizes).calls]
     within, _ = hybrid_rows(list(sizes), calls, sizes, groups * per_group, per_group)

@@ -291,7 +291,7 @@ def test_hybrid_moves_heads_within_groups_and_keys_between_them(
     for result in results:
         metrics = result["hybrid_joint"]
         groups, per_group = metrics["mesh"]
-        assert groups * per_group == world
+        assert groups * per_group == world and metrics["mode"] == "hybrid"
         assert metrics["heads_bytes"] > 0, metrics
         assert (metrics["other_bytes"] > 0) == (groups > 1), metrics
         tokens = result["hybrid_documents"]["tokens"]

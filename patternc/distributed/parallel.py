@@ -182,7 +182,7 @@ class ContextParallel:
                 kernel=kernel,
                 mode="ring",
             )
-            group, mode = None, "ring"
+            group = None  # the whole mesh: unshard and the placement's check span every rank
         group = _process_group(group)
         plan_list = _plans(plans)
         if not plan_list:
@@ -205,7 +205,7 @@ class ContextParallel:
         if kernel not in ("auto", "flex", "reference"):
             raise ValueError(f"kernel={kernel!r}: use 'auto', 'flex' or 'reference'")
         self.kernel: Kernel = kernel
-        if mode not in ("auto", "ring", "heads"):
+        if mode not in ("auto", "ring", "heads", "hybrid"):
             raise ValueError(f"mode={mode!r}: use 'auto', 'ring', 'heads' or 'hybrid'")
         self.mode: Mode = mode
         self._plans = plan_list
@@ -375,7 +375,7 @@ class ContextParallel:
         # while the key is here)
         tables = layout.tables
         owner = tables.layout_id if isinstance(tables, TracedTables) else id(layout)
-        key = (owner, padded, alibi, device, None if self.mode == "ring" and self._outer is None else heads)
+        key = (owner, padded, alibi, device, None if self.mode == "ring" else heads)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(layout, padded, alibi, device, key[-1])
