@@ -63,6 +63,11 @@ def _value_and_input_gradient(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10),
+    reason="torch 2.9's Inductor hands the CPU flash-attention backward a float32 "
+    "log-sum-exp in a float64 graph ('expected scalar type Double but found Float')",
+)
 @pytest.mark.parametrize("kind", ["attention", "transformer"])
 def test_inductor_gradients_of_equal_size_documents_equal_eager(kind: str) -> None:
     if kind == "attention":
