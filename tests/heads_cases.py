@@ -238,12 +238,13 @@ def case_alibi_transformer(world: int) -> dict[str, Any]:
     return result
 
 
-def case_kv_cache(world: int) -> dict[str, Any]:
-    """Anchors computed head-parallel with ``full_kv_cache=True`` (every rank
-    ends with every head of them), then head-parallel queries read that
-    cache (each rank its heads of it)."""
-    sizes = {"anchors": 11, "queries": 20}
-    attn, _, plan, hidden = _module("groups anchors queries\n* -> anchors", sizes, 12)
+def _anchors_then_queries() -> tuple[Any, Tensor, Tensor, Callable[..., tuple[Tensor, Any]]]:
+    """11 anchors and 20 queries reading them (12 heads): the plan, the
+    inputs, and a call of the module with a KV cache (decoding's order:
+    anchors first, their cache read by the queries)."""
+    attn, _, plan, hidden = _module(
+        "groups anchors queries\n* -> anchors", {"anchors": 11, "queries": 20}, 12
+    )
     torch.manual_seed(3)
     anchors = torch.randn(2, 11, hidden, dtype=torch.float64)
     queries = torch.randn(2, 20, hidden, dtype=torch.float64)
@@ -253,6 +254,14 @@ def case_kv_cache(world: int) -> dict[str, Any]:
         out: tuple[Tensor, Any] = attn(x, specs, plan, kv_cache=cache)
         return out
 
+    return plan, anchors, queries, run
+
+
+def case_kv_cache(world: int) -> dict[str, Any]:
+    """Anchors computed head-parallel with ``full_kv_cache=True`` (every rank
+    ends with every head of them), then head-parallel queries read that
+    cache (each rank its heads of it)."""
+    plan, anchors, queries, run = _anchors_then_queries()
     _, ref_cache = run(anchors, {"anchors": 11, "queries": 0})
     ref, _ = run(queries, {"anchors": None, "queries": 20}, ref_cache)
     cp = ContextParallel(plan, {"anchors": 11, "queries": 0}, full_kv_cache=True, mode="heads")
@@ -339,17 +348,7 @@ def case_refused(world: int) -> dict[str, Any]:
 def case_hybrid_kv_cache(world: int) -> dict[str, Any]:
     """Queries on a 2-D mesh reading anchors from a KV cache (every head on
     every rank; each rank of a group reads its heads of it)."""
-    sizes = {"anchors": 11, "queries": 20}
-    attn, _, plan, hidden = _module("groups anchors queries\n* -> anchors", sizes, 12)
-    torch.manual_seed(3)
-    anchors = torch.randn(2, 11, hidden, dtype=torch.float64)
-    queries = torch.randn(2, 20, hidden, dtype=torch.float64)
-
-    def run(x: Tensor, sizes: dict[str, Any], cache: Any = None) -> tuple[Tensor, Any]:
-        specs = [TokenSpec(name=g, size=n) for g, n in sizes.items()]
-        out: tuple[Tensor, Any] = attn(x, specs, plan, kv_cache=cache)
-        return out
-
+    plan, anchors, queries, run = _anchors_then_queries()
     _, cache = run(anchors, {"anchors": 11, "queries": 0})
     ref, _ = run(queries, {"anchors": None, "queries": 20}, cache)
     cp = ContextParallel(plan, {"anchors": None, "queries": 20}, _mesh_2d(world), mode="hybrid")

@@ -24,7 +24,7 @@ from patternc.lower.layout import Layout
 from patternc.nn.context import FullKV
 from patternc.nn.executors.common import AttentionInputs, Executor
 
-__all__ = ["HeadRunner", "all_to_all_tokens"]
+__all__ = ["HeadRunner", "all_to_all_tokens", "return_heads", "share_heads"]
 
 
 def _all_to_all(
@@ -74,6 +74,82 @@ def all_to_all_tokens(
     return out
 
 
+def share_heads(
+    inputs: AttentionInputs,
+    counts: Sequence[int],
+    rank: int,
+    comm: Comm,
+    layout: Layout,
+    order: Tensor | None,
+) -> AttentionInputs:
+    """The first all-to-all: every rank of ``comm`` sends each rank its
+    tokens for that rank's share of the heads, so this rank gets every
+    rank's tokens for its heads (rank after rank, each in its local order;
+    ``order`` reorders them, None keeps them). The key padding mask travels
+    with the keys as one more channel; KV-cached groups and ALiBi slopes are
+    sliced to this rank's heads.
+
+    Args:
+        inputs: this rank's tokens, every head.
+        counts: tokens of each rank of ``comm``.
+        rank: this rank's place in ``comm``.
+        comm: the ranks that share their heads.
+        layout: the layout of the tokens received (in ``order``).
+        order: indices into the received tokens, or None.
+
+    Returns:
+        The inputs of this rank's heads on every token of ``comm``'s ranks.
+    """
+    q, k, v = inputs.q, inputs.k, inputs.v
+    batch, n, heads = q.shape[0], q.shape[1], q.shape[2]
+    world = comm.world_size
+    here = heads // world
+    widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
+    parts = [q, k, v]
+    if inputs.key_padding_mask is not None:  # the mask travels with the keys, as a channel
+        parts.append(inputs.key_padding_mask.to(q.dtype)[:, :, None, None].expand(-1, -1, heads, 1))
+    packed = torch.cat(parts, dim=-1)
+    width = packed.shape[-1]
+    # [B, n, H, F] -> rank-major [R, B, n, H/R, F]: rank s gets heads s*H/R ... (s+1)*H/R - 1
+    send = packed.reshape(batch, n, world, here, width).permute(2, 0, 1, 3, 4).reshape(-1)
+    per_token = batch * here * width
+    received = all_to_all_tokens(send, [n * per_token] * world, [c * per_token for c in counts], comm.group)
+    _count(comm, "heads q,k,v", received, n * per_token)
+    pieces = received.split_with_sizes([c * per_token for c in counts])
+    every = torch.cat([p.view(batch, c, here, width) for p, c in zip(pieces, counts)], dim=1)
+    if order is not None:
+        every = every.index_select(1, order)
+    q_all, k_all, v_all, *rest = every.split_with_sizes([*widths, width - sum(widths)], dim=-1)
+    mine = slice(rank * here, (rank + 1) * here)
+    cache = {g: (kc[:, :, mine], vc[:, :, mine]) for g, (kc, vc) in inputs.cache.items()}
+    slopes = inputs.alibi_slopes[mine] if inputs.alibi_slopes is not None else None
+    mask = rest[0][:, :, 0, 0] > 0.5 if inputs.key_padding_mask is not None else None
+    return AttentionInputs(q_all, k_all, v_all, layout, cache, mask, inputs.dropout_p, inputs.scale, slopes)
+
+
+def return_heads(out: Tensor, counts: Sequence[int], n: int, comm: Comm, order: Tensor | None) -> Tensor:
+    """The second all-to-all, the first's inverse: the output of this rank's
+    heads on every token (``order`` undone: None where none was applied)
+    goes back to the ranks holding the tokens; this rank's ``n`` tokens come
+    back for every head, ``[B, n, H, D]``."""
+    batch, here, width = out.shape[0], out.shape[2], out.shape[-1]
+    world = comm.world_size
+    if order is not None:
+        out = out.index_select(1, order)
+    back = torch.cat([piece.reshape(-1) for piece in out.split_with_sizes(list(counts), dim=1)])
+    per_token = batch * here * width
+    returned = all_to_all_tokens(back, [c * per_token for c in counts], [n * per_token] * world, comm.group)
+    _count(comm, "heads out", returned, n * per_token)
+    local = returned.view(world, batch, n, here, width).permute(1, 2, 0, 3, 4)
+    return local.reshape(batch, n, world * here, width)
+
+
+def _count(comm: Comm, label: str, received: Tensor, own: int) -> None:
+    """Bytes that arrived from other ranks (this rank's own piece never leaves it)."""
+    total = (received.numel() - own) * received.element_size()
+    comm.traffic[label] = comm.traffic.get(label, 0) + total
+
+
 class HeadRunner:
     """One local layout in head-parallel mode, built once per (layout, heads).
 
@@ -118,57 +194,14 @@ class HeadRunner:
             )
 
     def run(self, inputs: AttentionInputs, executor: Executor, full_cache: bool) -> tuple[Tensor, FullKV]:
-        q, k, v = inputs.q, inputs.k, inputs.v
-        batch, n, heads = q.shape[0], q.shape[1], q.shape[2]
-        world, h = self.comm.world_size, self.heads_here
-        widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
-        parts = [q, k, v]
-        if inputs.key_padding_mask is not None:  # the mask travels with the keys, as a channel
-            parts.append(inputs.key_padding_mask.to(q.dtype)[:, :, None, None].expand(-1, -1, heads, 1))
-        packed = torch.cat(parts, dim=-1)
-        width = packed.shape[-1]
-        # [B, n, H, F] -> rank-major [R, B, n, H/R, F]: rank s gets heads s*H/R ... (s+1)*H/R - 1
-        send = packed.reshape(batch, n, world, h, width).permute(2, 0, 1, 3, 4).reshape(-1)
-        per_token = batch * h * width
-        received = all_to_all_tokens(
-            send, [n * per_token] * world, [c * per_token for c in self.counts], self.comm.group
-        )
-        self._count("heads q,k,v", received, n * per_token)
-        pieces = received.split_with_sizes([c * per_token for c in self.counts])
-        every = torch.cat([p.view(batch, c, h, width) for p, c in zip(pieces, self.counts)], dim=1)
-        every = every.index_select(1, self.to_global)
-        q_all, k_all, v_all, *rest = every.split_with_sizes([*widths, width - sum(widths)], dim=-1)
-        mine = slice(self.rank * h, (self.rank + 1) * h)
-        cache = {g: (kc[:, :, mine], vc[:, :, mine]) for g, (kc, vc) in inputs.cache.items()}
-        slopes = inputs.alibi_slopes[mine] if inputs.alibi_slopes is not None else None
-        mask = rest[0][:, :, 0, 0] > 0.5 if inputs.key_padding_mask is not None else None
-        out = executor(
-            AttentionInputs(
-                q_all, k_all, v_all, self.global_layout, cache, mask, inputs.dropout_p, inputs.scale, slopes
-            )
-        )
-        out_width = out.shape[-1]
-        # back: each rank's tokens (its local order) of this rank's heads
-        stacked = out.index_select(1, self.from_global).split_with_sizes(self.counts, dim=1)
-        back = torch.cat([piece.reshape(-1) for piece in stacked])
-        per_token = batch * h * out_width
-        returned = all_to_all_tokens(
-            back, [c * per_token for c in self.counts], [n * per_token] * world, self.comm.group
-        )
-        self._count("heads out", returned, n * per_token)
-        local = returned.view(world, batch, n, h, out_width).permute(1, 2, 0, 3, 4)
-        local = local.reshape(batch, n, heads, out_width)
+        every = share_heads(inputs, self.counts, self.rank, self.comm, self.global_layout, self.to_global)
+        local = return_heads(executor(every), self.counts, inputs.q.shape[1], self.comm, self.from_global)
         links: list[Tensor] = []
         full = self._full_kv(inputs, full_cache, links)
         if links:
             # every rank joins the gathers' backward, in the same order (see the ring's runner)
             local = local + sum(t.view(-1)[:1].sum() for t in links) * 0
         return local, full
-
-    def _count(self, label: str, received: Tensor, own: int) -> None:
-        """Bytes that arrived from other ranks (this rank's own piece never leaves it)."""
-        total = (received.numel() - own) * received.element_size()
-        self.comm.traffic[label] = self.comm.traffic.get(label, 0) + total
 
     def _full_kv(self, inputs: AttentionInputs, complete: bool, links: list[Tensor]) -> FullKV:
         """The key groups this rank holds in full, all heads: its own whole

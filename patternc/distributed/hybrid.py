@@ -24,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
-from patternc.distributed.alltoall import all_to_all_tokens
+from patternc.distributed.alltoall import return_heads, share_heads
 from patternc.distributed.placement import GroupShards, Placement
 from patternc.distributed.rank import Comm
 from patternc.lower.layout import Layout
@@ -116,46 +115,7 @@ class HybridRunner:
                 "a two-dimensional mesh does not build full key/value caches: run the layer with "
                 "full_kv_cache=False, or use a one-dimensional group for decoding"
             )
-        q, k, v = inputs.q, inputs.k, inputs.v
-        batch, n, heads = q.shape[0], q.shape[1], q.shape[2]
-        h = self.comm.world_size
-        here = heads // h
-        widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
-        parts = [q, k, v]
-        if inputs.key_padding_mask is not None:  # the mask travels with the keys, as a channel
-            parts.append(inputs.key_padding_mask.to(q.dtype)[:, :, None, None].expand(-1, -1, heads, 1))
-        packed = torch.cat(parts, dim=-1)
-        width = packed.shape[-1]
-        # [B, n, H, F] -> rank-major [h, B, n, H/h, F]: rank j of the group gets heads j*H/h ...
-        send = packed.reshape(batch, n, h, here, width).permute(2, 0, 1, 3, 4).reshape(-1)
-        per_token = batch * here * width
-        received = all_to_all_tokens(
-            send, [n * per_token] * h, [c * per_token for c in self.counts], self.comm.group
-        )
-        self._count("heads q,k,v", received, n * per_token)
-        # the pieces of the group, rank after rank, are its tokens in its local order
-        pieces = received.split_with_sizes([c * per_token for c in self.counts])
-        every = torch.cat([p.view(batch, c, here, width) for p, c in zip(pieces, self.counts)], dim=1)
-        q_all, k_all, v_all, *rest = every.split_with_sizes([*widths, width - sum(widths)], dim=-1)
-        mine = slice(self.rank * here, (self.rank + 1) * here)
-        cache = {g: (kc[:, :, mine], vc[:, :, mine]) for g, (kc, vc) in inputs.cache.items()}
-        slopes = inputs.alibi_slopes[mine] if inputs.alibi_slopes is not None else None
-        mask = rest[0][:, :, 0, 0] > 0.5 if inputs.key_padding_mask is not None else None
-        group_inputs = AttentionInputs(
-            q_all, k_all, v_all, self.outer_layout, cache, mask, inputs.dropout_p, inputs.scale, slopes
-        )
+        # the group's pieces, rank after rank, are its tokens in its local order: no reordering
+        group_inputs = share_heads(inputs, self.counts, self.rank, self.comm, self.outer_layout, None)
         out, _ = self.outer.run(group_inputs, executor, False)
-        out_width = out.shape[-1]
-        back = torch.cat([piece.reshape(-1) for piece in out.split_with_sizes(self.counts, dim=1)])
-        per_token = batch * here * out_width
-        returned = all_to_all_tokens(
-            back, [c * per_token for c in self.counts], [n * per_token] * h, self.comm.group
-        )
-        self._count("heads out", returned, n * per_token)
-        local = returned.view(h, batch, n, here, out_width).permute(1, 2, 0, 3, 4)
-        return local.reshape(batch, n, heads, out_width), {}
-
-    def _count(self, label: str, received: Tensor, own: int) -> None:
-        """Bytes that arrived from the group's other ranks."""
-        total = (received.numel() - own) * received.element_size()
-        self.comm.traffic[label] = self.comm.traffic.get(label, 0) + total
+        return return_heads(out, self.counts, inputs.q.shape[1], self.comm, None), {}
