@@ -56,7 +56,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
 python3 -c 'from patternc.nn.executors import flash4; print("flash-attn-4 installed:", flash4.installed())' | tee -a "$OUT/gpu.txt"
 
-GPU_TESTS=(key_space flex varlen cuda_graphs cookbook compile robustness)
+GPU_TESTS=(key_space flex shaped value_guard varlen cuda_graphs cookbook compile robustness distributed_ring)
 tests() {
   # with pytest-xdist on the path (benchmarks/device_wheels.sh), all files at
   # once on 6 workers (compiles are CPU-bound); else one file after another
