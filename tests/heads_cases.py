@@ -357,11 +357,17 @@ def case_hybrid_kv_cache(world: int) -> dict[str, Any]:
     return {"out": _error(out - cp.shard(ref), cp.shard(ref))}
 
 
+def _run_in(cp: ContextParallel, forward: Forward, x: Tensor) -> None:
+    with cp:
+        forward(x, cp.local_sizes)
+
+
 def case_hybrid_refused(world: int) -> dict[str, Any]:
     """The hybrid mode's errors: heads that do not divide over a group's
-    ranks, mode='hybrid' without a 2-D mesh, and a 2-D mesh without
-    mode='hybrid' (a ("dp", "cp") mesh passed whole is refused, not run as one batch)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    ranks, mode='hybrid' without a 2-D mesh, a 2-D mesh without
+    mode='hybrid' (a ("dp", "cp") mesh passed whole is refused, not run as
+    one batch), a mesh whose ranks are not in rank order, and full caches."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     mesh = _mesh_2d(world)
     per_group = mesh.size(1)
@@ -371,11 +377,17 @@ def case_hybrid_refused(world: int) -> dict[str, Any]:
     cp = ContextParallel(plan, VLM_SIZES, mesh, mode="hybrid")
     x = cp.shard(torch.randn(2, sum(VLM_SIZES.values()), hidden, dtype=torch.float64))
     cube = init_device_mesh("cpu", (1, 1, world))
+    backwards = DeviceMesh("cpu", torch.arange(world).flip(0).view(1, world))
+    _, forward_12, _, hidden_12 = _module(VLM, VLM_SIZES, 12)
+    full = ContextParallel(plan, VLM_SIZES, mesh, mode="hybrid", full_kv_cache=True)
+    x_12 = full.shard(torch.randn(2, sum(VLM_SIZES.values()), hidden_12, dtype=torch.float64))
     for label, attempt in (
         ("heads", lambda: forward(x, cp.local_sizes)),
         ("one_dim", lambda: ContextParallel(plan, VLM_SIZES, mode="hybrid")),
         ("three_dims", lambda: ContextParallel(plan, VLM_SIZES, cube, mode="hybrid")),
         ("unasked", lambda: ContextParallel(plan, VLM_SIZES, mesh)),
+        ("rank_order", lambda: ContextParallel(plan, VLM_SIZES, backwards, mode="hybrid")),
+        ("full_cache", lambda: _run_in(full, forward_12, x_12)),
     ):
         try:
             with torch.no_grad(), cp:

@@ -309,6 +309,9 @@ def test_hybrid_refusals_say_why_and_what_to_do(ranks: tuple[int, list[dict[str,
     assert "but got a process group" in refused["one_dim"], refused
     assert "of 3 dimensions" in refused["three_dims"], refused
     assert "this DeviceMesh has 2" in refused["unasked"] and "mode='hybrid'" in refused["unasked"], refused
+    assert "in rank order" in refused["rank_order"] and "init_device_mesh" in refused["rank_order"], refused
+    assert "does not build full key/value caches" in refused["full_cache"], refused
+    assert "full_kv_cache=False" in refused["full_cache"], refused
 
 
 def test_hybrid_moves_what_its_estimate_counts(ranks: tuple[int, list[dict[str, Any]]]) -> None:
