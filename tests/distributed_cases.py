@@ -130,6 +130,31 @@ def compare(
     return result
 
 
+def rope_at_global_positions(x: Tensor, sizes: dict[str, Any], head_dim: int) -> Tensor:
+    """RoPE frequencies of the tokens ``x`` holds: each one's position within
+    its group, from the sharding in force (global, not local), else in order."""
+    sharding = patternc.nn.context.ACTIVE.sharding
+    positions = (
+        sharding.local_positions(x.device)
+        if sharding is not None
+        else torch.cat([torch.arange(n) for n in sizes.values() if n])
+    )
+    return rope_frequencies(positions, head_dim)
+
+
+def _record_both_passes(
+    cp: ContextParallel, forward: Forward, x: Tensor, events: list[str], result: dict[str, Any]
+) -> None:
+    """One forward and backward under ``cp``, the events each pass recorded
+    (by the spies a case installs) into ``result``."""
+    with cp:
+        out = forward(x, cp.local_sizes)
+    result["forward_events"] = list(events)
+    events.clear()
+    out.square().sum().backward()
+    result["backward_events"] = list(events)
+
+
 def _attention(source: str, sizes: dict[str, int], rope: bool = False) -> tuple[nn.Module, Forward, Any]:
     plan = patternc.compile(source).patterns["default"]
     torch.manual_seed(0)
@@ -137,15 +162,7 @@ def _attention(source: str, sizes: dict[str, int], rope: bool = False) -> tuple[
     attn = PatternAttention(config, plan).double()
 
     def forward(x: Tensor, sizes: dict[str, Any]) -> Tensor:
-        freqs = None
-        if rope:
-            sharding = patternc.nn.context.ACTIVE.sharding
-            positions = (
-                sharding.local_positions(x.device)
-                if sharding is not None
-                else torch.cat([torch.arange(n) for n in sizes.values() if n])
-            )
-            freqs = rope_frequencies(positions, 8)
+        freqs = rope_at_global_positions(x, sizes, 8) if rope else None
         return attn(x, sizes, freqs=freqs)[0]
 
     return attn, forward, plan
@@ -385,12 +402,7 @@ def case_ring_overlap(world: int) -> dict[str, Any]:
     BlockKernel.forward = computed_forward  # type: ignore[method-assign]
     calls_module._block_backward = computed_backward
     try:
-        with cp:
-            out = forward(x, cp.local_sizes)
-        result["forward_events"] = list(events)
-        events.clear()
-        out.square().sum().backward()
-        result["backward_events"] = list(events)
+        _record_both_passes(cp, forward, x, events, result)
     finally:
         calls_module.post_exchange = post  # type: ignore[assignment]
         BlockKernel.forward = kernel_forward  # type: ignore[method-assign]
@@ -458,12 +470,7 @@ def case_gather_overlap(world: int) -> dict[str, Any]:
     calls_module._block_backward = ring_backward
     calls_module.ExecutorCalls.run = executor  # type: ignore[method-assign]
     try:
-        with cp:
-            out = forward(x, cp.local_sizes)
-        result["forward_events"] = list(events)
-        events.clear()
-        out.square().sum().backward()
-        result["backward_events"] = list(events)
+        _record_both_passes(cp, forward, x, events, result)
     finally:
         for name, original in originals.items():
             setattr(state, name, original)

@@ -16,14 +16,14 @@ from typing import Any
 import distributed_cases
 import torch
 import torch.distributed as dist
-from distributed_cases import ABUPT, LONG_TAILED, Forward, compare
+from distributed_cases import ABUPT, LONG_TAILED, Forward, compare, rope_at_global_positions
 from torch import Tensor, nn
 
 import patternc
 from patternc import MixedAttentionConfig, TokenSpec
 from patternc.distributed import ContextParallel
 from patternc.distributed.heads import head_parallel_rows, hybrid_rows
-from patternc.nn import MixedAttention, rope_frequencies
+from patternc.nn import MixedAttention
 
 HEAD_DIM = 2
 VLM = "groups registers image text\nregisters, image -> registers, image\ntext -> registers, image, text[causal]"
@@ -50,15 +50,7 @@ def _module(
         padding = None
         if "padding" in sizes:
             sizes, padding = sizes["sizes"], sizes["padding"]
-        freqs = None
-        if rope:
-            sharding = patternc.nn.context.ACTIVE.sharding
-            positions = (
-                sharding.local_positions(x.device)
-                if sharding is not None
-                else torch.cat([torch.arange(n) for n in sizes.values() if n])
-            )
-            freqs = rope_frequencies(positions, HEAD_DIM)
+        freqs = rope_at_global_positions(x, sizes, HEAD_DIM) if rope else None
         specs = [TokenSpec(name=g, size=n) for g, n in sizes.items()]
         return attn(x, specs, plan, key_padding_mask=padding, freqs=freqs)[0]
 

@@ -211,8 +211,8 @@ def test_a_long_sliding_window_moves_from_varlen_to_flex(tokens: int, winner: st
 
 
 def test_flex_prices_its_host_work_as_a_floor() -> None:
-    """A small flex call costs at least its host work however few entries it
-    computes, and a large one its device time alone: the floor is hidden."""
+    """A small flex call costs its host work however few entries it
+    computes; a large one costs its device time, which covers that host work."""
     from patternc.lower.costs import Workload, price
 
     def flex_seconds(tokens: int) -> float:

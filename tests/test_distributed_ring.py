@@ -177,6 +177,26 @@ def test_ring_keeps_no_mask_and_builds_none_of_the_whole_block(world_of_one: Non
     assert sum(t.numel() for t in saved) < 40 * n * 16
 
 
+def _two_key_blocks(
+    dropout_p: float,
+) -> tuple[StepArgs, list[BlockKernel], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """150 queries (positions 100-249) reading keys up to 90 before them,
+    against two key blocks (130 keys from position 0, 200 from position
+    130): the step's arguments, a reference kernel per block, Q, the
+    blocks' packed K/V and a probe for the backward, float64 and random."""
+    queries = [Segment(0, 100, 150)]
+    blocks = [[Segment(0, 0, 130)], [Segment(0, 130, 200)]]
+    band = (((-90, 0, 1, 0),),)
+    args = StepArgs(16, 0.25, dropout_p, None, False, "reference")
+    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks]
+    torch.manual_seed(0)
+    q = torch.randn(2, 150, 2, 16, dtype=torch.float64, requires_grad=True)
+    first = torch.randn(2, 130, 2, 32, dtype=torch.float64, requires_grad=True)
+    second = torch.randn(2, 200, 2, 32, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 150, 2, 16, dtype=torch.float64)
+    return args, kernels, q, first, second, probe
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
     """Two key blocks merged by their log-sum-exp in the call's autograd
@@ -185,16 +205,8 @@ def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
     merge; with dropout, the backward replays the forward's masks."""
     from patternc.distributed.calls import _Attend, _Run
 
-    queries = [Segment(0, 100, 150)]
-    blocks = [[Segment(0, 0, 130)], [Segment(0, 130, 200)]]
-    band = (((-90, 0, 1, 0),),)
-    args = StepArgs(16, 0.25, dropout_p, None, False, "reference")
-    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks]
-    torch.manual_seed(0)
-    q = torch.randn(2, 150, 2, 16, dtype=torch.float64, requires_grad=True)
-    kvs = [torch.randn(2, 130, 2, 32, dtype=torch.float64, requires_grad=True)]
-    kvs.append(torch.randn(2, 200, 2, 32, dtype=torch.float64, requires_grad=True))
-    probe = torch.randn(2, 150, 2, 16, dtype=torch.float64)
+    args, kernels, q, first, second, probe = _two_key_blocks(dropout_p)
+    kvs = [first, second]
 
     torch.manual_seed(7)
     out = _Attend.apply(_Run(tuple(kernels), None, args), q, q.new_zeros(2, 0, 2, 32), *kvs)
@@ -351,16 +363,7 @@ def test_halo_merge_gives_autograd_gradients(dropout_p: float) -> None:
     from patternc.distributed.calls import _Halo, _HaloAttend, _HaloRun
     from patternc.distributed.rank import Comm
 
-    queries = [Segment(0, 100, 150)]
-    blocks = [[Segment(0, 0, 130)], [Segment(0, 130, 200)]]
-    band = (((-90, 0, 1, 0),),)
-    args = StepArgs(16, 0.25, dropout_p, None, False, "reference")
-    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks]
-    torch.manual_seed(0)
-    q = torch.randn(2, 150, 2, 16, dtype=torch.float64, requires_grad=True)
-    fixed = torch.randn(2, 130, 2, 32, dtype=torch.float64, requires_grad=True)
-    own = torch.randn(2, 200, 2, 32, dtype=torch.float64, requires_grad=True)
-    probe = torch.randn(2, 150, 2, 16, dtype=torch.float64)
+    args, kernels, q, fixed, own, probe = _two_key_blocks(dropout_p)
 
     torch.manual_seed(7)
     halo = _Halo(kernels[1], (), Comm(None, 1, {}), "halo")
