@@ -596,3 +596,36 @@ def test_compiled_flex_reads_the_pair_test_from_its_blocks(
         out = EXECUTORS["flex"](AttentionInputs(q, k, v, layout, {}, None, 0.0, None))
     ref = EXECUTORS["dense"](AttentionInputs(q.double(), k.double(), v.double(), layout, {}, None, 0.0, None))
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes", "offsets"),
+    [
+        ("groups image[6, 7]\nimage -> image[kernel 3]", {"image": 42}, (0, 0)),
+        ("groups video[3, 4, 5]\nvideo -> video[kernel 3 3 3]", {"video": 60}, (0, 0)),
+        ("groups cls image[6, 7]\ncls -> cls, image\nimage -> image[kernel 3]", {"cls": 1, "image": 42}, None),
+    ],
+)
+def test_one_segment_a_side_computes_positions_from_indices(
+    source: str, sizes: dict[str, int], offsets: tuple[int, int] | None
+) -> None:
+    """Where queries and keys are each one group's one segment, the
+    ``mask_mod`` takes positions as indices minus the segment's start (no
+    table loads per score); it must allow exactly what the position tables
+    say, cell by cell, for the real queries."""
+    import dataclasses
+
+    from patternc.nn.flexmask import FlexTables
+
+    layout = patternc.compile(source).patterns["default"].layout(sizes)
+    tables = FlexTables.build(layout, {}, "cpu", block=16)
+    assert tables.token_offsets == offsets
+    looked_up = dataclasses.replace(tables, token_offsets=None)
+    q_idx, kv_idx = torch.arange(tables.q_len)[:, None], torch.arange(tables.kv_len)[None, :]
+    zero = torch.zeros((), dtype=torch.int64)
+    real = slice(0, tables.n_queries)
+    for within in (False, True):
+        fast = tables.mask_mod(within_blocks=within)(zero, zero, q_idx, kv_idx)[real]
+        slow = looked_up.mask_mod(within_blocks=within)(zero, zero, q_idx, kv_idx)[real]
+        assert torch.equal(fast, slow)
+    assert tables.mask_mod()(zero, zero, q_idx, kv_idx)[real].sum() > 0

@@ -632,6 +632,13 @@ class FlexTables:
     this leaves the hand-written ``mask_mod``'s arithmetic and nothing else."""
     n_keys: int = 0
     """The real keys (the padding starts here)."""
+    token_offsets: tuple[int, int] | None = None
+    """``(q_start, kv_start)`` where the queries are one segment of one group
+    and so are the keys (padding aside: one image, one video): a token's
+    position within its group is then its index minus the start, which the
+    ``mask_mod`` computes instead of reading the position tables (two loads
+    per score fewer; a neighbourhood's coordinates come from the kernel's
+    own indices, as a hand-written ``mask_mod``'s do)."""
 
     @property
     def partial(self) -> Tensor:
@@ -752,6 +759,7 @@ class FlexTables:
             intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
             blocks_hold_one_pair=not (_blocks_mix_groups(queries, block) or _blocks_mix_groups(keys, block)),
             n_keys=max([stop for _, _, stop in keys] or [0]),
+            token_offsets=(queries[0][1], keys[0][1]) if len(queries) == len(keys) == 1 else None,
         )
 
     def mask_mod(
@@ -852,6 +860,16 @@ class FlexTables:
 
         kv_input = self.kv_input
 
+        token_offsets = self.token_offsets
+
+        def positions(q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
+            """The query's and the key's positions within their groups."""
+            if token_offsets is not None:  # one segment a side: index minus its start
+                q_start, kv_start = token_offsets
+                return q_idx - q_start if q_start else q_idx, kv_idx - kv_start if kv_start else kv_idx
+            assert q_pos is not None and kv_pos is not None
+            return q_pos[q_idx], kv_pos[kv_idx]
+
         def offset(q_idx: Tensor, kv_idx: Tensor, across: bool) -> Tensor:
             """A key's position minus a query's: within their groups, or
             ``across``, in the input (queries index the input as they are)."""
@@ -859,8 +877,8 @@ class FlexTables:
                 return (kv_idx if kv_input is None else kv_input[kv_idx]) - q_idx
             if same_offsets:
                 return kv_idx - q_idx
-            assert q_pos is not None and kv_pos is not None
-            return kv_pos[kv_idx] - q_pos[q_idx]
+            q_at, kv_at = positions(q_idx, kv_idx)
+            return kv_at - q_at
 
         # the key's bit is a second lookup: only where some set is tested
         needs_bits = sets.allowed is not None or any(words is not None for _, words in sets.bands)
@@ -879,8 +897,7 @@ class FlexTables:
                 ok = member(sets.allowed, gq, gk, bit)
             for (low, high, dilation, across, grid), words in sets.bands:
                 if grid is not None:  # coordinates on the shape, by div/mod of positions within the group
-                    assert q_pos is not None and kv_pos is not None
-                    inside = grid.allows(q_pos[q_idx], kv_pos[kv_idx])
+                    inside = grid.allows(*positions(q_idx, kv_idx))
                 else:
                     d = offset(q_idx, kv_idx, across)
                     # a modifier list bounds a side or dilates: at least one term
