@@ -603,7 +603,11 @@ def test_compiled_flex_reads_the_pair_test_from_its_blocks(
     [
         ("groups image[6, 7]\nimage -> image[kernel 3]", {"image": 42}, (0, 0)),
         ("groups video[3, 4, 5]\nvideo -> video[kernel 3 3 3]", {"video": 60}, (0, 0)),
-        ("groups cls image[6, 7]\ncls -> cls, image\nimage -> image[kernel 3]", {"cls": 1, "image": 42}, None),
+        (
+            "groups cls image[6, 7]\ncls -> cls, image\nimage -> image[kernel 3]",
+            {"cls": 1, "image": 42},
+            None,
+        ),
     ],
 )
 def test_one_segment_a_side_computes_positions_from_indices(
