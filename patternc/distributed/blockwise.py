@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.modifiers import Neighbourhood
+from patternc.nn.executors.flexkernels import KernelOptions, kernel_options
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -538,8 +539,9 @@ class BlockKernel:
         def pad(t: Tensor, n: int) -> Tensor:
             return F.pad(t, (0, 0, 0, 0, 0, n - t.shape[1])).transpose(1, 2)
 
+        q_in = pad(q, q_len)
         out, lse = _flex_call(q.device.type == "cuda")(
-            pad(q, q_len), pad(k, k_len), pad(v, k_len), mask, score_mod, args.scale
+            q_in, pad(k, k_len), pad(v, k_len), mask, score_mod, args.scale, kernel_options(q_in)
         )
         return out.transpose(1, 2)[:, : self.n_q].to(q.dtype), lse[:, :, : self.n_q].to(
             torch.promote_types(q.dtype, torch.float32)
@@ -567,12 +569,24 @@ def _flex_attention(
     block_mask: BlockMask,
     score_mod: Callable[..., Tensor] | None,
     scale: float,
+    options: KernelOptions | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``[B, H, L, D]`` in; the output and the natural log-sum-exp ``[B, H, Lq]``."""
+    """``[B, H, L, D]`` in; the output and the natural log-sum-exp ``[B, H, Lq]``.
+    ``options``: the single-device executor's tiles for this dtype, head size
+    and GPU (:func:`~patternc.nn.executors.flexkernels.kernel_options`):
+    torch's own choice for some block shapes asks a Hopper GPU for more
+    shared memory than it has, and the compile fails."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     out, aux = flex_attention(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True)
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        return_aux=AuxRequest(lse=True),
+        kernel_options=options,  # type: ignore[arg-type]  # torch's TypedDict lacks the fwd_ keys it takes
     )
     assert isinstance(out, Tensor) and aux.lse is not None
     return out, aux.lse
