@@ -340,3 +340,32 @@ def test_halo_slices_are_kept_per_call_rank_and_senders() -> None:
             fewer = halo_slices(call, placement, rank, [rank])
             assert fewer == {} and fewer is not first
     assert halo_slices(calls[1], placement, 3, range(4)) != halo_slices(calls[0], placement, 3, range(4))
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_held_and_missing_tokens_sum_the_groups_named(world: int) -> None:
+    """Tokens of a set of groups on each rank come from prefix sums over runs
+    of consecutive groups; they must equal the group-by-group sums, with a
+    group named twice counted twice, gaps between runs, a cached group (no
+    tokens anywhere) and an empty one."""
+    import random
+
+    names = ["prompt", *(f"frame{i}" for i in range(9)), "cache", "empty"]
+    source = "groups prompt frame* cache empty\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]\n"
+    source += "cache -> cache\nempty -> empty"
+    sizes: dict[str, int | None] = {
+        "prompt": 5,
+        **{f"frame{i}": 3 + i for i in range(9)},
+        "cache": None,
+        "empty": 0,
+    }
+    plan = patternc.compile(source).patterns["default"].bind(names)
+    placement = place(plan.groups, plan.calls, sizes, world)
+    rng = random.Random(world)
+    for _ in range(40):
+        chosen = [rng.choice(names) for _ in range(rng.randint(0, 8))]
+        held = tuple(sum(placement.group(n).local_size(r) for n in chosen) for r in range(world))
+        missing = tuple(sum(placement.group(n).missing(r) for n in chosen) for r in range(world))
+        assert placement.held_tokens(chosen) == held
+        assert placement.missing_tokens(chosen) == missing
+    assert placement.missing_tokens([]) == (0,) * world

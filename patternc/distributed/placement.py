@@ -98,6 +98,11 @@ class Placement:
     kept so an identity reused by another call is not taken for it."""
     offsets: dict[str, int] = field(init=False, repr=False)
     """Each group's first position in the whole input (groups in order; cached ones hold none)."""
+    _index: dict[str, int] = field(init=False, repr=False)
+    _local_prefix: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
+    """Per rank, prefix sums over the groups (plan order) of the tokens it holds."""
+    _size_prefix: tuple[int, ...] = field(init=False, repr=False)
+    """Prefix sums over the groups of their sizes (cached groups: 0)."""
 
     def __post_init__(self) -> None:
         text = repr((self.world_size, [(g.name, g.size, g.kind, g.ranges) for g in self.groups]))
@@ -107,6 +112,13 @@ class Placement:
         object.__setattr__(self, "_held", {})
         object.__setattr__(self, "_halos", {})
         object.__setattr__(self, "offsets", _offsets([g.name for g in self.groups], self.sizes))
+        object.__setattr__(self, "_index", {g.name: i for i, g in enumerate(self.groups)})
+        object.__setattr__(
+            self,
+            "_local_prefix",
+            tuple(_prefix_sums([g.local_size(r) for g in self.groups]) for r in range(self.world_size)),
+        )
+        object.__setattr__(self, "_size_prefix", _prefix_sums([g.size or 0 for g in self.groups]))
 
     def group(self, name: str) -> GroupShards:
         return self._by_name[name]
@@ -150,11 +162,29 @@ class Placement:
         key = tuple(names)
         held = self._held.get(key)
         if held is None:
-            shards = [self.group(n) for n in key]
-            held = self._held[key] = tuple(
-                sum(g.local_size(r) for g in shards) for r in range(self.world_size)
-            )
+            held = self._held[key] = self._summed(key, self._local_prefix)
         return held
+
+    def missing_tokens(self, names: Sequence[str]) -> tuple[int, ...]:
+        """Tokens of the groups ``names`` each rank does not hold (an
+        all-gather of them brings each rank this many; cached groups hold none)."""
+        total = self._summed(tuple(names), (self._size_prefix,))[0]
+        return tuple(total - held for held in self.held_tokens(names))
+
+    def _summed(self, names: tuple[str, ...], prefixes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """Per prefix table, the sum of its entries at ``names``: the groups
+        taken as runs of consecutive plan positions, one difference of
+        prefix sums each, so a family's members ``frame0..frameK`` cost one
+        run however many they are."""
+        index = self._index
+        order = sorted(index[n] for n in names)
+        runs: list[tuple[int, int]] = []
+        for i in order:
+            if runs and runs[-1][1] == i:  # the next group: the run grows
+                runs[-1] = (runs[-1][0], i + 1)
+            else:  # a gap, or a group named again (counted again)
+                runs.append((i, i + 1))
+        return tuple(sum(prefix[b] - prefix[a] for a, b in runs) for prefix in prefixes)
 
     @property
     def sizes(self) -> dict[str, int | None]:
@@ -750,6 +780,8 @@ def _received_by_rank(placement: Placement, seen: Collection[str], call: Sharded
             slices = halo_slices(call.attention, placement, rank, ranks)
             out[rank] = sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
         return out
+    if call.strategy == "gather":
+        return list(placement.missing_tokens([k for k in call.key_groups if k not in seen]))
     return [_call_received(placement, seen, call, rank) for rank in range(world)]
 
 
@@ -770,7 +802,14 @@ def _call_received(placement: Placement, seen: Collection[str], call: ShardedCal
         return sum(b - a for pieces in slices.values() for _, (a, b) in pieces)
     if call.strategy == "gather":  # one all-gather for every gather call: a group counts once
         keys = tuple(k for k in keys if k not in seen)
-    return sum(placement.group(k).missing(rank) for k in keys)
+    return placement.missing_tokens(keys)[rank]
+
+
+def _prefix_sums(values: Sequence[int]) -> tuple[int, ...]:
+    out = [0]
+    for value in values:
+        out.append(out[-1] + value)
+    return tuple(out)
 
 
 def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str, int]:
@@ -782,14 +821,10 @@ def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str
     return out
 
 
-def _key_interval(queries: Range, n_keys: int, mods: Modifiers, shift: int = 0) -> Range:
-    """Key positions some query of ``queries`` may see (``[lo, hi)``; under
-    ``dilate`` the interval holds the keys seen and the skipped ones between)."""
-    return _band_interval(queries, n_keys, pair_band(mods, shift))
-
-
 def _band_interval(queries: Range, n_keys: int, band: Band) -> Range:
-    """:func:`_key_interval` for the band of a (query group, key group) pair."""
+    """Key positions some query of ``queries`` may see under ``band`` (``[lo,
+    hi)``; under ``dilate`` the interval holds the keys seen and the skipped
+    ones between)."""
     a, b = queries
     if band.grid is not None and b > a:  # the box of keys the queries' coordinates reach
         first, last = band.grid.reach(a, b - 1)
@@ -797,6 +832,24 @@ def _band_interval(queries: Range, n_keys: int, band: Band) -> Range:
     lo = 0 if band.low is None else max(0, a + band.low)
     hi = n_keys if band.high is None else min(n_keys, b - 1 + band.high + 1)
     return (lo, hi) if lo < hi else (0, 0)
+
+
+class _BandMemo:
+    """:func:`~patternc.modifiers.pair_band` remembered per modifier list:
+    the members of a bound family share one list, so a call reading
+    thousands of them makes one band, not one per key (``shift`` counts
+    only under ``across``). Lists are told apart by identity: a memo lives
+    for one pass over calls that hold them."""
+
+    def __init__(self) -> None:
+        self._bands: dict[tuple[int, int], Band] = {}
+
+    def __call__(self, modifiers: Modifiers, shift: int) -> Band:
+        key = (id(modifiers), shift if modifiers.across else 0)
+        band = self._bands.get(key)
+        if band is None:
+            band = self._bands[key] = pair_band(modifiers, shift)
+        return band
 
 
 def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
@@ -810,16 +863,17 @@ def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
 
 
 def _read_pairs(
-    placement: Placement, calls: Iterable[AttentionCall]
+    placement: Placement, calls: Iterable[AttentionCall], rank: int | None = None
 ) -> Iterator[tuple[GroupShards, str, Modifiers, int, int]]:
     """Each (query group, key group) a call reads, both with tokens on the
-    ranks: the query group's shards, the key group's name, modifiers and
-    size, and the key group's offset minus the query group's."""
+    ranks (``rank``: query groups with tokens on that rank only): the query
+    group's shards, the key group's name, modifiers and size, and the key
+    group's offset minus the query group's."""
     offsets = placement.offsets
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
-            if shards.size is None:
+            if shards.size is None or (rank is not None and not shards.ranges[rank]):
                 continue
             for key in call.keys:
                 n_k = placement.group(key.name).size
@@ -830,9 +884,11 @@ def _read_pairs(
 def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> int:
     """Key/value tokens ``rank`` needs for ``calls`` and does not hold."""
     wanted: dict[str, list[Range]] = {}
-    for shards, name, mods, n_k, shift in _read_pairs(placement, calls):
+    band_of = _BandMemo()
+    for shards, name, mods, n_k, shift in _read_pairs(placement, calls, rank):
+        band = band_of(mods, shift)
         for r in shards.ranges[rank]:
-            wanted.setdefault(name, []).append(_key_interval(r, n_k, mods, shift))
+            wanted.setdefault(name, []).append(_band_interval(r, n_k, band))
     return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
 
 
@@ -879,6 +935,7 @@ def _halo_slices(
     call: AttentionCall, placement: Placement, rank: int, allowed: Set[int] | None
 ) -> HaloSlices:
     offsets = placement.offsets
+    band_of = _BandMemo()
     wanted: dict[int, list[Range]] = {}
     for q in call.queries:
         shards = placement.group(q)
@@ -888,9 +945,9 @@ def _halo_slices(
             n_k = placement.group(key.name).size
             if n_k is None:
                 continue
-            shift = offsets[key.name] - offsets[q]
+            band = band_of(key.modifiers, offsets[key.name] - offsets[q])
             for r in shards.ranges[rank]:
-                wanted.setdefault(i, []).append(_key_interval(r, n_k, key.modifiers, shift))
+                wanted.setdefault(i, []).append(_band_interval(r, n_k, band))
     found: dict[int, list[tuple[int, Range]]] = {}
     for i, intervals in sorted(wanted.items()):
         name = call.keys[i].name
@@ -932,9 +989,10 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
         At least 1 (a rank's own block), at most ``len(ranks)``.
     """
     offsets = placement.offsets
+    band_of = _BandMemo()
     bands = [
         [
-            (key.name, pair_band(key.modifiers, offsets[key.name] - offsets[q]))
+            (key.name, band_of(key.modifiers, offsets[key.name] - offsets[q]))
             for key in call.keys
             if placement.group(key.name).size is not None
         ]
@@ -975,6 +1033,8 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
             for q, row in zip(queries, bands):
                 for r in placement.group(q).ranges[rank]:
                     for name, band in row:
+                        if len(found) == size:  # every rank is a candidate already
+                            break
                         lo, hi = _band_interval(r, placement.group(name).size or 0, band)
                         found.update(where[s] for s, _ in placement.holding(name, lo, hi) if s in where)
             candidates = {(at - s) % size for s in found}
