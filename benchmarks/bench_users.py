@@ -175,7 +175,9 @@ def _frames_mask(prompt: int, frame: int) -> Callable[[torch.device, int], MaskM
     return make
 
 
-def _interleaved_mask(runs: tuple[tuple[str, int], ...], system: int) -> Callable[[torch.device, int], MaskMod]:
+def _interleaved_mask(
+    runs: tuple[tuple[str, int], ...], system: int
+) -> Callable[[torch.device, int], MaskMod]:
     """The interleaved-VLM mask of Hugging Face's multimodal models: causal
     over the sequence, bidirectional inside each image run (a run-id table)."""
 
@@ -244,7 +246,9 @@ INTERLEAVED = (
     "groups system run*{text, image}\nsystem -> system [causal]\n"
     "run*.text -> system, run*[before], self[causal]\nrun*.image -> system, run*[before], self"
 )
-PREFIXED_DOCUMENTS = "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]"
+PREFIXED_DOCUMENTS = (
+    "groups doc*{prefix, text}\ndoc*.prefix -> self\ndoc*.text -> doc*.prefix[same], self[causal]"
+)
 VLM = "groups registers image text\nregisters, image -> registers, image\ntext -> registers, image, text[causal]"
 PREFIX = "groups prefix text\nprefix -> prefix\ntext -> prefix, text[causal]"
 WINDOW = "groups tokens\ntokens -> tokens[causal, window {window}]"
@@ -707,7 +711,8 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     Then, for ``hand``, ``run_flex`` and the three layers, the GPU time of
     each kernel a call launches, and the CPU time the call takes to return
     (it returns before its kernels end, so where that CPU time is the longer
-    of the two, it sets the layer's time)."""
+    of the two, it sets the layer's time); and for the hand-written and the
+    patternc flex layer, the functions that take that CPU time (cProfile)."""
     from patternc.nn.executors import flexkernels
     from patternc.nn.executors.flex import (
         _attend_fn,
@@ -797,11 +802,40 @@ def diagnose(row: Row, args: argparse.Namespace, device: torch.device) -> None:
         for label in ("hand", "run_flex", "hand layer", "patternc flex layer", "patternc auto layer"):
             if label in done:
                 _host_and_kernels(label, done[label], device)
+    with torch.no_grad():
+        for label in ("hand layer", "patternc flex layer"):
+            if label in done:
+                _host_profile(label, done[label], device)
     from torch._dynamo.utils import counters
 
     print(
         f"   dynamo: {dict(counters['stats'])}, graph breaks {sum(counters['graph_break'].values())}, recompiles {dict(counters['recompiles']) if 'recompiles' in counters else '-'}"
     )
+
+
+def _host_profile(label: str, fn: Callable[[], object], device: torch.device, calls: int = 200) -> None:
+    """Where a call's host time goes: the functions (Python and the C
+    functions it calls) with the most time of their own, from cProfile over
+    ``calls`` calls queued back to back; a layer bound by host time is
+    made faster here, not on the GPU."""
+    import cProfile
+    import pstats
+
+    _sync(device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    per_call = (time.perf_counter() - start) / calls * 1e6
+    _sync(device)
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    own = sorted(((entry[2], where) for where, entry in stats.items()), reverse=True)[:15]
+    print(f"   {label}: {per_call:.0f} us per call under cProfile; most time of their own (us per call):")
+    for seconds, (path, line, name) in own:
+        place = f"{path.rsplit('/', 2)[-1]}:{line}({name})" if path != "~" else name
+        print(f"      {seconds / calls * 1e6:8.1f}  {place[-100:]}")
 
 
 def _with_mask_mod(mask: BlockMask, mask_mod: MaskMod) -> BlockMask:
@@ -867,7 +901,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="lengths ~16x shorter, width 64, 4 heads")
     parser.add_argument(
-        "--scale", type=int, default=1, help="lengths of vlm, prefix, window, interleaved x K; frames, documents x K"
+        "--scale",
+        type=int,
+        default=1,
+        help="lengths of vlm, prefix, window, interleaved x K; frames, documents x K",
     )
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--repeat", type=int, default=30)
