@@ -31,6 +31,9 @@
 #              16k, 64k and 131k tokens (hand block mask compiled: an eager
 #              one needs 128 GiB at 131k), auto's pick against both kernels
 #                                                                 ~5 min
+#   diagnose   bench_users --diagnose on the VLM and prefix-LM rows at ~4k
+#              tokens: kernels and host time per call, piece by piece, and
+#              the functions that take the host time (cProfile)      ~2 min
 #   ringrate   the ring's blockwise kernel's TF/s over the blocks 8 virtual
 #              ranks compute against the unsharded executor's, then its
 #              CUDA tests (FlexAttention forward and backward through the
@@ -131,6 +134,11 @@ windows() {  # spatial rows, and where auto moves a long window from varlen to f
     timeout 120 python3 benchmarks/bench_users.py --repeat 7 --hand-mask compiled --scale "$scale" --rows window 2>&1 \
       | grep -v -i warn | tee "$OUT/bench_users_window_x$scale.txt" | tail -6
   done
+}
+
+diagnose() {  # where a layer's time goes where it is bound by host time
+  timeout 300 python3 benchmarks/bench_users.py --diagnose --rows vlm prefix --repeat 20 2>&1 | grep -v -i warn \
+    | tee "$OUT/bench_users_diagnose.txt" | tail -60
 }
 
 ringrate() {
