@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import patternc
 from patternc.distributed import place, schedule
@@ -369,3 +370,40 @@ def test_held_and_missing_tokens_sum_the_groups_named(world: int) -> None:
         assert placement.held_tokens(chosen) == held
         assert placement.missing_tokens(chosen) == missing
     assert placement.missing_tokens([]) == (0,) * world
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize(
+    ("source", "count"),
+    [
+        ("groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]", 7),
+        ("groups sink doc*\nsink -> *\ndoc* -> sink, self[causal, window 4]", 5),
+        ("groups prompt frame*\nprompt -> self\nframe* -> prompt, frame*[before], self[causal]", 6),
+    ],
+)
+def test_schedule_minimum_counts_the_keys_a_rank_reads_and_does_not_hold(
+    source: str, count: int, world: int
+) -> None:
+    """The schedule's ``minimum``, counted from runs of groups read whole and
+    intervals of the others, against the keys each rank's queries may read
+    under the language's own mask (``reference.language_mask``), less those
+    it holds."""
+    import random
+
+    from reference import language_mask
+
+    plan = patternc.compile(source).patterns["default"]
+    rng = random.Random(world * 100 + count)
+    family = "frame" if "frame" in source else "doc"
+    first = "prompt" if family == "frame" else "sink"
+    sizes = {first: rng.randint(1, 4), **{f"{family}{i}": rng.randint(1, 9) for i in range(count)}}
+    bound = plan.bind(list(sizes))
+    placement = place(bound.groups, bound.calls, sizes, world)
+    sharded = schedule(bound.calls, placement, strategy="ring")
+    mask = language_mask(plan, sizes)
+    offsets = placement.offsets
+    for rank in range(world):
+        held = {offsets[g.name] + p for g in placement.groups for a, b in g.ranges[rank] for p in range(a, b)}
+        queries = torch.tensor(sorted(held), dtype=torch.long)
+        read = mask[queries].any(0).nonzero().flatten().tolist() if len(queries) else []
+        assert sharded.minimum[rank] == len(set(read) - held)

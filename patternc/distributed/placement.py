@@ -176,15 +176,25 @@ class Placement:
         taken as runs of consecutive plan positions, one difference of
         prefix sums each, so a family's members ``frame0..frameK`` cost one
         run however many they are."""
+        runs = self.group_runs(names)
+        return tuple(sum(prefix[b] - prefix[a] for a, b in runs) for prefix in prefixes)
+
+    def group_runs(self, names: Iterable[str]) -> list[Range]:
+        """``names`` as runs ``[first, stop)`` of consecutive group indices
+        (plan order); a group named twice starts a second run."""
         index = self._index
-        order = sorted(index[n] for n in names)
-        runs: list[tuple[int, int]] = []
-        for i in order:
+        runs: list[Range] = []
+        for i in sorted(index[n] for n in names):
             if runs and runs[-1][1] == i:  # the next group: the run grows
                 runs[-1] = (runs[-1][0], i + 1)
-            else:  # a gap, or a group named again (counted again)
+            else:  # a gap, or a group named again
                 runs.append((i, i + 1))
-        return tuple(sum(prefix[b] - prefix[a] for a, b in runs) for prefix in prefixes)
+        return runs
+
+    def holds_any(self, runs: Sequence[Range], rank: int) -> bool:
+        """Whether ``rank`` holds a token of some group in ``runs`` (from :meth:`group_runs`)."""
+        prefix = self._local_prefix[rank]
+        return any(prefix[b] > prefix[a] for a, b in runs)
 
     @property
     def sizes(self) -> dict[str, int | None]:
@@ -863,17 +873,16 @@ def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
 
 
 def _read_pairs(
-    placement: Placement, calls: Iterable[AttentionCall], rank: int | None = None
+    placement: Placement, calls: Iterable[AttentionCall]
 ) -> Iterator[tuple[GroupShards, str, Modifiers, int, int]]:
     """Each (query group, key group) a call reads, both with tokens on the
-    ranks (``rank``: query groups with tokens on that rank only): the query
-    group's shards, the key group's name, modifiers and size, and the key
-    group's offset minus the query group's."""
+    ranks: the query group's shards, the key group's name, modifiers and
+    size, and the key group's offset minus the query group's."""
     offsets = placement.offsets
     for call in calls:
         for q in call.queries:
             shards = placement.group(q)
-            if shards.size is None or (rank is not None and not shards.ranges[rank]):
+            if shards.size is None:
                 continue
             for key in call.keys:
                 n_k = placement.group(key.name).size
@@ -883,13 +892,48 @@ def _read_pairs(
 
 def _needed(placement: Placement, calls: Sequence[AttentionCall], rank: int) -> int:
     """Key/value tokens ``rank`` needs for ``calls`` and does not hold."""
-    wanted: dict[str, list[Range]] = {}
+    return _needed_by_rank(placement, calls)[rank]
+
+
+def _needed_by_rank(placement: Placement, calls: Sequence[AttentionCall]) -> tuple[int, ...]:
+    """:func:`_needed` for every rank, each call's keys sorted once: keys
+    its queries read whole (no side of the band bounded, no grid) count as
+    whole groups, the others by the intervals their query ranges reach."""
+    world, offsets = placement.world_size, placement.offsets
     band_of = _BandMemo()
-    for shards, name, mods, n_k, shift in _read_pairs(placement, calls, rank):
-        band = band_of(mods, shift)
-        for r in shards.ranges[rank]:
-            wanted.setdefault(name, []).append(_band_interval(r, n_k, band))
-    return sum(_count_outside(iv, placement.group(k).ranges[rank]) for k, iv in wanted.items())
+    whole: list[set[str]] = [set() for _ in range(world)]
+    wanted: list[dict[str, list[Range]]] = [{} for _ in range(world)]
+    for call in calls:
+        queries = [g for g in map(placement.group, call.queries) if g.size is not None]
+        asking = [r for r in range(world) if any(g.ranges[r] for g in queries)]
+        if not asking:
+            continue
+        read_whole, bounded = [], []
+        for key in call.keys:
+            if placement.group(key.name).size is None:
+                continue
+            band = band_of(key.modifiers, 0)
+            if band.grid is None and band.low is None and band.high is None:
+                read_whole.append(key.name)
+            else:
+                bounded.append(key)
+        for r in asking:
+            whole[r].update(read_whole)
+            for g in queries:
+                for key in bounded:
+                    band = band_of(key.modifiers, offsets[key.name] - offsets[g.name])
+                    n_k = placement.group(key.name).size or 0
+                    for q_range in g.ranges[r]:
+                        wanted[r].setdefault(key.name, []).append(_band_interval(q_range, n_k, band))
+    return tuple(
+        placement.missing_tokens(sorted(whole[r]))[r]
+        + sum(
+            _count_outside(intervals, placement.group(k).ranges[r])
+            for k, intervals in wanted[r].items()
+            if k not in whole[r]
+        )
+        for r in range(world)
+    )
 
 
 def halo_slices(
@@ -990,18 +1034,31 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
     """
     offsets = placement.offsets
     band_of = _BandMemo()
-    bands = [
-        [
-            (key.name, band_of(key.modifiers, offsets[key.name] - offsets[q]))
-            for key in call.keys
-            if placement.group(key.name).size is not None
-        ]
-        for q in call.queries
-        if placement.group(q).size is not None
-    ]
     queries = [q for q in call.queries if placement.group(q).size is not None]
+    # keys every query reads whole (no side bounded, no dilation, no grid) are
+    # tested as runs of groups: a rank reads a block holding any of their
+    # tokens, so a family's thousand members cost one run, not a key each
+    whole: list[str] = []
+    bounded = []
+    for key in call.keys:
+        if placement.group(key.name).size is None:
+            continue
+        band = band_of(key.modifiers, 0)
+        if band.grid is None and band.low is None and band.high is None and band.dilation == 1:
+            whole.append(key.name)
+        else:
+            bounded.append(key)
+    whole_runs = placement.group_runs(whole)
+    whole_holders = {at for at, source in enumerate(ranks) if placement.holds_any(whole_runs, source)}
+    bands = [[(k.name, band_of(k.modifiers, offsets[k.name] - offsets[q])) for k in bounded] for q in queries]
+
+    def asks(rank: int) -> bool:
+        """Whether ``rank`` holds queries of the call."""
+        return any(b > a for q in queries for a, b in placement.group(q).ranges[rank])
 
     def reads(rank: int, source: int) -> bool:
+        if whole_runs and placement.holds_any(whole_runs, source) and asks(rank):
+            return True
         for q, row in zip(queries, bands):
             for a, b in placement.group(q).ranges[rank]:
                 for name, band in row:
@@ -1029,7 +1086,7 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
         if gridded:
             candidates: Iterable[int] = range(steps, size)
         else:
-            found: set[int] = set()
+            found: set[int] = set(whole_holders) if whole_holders and asks(rank) else set()
             for q, row in zip(queries, bands):
                 for r in placement.group(q).ranges[rank]:
                     for name, band in row:
@@ -1171,7 +1228,5 @@ def schedule(
     gathered = tuple(g.name for g in placement.groups if g.name in gathered_set)
     rows = per_call(out)
     received = tuple(sum(column) for column in zip(*rows)) if rows else (0,) * world
-    minimum = tuple(
-        _needed(placement, [c.attention for c in out if c.strategy != "local"], rank) for rank in range(world)
-    )
+    minimum = _needed_by_rank(placement, [c.attention for c in out if c.strategy != "local"])
     return ShardedSchedule(placement, tuple(out), gathered, received, minimum)
