@@ -71,7 +71,8 @@ def with_mask_mod(mask: BlockMask, mask_mod: MaskMod) -> BlockMask:
 def bucket_length(n: int, block: int = BLOCK_SIZE) -> int:
     """Pad lengths to few distinct values so changing sizes do not recompile the
     kernel each time: whole blocks, then steps of a quarter octave above 8 blocks
-    (at most ~19% padding, and padded blocks are empty: they cost no compute)."""
+    (at most a quarter more tokens, just past a power of two; padded blocks are
+    empty: they cost no compute, only the copy that pads Q, K and V)."""
     blocks = max(1, math.ceil(n / block))
     if blocks > 8:
         octave = 2 ** (blocks.bit_length() - 1)
