@@ -889,17 +889,26 @@ def schedule_cost(worlds: list[int], repeat: int) -> None:
         "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]"
     ).patterns["default"]
     print()
-    print("| block-causal frames (prompt 4, frames of 3 tokens) | ranks | place (s) |")
-    print("|---|---|---|")
-    for count in (1024, 4096):
+    print(
+        "| block-causal frames (prompt 4, frames of 3 tokens) | ranks | place (s) | schedule (s) | received / minimum |"
+    )
+    print("|---|---|---|---|---|")
+    for count in (256, 1024, 4096):
         sizes = {"prompt": 4, **{f"frame{i}": 3 for i in range(count)}}
         plan = frames.bind(list(sizes))
-        place_s = float("inf")
+        place_s = schedule_s = float("inf")
+        traffic = "-"
         for _ in range(repeat):
             start = time.perf_counter()
-            place(plan.groups, plan.calls, sizes, 8)
+            placement = place(plan.groups, plan.calls, sizes, 8)
             place_s = min(place_s, time.perf_counter() - start)
-        print(f"| {count} frames | 8 | {place_s:.3f} |")
+            if count <= 1024:  # the schedule visits every key of every call: quadratic here
+                start = time.perf_counter()
+                sharded = schedule(plan.calls, placement)
+                schedule_s = min(schedule_s, time.perf_counter() - start)
+                traffic = f"{sum(sharded.received)} / {sum(sharded.minimum)}"
+        shown = f"{schedule_s:.3f}" if schedule_s < float("inf") else "-"
+        print(f"| {count} frames | 8 | {place_s:.3f} | {shown} | {traffic} |")
 
 
 def main() -> None:

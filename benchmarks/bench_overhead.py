@@ -351,9 +351,14 @@ def flex_layers(repeat: int, rounds: int = 3) -> None:
         guard = "poison (every CPU call)"
         original, flex._attend_fn = flex._attend_fn, stub
         if on_cpu is not None:
-            guard = on_cpu(layout, tables, flex._tables_key({}, x.device, 128, False, False)[1:], False, cuda, False)
+            guard = on_cpu(
+                layout, tables, flex._tables_key({}, x.device, 128, False, False)[1:], False, cuda, False
+            )
             flex._guard = lambda *args, chosen=guard: chosen
-        variants = {"hand": functools.partial(hand, x), "patternc flex": functools.partial(layer, x, row.sizes)}
+        variants = {
+            "hand": functools.partial(hand, x),
+            "patternc flex": functools.partial(layer, x, row.sizes),
+        }
         samples: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
         try:
             with torch.no_grad():
