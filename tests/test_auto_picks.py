@@ -203,16 +203,15 @@ def test_an_empty_batch_is_priced_without_error() -> None:
 def test_a_long_sliding_window_moves_from_varlen_to_flex(tokens: int, winner: str, training: bool) -> None:
     """A causal window of 1024: varlen's own sliding window runs at about
     half its unbounded rate, while flex's host work hides behind long
-    kernels. Measured on one H100 (bf16, one layer): varlen 0.49 against
-    flex 0.64 ms forward at 8k tokens (1.38 against 1.96 forward+backward);
-    flex 2.60 against varlen 4.14 at 131k (9.79 against 11.82)."""
+    kernels, so varlen wins short sequences and flex long ones (the layer
+    timings are in ``docs/performance.md``)."""
     ranked = _ranked(_layout(WINDOW, {"tokens": tokens}), training)
     assert ranked[0][0] == winner, ranked
 
 
 def test_flex_prices_its_host_work_as_a_floor() -> None:
     """A small flex call costs its host work however few entries it
-    computes; a large one costs its device time, which covers that host work."""
+    computes; a large one costs its kernel time, which hides that host work."""
     from patternc.lower.costs import Workload, price
 
     def flex_seconds(tokens: int) -> float:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from patternc.modifiers import Neighbourhood
 from patternc.nn.executors.flexkernels import KernelOptions, kernel_options
+from patternc.nn.flexmask import INT32_BOUND
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -59,9 +60,6 @@ BLOCK_SHAPES = 64
 recompile limit is raised to this when the kernel first compiles it."""
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-
-_FLEX_BOUND = 1 << 30
-"""Band sides clipped for the flex tables: positions stay below it."""
 
 
 class Segment(NamedTuple):
@@ -469,8 +467,8 @@ class BlockKernel:
     def _flex_band(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The band tables with one more key group (padding) that no query reads."""
         low, high, dilation, residue = self._band_tables
-        low = F.pad(low.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=1)
-        high = F.pad(high.clamp(-_FLEX_BOUND, _FLEX_BOUND), (0, 1), value=0)
+        low = F.pad(low.clamp(-INT32_BOUND, INT32_BOUND), (0, 1), value=1)
+        high = F.pad(high.clamp(-INT32_BOUND, INT32_BOUND), (0, 1), value=0)
         return low.int(), high.int(), F.pad(dilation, (0, 1), value=1).int(), F.pad(residue, (0, 1)).int()
 
     def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:

@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, S
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from patternc.ir import AttentionCall, KeyRun, Keys
+from patternc.ir import AttentionCall, KeyGroup, KeyRun, Keys
 from patternc.lower.layout import ShardSizes
 from patternc.modifiers import Band, Modifiers, allowed_pairs, pair_band
 from patternc.ranges import Range, merge_ranges
@@ -168,8 +168,8 @@ class Placement:
     def missing_tokens(self, names: Sequence[str]) -> tuple[int, ...]:
         """Tokens of the groups ``names`` each rank does not hold (an
         all-gather of them brings each rank this many; cached groups hold none)."""
-        total = self._summed(tuple(names), (self._size_prefix,))[0]
-        return tuple(total - held for held in self.held_tokens(names))
+        total, *held = self._summed(tuple(names), (self._size_prefix, *self._local_prefix))
+        return tuple(total - tokens for tokens in held)
 
     def _summed(self, names: tuple[str, ...], prefixes: Sequence[Sequence[int]]) -> tuple[int, ...]:
         """Per prefix table, the sum of its entries at ``names``: the groups
@@ -862,6 +862,25 @@ class _BandMemo:
         return band
 
 
+def _read_whole(
+    call: AttentionCall, placement: Placement, band_of: _BandMemo
+) -> tuple[list[str], list[KeyGroup]]:
+    """The call's key groups with tokens, split into those every query reads
+    whole (no side of the band bounded, no grid: every block of them is read,
+    under ``dilate`` too) and the others."""
+    whole: list[str] = []
+    bounded: list[KeyGroup] = []
+    for key in call.keys:
+        if placement.group(key.name).size is None:
+            continue
+        band = band_of(key.modifiers, 0)
+        if band.grid is None and band.low is None and band.high is None:
+            whole.append(key.name)
+        else:
+            bounded.append(key)
+    return whole, bounded
+
+
 def _count_outside(intervals: list[Range], held: Sequence[Range]) -> int:
     """Positions in the union of ``intervals`` not in ``held``."""
     total = 0
@@ -908,15 +927,7 @@ def _needed_by_rank(placement: Placement, calls: Sequence[AttentionCall]) -> tup
         asking = [r for r in range(world) if any(g.ranges[r] for g in queries)]
         if not asking:
             continue
-        read_whole, bounded = [], []
-        for key in call.keys:
-            if placement.group(key.name).size is None:
-                continue
-            band = band_of(key.modifiers, 0)
-            if band.grid is None and band.low is None and band.high is None:
-                read_whole.append(key.name)
-            else:
-                bounded.append(key)
+        read_whole, bounded = _read_whole(call, placement, band_of)
         for r in asking:
             whole[r].update(read_whole)
             for g in queries:
@@ -1035,19 +1046,10 @@ def ring_steps(call: AttentionCall, placement: Placement, ranks: Sequence[int]) 
     offsets = placement.offsets
     band_of = _BandMemo()
     queries = [q for q in call.queries if placement.group(q).size is not None]
-    # keys every query reads whole (no side bounded, no dilation, no grid) are
-    # tested as runs of groups: a rank reads a block holding any of their
-    # tokens, so a family's thousand members cost one run, not a key each
-    whole: list[str] = []
-    bounded = []
-    for key in call.keys:
-        if placement.group(key.name).size is None:
-            continue
-        band = band_of(key.modifiers, 0)
-        if band.grid is None and band.low is None and band.high is None and band.dilation == 1:
-            whole.append(key.name)
-        else:
-            bounded.append(key)
+    # keys read whole are tested as runs of groups: a rank reads a block
+    # holding any of their tokens, so a family's thousand members cost one
+    # run, not a key each
+    whole, bounded = _read_whole(call, placement, band_of)
     whole_runs = placement.group_runs(whole)
     whole_holders = {at for at, source in enumerate(ranks) if placement.holds_any(whole_runs, source)}
     bands = [[(k.name, band_of(k.modifiers, offsets[k.name] - offsets[q])) for k in bounded] for q in queries]

@@ -45,13 +45,12 @@ class _Rates:
 # forward over the same rectangle and about as much as flex's backward.
 _MASKED_HALF = {"masked_flops_per_s": 25e12, "masked_backward": 1.35}
 # varlen's sliding window (FlashAttention 2's local kernel, `window_size`)
-# runs at about half its unbounded rate: a causal window of 1024 over 131k
-# tokens took 3.2 ms forward where flex took 1.7 ms, and its backward adds
-# about twice its forward. flex's call has host work (tables, guard,
-# padding, block mask) that short kernels wait for and long ones hide:
-# fitted to the causal window's layers, where varlen led at 8k tokens (0.49
-# against 0.64 ms forward, 1.38 against 1.96 forward+backward) and flex at
-# 131k (2.6 against 4.1, 9.8 against 11.8).
+# runs at about half its unbounded rate, and its backward adds about twice
+# its forward. flex's call has host work (tables, guard, padding, block
+# mask) that short kernels wait for and long ones hide, so it is priced as
+# a floor under the kernel time: fitted to the causal window's layers,
+# where varlen leads at 8k tokens and flex from about 16k forward and 32k
+# forward+backward (figures in docs/performance.md).
 _HALF = {
     "batched": _Rates(25e-6, 380e12, 3.5, **_MASKED_HALF),
     "varlen": _Rates(40e-6, 290e12, 4.0, windowed_flops_per_s=130e12, windowed_backward=3.0),

@@ -736,6 +736,9 @@ class FlexTables:
         # under torch.compile no shape may depend on data: the dense grid
         dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
         partial, full = _classify(plain, banded, incidences, block, shape, dense)
+        mixed = _blocks_mix_groups(queries, block) or _blocks_mix_groups(
+            keys, block
+        )  # some block holds two groups
         return FlexTables(
             q_len=q_len,
             kv_len=kv_len,
@@ -750,15 +753,13 @@ class FlexTables:
             full_blocks=full,
             block_shape=shape,
             key_segments=torch.stack([k_ids, k_starts, k_starts + k_sizes]),
-            needs_value_guard=has_modifiers
-            or _blocks_mix_groups(queries, block)
-            or _blocks_mix_groups(keys, block),
+            needs_value_guard=has_modifiers or mixed,
             pair_sets=groups.sets,
             same_offsets=_same_offsets(queries, keys, groups.modified.t().tolist()),
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
             intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
-            blocks_hold_one_pair=not (_blocks_mix_groups(queries, block) or _blocks_mix_groups(keys, block)),
+            blocks_hold_one_pair=not mixed,
             n_keys=max([stop for _, _, stop in keys] or [0]),
             token_offsets=(queries[0][1], keys[0][1]) if len(queries) == len(keys) == 1 else None,
         )
