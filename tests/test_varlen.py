@@ -97,8 +97,8 @@ def test_cost_model_ranks_layouts_sensibly() -> None:
     """Many small documents: one varlen launch beats dozens of SDPA launches;
     full attention over 8k tokens: one SDPA call without a mask (batched)
     beats flex's kernel, which beats ``dense`` (SDPA under an ``[n, n]``
-    mask). (Over 1k tokens flex's host work, which its kernel no longer
-    hides, puts it behind both.)"""
+    mask). (Over 1k tokens flex's kernel is too short to hide its host
+    work, which puts it behind both.)"""
     docs = schedule_for(DOCS.token_specs({f"doc{i}": 300 + 7 * i for i in range(64)}), DOCS)
     for training in (False, True):
         ranked = [e.backend for e in _estimates(docs, 1, 12, 64, torch.device("cpu"), True, True, training)]
