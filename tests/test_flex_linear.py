@@ -227,3 +227,54 @@ def test_intervals_from_runs_equal_intervals_from_pairs(name: str) -> None:
     for (_, start, stop), mine, want in zip(queries, ours, theirs):
         for p in range(stop - start):
             assert intervals(mine, p) == intervals(want, p), (start, p)
+
+
+SPLIT_LAYOUTS = {
+    # a causal prompt (one banded rectangle) beside plain block-causal frames
+    "frames": (
+        "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, frame*[upto]",
+        {"prompt": 37, **{f"frame{i}": n for i, n in enumerate([21, 1, 50, 16, 0, 33])}},
+    ),
+    "documents": ("groups doc*\ndoc* -> self [causal]", _documents(23, seed=5)),
+    "window across": (
+        "groups frame*\nframe* -> frame*[upto 2, causal, across]",
+        {f"frame{i}": n for i, n in enumerate([44, 100, 1, 29, 77, 3, 0, 30])},
+    ),
+    "image": ("groups image[12, 5] text\nimage -> image[kernel 5], text\ntext -> *", {"image": 60, "text": 9}),
+}
+
+
+def _block_reference(mask: Tensor, block: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """``(partial, full)`` blocks of a dense mask padded with False to ``rows x cols`` blocks."""
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.bool)
+    padded[: mask.shape[0], : mask.shape[1]] = mask
+    counts = padded.view(rows, block, cols, block).sum(dim=(1, 3))
+    return (counts > 0) & (counts < block * block), counts == block * block
+
+
+@pytest.mark.parametrize("name", list(SPLIT_LAYOUTS))
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("where", ["python", "host tensors", "device"])
+def test_block_classes_are_the_same_wherever_rectangles_are_cut(
+    name: str, dense: bool, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rectangles cut into blocks in Python, as host tensors or on the
+    device, into a dense grid or sorted, give the blocks of the mask written
+    from the language's definition (blocks of 16 tokens: many of them, and
+    boundaries inside blocks). The thresholds are private: they pick the
+    path, which the public API never names."""
+    from patternc.nn import flexblocks, flexmask
+
+    python, host = {"python": (10**9, 10**9), "host tensors": (0, 10**9), "device": (0, 0)}[where]
+    monkeypatch.setattr(flexblocks, "PYTHON_INCIDENCES", python)
+    monkeypatch.setattr(flexblocks, "HOST_INCIDENCES", host)
+    monkeypatch.setattr(flexmask, "DENSE_CELLS_PER_BLOCK", 10**9 if dense else 0)
+    source, sizes = SPLIT_LAYOUTS[name]
+    plan = patternc.compile(source).patterns["default"]
+    layout = plan.layout(sizes)
+    tables = FlexTables.build(layout, {}, "cpu", block=16)
+    assert (tables.partial_blocks.dim() == 2) == dense
+    partial, full = _block_reference(language_mask(plan, sizes), 16, *tables.block_shape)
+    assert full.any() and partial.any()
+    assert torch.equal(tables.full, full)
+    assert torch.equal(tables.partial, partial)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from patternc.lower.layout import Layout
@@ -277,23 +277,33 @@ def _overlap(start: int, stop: int, index: int, block: int) -> tuple[int, int]:
     return max(index * block, start) - start, min(index * block + block, stop) - 1 - start
 
 
-def classify(rects: AllowedRects, block: int, n_cols: int) -> dict[int, bool]:
-    """The block rule of :class:`AllowedRects`, one block at a time: every
-    non-empty block (``row * n_cols + col``) and whether it is full."""
-    full_area: dict[int, int] = {}
-    nonempty: set[int] = set()
-    rows = [(*r, None) for r in zip(*rects.plain)] + [(*r[:4], Band(*r[4:])) for r in zip(*rects.banded)]
+def incidences(
+    plain: Sequence[Sequence[int]], banded: Sequence[Sequence[int]], block: int, n_cols: int
+) -> Iterator[tuple[int, bool, int]]:
+    """Each (rectangle, block) of the rectangles' columns (``plain`` and
+    ``banded`` as in :class:`AllowedRects`), one at a time: the block
+    (``row * n_cols + col``), whether the rectangle allows a pair in it,
+    and the area it covers there where it allows every pair (else 0)."""
+    rows = [(*r, None) for r in zip(*plain)] + [(*r[:4], Band(*r[4:])) for r in zip(*banded)]
     for q_start, q_stop, k_start, k_stop, band in rows:
         for row in range(q_start // block, (q_stop - 1) // block + 1):
             qlo, qhi = _overlap(q_start, q_stop, row, block)
             for col in range(k_start // block, (k_stop - 1) // block + 1):
                 klo, khi = _overlap(k_start, k_stop, col, block)
                 some, whole = (True, True) if band is None else band.cell_class(qlo, qhi, klo, khi)
-                at = row * n_cols + col
-                if some:
-                    nonempty.add(at)
-                if whole:
-                    full_area[at] = full_area.get(at, 0) + (qhi - qlo + 1) * (khi - klo + 1)
+                yield row * n_cols + col, some, (qhi - qlo + 1) * (khi - klo + 1) if whole else 0
+
+
+def classify(rects: AllowedRects, block: int, n_cols: int) -> dict[int, bool]:
+    """The block rule of :class:`AllowedRects`, one block at a time: every
+    non-empty block (``row * n_cols + col``) and whether it is full."""
+    full_area: dict[int, int] = {}
+    nonempty: set[int] = set()
+    for at, some, area in incidences(rects.plain, rects.banded, block, n_cols):
+        if some:
+            nonempty.add(at)
+        if area:
+            full_area[at] = full_area.get(at, 0) + area
     return {at: full_area.get(at, 0) == block * block for at in sorted(nonempty)}
 
 

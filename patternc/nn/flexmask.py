@@ -38,7 +38,7 @@ from torch import Tensor
 from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
 from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
-from patternc.modifiers import UNBOUNDED
+from patternc.nn.flexblocks import DENSE_CELLS_PER_BLOCK, block_work, dense_cells
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
 
@@ -189,30 +189,25 @@ class _Upload:
         traced: the tables are built in a ``torch.compile`` graph (see :meth:`send`).
         """
         self._traced = traced
-        self._values: list[int] = []
-        self._lengths: list[int] = []
+        self._pieces: list[Tensor] = []
 
-    def add(self, values: list[int]) -> None:
-        self._values.extend(values)
-        self._lengths.append(len(values))
+    def add(self, values: list[int] | Tensor) -> None:
+        """One array: a host list, or a 1-D int64 CPU tensor."""
+        self._pieces.append(values if isinstance(values, Tensor) else _int64(values, self._traced))
 
     def send(self, device: torch.device) -> tuple[Tensor, ...]:
-        """One host-to-device copy. ``array`` packs the ints ~3x faster than
-        ``torch.tensor(list)``; on a GPU the copy is from pinned memory and
-        asynchronous, so the host does not wait for queued kernels to finish.
-        Traced by ``torch.compile`` (a user's compiled model building the
-        tables in its graph), the values become one constant tensor instead:
-        Dynamo cannot trace ``array`` or pinning."""
-        if self._traced:
-            flat = torch.tensor(self._values, dtype=torch.int64, device=device)
-            return torch.split(flat, self._lengths)
-        packed = array.array("q", self._values)
-        flat = torch.frombuffer(packed, dtype=torch.int64) if packed else torch.zeros(0, dtype=torch.int64)
-        if device.type == "cuda":
+        """One host-to-device copy; on a GPU from pinned memory and
+        asynchronous, so the host does not wait for queued kernels to
+        finish. Traced by ``torch.compile`` (a user's compiled model
+        building the tables in its graph), the values are the graph's
+        constants: Dynamo cannot trace pinning."""
+        lengths = [piece.shape[0] for piece in self._pieces]
+        flat = torch.cat(self._pieces) if self._pieces else torch.zeros(0, dtype=torch.int64)
+        if device.type == "cuda" and not self._traced:
             flat = flat.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             flat = flat.to(device)
-        return torch.split(flat, self._lengths)
+        return torch.split(flat, lengths)
 
 
 def _with_padding(
@@ -246,136 +241,6 @@ def _same_offsets(
             if k in k_start and k_start[k] != q_start[q]:
                 return False
     return True
-
-
-DENSE_CELLS_PER_BLOCK = 16
-"""Block classes are reduced into a dense ``[rows, cols]`` grid (no sort,
-no host sync) when it has at most this many cells per (rectangle, block)
-incidence, else by sorting the incidences; the tables then hold the
-non-empty blocks only. Either way they stay linear in the non-empty blocks."""
-
-
-def _classify(
-    plain: Tensor, banded: Tensor, counts: tuple[int, int], block: int, shape: tuple[int, int], dense: bool
-) -> tuple[Tensor, Tensor]:
-    """The block rule of :class:`~patternc.lower.blocks.AllowedRects` as
-    tensor operations (:func:`patternc.lower.blocks.classify` is the same
-    rule one block at a time): a block is non-empty where some rectangle
-    allows a pair in it, full where the areas of the rectangles full on it
-    add up to the block's.
-
-    ``plain``: ``[4, P]`` int64 rows ``q_start, q_stop, k_start, k_stop``;
-    ``banded``: ``[8, Q]``, the same then ``low, high, dilation, residue``;
-    ``counts``: their (rectangle, block) incidences, counted on the host so
-    no shape depends on device data. Returns ``(partial, full)``: dense
-    ``[rows, cols]`` bool (``dense``), else the flat indices
-    (``row * cols + col``) of the partial and of the full blocks, ascending.
-    Dense, the plain rectangles' areas go into a 2-D difference array (a few
-    corners per rectangle, however many blocks it covers); else every
-    incidence is listed and the blocks are found by sorting."""
-    n_rows, n_cols = shape
-    whole = block * block
-    if dense:
-        width = n_cols + 1  # the grid of the difference array: one more row and column
-        covered = _plain_areas(plain, block, shape)
-        seen = covered > 0
-        if banded.shape[1]:
-            flat, nonempty, area = _incidences(banded, counts[1], block, width)
-            # scatter_add: one atomic kernel where index_put_ would sort the indices
-            touched = torch.zeros(covered.shape, dtype=torch.int32, device=covered.device)
-            seen = seen | (touched.scatter_add_(0, flat, nonempty.to(torch.int32)) > 0)
-            covered = covered.scatter_add_(0, flat, area)
-        # compared on the blocks' grid: the results are contiguous [rows, cols]
-        blocks = (slice(0, n_rows), slice(0, n_cols))
-        is_full = covered.view(n_rows + 1, width)[blocks] == whole
-        return seen.view(n_rows + 1, width)[blocks] & ~is_full, is_full
-    open_band = torch.tensor([-UNBOUNDED, UNBOUNDED, 1, 0], dtype=torch.int64, device=plain.device)
-    everything = torch.cat([torch.cat([plain, open_band[:, None].expand(4, plain.shape[1])]), banded], dim=1)
-    flat, nonempty, area = _incidences(everything, counts[0] + counts[1], block, n_cols)
-    cells, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    seen = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
-    seen.scatter_add_(0, inverse, nonempty.to(torch.int64))
-    covered = torch.zeros(cells.shape[0], dtype=torch.int64, device=flat.device)
-    covered.scatter_add_(0, inverse, area)
-    is_full = covered == whole
-    return cells[(seen > 0) & ~is_full], cells[is_full]
-
-
-def _plain_areas(plain: Tensor, block: int, shape: tuple[int, int]) -> Tensor:
-    """``[(rows + 1) * (cols + 1)]`` int64: the area of each block that the
-    rectangles (which do not overlap) cover, on a grid one row and one
-    column larger than the blocks' (the difference array's; the last row
-    and column hold nothing of use). A rectangle's overlap with row ``r`` is
-    ``block`` on its rows, less what its first and last rows miss: three
-    weighted intervals of rows, times three of columns, are nine weighted
-    block rectangles, each four corners of a 2-D difference array."""
-    n_rows, n_cols = shape
-    width = n_cols + 1
-    device = plain.device
-    q_start, q_stop, k_start, k_stop = plain
-
-    def terms(start: Tensor, stop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        first, last = start // block, (stop - 1) // block
-        weight = torch.stack(
-            [torch.full_like(start, block), first * block - start, stop - (last + 1) * block]
-        )
-        return weight, torch.stack([first, first, last]), torch.stack([last + 1, first + 1, last + 1])
-
-    (row_weight, top, bottom), (col_weight, left, right) = terms(q_start, q_stop), terms(k_start, k_stop)
-    weight = row_weight[:, None] * col_weight[None, :]  # [3, 3, P]
-    top, bottom = top[:, None] * width, bottom[:, None] * width
-    left, right = left[None, :], right[None, :]
-    corners = torch.stack([top + left, top + right, bottom + left, bottom + right])
-    signs = torch.stack([weight, -weight, -weight, weight])
-    diff = torch.zeros((n_rows + 1) * width, dtype=torch.int64, device=device)
-    diff.scatter_add_(0, corners.flatten(), signs.flatten())
-    grid = diff.view(n_rows + 1, width).cumsum(1)
-    if device.type == "cuda":
-        # the outer-dim scan as an inner-dim one between transposes: a GPU
-        # scan along the outer dim runs one thread per column (several times slower)
-        return grid.t().contiguous().cumsum(1).t().contiguous().view(-1)
-    return grid.cumsum(0).view(-1)
-
-
-def _incidences(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each (rectangle, block) of ``[8, P]`` banded rectangles (see
-    :func:`_classify`; ``count`` of them): its flat block index, whether the
-    band allows a pair there, and the area it covers where it allows every
-    pair (else 0), by interval arithmetic on positions within the
-    rectangle: a block's differences ``j - i`` are the integers of
-    ``[klo - qhi, khi - qlo]`` (see :meth:`patternc.modifiers.Band.cell_class`)."""
-    device = rects.device
-    q_start, q_stop, k_start, k_stop, low, high, dilation, residue = rects
-    r0, c0 = q_start // block, k_start // block
-    cols_of = (k_stop - 1) // block - c0 + 1
-    per_rect = ((q_stop - 1) // block - r0 + 1) * cols_of
-    owner = torch.repeat_interleave(torch.arange(rects.shape[1], device=device), per_rect, output_size=count)
-    local = torch.arange(count, device=device) - (torch.cumsum(per_rect, 0) - per_rect)[owner]
-    width = cols_of[owner]
-    row = r0[owner] + local // width
-    col = c0[owner] + local % width
-    qs, ks = q_start[owner], k_start[owner]
-    qlo = torch.maximum(row * block, qs) - qs
-    qhi = torch.minimum(row * block + block, q_stop[owner]) - 1 - qs
-    klo = torch.maximum(col * block, ks) - ks
-    khi = torch.minimum(col * block + block, k_stop[owner]) - 1 - ks
-    low, high, dilation, residue = low[owner], high[owner], dilation[owner], residue[owner]
-    lo, hi = klo - qhi, khi - qlo  # the differences j - i the block holds
-    a, b = torch.maximum(lo, low), torch.minimum(hi, high)
-    # a multiple of the dilation (shifted by the residue) within [a, b]
-    nonempty = (a <= b) & ((b - residue) // dilation > (a - 1 - residue) // dilation)
-    one_diagonal = (lo == hi) & ((lo - residue) % dilation == 0)
-    full = (lo >= low) & (hi <= high) & ((dilation == 1) | one_diagonal)
-    area = torch.where(full, (qhi - qlo + 1) * (khi - klo + 1), 0)
-    return row * n_cols + col, nonempty, area
-
-
-def _dense_cells(cells: Tensor, shape: tuple[int, int]) -> Tensor:
-    """``[rows, cols]`` bool from the flat indices of the true cells (or the grid as it is)."""
-    if cells.dim() == 2:
-        return cells
-    out = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=cells.device)
-    return out.index_fill_(0, cells, True).view(shape)
 
 
 WORD_BITS = 64
@@ -644,12 +509,12 @@ class FlexTables:
     @property
     def partial(self) -> Tensor:
         """``[rows, cols]`` bool: the partial blocks (the ``mask_mod`` runs there)."""
-        return _dense_cells(self.partial_blocks, self.block_shape)
+        return dense_cells(self.partial_blocks, self.block_shape)
 
     @property
     def full(self) -> Tensor:
         """``[rows, cols]`` bool: the full blocks (every pair allowed)."""
-        return _dense_cells(self.full_blocks, self.block_shape)
+        return dense_cells(self.full_blocks, self.block_shape)
 
     @property
     def allowed(self) -> Tensor:
@@ -701,25 +566,28 @@ class FlexTables:
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
         rects = allowed_rects(layout, cache_lengths, compact, block)
-        incidences = rects.block_counts(block)
+        traced = layout.tables.traced
+        # under torch.compile no shape may depend on data: the dense grid
+        dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(
+            sum(rects.block_counts(block)), 1
+        )
+        work = block_work(rects, block, shape, dense, traced)
 
         # The host works on one row per group, segment or rectangle; a single copy moves it all.
-        traced = layout.tables.traced
         upload = _Upload(traced)
         for segs in (q_segs, k_segs):
             upload.add([g for g, _, _ in segs])
             upload.add([stop - start for _, start, stop in segs])
             upload.add([start for _, start, _ in segs])
-        for column in (*rects.plain, *rects.banded):
-            upload.add(column)
+        for piece in work.pieces:
+            upload.add(piece)
         # under `across` with compact keys, a key's place in the input is not
         # its index: one shift per key segment (cached keys are never `across`)
         across = any(test[3] for test in groups.tests)
         offsets = [s.offset for s in layout.slots]
         shifts = [offsets[g] - start if g < n_groups else 0 for g, start, _ in k_segs]
         upload.add(shifts if compact and across else [])
-        q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, *rect_columns, k_shifts = upload.send(device)
-        plain, banded = torch.stack(rect_columns[:4]), torch.stack(rect_columns[4:])
+        q_ids, q_sizes, q_starts, k_ids, k_sizes, k_starts, *block_pieces, k_shifts = upload.send(device)
         has_modifiers = layout.has_modifiers
         positions = positions or has_modifiers
         q_group, q_pos = _token_tables(q_ids, q_sizes, q_starts, q_len, positions)
@@ -733,9 +601,7 @@ class FlexTables:
             kv_input = torch.arange(kv_len, dtype=torch.int32, device=device) + torch.repeat_interleave(
                 k_shifts.int(), k_sizes, output_size=kv_len
             )
-        # under torch.compile no shape may depend on data: the dense grid
-        dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(sum(incidences), 1)
-        partial, full = _classify(plain, banded, incidences, block, shape, dense)
+        partial, full = work.classify(tuple(block_pieces))
         mixed = _blocks_mix_groups(queries, block) or _blocks_mix_groups(
             keys, block
         )  # some block holds two groups
