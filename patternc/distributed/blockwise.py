@@ -535,9 +535,13 @@ class BlockKernel:
         score_mod = self._score_mod(args.slopes) if args.slopes is not None else None
 
         def pad(t: Tensor, n: int) -> Tensor:
+            """``[B, L, H, D]`` to the kernel's ``[B, H, n, D]``, contiguous
+            in tokens (``k`` and ``v`` are slices of the packed block)."""
             return F.pad(t, (0, 0, 0, 0, 0, n - t.shape[1])).transpose(1, 2)
 
-        q_in = pad(q, q_len)
+        # the queries, as many as the rank's tokens, are not copied per block
+        # where they need no padding
+        q_in = q.transpose(1, 2) if q.shape[1] == q_len and q.is_contiguous() else pad(q, q_len)
         out, lse = _flex_call(q.device.type == "cuda")(
             q_in, pad(k, k_len), pad(v, k_len), mask, score_mod, args.scale, kernel_options(q_in)
         )

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
 from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
+from patternc.distributed.merge import LseMerge, block_gradients
 from patternc.distributed.placement import Placement, ShardedCall, halo_offsets, halo_slices
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
@@ -176,24 +177,6 @@ class _Run:
     args: StepArgs
 
 
-class _Merge:
-    """The softmax over several blocks, merged as they come by their log-sum-exp."""
-
-    def __init__(self, q: Tensor, dim: int) -> None:
-        self.work = torch.promote_types(q.dtype, torch.float32)
-        b, n, h, _ = q.shape
-        self.out = torch.zeros((b, n, h, dim), dtype=self.work, device=q.device)
-        self.lse = torch.full((b, h, n), float("-inf"), dtype=self.work, device=q.device)
-
-    def add(self, out: Tensor, lse: Tensor) -> None:
-        total = torch.logaddexp(self.lse, lse)
-        safe = total.masked_fill(torch.isinf(total), 0.0)  # rows that saw no key yet: weights 0
-        old = torch.exp(self.lse - safe).transpose(1, 2)[..., None]
-        new = torch.exp(lse - safe).transpose(1, 2)[..., None]
-        self.out = self.out * old + out.to(self.work) * new
-        self.lse = total
-
-
 @contextlib.contextmanager
 def _replayed_dropout(state: Tensor | None, device: torch.device) -> Iterator[None]:
     """Inside: the random state the forward's dropout started from (the
@@ -224,7 +207,7 @@ class _Attend(torch.autograd.Function):
     def forward(ctx: Any, run: _Run, q: Tensor, ring_kv: Tensor, *kvs: Tensor) -> Tensor:
         args = run.args
         state = _rng_state(q.device) if args.dropout_p > 0 else None
-        merge = _Merge(q, args.dim)
+        merge = LseMerge(q, args.dim)
         ring = run.ring
         # step 1's block is on its way while the fixed blocks and step 0 compute
         pending = _post_block(ring, ring_kv, 1) if ring is not None else None
@@ -244,9 +227,9 @@ class _Attend(torch.autograd.Function):
                 kernel = ring.kernels[step]
                 if kernel is not None:
                     merge.add(*kernel.forward(q, kv, args))
-        out = merge.out.to(q.dtype)
+        out, lse = merge.result(q.dtype)
         ctx.run, ctx.state = run, state
-        ctx.save_for_backward(q, ring_kv, out, merge.lse, *kvs)
+        ctx.save_for_backward(q, ring_kv, out, lse, *kvs)
         return out
 
     @staticmethod
@@ -352,10 +335,9 @@ def _block_backward(
     dq: Tensor,
     dkv: Tensor,
 ) -> None:
-    """Add one block's gradients to ``dq`` and ``dkv``. The merged output is
-    ``sum_b w_b O_b`` with ``w_b = exp(lse_b - lse)``, so the block's output
-    gets ``w_b dO`` and its log-sum-exp ``w_b (<dO, O_b> - <dO, O>)``; the
-    kernel's own backward (recomputed piece by piece) does the rest."""
+    """Add one block's gradients to ``dq`` and ``dkv``: the block's share of
+    the merged output's gradient (:func:`~patternc.distributed.merge.block_gradients`),
+    then the kernel's own backward (recomputed piece by piece)."""
     for start, stop, keys, attend in kernel.pieces(q, args):
         if keys is None:
             kv_read = kv
@@ -367,13 +349,9 @@ def _block_backward(
             qc = q[:, start:stop].detach().requires_grad_(True)
             kvc = kv_read.detach().requires_grad_(True)
             out_b, lse_b = attend(qc, kvc)
-            final = lse[:, :, start:stop]
-            weight = torch.exp(lse_b - final.masked_fill(torch.isinf(final), 0.0))
-            weight = weight.masked_fill(torch.isinf(final) | torch.isinf(lse_b), 0.0)
-            g = grad[:, start:stop]
-            g_out = g * weight.transpose(1, 2)[..., None]
-            g_lse = weight * ((g * out_b.to(g.dtype)).sum(-1).transpose(1, 2) - delta[:, :, start:stop])
-            d_q, d_kv = torch.autograd.grad((out_b, lse_b), (qc, kvc), (g_out.to(out_b.dtype), g_lse))
+            rows = (grad[:, start:stop], out_b.detach(), lse_b.detach())
+            g_out, g_lse = block_gradients(*rows, lse[:, :, start:stop], delta[:, :, start:stop])
+            d_q, d_kv = torch.autograd.grad((out_b, lse_b), (qc, kvc), (g_out, g_lse))
         dq[:, start:stop] += d_q
         if keys is None:
             dkv += d_kv
@@ -441,7 +419,7 @@ class _HaloAttend(torch.autograd.Function):
     def forward(ctx: Any, run: _HaloRun, q: Tensor, own_kv: Tensor, *kvs: Tensor) -> Tensor:
         args, halo = run.args, run.halo
         state = _rng_state(q.device) if args.dropout_p > 0 else None
-        merge = _Merge(q, args.dim)
+        merge = LseMerge(q, args.dim)
         pending = _post_halo(halo, own_kv, 0)
         for kernel, kv in zip(run.fixed, kvs):
             if kernel is not None:
@@ -455,9 +433,9 @@ class _HaloAttend(torch.autograd.Function):
             pending = _post_halo(halo, own_kv, at + 1)
             if step.kernel is not None:
                 merge.add(*step.kernel.forward(q, kv, args))
-        out = merge.out.to(q.dtype)
+        out, lse = merge.result(q.dtype)
         ctx.run, ctx.state = run, state
-        ctx.save_for_backward(q, own_kv, out, merge.lse, *kvs)
+        ctx.save_for_backward(q, own_kv, out, lse, *kvs)
         return out
 
     @staticmethod

@@ -40,22 +40,32 @@ def interval_tables(
     rows = [[*r, *([_EMPTY] * (width - len(r)))] for r in runs]
     rows.append([_EMPTY] * width)  # the padding queries
     counts = [*sizes, length - sum(sizes)]
-    values = [
-        v for row in rows for r in row for v in (r.first, r.low, r.cap, r.last, r.last_top, r.high, r.floor)
-    ]
-    # one host-to-device copy: the runs' fields, then the segments' counts
-    flat = torch.tensor(values + counts, dtype=torch.int64).to(device)
-    n_fields = len(rows) * width * 7
-    fields = flat[:n_fields].view(len(rows), width, 7)  # [segments + 1, R, 7]
-    counts_t = flat[n_fields:]
-    starts = torch.cumsum(counts_t, 0) - counts_t
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=length)
-    p = (torch.arange(length, device=device) - starts[segment])[:, None]  # [length, 1]
-    first, low, cap, last, last_top, high, floor = fields[segment].unbind(-1)  # each [length, R]
-    lo = torch.minimum(first + torch.clamp(p + low, min=0), cap)
-    hi = torch.maximum(last + torch.minimum(last_top, p + high), floor)
-    bounds = torch.stack([lo, hi], dim=0).clamp(-NO_BOUND, NO_BOUND)  # [2, length, R]
-    return bounds.permute(2, 0, 1).to(torch.int32).contiguous()
+    # With ``t`` a query's index and ``p = t - start`` its position in its
+    # segment, a run's bounds are ``lo = min(first + max(p + low, 0), cap)``
+    # and ``hi = max(last + min(last_top, p + high), floor)``: that is
+    # ``lo = clamp(t + lo_shift, first, cap)`` and ``hi = max(min(t +
+    # hi_shift, last + last_top), floor)``, six numbers per segment and run
+    # computed here, so the device repeats them per token and does four
+    # operations on them.
+    columns: list[list[int]] = [[] for _ in range(6)]
+    start = 0
+    for row, count in zip(rows, counts):
+        for r in row:
+            lo_shift, hi_shift = r.first - start + r.low, r.last - start + r.high
+            values = (lo_shift, r.first, r.cap, hi_shift, r.last + r.last_top, r.floor)
+            for column, value in zip(columns, values):
+                column.append(value)
+        start += count
+    # one host-to-device copy: the six values per (segment, run), then the segments' counts
+    n_segments = len(rows)
+    flat = torch.tensor([v for column in columns for v in column] + counts, dtype=torch.int64).to(device)
+    table = flat[: 6 * n_segments * width].view(6, n_segments, width).transpose(1, 2)  # [6, R, segments]
+    per_token = torch.repeat_interleave(table, flat[6 * n_segments * width :], dim=2, output_size=length)
+    lo_shift, first, cap, hi_shift, top, floor = per_token  # each [R, length]
+    t = torch.arange(length, device=device)
+    lo = torch.clamp(t + lo_shift, first, cap)
+    hi = torch.maximum(torch.minimum(t + hi_shift, top), floor)
+    return torch.stack([lo, hi], dim=1).clamp(-NO_BOUND, NO_BOUND).to(torch.int32)
 
 
 def interval_mask_mod(bounds: Tensor) -> MaskMod:

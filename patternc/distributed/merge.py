@@ -1,0 +1,131 @@
+"""The softmax over several key blocks, merged by their log-sum-exp.
+
+A rank attends its queries to key blocks one at a time (gathered keys, its
+own, each ring or halo step's); each block's kernel returns its output
+normalised over that block alone and the block's log-sum-exp. The outputs
+of the whole softmax are the blocks' outputs weighted by
+``exp(lse_block - lse_total)``.
+
+The merge is memory-bound work on the full ``[B, N, H, D]`` output, as large
+as the queries, once per block: written as a dozen tensor operations it
+reads and writes the output about ten times, as long as the attention
+kernel on a block of a few thousand keys. Here it is one fused pass per
+block on a GPU (compiled once per shape and dtype), each block's output is
+read once (a block is merged when the next one arrives, so the last merge
+writes the result in the queries' dtype), and a single block is passed on
+as the kernel gave it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LseMerge", "block_gradients"]
+
+Block = tuple[Tensor, Tensor]
+"""A block's output ``[B, N, H, D]`` and log-sum-exp ``[B, H, N]`` (``-inf``
+for a query that sees no key of the block)."""
+
+
+def _merged(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, dtype: torch.dtype) -> Block:
+    """Two blocks' softmax as one: the output in ``dtype``, the log-sum-exp
+    in ``lse_a``'s. Rows no key reached stay zero with ``-inf``."""
+    work = lse_a.dtype
+    total = torch.logaddexp(lse_a, lse_b)
+    safe = total.masked_fill(torch.isinf(total), 0.0)  # rows that saw no key: weights 0
+    weight_a = torch.exp(lse_a - safe).transpose(1, 2)[..., None]
+    weight_b = torch.exp(lse_b - safe).transpose(1, 2)[..., None]
+    return (out_a.to(work) * weight_a + out_b.to(work) * weight_b).to(dtype), total
+
+
+@functools.cache
+def _fused_merge() -> Callable[..., Block]:
+    """:func:`_merged` compiled (once per process; one kernel per shape and
+    dtypes): the GPU's merge. ``dynamic=False``: a call's blocks share the
+    query shape, so one compile serves every block of it."""
+    return torch.compile(_merged, dynamic=False, fullgraph=True)
+
+
+class LseMerge:
+    """The softmax over the blocks :meth:`add` receives, :meth:`result` at
+    the end. One block is held back until the next arrives, so the final
+    merge writes the result in the queries' dtype and a single block costs
+    no merge at all."""
+
+    def __init__(self, q: Tensor, dim: int) -> None:
+        """Args:
+        q: the queries ``[B, N, H, *]`` (their shape, dtype and device).
+        dim: the value head size.
+        """
+        self._q_shape = (*q.shape[:3], dim)
+        self._device = q.device
+        self.work = torch.promote_types(q.dtype, torch.float32)
+        """The dtype merges compute and log-sum-exps are held in."""
+        # inside a user's torch.compile the plain merge is traced into the user's graph
+        fused = q.device.type == "cuda" and not torch.compiler.is_compiling()
+        self._merge = _fused_merge() if fused else _merged
+        self._done: Block | None = None
+        self._held: Block | None = None
+
+    def add(self, out: Tensor, lse: Tensor) -> None:
+        """One more block: its output ``[B, N, H, D]`` and log-sum-exp ``[B, H, N]``."""
+        held = self._held
+        if held is not None:
+            self._done = held if self._done is None else self._merge(*self._done, *held, self.work)
+        self._held = (out, lse.to(self.work))
+
+    def result(self, dtype: torch.dtype) -> Block:
+        """The merged output in ``dtype`` and its log-sum-exp (``work``); with
+        no block, zeros and ``-inf``."""
+        if self._held is None:
+            b, n, h, d = self._q_shape
+            out = torch.zeros((b, n, h, d), dtype=dtype, device=self._device)
+            return out, torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device)
+        if self._done is None:
+            out, lse = self._held
+            return out.to(dtype), lse
+        return self._merge(*self._done, *self._held, dtype)
+
+
+def _block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delta: Tensor) -> Block:
+    """What one block's output and log-sum-exp receive of the merged
+    output's gradient ``grad`` (``[B, N, H, D]``, the merge's dtype). The
+    merged output is ``sum_b w_b O_b`` with ``w_b = exp(lse_b - lse)``, so
+    the block's output gets ``w_b dO`` (in its own dtype) and its log-sum-exp
+    ``w_b (<dO, O_b> - <dO, O>)``; ``delta`` is ``<dO, O>`` ``[B, H, N]``,
+    ``total`` the merged log-sum-exp. Rows that saw none of the block (or no
+    key at all) get nothing."""
+    dead = torch.isinf(total) | torch.isinf(lse)
+    weight = torch.exp(lse - total.masked_fill(torch.isinf(total), 0.0)).masked_fill(dead, 0.0)
+    g_out = grad * weight.transpose(1, 2)[..., None]
+    g_lse = weight * ((grad * out.to(grad.dtype)).sum(-1).transpose(1, 2) - delta)
+    return g_out.to(out.dtype), g_lse
+
+
+@functools.cache
+def _fused_block_gradients() -> Callable[..., Block]:
+    """:func:`_block_gradients` compiled (the GPU's: one pass over the gradient)."""
+    return torch.compile(_block_gradients, dynamic=False, fullgraph=True)
+
+
+def block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delta: Tensor) -> Block:
+    """One block's share of the merged gradient (see :func:`_block_gradients`),
+    fused on a GPU.
+
+    Args:
+        grad: the merged output's gradient ``[B, N, H, D]``.
+        out: the block's output ``[B, N, H, D]`` (recomputed).
+        lse: the block's log-sum-exp ``[B, H, N]``.
+        total: the merged log-sum-exp ``[B, H, N]``.
+        delta: ``<grad, merged output>`` per query ``[B, H, N]``.
+
+    Returns:
+        The gradients of the block's output (its dtype) and log-sum-exp.
+    """
+    if grad.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _fused_block_gradients()(grad, out, lse, total, delta)
+    return _block_gradients(grad, out, lse, total, delta)

@@ -1,0 +1,103 @@
+"""Blocks merged by their log-sum-exp equal one softmax over all their keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import relative_error
+from torch import Tensor
+
+from patternc.distributed.merge import LseMerge
+
+
+def _block(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """One block's output ``[B, N, H, D]`` normalised over the block, and its
+    log-sum-exp ``[B, H, N]`` (``-inf`` and zeros where a query sees none of it)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v), lse
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("sizes", [(7,), (5, 9), (1, 13, 4), (3, 0, 6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_blocks_equal_one_softmax_over_their_keys(
+    sizes: tuple[int, ...], dtype: torch.dtype, device: str
+) -> None:
+    """Random blocks (an empty one among them), a random mask under which
+    some queries see no key of a block and one query sees none at all: the
+    merge equals the float64 softmax over every key, in the dtype asked for,
+    the unreachable query zero with a ``-inf`` log-sum-exp (on a GPU, the
+    fused merge)."""
+    gen = torch.Generator().manual_seed(len(sizes) * 7 + sum(sizes))
+    b, n, h, d = 2, 11, 3, 8
+    n_keys = sum(sizes)
+    q, k, v = (torch.randn(b, m, h, d, generator=gen, dtype=torch.float64) for m in (n, n_keys, n_keys))
+    allowed = torch.rand(n, n_keys, generator=gen) < 0.6
+    allowed[3] = False  # a query that reads nothing
+    want = _block(q, k, v, allowed)
+    merge = LseMerge(q.to(device, dtype), d)
+    start = 0
+    for size in sizes:
+        stop = start + size
+        out, lse = _block(q, k[:, start:stop], v[:, start:stop], allowed[:, start:stop])
+        merge.add(out.to(device, dtype), lse.to(device))
+        start = stop
+    out, lse = merge.result(dtype)
+    out, lse = out.cpu(), lse.cpu()
+    assert out.dtype == dtype and lse.dtype == torch.promote_types(dtype, torch.float32)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert relative_error(out.double(), want[0]) < tolerance
+    assert torch.all(out[:, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))
+    seen = ~torch.isinf(want[1])
+    assert torch.allclose(lse.double()[seen], want[1][seen], atol=tolerance * 10)
+
+
+def test_no_block_gives_zeros_and_minus_infinity() -> None:
+    q = torch.randn(1, 4, 2, 8)
+    out, lse = LseMerge(q, 5).result(torch.float32)
+    assert out.shape == (1, 4, 2, 5) and torch.all(out == 0)
+    assert lse.shape == (1, 2, 4) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_gradients_equal_autograd_through_the_merge(device: str) -> None:
+    """Each block's share of the merged output's gradient equals autograd's
+    through the merge written out in float64 (a query that sees no key of
+    one block, and one that sees none of any, included)."""
+    from patternc.distributed.merge import block_gradients
+
+    gen = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 9, 3, 5
+    outs = [torch.randn(b, n, h, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lses = [torch.randn(b, h, n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    lses[1][:, :, 2] = float("-inf")  # query 2 sees nothing of block 1
+    for lse in lses:
+        lse[:, :, 6] = float("-inf")  # query 6 sees nothing at all
+    lses = [lse.requires_grad_(True) for lse in lses]
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    safe = total.masked_fill(torch.isinf(total), 0.0)
+    merged = sum(
+        torch.exp(lse - safe).masked_fill(torch.isinf(lse), 0.0).transpose(1, 2)[..., None] * out
+        for out, lse in zip(outs, lses)
+    )
+    grad = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(merged, [*outs, *lses], grad)
+    delta = (grad * merged).sum(-1).transpose(1, 2)
+    for at, (out, lse) in enumerate(zip(outs, lses)):
+        inputs = (grad, out.detach(), lse.detach(), total.detach(), delta.detach())
+        g_out, g_lse = (t.cpu() for t in block_gradients(*(t.to(device) for t in inputs)))
+        assert torch.allclose(g_out, want[at], atol=1e-12)
+        # autograd's logsumexp over nothing but -inf has a NaN gradient: that
+        # query is compared apart (it gets nothing)
+        seen = torch.arange(n) != 6
+        assert torch.allclose(g_lse[:, :, seen], want[3 + at][:, :, seen], atol=1e-12)
+        assert torch.all(g_lse[:, :, 6] == 0) and torch.all(g_out[:, 6] == 0)
+    assert torch.all(want[3 + 1][:, :, 2] == 0)
