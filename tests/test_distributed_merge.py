@@ -101,3 +101,34 @@ def test_block_gradients_equal_autograd_through_the_merge(device: str) -> None:
         assert torch.allclose(g_lse[:, :, seen], want[3 + at][:, :, seen], atol=1e-12)
         assert torch.all(g_lse[:, :, 6] == 0) and torch.all(g_out[:, 6] == 0)
     assert torch.all(want[3 + 1][:, :, 2] == 0)
+
+
+@pytest.mark.slow
+def test_the_compiled_merge_and_gradients_equal_the_plain_ones() -> None:
+    """What a GPU runs (the merge and a block's gradient share, compiled by
+    ``torch.compile``) traces whole and computes what the plain functions
+    do, here compiled for the CPU: mixed dtypes in, the dtype asked for
+    out, rows that saw no key included. Private names: the public merge
+    picks the compiled form on a GPU only."""
+    from patternc.distributed import merge
+
+    gen = torch.Generator().manual_seed(11)
+    b, n, h, d = 2, 9, 3, 5
+    out_a = torch.randn(b, n, h, d, generator=gen).to(torch.bfloat16)
+    out_b = torch.randn(b, h, n, d, generator=gen).transpose(1, 2).to(torch.bfloat16)  # a kernel's view
+    lse_a, lse_b = torch.randn(b, h, n, generator=gen), torch.randn(b, h, n, generator=gen)
+    lse_a[:, :, 2] = lse_b[:, :, 2] = float("-inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        fused = merge._fused_merge()(out_a, lse_a, out_b, lse_b, dtype)
+        plain = merge._merged(out_a, lse_a, out_b, lse_b, dtype)
+        assert fused[0].dtype == plain[0].dtype == dtype
+        assert torch.allclose(
+            fused[0].float(), plain[0].float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6
+        )
+        assert torch.equal(fused[1], plain[1]) and torch.all(fused[0][:, 2] == 0)
+    grad, delta = torch.randn(b, n, h, d, generator=gen), torch.randn(b, h, n, generator=gen)
+    total = torch.logaddexp(lse_a, lse_b)
+    fused = merge._fused_block_gradients()(grad, out_b, lse_b, total, delta)
+    plain = merge._block_gradients(grad, out_b, lse_b, total, delta)
+    assert fused[0].dtype == torch.bfloat16 and torch.allclose(fused[0].float(), plain[0].float(), atol=1e-2)
+    assert torch.allclose(fused[1], plain[1], atol=1e-5)
