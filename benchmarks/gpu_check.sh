@@ -36,8 +36,9 @@
 #              the functions that take the host time (cProfile)      ~2 min
 #   ringrate   the ring's blockwise kernel's TF/s over the blocks 8 virtual
 #              ranks compute against the unsharded executor's, then its
-#              CUDA tests (FlexAttention forward and backward through the
-#              log-sum-exp merge against the float64 reference)   ~5-10 min
+#              CUDA tests (the fused log-sum-exp merge; FlexAttention
+#              forward and backward through it against the float64
+#              reference)                                        ~5-10 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root; results go to $OUT (or ./gpu-out). To keep a
 # result, copy it to benchmarks/results/<card>_<file>_<yyyy-mm>.txt with the
@@ -59,7 +60,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
 python3 -c 'from patternc.nn.executors import flash4; print("flash-attn-4 installed:", flash4.installed())' | tee -a "$OUT/gpu.txt"
 
-GPU_TESTS=(key_space flex shaped value_guard varlen cuda_graphs cookbook compile robustness distributed_ring)
+GPU_TESTS=(key_space flex shaped value_guard varlen cuda_graphs cookbook compile robustness distributed_merge distributed_ring)
 tests() {
   # with pytest-xdist on the path (benchmarks/device_wheels.sh), all files at
   # once on 6 workers (compiles are CPU-bound); else one file after another
@@ -148,7 +149,7 @@ ringrate() {
     | grep -v -i "warn" | tee "$OUT/bench_distributed_kernel_rate.txt"
   local workers=()
   python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-  timeout 240 python3 -m pytest tests/test_distributed_ring.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
+  timeout 240 python3 -m pytest tests/test_distributed_merge.py tests/test_distributed_ring.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
     | tee "$OUT/test_distributed_ring.txt" | tail -8
 }
 
