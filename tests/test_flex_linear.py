@@ -81,12 +81,12 @@ def test_ten_thousand_documents_build_linear_tables_fast() -> None:
 def test_sparse_block_classes_equal_the_dense_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Held sparse (a large grid) or dense, the block classes are the same,
     and equal the pure-Python classifier's."""
-    from patternc.nn import flexmask
+    from patternc.nn import flexblocks
 
     layout = DOCS.layout(_documents(60, seed=3))
     dense = FlexTables.build(layout, {}, "cpu")
     layout.tables.clear()
-    monkeypatch.setattr(flexmask, "DENSE_CELLS_PER_BLOCK", 0)
+    monkeypatch.setattr(flexblocks, "DENSE_CELLS_PER_BLOCK", 0)
     sparse = FlexTables.build(layout, {}, "cpu")
     layout.tables.clear()
     assert dense.partial_blocks.dim() == 2 and sparse.partial_blocks.dim() == 1
@@ -263,12 +263,12 @@ def test_block_classes_are_the_same_wherever_rectangles_are_cut(
     from the language's definition (blocks of 16 tokens: many of them, and
     boundaries inside blocks). The thresholds are private: they pick the
     path, which the public API never names."""
-    from patternc.nn import flexblocks, flexmask
+    from patternc.nn import flexblocks
 
     python, host = {"python": (10**9, 10**9), "host tensors": (0, 10**9), "device": (0, 0)}[where]
     monkeypatch.setattr(flexblocks, "PYTHON_INCIDENCES", python)
     monkeypatch.setattr(flexblocks, "HOST_INCIDENCES", host)
-    monkeypatch.setattr(flexmask, "DENSE_CELLS_PER_BLOCK", 10**9 if dense else 0)
+    monkeypatch.setattr(flexblocks, "DENSE_CELLS_PER_BLOCK", 10**9 if dense else 0)
     source, sizes = SPLIT_LAYOUTS[name]
     plan = patternc.compile(source).patterns["default"]
     layout = plan.layout(sizes)

@@ -228,19 +228,21 @@ def _columns(columns: Sequence[list[int]], traced: bool) -> Tensor:
     return torch.frombuffer(packed, dtype=torch.int64).view(len(columns), n)
 
 
-def block_work(
-    rects: AllowedRects, block: int, shape: tuple[int, int], dense: bool, traced: bool = False
-) -> BlockWork:
-    """The host's half of classifying the blocks of ``rects`` (see :class:`BlockWork`).
+def block_work(rects: AllowedRects, block: int, shape: tuple[int, int], traced: bool = False) -> BlockWork:
+    """The host's half of classifying the blocks of ``rects`` (see
+    :class:`BlockWork`), into a dense grid where it has at most
+    :data:`DENSE_CELLS_PER_BLOCK` cells per (rectangle, block) incidence or
+    inside ``torch.compile`` (no shape may depend on data there), else by
+    sorting the incidences.
 
     Args:
         rects: the layout's allowed rectangles, cut by ``block``.
         block: the block size (tokens a side).
         shape: ``(query blocks, key blocks)``.
-        dense: classify into a dense grid, else by sorting the incidences.
         traced: the tables are built inside ``torch.compile`` (see :func:`_columns`).
     """
     plain_count, banded_count = rects.block_counts(block)
+    dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(plain_count + banded_count, 1)
     plain, banded = _columns(rects.plain, traced), _columns(rects.banded, traced)
     empty = torch.zeros(0, dtype=torch.int64)
     if dense:

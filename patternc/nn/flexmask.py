@@ -5,7 +5,8 @@ mask per element: un-compiled it materialises an ``[n, n]`` tensor, compiled it
 costs milliseconds per layout. Here the block classes follow from the
 layout's allowed rectangles (:func:`patternc.lower.blocks.allowed_rects`):
 the rule of :mod:`patternc.lower.blocks` (which ``patternc compile --mask``
-runs one block at a time) run as tensor operations on the device.
+runs one block at a time), the rectangles cut on the host and the blocks
+tallied on the device (:mod:`patternc.nn.flexblocks`).
 
 The ``mask_mod`` tests a token pair's groups as a bit of the query group's
 words (:class:`PairSets`), or looks up the query group's runs of key groups
@@ -38,7 +39,7 @@ from torch import Tensor
 from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
 from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
-from patternc.nn.flexblocks import DENSE_CELLS_PER_BLOCK, block_work, dense_cells
+from patternc.nn.flexblocks import block_work, dense_cells
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
 
@@ -452,7 +453,7 @@ class FlexTables:
     partial_blocks: Tensor
     """The partial blocks: ``[rows, cols]`` bool, or the ascending flat
     indices (``row * cols + col``) of the partial blocks (see
-    :data:`DENSE_CELLS_PER_BLOCK`)."""
+    :data:`~patternc.nn.flexblocks.DENSE_CELLS_PER_BLOCK`)."""
     full_blocks: Tensor
     """The full blocks, held as :attr:`partial_blocks` is."""
     block_shape: tuple[int, int]
@@ -567,11 +568,7 @@ class FlexTables:
         shape = (q_len // block, kv_len // block)
         rects = allowed_rects(layout, cache_lengths, compact, block)
         traced = layout.tables.traced
-        # under torch.compile no shape may depend on data: the dense grid
-        dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(
-            sum(rects.block_counts(block)), 1
-        )
-        work = block_work(rects, block, shape, dense, traced)
+        work = block_work(rects, block, shape, traced)
 
         # The host works on one row per group, segment or rectangle; a single copy moves it all.
         upload = _Upload(traced)
