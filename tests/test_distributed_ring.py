@@ -85,6 +85,20 @@ CASES = {
     ),
     # no key of the block is read: nothing is computed
     "disjoint": ([Segment(0, 500, 40)], [Segment(0, 0, 200)], (((-10, 0, 1, 0),),)),
+    # one segment a side under one band: positions from the kernel's indices
+    "causal, one segment a side": (
+        [Segment(0, 300, 150)],
+        [Segment(0, 200, 250)],
+        (((-UNBOUNDED, 0, 1, 0),),),
+    ),
+    # an asymmetric dilated window, one segment a side
+    "dilated, one segment a side": ([Segment(0, 37, 90)], [Segment(0, 0, 140)], (((-50, 3, 2, 1),),)),
+    # one query segment, keys in two places of the group: key positions from a table
+    "window, keys in two places": (
+        [Segment(0, 100, 60)],
+        [Segment(0, 0, 50), Segment(0, 120, 40)],
+        (((-70, 0, 1, 0),),),
+    ),
 }
 
 

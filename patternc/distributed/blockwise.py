@@ -471,6 +471,39 @@ class BlockKernel:
         high = F.pad(high.clamp(-INT32_BOUND, INT32_BOUND), (0, 1), value=0)
         return low.int(), high.int(), F.pad(dilation, (0, 1), value=1).int(), F.pad(residue, (0, 1)).int()
 
+    @functools.cached_property
+    def _one_band(self) -> _OneBand | None:
+        """Where every (query group, key group) pair of this block has the same
+        band and no neighbourhood, what its ``mask_mod`` reads (see
+        :class:`_OneBand`); else None.
+
+        The ``mask_mod`` then reads no ``[groups, groups]`` table per score
+        (a causal document's own block, a text run's causal part): the cost
+        of a hand-written ``kv_idx <= q_idx``. The values are tensors, not
+        Python numbers, so every block of a shape shares one compiled kernel."""
+        if self.grids is not None:
+            return None
+        q_groups = {s.group for s in self.queries}
+        k_groups = {s.group for s in self.keys}
+        rows = {self.band[q][k] for q in q_groups for k in k_groups}
+        if len(rows) != 1:
+            return None
+        low, high, dilation, residue = rows.pop()
+        q_pos, k_pos = self._flex_blocks[4], self._flex_blocks[6]
+
+        def side(segments: Sequence[Segment], positions: Tensor) -> Tensor:
+            """The offset from index to position ``[1]``, or the positions themselves."""
+            if len(segments) == 1:
+                return torch.tensor([segments[0].position], dtype=torch.int32, device=self.device)
+            return positions
+
+        bound = INT32_BOUND
+        values = [max(-bound, min(bound, low)), max(-bound, min(bound, high)), dilation, residue, self.n_k]
+        scalars = torch.tensor(values, dtype=torch.int32, device=self.device)
+        low_t, high_t, dilation_t, residue_t, n_keys = scalars.unbind(0)
+        q_side, k_side = side(self.queries, q_pos), side(self.keys, k_pos)
+        return _OneBand(low_t, high_t, dilation_t, residue_t, n_keys, q_side, k_side, dilation > 1)
+
     def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:
         """The block mask, built once per kernel (and per batch size with key
         padding), so a compiled FlexAttention sees the same ``mask_mod`` on
@@ -490,14 +523,21 @@ class BlockKernel:
             full_num = full_idx = None  # type: ignore[assignment]
 
         grids = self._grid_tables
+        one_band = self._one_band
+        if one_band is not None:
+            mask_mod = _one_band_mask_mod(one_band, real)
+        else:
+            dilated = bool((dilation > 1).any())
 
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-            qg, kg = q_grp[qi], k_grp[ki]
-            d = k_pos[ki] - q_pos[qi]
-            ok = (d >= low[qg, kg]) & (d <= high[qg, kg]) & ((d - residue[qg, kg]) % dilation[qg, kg] == 0)
-            for grid, holds in grids:  # coordinates on the shape, by div/mod of global positions
-                ok = ok & (~holds[qg, kg] | grid.allows(q_pos[qi], k_pos[ki]))
-            return ok & real[b, ki] if real is not None else ok
+            def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+                qg, kg = q_grp[qi], k_grp[ki]
+                d = k_pos[ki] - q_pos[qi]
+                ok = (d >= low[qg, kg]) & (d <= high[qg, kg])
+                if dilated:
+                    ok = ok & ((d - residue[qg, kg]) % dilation[qg, kg] == 0)
+                for grid, holds in grids:  # coordinates on the shape, by div/mod of global positions
+                    ok = ok & (~holds[qg, kg] | grid.allows(q_pos[qi], k_pos[ki]))
+                return ok & real[b, ki] if real is not None else ok
 
         mask = BlockMask.from_kv_blocks(
             kv_num,
@@ -548,6 +588,43 @@ class BlockKernel:
         return out.transpose(1, 2)[:, : self.n_q].to(q.dtype), lse[:, :, : self.n_q].to(
             torch.promote_types(q.dtype, torch.float32)
         )
+
+
+class _OneBand(NamedTuple):
+    """What the ``mask_mod`` of a block whose pairs share one band reads
+    (:attr:`BlockKernel._one_band`): the band as 0-d int32 tensors, the
+    number of real keys, and per side the offset from a token's index to
+    its position (``[1]``: one segment) or the position of each token."""
+
+    low: Tensor
+    high: Tensor
+    dilation: Tensor
+    residue: Tensor
+    n_keys: Tensor
+    q_side: Tensor
+    k_side: Tensor
+    dilated: bool
+    """Whether some key in the band is skipped (the remainder is tested)."""
+
+
+def _one_band_mask_mod(band: _OneBand, real: Tensor | None) -> Callable[..., Tensor]:
+    """The ``mask_mod`` of a block whose pairs share one band: ``d = key
+    position - query position`` within the band, a real key (and, with key
+    padding, one ``real`` marks). A side given as one offset computes
+    positions from the kernel's indices; as a table, reads them."""
+    low, high, dilation, residue, n_keys, q_side, k_side, dilated = band
+    q_offset, k_offset = q_side.numel() == 1, k_side.numel() == 1
+
+    def one_band(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        q_at = qi + q_side[0] if q_offset else q_side[qi]
+        k_at = ki + k_side[0] if k_offset else k_side[ki]
+        d = k_at - q_at
+        ok = (d >= low) & (d <= high) & (ki < n_keys)
+        if dilated:
+            ok = ok & ((d - residue) % dilation == 0)
+        return ok & real[b, ki] if real is not None else ok
+
+    return one_band
 
 
 def _merge_lists(num: Tensor, idx: Tensor, full_num: Tensor, full_idx: Tensor) -> tuple[Tensor, Tensor]:
