@@ -132,3 +132,20 @@ def test_the_compiled_merge_and_gradients_equal_the_plain_ones() -> None:
     plain = merge._block_gradients(grad, out_b, lse_b, total, delta)
     assert fused[0].dtype == torch.bfloat16 and torch.allclose(fused[0].float(), plain[0].float(), atol=1e-2)
     assert torch.allclose(fused[1], plain[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_merge_serves_many_shapes_without_raising() -> None:
+    """Twelve query shapes and two output dtypes through the compiled merge
+    (more than Dynamo's default of eight compiles per function, past which a
+    ``fullgraph`` function raises): each merges as the plain function does."""
+    from patternc.distributed import merge
+
+    gen = torch.Generator().manual_seed(5)
+    for n in range(3, 15):
+        out_a, out_b = (torch.randn(1, n, 2, 4, generator=gen) for _ in range(2))
+        lse_a, lse_b = (torch.randn(1, 2, n, generator=gen) for _ in range(2))
+        for dtype in (torch.float32, torch.bfloat16):
+            fused = merge._fused_merge()(out_a, lse_a, out_b, lse_b, dtype)
+            plain = merge._merged(out_a, lse_a, out_b, lse_b, dtype)
+            assert torch.allclose(fused[0].float(), plain[0].float(), atol=1e-2) and fused[0].dtype == dtype

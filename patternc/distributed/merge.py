@@ -10,7 +10,7 @@ The merge is memory-bound work on the full ``[B, N, H, D]`` output, as large
 as the queries, once per block: written as a dozen tensor operations it
 reads and writes the output about ten times, as long as the attention
 kernel on a block of a few thousand keys. Here it is one fused pass per
-block on a GPU (compiled once per shape and dtype), each block's output is
+block on a GPU (compiled once, for dynamic shapes), each block's output is
 read once (a block is merged when the next one arrives, so the last merge
 writes the result in the queries' dtype), and a single block is passed on
 as the kernel gave it.
@@ -44,10 +44,12 @@ def _merged(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, dtype: t
 
 @functools.cache
 def _fused_merge() -> Callable[..., Block]:
-    """:func:`_merged` compiled (once per process; one kernel per shape and
-    dtypes): the GPU's merge. ``dynamic=False``: a call's blocks share the
-    query shape, so one compile serves every block of it."""
-    return torch.compile(_merged, dynamic=False, fullgraph=True)
+    """:func:`_merged` compiled once per process: the GPU's merge, one kernel.
+    Shapes are dynamic (a pointwise kernel runs as fast with them), so the
+    calls of every shape share one compile per combination of dtypes (at
+    most four: each side in the queries' dtype or the merge's), far below
+    Dynamo's recompile limit, past which a ``fullgraph`` function raises."""
+    return torch.compile(_merged, dynamic=True, fullgraph=True)
 
 
 class LseMerge:
@@ -108,8 +110,9 @@ def _block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delt
 
 @functools.cache
 def _fused_block_gradients() -> Callable[..., Block]:
-    """:func:`_block_gradients` compiled (the GPU's: one pass over the gradient)."""
-    return torch.compile(_block_gradients, dynamic=False, fullgraph=True)
+    """:func:`_block_gradients` compiled (the GPU's: one pass over the
+    gradient), with dynamic shapes as :func:`_fused_merge`."""
+    return torch.compile(_block_gradients, dynamic=True, fullgraph=True)
 
 
 def block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delta: Tensor) -> Block:
