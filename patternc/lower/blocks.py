@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -361,8 +362,7 @@ def pair_runs(layout: Layout) -> PairRuns:
     tests: list[BandTest] = []
     test_of: dict[int, int] = {}  # id(modifiers) -> index into tests
     by_test: dict[BandTest, int] = {}
-    columns: tuple[list[int], ...] = ([], [], [], [], [], [], [], [])
-    query, key_start, key_stop, low, high, dilation, residue, test = columns
+    rows: list[tuple[int, ...]] = []  # query, key start, key stop, band (4), test
 
     def test_index(mods: Modifiers) -> int:
         at = test_of.get(id(mods))
@@ -373,15 +373,15 @@ def pair_runs(layout: Layout) -> PairRuns:
                 tests.append(test)
         return at
 
-    described: dict[int, tuple[int, int, int, int, int]] = {}  # id(modifiers) -> test, band row
+    described: dict[int, tuple[int, int, int, int, int]] = {}  # id(modifiers) -> band row, test
 
     def describe(mods: Modifiers, shift: int = 0) -> tuple[int, int, int, int, int]:
-        """Test index and band row of a modifier list (``shift``: under ``across``)."""
+        """Band row and test index of a modifier list (``shift``: under ``across``)."""
         if mods.across:
-            return (test_index(mods), *_band_row(pair_band(mods, shift)))
+            return (*_band_row(pair_band(mods, shift)), test_index(mods))
         found = described.get(id(mods))
         if found is None:
-            found = described[id(mods)] = (test_index(mods) if mods else -1, *_band_row(pair_band(mods)))
+            found = described[id(mods)] = (*_band_row(pair_band(mods)), test_index(mods) if mods else -1)
         return found
 
     for call in layout.calls:
@@ -408,21 +408,12 @@ def pair_runs(layout: Layout) -> PairRuns:
                         mine.append((start, stop, describe(mods)))
             else:
                 mine = [(start, stop, describe(mods)) for start, stop, mods in runs]
-            for start, stop, (test_at, *band) in mine:
-                query.append(gq)
-                key_start.append(start)
-                key_stop.append(stop)
-                low.append(band[0])
-                high.append(band[1])
-                dilation.append(band[2])
-                residue.append(band[3])
-                test.append(test_at)
+            rows.extend((gq, start, stop, *described_run) for start, stop, described_run in mine)
     # runs of one query group together (a group is the query of one call)
-    if any(a > b for a, b in itertools.pairwise(query)):
-        order = sorted(range(len(query)), key=query.__getitem__)
-        query, key_start, key_stop, low, high, dilation, residue, test = (
-            [c[i] for i in order] for c in columns
-        )
+    if any(a[0] > b[0] for a, b in itertools.pairwise(rows)):
+        rows.sort(key=operator.itemgetter(0))
+    columns = [list(column) for column in zip(*rows)] if rows else [[] for _ in range(8)]
+    query, key_start, key_stop, low, high, dilation, residue, test = columns
     return PairRuns(query, key_start, key_stop, low, high, dilation, residue, test, tuple(tests))
 
 
