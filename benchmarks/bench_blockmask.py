@@ -23,7 +23,9 @@ only: the host work should grow linearly with it, the block mask not at all.
 Run: ``python benchmarks/bench_blockmask.py [--device cuda] [--repeat 20] [--frames]
 [--counts 256 1024 4096] [--tokens 131072] [--host-cost]``; ``--host-cost``
 prints binding's and layout's CPU time, Python calls and traced memory
-instead, which the load of a shared machine does not move.
+instead, which the load of a shared machine does not move, and the tensor
+operations of the tables and the ``BlockMask`` on the device and on the
+host (a GPU pays a launch for each device operation).
 """
 
 from __future__ import annotations
@@ -219,12 +221,45 @@ def measure_frames(count: int, args: argparse.Namespace, prompt: int = 256, fram
     )
 
 
+def op_counts(layout: object) -> tuple[int, int]:
+    """Tensor operations of one ``FlexTables.build(...).block_mask()``: on
+    the device and on host (CPU) tensors. The build runs on the ``meta``
+    device, which stands for a GPU here: every operation with a meta tensor
+    among its inputs or outputs would be a launch there, the others run on
+    small CPU tensors. (On a GPU the block lists are ordered by one sort,
+    here by a prefix-sum partition of about ten operations: the count is a
+    little high.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.device = self.host = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            leaves = tree_leaves((args, kwargs, out))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+                self.device += 1
+            else:
+                self.host += 1
+            return out
+
+    layout.tables.clear()  # type: ignore[attr-defined]
+    with Count() as counted:
+        FlexTables.build(layout, {}, torch.device("meta")).block_mask()  # type: ignore[arg-type]
+    layout.tables.clear()  # type: ignore[attr-defined]
+    return counted.device, counted.host
+
+
 def host_cost(count: int, tokens: int, prompt: int = 256) -> None:
     """One row of the ``--host-cost`` table: what binding and layout cost
     for ``count`` block-causal frames in about ``tokens`` tokens, by
     measures that the load of a shared machine does not move: CPU time
     (``time.process_time``, minimum of 5), Python function calls (cProfile)
-    and peak traced memory (tracemalloc), and the tables' Python calls."""
+    and peak traced memory (tracemalloc), the tables' Python calls, and the
+    tensor operations of the tables and the ``BlockMask`` (:func:`op_counts`)."""
     import cProfile
     import pstats
     import tracemalloc
@@ -257,6 +292,7 @@ def host_cost(count: int, tokens: int, prompt: int = 256) -> None:
     FlexTables.build(layout, {}, torch.device("cpu"))
     profiler.disable()
     table_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+    device_ops, host_ops = op_counts(layout)
     LAYOUTS.clear()
     BINDINGS.clear()
     tracemalloc.start()
@@ -267,7 +303,7 @@ def host_cost(count: int, tokens: int, prompt: int = 256) -> None:
     BINDINGS.clear()
     print(
         f"{count:>6} {frame:>6} {1e3 * min(bind_s):>10.1f} {1e3 * min(layout_s):>10.1f} "
-        f"{layout_calls:>12,} {peak / 2**20:>9.1f} {table_calls:>12,}"
+        f"{layout_calls:>12,} {peak / 2**20:>9.1f} {table_calls:>12,} {device_ops:>10} {host_ops:>8}"
     )
 
 
@@ -347,7 +383,7 @@ def main() -> None:
         print(f"bind and layout of block-causal frames in ~{tokens} tokens (CPU ms: minimum of 5)")
         print(
             f"{'frames':>6} {'frame':>6} {'bind ms':>10} {'layout ms':>10} "
-            f"{'Python calls':>12} {'peak MiB':>9} {'table calls':>12}"
+            f"{'Python calls':>12} {'peak MiB':>9} {'table calls':>12} {'device ops':>10} {'host ops':>8}"
         )
         for count in args.counts:
             host_cost(count, tokens)
