@@ -297,7 +297,8 @@ class GroupTables:
     """``[3, M]`` int64, on the host: query group, first key group and key
     group stop of the runs with modifiers."""
     sets: PairSets | None
-    """What the ``mask_mod`` tests (:class:`PairSets`)."""
+    """What the ``mask_mod`` tests (:class:`PairSets`); None where it reads
+    the run tables instead, or compares key indices with intervals."""
     tests: tuple[BandTest, ...] = ()
     """The layout's distinct modifier lists (those of pairs with modifiers)."""
     run_tests: Tensor | None = None
@@ -305,10 +306,13 @@ class GroupTables:
     some test is a neighbourhood (its pairs are told apart by it); else None."""
 
 
-def _group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
+def _group_tables(layout: Layout, runs: PairRuns, device: torch.device, sets: bool) -> GroupTables:
     """:func:`_build_group_tables`, kept in the layout's tables per device;
-    ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`."""
-    return table(layout, ("flex groups", device), lambda: _build_group_tables(layout, runs, device))
+    ``runs``: the layout's :func:`~patternc.lower.blocks.pair_runs`;
+    ``sets``: with the :class:`PairSets` (a ``mask_mod`` that compares key
+    indices with per-query intervals tests no group pairs)."""
+    build = functools.partial(_build_group_tables, layout, runs, device, sets)
+    return table(layout, ("flex groups", device, sets), build)
 
 
 def _signed(bits: int) -> int:
@@ -376,7 +380,7 @@ def _search_steps(max_runs: int) -> list[int]:
     return [1 << j for j in reversed(range(max(0, max_runs - 1).bit_length()))]
 
 
-def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) -> GroupTables:
+def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device, with_sets: bool) -> GroupTables:
     """Device tables of a layout's allowed group pairs, from its
     :class:`~patternc.lower.blocks.PairRuns`: the runs by query group
     (compressed rows: a lookup is a short binary search within the query
@@ -408,7 +412,7 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device) ->
     )
     chosen = [at for at, test in enumerate(runs.test) if test >= 0]
     modified = triples[:, torch.tensor(chosen, dtype=torch.int64)] if len(chosen) < runs.count else triples
-    sets = _pair_sets(n, runs, same_group, traced)
+    sets = _pair_sets(n, runs, same_group, traced) if with_sets else None
     if sets is not None and device.type != "cpu":
         sets = PairSets(
             n_words=sets.n_words,
@@ -472,7 +476,7 @@ class FlexTables:
     the segments: AB-UPT layouts in whole blocks need no guard."""
     pair_sets: PairSets | None = None
     """The allowed and modified pairs as bit words (None: the ``mask_mod``
-    reads the run tables)."""
+    reads the run tables, or compares key indices with :attr:`intervals`)."""
     same_offsets: bool = False
     """Whether, for every modified pair, a query's and a key's positions
     within their groups differ as their token indices do (the groups' query
@@ -563,7 +567,8 @@ class FlexTables:
         q_len, kv_len = bucket_length(n_q, block), bucket_length(n_kv, block)
 
         runs = pair_runs(layout)
-        groups = _group_tables(layout, runs, device)
+        intervals = _intervals(layout, runs, queries, keys, q_len, device, compact)
+        groups = _group_tables(layout, runs, device, sets=intervals is None)
         q_segs, k_segs = _with_padding(queries, q_len, pad), _with_padding(keys, kv_len, pad)
         shape = (q_len // block, kv_len // block)
         rects = allowed_rects(layout, cache_lengths, compact, block)
@@ -621,7 +626,7 @@ class FlexTables:
             same_offsets=_same_offsets(queries, keys, groups.modified.t().tolist()),
             dilated=any(test[2] > 1 for test in groups.tests),
             kv_input=kv_input,
-            intervals=_intervals(layout, runs, queries, keys, q_len, device, compact),
+            intervals=intervals,
             blocks_hold_one_pair=not mixed,
             n_keys=max([stop for _, _, stop in keys] or [0]),
             token_offsets=(queries[0][1], keys[0][1]) if len(queries) == len(keys) == 1 else None,
