@@ -8,6 +8,8 @@ a key's index with them (the cost of a hand-written ``kv_idx <= q_idx``).
 
 from __future__ import annotations
 
+import array
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,18 +49,25 @@ def interval_tables(
     # hi_shift, last + last_top), floor)``, six numbers per segment and run
     # computed here, so the device repeats them per token and does four
     # operations on them.
-    columns: list[list[int]] = [[] for _ in range(6)]
-    start = 0
-    for row, count in zip(rows, counts):
-        for r in row:
-            lo_shift, hi_shift = r.first - start + r.low, r.last - start + r.high
-            values = (lo_shift, r.first, r.cap, hi_shift, r.last + r.last_top, r.floor)
-            for column, value in zip(columns, values):
-                column.append(value)
-        start += count
-    # one host-to-device copy: the six values per (segment, run), then the segments' counts
+    cells = [(r, start) for row, start in zip(rows, itertools.accumulate(counts, initial=0)) for r in row]
+    values = [
+        *(r.first - start + r.low for r, start in cells),
+        *(r.first for r, _ in cells),
+        *(r.cap for r, _ in cells),
+        *(r.last - start + r.high for r, start in cells),
+        *(r.last + r.last_top for r, _ in cells),
+        *(r.floor for r, _ in cells),
+        *counts,
+    ]
+    # one host-to-device copy: the six values per (segment, run), then the
+    # segments' counts; packed by ``array`` (several times faster than
+    # ``torch.tensor`` on a list), by ``torch.tensor`` where Dynamo traces
+    if torch.compiler.is_compiling():
+        flat = torch.tensor(values, dtype=torch.int64)
+    else:
+        flat = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+    flat = flat.to(device)
     n_segments = len(rows)
-    flat = torch.tensor([v for column in columns for v in column] + counts, dtype=torch.int64).to(device)
     table = flat[: 6 * n_segments * width].view(6, n_segments, width).transpose(1, 2)  # [6, R, segments]
     per_token = torch.repeat_interleave(table, flat[6 * n_segments * width :], dim=2, output_size=length)
     lo_shift, first, cap, hi_shift, top, floor = per_token  # each [R, length]
