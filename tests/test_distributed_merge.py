@@ -136,16 +136,34 @@ def test_the_compiled_merge_and_gradients_equal_the_plain_ones() -> None:
 
 @pytest.mark.slow
 def test_the_compiled_merge_serves_many_shapes_without_raising() -> None:
-    """Twelve query shapes and two output dtypes through the compiled merge
-    (more than Dynamo's default of eight compiles per function, past which a
-    ``fullgraph`` function raises): each merges as the plain function does."""
+    """Query counts from 1 to 14, batches of 1 and 2, log-sum-exps sliced
+    from a longer one (as a kernel's padded output is) or not, two output
+    dtypes: more variants than Dynamo compiles per function by default. Each
+    merges as the plain function does, none raises."""
     from patternc.distributed import merge
 
     gen = torch.Generator().manual_seed(5)
-    for n in range(3, 15):
-        out_a, out_b = (torch.randn(1, n, 2, 4, generator=gen) for _ in range(2))
-        lse_a, lse_b = (torch.randn(1, 2, n, generator=gen) for _ in range(2))
-        for dtype in (torch.float32, torch.bfloat16):
-            fused = merge._fused_merge()(out_a, lse_a, out_b, lse_b, dtype)
-            plain = merge._merged(out_a, lse_a, out_b, lse_b, dtype)
-            assert torch.allclose(fused[0].float(), plain[0].float(), atol=1e-2) and fused[0].dtype == dtype
+    for n in range(1, 15):
+        for batch in (1, 2):
+            out_a, out_b = (torch.randn(batch, n, 2, 4, generator=gen) for _ in range(2))
+            lse_a = torch.randn(batch, 2, n, generator=gen)
+            lse_b = (
+                torch.randn(batch, 2, n + 3, generator=gen)[:, :, :n] if n % 2 else torch.randn(batch, 2, n)
+            )
+            for dtype in (torch.float32, torch.bfloat16):
+                fused = merge._fused_merge()(out_a, lse_a, out_b, lse_b, dtype)
+                plain = merge._merged(out_a, lse_a, out_b, lse_b, dtype)
+                assert fused[0].dtype == dtype
+                assert torch.allclose(fused[0].float(), plain[0].float(), atol=1e-2)
+
+
+def test_one_block_comes_back_fresh_and_contiguous() -> None:
+    """A single block's output, given as a strided view of a larger buffer
+    (as a kernel's padded output is), comes back as its own contiguous
+    tensor: an autograd function's output may be changed in place."""
+    buffer = torch.randn(2, 3, 16, 4)  # [B, H, padded N, D]
+    out = buffer.transpose(1, 2)[:, :11]  # [B, N, H, D], a view
+    merge = LseMerge(torch.zeros(2, 11, 3, 4), 4)
+    merge.add(out, torch.randn(2, 3, 11))
+    result, _ = merge.result(torch.float32)
+    assert result._base is None and result.is_contiguous() and torch.equal(result, out)

@@ -85,21 +85,38 @@ CASES = {
     ),
     # no key of the block is read: nothing is computed
     "disjoint": ([Segment(0, 500, 40)], [Segment(0, 0, 200)], (((-10, 0, 1, 0),),)),
-    # one segment a side under one band: positions from the kernel's indices
+    # a causal document's block: one band, one segment a side
     "causal, one segment a side": (
         [Segment(0, 300, 150)],
         [Segment(0, 200, 250)],
         (((-UNBOUNDED, 0, 1, 0),),),
     ),
-    # an asymmetric dilated window, one segment a side
+    # an asymmetric dilated window, one band
     "dilated, one segment a side": ([Segment(0, 37, 90)], [Segment(0, 0, 140)], (((-50, 3, 2, 1),),)),
-    # one query segment, keys in two places of the group: key positions from a table
+    # one query segment, keys in two places of the group, one band
     "window, keys in two places": (
         [Segment(0, 100, 60)],
         [Segment(0, 0, 50), Segment(0, 120, 40)],
         (((-70, 0, 1, 0),),),
     ),
+    # two groups under different bands, none dilated: the per-pair tables
+    "two bands": (
+        [Segment(0, 0, 100), Segment(1, 0, 80)],
+        [Segment(0, 0, 120), Segment(1, 0, 60)],
+        (((-UNBOUNDED, 0, 1, 0), OPEN), ((-30, 30, 1, 0), (-UNBOUNDED, 0, 1, 0))),
+    ),
 }
+
+ONE_BAND = {
+    "window": True,
+    "dilated": False,
+    "disjoint": True,
+    "causal, one segment a side": True,
+    "dilated, one segment a side": True,
+    "window, keys in two places": True,
+    "two bands": False,
+}
+"""Whether each case's block takes the ``mask_mod`` of one band (no per-pair tables)."""
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -112,6 +129,8 @@ def test_reference_and_flex_forward_match_dense(case: str, padded: bool, alibi: 
     slopes = torch.tensor([0.25, 0.0625], dtype=torch.float64) if alibi else None
     args = StepArgs(16, 0.25, 0.0, slopes, padded, "reference")
     kernel = BlockKernel(queries, keys, band, True, torch.device("cpu"), query_chunk=64)
+    # a private attribute: which mask_mod runs is not visible through the public API
+    assert (kernel._one_band is not None) == ONE_BAND[case]
     ref_out, ref_lse = _dense(q, kv, queries, keys, band, args)
     assert kernel.empty == bool(torch.isinf(ref_lse).all())
     if kernel.empty:

@@ -240,7 +240,14 @@ SPLIT_LAYOUTS = {
         "groups frame*\nframe* -> frame*[upto 2, causal, across]",
         {f"frame{i}": n for i, n in enumerate([44, 100, 1, 29, 77, 3, 0, 30])},
     ),
-    "image": ("groups image[12, 5] text\nimage -> image[kernel 5], text\ntext -> *", {"image": 60, "text": 9}),
+    "image": (
+        "groups image[12, 5] text\nimage -> image[kernel 5], text\ntext -> *",
+        {"image": 60, "text": 9},
+    ),
+    "dilated": (
+        "groups prompt frame*\nprompt -> prompt [causal]\nframe* -> prompt, self[back 40, dilate 3]",
+        {"prompt": 21, **{f"frame{i}": n for i, n in enumerate([70, 1, 45, 33])}},
+    ),
 }
 
 
@@ -253,16 +260,18 @@ def _block_reference(mask: Tensor, block: int, rows: int, cols: int) -> tuple[Te
 
 
 @pytest.mark.parametrize("name", list(SPLIT_LAYOUTS))
-@pytest.mark.parametrize("dense", [True, False])
-@pytest.mark.parametrize("where", ["python", "host tensors", "device"])
+@pytest.mark.parametrize(
+    ("where", "dense"),
+    [("python", True), ("host tensors", True), ("host tensors", False), ("device", True), ("device", False)],
+)
 def test_block_classes_are_the_same_wherever_rectangles_are_cut(
-    name: str, dense: bool, where: str, monkeypatch: pytest.MonkeyPatch
+    name: str, where: str, dense: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rectangles cut into blocks in Python, as host tensors or on the
-    device, into a dense grid or sorted, give the blocks of the mask written
-    from the language's definition (blocks of 16 tokens: many of them, and
-    boundaries inside blocks). The thresholds are private: they pick the
-    path, which the public API never names."""
+    """Rectangles cut into blocks in Python (a dense grid's banded ones), as
+    host tensors or on the device, into a dense grid or sorted, give the
+    blocks of the mask written from the language's definition (blocks of 16
+    tokens: many of them, and boundaries inside blocks). The thresholds are
+    private: they pick the path, which the public API never names."""
     from patternc.nn import flexblocks
 
     python, host = {"python": (10**9, 10**9), "host tensors": (0, 10**9), "device": (0, 0)}[where]
@@ -278,3 +287,23 @@ def test_block_classes_are_the_same_wherever_rectangles_are_cut(
     assert full.any() and partial.any()
     assert torch.equal(tables.full, full)
     assert torch.equal(tables.partial, partial)
+
+
+@pytest.mark.parametrize("name", list(SPLIT_LAYOUTS))
+def test_block_classes_traced_are_cut_on_the_device(name: str) -> None:
+    """Inside ``torch.compile`` (``traced``) the host uploads the rectangles
+    as they are and the device does every step: the same blocks as the
+    language's mask. ``block_work`` is called directly: a trace is what
+    decides this path, and no trace runs here."""
+    from patternc.lower.blocks import allowed_rects
+    from patternc.nn.flexblocks import block_work
+
+    source, sizes = SPLIT_LAYOUTS[name]
+    plan = patternc.compile(source).patterns["default"]
+    layout = plan.layout(sizes)
+    rows = cols = -(-layout.n_tokens // 16)
+    work = block_work(allowed_rects(layout, {}, False, 16), 16, (rows, cols), traced=True)
+    assert work.device_plain and work.dense
+    partial, full = work.classify(work.pieces)
+    want_partial, want_full = _block_reference(language_mask(plan, sizes), 16, rows, cols)
+    assert torch.equal(full, want_full) and torch.equal(partial, want_partial)

@@ -477,10 +477,12 @@ class BlockKernel:
         band and no neighbourhood, what its ``mask_mod`` reads (see
         :class:`_OneBand`); else None.
 
-        The ``mask_mod`` then reads no ``[groups, groups]`` table per score
-        (a causal document's own block, a text run's causal part): the cost
-        of a hand-written ``kv_idx <= q_idx``. The values are tensors, not
-        Python numbers, so every block of a shape shares one compiled kernel."""
+        The ``mask_mod`` then reads no group and no ``[groups, groups]``
+        table per score (a causal document's own block, a split document's
+        halo, a text run's causal part): a query's and a key's position and
+        two comparisons, as a hand-written ``kv_idx <= q_idx`` on positions.
+        The band is tensors, not Python numbers, so every such block of a
+        shape shares one compiled kernel."""
         if self.grids is not None:
             return None
         q_groups = {s.group for s in self.queries}
@@ -489,20 +491,12 @@ class BlockKernel:
         if len(rows) != 1:
             return None
         low, high, dilation, residue = rows.pop()
-        q_pos, k_pos = self._flex_blocks[4], self._flex_blocks[6]
-
-        def side(segments: Sequence[Segment], positions: Tensor) -> Tensor:
-            """The offset from index to position ``[1]``, or the positions themselves."""
-            if len(segments) == 1:
-                return torch.tensor([segments[0].position], dtype=torch.int32, device=self.device)
-            return positions
-
         bound = INT32_BOUND
         values = [max(-bound, min(bound, low)), max(-bound, min(bound, high)), dilation, residue, self.n_k]
-        scalars = torch.tensor(values, dtype=torch.int32, device=self.device)
-        low_t, high_t, dilation_t, residue_t, n_keys = scalars.unbind(0)
-        q_side, k_side = side(self.queries, q_pos), side(self.keys, k_pos)
-        return _OneBand(low_t, high_t, dilation_t, residue_t, n_keys, q_side, k_side, dilation > 1)
+        low_t, high_t, dilation_t, residue_t, n_keys = torch.tensor(
+            values, dtype=torch.int32, device=self.device
+        ).unbind(0)
+        return _OneBand(low_t, high_t, dilation_t, residue_t, n_keys, dilation > 1)
 
     def _block_mask(self, batch: int | None) -> tuple[BlockMask, Tensor | None]:
         """The block mask, built once per kernel (and per batch size with key
@@ -525,9 +519,9 @@ class BlockKernel:
         grids = self._grid_tables
         one_band = self._one_band
         if one_band is not None:
-            mask_mod = _one_band_mask_mod(one_band, real)
+            mask_mod = _one_band_mask_mod(one_band, q_pos, k_pos, real)
         else:
-            dilated = bool((dilation > 1).any())
+            dilated = any(d > 1 for row in self.band for _, _, d, _ in row)
 
             def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
                 qg, kg = q_grp[qi], k_grp[ki]
@@ -592,33 +586,29 @@ class BlockKernel:
 
 class _OneBand(NamedTuple):
     """What the ``mask_mod`` of a block whose pairs share one band reads
-    (:attr:`BlockKernel._one_band`): the band as 0-d int32 tensors, the
-    number of real keys, and per side the offset from a token's index to
-    its position (``[1]``: one segment) or the position of each token."""
+    (:attr:`BlockKernel._one_band`): the band as 0-d int32 tensors and the
+    number of real keys."""
 
     low: Tensor
     high: Tensor
     dilation: Tensor
     residue: Tensor
     n_keys: Tensor
-    q_side: Tensor
-    k_side: Tensor
     dilated: bool
     """Whether some key in the band is skipped (the remainder is tested)."""
 
 
-def _one_band_mask_mod(band: _OneBand, real: Tensor | None) -> Callable[..., Tensor]:
+def _one_band_mask_mod(
+    band: _OneBand, q_pos: Tensor, k_pos: Tensor, real: Tensor | None
+) -> Callable[..., Tensor]:
     """The ``mask_mod`` of a block whose pairs share one band: ``d = key
     position - query position`` within the band, a real key (and, with key
-    padding, one ``real`` marks). A side given as one offset computes
-    positions from the kernel's indices; as a table, reads them."""
-    low, high, dilation, residue, n_keys, q_side, k_side, dilated = band
-    q_offset, k_offset = q_side.numel() == 1, k_side.numel() == 1
+    padding, one ``real`` marks). The dilation's remainder is tested only
+    where some key is skipped."""
+    low, high, dilation, residue, n_keys, dilated = band
 
     def one_band(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        q_at = qi + q_side[0] if q_offset else q_side[qi]
-        k_at = ki + k_side[0] if k_offset else k_side[ki]
-        d = k_at - q_at
+        d = k_pos[ki] - q_pos[qi]
         ok = (d >= low) & (d <= high) & (ki < n_keys)
         if dilated:
             ok = ok & ((d - residue) % dilation == 0)

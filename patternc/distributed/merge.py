@@ -12,8 +12,7 @@ reads and writes the output about ten times, as long as the attention
 kernel on a block of a few thousand keys. Here it is one fused pass per
 block on a GPU (compiled once, for dynamic shapes), each block's output is
 read once (a block is merged when the next one arrives, so the last merge
-writes the result in the queries' dtype), and a single block is passed on
-as the kernel gave it.
+writes the result in the queries' dtype), and a single block needs no merge.
 """
 
 from __future__ import annotations
@@ -45,18 +44,19 @@ def _merged(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, dtype: t
 @functools.cache
 def _fused_merge() -> Callable[..., Block]:
     """:func:`_merged` compiled once per process: the GPU's merge, one kernel.
-    Shapes are dynamic (a pointwise kernel runs as fast with them), so the
-    calls of every shape share one compile per combination of dtypes (at
-    most four: each side in the queries' dtype or the merge's), far below
-    Dynamo's recompile limit, past which a ``fullgraph`` function raises."""
-    return torch.compile(_merged, dynamic=True, fullgraph=True)
+    Shapes are dynamic (a pointwise kernel runs as fast with them), so most
+    calls share a few compiles (per dtypes, strides and sizes of 1). Not
+    ``fullgraph``: past Dynamo's recompile limit the merge runs eagerly
+    rather than raising."""
+    return torch.compile(_merged, dynamic=True)
 
 
 class LseMerge:
     """The softmax over the blocks :meth:`add` receives, :meth:`result` at
     the end. One block is held back until the next arrives, so the final
-    merge writes the result in the queries' dtype and a single block costs
-    no merge at all."""
+    merge writes the result in the queries' dtype and a single block needs
+    no merge. The result is a fresh contiguous tensor, never a view of a
+    kernel's output (an autograd function's output may be changed in place)."""
 
     def __init__(self, q: Tensor, dim: int) -> None:
         """Args:
@@ -78,7 +78,7 @@ class LseMerge:
         held = self._held
         if held is not None:
             self._done = held if self._done is None else self._merge(*self._done, *held, self.work)
-        self._held = (out, lse.to(self.work))
+        self._held = (out, lse.to(self.work).contiguous())  # one stride order: fewer compiles
 
     def result(self, dtype: torch.dtype) -> Block:
         """The merged output in ``dtype`` and its log-sum-exp (``work``); with
@@ -87,9 +87,12 @@ class LseMerge:
             b, n, h, d = self._q_shape
             out = torch.zeros((b, n, h, d), dtype=dtype, device=self._device)
             return out, torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device)
-        if self._done is None:
+        if self._done is None:  # one block: its output as the result, fresh and contiguous
             out, lse = self._held
-            return out.to(dtype), lse
+            out = out.to(dtype)
+            if out._base is not None or not out.is_contiguous():  # the kernel's view of its buffer
+                out = out.clone(memory_format=torch.contiguous_format)
+            return out, lse
         return self._merge(*self._done, *self._held, dtype)
 
 
@@ -111,8 +114,8 @@ def _block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delt
 @functools.cache
 def _fused_block_gradients() -> Callable[..., Block]:
     """:func:`_block_gradients` compiled (the GPU's: one pass over the
-    gradient), with dynamic shapes as :func:`_fused_merge`."""
-    return torch.compile(_block_gradients, dynamic=True, fullgraph=True)
+    gradient), as :func:`_fused_merge` is."""
+    return torch.compile(_block_gradients, dynamic=True)
 
 
 def block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delta: Tensor) -> Block:

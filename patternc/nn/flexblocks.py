@@ -3,18 +3,20 @@ allowed rectangles, split between the host and the device.
 
 The rule is :class:`~patternc.lower.blocks.AllowedRects`'s: a block is
 non-empty where some rectangle allows a pair in it, full where the areas of
-the rectangles full on it add up to the block's. Everything sized by the
+the rectangles full on it add up to the block's. The work sized by the
 rectangles (their corners in a difference array, their blocks where there
-are few) is computed on the host and travels in the table builder's one
-upload; the device runs only the work sized by the block grid: one
-scatter, two prefix sums and the comparisons (or a sort, for sparse
-grids). On a GPU each tensor operation costs host time to launch whatever
-its size, so the count of device operations, not their work, is what a
-block mask of a new layout costs.
+are up to :data:`HOST_INCIDENCES`) is done on the host and travels in the
+table builder's one upload; the device runs the work sized by the block
+grid: one scatter, two prefix sums and the comparisons (or a sort, for
+sparse grids), and cuts the rectangles itself where they touch more blocks
+than that, or where ``torch.compile`` traces the build. On a GPU each
+tensor operation costs host time to launch whatever its size, so the count
+of device operations, not their work, is what a block mask of a new layout
+costs.
 
 Each block's tally is one int64: the area the rectangles cover where they
-allow every pair, shifted left by :data:`AREA_SHIFT`, plus how many
-rectangles allow some pair there. One scatter then sums both.
+allow every pair, times ``2 ** AREA_SHIFT``, plus how many rectangles allow
+some pair there. One scatter then sums both.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from patternc.lower.blocks import AllowedRects
 from patternc.lower.blocks import incidences as python_incidences
 from patternc.modifiers import UNBOUNDED
 
-__all__ = ["DENSE_CELLS_PER_BLOCK", "HOST_INCIDENCES", "BlockWork", "block_work", "dense_cells"]
+__all__ = ["BlockWork", "block_work", "dense_cells", "host_columns"]
 
 DENSE_CELLS_PER_BLOCK = 16
 """Block classes are reduced into a dense ``[rows, cols]`` grid (no sort,
@@ -56,7 +58,8 @@ AREA_SHIFT = 32
 rectangles that allow a pair in it below (both far from overflowing: the
 area is at most a block's, the count at most the rectangles')."""
 
-_COUNT_BITS = (1 << AREA_SHIFT) - 1
+_AREA_UNIT = 1 << AREA_SHIFT
+_COUNT_BITS = _AREA_UNIT - 1
 
 
 def dense_cells(cells: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -67,7 +70,7 @@ def dense_cells(cells: Tensor, shape: tuple[int, int]) -> Tensor:
     return out.index_fill_(0, cells, True).view(shape)
 
 
-def incidences(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor]:
+def rect_tallies(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor]:
     """Each (rectangle, block) of ``[8, P]`` banded rectangles (``q_start,
     q_stop, k_start, k_stop, low, high, dilation, residue``; ``count`` of
     them): its flat block index (``row * n_cols + col``) and its tally
@@ -97,7 +100,7 @@ def incidences(rects: Tensor, count: int, block: int, n_cols: int) -> tuple[Tens
     one_diagonal = (lo == hi) & ((lo - residue) % dilation == 0)
     full = (lo >= low) & (hi <= high) & ((dilation == 1) | one_diagonal)
     area = torch.where(full, (qhi - qlo + 1) * (khi - klo + 1), 0)
-    return row * n_cols + col, (area << AREA_SHIFT) + nonempty.to(torch.int64)
+    return row * n_cols + col, area * _AREA_UNIT + nonempty.to(torch.int64)
 
 
 def _point_corners(flat: Tensor, tally: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -126,7 +129,7 @@ def _plain_corners(plain: Tensor, block: int, width: int) -> tuple[Tensor, Tenso
         return weight, torch.stack([first, first, last]), torch.stack([last + 1, first + 1, last + 1])
 
     (row_weight, top, bottom), (col_weight, left, right) = terms(q_start, q_stop), terms(k_start, k_stop)
-    weight = (row_weight[:, None] * col_weight[None, :]) << AREA_SHIFT  # [3, 3, P]
+    weight = row_weight[:, None] * col_weight[None, :] * _AREA_UNIT  # [3, 3, P]
     top, bottom, left, right = top[:, None] * width, bottom[:, None] * width, left[None, :], right[None, :]
     corners = torch.stack([top + left, top + right, bottom + left, bottom + right]).flatten()
     values = torch.stack([weight, -weight, -weight, weight]).flatten()
@@ -158,29 +161,42 @@ class BlockWork:
     dense: bool
     """Classify into a dense grid (else list the non-empty blocks by sorting)."""
     pieces: tuple[Tensor, ...]
-    """1-D int64 CPU tensors: dense, the difference array's corner indices
-    and values; sparse, the flat block indices and tallies; then, where the
-    device cuts rectangles (:attr:`device_count`), their eight columns."""
+    """1-D int64 CPU tensors: the tallies the host computed (dense: the
+    difference array's corner indices and values; sorted: flat block indices
+    and tallies), then the columns of the rectangles the device cuts: the
+    four of the plain ones where :attr:`device_plain`, then the eight of
+    banded ones where :attr:`device_count`."""
+    device_plain: bool
+    """The device computes the plain rectangles' corners (inside ``torch.compile``)."""
     device_count: int
-    """The (rectangle, block) incidences the device computes (0: none)."""
+    """The (rectangle, block) incidences of banded rectangles the device cuts (0: none)."""
 
     def classify(self, uploaded: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """``(partial, full)`` from :attr:`pieces` on the device: dense
         ``[rows, cols]`` bool, else the ascending flat indices
         (``row * cols + col``) of the partial and of the full blocks."""
         n_rows, n_cols = self.shape
-        index, values = uploaded[0], uploaded[1]
+        indices, values = [uploaded[0]], [uploaded[1]]
+        columns = uploaded[2:]
         width = n_cols + 1 if self.dense else n_cols
+        if self.device_plain:
+            index, value = _plain_corners(torch.stack(columns[:4]), self.block, width)
+            indices.append(index)
+            values.append(value)
+            columns = columns[4:]
         if self.device_count:
-            flat, tally = incidences(torch.stack(uploaded[2:]), self.device_count, self.block, width)
+            flat, tally = rect_tallies(torch.stack(columns), self.device_count, self.block, width)
             if self.dense:
                 flat, tally = _point_corners(flat, tally, width)
-            index, values = torch.cat([index, flat]), torch.cat([values, tally])
+            indices.append(flat)
+            values.append(tally)
+        index = torch.cat(indices) if len(indices) > 1 else indices[0]
+        value = torch.cat(values) if len(values) > 1 else values[0]
         whole = self.block * self.block
         if self.dense:
             # one more row and column: the difference array's
             diff = torch.zeros((n_rows + 1) * width, dtype=torch.int64, device=index.device)
-            grid = diff.scatter_add_(0, index, values).view(n_rows + 1, width).cumsum(1)
+            grid = diff.scatter_add_(0, index, value).view(n_rows + 1, width).cumsum(1)
             if grid.is_cuda:
                 # the outer-dim scan as an inner-dim one between transposes: a GPU
                 # scan along the outer dim runs one thread per column (several times slower)
@@ -191,35 +207,32 @@ class BlockWork:
             is_full = (tally >> AREA_SHIFT) == whole
             return ((tally & _COUNT_BITS) > 0) & ~is_full, is_full
         cells, inverse = torch.unique(index, sorted=True, return_inverse=True)
-        tally = torch.zeros(cells.shape[0], dtype=torch.int64, device=index.device).scatter_add_(
-            0, inverse, values
-        )
+        tally = torch.zeros(cells.shape[0], dtype=torch.int64, device=index.device)
+        tally = tally.scatter_add_(0, inverse, value)
         is_full = (tally >> AREA_SHIFT) == whole
         return cells[((tally & _COUNT_BITS) > 0) & ~is_full], cells[is_full]
 
 
-def _banded_on_host(
-    rects: AllowedRects, banded: Tensor, count: int, block: int, n_cols: int, traced: bool
-) -> tuple[Tensor, Tensor]:
-    """:func:`incidences` of the banded rectangles on the host: in Python
+def _banded_on_host(rects: AllowedRects, count: int, block: int, n_cols: int) -> tuple[Tensor, Tensor]:
+    """:func:`rect_tallies` of the banded rectangles on the host: in Python
     up to :data:`PYTHON_INCIDENCES`, else as CPU tensor operations."""
     if count > PYTHON_INCIDENCES:
-        return incidences(banded, count, block, n_cols)
+        return rect_tallies(host_columns(rects.banded), count, block, n_cols)
     flat: list[int] = []
     tally: list[int] = []
     for at, some, area in python_incidences((), rects.banded, block, n_cols):
         flat.append(at)
-        tally.append((area << AREA_SHIFT) + some)
-    flat_t, tally_t = _columns((flat, tally), traced)
+        tally.append(area * _AREA_UNIT + some)
+    flat_t, tally_t = host_columns((flat, tally))
     return flat_t, tally_t
 
 
-def _columns(columns: Sequence[list[int]], traced: bool) -> Tensor:
-    """Equal-length host lists as one ``[len(columns), n]`` int64 tensor:
+def host_columns(columns: Sequence[Sequence[int]], traced: bool = False) -> Tensor:
+    """Equal-length host lists as one ``[len(columns), n]`` int64 CPU tensor:
     through ``array`` (several times faster than ``torch.tensor`` on long
     lists), or ``torch.tensor`` where ``torch.compile`` traces (``traced``:
     Dynamo cannot trace ``array``)."""
-    n = len(columns[0])
+    n = len(columns[0]) if columns else 0
     if traced or not n:
         return torch.tensor(list(itertools.chain.from_iterable(columns)), dtype=torch.int64).view(
             len(columns), n
@@ -239,24 +252,36 @@ def block_work(rects: AllowedRects, block: int, shape: tuple[int, int], traced: 
         rects: the layout's allowed rectangles, cut by ``block``.
         block: the block size (tokens a side).
         shape: ``(query blocks, key blocks)``.
-        traced: the tables are built inside ``torch.compile`` (see :func:`_columns`).
+        traced: the tables are built inside ``torch.compile``: the rectangles
+            go up as they are and every tensor operation is the device's (CPU
+            work in the graph would be code generated for the CPU).
     """
     plain_count, banded_count = rects.block_counts(block)
-    dense = traced or shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(plain_count + banded_count, 1)
-    plain, banded = _columns(rects.plain, traced), _columns(rects.banded, traced)
     empty = torch.zeros(0, dtype=torch.int64)
+    plain = host_columns(rects.plain, traced)
+    if traced:
+        return BlockWork(
+            shape,
+            block,
+            True,
+            (empty, empty, *plain, *host_columns(rects.banded, traced)),
+            True,
+            banded_count,
+        )
+    dense = shape[0] * shape[1] <= DENSE_CELLS_PER_BLOCK * max(plain_count + banded_count, 1)
     if dense:
         width = shape[1] + 1
         index, values = _plain_corners(plain, block, width)
         if banded_count > HOST_INCIDENCES:
-            return BlockWork(shape, block, dense, (index, values, *banded), banded_count)
+            return BlockWork(
+                shape, block, dense, (index, values, *host_columns(rects.banded)), False, banded_count
+            )
         if banded_count:
-            flat, tally = _banded_on_host(rects, banded, banded_count, block, width, traced)
-            flat, tally = _point_corners(flat, tally, width)
+            flat, tally = _point_corners(*_banded_on_host(rects, banded_count, block, width), width)
             index, values = torch.cat([index, flat]), torch.cat([values, tally])
-        return BlockWork(shape, block, dense, (index, values), 0)
-    everything = torch.cat([_open_bands(plain), banded], dim=1)
+        return BlockWork(shape, block, dense, (index, values), False, 0)
+    everything = torch.cat([_open_bands(plain), host_columns(rects.banded)], dim=1)
     count = plain_count + banded_count
     if count > HOST_INCIDENCES:
-        return BlockWork(shape, block, dense, (empty, empty, *everything), count)
-    return BlockWork(shape, block, dense, incidences(everything, count, block, shape[1]), 0)
+        return BlockWork(shape, block, dense, (empty, empty, *everything), False, count)
+    return BlockWork(shape, block, dense, rect_tallies(everything, count, block, shape[1]), False, 0)

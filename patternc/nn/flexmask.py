@@ -23,7 +23,6 @@ tensor exists anywhere and no table grows with the groups squared.
 
 from __future__ import annotations
 
-import array
 import copy
 import functools
 import itertools
@@ -39,7 +38,7 @@ from torch import Tensor
 from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
 from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
-from patternc.nn.flexblocks import block_work, dense_cells
+from patternc.nn.flexblocks import block_work, dense_cells, host_columns
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
 
@@ -321,12 +320,8 @@ def _signed(bits: int) -> int:
 
 
 def _int64(values: list[int], traced: bool) -> Tensor:
-    """A host list as an int64 tensor: through ``array`` (about 3x faster
-    than ``torch.tensor`` on long lists), or ``torch.tensor`` where
-    ``torch.compile`` traces (``traced``: Dynamo cannot trace ``array``)."""
-    if traced or not values:
-        return torch.tensor(values, dtype=torch.int64)
-    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
+    """A host list as a 1-D int64 tensor (see :func:`~patternc.nn.flexblocks.host_columns`)."""
+    return host_columns((values,), traced)[0]
 
 
 def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool, traced: bool) -> PairSets | None:
