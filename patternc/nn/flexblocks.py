@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import array
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ from patternc.lower.blocks import AllowedRects
 from patternc.lower.blocks import incidences as python_incidences
 from patternc.modifiers import UNBOUNDED
 
-__all__ = ["BlockWork", "block_work", "dense_cells", "host_columns"]
+__all__ = ["BlockWork", "block_work", "dense_cells", "host_columns", "host_int64"]
 
 DENSE_CELLS_PER_BLOCK = 16
 """Block classes are reduced into a dense ``[rows, cols]`` grid (no sort,
@@ -227,18 +227,21 @@ def _banded_on_host(rects: AllowedRects, count: int, block: int, n_cols: int) ->
     return flat_t, tally_t
 
 
+def host_int64(values: Iterable[int], traced: bool = False) -> Tensor:
+    """Host ints as a 1-D int64 CPU tensor: through ``array`` (several times
+    faster than ``torch.tensor`` on long lists), or ``torch.tensor`` where
+    ``torch.compile`` traces (``traced``: Dynamo cannot trace ``array``)."""
+    if traced:
+        return torch.tensor(list(values), dtype=torch.int64)
+    packed = array.array("q", values)
+    return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.zeros(0, dtype=torch.int64)
+
+
 def host_columns(columns: Sequence[Sequence[int]], traced: bool = False) -> Tensor:
-    """Equal-length host lists as one ``[len(columns), n]`` int64 CPU tensor:
-    through ``array`` (several times faster than ``torch.tensor`` on long
-    lists), or ``torch.tensor`` where ``torch.compile`` traces (``traced``:
-    Dynamo cannot trace ``array``)."""
+    """Equal-length host lists as one ``[len(columns), n]`` int64 CPU tensor
+    (see :func:`host_int64`)."""
     n = len(columns[0]) if columns else 0
-    if traced or not n:
-        return torch.tensor(list(itertools.chain.from_iterable(columns)), dtype=torch.int64).view(
-            len(columns), n
-        )
-    packed = array.array("q", itertools.chain.from_iterable(columns))
-    return torch.frombuffer(packed, dtype=torch.int64).view(len(columns), n)
+    return host_int64(itertools.chain.from_iterable(columns), traced).view(len(columns), n)
 
 
 def block_work(rects: AllowedRects, block: int, shape: tuple[int, int], traced: bool = False) -> BlockWork:

@@ -38,7 +38,7 @@ from torch import Tensor
 from patternc.lower.blocks import BLOCK_SIZE, BandTest, PairRuns, allowed_rects, group_segments, pair_runs
 from patternc.lower.intervals import query_runs_of_runs
 from patternc.lower.layout import Layout
-from patternc.nn.flexblocks import block_work, dense_cells, host_columns
+from patternc.nn.flexblocks import block_work, dense_cells, host_columns, host_int64
 from patternc.nn.flexintervals import interval_mask_mod, interval_tables
 from patternc.nn.tables import table
 
@@ -193,7 +193,7 @@ class _Upload:
 
     def add(self, values: list[int] | Tensor) -> None:
         """One array: a host list, or a 1-D int64 CPU tensor."""
-        self._pieces.append(values if isinstance(values, Tensor) else _int64(values, self._traced))
+        self._pieces.append(values if isinstance(values, Tensor) else host_int64(values, self._traced))
 
     def send(self, device: torch.device) -> tuple[Tensor, ...]:
         """One host-to-device copy; on a GPU from pinned memory and
@@ -319,11 +319,6 @@ def _signed(bits: int) -> int:
     return bits - (1 << WORD_BITS) if bits >= 1 << (WORD_BITS - 1) else bits
 
 
-def _int64(values: list[int], traced: bool) -> Tensor:
-    """A host list as a 1-D int64 tensor (see :func:`~patternc.nn.flexblocks.host_columns`)."""
-    return host_columns((values,), traced)[0]
-
-
 def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool, traced: bool) -> PairSets | None:
     """The layout's allowed and modified pairs as :class:`PairSets`, or None
     where a set to test needs more than :data:`MAX_WORDS` words (then the
@@ -342,8 +337,8 @@ def _pair_sets(n_groups: int, runs: PairRuns, same_group: bool, traced: bool) ->
         return None
     # bit j of a word is 1 << j as an int64: a sum of distinct bits is their OR
     weights = torch.tensor([_signed(1 << j) for j in range(WORD_BITS)], dtype=torch.int64)
-    q_ids, k_starts = _int64(runs.query, traced), _int64(runs.key_start, traced)
-    k_stops = _int64(runs.key_stop, traced)
+    q_ids, k_starts = host_int64(runs.query, traced), host_int64(runs.key_start, traced)
+    k_stops = host_int64(runs.key_stop, traced)
 
     def words(chosen: list[int] | None) -> Tensor:
         """``[n_words, size]``: each query group's bits of the key groups of
@@ -398,13 +393,11 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device, wi
     # int32 like the token tables (see _token_tables): an open side clamped
     # to a bound past any position difference
     run_bands = (
-        torch.stack([_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))])
+        torch.stack([host_int64(column + [fill] * pad, traced) for column, fill in zip(bands, (0, 0, 1, 0))])
         .clamp(-INT32_BOUND, INT32_BOUND)
         .int()
     )
-    triples = torch.stack(
-        [_int64(runs.query, traced), _int64(runs.key_start, traced), _int64(runs.key_stop, traced)]
-    )
+    triples = host_columns((runs.query, runs.key_start, runs.key_stop), traced)
     chosen = [at for at, test in enumerate(runs.test) if test >= 0]
     modified = triples[:, torch.tensor(chosen, dtype=torch.int64)] if len(chosen) < runs.count else triples
     sets = _pair_sets(n, runs, same_group, traced) if with_sets else None
@@ -418,7 +411,7 @@ def _build_group_tables(layout: Layout, runs: PairRuns, device: torch.device, wi
         )
     run_tests = None
     if any(test[4] is not None for test in runs.tests):
-        run_tests = _int64(runs.test + [-1] * pad, traced).to(device)
+        run_tests = host_int64(runs.test + [-1] * pad, traced).to(device)
     return GroupTables(
         runs=triples.to(device),
         row_start=row_start.to(device),
