@@ -889,8 +889,21 @@ def _header(args: argparse.Namespace, device: torch.device) -> str:
         f"bench_users: {card}, torch {torch.__version__}, commit {args.commit}, {args.dtype}, "
         f"width {args.width}, {args.heads} heads of {args.width // args.heads}, batch 1; "
         f"median of {args.repeat}; flex {'compiled' if args.compile else 'eager'}; "
-        f"hand block mask {args.hand_mask if args.compile else 'eager'}"
+        f"hand block mask {args.hand_mask if args.compile else 'eager'}; "
+        f"patternc forward tiles {args.forward_tiles}"
     )
+
+
+def _use_torch_forward_tiles() -> None:
+    """The flex executor's half-precision forward with torch's own tiles
+    (its backward tiles kept), for ``--forward-tiles torch``: whether the
+    executor's forward tiles or something else sets a row's forward gap.
+    Reaches into the executor's option tables: a benchmark's switch, not an
+    API."""
+    from patternc.nn.executors import flexkernels
+
+    flexkernels._HALF_KERNEL_OPTIONS = {}
+    flexkernels._HOPPER_HALF_OPTIONS = dict(flexkernels._HOPPER_BACKWARD_OPTIONS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -913,6 +926,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnose", action="store_true", help="where flex's forward time goes (CUDA)")
     parser.add_argument("--eager", action="store_true", help="FlexAttention uncompiled (the default on CPU)")
     parser.add_argument(
+        "--forward-tiles",
+        choices=("patternc", "torch"),
+        default="patternc",
+        help="the flex executor's half-precision forward tiles: its own (default) or torch's",
+    )
+    parser.add_argument(
         "--hand-mask",
         choices=("compiled", "eager"),
         default="compiled",
@@ -920,6 +939,8 @@ def main(argv: list[str] | None = None) -> None:
         "eager saves the compile, and the hand cold start then counts an eager build)",
     )
     args = parser.parse_args(argv)
+    if args.forward_tiles == "torch":
+        _use_torch_forward_tiles()
     device = torch.device(args.device)
     args.compile = device.type == "cuda" and not args.eager
     args.width, args.heads = (64, 4) if args.tiny else (768, 12)

@@ -31,6 +31,9 @@
 #              16k, 64k and 131k tokens (hand block mask compiled: an eager
 #              one needs 128 GiB at 131k), auto's pick against both kernels
 #                                                                 ~5 min
+#   tiles      bench_users: the prefix-LM row at ~64k and the window at ~64k
+#              with the flex executor's forward tiles and with torch's
+#              (--forward-tiles torch): whether the tiles set their gap ~6 min
 #   diagnose   bench_users --diagnose on the VLM and prefix-LM rows at ~4k
 #              tokens: kernels and host time per call, piece by piece, and
 #              the functions that take the host time (cProfile)      ~2 min
@@ -137,6 +140,14 @@ windows() {  # spatial rows, and where auto moves a long window from varlen to f
   done
 }
 
+tiles() {  # the executor's forward tiles against torch's, where forward is over target
+  for tiles in patternc torch; do
+    timeout 160 python3 benchmarks/bench_users.py --rows prefix --scale 16 --repeat 10 --forward-tiles $tiles 2>&1 \
+      | grep -v -i warn | tee "$OUT/bench_users_tiles_prefix_$tiles.txt" | tail -8
+    timeout 160 python3 benchmarks/bench_users.py --rows window --scale 8 --repeat 10 --forward-tiles $tiles 2>&1 \
+      | grep -v -i warn | tee "$OUT/bench_users_tiles_window_$tiles.txt" | tail -8
+  done
+}
 diagnose() {  # where a layer's time goes where it is bound by host time
   timeout 300 python3 benchmarks/bench_users.py --diagnose --rows vlm prefix --repeat 20 2>&1 | grep -v -i warn \
     | tee "$OUT/bench_users_diagnose.txt" | tail -60
