@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -116,9 +117,9 @@ class Placement:
         object.__setattr__(
             self,
             "_local_prefix",
-            tuple(_prefix_sums([g.local_size(r) for g in self.groups]) for r in range(self.world_size)),
+            tuple(_prefix_sums(g.local_size(r) for g in self.groups) for r in range(self.world_size)),
         )
-        object.__setattr__(self, "_size_prefix", _prefix_sums([g.size or 0 for g in self.groups]))
+        object.__setattr__(self, "_size_prefix", _prefix_sums(g.size or 0 for g in self.groups))
 
     def group(self, name: str) -> GroupShards:
         return self._by_name[name]
@@ -815,11 +816,8 @@ def _call_received(placement: Placement, seen: Collection[str], call: ShardedCal
     return placement.missing_tokens(keys)[rank]
 
 
-def _prefix_sums(values: Sequence[int]) -> tuple[int, ...]:
-    out = [0]
-    for value in values:
-        out.append(out[-1] + value)
-    return tuple(out)
+def _prefix_sums(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(itertools.accumulate(values, initial=0))
 
 
 def _offsets(groups: Sequence[str], sizes: Mapping[str, int | None]) -> dict[str, int]:

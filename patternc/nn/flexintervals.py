@@ -8,7 +8,6 @@ a key's index with them (the cost of a hand-written ``kv_idx <= q_idx``).
 
 from __future__ import annotations
 
-import array
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from patternc.lower.intervals import NO_BOUND, Run
+from patternc.nn.flexblocks import host_int64
 
 __all__ = ["interval_mask_mod", "interval_tables"]
 
@@ -59,14 +59,8 @@ def interval_tables(
         *(r.floor for r, _ in cells),
         *counts,
     ]
-    # one host-to-device copy: the six values per (segment, run), then the
-    # segments' counts; packed by ``array`` (several times faster than
-    # ``torch.tensor`` on a list), by ``torch.tensor`` where Dynamo traces
-    if torch.compiler.is_compiling():
-        flat = torch.tensor(values, dtype=torch.int64)
-    else:
-        flat = torch.frombuffer(array.array("q", values), dtype=torch.int64)
-    flat = flat.to(device)
+    # one host-to-device copy: the six values per (segment, run), then the segments' counts
+    flat = host_int64(values, traced=torch.compiler.is_compiling()).to(device)
     n_segments = len(rows)
     table = flat[: 6 * n_segments * width].view(6, n_segments, width).transpose(1, 2)  # [6, R, segments]
     per_token = torch.repeat_interleave(table, flat[6 * n_segments * width :], dim=2, output_size=length)
