@@ -270,6 +270,16 @@ MERGED = {
         [[Segment(0, 0, 201)], [Segment(0, 201, 59), Segment(1, 10, 133)]],
         (((-60, 60, 3, 1), OPEN), (OPEN, (-UNBOUNDED, 0, 1, 0))),
     ),
+    # two query groups against a third group they read whole (an anchors'
+    # block: no mask) and against themselves, causal, odd lengths
+    "whole and causal": (
+        [Segment(0, 0, 151), Segment(1, 0, 77)],
+        [[Segment(2, 0, 133)], [Segment(0, 0, 151), Segment(1, 0, 77)]],
+        (
+            ((-UNBOUNDED, 0, 1, 0), OPEN, OPEN),
+            (OPEN, (-UNBOUNDED, 0, 1, 0), OPEN),
+        ),
+    ),
 }
 
 
@@ -333,6 +343,71 @@ def test_reference_merged_forward_and_backward_match_dense(case: str, padded: bo
     )
     assert max(errors) < 1e-12, errors
     assert lse_error < 1e-12
+
+
+def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
+    """Under ``auto``, a block every query reads whole (no modifiers, or a
+    band wider than the block) takes torch's flash kernels; a block with a
+    mask, key padding, ALiBi, dropout or another kernel asked for does not."""
+    queries, blocks, band = MERGED["whole and causal"]
+    whole, causal = (BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks)
+    unmodified = BlockKernel(queries, blocks[1], band, False, torch.device("cpu"), 64)
+    wide = BlockKernel(
+        [Segment(0, 200, 50)], [Segment(0, 0, 90)], (((-300, 0, 1, 0),),), True, torch.device("cpu"), 64
+    )
+    q = torch.zeros(1, 228, 2, 32)
+    auto = StepArgs(32, 0.2, 0.0, None, False, "auto")
+    assert whole.whole and unmodified.whole and wide.whole and not causal.whole
+    assert whole.uses_dense(q, auto) and unmodified.uses_dense(q, auto) and not causal.uses_dense(q, auto)
+    for args in (
+        StepArgs(32, 0.2, 0.0, None, True, "auto"),
+        StepArgs(32, 0.2, 0.0, torch.ones(2), False, "auto"),
+        StepArgs(32, 0.2, 0.1, None, False, "auto"),
+        StepArgs(32, 0.2, 0.0, None, False, "flex"),
+        StepArgs(32, 0.2, 0.0, None, False, "reference"),
+    ):
+        assert not whole.uses_dense(q, args), args
+    assert not whole.uses_dense(q.to(torch.int32), auto)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_kernels_merged_forward_and_backward_match_dense(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmasked block on torch's flash kernels merged with a masked one
+    (the reference): output and gradients against the float64 dense
+    reference, the flash backward given the merged output and log-sum-exp
+    once and nothing recomputed for it."""
+    from patternc.distributed import dense
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+
+        def counted(*args: object, _real: object = getattr(dense, name), _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(dense, name, counted)
+    errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", "whole and causal", False, False)
+    assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
+    assert calls == {"forward": 2, "backward": 1}  # the test's own block forward is the second
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_kernels_on_cuda_match_dense(dtype: torch.dtype) -> None:
+    """The unmasked block on CUDA's flash kernels (the masked one on
+    FlexAttention), forward and backward through the merge, against the
+    float64 dense reference."""
+    queries, blocks, band = MERGED["whole and causal"]
+    kernel = BlockKernel(queries, blocks[0], band, True, torch.device("cuda"), 64)
+    probe = torch.zeros(1, 1, 1, 32, device="cuda", dtype=dtype)
+    assert kernel.uses_dense(probe, StepArgs(32, 1.0, 0.0, None, False, "auto"))
+    errors, lse_error = _merged_against_dense(
+        torch.device("cuda"), dtype, "auto", "whole and causal", False, False
+    )
+    assert max(errors) < 3e-2, errors
+    assert lse_error < 3e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,6 +9,9 @@ Both sides of a piece are runs of consecutive positions of one group
 one interval of positions (a dilated band: a subset of it): which tiles of
 a piece are empty, partial or full follows from interval arithmetic on the
 segments (:func:`classify`), without an ``[Lq, Lk]`` mask anywhere.
+A piece whose tiles are all full needs no mask at all: torch's flash
+kernels attend it, and its backward takes the merged output directly
+(:mod:`~patternc.distributed.dense`).
 
 :class:`BlockKernel` attends one piece with the log-sum-exp of its scores:
 FlexAttention with a block mask built from those classes, or the reference
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from patternc.distributed import dense
 from patternc.modifiers import Neighbourhood
 from patternc.nn.executors.flexkernels import KernelOptions, kernel_options
 from patternc.nn.flexmask import INT32_BOUND
@@ -48,9 +52,11 @@ __all__ = [
 ]
 
 Kernel = Literal["auto", "flex", "reference"]
-"""Which kernel attends a block: ``"auto"`` (FlexAttention on CUDA, the
-reference elsewhere), ``"flex"`` (FlexAttention wherever torch runs it; on
-CPU its forward only, gradients from the reference) or ``"reference"``."""
+"""Which kernel attends a block: ``"auto"`` (torch's flash kernels on a
+block with no mask, :mod:`~patternc.distributed.dense`; FlexAttention on
+CUDA and the reference elsewhere on the others), ``"flex"`` (FlexAttention
+wherever torch runs it; on CPU its forward only, gradients from the
+reference) or ``"reference"``."""
 
 KEY_TILE = 128
 """Keys per tile: the reference skips empty tiles, FlexAttention's blocks have this size."""
@@ -370,9 +376,29 @@ class BlockKernel:
             return False
         return not (q.device.type == "cuda" and args.dim < 16)
 
+    @functools.cached_property
+    def whole(self) -> bool:
+        """Every query may read every key of the block: attention needs no mask."""
+        if self.empty:
+            return False
+        if not self.modified:
+            return True
+        classes = classify(self.queries, self.keys, self.band, KEY_TILE, KEY_TILE, self.grids)
+        return bool((classes == FULL).all())
+
+    def uses_dense(self, q: Tensor, args: StepArgs) -> bool:
+        """Whether torch's flash kernels run this block, forward and backward
+        (:mod:`patternc.distributed.dense`): under ``auto``, for a block
+        with no mask, no key padding, ALiBi or dropout, where they take ``q``."""
+        plain = args.kernel == "auto" and not args.padded and args.slopes is None and args.dropout_p == 0
+        return plain and self.whole and dense.fits(q, args.dim)
+
     def forward(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
         """Output ``[B, Lq, H, D]`` (block-normalised) and log-sum-exp
         ``[B, H, Lq]`` of ``q`` against the packed ``kv`` ``[B, Lk, H, F]``."""
+        if self.uses_dense(q, args):
+            dim = args.dim
+            return dense.forward(q, kv[..., :dim], kv[..., dim : 2 * dim], args.scale)
         if self.uses_flex(q, args) and (q.device.type == "cuda" or not torch.is_grad_enabled()):
             return self._flex(q, kv, args=args)
         return self._reference_all(q, kv, args)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from patternc.distributed import dense
 from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
 from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
 from patternc.distributed.merge import LseMerge, block_gradients
@@ -238,9 +239,7 @@ class _Attend(torch.autograd.Function):
         q, ring_kv, out, lse, *kvs = ctx.saved_tensors
         args = run.args
         work = lse.dtype
-        grad = grad.to(work)
-        # <dO, O> per query: the softmax's backward term shared by every block
-        delta = (grad * out.to(work)).sum(-1).transpose(1, 2)
+        up = _Upstream.of(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         ring = run.ring
@@ -248,10 +247,10 @@ class _Attend(torch.autograd.Function):
         with _replayed_dropout(ctx.state, q.device):
             for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
                 if kernel is not None:
-                    _block_backward(kernel, q, kv, grad, delta, lse, args, dq, dkv)
+                    _block_backward(kernel, q, kv, up, args, dq, dkv)
             d_ring = None
             if ring is not None:
-                d_ring = _ring_backward(ring, ring_kv, blocks, q, grad, delta, lse, args, dq)
+                d_ring = _ring_backward(ring, ring_kv, blocks, q, up, args, dq)
         d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
         return (None, dq.to(q.dtype), d_ring_kv, *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)))
 
@@ -278,9 +277,7 @@ def _ring_backward(
     ring_kv: Tensor,
     blocks: PendingExchange | None,
     q: Tensor,
-    grad: Tensor,
-    delta: Tensor,
-    lse: Tensor,
+    up: _Upstream,
     args: StepArgs,
     dq: Tensor,
 ) -> Tensor:
@@ -293,7 +290,7 @@ def _ring_backward(
     still on its way; the two are added and sent after, so both transfers
     overlap the step's kernel. The gradient of the block held last goes home.
     """
-    work = lse.dtype
+    work = up.lse.dtype
     kv = ring_kv
     behind: PendingExchange | None = None  # the gradient of this step's block so far
     d_block = ring_kv.new_empty((0,), dtype=work)  # set by step 0: every ring has one
@@ -306,7 +303,7 @@ def _ring_backward(
         d_step: Tensor | None = None
         if kernel is not None:
             d_step = torch.zeros_like(kv, dtype=work)
-            _block_backward(kernel, q, kv, grad, delta, lse, args, dq, d_step)
+            _block_backward(kernel, q, kv, up, args, dq, d_step)
         if behind is not None:
             earlier = behind.wait().transpose(0, 1)
             d_step = earlier if d_step is None else d_step + earlier
@@ -324,20 +321,43 @@ def _ring_backward(
     return d_block
 
 
+class _Upstream(NamedTuple):
+    """What every block's backward reads of the merged softmax: its output
+    and the output's gradient in the queries' dtype, that gradient in the
+    log-sum-exp's dtype, the log-sum-exp, and ``<dO, O>`` per query."""
+
+    out: Tensor
+    grad_out: Tensor
+    grad: Tensor
+    lse: Tensor
+    delta: Tensor
+
+    @classmethod
+    def of(cls, grad_out: Tensor, out: Tensor, lse: Tensor) -> _Upstream:
+        grad = grad_out.to(lse.dtype)
+        delta = (grad * out.to(lse.dtype)).sum(-1).transpose(1, 2)
+        return cls(out, grad_out.to(out.dtype), grad, lse, delta)
+
+
 def _block_backward(
-    kernel: BlockKernel,
-    q: Tensor,
-    kv: Tensor,
-    grad: Tensor,
-    delta: Tensor,
-    lse: Tensor,
-    args: StepArgs,
-    dq: Tensor,
-    dkv: Tensor,
+    kernel: BlockKernel, q: Tensor, kv: Tensor, up: _Upstream, args: StepArgs, dq: Tensor, dkv: Tensor
 ) -> None:
-    """Add one block's gradients to ``dq`` and ``dkv``: the block's share of
-    the merged output's gradient (:func:`~patternc.distributed.merge.block_gradients`),
-    then the kernel's own backward (recomputed piece by piece)."""
+    """Add one block's gradients to ``dq`` and ``dkv``. A block on torch's
+    flash kernels takes the merged output and log-sum-exp directly
+    (:func:`~patternc.distributed.dense.backward`); any other block gets its
+    share of the merged output's gradient
+    (:func:`~patternc.distributed.merge.block_gradients`) and runs the
+    kernel's own backward, recomputed piece by piece."""
+    if kernel.uses_dense(q, args):
+        dim = args.dim
+        d_q, d_k, d_v = dense.backward(
+            up.grad_out, q, kv[..., :dim], kv[..., dim : 2 * dim], up.out, up.lse, args.scale
+        )
+        dq += d_q
+        dkv[..., :dim] += d_k
+        dkv[..., dim : 2 * dim] += d_v
+        return
+    grad, delta, lse = up.grad, up.delta, up.lse
     for start, stop, keys, attend in kernel.pieces(q, args):
         if keys is None:
             kv_read = kv
@@ -444,8 +464,7 @@ class _HaloAttend(torch.autograd.Function):
         q, own_kv, out, lse, *kvs = ctx.saved_tensors
         args, halo = run.args, run.halo
         work = lse.dtype
-        grad = grad.to(work)
-        delta = (grad * out.to(work)).sum(-1).transpose(1, 2)
+        up = _Upstream.of(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         d_own = torch.zeros_like(own_kv, dtype=work)
@@ -454,16 +473,16 @@ class _HaloAttend(torch.autograd.Function):
         with _replayed_dropout(ctx.state, q.device):
             for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
                 if kernel is not None:
-                    _block_backward(kernel, q, kv, grad, delta, lse, args, dq, dkv)
+                    _block_backward(kernel, q, kv, up, args, dq, dkv)
             if halo.own is not None:
-                _block_backward(halo.own, q, own_kv, grad, delta, lse, args, dq, d_own)
+                _block_backward(halo.own, q, own_kv, up, args, dq, d_own)
             for at, step in enumerate(halo.steps):
                 assert blocks is not None  # posted by the step before
                 kv = blocks.wait().transpose(0, 1)
                 blocks = _post_halo(halo, own_kv, at + 1)
                 d_kv = torch.zeros_like(kv, dtype=work)
                 if step.kernel is not None:
-                    _block_backward(step.kernel, q, kv, grad, delta, lse, args, dq, d_kv)
+                    _block_backward(step.kernel, q, kv, up, args, dq, d_kv)
                 send = d_kv.transpose(0, 1)
                 shape = (step.send_rows.shape[0], *send.shape[1:])
                 back.append(post_exchange(send, step.source, shape, step.to, halo.comm.group, GRADIENTS))

@@ -1,0 +1,97 @@
+"""Unmasked key blocks on torch's flash-attention kernels, backward included.
+
+A block whose every query may read every key (an AB-UPT branch's anchors,
+any call without modifiers) needs no mask. Its forward runs torch's flash
+kernel (``aten._scaled_dot_product_flash_attention`` on a GPU, its CPU
+counterpart elsewhere), which returns the block's log-sum-exp. Its backward
+is the point: the flash backward kernel takes the output and log-sum-exp
+the gradient is for, so it is given the *merged* output and log-sum-exp of
+all blocks and returns the block's exact share of the gradients of the
+whole softmax. No forward is recomputed, where a kernel reached through
+autograd (FlexAttention) must run its forward again to rebuild its graph,
+a quarter of a block's forward and backward time.
+
+These are aten operators below ``scaled_dot_product_attention``, stable in
+name and arguments over the supported torch versions; the GPU kernel needs
+fp16 or bf16, head sizes that are multiples of 8 up to 256 and a GPU of
+compute capability 8.0 or later (:func:`fits`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["backward", "fits", "forward"]
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_rng_outputs: dict[torch.device, tuple[Tensor, Tensor]] = {}
+"""Per GPU, the random-state outputs of its latest flash forward. Without
+dropout the backward reads none of their values, but its signature wants
+tensors of the kind this torch's forward returns."""
+
+
+def fits(q: Tensor, dim: int) -> bool:
+    """Whether torch's flash kernels take ``q`` (``[B, L, H, dim]``)."""
+    if q.device.type == "cuda":
+        return (
+            q.dtype in _GPU_DTYPES
+            and dim % 8 == 0
+            and dim <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)
+            and torch.backends.cuda.flash_sdp_enabled()  # type: ignore[no-untyped-call,unused-ignore]
+        )
+    return q.device.type == "cpu" and q.dtype in _CPU_DTYPES
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Output ``[B, Lq, H, D]`` (normalised over this block) and log-sum-exp
+    ``[B, H, Lq]`` (float32, float64 for float64 inputs) of ``q`` against
+    ``k`` and ``v`` (``[B, Lk, H, D]`` each, views of the packed block)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type == "cuda":
+        out, lse, _, _, _, _, rng_state, rng_offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            qt, kt, vt, 0.0, False, False, scale=scale
+        )
+        _rng_outputs[q.device] = (rng_state, rng_offset)
+    else:
+        cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = cpu_flash(qt, kt, vt, 0.0, False, scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """This block's share of the gradients of the merged softmax: ``dq``,
+    ``dk``, ``dv`` (``[B, L, H, D]``) from the merged output ``out`` and its
+    gradient ``grad`` (``[B, Lq, H, D]``, the queries' dtype) and the merged
+    log-sum-exp ``lse`` (``[B, H, Lq]``)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gt, ot = grad.transpose(1, 2), out.transpose(1, 2)
+    if q.device.type == "cuda":
+        rng_state, rng_offset = _rng_outputs[q.device]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            gt,
+            qt,
+            kt,
+            vt,
+            ot,
+            lse.contiguous(),
+            None,
+            None,
+            qt.shape[2],
+            kt.shape[2],
+            0.0,
+            False,
+            rng_state,
+            rng_offset,
+            scale=scale,
+        )
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gt, qt, kt, vt, ot, lse, 0.0, False, scale=scale
+        )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
