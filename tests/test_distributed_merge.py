@@ -167,3 +167,52 @@ def test_one_block_comes_back_fresh_and_contiguous() -> None:
     merge.add(out, torch.randn(2, 3, 11))
     result, _ = merge.result(torch.float32)
     assert result._base is None and result.is_contiguous() and torch.equal(result, out)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # (key block, query rows or None for all): a row piece first, between
+        # whole blocks, last; pieces of one block's keys over different rows
+        ((0, slice(2, 9)), (1, None), (2, slice(0, 4))),
+        ((0, None), (1, slice(5, 11)), (1, slice(0, 5)), (2, None)),
+        ((0, slice(0, 11)), (2, slice(3, 7))),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_pieces_merge_into_their_rows(
+    pieces: tuple[tuple[int, slice | None], ...], dtype: torch.dtype, device: str
+) -> None:
+    """Blocks that cover some query rows only (a block split into
+    rectangles) merged with whole blocks: equal to the float64 softmax over
+    the keys each row was given, rows given nothing zero with ``-inf``; a
+    kernel's output handed in is never written to."""
+    gen = torch.Generator().manual_seed(len(pieces))
+    b, n, h, d = 2, 11, 3, 8
+    blocks = [(0, 5), (5, 12), (12, 15)]
+    q, k, v = (torch.randn(b, m, h, d, generator=gen, dtype=torch.float64) for m in (n, 15, 15))
+    allowed = torch.zeros(n, 15, dtype=torch.bool)
+    for block, rows in pieces:
+        start, stop = blocks[block]
+        allowed[rows if rows is not None else slice(None), start:stop] = True
+    want = _block(q, k, v, allowed)
+    merge = LseMerge(q.to(device, dtype), d)
+    handed = []
+    for block, rows in pieces:
+        start, stop = blocks[block]
+        rows_all = rows if rows is not None else slice(None)
+        out, lse = _block(q[:, rows_all], k[:, start:stop], v[:, start:stop], allowed[rows_all, start:stop])
+        out, lse = out.to(device, dtype), lse.to(device)
+        handed.append((out, out.clone()))
+        merge.add(out, lse, rows)
+    out, lse = merge.result(dtype)
+    tolerance = {torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    assert out.dtype == dtype and out.shape == (b, n, h, d)
+    assert relative_error(out.cpu().double(), want[0]) < tolerance
+    empty = ~allowed.any(dim=1)
+    assert torch.all(out.cpu()[:, empty] == 0) and torch.all(torch.isneginf(lse.cpu()[:, :, empty]))
+    seen = ~torch.isinf(want[1])
+    assert torch.allclose(lse.cpu().double()[seen], want[1][seen], atol=tolerance * 10)
+    for given, copy in handed:
+        assert torch.equal(given, copy)

@@ -271,10 +271,12 @@ MERGED = {
         (((-60, 60, 3, 1), OPEN), (OPEN, (-UNBOUNDED, 0, 1, 0))),
     ),
     # two query groups against a third group they read whole (an anchors'
-    # block: no mask) and against themselves, causal, odd lengths
-    "whole and causal": (
+    # block: no mask), against themselves (causal on the diagonal, whole
+    # across) and against keys of group 0 at other positions (a mask),
+    # odd lengths
+    "whole, causal and shifted": (
         [Segment(0, 0, 151), Segment(1, 0, 77)],
-        [[Segment(2, 0, 133)], [Segment(0, 0, 151), Segment(1, 0, 77)]],
+        [[Segment(2, 0, 133)], [Segment(0, 0, 151), Segment(1, 0, 77)], [Segment(0, 100, 51)]],
         (
             ((-UNBOUNDED, 0, 1, 0), OPEN, OPEN),
             (OPEN, (-UNBOUNDED, 0, 1, 0), OPEN),
@@ -345,20 +347,56 @@ def test_reference_merged_forward_and_backward_match_dense(case: str, padded: bo
     assert lse_error < 1e-12
 
 
-def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
-    """Under ``auto``, a block every query reads whole (no modifiers, or a
-    band wider than the block) takes torch's flash kernels; a block with a
-    mask, key padding, ALiBi, dropout or another kernel asked for does not."""
-    queries, blocks, band = MERGED["whole and causal"]
-    whole, causal = (BlockKernel(queries, keys, band, True, torch.device("cpu"), 64) for keys in blocks)
-    unmodified = BlockKernel(queries, blocks[1], band, False, torch.device("cpu"), 64)
-    wide = BlockKernel(
-        [Segment(0, 200, 50)], [Segment(0, 0, 90)], (((-300, 0, 1, 0),),), True, torch.device("cpu"), 64
+CAUSAL = (-UNBOUNDED, 0, 1, 0)
+
+
+def test_blocks_split_into_rectangles_read_whole_or_causally() -> None:
+    """A block as rectangles that need no mask: a causal document in zigzag
+    halves over two ranks (chunks of 100 tokens), anchors read whole, and
+    the blocks that need a mask (a window, a dilated band, a neighbourhood,
+    a causal pair off the diagonal)."""
+    from patternc.distributed.blockwise import Rectangle, rectangles
+
+    band = ((CAUSAL,),)
+    rank0 = [Segment(0, 0, 100), Segment(0, 300, 100)]
+    rank1 = [Segment(0, 100, 100), Segment(0, 200, 100)]
+    # rank 0's queries against its own keys: two causal squares, one whole
+    assert rectangles(rank0, rank0, band) == (
+        Rectangle(slice(0, 100), slice(0, 100), True),
+        Rectangle(slice(100, 200), slice(0, 100), False),
+        Rectangle(slice(100, 200), slice(100, 200), True),
     )
+    # against rank 1's: its first half reads nothing, its second all of it
+    assert rectangles(rank0, rank1, band) == (Rectangle(slice(100, 200), slice(0, 200), False),)
+    # rank 1 against rank 0's: the first half of keys, by both halves
+    assert rectangles(rank1, rank0, band) == (Rectangle(slice(0, 200), slice(0, 100), False),)
+    # anchors: every pair allowed, three query groups: one rectangle
+    queries = [Segment(0, 0, 70), Segment(1, 0, 33), Segment(2, 5, 9)]
+    assert rectangles(queries, [Segment(3, 0, 41)], None) == (Rectangle(slice(0, 112), slice(0, 41), False),)
+    assert rectangles(rank0, rank0, (((-40, 0, 1, 0),),)) is None  # a window
+    assert rectangles(rank0, rank1, (((-UNBOUNDED, UNBOUNDED, 2, 0),),)) is None  # dilated
+    assert rectangles([Segment(0, 50, 100)], [Segment(0, 0, 100)], band) is None  # causal, shifted
+    assert rectangles([Segment(0, 0, 10)], [Segment(0, 0, 10)], None, ((object(),),)) is None  # type: ignore[arg-type]
+
+
+def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
+    """Under ``auto``, a block of rectangles (no modifiers, a band wider than
+    the block, causal squares) takes torch's flash kernels; a block with a
+    mask, key padding, ALiBi, dropout or another kernel asked for does not."""
+    cpu = torch.device("cpu")
+    queries, blocks, band = MERGED["whole, causal and shifted"]
+    whole, causal, shifted = (BlockKernel(queries, keys, band, True, cpu, 64) for keys in blocks)
+    unmodified = BlockKernel(queries, blocks[2], band, False, cpu, 64)
+    wide = BlockKernel([Segment(0, 200, 50)], [Segment(0, 0, 90)], (((-300, 0, 1, 0),),), True, cpu, 64)
     q = torch.zeros(1, 228, 2, 32)
     auto = StepArgs(32, 0.2, 0.0, None, False, "auto")
-    assert whole.whole and unmodified.whole and wide.whole and not causal.whole
-    assert whole.uses_dense(q, auto) and unmodified.uses_dense(q, auto) and not causal.uses_dense(q, auto)
+    assert [k.uses_dense(q, auto) for k in (whole, causal, shifted, unmodified, wide)] == [
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
     for args in (
         StepArgs(32, 0.2, 0.0, None, True, "auto"),
         StepArgs(32, 0.2, 0.0, torch.ones(2), False, "auto"),
@@ -388,19 +426,22 @@ def test_flash_kernels_merged_forward_and_backward_match_dense(
             return _real(*args)  # type: ignore[operator]
 
         monkeypatch.setattr(dense, name, counted)
-    errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", "whole and causal", False, False)
+    case = "whole, causal and shifted"
+    errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", case, False, False)
     assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
-    assert calls == {"forward": 2, "backward": 1}  # the test's own block forward is the second
+    # one rectangle, then four (two causal squares); the test's own forward
+    # of the first block is the sixth; the shifted block on the reference
+    assert calls == {"forward": 6, "backward": 5}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_kernels_on_cuda_match_dense(dtype: torch.dtype) -> None:
-    """The unmasked block on CUDA's flash kernels (the masked one on
+    """Blocks of rectangles on CUDA's flash kernels (the masked one on
     FlexAttention), forward and backward through the merge, against the
     float64 dense reference."""
-    queries, blocks, band = MERGED["whole and causal"]
-    kernel = BlockKernel(queries, blocks[0], band, True, torch.device("cuda"), 64)
+    queries, blocks, band = MERGED["whole, causal and shifted"]
+    kernel = BlockKernel(queries, blocks[1], band, True, torch.device("cuda"), 64)
     probe = torch.zeros(1, 1, 1, 32, device="cuda", dtype=dtype)
     assert kernel.uses_dense(probe, StepArgs(32, 1.0, 0.0, None, False, "auto"))
     errors, lse_error = _merged_against_dense(

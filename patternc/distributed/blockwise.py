@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patternc.distributed import dense
+from patternc.distributed.merge import LseMerge
 from patternc.modifiers import Neighbourhood
 from patternc.nn.executors.flexkernels import KernelOptions, kernel_options
 from patternc.nn.flexmask import INT32_BOUND
@@ -44,11 +45,13 @@ __all__ = [
     "KEY_TILE",
     "BlockKernel",
     "Kernel",
+    "Rectangle",
     "Segment",
     "StepArgs",
     "classify",
     "pair_mask",
     "partial_attention",
+    "rectangles",
 ]
 
 Kernel = Literal["auto", "flex", "reference"]
@@ -145,6 +148,88 @@ def classify(
     classes[partial] = PARTIAL
     classes[~nonempty] = EMPTY
     return classes
+
+
+class Rectangle(NamedTuple):
+    """Query rows by key rows of a block that every query reads whole
+    (``causal`` False) or causally on the diagonal: the same positions on
+    both sides, query ``i`` reading keys up to ``i``."""
+
+    rows: slice
+    keys: slice
+    causal: bool
+
+    def covers(self, n_q: int) -> bool:
+        return self.rows == slice(0, n_q) and not self.causal
+
+
+def rectangles(
+    queries: Sequence[Segment], keys: Sequence[Segment], band: Band | None, grids: Grids | None = None
+) -> tuple[Rectangle, ...] | None:
+    """A block (``band`` None: every pair allowed) as the rectangles of its
+    (query segment, key segment) pairs that some query reads, or None if a
+    pair needs a mask: one read in part, other than a causal diagonal, or
+    under a neighbourhood. A pair's keys are read whole when the range of
+    ``d = key position - query position`` over the pair lies in its band
+    (undilated). Neighbouring whole rectangles are joined: key segments
+    side by side for a query segment, then query segments above one another
+    with the same keys, so a block read whole is one rectangle."""
+    rows: list[list[Rectangle]] = []
+    q_start = 0
+    for q_seg in queries:
+        row: list[Rectangle] = []
+        k_start = 0
+        q_rows = slice(q_start, q_start + q_seg.length)
+        for k_seg in keys:
+            k_rows = slice(k_start, k_start + k_seg.length)
+            k_start += k_seg.length
+            if not q_seg.length or not k_seg.length:
+                continue
+            if grids is not None and grids[q_seg.group][k_seg.group] is not None:
+                return None
+            read: str | None = "whole"
+            if band is not None:
+                read = _pair_read(q_seg, k_seg, band[q_seg.group][k_seg.group])
+            if read is None:
+                return None
+            if read == "none":
+                continue
+            causal = read == "causal"
+            if row and not causal and not row[-1].causal and row[-1].keys.stop == k_rows.start:
+                row[-1] = Rectangle(q_rows, slice(row[-1].keys.start, k_rows.stop), False)
+            else:
+                row.append(Rectangle(q_rows, k_rows, causal))
+        rows.append(row)
+        q_start += q_seg.length
+    joined: list[Rectangle] = []
+    below: dict[tuple[int, int], int] = {}  # a whole rectangle's keys -> its index in joined
+    for row in rows:
+        for r in row:
+            at = below.get((r.keys.start, r.keys.stop))
+            if not r.causal and at is not None and joined[at].rows.stop == r.rows.start:
+                joined[at] = Rectangle(slice(joined[at].rows.start, r.rows.stop), r.keys, False)
+                continue
+            if not r.causal:
+                below[(r.keys.start, r.keys.stop)] = len(joined)
+            joined.append(r)
+    return tuple(joined)
+
+
+def _pair_read(q: Segment, k: Segment, band: tuple[int, int, int, int]) -> str | None:
+    """How a query segment reads a key segment under ``band``: ``"none"``,
+    ``"whole"``, ``"causal"`` (the same positions, keys up to the query's),
+    or None (a mask is needed)."""
+    low, high, dilation, _ = band
+    d_min = k.position - (q.position + q.length - 1)
+    d_max = k.position + k.length - 1 - q.position
+    if d_max < low or d_min > high:
+        return "none"
+    if dilation == 1 and low <= d_min and d_max <= high:
+        return "whole"
+    square = q.position == k.position and q.length == k.length
+    if square and dilation == 1 and high == 0 and low <= -(q.length - 1):
+        return "causal"
+    return None
 
 
 def _grid_tiles(
@@ -377,28 +462,42 @@ class BlockKernel:
         return not (q.device.type == "cuda" and args.dim < 16)
 
     @functools.cached_property
-    def whole(self) -> bool:
-        """Every query may read every key of the block: attention needs no mask."""
+    def rectangles(self) -> tuple[Rectangle, ...] | None:
+        """The block as rectangles of query rows by key rows that need no
+        mask (:func:`rectangles`), or None where some pair of segments does."""
         if self.empty:
-            return False
-        if not self.modified:
-            return True
-        classes = classify(self.queries, self.keys, self.band, KEY_TILE, KEY_TILE, self.grids)
-        return bool((classes == FULL).all())
+            return None
+        return rectangles(self.queries, self.keys, self.band if self.modified else None, self.grids)
 
     def uses_dense(self, q: Tensor, args: StepArgs) -> bool:
         """Whether torch's flash kernels run this block, forward and backward
-        (:mod:`patternc.distributed.dense`): under ``auto``, for a block
-        with no mask, no key padding, ALiBi or dropout, where they take ``q``."""
+        (:mod:`patternc.distributed.dense`): under ``auto``, for a block of
+        :attr:`rectangles`, with no key padding, ALiBi or dropout, where the
+        kernels take ``q``."""
         plain = args.kernel == "auto" and not args.padded and args.slopes is None and args.dropout_p == 0
-        return plain and self.whole and dense.fits(q, args.dim)
+        return plain and self.rectangles is not None and dense.fits(q, args.dim)
+
+    def attend(self, q: Tensor, kv: Tensor, args: StepArgs, merge: LseMerge) -> None:
+        """Add this block's softmax over ``q`` against the packed ``kv`` to
+        ``merge``: rectangle by rectangle on torch's flash kernels, else
+        as one block (:meth:`forward`)."""
+        if not self.uses_dense(q, args):
+            merge.add(*self.forward(q, kv, args))
+            return
+        assert self.rectangles is not None  # uses_dense
+        dim, whole = args.dim, len(self.rectangles) == 1 and self.rectangles[0].covers(self.n_q)
+        for r in self.rectangles:
+            k, v = kv[:, r.keys, :, :dim], kv[:, r.keys, :, dim : 2 * dim]
+            out, lse = dense.forward(q[:, r.rows], k, v, args.scale, r.causal)
+            merge.add(out, lse, None if whole else r.rows)
 
     def forward(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
         """Output ``[B, Lq, H, D]`` (block-normalised) and log-sum-exp
         ``[B, H, Lq]`` of ``q`` against the packed ``kv`` ``[B, Lk, H, F]``."""
         if self.uses_dense(q, args):
-            dim = args.dim
-            return dense.forward(q, kv[..., :dim], kv[..., dim : 2 * dim], args.scale)
+            merge = LseMerge(q, args.dim)
+            self.attend(q, kv, args, merge)
+            return merge.result(q.dtype)
         if self.uses_flex(q, args) and (q.device.type == "cuda" or not torch.is_grad_enabled()):
             return self._flex(q, kv, args=args)
         return self._reference_all(q, kv, args)

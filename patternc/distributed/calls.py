@@ -214,7 +214,7 @@ class _Attend(torch.autograd.Function):
         pending = _post_block(ring, ring_kv, 1) if ring is not None else None
         for kernel, kv in zip(run.fixed, kvs):
             if kernel is not None:
-                merge.add(*kernel.forward(q, kv, args))
+                kernel.attend(q, kv, args, merge)
         if ring is not None:
             kv = ring_kv
             for step in range(ring.steps):
@@ -227,7 +227,7 @@ class _Attend(torch.autograd.Function):
                     pending = _post_block(ring, kv, step + 1)
                 kernel = ring.kernels[step]
                 if kernel is not None:
-                    merge.add(*kernel.forward(q, kv, args))
+                    kernel.attend(q, kv, args, merge)
         out, lse = merge.result(q.dtype)
         ctx.run, ctx.state = run, state
         ctx.save_for_backward(q, ring_kv, out, lse, *kvs)
@@ -349,13 +349,22 @@ def _block_backward(
     (:func:`~patternc.distributed.merge.block_gradients`) and runs the
     kernel's own backward, recomputed piece by piece."""
     if kernel.uses_dense(q, args):
+        assert kernel.rectangles is not None  # uses_dense
         dim = args.dim
-        d_q, d_k, d_v = dense.backward(
-            up.grad_out, q, kv[..., :dim], kv[..., dim : 2 * dim], up.out, up.lse, args.scale
-        )
-        dq += d_q
-        dkv[..., :dim] += d_k
-        dkv[..., dim : 2 * dim] += d_v
+        for r in kernel.rectangles:
+            d_q, d_k, d_v = dense.backward(
+                up.grad_out[:, r.rows],
+                q[:, r.rows],
+                kv[:, r.keys, :, :dim],
+                kv[:, r.keys, :, dim : 2 * dim],
+                up.out[:, r.rows],
+                up.lse[:, :, r.rows],
+                args.scale,
+                r.causal,
+            )
+            dq[:, r.rows] += d_q
+            dkv[:, r.keys, :, :dim] += d_k
+            dkv[:, r.keys, :, dim : 2 * dim] += d_v
         return
     grad, delta, lse = up.grad, up.delta, up.lse
     for start, stop, keys, attend in kernel.pieces(q, args):
@@ -443,16 +452,16 @@ class _HaloAttend(torch.autograd.Function):
         pending = _post_halo(halo, own_kv, 0)
         for kernel, kv in zip(run.fixed, kvs):
             if kernel is not None:
-                merge.add(*kernel.forward(q, kv, args))
+                kernel.attend(q, kv, args, merge)
         if halo.own is not None:
-            merge.add(*halo.own.forward(q, own_kv, args))
+            halo.own.attend(q, own_kv, args, merge)
         for at, step in enumerate(halo.steps):
             assert pending is not None  # posted by the step before
             kv = pending.wait().transpose(0, 1)
             halo.comm.count(halo.label, pending.received)
             pending = _post_halo(halo, own_kv, at + 1)
             if step.kernel is not None:
-                merge.add(*step.kernel.forward(q, kv, args))
+                step.kernel.attend(q, kv, args, merge)
         out, lse = merge.result(q.dtype)
         ctx.run, ctx.state = run, state
         ctx.save_for_backward(q, own_kv, out, lse, *kvs)

@@ -46,24 +46,25 @@ def fits(q: Tensor, dim: int) -> bool:
     return q.device.type == "cpu" and q.dtype in _CPU_DTYPES
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """Output ``[B, Lq, H, D]`` (normalised over this block) and log-sum-exp
     ``[B, H, Lq]`` (float32, float64 for float64 inputs) of ``q`` against
-    ``k`` and ``v`` (``[B, Lk, H, D]`` each, views of the packed block)."""
+    ``k`` and ``v`` (``[B, Lk, H, D]`` each, views of the packed block);
+    ``causal``: query ``i`` reads keys up to ``i`` (``Lq == Lk``)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.device.type == "cuda":
         out, lse, _, _, _, _, rng_state, rng_offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            qt, kt, vt, 0.0, False, False, scale=scale
+            qt, kt, vt, 0.0, causal, False, scale=scale
         )
         _rng_outputs[q.device] = (rng_state, rng_offset)
     else:
         cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out, lse = cpu_flash(qt, kt, vt, 0.0, False, scale=scale)
+        out, lse = cpu_flash(qt, kt, vt, 0.0, causal, scale=scale)
     return out.transpose(1, 2), lse
 
 
 def backward(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """This block's share of the gradients of the merged softmax: ``dq``,
     ``dk``, ``dv`` (``[B, L, H, D]``) from the merged output ``out`` and its
@@ -85,13 +86,13 @@ def backward(
             qt.shape[2],
             kt.shape[2],
             0.0,
-            False,
+            causal,
             rng_state,
             rng_offset,
             scale=scale,
         )
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            gt, qt, kt, vt, ot, lse, 0.0, False, scale=scale
+            gt, qt, kt, vt, ot, lse, 0.0, causal, scale=scale
         )
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

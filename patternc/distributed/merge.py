@@ -71,18 +71,55 @@ class LseMerge:
         fused = q.device.type == "cuda" and not torch.compiler.is_compiling()
         self._merge = _fused_merge() if fused else _merged
         self._done: Block | None = None
+        self._owned = False
+        """Whether ``_done`` is this merge's own (else a kernel's output)."""
         self._held: Block | None = None
 
-    def add(self, out: Tensor, lse: Tensor) -> None:
-        """One more block: its output ``[B, N, H, D]`` and log-sum-exp ``[B, H, N]``."""
+    def add(self, out: Tensor, lse: Tensor, rows: slice | None = None) -> None:
+        """One more block: its output ``[B, N, H, D]`` and log-sum-exp
+        ``[B, H, N]``; or, with ``rows``, a block of those query rows only
+        (``[B, rows, H, D]`` and ``[B, H, rows]``), merged into them at once."""
         held = self._held
         if held is not None:
-            self._done = held if self._done is None else self._merge(*self._done, *held, self.work)
-        self._held = (out, lse.to(self.work).contiguous())  # one stride order: fewer compiles
+            if self._done is None:
+                self._done, self._owned = held, False
+            else:
+                self._done, self._owned = self._merge(*self._done, *held, self.work), True
+            self._held = None
+        lse = lse.to(self.work).contiguous()  # one stride order: fewer compiles
+        if rows is None:
+            self._held = (out, lse)
+            return
+        done_out, done_lse = self._owned_done()
+        merged_out, merged_lse = self._merge(done_out[:, rows], done_lse[:, :, rows], out, lse, self.work)
+        done_out[:, rows] = merged_out
+        done_lse[:, :, rows] = merged_lse
+
+    def _owned_done(self) -> Block:
+        """The merged blocks so far as this merge's own tensors, in its dtype
+        (rows are written into them): zeros and ``-inf`` before any block, a
+        copy of a kernel's output."""
+        if self._done is None:
+            b, n, h, d = self._q_shape
+            self._done = (
+                torch.zeros((b, n, h, d), dtype=self.work, device=self._device),
+                torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device),
+            )
+        elif not self._owned:
+            out, lse = self._done
+            self._done = (out.to(self.work, memory_format=torch.contiguous_format, copy=True), lse.clone())
+        self._owned = True
+        return self._done
 
     def result(self, dtype: torch.dtype) -> Block:
         """The merged output in ``dtype`` and its log-sum-exp (``work``); with
         no block, zeros and ``-inf``."""
+        if self._held is None and self._done is not None:  # the last block came as rows
+            out, lse = self._done
+            return out.to(dtype), lse
+        if self._held is None and self._done is not None:  # the last block came as rows
+            out, lse = self._done
+            return out.to(dtype), lse
         if self._held is None:
             b, n, h, d = self._q_shape
             out = torch.zeros((b, n, h, d), dtype=dtype, device=self._device)
