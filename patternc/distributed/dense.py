@@ -27,11 +27,6 @@ __all__ = ["backward", "fits", "forward"]
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_rng_outputs: dict[torch.device, tuple[Tensor, Tensor]] = {}
-"""Per GPU, the random-state outputs of its latest flash forward. Without
-dropout the backward reads none of their values, but its signature wants
-tensors of the kind this torch's forward returns."""
-
 
 def fits(q: Tensor, dim: int) -> bool:
     """Whether torch's flash kernels take ``q`` (``[B, L, H, dim]``)."""
@@ -53,10 +48,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tupl
     ``causal``: query ``i`` reads keys up to ``i`` (``Lq == Lk``)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.device.type == "cuda":
-        out, lse, _, _, _, _, rng_state, rng_offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
             qt, kt, vt, 0.0, causal, False, scale=scale
         )
-        _rng_outputs[q.device] = (rng_state, rng_offset)
     else:
         cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         out, lse = cpu_flash(qt, kt, vt, 0.0, causal, scale=scale)
@@ -73,7 +67,9 @@ def backward(
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gt, ot = grad.transpose(1, 2), out.transpose(1, 2)
     if q.device.type == "cuda":
-        rng_state, rng_offset = _rng_outputs[q.device]
+        # the random state of dropout: none here, and none read without it
+        rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)
+        rng_offset = torch.empty((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             gt,
             qt,
