@@ -111,7 +111,8 @@ class ContextParallel:
     ``backend``: the single-device executor for the local work (``"auto"``,
     ``"flex"``, ...); None keeps each module's own (its ``implementation``).
     ``kernel``: what attends each key block of a ring step or blockwise call:
-    ``"auto"`` (FlexAttention on CUDA, the chunked reference on CPU),
+    ``"auto"`` (torch's flash kernels on blocks that need no mask; else
+    FlexAttention on CUDA, the chunked reference on CPU),
     ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
     the gradients from the reference) or ``"reference"``.
     ``mode``: per layout, ``"ring"`` runs the schedule above (each call by
