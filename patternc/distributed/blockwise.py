@@ -9,9 +9,10 @@ Both sides of a piece are runs of consecutive positions of one group
 one interval of positions (a dilated band: a subset of it): which tiles of
 a piece are empty, partial or full follows from interval arithmetic on the
 segments (:func:`classify`), without an ``[Lq, Lk]`` mask anywhere.
-A piece whose tiles are all full needs no mask at all: torch's flash
-kernels attend it, and its backward takes the merged output directly
-(:mod:`~patternc.distributed.dense`).
+A piece whose (query segment, key segment) pairs are each read whole or
+causally on the diagonal needs no mask at all (:func:`rectangles`):
+torch's flash kernels attend it, and its backward takes the merged output
+directly (:mod:`~patternc.distributed.dense`).
 
 :class:`BlockKernel` attends one piece with the log-sum-exp of its scores:
 FlexAttention with a block mask built from those classes, or the reference
@@ -160,6 +161,7 @@ class Rectangle(NamedTuple):
     causal: bool
 
     def covers(self, n_q: int) -> bool:
+        """Whether every one of ``n_q`` query rows reads every key of the rectangle."""
         return self.rows == slice(0, n_q) and not self.causal
 
 
@@ -187,7 +189,7 @@ def rectangles(
                 continue
             if grids is not None and grids[q_seg.group][k_seg.group] is not None:
                 return None
-            read: str | None = "whole"
+            read: _Read | None = "whole"
             if band is not None:
                 read = _pair_read(q_seg, k_seg, band[q_seg.group][k_seg.group])
             if read is None:
@@ -215,7 +217,10 @@ def rectangles(
     return tuple(joined)
 
 
-def _pair_read(q: Segment, k: Segment, band: tuple[int, int, int, int]) -> str | None:
+_Read = Literal["none", "whole", "causal"]
+
+
+def _pair_read(q: Segment, k: Segment, band: tuple[int, int, int, int]) -> _Read | None:
     """How a query segment reads a key segment under ``band``: ``"none"``,
     ``"whole"``, ``"causal"`` (the same positions, keys up to the query's),
     or None (a mask is needed)."""
