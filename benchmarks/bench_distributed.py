@@ -521,6 +521,13 @@ class VirtualRank:
             for name, kernel in call.gathered.items():
                 kernels.append(kernel)
                 blocks.append(name)
+            if call.halo is not None:
+                if call.halo.own is not None:
+                    kernels.append(call.halo.own)
+                    blocks.append(call.local_keys.rows)
+                for halo_step in call.halo.steps:
+                    kernels.append(halo_step.kernel)
+                    blocks.append(rand(1, halo_step.size, heads, 2 * dim))
             if call.ring is not None:
                 for step, kernel in enumerate(call.ring.kernels):
                     kernels.append(kernel)
@@ -617,8 +624,8 @@ def kernel_rate(
     )
     print(
         "Useful FLOPs: 4 x heads x head size per allowed pair, forward; x3.5 forward+backward. "
-        "Ring kernel: every block R virtual ranks compute on the blockwise kernel (ring steps, "
-        "their own and gathered blocks), merged by log-sum-exp, ranks one after another, no "
+        "Ring kernel: every block R virtual ranks compute on the blockwise kernel (ring and halo "
+        "steps, their own and gathered blocks), merged by log-sum-exp, ranks one after another, no "
         "communication. All ranks (with --with-executor): the executor's part of every rank as well, "
         "unsharded time / all ranks' time. Blocks on flash kernels: those that need no mask "
         "(torch's flash forward and backward, nothing recomputed). Graphs compiled: "
