@@ -792,7 +792,8 @@ def rank_times(sharded: ShardedSchedule, rank: int, ring_rate: float, executor_r
 
 def measured_rates(path: str | None) -> tuple[float, float] | None:
     """The ring kernel's and the unsharded executor's forward+backward TF/s
-    (medians over the rows) of a ``--kernel-rate`` table; None without one."""
+    (medians over the rows) of a ``--kernel-rate`` table, the last in the
+    file (results files keep earlier runs above newer ones); None without one."""
     import glob
 
     files = (
@@ -804,6 +805,8 @@ def measured_rates(path: str | None) -> tuple[float, float] | None:
         return None
     ring, executor = [], []
     for line in open(files[-1]):
+        if line.startswith("## Ring kernel rate"):  # a newer table: its rows only
+            ring, executor = [], []
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 10 or not cells[1].isdigit():
             continue
