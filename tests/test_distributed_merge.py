@@ -177,17 +177,19 @@ def test_one_block_comes_back_fresh_and_contiguous() -> None:
         ((0, slice(2, 9)), (1, None), (2, slice(0, 4))),
         ((0, None), (1, slice(5, 11)), (1, slice(0, 5)), (2, None)),
         ((0, slice(0, 11)), (2, slice(3, 7))),
+        ((0, None), (1, None), (2, slice(2, 6))),
     ],
 )
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_row_pieces_merge_into_their_rows(
-    pieces: tuple[tuple[int, slice | None], ...], dtype: torch.dtype, device: str
+    pieces: tuple[tuple[int, slice | None], ...], strided: bool, dtype: torch.dtype, device: str
 ) -> None:
     """Blocks that cover some query rows only (a block split into
     rectangles) merged with whole blocks: equal to the float64 softmax over
     the keys each row was given, rows given nothing zero with ``-inf``; a
-    kernel's output handed in is never written to."""
+    kernel's output handed in (contiguous or strided) is never written to."""
     gen = torch.Generator().manual_seed(len(pieces))
     b, n, h, d = 2, 11, 3, 8
     blocks = [(0, 5), (5, 12), (12, 15)]
@@ -204,6 +206,11 @@ def test_row_pieces_merge_into_their_rows(
         rows_all = rows if rows is not None else slice(None)
         out, lse = _block(q[:, rows_all], k[:, start:stop], v[:, start:stop], allowed[rows_all, start:stop])
         out, lse = out.to(device, dtype), lse.to(device)
+        if strided:  # a kernel's head-major output seen token-major, as flash kernels return it
+            out, lse = (
+                out.transpose(1, 2).contiguous().transpose(1, 2),
+                lse.transpose(1, 2).contiguous().transpose(1, 2),
+            )
         handed.append((out, out.clone()))
         merge.add(out, lse, rows)
     out, lse = merge.result(dtype)

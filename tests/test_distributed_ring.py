@@ -286,7 +286,13 @@ MERGED = {
 
 
 def _merged_against_dense(
-    device: torch.device, dtype: torch.dtype, kernel: str, case: str, padded: bool, alibi: bool
+    device: torch.device,
+    dtype: torch.dtype,
+    kernel: str,
+    case: str,
+    padded: bool,
+    alibi: bool,
+    batch: int = 1,
 ) -> tuple[list[float], float]:
     """Relative errors of the output and of the gradients of the queries and
     each block, ``kernel`` on ``device`` through the ring's autograd function
@@ -300,12 +306,12 @@ def _merged_against_dense(
     n_q = sum(s.length for s in queries)
     sizes = [sum(s.length for s in keys) for keys in blocks]
     torch.manual_seed(n_q + 7 * sum(sizes))
-    q = torch.randn(1, n_q, heads, dim, dtype=torch.float64)
-    kvs = [torch.randn(1, n, heads, 2 * dim + padded, dtype=torch.float64) for n in sizes]
+    q = torch.randn(batch, n_q, heads, dim, dtype=torch.float64)
+    kvs = [torch.randn(batch, n, heads, 2 * dim + padded, dtype=torch.float64) for n in sizes]
     if padded:
         for kv in kvs:
-            kv[..., 2 * dim] = (torch.rand(1, kv.shape[1], 1) > 0.2).double()
-    probe = torch.randn(1, n_q, heads, dim, dtype=torch.float64)
+            kv[..., 2 * dim] = (torch.rand(batch, kv.shape[1], 1) > 0.2).double()
+    probe = torch.randn(batch, n_q, heads, dim, dtype=torch.float64)
     slopes = torch.tensor([0.05, 0.0125], dtype=torch.float64) if alibi else None
 
     ref_q = q.clone().requires_grad_(True)
@@ -320,7 +326,7 @@ def _merged_against_dense(
     kernels = [BlockKernel(queries, keys, band, True, device, query_chunk=64) for keys in blocks]
     x = q.to(device, dtype).requires_grad_(True)
     xs = [kv.to(device, dtype).requires_grad_(True) for kv in kvs]
-    out = _Attend.apply(_Run(tuple(kernels), None, args), x, x.new_zeros(1, 0, heads, 2 * dim), *xs)
+    out = _Attend.apply(_Run(tuple(kernels), None, args), x, x.new_zeros(batch, 0, heads, 2 * dim), *xs)
     grads = torch.autograd.grad((out * probe.to(device, dtype)).sum(), (x, *xs))
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -379,6 +385,80 @@ def test_blocks_split_into_rectangles_read_whole_or_causally() -> None:
     assert rectangles([Segment(0, 0, 10)], [Segment(0, 0, 10)], None, ((object(),),)) is None  # type: ignore[arg-type]
 
 
+def _random_segments(gen: torch.Generator, groups: int) -> list[Segment]:
+    def pick(n: int) -> int:
+        return int(torch.randint(n, (), generator=gen))
+
+    return [Segment(pick(groups), pick(4) * 5, pick(5) * 7) for _ in range(1 + pick(4))]
+
+
+def test_rectangles_cover_every_allowed_pair_once_on_random_blocks() -> None:
+    """Random blocks (zero-length segments, causal, open, closed and
+    windowed bands, segments at equal and shifted positions): where
+    :func:`rectangles` answers, its rectangles cover each allowed (query,
+    key) pair exactly once and nothing else; where it refuses, some
+    segment pair is read in part and is not a causal square."""
+    from patternc.distributed.blockwise import rectangles
+
+    gen = torch.Generator().manual_seed(0)
+    kinds = [CAUSAL, OPEN, (UNBOUNDED, -UNBOUNDED, 1, 0), (-9, 0, 1, 0), (-40, 40, 1, 0), (-3, 12, 1, 0)]
+    answered = refused = 0
+    for _ in range(400):
+        groups = 1 + int(torch.randint(3, (), generator=gen))
+        choice = torch.randint(len(kinds), (groups, groups), generator=gen).tolist()
+        band = tuple(tuple(kinds[c] for c in row) for row in choice)
+        queries, keys = _random_segments(gen, groups), _random_segments(gen, groups)
+        q_pos = [(s.group, s.position + i) for s in queries for i in range(s.length)]
+        k_pos = [(s.group, s.position + i) for s in keys for i in range(s.length)]
+        allowed = torch.tensor(
+            [[band[qg][kg][0] <= kp - qp <= band[qg][kg][1] for kg, kp in k_pos] for qg, qp in q_pos],
+            dtype=torch.int64,
+        ).reshape(len(q_pos), len(k_pos))
+        found = rectangles(queries, keys, band)
+        if found is None:
+            refused += 1
+            continue
+        answered += 1
+        covered = torch.zeros_like(allowed)
+        for r in found:
+            block = torch.ones(r.rows.stop - r.rows.start, r.keys.stop - r.keys.start, dtype=torch.int64)
+            covered[r.rows, r.keys] += block.tril() if r.causal else block
+        assert torch.equal(covered, allowed), (queries, keys, band, found)
+    assert answered > 100 and refused > 50  # both answers are exercised
+
+
+def test_flash_kernels_are_asked_only_where_they_take_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dense.fits`` on a GPU (its checks stubbed on this CPU): half
+    precision, head sizes that are multiples of 8 up to 256, compute
+    capability 8.0 or later, heads wider than 192 on 8.0 and 9.0 only (the
+    backward refuses them elsewhere), flash SDPA enabled, and never on ROCm."""
+    from types import SimpleNamespace
+
+    from patternc.distributed import dense
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+    def q(dtype: torch.dtype) -> torch.Tensor:
+        return SimpleNamespace(device=SimpleNamespace(type="cuda"), dtype=dtype)  # type: ignore[return-value]
+
+    assert dense.fits(q(torch.bfloat16), 64) and dense.fits(q(torch.float16), 256)
+    assert not dense.fits(q(torch.float32), 64)
+    assert not dense.fits(q(torch.bfloat16), 60) and not dense.fits(q(torch.bfloat16), 264)
+    capability[0] = (8, 9)
+    assert dense.fits(q(torch.bfloat16), 192) and not dense.fits(q(torch.bfloat16), 224)
+    capability[0] = (7, 5)
+    assert not dense.fits(q(torch.bfloat16), 64)
+    capability[0] = (8, 0)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)
+    assert not dense.fits(q(torch.bfloat16), 64)
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not dense.fits(q(torch.bfloat16), 64)
+
+
 def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
     """Under ``auto``, a block of rectangles (no modifiers, a band wider than
     the block, causal squares) takes torch's flash kernels; a block with a
@@ -408,9 +488,9 @@ def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
     assert not whole.uses_dense(q.to(torch.int32), auto)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("dtype", "batch"), [(torch.float64, 1), (torch.float64, 3), (torch.float32, 2)])
 def test_flash_kernels_merged_forward_and_backward_match_dense(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unmasked block on torch's flash kernels merged with a masked one
     (the reference): output and gradients against the float64 dense
@@ -427,7 +507,7 @@ def test_flash_kernels_merged_forward_and_backward_match_dense(
 
         monkeypatch.setattr(dense, name, counted)
     case = "whole, causal and shifted"
-    errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", case, False, False)
+    errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", case, False, False, batch)
     assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
     # one rectangle, then four (two causal squares); the test's own forward
     # of the first block is the sixth; the shifted block on the reference
@@ -445,7 +525,7 @@ def test_flash_kernels_on_cuda_match_dense(dtype: torch.dtype) -> None:
     probe = torch.zeros(1, 1, 1, 32, device="cuda", dtype=dtype)
     assert kernel.uses_dense(probe, StepArgs(32, 1.0, 0.0, None, False, "auto"))
     case = "whole, causal and shifted"
-    errors, lse_error = _merged_against_dense(torch.device("cuda"), dtype, "auto", case, False, False)
+    errors, lse_error = _merged_against_dense(torch.device("cuda"), dtype, "auto", case, False, False, 2)
     assert max(errors) < 3e-2, errors
     assert lse_error < 3e-2
 

@@ -490,11 +490,12 @@ class BlockKernel:
             merge.add(*self.forward(q, kv, args))
             return
         assert self.rectangles is not None  # uses_dense
-        dim, whole = args.dim, len(self.rectangles) == 1 and self.rectangles[0].covers(self.n_q)
+        dim = args.dim
+        every_row = len(self.rectangles) == 1 and self.rectangles[0].covers(self.n_q)
         for r in self.rectangles:
             k, v = kv[:, r.keys, :, :dim], kv[:, r.keys, :, dim : 2 * dim]
             out, lse = dense.forward(q[:, r.rows], k, v, args.scale, r.causal)
-            merge.add(out, lse, None if whole else r.rows)
+            merge.add(out, lse, None if every_row else r.rows)
 
     def forward(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
         """Output ``[B, Lq, H, D]`` (block-normalised) and log-sum-exp

@@ -19,9 +19,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -239,7 +240,7 @@ class _Attend(torch.autograd.Function):
         q, ring_kv, out, lse, *kvs = ctx.saved_tensors
         args = run.args
         work = lse.dtype
-        up = _Upstream.of(grad, out, lse)
+        up = _MergedGradient(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         ring = run.ring
@@ -277,7 +278,7 @@ def _ring_backward(
     ring_kv: Tensor,
     blocks: PendingExchange | None,
     q: Tensor,
-    up: _Upstream,
+    up: _MergedGradient,
     args: StepArgs,
     dq: Tensor,
 ) -> Tensor:
@@ -321,26 +322,30 @@ def _ring_backward(
     return d_block
 
 
-class _Upstream(NamedTuple):
-    """What every block's backward reads of the merged softmax: its output
-    and the output's gradient in the queries' dtype, that gradient in the
-    log-sum-exp's dtype, the log-sum-exp, and ``<dO, O>`` per query."""
+class _MergedGradient:
+    """What a block's backward reads of the merged softmax: its output
+    ``out``, the output's gradient ``grad_out`` (the queries' dtype) and
+    log-sum-exp ``lse``. Blocks on torch's flash kernels read just these;
+    the others also read the gradient in the log-sum-exp's dtype and
+    ``<dO, O>`` per query, computed on first use (two passes over the
+    output that a backward made only of flash-kernel blocks never pays)."""
 
-    out: Tensor
-    grad_out: Tensor
-    grad: Tensor
-    lse: Tensor
-    delta: Tensor
+    def __init__(self, grad_out: Tensor, out: Tensor, lse: Tensor) -> None:
+        self.out, self.grad_out, self.lse = out, grad_out.to(out.dtype), lse
 
-    @classmethod
-    def of(cls, grad_out: Tensor, out: Tensor, lse: Tensor) -> _Upstream:
-        grad = grad_out.to(lse.dtype)
-        delta = (grad * out.to(lse.dtype)).sum(-1).transpose(1, 2)
-        return cls(out, grad_out.to(out.dtype), grad, lse, delta)
+    @functools.cached_property
+    def grad(self) -> Tensor:
+        """``grad_out`` in the log-sum-exp's dtype."""
+        return self.grad_out.to(self.lse.dtype)
+
+    @functools.cached_property
+    def delta(self) -> Tensor:
+        """``<dO, O>`` per query ``[B, H, N]``: the softmax's backward term every block shares."""
+        return (self.grad * self.out.to(self.lse.dtype)).sum(-1).transpose(1, 2)
 
 
 def _block_backward(
-    kernel: BlockKernel, q: Tensor, kv: Tensor, up: _Upstream, args: StepArgs, dq: Tensor, dkv: Tensor
+    kernel: BlockKernel, q: Tensor, kv: Tensor, up: _MergedGradient, args: StepArgs, dq: Tensor, dkv: Tensor
 ) -> None:
     """Add one block's gradients to ``dq`` and ``dkv``. A block on torch's
     flash kernels takes the merged output and log-sum-exp directly
@@ -473,7 +478,7 @@ class _HaloAttend(torch.autograd.Function):
         q, own_kv, out, lse, *kvs = ctx.saved_tensors
         args, halo = run.args, run.halo
         work = lse.dtype
-        up = _Upstream.of(grad, out, lse)
+        up = _MergedGradient(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         d_own = torch.zeros_like(own_kv, dtype=work)

@@ -11,10 +11,13 @@ whole softmax. No forward is recomputed, where a kernel reached through
 autograd (FlexAttention) must run its forward again to rebuild its graph,
 a quarter of a block's forward and backward time.
 
-These are aten operators below ``scaled_dot_product_attention``, stable in
-name and arguments over the supported torch versions; the GPU kernel needs
-fp16 or bf16, head sizes that are multiples of 8 up to 256 and a GPU of
-compute capability 8.0 or later (:func:`fits`).
+These are the aten operators below ``scaled_dot_product_attention`` that
+torch's own context parallel (``torch.distributed.tensor.experimental``)
+calls the same way: forward per ring step, backward with the merged output
+and log-sum-exp. The GPU kernel needs an NVIDIA GPU of compute capability
+8.0 or later, fp16 or bf16, and head sizes that are multiples of 8 up to
+256; its backward takes heads wider than 192 on compute capability 8.0 and
+9.0 only (:func:`fits`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def fits(q: Tensor, dim: int) -> bool:
     """Whether torch's flash kernels take ``q`` (``[B, L, H, dim]``)."""
     if q.device.type == "cuda":
-        return (
-            q.dtype in _GPU_DTYPES
-            and dim % 8 == 0
-            and dim <= 256
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)
-            and torch.backends.cuda.flash_sdp_enabled()  # type: ignore[no-untyped-call,unused-ignore]
-        )
+        if torch.version.hip is not None or q.dtype not in _GPU_DTYPES or dim % 8 or dim > 256:
+            return False
+        capability = torch.cuda.get_device_capability(q.device)
+        if capability < (8, 0) or (dim > 192 and capability not in ((8, 0), (9, 0))):
+            return False
+        return bool(torch.backends.cuda.flash_sdp_enabled())  # type: ignore[no-untyped-call,unused-ignore]
     return q.device.type == "cpu" and q.dtype in _CPU_DTYPES
 
 

@@ -55,8 +55,11 @@ class LseMerge:
     """The softmax over the blocks :meth:`add` receives, :meth:`result` at
     the end. One block is held back until the next arrives, so the final
     merge writes the result in the queries' dtype and a single block needs
-    no merge. The result is a fresh contiguous tensor, never a view of a
-    kernel's output (an autograd function's output may be changed in place)."""
+    no merge. A block may cover some query rows only (a rectangle of a key
+    block): it is merged into those rows of a running result this merge
+    owns, so a kernel's output is never written. The result is a fresh
+    contiguous tensor, never a view of a kernel's output (an autograd
+    function's output may be changed in place)."""
 
     def __init__(self, q: Tensor, dim: int) -> None:
         """Args:
@@ -114,9 +117,6 @@ class LseMerge:
     def result(self, dtype: torch.dtype) -> Block:
         """The merged output in ``dtype`` and its log-sum-exp (``work``); with
         no block, zeros and ``-inf``."""
-        if self._held is None and self._done is not None:  # the last block came as rows
-            out, lse = self._done
-            return out.to(dtype), lse
         if self._held is None and self._done is not None:  # the last block came as rows
             out, lse = self._done
             return out.to(dtype), lse
