@@ -627,12 +627,13 @@ def kernel_rate(
         "Ring kernel: every block R virtual ranks compute on the blockwise kernel (ring and halo "
         "steps, their own and gathered blocks), merged by log-sum-exp, ranks one after another, no "
         "communication. All ranks (with --with-executor): the executor's part of every rank as well, "
-        "unsharded time / all ranks' time. Blocks on flash kernels: those that need no mask "
-        "(torch's flash forward and backward, nothing recomputed). Graphs compiled: "
+        "unsharded time / all ranks' time. Flash forward / flash backward: blocks that need no mask "
+        "on torch's flash kernels (the forward under --kernel auto; the backward, which recomputes "
+        "nothing, under auto and flex). Graphs compiled: "
         "by torch.compile for the ring's blocks (FlexAttention compiles once per block shape).\n"
     )
     print(
-        "| layout | R | blockwise share of FLOPs | blocks (on flash kernels) | ring kernel TF/s fwd | unsharded TF/s fwd | "
+        "| layout | R | blockwise share of FLOPs | blocks (flash forward / flash backward) | ring kernel TF/s fwd | unsharded TF/s fwd | "
         "ratio fwd | ring kernel TF/s fwd+bwd | unsharded TF/s fwd+bwd | ratio fwd+bwd | "
         "all ranks vs unsharded fwd+bwd | graphs compiled |"
     )
@@ -661,12 +662,11 @@ def kernel_rate(
             blockwise = sum(rank_loads([c.attention for c in sharded.calls if c.blockwise], placement).flops)
             n_blocks = sum(len(run.fixed) for r in ranks for run, _, _ in r.runs)
             probe = torch.empty(1, 1, heads, dim, device=device, dtype=setup.dtype)
-            n_flash = sum(
-                k is not None and k.uses_dense(probe, run.args)
-                for r in ranks
-                for run, _, _ in r.runs
-                for k in run.fixed
-            )
+            kernels = [
+                (k, run.args) for r in ranks for run, _, _ in r.runs for k in run.fixed if k is not None
+            ]
+            n_flash_fwd = sum(k.uses_dense(probe, a) for k, a in kernels)
+            n_flash_bwd = sum(k.dense_backward(probe, a) for k, a in kernels)
             if not n_blocks:
                 print(f"| | {world} | 0 | 0 | no blockwise call | | | | | | | |")
                 continue
@@ -688,7 +688,7 @@ def kernel_rate(
             rate_fwd = blockwise * work / fwd / 1e12
             rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
             print(
-                f"| | {world} | {blockwise / total:.2f} | {n_blocks} ({n_flash}) | {rate_fwd:.3g} | {base_rate_fwd:.3g} | "
+                f"| | {world} | {blockwise / total:.2f} | {n_blocks} ({n_flash_fwd} / {n_flash_bwd}) | {rate_fwd:.3g} | {base_rate_fwd:.3g} | "
                 f"{rate_fwd / base_rate_fwd:.2f} | {rate_bwd:.3g} | {base_rate_bwd:.3g} | "
                 f"{rate_bwd / base_rate_bwd:.2f} | {f'{base_bwd / whole:.2f}' if whole else ''} | "
                 f"{counters['stats']['unique_graphs'] - compiled} |"

@@ -461,8 +461,9 @@ def test_flash_kernels_are_asked_only_where_they_take_the_block(monkeypatch: pyt
 
 def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
     """Under ``auto``, a block of rectangles (no modifiers, a band wider than
-    the block, causal squares) takes torch's flash kernels; a block with a
-    mask, key padding, ALiBi, dropout or another kernel asked for does not."""
+    the block, causal squares) takes torch's flash kernels; under ``flex``
+    their backward only; a block with a mask, key padding, ALiBi, dropout or
+    the reference asked for neither."""
     cpu = torch.device("cpu")
     queries, blocks, band = MERGED["whole, causal and shifted"]
     whole, causal, shifted = (BlockKernel(queries, keys, band, True, cpu, 64) for keys in blocks)
@@ -477,15 +478,17 @@ def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
         True,
         True,
     ]
+    assert causal.dense_backward(q, auto) and not shifted.dense_backward(q, auto)
     for args in (
         StepArgs(32, 0.2, 0.0, None, True, "auto"),
         StepArgs(32, 0.2, 0.0, torch.ones(2), False, "auto"),
         StepArgs(32, 0.2, 0.1, None, False, "auto"),
-        StepArgs(32, 0.2, 0.0, None, False, "flex"),
         StepArgs(32, 0.2, 0.0, None, False, "reference"),
     ):
-        assert not whole.uses_dense(q, args), args
-    assert not whole.uses_dense(q.to(torch.int32), auto)
+        assert not whole.uses_dense(q, args) and not whole.dense_backward(q, args), args
+    flex = StepArgs(32, 0.2, 0.0, None, False, "flex")  # FlexAttention's forward, the flash backward
+    assert not whole.uses_dense(q, flex) and whole.dense_backward(q, flex)
+    assert not whole.uses_dense(q.to(torch.int32), auto) and not whole.dense_backward(q.to(torch.int32), auto)
 
 
 @pytest.mark.parametrize(("dtype", "batch"), [(torch.float64, 1), (torch.float64, 3), (torch.float32, 2)])
@@ -512,6 +515,30 @@ def test_flash_kernels_merged_forward_and_backward_match_dense(
     # one rectangle, then four (two causal squares); the test's own forward
     # of the first block is the sixth; the shifted block on the reference
     assert calls == {"forward": 6, "backward": 5}
+
+
+def test_flex_forward_takes_the_flash_backward_where_no_mask_is_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``kernel="flex"``: every block's forward on FlexAttention (on CPU, its
+    unfused form), the gradients of the blocks that need no mask from the
+    flash backward with the merged output and log-sum-exp (nothing
+    recomputed), of the shifted block from the reference: against the
+    float64 dense reference."""
+    from patternc.distributed import dense
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+
+        def counted(*args: object, _real: object = getattr(dense, name), _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(dense, name, counted)
+    case = "whole, causal and shifted"
+    errors, _ = _merged_against_dense(torch.device("cpu"), torch.float32, "flex", case, False, False, 2)
+    assert max(errors) < 1e-5, errors
+    assert calls == {"forward": 0, "backward": 5}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -58,9 +58,10 @@ __all__ = [
 Kernel = Literal["auto", "flex", "reference"]
 """Which kernel attends a block: ``"auto"`` (torch's flash kernels on a
 block with no mask, :mod:`~patternc.distributed.dense`; FlexAttention on
-CUDA and the reference elsewhere on the others), ``"flex"`` (FlexAttention
-wherever torch runs it; on CPU its forward only, gradients from the
-reference) or ``"reference"``."""
+CUDA and the reference elsewhere on the others), ``"flex"`` (FlexAttention's
+forward wherever torch runs it; the gradient of a block with no mask from
+the flash backward, of the others from FlexAttention on CUDA and the
+reference on CPU) or ``"reference"``."""
 
 KEY_TILE = 128
 """Keys per tile: the reference skips empty tiles, FlexAttention's blocks have this size."""
@@ -475,11 +476,19 @@ class BlockKernel:
         return rectangles(self.queries, self.keys, self.band if self.modified else None, self.grids)
 
     def uses_dense(self, q: Tensor, args: StepArgs) -> bool:
-        """Whether torch's flash kernels run this block, forward and backward
-        (:mod:`patternc.distributed.dense`): under ``auto``, for a block of
-        :attr:`rectangles`, with no key padding, ALiBi or dropout, where the
-        kernels take ``q``."""
-        plain = args.kernel == "auto" and not args.padded and args.slopes is None and args.dropout_p == 0
+        """Whether torch's flash kernels run this block's forward
+        (:mod:`patternc.distributed.dense`): under ``auto``, where they run
+        its backward (:meth:`dense_backward`)."""
+        return args.kernel == "auto" and self.dense_backward(q, args)
+
+    def dense_backward(self, q: Tensor, args: StepArgs) -> bool:
+        """Whether torch's flash backward kernel takes this block's gradient:
+        a block of :attr:`rectangles`, with no key padding, ALiBi or dropout,
+        where the kernels take ``q``, under ``auto`` or ``flex``. The flash
+        backward reads only the merged output and log-sum-exp, so it serves
+        a forward that ran on FlexAttention as well, and nothing is
+        recomputed; ``reference`` keeps the reference's backward."""
+        plain = args.kernel != "reference" and not args.padded and args.slopes is None and args.dropout_p == 0
         return plain and self.rectangles is not None and dense.fits(q, args.dim)
 
     def attend(self, q: Tensor, kv: Tensor, args: StepArgs, merge: LseMerge) -> None:

@@ -353,8 +353,8 @@ def _block_backward(
     share of the merged output's gradient
     (:func:`~patternc.distributed.merge.block_gradients`) and runs the
     kernel's own backward, recomputed piece by piece."""
-    if kernel.uses_dense(q, args):
-        assert kernel.rectangles is not None  # uses_dense
+    if kernel.dense_backward(q, args):
+        assert kernel.rectangles is not None  # dense_backward
         dim = args.dim
         for r in kernel.rectangles:
             d_q, d_k, d_v = dense.backward(
