@@ -37,11 +37,12 @@
 #   diagnose   bench_users --diagnose on the VLM and prefix-LM rows at ~4k
 #              tokens: kernels and host time per call, piece by piece, and
 #              the functions that take the host time (cProfile)      ~2 min
-#   ringrate   the ring's blockwise kernel's TF/s over the blocks 8 virtual
-#              ranks compute against the unsharded executor's, then its
-#              CUDA tests (the fused log-sum-exp merge; FlexAttention
-#              forward and backward through it against the float64
-#              reference)                                        ~5-10 min
+#   ringrate   the ring's CUDA tests (the fused log-sum-exp merge; the
+#              flash-kernel and FlexAttention blocks forward and backward
+#              through it against the float64 reference), then the
+#              blockwise kernel's TF/s over the blocks 8 virtual ranks
+#              compute against the unsharded executor's, under --kernel
+#              auto and flex                                      ~8-10 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root; results go to $OUT (or ./gpu-out). To keep a
 # result, copy it to benchmarks/results/<card>_<file>_<yyyy-mm>.txt with the
@@ -154,14 +155,18 @@ diagnose() {  # where a layer's time goes where it is bound by host time
 }
 
 ringrate() {
-  # the rate first (compiles are most of the time: one per block shape);
-  # then the CUDA tests of the same kernel
-  timeout 330 python3 benchmarks/bench_distributed.py --kernel-rate --worlds 8 --repeat 5 2>&1 \
-    | grep -v -i "warn" | tee "$OUT/bench_distributed_kernel_rate.txt"
+  # the CUDA tests of the ring's kernels first (the flash-kernel blocks'
+  # correctness), then the rate with the blocks that need no mask on the
+  # flash kernels forward and backward (auto), and with FlexAttention's
+  # forward before the same flash backward (flex)
   local workers=()
   python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
   timeout 240 python3 -m pytest tests/test_distributed_merge.py tests/test_distributed_ring.py -q -p no:cacheprovider "${workers[@]}" 2>&1 \
     | tee "$OUT/test_distributed_ring.txt" | tail -8
+  for kernel in auto flex; do
+    timeout 200 python3 benchmarks/bench_distributed.py --kernel-rate --worlds 8 --repeat 5 --kernel $kernel 2>&1 \
+      | grep -v -i "warn" | tee "$OUT/bench_distributed_kernel_rate_$kernel.txt" | grep "^|"
+  done
 }
 
 stages=("$@")
