@@ -64,7 +64,7 @@ class KeyRun:
     what is derived per run (its hash prefixes here, its placement in a
     layout) is computed once and each slice costs O(1) after it."""
 
-    __slots__ = ("__weakref__", "_prefix", "groups", "modifiers")
+    __slots__ = ("__weakref__", "_powers", "_prefix", "groups", "modifiers")
 
     def __init__(self, groups: tuple[KeyGroup, ...]) -> None:
         self.groups = groups
@@ -73,6 +73,7 @@ class KeyRun:
         self.modifiers: Modifiers | None = first if same else None
         """The modifiers every group of the run shares, or None when they differ."""
         self._prefix: list[int] | None = None
+        self._powers: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -88,11 +89,21 @@ class KeyRun:
     def slice_hash(self, lo: int, hi: int) -> int:
         """The polynomial hash of ``groups[lo:hi]`` (see :meth:`Keys.__hash__`)."""
         if self._prefix is None:
-            prefix = [0]
+            prefix, powers = [0], [1]
             for key in self.groups:
                 prefix.append((prefix[-1] * _BASE + hash(key)) % _PRIME)
-            self._prefix = prefix
-        return (self._prefix[hi] - self._prefix[lo] * pow(_BASE, hi - lo, _PRIME)) % _PRIME
+                powers.append(powers[-1] * _BASE % _PRIME)
+            self._prefix, self._powers = prefix, powers
+        assert self._powers is not None  # set with the prefixes
+        return (self._prefix[hi] - self._prefix[lo] * self._powers[hi - lo]) % _PRIME
+
+    def power(self, n: int) -> int:
+        """``_BASE ** n`` modulo the hash's prime, for ``n`` up to the run's length
+        (kept with the prefixes: a block-causal family hashes a slice per member)."""
+        if self._powers is None:
+            self.slice_hash(0, 0)
+        assert self._powers is not None
+        return self._powers[n]
 
 
 class Keys(Sequence[KeyGroup]):
@@ -167,7 +178,7 @@ class Keys(Sequence[KeyGroup]):
         if self._hash is None:
             total = 0
             for run, lo, hi in self.parts:
-                total = (total * pow(_BASE, hi - lo, _PRIME) + run.slice_hash(lo, hi)) % _PRIME
+                total = (total * run.power(hi - lo) + run.slice_hash(lo, hi)) % _PRIME
             self._hash = hash((Keys, self._length, total))
         return self._hash
 

@@ -21,7 +21,6 @@ the answer is None and the ``mask_mod`` tests pairs as before.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from patternc.lower.blocks import PairRuns
@@ -41,8 +40,7 @@ Segment = tuple[int, int, int]
 :func:`patternc.nn.flexmask.group_segments` gives them."""
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """Adjacent key segments a query group reads, as one interval per query.
 
     For a query at position ``p`` within its group the keys read are
