@@ -113,8 +113,9 @@ class ContextParallel:
     ``kernel``: what attends each key block of a ring step or blockwise call:
     ``"auto"`` (torch's flash kernels on blocks that need no mask; else
     FlexAttention on CUDA, the chunked reference on CPU),
-    ``"flex"`` (FlexAttention wherever torch runs it; on CPU its forward,
-    the gradients from the reference) or ``"reference"``.
+    ``"flex"`` (FlexAttention's forward wherever torch runs it; gradients
+    from torch's flash backward on blocks that need no mask, else from
+    FlexAttention on CUDA and the reference on CPU) or ``"reference"``.
     ``mode``: per layout, ``"ring"`` runs the schedule above (each call by
     gather, ring or halo, whichever moves least), ``"heads"``
     the head-parallel mode (all-to-alls around the module's executor on every
