@@ -240,7 +240,7 @@ class _Attend(torch.autograd.Function):
         q, ring_kv, out, lse, *kvs = ctx.saved_tensors
         args = run.args
         work = lse.dtype
-        up = _MergedGradient(grad, out, lse)
+        upstream = _MergedGradient(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         ring = run.ring
@@ -248,10 +248,10 @@ class _Attend(torch.autograd.Function):
         with _replayed_dropout(ctx.state, q.device):
             for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
                 if kernel is not None:
-                    _block_backward(kernel, q, kv, up, args, dq, dkv)
+                    _block_backward(kernel, q, kv, upstream, args, dq, dkv)
             d_ring = None
             if ring is not None:
-                d_ring = _ring_backward(ring, ring_kv, blocks, q, up, args, dq)
+                d_ring = _ring_backward(ring, ring_kv, blocks, q, upstream, args, dq)
         d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
         return (None, dq.to(q.dtype), d_ring_kv, *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)))
 
@@ -278,7 +278,7 @@ def _ring_backward(
     ring_kv: Tensor,
     blocks: PendingExchange | None,
     q: Tensor,
-    up: _MergedGradient,
+    upstream: _MergedGradient,
     args: StepArgs,
     dq: Tensor,
 ) -> Tensor:
@@ -291,7 +291,7 @@ def _ring_backward(
     still on its way; the two are added and sent after, so both transfers
     overlap the step's kernel. The gradient of the block held last goes home.
     """
-    work = up.lse.dtype
+    work = upstream.lse.dtype
     kv = ring_kv
     behind: PendingExchange | None = None  # the gradient of this step's block so far
     d_block = ring_kv.new_empty((0,), dtype=work)  # set by step 0: every ring has one
@@ -304,7 +304,7 @@ def _ring_backward(
         d_step: Tensor | None = None
         if kernel is not None:
             d_step = torch.zeros_like(kv, dtype=work)
-            _block_backward(kernel, q, kv, up, args, dq, d_step)
+            _block_backward(kernel, q, kv, upstream, args, dq, d_step)
         if behind is not None:
             earlier = behind.wait().transpose(0, 1)
             d_step = earlier if d_step is None else d_step + earlier
@@ -345,7 +345,13 @@ class _MergedGradient:
 
 
 def _block_backward(
-    kernel: BlockKernel, q: Tensor, kv: Tensor, up: _MergedGradient, args: StepArgs, dq: Tensor, dkv: Tensor
+    kernel: BlockKernel,
+    q: Tensor,
+    kv: Tensor,
+    upstream: _MergedGradient,
+    args: StepArgs,
+    dq: Tensor,
+    dkv: Tensor,
 ) -> None:
     """Add one block's gradients to ``dq`` and ``dkv``. A block on torch's
     flash kernels takes the merged output and log-sum-exp directly
@@ -358,12 +364,12 @@ def _block_backward(
         dim = args.dim
         for r in kernel.rectangles:
             d_q, d_k, d_v = dense.backward(
-                up.grad_out[:, r.rows],
+                upstream.grad_out[:, r.rows],
                 q[:, r.rows],
                 kv[:, r.keys, :, :dim],
                 kv[:, r.keys, :, dim : 2 * dim],
-                up.out[:, r.rows],
-                up.lse[:, :, r.rows],
+                upstream.out[:, r.rows],
+                upstream.lse[:, :, r.rows],
                 args.scale,
                 r.causal,
             )
@@ -371,7 +377,7 @@ def _block_backward(
             dkv[:, r.keys, :, :dim] += d_k
             dkv[:, r.keys, :, dim : 2 * dim] += d_v
         return
-    grad, delta, lse = up.grad, up.delta, up.lse
+    grad, delta, lse = upstream.grad, upstream.delta, upstream.lse
     for start, stop, keys, attend in kernel.pieces(q, args):
         if keys is None:
             kv_read = kv
@@ -478,7 +484,7 @@ class _HaloAttend(torch.autograd.Function):
         q, own_kv, out, lse, *kvs = ctx.saved_tensors
         args, halo = run.args, run.halo
         work = lse.dtype
-        up = _MergedGradient(grad, out, lse)
+        upstream = _MergedGradient(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
         d_own = torch.zeros_like(own_kv, dtype=work)
@@ -487,16 +493,16 @@ class _HaloAttend(torch.autograd.Function):
         with _replayed_dropout(ctx.state, q.device):
             for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
                 if kernel is not None:
-                    _block_backward(kernel, q, kv, up, args, dq, dkv)
+                    _block_backward(kernel, q, kv, upstream, args, dq, dkv)
             if halo.own is not None:
-                _block_backward(halo.own, q, own_kv, up, args, dq, d_own)
+                _block_backward(halo.own, q, own_kv, upstream, args, dq, d_own)
             for at, step in enumerate(halo.steps):
                 assert blocks is not None  # posted by the step before
                 kv = blocks.wait().transpose(0, 1)
                 blocks = _post_halo(halo, own_kv, at + 1)
                 d_kv = torch.zeros_like(kv, dtype=work)
                 if step.kernel is not None:
-                    _block_backward(step.kernel, q, kv, up, args, dq, d_kv)
+                    _block_backward(step.kernel, q, kv, upstream, args, dq, d_kv)
                 send = d_kv.transpose(0, 1)
                 shape = (step.send_rows.shape[0], *send.shape[1:])
                 back.append(post_exchange(send, step.source, shape, step.to, halo.comm.group, GRADIENTS))
