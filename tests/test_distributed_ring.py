@@ -491,14 +491,9 @@ def test_unmasked_blocks_run_on_flash_kernels_only_where_they_apply() -> None:
     assert not whole.uses_dense(q.to(torch.int32), auto) and not whole.dense_backward(q.to(torch.int32), auto)
 
 
-@pytest.mark.parametrize(("dtype", "batch"), [(torch.float64, 1), (torch.float64, 3), (torch.float32, 2)])
-def test_flash_kernels_merged_forward_and_backward_match_dense(
-    dtype: torch.dtype, batch: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An unmasked block on torch's flash kernels merged with a masked one
-    (the reference): output and gradients against the float64 dense
-    reference, the flash backward given the merged output and log-sum-exp
-    once and nothing recomputed for it."""
+def _count_flash_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Spies on :mod:`patternc.distributed.dense`: how many forward and
+    backward launches the flash kernels get (the dict fills as they run)."""
     from patternc.distributed import dense
 
     calls = {"forward": 0, "backward": 0}
@@ -509,6 +504,18 @@ def test_flash_kernels_merged_forward_and_backward_match_dense(
             return _real(*args)  # type: ignore[operator]
 
         monkeypatch.setattr(dense, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(("dtype", "batch"), [(torch.float64, 1), (torch.float64, 3), (torch.float32, 2)])
+def test_flash_kernels_merged_forward_and_backward_match_dense(
+    dtype: torch.dtype, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmasked block on torch's flash kernels merged with a masked one
+    (the reference): output and gradients against the float64 dense
+    reference, the flash backward given the merged output and log-sum-exp
+    once and nothing recomputed for it."""
+    calls = _count_flash_calls(monkeypatch)
     case = "whole, causal and shifted"
     errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", case, False, False, batch)
     assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
@@ -525,16 +532,7 @@ def test_flex_forward_takes_the_flash_backward_where_no_mask_is_needed(
     flash backward with the merged output and log-sum-exp (nothing
     recomputed), of the shifted block from the reference: against the
     float64 dense reference."""
-    from patternc.distributed import dense
-
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-
-        def counted(*args: object, _real: object = getattr(dense, name), _name: str = name) -> object:
-            calls[_name] += 1
-            return _real(*args)  # type: ignore[operator]
-
-        monkeypatch.setattr(dense, name, counted)
+    calls = _count_flash_calls(monkeypatch)
     case = "whole, causal and shifted"
     errors, _ = _merged_against_dense(torch.device("cpu"), torch.float32, "flex", case, False, False, 2)
     assert max(errors) < 1e-5, errors
