@@ -178,6 +178,8 @@ def test_one_block_comes_back_fresh_and_contiguous() -> None:
         ((0, None), (1, slice(5, 11)), (1, slice(0, 5)), (2, None)),
         ((0, slice(0, 11)), (2, slice(3, 7))),
         ((0, None), (1, None), (2, slice(2, 6))),
+        # row pieces only: one into rows nothing reached, one across reached and unreached rows
+        ((0, slice(2, 9)), (2, slice(0, 4)), (1, slice(9, 11))),
     ],
 )
 @pytest.mark.parametrize("strided", [False, True])

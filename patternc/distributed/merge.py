@@ -76,6 +76,8 @@ class LseMerge:
         self._done: Block | None = None
         self._owned = False
         """Whether ``_done`` is this merge's own (else a kernel's output)."""
+        self._untouched: list[tuple[int, int]] = []
+        """Query rows of ``_done`` no block has reached (still zeros and ``-inf``)."""
         self._held: Block | None = None
 
     def add(self, out: Tensor, lse: Tensor, rows: slice | None = None) -> None:
@@ -88,15 +90,29 @@ class LseMerge:
                 self._done, self._owned = held, False
             else:
                 self._done, self._owned = self._merge(*self._done, *held, self.work), True
-            self._held = None
+            self._held, self._untouched = None, []
         lse = lse.to(self.work).contiguous()  # one stride order: fewer compiles
         if rows is None:
             self._held = (out, lse)
             return
         done_out, done_lse = self._owned_done()
+        if self._claim(rows.start, rows.stop):  # nothing there yet: the piece is the softmax so far
+            done_out[:, rows] = out
+            done_lse[:, :, rows] = lse
+            return
         merged_out, merged_lse = self._merge(done_out[:, rows], done_lse[:, :, rows], out, lse, self.work)
         done_out[:, rows] = merged_out
         done_lse[:, :, rows] = merged_lse
+
+    def _claim(self, start: int, stop: int) -> bool:
+        """Whether rows ``start:stop`` lie in one stretch no block has
+        reached; if so they are reached now. (Merging a piece into such rows
+        would give the piece itself: its weight is 1, theirs 0.)"""
+        for i, (lo, hi) in enumerate(self._untouched):
+            if lo <= start and stop <= hi:
+                self._untouched[i : i + 1] = [(a, b) for a, b in ((lo, start), (stop, hi)) if b > a]
+                return True
+        return False
 
     def _owned_done(self) -> Block:
         """The merged blocks so far as this merge's own tensors, in its dtype
@@ -108,6 +124,7 @@ class LseMerge:
                 torch.zeros((b, n, h, d), dtype=self.work, device=self._device),
                 torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device),
             )
+            self._untouched = [(0, n)]
         elif not self._owned:
             out, lse = self._done
             self._done = (out.to(self.work, memory_format=torch.contiguous_format, copy=True), lse.clone())
