@@ -180,6 +180,8 @@ def test_one_block_comes_back_fresh_and_contiguous() -> None:
         ((0, None), (1, None), (2, slice(2, 6))),
         # row pieces only: one into rows nothing reached, one across reached and unreached rows
         ((0, slice(2, 9)), (2, slice(0, 4)), (1, slice(9, 11))),
+        # rows a merge reached, though no piece had them alone, are not taken as unreached
+        ((0, slice(0, 6)), (1, slice(0, 11)), (2, slice(8, 11))),
     ],
 )
 @pytest.mark.parametrize("strided", [False, True])
@@ -225,3 +227,42 @@ def test_row_pieces_merge_into_their_rows(
     assert torch.allclose(lse.cpu().double()[seen], want[1][seen], atol=tolerance * 10)
     for given, copy in handed:
         assert torch.equal(given, copy)
+
+
+def test_row_pieces_in_random_orders_equal_one_softmax() -> None:
+    """Whole blocks and row pieces of random blocks, shuffled (pieces into
+    unreached rows, across reached ones, whole blocks between them): the
+    merge equals the float64 softmax over the keys each row was given."""
+    gen = torch.Generator().manual_seed(5)
+
+    def pick(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    for _ in range(300):
+        n, n_blocks = pick(1, 7), pick(1, 4)
+        q, k, v = (
+            torch.randn(1, m, 2, 4, generator=gen, dtype=torch.float64)
+            for m in (n, 3 * n_blocks, 3 * n_blocks)
+        )
+        allowed = torch.zeros(n, 3 * n_blocks, dtype=torch.bool)
+        pieces: list[tuple[slice, slice | None]] = []
+        for i in range(n_blocks):
+            keys = slice(3 * i, 3 * i + 3)
+            if pick(0, 2) == 0:
+                pieces.append((keys, None))
+                allowed[:, keys] = True
+            else:
+                start = pick(0, n - 1)
+                rows = slice(start, pick(start + 1, n))
+                pieces.append((keys, rows))
+                allowed[rows, keys] = True
+        order = torch.randperm(len(pieces), generator=gen).tolist()
+        merge = LseMerge(q, 4)
+        for keys, rows in (pieces[i] for i in order):
+            some = rows if rows is not None else slice(None)
+            every = torch.ones(q[:, some].shape[1], 3, dtype=torch.bool)
+            merge.add(*_block(q[:, some], k[:, keys], v[:, keys], every), rows)
+        out, lse = merge.result(torch.float64)
+        want, want_lse = _block(q, k, v, allowed)
+        assert relative_error(out, want) < 1e-12, [pieces[i] for i in order]
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))

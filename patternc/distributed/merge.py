@@ -105,14 +105,17 @@ class LseMerge:
         done_lse[:, :, rows] = merged_lse
 
     def _claim(self, start: int, stop: int) -> bool:
-        """Whether rows ``start:stop`` lie in one stretch no block has
-        reached; if so they are reached now. (Merging a piece into such rows
-        would give the piece itself: its weight is 1, theirs 0.)"""
-        for i, (lo, hi) in enumerate(self._untouched):
-            if lo <= start and stop <= hi:
-                self._untouched[i : i + 1] = [(a, b) for a, b in ((lo, start), (stop, hi)) if b > a]
-                return True
-        return False
+        """Mark rows ``start:stop`` reached; whether none of them had been.
+        (Merging a piece into rows no block reached gives the piece itself:
+        its weight is 1, theirs 0.)"""
+        fresh = any(lo <= start and stop <= hi for lo, hi in self._untouched)
+        self._untouched = [
+            (a, b)
+            for lo, hi in self._untouched
+            for a, b in ((lo, min(hi, start)), (max(lo, stop), hi))
+            if b > a
+        ]
+        return fresh
 
     def _owned_done(self) -> Block:
         """The merged blocks so far as this merge's own tensors, in its dtype
