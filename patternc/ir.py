@@ -86,24 +86,25 @@ class KeyRun:
         same = all(k.modifiers is first or k.modifiers == first for k in self.groups[lo:hi])
         return first if same else None
 
-    def slice_hash(self, lo: int, hi: int) -> int:
-        """The polynomial hash of ``groups[lo:hi]`` (see :meth:`Keys.__hash__`)."""
-        if self._prefix is None:
+    def _hash_tables(self) -> tuple[list[int], list[int]]:
+        """The hash's prefixes over the groups and the powers of its base,
+        built on first use (a block-causal family hashes a slice per member)."""
+        if self._prefix is None or self._powers is None:
             prefix, powers = [0], [1]
             for key in self.groups:
                 prefix.append((prefix[-1] * _BASE + hash(key)) % _PRIME)
                 powers.append(powers[-1] * _BASE % _PRIME)
             self._prefix, self._powers = prefix, powers
-        assert self._powers is not None  # set with the prefixes
-        return (self._prefix[hi] - self._prefix[lo] * self._powers[hi - lo]) % _PRIME
+        return self._prefix, self._powers
+
+    def slice_hash(self, lo: int, hi: int) -> int:
+        """The polynomial hash of ``groups[lo:hi]`` (see :meth:`Keys.__hash__`)."""
+        prefix, powers = self._hash_tables()
+        return (prefix[hi] - prefix[lo] * powers[hi - lo]) % _PRIME
 
     def power(self, n: int) -> int:
-        """``_BASE ** n`` modulo the hash's prime, for ``n`` up to the run's length
-        (kept with the prefixes: a block-causal family hashes a slice per member)."""
-        if self._powers is None:
-            self.slice_hash(0, 0)
-        assert self._powers is not None
-        return self._powers[n]
+        """``_BASE ** n`` modulo the hash's prime, for ``n`` up to the run's length."""
+        return self._hash_tables()[1][n]
 
 
 class Keys(Sequence[KeyGroup]):

@@ -53,6 +53,7 @@ __all__ = [
     "pair_mask",
     "partial_attention",
     "rectangles",
+    "split_kv",
 ]
 
 Kernel = Literal["auto", "flex", "reference"]
@@ -71,6 +72,11 @@ BLOCK_SHAPES = 64
 recompile limit is raised to this when the kernel first compiles it."""
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def split_kv(kv: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Keys and values of a packed ``[..., 2 * dim (+ 1 padding channel)]`` tensor (views)."""
+    return kv[..., :dim], kv[..., dim : 2 * dim]
 
 
 class Segment(NamedTuple):
@@ -226,8 +232,7 @@ def _pair_read(q: Segment, k: Segment, band: tuple[int, int, int, int]) -> _Read
     ``"whole"``, ``"causal"`` (the same positions, keys up to the query's),
     or None (a mask is needed)."""
     low, high, dilation, _ = band
-    d_min = k.position - (q.position + q.length - 1)
-    d_max = k.position + k.length - 1 - q.position
+    d_min, d_max = _d_range(q, k)
     if d_max < low or d_min > high:
         return "none"
     if dilation == 1 and low <= d_min and d_max <= high:
@@ -250,6 +255,12 @@ def _grid_tiles(
     return some, full
 
 
+def _d_range(q: Segment, k: Segment) -> tuple[int, int]:
+    """The least and greatest ``d = key position - query position`` over a
+    query segment and a key segment (both non-empty)."""
+    return k.position - (q.position + q.length - 1), k.position + k.length - 1 - q.position
+
+
 def reads_any(
     queries: Sequence[Segment], keys: Sequence[Segment], band: Band, grids: Grids | None = None
 ) -> bool:
@@ -266,8 +277,7 @@ def reads_any(
                     return True
                 continue
             if q.length and k.length:
-                d_min = k.position - (q.position + q.length - 1)
-                d_max = k.position + k.length - 1 - q.position
+                d_min, d_max = _d_range(q, k)
                 if d_max >= low and d_min <= high:
                     return True
     return False
@@ -502,9 +512,34 @@ class BlockKernel:
         dim = args.dim
         every_row = len(self.rectangles) == 1 and self.rectangles[0].covers(self.n_q)
         for r in self.rectangles:
-            k, v = kv[:, r.keys, :, :dim], kv[:, r.keys, :, dim : 2 * dim]
-            out, lse = dense.forward(q[:, r.rows], k, v, args.scale, r.causal)
+            out, lse = dense.forward(q[:, r.rows], *split_kv(kv[:, r.keys], dim), args.scale, r.causal)
             merge.add(out, lse, None if every_row else r.rows)
+
+    def add_dense_gradients(
+        self,
+        q: Tensor,
+        kv: Tensor,
+        grad_out: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        args: StepArgs,
+        dq: Tensor,
+        dkv: Tensor,
+    ) -> None:
+        """Add this block's gradients to ``dq`` and ``dkv`` (the packed
+        block's), rectangle by rectangle on the flash backward, from the
+        merged output ``out``, its gradient ``grad_out`` and the merged
+        log-sum-exp ``lse`` (where :meth:`dense_backward`)."""
+        assert self.rectangles is not None  # dense_backward
+        dim = args.dim
+        for r in self.rectangles:
+            k, v = split_kv(kv[:, r.keys], dim)
+            rows, merged = r.rows, (out[:, r.rows], lse[:, :, r.rows])
+            d_q, d_k, d_v = dense.backward(grad_out[:, rows], q[:, rows], k, v, *merged, args.scale, r.causal)
+            dq[:, rows] += d_q
+            dk, dv = split_kv(dkv[:, r.keys], dim)
+            dk += d_k
+            dv += d_v
 
     def forward(self, q: Tensor, kv: Tensor, args: StepArgs) -> tuple[Tensor, Tensor]:
         """Output ``[B, Lq, H, D]`` (block-normalised) and log-sum-exp
@@ -558,7 +593,7 @@ class BlockKernel:
         elif chunk.keys is not None:
             k_pos, k_grp = k_pos.index_select(0, chunk.keys), k_grp.index_select(0, chunk.keys)
         dim = args.dim
-        k, v = kv[..., :dim], kv[..., dim : 2 * dim]
+        k, v = split_kv(kv, dim)
         qp, qg = q_pos[chunk.start : chunk.stop], q_grp[chunk.start : chunk.stop]
         allowed = None
         if chunk.masked and self.modified:
@@ -702,7 +737,7 @@ class BlockKernel:
     def _flex(self, q: Tensor, kv: Tensor, *, args: StepArgs) -> tuple[Tensor, Tensor]:
         *_, q_len, k_len = self._flex_blocks
         dim = args.dim
-        k, v = kv[..., :dim], kv[..., dim : 2 * dim]
+        k, v = split_kv(kv, dim)
         mask, real = self._block_mask(q.shape[0] if args.padded else None)
         if real is not None:
             real.copy_(F.pad(kv[:, :, 0, 2 * dim] > 0.5, (0, k_len - self.n_k), value=False))

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patternc.distributed import dense
-from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs
+from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs, split_kv
 from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
 from patternc.distributed.merge import LseMerge, block_gradients
 from patternc.distributed.placement import Placement, ShardedCall, halo_offsets, halo_slices
@@ -40,11 +39,6 @@ from patternc.nn.executors.common import AttentionInputs, Executor
 from patternc.plan import Plan
 
 __all__ = ["BlockwiseCall", "ExecutorCalls", "split_kv"]
-
-
-def split_kv(kv: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Keys and values of a packed ``[..., 2 * dim (+ 1 padding channel)]`` tensor."""
-    return kv[..., :dim], kv[..., dim : 2 * dim]
 
 
 class ExecutorCalls:
@@ -360,22 +354,7 @@ def _block_backward(
     (:func:`~patternc.distributed.merge.block_gradients`) and runs the
     kernel's own backward, recomputed piece by piece."""
     if kernel.dense_backward(q, args):
-        assert kernel.rectangles is not None  # dense_backward
-        dim = args.dim
-        for r in kernel.rectangles:
-            d_q, d_k, d_v = dense.backward(
-                upstream.grad_out[:, r.rows],
-                q[:, r.rows],
-                kv[:, r.keys, :, :dim],
-                kv[:, r.keys, :, dim : 2 * dim],
-                upstream.out[:, r.rows],
-                upstream.lse[:, :, r.rows],
-                args.scale,
-                r.causal,
-            )
-            dq[:, r.rows] += d_q
-            dkv[:, r.keys, :, :dim] += d_k
-            dkv[:, r.keys, :, dim : 2 * dim] += d_v
+        kernel.add_dense_gradients(q, kv, upstream.grad_out, upstream.out, upstream.lse, args, dq, dkv)
         return
     grad, delta, lse = upstream.grad, upstream.delta, upstream.lse
     for start, stop, keys, attend in kernel.pieces(q, args):

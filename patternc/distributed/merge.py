@@ -41,6 +41,12 @@ def _merged(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, dtype: t
     return (out_a.to(work) * weight_a + out_b.to(work) * weight_b).to(dtype), total
 
 
+def _fuses(device: torch.device) -> bool:
+    """Whether the compiled forms run: on a GPU, outside a user's
+    ``torch.compile`` (inside it the plain forms are traced into the user's graph)."""
+    return device.type == "cuda" and not torch.compiler.is_compiling()
+
+
 @functools.cache
 def _fused_merge() -> Callable[..., Block]:
     """:func:`_merged` compiled once per process: the GPU's merge, one kernel.
@@ -70,9 +76,7 @@ class LseMerge:
         self._device = q.device
         self.work = torch.promote_types(q.dtype, torch.float32)
         """The dtype merges compute and log-sum-exps are held in."""
-        # inside a user's torch.compile the plain merge is traced into the user's graph
-        fused = q.device.type == "cuda" and not torch.compiler.is_compiling()
-        self._merge = _fused_merge() if fused else _merged
+        self._merge = _fused_merge() if _fuses(q.device) else _merged
         self._done: Block | None = None
         self._owned = False
         """Whether ``_done`` is this merge's own (else a kernel's output)."""
@@ -122,17 +126,19 @@ class LseMerge:
         (rows are written into them): zeros and ``-inf`` before any block, a
         copy of a kernel's output."""
         if self._done is None:
-            b, n, h, d = self._q_shape
-            self._done = (
-                torch.zeros((b, n, h, d), dtype=self.work, device=self._device),
-                torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device),
-            )
-            self._untouched = [(0, n)]
+            self._done = self._nothing(self.work)
+            self._untouched = [(0, self._q_shape[1])]
         elif not self._owned:
             out, lse = self._done
             self._done = (out.to(self.work, memory_format=torch.contiguous_format, copy=True), lse.clone())
         self._owned = True
         return self._done
+
+    def _nothing(self, dtype: torch.dtype) -> Block:
+        """The softmax over no key: zeros in ``dtype`` and ``-inf`` in the merge's."""
+        b, n, h, d = self._q_shape
+        out = torch.zeros((b, n, h, d), dtype=dtype, device=self._device)
+        return out, torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device)
 
     def result(self, dtype: torch.dtype) -> Block:
         """The merged output in ``dtype`` and its log-sum-exp (``work``); with
@@ -141,9 +147,7 @@ class LseMerge:
             out, lse = self._done
             return out.to(dtype), lse
         if self._held is None:
-            b, n, h, d = self._q_shape
-            out = torch.zeros((b, n, h, d), dtype=dtype, device=self._device)
-            return out, torch.full((b, h, n), float("-inf"), dtype=self.work, device=self._device)
+            return self._nothing(dtype)
         if self._done is None:  # one block: its output as the result, fresh and contiguous
             out, lse = self._held
             out = out.to(dtype)
@@ -189,6 +193,6 @@ def block_gradients(grad: Tensor, out: Tensor, lse: Tensor, total: Tensor, delta
     Returns:
         The gradients of the block's output (its dtype) and log-sum-exp.
     """
-    if grad.device.type == "cuda" and not torch.compiler.is_compiling():
+    if _fuses(grad.device):
         return _fused_block_gradients()(grad, out, lse, total, delta)
     return _block_gradients(grad, out, lse, total, delta)
