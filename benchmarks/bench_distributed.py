@@ -47,7 +47,13 @@ blockwise kernel with the log-sum-exp merge, forward and forward+backward,
 in useful TF/s of the mask beside the unsharded executor's on the same
 layout, and their ratio (bfloat16 on CUDA, float32 on CPU):
 
-    python benchmarks/bench_distributed.py --kernel-rate [--worlds 8] [--tiny]
+    python benchmarks/bench_distributed.py --kernel-rate [--worlds 8] [--tiny] [--tokens N]
+
+At 65k tokens over 8 ranks a rank's blocks of short documents are a few
+hundred to two thousand tokens: microseconds of GPU work each, so the host's
+launches set their time. ``--tokens`` grows the layouts (documents keep
+their count and grow with the total) to the lengths context parallelism is
+used at.
 """
 
 from __future__ import annotations
@@ -439,10 +445,12 @@ FWD_BWD = 3.5
 """FLOPs of forward and backward against the forward's (the backward recomputes the scores: 2.5x)."""
 
 
-def rate_layouts(tiny: bool) -> dict[str, tuple[str, dict[str, int], Strategy | None]]:
-    """name -> (pattern source, sizes, strategy forced on non-local calls) for ``--kernel-rate``."""
-    n = 2048 if tiny else 65536
-    a, q = (128, 1024) if tiny else (8192, 65536)
+def rate_layouts(n: int) -> dict[str, tuple[str, dict[str, int], Strategy | None]]:
+    """name -> (pattern source, sizes, strategy forced on non-local calls) for
+    ``--kernel-rate`` at about ``n`` tokens (AB-UPT: two branches of ``n``
+    queries and ``n / 8`` anchors, from 8,192 tokens)."""
+    tiny = n < 8192
+    a, q = (128, 1024) if tiny else (n // 8, n)
     image = n // 4
     return {
         f"one causal document, {n} tokens": ("groups text\ntext -> self [causal]", {"text": n}, None),
@@ -611,7 +619,7 @@ def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> 
 
 
 def kernel_rate(
-    worlds: list[int], repeat: int, tiny: bool, setup: RateSetup, only: list[str] | None, with_executor: bool
+    worlds: list[int], repeat: int, tokens: int, setup: RateSetup, only: list[str] | None, with_executor: bool
 ) -> None:
     """The ``--kernel-rate`` table (see the module docs)."""
     from torch._dynamo.utils import counters
@@ -638,7 +646,7 @@ def kernel_rate(
         "all ranks vs unsharded fwd+bwd | graphs compiled |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, (source, sizes, strategy) in rate_layouts(tiny).items():
+    for name, (source, sizes, strategy) in rate_layouts(tokens).items():
         if only is not None and not any(w in name for w in only):
             continue
         plan = patternc.compile(source).patterns["default"].bind(list(sizes))
@@ -954,6 +962,12 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="--kernel-rate at small sizes (CPU)")
     parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="--kernel-rate: tokens per layout (65536; 2048 with --tiny): a rank's blocks grow with it",
+    )
+    parser.add_argument(
         "--with-executor",
         action="store_true",
         help="--kernel-rate: also time every rank's executor part (local calls; more compilation)",
@@ -1000,7 +1014,8 @@ def main() -> None:
             query_chunk=256,
             executor=get_executor(args.backend),
         )
-        kernel_rate(args.worlds or [8], args.repeat, args.tiny, setup, args.layouts, args.with_executor)
+        tokens = args.tokens or (2048 if args.tiny else 65536)
+        kernel_rate(args.worlds or [8], args.repeat, tokens, setup, args.layouts, args.with_executor)
         return
     if args.schedule_cost:
         schedule_cost(args.worlds or [64, 256], args.repeat)

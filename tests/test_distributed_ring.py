@@ -366,11 +366,18 @@ def test_blocks_split_into_rectangles_read_whole_or_causally() -> None:
     band = ((CAUSAL,),)
     rank0 = [Segment(0, 0, 100), Segment(0, 300, 100)]
     rank1 = [Segment(0, 100, 100), Segment(0, 200, 100)]
-    # rank 0's queries against its own keys: two causal squares, one whole
-    assert rectangles(rank0, rank0, band) == (
-        Rectangle(slice(0, 100), slice(0, 100), True),
-        Rectangle(slice(100, 200), slice(0, 100), False),
-        Rectangle(slice(100, 200), slice(100, 200), True),
+    # rank 0's queries against its own keys: two causal squares and the
+    # second half reading the first whole, joined into one causal square
+    assert rectangles(rank0, rank0, band) == (Rectangle(slice(0, 200), slice(0, 200), True),)
+    # three chunks on one rank: one square; a gap in positions changes nothing
+    three = [Segment(0, 0, 10), Segment(0, 30, 20), Segment(0, 90, 5)]
+    assert rectangles(three, three, band) == (Rectangle(slice(0, 35), slice(0, 35), True),)
+    # two documents side by side stay two squares
+    two = [Segment(0, 0, 10), Segment(1, 0, 20)]
+    none = (UNBOUNDED, -UNBOUNDED, 1, 0)
+    assert rectangles(two, two, ((CAUSAL, none), (none, CAUSAL))) == (
+        Rectangle(slice(0, 10), slice(0, 10), True),
+        Rectangle(slice(10, 30), slice(10, 30), True),
     )
     # against rank 1's: its first half reads nothing, its second all of it
     assert rectangles(rank0, rank1, band) == (Rectangle(slice(100, 200), slice(0, 200), False),)
@@ -402,12 +409,16 @@ def test_rectangles_cover_every_allowed_pair_once_on_random_blocks() -> None:
 
     gen = torch.Generator().manual_seed(0)
     kinds = [CAUSAL, OPEN, (UNBOUNDED, -UNBOUNDED, 1, 0), (-9, 0, 1, 0), (-40, 40, 1, 0), (-3, 12, 1, 0)]
-    answered = refused = 0
+    answered = refused = joins = 0
     for _ in range(400):
         groups = 1 + int(torch.randint(3, (), generator=gen))
         choice = torch.randint(len(kinds), (groups, groups), generator=gen).tolist()
         band = tuple(tuple(kinds[c] for c in row) for row in choice)
         queries, keys = _random_segments(gen, groups), _random_segments(gen, groups)
+        if int(torch.randint(3, (), generator=gen)) == 0:  # a rank's own block: the chunks of a sequence
+            lengths = torch.randint(1, 9, (2 + int(torch.randint(3, (), generator=gen)),), generator=gen).tolist()
+            starts = torch.tensor(lengths).cumsum(0).tolist()
+            queries = keys = [Segment(0, starts[i] - n + 3 * i, n) for i, n in enumerate(lengths)]
         q_pos = [(s.group, s.position + i) for s in queries for i in range(s.length)]
         k_pos = [(s.group, s.position + i) for s in keys for i in range(s.length)]
         allowed = torch.tensor(
@@ -420,11 +431,12 @@ def test_rectangles_cover_every_allowed_pair_once_on_random_blocks() -> None:
             continue
         answered += 1
         covered = torch.zeros_like(allowed)
+        joins += sum(r.causal and r.rows.stop - r.rows.start > max(s.length for s in queries) for r in found)
         for r in found:
             block = torch.ones(r.rows.stop - r.rows.start, r.keys.stop - r.keys.start, dtype=torch.int64)
             covered[r.rows, r.keys] += block.tril() if r.causal else block
         assert torch.equal(covered, allowed), (queries, keys, band, found)
-    assert answered > 100 and refused > 50  # both answers are exercised
+    assert answered > 100 and refused > 50 and joins > 5  # both answers, and joined squares, are exercised
 
 
 def test_flash_kernels_are_asked_only_where_they_take_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -519,9 +531,11 @@ def test_flash_kernels_merged_forward_and_backward_match_dense(
     case = "whole, causal and shifted"
     errors, _ = _merged_against_dense(torch.device("cpu"), dtype, "auto", case, False, False, batch)
     assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
-    # one rectangle, then four (two causal squares); the test's own forward
-    # of the first block is the sixth; the shifted block on the reference
-    assert calls == {"forward": 6, "backward": 5}
+    # one rectangle, then two (the groups' causal squares and the second
+    # reading the first whole joined into one causal square, and the first
+    # reading the second whole); the test's own forward of the first block is
+    # the fourth; the shifted block on the reference
+    assert calls == {"forward": 4, "backward": 3}
 
 
 def test_flex_forward_takes_the_flash_backward_where_no_mask_is_needed(
@@ -536,7 +550,7 @@ def test_flex_forward_takes_the_flash_backward_where_no_mask_is_needed(
     case = "whole, causal and shifted"
     errors, _ = _merged_against_dense(torch.device("cpu"), torch.float32, "flex", case, False, False, 2)
     assert max(errors) < 1e-5, errors
-    assert calls == {"forward": 0, "backward": 5}
+    assert calls == {"forward": 0, "backward": 3}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

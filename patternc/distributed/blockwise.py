@@ -221,7 +221,29 @@ def rectangles(
             if not r.causal:
                 below[(r.keys.start, r.keys.stop)] = len(joined)
             joined.append(r)
-    return tuple(joined)
+    return _join_causal(joined)
+
+
+def _join_causal(pieces: list[Rectangle]) -> tuple[Rectangle, ...]:
+    """Join a causal square ``A``, the rectangle of the next rows reading
+    ``A``'s keys whole, and the next causal square ``B`` (rows and keys each
+    following ``A``'s) into one causal square over both: row ``i`` then
+    reads key ``j`` exactly where ``j <= i`` in the square. A causal
+    document's two chunks on one rank become one launch instead of three."""
+    at = {(r.rows.start, r.keys.start): i for i, r in enumerate(pieces)}
+    ends = {(r.rows.stop, r.keys.stop): i for i, r in enumerate(pieces) if r.causal}
+    for i, b in enumerate(pieces):
+        j = ends.get((b.rows.start, b.keys.start))
+        if not b.causal or j is None:
+            continue
+        a = pieces[j]
+        w = at.get((b.rows.start, a.keys.start))
+        if w is None or pieces[w] != Rectangle(b.rows, a.keys, False):
+            continue
+        square = Rectangle(slice(a.rows.start, b.rows.stop), slice(a.keys.start, b.keys.stop), True)
+        rest = [r for k, r in enumerate(pieces) if k not in (i, j, w)]
+        return _join_causal(sorted([*rest, square], key=lambda r: (r.rows.start, r.keys.start)))
+    return tuple(pieces)
 
 
 _Read = Literal["none", "whole", "causal"]
