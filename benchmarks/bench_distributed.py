@@ -80,8 +80,9 @@ from torch import Tensor
 import patternc
 from patternc.distributed import ContextParallel, place, schedule
 from patternc.distributed.blockwise import BlockKernel, Kernel, StepArgs
-from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, _Attend, _Run
+from patternc.distributed.calls import BlockwiseCall, ExecutorCalls, _Run
 from patternc.distributed.heads import choose_mode, hybrid_rows
+from patternc.distributed.passing import Attend
 from patternc.distributed.placement import Placement, ShardedSchedule, Strategy, rank_loads
 from patternc.distributed.rank import Comm, RankTokens
 from patternc.modifiers import allowed_pairs
@@ -577,7 +578,7 @@ class VirtualRank:
                         kvs.append(packed.index_select(1, block))
                     else:
                         kvs.append(block.detach().requires_grad_(backward))
-                out = _Attend.apply(run, q.index_select(1, rows), packed[:, :0], *kvs)
+                out = Attend.apply(run, q.index_select(1, rows), packed[:, :0], *kvs)
                 if backward:
                     out.backward(self.grad[:, : out.shape[1]])
 

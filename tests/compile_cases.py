@@ -133,6 +133,8 @@ def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]
         out, dx, dp = grads(compiled)
     except Exception as error:  # a fullgraph failure is a result of the measurement
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if os.environ.get("PATTERNC_TRACE"):
+            traceback.print_exc()
         return result
     counted = torch._dynamo.utils.counters["graph_break"]
     result["counted"] = {str(k).splitlines()[0][:160]: v for k, v in counted.items()}

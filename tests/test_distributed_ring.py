@@ -233,16 +233,17 @@ def _two_key_blocks(
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_merged_blocks_give_autograd_gradients(dropout_p: float) -> None:
     """Two key blocks merged by their log-sum-exp in the call's autograd
-    function (its private ``_Attend``: the merge's backward has no public
+    function (``passing.Attend``: the merge's backward has no public
     entry of its own) against autograd through the same kernels and a plain
     merge; with dropout, the backward replays the forward's masks."""
-    from patternc.distributed.calls import _Attend, _Run
+    from patternc.distributed.calls import _Run
+    from patternc.distributed.passing import Attend
 
     args, kernels, q, first, second, probe = _two_key_blocks(dropout_p)
     kvs = [first, second]
 
     torch.manual_seed(7)
-    out = _Attend.apply(_Run(tuple(kernels), None, args), q, q.new_zeros(2, 0, 2, 32), *kvs)
+    out = Attend.apply(_Run(tuple(kernels), None, args), q, q.new_zeros(2, 0, 2, 32), *kvs)
     grads = torch.autograd.grad((out * probe).sum(), (q, *kvs))
 
     torch.manual_seed(7)
@@ -299,7 +300,8 @@ def _merged_against_dense(
     (blocks merged by log-sum-exp), against autograd through the dense
     float64 softmax over the blocks' keys together; and the largest
     log-sum-exp error over one block's forward."""
-    from patternc.distributed.calls import _Attend, _Run
+    from patternc.distributed.calls import _Run
+    from patternc.distributed.passing import Attend
 
     queries, blocks, band = MERGED[case]
     heads, dim = 2, 32
@@ -326,7 +328,7 @@ def _merged_against_dense(
     kernels = [BlockKernel(queries, keys, band, True, device, query_chunk=64) for keys in blocks]
     x = q.to(device, dtype).requires_grad_(True)
     xs = [kv.to(device, dtype).requires_grad_(True) for kv in kvs]
-    out = _Attend.apply(_Run(tuple(kernels), None, args), x, x.new_zeros(batch, 0, heads, 2 * dim), *xs)
+    out = Attend.apply(_Run(tuple(kernels), None, args), x, x.new_zeros(batch, 0, heads, 2 * dim), *xs)
     grads = torch.autograd.grad((out * probe.to(device, dtype)).sum(), (x, *xs))
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -623,18 +625,19 @@ def test_flex_on_cuda_compiles_more_block_shapes_than_the_default_limit() -> Non
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_halo_merge_gives_autograd_gradients(dropout_p: float) -> None:
-    """A halo call's autograd function (private, as ``_Attend``) on one
+    """A halo call's autograd function (``passing.Attend`` with a halo run) on one
     process: a fixed block and the rank's own keys merged by their
     log-sum-exp, against autograd through the same kernels in the same
     order; with dropout, the backward replays the forward's masks."""
-    from patternc.distributed.calls import _Halo, _HaloAttend, _HaloRun
+    from patternc.distributed.calls import _Halo, _HaloRun
+    from patternc.distributed.passing import Attend
     from patternc.distributed.rank import Comm
 
     args, kernels, q, fixed, own, probe = _two_key_blocks(dropout_p)
 
     torch.manual_seed(7)
     halo = _Halo(kernels[1], (), Comm(None, 1, {}), "halo")
-    out = _HaloAttend.apply(_HaloRun((kernels[0],), halo, args), q, own, fixed)
+    out = Attend.apply(_HaloRun((kernels[0],), halo, args), q, own, fixed)
     grads = torch.autograd.grad((out * probe).sum(), (q, fixed, own))
 
     torch.manual_seed(7)

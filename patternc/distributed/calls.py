@@ -18,18 +18,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from patternc.distributed import passing
 from patternc.distributed.blockwise import Band, BlockKernel, Kernel, Segment, StepArgs, split_kv
 from patternc.distributed.collectives import BLOCKS, GRADIENTS, PendingExchange, post_exchange
 from patternc.distributed.merge import LseMerge, block_gradients
+from patternc.distributed.passing import Attend, Gradients
 from patternc.distributed.placement import Placement, ShardedCall, halo_offsets, halo_slices
 from patternc.distributed.rank import Comm, RankTokens, Tokens, cat
 from patternc.ir import KeyGroup, ResolvedRule
@@ -166,48 +166,22 @@ class _Ring:
 
 @dataclass(frozen=True)
 class _Run:
-    """What one call's autograd function needs besides its tensors."""
+    """A call's fixed blocks and its ring, and the arguments of its steps:
+    what its autograd function needs besides its tensors."""
 
     fixed: tuple[BlockKernel | None, ...]
     ring: _Ring | None
     args: StepArgs
 
-
-@contextlib.contextmanager
-def _replayed_dropout(state: Tensor | None, device: torch.device) -> Iterator[None]:
-    """Inside: the random state the forward's dropout started from (the
-    backward draws the same masks in the same order), restored after."""
-    if state is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state, device)
-        else:
-            torch.set_rng_state(state)
-        yield
-
-
-def _rng_state(device: torch.device) -> Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-class _Attend(torch.autograd.Function):
-    """A call's queries against its fixed blocks (``kvs``, kernels in
-    ``run.fixed``) and, with a ring, every ring step's block starting from
-    this rank's ``ring_kv``: the merged output. Only the inputs, the output
-    and its log-sum-exp are kept; the backward recomputes each block."""
-
-    @staticmethod
-    def forward(ctx: Any, run: _Run, q: Tensor, ring_kv: Tensor, *kvs: Tensor) -> Tensor:
-        args = run.args
-        state = _rng_state(q.device) if args.dropout_p > 0 else None
+    def forward(self, q: Tensor, ring_kv: Tensor, kvs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The queries against the fixed blocks (``kvs``) and, with a ring,
+        every ring step's block starting from this rank's ``ring_kv``: the
+        merged output and its log-sum-exp."""
+        args, ring = self.args, self.ring
         merge = LseMerge(q, args.dim)
-        ring = run.ring
         # step 1's block is on its way while the fixed blocks and step 0 compute
         pending = _post_block(ring, ring_kv, 1) if ring is not None else None
-        for kernel, kv in zip(run.fixed, kvs):
+        for kernel, kv in zip(self.fixed, kvs):
             if kernel is not None:
                 kernel.attend(q, kv, args, merge)
         if ring is not None:
@@ -223,31 +197,27 @@ class _Attend(torch.autograd.Function):
                 kernel = ring.kernels[step]
                 if kernel is not None:
                     kernel.attend(q, kv, args, merge)
-        out, lse = merge.result(q.dtype)
-        ctx.run, ctx.state = run, state
-        ctx.save_for_backward(q, ring_kv, out, lse, *kvs)
-        return out
+        return merge.result(q.dtype)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        run: _Run = ctx.run
-        q, ring_kv, out, lse, *kvs = ctx.saved_tensors
-        args = run.args
-        work = lse.dtype
+    def backward(
+        self, grad: Tensor, q: Tensor, ring_kv: Tensor, out: Tensor, lse: Tensor, kvs: Sequence[Tensor]
+    ) -> Gradients:
+        """The gradients, from the merged output ``out``, its gradient
+        ``grad`` and log-sum-exp ``lse``: each block recomputed (or on the
+        flash backward), the ring's blocks passed round again with their
+        gradients behind them."""
+        args, ring, work = self.args, self.ring, lse.dtype
         upstream = _MergedGradient(grad, out, lse)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
-        ring = run.ring
         blocks = _post_block(ring, ring_kv, 1) if ring is not None else None
-        with _replayed_dropout(ctx.state, q.device):
-            for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
-                if kernel is not None:
-                    _block_backward(kernel, q, kv, upstream, args, dq, dkv)
-            d_ring = None
-            if ring is not None:
-                d_ring = _ring_backward(ring, ring_kv, blocks, q, upstream, args, dq)
-        d_ring_kv = d_ring.to(ring_kv.dtype) if d_ring is not None else None
-        return (None, dq.to(q.dtype), d_ring_kv, *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)))
+        for kernel, kv, dkv in zip(self.fixed, kvs, dkvs):
+            if kernel is not None:
+                _block_backward(kernel, q, kv, upstream, args, dq, dkv)
+        d_ring = None
+        if ring is not None:
+            d_ring = _ring_backward(ring, ring_kv, blocks, q, upstream, args, dq).to(ring_kv.dtype)
+        return dq.to(q.dtype), d_ring, [d.to(kv.dtype) for d, kv in zip(dkvs, kvs)]
 
 
 def _post_block(ring: _Ring, kv: Tensor, step: int) -> PendingExchange | None:
@@ -407,11 +377,67 @@ class _Halo:
 
 @dataclass(frozen=True)
 class _HaloRun:
-    """What a halo call's autograd function needs besides its tensors."""
+    """A halo call's fixed blocks, its halo and the arguments of its steps:
+    what its autograd function needs besides its tensors."""
 
     fixed: tuple[BlockKernel | None, ...]
     halo: _Halo
     args: StepArgs
+
+    def forward(self, q: Tensor, own_kv: Tensor, kvs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The queries against the fixed blocks, this rank's own keys
+        (``own_kv``) and the keys each halo step receives, each step's
+        exchange posted before the step before it computes: the merged
+        output and its log-sum-exp."""
+        args, halo = self.args, self.halo
+        merge = LseMerge(q, args.dim)
+        pending = _post_halo(halo, own_kv, 0)
+        for kernel, kv in zip(self.fixed, kvs):
+            if kernel is not None:
+                kernel.attend(q, kv, args, merge)
+        if halo.own is not None:
+            halo.own.attend(q, own_kv, args, merge)
+        for at, step in enumerate(halo.steps):
+            assert pending is not None  # posted by the step before
+            kv = pending.wait().transpose(0, 1)
+            halo.comm.count(halo.label, pending.received)
+            pending = _post_halo(halo, own_kv, at + 1)
+            if step.kernel is not None:
+                step.kernel.attend(q, kv, args, merge)
+        return merge.result(q.dtype)
+
+    def backward(
+        self, grad: Tensor, q: Tensor, own_kv: Tensor, out: Tensor, lse: Tensor, kvs: Sequence[Tensor]
+    ) -> Gradients:
+        """The gradients: each step's keys received again, their gradient
+        computed and sent back to the rank that holds them, while the
+        gradients of the keys this rank sent come back and are added to its
+        own."""
+        args, halo, work = self.args, self.halo, lse.dtype
+        upstream = _MergedGradient(grad, out, lse)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
+        dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
+        d_own = torch.zeros_like(own_kv, dtype=work)
+        blocks = _post_halo(halo, own_kv, 0)
+        back: list[PendingExchange] = []
+        for kernel, kv, dkv in zip(self.fixed, kvs, dkvs):
+            if kernel is not None:
+                _block_backward(kernel, q, kv, upstream, args, dq, dkv)
+        if halo.own is not None:
+            _block_backward(halo.own, q, own_kv, upstream, args, dq, d_own)
+        for at, step in enumerate(halo.steps):
+            assert blocks is not None  # posted by the step before
+            kv = blocks.wait().transpose(0, 1)
+            blocks = _post_halo(halo, own_kv, at + 1)
+            d_kv = torch.zeros_like(kv, dtype=work)
+            if step.kernel is not None:
+                _block_backward(step.kernel, q, kv, upstream, args, dq, d_kv)
+            send = d_kv.transpose(0, 1)
+            shape = (step.send_rows.shape[0], *send.shape[1:])
+            back.append(post_exchange(send, step.source, shape, step.to, halo.comm.group, GRADIENTS))
+        for step, pending in zip(halo.steps, back):
+            d_own.index_add_(1, step.send_rows, pending.wait().transpose(0, 1))
+        return dq.to(q.dtype), d_own.to(own_kv.dtype), [d.to(kv.dtype) for d, kv in zip(dkvs, kvs)]
 
 
 def _post_halo(halo: _Halo, own_kv: Tensor, at: int) -> PendingExchange | None:
@@ -425,91 +451,10 @@ def _post_halo(halo: _Halo, own_kv: Tensor, at: int) -> PendingExchange | None:
     return post_exchange(send, step.to, shape, step.source, halo.comm.group, BLOCKS)
 
 
-class _HaloAttend(torch.autograd.Function):
-    """A call's queries against its fixed blocks, this rank's own keys
-    (``own_kv``) and the keys each halo step receives: the merged output.
-    Each step's exchange is posted before the step before it computes. Kept
-    for the backward: the inputs, the output and its log-sum-exp; the
-    backward receives each step's keys again, computes their gradient and
-    sends it back to the rank that holds them, while the gradients of the
-    keys this rank sent come back and are added to its own."""
-
-    @staticmethod
-    def forward(ctx: Any, run: _HaloRun, q: Tensor, own_kv: Tensor, *kvs: Tensor) -> Tensor:
-        args, halo = run.args, run.halo
-        state = _rng_state(q.device) if args.dropout_p > 0 else None
-        merge = LseMerge(q, args.dim)
-        pending = _post_halo(halo, own_kv, 0)
-        for kernel, kv in zip(run.fixed, kvs):
-            if kernel is not None:
-                kernel.attend(q, kv, args, merge)
-        if halo.own is not None:
-            halo.own.attend(q, own_kv, args, merge)
-        for at, step in enumerate(halo.steps):
-            assert pending is not None  # posted by the step before
-            kv = pending.wait().transpose(0, 1)
-            halo.comm.count(halo.label, pending.received)
-            pending = _post_halo(halo, own_kv, at + 1)
-            if step.kernel is not None:
-                step.kernel.attend(q, kv, args, merge)
-        out, lse = merge.result(q.dtype)
-        ctx.run, ctx.state = run, state
-        ctx.save_for_backward(q, own_kv, out, lse, *kvs)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        run: _HaloRun = ctx.run
-        q, own_kv, out, lse, *kvs = ctx.saved_tensors
-        args, halo = run.args, run.halo
-        work = lse.dtype
-        upstream = _MergedGradient(grad, out, lse)
-        dq = torch.zeros(q.shape, dtype=work, device=q.device)
-        dkvs = [torch.zeros_like(kv, dtype=work) for kv in kvs]
-        d_own = torch.zeros_like(own_kv, dtype=work)
-        blocks = _post_halo(halo, own_kv, 0)
-        back: list[PendingExchange] = []
-        with _replayed_dropout(ctx.state, q.device):
-            for kernel, kv, dkv in zip(run.fixed, kvs, dkvs):
-                if kernel is not None:
-                    _block_backward(kernel, q, kv, upstream, args, dq, dkv)
-            if halo.own is not None:
-                _block_backward(halo.own, q, own_kv, upstream, args, dq, d_own)
-            for at, step in enumerate(halo.steps):
-                assert blocks is not None  # posted by the step before
-                kv = blocks.wait().transpose(0, 1)
-                blocks = _post_halo(halo, own_kv, at + 1)
-                d_kv = torch.zeros_like(kv, dtype=work)
-                if step.kernel is not None:
-                    _block_backward(step.kernel, q, kv, upstream, args, dq, d_kv)
-                send = d_kv.transpose(0, 1)
-                shape = (step.send_rows.shape[0], *send.shape[1:])
-                back.append(post_exchange(send, step.source, shape, step.to, halo.comm.group, GRADIENTS))
-        for step, pending in zip(halo.steps, back):
-            d_own.index_add_(1, step.send_rows, pending.wait().transpose(0, 1))
-        return (
-            None,
-            dq.to(q.dtype),
-            d_own.to(own_kv.dtype),
-            *(d.to(kv.dtype) for d, kv in zip(dkvs, kvs)),
-        )
-
-
-@torch.compiler.disable  # type: ignore[misc,untyped-decorator,unused-ignore]
-def _passing_keys(function: type[torch.autograd.Function], *args: Any) -> Tensor:
-    """``function.apply(*args)`` for a ring or halo, run eagerly under ``torch.compile``.
-
-    Their forward and backward pass keys and gradients between ranks with
-    ``isend``/``irecv``, which Dynamo does not trace (it refuses to build a
-    ``P2POp`` or call ``batch_isend_irecv``), and post the next step's
-    transfer before computing the current one. Disabling compilation here
-    breaks the graph once per ring or halo call (Dynamo counts that break
-    in each frame it passes through, the layer's forward down to here),
-    rather than at every exchange with a fallback of the frames around
-    them; the rest of the layer (projections, gathers, the executor's part)
-    is still traced."""
-    out: Tensor = function.apply(*args)  # type: ignore[no-untyped-call]
-    return out
+_LOCAL = -1
+"""A call's block code (:meth:`BlockwiseCall.run_of`): this rank's own keys."""
+_GATHERED = -2
+"""``_GATHERED - i``: the gathered key group ``i``."""
 
 
 class BlockwiseCall:
@@ -556,6 +501,8 @@ class BlockwiseCall:
         self.halo: _Halo | None = None
         if call.strategy == "halo":
             self.halo = self._halo(tokens, comm)
+        self.handle = passing.register(self)
+        """How a compiled graph's operator finds this call (:mod:`patternc.distributed.passing`)."""
 
     def _kernel(self, keys: Sequence[Segment]) -> BlockKernel:
         return BlockKernel(
@@ -665,7 +612,7 @@ class BlockwiseCall:
             padded=inputs.key_padding_mask is not None,
             kernel=self.kernel,
         )
-        fixed: list[BlockKernel | None] = []
+        blocks: list[int] = []  # which fixed blocks, as codes of :meth:`run_of`
         kvs: list[Tensor] = []
         for i, name in enumerate(self.key_groups):
             if name in inputs.cache:
@@ -673,36 +620,46 @@ class BlockwiseCall:
                 kv = torch.cat([k, v], dim=-1)
                 if args.padded:  # cached keys are real
                     kv = torch.cat([kv, kv.new_ones((*kv.shape[:-1], 1))], dim=-1)
-                fixed.append(self._cached_kernel(i, kv.shape[1]))
+                blocks.append(i)
                 kvs.append(kv)
         if self.local is not None:
-            fixed.append(self.local)
+            blocks.append(_LOCAL)
             kvs.append(packed.index_select(1, self.local_keys.rows))
-        for name, kernel in self.gathered.items():
-            if name in gathered:
-                fixed.append(kernel)
+        for i, name in enumerate(self.key_groups):
+            if name in self.gathered and name in gathered:
+                blocks.append(_GATHERED - i)
                 kvs.append(gathered[name])
+        run = self.run_of(blocks, kvs, args)
+        passes_keys = (self.halo is not None and bool(self.halo.steps)) or self.ring is not None
         if self.halo is not None:
-            own_kv = packed.index_select(1, self.local_keys.rows)
-            fixed_kernels = tuple(k if k is None or not k.empty else None for k in fixed)
-            halo_run = _HaloRun(fixed_kernels, self.halo, args)
-            if self.halo.steps:
-                halo_out: Tensor = _passing_keys(_HaloAttend, halo_run, q, own_kv, *kvs)
-            else:
-                halo_out = _HaloAttend.apply(halo_run, q, own_kv, *kvs)  # type: ignore[no-untyped-call]
-            if self.halo.steps:  # keys and their gradients pass through this rank
-                links.append(halo_out)
-            return halo_out
-        ring_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
-        run = _Run(tuple(k if k is None or not k.empty else None for k in fixed), self.ring, args)
-        out: Tensor
-        if self.ring is not None:
-            out = _passing_keys(_Attend, run, q, ring_kv, *kvs)
+            main_kv = packed.index_select(1, self.local_keys.rows)
         else:
-            out = _Attend.apply(run, q, ring_kv, *kvs)  # type: ignore[no-untyped-call]
-        if self.ring is not None:
-            # every rank of the call's ring runs its backward (blocks and
-            # their gradients pass through it), even one whose queries read
-            # nothing that arrived; the ranks outside the ring take no part
-            links.append(out)
+            main_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
+        if not passes_keys:
+            out: Tensor = Attend.apply(run, q, main_kv, *kvs)  # type: ignore[no-untyped-call]
+            return out
+        out = passing.attend(run, self.handle, blocks, q, main_kv, kvs)
+        # every rank of the call's ring or halo runs its backward (blocks and
+        # their gradients pass through it), even one whose queries read
+        # nothing that arrived; the ranks outside a ring take no part
+        links.append(out)
         return out
+
+    def run_of(self, blocks: Sequence[int], kvs: Sequence[Tensor], args: StepArgs) -> _Run | _HaloRun:
+        """The call's run over its fixed blocks ``blocks`` (``kvs`` theirs):
+        ``i >= 0`` the cached key group ``i`` (its length from its block),
+        ``_LOCAL`` this rank's own keys, ``_GATHERED - i`` the gathered key
+        group ``i``. Built on every call, and by the custom operator from its
+        plain arguments (:mod:`patternc.distributed.passing`)."""
+        fixed: list[BlockKernel | None] = []
+        for code, kv in zip(blocks, kvs, strict=True):
+            if code >= 0:
+                kernel: BlockKernel | None = self._cached_kernel(code, kv.shape[1])
+            elif code == _LOCAL:
+                kernel = self.local
+            else:
+                kernel = self.gathered[self.key_groups[_GATHERED - code]]
+            fixed.append(None if kernel is None or kernel.empty else kernel)
+        if self.halo is not None:
+            return _HaloRun(tuple(fixed), self.halo, args)
+        return _Run(tuple(fixed), self.ring, args)

@@ -1,0 +1,125 @@
+"""A blockwise call as the custom operator ``patternc::pass_keys`` under
+``torch.compile`` (one process, fixed blocks standing in for received
+ones): one graph with ``fullgraph=True`` under the ``eager`` and
+``aot_eager`` backends (the latter traces the operator's fake shapes and its
+backward), output and gradients against a float64 dense reference at
+several sizes; dropout keeps one graph break; a handle whose call is gone
+and an unknown kernel name each raise a message that says what to do."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+import torch
+
+from patternc.distributed import passing
+from patternc.distributed.blockwise import BlockKernel, Segment, StepArgs
+from patternc.distributed.calls import _Run
+
+
+class _Source:
+    """A call's stand-in for :func:`passing.register`: its run over fixed blocks."""
+
+    def __init__(self, kernels: list[BlockKernel]) -> None:
+        self.kernels = kernels
+        self.handle = passing.register(self)
+
+    def run_of(self, blocks: Any, kvs: Any, args: StepArgs) -> _Run:
+        return _Run(tuple(self.kernels[code] for code in blocks), None, args)
+
+
+def _case(
+    n_q: int, first: int, second: int, window: int, dropout_p: float = 0.0
+) -> tuple[_Source, StepArgs, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """``n_q`` queries after ``first + second`` keys in two blocks, each
+    reading keys up to ``window`` before it (causal): the call, its step
+    arguments, Q and the blocks' packed K/V (float64, random), and the
+    dense mask of allowed pairs over both blocks."""
+    start = first + second - n_q // 2
+    queries = [Segment(0, start, n_q)]
+    blocks = [[Segment(0, 0, first)], [Segment(0, first, second)]]
+    band = (((-window, 0, 1, 0),),)
+    kernels = [BlockKernel(queries, keys, band, True, torch.device("cpu"), 32) for keys in blocks]
+    args = StepArgs(8, 8**-0.5, dropout_p, None, False, "reference")
+    gen = torch.Generator().manual_seed(n_q + first + second)
+    q = torch.randn(2, n_q, 2, 8, generator=gen, dtype=torch.float64)
+    kvs = [torch.randn(2, n, 2, 16, generator=gen, dtype=torch.float64) for n in (first, second)]
+    pos_q = torch.arange(start, start + n_q)[:, None]
+    pos_k = torch.arange(first + second)[None, :]
+    mask = (pos_k <= pos_q) & (pos_k >= pos_q - window)
+    return _Source(kernels), args, q, kvs, mask
+
+
+def _dense(q: torch.Tensor, kvs: list[torch.Tensor], mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The float64 softmax over both blocks under ``mask`` (rows with no key: zeros)."""
+    kv = torch.cat(kvs, dim=1)
+    k, v = kv[..., :8], kv[..., 8:]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize(("n_q", "first", "second", "window"), [(40, 33, 61, 20), (7, 5, 3, 2), (97, 64, 129, 200)])
+def test_operator_compiles_in_one_graph_and_matches_dense(
+    backend: str, n_q: int, first: int, second: int, window: int
+) -> None:
+    source, args, q, kvs, mask = _case(n_q, first, second, window)
+    run = source.run_of([0, 1], kvs, args)
+    empty = q.new_zeros(2, 0, 2, 16)
+
+    def layer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return passing.attend(run, source.handle, [0, 1], q * 1.0, empty, [a, b]) * 2.0
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(q, *kvs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    inputs = [t.clone().requires_grad_(True) for t in (q, *kvs)]
+    out = compiled(*inputs)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), inputs)
+    dense_inputs = [t.clone().requires_grad_(True) for t in (q, *kvs)]
+    ref = _dense(dense_inputs[0], dense_inputs[1:], mask, args.scale) * 2.0
+    ref_grads = torch.autograd.grad((ref * probe).sum(), dense_inputs)
+    assert (out - ref).norm() / ref.norm() < 1e-12
+    for got, want in zip(grads, ref_grads, strict=True):  # a block no query reaches: zero both ways
+        assert (got - want).norm() <= 1e-12 * max(float(want.norm()), 1.0)
+
+
+def test_dropout_runs_eagerly_inside_a_compiled_layer() -> None:
+    """Dropout's backward replays the forward's random state, which only the
+    autograd function carries: under compile the call runs eagerly (so
+    ``fullgraph=True`` refuses it), with the same output as the eager call
+    from the same seed."""
+    source, args, q, kvs, _ = _case(30, 20, 25, 9, dropout_p=0.3)
+    run = source.run_of([0, 1], kvs, args)
+    empty = q.new_zeros(2, 0, 2, 16)
+
+    def layer(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return passing.attend(run, source.handle, [0, 1], q * 1.0, empty, [a, b]) + 0.0
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(layer, backend="eager", fullgraph=True)(q, *kvs)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    compiled = torch.compile(layer, backend="eager")(q, *kvs)
+    torch.manual_seed(3)
+    eager = layer(q, *kvs)
+    assert torch.equal(compiled, eager)
+
+
+def test_a_gone_call_and_an_unknown_kernel_say_what_to_do() -> None:
+    source, args, q, kvs, _ = _case(6, 4, 5, 3)
+    handle = source.handle
+    empty = q.new_zeros(2, 0, 2, 16)
+    plain = (None, args.dim, args.scale, False)
+    with pytest.raises(ValueError, match="unknown block kernel 'fast'"):
+        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "fast")
+    del source
+    gc.collect()
+    with pytest.raises(RuntimeError, match="the context-parallel call this compiled graph was traced with is gone"):
+        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "reference")
