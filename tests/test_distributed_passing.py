@@ -62,7 +62,9 @@ def _dense(q: torch.Tensor, kvs: list[torch.Tensor], mask: torch.Tensor, scale: 
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize(("n_q", "first", "second", "window"), [(40, 33, 61, 20), (7, 5, 3, 2), (97, 64, 129, 200)])
+@pytest.mark.parametrize(
+    ("n_q", "first", "second", "window"), [(40, 33, 61, 20), (7, 5, 3, 2), (97, 64, 129, 200)]
+)
 def test_operator_compiles_in_one_graph_and_matches_dense(
     backend: str, n_q: int, first: int, second: int, window: int
 ) -> None:
@@ -121,5 +123,7 @@ def test_a_gone_call_and_an_unknown_kernel_say_what_to_do() -> None:
         torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "fast")
     del source
     gc.collect()
-    with pytest.raises(RuntimeError, match="the context-parallel call this compiled graph was traced with is gone"):
+    with pytest.raises(
+        RuntimeError, match="the context-parallel call this compiled graph was traced with is gone"
+    ):
         torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "reference")
