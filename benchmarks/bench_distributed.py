@@ -619,8 +619,32 @@ def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> 
         r.blockwise_part(backward)
 
 
+def _print_profile(ranks: list[VirtualRank], name: str, device: torch.device) -> None:
+    """One forward+backward of every rank's blockwise part under
+    ``torch.profiler``: where host and device time go (the ranks run one
+    after another, so host time is all ranks')."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _run_ranks(ranks, True, False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    print(f"\nprofile: {name}, one forward+backward of every rank's blockwise part")
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60)
+    print(table)
+    if device.type == "cuda":
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def kernel_rate(
-    worlds: list[int], repeat: int, tokens: int, setup: RateSetup, only: list[str] | None, with_executor: bool
+    worlds: list[int],
+    repeat: int,
+    tokens: int,
+    setup: RateSetup,
+    only: list[str] | None,
+    with_executor: bool,
+    profile: bool = False,
 ) -> None:
     """The ``--kernel-rate`` table (see the module docs)."""
     from torch._dynamo.utils import counters
@@ -694,6 +718,8 @@ def kernel_rate(
                 print(f"  its blocks (query rows x key rows, per rank): {_block_shapes(ranks)}")
                 sys.stdout.flush()
                 continue
+            if profile:
+                _print_profile(ranks, name, device)
             rate_fwd = blockwise * work / fwd / 1e12
             rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
             print(
@@ -969,6 +995,11 @@ def main() -> None:
         help="--kernel-rate: tokens per layout (65536; 2048 with --tiny): a rank's blocks grow with it",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="--kernel-rate: after each row, torch.profiler tables of one forward+backward of its blocks",
+    )
+    parser.add_argument(
         "--with-executor",
         action="store_true",
         help="--kernel-rate: also time every rank's executor part (local calls; more compilation)",
@@ -1016,7 +1047,9 @@ def main() -> None:
             executor=get_executor(args.backend),
         )
         tokens = args.tokens or (2048 if args.tiny else 65536)
-        kernel_rate(args.worlds or [8], args.repeat, tokens, setup, args.layouts, args.with_executor)
+        kernel_rate(
+            args.worlds or [8], args.repeat, tokens, setup, args.layouts, args.with_executor, args.profile
+        )
         return
     if args.schedule_cost:
         schedule_cost(args.worlds or [64, 256], args.repeat)
