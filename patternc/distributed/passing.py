@@ -177,11 +177,9 @@ def _pass_keys_shapes(
     kvs: list[Tensor],
     slopes: Tensor | None,
     dim: int,
-    scale: float,
-    padded: bool,
-    kernel: str,
+    *_: object,
 ) -> tuple[Tensor, Tensor]:
-    batch, n, heads, _ = q.shape
+    batch, n, heads, _width = q.shape
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     return q.new_empty((batch, n, heads, dim)), q.new_empty((batch, heads, n), dtype=lse_dtype)
 
@@ -220,11 +218,7 @@ def _pass_keys_backward_shapes(
     out: Tensor,
     lse: Tensor,
     kvs: list[Tensor],
-    slopes: Tensor | None,
-    dim: int,
-    scale: float,
-    padded: bool,
-    kernel: str,
+    *_: object,
 ) -> list[Tensor]:
     return [torch.empty_like(q), torch.empty_like(main_kv), *(torch.empty_like(kv) for kv in kvs)]
 
