@@ -43,6 +43,8 @@ MODES: dict[str, tuple[str, dict[str, int], dict[str, Any]]] = {
         {"doc0": 9, "doc1": 3, "doc2": 14, "anchors": 5, "queries": 40},
         {"mode": "ring"},
     ),
+    # the same stack over one causal document on a ring: both layers' calls pass keys
+    "stack_ring": ("groups a\na -> a [causal]", {"a": 23}, {"strategy": "ring"}),
 }
 
 
@@ -68,7 +70,7 @@ def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]
     source, sizes, options = MODES[mode]
     torch.manual_seed(0)
     attn: nn.Module
-    if mode == "stack":
+    if mode.startswith("stack"):
         config = patternc.nn.TransformerConfig(
             vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0,
             pos_emb_type="rope", untied=True,
