@@ -43,6 +43,9 @@
 #              blockwise kernel's TF/s over the blocks 8 virtual ranks
 #              compute against the unsharded executor's, under --kernel
 #              auto and flex                                      ~8-10 min
+#   blockkernels  the ring block's candidate kernels (FlashAttention 2 and
+#              cuDNN through torch): returns, merged backward against float64,
+#              TF/s on ring-sized blocks                             ~1 min
 # Usage: bash benchmarks/gpu_check.sh [STAGE ...]   (no stage: all of them)
 # Run from the repository root; results go to $OUT (or ./gpu-out). To keep a
 # result, copy it to benchmarks/results/<card>_<file>_<yyyy-mm>.txt with the
@@ -167,6 +170,10 @@ ringrate() {
     timeout 200 python3 benchmarks/bench_distributed.py --kernel-rate --worlds 8 --repeat 5 --kernel $kernel 2>&1 \
       | grep -v -i "warn" | tee "$OUT/bench_distributed_kernel_rate_$kernel.txt" | grep "^|"
   done
+}
+
+blockkernels() {
+  timeout 120 python3 benchmarks/bench_block_kernels.py 2>&1 | grep -v -i warn | tee "$OUT/bench_block_kernels.txt"
 }
 
 stages=("$@")
