@@ -619,10 +619,11 @@ def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> 
         r.blockwise_part(backward)
 
 
-def _print_profile(ranks: list[VirtualRank], name: str, device: torch.device) -> None:
+def _profile(ranks: list[VirtualRank], name: str, device: torch.device) -> str:
     """One forward+backward of every rank's blockwise part under
-    ``torch.profiler``: where host and device time go (the ranks run one
-    after another, so host time is all ranks')."""
+    ``torch.profiler``, as text printed after the table: where host and
+    device time go (the ranks run one after another, so host time is all
+    ranks')."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -630,11 +631,13 @@ def _print_profile(ranks: list[VirtualRank], name: str, device: torch.device) ->
         _run_ranks(ranks, True, False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    print(f"\nprofile: {name}, one forward+backward of every rank's blockwise part")
-    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60)
-    print(table)
+    text = [f"\nprofile: {name}, one forward+backward of every rank's blockwise part"]
+    text.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     if device.type == "cuda":
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        text.append(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+        )
+    return "\n".join(text)
 
 
 def kernel_rate(
@@ -671,6 +674,7 @@ def kernel_rate(
         "all ranks vs unsharded fwd+bwd | graphs compiled |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    profiles: list[str] = []
     for name, (source, sizes, strategy) in rate_layouts(tokens).items():
         if only is not None and not any(w in name for w in only):
             continue
@@ -719,7 +723,7 @@ def kernel_rate(
                 sys.stdout.flush()
                 continue
             if profile:
-                _print_profile(ranks, name, device)
+                profiles.append(_profile(ranks, name, device))
             rate_fwd = blockwise * work / fwd / 1e12
             rate_bwd = blockwise * work * FWD_BWD / bwd / 1e12
             print(
@@ -729,6 +733,8 @@ def kernel_rate(
                 f"{counters['stats']['unique_graphs'] - compiled} |"
             )
             sys.stdout.flush()
+    for text in profiles:
+        print(text)
 
 
 def _block_shapes(ranks: Sequence[VirtualRank]) -> list[list[tuple[int, int]]]:
@@ -1021,6 +1027,8 @@ def main() -> None:
         help="--estimate: a --kernel-rate table (default: the newest in results/)",
     )
     args = parser.parse_args()
+    if (args.tokens is not None or args.profile) and not args.kernel_rate:
+        parser.error("--tokens and --profile belong to --kernel-rate")
     if args.estimate:
         measured = measured_rates(args.rates_from)
         if args.rate is None and measured is None:

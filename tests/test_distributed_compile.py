@@ -5,7 +5,8 @@ backward, with Dynamo's graph breaks counted: none for head-parallel mode,
 the gather, a two-layer Transformer stack, a ring, a halo and the stack on
 a ring (whose calls that pass keys between ranks are a custom operator; compiled with the
 ``eager`` backend and, for the ring and the halo, with ``aot_eager``, which
-traces the operator's fake shapes and its backward)."""
+traces the operator's fake shapes and its backward, and the ring with
+``inductor``, which checks the real outputs' strides against the fake's)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ PASSING_KEYS = ["ring", "halo"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: Any) -> dict[str, list[dict[str, Any]]]:
     runs = [(m, "eager", True) for m in FULLGRAPH] + [(m, "aot_eager", True) for m in PASSING_KEYS]
+    runs.append(("ring", "inductor", True))
     per_rank = compile_cases.spawn(2, runs, str(tmp_path_factory.mktemp("compile")), free_port())
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for rank_results in per_rank:
@@ -47,7 +49,7 @@ def _numbers(results: dict[str, list[dict[str, Any]]], mode: str) -> list[dict[s
 
 
 @pytest.mark.parametrize(
-    "run", [f"{m}/eager" for m in FULLGRAPH] + [f"{m}/aot_eager" for m in PASSING_KEYS]
+    "run", [f"{m}/eager" for m in FULLGRAPH] + [f"{m}/aot_eager" for m in PASSING_KEYS] + ["ring/inductor"]
 )
 def test_fullgraph_compile_equals_one_process(results: dict[str, list[dict[str, Any]]], run: str) -> None:
     for r in _numbers(results, run):

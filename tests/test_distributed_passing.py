@@ -3,12 +3,13 @@
 ones): one graph with ``fullgraph=True`` under the ``eager`` and
 ``aot_eager`` backends (the latter traces the operator's fake shapes and its
 backward), output and gradients against a float64 dense reference at
-several sizes; dropout keeps one graph break; a handle whose call is gone
+several sizes; torch's own operator checks in float32 and bfloat16; calls of
+one definition share a handle; dropout runs eagerly; a call no longer held
 and an unknown kernel name each raise a message that says what to do."""
 
 from __future__ import annotations
 
-import gc
+import itertools
 from typing import Any
 
 import pytest
@@ -18,13 +19,17 @@ from patternc.distributed import passing
 from patternc.distributed.blockwise import BlockKernel, Segment, StepArgs
 from patternc.distributed.calls import _Run
 
+_DEFINED = itertools.count()
+
 
 class _Source:
     """A call's stand-in for :func:`passing.register`: its run over fixed blocks."""
 
-    def __init__(self, kernels: list[BlockKernel]) -> None:
+    def __init__(self, kernels: list[BlockKernel], definition: object = None) -> None:
         self.kernels = kernels
-        self.handle = passing.register(self)
+        self.handle = passing.register(
+            self, definition if definition is not None else ("test", next(_DEFINED))
+        )
 
     def run_of(self, blocks: Any, kvs: Any, args: StepArgs) -> _Run:
         return _Run(tuple(self.kernels[code] for code in blocks), None, args)
@@ -114,16 +119,47 @@ def test_dropout_runs_eagerly_inside_a_compiled_layer() -> None:
     assert torch.equal(compiled, eager)
 
 
-def test_a_gone_call_and_an_unknown_kernel_say_what_to_do() -> None:
+def test_calls_of_one_definition_share_a_handle_and_the_newest_is_found() -> None:
+    """A new call of the same definition (a new ``ContextParallel`` of the
+    same layout) gets the handle a compiled graph already holds, and the
+    operator runs the newest call: its result is that call's."""
+    first, args, q, kvs, mask = _case(9, 6, 7, 4)
+    second = _Source(first.kernels, definition=("same", 1))
+    third = _Source(list(reversed(first.kernels)), definition=("same", 1))
+    assert second.handle == third.handle != first.handle
+    empty = q.new_zeros(2, 0, 2, 16)
+    plain = (None, args.dim, args.scale, False, "reference")
+    out, _ = torch.ops.patternc.pass_keys(third.handle, [0, 1], q, empty, list(reversed(kvs)), *plain)
+    ref = _dense(q, kvs, mask, args.scale)
+    assert (out - ref).norm() / ref.norm() < 1e-12
+
+
+def test_a_call_no_longer_held_and_an_unknown_kernel_say_what_to_do() -> None:
     source, args, q, kvs, _ = _case(6, 4, 5, 3)
-    handle = source.handle
     empty = q.new_zeros(2, 0, 2, 16)
     plain = (None, args.dim, args.scale, False)
     with pytest.raises(ValueError, match="unknown block kernel 'fast'"):
-        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "fast")
-    del source
-    gc.collect()
-    with pytest.raises(
-        RuntimeError, match="the context-parallel call this compiled graph was traced with is gone"
-    ):
-        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "reference")
+        torch.ops.patternc.pass_keys(source.handle, [0, 1], q, empty, kvs, *plain, "fast")
+    for _ in range(passing.KEPT):  # newer calls push it out
+        _Source(source.kernels)
+    with pytest.raises(RuntimeError, match=r"no longer held \(only the 256 most recently used calls are\)"):
+        torch.ops.patternc.pass_keys(source.handle, [0, 1], q, empty, kvs, *plain, "reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_operators_pass_torchs_checks(dtype: torch.dtype) -> None:
+    """``torch.library.opcheck`` (schema, fake shapes and strides, autograd
+    registration, AOT dispatch) on both operators, queries not contiguous."""
+    source, args, q, kvs, _ = _case(24, 16, 20, 8)
+    q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    kvs = [kv.to(dtype).requires_grad_(True) for kv in kvs]
+    empty = q.new_zeros(2, 0, 2, 16)
+    plain = (None, args.dim, args.scale, False, "reference")
+    torch.library.opcheck(torch.ops.patternc.pass_keys, (source.handle, [0, 1], q, empty, kvs, *plain))
+    out, lse = torch.ops.patternc.pass_keys(source.handle, [0, 1], q, empty, kvs, *plain)
+    assert lse.dtype == torch.float32
+    grad = torch.randn_like(out)
+    backward_args = (source.handle, [0, 1], grad, q.detach(), empty, out.detach(), lse.detach())
+    torch.library.opcheck(
+        torch.ops.patternc.pass_keys_backward, (*backward_args, [kv.detach() for kv in kvs], *plain)
+    )

@@ -229,21 +229,29 @@ def _join_causal(pieces: list[Rectangle]) -> tuple[Rectangle, ...]:
     ``A``'s keys whole, and the next causal square ``B`` (rows and keys each
     following ``A``'s) into one causal square over both: row ``i`` then
     reads key ``j`` exactly where ``j <= i`` in the square. A causal
-    document's two chunks on one rank become one launch instead of three."""
-    at = {(r.rows.start, r.keys.start): i for i, r in enumerate(pieces)}
-    ends = {(r.rows.stop, r.keys.stop): i for i, r in enumerate(pieces) if r.causal}
-    for i, b in enumerate(pieces):
-        j = ends.get((b.rows.start, b.keys.start))
-        if not b.causal or j is None:
-            continue
-        a = pieces[j]
-        w = at.get((b.rows.start, a.keys.start))
-        if w is None or pieces[w] != Rectangle(b.rows, a.keys, False):
-            continue
-        square = Rectangle(slice(a.rows.start, b.rows.stop), slice(a.keys.start, b.keys.stop), True)
-        rest = [r for k, r in enumerate(pieces) if k not in (i, j, w)]
-        return _join_causal(sorted([*rest, square], key=lambda r: (r.rows.start, r.keys.start)))
-    return tuple(pieces)
+    document's two chunks on one rank become one launch instead of three.
+    Squares in row order, each joined square carried on to the next."""
+
+    def span(r: Rectangle) -> tuple[int, int, int, int]:  # slices are not hashable before Python 3.12
+        return (r.rows.start, r.rows.stop, r.keys.start, r.keys.stop)
+
+    whole = {span(r) for r in pieces if not r.causal}
+    squares = sorted((r for r in pieces if r.causal), key=lambda r: r.rows.start)
+    used: set[tuple[int, int, int, int]] = set()
+    joined: list[Rectangle] = []
+    for b in squares:
+        a = joined[-1] if joined else None
+        if a is not None and a.rows.stop == b.rows.start and a.keys.stop == b.keys.start:
+            between = (b.rows.start, b.rows.stop, a.keys.start, a.keys.stop)
+            if between in whole and between not in used:
+                used.add(between)
+                joined[-1] = Rectangle(
+                    slice(a.rows.start, b.rows.stop), slice(a.keys.start, b.keys.stop), True
+                )
+                continue
+        joined.append(b)
+    rest = [r for r in pieces if not r.causal and span(r) not in used]
+    return tuple(sorted([*rest, *joined], key=lambda r: (r.rows.start, r.keys.start)))
 
 
 _Read = Literal["none", "whole", "causal"]

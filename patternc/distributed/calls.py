@@ -501,7 +501,20 @@ class BlockwiseCall:
         self.halo: _Halo | None = None
         if call.strategy == "halo":
             self.halo = self._halo(tokens, comm)
-        self.handle = passing.register(self)
+        self.passes_keys = self.ring is not None or (self.halo is not None and len(self.halo.steps) > 0)
+        """Whether keys and their gradients pass between ranks (the custom operator under compile)."""
+        definition = (
+            placement.digest,
+            call.index,
+            attention.text(),
+            call.strategy,
+            rank,
+            str(d),
+            kernel,
+            query_chunk,
+            id(comm.group),
+        )
+        self.handle = passing.register(self, definition)
         """How a compiled graph's operator finds this call (:mod:`patternc.distributed.passing`)."""
 
     def _kernel(self, keys: Sequence[Segment]) -> BlockKernel:
@@ -630,12 +643,11 @@ class BlockwiseCall:
                 blocks.append(_GATHERED - i)
                 kvs.append(gathered[name])
         run = self.run_of(blocks, kvs, args)
-        passes_keys = (self.halo is not None and bool(self.halo.steps)) or self.ring is not None
         if self.halo is not None:
             main_kv = packed.index_select(1, self.local_keys.rows)
         else:
             main_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
-        if not passes_keys:
+        if not self.passes_keys:
             out: Tensor = Attend.apply(run, q, main_kv, *kvs)  # type: ignore[no-untyped-call]
             return out
         out = passing.attend(run, self.handle, blocks, q, main_kv, kvs)

@@ -17,10 +17,10 @@ operator would have to return.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -88,16 +88,19 @@ def _autograd_inside() -> Iterator[None]:
     """Autograd inside an operator's implementation: the dispatcher runs a
     custom operator's backward below autograd (its keys excluded), where the
     blocks that need a mask compute their gradients with
-    ``torch.autograd.grad`` through their recomputed forward."""
-    excluded = [(key, torch._C._dispatch_tls_is_dispatch_key_excluded(key)) for key in _AUTOGRAD_KEYS]
+    ``torch.autograd.grad`` through their recomputed forward. Only the keys
+    found excluded are let through, and they are excluded again in reverse
+    order (a backend's autograd key and the autograd functionality share a
+    bit: the last write wins)."""
+    excluded = [key for key in _AUTOGRAD_KEYS if torch._C._dispatch_tls_is_dispatch_key_excluded(key)]
     try:
-        for key, _ in excluded:
+        for key in excluded:
             torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
         with torch.enable_grad():
             yield
     finally:
-        for key, was in excluded:
-            torch._C._dispatch_tls_set_dispatch_key_excluded(key, was)
+        for key in reversed(excluded):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, True)
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -127,16 +130,33 @@ class Attend(torch.autograd.Function):
         return (None, dq, d_main, *dkvs)
 
 
-_SOURCES: weakref.WeakValueDictionary[int, RunSource] = weakref.WeakValueDictionary()
-"""Handle -> the call that builds its runs; held by whoever holds the call
-(the layout's runner), so a call's handle goes with it."""
-_HANDLES = itertools.count()
+KEPT = 256
+"""How many calls the operator can find (the most recently used)."""
+_SOURCES: collections.OrderedDict[int, RunSource] = collections.OrderedDict()
+"""Handle -> the newest call of that handle's definition, least recently used first."""
+_HANDLES: dict[Hashable, int] = {}
+"""A call's definition -> its handle, for the calls in ``_SOURCES``."""
+_DEFINITIONS: dict[int, Hashable] = {}
+_COUNTER = itertools.count()
 
 
-def register(source: RunSource) -> int:
-    """A handle for ``source`` that the operator finds it by."""
-    handle = next(_HANDLES)
+def register(source: RunSource, definition: Hashable) -> int:
+    """The handle the operator finds ``source`` by. Calls of one
+    ``definition`` (everything that decides what they compute) share a
+    handle, so a compiled graph, which holds the handle as a constant, needs
+    no new compile for a new ``ContextParallel`` of the same layout, and
+    finds the newest such call. The calls are held (the most recent
+    :data:`KEPT`), so a backward still finds its call after the
+    ``ContextParallel`` that built it is gone."""
+    handle = _HANDLES.get(definition)
+    if handle is None:
+        handle = next(_COUNTER)
+        _HANDLES[definition], _DEFINITIONS[handle] = handle, definition
     _SOURCES[handle] = source
+    _SOURCES.move_to_end(handle)
+    while len(_SOURCES) > KEPT:
+        old, _ = _SOURCES.popitem(last=False)
+        del _HANDLES[_DEFINITIONS.pop(old)]
     return handle
 
 
@@ -144,9 +164,11 @@ def _run(handle: int, blocks: Sequence[int], kvs: Sequence[Tensor], args: StepAr
     source = _SOURCES.get(handle)
     if source is None:
         raise RuntimeError(
-            "patternc::pass_keys: the context-parallel call this compiled graph was traced with "
-            "is gone (its layout's runner was dropped); compile the model again"
+            f"patternc::pass_keys: the context-parallel call this compiled graph was traced with is no "
+            f"longer held (only the {KEPT} most recently used calls are); run a step with that layout "
+            "eagerly or build its ContextParallel again, and the graph finds the new call"
         )
+    _SOURCES.move_to_end(handle)
     return source.run_of(blocks, kvs, args)
 
 
@@ -205,7 +227,8 @@ def _pass_keys_backward(
     grad, q, main_kv, out, lse = (t.detach() for t in (grad, q, main_kv, out, lse))  # none differentiated
     with _autograd_inside():  # but a masked block's backward recomputes it under autograd
         dq, d_main, dkvs = run.backward(grad, q, main_kv, out, lse, [kv.detach() for kv in kvs])
-    return [dq, d_main if d_main is not None else torch.zeros_like(main_kv), *dkvs]
+    grads = [dq, d_main if d_main is not None else torch.zeros_like(main_kv), *dkvs]
+    return [g.contiguous() for g in grads]  # the layout the fake promises
 
 
 @_pass_keys_backward.register_fake  # type: ignore[misc,unused-ignore]
@@ -220,7 +243,7 @@ def _pass_keys_backward_shapes(
     kvs: list[Tensor],
     *_: object,
 ) -> list[Tensor]:
-    return [torch.empty_like(q), torch.empty_like(main_kv), *(torch.empty_like(kv) for kv in kvs)]
+    return [t.new_empty(t.shape) for t in (q, main_kv, *kvs)]
 
 
 def _keep_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
