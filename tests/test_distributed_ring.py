@@ -412,15 +412,22 @@ def test_rectangles_cover_every_allowed_pair_once_on_random_blocks() -> None:
     gen = torch.Generator().manual_seed(0)
     kinds = [CAUSAL, OPEN, (UNBOUNDED, -UNBOUNDED, 1, 0), (-9, 0, 1, 0), (-40, 40, 1, 0), (-3, 12, 1, 0)]
     answered = refused = joins = 0
-    for _ in range(400):
+    for _ in range(2000):
         groups = 1 + int(torch.randint(3, (), generator=gen))
         choice = torch.randint(len(kinds), (groups, groups), generator=gen).tolist()
         band = tuple(tuple(kinds[c] for c in row) for row in choice)
         queries, keys = _random_segments(gen, groups), _random_segments(gen, groups)
-        if int(torch.randint(3, (), generator=gen)) == 0:  # a rank's own block: the chunks of a sequence
-            lengths = torch.randint(1, 9, (2 + int(torch.randint(3, (), generator=gen)),), generator=gen).tolist()
-            starts = torch.tensor(lengths).cumsum(0).tolist()
-            queries = keys = [Segment(0, starts[i] - n + 3 * i, n) for i, n in enumerate(lengths)]
+        if int(torch.randint(3, (), generator=gen)) == 0:  # a rank's own block: chunks of the groups' sequences
+            chunks = 2 + int(torch.randint(4, (), generator=gen))
+            lengths = torch.randint(1, 9, (chunks,), generator=gen).tolist()
+            owners = torch.randint(groups, (chunks,), generator=gen).tolist()
+            gaps = (torch.randint(2, (chunks,), generator=gen) * 3).tolist()  # some chunks follow on at once
+            at = [0] * groups
+            queries = []
+            for n, g, gap in zip(lengths, owners, gaps):
+                queries.append(Segment(g, at[g] + gap, n))
+                at[g] += gap + n
+            keys = queries
         q_pos = [(s.group, s.position + i) for s in queries for i in range(s.length)]
         k_pos = [(s.group, s.position + i) for s in keys for i in range(s.length)]
         allowed = torch.tensor(
