@@ -45,6 +45,8 @@ MODES: dict[str, tuple[str, dict[str, int], dict[str, Any]]] = {
     ),
     # the same stack over one causal document on a ring: both layers' calls pass keys
     "stack_ring": ("groups a\na -> a [causal]", {"a": 23}, {"strategy": "ring"}),
+    # ALiBi on a ring: the slopes reach the operator as a tensor input
+    "stack_ring_alibi": ("groups a\na -> a [causal]", {"a": 23}, {"strategy": "ring"}),
 }
 
 
@@ -73,7 +75,7 @@ def run_mode(mode: str, backend: str, fullgraph: bool = False) -> dict[str, Any]
     if mode.startswith("stack"):
         config = patternc.nn.TransformerConfig(
             vocab_size=None, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout_rate=0.0,
-            pos_emb_type="rope", untied=True,
+            pos_emb_type="alibi" if mode.endswith("alibi") else "rope", untied=True,
         )  # fmt: skip
         attn = patternc.nn.Transformer(config, patternc.compile(source)).double()
         plan = next(iter(attn.plans.values())).bind(list(sizes))

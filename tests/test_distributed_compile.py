@@ -3,7 +3,7 @@ here (cases in tests/compile_cases.py), each mode compiled with
 ``fullgraph=True`` and checked against one process in float64, forward and
 backward, with Dynamo's graph breaks counted: none for head-parallel mode,
 the gather, a two-layer Transformer stack, a ring, a halo and the stack on
-a ring (whose calls that pass keys between ranks are a custom operator; compiled with the
+a ring, with RoPE and with ALiBi (whose calls that pass keys between ranks are a custom operator; compiled with the
 ``eager`` backend and, for the ring and the halo, with ``aot_eager``, which
 traces the operator's fake shapes and its backward, and the ring with
 ``inductor``, which checks the real outputs' strides against the fake's)."""
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compile_cases
 
 TOLERANCE = 1e-10
-FULLGRAPH = ["heads", "gather", "stack", "ring", "halo", "stack_ring"]
+FULLGRAPH = ["heads", "gather", "stack", "ring", "halo", "stack_ring", "stack_ring_alibi"]
 PASSING_KEYS = ["ring", "halo"]
 
 
