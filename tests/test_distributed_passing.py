@@ -9,6 +9,7 @@ and an unknown kernel name each raise a message that says what to do."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 from typing import Any
 
@@ -135,15 +136,24 @@ def test_calls_of_one_definition_share_a_handle_and_the_newest_is_found() -> Non
 
 
 def test_a_call_no_longer_held_and_an_unknown_kernel_say_what_to_do() -> None:
+    """A call stays findable after its owner drops it while it is among the
+    most recently used; once newer calls push it out it is gone."""
     source, args, q, kvs, _ = _case(6, 4, 5, 3)
+    kernels, handle = source.kernels, source.handle
     empty = q.new_zeros(2, 0, 2, 16)
     plain = (None, args.dim, args.scale, False)
     with pytest.raises(ValueError, match="unknown block kernel 'fast'"):
-        torch.ops.patternc.pass_keys(source.handle, [0, 1], q, empty, kvs, *plain, "fast")
-    for _ in range(passing.KEPT):  # newer calls push it out
-        _Source(source.kernels)
-    with pytest.raises(RuntimeError, match=r"no longer held \(only the 256 most recently used calls are\)"):
-        torch.ops.patternc.pass_keys(source.handle, [0, 1], q, empty, kvs, *plain, "reference")
+        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "fast")
+    del source
+    gc.collect()
+    out, _ = torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "reference")  # still held
+    newer = [_Source(kernels) for _ in range(passing.KEPT)]  # push it out
+    gc.collect()
+    with pytest.raises(
+        RuntimeError, match=r"no longer held \(its ContextParallel is gone, and 16 other calls"
+    ):
+        torch.ops.patternc.pass_keys(handle, [0, 1], q, empty, kvs, *plain, "reference")
+    assert len(newer) == passing.KEPT and out.isfinite().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -163,3 +173,16 @@ def test_operators_pass_torchs_checks(dtype: torch.dtype) -> None:
     torch.library.opcheck(
         torch.ops.patternc.pass_keys_backward, (*backward_args, [kv.detach() for kv in kvs], *plain)
     )
+
+
+def test_dropped_calls_leave_nothing_behind() -> None:
+    """Layouts that change every step build new calls each step: past the
+    most recently used ones, a dropped call and its definition's handle are
+    let go (the calls hold their blocks' tables)."""
+    source, _, _, _, _ = _case(6, 4, 5, 3)
+    before = len(passing._HANDLES)
+    for _ in range(3 * passing.KEPT):
+        _Source(source.kernels)
+    gc.collect()
+    assert len(passing._HANDLES) <= before + passing.KEPT
+    assert len(passing._KEPT) == passing.KEPT

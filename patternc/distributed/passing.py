@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import weakref
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -130,12 +131,14 @@ class Attend(torch.autograd.Function):
         return (None, dq, d_main, *dkvs)
 
 
-KEPT = 256
-"""How many calls the operator can find (the most recently used)."""
-_SOURCES: collections.OrderedDict[int, RunSource] = collections.OrderedDict()
-"""Handle -> the newest call of that handle's definition, least recently used first."""
+KEPT = 16
+"""How many of the most recently used calls are held besides their owners."""
+_LIVE: weakref.WeakValueDictionary[int, RunSource] = weakref.WeakValueDictionary()
+"""Handle -> the newest live call of that handle's definition."""
+_KEPT: collections.OrderedDict[int, RunSource] = collections.OrderedDict()
+"""The :data:`KEPT` most recently used calls, least recent first."""
 _HANDLES: dict[Hashable, int] = {}
-"""A call's definition -> its handle, for the calls in ``_SOURCES``."""
+"""A call's definition -> its handle, while some call of it lives."""
 _DEFINITIONS: dict[int, Hashable] = {}
 _COUNTER = itertools.count()
 
@@ -145,30 +148,45 @@ def register(source: RunSource, definition: Hashable) -> int:
     ``definition`` (everything that decides what they compute) share a
     handle, so a compiled graph, which holds the handle as a constant, needs
     no new compile for a new ``ContextParallel`` of the same layout, and
-    finds the newest such call. The calls are held (the most recent
-    :data:`KEPT`), so a backward still finds its call after the
-    ``ContextParallel`` that built it is gone."""
+    finds the newest such call. The :data:`KEPT` most recently used calls
+    are held, so a backward still finds its call after the
+    ``ContextParallel`` that built it is gone; older ones live as long as
+    their owners (a call holds its blocks' tables, so a layout that changes
+    every step does not pile them up)."""
     handle = _HANDLES.get(definition)
     if handle is None:
         handle = next(_COUNTER)
         _HANDLES[definition], _DEFINITIONS[handle] = handle, definition
-    _SOURCES[handle] = source
-    _SOURCES.move_to_end(handle)
-    while len(_SOURCES) > KEPT:
-        old, _ = _SOURCES.popitem(last=False)
-        del _HANDLES[_DEFINITIONS.pop(old)]
+    _LIVE[handle] = source
+    weakref.finalize(source, _forget, handle)
+    _hold(handle, source)
     return handle
 
 
+def _forget(handle: int) -> None:
+    """A call is gone: its definition's handle goes too unless a newer call of it lives."""
+    if handle not in _LIVE:
+        definition = _DEFINITIONS.pop(handle, None)
+        if definition is not None:
+            _HANDLES.pop(definition, None)
+
+
+def _hold(handle: int, source: RunSource) -> None:
+    _KEPT[handle] = source
+    _KEPT.move_to_end(handle)
+    while len(_KEPT) > KEPT:
+        _KEPT.popitem(last=False)
+
+
 def _run(handle: int, blocks: Sequence[int], kvs: Sequence[Tensor], args: StepArgs) -> CallRun:
-    source = _SOURCES.get(handle)
+    source = _LIVE.get(handle)
     if source is None:
         raise RuntimeError(
-            f"patternc::pass_keys: the context-parallel call this compiled graph was traced with is no "
-            f"longer held (only the {KEPT} most recently used calls are); run a step with that layout "
-            "eagerly or build its ContextParallel again, and the graph finds the new call"
+            "patternc::pass_keys: the context-parallel call this compiled graph was traced with is no "
+            f"longer held (its ContextParallel is gone, and {KEPT} other calls ran since); run a step "
+            "with that layout eagerly or build its ContextParallel again, and the graph finds the new call"
         )
-    _SOURCES.move_to_end(handle)
+    _hold(handle, source)
     return source.run_of(blocks, kvs, args)
 
 
