@@ -622,8 +622,8 @@ def _run_ranks(ranks: list[VirtualRank], backward: bool, executor_too: bool) -> 
 def _profile(ranks: list[VirtualRank], name: str, device: torch.device) -> str:
     """One forward+backward of every rank's blockwise part under
     ``torch.profiler``, as text printed after the table: where host and
-    device time go (the ranks run one after another, so host time is all
-    ranks')."""
+    device time go (the ranks share one device in turn, so the host time
+    covers every rank)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

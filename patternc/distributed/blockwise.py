@@ -243,7 +243,7 @@ def _join_causal(pieces: list[Rectangle]) -> tuple[Rectangle, ...]:
         a = joined[-1] if joined else None
         if a is not None and a.rows.stop == b.rows.start and a.keys.stop == b.keys.start:
             between = (b.rows.start, b.rows.stop, a.keys.start, a.keys.stop)
-            if between in whole and between not in used:
+            if between in whole:  # each square's rows are its own: no whole rectangle joins twice
                 used.add(between)
                 joined[-1] = Rectangle(
                     slice(a.rows.start, b.rows.stop), slice(a.keys.start, b.keys.stop), True

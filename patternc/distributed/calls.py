@@ -643,10 +643,8 @@ class BlockwiseCall:
                 blocks.append(_GATHERED - i)
                 kvs.append(gathered[name])
         run = self.run_of(blocks, kvs, args)
-        if self.halo is not None:
-            main_kv = packed.index_select(1, self.local_keys.rows)
-        else:
-            main_kv = packed.index_select(1, self.local_keys.rows) if self.ring is not None else packed[:, :0]
+        own_keys_travel = self.halo is not None or self.ring is not None  # a halo's own block, a ring's first
+        main_kv = packed.index_select(1, self.local_keys.rows) if own_keys_travel else packed[:, :0]
         if not self.passes_keys:
             out: Tensor = Attend.apply(run, q, main_kv, *kvs)  # type: ignore[no-untyped-call]
             return out
